@@ -1,0 +1,38 @@
+# dcache: `make run` starts a local cluster, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: run test lint typecheck unit bench install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)  ## install dcache and the test tools into .venv
+
+run: $(STAMP)  ## start a local node on 127.0.0.1 (Ctrl-C stops it)
+	$(BIN)/dcache aux --host 127.0.0.1 --port 7000 --node-id local-1
+
+lint: $(STAMP)  ## ruff and mypy
+	$(BIN)/ruff check dcache tests bin
+	$(BIN)/ruff format --check dcache tests bin
+	$(BIN)/mypy
+
+test: lint  ## lint, type-check and run the whole test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)  ## unit tests only
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## benchmarks against local nodes (see docs/BENCHMARKS.md)
+	$(BIN)/python bin/bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,8 @@
+"""``python -m dcache``: the same as the ``dcache`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""The aux role: a data node serving the native protocol over one LRU cache.
+
+Every handler is synchronous: it validates its arguments, works on the
+``LRUCache`` and returns the result, so a batch of pipelined requests is
+answered within one ``data_received`` and leaves in one write.
+
+Writes made directly against an aux node get a version from the node's own
+hybrid logical clock; writes routed by a master carry the master's version
+(cluster ops, see docs/PROTOCOL.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from ..config import AuxConfig
+from ..errors import (
+    BadArgumentsError,
+    NotAnIntegerError,
+    OutOfMemoryError,
+)
+from ..hlc import HybridClock
+from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache
+from ..lru import NotAnIntegerError as CacheNotAnIntegerError
+from ..protocol import Op, SetFlag, check_key, check_value
+from ..server import Service, ready_line
+
+__all__ = ["AuxNode", "run_aux", "serve_aux"]
+
+log = logging.getLogger("dcache.aux")
+
+_NX = SetFlag.NX.value
+_XX = SetFlag.XX.value
+_MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000  # a hundred years
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _ttl_arg(ttl_ms: Any) -> int:
+    """Validate a TTL in milliseconds (``None`` means no expiry) and return it (0 = none)."""
+    if ttl_ms is None:
+        return 0
+    if ttl_ms.__class__ is not int:
+        raise BadArgumentsError(f"ttl_ms must be an integer or nil, not {type(ttl_ms).__name__}")
+    if ttl_ms <= 0 or ttl_ms > _MAX_TTL_MS:
+        raise BadArgumentsError(f"ttl_ms must be between 1 and {_MAX_TTL_MS}, got {ttl_ms}")
+    return ttl_ms
+
+
+class AuxNode(Service):
+    """An aux node: the handlers, the cache and the background tasks."""
+
+    role = "aux"
+
+    def __init__(self, config: AuxConfig, node_id: str | None = None) -> None:
+        super().__init__(node_id or config.node_id or "aux", config.limits, config.auth_token)
+        self.config = config
+        self.cache = LRUCache(config.max_memory, config.max_items)
+        self.clock = HybridClock(self.node_id)
+        self.started_at = time.time()
+        self.server: asyncio.base_events.Server | None = None
+        self.op_counts: dict[int, int] = dict.fromkeys(map(int, Op), 0)
+        h = self.handlers
+        h[Op.PING] = self._ping
+        h[Op.GET] = self._get
+        h[Op.SET] = self._set
+        h[Op.DELETE] = self._delete
+        h[Op.MGET] = self._mget
+        h[Op.MSET] = self._mset
+        h[Op.EXISTS] = self._exists
+        h[Op.EXPIRE] = self._expire
+        h[Op.TTL] = self._ttl
+        h[Op.INCR] = self._incr
+        h[Op.DECR] = self._decr
+        h[Op.TOUCH] = self._touch
+        h[Op.STATS] = self._stats
+
+    # -- handlers (hot path: keep them flat) ------------------------------
+
+    def _ping(self, msg: list[Any]) -> Any:
+        if len(msg) != 2:
+            raise BadArgumentsError("PING takes no arguments")
+        return "PONG"
+
+    def _get(self, msg: list[Any]) -> Any:
+        try:
+            _, _, key = msg
+        except ValueError:
+            raise BadArgumentsError("GET takes [key]") from None
+        return self.cache.get(check_key(key, self.limits))
+
+    def _set(self, msg: list[Any]) -> Any:
+        n = len(msg)
+        if n == 4:
+            _, _, key, value = msg
+            ttl_ms = None
+            flags = 0
+        elif n == 5:
+            _, _, key, value, ttl_ms = msg
+            flags = 0
+        elif n == 6:
+            _, _, key, value, ttl_ms, flags = msg
+        else:
+            raise BadArgumentsError("SET takes [key, value, ttl_ms?, flags?]")
+        limits = self.limits
+        key = check_key(key, limits)
+        value = check_value(value, limits)
+        ttl = _ttl_arg(ttl_ms)
+        if flags.__class__ is not int or flags not in (0, _NX, _XX):
+            raise BadArgumentsError("flags must be 0, 1 (NX) or 2 (XX)")
+        try:
+            return self.cache.set(
+                key,
+                value,
+                expires_at=_wall_ms() + ttl if ttl else 0,
+                version=self.clock.next(),
+                nx=flags == _NX,
+                xx=flags == _XX,
+            )
+        except EntryTooLargeError as exc:
+            raise OutOfMemoryError(str(exc)) from None
+
+    def _delete(self, msg: list[Any]) -> Any:
+        try:
+            _, _, key = msg
+        except ValueError:
+            raise BadArgumentsError("DELETE takes [key]") from None
+        return self.cache.delete(check_key(key, self.limits), version=self.clock.next())
+
+    def _mget(self, msg: list[Any]) -> Any:
+        try:
+            _, _, keys = msg
+        except ValueError:
+            raise BadArgumentsError("MGET takes [keys]") from None
+        if keys.__class__ is not list:
+            raise BadArgumentsError("MGET takes a list of keys")
+        limits = self.limits
+        get = self.cache.get
+        return [get(check_key(k, limits)) for k in keys]
+
+    def _mset(self, msg: list[Any]) -> Any:
+        n = len(msg)
+        if n == 3:
+            _, _, pairs = msg
+            ttl_ms = None
+        elif n == 4:
+            _, _, pairs, ttl_ms = msg
+        else:
+            raise BadArgumentsError("MSET takes [pairs, ttl_ms?]")
+        if pairs.__class__ is not list:
+            raise BadArgumentsError("MSET takes a list of [key, value] pairs")
+        limits = self.limits
+        ttl = _ttl_arg(ttl_ms)
+        items = []
+        for pair in pairs:
+            if pair.__class__ is not list or len(pair) != 2:
+                raise BadArgumentsError("MSET takes a list of [key, value] pairs")
+            items.append((check_key(pair[0], limits), check_value(pair[1], limits)))
+        expires_at = _wall_ms() + ttl if ttl else 0
+        cache = self.cache
+        stored = 0
+        for key, value in items:
+            try:
+                cache.set(key, value, expires_at=expires_at, version=self.clock.next())
+            except EntryTooLargeError as exc:
+                raise OutOfMemoryError(f"{exc} (stored {stored} of {len(items)} pairs)") from None
+            stored += 1
+        return stored
+
+    def _exists(self, msg: list[Any]) -> Any:
+        try:
+            _, _, key = msg
+        except ValueError:
+            raise BadArgumentsError("EXISTS takes [key]") from None
+        return self.cache.exists(check_key(key, self.limits))
+
+    def _expire(self, msg: list[Any]) -> Any:
+        try:
+            _, _, key, ttl_ms = msg
+        except ValueError:
+            raise BadArgumentsError("EXPIRE takes [key, ttl_ms]") from None
+        if ttl_ms.__class__ is not int:
+            raise BadArgumentsError("ttl_ms must be an integer")
+        if ttl_ms > _MAX_TTL_MS:
+            raise BadArgumentsError(f"ttl_ms must be at most {_MAX_TTL_MS}")
+        return self.cache.expire(check_key(key, self.limits), ttl_ms)
+
+    def _ttl(self, msg: list[Any]) -> Any:
+        try:
+            _, _, key = msg
+        except ValueError:
+            raise BadArgumentsError("TTL takes [key]") from None
+        return self.cache.ttl_ms(check_key(key, self.limits))
+
+    def _incr(self, msg: list[Any]) -> Any:
+        return self._add(msg, 1, "INCR")
+
+    def _decr(self, msg: list[Any]) -> Any:
+        return self._add(msg, -1, "DECR")
+
+    def _add(self, msg: list[Any], sign: int, name: str) -> Any:
+        n = len(msg)
+        if n == 3:
+            delta = 1
+        elif n == 4:
+            delta = msg[3]
+        else:
+            raise BadArgumentsError(f"{name} takes [key, delta?]")
+        if delta.__class__ is not int or not _INT64_MIN <= delta <= _INT64_MAX:
+            raise BadArgumentsError("delta must be a signed 64-bit integer")
+        key = check_key(msg[2], self.limits)
+        try:
+            return self.cache.incr(key, sign * delta, version=self.clock.next())
+        except CacheNotAnIntegerError:
+            raise NotAnIntegerError("value is not a signed 64-bit decimal integer") from None
+        except IntegerOverflowError:
+            raise NotAnIntegerError("increment would overflow a signed 64-bit integer") from None
+        except EntryTooLargeError as exc:
+            raise OutOfMemoryError(str(exc)) from None
+
+    def _touch(self, msg: list[Any]) -> Any:
+        try:
+            _, _, key = msg
+        except ValueError:
+            raise BadArgumentsError("TOUCH takes [key]") from None
+        return self.cache.touch(check_key(key, self.limits))
+
+    def _stats(self, msg: list[Any]) -> Any:
+        if len(msg) != 2:
+            raise BadArgumentsError("STATS takes no arguments")
+        return self.stats()
+
+    # -- everything else -----------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The node's counters, as STATS returns them."""
+        c = self.cache
+        return {
+            "role": self.role,
+            "node_id": self.node_id,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "items": len(c),
+            "bytes": c.bytes_used,
+            "max_bytes": c.max_bytes,
+            "max_items": c.max_items,
+            "hits": c.hits,
+            "misses": c.misses,
+            "evictions": c.evictions,
+            "expirations": c.expirations,
+            "connections": len(self.state.connections),
+            "total_connections": self.state.total_connections,
+            "requests": self.requests_total,
+            "errors": self.errors_total,
+            "protocol_errors": self.protocol_errors_total,
+        }
+
+    async def _expiry_loop(self) -> None:
+        """Active expiry: a bounded sweep every ``expiry_interval`` seconds."""
+        interval = self.config.expiry_interval
+        batch = self.config.expiry_batch
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.cache.expire_some(batch)
+            except Exception:
+                log.exception("active expiry sweep failed")
+
+    async def start(self) -> None:
+        """Bind the listener and start the background tasks."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.server = await loop.create_server(self.protocol_factory, cfg.host, cfg.port, reuse_address=True, backlog=1024)
+        if not cfg.node_id:
+            host, port = self.server.sockets[0].getsockname()[:2]
+            self.node_id = f"aux-{host}-{port}"
+            self.clock = HybridClock(self.node_id)
+        self.state.spawn(self._expiry_loop(), "expiry")
+
+    async def close(self) -> None:
+        """Graceful shutdown: stop accepting, drain connections, stop tasks."""
+        if self.server is not None:
+            self.server.close()
+        grace = self.config.shutdown_grace
+        for conn in list(self.state.connections):
+            conn.close()
+        deadline = time.monotonic() + grace
+        while self.state.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for task in list(self.state.tasks):
+            task.cancel()
+        if self.state.tasks:
+            await asyncio.wait(self.state.tasks, timeout=grace or None)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
+    """Run an aux node until SIGTERM or SIGINT, then shut down gracefully."""
+    node = AuxNode(config)
+    await node.start()
+    assert node.server is not None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("aux node %s listening on %s", node.node_id, ready_line(node.server)[6:])
+    if ready:
+        print(ready_line(node.server), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("aux node %s shutting down", node.node_id)
+        await node.close()
+
+
+def run_aux(config: AuxConfig) -> int:
+    """Blocking entry point used by the CLI."""
+    import uvloop
+
+    uvloop.run(serve_aux(config))
+    return 0

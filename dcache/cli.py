@@ -1,0 +1,276 @@
+"""The ``dcache`` command: one subcommand per role and per tool.
+
+This is the edge of the program: the only module that reads argv. Daemon
+flags are generated from the config dataclasses (``dcache.config``), so
+``--help``, ``DCACHE_*`` variables and config-file keys always agree.
+
+Exit codes of the tools (get, set, del, stats, ...), for scripts:
+
+* 0 - success
+* 1 - the key does not exist, or a SET condition (--nx/--xx) was not met
+* 2 - usage or configuration error
+* 3 - could not reach the server, or it timed out
+* 4 - the server answered with an error
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import fields
+from typing import Any
+
+from . import __version__
+from .config import AuxConfig, field_default, load_config
+from .errors import ClientError, ConfigError, ServerError
+
+__all__ = ["main", "EXIT_OK", "EXIT_MISSING", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_SERVER_ERROR"]
+
+EXIT_OK = 0
+EXIT_MISSING = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_SERVER_ERROR = 4
+
+DEFAULT_ADDR = "127.0.0.1:7000"
+
+_EXIT_CODES_HELP = """\
+exit codes: 0 success; 1 key missing or SET condition not met; 2 usage or
+configuration error; 3 server unreachable or timed out; 4 server error.
+"""
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per config field; only flags actually given override."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=os.environ.get("DCACHE_CONFIG"),
+        help="TOML config file (env DCACHE_CONFIG); precedence: defaults < file < DCACHE_* env < flags",
+    )
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = field_default(f)
+        env = "DCACHE_" + f.name.upper()
+        help_text = f"{f.metadata['help']} (default: {default!r}; env {env})"
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=f.metadata["parse"],
+            metavar=f.metadata.get("metavar") or f.name.upper().split("_")[-1],
+            default=argparse.SUPPRESS,
+            help=help_text,
+        )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print it as JSON and exit without starting",
+    )
+
+
+def _config_from_args(cls: type, section: str, args: argparse.Namespace) -> Any:
+    names = {f.name for f in fields(cls)}
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    return load_config(cls, section, flags, config_file=args.config)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_aux(args: argparse.Namespace) -> int:
+    config = _config_from_args(AuxConfig, "aux", args)
+    if args.check_config:
+        print(json.dumps({f.name: getattr(config, f.name) for f in fields(config)}, indent=2))
+        return EXIT_OK
+    _setup_logging(config.log_level)
+    from .auxnode import run_aux
+
+    return run_aux(config)
+
+
+# -- tools ---------------------------------------------------------------------
+
+
+def _add_addr(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--addr",
+        default=os.environ.get("DCACHE_ADDR", DEFAULT_ADDR),
+        help=f"server (master or aux) as host:port; several comma-separated for failover (default: {DEFAULT_ADDR}; env DCACHE_ADDR)",
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default: 5)")
+    parser.add_argument(
+        "--auth-token",
+        default=os.environ.get("DCACHE_AUTH_TOKEN"),
+        help="auth token for HELLO (env DCACHE_AUTH_TOKEN)",
+    )
+
+
+def _run_tool(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
+    """Connect a client, run ``body(client)``, map errors onto exit codes."""
+    from .client import Client
+
+    async def go() -> int:
+        endpoints = [a.strip() for a in args.addr.split(",") if a.strip()]
+        async with Client(
+            endpoints, timeout=args.timeout, connect_timeout=args.timeout, auth_token=args.auth_token, client_name="dcache-cli"
+        ) as client:
+            return await body(client)
+
+    try:
+        return asyncio.run(go())
+    except ServerError as exc:
+        print(f"error: server: {exc.message} ({exc.__class__.__name__})", file=sys.stderr)
+        return EXIT_SERVER_ERROR
+    except (ClientError, OSError, TimeoutError) as exc:
+        print(f"error: cannot reach {args.addr}: {exc or exc.__class__.__name__}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+
+
+def _write_value(value: bytes) -> None:
+    sys.stdout.buffer.write(value + b"\n")
+    sys.stdout.flush()
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> int:
+        value = await client.get(args.key)
+        if value is None:
+            print(f"(missing) {args.key}", file=sys.stderr)
+            return EXIT_MISSING
+        _write_value(value)
+        return EXIT_OK
+
+    return _run_tool(args, body)
+
+
+def _cmd_set(args: argparse.Namespace) -> int:
+    value = sys.stdin.buffer.read() if args.value == "-" else args.value.encode()
+
+    async def body(client: Any) -> int:
+        stored = await client.set(args.key, value, ttl=args.ttl, nx=args.nx, xx=args.xx)
+        if not stored:
+            print("not stored (condition not met)", file=sys.stderr)
+            return EXIT_MISSING
+        print("OK")
+        return EXIT_OK
+
+    return _run_tool(args, body)
+
+
+def _cmd_del(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> int:
+        deleted = 0
+        for key in args.keys:
+            deleted += bool(await client.delete(key))
+        print(deleted)
+        return EXIT_OK if deleted else EXIT_MISSING
+
+    return _run_tool(args, body)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> int:
+        stats = await client.stats()
+        if args.json:
+            print(json.dumps(stats, indent=2, sort_keys=True, default=str))
+        else:
+            width = max((len(k) for k in stats), default=0)
+            for key in sorted(stats):
+                print(f"{key:<{width}}  {stats[key]}")
+        return EXIT_OK
+
+    return _run_tool(args, body)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench_cli
+
+    return run_bench_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``dcache`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="dcache",
+        description="dcache: a distributed in-memory cache. Run a role (aux) or a tool against a running node.",
+        epilog=_EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dcache {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "aux",
+        help="run an aux (data) node",
+        description="Run an aux node: holds data in an LRU cache (byte budget, TTL) and serves the native protocol. "
+        "Prints one 'READY host:port' line once listening; SIGTERM/SIGINT shut it down gracefully.",
+    )
+    _add_config_flags(p, AuxConfig)
+    p.set_defaults(func=_cmd_aux)
+
+    p = sub.add_parser(
+        "get", help="print a key's value", description="Print the value of KEY (raw bytes and a newline).", epilog=_EXIT_CODES_HELP
+    )
+    _add_addr(p)
+    p.add_argument("key", help="the key (UTF-8)")
+    p.set_defaults(func=_cmd_get)
+
+    p = sub.add_parser(
+        "set", help="store a value", description="Store VALUE under KEY ('-' reads the value from stdin).", epilog=_EXIT_CODES_HELP
+    )
+    _add_addr(p)
+    p.add_argument("key", help="the key (UTF-8)")
+    p.add_argument("value", help="the value (UTF-8), or - to read raw bytes from stdin")
+    p.add_argument("--ttl", type=float, default=None, help="time to live in seconds (default: no expiry)")
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--nx", action="store_true", help="only set if the key does not exist")
+    cond.add_argument("--xx", action="store_true", help="only set if the key exists")
+    p.set_defaults(func=_cmd_set)
+
+    p = sub.add_parser("del", help="delete keys", description="Delete KEYs; prints how many existed.", epilog=_EXIT_CODES_HELP)
+    _add_addr(p)
+    p.add_argument("keys", nargs="+", metavar="key", help="keys to delete")
+    p.set_defaults(func=_cmd_del)
+
+    p = sub.add_parser(
+        "stats", help="show a node's counters", description="Show the counters of the node at --addr.", epilog=_EXIT_CODES_HELP
+    )
+    _add_addr(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_stats)
+
+    from .bench import add_bench_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="load-test a node",
+        description="Drive GET/SET load from several processes against --addr and report ops/s and latency percentiles.",
+    )
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``dcache`` command with ``argv``; return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"dcache {args.command}: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,838 @@
+"""The dcache client: ``Client`` (asyncio), ``SyncClient`` (blocking), ``create_client``.
+
+Keys are ``str`` (sent as UTF-8) or ``bytes``; values are ``bytes``, or
+``str`` (stored as UTF-8). Reads always return ``bytes``. TTLs are seconds
+(``float``), sent as whole milliseconds rounded up.
+
+Endpoints and failover
+----------------------
+A client has one or more ``host:port`` endpoints (masters, or a single aux
+node) and one ``NodePool`` per endpoint, created on first use. Calls go to
+the *current* endpoint. When it cannot be reached (``NoAvailableNodeError``)
+the client moves to the next endpoint, round-robin, and tries the call there;
+each endpoint is tried at most once per call for this reason. When a
+connection is lost after the request was sent (``ConnectionResetError``) the
+client also moves on, but repeats the call only if doing it twice is
+harmless: reads (GET, MGET, EXISTS, TTL, PING, STATS), last-writer-wins writes
+(SET without NX/XX, MSET, DELETE, EXPIRE, TOUCH); never INCR, DECR or SET
+with NX/XX. Such retries happen at most ``retries`` times per call.
+
+Every call has one deadline (``timeout`` seconds) covering acquiring a
+connection, retries and the answer; when it passes the call raises the
+builtin ``TimeoutError`` and the connection it was waiting on is retired
+(it takes no new requests and closes once its other requests are answered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import warnings
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from concurrent.futures import Future as ConcurrentFuture
+from types import TracebackType
+from typing import Any, TypeVar
+
+from ..config import parse_address
+from ..errors import (
+    BadArgumentsError,
+    ConfigError,
+    KeyTooLargeError,
+    NoAvailableNodeError,
+    PoolClosedError,
+    RemoteProtocolError,
+    ValueTooLargeError,
+)
+from ..protocol import Limits, Op, SetFlag
+from .connection import ClientConnection, open_connection
+from .pool import NodePool
+
+__all__ = ["Client", "SyncClient", "create_client", "Key", "Value", "Pairs", "MAX_TTL_S"]
+
+log = logging.getLogger("dcache.client")
+
+#: A key: ``str`` (UTF-8 encoded) or ``bytes``.
+Key = str | bytes
+#: A value: ``bytes`` (or another bytes-like buffer), or ``str`` (UTF-8 encoded).
+Value = bytes | bytearray | memoryview | str
+#: What ``mset`` takes: a mapping of keys to values, or ``(key, value)`` pairs.
+Pairs = Mapping[str, Value] | Mapping[bytes, Value] | Mapping[Key, Value] | Iterable[tuple[Key, Value]]
+
+#: Largest TTL the protocol carries: a hundred years, in seconds.
+MAX_TTL_S = 100 * 365 * 24 * 3600
+_MAX_TTL_MS = MAX_TTL_S * 1000
+
+#: Ops that may be sent again after a connection was lost mid-request.
+_RETRYABLE = frozenset({Op.PING, Op.GET, Op.DELETE, Op.MGET, Op.MSET, Op.EXISTS, Op.EXPIRE, Op.TTL, Op.TOUCH, Op.STATS})
+
+_T = TypeVar("_T")
+
+
+def _key(key: Any) -> bytes:
+    if key.__class__ is bytes:
+        if key:
+            return key
+    elif isinstance(key, str):
+        if key:
+            return key.encode()
+    elif isinstance(key, (bytes, bytearray, memoryview)):
+        if len(key):
+            return bytes(key)
+    else:
+        raise BadArgumentsError(f"key must be str or bytes, not {type(key).__name__}")
+    raise BadArgumentsError("key must not be empty")
+
+
+def _value(value: Any) -> bytes:
+    if value.__class__ is bytes:
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise BadArgumentsError(f"value must be bytes or str, not {type(value).__name__}")
+
+
+def _ttl_ms(ttl: float | None) -> int | None:
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise BadArgumentsError(f"ttl must be a number of seconds, not {type(ttl).__name__}")
+    if not 0 < ttl <= MAX_TTL_S:  # also refuses NaN
+        raise BadArgumentsError(f"ttl must be > 0 and at most {MAX_TTL_S} seconds, got {ttl!r}")
+    return math.ceil(ttl * 1000)
+
+
+class Client:
+    """Asyncio client for a dcache cluster (masters) or a single node.
+
+    Connections are opened lazily on first use (``create_client`` connects
+    eagerly). The client belongs to the event loop it is first used on and
+    may be shared by any number of coroutines on that loop.
+
+    Args:
+        endpoints: ``"host:port"``, several separated by commas, or a sequence
+            of them; several endpoints fail over round-robin.
+        timeout: seconds one call may take, retries included.
+        connect_timeout: seconds for TCP connect plus HELLO.
+        acquire_timeout: seconds a call may wait for a free connection slot;
+            ``None``: bounded only by ``timeout``.
+        min_connections: connections kept per endpoint once it is used.
+        max_connections: most connections per endpoint.
+        max_in_flight: most concurrent requests per connection.
+        auth_token: token sent in HELLO, if the servers require one.
+        client_name: name sent in HELLO (servers may log it).
+        limits: when given, key and value sizes are checked before sending
+            and ``limits.max_frame_bytes`` bounds one answer; otherwise the
+            server enforces its own limits.
+        retries: how many times a call interrupted by a lost connection is
+            repeated (idempotent ops only).
+        backoff_max: cap, in seconds, of the delay between reconnect attempts
+            to an endpoint that is down.
+
+    Raises:
+        ConfigError: an endpoint or option is invalid.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        acquire_timeout: float | None = None,
+        min_connections: int = 1,
+        max_connections: int = 4,
+        max_in_flight: int = 64,
+        auth_token: str | None = None,
+        client_name: str | None = "dcache-py",
+        limits: Limits | None = None,
+        retries: int = 2,
+        backoff_max: float = 2.0,
+    ) -> None:
+        if isinstance(endpoints, str):
+            endpoints = endpoints.split(",")
+        addresses: list[tuple[str, int]] = []
+        for text in endpoints:
+            if not text.strip():
+                continue
+            try:
+                addresses.append(parse_address(text))
+            except ValueError as exc:
+                raise ConfigError(f"endpoints: {exc}") from None
+        if not addresses:
+            raise ConfigError("endpoints: at least one host:port is required")
+        if not timeout > 0:
+            raise ConfigError("timeout must be positive")
+        if not connect_timeout > 0:
+            raise ConfigError("connect_timeout must be positive")
+        if acquire_timeout is not None and not acquire_timeout > 0:
+            raise ConfigError("acquire_timeout must be positive (or None)")
+        if retries < 0:
+            raise ConfigError("retries must be >= 0")
+        if not 0 <= min_connections <= max_connections or max_connections < 1:
+            raise ConfigError("need 0 <= min_connections <= max_connections and max_connections >= 1")
+        if max_in_flight < 1:
+            raise ConfigError("max_in_flight must be at least 1")
+        if not backoff_max >= 0.05:
+            raise ConfigError("backoff_max must be at least 0.05 seconds")
+        self._addresses = addresses
+        self._names = tuple(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
+        self._timeout = float(timeout)
+        self._connect_timeout = float(connect_timeout)
+        self._acquire_timeout = acquire_timeout
+        self._min_connections = min_connections
+        self._max_connections = max_connections
+        self._max_in_flight = max_in_flight
+        self._auth_token = auth_token
+        self._client_name = client_name
+        self._limits = limits
+        self._retries = retries
+        self._backoff_max = float(backoff_max)
+        self._pools: list[NodePool[ClientConnection] | None] = [None] * len(addresses)
+        self._current = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Client {','.join(self._names)} current={self.current_endpoint}{' closed' if self._closed else ''}>"
+
+    # -- properties ----------------------------------------------------------
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The endpoints, as ``host:port`` strings, in failover order."""
+        return self._names
+
+    @property
+    def current_endpoint(self) -> str:
+        """The endpoint calls go to now."""
+        return self._names[self._current]
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._closed
+
+    def pool(self, endpoint: str | None = None) -> NodePool[ClientConnection] | None:
+        """The pool of ``endpoint`` (default: the current one), if it was created yet."""
+        index = self._current if endpoint is None else self._names.index(endpoint)
+        return self._pools[index]
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect now to the first endpoint that answers, starting at the current one.
+
+        Raises:
+            NoAvailableNodeError: no endpoint could be reached.
+            AuthError: the server rejected the auth token.
+            HandshakeError: the server speaks another protocol version.
+            PoolClosedError: the client is closed.
+        """
+        self._bind_loop()
+        start = self._current
+        failures: list[str] = []
+        for i in range(len(self._addresses)):
+            index = (start + i) % len(self._addresses)
+            try:
+                await self._get_pool(index).connect(timeout=self._timeout)
+            except (NoAvailableNodeError, TimeoutError) as exc:
+                failures.append(f"{self._names[index]}: {exc or 'timed out'}")
+                continue
+            self._current = index
+            return
+        raise NoAvailableNodeError("no dcache endpoint is reachable (" + "; ".join(failures) + ")")
+
+    async def close(self) -> None:
+        """Close every connection (idempotent); later calls raise ``PoolClosedError``."""
+        if self._closed:
+            return
+        self._closed = True
+        pools = [p for p in self._pools if p is not None]
+        for pool in pools:
+            await pool.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and any(p is not None for p in self._pools):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+
+    # -- machinery -----------------------------------------------------------
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("this dcache Client is bound to another event loop")
+        if self._closed:
+            raise PoolClosedError("the client is closed")
+        return loop
+
+    def _get_pool(self, index: int) -> NodePool[ClientConnection]:
+        pool = self._pools[index]
+        if pool is None:
+            host, port = self._addresses[index]
+            limits = self._limits
+            connect_timeout = self._connect_timeout
+            auth_token = self._auth_token
+            client_name = self._client_name
+
+            async def factory() -> ClientConnection:
+                return await open_connection(
+                    host,
+                    port,
+                    limits=limits,
+                    connect_timeout=connect_timeout,
+                    auth_token=auth_token,
+                    client_name=client_name,
+                )
+
+            pool = self._pools[index] = NodePool(
+                factory,
+                name=self._names[index],
+                min_connections=self._min_connections,
+                max_connections=self._max_connections,
+                max_in_flight=self._max_in_flight,
+                acquire_timeout=None,
+                backoff_max_s=self._backoff_max,
+            )
+        return pool
+
+    def _failover(self, index: int) -> None:
+        n = len(self._addresses)
+        if n > 1 and self._current == index:
+            self._current = (index + 1) % n
+            log.info("dcache endpoint %s failed; switching to %s", self._names[index], self._names[self._current])
+
+    async def _execute(self, op: int, args: tuple[Any, ...], retryable: bool) -> Any:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop or self._closed:
+            self._bind_loop()
+        deadline = loop.time() + self._timeout
+        unreachable = 0
+        retried = 0
+        while True:
+            index = self._current
+            pool = self._pools[index] or self._get_pool(index)
+            acquire_timeout = deadline - loop.time()
+            if acquire_timeout <= 0:
+                raise TimeoutError(f"dcache call timed out after {self._timeout} s")
+            if self._acquire_timeout is not None and self._acquire_timeout < acquire_timeout:
+                acquire_timeout = self._acquire_timeout
+            lost: ConnectionResetError
+            try:
+                async with pool.acquire(acquire_timeout) as conn:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            return await conn.call(op, *args)
+                    except TimeoutError:
+                        conn.retire()
+                        raise
+                    except ConnectionResetError as exc:
+                        lost = exc
+            except NoAvailableNodeError as exc:
+                self._failover(index)
+                unreachable += 1
+                if unreachable >= len(self._addresses) or self._closed:
+                    if len(self._addresses) == 1:
+                        raise
+                    raise NoAvailableNodeError(f"no dcache endpoint is reachable ({', '.join(self._names)})") from exc
+                continue
+            self._failover(index)
+            if not retryable or retried >= self._retries or self._closed:
+                raise lost
+            retried += 1
+            log.debug("connection to %s lost during op %d; retrying", self._names[index], op)
+
+    def _check_key(self, key: Key) -> bytes:
+        k = _key(key)
+        if self._limits is not None and len(k) > self._limits.max_key_bytes:
+            raise KeyTooLargeError(f"key of {len(k)} bytes exceeds the limit of {self._limits.max_key_bytes}")
+        return k
+
+    def _check_value(self, value: Value) -> bytes:
+        v = _value(value)
+        if self._limits is not None and len(v) > self._limits.max_value_bytes:
+            raise ValueTooLargeError(f"value of {len(v)} bytes exceeds the limit of {self._limits.max_value_bytes}")
+        return v
+
+    # -- operations ----------------------------------------------------------
+
+    async def execute(self, op: int, *args: Any) -> Any:
+        """Send one raw request and return its result (for tools).
+
+        Arguments go on the wire as given (after the request id). The call
+        is repeated after a lost connection only for the ops listed in the
+        module docstring.
+
+        Args:
+            op: the op code (``dcache.protocol.Op``).
+            *args: the op's arguments.
+
+        Returns:
+            The server's result, undecoded.
+
+        Raises:
+            ServerError: the server answered with an error (its registered subclass).
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+            ConnectionResetError: the connection was lost and the op is not retryable.
+            PoolClosedError: the client is closed.
+        """
+        if op == Op.SET:
+            retryable = len(args) < 4 or not args[3]
+        else:
+            retryable = op in _RETRYABLE
+        return await self._execute(op, args, retryable)
+
+    async def get(self, key: Key) -> bytes | None:
+        """Return the value of ``key``, or ``None`` if it does not exist.
+
+        Args:
+            key: ``str`` (UTF-8) or ``bytes``.
+
+        Returns:
+            The value as ``bytes`` (even if it was stored as ``str``), or ``None``.
+
+        Raises:
+            BadArgumentsError: the key is empty or not str/bytes.
+            KeyTooLargeError: the key exceeds the size limit.
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+            ServerError: any other error the server answered.
+        """
+        result: bytes | None = await self._execute(Op.GET, (self._check_key(key),), True)
+        return result
+
+    async def set(self, key: Key, value: Value, ttl: float | None = None, *, nx: bool = False, xx: bool = False) -> bool:
+        """Store ``value`` under ``key``.
+
+        Args:
+            key: ``str`` (UTF-8) or ``bytes``.
+            value: ``bytes``, or ``str`` (stored as UTF-8).
+            ttl: seconds until the key expires (> 0; rounded up to whole
+                milliseconds); ``None``: never.
+            nx: store only if the key does not exist.
+            xx: store only if the key exists.
+
+        Returns:
+            ``True`` if stored, ``False`` if the ``nx``/``xx`` condition failed.
+
+        Raises:
+            BadArgumentsError: bad key, value or ttl, or both ``nx`` and ``xx``.
+            KeyTooLargeError, ValueTooLargeError: over the size limits.
+            OutOfMemoryError: the entry alone exceeds the node's memory budget.
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+            ConnectionResetError: the connection was lost after sending a
+                SET with ``nx``/``xx`` (never repeated automatically).
+        """
+        if nx and xx:
+            raise BadArgumentsError("nx and xx are mutually exclusive")
+        flags = SetFlag.NX if nx else SetFlag.XX if xx else SetFlag.NONE
+        args = (self._check_key(key), self._check_value(value), _ttl_ms(ttl), int(flags))
+        return bool(await self._execute(Op.SET, args, not flags))
+
+    async def delete(self, key: Key) -> bool:
+        """Delete ``key``.
+
+        A call repeated after a lost connection may report ``False`` although
+        this call deleted the key.
+
+        Args:
+            key: ``str`` (UTF-8) or ``bytes``.
+
+        Returns:
+            ``True`` if the key existed.
+
+        Raises:
+            BadArgumentsError, KeyTooLargeError: bad key.
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+        """
+        return bool(await self._execute(Op.DELETE, (self._check_key(key),), True))
+
+    async def mget(self, keys: Iterable[Key]) -> list[bytes | None]:
+        """Return the values of several keys, in order, ``None`` for missing ones.
+
+        Args:
+            keys: ``str``/``bytes`` keys (no round trip if empty).
+
+        Returns:
+            One ``bytes`` or ``None`` per key, in the order given.
+
+        Raises:
+            BadArgumentsError, KeyTooLargeError: a bad key.
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+            RemoteProtocolError: the answer does not have one item per key.
+        """
+        wire = [self._check_key(k) for k in keys]
+        if not wire:
+            return []
+        result = await self._execute(Op.MGET, (wire,), True)
+        if not isinstance(result, list) or len(result) != len(wire):
+            raise RemoteProtocolError("MGET answer does not have one item per key")
+        return result
+
+    async def mset(self, mapping: Pairs, ttl: float | None = None) -> int:
+        """Store several keys at once, with one optional TTL for all.
+
+        Args:
+            mapping: a mapping, or an iterable of ``(key, value)`` pairs (no
+                round trip if empty).
+            ttl: seconds until the keys expire (> 0); ``None``: never.
+
+        Returns:
+            The number of pairs stored.
+
+        Raises:
+            BadArgumentsError, KeyTooLargeError, ValueTooLargeError: a bad
+                pair or ttl (then nothing is stored).
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+        """
+        items: Iterable[tuple[Key, Value]] = mapping.items() if isinstance(mapping, Mapping) else mapping
+        pairs = [[self._check_key(k), self._check_value(v)] for k, v in items]
+        ttl_ms = _ttl_ms(ttl)
+        if not pairs:
+            return 0
+        return int(await self._execute(Op.MSET, (pairs, ttl_ms), True))
+
+    async def exists(self, key: Key) -> bool:
+        """Whether ``key`` exists (and has not expired).
+
+        Raises:
+            BadArgumentsError, KeyTooLargeError: bad key.
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+        """
+        return bool(await self._execute(Op.EXISTS, (self._check_key(key),), True))
+
+    async def expire(self, key: Key, ttl: float) -> bool:
+        """Set ``key`` to expire ``ttl`` seconds from now.
+
+        Args:
+            key: ``str`` (UTF-8) or ``bytes``.
+            ttl: seconds (rounded up to whole milliseconds); ``ttl <= 0``
+                deletes the key.
+
+        Returns:
+            ``True`` if the key existed.
+
+        Raises:
+            BadArgumentsError: bad key or ttl.
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+        """
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or math.isnan(ttl):
+            raise BadArgumentsError(f"ttl must be a number of seconds, not {ttl!r}")
+        ttl_ms = 0 if ttl <= 0 else _ttl_ms(ttl)
+        return bool(await self._execute(Op.EXPIRE, (self._check_key(key), ttl_ms), True))
+
+    async def ttl(self, key: Key) -> float | None:
+        """Seconds until ``key`` expires.
+
+        Returns:
+            ``None`` if the key does not exist, ``-1.0`` if it never expires,
+            else the remaining seconds (millisecond resolution).
+
+        Raises:
+            BadArgumentsError, KeyTooLargeError: bad key.
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+        """
+        ms = int(await self._execute(Op.TTL, (self._check_key(key),), True))
+        if ms == -2:
+            return None
+        if ms == -1:
+            return -1.0
+        return ms / 1000
+
+    async def incr(self, key: Key, delta: int = 1) -> int:
+        """Add ``delta`` to the integer stored at ``key`` (missing counts as 0).
+
+        Never repeated automatically: if the connection is lost after the
+        request was sent, ``ConnectionResetError`` is raised and the
+        increment may or may not have happened.
+
+        Returns:
+            The new value.
+
+        Raises:
+            NotAnIntegerError: the value is not a signed 64-bit decimal, or
+                the result would overflow.
+            BadArgumentsError: bad key or delta.
+            ConnectionResetError: the connection was lost after sending.
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+        """
+        return int(await self._execute(Op.INCR, (self._check_key(key), delta), False))
+
+    async def decr(self, key: Key, delta: int = 1) -> int:
+        """Subtract ``delta`` from the integer stored at ``key`` (see ``incr``).
+
+        Returns:
+            The new value.
+
+        Raises:
+            NotAnIntegerError: the value is not a signed 64-bit decimal, or
+                the result would overflow.
+            BadArgumentsError: bad key or delta.
+            ConnectionResetError: the connection was lost after sending.
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+        """
+        return int(await self._execute(Op.DECR, (self._check_key(key), delta), False))
+
+    async def touch(self, key: Key) -> bool:
+        """Mark ``key`` as recently used (protects it from LRU eviction).
+
+        Returns:
+            ``True`` if the key exists.
+
+        Raises:
+            BadArgumentsError, KeyTooLargeError: bad key.
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+        """
+        return bool(await self._execute(Op.TOUCH, (self._check_key(key),), True))
+
+    async def ping(self) -> float:
+        """Round-trip a PING.
+
+        Returns:
+            The round-trip time in seconds (including acquiring a connection).
+
+        Raises:
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+            RemoteProtocolError: the server did not answer ``"PONG"``.
+        """
+        start = time.perf_counter()
+        result = await self._execute(Op.PING, (), True)
+        elapsed = time.perf_counter() - start
+        if result != "PONG":
+            raise RemoteProtocolError(f"PING answered {result!r}")
+        return elapsed
+
+    async def stats(self) -> dict[str, Any]:
+        """The server's statistics (``items``, ``bytes``, ``hits``, ...).
+
+        Returns:
+            A dict of ``str`` to ``int``, ``float`` or ``str``.
+
+        Raises:
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+        """
+        result = await self._execute(Op.STATS, (), True)
+        if not isinstance(result, dict):
+            raise RemoteProtocolError(f"STATS answered {type(result).__name__}, not a map")
+        return result
+
+
+async def create_client(endpoints: str | Sequence[str], **options: Any) -> Client:
+    """Create a ``Client`` and connect it now.
+
+    Args:
+        endpoints: as for ``Client``.
+        **options: keyword arguments of ``Client``.
+
+    Returns:
+        A connected client (close it, or use ``async with``).
+
+    Raises:
+        NoAvailableNodeError: no endpoint answered.
+        AuthError: the server rejected the auth token.
+        HandshakeError: the server speaks another protocol version.
+        ConfigError: bad endpoints or options.
+    """
+    client = Client(endpoints, **options)
+    try:
+        await client.connect()
+    except BaseException:
+        await client.close()
+        raise
+    return client
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()  # here, not in the caller's thread: also runs when an unclosed SyncClient is collected
+
+
+def _shutdown_soon(loop: asyncio.AbstractEventLoop, client: Client) -> None:
+    async def shutdown() -> None:
+        try:
+            await client.close()
+        finally:
+            loop.stop()
+
+    loop.create_task(shutdown())
+
+
+class SyncClient:
+    """Blocking client: the ``Client`` API run on a private event loop thread.
+
+    The loop (uvloop when installed) runs in a daemon thread; each method
+    submits the matching ``Client`` coroutine and blocks for its result, so
+    the timeouts and errors are the same as ``Client``'s. Safe to call from
+    several threads at once. Close it (or use ``with``).
+
+    Args:
+        endpoints: as for ``Client``.
+        **options: keyword arguments of ``Client``.
+
+    Raises:
+        ConfigError: bad endpoints or options.
+    """
+
+    def __init__(self, endpoints: str | Sequence[str], **options: Any) -> None:
+        self._closed = True  # until the thread runs, for __del__
+        self._client = Client(endpoints, **options)
+        self._loop = _new_loop()
+        self._thread = threading.Thread(target=_run_loop, args=(self._loop,), name="dcache-sync-client", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<SyncClient {','.join(self._client.endpoints)}{' closed' if self._closed else ''}>"
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        if self._closed:
+            coro.close()
+            raise PoolClosedError("the client is closed")
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("SyncClient methods cannot be called from its own event loop thread")
+        fut: ConcurrentFuture[_T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()  # e.g. KeyboardInterrupt while waiting
+            raise
+
+    @property
+    def client(self) -> Client:
+        """The underlying asyncio ``Client`` (runs on this object's loop thread)."""
+        return self._client
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections and stop the loop thread (idempotent)."""
+        if self._closed:
+            return
+        try:
+            self._run(self._client.close())
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            # Close the connections and stop the thread without blocking: this
+            # may run in any thread, the loop's own included.
+            try:
+                self._loop.call_soon_threadsafe(_shutdown_soon, self._loop, self._client)
+            except RuntimeError:  # the loop is already closed
+                pass
+
+    def connect(self) -> None:
+        """Connect now (see ``Client.connect``)."""
+        self._run(self._client.connect())
+
+    def execute(self, op: int, *args: Any) -> Any:
+        """Send one raw request (see ``Client.execute``)."""
+        return self._run(self._client.execute(op, *args))
+
+    def get(self, key: Key) -> bytes | None:
+        """The value of ``key`` as bytes, or ``None`` (see ``Client.get``)."""
+        return self._run(self._client.get(key))
+
+    def set(self, key: Key, value: Value, ttl: float | None = None, *, nx: bool = False, xx: bool = False) -> bool:
+        """Store ``value``; ``False`` if the nx/xx condition failed (see ``Client.set``)."""
+        return self._run(self._client.set(key, value, ttl, nx=nx, xx=xx))
+
+    def delete(self, key: Key) -> bool:
+        """Delete ``key``; ``True`` if it existed (see ``Client.delete``)."""
+        return self._run(self._client.delete(key))
+
+    def mget(self, keys: Iterable[Key]) -> list[bytes | None]:
+        """Values of several keys in order, ``None`` for missing (see ``Client.mget``)."""
+        return self._run(self._client.mget(keys))
+
+    def mset(self, mapping: Pairs, ttl: float | None = None) -> int:
+        """Store several pairs; returns how many were stored (see ``Client.mset``)."""
+        return self._run(self._client.mset(mapping, ttl))
+
+    def exists(self, key: Key) -> bool:
+        """Whether ``key`` exists (see ``Client.exists``)."""
+        return self._run(self._client.exists(key))
+
+    def expire(self, key: Key, ttl: float) -> bool:
+        """Expire ``key`` in ``ttl`` seconds; ``True`` if it existed (see ``Client.expire``)."""
+        return self._run(self._client.expire(key, ttl))
+
+    def ttl(self, key: Key) -> float | None:
+        """Seconds left; ``None`` if missing, ``-1.0`` if no expiry (see ``Client.ttl``)."""
+        return self._run(self._client.ttl(key))
+
+    def incr(self, key: Key, delta: int = 1) -> int:
+        """Add ``delta``; returns the new value (see ``Client.incr``)."""
+        return self._run(self._client.incr(key, delta))
+
+    def decr(self, key: Key, delta: int = 1) -> int:
+        """Subtract ``delta``; returns the new value (see ``Client.decr``)."""
+        return self._run(self._client.decr(key, delta))
+
+    def touch(self, key: Key) -> bool:
+        """Refresh ``key``'s recency; ``True`` if it exists (see ``Client.touch``)."""
+        return self._run(self._client.touch(key))
+
+    def ping(self) -> float:
+        """Round-trip seconds of a PING (see ``Client.ping``)."""
+        return self._run(self._client.ping())
+
+    def stats(self) -> dict[str, Any]:
+        """The server's statistics (see ``Client.stats``)."""
+        return self._run(self._client.stats())

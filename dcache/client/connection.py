@@ -1,0 +1,400 @@
+"""One pipelined client connection to a dcache server.
+
+``ClientConnection`` is an ``asyncio.Protocol`` that owns a ``FrameDecoder``
+and a map ``request_id -> Future``. Many requests share the connection at
+once (pipelining); answers may come back in any order and are matched by id.
+
+Design notes
+------------
+* Request ids come from a per-connection counter: 1 .. 2**32 - 1, wrapping,
+  skipping ids still in flight; 0 is reserved for connection-level error
+  frames (``[0, status, message]``, after which the server closes), which fail
+  every pending request.
+* Frames written during one loop iteration are joined and written once, at
+  the end of the iteration (``call_soon`` flush): a burst of pipelined
+  requests costs one ``send`` syscall instead of one per request. A single
+  request pays one extra ready-queue callback, which is far below the cost of
+  the round trip it waits for.
+* A caller that stops waiting (cancelled, timed out) forgets its id; a late
+  answer for an unknown id is dropped. After a *timeout* the client calls
+  ``retire()``: the connection takes no new requests, lets the requests
+  already in flight finish, and closes when the last one is done, so a
+  possibly stuck connection is never reused and nobody else's answer is lost.
+* Flow control: when the transport's buffer is above its high-water mark
+  (``pause_writing``), ``call`` waits for ``resume_writing`` before writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any, cast
+
+from ..errors import HandshakeError, RemoteProtocolError, ServerError, error_from_status
+from ..protocol import PROTOCOL_VERSION, Limits, Op, encode_request
+from ..protocol.framing import FrameDecoder
+
+__all__ = ["ClientConnection", "open_connection", "MAX_REQUEST_ID"]
+
+#: Request ids run from 1 to this value, then wrap.
+MAX_REQUEST_ID = 2**32 - 1
+
+
+class ClientConnection(asyncio.Protocol):
+    """A pipelined connection: many requests in flight, answers matched by id.
+
+    Build it with ``open_connection`` (which also performs HELLO); the
+    constructor is for ``loop.create_connection`` factories and tests.
+
+    Args:
+        limits: size limits; ``limits.max_frame_bytes`` bounds one answer.
+        loop: the event loop; defaults to the running loop at
+            ``connection_made``.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_closing",
+        "_decoder",
+        "_drain_waiters",
+        "_error",
+        "_loop",
+        "_next_id",
+        "_out",
+        "_paused",
+        "_retiring",
+        "_transport",
+        "_waiters",
+        "server_info",
+    )
+
+    def __init__(self, *, limits: Limits | None = None, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = loop
+        self._transport: asyncio.Transport | None = None
+        self._decoder = FrameDecoder((limits or Limits()).max_frame_bytes)
+        self._waiters: dict[int, asyncio.Future[Any]] = {}
+        self._next_id = 1
+        self._out: list[bytes] = []
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closing = False
+        self._retiring = False
+        self._error: BaseException | None = None  # why the connection failed, if it did
+        self._closed: asyncio.Future[None] | None = None
+        #: The server's HELLO answer (``version``, ``node_id``, ``role``,
+        #: limits); empty until ``open_connection`` has performed HELLO.
+        self.server_info: dict[str, Any] = {}
+
+    # -- asyncio callbacks ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # pragma: no cover - platform dependent
+                pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._out.clear()
+        if self._error is None:
+            self._error = exc
+        self._fail_all()
+        for fut in self._drain_waiters:
+            if not fut.done():
+                fut.set_exception(self._make_error())
+        self._drain_waiters.clear()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for fut in self._drain_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._drain_waiters.clear()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            msgs = self._decoder.feed(data)
+        except RemoteProtocolError as exc:
+            self._abort(exc)
+            return
+        waiters = self._waiters
+        for msg in msgs:
+            try:
+                rid, status, result = msg
+                fut = waiters.pop(rid, None)
+            except (TypeError, ValueError):
+                self._abort(RemoteProtocolError("a response is an array [request_id, status, result]"))
+                return
+            if fut is None:
+                if rid == 0:  # connection-level error: the server closes next
+                    self._abort(error_from_status(status, _message(result)))
+                    return
+                continue  # an answer nobody waits for any more (timed out)
+            if fut.done():
+                continue
+            if status == 0:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error_from_status(status, _message(result)))
+        if self._decoder.error is not None:
+            self._abort(self._decoder.error)
+        elif self._retiring and not waiters:
+            self.close()
+
+    # -- requests ------------------------------------------------------------
+
+    def request(self, op: int, *args: Any) -> asyncio.Future[Any]:
+        """Send one request and return the future of its result.
+
+        The frame is written at the end of the current loop iteration,
+        together with every other request made in it. Prefer ``call``, which
+        also honours flow control and forgets the id if the caller stops
+        waiting.
+
+        Args:
+            op: the op code (``Op``).
+            *args: the op's arguments after the request id.
+
+        Returns:
+            A future resolved with the result, or failed with the
+            ``ServerError`` subclass for the answer's status,
+            ``RemoteProtocolError`` if the server sent bad bytes, or
+            ``ConnectionResetError`` if the connection is lost first.
+
+        Raises:
+            ConnectionResetError: the connection is closed, closing or retired
+                (or the error that closed it: a ``ServerError`` from a
+                connection-level error frame, a ``RemoteProtocolError``).
+            LocalProtocolError: the arguments cannot be encoded.
+        """
+        return self._send(op, args)[1]
+
+    async def call(self, op: int, *args: Any) -> Any:
+        """Send one request and wait for its result.
+
+        Waits first while the transport's write buffer is over its
+        high-water mark. If the caller is cancelled (or times out), the
+        request id is forgotten and a late answer is dropped.
+
+        Args:
+            op: the op code (``Op``).
+            *args: the op's arguments after the request id.
+
+        Returns:
+            The result the server sent.
+
+        Raises:
+            ServerError: the server answered with an error (the subclass
+                registered for its status, e.g. ``BadArgumentsError``).
+            RemoteProtocolError: the server sent bytes that are not frames.
+            ConnectionResetError: the connection was lost or is closing.
+            LocalProtocolError: the arguments cannot be encoded.
+        """
+        if self._paused:
+            await self.drain()
+        rid, fut = self._send(op, args)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self._waiters.get(rid) is fut:
+                del self._waiters[rid]
+                if self._retiring and not self._waiters:
+                    self.close()
+            raise
+
+    async def drain(self) -> None:
+        """Wait until the transport accepts writes again (no-op when it does).
+
+        Raises:
+            ConnectionResetError: the connection was lost while waiting.
+        """
+        if self._closing:
+            raise self._make_error()
+        if not self._paused:
+            return
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._drain_waiters.append(fut)
+        await fut
+
+    def _send(self, op: int, args: tuple[Any, ...]) -> tuple[int, asyncio.Future[Any]]:
+        if self._closing or self._retiring or self._transport is None:
+            raise self._make_error()
+        waiters = self._waiters
+        rid = self._next_id
+        while rid in waiters:
+            rid = rid + 1 if rid < MAX_REQUEST_ID else 1
+        self._next_id = rid + 1 if rid < MAX_REQUEST_ID else 1
+        frame = encode_request(op, rid, *args)
+        loop = self._loop
+        assert loop is not None
+        fut = loop.create_future()
+        waiters[rid] = fut
+        out = self._out
+        out.append(frame)
+        if len(out) == 1:
+            loop.call_soon(self._flush)
+        return rid, fut
+
+    def _flush(self) -> None:
+        out = self._out
+        if not out or self._closing or self._transport is None:
+            return
+        if len(out) == 1:
+            self._transport.write(out[0])
+        else:
+            self._transport.writelines(out)  # uvloop: one writev, no join copy
+        out.clear()
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Requests sent and not yet answered (callers still waiting)."""
+        return len(self._waiters)
+
+    @property
+    def is_closing(self) -> bool:
+        """Whether the connection is closed, closing, or retired (takes no new requests)."""
+        return self._closing or self._retiring or self._transport is None or self._transport.is_closing()
+
+    @property
+    def node_id(self) -> str | None:
+        """The server's node id from HELLO, if known."""
+        value = self.server_info.get("node_id")
+        return value if isinstance(value, str) else None
+
+    def retire(self) -> None:
+        """Take no new requests; close once the requests in flight are answered.
+
+        Used after a timeout: the connection may be stuck, but other callers'
+        answers on it should not be thrown away.
+        """
+        if self._closing:
+            return
+        self._retiring = True
+        if not self._waiters:
+            self.close()
+
+    def close(self) -> None:
+        """Close now (idempotent): queued frames are flushed, pending requests fail.
+
+        Pending requests fail with ``ConnectionResetError`` once the transport
+        reports the connection lost.
+        """
+        if self._closing:
+            return
+        self._flush()
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the transport has reported the connection lost."""
+        if self._closed is not None:
+            await asyncio.shield(self._closed)
+
+    # -- failure -------------------------------------------------------------
+
+    def _abort(self, error: BaseException) -> None:
+        """Fail every pending request with ``error`` and drop the connection."""
+        if self._error is None:
+            self._error = error
+        self._closing = True
+        self._out.clear()
+        self._fail_all()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _fail_all(self) -> None:
+        waiters = self._waiters
+        if not waiters:
+            return
+        pending = list(waiters.values())
+        waiters.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(self._make_error())
+
+    def _make_error(self) -> BaseException:
+        """A fresh exception describing why the connection is unusable."""
+        err = self._error
+        if isinstance(err, ServerError):
+            return error_from_status(err.code, err.message)
+        if isinstance(err, RemoteProtocolError):
+            return RemoteProtocolError(str(err), status=err.status)
+        if self._transport is None:
+            text = "not connected"
+        elif self._retiring and not self._closing:
+            text = "connection retired after a timeout; it takes no new requests"
+        elif err is None and self._closing and not self._transport.is_closing():
+            text = "connection closed by the client"
+        else:
+            text = "connection to the dcache server was lost"
+        new = ConnectionResetError(text)
+        if err is not None:
+            new.__cause__ = err
+        return new
+
+
+def _message(result: Any) -> str:
+    return result if isinstance(result, str) else repr(result)
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    *,
+    limits: Limits | None = None,
+    connect_timeout: float | None = 2.0,
+    auth_token: str | None = None,
+    client_name: str | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> ClientConnection:
+    """Connect to a dcache server and perform HELLO.
+
+    Args:
+        host: server host name or address.
+        port: server TCP port.
+        limits: size limits (``max_frame_bytes`` bounds one answer).
+        connect_timeout: seconds for TCP connect plus HELLO; ``None``: no limit.
+        auth_token: token sent in HELLO, if the server requires one.
+        client_name: name the server may log for this connection.
+        loop: event loop; defaults to the running one.
+
+    Returns:
+        A connected ``ClientConnection`` whose ``server_info`` holds the
+        HELLO answer.
+
+    Raises:
+        TimeoutError: connect plus HELLO took longer than ``connect_timeout``.
+        OSError: the TCP connection failed (e.g. ``ConnectionRefusedError``).
+        AuthError: the server rejected ``auth_token``.
+        HandshakeError: the server does not speak our protocol version, or
+            answered HELLO with something that is not a HELLO map.
+    """
+    loop = loop or asyncio.get_running_loop()
+    async with asyncio.timeout(connect_timeout):
+        _, conn = await loop.create_connection(lambda: ClientConnection(limits=limits, loop=loop), host, port)
+        try:
+            info = await conn.call(Op.HELLO, PROTOCOL_VERSION, auth_token, client_name)
+            if not isinstance(info, dict):
+                raise HandshakeError(f"HELLO answered {type(info).__name__}, not a map")
+            if info.get("version") != PROTOCOL_VERSION:
+                raise HandshakeError(f"server speaks protocol version {info.get('version')!r}, this client {PROTOCOL_VERSION}")
+        except BaseException:
+            conn.close()
+            raise
+    conn.server_info = info
+    return conn

@@ -1,0 +1,253 @@
+"""Configuration: one frozen dataclass per role, and the loaders that fill it.
+
+Each field carries its own help text and parser in ``metadata``, so the
+command line (``--help``), the environment (``DCACHE_*``) and the config file
+are all generated from one place and cannot drift apart.
+
+Precedence, lowest first: defaults < config file < ``DCACHE_*`` environment
+< command-line flags. The config file is TOML with one table per role
+(``[aux]``, ``[master]``, ...), keys spelt like the fields
+(``max_memory = "256MB"``).
+
+Validation happens in ``__post_init__`` and raises ``ConfigError`` naming the
+field, so a bad value from any source gets the same message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+from .protocol import MAX_FRAME_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, Limits
+
+__all__ = [
+    "AuxConfig",
+    "ENV_PREFIX",
+    "load_config",
+    "config_fields",
+    "parse_size",
+    "parse_bool",
+    "parse_address",
+    "DEFAULT_AUX_PORT",
+]
+
+ENV_PREFIX = "DCACHE_"
+DEFAULT_AUX_PORT = 7101
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4,
+}  # fmt: skip
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte size: ``1048576``, ``512KB``, ``256MB``, ``1GiB`` (KB = 1000, KiB = 1024)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m or (m.group(2) or "").lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 1048576, 512KB, 256MB, 1GiB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+
+
+def parse_bool(text: str | bool) -> bool:
+    """Parse ``1/0``, ``true/false``, ``yes/no``, ``on/off``."""
+    if isinstance(text, bool):
+        return text
+    t = str(text).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """Parse ``host:port`` (``[v6]:port`` too) into ``(host, port)``."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_s = rest.lstrip(":")
+    elif text.count(":") == 1:
+        host, _, port_s = text.partition(":")
+    elif ":" not in text and default_port is not None:
+        host, port_s = text, str(default_port)
+    else:
+        raise ValueError(f"not a host:port address: {text!r}")
+    if not host:
+        raise ValueError(f"address without a host: {text!r}")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"address with a bad port: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    return host, port
+
+
+def _opt_str(text: str | None) -> str | None:
+    return None if text in (None, "") else str(text)
+
+
+def _opt(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
+    def inner(text: Any) -> Any:
+        if text is None or text == "":
+            return None
+        return parse(text)
+
+    return inner
+
+
+def _float(text: Any) -> float:
+    return float(text)
+
+
+def _int(text: Any) -> int:
+    return int(text)
+
+
+def _str(text: Any) -> str:
+    return str(text)
+
+
+def opt(default: Any, help: str, parse: Callable[[Any], Any], metavar: str | None = None) -> Any:
+    """A dataclass field with the help text and parser the loaders use."""
+    return field(default=default, metadata={"help": help, "parse": parse, "metavar": metavar})
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{name}: port {port} is out of range 0..65535")
+
+
+def _check_positive(obj: object, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{name}: must be positive, got {getattr(obj, name)!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class AuxConfig:
+    """Settings of an aux (data) node: ``dcache aux``."""
+
+    host: str = opt("127.0.0.1", "address to listen on (loopback unless told otherwise)", _str)
+    port: int = opt(DEFAULT_AUX_PORT, "TCP port to listen on; 0 picks a free port", _int)
+    node_id: str = opt("", "stable node id (default: aux-HOST-PORT of the bound address)", _str)
+    data_dir: str | None = opt(None, "directory for snapshots (none: memory only)", _opt_str, "DIR")
+    max_memory: int = opt(256 * 1024**2, "byte budget for keys + values + per-entry overhead (e.g. 256MB)", parse_size, "SIZE")
+    max_items: int = opt(0, "most entries held; 0 = no item cap", _int)
+    max_key_bytes: int = opt(MAX_KEY_BYTES, "largest key accepted", parse_size, "SIZE")
+    max_value_bytes: int = opt(MAX_VALUE_BYTES, "largest value accepted", parse_size, "SIZE")
+    max_frame_bytes: int = opt(MAX_FRAME_BYTES, "largest protocol frame accepted", parse_size, "SIZE")
+    auth_token: str | None = opt(None, "token clients must present in HELLO (none: no auth)", _opt_str, "TOKEN")
+    snapshot_interval: float = opt(10.0, "seconds between snapshots (needs --data-dir); 0 disables", _float, "S")
+    expiry_interval: float = opt(0.1, "seconds between active-expiry sweeps", _float, "S")
+    expiry_batch: int = opt(200, "most expired keys removed per sweep (bounds loop stalls)", _int)
+    shutdown_grace: float = opt(5.0, "seconds to let connections finish on SIGTERM/SIGINT", _float, "S")
+    log_level: str = opt("info", "debug, info, warning or error", _str)
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
+        _check_positive(self, "max_memory", "max_key_bytes", "max_value_bytes", "max_frame_bytes")
+        _check_positive(self, "expiry_interval", "expiry_batch")
+        if self.max_items < 0:
+            raise ConfigError("max_items: must be >= 0")
+        if self.snapshot_interval < 0:
+            raise ConfigError("snapshot_interval: must be >= 0")
+        if self.shutdown_grace < 0:
+            raise ConfigError("shutdown_grace: must be >= 0")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level: {self.log_level!r} is not debug, info, warning or error")
+        try:
+            self.limits  # noqa: B018 - validates the combination
+        except ValueError as exc:
+            raise ConfigError(f"max_frame_bytes: {exc}") from None
+
+    @property
+    def limits(self) -> Limits:
+        """The wire limits these settings imply."""
+        return Limits(self.max_frame_bytes, self.max_key_bytes, self.max_value_bytes)
+
+
+C = TypeVar("C")
+
+
+def config_fields(cls: type) -> list[Any]:
+    """The dataclass fields of a config class, in declaration order."""
+    return list(fields(cls))
+
+
+def load_config(
+    cls: type[C],
+    section: str,
+    flags: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> C:
+    """Build a ``cls`` config from defaults, a TOML file, the environment and flags.
+
+    ``flags`` holds only the options actually given on the command line,
+    keyed by field name, already parsed. ``env`` defaults to ``os.environ``;
+    a field ``max_memory`` is read from ``DCACHE_MAX_MEMORY``. Raises
+    ``ConfigError`` naming the field and the source of a bad value.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                doc = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config file {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from None
+        table = doc.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {config_file}: [{section}] must be a table")
+        for key, raw in table.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"config file {config_file}: [{section}] has unknown key {key!r}")
+            values[name] = _parse_field(known[name], raw, f"config file [{section}] {key}")
+    for name, f in known.items():
+        var = ENV_PREFIX + name.upper()
+        if var in env:
+            values[name] = _parse_field(f, env[var], var)
+    for name, value in (flags or {}).items():
+        if name not in known:
+            raise ConfigError(f"unknown option {name!r}")
+        values[name] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _parse_field(f: Any, raw: Any, source: str) -> Any:
+    parse = f.metadata.get("parse")
+    if parse is None:
+        return raw
+    try:
+        return parse(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def field_default(f: Any) -> Any:
+    """A field's default value (for help texts)."""
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None

@@ -1,0 +1,902 @@
+"""A byte-budgeted LRU cache with TTLs, versions and tombstones; pure and synchronous.
+
+Design note
+===========
+
+Structure. A dict maps each key to an ``Entry``; the entries also form a
+circular doubly linked list through a sentinel ``head`` node, so no link is
+ever ``None`` and unlinking needs no branches. ``head.next`` is the least
+recently used entry (the next victim), ``head.prev`` the most recently used.
+
+Invariants (all checked by ``check_valid()``, O(n), for tests):
+
+* The dict and the list hold the same entries; ``e.next.prev is e`` and
+  ``e.prev.next is e`` for every node, the sentinel included.
+* ``bytes_used`` is exactly the sum of ``len(key) + len(value) +
+  entry_overhead`` over the entries, and never exceeds ``max_bytes``; the
+  number of entries never exceeds ``max_items`` (when non-zero). Every write
+  evicts from the LRU end until both hold again; evictions are counted.
+* Expiry times are absolute wall-clock milliseconds, ``0`` meaning none. An
+  entry is expired once ``expires_at <= now``; an expired entry is never
+  returned. It is removed lazily when a lookup touches it, or actively by
+  ``expire_some``; until then it still counts in ``len()`` and
+  ``bytes_used``.
+* Every live entry with an expiry has an item ``(expires_at, key)`` in the
+  expiry heap. Heap items go stale when their entry is removed or its expiry
+  changes; they are skipped lazily, and the heap is compacted when it holds
+  more than ``2 * entries_with_expiry + 1024`` items, so its size stays
+  linear in the number of entries with an expiry.
+* Tombstones ``key -> (version, expires_at)`` live in an ``OrderedDict`` in
+  the order they were recorded (which, with a constant TTL, is expiry order).
+  There are at most ``max_tombstones``; the oldest is dropped first. A key
+  that is both live and tombstoned has an entry version at least the
+  tombstone's (``apply_delete`` keeps a newer entry and still records).
+
+Versions. Each entry carries a version (a hybrid logical clock value from the
+caller; 0 = unversioned). Local writes (``set``, ``incr``) always win and clear
+the key's tombstone. Imports (``apply``, ``apply_delete``) are last-writer-wins:
+they take effect only when newer than the live entry and the tombstone, so
+replication, migration and restore are idempotent and order-insensitive, and a
+late older copy never resurrects a deleted key while its tombstone lasts.
+
+Complexity. ``get``, ``set``, ``delete``, ``apply*``, ``exists``, ``touch``,
+``expire``, ``persist``, ``ttl_ms`` and ``incr`` are O(1) amortised; adding an
+expiry costs an O(log n) heap push, and the occasional heap compaction is
+amortised against the pushes that made it necessary. ``expire_some(k)`` does
+O(k log n) work at most. ``items``, ``snapshot_items``, ``check_valid`` are
+O(n); ``clear`` is O(1) plus freeing memory.
+
+Hot path. ``get`` and ``set`` cache attribute lookups in locals, inline the
+list surgery and only call the clock when an entry has (or is given) an
+expiry, so TTL-less traffic never pays for it.
+
+The cache is not thread-safe and must not be mutated while ``items()`` is
+being iterated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from heapq import heapify, heappop, heappush
+
+__all__ = [
+    "ENTRY_OVERHEAD_BYTES",
+    "NO_EXPIRY",
+    "INT64_MIN",
+    "INT64_MAX",
+    "Entry",
+    "LRUCache",
+    "EntryTooLargeError",
+    "NotAnIntegerError",
+    "IntegerOverflowError",
+]
+
+#: Bytes charged per entry on top of ``len(key) + len(value)``: a rough
+#: figure for the Entry object, its dict slot and the two bytes objects'
+#: headers on 64-bit CPython, so the byte budget tracks real memory use.
+ENTRY_OVERHEAD_BYTES = 96
+
+#: ``expires_at`` value meaning "never expires".
+NO_EXPIRY = 0
+
+INT64_MIN = -(1 << 63)
+INT64_MAX = (1 << 63) - 1
+
+#: Heap compaction slack: compact when the heap exceeds 2 * live + this.
+_HEAP_SLACK = 1024
+
+
+class EntryTooLargeError(ValueError):
+    """A single entry (key + value + overhead) is larger than ``max_bytes``."""
+
+
+class NotAnIntegerError(ValueError):
+    """``incr`` on a value that is not the ASCII decimal of a signed 64-bit integer."""
+
+
+class IntegerOverflowError(ValueError):
+    """``incr`` would produce a result outside the signed 64-bit range."""
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Entry:
+    """One cached item and a node of the LRU list.
+
+    Treat entries returned by ``LRUCache.get_entry`` as read-only.
+
+    Attributes:
+        key: the key (bytes).
+        value: the value (bytes).
+        expires_at: absolute wall-clock milliseconds, or ``NO_EXPIRY`` (0).
+        version: the write's hybrid-logical-clock version, 0 if unversioned.
+        prev, next: list links, set when the entry is linked (a removed
+            entry points at the cache's sentinel).
+    """
+
+    __slots__ = ("expires_at", "key", "next", "prev", "value", "version")
+
+    key: bytes
+    value: bytes
+    expires_at: int
+    version: int
+    prev: Entry
+    next: Entry
+
+    def __init__(self, key: bytes, value: bytes, expires_at: int = NO_EXPIRY, version: int = 0) -> None:
+        self.key = key
+        self.value = value
+        self.expires_at = expires_at
+        self.version = version
+
+    def __repr__(self) -> str:
+        return f"Entry(key={self.key!r}, value=<{len(self.value)} bytes>, expires_at={self.expires_at}, version={self.version})"
+
+
+class LRUCache:
+    """A least-recently-used cache bounded by bytes and, optionally, by items.
+
+    Counters are plain int attributes, monotonic over the cache's life
+    (``clear()`` does not reset them): ``hits``, ``misses`` (``get`` only),
+    ``evictions`` (entries dropped to make room), ``expirations`` (expired
+    entries removed, lazily or by ``expire_some``), ``sets`` (successful
+    ``set``/``apply``/``incr``), ``deletes`` (live entries removed by
+    ``delete``, ``apply_delete`` or ``expire`` with ``ttl_ms <= 0``).
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_clock",
+        "_entries",
+        "_head",
+        "_heap",
+        "_max_bytes",
+        "_max_items",
+        "_max_tombs",
+        "_n_expiring",
+        "_overhead",
+        "_tomb_ttl",
+        "_tombs",
+        "deletes",
+        "evictions",
+        "expirations",
+        "hits",
+        "misses",
+        "sets",
+    )
+
+    def __init__(
+        self,
+        max_bytes: int,
+        max_items: int = 0,
+        *,
+        clock: Callable[[], int] = _wall_ms,
+        entry_overhead: int = ENTRY_OVERHEAD_BYTES,
+        tombstone_ttl_ms: int = 60_000,
+        max_tombstones: int = 100_000,
+    ) -> None:
+        """Create an empty cache.
+
+        Args:
+            max_bytes: byte budget over ``len(key) + len(value) +
+                entry_overhead`` of all entries; must be > 0.
+            max_items: item cap; 0 means no cap.
+            clock: returns the current wall-clock time in integer
+                milliseconds (tests pass a fake one).
+            entry_overhead: bytes charged per entry on top of key and value.
+            tombstone_ttl_ms: how long a delete's tombstone lasts.
+            max_tombstones: most tombstones kept (oldest dropped first);
+                0 disables tombstones.
+
+        Raises:
+            ValueError: ``max_bytes <= 0`` or any other argument negative.
+        """
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+        if max_items < 0:
+            raise ValueError(f"max_items must be >= 0, got {max_items}")
+        if entry_overhead < 0:
+            raise ValueError(f"entry_overhead must be >= 0, got {entry_overhead}")
+        if tombstone_ttl_ms < 0:
+            raise ValueError(f"tombstone_ttl_ms must be >= 0, got {tombstone_ttl_ms}")
+        if max_tombstones < 0:
+            raise ValueError(f"max_tombstones must be >= 0, got {max_tombstones}")
+        self._entries: dict[bytes, Entry] = {}
+        head = self._head = Entry(b"", b"")
+        head.prev = head.next = head
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._max_items = max_items
+        self._overhead = entry_overhead
+        self._clock = clock
+        self._heap: list[tuple[int, bytes]] = []
+        self._n_expiring = 0
+        self._tombs: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
+        self._tomb_ttl = tombstone_ttl_ms
+        self._max_tombs = max_tombstones
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.expirations = 0
+        self.sets = 0
+        self.deletes = 0
+
+    # ------------------------------------------------------------------ sizes
+
+    def __len__(self) -> int:
+        """Number of entries, including expired ones not yet removed."""
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        """Same as ``exists(key)`` (expired entries are removed)."""
+        return isinstance(key, bytes) and self.exists(key)
+
+    @property
+    def bytes_used(self) -> int:
+        """Exact sum of ``len(key) + len(value) + entry_overhead`` over entries."""
+        return self._bytes
+
+    @property
+    def max_bytes(self) -> int:
+        """The byte budget."""
+        return self._max_bytes
+
+    @property
+    def max_items(self) -> int:
+        """The item cap (0 = none)."""
+        return self._max_items
+
+    @property
+    def entry_overhead(self) -> int:
+        """Bytes charged per entry on top of key and value."""
+        return self._overhead
+
+    @property
+    def tombstone_count(self) -> int:
+        """Number of tombstones held, including expired ones not yet purged."""
+        return len(self._tombs)
+
+    def stats(self) -> dict[str, int]:
+        """Counters and sizes as a fresh dict (for STATS and metrics)."""
+        return {
+            "items": len(self._entries),
+            "bytes_used": self._bytes,
+            "max_bytes": self._max_bytes,
+            "max_items": self._max_items,
+            "tombstones": len(self._tombs),
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "expirations": self.expirations,
+            "sets": self.sets,
+            "deletes": self.deletes,
+        }
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, key: bytes) -> bytes | None:
+        """Return the live value of ``key`` and mark it most recently used.
+
+        Counts a hit, or a miss if the key is absent or expired (an expired
+        entry is removed and counted as an expiration).
+        """
+        e = self._entries.get(key)
+        if e is None:
+            self.misses += 1
+            return None
+        exp = e.expires_at
+        if exp and exp <= self._clock():
+            self._remove(e)
+            self.expirations += 1
+            self.misses += 1
+            return None
+        head = self._head
+        last = head.prev
+        if last is not e:
+            p = e.prev
+            n = e.next
+            p.next = n
+            n.prev = p
+            last.next = e
+            e.prev = last
+            e.next = head
+            head.prev = e
+        self.hits += 1
+        return e.value
+
+    def get_entry(self, key: bytes) -> Entry | None:
+        """Return the live ``Entry`` for ``key`` (read-only) or ``None``.
+
+        No hit/miss counting and no recency change; an expired entry is
+        removed (counted as an expiration) and ``None`` returned.
+        """
+        return self._live(key)
+
+    def peek(self, key: bytes) -> bytes | None:
+        """Return the live value without changing recency, counters or state."""
+        e = self._entries.get(key)
+        if e is None:
+            return None
+        exp = e.expires_at
+        if exp and exp <= self._clock():
+            return None
+        return e.value
+
+    def exists(self, key: bytes) -> bool:
+        """Whether ``key`` is live; no counting, no recency change.
+
+        An expired entry is removed (counted as an expiration).
+        """
+        return self._live(key) is not None
+
+    def ttl_ms(self, key: bytes) -> int:
+        """Remaining time to live: -2 if absent, -1 if no expiry, else ms >= 0."""
+        e = self._entries.get(key)
+        if e is None:
+            return -2
+        exp = e.expires_at
+        if not exp:
+            return -1
+        now = self._clock()
+        if exp <= now:
+            self._remove(e)
+            self.expirations += 1
+            return -2
+        return exp - now
+
+    def tombstone_version(self, key: bytes) -> int:
+        """The version of the key's unexpired tombstone, or 0 if none.
+
+        An expired tombstone is dropped.
+        """
+        t = self._tombs.get(key)
+        if t is None:
+            return 0
+        if t[1] <= self._clock():
+            del self._tombs[key]
+            return 0
+        return t[0]
+
+    def items(self, *, include_expired: bool = False) -> Iterator[tuple[bytes, bytes, int, int]]:
+        """Yield ``(key, value, expires_at, version)`` from LRU to MRU.
+
+        Expired entries are skipped (never removed) unless ``include_expired``
+        (for tests and debugging: it shows entries not yet lazily removed).
+        The clock is read once, when iteration starts. The cache must not be
+        mutated while the iterator is in use; use ``snapshot_items`` to take
+        a copy instead.
+        """
+        now = -1 if include_expired else self._clock()
+        head = self._head
+        e = head.next
+        while e is not head:
+            exp = e.expires_at
+            if not exp or exp > now:
+                yield e.key, e.value, exp, e.version
+            e = e.next
+
+    def snapshot_items(self) -> list[tuple[bytes, bytes, int, int]]:
+        """A list copy of ``items()``, safe to serialize while the cache changes."""
+        return list(self.items())
+
+    # ----------------------------------------------------------------- writes
+
+    def set(
+        self,
+        key: bytes,
+        value: bytes,
+        *,
+        expires_at: int = NO_EXPIRY,
+        version: int = 0,
+        nx: bool = False,
+        xx: bool = False,
+    ) -> bool:
+        """Store ``value`` under ``key`` as the most recently used entry.
+
+        A local write: it replaces any entry whatever its version and removes
+        the key's tombstone. Least recently used entries are evicted (and
+        counted) until the byte budget and the item cap hold. A set whose
+        ``expires_at`` has already passed removes the key and stores nothing
+        (like Redis), but still counts as done.
+
+        Args:
+            key, value: bytes.
+            expires_at: absolute wall-clock ms, or ``NO_EXPIRY``.
+            version: the write's version (0 = unversioned).
+            nx: only store if the key is absent (or expired).
+            xx: only store if the key is live.
+
+        Returns:
+            False if the NX/XX condition failed (nothing changed), else True.
+
+        Raises:
+            EntryTooLargeError: the entry alone exceeds ``max_bytes``; the
+                cache is left unchanged.
+            ValueError: both ``nx`` and ``xx`` given.
+        """
+        overhead = self._overhead
+        size = len(key) + len(value) + overhead
+        if size > self._max_bytes:
+            raise EntryTooLargeError(
+                f"entry of {size} bytes (key {len(key)} + value {len(value)} + overhead {overhead}) "
+                f"exceeds the cache budget of {self._max_bytes} bytes"
+            )
+        entries = self._entries
+        e = entries.get(key)
+        if nx or xx:
+            if nx and xx:
+                raise ValueError("nx and xx are mutually exclusive")
+            live = e is not None and (not e.expires_at or e.expires_at > self._clock())
+            if nx == live:
+                return False
+        if self._tombs:
+            self._tombs.pop(key, None)
+        self.sets += 1
+        if expires_at:
+            if expires_at <= self._clock():
+                if e is not None:
+                    self._remove(e)
+                    self.expirations += 1
+                return True
+            if e is None or e.expires_at != expires_at:
+                heappush(self._heap, (expires_at, key))
+        head = self._head
+        if e is None:
+            e = Entry(key, value, expires_at, version)
+            entries[key] = e
+            if expires_at:
+                self._n_expiring += 1
+            last = head.prev
+            last.next = e
+            e.prev = last
+            e.next = head
+            head.prev = e
+            self._bytes += size
+        else:
+            self._bytes += len(value) - len(e.value)
+            old_exp = e.expires_at
+            if old_exp != expires_at:
+                if not old_exp:
+                    self._n_expiring += 1
+                elif not expires_at:
+                    self._n_expiring -= 1
+                e.expires_at = expires_at
+            e.value = value
+            e.version = version
+            last = head.prev
+            if last is not e:
+                p = e.prev
+                n = e.next
+                p.next = n
+                n.prev = p
+                last.next = e
+                e.prev = last
+                e.next = head
+                head.prev = e
+        if self._bytes > self._max_bytes or (self._max_items and len(entries) > self._max_items):
+            self._evict()
+        if expires_at and len(self._heap) > 2 * self._n_expiring + _HEAP_SLACK:
+            self._compact_heap()
+        return True
+
+    def apply(self, key: bytes, value: bytes, *, expires_at: int, version: int) -> bool:
+        """Last-writer-wins import (replication, migration, restore).
+
+        Stores the entry only if ``version`` is strictly greater than the
+        live entry's version and the key's tombstone version (an absent key
+        with no tombstone accepts any version), and ``expires_at`` has not
+        passed. An applied import clears the tombstone, becomes the most
+        recently used entry and evicts like ``set``.
+
+        Returns:
+            Whether the entry was stored.
+
+        Raises:
+            EntryTooLargeError: the entry alone exceeds ``max_bytes``; the
+                cache is left unchanged.
+        """
+        size = len(key) + len(value) + self._overhead
+        if size > self._max_bytes:
+            raise EntryTooLargeError(f"entry of {size} bytes exceeds the cache budget of {self._max_bytes} bytes")
+        if expires_at and expires_at <= self._clock():
+            return False
+        e = self._live(key)
+        if e is not None and version <= e.version:
+            return False
+        if self._tombs and version <= self.tombstone_version(key):
+            return False
+        self._put(key, value, size, e, expires_at, version)
+        return True
+
+    def delete(self, key: bytes, *, version: int = 0) -> bool:
+        """Remove ``key``; with a non-zero ``version`` also leave a tombstone.
+
+        The tombstone (kept if it is newer than an existing one) lasts
+        ``tombstone_ttl_ms`` and makes ``apply`` reject older copies.
+
+        Returns:
+            Whether a live entry was removed.
+        """
+        e = self._live(key)
+        if e is not None:
+            self._remove(e)
+            self.deletes += 1
+        if version:
+            self._record_tombstone(key, version)
+        return e is not None
+
+    def apply_delete(self, key: bytes, *, version: int) -> bool:
+        """Last-writer-wins delete: remove the live entry only if it is older.
+
+        The live entry is removed only if its version is below ``version``;
+        a tombstone with ``version`` is recorded if it is newer than the
+        existing one (even when the live entry is newer, so an import between
+        the two versions is still rejected after the entry is evicted).
+
+        Returns:
+            Whether a live entry was removed.
+        """
+        e = self._live(key)
+        removed = False
+        if e is not None and e.version < version:
+            self._remove(e)
+            self.deletes += 1
+            removed = True
+        self._record_tombstone(key, version)
+        return removed
+
+    def touch(self, key: bytes) -> bool:
+        """Mark ``key`` most recently used; return whether it is live."""
+        e = self._live(key)
+        if e is None:
+            return False
+        self._to_mru(e)
+        return True
+
+    def expire(self, key: bytes, ttl_ms: int) -> bool:
+        """Set the key's expiry to ``now + ttl_ms``; ``ttl_ms <= 0`` deletes it.
+
+        No recency change, no version change.
+
+        Returns:
+            Whether the key was live.
+        """
+        e = self._live(key)
+        if e is None:
+            return False
+        if ttl_ms <= 0:
+            self._remove(e)
+            self.deletes += 1
+            return True
+        exp = self._clock() + ttl_ms
+        if e.expires_at != exp:
+            if not e.expires_at:
+                self._n_expiring += 1
+            e.expires_at = exp
+            self._push_expiry(exp, key)
+        return True
+
+    def persist(self, key: bytes) -> bool:
+        """Remove the key's expiry; return True only if it had one (like Redis)."""
+        e = self._live(key)
+        if e is None or not e.expires_at:
+            return False
+        e.expires_at = NO_EXPIRY
+        self._n_expiring -= 1
+        return True
+
+    def incr(self, key: bytes, delta: int, *, version: int = 0) -> int:
+        """Add ``delta`` to the integer stored at ``key`` and return the result.
+
+        The value must be the canonical ASCII decimal of a signed 64-bit
+        integer (optional ``-``, no ``+``, spaces or leading zeros; like
+        Redis). An absent key counts as 0. The result is stored as ASCII
+        decimal, keeps the existing expiry, takes ``version``, clears the
+        tombstone and becomes the most recently used entry.
+
+        Raises:
+            NotAnIntegerError: the stored value is not such an integer.
+            IntegerOverflowError: the result is outside the signed 64-bit range.
+            EntryTooLargeError: the new entry alone exceeds ``max_bytes``.
+        """
+        e = self._live(key)
+        if e is None:
+            current = 0
+            expires_at = NO_EXPIRY
+        else:
+            current = _parse_int64(e.value)
+            expires_at = e.expires_at
+        result = current + delta
+        if result < INT64_MIN or result > INT64_MAX:
+            raise IntegerOverflowError(f"{current} + {delta} overflows a signed 64-bit integer")
+        value = b"%d" % result
+        size = len(key) + len(value) + self._overhead
+        if size > self._max_bytes:
+            raise EntryTooLargeError(f"entry of {size} bytes exceeds the cache budget of {self._max_bytes} bytes")
+        self._put(key, value, size, e, expires_at, version)
+        return result
+
+    def clear(self) -> None:
+        """Drop every entry and tombstone; counters are kept."""
+        head = self._head
+        e = head.next
+        while e is not head:  # break the list's reference cycles so memory frees promptly
+            n = e.next
+            e.prev = e.next = head
+            e = n
+        head.prev = head.next = head
+        self._entries = {}
+        self._bytes = 0
+        self._heap = []
+        self._n_expiring = 0
+        self._tombs = OrderedDict()
+
+    # --------------------------------------------------------- active expiry
+
+    def expire_some(self, max_checks: int = 20) -> int:
+        """Remove up to ``max_checks`` expired entries, soonest expiry first.
+
+        Work is bounded: at most ``max_checks`` removals plus at most
+        ``max_checks`` stale heap items skipped, and at most ``max_checks``
+        expired tombstones purged (oldest first). Safe to call every loop
+        tick.
+
+        Returns:
+            How many expired entries were removed.
+        """
+        if max_checks <= 0:
+            return 0
+        now = self._clock()
+        heap = self._heap
+        entries = self._entries
+        removed = 0
+        skipped = 0
+        while heap and removed < max_checks:
+            exp, key = heap[0]
+            e = entries.get(key)
+            if e is None or e.expires_at != exp:
+                heappop(heap)
+                skipped += 1
+                if skipped >= max_checks:
+                    break
+                continue
+            if exp > now:
+                break
+            heappop(heap)
+            self._remove(e)
+            removed += 1
+        self.expirations += removed
+        tombs = self._tombs
+        for _ in range(max_checks):
+            if not tombs:
+                break
+            k, t = next(iter(tombs.items()))
+            if t[1] > now:
+                break
+            del tombs[k]
+        return removed
+
+    # -------------------------------------------------------------- checking
+
+    def check_valid(self) -> None:
+        """Assert every structural invariant (O(n), for tests).
+
+        Raises:
+            AssertionError: with a message naming the broken invariant.
+        """
+        entries = self._entries
+        head = self._head
+        n = len(entries)
+        if head.key != b"" or head.value != b"":
+            raise AssertionError("sentinel node was modified")
+        count = 0
+        total = 0
+        expiring = 0
+        seen: set[bytes] = set()
+        e = head.next
+        prev = head
+        while e is not head:
+            if count > n:
+                raise AssertionError(f"list longer than the dict ({n} entries): cycle or stray node")
+            if e.prev is not prev:
+                raise AssertionError(f"backward link of {e.key!r} does not match the forward walk")
+            if entries.get(e.key) is not e:
+                raise AssertionError(f"list node {e.key!r} is not the dict's entry for that key")
+            if e.key in seen:
+                raise AssertionError(f"key {e.key!r} appears twice in the list")
+            seen.add(e.key)
+            if not isinstance(e.key, bytes) or not isinstance(e.value, bytes):
+                raise AssertionError(f"entry {e.key!r} holds non-bytes key or value")
+            if e.expires_at < 0:
+                raise AssertionError(f"entry {e.key!r} has a negative expiry")
+            total += len(e.key) + len(e.value) + self._overhead
+            if e.expires_at:
+                expiring += 1
+            count += 1
+            prev = e
+            e = e.next
+        if head.prev is not prev:
+            raise AssertionError("sentinel's backward link does not point at the last node")
+        if count != n:
+            raise AssertionError(f"list has {count} nodes but the dict has {n} entries")
+        if total != self._bytes:
+            raise AssertionError(f"bytes_used is {self._bytes} but entries sum to {total}")
+        if self._bytes > self._max_bytes:
+            raise AssertionError(f"bytes_used {self._bytes} exceeds max_bytes {self._max_bytes}")
+        if self._max_items and n > self._max_items:
+            raise AssertionError(f"{n} entries exceed max_items {self._max_items}")
+        if expiring != self._n_expiring:
+            raise AssertionError(f"{expiring} entries have an expiry but the counter says {self._n_expiring}")
+        heap = self._heap
+        for i in range(1, len(heap)):
+            if heap[(i - 1) >> 1] > heap[i]:
+                raise AssertionError(f"expiry heap property broken at index {i}")
+        if len(heap) > 2 * expiring + _HEAP_SLACK:
+            raise AssertionError(f"expiry heap holds {len(heap)} items for {expiring} expiring entries")
+        in_heap = set(heap)
+        for key, entry in entries.items():
+            if entry.expires_at and (entry.expires_at, key) not in in_heap:
+                raise AssertionError(f"entry {key!r} has an expiry but no heap item")
+        tombs = self._tombs
+        if len(tombs) > self._max_tombs:
+            raise AssertionError(f"{len(tombs)} tombstones exceed max_tombstones {self._max_tombs}")
+        for key, (version, _) in tombs.items():
+            if version <= 0:
+                raise AssertionError(f"tombstone {key!r} has non-positive version {version}")
+            live = entries.get(key)
+            if live is not None and live.version < version:
+                raise AssertionError(f"entry {key!r} (version {live.version}) is older than its tombstone ({version})")
+
+    # --------------------------------------------------------------- private
+
+    def _live(self, key: bytes) -> Entry | None:
+        """The live entry for ``key``; removes (and counts) an expired one."""
+        e = self._entries.get(key)
+        if e is None:
+            return None
+        exp = e.expires_at
+        if exp and exp <= self._clock():
+            self._remove(e)
+            self.expirations += 1
+            return None
+        return e
+
+    def _remove(self, e: Entry) -> None:
+        """Unlink ``e`` from the list and the dict and release its bytes."""
+        p = e.prev
+        n = e.next
+        p.next = n
+        n.prev = p
+        e.prev = e.next = self._head  # not to itself: a self-cycle would need the GC
+        del self._entries[e.key]
+        self._bytes -= len(e.key) + len(e.value) + self._overhead
+        if e.expires_at:
+            self._n_expiring -= 1
+
+    def _to_mru(self, e: Entry) -> None:
+        head = self._head
+        last = head.prev
+        if last is e:
+            return
+        p = e.prev
+        n = e.next
+        p.next = n
+        n.prev = p
+        last.next = e
+        e.prev = last
+        e.next = head
+        head.prev = e
+
+    def _put(self, key: bytes, value: bytes, size: int, e: Entry | None, expires_at: int, version: int) -> None:
+        """Store without checks (``e`` is the live entry or None); for apply/incr.
+
+        ``set`` inlines the same steps to keep its hot path free of a call.
+        """
+        if self._tombs:
+            self._tombs.pop(key, None)
+        self.sets += 1
+        if e is None:
+            e = Entry(key, value, expires_at, version)
+            self._entries[key] = e
+            head = self._head
+            last = head.prev
+            last.next = e
+            e.prev = last
+            e.next = head
+            head.prev = e
+            self._bytes += size
+            if expires_at:
+                self._n_expiring += 1
+                self._push_expiry(expires_at, key)
+        else:
+            self._bytes += len(value) - len(e.value)
+            old_exp = e.expires_at
+            if old_exp != expires_at:
+                if not old_exp:
+                    self._n_expiring += 1
+                elif not expires_at:
+                    self._n_expiring -= 1
+                e.expires_at = expires_at
+                if expires_at:
+                    self._push_expiry(expires_at, key)
+            e.value = value
+            e.version = version
+            self._to_mru(e)
+        if self._bytes > self._max_bytes or (self._max_items and len(self._entries) > self._max_items):
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop LRU entries until the byte budget and the item cap hold.
+
+        Never reaches the MRU entry just written: it alone fits both limits.
+        """
+        head = self._head
+        entries = self._entries
+        max_bytes = self._max_bytes
+        max_items = self._max_items
+        evicted = 0
+        while self._bytes > max_bytes or (max_items and len(entries) > max_items):
+            self._remove(head.next)
+            evicted += 1
+        self.evictions += evicted
+
+    def _push_expiry(self, expires_at: int, key: bytes) -> None:
+        heap = self._heap
+        heappush(heap, (expires_at, key))
+        if len(heap) > 2 * self._n_expiring + _HEAP_SLACK:
+            self._compact_heap()
+
+    def _compact_heap(self) -> None:
+        """Keep only the current heap items, one per expiring entry.
+
+        O(heap size), amortised against the more than ``n_expiring + 1024``
+        pushes since the last compaction.
+        """
+        entries = self._entries
+        live: set[tuple[int, bytes]] = set()
+        for item in self._heap:
+            e = entries.get(item[1])
+            if e is not None and e.expires_at == item[0]:
+                live.add(item)
+        heap = list(live)
+        heapify(heap)
+        self._heap = heap
+
+    def _record_tombstone(self, key: bytes, version: int) -> None:
+        """Record ``key -> version`` unless an unexpired tombstone is as new."""
+        if version <= 0 or not self._max_tombs:
+            return
+        tombs = self._tombs
+        if version <= self.tombstone_version(key):
+            return
+        tombs[key] = (version, self._clock() + self._tomb_ttl)
+        tombs.move_to_end(key)
+        while len(tombs) > self._max_tombs:
+            tombs.popitem(last=False)
+
+
+def _parse_int64(value: bytes) -> int:
+    """Parse the canonical ASCII decimal of a signed 64-bit integer.
+
+    Raises:
+        NotAnIntegerError: anything else (sign ``+``, spaces, leading zeros,
+            ``-0``, non-ASCII digits, out of range).
+    """
+    if value[:1] == b"-":
+        digits = value[1:]
+        negative = True
+    else:
+        digits = value
+        negative = False
+    if (
+        not 0 < len(digits) <= 19 or not digits.isdigit() or (digits[0] == 48 and (negative or len(digits) > 1))  # 48 == ord("0")
+    ):
+        raise NotAnIntegerError(f"value is not a signed 64-bit decimal integer: {value[:32]!r}")
+    n = -int(digits) if negative else int(digits)
+    if n < INT64_MIN or n > INT64_MAX:
+        raise NotAnIntegerError(f"value is not a signed 64-bit decimal integer: {value[:32]!r}")
+    return n

@@ -1,0 +1,25 @@
+"""Consistent hashing: the ring that maps keys to their owning nodes (pure)."""
+
+from .hashring import (
+    MAX_RING_POINTS,
+    RING_SIZE,
+    VNODES_PER_WEIGHT,
+    EmptyRingError,
+    HashRing,
+    RangeMove,
+    hash64,
+    in_range,
+    moved_ranges,
+)
+
+__all__ = [
+    "MAX_RING_POINTS",
+    "RING_SIZE",
+    "VNODES_PER_WEIGHT",
+    "EmptyRingError",
+    "HashRing",
+    "RangeMove",
+    "hash64",
+    "in_range",
+    "moved_ranges",
+]

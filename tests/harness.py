@@ -1,0 +1,135 @@
+"""Start real dcache processes for tests: port 0, READY line, bounded waits, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+READY_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+
+
+class DaemonProcess:
+    """A ``python -m dcache ROLE ...`` child process.
+
+    ``start()`` waits (bounded) for its ``READY host:port`` line; stderr is
+    collected in the background so it can be shown when a test fails.
+    """
+
+    def __init__(self, role: str, args: Sequence[str] = (), *, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+        self.role = role
+        self.args = list(args)
+        self.env = env
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.host = ""
+        self.port = 0
+        self.stderr_lines: list[str] = []
+        self._stderr_thread: threading.Thread | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = READY_TIMEOUT_S) -> DaemonProcess:
+        env = dict(os.environ)
+        env.update(self.env or {})
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        cmd = [sys.executable, "-m", "dcache", self.role, *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=self.cwd)
+        self._stderr_thread = threading.Thread(target=self._drain_stderr, daemon=True)
+        self._stderr_thread.start()
+        line = _readline_with_deadline(self.proc, timeout)
+        if not line.startswith("READY "):
+            self.kill()
+            raise RuntimeError(f"{self.role} did not become ready (got {line!r}); stderr:\n{self.stderr()}")
+        hostport = line.split()[1]
+        host, _, port = hostport.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        return self
+
+    def _drain_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self.stderr_lines.append(raw.decode(errors="replace").rstrip())
+
+    def stderr(self) -> str:
+        return "\n".join(self.stderr_lines[-200:])
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout)
+        self._close_pipes()
+        return code
+
+    def _close_pipes(self) -> None:
+        assert self.proc is not None
+        if self._stderr_thread is not None:
+            self._stderr_thread.join(timeout=2)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None and not pipe.closed:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
+    def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM and wait for a graceful exit (bounded)."""
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.wait(STOP_TIMEOUT_S)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def _readline_with_deadline(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """Read the first stdout line, giving up after ``timeout`` seconds."""
+    result: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        result.append(proc.stdout.readline().decode(errors="replace").strip())
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else ""
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until true or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+def start_aux(tmp: Path | None = None, *extra: str, node_id: str | None = None) -> DaemonProcess:
+    args = ["--host", "127.0.0.1", "--port", "0", "--log-level", "warning", *extra]
+    if node_id:
+        args += ["--node-id", node_id]
+    if tmp is not None:
+        args += ["--data-dir", str(tmp)]
+    return DaemonProcess("aux", args).start()

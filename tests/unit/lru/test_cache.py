@@ -1,0 +1,657 @@
+"""Example-based tests of ``dcache.lru.LRUCache``, one behaviour at a time."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from dcache.lru import (
+    ENTRY_OVERHEAD_BYTES,
+    INT64_MAX,
+    INT64_MIN,
+    NO_EXPIRY,
+    EntryTooLargeError,
+    IntegerOverflowError,
+    LRUCache,
+    NotAnIntegerError,
+)
+
+OVERHEAD = 10
+
+
+class FakeClock:
+    """A settable wall clock in integer milliseconds that counts its reads."""
+
+    def __init__(self, now: int = 1_000_000) -> None:
+        self.now = now
+        self.reads = 0
+
+    def __call__(self) -> int:
+        self.reads += 1
+        return self.now
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make(clock: FakeClock, max_bytes: int = 10_000, max_items: int = 0, **kw: int) -> LRUCache:
+    cache = LRUCache(max_bytes, max_items, clock=clock, entry_overhead=OVERHEAD, **kw)
+    cache.check_valid()
+    return cache
+
+
+def keys(cache: LRUCache) -> list[bytes]:
+    return [k for k, _, _, _ in cache.items(include_expired=True)]
+
+
+# ------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize("max_bytes", [0, -1])
+def test_max_bytes_must_be_positive(max_bytes: int) -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        LRUCache(max_bytes)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_items": -1}, {"entry_overhead": -1}, {"tombstone_ttl_ms": -1}, {"max_tombstones": -1}],
+)
+def test_negative_arguments_rejected(kwargs: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        LRUCache(100, **kwargs)
+
+
+def test_defaults() -> None:
+    cache = LRUCache(1000)
+    assert cache.max_bytes == 1000
+    assert cache.max_items == 0
+    assert cache.entry_overhead == ENTRY_OVERHEAD_BYTES == 96
+    assert NO_EXPIRY == 0
+    cache.set(b"k", b"v", expires_at=time.time_ns() // 1_000_000 + 10_000)
+    assert 0 < cache.ttl_ms(b"k") <= 10_000  # default clock is wall ms
+    assert cache.bytes_used == 1 + 1 + 96
+
+
+# ----------------------------------------------------------- basic get/set
+
+
+def test_get_set_peek_and_counters(clock: FakeClock) -> None:
+    cache = make(clock)
+    assert cache.get(b"a") is None
+    assert cache.set(b"a", b"1") is True
+    assert cache.get(b"a") == b"1"
+    assert cache.peek(b"a") == b"1"
+    assert cache.peek(b"zz") is None
+    assert (cache.hits, cache.misses, cache.sets) == (1, 1, 1)
+    assert len(cache) == 1 and b"a" in cache and b"b" not in cache
+    assert "a" not in cache  # str keys are never present
+    cache.check_valid()
+
+
+def test_set_replaces_value_and_version(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"short", version=3)
+    cache.set(b"a", b"a much longer value", version=2)
+    e = cache.get_entry(b"a")
+    assert e is not None and e.value == b"a much longer value" and e.version == 2
+    assert len(cache) == 1
+    assert cache.bytes_used == 1 + len(b"a much longer value") + OVERHEAD
+    cache.check_valid()
+
+
+def test_nx_and_xx(clock: FakeClock) -> None:
+    cache = make(clock)
+    assert cache.set(b"a", b"1", xx=True) is False
+    assert b"a" not in cache
+    assert cache.set(b"a", b"1", nx=True) is True
+    assert cache.set(b"a", b"2", nx=True) is False
+    assert cache.get(b"a") == b"1"
+    assert cache.set(b"a", b"3", xx=True) is True
+    assert cache.get(b"a") == b"3"
+    with pytest.raises(ValueError):
+        cache.set(b"a", b"4", nx=True, xx=True)
+    assert cache.get(b"a") == b"3"
+    cache.check_valid()
+
+
+def test_nx_succeeds_and_xx_fails_on_expired_key(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"1", expires_at=clock.now + 10)
+    clock.advance(10)
+    assert cache.set(b"a", b"2", xx=True) is False
+    assert cache.set(b"a", b"2", nx=True) is True
+    assert cache.get(b"a") == b"2"
+    assert cache.ttl_ms(b"a") == -1
+    cache.check_valid()
+
+
+def test_failed_nx_does_not_touch_recency(clock: FakeClock) -> None:
+    cache = make(clock, max_items=2)
+    cache.set(b"a", b"1")
+    cache.set(b"b", b"2")
+    assert cache.set(b"a", b"x", nx=True) is False
+    cache.set(b"c", b"3")
+    assert keys(cache) == [b"b", b"c"]
+
+
+# ---------------------------------------------------------------- eviction
+
+
+def test_lru_order_eviction_by_items(clock: FakeClock) -> None:
+    cache = make(clock, max_items=3)
+    for k in (b"a", b"b", b"c"):
+        cache.set(k, b"v")
+    assert keys(cache) == [b"a", b"b", b"c"]
+    cache.get(b"a")  # a becomes MRU, b is now LRU
+    cache.set(b"d", b"v")
+    assert keys(cache) == [b"c", b"a", b"d"]
+    assert cache.evictions == 1
+    cache.touch(b"c")
+    cache.set(b"e", b"v")
+    assert keys(cache) == [b"d", b"c", b"e"]
+    assert cache.evictions == 2
+    cache.check_valid()
+
+
+def test_peek_exists_get_entry_do_not_change_recency(clock: FakeClock) -> None:
+    cache = make(clock, max_items=2)
+    cache.set(b"a", b"1")
+    cache.set(b"b", b"2")
+    cache.peek(b"a")
+    cache.exists(b"a")
+    cache.get_entry(b"a")
+    cache.ttl_ms(b"a")
+    cache.set(b"c", b"3")
+    assert keys(cache) == [b"b", b"c"]
+    assert (cache.hits, cache.misses) == (0, 0)
+
+
+def test_replacing_moves_to_mru(clock: FakeClock) -> None:
+    cache = make(clock, max_items=2)
+    cache.set(b"a", b"1")
+    cache.set(b"b", b"2")
+    cache.set(b"a", b"3")
+    cache.set(b"c", b"4")
+    assert keys(cache) == [b"a", b"c"]
+
+
+def test_byte_budget_accounting_and_eviction(clock: FakeClock) -> None:
+    cache = make(clock, max_bytes=100)
+    cache.set(b"a", b"x" * 20)  # 31
+    cache.set(b"b", b"x" * 20)  # 31
+    cache.set(b"c", b"x" * 20)  # 31 -> 93
+    assert cache.bytes_used == 93 and cache.evictions == 0
+    cache.set(b"d", b"x" * 5)  # 16 -> 109 > 100: evicts a
+    assert keys(cache) == [b"b", b"c", b"d"]
+    assert cache.bytes_used == 78 and cache.evictions == 1
+    cache.set(b"d", b"x" * 60)  # grows d to 71: needs b and c gone
+    assert keys(cache) == [b"d"]
+    assert cache.bytes_used == 71 and cache.evictions == 3
+    cache.set(b"d", b"")  # shrinking frees bytes
+    assert cache.bytes_used == 11
+    cache.delete(b"d")
+    assert cache.bytes_used == 0
+    cache.check_valid()
+
+
+def test_entry_of_exactly_max_bytes_fits_and_evicts_everything(clock: FakeClock) -> None:
+    cache = make(clock, max_bytes=50)
+    cache.set(b"a", b"1")
+    cache.set(b"b", b"2")
+    cache.set(b"k", b"v" * (50 - 1 - OVERHEAD))
+    assert keys(cache) == [b"k"] and cache.bytes_used == 50
+    cache.check_valid()
+
+
+def test_entry_too_large_leaves_cache_unchanged(clock: FakeClock) -> None:
+    cache = make(clock, max_bytes=50)
+    cache.set(b"a", b"1", version=1)
+    cache.set(b"b", b"2", version=2)
+    cache.delete(b"c", version=5)
+    before = (cache.snapshot_items(), cache.bytes_used, cache.stats())
+    too_big = b"v" * (50 - 1 - OVERHEAD + 1)
+    with pytest.raises(EntryTooLargeError) as info:
+        cache.set(b"a", too_big)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(EntryTooLargeError):
+        cache.set(b"c", too_big, nx=True)
+    with pytest.raises(EntryTooLargeError):
+        cache.apply(b"z", too_big, expires_at=0, version=99)
+    assert (cache.snapshot_items(), cache.bytes_used, cache.stats()) == before
+    assert cache.tombstone_version(b"c") == 5
+    cache.check_valid()
+
+
+def test_item_cap_and_byte_budget_together(clock: FakeClock) -> None:
+    cache = make(clock, max_bytes=1000, max_items=2)
+    for k in (b"a", b"b", b"c", b"d"):
+        cache.set(k, b"v")
+    assert len(cache) == 2 and cache.evictions == 2
+    cache.check_valid()
+
+
+# -------------------------------------------------------------------- TTL
+
+
+def test_lazy_expiry_on_get(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"1", expires_at=clock.now + 100)
+    clock.advance(99)
+    assert cache.get(b"a") == b"1"
+    assert cache.ttl_ms(b"a") == 1
+    clock.advance(1)  # expires_at <= now: expired
+    assert len(cache) == 1  # not yet removed
+    assert cache.peek(b"a") is None
+    assert len(cache) == 1  # peek never mutates
+    assert cache.get(b"a") is None
+    assert len(cache) == 0 and cache.bytes_used == 0
+    assert (cache.hits, cache.misses, cache.expirations) == (1, 1, 1)
+    cache.check_valid()
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda c: c.exists(b"a"),
+        lambda c: c.get_entry(b"a"),
+        lambda c: c.ttl_ms(b"a"),
+        lambda c: c.touch(b"a"),
+        lambda c: c.expire(b"a", 100),
+        lambda c: c.persist(b"a"),
+        lambda c: c.delete(b"a"),
+    ],
+)
+def test_every_lookup_removes_expired(clock: FakeClock, op: object) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"1", expires_at=clock.now + 5)
+    clock.advance(5)
+    assert op(cache) in (False, None, -2)  # type: ignore[operator]
+    assert len(cache) == 0 and cache.expirations == 1 and cache.deletes == 0
+    cache.check_valid()
+
+
+def test_items_skip_expired(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"1", expires_at=clock.now + 5, version=7)
+    cache.set(b"b", b"2")
+    assert cache.snapshot_items() == [(b"a", b"1", clock.now + 5, 7), (b"b", b"2", 0, 0)]
+    clock.advance(5)
+    assert cache.snapshot_items() == [(b"b", b"2", 0, 0)]
+    assert len(cache) == 2  # items() never removes
+
+
+def test_no_clock_call_without_ttl(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"1")
+    cache.get(b"a")
+    cache.get(b"missing")
+    cache.set(b"a", b"2")
+    cache.exists(b"a")
+    cache.peek(b"a")
+    assert clock.reads == 0
+
+
+def test_set_with_past_expiry_removes_key(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"1")
+    assert cache.set(b"a", b"2", expires_at=clock.now) is True
+    assert len(cache) == 0 and cache.get(b"a") is None
+    cache.check_valid()
+
+
+def test_ttl_expire_persist(clock: FakeClock) -> None:
+    cache = make(clock)
+    assert cache.ttl_ms(b"a") == -2
+    assert cache.expire(b"a", 100) is False
+    assert cache.persist(b"a") is False
+    cache.set(b"a", b"1")
+    assert cache.ttl_ms(b"a") == -1
+    assert cache.persist(b"a") is False  # nothing to remove
+    assert cache.expire(b"a", 100) is True
+    assert cache.ttl_ms(b"a") == 100
+    clock.advance(40)
+    assert cache.ttl_ms(b"a") == 60
+    assert cache.persist(b"a") is True
+    assert cache.ttl_ms(b"a") == -1
+    clock.advance(1000)
+    assert cache.get(b"a") == b"1"
+    cache.check_valid()
+
+
+@pytest.mark.parametrize("ttl", [0, -1])
+def test_expire_non_positive_deletes(clock: FakeClock, ttl: int) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"1")
+    assert cache.expire(b"a", ttl) is True
+    assert b"a" not in cache and cache.deletes == 1
+    cache.check_valid()
+
+
+def test_set_without_ttl_clears_expiry(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"1", expires_at=clock.now + 10)
+    cache.set(b"a", b"2")
+    clock.advance(100)
+    assert cache.get(b"a") == b"2"
+    assert cache.expire_some(10) == 0
+    cache.check_valid()
+
+
+# ------------------------------------------------------------ active expiry
+
+
+def test_expire_some_is_bounded_and_ordered(clock: FakeClock) -> None:
+    cache = make(clock)
+    for i in range(10):
+        cache.set(b"k%d" % i, b"v", expires_at=clock.now + 10 + i)
+    cache.set(b"forever", b"v")
+    cache.set(b"later", b"v", expires_at=clock.now + 1000)
+    assert cache.expire_some(5) == 0  # nothing due yet
+    clock.advance(100)
+    assert cache.expire_some(3) == 3
+    assert keys(cache)[:3] == [b"k3", b"k4", b"k5"]  # soonest expiry removed first
+    assert cache.expire_some(3) == 3
+    assert cache.expire_some(100) == 4
+    assert cache.expire_some(100) == 0
+    assert keys(cache) == [b"forever", b"later"]
+    assert cache.expirations == 10
+    assert cache.expire_some(0) == 0
+    cache.check_valid()
+
+
+def test_expire_some_skips_stale_heap_items(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"1", expires_at=clock.now + 5)
+    cache.expire(b"a", 50)  # the first heap item goes stale
+    cache.set(b"b", b"1", expires_at=clock.now + 5)
+    cache.delete(b"b")  # stale as well
+    cache.set(b"c", b"1", expires_at=clock.now + 5)
+    cache.persist(b"c")  # stale as well
+    clock.advance(10)
+    assert cache.expire_some(10) == 0
+    assert cache.get(b"a") == b"1" and cache.get(b"c") == b"1"
+    clock.advance(100)
+    assert cache.expire_some(10) == 1
+    assert keys(cache) == [b"c"]
+    cache.check_valid()
+
+
+def test_expiry_heap_stays_bounded(clock: FakeClock) -> None:
+    cache = make(clock, max_bytes=10**9)
+    cache.set(b"a", b"1", expires_at=clock.now + 10**6)
+    for i in range(5000):  # every expire() leaves one stale heap item
+        cache.expire(b"a", 1000 + i)
+    cache.check_valid()  # asserts len(heap) <= 2 * expiring + 1024
+    for i in range(3000):
+        cache.set(b"k%d" % i, b"v", expires_at=clock.now + 1 + i % 7)
+        cache.delete(b"k%d" % i)
+    cache.check_valid()
+
+
+# --------------------------------------------------------------------- incr
+
+
+def test_incr_basic(clock: FakeClock) -> None:
+    cache = make(clock)
+    assert cache.incr(b"n", 5) == 5
+    assert cache.get(b"n") == b"5"
+    assert cache.incr(b"n", -12) == -7
+    assert cache.get(b"n") == b"-7"
+    cache.set(b"m", b"-12")
+    assert cache.incr(b"m", 0) == -12
+    assert cache.incr(b"m", 12) == 0
+    assert cache.get(b"m") == b"0"
+    assert cache.bytes_used == (1 + len(b"-7") + OVERHEAD) + (1 + len(b"0") + OVERHEAD)
+    cache.check_valid()
+
+
+def test_incr_keeps_expiry_and_sets_version(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"n", b"1", expires_at=clock.now + 100, version=1)
+    clock.advance(30)
+    assert cache.incr(b"n", 1, version=9) == 2
+    assert cache.ttl_ms(b"n") == 70
+    e = cache.get_entry(b"n")
+    assert e is not None and e.version == 9
+    clock.advance(70)
+    assert cache.incr(b"n", 1) == 1  # expired: starts again from 0, no expiry
+    assert cache.ttl_ms(b"n") == -1
+    cache.check_valid()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"abc", b"1.5", b" 1", b"1 ", b"+1", b"007", b"-0", b"-", b"--1", b"1_000", b"\xd9\xa1", b"0x10"]
+    + [b"9223372036854775808", b"-9223372036854775809", b"99999999999999999999"],
+)
+def test_incr_rejects_non_integers(clock: FakeClock, value: bytes) -> None:
+    cache = make(clock)
+    cache.set(b"n", value, version=1)
+    with pytest.raises(NotAnIntegerError) as info:
+        cache.incr(b"n", 1, version=2)
+    assert isinstance(info.value, ValueError)
+    e = cache.get_entry(b"n")
+    assert e is not None and e.value == value and e.version == 1
+
+
+@pytest.mark.parametrize(
+    ("start", "delta"),
+    [(INT64_MAX, 1), (INT64_MIN, -1), (0, INT64_MAX + 1), (-1, INT64_MIN), (INT64_MAX, INT64_MAX)],
+)
+def test_incr_overflow(clock: FakeClock, start: int, delta: int) -> None:
+    cache = make(clock)
+    cache.set(b"n", b"%d" % start)
+    with pytest.raises(IntegerOverflowError):
+        cache.incr(b"n", delta)
+    assert cache.get(b"n") == b"%d" % start
+
+
+def test_incr_at_the_limits(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"n", b"%d" % (INT64_MAX - 1))
+    assert cache.incr(b"n", 1) == INT64_MAX
+    assert cache.get(b"n") == b"9223372036854775807"
+    cache.set(b"m", b"-9223372036854775807")
+    assert cache.incr(b"m", -1) == INT64_MIN
+    assert cache.incr(b"m", INT64_MAX) == -1
+
+
+def test_incr_too_large_for_budget(clock: FakeClock) -> None:
+    cache = make(clock, max_bytes=1 + 1 + OVERHEAD)
+    assert cache.incr(b"n", 9) == 9
+    with pytest.raises(EntryTooLargeError):
+        cache.incr(b"n", 1)
+    assert cache.get(b"n") == b"9"
+
+
+# -------------------------------------------------- versions and tombstones
+
+
+def test_apply_last_writer_wins(clock: FakeClock) -> None:
+    cache = make(clock)
+    assert cache.apply(b"a", b"v5", expires_at=0, version=5) is True
+    assert cache.apply(b"a", b"v3", expires_at=0, version=3) is False
+    assert cache.apply(b"a", b"v5b", expires_at=0, version=5) is False  # equal is not newer
+    assert cache.get(b"a") == b"v5"
+    assert cache.apply(b"a", b"v7", expires_at=clock.now + 50, version=7) is True
+    assert cache.get(b"a") == b"v7" and cache.ttl_ms(b"a") == 50
+    assert cache.sets == 2
+    cache.check_valid()
+
+
+def test_apply_rejects_already_expired(clock: FakeClock) -> None:
+    cache = make(clock)
+    assert cache.apply(b"a", b"v", expires_at=clock.now, version=5) is False
+    assert cache.apply(b"a", b"v", expires_at=clock.now - 1, version=5) is False
+    assert len(cache) == 0
+
+
+def test_apply_replaces_expired_entry_regardless_of_its_version(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.apply(b"a", b"v9", expires_at=clock.now + 5, version=9)
+    clock.advance(5)
+    assert cache.apply(b"a", b"v2", expires_at=0, version=2) is True
+    assert cache.get(b"a") == b"v2"
+
+
+def test_late_older_copy_never_resurrects_deleted_key(clock: FakeClock) -> None:
+    cache = make(clock, tombstone_ttl_ms=1000)
+    cache.apply(b"a", b"v1", expires_at=0, version=1)
+    assert cache.delete(b"a", version=5) is True
+    assert cache.tombstone_version(b"a") == 5
+    # a replica or migration delivers the old copies late, in any order
+    assert cache.apply(b"a", b"v1", expires_at=0, version=1) is False
+    assert cache.apply(b"a", b"v4", expires_at=0, version=4) is False
+    assert cache.apply(b"a", b"v5", expires_at=0, version=5) is False
+    assert b"a" not in cache
+    assert cache.apply(b"a", b"v6", expires_at=0, version=6) is True
+    assert cache.get(b"a") == b"v6"
+    assert cache.tombstone_version(b"a") == 0  # a newer write supersedes it
+    cache.check_valid()
+
+
+def test_apply_delete_last_writer_wins(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.apply(b"a", b"v5", expires_at=0, version=5)
+    assert cache.apply_delete(b"a", version=3) is False  # older delete: entry stays
+    assert cache.get(b"a") == b"v5"
+    assert cache.tombstone_version(b"a") == 3
+    assert cache.apply_delete(b"a", version=6) is True
+    assert b"a" not in cache and cache.deletes == 1
+    assert cache.tombstone_version(b"a") == 6
+    assert cache.apply_delete(b"a", version=4) is False
+    assert cache.tombstone_version(b"a") == 6  # never lowered
+    assert cache.apply(b"a", b"v5", expires_at=0, version=5) is False
+    cache.check_valid()
+
+
+def test_apply_delete_is_idempotent_and_order_insensitive(clock: FakeClock) -> None:
+    ops = [("set", 1), ("del", 2), ("set", 3), ("del", 4)]
+
+    results = set()
+    for order in itertools.permutations(ops):
+        cache = make(clock)
+        for kind, v in order + order:
+            if kind == "set":
+                cache.apply(b"k", b"v%d" % v, expires_at=0, version=v)
+            else:
+                cache.apply_delete(b"k", version=v)
+        results.add((cache.peek(b"k"), cache.tombstone_version(b"k")))
+    assert results == {(None, 4)}
+
+
+def test_set_clears_tombstone(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.delete(b"a", version=10)
+    cache.set(b"a", b"local", version=2)
+    assert cache.tombstone_version(b"a") == 0
+    assert cache.get(b"a") == b"local"
+    cache.check_valid()
+
+
+def test_delete_without_version_leaves_no_tombstone(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"1", version=3)
+    assert cache.delete(b"a") is True
+    assert cache.delete(b"a") is False
+    assert cache.tombstone_version(b"a") == 0
+    assert cache.apply(b"a", b"old", expires_at=0, version=1) is True
+
+
+def test_tombstones_expire_and_are_bounded(clock: FakeClock) -> None:
+    cache = make(clock, tombstone_ttl_ms=100, max_tombstones=3)
+    for i in range(1, 6):
+        cache.delete(b"k%d" % i, version=i)
+    assert cache.tombstone_count == 3
+    assert [cache.tombstone_version(b"k%d" % i) for i in range(1, 6)] == [0, 0, 3, 4, 5]
+    clock.advance(99)
+    assert cache.tombstone_version(b"k5") == 5
+    clock.advance(1)
+    assert cache.tombstone_version(b"k5") == 0
+    assert cache.apply(b"k5", b"old", expires_at=0, version=1) is True
+    assert cache.tombstone_count == 2  # k3, k4 expired but not yet purged
+    assert cache.expire_some(1) == 0
+    assert cache.tombstone_count == 1
+    cache.expire_some()
+    assert cache.tombstone_count == 0
+    cache.check_valid()
+
+
+def test_max_tombstones_zero_disables_them(clock: FakeClock) -> None:
+    cache = make(clock, max_tombstones=0)
+    cache.delete(b"a", version=5)
+    assert cache.tombstone_version(b"a") == 0
+    assert cache.apply(b"a", b"v", expires_at=0, version=1) is True
+
+
+# ------------------------------------------------------------------- misc
+
+
+def test_touch(clock: FakeClock) -> None:
+    cache = make(clock, max_items=2)
+    assert cache.touch(b"a") is False
+    cache.set(b"a", b"1")
+    cache.set(b"b", b"2")
+    assert cache.touch(b"a") is True
+    cache.set(b"c", b"3")
+    assert keys(cache) == [b"a", b"c"]
+
+
+def test_clear_keeps_counters(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"1", expires_at=clock.now + 10)
+    cache.set(b"b", b"2")
+    cache.get(b"a")
+    cache.delete(b"c", version=3)
+    cache.clear()
+    assert len(cache) == 0 and cache.bytes_used == 0 and cache.tombstone_count == 0
+    assert cache.hits == 1 and cache.sets == 2
+    cache.check_valid()
+    cache.set(b"a", b"1")
+    assert keys(cache) == [b"a"]
+    cache.check_valid()
+
+
+def test_stats(clock: FakeClock) -> None:
+    cache = make(clock, max_bytes=100, max_items=5)
+    cache.set(b"a", b"1")
+    cache.get(b"a")
+    cache.get(b"b")
+    cache.delete(b"a")
+    assert cache.stats() == {
+        "items": 0,
+        "bytes_used": 0,
+        "max_bytes": 100,
+        "max_items": 5,
+        "tombstones": 0,
+        "hits": 1,
+        "misses": 1,
+        "evictions": 0,
+        "expirations": 0,
+        "sets": 1,
+        "deletes": 1,
+    }
+
+
+def test_check_valid_detects_corruption(clock: FakeClock) -> None:
+    cache = make(clock)
+    cache.set(b"a", b"1")
+    cache.set(b"b", b"2")
+    e = cache.get_entry(b"a")
+    assert e is not None
+    e.value = b"longer"  # bypasses the byte accounting
+    with pytest.raises(AssertionError, match="bytes_used"):
+        cache.check_valid()
+    e.value = b"1"
+    cache.check_valid()
+    e.next = e  # breaks the forward/backward links
+    with pytest.raises(AssertionError):
+        cache.check_valid()
