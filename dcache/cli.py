@@ -26,7 +26,7 @@ from dataclasses import fields
 from typing import Any
 
 from . import __version__
-from .config import AuxConfig, field_default, load_config
+from .config import AuxConfig, MasterConfig, field_default, load_config
 from .errors import ClientError, ConfigError, ServerError
 
 __all__ = ["main", "EXIT_OK", "EXIT_MISSING", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_SERVER_ERROR"]
@@ -87,15 +87,39 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _print_config(config: Any) -> int:
+    shown = {f.name: getattr(config, f.name) for f in fields(config)}
+    for secret in ("auth_token",):
+        if shown.get(secret):
+            shown[secret] = "<redacted>"
+    print(json.dumps(shown, indent=2))
+    return EXIT_OK
+
+
 def _cmd_aux(args: argparse.Namespace) -> int:
     config = _config_from_args(AuxConfig, "aux", args)
     if args.check_config:
-        print(json.dumps({f.name: getattr(config, f.name) for f in fields(config)}, indent=2))
-        return EXIT_OK
+        return _print_config(config)
     _setup_logging(config.log_level)
     from .auxnode import run_aux
 
     return run_aux(config)
+
+
+def _cmd_master(args: argparse.Namespace) -> int:
+    config = _config_from_args(MasterConfig, "master", args)
+    if args.check_config:
+        return _print_config(config)
+    _setup_logging(config.log_level)
+    from .master import run_master
+
+    return run_master(config)
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from .cluster import run_cluster_cli
+
+    return run_cluster_cli(args)
 
 
 # -- tools ---------------------------------------------------------------------
@@ -192,6 +216,49 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return _run_tool(args, body)
 
 
+def _format_ring(info: dict[str, Any]) -> str:
+    lines = [
+        f"epoch {info['epoch']} (seq {info['seq']})  replicas {info['replicas']}  "
+        f"{'MIGRATING' if info['migrating'] else 'stable'}  via master {info['master']} ({info['membership'].get('role')})"
+    ]
+    header = f"{'node':<16} {'address':<22} {'state':<8} {'share':>7} {'items':>10} {'bytes':>12}  connected"
+    lines.append(header)
+    for n in info["nodes"]:
+        share = f"{n['share'] * 100:.1f}%"
+        items = "-" if n["items"] is None else str(n["items"])
+        nbytes = "-" if n["bytes"] is None else str(n["bytes"])
+        lines.append(f"{n['node_id']:<16} {n['addr']:<22} {n['state']:<8} {share:>7} {items:>10} {nbytes:>12}  {n['connected']}")
+    membership = info["membership"]
+    mig = membership.get("migration")
+    if mig:
+        lines.append(
+            f"migration: {mig['state']} epoch {mig['epoch']}  streams {mig['streams_done']}/{mig['streams_total']}  "
+            f"keys moved {mig['keys_moved']} (total {mig['keys_moved_total']})  tombstones {mig['tombstones_moved']}"
+        )
+        for st in mig.get("streams", []):
+            lines.append(f"  {st['source']} -> {st['destination']}: {st['keys']} keys over {st['ranges']} ranges{'  done' if st['done'] else ''}")
+    if membership.get("role") == "follower":
+        reach = "reachable" if membership.get("coordinator_reachable") else f"UNREACHABLE ({membership.get('coordinator_error')})"
+        lines.append(f"coordinator {membership.get('coordinator')}: {reach}")
+    for ev in membership.get("health_events", []):
+        lines.append(f"health: {ev['node_id']} {ev['state']} at {ev['at_ms']}: {ev['why']}")
+    return "\n".join(lines)
+
+
+def _cmd_ring(args: argparse.Namespace) -> int:
+    from .protocol import Op
+
+    async def body(client: Any) -> int:
+        info = await client.execute(Op.RING)
+        if args.json:
+            print(json.dumps(info, indent=2, sort_keys=True, default=str))
+        else:
+            print(_format_ring(info))
+        return EXIT_OK
+
+    return _run_tool(args, body)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench_cli
 
@@ -202,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full ``dcache`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="dcache",
-        description="dcache: a distributed in-memory cache. Run a role (aux) or a tool against a running node.",
+        description="dcache: a distributed in-memory cache. Run a role (master, aux, cluster) or a tool against a running cluster.",
         epilog=_EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -218,6 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(p, AuxConfig)
     p.set_defaults(func=_cmd_aux)
+
+    p = sub.add_parser(
+        "master",
+        help="run a master (router) node",
+        description="Run a master: routes every op to the aux nodes that own the key (consistent hashing), "
+        "checks their health, rebalances data when nodes join or leave, and replicates. "
+        "Without --coordinator this master decides membership; with it, it follows that master's ring. "
+        "Prints one 'READY host:port' line once listening.",
+    )
+    _add_config_flags(p, MasterConfig)
+    p.set_defaults(func=_cmd_master)
+
+    from .cluster import add_cluster_arguments
+
+    p = sub.add_parser(
+        "cluster",
+        help="run a local cluster (masters + aux nodes) on 127.0.0.1",
+        description="Start M masters and N aux nodes on 127.0.0.1 in one command, print every endpoint, "
+        "and stop them all cleanly on Ctrl-C (SIGINT) or SIGTERM.",
+    )
+    add_cluster_arguments(p)
+    p.set_defaults(func=_cmd_cluster)
 
     p = sub.add_parser(
         "get", help="print a key's value", description="Print the value of KEY (raw bytes and a newline).", epilog=_EXIT_CODES_HELP
@@ -249,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_addr(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser(
+        "ring",
+        help="show the ring: members, health, shares, keys, migration",
+        description="Show the cluster as the master at --addr sees it: epoch, members and their health, "
+        "share of the ring, items and bytes per aux node, and migration progress.",
+        epilog=_EXIT_CODES_HELP,
+    )
+    _add_addr(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_ring)
 
     from .bench import add_bench_arguments
 

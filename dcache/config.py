@@ -27,6 +27,8 @@ from .protocol import MAX_FRAME_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, Limits
 
 __all__ = [
     "AuxConfig",
+    "MasterConfig",
+    "DEFAULT_MASTER_PORT",
     "ENV_PREFIX",
     "load_config",
     "config_fields",
@@ -135,6 +137,31 @@ def _check_positive(obj: object, *names: str) -> None:
             raise ConfigError(f"{name}: must be positive, got {getattr(obj, name)!r}")
 
 
+def _aux_seeds(text: str) -> tuple[tuple[str, str, int], ...]:
+    """Parse ``a1=127.0.0.1:7101,a2=127.0.0.1:7102`` into ``((id, host, port), ...)``."""
+    seeds = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        node_id, sep, addr = part.partition("=")
+        if not sep or not node_id.strip():
+            raise ValueError(f"aux seed {part!r} is not NODE_ID=HOST:PORT")
+        host, port = parse_address(addr)
+        seeds.append((node_id.strip(), host, port))
+    ids = [s[0] for s in seeds]
+    if len(set(ids)) != len(ids):
+        raise ValueError("aux seed node ids must be unique")
+    return tuple(seeds)
+
+
+def _opt_address(text: Any) -> str | None:
+    if text in (None, ""):
+        return None
+    host, port = parse_address(str(text))
+    return f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class AuxConfig:
     """Settings of an aux (data) node: ``dcache aux``."""
@@ -153,16 +180,72 @@ class AuxConfig:
     expiry_interval: float = opt(0.1, "seconds between active-expiry sweeps", _float, "S")
     expiry_batch: int = opt(200, "most expired keys removed per sweep (bounds loop stalls)", _int)
     shutdown_grace: float = opt(5.0, "seconds to let connections finish on SIGTERM/SIGINT", _float, "S")
+    join: str | None = opt(None, "HOST:PORT of a master to join (and to hand data to on SIGTERM)", _opt_address, "ADDR")
+    weight: float = opt(1.0, "share of the ring relative to other aux nodes", _float, "W")
+    advertise: str | None = opt(None, "HOST:PORT masters should use to reach this node (default: the bound address)", _opt_address, "ADDR")
+    leave_timeout: float = opt(120.0, "seconds to wait on SIGTERM for the master to move this node's data away", _float, "S")
     log_level: str = opt("info", "debug, info, warning or error", _str)
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
+        _check_positive(self, "weight", "leave_timeout")
         _check_positive(self, "max_memory", "max_key_bytes", "max_value_bytes", "max_frame_bytes")
         _check_positive(self, "expiry_interval", "expiry_batch")
         if self.max_items < 0:
             raise ConfigError("max_items: must be >= 0")
         if self.snapshot_interval < 0:
             raise ConfigError("snapshot_interval: must be >= 0")
+        if self.shutdown_grace < 0:
+            raise ConfigError("shutdown_grace: must be >= 0")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level: {self.log_level!r} is not debug, info, warning or error")
+        try:
+            self.limits  # noqa: B018 - validates the combination
+        except ValueError as exc:
+            raise ConfigError(f"max_frame_bytes: {exc}") from None
+
+    @property
+    def limits(self) -> Limits:
+        """The wire limits these settings imply."""
+        return Limits(self.max_frame_bytes, self.max_key_bytes, self.max_value_bytes)
+
+
+DEFAULT_MASTER_PORT = 7000
+
+
+@dataclass(frozen=True, slots=True)
+class MasterConfig:
+    """Settings of a master (router) node: ``dcache master``."""
+
+    host: str = opt("127.0.0.1", "address to listen on (loopback unless told otherwise)", _str)
+    port: int = opt(DEFAULT_MASTER_PORT, "TCP port to listen on; 0 picks a free port", _int)
+    node_id: str = opt("", "stable master id (default: master-HOST-PORT of the bound address)", _str)
+    aux: tuple[tuple[str, str, int], ...] = opt((), "seed aux nodes as ID=HOST:PORT,ID=HOST:PORT (more can --join later)", _aux_seeds, "LIST")
+    coordinator: str | None = opt(None, "HOST:PORT of the coordinating master to follow (none: this master coordinates)", _opt_address, "ADDR")
+    replicas: int = opt(1, "copies of each key (on the first N distinct ring owners)", _int, "N")
+    write_quorum: int = opt(0, "owners that must apply a write before it is acknowledged; 0 = every live owner", _int, "N")
+    max_key_bytes: int = opt(MAX_KEY_BYTES, "largest key accepted", parse_size, "SIZE")
+    max_value_bytes: int = opt(MAX_VALUE_BYTES, "largest value accepted", parse_size, "SIZE")
+    max_frame_bytes: int = opt(MAX_FRAME_BYTES, "largest protocol frame accepted", parse_size, "SIZE")
+    auth_token: str | None = opt(None, "token clients must present in HELLO; also sent to aux nodes", _opt_str, "TOKEN")
+    aux_timeout: float = opt(2.0, "seconds to wait for an aux node's answer before trying the next owner", _float, "S")
+    aux_connections: int = opt(2, "pipelined connections to each aux node", _int, "N")
+    health_interval: float = opt(0.5, "seconds between health pings to each aux node (coordinator)", _float, "S")
+    health_failures: int = opt(3, "missed pings in a row that mark an aux node down", _int, "K")
+    follow_interval: float = opt(0.5, "seconds between ring polls of a follower master", _float, "S")
+    migration_batch: int = opt(1000, "keys per page when moving data between aux nodes", _int, "N")
+    migration_rate: int = opt(0, "most keys moved per second per stream; 0 = unthrottled", _int, "N")
+    shutdown_grace: float = opt(5.0, "seconds to let in-flight requests finish on SIGTERM/SIGINT", _float, "S")
+    log_level: str = opt("info", "debug, info, warning or error", _str)
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
+        _check_positive(self, "max_key_bytes", "max_value_bytes", "max_frame_bytes", "aux_timeout", "aux_connections")
+        _check_positive(self, "health_interval", "health_failures", "follow_interval", "migration_batch", "replicas")
+        if self.write_quorum < 0 or self.write_quorum > self.replicas:
+            raise ConfigError(f"write_quorum: must be between 0 and replicas ({self.replicas})")
+        if self.migration_rate < 0:
+            raise ConfigError("migration_rate: must be >= 0")
         if self.shutdown_grace < 0:
             raise ConfigError("shutdown_grace: must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -29,6 +29,8 @@ from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache
 from ..lru import NotAnIntegerError as CacheNotAnIntegerError
 from ..protocol import Op, SetFlag, check_key, check_value
 from ..server import Service, ready_line
+from .cluster_ops import ClusterOps
+from .snapshots import SnapshotManager
 
 __all__ = ["AuxNode", "run_aux", "serve_aux"]
 
@@ -69,6 +71,7 @@ class AuxNode(Service):
         self.started_at = time.time()
         self.server: asyncio.base_events.Server | None = None
         self.op_counts: dict[int, int] = dict.fromkeys(map(int, Op), 0)
+        self.snapshots = SnapshotManager(self)
         h = self.handlers
         h[Op.PING] = self._ping
         h[Op.GET] = self._get
@@ -83,6 +86,8 @@ class AuxNode(Service):
         h[Op.DECR] = self._decr
         h[Op.TOUCH] = self._touch
         h[Op.STATS] = self._stats
+        self.cluster_ops = ClusterOps(self)
+        self.cluster_ops.register(h)
 
     # -- handlers (hot path: keep them flat) ------------------------------
 
@@ -262,6 +267,7 @@ class AuxNode(Service):
             "requests": self.requests_total,
             "errors": self.errors_total,
             "protocol_errors": self.protocol_errors_total,
+            **self.snapshots.stats(),
         }
 
     async def _expiry_loop(self) -> None:
@@ -279,12 +285,15 @@ class AuxNode(Service):
         """Bind the listener and start the background tasks."""
         loop = asyncio.get_running_loop()
         cfg = self.config
+        await self.snapshots.load()  # before listening: never serve a half-loaded cache
         self.server = await loop.create_server(self.protocol_factory, cfg.host, cfg.port, reuse_address=True, backlog=1024)
         if not cfg.node_id:
             host, port = self.server.sockets[0].getsockname()[:2]
             self.node_id = f"aux-{host}-{port}"
             self.clock = HybridClock(self.node_id)
+        self.clock.observe(self.snapshots.max_version)  # new writes must be newer than what was loaded
         self.state.spawn(self._expiry_loop(), "expiry")
+        self.snapshots.start()
 
     async def close(self) -> None:
         """Graceful shutdown: stop accepting, drain connections, stop tasks."""
@@ -300,12 +309,20 @@ class AuxNode(Service):
             task.cancel()
         if self.state.tasks:
             await asyncio.wait(self.state.tasks, timeout=grace or None)
+        await self.snapshots.close()  # final snapshot: connections are closed, no more writes
         if self.server is not None:
             await self.server.wait_closed()
 
 
 async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
-    """Run an aux node until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run an aux node until SIGTERM or SIGINT, then shut down gracefully.
+
+    With ``--join`` the node registers with a master, and on SIGTERM it hands
+    its data over (graceful leave) before closing. SIGINT skips the hand-over
+    only if a second signal arrives while it runs.
+    """
+    from .membership import JoinAgent
+
     node = AuxNode(config)
     await node.start()
     assert node.server is not None
@@ -314,12 +331,33 @@ async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("aux node %s listening on %s", node.node_id, ready_line(node.server)[6:])
+    agent: JoinAgent | None = None
+    if config.join:
+        if config.advertise:
+            from ..config import parse_address
+
+            advertise = parse_address(config.advertise)
+        else:
+            advertise = node.server.sockets[0].getsockname()[:2]
+        agent = JoinAgent(config, node.node_id, advertise)
+        agent.start()
     if ready:
         print(ready_line(node.server), flush=True)
     try:
         await stop.wait()
+        if agent is not None:
+            stop.clear()
+            leave = asyncio.ensure_future(agent.leave())
+            second = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([leave, second], return_when=asyncio.FIRST_COMPLETED)
+            second.cancel()
+            if not leave.done():
+                log.warning("second signal: shutting down without finishing the hand-over")
+                leave.cancel()
     finally:
         log.info("aux node %s shutting down", node.node_id)
+        if agent is not None:
+            await agent.close()
         await node.close()
 
 

@@ -11,6 +11,14 @@ from .cache import (
     LRUCache,
     NotAnIntegerError,
 )
+from .snapshot import (
+    SnapshotCorruptError,
+    SnapshotData,
+    SnapshotError,
+    SnapshotForeignError,
+    dump,
+    load,
+)
 
 __all__ = [
     "ENTRY_OVERHEAD_BYTES",
@@ -22,4 +30,10 @@ __all__ = [
     "IntegerOverflowError",
     "LRUCache",
     "NotAnIntegerError",
+    "SnapshotCorruptError",
+    "SnapshotData",
+    "SnapshotError",
+    "SnapshotForeignError",
+    "dump",
+    "load",
 ]

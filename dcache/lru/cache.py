@@ -316,6 +316,21 @@ class LRUCache:
         """
         return self._live(key)
 
+    def lookup(self, key: bytes) -> Entry | None:
+        """Like ``get`` but return the live ``Entry`` (read-only) instead of its value.
+
+        Counts a hit or a miss and marks a hit most recently used; an expired
+        entry is removed (counted as an expiration and a miss). For reads
+        that also need the expiry and the version (GETV).
+        """
+        e = self._live(key)
+        if e is None:
+            self.misses += 1
+            return None
+        self._to_mru(e)
+        self.hits += 1
+        return e
+
     def peek(self, key: bytes) -> bytes | None:
         """Return the live value without changing recency, counters or state."""
         e = self._entries.get(key)
@@ -382,6 +397,21 @@ class LRUCache:
     def snapshot_items(self) -> list[tuple[bytes, bytes, int, int]]:
         """A list copy of ``items()``, safe to serialize while the cache changes."""
         return list(self.items())
+
+    def keys_snapshot(self) -> list[bytes]:
+        """A list copy of every key (expired ones not yet removed included), O(n).
+
+        For bounded, resumable scans: the list stays valid while the cache
+        changes; look each key up again (``get_entry``) before using it.
+        """
+        return list(self._entries)
+
+    def tombstone_keys_snapshot(self) -> list[bytes]:
+        """A list copy of the keys that have a tombstone (expired ones included), O(t).
+
+        Look each up again with ``tombstone_version`` before using it.
+        """
+        return list(self._tombs)
 
     # ----------------------------------------------------------------- writes
 

@@ -51,6 +51,22 @@ class Op(IntEnum):
     DECR = 12
     TOUCH = 13
     STATS = 14
+    # cluster ops (aux nodes; versioned reads/writes, imports, range scans)
+    GETV = 32
+    MGETV = 33
+    SETV = 34
+    DELV = 35
+    INCRV = 36
+    APPLY = 37
+    APPLY_DELETES = 38
+    SCAN = 39
+    DROP = 40
+    RANGE_COUNT = 41
+    # master ops (cluster membership and views)
+    RING = 48
+    JOIN = 49
+    LEAVE = 50
+    SYNC = 51
 
 
 class SetFlag(IntEnum):
@@ -77,6 +93,20 @@ OP_ARITY: dict[int, tuple[int, int]] = {
     Op.DECR: (1, 2),
     Op.TOUCH: (1, 1),
     Op.STATS: (0, 0),
+    Op.GETV: (1, 1),
+    Op.MGETV: (1, 1),
+    Op.SETV: (5, 5),
+    Op.DELV: (2, 2),
+    Op.INCRV: (3, 3),
+    Op.APPLY: (1, 1),
+    Op.APPLY_DELETES: (1, 1),
+    Op.SCAN: (4, 4),
+    Op.DROP: (2, 2),
+    Op.RANGE_COUNT: (1, 1),
+    Op.RING: (0, 0),
+    Op.JOIN: (3, 4),
+    Op.LEAVE: (1, 1),
+    Op.SYNC: (3, 3),
 }
 
 

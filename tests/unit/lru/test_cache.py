@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Any
 
 import pytest
 
@@ -64,7 +65,7 @@ def test_max_bytes_must_be_positive(max_bytes: int) -> None:
     "kwargs",
     [{"max_items": -1}, {"entry_overhead": -1}, {"tombstone_ttl_ms": -1}, {"max_tombstones": -1}],
 )
-def test_negative_arguments_rejected(kwargs: dict[str, int]) -> None:
+def test_negative_arguments_rejected(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         LRUCache(100, **kwargs)
 
@@ -384,6 +385,19 @@ def test_expire_some_skips_stale_heap_items(clock: FakeClock) -> None:
     cache.check_valid()
 
 
+def test_expire_some_work_is_bounded_by_stale_items_too(clock: FakeClock) -> None:
+    cache = make(clock)
+    for i in range(50):
+        cache.set(b"k%d" % i, b"v", expires_at=clock.now + 1)
+        cache.delete(b"k%d" % i)  # leaves a stale heap item due first
+    cache.set(b"due", b"v", expires_at=clock.now + 2)
+    clock.advance(10)
+    calls = [cache.expire_some(5) for _ in range(11)]
+    assert calls == [0] * 10 + [1]  # 5 stale items skipped per call, then the due entry
+    assert len(cache) == 0
+    cache.check_valid()
+
+
 def test_expiry_heap_stays_bounded(clock: FakeClock) -> None:
     cache = make(clock, max_bytes=10**9)
     cache.set(b"a", b"1", expires_at=clock.now + 10**6)
@@ -583,6 +597,15 @@ def test_tombstones_expire_and_are_bounded(clock: FakeClock) -> None:
     cache.expire_some()
     assert cache.tombstone_count == 0
     cache.check_valid()
+
+
+def test_newer_tombstone_moves_to_the_back_of_the_drop_order(clock: FakeClock) -> None:
+    cache = make(clock, max_tombstones=2)
+    cache.delete(b"a", version=1)
+    cache.delete(b"b", version=2)
+    cache.apply_delete(b"a", version=3)  # re-recorded: now the newest
+    cache.delete(b"c", version=4)  # drops the oldest, which is now b
+    assert [cache.tombstone_version(k) for k in (b"a", b"b", b"c")] == [3, 0, 4]
 
 
 def test_max_tombstones_zero_disables_them(clock: FakeClock) -> None:

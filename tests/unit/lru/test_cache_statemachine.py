@@ -180,10 +180,13 @@ class LRUMachine(RuleBasedStateMachine):
     @rule(key=keys, value=values, ttl=ttls, version=st.integers(0, 12), mode=st.sampled_from(["", "nx", "xx"]))
     def set(self, key: bytes, value: bytes, ttl: int | None, version: int, mode: str) -> None:
         exp = self.expiry(ttl)
-        kwargs = {"expires_at": exp, "version": version, "nx": mode == "nx", "xx": mode == "xx"}
+
+        def cache_set() -> bool:
+            return self.cache.set(key, value, expires_at=exp, version=version, nx=mode == "nx", xx=mode == "xx")
+
         if self.size(key, value) > self.max_bytes:
             try:
-                self.cache.set(key, value, **kwargs)  # type: ignore[arg-type]
+                cache_set()
             except EntryTooLargeError:
                 return
             raise AssertionError("expected EntryTooLargeError")
@@ -191,7 +194,7 @@ class LRUMachine(RuleBasedStateMachine):
         if mode:
             is_live = m is not None and not self.expired(m)
             if (mode == "nx") == is_live:
-                assert self.cache.set(key, value, **kwargs) is False  # type: ignore[arg-type]
+                assert cache_set() is False
                 return
         if exp and exp <= self.now:
             self.tombs.pop(key, None)
@@ -201,7 +204,7 @@ class LRUMachine(RuleBasedStateMachine):
                 self.c["expirations"] += 1
         else:
             self.store(key, value, exp, version)
-        assert self.cache.set(key, value, **kwargs) is True  # type: ignore[arg-type]
+        assert cache_set() is True
 
     @rule(key=keys, value=plain_values, ttl=ttls, version=versions)
     def apply(self, key: bytes, value: bytes, ttl: int | None, version: int) -> None:

@@ -1,0 +1,93 @@
+"""An aux node's side of membership: joining a master and leaving gracefully.
+
+With ``--join HOST:PORT`` the node announces itself (JOIN with its id,
+advertised address and weight) until a master accepts, then re-announces
+every few seconds, which is idempotent and lets a restarted coordinator
+learn about it again. On SIGTERM the node sends LEAVE and keeps serving
+while the coordinator moves its data to the new owners; it exits when the
+master confirms (or ``leave_timeout`` passes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ..client.connection import ClientConnection, open_connection
+from ..config import AuxConfig, parse_address
+from ..protocol import Op
+
+__all__ = ["JoinAgent"]
+
+log = logging.getLogger("dcache.aux.membership")
+
+_ANNOUNCE_EVERY_S = 3.0
+_RETRY_S = 0.5
+
+
+class JoinAgent:
+    """Keeps an aux node registered with a master."""
+
+    def __init__(self, config: AuxConfig, node_id: str, advertise: tuple[str, int]) -> None:
+        assert config.join is not None
+        self.config = config
+        self.node_id = node_id
+        self.advertise = advertise
+        self._master = parse_address(config.join)
+        self._conn: ClientConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.joined = asyncio.Event()
+        self.leaving = False
+
+    def start(self) -> None:
+        """Start announcing in the background."""
+        self._task = asyncio.ensure_future(self._announce_loop())
+
+    async def _call(self, op: int, *args: Any, timeout: float) -> Any:
+        if self._conn is None or self._conn.is_closing:
+            host, port = self._master
+            self._conn = await open_connection(host, port, connect_timeout=2.0, auth_token=self.config.auth_token, client_name=f"aux:{self.node_id}")
+        return await asyncio.wait_for(self._conn.call(op, *args), timeout)
+
+    async def _announce_loop(self) -> None:
+        host, port = self.advertise
+        while not self.leaving:
+            try:
+                epoch = await self._call(Op.JOIN, self.node_id, host, port, self.config.weight, timeout=10.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.joined.is_set():
+                    log.info("re-announcing to master %s:%s failed: %s", *self._master, exc)
+                else:
+                    log.info("joining master %s:%s failed (%s); retrying", *self._master, exc)
+                await asyncio.sleep(_RETRY_S)
+                continue
+            if not self.joined.is_set():
+                log.info("joined the cluster through master %s:%s (epoch %s)", *self._master, epoch)
+                self.joined.set()
+            await asyncio.sleep(_ANNOUNCE_EVERY_S)
+
+    async def leave(self) -> bool:
+        """Ask the master to move this node's data away; True once it confirms."""
+        self.leaving = True
+        if self._task is not None:
+            self._task.cancel()
+        if not self.joined.is_set():
+            return True
+        log.info("leaving the cluster: waiting for the master to move this node's data")
+        try:
+            await self._call(Op.LEAVE, self.node_id, timeout=self.config.leave_timeout)
+        except Exception as exc:
+            log.warning("graceful leave did not complete (%s); shutting down anyway", exc)
+            return False
+        log.info("data handed over; leaving")
+        return True
+
+    async def close(self) -> None:
+        """Stop announcing and close the connection."""
+        if self._task is not None:
+            self._task.cancel()
+        if self._conn is not None:
+            self._conn.close()

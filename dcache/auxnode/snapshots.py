@@ -1,0 +1,388 @@
+"""Snapshot files of an aux node: load at start, periodic and final snapshots.
+
+The format and its validation live in ``dcache.lru.snapshot`` (pure); this
+module does the file handling and the scheduling around it.
+
+Files in ``data_dir``:
+
+* ``snapshot.msgpack``: the current generation;
+* ``snapshot.prev.msgpack``: the one before it;
+* ``snapshot.tmp.<pid>``: a snapshot being written (removed at start if a
+  crash left one behind);
+* ``snapshot[.prev].corrupt.<unix-ts>.msgpack``: files that failed
+  validation at start, set aside for inspection (never deleted by dcache).
+
+Taking a snapshot: the entries are copied on the event loop in slices of
+``COPY_CHUNK_ENTRIES``, yielding to the loop between slices (a copy of a
+million entries in one go would stall it for 100-200 ms); then a single
+worker thread serializes them into the temp file, fsyncs it, rotates current
+to prev, renames the temp file to current and fsyncs the directory. Only one
+snapshot runs at a time: an ``asyncio.Lock`` covers the copy, and the single
+worker serializes writes even if a caller was cancelled mid-write (the write
+itself cannot be interrupted, so it is shielded and finishes).
+
+Loading at start tries current, then prev. A file that fails validation is
+renamed aside, logged and counted, and the next generation is tried; if
+none is valid the node starts empty. A bad file can therefore never make the
+node crash-loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from ..lru import EntryTooLargeError
+from ..lru.snapshot import SnapshotData, SnapshotEntry, SnapshotError, dump, load
+
+if TYPE_CHECKING:
+    from .node import AuxNode
+
+__all__ = [
+    "CURRENT_NAME",
+    "PREV_NAME",
+    "TMP_PREFIX",
+    "COPY_CHUNK_ENTRIES",
+    "APPLY_CHUNK_ENTRIES",
+    "SnapshotManager",
+]
+
+log = logging.getLogger("dcache.aux.snapshots")
+
+CURRENT_NAME = "snapshot.msgpack"
+PREV_NAME = "snapshot.prev.msgpack"
+TMP_PREFIX = "snapshot.tmp."
+#: Entries copied per loop iteration while taking a snapshot (about 1-2 ms).
+COPY_CHUNK_ENTRIES = 5000
+#: Entries applied per loop iteration while loading one.
+APPLY_CHUNK_ENTRIES = 20_000
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class SnapshotManager:
+    """Loads, takes and schedules the snapshots of one ``AuxNode``.
+
+    Disabled (every method a no-op, no files touched) when the node's config
+    has no ``data_dir``. ``snapshot_interval`` 0 disables only the periodic
+    snapshots; ``close()`` still takes a final one.
+
+    Counters (see ``stats()``) are plain ints: ``taken``, ``failures``,
+    ``rejected`` (files set aside at load), ``loaded_keys``.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_executor",
+        "_last_created_ms",
+        "_lock",
+        "_node",
+        "data_dir",
+        "failures",
+        "interval",
+        "last_duration_s",
+        "loaded_keys",
+        "max_version",
+        "rejected",
+        "taken",
+    )
+
+    def __init__(self, node: AuxNode) -> None:
+        """Bind to ``node`` (its ``config``, ``cache``, ``clock``, ``node_id``, ``state``)."""
+        self._node = node
+        self.data_dir: str | None = node.config.data_dir
+        self.interval: float = node.config.snapshot_interval
+        self._lock = asyncio.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._last_created_ms = 0
+        self.last_duration_s = 0.0
+        self.taken = 0
+        self.failures = 0
+        self.rejected = 0
+        self.loaded_keys = 0
+        #: Highest entry version loaded at start (0 if none).
+        self.max_version = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the node has a data dir."""
+        return self.data_dir is not None
+
+    def stats(self) -> dict[str, Any]:
+        """The snapshot fields of STATS.
+
+        ``snapshot_age_s`` is the age of the newest snapshot on disk (taken or
+        loaded), -1 if there is none; ``snapshot_duration_s`` the time the
+        last successful snapshot took (copy and write).
+        """
+        age = (_wall_ms() - self._last_created_ms) / 1000 if self._last_created_ms else -1
+        return {
+            "snapshot_age_s": round(age, 3),
+            "snapshot_duration_s": round(self.last_duration_s, 4),
+            "snapshots_taken": self.taken,
+            "snapshot_failures": self.failures,
+            "snapshots_rejected": self.rejected,
+            "snapshot_loaded_keys": self.loaded_keys,
+        }
+
+    # -- start -------------------------------------------------------------
+
+    async def load(self) -> int:
+        """Load the newest valid generation into the cache; return how many keys.
+
+        Creates the data dir if needed and removes temp files a crash left
+        behind. Entries go in with ``LRUCache.apply`` (versions kept, expired
+        ones dropped); the node's clock observes the highest version loaded.
+
+        Raises:
+            OSError: the data dir cannot be created or listed (a config
+                problem worth failing the start for). Problems with the
+                snapshot files themselves never raise.
+        """
+        if self.data_dir is None:
+            return 0
+        data_dir = self.data_dir
+        os.makedirs(data_dir, exist_ok=True)
+        self._remove_temp_files()
+        loop = asyncio.get_running_loop()
+        for name in (CURRENT_NAME, PREV_NAME):
+            path = os.path.join(data_dir, name)
+            t0 = time.monotonic()
+            try:
+                data = await loop.run_in_executor(self._get_executor(), _read, path)
+            except FileNotFoundError:
+                continue
+            except SnapshotError as exc:
+                self.rejected += 1
+                aside = _set_aside(path, name)
+                log.warning("snapshot %s rejected: %s; moved to %s", path, exc, aside or "(could not move it)")
+                continue
+            except OSError as exc:
+                log.error("cannot read snapshot %s: %s; trying the previous generation", path, exc)
+                continue
+            read_s = time.monotonic() - t0
+            loaded = await self._apply(data)
+            self._last_created_ms = data.created_ms
+            log.info(
+                "loaded %d keys from %s (%d in file, %d expired; written by %s at epoch %d) in %.2fs (read %.2fs)",
+                loaded,
+                path,
+                data.count,
+                data.expired,
+                data.node_id,
+                data.ring_epoch,
+                time.monotonic() - t0,
+                read_s,
+            )
+            return loaded
+        log.info("no valid snapshot in %s: starting empty", data_dir)
+        return 0
+
+    async def _apply(self, data: SnapshotData) -> int:
+        node = self._node
+        apply = node.cache.apply
+        entries = data.entries
+        loaded = 0
+        too_large = 0
+        max_version = 0
+        for start in range(0, len(entries), APPLY_CHUNK_ENTRIES):
+            if start:
+                await asyncio.sleep(0)
+            for key, value, expires_at, version in entries[start : start + APPLY_CHUNK_ENTRIES]:
+                try:
+                    if apply(key, value, expires_at=expires_at, version=version):
+                        loaded += 1
+                except EntryTooLargeError:
+                    too_large += 1
+                if version > max_version:
+                    max_version = version
+        if too_large:
+            log.warning("%d snapshot entries are larger than max_memory and were skipped", too_large)
+        if max_version:
+            node.clock.observe(max_version)
+        self.max_version = max(self.max_version, max_version)
+        self.loaded_keys += loaded
+        return loaded
+
+    def _remove_temp_files(self) -> None:
+        assert self.data_dir is not None
+        for name in os.listdir(self.data_dir):
+            if name.startswith(TMP_PREFIX):
+                path = os.path.join(self.data_dir, name)
+                try:
+                    os.unlink(path)
+                except OSError as exc:
+                    log.warning("cannot remove leftover %s: %s", path, exc)
+                else:
+                    log.info("removed %s, left over from an interrupted snapshot", path)
+
+    def start(self) -> None:
+        """Start the periodic snapshot task (if enabled and the interval is > 0)."""
+        if self.data_dir is not None and self.interval > 0 and not self._closed:
+            self._node.state.spawn(self._periodic(), "snapshots")
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.snapshot()
+            except Exception:  # snapshot() handles its own errors; this is a last resort
+                log.exception("periodic snapshot failed")
+
+    # -- taking one --------------------------------------------------------
+
+    async def snapshot(self) -> bool:
+        """Take a snapshot now (waiting for one in progress first).
+
+        Failures are logged and counted, never raised.
+
+        Returns:
+            Whether a snapshot was written (False when disabled or failed).
+        """
+        if self.data_dir is None:
+            return False
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            t0 = time.monotonic()
+            created_ms = _wall_ms()
+            node = self._node
+            try:
+                items = await self._copy()
+                copy_s = time.monotonic() - t0
+                fut = loop.run_in_executor(
+                    self._get_executor(), self._write, items, node.node_id, self._ring_epoch(), created_ms
+                )
+            except Exception:
+                self.failures += 1
+                log.exception("snapshot failed while copying the entries")
+                return False
+            del items
+
+            def finished(f: asyncio.Future[int]) -> None:
+                # A callback, so it is counted even if the awaiting task was cancelled.
+                if f.cancelled():
+                    return
+                exc = f.exception()
+                if exc is not None:
+                    self.failures += 1
+                    log.error("snapshot to %s failed: %r", self.data_dir, exc, exc_info=exc)
+                    return
+                self.taken += 1
+                self._last_created_ms = created_ms
+                self.last_duration_s = time.monotonic() - t0
+                log.debug(
+                    "snapshot written: %d bytes in %.3fs (copy on loop %.3fs)", f.result(), self.last_duration_s, copy_s
+                )
+
+            fut.add_done_callback(finished)
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                return False
+            return True
+
+    async def _copy(self) -> list[SnapshotEntry]:
+        """Copy the live entries on the loop, a slice per loop iteration."""
+        cache = self._node.cache
+        keys = cache.keys_snapshot()
+        get_entry = cache.get_entry
+        items: list[SnapshotEntry] = []
+        append = items.append
+        for start in range(0, len(keys), COPY_CHUNK_ENTRIES):
+            if start:
+                await asyncio.sleep(0)
+            for key in keys[start : start + COPY_CHUNK_ENTRIES]:
+                e = get_entry(key)
+                if e is not None:
+                    append((e.key, e.value, e.expires_at, e.version))
+        return items
+
+    def _write(self, items: list[SnapshotEntry], node_id: str, ring_epoch: int, created_ms: int) -> int:
+        """Serialize into the temp file and rotate it into place (worker thread)."""
+        data_dir = self.data_dir
+        assert data_dir is not None
+        tmp = os.path.join(data_dir, f"{TMP_PREFIX}{os.getpid()}")
+        current = os.path.join(data_dir, CURRENT_NAME)
+        try:
+            with open(tmp, "wb") as f:
+                size = dump(items, f, node_id=node_id, ring_epoch=ring_epoch, created_ms=created_ms)
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(current, os.path.join(data_dir, PREV_NAME))
+            os.replace(tmp, current)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(data_dir)
+        return size
+
+    def _ring_epoch(self) -> int:
+        epoch = getattr(self._node, "ring_epoch", 0)
+        return epoch if type(epoch) is int and epoch >= 0 else 0
+
+    def _get_executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcache-snapshot")
+        return self._executor
+
+    # -- shutdown ----------------------------------------------------------
+
+    async def close(self) -> None:
+        """Take the final snapshot (if enabled) and stop the worker; idempotent.
+
+        Call after connections are closed and the periodic task is cancelled,
+        so the snapshot holds every acknowledged write.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self.data_dir is not None:
+            if await self.snapshot():
+                log.info("final snapshot written to %s", os.path.join(self.data_dir, CURRENT_NAME))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def _read(path: str) -> SnapshotData:
+    with open(path, "rb") as f:
+        return load(f, now_ms=_wall_ms())
+
+
+def _set_aside(path: str, name: str) -> str | None:
+    """Rename a rejected file to ``<stem>.corrupt.<unix-ts>[-n].msgpack``; return the new path."""
+    stem = name.removesuffix(".msgpack")
+    directory = os.path.dirname(path)
+    ts = int(time.time())
+    for n in range(100):
+        suffix = f"{ts}-{n}" if n else str(ts)
+        target = os.path.join(directory, f"{stem}.corrupt.{suffix}.msgpack")
+        if os.path.exists(target):
+            continue
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            log.error("cannot move rejected snapshot %s aside: %s", path, exc)
+            return None
+        return target
+    return None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,176 @@
+"""``dcache cluster``: a whole local cluster on 127.0.0.1 in one command.
+
+Starts N aux nodes, then the coordinating master (seeded with the aux
+nodes), then M - 1 follower masters, each as its own ``python -m dcache``
+process, waits for every READY line, prints the endpoints, and supervises
+them. Ctrl-C (SIGINT) or SIGTERM stops the masters first, then the aux
+nodes (each writes its final snapshot), within a bounded time.
+
+``--port 0`` puts every process on a free port (for tests); the last line
+printed is then ``READY host:port`` of the first master.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_cluster_arguments", "run_cluster_cli", "LocalCluster"]
+
+_READY_TIMEOUT_S = 30.0
+_STOP_TIMEOUT_S = 15.0
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``dcache cluster`` flags."""
+    parser.add_argument("--masters", type=int, default=2, help="number of masters (default: 2)")
+    parser.add_argument("--aux", type=int, default=3, help="number of aux nodes (default: 3)")
+    parser.add_argument("--replicas", type=int, default=1, help="copies of each key (default: 1)")
+    parser.add_argument("--data-dir", default="./data", help="folder for the aux nodes' snapshots, one subfolder each (default: ./data)")
+    parser.add_argument("--port", type=int, default=7000, help="first master's port; the others follow (default: 7000; 0: free ports)")
+    parser.add_argument("--aux-port", type=int, default=7101, help="first aux node's port; the others follow (default: 7101)")
+    parser.add_argument("--max-memory", default="256MB", help="byte budget of each aux node (default: 256MB)")
+    parser.add_argument("--snapshot-interval", type=float, default=10.0, help="seconds between aux snapshots (default: 10)")
+    parser.add_argument("--log-level", default="info", help="log level of every process (default: info)")
+
+
+class LocalCluster:
+    """The processes of one local cluster."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.masters: list[tuple[str, str]] = []  # (name, addr)
+        self.aux: list[tuple[str, str]] = []
+
+    def _spawn(self, name: str, role: str, *argv: str) -> str:
+        cmd = [sys.executable, "-m", "dcache", role, "--host", "127.0.0.1", "--log-level", self.args.log_level, *argv]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.procs.append((name, proc))
+        line = _read_ready(proc, _READY_TIMEOUT_S)
+        if not line.startswith("READY "):
+            raise RuntimeError(f"{name} ({role}) did not start (exit code {proc.poll()}); see its log above")
+        return line.split()[1]
+
+    def start(self) -> None:
+        a = self.args
+        data = Path(a.data_dir)
+        for i in range(a.aux):
+            node_id = f"a{i + 1}"
+            port = 0 if a.port == 0 else a.aux_port + i
+            node_dir = data / node_id
+            node_dir.mkdir(parents=True, exist_ok=True)
+            addr = self._spawn(
+                node_id,
+                "aux",
+                "--port",
+                str(port),
+                "--node-id",
+                node_id,
+                "--data-dir",
+                str(node_dir),
+                "--max-memory",
+                a.max_memory,
+                "--snapshot-interval",
+                str(a.snapshot_interval),
+            )
+            self.aux.append((node_id, addr))
+        seeds = ",".join(f"{n}={addr}" for n, addr in self.aux)
+        coordinator = ""
+        for i in range(a.masters):
+            name = f"m{i + 1}"
+            port = 0 if a.port == 0 else a.port + i
+            extra = ["--aux", seeds] if i == 0 else ["--coordinator", coordinator]
+            addr = self._spawn(name, "master", "--port", str(port), "--node-id", name, "--replicas", str(a.replicas), *extra)
+            if i == 0:
+                coordinator = addr
+            self.masters.append((name, addr))
+
+    def describe(self) -> str:
+        lines = []
+        for i, (name, addr) in enumerate(self.masters):
+            lines.append(f"master {name}  {addr}  {'(coordinator)' if i == 0 else '(follower)'}")
+        for name, addr in self.aux:
+            lines.append(f"aux    {name}  {addr}")
+        first = self.masters[0][1] if self.masters else ""
+        lines.append(f"clients: dcache.Client({[addr for _, addr in self.masters]!r})   tools: dcache get --addr {first} KEY")
+        return "\n".join(lines)
+
+    def stop(self) -> None:
+        """SIGTERM masters, then aux nodes; SIGKILL whatever outlives the grace period."""
+        masters = [p for n, p in self.procs if n.startswith("m")]
+        aux = [p for n, p in self.procs if not n.startswith("m")]
+        for group in (masters, aux):
+            for p in group:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + _STOP_TIMEOUT_S
+            for p in group:
+                try:
+                    p.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+        for _, p in self.procs:
+            if p.stdout is not None:
+                p.stdout.close()
+
+    def dead(self) -> list[str]:
+        return [f"{n} (exit code {p.returncode})" for n, p in self.procs if p.poll() is not None]
+
+
+def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    out: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        out.append(proc.stdout.readline().decode(errors="replace").strip())
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(timeout)
+    return out[0] if out else ""
+
+
+def run_cluster_cli(args: argparse.Namespace) -> int:
+    """Entry point of ``dcache cluster``; returns the exit code."""
+    if args.masters < 1 or args.aux < 1 or args.replicas < 1:
+        print("dcache cluster: --masters, --aux and --replicas must be at least 1", file=sys.stderr)
+        return 2
+    if args.replicas > args.aux:
+        print("dcache cluster: --replicas cannot exceed --aux", file=sys.stderr)
+        return 2
+    cluster = LocalCluster(args)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        cluster.start()
+    except (RuntimeError, OSError) as exc:
+        print(f"dcache cluster: {exc}", file=sys.stderr)
+        cluster.stop()
+        return 1
+    print(cluster.describe(), flush=True)
+    print(f"READY {cluster.masters[0][1]}", flush=True)
+    print("Ctrl-C stops the cluster.", file=sys.stderr, flush=True)
+    reported: set[str] = set()
+    while not stop.wait(0.5):
+        for d in cluster.dead():
+            if d not in reported:
+                reported.add(d)
+                print(f"dcache cluster: process {d} exited", file=sys.stderr, flush=True)
+    print("stopping the cluster...", file=sys.stderr, flush=True)
+    cluster.stop()
+    print("stopped.", file=sys.stderr, flush=True)
+    return 0

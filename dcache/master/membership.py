@@ -1,0 +1,370 @@
+"""Cluster membership behind one interface: who the aux nodes are and which view to route by.
+
+``Membership`` is what a master's router and handlers use. Two embedded
+implementations exist (a ZooKeeper one can sit behind the same interface):
+
+* ``Coordinator``: this master decides. It health-checks every aux node,
+  admits nodes that JOIN, lets nodes LEAVE after handing their data over,
+  publishes a new ``ClusterView`` (epoch + 1) on every change, and runs the
+  data migration each change implies (``Migrator``).
+* ``Follower``: another master decides. The follower polls it (SYNC) every
+  ``follow_interval`` seconds and adopts any newer view; if the coordinator
+  is unreachable it keeps routing by the last view it saw and says so in its
+  status. JOIN and LEAVE are forwarded to the coordinator.
+
+Views only move forward: a view replaces the current one only if its
+``(epoch, seq)`` is larger. A coordinator's first epoch is its start time in
+milliseconds, so a restarted coordinator's views supersede the old ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..client.connection import ClientConnection, open_connection
+from ..config import MasterConfig, parse_address
+from ..errors import BadArgumentsError, UnavailableError
+from ..hlc import HybridClock
+from ..protocol import Op
+from .links import AuxLink
+from .migration import Migrator
+from .view import DOWN, LEAVING, UP, ClusterView, Member
+
+__all__ = ["Membership", "Coordinator", "Follower"]
+
+log = logging.getLogger("dcache.master.membership")
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Membership:
+    """The interface every membership backend implements."""
+
+    role = "none"
+
+    def __init__(self, config: MasterConfig, view: ClusterView, on_view: Callable[[ClusterView], None]) -> None:
+        self.config = config
+        self.view = view
+        self._on_view = on_view
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def publish(self, view: ClusterView) -> bool:
+        """Adopt ``view`` if it is newer than the current one."""
+        if not view.newer_than(self.view):
+            return False
+        old = self.view
+        self.view = view
+        if view.epoch != old.epoch:
+            log.info(
+                "ring epoch %d: members %s%s",
+                view.epoch,
+                ", ".join(f"{m.node_id}({m.state})" for m in view.members.values()),
+                " (migrating)" if view.prev_ring is not None else "",
+            )
+        self._on_view(view)
+        return True
+
+    async def start(self) -> None:
+        """Start background work."""
+
+    async def close(self) -> None:
+        """Stop background work."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+    async def join(self, node_id: str, host: str, port: int, weight: float) -> int:
+        """Admit (or re-admit) an aux node; returns the resulting epoch."""
+        raise NotImplementedError
+
+    async def leave(self, node_id: str) -> bool:
+        """Remove an aux node after its data moved to the other owners."""
+        raise NotImplementedError
+
+    def sync(self, follower_id: str, epoch: int, seq: int) -> dict[str, Any] | None:
+        """Answer a follower's poll: the view if it is newer than ``(epoch, seq)``."""
+        raise BadArgumentsError("this master does not coordinate the cluster")
+
+    def status(self) -> dict[str, Any]:
+        """What ``dcache ring`` shows about membership."""
+        return {"role": self.role}
+
+
+class Coordinator(Membership):
+    """This master decides membership (embedded mode)."""
+
+    role = "coordinator"
+
+    def __init__(
+        self,
+        config: MasterConfig,
+        view: ClusterView,
+        on_view: Callable[[ClusterView], None],
+        links: Callable[[], dict[str, AuxLink]],
+        clock: HybridClock,
+    ) -> None:
+        super().__init__(config, view, on_view)
+        self._links = links
+        self._clock = clock
+        self._misses: dict[str, int] = {}
+        self._followers: dict[str, tuple[int, int, float]] = {}
+        self.migrator = Migrator(config, links, clock, self._followers_caught_up)
+        self._migration: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+        self._lock = asyncio.Lock()
+        self.health_events: list[dict[str, Any]] = []
+
+    async def start(self) -> None:
+        self._spawn(self._health_loop(), "health")
+        if self.view.prev_ring is not None:
+            self._start_migration()
+
+    # -- view changes -----------------------------------------------------------
+
+    def _change(self, members: dict[str, Member], reason: str) -> ClusterView:
+        view = self.view.with_members(members)
+        log.info("membership change (%s): epoch %d -> %d", reason, self.view.epoch, view.epoch)
+        self.publish(view)
+        if view.prev_ring is not None:
+            self._start_migration()
+        else:
+            self._notify()
+        return view
+
+    def _notify(self) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        self._spawn(notify(), "notify")
+
+    def _start_migration(self) -> None:
+        if self._migration is not None and not self._migration.done():
+            self._migration.cancel()
+        self._migration = self._spawn(self._migrate(self.view), "migration")
+
+    async def _migrate(self, view: ClusterView) -> None:
+        try:
+            await self.migrator.run(view)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("migration to epoch %d failed; retrying in 1 s", view.epoch)
+            await asyncio.sleep(1.0)
+            if self.view is view:
+                self._start_migration()
+            return
+        if self.view is not view:
+            return  # superseded while it ran
+        members = dict(view.members)
+        for node_id, m in list(members.items()):
+            if m.state == LEAVING:
+                del members[node_id]  # its data has moved: it may go
+        done = view.migration_done()
+        if members != view.members:
+            done = done.bumped(members=members)
+        self.publish(done)
+        self._notify()
+        self.migrator.schedule_drop(view, lambda: self.view)
+
+    async def wait_settled(self, predicate: Callable[[ClusterView], bool], timeout: float) -> bool:
+        """Wait until ``predicate(view)`` holds (bounded)."""
+        async with asyncio.timeout(timeout):
+            async with self._changed:
+                await self._changed.wait_for(lambda: predicate(self.view))
+        return True
+
+    # -- membership ops -----------------------------------------------------------
+
+    async def join(self, node_id: str, host: str, port: int, weight: float) -> int:
+        async with self._lock:
+            members = dict(self.view.members)
+            known = members.get(node_id)
+            if known is not None and known.state == UP and (known.host, known.port, known.weight) == (host, port, weight):
+                return self.view.epoch  # a re-announcement: nothing changes
+            if known is not None and known.state == LEAVING:
+                return self.view.epoch  # leaving nodes do not come back by announcing
+            members[node_id] = Member(node_id, host, port, weight, UP, _wall_ms())
+            self._misses.pop(node_id, None)
+            reason = "rejoin" if known is not None else "join"
+            return self._change(members, f"{reason} of {node_id} at {host}:{port}").epoch
+
+    async def leave(self, node_id: str) -> bool:
+        async with self._lock:
+            members = dict(self.view.members)
+            m = members.get(node_id)
+            if m is None:
+                return True
+            if m.state != LEAVING:
+                members[node_id] = Member(m.node_id, m.host, m.port, m.weight, LEAVING, _wall_ms())
+                self._change(members, f"graceful leave of {node_id}")
+        await self.wait_settled(lambda v: node_id not in v.members, timeout=self.config.shutdown_grace + 3600)
+        return True
+
+    def mark(self, node_id: str, state: str, why: str) -> None:
+        """Mark a member up or down and publish the resulting view."""
+        members = dict(self.view.members)
+        m = members.get(node_id)
+        if m is None or m.state == state:
+            return
+        members[node_id] = Member(m.node_id, m.host, m.port, m.weight, state, _wall_ms())
+        event = {"node_id": node_id, "state": state, "why": why, "at_ms": _wall_ms()}
+        self.health_events.append(event)
+        del self.health_events[:-50]
+        log.warning("aux node %s marked %s: %s", node_id, state, why)
+        self._change(members, f"{node_id} {state}: {why}")
+
+    # -- health ------------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        cfg = self.config
+        while True:
+            await asyncio.sleep(cfg.health_interval)
+            try:
+                await self._health_round()
+            except Exception:
+                log.exception("health round failed")
+
+    async def _health_round(self) -> None:
+        cfg = self.config
+        view = self.view
+        links = self._links()
+        nodes = [m for m in view.members.values() if m.node_id in links]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(links[m.node_id].call(Op.PING), cfg.health_interval * 2) for m in nodes),
+            return_exceptions=True,
+        )
+        for m, r in zip(nodes, results, strict=True):
+            ok = not isinstance(r, BaseException)
+            if ok:
+                self._misses[m.node_id] = 0
+                if m.state == DOWN:
+                    self.mark(m.node_id, UP, "answers pings again")
+                continue
+            misses = self._misses.get(m.node_id, 0) + 1
+            self._misses[m.node_id] = misses
+            if m.state != DOWN and misses >= cfg.health_failures:
+                assert isinstance(r, BaseException)
+                self.mark(m.node_id, DOWN, f"{misses} health checks failed in a row ({r.__class__.__name__}: {r})")
+
+    # -- followers ------------------------------------------------------------------
+
+    def sync(self, follower_id: str, epoch: int, seq: int) -> dict[str, Any] | None:
+        self._followers[follower_id] = (epoch, seq, time.monotonic())
+        view = self.view
+        if (view.epoch, view.seq) > (epoch, seq):
+            return view.to_dict()
+        return None
+
+    async def _followers_caught_up(self, epoch: int, timeout: float) -> None:
+        """Wait (bounded) until every recently seen follower routes by ``epoch``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            lagging = [f for f, (e, _, seen) in self._followers.items() if e < epoch and now - seen < 5.0]
+            if not lagging:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("followers did not confirm epoch %d within %.1f s; migrating anyway", epoch, timeout)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "role": self.role,
+            "followers": {f: {"epoch": e, "seq": s, "seen_s_ago": round(now - t, 2)} for f, (e, s, t) in self._followers.items()},
+            "migration": self.migrator.progress(),
+            "health_events": self.health_events[-10:],
+        }
+
+
+class Follower(Membership):
+    """Another master decides; this one follows its views."""
+
+    role = "follower"
+
+    def __init__(self, config: MasterConfig, view: ClusterView, on_view: Callable[[ClusterView], None], node_id: Callable[[], str]) -> None:
+        super().__init__(config, view, on_view)
+        assert config.coordinator is not None
+        self._host, self._port = parse_address(config.coordinator)
+        self._node_id = node_id
+        self._conn: ClientConnection | None = None
+        self.last_sync_ms = 0
+        self.coordinator_error: str | None = "not contacted yet"
+
+    async def start(self) -> None:
+        try:
+            await asyncio.wait_for(self.sync_once(), 3.0)
+        except Exception as exc:
+            log.warning("coordinator not reachable at start (%s); will keep trying", exc)
+            self.coordinator_error = str(exc)
+        self._spawn(self._follow_loop(), "follow")
+
+    async def _connection(self) -> ClientConnection:
+        if self._conn is None or self._conn.is_closing:
+            self._conn = await open_connection(
+                self._host, self._port, connect_timeout=2.0, auth_token=self.config.auth_token, client_name="dcache-follower"
+            )
+        return self._conn
+
+    async def _call(self, op: int, *args: Any, timeout: float = 5.0) -> Any:
+        try:
+            conn = await self._connection()
+            return await asyncio.wait_for(conn.call(op, *args), timeout)
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            raise UnavailableError(f"coordinator {self._host}:{self._port} is unreachable: {exc}") from None
+
+    async def sync_once(self) -> None:
+        """Poll the coordinator once and adopt a newer view."""
+        view = self.view
+        answer = await self._call(Op.SYNC, self._node_id(), view.epoch, view.seq, timeout=max(2.0, self.config.follow_interval * 4))
+        self.last_sync_ms = _wall_ms()
+        self.coordinator_error = None
+        if answer is not None:
+            self.publish(ClusterView.from_dict(answer))
+
+    async def _follow_loop(self) -> None:
+        while True:
+            try:
+                await self.sync_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.coordinator_error is None:
+                    log.warning("lost the coordinator (%s); routing by the last ring (epoch %d)", exc, self.view.epoch)
+                self.coordinator_error = str(exc)
+            await asyncio.sleep(self.config.follow_interval)
+
+    async def join(self, node_id: str, host: str, port: int, weight: float) -> int:
+        epoch = await self._call(Op.JOIN, node_id, host, port, weight)
+        return int(epoch)
+
+    async def leave(self, node_id: str) -> bool:
+        return bool(await self._call(Op.LEAVE, node_id, timeout=self.config.shutdown_grace + 3600))
+
+    async def close(self) -> None:
+        await super().close()
+        if self._conn is not None:
+            self._conn.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "coordinator": f"{self._host}:{self._port}",
+            "coordinator_reachable": self.coordinator_error is None,
+            "coordinator_error": self.coordinator_error,
+            "last_sync_ms": self.last_sync_ms,
+        }

@@ -1,0 +1,235 @@
+"""Moving data between aux nodes after a ring change (run by the coordinator).
+
+For a view whose ``prev_ring`` is set, ``Migrator.run``:
+
+1. computes the hash ranges whose preference list changed
+   (``moved_ranges(prev_ring, ring, replicas)``) and, for every node that
+   gained a range, picks a live previous owner as the source: one *stream*
+   per (source, destination) pair;
+2. waits (bounded) until every follower master routes by the new view, so
+   no master still writes only to the previous owners;
+3. runs the streams: pages of ``SCAN`` on the source, ``APPLY`` /
+   ``APPLY_DELETES`` on the destination (last writer wins, so a copy never
+   overwrites a newer write made meanwhile), throttled by
+   ``migration_rate``;
+4. runs a second, catch-up pass over writes newer than the start of the
+   first pass (a write in flight during the view change may have reached
+   only a previous owner).
+
+When it returns, the coordinator publishes the view with the migration
+finished; afterwards ``schedule_drop`` removes the moved ranges from nodes
+that no longer own them (so a later ring change can never bring back a stale
+copy). Progress is kept for ``dcache ring`` and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..config import MasterConfig
+from ..hlc import HybridClock
+from ..protocol import Op
+from ..ring import moved_ranges
+from .links import AuxLink
+from .view import UP, ClusterView
+
+__all__ = ["Migrator"]
+
+log = logging.getLogger("dcache.master.migration")
+
+#: Versions carry wall ms in their top bits (see dcache.hlc): this many
+#: version units make one second.
+_VERSION_UNITS_PER_S = 1000 << 22
+_CATCH_UP_MARGIN_S = 5.0
+_CONCURRENT_STREAMS = 4
+
+
+class Migrator:
+    """Runs migrations and keeps their progress."""
+
+    def __init__(
+        self,
+        config: MasterConfig,
+        links: Callable[[], dict[str, AuxLink]],
+        clock: HybridClock,
+        followers_caught_up: Callable[[int, float], Awaitable[None]],
+    ) -> None:
+        self.config = config
+        self._links = links
+        self._clock = clock
+        self._followers_caught_up = followers_caught_up
+        self._drops: set[asyncio.Task[None]] = set()
+        self.state = "idle"
+        self.epoch = 0
+        self.streams_total = 0
+        self.streams_done = 0
+        self.keys_moved = 0
+        self.tombstones_moved = 0
+        self.keys_moved_total = 0
+        self.migrations_total = 0
+        self.started_ms = 0
+        self.finished_ms = 0
+        self.streams: list[dict[str, Any]] = []
+
+    def progress(self) -> dict[str, Any]:
+        """A summary for operators."""
+        return {
+            "state": self.state,
+            "epoch": self.epoch,
+            "streams_total": self.streams_total,
+            "streams_done": self.streams_done,
+            "keys_moved": self.keys_moved,
+            "tombstones_moved": self.tombstones_moved,
+            "keys_moved_total": self.keys_moved_total,
+            "migrations_total": self.migrations_total,
+            "started_ms": self.started_ms,
+            "finished_ms": self.finished_ms,
+            "streams": self.streams,
+        }
+
+    def plan(self, view: ClusterView) -> dict[tuple[str, str], list[list[int]]]:
+        """(source, destination) -> ranges to copy, for ``view``'s migration."""
+        assert view.prev_ring is not None
+        streams: dict[tuple[str, str], list[list[int]]] = {}
+        for move in moved_ranges(view.prev_ring, view.ring, view.replicas):
+            sources = [n for n in move.old_owners if view.is_live(n)]
+            if not sources:
+                continue  # no live copy of this range: nothing to copy from
+            for dst in move.new_owners:
+                if dst in move.old_owners or not view.is_live(dst):
+                    continue
+                src = sources[0]
+                streams.setdefault((src, dst), []).append([move.start, move.end])
+        return streams
+
+    async def run(self, view: ClusterView) -> None:
+        """Copy everything ``view``'s ring change implies; return when done."""
+        cfg = self.config
+        plan = self.plan(view)
+        self.state = "waiting-for-followers"
+        self.epoch = view.epoch
+        self.streams_total = len(plan)
+        self.streams_done = 0
+        self.keys_moved = 0
+        self.tombstones_moved = 0
+        self.started_ms = time.time_ns() // 1_000_000
+        self.streams = [{"source": s, "destination": d, "ranges": len(r), "keys": 0, "done": False} for (s, d), r in plan.items()]
+        log.info("migration to epoch %d: %d stream(s)", view.epoch, len(plan))
+        await self._followers_caught_up(view.epoch, max(3.0, cfg.follow_interval * 6))
+        start_version = self._clock.next()
+        self.state = "copying"
+        sem = asyncio.Semaphore(_CONCURRENT_STREAMS)
+
+        async def one(i: int, src: str, dst: str, ranges: list[list[int]], min_version: int) -> None:
+            async with sem:
+                await self._stream(i, src, dst, ranges, min_version)
+
+        await asyncio.gather(*(one(i, s, d, r, 0) for i, ((s, d), r) in enumerate(plan.items())))
+        self.state = "catching-up"
+        catch_up_from = max(0, start_version - int(_CATCH_UP_MARGIN_S * _VERSION_UNITS_PER_S))
+        await asyncio.gather(*(one(i, s, d, r, catch_up_from) for i, ((s, d), r) in enumerate(plan.items())))
+        for s in self.streams:
+            s["done"] = True
+        self.streams_done = self.streams_total
+        self.state = "idle"
+        self.finished_ms = time.time_ns() // 1_000_000
+        self.migrations_total += 1
+        log.info(
+            "migration to epoch %d done: %d keys and %d tombstones moved in %.2f s",
+            view.epoch,
+            self.keys_moved,
+            self.tombstones_moved,
+            (self.finished_ms - self.started_ms) / 1000,
+        )
+
+    async def _stream(self, index: int, src: str, dst: str, ranges: list[list[int]], min_version: int) -> None:
+        cfg = self.config
+        links = self._links()
+        source, dest = links.get(src), links.get(dst)
+        if source is None or dest is None:
+            return
+        cursor = 0
+        rate = cfg.migration_rate
+        started = time.monotonic()
+        moved_here = 0
+        while True:
+            cursor, entries, tombstones = await self._retry(source, Op.SCAN, ranges, cursor, cfg.migration_batch, min_version)
+            if entries:
+                await self._retry(dest, Op.APPLY, entries)
+                if min_version == 0:
+                    self.keys_moved += len(entries)
+                    self.keys_moved_total += len(entries)
+                    self.streams[index]["keys"] += len(entries)
+                moved_here += len(entries)
+            if tombstones:
+                await self._retry(dest, Op.APPLY_DELETES, tombstones)
+                self.tombstones_moved += len(tombstones)
+            if not cursor:
+                break
+            if rate:
+                ahead = moved_here / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        if min_version == 0:
+            self.streams_done += 1
+            self.streams[index]["done"] = True
+
+    async def _retry(self, link: AuxLink, op: int, *args: Any) -> Any:
+        delay = 0.1
+        for attempt in range(8):
+            try:
+                return await link.call(op, *args)
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                if attempt == 7:
+                    raise
+                log.info("migration: %s on %s failed (%s); retrying", Op(op).name, link.node_id, exc)
+            except Exception as exc:
+                if attempt == 7 or "cursor expired" in str(exc):
+                    raise
+                log.info("migration: %s on %s failed (%s); retrying", Op(op).name, link.node_id, exc)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
+        raise AssertionError("unreachable")
+
+    def schedule_drop(self, view: ClusterView, current: Callable[[], ClusterView]) -> None:
+        """After a migration, drop the moved ranges from nodes that no longer own them."""
+        if view.prev_ring is None:
+            return
+        drops: dict[str, list[list[int]]] = {}
+        for move in moved_ranges(view.prev_ring, view.ring, view.replicas):
+            for n in move.old_owners:
+                m = view.members.get(n)
+                if n not in move.new_owners and m is not None and m.state == UP:
+                    drops.setdefault(n, []).append([move.start, move.end])
+        if not drops:
+            return
+        delay = self.config.follow_interval * 4 + self.config.aux_timeout
+
+        async def drop_all() -> None:
+            await asyncio.sleep(delay)  # let followers stop reading the previous owners
+            if current().epoch != view.epoch:
+                return  # the ring changed again: ownership must be recomputed, keep the data
+            links = self._links()
+            for node, ranges in drops.items():
+                link = links.get(node)
+                if link is None:
+                    continue
+                cursor, dropped = 0, 0
+                try:
+                    while True:
+                        cursor, n = await link.call(Op.DROP, ranges, cursor)
+                        dropped += n
+                        if not cursor:
+                            break
+                except Exception as exc:
+                    log.info("dropping moved ranges from %s failed: %s", node, exc)
+                    continue
+                log.info("dropped %d moved keys from %s", dropped, node)
+
+        task = asyncio.ensure_future(drop_all())
+        self._drops.add(task)
+        task.add_done_callback(self._drops.discard)

@@ -1,0 +1,390 @@
+"""The master role: serves the native protocol by routing every op to aux nodes.
+
+A master holds no data. Handlers validate arguments exactly like an aux node
+(same limits, same errors) and hand the work to the ``Router`` as a deferred
+answer; the ``FrameProtocol`` sends each answer when it is ready, batching
+the answers of one loop iteration into one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from ..config import MasterConfig
+from ..errors import BadArgumentsError
+from ..hlc import HybridClock
+from ..protocol import Op, SetFlag, check_key, check_value
+from ..server import Service, deferred, ready_line
+from .links import AuxLink
+from .membership import Coordinator, Follower, Membership
+from .router import Router
+from .view import UP, ClusterView, Member
+
+__all__ = ["MasterNode", "serve_master", "run_master"]
+
+log = logging.getLogger("dcache.master")
+
+_MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+_NX = SetFlag.NX.value
+_XX = SetFlag.XX.value
+
+
+def _ttl_arg(ttl_ms: Any) -> int:
+    if ttl_ms is None:
+        return 0
+    if ttl_ms.__class__ is not int:
+        raise BadArgumentsError(f"ttl_ms must be an integer or nil, not {type(ttl_ms).__name__}")
+    if ttl_ms <= 0 or ttl_ms > _MAX_TTL_MS:
+        raise BadArgumentsError(f"ttl_ms must be between 1 and {_MAX_TTL_MS}, got {ttl_ms}")
+    return int(ttl_ms)
+
+
+class MasterNode(Service):
+    """A master: membership, links to aux nodes, the router and the handlers."""
+
+    role = "master"
+
+    def __init__(self, config: MasterConfig) -> None:
+        super().__init__(config.node_id or "master", config.limits, config.auth_token)
+        self.config = config
+        self.clock = HybridClock(self.node_id)
+        self.links: dict[str, AuxLink] = {}
+        self.started_at = time.time()
+        self.server: asyncio.base_events.Server | None = None
+        members = [Member(node_id, host, port) for node_id, host, port in config.aux]
+        view = ClusterView.initial(members, config.replicas, epoch=time.time_ns() // 1_000_000)
+        self.router = Router(view, self.links, self.clock, config.write_quorum)
+        self.membership: Membership
+        if config.coordinator:
+            self.membership = Follower(config, ClusterView.initial([], config.replicas, epoch=0), self._on_view, lambda: self.node_id)
+        else:
+            self.membership = Coordinator(config, view, self._on_view, lambda: self.links, self.clock)
+        h = self.handlers
+        h[Op.PING] = self._ping
+        h[Op.GET] = self._get
+        h[Op.SET] = self._set
+        h[Op.DELETE] = self._delete
+        h[Op.MGET] = self._mget
+        h[Op.MSET] = self._mset
+        h[Op.EXISTS] = self._exists
+        h[Op.EXPIRE] = self._expire
+        h[Op.TTL] = self._ttl
+        h[Op.INCR] = self._incr
+        h[Op.DECR] = self._decr
+        h[Op.TOUCH] = self._touch
+        h[Op.STATS] = self._stats
+        h[Op.RING] = self._ring
+        h[Op.JOIN] = self._join
+        h[Op.LEAVE] = self._leave
+        h[Op.SYNC] = self._sync
+
+    # -- view changes -------------------------------------------------------------
+
+    def _on_view(self, view: ClusterView) -> None:
+        """Adopt a new view: open links to new members, close links to gone ones."""
+        cfg = self.config
+        for node_id, m in view.members.items():
+            link = self.links.get(node_id)
+            if link is not None and (link.host, link.port) != (m.host, m.port):
+                asyncio.ensure_future(link.close())
+                link = None
+            if link is None:
+                link = self.links[node_id] = AuxLink(
+                    node_id,
+                    m.host,
+                    m.port,
+                    size=cfg.aux_connections,
+                    timeout=cfg.aux_timeout,
+                    limits=None,
+                    auth_token=cfg.auth_token,
+                )
+                if self.server is not None:
+                    link.start()
+        for node_id in [n for n in self.links if n not in view.members]:
+            asyncio.ensure_future(self.links.pop(node_id).close())
+        self.router.view = view
+
+    # -- handlers ---------------------------------------------------------------------
+
+    def _ping(self, msg: list[Any]) -> Any:
+        if len(msg) != 2:
+            raise BadArgumentsError("PING takes no arguments")
+        return "PONG"
+
+    def _get(self, msg: list[Any]) -> Any:
+        try:
+            _, _, key = msg
+        except ValueError:
+            raise BadArgumentsError("GET takes [key]") from None
+        return deferred(self.router.get(check_key(key, self.limits)))
+
+    def _set(self, msg: list[Any]) -> Any:
+        n = len(msg)
+        if n == 4:
+            _, _, key, value = msg
+            ttl_ms, flags = None, 0
+        elif n == 5:
+            _, _, key, value, ttl_ms = msg
+            flags = 0
+        elif n == 6:
+            _, _, key, value, ttl_ms, flags = msg
+        else:
+            raise BadArgumentsError("SET takes [key, value, ttl_ms?, flags?]")
+        limits = self.limits
+        key = check_key(key, limits)
+        value = check_value(value, limits)
+        ttl = _ttl_arg(ttl_ms)
+        if flags is None:
+            flags = 0
+        if flags.__class__ is not int or flags not in (0, _NX, _XX):
+            raise BadArgumentsError("flags must be 0, 1 (NX) or 2 (XX)")
+        return deferred(self.router.set(key, value, ttl, flags))
+
+    def _delete(self, msg: list[Any]) -> Any:
+        try:
+            _, _, key = msg
+        except ValueError:
+            raise BadArgumentsError("DELETE takes [key]") from None
+        return deferred(self.router.delete(check_key(key, self.limits)))
+
+    def _mget(self, msg: list[Any]) -> Any:
+        try:
+            _, _, keys = msg
+        except ValueError:
+            raise BadArgumentsError("MGET takes [keys]") from None
+        if keys.__class__ is not list:
+            raise BadArgumentsError("MGET takes a list of keys")
+        limits = self.limits
+        return deferred(self.router.mget([check_key(k, limits) for k in keys]))
+
+    def _mset(self, msg: list[Any]) -> Any:
+        n = len(msg)
+        if n == 3:
+            _, _, pairs = msg
+            ttl_ms = None
+        elif n == 4:
+            _, _, pairs, ttl_ms = msg
+        else:
+            raise BadArgumentsError("MSET takes [pairs, ttl_ms?]")
+        if pairs.__class__ is not list:
+            raise BadArgumentsError("MSET takes a list of [key, value] pairs")
+        limits = self.limits
+        items = []
+        for pair in pairs:
+            if pair.__class__ is not list or len(pair) != 2:
+                raise BadArgumentsError("MSET takes a list of [key, value] pairs")
+            items.append((check_key(pair[0], limits), check_value(pair[1], limits)))
+        return deferred(self.router.mset(items, _ttl_arg(ttl_ms)))
+
+    def _exists(self, msg: list[Any]) -> Any:
+        try:
+            _, _, key = msg
+        except ValueError:
+            raise BadArgumentsError("EXISTS takes [key]") from None
+        return deferred(self.router.exists(check_key(key, self.limits)))
+
+    def _expire(self, msg: list[Any]) -> Any:
+        try:
+            _, _, key, ttl_ms = msg
+        except ValueError:
+            raise BadArgumentsError("EXPIRE takes [key, ttl_ms]") from None
+        if ttl_ms.__class__ is not int or ttl_ms > _MAX_TTL_MS:
+            raise BadArgumentsError(f"ttl_ms must be an integer of at most {_MAX_TTL_MS}")
+        return deferred(self.router.expire(check_key(key, self.limits), ttl_ms))
+
+    def _ttl(self, msg: list[Any]) -> Any:
+        try:
+            _, _, key = msg
+        except ValueError:
+            raise BadArgumentsError("TTL takes [key]") from None
+        return deferred(self.router.ttl(check_key(key, self.limits)))
+
+    def _incr(self, msg: list[Any]) -> Any:
+        return self._add(msg, 1, "INCR")
+
+    def _decr(self, msg: list[Any]) -> Any:
+        return self._add(msg, -1, "DECR")
+
+    def _add(self, msg: list[Any], sign: int, name: str) -> Any:
+        n = len(msg)
+        if n == 3:
+            delta = 1
+        elif n == 4:
+            delta = msg[3]
+        else:
+            raise BadArgumentsError(f"{name} takes [key, delta?]")
+        if delta.__class__ is not int or not _INT64_MIN <= delta <= _INT64_MAX:
+            raise BadArgumentsError("delta must be a signed 64-bit integer")
+        return deferred(self.router.incr(check_key(msg[2], self.limits), sign * delta))
+
+    def _touch(self, msg: list[Any]) -> Any:
+        try:
+            _, _, key = msg
+        except ValueError:
+            raise BadArgumentsError("TOUCH takes [key]") from None
+        return deferred(self.router.touch(check_key(key, self.limits)))
+
+    def _stats(self, msg: list[Any]) -> Any:
+        if len(msg) != 2:
+            raise BadArgumentsError("STATS takes no arguments")
+        return deferred(self.cluster_stats())
+
+    def _ring(self, msg: list[Any]) -> Any:
+        if len(msg) != 2:
+            raise BadArgumentsError("RING takes no arguments")
+        return deferred(self.ring_info())
+
+    def _join(self, msg: list[Any]) -> Any:
+        if len(msg) not in (5, 6):
+            raise BadArgumentsError("JOIN takes [node_id, host, port, weight?]")
+        node_id, host, port = msg[2:5]
+        weight = msg[5] if len(msg) == 6 else 1.0
+        if not isinstance(node_id, str) or not node_id or not isinstance(host, str) or port.__class__ is not int or not 0 < port < 65536:
+            raise BadArgumentsError("JOIN takes [node_id: str, host: str, port: int, weight?: float]")
+        if not isinstance(weight, (int, float)) or not weight > 0:
+            raise BadArgumentsError("weight must be a positive number")
+        return deferred(self.membership.join(node_id, host, port, float(weight)))
+
+    def _leave(self, msg: list[Any]) -> Any:
+        if len(msg) != 3 or not isinstance(msg[2], str):
+            raise BadArgumentsError("LEAVE takes [node_id]")
+        return deferred(self.membership.leave(msg[2]))
+
+    def _sync(self, msg: list[Any]) -> Any:
+        if len(msg) != 5 or not isinstance(msg[2], str) or msg[3].__class__ is not int or msg[4].__class__ is not int:
+            raise BadArgumentsError("SYNC takes [follower_id, epoch, seq]")
+        return self.membership.sync(msg[2], msg[3], msg[4])
+
+    # -- operator views ---------------------------------------------------------------
+
+    def master_stats(self) -> dict[str, Any]:
+        """This master's own counters."""
+        view = self.router.view
+        rs = self.router.stats
+        return {
+            "role": self.role,
+            "node_id": self.node_id,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "membership": self.membership.role,
+            "epoch": view.epoch,
+            "members": len(view.members),
+            "members_up": sum(1 for m in view.members.values() if m.state == UP),
+            "migrating": view.prev_ring is not None,
+            "replicas": view.replicas,
+            "connections": len(self.state.connections),
+            "total_connections": self.state.total_connections,
+            "requests": self.requests_total,
+            "errors": self.errors_total,
+            "protocol_errors": self.protocol_errors_total,
+            "fallbacks": rs.fallbacks,
+            "repairs": rs.repairs,
+            "unavailable": rs.unavailable,
+            "partial_writes": rs.partial_writes,
+        }
+
+    async def cluster_stats(self) -> dict[str, Any]:
+        """STATS on a master: its own counters plus totals over the aux nodes."""
+        out = self.master_stats()
+        per_node = await self.router.gather_stats()
+        for field in ("items", "bytes", "max_bytes", "hits", "misses", "evictions", "expirations"):
+            out[field] = sum(int(s.get(field, 0)) for s in per_node.values())
+        out["aux_nodes_answering"] = len(per_node)
+        return out
+
+    async def ring_info(self) -> dict[str, Any]:
+        """RING: members, health, epoch, shares, key counts and migration progress."""
+        view = self.router.view
+        shares = view.ring.shares() if len(view.ring) else {}
+        per_node = await self.router.gather_stats()
+        nodes = []
+        for node_id, m in sorted(view.members.items()):
+            stats = per_node.get(node_id, {})
+            link = self.links.get(node_id)
+            nodes.append(
+                {
+                    "node_id": node_id,
+                    "addr": m.addr,
+                    "state": m.state,
+                    "since_ms": m.since_ms,
+                    "weight": m.weight,
+                    "share": round(shares.get(node_id, 0.0), 6),
+                    "items": stats.get("items"),
+                    "bytes": stats.get("bytes"),
+                    "connected": link.connected if link is not None else False,
+                }
+            )
+        return {
+            "epoch": view.epoch,
+            "seq": view.seq,
+            "replicas": view.replicas,
+            "migrating": view.prev_ring is not None,
+            "master": self.node_id,
+            "membership": self.membership.status(),
+            "nodes": nodes,
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen, connect to the aux nodes, start membership."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.server = await loop.create_server(self.protocol_factory, cfg.host, cfg.port, reuse_address=True, backlog=1024)
+        if not cfg.node_id:
+            host, port = self.server.sockets[0].getsockname()[:2]
+            self.node_id = f"master-{host}-{port}"
+            self.clock = HybridClock(self.node_id)
+            self.router.clock = self.clock
+        self._on_view(self.membership.view)
+        for link in self.links.values():
+            link.start()
+        await self.membership.start()
+
+    async def close(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), close links."""
+        if self.server is not None:
+            self.server.close()
+        deadline = time.monotonic() + self.config.shutdown_grace
+        while any(link.in_flight for link in self.links.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.state.connections):
+            conn.close()
+        await self.membership.close()
+        await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+async def serve_master(config: MasterConfig, *, ready: bool = True) -> None:
+    """Run a master until SIGTERM or SIGINT."""
+    node = MasterNode(config)
+    await node.start()
+    assert node.server is not None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("master %s (%s) listening on %s", node.node_id, node.membership.role, ready_line(node.server)[6:])
+    if ready:
+        print(ready_line(node.server), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("master %s shutting down", node.node_id)
+        await node.close()
+
+
+def run_master(config: MasterConfig) -> int:
+    """Blocking entry point used by the CLI."""
+    import uvloop
+
+    uvloop.run(serve_master(config))
+    return 0

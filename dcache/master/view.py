@@ -1,0 +1,166 @@
+"""The cluster view: members, the ring, and the migration in progress (pure).
+
+A ``ClusterView`` is an immutable value that every master routes by. The
+coordinator (the master that decides membership) builds new views and the
+other masters copy them (``to_dict``/``from_dict``); a view is only ever
+replaced by one with a larger ``(epoch, seq)``.
+
+* ``epoch`` grows with every membership change of the ring.
+* ``seq`` grows with every other change (health, migration finished), so
+  followers notice those too.
+* ``prev_ring`` is set while data moves from the previous ring's owners to
+  the current ring's owners. During that time the previous owners are
+  authoritative for reads (they hold everything, and every write also goes
+  to them), while writes go to the owners in both rings. A key therefore
+  never misses because it has not been copied yet, and a node that comes back
+  with stale data is not read before its data has been reconciled.
+
+Routing helpers work per key and allocate only small lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..ring import HashRing, hash64
+
+__all__ = ["Member", "ClusterView", "UP", "DOWN", "LEAVING", "MEMBER_STATES"]
+
+UP = "up"
+DOWN = "down"
+LEAVING = "leaving"
+MEMBER_STATES = (UP, DOWN, LEAVING)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """An aux node known to the cluster."""
+
+    node_id: str
+    host: str
+    port: int
+    weight: float = 1.0
+    state: str = UP
+    since_ms: int = 0  # wall ms of the last state change
+
+    @property
+    def addr(self) -> str:
+        """``host:port``."""
+        return f"{self.host}:{self.port}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A msgpack/JSON-friendly form."""
+        return {"node_id": self.node_id, "host": self.host, "port": self.port, "weight": self.weight, "state": self.state, "since_ms": self.since_ms}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Member:
+        """Inverse of ``to_dict``."""
+        return cls(str(d["node_id"]), str(d["host"]), int(d["port"]), float(d.get("weight", 1.0)), str(d.get("state", UP)), int(d.get("since_ms", 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """Members, the current ring, and the previous ring while data moves."""
+
+    epoch: int
+    seq: int
+    replicas: int
+    members: dict[str, Member] = field(default_factory=dict)
+    ring: HashRing = field(default_factory=HashRing)
+    prev_ring: HashRing | None = None
+    coordinator: str = ""
+
+    # -- building ----------------------------------------------------------------
+
+    @classmethod
+    def initial(cls, members: list[Member], replicas: int, epoch: int, coordinator: str = "") -> ClusterView:
+        """The first view: every given member up and in the ring."""
+        ring = HashRing({m.node_id: m.weight for m in members if m.state == UP}, epoch=epoch)
+        return cls(epoch, 0, replicas, {m.node_id: m for m in members}, ring, None, coordinator)
+
+    def with_members(self, members: dict[str, Member], *, migrate: bool = True) -> ClusterView:
+        """A new view (epoch + 1) whose ring holds the members that are up.
+
+        With ``migrate`` the current ring becomes ``prev_ring`` (unless a
+        migration is already running, whose source ring stays authoritative).
+        """
+        epoch = self.epoch + 1
+        ring = HashRing({m.node_id: m.weight for m in members.values() if m.state == UP}, epoch=epoch)
+        prev = (self.prev_ring if self.prev_ring is not None else self.ring) if migrate else None
+        if prev is not None and prev.nodes == ring.nodes:
+            prev = None
+        return replace(self, epoch=epoch, seq=0, members=dict(members), ring=ring, prev_ring=prev)
+
+    def migration_done(self) -> ClusterView:
+        """The same ring with the migration finished (seq + 1)."""
+        return replace(self, seq=self.seq + 1, prev_ring=None)
+
+    def bumped(self, **changes: Any) -> ClusterView:
+        """A copy with ``changes`` and seq + 1."""
+        return replace(self, seq=self.seq + 1, **changes)
+
+    # -- routing -----------------------------------------------------------------
+
+    def is_live(self, node_id: str) -> bool:
+        """Whether the node may be sent requests (known and not down)."""
+        m = self.members.get(node_id)
+        return m is not None and m.state != DOWN
+
+    def read_candidates(self, key: bytes) -> list[str]:
+        """Nodes to read ``key`` from, in order (see the module note)."""
+        h = hash64(key)
+        r = self.replicas
+        prev = self.prev_ring
+        members = self.members
+        if prev is not None:
+            old = [n for n in prev.owners_for_hash(h, r) if n in members and members[n].state != DOWN]
+            if old:
+                return old
+        return [n for n in self.ring.owners_for_hash(h, r) if n in members and members[n].state != DOWN]
+
+    def write_targets(self, key: bytes) -> list[str]:
+        """Live nodes a write of ``key`` goes to: owners in the ring and, while moving, in the previous ring."""
+        h = hash64(key)
+        r = self.replicas
+        members = self.members
+        targets = [n for n in self.ring.owners_for_hash(h, r) if n in members and members[n].state != DOWN]
+        prev = self.prev_ring
+        if prev is not None:
+            for n in prev.owners_for_hash(h, r):
+                if n not in targets and n in members and members[n].state != DOWN:
+                    targets.append(n)
+        return targets
+
+    # -- transport ---------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A msgpack-friendly form (rings travel as their member lists)."""
+        return {
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "replicas": self.replicas,
+            "coordinator": self.coordinator,
+            "members": [m.to_dict() for m in self.members.values()],
+            "ring": self.ring.to_dict(),
+            "prev_ring": self.prev_ring.to_dict() if self.prev_ring is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClusterView:
+        """Inverse of ``to_dict``; raises ``ValueError``/``KeyError`` on a malformed view."""
+        members = {m.node_id: m for m in (Member.from_dict(x) for x in d["members"])}
+        prev = d.get("prev_ring")
+        return cls(
+            int(d["epoch"]),
+            int(d["seq"]),
+            int(d["replicas"]),
+            members,
+            HashRing.from_dict(d["ring"]),
+            HashRing.from_dict(prev) if prev is not None else None,
+            str(d.get("coordinator", "")),
+        )
+
+    def newer_than(self, other: ClusterView) -> bool:
+        """Whether this view supersedes ``other``."""
+        return (self.epoch, self.seq) > (other.epoch, other.seq)

@@ -1,0 +1,80 @@
+"""Config loading: precedence defaults < file < env < flags, and field-precise errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from dcache.config import AuxConfig, load_config, parse_address, parse_size
+from dcache.errors import ConfigError
+
+
+def test_defaults():
+    cfg = load_config(AuxConfig, "aux", {}, env={})
+    assert cfg.host == "127.0.0.1" and cfg.port == 7101 and cfg.max_memory == 256 * 1024**2
+
+
+def test_precedence(tmp_path):
+    f = tmp_path / "dcache.toml"
+    f.write_text('[aux]\nport = 7200\nmax_memory = "1MB"\nnode_id = "from-file"\nlog-level = "debug"\n')
+    env = {"DCACHE_PORT": "7300", "DCACHE_MAX_MEMORY": "2MiB"}
+    cfg = load_config(AuxConfig, "aux", {"port": 7400}, env=env, config_file=str(f))
+    assert cfg.port == 7400  # flag beats env and file
+    assert cfg.max_memory == 2 * 1024**2  # env beats file
+    assert cfg.node_id == "from-file"  # file beats default
+    assert cfg.log_level == "debug"
+
+
+@pytest.mark.parametrize(
+    "env,field",
+    [
+        ({"DCACHE_PORT": "70000"}, "port"),
+        ({"DCACHE_PORT": "x"}, "DCACHE_PORT"),
+        ({"DCACHE_MAX_MEMORY": "lots"}, "DCACHE_MAX_MEMORY"),
+        ({"DCACHE_MAX_MEMORY": "0"}, "max_memory"),
+        ({"DCACHE_LOG_LEVEL": "loud"}, "log_level"),
+        ({"DCACHE_MAX_FRAME_BYTES": "1KB"}, "max_frame_bytes"),
+    ],
+)
+def test_errors_name_the_field(env, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config(AuxConfig, "aux", {}, env=env)
+
+
+def test_config_file_errors(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[aux]\nno_such_option = 1\n")
+    with pytest.raises(ConfigError, match="no_such_option"):
+        load_config(AuxConfig, "aux", {}, env={}, config_file=str(f))
+    f.write_text("[aux\n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load_config(AuxConfig, "aux", {}, env={}, config_file=str(f))
+    with pytest.raises(ConfigError, match="missing.toml"):
+        load_config(AuxConfig, "aux", {}, env={}, config_file=str(tmp_path / "missing.toml"))
+
+
+def test_config_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        AuxConfig(port=-1)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("1024", 1024), ("512KB", 512_000), ("512KiB", 524_288), ("256MB", 256_000_000), ("1GiB", 1024**3), ("1.5k", 1500), (7, 7)],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "MB", "-1", "1XB", "1 2"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_parse_address():
+    assert parse_address("127.0.0.1:7000") == ("127.0.0.1", 7000)
+    assert parse_address("[::1]:7000") == ("::1", 7000)
+    assert parse_address("localhost", 7101) == ("localhost", 7101)
+    for bad in ("", ":7000", "host:", "host:99999", "a:b:c"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
