@@ -1,7 +1,7 @@
 """``dcache cluster``: a whole local cluster on 127.0.0.1 in one command.
 
-Starts N aux nodes, then the coordinating master (seeded with the aux
-nodes), then M - 1 follower masters, each as its own ``python -m dcache``
+Starts the coordinating master, then N aux nodes that join it (``--join``),
+waits until all of them are in the ring, then starts M - 1 follower masters, each as its own ``python -m dcache``
 process, waits for every READY line, prints the endpoints, and supervises
 them. Ctrl-C (SIGINT) or SIGTERM stops the masters first, then the aux
 nodes (each writes its final snapshot), within a bounded time.
@@ -62,6 +62,8 @@ class LocalCluster:
     def start(self) -> None:
         a = self.args
         data = Path(a.data_dir)
+        coordinator = self._spawn("m1", "master", "--port", str(a.port), "--node-id", "m1", "--replicas", str(a.replicas))
+        self.masters.append(("m1", coordinator))
         for i in range(a.aux):
             node_id = f"a{i + 1}"
             port = 0 if a.port == 0 else a.aux_port + i
@@ -80,17 +82,15 @@ class LocalCluster:
                 a.max_memory,
                 "--snapshot-interval",
                 str(a.snapshot_interval),
+                "--join",
+                coordinator,
             )
             self.aux.append((node_id, addr))
-        seeds = ",".join(f"{n}={addr}" for n, addr in self.aux)
-        coordinator = ""
-        for i in range(a.masters):
+        _wait_members(coordinator, {n for n, _ in self.aux}, _READY_TIMEOUT_S)
+        for i in range(1, a.masters):
             name = f"m{i + 1}"
             port = 0 if a.port == 0 else a.port + i
-            extra = ["--aux", seeds] if i == 0 else ["--coordinator", coordinator]
-            addr = self._spawn(name, "master", "--port", str(port), "--node-id", name, "--replicas", str(a.replicas), *extra)
-            if i == 0:
-                coordinator = addr
+            addr = self._spawn(name, "master", "--port", str(port), "--node-id", name, "--replicas", str(a.replicas), "--coordinator", coordinator)
             self.masters.append((name, addr))
 
     def describe(self) -> str:
@@ -104,13 +104,14 @@ class LocalCluster:
         return "\n".join(lines)
 
     def stop(self) -> None:
-        """SIGTERM masters, then aux nodes; SIGKILL whatever outlives the grace period."""
+        """SIGTERM the masters, then SIGINT the aux nodes (stop with a final
+        snapshot, no hand-over); SIGKILL whatever outlives the grace period."""
         masters = [p for n, p in self.procs if n.startswith("m")]
         aux = [p for n, p in self.procs if not n.startswith("m")]
-        for group in (masters, aux):
+        for group, sig in ((masters, signal.SIGTERM), (aux, signal.SIGINT)):
             for p in group:
                 if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
+                    p.send_signal(sig)
             deadline = time.monotonic() + _STOP_TIMEOUT_S
             for p in group:
                 try:
@@ -124,6 +125,28 @@ class LocalCluster:
 
     def dead(self) -> list[str]:
         return [f"{n} (exit code {p.returncode})" for n, p in self.procs if p.poll() is not None]
+
+
+def _wait_members(addr: str, expected: set[str], timeout: float) -> None:
+    """Wait (bounded) until the coordinator has every aux node up and no migration runs."""
+    import asyncio
+
+    from .client import Client
+    from .protocol import Op
+
+    async def poll() -> None:
+        deadline = time.monotonic() + timeout
+        async with Client(addr, timeout=5.0) as client:
+            while True:
+                info = await client.execute(Op.RING)
+                up = {n["node_id"] for n in info["nodes"] if n["state"] == "up"}
+                if expected <= up and not info["migrating"]:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"aux nodes did not all join within {timeout} s (up: {sorted(up)})")
+                await asyncio.sleep(0.1)
+
+    asyncio.run(poll())
 
 
 def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> str:

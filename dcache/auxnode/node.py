@@ -318,8 +318,9 @@ async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
     """Run an aux node until SIGTERM or SIGINT, then shut down gracefully.
 
     With ``--join`` the node registers with a master, and on SIGTERM it hands
-    its data over (graceful leave) before closing. SIGINT skips the hand-over
-    only if a second signal arrives while it runs.
+    its data over (graceful leave) before closing; a second signal during the
+    hand-over cuts it short. SIGINT (Ctrl-C) stops without a hand-over (the
+    node's data stays in its snapshot), which is how ``dcache cluster`` stops.
     """
     from .membership import JoinAgent
 
@@ -327,9 +328,10 @@ async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
     await node.start()
     assert node.server is not None
     stop = asyncio.Event()
+    received: list[int] = []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda s=sig: (received.append(s), stop.set()))
     log.info("aux node %s listening on %s", node.node_id, ready_line(node.server)[6:])
     agent: JoinAgent | None = None
     if config.join:
@@ -345,7 +347,7 @@ async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
         print(ready_line(node.server), flush=True)
     try:
         await stop.wait()
-        if agent is not None:
+        if agent is not None and received[0] == signal.SIGTERM:
             stop.clear()
             leave = asyncio.ensure_future(agent.leave())
             second = asyncio.ensure_future(stop.wait())

@@ -13,10 +13,13 @@ Files in ``data_dir``:
   validation at start, set aside for inspection (never deleted by dcache).
 
 Taking a snapshot: the entries are copied on the event loop in slices of
-``COPY_CHUNK_ENTRIES``, yielding to the loop between slices (a copy of a
-million entries in one go would stall it for 100-200 ms); then a single
-worker thread serializes them into the temp file, fsyncs it, rotates current
-to prev, renames the temp file to current and fsyncs the directory. Only one
+``COPY_CHUNK_ENTRIES``, yielding to the loop between slices (copying a
+million entries in one go stalls it for 130-230 ms). Each slice is copied
+straight into packed msgpack bytes, the one form of copy the garbage
+collector never walks (see ``_copy``). Then a single worker thread writes
+header, slices and trailer into the temp file (hashing and writing, mostly
+without the GIL), fsyncs it, rotates current to prev, renames the temp file
+to current and fsyncs the directory. Only one
 snapshot runs at a time: an ``asyncio.Lock`` covers the copy, and the single
 worker serializes writes even if a caller was cancelled mid-write (the write
 itself cannot be interrupted, so it is shielded and finishes).
@@ -34,11 +37,12 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from ..lru import EntryTooLargeError
-from ..lru.snapshot import SnapshotData, SnapshotEntry, SnapshotError, dump, load
+from ..lru.snapshot import SnapshotData, SnapshotError, load, pack_entries, write_packed
 
 if TYPE_CHECKING:
     from .node import AuxNode
@@ -57,8 +61,8 @@ log = logging.getLogger("dcache.aux.snapshots")
 CURRENT_NAME = "snapshot.msgpack"
 PREV_NAME = "snapshot.prev.msgpack"
 TMP_PREFIX = "snapshot.tmp."
-#: Entries copied per loop iteration while taking a snapshot (about 1-2 ms).
-COPY_CHUNK_ENTRIES = 5000
+#: Entries copied per loop iteration while taking a snapshot (about 2 ms).
+COPY_CHUNK_ENTRIES = 2000
 #: Entries applied per loop iteration while loading one.
 APPLY_CHUNK_ENTRIES = 20_000
 
@@ -291,23 +295,36 @@ class SnapshotManager:
                 return False
             return True
 
-    async def _copy(self) -> list[SnapshotEntry]:
-        """Copy the live entries on the loop, a slice per loop iteration."""
+    async def _copy(self) -> _Packed:
+        """Copy the live entries on the loop, packed, a slice per loop iteration.
+
+        Packing each slice into bytes right away (``pack_entries``) makes the
+        copy immutable and invisible to the garbage collector: a copy held as
+        a million tuples, or as lists of references, is walked by every young
+        collection until it ages (10-25 ms each, measured on 1M keys), and
+        freeing it in one go holds the GIL for as long. The key list is
+        consumed from its end, so it shrinks (and its references are
+        released) a slice at a time too.
+        """
         cache = self._node.cache
         keys = cache.keys_snapshot()
         get_entry = cache.get_entry
-        items: list[SnapshotEntry] = []
-        append = items.append
-        for start in range(0, len(keys), COPY_CHUNK_ENTRIES):
+        chunks: list[tuple[bytes, int]] = []
+        step = COPY_CHUNK_ENTRIES
+        for start in range((len(keys) - 1) // step * step, -1, -step):
+            entries = (
+                (e.key, e.value, e.expires_at, e.version)
+                for e in map(get_entry, keys[start : start + step])
+                if e is not None
+            )
+            chunks.append(pack_entries(entries))
+            del keys[start:]
             if start:
                 await asyncio.sleep(0)
-            for key in keys[start : start + COPY_CHUNK_ENTRIES]:
-                e = get_entry(key)
-                if e is not None:
-                    append((e.key, e.value, e.expires_at, e.version))
-        return items
+        chunks.reverse()  # back to the cache's dict order
+        return _Packed(chunks)
 
-    def _write(self, items: list[SnapshotEntry], node_id: str, ring_epoch: int, created_ms: int) -> int:
+    def _write(self, items: _Packed, node_id: str, ring_epoch: int, created_ms: int) -> int:
         """Serialize into the temp file and rotate it into place (worker thread)."""
         data_dir = self.data_dir
         assert data_dir is not None
@@ -315,7 +332,7 @@ class SnapshotManager:
         current = os.path.join(data_dir, CURRENT_NAME)
         try:
             with open(tmp, "wb") as f:
-                size = dump(items, f, node_id=node_id, ring_epoch=ring_epoch, created_ms=created_ms)
+                size = write_packed(items, f, count=items.count, node_id=node_id, ring_epoch=ring_epoch, created_ms=created_ms)
                 f.flush()
                 os.fsync(f.fileno())
             with contextlib.suppress(FileNotFoundError):
@@ -354,6 +371,22 @@ class SnapshotManager:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+class _Packed:
+    """The packed copy: iterating hands the chunks to ``write_packed`` and drops them."""
+
+    __slots__ = ("chunks", "count")
+
+    def __init__(self, chunks: list[tuple[bytes, int]]) -> None:
+        self.chunks = chunks
+        self.count = sum(n for _, n in chunks)
+
+    def __iter__(self) -> Iterator[tuple[bytes, int]]:
+        chunks = self.chunks
+        chunks.reverse()
+        while chunks:
+            yield chunks.pop()
 
 
 def _read(path: str) -> SnapshotData:

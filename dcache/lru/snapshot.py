@@ -66,18 +66,25 @@ trailer. Any other failure (truncation, undecodable msgpack, limits
 exceeded) raises ``SnapshotCorruptError``. ``load`` either returns every
 entry or raises: it never returns part of a snapshot.
 
-Complexity. Both directions are O(total bytes) in time. ``dump`` holds at
-most one chunk of ``DUMP_CHUNK_ENTRIES`` packed entries in memory besides its
-input; ``load`` holds one read buffer (``LOAD_READ_BYTES``, or one entry if
-larger) besides the entries it returns. Entries are packed a chunk at a
-time by packing the chunk as one array and dropping that array's header
-(a chunk of entries is byte-for-byte the concatenation of its elements), so
-the per-entry work in Python is only the type checks.
+Writing in pieces
+=================
+
+``dump(items, file, ...)`` is the one-call, streaming writer. It is built
+from two steps a caller can also use separately, as the aux node does to keep its
+event loop responsive: ``pack_entries`` turns a slice of entries into bytes
+(on the loop, a slice per iteration, creating no GC-tracked objects), and
+``write_packed`` writes magic, header, the packed slices and the trailer
+(in a worker thread: it only hashes and writes, mostly without the GIL).
+
+Complexity. Both directions are O(total bytes) in time. ``dump`` holds one
+packed chunk of ``DUMP_CHUNK_ENTRIES`` entries besides its input; ``load``
+holds one read buffer (``LOAD_READ_BYTES``, or one entry if larger) besides
+the entries it returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Protocol
@@ -100,6 +107,8 @@ __all__ = [
     "SnapshotForeignError",
     "dump",
     "load",
+    "pack_entries",
+    "write_packed",
 ]
 
 #: The first 8 bytes of every snapshot.
@@ -136,7 +145,7 @@ class SnapshotForeignError(SnapshotError):
 
 
 class _Writer(Protocol):
-    def write(self, data: bytes | memoryview, /) -> Any: ...
+    def write(self, data: bytes, /) -> Any: ...
 
 
 class _Reader(Protocol):
@@ -172,15 +181,16 @@ def dump(
     ring_epoch: int,
     created_ms: int,
 ) -> int:
-    """Write ``items`` to ``file`` as a format-1 snapshot.
+    """Write ``items`` to ``file`` as a format-1 snapshot, streaming.
 
-    The stream is written in several ``write`` calls (magic, header, one per
-    chunk of ``DUMP_CHUNK_ENTRIES`` entries, trailer). A failure part-way
-    leaves a truncated stream, which ``load`` rejects.
+    Entries are packed and written ``DUMP_CHUNK_ENTRIES`` at a time, so
+    memory beyond ``items`` stays at one chunk. A failure part-way leaves a
+    truncated stream, which ``load`` rejects.
 
     Args:
         items: ``(key, value, expires_at_ms, version)`` tuples with unique
-            keys (not checked); iterated once, and ``len(items)`` must match.
+            keys (not checked); ``len(items)`` goes in the header, then they
+            are iterated once.
         file: a binary file object (anything with ``write(bytes)``).
         node_id: the writing node's id.
         ring_epoch: the ring epoch the node holds (>= 0).
@@ -191,18 +201,96 @@ def dump(
 
     Raises:
         ValueError: a header field or an entry has the wrong type or range
-            (keys and values must be ``bytes``, the ints ``int`` in
-            ``0 .. 2**64 - 1``), or ``items`` yielded a different number of
-            entries than ``len(items)``.
+            (see ``pack_entries``), or iterating ``items`` did not yield
+            ``len(items)`` entries (the trailer is then not written).
+        OSError: whatever ``file.write`` raises.
+    """
+    it = iter(items)
+
+    def chunks() -> Iterator[tuple[bytes, int]]:
+        while True:
+            chunk = pack_entries(islice(it, DUMP_CHUNK_ENTRIES))
+            if not chunk[1]:
+                return
+            yield chunk
+
+    return write_packed(
+        chunks(), file, count=len(items), node_id=node_id, ring_epoch=ring_epoch, created_ms=created_ms
+    )
+
+
+def pack_entries(entries: Iterable[SnapshotEntry]) -> tuple[bytes, int]:
+    """Pack entries into the ``ENTRY * n`` part of a snapshot.
+
+    Packs one entry at a time into a reused buffer, creating no objects the
+    garbage collector tracks, so a caller on an event loop can pack a slice
+    per loop iteration without triggering collections.
+
+    Args:
+        entries: ``(key, value, expires_at_ms, version)`` tuples.
+
+    Returns:
+        ``(packed bytes, number of entries)``.
+
+    Raises:
+        ValueError: an entry is not a 4-tuple of ``bytes``, ``bytes`` and two
+            ints in ``0 .. 2**64 - 1``.
+    """
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    pack = packer.pack
+    n = 0
+    for entry in entries:
+        if type(entry) is not tuple or len(entry) != _ENTRY_LEN:
+            raise ValueError(f"snapshot entry must be a 4-tuple, not {type(entry).__name__} {entry!r:.80}")
+        key, value, expires_at, version = entry
+        if (
+            type(key) is not bytes
+            or type(value) is not bytes
+            or type(expires_at) is not int
+            or type(version) is not int
+            or not 0 <= expires_at <= _UINT64_MAX
+            or not 0 <= version <= _UINT64_MAX
+        ):
+            raise ValueError(f"bad snapshot entry for key {key!r:.80}: need (bytes, bytes, int >= 0, int >= 0)")
+        pack(entry)
+        n += 1
+    return packer.bytes(), n
+
+
+def write_packed(
+    chunks: Iterable[tuple[bytes, int]],
+    file: _Writer,
+    *,
+    count: int,
+    node_id: str,
+    ring_epoch: int,
+    created_ms: int,
+) -> int:
+    """Write a snapshot whose entries were packed by ``pack_entries``.
+
+    Writes the magic and header, then each chunk as it comes (so the caller
+    can free consumed ones), then the trailer with the checksum.
+
+    Args:
+        chunks: ``pack_entries`` results, in order.
+        file: a binary file object (anything with ``write(bytes)``).
+        count: the number of entries the chunks hold (goes in the header).
+        node_id, ring_epoch, created_ms: the header fields (see ``dump``).
+
+    Returns:
+        The number of bytes written.
+
+    Raises:
+        ValueError: a header field has the wrong type or range, or the
+            chunks hold a different number of entries than ``count`` (the
+            trailer is then not written).
         OSError: whatever ``file.write`` raises.
     """
     if type(node_id) is not str:
         raise ValueError(f"node_id must be a str, not {type(node_id).__name__}")
-    for name, n in (("ring_epoch", ring_epoch), ("created_ms", created_ms)):
+    for name, n in (("count", count), ("ring_epoch", ring_epoch), ("created_ms", created_ms)):
         if type(n) is not int or not 0 <= n <= _UINT64_MAX:
             raise ValueError(f"{name} must be an int in 0..2**64-1, got {n!r}")
-    count = len(items)
-    packer = msgpack.Packer(use_bin_type=True)
     hasher = xxhash.xxh3_64()
     header = {
         "format": FORMAT_VERSION,
@@ -211,48 +299,21 @@ def dump(
         "created_ms": created_ms,
         "count": count,
     }
-    head = MAGIC + packer.pack(header)
+    head = MAGIC + msgpack.packb(header, use_bin_type=True)
     hasher.update(head)
     file.write(head)
     written = len(head)
-    it = iter(items)
     seen = 0
-    while True:
-        chunk = list(islice(it, DUMP_CHUNK_ENTRIES))
-        if not chunk:
-            break
-        for entry in chunk:
-            _check_entry(entry)
-        seen += len(chunk)
-        if seen > count:
-            break
-        data = packer.pack(chunk)
-        body = memoryview(data)[len(packer.pack_array_header(len(chunk))) :]
-        hasher.update(body)
-        file.write(body)
-        written += len(body)
+    for data, n in chunks:
+        hasher.update(data)
+        file.write(data)
+        written += len(data)
+        seen += n
     if seen != count:
-        raise ValueError(f"items yielded {'more than' if seen > count else seen} entries but len(items) is {count}")
-    tail = packer.pack({"count": count, "xxh3_64": hasher.intdigest()})
+        raise ValueError(f"the chunks hold {seen} entries, not the {count} the header announced")
+    tail = msgpack.packb({"count": count, "xxh3_64": hasher.intdigest()}, use_bin_type=True)
     file.write(tail)
     return written + len(tail)
-
-
-def _check_entry(entry: Any) -> None:
-    if type(entry) is not tuple and type(entry) is not list:
-        raise ValueError(f"snapshot entry must be a tuple, not {type(entry).__name__}")
-    if len(entry) != _ENTRY_LEN:
-        raise ValueError(f"snapshot entry must have 4 fields, got {len(entry)}")
-    key, value, expires_at, version = entry
-    if (
-        type(key) is not bytes
-        or type(value) is not bytes
-        or type(expires_at) is not int
-        or type(version) is not int
-        or not 0 <= expires_at <= _UINT64_MAX
-        or not 0 <= version <= _UINT64_MAX
-    ):
-        raise ValueError(f"bad snapshot entry for key {key!r:.80}: need (bytes, bytes, int >= 0, int >= 0)")
 
 
 def load(file: _Reader, *, now_ms: int, max_bin_bytes: int = MAX_SNAPSHOT_BIN_BYTES) -> SnapshotData:

@@ -111,7 +111,7 @@ def test_scan_20k_keys_in_pages(conn: RawConn) -> None:
 
 def test_bad_arguments_keep_the_connection_usable(conn: RawConn) -> None:
     c = Caller(conn)
-    bad = [
+    bad: list[tuple[Any, ...]] = [
         (Op.SCAN, [[0, 0]], (12345 << 32) | 1, 10, 0),
         (Op.SCAN, [[0]], 0, 10, 0),
         (Op.SCAN, [[0, 0]], 0, 0, 0),

@@ -47,7 +47,9 @@ def fill(node: AuxNode, n: int, version: int = 100, prefix: str = "k") -> list[b
     return keys
 
 
-def scan_all(node: AuxNode, ranges: list[list[int]], count: int = 50, min_version: int = 0) -> tuple[dict[bytes, list[Any]], dict[bytes, int], int]:
+def scan_all(
+    node: AuxNode, ranges: list[list[int]], count: int = 50, min_version: int = 0
+) -> tuple[dict[bytes, list[Any]], dict[bytes, int], int]:
     """Run a scan to completion: entries by key, tombstones by key, number of calls."""
     entries: dict[bytes, list[Any]] = {}
     tombs: dict[bytes, int] = {}

@@ -1,0 +1,91 @@
+"""A small real cluster for multi-process tests: masters and aux nodes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dcache import Client
+from dcache.protocol import Op
+from tests.harness import DaemonProcess
+
+# Fast failure detection so tests stay short; still realistic (real pings).
+FAST_HEALTH = ["--health-interval", "0.2", "--health-failures", "3", "--aux-timeout", "1.0", "--follow-interval", "0.2"]
+
+
+class Cluster:
+    def __init__(self, tmp: Path, *, replicas: int = 1, snapshot_interval: float = 0) -> None:
+        self.tmp = tmp
+        self.replicas = replicas
+        self.snapshot_interval = snapshot_interval
+        self.masters: list[DaemonProcess] = []
+        self.aux: dict[str, DaemonProcess] = {}
+
+    @property
+    def coordinator(self) -> DaemonProcess:
+        return self.masters[0]
+
+    def start_master(self, node_id: str, *extra: str, follow: DaemonProcess | None = None) -> DaemonProcess:
+        args = ["--host", "127.0.0.1", "--port", "0", "--node-id", node_id, "--replicas", str(self.replicas), "--log-level", "info", *FAST_HEALTH]
+        if follow is not None:
+            args += ["--coordinator", follow.addr]
+        args += list(extra)
+        m = DaemonProcess("master", args).start()
+        self.masters.append(m)
+        return m
+
+    def start_aux(self, node_id: str, *extra: str, join: bool = True, port: int = 0) -> DaemonProcess:
+        data = self.tmp / node_id
+        data.mkdir(parents=True, exist_ok=True)
+        args = ["--host", "127.0.0.1", "--port", str(port), "--node-id", node_id, "--log-level", "info", "--data-dir", str(data)]
+        args += ["--snapshot-interval", str(self.snapshot_interval)]
+        if join:
+            args += ["--join", self.coordinator.addr]
+        args += list(extra)
+        a = DaemonProcess("aux", args).start()
+        self.aux[node_id] = a
+        return a
+
+    def stop(self) -> None:
+        for p in [*self.masters, *self.aux.values()]:
+            p.kill()
+
+    def logs(self) -> str:
+        parts = []
+        for p in [*self.masters, *self.aux.values()]:
+            parts.append(f"--- {p.role} {p.args}\n{p.stderr()}")
+        return "\n".join(parts)
+
+
+async def ring(addr: str) -> dict[str, Any]:
+    async with Client(addr, timeout=5.0) as c:
+        info: dict[str, Any] = await c.execute(Op.RING)
+        return info
+
+
+def up_nodes(info: dict[str, Any]) -> set[str]:
+    return {n["node_id"] for n in info["nodes"] if n["state"] == "up"}
+
+
+async def wait_ring(addr: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0, what: str = "ring condition") -> dict[str, Any]:
+    """Poll a master's RING until ``predicate`` holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    async with Client(addr, timeout=5.0) as c:
+        while time.monotonic() < deadline:
+            try:
+                last = await c.execute(Op.RING)
+            except Exception:  # master restarting or busy: poll again
+                last = {}
+            if last and predicate(last):
+                return last
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last ring: {last}")
+
+
+def settled(nodes: set[str]) -> Callable[[dict[str, Any]], bool]:
+    """Predicate: exactly ``nodes`` are up and no migration runs."""
+    return lambda info: up_nodes(info) == nodes and not info["migrating"]

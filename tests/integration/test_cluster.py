@@ -1,0 +1,307 @@
+"""Multi-process cluster tests: real masters and aux nodes, real signals, bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+
+import pytest
+
+from dcache import Client
+from dcache.errors import NotAnIntegerError
+from dcache.ring import HashRing
+from tests.cluster import Cluster, ring, settled, up_nodes, wait_ring
+
+pytestmark = pytest.mark.slow
+
+N_KEYS = 50_000
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    cl = Cluster(tmp_path)
+    yield cl
+    cl.stop()
+    print(cl.logs()[-20000:])  # shown by pytest only when the test fails
+
+
+def _key(i: int) -> str:
+    return f"key:{i}"
+
+
+def _val(i: int) -> bytes:
+    return b"value-%d" % i
+
+
+async def _populate(c: Client, n: int) -> None:
+    for start in range(0, n, 1000):
+        stored = await c.mset({_key(i): _val(i) for i in range(start, min(n, start + 1000))})
+        assert stored == min(n, start + 1000) - start
+
+
+class Reader:
+    """Reads every key over and over, counting misses, wrong values and errors."""
+
+    def __init__(self, addr: str, n: int) -> None:
+        self.addr = addr
+        self.n = n
+        self.misses = 0
+        self.wrong = 0
+        self.errors: list[str] = []
+        self.passes = 0
+        self.reads = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        async with Client(self.addr, timeout=10.0) as c:
+            while not self._stop.is_set():
+                for start in range(0, self.n, 500):
+                    idx = range(start, min(self.n, start + 500))
+                    try:
+                        values = await c.mget([_key(i) for i in idx])
+                    except Exception as exc:
+                        self.errors.append(f"{exc.__class__.__name__}: {exc}")
+                        continue
+                    self.reads += len(values)
+                    for i, v in zip(idx, values, strict=True):
+                        if v is None:
+                            self.misses += 1
+                        elif v != _val(i):
+                            self.wrong += 1
+                self.passes += 1
+
+    async def full_passes(self, k: int, timeout: float = 60.0) -> None:
+        """Wait until ``k`` more complete passes have been made."""
+        target = self.passes + k
+        deadline = time.monotonic() + timeout
+        while self.passes < target:
+            assert time.monotonic() < deadline, "reader made no progress"
+            assert self._task is not None and not self._task.done(), "reader stopped"
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await asyncio.wait_for(self._task, 60)
+
+
+async def test_routing_every_op_across_nodes(cluster: Cluster):
+    m = cluster.start_master("m1")
+    for n in ("a1", "a2", "a3"):
+        cluster.start_aux(n)
+    await wait_ring(m.addr, settled({"a1", "a2", "a3"}))
+    async with Client(m.addr) as c:
+        keys = [f"r:{i}" for i in range(300)]
+        assert await c.mset({k: k.encode() for k in keys}) == 300
+        assert await c.mget(keys + ["r:none"]) == [k.encode() for k in keys] + [None]
+        assert await c.get("r:7") == b"r:7"
+        assert await c.set("r:7", b"x", nx=True) is False
+        assert await c.set("r:new", b"x", nx=True) is True
+        assert await c.set("r:none2", b"x", xx=True) is False
+        assert await c.exists("r:new") and not await c.exists("r:none")
+        assert await c.incr("r:count", 5) == 5 and await c.decr("r:count") == 4
+        with pytest.raises(NotAnIntegerError):
+            await c.incr("r:7")
+        assert await c.ttl("r:7") == -1
+        assert await c.expire("r:7", 50) is True
+        left = await c.ttl("r:7")
+        assert left is not None and 0 < left <= 50
+        assert await c.delete("r:7") is True and await c.get("r:7") is None
+        assert await c.touch("r:8") is True
+        stats = await c.stats()
+        assert stats["role"] == "master" and stats["items"] >= 300 and stats["aux_nodes_answering"] == 3
+    info = await ring(m.addr)
+    per_node = {n["node_id"]: n["items"] for n in info["nodes"]}
+    assert all(v > 50 for v in per_node.values()), per_node  # keys really spread over the nodes
+    assert abs(sum(n["share"] for n in info["nodes"]) - 1.0) < 1e-6
+
+
+async def test_join_live_rebalance_zero_misses(cluster: Cluster):
+    m = cluster.start_master("m1")
+    for n in ("a1", "a2", "a3"):
+        cluster.start_aux(n)
+    await wait_ring(m.addr, settled({"a1", "a2", "a3"}))
+    async with Client(m.addr, timeout=10) as c:
+        await _populate(c, N_KEYS)
+    reader = Reader(m.addr, N_KEYS)
+    reader.start()
+    await reader.full_passes(1)
+    cluster.start_aux("a4")
+    info = await wait_ring(m.addr, settled({"a1", "a2", "a3", "a4"}), timeout=60, what="a4 joined and migration done")
+    await reader.full_passes(1)
+    await reader.stop()
+    assert reader.errors == [] and reader.misses == 0 and reader.wrong == 0, (reader.errors[:5], reader.misses, reader.wrong)
+    moved = info["membership"]["migration"]["keys_moved"]
+    assert 0 < moved <= 1.2 * N_KEYS / 4, moved
+    a4 = next(n for n in info["nodes"] if n["node_id"] == "a4")
+    assert a4["items"] >= moved * 0.9
+    # the moved ranges are dropped from their previous owners (eventually)
+    await wait_ring(m.addr, lambda i: sum(n["items"] for n in i["nodes"]) == N_KEYS, timeout=30, what="moved keys dropped from old owners")
+
+
+async def test_graceful_leave_zero_misses(cluster: Cluster):
+    m = cluster.start_master("m1")
+    for n in ("a1", "a2", "a3", "a4"):
+        cluster.start_aux(n)
+    await wait_ring(m.addr, settled({"a1", "a2", "a3", "a4"}))
+    async with Client(m.addr, timeout=10) as c:
+        await _populate(c, N_KEYS)
+    reader = Reader(m.addr, N_KEYS)
+    reader.start()
+    await reader.full_passes(1)
+    leaving = cluster.aux["a2"]
+    leaving.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(leaving.wait, 60) == 0
+    info = await wait_ring(m.addr, settled({"a1", "a3", "a4"}), timeout=30, what="a2 gone")
+    assert "a2" not in {n["node_id"] for n in info["nodes"]}
+    await reader.full_passes(1)
+    await reader.stop()
+    assert reader.errors == [] and reader.misses == 0 and reader.wrong == 0, (reader.errors[:5], reader.misses, reader.wrong)
+    moved = info["membership"]["migration"]["keys_moved"]
+    assert 0 < moved <= 1.2 * N_KEYS / 4, moved
+
+
+async def test_replicas_survive_kill9_under_load(tmp_path):
+    cluster = Cluster(tmp_path, replicas=2)
+    try:
+        m = cluster.start_master("m1")
+        for n in ("a1", "a2", "a3"):
+            cluster.start_aux(n)
+        await wait_ring(m.addr, settled({"a1", "a2", "a3"}))
+        acked: dict[str, int] = {}
+        read_errors: list[str] = []
+        write_errors: list[str] = []
+        stale: list[str] = []
+        stop = asyncio.Event()
+        rng = random.Random(3)
+
+        async def writer(w: int, c: Client) -> None:
+            counter = 0
+            keys = [f"w{w}:{i}" for i in range(200)]
+            while not stop.is_set():
+                key = keys[counter % len(keys)]
+                counter += 1
+                try:
+                    await c.set(key, b"%d" % counter)
+                except Exception as exc:
+                    write_errors.append(f"{exc.__class__.__name__}: {exc}")
+                    continue
+                acked[key] = counter
+
+        async def reader(c: Client) -> None:
+            while not stop.is_set():
+                if not acked:
+                    await asyncio.sleep(0.01)
+                    continue
+                key = rng.choice(list(acked))
+                floor = acked[key]
+                try:
+                    v = await c.get(key)
+                except Exception as exc:
+                    read_errors.append(f"{exc.__class__.__name__}: {exc}")
+                    continue
+                if v is None or int(v) < floor:
+                    stale.append(f"{key}: {v!r} < {floor}")
+
+        async with Client(m.addr, timeout=10) as c:
+            tasks = [asyncio.ensure_future(writer(w, c)) for w in range(4)] + [asyncio.ensure_future(reader(c)) for _ in range(4)]
+            await asyncio.sleep(1.0)
+            cluster.aux["a2"].kill()  # SIGKILL
+            await wait_ring(m.addr, lambda i: "a2" not in up_nodes(i) and not i["migrating"], timeout=30, what="a2 down, re-replicated")
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            assert read_errors == [], read_errors[:5]
+            assert stale == [], stale[:5]
+            assert write_errors == [], write_errors[:5]
+            final = await c.mget(list(acked))
+            assert [int(v) if v is not None else None for v in final] == list(acked.values())
+            # two copies again: kill a second node; every key still reads back
+            cluster.aux["a3"].kill()
+            await wait_ring(m.addr, lambda i: up_nodes(i) == {"a1"} and not i["migrating"], timeout=30, what="a3 down")
+            final = await c.mget(list(acked))
+            assert [int(v) if v is not None else None for v in final] == list(acked.values())
+    finally:
+        cluster.stop()
+
+
+def _key_owned_by(node: str, members: list[str], prefix: str) -> str:
+    r = HashRing(dict.fromkeys(members, 1.0))
+    for i in range(10_000):
+        k = f"{prefix}{i}"
+        if r.owner(k.encode()) == node:
+            return k
+    raise AssertionError("no key found")
+
+
+async def test_flap_never_serves_stale_or_resurrects(cluster: Cluster):
+    m = cluster.start_master("m1")
+    members = ["a1", "a2", "a3"]
+    for n in members:
+        cluster.start_aux(n)
+    await wait_ring(m.addr, settled(set(members)))
+    k = _key_owned_by("a2", members, "flap-k")
+    d = _key_owned_by("a2", members, "flap-d")
+    async with Client(m.addr, timeout=10) as c:
+        await c.set(k, b"v1")
+        await c.set(d, b"doomed")
+        victim = cluster.aux["a2"]
+        victim.signal(signal.SIGSTOP)  # cut off: it keeps its (soon stale) data
+        try:
+            await wait_ring(m.addr, lambda i: "a2" not in up_nodes(i) and not i["migrating"], timeout=30, what="a2 marked down")
+            assert await c.set(k, b"v2") is True
+            await c.delete(d)
+            bad: list[str] = []
+            stop = asyncio.Event()
+
+            async def check() -> None:
+                while not stop.is_set():
+                    try:
+                        vk, vd = await c.get(k), await c.get(d)
+                    except Exception as exc:
+                        bad.append(f"error {exc!r}")
+                        continue
+                    if vk != b"v2":
+                        bad.append(f"k={vk!r}")
+                    if vd is not None:
+                        bad.append(f"d={vd!r}")
+
+            checker = asyncio.ensure_future(check())
+            await asyncio.sleep(0.3)
+        finally:
+            victim.signal(signal.SIGCONT)
+        await wait_ring(m.addr, settled(set(members)), timeout=30, what="a2 back and reconciled")
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.wait_for(checker, 10)
+        assert bad == [], bad[:10]
+        assert await c.get(k) == b"v2" and await c.get(d) is None
+
+
+async def test_followers_converge_and_survive_the_coordinator(cluster: Cluster):
+    m1 = cluster.start_master("m1")
+    m2 = cluster.start_master("m2", follow=m1)
+    for n in ("a1", "a2", "a3"):
+        cluster.start_aux(n)
+    await wait_ring(m1.addr, settled({"a1", "a2", "a3"}))
+    await wait_ring(m2.addr, settled({"a1", "a2", "a3"}), timeout=5)
+    cluster.start_aux("a4")
+    info1 = await wait_ring(m1.addr, lambda i: "a4" in up_nodes(i), what="a4 in the coordinator's ring")
+    t0 = time.monotonic()
+    await wait_ring(m2.addr, lambda i: i["epoch"] >= info1["epoch"], timeout=5, what="follower at the new epoch")
+    assert time.monotonic() - t0 < 2.0
+    await wait_ring(m2.addr, settled({"a1", "a2", "a3", "a4"}), timeout=30)
+    async with Client(m2.addr) as c:
+        assert await c.mset({f"f:{i}": b"%d" % i for i in range(500)}) == 500
+    m1.kill()  # the coordinator is gone: the follower keeps serving with the last ring
+    await wait_ring(m2.addr, lambda i: not i["membership"]["coordinator_reachable"], timeout=10, what="follower noticed")
+    async with Client(m2.addr) as c:
+        assert await c.mget([f"f:{i}" for i in range(500)]) == [b"%d" % i for i in range(500)]
+        assert await c.set("f:after", b"ok") is True
+        assert await c.get("f:after") == b"ok"
