@@ -236,7 +236,9 @@ def _format_ring(info: dict[str, Any]) -> str:
             f"keys moved {mig['keys_moved']} (total {mig['keys_moved_total']})  tombstones {mig['tombstones_moved']}"
         )
         for st in mig.get("streams", []):
-            lines.append(f"  {st['source']} -> {st['destination']}: {st['keys']} keys over {st['ranges']} ranges{'  done' if st['done'] else ''}")
+            lines.append(
+                f"  {st['source']} -> {st['destination']}: {st['keys']} keys over {st['ranges']} ranges{'  done' if st['done'] else ''}"
+            )
     if membership.get("role") == "follower":
         reach = "reachable" if membership.get("coordinator_reachable") else f"UNREACHABLE ({membership.get('coordinator_error')})"
         lines.append(f"coordinator {membership.get('coordinator')}: {reach}")

@@ -90,7 +90,9 @@ class LocalCluster:
         for i in range(1, a.masters):
             name = f"m{i + 1}"
             port = 0 if a.port == 0 else a.port + i
-            addr = self._spawn(name, "master", "--port", str(port), "--node-id", name, "--replicas", str(a.replicas), "--coordinator", coordinator)
+            addr = self._spawn(
+                name, "master", "--port", str(port), "--node-id", name, "--replicas", str(a.replicas), "--coordinator", coordinator
+            )
             self.masters.append((name, addr))
 
     def describe(self) -> str:

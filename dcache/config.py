@@ -220,8 +220,12 @@ class MasterConfig:
     host: str = opt("127.0.0.1", "address to listen on (loopback unless told otherwise)", _str)
     port: int = opt(DEFAULT_MASTER_PORT, "TCP port to listen on; 0 picks a free port", _int)
     node_id: str = opt("", "stable master id (default: master-HOST-PORT of the bound address)", _str)
-    aux: tuple[tuple[str, str, int], ...] = opt((), "seed aux nodes as ID=HOST:PORT,ID=HOST:PORT (more can --join later)", _aux_seeds, "LIST")
-    coordinator: str | None = opt(None, "HOST:PORT of the coordinating master to follow (none: this master coordinates)", _opt_address, "ADDR")
+    aux: tuple[tuple[str, str, int], ...] = opt(
+        (), "seed aux nodes as ID=HOST:PORT,ID=HOST:PORT (more can --join later)", _aux_seeds, "LIST"
+    )
+    coordinator: str | None = opt(
+        None, "HOST:PORT of the coordinating master to follow (none: this master coordinates)", _opt_address, "ADDR"
+    )
     replicas: int = opt(1, "copies of each key (on the first N distinct ring owners)", _int, "N")
     write_quorum: int = opt(0, "owners that must apply a write before it is acknowledged; 0 = every live owner", _int, "N")
     max_key_bytes: int = opt(MAX_KEY_BYTES, "largest key accepted", parse_size, "SIZE")

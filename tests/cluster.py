@@ -29,7 +29,19 @@ class Cluster:
         return self.masters[0]
 
     def start_master(self, node_id: str, *extra: str, follow: DaemonProcess | None = None) -> DaemonProcess:
-        args = ["--host", "127.0.0.1", "--port", "0", "--node-id", node_id, "--replicas", str(self.replicas), "--log-level", "info", *FAST_HEALTH]
+        args = [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--node-id",
+            node_id,
+            "--replicas",
+            str(self.replicas),
+            "--log-level",
+            "info",
+            *FAST_HEALTH,
+        ]
         if follow is not None:
             args += ["--coordinator", follow.addr]
         args += list(extra)
@@ -70,7 +82,9 @@ def up_nodes(info: dict[str, Any]) -> set[str]:
     return {n["node_id"] for n in info["nodes"] if n["state"] == "up"}
 
 
-async def wait_ring(addr: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0, what: str = "ring condition") -> dict[str, Any]:
+async def wait_ring(
+    addr: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0, what: str = "ring condition"
+) -> dict[str, Any]:
     """Poll a master's RING until ``predicate`` holds (bounded)."""
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 READY_TIMEOUT_S = 20.0
@@ -116,7 +116,7 @@ def _readline_with_deadline(proc: subprocess.Popen[bytes], timeout: float) -> st
     return result[0] if result else ""
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = "condition") -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, message: str = "condition") -> None:
     """Poll ``predicate`` until true or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

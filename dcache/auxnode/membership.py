@@ -47,7 +47,9 @@ class JoinAgent:
     async def _call(self, op: int, *args: Any, timeout: float) -> Any:
         if self._conn is None or self._conn.is_closing:
             host, port = self._master
-            self._conn = await open_connection(host, port, connect_timeout=2.0, auth_token=self.config.auth_token, client_name=f"aux:{self.node_id}")
+            self._conn = await open_connection(
+                host, port, connect_timeout=2.0, auth_token=self.config.auth_token, client_name=f"aux:{self.node_id}"
+            )
         return await asyncio.wait_for(self._conn.call(op, *args), timeout)
 
     async def _announce_loop(self) -> None:

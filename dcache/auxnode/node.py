@@ -330,8 +330,13 @@ async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
     stop = asyncio.Event()
     received: list[int] = []
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: int) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: (received.append(s), stop.set()))
+        loop.add_signal_handler(sig, on_signal, sig)
     log.info("aux node %s listening on %s", node.node_id, ready_line(node.server)[6:])
     agent: JoinAgent | None = None
     if config.join:

@@ -261,9 +261,7 @@ class SnapshotManager:
             try:
                 items = await self._copy()
                 copy_s = time.monotonic() - t0
-                fut = loop.run_in_executor(
-                    self._get_executor(), self._write, items, node.node_id, self._ring_epoch(), created_ms
-                )
+                fut = loop.run_in_executor(self._get_executor(), self._write, items, node.node_id, self._ring_epoch(), created_ms)
             except Exception:
                 self.failures += 1
                 log.exception("snapshot failed while copying the entries")
@@ -282,9 +280,7 @@ class SnapshotManager:
                 self.taken += 1
                 self._last_created_ms = created_ms
                 self.last_duration_s = time.monotonic() - t0
-                log.debug(
-                    "snapshot written: %d bytes in %.3fs (copy on loop %.3fs)", f.result(), self.last_duration_s, copy_s
-                )
+                log.debug("snapshot written: %d bytes in %.3fs (copy on loop %.3fs)", f.result(), self.last_duration_s, copy_s)
 
             fut.add_done_callback(finished)
             try:
@@ -312,11 +308,7 @@ class SnapshotManager:
         chunks: list[tuple[bytes, int]] = []
         step = COPY_CHUNK_ENTRIES
         for start in range((len(keys) - 1) // step * step, -1, -step):
-            entries = (
-                (e.key, e.value, e.expires_at, e.version)
-                for e in map(get_entry, keys[start : start + step])
-                if e is not None
-            )
+            entries = ((e.key, e.value, e.expires_at, e.version) for e in map(get_entry, keys[start : start + step]) if e is not None)
             chunks.append(pack_entries(entries))
             del keys[start:]
             if start:

@@ -214,9 +214,7 @@ def dump(
                 return
             yield chunk
 
-    return write_packed(
-        chunks(), file, count=len(items), node_id=node_id, ring_epoch=ring_epoch, created_ms=created_ms
-    )
+    return write_packed(chunks(), file, count=len(items), node_id=node_id, ring_epoch=ring_epoch, created_ms=created_ms)
 
 
 def pack_entries(entries: Iterable[SnapshotEntry]) -> tuple[bytes, int]:

@@ -149,8 +149,8 @@ class AuxLink:
         n = len(conns)
         if n:
             i = self._rr = (self._rr + 1) % n
-            conn = conns[i]
-            if conn.is_closing:
+            conn: ClientConnection | None = conns[i]
+            if conn is not None and conn.is_closing:
                 conn = self._first_open()
             if conn is not None:
                 self.requests += 1

@@ -93,7 +93,7 @@ class MasterNode(Service):
         for node_id, m in view.members.items():
             link = self.links.get(node_id)
             if link is not None and (link.host, link.port) != (m.host, m.port):
-                asyncio.ensure_future(link.close())
+                self.state.spawn(link.close())
                 link = None
             if link is None:
                 link = self.links[node_id] = AuxLink(
@@ -108,7 +108,7 @@ class MasterNode(Service):
                 if self.server is not None:
                     link.start()
         for node_id in [n for n in self.links if n not in view.members]:
-            asyncio.ensure_future(self.links.pop(node_id).close())
+            self.state.spawn(self.links.pop(node_id).close())
         self.router.view = view
 
     # -- handlers ---------------------------------------------------------------------

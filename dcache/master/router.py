@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 from ..errors import (
     NotAnIntegerError,
@@ -120,7 +120,7 @@ class Router:
                 continue
             if missed:
                 self._repair(missed, key, entry)
-            return entry  # type: ignore[no-any-return]
+            return cast(list[Any], entry)
         if error is not None and not missed:
             self.stats.unavailable += 1
             raise UnavailableError(f"no owner of the key answered: {error}")
@@ -128,7 +128,7 @@ class Router:
 
     async def get(self, key: bytes) -> bytes | None:
         entry = await self.getv(key)
-        return None if entry is None else entry[0]  # type: ignore[no-any-return]
+        return None if entry is None else entry[0]
 
     async def exists(self, key: bytes) -> bool:
         return await self.getv(key) is not None
@@ -140,7 +140,7 @@ class Router:
         expires_at = entry[1]
         if not expires_at:
             return -1
-        return max(0, expires_at - _wall_ms())
+        return max(0, int(expires_at) - _wall_ms())
 
     async def mget(self, keys: list[bytes]) -> list[bytes | None]:
         view = self.view
@@ -320,4 +320,3 @@ class Router:
         nodes = [n for n in view.members if view.is_live(n) and n in self.links]
         results = await asyncio.gather(*(self.links[n].request(Op.STATS) for n in nodes), return_exceptions=True)
         return {n: r for n, r in zip(nodes, results, strict=True) if not isinstance(r, BaseException)}
-

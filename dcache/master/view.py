@@ -51,12 +51,26 @@ class Member:
 
     def to_dict(self) -> dict[str, Any]:
         """A msgpack/JSON-friendly form."""
-        return {"node_id": self.node_id, "host": self.host, "port": self.port, "weight": self.weight, "state": self.state, "since_ms": self.since_ms}
+        return {
+            "node_id": self.node_id,
+            "host": self.host,
+            "port": self.port,
+            "weight": self.weight,
+            "state": self.state,
+            "since_ms": self.since_ms,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Member:
         """Inverse of ``to_dict``."""
-        return cls(str(d["node_id"]), str(d["host"]), int(d["port"]), float(d.get("weight", 1.0)), str(d.get("state", UP)), int(d.get("since_ms", 0)))
+        return cls(
+            str(d["node_id"]),
+            str(d["host"]),
+            int(d["port"]),
+            float(d.get("weight", 1.0)),
+            str(d.get("state", UP)),
+            int(d.get("since_ms", 0)),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,7 +112,7 @@ async def test_fifty_concurrent_pipelined_clients(aux: DaemonProcess):
 
 def _seed(raw) -> RawConn:
     """A well-behaved bystander whose data must survive everyone else's bad input."""
-    good = raw()
+    good: RawConn = raw()
     assert good.call(Op.SET, 1, b"bystander", b"precious", None, 0) == [1, 0, True]
     return good
 

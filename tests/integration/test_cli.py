@@ -71,7 +71,23 @@ def test_bad_config_exit_code_and_check_config():
 
 
 def test_bench_short_run(node):
-    r = dcache("bench", "--addr", node.addr, "--conns", "4", "--depth", "8", "--duration", "1", "--procs", "1", "--keys", "500", "--json", "--quiet")
+    r = dcache(
+        "bench",
+        "--addr",
+        node.addr,
+        "--conns",
+        "4",
+        "--depth",
+        "8",
+        "--duration",
+        "1",
+        "--procs",
+        "1",
+        "--keys",
+        "500",
+        "--json",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["errors"] == 0 and result["ops"] > 0 and result["p99_ms"] >= result["p50_ms"] > 0

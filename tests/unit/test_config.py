@@ -46,9 +46,9 @@ def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="no_such_option"):
         load_config(AuxConfig, "aux", {}, env={}, config_file=str(f))
     f.write_text("[aux\n")
-    with pytest.raises(ConfigError, match="bad.toml"):
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
         load_config(AuxConfig, "aux", {}, env={}, config_file=str(f))
-    with pytest.raises(ConfigError, match="missing.toml"):
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
         load_config(AuxConfig, "aux", {}, env={}, config_file=str(tmp_path / "missing.toml"))
 
 
