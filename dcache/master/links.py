@@ -1,17 +1,21 @@
 """Pipelined links from a master to its aux nodes.
 
-An ``AuxLink`` keeps a few ``ClientConnection``s to one aux node and spreads
-requests over them round-robin; answers come back by request id, so a
-handful of connections carries any number of concurrent requests.
+This is the master's hot path, so it avoids futures and tasks where it can:
+``AuxLink.send(op, args, callback)`` writes the request (frames written in
+one loop iteration leave in one write) and the answer's ``(status, result)``
+is handed to ``callback`` straight from ``data_received``. Callers that want
+to ``await`` use ``request``, which wraps the same mechanism in a future.
 
-Timeouts are enforced without a timer per request (the hot path): each
-request's future is appended with its deadline to a deque, and one sweeper
-task per link fails the futures whose deadline passed. Deadlines are
-appended in increasing order, so the sweep only looks at the front.
+An ``AuxLink`` keeps ``size`` connections to one aux node and spreads
+requests over them round-robin; answers come back by request id.
 
-A link that cannot connect fails requests at once with
-``UnavailableError`` and reconnects in the background with jittered, capped
-backoff; the router then tries the key's next owner.
+Timeouts cost no timer per request: each request's deadline goes into a
+deque (deadlines are appended in increasing order) and one sweeper per link
+answers the overdue ones with ``UPSTREAM_TIMEOUT``. A lost connection
+answers everything pending on it with ``UNAVAILABLE``. A link that cannot
+connect answers at once with ``UNAVAILABLE`` and reconnects in the
+background with jittered, capped backoff; the router then tries the key's
+next owner.
 """
 
 from __future__ import annotations
@@ -20,19 +24,117 @@ import asyncio
 import collections
 import logging
 import random
-from typing import Any
+import socket
+from collections.abc import Callable
+from typing import Any, cast
 
-from ..client.connection import ClientConnection, open_connection
-from ..errors import UnavailableError, UpstreamTimeoutError
-from ..protocol import Limits
+from ..errors import HandshakeError, RemoteProtocolError, Status, error_from_status
+from ..protocol import PROTOCOL_VERSION, FrameDecoder, Op, encode_request
 
-__all__ = ["AuxLink"]
+__all__ = ["AuxLink", "UpstreamProtocol", "Callback"]
 
 log = logging.getLogger("dcache.master.links")
+
+#: Receives an answer: ``(status, result)``; for errors ``result`` is the message.
+Callback = Callable[[int, Any], None]
 
 _SWEEP_INTERVAL_S = 0.05
 _BACKOFF_BASE_S = 0.05
 _BACKOFF_MAX_S = 1.0
+_MAX_REQUEST_ID = 2**32 - 1
+_UNAVAILABLE = int(Status.UNAVAILABLE)
+_TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """One connection from a master to an aux node."""
+
+    __slots__ = ("_transport", "_decoder", "waiters", "_next_id", "_out", "_flush_scheduled", "_loop", "closed", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._decoder = FrameDecoder()
+        self.waiters: dict[int, Callback] = {}
+        self._next_id = 1
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+        self._name = name
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # pragma: no cover
+                pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiters = self.waiters
+        self.waiters = {}
+        message = f"connection to aux node {self._name} lost" + (f": {exc}" if exc else "")
+        for cb in waiters.values():
+            cb(_UNAVAILABLE, message)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            msgs = self._decoder.feed(data)
+        except RemoteProtocolError as exc:
+            log.warning("bad bytes from aux node %s: %s", self._name, exc)
+            self.close()
+            return
+        waiters = self.waiters
+        for msg in msgs:
+            try:
+                rid, status, result = msg
+            except (TypeError, ValueError):
+                self.close()
+                return
+            cb = waiters.pop(rid, None)
+            if cb is not None:
+                cb(status, result)
+            elif rid == 0:  # connection-level error: the aux node closes next
+                log.warning("aux node %s closed the link: %s", self._name, result)
+        if self._decoder.error is not None:
+            self.close()
+
+    def send(self, op: int, args: tuple[Any, ...], cb: Callback) -> int:
+        """Queue one request; ``cb`` gets its answer. Returns the request id."""
+        waiters = self.waiters
+        rid = self._next_id
+        while rid in waiters:
+            rid = rid + 1 if rid < _MAX_REQUEST_ID else 1
+        self._next_id = rid + 1 if rid < _MAX_REQUEST_ID else 1
+        waiters[rid] = cb
+        self._out.append(encode_request(op, rid, *args))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return rid
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if out and not self.closed and self._transport is not None:
+            if len(out) == 1:
+                self._transport.write(out[0])
+            else:
+                self._transport.writelines(out)
+        out.clear()
+
+    def fail(self, rid: int, status: int, message: str) -> None:
+        """Answer a pending request locally (timeout)."""
+        cb = self.waiters.pop(rid, None)
+        if cb is not None:
+            cb(status, message)
+
+    def close(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.close()
+        self.closed = True
 
 
 class AuxLink:
@@ -44,9 +146,7 @@ class AuxLink:
         "port",
         "_size",
         "_timeout",
-        "_limits",
         "_auth_token",
-        "_client_name",
         "_conns",
         "_rr",
         "_deadlines",
@@ -59,29 +159,16 @@ class AuxLink:
         "failures_total",
     )
 
-    def __init__(
-        self,
-        node_id: str,
-        host: str,
-        port: int,
-        *,
-        size: int = 2,
-        timeout: float = 2.0,
-        limits: Limits | None = None,
-        auth_token: str | None = None,
-        client_name: str = "dcache-master",
-    ) -> None:
+    def __init__(self, node_id: str, host: str, port: int, *, size: int = 2, timeout: float = 2.0, auth_token: str | None = None) -> None:
         self.node_id = node_id
         self.host = host
         self.port = port
         self._size = size
         self._timeout = timeout
-        self._limits = limits
         self._auth_token = auth_token
-        self._client_name = client_name
-        self._conns: list[ClientConnection] = []
+        self._conns: list[UpstreamProtocol] = []
         self._rr = 0
-        self._deadlines: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
+        self._deadlines: collections.deque[tuple[float, UpstreamProtocol, int]] = collections.deque()
         self._sweeper: asyncio.Task[None] | None = None
         self._connector: asyncio.Task[None] | None = None
         self._failures = 0
@@ -93,12 +180,12 @@ class AuxLink:
     @property
     def connected(self) -> bool:
         """Whether at least one connection is open."""
-        return any(not c.is_closing for c in self._conns)
+        return any(not c.closed for c in self._conns)
 
     @property
     def in_flight(self) -> int:
         """Requests sent and not yet answered."""
-        return sum(c.pending for c in self._conns)
+        return sum(len(c.waiters) for c in self._conns)
 
     def start(self) -> None:
         """Start connecting and sweeping (idempotent)."""
@@ -109,25 +196,42 @@ class AuxLink:
         self._ensure_connector()
 
     def _ensure_connector(self) -> None:
-        if self._closed:
+        if self._closed or self._loop is None:
             return
         if self._connector is None or self._connector.done():
             self._connector = asyncio.ensure_future(self._connect_loop())
 
+    async def _open(self) -> UpstreamProtocol:
+        loop = asyncio.get_running_loop()
+        name = self.node_id
+        _, proto = await asyncio.wait_for(loop.create_connection(lambda: UpstreamProtocol(name), self.host, self.port), self._timeout)
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def on_hello(status: int, result: Any) -> None:
+            if not fut.done():
+                fut.set_result((status, result))
+
+        proto.send(Op.HELLO, (PROTOCOL_VERSION, self._auth_token, "dcache-master"), on_hello)
+        try:
+            status, result = await asyncio.wait_for(fut, self._timeout)
+        except BaseException:
+            proto.close()
+            raise
+        if status != 0:
+            proto.close()
+            raise error_from_status(status, str(result))
+        if not isinstance(result, dict) or result.get("role") != "aux":
+            proto.close()
+            raise HandshakeError(f"{self.host}:{self.port} is not an aux node ({result!r})")
+        return proto
+
     async def _connect_loop(self) -> None:
         while not self._closed:
-            self._conns = [c for c in self._conns if not c.is_closing]
+            self._conns = [c for c in self._conns if not c.closed]
             if len(self._conns) >= self._size:
                 return
             try:
-                conn = await open_connection(
-                    self.host,
-                    self.port,
-                    limits=self._limits,
-                    connect_timeout=self._timeout,
-                    auth_token=self._auth_token,
-                    client_name=self._client_name,
-                )
+                proto = await self._open()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -138,67 +242,78 @@ class AuxLink:
                 await asyncio.sleep(delay)
                 continue
             if self._closed:
-                conn.close()
+                proto.close()
                 return
             self._failures = 0
-            self._conns.append(conn)
+            self._conns.append(proto)
 
-    def request(self, op: int, *args: Any) -> asyncio.Future[Any]:
-        """Send one request; the future fails with ``UnavailableError`` or ``UpstreamTimeoutError``."""
+    def _pick(self) -> UpstreamProtocol | None:
         conns = self._conns
         n = len(conns)
         if n:
             i = self._rr = (self._rr + 1) % n
-            conn: ClientConnection | None = conns[i]
-            if conn is not None and conn.is_closing:
-                conn = self._first_open()
-            if conn is not None:
-                self.requests += 1
-                fut = conn.request(op, *args)
-                loop = self._loop
-                assert loop is not None
-                self._deadlines.append((loop.time() + self._timeout, fut))
+            c = conns[i]
+            if not c.closed:
                 if n < self._size:
                     self._ensure_connector()
-                return fut
-        self._ensure_connector()
-        self.failures_total += 1
-        loop = self._loop or asyncio.get_running_loop()
-        fut = loop.create_future()
-        fut.set_exception(UnavailableError(f"aux node {self.node_id} at {self.host}:{self.port} is not connected"))
-        return fut
-
-    def _first_open(self) -> ClientConnection | None:
-        for c in self._conns:
-            if not c.is_closing:
                 return c
+            for c in conns:
+                if not c.closed:
+                    self._ensure_connector()
+                    return c
         self._ensure_connector()
         return None
 
-    async def call(self, op: int, *args: Any) -> Any:
-        """Send one request and await its result (connection loss becomes ``UnavailableError``)."""
-        try:
-            return await self.request(op, *args)
-        except (ConnectionError, OSError) as exc:
+    def send(self, op: int, args: tuple[Any, ...], cb: Callback) -> None:
+        """Send one request; ``cb(status, result)`` gets the answer, a timeout or a loss."""
+        conn = self._pick()
+        if conn is None:
             self.failures_total += 1
-            raise UnavailableError(f"aux node {self.node_id}: {exc or exc.__class__.__name__}") from None
+            cb(_UNAVAILABLE, f"aux node {self.node_id} at {self.host}:{self.port} is not connected")
+            return
+        self.requests += 1
+        rid = conn.send(op, args, cb)
+        loop = self._loop
+        assert loop is not None
+        self._deadlines.append((loop.time() + self._timeout, conn, rid))
+
+    def request(self, op: int, *args: Any) -> asyncio.Future[Any]:
+        """Send one request; the future gets the result or the typed error."""
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def done(status: int, result: Any) -> None:
+            if fut.done():
+                return
+            if status == 0:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error_from_status(status, str(result)))
+
+        self.send(op, args, done)
+        return fut
+
+    async def call(self, op: int, *args: Any) -> Any:
+        """Send one request and await its result."""
+        return await self.request(op, *args)
 
     async def _sweep_loop(self) -> None:
         deadlines = self._deadlines
         loop = asyncio.get_running_loop()
+        message = f"aux node {self.node_id} did not answer within {self._timeout} s"
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL_S)
             now = loop.time()
             while deadlines:
-                deadline, fut = deadlines[0]
-                if fut.done():
+                deadline, conn, rid = deadlines[0]
+                if rid not in conn.waiters:
                     deadlines.popleft()
                     continue
                 if deadline > now:
                     break
                 deadlines.popleft()
                 self.failures_total += 1
-                fut.set_exception(UpstreamTimeoutError(f"aux node {self.node_id} did not answer within {self._timeout} s"))
+                conn.fail(rid, _TIMEOUT, message)
 
     async def close(self) -> None:
         """Close every connection and stop the background tasks (idempotent)."""
@@ -210,13 +325,6 @@ class AuxLink:
                 task.cancel()
         for c in self._conns:
             c.close()
-        for c in self._conns:
-            try:
-                await asyncio.wait_for(c.wait_closed(), 1.0)
-            except (TimeoutError, Exception):
-                pass
+            c.connection_lost(None)
         self._conns.clear()
-        for _, fut in self._deadlines:
-            if not fut.done():
-                fut.set_exception(UnavailableError(f"link to aux node {self.node_id} closed"))
         self._deadlines.clear()

@@ -16,10 +16,10 @@ import time
 from typing import Any
 
 from ..config import MasterConfig
-from ..errors import BadArgumentsError
+from ..errors import BadArgumentsError, Status, UnavailableError
 from ..hlc import HybridClock
 from ..protocol import Op, SetFlag, check_key, check_value
-from ..server import Service, deferred, ready_line
+from ..server import LATER, FrameProtocol, Service, deferred, ready_line
 from .links import AuxLink
 from .membership import Coordinator, Follower, Membership
 from .router import Router
@@ -44,6 +44,134 @@ def _ttl_arg(ttl_ms: Any) -> int:
     if ttl_ms <= 0 or ttl_ms > _MAX_TTL_MS:
         raise BadArgumentsError(f"ttl_ms must be between 1 and {_MAX_TTL_MS}, got {ttl_ms}")
     return int(ttl_ms)
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+_UNAVAILABLE = int(Status.UNAVAILABLE)
+_TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
+
+
+class _ReadOp:
+    """A GET in flight: tries the candidates in order; repairs earlier misses.
+
+    It is its own callback (``__call__(status, result)``), so a read costs
+    no future and no task.
+    """
+
+    __slots__ = ("router", "conn", "rid", "key", "candidates", "i", "missed", "error")
+
+    def __init__(self, router: Router, conn: FrameProtocol, rid: int, key: bytes, candidates: list[str]) -> None:
+        self.router = router
+        self.conn = conn
+        self.rid = rid
+        self.key = key
+        self.candidates = candidates
+        self.i = -1
+        self.missed: list[str] | None = None
+        self.error: Any = None
+
+    def next(self) -> None:
+        self.i += 1
+        candidates = self.candidates
+        if self.i < len(candidates):
+            link = self.router.links.get(candidates[self.i])
+            if link is None:
+                self(_UNAVAILABLE, f"no link to aux node {candidates[self.i]}")
+            else:
+                link.send(Op.GETV, (self.key,), self)
+            return
+        if self.error is not None and self.missed is None:
+            self.router.stats.unavailable += 1
+            self.conn.reply(self.rid, _UNAVAILABLE, f"no owner of the key answered: {self.error}")
+        else:
+            self.conn.reply(self.rid, 0, None)
+
+    def __call__(self, status: int, result: Any) -> None:
+        if status == 0:
+            if result is not None:
+                if self.missed:
+                    self.router._repair(self.missed, self.key, result)
+                self.conn.reply(self.rid, 0, result[0])
+                return
+            if self.missed is None:
+                self.missed = []
+            self.missed.append(self.candidates[self.i])
+        elif status == _UNAVAILABLE or status == _TIMEOUT:
+            self.error = result
+            self.router.stats.fallbacks += 1
+        else:
+            self.conn.reply(self.rid, status, result)
+            return
+        self.next()
+
+
+class _WriteOp:
+    """A write sent to every target at once; answers when all have answered.
+
+    ``ok_result`` is what a successful write answers (``None``: whether any
+    target answered true, as DELETE does). The acknowledgement rule is the
+    router's (see ``Router._write_all``).
+    """
+
+    __slots__ = ("router", "conn", "rid", "pending", "ok", "any_true", "timeouts", "error", "fatal", "ok_result", "_targets")
+
+    def __init__(self, router: Router, conn: FrameProtocol, rid: int, targets: list[str], ok_result: Any) -> None:
+        self.router = router
+        self.conn = conn
+        self.rid = rid
+        self.pending = len(targets)
+        self.ok = 0
+        self.any_true = False
+        self.timeouts = 0
+        self.error: Any = None
+        self.fatal: tuple[int, Any] | None = None
+        self.ok_result = ok_result
+        self._targets = targets
+
+    def send(self, op: int, args: tuple[Any, ...]) -> None:
+        links = self.router.links
+        for node in self._targets:
+            link = links.get(node)
+            if link is None:
+                self(_UNAVAILABLE, f"no link to aux node {node}")
+            else:
+                link.send(op, args, self)
+
+    def __call__(self, status: int, result: Any) -> None:
+        if status == 0:
+            self.ok += 1
+            if result:
+                self.any_true = True
+        elif status == _UNAVAILABLE or status == _TIMEOUT:
+            if status == _TIMEOUT:
+                self.timeouts += 1
+            self.error = result
+        elif self.fatal is None:
+            self.fatal = (status, result)
+        self.pending -= 1
+        if self.pending:
+            return
+        router = self.router
+        conn = self.conn
+        if self.fatal is not None:
+            conn.reply(self.rid, *self.fatal)
+            return
+        if not self.ok:
+            router.stats.unavailable += 1
+            conn.reply(self.rid, _UNAVAILABLE, f"no owner of the key applied the write: {self.error}")
+            return
+        if self.error is not None:
+            router.stats.partial_writes += 1
+        quorum = router.write_quorum
+        if quorum and self.ok < quorum:
+            conn.reply(self.rid, _UNAVAILABLE, f"the write reached {self.ok} of the {quorum} owners the quorum needs")
+        elif not quorum and self.timeouts:
+            conn.reply(self.rid, _TIMEOUT, f"{self.timeouts} owner(s) did not confirm the write in time")
+        else:
+            conn.reply(self.rid, 0, self.any_true if self.ok_result is None else self.ok_result)
 
 
 class MasterNode(Service):
@@ -102,7 +230,6 @@ class MasterNode(Service):
                     m.port,
                     size=cfg.aux_connections,
                     timeout=cfg.aux_timeout,
-                    limits=None,
                     auth_token=cfg.auth_token,
                 )
                 if self.server is not None:
@@ -120,10 +247,19 @@ class MasterNode(Service):
 
     def _get(self, msg: list[Any]) -> Any:
         try:
-            _, _, key = msg
+            _, rid, key = msg
         except ValueError:
             raise BadArgumentsError("GET takes [key]") from None
-        return deferred(self.router.get(check_key(key, self.limits)))
+        key = check_key(key, self.limits)
+        router = self.router
+        candidates = router.view.read_candidates(key)
+        if not candidates:
+            router.stats.unavailable += 1
+            raise UnavailableError("no aux node is available for this key")
+        conn = self.current
+        assert conn is not None
+        _ReadOp(router, conn, rid, key, candidates).next()
+        return LATER
 
     def _set(self, msg: list[Any]) -> Any:
         n = len(msg)
@@ -145,14 +281,34 @@ class MasterNode(Service):
             flags = 0
         if flags.__class__ is not int or flags not in (0, _NX, _XX):
             raise BadArgumentsError("flags must be 0, 1 (NX) or 2 (XX)")
-        return deferred(self.router.set(key, value, ttl, flags))
+        if flags:
+            return deferred(self.router.set(key, value, ttl, flags))
+        router = self.router
+        targets = router.view.write_targets(key)
+        if not targets:
+            router.stats.unavailable += 1
+            raise UnavailableError("no aux node is available for this key")
+        conn = self.current
+        assert conn is not None
+        args = (key, value, _wall_ms() + ttl if ttl else 0, 0, self.clock.next())
+        _WriteOp(router, conn, msg[1], targets, True).send(Op.SETV, args)
+        return LATER
 
     def _delete(self, msg: list[Any]) -> Any:
         try:
             _, _, key = msg
         except ValueError:
             raise BadArgumentsError("DELETE takes [key]") from None
-        return deferred(self.router.delete(check_key(key, self.limits)))
+        key = check_key(key, self.limits)
+        router = self.router
+        targets = router.view.write_targets(key)
+        if not targets:
+            router.stats.unavailable += 1
+            raise UnavailableError("no aux node is available for this key")
+        conn = self.current
+        assert conn is not None
+        _WriteOp(router, conn, msg[1], targets, None).send(Op.DELV, (key, self.clock.next()))
+        return LATER
 
     def _mget(self, msg: list[Any]) -> Any:
         try:

@@ -20,6 +20,7 @@ Routing helpers work per key and allocate only small lists.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -84,6 +85,22 @@ class ClusterView:
     ring: HashRing = field(default_factory=HashRing)
     prev_ring: HashRing | None = None
     coordinator: str = ""
+    #: Precomputed for the common case (no migration, every ring member up):
+    #: ring ends and the preference list of each; empty otherwise.
+    _ends: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
+    _prefs: list[list[str]] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        members = self.members
+        simple = (
+            self.prev_ring is None
+            and len(self.ring) > 0
+            and all(members.get(n) is not None and members[n].state == UP for n in self.ring.nodes)
+        )
+        if simple:
+            ends, prefs = self.ring.preference_table(self.replicas)
+            object.__setattr__(self, "_ends", ends)
+            object.__setattr__(self, "_prefs", [list(p) for p in prefs])
 
     # -- building ----------------------------------------------------------------
 
@@ -122,8 +139,15 @@ class ClusterView:
         return m is not None and m.state != DOWN
 
     def read_candidates(self, key: bytes) -> list[str]:
-        """Nodes to read ``key`` from, in order (see the module note)."""
+        """Nodes to read ``key`` from, in order (see the module note).
+
+        The returned list may be shared: callers must not modify it.
+        """
         h = hash64(key)
+        ends = self._ends
+        if ends:
+            i = bisect_left(ends, h)
+            return self._prefs[i if i < len(ends) else 0]
         r = self.replicas
         prev = self.prev_ring
         members = self.members
@@ -134,8 +158,15 @@ class ClusterView:
         return [n for n in self.ring.owners_for_hash(h, r) if n in members and members[n].state != DOWN]
 
     def write_targets(self, key: bytes) -> list[str]:
-        """Live nodes a write of ``key`` goes to: owners in the ring and, while moving, in the previous ring."""
+        """Live nodes a write of ``key`` goes to: owners in the ring and, while moving, in the previous ring.
+
+        The returned list may be shared: callers must not modify it.
+        """
         h = hash64(key)
+        ends = self._ends
+        if ends:
+            i = bisect_left(ends, h)
+            return self._prefs[i if i < len(ends) else 0]
         r = self.replicas
         members = self.members
         targets = [n for n in self.ring.owners_for_hash(h, r) if n in members and members[n].state != DOWN]

@@ -1,0 +1,268 @@
+"""Snapshots of a real ``dcache aux`` process: SIGKILL, SIGTERM, corrupt files, a kill mid-write."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dcache import Client
+from dcache.auxnode import AuxNode
+from dcache.auxnode.snapshots import CURRENT_NAME, PREV_NAME, TMP_PREFIX
+from dcache.config import AuxConfig
+from dcache.lru import dump, load
+from tests.harness import DaemonProcess, start_aux
+
+pytestmark = pytest.mark.slow
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll an async ``predicate`` until it returns something truthy (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def wait_snapshots_after_now(c: Client, n: int = 2, timeout: float = 20.0) -> dict[str, Any]:
+    """Wait for ``n`` more snapshots than have been taken so far (the last one then began after now)."""
+    base = (await c.stats())["snapshots_taken"]
+
+    async def done() -> dict[str, Any] | None:
+        s = await c.stats()
+        return s if s["snapshots_taken"] >= base + n else None
+
+    return await wait_until(done, timeout, f"{n} more snapshots")
+
+
+def files(d: Path) -> set[str]:
+    return set(os.listdir(d))
+
+
+def stop(node: DaemonProcess) -> None:
+    if node.alive:
+        node.kill()
+
+
+async def test_sigkill_then_restart_restores_keys_values_and_ttls(tmp_path: Path):
+    node = start_aux(tmp_path, "--snapshot-interval", "0.5", node_id="snap-kill")
+    try:
+        async with Client(node.addr) as c:
+            plain = {f"plain:{i}": f"value-{i}".encode() * 3 for i in range(1500)}
+            ttl = {f"ttl:{i}": b"t" * i for i in range(500)}
+            await c.mset(plain)
+            await c.mset(ttl, ttl=60)
+            await c.mset({f"short:{i}": b"s" for i in range(200)}, ttl=0.8)
+            short_set_by = time.time()
+            assert await c.incr("counter", 41) == 41
+            await wait_snapshots_after_now(c)
+        node.kill()  # SIGKILL: no final snapshot, only the periodic ones
+    finally:
+        stop(node)
+    assert CURRENT_NAME in files(tmp_path) and PREV_NAME in files(tmp_path)
+    while time.time() < short_set_by + 0.85:  # the short TTLs must have passed before the restart loads them
+        await asyncio.sleep(0.05)
+
+    node = start_aux(tmp_path, "--snapshot-interval", "0.5", node_id="snap-kill")
+    try:
+        async with Client(node.addr) as c:
+            stats = await c.stats()
+            assert stats["snapshot_loaded_keys"] == len(plain) + len(ttl) + 1
+            assert stats["snapshots_rejected"] == 0
+            assert 0 <= stats["snapshot_age_s"] < 30
+            assert await c.mget(list(plain)) == list(plain.values())
+            assert await c.mget(list(ttl)) == list(ttl.values())
+            assert await c.get("counter") == b"41"
+            assert await c.incr("counter") == 42
+            assert await c.mget([f"short:{i}" for i in range(200)]) == [None] * 200
+            assert await c.ttl("plain:7") == -1.0
+            remaining = await c.ttl("ttl:7")
+            assert remaining is not None and 40 < remaining <= 60
+    finally:
+        stop(node)
+
+
+async def test_sigterm_writes_a_final_snapshot(tmp_path: Path):
+    # Interval 0: no periodic snapshots, so whatever is on disk after SIGTERM is the final one.
+    node = start_aux(tmp_path, "--snapshot-interval", "0", node_id="snap-term")
+    try:
+        async with Client(node.addr) as c:
+            await c.mset({f"k:{i}": b"v%d" % i for i in range(1000)})
+            await c.set("last-write", b"right before SIGTERM")
+            assert (await c.stats())["snapshots_taken"] == 0
+        assert CURRENT_NAME not in files(tmp_path)
+        assert node.terminate() == 0
+    finally:
+        stop(node)
+    assert CURRENT_NAME in files(tmp_path)
+    assert not any(n.startswith(TMP_PREFIX) for n in files(tmp_path))
+
+    node = start_aux(tmp_path, "--snapshot-interval", "0", node_id="snap-term")
+    try:
+        async with Client(node.addr) as c:
+            assert await c.get("last-write") == b"right before SIGTERM"
+            assert await c.get("k:999") == b"v999"
+            assert (await c.stats())["snapshot_loaded_keys"] == 1001
+    finally:
+        stop(node)
+
+
+async def test_corrupt_current_falls_back_to_the_previous_generation(tmp_path: Path):
+    args = ("--snapshot-interval", "0")
+    node = start_aux(tmp_path, *args, node_id="snap-corrupt")  # run 1: A, final snapshot = A
+    try:
+        async with Client(node.addr) as c:
+            await c.mset({f"a:{i}": b"A" for i in range(300)})
+        assert node.terminate() == 0
+        node = start_aux(tmp_path, *args, node_id="snap-corrupt")  # run 2: + B, final = A+B, prev = A
+        async with Client(node.addr) as c:
+            assert (await c.stats())["snapshot_loaded_keys"] == 300
+            await c.mset({f"b:{i}": b"B" for i in range(200)})
+        assert node.terminate() == 0
+    finally:
+        stop(node)
+    current = tmp_path / CURRENT_NAME
+    data = bytearray(current.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    current.write_bytes(bytes(data))
+
+    node = start_aux(tmp_path, *args, node_id="snap-corrupt")  # run 3: current rejected, prev (A) loaded
+    try:
+        async with Client(node.addr) as c:
+            stats = await c.stats()
+            assert stats["snapshots_rejected"] == 1
+            assert stats["snapshot_loaded_keys"] == 300
+            assert await c.get("a:0") == b"A" and await c.get("b:0") is None
+        names = files(tmp_path)
+        assert CURRENT_NAME not in names and PREV_NAME in names
+        aside = [n for n in names if n.startswith("snapshot.corrupt.") and n.endswith(".msgpack")]
+        assert len(aside) == 1, names
+        assert (tmp_path / aside[0]).read_bytes() == bytes(data)
+        assert node.terminate() == 0  # and the node keeps snapshotting normally
+        assert "rejected" in node.stderr() and aside[0] in node.stderr()
+    finally:
+        stop(node)
+    with open(current, "rb") as f:
+        assert len(load(f, now_ms=0).entries) == 300
+
+
+async def test_both_generations_bad_starts_empty(tmp_path: Path):
+    (tmp_path / CURRENT_NAME).write_bytes(b"DCSNAP\x00\x01garbage")
+    (tmp_path / PREV_NAME).write_bytes(b"not a snapshot at all")
+    (tmp_path / f"{TMP_PREFIX}12345").write_bytes(b"half-written")
+    node = start_aux(tmp_path, "--snapshot-interval", "0", node_id="snap-empty")
+    try:
+        async with Client(node.addr) as c:
+            stats = await c.stats()
+            assert stats["snapshots_rejected"] == 2 and stats["snapshot_loaded_keys"] == 0 and stats["items"] == 0
+            assert stats["snapshot_age_s"] == -1
+            await c.set("k", b"v")
+        names = files(tmp_path)
+        assert any(n.startswith("snapshot.corrupt.") for n in names)
+        assert any(n.startswith("snapshot.prev.corrupt.") for n in names)
+        assert not any(n.startswith(TMP_PREFIX) for n in names)
+        assert node.terminate() == 0
+    finally:
+        stop(node)
+    assert CURRENT_NAME in files(tmp_path)
+
+
+async def test_sigkill_during_a_large_snapshot_keeps_the_last_complete_one(tmp_path: Path):
+    n_keys, value = 200_000, b"x" * 1024
+    args = ("--snapshot-interval", "0.3", "--max-memory", "1GB")
+    node = start_aux(tmp_path, *args, node_id="snap-big")
+    try:
+        async with Client(node.addr, timeout=30) as c:
+            batch = 2000
+            for start in range(0, n_keys, batch):
+                await c.mset({f"big:{i}": value for i in range(start, start + batch)})
+            stats = await wait_snapshots_after_now(c, 2, timeout=40)
+            assert stats["items"] == n_keys
+
+        deadline = time.monotonic() + 20
+        while not any(n.startswith(TMP_PREFIX) for n in os.listdir(tmp_path)):
+            assert time.monotonic() < deadline, "never saw a snapshot being written"
+            time.sleep(0.002)  # tight poll of the file system, bounded by the deadline above
+        node.kill()
+    finally:
+        stop(node)
+    assert any(n.startswith(TMP_PREFIX) for n in files(tmp_path))
+
+    node = start_aux(tmp_path, *args, node_id="snap-big")
+    try:
+        async with Client(node.addr) as c:
+            stats = await c.stats()
+            assert stats["snapshot_loaded_keys"] == n_keys
+            assert stats["snapshots_rejected"] == 0
+            assert await c.mget([f"big:{i}" for i in (0, 1, n_keys // 2, n_keys - 1)]) == [value] * 4
+        assert not any(n.startswith(TMP_PREFIX) for n in files(tmp_path) if n != f"{TMP_PREFIX}{node.proc.pid}")  # type: ignore[union-attr]
+    finally:
+        stop(node)
+
+
+# -- in-process: the parts a client cannot see ---------------------------------------
+
+
+async def test_loaded_versions_move_the_clock_forward(tmp_path: Path):
+    far_future_version = (int(time.time() * 1000) + 3_600_000) << 22
+    with open(tmp_path / CURRENT_NAME, "wb") as f:
+        dump([(b"k", b"v", 0, far_future_version)], f, node_id="other", ring_epoch=3, created_ms=1)
+    node = AuxNode(AuxConfig(port=0, data_dir=str(tmp_path), snapshot_interval=0), node_id="clock")
+    assert await node.snapshots.load() == 1
+    assert node.clock.next() > far_future_version
+    assert node.cache.get_entry(b"k").version == far_future_version  # type: ignore[union-attr]
+    await node.snapshots.close()
+
+
+async def test_without_a_data_dir_nothing_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    node = AuxNode(AuxConfig(port=0, snapshot_interval=0.01), node_id="mem")
+    await node.start()
+    node.cache.set(b"k", b"v")
+    assert await node.snapshots.snapshot() is False
+    await node.close()
+    assert os.listdir(tmp_path) == []
+    assert node.stats()["snapshots_taken"] == 0 and node.stats()["snapshot_age_s"] == -1
+
+
+async def test_snapshots_while_the_cache_changes_stay_consistent(tmp_path: Path):
+    node = AuxNode(AuxConfig(port=0, data_dir=str(tmp_path), snapshot_interval=0), node_id="busy")
+    cache = node.cache
+    for i in range(30_000):
+        cache.set(b"k%d" % i, b"v%d" % i, version=i + 1)
+    stop_writes = asyncio.Event()
+
+    async def writer() -> None:
+        i = 0
+        while not stop_writes.is_set():
+            cache.delete(b"k%d" % (i % 30_000))
+            cache.set(b"new%d" % i, b"n")
+            cache.set(b"k%d" % ((i + 7) % 30_000), b"w%d" % i, version=10**6 + i)
+            i += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(writer())
+    try:
+        assert await node.snapshots.snapshot() is True
+    finally:
+        stop_writes.set()
+        await task
+    with open(tmp_path / CURRENT_NAME, "rb") as f:
+        entries = load(f, now_ms=0).entries
+    keys = [e[0] for e in entries]
+    assert len(keys) == len(set(keys))
+    for key, val, _, version in entries:  # each entry is one consistent state of its key
+        if key.startswith(b"new"):
+            assert val == b"n"
+        else:
+            assert (val == b"v" + key[1:] and version == int(key[1:]) + 1) or (val.startswith(b"w") and version > 10**6)
+    await node.snapshots.close()
