@@ -17,8 +17,8 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 
 install: $(STAMP)  ## install dcache and the test tools into .venv
 
-run: $(STAMP)  ## start a local node on 127.0.0.1 (Ctrl-C stops it)
-	$(BIN)/dcache aux --host 127.0.0.1 --port 7000 --node-id local-1
+run: $(STAMP)  ## start a local cluster on 127.0.0.1: 2 masters, 3 aux nodes, 2 replicas (Ctrl-C stops it)
+	$(BIN)/dcache cluster --masters 2 --aux 3 --replicas 2 --data-dir ./data
 
 lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff check dcache tests bin

@@ -158,45 +158,52 @@ class FrameDecoder:
         return out
 
     def _drain(self, out: list[Any]) -> None:
+        # Hot loop: state lives in locals and is written back once on exit.
         up = self._unpacker
         append = out.append
         read_bytes = up.read_bytes
         tell = up.tell
         unpack = up.unpack
+        from_bytes = int.from_bytes
         max_frame = self._max_frame
-        while True:
-            end = self._frame_end
-            if end < 0:
-                if self._partial:
-                    header = self._partial + read_bytes(HEADER_BYTES - len(self._partial))
-                else:
-                    header = read_bytes(HEADER_BYTES)
-                if len(header) < HEADER_BYTES:
-                    self._partial = header
+        end = self._frame_end
+        n = end - self._frame_start - HEADER_BYTES
+        try:
+            while True:
+                if end < 0:
+                    if self._partial:
+                        header = self._partial + read_bytes(HEADER_BYTES - len(self._partial))
+                        self._partial = b""
+                    else:
+                        header = read_bytes(HEADER_BYTES)
+                    if len(header) < HEADER_BYTES:
+                        self._partial = header
+                        return
+                    n = from_bytes(header, "big")
+                    if n > max_frame:
+                        raise RemoteProtocolError(
+                            f"frame of {n} bytes exceeds the limit of {max_frame} bytes",
+                            status=Status.FRAME_TOO_LARGE,
+                        )
+                    if n == 0:
+                        raise RemoteProtocolError("empty frame")
+                    end = tell() + n
+                try:
+                    obj = unpack()
+                except msgpack.OutOfData:
+                    if self._fed >= end:
+                        raise RemoteProtocolError("msgpack object runs past the end of its frame") from None
                     return
-                self._partial = b""
-                n = int.from_bytes(header, "big")
-                if n > max_frame:
-                    raise RemoteProtocolError(
-                        f"frame of {n} bytes exceeds the limit of {max_frame} bytes",
-                        status=Status.FRAME_TOO_LARGE,
-                    )
-                if n == 0:
-                    raise RemoteProtocolError("empty frame")
-                end = self._frame_end = tell() + n
+                except Exception as exc:  # any malformed msgpack: the stream is lost
+                    raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}") from None
+                if tell() != end:
+                    raise RemoteProtocolError("frame length does not match its msgpack object")
+                end = -1
+                append(obj)
+        finally:
+            self._frame_end = end
+            if end >= 0:
                 self._frame_start = end - n - HEADER_BYTES
-            try:
-                obj = unpack()
-            except msgpack.OutOfData:
-                if self._fed >= end:
-                    raise RemoteProtocolError("msgpack object runs past the end of its frame") from None
-                return
-            except Exception as exc:  # any malformed msgpack: the stream is lost
-                raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}") from None
-            if tell() != end:
-                raise RemoteProtocolError("frame length does not match its msgpack object")
-            self._frame_end = -1
-            append(obj)
 
 
 class _Failed(Exception):

@@ -41,7 +41,8 @@ async def wait_snapshots_after_now(c: Client, n: int = 2, timeout: float = 20.0)
         s = await c.stats()
         return s if s["snapshots_taken"] >= base + n else None
 
-    return await wait_until(done, timeout, f"{n} more snapshots")
+    stats: dict[str, Any] = await wait_until(done, timeout, f"{n} more snapshots")
+    return stats
 
 
 def files(d: Path) -> set[str]:
@@ -177,7 +178,7 @@ async def test_both_generations_bad_starts_empty(tmp_path: Path):
 
 
 async def test_sigkill_during_a_large_snapshot_keeps_the_last_complete_one(tmp_path: Path):
-    n_keys, value = 200_000, b"x" * 1024
+    n_keys, value = 300_000, b"x" * 1024
     args = ("--snapshot-interval", "0.3", "--max-memory", "1GB")
     node = start_aux(tmp_path, *args, node_id="snap-big")
     try:

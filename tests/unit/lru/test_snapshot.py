@@ -17,7 +17,7 @@ from dcache.lru import LRUCache, SnapshotCorruptError, SnapshotData, SnapshotErr
 from dcache.lru.snapshot import DUMP_CHUNK_ENTRIES, FORMAT_VERSION, MAGIC, pack_entries, write_packed
 
 NOW = 1_700_000_000_000
-HEADER = {"node_id": "aux-1", "ring_epoch": 7, "created_ms": NOW - 5}
+HEADER: dict[str, Any] = {"node_id": "aux-1", "ring_epoch": 7, "created_ms": NOW - 5}
 U64 = (1 << 64) - 1
 
 

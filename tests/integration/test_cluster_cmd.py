@@ -1,0 +1,75 @@
+"""``dcache cluster`` (what ``make run`` starts) and the operator views ``dcache ring`` / ``dcache stats``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dcache import Client
+from tests.harness import _readline_with_deadline
+
+pytestmark = pytest.mark.slow
+
+
+def dcache(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "dcache", *args], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcache", "cluster", "--port", "0", "--masters", "2", "--aux", "3", "--replicas", "2",
+         "--data-dir", str(tmp_path / "data"), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = _readline_with_deadline(proc, max(0.1, deadline - time.monotonic()))
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("READY "):
+            break
+    assert lines and lines[-1].startswith("READY "), (lines, proc.poll())
+    yield proc, lines
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    for pipe in (proc.stdout, proc.stderr):
+        assert pipe is not None
+        pipe.close()
+
+
+async def test_local_cluster_serves_and_stops_on_ctrl_c(local_cluster):
+    proc, lines = local_cluster
+    masters = [line.split()[2] for line in lines if line.startswith("master ")]
+    aux = [line.split()[2] for line in lines if line.startswith("aux ")]
+    assert len(masters) == 2 and len(aux) == 3
+    async with Client(masters) as c:
+        assert await c.mset({f"c:{i}": b"%d" % i for i in range(1000)}) == 1000
+    async with Client(masters[1]) as c:  # the follower serves the same data
+        assert await c.mget([f"c:{i}" for i in range(1000)]) == [b"%d" % i for i in range(1000)]
+
+    r = dcache("ring", "--addr", masters[0])
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    for node in ("a1", "a2", "a3"):
+        assert node in out
+    assert "replicas 2" in out and "stable" in out
+    info = json.loads(dcache("ring", "--addr", masters[1], "--json").stdout)
+    assert {n["node_id"] for n in info["nodes"]} == {"a1", "a2", "a3"}
+    assert sum(n["items"] for n in info["nodes"]) == 2000  # two copies of each key
+    assert info["membership"]["role"] == "follower"
+
+    stats = json.loads(dcache("stats", "--addr", masters[0], "--json").stdout)
+    assert stats["role"] == "master" and stats["items"] == 2000 and stats["aux_nodes_answering"] == 3
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    assert b"stopped" in proc.stderr.read()
