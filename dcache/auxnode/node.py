@@ -15,6 +15,7 @@ import asyncio
 import gc
 import logging
 import os
+import random
 import signal
 import time
 from typing import Any
@@ -72,6 +73,8 @@ class AuxNode(Service):
         self.config = config
         self.cache = LRUCache(config.max_memory, config.max_items)
         self.clock = HybridClock(self.node_id)
+        #: Random per process: a master that sees it change knows the node restarted.
+        self.incarnation = random.getrandbits(62)
         self.started_at = time.time()
         self.server: asyncio.base_events.Server | None = None
         self.op_counts: dict[int, int] = dict.fromkeys(map(int, Op), 0)
@@ -249,6 +252,12 @@ class AuxNode(Service):
         return self.stats()
 
     # -- everything else -----------------------------------------------------
+
+    def hello_result(self) -> dict[str, Any]:
+        """HELLO plus this process's ``incarnation``, so masters notice a restart."""
+        result = super().hello_result()
+        result["incarnation"] = self.incarnation
+        return result
 
     def stats(self) -> dict[str, Any]:
         """The node's counters, as STATS returns them."""

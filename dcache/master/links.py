@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from ..errors import HandshakeError, RemoteProtocolError, Status, error_from_status
-from ..protocol import PROTOCOL_VERSION, FrameDecoder, Op, encode_request
+from ..protocol import HEADER, PROTOCOL_VERSION, FrameDecoder, Op, pack
 
 __all__ = ["AuxLink", "UpstreamProtocol", "Callback"]
 
@@ -42,6 +42,8 @@ _SWEEP_INTERVAL_S = 0.05
 _BACKOFF_BASE_S = 0.05
 _BACKOFF_MAX_S = 1.0
 _MAX_REQUEST_ID = 2**32 - 1
+_pack = pack
+_header = HEADER.pack
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
 
@@ -49,7 +51,7 @@ _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
 class UpstreamProtocol(asyncio.Protocol):
     """One connection from a master to an aux node."""
 
-    __slots__ = ("_transport", "_decoder", "waiters", "_next_id", "_out", "_flush_scheduled", "_loop", "closed", "_name")
+    __slots__ = ("_transport", "_decoder", "waiters", "_next_id", "_out", "_flush_scheduled", "_loop", "closed", "_name", "incarnation")
 
     def __init__(self, name: str) -> None:
         self._transport: asyncio.Transport | None = None
@@ -61,6 +63,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.closed = False
         self._name = name
+        self.incarnation: int | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -109,7 +112,10 @@ class UpstreamProtocol(asyncio.Protocol):
             rid = rid + 1 if rid < _MAX_REQUEST_ID else 1
         self._next_id = rid + 1 if rid < _MAX_REQUEST_ID else 1
         waiters[rid] = cb
-        self._out.append(encode_request(op, rid, *args))
+        body = _pack([op, rid, *args])
+        out = self._out
+        out.append(_header(len(body)))
+        out.append(body)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -157,9 +163,21 @@ class AuxLink:
         "_loop",
         "requests",
         "failures_total",
+        "incarnation",
+        "on_restart",
     )
 
-    def __init__(self, node_id: str, host: str, port: int, *, size: int = 2, timeout: float = 2.0, auth_token: str | None = None) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        host: str,
+        port: int,
+        *,
+        size: int = 2,
+        timeout: float = 2.0,
+        auth_token: str | None = None,
+        on_restart: Callable[[str], None] | None = None,
+    ) -> None:
         self.node_id = node_id
         self.host = host
         self.port = port
@@ -176,6 +194,12 @@ class AuxLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.requests = 0
         self.failures_total = 0
+        #: The aux process's incarnation (from HELLO); a new one means it restarted.
+        self.incarnation: int | None = None
+        #: Called (before the new connection carries any request) when the
+        #: node answers with a new incarnation: it restarted and may hold
+        #: stale data, so the master fences it first.
+        self.on_restart = on_restart
 
     @property
     def connected(self) -> bool:
@@ -223,6 +247,8 @@ class AuxLink:
         if not isinstance(result, dict) or result.get("role") != "aux":
             proto.close()
             raise HandshakeError(f"{self.host}:{self.port} is not an aux node ({result!r})")
+        incarnation = result.get("incarnation")
+        proto.incarnation = incarnation if type(incarnation) is int else None
         return proto
 
     async def _connect_loop(self) -> None:
@@ -245,6 +271,16 @@ class AuxLink:
                 proto.close()
                 return
             self._failures = 0
+            incarnation = proto.incarnation
+            if incarnation is not None:
+                if self.incarnation is not None and incarnation != self.incarnation:
+                    log.warning("aux node %s restarted (new incarnation)", self.node_id)
+                    for old in self._conns:
+                        old.close()
+                    self._conns = []
+                    if self.on_restart is not None:
+                        self.on_restart(self.node_id)
+                self.incarnation = incarnation
             self._conns.append(proto)
 
     def _pick(self) -> UpstreamProtocol | None:

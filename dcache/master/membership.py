@@ -23,16 +23,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from ..client.connection import ClientConnection, open_connection
 from ..config import MasterConfig, parse_address
 from ..errors import BadArgumentsError, UnavailableError
 from ..hlc import HybridClock
-from ..protocol import Op
+from ..protocol import PROTOCOL_VERSION, Op
 from .links import AuxLink
 from .migration import Migrator
-from .view import DOWN, LEAVING, UP, ClusterView, Member
+from .view import DOWN, FENCED, LEAVING, UP, ClusterView, Member
 
 __all__ = ["Membership", "Coordinator", "Follower"]
 
@@ -99,6 +100,23 @@ class Membership:
         """Answer a follower's poll: the view if it is newer than ``(epoch, seq)``."""
         raise BadArgumentsError("this master does not coordinate the cluster")
 
+    def on_aux_restart(self, node_id: str) -> None:
+        """An aux node came back as a new process: stop reading from it.
+
+        Called by its link before the new connection carries a request. The
+        base behaviour (a follower's) fences it in the local view until the
+        coordinator's next view says otherwise.
+        """
+        view = self.view
+        m = view.members.get(node_id)
+        if m is None or m.state != UP:
+            return
+        members = dict(view.members)
+        members[node_id] = Member(m.node_id, m.host, m.port, m.weight, FENCED, _wall_ms())
+        local = replace(view, members=members)  # same (epoch, seq): any newer view replaces it
+        self.view = local
+        self._on_view(local)
+
     def status(self) -> dict[str, Any]:
         """What ``dcache ring`` shows about membership."""
         return {"role": self.role}
@@ -121,6 +139,8 @@ class Coordinator(Membership):
         self._links = links
         self._clock = clock
         self._misses: dict[str, int] = {}
+        self._incarnations: dict[str, int] = {}
+        self._fences: dict[str, asyncio.Task[None]] = {}
         self._followers: dict[str, tuple[int, int, float]] = {}
         self.migrator = Migrator(config, links, clock, self._followers_caught_up)
         self._migration: asyncio.Task[None] | None = None
@@ -228,6 +248,47 @@ class Coordinator(Membership):
         log.warning("aux node %s marked %s: %s", node_id, state, why)
         self._change(members, f"{node_id} {state}: {why}")
 
+    def on_aux_restart(self, node_id: str) -> None:
+        self.fence(node_id, "restarted: reconciling before it serves reads")
+
+    def fence(self, node_id: str, why: str) -> None:
+        """Stop reading from a node until its co-owners' data has been copied to it."""
+        members = dict(self.view.members)
+        m = members.get(node_id)
+        if m is None or m.state != UP:
+            return
+        members[node_id] = Member(m.node_id, m.host, m.port, m.weight, FENCED, _wall_ms())
+        log.warning("aux node %s fenced: %s", node_id, why)
+        self.health_events.append({"node_id": node_id, "state": FENCED, "why": why, "at_ms": _wall_ms()})
+        del self.health_events[:-50]
+        view = self.view.with_members(members, migrate=False)
+        if self.view.prev_ring is not None:  # keep a running migration's source ring
+            view = view.bumped(prev_ring=self.view.prev_ring)
+        self.publish(view)
+        old = self._fences.get(node_id)
+        if old is not None:
+            old.cancel()
+        self._fences[node_id] = self._spawn(self._reconcile(node_id), f"fence-{node_id}")
+
+    async def _reconcile(self, node_id: str) -> None:
+        while True:
+            view = self.view
+            try:
+                await self.migrator.run(view, self.migrator.plan_fence(view, node_id))
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconciling %s failed; retrying in 1 s", node_id)
+                await asyncio.sleep(1.0)
+        members = dict(self.view.members)
+        m = members.get(node_id)
+        if m is not None and m.state == FENCED:
+            members[node_id] = Member(m.node_id, m.host, m.port, m.weight, UP, _wall_ms())
+            log.info("aux node %s reconciled: serving reads again", node_id)
+            self.publish(self.view.bumped(members=members))
+            self._notify()
+
     # -- health ------------------------------------------------------------------------
 
     async def _health_loop(self) -> None:
@@ -244,16 +305,22 @@ class Coordinator(Membership):
         view = self.view
         links = self._links()
         nodes = [m for m in view.members.values() if m.node_id in links]
+        hello = (PROTOCOL_VERSION, cfg.auth_token, "dcache-health")
         results = await asyncio.gather(
-            *(asyncio.wait_for(links[m.node_id].call(Op.PING), cfg.health_interval * 2) for m in nodes),
+            *(asyncio.wait_for(links[m.node_id].call(Op.HELLO, *hello), cfg.health_interval * 2) for m in nodes),
             return_exceptions=True,
         )
         for m, r in zip(nodes, results, strict=True):
             ok = not isinstance(r, BaseException)
             if ok:
                 self._misses[m.node_id] = 0
+                incarnation = r.get("incarnation") if isinstance(r, dict) else None
+                known = self._incarnations.get(m.node_id)
+                self._incarnations[m.node_id] = incarnation  # type: ignore[assignment]
                 if m.state == DOWN:
                     self.mark(m.node_id, UP, "answers pings again")
+                elif m.state == UP and known is not None and incarnation != known:
+                    self.fence(m.node_id, "restarted: reconciling before it serves reads")
                 continue
             misses = self._misses.get(m.node_id, 0) + 1
             self._misses[m.node_id] = misses

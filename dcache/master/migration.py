@@ -106,10 +106,25 @@ class Migrator:
                 streams.setdefault((src, dst), []).append([move.start, move.end])
         return streams
 
-    async def run(self, view: ClusterView) -> None:
-        """Copy everything ``view``'s ring change implies; return when done."""
+    def plan_fence(self, view: ClusterView, node_id: str) -> dict[tuple[str, str], list[list[int]]]:
+        """(source, ``node_id``) -> ranges: everything ``node_id`` owns, from its co-owners."""
+        streams: dict[tuple[str, str], list[list[int]]] = {}
+        if node_id not in view.ring:
+            return streams
+        others = view.ring.without_node(node_id)
+        for move in moved_ranges(others, view.ring, view.replicas):
+            if node_id not in move.new_owners:
+                continue
+            sources = [n for n in move.old_owners if view.members.get(n) is not None and view.members[n].state == UP]
+            if sources:
+                streams.setdefault((sources[0], node_id), []).append([move.start, move.end])
+        return streams
+
+    async def run(self, view: ClusterView, plan: dict[tuple[str, str], list[list[int]]] | None = None) -> None:
+        """Copy everything ``view``'s ring change implies (or ``plan``); return when done."""
         cfg = self.config
-        plan = self.plan(view)
+        if plan is None:
+            plan = self.plan(view)
         self.state = "waiting-for-followers"
         self.epoch = view.epoch
         self.streams_total = len(plan)

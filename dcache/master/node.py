@@ -81,7 +81,9 @@ class _ReadOp:
             if link is None:
                 self(_UNAVAILABLE, f"no link to aux node {candidates[self.i]}")
             else:
-                link.send(Op.GETV, (self.key,), self)
+                # the first owner answers a plain GET (just the value, the
+                # cheapest answer); later ones GETV, whose version a repair needs
+                link.send(Op.GET if self.i == 0 else Op.GETV, (self.key,), self)
             return
         if self.error is not None and self.missed is None:
             self.router.stats.unavailable += 1
@@ -92,6 +94,9 @@ class _ReadOp:
     def __call__(self, status: int, result: Any) -> None:
         if status == 0:
             if result is not None:
+                if self.i == 0:
+                    self.conn.reply(self.rid, 0, result)
+                    return
                 if self.missed:
                     self.router._repair(self.missed, self.key, result)
                 self.conn.reply(self.rid, 0, result[0])
@@ -231,6 +236,7 @@ class MasterNode(Service):
                     size=cfg.aux_connections,
                     timeout=cfg.aux_timeout,
                     auth_token=cfg.auth_token,
+                    on_restart=self.membership.on_aux_restart,
                 )
                 if self.server is not None:
                     link.start()

@@ -26,12 +26,16 @@ from typing import Any
 
 from ..ring import HashRing, hash64
 
-__all__ = ["Member", "ClusterView", "UP", "DOWN", "LEAVING", "MEMBER_STATES"]
+__all__ = ["Member", "ClusterView", "UP", "DOWN", "LEAVING", "FENCED", "MEMBER_STATES"]
 
 UP = "up"
 DOWN = "down"
 LEAVING = "leaving"
-MEMBER_STATES = (UP, DOWN, LEAVING)
+#: In the ring and written to, but not read from until the data it may have
+#: missed (it restarted) has been copied to it from the other owners.
+FENCED = "fenced"
+MEMBER_STATES = (UP, DOWN, LEAVING, FENCED)
+_IN_RING = (UP, FENCED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +111,7 @@ class ClusterView:
     @classmethod
     def initial(cls, members: list[Member], replicas: int, epoch: int, coordinator: str = "") -> ClusterView:
         """The first view: every given member up and in the ring."""
-        ring = HashRing({m.node_id: m.weight for m in members if m.state == UP}, epoch=epoch)
+        ring = HashRing({m.node_id: m.weight for m in members if m.state in _IN_RING}, epoch=epoch)
         return cls(epoch, 0, replicas, {m.node_id: m for m in members}, ring, None, coordinator)
 
     def with_members(self, members: dict[str, Member], *, migrate: bool = True) -> ClusterView:
@@ -117,7 +121,7 @@ class ClusterView:
         migration is already running, whose source ring stays authoritative).
         """
         epoch = self.epoch + 1
-        ring = HashRing({m.node_id: m.weight for m in members.values() if m.state == UP}, epoch=epoch)
+        ring = HashRing({m.node_id: m.weight for m in members.values() if m.state in _IN_RING}, epoch=epoch)
         prev = (self.prev_ring if self.prev_ring is not None else self.ring) if migrate else None
         if prev is not None and prev.nodes == ring.nodes:
             prev = None
@@ -154,8 +158,8 @@ class ClusterView:
         if prev is not None:
             old = [n for n in prev.owners_for_hash(h, r) if n in members and members[n].state != DOWN]
             if old:
-                return old
-        return [n for n in self.ring.owners_for_hash(h, r) if n in members and members[n].state != DOWN]
+                return _unfenced_first(old, members)
+        return _unfenced_first([n for n in self.ring.owners_for_hash(h, r) if n in members and members[n].state != DOWN], members)
 
     def write_targets(self, key: bytes) -> list[str]:
         """Live nodes a write of ``key`` goes to: owners in the ring and, while moving, in the previous ring.
@@ -209,3 +213,9 @@ class ClusterView:
     def newer_than(self, other: ClusterView) -> bool:
         """Whether this view supersedes ``other``."""
         return (self.epoch, self.seq) > (other.epoch, other.seq)
+
+
+def _unfenced_first(nodes: list[str], members: dict[str, Member]) -> list[str]:
+    """Drop fenced nodes from a read list, unless nothing else is left."""
+    readable = [n for n in nodes if members[n].state != FENCED]
+    return readable or nodes

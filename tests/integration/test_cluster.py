@@ -305,3 +305,42 @@ async def test_followers_converge_and_survive_the_coordinator(cluster: Cluster):
         assert await c.mget([f"f:{i}" for i in range(500)]) == [b"%d" % i for i in range(500)]
         assert await c.set("f:after", b"ok") is True
         assert await c.get("f:after") == b"ok"
+
+
+async def test_restart_within_detection_window_is_fenced(tmp_path):
+    """An owner killed and restarted before it is marked down comes back with its
+    older snapshot; it must not serve that stale value while its replica has the newer one."""
+    cluster = Cluster(tmp_path, replicas=2, snapshot_interval=0.1)
+    try:
+        m = cluster.start_master("m1", "--health-failures", "1000")  # never marked down: only the restart is seen
+        members = ["a1", "a2", "a3"]
+        for n in members:
+            cluster.start_aux(n)
+        await wait_ring(m.addr, settled(set(members)))
+        k = _key_owned_by("a2", members, "fence-k")  # a2 is the first owner: reads go there first
+        async with Client(m.addr, timeout=10) as c:
+            assert await c.set(k, b"v1")
+            victim = cluster.aux["a2"]
+            snapshot = tmp_path / "a2" / "snapshot.msgpack"
+            deadline = time.monotonic() + 10
+            while not snapshot.exists():
+                assert time.monotonic() < deadline, "no snapshot written"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # a snapshot taken after the write
+            victim.kill()
+            assert await c.set(k, b"v2") is True  # only the replica applies it
+            port = victim.port
+            restarted = cluster.start_aux("a2", port=port)  # same id, port and data: loads v1
+            assert restarted.port == port
+            bad = []
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                v = await c.get(k)
+                if v != b"v2":
+                    bad.append(v)
+            assert bad == [], bad[:5]
+            await wait_ring(m.addr, settled(set(members)), timeout=30, what="a2 reconciled")
+        async with Client(restarted.addr) as direct:
+            assert await direct.get(k) == b"v2"  # reconciled from the replica
+    finally:
+        cluster.stop()
