@@ -33,8 +33,8 @@ node crash-loop.
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import logging
 import os
 import time
