@@ -1,0 +1,69 @@
+"""Catastrophic restart: every process killed at once, then restarted from the snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from dcache import Client
+from tests.cluster import Cluster, settled, wait_ring
+
+pytestmark = pytest.mark.slow
+
+
+async def test_catastrophic_restart_brings_every_key_back(tmp_path):
+    cluster = Cluster(tmp_path, replicas=1, snapshot_interval=0.5)
+    aux_ids = ["a1", "a2", "a3"]
+    try:
+        m1 = cluster.start_master("m1")
+        m2 = cluster.start_master("m2", follow=m1)
+        for n in aux_ids:
+            cluster.start_aux(n)
+        await wait_ring(m1.addr, settled(set(aux_ids)))
+        await wait_ring(m2.addr, settled(set(aux_ids)))
+        async with Client([m1.addr, m2.addr], timeout=10) as c:
+            for start in range(0, 20_000, 1000):
+                plain = {f"d:{i}": b"value-%d" % i for i in range(start, start + 1000) if i % 10}
+                assert await c.mset(plain) == len(plain)
+            long_ttl = {f"d:{i}": b"ttl-%d" % i for i in range(0, 20_000, 10) if i % 20 == 0}
+            short_ttl = {f"d:{i}": b"short-%d" % i for i in range(0, 20_000, 10) if i % 20 == 10}
+            assert await c.mset(long_ttl, ttl=600) == len(long_ttl)
+            assert await c.mset(short_ttl, ttl=1.5) == len(short_ttl)
+            written_at = time.monotonic()
+        # one snapshot interval and a bit: every node has written a snapshot after the writes
+        snaps = [tmp_path / n / "snapshot.msgpack" for n in aux_ids]
+        before = {p: p.stat().st_mtime if p.exists() else 0 for p in snaps}
+        deadline = time.monotonic() + 10
+        while any(not p.exists() or p.stat().st_mtime <= before[p] for p in snaps):
+            assert time.monotonic() < deadline, "snapshots were not refreshed"
+            await asyncio.sleep(0.05)
+        ports = {n: cluster.aux[n].port for n in aux_ids}
+        for p in [*cluster.masters, *cluster.aux.values()]:
+            p.kill()  # SIGKILL, all at once
+        cluster.masters.clear()
+        m1 = cluster.start_master("m1")
+        m2 = cluster.start_master("m2", follow=m1)
+        for n in aux_ids:
+            cluster.start_aux(n, port=ports[n])
+        await wait_ring(m1.addr, settled(set(aux_ids)), timeout=30)
+        await wait_ring(m2.addr, settled(set(aux_ids)), timeout=10)
+        while time.monotonic() - written_at < 2.0:  # the short TTLs have passed
+            await asyncio.sleep(0.05)
+        async with Client([m1.addr, m2.addr], timeout=10) as c:
+            keys = [f"d:{i}" for i in range(20_000)]
+            values = []
+            for start in range(0, 20_000, 1000):
+                values += await c.mget(keys[start : start + 1000])
+            for i, v in enumerate(values):
+                if i % 10:
+                    assert v == b"value-%d" % i, (i, v)
+                elif i % 20 == 0:
+                    assert v == b"ttl-%d" % i, (i, v)
+                else:
+                    assert v is None, (i, v)  # expired while everything was down
+            ttl = await c.ttl("d:0")
+            assert ttl is not None and 500 < ttl <= 600
+    finally:
+        cluster.stop()
