@@ -51,7 +51,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio", type=float, default=0.9, help="fraction of GETs; the rest are SETs (default: 0.9)")
     parser.add_argument("--value-size", type=int, default=100, help="bytes per value (default: 100)")
     parser.add_argument("--keys", type=int, default=100_000, help="size of the key space (default: 100000)")
-    parser.add_argument("--procs", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (default: min(4, CPUs))")
+    parser.add_argument(
+        "--procs",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) // 2),
+        help="load-generating processes (default: half the CPUs, at least 1; on a small machine more processes only add scheduling delay)",
+    )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop of the workers (default: uvloop)")
     parser.add_argument("--no-populate", action="store_true", help="skip writing the key space before the run")
     parser.add_argument("--auth-token", default=os.environ.get("DCACHE_AUTH_TOKEN"), help="auth token for HELLO (env DCACHE_AUTH_TOKEN)")

@@ -131,6 +131,11 @@ class UpstreamProtocol(asyncio.Protocol):
                 self._transport.writelines(out)
         out.clear()
 
+    @property
+    def pending_flush(self) -> bool:
+        """Whether requests are queued for this loop iteration's write."""
+        return self._flush_scheduled
+
     def fail(self, rid: int, status: int, message: str) -> None:
         """Answer a pending request locally (timeout)."""
         cb = self.waiters.pop(rid, None)
@@ -284,9 +289,16 @@ class AuxLink:
             self._conns.append(proto)
 
     def _pick(self) -> UpstreamProtocol | None:
+        # Requests made in one loop iteration share one connection: they leave
+        # in one write, the aux node answers them in one write, and each
+        # client's batch comes back together (one reply write per client).
+        # The next iteration moves on to the next connection.
         conns = self._conns
         n = len(conns)
         if n:
+            c = conns[self._rr % n]
+            if c.pending_flush and not c.closed:
+                return c
             i = self._rr = (self._rr + 1) % n
             c = conns[i]
             if not c.closed:
