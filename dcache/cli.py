@@ -261,6 +261,44 @@ def _cmd_ring(args: argparse.Namespace) -> int:
     return _run_tool(args, body)
 
 
+def _cmd_dump(args: argparse.Namespace) -> int:
+    from .dumptool import dump_cluster
+
+    return _run_coro(args, dump_cluster(args.addr.split(",")[0], args.out, timeout=args.timeout, auth_token=args.auth_token))
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from .dumptool import restore_cluster
+
+    if args.batch < 1:
+        print("dcache restore: --batch must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    return _run_coro(args, restore_cluster(args.addr, args.infile, batch=args.batch, timeout=args.timeout, auth_token=args.auth_token))
+
+
+def _run_coro(args: argparse.Namespace, coro: Coroutine[Any, Any, dict[str, Any]]) -> int:
+    """Run a dump/restore coroutine, print its summary, map errors onto exit codes."""
+    from .lru.snapshot import SnapshotError
+
+    try:
+        summary = asyncio.run(coro)
+    except SnapshotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ServerError as exc:
+        print(f"error: server: {exc.message} ({exc.__class__.__name__})", file=sys.stderr)
+        return EXIT_SERVER_ERROR
+    except (ClientError, TimeoutError, RuntimeError) as exc:
+        print(f"error: {exc or exc.__class__.__name__}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE if isinstance(exc, ConnectionError) else EXIT_USAGE
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench_cli
 
@@ -351,6 +389,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_addr(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_ring)
+
+    from .dumptool import add_dump_arguments, add_restore_arguments
+
+    p = sub.add_parser(
+        "dump",
+        help="copy a whole cluster to one file",
+        description="Copy every key of the cluster behind the master at --addr (values, expiries, versions) into one "
+        "checksummed file. Waits for a running migration to finish first.",
+        epilog=_EXIT_CODES_HELP,
+    )
+    _add_addr(p)
+    add_dump_arguments(p)
+    p.set_defaults(func=_cmd_dump)
+
+    p = sub.add_parser(
+        "restore",
+        help="load a dump into a cluster",
+        description="Load a file written by 'dcache dump' into the cluster behind the master at --addr (any size). "
+        "Entries keep their versions: a restore never overwrites newer data; expired entries are skipped.",
+        epilog=_EXIT_CODES_HELP,
+    )
+    _add_addr(p)
+    add_restore_arguments(p)
+    p.set_defaults(func=_cmd_restore)
 
     from .bench import add_bench_arguments
 

@@ -220,6 +220,7 @@ class MasterNode(Service):
         h[Op.JOIN] = self._join
         h[Op.LEAVE] = self._leave
         h[Op.SYNC] = self._sync
+        h[Op.APPLY] = self._apply
 
     # -- view changes -------------------------------------------------------------
 
@@ -422,6 +423,23 @@ class MasterNode(Service):
             raise BadArgumentsError("LEAVE takes [node_id]")
         return deferred(self.membership.leave(msg[2]))
 
+    def _apply(self, msg: list[Any]) -> Any:
+        if len(msg) != 3 or msg[2].__class__ is not list:
+            raise BadArgumentsError("APPLY takes [entries: list of [key, value, expires_at, version]]")
+        limits = self.limits
+        entries = []
+        for e in msg[2]:
+            if e.__class__ is not list or len(e) != 4:
+                raise BadArgumentsError("each APPLY entry is [key, value, expires_at, version]")
+            key, value, expires_at, version = e
+            if expires_at.__class__ is not int or not 0 <= expires_at < 2**63:
+                raise BadArgumentsError("expires_at must be an integer in 0..2**63-1")
+            if version.__class__ is not int or not 0 < version < 2**64:
+                raise BadArgumentsError("version must be an integer in 1..2**64-1")
+            self.clock.observe(version)
+            entries.append([check_key(key, limits), check_value(value, limits), expires_at, version])
+        return deferred(self.router.apply_entries(entries))
+
     def _sync(self, msg: list[Any]) -> Any:
         if len(msg) != 5 or not isinstance(msg[2], str) or msg[3].__class__ is not int or msg[4].__class__ is not int:
             raise BadArgumentsError("SYNC takes [follower_id, epoch, seq]")
@@ -490,6 +508,7 @@ class MasterNode(Service):
             "epoch": view.epoch,
             "seq": view.seq,
             "replicas": view.replicas,
+            "ring": view.ring.to_dict(),
             "migrating": view.prev_ring is not None,
             "master": self.node_id,
             "membership": self.membership.status(),

@@ -312,6 +312,28 @@ class Router:
             self.stats.partial_writes += 1
         return len(pairs)
 
+    async def apply_entries(self, entries: list[list[Any]]) -> int:
+        """Versioned, last-writer-wins copies (restore): each entry to its owners.
+
+        Returns how many entries their first owner applied (the rest were
+        older than what the cluster holds, or expired).
+        """
+        view = self.view
+        first: dict[str, list[list[Any]]] = {}
+        rest: dict[str, list[list[Any]]] = {}
+        for entry in entries:
+            targets = view.write_targets(entry[0])
+            if not targets:
+                raise UnavailableError("no aux node is available for some keys")
+            first.setdefault(targets[0], []).append(entry)
+            for n in targets[1:]:
+                rest.setdefault(n, []).append(entry)
+        nodes = list(first)
+        counts = await asyncio.gather(*(self._link(n).request(Op.APPLY, first[n]) for n in nodes))
+        if rest:
+            await asyncio.gather(*(self._link(n).request(Op.APPLY, rest[n]) for n in rest), return_exceptions=True)
+        return sum(int(c) for c in counts)
+
     # -- cluster-wide --------------------------------------------------------
 
     async def gather_stats(self) -> dict[str, dict[str, Any]]:
