@@ -471,6 +471,21 @@ class MasterNode(Service):
             "repairs": rs.repairs,
             "unavailable": rs.unavailable,
             "partial_writes": rs.partial_writes,
+            **self._migration_stats(),
+        }
+
+    def _migration_stats(self) -> dict[str, Any]:
+        """Migration progress (coordinator only; followers report none)."""
+        progress = self.membership.status().get("migration")
+        if not progress:
+            return {}
+        return {
+            "migration_state": progress["state"],
+            "migration_streams_total": progress["streams_total"],
+            "migration_streams_done": progress["streams_done"],
+            "migration_keys_moved": progress["keys_moved"],
+            "migration_keys_moved_total": progress["keys_moved_total"],
+            "migrations_total": progress["migrations_total"],
         }
 
     async def cluster_stats(self) -> dict[str, Any]:
