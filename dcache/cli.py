@@ -26,7 +26,7 @@ from dataclasses import fields
 from typing import Any
 
 from . import __version__
-from .config import AuxConfig, MasterConfig, field_default, load_config
+from .config import AuxConfig, HttpConfig, MasterConfig, field_default, load_config
 from .errors import ClientError, ConfigError, ServerError
 
 __all__ = ["main", "EXIT_OK", "EXIT_MISSING", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_SERVER_ERROR"]
@@ -114,6 +114,16 @@ def _cmd_master(args: argparse.Namespace) -> int:
     from .master import run_master
 
     return run_master(config)
+
+
+def _cmd_http(args: argparse.Namespace) -> int:
+    config = _config_from_args(HttpConfig, "http", args)
+    if args.check_config:
+        return _print_config(config)
+    _setup_logging(config.log_level)
+    from .http import run_http
+
+    return run_http(config)
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
@@ -309,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full ``dcache`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="dcache",
-        description="dcache: a distributed in-memory cache. Run a role (master, aux, cluster) or a tool against a running cluster.",
+        description="dcache: a distributed in-memory cache. Run a role (master, aux, http, cluster) or a tool against a running cluster.",
         epilog=_EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -336,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(p, MasterConfig)
     p.set_defaults(func=_cmd_master)
+
+    p = sub.add_parser(
+        "http",
+        help="run the HTTP shim (JSON and raw bytes over HTTP)",
+        description="Run the HTTP shim: POST /data, GET|PUT|DELETE /data/{key}, the legacy /api/get and /api/post, "
+        "/health, /metrics and /openapi.yaml, through a dcache client that fails over between the --master endpoints. "
+        "Prints one 'READY host:port' line once listening; SIGTERM/SIGINT shut it down gracefully. See docs/HTTP.md.",
+    )
+    _add_config_flags(p, HttpConfig)
+    p.set_defaults(func=_cmd_http)
 
     from .cluster import add_cluster_arguments
 

@@ -28,6 +28,8 @@ from .protocol import MAX_FRAME_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, Limits
 __all__ = [
     "AuxConfig",
     "MasterConfig",
+    "HttpConfig",
+    "DEFAULT_HTTP_PORT",
     "DEFAULT_MASTER_PORT",
     "ENV_PREFIX",
     "load_config",
@@ -185,9 +187,14 @@ class AuxConfig:
     advertise: str | None = opt(None, "HOST:PORT masters should use to reach this node (default: the bound address)", _opt_address, "ADDR")
     leave_timeout: float = opt(120.0, "seconds to wait on SIGTERM for the master to move this node's data away", _float, "S")
     log_level: str = opt("info", "debug, info, warning or error", _str)
+    metrics_port: int | None = opt(
+        None, "serve Prometheus metrics at http://HOST:PORT/metrics on --host (none: off; 0 picks a free port)", _opt(_int), "PORT"
+    )
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
+        if self.metrics_port is not None:
+            _check_port("metrics_port", self.metrics_port)
         _check_positive(self, "weight", "leave_timeout")
         _check_positive(self, "max_memory", "max_key_bytes", "max_value_bytes", "max_frame_bytes")
         _check_positive(self, "expiry_interval", "expiry_batch")
@@ -241,9 +248,14 @@ class MasterConfig:
     migration_rate: int = opt(0, "most keys moved per second per stream; 0 = unthrottled", _int, "N")
     shutdown_grace: float = opt(5.0, "seconds to let in-flight requests finish on SIGTERM/SIGINT", _float, "S")
     log_level: str = opt("info", "debug, info, warning or error", _str)
+    metrics_port: int | None = opt(
+        None, "serve Prometheus metrics at http://HOST:PORT/metrics on --host (none: off; 0 picks a free port)", _opt(_int), "PORT"
+    )
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
+        if self.metrics_port is not None:
+            _check_port("metrics_port", self.metrics_port)
         _check_positive(self, "max_key_bytes", "max_value_bytes", "max_frame_bytes", "aux_timeout", "aux_connections")
         _check_positive(self, "health_interval", "health_failures", "follow_interval", "migration_batch", "replicas")
         if self.write_quorum < 0 or self.write_quorum > self.replicas:
@@ -338,3 +350,49 @@ def field_default(f: Any) -> Any:
     if f.default_factory is not MISSING:
         return f.default_factory()
     return None
+
+
+DEFAULT_HTTP_PORT = 8080
+#: Default request body cap of the HTTP shim: a 1 MiB value plus room for the key and the JSON around it.
+DEFAULT_HTTP_MAX_BODY_BYTES = 1024**2 + 4096
+
+
+def _masters(text: Any) -> tuple[str, ...]:
+    """Parse ``host:port,host:port`` (or a TOML list of them) into normalized ``host:port`` strings."""
+    parts = str(text).split(",") if isinstance(text, str) else [str(t) for t in text]
+    out = []
+    for part in parts:
+        if part.strip():
+            host, port = parse_address(part)
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if not out:
+        raise ValueError("at least one master HOST:PORT is required")
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """Settings of the HTTP shim: ``dcache http`` (JSON and raw bytes over HTTP, through ``dcache.Client``)."""
+
+    host: str = opt("127.0.0.1", "address to listen on (loopback unless told otherwise)", _str)
+    port: int = opt(DEFAULT_HTTP_PORT, "TCP port to listen on; 0 picks a free port", _int)
+    master: tuple[str, ...] = opt(
+        (f"127.0.0.1:{DEFAULT_MASTER_PORT}",), "masters as HOST:PORT[,HOST:PORT] (the client fails over between them)", _masters, "LIST"
+    )
+    timeout: float = opt(5.0, "seconds one request may spend in the cluster (then 504)", _float, "S")
+    health_timeout: float = opt(1.0, "seconds /health waits for each master's PING", _float, "S")
+    client_max_size: int = opt(DEFAULT_HTTP_MAX_BODY_BYTES, "largest request body accepted (then 413)", parse_size, "SIZE")
+    max_key_bytes: int = opt(MAX_KEY_BYTES, "largest key accepted, in UTF-8 bytes (then 414, or 400 in a JSON body)", parse_size, "SIZE")
+    auth_token: str | None = opt(None, "token sent in HELLO to the masters (none: no auth)", _opt_str, "TOKEN")
+    shutdown_grace: float = opt(5.0, "seconds to let in-flight requests finish on SIGTERM/SIGINT", _float, "S")
+    log_level: str = opt("info", "debug (also logs every request), info, warning or error", _str)
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
+        _check_positive(self, "timeout", "health_timeout", "client_max_size", "max_key_bytes")
+        if not self.master:
+            raise ConfigError("master: at least one HOST:PORT is required")
+        if self.shutdown_grace < 0:
+            raise ConfigError("shutdown_grace: must be >= 0")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level: {self.log_level!r} is not debug, info, warning or error")

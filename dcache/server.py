@@ -24,7 +24,9 @@ import asyncio
 import hmac
 import logging
 import socket
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any, cast
 
 from .errors import (
@@ -39,7 +41,18 @@ from .errors import (
 from .protocol import CONNECTION_REQUEST_ID, HEADER, PROTOCOL_VERSION, Limits, Op, pack
 from .protocol.framing import FrameDecoder
 
-__all__ = ["LATER", "Handler", "ServerState", "FrameProtocol", "Service", "deferred", "ready_line"]
+__all__ = [
+    "LATER",
+    "LATENCY_BUCKETS",
+    "UNKNOWN_OP",
+    "Handler",
+    "Histogram",
+    "ServerState",
+    "FrameProtocol",
+    "Service",
+    "deferred",
+    "ready_line",
+]
 
 log = logging.getLogger("dcache.server")
 
@@ -49,6 +62,38 @@ Handler = Callable[[list[Any]], Any]
 
 _header = HEADER.pack
 _OK = Status.OK.value
+
+#: The op slot of ``Service.op_requests``/``op_errors`` for requests no handler
+#: took (unknown op, not an array, not authenticated yet).
+UNKNOWN_OP = 0
+
+#: Upper bounds (seconds) of the latency histograms' buckets.
+LATENCY_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+#: A service times 1 in this many requests (``Service.op_latency``).
+SAMPLE_EVERY = 64
+
+
+class Histogram:
+    """A latency histogram as plain numbers; ``dcache.metrics`` exports it.
+
+    ``counts[i]`` counts observations in ``(bounds[i-1], bounds[i]]``, the
+    last slot those above every bound (not cumulative).
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
 
 
 class ServerState:
@@ -92,6 +137,17 @@ class Service:
         self.requests_total = 0
         self.errors_total = 0
         self.protocol_errors_total = 0
+        # Metrics (plain numbers, exported at scrape time by dcache.metrics):
+        # requests and errors by op, one increment per request; the latency of
+        # 1 in ``sample_every`` requests by op; the time of every
+        # ``data_received`` batch (no clock call per request).
+        ops = [UNKNOWN_OP, *map(int, Op)]
+        self.op_requests: dict[int, int] = dict.fromkeys(ops, 0)
+        self.op_errors: dict[int, int] = dict.fromkeys(ops, 0)
+        self.op_latency: dict[int, Histogram] = {op: Histogram() for op in ops}
+        self.batch_latency = Histogram()
+        self.sample_every = SAMPLE_EVERY
+        self.sample_countdown = SAMPLE_EVERY
 
     def hello_result(self) -> dict[str, Any]:
         """What HELLO answers."""
@@ -130,6 +186,7 @@ class FrameProtocol(asyncio.Protocol):
         "_closed",
         "_paused",
         "_loop",
+        "_samples",
         "peer",
         "client_name",
     )
@@ -149,6 +206,8 @@ class FrameProtocol(asyncio.Protocol):
         self._closed = False
         self._paused = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Sampled requests answered later: request id -> (op, start time).
+        self._samples: dict[int, tuple[int, float]] = {}
         self.peer: Any = None
         self.client_name: str | None = None
 
@@ -185,37 +244,48 @@ class FrameProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
+        t0 = perf_counter()
         try:
             msgs = self._decoder.feed(data)
         except RemoteProtocolError as exc:
             self._protocol_error(exc)
             return
         service = self._service
-        service.requests_total += len(msgs)
+        n = len(msgs)
+        service.requests_total += n
         service.current = self
         handlers = self._handlers
         out: list[bytes] = []
         append = out.append
+        service.sample_countdown -= n
+        if service.sample_countdown <= 0 and n:
+            service.sample_countdown += service.sample_every
+            self._dispatch_sampled(msgs[0], handlers, append)
+            msgs = msgs[1:]
+        op_requests = service.op_requests
         for msg in msgs:
             try:
+                op = msg[0]
+                handler = handlers[op]
+                op_requests[op] += 1
                 rid = msg[1]
-                result = handlers[msg[0]](msg)
+                result = handler(msg)
             except ServerError as exc:
-                service.errors_total += 1
+                self._count_failed(msg, handlers)
                 body = self._error_body(msg, exc.code, exc.message)
             except Exception as exc:
-                service.errors_total += 1
+                self._count_failed(msg, handlers)
                 body = self._bad_request(msg, exc)
             else:
                 if result is LATER:
                     continue
                 if result.__class__ is _Deferred:
-                    self._defer(rid, result)
+                    self._defer(rid, result, op)
                     continue
                 try:
                     body = pack([rid, _OK, result])
                 except Exception as exc:  # rid not encodable: it was not an int
-                    service.errors_total += 1
+                    self._count_failed(msg, handlers)
                     body = self._bad_request(msg, exc)
             append(_header(len(body)))
             append(body)
@@ -227,8 +297,73 @@ class FrameProtocol(asyncio.Protocol):
                 self._transport.write(b"".join(out))
         if self._decoder.error is not None:
             self._protocol_error(self._decoder.error)
+        service.batch_latency.observe(perf_counter() - t0)
 
     # -- helpers -------------------------------------------------------------
+
+    def _dispatch_sampled(self, msg: Any, handlers: dict[int, Handler], append: Callable[[bytes], None]) -> None:
+        """``data_received``'s loop body for one request whose latency is recorded.
+
+        An answer made now is timed now; one made later (``LATER``, deferred)
+        when ``reply``/``_deferred_done`` sends it (``self._samples``).
+        """
+        service = self._service
+        t0 = perf_counter()
+        try:
+            op = msg[0]
+            handler = handlers[op]
+            service.op_requests[op] += 1
+            rid = msg[1]
+            result = handler(msg)
+        except ServerError as exc:
+            self._count_failed(msg, handlers)
+            body = self._error_body(msg, exc.code, exc.message)
+        except Exception as exc:
+            self._count_failed(msg, handlers)
+            body = self._bad_request(msg, exc)
+        else:
+            if result is LATER or result.__class__ is _Deferred:
+                if rid.__class__ is int:
+                    if len(self._samples) >= 1024:  # answers that never came (connection lost upstream...)
+                        self._samples.clear()
+                    self._samples[rid] = (op, t0)
+                if result is not LATER:
+                    self._defer(rid, result, op)
+                return
+            try:
+                body = pack([rid, _OK, result])
+            except Exception as exc:  # rid not encodable: it was not an int
+                self._count_failed(msg, handlers)
+                body = self._bad_request(msg, exc)
+            else:
+                service.op_latency[op].observe(perf_counter() - t0)
+        append(_header(len(body)))
+        append(body)
+
+    def _count_failed(self, msg: Any, handlers: dict[int, Handler]) -> None:
+        """Count a request answered with an error, under its op.
+
+        A request that reached no handler was not counted yet: it is counted
+        (request and error) under ``UNKNOWN_OP``, so requests by op add up to
+        ``requests_total``.
+        """
+        service = self._service
+        service.errors_total += 1
+        try:
+            op = msg[0]
+            known = op in handlers
+        except Exception:
+            known = False
+        if known:
+            service.op_errors[op] += 1
+        else:
+            service.op_requests[UNKNOWN_OP] += 1
+            service.op_errors[UNKNOWN_OP] += 1
+
+    def _sampled_done(self, rid: int) -> None:
+        sample = self._samples.pop(rid, None)
+        if sample is not None:
+            self._service.op_latency[sample[0]].observe(perf_counter() - sample[1])
 
     def _bad_request(self, msg: Any, exc: Exception) -> bytes:
         """Classify a failure that was not a ``ServerError``."""
@@ -280,10 +415,17 @@ class FrameProtocol(asyncio.Protocol):
             self._transport.writelines(out)  # uvloop: one writev, no join copy
         out.clear()
 
-    def reply(self, rid: int, status: int, result: Any) -> None:
-        """Answer request ``rid`` later (for handlers that returned ``LATER``)."""
+    def reply(self, rid: int, status: int, result: Any, op: int = UNKNOWN_OP) -> None:
+        """Answer request ``rid`` later (for handlers that returned ``LATER``).
+
+        ``op`` is the request's op, for the error counts by op.
+        """
+        if self._samples:
+            self._sampled_done(rid)
         if status:
-            self._service.errors_total += 1
+            service = self._service
+            service.errors_total += 1
+            service.op_errors[op] += 1
             body = pack([rid, status, result])
         else:
             try:
@@ -300,11 +442,13 @@ class FrameProtocol(asyncio.Protocol):
             assert self._loop is not None
             self._loop.call_soon(self._flush)
 
-    def _defer(self, rid: int, deferred: _Deferred) -> None:
+    def _defer(self, rid: int, deferred: _Deferred, op: int) -> None:
         task = asyncio.ensure_future(deferred.awaitable)
-        task.add_done_callback(lambda t: self._deferred_done(rid, t))
+        task.add_done_callback(lambda t: self._deferred_done(rid, t, op))
 
-    def _deferred_done(self, rid: int, task: asyncio.Future[Any]) -> None:
+    def _deferred_done(self, rid: int, task: asyncio.Future[Any], op: int) -> None:
+        if self._samples:
+            self._sampled_done(rid)
         if task.cancelled():
             body = pack([rid, int(Status.INTERNAL), "request cancelled"])
         else:
@@ -313,9 +457,11 @@ class FrameProtocol(asyncio.Protocol):
                 body = pack([rid, _OK, task.result()])
             elif isinstance(exc, ServerError):
                 self._service.errors_total += 1
+                self._service.op_errors[op] += 1
                 body = pack([rid, exc.code, exc.message])
             else:
                 self._service.errors_total += 1
+                self._service.op_errors[op] += 1
                 log.error("internal error for request %s from %s", rid, self.peer, exc_info=exc)
                 body = pack([rid, int(Status.INTERNAL), f"internal error: {exc.__class__.__name__}"])
         self.send([_header(len(body)), body])

@@ -77,7 +77,6 @@ class AuxNode(Service):
         self.incarnation = random.getrandbits(62)
         self.started_at = time.time()
         self.server: asyncio.base_events.Server | None = None
-        self.op_counts: dict[int, int] = dict.fromkeys(map(int, Op), 0)
         self.snapshots = SnapshotManager(self)
         h = self.handlers
         h[Op.PING] = self._ping
@@ -357,6 +356,12 @@ async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
     node = AuxNode(config)
     await node.start()
     assert node.server is not None
+    metrics = None
+    if config.metrics_port is not None:
+        from ..metrics import AuxCollector, registry_for, start_metrics_server
+
+        metrics = await start_metrics_server(registry_for(AuxCollector(node)), config.host, config.metrics_port)
+        log.info("aux node %s serves metrics at %s", node.node_id, metrics.url)
     stop = asyncio.Event()
     received: list[int] = []
     loop = asyncio.get_running_loop()
@@ -396,6 +401,8 @@ async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
         if agent is not None:
             await agent.close()
         await node.close()
+        if metrics is not None:
+            await metrics.close()
 
 
 def run_aux(config: AuxConfig) -> int:

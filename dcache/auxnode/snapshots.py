@@ -312,6 +312,7 @@ class SnapshotManager:
         gc.disable()
         try:
             keys = cache.keys_snapshot()
+            await asyncio.sleep(0)  # the list copy is the longest step: let the loop breathe after it
             get_entry = cache.get_entry
             chunks: list[tuple[bytes, int]] = []
             step = COPY_CHUNK_ENTRIES

@@ -212,6 +212,16 @@ class AuxLink:
         return any(not c.closed for c in self._conns)
 
     @property
+    def open_connections(self) -> int:
+        """Connections open now (at most ``pool_size``)."""
+        return sum(1 for c in self._conns if not c.closed)
+
+    @property
+    def pool_size(self) -> int:
+        """Connections this link keeps open."""
+        return self._size
+
+    @property
     def in_flight(self) -> int:
         """Requests sent and not yet answered."""
         return sum(len(c.waiters) for c in self._conns)

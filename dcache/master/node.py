@@ -55,6 +55,7 @@ def _wall_ms() -> int:
 
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
+_GET = int(Op.GET)
 
 
 class _ReadOp:
@@ -90,7 +91,7 @@ class _ReadOp:
             return
         if self.error is not None and self.missed is None:
             self.router.stats.unavailable += 1
-            self.conn.reply(self.rid, _UNAVAILABLE, f"no owner of the key answered: {self.error}")
+            self.conn.reply(self.rid, _UNAVAILABLE, f"no owner of the key answered: {self.error}", _GET)
         else:
             self.conn.reply(self.rid, 0, None)
 
@@ -111,7 +112,7 @@ class _ReadOp:
             self.error = result
             self.router.stats.fallbacks += 1
         else:
-            self.conn.reply(self.rid, status, result)
+            self.conn.reply(self.rid, status, result, _GET)
             return
         self.next()
 
@@ -121,12 +122,13 @@ class _WriteOp:
 
     ``ok_result`` is what a successful write answers (``None``: whether any
     target answered true, as DELETE does). The acknowledgement rule is the
-    router's (see ``Router._write_all``).
+    router's (see ``Router._write_all``). ``op`` is the client's op (for the
+    error counts by op).
     """
 
-    __slots__ = ("router", "conn", "rid", "pending", "ok", "any_true", "timeouts", "error", "fatal", "ok_result", "_targets")
+    __slots__ = ("router", "conn", "rid", "pending", "ok", "any_true", "timeouts", "error", "fatal", "ok_result", "op", "_targets")
 
-    def __init__(self, router: Router, conn: FrameProtocol, rid: int, targets: list[str], ok_result: Any) -> None:
+    def __init__(self, router: Router, conn: FrameProtocol, rid: int, targets: list[str], ok_result: Any, op: int) -> None:
         self.router = router
         self.conn = conn
         self.rid = rid
@@ -137,6 +139,7 @@ class _WriteOp:
         self.error: Any = None
         self.fatal: tuple[int, Any] | None = None
         self.ok_result = ok_result
+        self.op = op
         self._targets = targets
 
     def send(self, op: int, args: tuple[Any, ...]) -> None:
@@ -165,19 +168,19 @@ class _WriteOp:
         router = self.router
         conn = self.conn
         if self.fatal is not None:
-            conn.reply(self.rid, *self.fatal)
+            conn.reply(self.rid, *self.fatal, self.op)
             return
         if not self.ok:
             router.stats.unavailable += 1
-            conn.reply(self.rid, _UNAVAILABLE, f"no owner of the key applied the write: {self.error}")
+            conn.reply(self.rid, _UNAVAILABLE, f"no owner of the key applied the write: {self.error}", self.op)
             return
         if self.error is not None:
             router.stats.partial_writes += 1
         quorum = router.write_quorum
         if quorum and self.ok < quorum:
-            conn.reply(self.rid, _UNAVAILABLE, f"the write reached {self.ok} of the {quorum} owners the quorum needs")
+            conn.reply(self.rid, _UNAVAILABLE, f"the write reached {self.ok} of the {quorum} owners the quorum needs", self.op)
         elif not quorum and self.timeouts:
-            conn.reply(self.rid, _TIMEOUT, f"{self.timeouts} owner(s) did not confirm the write in time")
+            conn.reply(self.rid, _TIMEOUT, f"{self.timeouts} owner(s) did not confirm the write in time", self.op)
         else:
             conn.reply(self.rid, 0, self.any_true if self.ok_result is None else self.ok_result)
 
@@ -301,7 +304,7 @@ class MasterNode(Service):
         conn = self.current
         assert conn is not None
         args = (key, value, _wall_ms() + ttl if ttl else 0, 0, self.clock.next())
-        _WriteOp(router, conn, msg[1], targets, True).send(Op.SETV, args)
+        _WriteOp(router, conn, msg[1], targets, True, Op.SET).send(Op.SETV, args)
         return LATER
 
     def _delete(self, msg: list[Any]) -> Any:
@@ -317,7 +320,7 @@ class MasterNode(Service):
             raise UnavailableError("no aux node is available for this key")
         conn = self.current
         assert conn is not None
-        _WriteOp(router, conn, msg[1], targets, None).send(Op.DELV, (key, self.clock.next()))
+        _WriteOp(router, conn, msg[1], targets, None, Op.DELETE).send(Op.DELV, (key, self.clock.next()))
         return LATER
 
     def _mget(self, msg: list[Any]) -> Any:
@@ -577,6 +580,12 @@ async def serve_master(config: MasterConfig, *, ready: bool = True) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    metrics = None
+    if config.metrics_port is not None:
+        from ..metrics import MasterCollector, registry_for, start_metrics_server
+
+        metrics = await start_metrics_server(registry_for(MasterCollector(node)), config.host, config.metrics_port)
+        log.info("master %s serves metrics at %s", node.node_id, metrics.url)
     log.info("master %s (%s) listening on %s", node.node_id, node.membership.role, ready_line(node.server)[6:])
     if ready:
         print(ready_line(node.server), flush=True)
@@ -585,6 +594,8 @@ async def serve_master(config: MasterConfig, *, ready: bool = True) -> None:
     finally:
         log.info("master %s shutting down", node.node_id)
         await node.close()
+        if metrics is not None:
+            await metrics.close()
 
 
 def run_master(config: MasterConfig) -> int:
