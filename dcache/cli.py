@@ -165,9 +165,24 @@ def _run_tool(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any
     except ServerError as exc:
         print(f"error: server: {exc.message} ({exc.__class__.__name__})", file=sys.stderr)
         return EXIT_SERVER_ERROR
+    except BrokenPipeError as exc:
+        if _stdout_closed():
+            return EXIT_OK  # the reader went away (`dcache stats | head`): not our error
+        print(f"error: cannot reach {args.addr}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except (ClientError, OSError, TimeoutError) as exc:
         print(f"error: cannot reach {args.addr}: {exc or exc.__class__.__name__}", file=sys.stderr)
         return EXIT_UNREACHABLE
+
+
+def _stdout_closed() -> bool:
+    """True if stdout's reader has gone; stdout then points at /dev/null so exit is quiet."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return True
+    return False
 
 
 def _write_value(value: bytes) -> None:

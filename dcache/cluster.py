@@ -1,10 +1,11 @@
 """``dcache cluster``: a whole local cluster on 127.0.0.1 in one command.
 
 Starts the coordinating master, then N aux nodes that join it (``--join``),
-waits until all of them are in the ring, then starts M - 1 follower masters, each as its own ``python -m dcache``
+waits until all of them are in the ring, then starts M - 1 follower masters and
+one HTTP shim over all masters, each as its own ``python -m dcache``
 process, waits for every READY line, prints the endpoints, and supervises
-them. Ctrl-C (SIGINT) or SIGTERM stops the masters first, then the aux
-nodes (each writes its final snapshot), within a bounded time.
+them. Ctrl-C (SIGINT) or SIGTERM stops the shim first, then the masters, then
+the aux nodes (each writes its final snapshot), within a bounded time.
 
 ``--port 0`` puts every process on a free port (for tests); the last line
 printed is then ``READY host:port`` of the first master.
@@ -35,6 +36,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="copies of each key (default: 1)")
     parser.add_argument("--data-dir", default="./data", help="folder for the aux nodes' snapshots, one subfolder each (default: ./data)")
     parser.add_argument("--port", type=int, default=7000, help="first master's port; the others follow (default: 7000; 0: free ports)")
+    parser.add_argument(
+        "--http-port", type=int, default=None, help="HTTP shim's port (default: 8080, or a free port with --port 0; -1: no shim)"
+    )
     parser.add_argument("--aux-port", type=int, default=7101, help="first aux node's port; the others follow (default: 7101)")
     parser.add_argument("--max-memory", default="256MB", help="byte budget of each aux node (default: 256MB)")
     parser.add_argument("--snapshot-interval", type=float, default=10.0, help="seconds between aux snapshots (default: 10)")
@@ -49,6 +53,7 @@ class LocalCluster:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.masters: list[tuple[str, str]] = []  # (name, addr)
         self.aux: list[tuple[str, str]] = []
+        self.http: str | None = None  # host:port of the HTTP shim
 
     def _spawn(self, name: str, role: str, *argv: str) -> str:
         cmd = [sys.executable, "-m", "dcache", role, "--host", "127.0.0.1", "--log-level", self.args.log_level, *argv]
@@ -94,6 +99,9 @@ class LocalCluster:
                 name, "master", "--port", str(port), "--node-id", name, "--replicas", str(a.replicas), "--coordinator", coordinator
             )
             self.masters.append((name, addr))
+        http_port = a.http_port if a.http_port is not None else (0 if a.port == 0 else 8080)
+        if http_port >= 0:
+            self.http = self._spawn("http", "http", "--port", str(http_port), "--master", ",".join(addr for _, addr in self.masters))
 
     def describe(self) -> str:
         lines = []
@@ -101,16 +109,19 @@ class LocalCluster:
             lines.append(f"master {name}  {addr}  {'(coordinator)' if i == 0 else '(follower)'}")
         for name, addr in self.aux:
             lines.append(f"aux    {name}  {addr}")
+        if self.http is not None:
+            lines.append(f"http   http://{self.http}")
         first = self.masters[0][1] if self.masters else ""
         lines.append(f"clients: dcache.Client({[addr for _, addr in self.masters]!r})   tools: dcache get --addr {first} KEY")
         return "\n".join(lines)
 
     def stop(self) -> None:
-        """SIGTERM the masters, then SIGINT the aux nodes (stop with a final
-        snapshot, no hand-over); SIGKILL whatever outlives the grace period."""
+        """SIGTERM the HTTP shim, then the masters, then SIGINT the aux nodes (stop
+        with a final snapshot, no hand-over); SIGKILL whatever outlives the grace period."""
+        http = [p for n, p in self.procs if n == "http"]
         masters = [p for n, p in self.procs if n.startswith("m")]
-        aux = [p for n, p in self.procs if not n.startswith("m")]
-        for group, sig in ((masters, signal.SIGTERM), (aux, signal.SIGINT)):
+        aux = [p for n, p in self.procs if n.startswith("a")]
+        for group, sig in ((http, signal.SIGTERM), (masters, signal.SIGTERM), (aux, signal.SIGINT)):
             for p in group:
                 if p.poll() is None:
                     p.send_signal(sig)

@@ -133,3 +133,9 @@ def start_aux(tmp: Path | None = None, *extra: str, node_id: str | None = None) 
     if tmp is not None:
         args += ["--data-dir", str(tmp)]
     return DaemonProcess("aux", args).start()
+
+
+def start_http(*masters: str, extra: Sequence[str] = ()) -> DaemonProcess:
+    """Start ``dcache http`` on a free port in front of ``masters`` (``host:port``)."""
+    args = ["--host", "127.0.0.1", "--port", "0", "--log-level", "info", "--master", ",".join(masters), *extra]
+    return DaemonProcess("http", args).start()

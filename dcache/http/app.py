@@ -70,6 +70,9 @@ _OPENAPI_KEY: web.AppKey[bytes | None] = web.AppKey("openapi")
 #: The OpenAPI document served at ``/openapi.yaml`` (a link to ``docs/openapi.yaml``).
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
 
+#: Longest value accepted in the query string of the legacy ``POST /api/post``.
+MAX_QUERY_VALUE_CHARS = 4096
+
 _JSON = "application/json"
 _OCTETS = "application/octet-stream"
 _BODY_FIELDS = frozenset({"key", "value", "ttl"})
@@ -316,6 +319,8 @@ async def _legacy_post(request: web.Request) -> web.Response:
     if key is None or value is None:
         _fail(400, "query parameters 'key' and 'value' are required")
     key_bytes = _key_bytes(request, key, in_url=True)
+    if len(value) > MAX_QUERY_VALUE_CHARS:
+        _fail(400, f"a value in the query string is limited to {MAX_QUERY_VALUE_CHARS} characters; use POST /data or PUT /data/{{key}}")
     value_bytes = _text_bytes(value, "value")
     ttl = _query_ttl(request)
     await request.app[CLIENT_KEY].set(key_bytes, value_bytes, ttl=ttl)

@@ -15,6 +15,12 @@ __all__ = ["serve_http", "run_http"]
 
 log = logging.getLogger("dcache.http")
 
+#: Longest request line read. aiohttp's default (8190) would refuse a long key or
+#: legacy query value with a plain-text 400 from the parser, before the app can
+#: answer its JSON 414/400: a 1024-character key percent-encodes to up to 12 KiB,
+#: a 4096-character legacy value to 48 KiB.
+MAX_REQUEST_LINE_BYTES = 128 * 1024
+
 
 async def serve_http(config: HttpConfig, *, ready: bool = True) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, let requests finish
@@ -22,7 +28,13 @@ async def serve_http(config: HttpConfig, *, ready: bool = True) -> None:
     app = create_app(config)
     # Access lines only at debug level: `dcache cluster` shares its terminal with the shim.
     access_log = logging.getLogger("aiohttp.access") if config.log_level.lower() == "debug" else None
-    runner = web.AppRunner(app, handle_signals=False, access_log=access_log, shutdown_timeout=config.shutdown_grace)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=access_log,
+        shutdown_timeout=config.shutdown_grace,
+        max_line_size=MAX_REQUEST_LINE_BYTES,
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import aiohttp
 import pytest
 
 from dcache import Client
@@ -51,6 +52,8 @@ async def test_local_cluster_serves_and_stops_on_ctrl_c(local_cluster):
     masters = [line.split()[2] for line in lines if line.startswith("master ")]
     aux = [line.split()[2] for line in lines if line.startswith("aux ")]
     assert len(masters) == 2 and len(aux) == 3
+    http = [line.split()[1] for line in lines if line.startswith("http ")]
+    assert len(http) == 1 and http[0].startswith("http://127.0.0.1:"), lines
     async with Client(masters) as c:
         assert await c.mset({f"c:{i}": b"%d" % i for i in range(1000)}) == 1000
     async with Client(masters[1]) as c:  # the follower serves the same data
@@ -69,6 +72,14 @@ async def test_local_cluster_serves_and_stops_on_ctrl_c(local_cluster):
 
     stats = json.loads(dcache("stats", "--addr", masters[0], "--json").stdout)
     assert stats["role"] == "master" and stats["items"] == 2000 and stats["aux_nodes_answering"] == 3
+
+    async with aiohttp.ClientSession() as session:  # the HTTP shim in front of both masters
+        async with session.get(f"{http[0]}/health") as resp:
+            assert resp.status == 200 and await resp.json() == {"status": "ok", "masters": dict.fromkeys(masters, True)}
+        async with session.post(f"{http[0]}/data", json={"key": "greeting", "value": "hello"}) as resp:
+            assert resp.status == 201
+        async with session.get(f"{http[0]}/data/c:7") as resp:
+            assert await resp.json() == {"key": "c:7", "value": "7"}
 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0

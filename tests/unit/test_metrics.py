@@ -1,0 +1,213 @@
+"""Metrics: the collectors read in-process nodes (never started) and match docs/METRICS.md."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dcache.auxnode.node import AuxNode
+from dcache.config import AuxConfig, MasterConfig
+from dcache.master.node import MasterNode
+from dcache.metrics import AuxCollector, MasterCollector, registry_for
+from dcache.protocol import HEADER, Op
+from dcache.server import LATENCY_BUCKETS, UNKNOWN_OP, FrameProtocol, Histogram
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "METRICS.md"
+_ROW = re.compile(r"^\| `(dcache_[a-z_]+)` \| (counter|gauge|histogram) \|\s*([a-z_, ]*?)\s*\|")
+
+
+def documented() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """name -> (type, labels) from the tables of docs/METRICS.md."""
+    out = {}
+    for line in DOC.read_text().splitlines():
+        m = _ROW.match(line)
+        if m:
+            labels = tuple(sorted(x.strip() for x in m.group(3).split(",") if x.strip()))
+            assert m.group(1) not in out, f"{m.group(1)} documented twice"
+            out[m.group(1)] = (m.group(2), labels)
+    return out
+
+
+def exported(collector: Any) -> dict[str, tuple[str, tuple[str, ...] | None]]:
+    """name (as exposed: counters with _total) -> (type, labels or None if no sample), through the text format."""
+    text = generate_latest(registry_for(collector, process=False)).decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        name = fam.name + "_total" if fam.type == "counter" else fam.name
+        labels: set[str] = set()
+        for s in fam.samples:
+            labels |= set(s.labels) - {"le"}
+        out[name] = (fam.type, tuple(sorted(labels)) if fam.samples else None)
+    return out
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.written.append(b"".join(chunks))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def frames(*msgs: Any) -> bytes:
+    out = []
+    for m in msgs:
+        body = msgpack.packb(m, use_bin_type=True)
+        out.append(HEADER.pack(len(body)) + body)
+    return b"".join(out)
+
+
+def connect(node: Any) -> tuple[FrameProtocol, FakeTransport]:
+    proto = node.protocol_factory()
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    return proto, transport
+
+
+def samples(collector: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(registry_for(collector, process=False)).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_histogram_buckets_are_inclusive_upper_bounds() -> None:
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 1.0, 3.0):
+        h.observe(v)
+    assert h.counts == [2, 2, 1]
+    assert h.sum == pytest.approx(4.65)
+    assert list(LATENCY_BUCKETS) == sorted(LATENCY_BUCKETS)
+
+
+async def test_aux_collector_counts_requests_errors_and_cache() -> None:
+    node = AuxNode(AuxConfig(node_id="t-aux"))
+    proto, transport = connect(node)
+    n_get = 200  # enough to cross the 1-in-64 sample several times
+    msgs: list[Any] = [[int(Op.SET), 1, b"k", b"v"]]
+    msgs += [[int(Op.GET), 10 + i, b"k" if i % 2 else b"missing"] for i in range(n_get)]
+    msgs += [[99, 5000], "not an array", [int(Op.INCR), 5001, b"k"]]  # unknown op, bad frame, not an integer
+    for i in range(0, len(msgs), 7):  # several batches
+        proto.data_received(frames(*msgs[i : i + 7]))
+    assert transport.written
+    assert node.requests_total == len(msgs)
+    assert sum(node.op_requests.values()) == node.requests_total
+    assert sum(node.op_errors.values()) == node.errors_total == 3
+
+    s = samples(AuxCollector(node))
+    assert s[("dcache_requests_total", (("op", "get"), ("role", "aux")))] == n_get
+    assert s[("dcache_requests_total", (("op", "set"), ("role", "aux")))] == 1
+    assert s[("dcache_requests_total", (("op", "unknown"), ("role", "aux")))] == 2
+    assert s[("dcache_errors_total", (("op", "unknown"), ("role", "aux")))] == 2
+    assert s[("dcache_errors_total", (("op", "incr"), ("role", "aux")))] == 1
+    assert s[("dcache_errors_total", (("op", "get"), ("role", "aux")))] == 0
+    assert s[("dcache_requests_total", (("op", "scan"), ("role", "aux")))] == 0  # served ops are always present
+    assert s[("dcache_cache_hits_total", ())] == n_get // 2
+    assert s[("dcache_cache_misses_total", ())] == n_get // 2
+    assert s[("dcache_cache_items", ())] == 1
+    assert s[("dcache_cache_bytes", ())] > 0
+    assert s[("dcache_connections", (("role", "aux"),))] == 1
+    batches = -(-len(msgs) // 7)
+    assert s[("dcache_batch_seconds_count", (("role", "aux"),))] == batches
+    assert s[("dcache_batch_seconds_bucket", (("le", "+Inf"), ("role", "aux")))] == batches
+    sampled = sum(v for (name, _), v in s.items() if name == "dcache_request_seconds_count")
+    assert sampled == len(msgs) // 64
+    assert node.op_requests[UNKNOWN_OP] == 2
+
+
+async def test_protocol_error_counted() -> None:
+    node = AuxNode(AuxConfig(node_id="t-aux"))
+    proto, _ = connect(node)
+    proto.data_received(b"\xff\xff\xff\xff garbage")
+    s = samples(AuxCollector(node))
+    assert s[("dcache_protocol_errors_total", (("role", "aux"),))] == 1
+
+
+def test_aux_exports_what_the_docs_list() -> None:
+    docs = documented()
+    got = exported(AuxCollector(AuxNode(AuxConfig(node_id="t-aux"))))
+    aux_section = {n for n in docs if n not in _master_only(docs)}
+    assert set(got) == aux_section, f"undocumented: {set(got) - aux_section}; missing: {aux_section - set(got)}"
+    for name, (kind, labels) in got.items():
+        assert docs[name] == (kind, docs[name][1] if labels is None else labels), name
+
+
+def _master_node() -> MasterNode:
+    node = MasterNode(MasterConfig(node_id="t-master", aux=(("a1", "127.0.0.1", 1), ("a2", "127.0.0.1", 2))))
+    node._on_view(node.membership.view)  # the links, as start() makes them (not connected)
+    return node
+
+
+def _master_only(docs: dict[str, Any]) -> set[str]:
+    text = DOC.read_text()
+    masters = text[text.index("## Masters") :]
+    return {n for n in docs if f"`{n}`" in masters}
+
+
+async def test_master_exports_what_the_docs_list() -> None:
+    docs = documented()
+    node = _master_node()
+    got = exported(MasterCollector(node))
+    text = DOC.read_text()
+    aux_only = {n for n in docs if f"`{n}`" in text[text.index("## Aux nodes") : text.index("## Masters")]}
+    master_set = set(docs) - aux_only
+    assert set(got) == master_set, f"undocumented: {set(got) - master_set}; missing: {master_set - set(got)}"
+    for name, (kind, labels) in got.items():
+        assert docs[name] == (kind, docs[name][1] if labels is None else labels), name
+
+
+async def test_master_collector_values() -> None:
+    node = _master_node()
+    node.router.stats.fallbacks = 3
+    node.links["a1"].requests = 7
+    s = samples(MasterCollector(node))
+    assert s[("dcache_ring_epoch", ())] == node.router.view.epoch > 0
+    assert s[("dcache_ring_members", (("state", "up"),))] == 2
+    assert s[("dcache_ring_members", (("state", "down"),))] == 0
+    assert s[("dcache_aux_up", (("node", "a1"),))] == 1
+    assert s[("dcache_migrating", ())] == 0
+    assert s[("dcache_read_fallbacks_total", ())] == 3
+    assert s[("dcache_upstream_requests_total", (("node", "a1"),))] == 7
+    assert s[("dcache_upstream_connections", (("node", "a1"),))] == 0
+    assert s[("dcache_upstream_pool_size", (("node", "a2"),))] == node.config.aux_connections
+    assert s[("dcache_migrations_total", ())] == 0
+
+
+async def test_master_counts_unavailable_errors_by_op() -> None:
+    node = MasterNode(MasterConfig(node_id="t-master"))  # no aux node: every key is unavailable
+    proto, _ = connect(node)
+    proto.data_received(frames([int(Op.GET), 1, b"k"], [int(Op.SET), 2, b"k", b"v"], [int(Op.PING), 3]))
+    assert node.op_requests[int(Op.GET)] == node.op_requests[int(Op.SET)] == node.op_requests[int(Op.PING)] == 1
+    assert node.op_errors[int(Op.GET)] == node.op_errors[int(Op.SET)] == 1
+    assert node.op_errors[int(Op.PING)] == 0
+    assert node.router.stats.unavailable == 2
+
+
+def test_documented_names_follow_conventions() -> None:
+    for name, (kind, _) in documented().items():
+        assert name.startswith("dcache_")
+        assert name.endswith("_total") == (kind == "counter"), name
+        if kind == "histogram":
+            assert name.endswith("_seconds"), name
