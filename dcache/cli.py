@@ -165,24 +165,19 @@ def _run_tool(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any
     except ServerError as exc:
         print(f"error: server: {exc.message} ({exc.__class__.__name__})", file=sys.stderr)
         return EXIT_SERVER_ERROR
-    except BrokenPipeError as exc:
-        if _stdout_closed():
-            return EXIT_OK  # the reader went away (`dcache stats | head`): not our error
-        print(f"error: cannot reach {args.addr}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except BrokenPipeError:
+        # Socket failures reach us as ConnectionError subclasses from the
+        # client; a broken pipe is stdout's reader going away (`... | head`).
+        _silence_stdout()
+        return EXIT_OK
     except (ClientError, OSError, TimeoutError) as exc:
         print(f"error: cannot reach {args.addr}: {exc or exc.__class__.__name__}", file=sys.stderr)
         return EXIT_UNREACHABLE
 
 
-def _stdout_closed() -> bool:
-    """True if stdout's reader has gone; stdout then points at /dev/null so exit is quiet."""
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return True
-    return False
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null (its reader is gone), so the exit flush is quiet."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _write_value(value: bytes) -> None:
