@@ -131,6 +131,10 @@ class UpstreamProtocol(asyncio.Protocol):
                 self._transport.writelines(out)
         out.clear()
 
+    def flush_now(self) -> None:
+        """Write the queued requests now (the scheduled flush then finds nothing)."""
+        self._flush()
+
     @property
     def pending_flush(self) -> bool:
         """Whether requests are queued for this loop iteration's write."""
@@ -334,6 +338,12 @@ class AuxLink:
         loop = self._loop
         assert loop is not None
         self._deadlines.append((loop.time() + self._timeout, conn, rid))
+
+    def flush(self) -> None:
+        """Write what is queued on every connection now, not at the end of the iteration."""
+        for c in self._conns:
+            if c.pending_flush:
+                c.flush_now()
 
     def request(self, op: int, *args: Any) -> asyncio.Future[Any]:
         """Send one request; the future gets the result or the typed error."""

@@ -70,6 +70,8 @@ class Router:
         self.clock = clock
         self.write_quorum = write_quorum
         self.stats = RouterStats()
+        #: Batches first-owner GETs into MGETs (``dcache.master.node.GetBatcher``).
+        self.get_batcher: Any = None
         self._background: set[asyncio.Future[Any]] = set()
 
     # -- helpers -------------------------------------------------------------
