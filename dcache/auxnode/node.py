@@ -29,7 +29,8 @@ from ..errors import (
 from ..hlc import HybridClock
 from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache
 from ..lru import NotAnIntegerError as CacheNotAnIntegerError
-from ..protocol import Op, SetFlag, check_key, check_value
+from ..protocol import Op, SetFlag, check_key
+from ..protocol.args import MAX_TTL_MS, parse_delta, parse_mset, parse_set
 from ..server import Service, ready_line
 from .cluster_ops import ClusterOps
 from .snapshots import SnapshotManager
@@ -43,24 +44,10 @@ GC_FREEZE_INTERVAL_S = 5.0
 
 _NX = SetFlag.NX.value
 _XX = SetFlag.XX.value
-_MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000  # a hundred years
-_INT64_MIN = -(2**63)
-_INT64_MAX = 2**63 - 1
 
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _ttl_arg(ttl_ms: Any) -> int:
-    """Validate a TTL in milliseconds (``None`` means no expiry) and return it (0 = none)."""
-    if ttl_ms is None:
-        return 0
-    if ttl_ms.__class__ is not int:
-        raise BadArgumentsError(f"ttl_ms must be an integer or nil, not {type(ttl_ms).__name__}")
-    if ttl_ms <= 0 or ttl_ms > _MAX_TTL_MS:
-        raise BadArgumentsError(f"ttl_ms must be between 1 and {_MAX_TTL_MS}, got {ttl_ms}")
-    return ttl_ms
 
 
 class AuxNode(Service):
@@ -110,24 +97,7 @@ class AuxNode(Service):
         return self.cache.get(check_key(key, self.limits))
 
     def _set(self, msg: list[Any]) -> Any:
-        n = len(msg)
-        if n == 4:
-            _, _, key, value = msg
-            ttl_ms = None
-            flags = 0
-        elif n == 5:
-            _, _, key, value, ttl_ms = msg
-            flags = 0
-        elif n == 6:
-            _, _, key, value, ttl_ms, flags = msg
-        else:
-            raise BadArgumentsError("SET takes [key, value, ttl_ms?, flags?]")
-        limits = self.limits
-        key = check_key(key, limits)
-        value = check_value(value, limits)
-        ttl = _ttl_arg(ttl_ms)
-        if flags.__class__ is not int or flags not in (0, _NX, _XX):
-            raise BadArgumentsError("flags must be 0, 1 (NX) or 2 (XX)")
+        key, value, ttl, flags = parse_set(msg, self.limits)
         try:
             return self.cache.set(
                 key,
@@ -159,23 +129,7 @@ class AuxNode(Service):
         return [get(check_key(k, limits)) for k in keys]
 
     def _mset(self, msg: list[Any]) -> Any:
-        n = len(msg)
-        if n == 3:
-            _, _, pairs = msg
-            ttl_ms = None
-        elif n == 4:
-            _, _, pairs, ttl_ms = msg
-        else:
-            raise BadArgumentsError("MSET takes [pairs, ttl_ms?]")
-        if pairs.__class__ is not list:
-            raise BadArgumentsError("MSET takes a list of [key, value] pairs")
-        limits = self.limits
-        ttl = _ttl_arg(ttl_ms)
-        items = []
-        for pair in pairs:
-            if pair.__class__ is not list or len(pair) != 2:
-                raise BadArgumentsError("MSET takes a list of [key, value] pairs")
-            items.append((check_key(pair[0], limits), check_value(pair[1], limits)))
+        items, ttl = parse_mset(msg, self.limits)
         expires_at = _wall_ms() + ttl if ttl else 0
         cache = self.cache
         stored = 0
@@ -201,8 +155,8 @@ class AuxNode(Service):
             raise BadArgumentsError("EXPIRE takes [key, ttl_ms]") from None
         if ttl_ms.__class__ is not int:
             raise BadArgumentsError("ttl_ms must be an integer")
-        if ttl_ms > _MAX_TTL_MS:
-            raise BadArgumentsError(f"ttl_ms must be at most {_MAX_TTL_MS}")
+        if ttl_ms > MAX_TTL_MS:
+            raise BadArgumentsError(f"ttl_ms must be at most {MAX_TTL_MS}")
         return self.cache.expire(check_key(key, self.limits), ttl_ms)
 
     def _ttl(self, msg: list[Any]) -> Any:
@@ -219,16 +173,7 @@ class AuxNode(Service):
         return self._add(msg, -1, "DECR")
 
     def _add(self, msg: list[Any], sign: int, name: str) -> Any:
-        n = len(msg)
-        if n == 3:
-            delta = 1
-        elif n == 4:
-            delta = msg[3]
-        else:
-            raise BadArgumentsError(f"{name} takes [key, delta?]")
-        if delta.__class__ is not int or not _INT64_MIN <= delta <= _INT64_MAX:
-            raise BadArgumentsError("delta must be a signed 64-bit integer")
-        key = check_key(msg[2], self.limits)
+        key, delta = parse_delta(msg, self.limits, name)
         try:
             return self.cache.incr(key, sign * delta, version=self.clock.next())
         except CacheNotAnIntegerError:

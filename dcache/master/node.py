@@ -19,7 +19,8 @@ from typing import Any
 from ..config import MasterConfig
 from ..errors import BadArgumentsError, Status, UnavailableError
 from ..hlc import HybridClock
-from ..protocol import Op, SetFlag, check_key, check_value
+from ..protocol import Op, check_key, check_value
+from ..protocol.args import MAX_TTL_MS, parse_delta, parse_mset, parse_set
 from ..server import LATER, FrameProtocol, Service, deferred, ready_line
 from .links import AuxLink
 from .membership import Coordinator, Follower, Membership
@@ -32,21 +33,6 @@ log = logging.getLogger("dcache.master")
 
 #: Allocations between young-generation collections on a master (CPython's default is 700).
 GC_GEN0_THRESHOLD = 50_000
-_MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000
-_INT64_MIN = -(2**63)
-_INT64_MAX = 2**63 - 1
-_NX = SetFlag.NX.value
-_XX = SetFlag.XX.value
-
-
-def _ttl_arg(ttl_ms: Any) -> int:
-    if ttl_ms is None:
-        return 0
-    if ttl_ms.__class__ is not int:
-        raise BadArgumentsError(f"ttl_ms must be an integer or nil, not {type(ttl_ms).__name__}")
-    if ttl_ms <= 0 or ttl_ms > _MAX_TTL_MS:
-        raise BadArgumentsError(f"ttl_ms must be between 1 and {_MAX_TTL_MS}, got {ttl_ms}")
-    return int(ttl_ms)
 
 
 def _wall_ms() -> int:
@@ -350,25 +336,7 @@ class MasterNode(Service):
         return LATER
 
     def _set(self, msg: list[Any]) -> Any:
-        n = len(msg)
-        if n == 4:
-            _, _, key, value = msg
-            ttl_ms, flags = None, 0
-        elif n == 5:
-            _, _, key, value, ttl_ms = msg
-            flags = 0
-        elif n == 6:
-            _, _, key, value, ttl_ms, flags = msg
-        else:
-            raise BadArgumentsError("SET takes [key, value, ttl_ms?, flags?]")
-        limits = self.limits
-        key = check_key(key, limits)
-        value = check_value(value, limits)
-        ttl = _ttl_arg(ttl_ms)
-        if flags is None:
-            flags = 0
-        if flags.__class__ is not int or flags not in (0, _NX, _XX):
-            raise BadArgumentsError("flags must be 0, 1 (NX) or 2 (XX)")
+        key, value, ttl, flags = parse_set(msg, self.limits)
         if flags:
             return deferred(self.router.set(key, value, ttl, flags))
         router = self.router
@@ -409,23 +377,8 @@ class MasterNode(Service):
         return deferred(self.router.mget([check_key(k, limits) for k in keys]))
 
     def _mset(self, msg: list[Any]) -> Any:
-        n = len(msg)
-        if n == 3:
-            _, _, pairs = msg
-            ttl_ms = None
-        elif n == 4:
-            _, _, pairs, ttl_ms = msg
-        else:
-            raise BadArgumentsError("MSET takes [pairs, ttl_ms?]")
-        if pairs.__class__ is not list:
-            raise BadArgumentsError("MSET takes a list of [key, value] pairs")
-        limits = self.limits
-        items = []
-        for pair in pairs:
-            if pair.__class__ is not list or len(pair) != 2:
-                raise BadArgumentsError("MSET takes a list of [key, value] pairs")
-            items.append((check_key(pair[0], limits), check_value(pair[1], limits)))
-        return deferred(self.router.mset(items, _ttl_arg(ttl_ms)))
+        items, ttl = parse_mset(msg, self.limits)
+        return deferred(self.router.mset(items, ttl))
 
     def _exists(self, msg: list[Any]) -> Any:
         try:
@@ -439,8 +392,8 @@ class MasterNode(Service):
             _, _, key, ttl_ms = msg
         except ValueError:
             raise BadArgumentsError("EXPIRE takes [key, ttl_ms]") from None
-        if ttl_ms.__class__ is not int or ttl_ms > _MAX_TTL_MS:
-            raise BadArgumentsError(f"ttl_ms must be an integer of at most {_MAX_TTL_MS}")
+        if ttl_ms.__class__ is not int or ttl_ms > MAX_TTL_MS:
+            raise BadArgumentsError(f"ttl_ms must be an integer of at most {MAX_TTL_MS}")
         return deferred(self.router.expire(check_key(key, self.limits), ttl_ms))
 
     def _ttl(self, msg: list[Any]) -> Any:
@@ -457,16 +410,8 @@ class MasterNode(Service):
         return self._add(msg, -1, "DECR")
 
     def _add(self, msg: list[Any], sign: int, name: str) -> Any:
-        n = len(msg)
-        if n == 3:
-            delta = 1
-        elif n == 4:
-            delta = msg[3]
-        else:
-            raise BadArgumentsError(f"{name} takes [key, delta?]")
-        if delta.__class__ is not int or not _INT64_MIN <= delta <= _INT64_MAX:
-            raise BadArgumentsError("delta must be a signed 64-bit integer")
-        return deferred(self.router.incr(check_key(msg[2], self.limits), sign * delta))
+        key, delta = parse_delta(msg, self.limits, name)
+        return deferred(self.router.incr(key, sign * delta))
 
     def _touch(self, msg: list[Any]) -> Any:
         try:
