@@ -339,15 +339,8 @@ class MasterNode(Service):
         key, value, ttl, flags = parse_set(msg, self.limits)
         if flags:
             return deferred(self.router.set(key, value, ttl, flags))
-        router = self.router
-        targets = router.view.write_targets(key)
-        if not targets:
-            router.stats.unavailable += 1
-            raise UnavailableError("no aux node is available for this key")
-        conn = self.current
-        assert conn is not None
         args = (key, value, _wall_ms() + ttl if ttl else 0, 0, self.clock.next())
-        _WriteOp(router, conn, msg[1], targets, True, Op.SET).send(Op.SETV, args)
+        self._write(msg[1], key, True, Op.SET).send(Op.SETV, args)
         return LATER
 
     def _delete(self, msg: list[Any]) -> Any:
@@ -356,6 +349,11 @@ class MasterNode(Service):
         except ValueError:
             raise BadArgumentsError("DELETE takes [key]") from None
         key = check_key(key, self.limits)
+        self._write(msg[1], key, None, Op.DELETE).send(Op.DELV, (key, self.clock.next()))
+        return LATER
+
+    def _write(self, rid: int, key: bytes, ok_result: Any, op: int) -> _WriteOp:
+        """A write of ``key`` to its live targets, answering request ``rid`` on the current connection."""
         router = self.router
         targets = router.view.write_targets(key)
         if not targets:
@@ -363,8 +361,7 @@ class MasterNode(Service):
             raise UnavailableError("no aux node is available for this key")
         conn = self.current
         assert conn is not None
-        _WriteOp(router, conn, msg[1], targets, None, Op.DELETE).send(Op.DELV, (key, self.clock.next()))
-        return LATER
+        return _WriteOp(router, conn, rid, targets, ok_result, op)
 
     def _mget(self, msg: list[Any]) -> Any:
         try:
