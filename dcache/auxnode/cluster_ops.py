@@ -30,6 +30,7 @@ from ..errors import BadArgumentsError, NotAnIntegerError, OutOfMemoryError
 from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache
 from ..lru import NotAnIntegerError as CacheNotAnIntegerError
 from ..protocol import Op, SetFlag, check_key, check_value
+from ..protocol.args import parse_entries, parse_expires_at, parse_version
 from ..ring import hash64
 from ..server import Handler
 
@@ -75,18 +76,6 @@ _DROP = "DROP"
 
 #: A compiled set of ranges: a predicate on 64-bit hashes, ``None`` for the whole circle.
 RangeMatcher = Callable[[int], bool] | None
-
-
-def _version_arg(version: Any) -> int:
-    if version.__class__ is not int or not 0 < version <= _U64_MAX:
-        raise BadArgumentsError("version must be an integer in 1 .. 2**64-1")
-    return int(version)
-
-
-def _expires_arg(expires_at: Any) -> int:
-    if expires_at.__class__ is not int or not 0 <= expires_at <= _INT64_MAX:
-        raise BadArgumentsError("expires_at must be an integer in 0 .. 2**63-1 (absolute ms, 0 = no expiry)")
-    return int(expires_at)
 
 
 def _cursor_arg(cursor: Any) -> int:
@@ -237,10 +226,10 @@ class ClusterOps:
         limits = self.node.limits
         key = check_key(key, limits)
         value = check_value(value, limits)
-        expires_at = _expires_arg(expires_at)
+        expires_at = parse_expires_at(expires_at)
         if flags.__class__ is not int or flags not in (0, _NX, _XX):
             raise BadArgumentsError("flags must be 0, 1 (NX) or 2 (XX)")
-        version = _version_arg(version)
+        version = parse_version(version)
         cache = self.node.cache
         _check_fits(cache, key, value)
         if flags and (cache.get_entry(key) is not None) == (flags == _NX):
@@ -256,7 +245,7 @@ class ClusterOps:
         except ValueError:
             raise BadArgumentsError("DELV takes [key, version]") from None
         key = check_key(key, self.node.limits)
-        return self.node.cache.apply_delete(key, version=_version_arg(version))
+        return self.node.cache.apply_delete(key, version=parse_version(version))
 
     def incrv(self, msg: list[Any]) -> Any:
         try:
@@ -266,7 +255,7 @@ class ClusterOps:
         key = check_key(key, self.node.limits)
         if delta.__class__ is not int or not _INT64_MIN <= delta <= _INT64_MAX:
             raise BadArgumentsError("delta must be a signed 64-bit integer")
-        version = _version_arg(version)
+        version = parse_version(version)
         cache = self.node.cache
         try:
             result = cache.incr(key, delta, version=version)
@@ -286,22 +275,10 @@ class ClusterOps:
     # -- imports -------------------------------------------------------------
 
     def apply(self, msg: list[Any]) -> Any:
-        try:
-            _, _, entries = msg
-        except ValueError:
-            raise BadArgumentsError("APPLY takes [entries]") from None
-        if entries.__class__ is not list:
-            raise BadArgumentsError("APPLY takes a list of [key, value, expires_at, version] entries")
-        limits = self.node.limits
+        items = parse_entries(msg, self.node.limits)
         cache = self.node.cache
-        items: list[tuple[bytes, bytes, int, int]] = []
-        for item in entries:
-            if item.__class__ is not list or len(item) != 4:
-                raise BadArgumentsError("APPLY takes a list of [key, value, expires_at, version] entries")
-            key = check_key(item[0], limits)
-            value = check_value(item[1], limits)
+        for key, value, _, _ in items:
             _check_fits(cache, key, value)
-            items.append((key, value, _expires_arg(item[2]), _version_arg(item[3])))
         apply = cache.apply
         applied = 0
         for key, value, expires_at, version in items:
@@ -321,7 +298,7 @@ class ClusterOps:
         for item in deletes:
             if item.__class__ is not list or len(item) != 2:
                 raise BadArgumentsError("APPLY_DELETES takes a list of [key, version] pairs")
-            items.append((check_key(item[0], limits), _version_arg(item[1])))
+            items.append((check_key(item[0], limits), parse_version(item[1])))
         apply_delete = self.node.cache.apply_delete
         removed = 0
         for key, version in items:

@@ -19,8 +19,8 @@ from typing import Any
 from ..config import MasterConfig
 from ..errors import BadArgumentsError, Status, UnavailableError
 from ..hlc import HybridClock
-from ..protocol import Op, check_key, check_value
-from ..protocol.args import MAX_TTL_MS, parse_delta, parse_mset, parse_set
+from ..protocol import Op, check_key
+from ..protocol.args import MAX_TTL_MS, parse_delta, parse_entries, parse_mset, parse_set
 from ..server import LATER, FrameProtocol, Service, deferred, ready_line
 from .links import AuxLink
 from .membership import Coordinator, Follower, Membership
@@ -444,21 +444,10 @@ class MasterNode(Service):
         return deferred(self.membership.leave(msg[2]))
 
     def _apply(self, msg: list[Any]) -> Any:
-        if len(msg) != 3 or msg[2].__class__ is not list:
-            raise BadArgumentsError("APPLY takes [entries: list of [key, value, expires_at, version]]")
-        limits = self.limits
-        entries = []
-        for e in msg[2]:
-            if e.__class__ is not list or len(e) != 4:
-                raise BadArgumentsError("each APPLY entry is [key, value, expires_at, version]")
-            key, value, expires_at, version = e
-            if expires_at.__class__ is not int or not 0 <= expires_at < 2**63:
-                raise BadArgumentsError("expires_at must be an integer in 0..2**63-1")
-            if version.__class__ is not int or not 0 < version < 2**64:
-                raise BadArgumentsError("version must be an integer in 1..2**64-1")
-            self.clock.observe(version)
-            entries.append([check_key(key, limits), check_value(value, limits), expires_at, version])
-        return deferred(self.router.apply_entries(entries))
+        entries = parse_entries(msg, self.limits)
+        for entry in entries:
+            self.clock.observe(entry[3])
+        return deferred(self.router.apply_entries([list(e) for e in entries]))
 
     def _sync(self, msg: list[Any]) -> Any:
         if len(msg) != 5 or not isinstance(msg[2], str) or msg[3].__class__ is not int or msg[4].__class__ is not int:

@@ -15,12 +15,25 @@ from ..errors import BadArgumentsError
 from .codec import Limits, check_key, check_value
 from .messages import SetFlag
 
-__all__ = ["MAX_TTL_MS", "INT64_MIN", "INT64_MAX", "parse_ttl_ms", "parse_set", "parse_mset", "parse_delta"]
+__all__ = [
+    "MAX_TTL_MS",
+    "INT64_MIN",
+    "INT64_MAX",
+    "UINT64_MAX",
+    "parse_ttl_ms",
+    "parse_set",
+    "parse_mset",
+    "parse_delta",
+    "parse_version",
+    "parse_expires_at",
+    "parse_entries",
+]
 
 #: Longest TTL a request may carry: a hundred years, in milliseconds.
 MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
 _FLAGS = (SetFlag.NONE.value, SetFlag.NX.value, SetFlag.XX.value)
 
 
@@ -91,3 +104,33 @@ def parse_delta(msg: list[Any], limits: Limits, name: str) -> tuple[bytes, int]:
     if delta.__class__ is not int or not INT64_MIN <= delta <= INT64_MAX:
         raise BadArgumentsError("delta must be a signed 64-bit integer")
     return check_key(msg[2], limits), delta
+
+
+def parse_version(version: Any) -> int:
+    """A write's version: an integer in 1 .. 2**64-1."""
+    if version.__class__ is not int or not 0 < version <= UINT64_MAX:
+        raise BadArgumentsError("version must be an integer in 1 .. 2**64-1")
+    return int(version)
+
+
+def parse_expires_at(expires_at: Any) -> int:
+    """An absolute expiry in wall-clock ms: 0 (none) .. 2**63-1."""
+    if expires_at.__class__ is not int or not 0 <= expires_at <= INT64_MAX:
+        raise BadArgumentsError("expires_at must be an integer in 0 .. 2**63-1 (absolute ms, 0 = no expiry)")
+    return int(expires_at)
+
+
+def parse_entries(msg: list[Any], limits: Limits) -> list[tuple[bytes, bytes, int, int]]:
+    """APPLY ``[op, id, entries]`` -> ``[(key, value, expires_at, version), ...]``, every entry checked."""
+    try:
+        _, _, entries = msg
+    except ValueError:
+        raise BadArgumentsError("APPLY takes [entries]") from None
+    if entries.__class__ is not list:
+        raise BadArgumentsError("APPLY takes a list of [key, value, expires_at, version] entries")
+    items = []
+    for item in entries:
+        if item.__class__ is not list or len(item) != 4:
+            raise BadArgumentsError("APPLY takes a list of [key, value, expires_at, version] entries")
+        items.append((check_key(item[0], limits), check_value(item[1], limits), parse_expires_at(item[2]), parse_version(item[3])))
+    return items
