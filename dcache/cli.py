@@ -262,6 +262,13 @@ def _format_ring(info: dict[str, Any]) -> str:
     if membership.get("role") == "follower":
         reach = "reachable" if membership.get("coordinator_reachable") else f"UNREACHABLE ({membership.get('coordinator_error')})"
         lines.append(f"coordinator {membership.get('coordinator')}: {reach}")
+    if "zookeeper" in membership:
+        state = membership.get("zookeeper_state")
+        if not membership.get("zookeeper_connected"):
+            state = f"{state}, disconnected for {membership.get('zookeeper_disconnected_s')} s: routing by the last ring"
+        lines.append(
+            f"zookeeper {membership['zookeeper']} ({state}), cluster {membership.get('cluster')}, leader {membership.get('leader')}"
+        )
     for ev in membership.get("health_events", []):
         lines.append(f"health: {ev['node_id']} {ev['state']} at {ev['at_ms']}: {ev['why']}")
     return "\n".join(lines)
@@ -351,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a master (router) node",
         description="Run a master: routes every op to the aux nodes that own the key (consistent hashing), "
         "checks their health, rebalances data when nodes join or leave, and replicates. "
-        "Without --coordinator this master decides membership; with it, it follows that master's ring. "
+        "Without --coordinator this master decides membership; with it, it follows that master's ring; "
+        "with --zookeeper the masters elect a leader in ZooKeeper and keep the ring there (docs/OPERATIONS.md). "
         "Prints one 'READY host:port' line once listening.",
     )
     _add_config_flags(p, MasterConfig)

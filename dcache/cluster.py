@@ -7,6 +7,9 @@ process, waits for every READY line, prints the endpoints, and supervises
 them. Ctrl-C (SIGINT) or SIGTERM stops the shim first, then the masters, then
 the aux nodes (each writes its final snapshot), within a bounded time.
 
+With ``--zookeeper HOSTS`` every master and aux node uses ZooKeeper instead:
+the masters start first and elect a leader, the aux nodes register there.
+
 ``--port 0`` puts every process on a free port (for tests); the last line
 printed is then ``READY host:port`` of the first master.
 """
@@ -43,6 +46,13 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory", default="256MB", help="byte budget of each aux node (default: 256MB)")
     parser.add_argument("--snapshot-interval", type=float, default=10.0, help="seconds between aux snapshots (default: 10)")
     parser.add_argument("--log-level", default="info", help="log level of every process (default: info)")
+    parser.add_argument(
+        "--zookeeper",
+        default=None,
+        metavar="HOSTS",
+        help="ZooKeeper HOST:PORT[,...]: membership, leader election and the ring live there (default: the first master coordinates)",
+    )
+    parser.add_argument("--cluster", default="dcache", help="cluster name in ZooKeeper, with --zookeeper (default: dcache)")
 
 
 class LocalCluster:
@@ -67,8 +77,11 @@ class LocalCluster:
     def start(self) -> None:
         a = self.args
         data = Path(a.data_dir)
-        coordinator = self._spawn("m1", "master", "--port", str(a.port), "--node-id", "m1", "--replicas", str(a.replicas))
+        zk = ["--zookeeper", a.zookeeper, "--cluster", a.cluster] if a.zookeeper else []
+        coordinator = self._spawn("m1", "master", "--port", str(a.port), "--node-id", "m1", "--replicas", str(a.replicas), *zk)
         self.masters.append(("m1", coordinator))
+        if a.zookeeper:  # every master is alike: all of them run for leader
+            self._start_followers(coordinator, zk)
         for i in range(a.aux):
             node_id = f"a{i + 1}"
             port = 0 if a.port == 0 else a.aux_port + i
@@ -87,26 +100,32 @@ class LocalCluster:
                 a.max_memory,
                 "--snapshot-interval",
                 str(a.snapshot_interval),
-                "--join",
-                coordinator,
+                *(zk or ["--join", coordinator]),
             )
             self.aux.append((node_id, addr))
         _wait_members(coordinator, {n for n, _ in self.aux}, _READY_TIMEOUT_S)
-        for i in range(1, a.masters):
-            name = f"m{i + 1}"
-            port = 0 if a.port == 0 else a.port + i
-            addr = self._spawn(
-                name, "master", "--port", str(port), "--node-id", name, "--replicas", str(a.replicas), "--coordinator", coordinator
-            )
-            self.masters.append((name, addr))
+        if not a.zookeeper:
+            self._start_followers(coordinator, ["--coordinator", coordinator])
         http_port = a.http_port if a.http_port is not None else (0 if a.port == 0 else 8080)
         if http_port >= 0:
             self.http = self._spawn("http", "http", "--port", str(http_port), "--master", ",".join(addr for _, addr in self.masters))
 
+    def _start_followers(self, first: str, membership: list[str]) -> None:
+        a = self.args
+        for i in range(1, a.masters):
+            name = f"m{i + 1}"
+            port = 0 if a.port == 0 else a.port + i
+            addr = self._spawn(name, "master", "--port", str(port), "--node-id", name, "--replicas", str(a.replicas), *membership)
+            self.masters.append((name, addr))
+
     def describe(self) -> str:
         lines = []
         for i, (name, addr) in enumerate(self.masters):
-            lines.append(f"master {name}  {addr}  {'(coordinator)' if i == 0 else '(follower)'}")
+            if self.args.zookeeper:
+                role = f"(ZooKeeper {self.args.zookeeper}, cluster {self.args.cluster})"
+            else:
+                role = "(coordinator)" if i == 0 else "(follower)"
+            lines.append(f"master {name}  {addr}  {role}")
         for name, addr in self.aux:
             lines.append(f"aux    {name}  {addr}")
         if self.http is not None:

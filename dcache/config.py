@@ -157,6 +157,26 @@ def _aux_seeds(text: str) -> tuple[tuple[str, str, int], ...]:
     return tuple(seeds)
 
 
+def _opt_hosts(text: Any) -> str | None:
+    """A ZooKeeper connection string: HOST:PORT[,HOST:PORT...][/chroot]."""
+    if text in (None, ""):
+        return None
+    hosts, slash, chroot = str(text).partition("/")
+    parts = [p.strip() for p in hosts.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"{text!r} is not HOST:PORT[,HOST:PORT...]")
+    canon = []
+    for part in parts:
+        host, port = parse_address(part)
+        canon.append(f"{host}:{port}")
+    return ",".join(canon) + (slash + chroot if slash else "")
+
+
+def _check_cluster_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name in (".", ".."):
+        raise ConfigError(f"cluster: {name!r} must be letters, digits, '-', '_' or '.'")
+
+
 def _opt_address(text: Any) -> str | None:
     if text in (None, ""):
         return None
@@ -186,6 +206,9 @@ class AuxConfig:
     weight: float = opt(1.0, "share of the ring relative to other aux nodes", _float, "W")
     advertise: str | None = opt(None, "HOST:PORT masters should use to reach this node (default: the bound address)", _opt_address, "ADDR")
     leave_timeout: float = opt(120.0, "seconds to wait on SIGTERM for the master to move this node's data away", _float, "S")
+    zookeeper: str | None = opt(None, "ZooKeeper ensemble HOST:PORT[,HOST:PORT...] to register in (instead of --join)", _opt_hosts, "HOSTS")
+    cluster: str = opt("dcache", "cluster name: the ZooKeeper namespace /dcache/NAME (with --zookeeper)", _str, "NAME")
+    zk_session_timeout: float = opt(10.0, "ZooKeeper session timeout: a dead node's registration ends after it", _float, "S")
     log_level: str = opt("info", "debug, info, warning or error", _str)
     metrics_port: int | None = opt(
         None, "serve Prometheus metrics at http://HOST:PORT/metrics on --host (none: off; 0 picks a free port)", _opt(_int), "PORT"
@@ -195,7 +218,10 @@ class AuxConfig:
         _check_port("port", self.port)
         if self.metrics_port is not None:
             _check_port("metrics_port", self.metrics_port)
-        _check_positive(self, "weight", "leave_timeout")
+        _check_positive(self, "weight", "leave_timeout", "zk_session_timeout")
+        if self.zookeeper and self.join:
+            raise ConfigError("zookeeper: --zookeeper and --join are exclusive (register in ZooKeeper or join a master)")
+        _check_cluster_name(self.cluster)
         _check_positive(self, "max_memory", "max_key_bytes", "max_value_bytes", "max_frame_bytes")
         _check_positive(self, "expiry_interval", "expiry_batch")
         if self.max_items < 0:
@@ -244,6 +270,14 @@ class MasterConfig:
     health_interval: float = opt(0.5, "seconds between health pings to each aux node (coordinator)", _float, "S")
     health_failures: int = opt(3, "missed pings in a row that mark an aux node down", _int, "K")
     follow_interval: float = opt(0.5, "seconds between ring polls of a follower master", _float, "S")
+    zookeeper: str | None = opt(
+        None,
+        "ZooKeeper ensemble HOST:PORT[,HOST:PORT...]: membership, leader election and the ring live there (instead of --coordinator)",
+        _opt_hosts,
+        "HOSTS",
+    )
+    cluster: str = opt("dcache", "cluster name: the ZooKeeper namespace /dcache/NAME (with --zookeeper)", _str, "NAME")
+    zk_session_timeout: float = opt(10.0, "ZooKeeper session timeout: a dead master's leadership ends after it", _float, "S")
     migration_batch: int = opt(1000, "keys per page when moving data between aux nodes", _int, "N")
     migration_rate: int = opt(0, "most keys moved per second per stream; 0 = unthrottled", _int, "N")
     shutdown_grace: float = opt(5.0, "seconds to let in-flight requests finish on SIGTERM/SIGINT", _float, "S")
@@ -258,6 +292,10 @@ class MasterConfig:
             _check_port("metrics_port", self.metrics_port)
         _check_positive(self, "max_key_bytes", "max_value_bytes", "max_frame_bytes", "aux_timeout", "aux_connections")
         _check_positive(self, "health_interval", "health_failures", "follow_interval", "migration_batch", "replicas")
+        _check_positive(self, "zk_session_timeout")
+        if self.zookeeper and (self.coordinator or self.aux):
+            raise ConfigError("zookeeper: --zookeeper excludes --coordinator and --aux (membership lives in ZooKeeper)")
+        _check_cluster_name(self.cluster)
         if self.write_quorum < 0 or self.write_quorum > self.replicas:
             raise ConfigError(f"write_quorum: must be between 0 and replicas ({self.replicas})")
         if self.migration_rate < 0:

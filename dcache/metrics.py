@@ -194,6 +194,7 @@ class MasterCollector(ServiceCollector):
         yield _plain_counter("dcache_partial_writes", "Writes acknowledged although some live owner did not apply them.", rs.partial_writes)
         yield from self._links()
         yield from self._migration()
+        yield from self._membership()
 
     def _links(self) -> Iterable[Metric]:
         links = sorted(self.node.links.items())
@@ -211,6 +212,32 @@ class MasterCollector(ServiceCollector):
             conns.add_metric([node_id], link.open_connections)
             size.add_metric([node_id], link.pool_size)
         return [requests, failures, in_flight, conns, size]
+
+    def _membership(self) -> Iterable[Metric]:
+        membership = self.node.membership
+        leading = membership.role in ("coordinator", "zk-leader")
+        out: list[Metric] = [
+            _plain_gauge(
+                "dcache_coordinating", "1 if this master decides membership (coordinator or ZooKeeper leader), else 0.", int(leading)
+            )
+        ]
+        zk = getattr(membership, "zk", None)
+        if zk is not None:
+            st = zk.status()
+            out.append(
+                _plain_gauge(
+                    "dcache_zookeeper_connected", "1 while the ZooKeeper session is connected, else 0.", int(st["zookeeper_connected"])
+                )
+            )
+            out.append(
+                _plain_gauge(
+                    "dcache_zookeeper_disconnected_seconds",
+                    "Seconds since the ZooKeeper connection was lost (0 while connected); the master routes by its last ring meanwhile.",
+                    st["zookeeper_disconnected_s"],
+                )
+            )
+            out.append(_plain_counter("dcache_zookeeper_sessions", "ZooKeeper sessions established since start.", st["zookeeper_sessions"]))
+        return out
 
     def _migration(self) -> Iterable[Metric]:
         migrator = getattr(self.node.membership, "migrator", None)

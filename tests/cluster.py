@@ -16,11 +16,19 @@ from tests.harness import DaemonProcess
 FAST_HEALTH = ["--health-interval", "0.2", "--health-failures", "3", "--aux-timeout", "1.0", "--follow-interval", "0.2"]
 
 
+#: Short ZooKeeper sessions in tests: a SIGKILLed node's registration ends fast.
+ZK_SESSION_TIMEOUT_S = 2.0
+
+
 class Cluster:
-    def __init__(self, tmp: Path, *, replicas: int = 1, snapshot_interval: float = 0) -> None:
+    def __init__(
+        self, tmp: Path, *, replicas: int = 1, snapshot_interval: float = 0, zookeeper: str | None = None, name: str = "test"
+    ) -> None:
+        """With ``zookeeper`` every process uses it (cluster ``name``) instead of a coordinator."""
         self.tmp = tmp
         self.replicas = replicas
         self.snapshot_interval = snapshot_interval
+        self.zk = ["--zookeeper", zookeeper, "--cluster", name, "--zk-session-timeout", str(ZK_SESSION_TIMEOUT_S)] if zookeeper else []
         self.masters: list[DaemonProcess] = []
         self.aux: dict[str, DaemonProcess] = {}
 
@@ -44,7 +52,7 @@ class Cluster:
         ]
         if follow is not None:
             args += ["--coordinator", follow.addr]
-        args += list(extra)
+        args += self.zk + list(extra)
         m = DaemonProcess("master", args).start()
         self.masters.append(m)
         return m
@@ -54,7 +62,9 @@ class Cluster:
         data.mkdir(parents=True, exist_ok=True)
         args = ["--host", "127.0.0.1", "--port", str(port), "--node-id", node_id, "--log-level", "info", "--data-dir", str(data)]
         args += ["--snapshot-interval", str(self.snapshot_interval)]
-        if join:
+        if join and self.zk:
+            args += self.zk
+        elif join:
             args += ["--join", self.coordinator.addr]
         args += list(extra)
         a = DaemonProcess("aux", args).start()
@@ -103,3 +113,68 @@ async def wait_ring(
 def settled(nodes: set[str]) -> Callable[[dict[str, Any]], bool]:
     """Predicate: exactly ``nodes`` are up and no migration runs."""
     return lambda info: up_nodes(info) == nodes and not info["migrating"]
+
+
+def key_of(i: int) -> str:
+    """The test key number ``i``."""
+    return f"key:{i}"
+
+
+def value_of(i: int) -> bytes:
+    return b"value-%d" % i
+
+
+async def populate(c: Client, n: int) -> None:
+    for start in range(0, n, 1000):
+        stored = await c.mset({key_of(i): value_of(i) for i in range(start, min(n, start + 1000))})
+        assert stored == min(n, start + 1000) - start
+
+
+class Reader:
+    """Reads every key over and over, counting misses, wrong values and errors."""
+
+    def __init__(self, addr: str, n: int) -> None:
+        self.addr = addr
+        self.n = n
+        self.misses = 0
+        self.wrong = 0
+        self.errors: list[str] = []
+        self.passes = 0
+        self.reads = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        async with Client(self.addr, timeout=10.0) as c:
+            while not self._stop.is_set():
+                for start in range(0, self.n, 500):
+                    idx = range(start, min(self.n, start + 500))
+                    try:
+                        values = await c.mget([key_of(i) for i in idx])
+                    except Exception as exc:
+                        self.errors.append(f"{exc.__class__.__name__}: {exc}")
+                        continue
+                    self.reads += len(values)
+                    for i, v in zip(idx, values, strict=True):
+                        if v is None:
+                            self.misses += 1
+                        elif v != value_of(i):
+                            self.wrong += 1
+                self.passes += 1
+
+    async def full_passes(self, k: int, timeout: float = 60.0) -> None:
+        """Wait until ``k`` more complete passes have been made."""
+        target = self.passes + k
+        deadline = time.monotonic() + timeout
+        while self.passes < target:
+            assert time.monotonic() < deadline, "reader made no progress"
+            assert self._task is not None and not self._task.done(), "reader stopped"
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await asyncio.wait_for(self._task, 60)

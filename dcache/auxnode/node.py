@@ -18,7 +18,7 @@ import os
 import random
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import AuxConfig
 from ..errors import (
@@ -62,6 +62,8 @@ class AuxNode(Service):
         self.clock = HybridClock(self.node_id)
         #: Random per process: a master that sees it change knows the node restarted.
         self.incarnation = random.getrandbits(62)
+        #: The ``JoinAgent`` or ``ZkAgent`` keeping this node in a cluster, if any.
+        self.membership_agent: Any = None
         self.started_at = time.time()
         self.server: asyncio.base_events.Server | None = None
         self.snapshots = SnapshotManager(self)
@@ -225,7 +227,12 @@ class AuxNode(Service):
             "errors": self.errors_total,
             "protocol_errors": self.protocol_errors_total,
             **self.snapshots.stats(),
+            **self._membership_stats(),
         }
+
+    def _membership_stats(self) -> dict[str, Any]:
+        status = getattr(self.membership_agent, "status", None)
+        return status() if status is not None else {}
 
     async def _gc_loop(self) -> None:
         """Keep the cyclic GC away from the cache's entries.
@@ -291,12 +298,16 @@ class AuxNode(Service):
 async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
     """Run an aux node until SIGTERM or SIGINT, then shut down gracefully.
 
-    With ``--join`` the node registers with a master, and on SIGTERM it hands
+    With ``--join`` (or ``--zookeeper``) the node registers with a master (or in
+    ZooKeeper), and on SIGTERM it hands
     its data over (graceful leave) before closing; a second signal during the
     hand-over cuts it short. SIGINT (Ctrl-C) stops without a hand-over (the
     node's data stays in its snapshot), which is how ``dcache cluster`` stops.
     """
     from .membership import JoinAgent
+
+    if TYPE_CHECKING:
+        from .zkagent import ZkAgent
 
     node = AuxNode(config)
     await node.start()
@@ -318,15 +329,21 @@ async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     log.info("aux node %s listening on %s", node.node_id, ready_line(node.server)[6:])
-    agent: JoinAgent | None = None
-    if config.join:
+    agent: JoinAgent | ZkAgent | None = None
+    if config.join or config.zookeeper:
         if config.advertise:
             from ..config import parse_address
 
             advertise = parse_address(config.advertise)
         else:
             advertise = node.server.sockets[0].getsockname()[:2]
-        agent = JoinAgent(config, node.node_id, advertise)
+        if config.zookeeper:
+            from .zkagent import ZkAgent
+
+            agent = ZkAgent(config, node.node_id, advertise, node.incarnation)
+        else:
+            agent = JoinAgent(config, node.node_id, advertise)
+        node.membership_agent = agent
         agent.start()
     if ready:
         print(ready_line(node.server), flush=True)

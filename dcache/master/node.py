@@ -262,7 +262,19 @@ class MasterNode(Service):
         self.router = Router(view, self.links, self.clock, config.write_quorum)
         self.router.get_batcher = GetBatcher()
         self.membership: Membership
-        if config.coordinator:
+        if config.zookeeper:
+            from .zkmembership import ZooKeeperMembership
+
+            self.membership = ZooKeeperMembership(
+                config,
+                ClusterView.initial([], config.replicas, epoch=0),
+                self._on_view,
+                lambda: self.links,
+                self.clock,
+                lambda: self.node_id,
+                self._address,
+            )
+        elif config.coordinator:
             self.membership = Follower(config, ClusterView.initial([], config.replicas, epoch=0), self._on_view, lambda: self.node_id)
         else:
             self.membership = Coordinator(config, view, self._on_view, lambda: self.links, self.clock)
@@ -454,6 +466,13 @@ class MasterNode(Service):
             raise BadArgumentsError("SYNC takes [follower_id, epoch, seq]")
         return self.membership.sync(msg[2], msg[3], msg[4])
 
+    def _address(self) -> str:
+        """``host:port`` this master listens on (the configured one before it binds)."""
+        if self.server is not None and self.server.sockets:
+            host, port = self.server.sockets[0].getsockname()[:2]
+            return f"{host}:{port}"
+        return f"{self.config.host}:{self.config.port}"
+
     # -- operator views ---------------------------------------------------------------
 
     def master_stats(self) -> dict[str, Any]:
@@ -481,7 +500,15 @@ class MasterNode(Service):
             "unavailable": rs.unavailable,
             "partial_writes": rs.partial_writes,
             **self._migration_stats(),
+            **self._zookeeper_stats(),
         }
+
+    def _zookeeper_stats(self) -> dict[str, Any]:
+        """ZooKeeper connection and leadership (ZooKeeper mode only)."""
+        zk = getattr(self.membership, "zk", None)
+        if zk is None:
+            return {}
+        return {**zk.status(), "leader": getattr(self.membership, "leader", None)}
 
     def _migration_stats(self) -> dict[str, Any]:
         """Migration progress (coordinator only; followers report none)."""

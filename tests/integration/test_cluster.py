@@ -12,7 +12,7 @@ import pytest
 from dcache import Client
 from dcache.errors import NotAnIntegerError
 from dcache.ring import HashRing
-from tests.cluster import Cluster, ring, settled, up_nodes, wait_ring
+from tests.cluster import Cluster, Reader, populate, ring, settled, up_nodes, wait_ring
 
 pytestmark = pytest.mark.slow
 
@@ -25,70 +25,6 @@ def cluster(tmp_path):
     yield cl
     cl.stop()
     print(cl.logs()[-20000:])  # shown by pytest only when the test fails
-
-
-def _key(i: int) -> str:
-    return f"key:{i}"
-
-
-def _val(i: int) -> bytes:
-    return b"value-%d" % i
-
-
-async def _populate(c: Client, n: int) -> None:
-    for start in range(0, n, 1000):
-        stored = await c.mset({_key(i): _val(i) for i in range(start, min(n, start + 1000))})
-        assert stored == min(n, start + 1000) - start
-
-
-class Reader:
-    """Reads every key over and over, counting misses, wrong values and errors."""
-
-    def __init__(self, addr: str, n: int) -> None:
-        self.addr = addr
-        self.n = n
-        self.misses = 0
-        self.wrong = 0
-        self.errors: list[str] = []
-        self.passes = 0
-        self.reads = 0
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
-
-    async def _run(self) -> None:
-        async with Client(self.addr, timeout=10.0) as c:
-            while not self._stop.is_set():
-                for start in range(0, self.n, 500):
-                    idx = range(start, min(self.n, start + 500))
-                    try:
-                        values = await c.mget([_key(i) for i in idx])
-                    except Exception as exc:
-                        self.errors.append(f"{exc.__class__.__name__}: {exc}")
-                        continue
-                    self.reads += len(values)
-                    for i, v in zip(idx, values, strict=True):
-                        if v is None:
-                            self.misses += 1
-                        elif v != _val(i):
-                            self.wrong += 1
-                self.passes += 1
-
-    async def full_passes(self, k: int, timeout: float = 60.0) -> None:
-        """Wait until ``k`` more complete passes have been made."""
-        target = self.passes + k
-        deadline = time.monotonic() + timeout
-        while self.passes < target:
-            assert time.monotonic() < deadline, "reader made no progress"
-            assert self._task is not None and not self._task.done(), "reader stopped"
-            await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        self._stop.set()
-        assert self._task is not None
-        await asyncio.wait_for(self._task, 60)
 
 
 async def test_routing_every_op_across_nodes(cluster: Cluster):
@@ -128,7 +64,7 @@ async def test_join_live_rebalance_zero_misses(cluster: Cluster):
         cluster.start_aux(n)
     await wait_ring(m.addr, settled({"a1", "a2", "a3"}))
     async with Client(m.addr, timeout=10) as c:
-        await _populate(c, N_KEYS)
+        await populate(c, N_KEYS)
     reader = Reader(m.addr, N_KEYS)
     reader.start()
     await reader.full_passes(1)
@@ -151,7 +87,7 @@ async def test_graceful_leave_zero_misses(cluster: Cluster):
         cluster.start_aux(n)
     await wait_ring(m.addr, settled({"a1", "a2", "a3", "a4"}))
     async with Client(m.addr, timeout=10) as c:
-        await _populate(c, N_KEYS)
+        await populate(c, N_KEYS)
     reader = Reader(m.addr, N_KEYS)
     reader.start()
     await reader.full_passes(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dcache.config import AuxConfig, load_config, parse_address, parse_size
+from dcache.config import AuxConfig, MasterConfig, load_config, parse_address, parse_size
 from dcache.errors import ConfigError
 
 
@@ -78,3 +78,26 @@ def test_parse_address():
     for bad in ("", ":7000", "host:", "host:99999", "a:b:c"):
         with pytest.raises(ValueError):
             parse_address(bad)
+
+
+def test_zookeeper_settings():
+    cfg = load_config(AuxConfig, "aux", {}, env={"DCACHE_ZOOKEEPER": " zk1:2181, zk2:2182/chroot", "DCACHE_CLUSTER": "prod-1"})
+    assert cfg.zookeeper == "zk1:2181,zk2:2182/chroot" and cfg.cluster == "prod-1"
+    m = load_config(MasterConfig, "master", {}, env={"DCACHE_ZOOKEEPER": "127.0.0.1:2181"})
+    assert m.zookeeper == "127.0.0.1:2181" and m.cluster == "dcache" and m.zk_session_timeout == 10.0
+
+
+@pytest.mark.parametrize(
+    ("cls", "section", "env", "field"),
+    [
+        (AuxConfig, "aux", {"DCACHE_ZOOKEEPER": "zk:2181", "DCACHE_JOIN": "127.0.0.1:7000"}, "zookeeper"),
+        (MasterConfig, "master", {"DCACHE_ZOOKEEPER": "zk:2181", "DCACHE_COORDINATOR": "127.0.0.1:7000"}, "zookeeper"),
+        (MasterConfig, "master", {"DCACHE_ZOOKEEPER": "zk:2181", "DCACHE_AUX": "a1=127.0.0.1:7101"}, "zookeeper"),
+        (MasterConfig, "master", {"DCACHE_ZOOKEEPER": "zk"}, "DCACHE_ZOOKEEPER"),
+        (AuxConfig, "aux", {"DCACHE_CLUSTER": "a/b"}, "cluster"),
+        (AuxConfig, "aux", {"DCACHE_ZK_SESSION_TIMEOUT": "0"}, "zk_session_timeout"),
+    ],
+)
+def test_zookeeper_settings_rejected(cls, section, env, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config(cls, section, {}, env=env)

@@ -172,10 +172,22 @@ async def test_master_exports_what_the_docs_list() -> None:
     got = exported(MasterCollector(node))
     text = DOC.read_text()
     aux_only = {n for n in docs if f"`{n}`" in text[text.index("## Aux nodes") : text.index("## Masters")]}
-    master_set = set(docs) - aux_only
+    zk_only = {n for n in docs if n.startswith("dcache_zookeeper_")}
+    master_set = set(docs) - aux_only - zk_only
     assert set(got) == master_set, f"undocumented: {set(got) - master_set}; missing: {master_set - set(got)}"
     for name, (kind, labels) in got.items():
         assert docs[name] == (kind, docs[name][1] if labels is None else labels), name
+
+
+async def test_zookeeper_master_exports_its_connection_state() -> None:
+    docs = documented()
+    node = MasterNode(MasterConfig(node_id="t-master", zookeeper="127.0.0.1:1", cluster="t"))  # not started: not connected
+    got = exported(MasterCollector(node))
+    zk_only = {n for n in docs if n.startswith("dcache_zookeeper_")}
+    assert len(zk_only) == 3 and zk_only <= set(got)
+    s = samples(MasterCollector(node))
+    assert s[("dcache_zookeeper_connected", ())] == 0
+    assert s[("dcache_coordinating", ())] == 0  # not the leader (yet)
 
 
 async def test_master_collector_values() -> None:

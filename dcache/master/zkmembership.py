@@ -1,0 +1,439 @@
+"""Membership in ZooKeeper: registrations, a leader master, the ring as a znode.
+
+``ZooKeeperMembership`` is a ``Coordinator`` that only coordinates while it
+leads. Every master
+
+* registers ``masters/<id>`` (ephemeral) with the view it routes by, so the
+  leader knows when all masters route by a new epoch before moving data;
+* watches ``ring`` and routes by any newer view it sees there;
+* runs for leader with kazoo's ``Election`` recipe (a ZooKeeper lock).
+
+The leader turns membership into views: an aux node that registers
+(``aux/<id>``) joins; one whose registration vanishes (its session ended)
+is marked down unless it still answers pings (the masters' own health checks
+usually see a dead node first); one that creates ``leaving/<id>`` leaves
+after its data moved. It health-checks the aux nodes, runs migrations and
+fences restarted nodes, exactly as the embedded coordinator does, and writes
+each new view to ``ring`` with a compare-and-set on the znode version: if
+the write fails, another master wrote the ring, so this one adopts that view
+and gives up leadership. Views only move forward.
+
+A new leader reads the ring, resumes a migration that was in flight
+(``prev_ring`` is part of the view), restarts the reconciliation of fenced
+nodes, and reconciles the members with the registrations it finds.
+
+A master that loses ZooKeeper keeps routing by the last view it saw and
+says so in ``status()`` (``dcache ring``, ``dcache stats``) and in metrics; a
+leader whose session expires stops leading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+
+from ..config import MasterConfig
+from ..errors import UnavailableError
+from ..hlc import HybridClock
+from ..protocol import PROTOCOL_VERSION, Op
+from ..zookeeper import ZkPaths, ZkSession, dumps, loads
+from .links import AuxLink
+from .membership import Coordinator, Membership, _wall_ms
+from .view import DOWN, FENCED, LEAVING, UP, ClusterView
+
+__all__ = ["ZooKeeperMembership"]
+
+log = logging.getLogger("dcache.master.zookeeper")
+
+_WRITE_RETRY_S = 0.2
+
+
+class _LostRing(Exception):
+    """The ring znode changed under the leader: another master wrote it."""
+
+
+class ZooKeeperMembership(Coordinator):
+    """Membership kept in ZooKeeper; this master coordinates while it is the leader."""
+
+    role = "zk-follower"
+
+    def __init__(
+        self,
+        config: MasterConfig,
+        view: ClusterView,
+        on_view: Callable[[ClusterView], None],
+        links: Callable[[], dict[str, AuxLink]],
+        clock: HybridClock,
+        node_id: Callable[[], str],
+        address: Callable[[], str],
+    ) -> None:
+        super().__init__(config, view, on_view, links, clock)
+        assert config.zookeeper is not None
+        self.paths = ZkPaths(config.cluster)
+        self._node_id = node_id
+        self._address = address
+        self.zk = ZkSession(config.zookeeper, config.zk_session_timeout, "master")
+        self.leading = False
+        self.leader: str | None = None  # the leader's node id, as the ring says
+        self._ring_version = -1  # znode version of the ring last read or written; -1: none
+        self._ring_seen = asyncio.Event()
+        self._registered: dict[str, dict[str, Any]] = {}
+        self._leaving: set[str] = set()
+        self._leave_tasks: dict[str, asyncio.Task[Any]] = {}
+        self._to_write: ClusterView | None = None
+        self._write_wake = asyncio.Event()
+        self._stepdown = threading.Event()
+        self._closing = threading.Event()
+        self._election_thread: threading.Thread | None = None
+        self._election: Any = None
+        self.leaderships = 0  # times this master became leader
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.zk.start()
+        self.zk.on_state(self._on_zk_state)
+        self._spawn(self._health_loop(), "health")
+        self._spawn(self._writer(), "zk-ring-writer")
+        self._spawn(self._setup(), "zk-setup")
+        # Route by the ring in ZooKeeper from the first request on, if it can be had quickly.
+        try:
+            await asyncio.wait_for(self._ring_seen.wait(), min(5.0, self.config.zk_session_timeout))
+        except TimeoutError:
+            log.warning("no ring from ZooKeeper %s yet; serving with an empty ring until it comes", self.config.zookeeper)
+
+    async def _setup(self) -> None:
+        await self.zk.wait_connected()
+        while True:
+            try:
+                await self.zk.run(self.zk.ensure_dirs, self.paths)
+                break
+            except KazooException as exc:
+                log.warning("creating the cluster's znodes failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                await self.zk.wait_connected()
+        self._register_self()
+        await self.zk.run(self.zk.watch_data, self.paths.ring, self._on_ring)
+        await self.zk.run(self.zk.watch_children, self.paths.aux, self._on_aux_children)
+        await self.zk.run(self.zk.watch_children, self.paths.leaving, self._on_leaving_children)
+        loop = asyncio.get_running_loop()
+        self._election = self.zk.client.Election(self.paths.election, self._node_id())
+        self._election_thread = threading.Thread(target=self._election_main, args=(loop,), name="zk-election", daemon=True)
+        self._election_thread.start()
+
+    async def close(self) -> None:
+        self._closing.set()
+        self._stepdown.set()
+        if self._election is not None:
+            self._election.cancel()
+        await super().close()
+        await self.zk.close()
+        if self._election_thread is not None:
+            await asyncio.to_thread(self._election_thread.join, 5.0)
+
+    def _on_zk_state(self, state: str) -> None:
+        if state == "lost" and self.leading:
+            log.warning("ZooKeeper session expired: no longer the leader")
+            self._stepdown.set()
+        if state == "connected":
+            self._register_self()
+
+    def _register_self(self) -> None:
+        view = self.view
+        self.zk.register(
+            f"{self.paths.masters}/{self._node_id()}",
+            dumps({"addr": self._address(), "epoch": view.epoch, "seq": view.seq, "leader": self.leading}),
+        )
+
+    # -- views ---------------------------------------------------------------------------
+
+    def publish(self, view: ClusterView) -> bool:
+        """Adopt a view this master made; the leader also writes it to ZooKeeper."""
+        if not super().publish(view):
+            return False
+        if self.leading:
+            self._to_write = view
+            self._write_wake.set()
+        self._register_self()
+        return True
+
+    def _adopt(self, view: ClusterView) -> None:
+        """Route by a view read from ZooKeeper (never written back)."""
+        if Membership.publish(self, view):
+            self._register_self()
+
+    def _on_ring(self, data: bytes | None, stat: Any) -> None:
+        self._ring_seen.set()
+        if data is None or stat is None:
+            return
+        try:
+            view = ClusterView.from_dict(msgpack.unpackb(data, raw=False, strict_map_key=False))
+        except Exception as exc:
+            log.error("the ring in ZooKeeper is unreadable (%s); ignoring it", exc)
+            return
+        self.leader = view.coordinator or None
+        if stat.version > self._ring_version and not self.leading:
+            self._ring_version = stat.version
+        if view.newer_than(self.view):
+            if self.leading:
+                log.error("the ring in ZooKeeper moved to epoch %d.%d under this leader; stepping down", view.epoch, view.seq)
+                self._stepdown.set()
+            self._adopt(view)
+
+    async def _writer(self) -> None:
+        """Write the leader's views to ZooKeeper in order, latest first, with a compare-and-set."""
+        while True:
+            await self._write_wake.wait()
+            self._write_wake.clear()
+            view = self._to_write
+            if view is None or not self.leading:
+                continue
+            try:
+                await self.zk.wait_connected()
+                self._ring_version = await self.zk.run(self._cas_write, view, self._ring_version)
+                if self._to_write is view:
+                    self._to_write = None
+            except _LostRing:
+                log.error("another master wrote the ring: stepping down")
+                self._to_write = None
+                self._stepdown.set()
+            except KazooException as exc:
+                log.warning("writing ring epoch %d.%d to ZooKeeper failed (%s); retrying", view.epoch, view.seq, exc)
+                await asyncio.sleep(_WRITE_RETRY_S)
+                self._write_wake.set()
+
+    def _cas_write(self, view: ClusterView, version: int) -> int:
+        """Write ``view`` if the ring is still at ``version``; the new version (worker thread)."""
+        data = msgpack.packb(view.to_dict(), use_bin_type=True)
+        try:
+            if version < 0:
+                self.zk.client.create(self.paths.ring, data, makepath=True)
+                return 0
+            return int(self.zk.client.set(self.paths.ring, data, version=version).version)
+        except (BadVersionError, NodeExistsError, NoNodeError):
+            raise _LostRing() from None
+
+    def _read_ring(self) -> tuple[ClusterView | None, int]:
+        """The ring in ZooKeeper and its version (worker thread)."""
+        try:
+            data, stat = self.zk.client.get(self.paths.ring)
+        except NoNodeError:
+            return None, -1
+        return ClusterView.from_dict(msgpack.unpackb(data, raw=False, strict_map_key=False)), int(stat.version)
+
+    # -- leadership -------------------------------------------------------------------------
+
+    def _election_main(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The election thread: contend, lead until told to step down, contend again."""
+        while not self._closing.is_set():
+            try:
+                self._election.run(self._lead, loop)
+            except Exception as exc:
+                if not self._closing.is_set():
+                    log.warning("leader election interrupted (%s); contending again", exc)
+            self._closing.wait(0.5)
+
+    def _lead(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Holds the election lock (election thread) until a step-down."""
+        self._stepdown.clear()
+        if self._closing.is_set():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._become_leader(), loop).result(30.0)
+        except Exception:
+            log.exception("taking over leadership failed")
+        else:
+            self._stepdown.wait()
+        if not loop.is_closed():
+            try:
+                asyncio.run_coroutine_threadsafe(self._resign(), loop).result(10.0)
+            except Exception:
+                log.exception("stepping down failed")
+
+    async def _become_leader(self) -> None:
+        view, version = await self.zk.run(self._read_ring)
+        if view is not None:
+            self._adopt(view)
+        self._ring_version = version
+        me = self._node_id()
+        self.leading = True
+        self.role = "zk-leader"
+        self.leader = me
+        self.leaderships += 1
+        current = self.view
+        if view is None:
+            # An empty ZooKeeper: start the epochs from the wall clock so that
+            # views of a ring that was lost with ZooKeeper's data stay behind.
+            start = max(current.epoch + 1, _wall_ms())
+            current = ClusterView(start, 0, current.replicas, dict(current.members), current.ring, current.prev_ring, me)
+            Membership.publish(self, current)
+            self._to_write = current
+            self._write_wake.set()
+        else:
+            self.publish(current.bumped(coordinator=me))
+        log.info("leading the cluster %r at ring epoch %d", self.config.cluster, self.view.epoch)
+        if self.view.prev_ring is not None:
+            log.info("resuming the migration to epoch %d", self.view.epoch)
+            self._start_migration()
+        for node_id, m in self.view.members.items():
+            if m.state == FENCED:
+                self._fences[node_id] = self._spawn(self._reconcile(node_id), f"fence-{node_id}")
+        await self._refresh_registrations()
+
+    async def _resign(self) -> None:
+        if not self.leading:
+            return
+        self.leading = False
+        self.role = "zk-follower"
+        self._to_write = None
+        for task in [self._migration, *self._fences.values(), *self._leave_tasks.values()]:
+            if task is not None:
+                task.cancel()
+        self._fences.clear()
+        self._leave_tasks.clear()
+        self._register_self()
+        log.warning("no longer leading the cluster %r", self.config.cluster)
+
+    # -- registrations (leader) ----------------------------------------------------------------
+
+    def _on_aux_children(self, children: list[str]) -> None:
+        self._spawn(self._refresh_registrations(children), "zk-aux")
+
+    def _on_leaving_children(self, children: list[str]) -> None:
+        self._leaving = set(children)
+        if self.leading:
+            self._reconcile_leaving()
+
+    def _read_registrations(self, children: list[str] | None) -> dict[str, dict[str, Any]]:
+        if children is None:
+            children = self.zk.client.get_children(self.paths.aux)
+        out = {}
+        for child in children:
+            try:
+                data, _ = self.zk.client.get(f"{self.paths.aux}/{child}")
+            except NoNodeError:
+                continue
+            reg = loads(data)
+            if isinstance(reg, dict) and isinstance(reg.get("host"), str) and isinstance(reg.get("port"), int):
+                out[child] = reg
+            else:
+                log.warning("ignoring the malformed aux registration %s: %r", child, data[:200])
+        return out
+
+    async def _refresh_registrations(self, children: list[str] | None = None) -> None:
+        try:
+            self._registered = await self.zk.run(self._read_registrations, children)
+        except KazooException as exc:
+            log.warning("reading aux registrations failed: %s", exc)
+            return
+        if self.leading:
+            self._reconcile_registrations()
+            self._reconcile_leaving()
+
+    def _reconcile_registrations(self) -> None:
+        members = self.view.members
+        for node_id, reg in self._registered.items():
+            if node_id in self._leaving:
+                continue
+            m = members.get(node_id)
+            host, port, weight = reg["host"], int(reg["port"]), float(reg.get("weight", 1.0))
+            if m is not None and m.state in (UP, FENCED) and (m.host, m.port, m.weight) == (host, port, weight):
+                continue
+            if m is not None and m.state == LEAVING:
+                continue
+            self._spawn(self.join(node_id, host, port, weight), f"zk-join-{node_id}")
+        for node_id, m in members.items():
+            if node_id not in self._registered and m.state in (UP, FENCED):
+                self._spawn(self._confirm_gone(node_id), f"zk-gone-{node_id}")
+
+    async def _confirm_gone(self, node_id: str) -> None:
+        """A registration vanished: mark the node down unless it still answers."""
+        link = self._links().get(node_id)
+        if link is not None:
+            try:
+                hello = (PROTOCOL_VERSION, self.config.auth_token, "dcache-health")
+                await asyncio.wait_for(link.call(Op.HELLO, *hello), self.config.health_interval * 2)
+            except Exception:
+                pass
+            else:
+                log.warning("aux node %s's ZooKeeper session ended but it answers pings; keeping it", node_id)
+                return
+        if self.leading and node_id not in self._registered:
+            self.mark(node_id, DOWN, "its ZooKeeper session ended")
+
+    def _reconcile_leaving(self) -> None:
+        for node_id in self._leaving:
+            m = self.view.members.get(node_id)
+            task = self._leave_tasks.get(node_id)
+            if m is None or (task is not None and not task.done()):
+                continue
+            log.info("aux node %s asks to leave (through ZooKeeper)", node_id)
+            self._leave_tasks[node_id] = self._spawn(Coordinator.leave(self, node_id), f"zk-leave-{node_id}")
+
+    # -- overrides of the coordinator ---------------------------------------------------------
+
+    async def join(self, node_id: str, host: str, port: int, weight: float) -> int:
+        if not self.leading:
+            raise UnavailableError("membership is kept in ZooKeeper: start aux nodes with --zookeeper")
+        return await super().join(node_id, host, port, weight)
+
+    async def leave(self, node_id: str) -> bool:
+        raise UnavailableError("membership is kept in ZooKeeper: a leaving aux node creates its leaving/ znode")
+
+    def on_aux_restart(self, node_id: str) -> None:
+        if self.leading:
+            super().on_aux_restart(node_id)
+        else:
+            Membership.on_aux_restart(self, node_id)
+
+    async def _health_round(self) -> None:
+        if self.leading:
+            await super()._health_round()
+
+    def sync(self, follower_id: str, epoch: int, seq: int) -> dict[str, Any] | None:
+        raise UnavailableError("membership is kept in ZooKeeper: masters follow the ring there")
+
+    async def _followers_caught_up(self, epoch: int, timeout: float) -> None:
+        """Wait (bounded) until every registered master routes by ``epoch``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        me = self._node_id()
+        lagging: list[str] = []
+        while loop.time() < deadline:
+            try:
+                masters = await self.zk.run(self._read_masters)
+            except KazooException:
+                masters = {}
+            lagging = [m for m, d in masters.items() if m != me and int(d.get("epoch", 0)) < epoch]
+            if not lagging:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("masters %s did not confirm epoch %d within %.1f s; migrating anyway", lagging, epoch, timeout)
+
+    def _read_masters(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for child in self.zk.client.get_children(self.paths.masters):
+            try:
+                data, _ = self.zk.client.get(f"{self.paths.masters}/{child}")
+            except NoNodeError:
+                continue
+            d = loads(data)
+            if isinstance(d, dict):
+                out[child] = d
+        return out
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = super().status() if self.leading else {"role": self.role}
+        out["role"] = self.role
+        out["cluster"] = self.config.cluster
+        out["leader"] = self.leader
+        out["leaderships"] = self.leaderships
+        out["registered_aux"] = sorted(self._registered)
+        out.update(self.zk.status())
+        return out

@@ -1,0 +1,307 @@
+"""ZooKeeper seen from asyncio: a kazoo session, the cluster's znodes, ephemeral registrations.
+
+Layout of a cluster named NAME (``--cluster``)::
+
+    /dcache/NAME/aux/<node_id>       ephemeral: an aux node's registration (JSON)
+    /dcache/NAME/leaving/<node_id>   ephemeral: the aux node asks to leave gracefully
+    /dcache/NAME/masters/<node_id>   ephemeral: a master, with the view it routes by (JSON)
+    /dcache/NAME/election/           kazoo's Election recipe: the leader master
+    /dcache/NAME/ring                persistent: the current ClusterView (msgpack),
+                                     written by the leader with a compare-and-set
+
+kazoo runs its own threads. Here every blocking call goes through
+``ZkSession.run`` (a worker thread) and every kazoo callback is handed to the
+event loop with ``call_soon_threadsafe``, so the rest of dcache only sees
+coroutines and loop callbacks.
+
+Ephemeral registrations are kept by ``ZkSession.register``: they are created
+when the session connects, re-created after a session expired (a new session
+starts when ZooKeeper is reachable again), and their data is updated in the
+background. If another live session holds the same path (a previous process
+of this node that was killed and whose session has not expired yet, or a
+second node configured with the same id), the registration waits until that
+session's node is gone instead of stealing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+from kazoo.retry import KazooRetry
+
+__all__ = ["ZkPaths", "ZkSession", "dumps", "loads"]
+
+log = logging.getLogger("dcache.zookeeper")
+
+_REGISTER_RETRY_S = 0.5
+
+
+class ZkPaths:
+    """The znode paths of one cluster."""
+
+    def __init__(self, cluster: str) -> None:
+        self.root = f"/dcache/{cluster}"
+        self.aux = f"{self.root}/aux"
+        self.leaving = f"{self.root}/leaving"
+        self.masters = f"{self.root}/masters"
+        self.election = f"{self.root}/election"
+        self.ring = f"{self.root}/ring"
+
+    def dirs(self) -> tuple[str, ...]:
+        """The persistent parents every participant makes sure exist."""
+        return (self.aux, self.leaving, self.masters, self.election)
+
+
+def dumps(obj: Any) -> bytes:
+    """Registration data: compact JSON (readable with zkCli)."""
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def loads(data: bytes | None) -> Any:
+    """Inverse of ``dumps``; ``None`` for an empty or unreadable node."""
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+class ZkSession:
+    """One kazoo client, driven from an asyncio loop."""
+
+    def __init__(self, hosts: str, session_timeout: float, name: str) -> None:
+        self.hosts = hosts
+        self.name = name
+        self.client = KazooClient(
+            hosts=hosts,
+            timeout=session_timeout,
+            connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=1.0),
+            command_retry=KazooRetry(max_tries=3, delay=0.1, backoff=2, max_delay=1.0),
+            logger=logging.getLogger("dcache.zookeeper.kazoo"),
+        )
+        self.loop: asyncio.AbstractEventLoop | None = None
+        #: ``connected``, ``suspended`` (connection lost, session may live on),
+        #: ``lost`` (session expired) or ``not started``.
+        self.state = "not started"
+        self.connected = asyncio.Event()
+        self.sessions = 0  # sessions established so far
+        self.disconnected_since: float | None = time.monotonic()
+        self._listeners: list[Callable[[str], None]] = []
+        self._ephemeral: dict[str, bytes] = {}
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start connecting (in the background: ZooKeeper may be down)."""
+        self.loop = asyncio.get_running_loop()
+        self.client.add_listener(self._on_state_thread)
+        self.client.start_async()
+        self._task = asyncio.ensure_future(self._keep_registrations())
+
+    async def close(self) -> None:
+        """End the session: this participant's ephemeral nodes vanish at once."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._stop_client), 5.0)
+        except (TimeoutError, KazooException, OSError) as exc:
+            log.warning("closing the ZooKeeper session: %s", exc)
+
+    def _stop_client(self) -> None:
+        self.client.stop()
+        self.client.close()
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking kazoo call in a worker thread."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait until the session is connected; False on timeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.connected.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def on_state(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(state)`` on the loop at every connection state change."""
+        self._listeners.append(callback)
+
+    # -- connection state (kazoo thread -> loop) -------------------------------------
+
+    def _on_state_thread(self, state: str) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_state, state)
+
+    def _on_state(self, state: str) -> None:
+        if self._closed:
+            return
+        if state == KazooState.CONNECTED:
+            if self.state in ("lost", "not started"):
+                self.sessions += 1
+                self._dirty.update(self._ephemeral)  # a new session: register again
+            else:
+                self._dirty.update(self._ephemeral)  # same session: make sure (cheap)
+            self.state = "connected"
+            self.disconnected_since = None
+            self.connected.set()
+            self._wake.set()
+            log.info("%s: connected to ZooKeeper %s", self.name, self.hosts)
+        else:
+            new = "lost" if state == KazooState.LOST else "suspended"
+            if self.state == "connected":
+                self.disconnected_since = time.monotonic()
+            if new != self.state:
+                log.warning(
+                    "%s: ZooKeeper connection %s%s",
+                    self.name,
+                    new,
+                    " (session expired: ephemeral nodes are gone)" if new == "lost" else " (reconnecting)",
+                )
+            self.state = new
+            self.connected.clear()
+        for cb in list(self._listeners):
+            try:
+                cb(self.state)
+            except Exception:
+                log.exception("ZooKeeper state listener failed")
+
+    def watch_data(self, path: str, callback: Callable[[bytes | None, Any], None]) -> None:
+        """Call ``callback(data, stat)`` on the loop now and whenever ``path`` changes.
+
+        Must run in a worker thread (``run``) once connected: kazoo reads the node
+        right away. The watch is re-armed by kazoo across reconnects.
+        """
+        loop = self.loop
+        assert loop is not None
+
+        def func(data: bytes | None, stat: Any) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(callback, data, stat)
+
+        self.client.DataWatch(path, func)
+
+    def watch_children(self, path: str, callback: Callable[[list[str]], None]) -> None:
+        """Call ``callback(children)`` on the loop now and whenever ``path``'s children change.
+
+        Same rules as ``watch_data``; ``path`` must exist.
+        """
+        loop = self.loop
+        assert loop is not None
+
+        def func(children: list[str]) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(callback, list(children))
+
+        self.client.ChildrenWatch(path, func)
+
+    # -- ephemeral registrations ---------------------------------------------------
+
+    def register(self, path: str, data: bytes) -> None:
+        """Keep an ephemeral node at ``path`` holding ``data`` while this process lives."""
+        if self._ephemeral.get(path) == data and path not in self._dirty:
+            return
+        self._ephemeral[path] = data
+        self._dirty.add(path)
+        self._wake.set()
+
+    async def unregister(self, path: str) -> None:
+        """Delete a registration now (best effort when disconnected)."""
+        self._ephemeral.pop(path, None)
+        self._dirty.discard(path)
+        if self.state != "connected":
+            return
+        try:
+            await self.run(self._delete_own, path)
+        except KazooException as exc:
+            log.warning("%s: could not delete %s: %s", self.name, path, exc)
+
+    def _delete_own(self, path: str) -> None:
+        try:
+            _, stat = self.client.get(path)
+        except NoNodeError:
+            return
+        if stat.ephemeralOwner == self.client.client_id[0]:
+            self.client.delete(path, version=stat.version)
+
+    async def _keep_registrations(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.state != "connected":
+                continue
+            retry = False
+            for path in sorted(self._dirty):
+                data = self._ephemeral.get(path)
+                if data is None:
+                    self._dirty.discard(path)
+                    continue
+                try:
+                    done = await self.run(self._ensure_ephemeral, path, data)
+                except KazooException as exc:
+                    log.info("%s: registering %s failed (%s); retrying", self.name, path, exc)
+                    done = False
+                if done and self._ephemeral.get(path) == data:
+                    self._dirty.discard(path)
+                elif not done:
+                    retry = True
+            if retry:
+                await asyncio.sleep(_REGISTER_RETRY_S)
+                self._wake.set()
+
+    def _ensure_ephemeral(self, path: str, data: bytes) -> bool:
+        """Create or update our ephemeral node; False while another session holds it."""
+        try:
+            self.client.create(path, data, ephemeral=True, makepath=True)
+            log.info("%s: registered %s in ZooKeeper", self.name, path)
+            return True
+        except NodeExistsError:
+            pass
+        try:
+            current, stat = self.client.get(path)
+        except NoNodeError:
+            return False  # vanished in between: try again
+        if stat.ephemeralOwner != self.client.client_id[0]:
+            log.warning(
+                "%s: %s is held by another ZooKeeper session (a previous process of this node whose session "
+                "has not expired yet, or a duplicate node id); waiting for it to go",
+                self.name,
+                path,
+            )
+            return False
+        if current != data:
+            self.client.set(path, data, version=stat.version)
+        return True
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def ensure_dirs(self, paths: ZkPaths) -> None:
+        """Create the cluster's persistent parents (blocking; use through ``run``)."""
+        for path in paths.dirs():
+            self.client.ensure_path(path)
+
+    def status(self) -> dict[str, Any]:
+        """What health and ``dcache ring`` show about the ZooKeeper connection."""
+        since = self.disconnected_since
+        return {
+            "zookeeper": self.hosts,
+            "zookeeper_state": self.state,
+            "zookeeper_connected": self.state == "connected",
+            "zookeeper_disconnected_s": round(time.monotonic() - since, 3) if since is not None else 0.0,
+            "zookeeper_sessions": self.sessions,
+        }

@@ -1,0 +1,308 @@
+"""ZooKeeper membership with a real ZooKeeper server, real dcache processes and real signals.
+
+Every test watches the ring znode from the outside and checks at the end that
+the views it saw only moved forward (no split brain over the ring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import msgpack
+import pytest
+from kazoo.client import KazooClient
+
+from dcache import Client
+from tests.cluster import Cluster, Reader, populate, ring, settled, up_nodes, wait_ring
+from tests.harness import _readline_with_deadline, wait_for
+from tests.zookeeper import ZooKeeperServer
+
+pytestmark = pytest.mark.slow
+
+N_KEYS = 20_000
+
+
+@pytest.fixture(scope="module")
+def zookeeper(tmp_path_factory):
+    server = ZooKeeperServer(tmp_path_factory.mktemp("zk")).start()
+    yield server
+    server.stop()
+
+
+class RingMonitor:
+    """Records every version of a cluster's ring znode it is told about."""
+
+    def __init__(self, hosts: str, name: str) -> None:
+        self.path = f"/dcache/{name}/ring"
+        self.client = KazooClient(hosts=hosts, timeout=10.0)
+        self.client.start(10)
+        self.seen: list[tuple[int, int, str]] = []
+        self._lock = threading.Lock()
+        self.client.DataWatch(self.path, self._on)
+
+    def _on(self, data: bytes | None, stat: Any) -> None:
+        if data:
+            v = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            with self._lock:
+                self.seen.append((v["epoch"], v["seq"], v["coordinator"]))
+
+    def assert_forward_only(self) -> None:
+        with self._lock:
+            order = [(e, s) for e, s, _ in self.seen]
+        assert order, "no ring was ever written"
+        assert all(a < b for a, b in itertools.pairwise(order)), order
+
+    def write(self, view: dict[str, Any]) -> None:
+        """Overwrite the ring as another master would (no compare-and-set)."""
+        self.client.set(self.path, msgpack.packb(view, use_bin_type=True))
+
+    def read(self) -> dict[str, Any]:
+        data, _ = self.client.get(self.path)
+        out: dict[str, Any] = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return out
+
+    def close(self) -> None:
+        self.client.stop()
+        self.client.close()
+
+
+@pytest.fixture
+def make_cluster(zookeeper, tmp_path, request):
+    made: list[tuple[Cluster, RingMonitor]] = []
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60]
+
+    def make(replicas: int = 1, server: ZooKeeperServer | None = None) -> tuple[Cluster, RingMonitor]:
+        zk = server or zookeeper
+        cl = Cluster(tmp_path, replicas=replicas, zookeeper=zk.hosts, name=name)
+        mon = RingMonitor(zk.hosts, name)
+        made.append((cl, mon))
+        return cl, mon
+
+    yield make
+    for cl, mon in made:
+        cl.stop()
+        mon.close()
+        print(cl.logs()[-30000:])  # shown by pytest only when the test fails
+
+
+async def _leader(cl: Cluster, timeout: float = 20.0) -> str:
+    """The address of the master that leads (bounded wait)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        for m in cl.masters:
+            if not m.alive:
+                continue
+            try:
+                info = await ring(m.addr)
+            except Exception:
+                continue
+            if info["membership"]["role"] == "zk-leader":
+                return m.addr
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no master leads after {timeout} s")
+
+
+async def _settled_everywhere(cl: Cluster, nodes: set[str], timeout: float = 30.0) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    for m in cl.masters:
+        if m.alive:
+            info = await wait_ring(m.addr, settled(nodes), timeout=timeout, what=f"{sorted(nodes)} settled on {m.addr}")
+    return info
+
+
+async def test_join_and_leave_through_zookeeper_zero_misses(make_cluster):
+    cl, mon = make_cluster()
+    cl.start_master("m1")
+    m2 = cl.start_master("m2")
+    for n in ("a1", "a2", "a3"):
+        cl.start_aux(n)
+    await _settled_everywhere(cl, {"a1", "a2", "a3"})
+    leader = await _leader(cl)
+    async with Client(m2.addr, timeout=10) as c:
+        await populate(c, N_KEYS)
+    reader = Reader(m2.addr, N_KEYS)  # through the master that follows (unless m2 leads)
+    reader.start()
+    await reader.full_passes(1)
+
+    cl.start_aux("a4")
+    await _settled_everywhere(cl, {"a1", "a2", "a3", "a4"}, timeout=60)
+    info = await ring(leader)
+    moved = info["membership"]["migration"]["keys_moved"]
+    assert 0 < moved <= 1.2 * N_KEYS / 4, moved
+    await reader.full_passes(1)
+
+    leaving = cl.aux["a2"]
+    leaving.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(leaving.wait, 60) == 0
+    info = await _settled_everywhere(cl, {"a1", "a3", "a4"})
+    assert "a2" not in {n["node_id"] for n in info["nodes"]}
+    await reader.full_passes(1)
+    await reader.stop()
+    assert reader.errors == [] and reader.misses == 0 and reader.wrong == 0, (reader.errors[:5], reader.misses, reader.wrong)
+    assert "leaving/a2" not in cl.logs() or "asks to leave (through ZooKeeper)" in cl.logs()
+    mon.assert_forward_only()
+
+
+async def test_leader_killed_mid_migration_another_takes_over(make_cluster):
+    cl, mon = make_cluster(replicas=2)
+    slow = ("--migration-rate", "2000")  # a migration lasts long enough to kill its leader during it
+    cl.start_master("m1", *slow)
+    cl.start_master("m2", *slow)
+    for n in ("a1", "a2", "a3"):
+        cl.start_aux(n)
+    await _settled_everywhere(cl, {"a1", "a2", "a3"})
+    leader_addr = await _leader(cl)
+    leader = next(m for m in cl.masters if m.addr == leader_addr)
+    other = next(m for m in cl.masters if m is not leader)
+    async with Client(other.addr, timeout=10) as c:
+        await populate(c, N_KEYS)
+    reader = Reader(other.addr, N_KEYS)
+    reader.start()
+    await reader.full_passes(1)
+
+    cl.start_aux("a4")
+    await wait_ring(other.addr, lambda i: "a4" in up_nodes(i) and i["migrating"], timeout=20, what="migration to a4 running")
+    leader.kill()  # SIGKILL: its ZooKeeper session ends after the session timeout
+    new_leader = await _leader(cl, timeout=20)
+    assert new_leader == other.addr
+    await asyncio.to_thread(wait_for, lambda: "resuming the migration" in other.stderr(), 10, message="migration resumed")
+    info = await wait_ring(other.addr, settled({"a1", "a2", "a3", "a4"}), timeout=60, what="migration resumed and done")
+    a4 = next(n for n in info["nodes"] if n["node_id"] == "a4")
+    assert a4["items"] > 0.3 * N_KEYS * 2 / 4, a4  # the new leader moved a4's share
+    await reader.full_passes(1)
+
+    cl.start_aux("a5")  # a later join still rebalances
+    info = await wait_ring(other.addr, settled({"a1", "a2", "a3", "a4", "a5"}), timeout=60, what="a5 joined")
+    a5 = next(n for n in info["nodes"] if n["node_id"] == "a5")
+    assert a5["items"] > 0
+    await reader.full_passes(1)
+    await reader.stop()
+    assert reader.errors == [] and reader.misses == 0 and reader.wrong == 0, (reader.errors[:5], reader.misses, reader.wrong)
+    mon.assert_forward_only()
+    coordinators = {c for _, _, c in mon.seen}
+    assert {"m1", "m2"} <= coordinators or len(coordinators) == 2, coordinators
+
+
+async def test_killed_aux_leaves_the_ring(make_cluster):
+    cl, mon = make_cluster(replicas=2)
+    m1 = cl.start_master("m1")
+    for n in ("a1", "a2", "a3"):
+        cl.start_aux(n)
+    await _settled_everywhere(cl, {"a1", "a2", "a3"})
+    async with Client(m1.addr, timeout=10) as c:
+        await populate(c, 2000)
+    cl.aux["a3"].kill()
+    await wait_ring(m1.addr, lambda i: up_nodes(i) == {"a1", "a2"} and not i["migrating"], timeout=20, what="a3 out of the ring")
+    async with Client(m1.addr, timeout=10) as c:
+        values = await c.mget([f"key:{i}" for i in range(2000)])
+    assert all(v is not None for v in values)
+    mon.assert_forward_only()
+
+
+async def test_rogue_ring_write_makes_the_leader_step_down_and_epochs_move_forward(make_cluster):
+    cl, mon = make_cluster()
+    cl.start_master("m1")
+    cl.start_master("m2")
+    cl.start_aux("a1")
+    cl.start_aux("a2")
+    await _settled_everywhere(cl, {"a1", "a2"})
+    leader = await _leader(cl)
+    before = await ring(leader)
+    # Another writer (no compare-and-set) puts a newer view of the same ring.
+    view = await asyncio.to_thread(mon.read)
+    view["seq"] += 1000
+    view["coordinator"] = "rogue"
+    await asyncio.to_thread(mon.write, view)
+    for m in cl.masters:
+        await wait_ring(m.addr, lambda i: i["seq"] >= view["seq"] or i["epoch"] > view["epoch"], timeout=10, what="rogue view adopted")
+    # The old leader stepped down; whoever leads now moves the epoch forward from there.
+    old = next(m for m in cl.masters if m.addr == leader)
+    await asyncio.to_thread(wait_for, lambda: "stepping down" in old.stderr(), 10, message="old leader steps down")
+    cl.start_aux("a3")
+    info = await _settled_everywhere(cl, {"a1", "a2", "a3"})
+    assert info["epoch"] > before["epoch"]
+    mon.assert_forward_only()
+
+
+async def test_zookeeper_restart_cluster_recovers(make_cluster, tmp_path):
+    server = ZooKeeperServer(tmp_path / "own-zk").start()
+    try:
+        cl, mon = make_cluster(server=server)
+        m1 = cl.start_master("m1")
+        m2 = cl.start_master("m2")
+        cl.start_aux("a1")
+        cl.start_aux("a2")
+        await _settled_everywhere(cl, {"a1", "a2"})
+        async with Client([m1.addr, m2.addr], timeout=10) as c:
+            await populate(c, 2000)
+
+        server.stop()  # SIGKILL ZooKeeper
+        for m in (m1, m2):
+            await wait_ring(m.addr, lambda i: not i["membership"]["zookeeper_connected"], timeout=20, what="ZooKeeper loss reported")
+        # Masters keep serving with the last ring they saw.
+        for addr in (m1.addr, m2.addr):
+            async with Client(addr, timeout=10) as c:
+                assert await c.set("during-outage", b"yes")
+                values = await c.mget([f"key:{i}" for i in range(2000)])
+                assert all(v is not None for v in values)
+                assert await c.get("during-outage") == b"yes"
+
+        server.start()  # same port, same data
+        for m in (m1, m2):
+            await wait_ring(m.addr, lambda i: i["membership"]["zookeeper_connected"], timeout=30, what="ZooKeeper back")
+        cl.start_aux("a3")  # membership works again
+        await _settled_everywhere(cl, {"a1", "a2", "a3"}, timeout=60)
+        async with Client([m1.addr, m2.addr], timeout=10) as c:
+            values = await c.mget([f"key:{i}" for i in range(2000)])
+            assert all(v is not None for v in values)
+            assert await c.get("during-outage") == b"yes"
+        mon.assert_forward_only()
+    finally:
+        server.stop()
+
+
+async def test_dcache_cluster_in_zookeeper_mode(zookeeper, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcache", "cluster", "--zookeeper", zookeeper.hosts, "--cluster", "local-cmd",
+         "--port", "0", "--http-port", "-1", "--masters", "2", "--aux", "3", "--replicas", "2",
+         "--data-dir", str(tmp_path / "data"), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = _readline_with_deadline(proc, max(0.1, deadline - time.monotonic()))
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("READY "):
+                break
+        assert lines and lines[-1].startswith("READY "), (lines, proc.poll())
+        masters = [line.split()[2] for line in lines if line.startswith("master ")]
+        assert len(masters) == 2 and all("ZooKeeper" in line for line in lines if line.startswith("master "))
+        async with Client(masters) as c:
+            assert await c.mset({f"z:{i}": b"%d" % i for i in range(500)}) == 500
+        roles = set()
+        for addr in masters:
+            info = await wait_ring(addr, settled({"a1", "a2", "a3"}), timeout=20)
+            roles.add(info["membership"]["role"])
+            assert sum(n["items"] for n in info["nodes"]) == 1000  # two copies of each key
+        assert roles == {"zk-leader", "zk-follower"}
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pipe in (proc.stdout, proc.stderr):
+            assert pipe is not None
+            pipe.close()
