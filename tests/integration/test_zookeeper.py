@@ -306,3 +306,33 @@ async def test_dcache_cluster_in_zookeeper_mode(zookeeper, tmp_path):
         for pipe in (proc.stdout, proc.stderr):
             assert pipe is not None
             pipe.close()
+
+
+async def test_paused_leader_loses_its_session_and_rejoins_as_follower(make_cluster):
+    cl, mon = make_cluster(replicas=2)
+    cl.start_master("m1")
+    cl.start_master("m2")
+    for n in ("a1", "a2", "a3"):
+        cl.start_aux(n)
+    await _settled_everywhere(cl, {"a1", "a2", "a3"})
+    leader_addr = await _leader(cl)
+    leader = next(m for m in cl.masters if m.addr == leader_addr)
+    other = next(m for m in cl.masters if m is not leader)
+    async with Client(other.addr, timeout=10) as c:
+        await populate(c, 2000)
+
+    leader.signal(signal.SIGSTOP)  # longer than the session timeout: ZooKeeper expires its session
+    try:
+        assert await _leader(cl, timeout=20) == other.addr
+    finally:
+        leader.signal(signal.SIGCONT)
+    # The old leader finds its session expired, stops leading, starts a new session and follows.
+    await wait_ring(leader.addr, lambda i: i["membership"]["role"] == "zk-follower" and i["membership"]["zookeeper_connected"], timeout=20)
+    await asyncio.to_thread(wait_for, lambda: "no longer leading" in leader.stderr(), 10, message="old leader stepped down")
+    cl.start_aux("a4")
+    info = await _settled_everywhere(cl, {"a1", "a2", "a3", "a4"}, timeout=60)
+    assert info["epoch"] == (await ring(other.addr))["epoch"]
+    async with Client(leader.addr, timeout=10) as c:
+        values = await c.mget([f"key:{i}" for i in range(2000)])
+    assert all(v is not None for v in values)
+    mon.assert_forward_only()
