@@ -1,0 +1,845 @@
+"""The deployment files, checked without Docker or Kubernetes.
+
+* ``docker/docker-compose.yml``: every dcache service's command (after the
+  image's ENTRYPOINT ``dcache``) passes ``dcache ... --check-config`` with the
+  service's environment; the topology holds together (one coordinator, the
+  others follow it, aux nodes join it and advertise their service name, the
+  shim lists every master); names and ports line up with ``docker/nginx.conf``
+  and ``docker/prometheus.yml``; each aux node has its own named volume at
+  its ``--data-dir``; Grafana's mounts match its provisioning files.
+* ``docker/nginx.conf``: rendered for the local nginx (service names ->
+  127.0.0.1, paths -> a temp prefix, the stream module loaded if dynamic),
+  ``nginx -t`` accepts it.
+* ``docker/Dockerfile``: multi-stage python:3.11-slim, non-root numeric
+  USER, ENTRYPOINT dcache, the snapshot VOLUME; its HEALTHCHECK script,
+  extracted from the Dockerfile, run against real daemons of every role.
+* ``k8s/*.yaml``: Services select pod templates and target their declared
+  ports, HPAs scale existing Deployments, probes hit declared ports and paths
+  the daemons serve, the StatefulSet's Service is headless, and every
+  container's args pass ``--check-config`` once the downward-API variables
+  are filled in; the membership wiring (coordinator, followers, aux join and
+  advertise) points at Services that reach the right pods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml  # type: ignore[import-untyped, unused-ignore]  # no types-PyYAML in the venv
+
+from tests.harness import DaemonProcess
+from tests.nginx import NginxProcess, find_nginx, free_port, stream_module_path
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER = REPO / "docker"
+DOCKERFILE = DOCKER / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+COMPOSE = DOCKER / "docker-compose.yml"
+NGINX_CONF = DOCKER / "nginx.conf"
+PROMETHEUS = DOCKER / "prometheus.yml"
+GRAFANA = DOCKER / "grafana"
+K8S = REPO / "k8s"
+
+ROLES = ("aux", "master", "http")
+CHECK_TIMEOUT_S = 30.0
+HEALTHCHECK_TIMEOUT_S = 15.0
+#: What the downward API and Secrets would give a pod, for --check-config.
+FIELD_SAMPLES = {"metadata.namespace": "default", "status.podIP": "10.1.2.3", "spec.nodeName": "node-1"}
+SECRET_SAMPLE = "sample-token"
+ANY_ADDRESS = ("0.0.0.0", "::")
+
+
+# -- running dcache ----------------------------------------------------------------
+
+
+def _dcache() -> list[str]:
+    """The venv's ``dcache`` script (what the image's ENTRYPOINT runs)."""
+    script = Path(sys.executable).with_name("dcache")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "dcache"]
+
+
+def _env(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without its DCACHE_* variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCACHE_")}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Checked:
+    """A command line accepted by ``--check-config``, and the config it printed."""
+
+    where: str
+    argv: list[str]
+    env: dict[str, str]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def role(self) -> str:
+        return self.argv[0]
+
+    @property
+    def endpoint(self) -> int:
+        """The port serving /metrics: --metrics-port, or the shim's own port."""
+        if self.config.get("metrics_port") is not None:
+            return int(self.config["metrics_port"])
+        assert self.role == "http", f"{self.where}: no --metrics-port"
+        return int(self.config["port"])
+
+
+def _check_config(item: Checked) -> Checked:
+    assert item.argv and item.argv[0] in ROLES, f"{item.where}: {item.argv!r} does not start with a role ({', '.join(ROLES)})"
+    res = subprocess.run(
+        [*_dcache(), *item.argv, "--check-config"],
+        capture_output=True,
+        text=True,
+        env=_env(item.env),
+        timeout=CHECK_TIMEOUT_S,
+    )
+    assert res.returncode == 0, f"{item.where}: dcache {shlex.join(item.argv)} --check-config exited {res.returncode}:\n{res.stderr}"
+    item.config = json.loads(res.stdout)
+    return item
+
+
+def _check_all(items: Sequence[Checked]) -> list[Checked]:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(_check_config, items))
+
+
+def _addr(host: str, port: int) -> str:
+    return f"{host}:{port}"
+
+
+# -- docker compose ------------------------------------------------------------------
+
+_INTERPOLATION = re.compile(r"\$\$|\$\{(?P<braced>\w+)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}|\$(?P<plain>\w+)")
+
+
+def _interpolate(value: Any) -> Any:
+    """Compose's ``${VAR:-default}`` interpolation, as if no variable were set."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            if m["op"] and m["op"].endswith("?"):
+                raise AssertionError(f"compose file requires ${{{m['braced']}}}: {value!r}")
+            return m["default"] or ""
+
+        return _INTERPOLATION.sub(sub, value)
+    if isinstance(value, list):
+        return [_interpolate(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _interpolate(v) for k, v in value.items()}
+    return value
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc = _interpolate(yaml.safe_load(COMPOSE.read_text()))
+    assert isinstance(doc, dict) and isinstance(doc.get("services"), dict), "compose file has no services"
+    return doc
+
+
+def _is_dcache(service: Mapping[str, Any]) -> bool:
+    build = service.get("build")
+    return isinstance(build, dict) and Path(build.get("dockerfile", "")).name == DOCKERFILE.name
+
+
+def _command(service: Mapping[str, Any]) -> list[str]:
+    cmd = service.get("command")
+    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd or []]
+
+
+def _environment(service: Mapping[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(e.partition("=")[::2] for e in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def _mounts(service: Mapping[str, Any]) -> dict[str, str]:
+    """Container path -> source (volume name or host path) of a service's volumes."""
+    out = {}
+    for v in service.get("volumes") or []:
+        if isinstance(v, dict):
+            out[v["target"]] = v.get("source", "")
+        else:
+            source, _, rest = v.partition(":")
+            out[rest.split(":")[0]] = source
+    return out
+
+
+def _published(service: Mapping[str, Any]) -> set[int]:
+    """Container ports a service publishes."""
+    ports = set()
+    for p in service.get("ports") or []:
+        if isinstance(p, dict):
+            ports.add(int(p["target"]))
+        else:
+            ports.add(int(str(p).rsplit(":", 1)[-1].split("/")[0]))
+    return ports
+
+
+@pytest.fixture(scope="module")
+def compose_daemons(compose: dict[str, Any]) -> dict[str, Checked]:
+    """Every dcache service of the compose file, checked by --check-config."""
+    items = []
+    for name, service in compose["services"].items():
+        if not _is_dcache(service):
+            continue
+        assert "entrypoint" not in service, f"{name}: keep the image's ENTRYPOINT (dcache)"
+        items.append(Checked(f"compose service {name}", _command(service), _environment(service)))
+    assert items, "no service builds docker/Dockerfile"
+    return {c.where.rsplit(" ", 1)[-1]: c for c in _check_all(items)}
+
+
+def _by_role(daemons: Mapping[str, Checked], role: str) -> dict[str, Checked]:
+    return {name: c for name, c in daemons.items() if c.role == role}
+
+
+def test_compose_builds_the_image_from_the_repo(compose: dict[str, Any]) -> None:
+    images = set()
+    for name, service in compose["services"].items():
+        if _is_dcache(service):
+            build = service["build"]
+            context = (COMPOSE.parent / build.get("context", ".")).resolve()
+            assert context == REPO, f"{name}: build context {context} is not the repository root"
+            assert (context / build["dockerfile"]).resolve() == DOCKERFILE.resolve(), f"{name}: {build['dockerfile']}"
+            images.add(service.get("image"))
+    assert len(images) == 1, f"dcache services should share one image tag, got {images}"
+
+
+def test_compose_commands_pass_check_config(compose_daemons: dict[str, Checked]) -> None:
+    roles = {c.role for c in compose_daemons.values()}
+    assert roles == set(ROLES), f"compose runs roles {roles}, expected {set(ROLES)}"
+    for name, c in compose_daemons.items():
+        assert c.config["host"] in ANY_ADDRESS, f"{name}: listens on {c.config['host']}, unreachable from other containers"
+        assert c.config["port"] != 0, f"{name}: a fixed port is needed for the others to reach it"
+
+
+def test_compose_references_exist(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    declared = set(compose.get("volumes") or {})
+    for name, service in services.items():
+        deps = service.get("depends_on") or []
+        for dep in deps if isinstance(deps, list) else list(deps):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+        for target, source in _mounts(service).items():
+            if source.startswith((".", "/", "~")):
+                assert (COMPOSE.parent / source).exists(), f"{name}: mounts missing {source} at {target}"
+            else:
+                assert source in declared, f"{name}: named volume {source!r} is not declared under volumes:"
+
+
+def test_compose_topology(compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
+    masters = _by_role(compose_daemons, "master")
+    aux = _by_role(compose_daemons, "aux")
+    shims = _by_role(compose_daemons, "http")
+    coordinators = [n for n, c in masters.items() if not c.config["coordinator"]]
+    assert len(coordinators) == 1, f"exactly one master must coordinate (no --coordinator), got {coordinators}"
+    coordinator = _addr(coordinators[0], masters[coordinators[0]].config["port"])
+    for name, c in masters.items():
+        if name not in coordinators:
+            assert c.config["coordinator"] == coordinator, f"{name} follows {c.config['coordinator']}, not {coordinator}"
+            assert coordinators[0] in (compose["services"][name].get("depends_on") or []), f"{name}: depends_on the coordinator"
+    replicas = {c.config["replicas"] for c in masters.values()}
+    assert len(replicas) == 1, f"masters disagree on --replicas: {replicas}"
+    assert replicas.pop() <= len(aux), "more replicas than aux nodes"
+    node_ids = [c.config["node_id"] for c in (*masters.values(), *aux.values())]
+    assert all(node_ids) and len(set(node_ids)) == len(node_ids), f"node ids must be set and unique: {node_ids}"
+
+    volume_path = _dockerfile_volume()
+    used_volumes: set[str] = set()
+    for name, c in aux.items():
+        assert c.config["join"] == coordinator, f"{name} joins {c.config['join']}, not the coordinator {coordinator}"
+        assert c.config["advertise"] == _addr(name, c.config["port"]), f"{name} must advertise its service name and port"
+        data_dir = c.config["data_dir"]
+        mounts = _mounts(compose["services"][name])
+        assert data_dir in mounts, f"{name}: --data-dir {data_dir} is not a mounted volume ({mounts})"
+        assert data_dir == volume_path, f"{name}: --data-dir {data_dir} is not the image's VOLUME {volume_path} (owned by the user)"
+        assert mounts[data_dir] not in used_volumes, f"{name} shares volume {mounts[data_dir]} with another aux node"
+        used_volumes.add(mounts[data_dir])
+    every_master = {_addr(n, c.config["port"]) for n, c in masters.items()}
+    for name, c in shims.items():
+        assert set(c.config["master"]) == every_master, f"{name} --master {c.config['master']} != {sorted(every_master)}"
+
+
+# -- nginx -------------------------------------------------------------------------------
+
+
+@dataclass
+class Directive:
+    name: str
+    args: list[str]
+    block: list[Directive] | None = None
+
+    def find(self, name: str) -> list[Directive]:
+        return [d for d in self.block or [] if d.name == name]
+
+
+def _parse_nginx(text: str) -> Directive:
+    """A small nginx.conf parser: directives, arguments, blocks (comments and quotes handled)."""
+    tokens = re.findall(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|#[^\n]*|[{};]|[^\s{};]+', text)
+    root = Directive("", [], [])
+    stack = [root]
+    words: list[str] = []
+    for tok in tokens:
+        if tok.startswith("#"):
+            continue
+        if tok in ("{", ";"):
+            assert words, f"nginx.conf: {tok!r} without a directive"
+            d = Directive(words[0], words[1:], [] if tok == "{" else None)
+            assert stack[-1].block is not None
+            stack[-1].block.append(d)
+            if tok == "{":
+                stack.append(d)
+            words = []
+        elif tok == "}":
+            assert not words and len(stack) > 1, "nginx.conf: unbalanced }"
+            stack.pop()
+        else:
+            words.append(tok)
+    assert len(stack) == 1 and not words, "nginx.conf: unbalanced {"
+    return root
+
+
+def _upstream_servers(section: Directive) -> dict[str, list[Directive]]:
+    return {u.args[0]: u.find("server") for u in section.find("upstream")}
+
+
+def _listen_ports(section: Directive) -> set[int]:
+    return {int(d.args[0].rsplit(":", 1)[-1]) for s in section.find("server") for d in s.find("listen")}
+
+
+@pytest.fixture(scope="module")
+def nginx_conf() -> Directive:
+    return _parse_nginx(NGINX_CONF.read_text())
+
+
+def test_nginx_conf_matches_compose(nginx_conf: Directive, compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
+    (stream,) = nginx_conf.find("stream")
+    (http,) = nginx_conf.find("http")
+    assert not nginx_conf.find("load_module"), "the official nginx image has stream built in: no load_module"
+    expected = {
+        "stream": {_addr(n, c.config["port"]) for n, c in _by_role(compose_daemons, "master").items()},
+        "http": {_addr(n, c.config["port"]) for n, c in _by_role(compose_daemons, "http").items()},
+    }
+    for section, want in ((stream, expected["stream"]), (http, expected["http"])):
+        upstreams = _upstream_servers(section)
+        assert len(upstreams) == 1, f"{section.name}: expected one upstream, got {list(upstreams)}"
+        servers = next(iter(upstreams.values()))
+        assert {s.args[0] for s in servers} == want, f"{section.name} upstream servers != compose services {sorted(want)}"
+        for s in servers:
+            params = " ".join(s.args[1:])
+            assert "max_fails=" in params and "fail_timeout=" in params, f"{section.name}: {s.args[0]} lacks passive health"
+        for server in section.find("server"):
+            for d in server.find("proxy_pass"):
+                target = d.args[0].removeprefix("http://")
+                assert target in upstreams, f"{section.name}: proxy_pass {d.args[0]} names no upstream"
+    assert any(s.find("proxy_connect_timeout") for s in stream.find("server")), "stream: set proxy_connect_timeout"
+
+    services = compose["services"]
+    (nginx,) = [n for n, s in services.items() if str(s.get("image", "")).startswith("nginx")]
+    assert _mounts(services[nginx]).get("/etc/nginx/nginx.conf") == "./nginx.conf", f"{nginx} must mount ./nginx.conf"
+    listens = _listen_ports(stream) | _listen_ports(http)
+    assert _published(services[nginx]) == listens, f"{nginx} publishes {_published(services[nginx])}, nginx listens on {listens}"
+    for upstream in (*_upstream_servers(stream).values(), *_upstream_servers(http).values()):
+        for s in upstream:
+            assert s.args[0].rsplit(":", 1)[0] in (services[nginx].get("depends_on") or []), f"{nginx}: depends_on {s.args[0]}"
+
+
+def _render_nginx(text: str, stream_module: str | None, names: Sequence[str]) -> tuple[str, str]:
+    """docker/nginx.conf for a local ``nginx -t`` under a temp prefix; also returns a listen address."""
+
+    def sub(pattern: str, repl: Any, text: str, flags: int = re.M) -> str:
+        out, n = re.subn(pattern, repl, text, flags=flags)
+        assert n, f"rendering nginx.conf: {pattern!r} matched nothing"
+        return out
+
+    listen = f"127.0.0.1:{free_port()}"
+    text = sub(r"^(\s*pid\s+)[^;]+;", r"\1logs/nginx.pid;", text)
+    text = sub(r"^(\s*error_log\s+)\S+", r"\1logs/error.log", text)
+    text = sub(r"^(\s*access_log\s+)/\S+?(;|\s)", r"\1logs/access.log\2", text)
+    hosts = "|".join(re.escape(n) for n in names)
+    text = sub(rf"^(\s*server\s+)(?:{hosts}):(\d+)", r"\g<1>127.0.0.1:\2", text)
+    ports = iter([listen, *(f"127.0.0.1:{free_port()}" for _ in range(8))])
+    text = sub(r"^(\s*listen\s+)\d+\b", lambda m: m[1] + next(ports), text)
+    temp = "".join(f"    {k}_temp_path {k}_temp;\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    text = sub(r"^http\s*\{\n", lambda m: m[0] + temp, text)
+    if stream_module:
+        text = f"load_module {stream_module};\n" + text
+    return text, listen
+
+
+def test_nginx_conf_passes_nginx_t(tmp_path: Path, compose: dict[str, Any]) -> None:
+    nginx = find_nginx()  # skips, or fails under CI, when nginx cannot be had
+    text, listen = _render_nginx(NGINX_CONF.read_text(), stream_module_path(nginx), list(compose["services"]))
+    res = NginxProcess(nginx, text, tmp_path, listen).check()
+    assert res.returncode == 0, f"nginx -t rejected the rendered docker/nginx.conf:\n{res.stderr}\n---\n{text}"
+
+
+# -- prometheus and grafana ------------------------------------------------------------------
+
+
+def test_prometheus_targets_match_compose(compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
+    if not PROMETHEUS.exists():
+        pytest.skip(f"{PROMETHEUS.relative_to(REPO)} is not there yet (written separately); CI has it")
+    doc = yaml.safe_load(PROMETHEUS.read_text())
+    services = compose["services"]
+    scraped: dict[str, str] = {}
+    for job in doc.get("scrape_configs") or []:
+        assert job.get("metrics_path", "/metrics") == "/metrics", f"job {job['job_name']}: dcache serves /metrics"
+        for sc in job.get("static_configs") or []:
+            for target in sc.get("targets") or []:
+                host, _, port = target.rpartition(":")
+                assert host in services, f"prometheus job {job['job_name']} scrapes {target}: no such compose service"
+                assert host in compose_daemons, f"prometheus job {job['job_name']} scrapes {target}: not a dcache service"
+                want = compose_daemons[host].endpoint
+                assert int(port) == want, f"prometheus scrapes {target}, but {host} serves /metrics on {want}"
+                scraped[host] = job["job_name"]
+    assert set(scraped) == set(compose_daemons), f"dcache services not scraped: {sorted(set(compose_daemons) - set(scraped))}"
+
+    (prom,) = [n for n, s in services.items() if str(s.get("image", "")).startswith(("prom/prometheus", "quay.io/prometheus"))]
+    flags = dict(a.partition("=")[::2] for a in _command(services[prom]))
+    config_path = flags.get("--config.file", "/etc/prometheus/prometheus.yml")
+    assert _mounts(services[prom]).get(config_path) == "./prometheus.yml", f"{prom} must mount ./prometheus.yml at {config_path}"
+
+
+def test_grafana_mounts_match_provisioning(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    (grafana,) = [n for n, s in services.items() if "grafana" in str(s.get("image", ""))]
+    mounts = _mounts(services[grafana])
+    assert mounts.get("/etc/grafana/provisioning") == "./grafana/provisioning", f"{grafana}: provisioning mount"
+    assert mounts.get("/var/lib/grafana/dashboards") == "./grafana/dashboards", f"{grafana}: dashboards mount"
+    home = _environment(services[grafana]).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home:
+        rel = Path(home).relative_to("/var/lib/grafana/dashboards")
+        assert (GRAFANA / "dashboards" / rel).is_file(), f"{grafana}: home dashboard {home} is not in docker/grafana/dashboards"
+    (prom,) = [n for n, s in services.items() if "prometheus" in str(s.get("image", ""))]
+    for f in sorted((GRAFANA / "provisioning" / "datasources").glob("*.y*ml")):
+        for ds in yaml.safe_load(f.read_text()).get("datasources") or []:
+            if ds.get("type") == "prometheus":
+                assert ds["url"] == f"http://{prom}:9090", f"{f.name}: data source {ds['url']} is not the compose service {prom}"
+    for f in sorted((GRAFANA / "provisioning" / "dashboards").glob("*.y*ml")):
+        for provider in yaml.safe_load(f.read_text()).get("providers") or []:
+            assert provider["options"]["path"] == "/var/lib/grafana/dashboards", f"{f.name}: provider path"
+
+
+# -- Dockerfile --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Instruction:
+    name: str
+    args: str
+    heredocs: dict[str, str] = field(default_factory=dict)
+
+
+def _parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions with continuation lines joined, comments dropped, heredoc bodies kept."""
+    lines = text.splitlines()
+    out: list[Instruction] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        while line.endswith("\\") and i < len(lines):
+            nxt = lines[i]
+            i += 1
+            if nxt.lstrip().startswith("#"):
+                continue
+            line = line[:-1] + " " + nxt.strip()
+        name, _, args = line.strip().partition(" ")
+        inst = Instruction(name.upper(), args.strip())
+        for delim in re.findall(r"<<-?['\"]?(\w+)['\"]?", args):
+            body = []
+            while lines[i] != delim:
+                body.append(lines[i])
+                i += 1
+            i += 1
+            inst.heredocs[delim] = "\n".join(body) + "\n"
+        out.append(inst)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[Instruction]:
+    return _parse_dockerfile(DOCKERFILE.read_text())
+
+
+def _final_stage(instructions: list[Instruction]) -> list[Instruction]:
+    starts = [i for i, inst in enumerate(instructions) if inst.name == "FROM"]
+    return instructions[starts[-1] :]
+
+
+def _dockerfile_volume() -> str:
+    (volume,) = [i for i in _final_stage(_parse_dockerfile(DOCKERFILE.read_text())) if i.name == "VOLUME"]
+    paths = json.loads(volume.args) if volume.args.startswith("[") else volume.args.split()
+    assert len(paths) == 1, f"one VOLUME (the snapshots) expected, got {paths}"
+    return str(paths[0])
+
+
+def test_dockerfile_instructions(dockerfile: list[Instruction]) -> None:
+    froms = [i.args.split()[0] for i in dockerfile if i.name == "FROM"]
+    assert len(froms) >= 2 and all(f == "python:3.11-slim" for f in froms), f"multi-stage python:3.11-slim expected, got {froms}"
+    final = _final_stage(dockerfile)
+    assert any(i.name == "COPY" and "--from=" in i.args for i in final), "the runtime stage copies the venv from the build stage"
+    users = [i.args for i in final if i.name == "USER"]
+    assert users, "no USER: the container would run as root"
+    user = users[-1].split(":")[0]
+    assert user.isdigit() and int(user) != 0, f"USER {users[-1]}: a numeric non-root uid (Kubernetes runAsNonRoot checks it)"
+    (entrypoint,) = [i.args for i in final if i.name == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["dcache"], f"ENTRYPOINT {entrypoint}"
+    volume = _dockerfile_volume()
+    assert any(i.name == "RUN" and "chown" in i.args and volume in i.args for i in final), f"{volume} must be chowned to the user"
+    assert [i for i in final if i.name == "HEALTHCHECK"], "no HEALTHCHECK"
+    copied = {a for i in dockerfile if i.name == "COPY" and "--from=" not in i.args and not i.heredocs for a in i.args.split()[:-1]}
+    ignored = [p.strip().rstrip("/") for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")]
+    for must in (".venv", ".git", "data"):
+        assert must in ignored, f".dockerignore should exclude {must}"
+    for path in copied:
+        assert path.rstrip("/") not in ignored, f".dockerignore excludes {path}, which the Dockerfile copies"
+        assert (REPO / path).exists(), f"the Dockerfile copies {path}, which is not in the repository"
+
+
+def _healthcheck(dockerfile: list[Instruction], tmp_path: Path) -> Path:
+    """The HEALTHCHECK's script, extracted from its heredoc into ``tmp_path``."""
+    (hc,) = [i for i in _final_stage(dockerfile) if i.name == "HEALTHCHECK"]
+    cmd = json.loads(hc.args[hc.args.index("CMD") + 3 :])
+    assert cmd[0] == "python" and len(cmd) == 2, f"HEALTHCHECK CMD {cmd}: expected python SCRIPT"
+    sources = [i for i in dockerfile if i.name == "COPY" and i.heredocs and i.args.split()[-1] == cmd[1]]
+    assert len(sources) == 1, f"HEALTHCHECK runs {cmd[1]}, which no COPY heredoc writes"
+    script = tmp_path / "healthcheck.py"
+    script.write_text(next(iter(sources[0].heredocs.values())))
+    return script
+
+
+def _run_healthcheck(script: Path, pid: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(script), str(pid)], capture_output=True, text=True, env=_env({}), timeout=HEALTHCHECK_TIMEOUT_S
+    )
+
+
+@pytest.fixture
+def fake_daemon() -> Iterator[Any]:
+    """Start a sleeping process whose command line and environment look like a dcache daemon's."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(argv: Sequence[str], env: Mapping[str, str]) -> int:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *argv], env=_env(env))
+        procs.append(proc)
+        return proc.pid
+
+    yield start
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_healthcheck_every_role(dockerfile: list[Instruction], tmp_path: Path, fake_daemon: Any) -> None:
+    script = _healthcheck(dockerfile, tmp_path)
+    loopback = ["--host", "127.0.0.1", "--log-level", "warning"]
+    daemons: list[DaemonProcess] = []
+    try:
+        master = DaemonProcess("master", [*loopback, "--port", str(free_port())]).start()
+        daemons.append(master)
+        aux = DaemonProcess("aux", [*loopback, "--port", str(free_port()), "--auth-token", "s3cret"]).start()
+        daemons.append(aux)
+        shim = DaemonProcess("http", [*loopback, "--port", str(free_port()), "--master", master.addr]).start()
+        daemons.append(shim)
+        for d in daemons:
+            assert d.proc is not None
+            res = _run_healthcheck(script, d.proc.pid)
+            assert res.returncode == 0, f"healthcheck of a live {d.role}: {res.stdout}{res.stderr}"
+            assert res.stdout.startswith("healthy:"), res.stdout
+
+        # As in a container: 0.0.0.0 in the command line, the port and token from DCACHE_* variables.
+        env = {"DCACHE_PORT": str(aux.port), "DCACHE_AUTH_TOKEN": "s3cret"}
+        res = _run_healthcheck(script, fake_daemon(["aux", "--host", "0.0.0.0"], env))
+        assert res.returncode == 0, f"healthcheck via 0.0.0.0 and DCACHE_PORT: {res.stdout}{res.stderr}"
+        res = _run_healthcheck(script, fake_daemon(["aux", "--host", "0.0.0.0"], {"DCACHE_PORT": str(aux.port)}))
+        assert res.returncode == 1 and "Auth" in res.stdout, f"an aux node demanding a token must fail without it: {res.stdout}"
+
+        # The shim is unhealthy when no master answers.
+        master.kill()
+        res = _run_healthcheck(script, shim.proc.pid if shim.proc else 0)
+        assert res.returncode == 1 and "503" in res.stdout, f"shim without masters: {res.stdout}{res.stderr}"
+    finally:
+        for d in daemons:
+            d.kill()
+    for role in ROLES:  # nothing listens there
+        res = _run_healthcheck(script, fake_daemon([role, "--host", "127.0.0.1", "--port", str(free_port())], {}))
+        assert res.returncode == 1 and res.stdout.startswith("unhealthy:"), f"{role} with nothing listening: {res.stdout}{res.stderr}"
+    res = _run_healthcheck(script, fake_daemon(["--version"], {}))
+    assert res.returncode == 1, "a process that is no dcache daemon must be unhealthy"
+
+
+# -- Kubernetes ---------------------------------------------------------------------------------------
+
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
+@dataclass
+class K8s:
+    docs: list[dict[str, Any]]
+
+    def of(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {d["metadata"]["name"]: d for d in self.docs if d["kind"] == kind}
+
+    def workloads(self) -> dict[str, dict[str, Any]]:
+        return {f"{d['kind']}/{d['metadata']['name']}": d for d in self.docs if d["kind"] in WORKLOADS}
+
+    def selected(self, selector: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        """Workloads whose pod template carries every label of ``selector``."""
+        return {n: w for n, w in self.workloads().items() if _matches(selector, _pod_labels(w))}
+
+    def service_target(self, addr: str) -> tuple[dict[str, dict[str, Any]], int]:
+        """The workloads a ``service:port`` address reaches, and the container port it lands on."""
+        name, _, port_s = addr.rpartition(":")
+        service = self.of("Service").get(name)
+        assert service is not None, f"{addr}: no Service {name!r}"
+        ports = [p for p in service["spec"]["ports"] if p["port"] == int(port_s)]
+        assert ports, f"{addr}: Service {name} has no port {port_s}"
+        selected = self.selected(service["spec"]["selector"])
+        targets = {_container_port(w, ports[0].get("targetPort", ports[0]["port"])) for w in selected.values()}
+        assert len(targets) == 1, f"{addr}: lands on different container ports {targets}"
+        return selected, targets.pop()
+
+
+def _matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _pod_labels(workload: Mapping[str, Any]) -> dict[str, str]:
+    return dict(workload["spec"]["template"]["metadata"].get("labels") or {})
+
+
+def _containers(workload: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return list(workload["spec"]["template"]["spec"]["containers"])
+
+
+def _container_port(workload: Mapping[str, Any], port: int | str, container: Mapping[str, Any] | None = None) -> int:
+    """A named or numbered port, resolved against the pod's (or one container's) declared ports."""
+    declared = [p for c in ([container] if container else _containers(workload)) for p in c.get("ports") or []]
+    for p in declared:
+        if port in (p.get("name"), p["containerPort"]):
+            return int(p["containerPort"])
+    raise AssertionError(f"{workload['metadata']['name']}: port {port!r} is not a declared containerPort ({declared})")
+
+
+@pytest.fixture(scope="module")
+def k8s() -> K8s:
+    files = sorted(K8S.glob("*.yaml"))
+    assert files, "no k8s/*.yaml"
+    docs = [d for f in files for d in yaml.safe_load_all(f.read_text()) if d is not None]
+    for d in docs:
+        assert {"apiVersion", "kind", "metadata"} <= set(d), f"not a Kubernetes object: {str(d)[:200]}"
+        assert "namespace" not in d["metadata"], f"{d['kind']}/{d['metadata']['name']}: manifests are namespace-free"
+    keys = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(set(keys)) == len(keys), f"duplicate objects: {keys}"
+    return K8s(docs)
+
+
+_K8S_VAR = re.compile(r"\$\$|\$\((\w+)\)")
+
+
+def _expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion of args and env values ($$ escapes)."""
+    return _K8S_VAR.sub(lambda m: "$" if m[0] == "$$" else env.get(m[1], m[0]), text)
+
+
+def _container_env(k8s: K8s, workload: Mapping[str, Any], container: Mapping[str, Any]) -> dict[str, str]:
+    """The environment the container would get, with sample values for the downward API and Secrets."""
+    config_maps = k8s.of("ConfigMap")
+    pod_name = workload["metadata"]["name"] + ("-0" if workload["kind"] == "StatefulSet" else "-5d9c7b8f4-x2x7q")
+    env: dict[str, str] = {}
+    for src in container.get("envFrom") or []:
+        ref = src.get("configMapRef")
+        assert ref is not None, f"{container['name']}: only configMapRef envFrom is understood here"
+        assert ref["name"] in config_maps, f"{container['name']}: envFrom ConfigMap {ref['name']} is not in k8s/"
+        env.update({str(k): str(v) for k, v in config_maps[ref["name"]]["data"].items()})
+    for var in container.get("env") or []:
+        if "value" in var:
+            env[var["name"]] = _expand(str(var["value"]), env)
+            continue
+        source = var["valueFrom"]
+        if "fieldRef" in source:
+            path = source["fieldRef"]["fieldPath"]
+            env[var["name"]] = pod_name if path == "metadata.name" else FIELD_SAMPLES[path]
+        elif "secretKeyRef" in source:
+            env[var["name"]] = SECRET_SAMPLE
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            env[var["name"]] = str(config_maps[ref["name"]]["data"][ref["key"]])
+        else:
+            raise AssertionError(f"{container['name']}: env {var['name']} from {source} is not understood here")
+    return env
+
+
+@dataclass
+class PodCheck:
+    workload: dict[str, Any]
+    container: dict[str, Any]
+    raw_args: list[str]
+    checked: Checked
+
+
+@pytest.fixture(scope="module")
+def k8s_daemons(k8s: K8s) -> dict[str, PodCheck]:
+    """Every container of every workload, its args expanded and checked by --check-config."""
+    pending = []
+    for name, w in k8s.workloads().items():
+        for c in _containers(w):
+            command = [str(a) for a in c.get("command") or []]
+            assert not command or command[0] == "dcache", f"{name}: command {command} bypasses the dcache ENTRYPOINT"
+            raw = command[1:] + [str(a) for a in c.get("args") or []]
+            env = _container_env(k8s, w, c)
+            argv = [_expand(a, env) for a in raw]
+            leftover = [a for a in argv if "$(" in a]
+            assert not leftover, f"{name}: undefined variables in {leftover}"
+            pending.append((w, c, raw, Checked(f"{name} container {c['name']}", argv, env)))
+    checked = _check_all([p[3] for p in pending])
+    return {f"{w['kind']}/{w['metadata']['name']}": PodCheck(w, c, raw, ch) for (w, c, raw, _), ch in zip(pending, checked, strict=True)}
+
+
+def test_k8s_commands_pass_check_config(k8s_daemons: dict[str, PodCheck]) -> None:
+    roles = {p.checked.role for p in k8s_daemons.values()}
+    assert roles == set(ROLES), f"k8s runs roles {roles}, expected {set(ROLES)}"
+    for name, p in k8s_daemons.items():
+        cfg = p.checked.config
+        assert cfg["host"] in ANY_ADDRESS, f"{name}: listens on {cfg['host']}, unreachable from other pods"
+        declared = {int(port["containerPort"]) for port in p.container.get("ports") or []}
+        served = {cfg["port"]} | ({cfg["metrics_port"]} if cfg.get("metrics_port") is not None else set())
+        assert served == declared, f"{name}: serves ports {served}, declares containerPorts {declared}"
+        assert cfg["auth_token"] == "<redacted>", f"{name}: DCACHE_AUTH_TOKEN from the Secret is not wired"
+        assert p.workload["spec"]["template"]["spec"].get("enableServiceLinks") is False, (
+            f"{name}: set enableServiceLinks: false (a Service named e.g. dcache would inject DCACHE_PORT=tcp://...)"
+        )
+
+
+def test_k8s_selectors_and_service_ports(k8s: K8s) -> None:
+    workloads = k8s.workloads()
+    for name, w in workloads.items():
+        selector = w["spec"]["selector"]["matchLabels"]
+        assert _matches(selector, _pod_labels(w)), f"{name}: selector {selector} does not match its pod labels"
+        others = [o for o, ow in workloads.items() if o != name and _matches(selector, _pod_labels(ow))]
+        assert not others, f"{name}: selector also matches the pods of {others}"
+    for name, svc in k8s.of("Service").items():
+        selected = k8s.selected(svc["spec"].get("selector") or {})
+        assert selected, f"Service {name}: selector {svc['spec'].get('selector')} matches no pod template"
+        for port in svc["spec"]["ports"]:
+            for w in selected.values():
+                _container_port(w, port.get("targetPort", port["port"]))
+    for name, pdb in k8s.of("PodDisruptionBudget").items():
+        assert k8s.selected(pdb["spec"]["selector"]["matchLabels"]), f"PodDisruptionBudget {name} matches no pods"
+
+
+def test_k8s_statefulset_service_is_headless(k8s: K8s) -> None:
+    services = k8s.of("Service")
+    for name, sts in k8s.of("StatefulSet").items():
+        svc = services.get(sts["spec"]["serviceName"])
+        assert svc is not None, f"StatefulSet {name}: serviceName {sts['spec']['serviceName']} is not a Service"
+        assert svc["spec"].get("clusterIP") == "None", f"StatefulSet {name}: Service {svc['metadata']['name']} must be headless"
+        assert _matches(svc["spec"]["selector"], _pod_labels(sts)), f"Service {svc['metadata']['name']} must select {name}'s pods"
+
+
+def test_k8s_hpas_scale_deployments(k8s: K8s) -> None:
+    deployments = k8s.of("Deployment")
+    assert k8s.of("HorizontalPodAutoscaler"), "no HorizontalPodAutoscaler"
+    for name, hpa in k8s.of("HorizontalPodAutoscaler").items():
+        assert hpa["apiVersion"] == "autoscaling/v2", f"HPA {name}: {hpa['apiVersion']}"
+        ref = hpa["spec"]["scaleTargetRef"]
+        assert ref["kind"] == "Deployment" and ref["name"] in deployments, f"HPA {name}: scaleTargetRef {ref} is no Deployment here"
+        assert 1 <= hpa["spec"].get("minReplicas", 1) <= hpa["spec"]["maxReplicas"], f"HPA {name}: replica bounds"
+        target = deployments[ref["name"]]
+        assert "replicas" not in target["spec"], f"Deployment {ref['name']}: spec.replicas fights HPA {name} on every apply"
+        for metric in hpa["spec"].get("metrics") or []:
+            resource = metric.get("resource", {}).get("name")
+            if resource:
+                for c in _containers(target):
+                    assert resource in c.get("resources", {}).get("requests", {}), f"{c['name']}: HPA {name} needs {resource} requests"
+
+
+def test_k8s_probes_hit_served_endpoints(k8s_daemons: dict[str, PodCheck]) -> None:
+    for name, p in k8s_daemons.items():
+        cfg = p.checked.config
+        for kind in ("readinessProbe", "livenessProbe"):
+            assert kind in p.container, f"{name}: no {kind}"
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = p.container.get(kind)
+            if probe is None:
+                continue
+            if "tcpSocket" in probe:
+                port = _container_port(p.workload, probe["tcpSocket"]["port"], p.container)
+                assert port in (cfg["port"], cfg.get("metrics_port")), f"{name} {kind}: nothing listens on {port}"
+            elif "httpGet" in probe:
+                port = _container_port(p.workload, probe["httpGet"]["port"], p.container)
+                path = probe["httpGet"].get("path", "/")
+                if port == cfg.get("metrics_port"):
+                    assert path == "/metrics", f"{name} {kind}: the metrics port serves only /metrics, not {path}"
+                else:
+                    assert p.checked.role == "http" and port == cfg["port"], f"{name} {kind}: no HTTP server on port {port}"
+                    assert path in ("/health", "/metrics"), f"{name} {kind}: the shim serves /health and /metrics, not {path}"
+            else:
+                raise AssertionError(f"{name} {kind}: expected tcpSocket or httpGet, got {probe}")
+
+
+def test_k8s_membership_wiring(k8s: K8s, k8s_daemons: dict[str, PodCheck]) -> None:
+    masters = {n: p for n, p in k8s_daemons.items() if p.checked.role == "master"}
+    coordinators = [n for n, p in masters.items() if not p.checked.config["coordinator"]]
+    assert coordinators == ["Deployment/master-coordinator"], f"one coordinator Deployment expected, got {coordinators}"
+    coordinator = masters[coordinators[0]]
+    assert coordinator.workload["spec"].get("replicas") == 1, "the coordinator runs exactly one pod"
+    assert coordinator.workload["spec"].get("strategy", {}).get("type") == "Recreate", "the coordinator must never run twice: Recreate"
+    scaled = {h["spec"]["scaleTargetRef"]["name"] for h in k8s.of("HorizontalPodAutoscaler").values()}
+    assert "master-coordinator" not in scaled, "no HPA may scale the coordinator"
+    assert {c.rsplit("/", 1)[-1] for c in masters} - {"master-coordinator"} <= scaled, "follower masters should be autoscaled"
+
+    def reaches_coordinator(addr: str, who: str) -> None:
+        selected, port = k8s.service_target(addr)
+        assert list(selected) == coordinators, f"{who}: {addr} reaches {list(selected)}, not only the coordinator"
+        assert port == coordinator.checked.config["port"], f"{who}: {addr} lands on port {port}, the coordinator listens on another"
+
+    for name, p in masters.items():
+        if name not in coordinators:
+            reaches_coordinator(p.checked.config["coordinator"], name)
+    replicas = {p.checked.config["replicas"] for p in masters.values()}
+    assert len(replicas) == 1, f"masters disagree on replicas: {replicas}"
+    key_copies = replicas.pop()
+
+    for name, p in k8s_daemons.items():
+        cfg = p.checked.config
+        if p.checked.role == "aux":
+            sts = p.workload
+            assert sts["kind"] == "StatefulSet", f"{name}: aux nodes need stable names and volumes: a StatefulSet"
+            assert key_copies <= sts["spec"]["replicas"], "more key replicas than aux pods"
+            reaches_coordinator(cfg["join"], name)
+            raw = " ".join(p.raw_args)
+            assert "--node-id $(POD_NAME)" in raw, f"{name}: the node id must be the (stable) pod name"
+            advertise = f"$(POD_NAME).{sts['spec']['serviceName']}:{cfg['port']}"
+            assert f"--advertise {advertise}" in raw, f"{name}: advertise {advertise}, the pod's DNS name via the headless Service"
+            claims = {t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates") or []}
+            mounts = {m["mountPath"]: m["name"] for m in p.container.get("volumeMounts") or []}
+            assert mounts.get(cfg["data_dir"]) in claims, f"{name}: --data-dir {cfg['data_dir']} is not a volumeClaimTemplate mount"
+            grace = sts["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+            assert grace > cfg["leave_timeout"], f"{name}: terminationGracePeriodSeconds {grace} cuts the hand-over short"
+        elif p.checked.role == "http":
+            for addr in cfg["master"]:
+                selected, port = k8s.service_target(addr)
+                assert set(selected) == set(masters), f"{name}: --master {addr} reaches {list(selected)}, not every master"
+                assert port == coordinator.checked.config["port"], f"{name}: {addr} lands on port {port}"
