@@ -154,9 +154,9 @@ class ZkSession:
         if state == KazooState.CONNECTED:
             if self.state in ("lost", "not started"):
                 self.sessions += 1
-                self._dirty.update(self._ephemeral)  # a new session: register again
-            else:
-                self._dirty.update(self._ephemeral)  # same session: make sure (cheap)
+            # A new session must register again; after a reconnection within the
+            # same session the nodes still exist and checking them is cheap.
+            self._dirty.update(self._ephemeral)
             self.state = "connected"
             self.disconnected_since = None
             self.connected.set()
@@ -219,25 +219,6 @@ class ZkSession:
         self._ephemeral[path] = data
         self._dirty.add(path)
         self._wake.set()
-
-    async def unregister(self, path: str) -> None:
-        """Delete a registration now (best effort when disconnected)."""
-        self._ephemeral.pop(path, None)
-        self._dirty.discard(path)
-        if self.state != "connected":
-            return
-        try:
-            await self.run(self._delete_own, path)
-        except KazooException as exc:
-            log.warning("%s: could not delete %s: %s", self.name, path, exc)
-
-    def _delete_own(self, path: str) -> None:
-        try:
-            _, stat = self.client.get(path)
-        except NoNodeError:
-            return
-        if stat.ephemeralOwner == self.client.client_id[0]:
-            self.client.delete(path, version=stat.version)
 
     async def _keep_registrations(self) -> None:
         while True:

@@ -336,3 +336,25 @@ async def test_paused_leader_loses_its_session_and_rejoins_as_follower(make_clus
         values = await c.mget([f"key:{i}" for i in range(2000)])
     assert all(v is not None for v in values)
     mon.assert_forward_only()
+
+
+async def test_aux_restarted_within_its_session_timeout_registers_again(make_cluster):
+    cl, mon = make_cluster(replicas=2)
+    m1 = cl.start_master("m1")
+    for n in ("a1", "a2", "a3"):
+        cl.start_aux(n)
+    await _settled_everywhere(cl, {"a1", "a2", "a3"})
+    async with Client(m1.addr, timeout=10) as c:
+        await populate(c, 2000)
+    a1 = cl.aux["a1"]
+    port = int(a1.addr.rsplit(":", 1)[1])
+    a1.kill()
+    a1 = cl.start_aux("a1", port=port)  # its old session (and znode) lingers for up to 2 s
+    await asyncio.to_thread(wait_for, lambda: "held by another ZooKeeper session" in a1.stderr(), 10, message="old znode seen")
+    await asyncio.to_thread(wait_for, lambda: "registered /dcache/" in a1.stderr(), 20, message="registered again")
+    info = await wait_ring(m1.addr, lambda i: settled({"a1", "a2", "a3"})(i) and "a1" in i["membership"]["registered_aux"], timeout=30)
+    assert {n["node_id"] for n in info["nodes"]} == {"a1", "a2", "a3"}
+    async with Client(m1.addr, timeout=10) as c:
+        values = await c.mget([f"key:{i}" for i in range(2000)])
+    assert all(v is not None for v in values)
+    mon.assert_forward_only()
