@@ -7,6 +7,14 @@
   shim lists every master); names and ports line up with ``docker/nginx.conf``
   and ``docker/prometheus.yml``; each aux node has its own named volume at
   its ``--data-dir``; Grafana's mounts match its provisioning files.
+* ``docker/docker-compose.zookeeper.yml``: merged into the base file the way
+  compose merges an override (``command`` replaced, ``depends_on`` by
+  service, ``environment`` and ``volumes`` by key), the result passes the
+  same checks; masters and aux nodes use ``--zookeeper`` at the zookeeper
+  service's client port (no ``--coordinator``/``--join``), wait for it to be
+  healthy, and differ from the base file in nothing but membership flags;
+  ZooKeeper's health check, run against a fake ``nc``, passes only while the
+  server serves.
 * ``docker/nginx.conf``: rendered for the local nginx (service names ->
   127.0.0.1, paths -> a temp prefix, the stream module loaded if dynamic),
   ``nginx -t`` accepts it.
@@ -19,10 +27,18 @@
   container's args pass ``--check-config`` once the downward-API variables
   are filled in; the membership wiring (coordinator, followers, aux join and
   advertise) points at Services that reach the right pods.
+* ``k8s/zookeeper/*.yaml`` with the shared ``k8s/configmap.yaml`` and
+  ``k8s/http.yaml``: the same checks; one autoscaled master Deployment; every
+  ``--zookeeper`` reaches the ZooKeeper StatefulSet's client port; the
+  ensemble's ``ZOO_SERVERS`` names its pods, the ``ZOO_MY_ID`` wrapper (run
+  with bash) gives each pod its id, its probes (run against a fake ``nc``)
+  keep a quorum-less server alive but not ready, its PDB keeps a quorum.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import re
@@ -47,10 +63,12 @@ DOCKER = REPO / "docker"
 DOCKERFILE = DOCKER / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 COMPOSE = DOCKER / "docker-compose.yml"
+COMPOSE_ZK = DOCKER / "docker-compose.zookeeper.yml"
 NGINX_CONF = DOCKER / "nginx.conf"
 PROMETHEUS = DOCKER / "prometheus.yml"
 GRAFANA = DOCKER / "grafana"
 K8S = REPO / "k8s"
+K8S_ZK = K8S / "zookeeper"
 
 ROLES = ("aux", "master", "http")
 CHECK_TIMEOUT_S = 30.0
@@ -122,6 +140,81 @@ def _addr(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+# -- ZooKeeper (the official image) ----------------------------------------------------------
+
+#: The ensemble the official zookeeper image writes into zoo.cfg when ZOO_SERVERS is unset (standalone).
+ZOO_DEFAULT_SERVERS = "server.1=localhost:2888:3888;2181"
+#: ZooKeeper's own default whitelist of four-letter words (the image passes ZOO_4LW_COMMANDS_WHITELIST on).
+ZOO_DEFAULT_4LW = "srvr"
+ZOO_DEFAULT_TICK_MS = 2000
+ZK_PROBE_TIMEOUT_S = 15.0
+_ZOO_SERVER = re.compile(
+    r"server\.(?P<id>\d+)=(?P<host>[^:;\s]+):(?P<quorum>\d+):(?P<election>\d+)(?::(?:participant|observer))?;(?:[^:;\s]+:)?(?P<client>\d+)"
+)
+
+
+@dataclass(frozen=True)
+class ZooServer:
+    id: int
+    host: str
+    quorum_port: int
+    election_port: int
+    client_port: int
+
+
+def _zoo_servers(env: Mapping[str, str]) -> list[ZooServer]:
+    """The servers the image's entrypoint writes into zoo.cfg (ZOO_SERVERS, space-separated).
+
+    The image writes no ``clientPort``: each entry must end with ``;CLIENT_PORT``.
+    """
+    out = []
+    for entry in env.get("ZOO_SERVERS", ZOO_DEFAULT_SERVERS).split():
+        m = _ZOO_SERVER.fullmatch(entry)
+        assert m, f"ZOO_SERVERS entry {entry!r} is not server.ID=HOST:QUORUM_PORT:ELECTION_PORT;CLIENT_PORT"
+        out.append(ZooServer(int(m["id"]), m["host"], int(m["quorum"]), int(m["election"]), int(m["client"])))
+    assert len({s.client_port for s in out}) == 1, f"ZOO_SERVERS: servers disagree on the client port: {out}"
+    return out
+
+
+#: ``nc`` as a ZooKeeper server in state $FAKE_ZK would answer one four-letter word on $FAKE_ZK_PORT.
+_FAKE_NC = r"""#!/bin/sh
+eval "port=\${$#}"
+read -r word
+if [ "$FAKE_ZK" = down ] || [ "$port" != "$FAKE_ZK_PORT" ]; then
+    echo "nc: connect to port $port (tcp) failed: Connection refused" >&2
+    exit 1
+fi
+case ",$FAKE_ZK_4LW," in
+    *",$word,"* | ",*,") ;;
+    *) echo "$word is not executed because it is not in the whitelist."; exit 0 ;;
+esac
+case "$word" in
+    ruok) printf imok ;;
+    srvr)
+        if [ "$FAKE_ZK" = serving ]; then
+            printf 'Zookeeper version: 3.8.4\nLatency min/avg/max: 0/0.0/0\nMode: follower\nNode count: 12\n'
+        else
+            echo "This ZooKeeper instance is not currently serving requests"
+        fi ;;
+    *) echo "fake nc: no answer for $word" >&2; exit 1 ;;
+esac
+"""
+
+
+def _run_zk_probe(argv: Sequence[str], state: str, env: Mapping[str, str], port: int, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run a health check or probe command with ``nc`` answering like a ZooKeeper server that is
+    ``serving`` (in a quorum, or standalone), in ``no-quorum`` (running, not serving) or ``down``,
+    on ``port``, with the whitelist of four-letter words the container's environment sets."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir(exist_ok=True)
+    nc = bin_dir / "nc"
+    nc.write_text(_FAKE_NC)
+    nc.chmod(0o755)
+    whitelist = ",".join(w.strip() for w in env.get("ZOO_4LW_COMMANDS_WHITELIST", ZOO_DEFAULT_4LW).split(","))
+    run_env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_ZK": state, "FAKE_ZK_PORT": str(port), "FAKE_ZK_4LW": whitelist}
+    return subprocess.run(list(argv), capture_output=True, text=True, env=run_env, timeout=ZK_PROBE_TIMEOUT_S)
+
+
 # -- docker compose ------------------------------------------------------------------
 
 _INTERPOLATION = re.compile(r"\$\$|\$\{(?P<braced>\w+)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}|\$(?P<plain>\w+)")
@@ -146,11 +239,117 @@ def _interpolate(value: Any) -> Any:
     return value
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    doc = _interpolate(yaml.safe_load(COMPOSE.read_text()))
-    assert isinstance(doc, dict) and isinstance(doc.get("services"), dict), "compose file has no services"
+#: Service attributes an override replaces instead of merging (compose-go's override rules).
+_REPLACED = {("command",), ("entrypoint",), ("healthcheck", "test")}
+#: Service attributes merged as KEY=VALUE sequences (mappings or lists alike).
+_AS_SEQUENCE = {("environment",), ("labels",)}
+
+
+def _as_sequence(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return sorted(k if v is None else f"{k}={v}" for k, v in value.items())
+    return list(value or [])
+
+
+def _as_depends_on(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    return {name: {"condition": "service_started", "required": True} for name in value or []}
+
+
+def _merge(base: Any, override: Any, path: tuple[str, ...] = ()) -> Any:
+    """Compose's merge of an override file into a base file (the Compose Specification's merge rules).
+
+    Mappings merge by key, sequences append, except: ``command``, ``entrypoint``
+    and ``healthcheck.test`` are replaced; ``depends_on`` merges by service name
+    (short syntax expanded first); ``environment`` and ``labels`` merge as
+    ``KEY=VALUE`` lists (the last one wins); ``volumes`` are unique by
+    container path and ``ports`` by value, the later entry winning.
+    """
+    attribute = path[2:] if len(path) > 2 and path[0] == "services" else None
+    if attribute in _REPLACED:
+        return override
+    if attribute == ("depends_on",):
+        return _merge(_as_depends_on(base), _as_depends_on(override), (*path, "*"))
+    if attribute in _AS_SEQUENCE:
+        return _as_sequence(base) + _as_sequence(override)
+    if override is None:
+        return base
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merge(base[k], v, (*path, k)) if k in base else v for k, v in override.items()}}
+    if isinstance(base, list) and isinstance(override, list):
+        merged = base + override
+        if attribute == ("volumes",):
+            return list({_mount_target(v): v for v in merged}.values())
+        if attribute == ("ports",):
+            return list({json.dumps(p, sort_keys=True): p for p in merged}.values())
+        return merged
+    return override
+
+
+def test_compose_merge_rules() -> None:
+    """The merge the ZooKeeper checks rely on, on the cases the override uses (as `docker compose config` merges them)."""
+    base = {
+        "services": {
+            "a": {
+                "command": "master --port 1",
+                "depends_on": ["b"],
+                "environment": {"X": "1", "Y": "2"},
+                "volumes": ["v1:/data", "./f:/etc/f:ro"],
+                "healthcheck": {"test": ["CMD", "true"], "interval": "5s"},
+            }
+        },
+        "volumes": {"v1": None},
+    }
+    override = {
+        "services": {
+            "a": {
+                "command": ["master", "--port", "2"],
+                "depends_on": {"c": {"condition": "service_healthy"}},
+                "environment": ["Y=3"],
+                "volumes": ["v2:/data"],
+                "healthcheck": {"test": ["CMD", "false"]},
+            },
+            "c": {"image": "zookeeper:3.8"},
+        },
+        "volumes": {"v2": None},
+    }
+    merged = _merge(copy.deepcopy(base), override)
+    a = merged["services"]["a"]
+    assert a["command"] == ["master", "--port", "2"]
+    assert a["depends_on"] == {"b": {"condition": "service_started", "required": True}, "c": {"condition": "service_healthy"}}
+    assert _environment(a) == {"X": "1", "Y": "3"}
+    assert _mounts(a) == {"/data": "v2", "/etc/f": "./f"}
+    assert a["healthcheck"] == {"test": ["CMD", "false"], "interval": "5s"}
+    assert set(merged["services"]) == {"a", "c"} and set(merged["volumes"]) == {"v1", "v2"}
+
+
+#: The compose files of each membership mode, in `docker compose -f ... -f ...` order.
+COMPOSE_FILES = {"embedded": (COMPOSE,), "zookeeper": (COMPOSE, COMPOSE_ZK)}
+
+
+@functools.cache
+def _load_compose(mode: str) -> dict[str, Any]:
+    """A mode's compose files, each interpolated, merged the way compose merges them."""
+    doc: dict[str, Any] = {}
+    for path in COMPOSE_FILES[mode]:
+        part = _interpolate(yaml.safe_load(path.read_text()))
+        assert isinstance(part, dict), f"{path.name} is not a mapping"
+        assert path.parent == COMPOSE.parent, f"{path.name}: compose resolves paths against the first file's directory"
+        doc = _merge(doc, copy.deepcopy(part))  # deep copies: YAML aliases share objects
+    assert isinstance(doc.get("services"), dict), f"{mode}: compose files have no services"
     return doc
+
+
+@pytest.fixture(scope="module", params=sorted(COMPOSE_FILES))
+def compose_mode(request: pytest.FixtureRequest) -> str:
+    """Which compose set: the base file alone (embedded) or base + ZooKeeper override."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def compose(compose_mode: str) -> dict[str, Any]:
+    return _load_compose(compose_mode)
 
 
 def _is_dcache(service: Mapping[str, Any]) -> bool:
@@ -170,15 +369,19 @@ def _environment(service: Mapping[str, Any]) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in env.items()}
 
 
+def _mount_target(volume: str | Mapping[str, Any]) -> str:
+    if isinstance(volume, Mapping):
+        return str(volume["target"])
+    parts = volume.split(":")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
 def _mounts(service: Mapping[str, Any]) -> dict[str, str]:
     """Container path -> source (volume name or host path) of a service's volumes."""
     out = {}
     for v in service.get("volumes") or []:
-        if isinstance(v, dict):
-            out[v["target"]] = v.get("source", "")
-        else:
-            source, _, rest = v.partition(":")
-            out[rest.split(":")[0]] = source
+        source = v.get("source", "") if isinstance(v, dict) else v.partition(":")[0]
+        out[_mount_target(v)] = source
     return out
 
 
@@ -193,17 +396,22 @@ def _published(service: Mapping[str, Any]) -> set[int]:
     return ports
 
 
-@pytest.fixture(scope="module")
-def compose_daemons(compose: dict[str, Any]) -> dict[str, Checked]:
-    """Every dcache service of the compose file, checked by --check-config."""
+@functools.cache
+def _checked_compose(mode: str) -> dict[str, Checked]:
     items = []
-    for name, service in compose["services"].items():
+    for name, service in _load_compose(mode)["services"].items():
         if not _is_dcache(service):
             continue
         assert "entrypoint" not in service, f"{name}: keep the image's ENTRYPOINT (dcache)"
         items.append(Checked(f"compose service {name}", _command(service), _environment(service)))
     assert items, "no service builds docker/Dockerfile"
     return {c.where.rsplit(" ", 1)[-1]: c for c in _check_all(items)}
+
+
+@pytest.fixture(scope="module")
+def compose_daemons(compose_mode: str) -> dict[str, Checked]:
+    """Every dcache service of the compose set, checked by --check-config."""
+    return _checked_compose(compose_mode)
 
 
 def _by_role(daemons: Mapping[str, Checked], role: str) -> dict[str, Checked]:
@@ -244,27 +452,16 @@ def test_compose_references_exist(compose: dict[str, Any]) -> None:
                 assert source in declared, f"{name}: named volume {source!r} is not declared under volumes:"
 
 
-def test_compose_topology(compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
-    masters = _by_role(compose_daemons, "master")
-    aux = _by_role(compose_daemons, "aux")
-    shims = _by_role(compose_daemons, "http")
-    coordinators = [n for n, c in masters.items() if not c.config["coordinator"]]
-    assert len(coordinators) == 1, f"exactly one master must coordinate (no --coordinator), got {coordinators}"
-    coordinator = _addr(coordinators[0], masters[coordinators[0]].config["port"])
-    for name, c in masters.items():
-        if name not in coordinators:
-            assert c.config["coordinator"] == coordinator, f"{name} follows {c.config['coordinator']}, not {coordinator}"
-            assert coordinators[0] in (compose["services"][name].get("depends_on") or []), f"{name}: depends_on the coordinator"
+def _check_compose_data_nodes(compose: Mapping[str, Any], masters: Mapping[str, Checked], aux: Mapping[str, Checked]) -> None:
+    """What either membership mode needs of the aux nodes: ids, advertised names, one volume each."""
     replicas = {c.config["replicas"] for c in masters.values()}
     assert len(replicas) == 1, f"masters disagree on --replicas: {replicas}"
     assert replicas.pop() <= len(aux), "more replicas than aux nodes"
     node_ids = [c.config["node_id"] for c in (*masters.values(), *aux.values())]
     assert all(node_ids) and len(set(node_ids)) == len(node_ids), f"node ids must be set and unique: {node_ids}"
-
     volume_path = _dockerfile_volume()
     used_volumes: set[str] = set()
     for name, c in aux.items():
-        assert c.config["join"] == coordinator, f"{name} joins {c.config['join']}, not the coordinator {coordinator}"
         assert c.config["advertise"] == _addr(name, c.config["port"]), f"{name} must advertise its service name and port"
         data_dir = c.config["data_dir"]
         mounts = _mounts(compose["services"][name])
@@ -272,9 +469,85 @@ def test_compose_topology(compose: dict[str, Any], compose_daemons: dict[str, Ch
         assert data_dir == volume_path, f"{name}: --data-dir {data_dir} is not the image's VOLUME {volume_path} (owned by the user)"
         assert mounts[data_dir] not in used_volumes, f"{name} shares volume {mounts[data_dir]} with another aux node"
         used_volumes.add(mounts[data_dir])
+
+
+def _check_compose_shims(masters: Mapping[str, Checked], shims: Mapping[str, Checked]) -> None:
     every_master = {_addr(n, c.config["port"]) for n, c in masters.items()}
     for name, c in shims.items():
         assert set(c.config["master"]) == every_master, f"{name} --master {c.config['master']} != {sorted(every_master)}"
+
+
+@pytest.mark.parametrize("compose_mode", ["embedded"], indirect=True)
+def test_compose_topology(compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
+    masters = _by_role(compose_daemons, "master")
+    aux = _by_role(compose_daemons, "aux")
+    coordinators = [n for n, c in masters.items() if not c.config["coordinator"]]
+    assert len(coordinators) == 1, f"exactly one master must coordinate (no --coordinator), got {coordinators}"
+    coordinator = _addr(coordinators[0], masters[coordinators[0]].config["port"])
+    for name, c in masters.items():
+        assert not c.config["zookeeper"], f"{name}: docker-compose.yml is the embedded mode (ZooKeeper: the override file)"
+        if name not in coordinators:
+            assert c.config["coordinator"] == coordinator, f"{name} follows {c.config['coordinator']}, not {coordinator}"
+            assert coordinators[0] in (compose["services"][name].get("depends_on") or []), f"{name}: depends_on the coordinator"
+    for name, c in aux.items():
+        assert c.config["join"] == coordinator, f"{name} joins {c.config['join']}, not the coordinator {coordinator}"
+    _check_compose_data_nodes(compose, masters, aux)
+    _check_compose_shims(masters, _by_role(compose_daemons, "http"))
+
+
+#: The settings of the membership mode; everything else must not differ between the modes.
+MEMBERSHIP = {"coordinator", "aux", "join", "zookeeper", "cluster", "zk_session_timeout"}
+
+
+@pytest.mark.parametrize("compose_mode", ["zookeeper"], indirect=True)
+def test_compose_zookeeper_topology(compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
+    services = compose["services"]
+    (zk,) = [n for n, s in services.items() if str(s.get("image", "")).startswith("zookeeper:")]
+    zk_env = _environment(services[zk])
+    ensemble = _zoo_servers(zk_env)
+    assert len(ensemble) == 1, f"{zk}: one standalone server expected, got {ensemble}"
+    zk_addr = _addr(zk, ensemble[0].client_port)
+    for target in (zk_env.get("ZOO_DATA_DIR", "/data"), zk_env.get("ZOO_DATA_LOG_DIR", "/datalog")):
+        source = _mounts(services[zk]).get(target, "")
+        assert source in (compose.get("volumes") or {}), f"{zk}: {target} must be a named volume (the ring lives there)"
+    assert services[zk].get("healthcheck", {}).get("test"), f"{zk}: a healthcheck, for depends_on: service_healthy"
+
+    masters = _by_role(compose_daemons, "master")
+    aux = _by_role(compose_daemons, "aux")
+    clusters = {c.config["cluster"] for c in (*masters.values(), *aux.values())}
+    assert len(clusters) == 1, f"masters and aux nodes must name one cluster, got {clusters}"
+    for name, c in (*masters.items(), *aux.items()):
+        assert c.config["zookeeper"] == zk_addr, f"{name}: --zookeeper {c.config['zookeeper']}, not the service {zk_addr}"
+        assert not c.config.get("coordinator") and not c.config.get("aux") and not c.config.get("join"), f"{name}: embedded flags left"
+        dep = _as_depends_on(services[name].get("depends_on")).get(zk) or {}
+        assert dep.get("condition") == "service_healthy", f"{name}: depends_on {zk} with condition service_healthy"
+    assert len(masters) >= 2, "masters are peers in ZooKeeper mode: run at least two"
+    _check_compose_data_nodes(compose, masters, aux)
+    _check_compose_shims(masters, _by_role(compose_daemons, "http"))
+
+    # The override changes the membership flags only: same services, ports, ids, addresses, directories.
+    embedded = _checked_compose("embedded")
+    assert set(compose_daemons) == set(embedded), f"dcache services differ from the base file: {set(compose_daemons) ^ set(embedded)}"
+    for name, c in compose_daemons.items():
+        want = {k: v for k, v in embedded[name].config.items() if k not in MEMBERSHIP}
+        got = {k: v for k, v in c.config.items() if k not in MEMBERSHIP}
+        assert got == want, f"{name}: the override changes {sorted(k for k in want if got.get(k) != want[k])}"
+
+
+@pytest.mark.parametrize("compose_mode", ["zookeeper"], indirect=True)
+def test_compose_zookeeper_healthcheck(compose: dict[str, Any], tmp_path: Path) -> None:
+    (zk,) = [s for s in compose["services"].values() if str(s.get("image", "")).startswith("zookeeper:")]
+    test = zk["healthcheck"]["test"]
+    if isinstance(test, str):
+        argv = ["sh", "-c", test]
+    else:
+        assert test[0] in ("CMD", "CMD-SHELL"), f"healthcheck test {test}"
+        argv = ["sh", "-c", test[1]] if test[0] == "CMD-SHELL" else list(test[1:])
+    zk_env = _environment(zk)
+    port = _zoo_servers(zk_env)[0].client_port
+    for state, healthy in (("serving", True), ("no-quorum", False), ("down", False)):
+        res = _run_zk_probe(argv, state, zk_env, port, tmp_path)
+        assert (res.returncode == 0) == healthy, f"healthcheck {test} with ZooKeeper {state}: exit {res.returncode} {res.stderr}"
 
 
 # -- nginx -------------------------------------------------------------------------------
@@ -384,6 +657,7 @@ def _render_nginx(text: str, stream_module: str | None, names: Sequence[str]) ->
     return text, listen
 
 
+@pytest.mark.parametrize("compose_mode", ["embedded"], indirect=True)  # the override leaves nginx alone
 def test_nginx_conf_passes_nginx_t(tmp_path: Path, compose: dict[str, Any]) -> None:
     nginx = find_nginx()  # skips, or fails under CI, when nginx cannot be had
     text, listen = _render_nginx(NGINX_CONF.read_text(), stream_module_path(nginx), list(compose["services"]))
@@ -642,10 +916,34 @@ def _container_port(workload: Mapping[str, Any], port: int | str, container: Map
     raise AssertionError(f"{workload['metadata']['name']}: port {port!r} is not a declared containerPort ({declared})")
 
 
+#: The manifests of each membership mode, as `kubectl apply -f` takes them. A directory
+#: is not recursive (without -R): `kubectl apply -f k8s/` applies k8s/*.yaml, never k8s/zookeeper/.
+K8S_FILES = {
+    "embedded": sorted(K8S.glob("*.yaml")),
+    "zookeeper": [K8S / "configmap.yaml", K8S / "http.yaml", *sorted(K8S_ZK.glob("*.yaml"))],
+}
+
+
+def _image_name(container: Mapping[str, Any]) -> str:
+    """``registry/path/NAME:tag@digest`` -> ``NAME``."""
+    return str(container.get("image", "")).split("@")[0].rsplit("/", 1)[-1].split(":")[0]
+
+
+def _zookeepers(k8s: K8s) -> dict[str, dict[str, Any]]:
+    """StatefulSets running the official zookeeper image."""
+    return {n: w for n, w in k8s.of("StatefulSet").items() if any(_image_name(c) == "zookeeper" for c in _containers(w))}
+
+
+@pytest.fixture(scope="module", params=sorted(K8S_FILES))
+def k8s_mode(request: pytest.FixtureRequest) -> str:
+    """Which manifest set: k8s/ (embedded) or the ZooKeeper set."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def k8s() -> K8s:
-    files = sorted(K8S.glob("*.yaml"))
-    assert files, "no k8s/*.yaml"
+def k8s(k8s_mode: str) -> K8s:
+    files = K8S_FILES[k8s_mode]
+    assert len(files) > 2 and all(f.is_file() for f in files), f"{k8s_mode}: manifests missing: {files}"
     docs = [d for f in files for d in yaml.safe_load_all(f.read_text()) if d is not None]
     for d in docs:
         assert {"apiVersion", "kind", "metadata"} <= set(d), f"not a Kubernetes object: {str(d)[:200]}"
@@ -701,10 +999,12 @@ class PodCheck:
 
 @pytest.fixture(scope="module")
 def k8s_daemons(k8s: K8s) -> dict[str, PodCheck]:
-    """Every container of every workload, its args expanded and checked by --check-config."""
+    """Every dcache container of every workload, its args expanded and checked by --check-config."""
     pending = []
     for name, w in k8s.workloads().items():
         for c in _containers(w):
+            if _image_name(c) != "dcache":
+                continue
             command = [str(a) for a in c.get("command") or []]
             assert not command or command[0] == "dcache", f"{name}: command {command} bypasses the dcache ENTRYPOINT"
             raw = command[1:] + [str(a) for a in c.get("args") or []]
@@ -747,6 +1047,10 @@ def test_k8s_selectors_and_service_ports(k8s: K8s) -> None:
                 _container_port(w, port.get("targetPort", port["port"]))
     for name, pdb in k8s.of("PodDisruptionBudget").items():
         assert k8s.selected(pdb["spec"]["selector"]["matchLabels"]), f"PodDisruptionBudget {name} matches no pods"
+    for w in workloads.values():
+        port = (w["spec"]["template"]["metadata"].get("annotations") or {}).get("prometheus.io/port")
+        if port is not None:
+            _container_port(w, int(port))  # scraped where something is declared
 
 
 def test_k8s_statefulset_service_is_headless(k8s: K8s) -> None:
@@ -799,6 +1103,42 @@ def test_k8s_probes_hit_served_endpoints(k8s_daemons: dict[str, PodCheck]) -> No
                 raise AssertionError(f"{name} {kind}: expected tcpSocket or httpGet, got {probe}")
 
 
+def _check_k8s_aux(name: str, p: PodCheck, key_copies: int) -> None:
+    """What either membership mode needs of an aux StatefulSet: stable ids and addresses, a volume each, time to hand over."""
+    cfg = p.checked.config
+    sts = p.workload
+    assert sts["kind"] == "StatefulSet", f"{name}: aux nodes need stable names and volumes: a StatefulSet"
+    assert key_copies <= sts["spec"]["replicas"], "more key replicas than aux pods"
+    raw = " ".join(p.raw_args)
+    assert "--node-id $(POD_NAME)" in raw, f"{name}: the node id must be the (stable) pod name"
+    advertise = f"$(POD_NAME).{sts['spec']['serviceName']}:{cfg['port']}"
+    assert f"--advertise {advertise}" in raw, f"{name}: advertise {advertise}, the pod's DNS name via the headless Service"
+    claims = {t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates") or []}
+    mounts = {m["mountPath"]: m["name"] for m in p.container.get("volumeMounts") or []}
+    assert mounts.get(cfg["data_dir"]) in claims, f"{name}: --data-dir {cfg['data_dir']} is not a volumeClaimTemplate mount"
+    grace = sts["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+    assert grace > cfg["leave_timeout"], f"{name}: terminationGracePeriodSeconds {grace} cuts the hand-over short"
+
+
+def _check_k8s_shims(k8s: K8s, daemons: Mapping[str, PodCheck], masters: Mapping[str, PodCheck]) -> None:
+    """Every shim's --master reaches every master, on the port the masters listen on."""
+    master_ports = {p.checked.config["port"] for p in masters.values()}
+    assert len(master_ports) == 1, f"masters listen on different ports {master_ports}"
+    for name, p in daemons.items():
+        if p.checked.role == "http":
+            for addr in p.checked.config["master"]:
+                selected, port = k8s.service_target(addr)
+                assert set(selected) == set(masters), f"{name}: --master {addr} reaches {list(selected)}, not every master"
+                assert port in master_ports, f"{name}: {addr} lands on port {port}"
+
+
+def _key_copies(masters: Mapping[str, PodCheck]) -> int:
+    replicas = {p.checked.config["replicas"] for p in masters.values()}
+    assert len(replicas) == 1, f"masters disagree on replicas: {replicas}"
+    return int(replicas.pop())
+
+
+@pytest.mark.parametrize("k8s_mode", ["embedded"], indirect=True)
 def test_k8s_membership_wiring(k8s: K8s, k8s_daemons: dict[str, PodCheck]) -> None:
     masters = {n: p for n, p in k8s_daemons.items() if p.checked.role == "master"}
     coordinators = [n for n, p in masters.items() if not p.checked.config["coordinator"]]
@@ -809,6 +1149,7 @@ def test_k8s_membership_wiring(k8s: K8s, k8s_daemons: dict[str, PodCheck]) -> No
     scaled = {h["spec"]["scaleTargetRef"]["name"] for h in k8s.of("HorizontalPodAutoscaler").values()}
     assert "master-coordinator" not in scaled, "no HPA may scale the coordinator"
     assert {c.rsplit("/", 1)[-1] for c in masters} - {"master-coordinator"} <= scaled, "follower masters should be autoscaled"
+    assert not _zookeepers(k8s), "k8s/ is the embedded mode: ZooKeeper belongs in k8s/zookeeper/"
 
     def reaches_coordinator(addr: str, who: str) -> None:
         selected, port = k8s.service_target(addr)
@@ -816,30 +1157,133 @@ def test_k8s_membership_wiring(k8s: K8s, k8s_daemons: dict[str, PodCheck]) -> No
         assert port == coordinator.checked.config["port"], f"{who}: {addr} lands on port {port}, the coordinator listens on another"
 
     for name, p in masters.items():
+        assert not p.checked.config["zookeeper"], f"{name}: --zookeeper in the embedded set"
         if name not in coordinators:
             reaches_coordinator(p.checked.config["coordinator"], name)
-    replicas = {p.checked.config["replicas"] for p in masters.values()}
-    assert len(replicas) == 1, f"masters disagree on replicas: {replicas}"
-    key_copies = replicas.pop()
-
+    key_copies = _key_copies(masters)
     for name, p in k8s_daemons.items():
-        cfg = p.checked.config
         if p.checked.role == "aux":
-            sts = p.workload
-            assert sts["kind"] == "StatefulSet", f"{name}: aux nodes need stable names and volumes: a StatefulSet"
-            assert key_copies <= sts["spec"]["replicas"], "more key replicas than aux pods"
-            reaches_coordinator(cfg["join"], name)
-            raw = " ".join(p.raw_args)
-            assert "--node-id $(POD_NAME)" in raw, f"{name}: the node id must be the (stable) pod name"
-            advertise = f"$(POD_NAME).{sts['spec']['serviceName']}:{cfg['port']}"
-            assert f"--advertise {advertise}" in raw, f"{name}: advertise {advertise}, the pod's DNS name via the headless Service"
-            claims = {t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates") or []}
-            mounts = {m["mountPath"]: m["name"] for m in p.container.get("volumeMounts") or []}
-            assert mounts.get(cfg["data_dir"]) in claims, f"{name}: --data-dir {cfg['data_dir']} is not a volumeClaimTemplate mount"
-            grace = sts["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
-            assert grace > cfg["leave_timeout"], f"{name}: terminationGracePeriodSeconds {grace} cuts the hand-over short"
-        elif p.checked.role == "http":
-            for addr in cfg["master"]:
-                selected, port = k8s.service_target(addr)
-                assert set(selected) == set(masters), f"{name}: --master {addr} reaches {list(selected)}, not every master"
-                assert port == coordinator.checked.config["port"], f"{name}: {addr} lands on port {port}"
+            assert not p.checked.config["zookeeper"], f"{name}: --zookeeper in the embedded set"
+            reaches_coordinator(p.checked.config["join"], name)
+            _check_k8s_aux(name, p, key_copies)
+    _check_k8s_shims(k8s, k8s_daemons, masters)
+
+
+@pytest.mark.parametrize("k8s_mode", ["zookeeper"], indirect=True)
+def test_k8s_zookeeper_membership_wiring(k8s: K8s, k8s_daemons: dict[str, PodCheck]) -> None:
+    masters = {n: p for n, p in k8s_daemons.items() if p.checked.role == "master"}
+    members = {n: p for n, p in k8s_daemons.items() if p.checked.role in ("master", "aux")}
+    scaled = {h["spec"]["scaleTargetRef"]["name"] for h in k8s.of("HorizontalPodAutoscaler").values()}
+    assert len(masters) == 1, f"every master is alike in ZooKeeper mode: one Deployment, got {list(masters)}"
+    for name, p in masters.items():
+        assert not p.checked.config["coordinator"] and not p.checked.config["aux"], f"{name}: --coordinator/--aux left"
+        assert p.workload["kind"] == "Deployment" and p.workload["metadata"]["name"] in scaled, f"{name}: an autoscaled Deployment"
+
+    zookeepers = _zookeepers(k8s)
+    assert len(zookeepers) == 1, f"one ZooKeeper StatefulSet expected, got {list(zookeepers)}"
+    ((zk_name, zk),) = zookeepers.items()
+    (zk_container,) = [c for c in _containers(zk) if _image_name(c) == "zookeeper"]
+    zk_env = _container_env(k8s, zk, zk_container)
+    client_port = _zoo_servers(zk_env)[0].client_port
+    tick_ms = int(zk_env.get("ZOO_TICK_TIME", ZOO_DEFAULT_TICK_MS))
+    ensembles = {p.checked.config["zookeeper"] for p in members.values()}
+    clusters = {p.checked.config["cluster"] for p in members.values()}
+    assert len(ensembles) == 1 and None not in ensembles, f"masters and aux nodes must all use one ZooKeeper ensemble: {ensembles}"
+    assert len(clusters) == 1, f"masters and aux nodes must name one cluster: {clusters}"
+    for addr in str(ensembles.pop()).partition("/")[0].split(","):
+        selected, port = k8s.service_target(addr)
+        assert list(selected) == [f"StatefulSet/{zk_name}"], f"--zookeeper {addr} reaches {list(selected)}, not the ZooKeeper servers"
+        assert port == client_port, f"--zookeeper {addr} lands on port {port}, ZooKeeper serves clients on {client_port}"
+    for name, p in members.items():
+        timeout_ms = p.checked.config["zk_session_timeout"] * 1000
+        assert 2 * tick_ms <= timeout_ms <= 20 * tick_ms, f"{name}: --zk-session-timeout outside 2..20 ticks of {tick_ms} ms: clamped"
+
+    key_copies = _key_copies(masters)
+    for name, p in k8s_daemons.items():
+        if p.checked.role == "aux":
+            assert not p.checked.config["join"], f"{name}: --join left (register in ZooKeeper instead)"
+            _check_k8s_aux(name, p, key_copies)
+    _check_k8s_shims(k8s, k8s_daemons, masters)
+
+
+@pytest.mark.parametrize("k8s_mode", ["zookeeper"], indirect=True)
+def test_k8s_zookeeper_ensemble(k8s: K8s, tmp_path: Path) -> None:
+    zookeepers = _zookeepers(k8s)
+    assert zookeepers, "no StatefulSet runs the zookeeper image"
+    for name, sts in zookeepers.items():
+        spec = sts["spec"]
+        replicas = spec["replicas"]
+        assert replicas >= 3 and replicas % 2 == 1, f"{name}: an odd number of servers, 3 or more, for a quorum that survives one loss"
+        assert spec.get("podManagementPolicy") == "Parallel", f"{name}: servers need each other to become ready: start them in parallel"
+        headless = k8s.of("Service")[spec["serviceName"]]
+        assert headless["spec"].get("publishNotReadyAddresses") is True, f"{name}: servers must resolve each other before they are ready"
+        (c,) = _containers(sts)
+        env = _container_env(k8s, sts, c)
+
+        # ZOO_SERVERS names every pod, server.N = ordinal N-1, by its name under the headless Service.
+        servers = _zoo_servers(env)
+        assert [s.id for s in servers] == list(range(1, replicas + 1)), f"{name}: ZOO_SERVERS ids {[s.id for s in servers]}"
+        for s in servers:
+            assert s.host == f"{name}-{s.id - 1}.{spec['serviceName']}", f"{name}: server.{s.id} is {s.host}, not pod {name}-{s.id - 1}"
+            for port in (s.quorum_port, s.election_port, s.client_port):
+                _container_port(sts, port, c)
+        metrics = re.search(r"metricsProvider\.httpPort=(\d+)", env.get("ZOO_CFG_EXTRA", ""))
+        if metrics:
+            annotations = spec["template"]["metadata"].get("annotations") or {}
+            assert annotations.get("prometheus.io/port") == metrics[1], f"{name}: scrape the metrics port {metrics[1]}"
+
+        # The wrapper sets ZOO_MY_ID from the pod's ordinal, then runs the image's entrypoint and command.
+        raw = [str(a) for a in [*(c.get("command") or []), *(c.get("args") or [])]]
+        assert sum(a.count("/docker-entrypoint.sh") for a in raw) == 1, f"{name}: the command must run the image's /docker-entrypoint.sh"
+        fake = tmp_path / "docker-entrypoint.sh"
+        fake.write_text('#!/bin/sh\necho "$ZOO_MY_ID $*"\n')
+        fake.chmod(0o755)
+        name_vars = [
+            v["name"] for v in c.get("env") or [] if v.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name"
+        ]
+        for ordinal in [*range(replicas), "x"]:
+            pod = f"{name}-{ordinal}"
+            run_env = {**env, **dict.fromkeys(name_vars, pod), "HOSTNAME": pod, "PATH": os.environ["PATH"]}
+            argv = [_expand(a, run_env).replace("/docker-entrypoint.sh", str(fake)) for a in raw]
+            res = subprocess.run(argv, capture_output=True, text=True, env=run_env, timeout=ZK_PROBE_TIMEOUT_S)
+            if ordinal == "x":
+                assert res.returncode != 0, f"{name}: a pod name without an ordinal must not start a server: {res.stdout}"
+            else:
+                assert res.returncode == 0, f"{name}: the command fails in pod {pod}: {res.stderr}"
+                assert res.stdout.split() == [str(ordinal + 1), "zkServer.sh", "start-foreground"], f"{pod}: ran {res.stdout!r}"
+
+        # Persistent snapshots and transaction log; writable by the image's non-root user.
+        claims = {t["metadata"]["name"] for t in spec.get("volumeClaimTemplates") or []}
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
+        for path in (env.get("ZOO_DATA_DIR", "/data"), env.get("ZOO_DATA_LOG_DIR", "/datalog")):
+            assert mounts.get(path) in claims, f"{name}: {path} must be on a volumeClaimTemplate"
+        pod_security = spec["template"]["spec"].get("securityContext") or {}
+        if pod_security.get("runAsUser", 0) != 0:
+            assert pod_security.get("fsGroup") is not None, f"{name}: non-root, the image's entrypoint chowns nothing: set fsGroup"
+
+        # Probes, against a fake `nc`: started and alive while the server answers, ready only while it serves.
+        expect = {
+            "startupProbe": {"serving": True, "no-quorum": True, "down": False},
+            "livenessProbe": {"serving": True, "no-quorum": True, "down": False},
+            "readinessProbe": {"serving": True, "no-quorum": False, "down": False},
+        }
+        for kind, states in expect.items():
+            probe = c.get(kind)
+            if probe is None:
+                assert kind == "startupProbe", f"{name}: no {kind}"
+                continue
+            if "tcpSocket" in probe and kind != "readinessProbe":
+                assert _container_port(sts, probe["tcpSocket"]["port"], c) == servers[0].client_port, f"{name} {kind}: port"
+                continue
+            assert "exec" in probe, f"{name} {kind}: expected an exec probe, got {probe}"
+            for state, ok in states.items():
+                res = _run_zk_probe(probe["exec"]["command"], state, env, servers[0].client_port, tmp_path)
+                assert (res.returncode == 0) == ok, f"{name} {kind} with ZooKeeper {state}: exit {res.returncode} {res.stdout}{res.stderr}"
+
+        # Voluntary disruptions keep a quorum.
+        pdbs = [
+            b["spec"] for b in k8s.of("PodDisruptionBudget").values() if _matches(b["spec"]["selector"]["matchLabels"], _pod_labels(sts))
+        ]
+        assert len(pdbs) == 1, f"{name}: one PodDisruptionBudget expected, got {len(pdbs)}"
+        away = pdbs[0].get("maxUnavailable", replicas - pdbs[0].get("minAvailable", 0))
+        assert isinstance(away, int) and away <= (replicas - 1) // 2, f"{name}: the PodDisruptionBudget allows losing the quorum"
