@@ -424,10 +424,16 @@ class HttpConfig:
     auth_token: str | None = opt(None, "token sent in HELLO to the masters (none: no auth)", _opt_str, "TOKEN")
     shutdown_grace: float = opt(5.0, "seconds to let in-flight requests finish on SIGTERM/SIGINT", _float, "S")
     log_level: str = opt("info", "debug (also logs every request), info, warning or error", _str)
+    read_batch: int = opt(
+        64,
+        "at most this many GET requests go to the cluster as one MGET (the reads of one loop iteration are batched); 1: a GET each",
+        _int,
+        "N",
+    )
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
-        _check_positive(self, "timeout", "health_timeout", "client_max_size", "max_key_bytes")
+        _check_positive(self, "timeout", "health_timeout", "client_max_size", "max_key_bytes", "read_batch")
         if not self.master:
             raise ConfigError("master: at least one HOST:PORT is required")
         if self.shutdown_grace < 0:

@@ -32,14 +32,23 @@ class _Histogram:
 
 
 class HttpMetrics(Collector):
-    """Request counts by method, route and status, and a latency histogram by route."""
+    """Request counts by method, route and status, a latency histogram by route, and read batch counts."""
 
     requests: dict[tuple[str, str, int], int]
     latency: dict[str, _Histogram]
+    #: Batches of key reads sent to the cluster (an MGET, or a GET for a lone key).
+    read_batches: int
+    #: Keys read in those batches (over ``read_batches``: the mean batch size).
+    read_batch_keys: int
+    #: Batches read again key by key after the batch failed.
+    read_batch_fallbacks: int
 
     def __init__(self) -> None:
         self.requests = {}
         self.latency = {}
+        self.read_batches = 0
+        self.read_batch_keys = 0
+        self.read_batch_fallbacks = 0
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request that took ``seconds``."""
@@ -72,3 +81,12 @@ class HttpMetrics(Collector):
                 buckets.append((le, total))
             latency.add_metric([route], buckets, hist.sum_s)
         yield latency
+        yield CounterMetricFamily(
+            "dcache_http_read_batches",
+            "Batches of key reads sent to the cluster (one MGET, or a GET for a lone key)",
+            value=self.read_batches,
+        )
+        yield CounterMetricFamily("dcache_http_read_batch_keys", "Keys read in those batches", value=self.read_batch_keys)
+        yield CounterMetricFamily(
+            "dcache_http_read_batch_fallbacks", "Batches read again key by key after the batch failed", value=self.read_batch_fallbacks
+        )

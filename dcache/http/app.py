@@ -17,10 +17,34 @@ JSON carries values as text, so a stored value that is not valid UTF-8 is
 refused to a JSON client with 406 (and a hint to ask for
 ``application/octet-stream``) rather than mangled or base64-encoded.
 
-State lives on the app under ``AppKey``s; ``cleanup_ctx`` owns the one
-failover ``Client`` over all masters (plus one single-endpoint client per
-master for ``/health``, which must say *which* masters answer, something the
-failover client hides).
+Hot path
+--------
+The shim is CPU-bound in one process, so per-request work is kept to what
+the request needs (measured in ``docs/BENCHMARKS.md``, reasons in
+``docs/DECISIONS.md``):
+
+* no aiohttp middleware (its chain cost about 7% of GET throughput): each
+  route's handler is wrapped once, at start, in ``_Shim.endpoint`` (errors
+  as JSON, metrics under a route label fixed at registration), and
+  ``GET /data/{key}`` does the same inline; a catch-all route answers
+  unmatched paths and methods (JSON 404/405, as aiohttp would, with ``Allow``);
+* answers are JSON text built from C-escaped strings
+  (``json.encoder.encode_basestring_ascii``, the escaping ``json.dumps``
+  uses, so the bytes are the same) and sent as ``bytes`` with a prepared
+  header set, not through ``web.json_response``;
+* the key reads of one loop iteration go to the cluster as one MGET
+  (``_GetBatcher``; ``--read-batch``), which saves most of a client call
+  per GET;
+* the handlers are methods of one ``_Shim`` that holds the clients, the
+  config and the metrics, so there is no ``request.app[...]`` lookup per
+  request.
+
+State also lives on the app under ``AppKey``s (for tools and tests).
+``cleanup_ctx`` owns the failover ``Client`` over all masters, a second one
+for the batched reads (so that an answer too large for one frame only
+disturbs batched reads, which fall back key by key on the first), and one
+single-endpoint client per master for ``/health``, which must say *which*
+masters answer, something the failover client hides.
 """
 
 from __future__ import annotations
@@ -29,9 +53,10 @@ import asyncio
 import json
 import logging
 import math
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
+from time import perf_counter
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -49,11 +74,13 @@ from ..errors import (
     KeyTooLargeError,
     NoAvailableNodeError,
     OutOfMemoryError,
+    RemoteProtocolError,
     ServerError,
     UnavailableError,
     UpstreamTimeoutError,
     ValueTooLargeError,
 )
+from ..protocol import MAX_VALUE_BYTES
 from ._metrics import HttpMetrics
 
 __all__ = ["create_app", "CONFIG_KEY", "CLIENT_KEY", "HEALTH_CLIENTS_KEY", "METRICS_KEY", "REGISTRY_KEY", "OPENAPI_PATH"]
@@ -76,6 +103,14 @@ MAX_QUERY_VALUE_CHARS = 4096
 _JSON = "application/json"
 _OCTETS = "application/octet-stream"
 _BODY_FIELDS = frozenset({"key", "value", "ttl"})
+#: Headers of every JSON answer (``web.Response`` copies them).
+_JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
+#: Metrics route label of requests that match no route (or no method of one).
+UNMATCHED_ROUTE = "unmatched"
+_DATA_KEY_ROUTE = "/data/{key}"
+
+#: ``json.dumps``'s own string escaping (C): ASCII out, non-ASCII as ``\uXXXX``.
+_enc: Callable[[str], str] = encode_basestring_ascii
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -98,7 +133,22 @@ def _error_response(status: int, message: str, headers: dict[str, str] | None = 
     return web.json_response({"error": message, **extra}, status=status, headers=headers)
 
 
-# -- middleware: errors as JSON, metrics ------------------------------------------
+def _json_text(text: str, status: int = 200) -> web.Response:
+    """A JSON answer from JSON text built with ``_enc`` (so ASCII), as ``json_response`` would send it."""
+    return web.Response(body=text.encode(), status=status, headers=_JSON_HEADERS)
+
+
+def _key_value(key: str, value: str, status: int = 200) -> web.Response:
+    """``{"key": key, "value": value}``, the same bytes as ``json.dumps`` of that dict."""
+    return _json_text('{"key": ' + _enc(key) + ', "value": ' + _enc(value) + "}", status)
+
+
+def _not_found(key: str) -> web.Response:
+    """``{"error": "not found", "key": key}`` with 404 (a miss is common: no exception for it)."""
+    return _json_text('{"error": "not found", "key": ' + _enc(key) + "}", 404)
+
+
+# -- errors as JSON ------------------------------------------------------------------
 
 
 def _from_cluster_error(exc: BaseException) -> tuple[int, str] | None:
@@ -115,6 +165,8 @@ def _from_cluster_error(exc: BaseException) -> tuple[int, str] | None:
         return 502, f"the cluster refused the shim: {exc}"
     if isinstance(exc, ServerError):
         return 502, f"cluster error: {exc}"
+    if isinstance(exc, RemoteProtocolError):  # the cluster's answer could not be decoded
+        return 502, f"bad answer from the cluster: {exc}"
     if isinstance(exc, (ClientError, OSError)):  # PoolClosedError during shutdown, a reset connection
         return 503, f"cluster connection failed: {exc or exc.__class__.__name__}"
     return None
@@ -133,51 +185,35 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Re
     return _error_response(exc.status, message, headers)
 
 
-@web.middleware
-async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    start = time.perf_counter()
-    response: web.StreamResponse
-    try:
-        response = await handler(request)
-    except HttpError as exc:
-        response = _error_response(exc.status, exc.message, **exc.extra)
-    except web.HTTPException as exc:
+def _error_for(request: web.Request, exc: Exception) -> web.Response:
+    """The JSON answer to an exception a handler raised (a redirect is raised again)."""
+    if isinstance(exc, HttpError):
+        return _error_response(exc.status, exc.message, **exc.extra)
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
-        response = _from_http_exception(request, exc)
-    except Exception as exc:
-        mapped = _from_cluster_error(exc)
-        if mapped is None:
-            log.exception("unexpected error answering %s %s", request.method, request.path)
-            response = _error_response(500, "internal error in the HTTP shim (logged)")
-        else:
-            response = _error_response(*mapped)
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    request.app[METRICS_KEY].observe(request.method, route, response.status, time.perf_counter() - start)
-    return response
+            raise exc
+        return _from_http_exception(request, exc)
+    mapped = _from_cluster_error(exc)
+    if mapped is None:
+        log.error("unexpected error answering %s %s", request.method, request.path, exc_info=exc)
+        return _error_response(500, "internal error in the HTTP shim (logged)")
+    return _error_response(*mapped)
 
 
 # -- request parsing ------------------------------------------------------------------
 
 
-def _key_bytes(request: web.Request, key: str, *, in_url: bool) -> bytes:
-    """The key as UTF-8; 400 if empty or not encodable, 414 (URL) or 400 (body) if too long."""
+def _key_bytes(key: str, limit: int, *, in_url: bool) -> bytes:
+    """The key as UTF-8; 400 if empty or not encodable, 414 (URL) or 400 (body) if over ``limit`` bytes."""
     if not key:
         _fail(400, "key must not be empty")
     try:
         raw = key.encode()
     except UnicodeEncodeError:
         _fail(400, "key must be valid Unicode text (no lone surrogates)")
-    limit = request.app[CONFIG_KEY].max_key_bytes
     if len(raw) > limit:
         _fail(414 if in_url else 400, f"key is {len(raw)} bytes of UTF-8; the limit is {limit}")
     return raw
-
-
-def _path_key(request: web.Request) -> tuple[str, bytes]:
-    key = request.match_info["key"]
-    return key, _key_bytes(request, key, in_url=True)
 
 
 def _check_ttl(ttl: object) -> float:
@@ -223,8 +259,8 @@ def _text_bytes(value: str, what: str) -> bytes:
 
 def _wants_octets(request: web.Request) -> bool:
     """Whether Accept prefers ``application/octet-stream`` over JSON (ties go to JSON)."""
-    accept = request.headers.get("Accept", "")
-    if _OCTETS not in accept.lower():
+    accept = request.headers.get("Accept")
+    if accept is None or _OCTETS not in accept.lower():
         return False
     q_octets = q_json = 0.0
     for part in accept.split(","):
@@ -254,77 +290,7 @@ def _json_value(key: str, value: bytes) -> web.Response:
             "the value is not valid UTF-8 text, so it cannot be sent as JSON; request it with 'Accept: application/octet-stream'",
             key=key,
         )
-    return web.json_response({"key": key, "value": text})
-
-
-# -- handlers -------------------------------------------------------------------------
-
-
-async def _post_data(request: web.Request) -> web.Response:
-    doc = await _json_object(request)
-    unknown = sorted(set(doc) - _BODY_FIELDS)
-    if unknown:
-        _fail(400, f"unknown field(s): {', '.join(map(repr, unknown))}; expected key, value and optionally ttl")
-    key = doc.get("key")
-    if not isinstance(key, str):
-        _fail(400, "field 'key' is required and must be a string" if key is None else f"'key' must be a string, not {type(key).__name__}")
-    key_bytes = _key_bytes(request, key, in_url=False)
-    value = doc.get("value")
-    if not isinstance(value, str):
-        _fail(
-            400,
-            "field 'value' is required and must be a string" if value is None else f"'value' must be a string, not {type(value).__name__}",
-        )
-    value_bytes = _text_bytes(value, "value")
-    ttl = _check_ttl(doc["ttl"]) if "ttl" in doc else None
-    await request.app[CLIENT_KEY].set(key_bytes, value_bytes, ttl=ttl)
-    return web.json_response({"key": key, "value": value}, status=201)
-
-
-async def _get_data(request: web.Request) -> web.Response:
-    key, key_bytes = _path_key(request)
-    value = await request.app[CLIENT_KEY].get(key_bytes)
-    if value is None:
-        _fail(404, "not found", key=key)
-    if _wants_octets(request):
-        return web.Response(body=value, content_type=_OCTETS)
-    return _json_value(key, value)
-
-
-async def _put_data(request: web.Request) -> web.Response:
-    key, key_bytes = _path_key(request)
-    ttl = _query_ttl(request)
-    value = await request.read()  # 413 above client_max_size
-    await request.app[CLIENT_KEY].set(key_bytes, value, ttl=ttl)
-    return web.json_response({"key": key, "size": len(value)}, status=201)
-
-
-async def _delete_data(request: web.Request) -> web.Response:
-    key, key_bytes = _path_key(request)
-    deleted = await request.app[CLIENT_KEY].delete(key_bytes)
-    return web.json_response({"key": key, "deleted": deleted})
-
-
-async def _legacy_get(request: web.Request) -> web.Response:
-    key, key_bytes = _path_key(request)
-    value = await request.app[CLIENT_KEY].get(key_bytes)
-    if value is None:
-        _fail(404, "not found", key=key)
-    return _json_value(key, value)
-
-
-async def _legacy_post(request: web.Request) -> web.Response:
-    key = request.query.get("key")
-    value = request.query.get("value")
-    if key is None or value is None:
-        _fail(400, "query parameters 'key' and 'value' are required")
-    key_bytes = _key_bytes(request, key, in_url=True)
-    if len(value) > MAX_QUERY_VALUE_CHARS:
-        _fail(400, f"a value in the query string is limited to {MAX_QUERY_VALUE_CHARS} characters; use POST /data or PUT /data/{{key}}")
-    value_bytes = _text_bytes(value, "value")
-    ttl = _query_ttl(request)
-    await request.app[CLIENT_KEY].set(key_bytes, value_bytes, ttl=ttl)
-    return web.json_response({"key": key, "value": value}, status=201)
+    return _key_value(key, text)
 
 
 async def _ping(client: Client) -> bool:
@@ -335,52 +301,372 @@ async def _ping(client: Client) -> bool:
     return True
 
 
-async def _health(request: web.Request) -> web.Response:
-    clients = request.app[HEALTH_CLIENTS_KEY]
-    answers = await asyncio.gather(*(_ping(c) for c in clients.values()))
-    masters = dict(zip(clients, answers, strict=True))
-    if any(answers):
-        return web.json_response({"status": "ok", "masters": masters})
-    return web.json_response({"status": "unavailable", "error": "no dcache master answers PING", "masters": masters}, status=503)
+# -- batching reads ---------------------------------------------------------------
+
+#: Answer size one batch of reads is planned for (see ``_GetBatcher``).
+BATCH_ANSWER_BYTES = 4 * 1024 * 1024
+#: Smallest value size ``_GetBatcher`` plans with.
+_MIN_VALUE_HINT_BYTES = 4096
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[REGISTRY_KEY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+class _GetBatcher:
+    """Sends the key reads made in one loop iteration as one MGET.
+
+    Every ``GET /data/{key}`` costs the shim a client call (a coroutine
+    chain, a timeout, a frame) and the master a frame; with many requests
+    in flight most loop iterations start several reads, and one MGET for
+    all of them costs about one call. ``get`` queues the key and returns a
+    future; the batch leaves on the next loop iteration (``call_soon``), or
+    at once when it reaches its size cap. A lone key goes as a GET.
+
+    An MGET answer holds every value of the batch in one frame, and a
+    frame over the client's limit (32 MiB) closes the connection it came
+    on. So batches go over their own ``Client``, are capped at
+    ``max_keys``, and fewer when recent values were large: the cap is
+    ``BATCH_ANSWER_BYTES`` over the largest value seen lately (a hint that
+    decays by 1/16 per batch). A batch whose answer fails for a reason that
+    may belong to one key or to the batch (a server error, a refused frame)
+    is read again key by key over the main client, so each request gets
+    the answer it would have had alone; errors that say the cluster is
+    unreachable or slow (timeouts, no master) go to every read of the batch.
+    """
+
+    __slots__ = ("client", "fallback", "metrics", "max_keys", "_cap", "_hint", "_pending", "_loop", "_tasks")
+
+    client: Client
+    fallback: Client
+    metrics: HttpMetrics
+    max_keys: int
+    _cap: int
+    _hint: int
+    _pending: list[tuple[bytes, asyncio.Future[bytes | None]]]
+    _loop: asyncio.AbstractEventLoop | None
+    _tasks: set[asyncio.Task[None]]
+
+    def __init__(self, client: Client, fallback: Client, metrics: HttpMetrics, max_keys: int) -> None:
+        self.client = client
+        self.fallback = fallback
+        self.metrics = metrics
+        self.max_keys = max_keys
+        self._hint = _MIN_VALUE_HINT_BYTES
+        self._cap = max(1, min(max_keys, BATCH_ANSWER_BYTES // self._hint))
+        self._pending = []
+        self._loop = None
+        self._tasks = set()
+
+    def get(self, key: bytes) -> asyncio.Future[bytes | None]:
+        """The value of ``key`` (``None``: missing), read with the other reads of this loop iteration."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes | None] = loop.create_future()
+        pending = self._pending
+        pending.append((key, fut))
+        if len(pending) >= self._cap:
+            self._flush()
+        elif len(pending) == 1:
+            loop.call_soon(self._flush)
+        return fut
+
+    async def close(self) -> None:
+        """Wait for the batches in flight (call after closing the clients: they fail fast then)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _flush(self) -> None:
+        batch = self._pending
+        if not batch:
+            return
+        self._pending = []
+        assert self._loop is not None
+        task = self._loop.create_task(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[bytes, asyncio.Future[bytes | None]]]) -> None:
+        metrics = self.metrics
+        metrics.read_batches += 1
+        metrics.read_batch_keys += len(batch)
+        try:
+            if len(batch) == 1:
+                values = [await self.client.get(batch[0][0])]
+            else:
+                values = await self.client.mget([key for key, _ in batch])
+        except (UpstreamTimeoutError, TimeoutError, ClientError, OSError) as exc:  # unreachable or slow: the same for every key
+            _fail_all(batch, exc)
+            return
+        except (ServerError, RemoteProtocolError) as exc:  # may be one key's fault, or an answer too large
+            too_large = isinstance(exc, (RemoteProtocolError, FrameTooLargeError))
+            if len(batch) == 1 and not too_large:
+                _fail_all(batch, exc)
+                return
+            metrics.read_batch_fallbacks += 1
+            if too_large:  # one GET at a time until the hint has decayed
+                self._hint = MAX_VALUE_BYTES
+                self._cap = 1
+            await asyncio.gather(*(self._one(key, fut) for key, fut in batch))
+            return
+        except asyncio.CancelledError:  # no read may wait forever
+            _fail_all(batch, ClientError("the read was cancelled"))
+            raise
+        except Exception as exc:  # a bug: every request of the batch answers 500 (logged)
+            _fail_all(batch, exc)
+            return
+        largest = 0
+        for (_, fut), value in zip(batch, values, strict=True):
+            if value is not None and len(value) > largest:
+                largest = len(value)
+            if not fut.done():
+                fut.set_result(value)
+        hint = self._hint
+        hint = largest if largest > hint else max(_MIN_VALUE_HINT_BYTES, hint - (hint >> 4))
+        if hint != self._hint:
+            self._hint = hint
+            self._cap = max(1, min(self.max_keys, BATCH_ANSWER_BYTES // hint))
+
+    async def _one(self, key: bytes, fut: asyncio.Future[bytes | None]) -> None:
+        try:
+            value = await self.fallback.get(key)
+        except Exception as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if not fut.done():
+            fut.set_result(value)
 
 
-async def _openapi(request: web.Request) -> web.Response:
-    spec = request.app[_OPENAPI_KEY]
-    if spec is None:
-        _fail(404, "openapi.yaml is not installed with this copy of dcache")
-    return web.Response(body=spec, content_type="application/yaml")
+def _fail_all(batch: list[tuple[bytes, asyncio.Future[bytes | None]]], exc: BaseException) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
+# -- handlers -------------------------------------------------------------------------
+
+
+class _Shim:
+    """The handlers, bound to what they need once, at start (``create_app``, ``clients``)."""
+
+    __slots__ = (
+        "config",
+        "max_key_bytes",
+        "metrics",
+        "observe",
+        "registry",
+        "openapi",
+        "client",
+        "health_clients",
+        "router",
+        "catch_all",
+        "read_client",
+        "reads",
+        "read",
+    )
+
+    config: HttpConfig
+    max_key_bytes: int
+    metrics: HttpMetrics
+    observe: Callable[[str, str, int, float], None]
+    registry: CollectorRegistry
+    openapi: bytes | None
+    #: Set when the app starts (``clients``); requests are served only after that.
+    client: Client
+    health_clients: dict[str, Client]
+    #: The client the batched reads go over (``_GetBatcher``), and the batcher.
+    read_client: Client
+    reads: _GetBatcher
+    #: How a handler reads a key: ``reads.get``, or ``client.get`` with ``--read-batch 1``.
+    read: Callable[[bytes], Awaitable[bytes | None]]
+    router: web.UrlDispatcher
+    catch_all: web.AbstractResource | None
+
+    def __init__(self, config: HttpConfig, metrics: HttpMetrics, registry: CollectorRegistry, router: web.UrlDispatcher) -> None:
+        self.config = config
+        self.max_key_bytes = config.max_key_bytes
+        self.metrics = metrics
+        self.observe = metrics.observe
+        self.registry = registry
+        self.router = router
+        self.catch_all = None
+        try:
+            self.openapi = OPENAPI_PATH.read_bytes()
+        except OSError:
+            self.openapi = None
+
+    async def clients(self, app: web.Application) -> AsyncIterator[None]:
+        """``cleanup_ctx``: open the dcache clients on start, close them on stop."""
+        config = self.config
+        common: dict[str, Any] = {"auth_token": config.auth_token, "client_name": "dcache-http"}
+        self.client = app[CLIENT_KEY] = Client(
+            list(config.master), timeout=config.timeout, connect_timeout=min(config.timeout, 2.0), **common
+        )
+        self.read_client = Client(list(config.master), timeout=config.timeout, connect_timeout=min(config.timeout, 2.0), **common)
+        self.reads = _GetBatcher(self.read_client, self.client, self.metrics, config.read_batch)
+        self.read = self.reads.get if config.read_batch > 1 else self.client.get
+        self.health_clients = app[HEALTH_CLIENTS_KEY] = {
+            m: Client(
+                m,
+                timeout=config.health_timeout,
+                connect_timeout=config.health_timeout,
+                min_connections=0,
+                max_connections=1,
+                retries=0,
+                **common,
+            )
+            for m in config.master
+        }
+        try:
+            yield
+        finally:
+            await self.read_client.close()
+            await self.client.close()
+            await self.reads.close()  # its batches failed fast on the closed clients
+            for client in self.health_clients.values():
+                await client.close()
+
+    def endpoint(self, route: str, handler: Handler) -> Handler:
+        """``handler`` answering errors as JSON and counted in the metrics under ``route``."""
+        observe = self.observe
+
+        async def endpoint(request: web.Request) -> web.StreamResponse:
+            start = perf_counter()
+            response: web.StreamResponse
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                response = _error_for(request, exc)
+            observe(request.method, route, response.status, perf_counter() - start)
+            return response
+
+        return endpoint
+
+    async def get_data(self, request: web.Request) -> web.StreamResponse:
+        """``GET /data/{key}``: the hot path, so ``endpoint``'s work is inlined here."""
+        start = perf_counter()
+        key: str = request.match_info["key"]
+        response: web.Response
+        try:
+            value = await self.read(_key_bytes(key, self.max_key_bytes, in_url=True))
+            if value is None:
+                response = _not_found(key)
+            elif _wants_octets(request):
+                response = web.Response(body=value, content_type=_OCTETS)
+            else:
+                response = _json_value(key, value)
+        except Exception as exc:
+            response = _error_for(request, exc)
+        self.observe("GET", _DATA_KEY_ROUTE, response.status, perf_counter() - start)
+        return response
+
+    async def post_data(self, request: web.Request) -> web.Response:
+        doc = await _json_object(request)
+        unknown = sorted(set(doc) - _BODY_FIELDS)
+        if unknown:
+            _fail(400, f"unknown field(s): {', '.join(map(repr, unknown))}; expected key, value and optionally ttl")
+        key = doc.get("key")
+        if not isinstance(key, str):
+            _fail(
+                400, "field 'key' is required and must be a string" if key is None else f"'key' must be a string, not {type(key).__name__}"
+            )
+        key_bytes = _key_bytes(key, self.max_key_bytes, in_url=False)
+        value = doc.get("value")
+        if not isinstance(value, str):
+            _fail(
+                400,
+                "field 'value' is required and must be a string"
+                if value is None
+                else f"'value' must be a string, not {type(value).__name__}",
+            )
+        value_bytes = _text_bytes(value, "value")
+        ttl = _check_ttl(doc["ttl"]) if "ttl" in doc else None
+        await self.client.set(key_bytes, value_bytes, ttl=ttl)
+        return _key_value(key, value, 201)
+
+    async def put_data(self, request: web.Request) -> web.Response:
+        key: str = request.match_info["key"]
+        key_bytes = _key_bytes(key, self.max_key_bytes, in_url=True)
+        ttl = _query_ttl(request)
+        value = await request.read()  # 413 above client_max_size
+        await self.client.set(key_bytes, value, ttl=ttl)
+        return _json_text('{"key": ' + _enc(key) + ', "size": ' + str(len(value)) + "}", 201)
+
+    async def delete_data(self, request: web.Request) -> web.Response:
+        key: str = request.match_info["key"]
+        deleted = await self.client.delete(_key_bytes(key, self.max_key_bytes, in_url=True))
+        return _json_text('{"key": ' + _enc(key) + ', "deleted": ' + ("true" if deleted else "false") + "}")
+
+    async def legacy_get(self, request: web.Request) -> web.Response:
+        key: str = request.match_info["key"]
+        value = await self.read(_key_bytes(key, self.max_key_bytes, in_url=True))
+        if value is None:
+            return _not_found(key)
+        return _json_value(key, value)
+
+    async def legacy_post(self, request: web.Request) -> web.Response:
+        key = request.query.get("key")
+        value = request.query.get("value")
+        if key is None or value is None:
+            _fail(400, "query parameters 'key' and 'value' are required")
+        key_bytes = _key_bytes(key, self.max_key_bytes, in_url=True)
+        if len(value) > MAX_QUERY_VALUE_CHARS:
+            _fail(400, f"a value in the query string is limited to {MAX_QUERY_VALUE_CHARS} characters; use POST /data or PUT /data/{{key}}")
+        value_bytes = _text_bytes(value, "value")
+        ttl = _query_ttl(request)
+        await self.client.set(key_bytes, value_bytes, ttl=ttl)
+        return _key_value(key, value, 201)
+
+    async def health(self, request: web.Request) -> web.Response:
+        clients = self.health_clients
+        answers = await asyncio.gather(*(_ping(c) for c in clients.values()))
+        masters = dict(zip(clients, answers, strict=True))
+        if any(answers):
+            return web.json_response({"status": "ok", "masters": masters})
+        return web.json_response({"status": "unavailable", "error": "no dcache master answers PING", "masters": masters}, status=503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi_yaml(self, request: web.Request) -> web.Response:
+        if self.openapi is None:
+            _fail(404, "openapi.yaml is not installed with this copy of dcache")
+        return web.Response(body=self.openapi, content_type="application/yaml")
+
+    async def unmatched(self, request: web.Request) -> web.Response:
+        """The catch-all route: JSON 405 (with ``Allow``) if another route has the path, else JSON 404.
+
+        aiohttp's router answers these itself, in plain text; the methods
+        allowed are collected the way it does, by asking every resource.
+        """
+        allowed: set[str] = set()
+        for resource in self.router.resources():
+            if resource is not self.catch_all:
+                allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            allow = ",".join(sorted(allowed))
+            message = f"method {request.method} is not allowed on {request.path} (allowed: {allow})"
+            return _error_response(405, message, {"Allow": allow})
+        return _error_response(404, f"no route for {request.method} {request.path}")
 
 
 # -- the app --------------------------------------------------------------------------
 
 
-async def _clients(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG_KEY]
-    common: dict[str, Any] = {"auth_token": config.auth_token, "client_name": "dcache-http"}
-    app[CLIENT_KEY] = Client(list(config.master), timeout=config.timeout, connect_timeout=min(config.timeout, 2.0), **common)
-    app[HEALTH_CLIENTS_KEY] = {
-        m: Client(
-            m,
-            timeout=config.health_timeout,
-            connect_timeout=config.health_timeout,
-            min_connections=0,
-            max_connections=1,
-            retries=0,
-            **common,
-        )
-        for m in config.master
-    }
-    try:
-        yield
-    finally:
-        await app[CLIENT_KEY].close()
-        for client in app[HEALTH_CLIENTS_KEY].values():
-            await client.close()
+class _AnyPath(web.PlainResource):
+    """A resource matching every request target, even ``*`` and paths with a newline.
+
+    Registered last, it is where requests no other route takes end up (the
+    router tries ``/`` last), so that they too get a JSON error.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("/")
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        return {}
+
+    def raw_match(self, path: str) -> bool:
+        return False  # never merged with a route added later for "/"
 
 
 def create_app(config: HttpConfig) -> web.Application:
@@ -396,26 +682,30 @@ def create_app(config: HttpConfig) -> web.Application:
     Returns:
         The application, not yet started.
     """
-    app = web.Application(client_max_size=config.client_max_size, middlewares=[_middleware])
-    app[CONFIG_KEY] = config
+    app = web.Application(client_max_size=config.client_max_size)
     metrics = HttpMetrics()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)
+    shim = _Shim(config, metrics, registry, app.router)
+    app[CONFIG_KEY] = config
     app[METRICS_KEY] = metrics
     app[REGISTRY_KEY] = registry
-    try:
-        app[_OPENAPI_KEY] = OPENAPI_PATH.read_bytes()
-    except OSError:
-        app[_OPENAPI_KEY] = None
-    app.cleanup_ctx.append(_clients)
+    app[_OPENAPI_KEY] = shim.openapi
+    app.cleanup_ctx.append(shim.clients)
     r = app.router
-    r.add_post("/data", _post_data)
-    r.add_get("/data/{key:.+}", _get_data, allow_head=False)
-    r.add_put("/data/{key:.+}", _put_data)
-    r.add_delete("/data/{key:.+}", _delete_data)
-    r.add_get("/api/get/{key:.+}", _legacy_get, allow_head=False)
-    r.add_post("/api/post", _legacy_post)
-    r.add_get("/health", _health, allow_head=False)
-    r.add_get("/metrics", _metrics, allow_head=False)
-    r.add_get("/openapi.yaml", _openapi, allow_head=False)
+    ep = shim.endpoint
+    # GET /data/{key} first: the router tries the resources under "/data" in order.
+    r.add_get("/data/{key:.+}", shim.get_data, allow_head=False)
+    r.add_put("/data/{key:.+}", ep(_DATA_KEY_ROUTE, shim.put_data))
+    r.add_delete("/data/{key:.+}", ep(_DATA_KEY_ROUTE, shim.delete_data))
+    r.add_post("/data", ep("/data", shim.post_data))
+    r.add_get("/api/get/{key:.+}", ep("/api/get/{key}", shim.legacy_get), allow_head=False)
+    r.add_post("/api/post", ep("/api/post", shim.legacy_post))
+    r.add_get("/health", ep("/health", shim.health), allow_head=False)
+    r.add_get("/metrics", ep("/metrics", shim.metrics_text), allow_head=False)
+    r.add_get("/openapi.yaml", ep("/openapi.yaml", shim.openapi_yaml), allow_head=False)
+    # Last: whatever no route above matches.
+    catch_all = shim.catch_all = _AnyPath()
+    r.register_resource(catch_all)
+    catch_all.add_route("*", ep(UNMATCHED_ROUTE, shim.unmatched))
     return app

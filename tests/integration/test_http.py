@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import aiohttp
@@ -303,3 +303,232 @@ def test_sigterm_is_graceful(stack: Stack) -> None:
     shim = start_http(stack.master)
     assert shim.terminate() == 0, shim.stderr()
     assert "shutting down" in shim.stderr()
+
+
+# -- the lean answer path and read batching ---------------------------------------
+
+JSON_CT = "application/json; charset=utf-8"
+
+
+async def test_json_answers_are_the_bytes_json_dumps_gives(stack: Stack) -> None:
+    """Answers are built from escaped strings, not json.dumps: they must be the same bytes."""
+    for key in ["plain", 'q"uote\\back/sl é ☃ \x01 \u2028 😀 end', "é" * 400]:
+        value = 'v "é" \\ \x00 😀'
+        path = f"{stack.url}/data/{quote(key, safe='')}"
+        answers = [
+            (await call("POST", f"{stack.url}/data", json={"key": key, "value": value}), 201, {"key": key, "value": value}),
+            (await call("GET", path), 200, {"key": key, "value": value}),
+            (await call("GET", f"{stack.url}/api/get/{quote(key, safe='')}"), 200, {"key": key, "value": value}),
+            (await call("PUT", path, data=b"12345"), 201, {"key": key, "size": 5}),
+            (await call("DELETE", path), 200, {"key": key, "deleted": True}),
+            (await call("DELETE", path), 200, {"key": key, "deleted": False}),
+            (await call("GET", path), 404, {"error": "not found", "key": key}),
+            (await call("POST", f"{stack.url}/api/post", params={"key": key, "value": "lv"}), 201, {"key": key, "value": "lv"}),
+        ]
+        for (status, headers, body), want_status, want in answers:
+            assert (status, headers["Content-Type"], body) == (want_status, JSON_CT, json.dumps(want).encode()), body
+
+
+def test_unmatched_requests_get_json_errors_too(stack: Stack) -> None:
+    """Paths no route pattern can match (a decoded newline, the asterisk form) still answer JSON."""
+    host, port = stack.shim.host, stack.shim.port
+    for target, method, status in [(b"/data/a%0Ab", b"GET", 404), (b"*", b"OPTIONS", 404), (b"/data/k", b"OPTIONS", 405)]:
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), raw
+        assert b"content-type: application/json" in head.lower(), raw
+        assert "error" in json.loads(body), raw
+        if status == 405:
+            assert b"Allow: DELETE,GET,PUT" in head, raw
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_concurrent_gets_are_batched_and_each_gets_its_own_answer(stack: Stack) -> None:
+    keys = [f"batch:{i}" for i in range(40)]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), connector=aiohttp.TCPConnector(limit=200)) as session:
+        for i, key in enumerate(keys):
+            async with session.post(f"{stack.url}/data", json={"key": key, "value": f"value {i} ✓"}) as resp:
+                assert resp.status == 201
+        async with session.put(f"{stack.url}/data/batch:bin", data=b"\xff\x00\xfe") as resp:
+            assert resp.status == 201
+
+        async def get(path: str, **kwargs: Any) -> tuple[int, bytes]:
+            async with session.get(stack.url + path, **kwargs) as resp:
+                return resp.status, await resp.read()
+
+        octets = {"Accept": "application/octet-stream"}
+        for _ in range(5):  # bounded: until some of them went out together
+            before = (await get("/metrics"))[1].decode()
+            answers = await asyncio.gather(
+                *(get(f"/data/{k}") for k in keys),
+                *(get(f"/api/get/{k}") for k in keys[:10]),
+                *(get(f"/data/batch:missing:{i}") for i in range(10)),
+                get("/data/batch:bin", headers=octets),
+                get("/data/batch:bin"),
+                get("/data/batch:7", headers=octets),
+            )
+            for i, (status, body) in enumerate(answers[:50]):
+                key = keys[i % 40]
+                assert (status, json.loads(body)) == (200, {"key": key, "value": f"value {keys.index(key)} ✓"})
+            for i, (status, body) in enumerate(answers[50:60]):
+                assert (status, json.loads(body)) == (404, {"error": "not found", "key": f"batch:missing:{i}"})
+            assert answers[60] == (200, b"\xff\x00\xfe")
+            assert answers[61][0] == 406 and json.loads(answers[61][1])["key"] == "batch:bin"
+            assert answers[62] == (200, "value 7 ✓".encode())
+            after = (await get("/metrics"))[1].decode()
+            batches = _metric(after, "dcache_http_read_batches_total") - _metric(before, "dcache_http_read_batches_total")
+            batched = _metric(after, "dcache_http_read_batch_keys_total") - _metric(before, "dcache_http_read_batch_keys_total")
+            assert batched == 63, (batches, batched)
+            if batches < batched:
+                break
+        else:
+            raise AssertionError("63 concurrent GETs never shared a batch")
+
+
+async def test_a_batch_the_cluster_refuses_is_read_key_by_key(stack: Stack) -> None:
+    """A key only the cluster refuses (the shim allows longer keys here) fails alone, not its whole batch."""
+    shim = start_http(stack.master, extra=["--max-key-bytes", "4096"])
+    try:
+        url = f"http://{shim.addr}"
+        long_key = "L" * 2000
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), connector=aiohttp.TCPConnector(limit=100)) as session:
+            async with session.post(f"{url}/data", json={"key": "refuse:ok", "value": "fine"}) as resp:
+                assert resp.status == 201
+
+            async def get(key: str) -> tuple[int, Any]:
+                async with session.get(f"{url}/data/{key}") as resp:
+                    return resp.status, json.loads(await resp.read())
+
+            for _ in range(5):  # bounded: until the long key shared a batch at least once
+                answers = await asyncio.gather(*(get("refuse:ok") for _ in range(20)), get(long_key), *(get("refuse:no") for _ in range(5)))
+                assert answers[:20] == [(200, {"key": "refuse:ok", "value": "fine"})] * 20
+                status, doc = answers[20]
+                assert status == 400 and "key" in doc["error"].lower(), doc
+                assert answers[21:] == [(404, {"error": "not found", "key": "refuse:no"})] * 5
+                async with session.get(f"{url}/metrics") as resp:
+                    if _metric((await resp.read()).decode(), "dcache_http_read_batch_fallbacks_total") >= 1:
+                        break
+            else:
+                raise AssertionError("the long key never went out in a batch")
+    finally:
+        assert shim.terminate() == 0, shim.stderr()
+
+
+async def test_read_batch_1_sends_one_get_per_request(stack: Stack) -> None:
+    shim = start_http(stack.master, extra=["--read-batch", "1"])
+    try:
+        url = f"http://{shim.addr}"
+        assert (await call_json("POST", f"{url}/data", json={"key": "nobatch", "value": "v"}))[0] == 201
+        answers = await asyncio.gather(*(call_json("GET", f"{url}/data/nobatch") for _ in range(10)))
+        assert answers == [(200, {"key": "nobatch", "value": "v"})] * 10
+        text = (await call("GET", f"{url}/metrics"))[2].decode()
+        assert _metric(text, "dcache_http_read_batches_total") == 0
+    finally:
+        assert shim.terminate() == 0, shim.stderr()
+
+
+# -- the read batcher in process, over fake clients ----------------------------------
+
+
+class FakeClient:
+    """The two ``Client`` calls the batcher makes, over a dict, recording them."""
+
+    def __init__(self, store: dict[bytes, bytes], *, mget_error: Exception | None = None, errors: dict[bytes, Exception] | None = None):
+        self.store = store
+        self.mget_error = mget_error
+        self.errors = errors or {}
+        self.calls: list[tuple[str, list[bytes]]] = []
+
+    async def get(self, key: bytes) -> bytes | None:
+        self.calls.append(("get", [key]))
+        await asyncio.sleep(0)
+        if key in self.errors:
+            raise self.errors[key]
+        return self.store.get(key)
+
+    async def mget(self, keys: list[bytes]) -> list[bytes | None]:
+        self.calls.append(("mget", list(keys)))
+        await asyncio.sleep(0)
+        if self.mget_error is not None:
+            raise self.mget_error
+        return [self.store.get(k) for k in keys]
+
+
+def _batcher(client: FakeClient, fallback: FakeClient, max_keys: int = 64) -> Any:
+    from dcache.http._metrics import HttpMetrics
+    from dcache.http.app import _GetBatcher
+
+    return _GetBatcher(cast(Any, client), cast(Any, fallback), HttpMetrics(), max_keys)
+
+
+STORE = {b"k%d" % i: b"v%d" % i for i in range(20)}
+
+
+async def test_batcher_sends_one_mget_per_loop_iteration_and_caps_it() -> None:
+    client, fallback = FakeClient(STORE), FakeClient(STORE)
+    batcher = _batcher(client, fallback, max_keys=4)
+    keys = [b"k%d" % i for i in range(10)] + [b"nope"]
+    assert await asyncio.gather(*(batcher.get(k) for k in keys)) == [STORE.get(k) for k in keys]
+    assert client.calls == [("mget", keys[0:4]), ("mget", keys[4:8]), ("mget", keys[8:11])]
+    assert await batcher.get(b"k1") == b"v1"  # alone: a GET
+    assert client.calls[-1] == ("get", [b"k1"]) and not fallback.calls
+    assert (batcher.metrics.read_batches, batcher.metrics.read_batch_keys) == (4, 12)
+    await batcher.close()
+
+
+async def test_batcher_plans_smaller_batches_after_large_values() -> None:
+    from dcache.http.app import BATCH_ANSWER_BYTES
+
+    big = {b"b%d" % i: b"x" * (BATCH_ANSWER_BYTES // 4) for i in range(12)}
+    client = FakeClient(big)
+    batcher = _batcher(client, FakeClient(big))
+    await asyncio.gather(*(batcher.get(b"b%d" % i) for i in range(3)))
+    client.calls.clear()
+    await asyncio.gather(*(batcher.get(b"b%d" % i) for i in range(12)))
+    assert [len(keys) for _, keys in client.calls] == [4, 4, 4]
+
+
+async def test_batcher_rereads_key_by_key_when_the_answer_is_refused() -> None:
+    from dcache.errors import RemoteProtocolError
+
+    client = FakeClient(STORE, mget_error=RemoteProtocolError("frame of 40000000 bytes exceeds the limit of 33554432 bytes"))
+    fallback = FakeClient(STORE)
+    batcher = _batcher(client, fallback)
+    keys = [b"k1", b"k2", b"nope"]
+    assert await asyncio.gather(*(batcher.get(k) for k in keys)) == [b"v1", b"v2", None]
+    assert sorted(fallback.calls) == [("get", [k]) for k in sorted(keys)]
+    assert batcher.metrics.read_batch_fallbacks == 1
+    client.mget_error = None
+    await asyncio.gather(*(batcher.get(k) for k in keys))  # one GET at a time while the size hint decays
+    assert client.calls[1:] == [("get", [k]) for k in keys]
+
+
+async def test_batcher_gives_a_key_error_to_that_key_only() -> None:
+    from dcache.errors import KeyTooLargeError
+
+    client = FakeClient(STORE, mget_error=KeyTooLargeError("key too large"))
+    fallback = FakeClient(STORE, errors={b"long": KeyTooLargeError("key too large")})
+    batcher = _batcher(client, fallback)
+    answers = await asyncio.gather(*(batcher.get(k) for k in [b"k1", b"long", b"k3"]), return_exceptions=True)
+    assert answers[0] == b"v1" and answers[2] == b"v3" and isinstance(answers[1], KeyTooLargeError)
+    client.mget_error = None
+    await asyncio.gather(*(batcher.get(k) for k in [b"k1", b"k3"]))  # still batching
+    assert client.calls[-1] == ("mget", [b"k1", b"k3"])
+
+
+async def test_batcher_gives_a_timeout_to_every_key_without_retrying() -> None:
+    client, fallback = FakeClient(STORE, mget_error=TimeoutError("dcache call timed out")), FakeClient(STORE)
+    batcher = _batcher(client, fallback)
+    answers = await asyncio.gather(*(batcher.get(k) for k in [b"k1", b"k2"]), return_exceptions=True)
+    assert all(isinstance(a, TimeoutError) for a in answers) and not fallback.calls
+    assert batcher.metrics.read_batch_fallbacks == 0
