@@ -160,10 +160,17 @@ def _master_node() -> MasterNode:
     return node
 
 
-def _master_only(docs: dict[str, Any]) -> set[str]:
+def _section(name: str, docs: dict[str, Any]) -> set[str]:
+    """The metrics documented in the ``## name`` section."""
     text = DOC.read_text()
-    masters = text[text.index("## Masters") :]
-    return {n for n in docs if f"`{n}`" in masters}
+    start = text.index(f"## {name}\n")
+    end = text.find("\n## ", start + 1)
+    body = text[start:end] if end >= 0 else text[start:]
+    return {n for n in docs if f"`{n}`" in body}
+
+
+def _master_only(docs: dict[str, Any]) -> set[str]:
+    return _section("Masters", docs) | _section("HTTP shim", docs)
 
 
 async def test_master_exports_what_the_docs_list() -> None:
@@ -173,7 +180,7 @@ async def test_master_exports_what_the_docs_list() -> None:
     text = DOC.read_text()
     aux_only = {n for n in docs if f"`{n}`" in text[text.index("## Aux nodes") : text.index("## Masters")]}
     zk_only = {n for n in docs if n.startswith("dcache_zookeeper_")}
-    master_set = set(docs) - aux_only - zk_only
+    master_set = set(docs) - aux_only - zk_only - _section("HTTP shim", docs)
     assert set(got) == master_set, f"undocumented: {set(got) - master_set}; missing: {master_set - set(got)}"
     for name, (kind, labels) in got.items():
         assert docs[name] == (kind, docs[name][1] if labels is None else labels), name
@@ -223,3 +230,16 @@ def test_documented_names_follow_conventions() -> None:
         assert name.endswith("_total") == (kind == "counter"), name
         if kind == "histogram":
             assert name.endswith("_seconds"), name
+
+
+def test_http_shim_exports_what_the_docs_list() -> None:
+    from dcache.http._metrics import HttpMetrics
+
+    docs = documented()
+    m = HttpMetrics()
+    m.observe("GET", "/data/{key}", 200, 0.001)
+    got = exported(m)
+    shim = _section("HTTP shim", docs)
+    assert set(got) == shim, f"undocumented: {set(got) - shim}; missing: {shim - set(got)}"
+    for name, (kind, labels) in got.items():
+        assert docs[name] == (kind, docs[name][1] if labels is None else labels), name
