@@ -139,3 +139,35 @@ def start_http(*masters: str, extra: Sequence[str] = ()) -> DaemonProcess:
     """Start ``dcache http`` on a free port in front of ``masters`` (``host:port``)."""
     args = ["--host", "127.0.0.1", "--port", "0", "--log-level", "info", "--master", ",".join(masters), *extra]
     return DaemonProcess("http", args).start()
+
+
+APT_TIMEOUT_S = 600.0
+
+
+def apt_install(*packages: str) -> str:
+    """``apt-get install`` Debian packages (after an update if the first try fails); "" or the error."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT_S)
+        if res.returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, env=env, timeout=APT_TIMEOUT_S)
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"apt-get install {' '.join(packages)} failed: {exc!r}"
+    return "" if res.returncode == 0 else f"apt-get install {' '.join(packages)} failed ({res.returncode}): {res.stderr.strip()[-500:]}"
+
+
+def read_until_ready(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> list[str]:
+    """Stdout lines of ``proc`` up to and including its ``READY host:port`` line (bounded)."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = _readline_with_deadline(proc, max(0.1, deadline - time.monotonic()))
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("READY "):
+            break
+    assert lines and lines[-1].startswith("READY "), (lines, proc.poll())
+    return lines

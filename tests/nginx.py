@@ -26,12 +26,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import apt_install
+
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "nginx-stream.conf"
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
-INSTALL_TIMEOUT_S = 300.0
 _APT_PACKAGES = ("nginx", "libnginx-mod-stream")
 _MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/lib64/nginx/modules", "/etc/nginx/modules", "/usr/local/nginx/modules")
 _MODULE = "ngx_stream_module.so"
@@ -72,13 +73,7 @@ def stream_module_path(nginx: str) -> str | None:
 
 
 def _apt_install() -> str:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-qq", *_APT_PACKAGES]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=INSTALL_TIMEOUT_S)
-    if res.returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, env=env, timeout=INSTALL_TIMEOUT_S)
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=INSTALL_TIMEOUT_S)
-    return "" if res.returncode == 0 else f"apt-get install failed ({res.returncode}): {res.stderr.strip()[-500:]}"
+    return apt_install(*_APT_PACKAGES)
 
 
 def _unavailable(reason: str) -> None:

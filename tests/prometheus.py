@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped, unused-ignore]  # no types-PyYAML in the venv
 
-from tests.harness import DaemonProcess, wait_for
+from tests.harness import DaemonProcess, apt_install, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "docker" / "prometheus.yml"
@@ -42,7 +42,6 @@ DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "dcache.json"
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
-INSTALL_TIMEOUT_S = 300.0
 HTTP_TIMEOUT_S = 5.0
 #: Prometheus sends static targets to the scrape manager on a 5 s tick, so the
 #: first scrape comes 5-6 s after start: targets need longer than that.
@@ -67,13 +66,7 @@ def _which(name: str) -> str | None:
 
 
 def _apt_install() -> str:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *_APT_PACKAGES]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=INSTALL_TIMEOUT_S)
-    if res.returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, env=env, timeout=INSTALL_TIMEOUT_S)
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=INSTALL_TIMEOUT_S)
-    return "" if res.returncode == 0 else f"apt-get install failed ({res.returncode}): {res.stderr.strip()[-500:]}"
+    return apt_install(*_APT_PACKAGES)
 
 
 def _unavailable(reason: str) -> None:

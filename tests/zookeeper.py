@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import apt_install
+
 JAR = Path("/usr/share/java/zookeeper.jar")
 CONF_DIR = Path("/etc/zookeeper/conf")
 START_TIMEOUT_S = 30.0
-INSTALL_TIMEOUT_S = 600.0
 
 
 def _java() -> str | None:
@@ -41,14 +42,9 @@ def find_zookeeper() -> tuple[str, str]:
     if not JAR.is_file() or _java() is None:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             _unavailable("the zookeeper package is not installed (and cannot apt-get install it: not root or no apt-get)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        cmd = ["apt-get", "install", "-y", "-qq", "zookeeper"]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=INSTALL_TIMEOUT_S)
-        if res.returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, timeout=INSTALL_TIMEOUT_S)
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=INSTALL_TIMEOUT_S)
+        err = apt_install("zookeeper")
         if not JAR.is_file() or _java() is None:
-            _unavailable(f"apt-get install zookeeper failed ({res.returncode}): {res.stderr.strip()[-500:]}")
+            _unavailable(err or "the zookeeper package is still missing after apt-get install")
     java = _java()
     assert java is not None
     return java, f"{CONF_DIR}:{JAR}"

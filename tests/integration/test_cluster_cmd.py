@@ -6,13 +6,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import aiohttp
 import pytest
 
 from dcache import Client
-from tests.harness import _readline_with_deadline
+from tests.harness import read_until_ready
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +27,7 @@ def local_cluster(tmp_path):
          "--data-dir", str(tmp_path / "data"), "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    lines = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = _readline_with_deadline(proc, max(0.1, deadline - time.monotonic()))
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("READY "):
-            break
-    assert lines and lines[-1].startswith("READY "), (lines, proc.poll())
+    lines = read_until_ready(proc)
     yield proc, lines
     if proc.poll() is None:
         proc.kill()

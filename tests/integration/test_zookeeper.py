@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from typing import Any
 
 import msgpack
@@ -22,7 +21,7 @@ from kazoo.client import KazooClient
 
 from dcache import Client
 from tests.cluster import Cluster, Reader, populate, ring, settled, up_nodes, wait_ring
-from tests.harness import _readline_with_deadline, wait_for
+from tests.harness import read_until_ready, wait_for
 from tests.zookeeper import ZooKeeperServer
 
 pytestmark = pytest.mark.slow
@@ -277,16 +276,7 @@ async def test_dcache_cluster_in_zookeeper_mode(zookeeper, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        lines = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = _readline_with_deadline(proc, max(0.1, deadline - time.monotonic()))
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("READY "):
-                break
-        assert lines and lines[-1].startswith("READY "), (lines, proc.poll())
+        lines = read_until_ready(proc)
         masters = [line.split()[2] for line in lines if line.startswith("master ")]
         assert len(masters) == 2 and all("ZooKeeper" in line for line in lines if line.startswith("master "))
         async with Client(masters) as c:
