@@ -179,6 +179,7 @@ class FrameProtocol(asyncio.Protocol):
     __slots__ = (
         "_service",
         "_decoder",
+        "_max_answer",
         "_handlers",
         "_transport",
         "_pending_out",
@@ -194,6 +195,8 @@ class FrameProtocol(asyncio.Protocol):
     def __init__(self, service: Service) -> None:
         self._service = service
         self._decoder = FrameDecoder(service.limits.max_frame_bytes)
+        #: Answers longer than this become FRAME_TOO_LARGE errors: the peer would refuse the frame.
+        self._max_answer = service.limits.max_frame_bytes
         self._handlers: dict[int, Handler]
         if service.auth_token is None:
             self._handlers = dict(service.handlers)
@@ -287,6 +290,10 @@ class FrameProtocol(asyncio.Protocol):
                 except Exception as exc:  # rid not encodable: it was not an int
                     self._count_failed(msg, handlers)
                     body = self._bad_request(msg, exc)
+                else:
+                    if len(body) > self._max_answer:
+                        self._count_failed(msg, handlers)
+                        body = self._too_large(rid, len(body))
             append(_header(len(body)))
             append(body)
         if out:
@@ -336,6 +343,9 @@ class FrameProtocol(asyncio.Protocol):
                 self._count_failed(msg, handlers)
                 body = self._bad_request(msg, exc)
             else:
+                if len(body) > self._max_answer:
+                    self._count_failed(msg, handlers)
+                    body = self._too_large(rid, len(body))
                 service.op_latency[op].observe(perf_counter() - t0)
         append(_header(len(body)))
         append(body)
@@ -382,6 +392,16 @@ class FrameProtocol(asyncio.Protocol):
             return self._error_body(msg, Status.BAD_ARGUMENTS, f"bad arguments for op {op!r}: {exc}")
         log.exception("internal error handling op %r from %s", op, self.peer)
         return self._error_body(msg, Status.INTERNAL, f"internal error: {exc.__class__.__name__}")
+
+    def _too_large(self, rid: int, size: int) -> bytes:
+        """The error that replaces an answer the peer would refuse (the connection stays open)."""
+        return pack(
+            [
+                rid,
+                int(Status.FRAME_TOO_LARGE),
+                f"answer of {size} bytes exceeds the {self._max_answer}-byte frame limit: ask for fewer keys at once",
+            ]
+        )
 
     @staticmethod
     def _error_body(msg: Any, code: int, message: str) -> bytes:
@@ -433,6 +453,12 @@ class FrameProtocol(asyncio.Protocol):
             except Exception as exc:  # an unencodable result is our bug: answer, keep serving
                 log.error("cannot encode the answer to request %s: %s", rid, exc)
                 body = pack([rid, int(Status.INTERNAL), "internal error: unencodable result"])
+            else:
+                if len(body) > self._max_answer:
+                    service = self._service
+                    service.errors_total += 1
+                    service.op_errors[op] += 1
+                    body = self._too_large(rid, len(body))
         if self._closed or self._transport is None:
             return
         self._pending_out.append(_header(len(body)))
@@ -455,6 +481,10 @@ class FrameProtocol(asyncio.Protocol):
             exc = task.exception()
             if exc is None:
                 body = pack([rid, _OK, task.result()])
+                if len(body) > self._max_answer:
+                    self._service.errors_total += 1
+                    self._service.op_errors[op] += 1
+                    body = self._too_large(rid, len(body))
             elif isinstance(exc, ServerError):
                 self._service.errors_total += 1
                 self._service.op_errors[op] += 1

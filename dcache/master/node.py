@@ -41,6 +41,7 @@ def _wall_ms() -> int:
 
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
+_FRAME_TOO_LARGE = int(Status.FRAME_TOO_LARGE)
 _GET = int(Op.GET)
 
 
@@ -106,18 +107,30 @@ class _ReadOp:
 
 
 class _Split:
-    """Hands each value of a batched MGET answer to the read that asked for it."""
+    """Hands each value of a batched MGET answer to the read that asked for it.
 
-    __slots__ = ("ops",)
+    If the values together exceed the frame limit (the aux node answers
+    FRAME_TOO_LARGE), each read is sent again on its own: every single value
+    fits in a frame.
+    """
 
-    def __init__(self, ops: list[_ReadOp]) -> None:
+    __slots__ = ("ops", "link")
+
+    def __init__(self, ops: list[_ReadOp], link: AuxLink) -> None:
         self.ops = ops
+        self.link = link
 
     def __call__(self, status: int, result: Any) -> None:
         ops = self.ops
         if status == 0 and result.__class__ is list and len(result) == len(ops):
             for op, value in zip(ops, result, strict=True):
                 op(0, value)
+            return
+        if status == _FRAME_TOO_LARGE:
+            link = self.link
+            for op in ops:
+                link.send(Op.GET, (op.key,), op)
+            link.flush()
             return
         if status == 0:
             status, result = _UNAVAILABLE, "malformed MGET answer from an aux node"
@@ -174,7 +187,7 @@ class GetBatcher:
         if len(ops) == 1:
             link.send(Op.GET, (ops[0].key,), ops[0])
         else:
-            link.send(Op.MGET, ([op.key for op in ops],), _Split(ops))
+            link.send(Op.MGET, ([op.key for op in ops],), _Split(ops, link))
 
 
 class _WriteOp:
