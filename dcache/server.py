@@ -292,8 +292,7 @@ class FrameProtocol(asyncio.Protocol):
                     body = self._bad_request(msg, exc)
                 else:
                     if len(body) > self._max_answer:
-                        self._count_failed(msg, handlers)
-                        body = self._too_large(rid, len(body))
+                        body = self._too_large(rid, len(body), op)
             append(_header(len(body)))
             append(body)
         if out:
@@ -344,8 +343,7 @@ class FrameProtocol(asyncio.Protocol):
                 body = self._bad_request(msg, exc)
             else:
                 if len(body) > self._max_answer:
-                    self._count_failed(msg, handlers)
-                    body = self._too_large(rid, len(body))
+                    body = self._too_large(rid, len(body), op)
                 service.op_latency[op].observe(perf_counter() - t0)
         append(_header(len(body)))
         append(body)
@@ -393,8 +391,11 @@ class FrameProtocol(asyncio.Protocol):
         log.exception("internal error handling op %r from %s", op, self.peer)
         return self._error_body(msg, Status.INTERNAL, f"internal error: {exc.__class__.__name__}")
 
-    def _too_large(self, rid: int, size: int) -> bytes:
-        """The error that replaces an answer the peer would refuse (the connection stays open)."""
+    def _too_large(self, rid: int, size: int, op: int) -> bytes:
+        """The error that replaces an answer the peer would refuse (the connection stays open); counted under ``op``."""
+        service = self._service
+        service.errors_total += 1
+        service.op_errors[op] += 1
         return pack(
             [
                 rid,
@@ -455,10 +456,7 @@ class FrameProtocol(asyncio.Protocol):
                 body = pack([rid, int(Status.INTERNAL), "internal error: unencodable result"])
             else:
                 if len(body) > self._max_answer:
-                    service = self._service
-                    service.errors_total += 1
-                    service.op_errors[op] += 1
-                    body = self._too_large(rid, len(body))
+                    body = self._too_large(rid, len(body), op)
         if self._closed or self._transport is None:
             return
         self._pending_out.append(_header(len(body)))
@@ -482,9 +480,7 @@ class FrameProtocol(asyncio.Protocol):
             if exc is None:
                 body = pack([rid, _OK, task.result()])
                 if len(body) > self._max_answer:
-                    self._service.errors_total += 1
-                    self._service.op_errors[op] += 1
-                    body = self._too_large(rid, len(body))
+                    body = self._too_large(rid, len(body), op)
             elif isinstance(exc, ServerError):
                 self._service.errors_total += 1
                 self._service.op_errors[op] += 1

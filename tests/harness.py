@@ -10,6 +10,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -171,3 +174,48 @@ def read_until_ready(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> li
             break
     assert lines and lines[-1].startswith("READY "), (lines, proc.poll())
     return lines
+
+
+def unavailable(what: str, reason: str) -> None:
+    """A real component a test needs is missing: fail under CI (``CI`` set), skip elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required under CI: {reason}")
+    pytest.skip(f"{what} is not available: {reason}")
+
+
+def stop_process(proc: subprocess.Popen[Any], steps: Sequence[tuple[int, float]], *, kill_group: bool = False) -> None:
+    """Send each ``(signal, wait)`` in turn until ``proc`` exits; SIGKILL goes to its group with ``kill_group``."""
+    for sig, wait in steps:
+        if proc.poll() is not None:
+            return
+        try:
+            if kill_group and sig == signal.SIGKILL:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def start_cluster_cmd(*args: str) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """Run ``dcache cluster ARGS`` and read its output up to the READY line."""
+    proc = subprocess.Popen([sys.executable, "-m", "dcache", "cluster", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        return proc, read_until_ready(proc)
+    except BaseException:
+        reap(proc)
+        raise
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` if it still runs and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

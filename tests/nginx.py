@@ -24,9 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
-from tests.harness import apt_install
+from tests.harness import apt_install, stop_process, unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "nginx-stream.conf"
@@ -77,9 +75,7 @@ def _apt_install() -> str:
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"nginx with the stream module is required under CI: {reason}")
-    pytest.skip(f"nginx with the stream module is not available: {reason}")
+    unavailable("nginx with the stream module", reason)
 
 
 def find_nginx() -> str:
@@ -220,20 +216,8 @@ class NginxProcess:
         proc = self.proc
         if proc is None:
             return
-        for sig, wait in ((signal.SIGQUIT, timeout / 2), (signal.SIGTERM, timeout / 2), (signal.SIGKILL, 5.0)):
-            if proc.poll() is not None:
-                break
-            try:
-                if sig == signal.SIGKILL:  # the workers too, or they would keep the port
-                    os.killpg(proc.pid, sig)
-                else:
-                    proc.send_signal(sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
+        # SIGKILL to the group: the workers too, or they would keep the port
+        stop_process(proc, ((signal.SIGQUIT, timeout / 2), (signal.SIGTERM, timeout / 2), (signal.SIGKILL, 5.0)), kill_group=True)
         if proc.stderr is not None:
             proc.stderr.close()
         self.proc = None

@@ -31,10 +31,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml  # type: ignore[import-untyped, unused-ignore]  # no types-PyYAML in the venv
 
-from tests.harness import DaemonProcess, apt_install, wait_for
+from tests.harness import DaemonProcess, apt_install, stop_process, unavailable, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "docker" / "prometheus.yml"
@@ -70,9 +69,7 @@ def _apt_install() -> str:
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"prometheus and promtool are required under CI (apt-get install prometheus): {reason}")
-    pytest.skip(f"prometheus is not available: {reason}")
+    unavailable("prometheus and promtool (apt-get install prometheus)", reason)
 
 
 def find_prometheus() -> tuple[str, str]:
@@ -221,17 +218,7 @@ class PrometheusProcess:
         proc = self.proc
         if proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            if proc.poll() is not None:
-                break
-            try:
-                proc.send_signal(sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process(proc, ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)))
         self.proc = None
 
     def __enter__(self) -> PrometheusProcess:

@@ -18,9 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.harness import apt_install
+from tests.harness import apt_install, unavailable
 
 JAR = Path("/usr/share/java/zookeeper.jar")
 CONF_DIR = Path("/etc/zookeeper/conf")
@@ -32,9 +30,7 @@ def _java() -> str | None:
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"ZooKeeper is required under CI: {reason}")
-    pytest.skip(f"ZooKeeper is not available: {reason}")
+    unavailable("ZooKeeper", reason)
 
 
 def find_zookeeper() -> tuple[str, str]:

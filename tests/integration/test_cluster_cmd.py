@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from dcache import Client
-from tests.harness import read_until_ready
+from tests.harness import reap, start_cluster_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -22,19 +22,12 @@ def dcache(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 @pytest.fixture
 def local_cluster(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dcache", "cluster", "--port", "0", "--masters", "2", "--aux", "3", "--replicas", "2",
-         "--data-dir", str(tmp_path / "data"), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc, lines = start_cluster_cmd(
+        "--port", "0", "--masters", "2", "--aux", "3", "--replicas", "2",
+        "--data-dir", str(tmp_path / "data"), "--log-level", "warning",
     )  # fmt: skip
-    lines = read_until_ready(proc)
     yield proc, lines
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-    for pipe in (proc.stdout, proc.stderr):
-        assert pipe is not None
-        pipe.close()
+    reap(proc)
 
 
 async def test_local_cluster_serves_and_stops_on_ctrl_c(local_cluster):

@@ -10,8 +10,6 @@ import asyncio
 import itertools
 import re
 import signal
-import subprocess
-import sys
 import threading
 from typing import Any
 
@@ -21,7 +19,7 @@ from kazoo.client import KazooClient
 
 from dcache import Client
 from tests.cluster import Cluster, Reader, populate, ring, settled, up_nodes, wait_ring
-from tests.harness import read_until_ready, wait_for
+from tests.harness import reap, start_cluster_cmd, wait_for
 from tests.zookeeper import ZooKeeperServer
 
 pytestmark = pytest.mark.slow
@@ -269,14 +267,12 @@ async def test_zookeeper_restart_cluster_recovers(make_cluster, tmp_path):
 
 
 async def test_dcache_cluster_in_zookeeper_mode(zookeeper, tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dcache", "cluster", "--zookeeper", zookeeper.hosts, "--cluster", "local-cmd",
-         "--port", "0", "--http-port", "-1", "--masters", "2", "--aux", "3", "--replicas", "2",
-         "--data-dir", str(tmp_path / "data"), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc, lines = start_cluster_cmd(
+        "--zookeeper", zookeeper.hosts, "--cluster", "local-cmd",
+        "--port", "0", "--http-port", "-1", "--masters", "2", "--aux", "3", "--replicas", "2",
+        "--data-dir", str(tmp_path / "data"), "--log-level", "warning",
     )  # fmt: skip
     try:
-        lines = read_until_ready(proc)
         masters = [line.split()[2] for line in lines if line.startswith("master ")]
         assert len(masters) == 2 and all("ZooKeeper" in line for line in lines if line.startswith("master "))
         async with Client(masters) as c:
@@ -290,12 +286,7 @@ async def test_dcache_cluster_in_zookeeper_mode(zookeeper, tmp_path):
         proc.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(proc.wait, 30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        for pipe in (proc.stdout, proc.stderr):
-            assert pipe is not None
-            pipe.close()
+        reap(proc)
 
 
 async def test_paused_leader_loses_its_session_and_rejoins_as_follower(make_cluster):
