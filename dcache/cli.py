@@ -348,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         "aux",
         help="run an aux (data) node",
         description="Run an aux node: holds data in an LRU cache (byte budget, TTL) and serves the native protocol. "
-        "Prints one 'READY host:port' line once listening; SIGTERM/SIGINT shut it down gracefully.",
+        "With --join it registers with a master, with --zookeeper in ZooKeeper; then SIGTERM hands its data over "
+        "before it exits, SIGINT stops it with a final snapshot and no hand-over. "
+        "Prints one 'READY host:port' line once listening.",
     )
     _add_config_flags(p, AuxConfig)
     p.set_defaults(func=_cmd_aux)
