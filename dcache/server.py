@@ -148,6 +148,10 @@ class Service:
         self.batch_latency = Histogram()
         self.sample_every = SAMPLE_EVERY
         self.sample_countdown = SAMPLE_EVERY
+        # Connections with answers queued (``FrameProtocol.reply``/``send``):
+        # one flush for all of them per loop iteration, not a callback each.
+        self._unflushed: list[FrameProtocol] = []
+        self._flush_all_scheduled = False
 
     def hello_result(self) -> dict[str, Any]:
         """What HELLO answers."""
@@ -167,6 +171,26 @@ class Service:
         if not isinstance(token, str):
             return False
         return hmac.compare_digest(token.encode(), self.auth_token.encode())
+
+    def queue_flush(self, conn: FrameProtocol) -> None:
+        """Have ``conn``'s queued answers written by the next ``flush_all``.
+
+        ``flush_all`` runs at the end of this loop iteration at the latest;
+        a master also calls it as soon as an aux node's answers are handled.
+        """
+        self._unflushed.append(conn)
+        if not self._flush_all_scheduled:
+            self._flush_all_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_all)
+
+    def flush_all(self) -> None:
+        """Write the queued answers of every connection (one write each)."""
+        self._flush_all_scheduled = False
+        conns = self._unflushed
+        if conns:
+            self._unflushed = []
+            for conn in conns:
+                conn._flush()
 
     def protocol_factory(self) -> FrameProtocol:
         """A new connection protocol (pass to ``loop.create_server``)."""
@@ -420,14 +444,13 @@ class FrameProtocol(asyncio.Protocol):
         self.close()
 
     def send(self, chunks: list[bytes]) -> None:
-        """Queue frames and flush them at the end of this loop iteration."""
+        """Queue frames; they leave with the service's next ``flush_all``."""
         if self._closed or self._transport is None:
             return
         self._pending_out.extend(chunks)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._flush)
+            self._service.queue_flush(self)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -463,8 +486,7 @@ class FrameProtocol(asyncio.Protocol):
         self._pending_out.append(body)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._flush)
+            self._service.queue_flush(self)
 
     def _defer(self, rid: int, deferred: _Deferred, op: int) -> None:
         task = asyncio.ensure_future(deferred.awaitable)

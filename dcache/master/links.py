@@ -51,9 +51,21 @@ _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
 class UpstreamProtocol(asyncio.Protocol):
     """One connection from a master to an aux node."""
 
-    __slots__ = ("_transport", "_decoder", "waiters", "_next_id", "_out", "_flush_scheduled", "_loop", "closed", "_name", "incarnation")
+    __slots__ = (
+        "_transport",
+        "_decoder",
+        "waiters",
+        "_next_id",
+        "_out",
+        "_flush_scheduled",
+        "_loop",
+        "closed",
+        "_name",
+        "incarnation",
+        "_on_answers",
+    )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, on_answers: Callable[[], None] | None = None) -> None:
         self._transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder()
         self.waiters: dict[int, Callback] = {}
@@ -64,6 +76,9 @@ class UpstreamProtocol(asyncio.Protocol):
         self.closed = False
         self._name = name
         self.incarnation: int | None = None
+        #: Called after the answers of one read were handed to their
+        #: callbacks (the master writes its clients' answers then).
+        self._on_answers = on_answers
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -101,6 +116,8 @@ class UpstreamProtocol(asyncio.Protocol):
                 cb(status, result)
             elif rid == 0:  # connection-level error: the aux node closes next
                 log.warning("aux node %s closed the link: %s", self._name, result)
+        if self._on_answers is not None:
+            self._on_answers()
         if self._decoder.error is not None:
             self.close()
 
@@ -174,6 +191,7 @@ class AuxLink:
         "failures_total",
         "incarnation",
         "on_restart",
+        "_on_answers",
     )
 
     def __init__(
@@ -186,6 +204,7 @@ class AuxLink:
         timeout: float = 2.0,
         auth_token: str | None = None,
         on_restart: Callable[[str], None] | None = None,
+        on_answers: Callable[[], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.host = host
@@ -209,6 +228,8 @@ class AuxLink:
         #: node answers with a new incarnation: it restarted and may hold
         #: stale data, so the master fences it first.
         self.on_restart = on_restart
+        #: Called after each read's answers were handed to their callbacks.
+        self._on_answers = on_answers
 
     @property
     def connected(self) -> bool:
@@ -247,7 +268,10 @@ class AuxLink:
     async def _open(self) -> UpstreamProtocol:
         loop = asyncio.get_running_loop()
         name = self.node_id
-        _, proto = await asyncio.wait_for(loop.create_connection(lambda: UpstreamProtocol(name), self.host, self.port), self._timeout)
+        on_answers = self._on_answers
+        _, proto = await asyncio.wait_for(
+            loop.create_connection(lambda: UpstreamProtocol(name, on_answers), self.host, self.port), self._timeout
+        )
         fut: asyncio.Future[Any] = loop.create_future()
 
         def on_hello(status: int, result: Any) -> None:

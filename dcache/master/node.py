@@ -330,6 +330,7 @@ class MasterNode(Service):
                     timeout=cfg.aux_timeout,
                     auth_token=cfg.auth_token,
                     on_restart=self.membership.on_aux_restart,
+                    on_answers=self.flush_all,
                 )
                 if self.server is not None:
                     link.start()
