@@ -31,8 +31,9 @@ test: lint  ## lint, type-check and run the whole test suite
 unit: $(STAMP)  ## unit tests only
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## benchmarks against local nodes and Redis (see docs/BENCHMARKS.md)
+bench: $(STAMP)  ## benchmarks against local nodes, Redis and twemproxy (see docs/BENCHMARKS.md)
 	@command -v redis-benchmark >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq redis-server redis-tools; } || echo "redis-benchmark unavailable: no Redis reference"
+	@command -v nutcracker >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq nutcracker; } || echo "nutcracker unavailable: no twemproxy reference"
 	$(BIN)/python bin/bench
 
 clean:
