@@ -7,6 +7,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dcache.lru import (
     ENTRY_OVERHEAD_BYTES,
@@ -18,6 +20,7 @@ from dcache.lru import (
     LRUCache,
     NotAnIntegerError,
 )
+from dcache.lru.cache import SHARDS
 
 OVERHEAD = 10
 
@@ -678,3 +681,54 @@ def test_check_valid_detects_corruption(clock: FakeClock) -> None:
     e.next = e  # breaks the forward/backward links
     with pytest.raises(AssertionError):
         cache.check_valid()
+
+
+# ------------------------------------------------------------ key_shards
+
+
+def test_key_shards_hold_every_key_once(clock: FakeClock) -> None:
+    cache = make(clock, max_bytes=10**7)
+    written = {b"k%d" % i for i in range(5000)}
+    for k in written:
+        cache.set(k, b"v")
+    lists = list(cache.key_shards())
+    flat = [k for keys in lists for k in keys]
+    assert len(flat) == len(written) == len(cache)
+    assert set(flat) == written == set(cache.keys_snapshot())
+    assert 1 < len(lists) <= SHARDS  # spread over shards, empty ones skipped
+    assert max(map(len, lists)) < len(written) // 4
+
+
+def test_key_shards_of_an_empty_cache(clock: FakeClock) -> None:
+    assert list(make(clock).key_shards()) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    initial=st.integers(0, 600),
+    steps=st.lists(st.tuples(st.sampled_from(["set", "delete", "get"]), st.integers(0, 900)), max_size=200),
+)
+def test_key_shards_interleaved_with_writes(initial: int, steps: list[tuple[str, int]]) -> None:
+    """Writes between the lists: a key present throughout is in exactly one list; none is in two."""
+    cache = LRUCache(10**7, clock=FakeClock(), entry_overhead=OVERHEAD)
+    for i in range(initial):
+        cache.set(b"k%d" % i, b"v")
+    touched: set[bytes] = set()
+    seen: list[bytes] = []
+    it = iter(steps)
+    for keys in cache.key_shards():
+        seen += keys
+        for op, i in itertools.islice(it, 5):
+            key = b"k%d" % i
+            if op == "set":
+                touched.add(key)
+                cache.set(key, b"w")
+            elif op == "delete":
+                touched.add(key)
+                cache.delete(key)
+            else:
+                cache.get(key)  # reorders the LRU list, never a shard
+        cache.check_valid()
+    assert len(seen) == len(set(seen))
+    throughout = {b"k%d" % i for i in range(initial)} - touched
+    assert throughout <= set(seen)
