@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -150,3 +152,37 @@ def test_round_trip_any_split(objs, step):
     for i in range(0, len(stream), step):
         out.extend(dec.feed(stream[i : i + step]))
     assert out == objs
+
+
+def _outcome(dec: FrameDecoder, chunks: list[bytes]) -> tuple[list[Any], str | None]:
+    out: list[Any] = []
+    try:
+        for chunk in chunks:
+            out.extend(dec.feed(chunk))
+    except RemoteProtocolError as exc:
+        return out, str(exc)
+    return out, None
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(len(b"\x93\x03\x01").to_bytes(4, "big") + b"\x93\x03\x01", id="object-runs-past-its-frame"),
+        pytest.param((4).to_bytes(4, "big") + msgpack.packb([2, 1]) + b"\x00\x00\x00\x00"[:1], id="trailing-byte-in-frame"),
+        pytest.param((1).to_bytes(4, "big") + b"\xc1", id="undecodable"),
+        pytest.param(GOLDEN[0][0], id="valid"),
+    ],
+)
+def test_one_whole_frame_decodes_as_when_split(frame: bytes) -> None:
+    """A chunk that is exactly one frame (the decoder's fast path) ends as the same bytes fed one at a time."""
+    whole_dec, split_dec = FrameDecoder(), FrameDecoder()
+    whole = _outcome(whole_dec, [frame])
+    split = _outcome(split_dec, [frame[i : i + 1] for i in range(len(frame))])
+    assert whole == split
+    if whole[1] is not None:  # after an error the stream stays unusable
+        with pytest.raises(RemoteProtocolError):
+            whole_dec.feed(GOLDEN[0][0])
+    else:  # and after a good frame the next ones still decode, whole or split
+        assert whole_dec.feed(GOLDEN[1][0]) == [GOLDEN[1][1]]
+        assert whole_dec.feed(GOLDEN[0][0][:3]) == []
+        assert whole_dec.feed(GOLDEN[0][0][3:]) == [GOLDEN[0][1]]
