@@ -124,7 +124,10 @@ class _Split:
         ops = self.ops
         if status == 0 and result.__class__ is list and len(result) == len(ops):
             for op, value in zip(ops, result, strict=True):
-                op(0, value)
+                if value is None:
+                    op(0, None)  # a miss: the read goes on to the replicas
+                else:
+                    op.conn.reply(op.rid, 0, value)  # a hit on the first owner (op(0, value), inlined)
             return
         if status == _FRAME_TOO_LARGE:
             link = self.link
@@ -266,6 +269,7 @@ class MasterNode(Service):
     def __init__(self, config: MasterConfig) -> None:
         super().__init__(config.node_id or "master", config.limits, config.auth_token)
         self.config = config
+        self._max_key = config.limits.max_key_bytes
         self.clock = HybridClock(self.node_id)
         self.links: dict[str, AuxLink] = {}
         self.started_at = time.time()
@@ -350,7 +354,8 @@ class MasterNode(Service):
             _, rid, key = msg
         except ValueError:
             raise BadArgumentsError("GET takes [key]") from None
-        key = check_key(key, self.limits)
+        if key.__class__ is not bytes or not 0 < len(key) <= self._max_key:
+            key = check_key(key, self.limits)
         router = self.router
         candidates = router.view.read_candidates(key)
         if not candidates:
@@ -358,7 +363,13 @@ class MasterNode(Service):
             raise UnavailableError("no aux node is available for this key")
         conn = self.current
         assert conn is not None
-        _ReadOp(router, conn, rid, key, candidates).next()
+        op = _ReadOp(router, conn, rid, key, candidates)
+        link = router.links.get(candidates[0])
+        if link is None:
+            op.next()
+        else:  # the first owner (what op.next() does, inlined)
+            op.i = 0
+            router.get_batcher.add(link, op)
         return LATER
 
     def _set(self, msg: list[Any]) -> Any:
