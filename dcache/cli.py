@@ -269,6 +269,9 @@ def _format_ring(info: dict[str, Any]) -> str:
         lines.append(
             f"zookeeper {membership['zookeeper']} ({state}), cluster {membership.get('cluster')}, leader {membership.get('leader')}"
         )
+    recovery = membership.get("recovery")
+    if recovery:
+        lines.append(f"restarted: ring recovered from {recovery['from']} at epoch {recovery['epoch']}")
     for ev in membership.get("health_events", []):
         lines.append(f"health: {ev['node_id']} {ev['state']} at {ev['at_ms']}: {ev['why']}")
     return "\n".join(lines)

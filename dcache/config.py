@@ -281,6 +281,13 @@ class MasterConfig:
     migration_batch: int = opt(1000, "keys per page when moving data between aux nodes", _int, "N")
     migration_rate: int = opt(0, "most keys moved per second per stream; 0 = unthrottled", _int, "N")
     shutdown_grace: float = opt(5.0, "seconds to let in-flight requests finish on SIGTERM/SIGINT", _float, "S")
+    recovery_window: float = opt(
+        4.0,
+        "a restarted coordinator that no follower hands the last ring waits this long for the aux nodes "
+        "an earlier coordinator admitted to re-announce, then builds one ring of all of them",
+        _float,
+        "S",
+    )
     log_level: str = opt("info", "debug, info, warning or error", _str)
     metrics_port: int | None = opt(
         None, "serve Prometheus metrics at http://HOST:PORT/metrics on --host (none: off; 0 picks a free port)", _opt(_int), "PORT"
@@ -290,6 +297,8 @@ class MasterConfig:
         _check_port("port", self.port)
         if self.metrics_port is not None:
             _check_port("metrics_port", self.metrics_port)
+        if self.recovery_window < 0:
+            raise ConfigError("recovery_window: must be >= 0")
         _check_positive(self, "max_key_bytes", "max_value_bytes", "max_frame_bytes", "aux_timeout", "aux_connections")
         _check_positive(self, "health_interval", "health_failures", "follow_interval", "migration_batch", "replicas")
         _check_positive(self, "zk_session_timeout")

@@ -36,12 +36,12 @@ class Cluster:
     def coordinator(self) -> DaemonProcess:
         return self.masters[0]
 
-    def start_master(self, node_id: str, *extra: str, follow: DaemonProcess | None = None) -> DaemonProcess:
+    def start_master(self, node_id: str, *extra: str, follow: DaemonProcess | None = None, port: int = 0) -> DaemonProcess:
         args = [
             "--host",
             "127.0.0.1",
             "--port",
-            "0",
+            str(port),
             "--node-id",
             node_id,
             "--replicas",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ..client.connection import ClientConnection, open_connection
@@ -29,7 +30,16 @@ _RETRY_S = 0.5
 class JoinAgent:
     """Keeps an aux node registered with a master."""
 
-    def __init__(self, config: AuxConfig, node_id: str, advertise: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        config: AuxConfig,
+        node_id: str,
+        advertise: tuple[str, int],
+        *,
+        epoch: int = 0,
+        on_epoch: Callable[[int], None] | None = None,
+    ) -> None:
+        """``epoch``: the epoch this node was last admitted at (from its snapshot); ``on_epoch`` hears each new one."""
         assert config.join is not None
         self.config = config
         self.node_id = node_id
@@ -39,6 +49,9 @@ class JoinAgent:
         self._task: asyncio.Task[None] | None = None
         self.joined = asyncio.Event()
         self.leaving = False
+        #: The epoch the last accepted JOIN answered (0: never admitted).
+        self.epoch = epoch
+        self._on_epoch = on_epoch
 
     def start(self) -> None:
         """Start announcing in the background."""
@@ -56,7 +69,9 @@ class JoinAgent:
         host, port = self.advertise
         while not self.leaving:
             try:
-                epoch = await self._call(Op.JOIN, self.node_id, host, port, self.config.weight, timeout=10.0)
+                # known_epoch: a restarted coordinator sees that this node was
+                # admitted before it started (docs/OPERATIONS.md).
+                epoch = await self._call(Op.JOIN, self.node_id, host, port, self.config.weight, self.epoch, timeout=15.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -66,6 +81,10 @@ class JoinAgent:
                     log.info("joining master %s:%s failed (%s); retrying", *self._master, exc)
                 await asyncio.sleep(_RETRY_S)
                 continue
+            if isinstance(epoch, int) and epoch > 0:
+                self.epoch = epoch
+                if self._on_epoch is not None:
+                    self._on_epoch(epoch)
             if not self.joined.is_set():
                 log.info("joined the cluster through master %s:%s (epoch %s)", *self._master, epoch)
                 self.joined.set()

@@ -64,6 +64,9 @@ class AuxNode(Service):
         self.incarnation = random.getrandbits(62)
         #: The ``JoinAgent`` or ``ZkAgent`` keeping this node in a cluster, if any.
         self.membership_agent: Any = None
+        #: The ring epoch a master last admitted this node at (0: never); kept
+        #: in snapshots, so a restarted coordinator can tell the node is not new.
+        self.ring_epoch = 0
         self.started_at = time.time()
         self.server: asyncio.base_events.Server | None = None
         self.snapshots = SnapshotManager(self)
@@ -83,6 +86,11 @@ class AuxNode(Service):
         h[Op.STATS] = self._stats
         self.cluster_ops = ClusterOps(self)
         self.cluster_ops.register(h)
+
+    def set_ring_epoch(self, epoch: int) -> None:
+        """Record the epoch a master admitted this node at (from JOIN's answer)."""
+        if epoch > self.ring_epoch:
+            self.ring_epoch = epoch
 
     # -- handlers (hot path: keep them flat) ------------------------------
 
@@ -342,7 +350,7 @@ async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
 
             agent = ZkAgent(config, node.node_id, advertise, node.incarnation)
         else:
-            agent = JoinAgent(config, node.node_id, advertise)
+            agent = JoinAgent(config, node.node_id, advertise, epoch=node.ring_epoch, on_epoch=node.set_ring_epoch)
         node.membership_agent = agent
         agent.start()
     if ready:

@@ -178,6 +178,7 @@ class SnapshotManager:
             read_s = time.monotonic() - t0
             loaded = await self._apply(data)
             self._last_created_ms = data.created_ms
+            self._node.set_ring_epoch(data.ring_epoch)
             log.info(
                 "loaded %d keys from %s (%d in file, %d expired; written by %s at epoch %d) in %.2fs (read %.2fs)",
                 loaded,

@@ -15,6 +15,20 @@ implementations exist (a ZooKeeper one can sit behind the same interface):
 Views only move forward: a view replaces the current one only if its
 ``(epoch, seq)`` is larger. A coordinator's first epoch is its start time in
 milliseconds, so a restarted coordinator's views supersede the old ones.
+
+A restarted coordinator knows nothing of the ring, but the cluster does.
+Followers still route by the last view: a follower whose SYNC shows an epoch
+from before the coordinator started is asked for that view (the answer
+``{"want_view": true}``) and hands it over in its next SYNC; the
+coordinator adopts its members, rings and any migration in flight under a
+new epoch, and nothing moves. Aux nodes re-announce with the epoch that
+admitted them (``known_epoch`` in JOIN); an older one than the
+coordinator's start, with no follower to ask, opens a recovery window
+(``--recovery-window``) in which the re-announcements are gathered, then
+applied as one change without migration (the nodes hold their own data):
+the ring comes back whole instead of one node at a time, each a migration
+from a ring that was never real. Until the ring is back the coordinator
+publishes nothing, so followers keep serving by their last view.
 """
 
 from __future__ import annotations
@@ -88,16 +102,22 @@ class Membership:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
 
-    async def join(self, node_id: str, host: str, port: int, weight: float) -> int:
-        """Admit (or re-admit) an aux node; returns the resulting epoch."""
+    async def join(self, node_id: str, host: str, port: int, weight: float, known_epoch: int = 0) -> int:
+        """Admit (or re-admit) an aux node; returns the resulting epoch.
+
+        ``known_epoch`` is the epoch the node was last admitted at (0: never).
+        """
         raise NotImplementedError
 
     async def leave(self, node_id: str) -> bool:
         """Remove an aux node after its data moved to the other owners."""
         raise NotImplementedError
 
-    def sync(self, follower_id: str, epoch: int, seq: int) -> dict[str, Any] | None:
-        """Answer a follower's poll: the view if it is newer than ``(epoch, seq)``."""
+    def sync(self, follower_id: str, epoch: int, seq: int, view: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Answer a follower's poll: the view if it is newer than ``(epoch, seq)``.
+
+        ``view`` is the follower's own view, sent when asked for it.
+        """
         raise BadArgumentsError("this master does not coordinate the cluster")
 
     def on_aux_restart(self, node_id: str) -> None:
@@ -147,6 +167,22 @@ class Coordinator(Membership):
         self._changed = asyncio.Condition()
         self._lock = asyncio.Lock()
         self.health_events: list[dict[str, Any]] = []
+        # Restart recovery (see the module note).
+        self._first = (view.epoch, view.seq)
+        self._recovered = asyncio.Event()
+        self._recovery: asyncio.Task[None] | None = None
+        self._recovery_joins: dict[str, Member] = {}
+        #: How this coordinator's ring came back after a restart, for ``dcache ring``.
+        self.recovery: dict[str, Any] | None = None
+
+    @property
+    def _fresh(self) -> bool:
+        """Whether the view is still the one this coordinator started with."""
+        return (self.view.epoch, self.view.seq) == self._first
+
+    def _before_me(self, epoch: int) -> bool:
+        """Whether ``epoch`` is from an earlier coordinator, while this one has not changed the ring yet."""
+        return 0 < epoch < self._first[0] and self._fresh and not self._recovered.is_set()
 
     async def start(self) -> None:
         self._spawn(self._health_loop(), "health")
@@ -210,15 +246,23 @@ class Coordinator(Membership):
 
     # -- membership ops -----------------------------------------------------------
 
-    async def join(self, node_id: str, host: str, port: int, weight: float) -> int:
+    async def join(self, node_id: str, host: str, port: int, weight: float, known_epoch: int = 0) -> int:
+        if self._before_me(known_epoch):
+            # Admitted by an earlier coordinator: this one restarted. Gather it
+            # with the others instead of building a ring of one node.
+            self._recovery_joins[node_id] = Member(node_id, host, port, weight, UP, _wall_ms())
+            if self._recovery is None:
+                self._recovery = self._spawn(self._recovery_window(), "recovery")
+            await self._recovered.wait()
         async with self._lock:
             members = dict(self.view.members)
             known = members.get(node_id)
-            if known is not None and known.state == UP and (known.host, known.port, known.weight) == (host, port, weight):
-                return self.view.epoch  # a re-announcement: nothing changes
+            fenced = known is not None and known.state == FENCED
+            if known is not None and (known.state == UP or fenced) and (known.host, known.port, known.weight) == (host, port, weight):
+                return self.view.epoch  # a re-announcement: nothing changes (a fenced node stays fenced until reconciled)
             if known is not None and known.state == LEAVING:
                 return self.view.epoch  # leaving nodes do not come back by announcing
-            members[node_id] = Member(node_id, host, port, weight, UP, _wall_ms())
+            members[node_id] = Member(node_id, host, port, weight, FENCED if fenced else UP, _wall_ms())
             self._misses.pop(node_id, None)
             reason = "rejoin" if known is not None else "join"
             return self._change(members, f"{reason} of {node_id} at {host}:{port}").epoch
@@ -328,10 +372,75 @@ class Coordinator(Membership):
                 assert isinstance(r, BaseException)
                 self.mark(m.node_id, DOWN, f"{misses} health checks failed in a row ({r.__class__.__name__}: {r})")
 
+    # -- restart recovery ----------------------------------------------------------
+
+    async def _recovery_window(self) -> None:
+        window = self.config.recovery_window
+        log.warning(
+            "aux nodes announce ring epochs from before this coordinator started: it restarted; "
+            "gathering their re-announcements for %.1f s (or a follower's ring) before changing the ring",
+            window,
+        )
+        try:
+            await asyncio.wait_for(self._recovered.wait(), window)
+        except TimeoutError:
+            pass
+        async with self._lock:
+            if self._fresh and self._recovery_joins:
+                members = dict(self.view.members)
+                members.update(self._recovery_joins)
+                # No migration: each node still holds the data of its ranges.
+                view = self.view.with_members(members, migrate=False)
+                self.recovery = {"from": "re-announcements", "epoch": view.epoch, "members": sorted(self._recovery_joins)}
+                log.warning(
+                    "ring rebuilt from the re-announcements of %s at epoch %d (no follower handed over the last ring)",
+                    ", ".join(sorted(self._recovery_joins)),
+                    view.epoch,
+                )
+                self.publish(view)
+                self._notify()
+            self._recovery_joins.clear()
+            self._recovered.set()
+
+    def _take_over(self, follower_id: str, theirs: ClusterView) -> None:
+        """Take over a follower's view (this coordinator restarted and has none)."""
+        epoch = max(self.view.epoch, theirs.epoch) + 1
+        ring = theirs.ring.with_epoch(epoch)
+        view = ClusterView(epoch, 0, self.view.replicas, dict(theirs.members), ring, theirs.prev_ring, self.view.coordinator)
+        self.recovery = {"from": f"follower {follower_id}", "epoch": view.epoch, "adopted_epoch": theirs.epoch}
+        log.warning(
+            "restarted coordinator: adopted the ring of epoch %d from follower %s as epoch %d (members %s)",
+            theirs.epoch,
+            follower_id,
+            epoch,
+            ", ".join(f"{m.node_id}({m.state})" for m in view.members.values()),
+        )
+        self._recovery_joins.clear()
+        self._recovered.set()
+        self.publish(view)
+        if view.prev_ring is not None:
+            log.info("resuming the migration to epoch %d", view.epoch)
+            self._start_migration()
+        else:
+            self._notify()
+        for node_id, m in view.members.items():
+            if m.state == FENCED:
+                self._fences[node_id] = self._spawn(self._reconcile(node_id), f"fence-{node_id}")
+
     # -- followers ------------------------------------------------------------------
 
-    def sync(self, follower_id: str, epoch: int, seq: int) -> dict[str, Any] | None:
+    def sync(self, follower_id: str, epoch: int, seq: int, their_view: dict[str, Any] | None = None) -> dict[str, Any] | None:
         self._followers[follower_id] = (epoch, seq, time.monotonic())
+        if self._before_me(epoch):
+            if their_view is None:
+                return {"want_view": True}
+            try:
+                theirs = ClusterView.from_dict(their_view)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BadArgumentsError(f"SYNC's view is malformed: {exc}") from None
+            if (theirs.epoch, theirs.seq) != (epoch, seq):
+                raise BadArgumentsError("SYNC's view does not have the epoch and seq the follower sent")
+            self._take_over(follower_id, theirs)
         view = self.view
         if (view.epoch, view.seq) > (epoch, seq):
             return view.to_dict()
@@ -355,6 +464,7 @@ class Coordinator(Membership):
             "followers": {f: {"epoch": e, "seq": s, "seen_s_ago": round(now - t, 2)} for f, (e, s, t) in self._followers.items()},
             "migration": self.migrator.progress(),
             "health_events": self.health_events[-10:],
+            "recovery": self.recovery,
         }
 
 
@@ -397,10 +507,14 @@ class Follower(Membership):
     async def sync_once(self) -> None:
         """Poll the coordinator once and adopt a newer view."""
         view = self.view
-        answer = await self._call(Op.SYNC, self._node_id(), view.epoch, view.seq, timeout=max(2.0, self.config.follow_interval * 4))
+        timeout = max(2.0, self.config.follow_interval * 4)
+        answer = await self._call(Op.SYNC, self._node_id(), view.epoch, view.seq, timeout=timeout)
+        if isinstance(answer, dict) and answer.get("want_view"):
+            log.warning("the coordinator restarted without a ring: handing it ours (epoch %d)", view.epoch)
+            answer = await self._call(Op.SYNC, self._node_id(), view.epoch, view.seq, view.to_dict(), timeout=timeout)
         self.last_sync_ms = _wall_ms()
         self.coordinator_error = None
-        if answer is not None:
+        if answer is not None and not answer.get("want_view"):
             self.publish(ClusterView.from_dict(answer))
 
     async def _follow_loop(self) -> None:
@@ -415,8 +529,8 @@ class Follower(Membership):
                 self.coordinator_error = str(exc)
             await asyncio.sleep(self.config.follow_interval)
 
-    async def join(self, node_id: str, host: str, port: int, weight: float) -> int:
-        epoch = await self._call(Op.JOIN, node_id, host, port, weight)
+    async def join(self, node_id: str, host: str, port: int, weight: float, known_epoch: int = 0) -> int:
+        epoch = await self._call(Op.JOIN, node_id, host, port, weight, known_epoch, timeout=self.config.recovery_window + 5.0)
         return int(epoch)
 
     async def leave(self, node_id: str) -> bool:

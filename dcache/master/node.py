@@ -465,15 +465,18 @@ class MasterNode(Service):
         return deferred(self.ring_info())
 
     def _join(self, msg: list[Any]) -> Any:
-        if len(msg) not in (5, 6):
-            raise BadArgumentsError("JOIN takes [node_id, host, port, weight?]")
+        if len(msg) not in (5, 6, 7):
+            raise BadArgumentsError("JOIN takes [node_id, host, port, weight?, known_epoch?]")
         node_id, host, port = msg[2:5]
-        weight = msg[5] if len(msg) == 6 else 1.0
+        weight = msg[5] if len(msg) >= 6 else 1.0
+        known_epoch = msg[6] if len(msg) == 7 else 0
         if not isinstance(node_id, str) or not node_id or not isinstance(host, str) or port.__class__ is not int or not 0 < port < 65536:
-            raise BadArgumentsError("JOIN takes [node_id: str, host: str, port: int, weight?: float]")
+            raise BadArgumentsError("JOIN takes [node_id: str, host: str, port: int, weight?: float, known_epoch?: int]")
         if not isinstance(weight, (int, float)) or not weight > 0:
             raise BadArgumentsError("weight must be a positive number")
-        return deferred(self.membership.join(node_id, host, port, float(weight)))
+        if known_epoch.__class__ is not int or known_epoch < 0:
+            raise BadArgumentsError("known_epoch must be a non-negative integer")
+        return deferred(self.membership.join(node_id, host, port, float(weight), known_epoch))
 
     def _leave(self, msg: list[Any]) -> Any:
         if len(msg) != 3 or not isinstance(msg[2], str):
@@ -487,9 +490,12 @@ class MasterNode(Service):
         return deferred(self.router.apply_entries([list(e) for e in entries]))
 
     def _sync(self, msg: list[Any]) -> Any:
-        if len(msg) != 5 or not isinstance(msg[2], str) or msg[3].__class__ is not int or msg[4].__class__ is not int:
-            raise BadArgumentsError("SYNC takes [follower_id, epoch, seq]")
-        return self.membership.sync(msg[2], msg[3], msg[4])
+        if len(msg) not in (5, 6) or not isinstance(msg[2], str) or msg[3].__class__ is not int or msg[4].__class__ is not int:
+            raise BadArgumentsError("SYNC takes [follower_id, epoch, seq, view?]")
+        view = msg[5] if len(msg) == 6 else None
+        if view is not None and not isinstance(view, dict):
+            raise BadArgumentsError("SYNC's view must be a map (a ring view) or nil")
+        return self.membership.sync(msg[2], msg[3], msg[4], view)
 
     def _address(self) -> str:
         """``host:port`` this master listens on (the configured one before it binds)."""

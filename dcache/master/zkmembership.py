@@ -378,7 +378,7 @@ class ZooKeeperMembership(Coordinator):
 
     # -- overrides of the coordinator ---------------------------------------------------------
 
-    async def join(self, node_id: str, host: str, port: int, weight: float) -> int:
+    async def join(self, node_id: str, host: str, port: int, weight: float, known_epoch: int = 0) -> int:
         if not self.leading:
             raise UnavailableError("membership is kept in ZooKeeper: start aux nodes with --zookeeper")
         return await super().join(node_id, host, port, weight)
@@ -396,7 +396,7 @@ class ZooKeeperMembership(Coordinator):
         if self.leading:
             await super()._health_round()
 
-    def sync(self, follower_id: str, epoch: int, seq: int) -> dict[str, Any] | None:
+    def sync(self, follower_id: str, epoch: int, seq: int, view: dict[str, Any] | None = None) -> dict[str, Any] | None:
         raise UnavailableError("membership is kept in ZooKeeper: masters follow the ring there")
 
     async def _followers_caught_up(self, epoch: int, timeout: float) -> None:

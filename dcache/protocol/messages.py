@@ -104,9 +104,9 @@ OP_ARITY: dict[int, tuple[int, int]] = {
     Op.DROP: (2, 2),
     Op.RANGE_COUNT: (1, 1),
     Op.RING: (0, 0),
-    Op.JOIN: (3, 4),
+    Op.JOIN: (3, 5),
     Op.LEAVE: (1, 1),
-    Op.SYNC: (3, 3),
+    Op.SYNC: (3, 4),
 }
 
 

@@ -6,11 +6,13 @@ import asyncio
 import random
 import signal
 import time
+from typing import Any
 
 import pytest
 
 from dcache import Client
 from dcache.errors import NotAnIntegerError
+from dcache.protocol import Op
 from dcache.ring import HashRing
 from tests.cluster import Cluster, Reader, populate, ring, settled, up_nodes, wait_ring
 
@@ -278,5 +280,35 @@ async def test_restart_within_detection_window_is_fenced(tmp_path):
             await wait_ring(m.addr, settled(set(members)), timeout=30, what="a2 reconciled")
         async with Client(restarted.addr) as direct:
             assert await direct.get(k) == b"v2"  # reconciled from the replica
+    finally:
+        cluster.stop()
+
+
+async def test_a_fenced_node_that_re_announces_stays_fenced(tmp_path):
+    """A restarted node re-announces itself (JOIN, every 3 s): that must not lift its fence before it is reconciled."""
+    cluster = Cluster(tmp_path, replicas=2)
+    try:
+        # Health checks never mark a node down here, and reconciling is throttled
+        # so the fence lasts seconds.
+        m = cluster.start_master("m1", "--health-failures", "1000", "--migration-rate", "400", "--migration-batch", "100")
+        members = {"a1", "a2", "a3"}
+        for n in sorted(members):
+            cluster.start_aux(n)
+        await wait_ring(m.addr, settled(members))
+        async with Client(m.addr, timeout=10) as c:
+            await populate(c, 6000)
+        victim = cluster.aux["a2"]
+        port = victim.port
+        victim.kill()
+        cluster.start_aux("a2", port=port)  # a new process: fenced until its ranges are copied back
+
+        def a2_state(info: dict[str, Any]) -> str:
+            return str(next(n["state"] for n in info["nodes"] if n["node_id"] == "a2"))
+
+        await wait_ring(m.addr, lambda i: a2_state(i) == "fenced", timeout=15, what="a2 fenced")
+        async with Client(m.addr, timeout=10) as c:
+            await c.execute(Op.JOIN, "a2", "127.0.0.1", port, 1.0)  # its re-announcement
+        assert a2_state(await ring(m.addr)) == "fenced"
+        await wait_ring(m.addr, settled(members), timeout=60, what="a2 reconciled")
     finally:
         cluster.stop()

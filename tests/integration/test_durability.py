@@ -50,7 +50,11 @@ async def test_catastrophic_restart_brings_every_key_back(tmp_path):
         m2 = cluster.start_master("m2", follow=m1)
         for n in aux_ids:
             cluster.start_aux(n, port=ports[n])
-        await wait_ring(m1.addr, settled(set(aux_ids)), timeout=30)
+        info = await wait_ring(m1.addr, settled(set(aux_ids)), timeout=30)
+        # The aux nodes' snapshots carry the epoch that admitted them: the new
+        # coordinator sees it restarted and admits them in one change, moving nothing.
+        assert info["membership"]["recovery"]["from"] == "re-announcements", info["membership"]
+        assert set(info["membership"]["recovery"]["members"]) == set(aux_ids)
         await wait_ring(m2.addr, settled(set(aux_ids)), timeout=10)
         while time.monotonic() - written_at < 2.0:  # the short TTLs have passed
             await asyncio.sleep(0.05)

@@ -1,0 +1,92 @@
+"""A coordinator that restarts gets the ring back whole: from a follower, or from the aux nodes' re-announcements."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dcache import Client
+from tests.cluster import Cluster, Reader, key_of, populate, ring, settled, up_nodes, value_of, wait_ring
+
+pytestmark = pytest.mark.slow
+
+N_KEYS = 5000
+AUX = {"a1", "a2", "a3"}
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    cl = Cluster(tmp_path, replicas=2)
+    yield cl
+    cl.stop()
+    print(cl.logs()[-20000:])  # shown by pytest only when the test fails
+
+
+def _items(info: dict[str, Any]) -> dict[str, int]:
+    return {n["node_id"]: n["items"] for n in info["nodes"]}
+
+
+async def test_a_follower_hands_the_ring_to_a_restarted_coordinator(cluster: Cluster):
+    m1 = cluster.start_master("m1")
+    m2 = cluster.start_master("m2", follow=m1)
+    for n in sorted(AUX):
+        cluster.start_aux(n)
+    await wait_ring(m1.addr, settled(AUX))
+    await wait_ring(m2.addr, settled(AUX), timeout=5)
+    async with Client(m2.addr) as c:
+        await populate(c, N_KEYS)
+    before = await ring(m2.addr)
+    reader = Reader(m2.addr, N_KEYS)
+    reader.start()
+    await reader.full_passes(1)
+
+    port = m1.port
+    m1.kill()
+    m1 = cluster.start_master("m1", port=port)  # same address, no memory of the ring
+    info = await wait_ring(
+        m1.addr, lambda i: up_nodes(i) == AUX and i["epoch"] > before["epoch"], timeout=15, what="the coordinator has the ring back"
+    )
+    assert info["membership"]["recovery"]["from"] == "follower m2"
+    assert info["membership"]["recovery"]["adopted_epoch"] == before["epoch"]
+    assert not info["migrating"]
+    await wait_ring(m2.addr, lambda i: i["epoch"] == info["epoch"], timeout=5, what="the follower at the coordinator's epoch")
+    await reader.full_passes(2)
+    await reader.stop()
+    assert (reader.misses, reader.wrong, reader.errors) == (0, 0, [])
+    assert _items(await ring(m1.addr)) == _items(before)  # nothing moved
+
+    async with Client(m1.addr) as c:  # the restarted coordinator serves every key ...
+        assert await c.mget([key_of(i) for i in range(N_KEYS)]) == [value_of(i) for i in range(N_KEYS)]
+    cluster.start_aux("a4")  # ... and still decides membership
+    await wait_ring(m1.addr, settled(AUX | {"a4"}), timeout=30, what="a4 joined after the restart")
+    async with Client(m2.addr) as c:
+        assert await c.mget([key_of(i) for i in range(N_KEYS)]) == [value_of(i) for i in range(N_KEYS)]
+
+
+async def test_a_lone_restarted_coordinator_rebuilds_the_ring_in_one_change(tmp_path):
+    cluster = Cluster(tmp_path, replicas=1)
+    try:
+        m1 = cluster.start_master("m1")
+        for n in sorted(AUX):
+            cluster.start_aux(n)
+        await wait_ring(m1.addr, settled(AUX))
+        async with Client(m1.addr) as c:
+            await populate(c, N_KEYS)
+        before = await ring(m1.addr)
+
+        port = m1.port
+        m1.kill()
+        m1 = cluster.start_master("m1", "--recovery-window", "4", port=port)
+        # No follower: the aux nodes re-announce (every 3 s) with the epoch the
+        # old coordinator admitted them at, and the ring comes back in one change.
+        info = await wait_ring(m1.addr, settled(AUX), timeout=20, what="the ring rebuilt")
+        assert info["membership"]["recovery"]["from"] == "re-announcements"
+        assert set(info["membership"]["recovery"]["members"]) == AUX
+        assert info["epoch"] == info["membership"]["recovery"]["epoch"]  # one change, nothing after it
+        assert _items(info) == _items(before)  # nothing moved
+        async with Client(m1.addr) as c:
+            assert await c.mget([key_of(i) for i in range(N_KEYS)]) == [value_of(i) for i in range(N_KEYS)]
+        assert "restarted" in m1.stderr() or "re-announcements" in m1.stderr()
+    finally:
+        cluster.stop()
