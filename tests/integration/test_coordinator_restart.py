@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from dcache import Client
-from tests.cluster import Cluster, Reader, key_of, populate, ring, settled, up_nodes, value_of, wait_ring
+from tests.cluster import Cluster, Reader, key_of, populate, settled, up_nodes, value_of, wait_ring
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +27,11 @@ def _items(info: dict[str, Any]) -> dict[str, int]:
     return {n["node_id"]: n["items"] for n in info["nodes"]}
 
 
+def _counted(info: dict[str, Any]) -> bool:
+    """Every node answered the master's STATS (a link just opened may not have yet)."""
+    return all(n["items"] is not None for n in info["nodes"])
+
+
 async def test_a_follower_hands_the_ring_to_a_restarted_coordinator(cluster: Cluster):
     m1 = cluster.start_master("m1")
     m2 = cluster.start_master("m2", follow=m1)
@@ -36,7 +41,7 @@ async def test_a_follower_hands_the_ring_to_a_restarted_coordinator(cluster: Clu
     await wait_ring(m2.addr, settled(AUX), timeout=5)
     async with Client(m2.addr) as c:
         await populate(c, N_KEYS)
-    before = await ring(m2.addr)
+    before = await wait_ring(m2.addr, _counted, timeout=10, what="key counts from every node")
     reader = Reader(m2.addr, N_KEYS)
     reader.start()
     await reader.full_passes(1)
@@ -54,7 +59,8 @@ async def test_a_follower_hands_the_ring_to_a_restarted_coordinator(cluster: Clu
     await reader.full_passes(2)
     await reader.stop()
     assert (reader.misses, reader.wrong, reader.errors) == (0, 0, [])
-    assert _items(await ring(m1.addr)) == _items(before)  # nothing moved
+    counted = await wait_ring(m1.addr, _counted, timeout=10, what="key counts from every node")
+    assert _items(counted) == _items(before)  # nothing moved
 
     async with Client(m1.addr) as c:  # the restarted coordinator serves every key ...
         assert await c.mget([key_of(i) for i in range(N_KEYS)]) == [value_of(i) for i in range(N_KEYS)]
@@ -73,14 +79,14 @@ async def test_a_lone_restarted_coordinator_rebuilds_the_ring_in_one_change(tmp_
         await wait_ring(m1.addr, settled(AUX))
         async with Client(m1.addr) as c:
             await populate(c, N_KEYS)
-        before = await ring(m1.addr)
+        before = await wait_ring(m1.addr, _counted, timeout=10, what="key counts from every node")
 
         port = m1.port
         m1.kill()
         m1 = cluster.start_master("m1", "--recovery-window", "4", port=port)
         # No follower: the aux nodes re-announce (every 3 s) with the epoch the
         # old coordinator admitted them at, and the ring comes back in one change.
-        info = await wait_ring(m1.addr, settled(AUX), timeout=20, what="the ring rebuilt")
+        info = await wait_ring(m1.addr, lambda i: settled(AUX)(i) and _counted(i), timeout=20, what="the ring rebuilt")
         assert info["membership"]["recovery"]["from"] == "re-announcements"
         assert set(info["membership"]["recovery"]["members"]) == AUX
         assert info["epoch"] == info["membership"]["recovery"]["epoch"]  # one change, nothing after it
