@@ -113,10 +113,11 @@ class Membership:
         """Remove an aux node after its data moved to the other owners."""
         raise NotImplementedError
 
-    def sync(self, follower_id: str, epoch: int, seq: int, view: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    def sync(self, follower_id: str, epoch: int, seq: int, their_view: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Answer a follower's poll: the view if it is newer than ``(epoch, seq)``.
 
-        ``view`` is the follower's own view, sent when asked for it.
+        ``their_view`` is the follower's own view, sent when asked for it
+        (``{"want_view": True}``, by a coordinator that restarted).
         """
         raise BadArgumentsError("this master does not coordinate the cluster")
 

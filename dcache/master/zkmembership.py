@@ -396,7 +396,7 @@ class ZooKeeperMembership(Coordinator):
         if self.leading:
             await super()._health_round()
 
-    def sync(self, follower_id: str, epoch: int, seq: int, view: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    def sync(self, follower_id: str, epoch: int, seq: int, their_view: dict[str, Any] | None = None) -> dict[str, Any] | None:
         raise UnavailableError("membership is kept in ZooKeeper: masters follow the ring there")
 
     async def _followers_caught_up(self, epoch: int, timeout: float) -> None:
