@@ -36,7 +36,7 @@ from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 from kazoo.retry import KazooRetry
 
-__all__ = ["ZkPaths", "ZkSession", "dumps", "loads"]
+__all__ = ["ZkPaths", "ZkSession", "dumps", "loads", "read_children"]
 
 log = logging.getLogger("dcache.zookeeper")
 
@@ -62,6 +62,23 @@ class ZkPaths:
 def dumps(obj: Any) -> bytes:
     """Registration data: compact JSON (readable with zkCli)."""
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def read_children(client: KazooClient, path: str) -> dict[str, dict[str, Any]]:
+    """The registration data (``loads``) of every child of ``path``, by name (blocking: run it in a worker).
+
+    Children that vanish while they are read, or hold no map, are left out.
+    """
+    out = {}
+    for child in client.get_children(path):
+        try:
+            data, _ = client.get(f"{path}/{child}")
+        except NoNodeError:
+            continue
+        d = loads(data)
+        if isinstance(d, dict):
+            out[child] = d
+    return out
 
 
 def loads(data: bytes | None) -> Any:

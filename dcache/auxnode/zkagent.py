@@ -18,11 +18,14 @@ from typing import Any
 import msgpack
 
 from ..config import AuxConfig
-from ..zookeeper import ZkPaths, ZkSession, dumps
+from ..zookeeper import ZkPaths, ZkSession, dumps, read_children
 
 __all__ = ["ZkAgent"]
 
 log = logging.getLogger("dcache.aux.zookeeper")
+
+#: After leaving the ring, how long a node waits at most for every master to route by that ring.
+_MASTERS_CATCH_UP_S = 5.0
 
 
 class ZkAgent:
@@ -37,6 +40,7 @@ class ZkAgent:
         self._registration = dumps({"host": advertise[0], "port": advertise[1], "weight": config.weight, "incarnation": incarnation})
         self._in_ring: bool | None = None  # as the ring in ZooKeeper says; None: not read yet
         self._ring_changed = asyncio.Event()
+        self._ring_pos = (0, 0)  # (epoch, seq) of the last ring read
         self._task: asyncio.Task[None] | None = None
         self.joined = asyncio.Event()
 
@@ -62,11 +66,14 @@ class ZkAgent:
         if not data:
             return
         try:
-            members = {m["node_id"] for m in msgpack.unpackb(data, raw=False, strict_map_key=False)["members"]}
+            view = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            members = {m["node_id"] for m in view["members"]}
+            pos = (int(view.get("epoch", 0)), int(view.get("seq", 0)))
         except Exception as exc:
             log.warning("unreadable ring in ZooKeeper: %s", exc)
             return
         self._in_ring = self.node_id in members
+        self._ring_pos = pos
         if self._in_ring and not self.joined.is_set():
             log.info("in the ring (ZooKeeper cluster %r)", self.config.cluster)
             self.joined.set()
@@ -86,8 +93,26 @@ class ZkAgent:
         except TimeoutError:
             log.warning("graceful leave did not complete within %.0f s; shutting down anyway", self.config.leave_timeout)
             return False
+        # Out of the ring: stay up until every master routes by that ring, so
+        # none sends a request here after the node has gone (bounded).
+        await self._masters_caught_up(self._ring_pos, _MASTERS_CATCH_UP_S)
         log.info("data handed over; leaving")
         return True
+
+    async def _masters_caught_up(self, pos: tuple[int, int], timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        lagging: list[str] = []
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                masters = await self.zk.run(read_children, self.zk.client, self.paths.masters)
+            except Exception as exc:
+                log.info("cannot read the masters' views (%s); leaving without waiting for them", exc)
+                return
+            lagging = [m for m, d in masters.items() if (int(d.get("epoch", 0)), int(d.get("seq", 0))) < pos]
+            if not lagging:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("masters %s still route by an older ring after %.0f s; leaving anyway", ", ".join(lagging), timeout)
 
     async def close(self) -> None:
         """End the session (the registration vanishes at once)."""

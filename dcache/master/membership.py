@@ -278,6 +278,9 @@ class Coordinator(Membership):
                 members[node_id] = Member(m.node_id, m.host, m.port, m.weight, LEAVING, _wall_ms())
                 self._change(members, f"graceful leave of {node_id}")
         await self.wait_settled(lambda v: node_id not in v.members, timeout=self.config.shutdown_grace + 3600)
+        # The node exits when this returns: first let every follower route by
+        # a view without it, so none sends it a request after it has gone.
+        await self._followers_at((self.view.epoch, self.view.seq), max(2.0, 4 * self.config.follow_interval))
         return True
 
     def mark(self, node_id: str, state: str, why: str) -> None:
@@ -446,6 +449,18 @@ class Coordinator(Membership):
         if (view.epoch, view.seq) > (epoch, seq):
             return view.to_dict()
         return None
+
+    async def _followers_at(self, pos: tuple[int, int], timeout: float) -> None:
+        """Wait (bounded) until every recently seen follower routes by the view ``pos`` (epoch, seq) or a later one."""
+        deadline = time.monotonic() + timeout
+        lagging: list[str] = []
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            lagging = [f for f, (e, q, seen) in self._followers.items() if (e, q) < pos and now - seen < 5.0]
+            if not lagging:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("followers %s did not confirm the view %d.%d within %.1f s", ", ".join(lagging), pos[0], pos[1], timeout)
 
     async def _followers_caught_up(self, epoch: int, timeout: float) -> None:
         """Wait (bounded) until every recently seen follower routes by ``epoch``."""

@@ -42,7 +42,7 @@ from ..config import MasterConfig
 from ..errors import UnavailableError
 from ..hlc import HybridClock
 from ..protocol import PROTOCOL_VERSION, Op
-from ..zookeeper import ZkPaths, ZkSession, dumps, loads
+from ..zookeeper import ZkPaths, ZkSession, dumps, loads, read_children
 from .links import AuxLink
 from .membership import Coordinator, Membership, _wall_ms
 from .view import DOWN, FENCED, LEAVING, UP, ClusterView
@@ -417,16 +417,7 @@ class ZooKeeperMembership(Coordinator):
         log.warning("masters %s did not confirm epoch %d within %.1f s; migrating anyway", lagging, epoch, timeout)
 
     def _read_masters(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for child in self.zk.client.get_children(self.paths.masters):
-            try:
-                data, _ = self.zk.client.get(f"{self.paths.masters}/{child}")
-            except NoNodeError:
-                continue
-            d = loads(data)
-            if isinstance(d, dict):
-                out[child] = d
-        return out
+        return read_children(self.zk.client, self.paths.masters)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = super().status() if self.leading else {"role": self.role}
