@@ -52,7 +52,7 @@ class _ReadOp:
     no future and no task.
     """
 
-    __slots__ = ("router", "conn", "rid", "key", "candidates", "i", "missed", "error")
+    __slots__ = ("router", "conn", "rid", "key", "candidates", "view", "i", "missed", "error")
 
     def __init__(self, router: Router, conn: FrameProtocol, rid: int, key: bytes, candidates: list[str]) -> None:
         self.router = router
@@ -60,6 +60,8 @@ class _ReadOp:
         self.rid = rid
         self.key = key
         self.candidates = candidates
+        #: The view ``candidates`` come from.
+        self.view = router.view
         self.i = -1
         self.missed: list[str] | None = None
         self.error: Any = None
@@ -83,6 +85,14 @@ class _ReadOp:
             self.conn.reply(self.rid, _UNAVAILABLE, f"no owner of the key answered: {self.error}", _GET)
         else:
             self.conn.reply(self.rid, 0, None)
+
+    def reroute(self) -> None:
+        """Start again from the current view's candidates (the view changed before the read was sent)."""
+        view = self.router.view
+        self.view = view
+        self.candidates = view.read_candidates(self.key)
+        self.i = -1
+        self.next()
 
     def __call__(self, status: int, result: Any) -> None:
         if status == 0:
@@ -182,6 +192,19 @@ class GetBatcher:
         pending = self._pending
         self._pending = {}
         for link, ops in pending.items():
+            view = ops[0].router.view
+            fresh = [op for op in ops if op.view is view]
+            if len(fresh) != len(ops):
+                # The view changed after these reads were routed (say the node
+                # was found restarted and fenced in between): route them again
+                # (they go out with the next batch), or they would read a node
+                # that may serve stale data.
+                for op in ops:
+                    if op.view is not view:
+                        op.reroute()
+                ops = fresh
+                if not ops:
+                    continue
             self._send(link, ops)
             link.flush()  # now, not one more loop iteration later
 
