@@ -17,6 +17,7 @@ from dcache.master.node import MasterNode
 from dcache.metrics import AuxCollector, MasterCollector, registry_for
 from dcache.protocol import HEADER, Op
 from dcache.server import LATENCY_BUCKETS, UNKNOWN_OP, FrameProtocol, Histogram
+from tests.fakes import FakeTransport
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "METRICS.md"
 _ROW = re.compile(r"^\| `(dcache_[a-z_]+)` \| (counter|gauge|histogram) \|\s*([a-z_, ]*?)\s*\|")
@@ -45,32 +46,6 @@ def exported(collector: Any) -> dict[str, tuple[str, tuple[str, ...] | None]]:
             labels |= set(s.labels) - {"le"}
         out[name] = (fam.type, tuple(sorted(labels)) if fam.samples else None)
     return out
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def writelines(self, chunks: list[bytes]) -> None:
-        self.written.append(b"".join(chunks))
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def frames(*msgs: Any) -> bytes:

@@ -10,38 +10,11 @@ from dcache.master.links import UpstreamProtocol
 from dcache.master.membership import Membership
 from dcache.master.node import MasterNode
 from dcache.protocol import FrameDecoder, Op, encode_request
-
-
-class FakeTransport:
-    """Collects what is written; enough of a transport for the protocols."""
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.out.append(bytes(data))
-
-    def writelines(self, chunks: list[bytes]) -> None:
-        self.out.extend(bytes(c) for c in chunks)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
+from tests.fakes import FakeTransport
 
 
 def _requests(transport: FakeTransport) -> list[list[Any]]:
-    return FrameDecoder().feed(b"".join(transport.out))
+    return FrameDecoder().feed(b"".join(transport.written))
 
 
 async def _master() -> tuple[MasterNode, dict[str, FakeTransport]]:
