@@ -216,7 +216,7 @@ async def _worker_main(args: argparse.Namespace, conns: int, seed: int, pipe: Co
     async def report() -> None:
         while True:
             await asyncio.sleep(1.0)
-            pipe.send(("progress", sum(p.ops for p in protos), 0))
+            pipe.send(("progress", sum(p.ops for p in protos), sum(p.errors for p in protos)))
 
     reporter = asyncio.ensure_future(report())
     try:

@@ -36,7 +36,7 @@ from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 from kazoo.retry import KazooRetry
 
-__all__ = ["ZkPaths", "ZkSession", "dumps", "loads", "read_children"]
+__all__ = ["ZkPaths", "ZkSession", "dumps", "loads"]
 
 log = logging.getLogger("dcache.zookeeper")
 
@@ -64,7 +64,7 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
 
-def read_children(client: KazooClient, path: str) -> dict[str, dict[str, Any]]:
+def _read_children(client: KazooClient, path: str) -> dict[str, dict[str, Any]]:
     """The registration data (``loads``) of every child of ``path``, by name (blocking: run it in a worker).
 
     Children that vanish while they are read, or hold no map, are left out.
@@ -144,6 +144,28 @@ class ZkSession:
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a blocking kazoo call in a worker thread."""
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def wait_masters_at(self, masters: str, pos: tuple[int, int], timeout: float, *, skip: str = "") -> list[str]:
+        """Wait (bounded) until every master registered under ``masters`` routes by the view ``pos`` or a later one.
+
+        ``pos`` is ``(epoch, seq)``; a master's registration holds the view it
+        routes by. ``skip`` names a master not to wait for (the caller).
+
+        Returns:
+            The masters still behind when ``timeout`` ran out (empty: all
+            caught up, or the registrations could not be read).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                regs = await self.run(_read_children, self.client, masters)
+            except KazooException:
+                return []
+            lagging = [m for m, d in regs.items() if m != skip and (int(d.get("epoch", 0)), int(d.get("seq", 0))) < pos]
+            if not lagging or loop.time() >= deadline:
+                return lagging
+            await asyncio.sleep(0.05)
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
         """Wait until the session is connected; False on timeout."""

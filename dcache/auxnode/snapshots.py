@@ -291,10 +291,11 @@ class SnapshotManager:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                await items.release()
-                return False
+                ok = False
+            else:
+                ok = True
             await items.release()
-            return True
+            return ok
 
     async def _copy(self) -> _Packed:
         """Copy the live entries on the loop, packed, a slice per loop iteration.
@@ -317,16 +318,19 @@ class SnapshotManager:
         get_entry = cache.get_entry
         step = COPY_CHUNK_ENTRIES
         chunks: list[tuple[bytes, int]] = []
+
+        def pack(keys: list[bytes]) -> None:
+            chunks.append(pack_entries((e.key, e.value, e.expires_at, e.version) for e in map(get_entry, keys) if e is not None))
+
         pending: list[bytes] = []
         for keys in cache.key_shards():
             pending += keys
             while len(pending) >= step:
-                chunk = pending[:step]
+                pack(pending[:step])
                 del pending[:step]
-                chunks.append(pack_entries((e.key, e.value, e.expires_at, e.version) for e in map(get_entry, chunk) if e is not None))
                 await asyncio.sleep(0)
         if pending:
-            chunks.append(pack_entries((e.key, e.value, e.expires_at, e.version) for e in map(get_entry, pending) if e is not None))
+            pack(pending)
         return _Packed(chunks)
 
     def _write(self, items: _Packed, node_id: str, ring_epoch: int, created_ms: int) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 
 from ..config import AuxConfig
-from ..zookeeper import ZkPaths, ZkSession, dumps, read_children
+from ..zookeeper import ZkPaths, ZkSession, dumps
 
 __all__ = ["ZkAgent"]
 
@@ -95,24 +95,11 @@ class ZkAgent:
             return False
         # Out of the ring: stay up until every master routes by that ring, so
         # none sends a request here after the node has gone (bounded).
-        await self._masters_caught_up(self._ring_pos, _MASTERS_CATCH_UP_S)
+        lagging = await self.zk.wait_masters_at(self.paths.masters, self._ring_pos, _MASTERS_CATCH_UP_S)
+        if lagging:
+            log.warning("masters %s still route by an older ring after %.0f s; leaving anyway", ", ".join(lagging), _MASTERS_CATCH_UP_S)
         log.info("data handed over; leaving")
         return True
-
-    async def _masters_caught_up(self, pos: tuple[int, int], timeout: float) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        lagging: list[str] = []
-        while asyncio.get_running_loop().time() < deadline:
-            try:
-                masters = await self.zk.run(read_children, self.zk.client, self.paths.masters)
-            except Exception as exc:
-                log.info("cannot read the masters' views (%s); leaving without waiting for them", exc)
-                return
-            lagging = [m for m, d in masters.items() if (int(d.get("epoch", 0)), int(d.get("seq", 0))) < pos]
-            if not lagging:
-                return
-            await asyncio.sleep(0.05)
-        log.warning("masters %s still route by an older ring after %.0f s; leaving anyway", ", ".join(lagging), timeout)
 
     async def close(self) -> None:
         """End the session (the registration vanishes at once)."""

@@ -280,7 +280,10 @@ class Coordinator(Membership):
         await self.wait_settled(lambda v: node_id not in v.members, timeout=self.config.shutdown_grace + 3600)
         # The node exits when this returns: first let every follower route by
         # a view without it, so none sends it a request after it has gone.
-        await self._followers_at((self.view.epoch, self.view.seq), max(2.0, 4 * self.config.follow_interval))
+        pos, timeout = (self.view.epoch, self.view.seq), max(2.0, 4 * self.config.follow_interval)
+        lagging = await self._followers_at(pos, timeout)
+        if lagging:
+            log.warning("followers %s did not confirm the view %d.%d within %.1f s; %s leaves anyway", lagging, *pos, timeout, node_id)
         return True
 
     def mark(self, node_id: str, state: str, why: str) -> None:
@@ -450,28 +453,24 @@ class Coordinator(Membership):
             return view.to_dict()
         return None
 
-    async def _followers_at(self, pos: tuple[int, int], timeout: float) -> None:
-        """Wait (bounded) until every recently seen follower routes by the view ``pos`` (epoch, seq) or a later one."""
+    async def _followers_at(self, pos: tuple[int, int], timeout: float) -> list[str]:
+        """Wait (bounded) until every recently seen follower routes by the view ``pos`` (epoch, seq) or a later one.
+
+        Returns the followers still behind when ``timeout`` ran out.
+        """
         deadline = time.monotonic() + timeout
-        lagging: list[str] = []
-        while time.monotonic() < deadline:
+        while True:
             now = time.monotonic()
             lagging = [f for f, (e, q, seen) in self._followers.items() if (e, q) < pos and now - seen < 5.0]
-            if not lagging:
-                return
+            if not lagging or now >= deadline:
+                return lagging
             await asyncio.sleep(0.05)
-        log.warning("followers %s did not confirm the view %d.%d within %.1f s", ", ".join(lagging), pos[0], pos[1], timeout)
 
     async def _followers_caught_up(self, epoch: int, timeout: float) -> None:
         """Wait (bounded) until every recently seen follower routes by ``epoch``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            now = time.monotonic()
-            lagging = [f for f, (e, _, seen) in self._followers.items() if e < epoch and now - seen < 5.0]
-            if not lagging:
-                return
-            await asyncio.sleep(0.05)
-        log.warning("followers did not confirm epoch %d within %.1f s; migrating anyway", epoch, timeout)
+        lagging = await self._followers_at((epoch, 0), timeout)
+        if lagging:
+            log.warning("followers %s did not confirm epoch %d within %.1f s; migrating anyway", lagging, epoch, timeout)
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -91,6 +91,8 @@ class _ReadOp:
         view = self.router.view
         self.view = view
         self.candidates = view.read_candidates(self.key)
+        if not self.candidates:
+            self.error = "no aux node is available for this key"  # next() answers UNAVAILABLE
         self.i = -1
         self.next()
 

@@ -42,7 +42,7 @@ from ..config import MasterConfig
 from ..errors import UnavailableError
 from ..hlc import HybridClock
 from ..protocol import PROTOCOL_VERSION, Op
-from ..zookeeper import ZkPaths, ZkSession, dumps, loads, read_children
+from ..zookeeper import ZkPaths, ZkSession, dumps, loads
 from .links import AuxLink
 from .membership import Coordinator, Membership, _wall_ms
 from .view import DOWN, FENCED, LEAVING, UP, ClusterView
@@ -401,23 +401,9 @@ class ZooKeeperMembership(Coordinator):
 
     async def _followers_caught_up(self, epoch: int, timeout: float) -> None:
         """Wait (bounded) until every registered master routes by ``epoch``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        me = self._node_id()
-        lagging: list[str] = []
-        while loop.time() < deadline:
-            try:
-                masters = await self.zk.run(self._read_masters)
-            except KazooException:
-                masters = {}
-            lagging = [m for m, d in masters.items() if m != me and int(d.get("epoch", 0)) < epoch]
-            if not lagging:
-                return
-            await asyncio.sleep(0.05)
-        log.warning("masters %s did not confirm epoch %d within %.1f s; migrating anyway", lagging, epoch, timeout)
-
-    def _read_masters(self) -> dict[str, dict[str, Any]]:
-        return read_children(self.zk.client, self.paths.masters)
+        lagging = await self.zk.wait_masters_at(self.paths.masters, (epoch, 0), timeout, skip=self._node_id())
+        if lagging:
+            log.warning("masters %s did not confirm epoch %d within %.1f s; migrating anyway", lagging, epoch, timeout)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = super().status() if self.leading else {"role": self.role}

@@ -57,6 +57,13 @@ _FEED_CHUNK_BYTES = 1024 * 1024
 frame_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
 
+_RUNS_PAST = "msgpack object runs past the end of its frame"
+_LENGTH_MISMATCH = "frame length does not match its msgpack object"
+
+
+def _undecodable(exc: Exception) -> RemoteProtocolError:
+    return RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}")
+
 
 def encode_frame(payload: bytes) -> bytes:
     """Prefix an already-packed msgpack ``payload`` with its 4-byte length."""
@@ -143,13 +150,13 @@ class FrameDecoder:
                 try:
                     obj = up.unpack()
                 except msgpack.OutOfData:
-                    self._error = RemoteProtocolError("msgpack object runs past the end of its frame")
+                    self._error = RemoteProtocolError(_RUNS_PAST)
                     raise self._error from None
                 except Exception as exc:
-                    self._error = RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}")
+                    self._error = _undecodable(exc)
                     raise self._error from None
                 if up.tell() != end:
-                    self._error = RemoteProtocolError("frame length does not match its msgpack object")
+                    self._error = RemoteProtocolError(_LENGTH_MISMATCH)
                     raise self._error
                 return [obj]
         try:
@@ -218,12 +225,12 @@ class FrameDecoder:
                     obj = unpack()
                 except msgpack.OutOfData:
                     if self._fed >= end:
-                        raise RemoteProtocolError("msgpack object runs past the end of its frame") from None
+                        raise RemoteProtocolError(_RUNS_PAST) from None
                     return
                 except Exception as exc:  # any malformed msgpack: the stream is lost
-                    raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}") from None
+                    raise _undecodable(exc) from None
                 if tell() != end:
-                    raise RemoteProtocolError("frame length does not match its msgpack object")
+                    raise RemoteProtocolError(_LENGTH_MISMATCH)
                 end = -1
                 append(obj)
         finally:
