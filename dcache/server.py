@@ -61,6 +61,12 @@ log = logging.getLogger("dcache.server")
 Handler = Callable[[list[Any]], Any]
 
 _header = HEADER.pack
+
+#: Frames up to this size are queued as one ``header + body`` chunk. uvloop
+#: writes a lone bytes object with a plain write(2); a list goes through its
+#: writev path (a write context, a buffer acquired per chunk), which costs
+#: more than the copy up to about 10 KB and less above (docs/DECISIONS.md).
+ONE_CHUNK_BYTES = 4096
 _OK = Status.OK.value
 
 #: The op slot of ``Service.op_requests``/``op_errors`` for requests no handler
@@ -456,7 +462,10 @@ class FrameProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         out = self._pending_out
         if out and not self._closed and self._transport is not None:
-            self._transport.writelines(out)  # uvloop: one writev, no join copy
+            if len(out) == 1:
+                self._transport.write(out[0])
+            else:
+                self._transport.writelines(out)  # uvloop: one writev, no join copy
         out.clear()
 
     def reply(self, rid: int, status: int, result: Any, op: int = UNKNOWN_OP) -> None:
@@ -482,8 +491,11 @@ class FrameProtocol(asyncio.Protocol):
                     body = self._too_large(rid, len(body), op)
         if self._closed or self._transport is None:
             return
-        self._pending_out.append(_header(len(body)))
-        self._pending_out.append(body)
+        if len(body) <= ONE_CHUNK_BYTES:
+            self._pending_out.append(_header(len(body)) + body)
+        else:
+            self._pending_out.append(_header(len(body)))
+            self._pending_out.append(body)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._service.queue_flush(self)

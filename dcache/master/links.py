@@ -30,6 +30,7 @@ from typing import Any, cast
 
 from ..errors import HandshakeError, RemoteProtocolError, Status, error_from_status
 from ..protocol import HEADER, PROTOCOL_VERSION, FrameDecoder, Op, pack
+from ..server import ONE_CHUNK_BYTES
 
 __all__ = ["AuxLink", "UpstreamProtocol", "Callback"]
 
@@ -131,8 +132,11 @@ class UpstreamProtocol(asyncio.Protocol):
         waiters[rid] = cb
         body = _pack([op, rid, *args])
         out = self._out
-        out.append(_header(len(body)))
-        out.append(body)
+        if len(body) <= ONE_CHUNK_BYTES:
+            out.append(_header(len(body)) + body)
+        else:
+            out.append(_header(len(body)))
+            out.append(body)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

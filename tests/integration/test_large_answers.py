@@ -42,9 +42,15 @@ async def test_master_reads_many_large_values_at_once(tmp_path):
         async with Client(m.addr, timeout=10) as c:
             for i in range(6):
                 assert await c.set(f"big{i}", VALUE)
+                assert await c.set(f"small{i}", b"s%d" % i)
             # GETs of one loop iteration are batched into one MGET towards the aux
             # node; its answer would exceed the frame limit, so they are read one by one.
             values = await asyncio.gather(*(c.get(f"big{i}") for i in range(6)))
             assert values == [VALUE] * 6
+            # Small answers leave as one chunk, large ones as header and body:
+            # mixed in one write, each still reaches its own request.
+            keys = [k for i in range(6) for k in (f"small{i}", f"big{i}")]
+            values = await asyncio.gather(*(c.get(k) for k in keys))
+            assert values == [v for i in range(6) for v in (b"s%d" % i, VALUE)]
     finally:
         cl.stop()
