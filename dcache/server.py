@@ -39,7 +39,7 @@ from .errors import (
     UnknownOpError,
 )
 from .protocol import CONNECTION_REQUEST_ID, HEADER, PROTOCOL_VERSION, Limits, Op, pack
-from .protocol.framing import FrameDecoder
+from .protocol.framing import FrameDecoder, queue_frame
 
 __all__ = [
     "LATER",
@@ -61,12 +61,6 @@ log = logging.getLogger("dcache.server")
 Handler = Callable[[list[Any]], Any]
 
 _header = HEADER.pack
-
-#: Frames up to this size are queued as one ``header + body`` chunk. uvloop
-#: writes a lone bytes object with a plain write(2); a list goes through its
-#: writev path (a write context, a buffer acquired per chunk), which costs
-#: more than the copy up to about 10 KB and less above (docs/DECISIONS.md).
-ONE_CHUNK_BYTES = 4096
 _OK = Status.OK.value
 
 #: The op slot of ``Service.op_requests``/``op_errors`` for requests no handler
@@ -491,11 +485,7 @@ class FrameProtocol(asyncio.Protocol):
                     body = self._too_large(rid, len(body), op)
         if self._closed or self._transport is None:
             return
-        if len(body) <= ONE_CHUNK_BYTES:
-            self._pending_out.append(_header(len(body)) + body)
-        else:
-            self._pending_out.append(_header(len(body)))
-            self._pending_out.append(body)
+        queue_frame(self._pending_out, body)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._service.queue_flush(self)

@@ -29,8 +29,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from ..errors import HandshakeError, RemoteProtocolError, Status, error_from_status
-from ..protocol import HEADER, PROTOCOL_VERSION, FrameDecoder, Op, pack
-from ..server import ONE_CHUNK_BYTES
+from ..protocol import PROTOCOL_VERSION, FrameDecoder, Op, pack, queue_frame
 
 __all__ = ["AuxLink", "UpstreamProtocol", "Callback"]
 
@@ -44,7 +43,6 @@ _BACKOFF_BASE_S = 0.05
 _BACKOFF_MAX_S = 1.0
 _MAX_REQUEST_ID = 2**32 - 1
 _pack = pack
-_header = HEADER.pack
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
 
@@ -130,13 +128,7 @@ class UpstreamProtocol(asyncio.Protocol):
             rid = rid + 1 if rid < _MAX_REQUEST_ID else 1
         self._next_id = rid + 1 if rid < _MAX_REQUEST_ID else 1
         waiters[rid] = cb
-        body = _pack([op, rid, *args])
-        out = self._out
-        if len(body) <= ONE_CHUNK_BYTES:
-            out.append(_header(len(body)) + body)
-        else:
-            out.append(_header(len(body)))
-            out.append(body)
+        queue_frame(self._out, _pack([op, rid, *args]))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

@@ -12,7 +12,7 @@ from .codec import (
     encode_response,
     pack,
 )
-from .framing import HEADER, HEADER_BYTES, MAX_FRAME_BYTES, FrameDecoder, encode_frame
+from .framing import HEADER, HEADER_BYTES, MAX_FRAME_BYTES, ONE_CHUNK_BYTES, FrameDecoder, encode_frame, queue_frame
 from .messages import CONNECTION_REQUEST_ID, OP_ARITY, PROTOCOL_VERSION, Op, Request, Response, SetFlag, Status
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "MAX_KEY_BYTES",
     "MAX_VALUE_BYTES",
+    "ONE_CHUNK_BYTES",
     "OP_ARITY",
     "PROTOCOL_VERSION",
     "ClientCodec",
@@ -39,4 +40,5 @@ __all__ = [
     "encode_request",
     "encode_response",
     "pack",
+    "queue_frame",
 ]

@@ -42,9 +42,11 @@ __all__ = [
     "HEADER",
     "HEADER_BYTES",
     "MAX_FRAME_BYTES",
+    "ONE_CHUNK_BYTES",
     "FrameDecoder",
     "encode_frame",
     "frame_header",
+    "queue_frame",
 ]
 
 HEADER = struct.Struct(">I")
@@ -63,6 +65,27 @@ _LENGTH_MISMATCH = "frame length does not match its msgpack object"
 
 def _undecodable(exc: Exception) -> RemoteProtocolError:
     return RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}")
+
+
+#: Frames up to this size are queued as one ``header + body`` chunk
+#: (``queue_frame``). uvloop writes a lone bytes object with a plain
+#: write(2); a list goes through its writev path (a write context, a buffer
+#: acquired per chunk), which costs more than the copy up to about 10 KB and
+#: less above (docs/DECISIONS.md).
+ONE_CHUNK_BYTES = 4096
+
+
+def queue_frame(out: list[bytes], body: bytes) -> None:
+    """Append the frame of an already-packed ``body`` to the write queue ``out``.
+
+    A small frame goes in as one chunk, a large one as header and body (no
+    copy of the body); write a queue of one chunk with ``transport.write``.
+    """
+    if len(body) <= ONE_CHUNK_BYTES:
+        out.append(HEADER.pack(len(body)) + body)
+    else:
+        out.append(HEADER.pack(len(body)))
+        out.append(body)
 
 
 def encode_frame(payload: bytes) -> bytes:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcache.errors import RemoteProtocolError, Status
-from dcache.protocol import FrameDecoder, encode_frame, encode_request, encode_response
+from dcache.protocol import ONE_CHUNK_BYTES, FrameDecoder, encode_frame, encode_request, encode_response, queue_frame
 
 # (frame bytes, decoded object) pairs; the bytes are written out by hand so
 # that the spec in docs/PROTOCOL.md and the code cannot drift together.
@@ -186,3 +186,12 @@ def test_one_whole_frame_decodes_as_when_split(frame: bytes) -> None:
         assert whole_dec.feed(GOLDEN[1][0]) == [GOLDEN[1][1]]
         assert whole_dec.feed(GOLDEN[0][0][:3]) == []
         assert whole_dec.feed(GOLDEN[0][0][3:]) == [GOLDEN[0][1]]
+
+
+def test_queue_frame_joins_small_frames_and_keeps_large_bodies_apart() -> None:
+    out: list[bytes] = []
+    small, large = b"s" * 10, b"L" * (ONE_CHUNK_BYTES + 1)
+    queue_frame(out, small)
+    queue_frame(out, large)
+    assert len(out) == 3 and out[2] is large  # the large body is not copied
+    assert b"".join(out) == encode_frame(small) + encode_frame(large)
