@@ -22,10 +22,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
+from .address import format_address, parse_address
 from .errors import ConfigError
-from .protocol import MAX_FRAME_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, Limits
+from .hlc import DEFAULT_MAX_SKEW_MS
+from .protocol import MAX_BATCH_KEYS, MAX_FRAME_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, Limits
 
 __all__ = [
+    "NodeConfig",
     "AuxConfig",
     "MasterConfig",
     "HttpConfig",
@@ -36,7 +39,6 @@ __all__ = [
     "config_fields",
     "parse_size",
     "parse_bool",
-    "parse_address",
     "DEFAULT_AUX_PORT",
 ]
 
@@ -73,29 +75,6 @@ def parse_bool(text: str | bool) -> bool:
     if t in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"not a boolean: {text!r}")
-
-
-def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """Parse ``host:port`` (``[v6]:port`` too) into ``(host, port)``."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_s = rest.lstrip(":")
-    elif text.count(":") == 1:
-        host, _, port_s = text.partition(":")
-    elif ":" not in text and default_port is not None:
-        host, port_s = text, str(default_port)
-    else:
-        raise ValueError(f"not a host:port address: {text!r}")
-    if not host:
-        raise ValueError(f"address without a host: {text!r}")
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise ValueError(f"address with a bad port: {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port out of range in {text!r}")
-    return host, port
 
 
 def _opt_str(text: str | None) -> str | None:
@@ -185,30 +164,35 @@ def _opt_address(text: Any) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
-class AuxConfig:
-    """Settings of an aux (data) node: ``dcache aux``."""
+class NodeConfig:
+    """Settings every node that serves the native protocol shares (aux nodes and masters).
+
+    The roles' configs extend it; ``dcache.server.Service`` reads these.
+    """
 
     host: str = opt("127.0.0.1", "address to listen on (loopback unless told otherwise)", _str)
-    port: int = opt(DEFAULT_AUX_PORT, "TCP port to listen on; 0 picks a free port", _int)
-    node_id: str = opt("", "stable node id (default: aux-HOST-PORT of the bound address)", _str)
-    data_dir: str | None = opt(None, "directory for snapshots (none: memory only)", _opt_str, "DIR")
-    max_memory: int = opt(256 * 1024**2, "byte budget for keys + values + per-entry overhead (e.g. 256MB)", parse_size, "SIZE")
-    max_items: int = opt(0, "most entries held; 0 = no item cap", _int)
+    port: int = opt(0, "TCP port to listen on; 0 picks a free port", _int)
+    node_id: str = opt("", "stable node id", _str)
     max_key_bytes: int = opt(MAX_KEY_BYTES, "largest key accepted", parse_size, "SIZE")
     max_value_bytes: int = opt(MAX_VALUE_BYTES, "largest value accepted", parse_size, "SIZE")
     max_frame_bytes: int = opt(MAX_FRAME_BYTES, "largest protocol frame accepted", parse_size, "SIZE")
+    max_batch_keys: int = opt(MAX_BATCH_KEYS, "most keys or entries in one request (MGET, MSET, APPLY...); above: TOO_MANY_KEYS", _int, "N")
+    max_clock_skew: float = opt(
+        DEFAULT_MAX_SKEW_MS / 1000,
+        "seconds a version from another node may be ahead of this node's clock; beyond: refused (CLOCK_SKEW)",
+        _float,
+        "S",
+    )
     auth_token: str | None = opt(None, "token clients must present in HELLO (none: no auth)", _opt_str, "TOKEN")
-    snapshot_interval: float = opt(10.0, "seconds between snapshots (needs --data-dir); 0 disables", _float, "S")
-    expiry_interval: float = opt(0.1, "seconds between active-expiry sweeps", _float, "S")
-    expiry_batch: int = opt(200, "most expired keys removed per sweep (bounds loop stalls)", _int)
-    shutdown_grace: float = opt(5.0, "seconds to let connections finish on SIGTERM/SIGINT", _float, "S")
-    join: str | None = opt(None, "HOST:PORT of a master to join (and to hand data to on SIGTERM)", _opt_address, "ADDR")
-    weight: float = opt(1.0, "share of the ring relative to other aux nodes", _float, "W")
-    advertise: str | None = opt(None, "HOST:PORT masters should use to reach this node (default: the bound address)", _opt_address, "ADDR")
-    leave_timeout: float = opt(120.0, "seconds to wait on SIGTERM for the master to move this node's data away", _float, "S")
-    zookeeper: str | None = opt(None, "ZooKeeper ensemble HOST:PORT[,HOST:PORT...] to register in (instead of --join)", _opt_hosts, "HOSTS")
-    cluster: str = opt("dcache", "cluster name: the ZooKeeper namespace /dcache/NAME (with --zookeeper)", _str, "NAME")
-    zk_session_timeout: float = opt(10.0, "ZooKeeper session timeout: a dead node's registration ends after it", _float, "S")
+    max_connections: int = opt(10_000, "most client connections open at once; one more is refused (OVERLOADED)", _int, "N")
+    max_input_buffer: int = opt(
+        64 * 1024**2, "most bytes of partial frames buffered across all connections; past it the largest are closed", parse_size, "SIZE"
+    )
+    idle_timeout: float = opt(0.0, "close a connection that sent nothing for this many seconds; 0 = never", _float, "S")
+    frame_timeout: float = opt(
+        30.0, "close a connection whose frame is not complete this many seconds after it started; 0 = never", _float, "S"
+    )
+    shutdown_grace: float = opt(5.0, "seconds to let requests in flight finish on SIGTERM/SIGINT", _float, "S")
     log_level: str = opt("info", "debug, info, warning or error", _str)
     metrics_port: int | None = opt(
         None, "serve Prometheus metrics at http://HOST:PORT/metrics on --host (none: off; 0 picks a free port)", _opt(_int), "PORT"
@@ -218,18 +202,12 @@ class AuxConfig:
         _check_port("port", self.port)
         if self.metrics_port is not None:
             _check_port("metrics_port", self.metrics_port)
-        _check_positive(self, "weight", "leave_timeout", "zk_session_timeout")
-        if self.zookeeper and self.join:
-            raise ConfigError("zookeeper: --zookeeper and --join are exclusive (register in ZooKeeper or join a master)")
-        _check_cluster_name(self.cluster)
-        _check_positive(self, "max_memory", "max_key_bytes", "max_value_bytes", "max_frame_bytes")
-        _check_positive(self, "expiry_interval", "expiry_batch")
-        if self.max_items < 0:
-            raise ConfigError("max_items: must be >= 0")
-        if self.snapshot_interval < 0:
-            raise ConfigError("snapshot_interval: must be >= 0")
-        if self.shutdown_grace < 0:
-            raise ConfigError("shutdown_grace: must be >= 0")
+        _check_positive(self, "max_key_bytes", "max_value_bytes", "max_frame_bytes", "max_batch_keys", "max_connections")
+        _check_positive(self, "max_input_buffer")
+        for name in ("max_clock_skew", "idle_timeout", "frame_timeout", "shutdown_grace"):
+            value = getattr(self, name)
+            if not value >= 0 or value != value:
+                raise ConfigError(f"{name}: must be >= 0, got {value!r}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: {self.log_level!r} is not debug, info, warning or error")
         try:
@@ -240,19 +218,58 @@ class AuxConfig:
     @property
     def limits(self) -> Limits:
         """The wire limits these settings imply."""
-        return Limits(self.max_frame_bytes, self.max_key_bytes, self.max_value_bytes)
+        return Limits(
+            self.max_frame_bytes,
+            self.max_key_bytes,
+            self.max_value_bytes,
+            self.max_batch_keys,
+            int(self.max_clock_skew * 1000),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuxConfig(NodeConfig):
+    """Settings of an aux (data) node: ``dcache aux``."""
+
+    port: int = opt(DEFAULT_AUX_PORT, "TCP port to listen on; 0 picks a free port", _int)
+    node_id: str = opt("", "stable node id (default: aux-HOST-PORT of the bound address)", _str)
+    data_dir: str | None = opt(None, "directory for snapshots (none: memory only)", _opt_str, "DIR")
+    max_memory: int = opt(256 * 1024**2, "byte budget for keys + values + per-entry overhead (e.g. 256MB)", parse_size, "SIZE")
+    max_items: int = opt(0, "most entries held; 0 = no item cap", _int)
+    snapshot_interval: float = opt(10.0, "seconds between snapshots (needs --data-dir); 0 disables", _float, "S")
+    expiry_interval: float = opt(0.1, "seconds between active-expiry sweeps", _float, "S")
+    expiry_batch: int = opt(200, "most expired keys removed per sweep (bounds loop stalls)", _int)
+    join: str | None = opt(None, "HOST:PORT of a master to join (and to hand data to on SIGTERM)", _opt_address, "ADDR")
+    weight: float = opt(1.0, "share of the ring relative to other aux nodes", _float, "W")
+    advertise: str | None = opt(None, "HOST:PORT masters should use to reach this node (default: the bound address)", _opt_address, "ADDR")
+    leave_timeout: float = opt(120.0, "seconds to wait on SIGTERM for the master to move this node's data away", _float, "S")
+    zookeeper: str | None = opt(None, "ZooKeeper ensemble HOST:PORT[,HOST:PORT...] to register in (instead of --join)", _opt_hosts, "HOSTS")
+    cluster: str = opt("dcache", "cluster name: the ZooKeeper namespace /dcache/NAME (with --zookeeper)", _str, "NAME")
+    zk_session_timeout: float = opt(10.0, "ZooKeeper session timeout: a dead node's registration ends after it", _float, "S")
+
+    def __post_init__(self) -> None:
+        NodeConfig.__post_init__(self)
+        _check_positive(self, "weight", "leave_timeout", "zk_session_timeout")
+        if self.zookeeper and self.join:
+            raise ConfigError("zookeeper: --zookeeper and --join are exclusive (register in ZooKeeper or join a master)")
+        _check_cluster_name(self.cluster)
+        _check_positive(self, "max_memory", "expiry_interval", "expiry_batch")
+        if self.max_items < 0:
+            raise ConfigError("max_items: must be >= 0")
+        if self.snapshot_interval < 0:
+            raise ConfigError("snapshot_interval: must be >= 0")
 
 
 DEFAULT_MASTER_PORT = 7000
 
 
 @dataclass(frozen=True, slots=True)
-class MasterConfig:
+class MasterConfig(NodeConfig):
     """Settings of a master (router) node: ``dcache master``."""
 
-    host: str = opt("127.0.0.1", "address to listen on (loopback unless told otherwise)", _str)
     port: int = opt(DEFAULT_MASTER_PORT, "TCP port to listen on; 0 picks a free port", _int)
     node_id: str = opt("", "stable master id (default: master-HOST-PORT of the bound address)", _str)
+    auth_token: str | None = opt(None, "token clients must present in HELLO; also sent to aux nodes", _opt_str, "TOKEN")
     aux: tuple[tuple[str, str, int], ...] = opt(
         (), "seed aux nodes as ID=HOST:PORT,ID=HOST:PORT (more can --join later)", _aux_seeds, "LIST"
     )
@@ -261,13 +278,17 @@ class MasterConfig:
     )
     replicas: int = opt(1, "copies of each key (on the first N distinct ring owners)", _int, "N")
     write_quorum: int = opt(0, "owners that must apply a write before it is acknowledged; 0 = every live owner", _int, "N")
-    max_key_bytes: int = opt(MAX_KEY_BYTES, "largest key accepted", parse_size, "SIZE")
-    max_value_bytes: int = opt(MAX_VALUE_BYTES, "largest value accepted", parse_size, "SIZE")
-    max_frame_bytes: int = opt(MAX_FRAME_BYTES, "largest protocol frame accepted", parse_size, "SIZE")
-    auth_token: str | None = opt(None, "token clients must present in HELLO; also sent to aux nodes", _opt_str, "TOKEN")
     aux_timeout: float = opt(2.0, "seconds to wait for an aux node's answer before trying the next owner", _float, "S")
+    suspect_after: float = opt(
+        0.5,
+        "an aux node that has answered nothing for this many seconds while requests wait is suspected: "
+        "reads skip it and writes stop waiting for it once another owner applied them",
+        _float,
+        "S",
+    )
     aux_connections: int = opt(2, "pipelined connections to each aux node", _int, "N")
-    health_interval: float = opt(0.5, "seconds between health pings to each aux node (coordinator)", _float, "S")
+    health_interval: float = opt(0.4, "seconds between health pings to each aux node (coordinator)", _float, "S")
+    health_timeout: float = opt(0.5, "seconds a health ping may take before it counts as missed", _float, "S")
     health_failures: int = opt(3, "missed pings in a row that mark an aux node down", _int, "K")
     follow_interval: float = opt(0.5, "seconds between ring polls of a follower master", _float, "S")
     zookeeper: str | None = opt(
@@ -280,7 +301,6 @@ class MasterConfig:
     zk_session_timeout: float = opt(10.0, "ZooKeeper session timeout: a dead master's leadership ends after it", _float, "S")
     migration_batch: int = opt(1000, "keys per page when moving data between aux nodes", _int, "N")
     migration_rate: int = opt(0, "most keys moved per second per stream; 0 = unthrottled", _int, "N")
-    shutdown_grace: float = opt(5.0, "seconds to let in-flight requests finish on SIGTERM/SIGINT", _float, "S")
     recovery_window: float = opt(
         4.0,
         "a restarted coordinator that no follower hands the last ring waits this long for the aux nodes "
@@ -288,19 +308,13 @@ class MasterConfig:
         _float,
         "S",
     )
-    log_level: str = opt("info", "debug, info, warning or error", _str)
-    metrics_port: int | None = opt(
-        None, "serve Prometheus metrics at http://HOST:PORT/metrics on --host (none: off; 0 picks a free port)", _opt(_int), "PORT"
-    )
 
     def __post_init__(self) -> None:
-        _check_port("port", self.port)
-        if self.metrics_port is not None:
-            _check_port("metrics_port", self.metrics_port)
+        NodeConfig.__post_init__(self)
         if self.recovery_window < 0:
             raise ConfigError("recovery_window: must be >= 0")
-        _check_positive(self, "max_key_bytes", "max_value_bytes", "max_frame_bytes", "aux_timeout", "aux_connections")
-        _check_positive(self, "health_interval", "health_failures", "follow_interval", "migration_batch", "replicas")
+        _check_positive(self, "aux_timeout", "aux_connections", "suspect_after")
+        _check_positive(self, "health_interval", "health_timeout", "health_failures", "follow_interval", "migration_batch", "replicas")
         _check_positive(self, "zk_session_timeout")
         if self.zookeeper and (self.coordinator or self.aux):
             raise ConfigError("zookeeper: --zookeeper excludes --coordinator and --aux (membership lives in ZooKeeper)")
@@ -309,19 +323,6 @@ class MasterConfig:
             raise ConfigError(f"write_quorum: must be between 0 and replicas ({self.replicas})")
         if self.migration_rate < 0:
             raise ConfigError("migration_rate: must be >= 0")
-        if self.shutdown_grace < 0:
-            raise ConfigError("shutdown_grace: must be >= 0")
-        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise ConfigError(f"log_level: {self.log_level!r} is not debug, info, warning or error")
-        try:
-            self.limits  # noqa: B018 - validates the combination
-        except ValueError as exc:
-            raise ConfigError(f"max_frame_bytes: {exc}") from None
-
-    @property
-    def limits(self) -> Limits:
-        """The wire limits these settings imply."""
-        return Limits(self.max_frame_bytes, self.max_key_bytes, self.max_value_bytes)
 
 
 C = TypeVar("C")
@@ -411,7 +412,7 @@ def _masters(text: Any) -> tuple[str, ...]:
     for part in parts:
         if part.strip():
             host, port = parse_address(part)
-            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            out.append(format_address(host, port))
     if not out:
         raise ValueError("at least one master HOST:PORT is required")
     return tuple(out)

@@ -30,9 +30,9 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from .address import parse_address
 from .client import Client
 from .client.connection import open_connection
-from .config import parse_address
 from .lru.snapshot import load, pack_entries, write_packed
 from .protocol import Op
 from .ring import HashRing

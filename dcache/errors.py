@@ -39,6 +39,10 @@ __all__ = [
     "InternalServerError",
     "UnavailableError",
     "UpstreamTimeoutError",
+    "ClockSkewError",
+    "SupersededError",
+    "TooManyKeysError",
+    "OverloadedError",
     "error_from_status",
 ]
 
@@ -63,6 +67,10 @@ class Status(IntEnum):
     INTERNAL = 11
     UNAVAILABLE = 12
     UPSTREAM_TIMEOUT = 13
+    CLOCK_SKEW = 14
+    SUPERSEDED = 15
+    TOO_MANY_KEYS = 16
+    OVERLOADED = 17
 
 
 class DCacheError(Exception):
@@ -208,6 +216,39 @@ class UpstreamTimeoutError(ServerError):
     """A master timed out waiting for the aux node that owns the key."""
 
     status = Status.UPSTREAM_TIMEOUT
+
+
+class ClockSkewError(ServerError):
+    """A version from another node is further ahead of this node's clock than ``--max-clock-skew``.
+
+    Nothing of the request was applied. A version that far ahead would push
+    this node's hybrid clock into the future (every later write would carry
+    it), so it is refused and counted instead.
+    """
+
+    status = Status.CLOCK_SKEW
+
+
+class SupersededError(ServerError):
+    """A write did not take effect: an owner of the key holds a newer version.
+
+    A master first moves its clock past the version it learns and sends the
+    write again; this error means a newer write (a concurrent one) still won.
+    """
+
+    status = Status.SUPERSEDED
+
+
+class TooManyKeysError(ServerError):
+    """More keys (or entries) in one request than the server's ``--max-batch-keys``; split the request."""
+
+    status = Status.TOO_MANY_KEYS
+
+
+class OverloadedError(ServerError):
+    """The node is at its connection limit or its input-buffer cap; it closes the connection. Try again later."""
+
+    status = Status.OVERLOADED
 
 
 def error_from_status(status: int, message: str) -> ServerError:

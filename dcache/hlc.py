@@ -1,15 +1,24 @@
-"""Hybrid logical clock: the version every write carries.
+"""Hybrid logical clock: the version every write carries, and the one wall clock helper.
 
 A version is a 64-bit integer ``(wall_ms << 22) | (counter << 10) | node_tag``:
 42 bits of wall-clock milliseconds (enough until the year 2109), a 12-bit
 counter for writes within one millisecond, and a 10-bit tag derived from the
 issuing node's id, so two nodes never issue the same version. Versions from
-one clock strictly increase even if the wall clock steps back; ``observe``
-folds in a version seen from elsewhere so the clock never issues one older
-than what it has seen.
+one clock strictly increase even if the wall clock steps back.
 
 Comparing versions orders writes by time (last writer wins); ties between
 nodes in the same millisecond are broken by counter, then by tag.
+
+Receive rule and skew bound
+---------------------------
+``observe`` folds in a version seen from elsewhere, so the next version this
+clock issues is newer than anything it has seen (a node that received a
+write "from the future" makes its own next write win). A version from
+outside is a suspect: one further ahead of the local wall clock than the
+skew bound (``--max-clock-skew``) is refused by the protocol's parsers
+(``version_ceiling``) before it reaches a clock, and ``observe`` itself
+ignores it, so no input can push a clock past what it can pack or
+poison every later write with a version from the year 2100.
 """
 
 from __future__ import annotations
@@ -19,13 +28,32 @@ from collections.abc import Callable
 
 import xxhash
 
-__all__ = ["HybridClock", "node_tag", "version_wall_ms"]
+__all__ = [
+    "DEFAULT_MAX_SKEW_MS",
+    "MAX_VERSION",
+    "HybridClock",
+    "node_tag",
+    "version_ceiling",
+    "version_wall_ms",
+    "wall_ms",
+]
 
 _TAG_BITS = 10
 _COUNTER_BITS = 12
 _TAG_MASK = (1 << _TAG_BITS) - 1
 _COUNTER_MAX = (1 << _COUNTER_BITS) - 1
 _LOW_BITS = _TAG_BITS + _COUNTER_BITS
+_LOW_MASK = (1 << _LOW_BITS) - 1
+
+#: The largest version that fits the 64-bit field.
+MAX_VERSION = (1 << 64) - 1
+#: Default bound on how far a received version may be ahead of the local wall clock.
+DEFAULT_MAX_SKEW_MS = 5_000
+
+
+def wall_ms() -> int:
+    """Wall-clock time in integer milliseconds (the one clock every module uses)."""
+    return time.time_ns() // 1_000_000
 
 
 def node_tag(node_id: str) -> int:
@@ -38,23 +66,26 @@ def version_wall_ms(version: int) -> int:
     return version >> _LOW_BITS
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
+def version_ceiling(now_ms: int, max_skew_ms: int) -> int:
+    """The largest version acceptable from outside at ``now_ms`` with skew bound ``max_skew_ms``."""
+    return min(MAX_VERSION, ((now_ms + max_skew_ms) << _LOW_BITS) | _LOW_MASK)
 
 
 class HybridClock:
     """Issues strictly increasing versions for one node.
 
-    ``clock`` returns wall-clock milliseconds; tests pass a fake one.
+    ``clock`` returns wall-clock milliseconds (tests pass a fake one);
+    ``max_skew_ms`` bounds how far ahead of it an observed version may be.
     """
 
-    __slots__ = ("_tag", "_clock", "_ms", "_counter")
+    __slots__ = ("_tag", "_clock", "_ms", "_counter", "_max_skew_ms")
 
-    def __init__(self, node_id: str, clock: Callable[[], int] = _wall_ms) -> None:
+    def __init__(self, node_id: str, clock: Callable[[], int] = wall_ms, max_skew_ms: int = DEFAULT_MAX_SKEW_MS) -> None:
         self._tag = node_tag(node_id)
         self._clock = clock
         self._ms = 0
         self._counter = 0
+        self._max_skew_ms = max_skew_ms
 
     def next(self) -> int:
         """A new version, greater than every version issued or observed."""
@@ -69,10 +100,22 @@ class HybridClock:
                 self._counter = 0
         return (self._ms << _LOW_BITS) | (self._counter << _TAG_BITS) | self._tag
 
-    def observe(self, version: int) -> None:
-        """Move the clock past ``version`` (one received from another node)."""
+    def observe(self, version: int) -> bool:
+        """Move the clock past ``version`` (the receive rule); return whether it was accepted.
+
+        A version further ahead of the wall clock than the skew bound is
+        ignored (``False``): the parsers refuse such versions before they get
+        here, so this is the last line of defence, not the check.
+        """
         ms = version >> _LOW_BITS
+        if ms > self._clock() + self._max_skew_ms:
+            return False
         counter = (version >> _TAG_BITS) & _COUNTER_MAX
         if ms > self._ms or (ms == self._ms and counter > self._counter):
             self._ms = ms
             self._counter = counter
+        return True
+
+    def ceiling(self) -> int:
+        """The largest version this clock accepts from outside right now."""
+        return version_ceiling(self._clock(), self._max_skew_ms)

@@ -2,10 +2,13 @@
 
 The daemons keep their figures as plain ints (``Service.op_requests``, the
 cache's ``hits``, the router's ``RouterStats``, ...); nothing here runs per
-request. At scrape time ``AuxCollector`` and ``MasterCollector`` read those
-ints and yield metric families (client_python's "Custom Collectors"), so the
-label sets are fixed: op names, member states and aux node ids, never
-anything taken from a request. docs/METRICS.md lists every family.
+request. At scrape time a collector reads those ints and yields metric
+families (client_python's "Custom Collectors"), so the label sets are fixed:
+op names, member states and aux node ids, never anything taken from a
+request. ``ServiceCollector`` has the families every daemon shares; each
+role's collector sits next to the role (``dcache.auxnode.metrics``,
+``dcache.master.metrics``) and extends it. docs/METRICS.md lists every
+family.
 
 ``start_metrics_server`` serves ``GET /metrics`` with aiohttp on the
 daemon's ``--host`` and ``--metrics-port``. This module is imported only
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
@@ -30,16 +33,25 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .address import format_address
 from .protocol import Op
 from .server import UNKNOWN_OP, Histogram, Service
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from .auxnode.node import AuxNode
-    from .master.node import MasterNode
-
-__all__ = ["AuxCollector", "MasterCollector", "MetricsServer", "start_metrics_server", "registry_for", "op_name"]
+__all__ = [
+    "MetricsServer",
+    "ServiceCollector",
+    "counter",
+    "gauge",
+    "histogram",
+    "op_name",
+    "plain_counter",
+    "plain_gauge",
+    "registry_for",
+    "start_metrics_server",
+]
 
 log = logging.getLogger("dcache.metrics")
 
@@ -52,7 +64,7 @@ def op_name(op: int) -> str:
     return _OP_NAMES.get(op, str(op))
 
 
-def _histogram(family: HistogramMetricFamily, labels: list[str], h: Histogram) -> None:
+def histogram(family: HistogramMetricFamily, labels: list[str], h: Histogram) -> None:
     """Add a plain ``Histogram`` to ``family`` (cumulative buckets, as Prometheus wants)."""
     buckets: list[tuple[str, float]] = []
     total = 0
@@ -95,163 +107,52 @@ class ServiceCollector(Collector):
         )
         for op, h in s.op_latency.items():
             if any(h.counts):
-                _histogram(latency, [role, op_name(op)], h)
+                histogram(latency, [role, op_name(op)], h)
         yield latency
         batch = HistogramMetricFamily(
             "dcache_batch_seconds",
             "Time to decode, run and answer all the requests one read delivered (one data_received call).",
             labels=["role"],
         )
-        _histogram(batch, [role], s.batch_latency)
+        histogram(batch, [role], s.batch_latency)
         yield batch
-        yield _gauge("dcache_connections", "Client connections open now.", role, len(s.state.connections))
-        yield _counter("dcache_connections_accepted", "Client connections accepted.", role, s.state.total_connections)
-        yield _counter("dcache_protocol_errors", "Connections closed for a framing or protocol error.", role, s.protocol_errors_total)
+        yield gauge("dcache_connections", "Client connections open now.", role, len(s.state.connections))
+        yield counter("dcache_connections_accepted", "Client connections accepted.", role, s.state.total_connections)
+        yield counter("dcache_protocol_errors", "Connections closed for a framing or protocol error.", role, s.protocol_errors_total)
+        yield counter(
+            "dcache_connections_rejected", "Connections refused at the connection limit (--max-connections).", role, s.rejected_connections
+        )
+        yield counter("dcache_idle_timeouts", "Connections closed after --idle-timeout without a request.", role, s.idle_timeouts)
+        yield counter(
+            "dcache_frame_timeouts", "Connections closed for a frame not completed within --frame-timeout.", role, s.frame_timeouts
+        )
+        yield counter(
+            "dcache_input_overflows", "Connections closed because partial frames exceeded --max-input-buffer.", role, s.input_overflows
+        )
+        yield gauge("dcache_input_buffered_bytes", "Bytes of partial frames buffered across every connection.", role, s.buffered_input)
+        yield counter(
+            "dcache_versions_refused", "Requests refused because a version was too far ahead (--max-clock-skew).", role, s.versions_refused
+        )
 
 
-def _gauge(name: str, doc: str, role: str, value: float) -> GaugeMetricFamily:
+def gauge(name: str, doc: str, role: str, value: float) -> GaugeMetricFamily:
     g = GaugeMetricFamily(name, doc, labels=["role"])
     g.add_metric([role], value)
     return g
 
 
-def _counter(name: str, doc: str, role: str, value: float) -> CounterMetricFamily:
+def counter(name: str, doc: str, role: str, value: float) -> CounterMetricFamily:
     c = CounterMetricFamily(name, doc, labels=["role"])
     c.add_metric([role], value)
     return c
 
 
-def _plain_gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+def plain_gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
-def _plain_counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+def plain_counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
-
-
-class AuxCollector(ServiceCollector):
-    """An aux node's metrics: the common families plus the cache and snapshots."""
-
-    def __init__(self, node: AuxNode) -> None:
-        super().__init__(node)
-        self.node = node
-
-    def collect(self) -> Iterator[Metric]:
-        yield from super().collect()
-        c = self.node.cache
-        yield _plain_counter("dcache_cache_hits", "Reads that found a live key.", c.hits)
-        yield _plain_counter("dcache_cache_misses", "Reads that found no live key.", c.misses)
-        yield _plain_counter("dcache_cache_evictions", "Entries evicted to stay within --max-memory / --max-items.", c.evictions)
-        yield _plain_counter("dcache_cache_expirations", "Entries removed because their TTL passed.", c.expirations)
-        yield _plain_gauge("dcache_cache_items", "Entries held (live or not yet swept).", len(c))
-        yield _plain_gauge("dcache_cache_bytes", "Bytes accounted to entries (keys, values, per-entry overhead).", c.bytes_used)
-        yield _plain_gauge("dcache_cache_max_bytes", "The byte budget (--max-memory).", c.max_bytes)
-        yield _plain_gauge("dcache_cache_max_items", "The entry cap (--max-items; 0 = none).", c.max_items)
-        snap = self.node.snapshots
-        st = snap.stats()
-        yield _plain_gauge("dcache_snapshot_age_seconds", "Age of the newest snapshot on disk; -1 if there is none.", st["snapshot_age_s"])
-        yield _plain_gauge("dcache_snapshot_duration_seconds", "Time the last successful snapshot took.", snap.last_duration_s)
-        yield _plain_counter("dcache_snapshots_taken", "Snapshots written successfully.", st["snapshots_taken"])
-        yield _plain_counter("dcache_snapshot_failures", "Snapshots that failed to be written.", st["snapshot_failures"])
-        yield _plain_counter("dcache_snapshots_rejected", "Snapshot files found invalid at load time.", st["snapshots_rejected"])
-        yield _plain_gauge("dcache_snapshot_loaded_keys", "Keys loaded from a snapshot at start-up.", st["snapshot_loaded_keys"])
-
-
-class MasterCollector(ServiceCollector):
-    """A master's metrics: the common families plus ring, health, routing, migration and links."""
-
-    def __init__(self, node: MasterNode) -> None:
-        super().__init__(node)
-        self.node = node
-
-    def collect(self) -> Iterator[Metric]:
-        from .master.view import MEMBER_STATES, UP
-
-        yield from super().collect()
-        node = self.node
-        view = node.router.view
-        yield _plain_gauge("dcache_ring_epoch", "Epoch of the cluster view this master routes by.", view.epoch)
-        yield _plain_gauge("dcache_ring_seq", "Sequence number of the view within its epoch.", view.seq)
-        yield _plain_gauge("dcache_ring_replicas", "Copies kept of each key.", view.replicas)
-        members = GaugeMetricFamily("dcache_ring_members", "Aux nodes in the view, by state.", labels=["state"])
-        counts = dict.fromkeys(MEMBER_STATES, 0)
-        for m in view.members.values():
-            counts[m.state] = counts.get(m.state, 0) + 1
-        for state, n in counts.items():
-            members.add_metric([state], n)
-        yield members
-        up = GaugeMetricFamily("dcache_aux_up", "1 if the aux node is up in the view (answers health checks), else 0.", labels=["node"])
-        for node_id, m in sorted(view.members.items()):
-            up.add_metric([node_id], 1 if m.state == UP else 0)
-        yield up
-        yield _plain_gauge(
-            "dcache_migrating", "1 while data moves between aux nodes after a ring change, else 0.", int(view.prev_ring is not None)
-        )
-        rs = node.router.stats
-        yield _plain_counter("dcache_read_fallbacks", "Reads retried on the next owner after one did not answer.", rs.fallbacks)
-        yield _plain_counter("dcache_read_repairs", "Copies written back to owners that missed a key another owner had.", rs.repairs)
-        yield _plain_counter("dcache_unavailable", "Requests answered UNAVAILABLE: no owner of the key answered.", rs.unavailable)
-        yield _plain_counter("dcache_partial_writes", "Writes acknowledged although some live owner did not apply them.", rs.partial_writes)
-        yield from self._links()
-        yield from self._migration()
-        yield from self._membership()
-
-    def _links(self) -> Iterable[Metric]:
-        links = sorted(self.node.links.items())
-        requests = CounterMetricFamily("dcache_upstream_requests", "Requests sent to the aux node.", labels=["node"])
-        failures = CounterMetricFamily(
-            "dcache_upstream_failures", "Requests to the aux node that failed (not connected, timed out).", labels=["node"]
-        )
-        in_flight = GaugeMetricFamily("dcache_upstream_in_flight", "Requests sent to the aux node and not yet answered.", labels=["node"])
-        conns = GaugeMetricFamily("dcache_upstream_connections", "Open connections to the aux node.", labels=["node"])
-        size = GaugeMetricFamily("dcache_upstream_pool_size", "Connections kept to each aux node (--aux-connections).", labels=["node"])
-        for node_id, link in links:
-            requests.add_metric([node_id], link.requests)
-            failures.add_metric([node_id], link.failures_total)
-            in_flight.add_metric([node_id], link.in_flight)
-            conns.add_metric([node_id], link.open_connections)
-            size.add_metric([node_id], link.pool_size)
-        return [requests, failures, in_flight, conns, size]
-
-    def _membership(self) -> Iterable[Metric]:
-        membership = self.node.membership
-        leading = membership.role in ("coordinator", "zk-leader")
-        out: list[Metric] = [
-            _plain_gauge(
-                "dcache_coordinating", "1 if this master decides membership (coordinator or ZooKeeper leader), else 0.", int(leading)
-            )
-        ]
-        zk = getattr(membership, "zk", None)
-        if zk is not None:
-            st = zk.status()
-            out.append(
-                _plain_gauge(
-                    "dcache_zookeeper_connected", "1 while the ZooKeeper session is connected, else 0.", int(st["zookeeper_connected"])
-                )
-            )
-            out.append(
-                _plain_gauge(
-                    "dcache_zookeeper_disconnected_seconds",
-                    "Seconds since the ZooKeeper connection was lost (0 while connected); the master routes by its last ring meanwhile.",
-                    st["zookeeper_disconnected_s"],
-                )
-            )
-            out.append(_plain_counter("dcache_zookeeper_sessions", "ZooKeeper sessions established since start.", st["zookeeper_sessions"]))
-        return out
-
-    def _migration(self) -> Iterable[Metric]:
-        migrator = getattr(self.node.membership, "migrator", None)
-        if migrator is None:  # a follower: the coordinator moves the data
-            return []
-        return [
-            _plain_gauge(
-                "dcache_migration_streams", "Streams (source, destination pairs) of the current or last migration.", migrator.streams_total
-            ),
-            _plain_gauge("dcache_migration_streams_done", "Streams of the current or last migration that finished.", migrator.streams_done),
-            _plain_gauge("dcache_migration_progress_keys", "Keys copied by the current or last migration.", migrator.keys_moved),
-            _plain_counter("dcache_migration_keys_moved", "Keys copied by all migrations since start.", migrator.keys_moved_total),
-            _plain_counter("dcache_migrations", "Migrations run since start.", migrator.migrations_total),
-        ]
 
 
 def registry_for(collector: Collector, *, process: bool = True) -> CollectorRegistry:
@@ -273,8 +174,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"http://{format_address(self.host, self.port)}/metrics"
 
     async def close(self) -> None:
         await self.runner.cleanup()

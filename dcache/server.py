@@ -1,21 +1,45 @@
 """The TCP shell shared by every dcache daemon that speaks the native protocol.
 
 ``FrameProtocol`` is an ``asyncio.Protocol`` that owns a ``FrameDecoder``:
-``data_received`` feeds it and dispatches every complete request to the
-service's handler table. Synchronous handlers (the aux node's) answer in the
-same call; all answers produced by one ``data_received`` leave in a single
-``transport.write``. Handlers that must wait (a master forwarding to an aux
-node) return an awaitable; their answers are queued and flushed together at
-the end of the loop iteration.
+``data_received`` feeds it and dispatches every complete request through the
+connection's op table: the op's parser (``dcache.protocol.ops``) turns the
+request into valid arguments, then the role's handler is called as
+``handler(connection, request_id, args)``. Synchronous handlers (the aux
+node's) answer in the same call; all answers produced by one
+``data_received`` leave in a single ``transport.write``. Handlers that must
+wait (a master forwarding to an aux node) return ``LATER`` and answer through
+``FrameProtocol.reply``, or return ``deferred(awaitable)``; such answers are
+queued and flushed together at the end of the loop iteration.
 
-Flow control: when the transport's write buffer passes its high-water mark
-(``pause_writing``) the protocol stops reading from that client until the
-buffer drains, so a client that pipelines without reading cannot grow the
-server's memory.
+Credentials. The service builds one op table per credential level once, at
+start; a connection points at the table of the level it has proved, so the
+check costs nothing per request. On a node with an auth token a connection
+starts at ``Credential.NONE`` (only HELLO, in frames of at most
+``MAX_HELLO_FRAME_BYTES``), and a HELLO with the right token moves it up.
 
-``ServerState`` tracks connections and background tasks for graceful
-shutdown: stop accepting, let buffered answers drain up to a grace period,
-then close what is left.
+Bounds (docs/OPERATIONS.md, "Limits"), counted in ``Service`` counters:
+
+* connections: at most ``max_connections``; one more gets an ``OVERLOADED``
+  error frame and is closed, with a rate-limited WARNING;
+* input: the partial frames buffered across all connections stay below
+  ``max_input_buffer``; past it the connections holding the most are closed
+  (``OVERLOADED``);
+* time: a frame that has started arriving must be complete within
+  ``frame_timeout``; a connection with no request in ``idle_timeout`` (if
+  set) is closed. One sweeper task per service checks both, from a coarse
+  clock, so the hot path only stores an attribute;
+* requests in flight per connection: above ``MAX_IN_FLIGHT`` answers owed,
+  the connection stops being read until half of them are sent;
+* output: when the transport's write buffer passes its high-water mark
+  (``pause_writing``) the connection stops being read until it drains.
+
+A connection holds no reference cycle (the handlers live in the service's
+tables, not as bound methods on the connection), so its memory, the decoder's
+buffer included, is freed as soon as the transport lets go of it.
+
+``Service.shutdown`` is the graceful stop: stop accepting, give requests in
+flight up to a grace period, close the connections, cancel the background
+tasks.
 """
 
 from __future__ import annotations
@@ -24,26 +48,42 @@ import asyncio
 import hmac
 import logging
 import socket
+import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any, cast
 
+from .address import format_address
+from .config import NodeConfig
 from .errors import (
     AuthError,
     BadArgumentsError,
     HandshakeError,
+    OverloadedError,
     RemoteProtocolError,
     ServerError,
     Status,
     UnknownOpError,
 )
-from .protocol import CONNECTION_REQUEST_ID, HEADER, PROTOCOL_VERSION, Limits, Op, pack
+from .protocol import (
+    CONNECTION_REQUEST_ID,
+    HEADER,
+    MAX_HELLO_FRAME_BYTES,
+    OPS,
+    PROTOCOL_VERSION,
+    UINT64_MAX,
+    Credential,
+    Op,
+    pack,
+)
 from .protocol.framing import FrameDecoder, queue_frame
+from .protocol.ops import Parser
 
 __all__ = [
     "LATER",
     "LATENCY_BUCKETS",
+    "MAX_IN_FLIGHT",
     "UNKNOWN_OP",
     "Handler",
     "Histogram",
@@ -56,16 +96,21 @@ __all__ = [
 
 log = logging.getLogger("dcache.server")
 
-#: A request handler: takes the decoded request array, returns the result
-#: (or an awaitable of it, for services that forward), raises ``ServerError``.
-Handler = Callable[[list[Any]], Any]
+#: A request handler: ``(connection, request_id, parsed_args)`` -> the result,
+#: ``LATER`` or ``deferred(awaitable)``; raises ``ServerError``.
+Handler = Callable[["FrameProtocol", int, Any], Any]
 
 _header = HEADER.pack
 _OK = Status.OK.value
+_CLOCK_SKEW = Status.CLOCK_SKEW.value
 
 #: The op slot of ``Service.op_requests``/``op_errors`` for requests no handler
 #: took (unknown op, not an array, not authenticated yet).
 UNKNOWN_OP = 0
+
+#: Answers a connection may owe (requests answered ``LATER``) before it stops
+#: being read; reading resumes below half of it.
+MAX_IN_FLIGHT = 4096
 
 #: Upper bounds (seconds) of the latency histograms' buckets.
 LATENCY_BUCKETS = (
@@ -76,9 +121,12 @@ LATENCY_BUCKETS = (
 #: A service times 1 in this many requests (``Service.op_latency``).
 SAMPLE_EVERY = 64
 
+#: Seconds between two WARNINGs about refused connections.
+_WARN_EVERY_S = 10.0
+
 
 class Histogram:
-    """A latency histogram as plain numbers; ``dcache.metrics`` exports it.
+    """A latency histogram as plain numbers; the role's metrics collector exports it.
 
     ``counts[i]`` counts observations in ``(bounds[i-1], bounds[i]]``, the
     last slot those above every bound (not cumulative).
@@ -92,6 +140,7 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
+        """Count one observation of ``value`` seconds."""
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
@@ -107,7 +156,7 @@ class ServerState:
         self.total_connections = 0
 
     def spawn(self, coro: Awaitable[Any], name: str | None = None) -> asyncio.Task[Any]:
-        """Run ``coro`` as a tracked background task."""
+        """Run ``coro`` as a tracked background task (cancelled at shutdown)."""
         task = asyncio.ensure_future(coro)
         if name:
             task.set_name(name)
@@ -116,31 +165,53 @@ class ServerState:
         return task
 
 
-class Service:
-    """What a ``FrameProtocol`` serves: identity, limits, auth and handlers.
+#: An op table entry: the op's parser and the role's handler.
+_Entry = tuple[Parser, Handler]
 
-    Subclasses fill ``handlers`` (op -> ``Handler``) once at start-up; the
-    table is shared by every connection.
+
+class Service:
+    """What a ``FrameProtocol`` serves: identity, limits, credentials, handlers, counters.
+
+    Subclasses fill ``handlers`` (op -> ``Handler``) in their constructor;
+    ``listen`` builds the per-credential op tables from them and the op table
+    of ``dcache.protocol``, binds the listener and starts the sweeper.
     """
 
     role = "service"
 
-    def __init__(self, node_id: str, limits: Limits, auth_token: str | None) -> None:
+    def __init__(self, node_id: str, settings: NodeConfig) -> None:
         self.node_id = node_id
-        self.limits = limits
-        self.auth_token = auth_token
+        self.settings = settings
+        self.limits = settings.limits
+        self.auth_token = settings.auth_token
         self.state = ServerState()
-        self.handlers: dict[int, Handler] = {}
-        #: The connection whose requests are being dispatched right now; a
-        #: handler that answers later (``LATER``) keeps it to ``reply`` to.
-        self.current: FrameProtocol | None = None
+        self.server: asyncio.base_events.Server | None = None
+        self.handlers: dict[int, Handler] = {Op.HELLO: self.hello}
+        #: One op table per credential level (``build_tables``).
+        self.tables: dict[Credential, dict[int, _Entry]] = {}
         self.requests_total = 0
         self.errors_total = 0
         self.protocol_errors_total = 0
-        # Metrics (plain numbers, exported at scrape time by dcache.metrics):
-        # requests and errors by op, one increment per request; the latency of
-        # 1 in ``sample_every`` requests by op; the time of every
-        # ``data_received`` batch (no clock call per request).
+        # Bounds, counted (see the module note).
+        self.rejected_connections = 0
+        self.idle_timeouts = 0
+        self.frame_timeouts = 0
+        self.input_overflows = 0
+        self.versions_refused = 0
+        #: Bytes of partial frames buffered across every connection.
+        self.buffered_input = 0
+        #: Answers owed across every connection (requests answered later).
+        self.in_flight = 0
+        #: A coarse monotonic clock (seconds), advanced by the sweeper and on
+        #: accepting connections: what the time bounds are measured with.
+        self.now = time.monotonic()
+        self._last_refusal_warning = 0.0
+        self._refused_since_warning = 0
+        self._drained: asyncio.Event | None = None
+        # Metrics (plain numbers, exported at scrape time by the role's
+        # collector): requests and errors by op, one increment per request;
+        # the latency of 1 in ``sample_every`` requests by op; the time of
+        # every ``data_received`` batch (no clock call per request).
         ops = [UNKNOWN_OP, *map(int, Op)]
         self.op_requests: dict[int, int] = dict.fromkeys(ops, 0)
         self.op_errors: dict[int, int] = dict.fromkeys(ops, 0)
@@ -153,6 +224,52 @@ class Service:
         self._unflushed: list[FrameProtocol] = []
         self._flush_all_scheduled = False
 
+    # -- op tables and credentials ------------------------------------------------
+
+    def build_tables(self) -> None:
+        """Build the op table of every credential level from ``handlers`` (once, at start)."""
+        for level in Credential:
+            self.tables[level] = {op: (OPS[op].parse, handler) for op, handler in self.handlers.items() if OPS[op].credential <= level}
+
+    def execute(self, msg: list[Any], conn: FrameProtocol | None = None) -> Any:
+        """Parse and run one request in-process, as a fully trusted caller (tools and tests).
+
+        Goes through the same parser and handler as a request on the wire;
+        returns the handler's result (``LATER`` and deferred answers go to
+        ``conn``), raises its ``ServerError``.
+        """
+        if not self.tables:
+            self.build_tables()
+        op = msg[0]
+        entry = self.tables[Credential.CLUSTER].get(op)
+        if entry is None:
+            raise UnknownOpError(f"unknown op {op!r}")
+        return entry[1](cast(FrameProtocol, conn), msg[1], entry[0](msg, self.limits))
+
+    def initial_level(self) -> Credential:
+        """The credential level a new connection starts at."""
+        return Credential.NONE if self.auth_token is not None else Credential.CLUSTER
+
+    def check_token(self, token: str | None) -> bool:
+        """Constant-time comparison of a HELLO token with the configured one."""
+        if self.auth_token is None:
+            return True
+        if token is None:
+            return False
+        return hmac.compare_digest(token.encode(), self.auth_token.encode())
+
+    def hello(self, conn: FrameProtocol, rid: int, args: tuple[int, str | None, str | None]) -> Any:
+        """HELLO: check the protocol version and the token, raise the connection's credential."""
+        version, token, name = args
+        if version != PROTOCOL_VERSION:
+            raise HandshakeError(f"protocol version {version!r} is not supported (this server speaks {PROTOCOL_VERSION})")
+        if self.auth_token is not None:
+            if not self.check_token(token):
+                raise AuthError("invalid auth token")
+            conn.grant(Credential.CLUSTER)
+        conn.client_name = name
+        return self.hello_result()
+
     def hello_result(self) -> dict[str, Any]:
         """What HELLO answers."""
         return {
@@ -162,15 +279,91 @@ class Service:
             "max_frame_bytes": self.limits.max_frame_bytes,
             "max_key_bytes": self.limits.max_key_bytes,
             "max_value_bytes": self.limits.max_value_bytes,
+            "max_batch_keys": self.limits.max_batch_keys,
         }
 
-    def check_token(self, token: Any) -> bool:
-        """Constant-time comparison of a HELLO token with the configured one."""
-        if self.auth_token is None:
-            return True
-        if not isinstance(token, str):
-            return False
-        return hmac.compare_digest(token.encode(), self.auth_token.encode())
+    # -- listening ----------------------------------------------------------------
+
+    async def listen(self, host: str, port: int) -> asyncio.base_events.Server:
+        """Build the op tables, bind the listener and start the sweeper."""
+        if not self.tables:
+            self.build_tables()
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self.protocol_factory, host, port, reuse_address=True, backlog=1024)
+        self.state.spawn(self._sweep_loop(), "connection-sweeper")
+        return self.server
+
+    def protocol_factory(self) -> FrameProtocol:
+        """A new connection protocol (pass to ``loop.create_server``)."""
+        if not self.tables:
+            self.build_tables()
+        return FrameProtocol(self)
+
+    def refuse(self, conn: FrameProtocol) -> None:
+        """Refuse a connection over ``max_connections`` (counted, WARNING at most every 10 s)."""
+        self.rejected_connections += 1
+        self._refused_since_warning += 1
+        now = time.monotonic()
+        if now - self._last_refusal_warning >= _WARN_EVERY_S:
+            log.warning(
+                "connection limit reached: %d connections open (--max-connections %d); refused %d connection(s), last from %s",
+                len(self.state.connections),
+                self.settings.max_connections,
+                self._refused_since_warning,
+                conn.peer,
+            )
+            self._last_refusal_warning = now
+            self._refused_since_warning = 0
+        conn.abort_with(OverloadedError(f"too many connections: this node accepts at most {self.settings.max_connections}"))
+
+    def input_grew(self) -> None:
+        """Partial frames exceed ``max_input_buffer``: close the connections holding the most."""
+        cap = self.settings.max_input_buffer
+        if self.buffered_input <= cap:
+            return
+        for conn in sorted(self.state.connections, key=lambda c: c.buffered, reverse=True):
+            if self.buffered_input <= cap or not conn.buffered:
+                break
+            self.input_overflows += 1
+            log.warning(
+                "input buffer cap reached (%d bytes of partial frames, --max-input-buffer %d): closing %s, which holds %d",
+                self.buffered_input,
+                cap,
+                conn.peer,
+                conn.buffered,
+            )
+            conn.abort_with(OverloadedError("this node's input buffer is full: frame refused, try again later"))
+
+    async def _sweep_loop(self) -> None:
+        """Close connections past ``frame_timeout`` or ``idle_timeout`` (checked every quarter of the shorter)."""
+        settings = self.settings
+        timeouts = [t for t in (settings.frame_timeout, settings.idle_timeout) if t > 0]
+        if not timeouts:
+            return
+        interval = min(1.0, min(timeouts) / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.now = now = time.monotonic()
+            try:
+                self.sweep(now)
+            except Exception:  # pragma: no cover - a bug here must not stop the loop
+                log.exception("connection sweep failed")
+
+    def sweep(self, now: float) -> None:
+        """Apply the time bounds to every connection at monotonic time ``now``."""
+        frame_timeout = self.settings.frame_timeout
+        idle_timeout = self.settings.idle_timeout
+        for conn in list(self.state.connections):
+            if frame_timeout > 0 and conn.partial_since and now - conn.partial_since > frame_timeout:
+                self.frame_timeouts += 1
+                log.info("closing connection from %s: a frame was not completed within %.1f s", conn.peer, frame_timeout)
+                conn.abort_with(RemoteProtocolError(f"frame not completed within {frame_timeout} s (--frame-timeout)"))
+            elif idle_timeout > 0 and not conn.in_flight and now - conn.last_active > idle_timeout:
+                self.idle_timeouts += 1
+                log.debug("closing connection from %s: idle for %.1f s", conn.peer, idle_timeout)
+                conn.close()
+
+    # -- answers ------------------------------------------------------------------
 
     def queue_flush(self, conn: FrameProtocol) -> None:
         """Have ``conn``'s queued answers written by the next ``flush_all``.
@@ -192,9 +385,53 @@ class Service:
             for conn in conns:
                 conn._flush()
 
-    def protocol_factory(self) -> FrameProtocol:
-        """A new connection protocol (pass to ``loop.create_server``)."""
-        return FrameProtocol(self)
+    def answered(self) -> None:
+        """One answer owed by some connection was sent (see ``in_flight``)."""
+        self.in_flight -= 1
+        if not self.in_flight and self._drained is not None:
+            self._drained.set()
+
+    # -- shutdown ------------------------------------------------------------------
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, let requests in flight finish (up to ``grace`` s), close connections, cancel tasks."""
+        if self.server is not None:
+            self.server.close()
+        if self.in_flight:
+            self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace)
+            except TimeoutError:
+                log.warning("%d request(s) still in flight after %.1f s; closing anyway", self.in_flight, grace)
+        for conn in list(self.state.connections):
+            conn.close()
+        for task in list(self.state.tasks):
+            task.cancel()
+        if self.state.tasks:
+            await asyncio.wait(self.state.tasks, timeout=max(grace, 1.0))
+        if self.server is not None:
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), max(grace, 1.0))
+            except TimeoutError:  # pragma: no cover - a transport that never reports its close
+                log.warning("the listener did not report every connection closed")
+
+    # -- operator views ---------------------------------------------------------------
+
+    def connection_stats(self) -> dict[str, Any]:
+        """The shell's counters, as STATS shows them."""
+        return {
+            "connections": len(self.state.connections),
+            "total_connections": self.state.total_connections,
+            "requests": self.requests_total,
+            "errors": self.errors_total,
+            "protocol_errors": self.protocol_errors_total,
+            "rejected_connections": self.rejected_connections,
+            "idle_timeouts": self.idle_timeouts,
+            "frame_timeouts": self.frame_timeouts,
+            "input_overflows": self.input_overflows,
+            "versions_refused": self.versions_refused,
+            "buffered_input_bytes": self.buffered_input,
+        }
 
 
 class FrameProtocol(asyncio.Protocol):
@@ -203,60 +440,90 @@ class FrameProtocol(asyncio.Protocol):
     __slots__ = (
         "_service",
         "_decoder",
+        "_limits",
         "_max_answer",
-        "_handlers",
+        "_table",
         "_transport",
         "_pending_out",
         "_flush_scheduled",
         "_closed",
         "_paused",
-        "_loop",
+        "_throttled",
         "_samples",
+        "level",
+        "buffered",
+        "partial_since",
+        "last_active",
+        "in_flight",
         "peer",
         "client_name",
     )
 
     def __init__(self, service: Service) -> None:
         self._service = service
-        self._decoder = FrameDecoder(service.limits.max_frame_bytes)
+        self._limits = service.limits
+        self._decoder: FrameDecoder | None = FrameDecoder(service.limits.max_frame_bytes)
         #: Answers longer than this become FRAME_TOO_LARGE errors: the peer would refuse the frame.
         self._max_answer = service.limits.max_frame_bytes
-        self._handlers: dict[int, Handler]
-        if service.auth_token is None:
-            self._handlers = dict(service.handlers)
-        else:
-            self._handlers = {}
-        self._handlers[Op.HELLO] = self._hello
+        self.level = Credential.NONE
+        self._table: dict[int, _Entry] = {}
         self._transport: asyncio.Transport | None = None
         self._pending_out: list[bytes] = []
         self._flush_scheduled = False
         self._closed = False
-        self._paused = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._paused = False  # by the transport's write buffer
+        self._throttled = False  # by answers owed
         #: Sampled requests answered later: request id -> (op, start time).
         self._samples: dict[int, tuple[int, float]] = {}
+        #: Bytes of a partial frame this connection holds (counted in the service's ``buffered_input``).
+        self.buffered = 0
+        #: ``Service.now`` when the current partial frame started arriving (0: none).
+        self.partial_since = 0.0
+        #: ``Service.now`` of the last bytes received.
+        self.last_active = service.now
+        #: Answers this connection is owed (requests answered later).
+        self.in_flight = 0
         self.peer: Any = None
         self.client_name: str | None = None
+        self.grant(service.initial_level())
+
+    def grant(self, level: Credential) -> None:
+        """Let this connection send the ops of credential ``level`` (and below)."""
+        self.level = level
+        self._table = self._service.tables[level]
+        if self._decoder is not None:
+            self._decoder.max_frame_bytes = self._limits.max_frame_bytes if level else MAX_HELLO_FRAME_BYTES
 
     # -- asyncio callbacks -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        self._loop = asyncio.get_running_loop()
         self.peer = transport.get_extra_info("peername")
+        service = self._service
+        state = service.state
+        state.total_connections += 1
+        if len(state.connections) >= service.settings.max_connections:
+            service.refuse(self)
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # pragma: no cover - platform dependent
                 pass
-        state = self._service.state
         state.connections.add(self)
-        state.total_connections += 1
+        self.last_active = service.now
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._service.state.connections.discard(self)
+        service = self._service
+        service.state.connections.discard(self)
+        if self.buffered:
+            service.buffered_input -= self.buffered
+            self.buffered = 0
+        self._decoder = None  # its buffer goes now, even if requests in flight still name this connection
+        self._transport = None
+        self._pending_out.clear()
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -265,95 +532,76 @@ class FrameProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
-        if self._transport is not None and not self._closed:
+        if self._transport is not None and not self._closed and not self._throttled:
             self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
             return
         t0 = perf_counter()
+        decoder = self._decoder
+        assert decoder is not None
+        service = self._service
         try:
-            msgs = self._decoder.feed(data)
+            msgs = decoder.feed(data)
         except RemoteProtocolError as exc:
             self._protocol_error(exc)
             return
-        service = self._service
+        self.last_active = now = service.now
+        buffered = decoder.buffered
+        if buffered or self.buffered:
+            self._account(buffered, now, bool(msgs))
+            if self._closed:
+                return
         n = len(msgs)
-        service.requests_total += n
-        service.current = self
-        handlers = self._handlers
-        out: list[bytes] = []
-        append = out.append
-        service.sample_countdown -= n
-        if service.sample_countdown <= 0 and n:
-            service.sample_countdown += service.sample_every
-            self._dispatch_sampled(msgs[0], handlers, append)
-            msgs = msgs[1:]
-        op_requests = service.op_requests
-        for msg in msgs:
-            try:
-                op = msg[0]
-                handler = handlers[op]
-                op_requests[op] += 1
-                rid = msg[1]
-                result = handler(msg)
-            except ServerError as exc:
-                self._count_failed(msg, handlers)
-                body = self._error_body(msg, exc.code, exc.message)
-            except Exception as exc:
-                self._count_failed(msg, handlers)
-                body = self._bad_request(msg, exc)
+        if n:
+            service.requests_total += n
+            out: list[bytes] = []
+            handle = self._handle
+            service.sample_countdown -= n
+            if service.sample_countdown <= 0:
+                service.sample_countdown += service.sample_every
+                handle(msgs[0], out, perf_counter())
+                for i in range(1, n):
+                    handle(msgs[i], out, 0.0)
             else:
-                if result is LATER:
-                    continue
-                if result.__class__ is _Deferred:
-                    self._defer(rid, result, op)
-                    continue
-                try:
-                    body = pack([rid, _OK, result])
-                except Exception as exc:  # rid not encodable: it was not an int
-                    self._count_failed(msg, handlers)
-                    body = self._bad_request(msg, exc)
-                else:
-                    if len(body) > self._max_answer:
-                        body = self._too_large(rid, len(body), op)
-            append(_header(len(body)))
-            append(body)
-        if out:
-            if self._pending_out:
-                self._pending_out.extend(out)
-            else:
-                assert self._transport is not None
-                self._transport.write(b"".join(out))
-        if self._decoder.error is not None:
-            self._protocol_error(self._decoder.error)
+                for msg in msgs:
+                    handle(msg, out, 0.0)
+            if out:
+                if self._pending_out:
+                    self._pending_out.extend(out)
+                elif self._transport is not None:
+                    self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if decoder.error is not None:
+            self._protocol_error(decoder.error)
         service.batch_latency.observe(perf_counter() - t0)
 
-    # -- helpers -------------------------------------------------------------
+    # -- the one dispatch path ------------------------------------------------------
 
-    def _dispatch_sampled(self, msg: Any, handlers: dict[int, Handler], append: Callable[[bytes], None]) -> None:
-        """``data_received``'s loop body for one request whose latency is recorded.
-
-        An answer made now is timed now; one made later (``LATER``, deferred)
-        when ``reply``/``_deferred_done`` sends it (``self._samples``).
-        """
+    def _handle(self, msg: Any, out: list[bytes], t0: float) -> None:
+        """Parse, dispatch and (if it is ready) answer one request; ``t0`` non-zero times it."""
         service = self._service
-        t0 = perf_counter()
         try:
             op = msg[0]
-            handler = handlers[op]
+            entry = self._table.get(op) if op.__class__ is int else None
+            if entry is None:
+                raise _refusal(self, msg)
             service.op_requests[op] += 1
             rid = msg[1]
-            result = handler(msg)
+            if rid.__class__ is not int or rid <= 0 or rid > UINT64_MAX:
+                raise BadArgumentsError("request_id must be an integer in 1 .. 2**64-1")
+            result = entry[1](self, rid, entry[0](msg, self._limits))
         except ServerError as exc:
-            self._count_failed(msg, handlers)
-            body = self._error_body(msg, exc.code, exc.message)
+            body = self._failed(msg, exc.code, exc.message)
         except Exception as exc:
-            self._count_failed(msg, handlers)
-            body = self._bad_request(msg, exc)
+            body = self._failed_internally(msg, exc)
         else:
             if result is LATER or result.__class__ is _Deferred:
-                if rid.__class__ is int:
+                self.in_flight += 1
+                service.in_flight += 1
+                if self.in_flight >= MAX_IN_FLIGHT and not self._throttled:
+                    self._throttle()
+                if t0:
                     if len(self._samples) >= 1024:  # answers that never came (connection lost upstream...)
                         self._samples.clear()
                     self._samples[rid] = (op, t0)
@@ -362,58 +610,39 @@ class FrameProtocol(asyncio.Protocol):
                 return
             try:
                 body = pack([rid, _OK, result])
-            except Exception as exc:  # rid not encodable: it was not an int
-                self._count_failed(msg, handlers)
-                body = self._bad_request(msg, exc)
-            else:
-                if len(body) > self._max_answer:
-                    body = self._too_large(rid, len(body), op)
+            except Exception as exc:  # an unencodable result is our bug: answer, keep serving
+                log.error("cannot encode the answer to op %r: %s", op, exc)
+                body = pack([rid, int(Status.INTERNAL), "internal error: unencodable result"])
+            if len(body) > self._max_answer:
+                body = self._too_large(rid, len(body), op)
+            elif t0:
                 service.op_latency[op].observe(perf_counter() - t0)
-        append(_header(len(body)))
-        append(body)
+        out.append(_header(len(body)))
+        out.append(body)
 
-    def _count_failed(self, msg: Any, handlers: dict[int, Handler]) -> None:
-        """Count a request answered with an error, under its op.
-
-        A request that reached no handler was not counted yet: it is counted
-        (request and error) under ``UNKNOWN_OP``, so requests by op add up to
-        ``requests_total``.
-        """
+    def _failed(self, msg: Any, code: int, message: str) -> bytes:
+        """Count a request answered with an error (under its op, or ``UNKNOWN_OP``) and build the answer."""
         service = self._service
         service.errors_total += 1
-        try:
-            op = msg[0]
-            known = op in handlers
-        except Exception:
-            known = False
-        if known:
-            service.op_errors[op] += 1
-        else:
+        if code == _CLOCK_SKEW:
+            service.versions_refused += 1
+        rid = CONNECTION_REQUEST_ID
+        op = UNKNOWN_OP
+        if msg.__class__ is list and len(msg) >= 2:
+            if msg[0].__class__ is int and msg[0] in self._table:
+                op = msg[0]
+            if msg[1].__class__ is int and 0 < msg[1] <= UINT64_MAX:
+                rid = msg[1]
+        if op == UNKNOWN_OP:
             service.op_requests[UNKNOWN_OP] += 1
-            service.op_errors[UNKNOWN_OP] += 1
+        service.op_errors[op] += 1
+        return pack([rid, int(code), message])
 
-    def _sampled_done(self, rid: int) -> None:
-        sample = self._samples.pop(rid, None)
-        if sample is not None:
-            self._service.op_latency[sample[0]].observe(perf_counter() - sample[1])
-
-    def _bad_request(self, msg: Any, exc: Exception) -> bytes:
-        """Classify a failure that was not a ``ServerError``."""
+    def _failed_internally(self, msg: Any, exc: Exception) -> bytes:
         if msg.__class__ is not list or len(msg) < 2:
-            return self._error_body(msg, Status.BAD_ARGUMENTS, "a request is an array [op, request_id, *args]")
-        op = msg[0]
-        if op.__class__ is not int or msg[1].__class__ is not int:
-            return self._error_body(msg, Status.BAD_ARGUMENTS, "a request is an array [op: int, request_id: int, *args]")
-        if isinstance(exc, KeyError) and exc.args and exc.args[0] is op:
-            if self._service.auth_token is not None and Op.GET not in self._handlers and op in self._service.handlers:
-                err: ServerError = AuthError("authentication required: send HELLO with the auth token first")
-            else:
-                err = UnknownOpError(f"unknown op {op!r}")
-            return self._error_body(msg, err.code, err.message)
-        if isinstance(exc, (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError)):
-            return self._error_body(msg, Status.BAD_ARGUMENTS, f"bad arguments for op {op!r}: {exc}")
-        log.exception("internal error handling op %r from %s", op, self.peer)
-        return self._error_body(msg, Status.INTERNAL, f"internal error: {exc.__class__.__name__}")
+            return self._failed(msg, Status.BAD_ARGUMENTS, "a request is an array [op, request_id, *args]")
+        log.exception("internal error handling op %r from %s", msg[0], self.peer)
+        return self._failed(msg, Status.INTERNAL, f"internal error: {exc.__class__.__name__}")
 
     def _too_large(self, rid: int, size: int, op: int) -> bytes:
         """The error that replaces an answer the peer would refuse (the connection stays open); counted under ``op``."""
@@ -428,20 +657,35 @@ class FrameProtocol(asyncio.Protocol):
             ]
         )
 
-    @staticmethod
-    def _error_body(msg: Any, code: int, message: str) -> bytes:
-        rid = CONNECTION_REQUEST_ID
-        if msg.__class__ is list and len(msg) >= 2 and msg[1].__class__ is int and 0 <= msg[1] < 2**64:
-            rid = msg[1]
-        return pack([rid, int(code), message])
+    # -- bounds -------------------------------------------------------------------
 
-    def _protocol_error(self, exc: RemoteProtocolError) -> None:
-        """Send one connection-level error frame, then close."""
-        self._service.protocol_errors_total += 1
-        log.info("closing connection from %s: %s", self.peer, exc)
-        body = pack([CONNECTION_REQUEST_ID, int(exc.status), str(exc)])
-        self.send([_header(len(body)), body])
-        self.close()
+    def _account(self, buffered: int, now: float, completed: bool) -> None:
+        """Track this connection's partial frame in the service's input total and frame clock."""
+        service = self._service
+        service.buffered_input += buffered - self.buffered
+        grew = buffered > self.buffered
+        self.buffered = buffered
+        if not buffered:
+            self.partial_since = 0.0
+        elif completed or not self.partial_since:
+            self.partial_since = now  # a new frame started arriving
+        if grew and service.buffered_input > service.settings.max_input_buffer:
+            service.input_grew()
+
+    def _throttle(self) -> None:
+        self._throttled = True
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+
+    def _owed_one(self) -> None:
+        self.in_flight -= 1
+        self._service.answered()
+        if self._throttled and self.in_flight <= MAX_IN_FLIGHT // 2:
+            self._throttled = False
+            if self._transport is not None and not self._closed and not self._paused:
+                self._transport.resume_reading()
+
+    # -- answers later ---------------------------------------------------------------
 
     def send(self, chunks: list[bytes]) -> None:
         """Queue frames; they leave with the service's next ``flush_all``."""
@@ -463,16 +707,16 @@ class FrameProtocol(asyncio.Protocol):
         out.clear()
 
     def reply(self, rid: int, status: int, result: Any, op: int = UNKNOWN_OP) -> None:
-        """Answer request ``rid`` later (for handlers that returned ``LATER``).
-
-        ``op`` is the request's op, for the error counts by op.
-        """
+        """Answer request ``rid`` that a handler answered ``LATER``; ``op`` is its op, for the error counts."""
+        self._owed_one()
         if self._samples:
             self._sampled_done(rid)
         if status:
             service = self._service
             service.errors_total += 1
             service.op_errors[op] += 1
+            if status == _CLOCK_SKEW:
+                service.versions_refused += 1
             body = pack([rid, status, result])
         else:
             try:
@@ -490,56 +734,44 @@ class FrameProtocol(asyncio.Protocol):
             self._flush_scheduled = True
             self._service.queue_flush(self)
 
+    def _sampled_done(self, rid: int) -> None:
+        sample = self._samples.pop(rid, None)
+        if sample is not None:
+            self._service.op_latency[sample[0]].observe(perf_counter() - sample[1])
+
     def _defer(self, rid: int, deferred: _Deferred, op: int) -> None:
         task = asyncio.ensure_future(deferred.awaitable)
         task.add_done_callback(lambda t: self._deferred_done(rid, t, op))
 
     def _deferred_done(self, rid: int, task: asyncio.Future[Any], op: int) -> None:
-        if self._samples:
-            self._sampled_done(rid)
         if task.cancelled():
-            body = pack([rid, int(Status.INTERNAL), "request cancelled"])
+            self.reply(rid, int(Status.INTERNAL), "request cancelled", op)
+            return
+        exc = task.exception()
+        if exc is None:
+            self.reply(rid, _OK, task.result(), op)
+        elif isinstance(exc, ServerError):
+            self.reply(rid, exc.code, exc.message, op)
         else:
-            exc = task.exception()
-            if exc is None:
-                body = pack([rid, _OK, task.result()])
-                if len(body) > self._max_answer:
-                    body = self._too_large(rid, len(body), op)
-            elif isinstance(exc, ServerError):
-                self._service.errors_total += 1
-                self._service.op_errors[op] += 1
-                body = pack([rid, exc.code, exc.message])
-            else:
-                self._service.errors_total += 1
-                self._service.op_errors[op] += 1
-                log.error("internal error for request %s from %s", rid, self.peer, exc_info=exc)
-                body = pack([rid, int(Status.INTERNAL), f"internal error: {exc.__class__.__name__}"])
-        self.send([_header(len(body)), body])
+            log.error("internal error for request %s from %s", rid, self.peer, exc_info=exc)
+            self.reply(rid, int(Status.INTERNAL), f"internal error: {exc.__class__.__name__}", op)
 
-    def _hello(self, msg: list[Any]) -> Any:
-        try:
-            _, _, version, *rest = msg
-        except ValueError:
-            raise HandshakeError("HELLO takes [protocol_version, auth_token?, client_name?]") from None
-        if len(rest) > 2:
-            raise HandshakeError("HELLO takes [protocol_version, auth_token?, client_name?]")
-        if version.__class__ is not int or version != PROTOCOL_VERSION:
-            raise HandshakeError(f"protocol version {version!r} is not supported (this server speaks {PROTOCOL_VERSION})")
-        token = rest[0] if rest else None
-        name = rest[1] if len(rest) > 1 else None
-        if name is not None and not isinstance(name, str):
-            raise BadArgumentsError("client_name must be a string")
-        service = self._service
-        if service.auth_token is not None:
-            if not service.check_token(token):
-                raise AuthError("invalid auth token")
-            handlers = dict(service.handlers)
-            handlers[Op.HELLO] = self._hello
-            self._handlers = handlers
-        self.client_name = name
-        return service.hello_result()
+    # -- closing -------------------------------------------------------------------
 
-    # -- lifecycle -------------------------------------------------------------
+    def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        """Send one connection-level error frame, then close."""
+        self._service.protocol_errors_total += 1
+        log.info("closing connection from %s: %s", self.peer, exc)
+        self.abort_with(exc)
+
+    def abort_with(self, exc: RemoteProtocolError | ServerError) -> None:
+        """Send a connection-level error frame ``[0, status, message]`` after what is queued, then close."""
+        status = exc.status if isinstance(exc, RemoteProtocolError) else exc.code
+        message = str(exc) if isinstance(exc, RemoteProtocolError) else exc.message
+        body = pack([CONNECTION_REQUEST_ID, int(status), message])
+        if not self._closed:
+            self._pending_out.append(_header(len(body)) + body)
+        self.close()
 
     @property
     def is_closing(self) -> bool:
@@ -551,11 +783,24 @@ class FrameProtocol(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
-        if self._transport is not None:
+        transport = self._transport
+        if transport is not None:
             if self._pending_out:
-                self._transport.write(b"".join(self._pending_out))
+                transport.write(b"".join(self._pending_out))
                 self._pending_out.clear()
-            self._transport.close()
+            transport.close()
+
+
+def _refusal(conn: FrameProtocol, msg: Any) -> ServerError:
+    """Why a request found no entry in its connection's op table."""
+    if msg.__class__ is not list or len(msg) < 2:
+        return BadArgumentsError("a request is an array [op, request_id, *args]")
+    op = msg[0]
+    if op.__class__ is not int:
+        return BadArgumentsError("a request is an array [op: int, request_id: int, *args]")
+    if op in conn._service.handlers:
+        return AuthError("authentication required: send HELLO with the auth token first")
+    return UnknownOpError(f"unknown op {op!r}")
 
 
 class _Later:
@@ -587,8 +832,5 @@ def deferred(awaitable: Awaitable[Any]) -> Any:
 
 def ready_line(server: asyncio.base_events.Server) -> str:
     """The ``READY host:port`` line printed once a server listens."""
-    sock = server.sockets[0]
-    host, port = sock.getsockname()[:2]
-    if ":" in host:
-        host = f"[{host}]"
-    return f"READY {host}:{port}"
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"READY {format_address(host, port)}"

@@ -5,9 +5,14 @@ docs/PROTOCOL.md "Cluster ops (aux nodes)" is normative. Every handler is
 synchronous like the rest of the aux node's.
 
 Versions come from the caller (a master's hybrid logical clock) and are
-stored as given. Imports (``SETV``, ``APPLY``, ``DELV``, ``APPLY_DELETES``) are
-last-writer-wins (``LRUCache.apply``/``apply_delete``); ``INCRV`` is a local
-write that always applies, like ``INCR``.
+stored as given; the parsers have refused any further ahead of this node's
+clock than ``--max-clock-skew``, and this node's clock observes every one it
+stores (the receive rule), so its own next version is newer. Imports
+(``SETV``, ``APPLY``, ``DELV``, ``APPLY_DELETES``) are last-writer-wins
+(``LRUCache.apply``/``apply_delete``). ``SETV`` and ``DELV`` say when they
+lost to a newer version (``[2, held_version]``), so a master never
+acknowledges a write that did not take effect. ``INCRV`` is a local write
+that always applies, like ``INCR``; it answers the version it used.
 
 Scans never stall the loop: cursor 0 takes a list copy of the keys (and of the
 tombstoned keys) as a *session*; each call examines a bounded slice of that
@@ -21,25 +26,22 @@ session at all.
 from __future__ import annotations
 
 import time
-from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BadArgumentsError, NotAnIntegerError, OutOfMemoryError
-from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache
-from ..lru import NotAnIntegerError as CacheNotAnIntegerError
-from ..protocol import Op, SetFlag, check_key, check_value
-from ..protocol.args import parse_entries, parse_expires_at, parse_version
-from ..ring import hash64
-from ..server import Handler
+from ..errors import BadArgumentsError, OutOfMemoryError
+from ..lru import LRUCache
+from ..protocol import Op, SetFlag
+from ..ring import RangeMatcher, hash64
+from ..server import FrameProtocol, Handler
 
 if TYPE_CHECKING:
     from .node import AuxNode
 
 __all__ = [
     "ClusterOps",
-    "compile_ranges",
+    "SUPERSEDED",
     "SCAN_SESSION_TTL_S",
     "MAX_SCAN_SESSIONS",
     "SCAN_MIN_WORK",
@@ -60,11 +62,11 @@ MAX_SCAN_COUNT = 10_000
 #: A DROP call examines at most this many snapshot keys.
 DROP_WORK = 20_000
 
+#: First element of the answer of a SETV or DELV that lost to a newer version: ``[SUPERSEDED, held_version]``.
+SUPERSEDED = 2
+
 _NX = SetFlag.NX.value
 _XX = SetFlag.XX.value
-_U64_MAX = (1 << 64) - 1
-_INT64_MIN = -(1 << 63)
-_INT64_MAX = (1 << 63) - 1
 _POS_BITS = 32
 _POS_MASK = (1 << _POS_BITS) - 1
 _MAX_SESSION_ID = (1 << 32) - 1
@@ -74,82 +76,11 @@ _TOMB_WIRE_OVERHEAD = 16
 _SCAN = "SCAN"
 _DROP = "DROP"
 
-#: A compiled set of ranges: a predicate on 64-bit hashes, ``None`` for the whole circle.
-RangeMatcher = Callable[[int], bool] | None
-
-
-def _cursor_arg(cursor: Any) -> int:
-    if cursor.__class__ is not int or not 0 <= cursor <= _U64_MAX:
-        raise BadArgumentsError("cursor must be an integer in 0 .. 2**64-1")
-    return int(cursor)
-
 
 def _check_fits(cache: LRUCache, key: bytes, value: bytes) -> None:
     size = len(key) + len(value) + cache.entry_overhead
     if size > cache.max_bytes:
         raise OutOfMemoryError(f"entry of {size} bytes exceeds the cache budget of {cache.max_bytes} bytes")
-
-
-def _match_none(h: int) -> bool:
-    return False
-
-
-def compile_ranges(ranges: Any) -> RangeMatcher:
-    """Validate ``[[start, end], ...]`` and return a fast membership test on hashes.
-
-    A range is the arc ``(start, end]`` (``dcache.ring.in_range``): start
-    exclusive, end inclusive, wrapping through 0 when ``start > end``, the
-    whole circle when ``start == end``. The arcs are turned into sorted,
-    merged inclusive intervals; one interval is two comparisons, more are a
-    ``bisect``. Returns ``None`` when the ranges cover the whole circle.
-
-    Raises:
-        BadArgumentsError: not a list of ``[int, int]`` pairs in ``[0, 2**64)``.
-    """
-    if ranges.__class__ is not list:
-        raise BadArgumentsError("ranges must be a list of [start, end] pairs")
-    spans: list[tuple[int, int]] = []
-    for r in ranges:
-        if r.__class__ is not list or len(r) != 2:
-            raise BadArgumentsError("ranges must be a list of [start, end] pairs")
-        start, end = r
-        if start.__class__ is not int or end.__class__ is not int or not (0 <= start <= _U64_MAX and 0 <= end <= _U64_MAX):
-            raise BadArgumentsError("range bounds must be integers in 0 .. 2**64-1")
-        if start == end:
-            return None
-        if start < end:
-            spans.append((start + 1, end))
-        else:
-            if start < _U64_MAX:
-                spans.append((start + 1, _U64_MAX))
-            spans.append((0, end))
-    if not spans:
-        return _match_none
-    spans.sort()
-    los: list[int] = []
-    his: list[int] = []
-    for lo, hi in spans:
-        if his and lo <= his[-1] + 1:
-            if hi > his[-1]:
-                his[-1] = hi
-        else:
-            los.append(lo)
-            his.append(hi)
-    if len(los) == 1:
-        lo0, hi0 = los[0], his[0]
-        if lo0 == 0 and hi0 == _U64_MAX:
-            return None
-
-        def match_one(h: int) -> bool:
-            return lo0 <= h <= hi0
-
-        return match_one
-
-    def match_many(h: int) -> bool:
-        i = bisect_right(los, h) - 1
-        return i >= 0 and h <= his[i]
-
-    return match_many
 
 
 class _Session:
@@ -192,93 +123,83 @@ class ClusterOps:
 
     # -- versioned reads and writes ----------------------------------------
 
-    def getv(self, msg: list[Any]) -> Any:
-        try:
-            _, _, key = msg
-        except ValueError:
-            raise BadArgumentsError("GETV takes [key]") from None
-        e = self.node.cache.lookup(check_key(key, self.node.limits))
+    def getv(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        e = self.node.cache.lookup(key)
         if e is None:
             return None
         return [e.value, e.expires_at, e.version]
 
-    def mgetv(self, msg: list[Any]) -> Any:
-        try:
-            _, _, keys = msg
-        except ValueError:
-            raise BadArgumentsError("MGETV takes [keys]") from None
-        if keys.__class__ is not list:
-            raise BadArgumentsError("MGETV takes a list of keys")
-        limits = self.node.limits
-        checked = [check_key(k, limits) for k in keys]
+    def mgetv(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> Any:
         lookup = self.node.cache.lookup
         out: list[Any] = []
-        for key in checked:
+        for key in keys:
             e = lookup(key)
             out.append(None if e is None else [e.value, e.expires_at, e.version])
         return out
 
-    def setv(self, msg: list[Any]) -> Any:
-        try:
-            _, _, key, value, expires_at, flags, version = msg
-        except ValueError:
-            raise BadArgumentsError("SETV takes [key, value, expires_at, flags, version]") from None
-        limits = self.node.limits
-        key = check_key(key, limits)
-        value = check_value(value, limits)
-        expires_at = parse_expires_at(expires_at)
-        if flags.__class__ is not int or flags not in (0, _NX, _XX):
-            raise BadArgumentsError("flags must be 0, 1 (NX) or 2 (XX)")
-        version = parse_version(version)
+    def held_version(self, key: bytes) -> int:
+        """The newest version this node holds for ``key``: its live entry's or its tombstone's (0: none)."""
         cache = self.node.cache
+        e = cache.get_entry(key)
+        held = e.version if e is not None else 0
+        tomb = cache.tombstone_version(key)
+        return tomb if tomb > held else held
+
+    def setv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes, int, int, int]) -> Any:
+        key, value, expires_at, flags, version = args
+        node = self.node
+        cache = node.cache
         _check_fits(cache, key, value)
+        node.clock.observe(version)
         if flags and (cache.get_entry(key) is not None) == (flags == _NX):
             return 0
-        try:
-            return 1 if cache.apply(key, value, expires_at=expires_at, version=version) else 2
-        except EntryTooLargeError as exc:  # pragma: no cover - _check_fits ran first
-            raise OutOfMemoryError(str(exc)) from None
+        if cache.apply(key, value, expires_at=expires_at, version=version):
+            return 1
+        held = self.held_version(key)
+        if held < version:
+            return 2  # already expired: nothing to store
+        if held == version and (e := cache.get_entry(key)) is not None and e.value == value:
+            return 1  # this very write, applied before (versions are unique per write)
+        return [SUPERSEDED, held]
 
-    def delv(self, msg: list[Any]) -> Any:
-        try:
-            _, _, key, version = msg
-        except ValueError:
-            raise BadArgumentsError("DELV takes [key, version]") from None
-        key = check_key(key, self.node.limits)
-        return self.node.cache.apply_delete(key, version=parse_version(version))
-
-    def incrv(self, msg: list[Any]) -> Any:
-        try:
-            _, _, key, delta, version = msg
-        except ValueError:
-            raise BadArgumentsError("INCRV takes [key, delta, version]") from None
-        key = check_key(key, self.node.limits)
-        if delta.__class__ is not int or not _INT64_MIN <= delta <= _INT64_MAX:
-            raise BadArgumentsError("delta must be a signed 64-bit integer")
-        version = parse_version(version)
-        cache = self.node.cache
-        try:
-            result = cache.incr(key, delta, version=version)
-        except CacheNotAnIntegerError:
-            raise NotAnIntegerError("value is not a signed 64-bit decimal integer") from None
-        except IntegerOverflowError:
-            raise NotAnIntegerError("increment would overflow a signed 64-bit integer") from None
-        except EntryTooLargeError as exc:
-            raise OutOfMemoryError(str(exc)) from None
+    def delv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
+        key, version = args
+        node = self.node
+        node.clock.observe(version)
+        cache = node.cache
+        if cache.apply_delete(key, version=version):
+            return True
         e = cache.get_entry(key)
+        if e is not None and e.version > version:
+            return [SUPERSEDED, e.version]
+        return False
+
+    def incrv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int, int]) -> Any:
+        key, delta, version = args
+        node = self.node
+        clock = node.clock
+        clock.observe(version)
+        if self.held_version(key) >= version:
+            version = clock.next()  # the result must be newer than what it replaces, or copies of it lose
+        result = node.add(key, delta, version)
+        e = node.cache.get_entry(key)
         if e is None:
             # The kept expiry passed between the increment and this read: the
             # entry is gone, so report an expiry in the past (now) to match.
-            return [result, max(1, time.time_ns() // 1_000_000)]
-        return [result, e.expires_at]
+            return [result, max(1, time.time_ns() // 1_000_000), version]
+        return [result, e.expires_at, version]
 
     # -- imports -------------------------------------------------------------
 
-    def apply(self, msg: list[Any]) -> Any:
-        items = parse_entries(msg, self.node.limits)
+    def apply(self, conn: FrameProtocol, rid: int, items: list[tuple[bytes, bytes, int, int]]) -> Any:
         cache = self.node.cache
-        for key, value, _, _ in items:
+        newest = 0
+        for key, value, _, version in items:
             _check_fits(cache, key, value)
+            if version > newest:
+                newest = version
+        if newest:
+            self.node.clock.observe(newest)
         apply = cache.apply
         applied = 0
         for key, value, expires_at, version in items:
@@ -286,19 +207,10 @@ class ClusterOps:
                 applied += 1
         return applied
 
-    def apply_deletes(self, msg: list[Any]) -> Any:
-        try:
-            _, _, deletes = msg
-        except ValueError:
-            raise BadArgumentsError("APPLY_DELETES takes [deletes]") from None
-        if deletes.__class__ is not list:
-            raise BadArgumentsError("APPLY_DELETES takes a list of [key, version] pairs")
-        limits = self.node.limits
-        items: list[tuple[bytes, int]] = []
-        for item in deletes:
-            if item.__class__ is not list or len(item) != 2:
-                raise BadArgumentsError("APPLY_DELETES takes a list of [key, version] pairs")
-            items.append((check_key(item[0], limits), parse_version(item[1])))
+    def apply_deletes(self, conn: FrameProtocol, rid: int, items: list[tuple[bytes, int]]) -> Any:
+        newest = max((version for _, version in items), default=0)
+        if newest:
+            self.node.clock.observe(newest)
         apply_delete = self.node.cache.apply_delete
         removed = 0
         for key, version in items:
@@ -308,17 +220,8 @@ class ClusterOps:
 
     # -- range scans ----------------------------------------------------------
 
-    def scan(self, msg: list[Any]) -> Any:
-        try:
-            _, _, ranges, cursor, count, min_version = msg
-        except ValueError:
-            raise BadArgumentsError("SCAN takes [ranges, cursor, count, min_version]") from None
-        match = compile_ranges(ranges)
-        cursor = _cursor_arg(cursor)
-        if count.__class__ is not int or count < 1:
-            raise BadArgumentsError("count must be a positive integer")
-        if min_version.__class__ is not int or not 0 <= min_version <= _U64_MAX:
-            raise BadArgumentsError("min_version must be an integer in 0 .. 2**64-1")
+    def scan(self, conn: FrameProtocol, rid: int, args: tuple[RangeMatcher, int, int, int]) -> Any:
+        match, cursor, count, min_version = args
         count = min(count, MAX_SCAN_COUNT)
         cache = self.node.cache
         if cursor:
@@ -374,13 +277,8 @@ class ClusterOps:
                 pos += 1
         return [self._next_cursor(_SCAN, sid, pos, total, keys, tombs), entries, tombstones]
 
-    def drop(self, msg: list[Any]) -> Any:
-        try:
-            _, _, ranges, cursor = msg
-        except ValueError:
-            raise BadArgumentsError("DROP takes [ranges, cursor]") from None
-        match = compile_ranges(ranges)
-        cursor = _cursor_arg(cursor)
+    def drop(self, conn: FrameProtocol, rid: int, args: tuple[RangeMatcher, int]) -> Any:
+        match, cursor = args
         cache = self.node.cache
         if cursor:
             sid, session, pos = self._resume(_DROP, cursor)
@@ -399,12 +297,7 @@ class ClusterOps:
                 dropped += 1
         return [self._next_cursor(_DROP, sid, pos, total, keys, []), dropped]
 
-    def range_count(self, msg: list[Any]) -> Any:
-        try:
-            _, _, ranges = msg
-        except ValueError:
-            raise BadArgumentsError("RANGE_COUNT takes [ranges]") from None
-        match = compile_ranges(ranges)
+    def range_count(self, conn: FrameProtocol, rid: int, match: RangeMatcher) -> Any:
         items = self.node.cache.items()
         if match is None:
             return sum(1 for _ in items)

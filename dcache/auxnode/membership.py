@@ -15,8 +15,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..client.connection import ClientConnection, open_connection
-from ..config import AuxConfig, parse_address
+from ..address import format_address, parse_address
+from ..config import AuxConfig
+from ..peer import PeerConnection, open_peer
 from ..protocol import Op
 
 __all__ = ["JoinAgent"]
@@ -45,7 +46,7 @@ class JoinAgent:
         self.node_id = node_id
         self.advertise = advertise
         self._master = parse_address(config.join)
-        self._conn: ClientConnection | None = None
+        self._conn: PeerConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self.joined = asyncio.Event()
         self.leaving = False
@@ -60,10 +61,16 @@ class JoinAgent:
     async def _call(self, op: int, *args: Any, timeout: float) -> Any:
         if self._conn is None or self._conn.is_closing:
             host, port = self._master
-            self._conn = await open_connection(
-                host, port, connect_timeout=2.0, auth_token=self.config.auth_token, client_name=f"aux:{self.node_id}"
+            self._conn = await open_peer(
+                host,
+                port,
+                name=f"master {host}:{port}",
+                auth_token=self.config.auth_token,
+                client_name=f"aux:{self.node_id}",
+                timeout=2.0,
+                expect_role="master",
             )
-        return await asyncio.wait_for(self._conn.call(op, *args), timeout)
+        return await self._conn.call(op, *args, timeout=timeout)
 
     async def _announce_loop(self) -> None:
         host, port = self.advertise
@@ -105,6 +112,10 @@ class JoinAgent:
             return False
         log.info("data handed over; leaving")
         return True
+
+    def status(self) -> dict[str, Any]:
+        """Membership fields of STATS: the master joined and whether it accepted this node."""
+        return {"joined": self.joined.is_set(), "join_master": format_address(*self._master), "ring_epoch": self.epoch}
 
     async def close(self) -> None:
         """Stop announcing and close the connection."""

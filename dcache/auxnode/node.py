@@ -1,12 +1,14 @@
 """The aux role: a data node serving the native protocol over one LRU cache.
 
-Every handler is synchronous: it validates its arguments, works on the
-``LRUCache`` and returns the result, so a batch of pipelined requests is
-answered within one ``data_received`` and leaves in one write.
+Every handler is synchronous: it gets its op's parsed arguments (the parsers
+in ``dcache.protocol.ops`` have checked them), works on the ``LRUCache`` and
+returns the result, so a batch of pipelined requests is answered within one
+``data_received`` and leaves in one write.
 
 Writes made directly against an aux node get a version from the node's own
 hybrid logical clock; writes routed by a master carry the master's version
-(cluster ops, see docs/PROTOCOL.md).
+(cluster ops, ``dcache.auxnode.cluster_ops``), which this node's clock
+observes, so its own next write is newer still.
 """
 
 from __future__ import annotations
@@ -20,20 +22,22 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..address import format_address, parse_address
 from ..config import AuxConfig
-from ..errors import (
-    BadArgumentsError,
-    NotAnIntegerError,
-    OutOfMemoryError,
-)
-from ..hlc import HybridClock
+from ..errors import NotAnIntegerError, OutOfMemoryError
+from ..hlc import HybridClock, wall_ms
 from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache
 from ..lru import NotAnIntegerError as CacheNotAnIntegerError
-from ..protocol import Op, SetFlag, check_key
-from ..protocol.args import MAX_TTL_MS, parse_delta, parse_mset, parse_set
-from ..server import Service, ready_line
+from ..protocol import Op, SetFlag
+from ..server import FrameProtocol, Service
 from .cluster_ops import ClusterOps
 from .snapshots import SnapshotManager
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
+    from .membership import JoinAgent
+    from .zkagent import ZkAgent
 
 __all__ = ["AuxNode", "run_aux", "serve_aux"]
 
@@ -46,29 +50,24 @@ _NX = SetFlag.NX.value
 _XX = SetFlag.XX.value
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class AuxNode(Service):
     """An aux node: the handlers, the cache and the background tasks."""
 
     role = "aux"
 
     def __init__(self, config: AuxConfig, node_id: str | None = None) -> None:
-        super().__init__(node_id or config.node_id or "aux", config.limits, config.auth_token)
+        super().__init__(node_id or config.node_id or "aux", config)
         self.config = config
         self.cache = LRUCache(config.max_memory, config.max_items)
-        self.clock = HybridClock(self.node_id)
+        self.clock = self._new_clock()
         #: Random per process: a master that sees it change knows the node restarted.
         self.incarnation = random.getrandbits(62)
         #: The ``JoinAgent`` or ``ZkAgent`` keeping this node in a cluster, if any.
-        self.membership_agent: Any = None
+        self.membership_agent: JoinAgent | ZkAgent | None = None
         #: The ring epoch a master last admitted this node at (0: never); kept
         #: in snapshots, so a restarted coordinator can tell the node is not new.
         self.ring_epoch = 0
         self.started_at = time.time()
-        self.server: asyncio.base_events.Server | None = None
         self.snapshots = SnapshotManager(self)
         h = self.handlers
         h[Op.PING] = self._ping
@@ -87,6 +86,9 @@ class AuxNode(Service):
         self.cluster_ops = ClusterOps(self)
         self.cluster_ops.register(h)
 
+    def _new_clock(self) -> HybridClock:
+        return HybridClock(self.node_id, max_skew_ms=self.limits.max_clock_skew_ms)
+
     def set_ring_epoch(self, epoch: int) -> None:
         """Record the epoch a master admitted this node at (from JOIN's answer)."""
         if epoch > self.ring_epoch:
@@ -94,25 +96,19 @@ class AuxNode(Service):
 
     # -- handlers (hot path: keep them flat) ------------------------------
 
-    def _ping(self, msg: list[Any]) -> Any:
-        if len(msg) != 2:
-            raise BadArgumentsError("PING takes no arguments")
+    def _ping(self, conn: FrameProtocol, rid: int, args: None) -> Any:
         return "PONG"
 
-    def _get(self, msg: list[Any]) -> Any:
-        try:
-            _, _, key = msg
-        except ValueError:
-            raise BadArgumentsError("GET takes [key]") from None
-        return self.cache.get(check_key(key, self.limits))
+    def _get(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        return self.cache.get(key)
 
-    def _set(self, msg: list[Any]) -> Any:
-        key, value, ttl, flags = parse_set(msg, self.limits)
+    def _set(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes, int, int]) -> Any:
+        key, value, ttl, flags = args
         try:
             return self.cache.set(
                 key,
                 value,
-                expires_at=_wall_ms() + ttl if ttl else 0,
+                expires_at=wall_ms() + ttl if ttl else 0,
                 version=self.clock.next(),
                 nx=flags == _NX,
                 xx=flags == _XX,
@@ -120,27 +116,16 @@ class AuxNode(Service):
         except EntryTooLargeError as exc:
             raise OutOfMemoryError(str(exc)) from None
 
-    def _delete(self, msg: list[Any]) -> Any:
-        try:
-            _, _, key = msg
-        except ValueError:
-            raise BadArgumentsError("DELETE takes [key]") from None
-        return self.cache.delete(check_key(key, self.limits), version=self.clock.next())
+    def _delete(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        return self.cache.delete(key, version=self.clock.next())
 
-    def _mget(self, msg: list[Any]) -> Any:
-        try:
-            _, _, keys = msg
-        except ValueError:
-            raise BadArgumentsError("MGET takes [keys]") from None
-        if keys.__class__ is not list:
-            raise BadArgumentsError("MGET takes a list of keys")
-        limits = self.limits
+    def _mget(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> Any:
         get = self.cache.get
-        return [get(check_key(k, limits)) for k in keys]
+        return [get(k) for k in keys]
 
-    def _mset(self, msg: list[Any]) -> Any:
-        items, ttl = parse_mset(msg, self.limits)
-        expires_at = _wall_ms() + ttl if ttl else 0
+    def _mset(self, conn: FrameProtocol, rid: int, args: tuple[list[tuple[bytes, bytes]], int]) -> Any:
+        items, ttl = args
+        expires_at = wall_ms() + ttl if ttl else 0
         cache = self.cache
         stored = 0
         for key, value in items:
@@ -151,41 +136,30 @@ class AuxNode(Service):
             stored += 1
         return stored
 
-    def _exists(self, msg: list[Any]) -> Any:
+    def _exists(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        return self.cache.exists(key)
+
+    def _expire(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
+        return self.cache.expire(*args)
+
+    def _ttl(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        return self.cache.ttl_ms(key)
+
+    def _incr(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
+        return self.add(args[0], args[1], self.clock.next())
+
+    def _decr(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
+        return self.add(args[0], -args[1], self.clock.next())
+
+    def add(self, key: bytes, delta: int, version: int) -> int:
+        """INCR/DECR/INCRV: add ``delta`` to the integer at ``key``, stamped with ``version``.
+
+        Raises:
+            NotAnIntegerError: not a signed 64-bit decimal, or the result would overflow.
+            OutOfMemoryError: the entry alone exceeds the budget.
+        """
         try:
-            _, _, key = msg
-        except ValueError:
-            raise BadArgumentsError("EXISTS takes [key]") from None
-        return self.cache.exists(check_key(key, self.limits))
-
-    def _expire(self, msg: list[Any]) -> Any:
-        try:
-            _, _, key, ttl_ms = msg
-        except ValueError:
-            raise BadArgumentsError("EXPIRE takes [key, ttl_ms]") from None
-        if ttl_ms.__class__ is not int:
-            raise BadArgumentsError("ttl_ms must be an integer")
-        if ttl_ms > MAX_TTL_MS:
-            raise BadArgumentsError(f"ttl_ms must be at most {MAX_TTL_MS}")
-        return self.cache.expire(check_key(key, self.limits), ttl_ms)
-
-    def _ttl(self, msg: list[Any]) -> Any:
-        try:
-            _, _, key = msg
-        except ValueError:
-            raise BadArgumentsError("TTL takes [key]") from None
-        return self.cache.ttl_ms(check_key(key, self.limits))
-
-    def _incr(self, msg: list[Any]) -> Any:
-        return self._add(msg, 1, "INCR")
-
-    def _decr(self, msg: list[Any]) -> Any:
-        return self._add(msg, -1, "DECR")
-
-    def _add(self, msg: list[Any], sign: int, name: str) -> Any:
-        key, delta = parse_delta(msg, self.limits, name)
-        try:
-            return self.cache.incr(key, sign * delta, version=self.clock.next())
+            return self.cache.incr(key, delta, version=version)
         except CacheNotAnIntegerError:
             raise NotAnIntegerError("value is not a signed 64-bit decimal integer") from None
         except IntegerOverflowError:
@@ -193,16 +167,10 @@ class AuxNode(Service):
         except EntryTooLargeError as exc:
             raise OutOfMemoryError(str(exc)) from None
 
-    def _touch(self, msg: list[Any]) -> Any:
-        try:
-            _, _, key = msg
-        except ValueError:
-            raise BadArgumentsError("TOUCH takes [key]") from None
-        return self.cache.touch(check_key(key, self.limits))
+    def _touch(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        return self.cache.touch(key)
 
-    def _stats(self, msg: list[Any]) -> Any:
-        if len(msg) != 2:
-            raise BadArgumentsError("STATS takes no arguments")
+    def _stats(self, conn: FrameProtocol, rid: int, args: None) -> Any:
         return self.stats()
 
     # -- everything else -----------------------------------------------------
@@ -229,18 +197,20 @@ class AuxNode(Service):
             "misses": c.misses,
             "evictions": c.evictions,
             "expirations": c.expirations,
-            "connections": len(self.state.connections),
-            "total_connections": self.state.total_connections,
-            "requests": self.requests_total,
-            "errors": self.errors_total,
-            "protocol_errors": self.protocol_errors_total,
+            **self.connection_stats(),
             **self.snapshots.stats(),
             **self._membership_stats(),
         }
 
     def _membership_stats(self) -> dict[str, Any]:
-        status = getattr(self.membership_agent, "status", None)
-        return status() if status is not None else {}
+        agent = self.membership_agent
+        return agent.status() if agent is not None else {}
+
+    def collector(self) -> Collector:
+        """This node's metrics collector."""
+        from .metrics import AuxCollector
+
+        return AuxCollector(self)
 
     async def _gc_loop(self) -> None:
         """Keep the cyclic GC away from the cache's entries.
@@ -249,12 +219,15 @@ class AuxNode(Service):
         entries that stalls the loop for 100-300 ms. Cache entries never form
         garbage cycles (an unlinked entry points at the list head, not at
         itself), so they need no collector: every ``GC_FREEZE_INTERVAL_S``
-        everything allocated so far moves to the permanent generation
-        (``gc.freeze()``, constant time) and collections only look at what
-        is new. See docs/DECISIONS.md.
+        a young collection first frees whatever cyclic garbage exists, then
+        everything still alive moves to the permanent generation
+        (``gc.freeze()``, constant time) and later collections only look at
+        what is new. Collecting first matters: freezing moves garbage too,
+        and frozen garbage is never freed (docs/DECISIONS.md).
         """
         while True:
             await asyncio.sleep(GC_FREEZE_INTERVAL_S)
+            gc.collect(1)
             gc.freeze()
 
     async def _expiry_loop(self) -> None:
@@ -265,119 +238,84 @@ class AuxNode(Service):
             await asyncio.sleep(interval)
             try:
                 self.cache.expire_some(batch)
+                self.cluster_ops.expire_sessions()
             except Exception:
                 log.exception("active expiry sweep failed")
 
-    async def start(self) -> None:
-        """Bind the listener and start the background tasks."""
-        loop = asyncio.get_running_loop()
+    # -- lifecycle (dcache.daemon.serve) -------------------------------------------
+
+    async def start(self) -> str:
+        """Load the snapshot, bind the listener, start the background tasks and membership."""
         cfg = self.config
         await self.snapshots.load()  # before listening: never serve a half-loaded cache
-        self.server = await loop.create_server(self.protocol_factory, cfg.host, cfg.port, reuse_address=True, backlog=1024)
+        server = await self.listen(cfg.host, cfg.port)
+        host, port = server.sockets[0].getsockname()[:2]
         if not cfg.node_id:
-            host, port = self.server.sockets[0].getsockname()[:2]
             self.node_id = f"aux-{host}-{port}"
-            self.clock = HybridClock(self.node_id)
+            self.clock = self._new_clock()
         self.clock.observe(self.snapshots.max_version)  # new writes must be newer than what was loaded
         self.state.spawn(self._expiry_loop(), "expiry")
         self.snapshots.start()
+        gc.collect()
         gc.freeze()  # whatever was loaded stays out of the collector's way
         self.state.spawn(self._gc_loop(), "gc-freeze")
+        self._start_membership((host, port))
+        return format_address(host, port)
+
+    def _start_membership(self, bound: tuple[str, int]) -> None:
+        cfg = self.config
+        if not (cfg.join or cfg.zookeeper):
+            return
+        if cfg.advertise:
+            advertise = parse_address(cfg.advertise)
+        else:
+            advertise = bound
+        agent: JoinAgent | ZkAgent
+        if cfg.zookeeper:
+            from .zkagent import ZkAgent
+
+            agent = ZkAgent(cfg, self.node_id, advertise, self.incarnation)
+        else:
+            from .membership import JoinAgent
+
+            agent = JoinAgent(cfg, self.node_id, advertise, epoch=self.ring_epoch, on_epoch=self.set_ring_epoch)
+        self.membership_agent = agent
+        agent.start()
+
+    async def before_close(self, sig: int, again: asyncio.Event) -> None:
+        """On SIGTERM a cluster member hands its data over (graceful leave); a second signal cuts it short.
+
+        SIGINT (Ctrl-C) stops without a hand-over: the node's data stays in
+        its snapshot, which is how ``dcache cluster`` stops.
+        """
+        agent = self.membership_agent
+        if agent is None or sig != signal.SIGTERM:
+            return
+        leave = asyncio.ensure_future(agent.leave())
+        second = asyncio.ensure_future(again.wait())
+        await asyncio.wait([leave, second], return_when=asyncio.FIRST_COMPLETED)
+        second.cancel()
+        if not leave.done():
+            log.warning("second signal: shutting down without finishing the hand-over")
+            leave.cancel()
 
     async def close(self) -> None:
-        """Graceful shutdown: stop accepting, drain connections, stop tasks."""
-        if self.server is not None:
-            self.server.close()
-        grace = self.config.shutdown_grace
-        for conn in list(self.state.connections):
-            conn.close()
-        deadline = time.monotonic() + grace
-        while self.state.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        for task in list(self.state.tasks):
-            task.cancel()
-        if self.state.tasks:
-            await asyncio.wait(self.state.tasks, timeout=grace or None)
+        """Graceful shutdown: leave membership, stop accepting, drain connections, stop tasks, final snapshot."""
+        if self.membership_agent is not None:
+            await self.membership_agent.close()
+        await self.shutdown(self.config.shutdown_grace)
         await self.snapshots.close()  # final snapshot: connections are closed, no more writes
-        if self.server is not None:
-            await self.server.wait_closed()
 
 
 async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:
-    """Run an aux node until SIGTERM or SIGINT, then shut down gracefully.
+    """Run an aux node until SIGTERM or SIGINT, then shut down gracefully (``dcache.daemon.serve``)."""
+    from ..daemon import serve
 
-    With ``--join`` (or ``--zookeeper``) the node registers with a master (or in
-    ZooKeeper), and on SIGTERM it hands
-    its data over (graceful leave) before closing; a second signal during the
-    hand-over cuts it short. SIGINT (Ctrl-C) stops without a hand-over (the
-    node's data stays in its snapshot), which is how ``dcache cluster`` stops.
-    """
-    from .membership import JoinAgent
-
-    if TYPE_CHECKING:
-        from .zkagent import ZkAgent
-
-    node = AuxNode(config)
-    await node.start()
-    assert node.server is not None
-    metrics = None
-    if config.metrics_port is not None:
-        from ..metrics import AuxCollector, registry_for, start_metrics_server
-
-        metrics = await start_metrics_server(registry_for(AuxCollector(node)), config.host, config.metrics_port)
-        log.info("aux node %s serves metrics at %s", node.node_id, metrics.url)
-    stop = asyncio.Event()
-    received: list[int] = []
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: int) -> None:
-        received.append(sig)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    log.info("aux node %s listening on %s", node.node_id, ready_line(node.server)[6:])
-    agent: JoinAgent | ZkAgent | None = None
-    if config.join or config.zookeeper:
-        if config.advertise:
-            from ..config import parse_address
-
-            advertise = parse_address(config.advertise)
-        else:
-            advertise = node.server.sockets[0].getsockname()[:2]
-        if config.zookeeper:
-            from .zkagent import ZkAgent
-
-            agent = ZkAgent(config, node.node_id, advertise, node.incarnation)
-        else:
-            agent = JoinAgent(config, node.node_id, advertise, epoch=node.ring_epoch, on_epoch=node.set_ring_epoch)
-        node.membership_agent = agent
-        agent.start()
-    if ready:
-        print(ready_line(node.server), flush=True)
-    try:
-        await stop.wait()
-        if agent is not None and received[0] == signal.SIGTERM:
-            stop.clear()
-            leave = asyncio.ensure_future(agent.leave())
-            second = asyncio.ensure_future(stop.wait())
-            await asyncio.wait([leave, second], return_when=asyncio.FIRST_COMPLETED)
-            second.cancel()
-            if not leave.done():
-                log.warning("second signal: shutting down without finishing the hand-over")
-                leave.cancel()
-    finally:
-        log.info("aux node %s shutting down", node.node_id)
-        if agent is not None:
-            await agent.close()
-        await node.close()
-        if metrics is not None:
-            await metrics.close()
+    await serve(AuxNode(config), host=config.host, metrics_port=config.metrics_port, ready=ready)
 
 
 def run_aux(config: AuxConfig) -> int:
     """Blocking entry point used by the CLI."""
-    import uvloop
+    from ..daemon import run
 
-    uvloop.run(serve_aux(config))
-    return 0
+    return run(lambda: AuxNode(config), host=config.host, metrics_port=config.metrics_port)

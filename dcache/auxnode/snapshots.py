@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from ..hlc import wall_ms
 from ..lru import EntryTooLargeError
 from ..lru.snapshot import SnapshotData, SnapshotError, load, pack_entries, write_packed
 
@@ -55,6 +56,10 @@ __all__ = [
     "COPY_CHUNK_ENTRIES",
     "APPLY_CHUNK_ENTRIES",
     "SnapshotManager",
+    "DIR_MODE",
+    "FILE_MODE",
+    "open_private",
+    "make_private_dir",
 ]
 
 log = logging.getLogger("dcache.aux.snapshots")
@@ -70,8 +75,23 @@ APPLY_CHUNK_ENTRIES = 20_000
 RELEASE_CHUNKS = 16
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
+#: Mode of the data dirs dcache creates and of the snapshot files it writes: the owner's only.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def open_private(path: str) -> Any:
+    """Open ``path`` for binary writing, created (or truncated) with mode 0600."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb")
+
+
+def make_private_dir(path: str) -> None:
+    """Create ``path`` (and its parents) with mode 0700 if it does not exist yet.
+
+    Raises:
+        OSError: it cannot be created, or exists and is not a directory.
+    """
+    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
 
 
 class SnapshotManager:
@@ -99,6 +119,7 @@ class SnapshotManager:
         "max_version",
         "rejected",
         "taken",
+        "versions_refused",
     )
 
     def __init__(self, node: AuxNode) -> None:
@@ -117,6 +138,8 @@ class SnapshotManager:
         self.loaded_keys = 0
         #: Highest entry version loaded at start (0 if none).
         self.max_version = 0
+        #: Entries skipped at load: their version was further ahead of the clock than --max-clock-skew.
+        self.versions_refused = 0
 
     @property
     def enabled(self) -> bool:
@@ -130,7 +153,7 @@ class SnapshotManager:
         loaded), -1 if there is none; ``snapshot_duration_s`` the time the
         last successful snapshot took (copy and write).
         """
-        age = (_wall_ms() - self._last_created_ms) / 1000 if self._last_created_ms else -1
+        age = (wall_ms() - self._last_created_ms) / 1000 if self._last_created_ms else -1
         return {
             "snapshot_age_s": round(age, 3),
             "snapshot_duration_s": round(self.last_duration_s, 4),
@@ -138,6 +161,7 @@ class SnapshotManager:
             "snapshot_failures": self.failures,
             "snapshots_rejected": self.rejected,
             "snapshot_loaded_keys": self.loaded_keys,
+            "snapshot_versions_refused": self.versions_refused,
         }
 
     # -- start -------------------------------------------------------------
@@ -145,9 +169,12 @@ class SnapshotManager:
     async def load(self) -> int:
         """Load the newest valid generation into the cache; return how many keys.
 
-        Creates the data dir if needed and removes temp files a crash left
-        behind. Entries go in with ``LRUCache.apply`` (versions kept, expired
-        ones dropped); the node's clock observes the highest version loaded.
+        Creates the data dir if needed (mode 0700) and removes temp files a
+        crash left behind. Entries go in with ``LRUCache.apply`` (versions
+        kept, expired ones dropped); the node's clock observes the highest
+        version loaded. An entry whose version is further ahead of the clock
+        than ``--max-clock-skew`` is skipped, counted and logged: it would
+        push every later version of this node into the future.
 
         Raises:
             OSError: the data dir cannot be created or listed (a config
@@ -157,7 +184,7 @@ class SnapshotManager:
         if self.data_dir is None:
             return 0
         data_dir = self.data_dir
-        os.makedirs(data_dir, exist_ok=True)
+        make_private_dir(data_dir)
         self._remove_temp_files()
         loop = asyncio.get_running_loop()
         for name in (CURRENT_NAME, PREV_NAME):
@@ -200,11 +227,16 @@ class SnapshotManager:
         entries = data.entries
         loaded = 0
         too_large = 0
+        too_new = 0
         max_version = 0
+        ceiling = node.limits.version_ceiling()
         for start in range(0, len(entries), APPLY_CHUNK_ENTRIES):
             if start:
                 await asyncio.sleep(0)
             for key, value, expires_at, version in entries[start : start + APPLY_CHUNK_ENTRIES]:
+                if version > ceiling:
+                    too_new += 1
+                    continue
                 try:
                     if apply(key, value, expires_at=expires_at, version=version):
                         loaded += 1
@@ -214,6 +246,12 @@ class SnapshotManager:
                     max_version = version
         if too_large:
             log.warning("%d snapshot entries are larger than max_memory and were skipped", too_large)
+        if too_new:
+            self.versions_refused += too_new
+            log.warning(
+                "%d snapshot entries carry versions further ahead of this clock than --max-clock-skew and were skipped",
+                too_new,
+            )
         if max_version:
             node.clock.observe(max_version)
         self.max_version = max(self.max_version, max_version)
@@ -260,7 +298,7 @@ class SnapshotManager:
         async with self._lock:
             loop = asyncio.get_running_loop()
             t0 = time.monotonic()
-            created_ms = _wall_ms()
+            created_ms = wall_ms()
             node = self._node
             try:
                 items = await self._copy()
@@ -340,7 +378,7 @@ class SnapshotManager:
         tmp = os.path.join(data_dir, f"{TMP_PREFIX}{os.getpid()}")
         current = os.path.join(data_dir, CURRENT_NAME)
         try:
-            with open(tmp, "wb") as f:
+            with open_private(tmp) as f:
                 size = write_packed(items, f, count=items.count, node_id=node_id, ring_epoch=ring_epoch, created_ms=created_ms)
                 f.flush()
                 os.fsync(f.fileno())
@@ -416,7 +454,7 @@ class _Packed:
 
 def _read(path: str) -> SnapshotData:
     with open(path, "rb") as f:
-        return load(f, now_ms=_wall_ms())
+        return load(f, now_ms=wall_ms())
 
 
 def _set_aside(path: str, name: str) -> str | None:

@@ -36,7 +36,7 @@ from concurrent.futures import Future as ConcurrentFuture
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ..config import parse_address
+from ..address import format_address, parse_address
 from ..errors import (
     BadArgumentsError,
     ConfigError,
@@ -180,7 +180,7 @@ class Client:
         if not backoff_max >= 0.05:
             raise ConfigError("backoff_max must be at least 0.05 seconds")
         self._addresses = addresses
-        self._names = tuple(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
+        self._names = tuple(format_address(h, p) for h, p in addresses)
         self._timeout = float(timeout)
         self._connect_timeout = float(connect_timeout)
         self._acquire_timeout = acquire_timeout

@@ -8,6 +8,7 @@ import signal
 
 from aiohttp import web
 
+from ..address import format_address
 from ..config import HttpConfig
 from .app import create_app
 
@@ -44,7 +45,7 @@ async def serve_http(config: HttpConfig, *, ready: bool = True) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         host, port = runner.addresses[0][:2]
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        where = format_address(host, port)
         log.info("http shim listening on %s, masters %s", where, ",".join(config.master))
         if ready:
             print(f"READY {where}", flush=True)

@@ -1,168 +1,66 @@
-"""Pipelined links from a master to its aux nodes.
+"""Pipelined links from a master to its aux nodes, and how a master suspects a slow one.
 
 This is the master's hot path, so it avoids futures and tasks where it can:
 ``AuxLink.send(op, args, callback)`` writes the request (frames written in
 one loop iteration leave in one write) and the answer's ``(status, result)``
 is handed to ``callback`` straight from ``data_received``. Callers that want
-to ``await`` use ``request``, which wraps the same mechanism in a future.
+to ``await`` use ``call``, which wraps the same mechanism in a future.
 
 An ``AuxLink`` keeps ``size`` connections to one aux node and spreads
-requests over them round-robin; answers come back by request id.
+requests over them; answers come back by request id (each connection's
+``RequestTable``).
 
-Timeouts cost no timer per request: each request's deadline goes into a
-deque (deadlines are appended in increasing order) and one sweeper per link
-answers the overdue ones with ``UPSTREAM_TIMEOUT``. A lost connection
-answers everything pending on it with ``UNAVAILABLE``. A link that cannot
-connect answers at once with ``UNAVAILABLE`` and reconnects in the
-background with jittered, capped backoff; the router then tries the key's
-next owner.
+Timeouts cost no timer per request: each connection's table keeps its
+deadlines in order and one sweeper per link answers the overdue ones with
+``UPSTREAM_TIMEOUT``. A lost connection answers everything pending on it
+with ``UNAVAILABLE``. A link that cannot connect answers at once with
+``UNAVAILABLE`` and reconnects in the background with jittered, capped
+backoff; the router then tries the key's next owner.
+
+Suspicion (gray failure). A node that is stopped, overloaded or cut off
+rarely refuses connections: it just stops answering. A link whose node has
+answered nothing for ``suspect_after`` seconds while requests wait becomes
+*suspect*: the sweeper answers every request waiting on it with
+``UPSTREAM_TIMEOUT`` at once (instead of after the full ``timeout``), the
+router reads from the key's other owners and stops waiting for it on
+writes (it keeps hints instead, ``dcache.master.hints``), and the link
+probes the node with a PING every ``suspect_after / 2`` seconds. The first
+answer of any kind ends the suspicion. This is each master's own, local
+view; marking a node down is the coordinator's job (health pings).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import random
-import socket
-from collections.abc import Callable
-from typing import Any, cast
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from ..errors import HandshakeError, RemoteProtocolError, Status, error_from_status
-from ..protocol import PROTOCOL_VERSION, FrameDecoder, Op, pack, queue_frame
+from ..errors import HandshakeError, Status, error_from_status
+from ..peer import Callback, PeerConnection
+from ..protocol import PROTOCOL_VERSION, Op
 
-__all__ = ["AuxLink", "UpstreamProtocol", "Callback"]
+__all__ = ["AuxLink", "ConnectionFactory"]
 
 log = logging.getLogger("dcache.master.links")
-
-#: Receives an answer: ``(status, result)``; for errors ``result`` is the message.
-Callback = Callable[[int, Any], None]
 
 _SWEEP_INTERVAL_S = 0.05
 _BACKOFF_BASE_S = 0.05
 _BACKOFF_MAX_S = 1.0
-_MAX_REQUEST_ID = 2**32 - 1
-_pack = pack
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
 
 
-class UpstreamProtocol(asyncio.Protocol):
-    """One connection from a master to an aux node."""
+#: Opens one connection to ``(host, port)`` and returns its protocol (tests pass their own).
+ConnectionFactory = Callable[[str, int, str, "Callable[[], None] | None"], Awaitable[PeerConnection]]
 
-    __slots__ = (
-        "_transport",
-        "_decoder",
-        "waiters",
-        "_next_id",
-        "_out",
-        "_flush_scheduled",
-        "_loop",
-        "closed",
-        "_name",
-        "incarnation",
-        "_on_answers",
-    )
 
-    def __init__(self, name: str, on_answers: Callable[[], None] | None = None) -> None:
-        self._transport: asyncio.Transport | None = None
-        self._decoder = FrameDecoder()
-        self.waiters: dict[int, Callback] = {}
-        self._next_id = 1
-        self._out: list[bytes] = []
-        self._flush_scheduled = False
-        self._loop = asyncio.get_running_loop()
-        self.closed = False
-        self._name = name
-        self.incarnation: int | None = None
-        #: Called after the answers of one read were handed to their
-        #: callbacks (the master writes its clients' answers then).
-        self._on_answers = on_answers
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # pragma: no cover
-                pass
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        waiters = self.waiters
-        self.waiters = {}
-        message = f"connection to aux node {self._name} lost" + (f": {exc}" if exc else "")
-        for cb in waiters.values():
-            cb(_UNAVAILABLE, message)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            msgs = self._decoder.feed(data)
-        except RemoteProtocolError as exc:
-            log.warning("bad bytes from aux node %s: %s", self._name, exc)
-            self.close()
-            return
-        waiters = self.waiters
-        for msg in msgs:
-            try:
-                rid, status, result = msg
-            except (TypeError, ValueError):
-                self.close()
-                return
-            cb = waiters.pop(rid, None)
-            if cb is not None:
-                cb(status, result)
-            elif rid == 0:  # connection-level error: the aux node closes next
-                log.warning("aux node %s closed the link: %s", self._name, result)
-        if self._on_answers is not None:
-            self._on_answers()
-        if self._decoder.error is not None:
-            self.close()
-
-    def send(self, op: int, args: tuple[Any, ...], cb: Callback) -> int:
-        """Queue one request; ``cb`` gets its answer. Returns the request id."""
-        waiters = self.waiters
-        rid = self._next_id
-        while rid in waiters:
-            rid = rid + 1 if rid < _MAX_REQUEST_ID else 1
-        self._next_id = rid + 1 if rid < _MAX_REQUEST_ID else 1
-        waiters[rid] = cb
-        queue_frame(self._out, _pack([op, rid, *args]))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-        return rid
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        out = self._out
-        if out and not self.closed and self._transport is not None:
-            if len(out) == 1:
-                self._transport.write(out[0])
-            else:
-                self._transport.writelines(out)
-        out.clear()
-
-    def flush_now(self) -> None:
-        """Write the queued requests now (the scheduled flush then finds nothing)."""
-        self._flush()
-
-    @property
-    def pending_flush(self) -> bool:
-        """Whether requests are queued for this loop iteration's write."""
-        return self._flush_scheduled
-
-    def fail(self, rid: int, status: int, message: str) -> None:
-        """Answer a pending request locally (timeout)."""
-        cb = self.waiters.pop(rid, None)
-        if cb is not None:
-            cb(status, message)
-
-    def close(self) -> None:
-        if self._transport is not None and not self.closed:
-            self._transport.close()
-        self.closed = True
+async def _tcp_connection(host: str, port: int, name: str, on_answers: Callable[[], None] | None) -> PeerConnection:
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(lambda: PeerConnection(f"aux node {name}", on_answers), host, port)
+    return proto
 
 
 class AuxLink:
@@ -174,10 +72,11 @@ class AuxLink:
         "port",
         "_size",
         "_timeout",
+        "_suspect_after",
         "_auth_token",
+        "_factory",
         "_conns",
         "_rr",
-        "_deadlines",
         "_sweeper",
         "_connector",
         "_failures",
@@ -187,7 +86,12 @@ class AuxLink:
         "failures_total",
         "incarnation",
         "on_restart",
+        "on_recover",
         "_on_answers",
+        "suspect",
+        "suspected_since",
+        "suspicions_total",
+        "_last_probe",
     )
 
     def __init__(
@@ -198,19 +102,23 @@ class AuxLink:
         *,
         size: int = 2,
         timeout: float = 2.0,
+        suspect_after: float = 0.5,
         auth_token: str | None = None,
         on_restart: Callable[[str], None] | None = None,
+        on_recover: Callable[[str], None] | None = None,
         on_answers: Callable[[], None] | None = None,
+        factory: ConnectionFactory = _tcp_connection,
     ) -> None:
         self.node_id = node_id
         self.host = host
         self.port = port
         self._size = size
         self._timeout = timeout
+        self._suspect_after = min(suspect_after, timeout)
         self._auth_token = auth_token
-        self._conns: list[UpstreamProtocol] = []
+        self._factory = factory
+        self._conns: list[PeerConnection] = []
         self._rr = 0
-        self._deadlines: collections.deque[tuple[float, UpstreamProtocol, int]] = collections.deque()
         self._sweeper: asyncio.Task[None] | None = None
         self._connector: asyncio.Task[None] | None = None
         self._failures = 0
@@ -224,8 +132,16 @@ class AuxLink:
         #: node answers with a new incarnation: it restarted and may hold
         #: stale data, so the master fences it first.
         self.on_restart = on_restart
+        #: Called when a suspect node answers again.
+        self.on_recover = on_recover
         #: Called after each read's answers were handed to their callbacks.
         self._on_answers = on_answers
+        #: Whether the node is suspected of not answering (see the module note).
+        self.suspect = False
+        #: ``time.time()`` the current suspicion started (0: not suspect).
+        self.suspected_since = 0.0
+        self.suspicions_total = 0
+        self._last_probe = 0.0
 
     @property
     def connected(self) -> bool:
@@ -245,7 +161,12 @@ class AuxLink:
     @property
     def in_flight(self) -> int:
         """Requests sent and not yet answered."""
-        return sum(len(c.waiters) for c in self._conns)
+        return sum(len(c.requests) for c in self._conns)
+
+    @property
+    def usable(self) -> bool:
+        """Whether requests sent now are expected to be answered (connected and not suspect)."""
+        return not self.suspect and any(not c.closed for c in self._conns)
 
     def start(self) -> None:
         """Start connecting and sweeping (idempotent)."""
@@ -261,20 +182,17 @@ class AuxLink:
         if self._connector is None or self._connector.done():
             self._connector = asyncio.ensure_future(self._connect_loop())
 
-    async def _open(self) -> UpstreamProtocol:
+    async def _open(self) -> PeerConnection:
         loop = asyncio.get_running_loop()
-        name = self.node_id
-        on_answers = self._on_answers
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: UpstreamProtocol(name, on_answers), self.host, self.port), self._timeout
-        )
+        proto = await asyncio.wait_for(self._factory(self.host, self.port, self.node_id, self._on_answers), self._timeout)
         fut: asyncio.Future[Any] = loop.create_future()
 
         def on_hello(status: int, result: Any) -> None:
             if not fut.done():
                 fut.set_result((status, result))
 
-        proto.send(Op.HELLO, (PROTOCOL_VERSION, self._auth_token, "dcache-master"), on_hello)
+        proto.send(Op.HELLO, (PROTOCOL_VERSION, self._auth_token, "dcache-master"), on_hello, loop.time() + self._timeout)
+        proto.flush_now()
         try:
             status, result = await asyncio.wait_for(fut, self._timeout)
         except BaseException:
@@ -321,8 +239,9 @@ class AuxLink:
                         self.on_restart(self.node_id)
                 self.incarnation = incarnation
             self._conns.append(proto)
+            self._answered()
 
-    def _pick(self) -> UpstreamProtocol | None:
+    def _pick(self) -> PeerConnection | None:
         # Requests made in one loop iteration share one connection: they leave
         # in one write, the aux node answers them in one write, and each
         # client's batch comes back together (one reply write per client).
@@ -354,10 +273,9 @@ class AuxLink:
             cb(_UNAVAILABLE, f"aux node {self.node_id} at {self.host}:{self.port} is not connected")
             return
         self.requests += 1
-        rid = conn.send(op, args, cb)
         loop = self._loop
         assert loop is not None
-        self._deadlines.append((loop.time() + self._timeout, conn, rid))
+        conn.send(op, args, cb, loop.time() + self._timeout)
 
     def flush(self) -> None:
         """Write what is queued on every connection now, not at the end of the iteration."""
@@ -382,26 +300,58 @@ class AuxLink:
         return fut
 
     async def call(self, op: int, *args: Any) -> Any:
-        """Send one request and await its result."""
+        """Send one request and await its result (typed errors raised)."""
         return await self.request(op, *args)
 
-    async def _sweep_loop(self) -> None:
-        deadlines = self._deadlines
-        loop = asyncio.get_running_loop()
+    # -- suspicion ------------------------------------------------------------------
+
+    def _answered(self) -> None:
+        if self.suspect:
+            log.info("aux node %s answers again after %.2f s", self.node_id, time.time() - self.suspected_since)
+            self.suspect = False
+            self.suspected_since = 0.0
+            if self.on_recover is not None:
+                self.on_recover(self.node_id)
+
+    def check(self, now: float) -> None:
+        """Time out overdue requests, suspect a silent node, probe a suspect one (the sweeper's step)."""
+        last = max((c.last_answer for c in self._conns if not c.closed), default=0.0)
+        waiting = [c for c in self._conns if not c.closed and len(c.requests)]
+        silent = now - last > self._suspect_after if last else True
+        if self.suspect and not silent:
+            self._answered()
+        if not self.suspect and waiting and silent:
+            oldest = min((c.requests.oldest_deadline() or now + self._timeout) for c in waiting) - self._timeout
+            if now - oldest > self._suspect_after:
+                self.suspect = True
+                self.suspected_since = time.time()
+                self.suspicions_total += 1
+                log.warning(
+                    "aux node %s has not answered for %.2f s: suspected (reads go to other owners, writes keep hints)",
+                    self.node_id,
+                    now - last if last else self._suspect_after,
+                )
+        if self.suspect:
+            message = f"aux node {self.node_id} is suspected: no answer for {self._suspect_after} s"
+            for c in self._conns:
+                self.failures_total += c.fail_all(_TIMEOUT, message) if not c.closed else 0
+            if now - self._last_probe >= self._suspect_after / 2 and self.connected:
+                self._last_probe = now
+                self.send(Op.PING, (), _ignore)
+                self.flush()
+            return
         message = f"aux node {self.node_id} did not answer within {self._timeout} s"
+        for c in self._conns:
+            self.failures_total += c.fail_overdue(now, message)
+
+    async def _sweep_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL_S)
-            now = loop.time()
-            while deadlines:
-                deadline, conn, rid = deadlines[0]
-                if rid not in conn.waiters:
-                    deadlines.popleft()
-                    continue
-                if deadline > now:
-                    break
-                deadlines.popleft()
-                self.failures_total += 1
-                conn.fail(rid, _TIMEOUT, message)
+            try:
+                self.check(loop.time())
+            except Exception:  # pragma: no cover - a bug here must not stop the sweeps
+                log.exception("link sweep of %s failed", self.node_id)
 
     async def close(self) -> None:
         """Close every connection and stop the background tasks (idempotent)."""
@@ -415,4 +365,7 @@ class AuxLink:
             c.close()
             c.connection_lost(None)
         self._conns.clear()
-        self._deadlines.clear()
+
+
+def _ignore(status: int, result: Any) -> None:
+    """The callback of a probe: its answer matters only as a sign of life."""

@@ -40,10 +40,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from ..client.connection import ClientConnection, open_connection
-from ..config import MasterConfig, parse_address
+from ..address import parse_address
+from ..config import MasterConfig
 from ..errors import BadArgumentsError, UnavailableError
-from ..hlc import HybridClock
+from ..hlc import HybridClock, wall_ms
+from ..peer import PeerConnection, open_peer
 from ..protocol import PROTOCOL_VERSION, Op
 from .links import AuxLink
 from .migration import Migrator
@@ -52,10 +53,6 @@ from .view import DOWN, FENCED, LEAVING, UP, ClusterView, Member
 __all__ = ["Membership", "Coordinator", "Follower"]
 
 log = logging.getLogger("dcache.master.membership")
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Membership:
@@ -113,13 +110,26 @@ class Membership:
         """Remove an aux node after its data moved to the other owners."""
         raise NotImplementedError
 
-    def sync(self, follower_id: str, epoch: int, seq: int, their_view: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    def sync(
+        self, follower_id: str, epoch: int, seq: int, their_view: dict[str, Any] | None = None, reconcile: list[str] | None = None
+    ) -> dict[str, Any] | None:
         """Answer a follower's poll: the view if it is newer than ``(epoch, seq)``.
 
         ``their_view`` is the follower's own view, sent when asked for it
         (``{"want_view": True}``, by a coordinator that restarted).
+        ``reconcile`` names aux nodes the follower lost hints for (they need
+        a full reconciliation, ``request_reconcile``).
         """
         raise BadArgumentsError("this master does not coordinate the cluster")
+
+    def request_reconcile(self, node_id: str) -> None:
+        """An aux node missed writes this master could not keep hints for: have it reconciled in full.
+
+        The base behaviour (a ZooKeeper master that is not the leader) can
+        only say so; the coordinator fences the node, a follower asks the
+        coordinator in its next SYNC.
+        """
+        log.warning("aux node %s missed writes whose hints were lost; it is reconciled when it is next fenced or marked down", node_id)
 
     def on_aux_restart(self, node_id: str) -> None:
         """An aux node came back as a new process: stop reading from it.
@@ -133,7 +143,7 @@ class Membership:
         if m is None or m.state != UP:
             return
         members = dict(view.members)
-        members[node_id] = Member(m.node_id, m.host, m.port, m.weight, FENCED, _wall_ms())
+        members[node_id] = Member(m.node_id, m.host, m.port, m.weight, FENCED, wall_ms())
         local = replace(view, members=members)  # same (epoch, seq): any newer view replaces it
         self.view = local
         self._on_view(local)
@@ -251,7 +261,7 @@ class Coordinator(Membership):
         if self._before_me(known_epoch):
             # Admitted by an earlier coordinator: this one restarted. Gather it
             # with the others instead of building a ring of one node.
-            self._recovery_joins[node_id] = Member(node_id, host, port, weight, UP, _wall_ms())
+            self._recovery_joins[node_id] = Member(node_id, host, port, weight, UP, wall_ms())
             if self._recovery is None:
                 self._recovery = self._spawn(self._recovery_window(), "recovery")
             await self._recovered.wait()
@@ -263,7 +273,7 @@ class Coordinator(Membership):
                 return self.view.epoch  # a re-announcement: nothing changes (a fenced node stays fenced until reconciled)
             if known is not None and known.state == LEAVING:
                 return self.view.epoch  # leaving nodes do not come back by announcing
-            members[node_id] = Member(node_id, host, port, weight, FENCED if fenced else UP, _wall_ms())
+            members[node_id] = Member(node_id, host, port, weight, FENCED if fenced else UP, wall_ms())
             self._misses.pop(node_id, None)
             reason = "rejoin" if known is not None else "join"
             return self._change(members, f"{reason} of {node_id} at {host}:{port}").epoch
@@ -275,7 +285,7 @@ class Coordinator(Membership):
             if m is None:
                 return True
             if m.state != LEAVING:
-                members[node_id] = Member(m.node_id, m.host, m.port, m.weight, LEAVING, _wall_ms())
+                members[node_id] = Member(m.node_id, m.host, m.port, m.weight, LEAVING, wall_ms())
                 self._change(members, f"graceful leave of {node_id}")
         await self.wait_settled(lambda v: node_id not in v.members, timeout=self.config.shutdown_grace + 3600)
         # The node exits when this returns: first let every follower route by
@@ -292,8 +302,8 @@ class Coordinator(Membership):
         m = members.get(node_id)
         if m is None or m.state == state:
             return
-        members[node_id] = Member(m.node_id, m.host, m.port, m.weight, state, _wall_ms())
-        event = {"node_id": node_id, "state": state, "why": why, "at_ms": _wall_ms()}
+        members[node_id] = Member(m.node_id, m.host, m.port, m.weight, state, wall_ms())
+        event = {"node_id": node_id, "state": state, "why": why, "at_ms": wall_ms()}
         self.health_events.append(event)
         del self.health_events[:-50]
         log.warning("aux node %s marked %s: %s", node_id, state, why)
@@ -302,15 +312,18 @@ class Coordinator(Membership):
     def on_aux_restart(self, node_id: str) -> None:
         self.fence(node_id, "restarted: reconciling before it serves reads")
 
+    def request_reconcile(self, node_id: str) -> None:
+        self.fence(node_id, "missed writes whose hints were lost: reconciling before it serves reads")
+
     def fence(self, node_id: str, why: str) -> None:
         """Stop reading from a node until its co-owners' data has been copied to it."""
         members = dict(self.view.members)
         m = members.get(node_id)
         if m is None or m.state != UP:
             return
-        members[node_id] = Member(m.node_id, m.host, m.port, m.weight, FENCED, _wall_ms())
+        members[node_id] = Member(m.node_id, m.host, m.port, m.weight, FENCED, wall_ms())
         log.warning("aux node %s fenced: %s", node_id, why)
-        self.health_events.append({"node_id": node_id, "state": FENCED, "why": why, "at_ms": _wall_ms()})
+        self.health_events.append({"node_id": node_id, "state": FENCED, "why": why, "at_ms": wall_ms()})
         del self.health_events[:-50]
         view = self.view.with_members(members, migrate=False)
         if self.view.prev_ring is not None:  # keep a running migration's source ring
@@ -335,7 +348,7 @@ class Coordinator(Membership):
         members = dict(self.view.members)
         m = members.get(node_id)
         if m is not None and m.state == FENCED:
-            members[node_id] = Member(m.node_id, m.host, m.port, m.weight, UP, _wall_ms())
+            members[node_id] = Member(m.node_id, m.host, m.port, m.weight, UP, wall_ms())
             log.info("aux node %s reconciled: serving reads again", node_id)
             self.publish(self.view.bumped(members=members))
             self._notify()
@@ -343,41 +356,61 @@ class Coordinator(Membership):
     # -- health ------------------------------------------------------------------------
 
     async def _health_loop(self) -> None:
-        cfg = self.config
+        """A health round every ``health_interval`` seconds, each ping bounded by ``health_timeout``.
+
+        Rounds do not wait for each other, so a stopped node is seen missing
+        one ping per interval: with the defaults (0.4 s, 0.5 s timeout, 3
+        misses) it is marked down at most 1.7 s after it stopped answering.
+        """
+        interval = self.config.health_interval
+        loop = asyncio.get_running_loop()
+        next_round = loop.time()
         while True:
-            await asyncio.sleep(cfg.health_interval)
-            try:
-                await self._health_round()
-            except Exception:
-                log.exception("health round failed")
+            next_round += interval
+            await asyncio.sleep(max(0.0, next_round - loop.time()))
+            if loop.time() - next_round > interval:
+                next_round = loop.time()  # the loop itself was late: do not fire the missed rounds at once
+            self._spawn(self._health_round(), "health-round")
 
     async def _health_round(self) -> None:
+        try:
+            await self._health_check()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("health round failed")
+
+    async def _health_check(self) -> None:
         cfg = self.config
         view = self.view
         links = self._links()
         nodes = [m for m in view.members.values() if m.node_id in links]
         hello = (PROTOCOL_VERSION, cfg.auth_token, "dcache-health")
         results = await asyncio.gather(
-            *(asyncio.wait_for(links[m.node_id].call(Op.HELLO, *hello), cfg.health_interval * 2) for m in nodes),
+            *(asyncio.wait_for(links[m.node_id].call(Op.HELLO, *hello), cfg.health_timeout) for m in nodes),
             return_exceptions=True,
         )
         for m, r in zip(nodes, results, strict=True):
+            current = self.view.members.get(m.node_id)
+            if current is None:
+                continue  # gone meanwhile
             ok = not isinstance(r, BaseException)
             if ok:
                 self._misses[m.node_id] = 0
                 incarnation = r.get("incarnation") if isinstance(r, dict) else None
                 known = self._incarnations.get(m.node_id)
                 self._incarnations[m.node_id] = incarnation  # type: ignore[assignment]
-                if m.state == DOWN:
+                if current.state == DOWN:
                     self.mark(m.node_id, UP, "answers pings again")
-                elif m.state == UP and known is not None and incarnation != known:
+                elif current.state == UP and known is not None and incarnation != known:
                     self.fence(m.node_id, "restarted: reconciling before it serves reads")
                 continue
             misses = self._misses.get(m.node_id, 0) + 1
             self._misses[m.node_id] = misses
-            if m.state != DOWN and misses >= cfg.health_failures:
+            if current.state != DOWN and misses >= cfg.health_failures:
                 assert isinstance(r, BaseException)
-                self.mark(m.node_id, DOWN, f"{misses} health checks failed in a row ({r.__class__.__name__}: {r})")
+                why = r.__class__.__name__ if isinstance(r, TimeoutError) else f"{r.__class__.__name__}: {r}"
+                self.mark(m.node_id, DOWN, f"{misses} health checks failed in a row ({why})")
 
     # -- restart recovery ----------------------------------------------------------
 
@@ -436,8 +469,12 @@ class Coordinator(Membership):
 
     # -- followers ------------------------------------------------------------------
 
-    def sync(self, follower_id: str, epoch: int, seq: int, their_view: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    def sync(
+        self, follower_id: str, epoch: int, seq: int, their_view: dict[str, Any] | None = None, reconcile: list[str] | None = None
+    ) -> dict[str, Any] | None:
         self._followers[follower_id] = (epoch, seq, time.monotonic())
+        for node_id in reconcile or ():
+            self.fence(node_id, f"follower {follower_id} lost hints of writes it missed: reconciling before it serves reads")
         if self._before_me(epoch):
             if their_view is None:
                 return {"want_view": True}
@@ -493,7 +530,9 @@ class Follower(Membership):
         assert config.coordinator is not None
         self._host, self._port = parse_address(config.coordinator)
         self._node_id = node_id
-        self._conn: ClientConnection | None = None
+        self._conn: PeerConnection | None = None
+        #: Aux nodes this master lost hints for, to name in the next SYNC.
+        self._reconcile: set[str] = set()
         self.last_sync_ms = 0
         self.coordinator_error: str | None = "not contacted yet"
 
@@ -505,29 +544,40 @@ class Follower(Membership):
             self.coordinator_error = str(exc)
         self._spawn(self._follow_loop(), "follow")
 
-    async def _connection(self) -> ClientConnection:
+    async def _connection(self) -> PeerConnection:
         if self._conn is None or self._conn.is_closing:
-            self._conn = await open_connection(
-                self._host, self._port, connect_timeout=2.0, auth_token=self.config.auth_token, client_name="dcache-follower"
+            self._conn = await open_peer(
+                self._host,
+                self._port,
+                name=f"coordinator {self._host}:{self._port}",
+                auth_token=self.config.auth_token,
+                client_name="dcache-follower",
+                timeout=2.0,
+                expect_role="master",
             )
         return self._conn
 
     async def _call(self, op: int, *args: Any, timeout: float = 5.0) -> Any:
         try:
             conn = await self._connection()
-            return await asyncio.wait_for(conn.call(op, *args), timeout)
-        except (OSError, TimeoutError, ConnectionError) as exc:
-            raise UnavailableError(f"coordinator {self._host}:{self._port} is unreachable: {exc}") from None
+            return await conn.call(op, *args, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise UnavailableError(f"coordinator {self._host}:{self._port} is unreachable: {exc or 'timed out'}") from None
+
+    def request_reconcile(self, node_id: str) -> None:
+        self._reconcile.add(node_id)
 
     async def sync_once(self) -> None:
         """Poll the coordinator once and adopt a newer view."""
         view = self.view
         timeout = max(2.0, self.config.follow_interval * 4)
-        answer = await self._call(Op.SYNC, self._node_id(), view.epoch, view.seq, timeout=timeout)
+        reconcile = sorted(self._reconcile)
+        answer = await self._call(Op.SYNC, self._node_id(), view.epoch, view.seq, None, reconcile, timeout=timeout)
+        self._reconcile.difference_update(reconcile)
         if isinstance(answer, dict) and answer.get("want_view"):
             log.warning("the coordinator restarted without a ring: handing it ours (epoch %d)", view.epoch)
             answer = await self._call(Op.SYNC, self._node_id(), view.epoch, view.seq, view.to_dict(), timeout=timeout)
-        self.last_sync_ms = _wall_ms()
+        self.last_sync_ms = wall_ms()
         self.coordinator_error = None
         if answer is not None and not answer.get("want_view"):
             self.publish(ClusterView.from_dict(answer))

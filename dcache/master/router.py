@@ -1,64 +1,98 @@
-"""Routing of client ops to aux nodes by the current ``ClusterView``.
+"""Routing of client ops to aux nodes: the one home of the read and write rules.
 
-Reads go to the first live candidate (``ClusterView.read_candidates``) and
-fall back to the next one on a miss or an error, so a request in flight to a
-node that just died is retried on its replica. A miss on one candidate with
-a hit on a later one repairs the earlier one in the background (last writer
-wins, so a repair can never overwrite newer data).
+Every op a master serves is routed here, by the current ``ClusterView``.
 
-Writes are stamped with a version from this master's hybrid logical clock
-and sent in parallel to every live target (``ClusterView.write_targets``).
-A write is acknowledged once every live target applied it (or
-``write_quorum`` of them); a target that turns out unreachable does not fail
-the write if another applied it, since the coordinator re-replicates its
-ranges when it marks the node down.
+Reads (``ReadOp``). A key's read candidates (``ClusterView.read_candidates``)
+are tried in order; nodes this master cannot trust right now (suspected,
+not connected, or holding hints of writes they missed) go last. The first
+candidate is read with the other first-owner reads of the same loop
+iteration as one MGET (``GetBatcher``); a miss or an error there goes on to
+the next candidate with GETV, and a hit on a later candidate after misses
+repairs the candidates that missed (APPLY, last writer wins, so a repair
+never overwrites newer data). MGET, EXISTS and TTL are made of the same
+``ReadOp`` s: there is exactly one place that says where a read goes when
+its first owner misses.
 
-MGET and MSET are split per node, sent in parallel and reassembled in order.
+Writes (``WriteOp``). A write is stamped with a version from this master's
+hybrid logical clock and sent in parallel to every live target
+(``ClusterView.write_targets``). It is acknowledged when every target
+answered, or ``write_quorum`` of them applied it, with these rules:
+
+* an owner that answers that it holds a newer version (``[2, version]``)
+  makes the master move its clock past that version (the receive rule) and
+  send the write again, once, with a fresh version; if an owner still holds
+  a newer one, a concurrent newer write won and the client gets
+  ``SUPERSEDED``: a write is never acknowledged without taking effect;
+* an owner that is suspected, not connected, or times out does not fail the
+  write while another owner applied it: the master keeps a hint for it
+  (``dcache.master.hints``) and replays it when the owner answers again;
+* no owner applied it: ``UNAVAILABLE``; an error from an owner (not enough
+  memory...) is answered as it is.
+
+MSET is one ``WriteOp`` per pair. SET NX/XX and INCR are decided by the
+first live candidate (the condition, or the counter's value) and then
+copied to the other owners with the same version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from typing import Any, cast
+from typing import Any, Protocol
 
 from ..errors import (
     NotAnIntegerError,
+    ServerError,
+    Status,
+    SupersededError,
     UnavailableError,
     UpstreamTimeoutError,
 )
-from ..hlc import HybridClock
+from ..hlc import HybridClock, wall_ms
 from ..protocol import Op
+from ..server import FrameProtocol
+from .hints import Hints, replay_forever
 from .links import AuxLink
 from .view import ClusterView
 
-__all__ = ["Router", "RouterStats"]
+__all__ = ["Router", "RouterStats", "ReadOp", "WriteOp", "GetBatcher", "Sink"]
 
 log = logging.getLogger("dcache.master.router")
 
-#: SETV answers
-_STORED = 1
+_OK = 0
+_UNAVAILABLE = int(Status.UNAVAILABLE)
+_TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
+_FRAME_TOO_LARGE = int(Status.FRAME_TOO_LARGE)
+_SUPERSEDED = int(Status.SUPERSEDED)
+_GET = int(Op.GET)
+_SETV = int(Op.SETV)
+_DELV = int(Op.DELV)
+#: SETV's answer when the condition (NX/XX) failed.
 _CONDITION_FAILED = 0
+#: Seconds RING and STATS wait for each aux node's STATS.
+STATS_TIMEOUT_S = 0.5
+#: Seconds between attempts to replay hints to a node that is not usable yet.
+_REPLAY_RETRY_S = 0.2
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
+class Sink(Protocol):
+    """Where an op's answer goes: a client connection, or a collector of several answers."""
+
+    def reply(self, rid: int, status: int, result: Any, op: int = 0) -> None: ...
 
 
 class RouterStats:
     """Plain counters of the router (turned into metrics at scrape time)."""
 
-    __slots__ = ("fallbacks", "repairs", "unavailable", "partial_writes")
+    __slots__ = ("fallbacks", "repairs", "unavailable", "partial_writes", "superseded_retries", "superseded")
 
     def __init__(self) -> None:
         self.fallbacks = 0
         self.repairs = 0
         self.unavailable = 0
         self.partial_writes = 0
-
-
-_TRANSIENT = (UnavailableError, UpstreamTimeoutError, ConnectionError, OSError)
+        self.superseded_retries = 0
+        self.superseded = 0
 
 
 class Router:
@@ -70,251 +104,223 @@ class Router:
         self.clock = clock
         self.write_quorum = write_quorum
         self.stats = RouterStats()
-        #: Batches first-owner GETs into MGETs (``dcache.master.node.GetBatcher``).
-        self.get_batcher: Any = None
+        self.batcher = GetBatcher()
+        self.hints = Hints()
         self._background: set[asyncio.Future[Any]] = set()
 
-    # -- helpers -------------------------------------------------------------
+    # -- trust -----------------------------------------------------------------
 
-    def _link(self, node_id: str) -> AuxLink:
+    def trusted(self, node_id: str) -> bool:
+        """Whether reads may go to ``node_id`` now: connected, not suspected, no missed writes here."""
         link = self.links.get(node_id)
-        if link is None:
-            raise UnavailableError(f"no link to aux node {node_id}")
-        return link
+        return link is not None and not link.suspect and node_id not in self.hints
 
-    def _spawn(self, fut: Any) -> None:
-        task = asyncio.ensure_future(fut)
+    def read_order(self, candidates: list[str]) -> list[str]:
+        """``candidates`` with the nodes this master cannot trust right now moved last."""
+        trusted = [n for n in candidates if self.trusted(n)]
+        if len(trusted) == len(candidates):
+            return candidates
+        return trusted + [n for n in candidates if n not in trusted]
+
+    def on_recover(self, node_id: str) -> None:
+        """A suspected node answers again: replay its hints."""
+        self._replay(node_id)
+
+    def _replay(self, node_id: str) -> None:
+        link = self.links.get(node_id)
+        if link is None or node_id not in self.hints:
+            return
+        self.spawn(replay_forever(self.hints, node_id, link.call, lambda: link.usable, _REPLAY_RETRY_S))
+
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` in the background (errors are logged at debug level)."""
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background_done)
 
     def _background_done(self, task: asyncio.Future[Any]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.debug("background repair failed: %s", task.exception())
+            log.debug("background work failed: %s", task.exception())
 
-    def _repair(self, nodes: list[str], key: bytes, entry: list[Any]) -> None:
+    def repair(self, nodes: list[str], key: bytes, entry: list[Any]) -> None:
+        """Write ``entry`` (``[value, expires_at, version]``) back to ``nodes``, which missed it."""
         value, expires_at, version = entry
         for node in nodes:
             link = self.links.get(node)
             if link is not None:
                 self.stats.repairs += 1
-                self._spawn(link.request(Op.APPLY, [[key, value, expires_at, version]]))
+                link.send(Op.APPLY, ([[key, value, expires_at, version]],), _ignore)
 
-    # -- reads ----------------------------------------------------------------
+    def hint(self, nodes: list[str], op: int, key: bytes, args: tuple[Any, ...]) -> None:
+        """Keep hints for ``nodes``, which missed a SETV/DELV of ``key`` with ``args``, and replay when they can."""
+        hints = self.hints
+        for node in nodes:
+            if op == _SETV:
+                _, value, expires_at, _, version = args
+                hints.add_set(node, key, value, expires_at, version)
+            else:
+                hints.add_delete(node, key, args[1])
+            link = self.links.get(node)
+            if link is not None and not link.suspect:
+                self._replay(node)  # it timed out or was not connected but is not suspect: try now
 
-    async def getv(self, key: bytes) -> list[Any] | None:
-        """``[value, expires_at, version]`` of ``key`` or None, with fallback and repair."""
+    # -- reads -------------------------------------------------------------------
+
+    def get(self, sink: Sink, rid: int, key: bytes) -> None:
+        """Answer GET ``rid`` with ``key``'s value (or nil) through ``sink``."""
         candidates = self.view.read_candidates(key)
         if not candidates:
             self.stats.unavailable += 1
             raise UnavailableError("no aux node is available for this key")
-        missed: list[str] = []
-        error: BaseException | None = None
-        for node in candidates:
-            try:
-                entry = await self._link(node).request(Op.GETV, key)
-            except _TRANSIENT as exc:
-                error = exc
-                self.stats.fallbacks += 1
-                continue
-            if entry is None:
-                missed.append(node)
-                continue
-            if missed:
-                self._repair(missed, key, entry)
-            return cast(list[Any], entry)
-        if error is not None and not missed:
-            self.stats.unavailable += 1
-            raise UnavailableError(f"no owner of the key answered: {error}")
-        return None
+        op = ReadOp(self, sink, rid, key, candidates, False)
+        first = candidates[0]
+        link = self.links.get(first)
+        if link is not None and not link.suspect and first not in self.hints.by_node:
+            op.i = 0  # the first owner, batched (what op.start() does, inlined)
+            self.batcher.add(link, op)
+        else:
+            op.start()
 
-    async def get(self, key: bytes) -> bytes | None:
-        entry = await self.getv(key)
-        return None if entry is None else entry[0]
-
-    async def exists(self, key: bytes) -> bool:
-        return await self.getv(key) is not None
-
-    async def ttl(self, key: bytes) -> int:
-        entry = await self.getv(key)
-        if entry is None:
-            return -2
-        expires_at = entry[1]
-        if not expires_at:
-            return -1
-        return max(0, int(expires_at) - _wall_ms())
-
-    async def mget(self, keys: list[bytes]) -> list[bytes | None]:
-        view = self.view
-        groups: dict[str, list[int]] = {}
-        out: list[bytes | None] = [None] * len(keys)
-        retry: list[int] = []
-        for i, key in enumerate(keys):
-            candidates = view.read_candidates(key)
-            if not candidates:
-                self.stats.unavailable += 1
-                raise UnavailableError("no aux node is available for some keys")
-            if len(candidates) > 1:
-                retry.append(i)  # misses get the full fallback path
-            groups.setdefault(candidates[0], []).append(i)
-        nodes = list(groups)
-        results = await asyncio.gather(
-            *(self._link(n).request(Op.MGETV, [keys[i] for i in groups[n]]) for n in nodes),
-            return_exceptions=True,
-        )
-        fallback: list[int] = []
-        for node, result in zip(nodes, results, strict=True):
-            idxs = groups[node]
-            if isinstance(result, BaseException):
-                if not isinstance(result, _TRANSIENT):
-                    raise result
-                fallback.extend(idxs)
-                continue
-            for i, entry in zip(idxs, result, strict=True):
-                if entry is not None:
-                    out[i] = entry[0]
-        retry_set = set(retry)
-        for i in range(len(keys)):
-            if out[i] is None and i in retry_set and i not in fallback:
-                fallback.append(i)
-        if fallback:
-            entries = await asyncio.gather(*(self.getv(keys[i]) for i in fallback))
-            for i, entry in zip(fallback, entries, strict=True):
-                out[i] = None if entry is None else entry[0]
-        return out
-
-    # -- writes ---------------------------------------------------------------
-
-    async def _write_all(self, targets: list[str], op: int, *args: Any) -> list[Any]:
-        """Send one write to every target; return the answers of those that applied it."""
-        if not targets:
-            self.stats.unavailable += 1
-            raise UnavailableError("no aux node is available for this key")
-        if len(targets) == 1:
-            try:
-                return [await self._link(targets[0]).request(op, *args)]
-            except _TRANSIENT as exc:
-                self.stats.unavailable += 1
-                raise UnavailableError(f"the owner of the key did not apply the write: {exc}") from None
-        results = await asyncio.gather(*(self._link(n).request(op, *args) for n in targets), return_exceptions=True)
-        ok: list[Any] = []
-        timeouts = 0
-        first_error: BaseException | None = None
-        for r in results:
-            if isinstance(r, BaseException):
-                if not isinstance(r, _TRANSIENT):
-                    raise r
-                if isinstance(r, UpstreamTimeoutError):
-                    timeouts += 1
-                first_error = first_error or r
-            else:
-                ok.append(r)
-        if not ok:
-            self.stats.unavailable += 1
-            raise UnavailableError(f"no owner of the key applied the write: {first_error}")
-        if len(ok) < len(targets):
-            self.stats.partial_writes += 1
-        quorum = self.write_quorum
-        if quorum and len(ok) < quorum:
-            raise UnavailableError(f"the write reached {len(ok)} of the {quorum} owners the quorum needs")
-        if not quorum and timeouts:
-            raise UpstreamTimeoutError(f"{timeouts} owner(s) did not confirm the write in time")
-        return ok
-
-    async def set(self, key: bytes, value: bytes, ttl_ms: int, flags: int) -> bool:
-        version = self.clock.next()
-        expires_at = _wall_ms() + ttl_ms if ttl_ms else 0
-        view = self.view
-        targets = view.write_targets(key)
-        if not flags:
-            await self._write_all(targets, Op.SETV, key, value, expires_at, 0, version)
-            return True
-        # NX/XX: the authoritative owner decides, the others copy its outcome
-        candidates = view.read_candidates(key)
+    def read_entry(self, sink: Sink, rid: int, key: bytes) -> None:
+        """Answer ``rid`` with ``key``'s entry ``[value, expires_at, version]`` (or nil) through ``sink``."""
+        candidates = self.view.read_candidates(key)
         if not candidates:
             self.stats.unavailable += 1
             raise UnavailableError("no aux node is available for this key")
-        primary = candidates[0]
-        try:
-            status = await self._link(primary).request(Op.SETV, key, value, expires_at, flags, version)
-        except _TRANSIENT as exc:
-            raise UnavailableError(f"the owner of the key is unavailable: {exc}") from None
-        if status == _CONDITION_FAILED:
-            return False
-        others = [n for n in targets if n != primary]
-        if others:
-            await self._write_all(others, Op.APPLY, [[key, value, expires_at, version]])
-        return True
+        ReadOp(self, sink, rid, key, candidates, True).start()
 
-    async def delete(self, key: bytes) -> bool:
-        version = self.clock.next()
-        answers = await self._write_all(self.view.write_targets(key), Op.DELV, key, version)
-        return any(answers)
+    def mget(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> None:
+        """MGET: one ``ReadOp`` per key (batched per node), answered together."""
+        if not keys:
+            conn.reply(rid, _OK, [])
+            return
+        collect = _Collect(conn, rid, len(keys), Op.MGET)
+        for i, key in enumerate(keys):
+            self.get(collect, i, key)
 
-    async def expire(self, key: bytes, ttl_ms: int) -> bool:
-        answers = await self._write_all(self.view.write_targets(key), Op.EXPIRE, key, ttl_ms)
-        return any(answers)
+    def exists(self, conn: FrameProtocol, rid: int, key: bytes) -> None:
+        """EXISTS: whether a read finds the key."""
+        self.read_entry(_Transform(conn, rid, Op.EXISTS, _exists), 0, key)
+
+    def ttl(self, conn: FrameProtocol, rid: int, key: bytes) -> None:
+        """TTL: ms left, -1 without expiry, -2 missing."""
+        self.read_entry(_Transform(conn, rid, Op.TTL, _ttl), 0, key)
 
     async def touch(self, key: bytes) -> bool:
-        candidates = self.view.read_candidates(key)
-        for node in candidates:
+        """TOUCH on the first owner that answers."""
+        for node in self.read_order(self.view.read_candidates(key)):
+            link = self.links.get(node)
+            if link is None:
+                continue
             try:
-                return bool(await self._link(node).request(Op.TOUCH, key))
-            except _TRANSIENT:
+                return bool(await link.call(Op.TOUCH, key))
+            except (UnavailableError, UpstreamTimeoutError):
                 continue
         raise UnavailableError("no owner of the key is available")
 
-    async def incr(self, key: bytes, delta: int) -> int:
-        view = self.view
-        candidates = view.read_candidates(key)
-        if not candidates:
+    # -- writes -------------------------------------------------------------------
+
+    def _targets(self, key: bytes) -> list[str]:
+        targets = self.view.write_targets(key)
+        if not targets:
+            self.stats.unavailable += 1
             raise UnavailableError("no aux node is available for this key")
+        return targets
+
+    def set(self, sink: Sink, rid: int, key: bytes, value: bytes, ttl_ms: int, op: int = Op.SET) -> None:
+        """SET without a condition: a versioned write to every live owner."""
+        expires_at = wall_ms() + ttl_ms if ttl_ms else 0
+        WriteOp(self, sink, rid, op, key, self._targets(key), _SETV, (key, value, expires_at, 0, self.clock.next()), True).start()
+
+    def delete(self, sink: Sink, rid: int, key: bytes) -> None:
+        """DELETE: a versioned delete on every live owner; answers whether any held the key."""
+        WriteOp(self, sink, rid, Op.DELETE, key, self._targets(key), _DELV, (key, self.clock.next()), None).start()
+
+    def mset(self, conn: FrameProtocol, rid: int, pairs: list[tuple[bytes, bytes]], ttl_ms: int) -> None:
+        """MSET: one write per pair; answers the number of pairs once all are stored."""
+        if not pairs:
+            conn.reply(rid, _OK, 0)
+            return
+        collect = _Collect(conn, rid, len(pairs), Op.MSET, count=True)
+        for i, (key, value) in enumerate(pairs):
+            try:
+                self.set(collect, i, key, value, ttl_ms, Op.MSET)
+            except ServerError as exc:
+                collect.reply(i, exc.code, exc.message, Op.MSET)
+
+    async def set_if(self, key: bytes, value: bytes, ttl_ms: int, flags: int) -> bool:
+        """SET NX/XX: the first live owner decides the condition; the others copy its outcome."""
+        expires_at = wall_ms() + ttl_ms if ttl_ms else 0
         version = self.clock.next()
-        primary = candidates[0]
+        primary, link = self._primary(key)
         try:
-            value, expires_at = await self._link(primary).request(Op.INCRV, key, delta, version)
+            status = await link.call(Op.SETV, key, value, expires_at, flags, version)
+        except (UnavailableError, UpstreamTimeoutError) as exc:
+            raise UnavailableError(f"the owner of the key is unavailable: {exc}") from None
+        if status == _CONDITION_FAILED:
+            return False
+        if status.__class__ is list:  # it holds a newer version: a concurrent write won
+            self.clock.observe(status[1])
+            self.stats.superseded += 1
+            raise SupersededError("a newer write of this key won; the conditional SET did not take effect")
+        await self._copy(key, [value, expires_at, version], primary)
+        return True
+
+    async def incr(self, key: bytes, delta: int) -> int:
+        """INCR/DECR: the first live owner adds; the others copy the result with its version."""
+        primary, link = self._primary(key)
+        try:
+            value, expires_at, version = await link.call(Op.INCRV, key, delta, self.clock.next())
         except NotAnIntegerError:
             raise
-        except _TRANSIENT as exc:
+        except (UnavailableError, UpstreamTimeoutError) as exc:
             raise UnavailableError(f"the owner of the key is unavailable: {exc}") from None
-        others = [n for n in view.write_targets(key) if n != primary]
-        if others:
-            try:
-                await self._write_all(others, Op.APPLY, [[key, str(value).encode(), expires_at, version]])
-            except UnavailableError:
-                pass  # the primary has it; re-replication repairs the copies
+        self.clock.observe(version)
+        await self._copy(key, [str(value).encode(), expires_at, version], primary)
         return int(value)
 
-    async def mset(self, pairs: list[tuple[bytes, bytes]], ttl_ms: int) -> int:
-        version = self.clock.next()
-        expires_at = _wall_ms() + ttl_ms if ttl_ms else 0
-        view = self.view
-        per_node: dict[str, list[list[Any]]] = {}
-        per_pair_targets: list[list[str]] = []
-        for key, value in pairs:
-            targets = view.write_targets(key)
-            if not targets:
-                raise UnavailableError("no aux node is available for some keys")
-            per_pair_targets.append(targets)
-            entry = [key, value, expires_at, version]
-            for n in targets:
-                per_node.setdefault(n, []).append(entry)
-        nodes = list(per_node)
-        results = await asyncio.gather(*(self._link(n).request(Op.APPLY, per_node[n]) for n in nodes), return_exceptions=True)
-        failed = set()
-        for node, r in zip(nodes, results, strict=True):
-            if isinstance(r, BaseException):
-                if not isinstance(r, _TRANSIENT):
-                    raise r
-                failed.add(node)
-        if failed:
-            for targets in per_pair_targets:
-                if all(n in failed for n in targets):
-                    raise UnavailableError(f"aux node(s) {', '.join(sorted(failed))} did not apply the write")
-            self.stats.partial_writes += 1
-        return len(pairs)
+    def _primary(self, key: bytes) -> tuple[str, AuxLink]:
+        for node in self.read_order(self.view.read_candidates(key)):
+            link = self.links.get(node)
+            if link is not None:
+                return node, link
+        self.stats.unavailable += 1
+        raise UnavailableError("no aux node is available for this key")
 
-    async def apply_entries(self, entries: list[list[Any]]) -> int:
+    async def _copy(self, key: bytes, entry: list[Any], primary: str) -> None:
+        """Copy an entry the primary decided to the key's other owners; those that cannot take it get hints."""
+        value, expires_at, version = entry
+        others = [n for n in self.view.write_targets(key) if n != primary]
+        if not others:
+            return
+        calls = []
+        missed = []
+        for node in others:
+            link = self.links.get(node)
+            if link is None or link.suspect:
+                missed.append(node)
+            else:
+                calls.append((node, link.call(Op.APPLY, [[key, value, expires_at, version]])))
+        results = await asyncio.gather(*(c for _, c in calls), return_exceptions=True)
+        for (node, _), r in zip(calls, results, strict=True):
+            if isinstance(r, (UnavailableError, UpstreamTimeoutError)):
+                missed.append(node)
+            elif isinstance(r, BaseException):
+                log.warning("copying %r to %s failed: %s", key, node, r)
+        if missed:
+            self.stats.partial_writes += 1
+            self.hint(missed, _SETV, key, (key, value, expires_at, 0, version))
+
+    def expire(self, conn: FrameProtocol, rid: int, key: bytes, ttl_ms: int) -> None:
+        """EXPIRE on every live owner; answers whether any held the key.
+
+        EXPIRE is not versioned: an owner that misses it keeps the old expiry
+        (no hint can carry it); it is acknowledged if any owner applied it.
+        """
+        _FanOut(self, conn, rid, Op.EXPIRE, self._targets(key), (key, ttl_ms)).start()
+
+    async def apply_entries(self, entries: list[tuple[bytes, bytes, int, int]]) -> int:
         """Versioned, last-writer-wins copies (restore): each entry to its owners.
 
         Returns how many entries their first owner applied (the rest were
@@ -323,24 +329,479 @@ class Router:
         view = self.view
         first: dict[str, list[list[Any]]] = {}
         rest: dict[str, list[list[Any]]] = {}
-        for entry in entries:
-            targets = view.write_targets(entry[0])
+        for key, value, expires_at, version in entries:
+            self.clock.observe(version)
+            targets = view.write_targets(key)
             if not targets:
                 raise UnavailableError("no aux node is available for some keys")
+            entry = [key, value, expires_at, version]
             first.setdefault(targets[0], []).append(entry)
             for n in targets[1:]:
                 rest.setdefault(n, []).append(entry)
-        nodes = list(first)
-        counts = await asyncio.gather(*(self._link(n).request(Op.APPLY, first[n]) for n in nodes))
+        links = self.links
+
+        async def send(node: str, batch: list[list[Any]]) -> Any:
+            link = links.get(node)
+            if link is None:
+                raise UnavailableError(f"no link to aux node {node}")
+            return await link.call(Op.APPLY, batch)
+
+        counts = await asyncio.gather(*(send(n, b) for n, b in first.items()))
         if rest:
-            await asyncio.gather(*(self._link(n).request(Op.APPLY, rest[n]) for n in rest), return_exceptions=True)
+            await asyncio.gather(*(send(n, b) for n, b in rest.items()), return_exceptions=True)
         return sum(int(c) for c in counts)
 
     # -- cluster-wide --------------------------------------------------------
 
-    async def gather_stats(self) -> dict[str, dict[str, Any]]:
-        """STATS of every live aux node (nodes that fail are left out)."""
+    async def gather_stats(self, timeout: float = STATS_TIMEOUT_S) -> dict[str, dict[str, Any]]:
+        """STATS of every live, unsuspected aux node; nodes that do not answer within ``timeout`` are left out."""
         view = self.view
-        nodes = [n for n in view.members if view.is_live(n) and n in self.links]
-        results = await asyncio.gather(*(self.links[n].request(Op.STATS) for n in nodes), return_exceptions=True)
-        return {n: r for n, r in zip(nodes, results, strict=True) if not isinstance(r, BaseException)}
+        nodes = [n for n in view.members if view.is_live(n) and n in self.links and not self.links[n].suspect]
+        results = await asyncio.gather(*(asyncio.wait_for(self.links[n].call(Op.STATS), timeout) for n in nodes), return_exceptions=True)
+        return {n: r for n, r in zip(nodes, results, strict=True) if isinstance(r, dict)}
+
+
+class ReadOp:
+    """A read in flight: tries the candidates in order; repairs earlier misses.
+
+    It is its own callback (``__call__(status, result)``), so a read costs
+    no future and no task. ``entry``: answer ``[value, expires_at,
+    version]`` instead of the value.
+    """
+
+    __slots__ = ("router", "sink", "rid", "key", "candidates", "view", "i", "missed", "error", "entry")
+
+    def __init__(self, router: Router, sink: Sink, rid: int, key: bytes, candidates: list[str], entry: bool) -> None:
+        self.router = router
+        self.sink = sink
+        self.rid = rid
+        self.key = key
+        self.candidates = candidates
+        #: The view ``candidates`` come from.
+        self.view = router.view
+        self.i = -1
+        self.missed: list[str] | None = None
+        self.error: Any = None
+        self.entry = entry
+
+    def start(self) -> None:
+        """Put the nodes this master cannot trust last, then read the first candidate."""
+        self.candidates = self.router.read_order(self.candidates)
+        self.i = -1
+        self.next()
+
+    def next(self) -> None:
+        """Read the next candidate, or answer when none is left."""
+        self.i += 1
+        candidates = self.candidates
+        router = self.router
+        if self.i < len(candidates):
+            link = router.links.get(candidates[self.i])
+            if link is None:
+                self(_UNAVAILABLE, f"no link to aux node {candidates[self.i]}")
+            elif self.i == 0 and not self.entry:
+                # the first owner: batched with the other GETs of this loop
+                # iteration into one MGET (values only, the cheapest answer)
+                router.batcher.add(link, self)
+            else:
+                link.send(Op.GETV, (self.key,), self)  # later owners: a repair needs the version
+            return
+        if self.error is not None and self.missed is None:
+            router.stats.unavailable += 1
+            self.sink.reply(self.rid, _UNAVAILABLE, f"no owner of the key answered: {self.error}", _GET)
+        else:
+            self.sink.reply(self.rid, _OK, None)
+
+    def reroute(self) -> None:
+        """Start again from the current view's candidates (the view changed before the read was sent)."""
+        view = self.router.view
+        self.view = view
+        self.candidates = view.read_candidates(self.key)
+        if not self.candidates:
+            self.error = "no aux node is available for this key"  # next() answers UNAVAILABLE
+        self.start()
+
+    def __call__(self, status: int, result: Any) -> None:
+        if status == _OK:
+            if result is not None:
+                if self.i == 0 and not self.entry:
+                    self.sink.reply(self.rid, _OK, result)
+                    return
+                if self.missed:
+                    self.router.repair(self.missed, self.key, result)
+                self.sink.reply(self.rid, _OK, result if self.entry else result[0])
+                return
+            if self.missed is None:
+                self.missed = []
+            self.missed.append(self.candidates[self.i])
+        elif status == _UNAVAILABLE or status == _TIMEOUT:
+            self.error = result
+            self.router.stats.fallbacks += 1
+        else:
+            self.sink.reply(self.rid, status, result, _GET)
+            return
+        self.next()
+
+
+class _Split:
+    """Hands each value of a batched MGET answer to the read that asked for it.
+
+    If the values together exceed the frame limit (the aux node answers
+    FRAME_TOO_LARGE), each read is sent again on its own: every single value
+    fits in a frame.
+    """
+
+    __slots__ = ("ops", "link")
+
+    def __init__(self, ops: list[ReadOp], link: AuxLink) -> None:
+        self.ops = ops
+        self.link = link
+
+    def __call__(self, status: int, result: Any) -> None:
+        ops = self.ops
+        if status == _OK and result.__class__ is list and len(result) == len(ops):
+            for op, value in zip(ops, result, strict=True):
+                if value is None:
+                    op(_OK, None)  # a miss: the read goes on to the replicas
+                else:
+                    op.sink.reply(op.rid, _OK, value)  # a hit on the first owner (op(0, value), inlined)
+            return
+        if status == _FRAME_TOO_LARGE:
+            link = self.link
+            for op in ops:
+                link.send(Op.GET, (op.key,), op)
+            link.flush()
+            return
+        if status == _OK:
+            status, result = _UNAVAILABLE, "malformed MGET answer from an aux node"
+        for op in ops:
+            op(status, result)
+
+
+class GetBatcher:
+    """Turns the first-owner reads of one loop iteration into one MGET per aux node.
+
+    Pipelined clients send many GETs at once; forwarding them as one MGET
+    per node saves a frame, a request id and a decode per key on both the
+    master and the aux node. The batch leaves at the end of the iteration
+    in which the reads arrived (no added delay); a lone read goes as a GET.
+    """
+
+    __slots__ = ("_pending", "_scheduled", "_loop")
+
+    #: Most keys in one MGET.
+    MAX_BATCH = 256
+
+    def __init__(self) -> None:
+        self._pending: dict[AuxLink, list[ReadOp]] = {}
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, link: AuxLink, op: ReadOp) -> None:
+        """Queue ``op``'s first-owner read on ``link``."""
+        ops = self._pending.get(link)
+        if ops is None:
+            self._pending[link] = [op]
+        else:
+            ops.append(op)
+            if len(ops) >= self.MAX_BATCH:
+                del self._pending[link]
+                self._send(link, ops)
+                link.flush()
+                return
+        if not self._scheduled:
+            self._scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending = self._pending
+        self._pending = {}
+        for link, ops in pending.items():
+            view = ops[0].router.view
+            fresh = [op for op in ops if op.view is view]
+            if len(fresh) != len(ops):
+                # The view changed after these reads were routed (say the node
+                # was found restarted and fenced in between): route them again
+                # (they go out with the next batch), or they would read a node
+                # that may serve stale data.
+                for op in ops:
+                    if op.view is not view:
+                        op.reroute()
+                ops = fresh
+                if not ops:
+                    continue
+            self._send(link, ops)
+            link.flush()  # now, not one more loop iteration later
+
+    @staticmethod
+    def _send(link: AuxLink, ops: list[ReadOp]) -> None:
+        if len(ops) == 1:
+            link.send(Op.GET, (ops[0].key,), ops[0])
+        else:
+            link.send(Op.MGET, ([op.key for op in ops],), _Split(ops, link))
+
+
+class _Target:
+    """One owner's answer to a ``WriteOp``."""
+
+    __slots__ = ("write", "node")
+
+    def __init__(self, write: WriteOp, node: str) -> None:
+        self.write = write
+        self.node = node
+
+    def __call__(self, status: int, result: Any) -> None:
+        self.write.answer(self.node, status, result)
+
+
+class WriteOp:
+    """A versioned write (SETV or DELV) of one key to all its live owners (see the module note).
+
+    ``ok_result`` is what a successful write answers (``None``: whether any
+    owner answered true, as DELETE does). ``op`` is the client's op, for the
+    error counts.
+    """
+
+    __slots__ = (
+        "router",
+        "sink",
+        "rid",
+        "op",
+        "key",
+        "targets",
+        "upstream",
+        "args",
+        "ok_result",
+        "pending",
+        "ok",
+        "any_true",
+        "missed",
+        "error",
+        "fatal",
+        "newer",
+        "retried",
+    )
+
+    def __init__(
+        self,
+        router: Router,
+        sink: Sink,
+        rid: int,
+        op: int,
+        key: bytes,
+        targets: list[str],
+        upstream: int,
+        args: tuple[Any, ...],
+        ok_result: Any,
+    ) -> None:
+        self.router = router
+        self.sink = sink
+        self.rid = rid
+        self.op = op
+        self.key = key
+        self.targets = targets
+        self.upstream = upstream
+        self.args = args
+        self.ok_result = ok_result
+        self.retried = False
+
+    def start(self) -> None:
+        """Send the write to every target this master trusts; the others get hints once it is applied."""
+        self.ok = 0
+        self.any_true = False
+        self.missed: list[str] = []
+        self.error: Any = None
+        self.fatal: tuple[int, Any] | None = None
+        self.newer = 0
+        links = self.router.links
+        send_to = []
+        for node in self.targets:
+            link = links.get(node)
+            if link is None or link.suspect:
+                self.missed.append(node)
+            else:
+                send_to.append((node, link))
+        if not send_to:  # every owner is suspected: try them all rather than refuse
+            send_to = [(n, links[n]) for n in self.targets if n in links]
+            self.missed = [n for n in self.targets if n not in links]
+        self.pending = len(send_to)
+        if not send_to:
+            self.finish()
+            return
+        for node, link in send_to:
+            link.send(self.upstream, self.args, _Target(self, node))
+
+    def answer(self, node: str, status: int, result: Any) -> None:
+        """One owner's answer."""
+        if status == _OK:
+            if result.__class__ is list:  # [2, held]: it holds a newer version
+                held = result[1]
+                if held.__class__ is int and held > self.newer:
+                    self.newer = held
+            else:
+                self.ok += 1
+                if result is True:
+                    self.any_true = True
+        elif status == _UNAVAILABLE or status == _TIMEOUT:
+            self.missed.append(node)
+            self.error = result
+        elif self.fatal is None:
+            self.fatal = (status, result)
+        self.pending -= 1
+        if not self.pending:
+            self.finish()
+
+    def finish(self) -> None:
+        """Every owner sent to has answered: acknowledge, retry once with a newer version, or fail."""
+        router = self.router
+        sink = self.sink
+        if self.fatal is not None:
+            sink.reply(self.rid, *self.fatal, self.op)
+            return
+        if self.newer:
+            router.clock.observe(self.newer)  # the receive rule: our next version is newer still
+            if not self.retried:
+                router.stats.superseded_retries += 1
+                self.retried = True
+                args = self.args
+                self.args = (*args[:-1], router.clock.next())
+                self.start()
+                return
+            router.stats.superseded += 1
+            sink.reply(self.rid, _SUPERSEDED, "a newer write of this key won; this write did not take effect", self.op)
+            return
+        if not self.ok:
+            router.stats.unavailable += 1
+            sink.reply(self.rid, _UNAVAILABLE, f"no owner of the key applied the write: {self.error or 'none is reachable'}", self.op)
+            return
+        quorum = router.write_quorum
+        if quorum and self.ok < quorum:
+            sink.reply(self.rid, _UNAVAILABLE, f"the write reached {self.ok} of the {quorum} owners the quorum needs", self.op)
+            return
+        if self.missed:
+            router.stats.partial_writes += 1
+            router.hint(self.missed, self.upstream, self.key, self.args)
+        sink.reply(self.rid, _OK, self.any_true if self.ok_result is None else self.ok_result)
+
+
+class _FanOut:
+    """An unversioned write (EXPIRE) to every live owner; true if any answered true."""
+
+    __slots__ = ("router", "sink", "rid", "op", "targets", "args", "pending", "ok", "any_true", "error", "fatal")
+
+    def __init__(self, router: Router, sink: Sink, rid: int, op: int, targets: list[str], args: tuple[Any, ...]) -> None:
+        self.router = router
+        self.sink = sink
+        self.rid = rid
+        self.op = op
+        self.targets = targets
+        self.args = args
+        self.pending = 0
+        self.ok = 0
+        self.any_true = False
+        self.error: Any = None
+        self.fatal: tuple[int, Any] | None = None
+
+    def start(self) -> None:
+        links = [self.router.links.get(n) for n in self.targets]
+        usable = [link for link in links if link is not None and not link.suspect] or [link for link in links if link is not None]
+        self.pending = len(usable)
+        if not usable:
+            self.router.stats.unavailable += 1
+            self.sink.reply(self.rid, _UNAVAILABLE, "no owner of the key is reachable", self.op)
+            return
+        for link in usable:
+            link.send(self.op, self.args, self)
+
+    def __call__(self, status: int, result: Any) -> None:
+        if status == _OK:
+            self.ok += 1
+            self.any_true = self.any_true or bool(result)
+        elif status == _UNAVAILABLE or status == _TIMEOUT:
+            self.error = result
+        elif self.fatal is None:
+            self.fatal = (status, result)
+        self.pending -= 1
+        if self.pending:
+            return
+        if self.fatal is not None:
+            self.sink.reply(self.rid, *self.fatal, self.op)
+        elif not self.ok:
+            self.router.stats.unavailable += 1
+            self.sink.reply(self.rid, _UNAVAILABLE, f"no owner of the key applied it: {self.error}", self.op)
+        else:
+            if self.ok < len(self.targets):
+                self.router.stats.partial_writes += 1
+            self.sink.reply(self.rid, _OK, self.any_true)
+
+
+class _Collect:
+    """Gathers the answers of several ops (MGET's reads, MSET's writes) into one answer to the client.
+
+    The first error answers the whole request; later answers are dropped.
+    With ``count`` the answer is the number of ops (MSET), else the list of
+    their results in order (MGET).
+    """
+
+    __slots__ = ("conn", "rid", "op", "results", "pending", "done", "n")
+
+    def __init__(self, conn: Sink, rid: int, n: int, op: int, *, count: bool = False) -> None:
+        self.conn = conn
+        self.rid = rid
+        self.op = op
+        self.results: list[Any] | None = None if count else [None] * n
+        self.pending = n
+        self.done = False
+        self.n = n
+
+    def reply(self, index: int, status: int, result: Any, op: int = 0) -> None:
+        if self.done:
+            return
+        if status:
+            self.done = True
+            self.conn.reply(self.rid, status, result, self.op)
+            return
+        if self.results is not None:
+            self.results[index] = result
+        self.pending -= 1
+        if not self.pending:
+            self.done = True
+            self.conn.reply(self.rid, _OK, self.n if self.results is None else self.results, self.op)
+
+
+class _Transform:
+    """Answers a client with a function of one read's entry (EXISTS, TTL)."""
+
+    __slots__ = ("conn", "rid", "op", "fn")
+
+    def __init__(self, conn: Sink, rid: int, op: int, fn: Any) -> None:
+        self.conn = conn
+        self.rid = rid
+        self.op = op
+        self.fn = fn
+
+    def reply(self, index: int, status: int, result: Any, op: int = 0) -> None:
+        if status:
+            self.conn.reply(self.rid, status, result, self.op)
+        else:
+            self.conn.reply(self.rid, _OK, self.fn(result), self.op)
+
+
+def _exists(entry: list[Any] | None) -> bool:
+    return entry is not None
+
+
+def _ttl(entry: list[Any] | None) -> int:
+    if entry is None:
+        return -2
+    expires_at = entry[1]
+    if not expires_at:
+        return -1
+    return max(0, int(expires_at) - wall_ms())
+
+
+def _ignore(status: int, result: Any) -> None:
+    """The callback of a best-effort request (a read repair)."""

@@ -40,11 +40,11 @@ from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, N
 
 from ..config import MasterConfig
 from ..errors import UnavailableError
-from ..hlc import HybridClock
+from ..hlc import HybridClock, wall_ms
 from ..protocol import PROTOCOL_VERSION, Op
 from ..zookeeper import ZkPaths, ZkSession, dumps, loads
 from .links import AuxLink
-from .membership import Coordinator, Membership, _wall_ms
+from .membership import Coordinator, Membership
 from .view import DOWN, FENCED, LEAVING, UP, ClusterView
 
 __all__ = ["ZooKeeperMembership"]
@@ -270,7 +270,7 @@ class ZooKeeperMembership(Coordinator):
         if view is None:
             # An empty ZooKeeper: start the epochs from the wall clock so that
             # views of a ring that was lost with ZooKeeper's data stay behind.
-            start = max(current.epoch + 1, _wall_ms())
+            start = max(current.epoch + 1, wall_ms())
             current = ClusterView(start, 0, current.replicas, dict(current.members), current.ring, current.prev_ring, me)
             Membership.publish(self, current)
             self._to_write = current
@@ -358,7 +358,7 @@ class ZooKeeperMembership(Coordinator):
         if link is not None:
             try:
                 hello = (PROTOCOL_VERSION, self.config.auth_token, "dcache-health")
-                await asyncio.wait_for(link.call(Op.HELLO, *hello), self.config.health_interval * 2)
+                await asyncio.wait_for(link.call(Op.HELLO, *hello), self.config.health_timeout * 2)
             except Exception:
                 pass
             else:
@@ -396,8 +396,16 @@ class ZooKeeperMembership(Coordinator):
         if self.leading:
             await super()._health_round()
 
-    def sync(self, follower_id: str, epoch: int, seq: int, their_view: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    def sync(
+        self, follower_id: str, epoch: int, seq: int, their_view: dict[str, Any] | None = None, reconcile: list[str] | None = None
+    ) -> dict[str, Any] | None:
         raise UnavailableError("membership is kept in ZooKeeper: masters follow the ring there")
+
+    def request_reconcile(self, node_id: str) -> None:
+        if self.leading:
+            super().request_reconcile(node_id)
+        else:
+            Membership.request_reconcile(self, node_id)
 
     async def _followers_caught_up(self, epoch: int, timeout: float) -> None:
         """Wait (bounded) until every registered master routes by ``epoch``."""

@@ -1,37 +1,46 @@
-"""The dcache wire protocol: framing, messages and codecs (sans-IO)."""
+"""The dcache wire protocol (sans-IO): framing, the op table and its parsers, limits, request tables."""
 
-from .codec import (
+from .codec import encode_request, encode_response, pack
+from .framing import HEADER, HEADER_BYTES, ONE_CHUNK_BYTES, FrameDecoder, encode_frame, queue_frame
+from .limits import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_BATCH_KEYS,
+    MAX_FRAME_BYTES,
+    MAX_HELLO_FRAME_BYTES,
     MAX_KEY_BYTES,
+    MAX_TTL_MS,
     MAX_VALUE_BYTES,
-    ClientCodec,
+    UINT64_MAX,
     Limits,
-    ServerCodec,
-    check_key,
-    check_value,
-    encode_request,
-    encode_response,
-    pack,
 )
-from .framing import HEADER, HEADER_BYTES, MAX_FRAME_BYTES, ONE_CHUNK_BYTES, FrameDecoder, encode_frame, queue_frame
-from .messages import CONNECTION_REQUEST_ID, OP_ARITY, PROTOCOL_VERSION, Op, Request, Response, SetFlag, Status
+from .messages import CONNECTION_REQUEST_ID, PROTOCOL_VERSION, Op, SetFlag, Status
+from .ops import OPS, Credential, OpSpec, check_key, check_value, parse_request_id
+from .requests import MAX_REQUEST_ID, RequestTable
 
 __all__ = [
     "CONNECTION_REQUEST_ID",
     "HEADER",
     "HEADER_BYTES",
+    "INT64_MAX",
+    "INT64_MIN",
+    "MAX_BATCH_KEYS",
     "MAX_FRAME_BYTES",
+    "MAX_HELLO_FRAME_BYTES",
     "MAX_KEY_BYTES",
+    "MAX_REQUEST_ID",
+    "MAX_TTL_MS",
     "MAX_VALUE_BYTES",
     "ONE_CHUNK_BYTES",
-    "OP_ARITY",
+    "OPS",
     "PROTOCOL_VERSION",
-    "ClientCodec",
+    "UINT64_MAX",
+    "Credential",
     "FrameDecoder",
     "Limits",
     "Op",
-    "Request",
-    "Response",
-    "ServerCodec",
+    "OpSpec",
+    "RequestTable",
     "SetFlag",
     "Status",
     "check_key",
@@ -40,5 +49,6 @@ __all__ = [
     "encode_request",
     "encode_response",
     "pack",
+    "parse_request_id",
     "queue_frame",
 ]

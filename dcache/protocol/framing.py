@@ -26,7 +26,13 @@ Invariants:
   error. Once an error is raised the stream is unusable; the caller sends an
   error frame and closes the connection.
 * The internal buffer never holds more than ``max_frame_bytes`` plus one
-  chunk of unconsumed input.
+  chunk of unconsumed input. The limit can be lowered and raised again
+  (``max_frame_bytes`` is settable, up to the ``max_frame_bytes`` the decoder
+  was built with): a server accepts only HELLO-sized frames until a
+  connection has authenticated.
+* The unpacker starts with a small buffer (``INITIAL_BUFFER_BYTES``) and
+  grows it only as large frames need; msgpack's default reserves 1 MiB per
+  unpacker, which a server pays per connection.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Any
 import msgpack
 
 from ..errors import RemoteProtocolError, Status
+from .limits import MAX_FRAME_BYTES
 
 __all__ = [
     "HEADER",
@@ -51,10 +58,10 @@ __all__ = [
 
 HEADER = struct.Struct(">I")
 HEADER_BYTES = 4
-#: Default largest frame body a peer may send (32 MiB).
-MAX_FRAME_BYTES = 32 * 1024 * 1024
 #: Largest unsplit chunk handed to the unpacker at once.
 _FEED_CHUNK_BYTES = 1024 * 1024
+#: The unpacker's first buffer (msgpack's ``read_size``); it grows with the frames.
+INITIAL_BUFFER_BYTES = 16 * 1024
 
 frame_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
@@ -107,16 +114,18 @@ class FrameDecoder:
     declared length is over the limit.
     """
 
-    __slots__ = ("_unpacker", "_max_frame", "_fed", "_frame_end", "_partial", "_error", "_frame_start")
+    __slots__ = ("_unpacker", "_max_frame", "_ceiling", "_fed", "_frame_end", "_partial", "_error", "_frame_start")
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         if max_frame_bytes <= 0:
             raise ValueError("max_frame_bytes must be positive")
         self._max_frame = max_frame_bytes
+        self._ceiling = max_frame_bytes
         self._unpacker = msgpack.Unpacker(
             raw=False,
             strict_map_key=True,
             use_list=True,
+            read_size=min(INITIAL_BUFFER_BYTES, max_frame_bytes),
             max_buffer_size=max_frame_bytes + _FEED_CHUNK_BYTES + HEADER_BYTES,
             max_str_len=max_frame_bytes,
             max_bin_len=max_frame_bytes,
@@ -132,8 +141,14 @@ class FrameDecoder:
 
     @property
     def max_frame_bytes(self) -> int:
-        """The largest frame body this decoder accepts."""
+        """The largest frame body this decoder accepts now (settable, up to the one it was built with)."""
         return self._max_frame
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, value: int) -> None:
+        if not 0 < value <= self._ceiling:
+            raise ValueError(f"max_frame_bytes must be in 1 .. {self._ceiling}")
+        self._max_frame = value
 
     @property
     def buffered(self) -> int:

@@ -11,6 +11,7 @@ from .hashring import (
     in_range,
     moved_ranges,
 )
+from .ranges import RangeMatcher, compile_ranges
 
 __all__ = [
     "MAX_RING_POINTS",
@@ -18,7 +19,9 @@ __all__ = [
     "VNODES_PER_WEIGHT",
     "EmptyRingError",
     "HashRing",
+    "RangeMatcher",
     "RangeMove",
+    "compile_ranges",
     "hash64",
     "in_range",
     "moved_ranges",

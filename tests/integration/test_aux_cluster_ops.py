@@ -66,13 +66,13 @@ def scan(c: Caller, ranges: list[list[int]], count: int, min_version: int = 0) -
 def test_versioned_ops_end_to_end(conn: RawConn) -> None:
     c = Caller(conn)
     assert c.ok(Op.SETV, b"e2e:a", b"1", 0, 0, 1000) == 1
-    assert c.ok(Op.SETV, b"e2e:a", b"0", 0, 0, 999) == 2
+    assert c.ok(Op.SETV, b"e2e:a", b"0", 0, 0, 999) == [2, 1000]  # superseded by the version it holds
     assert c.ok(Op.GETV, b"e2e:a") == [b"1", 0, 1000]
     assert c.ok(Op.GET, b"e2e:a") == b"1"
     assert c.ok(Op.DELV, b"e2e:a", 1001) is True
     assert c.ok(Op.APPLY, [[b"e2e:a", b"late", 0, 1000], [b"e2e:b", b"b", 0, 5]]) == 1
     assert c.ok(Op.MGETV, [b"e2e:a", b"e2e:b"]) == [None, [b"b", 0, 5]]
-    assert c.ok(Op.INCRV, b"e2e:n", 3, 77) == [3, 0]
+    assert c.ok(Op.INCRV, b"e2e:n", 3, 77) == [3, 0, 77]
     assert c.ok(Op.APPLY_DELETES, [[b"e2e:b", 6], [b"e2e:n", 78]]) == 2
 
 

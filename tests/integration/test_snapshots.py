@@ -214,13 +214,18 @@ async def test_sigkill_during_a_large_snapshot_keeps_the_last_complete_one(tmp_p
 
 
 async def test_loaded_versions_move_the_clock_forward(tmp_path: Path):
-    far_future_version = (int(time.time() * 1000) + 3_600_000) << 22
+    """A version a little ahead (within --max-clock-skew) moves the clock; one far ahead is skipped and counted."""
+    now_ms = int(time.time() * 1000)
+    ahead = (now_ms + 3_000) << 22
+    far_future_version = (now_ms + 3_600_000) << 22
     with open(tmp_path / CURRENT_NAME, "wb") as f:
-        dump([(b"k", b"v", 0, far_future_version)], f, node_id="other", ring_epoch=3, created_ms=1)
-    node = AuxNode(AuxConfig(port=0, data_dir=str(tmp_path), snapshot_interval=0), node_id="clock")
+        dump([(b"k", b"v", 0, ahead), (b"far", b"v", 0, far_future_version)], f, node_id="other", ring_epoch=3, created_ms=1)
+    node = AuxNode(AuxConfig(port=0, data_dir=str(tmp_path), snapshot_interval=0, max_clock_skew=5), node_id="clock")
     assert await node.snapshots.load() == 1
-    assert node.clock.next() > far_future_version
-    assert node.cache.get_entry(b"k").version == far_future_version  # type: ignore[union-attr]
+    assert ahead < node.clock.next() < far_future_version
+    assert node.cache.get_entry(b"k").version == ahead  # type: ignore[union-attr]
+    assert node.cache.get_entry(b"far") is None
+    assert node.snapshots.stats()["snapshot_versions_refused"] == 1
     await node.snapshots.close()
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dcache.config import AuxConfig, MasterConfig, load_config, parse_address, parse_size
+from dcache.address import parse_address
+from dcache.config import AuxConfig, MasterConfig, load_config, parse_size
 from dcache.errors import ConfigError
 
 

@@ -11,10 +11,12 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dcache.auxnode.metrics import AuxCollector
 from dcache.auxnode.node import AuxNode
 from dcache.config import AuxConfig, MasterConfig
+from dcache.master.metrics import MasterCollector
 from dcache.master.node import MasterNode
-from dcache.metrics import AuxCollector, MasterCollector, registry_for
+from dcache.metrics import registry_for
 from dcache.protocol import HEADER, Op
 from dcache.server import LATENCY_BUCKETS, UNKNOWN_OP, FrameProtocol, Histogram
 from tests.fakes import FakeTransport

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcache.auxnode import cluster_ops
-from dcache.auxnode.cluster_ops import MAX_SCAN_SESSIONS, SCAN_SESSION_TTL_S, compile_ranges
+from dcache.auxnode.cluster_ops import MAX_SCAN_SESSIONS, SCAN_SESSION_TTL_S
 from dcache.auxnode.node import AuxNode
 from dcache.config import AuxConfig
-from dcache.errors import BadArgumentsError, KeyTooLargeError, NotAnIntegerError, OutOfMemoryError, ValueTooLargeError
+from dcache.errors import BadArgumentsError, ClockSkewError, KeyTooLargeError, NotAnIntegerError, OutOfMemoryError, ValueTooLargeError
 from dcache.lru import LRUCache
-from dcache.protocol import OP_ARITY, Op
+from dcache.protocol import OPS, Op
 from dcache.ring import RING_SIZE, hash64, in_range
 
 U64 = RING_SIZE - 1
@@ -33,7 +33,7 @@ def make_node(**kw: Any) -> AuxNode:
 
 
 def call(node: AuxNode, op: Op, *args: Any) -> Any:
-    return node.handlers[op]([int(op), 7, *args])
+    return node.execute([int(op), 7, *args])
 
 
 @pytest.fixture
@@ -86,17 +86,17 @@ def test_ops_are_registered_with_arity(node: AuxNode) -> None:
     assert [int(op) for op in CLUSTER_OPS] == list(range(32, 42))
     for op in CLUSTER_OPS:
         assert op in node.handlers
-        assert op in OP_ARITY
+        assert op in OPS
 
 
 @pytest.mark.parametrize("op", CLUSTER_OPS)
 def test_wrong_arity_is_bad_arguments(node: AuxNode, op: Op) -> None:
-    least, most = OP_ARITY[op]
+    least, most = OPS[op].arity
     with pytest.raises(BadArgumentsError):
-        node.handlers[op]([int(op), 1, *([0] * (most + 1))])
+        node.execute([int(op), 1, *([0] * (most + 1))])
     if least:
         with pytest.raises(BadArgumentsError):
-            node.handlers[op]([int(op), 1, *([0] * (least - 1))])
+            node.execute([int(op), 1, *([0] * (least - 1))])
 
 
 # -- GETV / MGETV ---------------------------------------------------------------------
@@ -158,8 +158,9 @@ def test_mgetv(node: AuxNode) -> None:
 
 def test_setv_statuses(node: AuxNode) -> None:
     assert call(node, Op.SETV, b"k", b"v1", 0, 0, 100) == 1
-    assert call(node, Op.SETV, b"k", b"v0", 0, 0, 100) == 2  # same version: a retry, superseded
-    assert call(node, Op.SETV, b"k", b"v0", 0, 0, 99) == 2
+    assert call(node, Op.SETV, b"k", b"v1", 0, 0, 100) == 1  # the same write again: applied already
+    assert call(node, Op.SETV, b"k", b"v0", 0, 0, 100) == [2, 100]  # another value, same version: superseded
+    assert call(node, Op.SETV, b"k", b"v0", 0, 0, 99) == [2, 100]  # older: superseded, with the version held
     assert call(node, Op.GETV, b"k") == [b"v1", 0, 100]
     assert call(node, Op.SETV, b"k", b"v2", 0, 0, 101) == 1
     assert call(node, Op.GETV, b"k") == [b"v2", 0, 101]
@@ -169,15 +170,15 @@ def test_setv_statuses(node: AuxNode) -> None:
     assert call(node, Op.SETV, b"new", b"nx", 0, 1, 200) == 1
     assert call(node, Op.SETV, b"absent", b"xx", 0, 2, 200) == 0
     assert call(node, Op.SETV, b"k", b"xx", 0, 2, 200) == 1
-    assert call(node, Op.SETV, b"k", b"xx", 0, 2, 150) == 2
+    assert call(node, Op.SETV, b"k", b"xx", 0, 2, 150) == [2, 200]
     assert call(node, Op.GETV, b"k") == [b"xx", 0, 200]
 
 
 def test_setv_superseded_by_tombstone(node: AuxNode) -> None:
     call(node, Op.SETV, b"k", b"v", 0, 0, 10)
     assert call(node, Op.DELV, b"k", 20) is True
-    assert call(node, Op.SETV, b"k", b"late", 0, 0, 15) == 2
-    assert call(node, Op.SETV, b"k", b"late", 0, 1, 15) == 2  # NX holds (absent) but the tombstone wins
+    assert call(node, Op.SETV, b"k", b"late", 0, 0, 15) == [2, 20]
+    assert call(node, Op.SETV, b"k", b"late", 0, 1, 15) == [2, 20]  # NX holds (absent) but the tombstone wins
     assert call(node, Op.GETV, b"k") is None
     assert call(node, Op.SETV, b"k", b"newer", 0, 0, 21) == 1
     assert call(node, Op.GETV, b"k") == [b"newer", 0, 21]
@@ -205,8 +206,11 @@ def test_setv_errors() -> None:
         call(node, Op.SETV, b"k", b"v" * 4097, 0, 0, 1)
     with pytest.raises(OutOfMemoryError):
         call(node, Op.SETV, b"k", b"v" * 2000, 0, 0, 1)
-    assert call(node, Op.SETV, b"k", b"v", 0, 0, U64) == 1  # the largest version is fine
-    assert call(node, Op.GETV, b"k") == [b"v", 0, U64]
+    with pytest.raises(ClockSkewError):  # the largest version would poison this node's clock
+        call(node, Op.SETV, b"k", b"v", 0, 0, U64)
+    ceiling = node.limits.version_ceiling()
+    assert call(node, Op.SETV, b"k", b"v", 0, 0, ceiling - (1 << 22)) == 1  # within --max-clock-skew: fine
+    assert node.clock.next() > ceiling - (1 << 22)  # and the clock moved past it (the receive rule)
 
 
 # -- DELV / INCRV ----------------------------------------------------------------------
@@ -214,7 +218,7 @@ def test_setv_errors() -> None:
 
 def test_delv_is_lww_and_leaves_tombstone(node: AuxNode) -> None:
     call(node, Op.SETV, b"k", b"v", 0, 0, 100)
-    assert call(node, Op.DELV, b"k", 50) is False  # older delete: the entry stays
+    assert call(node, Op.DELV, b"k", 50) == [2, 100]  # older delete: the entry stays, superseded
     assert call(node, Op.GETV, b"k") == [b"v", 0, 100]
     assert call(node, Op.DELV, b"k", 150) is True
     assert call(node, Op.GETV, b"k") is None
@@ -230,17 +234,19 @@ def test_delv_is_lww_and_leaves_tombstone(node: AuxNode) -> None:
 
 
 def test_incrv(node: AuxNode) -> None:
-    assert call(node, Op.INCRV, b"n", 5, 10) == [5, 0]
+    assert call(node, Op.INCRV, b"n", 5, 10) == [5, 0, 10]
     assert call(node, Op.GETV, b"n") == [b"5", 0, 10]
-    assert call(node, Op.INCRV, b"n", -7, 11) == [-2, 0]
+    assert call(node, Op.INCRV, b"n", -7, 11) == [-2, 0, 11]
     assert call(node, Op.GETV, b"n") == [b"-2", 0, 11]
     exp = now_ms() + 60_000
     call(node, Op.SETV, b"t", b"1", exp, 0, 20)
-    assert call(node, Op.INCRV, b"t", 1, 21) == [2, exp]  # keeps the expiry
+    assert call(node, Op.INCRV, b"t", 1, 21) == [2, exp, 21]  # keeps the expiry
     assert call(node, Op.GETV, b"t") == [b"2", exp, 21]
-    # a local write: applies whatever the stored version
-    assert call(node, Op.INCRV, b"t", 1, 1) == [3, exp]
-    assert call(node, Op.GETV, b"t") == [b"3", exp, 1]
+    # a local write: it applies whatever the stored version, with a version
+    # newer than the one it replaces (else copies of it would lose)
+    value, expires_at, version = call(node, Op.INCRV, b"t", 1, 1)
+    assert (value, expires_at) == (3, exp) and version > 21
+    assert call(node, Op.GETV, b"t") == [b"3", exp, version]
 
 
 def test_incrv_errors(node: AuxNode) -> None:
@@ -320,27 +326,12 @@ def test_apply_deletes(node: AuxNode) -> None:
 
 # -- ranges -----------------------------------------------------------------------------
 
-hashes = st.one_of(st.integers(0, U64), st.sampled_from([0, 1, 2, U64 - 1, U64, 1 << 63]))
 
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(hashes, hashes), max_size=8), st.lists(hashes, min_size=1, max_size=20))
-def test_compile_ranges_matches_in_range(ranges: list[tuple[int, int]], probes: list[int]) -> None:
-    spec = [list(r) for r in ranges]
-    match = compile_ranges(spec)
-    for s, e in ranges:
-        probes += [s, e, (s + 1) % RING_SIZE, (e + 1) % RING_SIZE]
-    for h in probes:
-        expected = any(in_range(h, s, e) for s, e in ranges)
-        assert (True if match is None else match(h)) == expected
-
-
-def test_compile_ranges_errors() -> None:
-    assert compile_ranges([[5, 5]]) is None
-    assert compile_ranges([[U64, 0], [0, U64]]) is None
-    for bad in [b"x", [[1]], [[1, 2, 3]], [(1, 2)], [[1, -1]], [[1, 1 << 64]], [[1, 2.0]], [[True, 2]], [["1", 2]]]:
+def test_bad_ranges_are_bad_arguments(node: AuxNode) -> None:
+    assert call(node, Op.RANGE_COUNT, [[5, 5]]) == 0
+    for bad in [b"x", [[1]], [[1, 2, 3]], [[1, -1]], [[1, 1 << 64]], [[1, 2.0]], [[True, 2]], [["1", 2]]]:
         with pytest.raises(BadArgumentsError):
-            compile_ranges(bad)
+            call(node, Op.RANGE_COUNT, bad)
 
 
 def test_range_count(node: AuxNode) -> None:

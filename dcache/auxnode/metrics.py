@@ -1,0 +1,48 @@
+"""Prometheus metrics of an aux node: the common families plus the cache and its snapshots."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import Metric
+
+from ..metrics import ServiceCollector, plain_counter, plain_gauge
+
+if TYPE_CHECKING:
+    from .node import AuxNode
+
+__all__ = ["AuxCollector"]
+
+
+class AuxCollector(ServiceCollector):
+    """An aux node's metrics: the common families plus the cache and snapshots."""
+
+    def __init__(self, node: AuxNode) -> None:
+        super().__init__(node)
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        yield from super().collect()
+        c = self.node.cache
+        yield plain_counter("dcache_cache_hits", "Reads that found a live key.", c.hits)
+        yield plain_counter("dcache_cache_misses", "Reads that found no live key.", c.misses)
+        yield plain_counter("dcache_cache_evictions", "Entries evicted to stay within --max-memory / --max-items.", c.evictions)
+        yield plain_counter("dcache_cache_expirations", "Entries removed because their TTL passed.", c.expirations)
+        yield plain_gauge("dcache_cache_items", "Entries held (live or not yet swept).", len(c))
+        yield plain_gauge("dcache_cache_bytes", "Bytes accounted to entries (keys, values, per-entry overhead).", c.bytes_used)
+        yield plain_gauge("dcache_cache_max_bytes", "The byte budget (--max-memory).", c.max_bytes)
+        yield plain_gauge("dcache_cache_max_items", "The entry cap (--max-items; 0 = none).", c.max_items)
+        snap = self.node.snapshots
+        st = snap.stats()
+        yield plain_gauge("dcache_snapshot_age_seconds", "Age of the newest snapshot on disk; -1 if there is none.", st["snapshot_age_s"])
+        yield plain_gauge("dcache_snapshot_duration_seconds", "Time the last successful snapshot took.", snap.last_duration_s)
+        yield plain_counter("dcache_snapshots_taken", "Snapshots written successfully.", st["snapshots_taken"])
+        yield plain_counter("dcache_snapshot_failures", "Snapshots that failed to be written.", st["snapshot_failures"])
+        yield plain_counter("dcache_snapshots_rejected", "Snapshot files found invalid at load time.", st["snapshots_rejected"])
+        yield plain_gauge("dcache_snapshot_loaded_keys", "Keys loaded from a snapshot at start-up.", st["snapshot_loaded_keys"])
+        yield plain_counter(
+            "dcache_snapshot_versions_refused",
+            "Snapshot entries skipped at start-up: their version was too far ahead of the clock.",
+            st["snapshot_versions_refused"],
+        )

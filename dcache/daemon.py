@@ -1,0 +1,98 @@
+"""One lifecycle for every daemon: start, metrics, the READY line, signals, a graceful stop.
+
+``serve(daemon)`` runs any role the same way (after uvicorn's ``Server``):
+
+1. ``daemon.start()`` binds the listener and starts the background work;
+2. a ``/metrics`` endpoint starts if ``metrics_port`` is set;
+3. SIGTERM and SIGINT are caught; the process prints ``READY host:port``;
+4. on the first signal, ``daemon.before_close(signal, again)`` runs: what a
+   role does before it stops serving (an aux node that is a cluster member
+   hands its data over on SIGTERM); ``again`` is set by a second signal,
+   which cuts that short;
+5. ``daemon.close()`` stops accepting, gives requests in flight their grace
+   period, then cancels what is left; the metrics endpoint stops last.
+
+Signals are handled only here, at the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
+__all__ = ["Daemon", "serve", "run"]
+
+log = logging.getLogger("dcache.daemon")
+
+
+class Daemon(Protocol):
+    """What ``serve`` runs: a role's node."""
+
+    role: str
+    node_id: str
+
+    async def start(self) -> str:
+        """Bind the listener and start background work; return the ``host:port`` listened on."""
+        ...
+
+    def collector(self) -> Collector:
+        """The role's metrics collector."""
+        ...
+
+    async def before_close(self, sig: int, again: asyncio.Event) -> None:
+        """Work between the first stop signal and ``close`` (``again`` is set by a second signal)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop accepting, let requests in flight finish (bounded), stop background work."""
+        ...
+
+
+async def serve(daemon: Daemon, *, host: str, metrics_port: int | None, ready: bool = True) -> None:
+    """Run ``daemon`` until SIGTERM or SIGINT, then stop it gracefully (see the module note)."""
+    where = await daemon.start()
+    metrics = None
+    try:
+        if metrics_port is not None:
+            from .metrics import registry_for, start_metrics_server
+
+            metrics = await start_metrics_server(registry_for(daemon.collector()), host, metrics_port)
+            log.info("%s %s serves metrics at %s", daemon.role, daemon.node_id, metrics.url)
+        stop = asyncio.Event()
+        received: list[int] = []
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int) -> None:
+            received.append(sig)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        log.info("%s %s listening on %s", daemon.role, daemon.node_id, where)
+        if ready:
+            print(f"READY {where}", flush=True)
+        await stop.wait()
+        stop.clear()
+        await daemon.before_close(received[0], stop)
+        log.info("%s %s shutting down", daemon.role, daemon.node_id)
+    finally:
+        await daemon.close()
+        if metrics is not None:
+            await metrics.close()
+
+
+def run(make: Callable[[], Daemon], *, host: str, metrics_port: int | None) -> int:
+    """Blocking entry point used by the CLI: build the daemon with ``make`` on a uvloop loop and ``serve`` it."""
+    import uvloop
+
+    async def main() -> None:
+        await serve(make(), host=host, metrics_port=metrics_port)
+
+    uvloop.run(main())
+    return 0

@@ -1,0 +1,123 @@
+"""Prometheus metrics of a master: the common families plus ring, health, routing, migration and links."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ..metrics import ServiceCollector, plain_counter, plain_gauge
+from .view import MEMBER_STATES, UP
+
+if TYPE_CHECKING:
+    from .node import MasterNode
+
+__all__ = ["MasterCollector"]
+
+
+class MasterCollector(ServiceCollector):
+    """A master's metrics: the common families plus ring, health, routing, migration and links."""
+
+    def __init__(self, node: MasterNode) -> None:
+        super().__init__(node)
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        yield from super().collect()
+        node = self.node
+        view = node.router.view
+        yield plain_gauge("dcache_ring_epoch", "Epoch of the cluster view this master routes by.", view.epoch)
+        yield plain_gauge("dcache_ring_seq", "Sequence number of the view within its epoch.", view.seq)
+        yield plain_gauge("dcache_ring_replicas", "Copies kept of each key.", view.replicas)
+        members = GaugeMetricFamily("dcache_ring_members", "Aux nodes in the view, by state.", labels=["state"])
+        counts = dict.fromkeys(MEMBER_STATES, 0)
+        for m in view.members.values():
+            counts[m.state] = counts.get(m.state, 0) + 1
+        for state, n in counts.items():
+            members.add_metric([state], n)
+        yield members
+        up = GaugeMetricFamily("dcache_aux_up", "1 if the aux node is up in the view (answers health checks), else 0.", labels=["node"])
+        for node_id, m in sorted(view.members.items()):
+            up.add_metric([node_id], 1 if m.state == UP else 0)
+        yield up
+        yield plain_gauge(
+            "dcache_migrating", "1 while data moves between aux nodes after a ring change, else 0.", int(view.prev_ring is not None)
+        )
+        rs = node.router.stats
+        yield plain_counter("dcache_read_fallbacks", "Reads retried on the next owner after one did not answer.", rs.fallbacks)
+        yield plain_counter("dcache_read_repairs", "Copies written back to owners that missed a key another owner had.", rs.repairs)
+        yield plain_counter("dcache_unavailable", "Requests answered UNAVAILABLE: no owner of the key answered.", rs.unavailable)
+        yield plain_counter("dcache_partial_writes", "Writes acknowledged although some live owner did not apply them.", rs.partial_writes)
+        yield plain_counter("dcache_writes_superseded", "Writes answered SUPERSEDED: an owner held a newer version.", rs.superseded)
+        yield plain_counter(
+            "dcache_superseded_retries", "Writes sent again with a newer version because an owner held a newer one.", rs.superseded_retries
+        )
+        hints = node.router.hints
+        yield plain_counter("dcache_hints_replayed", "Hints replayed to aux nodes that answered again.", hints.replayed_total)
+        yield plain_counter("dcache_hint_overflows", "Times an aux node missed more writes than the hints hold.", hints.overflows_total)
+        yield from self._links()
+        yield from self._migration()
+        yield from self._membership()
+
+    def _links(self) -> Iterable[Metric]:
+        links = sorted(self.node.links.items())
+        requests = CounterMetricFamily("dcache_upstream_requests", "Requests sent to the aux node.", labels=["node"])
+        failures = CounterMetricFamily(
+            "dcache_upstream_failures", "Requests to the aux node that failed (not connected, timed out).", labels=["node"]
+        )
+        in_flight = GaugeMetricFamily("dcache_upstream_in_flight", "Requests sent to the aux node and not yet answered.", labels=["node"])
+        conns = GaugeMetricFamily("dcache_upstream_connections", "Open connections to the aux node.", labels=["node"])
+        suspected = GaugeMetricFamily("dcache_aux_suspected", "1 while this master suspects the aux node, else 0.", labels=["node"])
+        hinted = GaugeMetricFamily("dcache_hints", "Writes kept for the aux node because it missed them.", labels=["node"])
+        hints = self.node.router.hints
+        size = GaugeMetricFamily("dcache_upstream_pool_size", "Connections kept to each aux node (--aux-connections).", labels=["node"])
+        for node_id, link in links:
+            requests.add_metric([node_id], link.requests)
+            failures.add_metric([node_id], link.failures_total)
+            in_flight.add_metric([node_id], link.in_flight)
+            conns.add_metric([node_id], link.open_connections)
+            size.add_metric([node_id], link.pool_size)
+            suspected.add_metric([node_id], int(link.suspect))
+            hinted.add_metric([node_id], hints.count(node_id))
+        return [requests, failures, in_flight, conns, size, suspected, hinted]
+
+    def _membership(self) -> Iterable[Metric]:
+        membership = self.node.membership
+        leading = membership.role in ("coordinator", "zk-leader")
+        out: list[Metric] = [
+            plain_gauge(
+                "dcache_coordinating", "1 if this master decides membership (coordinator or ZooKeeper leader), else 0.", int(leading)
+            )
+        ]
+        zk = getattr(membership, "zk", None)
+        if zk is not None:
+            st = zk.status()
+            out.append(
+                plain_gauge(
+                    "dcache_zookeeper_connected", "1 while the ZooKeeper session is connected, else 0.", int(st["zookeeper_connected"])
+                )
+            )
+            out.append(
+                plain_gauge(
+                    "dcache_zookeeper_disconnected_seconds",
+                    "Seconds since the ZooKeeper connection was lost (0 while connected); the master routes by its last ring meanwhile.",
+                    st["zookeeper_disconnected_s"],
+                )
+            )
+            out.append(plain_counter("dcache_zookeeper_sessions", "ZooKeeper sessions established since start.", st["zookeeper_sessions"]))
+        return out
+
+    def _migration(self) -> Iterable[Metric]:
+        migrator = getattr(self.node.membership, "migrator", None)
+        if migrator is None:  # a follower: the coordinator moves the data
+            return []
+        return [
+            plain_gauge(
+                "dcache_migration_streams", "Streams (source, destination pairs) of the current or last migration.", migrator.streams_total
+            ),
+            plain_gauge("dcache_migration_streams_done", "Streams of the current or last migration that finished.", migrator.streams_done),
+            plain_gauge("dcache_migration_progress_keys", "Keys copied by the current or last migration.", migrator.keys_moved),
+            plain_counter("dcache_migration_keys_moved", "Keys copied by all migrations since start.", migrator.keys_moved_total),
+            plain_counter("dcache_migrations", "Migrations run since start.", migrator.migrations_total),
+        ]

@@ -1,0 +1,235 @@
+"""Connections between daemons (sans futures on the hot path): ``PeerConnection`` and ``open_peer``.
+
+A master's links to its aux nodes (``dcache.master.links``), a follower
+master's connection to its coordinator and an aux node's to the master it
+joined all use ``PeerConnection``: an ``asyncio.Protocol`` over a
+``FrameDecoder`` and a ``RequestTable``. ``send(op, args, callback,
+deadline)`` queues a request (frames queued in one loop iteration leave in
+one write) and the answer's ``(status, result)`` goes to the callback
+straight from ``data_received``; ``call`` wraps the same in an awaitable
+with a timeout and raises the typed error of an error answer.
+
+The public client (``dcache.client``) has its own connection class, with
+flow control and futures per request, for applications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any, cast
+
+from .errors import HandshakeError, RemoteProtocolError, Status, error_from_status
+from .protocol import PROTOCOL_VERSION, FrameDecoder, Op, RequestTable, pack, queue_frame
+
+__all__ = ["Callback", "PeerConnection", "open_peer"]
+
+log = logging.getLogger("dcache.peer")
+
+#: Receives an answer: ``(status, result)``; for errors ``result`` is the message.
+Callback = Callable[[int, Any], None]
+
+_pack = pack
+_UNAVAILABLE = int(Status.UNAVAILABLE)
+_TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
+
+
+class PeerConnection(asyncio.Protocol):
+    """One connection from a daemon to another (a master's to an aux node, a follower's to its coordinator...).
+
+    ``name`` says who is at the other end, for messages ("aux node a1").
+    """
+
+    __slots__ = (
+        "_transport",
+        "_decoder",
+        "requests",
+        "_out",
+        "_flush_scheduled",
+        "_loop",
+        "closed",
+        "_name",
+        "incarnation",
+        "_on_answers",
+        "last_answer",
+        "server_info",
+    )
+
+    def __init__(self, name: str, on_answers: Callable[[], None] | None = None) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._decoder = FrameDecoder()
+        #: The requests waiting for an answer on this connection.
+        self.requests: RequestTable[Callback] = RequestTable()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+        self._name = name
+        self.incarnation: int | None = None
+        #: Called after the answers of one read were handed to their
+        #: callbacks (the master writes its clients' answers then).
+        self._on_answers = on_answers
+        #: ``loop.time()`` of the last answer received.
+        self.last_answer = self._loop.time()
+        #: The peer's HELLO answer (``open_peer``).
+        self.server_info: dict[str, Any] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # pragma: no cover
+                pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        message = f"connection to {self._name} lost" + (f": {exc}" if exc else "")
+        for cb in self.requests.drain():
+            cb(_UNAVAILABLE, message)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            msgs = self._decoder.feed(data)
+        except RemoteProtocolError as exc:
+            log.warning("bad bytes from %s: %s", self._name, exc)
+            self.close()
+            return
+        if msgs:
+            self.last_answer = self._loop.time()
+        pop = self.requests.pop
+        for msg in msgs:
+            try:
+                rid, status, result = msg
+            except (TypeError, ValueError):
+                log.warning("malformed answer from %s", self._name)
+                self.close()
+                return
+            cb = pop(rid)
+            if cb is not None:
+                cb(status, result)
+            elif rid == 0:  # connection-level error: the aux node closes next
+                log.warning("%s closed the connection: %s", self._name, result)
+        if self._on_answers is not None:
+            self._on_answers()
+        if self._decoder.error is not None:
+            self.close()
+
+    def send(self, op: int, args: tuple[Any, ...], cb: Callback, deadline: float) -> int:
+        """Queue one request; ``cb`` gets its answer (or a timeout once ``deadline`` passes); returns its id."""
+        rid = self.requests.add(cb, deadline)
+        queue_frame(self._out, _pack([op, rid, *args]))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return rid
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if out and not self.closed and self._transport is not None:
+            if len(out) == 1:
+                self._transport.write(out[0])
+            else:
+                self._transport.writelines(out)
+        out.clear()
+
+    def flush_now(self) -> None:
+        """Write the queued requests now (the scheduled flush then finds nothing)."""
+        self._flush()
+
+    @property
+    def pending_flush(self) -> bool:
+        """Whether requests are queued for this loop iteration's write."""
+        return self._flush_scheduled
+
+    def fail_overdue(self, now: float, message: str) -> int:
+        """Answer every request whose deadline passed with ``UPSTREAM_TIMEOUT``; return how many."""
+        expired = self.requests.expired(now)
+        for _, cb in expired:
+            cb(_TIMEOUT, message)
+        return len(expired)
+
+    def fail_all(self, status: int, message: str) -> int:
+        """Answer every request waiting on this connection now; return how many."""
+        waiting = self.requests.drain()
+        for cb in waiting:
+            cb(status, message)
+        return len(waiting)
+
+    async def call(self, op: int, *args: Any, timeout: float) -> Any:
+        """Send one request and wait for its result, at most ``timeout`` seconds.
+
+        Raises:
+            ServerError: the error the peer answered (``UnavailableError`` if the connection is lost).
+            TimeoutError: no answer in time (a late answer is dropped).
+        """
+        loop = self._loop
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def done(status: int, result: Any) -> None:
+            if fut.done():
+                return
+            if status == 0:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error_from_status(status, str(result)))
+
+        if self.closed:
+            raise error_from_status(_UNAVAILABLE, f"connection to {self._name} is closed")
+        rid = self.send(op, args, done, loop.time() + timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
+                self.requests.forget(rid, done)
+
+    @property
+    def is_closing(self) -> bool:
+        """Whether the connection is closed or closing."""
+        return self.closed or self._transport is None or self._transport.is_closing()
+
+    def close(self) -> None:
+        """Close the connection; requests waiting on it are answered ``UNAVAILABLE``."""
+        if self._transport is not None and not self.closed:
+            self._transport.close()
+        self.closed = True
+
+
+async def open_peer(
+    host: str,
+    port: int,
+    *,
+    name: str,
+    auth_token: str | None,
+    client_name: str,
+    timeout: float,
+    expect_role: str | None = None,
+) -> PeerConnection:
+    """Connect to another daemon and perform HELLO; the connection's ``server_info`` holds the answer.
+
+    Raises:
+        TimeoutError: connect plus HELLO took longer than ``timeout``.
+        OSError: the TCP connection failed.
+        ServerError: HELLO was refused (``AuthError``, ``HandshakeError``...).
+        HandshakeError: the peer is not a ``expect_role`` node.
+    """
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        _, conn = await loop.create_connection(lambda: PeerConnection(name), host, port)
+        try:
+            info = await conn.call(Op.HELLO, PROTOCOL_VERSION, auth_token, client_name, timeout=timeout)
+            if not isinstance(info, dict):
+                raise HandshakeError(f"{name} answered HELLO with {type(info).__name__}, not a map")
+            if expect_role is not None and info.get("role") != expect_role:
+                raise HandshakeError(f"{host}:{port} is not a {expect_role} (it says it is {info.get('role')!r})")
+        except BaseException:
+            conn.close()
+            raise
+    conn.server_info = info
+    return conn

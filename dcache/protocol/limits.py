@@ -1,0 +1,89 @@
+"""Every bound the wire protocol enforces, in one place (sans-IO).
+
+``Limits`` is what a server's parsers (``dcache.protocol.ops``) check each
+request against, and what a client uses to refuse an oversized key before
+sending it. The module-level constants are the fixed bounds of the protocol
+itself (integer widths, the longest TTL) and the defaults of the
+configurable ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..hlc import DEFAULT_MAX_SKEW_MS, version_ceiling, wall_ms
+
+__all__ = [
+    "INT64_MIN",
+    "INT64_MAX",
+    "UINT64_MAX",
+    "MAX_TTL_MS",
+    "MAX_FRAME_BYTES",
+    "MAX_KEY_BYTES",
+    "MAX_VALUE_BYTES",
+    "MAX_BATCH_KEYS",
+    "MAX_HELLO_FRAME_BYTES",
+    "MAX_RANGES",
+    "MAX_NAME_CHARS",
+    "Limits",
+]
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+UINT64_MAX = 2**64 - 1
+#: Longest TTL a request may carry: a hundred years, in milliseconds.
+MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000
+#: Default largest frame body a peer may send (32 MiB).
+MAX_FRAME_BYTES = 32 * 1024 * 1024
+#: Default largest key (bytes after UTF-8 encoding).
+MAX_KEY_BYTES = 1024
+#: Default largest value.
+MAX_VALUE_BYTES = 8 * 1024 * 1024
+#: Default most keys (or entries) in one request: MGET, MSET, MGETV, APPLY, APPLY_DELETES.
+MAX_BATCH_KEYS = 10_000
+#: Largest frame a node with an auth token accepts before HELLO succeeded (a HELLO fits easily).
+MAX_HELLO_FRAME_BYTES = 4096
+#: Most hash ranges in one SCAN, DROP or RANGE_COUNT (a ring of 1000 nodes has 160,000 points).
+MAX_RANGES = 1_000_000
+#: Longest node id, host name or client name accepted.
+MAX_NAME_CHARS = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The bounds a node enforces on every request.
+
+    Attributes:
+        max_frame_bytes: largest frame body.
+        max_key_bytes: largest key.
+        max_value_bytes: largest value.
+        max_batch_keys: most keys or entries in one request (``TOO_MANY_KEYS`` above).
+        max_clock_skew_ms: how far ahead of this node's wall clock a version
+            from outside may be (``CLOCK_SKEW`` beyond).
+        clock: wall-clock milliseconds (tests pass a fake one).
+
+    Raises:
+        ValueError: a bound is not positive, or the frame limit leaves no
+            room for a maximal key and value.
+    """
+
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    max_key_bytes: int = MAX_KEY_BYTES
+    max_value_bytes: int = MAX_VALUE_BYTES
+    max_batch_keys: int = MAX_BATCH_KEYS
+    max_clock_skew_ms: int = DEFAULT_MAX_SKEW_MS
+    clock: Callable[[], int] = field(default=wall_ms, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame_bytes", "max_key_bytes", "max_value_bytes", "max_batch_keys"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_clock_skew_ms < 0:
+            raise ValueError("max_clock_skew_ms must be >= 0")
+        if self.max_key_bytes + self.max_value_bytes + 64 > self.max_frame_bytes:
+            raise ValueError("max_frame_bytes must exceed max_key_bytes + max_value_bytes + 64")
+
+    def version_ceiling(self) -> int:
+        """The largest version acceptable from outside right now."""
+        return version_ceiling(self.clock(), self.max_clock_skew_ms)
