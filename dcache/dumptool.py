@@ -33,6 +33,7 @@ from typing import Any
 from .address import parse_address
 from .client import Client
 from .client.connection import open_connection
+from .files import open_private
 from .lru.snapshot import load, pack_entries, write_packed
 from .protocol import Op
 from .ring import HashRing
@@ -127,7 +128,7 @@ async def dump_cluster(addr: str, out: str, *, timeout: float = 30.0, auth_token
     tmp = f"{out}.tmp.{os.getpid()}"
     created_ms = time.time_ns() // 1_000_000
     try:
-        with open(tmp, "wb") as f:
+        with open_private(tmp) as f:
             size = write_packed(chunks, f, count=count, node_id=f"cluster@{addr}", ring_epoch=int(info["epoch"]), created_ms=created_ms)
             f.flush()
             os.fsync(f.fileno())

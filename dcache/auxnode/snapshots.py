@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from ..files import make_private_dir, open_private
 from ..hlc import wall_ms
 from ..lru import EntryTooLargeError
 from ..lru.snapshot import SnapshotData, SnapshotError, load, pack_entries, write_packed
@@ -56,10 +57,6 @@ __all__ = [
     "COPY_CHUNK_ENTRIES",
     "APPLY_CHUNK_ENTRIES",
     "SnapshotManager",
-    "DIR_MODE",
-    "FILE_MODE",
-    "open_private",
-    "make_private_dir",
 ]
 
 log = logging.getLogger("dcache.aux.snapshots")
@@ -73,25 +70,6 @@ COPY_CHUNK_ENTRIES = 1000
 APPLY_CHUNK_ENTRIES = 20_000
 #: Packed chunks (of ``COPY_CHUNK_ENTRIES`` entries) freed per loop iteration after a snapshot is written.
 RELEASE_CHUNKS = 16
-
-
-#: Mode of the data dirs dcache creates and of the snapshot files it writes: the owner's only.
-DIR_MODE = 0o700
-FILE_MODE = 0o600
-
-
-def open_private(path: str) -> Any:
-    """Open ``path`` for binary writing, created (or truncated) with mode 0600."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb")
-
-
-def make_private_dir(path: str) -> None:
-    """Create ``path`` (and its parents) with mode 0700 if it does not exist yet.
-
-    Raises:
-        OSError: it cannot be created, or exists and is not a directory.
-    """
-    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
 
 
 class SnapshotManager:
