@@ -59,6 +59,7 @@ from .config import NodeConfig
 from .errors import (
     AuthError,
     BadArgumentsError,
+    FrameTooLargeError,
     HandshakeError,
     OverloadedError,
     RemoteProtocolError,
@@ -90,6 +91,7 @@ __all__ = [
     "ServerState",
     "FrameProtocol",
     "Service",
+    "check_answer_size",
     "deferred",
     "ready_line",
 ]
@@ -553,72 +555,82 @@ class FrameProtocol(asyncio.Protocol):
             self._account(buffered, now, bool(msgs))
             if self._closed:
                 return
-        n = len(msgs)
-        if n:
+        if msgs:
+            # The one dispatch path (see the class note): parse with the op's
+            # parser, call the handler, answer now or owe the answer. One
+            # request in ``sample_every`` (the first of a batch, when the
+            # countdown runs out) is timed: answered now, when its answer is
+            # built; answered later, when ``reply`` sends it.
+            n = len(msgs)
             service.requests_total += n
-            out: list[bytes] = []
-            handle = self._handle
             service.sample_countdown -= n
+            t1 = 0.0
             if service.sample_countdown <= 0:
                 service.sample_countdown += service.sample_every
-                handle(msgs[0], out, perf_counter())
-                for i in range(1, n):
-                    handle(msgs[i], out, 0.0)
-            else:
-                for msg in msgs:
-                    handle(msg, out, 0.0)
+                t1 = perf_counter()
+            table = self._table
+            limits = self._limits
+            op_requests = service.op_requests
+            out: list[bytes] = []
+            append = out.append
+            for msg in msgs:
+                try:
+                    try:
+                        op = msg[0]
+                        if op.__class__ is not int or msg.__class__ is not list:  # True == 1.0 == 1 would find op 1
+                            raise KeyError(op)
+                        parse, handler = table[op]
+                    except (KeyError, TypeError, IndexError):
+                        raise _refusal(self, msg) from None
+                    op_requests[op] += 1
+                    rid = msg[1]
+                    if rid.__class__ is not int or not 0 < rid <= UINT64_MAX:
+                        raise BadArgumentsError("request_id must be an integer in 1 .. 2**64-1")
+                    result = handler(self, rid, parse(msg, limits))
+                except ServerError as exc:
+                    body = self._failed(msg, exc.code, exc.message)
+                except Exception as exc:
+                    body = self._failed_internally(msg, exc)
+                else:
+                    if result is LATER or result.__class__ is _Deferred:
+                        self._owe(rid, op, t1)
+                        if result is not LATER:
+                            self._defer(rid, result, op)
+                        t1 = 0.0
+                        continue
+                    try:
+                        body = pack([rid, _OK, result])
+                    except Exception as exc:  # an unencodable result is our bug: answer, keep serving
+                        log.error("cannot encode the answer to op %r: %s", op, exc)
+                        body = pack([rid, int(Status.INTERNAL), "internal error: unencodable result"])
+                    if len(body) > self._max_answer:
+                        body = self._too_large(rid, len(body), op)
+                    elif t1:
+                        service.op_latency[op].observe(perf_counter() - t1)
+                t1 = 0.0
+                append(_header(len(body)))
+                append(body)
             if out:
                 if self._pending_out:
                     self._pending_out.extend(out)
                 elif self._transport is not None:
-                    self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+                    self._transport.write(b"".join(out))
         if decoder.error is not None:
             self._protocol_error(decoder.error)
         service.batch_latency.observe(perf_counter() - t0)
 
-    # -- the one dispatch path ------------------------------------------------------
+    # -- helpers of the dispatch ------------------------------------------------------
 
-    def _handle(self, msg: Any, out: list[bytes], t0: float) -> None:
-        """Parse, dispatch and (if it is ready) answer one request; ``t0`` non-zero times it."""
-        service = self._service
-        try:
-            op = msg[0]
-            entry = self._table.get(op) if op.__class__ is int else None
-            if entry is None:
-                raise _refusal(self, msg)
-            service.op_requests[op] += 1
-            rid = msg[1]
-            if rid.__class__ is not int or rid <= 0 or rid > UINT64_MAX:
-                raise BadArgumentsError("request_id must be an integer in 1 .. 2**64-1")
-            result = entry[1](self, rid, entry[0](msg, self._limits))
-        except ServerError as exc:
-            body = self._failed(msg, exc.code, exc.message)
-        except Exception as exc:
-            body = self._failed_internally(msg, exc)
-        else:
-            if result is LATER or result.__class__ is _Deferred:
-                self.in_flight += 1
-                service.in_flight += 1
-                if self.in_flight >= MAX_IN_FLIGHT and not self._throttled:
-                    self._throttle()
-                if t0:
-                    if len(self._samples) >= 1024:  # answers that never came (connection lost upstream...)
-                        self._samples.clear()
-                    self._samples[rid] = (op, t0)
-                if result is not LATER:
-                    self._defer(rid, result, op)
-                return
-            try:
-                body = pack([rid, _OK, result])
-            except Exception as exc:  # an unencodable result is our bug: answer, keep serving
-                log.error("cannot encode the answer to op %r: %s", op, exc)
-                body = pack([rid, int(Status.INTERNAL), "internal error: unencodable result"])
-            if len(body) > self._max_answer:
-                body = self._too_large(rid, len(body), op)
-            elif t0:
-                service.op_latency[op].observe(perf_counter() - t0)
-        out.append(_header(len(body)))
-        out.append(body)
+    def _owe(self, rid: int, op: int, t0: float) -> None:
+        """A request will be answered later: count it owed (throttling the connection past ``MAX_IN_FLIGHT``)."""
+        self.in_flight += 1
+        self._service.in_flight += 1
+        if self.in_flight >= MAX_IN_FLIGHT and not self._throttled:
+            self._throttle()
+        if t0:
+            if len(self._samples) >= 1024:  # answers that never came (connection lost upstream...)
+                self._samples.clear()
+            self._samples[rid] = (op, t0)
 
     def _failed(self, msg: Any, code: int, message: str) -> bytes:
         """Count a request answered with an error (under its op, or ``UNKNOWN_OP``) and build the answer."""
@@ -744,8 +756,8 @@ class FrameProtocol(asyncio.Protocol):
         task.add_done_callback(lambda t: self._deferred_done(rid, t, op))
 
     def _deferred_done(self, rid: int, task: asyncio.Future[Any], op: int) -> None:
-        if task.cancelled():
-            self.reply(rid, int(Status.INTERNAL), "request cancelled", op)
+        if task.cancelled():  # the node is shutting down
+            self.reply(rid, int(Status.UNAVAILABLE), "request cancelled: the node is shutting down", op)
             return
         exc = task.exception()
         if exc is None:
@@ -801,6 +813,20 @@ def _refusal(conn: FrameProtocol, msg: Any) -> ServerError:
     if op in conn._service.handlers:
         return AuthError("authentication required: send HELLO with the auth token first")
     return UnknownOpError(f"unknown op {op!r}")
+
+
+def check_answer_size(values: list[Any], limit: int) -> None:
+    """Refuse (``FRAME_TOO_LARGE``) a list of values whose answer would exceed ``limit`` bytes, before it is packed.
+
+    Packing first would allocate the whole answer (an MGET of many large
+    values) only to refuse it.
+    """
+    size = 0
+    for v in values:
+        if v is not None:
+            size += len(v)
+    if size > limit:
+        raise FrameTooLargeError(f"the values of these {len(values)} keys exceed the {limit}-byte frame limit: ask for fewer keys at once")
 
 
 class _Later:

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BadArgumentsError, OutOfMemoryError
+from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError
 from ..lru import LRUCache
 from ..protocol import Op, SetFlag
 from ..ring import RangeMatcher, hash64
@@ -132,9 +132,19 @@ class ClusterOps:
     def mgetv(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> Any:
         lookup = self.node.cache.lookup
         out: list[Any] = []
+        size = 0
+        limit = self.node.limits.max_frame_bytes
         for key in keys:
             e = lookup(key)
-            out.append(None if e is None else [e.value, e.expires_at, e.version])
+            if e is None:
+                out.append(None)
+            else:
+                size += len(e.value)
+                out.append([e.value, e.expires_at, e.version])
+        if size > limit:
+            raise FrameTooLargeError(
+                f"the values of these {len(keys)} keys exceed the {limit}-byte frame limit: ask for fewer keys at once"
+            )
         return out
 
     def held_version(self, key: bytes) -> int:

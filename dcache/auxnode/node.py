@@ -29,7 +29,7 @@ from ..hlc import HybridClock, wall_ms
 from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache
 from ..lru import NotAnIntegerError as CacheNotAnIntegerError
 from ..protocol import Op, SetFlag
-from ..server import FrameProtocol, Service
+from ..server import FrameProtocol, Service, check_answer_size
 from .cluster_ops import ClusterOps
 from .snapshots import SnapshotManager
 
@@ -121,7 +121,10 @@ class AuxNode(Service):
 
     def _mget(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> Any:
         get = self.cache.get
-        return [get(k) for k in keys]
+        values = [get(k) for k in keys]
+        if len(keys) > 16:  # a few values always fit; past that, refuse before packing an answer the client would refuse
+            check_answer_size(values, self.limits.max_frame_bytes)
+        return values
 
     def _mset(self, conn: FrameProtocol, rid: int, args: tuple[list[tuple[bytes, bytes]], int]) -> Any:
         items, ttl = args

@@ -237,11 +237,24 @@ class Coordinator(Membership):
             return
         if self.view is not view:
             return  # superseded while it ran
+        # Two steps, so that no master reads an owner that no longer gets
+        # writes: first every master reads the new owners while writes still
+        # go to both rings' owners; only once all of them route by that view
+        # do writes stop going to the previous owners.
+        settling = view.migration_settling()
+        self.publish(settling)
+        pos = (settling.epoch, settling.seq)
+        timeout = max(3.0, self.config.follow_interval * 6)
+        lagging = await self._masters_at(pos, timeout)
+        if lagging:
+            log.warning("masters %s did not confirm view %d.%d within %.1f s; finishing the migration anyway", lagging, *pos, timeout)
+        if self.view is not settling:
+            return  # superseded meanwhile
         members = dict(view.members)
         for node_id, m in list(members.items()):
             if m.state == LEAVING:
                 del members[node_id]  # its data has moved: it may go
-        done = view.migration_done()
+        done = settling.migration_done()
         if members != view.members:
             done = done.bumped(members=members)
         self.publish(done)
@@ -273,6 +286,11 @@ class Coordinator(Membership):
                 return self.view.epoch  # a re-announcement: nothing changes (a fenced node stays fenced until reconciled)
             if known is not None and known.state == LEAVING:
                 return self.view.epoch  # leaving nodes do not come back by announcing
+            if known is not None and known.state == DOWN and (known.host, known.port) == (host, port):
+                # A down node comes back when this master's health checks reach
+                # it again, not because it can reach this master: the path
+                # from it may work while the one to it does not.
+                return self.view.epoch
             members[node_id] = Member(node_id, host, port, weight, FENCED if fenced else UP, wall_ms())
             self._misses.pop(node_id, None)
             reason = "rejoin" if known is not None else "join"
@@ -291,9 +309,9 @@ class Coordinator(Membership):
         # The node exits when this returns: first let every follower route by
         # a view without it, so none sends it a request after it has gone.
         pos, timeout = (self.view.epoch, self.view.seq), max(2.0, 4 * self.config.follow_interval)
-        lagging = await self._followers_at(pos, timeout)
+        lagging = await self._masters_at(pos, timeout)
         if lagging:
-            log.warning("followers %s did not confirm the view %d.%d within %.1f s; %s leaves anyway", lagging, *pos, timeout, node_id)
+            log.warning("masters %s did not confirm the view %d.%d within %.1f s; %s leaves anyway", lagging, *pos, timeout, node_id)
         return True
 
     def mark(self, node_id: str, state: str, why: str) -> None:
@@ -490,10 +508,11 @@ class Coordinator(Membership):
             return view.to_dict()
         return None
 
-    async def _followers_at(self, pos: tuple[int, int], timeout: float) -> list[str]:
-        """Wait (bounded) until every recently seen follower routes by the view ``pos`` (epoch, seq) or a later one.
+    async def _masters_at(self, pos: tuple[int, int], timeout: float) -> list[str]:
+        """Wait (bounded) until every other master routes by the view ``pos`` (epoch, seq) or a later one.
 
-        Returns the followers still behind when ``timeout`` ran out.
+        Embedded mode: the followers seen polling in the last 5 s. Returns
+        the masters still behind when ``timeout`` ran out.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -505,9 +524,9 @@ class Coordinator(Membership):
 
     async def _followers_caught_up(self, epoch: int, timeout: float) -> None:
         """Wait (bounded) until every recently seen follower routes by ``epoch``."""
-        lagging = await self._followers_at((epoch, 0), timeout)
+        lagging = await self._masters_at((epoch, 0), timeout)
         if lagging:
-            log.warning("followers %s did not confirm epoch %d within %.1f s; migrating anyway", lagging, epoch, timeout)
+            log.warning("masters %s did not confirm epoch %d within %.1f s; migrating anyway", lagging, epoch, timeout)
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -53,7 +53,7 @@ class MasterNode(Service):
         self.started_at = time.time()
         members = [Member(node_id, host, port) for node_id, host, port in config.aux]
         view = ClusterView.initial(members, config.replicas, epoch=time.time_ns() // 1_000_000)
-        self.router = Router(view, self.links, self.clock, config.write_quorum)
+        self.router = Router(view, self.links, self.clock, config.write_quorum, config.limits.max_frame_bytes)
         self.router.hints.on_overflow = self._hints_lost
         self.membership: Membership
         if config.zookeeper:

@@ -98,11 +98,15 @@ class RouterStats:
 class Router:
     """Sends each op to the right aux nodes and combines their answers."""
 
-    def __init__(self, view: ClusterView, links: dict[str, AuxLink], clock: HybridClock, write_quorum: int = 0) -> None:
+    def __init__(
+        self, view: ClusterView, links: dict[str, AuxLink], clock: HybridClock, write_quorum: int = 0, max_answer_bytes: int = 32 << 20
+    ) -> None:
         self.view = view
         self.links = links
         self.clock = clock
         self.write_quorum = write_quorum
+        #: An MGET whose values add up to more than this is answered FRAME_TOO_LARGE as soon as they do.
+        self.max_answer_bytes = max_answer_bytes
         self.stats = RouterStats()
         self.batcher = GetBatcher()
         self.hints = Hints()
@@ -195,7 +199,7 @@ class Router:
         if not keys:
             conn.reply(rid, _OK, [])
             return
-        collect = _Collect(conn, rid, len(keys), Op.MGET)
+        collect = _Collect(conn, rid, len(keys), Op.MGET, limit=self.max_answer_bytes)
         for i, key in enumerate(keys):
             self.get(collect, i, key)
 
@@ -746,9 +750,9 @@ class _Collect:
     their results in order (MGET).
     """
 
-    __slots__ = ("conn", "rid", "op", "results", "pending", "done", "n")
+    __slots__ = ("conn", "rid", "op", "results", "pending", "done", "n", "size", "limit")
 
-    def __init__(self, conn: Sink, rid: int, n: int, op: int, *, count: bool = False) -> None:
+    def __init__(self, conn: Sink, rid: int, n: int, op: int, *, count: bool = False, limit: int = 0) -> None:
         self.conn = conn
         self.rid = rid
         self.op = op
@@ -756,6 +760,9 @@ class _Collect:
         self.pending = n
         self.done = False
         self.n = n
+        #: Bytes of values gathered, and the most the answer may hold (0: no bound).
+        self.size = 0
+        self.limit = limit
 
     def reply(self, index: int, status: int, result: Any, op: int = 0) -> None:
         if self.done:
@@ -765,6 +772,14 @@ class _Collect:
             self.conn.reply(self.rid, status, result, self.op)
             return
         if self.results is not None:
+            if result is not None and self.limit:
+                self.size += len(result)
+                if self.size > self.limit:
+                    self.done = True
+                    self.results = None
+                    message = f"the values of these {self.n} keys exceed the {self.limit}-byte frame limit: ask for fewer keys at once"
+                    self.conn.reply(self.rid, _FRAME_TOO_LARGE, message, self.op)
+                    return
             self.results[index] = result
         self.pending -= 1
         if not self.pending:

@@ -14,6 +14,10 @@ replaced by one with a larger ``(epoch, seq)``.
   to them), while writes go to the owners in both rings. A key therefore
   never misses because it has not been copied yet, and a node that comes back
   with stale data is not read before its data has been reconciled.
+* ``settling`` is set once the copy is done: reads go to the current ring's
+  owners while writes still go to both rings' owners. The coordinator waits
+  until every master routes by this view before it drops ``prev_ring``, so
+  no master still reading the previous owners ever misses a write.
 
 Routing helpers work per key and allocate only small lists.
 """
@@ -89,6 +93,8 @@ class ClusterView:
     ring: HashRing = field(default_factory=HashRing)
     prev_ring: HashRing | None = None
     coordinator: str = ""
+    #: The copy to the current ring's owners is done: read them, keep writing both rings (see the module note).
+    settling: bool = False
     #: Precomputed for the common case (no migration, every ring member up):
     #: ring ends and the preference list of each; empty otherwise.
     _ends: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -125,11 +131,15 @@ class ClusterView:
         prev = (self.prev_ring if self.prev_ring is not None else self.ring) if migrate else None
         if prev is not None and prev.nodes == ring.nodes:
             prev = None
-        return replace(self, epoch=epoch, seq=0, members=dict(members), ring=ring, prev_ring=prev)
+        return replace(self, epoch=epoch, seq=0, members=dict(members), ring=ring, prev_ring=prev, settling=False)
+
+    def migration_settling(self) -> ClusterView:
+        """The same rings once the copy is done (seq + 1): reads move to the current owners, writes still go to both."""
+        return replace(self, seq=self.seq + 1, settling=True)
 
     def migration_done(self) -> ClusterView:
         """The same ring with the migration finished (seq + 1)."""
-        return replace(self, seq=self.seq + 1, prev_ring=None)
+        return replace(self, seq=self.seq + 1, prev_ring=None, settling=False)
 
     def bumped(self, **changes: Any) -> ClusterView:
         """A copy with ``changes`` and seq + 1."""
@@ -155,7 +165,7 @@ class ClusterView:
         r = self.replicas
         prev = self.prev_ring
         members = self.members
-        if prev is not None:
+        if prev is not None and not self.settling:
             old = [n for n in prev.owners_for_hash(h, r) if n in members and members[n].state != DOWN]
             if old:
                 return _unfenced_first(old, members)
@@ -193,6 +203,7 @@ class ClusterView:
             "members": [m.to_dict() for m in self.members.values()],
             "ring": self.ring.to_dict(),
             "prev_ring": self.prev_ring.to_dict() if self.prev_ring is not None else None,
+            "settling": self.settling,
         }
 
     @classmethod
@@ -208,6 +219,7 @@ class ClusterView:
             HashRing.from_dict(d["ring"]),
             HashRing.from_dict(prev) if prev is not None else None,
             str(d.get("coordinator", "")),
+            bool(d.get("settling", False)),
         )
 
     def newer_than(self, other: ClusterView) -> bool:

@@ -407,11 +407,10 @@ class ZooKeeperMembership(Coordinator):
         else:
             Membership.request_reconcile(self, node_id)
 
-    async def _followers_caught_up(self, epoch: int, timeout: float) -> None:
-        """Wait (bounded) until every registered master routes by ``epoch``."""
-        lagging = await self.zk.wait_masters_at(self.paths.masters, (epoch, 0), timeout, skip=self._node_id())
-        if lagging:
-            log.warning("masters %s did not confirm epoch %d within %.1f s; migrating anyway", lagging, epoch, timeout)
+    async def _masters_at(self, pos: tuple[int, int], timeout: float) -> list[str]:
+        """Wait (bounded) until every registered master routes by the view ``pos`` or a later one."""
+        lagging: list[str] = await self.zk.wait_masters_at(self.paths.masters, pos, timeout, skip=self._node_id())
+        return lagging
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = super().status() if self.leading else {"role": self.role}

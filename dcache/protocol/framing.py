@@ -114,7 +114,7 @@ class FrameDecoder:
     declared length is over the limit.
     """
 
-    __slots__ = ("_unpacker", "_max_frame", "_ceiling", "_fed", "_frame_end", "_partial", "_error", "_frame_start")
+    __slots__ = ("_unpacker", "_max_frame", "_ceiling", "_fed", "_frame_end", "_partial", "_error", "_frame_start", "buffered")
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         if max_frame_bytes <= 0:
@@ -138,6 +138,9 @@ class FrameDecoder:
         self._partial = b""  # header bytes received so far (fewer than four)
         self._error: RemoteProtocolError | None = None
         self._frame_start = 0  # stream offset of the current frame's header
+        #: Bytes received but not yet consumed as complete frames (kept up to
+        #: date by ``feed``: an attribute, not a property, for the hot path).
+        self.buffered = 0
 
     @property
     def max_frame_bytes(self) -> int:
@@ -149,13 +152,6 @@ class FrameDecoder:
         if not 0 < value <= self._ceiling:
             raise ValueError(f"max_frame_bytes must be in 1 .. {self._ceiling}")
         self._max_frame = value
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet consumed as complete frames."""
-        if self._frame_end < 0:
-            return len(self._partial)
-        return self._fed - self._frame_start
 
     @property
     def error(self) -> RemoteProtocolError | None:
@@ -274,7 +270,10 @@ class FrameDecoder:
         finally:
             self._frame_end = end
             if end >= 0:
-                self._frame_start = end - n - HEADER_BYTES
+                self._frame_start = start = end - n - HEADER_BYTES
+                self.buffered = self._fed - start
+            else:
+                self.buffered = len(self._partial)
 
 
 class _Failed(Exception):
