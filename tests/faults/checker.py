@@ -128,10 +128,19 @@ class CheckerStats:
         )
 
 
+def _clock(t: float) -> str:
+    """Wall-clock time of day with milliseconds, to line problems up with the daemons' logs."""
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
+
+
+def _now() -> str:
+    return _clock(time.time())
+
+
 class _Key:
     """The history of one key: which ops were deletes, and the acked/started marks."""
 
-    __slots__ = ("name", "raw", "deletes", "acked", "started")
+    __slots__ = ("name", "raw", "deletes", "acked", "started", "failed", "times")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -140,6 +149,10 @@ class _Key:
         self.deletes: list[bool] = []
         self.acked = -1
         self.started = -1
+        #: indexes of the ops that failed (their effect is unknown)
+        self.failed: set[int] = set()
+        #: ``times[i]``: wall-clock start and end of op ``i``
+        self.times: list[tuple[float, float]] = []
 
     def value(self, i: int) -> bytes:
         return b"%s|%d" % (self.raw, i)
@@ -157,6 +170,13 @@ class LoadChecker:
         pause_s: pause after each op of each task (paces the load on a shared machine).
         timeout: the clients' per-call timeout.
         seed: seeds every task's RNG.
+        late_failures: a failed op may take effect after later ops (its
+            request may still be on its way when the client gives up, and
+            the master stamps the version when it arrives): with a slow
+            client link, reading a failed op's result is never a problem.
+        inspect: node id -> address of aux nodes to read directly (GETV)
+            when a problem is found, so the report shows which copy was
+            wrong (the first ``MAX_EXAMPLES`` problems only).
     """
 
     def __init__(
@@ -172,6 +192,8 @@ class LoadChecker:
         pause_s: float = 0.005,
         timeout: float = 5.0,
         seed: int = 0,
+        late_failures: bool = False,
+        inspect: Mapping[str, str] | None = None,
     ) -> None:
         self.write_endpoints = list(write_endpoints)
         self.read_endpoints = list(read_endpoints or write_endpoints)
@@ -181,6 +203,9 @@ class LoadChecker:
         self.pause_s = pause_s
         self.timeout = timeout
         self.seed = seed
+        self.late_failures = late_failures
+        self.inspect = dict(inspect or {})
+        self._inspections: set[asyncio.Task[None]] = set()
         prefix = f"chk-{uuid.uuid4().hex[:8]}"
         self.owned: list[list[_Key]] = [[_Key(f"{prefix}:w{w}:k{k}") for k in range(keys_per_writer)] for w in range(writers)]
         self.keys: list[_Key] = [k for ks in self.owned for k in ks]
@@ -209,6 +234,8 @@ class LoadChecker:
         self._stop_writers.set()
         self._stop_readers.set()
         await self._join(self._writer_tasks + self._reader_tasks)
+        if self._inspections:
+            await asyncio.wait(self._inspections, timeout=10)
 
     async def _join(self, tasks: list[asyncio.Task[None]]) -> None:
         if not tasks:
@@ -269,6 +296,7 @@ class LoadChecker:
                 key.started = i
                 op = DELETE if delete else SET
                 t0 = time.monotonic()
+                wall0 = time.time()
                 try:
                     if delete:
                         await client.delete(key.raw)
@@ -276,7 +304,10 @@ class LoadChecker:
                         await client.set(key.raw, key.value(i))
                 except Exception as exc:  # counted by type: the test decides what may fail
                     self._failed(op, exc)
+                    key.failed.add(i)
+                    key.times.append((wall0, time.time()))
                 else:
+                    key.times.append((wall0, time.time()))
                     key.acked = i
                     if delete:
                         self.stats.deletes_ok += 1
@@ -309,7 +340,7 @@ class LoadChecker:
                 else:
                     self.stats.reads_ok += 1
                     for key, lo, value in zip(keys, lows, values, strict=True):
-                        self._check(op, key, lo, key.started, value)
+                        self._check(f"{op} via {endpoint}", key, lo, key.started, value)
                 self._latency(op, t0)
                 await asyncio.sleep(self.pause_s)
 
@@ -320,6 +351,8 @@ class LoadChecker:
         if value is None:
             if lo == -1 or any(key.deletes[lo : hi + 1]):
                 return None
+            if self.late_failures and any(key.deletes[j] for j in key.failed if j < lo):
+                return None
             return "stale"
         name, sep, index = value.rpartition(b"|")
         if not sep or name != key.raw or not index.isdigit():
@@ -327,7 +360,7 @@ class LoadChecker:
         j = int(index)
         if j > hi or j >= len(key.deletes) or key.deletes[j]:
             return "wrong"
-        if j >= lo:
+        if j >= lo or (self.late_failures and j in key.failed):
             return None
         return "resurrected" if key.deletes[lo] else "stale"
 
@@ -338,9 +371,40 @@ class LoadChecker:
             if len(self.examples) < MAX_EXAMPLES:
                 last = "none" if lo < 0 else ("DELETE" if key.deletes[lo] else f"SET {key.value(lo)!r}")
                 self.examples.append(
-                    f"{problem}: {where} {key.name} returned {value!r}; last acknowledged op #{lo} {last}, last started #{hi}"
+                    f"{_now()} {problem}: {where} {key.name} returned {value!r}; last acknowledged op #{lo} {last}, "
+                    f"last started #{hi}; history: {self._history(key, hi)}"
                 )
+                if self.inspect:
+                    task = asyncio.ensure_future(self._inspect(key, len(self.examples) - 1))
+                    self._inspections.add(task)
+                    task.add_done_callback(self._inspections.discard)
         return problem
+
+    def _history(self, key: _Key, hi: int, last: int = 4) -> str:
+        """The key's last ops up to ``hi``: index, kind, outcome and wall-clock times."""
+        parts = []
+        for i in range(max(0, hi - last + 1), hi + 1):
+            kind = "DEL" if key.deletes[i] else "SET"
+            outcome = "failed" if i in key.failed else ("acked" if i <= key.acked else "in flight")
+            span = "" if i >= len(key.times) else f" {_clock(key.times[i][0])}-{_clock(key.times[i][1])}"
+            parts.append(f"#{i} {kind} {outcome}{span}")
+        return ", ".join(parts)
+
+    async def _inspect(self, key: _Key, example: int) -> None:
+        """Append what each inspected node holds for ``key`` (value index or nil, and version) to an example."""
+        held = []
+        for node, addr in sorted(self.inspect.items()):
+            try:
+                async with Client(addr, timeout=1.0, retries=0) as c:
+                    entry = await c.execute(Op.GETV, key.raw)
+            except Exception as exc:
+                held.append(f"{node}: {exc.__class__.__name__}")
+                continue
+            if entry is None:
+                held.append(f"{node}: nil")
+            else:
+                held.append(f"{node}: {entry[0].rpartition(b'|')[2].decode(errors='replace')} v{entry[2]}")
+        self.examples[example] += f"; copies {_now()}: " + ", ".join(held)
 
     async def verify(self, endpoint: str, timeout: float = 30.0) -> int:
         """Read every key once through ``endpoint``: count lost acknowledged ops (and stale/wrong values).
@@ -361,13 +425,13 @@ class LoadChecker:
                             await asyncio.sleep(0.1)
                             continue
                         self.stats.lost += 1
-                        self.examples.append(f"lost: {key.name} unreadable at the end ({exc!r})")
+                        self.examples.append(f"{_now()} lost: {key.name} unreadable at the end ({exc!r})")
                         break
                     problem = self._classify(key, key.acked, key.started, value)
                     if problem == "stale":  # at the end, an older value or a miss: the acknowledged write is gone
                         self.stats.lost += 1
                         if len(self.examples) < MAX_EXAMPLES:
-                            self.examples.append(f"lost: {key.name} reads {value!r} at the end; last acknowledged op #{key.acked}")
+                            self.examples.append(f"{_now()} lost: {key.name} reads {value!r} at the end; last acknowledged op #{key.acked}")
                     elif problem is not None:
                         self._check("final GET", key, key.acked, key.started, value)
                     break
