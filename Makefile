@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck unit bench install clean
+.PHONY: run test lint typecheck unit bench fuzz install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench: $(STAMP)  ## benchmarks against local nodes, Redis and twemproxy (see doc
 	@command -v redis-benchmark >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq redis-server redis-tools; } || echo "redis-benchmark unavailable: no Redis reference"
 	@command -v nutcracker >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq nutcracker; } || echo "nutcracker unavailable: no twemproxy reference"
 	$(BIN)/python bin/bench
+
+FUZZ_SECONDS ?= 60
+
+fuzz: $(STAMP)  ## fuzz every listener (aux node, master, HTTP shim) for FUZZ_SECONDS each (default 60; FUZZ_SEED picks the inputs)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m tests.faults.fuzz
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .hypothesis
