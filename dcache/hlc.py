@@ -116,6 +116,11 @@ class HybridClock:
             self._counter = counter
         return True
 
+    @property
+    def max_skew_ms(self) -> int:
+        """The skew bound: how far ahead of the wall clock an observed version may be."""
+        return self._max_skew_ms
+
     def ceiling(self) -> int:
         """The largest version this clock accepts from outside right now."""
         return version_ceiling(self._clock(), self._max_skew_ms)

@@ -111,8 +111,8 @@ async def wait_ring(
 
 
 def settled(nodes: set[str]) -> Callable[[dict[str, Any]], bool]:
-    """Predicate: exactly ``nodes`` are up and no migration runs."""
-    return lambda info: up_nodes(info) == nodes and not info["migrating"]
+    """Predicate: exactly ``nodes`` are up and in the ring (none fenced), and no migration runs."""
+    return lambda info: up_nodes(info) == nodes and set(info["ring"]["nodes"]) == nodes and not info["migrating"]
 
 
 def key_of(i: int) -> str:

@@ -54,6 +54,14 @@ __all__ = ["Membership", "Coordinator", "Follower"]
 
 log = logging.getLogger("dcache.master.membership")
 
+#: A later reconciliation pass copies what is newer than the start of the one before, less this margin (ms).
+_FENCE_PASS_MARGIN_MS = 5_000
+
+
+def _same_move(a: ClusterView, b: ClusterView) -> bool:
+    """Whether two views move the same data: the same previous ring and the same members in the current ring."""
+    return a.prev_ring is not None and a.prev_ring is b.prev_ring and dict(a.ring.nodes) == dict(b.ring.nodes)
+
 
 class Membership:
     """The interface every membership backend implements."""
@@ -122,6 +130,18 @@ class Membership:
         """
         raise BadArgumentsError("this master does not coordinate the cluster")
 
+    async def fence_missed(self, node_id: str, since_ms: int, why: str) -> int:
+        """``node_id`` missed a write acknowledged without it: fence it cluster-wide, then return the epoch.
+
+        Returns once every master routes by a view where the node is fenced
+        (no master reads it until it is reconciled with writes since
+        ``since_ms``), or a bounded wait ran out. The base behaviour (a
+        ZooKeeper master that does not lead) cannot fence: it says so and
+        returns at once; its own hints still keep its reads off the node.
+        """
+        log.warning("aux node %s missed a write (%s) but this master cannot fence it: it does not coordinate", node_id, why)
+        return self.view.epoch
+
     def request_reconcile(self, node_id: str) -> None:
         """An aux node missed writes this master could not keep hints for: have it reconciled in full.
 
@@ -172,6 +192,10 @@ class Coordinator(Membership):
         self._misses: dict[str, int] = {}
         self._incarnations: dict[str, int] = {}
         self._fences: dict[str, asyncio.Task[None]] = {}
+        #: node id -> the version its reconciliation copies from (0: everything).
+        self._fence_since: dict[str, int] = {}
+        #: Fenced nodes that missed a write during the current reconciliation pass.
+        self._fence_dirty: set[str] = set()
         self._followers: dict[str, tuple[int, int, float]] = {}
         self.migrator = Migrator(config, links, clock, self._followers_caught_up)
         self._migration: asyncio.Task[None] | None = None
@@ -235,27 +259,33 @@ class Coordinator(Membership):
             if self.view is view:
                 self._start_migration()
             return
-        if self.view is not view:
-            return  # superseded while it ran
+        if not _same_move(self.view, view):
+            return  # superseded while it ran: the new view's migration takes over
         # Two steps, so that no master reads an owner that no longer gets
         # writes: first every master reads the new owners while writes still
         # go to both rings' owners; only once all of them route by that view
-        # do writes stop going to the previous owners.
-        settling = view.migration_settling()
-        self.publish(settling)
-        pos = (settling.epoch, settling.seq)
+        # do writes stop going to the previous owners. A change that keeps
+        # the move (a node fenced meanwhile) only restarts the wait.
         timeout = max(3.0, self.config.follow_interval * 6)
-        lagging = await self._masters_at(pos, timeout)
-        if lagging:
-            log.warning("masters %s did not confirm view %d.%d within %.1f s; finishing the migration anyway", lagging, *pos, timeout)
-        if self.view is not settling:
-            return  # superseded meanwhile
-        members = dict(view.members)
+        while True:
+            current = self.view
+            settling = current if current.settling else current.migration_settling()
+            if settling is not current:
+                self.publish(settling)
+            pos = (settling.epoch, settling.seq)
+            lagging = await self._masters_at(pos, timeout)
+            if lagging:
+                log.warning("masters %s did not confirm view %d.%d within %.1f s; finishing the migration anyway", lagging, *pos, timeout)
+            if not _same_move(self.view, view):
+                return  # superseded meanwhile
+            if self.view is settling:
+                break
+        members = dict(settling.members)
         for node_id, m in list(members.items()):
             if m.state == LEAVING:
                 del members[node_id]  # its data has moved: it may go
         done = settling.migration_done()
-        if members != view.members:
+        if members != settling.members:
             done = done.bumped(members=members)
         self.publish(done)
         self._notify()
@@ -333,12 +363,38 @@ class Coordinator(Membership):
     def request_reconcile(self, node_id: str) -> None:
         self.fence(node_id, "missed writes whose hints were lost: reconciling before it serves reads")
 
-    def fence(self, node_id: str, why: str) -> None:
-        """Stop reading from a node until its co-owners' data has been copied to it."""
+    async def fence_missed(self, node_id: str, since_ms: int, why: str) -> int:
+        self.fence(node_id, f"{why}: reconciling before it serves reads", since_version=max(0, since_ms) << 22)
+        pos = (self.view.epoch, self.view.seq)
+        timeout = max(1.0, 2 * self.config.follow_interval + 0.5)
+        lagging = await self._masters_at(pos, timeout)
+        if lagging:
+            log.warning("masters %s did not confirm the fence of %s within %.1f s", lagging, node_id, timeout)
+        return self.view.epoch
+
+    def fence(self, node_id: str, why: str, since_version: int = 0) -> None:
+        """Stop reading from a node until its co-owners' data has been copied to it.
+
+        ``since_version`` > 0: the node is known to hold everything older
+        (it only missed writes for a while), so only newer entries are copied.
+        """
         members = dict(self.view.members)
         m = members.get(node_id)
+        if m is not None and m.state == FENCED:
+            # It missed another write while fenced: its reconciliation must
+            # cover it (a pass that started after this miss, see _reconcile).
+            self._fence_dirty.add(node_id)
+            since = self._fence_since.get(node_id, 0)
+            if since_version < since:  # it missed earlier writes than its reconciliation copies: start again
+                self._fence_since[node_id] = since_version
+                old = self._fences.get(node_id)
+                if old is not None:
+                    old.cancel()
+                self._fences[node_id] = self._spawn(self._reconcile(node_id), f"fence-{node_id}")
+            return
         if m is None or m.state != UP:
             return
+        self._fence_since[node_id] = since_version
         members[node_id] = Member(m.node_id, m.host, m.port, m.weight, FENCED, wall_ms())
         log.warning("aux node %s fenced: %s", node_id, why)
         self.health_events.append({"node_id": node_id, "state": FENCED, "why": why, "at_ms": wall_ms()})
@@ -353,16 +409,31 @@ class Coordinator(Membership):
         self._fences[node_id] = self._spawn(self._reconcile(node_id), f"fence-{node_id}")
 
     async def _reconcile(self, node_id: str) -> None:
+        """Copy to a fenced node what its co-owners hold since it was fenced; then let it serve reads.
+
+        Passes repeat while misses are reported during one (each later pass
+        copies what is newer than the start of the one before, less a
+        margin), so every write acknowledged without the node reaches it
+        before it is read again.
+        """
         while True:
             view = self.view
+            self._fence_dirty.discard(node_id)
+            started = self._clock.next()
             try:
-                await self.migrator.run(view, self.migrator.plan_fence(view, node_id))
-                break
+                since = self._fence_since.get(node_id, 0)
+                await self.migrator.run(view, self.migrator.plan_fence(view, node_id), since_version=since)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("reconciling %s failed; retrying in 1 s", node_id)
+                self._fence_dirty.add(node_id)
                 await asyncio.sleep(1.0)
+                continue
+            if node_id not in self._fence_dirty:
+                break
+            margin = (_FENCE_PASS_MARGIN_MS + self._clock.max_skew_ms) << 22
+            self._fence_since[node_id] = max(self._fence_since.get(node_id, 0), started - margin)
         members = dict(self.view.members)
         m = members.get(node_id)
         if m is not None and m.state == FENCED:
@@ -585,6 +656,12 @@ class Follower(Membership):
 
     def request_reconcile(self, node_id: str) -> None:
         self._reconcile.add(node_id)
+
+    async def fence_missed(self, node_id: str, since_ms: int, why: str) -> int:
+        timeout = max(1.0, 2 * self.config.follow_interval + 1.5)
+        epoch = int(await self._call(Op.FENCE, node_id, since_ms, why, timeout=timeout))
+        await self.sync_once()  # route by the fenced view before answering the write
+        return epoch
 
     async def sync_once(self) -> None:
         """Poll the coordinator once and adopt a newer view."""

@@ -120,8 +120,12 @@ class Migrator:
                 streams.setdefault((sources[0], node_id), []).append([move.start, move.end])
         return streams
 
-    async def run(self, view: ClusterView, plan: dict[tuple[str, str], list[list[int]]] | None = None) -> None:
-        """Copy everything ``view``'s ring change implies (or ``plan``); return when done."""
+    async def run(self, view: ClusterView, plan: dict[tuple[str, str], list[list[int]]] | None = None, since_version: int = 0) -> None:
+        """Copy everything ``view``'s ring change implies (or ``plan``); return when done.
+
+        ``since_version``: copy only entries (and tombstones) at least this
+        new (a node that missed writes for a while has everything older).
+        """
         cfg = self.config
         if plan is None:
             plan = self.plan(view)
@@ -139,14 +143,14 @@ class Migrator:
         self.state = "copying"
         sem = asyncio.Semaphore(_CONCURRENT_STREAMS)
 
-        async def one(i: int, src: str, dst: str, ranges: list[list[int]], min_version: int) -> None:
+        async def one(i: int, src: str, dst: str, ranges: list[list[int]], min_version: int, first: bool) -> None:
             async with sem:
-                await self._stream(i, src, dst, ranges, min_version)
+                await self._stream(i, src, dst, ranges, min_version, first)
 
-        await asyncio.gather(*(one(i, s, d, r, 0) for i, ((s, d), r) in enumerate(plan.items())))
+        await asyncio.gather(*(one(i, s, d, r, since_version, True) for i, ((s, d), r) in enumerate(plan.items())))
         self.state = "catching-up"
-        catch_up_from = max(0, start_version - int(_CATCH_UP_MARGIN_S * _VERSION_UNITS_PER_S))
-        await asyncio.gather(*(one(i, s, d, r, catch_up_from) for i, ((s, d), r) in enumerate(plan.items())))
+        catch_up_from = max(since_version, start_version - int(_CATCH_UP_MARGIN_S * _VERSION_UNITS_PER_S))
+        await asyncio.gather(*(one(i, s, d, r, catch_up_from, False) for i, ((s, d), r) in enumerate(plan.items())))
         for s in self.streams:
             s["done"] = True
         self.streams_done = self.streams_total
@@ -161,7 +165,7 @@ class Migrator:
             (self.finished_ms - self.started_ms) / 1000,
         )
 
-    async def _stream(self, index: int, src: str, dst: str, ranges: list[list[int]], min_version: int) -> None:
+    async def _stream(self, index: int, src: str, dst: str, ranges: list[list[int]], min_version: int, first: bool) -> None:
         cfg = self.config
         links = self._links()
         source, dest = links.get(src), links.get(dst)
@@ -175,7 +179,7 @@ class Migrator:
             cursor, entries, tombstones = await self._retry(source, Op.SCAN, ranges, cursor, cfg.migration_batch, min_version)
             if entries:
                 await self._retry(dest, Op.APPLY, entries)
-                if min_version == 0:
+                if first:
                     self.keys_moved += len(entries)
                     self.keys_moved_total += len(entries)
                     self.streams[index]["keys"] += len(entries)
@@ -189,7 +193,7 @@ class Migrator:
                 ahead = moved_here / rate - (time.monotonic() - started)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
-        if min_version == 0:
+        if first:
             self.streams_done += 1
             self.streams[index]["done"] = True
 

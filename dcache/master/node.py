@@ -91,6 +91,8 @@ class MasterNode(Service):
         h[Op.LEAVE] = self._leave
         h[Op.SYNC] = self._sync
         h[Op.APPLY] = self._apply
+        h[Op.FENCE] = self._fence
+        self.router.fence_missed = self.membership.fence_missed
 
     def _new_clock(self) -> HybridClock:
         return HybridClock(self.node_id, max_skew_ms=self.limits.max_clock_skew_ms)
@@ -199,6 +201,9 @@ class MasterNode(Service):
 
     def _apply(self, conn: FrameProtocol, rid: int, entries: list[tuple[bytes, bytes, int, int]]) -> Any:
         return deferred(self.router.apply_entries(entries))
+
+    def _fence(self, conn: FrameProtocol, rid: int, args: tuple[str, int, str]) -> Any:
+        return deferred(self.membership.fence_missed(*args))
 
     def _sync(self, conn: FrameProtocol, rid: int, args: tuple[str, int, int, dict[str, Any] | None, list[str]]) -> Any:
         return self.membership.sync(*args)

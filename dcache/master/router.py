@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Protocol
 
 from ..errors import (
@@ -73,6 +75,11 @@ _CONDITION_FAILED = 0
 STATS_TIMEOUT_S = 0.5
 #: Seconds between attempts to replay hints to a node that is not usable yet.
 _REPLAY_RETRY_S = 0.2
+#: Most seconds a write acknowledged without an owner waits for that owner's fence.
+FENCE_TIMEOUT_S = 3.0
+#: How far back (ms) an owner that missed a write is re-filled from, before its first miss:
+#: room for writes in flight and for clocks that disagree.
+_FENCE_MARGIN_MS = 10_000
 
 
 class Sink(Protocol):
@@ -110,6 +117,9 @@ class Router:
         self.stats = RouterStats()
         self.batcher = GetBatcher()
         self.hints = Hints()
+        #: Fences a node cluster-wide (``Membership.fence_missed``); set by the master.
+        self.fence_missed: Callable[[str, int, str], Awaitable[int]] | None = None
+        self._fencing: dict[str, asyncio.Future[Any]] = {}
         self._background: set[asyncio.Future[Any]] = set()
 
     # -- trust -----------------------------------------------------------------
@@ -168,6 +178,53 @@ class Router:
             link = self.links.get(node)
             if link is not None and not link.suspect:
                 self._replay(node)  # it timed out or was not connected but is not suspect: try now
+
+    def after_missed(self, nodes: list[str], then: Callable[[], None]) -> None:
+        """Call ``then`` (acknowledge a write) once no master reads the ``nodes`` that missed it.
+
+        A node this master keeps hints for is safe from this master's reads,
+        not from the others'. So before a write missed by a node that is
+        ``up`` or ``fenced`` in the view is acknowledged, the coordinator
+        makes sure the node is fenced cluster-wide and that its
+        reconciliation covers this write (``fence_missed``; every master
+        skips a fenced node until it is reconciled with the writes since
+        shortly before it missed one). Down nodes cost nothing: they are not
+        written to, and come back through a migration. One fence request per
+        node is in flight at a time; writes that miss it meanwhile wait for
+        the same one.
+        If the fence cannot be made within ``FENCE_TIMEOUT_S``, the write is
+        acknowledged anyway (its hints stay) and the failure is logged.
+        """
+        members = self.view.members
+        # Fenced nodes too: this view may be older than the coordinator's,
+        # which may have reconciled and unfenced the node meanwhile.
+        up = [n for n in nodes if (m := members.get(n)) is not None and m.state in ("up", "fenced")]
+        if not up or self.fence_missed is None:
+            then()
+            return
+        waits = [self._fence(n) for n in up]
+        done = waits[0] if len(waits) == 1 else asyncio.gather(*waits, return_exceptions=True)
+        done.add_done_callback(lambda _: then())
+
+    def _fence(self, node_id: str) -> asyncio.Future[Any]:
+        fut = self._fencing.get(node_id)
+        if fut is not None and not fut.done():
+            return fut
+        since = wall_ms()
+        link = self.links.get(node_id)
+        if link is not None and link.suspected_since:
+            since = min(since, int(link.suspected_since * 1000))
+        since -= _FENCE_MARGIN_MS + self.clock.max_skew_ms
+        fut = self._fencing[node_id] = asyncio.ensure_future(self._fence_call(node_id, since))
+        return fut
+
+    async def _fence_call(self, node_id: str, since_ms: int) -> None:
+        assert self.fence_missed is not None
+        try:
+            async with asyncio.timeout(FENCE_TIMEOUT_S):
+                await self.fence_missed(node_id, since_ms, "a write was acknowledged without it")
+        except Exception as exc:
+            log.warning("could not fence aux node %s, which missed a write (%s); acknowledging it anyway", node_id, exc or "timed out")
 
     # -- reads -------------------------------------------------------------------
 
@@ -315,6 +372,9 @@ class Router:
         if missed:
             self.stats.partial_writes += 1
             self.hint(missed, _SETV, key, (key, value, expires_at, 0, version))
+            fenced: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.after_missed(missed, partial(fenced.set_result, None))
+            await fenced
 
     def expire(self, conn: FrameProtocol, rid: int, key: bytes, ttl_ms: int) -> None:
         """EXPIRE on every live owner; answers whether any held the key.
@@ -685,16 +745,19 @@ class WriteOp:
         if quorum and self.ok < quorum:
             sink.reply(self.rid, _UNAVAILABLE, f"the write reached {self.ok} of the {quorum} owners the quorum needs", self.op)
             return
+        result = self.any_true if self.ok_result is None else self.ok_result
         if self.missed:
             router.stats.partial_writes += 1
             router.hint(self.missed, self.upstream, self.key, self.args)
-        sink.reply(self.rid, _OK, self.any_true if self.ok_result is None else self.ok_result)
+            router.after_missed(self.missed, partial(sink.reply, self.rid, _OK, result))
+            return
+        sink.reply(self.rid, _OK, result)
 
 
 class _FanOut:
     """An unversioned write (EXPIRE) to every live owner; true if any answered true."""
 
-    __slots__ = ("router", "sink", "rid", "op", "targets", "args", "pending", "ok", "any_true", "error", "fatal")
+    __slots__ = ("router", "sink", "rid", "op", "targets", "args", "pending", "ok", "any_true", "error", "fatal", "missed")
 
     def __init__(self, router: Router, sink: Sink, rid: int, op: int, targets: list[str], args: tuple[Any, ...]) -> None:
         self.router = router
@@ -708,24 +771,29 @@ class _FanOut:
         self.any_true = False
         self.error: Any = None
         self.fatal: tuple[int, Any] | None = None
+        self.missed: list[str] = []
 
     def start(self) -> None:
-        links = [self.router.links.get(n) for n in self.targets]
-        usable = [link for link in links if link is not None and not link.suspect] or [link for link in links if link is not None]
+        links = self.router.links
+        usable = [(n, links[n]) for n in self.targets if n in links and not links[n].suspect]
+        if not usable:
+            usable = [(n, links[n]) for n in self.targets if n in links]
+        self.missed = [n for n in self.targets if n not in {u for u, _ in usable}]
         self.pending = len(usable)
         if not usable:
             self.router.stats.unavailable += 1
             self.sink.reply(self.rid, _UNAVAILABLE, "no owner of the key is reachable", self.op)
             return
-        for link in usable:
-            link.send(self.op, self.args, self)
+        for node, link in usable:
+            link.send(self.op, self.args, partial(self.answer, node))
 
-    def __call__(self, status: int, result: Any) -> None:
+    def answer(self, node: str, status: int, result: Any) -> None:
         if status == _OK:
             self.ok += 1
             self.any_true = self.any_true or bool(result)
         elif status == _UNAVAILABLE or status == _TIMEOUT:
             self.error = result
+            self.missed.append(node)
         elif self.fatal is None:
             self.fatal = (status, result)
         self.pending -= 1
@@ -736,9 +804,10 @@ class _FanOut:
         elif not self.ok:
             self.router.stats.unavailable += 1
             self.sink.reply(self.rid, _UNAVAILABLE, f"no owner of the key applied it: {self.error}", self.op)
+        elif self.missed:
+            self.router.stats.partial_writes += 1
+            self.router.after_missed(self.missed, partial(self.sink.reply, self.rid, _OK, self.any_true))
         else:
-            if self.ok < len(self.targets):
-                self.router.stats.partial_writes += 1
             self.sink.reply(self.rid, _OK, self.any_true)
 
 

@@ -401,6 +401,11 @@ class ZooKeeperMembership(Coordinator):
     ) -> dict[str, Any] | None:
         raise UnavailableError("membership is kept in ZooKeeper: masters follow the ring there")
 
+    async def fence_missed(self, node_id: str, since_ms: int, why: str) -> int:
+        if self.leading:
+            return await super().fence_missed(node_id, since_ms, why)
+        return await Membership.fence_missed(self, node_id, since_ms, why)
+
     def request_reconcile(self, node_id: str) -> None:
         if self.leading:
             super().request_reconcile(node_id)

@@ -60,8 +60,14 @@ HEADER = struct.Struct(">I")
 HEADER_BYTES = 4
 #: Largest unsplit chunk handed to the unpacker at once.
 _FEED_CHUNK_BYTES = 1024 * 1024
-#: The unpacker's first buffer (msgpack's ``read_size``); it grows with the frames.
+#: The unpacker's first buffer (msgpack's ``read_size``); it grows (doubling)
+#: only when a chunk does not fit, so an idle or short connection costs a few
+#: pages, not msgpack's default of a megabyte.
 INITIAL_BUFFER_BYTES = 16 * 1024
+#: msgpack never shrinks its buffer: after a frame larger than this, the
+#: decoder starts a new unpacker as soon as nothing is buffered, so an idle
+#: connection does not keep the memory its largest frame needed.
+RENEW_AFTER_BYTES = 1024 * 1024
 
 frame_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
@@ -114,25 +120,26 @@ class FrameDecoder:
     declared length is over the limit.
     """
 
-    __slots__ = ("_unpacker", "_max_frame", "_ceiling", "_fed", "_frame_end", "_partial", "_error", "_frame_start", "buffered")
+    __slots__ = (
+        "_unpacker",
+        "_max_frame",
+        "_ceiling",
+        "_fed",
+        "_frame_end",
+        "_partial",
+        "_error",
+        "_frame_start",
+        "_big",
+        "buffered",
+    )
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         if max_frame_bytes <= 0:
             raise ValueError("max_frame_bytes must be positive")
         self._max_frame = max_frame_bytes
         self._ceiling = max_frame_bytes
-        self._unpacker = msgpack.Unpacker(
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            read_size=min(INITIAL_BUFFER_BYTES, max_frame_bytes),
-            max_buffer_size=max_frame_bytes + _FEED_CHUNK_BYTES + HEADER_BYTES,
-            max_str_len=max_frame_bytes,
-            max_bin_len=max_frame_bytes,
-            max_array_len=max_frame_bytes,
-            max_map_len=max_frame_bytes // 2,
-            max_ext_len=max_frame_bytes,
-        )
+        self._unpacker = self._new_unpacker()
+        self._big = False  # a frame over RENEW_AFTER_BYTES went through the unpacker
         self._fed = 0  # stream offset of the end of everything fed so far
         self._frame_end = -1  # stream offset where the current body ends; -1: reading a header
         self._partial = b""  # header bytes received so far (fewer than four)
@@ -141,6 +148,27 @@ class FrameDecoder:
         #: Bytes received but not yet consumed as complete frames (kept up to
         #: date by ``feed``: an attribute, not a property, for the hot path).
         self.buffered = 0
+
+    def _new_unpacker(self) -> msgpack.Unpacker:
+        ceiling = self._ceiling
+        return msgpack.Unpacker(
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            read_size=min(INITIAL_BUFFER_BYTES, ceiling),
+            max_buffer_size=ceiling + _FEED_CHUNK_BYTES + HEADER_BYTES,
+            max_str_len=ceiling,
+            max_bin_len=ceiling,
+            max_array_len=ceiling,
+            max_map_len=ceiling // 2,
+            max_ext_len=ceiling,
+        )
+
+    def _renew(self) -> None:
+        """Start a new unpacker (nothing is buffered): the old one's grown buffer is freed."""
+        self._unpacker = self._new_unpacker()
+        self._fed = self._frame_start = 0
+        self._big = False
 
     @property
     def max_frame_bytes(self) -> int:
@@ -170,7 +198,7 @@ class FrameDecoder:
         objects are returned and the error is left in ``error``.
         """
         if self._error is not None:
-            raise self._error
+            raise _copy(self._error)
         if self._frame_end < 0 and not self._partial:
             # Fast path: nothing buffered and ``data`` is exactly one whole
             # frame (an unpipelined request or answer). Same checks and
@@ -184,22 +212,38 @@ class FrameDecoder:
                 try:
                     obj = up.unpack()
                 except msgpack.OutOfData:
-                    self._error = RemoteProtocolError(_RUNS_PAST)
-                    raise self._error from None
+                    raise self._keep(RemoteProtocolError(_RUNS_PAST)) from None
                 except Exception as exc:
-                    self._error = _undecodable(exc)
-                    raise self._error from None
+                    raise self._keep(_undecodable(exc)) from None
                 if up.tell() != end:
-                    self._error = RemoteProtocolError(_LENGTH_MISMATCH)
-                    raise self._error
+                    raise self._keep(RemoteProtocolError(_LENGTH_MISMATCH))
+                if n > RENEW_AFTER_BYTES:
+                    self._renew()
                 return [obj]
         try:
             return self._feed(data)
         except _Failed as failed:
-            self._error = failed.error
             if failed.out:
+                self._keep(failed.error)
                 return failed.out
-            raise failed.error from None
+            # No local may hold the raised error: this frame, kept by its
+            # traceback, would hold it back (a cycle through ``self``).
+            raise self._keep(failed.error) from None
+
+    def _keep(self, error: RemoteProtocolError) -> RemoteProtocolError:
+        """Keep ``error`` for ``error``/the next ``feed``; return a copy to raise.
+
+        The kept error carries no traceback and no context: a traceback holds
+        the frames of this decoder's methods and, through ``f_back``, of the
+        caller's (a server connection's ``data_received``), which hold
+        ``self``: a reference cycle (connection -> decoder -> error ->
+        traceback -> frames -> connection) that only the cyclic GC frees.
+        """
+        error.__traceback__ = None
+        error.__context__ = None
+        error.__cause__ = None
+        self._error = error
+        return _copy(error)
 
     def _feed(self, data: bytes) -> list[Any]:
         if len(data) > _FEED_CHUNK_BYTES:
@@ -222,6 +266,8 @@ class FrameDecoder:
             self._drain(out)
         except RemoteProtocolError as exc:
             raise _Failed(exc, out) from None
+        if self._big and self._frame_end < 0 and not self._partial and self._unpacker.tell() == self._fed:
+            self._renew()
         return out
 
     def _drain(self, out: list[Any]) -> None:
@@ -254,6 +300,8 @@ class FrameDecoder:
                         )
                     if n == 0:
                         raise RemoteProtocolError("empty frame")
+                    if n > RENEW_AFTER_BYTES:
+                        self._big = True
                     end = tell() + n
                 try:
                     obj = unpack()
@@ -274,6 +322,11 @@ class FrameDecoder:
                 self.buffered = self._fed - start
             else:
                 self.buffered = len(self._partial)
+
+
+def _copy(error: RemoteProtocolError) -> RemoteProtocolError:
+    """A fresh exception like ``error``, to raise without attaching frames to the kept one."""
+    return RemoteProtocolError(str(error), status=error.status)
 
 
 class _Failed(Exception):

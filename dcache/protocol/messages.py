@@ -60,6 +60,7 @@ class Op(IntEnum):
     JOIN = 49
     LEAVE = 50
     SYNC = 51
+    FENCE = 52
 
 
 class SetFlag(IntEnum):

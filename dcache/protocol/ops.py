@@ -495,6 +495,17 @@ def _parse_sync(msg: list[Any], limits: Limits) -> tuple[str, int, int, dict[str
     )
 
 
+def _parse_fence(msg: list[Any], limits: Limits) -> tuple[str, int, str]:
+    """FENCE ``[node_id, since_ms, reason?]`` -> ``(node_id, since_ms, reason)``."""
+    _arity(msg, 2, 3, "FENCE takes [node_id, since_ms, reason?]")
+    reason = msg[4] if len(msg) > 4 else None
+    if reason is None:
+        reason = "it missed writes"
+    if not isinstance(reason, str) or len(reason) > 1000:
+        raise BadArgumentsError("reason must be a string of at most 1000 characters")
+    return _name(msg[2], "node_id"), _u64(msg[3], "since_ms"), reason
+
+
 _C, _K, _N = Credential.CLUSTER, Credential.CLIENT, Credential.NONE
 
 #: Every op of the protocol: ``op -> OpSpec``. Go through it op by op: each
@@ -530,5 +541,6 @@ OPS: dict[int, OpSpec] = {
         OpSpec(Op.JOIN, "JOIN", _C, (3, 5), _parse_join, True),
         OpSpec(Op.LEAVE, "LEAVE", _C, (1, 1), _parse_leave, True),
         OpSpec(Op.SYNC, "SYNC", _C, (3, 5), _parse_sync, True),
+        OpSpec(Op.FENCE, "FENCE", _C, (2, 3), _parse_fence, True),
     )
 }

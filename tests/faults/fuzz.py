@@ -59,7 +59,7 @@ import msgpack
 
 from dcache import Client
 from dcache.errors import RemoteProtocolError, Status
-from dcache.protocol import OP_ARITY, FrameDecoder, Op
+from dcache.protocol import OPS, FrameDecoder, Op
 from dcache.ring import RING_SIZE, hash64, in_range
 from tests.cluster import settled, wait_ring
 from tests.harness import DaemonProcess
@@ -439,7 +439,7 @@ class Gen:
         args = table[op]()
         if master and op == Op.JOIN:
             return args  # built to be refused; a mutation could make it a real join
-        lo, hi = OP_ARITY[op]
+        lo, hi = OPS[op].arity
         if r.random() < 0.1:
             args = args[: r.randint(0, len(args))] if args and r.random() < 0.5 else args + [self.any(1)]
         elif len(args) > lo and r.random() < 0.3:
@@ -678,7 +678,7 @@ class NativeFuzzer:
     def _request(self, gen: Gen) -> tuple[list[Any], Any]:
         op = gen.r.choice(self.ops) if gen.chance(0.97) else gen.any(1)
         rid = self._rid(gen)
-        known = isinstance(op, int) and op in OP_ARITY
+        known = isinstance(op, int) and op in OPS
         args = gen.args_for(op, master=self.master) if known else [gen.any(2) for _ in range(gen.r.randint(0, 3))]
         return [op, rid, *args], rid
 
