@@ -297,8 +297,6 @@ class Service:
 
     def protocol_factory(self) -> FrameProtocol:
         """A new connection protocol (pass to ``loop.create_server``)."""
-        if not self.tables:
-            self.build_tables()
         return FrameProtocol(self)
 
     def refuse(self, conn: FrameProtocol) -> None:
@@ -491,8 +489,11 @@ class FrameProtocol(asyncio.Protocol):
 
     def grant(self, level: Credential) -> None:
         """Let this connection send the ops of credential ``level`` (and below)."""
+        service = self._service
+        if not service.tables:
+            service.build_tables()
         self.level = level
-        self._table = self._service.tables[level]
+        self._table = service.tables[level]
         if self._decoder is not None:
             self._decoder.max_frame_bytes = self._limits.max_frame_bytes if level else MAX_HELLO_FRAME_BYTES
 

@@ -18,7 +18,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from dcache.protocol import HEADER, PROTOCOL_VERSION, Limits, Op
+from dcache.config import NodeConfig
+from dcache.protocol import HEADER, PROTOCOL_VERSION, Op
 from dcache.server import FrameProtocol, Service
 from tests.fakes import FakeTransport
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow  # issue 13's memory tests run together (bin/bench
 
 
 class _WeakFrameProtocol(FrameProtocol):
-    """Today's FrameProtocol, plus the slot a weak reference needs."""
+    """The FrameProtocol, plus the slot a weak reference needs."""
 
     __slots__ = ("__weakref__",)
 
@@ -41,8 +42,8 @@ PING = _frame([int(Op.PING), 2])
 
 
 def _service(token: str | None = None) -> Service:
-    service = Service("t", Limits(32 * 1024 * 1024, 1024, 1024 * 1024), token)
-    service.handlers[Op.PING] = lambda msg: "PONG"
+    service = Service("t", NodeConfig(max_value_bytes=1024 * 1024, auth_token=token))
+    service.handlers[Op.PING] = lambda conn, rid, args: "PONG"
     return service
 
 
