@@ -5,9 +5,10 @@
 tools and for the master's connections to aux nodes.
 """
 
-from .client import MAX_TTL_S, Client, Key, Pairs, SyncClient, Value, create_client
+from .client import MAX_TTL_S, Client, Key, Pairs, Value, create_client
 from .connection import ClientConnection, open_connection
 from .pool import AcquireContext, NodePool, PoolConnection
+from .sync import SyncClient
 
 __all__ = [
     "MAX_TTL_S",
