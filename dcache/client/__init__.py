@@ -1,11 +1,13 @@
 """The dcache Python client: asyncio ``Client``, blocking ``SyncClient``, and their parts.
 
-``Client`` and ``SyncClient`` are what applications use; ``NodePool``,
+``Client`` and ``SyncClient`` are what applications use, with their options
+in one ``ClientConfig``; ``NodePool``,
 ``ClientConnection`` and ``open_connection`` are the layers beneath them, for
 tools and for the master's connections to aux nodes.
 """
 
 from .client import MAX_TTL_S, Client, Key, Pairs, Value, create_client
+from .config import ClientConfig
 from .connection import ClientConnection, open_connection
 from .pool import AcquireContext, NodePool, PoolConnection
 from .sync import SyncClient
@@ -14,6 +16,7 @@ __all__ = [
     "MAX_TTL_S",
     "AcquireContext",
     "Client",
+    "ClientConfig",
     "ClientConnection",
     "Key",
     "NodePool",

@@ -61,13 +61,13 @@ class SyncClient:
 
     Args:
         endpoints: as for ``Client``.
-        **options: keyword arguments of ``Client``.
+        **options: keyword arguments of ``Client`` (its options, or ``config=``).
 
     Raises:
         ConfigError: bad endpoints or options.
     """
 
-    def __init__(self, endpoints: str | Sequence[str], **options: Any) -> None:
+    def __init__(self, endpoints: str | Sequence[str] | None = None, **options: Any) -> None:
         self._closed = True  # until the thread runs, for __del__
         self._client = Client(endpoints, **options)
         self._loop = _new_loop()
