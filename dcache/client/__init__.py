@@ -1,11 +1,13 @@
 """The dcache Python client: asyncio ``Client``, blocking ``SyncClient``, and their parts.
 
 ``Client`` and ``SyncClient`` are what applications use, with their options
-in one ``ClientConfig``; ``NodePool``,
-``ClientConnection`` and ``open_connection`` are the layers beneath them, for
-tools and for the master's connections to aux nodes.
+in one ``ClientConfig``; ``GetBatcher`` turns many concurrent ``get``s into
+few ``mget``s on a ``Client``. ``NodePool``, ``ClientConnection`` and
+``open_connection`` are the layers beneath, for tools (``dcache dump`` reads
+aux nodes with ``open_connection``).
 """
 
+from .batcher import BatchStats, GetBatcher
 from .client import MAX_TTL_S, Client, Key, Pairs, Value, create_client
 from .config import ClientConfig
 from .connection import ClientConnection, open_connection
@@ -15,6 +17,7 @@ from .sync import SyncClient
 __all__ = [
     "MAX_TTL_S",
     "AcquireContext",
+    "BatchStats",
     "Client",
     "ClientConfig",
     "ClientConnection",
@@ -24,6 +27,7 @@ __all__ = [
     "PoolConnection",
     "SyncClient",
     "Value",
+    "GetBatcher",
     "create_client",
     "open_connection",
 ]
