@@ -30,8 +30,7 @@ from collections import defaultdict
 from typing import Any
 
 from ..address import parse_address
-from ..client import Client
-from ..client.connection import open_connection
+from ..client import Client, open_connection
 from ..files import open_private
 from ..lru.snapshot import load, pack_entries, write_packed
 from ..protocol import Op
