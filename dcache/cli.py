@@ -127,12 +127,34 @@ def _cmd_http(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
-    from .cluster import run_cluster_cli
+    from .tools.cluster import ClusterOptions, run_cluster
 
-    return run_cluster_cli(args)
+    return run_cluster(_options(ClusterOptions, args))
 
 
 # -- tools ---------------------------------------------------------------------
+
+
+def _flag(parser: argparse.ArgumentParser, cls: type, name: str, help: str, *, show_default: bool = True, **kw: Any) -> None:
+    """``--name`` for field ``name`` of a tool's options dataclass ``cls``.
+
+    Given, the flag sets the field; not given, the field's own default stands
+    (so defaults have one home, the dataclass; ``--help`` shows them from it).
+    """
+    [f] = [f for f in fields(cls) if f.name == name]
+    parser.add_argument(
+        "--" + name.replace("_", "-"),
+        dest=name,
+        default=argparse.SUPPRESS,
+        help=f"{help} (default: {field_default(f)})" if show_default else help,
+        **kw,
+    )
+
+
+def _options(cls: type, args: argparse.Namespace) -> Any:
+    """A tool's options dataclass ``cls`` from the flags that were given (see ``_flag``)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def _add_addr(parser: argparse.ArgumentParser) -> None:
@@ -292,13 +314,13 @@ def _cmd_ring(args: argparse.Namespace) -> int:
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
-    from .dumptool import dump_cluster
+    from .tools.dump import dump_cluster
 
     return _run_coro(args, dump_cluster(args.addr.split(",")[0], args.out, timeout=args.timeout, auth_token=args.auth_token))
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
-    from .dumptool import restore_cluster
+    from .tools.dump import restore_cluster
 
     if args.batch < 1:
         print("dcache restore: --batch must be at least 1", file=sys.stderr)
@@ -330,9 +352,70 @@ def _run_coro(args: argparse.Namespace, coro: Coroutine[Any, Any, dict[str, Any]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench_cli
+    from .tools.bench import BenchOptions, format_result, run_bench
 
-    return run_bench_cli(args)
+    try:
+        result = run_bench(_options(BenchOptions, args), progress=None if args.quiet else sys.stderr)
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"dcache bench: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(json.dumps(result) if args.json else format_result(result))
+    return EXIT_OK if result["errors"] == 0 else EXIT_SERVER_ERROR
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    from .tools.cluster import ClusterOptions as C
+
+    _flag(p, C, "masters", "number of masters", type=int)
+    _flag(p, C, "aux", "number of aux nodes", type=int)
+    _flag(p, C, "replicas", "copies of each key", type=int)
+    _flag(p, C, "data_dir", "folder for the aux nodes' snapshots, one subfolder each")
+    _flag(p, C, "port", "first master's port; the others follow (0: free ports)", type=int)
+    _flag(p, C, "http_port", "HTTP shim's port (default: 8080, or a free port with --port 0; -1: no shim)", show_default=False, type=int)
+    _flag(p, C, "aux_port", "first aux node's port; the others follow", type=int)
+    _flag(p, C, "max_memory", "byte budget of each aux node")
+    _flag(p, C, "snapshot_interval", "seconds between aux snapshots", type=float)
+    _flag(p, C, "log_level", "log level of every process")
+    _flag(
+        p,
+        C,
+        "zookeeper",
+        "ZooKeeper HOST:PORT[,...]: membership, leader election and the ring live there (default: the first master coordinates)",
+        show_default=False,
+        metavar="HOSTS",
+    )
+    _flag(p, C, "cluster", "cluster name in ZooKeeper, with --zookeeper")
+
+
+def _add_bench_flags(p: argparse.ArgumentParser) -> None:
+    from .tools.bench import BenchOptions as B
+
+    p.add_argument(
+        "--addr",
+        default=os.environ.get("DCACHE_ADDR", DEFAULT_ADDR),
+        help=f"server as host:port (default: {DEFAULT_ADDR}; env DCACHE_ADDR)",
+    )
+    _flag(p, B, "conns", "connections in total", type=int)
+    _flag(p, B, "depth", "requests in flight per connection (pipelining depth)", type=int)
+    _flag(p, B, "duration", "seconds of timed load", type=float)
+    _flag(p, B, "ratio", "fraction of GETs; the rest are SETs", type=float)
+    _flag(p, B, "value_size", "bytes per value", type=int)
+    _flag(p, B, "keys", "size of the key space", type=int)
+    _flag(
+        p,
+        B,
+        "procs",
+        "load-generating processes (default: half the CPUs, at least 1; on a small machine more processes only add scheduling delay)",
+        show_default=False,
+        type=int,
+    )
+    _flag(p, B, "loop", "event loop of the workers", choices=("uvloop", "asyncio"))
+    p.add_argument(
+        "--no-populate", dest="populate", action="store_false", default=argparse.SUPPRESS, help="skip writing the key space before the run"
+    )
+    p.add_argument("--auth-token", default=os.environ.get("DCACHE_AUTH_TOKEN"), help="auth token for HELLO (env DCACHE_AUTH_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,15 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, HttpConfig)
     p.set_defaults(func=_cmd_http)
 
-    from .cluster import add_cluster_arguments
-
     p = sub.add_parser(
         "cluster",
         help="run a local cluster (masters + aux nodes) on 127.0.0.1",
         description="Start M masters and N aux nodes on 127.0.0.1 in one command, print every endpoint, "
         "and stop them all cleanly on Ctrl-C (SIGINT) or SIGTERM.",
     )
-    add_cluster_arguments(p)
+    _add_cluster_flags(p)
     p.set_defaults(func=_cmd_cluster)
 
     p = sub.add_parser(
@@ -433,8 +514,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_ring)
 
-    from .dumptool import add_dump_arguments, add_restore_arguments
-
     p = sub.add_parser(
         "dump",
         help="copy a whole cluster to one file",
@@ -443,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXIT_CODES_HELP,
     )
     _add_addr(p)
-    add_dump_arguments(p)
+    p.add_argument("--out", required=True, help="file to write (replaced atomically when complete)")
     p.set_defaults(func=_cmd_dump)
 
     p = sub.add_parser(
@@ -454,17 +533,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXIT_CODES_HELP,
     )
     _add_addr(p)
-    add_restore_arguments(p)
+    p.add_argument("--in", dest="infile", required=True, help="file written by dcache dump")
+    p.add_argument("--batch", type=int, default=500, help="entries per APPLY request (default: 500)")
     p.set_defaults(func=_cmd_restore)
-
-    from .bench import add_bench_arguments
 
     p = sub.add_parser(
         "bench",
         help="load-test a node",
         description="Drive GET/SET load from several processes against --addr and report ops/s and latency percentiles.",
     )
-    add_bench_arguments(p)
+    _add_bench_flags(p)
     p.set_defaults(func=_cmd_bench)
     return parser
 

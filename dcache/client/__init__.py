@@ -1,18 +1,25 @@
 """The dcache Python client: asyncio ``Client``, blocking ``SyncClient``, and their parts.
 
-``Client`` and ``SyncClient`` are what applications use; ``NodePool``,
-``ClientConnection`` and ``open_connection`` are the layers beneath them, for
-tools and for the master's connections to aux nodes.
+``Client`` and ``SyncClient`` are what applications use, with their options
+in one ``ClientConfig``; ``GetBatcher`` turns many concurrent ``get``s into
+few ``mget``s on a ``Client``. ``NodePool``, ``ClientConnection`` and
+``open_connection`` are the layers beneath, for tools (``dcache dump`` reads
+aux nodes with ``open_connection``).
 """
 
-from .client import MAX_TTL_S, Client, Key, Pairs, SyncClient, Value, create_client
+from .batcher import BatchStats, GetBatcher
+from .client import MAX_TTL_S, Client, Key, Pairs, Value, create_client
+from .config import ClientConfig
 from .connection import ClientConnection, open_connection
 from .pool import AcquireContext, NodePool, PoolConnection
+from .sync import SyncClient
 
 __all__ = [
     "MAX_TTL_S",
     "AcquireContext",
+    "BatchStats",
     "Client",
+    "ClientConfig",
     "ClientConnection",
     "Key",
     "NodePool",
@@ -20,6 +27,7 @@ __all__ = [
     "PoolConnection",
     "SyncClient",
     "Value",
+    "GetBatcher",
     "create_client",
     "open_connection",
 ]

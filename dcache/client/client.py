@@ -1,4 +1,4 @@
-"""The dcache client: ``Client`` (asyncio), ``SyncClient`` (blocking), ``create_client``.
+"""The dcache client: ``Client`` (asyncio) and ``create_client``.
 
 Keys are ``str`` (sent as UTF-8) or ``bytes``; values are ``bytes``, or
 ``str`` (stored as UTF-8). Reads always return ``bytes``. TTLs are seconds
@@ -13,9 +13,13 @@ the client moves to the next endpoint, round-robin, and tries the call there;
 each endpoint is tried at most once per call for this reason. When a
 connection is lost after the request was sent (``ConnectionResetError``) the
 client also moves on, but repeats the call only if doing it twice is
-harmless: reads (GET, MGET, EXISTS, TTL, PING, STATS), last-writer-wins writes
-(SET without NX/XX, MSET, DELETE, EXPIRE, TOUCH); never INCR, DECR or SET
-with NX/XX. Such retries happen at most ``retries`` times per call.
+harmless, as the protocol's op table says (``OpSpec.retry_safe``): reads
+(GET, MGET, EXISTS, TTL, PING, STATS...), last-writer-wins writes (SET
+without NX/XX, MSET, DELETE, EXPIRE, TOUCH...); never INCR, DECR or SET with
+NX/XX. Such retries happen at most ``retries`` times per call.
+
+The options (timeouts, pool sizes, auth, limits, retries) are one
+``ClientConfig`` (``dcache.client.config``).
 
 Every call has one deadline (``timeout`` seconds) covering acquiring a
 connection, retries and the answer; when it passes the call raises the
@@ -28,29 +32,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 import warnings
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from concurrent.futures import Future as ConcurrentFuture
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
-from ..address import format_address, parse_address
+from ..address import format_address
 from ..errors import (
     BadArgumentsError,
-    ConfigError,
     KeyTooLargeError,
     NoAvailableNodeError,
     PoolClosedError,
     RemoteProtocolError,
     ValueTooLargeError,
 )
-from ..protocol import Limits, Op, SetFlag
+from ..protocol import MAX_TTL_MS, OPS, Op, SetFlag
+from .config import ClientConfig
 from .connection import ClientConnection, open_connection
 from .pool import NodePool
 
-__all__ = ["Client", "SyncClient", "create_client", "Key", "Value", "Pairs", "MAX_TTL_S"]
+__all__ = ["Client", "create_client", "Key", "Value", "Pairs", "MAX_TTL_S"]
 
 log = logging.getLogger("dcache.client")
 
@@ -61,14 +63,23 @@ Value = bytes | bytearray | memoryview | str
 #: What ``mset`` takes: a mapping of keys to values, or ``(key, value)`` pairs.
 Pairs = Mapping[str, Value] | Mapping[bytes, Value] | Mapping[Key, Value] | Iterable[tuple[Key, Value]]
 
-#: Largest TTL the protocol carries: a hundred years, in seconds.
-MAX_TTL_S = 100 * 365 * 24 * 3600
-_MAX_TTL_MS = MAX_TTL_S * 1000
+#: Largest TTL the protocol carries (``dcache.protocol.MAX_TTL_MS``), in seconds.
+MAX_TTL_S = MAX_TTL_MS // 1000
 
-#: Ops that may be sent again after a connection was lost mid-request.
-_RETRYABLE = frozenset({Op.PING, Op.GET, Op.DELETE, Op.MGET, Op.MSET, Op.EXISTS, Op.EXPIRE, Op.TTL, Op.TOUCH, Op.STATS})
+#: Ops the protocol table (``OpSpec.retry_safe``) says may be sent again after a lost connection.
+_RETRY_SAFE_OPS = frozenset(op for op, spec in OPS.items() if spec.retry_safe)
 
-_T = TypeVar("_T")
+
+def _retry_safe(op: int, args: Sequence[Any]) -> bool:
+    """Whether request ``[op, *args]`` may be sent again after the connection was lost mid-request.
+
+    The protocol's op table decides (``OpSpec.retry_safe``: reads and
+    last-writer-wins writes), except that a SET is decided by its flags: it
+    is repeatable without NX/XX (``args[3]``), never with them.
+    """
+    if op == Op.SET:
+        return len(args) < 4 or not args[3]
+    return op in _RETRY_SAFE_OPS
 
 
 def _key(key: Any) -> bytes:
@@ -116,83 +127,31 @@ class Client:
     Args:
         endpoints: ``"host:port"``, several separated by commas, or a sequence
             of them; several endpoints fail over round-robin.
-        timeout: seconds one call may take, retries included.
-        connect_timeout: seconds for TCP connect plus HELLO.
-        acquire_timeout: seconds a call may wait for a free connection slot;
-            ``None``: bounded only by ``timeout``.
-        min_connections: connections kept per endpoint once it is used.
-        max_connections: most connections per endpoint.
-        max_in_flight: most concurrent requests per connection.
-        auth_token: token sent in HELLO, if the servers require one.
-        client_name: name sent in HELLO (servers may log it).
-        limits: when given, key and value sizes are checked before sending
-            and ``limits.max_frame_bytes`` bounds one answer; otherwise the
-            server enforces its own limits.
-        retries: how many times a call interrupted by a lost connection is
-            repeated (idempotent ops only).
-        backoff_max: cap, in seconds, of the delay between reconnect attempts
-            to an endpoint that is down.
+        config: every option at once (then neither ``endpoints`` nor
+            ``options`` may be given).
+        **options: the other fields of ``ClientConfig`` (``timeout``,
+            ``connect_timeout``, ``acquire_timeout``, ``min_connections``,
+            ``max_connections``, ``max_in_flight``, ``auth_token``,
+            ``client_name``, ``limits``, ``retries``, ``backoff_max``), each
+            documented there.
 
     Raises:
         ConfigError: an endpoint or option is invalid.
+        TypeError: an unknown option, no endpoints, or ``config`` together
+            with endpoints or options.
     """
 
-    def __init__(
-        self,
-        endpoints: str | Sequence[str],
-        *,
-        timeout: float = 5.0,
-        connect_timeout: float = 2.0,
-        acquire_timeout: float | None = None,
-        min_connections: int = 1,
-        max_connections: int = 4,
-        max_in_flight: int = 64,
-        auth_token: str | None = None,
-        client_name: str | None = "dcache-py",
-        limits: Limits | None = None,
-        retries: int = 2,
-        backoff_max: float = 2.0,
-    ) -> None:
-        if isinstance(endpoints, str):
-            endpoints = endpoints.split(",")
-        addresses: list[tuple[str, int]] = []
-        for text in endpoints:
-            if not text.strip():
-                continue
-            try:
-                addresses.append(parse_address(text))
-            except ValueError as exc:
-                raise ConfigError(f"endpoints: {exc}") from None
-        if not addresses:
-            raise ConfigError("endpoints: at least one host:port is required")
-        if not timeout > 0:
-            raise ConfigError("timeout must be positive")
-        if not connect_timeout > 0:
-            raise ConfigError("connect_timeout must be positive")
-        if acquire_timeout is not None and not acquire_timeout > 0:
-            raise ConfigError("acquire_timeout must be positive (or None)")
-        if retries < 0:
-            raise ConfigError("retries must be >= 0")
-        if not 0 <= min_connections <= max_connections or max_connections < 1:
-            raise ConfigError("need 0 <= min_connections <= max_connections and max_connections >= 1")
-        if max_in_flight < 1:
-            raise ConfigError("max_in_flight must be at least 1")
-        if not backoff_max >= 0.05:
-            raise ConfigError("backoff_max must be at least 0.05 seconds")
-        self._addresses = addresses
-        self._names = tuple(format_address(h, p) for h, p in addresses)
-        self._timeout = float(timeout)
-        self._connect_timeout = float(connect_timeout)
-        self._acquire_timeout = acquire_timeout
-        self._min_connections = min_connections
-        self._max_connections = max_connections
-        self._max_in_flight = max_in_flight
-        self._auth_token = auth_token
-        self._client_name = client_name
-        self._limits = limits
-        self._retries = retries
-        self._backoff_max = float(backoff_max)
-        self._pools: list[NodePool[ClientConnection] | None] = [None] * len(addresses)
+    def __init__(self, endpoints: str | Sequence[str] | None = None, *, config: ClientConfig | None = None, **options: Any) -> None:
+        if config is None:
+            if endpoints is None:
+                raise TypeError("Client() needs endpoints (or config=)")
+            config = ClientConfig(endpoints, **options)
+        elif endpoints is not None or options:
+            raise TypeError("Client() takes endpoints and options, or config=, not both")
+        self._config = config
+        self._addresses = config.addresses
+        self._names = tuple(format_address(h, p) for h, p in config.addresses)
+        self._pools: list[NodePool[ClientConnection] | None] = [None] * len(config.addresses)
         self._current = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -201,6 +160,11 @@ class Client:
         return f"<Client {','.join(self._names)} current={self.current_endpoint}{' closed' if self._closed else ''}>"
 
     # -- properties ----------------------------------------------------------
+
+    @property
+    def config(self) -> ClientConfig:
+        """The options this client was built with."""
+        return self._config
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -250,7 +214,7 @@ class Client:
         for i in range(len(self._addresses)):
             index = (start + i) % len(self._addresses)
             try:
-                await self._get_pool(index).connect(timeout=self._timeout)
+                await self._get_pool(index).connect(timeout=self._config.timeout)
             except (NoAvailableNodeError, TimeoutError) as exc:
                 failures.append(f"{self._names[index]}: {exc or 'timed out'}")
                 continue
@@ -287,29 +251,26 @@ class Client:
         pool = self._pools[index]
         if pool is None:
             host, port = self._addresses[index]
-            limits = self._limits
-            connect_timeout = self._connect_timeout
-            auth_token = self._auth_token
-            client_name = self._client_name
+            config = self._config
 
             async def factory() -> ClientConnection:
                 return await open_connection(
                     host,
                     port,
-                    limits=limits,
-                    connect_timeout=connect_timeout,
-                    auth_token=auth_token,
-                    client_name=client_name,
+                    limits=config.limits,
+                    connect_timeout=config.connect_timeout,
+                    auth_token=config.auth_token,
+                    client_name=config.client_name,
                 )
 
             pool = self._pools[index] = NodePool(
                 factory,
                 name=self._names[index],
-                min_connections=self._min_connections,
-                max_connections=self._max_connections,
-                max_in_flight=self._max_in_flight,
+                min_connections=config.min_connections,
+                max_connections=config.max_connections,
+                max_in_flight=config.max_in_flight,
                 acquire_timeout=None,
-                backoff_max_s=self._backoff_max,
+                backoff_max_s=config.backoff_max,
             )
         return pool
 
@@ -319,11 +280,12 @@ class Client:
             self._current = (index + 1) % n
             log.info("dcache endpoint %s failed; switching to %s", self._names[index], self._names[self._current])
 
-    async def _execute(self, op: int, args: tuple[Any, ...], retryable: bool) -> Any:
+    async def _execute(self, op: int, args: tuple[Any, ...]) -> Any:
         loop = asyncio.get_running_loop()
         if loop is not self._loop or self._closed:
             self._bind_loop()
-        deadline = loop.time() + self._timeout
+        config = self._config
+        deadline = loop.time() + config.timeout
         unreachable = 0
         retried = 0
         while True:
@@ -331,9 +293,9 @@ class Client:
             pool = self._pools[index] or self._get_pool(index)
             acquire_timeout = deadline - loop.time()
             if acquire_timeout <= 0:
-                raise TimeoutError(f"dcache call timed out after {self._timeout} s")
-            if self._acquire_timeout is not None and self._acquire_timeout < acquire_timeout:
-                acquire_timeout = self._acquire_timeout
+                raise TimeoutError(f"dcache call timed out after {config.timeout} s")
+            if config.acquire_timeout is not None and config.acquire_timeout < acquire_timeout:
+                acquire_timeout = config.acquire_timeout
             lost: ConnectionResetError
             try:
                 async with pool.acquire(acquire_timeout) as conn:
@@ -354,21 +316,23 @@ class Client:
                     raise NoAvailableNodeError(f"no dcache endpoint is reachable ({', '.join(self._names)})") from exc
                 continue
             self._failover(index)
-            if not retryable or retried >= self._retries or self._closed:
+            if retried >= config.retries or self._closed or not _retry_safe(op, args):
                 raise lost
             retried += 1
             log.debug("connection to %s lost during op %d; retrying", self._names[index], op)
 
     def _check_key(self, key: Key) -> bytes:
         k = _key(key)
-        if self._limits is not None and len(k) > self._limits.max_key_bytes:
-            raise KeyTooLargeError(f"key of {len(k)} bytes exceeds the limit of {self._limits.max_key_bytes}")
+        limits = self._config.limits
+        if limits is not None and len(k) > limits.max_key_bytes:
+            raise KeyTooLargeError(f"key of {len(k)} bytes exceeds the limit of {limits.max_key_bytes}")
         return k
 
     def _check_value(self, value: Value) -> bytes:
         v = _value(value)
-        if self._limits is not None and len(v) > self._limits.max_value_bytes:
-            raise ValueTooLargeError(f"value of {len(v)} bytes exceeds the limit of {self._limits.max_value_bytes}")
+        limits = self._config.limits
+        if limits is not None and len(v) > limits.max_value_bytes:
+            raise ValueTooLargeError(f"value of {len(v)} bytes exceeds the limit of {limits.max_value_bytes}")
         return v
 
     # -- operations ----------------------------------------------------------
@@ -377,8 +341,8 @@ class Client:
         """Send one raw request and return its result (for tools).
 
         Arguments go on the wire as given (after the request id). The call
-        is repeated after a lost connection only for the ops listed in the
-        module docstring.
+        is repeated after a lost connection only if the op is retry-safe
+        (the op table's ``OpSpec.retry_safe``; a SET only without NX/XX).
 
         Args:
             op: the op code (``dcache.protocol.Op``).
@@ -391,14 +355,10 @@ class Client:
             ServerError: the server answered with an error (its registered subclass).
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
-            ConnectionResetError: the connection was lost and the op is not retryable.
+            ConnectionResetError: the connection was lost and the op is not retry-safe.
             PoolClosedError: the client is closed.
         """
-        if op == Op.SET:
-            retryable = len(args) < 4 or not args[3]
-        else:
-            retryable = op in _RETRYABLE
-        return await self._execute(op, args, retryable)
+        return await self._execute(op, args)
 
     async def get(self, key: Key) -> bytes | None:
         """Return the value of ``key``, or ``None`` if it does not exist.
@@ -416,7 +376,7 @@ class Client:
             NoAvailableNodeError: no endpoint could be reached.
             ServerError: any other error the server answered.
         """
-        result: bytes | None = await self._execute(Op.GET, (self._check_key(key),), True)
+        result: bytes | None = await self._execute(Op.GET, (self._check_key(key),))
         return result
 
     async def set(self, key: Key, value: Value, ttl: float | None = None, *, nx: bool = False, xx: bool = False) -> bool:
@@ -446,7 +406,7 @@ class Client:
             raise BadArgumentsError("nx and xx are mutually exclusive")
         flags = SetFlag.NX if nx else SetFlag.XX if xx else SetFlag.NONE
         args = (self._check_key(key), self._check_value(value), _ttl_ms(ttl), int(flags))
-        return bool(await self._execute(Op.SET, args, not flags))
+        return bool(await self._execute(Op.SET, args))
 
     async def delete(self, key: Key) -> bool:
         """Delete ``key``.
@@ -465,7 +425,7 @@ class Client:
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
-        return bool(await self._execute(Op.DELETE, (self._check_key(key),), True))
+        return bool(await self._execute(Op.DELETE, (self._check_key(key),)))
 
     async def mget(self, keys: Iterable[Key]) -> list[bytes | None]:
         """Return the values of several keys, in order, ``None`` for missing ones.
@@ -485,7 +445,7 @@ class Client:
         wire = [self._check_key(k) for k in keys]
         if not wire:
             return []
-        result = await self._execute(Op.MGET, (wire,), True)
+        result = await self._execute(Op.MGET, (wire,))
         if not isinstance(result, list) or len(result) != len(wire):
             raise RemoteProtocolError("MGET answer does not have one item per key")
         return result
@@ -512,7 +472,7 @@ class Client:
         ttl_ms = _ttl_ms(ttl)
         if not pairs:
             return 0
-        return int(await self._execute(Op.MSET, (pairs, ttl_ms), True))
+        return int(await self._execute(Op.MSET, (pairs, ttl_ms)))
 
     async def exists(self, key: Key) -> bool:
         """Whether ``key`` exists (and has not expired).
@@ -522,7 +482,7 @@ class Client:
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
-        return bool(await self._execute(Op.EXISTS, (self._check_key(key),), True))
+        return bool(await self._execute(Op.EXISTS, (self._check_key(key),)))
 
     async def expire(self, key: Key, ttl: float) -> bool:
         """Set ``key`` to expire ``ttl`` seconds from now.
@@ -543,7 +503,7 @@ class Client:
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or math.isnan(ttl):
             raise BadArgumentsError(f"ttl must be a number of seconds, not {ttl!r}")
         ttl_ms = 0 if ttl <= 0 else _ttl_ms(ttl)
-        return bool(await self._execute(Op.EXPIRE, (self._check_key(key), ttl_ms), True))
+        return bool(await self._execute(Op.EXPIRE, (self._check_key(key), ttl_ms)))
 
     async def ttl(self, key: Key) -> float | None:
         """Seconds until ``key`` expires.
@@ -557,7 +517,7 @@ class Client:
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
-        ms = int(await self._execute(Op.TTL, (self._check_key(key),), True))
+        ms = int(await self._execute(Op.TTL, (self._check_key(key),)))
         if ms == -2:
             return None
         if ms == -1:
@@ -582,7 +542,7 @@ class Client:
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
-        return int(await self._execute(Op.INCR, (self._check_key(key), delta), False))
+        return int(await self._execute(Op.INCR, (self._check_key(key), delta)))
 
     async def decr(self, key: Key, delta: int = 1) -> int:
         """Subtract ``delta`` from the integer stored at ``key`` (see ``incr``).
@@ -598,7 +558,7 @@ class Client:
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
-        return int(await self._execute(Op.DECR, (self._check_key(key), delta), False))
+        return int(await self._execute(Op.DECR, (self._check_key(key), delta)))
 
     async def touch(self, key: Key) -> bool:
         """Mark ``key`` as recently used (protects it from LRU eviction).
@@ -611,7 +571,7 @@ class Client:
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
-        return bool(await self._execute(Op.TOUCH, (self._check_key(key),), True))
+        return bool(await self._execute(Op.TOUCH, (self._check_key(key),)))
 
     async def ping(self) -> float:
         """Round-trip a PING.
@@ -625,7 +585,7 @@ class Client:
             RemoteProtocolError: the server did not answer ``"PONG"``.
         """
         start = time.perf_counter()
-        result = await self._execute(Op.PING, (), True)
+        result = await self._execute(Op.PING, ())
         elapsed = time.perf_counter() - start
         if result != "PONG":
             raise RemoteProtocolError(f"PING answered {result!r}")
@@ -641,18 +601,18 @@ class Client:
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
-        result = await self._execute(Op.STATS, (), True)
+        result = await self._execute(Op.STATS, ())
         if not isinstance(result, dict):
             raise RemoteProtocolError(f"STATS answered {type(result).__name__}, not a map")
         return result
 
 
-async def create_client(endpoints: str | Sequence[str], **options: Any) -> Client:
+async def create_client(endpoints: str | Sequence[str] | None = None, **options: Any) -> Client:
     """Create a ``Client`` and connect it now.
 
     Args:
         endpoints: as for ``Client``.
-        **options: keyword arguments of ``Client``.
+        **options: keyword arguments of ``Client`` (its options, or ``config=``).
 
     Returns:
         A connected client (close it, or use ``async with``).
@@ -670,169 +630,3 @@ async def create_client(endpoints: str | Sequence[str], **options: Any) -> Clien
         await client.close()
         raise
     return client
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_forever()
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()  # here, not in the caller's thread: also runs when an unclosed SyncClient is collected
-
-
-def _shutdown_soon(loop: asyncio.AbstractEventLoop, client: Client) -> None:
-    async def shutdown() -> None:
-        try:
-            await client.close()
-        finally:
-            loop.stop()
-
-    loop.create_task(shutdown())
-
-
-class SyncClient:
-    """Blocking client: the ``Client`` API run on a private event loop thread.
-
-    The loop (uvloop when installed) runs in a daemon thread; each method
-    submits the matching ``Client`` coroutine and blocks for its result, so
-    the timeouts and errors are the same as ``Client``'s. Safe to call from
-    several threads at once. Close it (or use ``with``).
-
-    Args:
-        endpoints: as for ``Client``.
-        **options: keyword arguments of ``Client``.
-
-    Raises:
-        ConfigError: bad endpoints or options.
-    """
-
-    def __init__(self, endpoints: str | Sequence[str], **options: Any) -> None:
-        self._closed = True  # until the thread runs, for __del__
-        self._client = Client(endpoints, **options)
-        self._loop = _new_loop()
-        self._thread = threading.Thread(target=_run_loop, args=(self._loop,), name="dcache-sync-client", daemon=True)
-        self._thread.start()
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"<SyncClient {','.join(self._client.endpoints)}{' closed' if self._closed else ''}>"
-
-    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        if self._closed:
-            coro.close()
-            raise PoolClosedError("the client is closed")
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("SyncClient methods cannot be called from its own event loop thread")
-        fut: ConcurrentFuture[_T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return fut.result()
-        except BaseException:
-            fut.cancel()  # e.g. KeyboardInterrupt while waiting
-            raise
-
-    @property
-    def client(self) -> Client:
-        """The underlying asyncio ``Client`` (runs on this object's loop thread)."""
-        return self._client
-
-    def __enter__(self) -> SyncClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the connections and stop the loop thread (idempotent)."""
-        if self._closed:
-            return
-        try:
-            self._run(self._client.close())
-        finally:
-            self._closed = True
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
-            # Close the connections and stop the thread without blocking: this
-            # may run in any thread, the loop's own included.
-            try:
-                self._loop.call_soon_threadsafe(_shutdown_soon, self._loop, self._client)
-            except RuntimeError:  # the loop is already closed
-                pass
-
-    def connect(self) -> None:
-        """Connect now (see ``Client.connect``)."""
-        self._run(self._client.connect())
-
-    def execute(self, op: int, *args: Any) -> Any:
-        """Send one raw request (see ``Client.execute``)."""
-        return self._run(self._client.execute(op, *args))
-
-    def get(self, key: Key) -> bytes | None:
-        """The value of ``key`` as bytes, or ``None`` (see ``Client.get``)."""
-        return self._run(self._client.get(key))
-
-    def set(self, key: Key, value: Value, ttl: float | None = None, *, nx: bool = False, xx: bool = False) -> bool:
-        """Store ``value``; ``False`` if the nx/xx condition failed (see ``Client.set``)."""
-        return self._run(self._client.set(key, value, ttl, nx=nx, xx=xx))
-
-    def delete(self, key: Key) -> bool:
-        """Delete ``key``; ``True`` if it existed (see ``Client.delete``)."""
-        return self._run(self._client.delete(key))
-
-    def mget(self, keys: Iterable[Key]) -> list[bytes | None]:
-        """Values of several keys in order, ``None`` for missing (see ``Client.mget``)."""
-        return self._run(self._client.mget(keys))
-
-    def mset(self, mapping: Pairs, ttl: float | None = None) -> int:
-        """Store several pairs; returns how many were stored (see ``Client.mset``)."""
-        return self._run(self._client.mset(mapping, ttl))
-
-    def exists(self, key: Key) -> bool:
-        """Whether ``key`` exists (see ``Client.exists``)."""
-        return self._run(self._client.exists(key))
-
-    def expire(self, key: Key, ttl: float) -> bool:
-        """Expire ``key`` in ``ttl`` seconds; ``True`` if it existed (see ``Client.expire``)."""
-        return self._run(self._client.expire(key, ttl))
-
-    def ttl(self, key: Key) -> float | None:
-        """Seconds left; ``None`` if missing, ``-1.0`` if no expiry (see ``Client.ttl``)."""
-        return self._run(self._client.ttl(key))
-
-    def incr(self, key: Key, delta: int = 1) -> int:
-        """Add ``delta``; returns the new value (see ``Client.incr``)."""
-        return self._run(self._client.incr(key, delta))
-
-    def decr(self, key: Key, delta: int = 1) -> int:
-        """Subtract ``delta``; returns the new value (see ``Client.decr``)."""
-        return self._run(self._client.decr(key, delta))
-
-    def touch(self, key: Key) -> bool:
-        """Refresh ``key``'s recency; ``True`` if it exists (see ``Client.touch``)."""
-        return self._run(self._client.touch(key))
-
-    def ping(self) -> float:
-        """Round-trip seconds of a PING (see ``Client.ping``)."""
-        return self._run(self._client.ping())
-
-    def stats(self) -> dict[str, Any]:
-        """The server's statistics (see ``Client.stats``)."""
-        return self._run(self._client.stats())

@@ -1,15 +1,17 @@
 """One pipelined client connection to a dcache server.
 
 ``ClientConnection`` is an ``asyncio.Protocol`` that owns a ``FrameDecoder``
-and a map ``request_id -> Future``. Many requests share the connection at
-once (pipelining); answers may come back in any order and are matched by id.
+and a ``RequestTable`` of futures (``dcache.protocol.requests``, the id
+allocation and answer matching every connection class shares). Many requests
+share the connection at once (pipelining); answers may come back in any
+order and are matched by id.
 
 Design notes
 ------------
-* Request ids come from a per-connection counter: 1 .. 2**32 - 1, wrapping,
-  skipping ids still in flight; 0 is reserved for connection-level error
-  frames (``[0, status, message]``, after which the server closes), which fail
-  every pending request.
+* Request ids come from the table: 1 .. 2**32 - 1, wrapping, skipping ids
+  still in flight; 0 is reserved for connection-level error frames
+  (``[0, status, message]``, after which the server closes), which fail every
+  pending request.
 * Frames written during one loop iteration are joined and written once, at
   the end of the iteration (``call_soon`` flush): a burst of pipelined
   requests costs one ``send`` syscall instead of one per request. A single
@@ -31,13 +33,9 @@ import socket
 from typing import Any, cast
 
 from ..errors import HandshakeError, RemoteProtocolError, ServerError, error_from_status
-from ..protocol import PROTOCOL_VERSION, Limits, Op, encode_request
-from ..protocol.framing import FrameDecoder
+from ..protocol import CONNECTION_REQUEST_ID, PROTOCOL_VERSION, FrameDecoder, Limits, Op, RequestTable, encode_request
 
-__all__ = ["ClientConnection", "open_connection", "MAX_REQUEST_ID"]
-
-#: Request ids run from 1 to this value, then wrap.
-MAX_REQUEST_ID = 2**32 - 1
+__all__ = ["ClientConnection", "open_connection"]
 
 
 class ClientConnection(asyncio.Protocol):
@@ -59,12 +57,11 @@ class ClientConnection(asyncio.Protocol):
         "_drain_waiters",
         "_error",
         "_loop",
-        "_next_id",
         "_out",
         "_paused",
+        "_requests",
         "_retiring",
         "_transport",
-        "_waiters",
         "server_info",
     )
 
@@ -72,8 +69,7 @@ class ClientConnection(asyncio.Protocol):
         self._loop: asyncio.AbstractEventLoop | None = loop
         self._transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder((limits or Limits()).max_frame_bytes)
-        self._waiters: dict[int, asyncio.Future[Any]] = {}
-        self._next_id = 1
+        self._requests: RequestTable[asyncio.Future[Any]] = RequestTable()
         self._out: list[bytes] = []
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -128,17 +124,21 @@ class ClientConnection(asyncio.Protocol):
         except RemoteProtocolError as exc:
             self._abort(exc)
             return
-        waiters = self._waiters
+        requests = self._requests
+        pop = requests.pop
         for msg in msgs:
             try:
                 rid, status, result = msg
-                fut = waiters.pop(rid, None)
             except (TypeError, ValueError):
-                self._abort(RemoteProtocolError("a response is an array [request_id, status, result]"))
+                self._abort(_malformed())
                 return
+            fut = pop(rid)
             if fut is None:
-                if rid == 0:  # connection-level error: the server closes next
+                if rid == CONNECTION_REQUEST_ID:  # connection-level error: the server closes next
                     self._abort(error_from_status(status, _message(result)))
+                    return
+                if not _hashable(rid):
+                    self._abort(_malformed())
                     return
                 continue  # an answer nobody waits for any more (timed out)
             if fut.done():
@@ -149,7 +149,7 @@ class ClientConnection(asyncio.Protocol):
                 fut.set_exception(error_from_status(status, _message(result)))
         if self._decoder.error is not None:
             self._abort(self._decoder.error)
-        elif self._retiring and not waiters:
+        elif self._retiring and not requests:
             self.close()
 
     # -- requests ------------------------------------------------------------
@@ -207,10 +207,8 @@ class ClientConnection(asyncio.Protocol):
         try:
             return await fut
         except asyncio.CancelledError:
-            if self._waiters.get(rid) is fut:
-                del self._waiters[rid]
-                if self._retiring and not self._waiters:
-                    self.close()
+            if self._requests.forget(rid, fut) and self._retiring and not self._requests:
+                self.close()
             raise
 
     async def drain(self) -> None:
@@ -231,16 +229,16 @@ class ClientConnection(asyncio.Protocol):
     def _send(self, op: int, args: tuple[Any, ...]) -> tuple[int, asyncio.Future[Any]]:
         if self._closing or self._retiring or self._transport is None:
             raise self._make_error()
-        waiters = self._waiters
-        rid = self._next_id
-        while rid in waiters:
-            rid = rid + 1 if rid < MAX_REQUEST_ID else 1
-        self._next_id = rid + 1 if rid < MAX_REQUEST_ID else 1
-        frame = encode_request(op, rid, *args)
         loop = self._loop
         assert loop is not None
-        fut = loop.create_future()
-        waiters[rid] = fut
+        fut: asyncio.Future[Any] = loop.create_future()
+        requests = self._requests
+        rid = requests.add(fut)
+        try:
+            frame = encode_request(op, rid, *args)
+        except Exception:  # LocalProtocolError: the arguments cannot be encoded
+            requests.forget(rid, fut)
+            raise
         out = self._out
         out.append(frame)
         if len(out) == 1:
@@ -262,7 +260,7 @@ class ClientConnection(asyncio.Protocol):
     @property
     def pending(self) -> int:
         """Requests sent and not yet answered (callers still waiting)."""
-        return len(self._waiters)
+        return len(self._requests)
 
     @property
     def is_closing(self) -> bool:
@@ -284,7 +282,7 @@ class ClientConnection(asyncio.Protocol):
         if self._closing:
             return
         self._retiring = True
-        if not self._waiters:
+        if not self._requests:
             self.close()
 
     def close(self) -> None:
@@ -318,12 +316,9 @@ class ClientConnection(asyncio.Protocol):
             self._transport.abort()
 
     def _fail_all(self) -> None:
-        waiters = self._waiters
-        if not waiters:
+        if not self._requests:
             return
-        pending = list(waiters.values())
-        waiters.clear()
-        for fut in pending:
+        for fut in self._requests.drain():
             if not fut.done():
                 fut.set_exception(self._make_error())
 
@@ -350,6 +345,18 @@ class ClientConnection(asyncio.Protocol):
 
 def _message(result: Any) -> str:
     return result if isinstance(result, str) else repr(result)
+
+
+def _malformed() -> RemoteProtocolError:
+    return RemoteProtocolError("a response is an array [request_id, status, result]")
+
+
+def _hashable(rid: object) -> bool:
+    try:
+        hash(rid)
+    except TypeError:
+        return False
+    return True
 
 
 async def open_connection(

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..client.batcher import BatchStats
+
 __all__ = ["HttpMetrics", "LATENCY_BUCKETS_S", "KNOWN_METHODS"]
 
 #: Upper bounds (seconds) of the request latency histogram.
@@ -36,19 +38,13 @@ class HttpMetrics(Collector):
 
     requests: dict[tuple[str, str, int], int]
     latency: dict[str, _Histogram]
-    #: Batches of key reads sent to the cluster (an MGET, or a GET for a lone key).
-    read_batches: int
-    #: Keys read in those batches (over ``read_batches``: the mean batch size).
-    read_batch_keys: int
-    #: Batches read again key by key after the batch failed.
-    read_batch_fallbacks: int
+    #: What the read batcher (``dcache.client.GetBatcher``) did; it adds to these.
+    reads: BatchStats
 
     def __init__(self) -> None:
         self.requests = {}
         self.latency = {}
-        self.read_batches = 0
-        self.read_batch_keys = 0
-        self.read_batch_fallbacks = 0
+        self.reads = BatchStats()
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request that took ``seconds``."""
@@ -81,12 +77,13 @@ class HttpMetrics(Collector):
                 buckets.append((le, total))
             latency.add_metric([route], buckets, hist.sum_s)
         yield latency
+        reads = self.reads
         yield CounterMetricFamily(
             "dcache_http_read_batches",
             "Batches of key reads sent to the cluster (one MGET, or a GET for a lone key)",
-            value=self.read_batches,
+            value=reads.batches,
         )
-        yield CounterMetricFamily("dcache_http_read_batch_keys", "Keys read in those batches", value=self.read_batch_keys)
+        yield CounterMetricFamily("dcache_http_read_batch_keys", "Keys read in those batches", value=reads.keys)
         yield CounterMetricFamily(
-            "dcache_http_read_batch_fallbacks", "Batches read again key by key after the batch failed", value=self.read_batch_fallbacks
+            "dcache_http_read_batch_fallbacks", "Batches read again key by key after the batch failed", value=reads.fallbacks
         )

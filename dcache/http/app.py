@@ -33,8 +33,8 @@ the request needs (measured in ``docs/BENCHMARKS.md``, reasons in
   uses, so the bytes are the same) and sent as ``bytes`` with a prepared
   header set, not through ``web.json_response``;
 * the key reads of one loop iteration go to the cluster as one MGET
-  (``_GetBatcher``; ``--read-batch``), which saves most of a client call
-  per GET;
+  (``dcache.client.GetBatcher``; ``--read-batch``), which saves most of a
+  client call per GET;
 * the handlers are methods of one ``_Shim`` that holds the clients, the
   config and the metrics, so there is no ``request.app[...]`` lookup per
   request.
@@ -44,7 +44,8 @@ State also lives on the app under ``AppKey``s (for tools and tests).
 for the batched reads (so that an answer too large for one frame only
 disturbs batched reads, which fall back key by key on the first), and one
 single-endpoint client per master for ``/health``, which must say *which*
-masters answer, something the failover client hides.
+masters answer, something the failover client hides. All of them are built
+from one ``ClientConfig`` derived from the ``HttpConfig`` (``client_configs``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from time import perf_counter
@@ -63,7 +65,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..client import MAX_TTL_S, Client
+from ..client import MAX_TTL_S, Client, ClientConfig, GetBatcher
 from ..config import HttpConfig
 from ..errors import (
     AuthError,
@@ -80,7 +82,6 @@ from ..errors import (
     UpstreamTimeoutError,
     ValueTooLargeError,
 )
-from ..protocol import MAX_VALUE_BYTES
 from ._metrics import HttpMetrics
 
 __all__ = ["create_app", "CONFIG_KEY", "CLIENT_KEY", "HEALTH_CLIENTS_KEY", "METRICS_KEY", "REGISTRY_KEY", "OPENAPI_PATH"]
@@ -301,144 +302,33 @@ async def _ping(client: Client) -> bool:
     return True
 
 
-# -- batching reads ---------------------------------------------------------------
-
-#: Answer size one batch of reads is planned for (see ``_GetBatcher``).
-BATCH_ANSWER_BYTES = 4 * 1024 * 1024
-#: Smallest value size ``_GetBatcher`` plans with.
-_MIN_VALUE_HINT_BYTES = 4096
+# -- the shim's clients --------------------------------------------------------------
 
 
-class _GetBatcher:
-    """Sends the key reads made in one loop iteration as one MGET.
+def client_configs(config: HttpConfig) -> tuple[ClientConfig, ClientConfig]:
+    """The options of the shim's clients: the failover ones over every master, and the ``/health`` ones.
 
-    Every ``GET /data/{key}`` costs the shim a client call (a coroutine
-    chain, a timeout, a frame) and the master a frame; with many requests
-    in flight most loop iterations start several reads, and one MGET for
-    all of them costs about one call. ``get`` queues the key and returns a
-    future; the batch leaves on the next loop iteration (``call_soon``), or
-    at once when it reaches its size cap. A lone key goes as a GET.
-
-    An MGET answer holds every value of the batch in one frame, and a
-    frame over the client's limit (32 MiB) closes the connection it came
-    on. So batches go over their own ``Client``, are capped at
-    ``max_keys``, and fewer when recent values were large: the cap is
-    ``BATCH_ANSWER_BYTES`` over the largest value seen lately (a hint that
-    decays by 1/16 per batch). A batch whose answer fails for a reason that
-    may belong to one key or to the batch (a server error, a refused frame)
-    is read again key by key over the main client, so each request gets
-    the answer it would have had alone; errors that say the cluster is
-    unreachable or slow (timeouts, no master) go to every read of the batch.
+    Returns:
+        ``(main, health)``: ``main`` serves requests (and batched reads);
+        ``health`` is for one master each (``replace(health, endpoints=m)``):
+        short timeouts, one connection at most, no retries.
     """
-
-    __slots__ = ("client", "fallback", "metrics", "max_keys", "_cap", "_hint", "_pending", "_loop", "_tasks")
-
-    client: Client
-    fallback: Client
-    metrics: HttpMetrics
-    max_keys: int
-    _cap: int
-    _hint: int
-    _pending: list[tuple[bytes, asyncio.Future[bytes | None]]]
-    _loop: asyncio.AbstractEventLoop | None
-    _tasks: set[asyncio.Task[None]]
-
-    def __init__(self, client: Client, fallback: Client, metrics: HttpMetrics, max_keys: int) -> None:
-        self.client = client
-        self.fallback = fallback
-        self.metrics = metrics
-        self.max_keys = max_keys
-        self._hint = _MIN_VALUE_HINT_BYTES
-        self._cap = max(1, min(max_keys, BATCH_ANSWER_BYTES // self._hint))
-        self._pending = []
-        self._loop = None
-        self._tasks = set()
-
-    def get(self, key: bytes) -> asyncio.Future[bytes | None]:
-        """The value of ``key`` (``None``: missing), read with the other reads of this loop iteration."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes | None] = loop.create_future()
-        pending = self._pending
-        pending.append((key, fut))
-        if len(pending) >= self._cap:
-            self._flush()
-        elif len(pending) == 1:
-            loop.call_soon(self._flush)
-        return fut
-
-    async def close(self) -> None:
-        """Wait for the batches in flight (call after closing the clients: they fail fast then)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _flush(self) -> None:
-        batch = self._pending
-        if not batch:
-            return
-        self._pending = []
-        assert self._loop is not None
-        task = self._loop.create_task(self._send(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, batch: list[tuple[bytes, asyncio.Future[bytes | None]]]) -> None:
-        metrics = self.metrics
-        metrics.read_batches += 1
-        metrics.read_batch_keys += len(batch)
-        try:
-            if len(batch) == 1:
-                values = [await self.client.get(batch[0][0])]
-            else:
-                values = await self.client.mget([key for key, _ in batch])
-        except (UpstreamTimeoutError, TimeoutError, ClientError, OSError) as exc:  # unreachable or slow: the same for every key
-            _fail_all(batch, exc)
-            return
-        except (ServerError, RemoteProtocolError) as exc:  # may be one key's fault, or an answer too large
-            too_large = isinstance(exc, (RemoteProtocolError, FrameTooLargeError))
-            if len(batch) == 1 and not too_large:
-                _fail_all(batch, exc)
-                return
-            metrics.read_batch_fallbacks += 1
-            if too_large:  # one GET at a time until the hint has decayed
-                self._hint = MAX_VALUE_BYTES
-                self._cap = 1
-            await asyncio.gather(*(self._one(key, fut) for key, fut in batch))
-            return
-        except asyncio.CancelledError:  # no read may wait forever
-            _fail_all(batch, ClientError("the read was cancelled"))
-            raise
-        except Exception as exc:  # a bug: every request of the batch answers 500 (logged)
-            _fail_all(batch, exc)
-            return
-        largest = 0
-        for (_, fut), value in zip(batch, values, strict=True):
-            if value is not None and len(value) > largest:
-                largest = len(value)
-            if not fut.done():
-                fut.set_result(value)
-        hint = self._hint
-        hint = largest if largest > hint else max(_MIN_VALUE_HINT_BYTES, hint - (hint >> 4))
-        if hint != self._hint:
-            self._hint = hint
-            self._cap = max(1, min(self.max_keys, BATCH_ANSWER_BYTES // hint))
-
-    async def _one(self, key: bytes, fut: asyncio.Future[bytes | None]) -> None:
-        try:
-            value = await self.fallback.get(key)
-        except Exception as exc:
-            if not fut.done():
-                fut.set_exception(exc)
-            return
-        if not fut.done():
-            fut.set_result(value)
-
-
-def _fail_all(batch: list[tuple[bytes, asyncio.Future[bytes | None]]], exc: BaseException) -> None:
-    for _, fut in batch:
-        if not fut.done():
-            fut.set_exception(exc)
+    main = ClientConfig(
+        config.master,
+        timeout=config.timeout,
+        connect_timeout=min(config.timeout, 2.0),
+        auth_token=config.auth_token,
+        client_name="dcache-http",
+    )
+    health = replace(
+        main,
+        timeout=config.health_timeout,
+        connect_timeout=config.health_timeout,
+        min_connections=0,
+        max_connections=1,
+        retries=0,
+    )
+    return main, health
 
 
 # -- handlers -------------------------------------------------------------------------
@@ -472,9 +362,9 @@ class _Shim:
     #: Set when the app starts (``clients``); requests are served only after that.
     client: Client
     health_clients: dict[str, Client]
-    #: The client the batched reads go over (``_GetBatcher``), and the batcher.
+    #: The client the batched reads go over, and the batcher.
     read_client: Client
-    reads: _GetBatcher
+    reads: GetBatcher
     #: How a handler reads a key: ``reads.get``, or ``client.get`` with ``--read-batch 1``.
     read: Callable[[bytes], Awaitable[bytes | None]]
     router: web.UrlDispatcher
@@ -496,24 +386,13 @@ class _Shim:
     async def clients(self, app: web.Application) -> AsyncIterator[None]:
         """``cleanup_ctx``: open the dcache clients on start, close them on stop."""
         config = self.config
-        common: dict[str, Any] = {"auth_token": config.auth_token, "client_name": "dcache-http"}
-        self.client = app[CLIENT_KEY] = Client(
-            list(config.master), timeout=config.timeout, connect_timeout=min(config.timeout, 2.0), **common
-        )
-        self.read_client = Client(list(config.master), timeout=config.timeout, connect_timeout=min(config.timeout, 2.0), **common)
-        self.reads = _GetBatcher(self.read_client, self.client, self.metrics, config.read_batch)
+        main, health = client_configs(config)
+        self.client = app[CLIENT_KEY] = Client(config=main)
+        self.read_client = Client(config=main)
+        self.reads = GetBatcher(self.read_client, fallback=self.client, max_keys=config.read_batch, stats=self.metrics.reads)
         self.read = self.reads.get if config.read_batch > 1 else self.client.get
         self.health_clients = app[HEALTH_CLIENTS_KEY] = {
-            m: Client(
-                m,
-                timeout=config.health_timeout,
-                connect_timeout=config.health_timeout,
-                min_connections=0,
-                max_connections=1,
-                retries=0,
-                **common,
-            )
-            for m in config.master
+            endpoint: Client(config=replace(health, endpoints=endpoint)) for endpoint in health.endpoints
         }
         try:
             yield

@@ -1,18 +1,26 @@
-"""Run the HTTP shim: listen, print ``READY host:port``, stop gracefully on SIGTERM/SIGINT."""
+"""The HTTP shim as a daemon: ``HttpDaemon``, run by ``dcache.daemon.serve`` like every role.
+
+``serve`` gives it the same lifecycle as the aux nodes and masters: the
+``READY host:port`` line, SIGTERM/SIGINT handled at the edge, and a graceful
+stop (``close``: stop accepting, let requests in flight finish within
+``shutdown_grace``, then close the dcache clients). The shim serves its own
+``/metrics``, so it needs no separate metrics port.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from aiohttp import web
+from prometheus_client.registry import Collector
 
 from ..address import format_address
 from ..config import HttpConfig
-from .app import create_app
+from ..daemon import run, serve
+from .app import METRICS_KEY, create_app
 
-__all__ = ["serve_http", "run_http"]
+__all__ = ["HttpDaemon", "serve_http", "run_http"]
 
 log = logging.getLogger("dcache.http")
 
@@ -23,41 +31,65 @@ log = logging.getLogger("dcache.http")
 MAX_REQUEST_LINE_BYTES = 128 * 1024
 
 
-async def serve_http(config: HttpConfig, *, ready: bool = True) -> None:
-    """Serve until SIGTERM or SIGINT, then stop accepting, let requests finish
-    (up to ``shutdown_grace`` seconds) and close the dcache clients."""
-    app = create_app(config)
-    # Access lines only at debug level: `dcache cluster` shares its terminal with the shim.
-    access_log = logging.getLogger("aiohttp.access") if config.log_level.lower() == "debug" else None
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=access_log,
-        shutdown_timeout=config.shutdown_grace,
-        max_line_size=MAX_REQUEST_LINE_BYTES,
-    )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+class HttpDaemon:
+    """The shim's app and its listener, for ``dcache.daemon.serve``.
+
+    Args:
+        config: the shim's settings.
+    """
+
+    __slots__ = ("config", "app", "_runner")
+
+    role = "http"
+    node_id = "shim"
+
+    def __init__(self, config: HttpConfig) -> None:
+        self.config = config
+        self.app = create_app(config)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        """Start the app (its dcache clients too) and listen; return ``host:port``."""
+        config = self.config
+        # Access lines only at debug level: `dcache cluster` shares its terminal with the shim.
+        access_log = logging.getLogger("aiohttp.access") if config.log_level.lower() == "debug" else None
+        runner = web.AppRunner(
+            self.app,
+            handle_signals=False,
+            access_log=access_log,
+            shutdown_timeout=config.shutdown_grace,
+            max_line_size=MAX_REQUEST_LINE_BYTES,
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, config.host, config.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
         host, port = runner.addresses[0][:2]
-        where = format_address(host, port)
-        log.info("http shim listening on %s, masters %s", where, ",".join(config.master))
-        if ready:
-            print(f"READY {where}", flush=True)
-        await stop.wait()
-        log.info("http shim shutting down")
-    finally:
-        await runner.cleanup()
+        log.info("http shim in front of masters %s", ",".join(config.master))
+        return format_address(host, port)
+
+    def collector(self) -> Collector:
+        """The shim's metrics (also served at its own ``/metrics``)."""
+        return self.app[METRICS_KEY]
+
+    async def before_close(self, sig: int, again: asyncio.Event) -> None:
+        """Nothing to do before stopping: requests in flight finish in ``close``."""
+
+    async def close(self) -> None:
+        """Stop accepting, let requests finish (up to ``shutdown_grace`` seconds), close the dcache clients (idempotent)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def serve_http(config: HttpConfig, *, ready: bool = True) -> None:
+    """Serve the shim until SIGTERM or SIGINT, then stop gracefully (``dcache.daemon.serve``)."""
+    await serve(HttpDaemon(config), host=config.host, metrics_port=None, ready=ready)
 
 
 def run_http(config: HttpConfig) -> int:
     """Blocking entry point used by the CLI."""
-    import uvloop
-
-    uvloop.run(serve_http(config))
-    return 0
+    return run(lambda: HttpDaemon(config), host=config.host, metrics_port=None)

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -435,100 +435,3 @@ async def test_read_batch_1_sends_one_get_per_request(stack: Stack) -> None:
         assert _metric(text, "dcache_http_read_batches_total") == 0
     finally:
         assert shim.terminate() == 0, shim.stderr()
-
-
-# -- the read batcher in process, over fake clients ----------------------------------
-
-
-class FakeClient:
-    """The two ``Client`` calls the batcher makes, over a dict, recording them."""
-
-    def __init__(self, store: dict[bytes, bytes], *, mget_error: Exception | None = None, errors: dict[bytes, Exception] | None = None):
-        self.store = store
-        self.mget_error = mget_error
-        self.errors = errors or {}
-        self.calls: list[tuple[str, list[bytes]]] = []
-
-    async def get(self, key: bytes) -> bytes | None:
-        self.calls.append(("get", [key]))
-        await asyncio.sleep(0)
-        if key in self.errors:
-            raise self.errors[key]
-        return self.store.get(key)
-
-    async def mget(self, keys: list[bytes]) -> list[bytes | None]:
-        self.calls.append(("mget", list(keys)))
-        await asyncio.sleep(0)
-        if self.mget_error is not None:
-            raise self.mget_error
-        return [self.store.get(k) for k in keys]
-
-
-def _batcher(client: FakeClient, fallback: FakeClient, max_keys: int = 64) -> Any:
-    from dcache.http._metrics import HttpMetrics
-    from dcache.http.app import _GetBatcher
-
-    return _GetBatcher(cast(Any, client), cast(Any, fallback), HttpMetrics(), max_keys)
-
-
-STORE = {b"k%d" % i: b"v%d" % i for i in range(20)}
-
-
-async def test_batcher_sends_one_mget_per_loop_iteration_and_caps_it() -> None:
-    client, fallback = FakeClient(STORE), FakeClient(STORE)
-    batcher = _batcher(client, fallback, max_keys=4)
-    keys = [b"k%d" % i for i in range(10)] + [b"nope"]
-    assert await asyncio.gather(*(batcher.get(k) for k in keys)) == [STORE.get(k) for k in keys]
-    assert client.calls == [("mget", keys[0:4]), ("mget", keys[4:8]), ("mget", keys[8:11])]
-    assert await batcher.get(b"k1") == b"v1"  # alone: a GET
-    assert client.calls[-1] == ("get", [b"k1"]) and not fallback.calls
-    assert (batcher.metrics.read_batches, batcher.metrics.read_batch_keys) == (4, 12)
-    await batcher.close()
-
-
-async def test_batcher_plans_smaller_batches_after_large_values() -> None:
-    from dcache.http.app import BATCH_ANSWER_BYTES
-
-    big = {b"b%d" % i: b"x" * (BATCH_ANSWER_BYTES // 4) for i in range(12)}
-    client = FakeClient(big)
-    batcher = _batcher(client, FakeClient(big))
-    await asyncio.gather(*(batcher.get(b"b%d" % i) for i in range(3)))
-    client.calls.clear()
-    await asyncio.gather(*(batcher.get(b"b%d" % i) for i in range(12)))
-    assert [len(keys) for _, keys in client.calls] == [4, 4, 4]
-
-
-async def test_batcher_rereads_key_by_key_when_the_answer_is_refused() -> None:
-    from dcache.errors import RemoteProtocolError
-
-    client = FakeClient(STORE, mget_error=RemoteProtocolError("frame of 40000000 bytes exceeds the limit of 33554432 bytes"))
-    fallback = FakeClient(STORE)
-    batcher = _batcher(client, fallback)
-    keys = [b"k1", b"k2", b"nope"]
-    assert await asyncio.gather(*(batcher.get(k) for k in keys)) == [b"v1", b"v2", None]
-    assert sorted(fallback.calls) == [("get", [k]) for k in sorted(keys)]
-    assert batcher.metrics.read_batch_fallbacks == 1
-    client.mget_error = None
-    await asyncio.gather(*(batcher.get(k) for k in keys))  # one GET at a time while the size hint decays
-    assert client.calls[1:] == [("get", [k]) for k in keys]
-
-
-async def test_batcher_gives_a_key_error_to_that_key_only() -> None:
-    from dcache.errors import KeyTooLargeError
-
-    client = FakeClient(STORE, mget_error=KeyTooLargeError("key too large"))
-    fallback = FakeClient(STORE, errors={b"long": KeyTooLargeError("key too large")})
-    batcher = _batcher(client, fallback)
-    answers = await asyncio.gather(*(batcher.get(k) for k in [b"k1", b"long", b"k3"]), return_exceptions=True)
-    assert answers[0] == b"v1" and answers[2] == b"v3" and isinstance(answers[1], KeyTooLargeError)
-    client.mget_error = None
-    await asyncio.gather(*(batcher.get(k) for k in [b"k1", b"k3"]))  # still batching
-    assert client.calls[-1] == ("mget", [b"k1", b"k3"])
-
-
-async def test_batcher_gives_a_timeout_to_every_key_without_retrying() -> None:
-    client, fallback = FakeClient(STORE, mget_error=TimeoutError("dcache call timed out")), FakeClient(STORE)
-    batcher = _batcher(client, fallback)
-    answers = await asyncio.gather(*(batcher.get(k) for k in [b"k1", b"k2"]), return_exceptions=True)
-    assert all(isinstance(a, TimeoutError) for a in answers) and not fallback.calls
-    assert batcher.metrics.read_batch_fallbacks == 0

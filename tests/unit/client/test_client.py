@@ -6,10 +6,11 @@ import asyncio
 import gc
 import math
 import threading
+from dataclasses import replace
 
 import pytest
 
-from dcache.client import Client, SyncClient, create_client
+from dcache.client import Client, ClientConfig, SyncClient, create_client
 from dcache.errors import (
     BadArgumentsError,
     ConfigError,
@@ -124,6 +125,71 @@ def test_bad_config():
         Client("h:1", retries=-1)
     c = Client("a:1, b:2,[::1]:3")
     assert c.endpoints == ("a:1", "b:2", "[::1]:3")
+    assert c.config == ClientConfig(["a:1", "b:2", "[::1]:3"])
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"endpoints": 7}, "endpoints"),
+        ({"endpoints": ["a:1", 2]}, "endpoints"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": math.nan}, "timeout"),
+        ({"timeout": "5"}, "timeout"),
+        ({"connect_timeout": -1}, "connect_timeout"),
+        ({"acquire_timeout": 0}, "acquire_timeout"),
+        ({"min_connections": -1}, "min_connections"),
+        ({"min_connections": 5}, "min_connections"),
+        ({"max_connections": 0}, "max_connections"),
+        ({"max_in_flight": 0}, "max_in_flight"),
+        ({"max_in_flight": True}, "max_in_flight"),
+        ({"retries": -1}, "retries"),
+        ({"backoff_max": 0.01}, "backoff_max"),
+        ({"auth_token": b"x"}, "auth_token"),
+        ({"client_name": 3}, "client_name"),
+        ({"limits": {"max_key_bytes": 8}}, "limits"),
+    ],
+)
+def test_client_config_names_the_bad_field(options, field):
+    options = {"endpoints": "h:1", **options}
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        ClientConfig(**options)
+
+
+def test_client_config_normalizes_and_is_taken_whole():
+    config = ClientConfig("b:2, [::1]:3", timeout=1, acquire_timeout=1, limits=Limits(max_key_bytes=8))
+    assert config.endpoints == ("b:2", "[::1]:3") and config.addresses == (("b", 2), ("::1", 3))
+    assert config.timeout == 1.0 and isinstance(config.timeout, float)
+    assert replace(config, endpoints="c:4").addresses == (("c", 4),)
+    c = Client(config=config)
+    assert c.config is config and c.endpoints == ("b:2", "[::1]:3")
+    with pytest.raises(TypeError):
+        Client("b:2", config=config)
+    with pytest.raises(TypeError):
+        Client(config=config, timeout=2)
+    with pytest.raises(TypeError):
+        Client()
+    with pytest.raises(TypeError):
+        Client("b:2", timeuot=2)
+
+
+async def test_client_from_config_round_trip(server):
+    config = ClientConfig(server.address, timeout=2.0, client_name="whole")
+    async with await create_client(config=config) as c:
+        assert await c.set("k", b"v") and await c.get("k") == b"v"
+    assert server.requests(Op.HELLO)[0][-1] == "whole"
+
+
+def test_retry_rule_is_the_op_table():
+    from dcache.client.client import _retry_safe
+    from dcache.protocol import OPS
+
+    for op, spec in OPS.items():
+        if op != Op.SET:
+            assert _retry_safe(op, ()) is spec.retry_safe, spec.name
+    assert _retry_safe(Op.SET, (b"k", b"v", None, 0)) and _retry_safe(Op.SET, (b"k", b"v"))
+    assert not _retry_safe(Op.SET, (b"k", b"v", None, 1)) and not _retry_safe(Op.SET, (b"k", b"v", None, 2))
+    assert not _retry_safe(999, ())
 
 
 async def test_server_error_is_mapped(server):

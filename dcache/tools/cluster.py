@@ -16,57 +16,82 @@ printed is then ``READY host:port`` of the first master.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_cluster_arguments", "run_cluster_cli", "LocalCluster"]
+from ..errors import ConfigError
+
+__all__ = ["ClusterOptions", "LocalCluster", "run_cluster"]
 
 _READY_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 15.0
 
 
-def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``dcache cluster`` flags."""
-    parser.add_argument("--masters", type=int, default=2, help="number of masters (default: 2)")
-    parser.add_argument("--aux", type=int, default=3, help="number of aux nodes (default: 3)")
-    parser.add_argument("--replicas", type=int, default=1, help="copies of each key (default: 1)")
-    parser.add_argument("--data-dir", default="./data", help="folder for the aux nodes' snapshots, one subfolder each (default: ./data)")
-    parser.add_argument("--port", type=int, default=7000, help="first master's port; the others follow (default: 7000; 0: free ports)")
-    parser.add_argument(
-        "--http-port", type=int, default=None, help="HTTP shim's port (default: 8080, or a free port with --port 0; -1: no shim)"
-    )
-    parser.add_argument("--aux-port", type=int, default=7101, help="first aux node's port; the others follow (default: 7101)")
-    parser.add_argument("--max-memory", default="256MB", help="byte budget of each aux node (default: 256MB)")
-    parser.add_argument("--snapshot-interval", type=float, default=10.0, help="seconds between aux snapshots (default: 10)")
-    parser.add_argument("--log-level", default="info", help="log level of every process (default: info)")
-    parser.add_argument(
-        "--zookeeper",
-        default=None,
-        metavar="HOSTS",
-        help="ZooKeeper HOST:PORT[,...]: membership, leader election and the ring live there (default: the first master coordinates)",
-    )
-    parser.add_argument("--cluster", default="dcache", help="cluster name in ZooKeeper, with --zookeeper (default: dcache)")
+@dataclass(frozen=True, slots=True)
+class ClusterOptions:
+    """The shape of one local cluster (``dcache cluster`` builds it from its flags).
+
+    Attributes:
+        masters: number of masters.
+        aux: number of aux nodes.
+        replicas: copies of each key.
+        data_dir: folder for the aux nodes' snapshots, one subfolder each.
+        port: first master's port; the others follow (0: free ports for every process).
+        http_port: the HTTP shim's port (``None``: 8080, or a free port with
+            ``port`` 0; -1: no shim).
+        aux_port: first aux node's port; the others follow.
+        max_memory: byte budget of each aux node (``256MB``...).
+        snapshot_interval: seconds between aux snapshots.
+        log_level: log level of every process.
+        zookeeper: ZooKeeper ``HOST:PORT[,...]``: membership, leader election
+            and the ring live there (``None``: the first master coordinates).
+        cluster: cluster name in ZooKeeper.
+
+    Raises:
+        ConfigError: fewer than one master, aux node or replica, or more
+            replicas than aux nodes.
+    """
+
+    masters: int = 2
+    aux: int = 3
+    replicas: int = 1
+    data_dir: str = "./data"
+    port: int = 7000
+    http_port: int | None = None
+    aux_port: int = 7101
+    max_memory: str = "256MB"
+    snapshot_interval: float = 10.0
+    log_level: str = "info"
+    zookeeper: str | None = None
+    cluster: str = "dcache"
+
+    def __post_init__(self) -> None:
+        for name in ("masters", "aux", "replicas"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.replicas > self.aux:
+            raise ConfigError(f"replicas: {self.replicas} exceeds the number of aux nodes ({self.aux})")
 
 
 class LocalCluster:
     """The processes of one local cluster."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, opts: ClusterOptions) -> None:
+        self.opts = opts
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.masters: list[tuple[str, str]] = []  # (name, addr)
         self.aux: list[tuple[str, str]] = []
         self.http: str | None = None  # host:port of the HTTP shim
 
     def _spawn(self, name: str, role: str, *argv: str) -> str:
-        cmd = [sys.executable, "-m", "dcache", role, "--host", "127.0.0.1", "--log-level", self.args.log_level, *argv]
+        cmd = [sys.executable, "-m", "dcache", role, "--host", "127.0.0.1", "--log-level", self.opts.log_level, *argv]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.procs.append((name, proc))
         line = _read_ready(proc, _READY_TIMEOUT_S)
@@ -75,7 +100,7 @@ class LocalCluster:
         return line.split()[1]
 
     def start(self) -> None:
-        a = self.args
+        a = self.opts
         data = Path(a.data_dir)
         zk = ["--zookeeper", a.zookeeper, "--cluster", a.cluster] if a.zookeeper else []
         coordinator = self._spawn("m1", "master", "--port", str(a.port), "--node-id", "m1", "--replicas", str(a.replicas), *zk)
@@ -111,7 +136,7 @@ class LocalCluster:
             self.http = self._spawn("http", "http", "--port", str(http_port), "--master", ",".join(addr for _, addr in self.masters))
 
     def _start_followers(self, first: str, membership: list[str]) -> None:
-        a = self.args
+        a = self.opts
         for i in range(1, a.masters):
             name = f"m{i + 1}"
             port = 0 if a.port == 0 else a.port + i
@@ -121,8 +146,8 @@ class LocalCluster:
     def describe(self) -> str:
         lines = []
         for i, (name, addr) in enumerate(self.masters):
-            if self.args.zookeeper:
-                role = f"(ZooKeeper {self.args.zookeeper}, cluster {self.args.cluster})"
+            if self.opts.zookeeper:
+                role = f"(ZooKeeper {self.opts.zookeeper}, cluster {self.opts.cluster})"
             else:
                 role = "(coordinator)" if i == 0 else "(follower)"
             lines.append(f"master {name}  {addr}  {role}")
@@ -163,8 +188,8 @@ def _wait_members(addr: str, expected: set[str], timeout: float) -> None:
     """Wait (bounded) until the coordinator has every aux node up and no migration runs."""
     import asyncio
 
-    from .client import Client
-    from .protocol import Op
+    from ..client import Client
+    from ..protocol import Op
 
     async def poll() -> None:
         deadline = time.monotonic() + timeout
@@ -194,15 +219,9 @@ def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> str:
     return out[0] if out else ""
 
 
-def run_cluster_cli(args: argparse.Namespace) -> int:
-    """Entry point of ``dcache cluster``; returns the exit code."""
-    if args.masters < 1 or args.aux < 1 or args.replicas < 1:
-        print("dcache cluster: --masters, --aux and --replicas must be at least 1", file=sys.stderr)
-        return 2
-    if args.replicas > args.aux:
-        print("dcache cluster: --replicas cannot exceed --aux", file=sys.stderr)
-        return 2
-    cluster = LocalCluster(args)
+def run_cluster(opts: ClusterOptions) -> int:
+    """Start the cluster, supervise it until SIGINT or SIGTERM, stop it; return the exit code."""
+    cluster = LocalCluster(opts)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -22,7 +22,6 @@ Both print a progress line on stderr and a summary at the end.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -30,29 +29,17 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from .address import parse_address
-from .client import Client
-from .client.connection import open_connection
-from .files import open_private
-from .lru.snapshot import load, pack_entries, write_packed
-from .protocol import Op
-from .ring import HashRing
+from ..address import parse_address
+from ..client import Client, open_connection
+from ..files import open_private
+from ..lru.snapshot import load, pack_entries, write_packed
+from ..protocol import Op
+from ..ring import HashRing
 
-__all__ = ["add_dump_arguments", "add_restore_arguments", "dump_cluster", "restore_cluster"]
+__all__ = ["dump_cluster", "restore_cluster"]
 
 _PAGE = 1000
 _MIGRATION_WAIT_S = 60.0
-
-
-def add_dump_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``dcache dump`` flags (``--addr``, ``--timeout``, ``--auth-token`` come from the CLI)."""
-    parser.add_argument("--out", required=True, help="file to write (replaced atomically when complete)")
-
-
-def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``dcache restore`` flags."""
-    parser.add_argument("--in", dest="infile", required=True, help="file written by dcache dump")
-    parser.add_argument("--batch", type=int, default=500, help="entries per APPLY request (default: 500)")
 
 
 class _Progress:

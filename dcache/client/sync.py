@@ -1,0 +1,190 @@
+"""``SyncClient``: the ``Client`` API, blocking, run on a private event loop thread.
+
+The loop (uvloop when installed) runs in a daemon thread that the
+``SyncClient`` owns; each method submits the matching ``Client`` coroutine
+with ``asyncio.run_coroutine_threadsafe`` and blocks for its result, so
+timeouts and errors are exactly ``Client``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import warnings
+from collections.abc import Coroutine, Iterable, Sequence
+from concurrent.futures import Future as ConcurrentFuture
+from types import TracebackType
+from typing import Any, TypeVar
+
+from ..errors import PoolClosedError
+from .client import Client, Key, Pairs, Value
+
+__all__ = ["SyncClient"]
+
+_T = TypeVar("_T")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()  # here, not in the caller's thread: also runs when an unclosed SyncClient is collected
+
+
+def _shutdown_soon(loop: asyncio.AbstractEventLoop, client: Client) -> None:
+    async def shutdown() -> None:
+        try:
+            await client.close()
+        finally:
+            loop.stop()
+
+    loop.create_task(shutdown())
+
+
+class SyncClient:
+    """Blocking client: the ``Client`` API run on a private event loop thread.
+
+    The loop (uvloop when installed) runs in a daemon thread; each method
+    submits the matching ``Client`` coroutine and blocks for its result, so
+    the timeouts and errors are the same as ``Client``'s. Safe to call from
+    several threads at once. Close it (or use ``with``).
+
+    Args:
+        endpoints: as for ``Client``.
+        **options: keyword arguments of ``Client`` (its options, or ``config=``).
+
+    Raises:
+        ConfigError: bad endpoints or options.
+    """
+
+    def __init__(self, endpoints: str | Sequence[str] | None = None, **options: Any) -> None:
+        self._closed = True  # until the thread runs, for __del__
+        self._client = Client(endpoints, **options)
+        self._loop = _new_loop()
+        self._thread = threading.Thread(target=_run_loop, args=(self._loop,), name="dcache-sync-client", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<SyncClient {','.join(self._client.endpoints)}{' closed' if self._closed else ''}>"
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        if self._closed:
+            coro.close()
+            raise PoolClosedError("the client is closed")
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("SyncClient methods cannot be called from its own event loop thread")
+        fut: ConcurrentFuture[_T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result()
+        except BaseException:
+            fut.cancel()  # e.g. KeyboardInterrupt while waiting
+            raise
+
+    @property
+    def client(self) -> Client:
+        """The underlying asyncio ``Client`` (runs on this object's loop thread)."""
+        return self._client
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections and stop the loop thread (idempotent)."""
+        if self._closed:
+            return
+        try:
+            self._run(self._client.close())
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            # Close the connections and stop the thread without blocking: this
+            # may run in any thread, the loop's own included.
+            try:
+                self._loop.call_soon_threadsafe(_shutdown_soon, self._loop, self._client)
+            except RuntimeError:  # the loop is already closed
+                pass
+
+    def connect(self) -> None:
+        """Connect now (see ``Client.connect``)."""
+        self._run(self._client.connect())
+
+    def execute(self, op: int, *args: Any) -> Any:
+        """Send one raw request (see ``Client.execute``)."""
+        return self._run(self._client.execute(op, *args))
+
+    def get(self, key: Key) -> bytes | None:
+        """The value of ``key`` as bytes, or ``None`` (see ``Client.get``)."""
+        return self._run(self._client.get(key))
+
+    def set(self, key: Key, value: Value, ttl: float | None = None, *, nx: bool = False, xx: bool = False) -> bool:
+        """Store ``value``; ``False`` if the nx/xx condition failed (see ``Client.set``)."""
+        return self._run(self._client.set(key, value, ttl, nx=nx, xx=xx))
+
+    def delete(self, key: Key) -> bool:
+        """Delete ``key``; ``True`` if it existed (see ``Client.delete``)."""
+        return self._run(self._client.delete(key))
+
+    def mget(self, keys: Iterable[Key]) -> list[bytes | None]:
+        """Values of several keys in order, ``None`` for missing (see ``Client.mget``)."""
+        return self._run(self._client.mget(keys))
+
+    def mset(self, mapping: Pairs, ttl: float | None = None) -> int:
+        """Store several pairs; returns how many were stored (see ``Client.mset``)."""
+        return self._run(self._client.mset(mapping, ttl))
+
+    def exists(self, key: Key) -> bool:
+        """Whether ``key`` exists (see ``Client.exists``)."""
+        return self._run(self._client.exists(key))
+
+    def expire(self, key: Key, ttl: float) -> bool:
+        """Expire ``key`` in ``ttl`` seconds; ``True`` if it existed (see ``Client.expire``)."""
+        return self._run(self._client.expire(key, ttl))
+
+    def ttl(self, key: Key) -> float | None:
+        """Seconds left; ``None`` if missing, ``-1.0`` if no expiry (see ``Client.ttl``)."""
+        return self._run(self._client.ttl(key))
+
+    def incr(self, key: Key, delta: int = 1) -> int:
+        """Add ``delta``; returns the new value (see ``Client.incr``)."""
+        return self._run(self._client.incr(key, delta))
+
+    def decr(self, key: Key, delta: int = 1) -> int:
+        """Subtract ``delta``; returns the new value (see ``Client.decr``)."""
+        return self._run(self._client.decr(key, delta))
+
+    def touch(self, key: Key) -> bool:
+        """Refresh ``key``'s recency; ``True`` if it exists (see ``Client.touch``)."""
+        return self._run(self._client.touch(key))
+
+    def ping(self) -> float:
+        """Round-trip seconds of a PING (see ``Client.ping``)."""
+        return self._run(self._client.ping())
+
+    def stats(self) -> dict[str, Any]:
+        """The server's statistics (see ``Client.stats``)."""
+        return self._run(self._client.stats())

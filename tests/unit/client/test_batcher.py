@@ -1,0 +1,110 @@
+"""GetBatcher over real Clients against the in-process fake server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dcache.client import BatchStats, Client, GetBatcher
+from dcache.errors import ConfigError, KeyTooLargeError, RemoteProtocolError
+from dcache.protocol import Limits, Op
+
+from .fakeserver import FakeServer
+
+STORE = {b"k%d" % i: b"v%d" % i for i in range(20)}
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeServer]:
+    srv = await FakeServer().start()
+    srv.data.update((k, (v, None)) for k, v in STORE.items())
+    yield srv
+    await srv.stop()
+
+
+def mgets(server: FakeServer) -> list[list[bytes]]:
+    """The keys of every MGET the server received, in arrival order."""
+    return [list(r[2]) for r in server.requests(Op.MGET)]
+
+
+def gets(server: FakeServer) -> list[bytes]:
+    return [r[2] for r in server.requests(Op.GET)]
+
+
+async def test_one_mget_per_loop_iteration_capped_and_a_lone_key_as_get(server: FakeServer) -> None:
+    async with Client(server.address) as client:
+        stats = BatchStats()
+        batcher = GetBatcher(client, max_keys=4, stats=stats)
+        keys = [b"k%d" % i for i in range(10)] + [b"nope"]
+        assert await asyncio.gather(*(batcher.get(k) for k in keys)) == [STORE.get(k) for k in keys]
+        assert sorted(mgets(server)) == sorted([keys[0:4], keys[4:8], keys[8:11]])
+        assert await batcher.get("k1") == b"v1"  # alone: a GET
+        assert gets(server) == [b"k1"]
+        assert (stats.batches, stats.keys, stats.fallbacks) == (4, 12, 0)
+        await batcher.close()
+
+
+async def test_smaller_batches_after_large_values(server: FakeServer) -> None:
+    big = {b"b%d" % i: b"x" * 16384 for i in range(12)}
+    server.data.update((k, (v, None)) for k, v in big.items())
+    async with Client(server.address) as client:
+        batcher = GetBatcher(client, answer_bytes=65536)  # room for 16 values of the smallest planned size
+        await asyncio.gather(*(batcher.get(b"b%d" % i) for i in range(3)))
+        assert [len(keys) for keys in mgets(server)] == [3]
+        await asyncio.gather(*(batcher.get(b"b%d" % i) for i in range(12)))
+        assert [len(keys) for keys in mgets(server)[1:]] == [4, 4, 4]
+
+
+async def test_an_answer_too_large_is_read_again_key_by_key(server: FakeServer) -> None:
+    value = b"y" * 2000
+    server.data.update((b"big%d" % i, (value, None)) for i in range(3))
+    limits = Limits(max_frame_bytes=4096, max_key_bytes=64, max_value_bytes=3000)  # one value fits, three do not
+    async with Client(server.address, limits=limits) as client, Client(server.address, limits=limits) as fallback:
+        batcher = GetBatcher(client, fallback=fallback)
+        keys = [b"big0", b"big1", b"big2", b"nope"]
+        assert await asyncio.gather(*(batcher.get(k) for k in keys)) == [value, value, value, None]
+        assert mgets(server) == [keys] and sorted(gets(server)) == sorted(keys)
+        assert batcher.stats.fallbacks == 1
+        await asyncio.gather(*(batcher.get(k) for k in keys))  # one GET at a time while the size hint decays
+        assert len(mgets(server)) == 1 and gets(server)[4:] == keys
+
+
+async def test_a_key_error_goes_to_that_key_only(server: FakeServer) -> None:
+    limits = Limits(max_key_bytes=8)
+    async with Client(server.address, limits=limits) as client:
+        batcher = GetBatcher(client)
+        answers = await asyncio.gather(*(batcher.get(k) for k in [b"k1", b"L" * 9, b"k3"]), return_exceptions=True)
+        assert answers[0] == b"v1" and answers[2] == b"v3" and isinstance(answers[1], KeyTooLargeError)
+        assert batcher.stats.fallbacks == 1
+        await asyncio.gather(*(batcher.get(k) for k in [b"k1", b"k3"]))  # still batching
+        assert mgets(server) == [[b"k1", b"k3"]]
+
+
+async def test_a_timeout_goes_to_every_key_without_a_second_try(server: FakeServer) -> None:
+    server.silent_ops.add(Op.MGET)
+    async with Client(server.address, timeout=0.2) as client, Client(server.address) as fallback:
+        batcher = GetBatcher(client, fallback=fallback)
+        answers = await asyncio.gather(*(batcher.get(k) for k in [b"k1", b"k2"]), return_exceptions=True)
+        assert all(isinstance(a, TimeoutError) for a in answers), answers
+        assert gets(server) == [] and batcher.stats.fallbacks == 0
+
+
+async def test_garbage_answer_to_a_lone_get_is_read_again(server: FakeServer) -> None:
+    server.garbage_ops.add(Op.GET)
+    async with Client(server.address) as client:
+        batcher = GetBatcher(client)
+        with pytest.raises(RemoteProtocolError):
+            await batcher.get(b"k1")  # the fallback (the same client) gets garbage too
+        assert batcher.stats.fallbacks == 1
+        server.garbage_ops.clear()
+        assert await batcher.get(b"k1") == b"v1"
+
+
+def test_bad_options() -> None:
+    client = Client("h:1")
+    with pytest.raises(ConfigError, match=r"^max_keys: "):
+        GetBatcher(client, max_keys=0)
+    with pytest.raises(ConfigError, match=r"^answer_bytes: "):
+        GetBatcher(client, answer_bytes=0)
