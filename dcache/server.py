@@ -126,6 +126,13 @@ SAMPLE_EVERY = 64
 #: Seconds between two WARNINGs about refused connections.
 _WARN_EVERY_S = 10.0
 
+#: After a protocol error, the most seconds a connection waits for the answers
+#: it still owes (earlier, valid requests) before it sends the error and closes.
+CLOSE_DRAIN_S = 5.0
+#: Seconds a connection stays open after its error frame and the end of its
+#: output, so the peer reads them before the socket closes.
+CLOSE_LINGER_S = 0.5
+
 
 class Histogram:
     """A latency histogram as plain numbers; the role's metrics collector exports it.
@@ -457,6 +464,7 @@ class FrameProtocol(asyncio.Protocol):
         "in_flight",
         "peer",
         "client_name",
+        "_closing_error",
     )
 
     def __init__(self, service: Service) -> None:
@@ -485,6 +493,8 @@ class FrameProtocol(asyncio.Protocol):
         self.in_flight = 0
         self.peer: Any = None
         self.client_name: str | None = None
+        #: A protocol error met while answers were still owed: sent once they are.
+        self._closing_error: RemoteProtocolError | None = None
         self.grant(service.initial_level())
 
     def grant(self, level: Credential) -> None:
@@ -539,7 +549,7 @@ class FrameProtocol(asyncio.Protocol):
             self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self._closed:
+        if self._closed or self._closing_error is not None:
             return
         t0 = perf_counter()
         decoder = self._decoder
@@ -693,6 +703,8 @@ class FrameProtocol(asyncio.Protocol):
     def _owed_one(self) -> None:
         self.in_flight -= 1
         self._service.answered()
+        if self._closing_error is not None and not self.in_flight:
+            self._finish_close()
         if self._throttled and self.in_flight <= MAX_IN_FLIGHT // 2:
             self._throttled = False
             if self._transport is not None and not self._closed and not self._paused:
@@ -772,19 +784,44 @@ class FrameProtocol(asyncio.Protocol):
     # -- closing -------------------------------------------------------------------
 
     def _protocol_error(self, exc: RemoteProtocolError) -> None:
-        """Send one connection-level error frame, then close."""
+        """Stop reading; once the answers owed for earlier requests are sent (bounded), send the error frame and close."""
         self._service.protocol_errors_total += 1
         log.info("closing connection from %s: %s", self.peer, exc)
+        if self.in_flight and self._transport is not None and not self._closed:
+            self._closing_error = exc
+            self._transport.pause_reading()
+            asyncio.get_running_loop().call_later(CLOSE_DRAIN_S, self._finish_close)
+            return
         self.abort_with(exc)
 
+    def _finish_close(self) -> None:
+        exc = self._closing_error
+        if exc is not None and not self._closed:
+            self._flush()
+            self.abort_with(exc)
+
     def abort_with(self, exc: RemoteProtocolError | ServerError) -> None:
-        """Send a connection-level error frame ``[0, status, message]`` after what is queued, then close."""
+        """Send a connection-level error frame ``[0, status, message]`` after what is queued, then close.
+
+        The write side is shut first (when the transport can) and the socket
+        closed a moment later, so the peer reads the frame before the close:
+        closing with unread input would reset the connection and lose it.
+        """
         status = exc.status if isinstance(exc, RemoteProtocolError) else exc.code
         message = str(exc) if isinstance(exc, RemoteProtocolError) else exc.message
         body = pack([CONNECTION_REQUEST_ID, int(status), message])
-        if not self._closed:
-            self._pending_out.append(_header(len(body)) + body)
-        self.close()
+        if self._closed:
+            return
+        self._pending_out.append(_header(len(body)) + body)
+        transport = self._transport
+        if transport is None or not transport.can_write_eof():
+            self.close()
+            return
+        self._closed = True
+        transport.write(b"".join(self._pending_out))
+        self._pending_out.clear()
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.close)
 
     @property
     def is_closing(self) -> bool:

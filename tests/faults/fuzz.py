@@ -429,6 +429,8 @@ class Gen:
             Op.RING: lambda: [],
             Op.JOIN: self._bad_join if master else self._join,
             Op.LEAVE: lambda: [r.choice([f"fuzz-{r.randint(0, 9)}", "", self.any(1)])],
+            # unknown node ids only: fencing a real node is a real cluster op
+            Op.FENCE: lambda: [r.choice([f"fuzz-{r.randint(0, 9)}", "", self.any(1)]), self.int_(), r.choice([None, "fuzz", self.any(1)])],
             Op.SYNC: lambda: [
                 r.choice(["fuzz-f1", "fuzz-f2", "", self.any(1)]),
                 r.choice([2**62, 2**63 - 1, self.any(1)]),
