@@ -26,7 +26,7 @@ async def test_runs_on_the_loop_its_id_names(request: pytest.FixtureRequest) -> 
     assert loop.get_exception_handler() is not None
 
 
-_INNER = '''
+_INNER = """
 import asyncio
 
 
@@ -61,7 +61,7 @@ async def test_clean():
 
 def test_sync():
     pass
-'''
+"""
 
 
 def test_exception_handler_calls_fail_the_test_that_caused_them(tmp_path: Path) -> None:
