@@ -187,7 +187,7 @@ class PeerConnection(asyncio.Protocol):
         finally:
             if not fut.done():
                 fut.cancel()
-                self.requests.forget(rid, done)
+            self.requests.forget(rid, done)  # a timeout cancels fut before this runs: forget unconditionally
 
     @property
     def is_closing(self) -> bool:
