@@ -72,26 +72,44 @@ class FakeCluster:
         ids: Iterable[str] = ("a1", "a2", "a3"),
         replicas: int = 2,
         *,
+        spare: Iterable[str] = (),
         write_quorum: int = 0,
         timeout: float = 5.0,
         suspect_after: float = 5.0,
     ) -> None:
         self.ids = list(ids)
-        self.auxes = {n: AuxNode(AuxConfig(node_id=n)) for n in self.ids}
+        #: Aux nodes not in the first view (they may join later).
+        self.spare = list(spare)
+        self.auxes = {n: AuxNode(AuxConfig(node_id=n)) for n in self.ids + self.spare}
+        self._timeout = timeout
+        self._suspect_after = suspect_after
         self.held: set[str] = set()
         self.overrides: dict[tuple[str, int], Callable[[list[Any]], Any]] = {}
         self.fake = FakeAux(self._answer)
         self.members = [Member(n, "127.0.0.1", 7100 + i) for i, n in enumerate(self.ids)]
         self.view = ClusterView.initial(self.members, replicas, epoch=1)
         self.clock = HybridClock("m1")
-        self.links: dict[str, AuxLink] = {
-            m.node_id: AuxLink(m.node_id, m.host, m.port, size=1, timeout=timeout, suspect_after=suspect_after, factory=self.fake.connect)
-            for m in self.members
-        }
+        self.links: dict[str, AuxLink] = {m.node_id: self._link(m) for m in self.members}
         self.router = Router(self.view, self.links, self.clock, write_quorum)
         self.recovered: list[str] = []
-        for link in self.links.values():
-            link.on_recover = self._on_recover
+        #: Every view ``adopt`` was given, in order.
+        self.views: list[ClusterView] = []
+
+    def _link(self, m: Member) -> AuxLink:
+        link = AuxLink(
+            m.node_id, m.host, m.port, size=1, timeout=self._timeout, suspect_after=self._suspect_after, factory=self.fake.connect
+        )
+        link.on_recover = self._on_recover
+        return link
+
+    def adopt(self, view: ClusterView) -> None:
+        """Route by ``view`` and open links to its new members (a membership's ``on_view``, as a master node's)."""
+        self.views.append(view)
+        for node_id, m in view.members.items():
+            if node_id not in self.links:
+                link = self.links[node_id] = self._link(m)
+                link.start()
+        self.router.view = view
 
     def _on_recover(self, node_id: str) -> None:
         self.recovered.append(node_id)
