@@ -253,7 +253,7 @@ def views(draw: st.DrawFn) -> ClusterView:
     return ClusterView(2, draw(st.integers(0, 3)), replicas, ms, ring, prev)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(view=views(), key=st.binary(min_size=1, max_size=8))
 def test_routing_invariants_in_any_state(view: ClusterView, key: bytes) -> None:
     reads = view.read_candidates(key)
