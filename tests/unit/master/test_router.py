@@ -238,6 +238,20 @@ async def test_first_owner_reads_of_one_iteration_leave_as_one_mget(cluster: Fak
     await until(lambda: cluster.entry("a1", keys[3]) == [b"v3", 0, version], what="the repair")
 
 
+async def test_each_first_owner_gets_its_own_mget(cluster: FakeCluster) -> None:
+    by_node = {n: keys_owned_by(cluster, 2, n) for n in ("a1", "a2", "a3")}
+    sink = Sink()
+    rid = 0
+    for keys in by_node.values():
+        for key in keys:
+            rid += 1
+            cluster.router.get(sink, rid, key)
+    for r in range(1, rid + 1):
+        assert await sink.answer(r) == (OK, None)
+    for node, keys in by_node.items():
+        assert [(m[0], m[2]) for m in cluster.sent(node, Op.GET, Op.MGET)] == [(Op.MGET, keys)]
+
+
 async def test_a_lone_read_leaves_as_a_get(cluster: FakeCluster) -> None:
     key = cluster.key_owned_by("a1")
     sink = Sink()
