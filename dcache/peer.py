@@ -118,8 +118,8 @@ class PeerConnection(asyncio.Protocol):
         if self._decoder.error is not None:
             self.close()
 
-    def send(self, op: int, args: tuple[Any, ...], cb: Callback, deadline: float) -> int:
-        """Queue one request; ``cb`` gets its answer (or a timeout once ``deadline`` passes); returns its id."""
+    def send(self, op: int, args: tuple[Any, ...], cb: Callback, deadline: float | None) -> int:
+        """Queue one request; ``cb`` gets its answer (or a timeout once ``deadline`` passes, see ``fail_overdue``); returns its id."""
         rid = self.requests.add(cb, deadline)
         queue_frame(self._out, _pack([op, rid, *args]))
         if not self._flush_scheduled:
@@ -180,14 +180,17 @@ class PeerConnection(asyncio.Protocol):
 
         if self.closed:
             raise error_from_status(_UNAVAILABLE, f"connection to {self._name} is closed")
-        rid = self.send(op, args, done, loop.time() + timeout)
+        # No deadline in the table: asyncio.timeout bounds this wait, and the
+        # connections call() is used on (follower, join agent) have no sweeper
+        # to drop answered requests' deadlines (one entry per call, forever).
+        rid = self.send(op, args, done, None)
         try:
             async with asyncio.timeout(timeout):
                 return await fut
         finally:
             if not fut.done():
                 fut.cancel()
-                self.requests.forget(rid, done)
+            self.requests.forget(rid, done)  # a timeout cancels fut before this runs: forget unconditionally
 
     @property
     def is_closing(self) -> bool:

@@ -328,9 +328,13 @@ class Service:
         cap = self.settings.max_input_buffer
         if self.buffered_input <= cap:
             return
+        # A closed connection gives its bytes back only in connection_lost (a
+        # later loop iteration): count them out here, or every holder is closed.
+        total = self.buffered_input
         for conn in sorted(self.state.connections, key=lambda c: c.buffered, reverse=True):
-            if self.buffered_input <= cap or not conn.buffered:
+            if total <= cap or not conn.buffered:
                 break
+            total -= conn.buffered
             self.input_overflows += 1
             log.warning(
                 "input buffer cap reached (%d bytes of partial frames, --max-input-buffer %d): closing %s, which holds %d",

@@ -11,14 +11,22 @@ from dcache.protocol import FrameDecoder, Op, encode_response
 
 
 class FakeTransport:
-    """Enough of an ``asyncio.Transport`` for the protocols: collects what is written."""
+    """Enough of an ``asyncio.Transport`` for the protocols: collects what is written.
 
-    def __init__(self) -> None:
+    ``protocol``: if set, ``close()`` reports the loss to it (``connection_lost``)
+    in the next loop iteration, as a real transport does.
+    """
+
+    def __init__(self, peername: Any = None) -> None:
         self.written: list[bytes] = []
         self.closed = False
         self.reading = True
+        self.peername = peername
+        self.protocol: asyncio.BaseProtocol | None = None
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername" and self.peername is not None:
+            return self.peername
         return default
 
     def write(self, data: bytes) -> None:
@@ -31,10 +39,14 @@ class FakeTransport:
         return self.closed
 
     def close(self) -> None:
+        if self.closed:
+            return
         self.closed = True
+        if self.protocol is not None:
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
 
     def abort(self) -> None:
-        self.closed = True
+        self.close()
 
     def pause_reading(self) -> None:
         self.reading = False
@@ -42,49 +54,118 @@ class FakeTransport:
     def resume_reading(self) -> None:
         self.reading = True
 
+    def frames(self) -> list[Any]:
+        """Everything written, decoded frame by frame."""
+        return FrameDecoder().feed(b"".join(self.written))
+
+
+class Reply:
+    """An answer with an explicit status, for ``FakeAux.answer`` (a nil result is ``Reply(0, None)``)."""
+
+    __slots__ = ("status", "result")
+
+    def __init__(self, status: int, result: Any) -> None:
+        self.status = int(status)
+        self.result = result
+
 
 class FakeAux:
     """An aux node on the other end of a master's fake connections: answers HELLO, records the rest.
 
     ``connect`` is a ``dcache.master.links.ConnectionFactory``: pass it to
-    ``MasterNode(config, connect=...)``. Every request other than HELLO is
-    kept in ``requests[node_id]`` and left unanswered unless ``answer`` says
-    otherwise (a callable ``(node_id, msg) -> result or None``).
+    ``MasterNode(config, connect=...)`` or ``AuxLink(..., factory=...)``.
+    Every request other than HELLO is kept in ``requests[node_id]`` and left
+    unanswered unless ``answer`` says otherwise: a callable ``(node_id, msg)
+    -> result``, where ``None`` leaves the request unanswered (``respond``
+    can answer it later) and a ``Reply`` answers with its status.
+
+    Knobs (public, set them freely): ``incarnations[node_id]`` is what its
+    HELLO reports (default 1); ``hello_replies[node_id]`` replaces its HELLO
+    answer; a node in ``silent`` answers nothing, HELLO included; connecting
+    to a node in ``refused`` fails with ``ConnectionRefusedError``.
     """
 
     def __init__(self, answer: Callable[[str, list[Any]], Any] | None = None) -> None:
         self.requests: dict[str, list[list[Any]]] = {}
         self.transports: dict[str, list[FakeTransport]] = {}
         self.answer = answer
+        self.incarnations: dict[str, int] = {}
+        self.hello_replies: dict[str, Reply] = {}
+        self.silent: set[str] = set()
+        self.refused: set[str] = set()
+        self.connects: dict[str, int] = {}
 
     async def connect(self, host: str, port: int, name: str, on_answers: Callable[[], None] | None) -> PeerConnection:
+        self.connects[name] = self.connects.get(name, 0) + 1
+        if name in self.refused:
+            raise ConnectionRefusedError(f"{host}:{port} refused the connection")
         proto = PeerConnection(f"aux node {name}", on_answers)
         transport = _AnsweringTransport(self, name, proto)
         self.transports.setdefault(name, []).append(transport)
         proto.connection_made(transport)  # type: ignore[arg-type]
         return proto
 
+    def ops(self, node_id: str, *ops: int) -> list[list[Any]]:
+        """The requests ``node_id`` received with one of ``ops`` (every op if none given), in order."""
+        return [m for m in self.requests.get(node_id, []) if not ops or m[0] in ops]
+
+    def respond(self, node_id: str, msg: list[Any], result: Any, status: int = 0) -> None:
+        """Answer a request ``node_id`` received and left unanswered (by identity of ``msg``)."""
+        for transport in self.transports.get(node_id, []):
+            if any(m is msg for m in transport.received):  # type: ignore[attr-defined]
+                transport.reply(msg[1], status, result)  # type: ignore[attr-defined]
+                return
+        raise AssertionError(f"{node_id} did not receive {msg!r}")
+
+    def drop(self, node_id: str) -> None:
+        """The connections to ``node_id`` are lost (the aux node died or the network cut them)."""
+        for transport in self.transports.get(node_id, []):
+            transport.close()
+
 
 class _AnsweringTransport(FakeTransport):
     def __init__(self, aux: FakeAux, name: str, proto: PeerConnection) -> None:
         super().__init__()
+        self.protocol = proto
         self._aux = aux
         self._name = name
         self._proto = proto
         self._decoder = FrameDecoder()
+        self.received: list[list[Any]] = []
+
+    def reply(self, rid: int, status: int, result: Any) -> None:
+        if not self.closed:
+            asyncio.get_running_loop().call_soon(self._deliver, encode_response(rid, status, result))
+
+    def _deliver(self, frame: bytes) -> None:
+        if not self.closed:
+            self._proto.data_received(frame)
 
     def write(self, data: bytes) -> None:
         super().write(data)
+        aux = self._aux
+        name = self._name
         for msg in self._decoder.feed(bytes(data)):
-            if msg[0] == Op.HELLO:
-                reply = encode_response(msg[1], 0, {"role": "aux", "node_id": self._name, "incarnation": 1})
-                asyncio.get_running_loop().call_soon(self._proto.data_received, reply)
+            if name in aux.silent:
+                self.received.append(msg)
+                if msg[0] != Op.HELLO:
+                    aux.requests.setdefault(name, []).append(msg)
                 continue
-            self._aux.requests.setdefault(self._name, []).append(msg)
-            if self._aux.answer is not None:
-                result = self._aux.answer(self._name, msg)
-                if result is not None:
-                    asyncio.get_running_loop().call_soon(self._proto.data_received, encode_response(msg[1], 0, result))
+            if msg[0] == Op.HELLO:
+                hello = aux.hello_replies.get(name)
+                if hello is not None:
+                    self.reply(msg[1], hello.status, hello.result)
+                else:
+                    self.reply(msg[1], 0, {"role": "aux", "node_id": name, "incarnation": aux.incarnations.get(name, 1)})
+                continue
+            self.received.append(msg)
+            aux.requests.setdefault(name, []).append(msg)
+            if aux.answer is not None:
+                result = aux.answer(name, msg)
+                if result.__class__ is Reply:
+                    self.reply(msg[1], result.status, result.result)
+                elif result is not None:
+                    self.reply(msg[1], 0, result)
 
     def writelines(self, chunks: list[bytes]) -> None:
         self.write(b"".join(chunks))

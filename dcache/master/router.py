@@ -127,7 +127,7 @@ class Router:
     def trusted(self, node_id: str) -> bool:
         """Whether reads may go to ``node_id`` now: connected, not suspected, no missed writes here."""
         link = self.links.get(node_id)
-        return link is not None and not link.suspect and node_id not in self.hints
+        return link is not None and link.usable and node_id not in self.hints
 
     def read_order(self, candidates: list[str]) -> list[str]:
         """``candidates`` with the nodes this master cannot trust right now moved last."""

@@ -1,115 +1,414 @@
-"""FrameProtocol memory: a closed connection is freed by reference counting alone (issue 13, finding 4).
-
-Aux nodes ``gc.freeze()`` every 5 s and masters raise the young-generation
-threshold to 50,000, so a connection that only the cyclic GC can free waits
-a long time (master) or forever (aux: frozen while open). Each test runs
-with the collector disabled and checks, through a weak reference, that the
-protocol object is gone once its connection is lost and the test drops it.
-"""
+"""The server shell (``dcache.server``): dispatch, credentials, errors, answers later, and every bound, over fake transports."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
-import msgpack
 import pytest
 
 from dcache.config import NodeConfig
-from dcache.protocol import HEADER, PROTOCOL_VERSION, Op
-from dcache.server import FrameProtocol, Service
+from dcache.errors import NotAnIntegerError, UnknownOpError
+from dcache.protocol import HEADER, MAX_HELLO_FRAME_BYTES, PROTOCOL_VERSION, Credential, Op, Status, encode_request, pack
+from dcache.server import LATER, MAX_IN_FLIGHT, UNKNOWN_OP, FrameProtocol, Service, deferred
 from tests.fakes import FakeTransport
 
-pytestmark = pytest.mark.slow  # issue 13's memory tests run together (bin/bench_churn.py measures the processes)
+from .master.fakecluster import until
+
+OK = 0
 
 
-class _WeakFrameProtocol(FrameProtocol):
-    """The FrameProtocol, plus the slot a weak reference needs."""
+class Toy(Service):
+    """A service with a few handlers that answer now, later, wrongly or not at all."""
 
-    __slots__ = ("__weakref__",)
+    role = "toy"
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__("toy-1", NodeConfig(**settings))
+        #: Requests answered LATER: (connection, request id).
+        self.later: list[tuple[FrameProtocol, int]] = []
+        self.handlers[Op.PING] = lambda conn, rid, args: "PONG"
+        self.handlers[Op.GET] = self.get
+        self.handlers[Op.STATS] = lambda conn, rid, args: self.connection_stats()
+        self.handlers[Op.SCAN] = lambda conn, rid, args: "scanned"  # a cluster op
+
+    def get(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        if key == b"later":
+            self.later.append((conn, rid))
+            return LATER
+        if key == b"boom":
+            raise RuntimeError("handler bug")
+        if key == b"unencodable":
+            return object()
+        if key == b"big":
+            return b"x" * (self.limits.max_frame_bytes + 1)
+        if key.startswith(b"deferred:"):
+            return deferred(_deferred(key[9:]))
+        return b"value of " + key
 
 
-def _frame(msg: Any) -> bytes:
-    body: bytes = msgpack.packb(msg, use_bin_type=True)
+async def _deferred(how: bytes) -> Any:
+    await asyncio.sleep(0)
+    if how == b"ok":
+        return "done later"
+    if how == b"typed":
+        raise NotAnIntegerError("not a number")
+    if how == b"bug":
+        raise KeyError("oops")
+    if how == b"cancel":
+        raise asyncio.CancelledError
+    return None
+
+
+def connect(service: Service, peer: Any = ("10.0.0.1", 5000)) -> tuple[FrameProtocol, FakeTransport]:
+    conn = service.protocol_factory()
+    transport = FakeTransport(peername=peer)
+    transport.protocol = conn
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    return conn, transport
+
+
+def req(op: int, rid: Any, *args: Any) -> bytes:
+    return encode_request(op, rid, *args)
+
+
+def raw(obj: Any) -> bytes:
+    body = pack(obj)
     return HEADER.pack(len(body)) + body
 
 
-HELLO = _frame([int(Op.HELLO), 1, PROTOCOL_VERSION, None, "t"])
-PING = _frame([int(Op.PING), 2])
+HELLO = req(Op.HELLO, 1, PROTOCOL_VERSION, "tok", "test")
 
 
-def _service(token: str | None = None) -> Service:
-    service = Service("t", NodeConfig(max_value_bytes=1024 * 1024, auth_token=token))
-    service.handlers[Op.PING] = lambda conn, rid, args: "PONG"
-    return service
+# -- dispatch ---------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def no_cyclic_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
+async def test_synchronous_answers_of_one_read_leave_in_one_write() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(req(Op.PING, 1) + req(Op.GET, 2, b"k") + req(Op.PING, 3))
+    assert len(t.written) == 1
+    assert t.frames() == [[1, OK, "PONG"], [2, OK, b"value of k"], [3, OK, "PONG"]]
+    assert svc.requests_total == 3 and svc.op_requests[Op.PING] == 2 and svc.op_requests[Op.GET] == 1
+    assert svc.errors_total == 0
 
 
-async def _serve_and_close(service: Service, *chunks: bytes) -> weakref.ref[FrameProtocol]:
-    """Open a connection on a fake transport, feed ``chunks``, lose the connection; return a weak reference.
-
-    One loop iteration runs before the connection is lost and one after, as
-    on a server: answers queued for the end of the iteration are flushed.
-    """
-    proto = _WeakFrameProtocol(service)
-    transport = FakeTransport()
-    proto.connection_made(transport)  # type: ignore[arg-type]
-    for chunk in chunks:
-        proto.data_received(chunk)
-    await asyncio.sleep(0)
-    proto.connection_lost(None)
-    ref: weakref.ref[FrameProtocol] = weakref.ref(proto)
-    del proto
-    await asyncio.sleep(0)
-    return ref
+async def test_without_a_token_every_op_is_open_and_hello_says_who_answers() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    assert conn.level == Credential.CLUSTER
+    conn.data_received(req(Op.HELLO, 1, PROTOCOL_VERSION, None, "client-x") + req(Op.SCAN, 2, [[0, 1]], 0, 10, 0))
+    hello, scan = t.frames()
+    assert hello[2]["role"] == "toy" and hello[2]["node_id"] == "toy-1" and hello[2]["version"] == PROTOCOL_VERSION
+    assert scan == [2, OK, "scanned"]
+    assert conn.client_name == "client-x"
 
 
-async def test_a_closed_connection_is_freed_by_reference_counting() -> None:
-    ref = await _serve_and_close(_service(), HELLO + PING)
-    assert ref() is None, "a closed FrameProtocol outlives its connection without the cyclic GC: " + _holders(ref)
+async def test_a_token_gates_every_op_but_hello() -> None:
+    svc = Toy(auth_token="tok")
+    conn, t = connect(svc)
+    assert conn.level == Credential.NONE
+    conn.data_received(req(Op.PING, 1) + req(Op.SCAN, 2, [[0, 1]], 0, 10, 0) + req(99, 3))
+    ping, scan, unknown = t.frames()
+    assert ping[:2] == [1, int(Status.AUTH_FAILED)] and "authentication required" in ping[2]
+    assert scan[:2] == [2, int(Status.AUTH_FAILED)]
+    assert unknown[:2] == [3, int(Status.UNKNOWN_OP)]
+    t.written.clear()
+    conn.data_received(req(Op.HELLO, 4, PROTOCOL_VERSION, "wrong", "x"))
+    assert t.frames() == [[4, int(Status.AUTH_FAILED), "invalid auth token"]]
+    assert conn.level == Credential.NONE
+    t.written.clear()
+    conn.data_received(req(Op.HELLO, 5, PROTOCOL_VERSION, "tok", "x") + req(Op.PING, 6) + req(Op.SCAN, 7, [[0, 1]], 0, 10, 0))
+    assert [f[:2] for f in t.frames()] == [[5, OK], [6, OK], [7, OK]]
+    assert int(conn.level) == Credential.CLUSTER and not t.closed
+    # refusals before auth are counted in the unknown-op slot (no handler took them), a bad HELLO under HELLO
+    assert svc.op_errors[UNKNOWN_OP] == 3 and svc.op_errors[Op.HELLO] == 1 and svc.op_errors[Op.PING] == 0
 
 
-async def test_a_connection_that_authenticated_is_freed_by_reference_counting() -> None:
-    token_hello = _frame([int(Op.HELLO), 1, PROTOCOL_VERSION, "secret", "t"])
-    ref = await _serve_and_close(_service("secret"), token_hello + PING)
-    assert ref() is None, _holders(ref)
+async def test_before_auth_only_small_frames_are_read() -> None:
+    svc = Toy(auth_token="tok", max_key_bytes=8192)
+    conn, t = connect(svc)
+    conn.data_received(req(Op.GET, 1, b"k" * (MAX_HELLO_FRAME_BYTES + 10)))
+    (error,) = t.frames()
+    assert error[:2] == [0, int(Status.FRAME_TOO_LARGE)]
+    assert t.closed and svc.protocol_errors_total == 1
+    conn2, t2 = connect(svc)
+    conn2.data_received(HELLO)
+    conn2.data_received(req(Op.GET, 2, b"k" * (MAX_HELLO_FRAME_BYTES + 10)))
+    assert [f[:2] for f in t2.frames()] == [[1, OK], [2, OK]] and not t2.closed
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the decoder reads every frame of one read at the pre-auth limit before HELLO raises it: "
+    "a HELLO pipelined with a request over 4 KB in one segment closes the connection (FRAME_TOO_LARGE), "
+    "the same bytes in two segments do not",
+)
+async def test_a_request_over_the_pre_auth_limit_pipelined_after_hello_is_served() -> None:
+    svc = Toy(auth_token="tok", max_key_bytes=8192)
+    conn, t = connect(svc)
+    conn.data_received(HELLO + req(Op.GET, 2, b"k" * (MAX_HELLO_FRAME_BYTES + 10)))
+    assert [f[:2] for f in t.frames()] == [[1, OK], [2, OK]] and not t.closed
+
+
+async def test_hello_with_another_protocol_version_is_refused() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(req(Op.HELLO, 1, PROTOCOL_VERSION + 1))
+    assert t.frames()[0][:2] == [1, int(Status.HANDSHAKE)]
+    assert not t.closed
 
 
 @pytest.mark.parametrize(
-    "bad",
+    "frame",
     [
-        pytest.param(HEADER.pack(1) + b"\xc1", id="undecodable"),
-        pytest.param(HEADER.pack(33 * 1024 * 1024), id="too-large"),
+        raw([Op.PING, 0]),
+        raw([Op.PING, -1]),
+        raw([Op.PING, "1"]),
+        raw([Op.PING, 1.5]),
+        raw([Op.PING]),
+        raw("not an array"),
     ],
 )
-async def test_a_connection_closed_for_a_protocol_error_is_freed_by_reference_counting(bad: bytes) -> None:
-    ref = await _serve_and_close(_service(), HELLO + bad)
-    assert ref() is None, "the protocol error's traceback keeps the connection: " + _holders(ref)
-    ref = await _serve_and_close(_service(), HELLO, bad)  # the error raised out of feed(), not kept for later
-    assert ref() is None, _holders(ref)
+async def test_a_bad_request_id_or_shape_is_answered_with_id_0_and_the_connection_stays(frame: bytes) -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(frame + req(Op.PING, 9) + raw(["PING", 10]))
+    bad, ping, op_not_int = t.frames()
+    assert bad[:2] == [0, int(Status.BAD_ARGUMENTS)]
+    assert op_not_int[:2] == [10, int(Status.BAD_ARGUMENTS)], "a good id is used even when the op is bad"
+    assert ping == [9, OK, "PONG"] and not t.closed
+    assert svc.errors_total == 2
 
 
-async def test_a_connection_with_a_parked_partial_frame_is_freed_by_reference_counting() -> None:
-    partial = HEADER.pack(4 * 1024 * 1024) + b"\xc6" + (4 * 1024 * 1024 - 5).to_bytes(4, "big") + bytes(1024 * 1024)
-    ref = await _serve_and_close(_service(), HELLO, partial)
-    assert ref() is None, _holders(ref)
+async def test_unknown_ops_and_bad_arguments_are_answered_and_counted_per_op() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(req(200, 1) + req(Op.GET, 2) + req(Op.GET, 3, 42) + req(Op.TOUCH, 4, b"k"))
+    unknown, arity, key_type, not_served = t.frames()
+    assert unknown == [1, int(Status.UNKNOWN_OP), "unknown op 200"]
+    assert arity[:2] == [2, int(Status.BAD_ARGUMENTS)] and key_type[:2] == [3, int(Status.BAD_ARGUMENTS)]
+    assert not_served[:2] == [4, int(Status.UNKNOWN_OP)], "an op this role has no handler for is unknown here"
+    assert svc.op_errors[Op.GET] == 2 and svc.op_errors[UNKNOWN_OP] == 2
+    assert svc.op_requests[UNKNOWN_OP] == 2
 
 
-def _holders(ref: weakref.ref[FrameProtocol]) -> str:
-    """Who still refers to the connection (for the failure message)."""
-    obj = ref()
-    if obj is None:
-        return ""
-    return ", ".join(type(r).__name__ for r in gc.get_referrers(obj))
+async def test_a_handler_bug_is_answered_internal_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    with caplog.at_level(logging.ERROR, logger="dcache.server"):
+        conn.data_received(req(Op.GET, 1, b"boom") + req(Op.GET, 2, b"unencodable") + req(Op.GET, 3, b"ok"))
+    boom, unencodable, ok = t.frames()
+    assert boom == [1, int(Status.INTERNAL), "internal error: RuntimeError"]
+    assert unencodable == [2, int(Status.INTERNAL), "internal error: unencodable result"]
+    assert ok == [3, OK, b"value of ok"]
+    assert svc.op_errors[Op.GET] == 1 and svc.errors_total == 1
+    assert "handler bug" in caplog.text and "cannot encode" in caplog.text
+
+
+async def test_an_answer_too_large_for_a_frame_becomes_an_error_and_the_connection_stays() -> None:
+    svc = Toy(max_frame_bytes=8192, max_value_bytes=4096, max_key_bytes=250)
+    conn, t = connect(svc)
+    conn.data_received(req(Op.GET, 1, b"big") + req(Op.PING, 2))
+    big, ping = t.frames()
+    assert big[:2] == [1, int(Status.FRAME_TOO_LARGE)] and "8192-byte frame limit" in big[2]
+    assert ping == [2, OK, "PONG"] and not t.closed
+    assert svc.op_errors[Op.GET] == 1
+
+
+async def test_undecodable_bytes_get_an_error_frame_then_close() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(req(Op.PING, 1) + HEADER.pack(3) + b"\xc1\xc1\xc1")
+    ping, error = t.frames()
+    assert ping == [1, OK, "PONG"]  # what came before the bad frame is answered first
+    assert error[:2] == [0, int(Status.PROTOCOL_ERROR)]
+    assert t.closed and svc.protocol_errors_total == 1
+    conn.data_received(req(Op.PING, 2))  # a closed connection reads nothing more
+    assert len(t.frames()) == 2
+
+
+# -- answers later ------------------------------------------------------------------------
+
+
+async def test_later_answers_are_flushed_together_at_the_end_of_the_iteration() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(req(Op.GET, 1, b"later") + req(Op.GET, 2, b"later") + req(Op.PING, 3))
+    assert t.frames() == [[3, OK, "PONG"]]
+    assert conn.in_flight == svc.in_flight == 2
+    (c1, r1), (c2, r2) = svc.later
+    c2.reply(r2, OK, "second", Op.GET)
+    c1.reply(r1, int(Status.NOT_AN_INTEGER), "not a number", Op.GET)
+    assert len(t.written) == 1, "nothing is written before the end of the iteration"
+    await until(lambda: len(t.written) == 2)
+    assert t.frames()[1:] == [[2, OK, "second"], [1, int(Status.NOT_AN_INTEGER), "not a number"]]
+    assert conn.in_flight == svc.in_flight == 0
+    assert svc.op_errors[Op.GET] == 1
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        (b"ok", [OK, "done later"]),
+        (b"typed", [int(Status.NOT_AN_INTEGER), "not a number"]),
+        (b"bug", [int(Status.INTERNAL), "internal error: KeyError"]),
+        (b"cancel", [int(Status.INTERNAL), "request cancelled"]),
+    ],
+)
+async def test_deferred_answers(how: bytes, expected: list[Any], caplog: pytest.LogCaptureFixture) -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    with caplog.at_level(logging.CRITICAL, logger="dcache.server"):
+        conn.data_received(req(Op.GET, 7, b"deferred:" + how))
+        assert conn.in_flight == 1
+        await until(lambda: t.written)
+    assert t.frames() == [[7, *expected]]
+    assert conn.in_flight == 0
+
+
+async def test_answers_owed_above_the_limit_pause_reading_until_half_are_sent() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(b"".join(req(Op.GET, rid, b"later") for rid in range(1, MAX_IN_FLIGHT + 1)))
+    assert conn.in_flight == MAX_IN_FLIGHT and not t.reading
+    for c, rid in svc.later[: MAX_IN_FLIGHT // 2 - 1]:
+        c.reply(rid, OK, None)
+    assert not t.reading
+    c, rid = svc.later[MAX_IN_FLIGHT // 2 - 1]
+    c.reply(rid, OK, None)
+    assert t.reading and conn.in_flight == MAX_IN_FLIGHT // 2
+
+
+async def test_a_full_write_buffer_pauses_reading_until_it_drains() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.pause_writing()
+    assert not t.reading
+    conn.resume_writing()
+    assert t.reading
+
+
+# -- bounds -----------------------------------------------------------------------------
+
+
+async def test_connections_over_the_limit_are_refused_with_overloaded(caplog: pytest.LogCaptureFixture) -> None:
+    svc = Toy(max_connections=2)
+    kept = [connect(svc) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="dcache.server"):
+        refused = [connect(svc, ("10.0.0.9", 6000 + i)) for i in range(3)]
+    for _, t in refused:
+        assert t.closed
+        assert t.frames() == [[0, int(Status.OVERLOADED), "too many connections: this node accepts at most 2"]]
+    assert all(not t.closed for _, t in kept)
+    assert svc.rejected_connections == 3 and len(svc.state.connections) == 2 and svc.state.total_connections == 5
+    assert caplog.text.count("connection limit reached") == 1, "one warning, not one per refusal"
+
+
+async def test_the_input_buffer_cap_closes_the_connections_holding_the_most_and_no_more() -> None:
+    svc = Toy(max_input_buffer=10_000, max_key_bytes=10_000)
+    large, t_large = connect(svc)
+    small, t_small = connect(svc)
+    growing, t_growing = connect(svc)
+    frame = req(Op.GET, 1, b"k" * 9000)
+    large.data_received(frame[:6000])
+    small.data_received(frame[:3000])
+    growing.data_received(frame[:500])
+    assert svc.buffered_input == 9500 and svc.input_overflows == 0
+    growing.data_received(frame[500:1500])  # the total passes the cap: the largest holder goes, and only it
+    assert t_large.closed
+    assert t_large.frames() == [[0, int(Status.OVERLOADED), "this node's input buffer is full: frame refused, try again later"]]
+    assert not t_small.closed and not t_growing.closed, "closing the largest holder brought the total under the cap"
+    assert svc.input_overflows == 1
+    await until(lambda: large not in svc.state.connections)
+    assert svc.buffered_input == 4500
+    small.data_received(frame[3000:])
+    assert t_small.frames()[0][:2] == [1, OK]
+    growing.data_received(frame[1500:])
+    assert t_growing.frames()[0][:2] == [1, OK]
+    assert svc.buffered_input == 0
+
+
+async def test_sweep_closes_connections_past_the_frame_and_idle_timeouts() -> None:
+    svc = Toy(frame_timeout=5.0, idle_timeout=60.0)
+    now = svc.now
+    partial, t_partial = connect(svc)
+    _, t_idle = connect(svc)
+    busy, t_busy = connect(svc)
+    partial.data_received(req(Op.PING, 1)[:3])
+    busy.data_received(req(Op.GET, 1, b"later"))  # an answer is owed: not idle
+    svc.sweep(now + 4.0)
+    assert not any(t.closed for t in (t_partial, t_idle, t_busy))
+    svc.sweep(now + 5.5)
+    assert t_partial.closed and t_partial.frames()[0][:2] == [0, int(Status.PROTOCOL_ERROR)]
+    assert "frame not completed within 5.0 s" in t_partial.frames()[0][2]
+    assert not t_idle.closed and svc.frame_timeouts == 1
+    svc.sweep(now + 61)
+    assert t_idle.closed and t_idle.written == [] and svc.idle_timeouts == 1
+    assert not t_busy.closed
+
+
+async def test_execute_runs_a_request_in_process_as_a_trusted_caller() -> None:
+    svc = Toy(auth_token="tok")
+    assert svc.execute([Op.SCAN, 1, [[0, 1]], 0, 10, 0]) == "scanned"
+    assert svc.execute([Op.GET, 2, b"k"]) == b"value of k"
+    with pytest.raises(UnknownOpError):
+        svc.execute([Op.INCR, 3, b"k", 1])  # no handler here
+
+
+# -- shutdown and memory -------------------------------------------------------------------------
+
+
+async def test_shutdown_lets_requests_in_flight_finish_then_closes() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(req(Op.GET, 1, b"later"))
+    background = svc.state.spawn(asyncio.sleep(60), "background")
+
+    async def answer_soon() -> None:
+        await asyncio.sleep(0)
+        c, rid = svc.later[0]
+        c.reply(rid, OK, "finished")
+
+    answering = asyncio.ensure_future(answer_soon())
+    await asyncio.wait_for(svc.shutdown(grace=5.0), 5.0)
+    await answering
+    assert t.frames() == [[1, OK, "finished"]]
+    assert t.closed and background.cancelled()
+
+
+async def test_shutdown_gives_up_after_the_grace_period(caplog: pytest.LogCaptureFixture) -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(req(Op.GET, 1, b"later"))
+    with caplog.at_level(logging.WARNING, logger="dcache.server"):
+        await asyncio.wait_for(svc.shutdown(grace=0.05), 5.0)
+    assert t.closed and "1 request(s) still in flight" in caplog.text
+
+
+class Watched(FrameProtocol):
+    __slots__ = ("__weakref__",)
+
+
+async def test_a_closed_connection_is_freed_by_reference_counting_alone() -> None:
+    svc = Toy()
+    svc.build_tables()
+    gc.disable()
+    try:
+        conn = Watched(svc)
+        transport = FakeTransport()
+        transport.protocol = conn
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        conn.data_received(req(Op.PING, 1) + req(Op.GET, 2, b"k" * 5000)[:3000])  # an answer and a partial frame
+        conn.close()
+        await until(lambda: not svc.state.connections)  # connection_lost ran
+        ref = weakref.ref(conn)
+        transport.protocol = None
+        del conn, transport
+        assert ref() is None, "a reference cycle keeps the connection (and its buffers) until the collector runs"
+        assert svc.buffered_input == 0
+    finally:
+        gc.enable()

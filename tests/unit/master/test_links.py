@@ -1,0 +1,312 @@
+"""AuxLink (``dcache.master.links``) over fake connections: handshake, restarts, deadlines, suspicion, losses.
+
+``AuxLink.check(now)`` is the sweeper's step; tests call it with a chosen
+``now`` and assert in the same synchronous stretch (the link's own sweeper
+only runs when the test awaits). Where a test must await between two
+steps, it uses real time with a short ``suspect_after`` and waits (bounded)
+for the sweeper to act.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from dcache.errors import AuthError, NotAnIntegerError, Status, UnavailableError
+from dcache.master.links import AuxLink
+from dcache.protocol import PROTOCOL_VERSION, Op
+from tests.fakes import FakeAux, Reply
+
+from .fakecluster import until
+
+OK = 0
+UNAVAILABLE = int(Status.UNAVAILABLE)
+TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
+
+
+class Answers:
+    """A callback that records ``(status, result)`` answers."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, Any]] = []
+
+    def __call__(self, status: int, result: Any) -> None:
+        self.got.append((status, result))
+
+
+def pong(node: str, msg: list[Any]) -> Any:
+    """Answer PING and hold everything else."""
+    return "PONG" if msg[0] == Op.PING else None
+
+
+def make_link(aux: FakeAux, node: str = "a1", **kw: Any) -> AuxLink:
+    kw.setdefault("size", 1)
+    return AuxLink(node, "10.0.0.1", 7101, factory=aux.connect, **kw)
+
+
+@pytest.fixture
+async def aux() -> AsyncIterator[FakeAux]:
+    yield FakeAux(pong)
+
+
+async def started(link: AuxLink) -> AuxLink:
+    link.start()
+    await until(lambda: link.open_connections == link.pool_size, what="the link's connections")
+    return link
+
+
+# -- handshake -----------------------------------------------------------------------
+
+
+async def test_start_opens_the_pool_with_a_hello_each(aux: FakeAux) -> None:
+    link = await started(make_link(aux, size=2, auth_token="s3cret"))
+    try:
+        assert link.connected and link.open_connections == 2 and link.incarnation == 1
+        hellos = [t.frames()[0] for t in aux.transports["a1"]]
+        assert [h[0] for h in hellos] == [Op.HELLO, Op.HELLO]
+        assert hellos[0][2:] == [PROTOCOL_VERSION, "s3cret", "dcache-master"]
+        link.start()  # idempotent
+        assert aux.connects["a1"] == 2
+    finally:
+        await link.close()
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [Reply(int(Status.AUTH_FAILED), "invalid auth token"), Reply(OK, {"role": "master", "node_id": "m"}), Reply(OK, "not a map")],
+)
+async def test_a_refused_or_wrong_handshake_leaves_the_link_unconnected(aux: FakeAux, hello: Reply) -> None:
+    aux.hello_replies["a1"] = hello
+    link = make_link(aux)
+    link.start()
+    try:
+        await until(lambda: aux.connects.get("a1", 0) >= 2, what="a retry")  # it keeps trying, with backoff
+        assert not link.connected
+        assert aux.transports["a1"][0].closed  # the connection whose handshake failed is not kept
+        got = Answers()
+        link.send(Op.GET, (b"k",), got)
+        assert got.got == [(UNAVAILABLE, "aux node a1 at 10.0.0.1:7101 is not connected")]
+        assert link.failures_total == 1
+    finally:
+        await link.close()
+
+
+async def test_a_refused_connection_answers_unavailable_at_once_and_typed(aux: FakeAux) -> None:
+    aux.refused.add("a1")
+    link = make_link(aux)
+    link.start()
+    try:
+        with pytest.raises(UnavailableError, match="not connected"):
+            await link.call(Op.GET, b"k")
+        assert aux.requests == {}
+    finally:
+        await link.close()
+
+
+# -- requests and answers ---------------------------------------------------------------
+
+
+async def test_call_returns_results_and_raises_typed_errors() -> None:
+    def answer(node: str, msg: list[Any]) -> Any:
+        if msg[0] == Op.INCR:
+            return Reply(int(Status.NOT_AN_INTEGER), "value is not an integer")
+        return Reply(OK, [msg[0], *msg[2:]])
+
+    aux = FakeAux(answer)
+    link = await started(make_link(aux))
+    try:
+        assert await link.call(Op.GET, b"k") == [Op.GET, b"k"]
+        with pytest.raises(NotAnIntegerError, match="not an integer"):
+            await link.call(Op.INCR, b"k", 1)
+        assert link.requests == 2 and link.in_flight == 0
+    finally:
+        await link.close()
+
+
+async def test_requests_of_one_iteration_share_a_connection_and_the_next_iteration_moves_on(aux: FakeAux) -> None:
+    link = await started(make_link(aux, size=2))
+    try:
+        t1, t2 = aux.transports["a1"]
+        before = (len(t1.written), len(t2.written))
+        for _ in range(3):
+            link.send(Op.PING, (), Answers())
+        await until(lambda: link.in_flight == 0)
+        grew = (len(t1.written) - before[0], len(t2.written) - before[1])
+        assert sorted(grew) == [0, 1], "three requests of one iteration leave in one write on one connection"
+        first = t1 if grew[0] else t2
+        link.send(Op.PING, (), Answers())
+        await until(lambda: link.in_flight == 0)
+        second = t1 if len(t1.written) - before[0] > grew[0] else t2
+        assert second is not first
+    finally:
+        await link.close()
+
+
+async def test_flush_writes_at_once(aux: FakeAux) -> None:
+    link = await started(make_link(aux))
+    try:
+        link.send(Op.GET, (b"k",), Answers())
+        assert aux.ops("a1") == []
+        link.flush()
+        assert aux.ops("a1") == [[Op.GET, 2, b"k"]]  # request id 1 was the HELLO
+    finally:
+        await link.close()
+
+
+# -- deadlines and suspicion ------------------------------------------------------------------
+
+
+async def test_a_request_times_out_at_its_deadline_while_the_node_answers_others(aux: FakeAux) -> None:
+    loop = asyncio.get_running_loop()
+    link = await started(make_link(aux, timeout=1.0, suspect_after=1.0))
+    try:
+        held = Answers()
+        link.send(Op.GET, (b"k",), held)
+        sent_at = loop.time()
+        assert await link.call(Op.PING) == "PONG"  # the node is alive: it answers after the held request was sent
+        link.check(sent_at + 0.5)
+        assert held.got == []
+        link.check(sent_at + 1.0)
+        assert held.got == [(TIMEOUT, "aux node a1 did not answer within 1.0 s")]
+        assert not link.suspect and link.failures_total == 1 and link.in_flight == 0
+    finally:
+        await link.close()
+
+
+async def test_a_silent_node_with_requests_waiting_is_suspected_and_probed(aux: FakeAux) -> None:
+    loop = asyncio.get_running_loop()
+    link = await started(make_link(aux, timeout=5.0, suspect_after=0.5))
+    try:
+        link.check(loop.time() + 10)
+        assert not link.suspect, "a node nobody waits for is not suspected"
+        waiting = Answers()
+        link.send(Op.GET, (b"k",), waiting)
+        link.flush()
+        now = loop.time() + 0.6
+        link.check(now)
+        assert link.suspect and link.suspicions_total == 1 and link.suspected_since > 0
+        assert not link.usable
+        # every request waiting is answered at once, long before its 5 s deadline
+        assert waiting.got == [(TIMEOUT, "aux node a1 is suspected: no answer for 0.5 s")]
+        assert [m[0] for m in aux.ops("a1")] == [Op.GET, Op.PING]  # and a probe went out
+        late = Answers()
+        link.send(Op.GET, (b"k2",), late)
+        link.check(now + 0.1)  # within suspect_after / 2 of the last probe: no new probe
+        assert late.got == [(TIMEOUT, "aux node a1 is suspected: no answer for 0.5 s")]
+        assert len(aux.ops("a1", Op.PING)) == 1
+        link.check(now + 0.3)
+        assert len(aux.ops("a1", Op.PING)) == 2
+    finally:
+        await link.close()
+
+
+async def test_a_suspect_node_that_answers_again_recovers() -> None:
+    aux = FakeAux(lambda node, msg: None)  # answers nothing but HELLO
+    recovered: list[str] = []
+    link = await started(make_link(aux, timeout=5.0, suspect_after=0.1, on_recover=recovered.append))
+    try:
+        link.send(Op.GET, (b"k",), Answers())
+        await until(lambda: link.suspect, what="the suspicion")  # the link's own sweeper
+        await until(lambda: aux.ops("a1", Op.PING), what="a probe")
+        assert recovered == []
+        aux.respond("a1", aux.ops("a1", Op.PING)[-1], "PONG")
+        await until(lambda: not link.suspect, what="the recovery")
+        assert recovered == ["a1"] and link.suspected_since == 0.0 and link.usable
+    finally:
+        await link.close()
+
+
+# -- losses and restarts ---------------------------------------------------------------------
+
+
+async def test_a_lost_connection_answers_its_requests_and_is_reopened_on_demand(aux: FakeAux) -> None:
+    link = await started(make_link(aux))
+    try:
+        waiting = Answers()
+        link.send(Op.GET, (b"k",), waiting)
+        link.flush()
+        aux.drop("a1")
+        await until(lambda: waiting.got, what="the loss to be reported")
+        assert waiting.got == [(UNAVAILABLE, "connection to aux node a1 lost")]
+        assert not link.connected
+        failed = Answers()
+        link.send(Op.PING, (), failed)  # nothing open: fails at once, and reconnects
+        assert failed.got[0][0] == UNAVAILABLE
+        await until(lambda: link.connected, what="the reconnection")
+        assert await link.call(Op.PING) == "PONG"
+        assert aux.connects["a1"] == 2
+    finally:
+        await link.close()
+
+
+async def test_a_new_incarnation_calls_on_restart_before_the_new_connection_carries_requests(aux: FakeAux) -> None:
+    seen: list[tuple[str, bool, int | None]] = []
+    link: AuxLink
+
+    def on_restart(node: str) -> None:
+        seen.append((node, link.connected, link.incarnation))
+
+    link = await started(make_link(aux, on_restart=on_restart))
+    try:
+        aux.drop("a1")
+        await until(lambda: not link.connected)
+        aux.incarnations["a1"] = 2
+        link.send(Op.PING, (), Answers())  # triggers the reconnection
+        await until(lambda: link.connected and link.incarnation == 2, what="the new incarnation")
+        assert seen == [("a1", False, 1)]  # no connection open yet, the old incarnation still recorded
+        aux.drop("a1")  # the same process again: no restart
+        await until(lambda: not link.connected)
+        link.send(Op.PING, (), Answers())
+        await until(lambda: link.connected)
+        assert len(seen) == 1
+    finally:
+        await link.close()
+
+
+async def test_close_is_idempotent_and_answers_what_waits(aux: FakeAux) -> None:
+    link = await started(make_link(aux, size=2))
+    waiting = Answers()
+    link.send(Op.GET, (b"k",), waiting)
+    link.flush()
+    await link.close()
+    await link.close()
+    assert waiting.got == [(UNAVAILABLE, "connection to aux node a1 lost")]
+    assert not link.connected and link.open_connections == 0
+    after = Answers()
+    link.send(Op.PING, (), after)
+    assert after.got[0][0] == UNAVAILABLE
+    await asyncio.sleep(0)
+    assert aux.connects["a1"] == 2, "a closed link does not reconnect"
+
+
+async def test_a_slow_factory_counts_as_a_failed_connect() -> None:
+    gate = asyncio.Event()
+    attempts: list[int] = []
+    aux = FakeAux(pong)
+
+    async def slow(host: str, port: int, name: str, on_answers: Callable[[], None] | None) -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            await gate.wait()  # the first connect never finishes
+        return await aux.connect(host, port, name, on_answers)
+
+    link = AuxLink("a1", "10.0.0.1", 7101, size=1, timeout=0.05, factory=slow)
+    link.start()
+    try:
+        await until(lambda: link.connected, what="the second attempt")
+        assert len(attempts) >= 2  # the first never finished; a later one did
+    finally:
+        await link.close()
+
+
+async def test_auth_error_from_a_call_is_typed(aux: FakeAux) -> None:
+    aux.answer = lambda node, msg: Reply(int(Status.AUTH_FAILED), "authentication required")
+    link = await started(make_link(aux))
+    try:
+        with pytest.raises(AuthError):
+            await link.call(Op.SCAN, [], 0, 10, 0)
+    finally:
+        await link.close()

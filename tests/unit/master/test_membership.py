@@ -1,0 +1,423 @@
+"""Embedded membership (``dcache.master.membership``): the coordinator's changes, health checks, SYNC and restart recovery; the follower.
+
+The coordinator runs over ``fakecluster``: real aux handlers behind fake
+links, so joins, leaves, fences and the migrations they start move real
+data in memory. The follower talks to a coordinator over loopback (it
+opens its connection with ``open_peer``), served by a small ``Service``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from dcache.config import MasterConfig
+from dcache.errors import BadArgumentsError
+from dcache.master.membership import Coordinator, Follower
+from dcache.master.view import DOWN, FENCED, LEAVING, UP, ClusterView
+from dcache.protocol import Op
+from dcache.server import Service, deferred
+
+from .fakecluster import FakeCluster, until
+
+SETTLE_S = 10.0
+
+
+def config(**kw: Any) -> MasterConfig:
+    settings: dict[str, Any] = {
+        "port": 0,
+        "replicas": 2,
+        "health_interval": 0.02,
+        "health_timeout": 0.1,
+        "health_failures": 2,
+        "follow_interval": 0.05,
+        "recovery_window": 0.05,
+        "aux_timeout": 0.2,
+        "migration_batch": 50,
+    }
+    settings.update(kw)
+    return MasterConfig(**settings)
+
+
+def coordinator(cluster: FakeCluster, view: ClusterView | None = None, **kw: Any) -> Coordinator:
+    return Coordinator(
+        config(replicas=cluster.view.replicas, **kw), view or cluster.view, cluster.adopt, lambda: cluster.links, cluster.clock
+    )
+
+
+def fill(cluster: FakeCluster, n: int = 200) -> dict[bytes, int]:
+    """Write ``n`` keys to their owners in the current view; key -> version."""
+    data = {}
+    for i in range(n):
+        key = b"key:%d" % i
+        version = cluster.clock.next()
+        for node in cluster.router.view.write_targets(key):
+            cluster.put(node, key, b"v:" + key, version)
+        data[key] = version
+    return data
+
+
+def assert_owners_hold(cluster: FakeCluster, view: ClusterView, data: dict[bytes, int]) -> None:
+    for key, version in data.items():
+        for node in view.write_targets(key):
+            assert cluster.entry(node, key) == [b"v:" + key, 0, version], f"{node} lacks {key!r}"
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[FakeCluster]:
+    async with FakeCluster(spare=("a4",)) as c:
+        yield c
+
+
+# -- joins, leaves, marks, fences ------------------------------------------------------
+
+
+async def test_a_join_migrates_the_new_nodes_ranges_to_it(cluster: FakeCluster) -> None:
+    data = fill(cluster)
+    coord = coordinator(cluster)
+    try:
+        first = coord.view.epoch
+        assert await coord.join("a4", "127.0.0.1", 7110, 1.0) == first + 1
+        joined = coord.view
+        assert joined.members["a4"].state == UP and joined.prev_ring is not None
+        assert cluster.views[0] is joined, "the view is published (on_view) before the join answers"
+        await coord.wait_settled(lambda v: v.prev_ring is None, SETTLE_S)
+        assert coord.view.epoch == joined.epoch and coord.view.seq == joined.seq + 1
+        assert any("a4" in coord.view.write_targets(k) for k in data)
+        assert_owners_hold(cluster, coord.view, data)
+        progress = coord.status()["migration"]
+        assert progress["migrations_total"] == 1 and progress["keys_moved"] > 0 and progress["state"] == "idle"
+    finally:
+        await coord.close()
+
+
+async def test_announcements_that_change_nothing_publish_nothing(cluster: FakeCluster) -> None:
+    coord = coordinator(cluster)
+    try:
+        epoch = coord.view.epoch
+        a1 = cluster.view.members["a1"]
+        assert await coord.join("a1", a1.host, a1.port, a1.weight) == epoch  # a re-announcement
+        assert cluster.views == []
+        assert await coord.join("a1", "127.0.0.9", 7999, 1.0) == epoch + 1  # it moved: a rejoin
+        assert coord.view.members["a1"].addr == "127.0.0.9:7999"
+    finally:
+        await coord.close()
+
+
+async def test_a_leave_moves_the_nodes_data_away_before_it_is_removed(cluster: FakeCluster) -> None:
+    data = fill(cluster)
+    coord = coordinator(cluster)
+    try:
+        assert await asyncio.wait_for(coord.leave("a3"), SETTLE_S) is True
+        assert "a3" not in coord.view.members and coord.view.prev_ring is None
+        assert [v.members["a3"].state for v in cluster.views if "a3" in v.members] == [LEAVING]
+        assert_owners_hold(cluster, coord.view, data)
+        assert await coord.leave("a3") is True  # gone already
+        a3 = cluster.view.members["a3"]
+        epoch = coord.view.epoch
+        assert await coord.join("a3", a3.host, a3.port, a3.weight) == epoch + 1  # it may come back as a new member
+    finally:
+        await coord.close()
+
+
+async def test_a_leaving_node_does_not_come_back_by_announcing(cluster: FakeCluster) -> None:
+    coord = coordinator(cluster)
+    try:
+        cluster.held.add("a3")  # its data cannot move yet: it stays leaving
+        cluster.held.add("a1")
+        cluster.held.add("a2")
+        leave = asyncio.ensure_future(coord.leave("a3"))
+        await until(lambda: coord.view.members["a3"].state == LEAVING)
+        epoch = coord.view.epoch
+        a3 = coord.view.members["a3"]
+        assert await coord.join("a3", a3.host, a3.port, a3.weight) == epoch
+        assert coord.view.members["a3"].state == LEAVING
+        leave.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leave
+    finally:
+        await coord.close()
+
+
+async def test_mark_publishes_a_view_and_records_the_event(cluster: FakeCluster) -> None:
+    coord = coordinator(cluster)
+    try:
+        epoch = coord.view.epoch
+        coord.mark("a2", DOWN, "unit test")
+        assert coord.view.members["a2"].state == DOWN and coord.view.epoch == epoch + 1
+        assert "a2" not in coord.view.ring
+        assert coord.health_events[-1]["node_id"] == "a2" and coord.health_events[-1]["why"] == "unit test"
+        coord.mark("a2", DOWN, "again")  # no change: nothing published
+        coord.mark("nobody", DOWN, "unknown")
+        assert coord.view.epoch == epoch + 1 and len(coord.health_events) == 1
+        await coord.wait_settled(lambda v: v.prev_ring is None, SETTLE_S)
+        coord.mark("a2", UP, "back")
+        assert coord.view.members["a2"].state == UP and "a2" in coord.view.ring
+    finally:
+        await coord.close()
+
+
+async def test_a_fenced_node_is_reconciled_from_its_co_owners_before_it_serves_reads(cluster: FakeCluster) -> None:
+    data = fill(cluster)
+    missed = [k for k in data if "a1" in cluster.view.write_targets(k)][:20]
+    for key in missed:  # a1 restarted empty for these keys
+        cluster.auxes["a1"].cache.delete(key)
+    coord = coordinator(cluster)
+    try:
+        epoch = coord.view.epoch
+        coord.fence("a1", "unit test")
+        fenced = cluster.views[0]
+        assert fenced.members["a1"].state == FENCED and fenced.epoch == epoch + 1 and fenced.prev_ring is None
+        assert "a1" in fenced.ring and all("a1" not in fenced.read_candidates(k) for k in missed)
+        await coord.wait_settled(lambda v: v.members["a1"].state == UP, SETTLE_S)
+        assert_owners_hold(cluster, coord.view, data)
+        assert [e["state"] for e in coord.health_events] == [FENCED]
+        coord.mark("a2", DOWN, "unit test")
+        coord.fence("a2", "not up: nothing to fence")
+        assert coord.view.members["a2"].state == DOWN
+    finally:
+        await coord.close()
+
+
+@pytest.mark.parametrize("how", ["on_aux_restart", "request_reconcile"])
+async def test_restarts_and_lost_hints_fence_the_node(cluster: FakeCluster, how: str) -> None:
+    coord = coordinator(cluster)
+    try:
+        getattr(coord, how)("a3")
+        assert cluster.views[0].members["a3"].state == FENCED
+        await coord.wait_settled(lambda v: v.members["a3"].state == UP, SETTLE_S)
+    finally:
+        await coord.close()
+
+
+async def test_views_only_move_forward(cluster: FakeCluster) -> None:
+    coord = coordinator(cluster)
+    try:
+        assert not coord.publish(cluster.view)
+        assert coord.publish(cluster.view.bumped())
+        assert not coord.publish(cluster.view)
+        assert len(cluster.views) == 1
+    finally:
+        await coord.close()
+
+
+# -- health ----------------------------------------------------------------------------
+
+
+async def test_health_checks_mark_a_silent_node_down_and_up_again(cluster: FakeCluster) -> None:
+    coord = coordinator(cluster)
+    await coord.start()
+    try:
+        cluster.fake.silent.add("a2")
+        await until(lambda: coord.view.members["a2"].state == DOWN, SETTLE_S, "a2 to be marked down")
+        why = coord.health_events[-1]["why"]
+        assert why == "2 health checks failed in a row (TimeoutError)"
+        assert all(coord.view.members[n].state == UP for n in ("a1", "a3"))
+        cluster.fake.silent.discard("a2")
+        await until(lambda: coord.view.members["a2"].state == UP, SETTLE_S, "a2 to be marked up")
+        assert coord.health_events[-1]["why"] == "answers pings again"
+    finally:
+        await coord.close()
+
+
+async def test_health_checks_fence_a_node_that_restarted(cluster: FakeCluster) -> None:
+    coord = coordinator(cluster)
+    await coord.start()
+    try:
+        # a few rounds have seen a2's first incarnation (rounds start 0.02 s apart; each is answered within an iteration)
+        await until(lambda: _health_hellos(cluster, "a2") >= 3, SETTLE_S, "health rounds")
+        cluster.fake.incarnations["a2"] = 2
+        await until(lambda: any(e["state"] == FENCED for e in coord.health_events), SETTLE_S, "a2 to be fenced")
+        assert coord.health_events[0]["node_id"] == "a2" and "restarted" in coord.health_events[0]["why"]
+        await coord.wait_settled(lambda v: v.members["a2"].state == UP, SETTLE_S)
+    finally:
+        await coord.close()
+
+
+def _health_hellos(cluster: FakeCluster, node: str) -> int:
+    """Health HELLOs that reached ``node`` (every HELLO but its link's own handshake)."""
+    return sum(1 for t in cluster.fake.transports[node] for f in t.frames() if f[0] == Op.HELLO) - 1
+
+
+# -- followers' SYNC and a restarted coordinator --------------------------------------------
+
+
+async def test_sync_answers_newer_views_only_and_remembers_the_follower(cluster: FakeCluster) -> None:
+    coord = coordinator(cluster)
+    try:
+        v = coord.view
+        answer = coord.sync("m2", 0, 0)
+        assert answer is not None and ClusterView.from_dict(answer) == v
+        assert coord.sync("m2", v.epoch, v.seq) is None
+        assert coord.status()["followers"]["m2"]["epoch"] == v.epoch
+    finally:
+        await coord.close()
+
+
+async def test_sync_with_reconcile_fences_the_named_nodes(cluster: FakeCluster) -> None:
+    coord = coordinator(cluster)
+    try:
+        answer = coord.sync("m2", coord.view.epoch, coord.view.seq, None, ["a2"])
+        assert answer is not None
+        fenced = ClusterView.from_dict(answer)
+        assert fenced.members["a2"].state == FENCED
+        assert "follower m2 lost hints" in coord.health_events[-1]["why"]
+        assert coord.sync("m2", fenced.epoch, fenced.seq) is None  # m2 routes by it: the reconciliation need not wait for it
+        await coord.wait_settled(lambda v: v.members["a2"].state == UP, SETTLE_S)
+    finally:
+        await coord.close()
+
+
+async def test_a_restarted_coordinator_takes_the_ring_from_a_follower(cluster: FakeCluster) -> None:
+    old = cluster.view.bumped().bumped()  # what the follower routes by: epoch 1, seq 2
+    fresh = ClusterView.initial([], 2, epoch=1000)  # the restarted coordinator knows nothing
+    coord = coordinator(cluster, fresh)
+    try:
+        assert coord.sync("m2", old.epoch, old.seq) == {"want_view": True}
+        with pytest.raises(BadArgumentsError, match="malformed"):
+            coord.sync("m2", old.epoch, old.seq, {"epoch": 1})
+        with pytest.raises(BadArgumentsError, match="epoch and seq"):
+            coord.sync("m2", old.epoch, old.seq + 1, old.to_dict())
+        answer = coord.sync("m2", old.epoch, old.seq, old.to_dict())
+        assert answer is not None
+        taken = ClusterView.from_dict(answer)
+        assert taken.epoch == 1001 and taken.members == old.members and taken.ring.nodes == old.ring.nodes
+        assert taken.prev_ring is None, "nothing moves: every node holds its own ranges"
+        assert coord.recovery == {"from": "follower m2", "epoch": 1001, "adopted_epoch": old.epoch}
+        assert coord.sync("m3", old.epoch, old.seq) == answer  # later followers just get the new view
+    finally:
+        await coord.close()
+
+
+async def test_a_restarted_coordinator_gathers_reannouncements_into_one_ring(cluster: FakeCluster) -> None:
+    fresh = ClusterView.initial([], 2, epoch=1000)
+    coord = coordinator(cluster, fresh, recovery_window=0.05)
+    try:
+        joins = [coord.join(m.node_id, m.host, m.port, m.weight, known_epoch=1) for m in cluster.members]
+        epochs = await asyncio.wait_for(asyncio.gather(*joins), SETTLE_S)
+        assert epochs == [1001, 1001, 1001], "one change for all of them"
+        assert set(coord.view.ring.nodes) == {"a1", "a2", "a3"} and coord.view.prev_ring is None
+        assert coord.recovery is not None and coord.recovery["from"] == "re-announcements"
+        assert coord.recovery["members"] == ["a1", "a2", "a3"]
+    finally:
+        await coord.close()
+
+
+# -- the follower -------------------------------------------------------------------------
+
+
+class CoordinatorService(Service):
+    """A master that serves a ``Coordinator``'s SYNC, JOIN and LEAVE (what a coordinating master node does)."""
+
+    role = "master"
+
+    def __init__(self, coord: Coordinator) -> None:
+        super().__init__("coordinator", MasterConfig(port=0))
+        self.handlers[Op.SYNC] = lambda conn, rid, args: coord.sync(*args)
+        self.handlers[Op.JOIN] = lambda conn, rid, args: deferred(coord.join(*args))
+        self.handlers[Op.LEAVE] = lambda conn, rid, node_id: deferred(coord.leave(node_id))
+
+
+class Served:
+    def __init__(self, cluster: FakeCluster, view: ClusterView | None = None) -> None:
+        self.coord = coordinator(cluster, view)
+        self.service = CoordinatorService(self.coord)
+        self.server: asyncio.base_events.Server | None = None
+        self.address = ""
+
+    async def __aenter__(self) -> Served:
+        self.server = await asyncio.get_running_loop().create_server(self.service.protocol_factory, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for conn in list(self.service.state.connections):
+            conn.close()
+        await self.server.wait_closed()
+        await self.coord.close()
+
+
+def follower(address: str, view: ClusterView | None = None) -> tuple[Follower, list[ClusterView]]:
+    seen: list[ClusterView] = []
+    f = Follower(config(coordinator=address), view or ClusterView.initial([], 2, epoch=0), seen.append, lambda: "m2")
+    return f, seen
+
+
+async def test_a_follower_adopts_the_coordinators_views_and_forwards_joins(cluster: FakeCluster) -> None:
+    async with Served(cluster) as served:
+        f, seen = follower(served.address)
+        try:
+            await f.sync_once()
+            assert seen == [served.coord.view] and f.view == served.coord.view
+            assert f.status()["coordinator_reachable"] and f.status()["coordinator"] == served.address
+            epoch = await f.join("a4", "127.0.0.1", 7110, 1.0)
+            assert epoch == served.coord.view.epoch and "a4" in served.coord.view.members
+            await f.sync_once()
+            assert "a4" in f.view.members
+            assert served.coord.status()["followers"]["m2"]["epoch"] < epoch  # it reported its old position
+        finally:
+            await f.close()
+
+
+async def test_a_follower_hands_its_view_to_a_restarted_coordinator(cluster: FakeCluster) -> None:
+    old = cluster.view.bumped()
+    async with Served(cluster, ClusterView.initial([], 2, epoch=1000)) as served:
+        f, _ = follower(served.address, old)
+        try:
+            await f.sync_once()
+            assert f.view.epoch == 1001 and f.view.members == old.members
+            assert served.coord.recovery == {"from": "follower m2", "epoch": 1001, "adopted_epoch": old.epoch}
+        finally:
+            await f.close()
+
+
+async def test_a_follower_names_nodes_it_lost_hints_for_in_its_next_sync(cluster: FakeCluster) -> None:
+    async with Served(cluster) as served:
+        f, _ = follower(served.address)
+        try:
+            f.request_reconcile("a3")
+            await f.sync_once()
+            assert served.coord.view.members["a3"].state == FENCED
+            assert f.view.members["a3"].state == FENCED
+            await f.sync_once()  # reports that it routes by the fence: the reconciliation need not wait for it
+            await served.coord.wait_settled(lambda v: v.members["a3"].state == UP, SETTLE_S)
+            fenced_events = len(served.coord.health_events)
+            await f.sync_once()  # named once: not fenced again
+            assert len(served.coord.health_events) == fenced_events
+        finally:
+            await f.close()
+
+
+async def test_a_follower_fences_a_restarted_node_locally_until_the_coordinator_speaks(cluster: FakeCluster) -> None:
+    async with Served(cluster) as served:
+        f, seen = follower(served.address)
+        try:
+            await f.sync_once()
+            f.on_aux_restart("a1")
+            local = seen[-1]
+            assert local.members["a1"].state == FENCED and (local.epoch, local.seq) == (served.coord.view.epoch, served.coord.view.seq)
+            served.coord.publish(served.coord.view.bumped())
+            await f.sync_once()
+            assert f.view.members["a1"].state == UP
+        finally:
+            await f.close()
+
+
+async def test_a_follower_without_its_coordinator_keeps_its_view_and_says_so(cluster: FakeCluster) -> None:
+    server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server.close()
+    await server.wait_closed()
+    f, seen = follower(address, cluster.view)
+    await f.start()
+    try:
+        status = f.status()
+        assert not status["coordinator_reachable"] and status["coordinator_error"]
+        assert f.view == cluster.view and seen == []
+    finally:
+        await f.close()

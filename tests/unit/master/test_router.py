@@ -1,0 +1,618 @@
+"""The master's routing rules (``dcache.master.router``) over real aux handlers behind fake connections.
+
+Each test routes ops through a ``Router`` whose links reach ``AuxNode``
+handlers in memory (``fakecluster``); nodes are made to miss, fail, stay
+silent or hold newer versions, and the tests check what the client is
+answered and what every aux node ends up holding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from dcache.errors import NotAnIntegerError, Status, SupersededError, UnavailableError
+from dcache.master.router import GetBatcher
+from dcache.master.view import DOWN, Member
+from dcache.protocol import Op, SetFlag
+from tests.fakes import Reply
+
+from .fakecluster import FakeCluster, Sink, until
+
+OK = 0
+UNAVAILABLE = int(Status.UNAVAILABLE)
+TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[FakeCluster]:
+    async with FakeCluster() as c:
+        yield c
+
+
+def with_states(c: FakeCluster, **states: str) -> None:
+    """Route by a view in which the given nodes have the given states (same ring)."""
+    members = {m.node_id: Member(m.node_id, m.host, m.port, m.weight, states.get(m.node_id, m.state)) for m in c.view.members.values()}
+    c.router.view = c.router.view.bumped(members=members)
+
+
+def answer_with(status: int, result: Any = "injected") -> Any:
+    return lambda msg: Reply(status, result)
+
+
+# -- reads: candidate order, fallback, repair ------------------------------------------------
+
+
+async def test_a_hit_on_the_first_owner_reads_no_other_node(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a1", key, b"v")
+    sink = Sink()
+    cluster.router.get(sink, 1, key)
+    assert await sink.answer() == (OK, b"v")
+    assert [m[0] for m in cluster.sent("a1")] == [Op.GET]
+    assert cluster.sent("a2") == [] and cluster.sent("a3") == []
+    assert cluster.router.stats.fallbacks == cluster.router.stats.repairs == 0
+
+
+async def test_a_miss_on_the_first_owner_reads_the_next_and_repairs_the_first(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    version = cluster.put("a2", key, b"v")
+    sink = Sink()
+    cluster.router.get(sink, 1, key)
+    assert await sink.answer() == (OK, b"v")
+    assert [m[0] for m in cluster.sent("a2")] == [Op.GETV]  # a later owner is asked for the version too
+    await until(lambda: cluster.entry("a1", key) is not None, what="the repair")
+    assert cluster.entry("a1", key) == [b"v", 0, version]  # the same version: a repair is a copy
+    assert cluster.router.stats.repairs == 1
+    assert cluster.router.stats.fallbacks == 0  # a miss is not a failure
+
+
+async def test_a_repair_never_overwrites_a_newer_value(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    old = cluster.clock.next()
+    cluster.put("a1", key, b"new", cluster.future_version())
+    cluster.router.repair(["a1"], key, [b"old", 0, old])
+    await until(lambda: cluster.sent("a1", Op.APPLY))
+    await until(lambda: not cluster.links["a1"].in_flight)
+    assert cluster.value("a1", key) == b"new"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected_status", "expected_value", "repaired"),
+    [
+        ("miss", "miss", OK, None, False),
+        ("miss", "hit", OK, b"v", True),
+        ("unavailable", "hit", OK, b"v", False),
+        ("timeout", "hit", OK, b"v", False),
+        ("unavailable", "unavailable", UNAVAILABLE, None, False),
+        ("timeout", "unavailable", UNAVAILABLE, None, False),
+        ("miss", "unavailable", OK, None, False),  # an owner said it has no such key: a miss, not an error
+        ("unavailable", "miss", OK, None, False),
+    ],
+)
+async def test_fallback_rules(
+    cluster: FakeCluster, first: str, second: str, expected_status: int, expected_value: bytes | None, repaired: bool
+) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    for node, how in (("a1", first), ("a2", second)):
+        if how == "hit":
+            cluster.put(node, key, b"v")
+        elif how == "unavailable":
+            cluster.overrides[(node, Op.GET)] = cluster.overrides[(node, Op.GETV)] = answer_with(UNAVAILABLE, f"{node} is gone")
+        elif how == "timeout":
+            cluster.overrides[(node, Op.GET)] = cluster.overrides[(node, Op.GETV)] = answer_with(TIMEOUT, f"{node} is slow")
+    sink = Sink()
+    cluster.router.get(sink, 1, key)
+    status, value = await sink.answer()
+    assert status == expected_status
+    if status == OK:
+        assert value == expected_value
+    else:
+        assert "no owner of the key answered" in value
+    assert cluster.sent("a3") == []
+    assert cluster.router.stats.fallbacks == (first in ("unavailable", "timeout")) + (second in ("unavailable", "timeout"))
+    if repaired:
+        await until(lambda: cluster.entry("a1", key) is not None, what="the repair")
+    else:
+        assert cluster.sent("a1", Op.APPLY) == []
+
+
+async def test_an_error_that_is_not_about_reachability_is_answered_as_is(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.overrides[("a1", Op.GET)] = answer_with(int(Status.INTERNAL), "broken")
+    sink = Sink()
+    cluster.router.get(sink, 1, key)
+    assert await sink.answer() == (int(Status.INTERNAL), "broken")
+    assert sink.ops[1] == Op.GET
+    assert cluster.sent("a2") == []
+
+
+async def test_a_node_with_hints_is_read_last(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a1", key, b"stale")
+    cluster.put("a2", key, b"fresh")
+    cluster.router.hints.add_set("a1", b"another key", b"x", 0, cluster.clock.next())  # a1 missed a write
+    sink = Sink()
+    cluster.router.get(sink, 1, key)
+    assert await sink.answer() == (OK, b"fresh")
+    assert cluster.sent("a1") == []
+
+
+async def test_a_suspected_node_is_read_last() -> None:
+    async with FakeCluster(suspect_after=0.25) as cluster:
+        key = cluster.key_owned_by("a1", "a2")
+        cluster.put("a1", key, b"v")
+        cluster.put("a2", key, b"v")
+        await cluster.make_suspect("a1")
+        before = len(cluster.sent("a1"))
+        sink = Sink()
+        cluster.router.get(sink, 1, key)
+        assert await sink.answer() == (OK, b"v")
+        assert [m[0] for m in cluster.sent("a1")[before:] if m[0] != Op.PING] == []  # only probes reached it
+        assert cluster.router.stats.fallbacks == 0
+
+
+async def test_a_first_owner_that_is_not_connected_is_read_after_the_connected_ones() -> None:
+    cluster = FakeCluster()
+    cluster.fake.refused.add("a1")
+    async with cluster:
+        key = cluster.key_owned_by("a1", "a2")
+        cluster.put("a2", key, b"v")
+        assert not cluster.router.trusted("a1")
+        sink = Sink()
+        cluster.router.exists(sink, 1, key)  # type: ignore[arg-type]
+        assert await sink.answer(1) == (OK, True)
+        assert cluster.router.stats.fallbacks == 0 and cluster.links["a1"].failures_total == 0
+        # GET's batched first-owner read does not look at the link (hot path): it fails
+        # over locally, at once, and still answers the value
+        cluster.router.get(sink, 2, key)
+        assert await sink.answer(2) == (OK, b"v")
+
+
+async def test_set_if_and_incr_are_decided_by_a_connected_owner_when_the_first_is_not() -> None:
+    cluster = FakeCluster()
+    cluster.fake.refused.add("a1")
+    async with cluster:
+        key = cluster.key_owned_by("a1", "a2")
+        assert await cluster.router.incr(key, 2) == 2
+        assert await cluster.router.set_if(key, b"7", 0, SetFlag.XX) is True
+        assert cluster.value("a2", key) == b"7"
+        assert cluster.router.hints.count("a1") == 1  # the copy it could not take waits for it
+
+
+async def test_no_live_candidate_raises_unavailable(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    with_states(cluster, a1=DOWN, a2=DOWN)
+    with pytest.raises(UnavailableError):
+        cluster.router.get(Sink(), 1, key)
+    with pytest.raises(UnavailableError):
+        cluster.router.set(Sink(), 1, key, b"v", 0)
+    assert cluster.router.stats.unavailable == 2
+
+
+async def test_a_read_batched_before_a_view_change_follows_the_new_view(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a1", key, b"a1's")
+    cluster.put("a2", key, b"a2's")
+    sink = Sink()
+    cluster.router.get(sink, 1, key)  # queued for a1's MGET at the end of this iteration
+    with_states(cluster, a1=DOWN)  # a1 marked down before the batch leaves
+    assert await sink.answer() == (OK, b"a2's")
+    assert cluster.sent("a1") == []
+
+
+async def test_a_read_rerouted_to_a_view_without_owners_answers_unavailable(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    sink = Sink()
+    cluster.router.get(sink, 1, key)
+    with_states(cluster, a1=DOWN, a2=DOWN)
+    status, message = await sink.answer()
+    assert status == UNAVAILABLE and "no aux node is available" in message
+    assert cluster.sent("a1") == [] and cluster.sent("a2") == []
+
+
+# -- GetBatcher --------------------------------------------------------------------------
+
+
+def keys_owned_by(c: FakeCluster, n: int, *owners: str) -> list[bytes]:
+    keys = [k for k in (b"key:%d" % i for i in range(20 * n + 100)) if c.view.read_candidates(k)[: len(owners)] == list(owners)]
+    assert len(keys) >= n
+    return keys[:n]
+
+
+async def test_first_owner_reads_of_one_iteration_leave_as_one_mget(cluster: FakeCluster) -> None:
+    keys = keys_owned_by(cluster, 4, "a1", "a2")
+    cluster.put("a1", keys[0], b"v0")
+    cluster.put("a1", keys[2], b"v2")
+    version = cluster.put("a2", keys[3], b"v3")  # a miss on a1, a hit on a2
+    sink = Sink()
+    for rid, key in enumerate(keys, 1):
+        cluster.router.get(sink, rid, key)
+    assert cluster.sent("a1") == []  # nothing leaves before the end of the iteration
+    answers = [await sink.answer(rid) for rid in range(1, 5)]
+    assert answers == [(OK, b"v0"), (OK, None), (OK, b"v2"), (OK, b"v3")]
+    assert [(m[0], m[2]) for m in cluster.sent("a1", Op.GET, Op.MGET)] == [(Op.MGET, keys)]
+    assert [(m[0], m[2]) for m in cluster.sent("a2")] == [(Op.GETV, keys[1]), (Op.GETV, keys[3])]
+    await until(lambda: cluster.entry("a1", keys[3]) == [b"v3", 0, version], what="the repair")
+
+
+async def test_each_first_owner_gets_its_own_mget(cluster: FakeCluster) -> None:
+    by_node = {n: keys_owned_by(cluster, 2, n) for n in ("a1", "a2", "a3")}
+    sink = Sink()
+    rid = 0
+    for keys in by_node.values():
+        for key in keys:
+            rid += 1
+            cluster.router.get(sink, rid, key)
+    for r in range(1, rid + 1):
+        assert await sink.answer(r) == (OK, None)
+    for node, keys in by_node.items():
+        assert [(m[0], m[2]) for m in cluster.sent(node, Op.GET, Op.MGET)] == [(Op.MGET, keys)]
+
+
+async def test_a_lone_read_leaves_as_a_get(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1")
+    sink = Sink()
+    cluster.router.get(sink, 1, key)
+    await sink.answer()
+    assert [(m[0], m[2]) for m in cluster.sent("a1")] == [(Op.GET, key)]
+
+
+async def test_a_full_batch_leaves_at_once(cluster: FakeCluster) -> None:
+    n = GetBatcher.MAX_BATCH
+    keys = keys_owned_by(cluster, n + 1, "a1")
+    sink = Sink()
+    for rid, key in enumerate(keys[:n], 1):
+        cluster.router.get(sink, rid, key)
+    sent = cluster.sent("a1", Op.MGET)
+    assert len(sent) == 1 and sent[0][2] == keys[:n]  # written already, within this iteration
+    cluster.router.get(sink, n + 1, keys[n])
+    for rid in range(1, n + 2):
+        assert await sink.answer(rid) == (OK, None)
+    assert [(m[0], m[2]) for m in cluster.sent("a1", Op.GET, Op.MGET)][1:] == [(Op.GET, keys[n])]
+
+
+async def test_an_mget_answer_too_large_for_a_frame_is_split_into_gets(cluster: FakeCluster) -> None:
+    keys = keys_owned_by(cluster, 3, "a1")
+    for key in keys:
+        cluster.put("a1", key, b"value of " + key)
+    cluster.overrides[("a1", Op.MGET)] = answer_with(int(Status.FRAME_TOO_LARGE), "too large")
+    sink = Sink()
+    for rid, key in enumerate(keys, 1):
+        cluster.router.get(sink, rid, key)
+    for rid, key in enumerate(keys, 1):
+        assert await sink.answer(rid) == (OK, b"value of " + key)
+    assert [m[0] for m in cluster.sent("a1")] == [Op.MGET, Op.GET, Op.GET, Op.GET]
+    assert cluster.router.stats.fallbacks == 0
+
+
+@pytest.mark.parametrize("bad", [Reply(OK, [b"only one value"]), Reply(OK, "not a list"), Reply(UNAVAILABLE, "gone")])
+async def test_a_failed_or_malformed_mget_sends_every_read_to_the_next_owner(cluster: FakeCluster, bad: Reply) -> None:
+    keys = keys_owned_by(cluster, 2, "a1", "a2")
+    for key in keys:
+        cluster.put("a2", key, b"from a2")
+    cluster.overrides[("a1", Op.MGET)] = lambda msg: bad
+    sink = Sink()
+    for rid, key in enumerate(keys, 1):
+        cluster.router.get(sink, rid, key)
+    for rid in (1, 2):
+        assert await sink.answer(rid) == (OK, b"from a2")
+    assert cluster.router.stats.fallbacks == 2
+    assert cluster.sent("a1", Op.APPLY) == []  # an error is not a miss: nothing to repair
+
+
+# -- writes: acknowledgement rules ---------------------------------------------------------
+
+
+async def test_a_write_reaches_every_owner_with_one_version(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    sink = Sink()
+    cluster.router.set(sink, 1, key, b"v", 0)
+    assert await sink.answer() == (OK, True)
+    e1, e2 = cluster.entry("a1", key), cluster.entry("a2", key)
+    assert e1 is not None and e1 == e2 and e1[0] == b"v"
+    assert cluster.sent("a3") == []
+    assert cluster.router.hints.total() == 0 and cluster.router.stats.partial_writes == 0
+
+
+async def test_a_delete_answers_whether_any_owner_held_the_key(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a2", key, b"v")
+    sink = Sink()
+    cluster.router.delete(sink, 1, key)
+    assert await sink.answer(1) == (OK, True)
+    assert cluster.entry("a2", key) is None
+    cluster.router.delete(sink, 2, key)
+    assert await sink.answer(2) == (OK, False)
+    assert [m[0] for m in cluster.sent("a1")] == [Op.DELV, Op.DELV]
+
+
+async def test_an_owner_that_cannot_be_reached_gets_a_hint_replayed_when_it_can() -> None:
+    async with FakeCluster() as cluster:
+        key = cluster.key_owned_by("a1", "a2")
+        cluster.overrides[("a2", Op.SETV)] = answer_with(UNAVAILABLE, "connection lost")
+        sink = Sink()
+        cluster.router.set(sink, 1, key, b"v", 0)
+        assert await sink.answer() == (OK, True)  # a1 applied it: the write is not failed
+        assert cluster.router.stats.partial_writes == 1
+        # a2 is not suspected: the hint is replayed at once, as an APPLY with the write's version
+        await until(lambda: "a2" not in cluster.router.hints, what="the hint replay")
+        assert cluster.entry("a2", key) == cluster.entry("a1", key)
+        assert cluster.router.hints.replayed_total == 1
+
+
+@pytest.mark.parametrize(("quorum", "expected"), [(0, OK), (1, OK), (2, UNAVAILABLE)])
+async def test_write_quorum(quorum: int, expected: int) -> None:
+    async with FakeCluster(write_quorum=quorum) as cluster:
+        key = cluster.key_owned_by("a1", "a2")
+        cluster.overrides[("a2", Op.SETV)] = answer_with(TIMEOUT, "slow")
+        cluster.overrides[("a2", Op.APPLY)] = lambda msg: None  # a2 takes no replay either
+        sink = Sink()
+        cluster.router.set(sink, 1, key, b"v", 0)
+        status, result = await sink.answer()
+        assert status == expected
+        if expected == OK:
+            assert result is True and cluster.router.hints.count("a2") == 1
+        else:
+            assert result == "the write reached 1 of the 2 owners the quorum needs"
+
+
+async def test_no_owner_applying_the_write_answers_unavailable(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.overrides[("a1", Op.SETV)] = answer_with(UNAVAILABLE, "gone")
+    cluster.overrides[("a2", Op.SETV)] = answer_with(TIMEOUT, "slow")
+    sink = Sink()
+    cluster.router.set(sink, 1, key, b"v", 0)
+    status, message = await sink.answer()
+    assert status == UNAVAILABLE and "no owner of the key applied the write" in message
+    assert cluster.router.hints.total() == 0  # nothing was applied anywhere: nothing to hand off
+    assert cluster.router.stats.unavailable == 1
+
+
+async def test_an_owner_error_is_answered_as_is(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.overrides[("a2", Op.SETV)] = answer_with(int(Status.OUT_OF_MEMORY), "full")
+    sink = Sink()
+    cluster.router.set(sink, 1, key, b"v", 0)
+    assert await sink.answer() == (int(Status.OUT_OF_MEMORY), "full")
+    assert sink.ops[1] == Op.SET
+
+
+async def test_an_owner_holding_a_newer_version_makes_the_router_retry_once_with_a_newer_one(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    held = cluster.future_version()
+    cluster.put("a1", key, b"from the future", held)
+    sink = Sink()
+    cluster.router.set(sink, 1, key, b"v", 0)
+    assert await sink.answer() == (OK, True)
+    first, retry = (m[6] for m in cluster.sent("a1", Op.SETV))
+    assert first < held < retry  # the receive rule: the router's clock moved past what a1 held
+    assert cluster.entry("a1", key) == cluster.entry("a2", key) == [b"v", 0, retry]
+    assert len(cluster.sent("a2", Op.SETV)) == 2
+    assert cluster.router.stats.superseded_retries == 1 and cluster.router.stats.superseded == 0
+
+
+async def test_a_write_superseded_twice_is_not_acknowledged(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    newer = [cluster.future_version(1000)]
+
+    def always_newer(msg: list[Any]) -> Reply:
+        newer[0] = max(newer[0], msg[6]) + (1 << 22)  # a concurrent writer stays one ms ahead
+        return Reply(OK, [2, newer[0]])
+
+    cluster.overrides[("a1", Op.SETV)] = always_newer
+    sink = Sink()
+    cluster.router.set(sink, 1, key, b"v", 0)
+    status, message = await sink.answer()
+    assert status == int(Status.SUPERSEDED) and "did not take effect" in message
+    assert len(cluster.sent("a1", Op.SETV)) == 2  # one retry, no more
+    assert cluster.router.stats.superseded_retries == 1 and cluster.router.stats.superseded == 1
+
+
+async def test_a_suspected_owner_is_not_waited_for_and_gets_its_hints_when_it_answers_again() -> None:
+    async with FakeCluster(suspect_after=0.25) as cluster:
+        key = cluster.key_owned_by("a1", "a2")
+        await cluster.make_suspect("a2")
+        sink = Sink()
+        cluster.router.set(sink, 1, key, b"v", 0)
+        assert await sink.answer() == (OK, True)
+        assert cluster.sent("a2", Op.SETV) == []
+        assert cluster.router.hints.count("a2") == 1 and cluster.router.stats.partial_writes == 1
+        assert not cluster.router.trusted("a2")
+        await cluster.recover("a2")
+        await until(lambda: "a2" not in cluster.router.hints, what="the hint replay")
+        assert cluster.recovered == ["a2"]
+        assert cluster.entry("a2", key) == cluster.entry("a1", key) is not None
+        assert cluster.router.trusted("a2")
+
+
+async def test_with_every_owner_suspected_the_write_is_still_tried_on_all() -> None:
+    async with FakeCluster(suspect_after=0.1) as cluster:
+        key = cluster.key_owned_by("a1", "a2")
+        await cluster.make_suspect("a1")
+        await cluster.make_suspect("a2")
+        sink = Sink()
+        cluster.router.set(sink, 1, key, b"v", 0)
+        status, _ = await sink.answer()  # the suspected links time the requests out at once
+        assert status == UNAVAILABLE
+        assert len(cluster.sent("a1", Op.SETV)) == len(cluster.sent("a2", Op.SETV)) == 1
+
+
+async def test_an_owner_that_is_not_connected_gets_a_hint() -> None:
+    cluster = FakeCluster()
+    cluster.fake.refused.add("a2")
+    async with cluster:
+        key = cluster.key_owned_by("a1", "a2")
+        sink = Sink()
+        cluster.router.set(sink, 1, key, b"v", 0)
+        assert await sink.answer() == (OK, True)
+        assert cluster.router.hints.count("a2") == 1
+
+
+async def test_expire_answers_true_if_any_owner_held_the_key(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a2", key, b"v")
+    sink = Sink()
+    cluster.router.expire(sink, 1, key, 60_000)  # type: ignore[arg-type]
+    assert await sink.answer(1) == (OK, True)
+    cluster.router.expire(sink, 2, b"missing everywhere", 60_000)  # type: ignore[arg-type]
+    assert await sink.answer(2) == (OK, False)
+
+
+# -- MGET and MSET: several ops, one answer --------------------------------------------------
+
+
+async def test_mget_answers_every_key_in_order(cluster: FakeCluster) -> None:
+    keys = [cluster.key_owned_by("a1"), cluster.key_owned_by("a2"), cluster.key_owned_by("a3"), b"missing"]
+    for key in keys[:3]:
+        cluster.put(cluster.view.read_candidates(key)[0], key, b"v:" + key)
+    sink = Sink()
+    cluster.router.mget(sink, 9, keys)  # type: ignore[arg-type]
+    assert await sink.answer(9) == (OK, [b"v:" + k for k in keys[:3]] + [None])
+    cluster.router.mget(sink, 10, [])  # type: ignore[arg-type]
+    assert sink.answers[10] == [(OK, [])]
+
+
+async def test_mget_answers_the_first_error_once(cluster: FakeCluster) -> None:
+    k1, k2 = keys_owned_by(cluster, 2, "a1")
+    cluster.overrides[("a1", Op.MGET)] = answer_with(int(Status.INTERNAL), "broken")
+    sink = Sink()
+    cluster.router.mget(sink, 3, [k1, k2])  # type: ignore[arg-type]
+    assert await sink.answer(3) == (int(Status.INTERNAL), "broken")
+    assert sink.ops[3] == Op.MGET
+
+
+async def test_mset_counts_the_pairs_stored_on_every_owner(cluster: FakeCluster) -> None:
+    pairs = [(b"key:%d" % i, b"v%d" % i) for i in range(10)]
+    sink = Sink()
+    cluster.router.mset(sink, 4, pairs, 0)  # type: ignore[arg-type]
+    assert await sink.answer(4) == (OK, 10)
+    for key, value in pairs:
+        for node in cluster.view.write_targets(key):
+            assert cluster.value(node, key) == value
+    cluster.router.mset(sink, 5, [], 0)  # type: ignore[arg-type]
+    assert sink.answers[5] == [(OK, 0)]
+
+
+async def test_mset_answers_the_first_failed_pair_once(cluster: FakeCluster) -> None:
+    pairs = [(k, b"v") for k in keys_owned_by(cluster, 3, "a1")]
+    cluster.overrides[("a1", Op.SETV)] = answer_with(int(Status.OUT_OF_MEMORY), "full")
+    sink = Sink()
+    cluster.router.mset(sink, 6, pairs, 0)  # type: ignore[arg-type]
+    assert await sink.answer(6) == (int(Status.OUT_OF_MEMORY), "full")
+    await until(lambda: not any(link.in_flight for link in cluster.links.values()))
+    assert len(sink.answers[6]) == 1
+
+
+async def test_mset_with_a_key_no_node_can_take_answers_unavailable(cluster: FakeCluster) -> None:
+    with_states(cluster, a1=DOWN, a2=DOWN, a3=DOWN)
+    sink = Sink()
+    cluster.router.mset(sink, 7, [(b"k1", b"v"), (b"k2", b"v")], 0)  # type: ignore[arg-type]
+    assert sink.answers[7] == [(UNAVAILABLE, "no aux node is available for this key")]
+
+
+# -- EXISTS, TTL, TOUCH ---------------------------------------------------------------------
+
+
+async def test_exists_and_ttl_read_the_entry(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a2", key, b"v")  # found on the second owner
+    sink = Sink()
+    cluster.router.exists(sink, 1, key)  # type: ignore[arg-type]
+    cluster.router.ttl(sink, 2, key)  # type: ignore[arg-type]
+    cluster.router.exists(sink, 3, b"missing")  # type: ignore[arg-type]
+    cluster.router.ttl(sink, 4, b"missing")  # type: ignore[arg-type]
+    assert [await sink.answer(rid) for rid in (1, 2, 3, 4)] == [(OK, True), (OK, -1), (OK, False), (OK, -2)]
+    assert sink.ops[1] == Op.EXISTS
+
+
+async def test_touch_asks_the_first_owner_that_answers(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a2", key, b"v")
+    cluster.overrides[("a1", Op.TOUCH)] = answer_with(UNAVAILABLE)
+    assert await cluster.router.touch(key) is True
+    cluster.overrides[("a2", Op.TOUCH)] = answer_with(TIMEOUT)
+    with pytest.raises(UnavailableError):
+        await cluster.router.touch(key)
+
+
+# -- SET NX/XX and INCR: decided by the first live owner, copied to the others ---------------------
+
+
+async def test_set_nx_is_decided_by_the_first_owner_and_copied_with_its_version(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    assert await cluster.router.set_if(key, b"v", 0, SetFlag.NX) is True
+    e1 = cluster.entry("a1", key)
+    assert e1 is not None and cluster.entry("a2", key) == e1
+    assert await cluster.router.set_if(key, b"other", 0, SetFlag.NX) is False
+    assert cluster.entry("a1", key) == cluster.entry("a2", key) == e1
+    assert len(cluster.sent("a2", Op.APPLY)) == 1  # the failed condition copied nothing
+    assert await cluster.router.set_if(b"missing", b"v", 0, SetFlag.XX) is False
+
+
+async def test_set_if_on_a_key_held_with_a_newer_version_is_superseded(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a1", key, b"newer", cluster.future_version())
+    with pytest.raises(SupersededError):
+        await cluster.router.set_if(key, b"v", 0, SetFlag.XX)
+    assert cluster.router.stats.superseded == 1
+    assert cluster.value("a1", key) == b"newer"
+
+
+async def test_set_if_with_its_first_owner_unreachable_is_unavailable(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.overrides[("a1", Op.SETV)] = answer_with(UNAVAILABLE)
+    with pytest.raises(UnavailableError):
+        await cluster.router.set_if(key, b"v", 0, SetFlag.NX)
+    assert cluster.sent("a2") == []
+
+
+async def test_a_copy_an_owner_cannot_take_becomes_a_hint(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.overrides[("a2", Op.APPLY)] = answer_with(UNAVAILABLE)
+    assert await cluster.router.set_if(key, b"v", 0, SetFlag.NX) is True
+    assert cluster.router.hints.count("a2") == 1 and cluster.router.stats.partial_writes == 1
+
+
+async def test_incr_adds_on_the_first_owner_and_copies_the_result(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    assert await cluster.router.incr(key, 5) == 5
+    assert await cluster.router.incr(key, -2) == 3
+    e1 = cluster.entry("a1", key)
+    assert e1 is not None and e1[0] == b"3" and cluster.entry("a2", key) == e1
+    assert [m[0] for m in cluster.sent("a1")] == [Op.INCRV, Op.INCRV]
+    cluster.put(cluster.view.read_candidates(b"text")[0], b"text", b"abc")
+    with pytest.raises(NotAnIntegerError):
+        await cluster.router.incr(b"text", 1)
+
+
+# -- restore and cluster-wide reads ----------------------------------------------------------
+
+
+async def test_apply_entries_copies_to_every_owner_and_counts_what_first_owners_took(cluster: FakeCluster) -> None:
+    k_new = cluster.key_owned_by("a1", "a2")
+    k_old = cluster.key_owned_by("a2", "a3")
+    old = cluster.clock.next()
+    cluster.put("a2", k_old, b"newer", cluster.future_version())
+    new = cluster.clock.next()
+    assert await cluster.router.apply_entries([(k_new, b"v1", 0, new), (k_old, b"stale", 0, old)]) == 1
+    assert cluster.entry("a1", k_new) == cluster.entry("a2", k_new) == [b"v1", 0, new]
+    assert cluster.value("a2", k_old) == b"newer"
+    assert cluster.entry("a3", k_old) == [b"stale", 0, old]  # last writer wins per node
+
+
+async def test_apply_entries_without_owners_is_unavailable(cluster: FakeCluster) -> None:
+    with_states(cluster, a1=DOWN, a2=DOWN, a3=DOWN)
+    with pytest.raises(UnavailableError):
+        await cluster.router.apply_entries([(b"k", b"v", 0, cluster.clock.next())])
+
+
+async def test_gather_stats_leaves_out_nodes_that_are_down_or_do_not_answer_in_time(cluster: FakeCluster) -> None:
+    with_states(cluster, a3=DOWN)
+    cluster.held.add("a2")
+    stats = await cluster.router.gather_stats(timeout=0.2)
+    assert list(stats) == ["a1"]
+    assert stats["a1"]["node_id"] == "a1"
+    assert cluster.sent("a3") == []
