@@ -105,6 +105,7 @@ Handler = Callable[["FrameProtocol", int, Any], Any]
 _header = HEADER.pack
 _OK = Status.OK.value
 _CLOCK_SKEW = Status.CLOCK_SKEW.value
+_HELLO = Op.HELLO.value
 
 #: The op slot of ``Service.op_requests``/``op_errors`` for requests no handler
 #: took (unknown op, not an array, not authenticated yet).
@@ -510,6 +511,7 @@ class FrameProtocol(asyncio.Protocol):
         self._table = service.tables[level]
         if self._decoder is not None:
             self._decoder.max_frame_bytes = self._limits.max_frame_bytes if level else MAX_HELLO_FRAME_BYTES
+            self._decoder.one_frame = not level  # before auth: one frame at a time (the HELLO sets the next one's limit)
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -559,6 +561,7 @@ class FrameProtocol(asyncio.Protocol):
         decoder = self._decoder
         assert decoder is not None
         service = self._service
+        one_frame = decoder.one_frame
         try:
             msgs = decoder.feed(data)
         except RemoteProtocolError as exc:
@@ -607,6 +610,8 @@ class FrameProtocol(asyncio.Protocol):
                 except Exception as exc:
                     body = self._failed_internally(msg, exc)
                 else:
+                    if op == _HELLO:
+                        table = self._table  # it may have raised the credential: pipelined requests use the new table
                     if result is LATER or result.__class__ is _Deferred:
                         self._owe(rid, op, t1)
                         if result is not LATER:
@@ -632,6 +637,8 @@ class FrameProtocol(asyncio.Protocol):
                     self._transport.write(b"".join(out))
         if decoder.error is not None:
             self._protocol_error(decoder.error)
+        elif one_frame and msgs and decoder.buffered:
+            asyncio.get_running_loop().call_soon(self.data_received, b"")  # the next frame, in the next iteration
         service.batch_latency.observe(perf_counter() - t0)
 
     # -- helpers of the dispatch ------------------------------------------------------

@@ -17,9 +17,12 @@ class FakeTransport:
     in the next loop iteration, as a real transport does.
     """
 
-    def __init__(self, peername: Any = None) -> None:
+    def __init__(self, peername: Any = None, *, half_close: bool = False) -> None:
         self.written: list[bytes] = []
         self.closed = False
+        #: Whether it can shut its write side (a TCP transport can): ``write_eof`` sets ``eof``.
+        self.half_close = half_close
+        self.eof = False
         self.reading = True
         self.peername = peername
         self.protocol: asyncio.BaseProtocol | None = None
@@ -47,6 +50,12 @@ class FakeTransport:
 
     def abort(self) -> None:
         self.close()
+
+    def can_write_eof(self) -> bool:
+        return self.half_close
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def pause_reading(self) -> None:
         self.reading = False

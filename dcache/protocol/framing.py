@@ -131,6 +131,7 @@ class FrameDecoder:
         "_frame_start",
         "_big",
         "buffered",
+        "one_frame",
     )
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
@@ -148,6 +149,10 @@ class FrameDecoder:
         #: Bytes received but not yet consumed as complete frames (kept up to
         #: date by ``feed``: an attribute, not a property, for the hot path).
         self.buffered = 0
+        #: Return after each frame, leaving the rest buffered (``feed(b"")``
+        #: decodes the next): a server reads the frames that follow a HELLO
+        #: only once the HELLO has decided which limit they get.
+        self.one_frame = False
 
     def _new_unpacker(self) -> msgpack.Unpacker:
         ceiling = self._ceiling
@@ -315,13 +320,15 @@ class FrameDecoder:
                     raise RemoteProtocolError(_LENGTH_MISMATCH)
                 end = -1
                 append(obj)
+                if self.one_frame:
+                    return
         finally:
             self._frame_end = end
             if end >= 0:
                 self._frame_start = start = end - n - HEADER_BYTES
                 self.buffered = self._fed - start
             else:
-                self.buffered = len(self._partial)
+                self.buffered = len(self._partial) + self._fed - tell()
 
 
 def _copy(error: RemoteProtocolError) -> RemoteProtocolError:
