@@ -84,8 +84,8 @@ def _cursor_arg(cursor: Any) -> int:
     return int(cursor)
 
 
-def _check_fits(cache: LRUCache, key: bytes, value: bytes) -> None:
-    size = len(key) + len(value) + cache.entry_overhead
+def _check_fits(cache: LRUCache, key: bytes, value: bytes, expires_at: int) -> None:
+    size = cache.charge(key, value, expires_at)
     if size > cache.max_bytes:
         raise OutOfMemoryError(f"entry of {size} bytes exceeds the cache budget of {cache.max_bytes} bytes")
 
@@ -231,7 +231,7 @@ class ClusterOps:
             raise BadArgumentsError("flags must be 0, 1 (NX) or 2 (XX)")
         version = parse_version(version)
         cache = self.node.cache
-        _check_fits(cache, key, value)
+        _check_fits(cache, key, value, expires_at)
         if flags and (cache.get_entry(key) is not None) == (flags == _NX):
             return 0
         try:
@@ -277,8 +277,8 @@ class ClusterOps:
     def apply(self, msg: list[Any]) -> Any:
         items = parse_entries(msg, self.node.limits)
         cache = self.node.cache
-        for key, value, _, _ in items:
-            _check_fits(cache, key, value)
+        for key, value, expires_at, _ in items:
+            _check_fits(cache, key, value, expires_at)
         apply = cache.apply
         applied = 0
         for key, value, expires_at, version in items:
