@@ -11,7 +11,7 @@ process and the aux nodes it starts use the checkout's code.
 For each budget, value size and TTL choice it starts a real ``python -m
 dcache aux`` (memory only: no data dir, so no snapshot copies), reads the
 empty process's VmRSS after one STATS, then writes 16-byte keys over one
-pipelined connection (windows of SETs, at most ~1 MB each) until the node
+pipelined connection (windows of SETs of ``--window`` bytes) until the node
 has turned its content over ``--turnover`` times (evictions >= turnover x
 items). It then keeps writing rounds of half the items held, reading VmRSS
 after each, until two rounds in a row change it by less than 1% (steady
@@ -53,7 +53,6 @@ from dcache.protocol import FrameDecoder, Op, encode_request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY_BYTES = 16
-WINDOW_BYTES = 1 << 20
 READY_TIMEOUT_S = 30.0
 
 
@@ -97,7 +96,8 @@ class Node:
 class Writer:
     """One blocking, pipelined connection: send a window of requests, read every answer."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, window_bytes: int) -> None:
+        self.window_bytes = window_bytes
         self.sock = socket.create_connection((host, port), timeout=60)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.decoder = FrameDecoder()
@@ -122,8 +122,8 @@ class Writer:
         return result
 
     def set_many(self, first: int, count: int, value_bytes: int, ttl_ms: int) -> None:
-        """SET keys ``first .. first+count-1`` in windows of about ``WINDOW_BYTES``."""
-        per_window = max(1, WINDOW_BYTES // (value_bytes + KEY_BYTES + 16))
+        """SET keys ``first .. first+count-1`` in windows of about ``window_bytes``."""
+        per_window = max(1, self.window_bytes // (value_bytes + KEY_BYTES + 16))
         value = b"v" * value_bytes
         extra = (ttl_ms,) if ttl_ms else ()
         i = first
@@ -145,7 +145,7 @@ def measure(max_memory: int, value_bytes: int, ttl_ms: int, args: argparse.Names
     """One run: fill a fresh node past its budget and report its steady-state memory."""
     node = Node(max_memory, args.aux_arg)
     try:
-        w = Writer(node.host, node.port)
+        w = Writer(node.host, node.port, parse_size(args.window))
         w.stats()
         time.sleep(0.5)  # let start-up settle (imports, first gc.freeze)
         empty = rss_kb(node.pid)
@@ -259,6 +259,7 @@ def main() -> None:
     p.add_argument("--values", default="16,100,10240", help="comma-separated value sizes in bytes")
     p.add_argument("--ttl", default="no,yes", help="no, yes or no,yes")
     p.add_argument("--ttl-ms", type=int, default=3_600_000)
+    p.add_argument("--window", default="64KB", help="bytes of SETs sent before reading their answers (default 64KB)")
     p.add_argument("--turnover", type=float, default=2.0, help="fill until evictions >= this x items held")
     p.add_argument("--max-rounds", type=int, default=12)
     p.add_argument("--aux-arg", action="append", default=[], help="extra argument for the aux node (repeat)")
