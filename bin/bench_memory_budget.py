@@ -234,15 +234,18 @@ def attribute(value_bytes: int, ttl: bool, entries: int = 100_000) -> None:
     e = cache.get_entry(b"k:%014d" % (entries * 3 - 1))
     assert e is not None
     heap: list[Any] = cache._heap
+    stale = max(0, len(heap) - cache._n_expiring)
+    # a sum (now + ttl) is allocated with one digit more than getsizeof reports
+    expiry_int = _pymalloc(sys.getsizeof(e.expires_at) + sys.int_info.sizeof_digit) if ttl else 0
     parts = {
         "Entry": _pymalloc(sys.getsizeof(e)),
         "key": _pymalloc(sys.getsizeof(e.key)),
         "value": _pymalloc(sys.getsizeof(e.value)),
         "version": _pymalloc(sys.getsizeof(e.version)),
-        "expires_at": _pymalloc(sys.getsizeof(e.expires_at)) if ttl else 0,
+        "expires_at": expiry_int,
         "dicts": sum(d.__sizeof__() for d in cache._shards) / n,
         "heap": (sys.getsizeof(heap) + len(heap) * _pymalloc(sys.getsizeof(heap[0]))) / n if heap else 0,
-        "stale heap keys": max(0, len(heap) - cache._n_expiring) * _pymalloc(sys.getsizeof(e.key)) / n,
+        "stale heap keys, ints": stale * (_pymalloc(sys.getsizeof(e.key)) + expiry_int) / n,
     }
     total = sum(parts.values())
     detail = "  ".join(f"{k} {v:.0f}" for k, v in parts.items())
