@@ -1,25 +1,30 @@
 #!/usr/bin/env python3
-"""LRUCache get/set at two git revisions, in one process, rounds alternating.
+"""LRUCache get/set at two git revisions: wall-clock time, alternating, or instructions.
 
-    .venv/bin/python bin/bench_lru_ops.py [OLD_REV [NEW_REV]]     # default: HEAD~1 against the working tree
+    .venv/bin/python bin/bench_lru_ops.py [OLD_REV [NEW_REV]]                 # default: HEAD~1 against the working tree
     .venv/bin/python bin/bench_lru_ops.py --instructions [OLD_REV [NEW_REV]]
 
 Each revision's ``dcache/lru/cache.py`` (and ``cost.py`` where it exists)
 is loaded as its own package from ``git show``; "worktree" means the files
-on disk. Each round times, for each revision in turn (the order alternates
-between rounds), on full caches of 100,000 entries with 16-byte keys and values: ``set`` of
-new keys (each evicts), ``set`` replacing existing keys, ``get`` hits, and
-``set`` of new keys with a TTL into a cache of entries with TTLs. Prints the median ns per
-operation over the rounds, and the new/old ratio.
+on disk. Four operations on a full cache of 16-byte keys and values: ``set``
+of a new key (which evicts one), ``set`` replacing a key, ``get`` of a
+present key, and ``set`` of a new key with a TTL into a cache of entries
+with TTLs.
 
-Times on a shared, busy machine are noisy; ``--instructions`` counts
-instructions instead (valgrind's callgrind, load-independent): each
-operation is run ``K1`` and ``K2`` times on a cache of 20,000 entries after
-the same set-up, and (I2 - I1) / (K2 - K1) is the cost of one.
+Timing: each measurement is a fresh process (the same memory layout for
+both revisions, nothing left over from the other) that fills a cache of
+100,000 entries, freezes and turns off the garbage collector (as the aux
+node keeps it off its entries), and times 100,000 operations. Rounds
+alternate the revisions' order; prints the median ns per operation and
+new/old. On a shared, busy machine identical runs differ by tens of
+percent: ``--instructions`` counts instructions instead (valgrind's
+callgrind, load-independent): each operation is run ``K1`` and ``K2`` times
+after the same set-up, and (I2 - I1) / (K2 - K1) is the cost of one.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import statistics
@@ -27,19 +32,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N = 100_000
-ROUNDS = 15
+OPS = ("set new (evicts one)", "set replace", "get hit", "set new, TTL (evicts)")
+TIME_N = 100_000
+TIME_ROUNDS = 7
+K1, K2 = 2_000, 12_000
+COUNT_N = 20_000
+NOW_MS = 1_800_000_000_000
 
 
 def load(rev: str, into: str) -> ModuleType:
-    """Import ``dcache/lru/cache.py`` at ``rev`` as package ``lru_<n>``."""
-    name = f"lru_{len(sys.modules)}"
-    pkg = os.path.join(into, name)
+    """Import ``dcache/lru/cache.py`` at ``rev`` as a package of its own."""
+    pkg = os.path.join(into, "lru_under_test")
     os.mkdir(pkg)
     open(os.path.join(pkg, "__init__.py"), "w").close()
     for f in ("cache.py", "cost.py"):
@@ -58,87 +65,26 @@ def load(rev: str, into: str) -> ModuleType:
         with open(os.path.join(pkg, f), "wb") as fh:
             fh.write(data)
     sys.path.insert(0, into)
-    return importlib.import_module(f"{name}.cache")
+    return importlib.import_module("lru_under_test.cache")
 
 
-def full_cache(mod: ModuleType, now: int, ttl: bool) -> Any:
-    """A cache holding N entries (16-byte keys and values, with a TTL or not), at its budget."""
-    exp = now + 3_600_000 if ttl else 0
-    probe = mod.LRUCache(1 << 40, clock=lambda: now)
-    probe.set(b"k:%014d" % 0, b"v" * 16, expires_at=exp)
-    cache = mod.LRUCache(probe.bytes_used * N, clock=lambda: now)
-    for i in range(N):
-        cache.set(b"k:%014d" % i, b"v" * 16, expires_at=exp, version=(1 << 62) + i)
-    assert len(cache) == N
-    return cache
-
-
-def per_op(fn: Callable[[], int]) -> float:
-    t = time.perf_counter()
-    n = fn()
-    return (time.perf_counter() - t) / n * 1e9
-
-
-def round_of(plain: Any, expiring: Any, start: int, now: int) -> dict[str, float]:
-    """One timing of each operation; keys from ``start`` on are new to both caches."""
-    new_keys = [b"k:%014d" % i for i in range(start, start + N // 2)]
-    hot = new_keys[: N // 4]
-    value = b"w" * 16
-    exp = now + 3_600_000
-
-    def set_new() -> int:
-        s = plain.set
-        for k in new_keys:
-            s(k, value)
-        return len(new_keys)
-
-    def set_replace() -> int:
-        s = plain.set
-        for k in hot:
-            s(k, value)
-        return len(hot)
-
-    def get_hit() -> int:
-        g = plain.get
-        for k in hot:
-            g(k)
-        return len(hot)
-
-    def set_new_ttl() -> int:
-        s = expiring.set
-        for k in new_keys:
-            s(k, value, expires_at=exp)
-        return len(new_keys)
-
-    return {
-        "set new (evicts one)": per_op(set_new),
-        "set replace": per_op(set_replace),
-        "get hit": per_op(get_hit),
-        "set new, TTL (evicts)": per_op(set_new_ttl),
-    }
-
-
-OPS = ("set new (evicts one)", "set replace", "get hit", "set new, TTL (evicts)")
-K1, K2 = 2_000, 12_000
-COUNT_N = 20_000
-
-
-def count_run(rev: str, op: str, k: int) -> None:
-    """Set up as for every ``k``, then run ``op`` ``k`` times (under callgrind)."""
-    now = 1_800_000_000_000
+def run(rev: str, op: str, n: int, k: int) -> float:
+    """Fill a cache of ``n`` entries, run ``op`` ``k`` times; seconds the ``k`` operations took."""
+    ttl = op == OPS[3]
+    exp = NOW_MS + 3_600_000 if ttl else 0
     with tempfile.TemporaryDirectory() as d:
         mod = load(rev, d)
-        ttl = op == OPS[3]
-        cache = mod.LRUCache(1 << 40, COUNT_N, clock=lambda: now)
-        exp = now + 3_600_000 if ttl else 0
-        for i in range(COUNT_N):
+        cache = mod.LRUCache(1 << 40, n, clock=lambda: NOW_MS)
+        for i in range(n):
             cache.set(b"k:%014d" % i, b"v" * 16, expires_at=exp, version=(1 << 62) + i)
         if op in (OPS[0], OPS[3]):
-            keys = [b"k:%014d" % i for i in range(COUNT_N, COUNT_N + K2)]
+            keys = [b"k:%014d" % i for i in range(n, n + k)]
         else:
-            keys = [b"k:%014d" % (i % COUNT_N) for i in range(K2)]
-        keys = keys[:k]
+            keys = [b"k:%014d" % (i % n) for i in range(k)]
         value = b"w" * 16
+        gc.freeze()
+        gc.disable()
+        t = time.perf_counter()
         if op == OPS[2]:
             g = cache.get
             for key in keys:
@@ -147,27 +93,36 @@ def count_run(rev: str, op: str, k: int) -> None:
             s = cache.set
             for key in keys:
                 s(key, value, expires_at=exp)
+        return time.perf_counter() - t
+
+
+def child(rev: str, op: str, *args: str) -> list[str]:
+    return [sys.executable, __file__, "--run", rev, op, *args]
+
+
+def timings(revs: list[str]) -> None:
+    times: dict[tuple[str, str], list[float]] = {}
+    for rnd in range(TIME_ROUNDS):
+        for op in OPS:
+            for rev in revs if rnd % 2 == 0 else revs[::-1]:
+                out = subprocess.run(child(rev, op, str(TIME_N), str(TIME_N)), capture_output=True, text=True, cwd=ROOT, check=True)
+                times.setdefault((op, rev), []).append(float(out.stdout) / TIME_N * 1e9)
+    print(f"python {sys.version.split()[0]}; median ns per operation over {TIME_ROUNDS} alternating fresh processes")
+    for op in OPS:
+        a, b = (statistics.median(times[(op, r)]) for r in revs)
+        spread = " ".join(f"{min(times[(op, r)]):.0f}-{max(times[(op, r)]):.0f}" for r in revs)
+        print(f"  {op:24s} {revs[0]:>10s} {a:7.0f}   {revs[1]:>10s} {b:7.0f}   ratio {b / a:.3f}   (ranges {spread})")
 
 
 def instructions(revs: list[str]) -> None:
     print(f"python {sys.version.split()[0]}; instructions per operation (callgrind, ({K2} - {K1}) runs)")
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dict probes in every run
     for op in OPS:
         per = []
         for rev in revs:
             counts = []
             for k in (K1, K2):
-                cmd = [
-                    "valgrind",
-                    "--tool=callgrind",
-                    "--callgrind-out-file=/dev/null",
-                    sys.executable,
-                    __file__,
-                    "--count",
-                    rev,
-                    op,
-                    str(k),
-                ]
-                env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dict probes in every run
+                cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *child(rev, op, str(COUNT_N), str(k))]
                 r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
                 line = next(x for x in r.stderr.splitlines() if "Collected :" in x)
                 counts.append(int(line.split(":")[-1]))
@@ -176,33 +131,18 @@ def instructions(revs: list[str]) -> None:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--count"]:
-        count_run(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    args: list[Any] = sys.argv[1:]
+    if args[:1] == ["--run"]:
+        print(run(args[1], args[2], int(args[3]), int(args[4])))
         return
-    if sys.argv[1:2] == ["--instructions"]:
-        revs = sys.argv[2:4] or ["HEAD~1"]
-        if len(revs) == 1:
-            revs.append("worktree")
-        instructions(revs)
-        return
-    revs = sys.argv[1:3] or ["HEAD~1"]
+    measure = timings
+    if args[:1] == ["--instructions"]:
+        measure = instructions
+        args = args[1:]
+    revs = args[:2] or ["HEAD~1"]
     if len(revs) == 1:
         revs.append("worktree")
-    now = time.time_ns() // 1_000_000
-    with tempfile.TemporaryDirectory() as d:
-        mods = [load(r, d) for r in revs]
-        caches = [(full_cache(m, now, False), full_cache(m, now, True)) for m in mods]
-        results: list[dict[str, list[float]]] = [{} for _ in revs]
-        for rnd in range(ROUNDS):
-            order = range(len(revs)) if rnd % 2 == 0 else reversed(range(len(revs)))
-            for i in order:
-                for k, v in round_of(*caches[i], (rnd + 1) * N, now).items():
-                    results[i].setdefault(k, []).append(v)
-    print(f"python {sys.version.split()[0]}; {ROUNDS} rounds, median ns per operation")
-    for k in results[0]:
-        a = statistics.median(results[0][k])
-        b = statistics.median(results[1][k])
-        print(f"  {k:24s} {revs[0]:>10s} {a:7.0f}   {revs[1]:>10s} {b:7.0f}   ratio {b / a:.3f}")
+    measure(revs)
 
 
 if __name__ == "__main__":
