@@ -77,8 +77,8 @@ _SCAN = "SCAN"
 _DROP = "DROP"
 
 
-def _check_fits(cache: LRUCache, key: bytes, value: bytes) -> None:
-    size = len(key) + len(value) + cache.entry_overhead
+def _check_fits(cache: LRUCache, key: bytes, value: bytes, expires_at: int) -> None:
+    size = cache.charge(key, value, expires_at)
     if size > cache.max_bytes:
         raise OutOfMemoryError(f"entry of {size} bytes exceeds the cache budget of {cache.max_bytes} bytes")
 
@@ -159,7 +159,7 @@ class ClusterOps:
         key, value, expires_at, flags, version = args
         node = self.node
         cache = node.cache
-        _check_fits(cache, key, value)
+        _check_fits(cache, key, value, expires_at)
         node.clock.observe(version)
         if flags and (cache.get_entry(key) is not None) == (flags == _NX):
             return 0
@@ -204,8 +204,8 @@ class ClusterOps:
     def apply(self, conn: FrameProtocol, rid: int, items: list[tuple[bytes, bytes, int, int]]) -> Any:
         cache = self.node.cache
         newest = 0
-        for key, value, _, version in items:
-            _check_fits(cache, key, value)
+        for key, value, expires_at, version in items:
+            _check_fits(cache, key, value, expires_at)
             if version > newest:
                 newest = version
         if newest:

@@ -1,7 +1,7 @@
 """The LRU cache: a pure, synchronous structure (see ``cache.py``'s design note)."""
 
 from .cache import (
-    ENTRY_OVERHEAD_BYTES,
+    CPYTHON_COST,
     INT64_MAX,
     INT64_MIN,
     NO_EXPIRY,
@@ -11,6 +11,7 @@ from .cache import (
     LRUCache,
     NotAnIntegerError,
 )
+from .cost import EntryCost
 from .snapshot import (
     SnapshotCorruptError,
     SnapshotData,
@@ -21,11 +22,12 @@ from .snapshot import (
 )
 
 __all__ = [
-    "ENTRY_OVERHEAD_BYTES",
+    "CPYTHON_COST",
     "INT64_MAX",
     "INT64_MIN",
     "NO_EXPIRY",
     "Entry",
+    "EntryCost",
     "EntryTooLargeError",
     "IntegerOverflowError",
     "LRUCache",

@@ -21,10 +21,14 @@ Invariants (all checked by ``check_valid()``, O(n), for tests):
 * The shards and the list hold the same entries, each in the shard its key
   hashes to, and ``len()`` is their total; ``e.next.prev is e`` and
   ``e.prev.next is e`` for every node, the sentinel included.
-* ``bytes_used`` is exactly the sum of ``len(key) + len(value) +
-  entry_overhead`` over the entries, and never exceeds ``max_bytes``; the
-  number of entries never exceeds ``max_items`` (when non-zero). Every write
-  evicts from the LRU end until both hold again; evictions are counted.
+* ``bytes_used`` is exactly the sum of the charges (``cost.py``: a model
+  of what each really costs in memory) of the entries, an entry with an
+  expiry being charged more, and of the tombstones; it never exceeds
+  ``max_bytes``. The number of entries never exceeds ``max_items`` (when
+  non-zero). Every write (and a tombstone, or an expiry given to an entry)
+  evicts from the LRU end until both hold again, never the entry just
+  written, and drops the oldest tombstones if evicting every other entry is
+  not enough; evictions are counted.
 * Expiry times are absolute wall-clock milliseconds, ``0`` meaning none. An
   entry is expired once ``expires_at <= now``; an expired entry is never
   returned. It is removed lazily when a lookup touches it, or actively by
@@ -34,7 +38,10 @@ Invariants (all checked by ``check_valid()``, O(n), for tests):
   expiry heap. Heap items go stale when their entry is removed or its expiry
   changes; they are skipped lazily, and the heap is compacted when it holds
   more than ``2 * entries_with_expiry + 1024`` items, so its size stays
-  linear in the number of entries with an expiry.
+  linear in the number of entries with an expiry. Compaction works in
+  place: a temporary set or list of a million items would be freed to a
+  heap that glibc does not give back (about 60 bytes per expiring entry of
+  RSS, measured).
 * Tombstones ``key -> (version, expires_at)`` live in an ``OrderedDict`` in
   the order they were recorded (which, with a constant TTL, is expiry order).
   There are at most ``max_tombstones``; the oldest is dropped first. A key
@@ -58,7 +65,12 @@ O(k log n) work at most. ``items``, ``snapshot_items``, ``keys_snapshot``,
 
 Hot path. ``get`` and ``set`` cache attribute lookups in locals, inline the
 list surgery and only call the clock when an entry has (or is given) an
-expiry, so TTL-less traffic never pays for it.
+expiry, so TTL-less traffic never pays for it. An entry's charge is its
+key's and value's lengths plus a constant taken from the ``EntryCost`` once,
+in the constructor (plus a second constant and the key's length again for an
+expiry), the operations ``len(key) + len(value) + overhead`` always took;
+it is recomputed when the entry is removed rather than stored (one more
+slot would make every ``Entry`` 16 bytes larger).
 
 The cache is not thread-safe and must not be mutated while ``items()`` is
 being iterated.
@@ -72,9 +84,11 @@ from collections.abc import Callable, Iterator
 from heapq import heapify, heappop, heappush
 from itertools import chain
 
+from .cost import EntryCost, measure_cpython_cost
+
 __all__ = [
     "SHARDS",
-    "ENTRY_OVERHEAD_BYTES",
+    "CPYTHON_COST",
     "NO_EXPIRY",
     "INT64_MIN",
     "INT64_MAX",
@@ -84,11 +98,6 @@ __all__ = [
     "NotAnIntegerError",
     "IntegerOverflowError",
 ]
-
-#: Bytes charged per entry on top of ``len(key) + len(value)``: a rough
-#: figure for the Entry object, its dict slot and the two bytes objects'
-#: headers on 64-bit CPython, so the byte budget tracks real memory use.
-ENTRY_OVERHEAD_BYTES = 96
 
 #: ``expires_at`` value meaning "never expires".
 NO_EXPIRY = 0
@@ -106,7 +115,7 @@ _SHARD_MASK = SHARDS - 1
 
 
 class EntryTooLargeError(ValueError):
-    """A single entry (key + value + overhead) is larger than ``max_bytes``."""
+    """A single entry's charge is larger than ``max_bytes``."""
 
 
 class NotAnIntegerError(ValueError):
@@ -154,6 +163,10 @@ class Entry:
         return f"Entry(key={self.key!r}, value=<{len(self.value)} bytes>, expires_at={self.expires_at}, version={self.version})"
 
 
+#: The charging rule for this interpreter (``cost.py``), measured at import.
+CPYTHON_COST = measure_cpython_cost(Entry(b"", b""))
+
+
 class LRUCache:
     """A least-recently-used cache bounded by bytes and, optionally, by items.
 
@@ -176,7 +189,10 @@ class LRUCache:
         "_max_items",
         "_max_tombs",
         "_n_expiring",
-        "_overhead",
+        "_cost",
+        "_entry_fixed",
+        "_expiry_fixed",
+        "_tomb_fixed",
         "_tomb_ttl",
         "_tombs",
         "deletes",
@@ -193,19 +209,19 @@ class LRUCache:
         max_items: int = 0,
         *,
         clock: Callable[[], int] = _wall_ms,
-        entry_overhead: int = ENTRY_OVERHEAD_BYTES,
+        cost: EntryCost = CPYTHON_COST,
         tombstone_ttl_ms: int = 60_000,
         max_tombstones: int = 100_000,
     ) -> None:
         """Create an empty cache.
 
         Args:
-            max_bytes: byte budget over ``len(key) + len(value) +
-                entry_overhead`` of all entries; must be > 0.
+            max_bytes: byte budget over the charges of all entries and
+                tombstones; must be > 0.
             max_items: item cap; 0 means no cap.
             clock: returns the current wall-clock time in integer
                 milliseconds (tests pass a fake one).
-            entry_overhead: bytes charged per entry on top of key and value.
+            cost: the charging rule (tests pass simpler ones).
             tombstone_ttl_ms: how long a delete's tombstone lasts.
             max_tombstones: most tombstones kept (oldest dropped first);
                 0 disables tombstones.
@@ -217,8 +233,6 @@ class LRUCache:
             raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
         if max_items < 0:
             raise ValueError(f"max_items must be >= 0, got {max_items}")
-        if entry_overhead < 0:
-            raise ValueError(f"entry_overhead must be >= 0, got {entry_overhead}")
         if tombstone_ttl_ms < 0:
             raise ValueError(f"tombstone_ttl_ms must be >= 0, got {tombstone_ttl_ms}")
         if max_tombstones < 0:
@@ -230,7 +244,12 @@ class LRUCache:
         self._bytes = 0
         self._max_bytes = max_bytes
         self._max_items = max_items
-        self._overhead = entry_overhead
+        self._cost = cost
+        # charges are these plus the lengths: see EntryCost.entry_bytes
+        per_object = cost.object_bytes(0)
+        self._entry_fixed = cost.entry + 2 * per_object
+        self._expiry_fixed = cost.expiry + per_object
+        self._tomb_fixed = cost.tombstone + per_object
         self._clock = clock
         self._heap: list[tuple[int, bytes]] = []
         self._n_expiring = 0
@@ -256,7 +275,7 @@ class LRUCache:
 
     @property
     def bytes_used(self) -> int:
-        """Exact sum of ``len(key) + len(value) + entry_overhead`` over entries."""
+        """Exact sum of the charges of the entries and tombstones (see ``charge``)."""
         return self._bytes
 
     @property
@@ -270,9 +289,17 @@ class LRUCache:
         return self._max_items
 
     @property
-    def entry_overhead(self) -> int:
-        """Bytes charged per entry on top of key and value."""
-        return self._overhead
+    def cost(self) -> EntryCost:
+        """The charging rule."""
+        return self._cost
+
+    def charge(self, key: bytes, value: bytes, expires_at: int = NO_EXPIRY) -> int:
+        """Bytes an entry is charged: ``cost.entry_bytes`` of its lengths and expiry.
+
+        An entry whose charge exceeds ``max_bytes`` is refused with
+        ``EntryTooLargeError``.
+        """
+        return self._cost.entry_bytes(len(key), len(value), expires_at != NO_EXPIRY)
 
     @property
     def tombstone_count(self) -> int:
@@ -392,6 +419,7 @@ class LRUCache:
             return 0
         if t[1] <= self._clock():
             del self._tombs[key]
+            self._bytes -= self._tomb_fixed + len(key)
             return 0
         return t[0]
 
@@ -477,16 +505,17 @@ class LRUCache:
             False if the NX/XX condition failed (nothing changed), else True.
 
         Raises:
-            EntryTooLargeError: the entry alone exceeds ``max_bytes``; the
-                cache is left unchanged.
+            EntryTooLargeError: the entry's charge alone exceeds
+                ``max_bytes``; the cache is left unchanged.
             ValueError: both ``nx`` and ``xx`` given.
         """
-        overhead = self._overhead
-        size = len(key) + len(value) + overhead
+        size = len(key) + len(value) + self._entry_fixed
+        if expires_at:
+            size += self._expiry_fixed + len(key)
         if size > self._max_bytes:
             raise EntryTooLargeError(
-                f"entry of {size} bytes (key {len(key)} + value {len(value)} + overhead {overhead}) "
-                f"exceeds the cache budget of {self._max_bytes} bytes"
+                f"entry of key {len(key)} + value {len(value)} bytes is charged {size} bytes, "
+                f"more than the cache budget of {self._max_bytes} bytes"
             )
         entries = self._shards[hash(key) & _SHARD_MASK]
         e = entries.get(key)
@@ -496,8 +525,8 @@ class LRUCache:
             live = e is not None and (not e.expires_at or e.expires_at > self._clock())
             if nx == live:
                 return False
-        if self._tombs:
-            self._tombs.pop(key, None)
+        if self._tombs and self._tombs.pop(key, None) is not None:
+            self._bytes -= self._tomb_fixed + len(key)
         self.sets += 1
         if expires_at:
             if expires_at <= self._clock():
@@ -526,8 +555,10 @@ class LRUCache:
             if old_exp != expires_at:
                 if not old_exp:
                     self._n_expiring += 1
+                    self._bytes += self._expiry_fixed + len(key)
                 elif not expires_at:
                     self._n_expiring -= 1
+                    self._bytes -= self._expiry_fixed + len(key)
                 e.expires_at = expires_at
             e.value = value
             e.version = version
@@ -542,7 +573,7 @@ class LRUCache:
                 e.next = head
                 head.prev = e
         if self._bytes > self._max_bytes or (self._max_items and self._count > self._max_items):
-            self._evict()
+            self._evict(e)
         if expires_at and len(self._heap) > 2 * self._n_expiring + _HEAP_SLACK:
             self._compact_heap()
         return True
@@ -560,12 +591,12 @@ class LRUCache:
             Whether the entry was stored.
 
         Raises:
-            EntryTooLargeError: the entry alone exceeds ``max_bytes``; the
-                cache is left unchanged.
+            EntryTooLargeError: the entry's charge alone exceeds
+                ``max_bytes``; the cache is left unchanged.
         """
-        size = len(key) + len(value) + self._overhead
+        size = self._charge(len(key), len(value), expires_at)
         if size > self._max_bytes:
-            raise EntryTooLargeError(f"entry of {size} bytes exceeds the cache budget of {self._max_bytes} bytes")
+            raise EntryTooLargeError(f"entry charged {size} bytes exceeds the cache budget of {self._max_bytes} bytes")
         if expires_at and expires_at <= self._clock():
             return False
         e = self._live(key)
@@ -624,7 +655,10 @@ class LRUCache:
     def expire(self, key: bytes, ttl_ms: int) -> bool:
         """Set the key's expiry to ``now + ttl_ms``; ``ttl_ms <= 0`` deletes it.
 
-        No recency change, no version change.
+        No recency change, no version change. An expiry adds to the entry's
+        charge: if that exceeds the budget, other entries are evicted from
+        the LRU end, then the oldest tombstones dropped, and this entry too
+        if its charge alone exceeds ``max_bytes``.
 
         Returns:
             Whether the key was live.
@@ -638,10 +672,14 @@ class LRUCache:
             return True
         exp = self._clock() + ttl_ms
         if e.expires_at != exp:
-            if not e.expires_at:
-                self._n_expiring += 1
+            added = not e.expires_at
             e.expires_at = exp
+            if added:
+                self._n_expiring += 1
+                self._bytes += self._expiry_fixed + len(key)
             self._push_expiry(exp, key)
+            if added and self._bytes > self._max_bytes:
+                self._evict(e)
         return True
 
     def persist(self, key: bytes) -> bool:
@@ -651,6 +689,7 @@ class LRUCache:
             return False
         e.expires_at = NO_EXPIRY
         self._n_expiring -= 1
+        self._bytes -= self._expiry_fixed + len(key)
         return True
 
     def incr(self, key: bytes, delta: int, *, version: int = 0) -> int:
@@ -665,7 +704,7 @@ class LRUCache:
         Raises:
             NotAnIntegerError: the stored value is not such an integer.
             IntegerOverflowError: the result is outside the signed 64-bit range.
-            EntryTooLargeError: the new entry alone exceeds ``max_bytes``.
+            EntryTooLargeError: the new entry's charge alone exceeds ``max_bytes``.
         """
         e = self._live(key)
         if e is None:
@@ -678,9 +717,9 @@ class LRUCache:
         if result < INT64_MIN or result > INT64_MAX:
             raise IntegerOverflowError(f"{current} + {delta} overflows a signed 64-bit integer")
         value = b"%d" % result
-        size = len(key) + len(value) + self._overhead
+        size = self._charge(len(key), len(value), expires_at)
         if size > self._max_bytes:
-            raise EntryTooLargeError(f"entry of {size} bytes exceeds the cache budget of {self._max_bytes} bytes")
+            raise EntryTooLargeError(f"entry charged {size} bytes exceeds the cache budget of {self._max_bytes} bytes")
         self._put(key, value, size, e, expires_at, version)
         return result
 
@@ -743,6 +782,7 @@ class LRUCache:
             if t[1] > now:
                 break
             del tombs[k]
+            self._bytes -= self._tomb_fixed + len(k)
         return removed
 
     # -------------------------------------------------------------- checking
@@ -789,7 +829,7 @@ class LRUCache:
                 raise AssertionError(f"entry {e.key!r} holds non-bytes key or value")
             if e.expires_at < 0:
                 raise AssertionError(f"entry {e.key!r} has a negative expiry")
-            total += len(e.key) + len(e.value) + self._overhead
+            total += self._charge(len(e.key), len(e.value), e.expires_at)
             if e.expires_at:
                 expiring += 1
             count += 1
@@ -799,8 +839,10 @@ class LRUCache:
             raise AssertionError("sentinel's backward link does not point at the last node")
         if count != n:
             raise AssertionError(f"list has {count} nodes but the dict has {n} entries")
+        for key in self._tombs:
+            total += self._cost.tombstone_bytes(len(key))
         if total != self._bytes:
-            raise AssertionError(f"bytes_used is {self._bytes} but entries sum to {total}")
+            raise AssertionError(f"bytes_used is {self._bytes} but entries and tombstones sum to {total}")
         if self._bytes > self._max_bytes:
             raise AssertionError(f"bytes_used {self._bytes} exceeds max_bytes {self._max_bytes}")
         if self._max_items and n > self._max_items:
@@ -851,9 +893,15 @@ class LRUCache:
         key = e.key
         del self._shards[hash(key) & _SHARD_MASK][key]
         self._count -= 1
-        self._bytes -= len(key) + len(e.value) + self._overhead
+        self._bytes -= len(key) + len(e.value) + self._entry_fixed
         if e.expires_at:
             self._n_expiring -= 1
+            self._bytes -= self._expiry_fixed + len(key)
+
+    def _charge(self, key_len: int, value_len: int, expires_at: int) -> int:
+        """``charge`` from lengths, with the constants cached on the cache."""
+        size = key_len + value_len + self._entry_fixed
+        return size + self._expiry_fixed + key_len if expires_at else size
 
     def _to_mru(self, e: Entry) -> None:
         head = self._head
@@ -870,12 +918,12 @@ class LRUCache:
         head.prev = e
 
     def _put(self, key: bytes, value: bytes, size: int, e: Entry | None, expires_at: int, version: int) -> None:
-        """Store without checks (``e`` is the live entry or None); for apply/incr.
+        """Store without checks (``e`` is the live entry or None, ``size`` the new charge); for apply/incr.
 
         ``set`` inlines the same steps to keep its hot path free of a call.
         """
-        if self._tombs:
-            self._tombs.pop(key, None)
+        if self._tombs and self._tombs.pop(key, None) is not None:
+            self._bytes -= self._cost.tombstone_bytes(len(key))
         self.sets += 1
         if e is None:
             e = Entry(key, value, expires_at, version)
@@ -892,7 +940,7 @@ class LRUCache:
                 self._n_expiring += 1
                 self._push_expiry(expires_at, key)
         else:
-            self._bytes += len(value) - len(e.value)
+            self._bytes += size - self._charge(len(key), len(e.value), e.expires_at)
             old_exp = e.expires_at
             if old_exp != expires_at:
                 if not old_exp:
@@ -906,19 +954,34 @@ class LRUCache:
             e.version = version
             self._to_mru(e)
         if self._bytes > self._max_bytes or (self._max_items and self._count > self._max_items):
-            self._evict()
+            self._evict(e)
 
-    def _evict(self) -> None:
-        """Drop LRU entries until the byte budget and the item cap hold.
+    def _evict(self, keep: Entry | None) -> None:
+        """Make the byte budget and the item cap hold again.
 
-        Never reaches the MRU entry just written: it alone fits both limits.
+        Evicts entries from the LRU end, skipping ``keep`` (the entry just
+        written or given an expiry), then drops the oldest tombstones, then
+        evicts ``keep`` if it is still needed (never for a write: an entry
+        whose charge alone exceeds ``max_bytes`` is refused before).
         """
         head = self._head
         max_bytes = self._max_bytes
         max_items = self._max_items
         evicted = 0
         while self._bytes > max_bytes or (max_items and self._count > max_items):
-            self._remove(head.next)
+            e = head.next
+            if e is keep:  # a write's entry is the MRU one: met only when it alone is left
+                e = e.next
+            if e is head:  # no other entry left: over the byte budget, not the item cap
+                tombs = self._tombs
+                tomb_bytes = self._cost.tombstone_bytes
+                while tombs and self._bytes > max_bytes:
+                    self._bytes -= tomb_bytes(len(tombs.popitem(last=False)[0]))
+                if self._bytes > max_bytes and keep is not None:
+                    self._remove(keep)
+                    evicted += 1
+                break
+            self._remove(e)
             evicted += 1
         self.evictions += evicted
 
@@ -929,21 +992,27 @@ class LRUCache:
             self._compact_heap()
 
     def _compact_heap(self) -> None:
-        """Keep only the current heap items, one per expiring entry.
+        """Keep only the current heap items, in place.
 
         O(heap size), amortised against the more than ``n_expiring + 1024``
-        pushes since the last compaction.
+        pushes since the last compaction. An entry removed and stored again
+        with the same expiry has two identical current items; if such
+        duplicates keep the heap over its bound, a set removes them (rare,
+        and then the heap is at least halved).
         """
         shards = self._shards
-        live: set[tuple[int, bytes]] = set()
-        for item in self._heap:
+        heap = self._heap
+        kept = 0
+        for item in heap:  # writes only behind the iterator
             key = item[1]
             e = shards[hash(key) & _SHARD_MASK].get(key)
             if e is not None and e.expires_at == item[0]:
-                live.add(item)
-        heap = list(live)
+                heap[kept] = item
+                kept += 1
+        del heap[kept:]
+        if kept > 2 * self._n_expiring + _HEAP_SLACK:
+            heap[:] = set(heap)
         heapify(heap)
-        self._heap = heap
 
     def _record_tombstone(self, key: bytes, version: int) -> None:
         """Record ``key -> version`` unless an unexpired tombstone is as new."""
@@ -952,10 +1021,15 @@ class LRUCache:
         tombs = self._tombs
         if version <= self.tombstone_version(key):
             return
+        tomb_bytes = self._cost.tombstone_bytes
+        if key not in tombs:
+            self._bytes += tomb_bytes(len(key))
         tombs[key] = (version, self._clock() + self._tomb_ttl)
         tombs.move_to_end(key)
         while len(tombs) > self._max_tombs:
-            tombs.popitem(last=False)
+            self._bytes -= tomb_bytes(len(tombs.popitem(last=False)[0]))
+        if self._bytes > self._max_bytes:
+            self._evict(None)
 
 
 def _parse_int64(value: bytes) -> int:

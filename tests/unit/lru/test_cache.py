@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import time
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -11,10 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcache.lru import (
-    ENTRY_OVERHEAD_BYTES,
+    CPYTHON_COST,
     INT64_MAX,
     INT64_MIN,
     NO_EXPIRY,
+    EntryCost,
     EntryTooLargeError,
     IntegerOverflowError,
     LRUCache,
@@ -23,6 +26,8 @@ from dcache.lru import (
 from dcache.lru.cache import SHARDS
 
 OVERHEAD = 10
+#: The old flat rule, ``len(key) + len(value) + OVERHEAD``, for example-based tests.
+FLAT = EntryCost(entry=OVERHEAD)
 
 
 class FakeClock:
@@ -46,7 +51,7 @@ def clock() -> FakeClock:
 
 
 def make(clock: FakeClock, max_bytes: int = 10_000, max_items: int = 0, **kw: int) -> LRUCache:
-    cache = LRUCache(max_bytes, max_items, clock=clock, entry_overhead=OVERHEAD, **kw)
+    cache = LRUCache(max_bytes, max_items, clock=clock, cost=FLAT, **kw)
     cache.check_valid()
     return cache
 
@@ -66,7 +71,7 @@ def test_max_bytes_must_be_positive(max_bytes: int) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_items": -1}, {"entry_overhead": -1}, {"tombstone_ttl_ms": -1}, {"max_tombstones": -1}],
+    [{"max_items": -1}, {"tombstone_ttl_ms": -1}, {"max_tombstones": -1}],
 )
 def test_negative_arguments_rejected(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -77,11 +82,11 @@ def test_defaults() -> None:
     cache = LRUCache(1000)
     assert cache.max_bytes == 1000
     assert cache.max_items == 0
-    assert cache.entry_overhead == ENTRY_OVERHEAD_BYTES == 96
+    assert cache.cost is CPYTHON_COST
     assert NO_EXPIRY == 0
     cache.set(b"k", b"v", expires_at=time.time_ns() // 1_000_000 + 10_000)
     assert 0 < cache.ttl_ms(b"k") <= 10_000  # default clock is wall ms
-    assert cache.bytes_used == 1 + 1 + 96
+    assert cache.bytes_used == CPYTHON_COST.entry_bytes(1, 1, expires=True)
 
 
 # ----------------------------------------------------------- basic get/set
@@ -242,6 +247,109 @@ def test_item_cap_and_byte_budget_together(clock: FakeClock) -> None:
     cache.check_valid()
 
 
+# ------------------------------------------------------------ charging rule
+
+#: Every part of the rule, with small numbers: obj(n) = n + 3 + 8 - 1.
+PARTS = EntryCost(entry=10, header=3, align=8, expiry=20, tombstone=30)
+
+
+@pytest.mark.parametrize("kwargs", [{"entry": -1}, {"entry": 0, "header": -1}, {"entry": 0, "align": 0}, {"entry": 0, "align": 12}])
+def test_entry_cost_rejects_bad_fields(kwargs: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        EntryCost(**kwargs)
+
+
+def test_charge_counts_objects_expiries_and_tombstones(clock: FakeClock) -> None:
+    cache = LRUCache(1000, clock=clock, cost=PARTS)
+    assert [PARTS.object_bytes(n) for n in (0, 1, 5)] == [10, 11, 15]
+    cache.set(b"k", b"v" * 5)  # 10 + 11 + 15
+    assert cache.bytes_used == 36 == cache.charge(b"k", b"v" * 5)
+    cache.set(b"k", b"v" * 6)
+    assert cache.bytes_used == 37
+    assert cache.expire(b"k", 100)  # + 20, + the key's object once more (a stale heap item's)
+    assert cache.bytes_used == 68 == cache.charge(b"k", b"v" * 6, clock.now + 100) == PARTS.entry_bytes(1, 6, expires=True)
+    cache.check_valid()
+    assert cache.persist(b"k")
+    assert cache.bytes_used == 37
+    cache.set(b"k", b"v" * 6, expires_at=clock.now + 5)
+    assert cache.bytes_used == 68
+    cache.set(b"k", b"v" * 6)
+    assert cache.bytes_used == 37
+    cache.delete(b"k", version=1)  # the entry goes, its tombstone stays
+    assert cache.bytes_used == 41 == PARTS.tombstone_bytes(1)
+    cache.set(b"k", b"v" * 5)  # a write clears the tombstone
+    assert cache.bytes_used == 36
+    cache.delete(b"x", version=2)
+    assert cache.bytes_used == 36 + 41
+    clock.advance(60_000)
+    assert cache.tombstone_version(b"x") == 0  # expired: dropped, and its bytes released
+    assert cache.bytes_used == 36
+    cache.check_valid()
+
+
+def test_tombstones_count_against_the_budget(clock: FakeClock) -> None:
+    cache = LRUCache(110, clock=clock, cost=PARTS, max_tombstones=10)
+    cache.set(b"a", b"1")
+    cache.set(b"b", b"2")  # 2 x 32
+    cache.delete(b"x", version=1)  # + 41 = 105
+    assert keys(cache) == [b"a", b"b"]
+    cache.delete(b"y", version=2)  # 146: evicts a, then b
+    assert keys(cache) == [] and cache.evictions == 2 and cache.tombstone_count == 2
+    cache.delete(b"z", version=3)  # 123 and no entry left: the oldest tombstone goes
+    assert [cache.tombstone_version(k) for k in (b"x", b"y", b"z")] == [0, 2, 3]
+    assert cache.bytes_used == 82
+    cache.set(b"c", b"3")  # 114: the entry just written stays, the oldest tombstone goes
+    assert keys(cache) == [b"c"] and cache.tombstone_count == 1 and cache.bytes_used == 73
+    cache.check_valid()
+
+
+def test_an_expiry_evicts_other_entries_first(clock: FakeClock) -> None:
+    cache = LRUCache(80, clock=clock, cost=PARTS)
+    cache.set(b"a", b"1")
+    cache.set(b"b", b"2")
+    assert cache.expire(b"a", 100)  # a: 32 + 31; b, though more recent, is evicted
+    assert keys(cache) == [b"a"] and cache.evictions == 1 and cache.bytes_used == 63
+    cache.check_valid()
+    small = LRUCache(50, clock=clock, cost=PARTS)
+    small.set(b"a", b"1")
+    assert small.expire(b"a", 100)  # 63 alone exceeds 50: the entry itself goes
+    assert len(small) == 0 and small.evictions == 1 and small.bytes_used == 0
+    small.check_valid()
+
+
+@settings(max_examples=200)
+@given(st.integers(0, 100_000))
+def test_cpython_cost_covers_a_bytes_objects_allocation(n: int) -> None:
+    size = sys.getsizeof(b"x" * n)
+    assert (size + 15) & -16 <= CPYTHON_COST.object_bytes(n) <= size + 15  # pymalloc's and glibc's 16-byte steps
+
+
+@pytest.mark.parametrize(("value_bytes", "ttl"), [(16, False), (100, True), (10_240, False)])
+def test_cpython_cost_bounds_what_tracemalloc_sees(value_bytes: int, ttl: bool) -> None:
+    """At churn (three turnovers) the charge covers the traced bytes, and is not absurdly more.
+
+    tracemalloc sees requested sizes of everything the cache holds: objects,
+    shard dicts, expiry heap, stale items; the charge adds the allocator's
+    rounding and bounds the parts that vary (a dict's table, the expiry
+    heap's stale items) by their largest, hence up to 1.5 x.
+    """
+    n = 2_000
+    now = time.time_ns() // 1_000_000
+    charge = CPYTHON_COST.entry_bytes(16, value_bytes, ttl)
+    cache = LRUCache(charge * n, clock=lambda: now)
+    version = 1 << 62
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(3 * n):
+            cache.set(b"k:%014d" % i, bytes(value_bytes), expires_at=now + 3_600_000 + i if ttl else 0, version=version + i)
+        traced = (tracemalloc.get_traced_memory()[0] - base) / len(cache)
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == n
+    assert traced <= charge <= 1.5 * traced, (traced, charge)
+
+
 # -------------------------------------------------------------------- TTL
 
 
@@ -398,6 +506,19 @@ def test_expire_some_work_is_bounded_by_stale_items_too(clock: FakeClock) -> Non
     calls = [cache.expire_some(5) for _ in range(11)]
     assert calls == [0] * 10 + [1]  # 5 stale items skipped per call, then the due entry
     assert len(cache) == 0
+    cache.check_valid()
+
+
+def test_heap_compaction_drops_duplicate_items(clock: FakeClock) -> None:
+    cache = make(clock, max_bytes=10**9)
+    exp = clock.now + 1000
+    for _ in range(3000):  # each round leaves an item identical to the next entry's own
+        cache.set(b"k", b"v", expires_at=exp)
+        cache.delete(b"k")
+    cache.set(b"k", b"v", expires_at=exp)
+    cache.check_valid()  # the heap is bounded although its items are all current
+    clock.advance(1000)
+    assert cache.expire_some(10) == 1 and len(cache) == 0
     cache.check_valid()
 
 
@@ -710,7 +831,7 @@ def test_key_shards_of_an_empty_cache(clock: FakeClock) -> None:
 )
 def test_key_shards_interleaved_with_writes(initial: int, steps: list[tuple[str, int]]) -> None:
     """Writes between the lists: a key present throughout is in exactly one list; none is in two."""
-    cache = LRUCache(10**7, clock=FakeClock(), entry_overhead=OVERHEAD)
+    cache = LRUCache(10**7, clock=FakeClock(), cost=FLAT)
     for i in range(initial):
         cache.set(b"k%d" % i, b"v")
     touched: set[bytes] = set()

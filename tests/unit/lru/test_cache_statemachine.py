@@ -2,9 +2,10 @@
 
 The model restates the documented semantics as simply as possible (LRU order
 is the dict order, expired entries linger until something touches them,
-eviction ignores expiry, tombstones in record order) and every rule compares
-results; invariants compare sizes and counters after each step and run
-``check_valid()``.
+eviction ignores expiry, tombstones in record order, every part of the
+charging rule: object headers and rounding, expiries and tombstones) and every rule
+compares results; invariants compare sizes and counters after each step and
+run ``check_valid()``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from dcache.lru import INT64_MAX, INT64_MIN, EntryTooLargeError, IntegerOverflowError, LRUCache, NotAnIntegerError
+from dcache.lru import INT64_MAX, INT64_MIN, EntryCost, EntryTooLargeError, IntegerOverflowError, LRUCache, NotAnIntegerError
 
+#: A small charging rule with every part of the real one: per entry, per
+#: bytes object (header and rounding), per expiry, per tombstone.
 OVERHEAD = 8
+HEADER = 3
+ALIGN = 4
+EXPIRY = 5
+TOMBSTONE = 6
 TOMB_TTL = 40
 MAX_TOMBS = 3
 START = 1_000
@@ -73,7 +80,7 @@ class LRUMachine(RuleBasedStateMachine):
         self.c = {"hits": 0, "misses": 0, "evictions": 0, "expirations": 0, "sets": 0, "deletes": 0}
         self.cache: LRUCache
 
-    @initialize(max_bytes=st.integers(30, 160), max_items=st.sampled_from([0, 0, 2, 3, 5]))
+    @initialize(max_bytes=st.integers(30, 200), max_items=st.sampled_from([0, 0, 2, 3, 5]))
     def init(self, max_bytes: int, max_items: int) -> None:
         self.max_bytes = max_bytes
         self.max_items = max_items
@@ -81,7 +88,7 @@ class LRUMachine(RuleBasedStateMachine):
             max_bytes,
             max_items,
             clock=self.clock,
-            entry_overhead=OVERHEAD,
+            cost=EntryCost(entry=OVERHEAD, header=HEADER, align=ALIGN, expiry=EXPIRY, tombstone=TOMBSTONE),
             tombstone_ttl_ms=TOMB_TTL,
             max_tombstones=MAX_TOMBS,
         )
@@ -92,11 +99,17 @@ class LRUMachine(RuleBasedStateMachine):
     def now(self) -> int:
         return self.clock.now
 
-    def size(self, key: bytes, value: bytes) -> int:
-        return len(key) + len(value) + OVERHEAD
+    @staticmethod
+    def obj(n: int) -> int:  # a bytes object: header, and rounding up to ALIGN at most
+        return n + HEADER + ALIGN - 1
+
+    def size(self, key: bytes, value: bytes, exp: int) -> int:
+        size = OVERHEAD + self.obj(len(key)) + self.obj(len(value))
+        return size + EXPIRY + self.obj(len(key)) if exp else size
 
     def model_bytes(self) -> int:
-        return sum(self.size(k, m.value) for k, m in self.d.items())
+        entries = sum(self.size(k, m.value, m.exp) for k, m in self.d.items())
+        return entries + sum(TOMBSTONE + self.obj(len(k)) for k in self.tombs)
 
     def expired(self, m: M) -> bool:
         return m.exp != 0 and m.exp <= self.now
@@ -109,9 +122,21 @@ class LRUMachine(RuleBasedStateMachine):
             return None
         return m
 
-    def evict(self) -> None:
-        while self.model_bytes() > self.max_bytes or (self.max_items and len(self.d) > self.max_items):
-            self.d.popitem(last=False)
+    def over(self) -> bool:
+        return self.model_bytes() > self.max_bytes or bool(self.max_items and len(self.d) > self.max_items)
+
+    def evict(self, keep: bytes | None) -> None:
+        """LRU entries but ``keep`` first, then the oldest tombstones, then ``keep``."""
+        for k in list(self.d):
+            if not self.over():
+                break
+            if k != keep:
+                del self.d[k]
+                self.c["evictions"] += 1
+        while self.tombs and self.model_bytes() > self.max_bytes:
+            self.tombs.popitem(last=False)
+        if keep is not None and self.model_bytes() > self.max_bytes:
+            del self.d[keep]
             self.c["evictions"] += 1
 
     def store(self, key: bytes, value: bytes, exp: int, version: int) -> None:
@@ -119,7 +144,7 @@ class LRUMachine(RuleBasedStateMachine):
         self.c["sets"] += 1
         self.d[key] = M(value, exp, version)
         self.d.move_to_end(key)
-        self.evict()
+        self.evict(key)
 
     def tomb_version(self, key: bytes) -> int:
         t = self.tombs.get(key)
@@ -137,6 +162,8 @@ class LRUMachine(RuleBasedStateMachine):
         self.tombs.move_to_end(key)
         while len(self.tombs) > MAX_TOMBS:
             self.tombs.popitem(last=False)
+        if self.model_bytes() > self.max_bytes:
+            self.evict(None)
 
     def expiry(self, ttl: int | None) -> int:
         return 0 if ttl is None else self.now + ttl
@@ -184,7 +211,7 @@ class LRUMachine(RuleBasedStateMachine):
         def cache_set() -> bool:
             return self.cache.set(key, value, expires_at=exp, version=version, nx=mode == "nx", xx=mode == "xx")
 
-        if self.size(key, value) > self.max_bytes:
+        if self.size(key, value, exp) > self.max_bytes:
             try:
                 cache_set()
             except EntryTooLargeError:
@@ -209,7 +236,7 @@ class LRUMachine(RuleBasedStateMachine):
     @rule(key=keys, value=plain_values, ttl=ttls, version=versions)
     def apply(self, key: bytes, value: bytes, ttl: int | None, version: int) -> None:
         exp = self.expiry(ttl)
-        if self.size(key, value) > self.max_bytes:
+        if self.size(key, value, exp) > self.max_bytes:
             try:
                 self.cache.apply(key, value, expires_at=exp, version=version)
             except EntryTooLargeError:
@@ -262,7 +289,10 @@ class LRUMachine(RuleBasedStateMachine):
                 del self.d[key]
                 self.c["deletes"] += 1
             else:
+                added = m.exp == 0
                 m.exp = self.now + ttl
+                if added and self.model_bytes() > self.max_bytes:
+                    self.evict(key)
         assert self.cache.expire(key, ttl) is (m is not None)
 
     @rule(key=keys)
@@ -299,9 +329,10 @@ class LRUMachine(RuleBasedStateMachine):
             if not INT64_MIN <= result <= INT64_MAX:
                 raise IntegerOverflowError
             value = b"%d" % result
-            if self.size(key, value) > self.max_bytes:
+            exp = 0 if m is None else m.exp
+            if self.size(key, value, exp) > self.max_bytes:
                 raise EntryTooLargeError
-            self.store(key, value, 0 if m is None else m.exp, version)
+            self.store(key, value, exp, version)
         except (NotAnIntegerError, IntegerOverflowError, EntryTooLargeError) as exc:
             error = type(exc)
         if error is None:
