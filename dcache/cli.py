@@ -352,7 +352,7 @@ def _run_coro(args: argparse.Namespace, coro: Coroutine[Any, Any, dict[str, Any]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .tools.bench import BenchOptions, format_result, run_bench
+    from .tools.loadgen import BenchOptions, format_result, run_bench
 
     try:
         result = run_bench(_options(BenchOptions, args), progress=None if args.quiet else sys.stderr)
@@ -388,7 +388,7 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_bench_flags(p: argparse.ArgumentParser) -> None:
-    from .tools.bench import BenchOptions as B
+    from .tools.loadgen import BenchOptions as B
 
     p.add_argument(
         "--addr",

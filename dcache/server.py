@@ -535,14 +535,17 @@ class FrameProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        service = self._service
-        service.state.connections.discard(self)
-        if self.buffered:
-            service.buffered_input -= self.buffered
-            self.buffered = 0
-        self._decoder = None  # its buffer goes now, even if requests in flight still name this connection
+        self._service.state.connections.discard(self)
+        self._release_input()
         self._transport = None
         self._pending_out.clear()
+
+    def _release_input(self) -> None:
+        """Drop the decoder and its buffer now (the connection reads no more requests)."""
+        if self.buffered:
+            self._service.buffered_input -= self.buffered
+            self.buffered = 0
+        self._decoder = None  # its buffer goes now, even if requests in flight still name this connection
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -824,6 +827,7 @@ class FrameProtocol(asyncio.Protocol):
         if self._closed:
             return
         self._pending_out.append(_header(len(body)) + body)
+        self._release_input()
         transport = self._transport
         if transport is None or not transport.can_write_eof():
             self.close()

@@ -28,19 +28,33 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError
+from ..hlc import HybridClock
 from ..lru import LRUCache
-from ..protocol import Op, SetFlag
+from ..protocol import Limits, Op, SetFlag
 from ..ring import RangeMatcher, hash64
 from ..server import FrameProtocol, Handler
 
-if TYPE_CHECKING:
-    from .node import AuxNode
+
+class ClusterOpsHost(Protocol):
+    """What the cluster ops need of their node (an ``AuxNode`` has it)."""
+
+    cache: LRUCache
+    clock: HybridClock
+
+    @property
+    def limits(self) -> Limits: ...
+
+    def add(self, key: bytes, delta: int, version: int) -> int:
+        """INCR with a given version (typed errors)."""
+        ...
+
 
 __all__ = [
     "ClusterOps",
+    "ClusterOpsHost",
     "SUPERSEDED",
     "SCAN_SESSION_TTL_S",
     "MAX_SCAN_SESSIONS",
@@ -102,7 +116,7 @@ class ClusterOps:
     attribute with a fake clock.
     """
 
-    def __init__(self, node: AuxNode, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, node: ClusterOpsHost, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.node = node
         self.monotonic = monotonic
         self._sessions: OrderedDict[int, _Session] = OrderedDict()

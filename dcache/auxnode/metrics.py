@@ -10,7 +10,9 @@ from prometheus_client.core import Metric
 from ..metrics import ServiceCollector, plain_counter, plain_gauge
 
 if TYPE_CHECKING:
-    from .node import AuxNode
+    from ..lru import LRUCache
+    from ..server import Service
+    from .snapshots import SnapshotManager
 
 __all__ = ["AuxCollector"]
 
@@ -18,13 +20,14 @@ __all__ = ["AuxCollector"]
 class AuxCollector(ServiceCollector):
     """An aux node's metrics: the common families plus the cache and snapshots."""
 
-    def __init__(self, node: AuxNode) -> None:
-        super().__init__(node)
-        self.node = node
+    def __init__(self, service: Service, cache: LRUCache, snapshots: SnapshotManager) -> None:
+        super().__init__(service)
+        self.cache = cache
+        self.snapshots = snapshots
 
     def collect(self) -> Iterator[Metric]:
         yield from super().collect()
-        c = self.node.cache
+        c = self.cache
         yield plain_counter("dcache_cache_hits", "Reads that found a live key.", c.hits)
         yield plain_counter("dcache_cache_misses", "Reads that found no live key.", c.misses)
         yield plain_counter("dcache_cache_evictions", "Entries evicted to stay within --max-memory / --max-items.", c.evictions)
@@ -33,7 +36,7 @@ class AuxCollector(ServiceCollector):
         yield plain_gauge("dcache_cache_bytes", "Bytes accounted to entries (keys, values, per-entry overhead).", c.bytes_used)
         yield plain_gauge("dcache_cache_max_bytes", "The byte budget (--max-memory).", c.max_bytes)
         yield plain_gauge("dcache_cache_max_items", "The entry cap (--max-items; 0 = none).", c.max_items)
-        snap = self.node.snapshots
+        snap = self.snapshots
         st = snap.stats()
         yield plain_gauge("dcache_snapshot_age_seconds", "Age of the newest snapshot on disk; -1 if there is none.", st["snapshot_age_s"])
         yield plain_gauge("dcache_snapshot_duration_seconds", "Time the last successful snapshot took.", snap.last_duration_s)

@@ -213,7 +213,7 @@ class AuxNode(Service):
         """This node's metrics collector."""
         from .metrics import AuxCollector
 
-        return AuxCollector(self)
+        return AuxCollector(self, self.cache, self.snapshots)
 
     async def _gc_loop(self) -> None:
         """Keep the cyclic GC away from the cache's entries.

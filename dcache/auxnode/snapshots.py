@@ -40,15 +40,34 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from ..config import AuxConfig
 from ..files import make_private_dir, open_private
-from ..hlc import wall_ms
-from ..lru import EntryTooLargeError
+from ..hlc import HybridClock, wall_ms
+from ..lru import EntryTooLargeError, LRUCache
 from ..lru.snapshot import SnapshotData, SnapshotError, load, pack_entries, write_packed
+from ..protocol import Limits
+from ..server import ServerState
 
-if TYPE_CHECKING:
-    from .node import AuxNode
+
+class SnapshotHost(Protocol):
+    """What the snapshot manager needs of its node (an ``AuxNode`` has it)."""
+
+    config: AuxConfig
+    cache: LRUCache
+    clock: HybridClock
+    node_id: str
+    state: ServerState
+    ring_epoch: int
+
+    @property
+    def limits(self) -> Limits: ...
+
+    def set_ring_epoch(self, epoch: int) -> None:
+        """Record the ring epoch a snapshot says the node was admitted at."""
+        ...
+
 
 __all__ = [
     "CURRENT_NAME",
@@ -57,6 +76,7 @@ __all__ = [
     "COPY_CHUNK_ENTRIES",
     "APPLY_CHUNK_ENTRIES",
     "SnapshotManager",
+    "SnapshotHost",
 ]
 
 log = logging.getLogger("dcache.aux.snapshots")
@@ -100,7 +120,7 @@ class SnapshotManager:
         "versions_refused",
     )
 
-    def __init__(self, node: AuxNode) -> None:
+    def __init__(self, node: SnapshotHost) -> None:
         """Bind to ``node`` (its ``config``, ``cache``, ``clock``, ``node_id``, ``state``)."""
         self._node = node
         self.data_dir: str | None = node.config.data_dir
@@ -371,7 +391,7 @@ class SnapshotManager:
         return size
 
     def _ring_epoch(self) -> int:
-        epoch = getattr(self._node, "ring_epoch", 0)
+        epoch = self._node.ring_epoch
         return epoch if type(epoch) is int and epoch >= 0 else 0
 
     def _get_executor(self) -> ThreadPoolExecutor:

@@ -11,7 +11,10 @@ from ..metrics import ServiceCollector, plain_counter, plain_gauge
 from .view import MEMBER_STATES, UP
 
 if TYPE_CHECKING:
-    from .node import MasterNode
+    from ..server import Service
+    from .links import AuxLink
+    from .membership import Membership
+    from .router import Router
 
 __all__ = ["MasterCollector"]
 
@@ -19,14 +22,15 @@ __all__ = ["MasterCollector"]
 class MasterCollector(ServiceCollector):
     """A master's metrics: the common families plus ring, health, routing, migration and links."""
 
-    def __init__(self, node: MasterNode) -> None:
-        super().__init__(node)
-        self.node = node
+    def __init__(self, service: Service, router: Router, links: dict[str, AuxLink], membership: Membership) -> None:
+        super().__init__(service)
+        self.router = router
+        self.links = links
+        self.membership = membership
 
     def collect(self) -> Iterator[Metric]:
         yield from super().collect()
-        node = self.node
-        view = node.router.view
+        view = self.router.view
         yield plain_gauge("dcache_ring_epoch", "Epoch of the cluster view this master routes by.", view.epoch)
         yield plain_gauge("dcache_ring_seq", "Sequence number of the view within its epoch.", view.seq)
         yield plain_gauge("dcache_ring_replicas", "Copies kept of each key.", view.replicas)
@@ -44,7 +48,7 @@ class MasterCollector(ServiceCollector):
         yield plain_gauge(
             "dcache_migrating", "1 while data moves between aux nodes after a ring change, else 0.", int(view.prev_ring is not None)
         )
-        rs = node.router.stats
+        rs = self.router.stats
         yield plain_counter("dcache_read_fallbacks", "Reads retried on the next owner after one did not answer.", rs.fallbacks)
         yield plain_counter("dcache_read_repairs", "Copies written back to owners that missed a key another owner had.", rs.repairs)
         yield plain_counter("dcache_unavailable", "Requests answered UNAVAILABLE: no owner of the key answered.", rs.unavailable)
@@ -53,7 +57,7 @@ class MasterCollector(ServiceCollector):
         yield plain_counter(
             "dcache_superseded_retries", "Writes sent again with a newer version because an owner held a newer one.", rs.superseded_retries
         )
-        hints = node.router.hints
+        hints = self.router.hints
         yield plain_counter("dcache_hints_replayed", "Hints replayed to aux nodes that answered again.", hints.replayed_total)
         yield plain_counter("dcache_hint_overflows", "Times an aux node missed more writes than the hints hold.", hints.overflows_total)
         yield from self._links()
@@ -61,7 +65,7 @@ class MasterCollector(ServiceCollector):
         yield from self._membership()
 
     def _links(self) -> Iterable[Metric]:
-        links = sorted(self.node.links.items())
+        links = sorted(self.links.items())
         requests = CounterMetricFamily("dcache_upstream_requests", "Requests sent to the aux node.", labels=["node"])
         failures = CounterMetricFamily(
             "dcache_upstream_failures", "Requests to the aux node that failed (not connected, timed out).", labels=["node"]
@@ -70,7 +74,7 @@ class MasterCollector(ServiceCollector):
         conns = GaugeMetricFamily("dcache_upstream_connections", "Open connections to the aux node.", labels=["node"])
         suspected = GaugeMetricFamily("dcache_aux_suspected", "1 while this master suspects the aux node, else 0.", labels=["node"])
         hinted = GaugeMetricFamily("dcache_hints", "Writes kept for the aux node because it missed them.", labels=["node"])
-        hints = self.node.router.hints
+        hints = self.router.hints
         size = GaugeMetricFamily("dcache_upstream_pool_size", "Connections kept to each aux node (--aux-connections).", labels=["node"])
         for node_id, link in links:
             requests.add_metric([node_id], link.requests)
@@ -83,7 +87,7 @@ class MasterCollector(ServiceCollector):
         return [requests, failures, in_flight, conns, size, suspected, hinted]
 
     def _membership(self) -> Iterable[Metric]:
-        membership = self.node.membership
+        membership = self.membership
         leading = membership.role in ("coordinator", "zk-leader")
         out: list[Metric] = [
             plain_gauge(
@@ -109,7 +113,7 @@ class MasterCollector(ServiceCollector):
         return out
 
     def _migration(self) -> Iterable[Metric]:
-        migrator = getattr(self.node.membership, "migrator", None)
+        migrator = getattr(self.membership, "migrator", None)
         if migrator is None:  # a follower: the coordinator moves the data
             return []
         return [

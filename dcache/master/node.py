@@ -320,7 +320,7 @@ class MasterNode(Service):
         """This master's metrics collector."""
         from .metrics import MasterCollector
 
-        return MasterCollector(self)
+        return MasterCollector(self, self.router, self.links, self.membership)
 
     # -- lifecycle (dcache.daemon.serve) --------------------------------------------------
 

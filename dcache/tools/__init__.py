@@ -1,6 +1,6 @@
 """The tools of the ``dcache`` command that are clients of a cluster, or start one.
 
-* ``bench``: ``dcache bench``, a closed-loop load generator (``BenchOptions``, ``run_bench``);
+* ``loadgen``: ``dcache bench``, a closed-loop load generator (``BenchOptions``, ``run_bench``);
 * ``cluster``: ``dcache cluster``, a whole local cluster in one command (``ClusterOptions``, ``run_cluster``);
 * ``dump``: ``dcache dump`` and ``dcache restore`` (``dump_cluster``, ``restore_cluster``).
 

@@ -11,10 +11,8 @@ import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dcache.auxnode.metrics import AuxCollector
 from dcache.auxnode.node import AuxNode
 from dcache.config import AuxConfig, MasterConfig
-from dcache.master.metrics import MasterCollector
 from dcache.master.node import MasterNode
 from dcache.metrics import registry_for
 from dcache.protocol import HEADER, Op
@@ -93,7 +91,7 @@ async def test_aux_collector_counts_requests_errors_and_cache() -> None:
     assert sum(node.op_requests.values()) == node.requests_total
     assert sum(node.op_errors.values()) == node.errors_total == 3
 
-    s = samples(AuxCollector(node))
+    s = samples(node.collector())
     assert s[("dcache_requests_total", (("op", "get"), ("role", "aux")))] == n_get
     assert s[("dcache_requests_total", (("op", "set"), ("role", "aux")))] == 1
     assert s[("dcache_requests_total", (("op", "unknown"), ("role", "aux")))] == 2
@@ -118,13 +116,13 @@ async def test_protocol_error_counted() -> None:
     node = AuxNode(AuxConfig(node_id="t-aux"))
     proto, _ = connect(node)
     proto.data_received(b"\xff\xff\xff\xff garbage")
-    s = samples(AuxCollector(node))
+    s = samples(node.collector())
     assert s[("dcache_protocol_errors_total", (("role", "aux"),))] == 1
 
 
 def test_aux_exports_what_the_docs_list() -> None:
     docs = documented()
-    got = exported(AuxCollector(AuxNode(AuxConfig(node_id="t-aux"))))
+    got = exported(AuxNode(AuxConfig(node_id="t-aux")).collector())
     aux_section = {n for n in docs if n not in _master_only(docs)}
     assert set(got) == aux_section, f"undocumented: {set(got) - aux_section}; missing: {aux_section - set(got)}"
     for name, (kind, labels) in got.items():
@@ -153,7 +151,7 @@ def _master_only(docs: dict[str, Any]) -> set[str]:
 async def test_master_exports_what_the_docs_list() -> None:
     docs = documented()
     node = _master_node()
-    got = exported(MasterCollector(node))
+    got = exported(node.collector())
     text = DOC.read_text()
     aux_only = {n for n in docs if f"`{n}`" in text[text.index("## Aux nodes") : text.index("## Masters")]}
     zk_only = {n for n in docs if n.startswith("dcache_zookeeper_")}
@@ -166,10 +164,10 @@ async def test_master_exports_what_the_docs_list() -> None:
 async def test_zookeeper_master_exports_its_connection_state() -> None:
     docs = documented()
     node = MasterNode(MasterConfig(node_id="t-master", zookeeper="127.0.0.1:1", cluster="t"))  # not started: not connected
-    got = exported(MasterCollector(node))
+    got = exported(node.collector())
     zk_only = {n for n in docs if n.startswith("dcache_zookeeper_")}
     assert len(zk_only) == 3 and zk_only <= set(got)
-    s = samples(MasterCollector(node))
+    s = samples(node.collector())
     assert s[("dcache_zookeeper_connected", ())] == 0
     assert s[("dcache_coordinating", ())] == 0  # not the leader (yet)
 
@@ -178,7 +176,7 @@ async def test_master_collector_values() -> None:
     node = _master_node()
     node.router.stats.fallbacks = 3
     node.links["a1"].requests = 7
-    s = samples(MasterCollector(node))
+    s = samples(node.collector())
     assert s[("dcache_ring_epoch", ())] == node.router.view.epoch > 0
     assert s[("dcache_ring_members", (("state", "up"),))] == 2
     assert s[("dcache_ring_members", (("state", "down"),))] == 0
