@@ -96,34 +96,31 @@ def _print_config(config: Any) -> int:
     return EXIT_OK
 
 
-def _cmd_aux(args: argparse.Namespace) -> int:
-    config = _config_from_args(AuxConfig, "aux", args)
+def _run_role(cls: type, section: str, args: argparse.Namespace, run: Callable[[Any], int]) -> int:
+    """Build a role's config from defaults, file, env and flags; check it or run the role."""
+    config = _config_from_args(cls, section, args)
     if args.check_config:
         return _print_config(config)
     _setup_logging(config.log_level)
+    return run(config)
+
+
+def _cmd_aux(args: argparse.Namespace) -> int:
     from .auxnode import run_aux
 
-    return run_aux(config)
+    return _run_role(AuxConfig, "aux", args, run_aux)
 
 
 def _cmd_master(args: argparse.Namespace) -> int:
-    config = _config_from_args(MasterConfig, "master", args)
-    if args.check_config:
-        return _print_config(config)
-    _setup_logging(config.log_level)
     from .master import run_master
 
-    return run_master(config)
+    return _run_role(MasterConfig, "master", args, run_master)
 
 
 def _cmd_http(args: argparse.Namespace) -> int:
-    config = _config_from_args(HttpConfig, "http", args)
-    if args.check_config:
-        return _print_config(config)
-    _setup_logging(config.log_level)
     from .http import run_http
 
-    return run_http(config)
+    return _run_role(HttpConfig, "http", args, run_http)
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable
 from typing import Any, cast
 
 from .errors import HandshakeError, RemoteProtocolError, Status, error_from_status
+from .net import nodelay
 from .protocol import PROTOCOL_VERSION, FrameDecoder, Op, RequestTable, pack, queue_frame
 
-__all__ = ["Callback", "PeerConnection", "open_peer"]
+__all__ = ["Callback", "PeerConnection", "answer_to", "open_peer"]
 
 log = logging.getLogger("dcache.peer")
 
@@ -78,12 +78,7 @@ class PeerConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # pragma: no cover
-                pass
+        nodelay(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -169,15 +164,7 @@ class PeerConnection(asyncio.Protocol):
         """
         loop = self._loop
         fut: asyncio.Future[Any] = loop.create_future()
-
-        def done(status: int, result: Any) -> None:
-            if fut.done():
-                return
-            if status == 0:
-                fut.set_result(result)
-            else:
-                fut.set_exception(error_from_status(status, str(result)))
-
+        done = answer_to(fut)
         if self.closed:
             raise error_from_status(_UNAVAILABLE, f"connection to {self._name} is closed")
         # No deadline in the table: asyncio.timeout bounds this wait, and the
@@ -202,6 +189,20 @@ class PeerConnection(asyncio.Protocol):
         if self._transport is not None and not self.closed:
             self._transport.close()
         self.closed = True
+
+
+def answer_to(fut: asyncio.Future[Any]) -> Callback:
+    """A callback that settles ``fut`` with an answer: the result, or the typed error of an error status."""
+
+    def done(status: int, result: Any) -> None:
+        if fut.done():
+            return
+        if status == 0:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error_from_status(status, str(result)))
+
+    return done
 
 
 async def open_peer(

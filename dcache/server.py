@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import socket
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
@@ -67,6 +66,7 @@ from .errors import (
     Status,
     UnknownOpError,
 )
+from .net import nodelay
 from .protocol import (
     CONNECTION_REQUEST_ID,
     HEADER,
@@ -82,6 +82,7 @@ from .protocol.framing import FrameDecoder, queue_frame
 from .protocol.ops import Parser
 
 __all__ = [
+    "DATA_OPS",
     "LATER",
     "LATENCY_BUCKETS",
     "MAX_IN_FLIGHT",
@@ -110,6 +111,12 @@ _HELLO = Op.HELLO.value
 #: The op slot of ``Service.op_requests``/``op_errors`` for requests no handler
 #: took (unknown op, not an array, not authenticated yet).
 UNKNOWN_OP = 0
+
+#: The data ops every node serves (its methods ``_ping`` ... ``_stats``).
+DATA_OPS = (
+    Op.PING, Op.GET, Op.SET, Op.DELETE, Op.MGET, Op.MSET, Op.EXISTS,
+    Op.EXPIRE, Op.TTL, Op.INCR, Op.DECR, Op.TOUCH, Op.STATS,
+)  # fmt: skip
 
 #: Answers a connection may owe (requests answered ``LATER``) before it stops
 #: being read; reading resumes below half of it.
@@ -235,6 +242,11 @@ class Service:
         self._flush_all_scheduled = False
 
     # -- op tables and credentials ------------------------------------------------
+
+    def register(self, *ops: Op) -> None:
+        """Serve ``ops`` with this service's methods named after them (``_get`` for GET, ``_mset`` for MSET)."""
+        for op in ops:
+            self.handlers[op] = getattr(self, f"_{op.name.lower()}")
 
     def build_tables(self) -> None:
         """Build the op table of every credential level from ``handlers`` (once, at start)."""
@@ -524,12 +536,7 @@ class FrameProtocol(asyncio.Protocol):
         if len(state.connections) >= service.settings.max_connections:
             service.refuse(self)
             return
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # pragma: no cover - platform dependent
-                pass
+        nodelay(transport)
         state.connections.add(self)
         self.last_active = service.now
 

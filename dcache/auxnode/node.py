@@ -28,8 +28,8 @@ from ..errors import NotAnIntegerError, OutOfMemoryError
 from ..hlc import HybridClock, wall_ms
 from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache
 from ..lru import NotAnIntegerError as CacheNotAnIntegerError
-from ..protocol import Op, SetFlag
-from ..server import FrameProtocol, Service, check_answer_size
+from ..protocol import SetFlag
+from ..server import DATA_OPS, FrameProtocol, Service, check_answer_size
 from .cluster_ops import ClusterOps
 from .snapshots import SnapshotManager
 
@@ -69,22 +69,9 @@ class AuxNode(Service):
         self.ring_epoch = 0
         self.started_at = time.time()
         self.snapshots = SnapshotManager(self)
-        h = self.handlers
-        h[Op.PING] = self._ping
-        h[Op.GET] = self._get
-        h[Op.SET] = self._set
-        h[Op.DELETE] = self._delete
-        h[Op.MGET] = self._mget
-        h[Op.MSET] = self._mset
-        h[Op.EXISTS] = self._exists
-        h[Op.EXPIRE] = self._expire
-        h[Op.TTL] = self._ttl
-        h[Op.INCR] = self._incr
-        h[Op.DECR] = self._decr
-        h[Op.TOUCH] = self._touch
-        h[Op.STATS] = self._stats
+        self.register(*DATA_OPS)
         self.cluster_ops = ClusterOps(self)
-        self.cluster_ops.register(h)
+        self.cluster_ops.register(self.handlers)
 
     def _new_clock(self) -> HybridClock:
         return HybridClock(self.node_id, max_skew_ms=self.limits.max_clock_skew_ms)

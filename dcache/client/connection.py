@@ -29,10 +29,10 @@ Design notes
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any, cast
 
 from ..errors import HandshakeError, RemoteProtocolError, ServerError, error_from_status
+from ..net import nodelay
 from ..protocol import CONNECTION_REQUEST_ID, PROTOCOL_VERSION, FrameDecoder, Limits, Op, RequestTable, encode_request
 
 __all__ = ["ClientConnection", "open_connection"]
@@ -88,12 +88,7 @@ class ClientConnection(asyncio.Protocol):
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # pragma: no cover - platform dependent
-                pass
+        nodelay(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True

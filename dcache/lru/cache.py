@@ -562,16 +562,7 @@ class LRUCache:
                 e.expires_at = expires_at
             e.value = value
             e.version = version
-            last = head.prev
-            if last is not e:
-                p = e.prev
-                n = e.next
-                p.next = n
-                n.prev = p
-                last.next = e
-                e.prev = last
-                e.next = head
-                head.prev = e
+            self._to_mru(e)
         if self._bytes > self._max_bytes or (self._max_items and self._count > self._max_items):
             self._evict(e)
         if expires_at and len(self._heap) > 2 * self._n_expiring + _HEAP_SLACK:

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import HandshakeError, Status, error_from_status
-from ..peer import Callback, PeerConnection
+from ..peer import Callback, PeerConnection, answer_to
 from ..protocol import PROTOCOL_VERSION, Op
 
 __all__ = ["AuxLink", "ConnectionFactory"]
@@ -287,16 +287,7 @@ class AuxLink:
         """Send one request; the future gets the result or the typed error."""
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-
-        def done(status: int, result: Any) -> None:
-            if fut.done():
-                return
-            if status == 0:
-                fut.set_result(result)
-            else:
-                fut.set_exception(error_from_status(status, str(result)))
-
-        self.send(op, args, done)
+        self.send(op, args, answer_to(fut))
         return fut
 
     async def call(self, op: int, *args: Any) -> Any:

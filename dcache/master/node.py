@@ -21,7 +21,7 @@ from ..address import format_address
 from ..config import MasterConfig
 from ..hlc import HybridClock
 from ..protocol import Op
-from ..server import LATER, FrameProtocol, Service, deferred
+from ..server import DATA_OPS, LATER, FrameProtocol, Service, deferred
 from .links import AuxLink, ConnectionFactory
 from .membership import Coordinator, Follower, Membership
 from .router import Router
@@ -72,26 +72,7 @@ class MasterNode(Service):
             self.membership = Follower(config, ClusterView.initial([], config.replicas, epoch=0), self._on_view, lambda: self.node_id)
         else:
             self.membership = Coordinator(config, view, self._on_view, lambda: self.links, self.clock)
-        h = self.handlers
-        h[Op.PING] = self._ping
-        h[Op.GET] = self._get
-        h[Op.SET] = self._set
-        h[Op.DELETE] = self._delete
-        h[Op.MGET] = self._mget
-        h[Op.MSET] = self._mset
-        h[Op.EXISTS] = self._exists
-        h[Op.EXPIRE] = self._expire
-        h[Op.TTL] = self._ttl
-        h[Op.INCR] = self._incr
-        h[Op.DECR] = self._decr
-        h[Op.TOUCH] = self._touch
-        h[Op.STATS] = self._stats
-        h[Op.RING] = self._ring
-        h[Op.JOIN] = self._join
-        h[Op.LEAVE] = self._leave
-        h[Op.SYNC] = self._sync
-        h[Op.APPLY] = self._apply
-        h[Op.FENCE] = self._fence
+        self.register(*DATA_OPS, Op.RING, Op.JOIN, Op.LEAVE, Op.SYNC, Op.APPLY, Op.FENCE)
         self.router.fence_missed = self.membership.fence_missed
 
     def _new_clock(self) -> HybridClock:

@@ -159,9 +159,12 @@ class ClusterView:
         """
         h = hash64(key)
         ends = self._ends
-        if ends:
+        if ends:  # the common case, precomputed: one bisect
             i = bisect_left(ends, h)
             return self._prefs[i if i < len(ends) else 0]
+        return self._read_candidates(h)
+
+    def _read_candidates(self, h: int) -> list[str]:
         r = self.replicas
         prev = self.prev_ring
         members = self.members
@@ -178,9 +181,12 @@ class ClusterView:
         """
         h = hash64(key)
         ends = self._ends
-        if ends:
+        if ends:  # the common case: reads and writes go to the same owners
             i = bisect_left(ends, h)
             return self._prefs[i if i < len(ends) else 0]
+        return self._write_targets(h)
+
+    def _write_targets(self, h: int) -> list[str]:
         r = self.replicas
         members = self.members
         targets = [n for n in self.ring.owners_for_hash(h, r) if n in members and members[n].state != DOWN]

@@ -95,6 +95,15 @@ class OpSpec:
 # -- building blocks -----------------------------------------------------------
 
 
+def _as_bytes(value: Any, what: str) -> bytes:
+    """``value`` as bytes: a ``str`` UTF-8 encoded, another buffer copied; else ``BadArgumentsError``."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise BadArgumentsError(f"{what} must be bytes or str, not {type(value).__name__}")
+
+
 def check_key(key: Any, limits: Limits) -> bytes:
     """Return ``key`` as bytes or raise a typed argument error.
 
@@ -105,14 +114,7 @@ def check_key(key: Any, limits: Limits) -> bytes:
         BadArgumentsError: not bytes or str, or empty.
         KeyTooLargeError: longer than ``limits.max_key_bytes``.
     """
-    if key.__class__ is not bytes:
-        if isinstance(key, str):
-            key = key.encode()
-        elif isinstance(key, (bytes, bytearray, memoryview)):
-            key = bytes(key)
-        else:
-            raise BadArgumentsError(f"key must be bytes or str, not {type(key).__name__}")
-    k = cast(bytes, key)
+    k = key if key.__class__ is bytes else _as_bytes(key, "key")
     if len(k) > limits.max_key_bytes:
         raise KeyTooLargeError(f"key of {len(k)} bytes exceeds the limit of {limits.max_key_bytes}")
     if not k:
@@ -127,14 +129,7 @@ def check_value(value: Any, limits: Limits) -> bytes:
         BadArgumentsError: not bytes or str.
         ValueTooLargeError: longer than ``limits.max_value_bytes``.
     """
-    if value.__class__ is not bytes:
-        if isinstance(value, str):
-            value = value.encode()
-        elif isinstance(value, (bytes, bytearray, memoryview)):
-            value = bytes(value)
-        else:
-            raise BadArgumentsError(f"value must be bytes or str, not {type(value).__name__}")
-    v = cast(bytes, value)
+    v = value if value.__class__ is bytes else _as_bytes(value, "value")
     if len(v) > limits.max_value_bytes:
         raise ValueTooLargeError(f"value of {len(v)} bytes exceeds the limit of {limits.max_value_bytes}")
     return v
