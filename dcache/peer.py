@@ -95,15 +95,15 @@ class PeerConnection(asyncio.Protocol):
             return
         if msgs:
             self.last_answer = self._loop.time()
-        pop = self.requests.pop
+        pop = self.requests.waiters.pop  # the table's dict, straight (the hot path)
         for msg in msgs:
             try:
                 rid, status, result = msg
-            except (TypeError, ValueError):
+                cb = pop(rid, None)
+            except (TypeError, ValueError):  # not [id, status, result], or an unhashable id
                 log.warning("malformed answer from %s", self._name)
                 self.close()
                 return
-            cb = pop(rid)
             if cb is not None:
                 cb(status, result)
             elif rid == 0:  # connection-level error: the aux node closes next

@@ -78,7 +78,7 @@ from .protocol import (
     Op,
     pack,
 )
-from .protocol.framing import FrameDecoder, queue_frame
+from .protocol.framing import ONE_CHUNK_BYTES, FrameDecoder
 from .protocol.ops import Parser
 
 __all__ = [
@@ -217,8 +217,6 @@ class Service:
         self.versions_refused = 0
         #: Bytes of partial frames buffered across every connection.
         self.buffered_input = 0
-        #: Answers owed across every connection (requests answered later).
-        self.in_flight = 0
         #: A coarse monotonic clock (seconds), advanced by the sweeper and on
         #: accepting connections: what the time bounds are measured with.
         self.now = time.monotonic()
@@ -409,10 +407,14 @@ class Service:
             for conn in conns:
                 conn._flush()
 
-    def answered(self) -> None:
-        """One answer owed by some connection was sent (see ``in_flight``)."""
-        self.in_flight -= 1
-        if not self.in_flight and self._drained is not None:
+    @property
+    def in_flight(self) -> int:
+        """Answers owed across every connection (requests answered later)."""
+        return sum(conn.in_flight for conn in self.state.connections)
+
+    def check_drained(self) -> None:
+        """During ``shutdown``: wake it once no connection owes an answer (called as answers leave)."""
+        if self._drained is not None and not self.in_flight:
             self._drained.set()
 
     # -- shutdown ------------------------------------------------------------------
@@ -423,6 +425,8 @@ class Service:
             self.server.close()
         if self.in_flight:
             self._drained = asyncio.Event()
+            for conn in self.state.connections:
+                conn.watch = True
             try:
                 await asyncio.wait_for(self._drained.wait(), grace)
             except TimeoutError:
@@ -482,6 +486,7 @@ class FrameProtocol(asyncio.Protocol):
         "peer",
         "client_name",
         "_closing_error",
+        "watch",
     )
 
     def __init__(self, service: Service) -> None:
@@ -512,6 +517,8 @@ class FrameProtocol(asyncio.Protocol):
         self.client_name: str | None = None
         #: A protocol error met while answers were still owed: sent once they are.
         self._closing_error: RemoteProtocolError | None = None
+        #: Whether an answer leaving must be looked at (throttled, closing, or the node shutting down).
+        self.watch = False
         self.grant(service.initial_level())
 
     def grant(self, level: Credential) -> None:
@@ -623,7 +630,11 @@ class FrameProtocol(asyncio.Protocol):
                     if op == _HELLO:
                         table = self._table  # it may have raised the credential: pipelined requests use the new table
                     if result is LATER or result.__class__ is _Deferred:
-                        self._owe(rid, op, t1)
+                        self.in_flight += 1  # an answer owed (see _owe_sampled and the throttle)
+                        if self.in_flight >= MAX_IN_FLIGHT and not self._throttled:
+                            self._throttle()
+                        if t1:
+                            self._owe_sampled(rid, op, t1)
                         if result is not LATER:
                             self._defer(rid, result, op)
                         t1 = 0.0
@@ -653,16 +664,11 @@ class FrameProtocol(asyncio.Protocol):
 
     # -- helpers of the dispatch ------------------------------------------------------
 
-    def _owe(self, rid: int, op: int, t0: float) -> None:
-        """A request will be answered later: count it owed (throttling the connection past ``MAX_IN_FLIGHT``)."""
-        self.in_flight += 1
-        self._service.in_flight += 1
-        if self.in_flight >= MAX_IN_FLIGHT and not self._throttled:
-            self._throttle()
-        if t0:
-            if len(self._samples) >= 1024:  # answers that never came (connection lost upstream...)
-                self._samples.clear()
-            self._samples[rid] = (op, t0)
+    def _owe_sampled(self, rid: int, op: int, t0: float) -> None:
+        """A sampled request will be answered later: its latency is recorded when ``reply`` sends it."""
+        if len(self._samples) >= 1024:  # answers that never came (connection lost upstream...)
+            self._samples.clear()
+        self._samples[rid] = (op, t0)
 
     def _failed(self, msg: Any, code: int, message: str) -> bytes:
         """Count a request answered with an error (under its op, or ``UNKNOWN_OP``) and build the answer."""
@@ -718,18 +724,22 @@ class FrameProtocol(asyncio.Protocol):
 
     def _throttle(self) -> None:
         self._throttled = True
+        self.watch = True
         if self._transport is not None and not self._closed:
             self._transport.pause_reading()
 
-    def _owed_one(self) -> None:
-        self.in_flight -= 1
-        self._service.answered()
+    def _after_answer(self) -> None:
+        """An owed answer left while someone watches the count (throttle, a pending close, shutdown)."""
         if self._closing_error is not None and not self.in_flight:
             self._finish_close()
         if self._throttled and self.in_flight <= MAX_IN_FLIGHT // 2:
             self._throttled = False
             if self._transport is not None and not self._closed and not self._paused:
                 self._transport.resume_reading()
+        service = self._service
+        if service._drained is not None:
+            service.check_drained()
+        self.watch = self._throttled or self._closing_error is not None or service._drained is not None
 
     # -- answers later ---------------------------------------------------------------
 
@@ -754,7 +764,9 @@ class FrameProtocol(asyncio.Protocol):
 
     def reply(self, rid: int, status: int, result: Any, op: int = UNKNOWN_OP) -> None:
         """Answer request ``rid`` that a handler answered ``LATER``; ``op`` is its op, for the error counts."""
-        self._owed_one()
+        self.in_flight -= 1
+        if self.watch:
+            self._after_answer()
         if self._samples:
             self._sampled_done(rid)
         if status:
@@ -775,7 +787,11 @@ class FrameProtocol(asyncio.Protocol):
                     body = self._too_large(rid, len(body), op)
         if self._closed or self._transport is None:
             return
-        queue_frame(self._pending_out, body)
+        n = len(body)
+        if n <= ONE_CHUNK_BYTES:  # queue_frame, inlined: this runs once per answer a master sends
+            self._pending_out.append(_header(n) + body)
+        else:
+            self._pending_out += (_header(n), body)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._service.queue_flush(self)
@@ -810,6 +826,7 @@ class FrameProtocol(asyncio.Protocol):
         log.info("closing connection from %s: %s", self.peer, exc)
         if self.in_flight and self._transport is not None and not self._closed:
             self._closing_error = exc
+            self.watch = True
             self._transport.pause_reading()
             asyncio.get_running_loop().call_later(CLOSE_DRAIN_S, self._finish_close)
             return

@@ -52,7 +52,7 @@ from ..errors import (
 )
 from ..hlc import HybridClock, wall_ms
 from ..protocol import Op
-from ..server import FrameProtocol
+from ..server import LATER, FrameProtocol
 from .hints import Hints, replay_forever
 from .links import AuxLink
 from .view import ClusterView
@@ -228,8 +228,11 @@ class Router:
 
     # -- reads -------------------------------------------------------------------
 
-    def get(self, sink: Sink, rid: int, key: bytes) -> None:
-        """Answer GET ``rid`` with ``key``'s value (or nil) through ``sink``."""
+    def get(self, sink: Sink, rid: int, key: bytes) -> Any:
+        """Answer GET ``rid`` with ``key``'s value (or nil) through ``sink``; returns ``LATER``.
+
+        The master serves GET with this method directly (it is the hottest op).
+        """
         candidates = self.view.read_candidates(key)
         if not candidates:
             self.stats.unavailable += 1
@@ -242,6 +245,7 @@ class Router:
             self.batcher.add(link, op)
         else:
             op.start()
+        return LATER
 
     def read_entry(self, sink: Sink, rid: int, key: bytes) -> None:
         """Answer ``rid`` with ``key``'s entry ``[value, expires_at, version]`` (or nil) through ``sink``."""
