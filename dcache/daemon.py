@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
-__all__ = ["Daemon", "serve", "run"]
+__all__ = ["Daemon", "MMAP_THRESHOLD_BYTES", "pin_mmap_threshold", "serve", "run"]
 
 log = logging.getLogger("dcache.daemon")
 
@@ -87,9 +87,39 @@ async def serve(daemon: Daemon, *, host: str, metrics_port: int | None, ready: b
             await metrics.close()
 
 
+#: Allocations at least this large are mapped (and unmapped when freed) by glibc.
+MMAP_THRESHOLD_BYTES = 128 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def pin_mmap_threshold(size: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap threshold (Linux): memory of large buffers goes back to the system when freed.
+
+    glibc raises the threshold each time it frees a mapped chunk (up to
+    32 MiB), so after a few large frames their buffers come from the heap
+    and stay in the process once freed. A fixed threshold keeps every
+    buffer of ``size`` or more mapped: parked partial frames, large values
+    and read chunks return to the system when their connection goes
+    (docs/DECISIONS.md). Returns whether it was set (no glibc: nothing done).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, size))
+    except (OSError, AttributeError):
+        return False
+
+
 def run(make: Callable[[], Daemon], *, host: str, metrics_port: int | None) -> int:
     """Blocking entry point used by the CLI: build the daemon with ``make`` on a uvloop loop and ``serve`` it."""
     import uvloop
+
+    pin_mmap_threshold()
 
     async def main() -> None:
         await serve(make(), host=host, metrics_port=metrics_port)

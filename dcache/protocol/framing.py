@@ -64,6 +64,11 @@ _FEED_CHUNK_BYTES = 1024 * 1024
 #: only when a chunk does not fit, so an idle or short connection costs a few
 #: pages, not msgpack's default of a megabyte.
 INITIAL_BUFFER_BYTES = 16 * 1024
+#: The body of a frame larger than this is kept in the chunks it arrived in
+#: until it is complete, then fed to the unpacker at once: a partial frame
+#: costs its size, where the unpacker's buffer, which doubles as it grows,
+#: could hold up to twice that.
+STASH_AFTER_BYTES = 64 * 1024
 #: msgpack never shrinks its buffer: after a frame larger than this, the
 #: decoder starts a new unpacker as soon as nothing is buffered, so an idle
 #: connection does not keep the memory its largest frame needed.
@@ -130,6 +135,8 @@ class FrameDecoder:
         "_error",
         "_frame_start",
         "_big",
+        "_stash",
+        "_stash_len",
         "buffered",
         "one_frame",
     )
@@ -141,6 +148,8 @@ class FrameDecoder:
         self._ceiling = max_frame_bytes
         self._unpacker = self._new_unpacker()
         self._big = False  # a frame over RENEW_AFTER_BYTES went through the unpacker
+        self._stash: list[bytes] = []  # the body of a large frame received so far, not fed yet
+        self._stash_len = 0
         self._fed = 0  # stream offset of the end of everything fed so far
         self._frame_end = -1  # stream offset where the current body ends; -1: reading a header
         self._partial = b""  # header bytes received so far (fewer than four)
@@ -261,6 +270,20 @@ class FrameDecoder:
                     failed.out[:0] = acc
                     raise
             return acc
+        if self._frame_end >= 0 and self._frame_end - self._frame_start > STASH_AFTER_BYTES:
+            # The rest of a large frame's body: kept as it arrived until the
+            # frame is complete (exact size; the unpacker's buffer would grow
+            # by doubling), then fed at once.
+            if self._fed + self._stash_len + len(data) < self._frame_end:
+                self._stash.append(data)
+                self._stash_len += len(data)
+                self.buffered += len(data)
+                return []
+            if self._stash:
+                self._stash.append(data)
+                data = b"".join(self._stash)
+                self._stash = []
+                self._stash_len = 0
         out: list[Any] = []
         try:
             self._unpacker.feed(data)
