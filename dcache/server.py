@@ -70,6 +70,7 @@ from .net import nodelay
 from .protocol import (
     CONNECTION_REQUEST_ID,
     HEADER,
+    MAX_ARRAY_ITEMS,
     MAX_HELLO_FRAME_BYTES,
     OPS,
     PROTOCOL_VERSION,
@@ -492,7 +493,8 @@ class FrameProtocol(asyncio.Protocol):
     def __init__(self, service: Service) -> None:
         self._service = service
         self._limits = service.limits
-        self._decoder: FrameDecoder | None = FrameDecoder(service.limits.max_frame_bytes)
+        limits = service.limits
+        self._decoder: FrameDecoder | None = FrameDecoder(limits.max_frame_bytes, max(limits.max_batch_keys, MAX_ARRAY_ITEMS))
         #: Answers longer than this become FRAME_TOO_LARGE errors: the peer would refuse the frame.
         self._max_answer = service.limits.max_frame_bytes
         self.level = Credential.NONE

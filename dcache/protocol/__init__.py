@@ -5,6 +5,7 @@ from .framing import HEADER, HEADER_BYTES, ONE_CHUNK_BYTES, FrameDecoder, encode
 from .limits import (
     INT64_MAX,
     INT64_MIN,
+    MAX_ARRAY_ITEMS,
     MAX_BATCH_KEYS,
     MAX_FRAME_BYTES,
     MAX_HELLO_FRAME_BYTES,
@@ -24,6 +25,7 @@ __all__ = [
     "HEADER_BYTES",
     "INT64_MAX",
     "INT64_MIN",
+    "MAX_ARRAY_ITEMS",
     "MAX_BATCH_KEYS",
     "MAX_FRAME_BYTES",
     "MAX_HELLO_FRAME_BYTES",

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_VALUE_BYTES",
     "MAX_BATCH_KEYS",
     "MAX_HELLO_FRAME_BYTES",
+    "MAX_ARRAY_ITEMS",
     "MAX_RANGES",
     "MAX_NAME_CHARS",
     "Limits",
@@ -44,8 +45,12 @@ MAX_VALUE_BYTES = 8 * 1024 * 1024
 MAX_BATCH_KEYS = 10_000
 #: Largest frame a node with an auth token accepts before HELLO succeeded (a HELLO fits easily).
 MAX_HELLO_FRAME_BYTES = 4096
-#: Most hash ranges in one SCAN, DROP or RANGE_COUNT (a ring of 1000 nodes has 160,000 points).
-MAX_RANGES = 1_000_000
+#: Most items in any one array or map of a frame (the decoder refuses more before building them):
+#: room for the largest batch and for every range list a ring moves (a node of a 1000-node ring
+#: owns 2048 points per unit of weight).
+MAX_ARRAY_ITEMS = 100_000
+#: Most hash ranges in one SCAN, DROP or RANGE_COUNT.
+MAX_RANGES = MAX_ARRAY_ITEMS
 #: Longest node id, host name or client name accepted.
 MAX_NAME_CHARS = 255
 
