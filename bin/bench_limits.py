@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dcache.protocol import MAX_BATCH_KEYS, Op, encode_request  # noqa: E402
-from tests.harness import DaemonProcess  # noqa: E402
-from tests.wire import PingWatch, call, read_frame, split_addr  # noqa: E402
+from dcache.protocol import MAX_BATCH_KEYS, Op, encode_request
+from tests.harness import DaemonProcess
+from tests.wire import PingWatch, call, read_frame, split_addr
 
 
 def big_mget(addr: str, pid: int, n: int, label: str) -> None:
@@ -35,7 +35,7 @@ def big_mget(addr: str, pid: int, n: int, label: str) -> None:
         t0 = time.monotonic()
         with socket.create_connection((host, port), timeout=120) as s:
             s.sendall(frame)
-            rid, status, result = read_frame(s, timeout=120)[1]  # type: ignore[misc]
+            _rid, status, result = read_frame(s, timeout=120)[1]  # type: ignore[misc]
         elapsed = time.monotonic() - t0
         time.sleep(0.3)
     shown = result if status else f"{len(result)} values"
