@@ -26,8 +26,7 @@ from ..address import format_address, parse_address
 from ..config import AuxConfig
 from ..errors import NotAnIntegerError, OutOfMemoryError
 from ..hlc import HybridClock, wall_ms
-from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache
-from ..lru import NotAnIntegerError as CacheNotAnIntegerError
+from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache, NotAnInt64Error
 from ..protocol import SetFlag
 from ..server import DATA_OPS, FrameProtocol, Service, check_answer_size
 from .cluster_ops import ClusterOps
@@ -150,7 +149,7 @@ class AuxNode(Service):
         """
         try:
             return self.cache.incr(key, delta, version=version)
-        except CacheNotAnIntegerError:
+        except NotAnInt64Error:
             raise NotAnIntegerError("value is not a signed 64-bit decimal integer") from None
         except IntegerOverflowError:
             raise NotAnIntegerError("increment would overflow a signed 64-bit integer") from None

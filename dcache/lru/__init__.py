@@ -9,7 +9,7 @@ from .cache import (
     EntryTooLargeError,
     IntegerOverflowError,
     LRUCache,
-    NotAnIntegerError,
+    NotAnInt64Error,
 )
 from .cost import EntryCost
 from .snapshot import (
@@ -31,7 +31,7 @@ __all__ = [
     "EntryTooLargeError",
     "IntegerOverflowError",
     "LRUCache",
-    "NotAnIntegerError",
+    "NotAnInt64Error",
     "SnapshotCorruptError",
     "SnapshotData",
     "SnapshotError",

@@ -78,12 +78,13 @@ being iterated.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from heapq import heapify, heappop, heappush
 from itertools import chain
 
+from ..hlc import wall_ms
+from ..widths import INT64_MAX, INT64_MIN
 from .cost import EntryCost, measure_cpython_cost
 
 __all__ = [
@@ -95,15 +96,13 @@ __all__ = [
     "Entry",
     "LRUCache",
     "EntryTooLargeError",
-    "NotAnIntegerError",
+    "NotAnInt64Error",
     "IntegerOverflowError",
 ]
 
 #: ``expires_at`` value meaning "never expires".
 NO_EXPIRY = 0
 
-INT64_MIN = -(1 << 63)
-INT64_MAX = (1 << 63) - 1
 
 #: Heap compaction slack: compact when the heap exceeds 2 * live + this.
 _HEAP_SLACK = 1024
@@ -118,16 +117,12 @@ class EntryTooLargeError(ValueError):
     """A single entry's charge is larger than ``max_bytes``."""
 
 
-class NotAnIntegerError(ValueError):
+class NotAnInt64Error(ValueError):
     """``incr`` on a value that is not the ASCII decimal of a signed 64-bit integer."""
 
 
 class IntegerOverflowError(ValueError):
     """``incr`` would produce a result outside the signed 64-bit range."""
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Entry:
@@ -208,7 +203,7 @@ class LRUCache:
         max_bytes: int,
         max_items: int = 0,
         *,
-        clock: Callable[[], int] = _wall_ms,
+        clock: Callable[[], int] = wall_ms,
         cost: EntryCost = CPYTHON_COST,
         tombstone_ttl_ms: int = 60_000,
         max_tombstones: int = 100_000,
@@ -693,7 +688,7 @@ class LRUCache:
         tombstone and becomes the most recently used entry.
 
         Raises:
-            NotAnIntegerError: the stored value is not such an integer.
+            NotAnInt64Error: the stored value is not such an integer.
             IntegerOverflowError: the result is outside the signed 64-bit range.
             EntryTooLargeError: the new entry's charge alone exceeds ``max_bytes``.
         """
@@ -1027,7 +1022,7 @@ def _parse_int64(value: bytes) -> int:
     """Parse the canonical ASCII decimal of a signed 64-bit integer.
 
     Raises:
-        NotAnIntegerError: anything else (sign ``+``, spaces, leading zeros,
+        NotAnInt64Error: anything else (sign ``+``, spaces, leading zeros,
             ``-0``, non-ASCII digits, out of range).
     """
     if value[:1] == b"-":
@@ -1039,8 +1034,8 @@ def _parse_int64(value: bytes) -> int:
     if (
         not 0 < len(digits) <= 19 or not digits.isdigit() or (digits[0] == 48 and (negative or len(digits) > 1))  # 48 == ord("0")
     ):
-        raise NotAnIntegerError(f"value is not a signed 64-bit decimal integer: {value[:32]!r}")
+        raise NotAnInt64Error(f"value is not a signed 64-bit decimal integer: {value[:32]!r}")
     n = -int(digits) if negative else int(digits)
     if n < INT64_MIN or n > INT64_MAX:
-        raise NotAnIntegerError(f"value is not a signed 64-bit decimal integer: {value[:32]!r}")
+        raise NotAnInt64Error(f"value is not a signed 64-bit decimal integer: {value[:32]!r}")
     return n

@@ -93,6 +93,7 @@ import msgpack
 import xxhash
 
 from ..errors import DCacheError
+from ..widths import UINT64_MAX
 
 __all__ = [
     "MAGIC",
@@ -128,7 +129,6 @@ SnapshotEntry = tuple[bytes, bytes, int, int]
 _MAX_STR_BYTES = 64 * 1024  # header strings (node ids) and map keys
 _MAX_MAP_LEN = 64
 _ENTRY_LEN = 4
-_UINT64_MAX = (1 << 64) - 1
 _TRAILER_KEYS = frozenset(("count", "xxh3_64"))
 
 
@@ -246,8 +246,8 @@ def pack_entries(entries: Iterable[SnapshotEntry]) -> tuple[bytes, int]:
             or type(value) is not bytes
             or type(expires_at) is not int
             or type(version) is not int
-            or not 0 <= expires_at <= _UINT64_MAX
-            or not 0 <= version <= _UINT64_MAX
+            or not 0 <= expires_at <= UINT64_MAX
+            or not 0 <= version <= UINT64_MAX
         ):
             raise ValueError(f"bad snapshot entry for key {key!r:.80}: need (bytes, bytes, int >= 0, int >= 0)")
         pack(entry)
@@ -287,7 +287,7 @@ def write_packed(
     if type(node_id) is not str:
         raise ValueError(f"node_id must be a str, not {type(node_id).__name__}")
     for name, n in (("count", count), ("ring_epoch", ring_epoch), ("created_ms", created_ms)):
-        if type(n) is not int or not 0 <= n <= _UINT64_MAX:
+        if type(n) is not int or not 0 <= n <= UINT64_MAX:
             raise ValueError(f"{name} must be an int in 0..2**64-1, got {n!r}")
     hasher = xxhash.xxh3_64()
     header = {

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..hlc import DEFAULT_MAX_SKEW_MS, version_ceiling, wall_ms
+from ..widths import INT64_MAX, INT64_MIN, UINT64_MAX
 
 __all__ = [
     "INT64_MIN",
@@ -30,9 +31,6 @@ __all__ = [
     "Limits",
 ]
 
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
-UINT64_MAX = 2**64 - 1
 #: Longest TTL a request may carry: a hundred years, in milliseconds.
 MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000
 #: Default largest frame body a peer may send (32 MiB).

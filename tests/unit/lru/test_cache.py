@@ -21,7 +21,7 @@ from dcache.lru import (
     EntryTooLargeError,
     IntegerOverflowError,
     LRUCache,
-    NotAnIntegerError,
+    NotAnInt64Error,
 )
 from dcache.lru.cache import SHARDS
 
@@ -573,7 +573,7 @@ def test_incr_keeps_expiry_and_sets_version(clock: FakeClock) -> None:
 def test_incr_rejects_non_integers(clock: FakeClock, value: bytes) -> None:
     cache = make(clock)
     cache.set(b"n", value, version=1)
-    with pytest.raises(NotAnIntegerError) as info:
+    with pytest.raises(NotAnInt64Error) as info:
         cache.incr(b"n", 1, version=2)
     assert isinstance(info.value, ValueError)
     e = cache.get_entry(b"n")

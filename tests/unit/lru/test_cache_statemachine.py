@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from dcache.lru import INT64_MAX, INT64_MIN, EntryCost, EntryTooLargeError, IntegerOverflowError, LRUCache, NotAnIntegerError
+from dcache.lru import INT64_MAX, INT64_MIN, EntryCost, EntryTooLargeError, IntegerOverflowError, LRUCache, NotAnInt64Error
 
 #: A small charging rule with every part of the real one: per entry, per
 #: bytes object (header and rounding), per expiry, per tombstone.
@@ -49,10 +49,10 @@ _INT_RE = re.compile(rb"-?(0|[1-9][0-9]{0,18})")
 
 def model_parse(value: bytes) -> int:
     if not _INT_RE.fullmatch(value) or value == b"-0":
-        raise NotAnIntegerError
+        raise NotAnInt64Error
     n = int(value)
     if not INT64_MIN <= n <= INT64_MAX:
-        raise NotAnIntegerError
+        raise NotAnInt64Error
     return n
 
 
@@ -333,7 +333,7 @@ class LRUMachine(RuleBasedStateMachine):
             if self.size(key, value, exp) > self.max_bytes:
                 raise EntryTooLargeError
             self.store(key, value, exp, version)
-        except (NotAnIntegerError, IntegerOverflowError, EntryTooLargeError) as exc:
+        except (NotAnInt64Error, IntegerOverflowError, EntryTooLargeError) as exc:
             error = type(exc)
         if error is None:
             assert self.cache.incr(key, delta, version=version) == result
