@@ -33,7 +33,7 @@ class AuxCollector(ServiceCollector):
         yield plain_counter("dcache_cache_evictions", "Entries evicted to stay within --max-memory / --max-items.", c.evictions)
         yield plain_counter("dcache_cache_expirations", "Entries removed because their TTL passed.", c.expirations)
         yield plain_gauge("dcache_cache_items", "Entries held (live or not yet swept).", len(c))
-        yield plain_gauge("dcache_cache_bytes", "Bytes accounted to entries (keys, values, per-entry overhead).", c.bytes_used)
+        yield plain_gauge("dcache_cache_bytes", "Bytes charged against --max-memory: what entries and tombstones cost.", c.bytes_used)
         yield plain_gauge("dcache_cache_max_bytes", "The byte budget (--max-memory).", c.max_bytes)
         yield plain_gauge("dcache_cache_max_items", "The entry cap (--max-items; 0 = none).", c.max_items)
         snap = self.snapshots
