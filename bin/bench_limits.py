@@ -54,7 +54,8 @@ def main() -> int:
     auxes = [DaemonProcess("aux", ["--port", "0", "--node-id", f"a{i}", "--log-level", "warning"]).start() for i in range(args.replicas)]
     seeds = ",".join(f"a{i}={a.addr}" for i, a in enumerate(auxes))
     master = DaemonProcess(
-        "master", ["--port", "0", "--aux", seeds, "--replicas", str(args.replicas), "--aux-timeout", args.aux_timeout, "--log-level", "warning"]
+        "master",
+        ["--port", "0", "--aux", seeds, "--replicas", str(args.replicas), "--aux-timeout", args.aux_timeout, "--log-level", "warning"],
     ).start()
     try:
         assert master.proc is not None
