@@ -61,6 +61,8 @@ class Op(IntEnum):
     LEAVE = 50
     SYNC = 51
     FENCE = 52
+    # every node: proving the cluster secret (after HELLO)
+    AUTH = 53
 
 
 class SetFlag(IntEnum):

@@ -501,6 +501,18 @@ def _parse_fence(msg: list[Any], limits: Limits) -> tuple[str, int, str]:
     return _name(msg[2], "node_id"), _u64(msg[3], "since_ms"), reason
 
 
+def _parse_auth(msg: list[Any], limits: Limits) -> tuple[bytes, bytes]:
+    """AUTH ``[client_nonce, proof]`` -> ``(client_nonce, proof)`` (see ``dcache.protocol.auth``)."""
+    if len(msg) != 4:
+        raise HandshakeError("AUTH takes [client_nonce, proof]")
+    nonce, proof = msg[2], msg[3]
+    if nonce.__class__ is not bytes or not 8 <= len(nonce) <= 64:
+        raise HandshakeError("client_nonce must be 8 to 64 bytes")
+    if proof.__class__ is not bytes or len(proof) != 32:
+        raise HandshakeError("proof must be 32 bytes (HMAC-SHA256)")
+    return nonce, proof
+
+
 _C, _K, _N = Credential.CLUSTER, Credential.CLIENT, Credential.NONE
 
 #: Every op of the protocol: ``op -> OpSpec``. Go through it op by op: each
@@ -537,5 +549,6 @@ OPS: dict[int, OpSpec] = {
         OpSpec(Op.LEAVE, "LEAVE", _C, (1, 1), _parse_leave, True),
         OpSpec(Op.SYNC, "SYNC", _C, (3, 5), _parse_sync, True),
         OpSpec(Op.FENCE, "FENCE", _C, (2, 3), _parse_fence, True),
+        OpSpec(Op.AUTH, "AUTH", _N, (2, 2), _parse_auth, False),
     )
 }

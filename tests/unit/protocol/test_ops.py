@@ -44,14 +44,20 @@ def test_every_op_has_exactly_one_spec_and_credential():
     for op, spec in OPS.items():
         assert spec.op == op and spec.name == Op(op).name
         assert isinstance(spec.credential, Credential)
-        expected = Credential.NONE if op == Op.HELLO else Credential.CLUSTER if op in CLUSTER_OPS | MEMBERSHIP_OPS else Credential.CLIENT
+        expected = (
+            Credential.NONE
+            if op in (Op.HELLO, Op.AUTH)
+            else Credential.CLUSTER
+            if op in CLUSTER_OPS | MEMBERSHIP_OPS
+            else Credential.CLIENT
+        )
         assert spec.credential == expected, Op(op).name
 
 
 @pytest.mark.parametrize("op", list(Op), ids=lambda op: op.name)
 def test_every_parser_enforces_its_arity(op: Op):
     least, most = OPS[op].arity
-    error = HandshakeError if op == Op.HELLO else BadArgumentsError
+    error = HandshakeError if op in (Op.HELLO, Op.AUTH) else BadArgumentsError
     with pytest.raises(error):
         OPS[op].parse([int(op), 1, *([0] * (most + 1))], LIMITS)
     if least:
