@@ -28,6 +28,8 @@ from .hlc import DEFAULT_MAX_SKEW_MS
 from .protocol import MAX_BATCH_KEYS, MAX_FRAME_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, Limits
 
 __all__ = [
+    "MIN_SECRET_CHARS",
+    "read_secret",
     "NodeConfig",
     "AuxConfig",
     "MasterConfig",
@@ -163,6 +165,10 @@ def _opt_address(text: Any) -> str | None:
     return f"{host}:{port}"
 
 
+#: Shortest cluster secret accepted.
+MIN_SECRET_CHARS = 16
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     """Settings every node that serves the native protocol shares (aux nodes and masters).
@@ -184,6 +190,19 @@ class NodeConfig:
         "S",
     )
     auth_token: str | None = opt(None, "token clients must present in HELLO (none: no auth)", _opt_str, "TOKEN")
+    cluster_secret_file: str | None = opt(
+        None,
+        "file holding the cluster secret: masters and aux nodes prove they know it (HMAC challenge and response, "
+        "never sent) before any cluster op; env DCACHE_CLUSTER_SECRET may hold the secret itself",
+        _opt_str,
+        "FILE",
+    )
+    cluster_secret: str | None = opt(
+        None, "the cluster secret itself (prefer --cluster-secret-file or DCACHE_CLUSTER_SECRET: flags show in ps)", _opt_str, "SECRET"
+    )
+    insecure: bool = opt(
+        False, "listen beyond loopback without a client token or a cluster secret (protected mode refuses it otherwise)", parse_bool, "BOOL"
+    )
     max_connections: int = opt(10_000, "most client connections open at once; one more is refused (OVERLOADED)", _int, "N")
     max_input_buffer: int = opt(
         64 * 1024**2, "most bytes of partial frames buffered across all connections; past it the largest are closed", parse_size, "SIZE"
@@ -214,6 +233,16 @@ class NodeConfig:
             self.limits  # noqa: B018 - validates the combination
         except ValueError as exc:
             raise ConfigError(f"max_frame_bytes: {exc}") from None
+        if self.cluster_secret_file and self.cluster_secret:
+            raise ConfigError("cluster_secret: give the cluster secret in one place (--cluster-secret-file or DCACHE_CLUSTER_SECRET)")
+
+    def secret(self) -> bytes | None:
+        """The cluster secret (``read_secret`` of ``cluster_secret_file`` and ``cluster_secret``); ``None`` if neither.
+
+        Raises:
+            ConfigError: the file cannot be read, or the secret is shorter than ``MIN_SECRET_CHARS``.
+        """
+        return read_secret(self.cluster_secret_file, self.cluster_secret)
 
     @property
     def limits(self) -> Limits:
@@ -432,6 +461,14 @@ class HttpConfig:
     client_max_size: int = opt(DEFAULT_HTTP_MAX_BODY_BYTES, "largest request body accepted (then 413)", parse_size, "SIZE")
     max_key_bytes: int = opt(MAX_KEY_BYTES, "largest key accepted, in UTF-8 bytes (then 414, or 400 in a JSON body)", parse_size, "SIZE")
     auth_token: str | None = opt(None, "token sent in HELLO to the masters (none: no auth)", _opt_str, "TOKEN")
+    http_token: str | None = opt(
+        None,
+        "token HTTP clients must send as 'Authorization: Bearer TOKEN' on every route but /health and /metrics "
+        "(none: no auth; env DCACHE_HTTP_TOKEN)",
+        _opt_str,
+        "TOKEN",
+    )
+    insecure: bool = opt(False, "listen beyond loopback without --http-token (protected mode refuses it otherwise)", parse_bool, "BOOL")
     shutdown_grace: float = opt(5.0, "seconds to let in-flight requests finish on SIGTERM/SIGINT", _float, "S")
     log_level: str = opt("info", "debug (also logs every request), info, warning or error", _str)
     read_batch: int = opt(
@@ -450,3 +487,25 @@ class HttpConfig:
             raise ConfigError("shutdown_grace: must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: {self.log_level!r} is not debug, info, warning or error")
+
+
+def read_secret(path: str | None, value: str | None) -> bytes | None:
+    """A cluster secret: the contents of ``path`` (stripped), else ``value``; ``None`` if neither is given.
+
+    Raises:
+        ConfigError: ``path`` cannot be read, or the secret is shorter than ``MIN_SECRET_CHARS``.
+    """
+    if path:
+        try:
+            with open(path, "rb") as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cluster_secret_file: cannot read {path}: {exc.strerror}") from None
+        if len(secret) < MIN_SECRET_CHARS:
+            raise ConfigError(f"cluster_secret_file: {path} holds less than {MIN_SECRET_CHARS} characters")
+        return secret
+    if value:
+        if len(value) < MIN_SECRET_CHARS:
+            raise ConfigError(f"cluster_secret: DCACHE_CLUSTER_SECRET holds less than {MIN_SECRET_CHARS} characters")
+        return value.encode()
+    return None

@@ -130,6 +130,13 @@ class ServiceCollector(Collector):
             "dcache_input_overflows", "Connections closed because partial frames exceeded --max-input-buffer.", role, s.input_overflows
         )
         yield gauge("dcache_input_buffered_bytes", "Bytes of partial frames buffered across every connection.", role, s.buffered_input)
+        yield counter("dcache_auth_failures", "HELLO tokens and cluster-secret proofs that were wrong.", role, s.auth_failures)
+        yield counter(
+            "dcache_auth_throttled",
+            "Authentication attempts refused unchecked: too many failures from the address.",
+            role,
+            s.auth_throttled,
+        )
         yield counter(
             "dcache_versions_refused", "Requests refused because a version was too far ahead (--max-clock-skew).", role, s.versions_refused
         )

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import socket
 
-__all__ = ["nodelay"]
+from .errors import ConfigError
+
+__all__ = ["nodelay", "protected_mode", "is_loopback"]
+
+log = logging.getLogger("dcache.net")
 
 
 def nodelay(transport: asyncio.BaseTransport) -> None:
@@ -16,3 +22,35 @@ def nodelay(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # pragma: no cover - platform dependent
             pass
+
+
+def protected_mode(host: str, has_credential: bool, insecure: bool, role: str, flags: str) -> None:
+    """Refuse to listen beyond loopback without a credential (as Redis's protected mode), unless ``insecure``.
+
+    ``flags`` names the options that give this ``role`` a credential, for the message.
+
+    Raises:
+        ConfigError: the one-line explanation.
+    """
+    if is_loopback(host) or has_credential:
+        return
+    if insecure:
+        log.warning(
+            "protected mode is off (--insecure): this %s listens on %s without %s; "
+            "anyone who can reach the port can read, write and change the cluster",
+            role,
+            host,
+            flags,
+        )
+        return
+    raise ConfigError(f"refusing to listen on {host} without {flags} (protected mode); set one, listen on 127.0.0.1, or pass --insecure")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` reaches this machine only (``localhost``, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

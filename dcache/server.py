@@ -49,6 +49,7 @@ import hmac
 import logging
 import time
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any, cast
@@ -66,7 +67,7 @@ from .errors import (
     Status,
     UnknownOpError,
 )
-from .net import nodelay
+from .net import nodelay, protected_mode
 from .protocol import (
     CONNECTION_REQUEST_ID,
     HEADER,
@@ -79,6 +80,7 @@ from .protocol import (
     Op,
     pack,
 )
+from .protocol.auth import client_proof, new_nonce, proofs_match, server_proof
 from .protocol.framing import ONE_CHUNK_BYTES, FrameDecoder
 from .protocol.ops import Parser
 
@@ -132,8 +134,18 @@ LATENCY_BUCKETS = (
 #: A service times 1 in this many requests (``Service.op_latency``).
 SAMPLE_EVERY = 64
 
-#: Seconds between two WARNINGs about refused connections.
+#: Seconds between two WARNINGs about refused connections or failed authentications.
 _WARN_EVERY_S = 10.0
+
+#: Failed tokens or proofs after which a connection is closed.
+AUTH_FAILURES_PER_CONNECTION = 3
+#: Failed tokens or proofs from one address (within ``AUTH_PENALTY_S``) after
+#: which its checks are limited to ``AUTH_CHECKS_PER_S``.
+AUTH_FAILURES_PER_ADDRESS = 5
+AUTH_PENALTY_S = 60.0
+AUTH_CHECKS_PER_S = 1
+#: Addresses whose failures are remembered (the oldest is forgotten first).
+AUTH_ADDRESSES = 10_000
 
 #: After a protocol error, the most seconds a connection waits for the answers
 #: it still owes (earlier, valid requests) before it sends the error and closes.
@@ -204,7 +216,15 @@ class Service:
         self.auth_token = settings.auth_token
         self.state = ServerState()
         self.server: asyncio.base_events.Server | None = None
-        self.handlers: dict[int, Handler] = {Op.HELLO: self.hello}
+        self.handlers: dict[int, Handler] = {Op.HELLO: self.hello, Op.AUTH: self.auth}
+        #: The cluster secret peers prove (``None``: cluster ops need what data ops need).
+        self.secret = settings.secret()
+        self.auth_failures = 0
+        self.auth_throttled = 0
+        #: address -> (failures, monotonic time of the last failure, of the last check let through)
+        self._auth_failures: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
+        self._last_auth_warning = 0.0
+        self._auth_failures_since_warning = 0
         #: One op table per credential level (``build_tables``).
         self.tables: dict[Credential, dict[int, _Entry]] = {}
         self.requests_total = 0
@@ -268,8 +288,10 @@ class Service:
         return entry[1](cast(FrameProtocol, conn), msg[1], entry[0](msg, self.limits))
 
     def initial_level(self) -> Credential:
-        """The credential level a new connection starts at."""
-        return Credential.NONE if self.auth_token is not None else Credential.CLUSTER
+        """The credential level a new connection starts at (see the module note)."""
+        if self.auth_token is not None:
+            return Credential.NONE
+        return Credential.CLIENT if self.secret is not None else Credential.CLUSTER
 
     def check_token(self, token: str | None) -> bool:
         """Constant-time comparison of a HELLO token with the configured one."""
@@ -280,16 +302,87 @@ class Service:
         return hmac.compare_digest(token.encode(), self.auth_token.encode())
 
     def hello(self, conn: FrameProtocol, rid: int, args: tuple[int, str | None, str | None]) -> Any:
-        """HELLO: check the protocol version and the token, raise the connection's credential."""
+        """HELLO: check the protocol version and the token, raise the connection's credential.
+
+        A HELLO without a token on a connection that already has one (a
+        peer's health check) keeps its credential. On a node with a cluster
+        secret the answer carries a fresh ``nonce`` for AUTH.
+        """
         version, token, name = args
         if version != PROTOCOL_VERSION:
             raise HandshakeError(f"protocol version {version!r} is not supported (this server speaks {PROTOCOL_VERSION})")
-        if self.auth_token is not None:
+        if self.auth_token is not None and not (token is None and conn.level > Credential.NONE):
+            self._gate(conn)
             if not self.check_token(token):
+                self._failed_auth(conn, "wrong auth token")
                 raise AuthError("invalid auth token")
-            conn.grant(Credential.CLUSTER)
+            if conn.level < Credential.CLIENT:
+                conn.grant(Credential.CLIENT if self.secret is not None else Credential.CLUSTER)
         conn.client_name = name
-        return self.hello_result()
+        result = self.hello_result()
+        if self.secret is not None:
+            conn.nonce = result["nonce"] = new_nonce()
+        return result
+
+    def auth(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes]) -> Any:
+        """AUTH: the peer proves the cluster secret over this connection's nonce; answer this node's proof."""
+        client_nonce, proof = args
+        secret = self.secret
+        if secret is None:
+            raise AuthError("this node has no cluster secret (start it with --cluster-secret-file)")
+        server_nonce = conn.nonce
+        if server_nonce is None:
+            raise HandshakeError("send HELLO first: its answer carries the nonce to prove the cluster secret over")
+        self._gate(conn)
+        conn.nonce = None  # one proof per nonce
+        if not proofs_match(client_proof(secret, server_nonce, client_nonce), proof):
+            self._failed_auth(conn, "wrong cluster secret proof")
+            raise AuthError("the proof of the cluster secret is wrong")
+        conn.grant(Credential.CLUSTER)
+        return server_proof(secret, client_nonce, server_nonce)
+
+    # -- brute force --------------------------------------------------------------
+
+    def _gate(self, conn: FrameProtocol) -> None:
+        """Refuse a token or proof check from an address with too many recent failures (one per second)."""
+        addr = _host_of(conn.peer)
+        entry = self._auth_failures.get(addr)
+        if entry is None:
+            return
+        failures, last_failure, last_check = entry
+        now = time.monotonic()
+        if now - last_failure > AUTH_PENALTY_S:
+            del self._auth_failures[addr]
+            return
+        if failures >= AUTH_FAILURES_PER_ADDRESS:
+            if now - last_check < 1.0 / AUTH_CHECKS_PER_S:
+                self.auth_throttled += 1
+                raise AuthError(f"too many failed attempts from {addr}: at most {AUTH_CHECKS_PER_S} per second")
+            self._auth_failures[addr] = (failures, last_failure, now)
+
+    def _failed_auth(self, conn: FrameProtocol, why: str) -> None:
+        """Count a failed token or proof; close the connection after a few; remember the address."""
+        self.auth_failures += 1
+        conn.auth_failures += 1
+        addr = _host_of(conn.peer)
+        now = time.monotonic()
+        failures, _, last_check = self._auth_failures.pop(addr, (0, now, 0.0))
+        self._auth_failures[addr] = (failures + 1, now, last_check)
+        while len(self._auth_failures) > AUTH_ADDRESSES:
+            self._auth_failures.popitem(last=False)
+        self._auth_failures_since_warning += 1
+        if now - self._last_auth_warning >= _WARN_EVERY_S:
+            log.warning(
+                "authentication failed from %s: %s (%d failure(s) in the last %.0f s)",
+                addr,
+                why,
+                self._auth_failures_since_warning,
+                now - self._last_auth_warning if self._last_auth_warning else 0.0,
+            )
+            self._last_auth_warning = now
+            self._auth_failures_since_warning = 0
+        if conn.auth_failures >= AUTH_FAILURES_PER_CONNECTION:
+            asyncio.get_running_loop().call_soon(conn.abort_with, AuthError("too many failed attempts on this connection"))
 
     def hello_result(self) -> dict[str, Any]:
         """What HELLO answers."""
@@ -306,7 +399,20 @@ class Service:
     # -- listening ----------------------------------------------------------------
 
     async def listen(self, host: str, port: int) -> asyncio.base_events.Server:
-        """Build the op tables, bind the listener and start the sweeper."""
+        """Check protected mode, build the op tables, bind the listener and start the sweeper.
+
+        Raises:
+            ConfigError: ``host`` reaches beyond this machine and the node has
+                neither a client token nor a cluster secret (protected mode),
+                unless ``--insecure``.
+        """
+        protected_mode(
+            host,
+            self.auth_token is not None or self.secret is not None,
+            self.settings.insecure,
+            self.role,
+            "--auth-token or --cluster-secret-file",
+        )
         if not self.tables:
             self.build_tables()
         loop = asyncio.get_running_loop()
@@ -459,6 +565,8 @@ class Service:
             "frame_timeouts": self.frame_timeouts,
             "input_overflows": self.input_overflows,
             "versions_refused": self.versions_refused,
+            "auth_failures": self.auth_failures,
+            "auth_throttled": self.auth_throttled,
             "buffered_input_bytes": self.buffered_input,
         }
 
@@ -488,6 +596,8 @@ class FrameProtocol(asyncio.Protocol):
         "client_name",
         "_closing_error",
         "watch",
+        "nonce",
+        "auth_failures",
     )
 
     def __init__(self, service: Service) -> None:
@@ -521,6 +631,9 @@ class FrameProtocol(asyncio.Protocol):
         self._closing_error: RemoteProtocolError | None = None
         #: Whether an answer leaving must be looked at (throttled, closing, or the node shutting down).
         self.watch = False
+        #: The nonce of the last HELLO answer, until an AUTH uses it.
+        self.nonce: bytes | None = None
+        self.auth_failures = 0
         self.grant(service.initial_level())
 
     def grant(self, level: Credential) -> None:
@@ -882,6 +995,13 @@ class FrameProtocol(asyncio.Protocol):
             transport.close()
 
 
+def _host_of(peer: Any) -> str:
+    """The address part of a peer name (``(host, port, ...)`` for TCP)."""
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer)
+
+
 def _refusal(conn: FrameProtocol, msg: Any) -> ServerError:
     """Why a request found no entry in its connection's op table."""
     if msg.__class__ is not list or len(msg) < 2:
@@ -890,6 +1010,8 @@ def _refusal(conn: FrameProtocol, msg: Any) -> ServerError:
     if op.__class__ is not int:
         return BadArgumentsError("a request is an array [op: int, request_id: int, *args]")
     if op in conn._service.handlers:
+        if conn.level >= Credential.CLIENT:
+            return AuthError(f"{OPS[op].name} is a cluster op: prove the cluster secret with AUTH first (a client token never grants it)")
         return AuthError("authentication required: send HELLO with the auth token first")
     return UnknownOpError(f"unknown op {op!r}")
 
