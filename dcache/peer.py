@@ -20,11 +20,12 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
-from .errors import HandshakeError, RemoteProtocolError, Status, error_from_status
+from .errors import AuthError, HandshakeError, RemoteProtocolError, Status, error_from_status
 from .net import nodelay
 from .protocol import PROTOCOL_VERSION, FrameDecoder, Op, RequestTable, pack, queue_frame
+from .protocol.auth import prove
 
-__all__ = ["Callback", "PeerConnection", "answer_to", "open_peer"]
+__all__ = ["Callback", "PeerConnection", "answer_to", "handshake", "open_peer"]
 
 log = logging.getLogger("dcache.peer")
 
@@ -205,6 +206,37 @@ def answer_to(fut: asyncio.Future[Any]) -> Callback:
     return done
 
 
+async def handshake(
+    conn: PeerConnection,
+    *,
+    name: str,
+    auth_token: str | None,
+    client_name: str,
+    secret: bytes | None,
+    timeout: float,
+    expect_role: str | None = None,
+) -> dict[str, Any]:
+    """HELLO, then (with a cluster secret) AUTH both ways, on a new connection; return the HELLO answer.
+
+    Raises:
+        ServerError: HELLO or AUTH was refused (``AuthError``, ``HandshakeError``...).
+        AuthError: the peer has no cluster secret, or did not prove it; or it
+            has one and ``secret`` is ``None``.
+        HandshakeError: the peer is not a ``expect_role`` node.
+        TimeoutError: an answer took longer than ``timeout``.
+    """
+    info = await conn.call(Op.HELLO, PROTOCOL_VERSION, auth_token, client_name, timeout=timeout)
+    if not isinstance(info, dict):
+        raise HandshakeError(f"{name} answered HELLO with {type(info).__name__}, not a map")
+    if expect_role is not None and info.get("role") != expect_role:
+        raise HandshakeError(f"{name} is not a {expect_role} (it says it is {info.get('role')!r})")
+    if secret is not None:
+        await prove(lambda nonce, proof: conn.call(Op.AUTH, nonce, proof, timeout=timeout), info, secret, name)
+    elif "nonce" in info:
+        raise AuthError(f"{name} has a cluster secret and this node has none (start it with --cluster-secret-file)")
+    return info
+
+
 async def open_peer(
     host: str,
     port: int,
@@ -214,24 +246,22 @@ async def open_peer(
     client_name: str,
     timeout: float,
     expect_role: str | None = None,
+    secret: bytes | None = None,
 ) -> PeerConnection:
-    """Connect to another daemon and perform HELLO; the connection's ``server_info`` holds the answer.
+    """Connect to another daemon and ``handshake``; the connection's ``server_info`` holds the HELLO answer.
 
     Raises:
-        TimeoutError: connect plus HELLO took longer than ``timeout``.
+        TimeoutError: connect plus handshake took longer than ``timeout``.
         OSError: the TCP connection failed.
-        ServerError: HELLO was refused (``AuthError``, ``HandshakeError``...).
-        HandshakeError: the peer is not a ``expect_role`` node.
+        ServerError: HELLO or AUTH was refused (``AuthError``, ``HandshakeError``...).
     """
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         _, conn = await loop.create_connection(lambda: PeerConnection(name), host, port)
         try:
-            info = await conn.call(Op.HELLO, PROTOCOL_VERSION, auth_token, client_name, timeout=timeout)
-            if not isinstance(info, dict):
-                raise HandshakeError(f"{name} answered HELLO with {type(info).__name__}, not a map")
-            if expect_role is not None and info.get("role") != expect_role:
-                raise HandshakeError(f"{host}:{port} is not a {expect_role} (it says it is {info.get('role')!r})")
+            info = await handshake(
+                conn, name=name, auth_token=auth_token, client_name=client_name, secret=secret, timeout=timeout, expect_role=expect_role
+            )
         except BaseException:
             conn.close()
             raise

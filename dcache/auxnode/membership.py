@@ -17,6 +17,7 @@ from typing import Any
 
 from ..address import format_address, parse_address
 from ..config import AuxConfig
+from ..errors import AuthError, HandshakeError
 from ..peer import PeerConnection, open_peer
 from ..protocol import Op
 
@@ -53,6 +54,9 @@ class JoinAgent:
         #: The epoch the last accepted JOIN answered (0: never admitted).
         self.epoch = epoch
         self._on_epoch = on_epoch
+        self._secret = config.secret()
+        #: The last credential refusal logged (logged once until it changes).
+        self._auth_warned: str | None = None
 
     def start(self) -> None:
         """Start announcing in the background."""
@@ -69,6 +73,7 @@ class JoinAgent:
                 client_name=f"aux:{self.node_id}",
                 timeout=2.0,
                 expect_role="master",
+                secret=self._secret,
             )
         return await self._conn.call(op, *args, timeout=timeout)
 
@@ -81,6 +86,12 @@ class JoinAgent:
                 epoch = await self._call(Op.JOIN, self.node_id, host, port, self.config.weight, self.epoch, timeout=15.0)
             except asyncio.CancelledError:
                 raise
+            except (AuthError, HandshakeError) as exc:
+                if str(exc) != self._auth_warned:
+                    self._auth_warned = str(exc)
+                    log.warning("master %s:%s refused this node's credentials: %s; retrying", *self._master, exc)
+                await asyncio.sleep(_RETRY_S)
+                continue
             except Exception as exc:
                 if self.joined.is_set():
                     log.info("re-announcing to master %s:%s failed: %s", *self._master, exc)

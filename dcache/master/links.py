@@ -38,9 +38,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import HandshakeError, Status, error_from_status
-from ..peer import Callback, PeerConnection, answer_to
-from ..protocol import PROTOCOL_VERSION, Op
+from ..errors import AuthError, Status
+from ..peer import Callback, PeerConnection, answer_to, handshake
+from ..protocol import Op
 
 __all__ = ["AuxLink", "ConnectionFactory"]
 
@@ -74,6 +74,8 @@ class AuxLink:
         "_timeout",
         "_suspect_after",
         "_auth_token",
+        "_secret",
+        "auth_error",
         "_factory",
         "_conns",
         "_rr",
@@ -104,10 +106,11 @@ class AuxLink:
         timeout: float = 2.0,
         suspect_after: float = 0.5,
         auth_token: str | None = None,
+        secret: bytes | None = None,
         on_restart: Callable[[str], None] | None = None,
         on_recover: Callable[[str], None] | None = None,
         on_answers: Callable[[], None] | None = None,
-        factory: ConnectionFactory = _tcp_connection,
+        factory: ConnectionFactory | None = None,
     ) -> None:
         self.node_id = node_id
         self.host = host
@@ -116,7 +119,11 @@ class AuxLink:
         self._timeout = timeout
         self._suspect_after = min(suspect_after, timeout)
         self._auth_token = auth_token
-        self._factory = factory
+        #: The cluster secret the aux node must prove (``None``: no proof asked).
+        self._secret = secret
+        #: Why the last connection attempt was refused on credentials (for RING), if it was.
+        self.auth_error: str | None = None
+        self._factory = factory or _tcp_connection
         self._conns: list[PeerConnection] = []
         self._rr = 0
         self._sweeper: asyncio.Task[None] | None = None
@@ -183,27 +190,20 @@ class AuxLink:
             self._connector = asyncio.ensure_future(self._connect_loop())
 
     async def _open(self) -> PeerConnection:
-        loop = asyncio.get_running_loop()
         proto = await asyncio.wait_for(self._factory(self.host, self.port, self.node_id, self._on_answers), self._timeout)
-        fut: asyncio.Future[Any] = loop.create_future()
-
-        def on_hello(status: int, result: Any) -> None:
-            if not fut.done():
-                fut.set_result((status, result))
-
-        proto.send(Op.HELLO, (PROTOCOL_VERSION, self._auth_token, "dcache-master"), on_hello, loop.time() + self._timeout)
-        proto.flush_now()
         try:
-            status, result = await asyncio.wait_for(fut, self._timeout)
+            result = await handshake(
+                proto,
+                name=f"aux node {self.node_id} at {self.host}:{self.port}",
+                auth_token=self._auth_token,
+                client_name="dcache-master",
+                secret=self._secret,
+                timeout=self._timeout,
+                expect_role="aux",
+            )
         except BaseException:
             proto.close()
             raise
-        if status != 0:
-            proto.close()
-            raise error_from_status(status, str(result))
-        if not isinstance(result, dict) or result.get("role") != "aux":
-            proto.close()
-            raise HandshakeError(f"{self.host}:{self.port} is not an aux node ({result!r})")
         incarnation = result.get("incarnation")
         proto.incarnation = incarnation if type(incarnation) is int else None
         return proto
@@ -220,10 +220,16 @@ class AuxLink:
             except Exception as exc:
                 self._failures += 1
                 delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** min(self._failures, 10)) * random.uniform(0.5, 1.0)
+                if isinstance(exc, AuthError):
+                    self.auth_error = exc.message
                 if self._failures in (1, 10) or self._failures % 100 == 0:
-                    log.info("cannot connect to aux %s at %s:%s (%s); retrying", self.node_id, self.host, self.port, exc)
+                    if isinstance(exc, AuthError):
+                        log.warning("not routing to aux %s at %s:%s: %s", self.node_id, self.host, self.port, exc.message)
+                    else:
+                        log.info("cannot connect to aux %s at %s:%s (%s); retrying", self.node_id, self.host, self.port, exc)
                 await asyncio.sleep(delay)
                 continue
+            self.auth_error = None
             if self._closed:
                 proto.close()
                 return

@@ -625,6 +625,7 @@ class Follower(Membership):
         self._reconcile: set[str] = set()
         self.last_sync_ms = 0
         self.coordinator_error: str | None = "not contacted yet"
+        self._secret = config.secret()
 
     async def start(self) -> None:
         try:
@@ -644,6 +645,7 @@ class Follower(Membership):
                 client_name="dcache-follower",
                 timeout=2.0,
                 expect_role="master",
+                secret=self._secret,
             )
         return self._conn
 

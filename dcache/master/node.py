@@ -98,10 +98,11 @@ class MasterNode(Service):
                     timeout=cfg.aux_timeout,
                     suspect_after=cfg.suspect_after,
                     auth_token=cfg.auth_token,
+                    secret=self.secret,
                     on_restart=self.membership.on_aux_restart,
                     on_recover=self.router.on_recover,
                     on_answers=self.flush_all,
-                    **({"factory": self._connect} if self._connect is not None else {}),
+                    factory=self._connect,
                 )
                 if self.server is not None:
                     link.start()
@@ -281,6 +282,7 @@ class MasterNode(Service):
                     "answering": node_id in per_node,
                     "suspected": link.suspect if link is not None else False,
                     "hints": hints.get(node_id, {}).get("hints", 0),
+                    "auth_error": link.auth_error if link is not None else None,
                 }
             )
         return {
