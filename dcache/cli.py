@@ -26,7 +26,7 @@ from dataclasses import fields
 from typing import Any
 
 from . import __version__
-from .config import AuxConfig, HttpConfig, MasterConfig, field_default, load_config
+from .config import AuxConfig, HttpConfig, MasterConfig, field_default, load_config, read_secret
 from .errors import ClientError, ConfigError, ServerError
 
 __all__ = ["main", "EXIT_OK", "EXIT_MISSING", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_SERVER_ERROR"]
@@ -89,7 +89,7 @@ def _setup_logging(level: str) -> None:
 
 def _print_config(config: Any) -> int:
     shown = {f.name: getattr(config, f.name) for f in fields(config)}
-    for secret in ("auth_token",):
+    for secret in ("auth_token", "cluster_secret", "http_token"):
         if shown.get(secret):
             shown[secret] = "<redacted>"
     print(json.dumps(shown, indent=2))
@@ -166,6 +166,20 @@ def _add_addr(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("DCACHE_AUTH_TOKEN"),
         help="auth token for HELLO (env DCACHE_AUTH_TOKEN)",
     )
+
+
+def _add_secret(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cluster-secret-file",
+        default=os.environ.get("DCACHE_CLUSTER_SECRET_FILE"),
+        metavar="FILE",
+        help="file holding the cluster secret, which this command proves to read or write aux nodes directly "
+        "(env DCACHE_CLUSTER_SECRET_FILE, or DCACHE_CLUSTER_SECRET for the secret itself)",
+    )
+
+
+def _secret(args: argparse.Namespace) -> bytes | None:
+    return read_secret(args.cluster_secret_file, os.environ.get("DCACHE_CLUSTER_SECRET"))
 
 
 def _run_tool(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
@@ -267,6 +281,9 @@ def _format_ring(info: dict[str, Any]) -> str:
         items = "-" if n["items"] is None else str(n["items"])
         nbytes = "-" if n["bytes"] is None else str(n["bytes"])
         lines.append(f"{n['node_id']:<16} {n['addr']:<22} {n['state']:<8} {share:>7} {items:>10} {nbytes:>12}  {n['connected']}")
+    for n in info["nodes"]:
+        if n.get("auth_error"):
+            lines.append(f"NOT ROUTED: {n['node_id']} refused this master's credentials: {n['auth_error']}")
     membership = info["membership"]
     mig = membership.get("migration")
     if mig:
@@ -313,7 +330,12 @@ def _cmd_ring(args: argparse.Namespace) -> int:
 def _cmd_dump(args: argparse.Namespace) -> int:
     from .tools.dump import dump_cluster
 
-    return _run_coro(args, dump_cluster(args.addr.split(",")[0], args.out, timeout=args.timeout, auth_token=args.auth_token))
+    return _run_coro(
+        args,
+        lambda: dump_cluster(
+            args.addr.split(",")[0], args.out, timeout=args.timeout, auth_token=args.auth_token, cluster_secret=_secret(args)
+        ),
+    )
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
@@ -322,15 +344,23 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     if args.batch < 1:
         print("dcache restore: --batch must be at least 1", file=sys.stderr)
         return EXIT_USAGE
-    return _run_coro(args, restore_cluster(args.addr, args.infile, batch=args.batch, timeout=args.timeout, auth_token=args.auth_token))
+    return _run_coro(
+        args,
+        lambda: restore_cluster(
+            args.addr, args.infile, batch=args.batch, timeout=args.timeout, auth_token=args.auth_token, cluster_secret=_secret(args)
+        ),
+    )
 
 
-def _run_coro(args: argparse.Namespace, coro: Coroutine[Any, Any, dict[str, Any]]) -> int:
-    """Run a dump/restore coroutine, print its summary, map errors onto exit codes."""
+def _run_coro(args: argparse.Namespace, make: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> int:
+    """Run the dump/restore coroutine ``make()``, print its summary, map errors onto exit codes."""
     from .lru.snapshot import SnapshotError
 
     try:
-        summary = asyncio.run(coro)
+        summary = asyncio.run(make())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except SnapshotError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -520,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_addr(p)
     p.add_argument("--out", required=True, help="file to write (replaced atomically when complete)")
+    _add_secret(p)
     p.set_defaults(func=_cmd_dump)
 
     p = sub.add_parser(
@@ -532,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_addr(p)
     p.add_argument("--in", dest="infile", required=True, help="file written by dcache dump")
     p.add_argument("--batch", type=int, default=500, help="entries per APPLY request (default: 500)")
+    _add_secret(p)
     p.set_defaults(func=_cmd_restore)
 
     p = sub.add_parser(

@@ -36,7 +36,7 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from ..address import format_address
 from ..errors import (
@@ -132,7 +132,7 @@ class Client:
         **options: the other fields of ``ClientConfig`` (``timeout``,
             ``connect_timeout``, ``acquire_timeout``, ``min_connections``,
             ``max_connections``, ``max_in_flight``, ``auth_token``,
-            ``client_name``, ``limits``, ``retries``, ``backoff_max``), each
+            ``cluster_secret``, ``client_name``, ``limits``, ``retries``, ``backoff_max``), each
             documented there.
 
     Raises:
@@ -260,6 +260,7 @@ class Client:
                     limits=config.limits,
                     connect_timeout=config.connect_timeout,
                     auth_token=config.auth_token,
+                    cluster_secret=cast("bytes | None", config.cluster_secret),
                     client_name=config.client_name,
                 )
 

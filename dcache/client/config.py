@@ -36,6 +36,10 @@ class ClientConfig:
         max_connections: most connections per endpoint.
         max_in_flight: most concurrent requests per connection.
         auth_token: token sent in HELLO, if the servers require one.
+        cluster_secret: the cluster secret (bytes, or text taken as UTF-8),
+            proved with AUTH on every connection for the cluster credential
+            (tools that read aux nodes directly: dump, restore); ``None`` for
+            applications, which need only the client credential.
         client_name: name sent in HELLO (servers may log it).
         limits: when given, key and value sizes are checked before sending
             and ``limits.max_frame_bytes`` bounds one answer; otherwise the
@@ -59,6 +63,7 @@ class ClientConfig:
     max_connections: int = 4
     max_in_flight: int = 64
     auth_token: str | None = None
+    cluster_secret: bytes | str | None = field(default=None, repr=False)
     client_name: str | None = "dcache-py"
     limits: Limits | None = None
     retries: int = 2
@@ -86,6 +91,10 @@ class ClientConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name}: must be a string or None, not {type(value).__name__}")
+        if isinstance(self.cluster_secret, str):
+            set_(self, "cluster_secret", self.cluster_secret.encode())
+        elif self.cluster_secret is not None and not isinstance(self.cluster_secret, bytes):
+            raise ConfigError(f"cluster_secret: must be bytes, a string or None, not {type(self.cluster_secret).__name__}")
         if self.limits is not None and not isinstance(self.limits, Limits):
             raise ConfigError(f"limits: must be a dcache.protocol.Limits or None, not {type(self.limits).__name__}")
 

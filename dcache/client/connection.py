@@ -34,6 +34,7 @@ from typing import Any, cast
 from ..errors import HandshakeError, RemoteProtocolError, ServerError, error_from_status
 from ..net import nodelay
 from ..protocol import CONNECTION_REQUEST_ID, PROTOCOL_VERSION, FrameDecoder, Limits, Op, RequestTable, encode_request
+from ..protocol.auth import prove
 
 __all__ = ["ClientConnection", "open_connection"]
 
@@ -363,8 +364,9 @@ async def open_connection(
     auth_token: str | None = None,
     client_name: str | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
+    cluster_secret: bytes | None = None,
 ) -> ClientConnection:
-    """Connect to a dcache server and perform HELLO.
+    """Connect to a dcache server and perform HELLO (and AUTH, given ``cluster_secret``).
 
     Args:
         host: server host name or address.
@@ -374,6 +376,8 @@ async def open_connection(
         auth_token: token sent in HELLO, if the server requires one.
         client_name: name the server may log for this connection.
         loop: event loop; defaults to the running one.
+        cluster_secret: prove it with AUTH after HELLO for the cluster
+            credential (both sides prove it; see docs/SECURITY.md).
 
     Returns:
         A connected ``ClientConnection`` whose ``server_info`` holds the
@@ -382,7 +386,8 @@ async def open_connection(
     Raises:
         TimeoutError: connect plus HELLO took longer than ``connect_timeout``.
         OSError: the TCP connection failed (e.g. ``ConnectionRefusedError``).
-        AuthError: the server rejected ``auth_token``.
+        AuthError: the server rejected ``auth_token`` or ``cluster_secret``,
+            or did not prove ``cluster_secret`` back.
         HandshakeError: the server does not speak our protocol version, or
             answered HELLO with something that is not a HELLO map.
     """
@@ -395,6 +400,8 @@ async def open_connection(
                 raise HandshakeError(f"HELLO answered {type(info).__name__}, not a map")
             if info.get("version") != PROTOCOL_VERSION:
                 raise HandshakeError(f"server speaks protocol version {info.get('version')!r}, this client {PROTOCOL_VERSION}")
+            if cluster_secret is not None:
+                await prove(lambda nonce, proof: conn.call(Op.AUTH, nonce, proof), info, cluster_secret, f"{host}:{port}")
         except BaseException:
             conn.close()
             raise

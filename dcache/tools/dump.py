@@ -75,8 +75,19 @@ async def _ring(client: Client) -> dict[str, Any]:
         await asyncio.sleep(0.2)
 
 
-async def dump_cluster(addr: str, out: str, *, timeout: float = 30.0, auth_token: str | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Dump every key of the cluster behind master ``addr`` into ``out``; return a summary."""
+async def dump_cluster(
+    addr: str,
+    out: str,
+    *,
+    timeout: float = 30.0,
+    auth_token: str | None = None,
+    cluster_secret: bytes | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Dump every key of the cluster behind master ``addr`` into ``out``; return a summary.
+
+    SCAN on the aux nodes is a cluster op: with a cluster secret set, pass it as ``cluster_secret``.
+    """
     async with Client(addr, timeout=timeout, auth_token=auth_token, client_name="dcache-dump") as client:
         info = await _ring(client)
     ring = HashRing.from_dict(info["ring"])
@@ -97,7 +108,9 @@ async def dump_cluster(addr: str, out: str, *, timeout: float = 30.0, auth_token
     count = 0
     for node_id, ranges in plan.items():
         host, port = parse_address(nodes[node_id]["addr"])
-        conn = await open_connection(host, port, connect_timeout=timeout, auth_token=auth_token, client_name="dcache-dump")
+        conn = await open_connection(
+            host, port, connect_timeout=timeout, auth_token=auth_token, client_name="dcache-dump", cluster_secret=cluster_secret
+        )
         try:
             cursor = 0
             while True:
@@ -130,15 +143,25 @@ async def dump_cluster(addr: str, out: str, *, timeout: float = 30.0, auth_token
 
 
 async def restore_cluster(
-    addr: str, infile: str, *, batch: int = 500, timeout: float = 30.0, auth_token: str | None = None, quiet: bool = False
+    addr: str,
+    infile: str,
+    *,
+    batch: int = 500,
+    timeout: float = 30.0,
+    auth_token: str | None = None,
+    cluster_secret: bytes | None = None,
+    quiet: bool = False,
 ) -> dict[str, Any]:
-    """Restore ``infile`` into the cluster behind master ``addr``; return a summary."""
+    """Restore ``infile`` into the cluster behind master ``addr``; return a summary.
+
+    APPLY is a cluster op: with a cluster secret set, pass it as ``cluster_secret``.
+    """
     with open(infile, "rb") as f:
         data = load(f, now_ms=time.time_ns() // 1_000_000)
     entries = data.entries
     progress = _Progress("restore", len(entries), quiet)
     applied = 0
-    async with Client(addr, timeout=timeout, auth_token=auth_token, client_name="dcache-restore") as client:
+    async with Client(addr, timeout=timeout, auth_token=auth_token, cluster_secret=cluster_secret, client_name="dcache-restore") as client:
         for start in range(0, len(entries), batch):
             chunk = [list(e) for e in entries[start : start + batch]]
             applied += int(await client.execute(Op.APPLY, chunk))
