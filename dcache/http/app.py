@@ -51,6 +51,7 @@ from one ``ClientConfig`` derived from the ``HttpConfig`` (``client_configs``).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
@@ -61,7 +62,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any, NoReturn
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -548,6 +549,27 @@ class _AnyPath(web.PlainResource):
         return False  # never merged with a route added later for "/"
 
 
+#: Routes served without ``--http-token`` (probes and scrapers; see docs/SECURITY.md).
+OPEN_ROUTES = frozenset({"/health", "/metrics"})
+
+
+def _bearer(token: str) -> Any:
+    """Middleware: every request but ``OPEN_ROUTES`` must carry ``Authorization: Bearer <token>`` (else 401)."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def bearer(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in OPEN_ROUTES:
+            got = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(got, expected):
+                return _error_response(
+                    401, "send 'Authorization: Bearer <token>' (the shim's --http-token)", {"WWW-Authenticate": "Bearer"}
+                )
+        return await handler(request)
+
+    return bearer
+
+
 def create_app(config: HttpConfig) -> web.Application:
     """Build the shim's aiohttp application.
 
@@ -561,7 +583,8 @@ def create_app(config: HttpConfig) -> web.Application:
     Returns:
         The application, not yet started.
     """
-    app = web.Application(client_max_size=config.client_max_size)
+    middlewares = [_bearer(config.http_token)] if config.http_token is not None else []
+    app = web.Application(client_max_size=config.client_max_size, middlewares=middlewares)
     metrics = HttpMetrics()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from ..address import format_address
 from ..config import HttpConfig
 from ..daemon import run, serve
+from ..net import protected_mode
 from .app import METRICS_KEY, create_app
 
 __all__ = ["HttpDaemon", "serve_http", "run_http"]
@@ -49,8 +50,14 @@ class HttpDaemon:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> str:
-        """Start the app (its dcache clients too) and listen; return ``host:port``."""
+        """Start the app (its dcache clients too) and listen; return ``host:port``.
+
+        Raises:
+            ConfigError: ``--host`` reaches beyond this machine without
+                ``--http-token`` (protected mode), unless ``--insecure``.
+        """
         config = self.config
+        protected_mode(config.host, config.http_token is not None, config.insecure, "HTTP shim", "--http-token")
         # Access lines only at debug level: `dcache cluster` shares its terminal with the shim.
         access_log = logging.getLogger("aiohttp.access") if config.log_level.lower() == "debug" else None
         runner = web.AppRunner(
