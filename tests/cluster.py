@@ -93,12 +93,16 @@ def up_nodes(info: dict[str, Any]) -> set[str]:
 
 
 async def wait_ring(
-    addr: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0, what: str = "ring condition"
+    addr: str,
+    predicate: Callable[[dict[str, Any]], bool],
+    timeout: float = 20.0,
+    what: str = "ring condition",
+    auth_token: str | None = None,
 ) -> dict[str, Any]:
     """Poll a master's RING until ``predicate`` holds (bounded)."""
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
-    async with Client(addr, timeout=5.0) as c:
+    async with Client(addr, timeout=5.0, auth_token=auth_token) as c:
         while time.monotonic() < deadline:
             try:
                 last = await c.execute(Op.RING)

@@ -111,7 +111,9 @@ async def test_pass_through_and_counters(echo: Echo, proxy: FaultProxy):
     assert await _roundtrip(reader, writer, payload) == payload
     c = proxy.counters()
     assert c["accepted"] == 1 and c["active"] == 1 and c["mode"] == "pass"
-    assert c["bytes_up"] == c["bytes_down"] == len(payload)
+    # A piece is counted after its write returns, which may be after the echo reached us.
+    await asyncio.to_thread(wait_for, lambda: proxy.counters()["bytes_down"] == len(payload), WAIT_S, 0.02, "the last piece to be counted")
+    assert proxy.counters()["bytes_up"] == len(payload)
     await _close(writer)
     await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == 0, WAIT_S, 0.02, "the link to close")
 
