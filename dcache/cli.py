@@ -28,6 +28,7 @@ from typing import Any
 from . import __version__
 from .config import AuxConfig, HttpConfig, MasterConfig, field_default, load_config, read_secret
 from .errors import ClientError, ConfigError, ServerError
+from .net import protected_mode
 
 __all__ = ["main", "EXIT_OK", "EXIT_MISSING", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_SERVER_ERROR"]
 
@@ -69,7 +70,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the configuration, print it as JSON and exit without starting",
+        help="validate the configuration (protected mode included), print it as JSON and exit without starting",
     )
 
 
@@ -96,10 +97,27 @@ def _print_config(config: Any) -> int:
     return EXIT_OK
 
 
+def _check_protected_mode(config: Any, section: str) -> None:
+    """The protected-mode check the daemon makes before it listens, for ``--check-config``.
+
+    It looks at whether a credential is configured, not at the secret file
+    itself (``--check-config`` may run where that file is not mounted).
+
+    Raises:
+        ConfigError: the daemon would refuse to start (the same one-line message).
+    """
+    if isinstance(config, HttpConfig):
+        protected_mode(config.host, config.http_token is not None, config.insecure, "HTTP shim", "--http-token")
+        return
+    credential = config.auth_token is not None or config.cluster_secret_file is not None or config.cluster_secret is not None
+    protected_mode(config.host, credential, config.insecure, section, "--auth-token or --cluster-secret-file")
+
+
 def _run_role(cls: type, section: str, args: argparse.Namespace, run: Callable[[Any], int]) -> int:
     """Build a role's config from defaults, file, env and flags; check it or run the role."""
     config = _config_from_args(cls, section, args)
     if args.check_config:
+        _check_protected_mode(config, section)
         return _print_config(config)
     _setup_logging(config.log_level)
     return run(config)

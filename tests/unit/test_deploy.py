@@ -15,6 +15,15 @@
   healthy, and differ from the base file in nothing but membership flags;
   ZooKeeper's health check, run against a fake ``nc``, passes only while the
   server serves.
+* Credentials (docs/SECURITY.md), in both compose sets: ``--check-config``
+  applies protected mode (the same refusal as the daemon's, checked here),
+  and every dcache service listens on 0.0.0.0, so each has one; with the env
+  files ``docker/create-secrets.sh`` makes (run into a temp directory, its
+  modes, values and idempotence checked, ``docker/secrets/`` git- and
+  docker-ignored): masters and aux nodes mount the one cluster secret where
+  ``--cluster-secret-file`` points and have the client token, the shim has
+  the client token and its HTTP token and no cluster secret; no credential
+  or ``--insecure`` on a command line or written in a file.
 * ``docker/nginx.conf``: rendered for the local nginx (service names ->
   127.0.0.1, paths -> a temp prefix, the stream module loaded if dynamic),
   ``nginx -t`` accepts it.
@@ -33,19 +42,29 @@
   ensemble's ``ZOO_SERVERS`` names its pods, the ``ZOO_MY_ID`` wrapper (run
   with bash) gives each pod its id, its probes (run against a fake ``nc``)
   keep a quorum-less server alive but not ready, its PDB keeps a quorum.
+* Credentials in both manifest sets: no manifest creates a Secret; every
+  reference names ``dcache-credentials``, none optional; master and aux pods
+  mount its ``cluster-secret`` read-only (group-readable through their
+  fsGroup, nobody else) where ``--cluster-secret-file`` points; every dcache
+  container reads ``auth-token`` into DCACHE_AUTH_TOKEN, the shim
+  ``http-token`` into DCACHE_HTTP_TOKEN; no ``--insecure`` or literal
+  credential in args, env or the ConfigMap.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +74,7 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped, unused-ignore]  # no types-PyYAML in the venv
 
+from dcache.config import read_secret
 from tests.harness import DaemonProcess
 from tests.nginx import NginxProcess, find_nginx, free_port, stream_module_path
 
@@ -64,6 +84,7 @@ DOCKERFILE = DOCKER / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 COMPOSE = DOCKER / "docker-compose.yml"
 COMPOSE_ZK = DOCKER / "docker-compose.zookeeper.yml"
+CREATE_SECRETS = DOCKER / "create-secrets.sh"
 NGINX_CONF = DOCKER / "nginx.conf"
 PROMETHEUS = DOCKER / "prometheus.yml"
 GRAFANA = DOCKER / "grafana"
@@ -77,6 +98,17 @@ HEALTHCHECK_TIMEOUT_S = 15.0
 FIELD_SAMPLES = {"metadata.namespace": "default", "status.podIP": "10.1.2.3", "spec.nodeName": "node-1"}
 SECRET_SAMPLE = "sample-token"
 ANY_ADDRESS = ("0.0.0.0", "::")
+
+# -- credentials (docs/SECURITY.md) --
+#: Where the compose files find their credentials (relative to docker/, git-ignored), made by docker/create-secrets.sh.
+COMPOSE_SECRETS = "./secrets"
+#: The Secret the manifests read, never created by them, and the key of each credential.
+K8S_SECRET = "dcache-credentials"
+K8S_KEYS = {"cluster": "cluster-secret", "client": "auth-token", "http": "http-token"}
+#: Environment variables that hold a credential: never written out in a compose file, manifest or ConfigMap.
+CREDENTIAL_VARS = ("DCACHE_AUTH_TOKEN", "DCACHE_HTTP_TOKEN", "DCACHE_CLUSTER_SECRET")
+#: Flags that would put a credential (or the lack of one) on a command line, where ps and `docker inspect` show it.
+FORBIDDEN_FLAGS = ("--insecure", "--auth-token", "--http-token", "--cluster-secret")
 
 
 # -- running dcache ----------------------------------------------------------------
@@ -369,6 +401,69 @@ def _environment(service: Mapping[str, Any]) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in env.items()}
 
 
+def _env_file_entries(service: Mapping[str, Any]) -> list[str | dict[str, Any]]:
+    """A service's ``env_file`` entries: paths (short syntax) or ``{path, required}`` (long syntax)."""
+    value = service.get("env_file") or []
+    return [value] if isinstance(value, str | dict) else list(value)
+
+
+def _env_files(service: Mapping[str, Any]) -> list[str]:
+    """The paths of a service's ``env_file``, as written (relative to docker/)."""
+    return [str(e["path"] if isinstance(e, dict) else e) for e in _env_file_entries(service)]
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    """A compose env file: ``KEY=VALUE`` lines, blank lines and ``#`` comments skipped, quotes around a value removed."""
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and key.strip(), f"{path.name}: {line!r} is not KEY=VALUE"
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key.strip()] = value
+    return env
+
+
+def _run_create_secrets(target: Path) -> subprocess.CompletedProcess[str]:
+    """``docker/create-secrets.sh TARGET``, run the way docker/README.md says (an executable script)."""
+    res = subprocess.run([str(CREATE_SECRETS), str(target)], capture_output=True, text=True, env=_env({}), timeout=CHECK_TIMEOUT_S)
+    assert res.returncode == 0, f"{CREATE_SECRETS.name} {target} exited {res.returncode}:\n{res.stdout}{res.stderr}"
+    return res
+
+
+@functools.cache
+def _sample_secrets() -> Path:
+    """What docker/secrets/ holds once the operator ran docker/create-secrets.sh: the script, run into a temp directory."""
+    root = Path(tempfile.mkdtemp(prefix="dcache-test-deploy-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    _run_create_secrets(root / "secrets")
+    return root / "secrets"
+
+
+def _in_secrets(path: str) -> str | None:
+    """``path`` (as a compose file writes it) relative to docker/secrets/, or None if it lies elsewhere."""
+    parts = Path(os.path.normpath(path)).parts
+    return str(Path(*parts[1:])) if len(parts) > 1 and parts[0] == os.path.normpath(COMPOSE_SECRETS) else None
+
+
+def _compose_file(path: str) -> Path:
+    """A file a compose file names (relative to docker/); under ./secrets/, the one the script made in the sample."""
+    inside = _in_secrets(path)
+    return _sample_secrets() / inside if inside is not None else COMPOSE.parent / path
+
+
+def _service_env(service: Mapping[str, Any]) -> dict[str, str]:
+    """A container's environment: its env files in order, then ``environment``, which wins (as compose does)."""
+    env: dict[str, str] = {}
+    for path in _env_files(service):
+        env.update(_read_env_file(_compose_file(path)))
+    env.update(_environment(service))
+    return env
+
+
 def _mount_target(volume: str | Mapping[str, Any]) -> str:
     if isinstance(volume, Mapping):
         return str(volume["target"])
@@ -403,7 +498,7 @@ def _checked_compose(mode: str) -> dict[str, Checked]:
         if not _is_dcache(service):
             continue
         assert "entrypoint" not in service, f"{name}: keep the image's ENTRYPOINT (dcache)"
-        items.append(Checked(f"compose service {name}", _command(service), _environment(service)))
+        items.append(Checked(f"compose service {name}", _command(service), _service_env(service)))
     assert items, "no service builds docker/Dockerfile"
     return {c.where.rsplit(" ", 1)[-1]: c for c in _check_all(items)}
 
@@ -548,6 +643,131 @@ def test_compose_zookeeper_healthcheck(compose: dict[str, Any], tmp_path: Path) 
     for state, healthy in (("serving", True), ("no-quorum", False), ("down", False)):
         res = _run_zk_probe(argv, state, zk_env, port, tmp_path)
         assert (res.returncode == 0) == healthy, f"healthcheck {test} with ZooKeeper {state}: exit {res.returncode} {res.stderr}"
+
+
+# -- credentials: compose ------------------------------------------------------------
+
+
+def _secret_mounts(compose: Mapping[str, Any], name: str) -> dict[str, str]:
+    """Container path -> host file of each compose secret service ``name`` mounts (``/run/secrets/NAME`` by default)."""
+    declared = compose.get("secrets") or {}
+    out = {}
+    for entry in compose["services"][name].get("secrets") or []:
+        source = entry if isinstance(entry, str) else entry["source"]
+        target = source if isinstance(entry, str) else entry.get("target", source)
+        assert source in declared, f"{name}: secret {source!r} is not declared under the top-level secrets:"
+        assert "file" in declared[source], f"secret {source}: expected `file:` (a file made by {CREATE_SECRETS.name})"
+        out[target if target.startswith("/") else f"/run/secrets/{target}"] = str(declared[source]["file"])
+    return out
+
+
+def _no_credential_on_display(where: str, argv: Sequence[str], literal_env: Mapping[str, str]) -> None:
+    """No --insecure, no credential on the command line or written out in the file (``literal_env``)."""
+    flags = {a.partition("=")[0] for a in argv}
+    assert "--insecure" not in flags and "DCACHE_INSECURE" not in literal_env, f"{where}: protected mode off (--insecure)"
+    shown = sorted(flags & set(FORBIDDEN_FLAGS))
+    assert not shown, f"{where}: {shown} on the command line, where ps shows it: use the file or the variable"
+    written = sorted(set(literal_env) & set(CREDENTIAL_VARS))
+    assert not written, f"{where}: {written} written in the file: credentials come from {COMPOSE_SECRETS}/ or the Secret {K8S_SECRET}"
+
+
+def test_compose_credentials(compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
+    """Every dcache service has its credentials, from docker/secrets/: masters and aux nodes the one cluster
+    secret (a compose secret mounted where --cluster-secret-file points) and the client token; the shim the
+    client token and its HTTP token, and no cluster secret. --check-config (protected mode included) passed."""
+    services = compose["services"]
+    cluster_secrets = set()
+    for name, c in compose_daemons.items():
+        cfg = c.config
+        _no_credential_on_display(f"compose service {name}", c.argv, _environment(services[name]))
+        assert cfg["insecure"] is False, f"{name}: protected mode must stay on"
+        assert cfg["host"] in ANY_ADDRESS and cfg["auth_token"] == "<redacted>", f"{name}: no client token (DCACHE_AUTH_TOKEN)"
+        for path in _env_files(services[name]):
+            if set(_read_env_file(_compose_file(path))) & set(CREDENTIAL_VARS):
+                assert _in_secrets(path), f"{name}: env_file {path} holds credentials outside {COMPOSE_SECRETS}/ (git-ignored)"
+        optional = [e for e in _env_file_entries(services[name]) if isinstance(e, dict) and e.get("required") is False]
+        assert not optional, f"{name}: optional env files {optional}: without them the service would start with no credential"
+        mounts = _secret_mounts(compose, name)
+        if c.role == "http":
+            assert cfg["http_token"] == "<redacted>", f"{name}: the shim listens on {cfg['host']} without DCACHE_HTTP_TOKEN"
+            assert not mounts, f"{name}: the shim is a client of the masters; it needs no cluster secret ({mounts})"
+            continue
+        path = cfg["cluster_secret_file"]
+        assert path and cfg["cluster_secret"] is None, f"{name}: give the cluster secret as a file (--cluster-secret-file)"
+        assert path in mounts, f"{name}: --cluster-secret-file {path} is not where a compose secret is mounted ({mounts})"
+        assert _in_secrets(mounts[path]), f"{name}: the cluster secret {mounts[path]} is not in {COMPOSE_SECRETS}/ (git-ignored)"
+        cluster_secrets.add(mounts[path])
+        read_secret(str(_compose_file(mounts[path])), None)  # long enough, as the daemon reads it
+    assert len(cluster_secrets) == 1, f"masters and aux nodes must share one cluster secret, got {sorted(cluster_secrets)}"
+
+
+def _named_secrets(mode: str) -> tuple[set[str], set[str]]:
+    """The files under ./secrets/ a compose set names: (mounted as compose secrets, read as env files)."""
+    doc = _load_compose(mode)
+    mounted = {_in_secrets(str(s.get("file", ""))) for s in (doc.get("secrets") or {}).values()}
+    env_files = {_in_secrets(p) for s in doc["services"].values() for p in _env_files(s)}
+    return {m for m in mounted if m}, {e for e in env_files if e}
+
+
+def _git(*args: str) -> subprocess.CompletedProcess[str] | None:
+    """``git -C REPO ARGS``, or None where the repository is no git checkout (or git is missing)."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        return None
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+
+
+def test_compose_secrets_script(tmp_path: Path) -> None:
+    """docker/create-secrets.sh makes every file under ./secrets/ the compose files name, with random values,
+    restrictive modes and readable by the daemons; it keeps existing files; the directory is never committed."""
+    assert os.access(CREATE_SECRETS, os.X_OK), f"{CREATE_SECRETS.name} must be executable (docker/README.md runs it)"
+    target = tmp_path / "secrets"
+    _run_create_secrets(target)
+    made = {p.name: p for p in target.iterdir()}
+    assert target.stat().st_mode & 0o777 == 0o700, f"{target}: mode {target.stat().st_mode & 0o777:o}, expected 0700"
+
+    mounted: set[str] = set()  # compose secrets (bind mounts)
+    env_files: set[str] = set()  # read by the compose CLI
+    for compose_set in COMPOSE_FILES:
+        more_mounted, more_env_files = _named_secrets(compose_set)
+        mounted |= more_mounted
+        env_files |= more_env_files
+    named = mounted | env_files
+    assert named and named == set(made), f"compose files name {sorted(named)} in {COMPOSE_SECRETS}/, the script makes {sorted(made)}"
+
+    values = {}
+    for fname, path in made.items():
+        mode = path.stat().st_mode & 0o777
+        assert not mode & 0o022, f"{fname}: mode {mode:o} lets others write it"
+        if fname in mounted:
+            # A bind mount keeps the host file's owner and mode; the daemon (uid 10001) is "other" there.
+            assert mode & 0o004, f"{fname}: mode {mode:o}: the daemons (uid 10001, not the file's owner) cannot read the mounted file"
+            secret = read_secret(str(path), None)
+            assert secret is not None and re.fullmatch(rb"[0-9a-f]{64}", secret), f"{fname}: expected openssl rand -hex 32"
+            values[fname] = secret.decode()
+        else:
+            assert mode == 0o600, f"{fname}: mode {mode:o}, expected 0600 (only the compose CLI, as the operator, reads it)"
+            env = _read_env_file(path)
+            assert env and set(env) <= set(CREDENTIAL_VARS), f"{fname}: {sorted(env)} are not credential variables"
+            for var, value in env.items():
+                assert re.fullmatch(r"[0-9a-f]{64}", value), f"{fname}: {var} is not openssl rand -hex 32"
+                values[f"{fname}:{var}"] = value
+    assert len(set(values.values())) == len(values), "every credential must be a value of its own"
+
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    _run_create_secrets(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before, "a second run must keep the existing files"
+    other = tmp_path / "other"
+    _run_create_secrets(other)
+    assert all((other / n).read_bytes() != b for n, b in before.items()), "two runs must make different values"
+
+    ignored = [p.strip().rstrip("/") for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")]
+    assert "docker/secrets" in ignored, ".dockerignore must keep docker/secrets out of the build context"
+    paths = [f"docker/secrets/{n}" for n in sorted(made)]
+    check = _git("check-ignore", "--no-index", *paths)
+    if check is not None:
+        assert check.stdout.split() == paths, f"docker/secrets/ must be git-ignored: {check.stdout}{check.stderr}"
+        tracked = _git("ls-files", "docker/secrets")
+        assert tracked is not None and not tracked.stdout.strip(), f"committed credentials: {tracked.stdout if tracked else ''}"
 
 
 # -- nginx -------------------------------------------------------------------------------
@@ -1030,6 +1250,79 @@ def test_k8s_commands_pass_check_config(k8s_daemons: dict[str, PodCheck]) -> Non
         )
 
 
+def _k8s_secret_files(p: PodCheck) -> dict[str, tuple[str, int]]:
+    """Path -> (Secret key, file mode) of each Secret key the container sees as a file (read-only mounts only)."""
+    pod = p.workload["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["secret"] for v in pod.get("volumes") or [] if "secret" in v}
+    out = {}
+    for m in p.container.get("volumeMounts") or []:
+        secret = volumes.get(m["name"])
+        if secret is None:
+            continue
+        assert m.get("readOnly") is True, f"{p.checked.where}: mount the Secret at {m['mountPath']} readOnly"
+        default_mode = int(secret.get("defaultMode", 0o644))
+        items = secret.get("items") or [{"key": k, "path": k} for k in K8S_KEYS.values()]  # no items: every key, by its name
+        for item in items:
+            mode = int(item.get("mode", default_mode))
+            if m.get("subPath"):
+                if item["path"] == m["subPath"]:
+                    out[m["mountPath"]] = (item["key"], mode)
+            else:
+                out[f"{m['mountPath'].rstrip('/')}/{item['path']}"] = (item["key"], mode)
+    return out
+
+
+def test_k8s_credentials(k8s: K8s, k8s_daemons: dict[str, PodCheck]) -> None:
+    """Credentials come from the Secret dcache-credentials, which no manifest creates, and none is optional (no
+    Secret: no pod, rather than an open one). Master and aux pods mount its cluster-secret read-only, readable
+    through the fsGroup and by no one else, where --cluster-secret-file points; every dcache container reads
+    auth-token as DCACHE_AUTH_TOKEN; the shim http-token as DCACHE_HTTP_TOKEN, and mounts no cluster secret.
+    --check-config (protected mode included) passed for every container."""
+    assert not k8s.of("Secret"), f"a Secret in the manifests: `kubectl apply -f` would overwrite the real {K8S_SECRET} with it"
+    for name, cm in k8s.of("ConfigMap").items():
+        _no_credential_on_display(f"ConfigMap {name}", [], {str(k): str(v) for k, v in (cm.get("data") or {}).items()})
+    for name, w in k8s.workloads().items():
+        pod = w["spec"]["template"]["spec"]
+        refs = [v["secret"] | {"name": v["secret"].get("secretName")} for v in pod.get("volumes") or [] if "secret" in v]
+        assert not [v for v in pod.get("volumes") or [] if "projected" in v], f"{name}: projected volumes are not checked here"
+        for c in pod["containers"]:
+            refs += [src["secretRef"] for src in c.get("envFrom") or [] if "secretRef" in src]
+            refs += [v["valueFrom"]["secretKeyRef"] for v in c.get("env") or [] if "secretKeyRef" in v.get("valueFrom", {})]
+        for ref in refs:
+            assert ref["name"] == K8S_SECRET, f"{name}: reads the Secret {ref['name']}, not {K8S_SECRET}"
+            assert not ref.get("optional"), f"{name}: an optional Secret lets the pod start without credentials"
+            assert ref.get("key", K8S_KEYS["client"]) in K8S_KEYS.values(), f"{name}: key {ref.get('key')} is not one of {K8S_KEYS}"
+
+    for name, p in k8s_daemons.items():
+        cfg = p.checked.config
+        literal = {str(v["name"]): str(v["value"]) for v in p.container.get("env") or [] if "value" in v}
+        _no_credential_on_display(name, p.checked.argv, literal)
+        assert cfg["insecure"] is False, f"{name}: protected mode must stay on"
+        from_secret = {
+            v["name"]: v["valueFrom"]["secretKeyRef"]["key"]
+            for v in p.container.get("env") or []
+            if "secretKeyRef" in v.get("valueFrom", {})
+        }
+        want = {"DCACHE_AUTH_TOKEN": K8S_KEYS["client"]}
+        if p.checked.role == "http":
+            want["DCACHE_HTTP_TOKEN"] = K8S_KEYS["http"]
+        assert from_secret == want, f"{name}: takes {from_secret} from the Secret, expected {want}"
+        files = _k8s_secret_files(p)
+        if p.checked.role == "http":
+            assert cfg["http_token"] == "<redacted>", f"{name}: the shim listens on {cfg['host']} without DCACHE_HTTP_TOKEN"
+            assert not files, f"{name}: the shim is a client of the masters; it needs no cluster secret ({files})"
+            continue
+        path = cfg["cluster_secret_file"]
+        assert path and cfg["cluster_secret"] is None, f"{name}: give the cluster secret as a file (--cluster-secret-file)"
+        assert path in files, f"{name}: --cluster-secret-file {path} is not a file of the Secret {K8S_SECRET} ({files})"
+        key, mode = files[path]
+        assert key == K8S_KEYS["cluster"], f"{name}: {path} holds the key {key}, not {K8S_KEYS['cluster']}"
+        security = p.workload["spec"]["template"]["spec"].get("securityContext") or {}
+        assert security.get("runAsNonRoot") and security.get("fsGroup") is not None, f"{name}: non-root with an fsGroup"
+        # The kubelet writes Secret files as root with the fsGroup as their group: the daemon reads them through it.
+        assert mode & 0o040 and not mode & 0o027, f"{name}: {path} mode {mode:o}: readable by the fsGroup, by no one else"
+
+
 def test_k8s_selectors_and_service_ports(k8s: K8s) -> None:
     workloads = k8s.workloads()
     for name, w in workloads.items():
@@ -1285,3 +1578,29 @@ def test_k8s_zookeeper_ensemble(k8s: K8s, tmp_path: Path) -> None:
         assert len(pdbs) == 1, f"{name}: one PodDisruptionBudget expected, got {len(pdbs)}"
         away = pdbs[0].get("maxUnavailable", replicas - pdbs[0].get("minAvailable", 0))
         assert isinstance(away, int) and away <= (replicas - 1) // 2, f"{name}: the PodDisruptionBudget allows losing the quorum"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_check_config_refuses_like_the_daemon(role: str, tmp_path: Path) -> None:
+    """--check-config applies protected mode as the daemon does before it listens (the checks above rely on it):
+    on 0.0.0.0 with no credential, the daemon's one-line refusal and exit code; with one, on loopback or with
+    --insecure, the config."""
+    listen = [role, "--host", "0.0.0.0", "--port", str(free_port())]
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*_dcache(), *argv], capture_output=True, text=True, env=_env({}), timeout=CHECK_TIMEOUT_S)
+
+    daemon = run(*listen)
+    refusal = daemon.stderr.strip().splitlines()[-1] if daemon.stderr.strip() else ""
+    assert daemon.returncode == 2 and "(protected mode)" in refusal, f"dcache {role} on 0.0.0.0 with no credential: {daemon}"
+    check = run(*listen, "--check-config")
+    assert (check.returncode, check.stderr.strip(), check.stdout) == (2, refusal, ""), f"--check-config: {check}"
+
+    secret = tmp_path / "cluster_secret"
+    secret.write_text("s" * 32)
+    credentials = [["--http-token", "t"]] if role == "http" else [["--auth-token", "t"], ["--cluster-secret-file", str(secret)]]
+    for extra in [*credentials, ["--insecure", "true"]]:
+        ok = run(*listen, *extra, "--check-config")
+        assert ok.returncode == 0 and json.loads(ok.stdout)["host"] == "0.0.0.0", f"{extra}: {ok.stderr}"
+    ok = run(role, "--host", "127.0.0.1", "--check-config")
+    assert ok.returncode == 0, f"on loopback no credential is needed: {ok.stderr}"
