@@ -49,6 +49,9 @@
   container reads ``auth-token`` into DCACHE_AUTH_TOKEN, the shim
   ``http-token`` into DCACHE_HTTP_TOKEN; no ``--insecure`` or literal
   credential in args, env or the ConfigMap.
+* The docs (SECURITY.md, OPERATIONS.md, docker/README.md, the ConfigMap's
+  comment) name the same secret files and show ``kubectl create secret
+  generic dcache-credentials`` with exactly the keys the manifests read.
 """
 
 from __future__ import annotations
@@ -109,6 +112,10 @@ K8S_KEYS = {"cluster": "cluster-secret", "client": "auth-token", "http": "http-t
 CREDENTIAL_VARS = ("DCACHE_AUTH_TOKEN", "DCACHE_HTTP_TOKEN", "DCACHE_CLUSTER_SECRET")
 #: Flags that would put a credential (or the lack of one) on a command line, where ps and `docker inspect` show it.
 FORBIDDEN_FLAGS = ("--insecure", "--auth-token", "--http-token", "--cluster-secret")
+#: Docs that show how to create the credentials, and must name the same files and keys as the deployment files.
+SECURITY_MD = REPO / "docs" / "SECURITY.md"
+OPERATIONS_MD = REPO / "docs" / "OPERATIONS.md"
+DOCKER_README = DOCKER / "README.md"
 
 
 # -- running dcache ----------------------------------------------------------------
@@ -1578,6 +1585,49 @@ def test_k8s_zookeeper_ensemble(k8s: K8s, tmp_path: Path) -> None:
         assert len(pdbs) == 1, f"{name}: one PodDisruptionBudget expected, got {len(pdbs)}"
         away = pdbs[0].get("maxUnavailable", replicas - pdbs[0].get("minAvailable", 0))
         assert isinstance(away, int) and away <= (replicas - 1) // 2, f"{name}: the PodDisruptionBudget allows losing the quorum"
+
+
+# -- credentials: docs ---------------------------------------------------------------
+
+
+def _k8s_secret_keys() -> set[str]:
+    """The keys of the Secret the manifests of every mode read."""
+    keys = set()
+    for files in K8S_FILES.values():
+        for doc in (d for f in files for d in yaml.safe_load_all(f.read_text()) if d and d["kind"] in WORKLOADS):
+            pod = doc["spec"]["template"]["spec"]
+            for v in pod.get("volumes") or []:
+                keys |= {i["key"] for i in (v.get("secret") or {}).get("items") or []}
+            for c in pod["containers"]:
+                keys |= {v["valueFrom"]["secretKeyRef"]["key"] for v in c.get("env") or [] if "secretKeyRef" in v.get("valueFrom", {})}
+    return keys
+
+
+_KUBECTL_CREATE_SECRET = re.compile(r"kubectl create secret generic (?P<name>[\w.-]+)(?P<args>[^\n]*)")
+
+
+def test_credentials_docs_match_the_files() -> None:
+    """The docs name the files docker/create-secrets.sh makes and the compose files read, and every
+    `kubectl create secret generic` they show creates the Secret the manifests read, with exactly its keys."""
+    compose_files = {f"docker/secrets/{f}" for mode in COMPOSE_FILES for named in _named_secrets(mode) for f in named}
+    for path in (SECURITY_MD, DOCKER_README, OPERATIONS_MD):
+        text = path.read_text()
+        assert "docker/create-secrets.sh" in text, f"{path.name}: say how the compose credentials are made"
+        mentioned = set(re.findall(r"docker/secrets/[\w.]+\w", text))
+        assert mentioned <= compose_files, f"{path.name} names {sorted(mentioned - compose_files)}, which compose does not read"
+        if path != OPERATIONS_MD:
+            assert mentioned == compose_files, f"{path.name}: name every credential file: {sorted(compose_files - mentioned)}"
+
+    keys = _k8s_secret_keys()
+    assert keys == set(K8S_KEYS.values()), f"the manifests read the keys {sorted(keys)}, expected {sorted(K8S_KEYS.values())}"
+    for path in (SECURITY_MD, OPERATIONS_MD, K8S / "configmap.yaml"):
+        text = re.sub(r"\\\n[#\s]*", " ", path.read_text())  # join continued lines (in comments too)
+        commands = list(_KUBECTL_CREATE_SECRET.finditer(text))
+        assert commands, f"{path.name}: show the kubectl create secret generic {K8S_SECRET} command"
+        for m in commands:
+            assert m["name"] == K8S_SECRET, f"{path.name}: creates the Secret {m['name']}, the manifests read {K8S_SECRET}"
+            given = set(re.findall(r"--from-(?:literal|file)=([\w.-]+)=", m["args"]))
+            assert given == keys, f"{path.name}: the command gives the keys {sorted(given)}, the manifests read {sorted(keys)}"
 
 
 @pytest.mark.parametrize("role", ROLES)
