@@ -26,6 +26,7 @@ from .address import format_address, parse_address
 from .errors import ConfigError
 from .hlc import DEFAULT_MAX_SKEW_MS
 from .protocol import MAX_BATCH_KEYS, MAX_FRAME_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, Limits
+from .tls import DEFAULT_HANDSHAKE_TIMEOUT_S, TlsContexts, check_tls_settings
 
 __all__ = [
     "MIN_SECRET_CHARS",
@@ -216,6 +217,31 @@ class NodeConfig:
     metrics_port: int | None = opt(
         None, "serve Prometheus metrics at http://HOST:PORT/metrics on --host (none: off; 0 picks a free port)", _opt(_int), "PORT"
     )
+    tls_cert: str | None = opt(
+        None,
+        "PEM certificate (leaf first, then its chain): the port serves TLS only, and every connection this node opens "
+        "to another node is TLS with this certificate as its client certificate; needs --tls-key and --tls-ca; "
+        "reloaded on SIGHUP",
+        _opt_str,
+        "FILE",
+    )
+    tls_key: str | None = opt(None, "PEM private key of --tls-cert, unencrypted (chmod 600); reloaded on SIGHUP", _opt_str, "FILE")
+    tls_ca: str | None = opt(
+        None,
+        "PEM certificate(s) of the CA that signed the cluster's certificates: the nodes this node connects to, and "
+        "clients with --tls-client-auth, are verified against it (host names are not checked between nodes)",
+        _opt_str,
+        "FILE",
+    )
+    tls_client_auth: bool = opt(
+        False,
+        "mutual TLS: refuse every connection (clients and other nodes alike) without a certificate signed by --tls-ca",
+        parse_bool,
+        "BOOL",
+    )
+    tls_handshake_timeout: float = opt(
+        DEFAULT_HANDSHAKE_TIMEOUT_S, "close a connection whose TLS handshake is not done within this many seconds", _float, "S"
+    )
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
@@ -235,6 +261,19 @@ class NodeConfig:
             raise ConfigError(f"max_frame_bytes: {exc}") from None
         if self.cluster_secret_file and self.cluster_secret:
             raise ConfigError("cluster_secret: give the cluster secret in one place (--cluster-secret-file or DCACHE_CLUSTER_SECRET)")
+        check_tls_settings(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth, daemon=True)
+        if not self.tls_handshake_timeout > 0:
+            raise ConfigError(f"tls_handshake_timeout: must be positive, got {self.tls_handshake_timeout!r}")
+
+    def tls(self) -> TlsContexts | None:
+        """This node's TLS contexts (its listener's and its links'), read from the files; ``None`` without ``tls_cert``.
+
+        Raises:
+            ConfigError: a file cannot be read, is not PEM, or the key does not match the certificate.
+        """
+        if self.tls_cert is None:
+            return None
+        return TlsContexts(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca, client_auth=self.tls_client_auth)
 
     def secret(self) -> bytes | None:
         """The cluster secret (``read_secret`` of ``cluster_secret_file`` and ``cluster_secret``); ``None`` if neither.
@@ -477,16 +516,45 @@ class HttpConfig:
         _int,
         "N",
     )
+    tls_cert: str | None = opt(
+        None,
+        "PEM certificate (leaf first, then its chain): the shim serves HTTPS only, and presents it as its client "
+        "certificate to masters that ask (mutual TLS); needs --tls-key; reloaded on SIGHUP",
+        _opt_str,
+        "FILE",
+    )
+    tls_key: str | None = opt(None, "PEM private key of --tls-cert, unencrypted (chmod 600); reloaded on SIGHUP", _opt_str, "FILE")
+    tls_ca: str | None = opt(
+        None,
+        "PEM certificate(s) of the CA that signed the masters' certificates: the shim speaks TLS to the masters and "
+        "verifies them against it (not their host names); with --tls-client-auth, HTTPS clients' certificates too",
+        _opt_str,
+        "FILE",
+    )
+    tls_client_auth: bool = opt(
+        False, "refuse HTTPS clients without a certificate signed by --tls-ca (needs --tls-cert, --tls-key, --tls-ca)", parse_bool, "BOOL"
+    )
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
         _check_positive(self, "timeout", "health_timeout", "client_max_size", "max_key_bytes", "read_batch")
+        check_tls_settings(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth, daemon=False)
         if not self.master:
             raise ConfigError("master: at least one HOST:PORT is required")
         if self.shutdown_grace < 0:
             raise ConfigError("shutdown_grace: must be >= 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: {self.log_level!r} is not debug, info, warning or error")
+
+    def tls(self) -> TlsContexts | None:
+        """The shim's TLS contexts: HTTPS (with ``tls_cert``), TLS to the masters (with ``tls_ca``); ``None`` without either.
+
+        Raises:
+            ConfigError: a file cannot be read, is not PEM, or the key does not match the certificate.
+        """
+        if self.tls_cert is None and self.tls_ca is None:
+            return None
+        return TlsContexts(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca, client_auth=self.tls_client_auth)
 
 
 def read_secret(path: str | None, value: str | None) -> bytes | None:
