@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any, cast
 
 from .errors import AuthError, HandshakeError, RemoteProtocolError, Status, error_from_status
@@ -247,17 +248,20 @@ async def open_peer(
     timeout: float,
     expect_role: str | None = None,
     secret: bytes | None = None,
+    ssl: SSLContext | None = None,
 ) -> PeerConnection:
     """Connect to another daemon and ``handshake``; the connection's ``server_info`` holds the HELLO answer.
 
+    With ``ssl`` (the daemon's peer context, ``dcache.tls``) the connection is TLS.
+
     Raises:
         TimeoutError: connect plus handshake took longer than ``timeout``.
-        OSError: the TCP connection failed.
+        OSError: the TCP connection failed (``ssl.SSLError``: the TLS handshake did).
         ServerError: HELLO or AUTH was refused (``AuthError``, ``HandshakeError``...).
     """
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
-        _, conn = await loop.create_connection(lambda: PeerConnection(name), host, port)
+        _, conn = await loop.create_connection(lambda: PeerConnection(name), host, port, ssl=ssl)
         try:
             info = await handshake(
                 conn, name=name, auth_token=auth_token, client_name=client_name, secret=secret, timeout=timeout, expect_role=expect_role

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import ssl
 import time
 from bisect import bisect_left
 from collections import OrderedDict
@@ -83,6 +84,7 @@ from .protocol import (
 from .protocol.auth import client_proof, new_nonce, proofs_match, server_proof
 from .protocol.framing import ONE_CHUNK_BYTES, FrameDecoder
 from .protocol.ops import Parser
+from .tls import TlsAcceptor, TlsListener
 
 __all__ = [
     "DATA_OPS",
@@ -219,6 +221,10 @@ class Service:
         self.handlers: dict[int, Handler] = {Op.HELLO: self.hello, Op.AUTH: self.auth}
         #: The cluster secret peers prove (``None``: cluster ops need what data ops need).
         self.secret = settings.secret()
+        #: TLS contexts of the listener and of the links this node opens (``None``: plain TCP).
+        self.tls = settings.tls()
+        #: The listener's handshakes, once it listens with TLS.
+        self.tls_listener: TlsListener | None = None
         self.auth_failures = 0
         self.auth_throttled = 0
         #: address -> (failures, monotonic time of the last failure, of the last check let through)
@@ -416,9 +422,34 @@ class Service:
         if not self.tables:
             self.build_tables()
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self.protocol_factory, host, port, reuse_address=True, backlog=1024)
+        factory: Callable[[], asyncio.Protocol] = self.protocol_factory
+        if self.tls is not None and self.tls.server is not None:
+            self.tls_listener = TlsListener(
+                self.tls.server,
+                self.protocol_factory,
+                handshake_timeout=self.settings.tls_handshake_timeout,
+                admit=self._admit_tls,
+                spawn=self.state.spawn,
+            )
+            factory = self.tls_listener.acceptor
+            log.info("%s %s: TLS on the listener and the links: %s", self.role, self.node_id, self.tls.describe())
+        self.server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
         self.state.spawn(self._sweep_loop(), "connection-sweeper")
         return self.server
+
+    @property
+    def peer_ssl(self) -> ssl.SSLContext | None:
+        """The TLS context of the connections this node opens to other nodes (``None``: plain TCP)."""
+        return self.tls.peer if self.tls is not None else None
+
+    def _admit_tls(self, acceptor: TlsAcceptor) -> bool:
+        """Admit a TLS connection into its handshake unless the connections and handshakes open reach ``max_connections``."""
+        listener = self.tls_listener
+        assert listener is not None
+        if len(self.state.connections) + listener.in_progress < self.settings.max_connections:
+            return True
+        self._count_refusal(acceptor.peer)
+        return False
 
     def protocol_factory(self) -> FrameProtocol:
         """A new connection protocol (pass to ``loop.create_server``)."""
@@ -426,6 +457,10 @@ class Service:
 
     def refuse(self, conn: FrameProtocol) -> None:
         """Refuse a connection over ``max_connections`` (counted, WARNING at most every 10 s)."""
+        self._count_refusal(conn.peer)
+        conn.abort_with(OverloadedError(f"too many connections: this node accepts at most {self.settings.max_connections}"))
+
+    def _count_refusal(self, peer: Any) -> None:
         self.rejected_connections += 1
         self._refused_since_warning += 1
         now = time.monotonic()
@@ -435,11 +470,10 @@ class Service:
                 len(self.state.connections),
                 self.settings.max_connections,
                 self._refused_since_warning,
-                conn.peer,
+                peer,
             )
             self._last_refusal_warning = now
             self._refused_since_warning = 0
-        conn.abort_with(OverloadedError(f"too many connections: this node accepts at most {self.settings.max_connections}"))
 
     def input_grew(self) -> None:
         """Partial frames exceed ``max_input_buffer``: close the connections holding the most."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any
 
 from ..address import format_address, parse_address
@@ -40,8 +41,10 @@ class JoinAgent:
         *,
         epoch: int = 0,
         on_epoch: Callable[[int], None] | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
-        """``epoch``: the epoch this node was last admitted at (from its snapshot); ``on_epoch`` hears each new one."""
+        """``epoch``: the epoch this node was last admitted at (from its snapshot); ``on_epoch`` hears each new one;
+        ``ssl``: the node's peer context, for TLS to the master (``None``: plain TCP)."""
         assert config.join is not None
         self.config = config
         self.node_id = node_id
@@ -55,6 +58,7 @@ class JoinAgent:
         self.epoch = epoch
         self._on_epoch = on_epoch
         self._secret = config.secret()
+        self._ssl = ssl
         #: The last credential refusal logged (logged once until it changes).
         self._auth_warned: str | None = None
 
@@ -74,6 +78,7 @@ class JoinAgent:
                 timeout=2.0,
                 expect_role="master",
                 secret=self._secret,
+                ssl=self._ssl,
             )
         return await self._conn.call(op, *args, timeout=timeout)
 

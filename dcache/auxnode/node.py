@@ -267,7 +267,7 @@ class AuxNode(Service):
         else:
             from .membership import JoinAgent
 
-            agent = JoinAgent(cfg, self.node_id, advertise, epoch=self.ring_epoch, on_epoch=self.set_ring_epoch)
+            agent = JoinAgent(cfg, self.node_id, advertise, epoch=self.ring_epoch, on_epoch=self.set_ring_epoch, ssl=self.peer_ssl)
         self.membership_agent = agent
         agent.start()
 

@@ -36,6 +36,8 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
+from ssl import SSLContext
 from typing import Any
 
 from ..errors import AuthError, Status
@@ -57,9 +59,11 @@ _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
 ConnectionFactory = Callable[[str, int, str, "Callable[[], None] | None"], Awaitable[PeerConnection]]
 
 
-async def _tcp_connection(host: str, port: int, name: str, on_answers: Callable[[], None] | None) -> PeerConnection:
+async def _tcp_connection(
+    host: str, port: int, name: str, on_answers: Callable[[], None] | None, *, ssl: SSLContext | None = None
+) -> PeerConnection:
     loop = asyncio.get_running_loop()
-    _, proto = await loop.create_connection(lambda: PeerConnection(f"aux node {name}", on_answers), host, port)
+    _, proto = await loop.create_connection(lambda: PeerConnection(f"aux node {name}", on_answers), host, port, ssl=ssl)
     return proto
 
 
@@ -111,7 +115,9 @@ class AuxLink:
         on_recover: Callable[[str], None] | None = None,
         on_answers: Callable[[], None] | None = None,
         factory: ConnectionFactory | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
+        """``factory`` opens one connection (default: TCP, with TLS given ``ssl``, the node's peer context)."""
         self.node_id = node_id
         self.host = host
         self.port = port
@@ -123,7 +129,7 @@ class AuxLink:
         self._secret = secret
         #: Why the last connection attempt was refused on credentials (for RING), if it was.
         self.auth_error: str | None = None
-        self._factory = factory or _tcp_connection
+        self._factory = factory or partial(_tcp_connection, ssl=ssl)
         self._conns: list[PeerConnection] = []
         self._rr = 0
         self._sweeper: asyncio.Task[None] | None = None

@@ -38,6 +38,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from ssl import SSLContext
 from typing import Any
 
 from ..address import parse_address
@@ -615,9 +616,19 @@ class Follower(Membership):
 
     role = "follower"
 
-    def __init__(self, config: MasterConfig, view: ClusterView, on_view: Callable[[ClusterView], None], node_id: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        config: MasterConfig,
+        view: ClusterView,
+        on_view: Callable[[ClusterView], None],
+        node_id: Callable[[], str],
+        *,
+        ssl: SSLContext | None = None,
+    ) -> None:
+        """``ssl``: the master's peer context, for TLS to the coordinator (``None``: plain TCP)."""
         super().__init__(config, view, on_view)
         assert config.coordinator is not None
+        self._ssl = ssl
         self._host, self._port = parse_address(config.coordinator)
         self._node_id = node_id
         self._conn: PeerConnection | None = None
@@ -646,6 +657,7 @@ class Follower(Membership):
                 timeout=2.0,
                 expect_role="master",
                 secret=self._secret,
+                ssl=self._ssl,
             )
         return self._conn
 

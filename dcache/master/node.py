@@ -69,7 +69,9 @@ class MasterNode(Service):
                 self._address,
             )
         elif config.coordinator:
-            self.membership = Follower(config, ClusterView.initial([], config.replicas, epoch=0), self._on_view, lambda: self.node_id)
+            self.membership = Follower(
+                config, ClusterView.initial([], config.replicas, epoch=0), self._on_view, lambda: self.node_id, ssl=self.peer_ssl
+            )
         else:
             self.membership = Coordinator(config, view, self._on_view, lambda: self.links, self.clock)
         self.register(*(op for op in DATA_OPS if op != Op.GET), Op.RING, Op.JOIN, Op.LEAVE, Op.SYNC, Op.APPLY, Op.FENCE)
@@ -103,6 +105,7 @@ class MasterNode(Service):
                     on_recover=self.router.on_recover,
                     on_answers=self.flush_all,
                     factory=self._connect,
+                    ssl=self.peer_ssl,
                 )
                 if self.server is not None:
                     link.start()
