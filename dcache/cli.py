@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import fields
@@ -184,6 +185,40 @@ def _add_addr(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("DCACHE_AUTH_TOKEN"),
         help="auth token for HELLO (env DCACHE_AUTH_TOKEN)",
     )
+    _add_tls(parser)
+
+
+def _add_tls(parser: argparse.ArgumentParser) -> None:
+    """``--tls-ca``, ``--tls-cert``, ``--tls-key``: TLS to the server, given any of them."""
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("DCACHE_TLS_CA"),
+        metavar="FILE",
+        help="speak TLS and verify the server's certificate (chain, and the host or IP of --addr) against this PEM CA "
+        "(env DCACHE_TLS_CA; without it, --tls-cert alone uses the system's trusted CAs)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=os.environ.get("DCACHE_TLS_CERT"),
+        metavar="FILE",
+        help="PEM client certificate for servers that require one (--tls-client-auth); needs --tls-key (env DCACHE_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key", default=os.environ.get("DCACHE_TLS_KEY"), metavar="FILE", help="PEM key of --tls-cert (env DCACHE_TLS_KEY)"
+    )
+
+
+def _client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context of a tool's connections, from ``--tls-*``; ``None`` (plain TCP) without them.
+
+    Raises:
+        ConfigError: a file cannot be read or is not what it should be.
+    """
+    if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
+        return None
+    from .tls import client_context
+
+    return client_context(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 def _add_secret(parser: argparse.ArgumentParser) -> None:
@@ -204,10 +239,17 @@ def _run_tool(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any
     """Connect a client, run ``body(client)``, map errors onto exit codes."""
     from .client import Client
 
+    context = _client_ssl(args)
+
     async def go() -> int:
         endpoints = [a.strip() for a in args.addr.split(",") if a.strip()]
         async with Client(
-            endpoints, timeout=args.timeout, connect_timeout=args.timeout, auth_token=args.auth_token, client_name="dcache-cli"
+            endpoints,
+            timeout=args.timeout,
+            connect_timeout=args.timeout,
+            auth_token=args.auth_token,
+            client_name="dcache-cli",
+            ssl=context,
         ) as client:
             return await body(client)
 
@@ -351,7 +393,12 @@ def _cmd_dump(args: argparse.Namespace) -> int:
     return _run_coro(
         args,
         lambda: dump_cluster(
-            args.addr.split(",")[0], args.out, timeout=args.timeout, auth_token=args.auth_token, cluster_secret=_secret(args)
+            args.addr.split(",")[0],
+            args.out,
+            timeout=args.timeout,
+            auth_token=args.auth_token,
+            cluster_secret=_secret(args),
+            ssl=_client_ssl(args),
         ),
     )
 
@@ -365,7 +412,13 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return _run_coro(
         args,
         lambda: restore_cluster(
-            args.addr, args.infile, batch=args.batch, timeout=args.timeout, auth_token=args.auth_token, cluster_secret=_secret(args)
+            args.addr,
+            args.infile,
+            batch=args.batch,
+            timeout=args.timeout,
+            auth_token=args.auth_token,
+            cluster_secret=_secret(args),
+            ssl=_client_ssl(args),
         ),
     )
 
@@ -459,6 +512,7 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
         "--no-populate", dest="populate", action="store_false", default=argparse.SUPPRESS, help="skip writing the key space before the run"
     )
     p.add_argument("--auth-token", default=os.environ.get("DCACHE_AUTH_TOKEN"), help="auth token for HELLO (env DCACHE_AUTH_TOKEN)")
+    _add_tls(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 

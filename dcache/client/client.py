@@ -132,8 +132,8 @@ class Client:
         **options: the other fields of ``ClientConfig`` (``timeout``,
             ``connect_timeout``, ``acquire_timeout``, ``min_connections``,
             ``max_connections``, ``max_in_flight``, ``auth_token``,
-            ``cluster_secret``, ``client_name``, ``limits``, ``retries``, ``backoff_max``), each
-            documented there.
+            ``cluster_secret``, ``client_name``, ``limits``, ``retries``, ``backoff_max``,
+            ``ssl``), each documented there. ``ssl=context`` speaks TLS to every endpoint.
 
     Raises:
         ConfigError: an endpoint or option is invalid.
@@ -262,6 +262,7 @@ class Client:
                     auth_token=config.auth_token,
                     cluster_secret=cast("bytes | None", config.cluster_secret),
                     client_name=config.client_name,
+                    ssl=config.ssl,
                 )
 
             pool = self._pools[index] = NodePool(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from ssl import PROTOCOL_TLS_SERVER, SSLContext
 
 from ..address import format_address, parse_address
 from ..errors import ConfigError
@@ -48,6 +49,11 @@ class ClientConfig:
             repeated (retry-safe ops only).
         backoff_max: cap, in seconds, of the delay between reconnect attempts
             to an endpoint that is down (at least 0.05).
+        ssl: an ``ssl.SSLContext`` to speak TLS to every endpoint (``None``:
+            plain TCP). ``dcache.tls.client_context(ca=..., cert=..., key=...)``
+            builds one that verifies the server's chain and host name and
+            presents a client certificate for mutual TLS; any client-side
+            context works (``ssl.create_default_context(cafile=...)``).
         addresses: ``endpoints`` parsed into ``(host, port)`` pairs (derived).
 
     Raises:
@@ -68,6 +74,7 @@ class ClientConfig:
     limits: Limits | None = None
     retries: int = 2
     backoff_max: float = 2.0
+    ssl: SSLContext | None = field(default=None, compare=False)
     addresses: tuple[tuple[str, int], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +104,11 @@ class ClientConfig:
             raise ConfigError(f"cluster_secret: must be bytes, a string or None, not {type(self.cluster_secret).__name__}")
         if self.limits is not None and not isinstance(self.limits, Limits):
             raise ConfigError(f"limits: must be a dcache.protocol.Limits or None, not {type(self.limits).__name__}")
+        if self.ssl is not None:
+            if not isinstance(self.ssl, SSLContext):
+                raise ConfigError(f"ssl: must be an ssl.SSLContext or None, not {type(self.ssl).__name__}")
+            if self.ssl.protocol == PROTOCOL_TLS_SERVER:
+                raise ConfigError("ssl: this is a server-side context (PROTOCOL_TLS_SERVER); a client needs a client-side one")
 
 
 def _addresses(endpoints: object) -> tuple[tuple[str, int], ...]:

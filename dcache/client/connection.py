@@ -29,6 +29,7 @@ Design notes
 from __future__ import annotations
 
 import asyncio
+from ssl import SSLContext
 from typing import Any, cast
 
 from ..errors import HandshakeError, RemoteProtocolError, ServerError, error_from_status
@@ -365,6 +366,7 @@ async def open_connection(
     client_name: str | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
     cluster_secret: bytes | None = None,
+    ssl: SSLContext | None = None,
 ) -> ClientConnection:
     """Connect to a dcache server and perform HELLO (and AUTH, given ``cluster_secret``).
 
@@ -378,14 +380,18 @@ async def open_connection(
         loop: event loop; defaults to the running one.
         cluster_secret: prove it with AUTH after HELLO for the cluster
             credential (both sides prove it; see docs/SECURITY.md).
+        ssl: speak TLS with this client-side context (``None``: plain TCP);
+            the server's certificate is checked against ``host``.
 
     Returns:
         A connected ``ClientConnection`` whose ``server_info`` holds the
         HELLO answer.
 
     Raises:
-        TimeoutError: connect plus HELLO took longer than ``connect_timeout``.
-        OSError: the TCP connection failed (e.g. ``ConnectionRefusedError``).
+        TimeoutError: connect plus HELLO (and the TLS handshake) took longer than ``connect_timeout``.
+        OSError: the TCP connection failed (e.g. ``ConnectionRefusedError``),
+            or the TLS handshake did (``ssl.SSLError``, e.g. the server's
+            certificate is not trusted).
         AuthError: the server rejected ``auth_token`` or ``cluster_secret``,
             or did not prove ``cluster_secret`` back.
         HandshakeError: the server does not speak our protocol version, or
@@ -393,7 +399,7 @@ async def open_connection(
     """
     loop = loop or asyncio.get_running_loop()
     async with asyncio.timeout(connect_timeout):
-        _, conn = await loop.create_connection(lambda: ClientConnection(limits=limits, loop=loop), host, port)
+        _, conn = await loop.create_connection(lambda: ClientConnection(limits=limits, loop=loop), host, port, ssl=ssl)
         try:
             info = await conn.call(Op.HELLO, PROTOCOL_VERSION, auth_token, client_name)
             if not isinstance(info, dict):

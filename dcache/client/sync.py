@@ -61,7 +61,8 @@ class SyncClient:
 
     Args:
         endpoints: as for ``Client``.
-        **options: keyword arguments of ``Client`` (its options, or ``config=``).
+        **options: keyword arguments of ``Client`` (its options, or ``config=``);
+            ``ssl=context`` speaks TLS, as for ``Client``.
 
     Raises:
         ConfigError: bad endpoints or options.

@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from collections import defaultdict
+from ssl import SSLContext
 from typing import Any
 
 from ..address import parse_address
@@ -83,12 +84,15 @@ async def dump_cluster(
     auth_token: str | None = None,
     cluster_secret: bytes | None = None,
     quiet: bool = False,
+    ssl: SSLContext | None = None,
 ) -> dict[str, Any]:
     """Dump every key of the cluster behind master ``addr`` into ``out``; return a summary.
 
     SCAN on the aux nodes is a cluster op: with a cluster secret set, pass it as ``cluster_secret``.
+    With ``ssl`` (a client-side context) the master and the aux nodes are read over TLS; the aux
+    nodes' certificates must name the addresses the ring gives for them.
     """
-    async with Client(addr, timeout=timeout, auth_token=auth_token, client_name="dcache-dump") as client:
+    async with Client(addr, timeout=timeout, auth_token=auth_token, client_name="dcache-dump", ssl=ssl) as client:
         info = await _ring(client)
     ring = HashRing.from_dict(info["ring"])
     nodes = {n["node_id"]: n for n in info["nodes"]}
@@ -109,7 +113,13 @@ async def dump_cluster(
     for node_id, ranges in plan.items():
         host, port = parse_address(nodes[node_id]["addr"])
         conn = await open_connection(
-            host, port, connect_timeout=timeout, auth_token=auth_token, client_name="dcache-dump", cluster_secret=cluster_secret
+            host,
+            port,
+            connect_timeout=timeout,
+            auth_token=auth_token,
+            client_name="dcache-dump",
+            cluster_secret=cluster_secret,
+            ssl=ssl,
         )
         try:
             cursor = 0
@@ -151,17 +161,21 @@ async def restore_cluster(
     auth_token: str | None = None,
     cluster_secret: bytes | None = None,
     quiet: bool = False,
+    ssl: SSLContext | None = None,
 ) -> dict[str, Any]:
     """Restore ``infile`` into the cluster behind master ``addr``; return a summary.
 
     APPLY is a cluster op: with a cluster secret set, pass it as ``cluster_secret``.
+    With ``ssl`` (a client-side context) the master is reached over TLS.
     """
     with open(infile, "rb") as f:
         data = load(f, now_ms=time.time_ns() // 1_000_000)
     entries = data.entries
     progress = _Progress("restore", len(entries), quiet)
     applied = 0
-    async with Client(addr, timeout=timeout, auth_token=auth_token, cluster_secret=cluster_secret, client_name="dcache-restore") as client:
+    async with Client(
+        addr, timeout=timeout, auth_token=auth_token, cluster_secret=cluster_secret, client_name="dcache-restore", ssl=ssl
+    ) as client:
         for start in range(0, len(entries), batch):
             chunk = [list(e) for e in entries[start : start + batch]]
             applied += int(await client.execute(Op.APPLY, chunk))

@@ -29,9 +29,11 @@ import math
 import multiprocessing as mp
 import os
 import random
+import ssl
 import time
 from array import array
 from dataclasses import dataclass, field
+from functools import lru_cache
 from multiprocessing.connection import Connection
 from time import perf_counter
 from typing import Any, TextIO
@@ -39,6 +41,7 @@ from typing import Any, TextIO
 from ..address import parse_address
 from ..errors import RemoteProtocolError
 from ..protocol import PROTOCOL_VERSION, FrameDecoder, Op, RequestTable, encode_request
+from ..tls import client_context
 
 __all__ = ["BenchOptions", "BenchResult", "run_bench", "format_result"]
 
@@ -68,6 +71,10 @@ class BenchOptions:
         loop: event loop of the workers, ``"uvloop"`` or ``"asyncio"``.
         populate: write the key space before the run, so GETs hit.
         auth_token: token for HELLO.
+        tls_ca, tls_cert, tls_key: speak TLS (given any of them), verifying
+            the server against ``tls_ca`` (``dcache.tls.client_context``),
+            with a client certificate given ``tls_cert`` and ``tls_key``.
+            Each process builds its own context from the files.
 
     Raises:
         ValueError: a count below 1, ``duration <= 0``, ``ratio`` outside
@@ -85,6 +92,9 @@ class BenchOptions:
     loop: str = "uvloop"
     populate: bool = True
     auth_token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.conns < 1 or self.depth < 1 or self.duration <= 0 or not 0 <= self.ratio <= 1 or self.keys < 1:
@@ -238,10 +248,19 @@ def _build_batches(rng: random.Random, opts: BenchOptions, ids: list[int]) -> li
     return batches
 
 
+@lru_cache(maxsize=4)
+def _ssl(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """This process's TLS context for the options' files (one per process: contexts do not cross processes)."""
+    if ca is None and cert is None and key is None:
+        return None
+    return client_context(ca=ca, cert=cert, key=key)
+
+
 async def _open(opts: BenchOptions, depth: int) -> _BenchProtocol:
     host, port = parse_address(opts.addr)
     loop = asyncio.get_running_loop()
-    _, proto = await loop.create_connection(lambda: _BenchProtocol(depth), host, port)
+    context = _ssl(opts.tls_ca, opts.tls_cert, opts.tls_key)
+    _, proto = await loop.create_connection(lambda: _BenchProtocol(depth), host, port, ssl=context)
     await proto.roundtrip(Op.HELLO, PROTOCOL_VERSION, opts.auth_token, "dcache-bench")
     if proto.errors:
         raise RuntimeError("HELLO was refused (auth token?)")
@@ -313,9 +332,11 @@ def run_bench(opts: BenchOptions, progress: TextIO | None = None) -> BenchResult
         progress: where to print a progress line every second (``None``: nowhere).
 
     Raises:
-        OSError: the server cannot be reached.
+        OSError: the server cannot be reached (``ssl.SSLError``: the TLS handshake failed).
         RuntimeError: a worker failed, or the server refused HELLO or the populating writes.
+        ConfigError: a TLS file cannot be read or is not what it should be.
     """
+    _ssl(opts.tls_ca, opts.tls_cert, opts.tls_key)  # a bad TLS file fails here, not in every worker
     if opts.populate:
         asyncio.run(_populate(opts))
     procs = max(1, min(opts.procs, opts.conns))
