@@ -59,6 +59,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
+from ssl import SSLContext
 from time import perf_counter
 from typing import Any, NoReturn
 
@@ -83,6 +84,7 @@ from ..errors import (
     UpstreamTimeoutError,
     ValueTooLargeError,
 )
+from ..tls import TlsContexts
 from ._metrics import HttpMetrics
 
 __all__ = ["create_app", "CONFIG_KEY", "CLIENT_KEY", "HEALTH_CLIENTS_KEY", "METRICS_KEY", "REGISTRY_KEY", "OPENAPI_PATH"]
@@ -306,8 +308,11 @@ async def _ping(client: Client) -> bool:
 # -- the shim's clients --------------------------------------------------------------
 
 
-def client_configs(config: HttpConfig) -> tuple[ClientConfig, ClientConfig]:
+def client_configs(config: HttpConfig, ssl: SSLContext | None = None) -> tuple[ClientConfig, ClientConfig]:
     """The options of the shim's clients: the failover ones over every master, and the ``/health`` ones.
+
+    ``ssl``: the context of the shim's connections to the masters
+    (``TlsContexts.peer``; ``None``: plain TCP).
 
     Returns:
         ``(main, health)``: ``main`` serves requests (and batched reads);
@@ -320,6 +325,7 @@ def client_configs(config: HttpConfig) -> tuple[ClientConfig, ClientConfig]:
         connect_timeout=min(config.timeout, 2.0),
         auth_token=config.auth_token,
         client_name="dcache-http",
+        ssl=ssl,
     )
     health = replace(
         main,
@@ -340,6 +346,7 @@ class _Shim:
 
     __slots__ = (
         "config",
+        "ssl",
         "max_key_bytes",
         "metrics",
         "observe",
@@ -355,6 +362,8 @@ class _Shim:
     )
 
     config: HttpConfig
+    #: The context of the connections to the masters (``None``: plain TCP).
+    ssl: SSLContext | None
     max_key_bytes: int
     metrics: HttpMetrics
     observe: Callable[[str, str, int, float], None]
@@ -371,8 +380,11 @@ class _Shim:
     router: web.UrlDispatcher
     catch_all: web.AbstractResource | None
 
-    def __init__(self, config: HttpConfig, metrics: HttpMetrics, registry: CollectorRegistry, router: web.UrlDispatcher) -> None:
+    def __init__(
+        self, config: HttpConfig, metrics: HttpMetrics, registry: CollectorRegistry, router: web.UrlDispatcher, ssl: SSLContext | None
+    ) -> None:
         self.config = config
+        self.ssl = ssl
         self.max_key_bytes = config.max_key_bytes
         self.metrics = metrics
         self.observe = metrics.observe
@@ -387,7 +399,7 @@ class _Shim:
     async def clients(self, app: web.Application) -> AsyncIterator[None]:
         """``cleanup_ctx``: open the dcache clients on start, close them on stop."""
         config = self.config
-        main, health = client_configs(config)
+        main, health = client_configs(config, self.ssl)
         self.client = app[CLIENT_KEY] = Client(config=main)
         self.read_client = Client(config=main)
         self.reads = GetBatcher(self.read_client, fallback=self.client, max_keys=config.read_batch, stats=self.metrics.reads)
@@ -570,7 +582,7 @@ def _bearer(token: str) -> Any:
     return bearer
 
 
-def create_app(config: HttpConfig) -> web.Application:
+def create_app(config: HttpConfig, *, tls: TlsContexts | None = None) -> web.Application:
     """Build the shim's aiohttp application.
 
     The dcache clients are created when the app starts (``cleanup_ctx``)
@@ -579,16 +591,24 @@ def create_app(config: HttpConfig) -> web.Application:
 
     Args:
         config: the shim's settings; ``client_max_size`` bounds request bodies.
+        tls: the shim's TLS contexts (``HttpConfig.tls()``): the clients
+            speak TLS to the masters with ``tls.peer``. Default: built from
+            ``config``.
 
     Returns:
         The application, not yet started.
+
+    Raises:
+        ConfigError: a TLS file of ``config`` cannot be read or is not what it should be.
     """
+    if tls is None:
+        tls = config.tls()
     middlewares = [_bearer(config.http_token)] if config.http_token is not None else []
     app = web.Application(client_max_size=config.client_max_size, middlewares=middlewares)
     metrics = HttpMetrics()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)
-    shim = _Shim(config, metrics, registry, app.router)
+    shim = _Shim(config, metrics, registry, app.router, tls.peer if tls is not None else None)
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = metrics
     app[REGISTRY_KEY] = registry

@@ -39,14 +39,17 @@ class HttpDaemon:
         config: the shim's settings.
     """
 
-    __slots__ = ("config", "app", "_runner")
+    __slots__ = ("config", "tls", "app", "_runner")
 
     role = "http"
     node_id = "shim"
 
     def __init__(self, config: HttpConfig) -> None:
+        """Raises ``ConfigError`` if a TLS file of ``config`` cannot be read or is not what it should be."""
         self.config = config
-        self.app = create_app(config)
+        #: HTTPS on the listener (``tls.server``), TLS to the masters (``tls.peer``); SIGHUP reloads them.
+        self.tls = config.tls()
+        self.app = create_app(config, tls=self.tls)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> str:
@@ -68,14 +71,22 @@ class HttpDaemon:
             max_line_size=MAX_REQUEST_LINE_BYTES,
         )
         await runner.setup()
+        https = self.tls.server if self.tls is not None else None
         try:
-            await web.TCPSite(runner, config.host, config.port).start()
+            await web.TCPSite(runner, config.host, config.port, ssl_context=https).start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         host, port = runner.addresses[0][:2]
         log.info("http shim in front of masters %s", ",".join(config.master))
+        if self.tls is not None:
+            log.info(
+                "TLS: %s%s; %s",
+                "HTTPS on the listener" if https is not None else "plain HTTP on the listener",
+                ", TLS to the masters" if self.tls.peer is not None else ", plain TCP to the masters",
+                self.tls.describe(),
+            )
         return format_address(host, port)
 
     def collector(self) -> Collector:
