@@ -4,13 +4,18 @@
 
 1. ``daemon.start()`` binds the listener and starts the background work;
 2. a ``/metrics`` endpoint starts if ``metrics_port`` is set;
-3. SIGTERM and SIGINT are caught; the process prints ``READY host:port``;
+3. SIGTERM and SIGINT are caught (SIGHUP too when the daemon has TLS
+   certificates to reload); the process prints ``READY host:port``;
 4. on the first signal, ``daemon.before_close(signal, again)`` runs: what a
    role does before it stops serving (an aux node that is a cluster member
    hands its data over on SIGTERM); ``again`` is set by a second signal,
    which cuts that short;
 5. ``daemon.close()`` stops accepting, gives requests in flight their grace
    period, then cancels what is left; the metrics endpoint stops last.
+
+SIGHUP reloads the daemon's TLS certificate, key and CA (``daemon.tls``,
+``dcache.tls.TlsContexts.reload``) without a restart; a daemon without TLS
+leaves SIGHUP alone (its default action stops the process, as before).
 
 Signals are handled only here, at the edge.
 """
@@ -26,6 +31,8 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
+    from .tls import TlsContexts
+
 __all__ = ["Daemon", "MMAP_THRESHOLD_BYTES", "pin_mmap_threshold", "serve", "run"]
 
 log = logging.getLogger("dcache.daemon")
@@ -36,6 +43,8 @@ class Daemon(Protocol):
 
     role: str
     node_id: str
+    #: The TLS contexts SIGHUP reloads (``None``: no TLS).
+    tls: TlsContexts | None
 
     async def start(self) -> str:
         """Bind the listener and start background work; return the ``host:port`` listened on."""
@@ -74,6 +83,8 @@ async def serve(daemon: Daemon, *, host: str, metrics_port: int | None, ready: b
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
+        if daemon.tls is not None:
+            loop.add_signal_handler(signal.SIGHUP, daemon.tls.reload)
         log.info("%s %s listening on %s", daemon.role, daemon.node_id, where)
         if ready:
             print(f"READY {where}", flush=True)
