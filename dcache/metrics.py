@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from .address import format_address
 from .protocol import Op
 from .server import UNKNOWN_OP, Histogram, Service
+from .tls import TlsContexts, TlsListener
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -51,6 +52,7 @@ __all__ = [
     "plain_gauge",
     "registry_for",
     "start_metrics_server",
+    "tls_families",
 ]
 
 log = logging.getLogger("dcache.metrics")
@@ -140,6 +142,29 @@ class ServiceCollector(Collector):
         yield counter(
             "dcache_versions_refused", "Requests refused because a version was too far ahead (--max-clock-skew).", role, s.versions_refused
         )
+        yield from tls_families(role, s.tls_listener, s.tls)
+
+
+def tls_families(role: str, listener: TlsListener | None, contexts: TlsContexts | None) -> Iterator[Metric]:
+    """The TLS families of a daemon (zeros without TLS, so the set of families never changes)."""
+    yield counter("dcache_tls_handshakes", "TLS handshakes completed on the listener.", role, listener.handshakes if listener else 0)
+    failures = CounterMetricFamily(
+        "dcache_tls_handshake_failures",
+        "TLS handshakes that failed on the listener, by reason: refused (not TLS, or a certificate not accepted), "
+        "timeout (--tls-handshake-timeout), dropped (the peer went away).",
+        labels=["role", "reason"],
+    )
+    for reason in TlsListener.REASONS:
+        failures.add_metric([role, reason], listener.failures[reason] if listener else 0)
+    yield failures
+    yield gauge("dcache_tls_handshakes_in_progress", "TLS handshakes started and not finished.", role, listener.in_progress if listener else 0)
+    yield counter("dcache_tls_reloads", "Certificate reloads (SIGHUP) that took effect.", role, contexts.reloads if contexts else 0)
+    yield counter(
+        "dcache_tls_reload_failures",
+        "Certificate reloads (SIGHUP) refused: a file was missing or bad; the certificate in use stayed.",
+        role,
+        contexts.reload_failures if contexts else 0,
+    )
 
 
 def gauge(name: str, doc: str, role: str, value: float) -> GaugeMetricFamily:
