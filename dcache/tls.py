@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
+from .address import format_address
 from .errors import ConfigError
 
 __all__ = [
@@ -194,6 +195,12 @@ def check_tls_settings(cert: str | None, key: str | None, ca: str | None, client
         raise ConfigError("tls_ca: a node with --tls-cert needs --tls-ca: the nodes it connects to are verified against it")
     if daemon and ca is not None and cert is None:
         raise ConfigError("tls_cert: a node with --tls-ca needs --tls-cert and --tls-key: TLS covers its listener and its links together")
+
+
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return format_address(str(peer[0]), int(peer[1]))
+    return str(peer)
 
 
 def fingerprint(cert_der: bytes) -> str:
@@ -358,14 +365,14 @@ class TlsListener:
             reason = "dropped"
         self.failures[reason] += 1
         if reason != "refused":
-            log.debug("TLS handshake from %s %s: %s", acceptor.peer, "timed out" if reason == "timeout" else "dropped", exc)
+            log.debug("TLS handshake from %s %s: %s", _peer_text(acceptor.peer), "timed out" if reason == "timeout" else "dropped", exc)
             return
         self._refused_since_warning += 1
         now = time.monotonic()
         if now - self._last_warning >= _WARN_EVERY_S:
             log.warning(
                 "TLS handshake from %s refused: %s (%d refused in the last %.0f s)",
-                acceptor.peer,
+                _peer_text(acceptor.peer),
                 getattr(exc, "reason", None) or exc,
                 self._refused_since_warning,
                 now - self._last_warning if self._last_warning else 0.0,
@@ -377,10 +384,19 @@ class TlsListener:
 class TlsAcceptor(asyncio.Protocol):
     """One accepted connection while its TLS handshake runs; the role's protocol takes it over after.
 
-    ``loop.start_tls`` delivers what the peer sends right after the
-    handshake to this object, before the task that awaited the handshake
-    runs again: it is kept (``_early``) and handed to the role's protocol
-    with the connection. A connection closed in between is counted as dropped.
+    The handshake is ``loop.start_tls`` on the accepted transport. Its first
+    step (up to its first ``await``, where it pauses the transport and puts
+    its TLS protocol in front) runs inside ``connection_made``, not in a
+    task one loop iteration later: uvloop starts reading a connection as
+    soon as ``connection_made`` returns (a ``pause_reading`` there is
+    undone), and the client's first bytes must reach the TLS layer, not this
+    object. A task then waits for the handshake and resumes ``start_tls``
+    for its result (the same steps a task would take, started early).
+
+    What the peer sends right after the handshake, before that task runs
+    (asyncio's loop reads at once), reaches this object: it is kept and
+    handed to the role's protocol with the connection. A connection closed
+    in between is counted as dropped.
     """
 
     __slots__ = ("_listener", "_transport", "_early", "_lost", "peer")
@@ -399,19 +415,32 @@ class TlsAcceptor(asyncio.Protocol):
         if not listener.admit(self):
             tcp.abort()
             return
-        tcp.pause_reading()  # nothing may be read before start_tls takes the transport
+        loop = asyncio.get_running_loop()
+        handshake = loop.start_tls(tcp, self, listener.context, server_side=True, ssl_handshake_timeout=listener.handshake_timeout)
+        try:
+            waiter = handshake.send(None)  # start_tls's first step: it owns the transport from here
+        except BaseException as exc:  # it gave up before waiting (the transport closed already)
+            tcp.abort()
+            listener.failed(self, exc)
+            return
         listener.in_progress += 1
-        listener.spawn(self._handshake())
+        listener.spawn(self._finish(handshake, waiter))
 
-    async def _handshake(self) -> None:
+    async def _finish(self, handshake: Coroutine[Any, Any, asyncio.Transport | None], waiter: Any) -> None:
+        """Wait for the handshake ``start_tls`` is waiting for (``waiter``), resume it, hand the connection over."""
         listener = self._listener
         transport = self._transport
         assert transport is not None
-        loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(
-                transport, self, listener.context, server_side=True, ssl_handshake_timeout=listener.handshake_timeout
-            )
+            try:
+                await asyncio.wait((waiter,))
+            except asyncio.CancelledError:  # shutdown: start_tls closes the connection as it unwinds
+                handshake.throw(asyncio.CancelledError())
+                raise
+            handshake.send(None)  # start_tls returns (StopIteration) or raises the handshake's error
+            raise RuntimeError("start_tls waited twice")  # pragma: no cover - it awaits once
+        except StopIteration as done:
+            tls: asyncio.Transport | None = done.value
         except asyncio.CancelledError:
             transport.abort()
             raise
@@ -433,7 +462,7 @@ class TlsAcceptor(asyncio.Protocol):
             self._early.clear()
             proto.data_received(data)
 
-    # Between the end of the handshake and the take-over (asyncio's loop reads at once, uvloop one iteration later):
+    # Between the end of the handshake and the take-over:
 
     def data_received(self, data: bytes) -> None:
         self._early.append(data)
