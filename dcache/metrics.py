@@ -157,7 +157,9 @@ def tls_families(role: str, listener: TlsListener | None, contexts: TlsContexts 
     for reason in TlsListener.REASONS:
         failures.add_metric([role, reason], listener.failures[reason] if listener else 0)
     yield failures
-    yield gauge("dcache_tls_handshakes_in_progress", "TLS handshakes started and not finished.", role, listener.in_progress if listener else 0)
+    yield gauge(
+        "dcache_tls_handshakes_in_progress", "TLS handshakes started and not finished.", role, listener.in_progress if listener else 0
+    )
     yield counter("dcache_tls_reloads", "Certificate reloads (SIGHUP) that took effect.", role, contexts.reloads if contexts else 0)
     yield counter(
         "dcache_tls_reload_failures",

@@ -602,6 +602,19 @@ class Service:
             "auth_failures": self.auth_failures,
             "auth_throttled": self.auth_throttled,
             "buffered_input_bytes": self.buffered_input,
+            **self.tls_stats(),
+        }
+
+    def tls_stats(self) -> dict[str, Any]:
+        """TLS's part of STATS: ``tls`` (whether the listener serves TLS), and its handshake counters when it does."""
+        listener = self.tls_listener
+        if listener is None:
+            return {"tls": False}
+        return {
+            "tls": True,
+            "tls_handshakes": listener.handshakes,
+            "tls_handshakes_in_progress": listener.in_progress,
+            **{f"tls_handshakes_{reason}": n for reason, n in listener.failures.items()},
         }
 
 
