@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any
 
 from dcache import Client
@@ -22,15 +23,34 @@ ZK_SESSION_TIMEOUT_S = 2.0
 
 class Cluster:
     def __init__(
-        self, tmp: Path, *, replicas: int = 1, snapshot_interval: float = 0, zookeeper: str | None = None, name: str = "test"
+        self,
+        tmp: Path,
+        *,
+        replicas: int = 1,
+        snapshot_interval: float = 0,
+        zookeeper: str | None = None,
+        name: str = "test",
+        args: Sequence[str] = (),
+        ssl: SSLContext | None = None,
     ) -> None:
-        """With ``zookeeper`` every process uses it (cluster ``name``) instead of a coordinator."""
+        """With ``zookeeper`` every process uses it (cluster ``name``) instead of a coordinator.
+
+        ``args`` go to every process (TLS flags, credentials); ``ssl`` is the
+        context of the test's clients (``client``, and what ``ring``,
+        ``wait_ring`` and ``Reader`` are given).
+        """
         self.tmp = tmp
         self.replicas = replicas
         self.snapshot_interval = snapshot_interval
         self.zk = ["--zookeeper", zookeeper, "--cluster", name, "--zk-session-timeout", str(ZK_SESSION_TIMEOUT_S)] if zookeeper else []
+        self.args = list(args)
+        self.ssl = ssl
         self.masters: list[DaemonProcess] = []
         self.aux: dict[str, DaemonProcess] = {}
+
+    def client(self, addr: str | Sequence[str], **options: Any) -> Client:
+        """A client of this cluster (with its ``ssl``)."""
+        return Client(addr, ssl=self.ssl, **options)
 
     @property
     def coordinator(self) -> DaemonProcess:
@@ -52,7 +72,7 @@ class Cluster:
         ]
         if follow is not None:
             args += ["--coordinator", follow.addr]
-        args += self.zk + list(extra)
+        args += self.zk + self.args + list(extra)
         m = DaemonProcess("master", args).start()
         self.masters.append(m)
         return m
@@ -66,7 +86,7 @@ class Cluster:
             args += self.zk
         elif join:
             args += ["--join", self.coordinator.addr]
-        args += list(extra)
+        args += self.args + list(extra)
         a = DaemonProcess("aux", args).start()
         self.aux[node_id] = a
         return a
@@ -82,8 +102,8 @@ class Cluster:
         return "\n".join(parts)
 
 
-async def ring(addr: str) -> dict[str, Any]:
-    async with Client(addr, timeout=5.0) as c:
+async def ring(addr: str, ssl: SSLContext | None = None) -> dict[str, Any]:
+    async with Client(addr, timeout=5.0, ssl=ssl) as c:
         info: dict[str, Any] = await c.execute(Op.RING)
         return info
 
@@ -98,11 +118,12 @@ async def wait_ring(
     timeout: float = 20.0,
     what: str = "ring condition",
     auth_token: str | None = None,
+    ssl: SSLContext | None = None,
 ) -> dict[str, Any]:
     """Poll a master's RING until ``predicate`` holds (bounded)."""
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
-    async with Client(addr, timeout=5.0, auth_token=auth_token) as c:
+    async with Client(addr, timeout=5.0, auth_token=auth_token, ssl=ssl) as c:
         while time.monotonic() < deadline:
             try:
                 last = await c.execute(Op.RING)
@@ -137,9 +158,10 @@ async def populate(c: Client, n: int) -> None:
 class Reader:
     """Reads every key over and over, counting misses, wrong values and errors."""
 
-    def __init__(self, addr: str, n: int) -> None:
+    def __init__(self, addr: str, n: int, ssl: SSLContext | None = None) -> None:
         self.addr = addr
         self.n = n
+        self.ssl = ssl
         self.misses = 0
         self.wrong = 0
         self.errors: list[str] = []
@@ -152,7 +174,7 @@ class Reader:
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
-        async with Client(self.addr, timeout=10.0) as c:
+        async with Client(self.addr, timeout=10.0, ssl=self.ssl) as c:
             while not self._stop.is_set():
                 for start in range(0, self.n, 500):
                     idx = range(start, min(self.n, start + 500))

@@ -64,14 +64,25 @@ async def test_join_live_rebalance_zero_misses(cluster: Cluster):
     m = cluster.start_master("m1")
     for n in ("a1", "a2", "a3"):
         cluster.start_aux(n)
-    await wait_ring(m.addr, settled({"a1", "a2", "a3"}))
-    async with Client(m.addr, timeout=10) as c:
+    await join_live_rebalance(cluster, m.addr)
+
+
+async def join_live_rebalance(cluster: Cluster, addr: str) -> None:
+    """The join scenario (``cluster``: aux nodes a1-a3 joined to the coordinator, one replica; ``addr``: a master).
+
+    A node a4 joins while a reader reads every key in a loop: zero misses,
+    about a quarter of the keys move, and they leave their old owners. The
+    TLS tests run it too (tests/integration/test_tls.py).
+    """
+    ssl = cluster.ssl
+    await wait_ring(addr, settled({"a1", "a2", "a3"}), ssl=ssl)
+    async with cluster.client(addr, timeout=10) as c:
         await populate(c, N_KEYS)
-    reader = Reader(m.addr, N_KEYS)
+    reader = Reader(addr, N_KEYS, ssl=ssl)
     reader.start()
     await reader.full_passes(1)
     cluster.start_aux("a4")
-    info = await wait_ring(m.addr, settled({"a1", "a2", "a3", "a4"}), timeout=60, what="a4 joined and migration done")
+    info = await wait_ring(addr, settled({"a1", "a2", "a3", "a4"}), timeout=60, what="a4 joined and migration done", ssl=ssl)
     await reader.full_passes(1)
     await reader.stop()
     assert reader.errors == [] and reader.misses == 0 and reader.wrong == 0, (reader.errors[:5], reader.misses, reader.wrong)
@@ -80,7 +91,9 @@ async def test_join_live_rebalance_zero_misses(cluster: Cluster):
     a4 = next(n for n in info["nodes"] if n["node_id"] == "a4")
     assert a4["items"] >= moved * 0.9
     # the moved ranges are dropped from their previous owners (eventually)
-    await wait_ring(m.addr, lambda i: sum(n["items"] for n in i["nodes"]) == N_KEYS, timeout=30, what="moved keys dropped from old owners")
+    await wait_ring(
+        addr, lambda i: sum(n["items"] for n in i["nodes"]) == N_KEYS, timeout=30, what="moved keys dropped from old owners", ssl=ssl
+    )
 
 
 async def test_graceful_leave_zero_misses(cluster: Cluster):
@@ -111,62 +124,74 @@ async def test_replicas_survive_kill9_under_load(tmp_path):
         m = cluster.start_master("m1")
         for n in ("a1", "a2", "a3"):
             cluster.start_aux(n)
-        await wait_ring(m.addr, settled({"a1", "a2", "a3"}))
-        acked: dict[str, int] = {}
-        read_errors: list[str] = []
-        write_errors: list[str] = []
-        stale: list[str] = []
-        stop = asyncio.Event()
-        rng = random.Random(3)
-
-        async def writer(w: int, c: Client) -> None:
-            counter = 0
-            keys = [f"w{w}:{i}" for i in range(200)]
-            while not stop.is_set():
-                key = keys[counter % len(keys)]
-                counter += 1
-                try:
-                    await c.set(key, b"%d" % counter)
-                except Exception as exc:
-                    write_errors.append(f"{exc.__class__.__name__}: {exc}")
-                    continue
-                acked[key] = counter
-
-        async def reader(c: Client) -> None:
-            while not stop.is_set():
-                if not acked:
-                    await asyncio.sleep(0.01)
-                    continue
-                key = rng.choice(list(acked))
-                floor = acked[key]
-                try:
-                    v = await c.get(key)
-                except Exception as exc:
-                    read_errors.append(f"{exc.__class__.__name__}: {exc}")
-                    continue
-                if v is None or int(v) < floor:
-                    stale.append(f"{key}: {v!r} < {floor}")
-
-        async with Client(m.addr, timeout=10) as c:
-            tasks = [asyncio.ensure_future(writer(w, c)) for w in range(4)] + [asyncio.ensure_future(reader(c)) for _ in range(4)]
-            await asyncio.sleep(1.0)
-            cluster.aux["a2"].kill()  # SIGKILL
-            await wait_ring(m.addr, lambda i: "a2" not in up_nodes(i) and not i["migrating"], timeout=30, what="a2 down, re-replicated")
-            await asyncio.sleep(1.0)
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*tasks), 30)
-            assert read_errors == [], read_errors[:5]
-            assert stale == [], stale[:5]
-            assert write_errors == [], write_errors[:5]
-            final = await c.mget(list(acked))
-            assert [int(v) if v is not None else None for v in final] == list(acked.values())
-            # two copies again: kill a second node; every key still reads back
-            cluster.aux["a3"].kill()
-            await wait_ring(m.addr, lambda i: up_nodes(i) == {"a1"} and not i["migrating"], timeout=30, what="a3 down")
-            final = await c.mget(list(acked))
-            assert [int(v) if v is not None else None for v in final] == list(acked.values())
+        await replicas_survive_kill9(cluster, m.addr)
     finally:
         cluster.stop()
+
+
+async def replicas_survive_kill9(cluster: Cluster, addr: str) -> None:
+    """The kill -9 scenario (``cluster``: aux nodes a1-a3, two replicas; ``addr``: a master).
+
+    Writers and readers run while a2 is SIGKILLed: no error, no stale read,
+    every acknowledged write reads back; after re-replication a3 is killed
+    too and every key still reads back. The TLS tests run it too
+    (tests/integration/test_tls.py).
+    """
+    ssl = cluster.ssl
+    await wait_ring(addr, settled({"a1", "a2", "a3"}), ssl=ssl)
+    acked: dict[str, int] = {}
+    read_errors: list[str] = []
+    write_errors: list[str] = []
+    stale: list[str] = []
+    stop = asyncio.Event()
+    rng = random.Random(3)
+
+    async def writer(w: int, c: Client) -> None:
+        counter = 0
+        keys = [f"w{w}:{i}" for i in range(200)]
+        while not stop.is_set():
+            key = keys[counter % len(keys)]
+            counter += 1
+            try:
+                await c.set(key, b"%d" % counter)
+            except Exception as exc:
+                write_errors.append(f"{exc.__class__.__name__}: {exc}")
+                continue
+            acked[key] = counter
+
+    async def reader(c: Client) -> None:
+        while not stop.is_set():
+            if not acked:
+                await asyncio.sleep(0.01)
+                continue
+            key = rng.choice(list(acked))
+            floor = acked[key]
+            try:
+                v = await c.get(key)
+            except Exception as exc:
+                read_errors.append(f"{exc.__class__.__name__}: {exc}")
+                continue
+            if v is None or int(v) < floor:
+                stale.append(f"{key}: {v!r} < {floor}")
+
+    async with cluster.client(addr, timeout=10) as c:
+        tasks = [asyncio.ensure_future(writer(w, c)) for w in range(4)] + [asyncio.ensure_future(reader(c)) for _ in range(4)]
+        await asyncio.sleep(1.0)
+        cluster.aux["a2"].kill()  # SIGKILL
+        await wait_ring(addr, lambda i: "a2" not in up_nodes(i) and not i["migrating"], timeout=30, what="a2 down, re-replicated", ssl=ssl)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        assert read_errors == [], read_errors[:5]
+        assert stale == [], stale[:5]
+        assert write_errors == [], write_errors[:5]
+        final = await c.mget(list(acked))
+        assert [int(v) if v is not None else None for v in final] == list(acked.values())
+        # two copies again: kill a second node; every key still reads back
+        cluster.aux["a3"].kill()
+        await wait_ring(addr, lambda i: up_nodes(i) == {"a1"} and not i["migrating"], timeout=30, what="a3 down", ssl=ssl)
+        final = await c.mget(list(acked))
+        assert [int(v) if v is not None else None for v in final] == list(acked.values())
 
 
 def _key_owned_by(node: str, members: list[str], prefix: str) -> str:
