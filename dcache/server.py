@@ -606,15 +606,17 @@ class Service:
         }
 
     def tls_stats(self) -> dict[str, Any]:
-        """TLS's part of STATS: ``tls`` (whether the listener serves TLS), and its handshake counters when it does."""
+        """TLS's part of STATS: ``tls`` (whether the listener serves TLS); when it does, its handshakes and the reloads."""
         listener = self.tls_listener
-        if listener is None:
+        if listener is None or self.tls is None:
             return {"tls": False}
         return {
             "tls": True,
             "tls_handshakes": listener.handshakes,
             "tls_handshakes_in_progress": listener.in_progress,
             **{f"tls_handshakes_{reason}": n for reason, n in listener.failures.items()},
+            "tls_reloads": self.tls.reloads,
+            "tls_reload_failures": self.tls.reload_failures,
         }
 
 
