@@ -126,7 +126,7 @@ def _replace_servers(text: str, name: str, addrs: Sequence[str]) -> str:
 
 
 def _replace_listen(text: str, marker: str, addr: str) -> str:
-    pattern = re.compile(rf"^(?P<head>\s*listen\s+)\S+(?P<rest>[^;\n]*;)[^\n]*# @{marker}[^\n]*$", re.M)
+    pattern = re.compile(rf"^(?P<head>\s*listen\s+)\S+(?P<rest>[^;\n]*;)[^\n]*# @{marker}(?![\w-])[^\n]*$", re.M)
     text, n = pattern.subn(lambda m: f"{m['head']}{addr}{m['rest']}", text)
     if n != 1:
         raise ValueError(f"expected one listen line marked @{marker}, found {n}")
@@ -138,21 +138,26 @@ def render_config(
     *,
     listen: str,
     http_listen: str,
+    tls_listen: str,
+    tls_masters: Sequence[str] | None = None,
     shims: Sequence[str] = ("127.0.0.1:8080", "127.0.0.1:8081"),
     stream_module: str | None = None,
     template: Path = TEMPLATE,
 ) -> str:
     """The template with these upstreams and listen addresses.
 
-    ``stream_module``: absolute path for ``load_module``, or ``None`` to drop
-    that line (stream built in).
+    ``tls_masters`` (default: ``masters``) go behind the TLS passthrough
+    server on ``tls_listen``. ``stream_module``: absolute path for
+    ``load_module``, or ``None`` to drop that line (stream built in).
     """
     if not masters:
         raise ValueError("at least one master is required")
     text = template.read_text()
     text = _replace_servers(text, "masters", masters)
+    text = _replace_servers(text, "masters-tls", tls_masters or masters)
     text = _replace_servers(text, "shims", shims)
     text = _replace_listen(text, "listen-stream", listen)
+    text = _replace_listen(text, "listen-stream-tls", tls_listen)
     text = _replace_listen(text, "listen-http", http_listen)
     load = re.compile(r"^\s*load_module\s+[^;]+;[^\n]*# @load-stream[^\n]*$", re.M)
     replacement = f"load_module {stream_module};  # @load-stream" if stream_module else "# (stream module built in)"
@@ -166,12 +171,16 @@ def render_config(
 
 
 class NginxProcess:
-    """``nginx -c CONF -p PREFIX -g 'daemon off;'`` with everything under ``prefix``."""
+    """``nginx -c CONF -p PREFIX -g 'daemon off;'`` with everything under ``prefix``.
 
-    def __init__(self, nginx: str, config_text: str, prefix: Path, listen: str) -> None:
+    ``listen`` is the plain stream address; ``tls_listen`` the TLS passthrough one.
+    """
+
+    def __init__(self, nginx: str, config_text: str, prefix: Path, listen: str, tls_listen: str = "") -> None:
         self.nginx = nginx
         self.prefix = prefix
         self.listen = listen
+        self.tls_listen = tls_listen
         (prefix / "logs").mkdir(parents=True, exist_ok=True)
         self.conf = prefix / "nginx.conf"
         self.conf.write_text(config_text)
@@ -235,12 +244,18 @@ def start_nginx(
     *,
     shims: Sequence[str] = ("127.0.0.1:8080", "127.0.0.1:8081"),
 ) -> NginxProcess:
-    """Find nginx, render the config for ``masters`` on free ports under ``tmp``, check it, start it."""
+    """Find nginx, render the config for ``masters`` on free ports under ``tmp``, check it, start it.
+
+    The masters go behind both stream servers; ``tls_listen`` passes TLS through to them.
+    """
     nginx = find_nginx()
     listen = f"127.0.0.1:{free_port()}"
     http_listen = f"127.0.0.1:{free_port()}"
-    text = render_config(masters, listen=listen, http_listen=http_listen, shims=shims, stream_module=stream_module_path(nginx))
-    proc = NginxProcess(nginx, text, tmp, listen)
+    tls_listen = f"127.0.0.1:{free_port()}"
+    text = render_config(
+        masters, listen=listen, http_listen=http_listen, tls_listen=tls_listen, shims=shims, stream_module=stream_module_path(nginx)
+    )
+    proc = NginxProcess(nginx, text, tmp, listen, tls_listen)
     res = proc.check()
     if res.returncode != 0:
         raise AssertionError(f"nginx -t failed:\n{res.stderr}")

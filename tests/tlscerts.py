@@ -10,17 +10,25 @@ for two days: long enough for any test run, short enough to be worthless.
 certificate for the daemons and one for clients, plus a second, unrelated CA
 (a "wrong CA") with a certificate of its own. Tests that need more (a new
 certificate for a reload) call ``issue`` on its CA.
+
+Probes for tests: ``plaintext_hello`` (what a TLS port answers a plaintext
+client), ``served_fingerprint`` (the certificate a new connection sees).
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import ssl
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dcache.protocol import PROTOCOL_VERSION, Op, encode_request
+from dcache.tls import fingerprint
 from tests.harness import unavailable
+from tests.wire import split_addr
 
 OPENSSL_TIMEOUT_S = 30.0
 _DAYS = "2"
@@ -122,3 +130,42 @@ def make_certs(dir: Path) -> TlsCerts:
     ca = CertAuthority.create(dir / "ca", "dcache-test-ca")
     wrong_ca = CertAuthority.create(dir / "wrong", "stranger-ca")
     return TlsCerts(ca, ca.issue("node"), ca.issue("client"), wrong_ca, wrong_ca.issue("stranger"))
+
+
+# -- probes ---------------------------------------------------------------------------
+
+#: The first byte of a TLS alert record (what OpenSSL may send before closing on a plaintext client).
+TLS_ALERT = 0x15
+
+
+def plaintext_hello(addr: str, timeout: float = 5.0) -> bytes:
+    """Send a plaintext HELLO to ``addr``; everything received until the node closes (bounded)."""
+    got = b""
+    with socket.create_connection(split_addr(addr), timeout=timeout) as s:
+        s.sendall(encode_request(Op.HELLO, 1, PROTOCOL_VERSION, None, "plaintext"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(4096)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        else:
+            raise AssertionError(f"{addr} kept a plaintext connection open for {timeout} s")
+    return got
+
+
+def served_fingerprint(addr: str, certs: TlsCerts) -> str:
+    """The fingerprint of the certificate ``addr`` serves to a new connection."""
+    ctx = certs.client_context()
+    with socket.create_connection(split_addr(addr), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        der = s.getpeercert(binary_form=True)
+        assert der is not None
+        return fingerprint(der)
+
+
+def cert_fingerprint(path: str) -> str:
+    """The fingerprint of the (first) certificate in the PEM file ``path``."""
+    return fingerprint(ssl.PEM_cert_to_DER_cert(Path(path).read_text()))

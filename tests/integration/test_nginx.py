@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from ssl import SSLContext
 
 import pytest
 
@@ -25,6 +26,7 @@ import dcache
 from dcache.errors import DCacheError
 from tests.harness import DaemonProcess
 from tests.nginx import NginxProcess, find_nginx, free_port, render_config, start_nginx, stream_module_path
+from tests.tlscerts import TLS_ALERT, cert_fingerprint, make_certs, plaintext_hello, served_fingerprint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -101,11 +103,19 @@ def lb(tmp_path: Path, cluster: Cluster) -> Iterator[tuple[Cluster, NginxProcess
 
 
 def test_render_config_substitutes_markers(tmp_path: Path) -> None:
-    text = render_config(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], listen="127.0.0.1:9", http_listen="127.0.0.1:10")
-    assert text.count("server 127.0.0.1:") == 5  # 3 masters + 2 shims
-    assert "server 127.0.0.1:3 max_fails=2 fail_timeout=5s;" in text
+    text = render_config(
+        ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"],
+        listen="127.0.0.1:9",
+        http_listen="127.0.0.1:10",
+        tls_listen="127.0.0.1:11",
+        tls_masters=["127.0.0.1:4"],
+    )
+    assert text.count("server 127.0.0.1:") == 6  # 3 masters + 1 TLS master + 2 shims
+    assert "server 127.0.0.1:3 max_fails=2 fail_timeout=5s;" in text and "server 127.0.0.1:4 max_fails=2 fail_timeout=5s;" in text
     assert "listen 127.0.0.1:9 so_keepalive=on;" in text and "listen 127.0.0.1:10;" in text
+    assert "listen 127.0.0.1:11 so_keepalive=on;" in text
     assert "127.0.0.1:7000 " not in text and "listen 127.0.0.1:6380" not in text
+    assert "127.0.0.1:7443 " not in text and "listen 127.0.0.1:6443" not in text
     assert not re.search(r"^\s*load_module", text, re.M)
 
 
@@ -139,8 +149,8 @@ def _key(i: int) -> str:
     return f"nginx:{i:05d}"
 
 
-async def _master_requests(addr: str) -> int:
-    async with dcache.Client(addr, timeout=3) as c:
+async def _master_requests(addr: str, ssl: SSLContext | None = None) -> int:
+    async with dcache.Client(addr, timeout=3, ssl=ssl) as c:
         return int((await c.stats())["requests"])
 
 
@@ -269,6 +279,7 @@ def test_rendered_config_passes_nginx_t(tmp_path: Path) -> None:
         ["127.0.0.1:1", "127.0.0.1:2"],
         listen=f"127.0.0.1:{free_port()}",
         http_listen=f"127.0.0.1:{free_port()}",
+        tls_listen=f"127.0.0.1:{free_port()}",
         stream_module=stream_module_path(nginx),
     )
     res = NginxProcess(nginx, text, tmp_path, "").check()
@@ -285,3 +296,37 @@ async def test_kill_coordinator_master_behind_nginx(lb: tuple[Cluster, NginxProc
     """The follower keeps serving with the last ring it had."""
     cluster, ngx = lb
     await _scenario(cluster, ngx, victim=cluster.m1, survivor=cluster.m2)
+
+
+async def test_tls_passes_through_nginx_to_the_masters(tmp_path: Path) -> None:
+    """The TLS stream server of nginx-stream.conf relays the masters' own TLS: nginx holds no certificate.
+
+    Masters and aux node run with mutual TLS; a client that knows only nginx's
+    TLS port verifies the masters' certificate (its IP SAN is nginx's address
+    here), presents its own, and its connections are spread over both masters.
+    """
+    certs = make_certs(tmp_path / "certs")
+    common = ["--host", "127.0.0.1", "--port", "0", "--log-level", "warning", *certs.daemon_args()]
+    procs = [DaemonProcess("aux", [*common, "--node-id", "a1"]).start()]
+    try:
+        procs.append(DaemonProcess("master", [*common, "--node-id", "m1", "--aux", f"a1={procs[0].addr}"]).start())
+        procs.append(DaemonProcess("master", [*common, "--node-id", "m2", "--coordinator", procs[1].addr]).start())
+        masters = procs[1:]
+        ctx = certs.client_context()
+        before = {m.addr: await _master_requests(m.addr, ssl=ctx) for m in masters}
+        with start_nginx(tmp_path / "nginx", [m.addr for m in masters]) as ngx:
+            async with dcache.Client(ngx.tls_listen, ssl=ctx, timeout=5, min_connections=4, max_connections=4) as c:
+                await c.connect()
+                keys = [f"tls:{i}" for i in range(400)]
+                assert all(await asyncio.gather(*(c.set(k, k.encode()) for k in keys)))
+                assert await asyncio.gather(*(c.get(k) for k in keys)) == [k.encode() for k in keys]
+            # No termination in nginx: the certificate seen through it is the masters' own, and a
+            # plaintext client gets what a master's TLS port gives it (nothing, or an alert), no answer.
+            assert await asyncio.to_thread(served_fingerprint, ngx.tls_listen, certs) == cert_fingerprint(certs.node.cert)
+            got = await asyncio.to_thread(plaintext_hello, ngx.tls_listen)
+            assert not got or got[0] == TLS_ALERT, got[:40]
+        served = {m.addr: await _master_requests(m.addr, ssl=ctx) - n for m, n in zip(masters, before.values(), strict=True)}
+        assert all(n > 100 for n in served.values()), f"requests served per master through nginx: {served}"
+    finally:
+        for p in procs:
+            p.kill()

@@ -42,18 +42,15 @@ import pytest
 from dcache import Client
 from dcache.client import open_connection
 from dcache.errors import DCacheError
-from dcache.protocol import PROTOCOL_VERSION, Op, encode_request
-from dcache.tls import client_context, fingerprint
+from dcache.protocol import Op
+from dcache.tls import client_context
 from tests.cluster import FAST_HEALTH, Cluster, settled, wait_ring
 from tests.harness import DaemonProcess, start_http, wait_for
 from tests.integration.test_cluster import join_live_rebalance, replicas_survive_kill9
-from tests.tlscerts import CertKey, TlsCerts, make_certs
+from tests.tlscerts import TLS_ALERT, CertKey, TlsCerts, cert_fingerprint, make_certs, plaintext_hello, served_fingerprint
 from tests.wire import split_addr
 
 pytestmark = pytest.mark.slow
-
-#: A TLS record of type alert (what OpenSSL may send before closing on a plaintext client).
-TLS_ALERT = 0x15
 
 
 @pytest.fixture(scope="module")
@@ -71,41 +68,9 @@ async def stats(addr: str, ctx: ssl.SSLContext) -> dict[str, Any]:
         return await c.stats()
 
 
-def plaintext_hello(addr: str, timeout: float = 5.0) -> bytes:
-    """Send a plaintext HELLO to ``addr``; everything received until the node closes (bounded)."""
-    got = b""
-    with socket.create_connection(split_addr(addr), timeout=timeout) as s:
-        s.sendall(encode_request(Op.HELLO, 1, PROTOCOL_VERSION, None, "plaintext"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(4096)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            got += chunk
-        else:
-            raise AssertionError(f"{addr} kept a plaintext connection open for {timeout} s")
-    return got
-
-
-def served_fingerprint(addr: str, certs: TlsCerts) -> str:
-    """The fingerprint of the certificate ``addr`` serves to a new connection."""
-    ctx = certs.client_context()
-    with socket.create_connection(split_addr(addr), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
-        der = s.getpeercert(binary_form=True)
-        assert der is not None
-        return fingerprint(der)
-
-
 def logged(daemon: DaemonProcess, *parts: str) -> bool:
     """Whether a line of ``daemon``'s log holds every one of ``parts``."""
     return any(all(p in line for p in parts) for line in daemon.stderr_lines)
-
-
-def cert_fingerprint(path: str) -> str:
-    return fingerprint(ssl.PEM_cert_to_DER_cert(Path(path).read_text()))
 
 
 # -- refusals ---------------------------------------------------------------------------
