@@ -52,7 +52,6 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from .address import format_address
 from .errors import ConfigError
 
 __all__ = [
@@ -198,8 +197,10 @@ def check_tls_settings(cert: str | None, key: str | None, ca: str | None, client
 
 
 def _peer_text(peer: Any) -> str:
+    """``host:port`` of a peer name (``[host]:port`` for IPv6)."""
     if isinstance(peer, tuple) and len(peer) >= 2:
-        return format_address(str(peer[0]), int(peer[1]))
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
     return str(peer)
 
 
