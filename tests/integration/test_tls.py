@@ -39,7 +39,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dcache import Client
+from dcache import Client, SyncClient
 from dcache.client import open_connection
 from dcache.errors import DCacheError
 from dcache.protocol import Op
@@ -370,7 +370,7 @@ def dcache(
     )
 
 
-async def test_cli_tools_speak_tls(tmp_path: Path, certs: TlsCerts) -> None:
+async def test_cli_tools_and_the_sync_client_speak_tls(tmp_path: Path, certs: TlsCerts) -> None:
     cluster = Cluster(tmp_path, args=certs.daemon_args(), ssl=certs.client_context())
     m1 = cluster.start_master("m1", *FAST_HEALTH)
     a1 = cluster.start_aux("a1")
@@ -382,6 +382,9 @@ async def test_cli_tools_speak_tls(tmp_path: Path, certs: TlsCerts) -> None:
         env = {"DCACHE_TLS_CA": certs.ca.cert, "DCACHE_TLS_CERT": certs.client.cert, "DCACHE_TLS_KEY": certs.client.key}
         res = dcache("get", "--addr", m1.addr, "cli", env=env)
         assert res.returncode == 0 and res.stdout == "over tls\n", res.stderr
+        with SyncClient(m1.addr, ssl=certs.client_context(), timeout=5) as sync:  # the blocking client, on its own loop
+            assert sync.get("cli") == b"over tls"
+            assert sync.set("sync", b"over tls too") is True
         res = dcache("stats", "--addr", a1.addr, "--json", *tls)
         assert res.returncode == 0 and json.loads(res.stdout)["tls"] is True, res.stderr
         res = dcache("ring", "--addr", m1.addr, *tls)
@@ -390,7 +393,7 @@ async def test_cli_tools_speak_tls(tmp_path: Path, certs: TlsCerts) -> None:
         res = dcache("dump", "--addr", m1.addr, "--out", str(dump), *tls)  # reads a1 directly, over TLS
         assert res.returncode == 0, res.stderr
         res = dcache("restore", "--addr", m1.addr, "--in", str(dump), *tls)
-        assert res.returncode == 0 and "keys_in_file: 1" in res.stdout, res.stdout + res.stderr
+        assert res.returncode == 0 and "keys_in_file: 2" in res.stdout, res.stdout + res.stderr  # "cli" and "sync"
         res = dcache(
             "bench", "--addr", a1.addr, *tls, "--duration", "0.5", "--conns", "2", "--procs", "1", "--keys", "200", "--json", "--quiet"
         )

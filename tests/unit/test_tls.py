@@ -259,3 +259,27 @@ async def test_reload_serves_the_new_certificate_and_a_bad_one_changes_nothing(t
             assert await c.ping() >= 0
     finally:
         await service.shutdown(1.0)
+
+
+async def test_shutdown_closes_tls_connections_and_cancels_handshakes(certs: TlsCerts) -> None:
+    service = Toy(_settings(certs, tls_client_auth=True))
+    server = await service.listen("127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    listener = service.tls_listener
+    assert listener is not None
+    silent = socket.create_connection((host, port))
+    conn = await open_connection(host, port, ssl=certs.client_context(), connect_timeout=5)
+    try:
+        assert await conn.call(Op.PING) == "PONG"
+        await until(lambda: listener.in_progress == 1, what="the silent handshake in progress")
+        await service.shutdown(1.0)
+        assert listener.in_progress == 0 and not service.state.tasks
+        await until(lambda: conn.is_closing, what="the client's connection closed by the node")
+        silent.settimeout(5)
+        try:
+            assert await asyncio.to_thread(silent.recv, 1) == b""
+        except ConnectionResetError:
+            pass
+    finally:
+        conn.close()
+        silent.close()
