@@ -2,7 +2,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+SETUP_SUM := $(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+# What `make run` needs (dcache and the server extra), and what the tests need besides.
+RUN_STAMP := $(VENV)/.installed-server-$(SETUP_SUM)
+STAMP := $(VENV)/.installed-test-$(SETUP_SUM)
+
+# `make run` ports and data folder: `make run PORT=7100 AUX_PORT=7201 HTTP_PORT=8180 DATA_DIR=/tmp/dc`.
+# Plain `=`, not `?=`: a PORT variable in the environment does not move the cluster, the command line does.
+PORT = 7000
+AUX_PORT = 7101
+HTTP_PORT = 8080
+DATA_DIR = ./data
 
 .PHONY: run test lint typecheck unit bench fuzz install clean
 
@@ -10,15 +20,23 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	rm -f $(VENV)/.installed-*
+# The distribution was called `dcache` before it became `dcache-cluster`: a venv
+# holding the old one gets it removed first (both would own bin/dcache).
+$(RUN_STAMP): $(BIN)/python setup.cfg pyproject.toml
+	@if $(BIN)/python -m pip show --quiet dcache >/dev/null 2>&1; then $(BIN)/python -m pip uninstall --quiet -y dcache; fi
+	$(BIN)/python -m pip install --quiet -e '.[server]'
+	rm -f $(VENV)/.installed-server-*
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[server,test]'
+	rm -f $(VENV)/.installed-test-*
 	touch $(STAMP)
 
-install: $(STAMP)  ## install dcache and the test tools into .venv
+install: $(STAMP)  ## install dcache, the server extra and the test tools into .venv
 
-run: $(STAMP)  ## start a local cluster on 127.0.0.1: 2 masters, 3 aux nodes, 2 replicas (Ctrl-C stops it)
-	$(BIN)/dcache cluster --masters 2 --aux 3 --replicas 2 --data-dir ./data
+run: $(RUN_STAMP)  ## start a local cluster on 127.0.0.1: 2 masters, 3 aux nodes, 2 replicas (Ctrl-C stops it); PORT, AUX_PORT, HTTP_PORT, DATA_DIR move it
+	$(BIN)/dcache cluster --masters 2 --aux 3 --replicas 2 --data-dir $(DATA_DIR) --port $(PORT) --aux-port $(AUX_PORT) --http-port $(HTTP_PORT)
 
 lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff check dcache tests bin

@@ -26,7 +26,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import fields
 from typing import Any
 
-from . import __version__
 from .config import AuxConfig, HttpConfig, MasterConfig, field_default, load_config, read_secret
 from .errors import ClientError, ConfigError, ServerError
 from .net import protected_mode
@@ -41,10 +40,54 @@ EXIT_SERVER_ERROR = 4
 
 DEFAULT_ADDR = "127.0.0.1:7000"
 
+#: The distribution name on PyPI (``pip install dcache-cluster``); the import name is ``dcache``.
+DISTRIBUTION = "dcache-cluster"
+
+#: Modules the ``server`` extra brings (``pip install 'dcache-cluster[server]'``), which the
+#: daemons, ``dump``/``restore`` and ``bench`` import; the client and the other tools need none.
+SERVER_MODULES = ("uvloop", "xxhash", "aiohttp", "prometheus_client", "kazoo")
+
 _EXIT_CODES_HELP = """\
 exit codes: 0 success; 1 key missing or SET condition not met; 2 usage or
 configuration error; 3 server unreachable or timed out; 4 server error.
 """
+
+
+def version() -> str:
+    """The installed version, as the packaging metadata holds it (``dcache.__version__`` when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from . import __version__
+
+        return __version__
+
+
+def missing_server_modules() -> list[str]:
+    """The modules of the ``server`` extra that are not installed (empty: the extra is there)."""
+    from importlib.util import find_spec
+
+    return [name for name in SERVER_MODULES if find_spec(name) is None]
+
+
+def _needs_server(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a subcommand that needs the ``server`` extra: without it, one line and exit 2 instead of an ImportError."""
+
+    def run(args: argparse.Namespace) -> int:
+        missing = missing_server_modules()
+        if missing:
+            print(
+                f"dcache {args.command}: needs the server extra, which is not installed (missing: {', '.join(missing)}); "
+                f"install it with: pip install '{DISTRIBUTION}[server]'",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        return func(args)
+
+    return run
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -525,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"dcache {__version__}")
+    parser.add_argument("--version", action="version", version=f"dcache {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -538,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints one 'READY host:port' line once listening.",
     )
     _add_config_flags(p, AuxConfig)
-    p.set_defaults(func=_cmd_aux)
+    p.set_defaults(func=_needs_server(_cmd_aux))
 
     p = sub.add_parser(
         "master",
@@ -550,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints one 'READY host:port' line once listening.",
     )
     _add_config_flags(p, MasterConfig)
-    p.set_defaults(func=_cmd_master)
+    p.set_defaults(func=_needs_server(_cmd_master))
 
     p = sub.add_parser(
         "http",
@@ -560,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints one 'READY host:port' line once listening; SIGTERM/SIGINT shut it down gracefully. See docs/HTTP.md.",
     )
     _add_config_flags(p, HttpConfig)
-    p.set_defaults(func=_cmd_http)
+    p.set_defaults(func=_needs_server(_cmd_http))
 
     p = sub.add_parser(
         "cluster",
@@ -569,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and stop them all cleanly on Ctrl-C (SIGINT) or SIGTERM.",
     )
     _add_cluster_flags(p)
-    p.set_defaults(func=_cmd_cluster)
+    p.set_defaults(func=_needs_server(_cmd_cluster))
 
     p = sub.add_parser(
         "get", help="print a key's value", description="Print the value of KEY (raw bytes and a newline).", epilog=_EXIT_CODES_HELP
@@ -623,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_addr(p)
     p.add_argument("--out", required=True, help="file to write (replaced atomically when complete)")
     _add_secret(p)
-    p.set_defaults(func=_cmd_dump)
+    p.set_defaults(func=_needs_server(_cmd_dump))
 
     p = sub.add_parser(
         "restore",
@@ -636,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="infile", required=True, help="file written by dcache dump")
     p.add_argument("--batch", type=int, default=500, help="entries per APPLY request (default: 500)")
     _add_secret(p)
-    p.set_defaults(func=_cmd_restore)
+    p.set_defaults(func=_needs_server(_cmd_restore))
 
     p = sub.add_parser(
         "bench",
@@ -644,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive GET/SET load from several processes against --addr and report ops/s and latency percentiles.",
     )
     _add_bench_flags(p)
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(func=_needs_server(_cmd_bench))
     return parser
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import xxhash
-
 __all__ = [
     "DEFAULT_MAX_SKEW_MS",
     "MAX_VERSION",
@@ -58,6 +56,8 @@ def wall_ms() -> int:
 
 def node_tag(node_id: str) -> int:
     """The 10-bit tag a node's versions carry, stable across processes."""
+    import xxhash  # here, not at the top: the client imports this module and needs no xxhash
+
     return xxhash.xxh3_64_intdigest(node_id.encode()) & _TAG_MASK
 
 

@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import (
     BadArgumentsError,
@@ -35,9 +35,11 @@ from ..errors import (
     TooManyKeysError,
     ValueTooLargeError,
 )
-from ..ring import RangeMatcher, compile_ranges
 from .limits import INT64_MAX, INT64_MIN, MAX_NAME_CHARS, MAX_RANGES, MAX_TTL_MS, UINT64_MAX, Limits
 from .messages import Op, SetFlag
+
+if TYPE_CHECKING:
+    from ..ring import RangeMatcher
 
 __all__ = [
     "Credential",
@@ -241,6 +243,9 @@ def _ranges(ranges: Any) -> RangeMatcher:
         if start.__class__ is not int or end.__class__ is not int or not (0 <= start <= UINT64_MAX and 0 <= end <= UINT64_MAX):
             raise BadArgumentsError("range bounds must be integers in 0 .. 2**64-1")
         spans.append((start, end))
+    # Imported here: the ring needs xxhash, which the client (it imports this module) does without.
+    from ..ring import compile_ranges
+
     return compile_ranges(spans)
 
 
