@@ -24,9 +24,9 @@ import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, NoReturn
 
-from .config import AuxConfig, HttpConfig, MasterConfig, field_default, load_config, read_secret
+from .config import AuxConfig, HttpConfig, MasterConfig, field_default, format_size, load_config, parse_size, read_secret
 from .errors import ClientError, ConfigError, ServerError
 from .net import protected_mode
 
@@ -51,6 +51,20 @@ _EXIT_CODES_HELP = """\
 exit codes: 0 success; 1 key missing or SET condition not met; 2 usage or
 configuration error; 3 server unreachable or timed out; 4 server error.
 """
+
+_DAEMON_EPILOG = """\
+SIZE values are bytes, or a number with a unit: KB, MB, GB (powers of 1000)
+or KiB, MiB, GiB (powers of 1024); e.g. 256MiB = 268435456 bytes.
+Every flag is also a DCACHE_* environment variable and a key of the role's
+table in the --config file (docs/OPERATIONS.md, "Configuration file").
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: what is wrong and where the help is (not the whole usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
 def version() -> str:
@@ -100,13 +114,13 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     )
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        default = field_default(f)
         env = "DCACHE_" + f.name.upper()
-        help_text = f"{f.metadata['help']} (default: {default!r}; env {env})"
+        shown = _shown_default(f)
+        help_text = f"{f.metadata['help']} ({'' if shown is None else f'default: {shown}; '}env {env})"
         parser.add_argument(
             flag,
             dest=f.name,
-            type=f.metadata["parse"],
+            type=_arg_type(f.metadata["parse"]),
             metavar=f.metadata.get("metavar") or f.name.upper().split("_")[-1],
             default=argparse.SUPPRESS,
             help=help_text,
@@ -116,6 +130,32 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         action="store_true",
         help="validate the configuration (protected mode included), print it as JSON and exit without starting",
     )
+
+
+def _shown_default(f: Any) -> str | None:
+    """A config field's default as ``--help`` shows it, or ``None`` if the help text already says it or there is none."""
+    default = field_default(f)
+    if "(default" in f.metadata["help"] or default is None or default == "" or default == ():
+        return None
+    if f.metadata["parse"] is parse_size:
+        return format_size(default)
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, tuple):
+        return ",".join(str(item) for item in default)
+    return str(default)
+
+
+def _arg_type(parse: Callable[[Any], Any]) -> Callable[[str], Any]:
+    """A field's parser as an argparse ``type``: its own message on a bad value (argparse would name the function)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 def _config_from_args(cls: type, section: str, args: argparse.Namespace) -> Any:
@@ -507,16 +547,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     from .tools.cluster import ClusterOptions as C
 
-    _flag(p, C, "masters", "number of masters", type=int)
-    _flag(p, C, "aux", "number of aux nodes", type=int)
-    _flag(p, C, "replicas", "copies of each key", type=int)
-    _flag(p, C, "data_dir", "folder for the aux nodes' snapshots, one subfolder each")
-    _flag(p, C, "port", "first master's port; the others follow (0: free ports)", type=int)
-    _flag(p, C, "http_port", "HTTP shim's port (default: 8080, or a free port with --port 0; -1: no shim)", show_default=False, type=int)
-    _flag(p, C, "aux_port", "first aux node's port; the others follow", type=int)
-    _flag(p, C, "max_memory", "byte budget of each aux node")
-    _flag(p, C, "snapshot_interval", "seconds between aux snapshots", type=float)
-    _flag(p, C, "log_level", "log level of every process")
+    _flag(p, C, "masters", "number of masters", type=int, metavar="N")
+    _flag(p, C, "aux", "number of aux nodes", type=int, metavar="N")
+    _flag(p, C, "replicas", "copies of each key", type=int, metavar="N")
+    _flag(p, C, "data_dir", "folder for the aux nodes' snapshots, one subfolder each", metavar="DIR")
+    _flag(p, C, "port", "first master's port; the others follow (0: free ports)", type=int, metavar="PORT")
+    _flag(
+        p,
+        C,
+        "http_port",
+        "HTTP shim's port (default: 8080, or a free port with --port 0; -1: no shim)",
+        show_default=False,
+        type=int,
+        metavar="PORT",
+    )
+    _flag(p, C, "aux_port", "first aux node's port; the others follow", type=int, metavar="PORT")
+    _flag(p, C, "max_memory", "byte budget of each aux node (KB, MB = powers of 1000; KiB, MiB = of 1024)", metavar="SIZE")
+    _flag(p, C, "snapshot_interval", "seconds between aux snapshots", type=float, metavar="S")
+    _flag(p, C, "log_level", "log level of every process", metavar="LEVEL")
     _flag(
         p,
         C,
@@ -525,7 +573,7 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         show_default=False,
         metavar="HOSTS",
     )
-    _flag(p, C, "cluster", "cluster name in ZooKeeper, with --zookeeper")
+    _flag(p, C, "cluster", "cluster name in ZooKeeper, with --zookeeper", metavar="NAME")
 
 
 def _add_bench_flags(p: argparse.ArgumentParser) -> None:
@@ -562,7 +610,7 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``dcache`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dcache",
         description="dcache: a distributed in-memory cache. Run a role (master, aux, http, cluster) or a tool against a running cluster.",
         epilog=_EXIT_CODES_HELP,
@@ -580,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
         "before it exits, SIGINT stops it with a final snapshot and no hand-over. "
         "Prints one 'READY host:port' line once listening.",
     )
+    p.epilog = _DAEMON_EPILOG
     _add_config_flags(p, AuxConfig)
     p.set_defaults(func=_needs_server(_cmd_aux))
 
@@ -592,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with --zookeeper the masters elect a leader in ZooKeeper and keep the ring there (docs/OPERATIONS.md). "
         "Prints one 'READY host:port' line once listening.",
     )
+    p.epilog = _DAEMON_EPILOG
     _add_config_flags(p, MasterConfig)
     p.set_defaults(func=_needs_server(_cmd_master))
 
@@ -602,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/health, /metrics and /openapi.yaml, through a dcache client that fails over between the --master endpoints. "
         "Prints one 'READY host:port' line once listening; SIGTERM/SIGINT shut it down gracefully. See docs/HTTP.md.",
     )
+    p.epilog = _DAEMON_EPILOG
     _add_config_flags(p, HttpConfig)
     p.set_defaults(func=_needs_server(_cmd_http))
 

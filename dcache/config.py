@@ -6,8 +6,14 @@ are all generated from one place and cannot drift apart.
 
 Precedence, lowest first: defaults < config file < ``DCACHE_*`` environment
 < command-line flags. The config file is TOML with one table per role
-(``[aux]``, ``[master]``, ...), keys spelt like the fields
-(``max_memory = "256MB"``).
+(``[aux]``, ``[master]``, ``[http]``: ``ROLE_SECTIONS``), keys spelt like the
+fields (``max_memory = "256MiB"``); a key outside those tables, an unknown
+table or an unknown key is refused with the file and the key named
+(docs/OPERATIONS.md, "Configuration file", has an example per role).
+
+Sizes are bytes, or a number with a unit: KB, MB, GB, TB are powers of 1000,
+KiB, MiB, GiB, TiB powers of 1024 (as in Kubernetes). The defaults are
+binary (``--max-memory`` is 256MiB) and ``--help`` shows them so.
 
 Validation happens in ``__post_init__`` and raises ``ConfigError`` naming the
 field, so a bad value from any source gets the same message.
@@ -41,7 +47,9 @@ __all__ = [
     "load_config",
     "config_fields",
     "parse_size",
+    "format_size",
     "parse_bool",
+    "ROLE_SECTIONS",
     "DEFAULT_AUX_PORT",
 ]
 
@@ -59,13 +67,28 @@ _SIZE_UNITS = {
 
 
 def parse_size(text: str | int) -> int:
-    """Parse a byte size: ``1048576``, ``512KB``, ``256MB``, ``1GiB`` (KB = 1000, KiB = 1024)."""
-    if isinstance(text, int):
+    """Parse a byte size: ``1048576``, ``512KB``, ``256MiB``, ``1GiB`` (KB, MB, GB = powers of 1000; KiB, MiB, GiB = of 1024).
+
+    Raises:
+        ValueError: not a size (the message gives examples).
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
         return text
     m = _SIZE_RE.match(str(text))
-    if not m or (m.group(2) or "").lower() not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {text!r} (examples: 1048576, 512KB, 256MB, 1GiB)")
+    if isinstance(text, bool) or not m or (m.group(2) or "").lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 1048576, 512KB, 256MiB, 1GiB; KB = 1000 bytes, KiB = 1024)")
     return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+
+
+_FORMAT_UNITS = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024), ("GB", 1000**3), ("MB", 1000**2), ("KB", 1000))
+
+
+def format_size(n: int) -> str:
+    """A byte count as ``parse_size`` reads it back, in the largest unit that divides it: ``256MiB``, ``1KiB``, ``1500``."""
+    for unit, factor in _FORMAT_UNITS:
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -94,11 +117,21 @@ def _opt(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
 
 
 def _float(text: Any) -> float:
-    return float(text)
+    if isinstance(text, bool):
+        raise ValueError(f"not a number: {text!r}")
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"not a number: {text!r}") from None
 
 
 def _int(text: Any) -> int:
-    return int(text)
+    if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+        raise ValueError(f"not an integer: {text!r}")
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"not an integer: {text!r}") from None
 
 
 def _str(text: Any) -> str:
@@ -302,7 +335,7 @@ class AuxConfig(NodeConfig):
     port: int = opt(DEFAULT_AUX_PORT, "TCP port to listen on; 0 picks a free port", _int)
     node_id: str = opt("", "stable node id (default: aux-HOST-PORT of the bound address)", _str)
     data_dir: str | None = opt(None, "directory for snapshots (none: memory only)", _opt_str, "DIR")
-    max_memory: int = opt(256 * 1024**2, "byte budget for keys + values + per-entry overhead (e.g. 256MB)", parse_size, "SIZE")
+    max_memory: int = opt(256 * 1024**2, "byte budget for keys + values + per-entry overhead", parse_size, "SIZE")
     max_items: int = opt(0, "most entries held; 0 = no item cap", _int)
     snapshot_interval: float = opt(10.0, "seconds between snapshots (needs --data-dir); 0 disables", _float, "S")
     expiry_interval: float = opt(0.1, "seconds between active-expiry sweeps", _float, "S")
@@ -413,8 +446,17 @@ def load_config(
 
     ``flags`` holds only the options actually given on the command line,
     keyed by field name, already parsed. ``env`` defaults to ``os.environ``;
-    a field ``max_memory`` is read from ``DCACHE_MAX_MEMORY``. Raises
-    ``ConfigError`` naming the field and the source of a bad value.
+    a field ``max_memory`` is read from ``DCACHE_MAX_MEMORY``.
+
+    The file may hold a table for each role (``ROLE_SECTIONS``, so one file
+    can serve every daemon); only ``section``'s is used, but every table's
+    keys are checked, so a misspelt key never passes silently.
+
+    Raises:
+        ConfigError: a bad value (naming the field and its source), or a
+            file that cannot be read, is not TOML, or has a key outside the
+            role tables, an unknown table or an unknown key (naming the file
+            and the key).
     """
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
@@ -427,14 +469,11 @@ def load_config(
             raise ConfigError(f"config file {config_file}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_file}: {exc}") from None
+        _check_layout(doc, config_file, {**ROLE_SECTIONS, section: cls})
         table = doc.get(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"config file {config_file}: [{section}] must be a table")
         for key, raw in table.items():
             name = key.replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"config file {config_file}: [{section}] has unknown key {key!r}")
-            values[name] = _parse_field(known[name], raw, f"config file [{section}] {key}")
+            values[name] = _parse_field(known[name], raw, f"config file {config_file}: [{section}] {key}")
     for name, f in known.items():
         var = ENV_PREFIX + name.upper()
         if var in env:
@@ -447,6 +486,23 @@ def load_config(
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _check_layout(doc: Mapping[str, Any], path: str, sections: Mapping[str, type]) -> None:
+    """Refuse what a config file may not hold: top-level keys, unknown tables, unknown keys in a table."""
+    tables = ", ".join(f"[{name}]" for name in sections)
+    for key, value in doc.items():
+        cls = sections.get(key)
+        if not isinstance(value, dict):
+            if cls is not None:
+                raise ConfigError(f"config file {path}: {key} must be a table ([{key}]), not a value")
+            raise ConfigError(f"config file {path}: {key!r} is outside a table; settings go in a role's table ({tables})")
+        if cls is None:
+            raise ConfigError(f"config file {path}: unknown table [{key}] (the tables are {tables})")
+        names = {f.name for f in fields(cls)}
+        for name in value:
+            if name.replace("-", "_") not in names:
+                raise ConfigError(f"config file {path}: [{key}] has unknown key {name!r} (see dcache {key} --help)")
 
 
 def _parse_field(f: Any, raw: Any, source: str) -> Any:
@@ -577,3 +633,7 @@ def read_secret(path: str | None, value: str | None) -> bytes | None:
             raise ConfigError(f"cluster_secret: DCACHE_CLUSTER_SECRET holds less than {MIN_SECRET_CHARS} characters")
         return value.encode()
     return None
+
+
+#: The tables a config file may hold, one per role, and the config each one fills.
+ROLE_SECTIONS: dict[str, type] = {"aux": AuxConfig, "master": MasterConfig, "http": HttpConfig}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import parse_size
 from ..errors import ConfigError
 
 __all__ = ["ClusterOptions", "LocalCluster", "run_cluster"]
@@ -47,7 +48,7 @@ class ClusterOptions:
         http_port: the HTTP shim's port (``None``: 8080, or a free port with
             ``port`` 0; -1: no shim).
         aux_port: first aux node's port; the others follow.
-        max_memory: byte budget of each aux node (``256MB``...).
+        max_memory: byte budget of each aux node (``256MiB``...; ``dcache.config.parse_size``).
         snapshot_interval: seconds between aux snapshots.
         log_level: log level of every process.
         zookeeper: ZooKeeper ``HOST:PORT[,...]``: membership, leader election
@@ -55,8 +56,8 @@ class ClusterOptions:
         cluster: cluster name in ZooKeeper.
 
     Raises:
-        ConfigError: fewer than one master, aux node or replica, or more
-            replicas than aux nodes.
+        ConfigError: fewer than one master, aux node or replica, more
+            replicas than aux nodes, or ``max_memory`` is not a size.
     """
 
     masters: int = 2
@@ -66,7 +67,7 @@ class ClusterOptions:
     port: int = 7000
     http_port: int | None = None
     aux_port: int = 7101
-    max_memory: str = "256MB"
+    max_memory: str = "256MiB"
     snapshot_interval: float = 10.0
     log_level: str = "info"
     zookeeper: str | None = None
@@ -78,6 +79,10 @@ class ClusterOptions:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.replicas > self.aux:
             raise ConfigError(f"replicas: {self.replicas} exceeds the number of aux nodes ({self.aux})")
+        try:
+            parse_size(self.max_memory)
+        except ValueError as exc:
+            raise ConfigError(f"max_memory: {exc}") from None
 
 
 class LocalCluster:

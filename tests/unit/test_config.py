@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from dcache.address import parse_address
-from dcache.config import AuxConfig, MasterConfig, load_config, parse_size
+from dcache.config import AuxConfig, HttpConfig, MasterConfig, format_size, load_config, parse_size
 from dcache.errors import ConfigError
 
 
@@ -102,3 +106,58 @@ def test_zookeeper_settings():
 def test_zookeeper_settings_rejected(cls, section, env, field):
     with pytest.raises(ConfigError, match=field):
         load_config(cls, section, {}, env=env)
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ('max_memory = "lots"\n', r"'max_memory' is outside a table.*\[aux\], \[master\], \[http\]"),
+        ("bogus_key = 1\n[aux]\nport = 7200\n", r"'bogus_key' is outside a table"),
+        ("[bogus]\nport = 1\n", r"unknown table \[bogus\]"),
+        ("[master]\nmax_memory = 1\n", r"\[master\] has unknown key 'max_memory'"),
+        ("[http]\nmasters = '127.0.0.1:7000'\n", r"\[http\] has unknown key 'masters'"),
+        ("aux = 1\n", r"aux must be a table"),
+        ('[aux]\nmax_memory = "lots"\n', r"\[aux\] max_memory: not a size: 'lots'"),
+    ],
+)
+def test_config_file_layout_is_checked(tmp_path, text, match):
+    """Keys outside the role tables, unknown tables and unknown keys in any role's table are refused, naming the file."""
+    f = tmp_path / "dcache.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(AuxConfig, "aux", {}, env={}, config_file=str(f))
+    assert str(f) in str(info.value)
+
+
+def test_one_file_serves_every_role(tmp_path):
+    f = tmp_path / "dcache.toml"
+    f.write_text('[aux]\nmax_memory = "64MiB"\n[master]\nreplicas = 2\n[http]\nmaster = ["127.0.0.1:7000", "127.0.0.1:7001"]\n')
+    assert load_config(AuxConfig, "aux", {}, env={}, config_file=str(f)).max_memory == 64 * 1024**2
+    assert load_config(MasterConfig, "master", {}, env={}, config_file=str(f)).replicas == 2
+    assert load_config(HttpConfig, "http", {}, env={}, config_file=str(f)).master == ("127.0.0.1:7000", "127.0.0.1:7001")
+
+
+@pytest.mark.parametrize(
+    "n,text", [(256 * 1024**2, "256MiB"), (1024, "1KiB"), (1500, "1500"), (2_000_000, "2MB"), (1024**2 + 4096, "1028KiB")]
+)
+def test_format_size_round_trips(n, text):
+    assert format_size(n) == text and parse_size(text) == n
+
+
+@pytest.mark.parametrize("parse,text", [(AuxConfig, "x"), (AuxConfig, "7.5")])
+def test_integer_fields_say_what_is_wrong(parse, text):
+    with pytest.raises(ConfigError, match=rf"DCACHE_PORT: not an integer: '{re.escape(text)}'"):
+        load_config(parse, "aux", {}, env={"DCACHE_PORT": text})
+
+
+def test_the_documented_config_file_loads_for_every_role(tmp_path):
+    """docs/OPERATIONS.md's example file is valid for each role it has a table for."""
+    doc = (Path(__file__).parents[2] / "docs" / "OPERATIONS.md").read_text()
+    [example] = re.findall(r"```toml\n(.*?)```", doc, re.S)
+    f = tmp_path / "dcache.toml"
+    f.write_text(example)
+    ports = {"aux": 7101, "master": 7000, "http": 8080}
+    for cls, section in ((AuxConfig, "aux"), (MasterConfig, "master"), (HttpConfig, "http")):
+        cfg: Any = load_config(cls, section, {}, env={}, config_file=str(f))
+        assert cfg.port == ports[section]
+    assert load_config(AuxConfig, "aux", {}, env={}, config_file=str(f)).max_memory == 4 * 1024**3
