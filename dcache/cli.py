@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 from .config import AuxConfig, HttpConfig, MasterConfig, field_default, format_size, load_config, parse_size, read_secret
 from .errors import ClientError, ConfigError, ServerError
-from .net import protected_mode
+from .net import listen_error, protected_mode
 
 __all__ = ["main", "EXIT_OK", "EXIT_MISSING", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_SERVER_ERROR"]
 
@@ -204,7 +204,10 @@ def _run_role(cls: type, section: str, args: argparse.Namespace, run: Callable[[
         _check_protected_mode(config, section)
         return _print_config(config)
     _setup_logging(config.log_level)
-    return run(config)
+    try:
+        return run(config)
+    except OSError as exc:  # the listener could not bind (the data dir and the metrics port raise ConfigError)
+        raise listen_error(exc, config.host, config.port, "--port") from None
 
 
 def _cmd_aux(args: argparse.Namespace) -> int:

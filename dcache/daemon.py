@@ -64,14 +64,24 @@ class Daemon(Protocol):
 
 
 async def serve(daemon: Daemon, *, host: str, metrics_port: int | None, ready: bool = True) -> None:
-    """Run ``daemon`` until SIGTERM or SIGINT, then stop it gracefully (see the module note)."""
+    """Run ``daemon`` until SIGTERM or SIGINT, then stop it gracefully (see the module note).
+
+    Raises:
+        ConfigError: the metrics port cannot be bound (``dcache.net.listen_error``), or
+            ``daemon.start()`` refused its settings.
+        OSError: ``daemon.start()`` could not bind its listener (the CLI says which port and flag).
+    """
     where = await daemon.start()
     metrics = None
     try:
         if metrics_port is not None:
             from .metrics import registry_for, start_metrics_server
+            from .net import listen_error
 
-            metrics = await start_metrics_server(registry_for(daemon.collector()), host, metrics_port)
+            try:
+                metrics = await start_metrics_server(registry_for(daemon.collector()), host, metrics_port)
+            except OSError as exc:
+                raise listen_error(exc, host, metrics_port, "--metrics-port") from None
             log.info("%s %s serves metrics at %s", daemon.role, daemon.node_id, metrics.url)
         stop = asyncio.Event()
         received: list[int] = []

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
 
 from .errors import ConfigError
 
-__all__ = ["nodelay", "protected_mode", "is_loopback"]
+__all__ = ["nodelay", "protected_mode", "is_loopback", "listen_error"]
 
 log = logging.getLogger("dcache.net")
 
@@ -54,3 +55,24 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def listen_error(exc: OSError, host: str, port: int, flag: str) -> ConfigError:
+    """The one-line error for a listener that could not bind ``host:port``: why, and the ``flag`` that moves it.
+
+    Args:
+        exc: what binding raised.
+        host: the address listened on (``--host``).
+        port: the port listened on.
+        flag: the option that sets ``port`` (``--port``, ``--metrics-port``).
+    """
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        why = f"the port is already in use (another process listens there); choose another with {flag}, or {flag} 0 for a free one"
+    elif exc.errno == errno.EACCES:
+        why = f"permission denied (ports below 1024 need privileges); choose another with {flag}"
+    elif exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        why = f"{host!r} is not an address of this machine; fix --host"
+    else:
+        why = f"{exc.strerror or exc}"
+    return ConfigError(f"cannot listen on {where}: {why}")

@@ -43,12 +43,34 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from ..config import AuxConfig
+from ..errors import ConfigError
 from ..files import make_private_dir, open_private
 from ..hlc import HybridClock, wall_ms
 from ..lru import EntryTooLargeError, LRUCache
 from ..lru.snapshot import SnapshotData, SnapshotError, load, pack_entries, write_packed
 from ..protocol import Limits
 from ..server import ServerState
+
+
+def _prepare_data_dir(path: str) -> None:
+    """Create ``path`` (mode 0700) if needed and check this process can write there.
+
+    Raises:
+        ConfigError: ``--data-dir`` cannot be used, with why and what to do.
+    """
+    try:
+        make_private_dir(path)
+        os.listdir(path)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"data_dir: cannot use {path}: it, or a folder above it, is a file; give --data-dir a folder") from None
+    except FileNotFoundError:
+        raise ConfigError(
+            f"data_dir: cannot create {path}: a folder above it cannot be made there; give --data-dir another folder"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"data_dir: cannot use {path}: {exc.strerror or exc}; give --data-dir a folder this user can write") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"data_dir: cannot write to {path}: permission denied; give --data-dir a folder this user can write")
 
 
 class SnapshotHost(Protocol):
@@ -178,14 +200,15 @@ class SnapshotManager:
         push every later version of this node into the future.
 
         Raises:
-            OSError: the data dir cannot be created or listed (a config
-                problem worth failing the start for). Problems with the
-                snapshot files themselves never raise.
+            ConfigError: the data dir cannot be created, listed or written
+                (a config problem worth failing the start for; the message
+                says why in one line). Problems with the snapshot files
+                themselves never raise.
         """
         if self.data_dir is None:
             return 0
         data_dir = self.data_dir
-        make_private_dir(data_dir)
+        _prepare_data_dir(data_dir)
         self._remove_temp_files()
         loop = asyncio.get_running_loop()
         for name in (CURRENT_NAME, PREV_NAME):

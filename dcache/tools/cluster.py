@@ -16,8 +16,10 @@ printed is then ``READY host:port`` of the first master.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +35,8 @@ __all__ = ["ClusterOptions", "LocalCluster", "run_cluster"]
 
 _READY_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 15.0
+#: How long a process that closed its stdout without READY gets to exit (for its exit code).
+_EXIT_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +105,43 @@ class LocalCluster:
         self.procs.append((name, proc))
         line = _read_ready(proc, _READY_TIMEOUT_S)
         if not line.startswith("READY "):
-            raise RuntimeError(f"{name} ({role}) did not start (exit code {proc.poll()}); see its log above")
+            try:
+                code: int | None = proc.wait(_EXIT_WAIT_S)  # it closed stdout: it is exiting
+            except subprocess.TimeoutExpired:
+                code = None
+            why = f"exit code {code}" if code is not None else f"no READY line within {_READY_TIMEOUT_S:.0f} s"
+            raise RuntimeError(f"{name} ({role}) did not start ({why}); its message is above")
         return line.split()[1]
+
+    def check(self) -> None:
+        """Fail early, in one line, on what would stop a process from starting: a port in use, an unusable data folder.
+
+        Raises:
+            ConfigError: which port (and which flag moves it) or which folder, and why.
+        """
+        a = self.opts
+        if a.port != 0:
+            http_port = 8080 if a.http_port is None else a.http_port
+            wanted = [(a.port + i, "--port", f"master m{i + 1}") for i in range(a.masters)]
+            wanted += [(a.aux_port + i, "--aux-port", f"aux node a{i + 1}") for i in range(a.aux)]
+            if http_port > 0:
+                wanted.append((http_port, "--http-port", "the HTTP shim"))
+            for port, flag, who in wanted:
+                if not 0 < port <= 65535:
+                    raise ConfigError(f"{flag.lstrip('-').replace('-', '_')}: port {port} for {who} is out of range 1..65535")
+                why = _bind_error("127.0.0.1", port)
+                if why is not None:
+                    raise ConfigError(
+                        f"cannot listen on 127.0.0.1:{port} for {who}: {why}; choose other ports with {flag} (--port 0: all free)"
+                    )
+        data = Path(a.data_dir)
+        try:
+            for i in range(a.aux):
+                (data / f"a{i + 1}").mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(f"data_dir: cannot use {data}: it, or a folder in it, is a file; give --data-dir a folder") from None
+        except OSError as exc:
+            raise ConfigError(f"data_dir: cannot use {data}: {exc.strerror or exc}; give --data-dir a folder this user can write") from None
 
     def start(self) -> None:
         a = self.opts
@@ -211,6 +250,19 @@ def _wait_members(addr: str, expected: set[str], timeout: float) -> None:
     asyncio.run(poll())
 
 
+def _bind_error(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now (``None``: it can), binding as the daemons do (SO_REUSEADDR)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "the port is already in use (another process listens there, perhaps an earlier cluster)"
+            return exc.strerror or str(exc)
+    return None
+
+
 def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> str:
     out: list[str] = []
 
@@ -225,13 +277,18 @@ def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> str:
 
 
 def run_cluster(opts: ClusterOptions) -> int:
-    """Start the cluster, supervise it until SIGINT or SIGTERM, stop it; return the exit code."""
+    """Start the cluster, supervise it until SIGINT or SIGTERM, stop it; return the exit code.
+
+    Raises:
+        ConfigError: a port is taken or the data folder is unusable (``LocalCluster.check``).
+    """
     cluster = LocalCluster(opts)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
 
+    cluster.check()
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:

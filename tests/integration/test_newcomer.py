@@ -9,6 +9,7 @@ docs promise (``dcache.cli``: 0 ok, 1 missing, 2 usage/configuration,
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,64 @@ def test_help_shows_each_default_once_and_readably(role):
     text = " ".join(r.stdout.split())
     for garbled in ("(default: ''", "(default: ()", "(default: ('", "(default: None", "(default: False", "(default: True"):
         assert garbled not in text, garbled
+
+
+# -- 1, 2: a port in use, a data folder that cannot be one ----------------------------------------
+
+
+@pytest.fixture
+def taken_port():
+    """A port some other process (here: this one) listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (("master", "--port", "{port}"), "--port"),
+        (("aux", "--port", "{port}"), "--port"),
+        (("http", "--port", "{port}"), "--port"),
+        (("master", "--port", "0", "--metrics-port", "{port}"), "--metrics-port"),
+        (("cluster", "--port", "{port}", "--data-dir", "{tmp}"), "--port"),
+        (("cluster", "--port", "{free}", "--aux-port", "{port}", "--data-dir", "{tmp}"), "--aux-port"),
+    ],
+)
+def test_port_in_use_is_one_line_naming_port_and_flag(taken_port, tmp_path, args, flag):
+    free = _free_port_block(8) if "{free}" in args else 0
+    argv = [a.format(port=taken_port, tmp=tmp_path / "data", free=free) for a in args]
+    line = assert_fails(dcache(*argv, timeout=30), 2, f"127.0.0.1:{taken_port}", "already in use", flag)
+    assert "(exit code None)" not in line
+
+
+@pytest.mark.parametrize("role", ["aux", "cluster"])
+@pytest.mark.parametrize("make", ["file", "under_file", "uncreatable"])
+def test_unusable_data_dir_is_one_line(tmp_path, role, make):
+    f = tmp_path / "a-file"
+    f.write_text("not a folder")
+    data_dir = {"file": f, "under_file": f / "sub", "uncreatable": Path("/proc/dcache-no/such")}[make]
+    r = dcache(role, "--port", "0", "--data-dir", str(data_dir), timeout=30)
+    assert_fails(r, 2, "data_dir", str(data_dir))
+
+
+def _free_port_block(n: int) -> int:
+    """A port p with p .. p+n-1 free right now (for a cluster whose --aux-port is the taken one)."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            base: int = sock.getsockname()[1]
+        if base + n < 65536 and all(_is_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no block of free ports")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemons bind
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
