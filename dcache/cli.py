@@ -8,9 +8,19 @@ Exit codes of the tools (get, set, del, stats, ...), for scripts:
 
 * 0 - success
 * 1 - the key does not exist, or a SET condition (--nx/--xx) was not met
-* 2 - usage or configuration error
-* 3 - could not reach the server, or it timed out
+* 2 - usage or configuration error: a bad flag or setting, an argument the
+  client refuses before sending (``InvalidArgumentError``: an empty key, a
+  TTL <= 0...) or a key or value the server refuses as too large, a file
+  that cannot be read or written, a tool pointed at the wrong kind of node
+* 3 - could not reach a dcache server at --addr: refused, unknown host, no
+  answer in time, or a server of another protocol (HTTP, RESP) answered
 * 4 - the server answered with an error
+
+The daemons exit 2 when they cannot start with their settings (a bad value,
+a port in use, an unusable --data-dir), with one line saying why.
+
+Every error is one line on stderr: ``dcache COMMAND: what failed: why;
+what to do``.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from dataclasses import fields
 from typing import Any, NoReturn
 
 from .config import AuxConfig, HttpConfig, MasterConfig, field_default, format_size, load_config, parse_size, read_secret
-from .errors import ClientError, ConfigError, ServerError
+from .errors import ConfigError, DCacheError, ServerError
 from .net import listen_error, protected_mode
 
 __all__ = ["main", "EXIT_OK", "EXIT_MISSING", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_SERVER_ERROR"]
@@ -49,7 +59,9 @@ SERVER_MODULES = ("uvloop", "xxhash", "aiohttp", "prometheus_client", "kazoo")
 
 _EXIT_CODES_HELP = """\
 exit codes: 0 success; 1 key missing or SET condition not met; 2 usage or
-configuration error; 3 server unreachable or timed out; 4 server error.
+configuration error (also a bad argument, a key or value too large);
+3 no dcache server reached (refused, unknown host, timed out, another
+protocol answered); 4 server error.
 """
 
 _DAEMON_EPILOG = """\
@@ -322,7 +334,7 @@ def _secret(args: argparse.Namespace) -> bytes | None:
 
 
 def _run_tool(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
-    """Connect a client, run ``body(client)``, map errors onto exit codes."""
+    """Connect a client, run ``body(client)``, map errors onto exit codes (``_report``)."""
     from .client import Client
 
     context = _client_ssl(args)
@@ -341,17 +353,71 @@ def _run_tool(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any
 
     try:
         return asyncio.run(go())
-    except ServerError as exc:
-        print(f"error: server: {exc.message} ({exc.__class__.__name__})", file=sys.stderr)
-        return EXIT_SERVER_ERROR
     except BrokenPipeError:
         # Socket failures reach us as ConnectionError subclasses from the
         # client; a broken pipe is stdout's reader going away (`... | head`).
         _silence_stdout()
         return EXIT_OK
-    except (ClientError, OSError, TimeoutError) as exc:
-        print(f"error: cannot reach {args.addr}: {exc or exc.__class__.__name__}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except (DCacheError, OSError, TimeoutError, RuntimeError) as exc:
+        return _report(args, exc)
+
+
+def _report(args: argparse.Namespace, exc: BaseException) -> int:
+    """Print one line for a tool's failure (what failed, why, what to do) and return its exit code.
+
+    ``InvalidArgumentError`` and a server's refusal of a too-large key or
+    value are the caller's input: exit 2 like any usage error; other server
+    answers exit 4; not reaching a dcache server (refused, unknown host, no
+    answer, another protocol) exits 3.
+    """
+    from .errors import AuthError, InvalidArgumentError, KeyTooLargeError, ValueTooLargeError
+    from .lru.snapshot import SnapshotError
+
+    addr = getattr(args, "addr", "")
+    prefix = f"dcache {args.command}:"
+    code = EXIT_UNREACHABLE
+    if isinstance(exc, (InvalidArgumentError, ConfigError, SnapshotError)):
+        line, code = f"{prefix} {exc}", EXIT_USAGE
+    elif isinstance(exc, (KeyTooLargeError, ValueTooLargeError)):
+        line, code = f"{prefix} the server at {addr} refused the request: {exc.message}", EXIT_USAGE
+    elif isinstance(exc, AuthError):
+        line = (
+            f"{prefix} the server at {addr} refused the credentials: {exc.message}; give the token with --auth-token (or DCACHE_AUTH_TOKEN)"
+        )
+        code = EXIT_SERVER_ERROR
+    elif isinstance(exc, ServerError):
+        line, code = f"{prefix} the server at {addr} answered an error: {exc.message} ({exc.__class__.__name__})", EXIT_SERVER_ERROR
+    elif isinstance(exc, RuntimeError):  # dump: the cluster kept moving data, or a range has no live owner
+        line = f"{prefix} {exc}"
+    elif isinstance(exc, OSError) and exc.filename is not None:  # a file the command reads or writes
+        line, code = f"{prefix} {exc.filename}: {exc.strerror or exc}", EXIT_USAGE
+    else:
+        line = f"{prefix} cannot reach a dcache server at {addr}: {_why_unreachable(exc, args)}"
+    print(line, file=sys.stderr)
+    return code
+
+
+def _why_unreachable(exc: BaseException, args: argparse.Namespace) -> str:
+    """Why a connection failed, from the root cause under the client's wrapping, and what to try."""
+    import socket
+
+    from .errors import ForeignProtocolError
+
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    start = "is the cluster running (make run, or dcache cluster)? is --addr right?"
+    if isinstance(root, ForeignProtocolError):
+        return str(root)
+    if isinstance(root, ConnectionRefusedError):
+        return f"connection refused (nothing listens there); {start}"
+    if isinstance(root, socket.gaierror):
+        return f"unknown host name; {start}"
+    if isinstance(root, TimeoutError):
+        return f"no answer within {args.timeout} s (--timeout); {start}"
+    if isinstance(root, OSError) and root.strerror:
+        return f"{root.strerror.lower()}; {start}"
+    return f"{root or root.__class__.__name__}"
 
 
 def _silence_stdout() -> None:
@@ -463,6 +529,14 @@ def _cmd_ring(args: argparse.Namespace) -> int:
     from .protocol import Op
 
     async def body(client: Any) -> int:
+        hello = await client.server_info()
+        if hello.get("role") != "master":
+            print(
+                f"dcache ring: {client.current_endpoint} is an aux node ({hello.get('node_id')}), and ring needs a master: "
+                "point --addr at a master (7000 by default)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         info = await client.execute(Op.RING)
         if args.json:
             print(json.dumps(info, indent=2, sort_keys=True, default=str))
@@ -510,26 +584,11 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _run_coro(args: argparse.Namespace, make: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> int:
-    """Run the dump/restore coroutine ``make()``, print its summary, map errors onto exit codes."""
-    from .lru.snapshot import SnapshotError
-
+    """Run the dump/restore coroutine ``make()``, print its summary, map errors onto exit codes (``_report``)."""
     try:
         summary = asyncio.run(make())
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except SnapshotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ServerError as exc:
-        print(f"error: server: {exc.message} ({exc.__class__.__name__})", file=sys.stderr)
-        return EXIT_SERVER_ERROR
-    except (ClientError, TimeoutError, RuntimeError) as exc:
-        print(f"error: {exc or exc.__class__.__name__}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE if isinstance(exc, ConnectionError) else EXIT_USAGE
+    except (DCacheError, OSError, TimeoutError, RuntimeError) as exc:
+        return _report(args, exc)
     for key, value in summary.items():
         print(f"{key}: {value}")
     return EXIT_OK

@@ -21,8 +21,10 @@ __all__ = [
     "ProtocolError",
     "LocalProtocolError",
     "RemoteProtocolError",
+    "ForeignProtocolError",
     "ConfigError",
     "ClientError",
+    "InvalidArgumentError",
     "NoAvailableNodeError",
     "PoolClosedError",
     "ServerError",
@@ -97,12 +99,34 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent bytes that do not follow the protocol."""
 
 
+class ForeignProtocolError(RemoteProtocolError):
+    """The server answered in another protocol (HTTP, RESP): the address is not a dcache native-protocol port.
+
+    ``protocol`` is ``"HTTP"`` or ``"RESP"``; the message says which kind of
+    port it probably is and which one to use instead.
+    """
+
+    def __init__(self, message: str, *, protocol: str) -> None:
+        super().__init__(message)
+        self.protocol = protocol
+
+
 class ConfigError(DCacheError, ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
 class ClientError(DCacheError):
     """A client-side failure that is not a server's answer."""
+
+
+class InvalidArgumentError(ClientError, ValueError):
+    """The client refused a call before sending it: a bad key, value, TTL or option, or one over the client's ``limits``.
+
+    Nothing was sent; a server never raises it (a server's refusal is a
+    ``ServerError``: ``BadArgumentsError``, ``KeyTooLargeError``...). It is a
+    ``ValueError`` too, so ``except ValueError`` catches it. Before 0.1.0 the
+    client raised the server's classes for these local checks.
+    """
 
 
 class NoAvailableNodeError(ClientError):

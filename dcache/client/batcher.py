@@ -34,7 +34,15 @@ from __future__ import annotations
 
 import asyncio
 
-from ..errors import ClientError, ConfigError, FrameTooLargeError, RemoteProtocolError, ServerError, UpstreamTimeoutError
+from ..errors import (
+    ClientError,
+    ConfigError,
+    FrameTooLargeError,
+    InvalidArgumentError,
+    RemoteProtocolError,
+    ServerError,
+    UpstreamTimeoutError,
+)
 from ..protocol import MAX_VALUE_BYTES
 from .client import Client, Key
 
@@ -129,7 +137,8 @@ class GetBatcher:
             A future of the value as ``bytes``, or ``None`` if the key does
             not exist; it fails with what ``Client.get`` would raise for
             this key (``TimeoutError``, ``NoAvailableNodeError``,
-            ``KeyTooLargeError``, another ``ServerError``...).
+            ``InvalidArgumentError``, ``KeyTooLargeError``, another
+            ``ServerError``...).
         """
         loop = self._loop
         if loop is None:
@@ -161,6 +170,17 @@ class GetBatcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _key_by_key(self, batch: _Batch, exc: Exception, *, too_large: bool) -> None:
+        """After a batch failed for ``exc``, which may be one key's fault: read each key on its own (a lone key fails)."""
+        if len(batch) == 1 and not too_large:
+            _fail_all(batch, exc)
+            return
+        self.stats.fallbacks += 1
+        if too_large:  # one GET at a time until the hint has decayed
+            self._hint = MAX_VALUE_BYTES
+            self._cap = 1
+        await asyncio.gather(*(self._one(key, fut) for key, fut in batch))
+
     async def _send(self, batch: _Batch) -> None:
         stats = self.stats
         stats.batches += 1
@@ -170,19 +190,14 @@ class GetBatcher:
                 values = [await self.client.get(batch[0][0])]
             else:
                 values = await self.client.mget([key for key, _ in batch])
+        except InvalidArgumentError as exc:  # one key the client refuses to send: read the others one by one
+            await self._key_by_key(batch, exc, too_large=False)
+            return
         except (UpstreamTimeoutError, TimeoutError, ClientError, OSError) as exc:  # unreachable or slow: the same for every key
             _fail_all(batch, exc)
             return
         except (ServerError, RemoteProtocolError) as exc:  # may be one key's fault, or an answer too large
-            too_large = isinstance(exc, (RemoteProtocolError, FrameTooLargeError))
-            if len(batch) == 1 and not too_large:
-                _fail_all(batch, exc)
-                return
-            stats.fallbacks += 1
-            if too_large:  # one GET at a time until the hint has decayed
-                self._hint = MAX_VALUE_BYTES
-                self._cap = 1
-            await asyncio.gather(*(self._one(key, fut) for key, fut in batch))
+            await self._key_by_key(batch, exc, too_large=isinstance(exc, (RemoteProtocolError, FrameTooLargeError)))
             return
         except asyncio.CancelledError:  # no read may wait forever
             _fail_all(batch, ClientError("the read was cancelled"))

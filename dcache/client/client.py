@@ -40,12 +40,10 @@ from typing import Any, cast
 
 from ..address import format_address
 from ..errors import (
-    BadArgumentsError,
-    KeyTooLargeError,
+    InvalidArgumentError,
     NoAvailableNodeError,
     PoolClosedError,
     RemoteProtocolError,
-    ValueTooLargeError,
 )
 from ..protocol import MAX_TTL_MS, OPS, Op, SetFlag
 from .config import ClientConfig
@@ -93,8 +91,8 @@ def _key(key: Any) -> bytes:
         if len(key):
             return bytes(key)
     else:
-        raise BadArgumentsError(f"key must be str or bytes, not {type(key).__name__}")
-    raise BadArgumentsError("key must not be empty")
+        raise InvalidArgumentError(f"key must be str or bytes, not {type(key).__name__}")
+    raise InvalidArgumentError("key must not be empty")
 
 
 def _value(value: Any) -> bytes:
@@ -104,16 +102,16 @@ def _value(value: Any) -> bytes:
         return value.encode()
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
-    raise BadArgumentsError(f"value must be bytes or str, not {type(value).__name__}")
+    raise InvalidArgumentError(f"value must be bytes or str, not {type(value).__name__}")
 
 
 def _ttl_ms(ttl: float | None) -> int | None:
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise BadArgumentsError(f"ttl must be a number of seconds, not {type(ttl).__name__}")
+        raise InvalidArgumentError(f"ttl must be a number of seconds, not {type(ttl).__name__}")
     if not 0 < ttl <= MAX_TTL_S:  # also refuses NaN
-        raise BadArgumentsError(f"ttl must be > 0 and at most {MAX_TTL_S} seconds, got {ttl!r}")
+        raise InvalidArgumentError(f"ttl must be > 0 and at most {MAX_TTL_S} seconds, got {ttl!r}")
     return math.ceil(ttl * 1000)
 
 
@@ -222,6 +220,23 @@ class Client:
             return
         raise NoAvailableNodeError("no dcache endpoint is reachable (" + "; ".join(failures) + ")")
 
+    async def server_info(self) -> dict[str, Any]:
+        """The HELLO answer of the endpoint calls go to now (connecting first if needed).
+
+        Returns:
+            A copy of the map: ``version``, ``node_id``, ``role`` (``"master"``
+            or ``"aux"``), ``max_frame_bytes``, ``max_key_bytes``,
+            ``max_value_bytes``, ``max_batch_keys`` (docs/PROTOCOL.md, HELLO).
+
+        Raises:
+            NoAvailableNodeError: no endpoint could be reached.
+            TimeoutError: no connection within ``timeout``.
+            PoolClosedError: the client is closed.
+        """
+        await self.connect()
+        async with self._get_pool(self._current).acquire(self._config.timeout) as conn:
+            return dict(conn.server_info)
+
     async def close(self) -> None:
         """Close every connection (idempotent); later calls raise ``PoolClosedError``."""
         if self._closed:
@@ -327,14 +342,14 @@ class Client:
         k = _key(key)
         limits = self._config.limits
         if limits is not None and len(k) > limits.max_key_bytes:
-            raise KeyTooLargeError(f"key of {len(k)} bytes exceeds the limit of {limits.max_key_bytes}")
+            raise InvalidArgumentError(f"key of {len(k)} bytes exceeds the limit of {limits.max_key_bytes}")
         return k
 
     def _check_value(self, value: Value) -> bytes:
         v = _value(value)
         limits = self._config.limits
         if limits is not None and len(v) > limits.max_value_bytes:
-            raise ValueTooLargeError(f"value of {len(v)} bytes exceeds the limit of {limits.max_value_bytes}")
+            raise InvalidArgumentError(f"value of {len(v)} bytes exceeds the limit of {limits.max_value_bytes}")
         return v
 
     # -- operations ----------------------------------------------------------
@@ -372,8 +387,9 @@ class Client:
             The value as ``bytes`` (even if it was stored as ``str``), or ``None``.
 
         Raises:
-            BadArgumentsError: the key is empty or not str/bytes.
-            KeyTooLargeError: the key exceeds the size limit.
+            InvalidArgumentError: the key is empty, not str/bytes, or over
+                the client's ``limits`` (nothing was sent).
+            KeyTooLargeError: the server refused the key as too large.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
             ServerError: any other error the server answered.
@@ -396,8 +412,10 @@ class Client:
             ``True`` if stored, ``False`` if the ``nx``/``xx`` condition failed.
 
         Raises:
-            BadArgumentsError: bad key, value or ttl, or both ``nx`` and ``xx``.
-            KeyTooLargeError, ValueTooLargeError: over the size limits.
+            InvalidArgumentError: bad key, value or ttl, both ``nx`` and
+                ``xx``, or over the client's ``limits`` (nothing was sent).
+            KeyTooLargeError, ValueTooLargeError: the server refused the
+                key or value as too large.
             OutOfMemoryError: the entry alone exceeds the node's memory budget.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
@@ -405,7 +423,7 @@ class Client:
                 SET with ``nx``/``xx`` (never repeated automatically).
         """
         if nx and xx:
-            raise BadArgumentsError("nx and xx are mutually exclusive")
+            raise InvalidArgumentError("nx and xx are mutually exclusive")
         flags = SetFlag.NX if nx else SetFlag.XX if xx else SetFlag.NONE
         args = (self._check_key(key), self._check_value(value), _ttl_ms(ttl), int(flags))
         return bool(await self._execute(Op.SET, args))
@@ -423,7 +441,8 @@ class Client:
             ``True`` if the key existed.
 
         Raises:
-            BadArgumentsError, KeyTooLargeError: bad key.
+            InvalidArgumentError: a bad key (nothing was sent).
+            KeyTooLargeError: the server refused the key as too large.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
@@ -439,7 +458,8 @@ class Client:
             One ``bytes`` or ``None`` per key, in the order given.
 
         Raises:
-            BadArgumentsError, KeyTooLargeError: a bad key.
+            InvalidArgumentError: a bad key (nothing was sent).
+            KeyTooLargeError: the server refused a key as too large.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
             RemoteProtocolError: the answer does not have one item per key.
@@ -464,8 +484,9 @@ class Client:
             The number of pairs stored.
 
         Raises:
-            BadArgumentsError, KeyTooLargeError, ValueTooLargeError: a bad
-                pair or ttl (then nothing is stored).
+            InvalidArgumentError: a bad pair or ttl (nothing was sent).
+            KeyTooLargeError, ValueTooLargeError: the server refused a key
+                or value as too large (then nothing is stored).
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
@@ -480,7 +501,8 @@ class Client:
         """Whether ``key`` exists (and has not expired).
 
         Raises:
-            BadArgumentsError, KeyTooLargeError: bad key.
+            InvalidArgumentError: a bad key (nothing was sent).
+            KeyTooLargeError: the server refused the key as too large.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
@@ -498,12 +520,12 @@ class Client:
             ``True`` if the key existed.
 
         Raises:
-            BadArgumentsError: bad key or ttl.
+            InvalidArgumentError: a bad key or ttl (nothing was sent).
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or math.isnan(ttl):
-            raise BadArgumentsError(f"ttl must be a number of seconds, not {ttl!r}")
+            raise InvalidArgumentError(f"ttl must be a number of seconds, not {ttl!r}")
         ttl_ms = 0 if ttl <= 0 else _ttl_ms(ttl)
         return bool(await self._execute(Op.EXPIRE, (self._check_key(key), ttl_ms)))
 
@@ -515,7 +537,8 @@ class Client:
             else the remaining seconds (millisecond resolution).
 
         Raises:
-            BadArgumentsError, KeyTooLargeError: bad key.
+            InvalidArgumentError: a bad key (nothing was sent).
+            KeyTooLargeError: the server refused the key as too large.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
@@ -539,7 +562,8 @@ class Client:
         Raises:
             NotAnIntegerError: the value is not a signed 64-bit decimal, or
                 the result would overflow.
-            BadArgumentsError: bad key or delta.
+            InvalidArgumentError: a bad key (nothing was sent).
+            BadArgumentsError: the server refused the delta (not a signed 64-bit integer).
             ConnectionResetError: the connection was lost after sending.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
@@ -555,7 +579,8 @@ class Client:
         Raises:
             NotAnIntegerError: the value is not a signed 64-bit decimal, or
                 the result would overflow.
-            BadArgumentsError: bad key or delta.
+            InvalidArgumentError: a bad key (nothing was sent).
+            BadArgumentsError: the server refused the delta (not a signed 64-bit integer).
             ConnectionResetError: the connection was lost after sending.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
@@ -569,7 +594,8 @@ class Client:
             ``True`` if the key exists.
 
         Raises:
-            BadArgumentsError, KeyTooLargeError: bad key.
+            InvalidArgumentError: a bad key (nothing was sent).
+            KeyTooLargeError: the server refused the key as too large.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """

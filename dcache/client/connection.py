@@ -32,9 +32,9 @@ import asyncio
 from ssl import SSLContext
 from typing import Any, cast
 
-from ..errors import HandshakeError, RemoteProtocolError, ServerError, error_from_status
+from ..errors import ForeignProtocolError, HandshakeError, RemoteProtocolError, ServerError, error_from_status
 from ..net import nodelay
-from ..protocol import CONNECTION_REQUEST_ID, PROTOCOL_VERSION, FrameDecoder, Limits, Op, RequestTable, encode_request
+from ..protocol import CONNECTION_REQUEST_ID, PROTOCOL_VERSION, FrameDecoder, Limits, Op, RequestTable, encode_request, foreign_protocol
 from ..protocol.auth import prove
 
 __all__ = ["ClientConnection", "open_connection"]
@@ -119,7 +119,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             msgs = self._decoder.feed(data)
         except RemoteProtocolError as exc:
-            self._abort(exc)
+            self._abort(_foreign(data, exc) if not self.server_info else exc)
             return
         requests = self._requests
         pop = requests.pop
@@ -324,6 +324,8 @@ class ClientConnection(asyncio.Protocol):
         err = self._error
         if isinstance(err, ServerError):
             return error_from_status(err.code, err.message)
+        if isinstance(err, ForeignProtocolError):
+            return ForeignProtocolError(str(err), protocol=err.protocol)
         if isinstance(err, RemoteProtocolError):
             return RemoteProtocolError(str(err), status=err.status)
         if self._transport is None:
@@ -338,6 +340,25 @@ class ClientConnection(asyncio.Protocol):
         if err is not None:
             new.__cause__ = err
         return new
+
+
+#: What a port that answers in another protocol probably is, and where to go instead.
+_FOREIGN_HINTS = {
+    "HTTP": "an HTTP port (the dcache HTTP shim's, 8080 by default, or a metrics port)",
+    "RESP": "a Redis server or another RESP port",
+}
+
+
+def _foreign(data: bytes, exc: RemoteProtocolError) -> RemoteProtocolError:
+    """``exc`` explained, if the server's first bytes (before HELLO was answered) are HTTP or RESP."""
+    protocol = foreign_protocol(data)
+    if protocol is None:
+        return exc
+    return ForeignProtocolError(
+        f"the server answered in {protocol}, not the dcache protocol: this is probably {_FOREIGN_HINTS[protocol]}; "
+        "dcache clients and tools need a master's port (7000 by default) or an aux node's (7101...)",
+        protocol=protocol,
+    )
 
 
 def _message(result: Any) -> str:
@@ -396,6 +417,9 @@ async def open_connection(
             or did not prove ``cluster_secret`` back.
         HandshakeError: the server does not speak our protocol version, or
             answered HELLO with something that is not a HELLO map.
+        ForeignProtocolError: the server answered in HTTP or RESP (the
+            address is not a dcache port; the message says what it probably is).
+        RemoteProtocolError: the server sent other bytes that are not frames.
     """
     loop = loop or asyncio.get_running_loop()
     async with asyncio.timeout(connect_timeout):

@@ -75,6 +75,7 @@ from ..errors import (
     ClientError,
     FrameTooLargeError,
     HandshakeError,
+    InvalidArgumentError,
     KeyTooLargeError,
     NoAvailableNodeError,
     OutOfMemoryError,
@@ -161,7 +162,7 @@ def _from_cluster_error(exc: BaseException) -> tuple[int, str] | None:
         return 504, "the cluster did not answer in time"
     if isinstance(exc, (NoAvailableNodeError, UnavailableError)):
         return 503, f"no dcache master is reachable ({exc})" if isinstance(exc, NoAvailableNodeError) else f"cluster unavailable: {exc}"
-    if isinstance(exc, (KeyTooLargeError, BadArgumentsError)):
+    if isinstance(exc, (KeyTooLargeError, BadArgumentsError, InvalidArgumentError)):
         return 400, str(exc)
     if isinstance(exc, (ValueTooLargeError, FrameTooLargeError, OutOfMemoryError)):
         return 413, f"value too large: {exc}"

@@ -1,7 +1,7 @@
 """The dcache wire protocol (sans-IO): framing, the op table and its parsers, limits, request tables."""
 
 from .codec import encode_request, encode_response, pack
-from .framing import HEADER, HEADER_BYTES, ONE_CHUNK_BYTES, FrameDecoder, encode_frame, queue_frame
+from .framing import HEADER, HEADER_BYTES, ONE_CHUNK_BYTES, FrameDecoder, encode_frame, foreign_protocol, queue_frame
 from .limits import (
     INT64_MAX,
     INT64_MIN,
@@ -50,6 +50,7 @@ __all__ = [
     "encode_frame",
     "encode_request",
     "encode_response",
+    "foreign_protocol",
     "pack",
     "parse_request_id",
     "queue_frame",

@@ -56,6 +56,7 @@ __all__ = [
     "ONE_CHUNK_BYTES",
     "FrameDecoder",
     "encode_frame",
+    "foreign_protocol",
     "frame_header",
     "queue_frame",
 ]
@@ -376,3 +377,23 @@ class _Failed(Exception):
     def __init__(self, error: RemoteProtocolError, out: list[Any]) -> None:
         self.error = error
         self.out = out
+
+
+#: First bytes of a RESP (Redis protocol) reply: simple string, error, bulk string, array, integer.
+_RESP_FIRST_BYTES = frozenset(b"+-$*:")
+
+
+def foreign_protocol(data: bytes) -> str | None:
+    """The protocol the first bytes a server sent look like, if not ours: ``"HTTP"``, ``"RESP"`` or ``None``.
+
+    Meant for the error path of a client that has not had its HELLO
+    answered: the four bytes ``HTTP`` read as a frame header say 1213486160
+    bytes, and each RESP first byte makes a header of at least 0x24000000
+    bytes (576 MiB), so both fail the frame limit at once; this tells the
+    user why.
+    """
+    if data.startswith(b"HTTP/"):
+        return "HTTP"
+    if data[:1] and data[0] in _RESP_FIRST_BYTES:
+        return "RESP"
+    return None

@@ -32,6 +32,7 @@ from typing import Any
 
 from ..address import parse_address
 from ..client import Client, open_connection
+from ..errors import ConfigError
 from ..files import open_private
 from ..lru.snapshot import load, pack_entries, write_packed
 from ..protocol import Op
@@ -65,7 +66,37 @@ class _Progress:
             print(file=sys.stderr)
 
 
+async def _check_master(client: Client, command: str) -> None:
+    """Refuse an ``addr`` that is an aux node: dump and restore go through a master.
+
+    Raises:
+        ConfigError: it is not a master.
+    """
+    hello = await client.server_info()
+    if hello.get("role") != "master":
+        raise ConfigError(
+            f"{client.current_endpoint} is an aux node ({hello.get('node_id')}), and {command} needs a master: "
+            "point --addr at a master (7000 by default)"
+        )
+
+
+def _check_out(out: str) -> None:
+    """Refuse, before reading anything, an output file whose folder does not exist or cannot be written.
+
+    Raises:
+        ConfigError: the folder is missing, not a folder, or not writable.
+    """
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"cannot write {out}: the folder {folder} does not exist; create it, or give --out another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {out}: permission denied in {folder}; give --out another path")
+    if os.path.isdir(out):
+        raise ConfigError(f"cannot write {out}: it is a folder; give --out a file name")
+
+
 async def _ring(client: Client) -> dict[str, Any]:
+    await _check_master(client, "dump")
     deadline = time.monotonic() + _MIGRATION_WAIT_S
     while True:
         info: dict[str, Any] = await client.execute(Op.RING)
@@ -91,7 +122,13 @@ async def dump_cluster(
     SCAN on the aux nodes is a cluster op: with a cluster secret set, pass it as ``cluster_secret``.
     With ``ssl`` (a client-side context) the master and the aux nodes are read over TLS; the aux
     nodes' certificates must name the addresses the ring gives for them.
+
+    Raises:
+        ConfigError: ``addr`` is not a master, or ``out`` cannot be written (checked first).
+        RuntimeError: the cluster kept moving data for a minute, or a range has no live owner.
+        OSError: writing ``out`` failed (``filename`` is ``out``).
     """
+    _check_out(out)
     async with Client(addr, timeout=timeout, auth_token=auth_token, client_name="dcache-dump", ssl=ssl) as client:
         info = await _ring(client)
     ring = HashRing.from_dict(info["ring"])
@@ -143,11 +180,13 @@ async def dump_cluster(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):  # name the file asked for, not the temporary one
+            raise OSError(exc.errno, exc.strerror, out) from exc
         raise
     return {"keys": count, "bytes": size, "nodes": len(plan), "epoch": info["epoch"], "file": out}
 
@@ -167,6 +206,11 @@ async def restore_cluster(
 
     APPLY is a cluster op: with a cluster secret set, pass it as ``cluster_secret``.
     With ``ssl`` (a client-side context) the master is reached over TLS.
+
+    Raises:
+        OSError: ``infile`` cannot be read.
+        SnapshotError: it is not a valid dump.
+        ConfigError: ``addr`` is not a master.
     """
     with open(infile, "rb") as f:
         data = load(f, now_ms=time.time_ns() // 1_000_000)
@@ -176,6 +220,7 @@ async def restore_cluster(
     async with Client(
         addr, timeout=timeout, auth_token=auth_token, cluster_secret=cluster_secret, client_name="dcache-restore", ssl=ssl
     ) as client:
+        await _check_master(client, "restore")
         for start in range(0, len(entries), batch):
             chunk = [list(e) for e in entries[start : start + batch]]
             applied += int(await client.execute(Op.APPLY, chunk))

@@ -57,8 +57,8 @@ def test_stats_json(node):
 def test_unreachable_and_server_error_exit_codes(node):
     r = dcache("get", "--addr", "127.0.0.1:1", "--timeout", "2", "k")
     assert r.returncode == 3 and b"cannot reach" in r.stderr
-    r = dcache("get", "--addr", node.addr, "k" * 2000)
-    assert r.returncode == 4 and b"KeyTooLarge" in r.stderr
+    r = dcache("get", "--addr", node.addr, "k" * 2000)  # the caller's input: a usage error, though the server found it
+    assert r.returncode == 2 and b"key of 2000 bytes exceeds the limit of 1024" in r.stderr
 
 
 def test_bad_config_exit_code_and_check_config():

@@ -8,15 +8,19 @@ docs promise (``dcache.cli``: 0 ok, 1 missing, 2 usage/configuration,
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from dcache.config import AuxConfig, parse_size
+from tests.cluster import Cluster, settled, wait_ring
+from tests.harness import start_http
 
 pytestmark = pytest.mark.slow
 
@@ -167,3 +171,104 @@ def _is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+# -- 7, 8, 9: tools pointed at the wrong thing, bad input, one style of error ----------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One master, one aux node and the HTTP shim."""
+    c = Cluster(tmp_path_factory.mktemp("newcomer"))
+    c.start_master("m1")
+    c.start_aux("a1")
+    asyncio.run(wait_ring(c.coordinator.addr, settled({"a1"})))
+    http = start_http(c.coordinator.addr)
+    yield c, http
+    http.kill()
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def resp_port():
+    """A server that answers whatever it gets with a RESP error, as Redis does."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"-ERR unknown command\r\n")
+                conn.recv(1024)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield sock.getsockname()[1]
+    stop.set()
+    t.join(5)
+    sock.close()
+
+
+def test_tool_at_the_http_port_says_so(cluster):
+    _, http = cluster
+    line = assert_fails(dcache("get", "foo", "--addr", http.addr, "--timeout", "5"), 3, "answered in HTTP", "HTTP shim", "7000")
+    assert "1213486160" not in line
+
+
+def test_tool_at_a_resp_port_says_so(resp_port):
+    assert_fails(dcache("get", "foo", "--addr", f"127.0.0.1:{resp_port}", "--timeout", "5"), 3, "answered in RESP", "Redis")
+
+
+@pytest.mark.parametrize("command", [("ring",), ("dump", "--out", "{tmp}/x.dump")])
+def test_master_only_tools_at_an_aux_node_say_so(cluster, tmp_path, command):
+    c, _ = cluster
+    argv = [a.format(tmp=tmp_path) for a in command]
+    line = assert_fails(dcache(*argv, "--addr", c.aux["a1"].addr), 2, "is an aux node (a1)", "needs a master", "--addr")
+    assert "UnknownOp" not in line and "unknown op" not in line
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("set", "k", "v", "--ttl", "-5"), "ttl must be > 0"),
+        (("set", "k", "v", "--ttl", "nan"), "ttl must be > 0"),
+        (("get", "k" * 2000), "key of 2000 bytes exceeds the limit of 1024"),
+        (("set", "big", "-"), "value of 9000000 bytes exceeds the limit"),  # the value from stdin
+    ],
+)
+def test_bad_input_is_a_usage_error_not_a_server_error(cluster, args, needle):
+    c, _ = cluster
+    line = assert_fails(dcache(*args, "--addr", c.coordinator.addr, input="v" * 9_000_000), 2, needle)
+    assert "server error" not in line and "BadArguments" not in line
+
+
+@pytest.mark.parametrize(
+    "addr,needle",
+    [("127.0.0.1:1", "connection refused (nothing listens there)"), ("no-such-host.invalid:7000", "unknown host name")],
+)
+def test_unreachable_is_one_line_with_what_to_do(addr, needle):
+    line = assert_fails(
+        dcache("get", "k", "--addr", addr, "--timeout", "3"), 3, f"dcache get: cannot reach a dcache server at {addr}", needle
+    )
+    assert "--addr" in line and "Error(" not in line
+
+
+def test_errors_share_one_style(cluster, tmp_path):
+    """'dcache COMMAND: what failed: why; what to do' - no 'error:' prefix, no temp file names, no exception reprs."""
+    c, _ = cluster
+    lines = [
+        assert_fails(dcache("dump", "--addr", c.coordinator.addr, "--out", str(tmp_path / "missing" / "x.dump")), 2, "does not exist"),
+        assert_fails(dcache("restore", "--addr", c.coordinator.addr, "--in", str(tmp_path / "none.dump")), 2, "none.dump"),
+        assert_fails(dcache("aux", "--max-memory", "0"), 2, "max_memory"),
+        assert_fails(dcache("stats", "--addr", "127.0.0.1:1", "--timeout", "2"), 3),
+    ]
+    for line in lines:
+        assert re.match(r"dcache (dump|restore|aux|stats): ", line), line
+        assert not line.startswith("error:") and ".tmp." not in line and "Error(" not in line, line

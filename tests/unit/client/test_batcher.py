@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from dcache.client import BatchStats, Client, GetBatcher
-from dcache.errors import ConfigError, KeyTooLargeError, RemoteProtocolError
+from dcache.errors import ConfigError, InvalidArgumentError, RemoteProtocolError
 from dcache.protocol import Limits, Op
 
 from .fakeserver import FakeServer
@@ -76,7 +76,7 @@ async def test_a_key_error_goes_to_that_key_only(server: FakeServer) -> None:
     async with Client(server.address, limits=limits) as client:
         batcher = GetBatcher(client)
         answers = await asyncio.gather(*(batcher.get(k) for k in [b"k1", b"L" * 9, b"k3"]), return_exceptions=True)
-        assert answers[0] == b"v1" and answers[2] == b"v3" and isinstance(answers[1], KeyTooLargeError)
+        assert answers[0] == b"v1" and answers[2] == b"v3" and isinstance(answers[1], InvalidArgumentError)
         assert batcher.stats.fallbacks == 1
         await asyncio.gather(*(batcher.get(k) for k in [b"k1", b"k3"]))  # still batching
         assert mgets(server) == [[b"k1", b"k3"]]

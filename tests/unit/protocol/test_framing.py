@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcache.errors import RemoteProtocolError, Status
-from dcache.protocol import ONE_CHUNK_BYTES, FrameDecoder, encode_frame, encode_request, encode_response, queue_frame
+from dcache.protocol import ONE_CHUNK_BYTES, FrameDecoder, encode_frame, encode_request, encode_response, foreign_protocol, queue_frame
 
 # (frame bytes, decoded object) pairs; the bytes are written out by hand so
 # that the spec in docs/PROTOCOL.md and the code cannot drift together.
@@ -195,3 +195,29 @@ def test_queue_frame_joins_small_frames_and_keeps_large_bodies_apart() -> None:
     queue_frame(out, large)
     assert len(out) == 3 and out[2] is large  # the large body is not copied
     assert b"".join(out) == encode_frame(small) + encode_frame(large)
+
+
+@pytest.mark.parametrize(
+    "data,protocol",
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n", "HTTP"),
+        (b"HTTP/1.0 404", "HTTP"),
+        (b"-ERR unknown command 'x'\r\n", "RESP"),
+        (b"+OK\r\n", "RESP"),
+        (b"$5\r\nhello\r\n", "RESP"),
+        (b"*2\r\n", "RESP"),
+        (b":1\r\n", "RESP"),
+        (b"\x00\x00\x00\x05\x93\x01\x00\xc0", None),  # a dcache frame
+        (b"", None),
+        (b"HTT", None),  # too short to tell
+    ],
+)
+def test_foreign_protocol_recognises_http_and_resp(data, protocol):
+    assert foreign_protocol(data) == protocol
+
+
+@pytest.mark.parametrize("head", [b"HTTP", b"+OK\r", b"-ERR", b"$5\r\n", b"*2\r\n", b":1\r\n"])
+def test_foreign_answers_overflow_the_frame_limit(head):
+    """Why the client only needs to look on the error path: each reads as a header over the default limit."""
+    with pytest.raises(RemoteProtocolError, match="exceeds the limit"):
+        FrameDecoder().feed(head + b"\r\n")
