@@ -134,13 +134,22 @@ def _fail(status: int, message: str, **extra: Any) -> NoReturn:
     raise HttpError(status, message, **extra)
 
 
+def _json_line(obj: Any) -> str:
+    """``obj`` as JSON and a newline: every JSON answer ends with one, so ``curl``'s output ends its line."""
+    return json.dumps(obj) + "\n"
+
+
+def _json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(obj, status=status, headers=headers, dumps=_json_line)
+
+
 def _error_response(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status, headers=headers)
+    return _json_response({"error": message, **extra}, status, headers)
 
 
 def _json_text(text: str, status: int = 200) -> web.Response:
-    """A JSON answer from JSON text built with ``_enc`` (so ASCII), as ``json_response`` would send it."""
-    return web.Response(body=text.encode(), status=status, headers=_JSON_HEADERS)
+    """A JSON answer from JSON text built with ``_enc`` (so ASCII), and the newline every JSON answer ends with."""
+    return web.Response(body=(text + "\n").encode(), status=status, headers=_JSON_HEADERS)
 
 
 def _key_value(key: str, value: str, status: int = 200) -> web.Response:
@@ -513,8 +522,8 @@ class _Shim:
         answers = await asyncio.gather(*(_ping(c) for c in clients.values()))
         masters = dict(zip(clients, answers, strict=True))
         if any(answers):
-            return web.json_response({"status": "ok", "masters": masters})
-        return web.json_response({"status": "unavailable", "error": "no dcache master answers PING", "masters": masters}, status=503)
+            return _json_response({"status": "ok", "masters": masters})
+        return _json_response({"status": "unavailable", "error": "no dcache master answers PING", "masters": masters}, 503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)

@@ -16,10 +16,11 @@ from aiohttp import web
 from prometheus_client.registry import Collector
 
 from ..address import format_address
+from ..client import Client
 from ..config import HttpConfig
 from ..daemon import run, serve
 from ..net import protected_mode
-from .app import METRICS_KEY, create_app
+from .app import HEALTH_CLIENTS_KEY, METRICS_KEY, create_app
 
 __all__ = ["HttpDaemon", "serve_http", "run_http"]
 
@@ -87,7 +88,33 @@ class HttpDaemon:
                 ", TLS to the masters" if self.tls.peer is not None else ", plain TCP to the masters",
                 self.tls.describe(),
             )
+        await self._check_masters()
         return format_address(host, port)
+
+    async def _check_masters(self) -> None:
+        """Warn about each master that does not answer a PING now (``--health-timeout`` each, in parallel).
+
+        The shim starts all the same: its client keeps trying, and requests
+        are answered 503 until a master answers (``/health`` says which do).
+        """
+        clients = self.app[HEALTH_CLIENTS_KEY]
+
+        async def ping(client: Client) -> str | None:
+            try:
+                await client.ping()
+            except Exception as exc:
+                root: BaseException = exc
+                while root.__cause__ is not None:
+                    root = root.__cause__
+                return f"{root.__class__.__name__}: {root}" if str(root) else root.__class__.__name__
+            return None
+
+        failures = await asyncio.gather(*(ping(c) for c in clients.values()))
+        down = {m: why for m, why in zip(clients, failures, strict=True) if why is not None}
+        for master, why in down.items():
+            log.warning("master %s does not answer (%s)", master, why)
+        if len(down) == len(clients):
+            log.warning("no master answers: the shim answers 503 until one does, and keeps trying (check --master %s)", ",".join(clients))
 
     def collector(self) -> Collector:
         """The shim's metrics (also served at its own ``/metrics``)."""

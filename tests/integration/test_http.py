@@ -311,7 +311,7 @@ JSON_CT = "application/json; charset=utf-8"
 
 
 async def test_json_answers_are_the_bytes_json_dumps_gives(stack: Stack) -> None:
-    """Answers are built from escaped strings, not json.dumps: they must be the same bytes."""
+    """Answers are built from escaped strings, not json.dumps: they must be the same bytes (and a newline, for curl)."""
     for key in ["plain", 'q"uote\\back/sl é ☃ \x01 \u2028 😀 end', "é" * 400]:
         value = 'v "é" \\ \x00 😀'
         path = f"{stack.url}/data/{quote(key, safe='')}"
@@ -326,7 +326,7 @@ async def test_json_answers_are_the_bytes_json_dumps_gives(stack: Stack) -> None
             (await call("POST", f"{stack.url}/api/post", params={"key": key, "value": "lv"}), 201, {"key": key, "value": "lv"}),
         ]
         for (status, headers, body), want_status, want in answers:
-            assert (status, headers["Content-Type"], body) == (want_status, JSON_CT, json.dumps(want).encode()), body
+            assert (status, headers["Content-Type"], body) == (want_status, JSON_CT, json.dumps(want).encode() + b"\n"), body
 
 
 def test_unmatched_requests_get_json_errors_too(stack: Stack) -> None:

@@ -14,13 +14,16 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from dcache.config import AuxConfig, parse_size
 from tests.cluster import Cluster, settled, wait_ring
-from tests.harness import start_http
+from tests.harness import DaemonProcess, start_http
 
 pytestmark = pytest.mark.slow
 
@@ -272,3 +275,53 @@ def test_errors_share_one_style(cluster, tmp_path):
     for line in lines:
         assert re.match(r"dcache (dump|restore|aux|stats): ", line), line
         assert not line.startswith("error:") and ".tmp." not in line and "Error(" not in line, line
+
+
+# -- 10: the HTTP shim with no master; 13: curl's prompt ------------------------------------------
+
+
+def test_http_shim_warns_when_no_master_answers_and_keeps_trying():
+    port = _free_port_block(1)
+    shim = start_http(f"127.0.0.1:{port}", "no-such-host.invalid:7000")
+    master = None
+    try:
+        deadline = time.monotonic() + 10
+        while not any("no master answers" in line for line in shim.stderr_lines):
+            assert time.monotonic() < deadline, shim.stderr()
+            time.sleep(0.05)
+        warnings = [line for line in shim.stderr_lines if "WARNING" in line]
+        assert any(f"master 127.0.0.1:{port} does not answer" in w and "ConnectionRefused" in w for w in warnings), warnings
+        assert any("master no-such-host.invalid:7000 does not answer" in w for w in warnings), warnings
+        assert "Traceback" not in shim.stderr()
+        assert _http_get(shim.addr, "/health")[0] == 503
+        master = DaemonProcess("master", ["--port", str(port), "--log-level", "warning"]).start()
+        deadline = time.monotonic() + 15  # the shim's clients reconnect with backoff (at most 2 s apart)
+        while _http_get(shim.addr, "/health")[0] != 200:
+            assert time.monotonic() < deadline, shim.stderr()
+            time.sleep(0.2)
+    finally:
+        shim.kill()
+        if master is not None:
+            master.kill()
+
+
+def test_json_answers_end_with_a_newline(cluster):
+    _, http = cluster
+    req = urllib.request.Request(f"http://{http.addr}/data", data=b'{"key": "nl", "value": "v"}', method="POST")
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 201 and resp.read() == b'{"key": "nl", "value": "v"}\n'
+    for path, status in (("/data/nl", 200), ("/data/absent", 404), ("/health", 200), ("/no/route", 404)):
+        got, body = _http_get(http.addr, path)
+        assert got == status and body.endswith(b"}\n") and body.count(b"\n") == 1, (path, body)
+    req = urllib.request.Request(f"http://{http.addr}/data/nl", headers={"Accept": "application/octet-stream"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.read() == b"v"  # raw bytes: nothing added
+
+
+def _http_get(addr: str, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://{addr}{path}", timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
