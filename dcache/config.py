@@ -409,11 +409,20 @@ class MasterConfig(NodeConfig):
         _float,
         "S",
     )
+    expect_aux: int = opt(
+        0,
+        "aux nodes a restarted coordinator expects to re-announce: its recovery window ends as soon as this many did "
+        "(0: it lasts --recovery-window; dcache cluster sets it to its number of aux nodes)",
+        _int,
+        "N",
+    )
 
     def __post_init__(self) -> None:
         NodeConfig.__post_init__(self)
         if self.recovery_window < 0:
             raise ConfigError("recovery_window: must be >= 0")
+        if self.expect_aux < 0:
+            raise ConfigError("expect_aux: must be >= 0")
         _check_positive(self, "aux_timeout", "aux_connections", "suspect_after")
         _check_positive(self, "health_interval", "health_timeout", "health_failures", "follow_interval", "migration_batch", "replicas")
         _check_positive(self, "zk_session_timeout")

@@ -206,6 +206,8 @@ class Coordinator(Membership):
         # Restart recovery (see the module note).
         self._first = (view.epoch, view.seq)
         self._recovered = asyncio.Event()
+        #: Set when ``--expect-aux`` nodes have re-announced: the recovery window may end early.
+        self._gathered = asyncio.Event()
         self._recovery: asyncio.Task[None] | None = None
         self._recovery_joins: dict[str, Member] = {}
         #: How this coordinator's ring came back after a restart, for ``dcache ring``.
@@ -308,6 +310,8 @@ class Coordinator(Membership):
             self._recovery_joins[node_id] = Member(node_id, host, port, weight, UP, wall_ms())
             if self._recovery is None:
                 self._recovery = self._spawn(self._recovery_window(), "recovery")
+            if 0 < self.config.expect_aux <= len(self._recovery_joins):
+                self._gathered.set()  # every node the operator expects is back: no need to wait out the window
             await self._recovered.wait()
         async with self._lock:
             members = dict(self.view.members)
@@ -506,15 +510,29 @@ class Coordinator(Membership):
 
     async def _recovery_window(self) -> None:
         window = self.config.recovery_window
-        log.warning(
+        expected = self.config.expect_aux
+        # With --expect-aux the restart is planned (dcache cluster): the normal case is quiet.
+        log.log(
+            logging.INFO if expected else logging.WARNING,
             "aux nodes announce ring epochs from before this coordinator started: it restarted; "
-            "gathering their re-announcements for %.1f s (or a follower's ring) before changing the ring",
+            "gathering their re-announcements for up to %.1f s%s (or a follower's ring) before changing the ring",
             window,
+            f", until {expected} did" if expected else "",
         )
+        waits = [asyncio.ensure_future(self._recovered.wait()), asyncio.ensure_future(self._gathered.wait())]
         try:
-            await asyncio.wait_for(self._recovered.wait(), window)
-        except TimeoutError:
-            pass
+            await asyncio.wait(waits, timeout=window, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        gathered = self._gathered.is_set()
+        if expected and not gathered and not self._recovered.is_set():
+            log.warning(
+                "only %d of the %d aux nodes expected (--expect-aux) re-announced within %.1f s: rebuilding the ring with them",
+                len(self._recovery_joins),
+                expected,
+                window,
+            )
         async with self._lock:
             if self._fresh and self._recovery_joins:
                 members = dict(self.view.members)
@@ -522,7 +540,8 @@ class Coordinator(Membership):
                 # No migration: each node still holds the data of its ranges.
                 view = self.view.with_members(members, migrate=False)
                 self.recovery = {"from": "re-announcements", "epoch": view.epoch, "members": sorted(self._recovery_joins)}
-                log.warning(
+                log.log(
+                    logging.INFO if gathered else logging.WARNING,
                     "ring rebuilt from the re-announcements of %s at epoch %d (no follower handed over the last ring)",
                     ", ".join(sorted(self._recovery_joins)),
                     view.epoch,

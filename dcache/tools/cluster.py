@@ -147,7 +147,10 @@ class LocalCluster:
         a = self.opts
         data = Path(a.data_dir)
         zk = ["--zookeeper", a.zookeeper, "--cluster", a.cluster] if a.zookeeper else []
-        coordinator = self._spawn("m1", "master", "--port", str(a.port), "--node-id", "m1", "--replicas", str(a.replicas), *zk)
+        # --expect-aux: restarted on the data of an earlier run, the coordinator rebuilds its ring as soon
+        # as every aux node is back, instead of waiting out its recovery window.
+        expect = [] if a.zookeeper else ["--expect-aux", str(a.aux)]
+        coordinator = self._spawn("m1", "master", "--port", str(a.port), "--node-id", "m1", "--replicas", str(a.replicas), *zk, *expect)
         self.masters.append(("m1", coordinator))
         if a.zookeeper:  # every master is alike: all of them run for leader
             self._start_followers(coordinator, zk)

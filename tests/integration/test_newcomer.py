@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -17,13 +18,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from dcache.config import AuxConfig, parse_size
 from tests.cluster import Cluster, settled, wait_ring
-from tests.harness import DaemonProcess, start_http
+from tests.harness import DaemonProcess, read_until_ready, reap, start_http
 
 pytestmark = pytest.mark.slow
 
@@ -325,3 +327,40 @@ def _http_get(addr: str, path: str) -> tuple[int, bytes]:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+# -- 11: a second `make run` (dcache cluster on the same data) is quick and quiet -----------------
+
+
+def _run_cluster_until_ready(data: Path) -> tuple[list[str], float]:
+    """Start ``dcache cluster`` on free ports over ``data``, stop it with Ctrl-C; its stderr lines and seconds to READY."""
+    argv = [DCACHE, "cluster", "--port", "0", "--masters", "1", "--aux", "3", "--replicas", "2", "--data-dir", str(data)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        read_until_ready(proc)
+        took = time.monotonic() - t0
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        reap(proc)
+    return err.decode(errors="replace").splitlines(), took
+
+
+def test_second_cluster_run_on_the_same_data_is_quick_and_quiet(tmp_path):
+    first, _ = _run_cluster_until_ready(tmp_path / "data")
+    assert not [line for line in first if " WARNING " in line], first
+    second, _ = _run_cluster_until_ready(tmp_path / "data")
+    assert not [line for line in second if " WARNING " in line or "Traceback" in line], second
+    gathering = [line for line in second if "gathering their re-announcements" in line]
+    rebuilt = [line for line in second if "ring rebuilt from the re-announcements of a1, a2, a3" in line]
+    assert gathering and rebuilt, second
+    # The coordinator's recovery window is 4 s; the expected nodes end it as soon as all three are back.
+    took = _log_time(rebuilt[0]) - _log_time(gathering[0])
+    assert took < 3.0, (took, second)
+
+
+def _log_time(line: str) -> float:
+    stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()

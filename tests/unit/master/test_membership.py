@@ -9,6 +9,7 @@ opens its connection with ``open_peer``), served by a small ``Service``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -308,6 +309,32 @@ async def test_a_restarted_coordinator_gathers_reannouncements_into_one_ring(clu
         assert set(coord.view.ring.nodes) == {"a1", "a2", "a3"} and coord.view.prev_ring is None
         assert coord.recovery is not None and coord.recovery["from"] == "re-announcements"
         assert coord.recovery["members"] == ["a1", "a2", "a3"]
+    finally:
+        await coord.close()
+
+
+async def test_expected_reannouncements_end_the_recovery_window_early(cluster: FakeCluster) -> None:
+    """--expect-aux (what dcache cluster passes): once that many nodes are back, the ring is rebuilt without waiting."""
+    fresh = ClusterView.initial([], 2, epoch=1000)
+    coord = coordinator(cluster, fresh, recovery_window=60.0, expect_aux=3)
+    try:
+        t0 = time.monotonic()
+        joins = [coord.join(m.node_id, m.host, m.port, m.weight, known_epoch=1) for m in cluster.members]
+        assert await asyncio.wait_for(asyncio.gather(*joins), SETTLE_S) == [1001, 1001, 1001]
+        assert time.monotonic() - t0 < 5.0, "the 60 s window was waited out"
+        assert set(coord.view.ring.nodes) == {"a1", "a2", "a3"} and coord.view.prev_ring is None
+    finally:
+        await coord.close()
+
+
+async def test_fewer_reannouncements_than_expected_wait_out_the_window(cluster: FakeCluster) -> None:
+    fresh = ClusterView.initial([], 2, epoch=1000)
+    coord = coordinator(cluster, fresh, recovery_window=0.3, expect_aux=4)
+    try:
+        t0 = time.monotonic()
+        joins = [coord.join(m.node_id, m.host, m.port, m.weight, known_epoch=1) for m in cluster.members]
+        assert await asyncio.wait_for(asyncio.gather(*joins), SETTLE_S) == [1001, 1001, 1001]
+        assert time.monotonic() - t0 >= 0.3
     finally:
         await coord.close()
 
