@@ -473,12 +473,34 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(stats, indent=2, sort_keys=True, default=str))
         else:
-            width = max((len(k) for k in stats), default=0)
-            for key in sorted(stats):
-                print(f"{key:<{width}}  {stats[key]}")
+            print(_format_stats(stats))
         return EXIT_OK
 
     return _run_tool(args, body)
+
+
+#: The fields of a master's STATS that sum the aux nodes' (``MasterNode.cluster_stats``).
+_AUX_TOTALS = frozenset(
+    ("aux_items", "aux_bytes", "aux_max_bytes", "aux_hits", "aux_misses", "aux_evictions", "aux_expirations", "aux_nodes_answering")
+)
+
+
+def _format_stats(stats: dict[str, Any]) -> str:
+    """STATS as ``name  value`` lines; on a master, the ``aux_*`` totals under a heading of their own.
+
+    A master's ``hits`` and ``misses`` are what its clients saw; the aux
+    totals count every copy and every read the masters made on the way
+    (docs/OPERATIONS.md, "dcache stats").
+    """
+    width = max((len(k) for k in stats), default=0)
+    own = [k for k in sorted(stats) if k not in _AUX_TOTALS]
+    totals = [k for k in sorted(stats) if k in _AUX_TOTALS]
+    lines = [f"{key:<{width}}  {stats[key]}" for key in own]
+    if totals:
+        lines.append("")
+        lines.append("# totals over the aux nodes that answered: every replica's copy, and the masters' replica, fallback and repair reads")
+        lines += [f"{key:<{width}}  {stats[key]}" for key in totals]
+    return "\n".join(lines)
 
 
 def _format_ring(info: dict[str, Any]) -> str:

@@ -49,6 +49,8 @@ class MasterCollector(ServiceCollector):
             "dcache_migrating", "1 while data moves between aux nodes after a ring change, else 0.", int(view.prev_ring is not None)
         )
         rs = self.router.stats
+        yield plain_counter("dcache_read_hits", "Reads this master answered with a value (GET, MGET keys, EXISTS, TTL).", rs.hits)
+        yield plain_counter("dcache_read_misses", "Reads this master answered with nothing: no owner held the key.", rs.misses)
         yield plain_counter("dcache_read_fallbacks", "Reads retried on the next owner after one did not answer.", rs.fallbacks)
         yield plain_counter("dcache_read_repairs", "Copies written back to owners that missed a key another owner had.", rs.repairs)
         yield plain_counter("dcache_unavailable", "Requests answered UNAVAILABLE: no owner of the key answered.", rs.unavailable)

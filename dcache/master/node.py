@@ -216,6 +216,8 @@ class MasterNode(Service):
             "migrating": view.prev_ring is not None,
             "replicas": view.replicas,
             **self.connection_stats(),
+            "hits": rs.hits,
+            "misses": rs.misses,
             "fallbacks": rs.fallbacks,
             "repairs": rs.repairs,
             "unavailable": rs.unavailable,
@@ -253,11 +255,17 @@ class MasterNode(Service):
         }
 
     async def cluster_stats(self) -> dict[str, Any]:
-        """STATS on a master: its own counters plus totals over the aux nodes that answer at once."""
+        """STATS on a master: its own counters (``hits``/``misses`` as its clients saw them) plus ``aux_*`` totals.
+
+        The ``aux_*`` fields sum the aux nodes that answer at once, as they
+        count: ``aux_items`` holds every replica's copy, and ``aux_hits`` /
+        ``aux_misses`` every read an aux node served, the masters' replica,
+        fallback and repair reads included (docs/OPERATIONS.md, "dcache stats").
+        """
         out = self.master_stats()
         per_node = await self.router.gather_stats()
         for field in ("items", "bytes", "max_bytes", "hits", "misses", "evictions", "expirations"):
-            out[field] = sum(int(s.get(field, 0)) for s in per_node.values())
+            out["aux_" + field] = sum(int(s.get(field, 0)) for s in per_node.values())
         out["aux_nodes_answering"] = len(per_node)
         return out
 

@@ -89,11 +89,18 @@ class Sink(Protocol):
 
 
 class RouterStats:
-    """Plain counters of the router (turned into metrics at scrape time)."""
+    """Plain counters of the router (turned into metrics at scrape time).
 
-    __slots__ = ("fallbacks", "repairs", "unavailable", "partial_writes", "superseded_retries", "superseded")
+    ``hits`` and ``misses`` count the reads this master answered (GET, each
+    MGET key, EXISTS, TTL) as its clients saw them: found or not, once per
+    read, whatever the owners it asked on the way.
+    """
+
+    __slots__ = ("hits", "misses", "fallbacks", "repairs", "unavailable", "partial_writes", "superseded_retries", "superseded")
 
     def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
         self.fallbacks = 0
         self.repairs = 0
         self.unavailable = 0
@@ -478,6 +485,7 @@ class ReadOp:
             router.stats.unavailable += 1
             self.sink.reply(self.rid, _UNAVAILABLE, f"no owner of the key answered: {self.error}", _GET)
         else:
+            router.stats.misses += 1
             self.sink.reply(self.rid, _OK, None)
 
     def reroute(self) -> None:
@@ -492,6 +500,7 @@ class ReadOp:
     def __call__(self, status: int, result: Any) -> None:
         if status == _OK:
             if result is not None:
+                self.router.stats.hits += 1
                 if self.i == 0 and not self.entry:
                     self.sink.reply(self.rid, _OK, result)
                     return
@@ -528,11 +537,15 @@ class _Split:
     def __call__(self, status: int, result: Any) -> None:
         ops = self.ops
         if status == _OK and result.__class__ is list and len(result) == len(ops):
+            hits = 0
             for op, value in zip(ops, result, strict=True):
                 if value is None:
                     op(_OK, None)  # a miss: the read goes on to the replicas
                 else:
+                    hits += 1
                     op.sink.reply(op.rid, _OK, value)  # a hit on the first owner (op(0, value), inlined)
+            if hits:
+                ops[0].router.stats.hits += hits
             return
         if status == _FRAME_TOO_LARGE:
             link = self.link

@@ -54,7 +54,7 @@ async def test_local_cluster_serves_and_stops_on_ctrl_c(local_cluster):
     assert info["membership"]["role"] == "follower"
 
     stats = json.loads(dcache("stats", "--addr", masters[0], "--json").stdout)
-    assert stats["role"] == "master" and stats["items"] == 2000 and stats["aux_nodes_answering"] == 3
+    assert stats["role"] == "master" and stats["aux_items"] == 2000 and stats["aux_nodes_answering"] == 3
 
     async with aiohttp.ClientSession() as session:  # the HTTP shim in front of both masters
         async with session.get(f"{http[0]}/health") as resp:

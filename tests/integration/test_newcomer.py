@@ -9,6 +9,7 @@ docs promise (``dcache.cli``: 0 ok, 1 missing, 2 usage/configuration,
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import socket
@@ -20,6 +21,7 @@ import urllib.error
 import urllib.request
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,11 +185,12 @@ def _is_free(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """One master, one aux node and the HTTP shim."""
-    c = Cluster(tmp_path_factory.mktemp("newcomer"))
+    """One master, two aux nodes keeping two copies of each key, and the HTTP shim."""
+    c = Cluster(tmp_path_factory.mktemp("newcomer"), replicas=2)
     c.start_master("m1")
     c.start_aux("a1")
-    asyncio.run(wait_ring(c.coordinator.addr, settled({"a1"})))
+    c.start_aux("a2")
+    asyncio.run(wait_ring(c.coordinator.addr, settled({"a1", "a2"})))
     http = start_http(c.coordinator.addr)
     yield c, http
     http.kill()
@@ -364,3 +367,39 @@ def test_second_cluster_run_on_the_same_data_is_quick_and_quiet(tmp_path):
 def _log_time(line: str) -> float:
     stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
     return stamp.timestamp()
+
+
+# -- 12: dcache stats, documented, client-visible counts apart from internal ones -----------------
+
+
+def _stats(addr: str) -> dict[str, Any]:
+    r = dcache("stats", "--addr", addr, "--json")
+    assert r.returncode == 0, r.stderr
+    stats: dict[str, Any] = json.loads(r.stdout)
+    return stats
+
+
+def test_master_stats_separate_what_clients_saw_from_aux_totals(cluster):
+    c, _ = cluster
+    master = c.coordinator.addr
+    before = _stats(master)
+    assert dcache("set", "stats:one", "1", "--addr", master).returncode == 0
+    assert dcache("get", "stats:one", "--addr", master).returncode == 0
+    assert dcache("get", "stats:absent", "--addr", master).returncode == 1
+    after = _stats(master)
+    delta = {k: after[k] - before[k] for k in ("hits", "misses", "aux_items", "aux_hits", "aux_misses")}
+    # One key, two copies; one client miss is two aux misses (first owner, then the replica).
+    assert delta == {"hits": 1, "misses": 1, "aux_items": 2, "aux_hits": 1, "aux_misses": 2}, delta
+    text = dcache("stats", "--addr", master).stdout
+    own, _, totals = text.partition("# totals over the aux nodes")
+    assert re.search(r"^hits +\d+$", own, re.M) and re.search(r"^aux_misses +\d+$", totals, re.M), text
+
+
+def test_every_stats_field_is_documented(cluster):
+    c, _ = cluster
+    doc = (REPO / "docs" / "OPERATIONS.md").read_text()
+    section = doc[doc.index("### `dcache stats`") :]
+    section = section[: section.index("\n## ")]
+    for addr in (c.coordinator.addr, c.aux["a1"].addr):
+        for field in _stats(addr):
+            assert f"`{field}`" in section, field

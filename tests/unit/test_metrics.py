@@ -175,6 +175,7 @@ async def test_zookeeper_master_exports_its_connection_state() -> None:
 async def test_master_collector_values() -> None:
     node = _master_node()
     node.router.stats.fallbacks = 3
+    node.router.stats.hits, node.router.stats.misses = 11, 5
     node.links["a1"].requests = 7
     s = samples(node.collector())
     assert s[("dcache_ring_epoch", ())] == node.router.view.epoch > 0
@@ -183,6 +184,7 @@ async def test_master_collector_values() -> None:
     assert s[("dcache_aux_up", (("node", "a1"),))] == 1
     assert s[("dcache_migrating", ())] == 0
     assert s[("dcache_read_fallbacks_total", ())] == 3
+    assert s[("dcache_read_hits_total", ())] == 11 and s[("dcache_read_misses_total", ())] == 5
     assert s[("dcache_upstream_requests_total", (("node", "a1"),))] == 7
     assert s[("dcache_upstream_connections", (("node", "a1"),))] == 0
     assert s[("dcache_upstream_pool_size", (("node", "a2"),))] == node.config.aux_connections
