@@ -425,6 +425,18 @@ def _silence_stdout() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _value_json(key: str, value: bytes | None) -> dict[str, Any]:
+    """``get --json``'s object: the value as text if it is UTF-8, else base64 under its own name; ``null`` if missing."""
+    if value is None:
+        return {"key": key, "value": None}
+    try:
+        return {"key": key, "value": value.decode()}
+    except UnicodeDecodeError:
+        import base64
+
+        return {"key": key, "value_base64": base64.b64encode(value).decode()}
+
+
 def _write_value(value: bytes) -> None:
     sys.stdout.buffer.write(value + b"\n")
     sys.stdout.flush()
@@ -433,6 +445,9 @@ def _write_value(value: bytes) -> None:
 def _cmd_get(args: argparse.Namespace) -> int:
     async def body(client: Any) -> int:
         value = await client.get(args.key)
+        if args.json:
+            print(json.dumps(_value_json(args.key, value)))
+            return EXIT_MISSING if value is None else EXIT_OK
         if value is None:
             print(f"(missing) {args.key}", file=sys.stderr)
             return EXIT_MISSING
@@ -754,6 +769,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_addr(p)
     p.add_argument("key", help="the key (UTF-8)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"key": KEY, "value": TEXT} (null if missing, exit 1); a value that is not UTF-8 as {"key": KEY, "value_base64": ...}',
+    )
     p.set_defaults(func=_cmd_get)
 
     p = sub.add_parser(
@@ -795,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dump",
         help="copy a whole cluster to one file",
         description="Copy every key of the cluster behind the master at --addr (values, expiries, versions) into one "
-        "checksummed file. Waits for a running migration to finish first.",
+        "checksummed file. Waits for a running migration to finish first. Draws a progress bar on stderr when it is a terminal.",
         epilog=_EXIT_CODES_HELP,
     )
     _add_addr(p)
@@ -807,7 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
         "restore",
         help="load a dump into a cluster",
         description="Load a file written by 'dcache dump' into the cluster behind the master at --addr (any size). "
-        "Entries keep their versions: a restore never overwrites newer data; expired entries are skipped.",
+        "Entries keep their versions: a restore never overwrites newer data; expired entries are skipped. "
+        "Draws a progress bar on stderr when it is a terminal.",
         epilog=_EXIT_CODES_HELP,
     )
     _add_addr(p)

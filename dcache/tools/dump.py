@@ -17,7 +17,8 @@ restore
     newer data, and restoring twice changes nothing. Expired entries are
     skipped.
 
-Both print a progress line on stderr and a summary at the end.
+Both draw a progress bar on stderr when it is a terminal (nothing otherwise)
+and print a summary at the end.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 import time
 from collections import defaultdict
 from ssl import SSLContext
-from typing import Any
+from typing import Any, TextIO
 
 from ..address import parse_address
 from ..client import Client, open_connection
@@ -42,28 +43,57 @@ __all__ = ["dump_cluster", "restore_cluster"]
 
 _PAGE = 1000
 _MIGRATION_WAIT_S = 60.0
+#: Seconds between two redraws of the progress bar, and its width in characters.
+_REDRAW_S = 0.2
+_BAR_CHARS = 30
 
 
 class _Progress:
-    def __init__(self, what: str, total: int, quiet: bool) -> None:
+    """A progress bar on stderr when stderr is a terminal, nothing otherwise (a log or a pipe gets no carriage returns).
+
+    ``[####      ]  42.0%  4200/10000 keys  3500 keys/s``, drawn at once, then
+    at most every ``_REDRAW_S`` seconds, and a last time, complete, by ``finish``.
+    """
+
+    def __init__(self, what: str, total: int, quiet: bool, stream: TextIO | None = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
         self.what = what
         self.total = max(1, total)
         self.done = 0
-        self.quiet = quiet or not sys.stderr.isatty()
+        self.quiet = quiet or not self.stream.isatty()
+        self._start = time.monotonic()
         self._last = 0.0
+        if not self.quiet:
+            self._draw()
 
     def add(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if not self.quiet and now - self._last > 0.2:
-            self._last = now
-            frac = min(1.0, self.done / self.total)
-            bar = "#" * int(frac * 30)
-            print(f"\r{self.what} [{bar:<30}] {self.done}/{self.total}", end="", file=sys.stderr, flush=True)
+        if not self.quiet and now - self._last >= _REDRAW_S:
+            self._draw()
+
+    def _draw(self) -> None:
+        self._last = now = time.monotonic()
+        total = max(self.total, self.done)  # a dump's total is an estimate (items over replicas)
+        frac = self.done / total
+        rate = self.done / max(now - self._start, 1e-6)
+        bar = "#" * int(frac * _BAR_CHARS)
+        line = f"\r{self.what} [{bar:<{_BAR_CHARS}}] {frac * 100:5.1f}%  {self.done}/{total} keys  {rate:.0f} keys/s"
+        print(line, end="", file=self.stream, flush=True)
 
     def finish(self) -> None:
+        """Draw the bar complete and end its line."""
         if not self.quiet:
-            print(file=sys.stderr)
+            self.total = self.done if self.done else self.total
+            self.done = self.total
+            self._draw()
+            self.abandon()
+
+    def abandon(self) -> None:
+        """End the bar's line as it is (an error message follows on a line of its own); idempotent."""
+        if not self.quiet:
+            self.quiet = True
+            print(file=self.stream, flush=True)
 
 
 async def _check_master(client: Client, command: str) -> None:
@@ -147,30 +177,34 @@ async def dump_cluster(
     progress = _Progress("dump", total, quiet)
     chunks: list[tuple[bytes, int]] = []
     count = 0
-    for node_id, ranges in plan.items():
-        host, port = parse_address(nodes[node_id]["addr"])
-        conn = await open_connection(
-            host,
-            port,
-            connect_timeout=timeout,
-            auth_token=auth_token,
-            client_name="dcache-dump",
-            cluster_secret=cluster_secret,
-            ssl=ssl,
-        )
-        try:
-            cursor = 0
-            while True:
-                cursor, entries, _tombstones = await asyncio.wait_for(conn.call(Op.SCAN, ranges, cursor, _PAGE, 0), timeout)
-                if entries:
-                    chunk = pack_entries(tuple(e) for e in entries)
-                    chunks.append(chunk)
-                    count += chunk[1]
-                    progress.add(chunk[1])
-                if not cursor:
-                    break
-        finally:
-            conn.close()
+    try:
+        for node_id, ranges in plan.items():
+            host, port = parse_address(nodes[node_id]["addr"])
+            conn = await open_connection(
+                host,
+                port,
+                connect_timeout=timeout,
+                auth_token=auth_token,
+                client_name="dcache-dump",
+                cluster_secret=cluster_secret,
+                ssl=ssl,
+            )
+            try:
+                cursor = 0
+                while True:
+                    cursor, entries, _tombstones = await asyncio.wait_for(conn.call(Op.SCAN, ranges, cursor, _PAGE, 0), timeout)
+                    if entries:
+                        chunk = pack_entries(tuple(e) for e in entries)
+                        chunks.append(chunk)
+                        count += chunk[1]
+                        progress.add(chunk[1])
+                    if not cursor:
+                        break
+            finally:
+                conn.close()
+    except BaseException:
+        progress.abandon()
+        raise
     progress.finish()
     tmp = f"{out}.tmp.{os.getpid()}"
     created_ms = time.time_ns() // 1_000_000
@@ -215,16 +249,20 @@ async def restore_cluster(
     with open(infile, "rb") as f:
         data = load(f, now_ms=time.time_ns() // 1_000_000)
     entries = data.entries
-    progress = _Progress("restore", len(entries), quiet)
     applied = 0
     async with Client(
         addr, timeout=timeout, auth_token=auth_token, cluster_secret=cluster_secret, client_name="dcache-restore", ssl=ssl
     ) as client:
         await _check_master(client, "restore")
-        for start in range(0, len(entries), batch):
-            chunk = [list(e) for e in entries[start : start + batch]]
-            applied += int(await client.execute(Op.APPLY, chunk))
-            progress.add(len(chunk))
+        progress = _Progress("restore", len(entries), quiet)
+        try:
+            for start in range(0, len(entries), batch):
+                chunk = [list(e) for e in entries[start : start + batch]]
+                applied += int(await client.execute(Op.APPLY, chunk))
+                progress.add(len(chunk))
+        except BaseException:
+            progress.abandon()
+            raise
     progress.finish()
     return {
         "keys_in_file": data.count,

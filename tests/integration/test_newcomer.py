@@ -9,7 +9,10 @@ docs promise (``dcache.cli``: 0 ok, 1 missing, 2 usage/configuration,
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import pty
 import re
 import signal
 import socket
@@ -25,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from dcache import Client
 from dcache.config import AuxConfig, parse_size
 from tests.cluster import Cluster, settled, wait_ring
 from tests.harness import DaemonProcess, read_until_ready, reap, start_http
@@ -403,3 +407,71 @@ def test_every_stats_field_is_documented(cluster):
     for addr in (c.coordinator.addr, c.aux["a1"].addr):
         for field in _stats(addr):
             assert f"`{field}`" in section, field
+
+
+# -- 17: dump/restore progress on a terminal only; get --json -------------------------------------
+
+
+def _with_tty_stderr(argv: list[str], timeout: float = 60) -> tuple[int, str, str]:
+    """Run ``argv`` with stderr on a pseudo-terminal (as in a shell); its exit code, stdout and what the terminal showed."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave)
+    finally:
+        os.close(slave)
+    shown: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            shown.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        reap(proc)
+        reader.join(5)
+        os.close(master)
+    return proc.returncode, out.decode(), b"".join(shown).decode(errors="replace")
+
+
+def test_dump_and_restore_draw_progress_on_a_terminal_only(cluster, tmp_path):
+    c, _ = cluster
+    master = c.coordinator.addr
+
+    async def fill() -> None:
+        async with Client(master) as client:
+            await client.mset({f"progress:{i}": b"v" * 50 for i in range(3000)})
+
+    asyncio.run(fill())
+    dump = str(tmp_path / "cluster.dump")
+    code, out, shown = _with_tty_stderr([DCACHE, "dump", "--addr", master, "--out", dump])
+    assert code == 0 and "keys: " in out, (out, shown)
+    assert "\r" in shown and re.search(r"dump \[#{30}\] 100\.0%  (\d+)/\1 keys", shown), shown
+    r = dcache("dump", "--addr", master, "--out", dump)  # not a terminal: no bar, nothing on stderr
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    code, out, shown = _with_tty_stderr([DCACHE, "restore", "--addr", master, "--in", dump])
+    assert code == 0 and "applied: " in out
+    assert re.search(r"restore \[#{30}\] 100\.0%  (\d+)/\1 keys", shown), shown
+    r = dcache("restore", "--addr", master, "--in", dump)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_get_json(cluster):
+    c, _ = cluster
+    addr = c.coordinator.addr
+    assert dcache("set", "json:text", "hé", "--addr", addr).returncode == 0
+    r = dcache("get", "json:text", "--json", "--addr", addr)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"key": "json:text", "value": "hé"}
+    assert subprocess.run([DCACHE, "set", "json:bin", "-", "--addr", addr], input=b"\xff\x00", capture_output=True).returncode == 0
+    r = dcache("get", "json:bin", "--json", "--addr", addr)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"key": "json:bin", "value_base64": base64.b64encode(b"\xff\x00").decode()}
+    r = dcache("get", "json:absent", "--json", "--addr", addr)
+    assert r.returncode == 1 and json.loads(r.stdout) == {"key": "json:absent", "value": None} and "Traceback" not in r.stderr
