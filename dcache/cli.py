@@ -376,7 +376,9 @@ def _report(args: argparse.Namespace, exc: BaseException) -> int:
     addr = getattr(args, "addr", "")
     prefix = f"dcache {args.command}:"
     code = EXIT_UNREACHABLE
-    if isinstance(exc, (InvalidArgumentError, ConfigError, SnapshotError)):
+    if isinstance(exc, SnapshotError):
+        line, code = f"{prefix} {getattr(args, 'infile', '')} is not a valid dcache dump: {exc}", EXIT_USAGE
+    elif isinstance(exc, (InvalidArgumentError, ConfigError)):
         line, code = f"{prefix} {exc}", EXIT_USAGE
     elif isinstance(exc, (KeyTooLargeError, ValueTooLargeError)):
         line, code = f"{prefix} the server at {addr} refused the request: {exc.message}", EXIT_USAGE

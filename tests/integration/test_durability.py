@@ -127,7 +127,7 @@ async def test_dump_and_restore_into_a_cluster_of_another_size(tmp_path):
         assert again.returncode == 0 and b"applied: 0" in again.stdout  # idempotent
         dump_file.write_bytes(dump_file.read_bytes()[:-10])
         bad = _dcache("restore", "--addr", md.addr, "--in", str(dump_file))
-        assert bad.returncode == 2 and b"error" in bad.stderr  # a truncated file is refused whole
+        assert bad.returncode == 2 and b"is not a valid dcache dump: truncated" in bad.stderr  # a truncated file is refused whole
     finally:
         src.stop()
         dst.stop()
