@@ -14,6 +14,7 @@ import json
 import os
 import pty
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ import pytest
 from dcache import Client
 from dcache.config import AuxConfig, parse_size
 from tests.cluster import Cluster, settled, wait_ring
-from tests.harness import DaemonProcess, read_until_ready, reap, start_http
+from tests.harness import DaemonProcess, read_until_ready, reap, start_http, unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -475,3 +477,77 @@ def test_get_json(cluster):
     assert r.returncode == 0 and json.loads(r.stdout) == {"key": "json:bin", "value_base64": base64.b64encode(b"\xff\x00").decode()}
     r = dcache("get", "json:absent", "--json", "--addr", addr)
     assert r.returncode == 1 and json.loads(r.stdout) == {"key": "json:absent", "value": None} and "Traceback" not in r.stderr
+
+
+# -- 14, 15, 16: the wheel a user installs: its name, its dependencies, LICENSE, --version ---------
+
+CLIENT_SCRIPT = """
+import asyncio, importlib.util, sys
+import dcache
+
+async def main(addr):
+    async with dcache.Client(addr, timeout=10) as cache:
+        assert await cache.set("wheel:k", b"from a client-only install", ttl=60)
+        assert await cache.get("wheel:k") == b"from a client-only install"
+        assert await cache.mget(["wheel:k", "wheel:absent"]) == [b"from a client-only install", None]
+    with dcache.SyncClient(addr) as cache:
+        assert cache.get("wheel:k") == b"from a client-only install"
+
+asyncio.run(main(sys.argv[1]))
+server = ("uvloop", "xxhash", "aiohttp", "prometheus_client", "kazoo")
+assert not [m for m in server if importlib.util.find_spec(m) is not None], "a server dependency is installed"
+print("client ok")
+"""
+
+
+def test_wheel_installs_the_client_alone_into_a_clean_venv(cluster, tmp_path):
+    """pip install the built wheel with no extras: msgpack only, dcache.Client works, the daemons say what is missing."""
+    c, _ = cluster
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "dcache", src / "dcache", ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path / "wheels"
+    build = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(src)], 300)  # as a user would
+    if build.returncode != 0 and "setuptools" in build.stderr and "No matching distribution" in build.stderr:
+        unavailable("setuptools from the package index (the build backend)", build.stderr.strip().splitlines()[-1])
+    assert build.returncode == 0, build.stderr
+    [wheel] = wheels.glob("*.whl")
+    assert wheel.name.startswith("dcache_cluster-"), wheel.name  # the distribution name (dcache on PyPI is another project)
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        meta = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert any(".dist-info/" in n and n.endswith("/LICENSE") for n in names), names
+    assert "Name: dcache-cluster" in meta and "License: MIT" in meta
+    requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    assert [r for r in requires if "extra ==" not in r] == ["Requires-Dist: msgpack>=1.0.7"], requires
+    assert any("uvloop" in r and 'extra == "server"' in r for r in requires), requires
+
+    venv = tmp_path / "venv"
+    assert _run([sys.executable, "-m", "venv", str(venv)], 120).returncode == 0
+    py, script = str(venv / "bin" / "python"), str(venv / "bin" / "dcache")
+    install = _run([py, "-m", "pip", "install", "-q", str(wheel)], 300)
+    if install.returncode != 0:
+        unavailable("msgpack from the package index", install.stderr.strip().splitlines()[-1] if install.stderr.strip() else "pip failed")
+    listed = _run([py, "-m", "pip", "list", "--format=freeze"], 60).stdout.lower()
+    installed = {line.split("==")[0] for line in listed.split()}
+    assert installed - {"pip", "setuptools", "wheel"} == {"dcache-cluster", "msgpack"}, installed
+
+    r = _run([py, "-c", CLIENT_SCRIPT, c.coordinator.addr], 60, cwd=tmp_path)  # not REPO: import the installed copy
+    assert r.returncode == 0 and "client ok" in r.stdout, r.stderr
+    r = _run([script, "get", "wheel:k", "--addr", c.coordinator.addr], 60)
+    assert r.returncode == 0 and r.stdout == "from a client-only install\n", r.stderr
+    version = _run([script, "--version"], 60)
+    assert version.returncode == 0 and version.stdout.strip() == f"dcache {_metadata_version(meta)}"
+    for role in ("aux", "master", "http", "cluster", "dump"):
+        r = _run([script, role, *(["--out", "x"] if role == "dump" else [])], 60)
+        assert_fails(r, 2, f"dcache {role}: needs the server extra", "pip install 'dcache-cluster[server]'")
+
+
+def _run(argv: list[str], timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def _metadata_version(meta: str) -> str:
+    return next(line.split(": ", 1)[1] for line in meta.splitlines() if line.startswith("Version: "))
