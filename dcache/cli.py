@@ -402,6 +402,7 @@ def _report(args: argparse.Namespace, exc: BaseException) -> int:
 def _why_unreachable(exc: BaseException, args: argparse.Namespace) -> str:
     """Why a connection failed, from the root cause under the client's wrapping, and what to try."""
     import socket
+    import ssl
 
     from .errors import ForeignProtocolError
 
@@ -411,6 +412,12 @@ def _why_unreachable(exc: BaseException, args: argparse.Namespace) -> str:
     start = "is the cluster running (make run, or dcache cluster)? is --addr right?"
     if isinstance(root, ForeignProtocolError):
         return str(root)
+    if isinstance(root, ssl.SSLCertVerificationError):
+        return f"TLS: the server's certificate is not trusted ({root.verify_message}, CERTIFICATE_VERIFY_FAILED); is --tls-ca the CA that signed it?"
+    if isinstance(root, ssl.SSLError):
+        return f"TLS handshake failed ({root.reason or root}); is it a TLS port, and is --tls-cert/--tls-key a certificate the server's CA signed?"
+    if not getattr(args, "tls_ca", None) and isinstance(root, (TimeoutError, ConnectionResetError, ConnectionAbortedError)):
+        start += " does the server use TLS (then give --tls-ca)?"
     if isinstance(root, ConnectionRefusedError):
         return f"connection refused (nothing listens there); {start}"
     if isinstance(root, socket.gaierror):
@@ -419,6 +426,8 @@ def _why_unreachable(exc: BaseException, args: argparse.Namespace) -> str:
         return f"no answer within {args.timeout} s (--timeout); {start}"
     if isinstance(root, OSError) and root.strerror:
         return f"{root.strerror.lower()}; {start}"
+    if isinstance(root, ConnectionResetError):
+        return f"{root}; {start}"
     return f"{root or root.__class__.__name__}"
 
 

@@ -402,7 +402,7 @@ async def test_cli_tools_and_the_sync_client_speak_tls(tmp_path: Path, certs: Tl
         assert result["errors"] == 0 and result["ops_per_s"] > 0
         # Refusals and bad settings: one line each, no traceback.
         res = dcache("get", "--addr", m1.addr, "cli", "--timeout", "2")  # plaintext to a TLS port
-        assert res.returncode == 3, res.stderr
+        assert res.returncode == 3 and "--tls-ca" in res.stderr and "Traceback" not in res.stderr, res.stderr
         res = dcache("get", "--addr", m1.addr, "cli", "--timeout", "2", "--tls-ca", certs.wrong_ca.cert)
         assert res.returncode == 3 and "CERTIFICATE_VERIFY_FAILED" in res.stderr, res.stderr
         for args, message in (
