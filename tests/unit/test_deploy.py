@@ -51,7 +51,28 @@
   credential in args, env or the ConfigMap.
 * The docs (SECURITY.md, OPERATIONS.md, docker/README.md, the ConfigMap's
   comment) name the same secret files and show ``kubectl create secret
-  generic dcache-credentials`` with exactly the keys the manifests read.
+  generic dcache-credentials`` (and ``dcache-tls``) with exactly the keys
+  the manifests read.
+* TLS, compose: ``docker/docker-compose.tls.yml`` merged into both sets
+  (``embedded-tls``, ``zookeeper-tls``), checked like them, plus: every
+  dcache service's ``--tls-cert/--tls-key/--tls-ca`` (masters and aux nodes
+  ``--tls-client-auth``) point at compose secrets (read-only) from
+  ``./secrets/tls/``, its own certificate and key, one CA; the files
+  ``create-secrets.sh --tls`` makes (run into a temp directory: modes,
+  idempotence, a new certificate from the kept CA) load as the daemon loads
+  them, verify against the CA (``openssl verify``) and name the service, and
+  what clients dial through nginx; ``docker/nginx.tls.conf`` passes TLS
+  through to exactly the masters and the shims (``nginx -t`` too);
+  ``docker/prometheus.tls.yml`` scrapes the shim over HTTPS and differs from
+  ``prometheus.yml`` in nothing else; the image's health check passes for
+  TLS daemons of every role, and fails when it would speak plaintext.
+* TLS, Kubernetes (on by default, both sets): every dcache container's
+  ``--tls-*`` point at ``ca.crt``, ``tls.crt``, ``tls.key`` of the Secret
+  ``dcache-tls``, mounted read-only 0440 through the fsGroup; masters and
+  aux nodes ``--tls-client-auth``; probes and scrape annotations use HTTPS
+  where the port serves it.
+* No PEM private key in git or under ``docker/`` and ``k8s/`` (but the
+  git-ignored ``docker/secrets/``).
 """
 
 from __future__ import annotations
@@ -78,8 +99,10 @@ import pytest
 import yaml  # type: ignore[import-untyped, unused-ignore]  # no types-PyYAML in the venv
 
 from dcache.config import read_secret
+from dcache.tls import TlsContexts, client_context
 from tests.harness import DaemonProcess
 from tests.nginx import NginxProcess, find_nginx, free_port, stream_module_path
+from tests.tlscerts import make_certs
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -87,9 +110,12 @@ DOCKERFILE = DOCKER / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 COMPOSE = DOCKER / "docker-compose.yml"
 COMPOSE_ZK = DOCKER / "docker-compose.zookeeper.yml"
+COMPOSE_TLS = DOCKER / "docker-compose.tls.yml"
 CREATE_SECRETS = DOCKER / "create-secrets.sh"
 NGINX_CONF = DOCKER / "nginx.conf"
+NGINX_TLS_CONF = DOCKER / "nginx.tls.conf"
 PROMETHEUS = DOCKER / "prometheus.yml"
+PROMETHEUS_TLS = DOCKER / "prometheus.tls.yml"
 GRAFANA = DOCKER / "grafana"
 K8S = REPO / "k8s"
 K8S_ZK = K8S / "zookeeper"
@@ -116,6 +142,19 @@ FORBIDDEN_FLAGS = ("--insecure", "--auth-token", "--http-token", "--cluster-secr
 SECURITY_MD = REPO / "docs" / "SECURITY.md"
 OPERATIONS_MD = REPO / "docs" / "OPERATIONS.md"
 DOCKER_README = DOCKER / "README.md"
+
+# -- TLS (docs/SECURITY.md, "TLS") --
+#: Where docker/create-secrets.sh --tls writes the certificates, inside the compose secrets directory.
+COMPOSE_TLS_DIR = "tls"
+#: Files of COMPOSE_TLS_DIR that stay on the host: the CA's key and the host's client certificate.
+COMPOSE_TLS_HOST_ONLY = {"ca.key", "client.crt", "client.key"}
+#: Names clients on the host and on the compose network use for whatever nginx passes TLS through to.
+COMPOSE_NGINX_NAMES = {"DNS:localhost", "IP Address:127.0.0.1", "DNS:nginx"}
+#: The Secret with the pods' certificate (never created by the manifests) and its keys, cert-manager's names.
+K8S_TLS_SECRET = "dcache-tls"
+K8S_TLS_KEYS = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
+#: Every Secret the manifests read, and its keys.
+K8S_SECRETS = {K8S_SECRET: set(K8S_KEYS.values()), K8S_TLS_SECRET: set(K8S_TLS_KEYS.values())}
 
 
 # -- running dcache ----------------------------------------------------------------
@@ -303,7 +342,8 @@ def _merge(base: Any, override: Any, path: tuple[str, ...] = ()) -> Any:
     and ``healthcheck.test`` are replaced; ``depends_on`` merges by service name
     (short syntax expanded first); ``environment`` and ``labels`` merge as
     ``KEY=VALUE`` lists (the last one wins); ``volumes`` are unique by
-    container path and ``ports`` by value, the later entry winning.
+    container path, ``secrets`` by target and ``ports`` by value, the later
+    entry winning.
     """
     attribute = path[2:] if len(path) > 2 and path[0] == "services" else None
     if attribute in _REPLACED:
@@ -322,6 +362,8 @@ def _merge(base: Any, override: Any, path: tuple[str, ...] = ()) -> Any:
             return list({_mount_target(v): v for v in merged}.values())
         if attribute == ("ports",):
             return list({json.dumps(p, sort_keys=True): p for p in merged}.values())
+        if attribute == ("secrets",):
+            return list({_secret_target(s): s for s in merged}.values())
         return merged
     return override
 
@@ -363,8 +405,15 @@ def test_compose_merge_rules() -> None:
     assert set(merged["services"]) == {"a", "c"} and set(merged["volumes"]) == {"v1", "v2"}
 
 
-#: The compose files of each membership mode, in `docker compose -f ... -f ...` order.
-COMPOSE_FILES = {"embedded": (COMPOSE,), "zookeeper": (COMPOSE, COMPOSE_ZK)}
+#: The compose files of each membership mode, plain or with TLS, in `docker compose -f ... -f ...` order.
+COMPOSE_FILES = {
+    "embedded": (COMPOSE,),
+    "zookeeper": (COMPOSE, COMPOSE_ZK),
+    "embedded-tls": (COMPOSE, COMPOSE_TLS),
+    "zookeeper-tls": (COMPOSE, COMPOSE_ZK, COMPOSE_TLS),
+}
+PLAIN_MODES = ["embedded", "zookeeper"]
+TLS_MODES = ["embedded-tls", "zookeeper-tls"]
 
 
 @functools.cache
@@ -382,7 +431,7 @@ def _load_compose(mode: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module", params=sorted(COMPOSE_FILES))
 def compose_mode(request: pytest.FixtureRequest) -> str:
-    """Which compose set: the base file alone (embedded) or base + ZooKeeper override."""
+    """Which compose set: the base file alone (embedded) or base + ZooKeeper override, each plain or + TLS override."""
     return str(request.param)
 
 
@@ -434,20 +483,28 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
-def _run_create_secrets(target: Path) -> subprocess.CompletedProcess[str]:
-    """``docker/create-secrets.sh TARGET``, run the way docker/README.md says (an executable script)."""
-    res = subprocess.run([str(CREATE_SECRETS), str(target)], capture_output=True, text=True, env=_env({}), timeout=CHECK_TIMEOUT_S)
-    assert res.returncode == 0, f"{CREATE_SECRETS.name} {target} exited {res.returncode}:\n{res.stdout}{res.stderr}"
+def _run_create_secrets(target: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``docker/create-secrets.sh [OPTIONS] TARGET``, run the way docker/README.md says (an executable script)."""
+    argv = [str(CREATE_SECRETS), *options, str(target)]
+    res = subprocess.run(argv, capture_output=True, text=True, env=_env({}), timeout=CHECK_TIMEOUT_S)
+    assert res.returncode == 0, f"{shlex.join(argv)} exited {res.returncode}:\n{res.stdout}{res.stderr}"
     return res
 
 
 @functools.cache
 def _sample_secrets() -> Path:
-    """What docker/secrets/ holds once the operator ran docker/create-secrets.sh: the script, run into a temp directory."""
+    """What docker/secrets/ holds once the operator ran docker/create-secrets.sh --tls: the script, run into a temp directory."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is not on PATH: docker/create-secrets.sh needs it")
     root = Path(tempfile.mkdtemp(prefix="dcache-test-deploy-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
-    _run_create_secrets(root / "secrets")
+    _run_create_secrets(root / "secrets", "--tls")
     return root / "secrets"
+
+
+def _files_under(root: Path) -> dict[str, Path]:
+    """Every file under ``root``, by its path relative to it."""
+    return {str(f.relative_to(root)): f for f in sorted(root.rglob("*")) if f.is_file()}
 
 
 def _in_secrets(path: str) -> str | None:
@@ -579,7 +636,7 @@ def _check_compose_shims(masters: Mapping[str, Checked], shims: Mapping[str, Che
         assert set(c.config["master"]) == every_master, f"{name} --master {c.config['master']} != {sorted(every_master)}"
 
 
-@pytest.mark.parametrize("compose_mode", ["embedded"], indirect=True)
+@pytest.mark.parametrize("compose_mode", ["embedded", "embedded-tls"], indirect=True)
 def test_compose_topology(compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
     masters = _by_role(compose_daemons, "master")
     aux = _by_role(compose_daemons, "aux")
@@ -601,8 +658,8 @@ def test_compose_topology(compose: dict[str, Any], compose_daemons: dict[str, Ch
 MEMBERSHIP = {"coordinator", "aux", "join", "zookeeper", "cluster", "zk_session_timeout"}
 
 
-@pytest.mark.parametrize("compose_mode", ["zookeeper"], indirect=True)
-def test_compose_zookeeper_topology(compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
+@pytest.mark.parametrize("compose_mode", ["zookeeper", "zookeeper-tls"], indirect=True)
+def test_compose_zookeeper_topology(compose_mode: str, compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
     services = compose["services"]
     (zk,) = [n for n, s in services.items() if str(s.get("image", "")).startswith("zookeeper:")]
     zk_env = _environment(services[zk])
@@ -627,8 +684,8 @@ def test_compose_zookeeper_topology(compose: dict[str, Any], compose_daemons: di
     _check_compose_data_nodes(compose, masters, aux)
     _check_compose_shims(masters, _by_role(compose_daemons, "http"))
 
-    # The override changes the membership flags only: same services, ports, ids, addresses, directories.
-    embedded = _checked_compose("embedded")
+    # The override changes the membership flags only: same services, ports, ids, addresses, directories (and TLS).
+    embedded = _checked_compose(compose_mode.replace("zookeeper", "embedded"))
     assert set(compose_daemons) == set(embedded), f"dcache services differ from the base file: {set(compose_daemons) ^ set(embedded)}"
     for name, c in compose_daemons.items():
         want = {k: v for k, v in embedded[name].config.items() if k not in MEMBERSHIP}
@@ -655,17 +712,30 @@ def test_compose_zookeeper_healthcheck(compose: dict[str, Any], tmp_path: Path) 
 # -- credentials: compose ------------------------------------------------------------
 
 
+def _secret_target(entry: str | Mapping[str, Any]) -> str:
+    """Where a service's compose secret is mounted: ``/run/secrets/TARGET`` (TARGET defaults to the secret's name)."""
+    target = entry if isinstance(entry, str) else str(entry.get("target", entry["source"]))
+    return target if target.startswith("/") else f"/run/secrets/{target}"
+
+
 def _secret_mounts(compose: Mapping[str, Any], name: str) -> dict[str, str]:
     """Container path -> host file of each compose secret service ``name`` mounts (``/run/secrets/NAME`` by default)."""
     declared = compose.get("secrets") or {}
     out = {}
     for entry in compose["services"][name].get("secrets") or []:
         source = entry if isinstance(entry, str) else entry["source"]
-        target = source if isinstance(entry, str) else entry.get("target", source)
         assert source in declared, f"{name}: secret {source!r} is not declared under the top-level secrets:"
         assert "file" in declared[source], f"secret {source}: expected `file:` (a file made by {CREATE_SECRETS.name})"
-        out[target if target.startswith("/") else f"/run/secrets/{target}"] = str(declared[source]["file"])
+        target = _secret_target(entry)
+        assert target not in out, f"{name}: two secrets mounted at {target}"
+        out[target] = str(declared[source]["file"])
     return out
+
+
+def _is_tls_file(path: str) -> bool:
+    """``path`` (as a compose file writes it) is under docker/secrets/tls/, where create-secrets.sh --tls writes."""
+    inside = _in_secrets(path)
+    return inside is not None and Path(inside).parts[0] == COMPOSE_TLS_DIR
 
 
 def _no_credential_on_display(where: str, argv: Sequence[str], literal_env: Mapping[str, str]) -> None:
@@ -694,7 +764,7 @@ def test_compose_credentials(compose: dict[str, Any], compose_daemons: dict[str,
                 assert _in_secrets(path), f"{name}: env_file {path} holds credentials outside {COMPOSE_SECRETS}/ (git-ignored)"
         optional = [e for e in _env_file_entries(services[name]) if isinstance(e, dict) and e.get("required") is False]
         assert not optional, f"{name}: optional env files {optional}: without them the service would start with no credential"
-        mounts = _secret_mounts(compose, name)
+        mounts = {target: f for target, f in _secret_mounts(compose, name).items() if not _is_tls_file(f)}
         if c.role == "http":
             assert cfg["http_token"] == "<redacted>", f"{name}: the shim listens on {cfg['host']} without DCACHE_HTTP_TOKEN"
             assert not mounts, f"{name}: the shim is a client of the masters; it needs no cluster secret ({mounts})"
@@ -709,11 +779,19 @@ def test_compose_credentials(compose: dict[str, Any], compose_daemons: dict[str,
 
 
 def _named_secrets(mode: str) -> tuple[set[str], set[str]]:
-    """The files under ./secrets/ a compose set names: (mounted as compose secrets, read as env files)."""
+    """The credential files under ./secrets/ a compose set names (the certificates under ./secrets/tls/ aside):
+    (mounted as compose secrets, read as env files)."""
     doc = _load_compose(mode)
-    mounted = {_in_secrets(str(s.get("file", ""))) for s in (doc.get("secrets") or {}).values()}
+    mounted = {_in_secrets(str(s.get("file", ""))) for s in (doc.get("secrets") or {}).values() if not _is_tls_file(str(s.get("file", "")))}
     env_files = {_in_secrets(p) for s in doc["services"].values() for p in _env_files(s)}
     return {m for m in mounted if m}, {e for e in env_files if e}
+
+
+def _named_tls_files(mode: str) -> set[str]:
+    """The files under ./secrets/tls/ a compose set mounts, relative to ./secrets/."""
+    doc = _load_compose(mode)
+    files = (str(s.get("file", "")) for s in (doc.get("secrets") or {}).values())
+    return {str(_in_secrets(f)) for f in files if _is_tls_file(f)}
 
 
 def _git(*args: str) -> subprocess.CompletedProcess[str] | None:
@@ -729,7 +807,7 @@ def test_compose_secrets_script(tmp_path: Path) -> None:
     assert os.access(CREATE_SECRETS, os.X_OK), f"{CREATE_SECRETS.name} must be executable (docker/README.md runs it)"
     target = tmp_path / "secrets"
     _run_create_secrets(target)
-    made = {p.name: p for p in target.iterdir()}
+    made = _files_under(target)
     assert target.stat().st_mode & 0o777 == 0o700, f"{target}: mode {target.stat().st_mode & 0o777:o}, expected 0700"
 
     mounted: set[str] = set()  # compose secrets (bind mounts)
@@ -775,6 +853,209 @@ def test_compose_secrets_script(tmp_path: Path) -> None:
         assert check.stdout.split() == paths, f"docker/secrets/ must be git-ignored: {check.stdout}{check.stderr}"
         tracked = _git("ls-files", "docker/secrets")
         assert tracked is not None and not tracked.stdout.strip(), f"committed credentials: {tracked.stdout if tracked else ''}"
+
+
+# -- TLS: compose ----------------------------------------------------------------------
+
+
+def _openssl(*args: str) -> str:
+    """``openssl ARGS``'s output; fails the test if it fails."""
+    res = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+    assert res.returncode == 0, f"openssl {shlex.join(args)} exited {res.returncode}: {res.stderr}"
+    return res.stdout
+
+
+def _cert_ext(cert: Path, ext: str) -> set[str]:
+    """The values of one X.509 extension of ``cert`` (``openssl x509 -ext``), e.g. {"DNS:aux1", "IP Address:127.0.0.1"}."""
+    out = _openssl("x509", "-in", str(cert), "-noout", "-ext", ext).splitlines()[1:]
+    return {v.strip() for line in out for v in line.split(",") if v.strip()}
+
+
+def _verifies(ca: Path, cert: Path) -> bool:
+    """``openssl verify -CAfile CA CERT`` accepts the certificate (chain, dates, purpose left to the caller)."""
+    res = subprocess.run(["openssl", "verify", "-CAfile", str(ca), str(cert)], capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
+    return res.returncode == 0 and res.stdout.strip() == f"{cert}: OK"
+
+
+def _walk(d: Directive) -> Iterator[Directive]:
+    for child in d.block or []:
+        yield child
+        yield from _walk(child)
+
+
+def _nginx_tls_upstreams(compose: Mapping[str, Any]) -> tuple[str, dict[str, list[Directive]], Directive]:
+    """The nginx service of a TLS compose set, the upstreams of the nginx.conf it mounts, and that file parsed."""
+    services = compose["services"]
+    (nginx,) = [n for n, s in services.items() if str(s.get("image", "")).startswith("nginx")]
+    mounted = _mounts(services[nginx]).get("/etc/nginx/nginx.conf")
+    assert mounted == "./nginx.tls.conf", f"{nginx}: mount ./nginx.tls.conf (TLS passthrough), not {mounted}"
+    conf = _parse_nginx(NGINX_TLS_CONF.read_text())
+    (stream,) = conf.find("stream")
+    return nginx, _upstream_servers(stream), conf
+
+
+@pytest.mark.parametrize("compose_mode", TLS_MODES, indirect=True)
+def test_compose_tls(compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
+    """With the TLS override, every dcache service has --tls-cert, --tls-key and --tls-ca (masters and aux nodes
+    --tls-client-auth too; the shim not, see docker-compose.tls.yml) pointing at compose secrets mounted from
+    ./secrets/tls/, its own certificate and key, the one CA; the files create-secrets.sh --tls makes load as the
+    daemon loads them, verify against that CA and name the service (and what clients dial through nginx)."""
+    services = compose["services"]
+    _, upstreams, _ = _nginx_tls_upstreams(compose)
+    behind_nginx = {s.args[0].rpartition(":")[0] for servers in upstreams.values() for s in servers}
+    cas: set[str] = set()
+    keys: dict[str, str] = {}
+    for name, c in compose_daemons.items():
+        cfg = c.config
+        paths = {kind: cfg[f"tls_{kind}"] for kind in ("cert", "key", "ca")}
+        assert all(paths.values()), f"{name}: TLS needs --tls-cert, --tls-key and --tls-ca, got {paths}"
+        if c.role == "http":
+            assert cfg["tls_client_auth"] is False, f"{name}: HTTPS without client certificates (Prometheus, curl, probes)"
+        else:
+            assert cfg["tls_client_auth"] is True, f"{name}: masters and aux nodes run mutual TLS (--tls-client-auth true)"
+        mounts = _secret_mounts(compose, name)
+        volumes = _mounts(services[name])
+        host = {}
+        for kind, path in paths.items():
+            assert path in mounts, f"{name}: --tls-{kind} {path} is not where a compose secret is mounted ({sorted(mounts)})"
+            assert path not in volumes, f"{name}: a volume at {path} hides the secret"
+            assert _is_tls_file(mounts[path]), f"{name}: {mounts[path]} is not in {COMPOSE_SECRETS}/{COMPOSE_TLS_DIR}/ (git-ignored)"
+            host[kind] = _compose_file(mounts[path])
+            assert host[kind].is_file(), f"{name}: {CREATE_SECRETS.name} --tls makes no {mounts[path]}"
+        own = {kind: Path(mounts[paths[kind]]).name for kind in ("cert", "key")}
+        assert own == {"cert": f"{name}.crt", "key": f"{name}.key"}, f"{name}: mount its own certificate and key, not {own}"
+        cas.add(mounts[paths["ca"]])
+        keys[name] = mounts[paths["key"]]
+        # As the daemon loads them: the key matches the certificate, the CA is a CA.
+        TlsContexts(cert=str(host["cert"]), key=str(host["key"]), ca=str(host["ca"]), client_auth=cfg["tls_client_auth"])
+        assert _verifies(host["ca"], host["cert"]), f"{name}: {mounts[paths['cert']]} is not signed by {mounts[paths['ca']]}"
+        sans = _cert_ext(host["cert"], "subjectAltName")
+        assert f"DNS:{name}" in sans, f"{name}: its certificate names {sorted(sans)}, not its service name"
+        if name in behind_nginx:
+            missing = COMPOSE_NGINX_NAMES - sans
+            assert not missing, f"{name}: nginx passes TLS through to it; its certificate must also name {sorted(missing)}"
+    assert len(cas) == 1, f"every service must trust the one compose CA, got {sorted(cas)}"
+    for name, service in services.items():
+        for target, source in _mounts(service).items():
+            assert _in_secrets(source) is None, f"{name}: {source} mounted as a volume at {target}: use a compose secret (read-only)"
+
+
+@pytest.mark.parametrize("compose_mode", TLS_MODES, indirect=True)
+def test_nginx_tls_conf_matches_compose(compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
+    """docker/nginx.tls.conf passes TLS through (no certificate, no key, no termination) to the masters and to
+    the shims, on the ports compose publishes, with the same passive health as docker/nginx.conf."""
+    nginx, upstreams, conf = _nginx_tls_upstreams(compose)
+    assert not conf.find("http"), "TLS passthrough: no http block (nginx cannot read HTTPS it does not terminate)"
+    assert not conf.find("load_module"), "the official nginx image has stream built in: no load_module"
+    terminating = [d.name for d in _walk(conf) if d.name.startswith(("ssl", "proxy_ssl"))]
+    assert not terminating, f"nginx must not terminate or originate TLS here: {terminating}"
+    (stream,) = conf.find("stream")
+    for server in stream.find("server"):
+        for listen in server.find("listen"):
+            assert "ssl" not in listen.args, f"listen {listen.args}: passthrough, no ssl"
+        (proxy_pass,) = server.find("proxy_pass")
+        assert proxy_pass.args[0] in upstreams, f"proxy_pass {proxy_pass.args[0]} names no upstream"
+    groups = {frozenset(s.args[0] for s in servers) for servers in upstreams.values()}
+    for role in ("master", "http"):
+        want = frozenset(_addr(n, c.config["port"]) for n, c in _by_role(compose_daemons, role).items())
+        assert want in groups, f"no upstream lists exactly the {role} services {sorted(want)}: {groups}"
+    assert len(groups) == len(upstreams) == 2, f"one upstream for the masters, one for the shims: {list(upstreams)}"
+    for servers in upstreams.values():
+        for s in servers:
+            host = s.args[0].rpartition(":")[0]
+            assert _serves_tls(compose_daemons[host], int(s.args[0].rpartition(":")[2])), f"{s.args[0]} does not serve TLS"
+            params = " ".join(s.args[1:])
+            assert "max_fails=" in params and "fail_timeout=" in params, f"{s.args[0]} lacks passive health"
+    service = compose["services"][nginx]
+    listens = _listen_ports(stream)
+    assert _published(service) == listens, f"{nginx} publishes {_published(service)}, nginx listens on {listens}"
+    for servers in upstreams.values():
+        for s in servers:
+            assert s.args[0].rsplit(":", 1)[0] in (service.get("depends_on") or []), f"{nginx}: depends_on {s.args[0]}"
+
+
+@pytest.mark.parametrize("compose_mode", ["embedded-tls"], indirect=True)
+def test_nginx_tls_conf_passes_nginx_t(tmp_path: Path, compose: dict[str, Any]) -> None:
+    nginx = find_nginx()  # skips, or fails under CI, when nginx cannot be had
+    text, listen = _render_nginx(NGINX_TLS_CONF.read_text(), stream_module_path(nginx), list(compose["services"]))
+    res = NginxProcess(nginx, text, tmp_path, listen).check()
+    assert res.returncode == 0, f"nginx -t rejected the rendered docker/nginx.tls.conf:\n{res.stderr}\n---\n{text}"
+
+
+def test_compose_tls_script(tmp_path: Path) -> None:
+    """docker/create-secrets.sh --tls makes every file under ./secrets/tls/ the TLS override mounts, plus the CA's
+    key and a client certificate that stay on the host; mounted files readable by the daemons (0444: bind mounts
+    keep the host mode), the others 0600, in 0700 directories; every certificate signed by the new CA, for server
+    and client use; existing files kept, a deleted certificate made again by the same CA; never committed."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is not on PATH: docker/create-secrets.sh --tls needs it")
+    target = tmp_path / "secrets"
+    _run_create_secrets(target, "--tls")
+    tls_dir = target / COMPOSE_TLS_DIR
+    for d in (target, tls_dir):
+        assert d.stat().st_mode & 0o777 == 0o700, f"{d}: mode {d.stat().st_mode & 0o777:o}, expected 0700"
+    made = {f: path for f, path in _files_under(target).items() if Path(f).parts[0] == COMPOSE_TLS_DIR}
+    mounted = set().union(*(_named_tls_files(m) for m in TLS_MODES))
+    host_only = {f"{COMPOSE_TLS_DIR}/{f}" for f in COMPOSE_TLS_HOST_ONLY}
+    assert not mounted & host_only, f"never mount {sorted(mounted & host_only)}: they stay on the host"
+    assert set(made) == mounted | host_only, f"the TLS override mounts {sorted(mounted)}, the script makes {sorted(made)}"
+    for f, path in made.items():
+        mode = path.stat().st_mode & 0o777
+        if f in mounted:
+            assert mode & 0o004 and not mode & 0o022, f"{f}: mode {mode:o}: the daemons (uid 10001, not the owner) must read it"
+        else:
+            assert mode == 0o600, f"{f}: mode {mode:o}, expected 0600 (only the operator uses it)"
+
+    ca = tls_dir / "ca.crt"
+    assert _cert_ext(ca, "basicConstraints") == {"CA:TRUE"}, "ca.crt is no CA"
+    certs = sorted(tls_dir.glob("*.crt"))
+    assert {c.stem for c in certs} >= {"ca", "client"}, f"certificates made: {[c.name for c in certs]}"
+    for cert in (c for c in certs if c != ca):
+        assert _verifies(ca, cert), f"{cert.name} does not verify against ca.crt"
+        eku = _cert_ext(cert, "extendedKeyUsage")
+        assert eku == {"TLS Web Server Authentication", "TLS Web Client Authentication"}, f"{cert.name}: {eku}"
+        assert _cert_ext(cert, "basicConstraints") == {"CA:FALSE"}, f"{cert.name} must not be a CA"
+        # The key is the certificate's (ssl loads the pair or refuses it).
+        client_context(ca=str(ca), cert=str(cert), key=str(cert.with_suffix(".key")))
+
+    before = {f: path.read_bytes() for f, path in made.items()}
+    _run_create_secrets(target, "--tls")
+    assert {f: path.read_bytes() for f, path in _files_under(target).items() if f in before} == before, "a second run keeps every file"
+    (tls_dir / "aux1.crt").unlink()
+    (tls_dir / "aux1.key").unlink()
+    _run_create_secrets(target, "--tls")
+    assert (tls_dir / "aux1.crt").read_bytes() != before[f"{COMPOSE_TLS_DIR}/aux1.crt"], "aux1.crt was not made again"
+    assert _verifies(ca, tls_dir / "aux1.crt") and ca.read_bytes() == before[f"{COMPOSE_TLS_DIR}/ca.crt"], "a new certificate, the same CA"
+    other = tmp_path / "other"
+    _run_create_secrets(other, "--tls")
+    assert not _verifies(ca, other / COMPOSE_TLS_DIR / "master1.crt"), "two runs must make two different CAs"
+    assert set(_files_under(other)) == set(_files_under(target)), "every run makes the same files"
+
+    paths = [f"docker/secrets/{f}" for f in sorted(made)]
+    check = _git("check-ignore", "--no-index", *paths)
+    if check is not None:
+        assert check.stdout.split() == paths, f"docker/secrets/tls/ must be git-ignored: {check.stdout}{check.stderr}"
+
+
+_PRIVATE_KEY = re.compile(r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----")
+
+
+def test_no_private_key_committed() -> None:
+    """No PEM private key in the repository (git's tracked files) nor anywhere under docker/ or k8s/ but the
+    git-ignored docker/secrets/: keys are made at run time (create-secrets.sh, cert-manager, tests/tlscerts.py)."""
+    files = {p for d in (DOCKER, K8S) for p in d.rglob("*") if p.is_file() and DOCKER / "secrets" not in p.parents}
+    tracked = _git("ls-files", "-z")
+    if tracked is not None:
+        files |= {REPO / f for f in tracked.stdout.split("\0") if f}
+    found = []
+    for path in sorted(files):
+        try:
+            text = path.read_text(errors="replace")
+        except (IsADirectoryError, FileNotFoundError):
+            continue
+        if _PRIVATE_KEY.search(text):
+            found.append(str(path.relative_to(REPO)))
+    assert not found, f"PEM private keys committed: {found}"
 
 
 # -- nginx -------------------------------------------------------------------------------
@@ -829,6 +1110,7 @@ def nginx_conf() -> Directive:
     return _parse_nginx(NGINX_CONF.read_text())
 
 
+@pytest.mark.parametrize("compose_mode", PLAIN_MODES, indirect=True)  # TLS: test_nginx_tls_conf_matches_compose
 def test_nginx_conf_matches_compose(nginx_conf: Directive, compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
     (stream,) = nginx_conf.find("stream")
     (http,) = nginx_conf.find("http")
@@ -872,13 +1154,15 @@ def _render_nginx(text: str, stream_module: str | None, names: Sequence[str]) ->
     listen = f"127.0.0.1:{free_port()}"
     text = sub(r"^(\s*pid\s+)[^;]+;", r"\1logs/nginx.pid;", text)
     text = sub(r"^(\s*error_log\s+)\S+", r"\1logs/error.log", text)
-    text = sub(r"^(\s*access_log\s+)/\S+?(;|\s)", r"\1logs/access.log\2", text)
+    if re.search(r"^\s*access_log\s", text, re.M):  # http blocks only
+        text = sub(r"^(\s*access_log\s+)/\S+?(;|\s)", r"\1logs/access.log\2", text)
     hosts = "|".join(re.escape(n) for n in names)
     text = sub(rf"^(\s*server\s+)(?:{hosts}):(\d+)", r"\g<1>127.0.0.1:\2", text)
     ports = iter([listen, *(f"127.0.0.1:{free_port()}" for _ in range(8))])
     text = sub(r"^(\s*listen\s+)\d+\b", lambda m: m[1] + next(ports), text)
     temp = "".join(f"    {k}_temp_path {k}_temp;\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    text = sub(r"^http\s*\{\n", lambda m: m[0] + temp, text)
+    if re.search(r"^http\s*\{", text, re.M):
+        text = sub(r"^http\s*\{\n", lambda m: m[0] + temp, text)
     if stream_module:
         text = f"load_module {stream_module};\n" + text
     return text, listen
@@ -895,9 +1179,23 @@ def test_nginx_conf_passes_nginx_t(tmp_path: Path, compose: dict[str, Any]) -> N
 # -- prometheus and grafana ------------------------------------------------------------------
 
 
-def test_prometheus_targets_match_compose(compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
-    doc = yaml.safe_load(PROMETHEUS.read_text())
+def _serves_tls(c: Checked, port: int) -> bool:
+    """Whether ``port`` of a checked daemon serves TLS: its own port with a certificate (metrics ports are plain HTTP)."""
+    return c.config.get("tls_cert") is not None and port == c.config["port"]
+
+
+def test_prometheus_targets_match_compose(compose_mode: str, compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
+    """Prometheus (the file compose mounts) scrapes every dcache service where it serves /metrics, over HTTPS
+    (checked against the CA compose mounts into Prometheus) where that port serves TLS, plain HTTP elsewhere."""
     services = compose["services"]
+    (prom,) = [n for n, s in services.items() if str(s.get("image", "")).startswith(("prom/prometheus", "quay.io/prometheus"))]
+    flags = dict(a.partition("=")[::2] for a in _command(services[prom]))
+    config_path = flags.get("--config.file", "/etc/prometheus/prometheus.yml")
+    want_file = "./prometheus.tls.yml" if compose_mode in TLS_MODES else "./prometheus.yml"
+    assert _mounts(services[prom]).get(config_path) == want_file, f"{prom} must mount {want_file} at {config_path}"
+    doc = yaml.safe_load((COMPOSE.parent / want_file).read_text())
+    prom_secrets = _secret_mounts(compose, prom)
+
     scraped: dict[str, str] = {}
     for job in doc.get("scrape_configs") or []:
         assert job.get("metrics_path", "/metrics") == "/metrics", f"job {job['job_name']}: dcache serves /metrics"
@@ -909,12 +1207,28 @@ def test_prometheus_targets_match_compose(compose: dict[str, Any], compose_daemo
                 want = compose_daemons[host].endpoint
                 assert int(port) == want, f"prometheus scrapes {target}, but {host} serves /metrics on {want}"
                 scraped[host] = job["job_name"]
+                tls = _serves_tls(compose_daemons[host], want)
+                assert job.get("scheme", "http") == ("https" if tls else "http"), (
+                    f"job {job['job_name']}: {target} serves {'HTTPS' if tls else 'HTTP'}"
+                )
+                if tls:
+                    ca = (job.get("tls_config") or {}).get("ca_file")
+                    assert ca == compose_daemons[host].config["tls_ca"], (
+                        f"job {job['job_name']}: verify {target} against the CA {host} trusts"
+                    )
+                    assert ca in prom_secrets and _is_tls_file(prom_secrets[ca]), f"{prom}: {ca} is not the compose CA mounted"
+                    assert not (job.get("tls_config") or {}).get("insecure_skip_verify"), f"job {job['job_name']}: verify {target}"
     assert set(scraped) == set(compose_daemons), f"dcache services not scraped: {sorted(set(compose_daemons) - set(scraped))}"
 
-    (prom,) = [n for n, s in services.items() if str(s.get("image", "")).startswith(("prom/prometheus", "quay.io/prometheus"))]
-    flags = dict(a.partition("=")[::2] for a in _command(services[prom]))
-    config_path = flags.get("--config.file", "/etc/prometheus/prometheus.yml")
-    assert _mounts(services[prom]).get(config_path) == "./prometheus.yml", f"{prom} must mount ./prometheus.yml at {config_path}"
+
+def test_prometheus_tls_config_differs_only_in_tls() -> None:
+    """docker/prometheus.tls.yml is docker/prometheus.yml with scheme and tls_config added to jobs, nothing else."""
+    plain = yaml.safe_load(PROMETHEUS.read_text())
+    tls = yaml.safe_load(PROMETHEUS_TLS.read_text())
+    for job in tls["scrape_configs"]:
+        job.pop("scheme", None)
+        job.pop("tls_config", None)
+    assert tls == plain, "docker/prometheus.tls.yml must differ from docker/prometheus.yml in scheme and tls_config only"
 
 
 def test_grafana_mounts_match_provisioning(compose: dict[str, Any]) -> None:
@@ -1088,6 +1402,39 @@ def test_healthcheck_every_role(dockerfile: list[Instruction], tmp_path: Path, f
     assert res.returncode == 1, "a process that is no dcache daemon must be unhealthy"
 
 
+def test_healthcheck_tls(dockerfile: list[Instruction], tmp_path: Path, fake_daemon: Any) -> None:
+    """As docker-compose.tls.yml runs them (DCACHE_TLS_* variables, certificates that name only the service,
+    mutual TLS on masters and aux nodes, HTTPS on the shim), every role is healthy; the same daemon reached
+    without TLS is not, so the health check's TLS is what passes."""
+    script = _healthcheck(dockerfile, tmp_path)
+    certs = make_certs(tmp_path / "certs")
+    node = certs.ca.issue("aux1", san="DNS:aux1")  # no loopback name: the health check dials 127.0.0.1 all the same
+    shim_tls = {"DCACHE_TLS_CERT": node.cert, "DCACHE_TLS_KEY": node.key, "DCACHE_TLS_CA": certs.ca.cert}
+    member_tls = {**shim_tls, "DCACHE_TLS_CLIENT_AUTH": "true"}
+    loopback = ["--host", "127.0.0.1", "--log-level", "warning"]
+    daemons: list[DaemonProcess] = []
+    try:
+        master = DaemonProcess("master", [*loopback, "--port", str(free_port())], env=member_tls).start()
+        daemons.append(master)
+        aux = DaemonProcess("aux", [*loopback, "--port", str(free_port())], env=member_tls).start()
+        daemons.append(aux)
+        shim = DaemonProcess("http", [*loopback, "--port", str(free_port()), "--master", master.addr], env=shim_tls).start()
+        daemons.append(shim)
+        for d in daemons:
+            assert d.proc is not None
+            res = _run_healthcheck(script, d.proc.pid)
+            assert res.returncode == 0 and ("(TLS)" in res.stdout or "https://" in res.stdout), (
+                f"{d.role} over TLS: {res.stdout}{res.stderr}"
+            )
+            assert res.stdout.startswith("healthy:"), res.stdout
+            # The same command line without the TLS settings: a plain PING or GET, which the TLS port refuses.
+            res = _run_healthcheck(script, fake_daemon([d.role, *loopback, "--port", str(d.port)], {}))
+            assert res.returncode == 1, f"{d.role}: a plaintext health check of a TLS port passed: {res.stdout}"
+    finally:
+        for d in daemons:
+            d.kill()
+
+
 # -- Kubernetes ---------------------------------------------------------------------------------------
 
 WORKLOADS = ("Deployment", "StatefulSet")
@@ -1257,8 +1604,8 @@ def test_k8s_commands_pass_check_config(k8s_daemons: dict[str, PodCheck]) -> Non
         )
 
 
-def _k8s_secret_files(p: PodCheck) -> dict[str, tuple[str, int]]:
-    """Path -> (Secret key, file mode) of each Secret key the container sees as a file (read-only mounts only)."""
+def _k8s_secret_files(p: PodCheck) -> dict[str, tuple[str, str, int]]:
+    """Path -> (Secret, key, file mode) of each Secret key the container sees as a file (read-only mounts only)."""
     pod = p.workload["spec"]["template"]["spec"]
     volumes = {v["name"]: v["secret"] for v in pod.get("volumes") or [] if "secret" in v}
     out = {}
@@ -1268,19 +1615,20 @@ def _k8s_secret_files(p: PodCheck) -> dict[str, tuple[str, int]]:
             continue
         assert m.get("readOnly") is True, f"{p.checked.where}: mount the Secret at {m['mountPath']} readOnly"
         default_mode = int(secret.get("defaultMode", 0o644))
-        items = secret.get("items") or [{"key": k, "path": k} for k in K8S_KEYS.values()]  # no items: every key, by its name
+        name = secret.get("secretName", "")
+        items = secret.get("items") or [{"key": k, "path": k} for k in K8S_SECRETS.get(name, ())]  # no items: every key, by its name
         for item in items:
             mode = int(item.get("mode", default_mode))
             if m.get("subPath"):
                 if item["path"] == m["subPath"]:
-                    out[m["mountPath"]] = (item["key"], mode)
+                    out[m["mountPath"]] = (name, item["key"], mode)
             else:
-                out[f"{m['mountPath'].rstrip('/')}/{item['path']}"] = (item["key"], mode)
+                out[f"{m['mountPath'].rstrip('/')}/{item['path']}"] = (name, item["key"], mode)
     return out
 
 
 def test_k8s_credentials(k8s: K8s, k8s_daemons: dict[str, PodCheck]) -> None:
-    """Credentials come from the Secret dcache-credentials, which no manifest creates, and none is optional (no
+    """Credentials come from the Secret dcache-credentials (certificates: test_k8s_tls), which no manifest creates, and none is optional (no
     Secret: no pod, rather than an open one). Master and aux pods mount its cluster-secret read-only, readable
     through the fsGroup and by no one else, where --cluster-secret-file points; every dcache container reads
     auth-token as DCACHE_AUTH_TOKEN; the shim http-token as DCACHE_HTTP_TOKEN, and mounts no cluster secret.
@@ -1296,9 +1644,10 @@ def test_k8s_credentials(k8s: K8s, k8s_daemons: dict[str, PodCheck]) -> None:
             refs += [src["secretRef"] for src in c.get("envFrom") or [] if "secretRef" in src]
             refs += [v["valueFrom"]["secretKeyRef"] for v in c.get("env") or [] if "secretKeyRef" in v.get("valueFrom", {})]
         for ref in refs:
-            assert ref["name"] == K8S_SECRET, f"{name}: reads the Secret {ref['name']}, not {K8S_SECRET}"
+            assert ref["name"] in K8S_SECRETS, f"{name}: reads the Secret {ref['name']}, not one of {sorted(K8S_SECRETS)}"
             assert not ref.get("optional"), f"{name}: an optional Secret lets the pod start without credentials"
-            assert ref.get("key", K8S_KEYS["client"]) in K8S_KEYS.values(), f"{name}: key {ref.get('key')} is not one of {K8S_KEYS}"
+            for key in [ref["key"]] if "key" in ref else [i["key"] for i in ref.get("items") or []]:
+                assert key in K8S_SECRETS[ref["name"]], f"{name}: key {key} is not one of {sorted(K8S_SECRETS[ref['name']])}"
 
     for name, p in k8s_daemons.items():
         cfg = p.checked.config
@@ -1314,7 +1663,7 @@ def test_k8s_credentials(k8s: K8s, k8s_daemons: dict[str, PodCheck]) -> None:
         if p.checked.role == "http":
             want["DCACHE_HTTP_TOKEN"] = K8S_KEYS["http"]
         assert from_secret == want, f"{name}: takes {from_secret} from the Secret, expected {want}"
-        files = _k8s_secret_files(p)
+        files = {path: f for path, f in _k8s_secret_files(p).items() if f[0] == K8S_SECRET}
         if p.checked.role == "http":
             assert cfg["http_token"] == "<redacted>", f"{name}: the shim listens on {cfg['host']} without DCACHE_HTTP_TOKEN"
             assert not files, f"{name}: the shim is a client of the masters; it needs no cluster secret ({files})"
@@ -1322,12 +1671,38 @@ def test_k8s_credentials(k8s: K8s, k8s_daemons: dict[str, PodCheck]) -> None:
         path = cfg["cluster_secret_file"]
         assert path and cfg["cluster_secret"] is None, f"{name}: give the cluster secret as a file (--cluster-secret-file)"
         assert path in files, f"{name}: --cluster-secret-file {path} is not a file of the Secret {K8S_SECRET} ({files})"
-        key, mode = files[path]
+        _, key, mode = files[path]
         assert key == K8S_KEYS["cluster"], f"{name}: {path} holds the key {key}, not {K8S_KEYS['cluster']}"
         security = p.workload["spec"]["template"]["spec"].get("securityContext") or {}
         assert security.get("runAsNonRoot") and security.get("fsGroup") is not None, f"{name}: non-root with an fsGroup"
         # The kubelet writes Secret files as root with the fsGroup as their group: the daemon reads them through it.
         assert mode & 0o040 and not mode & 0o027, f"{name}: {path} mode {mode:o}: readable by the fsGroup, by no one else"
+
+
+def test_k8s_tls(k8s: K8s, k8s_daemons: dict[str, PodCheck]) -> None:
+    """TLS on every dcache container (on by default: docs/DECISIONS.md): --tls-cert, --tls-key and --tls-ca point at
+    tls.crt, tls.key and ca.crt of the Secret dcache-tls, which no manifest creates, mounted read-only, readable
+    through the fsGroup and by no one else; masters and aux nodes also --tls-client-auth; the shim not (the
+    kubelet's probes present no certificate), and Prometheus scrapes its HTTPS port with scheme https."""
+    for name, p in k8s_daemons.items():
+        cfg = p.checked.config
+        files = _k8s_secret_files(p)
+        for kind, key in K8S_TLS_KEYS.items():
+            path = cfg[f"tls_{kind}"]
+            assert path, f"{name}: no --tls-{kind}"
+            assert path in files, f"{name}: --tls-{kind} {path} is not a file of a mounted Secret ({sorted(files)})"
+            secret, got, mode = files[path]
+            assert (secret, got) == (K8S_TLS_SECRET, key), f"{name}: --tls-{kind} {path} is {secret}/{got}, not {K8S_TLS_SECRET}/{key}"
+            assert mode & 0o040 and not mode & 0o027, f"{name}: {path} mode {mode:o}: readable by the fsGroup, by no one else"
+        security = p.workload["spec"]["template"]["spec"].get("securityContext") or {}
+        assert security.get("runAsNonRoot") and security.get("fsGroup") is not None, f"{name}: non-root with an fsGroup (the files' group)"
+        want_client_auth = p.checked.role != "http"
+        assert cfg["tls_client_auth"] is want_client_auth, f"{name}: --tls-client-auth should be {want_client_auth}"
+        annotations = p.workload["spec"]["template"]["metadata"].get("annotations") or {}
+        scraped = annotations.get("prometheus.io/port")
+        if scraped is not None:
+            tls = _serves_tls(p.checked, int(scraped))
+            assert annotations.get("prometheus.io/scheme", "http") == ("https" if tls else "http"), f"{name}: prometheus.io/scheme"
 
 
 def test_k8s_selectors_and_service_ports(k8s: K8s) -> None:
@@ -1392,6 +1767,8 @@ def test_k8s_probes_hit_served_endpoints(k8s_daemons: dict[str, PodCheck]) -> No
             elif "httpGet" in probe:
                 port = _container_port(p.workload, probe["httpGet"]["port"], p.container)
                 path = probe["httpGet"].get("path", "/")
+                scheme = "HTTPS" if _serves_tls(p.checked, port) else "HTTP"
+                assert probe["httpGet"].get("scheme", "HTTP") == scheme, f"{name} {kind}: port {port} serves {scheme}"
                 if port == cfg.get("metrics_port"):
                     assert path == "/metrics", f"{name} {kind}: the metrics port serves only /metrics, not {path}"
                 else:
@@ -1590,16 +1967,20 @@ def test_k8s_zookeeper_ensemble(k8s: K8s, tmp_path: Path) -> None:
 # -- credentials: docs ---------------------------------------------------------------
 
 
-def _k8s_secret_keys() -> set[str]:
-    """The keys of the Secret the manifests of every mode read."""
-    keys = set()
+def _k8s_secret_keys() -> dict[str, set[str]]:
+    """The keys of each Secret the manifests of every mode read."""
+    keys: dict[str, set[str]] = {}
     for files in K8S_FILES.values():
         for doc in (d for f in files for d in yaml.safe_load_all(f.read_text()) if d and d["kind"] in WORKLOADS):
             pod = doc["spec"]["template"]["spec"]
             for v in pod.get("volumes") or []:
-                keys |= {i["key"] for i in (v.get("secret") or {}).get("items") or []}
+                if "secret" in v:
+                    keys.setdefault(v["secret"]["secretName"], set()).update(i["key"] for i in v["secret"].get("items") or [])
             for c in pod["containers"]:
-                keys |= {v["valueFrom"]["secretKeyRef"]["key"] for v in c.get("env") or [] if "secretKeyRef" in v.get("valueFrom", {})}
+                for v in c.get("env") or []:
+                    if "secretKeyRef" in v.get("valueFrom", {}):
+                        ref = v["valueFrom"]["secretKeyRef"]
+                        keys.setdefault(ref["name"], set()).add(ref["key"])
     return keys
 
 
@@ -1613,21 +1994,24 @@ def test_credentials_docs_match_the_files() -> None:
     for path in (SECURITY_MD, DOCKER_README, OPERATIONS_MD):
         text = path.read_text()
         assert "docker/create-secrets.sh" in text, f"{path.name}: say how the compose credentials are made"
-        mentioned = set(re.findall(r"docker/secrets/[\w.]+\w", text))
+        mentioned = set(re.findall(r"docker/secrets/[\w.]+\w(?![\w./])", text))  # the certificates in docker/secrets/tls/ aside
         assert mentioned <= compose_files, f"{path.name} names {sorted(mentioned - compose_files)}, which compose does not read"
         if path != OPERATIONS_MD:
             assert mentioned == compose_files, f"{path.name}: name every credential file: {sorted(compose_files - mentioned)}"
 
     keys = _k8s_secret_keys()
-    assert keys == set(K8S_KEYS.values()), f"the manifests read the keys {sorted(keys)}, expected {sorted(K8S_KEYS.values())}"
-    for path in (SECURITY_MD, OPERATIONS_MD, K8S / "configmap.yaml"):
+    assert keys == K8S_SECRETS, f"the manifests read the Secrets {keys}, expected {K8S_SECRETS}"
+    shown = {SECURITY_MD: set(K8S_SECRETS), OPERATIONS_MD: set(K8S_SECRETS), K8S / "configmap.yaml": {K8S_SECRET}}
+    for path, secrets in shown.items():
         text = re.sub(r"\\\n[#\s]*", " ", path.read_text())  # join continued lines (in comments too)
         commands = list(_KUBECTL_CREATE_SECRET.finditer(text))
-        assert commands, f"{path.name}: show the kubectl create secret generic {K8S_SECRET} command"
+        missing = secrets - {m["name"] for m in commands}
+        assert not missing, f"{path.name}: show the kubectl create secret generic command of {sorted(missing)}"
         for m in commands:
-            assert m["name"] == K8S_SECRET, f"{path.name}: creates the Secret {m['name']}, the manifests read {K8S_SECRET}"
+            assert m["name"] in keys, f"{path.name}: creates the Secret {m['name']}, the manifests read {sorted(keys)}"
             given = set(re.findall(r"--from-(?:literal|file)=([\w.-]+)=", m["args"]))
-            assert given == keys, f"{path.name}: the command gives the keys {sorted(given)}, the manifests read {sorted(keys)}"
+            want = keys[m["name"]]
+            assert given == want, f"{path.name}: the command gives {m['name']} the keys {sorted(given)}, the manifests read {sorted(want)}"
 
 
 @pytest.mark.parametrize("role", ROLES)
