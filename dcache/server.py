@@ -117,10 +117,10 @@ _HELLO = Op.HELLO.value
 #: took (unknown op, not an array, not authenticated yet).
 UNKNOWN_OP = 0
 
-#: The data ops every node serves (its methods ``_ping`` ... ``_stats``).
+#: The data ops every node serves (its methods ``_ping`` ... ``_persist``).
 DATA_OPS = (
     Op.PING, Op.GET, Op.SET, Op.DELETE, Op.MGET, Op.MSET, Op.EXISTS,
-    Op.EXPIRE, Op.TTL, Op.INCR, Op.DECR, Op.TOUCH, Op.STATS,
+    Op.EXPIRE, Op.TTL, Op.INCR, Op.DECR, Op.TOUCH, Op.STATS, Op.PERSIST,
 )  # fmt: skip
 
 #: Answers a connection may owe (requests answered ``LATER``) before it stops

@@ -159,6 +159,9 @@ class AuxNode(Service):
     def _touch(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
         return self.cache.touch(key)
 
+    def _persist(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        return self.cache.persist(key)
+
     def _stats(self, conn: FrameProtocol, rid: int, args: None) -> Any:
         return self.stats()
 

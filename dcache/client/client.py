@@ -601,6 +601,19 @@ class Client:
         """
         return bool(await self._execute(Op.TOUCH, (self._check_key(key),)))
 
+    async def persist(self, key: Key) -> bool:
+        """Remove ``key``'s expiry, so it lives until deleted or evicted.
+
+        Returns:
+            ``True`` if the key had an expiry (``False``: missing, or no expiry).
+
+        Raises:
+            BadArgumentsError, KeyTooLargeError: bad key.
+            TimeoutError: no answer within ``timeout``.
+            NoAvailableNodeError: no endpoint could be reached.
+        """
+        return bool(await self._execute(Op.PERSIST, (self._check_key(key),)))
+
     async def ping(self) -> float:
         """Round-trip a PING.
 

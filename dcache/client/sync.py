@@ -182,6 +182,10 @@ class SyncClient:
         """Refresh ``key``'s recency; ``True`` if it exists (see ``Client.touch``)."""
         return self._run(self._client.touch(key))
 
+    def persist(self, key: Key) -> bool:
+        """Remove ``key``'s expiry; ``True`` if it had one (see ``Client.persist``)."""
+        return self._run(self._client.persist(key))
+
     def ping(self) -> float:
         """Round-trip seconds of a PING (see ``Client.ping``)."""
         return self._run(self._client.ping())

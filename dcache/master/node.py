@@ -169,6 +169,10 @@ class MasterNode(Service):
     def _touch(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
         return deferred(self.router.touch(key))
 
+    def _persist(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        self.router.persist(conn, rid, key)
+        return LATER
+
     def _stats(self, conn: FrameProtocol, rid: int, args: None) -> Any:
         return deferred(self.cluster_stats())
 

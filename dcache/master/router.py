@@ -395,6 +395,13 @@ class Router:
         """
         _FanOut(self, conn, rid, Op.EXPIRE, self._targets(key), (key, ttl_ms)).start()
 
+    def persist(self, conn: FrameProtocol, rid: int, key: bytes) -> None:
+        """PERSIST on every live owner; answers whether any removed an expiry.
+
+        Unversioned like EXPIRE: an owner that misses it keeps its expiry.
+        """
+        _FanOut(self, conn, rid, Op.PERSIST, self._targets(key), (key,)).start()
+
     async def apply_entries(self, entries: list[tuple[bytes, bytes, int, int]]) -> int:
         """Versioned, last-writer-wins copies (restore): each entry to its owners.
 
@@ -772,7 +779,7 @@ class WriteOp:
 
 
 class _FanOut:
-    """An unversioned write (EXPIRE) to every live owner; true if any answered true."""
+    """An unversioned write (EXPIRE, PERSIST) to every live owner; true if any answered true."""
 
     __slots__ = ("router", "sink", "rid", "op", "targets", "args", "pending", "ok", "any_true", "error", "fatal", "missed")
 

@@ -44,6 +44,7 @@ class Op(IntEnum):
     DECR = 12
     TOUCH = 13
     STATS = 14
+    PERSIST = 15
     # cluster ops (aux nodes; versioned reads/writes, imports, range scans)
     GETV = 32
     MGETV = 33

@@ -539,6 +539,7 @@ OPS: dict[int, OpSpec] = {
         OpSpec(Op.DECR, "DECR", _K, (1, 2), _counter("DECR"), False),
         OpSpec(Op.TOUCH, "TOUCH", _K, (1, 1), _key_only("TOUCH"), True),
         OpSpec(Op.STATS, "STATS", _K, (0, 0), _no_args("STATS"), True),
+        OpSpec(Op.PERSIST, "PERSIST", _K, (1, 1), _key_only("PERSIST"), True),
         OpSpec(Op.GETV, "GETV", _C, (1, 1), _key_only("GETV"), True),
         OpSpec(Op.MGETV, "MGETV", _C, (1, 1), _keys_only("MGETV"), True),
         OpSpec(Op.SETV, "SETV", _C, (5, 5), _parse_setv, True),

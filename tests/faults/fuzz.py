@@ -411,6 +411,7 @@ class Gen:
             Op.DECR: lambda: [k(), self.int_()],
             Op.TOUCH: lambda: [k()],
             Op.STATS: lambda: [],
+            Op.PERSIST: lambda: [k()],
             Op.GETV: lambda: [k()],
             Op.MGETV: lambda: [self._keys()],
             Op.SETV: lambda: [k(), v(), self.expires_at(), r.choice([0, 1, 2, 3, self.any(1)]), self.version()],
@@ -589,7 +590,7 @@ class NativeFuzzer:
         self.addr = addr
         self.report = report
         self.master = master
-        self.ops = [int(op) for op in Op] + [0, 15, 31, 47, 54, 99, 255, -1, 2**16]
+        self.ops = [int(op) for op in Op] + [0, 16, 31, 47, 54, 99, 255, -1, 2**16]
 
     async def worker(self, gen: Gen, deadline: float) -> None:
         conn: _Conn | None = None

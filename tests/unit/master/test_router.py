@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from dcache.errors import NotAnIntegerError, Status, SupersededError, UnavailableError
+from dcache.hlc import wall_ms
 from dcache.master.router import GetBatcher
 from dcache.master.view import DOWN, Member
 from dcache.protocol import Op, SetFlag
@@ -459,6 +460,18 @@ async def test_expire_answers_true_if_any_owner_held_the_key(cluster: FakeCluste
     assert await sink.answer(1) == (OK, True)
     cluster.router.expire(sink, 2, b"missing everywhere", 60_000)  # type: ignore[arg-type]
     assert await sink.answer(2) == (OK, False)
+
+
+async def test_persist_removes_the_expiry_on_every_owner(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a1", key, b"v", expires_at=wall_ms() + 60_000)
+    cluster.put("a2", key, b"v", expires_at=wall_ms() + 60_000)
+    sink = Sink()
+    cluster.router.persist(sink, 1, key)  # type: ignore[arg-type]
+    assert await sink.answer(1) == (OK, True)
+    assert cluster.auxes["a1"].cache.ttl_ms(key) == -1 and cluster.auxes["a2"].cache.ttl_ms(key) == -1
+    cluster.router.persist(sink, 2, key)  # type: ignore[arg-type]
+    assert await sink.answer(2) == (OK, False)  # no expiry left to remove
 
 
 # -- MGET and MSET: several ops, one answer --------------------------------------------------
