@@ -55,7 +55,7 @@ DISTRIBUTION = "dcache-cluster"
 
 #: Modules the ``server`` extra brings (``pip install 'dcache-cluster[server]'``), which the
 #: daemons, ``dump``/``restore`` and ``bench`` import; the client and the other tools need none.
-SERVER_MODULES = ("uvloop", "xxhash", "aiohttp", "prometheus_client", "kazoo")
+SERVER_MODULES = ("uvloop", "xxhash", "aiohttp", "prometheus_client", "kazoo", "hiredis")
 
 _EXIT_CODES_HELP = """\
 exit codes: 0 success; 1 key missing or SET condition not met; 2 usage or

@@ -275,11 +275,26 @@ class NodeConfig:
     tls_handshake_timeout: float = opt(
         DEFAULT_HANDSHAKE_TIMEOUT_S, "close a connection whose TLS handshake is not done within this many seconds", _float, "S"
     )
+    resp_port: int | None = opt(
+        None,
+        "also serve Redis's protocol (RESP) on this TCP port of --host, for Redis clients (none: off; 0 picks a free port, "
+        "which the READY line shows as resp=HOST:PORT); see docs/RESP.md",
+        _opt(_int),
+        "PORT",
+    )
+    resp_allow_flush: bool = opt(
+        False,
+        "let RESP clients run FLUSHDB and FLUSHALL (admin commands: on a master they empty every aux node)",
+        parse_bool,
+        "BOOL",
+    )
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
         if self.metrics_port is not None:
             _check_port("metrics_port", self.metrics_port)
+        if self.resp_port is not None:
+            _check_port("resp_port", self.resp_port)
         _check_positive(self, "max_key_bytes", "max_value_bytes", "max_frame_bytes", "max_batch_keys", "max_connections")
         _check_positive(self, "max_input_buffer")
         for name in ("max_clock_skew", "idle_timeout", "frame_timeout", "shutdown_grace"):

@@ -5,7 +5,8 @@
 1. ``daemon.start()`` binds the listener and starts the background work;
 2. a ``/metrics`` endpoint starts if ``metrics_port`` is set;
 3. SIGTERM and SIGINT are caught (SIGHUP too when the daemon has TLS
-   certificates to reload); the process prints ``READY host:port``;
+   certificates to reload); the process prints ``READY host:port``,
+   followed by ``resp=host:port`` when the node also serves RESP;
 4. on the first signal, ``daemon.before_close(signal, again)`` runs: what a
    role does before it stops serving (an aux node that is a cluster member
    hands its data over on SIGTERM); ``again`` is set by a second signal,
@@ -47,7 +48,7 @@ class Daemon(Protocol):
     tls: TlsContexts | None
 
     async def start(self) -> str:
-        """Bind the listener and start background work; return the ``host:port`` listened on."""
+        """Bind the listener(s) and start background work; return ``host:port`` listened on (then ``resp=host:port`` if RESP is served)."""
         ...
 
     def collector(self) -> Collector:

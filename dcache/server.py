@@ -53,7 +53,7 @@ from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .address import format_address
 from .config import NodeConfig
@@ -85,6 +85,9 @@ from .protocol.auth import client_proof, new_nonce, proofs_match, server_proof
 from .protocol.framing import ONE_CHUNK_BYTES, FrameDecoder
 from .protocol.ops import Parser
 from .tls import TlsAcceptor, TlsListener
+
+if TYPE_CHECKING:
+    from .respserver import RespStats
 
 __all__ = [
     "DATA_OPS",
@@ -218,6 +221,9 @@ class Service:
         self.auth_token = settings.auth_token
         self.state = ServerState()
         self.server: asyncio.base_events.Server | None = None
+        #: The RESP listener (``--resp-port``) and its counters, set by ``dcache.respserver.listen_resp``.
+        self.resp_server: asyncio.base_events.Server | None = None
+        self.resp_stats: RespStats | None = None
         self.handlers: dict[int, Handler] = {Op.HELLO: self.hello, Op.AUTH: self.auth}
         #: The cluster secret peers prove (``None``: cluster ops need what data ops need).
         self.secret = settings.secret()
@@ -318,10 +324,7 @@ class Service:
         if version != PROTOCOL_VERSION:
             raise HandshakeError(f"protocol version {version!r} is not supported (this server speaks {PROTOCOL_VERSION})")
         if self.auth_token is not None and not (token is None and conn.level > Credential.NONE):
-            self._gate(conn)
-            if not self.check_token(token):
-                self._failed_auth(conn, "wrong auth token")
-                raise AuthError("invalid auth token")
+            self.authenticate(conn, token)
             if conn.level < Credential.CLIENT:
                 conn.grant(Credential.CLIENT if self.secret is not None else Credential.CLUSTER)
         conn.client_name = name
@@ -329,6 +332,17 @@ class Service:
         if self.secret is not None:
             conn.nonce = result["nonce"] = new_nonce()
         return result
+
+    def authenticate(self, conn: FrameProtocol, token: str | None) -> None:
+        """Check a client token presented on ``conn`` (HELLO, or RESP's AUTH): throttled per address, failures counted.
+
+        Raises:
+            AuthError: the token is wrong, or the address made too many failed attempts lately.
+        """
+        self._gate(conn)
+        if not self.check_token(token):
+            self._failed_auth(conn, "wrong auth token")
+            raise AuthError("invalid auth token")
 
     def auth(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes]) -> Any:
         """AUTH: the peer proves the cluster secret over this connection's nonce; answer this node's proof."""
@@ -564,6 +578,8 @@ class Service:
         """Stop accepting, let requests in flight finish (up to ``grace`` s), close connections, cancel tasks."""
         if self.server is not None:
             self.server.close()
+        if self.resp_server is not None:
+            self.resp_server.close()
         if self.in_flight:
             self._drained = asyncio.Event()
             for conn in self.state.connections:
@@ -578,13 +594,22 @@ class Service:
             task.cancel()
         if self.state.tasks:
             await asyncio.wait(self.state.tasks, timeout=max(grace, 1.0))
-        if self.server is not None:
+        for server in (self.server, self.resp_server):
+            if server is None:
+                continue
             try:
-                await asyncio.wait_for(self.server.wait_closed(), max(grace, 1.0))
+                await asyncio.wait_for(server.wait_closed(), max(grace, 1.0))
             except TimeoutError:  # pragma: no cover - a transport that never reports its close
                 log.warning("the listener did not report every connection closed")
 
     # -- operator views ---------------------------------------------------------------
+
+    async def flush_keys(self) -> int:
+        """Remove every key this node serves (RESP's FLUSHDB, when ``--resp-allow-flush`` allows it); return how many.
+
+        Roles override it; the shell itself holds no keys.
+        """
+        raise UnknownOpError(f"a {self.role} holds no keys to flush")
 
     def connection_stats(self) -> dict[str, Any]:
         """The shell's counters, as STATS shows them."""
@@ -1009,12 +1034,9 @@ class FrameProtocol(asyncio.Protocol):
         closed a moment later, so the peer reads the frame before the close:
         closing with unread input would reset the connection and lose it.
         """
-        status = exc.status if isinstance(exc, RemoteProtocolError) else exc.code
-        message = str(exc) if isinstance(exc, RemoteProtocolError) else exc.message
-        body = pack([CONNECTION_REQUEST_ID, int(status), message])
         if self._closed:
             return
-        self._pending_out.append(_header(len(body)) + body)
+        self._pending_out.append(self.connection_error(exc))
         self._release_input()
         transport = self._transport
         if transport is None or not transport.can_write_eof():
@@ -1025,6 +1047,13 @@ class FrameProtocol(asyncio.Protocol):
         self._pending_out.clear()
         transport.write_eof()
         asyncio.get_running_loop().call_later(CLOSE_LINGER_S, transport.close)
+
+    def connection_error(self, exc: RemoteProtocolError | ServerError) -> bytes:
+        """The bytes of a connection-level error: the frame ``[0, status, message]`` (RESP connections send an error line)."""
+        status = exc.status if isinstance(exc, RemoteProtocolError) else exc.code
+        message = str(exc) if isinstance(exc, RemoteProtocolError) else exc.message
+        body = pack([CONNECTION_REQUEST_ID, int(status), message])
+        return _header(len(body)) + body
 
     @property
     def is_closing(self) -> bool:

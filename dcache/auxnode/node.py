@@ -237,7 +237,7 @@ class AuxNode(Service):
     # -- lifecycle (dcache.daemon.serve) -------------------------------------------
 
     async def start(self) -> str:
-        """Load the snapshot, bind the listener, start the background tasks and membership."""
+        """Load the snapshot, bind the listener(s), start the background tasks and membership; return ``HOST:PORT [resp=HOST:PORT]``."""
         cfg = self.config
         await self.snapshots.load()  # before listening: never serve a half-loaded cache
         server = await self.listen(cfg.host, cfg.port)
@@ -245,6 +245,9 @@ class AuxNode(Service):
         if not cfg.node_id:
             self.node_id = f"aux-{host}-{port}"
             self.clock = self._new_clock()
+        where = format_address(host, port)
+        if cfg.resp_port is not None:
+            where += " resp=" + await self._listen_resp(cfg.host, cfg.resp_port)
         self.clock.observe(self.snapshots.max_version)  # new writes must be newer than what was loaded
         self.state.spawn(self._expiry_loop(), "expiry")
         self.snapshots.start()
@@ -252,7 +255,19 @@ class AuxNode(Service):
         gc.freeze()  # whatever was loaded stays out of the collector's way
         self.state.spawn(self._gc_loop(), "gc-freeze")
         self._start_membership((host, port))
-        return format_address(host, port)
+        return where
+
+    async def _listen_resp(self, host: str, port: int) -> str:
+        from ..respserver import listen_resp
+
+        server = await listen_resp(self, host, port)
+        return format_address(*server.sockets[0].getsockname()[:2])
+
+    async def flush_keys(self) -> int:
+        """RESP's FLUSHDB on an aux node: empty the cache (no tombstones: it is for single-node use)."""
+        n = len(self.cache)
+        self.cache.clear()
+        return n
 
     def _start_membership(self, bound: tuple[str, int]) -> None:
         cfg = self.config

@@ -320,7 +320,7 @@ class MasterNode(Service):
     # -- lifecycle (dcache.daemon.serve) --------------------------------------------------
 
     async def start(self) -> str:
-        """Listen, connect to the aux nodes, start membership; return the address listened on."""
+        """Listen, connect to the aux nodes, start membership; return the address listened on (and ``resp=HOST:PORT``)."""
         cfg = self.config
         server = await self.listen(cfg.host, cfg.port)
         host, port = server.sockets[0].getsockname()[:2]
@@ -332,6 +332,12 @@ class MasterNode(Service):
         for link in self.links.values():
             link.start()
         await self.membership.start()
+        where = format_address(host, port)
+        if cfg.resp_port is not None:
+            from ..respserver import listen_resp
+
+            resp = await listen_resp(self, cfg.host, cfg.resp_port)
+            where += " resp=" + format_address(*resp.sockets[0].getsockname()[:2])
         # Per request the master allocates a few small objects that die
         # young; collecting the young generation every 700 allocations costs
         # more than it finds. Everything from start-up moves out of the
@@ -340,7 +346,28 @@ class MasterNode(Service):
         gc.collect()
         gc.freeze()
         gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
-        return format_address(host, port)
+        return where
+
+    async def flush_keys(self) -> int:
+        """RESP's FLUSHDB on a master: drop every key of every aux node in the view (DROP over the whole ring).
+
+        DROP leaves no tombstones, and hints this master keeps are dropped too,
+        so nothing it holds brings a key back; a write in flight meanwhile may
+        survive. Returns the number of entries dropped.
+        """
+        dropped = 0
+        for node_id in list(self.router.view.members):
+            link = self.links.get(node_id)
+            if link is None:
+                continue
+            cursor = 0
+            while True:
+                cursor, n = await link.call(Op.DROP, [[0, 0]], cursor)
+                dropped += int(n)
+                if not cursor:
+                    break
+            self.router.hints.drop(node_id)
+        return dropped
 
     async def before_close(self, sig: int, again: asyncio.Event) -> None:
         """Nothing to hand over: a master holds no data."""

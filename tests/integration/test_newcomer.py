@@ -494,7 +494,7 @@ async def main(addr):
         assert cache.get("wheel:k") == b"from a client-only install"
 
 asyncio.run(main(sys.argv[1]))
-server = ("uvloop", "xxhash", "aiohttp", "prometheus_client", "kazoo")
+server = ("uvloop", "xxhash", "aiohttp", "prometheus_client", "kazoo", "hiredis")
 assert not [m for m in server if importlib.util.find_spec(m) is not None], "a server dependency is installed"
 print("client ok")
 """
