@@ -88,6 +88,8 @@ from .protocol.resp import (
     parse_expire_flags,
     parse_int,
     parse_set_options,
+    reader_cursor,
+    scan_commands,
     split_inline,
     verbatim,
 )
@@ -103,6 +105,9 @@ REDIS_VERSION = "7.0.0"
 #: Command kinds (see the module note): answered by the connection; a read;
 #: a write sent at once; work done in a coroutine; a sequence of steps.
 LOCAL, READ, WRITE, DEFER, SEQ = range(5)
+
+#: Most bytes kept (no copy) to re-read a stream that mixes inline lines with arrays (``RespProtocol._recover``).
+RECOVERY_BYTES = 64 * 1024
 
 #: Request ids of the native calls a composed command makes (above every slot number).
 _SUB_RID = 1 << 62
@@ -184,15 +189,19 @@ class RespProtocol(FrameProtocol):
         "_id",
         "_max_command",
         "_quitting",
+        "_pos",
+        "_len",
+        "_fed",
+        "_next_at",
+        "_tail",
     )
 
     def __init__(self, service: Service) -> None:
         super().__init__(service)
         self._decoder = None  # the native decoder: RESP is read by hiredis
         limits = self._limits
-        self._reader: hiredis.Reader | None = create_reader(max_command_args(limits.max_batch_keys))
-        self._gets = self._reader.gets
-        self._has_data = self._reader.has_data
+        self._reader: hiredis.Reader | None = None
+        self._new_reader()
         stats = service.resp_stats
         if stats is None:
             stats = service.resp_stats = RespStats()
@@ -220,6 +229,19 @@ class RespProtocol(FrameProtocol):
         self._id = 0
         self._max_command = limits.max_frame_bytes
         self._quitting = False
+        #: Bytes fed to the reader in all; the stream offset where the next command starts; the
+        #: chunks fed from that offset on, as ``(offset, chunk)`` (``None``: more than
+        #: ``RECOVERY_BYTES``, not kept). ``_recover`` re-reads them after a hiredis error.
+        self._fed = 0
+        self._next_at = 0
+        self._tail: deque[tuple[int, bytes]] | None = deque()
+
+    def _new_reader(self) -> None:
+        limits = self._limits
+        reader = self._reader = create_reader(max_command_args(limits.max_batch_keys))
+        self._gets = reader.gets
+        self._has_data = reader.has_data
+        self._pos, self._len = reader_cursor(reader)
 
     def grant(self, level: Credential) -> None:
         """A RESP connection holds the client credential at most: no cluster op is reachable from RESP."""
@@ -262,14 +284,13 @@ class RespProtocol(FrameProtocol):
             if self._closed or self._reader is None:
                 return
         if data:
-            self._reader.feed(data)
+            self._feed(data)
         if not self._blocked:
             try:
                 self._drain()
             except hiredis.ProtocolError as exc:
-                self._stats.protocol_errors += 1
-                self._protocol_error(RemoteProtocolError(f"Protocol error: {exc}"))
-                return
+                if not self._recover(exc):
+                    return
         if self._closed or self._reader is None:
             return
         self._end_of_input(now, completed != self._next_slot, len(data))
@@ -303,7 +324,7 @@ class RespProtocol(FrameProtocol):
             commands, rest = split_inline(data)
         except RespError as exc:
             self._stats.protocol_errors += 1
-            self._protocol_error(RemoteProtocolError(str(exc)))
+            self._protocol_error(RemoteProtocolError(str(exc).removeprefix("ERR ")))
             return b""
         if rest and rest[0] != 42:  # an unfinished line: wait for its end
             self._inline = rest
@@ -325,13 +346,71 @@ class RespProtocol(FrameProtocol):
             self._command(queue.popleft())
         has_data = self._has_data
         gets = self._gets
+        pos = self._pos
+        length = self._len
         while not self._blocked and not self._closed and has_data():
             cmd = gets()
             if cmd is False:
                 self._boundary = False
-                return
+                break
             self._boundary = True
+            self._next_at = self._fed - (length.value - pos.value)
             self._command(cmd)
+        tail = self._tail
+        if tail is None:
+            if self._boundary and not self._closed and self._reader is not None and not has_data():
+                self._tail = deque()  # between two commands again: keep what follows
+            return
+        next_at = self._next_at
+        while tail and tail[0][0] + len(tail[0][1]) <= next_at:
+            tail.popleft()
+        if self._fed - next_at > RECOVERY_BYTES:
+            self._tail = None  # a large command in progress: not kept
+
+    def _feed(self, data: bytes) -> None:
+        assert self._reader is not None
+        tail = self._tail
+        if tail is not None:
+            tail.append((self._fed, data))  # no copy; trimmed (or dropped) once the reader has read it
+        self._fed += len(data)
+        self._reader.feed(data)
+
+    def _recover(self, exc: hiredis.ProtocolError) -> bool:
+        """hiredis refused the stream: re-read it with the slow scanner if a command merely started with a byte other than ``*``.
+
+        That is an inline line among arrays (Redis accepts both, and
+        redis-cli ``--pipe`` sends an empty line before its last command).
+        hiredis drops its buffer on an error, so the bytes from the start of
+        the next command on are kept (at most ``RECOVERY_BYTES``: a larger
+        command in progress is not) and scanned again from there. Anything
+        else, or a stream not kept, closes the connection. Returns whether
+        to go on.
+        """
+        text = str(exc)
+        tail = self._tail
+        if tail is None or "reply type byte" not in text:
+            self._stats.protocol_errors += 1
+            self._protocol_error(RemoteProtocolError(text if text.startswith("Protocol error") else f"Protocol error: {text}"))
+            return False
+        data = b"".join(chunk for _, chunk in tail)[self._next_at - tail[0][0] :] if tail else b""
+        limits = self._limits
+        try:
+            commands, rest = scan_commands(data, max_command_args(limits.max_batch_keys), limits.max_value_bytes + limits.max_key_bytes)
+        except RespError as err:
+            self._stats.protocol_errors += 1
+            self._protocol_error(RemoteProtocolError(str(err).removeprefix("ERR ")))
+            return False
+        self._queue.extend(commands)
+        self._new_reader()
+        self._fed = self._next_at = 0
+        self._tail = deque()
+        self._boundary = True
+        if rest[:1] == b"*":
+            self._feed(rest)
+        else:
+            self._inline = rest
+        self._drain()
+        return True
 
     # -- one command --------------------------------------------------------------------
 
@@ -424,9 +503,8 @@ class RespProtocol(FrameProtocol):
         try:
             self._drain()
         except hiredis.ProtocolError as exc:
-            self._stats.protocol_errors += 1
-            self._protocol_error(RemoteProtocolError(f"Protocol error: {exc}"))
-            return
+            if not self._recover(exc):
+                return
         if self._closed or self._reader is None:
             return
         self._end_of_input(self._service.now, completed != self._next_slot, 0)

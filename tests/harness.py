@@ -33,6 +33,8 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.host = ""
         self.port = 0
+        #: The RESP port from ``resp=HOST:PORT`` in the READY line (0: none).
+        self.resp_port = 0
         self.stderr_lines: list[str] = []
         self._stderr_thread: threading.Thread | None = None
 
@@ -52,9 +54,12 @@ class DaemonProcess:
         if not line.startswith("READY "):
             self.kill()
             raise RuntimeError(f"{self.role} did not become ready (got {line!r}); stderr:\n{self.stderr()}")
-        hostport = line.split()[1]
-        host, _, port = hostport.rpartition(":")
+        words = line.split()
+        host, _, port = words[1].rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
+        for word in words[2:]:
+            if word.startswith("resp="):
+                self.resp_port = int(word.rpartition(":")[2])
         return self
 
     def _drain_stderr(self) -> None:

@@ -65,7 +65,9 @@ __all__ = [
     "parse_int",
     "parse_expire_flags",
     "parse_set_options",
+    "reader_cursor",
     "reader_is_bounded",
+    "scan_commands",
     "simple",
     "split_inline",
     "verbatim",
@@ -106,6 +108,8 @@ class RespError(DCacheError):
 
 #: Offsets in hiredis's ``redisReader`` (hiredis 1.x, 64-bit): ``int err; char
 #: errstr[128]; char *buf; size_t pos, len, maxbuf; long long maxelements; ...``.
+_POS_OFFSET = 144
+_LEN_OFFSET = 152
 _MAXBUF_OFFSET = 160
 _MAXELEMENTS_OFFSET = 168
 #: hiredis's default ``maxelements`` (``REDIS_READER_MAX_ARRAY_ELEMENTS``).
@@ -137,9 +141,14 @@ def _check_layout() -> bool:
         if ctypes.c_longlong.from_address(addr + _MAXELEMENTS_OFFSET).value != _DEFAULT_MAXELEMENTS:
             return False
         _set_max_elements(probe, 3)
-        probe.feed(b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n")
+        probe.feed(b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n+x")
         if probe.gets() != [b"a", b"b", b"c"]:
             return False
+        pos = ctypes.c_size_t.from_address(addr + _POS_OFFSET).value
+        if pos != 25 or ctypes.c_size_t.from_address(addr + _LEN_OFFSET).value != 27:
+            return False
+        probe = hiredis.Reader()
+        _set_max_elements(probe, 3)
         probe.feed(b"*4\r\n")
         try:
             probe.gets()
@@ -161,6 +170,17 @@ def reader_is_bounded() -> bool:
 def max_command_args(max_batch_keys: int) -> int:
     """Most arguments a command may carry: room for an MSET of ``max_batch_keys`` pairs, at least ``MAX_ARRAY_ITEMS``."""
     return max(MAX_ARRAY_ITEMS, 2 * max_batch_keys + 1)
+
+
+def reader_cursor(reader: hiredis.Reader) -> tuple[ctypes.c_size_t, ctypes.c_size_t]:
+    """Live views of a bounded reader's buffer cursor and length: ``len - pos`` bytes are not parsed yet.
+
+    Read them to know where in the stream the reader stands (the shell does
+    so after each command, to find where the next one starts). Valid while
+    ``reader`` lives.
+    """
+    addr = _struct_of(reader)
+    return ctypes.c_size_t.from_address(addr + _POS_OFFSET), ctypes.c_size_t.from_address(addr + _LEN_OFFSET)
 
 
 def create_reader(max_elements: int) -> hiredis.Reader:
@@ -209,6 +229,72 @@ def split_inline(data: bytes) -> tuple[list[list[bytes]], bytes]:
             commands.append(words)
         pos = end + 1
     return commands, data[pos:]
+
+
+def _length(field: bytes, what: str) -> int:
+    if not field.isdigit() or len(field) > 19:
+        raise RespError(f"Protocol error: invalid {what} length")
+    return int(field)
+
+
+def scan_commands(data: bytes, max_args: int, max_bulk: int) -> tuple[list[list[bytes]], bytes]:
+    """Split complete commands off the front of ``data``: inline lines and arrays of bulk strings (a slow path).
+
+    Exact where hiredis alone is not: a stream that mixes arrays with inline
+    lines (redis-cli ``--pipe`` sends an empty line before its last command).
+    The shell uses it only to recover after hiredis refused such a stream.
+    Returns the commands and the bytes of the first incomplete one.
+
+    Raises:
+        RespError: a malformed array, more than ``max_args`` arguments, a
+            bulk string longer than ``max_bulk``, or too long an inline line.
+    """
+    out: list[list[bytes]] = []
+    pos = 0
+    n = len(data)
+    while pos < n:
+        if data[pos] != 42:  # an inline line
+            end = data.find(b"\n", pos)
+            if end < 0:
+                if n - pos > INLINE_MAX_BYTES:
+                    raise RespError("Protocol error: too big inline request")
+                break
+            words = data[pos:end].split()
+            if words:
+                out.append(words)
+            pos = end + 1
+            continue
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            break
+        count = _length(data[pos + 1 : end], "multibulk")
+        if count > max_args:
+            raise RespError("Protocol error: invalid multibulk length")
+        p = end + 2
+        args: list[bytes] = []
+        while len(args) < count:
+            if p >= n:
+                break
+            if data[p] != 36:  # b"$"
+                raise RespError(f"Protocol error: expected '$', got '{chr(data[p])}'")
+            e = data.find(b"\r\n", p)
+            if e < 0:
+                break
+            size = _length(data[p + 1 : e], "bulk")
+            if size > max_bulk:
+                raise RespError("Protocol error: invalid bulk length")
+            if e + size + 4 > n:
+                break
+            if data[e + 2 + size : e + 4 + size] != b"\r\n":
+                raise RespError("Protocol error: a bulk string does not end with CRLF")
+            args.append(data[e + 2 : e + 2 + size])
+            p = e + 4 + size
+        if len(args) < count:
+            break
+        if args:
+            out.append(args)
+        pos = p
+    return out, data[pos:]
 
 
 # -- replies --------------------------------------------------------------------------

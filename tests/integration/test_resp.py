@@ -1,0 +1,463 @@
+"""The RESP front door with real processes and real Redis clients: redis-cli, redis-py (sync, asyncio,
+pipelines, transactions, RESP3), Django's RedisCache, ioredis, redis-benchmark; hostile input.
+
+One cluster per module: a master with ``--resp-port 0`` in front of two aux nodes holding every key
+twice (``--replicas 2``), and one lone aux node with its own RESP port (single-node use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dcache import Client
+from tests.cluster import Cluster, settled, wait_ring
+from tests.harness import DaemonProcess, apt_install, start_aux, unavailable
+
+redis = pytest.importorskip("redis")
+pytestmark = pytest.mark.slow
+
+CMD_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("resp"), replicas=2)
+    try:
+        c.start_master("m1", "--resp-port", "0", "--resp-allow-flush", "true")
+        c.start_aux("a1")
+        c.start_aux("a2")
+        asyncio.run(wait_ring(c.masters[0].addr, settled({"a1", "a2"}), what="two aux nodes in the ring"))
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def lone_aux(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    a = start_aux(None, "--resp-port", "0", "--max-value-bytes", "512KB", "--max-frame-bytes", "1MB", "--frame-timeout", "1")
+    try:
+        yield a
+    finally:
+        a.kill()
+
+
+@pytest.fixture
+def r(cluster: Cluster) -> Iterator[Any]:
+    client = redis.Redis(port=cluster.masters[0].resp_port, socket_timeout=10)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        error = apt_install(package)
+        path = shutil.which(name)
+        if path is None:
+            unavailable(name, error or f"{package} installed no {name}")
+    assert path is not None
+    return path
+
+
+# -- redis-py ----------------------------------------------------------------------------
+
+
+def test_strings_counters_and_keys_through_a_master(r: Any, cluster: Cluster) -> None:
+    assert r.ping() is True
+    assert r.set("s:a", "1") is True and r.get("s:a") == b"1"
+    assert r.get("s:missing") is None
+    assert r.set("s:a", "2", nx=True) is None and r.set("s:new", "x", xx=True) is None
+    assert r.set("s:a", "3", xx=True, px=60_000) is True and 0 < r.pttl("s:a") <= 60_000
+    assert r.setnx("s:nx", "v") is True and r.setnx("s:nx", "w") is False
+    assert r.setex("s:ex", 100, "v") is True and 95 <= r.ttl("s:ex") <= 100
+    assert r.psetex("s:pex", 100_000, "v") is True and 95 <= r.ttl("s:pex") <= 100
+    assert r.mset({"s:m1": "a", "s:m2": "b"}) is True
+    assert r.mget(["s:m1", "s:missing", "s:m2"]) == [b"a", None, b"b"]
+    assert r.getset("s:m1", "c") == b"a" and r.get("s:m1") == b"c"
+    assert r.set("s:m1", "d", get=True) == b"c"
+    assert r.append("s:m1", "ef") == 3 and r.get("s:m1") == b"def" and r.strlen("s:m1") == 3
+    assert r.getdel("s:m1") == b"def" and r.exists("s:m1") == 0
+    assert r.getex("s:m2", ex=50) == b"b" and 45 <= r.ttl("s:m2") <= 50
+    assert r.getex("s:m2", persist=True) == b"b" and r.ttl("s:m2") == -1
+    assert r.incr("s:n") == 1 and r.incrby("s:n", 41) == 42 and r.decr("s:n") == 41 and r.decrby("s:n", 40) == 1
+    assert r.exists("s:n", "s:n", "s:missing") == 2
+    assert r.type("s:n") == b"string" and r.type("s:missing") == b"none"
+    assert r.expire("s:n", 100) is True and r.expire("s:n", 200, nx=True) is False and r.expire("s:n", 200, gt=True) is True
+    assert 195 <= r.ttl("s:n") <= 200 and r.expire("s:n", 300, lt=True) is False
+    assert r.persist("s:n") is True and r.persist("s:n") is False and r.ttl("s:n") == -1
+    assert r.pexpireat("s:n", int(time.time() * 1000) + 50_000) is True and 45_000 <= r.pttl("s:n") <= 50_000
+    assert r.expire("s:missing", 10) is False and r.ttl("s:missing") == -2
+    assert r.touch("s:n", "s:nx", "s:missing") == 2
+    assert r.delete("s:n", "s:nx", "s:missing") == 2 and r.unlink("s:ex") == 1
+    assert r.set("s:keep", "v", ex=100) and r.set("s:keep", "w", keepttl=True) and 95 <= r.ttl("s:keep") <= 100
+    assert r.dbsize() >= 1
+    info = r.info()
+    assert info["redis_version"] and info["dcache_role"] == "master" and "keyspace_hits" in info
+    # a key written through RESP is the same key for the native protocol (same routing, both replicas)
+    r.set("s:native", b"\x00\xffbinary")
+
+    async def native() -> Any:
+        async with Client(cluster.masters[0].addr, timeout=5.0) as c:
+            return await c.get("s:native")
+
+    assert asyncio.run(native()) == b"\x00\xffbinary"
+
+
+def test_errors_carry_redis_prefixes(r: Any) -> None:
+    r.set("e:text", "abc")
+    with pytest.raises(redis.ResponseError, match=r"^value is not an integer or out of range$"):
+        r.incr("e:text")
+    with pytest.raises(redis.ResponseError, match="unknown command 'LPUSH'"):
+        r.execute_command("LPUSH", "e:list", "x")
+    with pytest.raises(redis.ResponseError, match="wrong number of arguments for 'get' command"):
+        r.execute_command("GET")
+    with pytest.raises(redis.ResponseError, match="syntax error"):
+        r.execute_command("SET", "k", "v", "BOGUS")
+    with pytest.raises(redis.ResponseError, match="DB index is out of range"):
+        r.execute_command("SELECT", "3")
+    with pytest.raises(redis.ResponseError, match="exceeds the limit"):
+        r.set("k" * 2000, "v")  # the native key limit (1024 bytes)
+    with pytest.raises(redis.ResponseError, match="WATCH is not supported"):
+        r.execute_command("WATCH", "e:text")
+    assert r.get("e:text") == b"abc"  # the connection is still fine
+
+
+def test_pipelines_keep_command_order(r: Any) -> None:
+    pipe = r.pipeline(transaction=False)
+    for i in range(200):
+        pipe.set(f"p:{i}", i)
+    pipe.get("p:7")
+    pipe.set("p:7", "seven")  # a read then a write of one key: the read sees the old value
+    pipe.get("p:7")
+    pipe.incr("p:c")
+    pipe.incr("p:c")
+    pipe.set("p:c", 100)
+    pipe.incr("p:c")
+    pipe.mget([f"p:{i}" for i in range(0, 200, 50)])
+    pipe.incr("p:7")  # an error in a pipeline answers that command only
+    pipe.delete(*[f"p:{i}" for i in range(10)])
+    out = pipe.execute(raise_on_error=False)
+    assert out[:200] == [True] * 200
+    assert out[200:206] == [b"7", True, b"seven", 1, 2, True]
+    assert out[206] == 101
+    assert out[207] == [b"0", b"50", b"100", b"150"]
+    assert isinstance(out[208], redis.ResponseError)
+    assert out[209] == 10
+
+
+def test_transactions(r: Any) -> None:
+    with r.pipeline(transaction=True) as pipe:
+        pipe.set("t:a", 1).incr("t:a").get("t:a").getset("t:a", "x").get("t:a")
+        assert pipe.execute() == [True, 2, b"2", b"2", b"x"]
+    s = _raw(r.connection_pool.connection_kwargs["port"])
+    s.sendall(_cmd(b"MULTI") + _cmd(b"NOPE") + _cmd(b"SET", b"t:b", b"1") + _cmd(b"EXEC") + _cmd(b"GET", b"t:b"))
+    assert _read(s, 5) == [
+        b"+OK",
+        b"-ERR unknown command 'NOPE', with args beginning with: ",
+        b"+QUEUED",
+        b"-EXECABORT Transaction discarded because of previous errors.",
+        b"$-1",
+    ]
+    s.sendall(_cmd(b"MULTI") + _cmd(b"SET", b"t:b", b"1") + _cmd(b"DISCARD") + _cmd(b"GET", b"t:b") + _cmd(b"EXEC"))
+    assert _read(s, 5) == [b"+OK", b"+QUEUED", b"+OK", b"$-1", b"-ERR EXEC without MULTI"]
+    s.close()
+
+
+def _cmd(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+
+def _read(s: socket.socket, lines: int) -> list[bytes]:
+    """``lines`` reply lines (simple replies, errors, integers and null bulks only)."""
+    data = b""
+    while data.count(b"\r\n") < lines:
+        chunk = s.recv(65536)
+        assert chunk, data
+        data += chunk
+    return data.split(b"\r\n")[:lines]
+
+
+def test_resp3(cluster: Cluster) -> None:
+    with redis.Redis(port=cluster.masters[0].resp_port, protocol=3, socket_timeout=10) as r3:
+        assert r3.set("r3:a", "1") is True
+        assert r3.get("r3:a") == b"1" and r3.get("r3:missing") is None
+        assert r3.mget(["r3:a", "r3:missing"]) == [b"1", None]
+        assert r3.config_get("maxmemory-policy") == {b"maxmemory-policy": b"allkeys-lru"} or r3.config_get("maxmemory-policy") == {
+            "maxmemory-policy": "allkeys-lru"
+        }
+        assert r3.client_id() > 0
+
+
+async def test_asyncio_client_and_pipelines(cluster: Cluster) -> None:
+    import redis.asyncio as aredis
+
+    r = aredis.Redis(port=cluster.masters[0].resp_port, socket_timeout=10)
+    try:
+        assert await r.set("a:1", "x") is True and await r.get("a:1") == b"x"
+        results = await asyncio.gather(*(r.incr("a:n") for _ in range(50)))
+        assert sorted(results) == list(range(1, 51))
+        async with r.pipeline(transaction=False) as pipe:
+            for i in range(100):
+                pipe.set(f"a:{i}", i)
+                pipe.get(f"a:{i}")
+            out = await pipe.execute()
+        assert out == [x for i in range(100) for x in (True, str(i).encode())]
+        async with r.pipeline(transaction=True) as pipe:
+            pipe.incr("a:t")
+            pipe.incr("a:t")
+            pipe.get("a:t")
+            assert await pipe.execute() == [1, 2, b"2"]
+    finally:
+        await r.aclose()
+
+
+def test_auth_on_a_node_with_a_token(tmp_path: Path) -> None:
+    a = start_aux(None, "--resp-port", "0", "--auth-token", "s3cret")
+    try:
+        with redis.Redis(port=a.resp_port, socket_timeout=10) as anon:
+            with pytest.raises(redis.AuthenticationError):
+                anon.get("k")
+        with redis.Redis(port=a.resp_port, password="s3cret", socket_timeout=10) as good:
+            assert good.set("k", "v") and good.get("k") == b"v"
+        with redis.Redis(port=a.resp_port, username="default", password="s3cret", protocol=3, socket_timeout=10) as hello:
+            assert hello.get("k") == b"v"
+        s = _raw(a.resp_port)
+        s.sendall(_cmd(b"AUTH", b"wrong") + _cmd(b"GET", b"k") + _cmd(b"AUTH", b"default", b"s3cret") + _cmd(b"GET", b"k"))
+        assert _read(s, 5) == [
+            b"-WRONGPASS invalid username-password pair or user is disabled.",
+            b"-NOAUTH Authentication required.",
+            b"+OK",
+            b"$1",
+            b"v",
+        ]
+        s.close()
+    finally:
+        a.kill()
+
+
+# -- Django -------------------------------------------------------------------------------
+
+
+def test_django_redis_cache_whole_api(cluster: Cluster) -> None:
+    pytest.importorskip("django")
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(USE_TZ=True)
+    from django.core.cache.backends.redis import RedisCache
+
+    cache = RedisCache(f"redis://127.0.0.1:{cluster.masters[0].resp_port}/0", {"TIMEOUT": 300, "KEY_PREFIX": "dj"})
+    try:
+        cache.clear()
+        assert cache.get("k") is None and cache.get("k", "dflt") == "dflt"
+        cache.set("k", {"a": [1, 2]})
+        assert cache.get("k") == {"a": [1, 2]} and cache.has_key("k")
+        assert cache.add("k", "other") is False and cache.add("k2", "v2") is True and cache.get("k2") == "v2"
+        assert cache.delete("k2") is True and cache.delete("k2") is False and not cache.has_key("k2")
+        cache.set_many({"m1": 1, "m2": "two", "m3": b"three"}, timeout=100)
+        assert cache.get_many(["m1", "m2", "m3", "nope"]) == {"m1": 1, "m2": "two", "m3": b"three"}
+        cache.delete_many(["m1", "m2"])
+        assert cache.get_many(["m1", "m2", "m3"]) == {"m3": b"three"}
+        cache.set("n", 10)
+        assert cache.incr("n") == 11 and cache.incr("n", 5) == 16 and cache.decr("n") == 15 and cache.decr("n", 5) == 10
+        with pytest.raises(ValueError):
+            cache.incr("missing")
+        cache.set("t", "v", timeout=100)
+        assert cache.touch("t", 10) is True and cache.touch("missing", 10) is False
+        assert cache.touch("t", None) is True  # PERSIST: the expiry is gone
+        assert cache._cache.get_client().ttl(cache.make_and_validate_key("t")) == -1
+        cache.set("forever", "v", timeout=None)
+        assert cache._cache.get_client().ttl(cache.make_and_validate_key("forever")) == -1
+        cache.set("zero", "v", timeout=0)  # timeout 0: expires at once
+        assert cache.get("zero") is None
+        assert cache.add("zero", "v", timeout=0) is True and cache.get("zero") is None
+        assert cache.get_or_set("gos", "made") == "made" and cache.get_or_set("gos", "other") == "made"
+        cache.clear()
+        assert cache.get("k") is None and cache.get("forever") is None and cache.get("m3") is None
+    finally:
+        cache.close()
+
+
+# -- redis-cli ----------------------------------------------------------------------------
+
+
+def test_redis_cli_commands_and_pipe(cluster: Cluster, tmp_path: Path) -> None:
+    cli = _tool("redis-cli", "redis-tools")
+    port = str(cluster.masters[0].resp_port)
+    script = "SET cli:a hello\nGET cli:a\nINCR cli:n\nINCR cli:n\nMGET cli:a cli:n cli:none\nDEL cli:a\nGET cli:a\nPING\nDBSIZE\n"
+    out = subprocess.run([cli, "-p", port], input=script, capture_output=True, text=True, timeout=CMD_TIMEOUT_S)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:11] == ["OK", "hello", "1", "2", "hello", "2", "", "1", "", "PONG", lines[10]] and int(lines[10]) >= 1
+    # mass insertion: the RESP stream redis-cli --pipe sends, 5000 SETs
+    data = b"".join(
+        b"*3\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(k), k, len(v), v)
+        for k, v in ((b"pipe:%d" % i, b"v%d" % i) for i in range(5000))
+    )
+    (tmp_path / "data.resp").write_bytes(data)
+    with open(tmp_path / "data.resp", "rb") as f:
+        out = subprocess.run([cli, "-p", port, "--pipe"], stdin=f, capture_output=True, text=True, timeout=CMD_TIMEOUT_S)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "errors: 0, replies: 5000" in out.stdout
+    assert subprocess.run([cli, "-p", port, "GET", "pipe:4999"], capture_output=True, text=True, timeout=CMD_TIMEOUT_S).stdout == "v4999\n"
+
+
+def test_redis_benchmark_completes_without_errors(cluster: Cluster, lone_aux: DaemonProcess) -> None:
+    bench = _tool("redis-benchmark", "redis-tools")
+    for port in (cluster.masters[0].resp_port, lone_aux.resp_port):
+        out = subprocess.run(
+            [bench, "-p", str(port), "-t", "ping,set,get,incr,mset", "-n", "3000", "-c", "20", "-P", "4", "--csv"],
+            capture_output=True,
+            text=True,
+            timeout=CMD_TIMEOUT_S * 2,
+        )
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        assert "rror" not in out.stdout + out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
+        tests = [line.split(",")[0].strip('"') for line in out.stdout.splitlines()[1:]]
+        assert tests == ["PING_INLINE", "PING_MBULK", "SET", "GET", "INCR", "MSET (10 keys)"], out.stdout
+
+
+# -- ioredis (Node) ----------------------------------------------------------------------
+
+IOREDIS_SCRIPT = """
+const Redis = require("ioredis");
+const r = new Redis({ port: Number(process.argv[2]), lazyConnect: false, maxRetriesPerRequest: 2 });
+(async () => {
+  const out = {};
+  out.set = await r.set("io:a", "1");
+  out.get = await r.get("io:a");
+  out.mset = await r.mset("io:b", "2", "io:c", "3");
+  out.mget = await r.mget("io:a", "io:b", "io:missing", "io:c");
+  const p = r.pipeline();
+  for (let i = 0; i < 100; i++) p.incr("io:n");
+  p.get("io:n");
+  out.pipeline = (await p.exec()).map(([err, v]) => (err ? String(err) : v));
+  out.multi = await r.multi().set("io:t", "x").get("io:t").exec();
+  console.log(JSON.stringify(out));
+  r.disconnect();
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+def test_ioredis(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> None:
+    node = shutil.which("node") or (apt_install("nodejs", "npm") and None) or shutil.which("node")
+    npm = shutil.which("npm")
+    if node is None or npm is None:
+        unavailable("node and npm", "apt-get install nodejs npm failed")
+    assert node is not None and npm is not None
+    work = tmp_path_factory.mktemp("ioredis")
+    res = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--silent", "ioredis"], cwd=work, capture_output=True, text=True, timeout=300
+    )
+    if res.returncode != 0:
+        unavailable("ioredis (npm install)", res.stderr[-500:])
+    (work / "t.js").write_text(IOREDIS_SCRIPT)
+    out = subprocess.run([node, "t.js", str(cluster.masters[0].resp_port)], cwd=work, capture_output=True, text=True, timeout=CMD_TIMEOUT_S)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["set"] == "OK" and got["get"] == "1" and got["mset"] == "OK"
+    assert got["mget"] == ["1", "2", None, "3"]
+    assert got["pipeline"] == list(range(1, 101)) + ["100"]
+    assert got["multi"] == [[None, "OK"], [None, "x"]]
+
+
+# -- the lone aux node, and hostile input ---------------------------------------------------
+
+
+def _raw(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.settimeout(10)
+    return s
+
+
+def _read_until_closed(s: socket.socket, timeout: float = 10.0) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"the connection was not closed within {timeout} s; got {data[:200]!r}")
+
+
+def test_aux_node_serves_its_own_cache(lone_aux: DaemonProcess) -> None:
+    with redis.Redis(port=lone_aux.resp_port, socket_timeout=10) as r:
+        assert r.set("x", "1") and r.incr("x") == 2 and r.get("x") == b"2"
+        assert r.info("server")["dcache_role"] == "aux"
+        with pytest.raises(redis.ResponseError, match="admin command"):
+            r.flushdb()  # not enabled on this node
+        with pytest.raises(redis.ResponseError, match="exceeds the limit"):
+            r.set("big", b"x" * (600 * 1024))  # over --max-value-bytes
+
+
+@pytest.mark.parametrize(
+    ("payload", "expect"),
+    [
+        (b"*2000000000\r\n", b"-ERR Protocol error"),  # refused as the header is read
+        (b"*1\r\n$2000000000\r\n" + b"x" * (2 << 20), b"-ERR Protocol error: a command larger than"),  # past --max-frame-bytes
+        (b"*1\r\n*1\r\n$4\r\nPING\r\n", b"-ERR Protocol error"),  # nested array
+        (b"*1\r\n:1\r\n", b"-ERR Protocol error"),  # an integer where a bulk string goes
+        (b"*1\r\n$x\r\n", b"-ERR Protocol error"),  # garbage length
+        (b"PING " + b"A" * (70 * 1024), b"-ERR Protocol error: too big inline request"),
+    ],
+)
+def test_hostile_input_gets_an_error_and_a_close(lone_aux: DaemonProcess, payload: bytes, expect: bytes) -> None:
+    with redis.Redis(port=lone_aux.resp_port, socket_timeout=10) as other:
+        other.set("still", "here")
+        s = _raw(lone_aux.resp_port)
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert s.recv(7) == b"+PONG\r\n"
+        try:
+            s.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        got = b"+PONG\r\n" + _read_until_closed(s)
+        s.close()
+        assert got.startswith(b"+PONG\r\n") and expect in got, got[:300]
+        assert other.get("still") == b"here" and lone_aux.alive
+
+
+def test_slow_partial_commands_are_closed_and_others_keep_serving(lone_aux: DaemonProcess) -> None:
+    slow = [_raw(lone_aux.resp_port) for _ in range(5)]
+    for s in slow:
+        s.sendall(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$10\r\nabc")  # never finished
+    with redis.Redis(port=lone_aux.resp_port, socket_timeout=10) as other:
+        t0 = time.monotonic()
+        for s in slow:
+            got = _read_until_closed(s, timeout=10)
+            assert b"Protocol error" in got
+            s.close()
+        assert time.monotonic() - t0 < 8  # --frame-timeout 1
+        assert other.ping() and other.set("after", "1") and lone_aux.alive
+
+
+def test_a_huge_pipeline_is_answered_in_order(lone_aux: DaemonProcess) -> None:
+    s = _raw(lone_aux.resp_port)
+    n = 20_000
+    s.sendall(b"".join(b"*2\r\n$4\r\nINCR\r\n$4\r\nhuge\r\n" for _ in range(n)) + b"*1\r\n$4\r\nQUIT\r\n")
+    got = _read_until_closed(s, timeout=30)
+    s.close()
+    assert got == b"".join(b":%d\r\n" % i for i in range(1, n + 1)) + b"+OK\r\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    os.environ.setdefault("NO_COLOR", "1")
