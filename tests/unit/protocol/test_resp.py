@@ -1,0 +1,142 @@
+"""RESP, sans-IO (``dcache.protocol.resp``): the bounded reader, the slow scanner, replies, errors and arguments."""
+
+from __future__ import annotations
+
+import hiredis
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dcache.errors import Status
+from dcache.protocol.resp import (
+    NIL,
+    RespError,
+    array,
+    bulk,
+    bulk_chunks,
+    create_reader,
+    error_for_status,
+    error_line,
+    integer,
+    map_reply,
+    parse_expire_flags,
+    parse_int,
+    parse_set_options,
+    reader_cursor,
+    reader_is_bounded,
+    scan_commands,
+    split_inline,
+)
+
+
+def command(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+
+def test_this_hiredis_can_be_bounded() -> None:
+    assert reader_is_bounded()
+
+
+@pytest.mark.parametrize("header", [b"*1001\r\n", b"*2000000000\r\n", b"~1001\r\n", b">1001\r\n", b"*1\r\n*1001\r\n"])
+def test_the_reader_refuses_a_large_aggregate_as_its_header_is_read(header: bytes) -> None:
+    reader = create_reader(1000)
+    reader.feed(header)
+    with pytest.raises(hiredis.ProtocolError, match="out of range"):
+        reader.gets()
+
+
+def test_the_reader_takes_the_largest_allowed_command_and_its_cursor_follows() -> None:
+    reader = create_reader(3)
+    pos, length = reader_cursor(reader)
+    reader.feed(command(b"SET", b"k", b"v") + b"*1\r\n$4\r\nPI")
+    assert reader.gets() == [b"SET", b"k", b"v"]
+    assert length.value - pos.value == 10  # the start of the next command is 10 bytes before the end
+    assert reader.gets() is False
+
+
+@given(st.lists(st.lists(st.binary(max_size=20), min_size=1, max_size=5), max_size=10), st.integers(1, 40))
+def test_the_slow_scanner_reads_what_hiredis_reads_split_anywhere(commands: list[list[bytes]], cut: int) -> None:
+    data = b"".join(command(*c) for c in commands)
+    got, rest = scan_commands(data, 100, 1000)
+    assert got == commands and rest == b""
+    head, rest = scan_commands(data[:cut], 100, 1000)
+    assert head == commands[: len(head)] and data[:cut].endswith(rest)
+
+
+def test_the_slow_scanner_reads_inline_lines_among_arrays() -> None:
+    got, rest = scan_commands(b"\r\n" + command(b"ECHO", b"x") + b"PING\r\nSET a  b\r\n\n" + command(b"GET", b"a") + b"PIN", 10, 100)
+    assert got == [[b"ECHO", b"x"], [b"PING"], [b"SET", b"a", b"b"], [b"GET", b"a"]] and rest == b"PIN"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"*1\r\n:1\r\n", "expected '\\$'"),
+        (b"*x\r\n", "invalid multibulk length"),
+        (b"*11\r\n", "invalid multibulk length"),
+        (b"*1\r\n$101\r\n", "invalid bulk length"),
+        (b"*1\r\n$1\r\nab\r\n", "CRLF"),
+        (b"A" * (65 * 1024), "too big inline request"),
+    ],
+)
+def test_the_slow_scanner_refuses_malformed_streams(data: bytes, message: str) -> None:
+    with pytest.raises(RespError, match=message):
+        scan_commands(data, 10, 100)
+
+
+def test_inline_commands_stop_at_the_first_array() -> None:
+    assert split_inline(b"PING\r\nSET a b\n\r\n*1\r\n$4\r\nPING\r\n") == ([[b"PING"], [b"SET", b"a", b"b"]], b"*1\r\n$4\r\nPING\r\n")
+    assert split_inline(b"PING\r\nGE") == ([[b"PING"]], b"GE")
+    with pytest.raises(RespError, match="too big inline request"):
+        split_inline(b"x" * (65 * 1024))
+
+
+def test_replies() -> None:
+    assert integer(0) == b":0\r\n" and integer(-2) == b":-2\r\n" and integer(10**12) == b":1000000000000\r\n"
+    assert bulk(b"ab") == b"$2\r\nab\r\n" and b"".join(bulk_chunks(b"x" * 5)) == bulk(b"x" * 5)
+    assert array([bulk(b"a"), NIL]) == b"*2\r\n$1\r\na\r\n$-1\r\n"
+    assert map_reply({"a": 1, "b": None}, resp3=True) == b"%2\r\n$1\r\na\r\n:1\r\n$1\r\nb\r\n_\r\n"
+    assert map_reply({"a": 1}, resp3=False) == b"*2\r\n$1\r\na\r\n:1\r\n"
+    assert error_line("ERR", "two\r\nlines") == b"-ERR two  lines\r\n"
+
+
+def test_errors_carry_the_prefixes_clients_parse() -> None:
+    assert error_for_status(int(Status.NOT_AN_INTEGER), "x") == b"-ERR value is not an integer or out of range\r\n"
+    assert error_for_status(int(Status.AUTH_FAILED), "Authentication required.") == b"-NOAUTH Authentication required.\r\n"
+    assert error_for_status(int(Status.OUT_OF_MEMORY), "full").startswith(b"-OOM ")
+    assert error_for_status(int(Status.BAD_ARGUMENTS), "bad").startswith(b"-ERR bad")
+    assert error_for_status(int(Status.OVERLOADED), "x") == b"-ERR max number of clients reached\r\n"
+
+
+@pytest.mark.parametrize("text", [b"01", b"-0", b"1_0", b" 1", b"+1", b"", b"-", b"1.5", b"99999999999999999999", b"9223372036854775808"])
+def test_integers_are_strict(text: bytes) -> None:
+    with pytest.raises(RespError, match="not an integer or out of range"):
+        parse_int(text)
+
+
+def test_integers() -> None:
+    assert parse_int(b"0") == 0 and parse_int(b"-12") == -12 and parse_int(b"9223372036854775807") == 2**63 - 1
+
+
+def test_set_options() -> None:
+    assert parse_set_options([], 0) == (0, 0, False, False)
+    assert parse_set_options([b"ex", b"10", b"NX", b"get"], 0) == (10_000, 1, False, True)
+    assert parse_set_options([b"PXAT", b"5000"], 1000) == (4000, 0, False, False)
+    assert parse_set_options([b"EXAT", b"1"], 5000) == (1, 0, False, False)  # already past: a millisecond
+    assert parse_set_options([b"XX", b"KEEPTTL"], 0) == (0, 2, True, False)
+    for bad in ([b"NX", b"XX"], [b"EX", b"1", b"PX", b"1"], [b"EX"], [b"KEEPTTL", b"EX", b"1"], [b"BOGUS"]):
+        with pytest.raises(RespError, match="syntax error"):
+            parse_set_options(bad, 0)
+    with pytest.raises(RespError, match="invalid expire time"):
+        parse_set_options([b"EX", b"0"], 0)
+
+
+def test_expire_conditions() -> None:
+    assert parse_expire_flags([]) == frozenset()
+    assert parse_expire_flags([b"xx", b"GT"]) == {"XX", "GT"}
+    with pytest.raises(RespError, match="not compatible"):
+        parse_expire_flags([b"NX", b"XX"])
+    with pytest.raises(RespError, match="not compatible"):
+        parse_expire_flags([b"GT", b"LT"])
+    with pytest.raises(RespError, match="Unsupported option"):
+        parse_expire_flags([b"SOON"])

@@ -1,0 +1,163 @@
+"""The RESP connection (``dcache.respserver``) over fake transports: order of replies, order of execution, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from dcache.config import NodeConfig
+from dcache.protocol import Credential, Op
+from dcache.respserver import RespProtocol
+from dcache.server import LATER, FrameProtocol, Service
+from tests.fakes import FakeTransport
+
+
+class Toy(Service):
+    """GET answers now, or LATER for ``later:*`` keys; SET answers LATER always (as a master's write)."""
+
+    role = "toy"
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__("toy-1", NodeConfig(**settings))
+        self.later: list[tuple[FrameProtocol, int, Any]] = []
+        self.log: list[tuple[str, bytes]] = []
+        self.handlers[Op.PING] = lambda conn, rid, args: "PONG"
+        self.handlers[Op.GET] = self.get
+        self.handlers[Op.SET] = self.set
+
+    def get(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        self.log.append(("get", key))
+        if key.startswith(b"later:"):
+            self.later.append((conn, rid, b"v:" + key))
+            return LATER
+        return b"v:" + key
+
+    def set(self, conn: FrameProtocol, rid: int, args: Any) -> Any:
+        self.log.append(("set", args[0]))
+        self.later.append((conn, rid, True))
+        return LATER
+
+    def answer(self, i: int) -> None:
+        conn, rid, value = self.later.pop(i)
+        conn.reply(rid, 0, value)
+
+
+def connect(service: Service) -> tuple[RespProtocol, FakeTransport]:
+    conn = RespProtocol(service)
+    transport = FakeTransport(peername=("10.0.0.1", 5000), half_close=True)
+    transport.protocol = conn
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    return conn, transport
+
+
+def cmd(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+
+def out(t: FakeTransport) -> bytes:
+    return b"".join(t.written)
+
+
+async def test_replies_leave_in_command_order_whatever_order_answers_come_in() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"GET", b"later:1") + cmd(b"GET", b"now") + cmd(b"GET", b"later:2") + cmd(b"PING"))
+    assert out(t) == b""  # the first reply is not there yet
+    svc.answer(1)  # later:2 first
+    await asyncio.sleep(0)
+    assert out(t) == b""
+    svc.answer(0)
+    await asyncio.sleep(0)
+    assert out(t) == b"$9\r\nv:later:1\r\n$5\r\nv:now\r\n$9\r\nv:later:2\r\n+PONG\r\n"
+
+
+async def test_a_write_after_a_read_in_flight_waits_with_reading_paused() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"GET", b"later:k") + cmd(b"GET", b"later:j") + cmd(b"SET", b"later:k", b"new") + cmd(b"GET", b"later:k"))
+    assert svc.log == [("get", b"later:k"), ("get", b"later:j")]  # reads run together; the write waits
+    assert not t.reading
+    svc.answer(0)
+    svc.answer(0)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert svc.log[2:] == [("set", b"later:k")]  # then the write, alone
+    svc.answer(0)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert svc.log[3:] == [("get", b"later:k")] and t.reading
+    svc.answer(0)
+    await asyncio.sleep(0)
+    assert out(t) == b"$9\r\nv:later:k\r\n$9\r\nv:later:j\r\n+OK\r\n$9\r\nv:later:k\r\n"
+
+
+async def test_writes_of_one_kind_run_together() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(b"".join(cmd(b"SET", b"k%d" % i, b"v") for i in range(10)))
+    assert len(svc.log) == 10 and t.reading
+
+
+async def test_a_connection_never_holds_more_than_the_client_credential() -> None:
+    svc = Toy()
+    conn, _ = connect(svc)
+    assert svc.initial_level() == Credential.CLUSTER and conn.level == Credential.CLIENT
+    assert Op.SCAN not in conn._table
+
+
+async def test_noauth_until_auth_then_the_client_credential() -> None:
+    svc = Toy(auth_token="tok")
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"GET", b"k") + cmd(b"ECHO", b"x") + cmd(b"AUTH", b"nope") + cmd(b"AUTH", b"tok") + cmd(b"GET", b"k"))
+    assert out(t) == (
+        b"-NOAUTH Authentication required.\r\n-NOAUTH Authentication required.\r\n"
+        b"-WRONGPASS invalid username-password pair or user is disabled.\r\n+OK\r\n$3\r\nv:k\r\n"
+    )
+    assert conn.level == Credential.CLIENT and svc.auth_failures == 1
+
+
+async def test_a_huge_multibulk_header_is_refused_and_the_connection_closed() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"PING") + b"*2000000000\r\n")
+    assert out(t).startswith(b"+PONG\r\n-ERR Protocol error") and t.eof
+    assert svc.resp_stats is not None and svc.resp_stats.protocol_errors == 1
+
+
+async def test_a_command_larger_than_the_frame_limit_is_refused_as_it_arrives() -> None:
+    svc = Toy(max_frame_bytes=100_000, max_value_bytes=50_000)
+    conn, t = connect(svc)
+    conn.data_received(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$900000\r\n")
+    for _ in range(3):
+        conn.data_received(b"x" * 40_000)
+    assert b"a command larger than 100000 bytes" in out(t) and t.eof
+    assert svc.buffered_input == 0
+
+
+async def test_partial_commands_count_against_the_input_buffer() -> None:
+    svc = Toy()
+    conn, _ = connect(svc)
+    conn.data_received(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$10\r\nabc")
+    assert 0 < svc.buffered_input < 100 and conn.partial_since
+    conn.data_received(b"defghij\r\n")
+    assert svc.buffered_input == 0 and not conn.partial_since
+
+
+async def test_inline_commands_and_an_empty_line_among_arrays() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(b"PING\r\n")
+    conn.data_received(cmd(b"GET", b"a") + b"\r\n" + cmd(b"ECHO", b"e") + b"GET b\r\n" + cmd(b"PING"))
+    assert out(t) == b"+PONG\r\n$3\r\nv:a\r\n$1\r\ne\r\n$3\r\nv:b\r\n+PONG\r\n" and not t.closed
+
+
+async def test_transactions_queue_then_run_in_order() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"MULTI") + cmd(b"SET", b"later:k", b"1") + cmd(b"GET", b"later:k") + cmd(b"EXEC"))
+    assert out(t) == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n" and svc.log == [("set", b"later:k")]
+    svc.answer(0)
+    assert svc.log[1:] == [("get", b"later:k")]  # the next command runs once the previous one answered
+    svc.answer(0)
+    await asyncio.sleep(0)
+    assert out(t).endswith(b"*2\r\n+OK\r\n$9\r\nv:later:k\r\n")
