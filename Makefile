@@ -35,8 +35,11 @@ $(STAMP): $(RUN_STAMP)
 
 install: $(STAMP)  ## install dcache, the server extra and the test tools into .venv
 
-run: $(RUN_STAMP)  ## start a local cluster on 127.0.0.1: 2 masters, 3 aux nodes, 2 replicas (Ctrl-C stops it); PORT, AUX_PORT, HTTP_PORT, DATA_DIR move it
-	$(BIN)/dcache cluster --masters 2 --aux 3 --replicas 2 --data-dir $(DATA_DIR) --port $(PORT) --aux-port $(AUX_PORT) --http-port $(HTTP_PORT)
+#: The first master's RESP port under `make run` (Redis clients; the second master's follows).
+RESP_PORT = 7379
+
+run: $(RUN_STAMP)  ## start a local cluster on 127.0.0.1: 2 masters, 3 aux nodes, 2 replicas, RESP on RESP_PORT (Ctrl-C stops it); PORT, AUX_PORT, HTTP_PORT, RESP_PORT, DATA_DIR move it
+	$(BIN)/dcache cluster --masters 2 --aux 3 --replicas 2 --data-dir $(DATA_DIR) --port $(PORT) --aux-port $(AUX_PORT) --http-port $(HTTP_PORT) --resp-port $(RESP_PORT)
 
 lint: $(STAMP)  ## ruff and mypy
 	$(BIN)/ruff check dcache tests bin

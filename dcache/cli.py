@@ -684,6 +684,16 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         metavar="HOSTS",
     )
     _flag(p, C, "cluster", "cluster name in ZooKeeper, with --zookeeper", metavar="NAME")
+    _flag(
+        p,
+        C,
+        "resp_port",
+        "serve Redis's protocol (RESP) on every master: the first on this port, the others on the ports that follow "
+        "(with --port 0: free ports; default: no RESP)",
+        show_default=False,
+        type=int,
+        metavar="PORT",
+    )
 
 
 def _add_bench_flags(p: argparse.ArgumentParser) -> None:

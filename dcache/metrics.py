@@ -142,6 +142,18 @@ class ServiceCollector(Collector):
         yield counter(
             "dcache_versions_refused", "Requests refused because a version was too far ahead (--max-clock-skew).", role, s.versions_refused
         )
+        resp = s.resp_stats
+        if resp is not None:
+            commands = CounterMetricFamily(
+                "dcache_resp_commands", "RESP commands received (--resp-port), by command.", labels=["role", "command"]
+            )
+            for name, n in resp.commands.items():
+                commands.add_metric([role, name.lower()], n)
+            yield commands
+            yield counter("dcache_resp_errors", "RESP replies that were errors.", role, resp.errors)
+            yield gauge("dcache_resp_connections", "RESP client connections open now (also in dcache_connections).", role, resp.connections)
+            yield counter("dcache_resp_connections_accepted", "RESP client connections accepted.", role, resp.connections_total)
+            yield counter("dcache_resp_protocol_errors", "RESP connections closed for a malformed stream.", role, resp.protocol_errors)
         yield from tls_families(role, s.tls_listener, s.tls)
 
 

@@ -143,12 +143,17 @@ def render_config(
     shims: Sequence[str] = ("127.0.0.1:8080", "127.0.0.1:8081"),
     stream_module: str | None = None,
     template: Path = TEMPLATE,
+    resp_masters: Sequence[str] = (),
+    resp_listen: str | None = None,
 ) -> str:
     """The template with these upstreams and listen addresses.
 
     ``tls_masters`` (default: ``masters``) go behind the TLS passthrough
     server on ``tls_listen``. ``stream_module``: absolute path for
     ``load_module``, or ``None`` to drop that line (stream built in).
+    ``resp_masters``: the masters' RESP addresses (default: ``masters``,
+    which only a test of the config itself wants); ``resp_listen``: default
+    a free port.
     """
     if not masters:
         raise ValueError("at least one master is required")
@@ -156,6 +161,8 @@ def render_config(
     text = _replace_servers(text, "masters", masters)
     text = _replace_servers(text, "masters-tls", tls_masters or masters)
     text = _replace_servers(text, "shims", shims)
+    text = _replace_servers(text, "resp-masters", resp_masters or masters)
+    text = _replace_listen(text, "listen-resp", resp_listen or f"127.0.0.1:{free_port()}")
     text = _replace_listen(text, "listen-stream", listen)
     text = _replace_listen(text, "listen-stream-tls", tls_listen)
     text = _replace_listen(text, "listen-http", http_listen)
@@ -173,14 +180,16 @@ def render_config(
 class NginxProcess:
     """``nginx -c CONF -p PREFIX -g 'daemon off;'`` with everything under ``prefix``.
 
-    ``listen`` is the plain stream address; ``tls_listen`` the TLS passthrough one.
+    ``listen`` is the plain stream address; ``tls_listen`` the TLS passthrough one;
+    ``resp_listen`` where nginx takes RESP clients (``start_nginx`` with ``resp_masters``).
     """
 
-    def __init__(self, nginx: str, config_text: str, prefix: Path, listen: str, tls_listen: str = "") -> None:
+    def __init__(self, nginx: str, config_text: str, prefix: Path, listen: str, tls_listen: str = "", resp_listen: str = "") -> None:
         self.nginx = nginx
         self.prefix = prefix
         self.listen = listen
         self.tls_listen = tls_listen
+        self.resp_listen = resp_listen
         (prefix / "logs").mkdir(parents=True, exist_ok=True)
         self.conf = prefix / "nginx.conf"
         self.conf.write_text(config_text)
@@ -243,19 +252,28 @@ def start_nginx(
     masters: Sequence[str],
     *,
     shims: Sequence[str] = ("127.0.0.1:8080", "127.0.0.1:8081"),
+    resp_masters: Sequence[str] = (),
 ) -> NginxProcess:
-    """Find nginx, render the config for ``masters`` on free ports under ``tmp``, check it, start it.
+    """Find nginx, render the config for ``masters`` (and their RESP addresses) on free ports under ``tmp``, check it, start it.
 
-    The masters go behind both stream servers; ``tls_listen`` passes TLS through to them.
+    The masters go behind both native stream servers; ``tls_listen`` passes TLS through to them.
     """
     nginx = find_nginx()
     listen = f"127.0.0.1:{free_port()}"
     http_listen = f"127.0.0.1:{free_port()}"
     tls_listen = f"127.0.0.1:{free_port()}"
+    resp_listen = f"127.0.0.1:{free_port()}"
     text = render_config(
-        masters, listen=listen, http_listen=http_listen, tls_listen=tls_listen, shims=shims, stream_module=stream_module_path(nginx)
+        masters,
+        listen=listen,
+        http_listen=http_listen,
+        tls_listen=tls_listen,
+        shims=shims,
+        stream_module=stream_module_path(nginx),
+        resp_masters=resp_masters,
+        resp_listen=resp_listen,
     )
-    proc = NginxProcess(nginx, text, tmp, listen, tls_listen)
+    proc = NginxProcess(nginx, text, tmp, listen, tls_listen, resp_listen)
     res = proc.check()
     if res.returncode != 0:
         raise AssertionError(f"nginx -t failed:\n{res.stderr}")

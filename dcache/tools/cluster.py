@@ -11,7 +11,11 @@ With ``--zookeeper HOSTS`` every master and aux node uses ZooKeeper instead:
 the masters start first and elect a leader, the aux nodes register there.
 
 ``--port 0`` puts every process on a free port (for tests); the last line
-printed is then ``READY host:port`` of the first master.
+printed is then ``READY host:port`` of the first master (followed by
+``resp=host:port`` with ``--resp-port``).
+
+``--resp-port PORT`` also serves Redis's protocol on every master: the first
+on PORT, the others on the ports that follow (free ports with ``--port 0``).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class ClusterOptions:
         zookeeper: ZooKeeper ``HOST:PORT[,...]``: membership, leader election
             and the ring live there (``None``: the first master coordinates).
         cluster: cluster name in ZooKeeper.
+        resp_port: the first master's RESP port (Redis clients); the others
+            follow (``None``: no RESP; with ``port`` 0, free ports).
 
     Raises:
         ConfigError: fewer than one master, aux node or replica, more
@@ -76,6 +82,7 @@ class ClusterOptions:
     log_level: str = "info"
     zookeeper: str | None = None
     cluster: str = "dcache"
+    resp_port: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("masters", "aux", "replicas"):
@@ -96,6 +103,7 @@ class LocalCluster:
         self.opts = opts
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.masters: list[tuple[str, str]] = []  # (name, addr)
+        self.resp: dict[str, str] = {}  # master name -> its RESP host:port
         self.aux: list[tuple[str, str]] = []
         self.http: str | None = None  # host:port of the HTTP shim
 
@@ -111,7 +119,18 @@ class LocalCluster:
                 code = None
             why = f"exit code {code}" if code is not None else f"no READY line within {_READY_TIMEOUT_S:.0f} s"
             raise RuntimeError(f"{name} ({role}) did not start ({why}); its message is above")
-        return line.split()[1]
+        words = line.split()
+        for word in words[2:]:
+            if word.startswith("resp="):
+                self.resp[name] = word[5:]
+        return words[1]
+
+    def _resp_args(self, i: int) -> list[str]:
+        """``--resp-port`` of the ``i``-th master (none without ``resp_port``)."""
+        a = self.opts
+        if a.resp_port is None:
+            return []
+        return ["--resp-port", str(0 if a.port == 0 or a.resp_port == 0 else a.resp_port + i)]
 
     def check(self) -> None:
         """Fail early, in one line, on what would stop a process from starting: a port in use, an unusable data folder.
@@ -126,6 +145,8 @@ class LocalCluster:
             wanted += [(a.aux_port + i, "--aux-port", f"aux node a{i + 1}") for i in range(a.aux)]
             if http_port > 0:
                 wanted.append((http_port, "--http-port", "the HTTP shim"))
+            if a.resp_port:
+                wanted += [(a.resp_port + i, "--resp-port", f"master m{i + 1}'s RESP") for i in range(a.masters)]
             for port, flag, who in wanted:
                 if not 0 < port <= 65535:
                     raise ConfigError(f"{flag.lstrip('-').replace('-', '_')}: port {port} for {who} is out of range 1..65535")
@@ -150,7 +171,9 @@ class LocalCluster:
         # --expect-aux: restarted on the data of an earlier run, the coordinator rebuilds its ring as soon
         # as every aux node is back, instead of waiting out its recovery window.
         expect = [] if a.zookeeper else ["--expect-aux", str(a.aux)]
-        coordinator = self._spawn("m1", "master", "--port", str(a.port), "--node-id", "m1", "--replicas", str(a.replicas), *zk, *expect)
+        coordinator = self._spawn(
+            "m1", "master", "--port", str(a.port), "--node-id", "m1", "--replicas", str(a.replicas), *self._resp_args(0), *zk, *expect
+        )
         self.masters.append(("m1", coordinator))
         if a.zookeeper:  # every master is alike: all of them run for leader
             self._start_followers(coordinator, zk)
@@ -187,7 +210,9 @@ class LocalCluster:
         for i in range(1, a.masters):
             name = f"m{i + 1}"
             port = 0 if a.port == 0 else a.port + i
-            addr = self._spawn(name, "master", "--port", str(port), "--node-id", name, "--replicas", str(a.replicas), *membership)
+            addr = self._spawn(
+                name, "master", "--port", str(port), "--node-id", name, "--replicas", str(a.replicas), *self._resp_args(i), *membership
+            )
             self.masters.append((name, addr))
 
     def describe(self) -> str:
@@ -197,13 +222,20 @@ class LocalCluster:
                 role = f"(ZooKeeper {self.opts.zookeeper}, cluster {self.opts.cluster})"
             else:
                 role = "(coordinator)" if i == 0 else "(follower)"
-            lines.append(f"master {name}  {addr}  {role}")
+            resp = f"  resp={self.resp[name]}" if name in self.resp else ""
+            lines.append(f"master {name}  {addr}  {role}{resp}")
         for name, addr in self.aux:
             lines.append(f"aux    {name}  {addr}")
         if self.http is not None:
             lines.append(f"http   http://{self.http}")
         first = self.masters[0][1] if self.masters else ""
         lines.append(f"clients: dcache.Client({[addr for _, addr in self.masters]!r})   tools: dcache get --addr {first} KEY")
+        if self.resp:
+            first_resp = next(iter(self.resp.values()))
+            host, _, port = first_resp.rpartition(":")
+            lines.append(
+                f"redis clients: redis-cli -h {host} -p {port}   redis.Redis(host={host!r}, port={port})  (RESP: {', '.join(self.resp.values())})"
+            )
         return "\n".join(lines)
 
     def stop(self) -> None:
@@ -301,7 +333,9 @@ def run_cluster(opts: ClusterOptions) -> int:
         cluster.stop()
         return 1
     print(cluster.describe(), flush=True)
-    print(f"READY {cluster.masters[0][1]}", flush=True)
+    first = cluster.masters[0][0]
+    resp = f" resp={cluster.resp[first]}" if first in cluster.resp else ""
+    print(f"READY {cluster.masters[0][1]}{resp}", flush=True)
     print("Ctrl-C stops the cluster.", file=sys.stderr, flush=True)
     reported: set[str] = set()
     while not stop.wait(0.5):

@@ -24,7 +24,7 @@ def dcache(*args: str) -> subprocess.CompletedProcess[bytes]:
 def local_cluster(tmp_path):
     proc, lines = start_cluster_cmd(
         "--port", "0", "--masters", "2", "--aux", "3", "--replicas", "2",
-        "--data-dir", str(tmp_path / "data"), "--log-level", "warning",
+        "--data-dir", str(tmp_path / "data"), "--log-level", "warning", "--resp-port", "0",
     )  # fmt: skip
     yield proc, lines
     reap(proc)
@@ -41,6 +41,12 @@ async def test_local_cluster_serves_and_stops_on_ctrl_c(local_cluster):
         assert await c.mset({f"c:{i}": b"%d" % i for i in range(1000)}) == 1000
     async with Client(masters[1]) as c:  # the follower serves the same data
         assert await c.mget([f"c:{i}" for i in range(1000)]) == [b"%d" % i for i in range(1000)]
+    resp_addrs = [w[5:] for line in lines if line.startswith("master ") for w in line.split() if w.startswith("resp=")]
+    assert len(resp_addrs) == 2 and lines[-1].endswith(f" resp={resp_addrs[0]}"), lines
+    assert any(line.startswith("redis clients: redis-cli -h 127.0.0.1 -p ") for line in lines), lines
+    redis = pytest.importorskip("redis")
+    with redis.Redis(port=int(resp_addrs[1].rpartition(":")[2]), socket_timeout=10) as r:  # Redis clients, through the follower
+        assert r.get("c:7") == b"7"
 
     r = dcache("ring", "--addr", masters[0])
     assert r.returncode == 0, r.stderr

@@ -109,13 +109,17 @@ def test_render_config_substitutes_markers(tmp_path: Path) -> None:
         http_listen="127.0.0.1:10",
         tls_listen="127.0.0.1:11",
         tls_masters=["127.0.0.1:4"],
+        resp_masters=["127.0.0.1:5"],
+        resp_listen="127.0.0.1:12",
     )
-    assert text.count("server 127.0.0.1:") == 6  # 3 masters + 1 TLS master + 2 shims
+    assert text.count("server 127.0.0.1:") == 7  # 3 masters + 1 TLS master + 2 shims + 1 RESP master
     assert "server 127.0.0.1:3 max_fails=2 fail_timeout=5s;" in text and "server 127.0.0.1:4 max_fails=2 fail_timeout=5s;" in text
+    assert "server 127.0.0.1:5 max_fails=2 fail_timeout=5s;" in text
     assert "listen 127.0.0.1:9 so_keepalive=on;" in text and "listen 127.0.0.1:10;" in text
-    assert "listen 127.0.0.1:11 so_keepalive=on;" in text
+    assert "listen 127.0.0.1:11 so_keepalive=on;" in text and "listen 127.0.0.1:12 so_keepalive=on;" in text
     assert "127.0.0.1:7000 " not in text and "listen 127.0.0.1:6380" not in text
     assert "127.0.0.1:7443 " not in text and "listen 127.0.0.1:6443" not in text
+    assert "127.0.0.1:7379" not in text and "listen 127.0.0.1:6379" not in text
     assert not re.search(r"^\s*load_module", text, re.M)
 
 

@@ -291,6 +291,25 @@ def test_django_redis_cache_whole_api(cluster: Cluster) -> None:
         cache.close()
 
 
+# -- nginx ----------------------------------------------------------------------------------
+
+
+def test_nginx_balances_resp_over_the_masters(cluster: Cluster, tmp_path: Path) -> None:
+    from tests.nginx import start_nginx
+
+    m = cluster.masters[0]
+    ngx = start_nginx(tmp_path / "nginx", [m.addr], resp_masters=[f"127.0.0.1:{m.resp_port}"])
+    try:
+        host, _, port = ngx.resp_listen.rpartition(":")
+        with redis.Redis(host=host, port=int(port), socket_timeout=10) as via:
+            assert via.set("ngx:a", "1") and via.incr("ngx:a") == 2
+            assert via.info("server")["dcache_role"] == "master"
+        with redis.Redis(port=m.resp_port, socket_timeout=10) as direct:
+            assert direct.get("ngx:a") == b"2"
+    finally:
+        ngx.stop()
+
+
 # -- redis-cli ----------------------------------------------------------------------------
 
 

@@ -123,7 +123,7 @@ async def test_protocol_error_counted() -> None:
 def test_aux_exports_what_the_docs_list() -> None:
     docs = documented()
     got = exported(AuxNode(AuxConfig(node_id="t-aux")).collector())
-    aux_section = {n for n in docs if n not in _master_only(docs)}
+    aux_section = {n for n in docs if n not in _master_only(docs) | _section("RESP front door (`--resp-port`)", docs)}
     assert set(got) == aux_section, f"undocumented: {set(got) - aux_section}; missing: {aux_section - set(got)}"
     for name, (kind, labels) in got.items():
         assert docs[name] == (kind, docs[name][1] if labels is None else labels), name
@@ -155,10 +155,28 @@ async def test_master_exports_what_the_docs_list() -> None:
     text = DOC.read_text()
     aux_only = {n for n in docs if f"`{n}`" in text[text.index("## Aux nodes") : text.index("## Masters")]}
     zk_only = {n for n in docs if n.startswith("dcache_zookeeper_")}
-    master_set = set(docs) - aux_only - zk_only - _section("HTTP shim", docs)
+    master_set = set(docs) - aux_only - zk_only - _section("HTTP shim", docs) - _section("RESP front door (`--resp-port`)", docs)
     assert set(got) == master_set, f"undocumented: {set(got) - master_set}; missing: {master_set - set(got)}"
     for name, (kind, labels) in got.items():
         assert docs[name] == (kind, docs[name][1] if labels is None else labels), name
+
+
+async def test_resp_exports_what_the_docs_list() -> None:
+    from dcache.respserver import COMMAND_NAMES, RespStats
+
+    docs = documented()
+    node = AuxNode(AuxConfig(node_id="t-aux"))
+    before = set(exported(node.collector()))
+    node.resp_stats = RespStats()
+    node.resp_stats.commands["GET"] += 3
+    got = exported(node.collector())
+    resp = _section("RESP front door (`--resp-port`)", docs)
+    assert set(got) - before == resp
+    for name in resp:
+        assert docs[name] == got[name], name
+    s = samples(node.collector())
+    assert s[("dcache_resp_commands_total", (("command", "get"), ("role", "aux")))] == 3
+    assert {dict(k[1])["command"] for k in s if k[0] == "dcache_resp_commands_total"} == {n.lower() for n in COMMAND_NAMES} | {"unknown"}
 
 
 async def test_zookeeper_master_exports_its_connection_state() -> None:
