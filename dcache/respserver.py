@@ -113,6 +113,7 @@ RECOVERY_BYTES = 64 * 1024
 _SUB_RID = 1 << 62
 
 _OK = int(Status.OK)
+_NONE = Credential.NONE
 _SUPERSEDED = int(Status.SUPERSEDED)
 _GET = int(Op.GET)
 _SET = int(Op.SET)
@@ -440,27 +441,38 @@ class RespProtocol(FrameProtocol):
         slot = self._next_slot
         self._next_slot = slot + 1
         self._stats.commands[spec.name] += 1
-        self._run(spec, cmd, slot)
+        n = len(cmd)
+        if n < spec.least or n > spec.most or (spec.needs_auth and self.level == _NONE):
+            self._run(spec, cmd, slot)  # answers the error
+            return
+        try:  # _run, inlined: once per command
+            spec.run(self, slot, cmd)
+        except Exception as exc:
+            self._deliver(slot, self._error_reply(cmd, exc))
 
     def _run(self, spec: _Command, cmd: list[Any], target: Any) -> None:
         """Run one command whose reply goes to ``target``: a slot, or a callable (EXEC's commands)."""
         try:
-            if self.level == Credential.NONE and spec.needs_auth:
+            if self.level == _NONE and spec.needs_auth:
                 raise RespError("Authentication required.", "NOAUTH")
             n = len(cmd)
             if n < spec.least or n > spec.most:
                 raise RespError(f"wrong number of arguments for '{spec.name.lower()}' command")
             spec.run(self, target, cmd)
-        except RespError as exc:
-            self._deliver(target, exc.line)
-        except ServerError as exc:
-            self._deliver(target, error_for_status(exc.code, exc.message))
-        except (AttributeError, TypeError, ValueError, UnicodeDecodeError) as exc:  # an argument of the wrong RESP type
-            log.debug("command %r from %s: %s", cmd[0], self.peer, exc)
-            self._deliver(target, b"-ERR Protocol error: every argument must be a bulk string\r\n")
         except Exception as exc:
-            log.exception("internal error running %r from %s", cmd[0], self.peer)
-            self._deliver(target, error_line("ERR", f"internal error: {exc.__class__.__name__}"))
+            self._deliver(target, self._error_reply(cmd, exc))
+
+    def _error_reply(self, cmd: list[Any], exc: Exception) -> bytes:
+        """The reply to a command that raised ``exc``."""
+        if isinstance(exc, RespError):
+            return exc.line
+        if isinstance(exc, ServerError):
+            return error_for_status(exc.code, exc.message)
+        if isinstance(exc, (AttributeError, TypeError, ValueError, UnicodeDecodeError)):  # an argument of the wrong RESP type
+            log.debug("command %r from %s: %s", cmd[0], self.peer, exc)
+            return b"-ERR Protocol error: every argument must be a bulk string\r\n"
+        log.error("internal error running %r from %s", cmd[0], self.peer, exc_info=exc)
+        return error_line("ERR", f"internal error: {exc.__class__.__name__}")
 
     def _answer_now(self, reply: bytes) -> None:
         slot = self._next_slot
@@ -514,30 +526,47 @@ class RespProtocol(FrameProtocol):
 
     # -- native calls --------------------------------------------------------------------
 
-    def _native(self, target: Any, op: int, args: list[Any], shape: Shaper) -> None:
-        """Run native ``op`` with ``args`` through this connection's op table; ``shape`` its answer into the reply to ``target``.
+    def _native(self, target: Any, msg: list[Any], shape: Shaper) -> None:
+        """Run the native request ``msg`` (``[op, 0, *args]``; its id is set here) through this connection's op table.
 
-        The same parser and handler as a native frame: errors they raise go to the caller (``_run``).
+        The same parser and handler as a native frame; ``shape`` turns the
+        answer into the reply to ``target``. Errors the parser or handler
+        raise go to the caller.
         """
+        op = msg[0]
         entry = self._table.get(op)
         if entry is None:
             raise self._refused(op)
-        answer: Any
         if target.__class__ is int:
-            rid = answer = target
-            answer = shape
-        else:
-            rid = self._sub_rid = self._sub_rid + 1
-            answer = _Into(self, shape, target)
-        parse, handler = entry
-        result = handler(self, rid, parse([op, rid, *args], self._limits))
+            msg[1] = target
+            result = entry[1](self, target, entry[0](msg, self._limits))
+            if result is LATER:
+                self._owed[target] = shape
+                self.in_flight += 1
+                if self.in_flight >= MAX_IN_FLIGHT and not self._throttled:
+                    self._throttle()
+            elif result.__class__ is _Deferred:
+                self._owe(target, shape)
+                self._defer(target, result, op)
+            else:
+                reply = shape(self, _OK, result)
+                if target == self._next_out and not self._ready and type(reply) is bytes:  # _deliver, inlined
+                    self._pending_out.append(reply)
+                    self._next_out = target + 1
+                    if reply[0] == 45:  # b"-"
+                        self._stats.errors += 1
+                else:
+                    self._deliver(target, reply)
+            return
+        rid = self._sub_rid = self._sub_rid + 1
+        answer = _Into(self, shape, target)
+        msg[1] = rid
+        result = entry[1](self, rid, entry[0](msg, self._limits))
         if result is LATER:
             self._owe(rid, answer)
         elif result.__class__ is _Deferred:
             self._owe(rid, answer)
             self._defer(rid, result, op)
-        elif rid < _SUB_RID:
-            self._deliver(rid, shape(self, _OK, result))
         else:
             answer(_OK, result)
 
@@ -593,7 +622,9 @@ class RespProtocol(FrameProtocol):
                 self._deliver(rid, answer(self, status, result))
             else:
                 answer(status, result)
-            self._queue_flush()
+            if self._pending_out and not self._flush_scheduled:  # _queue_flush, inlined
+                self._flush_scheduled = True
+                self._service.queue_flush(self)
         if self.watch:
             self._after_answer()
 
@@ -949,7 +980,7 @@ _MANY = 1 << 30
 
 
 def _get(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    conn._native(target, _GET, [cmd[1]], _shape_bulk)
+    conn._native(target, [_GET, 0, cmd[1]], _shape_bulk)
 
 
 def _set_kind(cmd: list[Any]) -> int:
@@ -963,13 +994,13 @@ def _set_kind(cmd: list[Any]) -> int:
 
 def _set(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
     if len(cmd) == 3:
-        conn._native(target, _SET, [cmd[1], cmd[2]], _shape_written)
+        conn._native(target, [_SET, 0, cmd[1], cmd[2]], _shape_written)
         return
     ttl, flags, keepttl, get = parse_set_options(cmd[3:], time.time_ns() // 1_000_000)
     if keepttl or get:
         _sequence(conn, target, _set_get(conn, cmd[1], cmd[2], ttl, flags, keepttl, get))
         return
-    conn._native(target, _SET, [cmd[1], cmd[2], ttl or None, flags], _shape_written if not flags else _shape_ok_or_nil)
+    conn._native(target, [_SET, 0, cmd[1], cmd[2], ttl or None, flags], _shape_written if not flags else _shape_ok_or_nil)
 
 
 def _set_get(conn: RespProtocol, key: bytes, value: bytes, ttl: int, flags: int, keepttl: bool, get: bool) -> Sequence:
@@ -984,7 +1015,7 @@ def _set_get(conn: RespProtocol, key: bytes, value: bytes, ttl: int, flags: int,
 
 
 def _setnx(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    conn._native(target, _SET, [cmd[1], cmd[2], None, 1], _shape_bool)
+    conn._native(target, [_SET, 0, cmd[1], cmd[2], None, 1], _shape_bool)
 
 
 def _ttl_arg(arg: bytes, unit_ms: int, command: str) -> int:
@@ -995,11 +1026,11 @@ def _ttl_arg(arg: bytes, unit_ms: int, command: str) -> int:
 
 
 def _setex(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    conn._native(target, _SET, [cmd[1], cmd[3], _ttl_arg(cmd[2], 1000, "setex")], _shape_written)
+    conn._native(target, [_SET, 0, cmd[1], cmd[3], _ttl_arg(cmd[2], 1000, "setex")], _shape_written)
 
 
 def _psetex(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    conn._native(target, _SET, [cmd[1], cmd[3], _ttl_arg(cmd[2], 1, "psetex")], _shape_written)
+    conn._native(target, [_SET, 0, cmd[1], cmd[3], _ttl_arg(cmd[2], 1, "psetex")], _shape_written)
 
 
 def _getset(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
@@ -1067,22 +1098,22 @@ def _append(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 
 
 def _strlen(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    conn._native(target, _GET, [cmd[1]], _shape_strlen)
+    conn._native(target, [_GET, 0, cmd[1]], _shape_strlen)
 
 
 def _mget(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    conn._native(target, Op.MGET, [cmd[1:]], _shape_mget)
+    conn._native(target, [Op.MGET, 0, cmd[1:]], _shape_mget)
 
 
 def _mset(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
     if len(cmd) % 2 == 0:
         raise RespError("wrong number of arguments for 'mset' command")
-    conn._native(target, Op.MSET, [[[cmd[i], cmd[i + 1]] for i in range(1, len(cmd), 2)]], _shape_written)
+    conn._native(target, [Op.MSET, 0, [[cmd[i], cmd[i + 1]] for i in range(1, len(cmd), 2)]], _shape_written)
 
 
 def _counter(op: Op, by: bool) -> Callable[[RespProtocol, Any, list[Any]], None]:
     def run(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-        conn._native(target, op, [cmd[1], parse_int(cmd[2]) if by else 1], _shape_int)
+        conn._native(target, [op, 0, cmd[1], parse_int(cmd[2]) if by else 1], _shape_int)
 
     return run
 
@@ -1092,7 +1123,7 @@ def _keys_count(op: Op) -> Callable[[RespProtocol, Any, list[Any]], None]:
 
     def run(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
         if len(cmd) == 2:
-            conn._native(target, op, [cmd[1]], _shape_bool)
+            conn._native(target, [op, 0, cmd[1]], _shape_bool)
             return
 
         def steps() -> Sequence:
@@ -1105,7 +1136,7 @@ def _keys_count(op: Op) -> Callable[[RespProtocol, Any, list[Any]], None]:
 
 
 def _type(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    conn._native(target, Op.EXISTS, [cmd[1]], _shape_type)
+    conn._native(target, [Op.EXISTS, 0, cmd[1]], _shape_type)
 
 
 def _expire_kind(cmd: list[Any]) -> int:
@@ -1124,7 +1155,7 @@ def _expire(unit_ms: int, absolute: bool, name: str) -> Callable[[RespProtocol, 
             raise RespError(f"invalid expire time in '{name}' command")
         flags = parse_expire_flags(cmd[3:])
         if not flags:
-            conn._native(target, Op.EXPIRE, [key, ttl_ms], _shape_bool)
+            conn._native(target, [Op.EXPIRE, 0, key, ttl_ms], _shape_bool)
             return
 
         def steps() -> Sequence:
@@ -1148,19 +1179,19 @@ def _expire(unit_ms: int, absolute: bool, name: str) -> Callable[[RespProtocol, 
 
 
 def _ttl(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    conn._native(target, Op.TTL, [cmd[1]], _shape_ttl_s)
+    conn._native(target, [Op.TTL, 0, cmd[1]], _shape_ttl_s)
 
 
 def _pttl(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    conn._native(target, Op.TTL, [cmd[1]], _shape_int)
+    conn._native(target, [Op.TTL, 0, cmd[1]], _shape_int)
 
 
 def _persist(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    conn._native(target, Op.PERSIST, [cmd[1]], _shape_bool)
+    conn._native(target, [Op.PERSIST, 0, cmd[1]], _shape_bool)
 
 
 def _dbsize(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    conn._native(target, Op.STATS, [], _shape_dbsize)
+    conn._native(target, [Op.STATS, 0], _shape_dbsize)
 
 
 def _flush(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
@@ -1178,7 +1209,7 @@ def _flush(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 
 def _ping(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
     if len(cmd) == 1:
-        conn._native(target, Op.PING, [], lambda c, s, r: error_for_status(s, r) if s else PONG)
+        conn._native(target, [Op.PING, 0], lambda c, s, r: error_for_status(s, r) if s else PONG)
     else:
         if conn._table.get(Op.PING) is None:
             raise RespError("Authentication required.", "NOAUTH")
@@ -1396,7 +1427,7 @@ def _info(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
             return error_for_status(status, result)
         return verbatim(_info_text(c, result, sections), c._resp3)
 
-    conn._native(target, Op.STATS, [], shape)
+    conn._native(target, [Op.STATS, 0], shape)
 
 
 def _info_text(conn: RespProtocol, stats: dict[str, Any], sections: set[str]) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 from dcache.config import NodeConfig
 from dcache.protocol import Credential, Op
 from dcache.respserver import RespProtocol
-from dcache.server import LATER, FrameProtocol, Service
+from dcache.server import LATER, MAX_IN_FLIGHT, FrameProtocol, Service
 from tests.fakes import FakeTransport
 
 
@@ -161,3 +161,35 @@ async def test_transactions_queue_then_run_in_order() -> None:
     svc.answer(0)
     await asyncio.sleep(0)
     assert out(t).endswith(b"*2\r\n+OK\r\n$9\r\nv:later:k\r\n")
+
+
+async def test_errors_take_their_slot_among_answers_owed() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"GET", b"later:1") + cmd(b"GET") + cmd(b"GET", b"now") + cmd(b"GET", b"k" * 2000) + cmd(b"NOPE"))
+    assert out(t) == b""  # everything waits for the first reply
+    svc.answer(0)
+    await asyncio.sleep(0)
+    got = out(t).split(b"\r\n")
+    assert got[:3] == [b"$9", b"v:later:1", b"-ERR wrong number of arguments for 'get' command"]
+    assert got[3:5] == [b"$5", b"v:now"]
+    assert got[5].startswith(b"-ERR ") and b"limit" in got[5]  # the native parser's key bound
+    assert got[6].startswith(b"-ERR unknown command 'NOPE'") and not t.closed
+    assert svc.resp_stats is not None and svc.resp_stats.errors == 3
+
+
+async def test_answers_owed_past_the_in_flight_bound_pause_reading_until_half_are_answered() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    n = MAX_IN_FLIGHT + 10
+    conn.data_received(b"".join(cmd(b"SET", b"k%d" % i, b"v") for i in range(n)))
+    assert conn.in_flight == n and not t.reading  # all read (one buffer), reading paused at the bound
+    while conn.in_flight > MAX_IN_FLIGHT // 2 + 1:
+        svc.answer(0)
+    assert not t.reading
+    svc.answer(0)
+    assert t.reading
+    while svc.later:
+        svc.answer(0)
+    await asyncio.sleep(0)
+    assert out(t) == b"+OK\r\n" * n
