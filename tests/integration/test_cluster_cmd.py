@@ -9,6 +9,7 @@ import sys
 
 import aiohttp
 import pytest
+import redis
 
 from dcache import Client
 from tests.harness import reap, start_cluster_cmd
@@ -44,7 +45,6 @@ async def test_local_cluster_serves_and_stops_on_ctrl_c(local_cluster):
     resp_addrs = [w[5:] for line in lines if line.startswith("master ") for w in line.split() if w.startswith("resp=")]
     assert len(resp_addrs) == 2 and lines[-1].endswith(f" resp={resp_addrs[0]}"), lines
     assert any(line.startswith("redis clients: redis-cli -h 127.0.0.1 -p ") for line in lines), lines
-    redis = pytest.importorskip("redis")
     with redis.Redis(port=int(resp_addrs[1].rpartition(":")[2]), socket_timeout=10) as r:  # Redis clients, through the follower
         assert r.get("c:7") == b"7"
 

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from dcache import Client
 from tests.cluster import Cluster, settled, wait_ring
 from tests.harness import DaemonProcess, apt_install, start_aux, unavailable
 
-redis = pytest.importorskip("redis")
 pytestmark = pytest.mark.slow
 
 CMD_TIMEOUT_S = 60.0
@@ -252,7 +252,6 @@ def test_auth_on_a_node_with_a_token(tmp_path: Path) -> None:
 
 
 def test_django_redis_cache_whole_api(cluster: Cluster) -> None:
-    pytest.importorskip("django")
     from django.conf import settings
 
     if not settings.configured:
@@ -372,10 +371,12 @@ const r = new Redis({ port: Number(process.argv[2]), lazyConnect: false, maxRetr
 
 
 def test_ioredis(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> None:
-    node = shutil.which("node") or (apt_install("nodejs", "npm") and None) or shutil.which("node")
-    npm = shutil.which("npm")
+    node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
-        unavailable("node and npm", "apt-get install nodejs npm failed")
+        error = apt_install("nodejs", "npm")
+        node, npm = shutil.which("node"), shutil.which("npm")
+        if node is None or npm is None:
+            unavailable("node and npm", error or "apt-get install nodejs npm installed no node or npm")
     assert node is not None and npm is not None
     work = tmp_path_factory.mktemp("ioredis")
     res = subprocess.run(
