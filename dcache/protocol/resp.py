@@ -376,21 +376,20 @@ _PREFIXES = {
     int(Status.UPSTREAM_TIMEOUT): "TRYAGAIN",
 }
 _NOT_AN_INTEGER = int(Status.NOT_AN_INTEGER)
-_OVERLOADED = int(Status.OVERLOADED)
 
 
 def error_for_status(status: int, message: Any) -> bytes:
     """The RESP error for a native error status and message.
 
     ``NOT_AN_INTEGER`` becomes Redis's exact ``ERR value is not an integer or
-    out of range`` and ``OVERLOADED`` its ``ERR max number of clients
-    reached``, which clients recognise; the others keep dcache's message
-    behind the closest Redis prefix (``ERR`` by default).
+    out of range``, which clients recognise; the others keep dcache's message
+    behind the closest Redis prefix (``ERR`` by default). ``OVERLOADED`` is
+    either bound (connections or input buffer), so its message says which;
+    the connection limit's own Redis wording is chosen where the connection
+    is refused (``RespProtocol.connection_error``).
     """
     if status == _NOT_AN_INTEGER:
         return b"-ERR value is not an integer or out of range\r\n"
-    if status == _OVERLOADED:
-        return b"-ERR max number of clients reached\r\n"
     return error_line(_PREFIXES.get(status, "ERR"), str(message))
 
 

@@ -193,3 +193,11 @@ async def test_answers_owed_past_the_in_flight_bound_pause_reading_until_half_ar
         svc.answer(0)
     await asyncio.sleep(0)
     assert out(t) == b"+OK\r\n" * n
+
+
+async def test_the_input_buffer_cap_closes_with_its_own_message_not_max_clients() -> None:
+    svc = Toy(max_input_buffer=1000)
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"PING") + b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5000\r\n" + b"x" * 1500)
+    assert out(t).startswith(b"+PONG\r\n-ERR this node's input buffer is full") and t.eof
+    assert b"max number of clients" not in out(t)

@@ -105,7 +105,7 @@ def test_errors_carry_the_prefixes_clients_parse() -> None:
     assert error_for_status(int(Status.AUTH_FAILED), "Authentication required.") == b"-NOAUTH Authentication required.\r\n"
     assert error_for_status(int(Status.OUT_OF_MEMORY), "full").startswith(b"-OOM ")
     assert error_for_status(int(Status.BAD_ARGUMENTS), "bad").startswith(b"-ERR bad")
-    assert error_for_status(int(Status.OVERLOADED), "x") == b"-ERR max number of clients reached\r\n"
+    assert error_for_status(int(Status.OVERLOADED), "input buffer is full") == b"-ERR input buffer is full\r\n"  # not "max clients"
 
 
 @pytest.mark.parametrize("text", [b"01", b"-0", b"1_0", b" 1", b"+1", b"", b"-", b"1.5", b"99999999999999999999", b"9223372036854775808"])
