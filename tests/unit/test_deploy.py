@@ -1115,18 +1115,24 @@ def test_nginx_conf_matches_compose(nginx_conf: Directive, compose: dict[str, An
     (stream,) = nginx_conf.find("stream")
     (http,) = nginx_conf.find("http")
     assert not nginx_conf.find("load_module"), "the official nginx image has stream built in: no load_module"
+    masters = _by_role(compose_daemons, "master")
+    assert all(c.config["resp_port"] for c in masters.values()), "every master serves RESP (--resp-port), for Redis clients"
     expected = {
-        "stream": {_addr(n, c.config["port"]) for n, c in _by_role(compose_daemons, "master").items()},
-        "http": {_addr(n, c.config["port"]) for n, c in _by_role(compose_daemons, "http").items()},
+        # the native protocol and RESP, each an upstream over every master
+        "stream": [
+            {_addr(n, c.config["port"]) for n, c in masters.items()},
+            {_addr(n, c.config["resp_port"]) for n, c in masters.items()},
+        ],
+        "http": [{_addr(n, c.config["port"]) for n, c in _by_role(compose_daemons, "http").items()}],
     }
     for section, want in ((stream, expected["stream"]), (http, expected["http"])):
         upstreams = _upstream_servers(section)
-        assert len(upstreams) == 1, f"{section.name}: expected one upstream, got {list(upstreams)}"
-        servers = next(iter(upstreams.values()))
-        assert {s.args[0] for s in servers} == want, f"{section.name} upstream servers != compose services {sorted(want)}"
-        for s in servers:
-            params = " ".join(s.args[1:])
-            assert "max_fails=" in params and "fail_timeout=" in params, f"{section.name}: {s.args[0]} lacks passive health"
+        got = sorted(({s.args[0] for s in servers} for servers in upstreams.values()), key=sorted)
+        assert got == sorted(want, key=sorted), f"{section.name} upstreams {got} != compose services {want}"
+        for servers in upstreams.values():
+            for s in servers:
+                params = " ".join(s.args[1:])
+                assert "max_fails=" in params and "fail_timeout=" in params, f"{section.name}: {s.args[0]} lacks passive health"
         for server in section.find("server"):
             for d in server.find("proxy_pass"):
                 target = d.args[0].removeprefix("http://")
@@ -1328,6 +1334,13 @@ def test_dockerfile_instructions(dockerfile: list[Instruction]) -> None:
     for path in copied:
         assert path.rstrip("/") not in ignored, f".dockerignore excludes {path}, which the Dockerfile copies"
         assert (REPO / path).exists(), f"the Dockerfile copies {path}, which is not in the repository"
+
+
+def test_dockerfile_exposes_every_port_compose_serves(dockerfile: list[Instruction], compose_daemons: dict[str, Checked]) -> None:
+    exposed = {int(p.split("/")[0]) for i in _final_stage(dockerfile) if i.name == "EXPOSE" for p in i.args.split()}
+    for name, c in compose_daemons.items():
+        served = {c.config[k] for k in ("port", "resp_port", "metrics_port") if c.config.get(k)}
+        assert served <= exposed, f"{name} serves {sorted(served - exposed)}, which the image does not EXPOSE ({sorted(exposed)})"
 
 
 def _healthcheck(dockerfile: list[Instruction], tmp_path: Path) -> Path:
@@ -1596,7 +1609,7 @@ def test_k8s_commands_pass_check_config(k8s_daemons: dict[str, PodCheck]) -> Non
         cfg = p.checked.config
         assert cfg["host"] in ANY_ADDRESS, f"{name}: listens on {cfg['host']}, unreachable from other pods"
         declared = {int(port["containerPort"]) for port in p.container.get("ports") or []}
-        served = {cfg["port"]} | ({cfg["metrics_port"]} if cfg.get("metrics_port") is not None else set())
+        served = {cfg["port"]} | {cfg[k] for k in ("metrics_port", "resp_port") if cfg.get(k) is not None}
         assert served == declared, f"{name}: serves ports {served}, declares containerPorts {declared}"
         assert cfg["auth_token"] == "<redacted>", f"{name}: DCACHE_AUTH_TOKEN from the Secret is not wired"
         assert p.workload["spec"]["template"]["spec"].get("enableServiceLinks") is False, (
