@@ -82,11 +82,13 @@ from .protocol.resp import (
     create_reader,
     error_for_status,
     error_line,
+    glob_matcher,
     integer,
     map_reply,
     max_command_args,
     parse_expire_flags,
     parse_int,
+    parse_scan_options,
     parse_set_options,
     reader_cursor,
     scan_commands,
@@ -1207,6 +1209,29 @@ def _flush(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
     conn._later(target, service.flush_keys(), _shape_ok)
 
 
+def _scan(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
+    """SCAN cursor [MATCH pattern] [COUNT n] [TYPE type]: a page of the node's keys (the cluster's, on a master)."""
+    try:
+        cursor = parse_int(cmd[1], 0)
+    except RespError:
+        raise RespError("invalid cursor") from None
+    pattern, count, kind = parse_scan_options(cmd[2:])
+    match = glob_matcher(pattern) if pattern is not None else None
+    listed = kind is None or kind == b"string"  # every dcache value is a string
+
+    def shape(c: RespProtocol, status: int, result: Any) -> Reply:
+        if status:
+            return error_for_status(status, result)
+        next_cursor, keys = result
+        if not listed:
+            keys = []
+        elif match is not None:
+            keys = [k for k in keys if match(k)]
+        return b"*2\r\n" + bulk(b"%d" % next_cursor) + array([bulk(k) for k in keys])
+
+    conn._later(target, conn._service.scan_keys(cursor, count), shape)
+
+
 def _ping(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
     if len(cmd) == 1:
         conn._native(target, [Op.PING, 0], lambda c, s, r: error_for_status(s, r) if s else PONG)
@@ -1413,7 +1438,7 @@ def _command_info(spec: _Command) -> bytes:
     arity = spec.least if spec.most == spec.least else -spec.least
     keyed = "readonly" in spec.flags or "write" in spec.flags
     first, last, step = _KEY_POSITIONS.get(
-        spec.name, (1, 1, 1) if keyed and spec.name not in ("DBSIZE", "FLUSHDB", "FLUSHALL") else (0, 0, 0)
+        spec.name, (1, 1, 1) if keyed and spec.name not in ("DBSIZE", "SCAN", "FLUSHDB", "FLUSHALL") else (0, 0, 0)
     )
     flags = array([b"+%s\r\n" % f.encode() for f in spec.flags])
     return array([bulk(spec.name.lower().encode()), integer(arity), flags, integer(first), integer(last), integer(step)])
@@ -1577,6 +1602,7 @@ _SPECS = (
     _Command("PTTL", 2, 2, READ, _pttl, flags=("readonly", "fast")),
     _Command("PERSIST", 2, 2, WRITE, _persist, flags=("write", "fast")),
     # whole keyspace
+    _Command("SCAN", 2, 8, DEFER, _scan, flags=("readonly",)),
     _Command("FLUSHDB", 1, 2, SEQ, _flush, flags=("write",)),
     _Command("FLUSHALL", 1, 2, SEQ, _flush, flags=("write",)),
     # transactions

@@ -611,6 +611,13 @@ class Service:
         """
         raise UnknownOpError(f"a {self.role} holds no keys to flush")
 
+    async def scan_keys(self, cursor: int, count: int) -> tuple[int, list[bytes]]:
+        """One page of RESP's SCAN: ``(next_cursor, keys)``, ``next_cursor`` 0 when the scan is complete.
+
+        Roles override it; the shell itself holds no keys.
+        """
+        raise UnknownOpError(f"a {self.role} holds no keys to scan")
+
     def connection_stats(self) -> dict[str, Any]:
         """The shell's counters, as STATS shows them."""
         return {

@@ -245,7 +245,10 @@ class ClusterOps:
     # -- range scans ----------------------------------------------------------
 
     def scan(self, conn: FrameProtocol, rid: int, args: tuple[RangeMatcher, int, int, int]) -> Any:
-        match, cursor, count, min_version = args
+        return self.scan_page(*args)
+
+    def scan_page(self, match: RangeMatcher, cursor: int, count: int, min_version: int) -> list[Any]:
+        """One SCAN page: ``[next_cursor, entries, tombstones]`` (docs/PROTOCOL.md; also RESP's SCAN on this node)."""
         count = min(count, MAX_SCAN_COUNT)
         cache = self.node.cache
         if cursor:

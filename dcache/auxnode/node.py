@@ -269,6 +269,11 @@ class AuxNode(Service):
         self.cache.clear()
         return n
 
+    async def scan_keys(self, cursor: int, count: int) -> tuple[int, list[bytes]]:
+        """RESP's SCAN on an aux node: one page of this node's keys (the native SCAN over the whole ring)."""
+        next_cursor, entries, _ = self.cluster_ops.scan_page(None, cursor, count, 0)
+        return next_cursor, [e[0] for e in entries]
+
     def _start_membership(self, bound: tuple[str, int]) -> None:
         cfg = self.config
         if not (cfg.join or cfg.zookeeper):

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..address import format_address
 from ..config import MasterConfig
+from ..errors import UnavailableError
 from ..hlc import HybridClock
 from ..protocol import Op
 from ..server import DATA_OPS, LATER, FrameProtocol, Service, deferred
+from .keyscan import KeyScan, KeyScans, scan_plan
 from .links import AuxLink, ConnectionFactory
 from .membership import Coordinator, Follower, Membership
 from .router import Router
@@ -50,6 +52,8 @@ class MasterNode(Service):
         self._connect = connect
         self.clock = self._new_clock()
         self.links: dict[str, AuxLink] = {}
+        #: RESP SCANs in progress (``scan_keys``).
+        self.key_scans = KeyScans()
         self.started_at = time.time()
         members = [Member(node_id, host, port) for node_id, host, port in config.aux]
         view = ClusterView.initial(members, config.replicas, epoch=time.time_ns() // 1_000_000)
@@ -368,6 +372,39 @@ class MasterNode(Service):
                     break
             self.router.hints.drop(node_id)
         return dropped
+
+    async def scan_keys(self, cursor: int, count: int) -> tuple[int, list[bytes]]:
+        """RESP's SCAN on a master: one page of the cluster's keys (``dcache.master.keyscan``).
+
+        A call sends one native SCAN (``count`` items at most, a bounded
+        amount of work on the node) and moves to the next node when one is
+        done; it goes on to the next node at once when a finished node's last
+        page was empty, so empty pages stay rare.
+
+        Raises:
+            BadArgumentsError: an unknown or expired cursor (also the aux node's own session expiring).
+            UnavailableError: a node of the plan is no longer linked (it left during the scan).
+        """
+        links = self.links
+        if cursor:
+            scan = self.key_scans.resume(cursor)
+        else:
+            scan = KeyScan(scan_plan(self.router.view, lambda n: n in links and not links[n].suspect))
+        keys: list[bytes] = []
+        while scan.index < len(scan.plan):
+            node_id, arcs = scan.plan[scan.index]
+            link = links.get(node_id)
+            if link is None:
+                raise UnavailableError(f"aux node {node_id} left during the scan: start again from 0")
+            next_cursor, entries, _ = await link.call(Op.SCAN, arcs, scan.cursor, count, 0)
+            keys = [e[0] for e in entries]
+            scan.cursor = next_cursor
+            if next_cursor:
+                break
+            scan.index += 1
+            if keys:
+                break
+        return self.key_scans.keep(cursor, scan), keys
 
     async def before_close(self, sig: int, again: asyncio.Event) -> None:
         """Nothing to hand over: a master holds no data."""

@@ -152,6 +152,14 @@ class ClusterView:
         m = self.members.get(node_id)
         return m is not None and m.state != DOWN
 
+    def read_candidates_for_hash(self, h: int) -> list[str]:
+        """``read_candidates`` of a key hash (``read_candidates`` inlines it: it runs once per read)."""
+        ends = self._ends
+        if ends:
+            i = bisect_left(ends, h)
+            return self._prefs[i if i < len(ends) else 0]
+        return self._read_candidates(h)
+
     def read_candidates(self, key: bytes) -> list[str]:
         """Nodes to read ``key`` from, in order (see the module note).
 

@@ -32,6 +32,8 @@ only where a command starts with a byte other than ``*``.
 from __future__ import annotations
 
 import ctypes
+import re
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -57,6 +59,7 @@ __all__ = [
     "bulk",
     "bulk_chunks",
     "create_reader",
+    "glob_matcher",
     "error_line",
     "error_for_status",
     "integer",
@@ -64,6 +67,7 @@ __all__ = [
     "max_command_args",
     "parse_int",
     "parse_expire_flags",
+    "parse_scan_options",
     "parse_set_options",
     "reader_cursor",
     "reader_is_bounded",
@@ -488,3 +492,85 @@ def parse_expire_flags(args: list[bytes]) -> frozenset[str]:
     if {"GT", "LT"} <= found:
         raise RespError("GT and LT options at the same time are not compatible")
     return frozenset(found)
+
+
+#: SCAN's COUNT when none is given, and the most one call asks of a node (Redis's default; the native SCAN's cap).
+SCAN_DEFAULT_COUNT = 10
+SCAN_MAX_COUNT = 10_000
+
+
+def parse_scan_options(args: list[bytes]) -> tuple[bytes | None, int, bytes | None]:
+    """SCAN's options after the cursor: ``(MATCH pattern or None, COUNT, TYPE or None)``.
+
+    COUNT is a hint, as in Redis: at least 1, at most ``SCAN_MAX_COUNT`` is asked of a node.
+
+    Raises:
+        RespError: an unknown option, a missing value, or a COUNT below 1 (Redis's wording).
+    """
+    pattern: bytes | None = None
+    count = SCAN_DEFAULT_COUNT
+    kind: bytes | None = None
+    i = 0
+    while i < len(args):
+        opt = args[i].upper()
+        if i + 1 >= len(args) or opt not in (b"MATCH", b"COUNT", b"TYPE"):
+            raise RespError("syntax error")
+        value = args[i + 1]
+        if opt == b"MATCH":
+            pattern = None if value == b"*" else value
+        elif opt == b"COUNT":
+            count = parse_int(value)
+            if count < 1:
+                raise RespError("syntax error")
+            count = min(count, SCAN_MAX_COUNT)
+        else:
+            kind = value.lower()
+        i += 2
+    return pattern, count, kind
+
+
+def glob_matcher(pattern: bytes) -> Callable[[bytes], bool]:
+    """A test of whether a key matches a Redis glob: ``*``, ``?``, ``[abc]``, ``[^a-z]`` and ``\\`` escapes.
+
+    The pattern is turned into an anchored regular expression once (per
+    SCAN call, not per key); an unterminated ``[`` matches itself, as in
+    Redis's ``stringmatchlen``.
+    """
+    out: list[bytes] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i : i + 1]
+        if c == b"*":
+            out.append(b".*")
+        elif c == b"?":
+            out.append(b".")
+        elif c == b"\\" and i + 1 < n:
+            i += 1
+            out.append(re.escape(pattern[i : i + 1]))
+        elif c == b"[":
+            j = i + 1
+            negate = pattern[j : j + 1] == b"^"
+            if negate:
+                j += 1
+            items: list[bytes] = []
+            while j < n and pattern[j : j + 1] != b"]":
+                if pattern[j : j + 1] == b"\\" and j + 1 < n:
+                    j += 1
+                    items.append(re.escape(pattern[j : j + 1]))
+                elif pattern[j + 1 : j + 2] == b"-" and j + 2 < n and pattern[j + 2 : j + 3] != b"]":
+                    lo, hi = sorted((pattern[j : j + 1], pattern[j + 2 : j + 3]))
+                    items.append(re.escape(lo) + b"-" + re.escape(hi))
+                    j += 2
+                else:
+                    items.append(re.escape(pattern[j : j + 1]))
+                j += 1
+            if j >= n:  # no closing bracket: a literal "["
+                out.append(re.escape(c))
+            else:
+                out.append(b"[" + (b"^" if negate else b"") + b"".join(items) + b"]" if items else (b"[^\\s\\S]" if not negate else b"."))
+                i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    rx = re.compile(b"".join(out), re.DOTALL)
+    return lambda key: rx.fullmatch(key) is not None

@@ -248,6 +248,43 @@ def test_auth_on_a_node_with_a_token(tmp_path: Path) -> None:
         a.kill()
 
 
+# -- SCAN -----------------------------------------------------------------------------------
+
+
+def test_scan_through_a_master_lists_every_key_once(r: Any, cluster: Cluster) -> None:
+    want = {b"scan:%d" % i for i in range(600)}
+    pipe = r.pipeline(transaction=False)
+    for k in want:
+        pipe.set(k, "v")
+    pipe.execute()
+    # two aux nodes, two copies of every key: each key is read from one owner only
+    got = list(r.scan_iter(match="scan:*", count=50))
+    assert len(got) == len(want) and set(got) == want
+    assert set(r.scan_iter(match="scan:1?", count=1000)) == {b"scan:%d" % i for i in range(10, 20)}
+    assert list(r.scan_iter(match="scan:*", _type="hash")) == []  # every dcache value is a string
+    cursor, page = r.scan(0, match="scan:*", count=10)
+    assert cursor > 0 and len(page) <= 10
+    with pytest.raises(redis.ResponseError, match="invalid cursor"):
+        r.execute_command("SCAN", "999999999")
+    with pytest.raises(redis.ResponseError, match="invalid cursor"):
+        r.execute_command("SCAN", "abc")
+    cli = _tool("redis-cli", "redis-tools")
+    out = subprocess.run(
+        [cli, "-p", str(cluster.masters[0].resp_port), "--scan", "--pattern", "scan:*"],
+        capture_output=True,
+        text=True,
+        timeout=CMD_TIMEOUT_S,
+    )
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.split()) == sorted(k.decode() for k in want)
+
+
+def test_scan_on_an_aux_node_lists_its_own_keys(lone_aux: DaemonProcess) -> None:
+    with redis.Redis(port=lone_aux.resp_port, socket_timeout=10) as r:
+        r.mset({f"own:{i}": i for i in range(300)})
+        assert sorted(r.scan_iter(match="own:*", count=25)) == sorted(b"own:%d" % i for i in range(300))
+
+
 # -- Django -------------------------------------------------------------------------------
 
 

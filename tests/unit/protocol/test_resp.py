@@ -17,10 +17,12 @@ from dcache.protocol.resp import (
     create_reader,
     error_for_status,
     error_line,
+    glob_matcher,
     integer,
     map_reply,
     parse_expire_flags,
     parse_int,
+    parse_scan_options,
     parse_set_options,
     reader_cursor,
     reader_is_bounded,
@@ -140,3 +142,32 @@ def test_expire_conditions() -> None:
         parse_expire_flags([b"GT", b"LT"])
     with pytest.raises(RespError, match="Unsupported option"):
         parse_expire_flags([b"SOON"])
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matches", "misses"),
+    [
+        (b"h?llo", [b"hello", b"hallo"], [b"hllo", b"heello"]),
+        (b"h*llo", [b"hllo", b"heeeello"], [b"hellx"]),
+        (b"h[ae]llo", [b"hello", b"hallo"], [b"hillo"]),
+        (b"h[^e]llo", [b"hallo", b"hbllo"], [b"hello"]),
+        (b"h[a-b]llo", [b"hallo", b"hbllo"], [b"hcllo"]),
+        (b"a\\*b", [b"a*b"], [b"axb"]),  # an escaped star is a star
+        (b"a.b", [b"a.b"], [b"axb"]),  # regex characters are literal
+        (b"user:*", [b"user:", b"user:1\nx"], [b"users"]),  # * spans newlines
+        (b"[", [b"["], [b"x"]),  # an unterminated class is literal, as in Redis
+    ],
+)
+def test_scan_match_is_a_redis_glob(pattern: bytes, matches: list[bytes], misses: list[bytes]) -> None:
+    match = glob_matcher(pattern)
+    assert all(match(k) for k in matches) and not any(match(k) for k in misses)
+
+
+def test_scan_options() -> None:
+    assert parse_scan_options([]) == (None, 10, None)
+    assert parse_scan_options([b"match", b"k:*", b"COUNT", b"500", b"TYPE", b"String"]) == (b"k:*", 500, b"string")
+    assert parse_scan_options([b"MATCH", b"*"]) == (None, 10, None)  # everything: no filter
+    assert parse_scan_options([b"COUNT", b"99999999"])[1] == 10_000  # a hint, capped at the native SCAN's most
+    for bad in ([b"COUNT", b"0"], [b"COUNT"], [b"NOPE", b"1"], [b"COUNT", b"x"]):
+        with pytest.raises(RespError):
+            parse_scan_options(bad)
