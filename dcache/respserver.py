@@ -162,7 +162,10 @@ async def listen_resp(service: Service, host: str, port: int) -> asyncio.base_ev
         service.build_tables()
     service.resp_stats = RespStats()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: RespProtocol(service), host, port, reuse_address=True, backlog=1024)
+    factory: Callable[[], asyncio.Protocol] = lambda: RespProtocol(service)  # noqa: E731
+    if service.tls_listener is not None:  # a node with a certificate serves TLS on every port: RESP's too
+        factory = service.tls_listener.acceptor_for(factory)
+    server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
     service.resp_server = server
     return server
 

@@ -354,7 +354,11 @@ class TlsListener:
 
     def acceptor(self) -> TlsAcceptor:
         """A protocol for one accepted connection (pass to ``loop.create_server``)."""
-        return TlsAcceptor(self)
+        return TlsAcceptor(self, self.protocol_factory)
+
+    def acceptor_for(self, protocol_factory: Callable[[], asyncio.Protocol]) -> Callable[[], TlsAcceptor]:
+        """``acceptor`` for another port of the same node (RESP): the same context, bound and counters; ``protocol_factory`` takes over."""
+        return lambda: TlsAcceptor(self, protocol_factory)
 
     def failed(self, acceptor: TlsAcceptor, exc: BaseException) -> None:
         """Count a failed handshake and log it (refusals at WARNING, at most every 10 s; the rest at DEBUG)."""
@@ -400,10 +404,11 @@ class TlsAcceptor(asyncio.Protocol):
     in between is counted as dropped.
     """
 
-    __slots__ = ("_listener", "_transport", "_early", "_lost", "peer")
+    __slots__ = ("_listener", "_factory", "_transport", "_early", "_lost", "peer")
 
-    def __init__(self, listener: TlsListener) -> None:
+    def __init__(self, listener: TlsListener, protocol_factory: Callable[[], asyncio.Protocol]) -> None:
         self._listener = listener
+        self._factory = protocol_factory
         self._transport: asyncio.Transport | None = None
         self._early: list[bytes] = []
         self._lost = False
@@ -455,7 +460,7 @@ class TlsAcceptor(asyncio.Protocol):
             listener.failed(self, ConnectionResetError("closed as the handshake ended"))
             return
         listener.handshakes += 1
-        proto = listener.protocol_factory()
+        proto = self._factory()
         tls.set_protocol(proto)
         proto.connection_made(tls)
         if self._early:

@@ -424,3 +424,49 @@ async def test_cli_tools_and_the_sync_client_speak_tls(tmp_path: Path, certs: Tl
             assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     finally:
         cluster.stop()
+
+
+# -- RESP over TLS ------------------------------------------------------------------------
+
+
+async def test_resp_port_serves_tls_like_the_native_port(certs: TlsCerts) -> None:
+    """A node with a certificate serves TLS on its RESP port too: Redis clients with the CA (and a client certificate) get in, a plaintext one does not."""
+    import redis
+
+    aux = start_aux(certs, "--resp-port", "0")
+    try:
+        assert aux.resp_port
+        secure = redis.Redis(
+            host="127.0.0.1",
+            port=aux.resp_port,
+            ssl=True,
+            ssl_ca_certs=certs.ca.cert,
+            ssl_certfile=certs.client.cert,
+            ssl_keyfile=certs.client.key,
+            socket_timeout=5,
+        )
+        try:
+            assert secure.set("resp:tls", b"over tls") is True
+            assert secure.get("resp:tls") == b"over tls"
+        finally:
+            secure.close()
+        before = await stats(aux.addr, certs.client_context())
+        plain = redis.Redis(host="127.0.0.1", port=aux.resp_port, socket_timeout=3)
+        try:
+            with pytest.raises(redis.exceptions.ConnectionError):
+                plain.ping()
+        finally:
+            plain.close()
+        no_cert = redis.Redis(host="127.0.0.1", port=aux.resp_port, ssl=True, ssl_ca_certs=certs.ca.cert, socket_timeout=3)
+        try:
+            with pytest.raises(redis.exceptions.ConnectionError):  # --tls-client-auth: a certificate is required
+                no_cert.ping()
+        finally:
+            no_cert.close()
+        after = await stats(aux.addr, certs.client_context())
+        assert after["tls_handshakes_refused"] - before["tls_handshakes_refused"] >= 2, (before, after)
+        assert aux.alive
+        async with Client(aux.addr, ssl=certs.client_context(), timeout=5) as c:  # the native port is unaffected
+            assert await c.get("resp:tls") == b"over tls"
+    finally:
+        aux.terminate()
