@@ -959,8 +959,15 @@ def _shape_type(conn: RespProtocol, status: int, result: Any) -> Reply:
     return b"+string\r\n" if result else b"+none\r\n"
 
 
+def _keys_in(stats: dict[str, Any]) -> int:
+    """The number of keys a STATS map says the node serves: an aux node's ``items``; a master's ``aux_items`` over its copies per key."""
+    if "aux_items" in stats:  # a master: the sum over the aux nodes counts every copy
+        return int(stats["aux_items"]) // max(1, int(stats.get("replicas", 1)))
+    return int(stats.get("items", 0))
+
+
 def _shape_dbsize(conn: RespProtocol, status: int, result: Any) -> Reply:
-    return error_for_status(status, result) if status else integer(int(result.get("items", 0)))
+    return error_for_status(status, result) if status else integer(_keys_in(result))
 
 
 # -- the commands ----------------------------------------------------------------------
@@ -1490,8 +1497,8 @@ def _info_text(conn: RespProtocol, stats: dict[str, Any], sections: set[str]) ->
     section(
         "Memory",
         {
-            "used_memory": stats.get("bytes", 0),
-            "maxmemory": stats.get("max_bytes", 0),
+            "used_memory": stats.get("aux_bytes", stats.get("bytes", 0)),
+            "maxmemory": stats.get("aux_max_bytes", stats.get("max_bytes", 0)),
             "maxmemory_policy": "allkeys-lru",
         },
     )
@@ -1503,12 +1510,12 @@ def _info_text(conn: RespProtocol, stats: dict[str, Any], sections: set[str]) ->
             "rejected_connections": stats.get("rejected_connections", 0),
             "keyspace_hits": stats.get("hits", 0),
             "keyspace_misses": stats.get("misses", 0),
-            "evicted_keys": stats.get("evictions", 0),
-            "expired_keys": stats.get("expirations", 0),
+            "evicted_keys": stats.get("aux_evictions", stats.get("evictions", 0)),
+            "expired_keys": stats.get("aux_expirations", stats.get("expirations", 0)),
         },
     )
     section("Persistence", {"loading": 0})
-    items = int(stats.get("items", 0))
+    items = _keys_in(stats)
     section("Keyspace", {"db0": f"keys={items},expires=0,avg_ttl=0"} if items else {})
     return "\r\n".join(out)
 
