@@ -959,7 +959,9 @@ def test_nginx_tls_conf_matches_compose(compose: dict[str, Any], compose_daemons
     for role in ("master", "http"):
         want = frozenset(_addr(n, c.config["port"]) for n, c in _by_role(compose_daemons, role).items())
         assert want in groups, f"no upstream lists exactly the {role} services {sorted(want)}: {groups}"
-    assert len(groups) == len(upstreams) == 2, f"one upstream for the masters, one for the shims: {list(upstreams)}"
+    resp = frozenset(_addr(n, c.config["resp_port"]) for n, c in _by_role(compose_daemons, "master").items())
+    assert resp in groups, f"no upstream lists exactly the masters' RESP ports {sorted(resp)}: {groups}"
+    assert len(groups) == len(upstreams) == 3, f"one upstream for the masters, their RESP ports, the shims: {list(upstreams)}"
     for servers in upstreams.values():
         for s in servers:
             host = s.args[0].rpartition(":")[0]
@@ -1186,8 +1188,8 @@ def test_nginx_conf_passes_nginx_t(tmp_path: Path, compose: dict[str, Any]) -> N
 
 
 def _serves_tls(c: Checked, port: int) -> bool:
-    """Whether ``port`` of a checked daemon serves TLS: its own port with a certificate (metrics ports are plain HTTP)."""
-    return c.config.get("tls_cert") is not None and port == c.config["port"]
+    """Whether ``port`` of a checked daemon serves TLS: its own port or its RESP port, with a certificate (metrics ports are plain HTTP)."""
+    return c.config.get("tls_cert") is not None and port in (c.config["port"], c.config.get("resp_port"))
 
 
 def test_prometheus_targets_match_compose(compose_mode: str, compose: dict[str, Any], compose_daemons: dict[str, Checked]) -> None:
