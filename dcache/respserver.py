@@ -291,19 +291,28 @@ class RespProtocol(FrameProtocol):
                 return
         if data:
             self._feed(data)
+        if not self._run_commands(now, completed, len(data)):
+            return
+        out = self._pending_out
+        if out and not self._flush_scheduled and self._transport is not None:
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def _run_commands(self, now: float, completed: int, fed: int) -> bool:
+        """Run the complete commands the reader holds (unless blocked), then account what is left; ``False`` if the connection closed.
+
+        ``completed`` is ``_next_slot`` before this input; ``fed`` the bytes just given to the reader.
+        """
         if not self._blocked:
             try:
                 self._drain()
             except hiredis.ProtocolError as exc:
                 if not self._recover(exc):
-                    return
+                    return False
         if self._closed or self._reader is None:
-            return
-        self._end_of_input(now, completed != self._next_slot, len(data))
-        out = self._pending_out
-        if out and not self._flush_scheduled and self._transport is not None:
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
+            return False
+        self._end_of_input(now, completed != self._next_slot, fed)
+        return True
 
     def _end_of_input(self, now: float, completed: bool, fed: int) -> None:
         """Account the bytes of an unfinished command (input cap, frame timeout, one command's size)."""
@@ -516,15 +525,7 @@ class RespProtocol(FrameProtocol):
         if not self._blocked or self.in_flight or self._closed or self._reader is None:
             return
         self._blocked = False
-        completed = self._next_slot
-        try:
-            self._drain()
-        except hiredis.ProtocolError as exc:
-            if not self._recover(exc):
-                return
-        if self._closed or self._reader is None:
-            return
-        self._end_of_input(self._service.now, completed != self._next_slot, 0)
+        self._run_commands(self._service.now, self._next_slot, 0)
         self._queue_flush()
         if not self._blocked and self._transport is not None and not self._closed and not self._throttled and not self._paused:
             self._transport.resume_reading()
