@@ -5,7 +5,10 @@ waits until all of them are in the ring, then starts M - 1 follower masters and
 one HTTP shim over all masters, each as its own ``python -m dcache``
 process, waits for every READY line, prints the endpoints, and supervises
 them. Ctrl-C (SIGINT) or SIGTERM stops the shim first, then the masters, then
-the aux nodes (each writes its final snapshot), within a bounded time.
+the aux nodes (each writes its final snapshot), within a bounded time. So
+does anything else that ends it: an error, its output closed (``dcache
+cluster | head``), and on Linux even SIGKILL (each daemon asks the kernel for
+SIGINT when its parent dies), so no daemon is left holding the ports.
 
 With ``--zookeeper HOSTS`` every master and aux node uses ZooKeeper instead:
 the masters start first and elect a leader, the aux nodes register there.
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,9 @@ _READY_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 15.0
 #: How long a process that closed its stdout without READY gets to exit (for its exit code).
 _EXIT_WAIT_S = 5.0
+
+#: prctl(2) option: the signal a child gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +116,7 @@ class LocalCluster:
 
     def _spawn(self, name: str, role: str, *argv: str) -> str:
         cmd = [sys.executable, "-m", "dcache", role, "--host", "127.0.0.1", "--log-level", self.opts.log_level, *argv]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_stop_with_parent())
         self.procs.append((name, proc))
         line = _read_ready(proc, _READY_TIMEOUT_S)
         if not line.startswith("READY "):
@@ -298,6 +305,30 @@ def _bind_error(host: str, port: int) -> str | None:
     return None
 
 
+def _stop_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child get SIGINT when ``dcache cluster`` dies (Linux ``PR_SET_PDEATHSIG``; ``None`` elsewhere).
+
+    Whatever ends this process, even SIGKILL, its daemons then stop as on
+    Ctrl-C instead of holding the ports the next ``make run`` wants.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGINT)
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return preexec
+
+
 def _read_ready(proc: subprocess.Popen[bytes], timeout: float) -> str:
     out: list[str] = []
 
@@ -326,24 +357,30 @@ def run_cluster(opts: ClusterOptions) -> int:
     cluster.check()
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    code = 0
     try:
-        cluster.start()
-    except (RuntimeError, OSError) as exc:
-        print(f"dcache cluster: {exc}", file=sys.stderr)
+        try:
+            cluster.start()
+        except (RuntimeError, OSError) as exc:
+            print(f"dcache cluster: {exc}", file=sys.stderr)
+            return 1
+        print(cluster.describe(), flush=True)
+        first = cluster.masters[0][0]
+        resp = f" resp={cluster.resp[first]}" if first in cluster.resp else ""
+        print(f"READY {cluster.masters[0][1]}{resp}", flush=True)
+        print("Ctrl-C stops the cluster.", file=sys.stderr, flush=True)
+        reported: set[str] = set()
+        while not stop.wait(0.5):
+            for d in cluster.dead():
+                if d not in reported:
+                    reported.add(d)
+                    print(f"dcache cluster: process {d} exited", file=sys.stderr, flush=True)
+        print("stopping the cluster...", file=sys.stderr, flush=True)
+    except BrokenPipeError:  # its output was closed (`dcache cluster | head`): nobody sees the cluster's endpoints
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush stays quiet
+        print("dcache cluster: its output was closed; stopping the cluster", file=sys.stderr, flush=True)
+        code = 1
+    finally:  # whatever ends the supervisor (an error included) stops the daemons it started
         cluster.stop()
-        return 1
-    print(cluster.describe(), flush=True)
-    first = cluster.masters[0][0]
-    resp = f" resp={cluster.resp[first]}" if first in cluster.resp else ""
-    print(f"READY {cluster.masters[0][1]}{resp}", flush=True)
-    print("Ctrl-C stops the cluster.", file=sys.stderr, flush=True)
-    reported: set[str] = set()
-    while not stop.wait(0.5):
-        for d in cluster.dead():
-            if d not in reported:
-                reported.add(d)
-                print(f"dcache cluster: process {d} exited", file=sys.stderr, flush=True)
-    print("stopping the cluster...", file=sys.stderr, flush=True)
-    cluster.stop()
     print("stopped.", file=sys.stderr, flush=True)
-    return 0
+    return code

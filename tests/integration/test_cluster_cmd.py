@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import redis
 
 from dcache import Client
-from tests.harness import reap, start_cluster_cmd
+from tests.harness import reap, start_cluster_cmd, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -73,3 +74,63 @@ async def test_local_cluster_serves_and_stops_on_ctrl_c(local_cluster):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0
     assert b"stopped" in proc.stderr.read()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"  # a zombie has stopped
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_daemons_stop_when_the_cluster_command_is_killed(tmp_path):
+    """A `dcache cluster` killed outright (SIGKILL: no handler runs) leaves no daemon holding its ports."""
+    proc, lines = start_cluster_cmd(
+        "--port", "0", "--masters", "1", "--aux", "2", "--replicas", "1",
+        "--data-dir", str(tmp_path / "data"), "--log-level", "warning",
+    )  # fmt: skip
+    try:
+        kids = _children(proc.pid)
+        assert len(kids) == 4, (kids, lines)  # a master, two aux nodes, the shim
+        proc.kill()
+        proc.wait(10)
+        wait_for(lambda: all(_gone(k) for k in kids), timeout=30, message="the daemons to stop after their parent died")
+    finally:
+        reap(proc)
+        for k in kids:
+            if not _gone(k):
+                os.kill(k, signal.SIGKILL)
+
+
+def test_a_closed_output_stops_the_cluster(tmp_path):
+    """`dcache cluster | head -1`: once nobody reads its output, it stops the daemons instead of leaving them behind."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcache", "cluster", "--port", "0", "--masters", "1", "--aux", "1", "--replicas", "1",
+         "--data-dir", str(tmp_path / "data"), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        proc.stdout.close()  # the reader is gone before the cluster prints its endpoints
+        assert proc.wait(60) == 1
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        assert "its output was closed; stopping the cluster" in err and "stopped." in err and "Traceback" not in err, err
+    finally:
+        reap(proc)
