@@ -95,7 +95,7 @@ from .protocol.resp import (
     split_inline,
     verbatim,
 )
-from .server import LATER, MAX_IN_FLIGHT, UNKNOWN_OP, FrameProtocol, Service, _Deferred
+from .server import LATER, MAX_IN_FLIGHT, UNKNOWN_OP, FrameProtocol, RespStats, Service, _Deferred
 
 __all__ = ["COMMAND_NAMES", "REDIS_VERSION", "RespProtocol", "RespStats", "listen_resp"]
 
@@ -126,21 +126,9 @@ Reply = bytes | list[bytes]
 Shaper = Callable[["RespProtocol", int, Any], Reply]
 
 
-class RespStats:
-    """Plain counters of a node's RESP front door (exported by the role's metrics collector)."""
-
-    __slots__ = ("commands", "errors", "connections", "connections_total", "protocol_errors")
-
-    def __init__(self) -> None:
-        #: Commands received, by command name (``unknown`` for the rest).
-        self.commands: dict[str, int] = dict.fromkeys([*COMMAND_NAMES, "unknown"], 0)
-        #: Replies that were errors.
-        self.errors = 0
-        #: RESP connections open now, and accepted in all.
-        self.connections = 0
-        self.connections_total = 0
-        #: Connections closed for a malformed stream.
-        self.protocol_errors = 0
+def _new_stats() -> RespStats:
+    """A node's RESP counters: one per command name, ``unknown`` for the rest."""
+    return RespStats([*COMMAND_NAMES, "unknown"])
 
 
 async def listen_resp(service: Service, host: str, port: int) -> asyncio.base_events.Server:
@@ -160,7 +148,7 @@ async def listen_resp(service: Service, host: str, port: int) -> asyncio.base_ev
     create_reader(1)  # refuse to start now, not at the first connection, if hiredis cannot be bounded
     if not service.tables:
         service.build_tables()
-    service.resp_stats = RespStats()
+    service.resp_stats = _new_stats()
     loop = asyncio.get_running_loop()
     factory: Callable[[], asyncio.Protocol] = lambda: RespProtocol(service)  # noqa: E731
     if service.tls_listener is not None:  # a node with a certificate serves TLS on every port: RESP's too
@@ -210,7 +198,7 @@ class RespProtocol(FrameProtocol):
         self._new_reader()
         stats = service.resp_stats
         if stats is None:
-            stats = service.resp_stats = RespStats()
+            stats = service.resp_stats = _new_stats()
         self._stats = stats
         #: Native calls in flight: request id -> shaper (ids below ``_SUB_RID`` are slots) or callback.
         self._owed: dict[int, Any] = {}

@@ -51,9 +51,9 @@ import ssl
 import time
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from .address import format_address
 from .config import NodeConfig
@@ -86,9 +86,6 @@ from .protocol.framing import ONE_CHUNK_BYTES, FrameDecoder
 from .protocol.ops import Parser
 from .tls import TlsAcceptor, TlsListener
 
-if TYPE_CHECKING:
-    from .respserver import RespStats
-
 __all__ = [
     "DATA_OPS",
     "LATER",
@@ -97,6 +94,7 @@ __all__ = [
     "UNKNOWN_OP",
     "Handler",
     "Histogram",
+    "RespStats",
     "ServerState",
     "FrameProtocol",
     "Service",
@@ -202,6 +200,23 @@ class ServerState:
 
 #: An op table entry: the op's parser and the role's handler.
 _Entry = tuple[Parser, Handler]
+
+
+class RespStats:
+    """Plain counters of a node's RESP front door (``dcache.respserver``; exported by the role's metrics collector)."""
+
+    __slots__ = ("commands", "errors", "connections", "connections_total", "protocol_errors")
+
+    def __init__(self, commands: Iterable[str]) -> None:
+        #: Commands received, by command name (``commands``: every name counted, ``unknown`` for the rest).
+        self.commands: dict[str, int] = dict.fromkeys(commands, 0)
+        #: Replies that were errors.
+        self.errors = 0
+        #: RESP connections open now, and accepted in all.
+        self.connections = 0
+        self.connections_total = 0
+        #: Connections closed for a malformed stream.
+        self.protocol_errors = 0
 
 
 class Service:

@@ -167,7 +167,7 @@ async def test_resp_exports_what_the_docs_list() -> None:
     docs = documented()
     node = AuxNode(AuxConfig(node_id="t-aux"))
     before = set(exported(node.collector()))
-    node.resp_stats = RespStats()
+    node.resp_stats = RespStats([*COMMAND_NAMES, "unknown"])
     node.resp_stats.commands["GET"] += 3
     got = exported(node.collector())
     resp = _section("RESP front door (`--resp-port`)", docs)
