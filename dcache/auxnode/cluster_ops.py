@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError
+from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError, ServerError, Status
 from ..hlc import HybridClock
 from ..lru import LRUCache
 from ..protocol import Limits, Op, SetFlag
@@ -75,6 +75,8 @@ SCAN_WORK_PER_ENTRY = 8
 MAX_SCAN_COUNT = 10_000
 #: A DROP call examines at most this many snapshot keys.
 DROP_WORK = 20_000
+
+_OK = int(Status.OK)
 
 #: First element of the answer of a SETV or DELV that lost to a newer version: ``[SUPERSEDED, held_version]``.
 SUPERSEDED = 2
@@ -127,6 +129,7 @@ class ClusterOps:
         handlers[Op.GETV] = self.getv
         handlers[Op.MGETV] = self.mgetv
         handlers[Op.SETV] = self.setv
+        handlers[Op.MSETV] = self.msetv
         handlers[Op.DELV] = self.delv
         handlers[Op.INCRV] = self.incrv
         handlers[Op.APPLY] = self.apply
@@ -185,6 +188,17 @@ class ClusterOps:
         if held == version and (e := cache.get_entry(key)) is not None and e.value == value:
             return 1  # this very write, applied before (versions are unique per write)
         return [SUPERSEDED, held]
+
+    def msetv(self, conn: FrameProtocol, rid: int, entries: list[tuple[bytes, bytes, int, int, int]]) -> list[list[Any]]:
+        """SETV of each entry, in order; answers ``[status, result]`` per entry (a master's writes of one loop turn)."""
+        out: list[list[Any]] = []
+        setv = self.setv
+        for entry in entries:
+            try:
+                out.append([_OK, setv(conn, rid, entry)])
+            except ServerError as exc:
+                out.append([exc.code, exc.message])
+        return out
 
     def delv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
         key, version = args

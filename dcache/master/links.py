@@ -53,6 +53,9 @@ _BACKOFF_BASE_S = 0.05
 _BACKOFF_MAX_S = 1.0
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
+_OK = int(Status.OK)
+_SETV = int(Op.SETV)
+_MSETV = int(Op.MSETV)
 
 
 #: Opens one connection to ``(host, port)`` and returns its protocol (tests pass their own).
@@ -98,7 +101,14 @@ class AuxLink:
         "suspected_since",
         "suspicions_total",
         "_last_probe",
+        "held",
+        "_held_bytes",
+        "reads_waiting",
     )
+
+    #: Most SETVs in one MSETV, and most bytes of their values.
+    MAX_HELD = 256
+    MAX_HELD_BYTES = 1 << 20
 
     def __init__(
         self,
@@ -132,6 +142,11 @@ class AuxLink:
         self._factory = factory or partial(_tcp_connection, ssl=ssl)
         self._conns: list[PeerConnection] = []
         self._rr = 0
+        #: SETVs held back to leave as one MSETV (``hold_setv``): ``(args, callback)`` in order.
+        self.held: list[tuple[tuple[Any, ...], Callback]] = []
+        self._held_bytes = 0
+        #: Sends the reads a batcher holds for this node (``None``: none wait); called before any other request leaves.
+        self.reads_waiting: Callable[[], None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._connector: asyncio.Task[None] | None = None
         self._failures = 0
@@ -278,7 +293,17 @@ class AuxLink:
         return None
 
     def send(self, op: int, args: tuple[Any, ...], cb: Callback) -> None:
-        """Send one request; ``cb(status, result)`` gets the answer, a timeout or a loss."""
+        """Send one request; ``cb(status, result)`` gets the answer, a timeout or a loss.
+
+        Held SETVs (``hold_setv``) and waiting reads (``reads_waiting``) leave
+        first: requests reach the node in the order they were made.
+        """
+        if self.held:
+            self.release_held()
+        elif self.reads_waiting is not None:
+            release = self.reads_waiting
+            self.reads_waiting = None
+            release()
         conn = self._pick()
         if conn is None:
             self.failures_total += 1
@@ -288,6 +313,28 @@ class AuxLink:
         loop = self._loop
         assert loop is not None
         conn.send(op, args, cb, loop.time() + self._timeout)
+
+    def hold_setv(self, args: tuple[Any, ...], cb: Callback) -> bool:
+        """Hold the SETV ``args`` (``(key, value, expires_at, flags, version)``) to leave with others as one MSETV.
+
+        The held writes leave at ``release_held``, or before any other request
+        to this node. Returns whether the batch is full (``MAX_HELD`` writes or
+        ``MAX_HELD_BYTES`` of values): the caller then releases it now.
+        """
+        self.held.append((args, cb))
+        self._held_bytes += len(args[1])
+        return len(self.held) >= self.MAX_HELD or self._held_bytes >= self.MAX_HELD_BYTES
+
+    def release_held(self) -> None:
+        """Send the held SETVs: one MSETV answered per entry (a lone one as a SETV)."""
+        held = self.held
+        self.held = []
+        self._held_bytes = 0
+        if len(held) == 1:
+            args, cb = held[0]
+            self.send(_SETV, args, cb)
+        elif held:
+            self.send(_MSETV, ([args for args, _ in held],), _SplitSetv(held, self))
 
     def flush(self) -> None:
         """Write what is queued on every connection now, not at the end of the iteration."""
@@ -372,3 +419,38 @@ class AuxLink:
 
 def _ignore(status: int, result: Any) -> None:
     """The callback of a probe: its answer matters only as a sign of life."""
+
+
+class _SplitSetv:
+    """Hands each answer of an MSETV (``[status, result]`` per entry) to the SETV it carried.
+
+    If the node refuses the batch as a whole (an entry it cannot take, a node
+    that does not know MSETV), each write is sent again on its own as a SETV,
+    so each gets its own answer; a lost or late node answers each write that.
+    """
+
+    __slots__ = ("held", "link")
+
+    def __init__(self, held: list[tuple[tuple[Any, ...], Callback]], link: AuxLink) -> None:
+        self.held = held
+        self.link = link
+
+    def __call__(self, status: int, result: Any) -> None:
+        held = self.held
+        if status == _OK and result.__class__ is list and len(result) == len(held):
+            for (_, cb), item in zip(held, result, strict=True):
+                if item.__class__ is list and len(item) == 2 and item[0].__class__ is int:
+                    cb(item[0], item[1])
+                else:
+                    cb(_UNAVAILABLE, "malformed MSETV answer from an aux node")
+        elif status == _UNAVAILABLE or status == _TIMEOUT:
+            for _, cb in held:
+                cb(status, result)
+        elif status == _OK:
+            for _, cb in held:
+                cb(_UNAVAILABLE, "malformed MSETV answer from an aux node")
+        else:
+            link = self.link
+            for args, cb in held:
+                link.send(_SETV, args, cb)
+            link.flush()

@@ -6,7 +6,7 @@ Reads (``ReadOp``). A key's read candidates (``ClusterView.read_candidates``)
 are tried in order; nodes this master cannot trust right now (suspected,
 not connected, or holding hints of writes they missed) go last. The first
 candidate is read with the other first-owner reads of the same loop
-iteration as one MGET (``GetBatcher``); a miss or an error there goes on to
+iteration as one MGET (``LinkBatcher``); a miss or an error there goes on to
 the next candidate with GETV, and a hit on a later candidate after misses
 repairs the candidates that missed (APPLY, last writer wins, so a repair
 never overwrites newer data). MGET, EXISTS and TTL are made of the same
@@ -29,7 +29,9 @@ answered, or ``write_quorum`` of them applied it, with these rules:
 * no owner applied it: ``UNAVAILABLE``; an error from an owner (not enough
   memory...) is answered as it is.
 
-MSET is one ``WriteOp`` per pair. SET NX/XX and INCR are decided by the
+A SET's SETVs to a node leave with the other SETs of the same loop
+iteration as one MSETV (``LinkBatcher``), answered per entry. MSET is one
+``WriteOp`` per pair. SET NX/XX and INCR are decided by the
 first live candidate (the condition, or the counter's value) and then
 copied to the other owners with the same version.
 """
@@ -57,7 +59,7 @@ from .hints import Hints, replay_forever
 from .links import AuxLink
 from .view import ClusterView
 
-__all__ = ["Router", "RouterStats", "ReadOp", "WriteOp", "GetBatcher", "Sink"]
+__all__ = ["Router", "RouterStats", "ReadOp", "WriteOp", "LinkBatcher", "Sink"]
 
 log = logging.getLogger("dcache.master.router")
 
@@ -122,7 +124,7 @@ class Router:
         #: An MGET whose values add up to more than this is answered FRAME_TOO_LARGE as soon as they do.
         self.max_answer_bytes = max_answer_bytes
         self.stats = RouterStats()
-        self.batcher = GetBatcher()
+        self.batcher = LinkBatcher()
         self.hints = Hints()
         #: Fences a node cluster-wide (``Membership.fence_missed``); set by the master.
         self.fence_missed: Callable[[str, int, str], Awaitable[int]] | None = None
@@ -566,37 +568,73 @@ class _Split:
             op(status, result)
 
 
-class GetBatcher:
-    """Turns the first-owner reads of one loop iteration into one MGET per aux node.
+class LinkBatcher:
+    """Turns the first-owner reads of one loop iteration into one MGET, and its SETs into one MSETV, per aux node.
 
-    Pipelined clients send many GETs at once; forwarding them as one MGET
-    per node saves a frame, a request id and a decode per key on both the
-    master and the aux node. The batch leaves at the end of the iteration
-    in which the reads arrived (no added delay); a lone read goes as a GET.
+    Pipelined clients send many requests at once; forwarding them as one
+    MGET or MSETV per node saves a frame, a request id and a dispatch per key
+    on both the master and the aux node. A batch leaves at the end of the
+    iteration in which its requests arrived (no added delay); a lone read
+    goes as a GET, a lone write as a SETV. The writes wait on their link
+    (``AuxLink.hold_setv``), which sends them before any other request to
+    that node.
+
+    Per node, requests leave in the order they were made: waiting writes
+    leave before a read is queued, and waiting reads (``AuxLink.reads_waiting``)
+    before any other request to that node, so a read never overtakes an
+    earlier write, nor a write (a DELETE, an INCR...) an earlier read.
     """
 
-    __slots__ = ("_pending", "_scheduled", "_loop")
+    __slots__ = ("_pending", "_holding", "_scheduled", "_loop")
 
     #: Most keys in one MGET.
     MAX_BATCH = 256
 
     def __init__(self) -> None:
         self._pending: dict[AuxLink, list[ReadOp]] = {}
+        self._holding: list[AuxLink] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, link: AuxLink, op: ReadOp) -> None:
         """Queue ``op``'s first-owner read on ``link``."""
+        if link.held:  # earlier writes to this node leave first
+            link.release_held()
         ops = self._pending.get(link)
         if ops is None:
             self._pending[link] = [op]
+            link.reads_waiting = partial(self._release_reads, link)  # any other request to the node sends them first
         else:
             ops.append(op)
             if len(ops) >= self.MAX_BATCH:
                 del self._pending[link]
+                link.reads_waiting = None
                 self._send(link, ops)
                 link.flush()
                 return
+        self._schedule()
+
+    def _release_reads(self, link: AuxLink) -> None:
+        """Send the reads waiting for ``link`` now (another request to that node is about to leave)."""
+        ops = self._pending.pop(link, None)
+        if ops:
+            self._send_reads(link, ops)
+
+    def add_write(self, link: AuxLink, args: tuple[Any, ...], target: _Target) -> None:
+        """Queue the SETV ``args`` (``(key, value, expires_at, flags, version)``) on ``link``; ``target`` gets its answer."""
+        if link.reads_waiting is not None:  # earlier reads of this node leave first
+            release = link.reads_waiting
+            link.reads_waiting = None
+            release()
+        if not link.held:
+            self._holding.append(link)
+        if link.hold_setv(args, target):
+            link.release_held()
+            link.flush()
+            return
+        self._schedule()
+
+    def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
             if self._loop is None:
@@ -605,24 +643,38 @@ class GetBatcher:
 
     def _flush(self) -> None:
         self._scheduled = False
-        pending = self._pending
-        self._pending = {}
-        for link, ops in pending.items():
-            view = ops[0].router.view
-            fresh = [op for op in ops if op.view is view]
-            if len(fresh) != len(ops):
-                # The view changed after these reads were routed (say the node
-                # was found restarted and fenced in between): route them again
-                # (they go out with the next batch), or they would read a node
-                # that may serve stale data.
-                for op in ops:
-                    if op.view is not view:
-                        op.reroute()
-                ops = fresh
-                if not ops:
-                    continue
-            self._send(link, ops)
-            link.flush()  # now, not one more loop iteration later
+        if self._holding:
+            holding = self._holding
+            self._holding = []
+            for link in holding:
+                if link.held:
+                    link.release_held()
+                    link.flush()  # now, not one more loop iteration later
+        if self._pending:
+            pending = self._pending
+            self._pending = {}
+            for link, ops in pending.items():
+                link.reads_waiting = None
+                if self._send_reads(link, ops):
+                    link.flush()
+
+    def _send_reads(self, link: AuxLink, ops: list[ReadOp]) -> bool:
+        """Send ``ops`` routed by the current view; reroute the others. Whether anything was sent."""
+        view = ops[0].router.view
+        fresh = [op for op in ops if op.view is view]
+        if len(fresh) != len(ops):
+            # The view changed after these reads were routed (say the node
+            # was found restarted and fenced in between): route them again
+            # (they go out with the next batch), or they would read a node
+            # that may serve stale data.
+            for op in ops:
+                if op.view is not view:
+                    op.reroute()
+            ops = fresh
+            if not ops:
+                return False
+        self._send(link, ops)
+        return True
 
     @staticmethod
     def _send(link: AuxLink, ops: list[ReadOp]) -> None:
@@ -718,6 +770,11 @@ class WriteOp:
         self.pending = len(send_to)
         if not send_to:
             self.finish()
+            return
+        if self.upstream == _SETV:  # with the other SETs of this loop turn: one MSETV per node
+            batcher = self.router.batcher
+            for node, link in send_to:
+                batcher.add_write(link, self.args, _Target(self, node))
             return
         for node, link in send_to:
             link.send(self.upstream, self.args, _Target(self, node))

@@ -56,6 +56,7 @@ class Op(IntEnum):
     SCAN = 39
     DROP = 40
     RANGE_COUNT = 41
+    MSETV = 42
     # master ops (cluster membership and views)
     RING = 48
     JOIN = 49

@@ -381,6 +381,22 @@ def _parse_setv(msg: list[Any], limits: Limits) -> tuple[bytes, bytes, int, int,
     )
 
 
+def _parse_msetv(msg: list[Any], limits: Limits) -> list[tuple[bytes, bytes, int, int, int]]:
+    """MSETV ``[entries]`` -> ``[(key, value, expires_at, flags, version), ...]``: SETVs in one request, every entry checked first."""
+    if len(msg) != 3:
+        raise BadArgumentsError("MSETV takes [entries]")
+    entries = _batch(msg[2], limits, "MSETV", "[key, value, expires_at, flags, version] entries")
+    ceiling = limits.version_ceiling()
+    items = []
+    for item in entries:
+        if item.__class__ is not list or len(item) != 5:
+            raise BadArgumentsError("MSETV takes a list of [key, value, expires_at, flags, version] entries")
+        items.append(
+            (_key(item[0], limits), check_value(item[1], limits), _expires_at(item[2]), _flags(item[3]), _version(item[4], ceiling))
+        )
+    return items
+
+
 def _parse_delv(msg: list[Any], limits: Limits) -> tuple[bytes, int]:
     """DELV ``[key, version]`` -> ``(key, version)``."""
     if len(msg) != 4:
@@ -550,6 +566,7 @@ OPS: dict[int, OpSpec] = {
         OpSpec(Op.SCAN, "SCAN", _C, (4, 4), _parse_scan, True),
         OpSpec(Op.DROP, "DROP", _C, (2, 2), _parse_drop, True),
         OpSpec(Op.RANGE_COUNT, "RANGE_COUNT", _C, (1, 1), _parse_range_count, True),
+        OpSpec(Op.MSETV, "MSETV", _C, (1, 1), _parse_msetv, True),
         OpSpec(Op.RING, "RING", _K, (0, 0), _no_args("RING"), True),
         OpSpec(Op.JOIN, "JOIN", _C, (3, 5), _parse_join, True),
         OpSpec(Op.LEAVE, "LEAVE", _C, (1, 1), _parse_leave, True),

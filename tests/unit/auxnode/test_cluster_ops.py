@@ -15,13 +15,21 @@ from dcache.auxnode import cluster_ops
 from dcache.auxnode.cluster_ops import MAX_SCAN_SESSIONS, SCAN_SESSION_TTL_S
 from dcache.auxnode.node import AuxNode
 from dcache.config import AuxConfig
-from dcache.errors import BadArgumentsError, ClockSkewError, KeyTooLargeError, NotAnIntegerError, OutOfMemoryError, ValueTooLargeError
+from dcache.errors import (
+    BadArgumentsError,
+    ClockSkewError,
+    KeyTooLargeError,
+    NotAnIntegerError,
+    OutOfMemoryError,
+    Status,
+    ValueTooLargeError,
+)
 from dcache.lru import LRUCache
 from dcache.protocol import OPS, Op
 from dcache.ring import RING_SIZE, hash64, in_range
 
 U64 = RING_SIZE - 1
-CLUSTER_OPS = [Op.GETV, Op.MGETV, Op.SETV, Op.DELV, Op.INCRV, Op.APPLY, Op.APPLY_DELETES, Op.SCAN, Op.DROP, Op.RANGE_COUNT]
+CLUSTER_OPS = [Op.GETV, Op.MGETV, Op.SETV, Op.DELV, Op.INCRV, Op.APPLY, Op.APPLY_DELETES, Op.SCAN, Op.DROP, Op.RANGE_COUNT, Op.MSETV]
 
 
 def now_ms() -> int:
@@ -83,7 +91,7 @@ def random_ranges(rng: random.Random, n: int) -> list[list[int]]:
 
 
 def test_ops_are_registered_with_arity(node: AuxNode) -> None:
-    assert [int(op) for op in CLUSTER_OPS] == list(range(32, 42))
+    assert [int(op) for op in CLUSTER_OPS] == list(range(32, 43))
     for op in CLUSTER_OPS:
         assert op in node.handlers
         assert op in OPS
@@ -172,6 +180,28 @@ def test_setv_statuses(node: AuxNode) -> None:
     assert call(node, Op.SETV, b"k", b"xx", 0, 2, 200) == 1
     assert call(node, Op.SETV, b"k", b"xx", 0, 2, 150) == [2, 200]
     assert call(node, Op.GETV, b"k") == [b"xx", 0, 200]
+
+
+def test_msetv_answers_each_entry_as_its_setv_would() -> None:
+    node = make_node(max_memory=1000)
+    call(node, Op.SETV, b"held", b"v", 0, 0, 100)
+    answers = call(
+        node,
+        Op.MSETV,
+        [
+            [b"a", b"va", 0, 0, 101],  # stored
+            [b"held", b"older", 0, 0, 99],  # a newer version is held: superseded
+            [b"big", b"v" * 2000, 0, 0, 102],  # does not fit in this node's memory: its own error
+            [b"gone", b"v", now_ms() - 1, 0, 103],  # expired already: nothing to store
+            [b"a", b"again", 0, 1, 104],  # NX on a key that exists now: not set
+        ],
+    )
+    assert [a[0] for a in answers] == [0, 0, int(Status.OUT_OF_MEMORY), 0, 0]
+    assert answers[0][1] == 1 and answers[1][1] == [2, 100] and answers[3][1] == 2 and answers[4][1] == 0
+    assert "exceeds the cache budget" in answers[2][1]
+    assert call(node, Op.GETV, b"a") == [b"va", 0, 101]
+    assert call(node, Op.GETV, b"held") == [b"v", 0, 100]
+    assert call(node, Op.GETV, b"big") is None
 
 
 def test_setv_superseded_by_tombstone(node: AuxNode) -> None:

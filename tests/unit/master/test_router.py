@@ -15,7 +15,7 @@ import pytest
 
 from dcache.errors import NotAnIntegerError, Status, SupersededError, UnavailableError
 from dcache.hlc import wall_ms
-from dcache.master.router import GetBatcher
+from dcache.master.router import LinkBatcher
 from dcache.master.view import DOWN, Member
 from dcache.protocol import Op, SetFlag
 from tests.fakes import Reply
@@ -214,7 +214,7 @@ async def test_a_read_rerouted_to_a_view_without_owners_answers_unavailable(clus
     assert cluster.sent("a1") == [] and cluster.sent("a2") == []
 
 
-# -- GetBatcher --------------------------------------------------------------------------
+# -- LinkBatcher --------------------------------------------------------------------------
 
 
 def keys_owned_by(c: FakeCluster, n: int, *owners: str) -> list[bytes]:
@@ -262,7 +262,7 @@ async def test_a_lone_read_leaves_as_a_get(cluster: FakeCluster) -> None:
 
 
 async def test_a_full_batch_leaves_at_once(cluster: FakeCluster) -> None:
-    n = GetBatcher.MAX_BATCH
+    n = LinkBatcher.MAX_BATCH
     keys = keys_owned_by(cluster, n + 1, "a1")
     sink = Sink()
     for rid, key in enumerate(keys[:n], 1):
@@ -511,12 +511,88 @@ async def test_mset_counts_the_pairs_stored_on_every_owner(cluster: FakeCluster)
 
 async def test_mset_answers_the_first_failed_pair_once(cluster: FakeCluster) -> None:
     pairs = [(k, b"v") for k in keys_owned_by(cluster, 3, "a1")]
-    cluster.overrides[("a1", Op.SETV)] = answer_with(int(Status.OUT_OF_MEMORY), "full")
+    # a1 refuses the batch as a whole (MSETV), then each write on its own (SETV)
+    cluster.overrides[("a1", Op.MSETV)] = cluster.overrides[("a1", Op.SETV)] = answer_with(int(Status.OUT_OF_MEMORY), "full")
     sink = Sink()
     cluster.router.mset(sink, 6, pairs, 0)  # type: ignore[arg-type]
     assert await sink.answer(6) == (int(Status.OUT_OF_MEMORY), "full")
     await until(lambda: not any(link.in_flight for link in cluster.links.values()))
     assert len(sink.answers[6]) == 1
+
+
+# -- SETs of one loop iteration as one MSETV per node -----------------------------------------
+
+
+async def test_the_sets_of_one_iteration_leave_as_one_msetv_per_node(cluster: FakeCluster) -> None:
+    keys = keys_owned_by(cluster, 5, "a1", "a2")
+    sink = Sink()
+    for rid, key in enumerate(keys, 1):
+        cluster.router.set(sink, rid, key, b"v" + key, 0)
+    for rid in range(1, 6):
+        assert await sink.answer(rid) == (OK, True)
+    for node in ("a1", "a2"):
+        sent = cluster.sent(node)
+        assert [m[0] for m in sent] == [Op.MSETV], sent
+        assert [e[0] for e in sent[0][2]] == keys  # in the order they were made
+        assert all(cluster.value(node, k) == b"v" + k for k in keys)
+
+
+async def test_msetv_answers_each_write_on_its_own(cluster: FakeCluster) -> None:
+    """One key of the batch is held with a newer version on a1: that write alone is retried, the others are acknowledged at once."""
+    keys = keys_owned_by(cluster, 3, "a1", "a2")
+    held = cluster.future_version()
+    cluster.put("a1", keys[1], b"from the future", held)
+    sink = Sink()
+    for rid, key in enumerate(keys, 1):
+        cluster.router.set(sink, rid, key, b"new", 0)
+    for rid in range(1, 4):
+        assert await sink.answer(rid) == (OK, True)
+    assert cluster.router.stats.superseded_retries == 1
+    for key in keys:
+        assert cluster.value("a1", key) == cluster.value("a2", key) == b"new"
+    entry = cluster.entry("a1", keys[1])
+    assert entry is not None and entry[2] > held  # the retry's version is newer than what a1 held
+
+
+async def test_a_node_that_refuses_msetv_gets_each_write_as_a_setv(cluster: FakeCluster) -> None:
+    keys = keys_owned_by(cluster, 3, "a1")
+    cluster.overrides[("a1", Op.MSETV)] = answer_with(int(Status.UNKNOWN_OP), "unknown op 42")  # an older aux node
+    sink = Sink()
+    for rid, key in enumerate(keys, 1):
+        cluster.router.set(sink, rid, key, b"v", 0)
+    for rid in range(1, 4):
+        assert await sink.answer(rid) == (OK, True)
+    assert [m[0] for m in cluster.sent("a1")] == [Op.MSETV, Op.SETV, Op.SETV, Op.SETV]
+    assert all(cluster.value("a1", k) == b"v" for k in keys)
+
+
+@pytest.mark.parametrize("status", [UNAVAILABLE, TIMEOUT])
+async def test_a_lost_msetv_is_a_missed_owner_for_each_write(cluster: FakeCluster, status: int) -> None:
+    keys = keys_owned_by(cluster, 3, "a1", "a2")
+    cluster.overrides[("a2", Op.MSETV)] = answer_with(status, "a2 is gone")
+    cluster.overrides[("a2", Op.APPLY)] = lambda msg: None  # no replay either
+    sink = Sink()
+    for rid, key in enumerate(keys, 1):
+        cluster.router.set(sink, rid, key, b"v", 0)
+    for rid in range(1, 4):
+        assert await sink.answer(rid) == (OK, True)  # a1 applied each: hinted for a2
+    assert cluster.router.stats.partial_writes == 3
+
+
+async def test_requests_to_a_node_leave_in_the_order_they_were_made(cluster: FakeCluster) -> None:
+    """SET k, GET k, DELETE k, SET k2 in one iteration: the held SET leaves before the read, the read before the next write."""
+    k, k2 = keys_owned_by(cluster, 2, "a1")
+    sink = Sink()
+    cluster.router.set(sink, 1, k, b"first", 0)
+    cluster.router.get(sink, 2, k)
+    cluster.router.delete(sink, 3, k)
+    cluster.router.set(sink, 4, k2, b"second", 0)
+    assert await sink.answer(1) == (OK, True)
+    assert await sink.answer(2) == (OK, b"first")  # the read saw the write made before it
+    assert await sink.answer(3) == (OK, True)  # and the delete came after both
+    assert await sink.answer(4) == (OK, True)
+    assert [m[0] for m in cluster.sent("a1")] == [Op.SETV, Op.GET, Op.DELV, Op.SETV]
+    assert cluster.value("a1", k) is None and cluster.value("a1", k2) == b"second"
 
 
 async def test_mset_with_a_key_no_node_can_take_answers_unavailable(cluster: FakeCluster) -> None:

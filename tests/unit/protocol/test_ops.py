@@ -28,7 +28,7 @@ LIMITS = Limits(
 V_NOW = NOW_MS << 22
 V_FAR = (NOW_MS + 5001) << 22
 
-CLUSTER_OPS = {Op.GETV, Op.MGETV, Op.SETV, Op.DELV, Op.INCRV, Op.APPLY, Op.APPLY_DELETES, Op.SCAN, Op.DROP, Op.RANGE_COUNT}
+CLUSTER_OPS = {Op.GETV, Op.MGETV, Op.SETV, Op.DELV, Op.INCRV, Op.APPLY, Op.APPLY_DELETES, Op.SCAN, Op.DROP, Op.RANGE_COUNT, Op.MSETV}
 MEMBERSHIP_OPS = {Op.JOIN, Op.LEAVE, Op.SYNC, Op.FENCE}
 
 
@@ -132,6 +132,7 @@ def test_batches_are_bounded():
         (Op.MSET, [[b"k", b"v"]] * 6),
         (Op.APPLY, [[b"k", b"v", 0, 1]] * 6),
         (Op.APPLY_DELETES, [[b"k", 1]] * 6),
+        (Op.MSETV, [[b"k", b"v", 0, 0, 1]] * 6),
     ):
         with pytest.raises(TooManyKeysError):
             parse(op, arg)
@@ -176,6 +177,7 @@ def test_versions_beyond_the_skew_bound_are_refused():
         (Op.INCRV, (b"k", 1, V_FAR)),
         (Op.APPLY, ([[b"a", b"v", 0, V_NOW], [b"b", b"v", 0, 2**64 - 1]],)),
         (Op.APPLY_DELETES, ([[b"a", V_FAR]],)),
+        (Op.MSETV, ([[b"a", b"v", 0, 0, V_NOW], [b"b", b"v", 0, 0, V_FAR]],)),
     ):
         with pytest.raises(ClockSkewError):
             parse(op, *args)
@@ -208,3 +210,19 @@ def test_membership_ops():
     assert parse(Op.SYNC, "m2", 3, 4, None, ["a1"]) == ("m2", 3, 4, None, ["a1"])
     with pytest.raises(BadArgumentsError):
         parse(Op.SYNC, "m2", 3, 4, [1])
+
+
+def test_msetv_checks_every_entry_first():
+    assert parse(Op.MSETV, [[b"a", "v", 0, 0, V_NOW], [b"b", b"w", 5, 1, V_NOW + 1]]) == [
+        (b"a", b"v", 0, 0, V_NOW),
+        (b"b", b"w", 5, 1, V_NOW + 1),
+    ]
+    for bad in (
+        [[b"a", b"v", 0, 0]],
+        [[b"a", b"v", 0, 0, V_NOW], "entry"],
+        [[b"", b"v", 0, 0, V_NOW]],
+        [[b"a", b"v", -1, 0, V_NOW]],
+        "entries",
+    ):
+        with pytest.raises(BadArgumentsError):
+            parse(Op.MSETV, bad)
