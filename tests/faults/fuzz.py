@@ -418,6 +418,9 @@ class Gen:
             Op.DELV: lambda: [k(), self.version()],
             Op.INCRV: lambda: [k(), self.int_(), self.version()],
             Op.APPLY: lambda: [[[k(), v(), self.expires_at(), self.version()] for _ in range(r.choice([0, 1, 3, 20]))]],
+            Op.MSETV: lambda: [
+                [[k(), v(), self.expires_at(), r.choice([0, 1, 2]), self.version()] for _ in range(r.choice([0, 1, 3, 20]))]
+            ],
             Op.APPLY_DELETES: lambda: [[[k(), self.version()] for _ in range(r.choice([0, 1, 3, 20]))]],
             Op.SCAN: lambda: [
                 self.ranges(False),
