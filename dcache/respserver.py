@@ -556,13 +556,19 @@ class RespProtocol(FrameProtocol):
         answer = _Into(self, shape, target)
         msg[1] = rid
         result = entry[1](self, rid, entry[0](msg, self._limits))
+        if not self._owe_later(rid, result, op, answer):
+            answer(_OK, result)
+
+    def _owe_later(self, rid: int, result: Any, op: int, answer: Any) -> bool:
+        """If a handler's ``result`` comes later (``LATER`` or deferred), owe it to ``answer`` under ``rid``; whether it did."""
         if result is LATER:
             self._owe(rid, answer)
-        elif result.__class__ is _Deferred:
+            return True
+        if result.__class__ is _Deferred:
             self._owe(rid, answer)
             self._defer(rid, result, op)
-        else:
-            answer(_OK, result)
+            return True
+        return False
 
     def _later(self, target: Any, awaitable: Any, shape: Shaper) -> None:
         """Answer ``target`` with ``shape`` of what ``awaitable`` returns (or raises), as a deferred handler result is."""
@@ -586,14 +592,9 @@ class RespProtocol(FrameProtocol):
             result = handler(self, rid, parse([op, rid, *args], self._limits))
         except ServerError as exc:
             return True, exc.code, exc.message
-        if result is LATER:
-            self._owe(rid, callback)
-        elif result.__class__ is _Deferred:
-            self._owe(rid, callback)
-            self._defer(rid, result, op)
-        else:
-            return True, _OK, result
-        return False, 0, None
+        if self._owe_later(rid, result, op, callback):
+            return False, 0, None
+        return True, _OK, result
 
     def _refused(self, op: int) -> ServerError:
         """Why ``op`` is not in this connection's table: not authenticated yet (``NOAUTH``), or not served here."""

@@ -22,7 +22,7 @@ once per request, not once per entry.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, cast
@@ -383,18 +383,11 @@ def _parse_setv(msg: list[Any], limits: Limits) -> tuple[bytes, bytes, int, int,
 
 def _parse_msetv(msg: list[Any], limits: Limits) -> list[tuple[bytes, bytes, int, int, int]]:
     """MSETV ``[entries]`` -> ``[(key, value, expires_at, flags, version), ...]``: SETVs in one request, every entry checked first."""
-    if len(msg) != 3:
-        raise BadArgumentsError("MSETV takes [entries]")
-    entries = _batch(msg[2], limits, "MSETV", "[key, value, expires_at, flags, version] entries")
     ceiling = limits.version_ceiling()
-    items = []
-    for item in entries:
-        if item.__class__ is not list or len(item) != 5:
-            raise BadArgumentsError("MSETV takes a list of [key, value, expires_at, flags, version] entries")
-        items.append(
-            (_key(item[0], limits), check_value(item[1], limits), _expires_at(item[2]), _flags(item[3]), _version(item[4], ceiling))
-        )
-    return items
+    return [
+        (_key(e[0], limits), check_value(e[1], limits), _expires_at(e[2]), _flags(e[3]), _version(e[4], ceiling))
+        for e in _entries(msg, limits, "MSETV", "[key, value, expires_at, flags, version]")
+    ]
 
 
 def _parse_delv(msg: list[Any], limits: Limits) -> tuple[bytes, int]:
@@ -411,18 +404,24 @@ def _parse_incrv(msg: list[Any], limits: Limits) -> tuple[bytes, int, int]:
     return _key(msg[2], limits), _delta(msg[3]), _version(msg[4], limits.version_ceiling())
 
 
+def _entries(msg: list[Any], limits: Limits, name: str, shape: str) -> Iterator[list[Any]]:
+    """The entries of ``name [entries]``, each a list shaped as ``shape`` (``[a, b, ...]``), yielded as they are checked."""
+    if len(msg) != 3:
+        raise BadArgumentsError(f"{name} takes [entries]")
+    width = shape.count(",") + 1
+    for item in _batch(msg[2], limits, name, f"{shape} entries"):
+        if item.__class__ is not list or len(item) != width:
+            raise BadArgumentsError(f"{name} takes a list of {shape} entries")
+        yield item
+
+
 def _parse_apply(msg: list[Any], limits: Limits) -> list[tuple[bytes, bytes, int, int]]:
     """APPLY ``[entries]`` -> ``[(key, value, expires_at, version), ...]``, every entry checked first."""
-    if len(msg) != 3:
-        raise BadArgumentsError("APPLY takes [entries]")
-    entries = _batch(msg[2], limits, "APPLY", "[key, value, expires_at, version] entries")
     ceiling = limits.version_ceiling()
-    items = []
-    for item in entries:
-        if item.__class__ is not list or len(item) != 4:
-            raise BadArgumentsError("APPLY takes a list of [key, value, expires_at, version] entries")
-        items.append((_key(item[0], limits), check_value(item[1], limits), _expires_at(item[2]), _version(item[3], ceiling)))
-    return items
+    return [
+        (_key(e[0], limits), check_value(e[1], limits), _expires_at(e[2]), _version(e[3], ceiling))
+        for e in _entries(msg, limits, "APPLY", "[key, value, expires_at, version]")
+    ]
 
 
 def _parse_apply_deletes(msg: list[Any], limits: Limits) -> list[tuple[bytes, int]]:
