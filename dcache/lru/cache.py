@@ -171,6 +171,11 @@ class LRUCache:
     entries removed, lazily or by ``expire_some``), ``sets`` (successful
     ``set``/``apply``/``incr``), ``deletes`` (live entries removed by
     ``delete``, ``apply_delete`` or ``expire`` with ``ttl_ms <= 0``).
+
+    ``on_drop``, when set, is called with the key of every entry that leaves
+    on the cache's own initiative (evicted for room, or removed because it
+    expired), after it has left; the changes a caller asks for (set, delete,
+    ``expire``, ``clear``) are the caller's to see.
     """
 
     __slots__ = (
@@ -195,6 +200,7 @@ class LRUCache:
         "expirations",
         "hits",
         "misses",
+        "on_drop",
         "sets",
     )
 
@@ -257,6 +263,7 @@ class LRUCache:
         self.expirations = 0
         self.sets = 0
         self.deletes = 0
+        self.on_drop: Callable[[bytes], None] | None = None
 
     # ------------------------------------------------------------------ sizes
 
@@ -331,8 +338,7 @@ class LRUCache:
             return None
         exp = e.expires_at
         if exp and exp <= self._clock():
-            self._remove(e)
-            self.expirations += 1
+            self._expire(e)
             self.misses += 1
             return None
         head = self._head
@@ -399,8 +405,7 @@ class LRUCache:
             return -1
         now = self._clock()
         if exp <= now:
-            self._remove(e)
-            self.expirations += 1
+            self._expire(e)
             return -2
         return exp - now
 
@@ -757,9 +762,8 @@ class LRUCache:
             if exp > now:
                 break
             heappop(heap)
-            self._remove(e)
+            self._expire(e)
             removed += 1
-        self.expirations += removed
         tombs = self._tombs
         for _ in range(max_checks):
             if not tombs:
@@ -864,10 +868,16 @@ class LRUCache:
             return None
         exp = e.expires_at
         if exp and exp <= self._clock():
-            self._remove(e)
-            self.expirations += 1
+            self._expire(e)
             return None
         return e
+
+    def _expire(self, e: Entry) -> None:
+        """Remove the expired entry ``e``, count it and tell ``on_drop``."""
+        self._remove(e)
+        self.expirations += 1
+        if self.on_drop is not None:
+            self.on_drop(e.key)
 
     def _remove(self, e: Entry) -> None:
         """Unlink ``e`` from the list and the dict and release its bytes."""
@@ -966,9 +976,13 @@ class LRUCache:
                 if self._bytes > max_bytes and keep is not None:
                     self._remove(keep)
                     evicted += 1
+                    if self.on_drop is not None:
+                        self.on_drop(keep.key)
                 break
             self._remove(e)
             evicted += 1
+            if self.on_drop is not None:
+                self.on_drop(e.key)
         self.evictions += evicted
 
     def _push_expiry(self, expires_at: int, key: bytes) -> None:

@@ -853,3 +853,30 @@ def test_key_shards_interleaved_with_writes(initial: int, steps: list[tuple[str,
     assert len(seen) == len(set(seen))
     throughout = {b"k%d" % i for i in range(initial)} - touched
     assert throughout <= set(seen)
+
+
+# ------------------------------------------------------------------ on_drop
+
+
+def test_on_drop_sees_evictions_and_expiries_only(clock: FakeClock) -> None:
+    """A tracker of keys (the near cache's invalidation) learns of every entry the cache drops by itself."""
+    cache = make(clock, max_items=2)
+    dropped: list[bytes] = []
+    cache.on_drop = dropped.append
+    cache.set(b"a", b"1")
+    cache.set(b"b", b"2")
+    cache.set(b"c", b"3")  # evicts a
+    assert dropped == [b"a"]
+    cache.delete(b"b")  # the caller's change: not reported
+    cache.set(b"c", b"4")  # nor an overwrite
+    assert dropped == [b"a"]
+    for i, name in enumerate([b"x", b"y", b"z"]):
+        cache.set(name, b"v", expires_at=clock.now + 10 + i)
+    assert dropped == [b"a", b"c", b"x"]  # item cap 2: c evicted, then x
+    clock.advance(11)
+    assert cache.get(b"y") is None  # lazily expired on read
+    clock.advance(100)
+    assert cache.expire_some() == 1  # z, actively
+    assert dropped == [b"a", b"c", b"x", b"y", b"z"]
+    assert cache.expirations == 2 and cache.evictions == 3
+    cache.check_valid()
