@@ -362,10 +362,18 @@ class AuxConfig(NodeConfig):
     zookeeper: str | None = opt(None, "ZooKeeper ensemble HOST:PORT[,HOST:PORT...] to register in (instead of --join)", _opt_hosts, "HOSTS")
     cluster: str = opt("dcache", "cluster name: the ZooKeeper namespace /dcache/NAME (with --zookeeper)", _str, "NAME")
     zk_session_timeout: float = opt(10.0, "ZooKeeper session timeout: a dead node's registration ends after it", _float, "S")
+    tracking_keys: int = opt(
+        65536,
+        "most keys tracked for masters' near caches (subscribing one more invalidates the oldest); 0 refuses tracking",
+        _int,
+        "N",
+    )
 
     def __post_init__(self) -> None:
         NodeConfig.__post_init__(self)
         _check_positive(self, "weight", "leave_timeout", "zk_session_timeout")
+        if self.tracking_keys < 0:
+            raise ConfigError("tracking_keys: must be >= 0")
         if self.zookeeper and self.join:
             raise ConfigError("zookeeper: --zookeeper and --join are exclusive (register in ZooKeeper or join a master)")
         _check_cluster_name(self.cluster)
@@ -415,6 +423,12 @@ class MasterConfig(NodeConfig):
     )
     cluster: str = opt("dcache", "cluster name: the ZooKeeper namespace /dcache/NAME (with --zookeeper)", _str, "NAME")
     zk_session_timeout: float = opt(10.0, "ZooKeeper session timeout: a dead master's leadership ends after it", _float, "S")
+    near_cache_size: int = opt(
+        0,
+        "bytes of hot keys this master answers itself, kept coherent by the aux nodes' invalidations; 0 = off",
+        parse_size,
+        "SIZE",
+    )
     migration_batch: int = opt(1000, "keys per page when moving data between aux nodes", _int, "N")
     migration_rate: int = opt(0, "most keys moved per second per stream; 0 = unthrottled", _int, "N")
     recovery_window: float = opt(
@@ -448,6 +462,8 @@ class MasterConfig(NodeConfig):
             raise ConfigError(f"write_quorum: must be between 0 and replicas ({self.replicas})")
         if self.migration_rate < 0:
             raise ConfigError("migration_rate: must be >= 0")
+        if self.near_cache_size < 0:
+            raise ConfigError("near_cache_size: must be >= 0")
 
 
 C = TypeVar("C")

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from .errors import AuthError, HandshakeError, RemoteProtocolError, Status, error_from_status
 from .net import nodelay
-from .protocol import PROTOCOL_VERSION, FrameDecoder, Op, RequestTable, pack, queue_frame
+from .protocol import PROTOCOL_VERSION, PUSH_ID, FrameDecoder, Op, RequestTable, pack, queue_frame
 from .protocol.auth import prove
 
 __all__ = ["Callback", "PeerConnection", "answer_to", "handshake", "open_peer"]
@@ -36,6 +36,7 @@ Callback = Callable[[int, Any], None]
 _pack = pack
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
+_PUSH_ID = PUSH_ID
 
 
 class PeerConnection(asyncio.Protocol):
@@ -57,6 +58,7 @@ class PeerConnection(asyncio.Protocol):
         "_on_answers",
         "last_answer",
         "server_info",
+        "on_push",
     )
 
     def __init__(self, name: str, on_answers: Callable[[], None] | None = None) -> None:
@@ -77,6 +79,8 @@ class PeerConnection(asyncio.Protocol):
         self.last_answer = self._loop.time()
         #: The peer's HELLO answer (``open_peer``).
         self.server_info: dict[str, Any] = {}
+        #: Gets the frames the peer sends unasked: ``on_push(conn, kind, payload)`` (None: they are ignored).
+        self.on_push: Callable[[PeerConnection, int, Any], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -108,6 +112,9 @@ class PeerConnection(asyncio.Protocol):
                 return
             if cb is not None:
                 cb(status, result)
+            elif rid == _PUSH_ID:
+                if self.on_push is not None:
+                    self.on_push(self, status, result)
             elif rid == 0:  # connection-level error: the aux node closes next
                 log.warning("%s closed the connection: %s", self._name, result)
         if self._on_answers is not None:

@@ -268,6 +268,11 @@ class Service:
         #: A coarse monotonic clock (seconds), advanced by the sweeper and on
         #: accepting connections: what the time bounds are measured with.
         self.now = time.monotonic()
+        #: Set while the handler just run changed a key some master holds a
+        #: copy of (``dcache.auxnode.tracking``): the dispatch then hands it
+        #: the handler's answer, ``hold(conn, rid, op, result)``, and sends
+        #: what it returns (``LATER``: the answer leaves once the copies are gone).
+        self.hold: Callable[[FrameProtocol, int, int, Any], Any] | None = None
         self._last_refusal_warning = 0.0
         self._refused_since_warning = 0
         self._drained: asyncio.Event | None = None
@@ -840,6 +845,8 @@ class FrameProtocol(asyncio.Protocol):
                 else:
                     if op == _HELLO:
                         table = self._table  # it may have raised the credential: pipelined requests use the new table
+                    if service.hold is not None and result is not LATER and result.__class__ is not _Deferred:
+                        result = service.hold(self, rid, op, result)  # it changed a key another node holds a copy of
                     if result is LATER or result.__class__ is _Deferred:
                         self.in_flight += 1  # an answer owed (see _owe_sampled and the throttle)
                         if self.in_flight >= MAX_IN_FLIGHT and not self._throttled:

@@ -36,6 +36,7 @@ from ..lru import LRUCache
 from ..protocol import Limits, Op, SetFlag
 from ..ring import RangeMatcher, hash64
 from ..server import FrameProtocol, Handler
+from .tracking import Tracker
 
 
 class ClusterOpsHost(Protocol):
@@ -43,6 +44,7 @@ class ClusterOpsHost(Protocol):
 
     cache: LRUCache
     clock: HybridClock
+    tracker: Tracker
 
     @property
     def limits(self) -> Limits: ...
@@ -137,14 +139,24 @@ class ClusterOps:
         handlers[Op.SCAN] = self.scan
         handlers[Op.DROP] = self.drop
         handlers[Op.RANGE_COUNT] = self.range_count
+        handlers[Op.INVACK] = self.invack
 
     # -- versioned reads and writes ----------------------------------------
 
-    def getv(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
-        e = self.node.cache.lookup(key)
+    def getv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bool]) -> Any:
+        key, track = args
+        node = self.node
+        e = node.cache.lookup(key)
         if e is None:
             return None
+        if track:
+            node.tracker.track(conn, key)
         return [e.value, e.expires_at, e.version]
+
+    def invack(self, conn: FrameProtocol, rid: int, seq: int) -> Any:
+        """INVACK: the connection dropped the copies the pushes up to ``seq`` named."""
+        self.node.tracker.ack(conn, seq)
+        return True
 
     def mgetv(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> Any:
         lookup = self.node.cache.lookup

@@ -31,6 +31,7 @@ from ..protocol import SetFlag
 from ..server import DATA_OPS, FrameProtocol, Service, check_answer_size
 from .cluster_ops import ClusterOps
 from .snapshots import SnapshotManager
+from .tracking import Tracker, TrackingCache
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -57,7 +58,11 @@ class AuxNode(Service):
     def __init__(self, config: AuxConfig, node_id: str | None = None) -> None:
         super().__init__(node_id or config.node_id or "aux", config)
         self.config = config
-        self.cache = LRUCache(config.max_memory, config.max_items)
+        cache = TrackingCache(config.max_memory, config.max_items)
+        #: Which master connections hold a copy of which key (near caches).
+        self.tracker = Tracker(self, config.tracking_keys)
+        cache.attach(self.tracker)
+        self.cache: LRUCache = cache
         self.clock = self._new_clock()
         #: Random per process: a master that sees it change knows the node restarted.
         self.incarnation = random.getrandbits(62)
@@ -190,6 +195,7 @@ class AuxNode(Service):
             "evictions": c.evictions,
             "expirations": c.expirations,
             **self.connection_stats(),
+            **self.tracker.stats(),
             **self.snapshots.stats(),
             **self._membership_stats(),
         }
@@ -231,6 +237,7 @@ class AuxNode(Service):
             try:
                 self.cache.expire_some(batch)
                 self.cluster_ops.expire_sessions()
+                self.tracker.sweep()
             except Exception:
                 log.exception("active expiry sweep failed")
 

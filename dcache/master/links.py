@@ -42,7 +42,8 @@ from typing import Any
 
 from ..errors import AuthError, Status
 from ..peer import Callback, PeerConnection, answer_to, handshake
-from ..protocol import Op
+from ..protocol import UINT64_MAX, Op, Push
+from ..protocol.limits import NEAR_LEASE_S
 
 __all__ = ["AuxLink", "ConnectionFactory"]
 
@@ -56,6 +57,8 @@ _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
 _OK = int(Status.OK)
 _SETV = int(Op.SETV)
 _MSETV = int(Op.MSETV)
+_INVACK = int(Op.INVACK)
+_INVALIDATE = int(Push.INVALIDATE)
 
 
 #: Opens one connection to ``(host, port)`` and returns its protocol (tests pass their own).
@@ -104,6 +107,9 @@ class AuxLink:
         "held",
         "_held_bytes",
         "reads_waiting",
+        "tracking",
+        "on_invalidate",
+        "invalidations_total",
     )
 
     #: Most SETVs in one MSETV, and most bytes of their values.
@@ -170,6 +176,11 @@ class AuxLink:
         self.suspected_since = 0.0
         self.suspicions_total = 0
         self._last_probe = 0.0
+        #: The connection near-cache fills go on (``send_tracked``): the node pushes their invalidations on it.
+        self.tracking: PeerConnection | None = None
+        #: Gets each ``(key, version)`` the node invalidates (None: near cache off, pushes only acknowledged).
+        self.on_invalidate: Callable[[bytes, int], None] | None = None
+        self.invalidations_total = 0
 
     @property
     def connected(self) -> bool:
@@ -227,6 +238,7 @@ class AuxLink:
             raise
         incarnation = result.get("incarnation")
         proto.incarnation = incarnation if type(incarnation) is int else None
+        proto.on_push = self._pushed
         return proto
 
     async def _connect_loop(self) -> None:
@@ -314,6 +326,65 @@ class AuxLink:
         assert loop is not None
         conn.send(op, args, cb, loop.time() + self._timeout)
 
+    def send_tracked(self, op: int, args: tuple[Any, ...], cb: Callback) -> PeerConnection | None:
+        """Send one request on the tracking connection (near-cache fills); return it, or None (``cb`` was answered UNAVAILABLE).
+
+        Every subscription of this master lives on that one connection, so
+        the node's invalidation pushes come back on it, in order with the
+        fills' answers, and its silence ends the lease of every copy.
+        """
+        if self.held:
+            self.release_held()
+        elif self.reads_waiting is not None:
+            release = self.reads_waiting
+            self.reads_waiting = None
+            release()
+        conn = self.tracking
+        if conn is None or conn.closed:
+            conn = self.tracking = next((c for c in self._conns if not c.closed), None)
+            if conn is None:
+                self._ensure_connector()
+                self.failures_total += 1
+                cb(_UNAVAILABLE, f"aux node {self.node_id} at {self.host}:{self.port} is not connected")
+                return None
+        self.requests += 1
+        loop = self._loop
+        assert loop is not None
+        conn.send(op, args, cb, loop.time() + self._timeout)
+        return conn
+
+    def _pushed(self, conn: PeerConnection, kind: int, payload: Any) -> None:
+        """A frame the node sent unasked: an INVALIDATE is applied, then acknowledged on the same connection."""
+        if kind != _INVALIDATE:
+            return  # a later kind this master does not know: nothing depends on it
+        try:
+            seq, items = payload
+            keys = [(k, v) for k, v in items if k.__class__ is bytes and v.__class__ is int]
+        except (TypeError, ValueError):
+            log.warning("malformed invalidation from aux node %s: closing the connection", self.node_id)
+            conn.close()
+            return
+        if len(keys) != len(items) or seq.__class__ is not int or not 0 < seq <= UINT64_MAX:
+            log.warning("malformed invalidation from aux node %s: closing the connection", self.node_id)
+            conn.close()
+            return
+        invalidate = self.on_invalidate
+        if invalidate is not None:
+            for key, version in keys:
+                invalidate(key, version)
+        self.invalidations_total += len(keys)
+        loop = self._loop
+        assert loop is not None
+        conn.send(_INVACK, (seq,), _ignore, loop.time() + self._timeout)
+        conn.flush_now()  # the node holds a write's answer until this arrives
+
+    def keep_tracking_alive(self, now: float) -> None:
+        """PING the tracking connection when it has been quiet for a quarter of the near-cache lease (the sweeper's step)."""
+        conn = self.tracking
+        if conn is not None and not conn.closed and now - conn.last_answer > NEAR_LEASE_S / 4 and not len(conn.requests):
+            assert self._loop is not None
+            conn.send(Op.PING, (), _ignore, now + self._timeout)
+
     def hold_setv(self, args: tuple[Any, ...], cb: Callback) -> bool:
         """Hold the SETV ``args`` (``(key, value, expires_at, flags, version)``) to leave with others as one MSETV.
 
@@ -399,7 +470,10 @@ class AuxLink:
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL_S)
             try:
-                self.check(loop.time())
+                now = loop.time()
+                self.check(now)
+                if self.on_invalidate is not None:
+                    self.keep_tracking_alive(now)
             except Exception:  # pragma: no cover - a bug here must not stop the sweeps
                 log.exception("link sweep of %s failed", self.node_id)
 

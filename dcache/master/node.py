@@ -26,6 +26,7 @@ from ..server import DATA_OPS, LATER, FrameProtocol, Service, deferred
 from .keyscan import KeyScan, KeyScans, scan_plan
 from .links import AuxLink, ConnectionFactory
 from .membership import Coordinator, Follower, Membership
+from .nearcache import HotKeys, NearCache
 from .router import Router
 from .view import DOWN, FENCED, UP, ClusterView, Member
 
@@ -59,6 +60,9 @@ class MasterNode(Service):
         view = ClusterView.initial(members, config.replicas, epoch=time.time_ns() // 1_000_000)
         self.router = Router(view, self.links, self.clock, config.write_quorum, config.limits.max_frame_bytes)
         self.router.hints.on_overflow = self._hints_lost
+        self.router.hot = HotKeys()
+        if config.near_cache_size:
+            self.router.near = NearCache(config.near_cache_size, self.router.hot)
         self.membership: Membership
         if config.zookeeper:
             from .zkmembership import ZooKeeperMembership
@@ -78,7 +82,7 @@ class MasterNode(Service):
             )
         else:
             self.membership = Coordinator(config, view, self._on_view, lambda: self.links, self.clock)
-        self.register(*(op for op in DATA_OPS if op != Op.GET), Op.RING, Op.JOIN, Op.LEAVE, Op.SYNC, Op.APPLY, Op.FENCE)
+        self.register(*(op for op in DATA_OPS if op != Op.GET), Op.HOTKEYS, Op.RING, Op.JOIN, Op.LEAVE, Op.SYNC, Op.APPLY, Op.FENCE)
         self.handlers[Op.GET] = self.router.get  # the hottest op: no extra call layer
         self.router.fence_missed = self.membership.fence_missed
 
@@ -111,6 +115,8 @@ class MasterNode(Service):
                     factory=self._connect,
                     ssl=self.peer_ssl,
                 )
+                if self.router.near is not None:
+                    link.on_invalidate = self.router.near.invalidate
                 if self.server is not None:
                     link.start()
         for node_id in [n for n in self.links if n not in view.members]:
@@ -122,6 +128,8 @@ class MasterNode(Service):
             # owners (migration or reconciliation) before it serves reads.
             if member is None or member.state in (DOWN, FENCED):
                 hints.drop(node_id)
+        if self.router.near is not None:
+            self.router.near.clear()  # copies were subscribed by the old view's owners
         self.router.view = view
 
     def _hints_lost(self, node_id: str) -> None:
@@ -180,6 +188,11 @@ class MasterNode(Service):
     def _stats(self, conn: FrameProtocol, rid: int, args: None) -> Any:
         return deferred(self.cluster_stats())
 
+    def _hotkeys(self, conn: FrameProtocol, rid: int, count: int) -> Any:
+        """HOTKEYS: this master's hottest keys met by its read sketch, ``[[key, reads_per_s], ...]`` hottest first."""
+        hot = self.router.hot
+        return [] if hot is None else [[key, round(rate, 1)] for key, rate in hot.hottest(count)]
+
     def _ring(self, conn: FrameProtocol, rid: int, args: None) -> Any:
         return deferred(self.ring_info())
 
@@ -237,6 +250,7 @@ class MasterNode(Service):
             "hints_replayed": hints.replayed_total,
             "hint_overflows": hints.overflows_total,
             "aux_suspected": sum(1 for link in self.links.values() if link.suspect),
+            **(self.router.near.stats() if self.router.near is not None else {}),
             **self._migration_stats(),
             **self._zookeeper_stats(),
         }

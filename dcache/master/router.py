@@ -57,6 +57,7 @@ from ..protocol import Op
 from ..server import LATER, FrameProtocol
 from .hints import Hints, replay_forever
 from .links import AuxLink
+from .nearcache import HotKeys, NearCache
 from .view import ClusterView
 
 __all__ = ["Router", "RouterStats", "ReadOp", "WriteOp", "LinkBatcher", "Sink"]
@@ -130,6 +131,11 @@ class Router:
         self.fence_missed: Callable[[str, int, str], Awaitable[int]] | None = None
         self._fencing: dict[str, asyncio.Future[Any]] = {}
         self._background: set[asyncio.Future[Any]] = set()
+        #: Copies of hot keys answered without an aux node (None: near cache off; ``dcache.master.nearcache``).
+        self.near: NearCache | None = None
+        #: The read sketch behind HOTKEYS and the near cache (None: reads are not counted).
+        self.hot: HotKeys | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- trust -----------------------------------------------------------------
 
@@ -242,6 +248,11 @@ class Router:
 
         The master serves GET with this method directly (it is the hottest op).
         """
+        if self.near is not None:
+            if self._near_get(sink, rid, key):
+                return LATER
+        elif self.hot is not None:
+            self.hot.note(key)
         candidates = self.view.read_candidates(key)
         if not candidates:
             self.stats.unavailable += 1
@@ -255,6 +266,35 @@ class Router:
         else:
             op.start()
         return LATER
+
+    def _near_get(self, sink: Sink, rid: int, key: bytes) -> bool:
+        """Answer from the near cache, or fill it from the first owner if the key is hot; whether the read was taken."""
+        near = self.near
+        assert near is not None
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        value = near.lookup(key, loop.time())
+        count = near.hot.note(key)
+        if value is not None:
+            self.stats.hits += 1
+            sink.reply(rid, _OK, value)
+            return True
+        if count < near.hot.hot_count:
+            return False
+        candidates = self.view.read_candidates(key)
+        if not candidates:
+            return False
+        first = candidates[0]
+        link = self.links.get(first)
+        if link is None or not link.usable or first in self.hints.by_node:
+            return False
+        fill = near.start_fill(key)
+        if fill is None:
+            return False
+        op = _NearFill(self, sink, rid, key, candidates, fill)
+        op.conn = link.send_tracked(Op.GETV, (key, True), op)
+        return True
 
     def read_entry(self, sink: Sink, rid: int, key: bytes) -> None:
         """Answer ``rid`` with ``key``'s entry ``[value, expires_at, version]`` (or nil) through ``sink``."""
@@ -296,6 +336,8 @@ class Router:
     # -- writes -------------------------------------------------------------------
 
     def _targets(self, key: bytes) -> list[str]:
+        if self.near is not None:
+            self.near.discard(key)  # this master's own write: its copy goes now
         targets = self.view.write_targets(key)
         if not targets:
             self.stats.unavailable += 1
@@ -355,6 +397,8 @@ class Router:
         return int(value)
 
     def _primary(self, key: bytes) -> tuple[str, AuxLink]:
+        if self.near is not None:
+            self.near.discard(key)
         for node in self.read_order(self.view.read_candidates(key)):
             link = self.links.get(node)
             if link is not None:
@@ -413,7 +457,10 @@ class Router:
         view = self.view
         first: dict[str, list[list[Any]]] = {}
         rest: dict[str, list[list[Any]]] = {}
+        near = self.near
         for key, value, expires_at, version in entries:
+            if near is not None:
+                near.discard(key)
             self.clock.observe(version)
             targets = view.write_targets(key)
             if not targets:
@@ -527,6 +574,41 @@ class ReadOp:
             self.sink.reply(self.rid, status, result, _GET)
             return
         self.next()
+
+
+class _NearFill:
+    """A hot key's first-owner read that also fills the near cache (``GETV [key, true]``).
+
+    A hit is stored (unless an invalidation overtook it) and answered; a
+    miss or an error goes on exactly as a ``ReadOp`` whose first candidate
+    answered that.
+    """
+
+    __slots__ = ("router", "sink", "rid", "key", "candidates", "fill", "conn")
+
+    def __init__(self, router: Router, sink: Sink, rid: int, key: bytes, candidates: list[str], fill: Any) -> None:
+        self.router = router
+        self.sink = sink
+        self.rid = rid
+        self.key = key
+        self.candidates = candidates
+        self.fill = fill
+        self.conn: Any = None
+
+    def __call__(self, status: int, result: Any) -> None:
+        router = self.router
+        near = router.near
+        hit = status == _OK and result.__class__ is list and len(result) == 3
+        if near is not None:
+            near.end_fill(self.key, self.fill, result if hit else None, self.conn)
+        if hit:
+            router.stats.hits += 1
+            self.sink.reply(self.rid, _OK, result[0])
+            return
+        candidates = self.candidates
+        op = ReadOp(router, self.sink, self.rid, self.key, [candidates[0], *router.read_order(candidates[1:])], False)
+        op.i = 0  # the first candidate, just read
+        op(status, result if status != _OK else None)
 
 
 class _Split:

@@ -15,7 +15,7 @@ from .limits import (
     UINT64_MAX,
     Limits,
 )
-from .messages import CONNECTION_REQUEST_ID, PROTOCOL_VERSION, Op, SetFlag, Status
+from .messages import CONNECTION_REQUEST_ID, PROTOCOL_VERSION, PUSH_ID, Op, Push, SetFlag, Status
 from .ops import OPS, Credential, OpSpec, check_key, check_value, parse_request_id
 from .requests import MAX_REQUEST_ID, RequestTable
 
@@ -36,6 +36,8 @@ __all__ = [
     "ONE_CHUNK_BYTES",
     "OPS",
     "PROTOCOL_VERSION",
+    "PUSH_ID",
+    "Push",
     "UINT64_MAX",
     "Credential",
     "FrameDecoder",

@@ -28,6 +28,9 @@ __all__ = [
     "MAX_ARRAY_ITEMS",
     "MAX_RANGES",
     "MAX_NAME_CHARS",
+    "MAX_HOT_KEYS",
+    "NEAR_LEASE_S",
+    "INVALIDATION_TIMEOUT_S",
     "Limits",
 ]
 
@@ -51,6 +54,16 @@ MAX_ARRAY_ITEMS = 100_000
 MAX_RANGES = MAX_ARRAY_ITEMS
 #: Longest node id, host name or client name accepted.
 MAX_NAME_CHARS = 255
+#: Most keys one HOTKEYS answer lists.
+MAX_HOT_KEYS = 100
+#: A master answers from a near-cache copy only while the aux node it
+#: subscribed on has answered it within this many seconds on the tracking
+#: connection (its lease; docs/PROTOCOL.md "Near-cache tracking").
+NEAR_LEASE_S = 1.0
+#: Most seconds an aux node holds a write's answer waiting for a subscriber's
+#: INVACK; past it the subscriber is cut off. Longer than ``NEAR_LEASE_S``
+#: (with margin), so a silent master's copies have expired by then.
+INVALIDATION_TIMEOUT_S = 2.0 * NEAR_LEASE_S
 
 
 @dataclass(frozen=True, slots=True)

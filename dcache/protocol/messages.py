@@ -18,6 +18,8 @@ __all__ = [
     "Status",
     "SetFlag",
     "CONNECTION_REQUEST_ID",
+    "PUSH_ID",
+    "Push",
 ]
 
 #: The protocol version a client announces in HELLO.
@@ -25,6 +27,9 @@ PROTOCOL_VERSION = 1
 
 #: Request id used in error frames that answer no particular request.
 CONNECTION_REQUEST_ID = 0
+
+#: The request id of a frame a node sends unasked (``[PUSH_ID, kind, payload]``, see ``Push``).
+PUSH_ID = -1
 
 
 class Op(IntEnum):
@@ -45,6 +50,7 @@ class Op(IntEnum):
     TOUCH = 13
     STATS = 14
     PERSIST = 15
+    HOTKEYS = 16
     # cluster ops (aux nodes; versioned reads/writes, imports, range scans)
     GETV = 32
     MGETV = 33
@@ -57,6 +63,7 @@ class Op(IntEnum):
     DROP = 40
     RANGE_COUNT = 41
     MSETV = 42
+    INVACK = 43
     # master ops (cluster membership and views)
     RING = 48
     JOIN = 49
@@ -65,6 +72,15 @@ class Op(IntEnum):
     FENCE = 52
     # every node: proving the cluster secret (after HELLO)
     AUTH = 53
+
+
+class Push(IntEnum):
+    """Kinds of unasked frames ``[PUSH_ID, kind, payload]`` (docs/PROTOCOL.md "Near-cache tracking")."""
+
+    #: ``[seq, [[key, version], ...]]``: the keys changed (``version``: the
+    #: entry's new version, or ``INT64_MAX`` when it left); the subscriber
+    #: answers with ``INVACK seq`` once it dropped its copies.
+    INVALIDATE = 1
 
 
 class SetFlag(IntEnum):

@@ -35,7 +35,7 @@ from ..errors import (
     TooManyKeysError,
     ValueTooLargeError,
 )
-from .limits import INT64_MAX, INT64_MIN, MAX_NAME_CHARS, MAX_RANGES, MAX_TTL_MS, UINT64_MAX, Limits
+from .limits import INT64_MAX, INT64_MIN, MAX_HOT_KEYS, MAX_NAME_CHARS, MAX_RANGES, MAX_TTL_MS, UINT64_MAX, Limits
 from .messages import Op, SetFlag
 
 if TYPE_CHECKING:
@@ -390,6 +390,37 @@ def _parse_msetv(msg: list[Any], limits: Limits) -> list[tuple[bytes, bytes, int
     ]
 
 
+def _parse_getv(msg: list[Any], limits: Limits) -> tuple[bytes, bool]:
+    """GETV ``[key]`` or ``[key, track]`` -> ``(key, track)``; ``track`` subscribes the connection to the key's changes."""
+    n = len(msg)
+    if n == 3:
+        return _key(msg[2], limits), False
+    if n != 4:
+        raise BadArgumentsError("GETV takes [key] or [key, track]")
+    track = msg[3]
+    if track.__class__ is not bool:
+        raise BadArgumentsError("track must be true or false")
+    return _key(msg[2], limits), track
+
+
+def _parse_invack(msg: list[Any], limits: Limits) -> int:
+    """INVACK ``[seq]`` -> ``seq`` (the INVALIDATE push it acknowledges)."""
+    if len(msg) != 3:
+        raise BadArgumentsError("INVACK takes [seq]")
+    return _u64(msg[2], "seq")
+
+
+def _parse_hotkeys(msg: list[Any], limits: Limits) -> int:
+    """HOTKEYS ``[]`` or ``[count]`` -> ``count`` (default 10, at most ``MAX_HOT_KEYS``)."""
+    n = len(msg)
+    if n == 2:
+        return 10
+    count = msg[2] if n == 3 else None
+    if count.__class__ is not int or not 1 <= count <= MAX_HOT_KEYS:
+        raise BadArgumentsError(f"HOTKEYS takes [] or [count], count in 1 .. {MAX_HOT_KEYS}")
+    return int(count)
+
+
 def _parse_delv(msg: list[Any], limits: Limits) -> tuple[bytes, int]:
     """DELV ``[key, version]`` -> ``(key, version)``."""
     if len(msg) != 4:
@@ -555,7 +586,8 @@ OPS: dict[int, OpSpec] = {
         OpSpec(Op.TOUCH, "TOUCH", _K, (1, 1), _key_only("TOUCH"), True),
         OpSpec(Op.STATS, "STATS", _K, (0, 0), _no_args("STATS"), True),
         OpSpec(Op.PERSIST, "PERSIST", _K, (1, 1), _key_only("PERSIST"), True),
-        OpSpec(Op.GETV, "GETV", _C, (1, 1), _key_only("GETV"), True),
+        OpSpec(Op.HOTKEYS, "HOTKEYS", _K, (0, 1), _parse_hotkeys, True),
+        OpSpec(Op.GETV, "GETV", _C, (1, 2), _parse_getv, True),
         OpSpec(Op.MGETV, "MGETV", _C, (1, 1), _keys_only("MGETV"), True),
         OpSpec(Op.SETV, "SETV", _C, (5, 5), _parse_setv, True),
         OpSpec(Op.DELV, "DELV", _C, (2, 2), _parse_delv, True),
@@ -566,6 +598,7 @@ OPS: dict[int, OpSpec] = {
         OpSpec(Op.DROP, "DROP", _C, (2, 2), _parse_drop, True),
         OpSpec(Op.RANGE_COUNT, "RANGE_COUNT", _C, (1, 1), _parse_range_count, True),
         OpSpec(Op.MSETV, "MSETV", _C, (1, 1), _parse_msetv, True),
+        OpSpec(Op.INVACK, "INVACK", _C, (1, 1), _parse_invack, True),
         OpSpec(Op.RING, "RING", _K, (0, 0), _no_args("RING"), True),
         OpSpec(Op.JOIN, "JOIN", _C, (3, 5), _parse_join, True),
         OpSpec(Op.LEAVE, "LEAVE", _C, (1, 1), _parse_leave, True),

@@ -29,7 +29,20 @@ from dcache.protocol import OPS, Op
 from dcache.ring import RING_SIZE, hash64, in_range
 
 U64 = RING_SIZE - 1
-CLUSTER_OPS = [Op.GETV, Op.MGETV, Op.SETV, Op.DELV, Op.INCRV, Op.APPLY, Op.APPLY_DELETES, Op.SCAN, Op.DROP, Op.RANGE_COUNT, Op.MSETV]
+CLUSTER_OPS = [
+    Op.GETV,
+    Op.MGETV,
+    Op.SETV,
+    Op.DELV,
+    Op.INCRV,
+    Op.APPLY,
+    Op.APPLY_DELETES,
+    Op.SCAN,
+    Op.DROP,
+    Op.RANGE_COUNT,
+    Op.MSETV,
+    Op.INVACK,
+]
 
 
 def now_ms() -> int:
@@ -91,7 +104,7 @@ def random_ranges(rng: random.Random, n: int) -> list[list[int]]:
 
 
 def test_ops_are_registered_with_arity(node: AuxNode) -> None:
-    assert [int(op) for op in CLUSTER_OPS] == list(range(32, 43))
+    assert [int(op) for op in CLUSTER_OPS] == list(range(32, 44))
     for op in CLUSTER_OPS:
         assert op in node.handlers
         assert op in OPS

@@ -28,7 +28,20 @@ LIMITS = Limits(
 V_NOW = NOW_MS << 22
 V_FAR = (NOW_MS + 5001) << 22
 
-CLUSTER_OPS = {Op.GETV, Op.MGETV, Op.SETV, Op.DELV, Op.INCRV, Op.APPLY, Op.APPLY_DELETES, Op.SCAN, Op.DROP, Op.RANGE_COUNT, Op.MSETV}
+CLUSTER_OPS = {
+    Op.GETV,
+    Op.MGETV,
+    Op.SETV,
+    Op.DELV,
+    Op.INCRV,
+    Op.APPLY,
+    Op.APPLY_DELETES,
+    Op.SCAN,
+    Op.DROP,
+    Op.RANGE_COUNT,
+    Op.MSETV,
+    Op.INVACK,
+}
 MEMBERSHIP_OPS = {Op.JOIN, Op.LEAVE, Op.SYNC, Op.FENCE}
 
 

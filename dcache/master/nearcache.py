@@ -1,0 +1,254 @@
+"""Hot keys and the near cache of a master: answering the hottest reads without asking an aux node.
+
+``HotKeys`` watches the read stream with a count-min sketch (two rows of
+``width`` counters, halved every ``window`` reads so counts decay) and keeps
+the top keys it met, with their estimated read rates, for HOTKEYS and the
+metrics. Its cost per read is constant: one hash, two counter updates.
+
+``NearCache`` holds copies of the keys ``HotKeys`` calls hot, within a byte
+budget, and answers reads of them. It stays coherent by invalidation
+(``dcache.auxnode.tracking``; docs/PROTOCOL.md "Near-cache tracking"):
+
+* a copy is filled by ``GETV [key, true]`` on the owner's tracking
+  connection, which subscribes this master to the key's next change; the
+  owner pushes ``INVALIDATE`` (and waits for ``INVACK``) before it
+  acknowledges any change, so a write acknowledged anywhere has removed
+  every master's copy first;
+* a copy is served only while the owner answered on that connection within
+  ``NEAR_LEASE_S`` (its lease) and before the entry's own expiry; a master
+  cut off from an owner stops serving its copies by itself;
+* a new ring view, or this master's own write of a key, drops copies at once;
+* versions settle the races left: an invalidation drops copies no newer than
+  its version, and a fill that an invalidation of the same key overtook
+  (any version at least the fill's) is not stored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+from ..hlc import wall_ms
+from ..protocol.limits import NEAR_LEASE_S
+
+__all__ = ["HotKeys", "NearCache", "ENTRY_OVERHEAD"]
+
+#: Bytes a near-cache entry is charged on top of its key and value (dict slot, tuple, ints).
+ENTRY_OVERHEAD = 160
+
+
+class HotKeys:
+    """A decaying frequency sketch of the keys read, and the top keys it saw.
+
+    ``note(key)`` returns the key's estimated count: reads in the current
+    window plus half the previous window's, and so on. A key is *hot* when
+    that reaches ``hot_count``. With the defaults (``width`` 16384,
+    ``window`` 65536 reads) a key with uniform traffic over many keys counts
+    about 2 per 16,384 distinct keys, and collisions add about 8; the hot
+    threshold of 32 is a key taking about 1 read in 4,000.
+    """
+
+    __slots__ = ("_a", "_b", "_mask", "window", "hot_count", "_n", "top", "top_size", "_top_min", "_since", "_last_window_s", "reads")
+
+    def __init__(self, width: int = 16384, window: int = 65536, hot_count: int = 32, top_size: int = 64) -> None:
+        if width & (width - 1) or width <= 0:
+            raise ValueError("width must be a power of two")
+        self._a = [0] * width
+        self._b = [0] * width
+        self._mask = width - 1
+        self.window = window
+        self.hot_count = hot_count
+        self._n = 0
+        #: The top keys met: key -> last estimated count (at most ``top_size``).
+        self.top: dict[bytes, int] = {}
+        self.top_size = top_size
+        self._top_min = 0
+        self._since = time.monotonic()
+        self._last_window_s = 0.0
+        #: Reads noted since start.
+        self.reads = 0
+
+    def note(self, key: bytes) -> int:
+        """Count one read of ``key``; return its estimated (decayed) count."""
+        h = hash(key)
+        a = self._a
+        i = h & self._mask
+        c = a[i] + 1
+        a[i] = c
+        b = self._b
+        j = (h >> 24) & self._mask
+        d = b[j] + 1
+        b[j] = d
+        if d < c:
+            c = d
+        self._n += 1
+        if self._n >= self.window:
+            self._age()
+        if c >= self.hot_count and not c & 7:  # the top list is refreshed every 8th count of a hot key
+            self._offer(key, c)
+        return c
+
+    def _offer(self, key: bytes, count: int) -> None:
+        top = self.top
+        if key in top or len(top) < self.top_size:
+            top[key] = count
+        elif count > self._top_min:
+            del top[min(top, key=top.__getitem__)]
+            top[key] = count
+        else:
+            return
+        self._top_min = min(top.values())
+
+    def _age(self) -> None:
+        """Halve every counter (the decay), once per ``window`` reads."""
+        self.reads += self._n
+        self._n = 0
+        self._a = [c >> 1 for c in self._a]
+        self._b = [c >> 1 for c in self._b]
+        top = self.top
+        for key in list(top):
+            c = top[key] >> 1
+            if c < self.hot_count // 2:
+                del top[key]
+            else:
+                top[key] = c
+        self._top_min = min(top.values(), default=0)
+        now = time.monotonic()
+        self._last_window_s = now - self._since
+        self._since = now
+
+    def estimate(self, key: bytes) -> int:
+        """The key's estimated count, without counting a read."""
+        h = hash(key)
+        return min(self._a[h & self._mask], self._b[(h >> 24) & self._mask])
+
+    def rate_of(self, count: int) -> float:
+        """Reads per second a decayed count stands for (counts sum ``rate * (t + T)``: ``t`` in this window, ``T`` the last one)."""
+        span = (time.monotonic() - self._since) + self._last_window_s
+        return count / span if span > 0 else 0.0
+
+    def hottest(self, n: int) -> list[tuple[bytes, float]]:
+        """The ``n`` hottest keys met, with their estimated reads per second, hottest first."""
+        ranked = sorted(((k, self.estimate(k)) for k in self.top), key=lambda kc: kc[1], reverse=True)[:n]
+        return [(k, self.rate_of(c)) for k, c in ranked]
+
+
+class _Fill:
+    """A fill in flight: the newest invalidation of its key met meanwhile."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = -1
+
+
+class NearCache:
+    """Copies of hot keys held by a master (see the module note).
+
+    An entry is ``(value, expires_at, version, conn)``: ``conn`` is the
+    tracking connection it was filled on, whose lease it lives by.
+    """
+
+    def __init__(self, max_bytes: int, hot: HotKeys | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.hot = hot or HotKeys()
+        self.entries: OrderedDict[bytes, tuple[bytes, int, int, Any]] = OrderedDict()
+        self.bytes = 0
+        self.filling: dict[bytes, _Fill] = {}
+        self.hits = 0
+        self.misses = 0
+        self.fills = 0
+        self.fills_discarded = 0
+        self.invalidations = 0
+        self.evictions = 0
+        self.lease_lapses = 0
+
+    def lookup(self, key: bytes, now: float) -> bytes | None:
+        """The value of a live copy of ``key`` (``now``: the loop's time), or None; counts a hit or a miss."""
+        e = self.entries.get(key)
+        if e is not None:
+            value, expires_at, _, conn = e
+            if now - conn.last_answer < NEAR_LEASE_S and not conn.closed:
+                if not expires_at or expires_at > wall_ms():
+                    self.hits += 1
+                    return value
+            else:
+                self.lease_lapses += 1
+            self._remove(key)
+        self.misses += 1
+        return None
+
+    def start_fill(self, key: bytes) -> _Fill | None:
+        """Begin filling ``key`` (None: a fill of it is already in flight)."""
+        if key in self.filling:
+            return None
+        f = self.filling[key] = _Fill()
+        return f
+
+    def end_fill(self, key: bytes, fill: _Fill, entry: Any, conn: Any) -> None:
+        """A fill's answer: store ``entry`` (``[value, expires_at, version]``) unless an invalidation overtook it."""
+        if self.filling.get(key) is fill:
+            del self.filling[key]
+        else:
+            fill.seen = 1 << 64  # the cache was cleared meanwhile
+        if entry is None or conn is None:
+            return
+        value, expires_at, version = entry
+        if version <= fill.seen or (expires_at and expires_at <= wall_ms()):
+            self.fills_discarded += 1
+            return
+        size = len(key) + len(value) + ENTRY_OVERHEAD
+        if size > self.max_bytes:
+            return
+        self._remove(key)
+        self.entries[key] = (value, expires_at, version, conn)
+        self.bytes += size
+        self.fills += 1
+        while self.bytes > self.max_bytes:
+            old, _ = next(iter(self.entries.items()))
+            self._remove(old)
+            self.evictions += 1
+
+    def invalidate(self, key: bytes, version: int) -> None:
+        """``key`` changed to ``version``: drop a copy no newer, and poison a fill in flight."""
+        f = self.filling.get(key)
+        if f is not None and version > f.seen:
+            f.seen = version
+        e = self.entries.get(key)
+        if e is not None and e[2] <= version:
+            self._remove(key)
+            self.invalidations += 1
+
+    def discard(self, key: bytes) -> None:
+        """Drop ``key``'s copy and poison its fill (this master writes the key)."""
+        self.invalidate(key, 1 << 64)
+
+    def clear(self) -> None:
+        """Drop every copy and poison every fill in flight (a new view)."""
+        for f in self.filling.values():
+            f.seen = 1 << 64
+        self.filling.clear()
+        self.invalidations += len(self.entries)
+        self.entries.clear()
+        self.bytes = 0
+
+    def _remove(self, key: bytes) -> None:
+        e = self.entries.pop(key, None)
+        if e is not None:
+            self.bytes -= len(key) + len(e[0]) + ENTRY_OVERHEAD
+
+    def stats(self) -> dict[str, int]:
+        """Counters and sizes for STATS and the metrics."""
+        return {
+            "near_cache_keys": len(self.entries),
+            "near_cache_bytes": self.bytes,
+            "near_cache_max_bytes": self.max_bytes,
+            "near_cache_hits": self.hits,
+            "near_cache_misses": self.misses,
+            "near_cache_fills": self.fills,
+            "near_cache_fills_discarded": self.fills_discarded,
+            "near_cache_invalidations": self.invalidations,
+            "near_cache_evictions": self.evictions,
+            "near_cache_lease_lapses": self.lease_lapses,
+        }
