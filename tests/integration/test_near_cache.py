@@ -1,0 +1,207 @@
+"""The near cache keeps the cluster's promise: no stale read after an acknowledged write, across masters.
+
+Two masters with ``--near-cache-size``, three aux nodes, two replicas. A
+``LoadChecker`` writes (SET and DELETE) through master A and reads through
+master B, on a few keys, so every key is hot on B and B answers most reads
+from its near cache. Every read that starts after a write was acknowledged
+must return that write or a newer one (``tests/faults/checker.py``): 0
+stale reads, 0 resurrected deletes, 0 lost writes. The same holds while an
+owner is killed and restarted, while an aux node joins, and while master B
+is stopped (its subscriptions time out and it is cut off).
+
+Each run also asserts that B did answer from its near cache, so a run that
+never used it cannot pass for one that kept it coherent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dcache import Client
+from dcache.protocol import Op
+from dcache.protocol.limits import INVALIDATION_TIMEOUT_S
+from tests.cluster import Cluster, settled, wait_ring
+from tests.faults.checker import LoadChecker
+
+pytestmark = pytest.mark.slow
+
+NODES = {"a1", "a2", "a3"}
+NEAR = ["--near-cache-size", "4MB"]
+#: Operations (reads and writes) of each coherence run.
+OPS = 100_000
+
+
+class NearCluster(Cluster):
+    def up(self, aux: set[str] = NODES) -> tuple[str, str]:
+        a = self.start_master("m1", *NEAR)
+        b = self.start_master("m2", *NEAR, follow=a)
+        for node in sorted(aux):
+            self.start_aux(node)
+        return a.addr, b.addr
+
+    async def settle(self, nodes: set[str] = NODES, timeout: float = 30.0) -> None:
+        for m in self.masters:
+            await wait_ring(m.addr, settled(nodes), timeout=timeout, what=f"{m.addr}: {sorted(nodes)} up, settled")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NearCluster]:
+    c = NearCluster(tmp_path, replicas=2)
+    try:
+        yield c
+    finally:
+        c.stop()
+        print(c.logs()[-20000:])  # shown only when the test fails
+
+
+def checker(a: str, b: str, seed: int) -> LoadChecker:
+    """Writers through ``a``, readers through ``b``, on 6 keys (hot on ``b``)."""
+    return LoadChecker([a], [b], writers=2, keys_per_writer=3, readers=4, delete_ratio=0.1, mget_ratio=0.2, pause_s=0.0, seed=seed)
+
+
+async def stats(addr: str) -> dict[str, Any]:
+    async with Client(addr, timeout=5.0) as c:
+        st: dict[str, Any] = await c.stats()
+        return st
+
+
+def ops_done(chk: LoadChecker) -> int:
+    s = chk.stats
+    return s.sets_ok + s.deletes_ok + s.reads_ok
+
+
+async def run_until(chk: LoadChecker, total: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while ops_done(chk) < total:
+        chk.check_running()
+        assert time.monotonic() < deadline, f"only {ops_done(chk)} of {total} operations in {timeout}s: {chk.report()}"
+        await asyncio.sleep(0.05)
+
+
+def assert_coherent(chk: LoadChecker) -> None:
+    s = chk.stats
+    assert (s.stale, s.resurrected, s.wrong, s.lost) == (0, 0, 0, 0), chk.report()
+
+
+async def assert_near_used(b: str, at_least: int = 1000) -> dict[str, Any]:
+    st = await stats(b)
+    assert st["near_cache_hits"] >= at_least, {k: v for k, v in st.items() if k.startswith("near")}
+    assert st["near_cache_invalidations"] > 0, "the writes through the other master invalidated nothing here"
+    return st
+
+
+async def test_two_masters_no_stale_read(cluster: NearCluster) -> None:
+    a, b = cluster.up()
+    await cluster.settle()
+    chk = checker(a, b, seed=31)
+    chk.start()
+    try:
+        await run_until(chk, OPS)
+    finally:
+        await chk.stop()
+    await chk.verify(b)
+    assert_coherent(chk)
+    st = await assert_near_used(b, at_least=OPS // 10)
+    print(chk.report(), {k: v for k, v in st.items() if k.startswith("near")})
+    held = sum([(await stats(n.addr))["answers_held_for_invalidation"] for n in cluster.aux.values()])
+    assert held > 0, "no write waited for an invalidation: the masters never subscribed"
+
+
+async def test_no_stale_read_while_an_owner_is_killed_and_restarted(cluster: NearCluster) -> None:
+    a, b = cluster.up()
+    await cluster.settle()
+    chk = checker(a, b, seed=32)
+    chk.start()
+    try:
+        await run_until(chk, OPS // 3)
+        victim = "a1"
+        port = cluster.aux[victim].port
+        cluster.aux[victim].kill()
+        await cluster.settle(NODES - {victim})
+        await run_until(chk, 2 * OPS // 3)
+        restarted = cluster.start_aux(victim, port=port)
+        assert restarted.port == port
+        await cluster.settle()
+        await run_until(chk, OPS)
+    finally:
+        await chk.stop()
+    await chk.verify(b)
+    assert_coherent(chk)
+    await assert_near_used(b)
+
+
+async def test_no_stale_read_while_an_aux_node_joins(cluster: NearCluster) -> None:
+    a, b = cluster.up({"a1", "a2"})
+    await cluster.settle({"a1", "a2"})
+    chk = checker(a, b, seed=33)
+    chk.start()
+    try:
+        await run_until(chk, OPS // 3)
+        cluster.start_aux("a3")
+        await cluster.settle()
+        await run_until(chk, OPS)
+    finally:
+        await chk.stop()
+    await chk.verify(b)
+    assert_coherent(chk)
+    await assert_near_used(b)
+
+
+async def test_a_stopped_master_is_cut_off_and_never_serves_a_stale_copy(cluster: NearCluster) -> None:
+    """Master B holds a copy and stops answering: a write through A waits for B's acknowledgement at most the timeout, then B is cut off; once B runs again it answers the new value."""
+    a, b = cluster.up()
+    await cluster.settle()
+    async with Client(a, timeout=10.0) as ca, Client(b, timeout=10.0) as cb:
+        await ca.set("hot", b"v1")
+        for _ in range(200):  # hot on B, then filled
+            assert await cb.get("hot") == b"v1"
+        before = (await stats(b))["near_cache_hits"]
+        for _ in range(50):
+            assert await cb.get("hot") == b"v1"
+        assert (await stats(b))["near_cache_hits"] >= before + 50, "B did not answer from its near cache"
+        master_b = cluster.masters[1]
+        master_b.signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            await ca.set("hot", b"v2")  # acknowledged only once B can no longer serve v1
+            took = time.monotonic() - t0
+        finally:
+            master_b.signal(signal.SIGCONT)
+        assert INVALIDATION_TIMEOUT_S * 0.9 <= took <= INVALIDATION_TIMEOUT_S + 3.0, f"the write waited {took:.2f}s"
+        for _ in range(20):
+            assert await cb.get("hot") == b"v2"
+        timeouts = sum([(await stats(n.addr))["invalidation_timeouts"] for n in cluster.aux.values()])
+        assert timeouts >= 1
+        t0 = time.monotonic()
+        await ca.set("hot", b"v3")  # B is cut off: no more waiting
+        assert time.monotonic() - t0 < INVALIDATION_TIMEOUT_S * 0.5
+        assert await cb.get("hot") == b"v3"
+
+
+async def test_tracking_table_is_bounded(cluster: NearCluster) -> None:
+    """An aux node tracks at most --tracking-keys keys; one more invalidates the oldest, and reads stay right."""
+    m = cluster.start_master("m1", *NEAR)
+    cluster.start_aux("a1", "--tracking-keys", "4")
+    await cluster.settle({"a1"})
+    async with Client(m.addr, timeout=10.0) as c:
+        keys = [f"k{i}" for i in range(10)]
+        for k in keys:
+            await c.set(k, k.encode())
+        for _ in range(100):
+            for k in keys:
+                assert await c.get(k) == k.encode()
+        st = await stats(cluster.aux["a1"].addr)
+        assert st["tracked_keys"] <= 4
+        assert st["tracking_overflows"] > 0
+        for k in keys:
+            await c.set(k, b"new-" + k.encode())
+            assert await c.get(k) == b"new-" + k.encode()
+        info = await c.execute(Op.HOTKEYS, 3)
+        assert len(info) == 3 and all(k in {x.encode() for x in keys} for k, _ in info)
