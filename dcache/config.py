@@ -424,7 +424,7 @@ class MasterConfig(NodeConfig):
     cluster: str = opt("dcache", "cluster name: the ZooKeeper namespace /dcache/NAME (with --zookeeper)", _str, "NAME")
     zk_session_timeout: float = opt(10.0, "ZooKeeper session timeout: a dead master's leadership ends after it", _float, "S")
     near_cache_size: int = opt(
-        0,
+        16 * 1024**2,
         "bytes of hot keys this master answers itself, kept coherent by the aux nodes' invalidations; 0 = off",
         parse_size,
         "SIZE",

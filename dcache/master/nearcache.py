@@ -34,6 +34,11 @@ from ..protocol.limits import NEAR_LEASE_S
 
 __all__ = ["HotKeys", "NearCache", "ENTRY_OVERHEAD"]
 
+#: ``HotKeys`` counts one read in this many (a power of two): a quarter of the cost per GET, and a
+#: hot key, read thousands of times a second, is still counted hundreds of times.
+SAMPLE = 4
+_SAMPLE_MASK = SAMPLE - 1
+
 #: Bytes a near-cache entry is charged on top of its key and value (dict slot, tuple, ints).
 ENTRY_OVERHEAD = 160
 
@@ -41,15 +46,31 @@ ENTRY_OVERHEAD = 160
 class HotKeys:
     """A decaying frequency sketch of the keys read, and the top keys it saw.
 
-    ``note(key)`` returns the key's estimated count: reads in the current
-    window plus half the previous window's, and so on. A key is *hot* when
-    that reaches ``hot_count``. With the defaults (``width`` 16384,
-    ``window`` 65536 reads) a key with uniform traffic over many keys counts
-    about 2 per 16,384 distinct keys, and collisions add about 8; the hot
-    threshold of 32 is a key taking about 1 read in 4,000.
+    ``note(key)`` counts one read in ``SAMPLE`` (by a running count, so
+    every key's reads are sampled alike) and then returns the key's
+    estimated count: counted reads in the current window plus half the
+    previous window's, and so on. A key is *hot* when that reaches
+    ``hot_count``. With the defaults (``width`` 16384, ``window`` 65536
+    counted reads) a key with uniform traffic over many keys counts about 2
+    per 16,384 distinct keys, and collisions add about 8; the hot threshold
+    of 32 is a key taking about 1 read in 4,000.
     """
 
-    __slots__ = ("_a", "_b", "_mask", "window", "hot_count", "_n", "top", "top_size", "_top_min", "_since", "_last_window_s", "reads")
+    __slots__ = (
+        "_a",
+        "_b",
+        "_mask",
+        "window",
+        "hot_count",
+        "_n",
+        "_age_at",
+        "top",
+        "top_size",
+        "_top_min",
+        "_since",
+        "_last_window_s",
+        "reads",
+    )
 
     def __init__(self, width: int = 16384, window: int = 65536, hot_count: int = 32, top_size: int = 64) -> None:
         if width & (width - 1) or width <= 0:
@@ -60,6 +81,7 @@ class HotKeys:
         self.window = window
         self.hot_count = hot_count
         self._n = 0
+        self._age_at = window * SAMPLE
         #: The top keys met: key -> last estimated count (at most ``top_size``).
         self.top: dict[bytes, int] = {}
         self.top_size = top_size
@@ -70,7 +92,10 @@ class HotKeys:
         self.reads = 0
 
     def note(self, key: bytes) -> int:
-        """Count one read of ``key``; return its estimated (decayed) count."""
+        """Count one read of ``key``: one read in ``SAMPLE`` is counted; return its estimated count then, else 0."""
+        n = self._n = self._n + 1
+        if n & _SAMPLE_MASK:
+            return 0
         h = hash(key)
         a = self._a
         i = h & self._mask
@@ -82,8 +107,7 @@ class HotKeys:
         b[j] = d
         if d < c:
             c = d
-        self._n += 1
-        if self._n >= self.window:
+        if n >= self._age_at:
             self._age()
         if c >= self.hot_count and not c & 7:  # the top list is refreshed every 8th count of a hot key
             self._offer(key, c)
@@ -101,7 +125,7 @@ class HotKeys:
         self._top_min = min(top.values())
 
     def _age(self) -> None:
-        """Halve every counter (the decay), once per ``window`` reads."""
+        """Halve every counter (the decay), once per ``window`` counted reads."""
         self.reads += self._n
         self._n = 0
         self._a = [c >> 1 for c in self._a]
@@ -126,7 +150,7 @@ class HotKeys:
     def rate_of(self, count: int) -> float:
         """Reads per second a decayed count stands for (counts sum ``rate * (t + T)``: ``t`` in this window, ``T`` the last one)."""
         span = (time.monotonic() - self._since) + self._last_window_s
-        return count / span if span > 0 else 0.0
+        return count * SAMPLE / span if span > 0 else 0.0
 
     def hottest(self, n: int) -> list[tuple[bytes, float]]:
         """The ``n`` hottest keys met, with their estimated reads per second, hottest first."""

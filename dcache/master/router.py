@@ -274,12 +274,15 @@ class Router:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        value = near.lookup(key, loop.time())
         count = near.hot.note(key)
-        if value is not None:
-            self.stats.hits += 1
-            sink.reply(rid, _OK, value)
-            return True
+        if key in near.entries:
+            value = near.lookup(key, loop.time())
+            if value is not None:
+                self.stats.hits += 1
+                sink.reply(rid, _OK, value)
+                return True
+        else:
+            near.misses += 1
         if count < near.hot.hot_count:
             return False
         candidates = self.view.read_candidates(key)

@@ -144,7 +144,16 @@ async def print_master_counters(fc: FaultCluster) -> None:
     for m in fc.masters:
         async with Client(m.addr, timeout=5.0) as c:
             st = await c.stats()
-        keys = ("requests", "errors", "fallbacks", "repairs", "unavailable", "partial_writes")
+        keys = (
+            "requests",
+            "errors",
+            "fallbacks",
+            "repairs",
+            "unavailable",
+            "partial_writes",
+            "near_cache_hits",
+            "near_cache_invalidations",
+        )
         print(f"master {m.addr}: " + ", ".join(f"{k} {st.get(k)}" for k in keys))
 
 
