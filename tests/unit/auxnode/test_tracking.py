@@ -30,7 +30,7 @@ class Wire:
         self.proto = node.protocol_factory()
         self.transport = FakeTransport()
         self.transport.protocol = self.proto  # close() reports the loss, as a real transport does
-        self.proto.connection_made(self.transport)
+        self.proto.connection_made(self.transport)  # type: ignore[arg-type]
         self._rid = 0
 
     def send(self, *msgs: list[Any]) -> list[int]:
@@ -233,7 +233,12 @@ async def test_a_closed_subscriber_holds_writes_until_its_timeout_then_is_forgot
     assert loop.time() - t0 >= 0.2 * 0.95
     assert node.tracker.stats()["invalidation_timeouts"] == 0  # nothing was pushed to it: not a timeout
     assert node.tracker.subscribers == 1  # gone, not yet forgotten
-    await until(lambda: (node.tracker.sweep(), node.tracker.subscribers == 0)[1], "the sweep to forget it")
+
+    def swept() -> bool:
+        node.tracker.sweep()
+        return node.tracker.subscribers == 0
+
+    await until(swept, "the sweep to forget it")
     assert client.answer(client.call(Op.SET, b"k", b"v3")) is True  # nothing holds writes any more
 
 
