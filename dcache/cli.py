@@ -510,22 +510,47 @@ _AUX_TOTALS = frozenset(
     ("aux_items", "aux_bytes", "aux_max_bytes", "aux_hits", "aux_misses", "aux_evictions", "aux_expirations", "aux_nodes_answering")
 )
 
+#: An aux node's near-cache tracking fields (``Tracker.stats``).
+_TRACKING = frozenset(
+    (
+        "tracked_keys",
+        "tracking_max_keys",
+        "tracking_subscribers",
+        "invalidation_pushes",
+        "invalidations",
+        "tracking_overflows",
+        "invalidation_timeouts",
+        "answers_held_for_invalidation",
+    )
+)
+
+#: The sections ``dcache stats`` prints after a node's own fields: a heading, and which fields go under it.
+_STATS_SECTIONS: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("# near cache (--near-cache-size): reads this master answered from its copies of hot keys", lambda k: k.startswith("near_cache_")),
+    ("# near-cache tracking: the masters' copies of this node's keys, and telling them first of a change", _TRACKING.__contains__),
+    (
+        "# totals over the aux nodes that answered: every replica's copy, and the masters' replica, fallback and repair reads",
+        _AUX_TOTALS.__contains__,
+    ),
+)
+
 
 def _format_stats(stats: dict[str, Any]) -> str:
-    """STATS as ``name  value`` lines; on a master, the ``aux_*`` totals under a heading of their own.
+    """STATS as ``name  value`` lines: the node's own fields, then each section of ``_STATS_SECTIONS`` it has under its heading.
 
-    A master's ``hits`` and ``misses`` are what its clients saw; the aux
-    totals count every copy and every read the masters made on the way
-    (docs/OPERATIONS.md, "dcache stats").
+    On a master, the near cache's fields, then the ``aux_*`` totals (its
+    ``hits`` and ``misses`` are what its clients saw; the aux totals count
+    every copy and every read the masters made on the way); on an aux node,
+    its near-cache tracking (docs/OPERATIONS.md, "dcache stats").
     """
     width = max((len(k) for k in stats), default=0)
-    own = [k for k in sorted(stats) if k not in _AUX_TOTALS]
-    totals = [k for k in sorted(stats) if k in _AUX_TOTALS]
+    keys = sorted(stats)
+    own = [k for k in keys if not any(within(k) for _, within in _STATS_SECTIONS)]
     lines = [f"{key:<{width}}  {stats[key]}" for key in own]
-    if totals:
-        lines.append("")
-        lines.append("# totals over the aux nodes that answered: every replica's copy, and the masters' replica, fallback and repair reads")
-        lines += [f"{key:<{width}}  {stats[key]}" for key in totals]
+    for heading, within in _STATS_SECTIONS:
+        section = [k for k in keys if within(k)]
+        if section:
+            lines += ["", heading, *(f"{key:<{width}}  {stats[key]}" for key in section)]
     return "\n".join(lines)
 
 
@@ -590,6 +615,66 @@ def _cmd_ring(args: argparse.Namespace) -> int:
             print(json.dumps(info, indent=2, sort_keys=True, default=str))
         else:
             print(_format_ring(info))
+        return EXIT_OK
+
+    return _run_tool(args, body)
+
+
+def _hot_keys_json(node_id: str, hot: list[list[Any]]) -> dict[str, Any]:
+    """``hotkeys --json``'s object: each key as text if it is UTF-8, else base64 under ``key_base64`` (as ``get --json``)."""
+    import base64
+
+    keys: list[dict[str, Any]] = []
+    for key, rate in hot:
+        try:
+            keys.append({"key": key.decode(), "reads_per_s": rate})
+        except UnicodeDecodeError:
+            keys.append({"key_base64": base64.b64encode(key).decode(), "reads_per_s": rate})
+    return {"node_id": node_id, "keys": keys}
+
+
+def _format_hot_keys(node_id: str, hot: list[list[Any]]) -> str:
+    """HOTKEYS as a table: rank, estimated reads/s, the key (``printable_key``: escaped, never raw bytes on a terminal)."""
+    from .keytext import printable_key
+
+    if not hot:
+        return f"# master {node_id}: no hot key (none read often enough lately)"
+    lines = [f"# master {node_id}: its hottest keys, by estimated reads/s (a decaying count of its own recent reads)", "rank  reads/s  key"]
+    lines += [f"{i:>4}  {rate:>7.1f}  {printable_key(key)}" for i, (key, rate) in enumerate(hot, 1)]
+    return "\n".join(lines)
+
+
+def _cmd_hotkeys(args: argparse.Namespace) -> int:
+    from .errors import UnknownOpError
+    from .protocol import Op
+    from .protocol.limits import MAX_HOT_KEYS
+
+    if not 1 <= args.count <= MAX_HOT_KEYS:
+        print(f"dcache hotkeys: --count must be between 1 and {MAX_HOT_KEYS}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def body(client: Any) -> int:
+        hello = await client.server_info()
+        node_id = str(hello.get("node_id"))
+        if hello.get("role") != "master":
+            print(
+                f"dcache hotkeys: {client.current_endpoint} is an aux node ({node_id}), and only masters count reads by key: "
+                "point --addr at a master (7000 by default)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        try:
+            hot = await client.execute(Op.HOTKEYS, args.count)
+        except UnknownOpError:
+            print(
+                f"dcache hotkeys: the master at {client.current_endpoint} does not know HOTKEYS (an older version): upgrade it",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        if args.json:
+            print(json.dumps(_hot_keys_json(node_id, hot), indent=2))
+        else:
+            print(_format_hot_keys(node_id, hot))
         return EXIT_OK
 
     return _run_tool(args, body)
@@ -831,6 +916,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_addr(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_ring)
+
+    p = sub.add_parser(
+        "hotkeys",
+        help="show a master's hottest keys",
+        description="List the keys the master at --addr reads most, with their estimated reads per second, hottest first "
+        "(as redis-cli --hotkeys). Every master counts its own reads in a small decaying sketch; a key shows once it takes "
+        "about 1 read in 4,000 of that master's. Keys that are not printable UTF-8 are escaped (\\xNN, \\n, ...).",
+        epilog=_EXIT_CODES_HELP,
+    )
+    _add_addr(p)
+    p.add_argument("--count", type=int, default=10, metavar="N", help="most keys to list, 1 to 100 (default: 10)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"node_id": ..., "keys": [{"key": TEXT, "reads_per_s": R}, ...]}; a key that is not UTF-8 as "key_base64"',
+    )
+    p.set_defaults(func=_cmd_hotkeys)
 
     p = sub.add_parser(
         "dump",

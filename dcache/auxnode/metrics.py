@@ -1,4 +1,4 @@
-"""Prometheus metrics of an aux node: the common families plus the cache and its snapshots."""
+"""Prometheus metrics of an aux node: the common families plus the cache, its snapshots and near-cache tracking."""
 
 from __future__ import annotations
 
@@ -13,17 +13,19 @@ if TYPE_CHECKING:
     from ..lru import LRUCache
     from ..server import Service
     from .snapshots import SnapshotManager
+    from .tracking import Tracker
 
 __all__ = ["AuxCollector"]
 
 
 class AuxCollector(ServiceCollector):
-    """An aux node's metrics: the common families plus the cache and snapshots."""
+    """An aux node's metrics: the common families plus the cache, snapshots and near-cache tracking."""
 
-    def __init__(self, service: Service, cache: LRUCache, snapshots: SnapshotManager) -> None:
+    def __init__(self, service: Service, cache: LRUCache, snapshots: SnapshotManager, tracker: Tracker) -> None:
         super().__init__(service)
         self.cache = cache
         self.snapshots = snapshots
+        self.tracker = tracker
 
     def collect(self) -> Iterator[Metric]:
         yield from super().collect()
@@ -49,3 +51,14 @@ class AuxCollector(ServiceCollector):
             "Snapshot entries skipped at start-up: their version was too far ahead of the clock.",
             st["snapshot_versions_refused"],
         )
+        t = self.tracker
+        yield plain_gauge("dcache_tracking_keys", "Keys some master's near cache holds a copy of (subscribed).", len(t.table))
+        yield plain_gauge("dcache_tracking_max_keys", "Most keys tracked (--tracking-keys; 0 = tracking refused).", t.max_keys)
+        yield plain_gauge("dcache_tracking_subscribers", "Master connections subscribed to at least one key.", t.subscribers)
+        yield plain_counter("dcache_tracking_invalidations", "Tracked keys that changed, each ending its subscriptions.", t.invalidations)
+        yield plain_counter("dcache_tracking_pushes", "INVALIDATE frames pushed to masters.", t.pushes)
+        yield plain_counter(
+            "dcache_tracking_answers_held", "Answers of writes held until the masters holding a copy acknowledged.", t.held_answers
+        )
+        yield plain_counter("dcache_tracking_overflows", "Keys invalidated to make room in a full table (--tracking-keys).", t.overflows)
+        yield plain_counter("dcache_tracking_timeouts", "Masters cut off for not acknowledging an invalidation in time.", t.timeouts)

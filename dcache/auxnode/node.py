@@ -208,7 +208,7 @@ class AuxNode(Service):
         """This node's metrics collector."""
         from .metrics import AuxCollector
 
-        return AuxCollector(self, self.cache, self.snapshots)
+        return AuxCollector(self, self.cache, self.snapshots, self.tracker)
 
     async def _gc_loop(self) -> None:
         """Keep the cyclic GC away from the cache's entries.

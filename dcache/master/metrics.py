@@ -1,4 +1,4 @@
-"""Prometheus metrics of a master: the common families plus ring, health, routing, migration and links."""
+"""Prometheus metrics of a master: the common families plus ring, health, routing, migration, links, near cache and hot keys."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..keytext import printable_key
 from ..metrics import ServiceCollector, plain_counter, plain_gauge
 from .view import MEMBER_STATES, UP
 
@@ -16,7 +17,12 @@ if TYPE_CHECKING:
     from .membership import Membership
     from .router import Router
 
-__all__ = ["MasterCollector"]
+__all__ = ["MasterCollector", "HOT_KEYS_SHOWN", "HOT_KEY_LABEL_CHARS"]
+
+#: Keys ``dcache_hot_key_reads_per_second`` shows (its label set is bounded by this).
+HOT_KEYS_SHOWN = 10
+#: Longest ``key`` label of ``dcache_hot_key_reads_per_second`` (``printable_key``: escaped, cut with ``...``).
+HOT_KEY_LABEL_CHARS = 100
 
 
 class MasterCollector(ServiceCollector):
@@ -63,8 +69,65 @@ class MasterCollector(ServiceCollector):
         yield plain_counter("dcache_hints_replayed", "Hints replayed to aux nodes that answered again.", hints.replayed_total)
         yield plain_counter("dcache_hint_overflows", "Times an aux node missed more writes than the hints hold.", hints.overflows_total)
         yield from self._links()
+        yield from self._near_cache()
+        yield self._hot_keys()
         yield from self._migration()
         yield from self._membership()
+
+    def _near_cache(self) -> Iterable[Metric]:
+        """The near cache's families: zeros while it is off (``--near-cache-size`` 0), so the set of families never changes."""
+        near = self.router.near
+        st = near.stats() if near is not None else {}
+        n = st.get
+        return [
+            plain_counter("dcache_near_cache_hits", "GETs answered from the near cache's copy of a hot key.", n("near_cache_hits", 0)),
+            plain_counter(
+                "dcache_near_cache_misses", "GETs that found no live copy in the near cache (most GETs).", n("near_cache_misses", 0)
+            ),
+            plain_counter("dcache_near_cache_fills", "Copies of hot keys stored in the near cache.", n("near_cache_fills", 0)),
+            plain_counter(
+                "dcache_near_cache_fills_discarded",
+                "Copies not stored because the key changed while they were read.",
+                n("near_cache_fills_discarded", 0),
+            ),
+            plain_counter(
+                "dcache_near_cache_invalidations",
+                "Copies dropped because the key changed (an aux node's push, this master's write, a new ring).",
+                n("near_cache_invalidations", 0),
+            ),
+            plain_counter(
+                "dcache_near_cache_evictions",
+                "Copies dropped (oldest first) to stay within --near-cache-size.",
+                n("near_cache_evictions", 0),
+            ),
+            plain_counter(
+                "dcache_near_cache_lease_lapses",
+                "Copies dropped at a read because their owner had not answered within the lease.",
+                n("near_cache_lease_lapses", 0),
+            ),
+            plain_gauge("dcache_near_cache_keys", "Copies of hot keys held now.", n("near_cache_keys", 0)),
+            plain_gauge("dcache_near_cache_bytes", "Bytes the copies are charged (key, value, overhead).", n("near_cache_bytes", 0)),
+            plain_gauge(
+                "dcache_near_cache_max_bytes", "The near cache's budget (--near-cache-size; 0 = off).", n("near_cache_max_bytes", 0)
+            ),
+        ]
+
+    def _hot_keys(self) -> Metric:
+        """The ``HOT_KEYS_SHOWN`` hottest keys read through this master: a bounded label set (a cut label shared by two keys shows the hotter)."""
+        family = GaugeMetricFamily(
+            "dcache_hot_key_reads_per_second",
+            f"Estimated GETs per second of this master's {HOT_KEYS_SHOWN} hottest keys (key: escaped, at most {HOT_KEY_LABEL_CHARS} chars).",
+            labels=["key"],
+        )
+        hot = self.router.hot
+        if hot is not None:
+            seen: set[str] = set()
+            for key, rate in hot.hottest(HOT_KEYS_SHOWN):
+                label = printable_key(key, HOT_KEY_LABEL_CHARS)
+                if label not in seen:
+                    seen.add(label)
+                    family.add_metric([label], round(rate, 1))
+        return family
 
     def _links(self) -> Iterable[Metric]:
         links = sorted(self.links.items())

@@ -1,14 +1,18 @@
-"""The ``dcache`` tools against a real aux node: output and exit codes scripts rely on."""
+"""The ``dcache`` tools against a real aux node (and a master for ``hotkeys``): output and exit codes scripts rely on."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.harness import start_aux
+from tests.cluster import Cluster, settled, wait_ring
+from tests.harness import DaemonProcess, start_aux
 
 pytestmark = pytest.mark.slow
 
@@ -97,3 +101,68 @@ def test_help_lists_every_flag():
     r = dcache("aux", "--help")
     for flag in ("--host", "--port", "--node-id", "--data-dir", "--max-memory", "--auth-token", "--snapshot-interval"):
         assert flag.encode() in r.stdout
+
+
+@pytest.fixture(scope="module")
+def master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """A master with one aux node (the near cache off: HOTKEYS counts reads either way)."""
+    cl = Cluster(Path(tmp_path_factory.mktemp("cli-cluster")))
+    try:
+        m = cl.start_master("cli-m1")
+        cl.start_aux("cli-a1")
+        asyncio.run(wait_ring(m.addr, settled({"cli-a1"}), what="cli-a1 up"))
+        yield m
+    except BaseException:
+        print(cl.logs()[-20000:])
+        raise
+    finally:
+        cl.stop()
+
+
+HOT = "hot:key"
+ODD = b"\xffodd\n\x1b[2J"  # not UTF-8, with a newline and a terminal escape sequence
+
+
+async def read_hot_keys(addr: str) -> None:
+    """5,000 GETs of ``HOT``, 2,000 of ``ODD``, and 4 of each of 500 other keys, interleaved."""
+    from dcache import Client
+
+    async with Client(addr, timeout=10.0) as c:
+        assert await c.set(HOT, b"v") and await c.set(ODD, b"w")
+        for i in range(500):
+            assert await c.set(f"cold:{i}", b"c")
+        for _ in range(20):
+            reads = [c.get(HOT) for _ in range(250)] + [c.get(ODD) for _ in range(100)]
+            reads += [c.get(f"cold:{i}") for i in range(100)]
+            assert all(v is not None for v in await asyncio.gather(*reads))
+
+
+def test_hotkeys_lists_the_hottest_key_first(master: DaemonProcess) -> None:
+    asyncio.run(read_hot_keys(master.addr))
+    r = dcache("hotkeys", "--addr", master.addr, "--json", "--count", "5")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["node_id"] == "cli-m1"
+    keys = shown["keys"]
+    assert 2 <= len(keys) <= 5
+    assert keys[0]["key"] == HOT and keys[0]["reads_per_s"] > 0
+    assert keys[1] == {"key_base64": "/29kZAobWzJK", "reads_per_s": keys[1]["reads_per_s"]}  # base64 of ODD
+    assert keys[0]["reads_per_s"] > keys[1]["reads_per_s"] > 0
+    assert all(not k.get("key", "").startswith("cold:") or k["reads_per_s"] < keys[1]["reads_per_s"] for k in keys)
+
+    r = dcache("hotkeys", "--addr", master.addr)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].startswith("# master cli-m1") and lines[1].split() == ["rank", "reads/s", "key"]
+    assert lines[2].split()[0] == "1" and lines[2].endswith(f"  {HOT}")
+    assert lines[3].endswith("  \\xffodd\\n\\x1b[2J")  # escaped: no raw byte, newline or escape reaches the terminal
+    assert b"\x1b" not in r.stdout and len(lines) <= 12
+
+
+def test_hotkeys_refuses_an_aux_node_and_bad_counts(node: DaemonProcess, master: DaemonProcess) -> None:
+    r = dcache("hotkeys", "--addr", node.addr)
+    assert r.returncode == 2 and b"is an aux node (cli-aux)" in r.stderr and b"point --addr at a master" in r.stderr
+    r = dcache("hotkeys", "--addr", master.addr, "--count", "0")
+    assert r.returncode == 2 and b"--count must be between 1 and 100" in r.stderr
+    r = dcache("hotkeys", "--addr", "127.0.0.1:1", "--timeout", "2")
+    assert r.returncode == 3 and b"dcache hotkeys: cannot reach a dcache server at 127.0.0.1:1" in r.stderr

@@ -105,3 +105,29 @@ def test_metrics_port_flag_in_help() -> None:
         out = subprocess.run([sys.executable, "-m", "dcache", role, "--help"], capture_output=True, text=True, timeout=30, check=True)
         assert "--metrics-port" in out.stdout
         assert "DCACHE_METRICS_PORT" in out.stdout
+
+
+async def test_near_cache_and_tracking_metrics_move_with_hot_reads(cluster: Cluster) -> None:
+    master = cluster.start_master("m1", "--metrics-port", "0", "--near-cache-size", "1MB")
+    aux = cluster.start_aux("a1", "--metrics-port", "0")
+    await wait_ring(master.addr, settled({"a1"}), what="a1 up")
+    master_url, aux_url = metrics_url(master), metrics_url(aux)
+    async with Client(master.addr, timeout=5.0) as c:
+        assert await c.set("hot", b"v1")
+        for _ in range(10):  # 2,000 reads: hot after 32, then answered from the near cache
+            assert await asyncio.gather(*(c.get("hot") for _ in range(200))) == [b"v1"] * 200
+        m = await asyncio.to_thread(scrape, master_url)
+        a = await asyncio.to_thread(scrape, aux_url)
+        assert m[("dcache_near_cache_fills_total", ())] >= 1 and m[("dcache_near_cache_keys", ())] == 1
+        assert m[("dcache_near_cache_hits_total", ())] > 1000
+        assert m[("dcache_near_cache_max_bytes", ())] == 1_000_000
+        assert m[("dcache_hot_key_reads_per_second", (("key", "hot"),))] > 0
+        assert a[("dcache_tracking_keys", ())] == 1 and a[("dcache_tracking_subscribers", ())] == 1
+
+        assert await c.set("hot", b"v2")  # the aux node invalidates the master's copy before it answers
+        assert await c.get("hot") == b"v2"
+        m = await asyncio.to_thread(scrape, master_url)
+        a = await asyncio.to_thread(scrape, aux_url)
+        assert m[("dcache_near_cache_invalidations_total", ())] >= 1
+        assert a[("dcache_tracking_invalidations_total", ())] >= 1
+        assert a[("dcache_tracking_timeouts_total", ())] == 0

@@ -1,7 +1,7 @@
 """A real Prometheus scraping a real cluster with docker/prometheus.yml, and every query of the Grafana dashboard.
 
-One module-scoped stack (1 master, 2 aux nodes, the HTTP shim, all with
-metrics, and Prometheus on the rendered docker/prometheus.yml scraping them
+One module-scoped stack (1 master with a near cache, 2 aux nodes, the HTTP
+shim, all with metrics, and Prometheus on the rendered docker/prometheus.yml scraping them
 every second) serves the tests that need data; the config and provisioning
 checks need none.
 """
@@ -75,7 +75,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     shim: DaemonProcess | None = None
     prom: PrometheusProcess | None = None
     try:
-        master = cluster.start_master("m1", "--metrics-port", "0")
+        master = cluster.start_master("m1", "--metrics-port", "0", "--near-cache-size", "1MB")
         aux = [cluster.start_aux(node_id, "--metrics-port", "0") for node_id in ("a1", "a2")]
         asyncio.run(wait_ring(master.addr, settled({"a1", "a2"}), what="a1, a2 up"))
         shim = start_http(master.addr)
@@ -99,7 +99,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 async def drive(stack: Stack, keys: int = 150) -> None:
-    """One round of load: sets, hits and misses through a master, and a few HTTP requests through the shim.
+    """One round of load: sets, hits and misses through a master, a hot key, and a few HTTP requests through the shim.
+
+    The hot key (read 64 times a round, far above the master's threshold of
+    about 1 read in 4,000) fills the near cache and the hot-key gauge.
 
     The master samples 1 request in 64 for ``dcache_request_seconds``: a round
     gives every role a few samples.
@@ -112,6 +115,8 @@ async def drive(stack: Stack, keys: int = 150) -> None:
         assert all(v == b"v" * 64 for v in hits)
         misses = await asyncio.gather(*(c.get(f"r{r}:missing{i}") for i in range(keys // 3)))
         assert all(v is None for v in misses)
+        assert await c.set("hot", b"h")
+        assert await asyncio.gather(*(c.get("hot") for _ in range(64))) == [b"h"] * 64
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         for i in range(5):
             async with session.post(f"{stack.http}/data", json={"key": f"r{r}:h{i}", "value": "v"}) as resp:
@@ -258,6 +263,10 @@ def test_dashboard_and_provisioning_are_consistent() -> None:
         "dcache_aux_up",
         "dcache_migration_streams_done",
         "dcache_snapshot_age_seconds",
+        "dcache_near_cache_hits_total",
+        "dcache_near_cache_invalidations_total",
+        "dcache_tracking_keys",
+        "dcache_hot_key_reads_per_second",
     ):
         assert needed in text, needed
 

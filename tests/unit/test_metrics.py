@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,60 @@ def test_http_shim_exports_what_the_docs_list() -> None:
     assert set(got) == shim, f"undocumented: {set(got) - shim}; missing: {shim - set(got)}"
     for name, (kind, labels) in got.items():
         assert docs[name] == (kind, docs[name][1] if labels is None else labels), name
+
+
+async def test_master_near_cache_families_are_zero_while_it_is_off() -> None:
+    node = _master_node()
+    assert node.router.near is None
+    s = samples(node.collector())
+    for name in ("hits", "misses", "fills", "fills_discarded", "invalidations", "evictions", "lease_lapses"):
+        assert s[(f"dcache_near_cache_{name}_total", ())] == 0, name
+    assert s[("dcache_near_cache_max_bytes", ())] == s[("dcache_near_cache_keys", ())] == 0
+    assert not [k for k in s if k[0] == "dcache_hot_key_reads_per_second"]  # no key read yet
+
+
+async def test_master_near_cache_and_hot_key_values() -> None:
+    from dcache.master.metrics import HOT_KEY_LABEL_CHARS, HOT_KEYS_SHOWN
+
+    node = MasterNode(MasterConfig(node_id="t-master", near_cache_size=1 << 20))
+    near = node.router.near
+    assert near is not None and near.hot is node.router.hot
+    near.hits, near.misses, near.lease_lapses = 5, 7, 2
+    long_a, long_b = b"L" * 300 + b"a", b"L" * 300 + b"b"  # the same label once cut: only the hotter shows
+    odd = b"\xffodd\nkey"
+    keys = [f"k{i}".encode() for i in range(20)] + [long_a, long_b, odd]
+    for i, key in enumerate(keys):
+        for _ in range(64 + 8 * i):  # hotter and hotter: the last keys are the hottest
+            near.hot.note(key)
+    s = samples(node.collector())
+    assert s[("dcache_near_cache_hits_total", ())] == 5 and s[("dcache_near_cache_misses_total", ())] == 7
+    assert s[("dcache_near_cache_lease_lapses_total", ())] == 2
+    assert s[("dcache_near_cache_max_bytes", ())] == 1 << 20
+    hot = {dict(labels)["key"]: v for (name, labels), v in s.items() if name == "dcache_hot_key_reads_per_second"}
+    assert len(hot) == HOT_KEYS_SHOWN - 1  # long_a and long_b share a label
+    assert "\\xffodd\\nkey" in hot and all(v > 0 for v in hot.values())
+    cut = "L" * (HOT_KEY_LABEL_CHARS - 3) + "..."
+    assert cut in hot and max(map(len, hot)) == HOT_KEY_LABEL_CHARS
+    assert hot["\\xffodd\\nkey"] >= hot[cut] >= hot["k19"] > 0
+    assert "k0" not in hot  # the coldest are not shown
+
+
+async def test_aux_collector_tracking_values() -> None:
+    node = AuxNode(AuxConfig(node_id="t-aux", tracking_keys=7))
+    proto, transport = connect(node)
+    proto.data_received(frames([int(Op.SET), 1, b"k", b"v"], [int(Op.GETV), 2, b"k", True]))
+    s = samples(node.collector())
+    assert s[("dcache_tracking_keys", ())] == 1 and s[("dcache_tracking_max_keys", ())] == 7
+    assert s[("dcache_tracking_subscribers", ())] == 1
+    proto.data_received(frames([int(Op.SET), 3, b"k", b"v2"]))  # its answer waits for the INVACK
+    for _ in range(3):  # the push is formed at the end of the iteration, then flushed
+        await asyncio.sleep(0)
+    [push] = [f for f in transport.frames() if f[0] == -1]
+    assert not [f for f in transport.frames() if f[0] == 3]
+    proto.data_received(frames([int(Op.INVACK), 4, push[2][0]]))
+    assert [f for f in transport.frames() if f[0] == 3] == [[3, 0, True]]
+    s = samples(node.collector())
+    assert s[("dcache_tracking_keys", ())] == 0
+    assert s[("dcache_tracking_invalidations_total", ())] == s[("dcache_tracking_pushes_total", ())] == 1
+    assert s[("dcache_tracking_answers_held_total", ())] == 1
+    assert s[("dcache_tracking_overflows_total", ())] == s[("dcache_tracking_timeouts_total", ())] == 0

@@ -1,0 +1,268 @@
+"""Near-cache tracking on a real (never started) aux node, through its own protocol on fake transports.
+
+A "master" is a connection that subscribed keys with ``GETV [key, true]``;
+a "client" is another connection that writes them. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import pytest
+
+from dcache.auxnode.node import AuxNode
+from dcache.auxnode.tracking import GONE
+from dcache.config import AuxConfig
+from dcache.protocol import HEADER, PUSH_ID, Op, Push
+from dcache.ring import RING_SIZE
+from tests.fakes import FakeTransport
+
+WAIT_S = 5.0
+
+
+class Wire:
+    """One connection to ``node``: requests in, answers and pushes out."""
+
+    def __init__(self, node: AuxNode) -> None:
+        self.proto = node.protocol_factory()
+        self.transport = FakeTransport()
+        self.transport.protocol = self.proto  # close() reports the loss, as a real transport does
+        self.proto.connection_made(self.transport)  # type: ignore[arg-type]
+        self._rid = 0
+
+    def send(self, *msgs: list[Any]) -> list[int]:
+        """Send requests ``[op, *args]`` in one read; their request ids."""
+        rids, out = [], []
+        for op, *args in msgs:
+            self._rid += 1
+            rids.append(self._rid)
+            body = msgpack.packb([int(op), self._rid, *args], use_bin_type=True)
+            out.append(HEADER.pack(len(body)) + body)
+        self.proto.data_received(b"".join(out))
+        return rids
+
+    def call(self, op: Op, *args: Any) -> int:
+        [rid] = self.send([op, *args])
+        return rid
+
+    def answers(self) -> dict[int, list[Any]]:
+        return {f[0]: f for f in self.transport.frames() if f[0] != PUSH_ID}
+
+    def answer(self, rid: int) -> Any:
+        frame = self.answers()[rid]
+        assert frame[1] == 0, frame
+        return frame[2]
+
+    def pushes(self) -> list[list[Any]]:
+        """The payloads ``[seq, [[key, version], ...]]`` of the INVALIDATE pushes received."""
+        out = [f for f in self.transport.frames() if f[0] == PUSH_ID]
+        assert all(f[1] == int(Push.INVALIDATE) for f in out)
+        return [f[2] for f in out]
+
+
+async def until(cond: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (got := cond()):
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.002)
+    return got
+
+
+async def settle() -> None:
+    """A few loop iterations: a round's push is formed at the end of one and flushed in the next."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def make_node(**kw: Any) -> AuxNode:
+    return AuxNode(AuxConfig(node_id="t-aux", **kw))
+
+
+def subscribe(master: Wire, *keys: bytes) -> None:
+    for key in keys:
+        rid = master.call(Op.GETV, key, True)
+        assert master.answer(rid) is not None, key
+
+
+async def test_a_write_to_a_tracked_key_is_answered_after_the_subscriber_acknowledged() -> None:
+    node = make_node()
+    master, client = Wire(node), Wire(node)
+    assert client.answer(client.call(Op.SET, b"k", b"v1")) is True
+    subscribe(master, b"k")
+    assert node.tracker.stats()["tracked_keys"] == 1
+
+    rid = client.call(Op.SET, b"k", b"v2")
+    [push] = await until(master.pushes, "the INVALIDATE push")
+    seq, items = push
+    [[key, version]] = items
+    assert seq == 1 and key == b"k"
+    assert master.answer(master.call(Op.GETV, b"k"))[2] == version  # the push names the new version
+    await settle()
+    assert rid not in client.answers()  # held: the master may still serve v1
+
+    master.call(Op.INVACK, seq)
+    assert client.answer(rid) is True
+    st = node.tracker.stats()
+    assert (st["invalidation_pushes"], st["invalidations"], st["answers_held_for_invalidation"]) == (1, 1, 1)
+    assert st["tracked_keys"] == 0  # a subscription ends at the change
+
+    rid = client.call(Op.SET, b"k", b"v3")  # no longer tracked: answered at once, nothing pushed
+    assert client.answer(rid) is True
+    await settle()
+    assert len(master.pushes()) == 1
+
+
+async def test_the_changes_of_one_read_share_one_push_and_one_acknowledgement() -> None:
+    node = make_node()
+    master, client = Wire(node), Wire(node)
+    client.send([Op.SET, b"a", b"1"], [Op.SET, b"b", b"1"])
+    subscribe(master, b"a", b"b")
+    rids = client.send([Op.SET, b"a", b"2"], [Op.DELETE, b"b"], [Op.PING])
+    [push] = await until(master.pushes, "the INVALIDATE push")
+    assert push[0] == 1 and sorted(k for k, _ in push[1]) == [b"a", b"b"]
+    assert dict(push[1])[b"b"] == GONE
+    await settle()
+    assert set(client.answers()) & set(rids) == {rids[2]}  # the PING changed nothing: not held
+    master.call(Op.INVACK, 1)
+    assert client.answer(rids[0]) is True and client.answer(rids[1]) is True
+
+
+async def test_a_subscriber_that_never_acknowledges_is_cut_off_after_the_timeout() -> None:
+    node = make_node()
+    node.tracker.timeout = 0.2
+    master, client = Wire(node), Wire(node)
+    client.call(Op.SET, b"k", b"v1")
+    subscribe(master, b"k")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    rid = client.call(Op.SET, b"k", b"v2")
+    await until(lambda: rid in client.answers(), "the held answer")
+    assert loop.time() - t0 >= 0.2 * 0.95
+    assert client.answer(rid) is True
+    assert master.transport.closed  # cut off: its lease has run out by now
+    st = node.tracker.stats()
+    assert st["invalidation_timeouts"] == 1 and st["tracked_keys"] == 0 and st["tracking_subscribers"] == 0
+
+
+async def test_the_table_bound_invalidates_the_oldest_tracked_key() -> None:
+    node = make_node(tracking_keys=2)
+    master, client = Wire(node), Wire(node)
+    client.send(*([Op.SET, b"k%d" % i, b"v"] for i in range(3)))
+    subscribe(master, b"k0", b"k1")
+    rid = master.call(Op.GETV, b"k2", True)  # a third key: k0 makes room
+    [push] = await until(master.pushes, "the overflow's push")
+    assert push == [1, [[b"k0", GONE]]]
+    assert set(node.tracker.table) == {b"k1", b"k2"}
+    assert node.tracker.stats()["tracking_overflows"] == 1
+    master.call(Op.INVACK, 1)  # the GETV that overflowed waited for it too
+    assert master.answer(rid)[0] == b"v"
+
+
+async def test_tracking_keys_zero_refuses_tracking() -> None:
+    node = make_node(tracking_keys=0)
+    master, client = Wire(node), Wire(node)
+    client.call(Op.SET, b"k", b"v")
+    subscribe(master, b"k")
+    assert node.tracker.stats()["tracked_keys"] == 0
+    assert client.answer(client.call(Op.SET, b"k", b"v2")) is True
+
+
+async def test_an_eviction_invalidates() -> None:
+    node = make_node(max_items=3)
+    master, client = Wire(node), Wire(node)
+    client.call(Op.SET, b"k0", b"v")
+    subscribe(master, b"k0")
+    rids = client.send(*([Op.SET, b"k%d" % i, b"v"] for i in range(1, 4)))  # k0, least recently used, is evicted
+    [push] = await until(master.pushes, "the eviction's push")
+    assert push == [1, [[b"k0", GONE]]]
+    master.call(Op.INVACK, 1)
+    assert all(client.answer(rid) is True for rid in rids)
+
+
+async def test_an_expiry_invalidates() -> None:
+    node = make_node()
+    master, client = Wire(node), Wire(node)
+    client.call(Op.SET, b"k", b"v", 30)  # 30 ms
+    subscribe(master, b"k")
+    await until(lambda: node.cache.expire_some(10), "the key to expire")
+    [push] = await until(master.pushes, "the expiry's push")
+    assert push == [1, [[b"k", GONE]]]
+
+
+async def test_a_drop_invalidates_and_its_answer_waits() -> None:
+    node = make_node()
+    master, client = Wire(node), Wire(node)
+    client.send([Op.SET, b"a", b"v"], [Op.SET, b"b", b"v"])
+    subscribe(master, b"a")
+    rid = client.call(Op.DROP, [[0, RING_SIZE - 1]], 0)  # every key (the range wraps the whole ring)
+    [push] = await until(master.pushes, "the drop's push")
+    assert push == [1, [[b"a", GONE]]]
+    await settle()
+    assert rid not in client.answers()
+    master.call(Op.INVACK, 1)
+    assert client.answer(rid)[1] == 2
+
+
+async def test_a_flush_invalidates_every_tracked_key() -> None:
+    node = make_node()
+    master, client = Wire(node), Wire(node)
+    client.send(*([Op.SET, b"k%d" % i, b"v"] for i in range(3)))
+    subscribe(master, b"k0", b"k1", b"k2")
+    assert await node.flush_keys() == 3
+    [push] = await until(master.pushes, "the flush's push")
+    assert sorted(push[1]) == [[b"k0", GONE], [b"k1", GONE], [b"k2", GONE]]
+    assert node.tracker.stats()["tracked_keys"] == 0
+
+
+async def test_a_closed_subscriber_holds_writes_until_its_timeout_then_is_forgotten() -> None:
+    node = make_node()
+    node.tracker.timeout = 0.2
+    master, client = Wire(node), Wire(node)
+    client.call(Op.SET, b"k", b"v1")
+    subscribe(master, b"k")
+    master.transport.close()  # it may not know yet, and serve its copy until its lease runs out
+    await until(lambda: master.proto.is_closing, "the subscriber's connection to close")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    rid = client.call(Op.SET, b"k", b"v2")
+    await until(lambda: rid in client.answers(), "the held answer")
+    assert loop.time() - t0 >= 0.2 * 0.95
+    assert node.tracker.stats()["invalidation_timeouts"] == 0  # nothing was pushed to it: not a timeout
+    assert node.tracker.subscribers == 1  # gone, not yet forgotten
+
+    def swept() -> bool:
+        node.tracker.sweep()
+        return node.tracker.subscribers == 0
+
+    await until(swept, "the sweep to forget it")
+    assert client.answer(client.call(Op.SET, b"k", b"v3")) is True  # nothing holds writes any more
+
+
+async def test_an_ack_from_a_connection_that_subscribed_nothing_is_harmless() -> None:
+    node = make_node()
+    stranger = Wire(node)
+    assert stranger.answer(stranger.call(Op.INVACK, 5)) is True
+    assert node.tracker.stats()["tracking_subscribers"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a change made outside a request (an expiry sweep) leaves Service.hold set until the end of the iteration, "
+    "so the next request answered in that iteration, whatever it is, waits for the subscribers' INVACK",
+)
+async def test_a_request_that_changes_nothing_is_not_held_after_an_expiry_sweep() -> None:
+    node = make_node()
+    master, client = Wire(node), Wire(node)
+    client.call(Op.SET, b"k", b"v", 30)
+    subscribe(master, b"k")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while not node.cache.expire_some(10):  # the sweep's step, then a request in the same iteration
+        assert loop.time() < deadline
+        await asyncio.sleep(0.005)
+    rid = client.call(Op.PING)
+    assert rid in client.answers()

@@ -1,0 +1,232 @@
+"""HotKeys (the read sketch) and NearCache (a master's copies of hot keys), as pure structures.
+
+The sketch hashes with the builtin ``hash()``, salted per process
+(PYTHONHASHSEED): its tests assert over many keys, with bounds that hold
+for any salt, never on one key's collisions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from dcache.hlc import wall_ms
+from dcache.master.nearcache import ENTRY_OVERHEAD, HotKeys, NearCache
+from dcache.protocol.limits import NEAR_LEASE_S
+
+# -- HotKeys -----------------------------------------------------------------------------
+
+
+def test_a_key_read_one_in_ten_is_hot_and_uniform_keys_are_not() -> None:
+    hot = HotKeys()
+    n_keys, reads = 100_000, 300_000  # several decay windows (65,536 reads each)
+    for i in range(reads):
+        if i % 10 == 0:
+            hot.note(b"the-hot-key")
+        else:
+            hot.note(b"u:%d" % ((i * 7919) % n_keys))
+    assert hot.estimate(b"the-hot-key") >= hot.hot_count * 10
+    false_hot = sum(1 for i in range(n_keys) if hot.estimate(b"u:%d" % i) >= hot.hot_count)
+    assert false_hot / n_keys < 0.001, false_hot  # about 0 for any hash salt: a key must collide in both rows
+    [(first, rate)] = hot.hottest(1)
+    assert first == b"the-hot-key" and rate > 0
+    assert all(hot.estimate(k) >= hot.hot_count // 2 for k in hot.top)  # the top list holds only (once-)hot keys
+
+
+def test_decay_halves_the_counts_once_per_window() -> None:
+    hot = HotKeys(window=1000)
+    for i in range(999):
+        hot.note(b"k" if i % 2 else b"o")
+    before = hot.estimate(b"k")
+    assert before >= 499
+    after = hot.note(b"k")  # the 1,000th read: counted, then every counter halves
+    assert after == before + 1
+    assert hot.estimate(b"k") == (before + 1) >> 1
+    assert hot.reads == 1000
+
+
+def test_a_key_no_longer_read_leaves_the_top_list() -> None:
+    hot = HotKeys(window=1000, hot_count=32)
+    for _ in range(200):
+        hot.note(b"was-hot")
+    assert b"was-hot" in hot.top
+    for w in range(6):  # 200 -> 100 -> 50 -> 25 -> 12 (under hot_count // 2: dropped)
+        for i in range(1000):
+            hot.note(b"cold:%d:%d" % (w, i))
+    assert b"was-hot" not in hot.top
+    assert hot.estimate(b"was-hot") < hot.hot_count // 2 + 8  # what is left, plus collisions
+
+
+def test_the_top_list_is_bounded_and_hottest_is_ordered() -> None:
+    hot = HotKeys(top_size=8)
+    for i in range(20):
+        for _ in range(64 + 16 * i):  # k19 is the hottest
+            hot.note(b"k%d" % i)
+    assert len(hot.top) == 8
+    ranked = hot.hottest(5)
+    assert [k for k, _ in ranked] == [b"k%d" % i for i in range(19, 14, -1)]
+    rates = [r for _, r in ranked]
+    assert rates == sorted(rates, reverse=True) and rates[-1] > 0
+    assert len(hot.hottest(100)) == 8
+    assert hot.hottest(0) == []
+
+
+def test_the_rate_estimate_is_the_decayed_count_over_the_time_it_covers() -> None:
+    created_before = time.monotonic()
+    hot = HotKeys(window=1000)
+    created_after = time.monotonic()
+    for i in range(999):
+        hot.note(b"k" if i % 2 == 0 else b"o")  # 500 reads of k
+    time.sleep(0.05)
+    hot.note(b"k")  # the window ends: k counts (501) >> 1 = 250
+    time.sleep(0.05)
+    for _ in range(100):
+        hot.note(b"k")
+    count = hot.estimate(b"k")
+    assert count == 350
+    t0 = time.monotonic()
+    [(key, rate)] = hot.hottest(1)
+    t1 = time.monotonic()
+    # The count covers this window and the last one: from the sketch's start to now.
+    assert key == b"k"
+    assert count / (t1 - created_before) <= rate <= count / (t0 - created_after)
+
+
+# -- NearCache ---------------------------------------------------------------------------
+
+
+class Conn:
+    """The two fields of a tracking connection the near cache reads: its last answer's ``loop.time()`` and whether it closed."""
+
+    def __init__(self, last_answer: float = 0.0) -> None:
+        self.last_answer = last_answer
+        self.closed = False
+
+
+def size(key: bytes, value: bytes) -> int:
+    return len(key) + len(value) + ENTRY_OVERHEAD
+
+
+def fill(near: NearCache, key: bytes, value: bytes, conn: Any, *, version: int = 1, expires_at: int = 0) -> bool:
+    """One whole fill; whether the copy is held afterwards."""
+    f = near.start_fill(key)
+    assert f is not None
+    near.end_fill(key, f, [value, expires_at, version], conn)
+    return key in near.entries
+
+
+def test_a_filled_copy_is_answered_and_counted() -> None:
+    near, conn = NearCache(1 << 20), Conn()
+    assert near.lookup(b"k", 0.0) is None
+    assert fill(near, b"k", b"v", conn)
+    assert near.lookup(b"k", 0.1) == b"v"
+    assert (near.hits, near.misses, near.fills) == (1, 1, 1)
+    st = near.stats()
+    assert st["near_cache_keys"] == 1 and st["near_cache_bytes"] == size(b"k", b"v") and st["near_cache_max_bytes"] == 1 << 20
+
+
+def test_the_byte_bound_evicts_the_oldest_copy_first() -> None:
+    one = size(b"k0", b"x" * 100)
+    near, conn = NearCache(3 * one), Conn()
+    for i in range(3):
+        assert fill(near, b"k%d" % i, b"x" * 100, conn)
+    assert near.lookup(b"k0", 0.0) == b"x" * 100  # a hit does not make it younger: FIFO, not LRU
+    assert fill(near, b"k3", b"x" * 100, conn)
+    assert list(near.entries) == [b"k1", b"k2", b"k3"] and near.evictions == 1
+    assert near.bytes == 3 * one <= near.max_bytes
+    assert fill(near, b"big", b"x" * 300, conn)  # takes the room of two copies
+    assert list(near.entries) == [b"k3", b"big"] and near.evictions == 3
+    assert near.bytes == one + size(b"big", b"x" * 300) <= near.max_bytes
+    assert not fill(near, b"huge", b"x" * (4 * one), conn)  # larger than the whole budget: not held, nothing evicted
+    assert list(near.entries) == [b"k3", b"big"]
+
+
+def test_a_copy_is_not_served_past_its_expiry() -> None:
+    near, conn = NearCache(1 << 20), Conn()
+    assert not fill(near, b"gone", b"v", conn, expires_at=wall_ms() - 1)  # expired on arrival
+    assert near.fills_discarded == 1
+    assert fill(near, b"k", b"v", conn, expires_at=wall_ms() + 40)
+    assert near.lookup(b"k", 0.0) == b"v"
+    deadline = time.monotonic() + 5.0
+    while near.lookup(b"k", 0.0) is not None:
+        assert time.monotonic() < deadline, "a copy was served long past its expiry"
+        time.sleep(0.01)
+    assert b"k" not in near.entries and near.bytes == 0
+
+
+def test_a_copy_lives_only_while_its_owner_answers_within_the_lease() -> None:
+    near, conn = NearCache(1 << 20), Conn(last_answer=100.0)
+    assert fill(near, b"k", b"v", conn)
+    assert near.lookup(b"k", 100.0 + NEAR_LEASE_S / 2) == b"v"
+    assert near.lookup(b"k", 100.0 + NEAR_LEASE_S + 0.01) is None  # silent past the lease: dropped
+    assert near.lease_lapses == 1 and b"k" not in near.entries
+    conn.last_answer = 200.0  # answering again does not bring a dropped copy back
+    assert near.lookup(b"k", 200.0) is None
+
+    assert fill(near, b"k", b"v", conn)
+    conn.closed = True  # the tracking connection is gone: no more invalidations can arrive on it
+    assert near.lookup(b"k", 200.0) is None
+    assert near.lease_lapses == 2
+
+
+def test_an_invalidation_drops_copies_no_newer_than_its_version() -> None:
+    near, conn = NearCache(1 << 20), Conn()
+    fill(near, b"old", b"v", conn, version=10)
+    fill(near, b"same", b"v", conn, version=20)
+    fill(near, b"new", b"v", conn, version=30)
+    for key in (b"old", b"same", b"new"):
+        near.invalidate(key, 20)
+    assert list(near.entries) == [b"new"]  # a copy newer than the change (filled after it) stays
+    assert near.invalidations == 2
+    near.invalidate(b"absent", 99)
+    assert near.invalidations == 2
+    near.discard(b"new")  # this master's own write: whatever the version
+    assert not near.entries and near.bytes == 0 and near.invalidations == 3
+
+
+def test_a_fill_overtaken_by_an_invalidation_is_discarded() -> None:
+    near, conn = NearCache(1 << 20), Conn()
+    f = near.start_fill(b"k")
+    assert f is not None
+    assert near.start_fill(b"k") is None  # one fill of a key at a time
+    near.invalidate(b"k", 7)  # the key changed to version 7 while the fill's answer travelled
+    near.end_fill(b"k", f, [b"stale", 0, 7], conn)
+    assert b"k" not in near.entries and near.fills_discarded == 1
+
+    f = near.start_fill(b"k")  # the fill is over: another may start
+    assert f is not None
+    near.invalidate(b"k", 7)  # an older change than the value read: the copy is good
+    near.end_fill(b"k", f, [b"fresh", 0, 8], conn)
+    assert near.lookup(b"k", 0.0) == b"fresh"
+
+    f = near.start_fill(b"m")
+    assert f is not None
+    near.end_fill(b"m", f, None, conn)  # a miss or an error: nothing held, the key may be filled again
+    assert b"m" not in near.entries and near.start_fill(b"m") is not None
+
+
+def test_clear_drops_every_copy_and_poisons_the_fills_in_flight() -> None:
+    near, conn = NearCache(1 << 20), Conn()
+    fill(near, b"a", b"v", conn)
+    fill(near, b"b", b"v", conn)
+    f = near.start_fill(b"k")
+    assert f is not None
+    near.clear()  # a new ring view
+    assert not near.entries and near.bytes == 0 and near.invalidations == 2
+    f2 = near.start_fill(b"k")  # a fill under the new view
+    assert f2 is not None
+    near.end_fill(b"k", f, [b"old-view", 0, 1], conn)  # the old view's fill ends: discarded
+    assert b"k" not in near.entries and near.fills_discarded == 1
+    assert near.filling.get(b"k") is f2  # and it leaves the new fill in flight alone
+    near.end_fill(b"k", f2, [b"new-view", 0, 1], conn)
+    assert near.lookup(b"k", 0.0) == b"new-view"
+
+
+@pytest.mark.parametrize("version", [0, 1, 2**63 - 1])
+def test_gone_invalidations_drop_any_copy(version: int) -> None:
+    near, conn = NearCache(1 << 20), Conn()
+    fill(near, b"k", b"v", conn, version=version)
+    near.invalidate(b"k", 2**63 - 1)  # GONE: the key left its owner
+    assert not near.entries
