@@ -590,6 +590,9 @@ class RespProtocol(FrameProtocol):
             rid = self._sub_rid = self._sub_rid + 1
             parse, handler = entry
             result = handler(self, rid, parse([op, rid, *args], self._limits))
+            hold = self._service.hold
+            if hold is not None and result is not LATER and result.__class__ is not _Deferred:
+                result = hold(self, rid, op, result)  # it changed a key a master holds a copy of (as the native dispatch)
         except ServerError as exc:
             return True, exc.code, exc.message
         if self._owe_later(rid, result, op, callback):

@@ -163,6 +163,10 @@ class Tracker:
         self.invalidations += 1
         self._service.hold = self._hold
 
+    def not_holding(self) -> None:
+        """The changes just made belong to no request (a background sweep): the next request's answer is not held for them."""
+        self._service.hold = None
+
     def changed_all(self) -> None:
         """Every key changed (a flush)."""
         for key in list(self.table):
@@ -376,6 +380,13 @@ class TrackingCache(LRUCache):
         LRUCache.clear(self)
         if self.tracker is not None:
             self.tracker.changed_all()
+
+    def expire_some(self, max_checks: int = 20) -> int:
+        """``LRUCache.expire_some`` (a background sweep): its invalidations go out, but hold no request's answer."""
+        removed = LRUCache.expire_some(self, max_checks)
+        if removed and self.tracker is not None:
+            self.tracker.not_holding()
+        return removed
 
     def changed_keys(self, keys: Iterable[bytes]) -> None:
         """Invalidate the subscribers of ``keys`` (for changes made around the methods above)."""

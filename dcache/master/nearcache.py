@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from random import Random
 from typing import Any
 
 from ..hlc import wall_ms
@@ -34,10 +35,11 @@ from ..protocol.limits import NEAR_LEASE_S
 
 __all__ = ["HotKeys", "NearCache", "ENTRY_OVERHEAD"]
 
-#: ``HotKeys`` counts one read in this many (a power of two): a quarter of the cost per GET, and a
-#: hot key, read thousands of times a second, is still counted hundreds of times.
+#: ``HotKeys`` counts one read in this many on average, after gaps drawn at random (a fixed stride
+#: would never count a key whose reads come at a multiple of it): a quarter of the cost per GET, and
+#: a hot key, read thousands of times a second, is still counted hundreds of times.
 SAMPLE = 4
-_SAMPLE_MASK = SAMPLE - 1
+_GAP_MASK = 1023
 
 #: Bytes a near-cache entry is charged on top of its key and value (dict slot, tuple, ints).
 ENTRY_OVERHEAD = 160
@@ -46,8 +48,8 @@ ENTRY_OVERHEAD = 160
 class HotKeys:
     """A decaying frequency sketch of the keys read, and the top keys it saw.
 
-    ``note(key)`` counts one read in ``SAMPLE`` (by a running count, so
-    every key's reads are sampled alike) and then returns the key's
+    ``note(key)`` counts one read in ``sample`` (at random, so every key's
+    reads are sampled alike) and then returns the key's
     estimated count: counted reads in the current window plus half the
     previous window's, and so on. A key is *hot* when that reaches
     ``hot_count``. With the defaults (``width`` 16384, ``window`` 65536
@@ -63,7 +65,10 @@ class HotKeys:
         "window",
         "hot_count",
         "_n",
-        "_age_at",
+        "_sample",
+        "_gaps",
+        "_gap",
+        "_skip",
         "top",
         "top_size",
         "_top_min",
@@ -72,7 +77,8 @@ class HotKeys:
         "reads",
     )
 
-    def __init__(self, width: int = 16384, window: int = 65536, hot_count: int = 32, top_size: int = 64) -> None:
+    def __init__(self, width: int = 16384, window: int = 65536, hot_count: int = 32, top_size: int = 64, sample: int = SAMPLE) -> None:
+        """``sample``: count one read in that many (1: every read; tests use it for exact counts)."""
         if width & (width - 1) or width <= 0:
             raise ValueError("width must be a power of two")
         self._a = [0] * width
@@ -81,7 +87,12 @@ class HotKeys:
         self.window = window
         self.hot_count = hot_count
         self._n = 0
-        self._age_at = window * SAMPLE
+        self._sample = sample
+        # Reads skipped between two counted ones: random gaps averaging ``sample``, drawn once.
+        rng = Random(0x5EED)
+        self._gaps = [rng.randint(1, 2 * sample - 1) for _ in range(_GAP_MASK + 1)] if sample > 1 else [1] * (_GAP_MASK + 1)
+        self._gap = 0
+        self._skip = 1
         #: The top keys met: key -> last estimated count (at most ``top_size``).
         self.top: dict[bytes, int] = {}
         self.top_size = top_size
@@ -92,10 +103,14 @@ class HotKeys:
         self.reads = 0
 
     def note(self, key: bytes) -> int:
-        """Count one read of ``key``: one read in ``SAMPLE`` is counted; return its estimated count then, else 0."""
-        n = self._n = self._n + 1
-        if n & _SAMPLE_MASK:
+        """Count one read of ``key``: one read in ``sample`` is counted; return its estimated count then, else 0."""
+        skip = self._skip - 1
+        if skip:
+            self._skip = skip
             return 0
+        gi = self._gap = (self._gap + 1) & _GAP_MASK
+        self._skip = self._gaps[gi]
+        n = self._n = self._n + 1
         h = hash(key)
         a = self._a
         i = h & self._mask
@@ -107,7 +122,7 @@ class HotKeys:
         b[j] = d
         if d < c:
             c = d
-        if n >= self._age_at:
+        if n >= self.window:
             self._age()
         if c >= self.hot_count and not c & 7:  # the top list is refreshed every 8th count of a hot key
             self._offer(key, c)
@@ -150,7 +165,7 @@ class HotKeys:
     def rate_of(self, count: int) -> float:
         """Reads per second a decayed count stands for (counts sum ``rate * (t + T)``: ``t`` in this window, ``T`` the last one)."""
         span = (time.monotonic() - self._since) + self._last_window_s
-        return count * SAMPLE / span if span > 0 else 0.0
+        return count * self._sample / span if span > 0 else 0.0
 
     def hottest(self, n: int) -> list[tuple[bytes, float]]:
         """The ``n`` hottest keys met, with their estimated reads per second, hottest first."""

@@ -242,7 +242,7 @@ def test_http_shim_exports_what_the_docs_list() -> None:
 
 
 async def test_master_near_cache_families_are_zero_while_it_is_off() -> None:
-    node = _master_node()
+    node = MasterNode(MasterConfig(node_id="t-master", aux=(("a1", "127.0.0.1", 1),), near_cache_size=0))
     assert node.router.near is None
     s = samples(node.collector())
     for name in ("hits", "misses", "fills", "fills_discarded", "invalidations", "evictions", "lease_lapses"):
@@ -253,10 +253,12 @@ async def test_master_near_cache_families_are_zero_while_it_is_off() -> None:
 
 async def test_master_near_cache_and_hot_key_values() -> None:
     from dcache.master.metrics import HOT_KEY_LABEL_CHARS, HOT_KEYS_SHOWN
+    from dcache.master.nearcache import HotKeys
 
     node = MasterNode(MasterConfig(node_id="t-master", near_cache_size=1 << 20))
     near = node.router.near
     assert near is not None and near.hot is node.router.hot
+    near.hot = node.router.hot = HotKeys(sample=1)  # every read counted: exact ranks
     near.hits, near.misses, near.lease_lapses = 5, 7, 2
     long_a, long_b = b"L" * 300 + b"a", b"L" * 300 + b"b"  # the same label once cut: only the hotter shows
     odd = b"\xffodd\nkey"

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
-import pytest
 
 from dcache.auxnode.node import AuxNode
 from dcache.auxnode.tracking import GONE
@@ -249,11 +248,6 @@ async def test_an_ack_from_a_connection_that_subscribed_nothing_is_harmless() ->
     assert node.tracker.stats()["tracking_subscribers"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a change made outside a request (an expiry sweep) leaves Service.hold set until the end of the iteration, "
-    "so the next request answered in that iteration, whatever it is, waits for the subscribers' INVACK",
-)
 async def test_a_request_that_changes_nothing_is_not_held_after_an_expiry_sweep() -> None:
     node = make_node()
     master, client = Wire(node), Wire(node)

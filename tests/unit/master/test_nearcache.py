@@ -36,7 +36,7 @@ def test_a_key_read_one_in_ten_is_hot_and_uniform_keys_are_not() -> None:
 
 
 def test_decay_halves_the_counts_once_per_window() -> None:
-    hot = HotKeys(window=1000)
+    hot = HotKeys(window=1000, sample=1)
     for i in range(999):
         hot.note(b"k" if i % 2 else b"o")
     before = hot.estimate(b"k")
@@ -48,7 +48,7 @@ def test_decay_halves_the_counts_once_per_window() -> None:
 
 
 def test_a_key_no_longer_read_leaves_the_top_list() -> None:
-    hot = HotKeys(window=1000, hot_count=32)
+    hot = HotKeys(window=1000, hot_count=32, sample=1)
     for _ in range(200):
         hot.note(b"was-hot")
     assert b"was-hot" in hot.top
@@ -60,7 +60,7 @@ def test_a_key_no_longer_read_leaves_the_top_list() -> None:
 
 
 def test_the_top_list_is_bounded_and_hottest_is_ordered() -> None:
-    hot = HotKeys(top_size=8)
+    hot = HotKeys(top_size=8, sample=1)
     for i in range(20):
         for _ in range(64 + 16 * i):  # k19 is the hottest
             hot.note(b"k%d" % i)
@@ -75,7 +75,7 @@ def test_the_top_list_is_bounded_and_hottest_is_ordered() -> None:
 
 def test_the_rate_estimate_is_the_decayed_count_over_the_time_it_covers() -> None:
     created_before = time.monotonic()
-    hot = HotKeys(window=1000)
+    hot = HotKeys(window=1000, sample=1)
     created_after = time.monotonic()
     for i in range(999):
         hot.note(b"k" if i % 2 == 0 else b"o")  # 500 reads of k
