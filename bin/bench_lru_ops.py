@@ -63,8 +63,8 @@ def load(rev: str, into: str) -> ModuleType:
                 continue
             data = r.stdout
         with open(os.path.join(pkg, f), "wb") as fh:
-            fh.write(data)
-    sys.path.insert(0, into)
+            fh.write(data.replace(b"from ..", b"from dcache."))  # the package's other modules (hlc, widths): this checkout's
+    sys.path[:0] = [into, ROOT]
     return importlib.import_module("lru_under_test.cache")
 
 

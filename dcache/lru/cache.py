@@ -72,6 +72,17 @@ expiry), the operations ``len(key) + len(value) + overhead`` always took;
 it is recomputed when the entry is removed rather than stored (one more
 slot would make every ``Entry`` 16 bytes larger).
 
+Memory. An entry is its ``Entry`` (80 bytes: six slots, the object and GC
+headers), its key and value objects, its version int and its share of its
+shard's table: 16-byte keys with 100-byte values take about 360 bytes each
+at a million entries, of which the key and value objects are 208
+(docs/DECISIONS.md, "Memory per key"). A version is stored as its offset
+from ``VERSION_BIAS`` (the hybrid-clock version of 2030-01-01): a version
+issued within 2**38 ms (8.7 years) of that date is then an int of two
+30-bit digits, 32 bytes, where the version itself (63 bits, three digits)
+takes 48. ``Entry.version`` adds the bias back; the cache's own loops read
+and write the offset (``_version``) directly.
+
 The cache is not thread-safe and must not be mutated while ``items()`` is
 being iterated.
 """
@@ -89,6 +100,7 @@ from .cost import EntryCost, measure_cpython_cost
 
 __all__ = [
     "SHARDS",
+    "VERSION_BIAS",
     "CPYTHON_COST",
     "NO_EXPIRY",
     "INT64_MIN",
@@ -103,6 +115,13 @@ __all__ = [
 #: ``expires_at`` value meaning "never expires".
 NO_EXPIRY = 0
 
+
+#: What an entry's version is stored relative to: the hybrid-clock version
+#: (``wall_ms << 22``) of 2030-01-01 00:00 UTC. Versions within 2**60 of it
+#: (wall clocks from 2021 to 2038) are stored as 32-byte ints, not 48.
+VERSION_BIAS = 1_893_456_000_000 << 22
+#: The largest offset from ``VERSION_BIAS`` stored in two 30-bit digits.
+_VERSION_OFFSET_BOUND = (1 << 60) - 1
 
 #: Heap compaction slack: compact when the heap exceeds 2 * live + this.
 _HEAP_SLACK = 1024
@@ -134,17 +153,19 @@ class Entry:
         key: the key (bytes).
         value: the value (bytes).
         expires_at: absolute wall-clock milliseconds, or ``NO_EXPIRY`` (0).
-        version: the write's hybrid-logical-clock version, 0 if unversioned.
+        version: the write's hybrid-logical-clock version, 0 if unversioned
+            (a property: stored as ``_version``, its offset from
+            ``VERSION_BIAS``, a smaller int).
         prev, next: list links, set when the entry is linked (a removed
             entry points at the cache's sentinel).
     """
 
-    __slots__ = ("expires_at", "key", "next", "prev", "value", "version")
+    __slots__ = ("_version", "expires_at", "key", "next", "prev", "value")
 
     key: bytes
     value: bytes
     expires_at: int
-    version: int
+    _version: int
     prev: Entry
     next: Entry
 
@@ -152,14 +173,23 @@ class Entry:
         self.key = key
         self.value = value
         self.expires_at = expires_at
-        self.version = version
+        self._version = version - VERSION_BIAS
+
+    @property
+    def version(self) -> int:
+        """The write's version (0 if unversioned)."""
+        return self._version + VERSION_BIAS
+
+    @version.setter
+    def version(self, version: int) -> None:
+        self._version = version - VERSION_BIAS
 
     def __repr__(self) -> str:
         return f"Entry(key={self.key!r}, value=<{len(self.value)} bytes>, expires_at={self.expires_at}, version={self.version})"
 
 
 #: The charging rule for this interpreter (``cost.py``), measured at import.
-CPYTHON_COST = measure_cpython_cost(Entry(b"", b""))
+CPYTHON_COST = measure_cpython_cost(Entry(b"", b""), _VERSION_OFFSET_BOUND)
 
 
 class LRUCache:
@@ -438,7 +468,7 @@ class LRUCache:
         while e is not head:
             exp = e.expires_at
             if not exp or exp > now:
-                yield e.key, e.value, exp, e.version
+                yield e.key, e.value, exp, e._version + VERSION_BIAS
             e = e.next
 
     def snapshot_items(self) -> list[tuple[bytes, bytes, int, int]]:
@@ -561,7 +591,7 @@ class LRUCache:
                     self._bytes -= self._expiry_fixed + len(key)
                 e.expires_at = expires_at
             e.value = value
-            e.version = version
+            e._version = version - VERSION_BIAS
             self._to_mru(e)
         if self._bytes > self._max_bytes or (self._max_items and self._count > self._max_items):
             self._evict(e)
@@ -947,7 +977,7 @@ class LRUCache:
                 if expires_at:
                     self._push_expiry(expires_at, key)
             e.value = value
-            e.version = version
+            e._version = version - VERSION_BIAS
             self._to_mru(e)
         if self._bytes > self._max_bytes or (self._max_items and self._count > self._max_items):
             self._evict(e)

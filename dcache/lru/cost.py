@@ -5,8 +5,8 @@ Design note
 
 The byte budget (``--max-memory``) is only honest if each entry is charged
 what it really costs the process, not ``len(key) + len(value)``: on 64-bit
-CPython 3.11 a 16-byte key with a 16-byte value takes up to 364 bytes, and
-up to 670 with an expiry. The charge is the two lengths plus constants
+CPython 3.11 a 16-byte key with a 16-byte value takes up to 348 bytes, and
+up to 654 with an expiry. The charge is the two lengths plus constants
 measured once at import (``sys.getsizeof`` of the real objects, rounded to
 the allocator's granularity), so charging costs what ``len(key) +
 len(value) + overhead`` did. The figures below are those of 64-bit CPython
@@ -28,8 +28,11 @@ and a tombstone ``tombstone + obj(k)``. With ``CPYTHON_COST``:
   and 10 KB objects measured, 7.5 bytes too many on average, and rounding
   on the hot path (``&`` is not a specialised operation in CPython 3.11)
   cost 14% more instructions per ``set`` (docs/DECISIONS.md).
-* ``entry`` (236): the ``Entry`` object (80 with its GC header), its
-  version (a 63-bit int, 48), and its share of its shard dict's table. A
+* ``entry`` (220): the ``Entry`` object (80 with its GC header), its
+  version (stored as an offset of at most 60 bits from a fixed bias, an
+  int of two 30-bit digits: 32; the 63-bit version itself would take 48;
+  a version more than 8.7 years from 2030 takes those 16 bytes more than
+  it is charged), and its share of its shard dict's table. A
   dict's table has 24 bytes (hash, key, value) for each of two thirds of its
   slots plus a 2-byte index per slot, so 18 bytes per slot; a dict that
   grows or churns (inserts and evictions) is resized to the power of two at
@@ -142,13 +145,16 @@ class EntryCost:
         return self.tombstone + self.object_bytes(key_length)
 
 
-def measure_cpython_cost(entry_object: object) -> EntryCost:
+def measure_cpython_cost(entry_object: object, stored_version: int) -> EntryCost:
     """The charging rule for this interpreter, from ``sys.getsizeof`` of real objects.
 
     Args:
         entry_object: an ``Entry`` (the LRU's node object), measured as is.
+        stored_version: the largest int an entry stores a current version as
+            (the LRU stores an offset, smaller than the version itself).
     """
-    version = _alloc(sys.getsizeof((1 << 63) - 1))  # a hybrid-logical-clock version: 63 bits
+    version = _alloc(sys.getsizeof(stored_version))
+    tomb_version = _alloc(sys.getsizeof((1 << 63) - 1))  # a tombstone's version, stored as is: 63 bits
     # An absolute expiry in wall-clock ms is a sum (now + ttl), and CPython
     # allocates a sum with one digit more than the larger operand has.
     wall_ms = _alloc(sys.getsizeof(1 << 44) + sys.int_info.sizeof_digit)
@@ -161,5 +167,5 @@ def measure_cpython_cost(entry_object: object) -> EntryCost:
         header=sys.getsizeof(b""),
         align=_ALIGN,
         expiry=_HEAP_ITEMS_PER_EXPIRY * (wall_ms + pair + _LIST_SLOT_BYTES),
-        tombstone=tomb_slot + tomb_node + pair + version + wall_ms,
+        tombstone=tomb_slot + tomb_node + pair + tomb_version + wall_ms,
     )
