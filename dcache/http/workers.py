@@ -290,10 +290,11 @@ def run_workers(config: HttpConfig, setup_logging: Callable[[], None] | None = N
     """Run ``config.workers`` shim processes on one port until SIGTERM/SIGINT (see the module note); the exit status.
 
     Raises:
-        ConfigError: protected mode refuses ``--host`` without ``--http-token``.
+        ConfigError: protected mode refuses ``--host`` without ``--http-token``, or a TLS file is unusable.
         OSError: the port cannot be bound.
     """
     protected_mode(config.host, config.http_token is not None, config.insecure, "HTTP shim", "--http-token")
+    config.tls()  # unreadable TLS files: one error here, not one per worker
     reserved = _reserve_port(config.host, config.port)
     try:
         port = reserved.getsockname()[1]
