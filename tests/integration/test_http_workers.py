@@ -109,16 +109,21 @@ async def _misses(url: str, connections: int, per_connection: int) -> None:
     await asyncio.gather(*(one(i) for i in range(connections)))
 
 
+def _pid(shim: DaemonProcess) -> int:
+    assert shim.proc is not None
+    return shim.proc.pid
+
+
 def _start(master: str, workers: int = 2) -> DaemonProcess:
     shim = start_http(master, extra=["--workers", str(workers)])
-    wait_for(lambda: len(_children(shim.proc.pid)) == workers, timeout=30, message=f"{workers} workers")
+    wait_for(lambda: len(_children(_pid(shim))) == workers, timeout=30, message=f"{workers} workers")
     return shim
 
 
 def test_workers_share_the_port_and_all_serve(master: str) -> None:
     shim = _start(master, workers=2)
     try:
-        workers = _children(shim.proc.pid)
+        workers = _children(_pid(shim))
         url = f"http://{shim.addr}"
 
         async def hold() -> dict[int, int]:
@@ -145,16 +150,14 @@ def test_merged_metrics_count_every_workers_requests(master: str) -> None:
     try:
         url = f"http://{shim.addr}"
         asyncio.run(_misses(url, connections=20, per_connection=5))
-        # Each worker's figures reach the others within a second (its snapshot).
-        wait_for(lambda: _metric(asyncio.run(_scrape(url)), MISS_404) == 100, timeout=10, message="100 misses counted")
-        for _ in range(6):  # whichever worker answers the scrape says the same
-            assert _metric(asyncio.run(_scrape(url)), MISS_404) == 100
-        # A worker that dies is started again, and what it had counted still counts.
-        victim = _children(shim.proc.pid)[0]
-        os.kill(victim, signal.SIGKILL)
+        # Each worker's figures reach the others within a second (its snapshot): then whichever worker answers says 100.
         wait_for(
-            lambda: victim not in _children(shim.proc.pid) and len(_children(shim.proc.pid)) == 2, timeout=60, message="worker restarted"
+            lambda: all(_metric(asyncio.run(_scrape(url)), MISS_404) == 100 for _ in range(6)), timeout=15, message="100 misses counted"
         )
+        # A worker that dies is started again, and what it had counted still counts.
+        victim = _children(_pid(shim))[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: victim not in _children(_pid(shim)) and len(_children(_pid(shim))) == 2, timeout=60, message="worker restarted")
         assert "exited with status -9" in shim.stderr()
         asyncio.run(_misses(url, connections=4, per_connection=5))
         wait_for(lambda: _metric(asyncio.run(_scrape(url)), MISS_404) == 120, timeout=30, message="120 misses counted")
@@ -164,7 +167,7 @@ def test_merged_metrics_count_every_workers_requests(master: str) -> None:
 
 def test_killing_the_parent_stops_every_worker(master: str) -> None:
     shim = _start(master, workers=2)
-    workers = _children(shim.proc.pid)
+    workers = _children(_pid(shim))
     port = shim.port
     shim.signal(signal.SIGKILL)
     shim.wait()
@@ -180,7 +183,7 @@ def test_killing_the_parent_stops_every_worker(master: str) -> None:
 
 def test_sigterm_stops_parent_and_workers_gracefully(master: str) -> None:
     shim = _start(master, workers=2)
-    workers = _children(shim.proc.pid)
+    workers = _children(_pid(shim))
     assert shim.terminate() == 0, shim.stderr()
     assert not any(_running(pid) for pid in workers)
     assert shim.stderr().count("shutting down") >= 3  # the parent and each worker
