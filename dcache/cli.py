@@ -34,6 +34,7 @@ import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import fields
+from functools import partial
 from typing import Any, NoReturn
 
 from .config import AuxConfig, HttpConfig, MasterConfig, field_default, format_size, load_config, parse_size, read_secret
@@ -55,7 +56,7 @@ DISTRIBUTION = "dcache-cluster"
 
 #: Modules the ``server`` extra brings (``pip install 'dcache-cluster[server]'``), which the
 #: daemons, ``dump``/``restore`` and ``bench`` import; the client and the other tools need none.
-SERVER_MODULES = ("uvloop", "xxhash", "aiohttp", "prometheus_client", "kazoo", "hiredis")
+SERVER_MODULES = ("uvloop", "xxhash", "aiohttp", "httptools", "prometheus_client", "kazoo", "hiredis")
 
 _EXIT_CODES_HELP = """\
 exit codes: 0 success; 1 key missing or SET condition not met; 2 usage or
@@ -237,7 +238,7 @@ def _cmd_master(args: argparse.Namespace) -> int:
 def _cmd_http(args: argparse.Namespace) -> int:
     from .http import run_http
 
-    return _run_role(HttpConfig, "http", args, run_http)
+    return _run_role(HttpConfig, "http", args, lambda config: run_http(config, partial(_setup_logging, config.log_level)))
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:

@@ -606,6 +606,13 @@ class HttpConfig:
     insecure: bool = opt(False, "listen beyond loopback without --http-token (protected mode refuses it otherwise)", parse_bool, "BOOL")
     shutdown_grace: float = opt(5.0, "seconds to let in-flight requests finish on SIGTERM/SIGINT", _float, "S")
     log_level: str = opt("info", "debug (also logs every request), info, warning or error", _str)
+    workers: int = opt(
+        1,
+        "processes serving the port together (SO_REUSEPORT), started, supervised and stopped by one parent; "
+        '/metrics merges theirs (docs/HTTP.md, "Workers")',
+        _int,
+        "N",
+    )
     read_batch: int = opt(
         64,
         "at most this many GET requests go to the cluster as one MGET (the reads of one loop iteration are batched); 1: a GET each",
@@ -633,7 +640,7 @@ class HttpConfig:
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
-        _check_positive(self, "timeout", "health_timeout", "client_max_size", "max_key_bytes", "read_batch")
+        _check_positive(self, "timeout", "health_timeout", "client_max_size", "max_key_bytes", "read_batch", "workers")
         check_tls_settings(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth, daemon=False)
         if not self.master:
             raise ConfigError("master: at least one HOST:PORT is required")

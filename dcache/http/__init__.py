@@ -1,11 +1,13 @@
 """The HTTP shim (``dcache http``): JSON and raw bytes over HTTP, through ``dcache.Client``.
 
-``create_app`` builds the aiohttp application; ``HttpDaemon`` runs it
-through ``dcache.daemon.serve`` like every role (``run_http``, ``serve_http``).
-Routes and errors: ``docs/HTTP.md``; schema: ``docs/openapi.yaml``.
+``Shim`` holds the routes, served by a lean HTTP/1.1 protocol on httptools
+(``_wire``); ``HttpDaemon`` runs them through ``dcache.daemon.serve`` like
+every role (``run_http``, ``serve_http``); ``--workers N`` runs N of them on
+one port (``workers``). Routes and errors: ``docs/HTTP.md``; schema:
+``docs/openapi.yaml``.
 """
 
-from .app import CLIENT_KEY, CONFIG_KEY, METRICS_KEY, REGISTRY_KEY, create_app
+from .app import Shim
 from .server import HttpDaemon, run_http, serve_http
 
-__all__ = ["create_app", "HttpDaemon", "run_http", "serve_http", "CONFIG_KEY", "CLIENT_KEY", "METRICS_KEY", "REGISTRY_KEY"]
+__all__ = ["Shim", "HttpDaemon", "run_http", "serve_http"]

@@ -4,19 +4,34 @@ The label sets are bounded: methods outside a fixed set count as ``OTHER``
 and requests that match no route as route ``unmatched``; statuses are the
 few the shim answers with. Nothing is allocated per request once a
 (method, route, status) triple has been seen.
+
+With ``--workers N`` each worker counts its own requests and writes a
+snapshot of its counters (``snapshot``, JSON) to a directory the parent
+gives, once a second and when it stops; the worker that answers a scrape
+adds every other worker's last snapshot to its own live counters
+(``WorkerMetrics``). Snapshots of workers that died stay, so merged counters
+never go down; the figures of other workers are at most a second old
+(docs/DECISIONS.md, "HTTP workers").
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from bisect import bisect_left
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..client.batcher import BatchStats
 
-__all__ = ["HttpMetrics", "LATENCY_BUCKETS_S", "KNOWN_METHODS"]
+__all__ = ["HttpMetrics", "WorkerMetrics", "LATENCY_BUCKETS_S", "KNOWN_METHODS"]
+
+log = logging.getLogger("dcache.http")
 
 #: Upper bounds (seconds) of the request latency histogram.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -58,6 +73,31 @@ class HttpMetrics(Collector):
         hist.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
         hist.sum_s += seconds
 
+    def snapshot(self) -> dict[str, Any]:
+        """Every counter, as plain JSON-able data (``add`` takes it)."""
+        reads = self.reads
+        return {
+            "requests": [[m, r, s, n] for (m, r, s), n in self.requests.items()],
+            "latency": {route: [h.counts, h.sum_s] for route, h in self.latency.items()},
+            "reads": [reads.batches, reads.keys, reads.fallbacks],
+        }
+
+    def add(self, snapshot: dict[str, Any]) -> None:
+        """Add the counters of ``snapshot`` (another worker's) to these."""
+        for method, route, status, n in snapshot["requests"]:
+            key = (method, route, status)
+            self.requests[key] = self.requests.get(key, 0) + n
+        for route, (counts, sum_s) in snapshot["latency"].items():
+            hist = self.latency.get(route)
+            if hist is None:
+                hist = self.latency[route] = _Histogram()
+            hist.counts = [a + b for a, b in zip(hist.counts, counts, strict=True)]
+            hist.sum_s += sum_s
+        batches, keys, fallbacks = snapshot["reads"]
+        self.reads.batches += batches
+        self.reads.keys += keys
+        self.reads.fallbacks += fallbacks
+
     def collect(self) -> Iterator[Metric]:
         """Build the metric families (called by the registry at scrape time)."""
         requests = CounterMetricFamily(
@@ -87,3 +127,40 @@ class HttpMetrics(Collector):
         yield CounterMetricFamily(
             "dcache_http_read_batch_fallbacks", "Batches read again key by key after the batch failed", value=reads.fallbacks
         )
+
+
+class WorkerMetrics(Collector):
+    """One worker's ``HttpMetrics`` plus the last snapshot of every other worker of the same parent.
+
+    Args:
+        own: this worker's live counters.
+        directory: where the workers' snapshots are (``worker-PID.json``).
+    """
+
+    def __init__(self, own: HttpMetrics, directory: Path) -> None:
+        self.own = own
+        self.directory = directory
+        self.path = directory / f"worker-{os.getpid()}.json"
+
+    def write(self) -> None:
+        """Write this worker's snapshot (to a temporary file first, then renamed into place)."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.own.snapshot()))
+        os.replace(tmp, self.path)
+
+    def merged(self) -> HttpMetrics:
+        """This worker's counters and every other worker's last snapshot, added up."""
+        total = HttpMetrics()
+        total.add(self.own.snapshot())
+        for path in sorted(self.directory.glob("worker-*.json")):
+            if path == self.path:
+                continue
+            try:
+                total.add(json.loads(path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # a snapshot being replaced, or not ours
+                log.warning("metrics snapshot %s could not be read: %s", path, exc)
+        return total
+
+    def collect(self) -> Iterator[Metric]:
+        """The merged families (called by the registry at scrape time)."""
+        return self.merged().collect()

@@ -1,4 +1,4 @@
-"""The HTTP shim: an aiohttp app that maps HTTP requests onto ``dcache.Client`` calls.
+"""The HTTP shim's routes: HTTP requests mapped onto ``dcache.Client`` calls.
 
 Routes (``docs/HTTP.md`` and ``docs/openapi.yaml`` are the reference):
 
@@ -19,28 +19,23 @@ refused to a JSON client with 406 (and a hint to ask for
 
 Hot path
 --------
-The shim is CPU-bound in one process, so per-request work is kept to what
-the request needs (measured in ``docs/BENCHMARKS.md``, reasons in
-``docs/DECISIONS.md``):
+The shim is CPU-bound, so per-request work is kept to what the request
+needs (measured in ``docs/BENCHMARKS.md``, reasons in ``docs/DECISIONS.md``):
 
-* no aiohttp middleware (its chain cost about 7% of GET throughput): each
-  route's handler is wrapped once, at start, in ``_Shim.endpoint`` (errors
-  as JSON, metrics under a route label fixed at registration), and
-  ``GET /data/{key}`` does the same inline; a catch-all route answers
-  unmatched paths and methods (JSON 404/405, as aiohttp would, with ``Allow``);
+* HTTP is ``_wire.HttpProtocol`` (httptools' C parser, answers from
+  prepared bytes), not a framework: ``Shim.dispatch`` gets each parsed
+  request, matches its path with a few string tests and answers, counting
+  it in the metrics under a fixed route label;
+* ``GET /data/{key}`` answers from the future of the batched read with a
+  callback (``Request.finish``): no task per request; the other routes run
+  as one task each;
 * answers are JSON text built from C-escaped strings
   (``json.encoder.encode_basestring_ascii``, the escaping ``json.dumps``
-  uses, so the bytes are the same) and sent as ``bytes`` with a prepared
-  header set, not through ``web.json_response``;
+  uses, so the bytes are the same);
 * the key reads of one loop iteration go to the cluster as one MGET
-  (``dcache.client.GetBatcher``; ``--read-batch``), which saves most of a
-  client call per GET;
-* the handlers are methods of one ``_Shim`` that holds the clients, the
-  config and the metrics, so there is no ``request.app[...]`` lookup per
-  request.
+  (``dcache.client.GetBatcher``; ``--read-batch``).
 
-State also lives on the app under ``AppKey``s (for tools and tests).
-``cleanup_ctx`` owns the failover ``Client`` over all masters, a second one
+``Shim.start`` opens the failover ``Client`` over all masters, a second one
 for the batched reads (so that an answer too large for one frame only
 disturbs batched reads, which fall back key by key on the first), and one
 single-endpoint client per master for ``/health``, which must say *which*
@@ -55,17 +50,17 @@ import hmac
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
+from functools import partial
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from ssl import SSLContext
 from time import perf_counter
 from typing import Any, NoReturn
+from urllib.parse import parse_qsl, unquote_to_bytes
 
-from aiohttp import hdrs, web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+import httptools
 
 from ..client import MAX_TTL_S, Client, ClientConfig, GetBatcher
 from ..config import HttpConfig
@@ -85,19 +80,12 @@ from ..errors import (
     UpstreamTimeoutError,
     ValueTooLargeError,
 )
-from ..tls import TlsContexts
 from ._metrics import HttpMetrics
+from ._wire import JSON_CONTENT_TYPE, Request, Response
 
-__all__ = ["create_app", "CONFIG_KEY", "CLIENT_KEY", "HEALTH_CLIENTS_KEY", "METRICS_KEY", "REGISTRY_KEY", "OPENAPI_PATH"]
+__all__ = ["Shim", "client_configs", "OPENAPI_PATH", "OPEN_ROUTES", "UNMATCHED_ROUTE", "MAX_QUERY_VALUE_CHARS"]
 
 log = logging.getLogger("dcache.http")
-
-CONFIG_KEY = web.AppKey("config", HttpConfig)
-CLIENT_KEY = web.AppKey("client", Client)
-HEALTH_CLIENTS_KEY: web.AppKey[dict[str, Client]] = web.AppKey("health_clients")
-METRICS_KEY = web.AppKey("metrics", HttpMetrics)
-REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
-_OPENAPI_KEY: web.AppKey[bytes | None] = web.AppKey("openapi")
 
 #: The OpenAPI document served at ``/openapi.yaml`` (a link to ``docs/openapi.yaml``).
 OPENAPI_PATH = Path(__file__).with_name("openapi.yaml")
@@ -108,25 +96,27 @@ MAX_QUERY_VALUE_CHARS = 4096
 _JSON = "application/json"
 _OCTETS = "application/octet-stream"
 _BODY_FIELDS = frozenset({"key", "value", "ttl"})
-#: Headers of every JSON answer (``web.Response`` copies them).
-_JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
-#: Metrics route label of requests that match no route (or no method of one).
+#: Metrics route label of requests that match no route (or no method of one), and of those the protocol refused.
 UNMATCHED_ROUTE = "unmatched"
 _DATA_KEY_ROUTE = "/data/{key}"
+_LEGACY_GET_ROUTE = "/api/get/{key}"
+#: Routes served without ``--http-token`` (probes and scrapers; see docs/SECURITY.md).
+OPEN_ROUTES = frozenset({"/health", "/metrics"})
+#: Methods allowed on each fixed path (the ``Allow`` header of a 405).
+_FIXED_ROUTES = {"/data": "POST", "/api/post": "POST", "/health": "GET", "/metrics": "GET", "/openapi.yaml": "GET"}
 
 #: ``json.dumps``'s own string escaping (C): ASCII out, non-ASCII as ``\uXXXX``.
 _enc: Callable[[str], str] = encode_basestring_ascii
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class HttpError(Exception):
     """An error answered as ``{"error": message, **extra}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = (), **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
         self.extra = extra
 
 
@@ -134,30 +124,26 @@ def _fail(status: int, message: str, **extra: Any) -> NoReturn:
     raise HttpError(status, message, **extra)
 
 
-def _json_line(obj: Any) -> str:
+def _json_response(obj: Any, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Response:
     """``obj`` as JSON and a newline: every JSON answer ends with one, so ``curl``'s output ends its line."""
-    return json.dumps(obj) + "\n"
+    return Response(status, (json.dumps(obj) + "\n").encode(), JSON_CONTENT_TYPE, headers)
 
 
-def _json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(obj, status=status, headers=headers, dumps=_json_line)
-
-
-def _error_response(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
+def _error_response(status: int, message: str, headers: tuple[tuple[str, str], ...] = (), **extra: Any) -> Response:
     return _json_response({"error": message, **extra}, status, headers)
 
 
-def _json_text(text: str, status: int = 200) -> web.Response:
+def _json_text(text: str, status: int = 200) -> Response:
     """A JSON answer from JSON text built with ``_enc`` (so ASCII), and the newline every JSON answer ends with."""
-    return web.Response(body=(text + "\n").encode(), status=status, headers=_JSON_HEADERS)
+    return Response(status, (text + "\n").encode())
 
 
-def _key_value(key: str, value: str, status: int = 200) -> web.Response:
+def _key_value(key: str, value: str, status: int = 200) -> Response:
     """``{"key": key, "value": value}``, the same bytes as ``json.dumps`` of that dict."""
     return _json_text('{"key": ' + _enc(key) + ', "value": ' + _enc(value) + "}", status)
 
 
-def _not_found(key: str) -> web.Response:
+def _not_found(key: str) -> Response:
     """``{"error": "not found", "key": key}`` with 404 (a miss is common: no exception for it)."""
     return _json_text('{"error": "not found", "key": ' + _enc(key) + "}", 404)
 
@@ -186,35 +172,43 @@ def _from_cluster_error(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
-    headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
-    if exc.status == 404:
-        message = f"no route for {request.method} {request.path}"
-    elif exc.status == 405:
-        message = f"method {request.method} is not allowed on {request.path} (allowed: {exc.headers.get('Allow', '')})"
-    elif exc.text and not exc.text.startswith(f"{exc.status}:"):
-        message = exc.text
-    else:
-        message = exc.reason
-    return _error_response(exc.status, message, headers)
-
-
-def _error_for(request: web.Request, exc: Exception) -> web.Response:
-    """The JSON answer to an exception a handler raised (a redirect is raised again)."""
+def _error_for(request: Request, exc: BaseException) -> Response:
+    """The JSON answer to an exception a handler raised."""
     if isinstance(exc, HttpError):
-        return _error_response(exc.status, exc.message, **exc.extra)
-    if isinstance(exc, web.HTTPException):
-        if exc.status < 400:
-            raise exc
-        return _from_http_exception(request, exc)
+        return _error_response(exc.status, exc.message, exc.headers, **exc.extra)
     mapped = _from_cluster_error(exc)
     if mapped is None:
-        log.error("unexpected error answering %s %s", request.method, request.path, exc_info=exc)
+        log.error("unexpected error answering %s %r", request.method, request.target, exc_info=exc)
         return _error_response(500, "internal error in the HTTP shim (logged)")
     return _error_response(*mapped)
 
 
 # -- request parsing ------------------------------------------------------------------
+
+
+def _split_target(target: bytes) -> tuple[str, str]:
+    """The decoded path and the raw query of a request target (origin, absolute or asterisk form); 400 if undecodable."""
+    if target == b"*":
+        return "*", ""
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        _fail(400, "the request target is not a valid URL")
+    raw = url.path or b"/"
+    try:
+        path = (unquote_to_bytes(raw) if b"%" in raw else raw).decode()
+    except UnicodeDecodeError:
+        _fail(400, "the path is not valid percent-encoded UTF-8")
+    query = url.query
+    return path, "" if query is None else query.decode("latin-1")
+
+
+def _query(query: str) -> dict[str, str]:
+    """The query's parameters (``+`` is a space); the first of a repeated name wins."""
+    params: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        params.setdefault(name, value)
+    return params
 
 
 def _key_bytes(key: str, limit: int, *, in_url: bool) -> bytes:
@@ -238,8 +232,8 @@ def _check_ttl(ttl: object) -> float:
     return float(ttl)
 
 
-def _query_ttl(request: web.Request) -> float | None:
-    text = request.query.get("ttl")
+def _query_ttl(params: dict[str, str]) -> float | None:
+    text = params.get("ttl")
     if text is None:
         return None
     try:
@@ -251,12 +245,11 @@ def _query_ttl(request: web.Request) -> float | None:
     return _check_ttl(ttl)
 
 
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()  # 413 (HTTPRequestEntityTooLarge) above client_max_size
-    if not raw.strip():
+def _json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
         _fail(400, "the request body must be a JSON object")
     try:
-        doc = json.loads(raw)
+        doc = json.loads(body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         _fail(400, f"the request body is not valid JSON: {exc}")
     if not isinstance(doc, dict):
@@ -271,9 +264,9 @@ def _text_bytes(value: str, what: str) -> bytes:
         _fail(400, f"{what} must be valid Unicode text (no lone surrogates)")
 
 
-def _wants_octets(request: web.Request) -> bool:
+def _wants_octets(request: Request) -> bool:
     """Whether Accept prefers ``application/octet-stream`` over JSON (ties go to JSON)."""
-    accept = request.headers.get("Accept")
+    accept = request.header(b"accept")
     if accept is None or _OCTETS not in accept.lower():
         return False
     q_octets = q_json = 0.0
@@ -295,7 +288,7 @@ def _wants_octets(request: web.Request) -> bool:
     return q_octets > 0 and q_octets > q_json
 
 
-def _json_value(key: str, value: bytes) -> web.Response:
+def _json_value(key: str, value: bytes) -> Response:
     try:
         text = value.decode()
     except UnicodeDecodeError:
@@ -348,120 +341,199 @@ def client_configs(config: HttpConfig, ssl: SSLContext | None = None) -> tuple[C
     return main, health
 
 
-# -- handlers -------------------------------------------------------------------------
+# -- the routes -----------------------------------------------------------------------
+
+Handler = Callable[[Request, str, dict[str, str]], Coroutine[Any, Any, Response]]
 
 
-class _Shim:
-    """The handlers, bound to what they need once, at start (``create_app``, ``clients``)."""
+class Shim:
+    """The shim's routes, bound to what they need once (``_wire.App``: ``dispatch``, ``max_body``, ``observe``).
+
+    Args:
+        config: the shim's settings (``client_max_size`` is ``max_body``).
+        metrics: the counters requests are added to.
+        metrics_text: the body of ``/metrics`` (Prometheus text), built at scrape time.
+        ssl: the context of the connections to the masters (``None``: plain TCP).
+    """
 
     __slots__ = (
         "config",
         "ssl",
+        "max_body",
         "max_key_bytes",
         "metrics",
         "observe",
-        "registry",
+        "metrics_text",
         "openapi",
+        "expected_auth",
         "client",
         "health_clients",
-        "router",
-        "catch_all",
         "read_client",
         "reads",
         "read",
+        "_tasks",
     )
 
     config: HttpConfig
-    #: The context of the connections to the masters (``None``: plain TCP).
     ssl: SSLContext | None
+    max_body: int
     max_key_bytes: int
     metrics: HttpMetrics
     observe: Callable[[str, str, int, float], None]
-    registry: CollectorRegistry
+    metrics_text: Callable[[], bytes]
     openapi: bytes | None
-    #: Set when the app starts (``clients``); requests are served only after that.
+    #: ``Bearer <--http-token>`` as bytes, or None (no token needed).
+    expected_auth: bytes | None
+    #: Set by ``start``; requests are served only after that.
     client: Client
     health_clients: dict[str, Client]
     #: The client the batched reads go over, and the batcher.
     read_client: Client
     reads: GetBatcher
-    #: How a handler reads a key: ``reads.get``, or ``client.get`` with ``--read-batch 1``.
-    read: Callable[[bytes], Awaitable[bytes | None]]
-    router: web.UrlDispatcher
-    catch_all: web.AbstractResource | None
+    #: How a GET reads a key: ``reads.get``, or ``client.get`` (as a task) with ``--read-batch 1``.
+    read: Callable[[bytes], asyncio.Future[bytes | None]]
+    _tasks: set[asyncio.Task[Response]]
 
-    def __init__(
-        self, config: HttpConfig, metrics: HttpMetrics, registry: CollectorRegistry, router: web.UrlDispatcher, ssl: SSLContext | None
-    ) -> None:
+    def __init__(self, config: HttpConfig, metrics: HttpMetrics, metrics_text: Callable[[], bytes], ssl: SSLContext | None) -> None:
         self.config = config
         self.ssl = ssl
+        self.max_body = config.client_max_size
         self.max_key_bytes = config.max_key_bytes
         self.metrics = metrics
         self.observe = metrics.observe
-        self.registry = registry
-        self.router = router
-        self.catch_all = None
+        self.metrics_text = metrics_text
+        self.expected_auth = None if config.http_token is None else f"Bearer {config.http_token}".encode()
+        self._tasks = set()
         try:
             self.openapi = OPENAPI_PATH.read_bytes()
         except OSError:
             self.openapi = None
 
-    async def clients(self, app: web.Application) -> AsyncIterator[None]:
-        """``cleanup_ctx``: open the dcache clients on start, close them on stop."""
+    async def start(self) -> None:
+        """Open the dcache clients (they connect in the background)."""
         config = self.config
         main, health = client_configs(config, self.ssl)
-        self.client = app[CLIENT_KEY] = Client(config=main)
+        self.client = Client(config=main)
         self.read_client = Client(config=main)
         self.reads = GetBatcher(self.read_client, fallback=self.client, max_keys=config.read_batch, stats=self.metrics.reads)
-        self.read = self.reads.get if config.read_batch > 1 else self.client.get
-        self.health_clients = app[HEALTH_CLIENTS_KEY] = {
-            endpoint: Client(config=replace(health, endpoints=endpoint)) for endpoint in health.endpoints
-        }
+        if config.read_batch > 1:
+            self.read = self.reads.get
+        else:
+            get = self.client.get
+            self.read = lambda key: asyncio.ensure_future(get(key))
+        self.health_clients = {endpoint: Client(config=replace(health, endpoints=endpoint)) for endpoint in health.endpoints}
+
+    async def close(self) -> None:
+        """Close the dcache clients, then wait for the requests still running (they fail fast then)."""
+        await self.read_client.close()
+        await self.client.close()
+        await self.reads.close()
+        for client in self.health_clients.values():
+            await client.close()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- dispatch --------------------------------------------------------------------
+
+    def dispatch(self, request: Request) -> Response | asyncio.Future[Any]:
+        """The answer to ``request``, or a future of it; never raises (errors are answered as JSON)."""
+        method = request.method
         try:
-            yield
-        finally:
-            await self.read_client.close()
-            await self.client.close()
-            await self.reads.close()  # its batches failed fast on the closed clients
-            for client in self.health_clients.values():
-                await client.close()
+            path, query = _split_target(request.target)
+        except HttpError as exc:
+            return self._answer(request, UNMATCHED_ROUTE, _error_for(request, exc))
+        if path.startswith("/data/") or path.startswith("/api/get/"):
+            legacy = path[1] == "a"
+            key = path[9:] if legacy else path[6:]
+            if not key or "\n" in key:  # what aiohttp's {key:.+} did not match
+                return self._answer(request, UNMATCHED_ROUTE, _error_response(404, f"no route for {method} {path}"))
+            route = _LEGACY_GET_ROUTE if legacy else _DATA_KEY_ROUTE
+            if self.expected_auth is not None and not self._authorized(request):
+                return self._answer(request, route, _unauthorized())
+            if method == "GET":
+                return self.get_key(request, key, route, not legacy)
+            if not legacy and method == "PUT":
+                return self._run(request, route, self.put_data, key, query)
+            if not legacy and method == "DELETE":
+                return self._run(request, route, self.delete_data, key, query)
+            allow = "GET" if legacy else "DELETE,GET,PUT"
+            return self._answer(request, UNMATCHED_ROUTE, _not_allowed(method, path, allow))
+        allowed = _FIXED_ROUTES.get(path)
+        if allowed is None:
+            return self._answer(request, UNMATCHED_ROUTE, _error_response(404, f"no route for {method} {path}"))
+        if method != allowed:
+            return self._answer(request, UNMATCHED_ROUTE, _not_allowed(method, path, allowed))
+        if self.expected_auth is not None and path not in OPEN_ROUTES and not self._authorized(request):
+            return self._answer(request, path, _unauthorized())
+        if path == "/data":
+            return self._run(request, path, self.post_data, "", query)
+        if path == "/api/post":
+            return self._run(request, path, self.legacy_post, "", query)
+        if path == "/health":
+            return self._run(request, path, self.health, "", query)
+        if path == "/metrics":
+            return self._answer(request, path, self._guard(request, lambda: Response(200, self.metrics_text(), _METRICS_CONTENT_TYPE)))
+        return self._answer(request, path, self._guard(request, self.openapi_yaml))
 
-    def endpoint(self, route: str, handler: Handler) -> Handler:
-        """``handler`` answering errors as JSON and counted in the metrics under ``route``."""
-        observe = self.observe
+    def _authorized(self, request: Request) -> bool:
+        got = request.headers.get(b"authorization", b"")
+        assert self.expected_auth is not None
+        return hmac.compare_digest(got, self.expected_auth)
 
-        async def endpoint(request: web.Request) -> web.StreamResponse:
-            start = perf_counter()
-            response: web.StreamResponse
-            try:
-                response = await handler(request)
-            except Exception as exc:
-                response = _error_for(request, exc)
-            observe(request.method, route, response.status, perf_counter() - start)
-            return response
+    def _answer(self, request: Request, route: str, response: Response) -> Response:
+        self.observe(request.method, route, response.status, perf_counter() - request.start)
+        return response
 
-        return endpoint
-
-    async def get_data(self, request: web.Request) -> web.StreamResponse:
-        """``GET /data/{key}``: the hot path, so ``endpoint``'s work is inlined here."""
-        start = perf_counter()
-        key: str = request.match_info["key"]
-        response: web.Response
+    @staticmethod
+    def _guard(request: Request, make: Callable[[], Response]) -> Response:
         try:
-            value = await self.read(_key_bytes(key, self.max_key_bytes, in_url=True))
+            return make()
+        except Exception as exc:
+            return _error_for(request, exc)
+
+    def _run(self, request: Request, route: str, handler: Handler, key: str, query: str) -> asyncio.Future[Response]:
+        """Run an async handler as a task whose result is the answer (errors answered as JSON, counted under ``route``)."""
+        task = asyncio.get_running_loop().create_task(self._serve(request, route, handler(request, key, _query(query) if query else {})))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _serve(self, request: Request, route: str, work: Awaitable[Response]) -> Response:
+        try:
+            response = await work
+        except Exception as exc:
+            response = _error_for(request, exc)
+        self.observe(request.method, route, response.status, perf_counter() - request.start)
+        return response
+
+    # -- handlers --------------------------------------------------------------------
+
+    def get_key(self, request: Request, key: str, route: str, octets: bool) -> Response | asyncio.Future[Any]:
+        """``GET /data/{key}`` (``octets``: raw bytes if Accept prefers them) and ``GET /api/get/{key}``: the hot path."""
+        try:
+            raw = _key_bytes(key, self.max_key_bytes, in_url=True)
+        except HttpError as exc:
+            return self._answer(request, route, _error_for(request, exc))
+        request.finish = partial(self._got, request, key, route, octets)
+        return self.read(raw)
+
+    def _got(self, request: Request, key: str, route: str, octets: bool, read: asyncio.Future[bytes | None]) -> Response:
+        """The answer to a GET once its read is done (``Request.finish``)."""
+        try:
+            value = read.result()
             if value is None:
                 response = _not_found(key)
-            elif _wants_octets(request):
-                response = web.Response(body=value, content_type=_OCTETS)
+            elif octets and _wants_octets(request):
+                response = Response(200, value, _OCTETS)
             else:
                 response = _json_value(key, value)
         except Exception as exc:
             response = _error_for(request, exc)
-        self.observe("GET", _DATA_KEY_ROUTE, response.status, perf_counter() - start)
+        self.observe("GET", route, response.status, perf_counter() - request.start)
         return response
 
-    async def post_data(self, request: web.Request) -> web.Response:
-        doc = await _json_object(request)
+    async def post_data(self, request: Request, _key: str, _query: dict[str, str]) -> Response:
+        doc = _json_object(request.body)
         unknown = sorted(set(doc) - _BODY_FIELDS)
         if unknown:
             _fail(400, f"unknown field(s): {', '.join(map(repr, unknown))}; expected key, value and optionally ttl")
@@ -484,40 +556,31 @@ class _Shim:
         await self.client.set(key_bytes, value_bytes, ttl=ttl)
         return _key_value(key, value, 201)
 
-    async def put_data(self, request: web.Request) -> web.Response:
-        key: str = request.match_info["key"]
+    async def put_data(self, request: Request, key: str, query: dict[str, str]) -> Response:
         key_bytes = _key_bytes(key, self.max_key_bytes, in_url=True)
-        ttl = _query_ttl(request)
-        value = await request.read()  # 413 above client_max_size
+        ttl = _query_ttl(query)
+        value = request.body
         await self.client.set(key_bytes, value, ttl=ttl)
         return _json_text('{"key": ' + _enc(key) + ', "size": ' + str(len(value)) + "}", 201)
 
-    async def delete_data(self, request: web.Request) -> web.Response:
-        key: str = request.match_info["key"]
+    async def delete_data(self, request: Request, key: str, _query: dict[str, str]) -> Response:
         deleted = await self.client.delete(_key_bytes(key, self.max_key_bytes, in_url=True))
         return _json_text('{"key": ' + _enc(key) + ', "deleted": ' + ("true" if deleted else "false") + "}")
 
-    async def legacy_get(self, request: web.Request) -> web.Response:
-        key: str = request.match_info["key"]
-        value = await self.read(_key_bytes(key, self.max_key_bytes, in_url=True))
-        if value is None:
-            return _not_found(key)
-        return _json_value(key, value)
-
-    async def legacy_post(self, request: web.Request) -> web.Response:
-        key = request.query.get("key")
-        value = request.query.get("value")
+    async def legacy_post(self, request: Request, _key: str, query: dict[str, str]) -> Response:
+        key = query.get("key")
+        value = query.get("value")
         if key is None or value is None:
             _fail(400, "query parameters 'key' and 'value' are required")
         key_bytes = _key_bytes(key, self.max_key_bytes, in_url=True)
         if len(value) > MAX_QUERY_VALUE_CHARS:
             _fail(400, f"a value in the query string is limited to {MAX_QUERY_VALUE_CHARS} characters; use POST /data or PUT /data/{{key}}")
         value_bytes = _text_bytes(value, "value")
-        ttl = _query_ttl(request)
+        ttl = _query_ttl(query)
         await self.client.set(key_bytes, value_bytes, ttl=ttl)
         return _key_value(key, value, 201)
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request, _key: str, _query: dict[str, str]) -> Response:
         clients = self.health_clients
         answers = await asyncio.gather(*(_ping(c) for c in clients.values()))
         masters = dict(zip(clients, answers, strict=True))
@@ -525,119 +588,19 @@ class _Shim:
             return _json_response({"status": "ok", "masters": masters})
         return _json_response({"status": "unavailable", "error": "no dcache master answers PING", "masters": masters}, 503)
 
-    async def metrics_text(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def openapi_yaml(self, request: web.Request) -> web.Response:
+    def openapi_yaml(self) -> Response:
         if self.openapi is None:
             _fail(404, "openapi.yaml is not installed with this copy of dcache")
-        return web.Response(body=self.openapi, content_type="application/yaml")
-
-    async def unmatched(self, request: web.Request) -> web.Response:
-        """The catch-all route: JSON 405 (with ``Allow``) if another route has the path, else JSON 404.
-
-        aiohttp's router answers these itself, in plain text; the methods
-        allowed are collected the way it does, by asking every resource.
-        """
-        allowed: set[str] = set()
-        for resource in self.router.resources():
-            if resource is not self.catch_all:
-                allowed |= (await resource.resolve(request))[1]
-        if allowed:
-            allow = ",".join(sorted(allowed))
-            message = f"method {request.method} is not allowed on {request.path} (allowed: {allow})"
-            return _error_response(405, message, {"Allow": allow})
-        return _error_response(404, f"no route for {request.method} {request.path}")
+        return Response(200, self.openapi, "application/yaml")
 
 
-# -- the app --------------------------------------------------------------------------
+#: prometheus_client's text format, version 0.0.4.
+_METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class _AnyPath(web.PlainResource):
-    """A resource matching every request target, even ``*`` and paths with a newline.
-
-    Registered last, it is where requests no other route takes end up (the
-    router tries ``/`` last), so that they too get a JSON error.
-    """
-
-    def __init__(self) -> None:
-        super().__init__("/")
-
-    def _match(self, path: str) -> dict[str, str] | None:
-        return {}
-
-    def raw_match(self, path: str) -> bool:
-        return False  # never merged with a route added later for "/"
+def _not_allowed(method: str, path: str, allow: str) -> Response:
+    return _error_response(405, f"method {method} is not allowed on {path} (allowed: {allow})", (("Allow", allow),))
 
 
-#: Routes served without ``--http-token`` (probes and scrapers; see docs/SECURITY.md).
-OPEN_ROUTES = frozenset({"/health", "/metrics"})
-
-
-def _bearer(token: str) -> Any:
-    """Middleware: every request but ``OPEN_ROUTES`` must carry ``Authorization: Bearer <token>`` (else 401)."""
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def bearer(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in OPEN_ROUTES:
-            got = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(got, expected):
-                return _error_response(
-                    401, "send 'Authorization: Bearer <token>' (the shim's --http-token)", {"WWW-Authenticate": "Bearer"}
-                )
-        return await handler(request)
-
-    return bearer
-
-
-def create_app(config: HttpConfig, *, tls: TlsContexts | None = None) -> web.Application:
-    """Build the shim's aiohttp application.
-
-    The dcache clients are created when the app starts (``cleanup_ctx``)
-    and closed when it stops, so the app must run under an ``AppRunner``
-    (or ``web.run_app``, or a test server) on the loop that serves it.
-
-    Args:
-        config: the shim's settings; ``client_max_size`` bounds request bodies.
-        tls: the shim's TLS contexts (``HttpConfig.tls()``): the clients
-            speak TLS to the masters with ``tls.peer``. Default: built from
-            ``config``.
-
-    Returns:
-        The application, not yet started.
-
-    Raises:
-        ConfigError: a TLS file of ``config`` cannot be read or is not what it should be.
-    """
-    if tls is None:
-        tls = config.tls()
-    middlewares = [_bearer(config.http_token)] if config.http_token is not None else []
-    app = web.Application(client_max_size=config.client_max_size, middlewares=middlewares)
-    metrics = HttpMetrics()
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics)
-    shim = _Shim(config, metrics, registry, app.router, tls.peer if tls is not None else None)
-    app[CONFIG_KEY] = config
-    app[METRICS_KEY] = metrics
-    app[REGISTRY_KEY] = registry
-    app[_OPENAPI_KEY] = shim.openapi
-    app.cleanup_ctx.append(shim.clients)
-    r = app.router
-    ep = shim.endpoint
-    # GET /data/{key} first: the router tries the resources under "/data" in order.
-    r.add_get("/data/{key:.+}", shim.get_data, allow_head=False)
-    r.add_put("/data/{key:.+}", ep(_DATA_KEY_ROUTE, shim.put_data))
-    r.add_delete("/data/{key:.+}", ep(_DATA_KEY_ROUTE, shim.delete_data))
-    r.add_post("/data", ep("/data", shim.post_data))
-    r.add_get("/api/get/{key:.+}", ep("/api/get/{key}", shim.legacy_get), allow_head=False)
-    r.add_post("/api/post", ep("/api/post", shim.legacy_post))
-    r.add_get("/health", ep("/health", shim.health), allow_head=False)
-    r.add_get("/metrics", ep("/metrics", shim.metrics_text), allow_head=False)
-    r.add_get("/openapi.yaml", ep("/openapi.yaml", shim.openapi_yaml), allow_head=False)
-    # Last: whatever no route above matches.
-    catch_all = shim.catch_all = _AnyPath()
-    r.register_resource(catch_all)
-    catch_all.add_route("*", ep(UNMATCHED_ROUTE, shim.unmatched))
-    return app
+def _unauthorized() -> Response:
+    return _error_response(401, "send 'Authorization: Bearer <token>' (the shim's --http-token)", (("WWW-Authenticate", "Bearer"),))

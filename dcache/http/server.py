@@ -5,14 +5,25 @@
 stop (``close``: stop accepting, let requests in flight finish within
 ``shutdown_grace``, then close the dcache clients). The shim serves its own
 ``/metrics``, so it needs no separate metrics port.
+
+As a worker of ``dcache http --workers N`` (``dcache.http.workers``) the
+daemon binds its port with ``SO_REUSEPORT`` beside its siblings, tells the
+parent when it listens, stops when the parent goes away, and merges its
+siblings' metrics into its ``/metrics`` (``WorkerMetrics``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
 
-from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
 from ..address import format_address
@@ -20,66 +31,88 @@ from ..client import Client
 from ..config import HttpConfig
 from ..daemon import run, serve
 from ..net import protected_mode
-from .app import HEALTH_CLIENTS_KEY, METRICS_KEY, create_app
+from ._metrics import HttpMetrics, WorkerMetrics
+from ._wire import HttpServer
+from .app import Shim
 
-__all__ = ["HttpDaemon", "serve_http", "run_http"]
+__all__ = ["HttpDaemon", "WorkerLink", "serve_http", "run_http", "METRICS_SNAPSHOT_S"]
 
 log = logging.getLogger("dcache.http")
 
-#: Longest request line read. aiohttp's default (8190) would refuse a long key or
-#: legacy query value with a plain-text 400 from the parser, before the app can
-#: answer its JSON 414/400: a 1024-character key percent-encodes to up to 12 KiB,
-#: a 4096-character legacy value to 48 KiB.
-MAX_REQUEST_LINE_BYTES = 128 * 1024
+#: Seconds between two snapshots of a worker's metrics for its siblings.
+METRICS_SNAPSHOT_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLink:
+    """What a worker of ``dcache http --workers N`` gets from its parent.
+
+    Attributes:
+        index: the worker's number (0..N-1), for logs.
+        metrics_dir: where the workers' metrics snapshots go.
+        ready: the parent's end receives ``host:port`` once the worker listens.
+        parent_alive: readable (EOF) when the parent has exited: the worker then stops.
+    """
+
+    index: int
+    metrics_dir: str
+    ready: Connection
+    parent_alive: int
 
 
 class HttpDaemon:
-    """The shim's app and its listener, for ``dcache.daemon.serve``.
+    """The shim's routes and its listener, for ``dcache.daemon.serve``.
 
     Args:
         config: the shim's settings.
+        worker: set when this process is one of ``--workers N`` (``dcache.http.workers``).
     """
 
-    __slots__ = ("config", "tls", "app", "_runner")
+    __slots__ = ("config", "tls", "node_id", "metrics", "collector_", "shim", "http", "worker", "_server", "_snapshots")
 
     role = "http"
-    node_id = "shim"
 
-    def __init__(self, config: HttpConfig) -> None:
+    def __init__(self, config: HttpConfig, worker: WorkerLink | None = None) -> None:
         """Raises ``ConfigError`` if a TLS file of ``config`` cannot be read or is not what it should be."""
         self.config = config
+        self.worker = worker
+        #: ``shim``, or ``shim worker N`` as a worker (for logs).
+        self.node_id = "shim" if worker is None else f"shim worker {worker.index}"
         #: HTTPS on the listener (``tls.server``), TLS to the masters (``tls.peer``); SIGHUP reloads them.
         self.tls = config.tls()
-        self.app = create_app(config, tls=self.tls)
-        self._runner: web.AppRunner | None = None
+        self.metrics = HttpMetrics()
+        self.collector_: Collector = self.metrics if worker is None else WorkerMetrics(self.metrics, Path(worker.metrics_dir))
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self.collector_)
+        self.shim = Shim(config, self.metrics, lambda: generate_latest(registry), self.tls.peer if self.tls is not None else None)
+        # Access lines only at debug level: `dcache cluster` shares its terminal with the shim.
+        self.http = HttpServer(self.shim, access_log=config.log_level.lower() == "debug")
+        self._server: asyncio.Server | None = None
+        self._snapshots: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
-        """Start the app (its dcache clients too) and listen; return ``host:port``.
+        """Open the dcache clients and listen; return ``host:port``.
 
         Raises:
             ConfigError: ``--host`` reaches beyond this machine without
                 ``--http-token`` (protected mode), unless ``--insecure``.
+            OSError: the port cannot be bound.
         """
         config = self.config
         protected_mode(config.host, config.http_token is not None, config.insecure, "HTTP shim", "--http-token")
-        # Access lines only at debug level: `dcache cluster` shares its terminal with the shim.
-        access_log = logging.getLogger("aiohttp.access") if config.log_level.lower() == "debug" else None
-        runner = web.AppRunner(
-            self.app,
-            handle_signals=False,
-            access_log=access_log,
-            shutdown_timeout=config.shutdown_grace,
-            max_line_size=MAX_REQUEST_LINE_BYTES,
-        )
-        await runner.setup()
+        await self.shim.start()
         https = self.tls.server if self.tls is not None else None
+        loop = asyncio.get_running_loop()
         try:
-            await web.TCPSite(runner, config.host, config.port, ssl_context=https).start()
+            server = await loop.create_server(
+                self.http.protocol, config.host, config.port, ssl=https, reuse_port=True if self.worker is not None else None, backlog=1024
+            )
         except BaseException:
-            await runner.cleanup()
+            await self.shim.close()
             raise
-        self._runner = runner
-        host, port = runner.addresses[0][:2]
+        self._server = server
+        host, port = server.sockets[0].getsockname()[:2]
+        where = format_address(host, port)
         log.info("http shim in front of masters %s", ",".join(config.master))
         if self.tls is not None:
             log.info(
@@ -89,7 +122,33 @@ class HttpDaemon:
                 self.tls.describe(),
             )
         await self._check_masters()
-        return format_address(host, port)
+        if self.worker is not None:
+            self._follow_parent(self.worker)
+            self.worker.ready.send(where)
+        return where
+
+    def _follow_parent(self, worker: WorkerLink) -> None:
+        """Snapshot the metrics for the siblings every second; stop (as on SIGTERM) when the parent is gone."""
+        assert isinstance(self.collector_, WorkerMetrics)
+        collector = self.collector_
+        collector.write()
+
+        async def snapshots() -> None:
+            while True:
+                await asyncio.sleep(METRICS_SNAPSHOT_S)
+                try:
+                    collector.write()
+                except OSError as exc:
+                    log.warning("cannot write the metrics snapshot %s: %s", collector.path, exc)
+
+        self._snapshots = asyncio.get_running_loop().create_task(snapshots())
+
+        def parent_gone() -> None:
+            asyncio.get_running_loop().remove_reader(worker.parent_alive)
+            log.warning("%s: the parent process is gone; stopping", self.node_id)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        asyncio.get_running_loop().add_reader(worker.parent_alive, parent_gone)
 
     async def _check_masters(self) -> None:
         """Warn about each master that does not answer a PING now (``--health-timeout`` each, in parallel).
@@ -97,7 +156,7 @@ class HttpDaemon:
         The shim starts all the same: its client keeps trying, and requests
         are answered 503 until a master answers (``/health`` says which do).
         """
-        clients = self.app[HEALTH_CLIENTS_KEY]
+        clients = self.shim.health_clients
 
         async def ping(client: Client) -> str | None:
             try:
@@ -117,17 +176,27 @@ class HttpDaemon:
             log.warning("no master answers: the shim answers 503 until one does, and keeps trying (check --master %s)", ",".join(clients))
 
     def collector(self) -> Collector:
-        """The shim's metrics (also served at its own ``/metrics``)."""
-        return self.app[METRICS_KEY]
+        """The shim's metrics (served at its own ``/metrics``; merged with the siblings' as a worker)."""
+        return self.collector_
 
     async def before_close(self, sig: int, again: asyncio.Event) -> None:
         """Nothing to do before stopping: requests in flight finish in ``close``."""
 
     async def close(self) -> None:
         """Stop accepting, let requests finish (up to ``shutdown_grace`` seconds), close the dcache clients (idempotent)."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        await self.http.close(self.config.shutdown_grace)
+        await self.shim.close()
+        if self._snapshots is not None:
+            self._snapshots.cancel()
+            assert isinstance(self.collector_, WorkerMetrics)
+            try:
+                self.collector_.write()  # the last figures stay for the siblings' merged counters
+            except OSError as exc:
+                log.warning("cannot write the metrics snapshot %s: %s", self.collector_.path, exc)
 
 
 async def serve_http(config: HttpConfig, *, ready: bool = True) -> None:
@@ -135,6 +204,13 @@ async def serve_http(config: HttpConfig, *, ready: bool = True) -> None:
     await serve(HttpDaemon(config), host=config.host, metrics_port=None, ready=ready)
 
 
-def run_http(config: HttpConfig) -> int:
-    """Blocking entry point used by the CLI."""
+def run_http(config: HttpConfig, setup_logging: Callable[[], None] | None = None) -> int:
+    """Blocking entry point used by the CLI: one process, or a parent and ``config.workers`` workers.
+
+    ``setup_logging`` is run first in each worker (a picklable callable: the CLI's logging set-up).
+    """
+    if config.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(config, setup_logging)
     return run(lambda: HttpDaemon(config), host=config.host, metrics_port=None)
