@@ -416,8 +416,10 @@ class HashRing:
         shared: dict[tuple[str, ...], list[str]] = {}
         prefs: list[list[str]] = []
         walk = self._walk
-        for i in range(len(run_ids)):
-            pref = tuple(walk(i, r))
+        last = len(run_ids) - 1
+        for i in range(last + 1):
+            # neighbouring runs differ (but the last and the first may not): for r == 2 the next run is the second owner
+            pref = (run_ids[i], run_ids[i + 1]) if r == 2 and i < last else tuple(walk(i, r))
             same = shared.get(pref)
             if same is None:
                 same = shared[pref] = list(pref)
