@@ -233,17 +233,23 @@ class ClusterView:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ClusterView:
-        """Inverse of ``to_dict``; raises ``ValueError``/``KeyError`` on a malformed view."""
+    def from_dict(cls, d: dict[str, Any], known: ClusterView | None = None) -> ClusterView:
+        """Inverse of ``to_dict``; raises ``ValueError``/``KeyError`` on a malformed view.
+
+        ``known`` (the view the caller routes by) lends its rings where the
+        layout is the same, so a follower adopting a view that only changed
+        ``seq`` (health, migration) rebuilds neither ring nor table.
+        """
         members = {m.node_id: m for m in (Member.from_dict(x) for x in d["members"])}
         prev = d.get("prev_ring")
+        rings = (known.ring, known.prev_ring) if known is not None else ()
         return cls(
             int(d["epoch"]),
             int(d["seq"]),
             int(d["replicas"]),
             members,
-            HashRing.from_dict(d["ring"]),
-            HashRing.from_dict(prev) if prev is not None else None,
+            HashRing.from_dict(d["ring"], rings),
+            HashRing.from_dict(prev, rings) if prev is not None else None,
             str(d.get("coordinator", "")),
             bool(d.get("settling", False)),
         )

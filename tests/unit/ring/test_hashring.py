@@ -476,3 +476,15 @@ def test_ring_is_immutable():
     assert copy.copy(ring) is ring and copy.deepcopy(ring) is ring
     assert pickle.loads(pickle.dumps(ring)) == ring
     assert "epoch=0" in repr(ring)
+
+
+def test_from_dict_reuses_a_known_layout():
+    ring = HashRing({"a": 1.0, "b": 2.0}, epoch=3)
+    table = ring.preference_table(2)
+    again = HashRing.from_dict({"epoch": 5, "nodes": {"b": 2, "a": 1.0}, "vnodes_per_weight": VNODES_PER_WEIGHT}, [None, ring])
+    assert again == ring.with_epoch(5) and again.preference_table(2) is table
+    assert HashRing.from_dict(ring.to_dict(), [ring]) is ring
+    other = HashRing.from_dict({"epoch": 5, "nodes": {"a": 1.0, "b": 1.0}, "vnodes_per_weight": VNODES_PER_WEIGHT}, [ring])
+    assert other.preference_table(2) is not table and other.fingerprint() == HashRing({"a": 1.0, "b": 1.0}).fingerprint()
+    with pytest.raises(ValueError):
+        HashRing.from_dict({"epoch": -1, "nodes": {"a": 1.0, "b": 2.0}, "vnodes_per_weight": VNODES_PER_WEIGHT}, [ring])
