@@ -64,7 +64,7 @@ Points per weight
     placement has the same variance as random placement. The cost is paid
     once per membership change: building 16 nodes (32k points) takes about
     20 ms, and the ring holds about 1.3 MB; 1,000 nodes (2M points) take
-    about 2.5 s and hold about 40 MB (bin/ringsim; BENCHMARKS.md "Ring at
+    about 2.5 s and hold 36 MiB (tracemalloc; bin/ringsim, BENCHMARKS.md "Ring at
     scale"). At 1,000 nodes the busiest node still carries only about 1.07x
     the mean, so the count stays 2048 (DECISIONS.md "The ring at 1,000 nodes").
 
