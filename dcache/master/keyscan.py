@@ -56,7 +56,7 @@ def scan_plan(view: ClusterView, usable: Callable[[str], bool]) -> list[Share]:
     rings = [view.ring]
     if view.prev_ring is not None and not view.settling:
         rings.append(view.prev_ring)
-    ends = sorted({e for ring in rings if len(ring) for e in ring.preference_table(1)[0]})
+    ends = sorted({e for ring in rings if len(ring) for e in ring.preference_table(1).ends})
     if not ends:
         return []
     by_node: dict[str, list[list[int]]] = {}

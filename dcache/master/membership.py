@@ -709,7 +709,7 @@ class Follower(Membership):
         self.last_sync_ms = wall_ms()
         self.coordinator_error = None
         if answer is not None and not answer.get("want_view"):
-            self.publish(ClusterView.from_dict(answer))
+            self.publish(ClusterView.from_dict(answer, self.view))
 
     async def _follow_loop(self) -> None:
         while True:

@@ -173,7 +173,7 @@ class ZooKeeperMembership(Coordinator):
         if data is None or stat is None:
             return
         try:
-            view = ClusterView.from_dict(msgpack.unpackb(data, raw=False, strict_map_key=False))
+            view = ClusterView.from_dict(msgpack.unpackb(data, raw=False, strict_map_key=False), self.view)
         except Exception as exc:
             log.error("the ring in ZooKeeper is unreadable (%s); ignoring it", exc)
             return

@@ -13,22 +13,35 @@ Layout
     All points are sorted by ``(point, node_id)``; an exact 64-bit collision
     between two nodes is thereby resolved in favour of the smaller id, the
     other point owning an empty arc. Consecutive points of one node are merged
-    into a *run*; the ring stores only the run ends (``_ends``, ascending) and
-    a parallel list of owners (``_run_ids``). Merging changes no answer and
-    guarantees that neighbouring runs have different owners, which keeps the
-    preference-list walk short.
+    into a *run*; the ring stores only the run ends (``_ends``, ascending, an
+    ``array('Q')``: 8 bytes a run) and a parallel list of owners
+    (``_run_ids``). Merging changes no answer and guarantees that neighbouring
+    runs have different owners, which keeps the preference-list walk short.
+
+Bucket index
+    ``_starts[b]`` is the first run whose end is ``>= b << _shift``, for the
+    ``2**k`` buckets of the top ``k`` bits of a hash (``2**k`` between half
+    the runs and all of them; ``_starts`` has one more entry, ``len(_ends)``). A lookup bisects
+    only between ``_starts[h >> _shift]`` and the next bucket's start: about
+    two probes, at any ring size. A plain bisect over 2M runs (1,000 nodes)
+    made 21 probes into memory the CPU cache does not hold: ``read_candidates``
+    cost 2.6 us there against 0.5 us at 10 nodes (bin/ringsim, BENCHMARKS.md
+    "Ring at scale"). The index changes no answer, only its cost.
 
 Ownership
     A hash ``h`` belongs to the first point clockwise with ``point >= h``,
-    wrapping to the lowest point: ``bisect_left(_ends, h)``, index ``len``
-    meaning ``0``. A run with end ``e`` preceded by end ``s`` owns the arc
+    wrapping to the lowest point: ``bisect_left(_ends, h)`` (narrowed by the
+    bucket index), index ``len`` meaning ``0``. A run with end ``e`` preceded by end ``s`` owns the arc
     ``(s, e]``; the first run owns the wrapping arc ``(_ends[-1], _ends[0]]``.
     Arcs are written ``(start_exclusive, end_inclusive)``; ``start > end``
     wraps through zero and ``start == end`` is the whole circle (a ring whose
     points all belong to one node). ``in_range`` implements this convention.
 
     The preference list ``owners(key, r)`` is the first ``r`` distinct nodes
-    met walking clockwise from the key's run.
+    met walking clockwise from the key's run. ``preference_table(r)``
+    computes it for every run once per ring (memoized: a new view over the
+    same ring reuses it) and shares one list between runs with equal
+    preference lists.
 
 Invariants
     * The layout is a pure function of ``(nodes, vnodes_per_weight)``: no
@@ -50,10 +63,13 @@ Points per weight
     with a per-node offset are as bad as one point per node, and stratified
     placement has the same variance as random placement. The cost is paid
     once per membership change: building 16 nodes (32k points) takes about
-    20 ms, and the ring holds about 1.3 MB.
+    20 ms, and the ring holds about 1.3 MB; 1,000 nodes (2M points) take
+    about 2.5 s and hold 36 MiB (tracemalloc; bin/ringsim, BENCHMARKS.md "Ring at
+    scale"). At 1,000 nodes the busiest node still carries only about 1.07x
+    the mean, so the count stays 2048 (DECISIONS.md "The ring at 1,000 nodes").
 
 Complexity (``P`` points, ``N`` nodes)
-    Build ``O(P log P)``; ``owner`` ``O(log P)``; ``owners(key, r)``
+    Build ``O(P log P)``; ``owner`` ``O(1)`` expected (bucket index); ``owners(key, r)``
     ``O(log P + walk)``, the walk being the runs visited until ``r`` distinct
     nodes are seen (about ``N * H(r) / (N - r + 1)``, small for the usual
     ``r`` of 2 or 3); ``shares``, ``ranges`` and ``fingerprint`` ``O(P)``;
@@ -68,8 +84,9 @@ import math
 import sys
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 from types import MappingProxyType
 from typing import Any, NoReturn, TypeVar
 
@@ -83,6 +100,7 @@ __all__ = [
     "VNODES_PER_WEIGHT",
     "EmptyRingError",
     "HashRing",
+    "PreferenceTable",
     "RangeMove",
     "hash64",
     "in_range",
@@ -149,6 +167,37 @@ class RangeMove:
         return isinstance(h, int) and in_range(h, self.start, self.end)
 
 
+@dataclass(frozen=True, slots=True)
+class PreferenceTable:
+    """Every run's preference list, for one bisect per lookup (``HashRing.preference_table``).
+
+    ``prefs[run(h)]`` is ``owners_for_hash(h, r)`` where ``run(h)`` is
+    ``bisect_left(ends, h, starts[h >> shift], starts[(h >> shift) + 1])``,
+    ``len(ends)`` meaning 0 (``lookup`` does exactly this; hot paths inline
+    it). Runs with equal preference lists share one list object. The table is
+    shared by every holder of the ring: nothing in it may be modified.
+
+    :ivar ends: the ring's run ends, ascending.
+    :ivar starts: the bucket index (see the module note).
+    :ivar shift: ``64 - k`` for ``2**k`` buckets.
+    :ivar prefs: the preference list of each run.
+    """
+
+    ends: array[int]
+    starts: array[int]
+    shift: int
+    prefs: list[list[str]]
+
+    def lookup(self, h: int) -> list[str]:
+        """The preference list of hash ``h`` (``[]`` for an empty ring); do not modify it."""
+        ends = self.ends
+        if not ends:
+            return []
+        b = h >> self.shift
+        i = bisect_left(ends, h, self.starts[b], self.starts[b + 1])
+        return self.prefs[i if i < len(ends) else 0]
+
+
 def _bad_r(r: int) -> NoReturn:
     raise ValueError(f"r must be >= 1, got {r!r}")
 
@@ -187,13 +236,16 @@ class HashRing:
     :raises TypeError: if a weight or the epoch is not a number.
     """
 
-    __slots__ = ("_ends", "_epoch", "_nodes", "_run_ids", "_vnodes_per_weight")
+    __slots__ = ("_ends", "_epoch", "_nodes", "_run_ids", "_shift", "_starts", "_tables", "_vnodes_per_weight")
 
     _epoch: int
     _vnodes_per_weight: int
     _nodes: dict[str, float]  # sorted by node id; never mutated
-    _ends: list[int]  # run ends, ascending
+    _ends: array[int]  # run ends, ascending; never mutated
     _run_ids: list[str]  # owner of each run; neighbours differ
+    _starts: array[int]  # bucket index: first run of each bucket, then len(_ends)
+    _shift: int  # 64 - log2(buckets)
+    _tables: dict[int, PreferenceTable]  # r -> table, filled on demand; shared with with_epoch copies
 
     def __init__(
         self,
@@ -210,15 +262,19 @@ class HashRing:
             raise ValueError(f"vnodes_per_weight must be an int >= 1, got {vnodes_per_weight!r}")
         members = _validate_nodes(nodes or {})
         ends, run_ids = _build(members, vnodes_per_weight)
-        self._set(epoch, vnodes_per_weight, members, ends, run_ids)
+        starts, shift = _bucket_index(ends)
+        self._set(epoch, vnodes_per_weight, members, ends, run_ids, starts, shift, {})
 
     def _set(
         self,
         epoch: int,
         vnodes_per_weight: int,
         nodes: dict[str, float],
-        ends: list[int],
+        ends: array[int],
         run_ids: list[str],
+        starts: array[int],
+        shift: int,
+        tables: dict[int, PreferenceTable],
     ) -> None:
         setter = object.__setattr__
         setter(self, "_epoch", epoch)
@@ -226,6 +282,9 @@ class HashRing:
         setter(self, "_nodes", nodes)
         setter(self, "_ends", ends)
         setter(self, "_run_ids", run_ids)
+        setter(self, "_starts", starts)
+        setter(self, "_shift", shift)
+        setter(self, "_tables", tables)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"HashRing is immutable (cannot set {name!r})")
@@ -285,11 +344,7 @@ class HashRing:
         :returns: the node id owning ``hash64(key)``.
         :raises EmptyRingError: if the ring has no nodes.
         """
-        ends = self._ends
-        if not ends:
-            raise EmptyRingError("the ring has no nodes")
-        i = bisect_left(ends, _xxh3_64(key))
-        return self._run_ids[i if i < len(ends) else 0]
+        return self.owner_for_hash(_xxh3_64(key))
 
     def owner_for_hash(self, h: int) -> str:
         """Return the primary owner of hash ``h`` (an int in ``[0, 2**64)``).
@@ -299,7 +354,8 @@ class HashRing:
         ends = self._ends
         if not ends:
             raise EmptyRingError("the ring has no nodes")
-        i = bisect_left(ends, h)
+        b = h >> self._shift
+        i = bisect_left(ends, h, self._starts[b], self._starts[b + 1])
         return self._run_ids[i if i < len(ends) else 0]
 
     def owners(self, key: bytes, r: int = 1) -> list[str]:
@@ -325,19 +381,50 @@ class HashRing:
         n = len(ends)
         if not n:
             return []
-        i = bisect_left(ends, h)
-        return self._walk(i if i < n else 0, r)
+        return self._walk(self._run_index(h), r)
 
-    def preference_table(self, r: int = 1) -> tuple[list[int], list[tuple[str, ...]]]:
-        """Precomputed preference lists: ``(ends, prefs)``.
+    def _run_index(self, h: int) -> int:
+        """The index of the run owning hash ``h`` (the ring is not empty)."""
+        ends = self._ends
+        b = h >> self._shift
+        i = bisect_left(ends, h, self._starts[b], self._starts[b + 1])
+        return i if i < len(ends) else 0
 
-        For a hash ``h``, ``prefs[bisect_left(ends, h) % len(ends)]`` equals
-        ``tuple(owners_for_hash(h, r))``. Built once (O(points * r)), it turns
-        a lookup into one bisect and one index, for routers on a hot path.
+    def preference_table(self, r: int = 1) -> PreferenceTable:
+        """Every run's preference list of length ``r``, computed once per ring layout.
+
+        ``table.lookup(h) == owners_for_hash(h, r)`` for every hash. Built on
+        the first call (O(points * r)) and kept: later calls, and rings made
+        by ``with_epoch``, return the same table. Runs with equal preference
+        lists share one list (for ``r == 1``, one list per node).
+
+        :raises ValueError: if ``r < 1``.
         """
         if r < 1:
             _bad_r(r)
-        return list(self._ends), [tuple(self._walk(i, r)) for i in range(len(self._ends))]
+        table = self._tables.get(r)
+        if table is None:
+            table = PreferenceTable(self._ends, self._starts, self._shift, self._preference_lists(r))
+            self._tables[r] = table
+        return table
+
+    def _preference_lists(self, r: int) -> list[list[str]]:
+        run_ids = self._run_ids
+        if r == 1 or len(self._nodes) == 1:
+            single = {node: [node] for node in self._nodes}
+            return [single[node] for node in run_ids]
+        shared: dict[tuple[str, ...], list[str]] = {}
+        prefs: list[list[str]] = []
+        walk = self._walk
+        last = len(run_ids) - 1
+        for i in range(last + 1):
+            # neighbouring runs differ (but the last and the first may not): for r == 2 the next run is the second owner
+            pref = (run_ids[i], run_ids[i + 1]) if r == 2 and i < last else tuple(walk(i, r))
+            same = shared.get(pref)
+            if same is None:
+                same = shared[pref] = list(pref)
+            prefs.append(same)
+        return prefs
 
     def _walk(self, i: int, r: int) -> list[str]:
         """The first ``r`` distinct owners of the runs from index ``i`` on."""
@@ -401,7 +488,7 @@ class HashRing:
         for node, weight in self._nodes.items():
             digest.update(b"%s\0%r\0" % (node.encode(), weight))
         index = {node: i for i, node in enumerate(ids)}
-        ends = array("Q", self._ends)
+        ends = array("Q", self._ends)  # a copy: byteswap below must not touch the ring
         runs = array("Q", [index[node] for node in self._run_ids])
         if sys.byteorder == "big":  # digest little-endian bytes everywhere
             ends.byteswap()
@@ -451,7 +538,7 @@ class HashRing:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         ring = HashRing.__new__(HashRing)
-        ring._set(epoch, self._vnodes_per_weight, self._nodes, self._ends, self._run_ids)
+        ring._set(epoch, self._vnodes_per_weight, self._nodes, self._ends, self._run_ids, self._starts, self._shift, self._tables)
         return ring
 
     # -- transport --------------------------------------------------------------
@@ -468,9 +555,13 @@ class HashRing:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> HashRing:
+    def from_dict(cls, data: Mapping[str, Any], known: Iterable[HashRing | None] = ()) -> HashRing:
         """Rebuild a ring from ``to_dict()`` output (for example after msgpack).
 
+        :param known: rings the caller already holds; if one has the same
+            members, weights and points per weight, its layout (and its
+            memoized preference tables) is reused with ``data``'s epoch
+            instead of being built again (seconds at 1,000 nodes).
         :raises ValueError: if a field is missing, has the wrong type or is out
             of range.
         """
@@ -486,6 +577,10 @@ class HashRing:
             raise ValueError(f"ring data: nodes must be a mapping, got {nodes!r}")
         if any(type(w) not in (int, float) for w in nodes.values()):
             raise ValueError(f"ring data: weights must be numbers, got {nodes!r}")
+        if epoch >= 0:
+            for ring in known:
+                if ring is not None and ring._vnodes_per_weight == vnodes and ring._nodes == _validate_nodes(nodes):
+                    return ring if ring._epoch == epoch else ring.with_epoch(epoch)
         return cls(nodes, epoch=epoch, vnodes_per_weight=vnodes)
 
 
@@ -509,7 +604,17 @@ def _point_count(weight: float, vnodes_per_weight: int) -> int:
     return max(1, round(vnodes_per_weight * weight))
 
 
-def _build(members: dict[str, float], vnodes_per_weight: int) -> tuple[list[int], list[str]]:
+def _bucket_index(ends: array[int]) -> tuple[array[int], int]:
+    """``(starts, shift)``: the bucket index of ``ends`` (see the design note)."""
+    k = max(0, len(ends).bit_length() - 1)  # 2**k buckets: more than half the runs, at most all of them
+    shift = 64 - k
+    counts = [0] * ((1 << k) + 1)
+    for end in ends:
+        counts[(end >> shift) + 1] += 1
+    return array("I", accumulate(counts)), shift
+
+
+def _build(members: dict[str, float], vnodes_per_weight: int) -> tuple[array[int], list[str]]:
     """Hash every node's points and merge them into runs (see the design note)."""
     total = sum(_point_count(w, vnodes_per_weight) for w in members.values())
     if total > MAX_RING_POINTS:
@@ -535,7 +640,7 @@ def _build(members: dict[str, float], vnodes_per_weight: int) -> tuple[list[int]
             ends.append(value >> shift)
             run_ids.append(ids[rank])
             last_rank = rank
-    return ends, run_ids
+    return array("Q", ends), run_ids
 
 
 def moved_ranges(old: HashRing, new: HashRing, r: int = 1) -> list[RangeMove]:
@@ -584,12 +689,10 @@ class _OwnersAt:
         self._cached: tuple[str, ...] = ()
 
     def __call__(self, h: int) -> tuple[str, ...]:
-        ends = self._ring._ends
-        if not ends:
+        ring = self._ring
+        if not ring._ends:
             return ()
-        i = bisect_left(ends, h)
-        if i == len(ends):
-            i = 0
+        i = ring._run_index(h)
         if i != self._index:
             self._index = i
             self._cached = tuple(self._ring._walk(i, self._r))

@@ -272,3 +272,12 @@ def test_routing_invariants_in_any_state(view: ClusterView, key: bytes) -> None:
             assert set(reads) <= set(old_live), "during a migration the previous owners are authoritative"
     copy = ClusterView.from_dict(view.to_dict())
     assert copy.read_candidates(key) == reads and copy.write_targets(key) == writes
+
+
+def test_from_dict_with_the_known_view_shares_its_ring_table():
+    view = ClusterView.initial([Member(f"n{i}", "127.0.0.1", 7000 + i) for i in range(4)], 2, 1)
+    bumped = view.bumped()
+    copy = ClusterView.from_dict(bumped.to_dict(), view)
+    assert copy == bumped and copy.read_candidates(b"k") is view.read_candidates(b"k")
+    fresh = ClusterView.from_dict(bumped.to_dict())
+    assert fresh == bumped and fresh.read_candidates(b"k") == view.read_candidates(b"k")

@@ -221,6 +221,55 @@ def test_owners_with_default_vnodes(nodes, key):
     assert owners[0] == ring.owner(key)
 
 
+def _naive_owner(nodes: dict[str, float], vnodes: int, h: int) -> str:
+    """The design note's rule from scratch: the first point clockwise with ``point >= h`` (ties: smaller id)."""
+    points = sorted((hash64(b"%s#%d" % (n.encode(), i)), n) for n, w in nodes.items() for i in range(max(1, round(vnodes * w))))
+    after = [p for p in points if p[0] >= h]
+    return (after or points)[0][1]
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    st.dictionaries(node_ids, st.sampled_from([0.25, 0.5, 1.0, 2.0]), min_size=1, max_size=8), small_vnodes, st.lists(hashes, max_size=10)
+)
+def test_bucket_index_finds_the_same_owner_as_the_rule(nodes, vnodes, probes):
+    ring = HashRing(nodes, vnodes_per_weight=vnodes)
+    ends = [e for _, e, _ in ring.ranges()] if len(ring) > 1 else []
+    # every run end, its neighbours, both ends of the circle and random hashes
+    for h in {0, MAX_HASH, *probes, *ends, *(e + 1 for e in ends if e < MAX_HASH), *(e - 1 for e in ends if e)}:
+        assert ring.owner_for_hash(h) == _naive_owner(nodes, vnodes, h)
+
+
+@settings(deadline=None, max_examples=100)
+@given(
+    st.dictionaries(node_ids, st.sampled_from([0.5, 1.0, 2.0]), min_size=1, max_size=8),
+    small_vnodes,
+    st.lists(hashes, max_size=20),
+    st.integers(1, 5),
+)
+def test_preference_table_answers_like_owners_for_hash(nodes, vnodes, probes, r):
+    ring = HashRing(nodes, vnodes_per_weight=vnodes)
+    table = ring.preference_table(r)
+    ends = list(table.ends)
+    for h in {0, MAX_HASH, *probes, *ends, *(e + 1 for e in ends if e < MAX_HASH)}:
+        assert table.lookup(h) == ring.owners_for_hash(h, r)
+    # one list per distinct preference list, and one table per ring layout
+    assert len({id(p) for p in table.prefs}) == len({tuple(p) for p in table.prefs})
+    assert ring.preference_table(r) is table
+    assert ring.with_epoch(ring.epoch + 5).preference_table(r) is table
+
+
+def test_preference_table_at_default_vnodes_and_empty():
+    ring = HashRing({f"n{i}": 1.0 for i in range(12)})
+    for r in (1, 2, 3):
+        table = ring.preference_table(r)
+        assert all(table.lookup(h) == ring.owners_for_hash(h, r) for h in _hashes()[:5000])
+    assert len({id(p) for p in ring.preference_table(1).prefs}) == 12
+    assert HashRing().preference_table(2).lookup(123) == []
+    with pytest.raises(ValueError):
+        ring.preference_table(0)
+
+
 def test_owners_rejects_bad_r():
     ring = HashRing({"a": 1.0})
     with pytest.raises(ValueError):
@@ -427,3 +476,15 @@ def test_ring_is_immutable():
     assert copy.copy(ring) is ring and copy.deepcopy(ring) is ring
     assert pickle.loads(pickle.dumps(ring)) == ring
     assert "epoch=0" in repr(ring)
+
+
+def test_from_dict_reuses_a_known_layout():
+    ring = HashRing({"a": 1.0, "b": 2.0}, epoch=3)
+    table = ring.preference_table(2)
+    again = HashRing.from_dict({"epoch": 5, "nodes": {"b": 2, "a": 1.0}, "vnodes_per_weight": VNODES_PER_WEIGHT}, [None, ring])
+    assert again == ring.with_epoch(5) and again.preference_table(2) is table
+    assert HashRing.from_dict(ring.to_dict(), [ring]) is ring
+    other = HashRing.from_dict({"epoch": 5, "nodes": {"a": 1.0, "b": 1.0}, "vnodes_per_weight": VNODES_PER_WEIGHT}, [ring])
+    assert other.preference_table(2) is not table and other.fingerprint() == HashRing({"a": 1.0, "b": 1.0}).fingerprint()
+    with pytest.raises(ValueError):
+        HashRing.from_dict({"epoch": -1, "nodes": {"a": 1.0, "b": 2.0}, "vnodes_per_weight": VNODES_PER_WEIGHT}, [ring])
