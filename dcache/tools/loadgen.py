@@ -38,20 +38,23 @@ second), whatever happened to the ones before, and its latency runs from
 that intended time to its answer. Time the generator or the server fell
 behind counts, as a user waiting would have seen it.
 
-Sending: each time the loop wakes (an answer arrives, or the ticker thread
-wakes it) every request due by then is sent, round robin over the
+Sending: each time the loop wakes (an answer arrives, or the timer fires)
+every request due by then is sent, round robin over the
 connections; several due together on one connection leave in one write
 (pipelined). Each connection keeps up to ``_RATE_WINDOW`` requests in
 flight (ids 1 .. 127, one msgpack byte, so a pre-encoded request takes any
 free id from the connection's ``RequestTable``); when all are full, due
 requests wait and the wait counts in their latency. The loop's own timers
 cannot wake it in time (uvloop rounds a delay to whole milliseconds: 0.3 ms
-fires at once, 0.6 ms after a millisecond), and a signal timer would take
-SIGALRM from whoever else uses it (pytest-timeout), so a ticker thread
-sleeps (``time.sleep``: microseconds) until the next request is due, at
-most every ``_TICK_S``, and wakes the loop with ``call_soon_threadsafe``.
-At rates above 1 / ``_TICK_S`` per process, the requests due within one
-tick leave together.
+fires at once, 0.6 ms after a millisecond); a signal timer would take
+SIGALRM from whoever else uses it (pytest-timeout); a thread sleeping
+until the next request and waking the loop cost 60-110 µs of CPU per
+wake-up on a loaded 2-core machine (GIL hand-offs), more than a request.
+So the loop watches a Linux timerfd armed at the next request's intended
+time (``_TimerFd``): one ``epoll`` return and one ``read`` per wake-up,
+with microsecond precision. Wake-ups are at least ``_TICK_S`` apart: at
+rates above 1 / ``_TICK_S`` per process, the requests due within one tick
+leave together.
 
 The report gives the target and the achieved rate (answers over the time
 from the start to the last answer), the send lag (how late each request
@@ -64,12 +67,13 @@ schedule; with a low send lag, the server fell behind.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import math
 import multiprocessing as mp
 import os
 import random
 import ssl
-import threading
+import sys
 import time
 from array import array
 from collections.abc import Sequence
@@ -93,7 +97,7 @@ _POOL_BATCHES = 64
 _POOL_REQUESTS = 4096
 #: Requests in flight per open-loop connection at most: ids 1..127 encode as one msgpack byte.
 _RATE_WINDOW = 127
-#: The ticker thread wakes the loop at most this often (seconds).
+#: The timer wakes the loop at most this often (seconds).
 _TICK_S = 0.0001
 #: Seconds an open-loop run waits for its last answers after the schedule ends.
 _DRAIN_S = 10.0
@@ -383,46 +387,92 @@ class RateSchedule:
         return min(self.count, int((now - self.start) * self.rate + 1e-9) + 1)
 
 
+class _TimerFd:
+    """A Linux timerfd on CLOCK_MONOTONIC (``perf_counter``'s clock), armed at absolute times.
+
+    The loop watches its descriptor (``add_reader``) like a socket, so a
+    wake-up costs one ``epoll`` return and one ``read``, with no thread and
+    no signal. Python 3.11 has no ``os.timerfd_create``: libc is called
+    through ``ctypes`` (one call per arming).
+
+    Raises:
+        OSError: this system has no timerfd (``--rate`` needs Linux).
+    """
+
+    __slots__ = ("fd", "_settime", "_spec")
+
+    def __init__(self) -> None:
+        libc = _libc()
+        if libc is None or not hasattr(libc, "timerfd_create"):
+            raise OSError("dcache bench --rate needs Linux's timerfd")
+        fd = libc.timerfd_create(time.CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "timerfd_create failed")
+        self.fd: int = fd
+        self._settime = libc.timerfd_settime
+        #: struct itimerspec: interval (0: one shot) then value (seconds, nanoseconds).
+        self._spec = (ctypes.c_long * 4)()
+
+    def arm(self, at: float) -> None:
+        """Fire once at ``perf_counter`` time ``at`` (at once if it has passed)."""
+        spec = self._spec
+        sec = int(at)
+        spec[2] = sec
+        spec[3] = max(1, int((at - sec) * 1e9))  # 0 would disarm
+        if self._settime(self.fd, _TFD_TIMER_ABSTIME, spec, None) != 0:
+            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
+
+    def clear(self) -> None:
+        """Consume the expiry (the descriptor is readable until then)."""
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+_TFD_TIMER_ABSTIME = 1
+
+
+@lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    return ctypes.CDLL(None, use_errno=True)
+
+
 class _RateDriver:
     """Sends one process's requests on its ``RateSchedule`` over its connections (see the module note).
 
-    ``tick`` runs on the loop: from the ticker thread's wake-ups and after
-    every read of answers. The ticker thread only reads ``next_at`` (a float
-    the loop sets: the next request's intended time, ``inf`` while every
-    connection is full or all is sent) and never touches a connection.
+    ``tick`` runs after every read of answers and when the timer fires; it
+    sends what is due and arms the timer for the next request's intended
+    time, no sooner than ``_TICK_S`` after the timer's last wake-up (so at
+    high rates the requests due within a tick leave together). While every
+    connection's window is full the timer is not armed: an answer frees a
+    slot and ticks.
     """
 
-    __slots__ = (
-        "lat",
-        "lag",
-        "next_at",
-        "finished",
-        "_schedule",
-        "_protos",
-        "_sent",
-        "_rr",
-        "_loop",
-        "_woken",
-        "_thread",
-        "_error",
-    )
+    __slots__ = ("lat", "lag", "finished", "_schedule", "_protos", "_sent", "_rr", "_timer", "_armed", "_woke", "_error")
 
     def __init__(self, protos: list[_RateProtocol], schedule: RateSchedule) -> None:
         #: Latency of each answered request (seconds from its intended time).
         self.lat: array[float] = array("d")
         #: How late each request was sent against its intended time (seconds).
         self.lag: array[float] = array("d")
-        self.next_at = schedule.start
         self._schedule = schedule
         self._protos = protos
         self._sent = 0
         self._rr = 0
-        self._loop = asyncio.get_running_loop()
         #: Set when every request is answered (or a connection is lost).
-        self.finished: asyncio.Future[None] = self._loop.create_future()
-        self._woken = False
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._timer: _TimerFd | None = None
+        #: When the timer is armed for (``inf``: not armed).
+        self._armed = math.inf
+        #: When the timer last fired.
+        self._woke = -math.inf
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._ticker, name="dcache-bench-ticker", daemon=True)
 
     @property
     def unsent(self) -> int:
@@ -433,21 +483,24 @@ class _RateDriver:
         """Send the whole schedule; wait for the answers, ``drain_s`` at most after the schedule's end.
 
         Raises:
+            OSError: no timerfd on this system.
             BaseException: what a lost connection reported.
         """
+        loop = asyncio.get_running_loop()
+        self._timer = timer = _TimerFd()
+        loop.add_reader(timer.fd, self._on_timer)
         for p in self._protos:
             p.driver = self
-        self._thread.start()
         end = self._schedule.intended(self._schedule.count)
         try:
+            self._arm(self._schedule.start)
             await asyncio.wait_for(asyncio.shield(self.finished), max(0.0, end - perf_counter()) + drain_s)
         except TimeoutError:
             pass  # the report counts what is unanswered
         finally:
-            self.next_at = math.inf
-            if not self.finished.done():
-                self.finished.set_result(None)
-            self._thread.join()
+            loop.remove_reader(timer.fd)
+            timer.close()
+            self._timer = None
             for p in self._protos:
                 p.driver = None
         if self._error is not None:
@@ -459,26 +512,19 @@ class _RateDriver:
         if not self.finished.done():
             self.finished.set_result(None)
 
-    def _ticker(self) -> None:
-        """The ticker thread: wake the loop when the next request is due, at most every ``_TICK_S``."""
-        last = 0.0
-        call = self._loop.call_soon_threadsafe
-        while not self.finished.done():
-            at = max(self.next_at, last + _TICK_S)
-            wait = at - perf_counter()
-            if wait > 0:
-                time.sleep(min(wait, 0.01))
-                continue
-            if not self._woken:
-                self._woken = True
-                last = perf_counter()
-                call(self._wake)
-            else:
-                time.sleep(_TICK_S)
-
-    def _wake(self) -> None:
-        self._woken = False
+    def _on_timer(self) -> None:
+        if self._timer is None:
+            return
+        self._timer.clear()
+        self._armed = math.inf
+        self._woke = perf_counter()
         self.tick()
+
+    def _arm(self, at: float) -> None:
+        at = max(at, self._woke + _TICK_S)
+        if at != self._armed and self._timer is not None:
+            self._armed = at
+            self._timer.arm(at)
 
     def tick(self) -> None:
         """Send every request due by now (see the class note)."""
@@ -519,12 +565,10 @@ class _RateDriver:
                 p.transport.write(b"".join(p.out))
                 p.out.clear()
             if full:
-                self.next_at = math.inf  # an answer frees a slot and ticks
-                return
+                return  # an answer frees a slot and ticks
         if k < schedule.count:
-            self.next_at = schedule.intended(k)
+            self._arm(schedule.intended(k))
             return
-        self.next_at = math.inf
         if not self.finished.done() and not any(p.requests for p in self._protos):
             self.finished.set_result(None)
 
