@@ -705,7 +705,7 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
         help=f"server as host:port (default: {DEFAULT_ADDR}; env DCACHE_ADDR)",
     )
     _flag(p, B, "conns", "connections in total", type=int)
-    _flag(p, B, "depth", "requests in flight per connection (pipelining depth)", type=int)
+    _flag(p, B, "depth", "closed loop: requests in flight per connection (pipelining depth)", type=int)
     _flag(p, B, "duration", "seconds of timed load", type=float)
     _flag(p, B, "ratio", "fraction of GETs; the rest are SETs", type=float)
     _flag(p, B, "value_size", "bytes per value", type=int)
