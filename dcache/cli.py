@@ -791,7 +791,7 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
         help=f"server as host:port (default: {DEFAULT_ADDR}; env DCACHE_ADDR)",
     )
     _flag(p, B, "conns", "connections in total", type=int)
-    _flag(p, B, "depth", "requests in flight per connection (pipelining depth)", type=int)
+    _flag(p, B, "depth", "closed loop: requests in flight per connection (pipelining depth)", type=int)
     _flag(p, B, "duration", "seconds of timed load", type=float)
     _flag(p, B, "ratio", "fraction of GETs; the rest are SETs", type=float)
     _flag(p, B, "value_size", "bytes per value", type=int)
@@ -805,6 +805,33 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
         type=int,
     )
     _flag(p, B, "loop", "event loop of the workers", choices=("uvloop", "asyncio"))
+    _flag(
+        p,
+        B,
+        "rate",
+        "open loop: send N requests per second in all, on a fixed schedule, and measure each latency from the request's "
+        "intended send time, so a server (or generator) that falls behind is charged for the wait; reports the achieved "
+        "rate, p50/p90/p99/p99.9/max, and how late the generator sent (--depth is then unused) (default: closed loop)",
+        show_default=False,
+        type=float,
+        metavar="N",
+    )
+    _flag(
+        p,
+        B,
+        "distribution",
+        "how keys are drawn over --keys: uniform, or zipf:S (key k with probability proportional to 1/(k+1)^S, "
+        "key 0 the most popular; e.g. zipf:1.1, or zipf:0.99 as YCSB)",
+        metavar="DIST",
+    )
+    _flag(
+        p,
+        B,
+        "hot_share",
+        "share of requests on key 0 (e.g. 0.5: half of them); the others follow --distribution over the other keys",
+        type=float,
+        metavar="SHARE",
+    )
     p.add_argument(
         "--no-populate", dest="populate", action="store_false", default=argparse.SUPPRESS, help="skip writing the key space before the run"
     )
@@ -964,7 +991,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="load-test a node",
-        description="Drive GET/SET load from several processes against --addr and report ops/s and latency percentiles.",
+        description="Drive GET/SET load from several processes against --addr and report ops/s and latency percentiles: "
+        "closed loop (--depth requests in flight per connection, as fast as the server answers) or open loop "
+        "(--rate N requests per second on a schedule, latency from each request's intended send time).",
     )
     _add_bench_flags(p)
     p.set_defaults(func=_needs_server(_cmd_bench))

@@ -97,6 +97,38 @@ def test_bench_short_run(node):
     assert result["errors"] == 0 and result["ops"] > 0 and result["p99_ms"] >= result["p50_ms"] > 0
 
 
+def test_bench_open_loop_keeps_its_rate(node):
+    r = dcache(
+        "bench",
+        "--addr",
+        node.addr,
+        "--rate",
+        "2000",
+        "--conns",
+        "4",
+        "--duration",
+        "2",
+        "--procs",
+        "1",
+        "--keys",
+        "500",
+        "--distribution",
+        "zipf:1.1",
+        "--json",
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["mode"] == "rate" and result["target_rate"] == 2000
+    assert result["errors"] == 0 and result["unanswered"] == 0 and result["ops"] == 4000
+    assert abs(result["achieved_rate"] - 2000) <= 100 and result["schedule_kept"]
+    lat = [result[f"{p}_ms"] for p in ("p50", "p90", "p99", "p999", "max")]
+    assert 0 < lat[0] and lat == sorted(lat)
+    lag = [result[f"send_lag_{p}_ms"] for p in ("p50", "p90", "p99", "p999", "max")]
+    assert lag == sorted(lag) and lag[-1] <= lat[-1]
+    assert 0 < result["generator_cpu"] < 1.5
+
+
 def test_help_lists_every_flag():
     r = dcache("aux", "--help")
     for flag in ("--host", "--port", "--node-id", "--data-dir", "--max-memory", "--auth-token", "--snapshot-interval"):
