@@ -950,7 +950,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a master's hottest keys",
         description="List the keys the master at --addr reads most, with their estimated reads per second, hottest first "
         "(as redis-cli --hotkeys). Every master counts its own reads in a small decaying sketch; a key shows once it takes "
-        "about 1 read in 4,000 of that master's. Keys that are not printable UTF-8 are escaped (\\xNN, \\n, ...).",
+        "about 1 read in 16,000 of that master's. Keys that are not printable UTF-8 are escaped (\\xNN, \\n, ...).",
         epilog=_EXIT_CODES_HELP,
     )
     _add_addr(p)

@@ -105,6 +105,11 @@ class MasterCollector(ServiceCollector):
                 "Copies dropped at a read because their owner had not answered within the lease.",
                 n("near_cache_lease_lapses", 0),
             ),
+            plain_counter(
+                "dcache_near_cache_cooled",
+                "Times a key was kept out of the near cache for a second: its copy was invalidated before it paid off.",
+                n("near_cache_cooled", 0),
+            ),
             plain_gauge("dcache_near_cache_keys", "Copies of hot keys held now.", n("near_cache_keys", 0)),
             plain_gauge("dcache_near_cache_bytes", "Bytes the copies are charged (key, value, overhead).", n("near_cache_bytes", 0)),
             plain_gauge(

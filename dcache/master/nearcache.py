@@ -52,10 +52,12 @@ class HotKeys:
     reads are sampled alike) and then returns the key's
     estimated count: counted reads in the current window plus half the
     previous window's, and so on. A key is *hot* when that reaches
-    ``hot_count``. With the defaults (``width`` 16384, ``window`` 65536
-    counted reads) a key with uniform traffic over many keys counts about 2
-    per 16,384 distinct keys, and collisions add about 8; the hot threshold
-    of 32 is a key taking about 1 read in 4,000.
+    ``hot_count``. With the defaults (``width`` 65536, ``window`` 65536
+    counted reads) collisions add about 2 to a counter (a counter holds the
+    decayed sum of ``2 * window / width`` counted reads of other keys), so a
+    key with uniform traffic is hot only if both its counters collide far
+    beyond that (about one key in a million); the hot threshold of 8 is a
+    key taking about 1 read in 16,000.
     """
 
     __slots__ = (
@@ -77,7 +79,7 @@ class HotKeys:
         "reads",
     )
 
-    def __init__(self, width: int = 16384, window: int = 65536, hot_count: int = 32, top_size: int = 64, sample: int = SAMPLE) -> None:
+    def __init__(self, width: int = 65536, window: int = 65536, hot_count: int = 8, top_size: int = 64, sample: int = SAMPLE) -> None:
         """``sample``: count one read in that many (1: every read; tests use it for exact counts)."""
         if width & (width - 1) or width <= 0:
             raise ValueError("width must be a power of two")
@@ -185,14 +187,31 @@ class _Fill:
 class NearCache:
     """Copies of hot keys held by a master (see the module note).
 
-    An entry is ``(value, expires_at, version, conn)``: ``conn`` is the
-    tracking connection it was filled on, whose lease it lives by.
+    An entry is ``[value, expires_at, version, conn, hits]``: ``conn`` is
+    the tracking connection it was filled on, whose lease it lives by;
+    ``hits`` the reads it answered.
+
+    Keys written about as often as they are read cost more to cache than
+    they save (a fill, a push and its acknowledgement, a write held a round
+    trip, for each copy). A copy invalidated after answering fewer than
+    ``MIN_HITS`` reads, or a fill overtaken by an invalidation, puts its key
+    in a cool-down: no fill for ``COOL_S`` seconds (at most ``MAX_COOL``
+    keys remembered).
     """
+
+    #: Reads a copy must answer before its invalidation for its key to stay worth filling.
+    MIN_HITS = 8
+    #: Seconds a key that did not pay off waits before it is filled again.
+    COOL_S = 1.0
+    #: Keys in a cool-down remembered at once (the oldest forgotten first).
+    MAX_COOL = 4096
 
     def __init__(self, max_bytes: int, hot: HotKeys | None = None) -> None:
         self.max_bytes = max_bytes
         self.hot = hot or HotKeys()
-        self.entries: OrderedDict[bytes, tuple[bytes, int, int, Any]] = OrderedDict()
+        self.entries: OrderedDict[bytes, list[Any]] = OrderedDict()
+        #: key -> ``loop.time()`` before which it is not filled (see the class note).
+        self.cool: OrderedDict[bytes, float] = OrderedDict()
         self.bytes = 0
         self.filling: dict[bytes, _Fill] = {}
         self.hits = 0
@@ -202,15 +221,18 @@ class NearCache:
         self.invalidations = 0
         self.evictions = 0
         self.lease_lapses = 0
+        self.cooled = 0
+        self._now = 0.0
 
     def lookup(self, key: bytes, now: float) -> bytes | None:
         """The value of a live copy of ``key`` (``now``: the loop's time), or None; counts a hit or a miss."""
         e = self.entries.get(key)
         if e is not None:
-            value, expires_at, _, conn = e
+            value, expires_at, _, conn, _ = e
             if now - conn.last_answer < NEAR_LEASE_S and not conn.closed:
                 if not expires_at or expires_at > wall_ms():
                     self.hits += 1
+                    e[4] += 1
                     return value
             else:
                 self.lease_lapses += 1
@@ -218,10 +240,16 @@ class NearCache:
         self.misses += 1
         return None
 
-    def start_fill(self, key: bytes) -> _Fill | None:
-        """Begin filling ``key`` (None: a fill of it is already in flight)."""
+    def start_fill(self, key: bytes, now: float = 0.0) -> _Fill | None:
+        """Begin filling ``key`` at ``now`` (loop time); None: a fill of it is in flight, or the key cools down."""
         if key in self.filling:
             return None
+        self._now = now
+        until = self.cool.get(key)
+        if until is not None:
+            if until > now:
+                return None
+            del self.cool[key]
         f = self.filling[key] = _Fill()
         return f
 
@@ -236,12 +264,14 @@ class NearCache:
         value, expires_at, version = entry
         if version <= fill.seen or (expires_at and expires_at <= wall_ms()):
             self.fills_discarded += 1
+            if version <= fill.seen:
+                self._cool(key)
             return
         size = len(key) + len(value) + ENTRY_OVERHEAD
         if size > self.max_bytes:
             return
         self._remove(key)
-        self.entries[key] = (value, expires_at, version, conn)
+        self.entries[key] = [value, expires_at, version, conn, 0]
         self.bytes += size
         self.fills += 1
         while self.bytes > self.max_bytes:
@@ -258,6 +288,16 @@ class NearCache:
         if e is not None and e[2] <= version:
             self._remove(key)
             self.invalidations += 1
+            if e[4] < self.MIN_HITS:
+                self._cool(key)
+
+    def _cool(self, key: bytes) -> None:
+        cool = self.cool
+        cool[key] = self._now + self.COOL_S
+        cool.move_to_end(key)
+        if len(cool) > self.MAX_COOL:
+            cool.popitem(last=False)
+        self.cooled += 1
 
     def discard(self, key: bytes) -> None:
         """Drop ``key``'s copy and poison its fill (this master writes the key)."""
@@ -290,4 +330,5 @@ class NearCache:
             "near_cache_invalidations": self.invalidations,
             "near_cache_evictions": self.evictions,
             "near_cache_lease_lapses": self.lease_lapses,
+            "near_cache_cooled": self.cooled,
         }

@@ -292,7 +292,7 @@ class Router:
         link = self.links.get(first)
         if link is None or not link.usable or first in self.hints.by_node:
             return False
-        fill = near.start_fill(key)
+        fill = near.start_fill(key, loop.time())
         if fill is None:
             return False
         op = _NearFill(self, sink, rid, key, candidates, fill)

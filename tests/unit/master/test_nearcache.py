@@ -195,7 +195,8 @@ def test_a_fill_overtaken_by_an_invalidation_is_discarded() -> None:
     near.end_fill(b"k", f, [b"stale", 0, 7], conn)
     assert b"k" not in near.entries and near.fills_discarded == 1
 
-    f = near.start_fill(b"k")  # the fill is over: another may start
+    assert near.start_fill(b"k", 0.5) is None  # a fill that lost to a write: the key cools down
+    f = near.start_fill(b"k", NearCache.COOL_S)  # then another fill may start
     assert f is not None
     near.invalidate(b"k", 7)  # an older change than the value read: the copy is good
     near.end_fill(b"k", f, [b"fresh", 0, 8], conn)
@@ -205,6 +206,22 @@ def test_a_fill_overtaken_by_an_invalidation_is_discarded() -> None:
     assert f is not None
     near.end_fill(b"m", f, None, conn)  # a miss or an error: nothing held, the key may be filled again
     assert b"m" not in near.entries and near.start_fill(b"m") is not None
+
+
+def test_a_key_written_about_as_often_as_read_cools_down() -> None:
+    """A copy invalidated before it answered MIN_HITS reads cost more than it saved: its key is not filled for COOL_S."""
+    near, conn = NearCache(1 << 20), Conn(last_answer=10.0)
+    for name, reads in ((b"busy", NearCache.MIN_HITS - 1), (b"paid", NearCache.MIN_HITS)):
+        f = near.start_fill(name, 10.0)
+        assert f is not None
+        near.end_fill(name, f, [b"v", 0, 1], conn)
+        for _ in range(reads):
+            assert near.lookup(name, 10.0) == b"v"
+        near.invalidate(name, 2)
+    assert near.start_fill(b"busy", 10.5) is None and near.cooled == 1
+    assert near.start_fill(b"paid", 10.5) is not None
+    assert near.start_fill(b"busy", 10.0 + NearCache.COOL_S) is not None
+    assert not near.cool
 
 
 def test_clear_drops_every_copy_and_poisons_the_fills_in_flight() -> None:
