@@ -233,7 +233,7 @@ class NearCache:
                 if not expires_at or expires_at > wall_ms():
                     self.hits += 1
                     e[4] += 1
-                    return value
+                    return value  # type: ignore[no-any-return]
             else:
                 self.lease_lapses += 1
             self._remove(key)
