@@ -429,6 +429,13 @@ class MasterConfig(NodeConfig):
         parse_size,
         "SIZE",
     )
+    near_cache_min_hits: int = opt(
+        8,
+        "reads a near-cache copy must answer before the key changes, or the key is not copied again for a second "
+        "(keys written about as often as read cost more to copy than they save); 0: always copy hot keys",
+        _int,
+        "N",
+    )
     migration_batch: int = opt(1000, "keys per page when moving data between aux nodes", _int, "N")
     migration_rate: int = opt(0, "most keys moved per second per stream; 0 = unthrottled", _int, "N")
     recovery_window: float = opt(
@@ -464,6 +471,8 @@ class MasterConfig(NodeConfig):
             raise ConfigError("migration_rate: must be >= 0")
         if self.near_cache_size < 0:
             raise ConfigError("near_cache_size: must be >= 0")
+        if self.near_cache_min_hits < 0:
+            raise ConfigError("near_cache_min_hits: must be >= 0")
 
 
 C = TypeVar("C")

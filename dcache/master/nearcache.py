@@ -194,7 +194,7 @@ class NearCache:
     Keys written about as often as they are read cost more to cache than
     they save (a fill, a push and its acknowledgement, a write held a round
     trip, for each copy). A copy invalidated after answering fewer than
-    ``MIN_HITS`` reads, or a fill overtaken by an invalidation, puts its key
+    ``min_hits`` reads (default ``MIN_HITS``), or a fill overtaken by an invalidation, puts its key
     in a cool-down: no fill for ``COOL_S`` seconds (at most ``MAX_COOL``
     keys remembered).
     """
@@ -206,8 +206,10 @@ class NearCache:
     #: Keys in a cool-down remembered at once (the oldest forgotten first).
     MAX_COOL = 4096
 
-    def __init__(self, max_bytes: int, hot: HotKeys | None = None) -> None:
+    def __init__(self, max_bytes: int, hot: HotKeys | None = None, min_hits: int = 8) -> None:
+        """``min_hits``: ``MIN_HITS`` for this cache (``--near-cache-min-hits``; 0: no cool-down)."""
         self.max_bytes = max_bytes
+        self.min_hits = min_hits
         self.hot = hot or HotKeys()
         self.entries: OrderedDict[bytes, list[Any]] = OrderedDict()
         #: key -> ``loop.time()`` before which it is not filled (see the class note).
@@ -264,7 +266,7 @@ class NearCache:
         value, expires_at, version = entry
         if version <= fill.seen or (expires_at and expires_at <= wall_ms()):
             self.fills_discarded += 1
-            if version <= fill.seen:
+            if version <= fill.seen and self.min_hits:
                 self._cool(key)
             return
         size = len(key) + len(value) + ENTRY_OVERHEAD
@@ -288,7 +290,7 @@ class NearCache:
         if e is not None and e[2] <= version:
             self._remove(key)
             self.invalidations += 1
-            if e[4] < self.MIN_HITS:
+            if e[4] < self.min_hits:
                 self._cool(key)
 
     def _cool(self, key: bytes) -> None:

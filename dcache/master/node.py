@@ -62,7 +62,7 @@ class MasterNode(Service):
         self.router.hints.on_overflow = self._hints_lost
         self.router.hot = HotKeys()
         if config.near_cache_size:
-            self.router.near = NearCache(config.near_cache_size, self.router.hot)
+            self.router.near = NearCache(config.near_cache_size, self.router.hot, min_hits=config.near_cache_min_hits)
         self.membership: Membership
         if config.zookeeper:
             from .zkmembership import ZooKeeperMembership

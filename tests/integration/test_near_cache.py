@@ -33,7 +33,8 @@ from tests.faults.checker import LoadChecker
 pytestmark = pytest.mark.slow
 
 NODES = {"a1", "a2", "a3"}
-NEAR = ["--near-cache-size", "4MB"]
+#: Copies of every hot key whatever its write rate (no cool-down): the most invalidations, the hardest test.
+NEAR = ["--near-cache-size", "4MB", "--near-cache-min-hits", "0"]
 #: Operations (reads and writes) of each coherence run.
 OPS = 100_000
 
