@@ -11,15 +11,19 @@ dropped from their old owners (the second step of its end). It prints the
 keys the migration moved, its duration (the master's own ``started_ms`` to
 ``finished_ms``), keys/s, and the reader's reads, misses and wrong values
 from the join to the drop: a miss there breaks the promise that a key
-present before a ring change is never missed.
+present before a ring change is never missed. It also prints the p99 and
+the worst latency of the reader's MGETs from the join to the end of the
+migration (what the move costs the reads, larger pages holding the loops
+longer).
 
 ``--baseline REF`` also measures the code of git ref ``REF`` (exported with
 ``git archive`` to a temporary folder, its daemons started from there) and
 alternates the two in one run, ``--rounds`` times each, so a shared
 machine's drift cancels out; the table reports each round and the median
 ratio. ``--py-spy DIR`` records the master and every aux node with py-spy
-(``--py-spy-bin``) from the join until the migration ends, one flame graph
-(SVG) per process and round. ``--migration-rate`` and ``--migration-batch``
+(``--py-spy-bin``) from the join until the migration ends, one file of
+collapsed stacks (py-spy's ``raw`` format, which flame graph tools read)
+per process and round. ``--migration-rate`` and ``--migration-batch``
 are passed to the master.
 
     bin/bench_rebalance.py                              # 1M keys, this tree
@@ -81,6 +85,8 @@ class Reader:
         self.misses = 0
         self.wrong = 0
         self.errors: list[str] = []
+        #: ``(end, seconds)`` of every MGET, by ``time.perf_counter``.
+        self.latencies: list[tuple[float, float]] = []
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -96,17 +102,27 @@ class Reader:
         async with Client(self.addr, timeout=10.0) as c:
             while not self._stop.is_set():
                 idx = [rng.randrange(self.keys) for _ in range(self.batch)]
+                t0 = time.perf_counter()
                 try:
                     values = await c.mget([key_of(i) for i in idx])
                 except Exception as exc:
                     self.errors.append(f"{exc.__class__.__name__}: {exc}")
                     continue
+                t1 = time.perf_counter()
+                self.latencies.append((t1, t1 - t0))
                 self.reads += len(values)
                 for i, v in zip(idx, values, strict=True):
                     if v is None:
                         self.misses += 1
                     elif v != value_of(i, self.value_size):
                         self.wrong += 1
+
+    def latency_ms(self, since: float, until: float) -> tuple[float, float]:
+        """The p99 and the worst MGET latency (ms) of the MGETs that ended between ``since`` and ``until``."""
+        window = sorted(dt for t, dt in self.latencies if since <= t <= until)
+        if not window:
+            return 0.0, 0.0
+        return window[int(len(window) * 0.99)] * 1000, window[-1] * 1000
 
     async def stop(self) -> None:
         """Stop reading and wait for the coroutines to end."""
@@ -161,7 +177,7 @@ def start(side: Side, role: str, args: list[str]) -> DaemonProcess:
 
 
 def py_spy(opts: argparse.Namespace, procs: dict[str, DaemonProcess], tag: str) -> list[subprocess.Popen[bytes]]:
-    """Start py-spy recorders (flame graphs under ``--py-spy``) for every process."""
+    """Start py-spy recorders (collapsed stacks under ``--py-spy``) for every process."""
     if not opts.py_spy:
         return []
     out = Path(opts.py_spy)
@@ -169,7 +185,8 @@ def py_spy(opts: argparse.Namespace, procs: dict[str, DaemonProcess], tag: str) 
     recs = []
     for name, p in procs.items():
         assert p.proc is not None
-        cmd = [opts.py_spy_bin, "record", "--nonblocking", "-r", "200", "-p", str(p.proc.pid), "-o", str(out / f"{tag}-{name}.svg")]
+        cmd = [opts.py_spy_bin, "record", "--nonblocking", "-r", "200", "--format", "raw", "-p", str(p.proc.pid)]
+        cmd += ["-o", str(out / f"{tag}-{name}.txt")]
         recs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     return recs
 
@@ -218,6 +235,7 @@ async def one_round(side: Side, opts: argparse.Namespace, tmp: Path, tag: str) -
             reader.start()
             await asyncio.sleep(0.5)  # the reader's connections are up and reading
             before = reader.counts()
+            t_join = time.perf_counter()
             procs["a4"] = start(side, "aux", aux_args("a4"))
             recs = py_spy(opts, procs, tag)
             try:
@@ -231,6 +249,7 @@ async def one_round(side: Side, opts: argparse.Namespace, tmp: Path, tag: str) -
                 info = await wait_ring(c, done, "the migration")
             finally:
                 stop_py_spy(recs)
+            p99_ms, worst_ms = reader.latency_ms(t_join, time.perf_counter())
             progress = info["membership"]["migration"]
             # The second step: the moved ranges leave the old owners; reads must still hit.
             total = opts.keys
@@ -255,6 +274,8 @@ async def one_round(side: Side, opts: argparse.Namespace, tmp: Path, tag: str) -
             "misses": after[1] - before[1],
             "wrong": after[2] - before[2],
             "errors": after[3] - before[3],
+            "p99_ms": p99_ms,
+            "worst_ms": worst_ms,
             "error_sample": reader.errors[:3],
         }
     finally:
@@ -274,7 +295,7 @@ def row(r: dict[str, Any]) -> str:
     """One Markdown table row."""
     return (
         f"| {r['side']} | {r['moved']} | {r['seconds']:.2f} | {r['keys_per_s']:,.0f} | "
-        f"{r['reads']} | {r['misses']} | {r['wrong']} | {r['errors']} |"
+        f"{r['reads']} | {r['misses']} | {r['wrong']} | {r['errors']} | {r['p99_ms']:.1f} | {r['worst_ms']:.1f} |"
     )
 
 
@@ -290,7 +311,7 @@ def main() -> int:
     p.add_argument("--reader-depth", type=int, default=2, help="MGETs the reader keeps in flight")
     p.add_argument("--rounds", type=int, default=1, help="rounds per side")
     p.add_argument("--baseline", metavar="REF", help="also measure git ref REF, alternating with this tree")
-    p.add_argument("--py-spy", metavar="DIR", help="record every daemon with py-spy during the move, SVGs into DIR")
+    p.add_argument("--py-spy", metavar="DIR", help="record every daemon with py-spy during the move, collapsed stacks into DIR")
     p.add_argument("--py-spy-bin", default=str(Path(sys.executable).parent / "py-spy"), help="the py-spy executable")
     opts = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="dcache-rebalance-") as t:
@@ -307,8 +328,8 @@ def main() -> int:
     print(f"keys {opts.keys}, values {opts.value_size} B, --migration-batch {opts.migration_batch}, --migration-rate {opts.migration_rate}")
     print(os.popen("uptime").read().strip())
     print()
-    print("| code | keys moved | seconds | keys/s | reads during the move | misses | wrong | errors |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| code | keys moved | seconds | keys/s | reads, join to drop | misses | wrong | errors | read p99 ms | worst read ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(row(r))
     if opts.baseline:
