@@ -416,12 +416,32 @@ def _entries(msg: list[Any], limits: Limits, name: str, shape: str) -> Iterator[
 
 
 def _parse_apply(msg: list[Any], limits: Limits) -> list[tuple[bytes, bytes, int, int]]:
-    """APPLY ``[entries]`` -> ``[(key, value, expires_at, version), ...]``, every entry checked first."""
+    """APPLY ``[entries]`` -> ``[(key, value, expires_at, version), ...]``, every entry checked first.
+
+    An entry of well-typed fields within bounds (every entry a migration
+    page carries) is checked inline; any other goes through the field
+    checks, which convert or raise with their messages.
+    """
     ceiling = limits.version_ceiling()
-    return [
-        (_key(e[0], limits), check_value(e[1], limits), _expires_at(e[2]), _version(e[3], ceiling))
-        for e in _entries(msg, limits, "APPLY", "[key, value, expires_at, version]")
-    ]
+    max_key = limits.max_key_bytes
+    max_value = limits.max_value_bytes
+    out: list[tuple[bytes, bytes, int, int]] = []
+    append = out.append
+    for key, value, expires_at, version in _entries(msg, limits, "APPLY", "[key, value, expires_at, version]"):
+        if (
+            key.__class__ is bytes
+            and 0 < len(key) <= max_key
+            and value.__class__ is bytes
+            and len(value) <= max_value
+            and expires_at.__class__ is int
+            and 0 <= expires_at <= INT64_MAX
+            and version.__class__ is int
+            and 0 < version <= ceiling
+        ):
+            append((key, value, expires_at, version))
+        else:
+            append((_key(key, limits), check_value(value, limits), _expires_at(expires_at), _version(version, ceiling)))
+    return out
 
 
 def _parse_apply_deletes(msg: list[Any], limits: Limits) -> list[tuple[bytes, int]]:
