@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError, ServerError, Status
 from ..hlc import HybridClock
 from ..lru import EntryTooLargeError, LRUCache
-from ..protocol import Limits, Op, SetFlag
+from ..protocol import Limits, Op, SetFlag, pack
 from ..ring import RangeMatcher, hash64
 from ..server import FrameProtocol, Handler
 
@@ -255,8 +255,15 @@ class ClusterOps:
 
     # -- range scans ----------------------------------------------------------
 
-    def scan(self, conn: FrameProtocol, rid: int, args: tuple[RangeMatcher, int, int, int]) -> Any:
-        return self.scan_page(*args)
+    def scan(self, conn: FrameProtocol, rid: int, args: tuple[RangeMatcher, int, int, int, bool]) -> Any:
+        match, cursor, count, min_version, packed = args
+        page = self.scan_page(match, cursor, count, min_version)
+        if packed:
+            # Packed once here, the entries cross the master as one bin and are
+            # decoded once, by the APPLY that receives them.
+            entries = page[1]
+            return [page[0], pack(entries), page[2], len(entries)]
+        return page
 
     def scan_page(self, match: RangeMatcher, cursor: int, count: int, min_version: int) -> list[Any]:
         """One SCAN page: ``[next_cursor, entries, tombstones]`` (docs/PROTOCOL.md; also RESP's SCAN on this node)."""

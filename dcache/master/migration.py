@@ -12,7 +12,10 @@ For a view whose ``prev_ring`` is set, ``Migrator.run``:
    ``APPLY_DELETES`` on the destination (last writer wins, so a copy never
    overwrites a newer write made meanwhile, and pages may land in any
    order), pipelined: the next page is scanned while the last ones are
-   applied. ``migration_rate`` paces the scans of each stream;
+   applied. Pages travel packed: the source packs its entries once into
+   one ``bin`` that the master hands to ``APPLY`` untouched (an older node
+   that refuses the packed form gets the unpacked one).
+   ``migration_rate`` paces the scans of each stream;
 4. runs a second, catch-up pass over writes newer than the start of the
    first pass (a write in flight during the view change may have reached
    only a previous owner).
@@ -32,8 +35,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..config import MasterConfig
+from ..errors import BadArgumentsError
 from ..hlc import HybridClock
-from ..protocol import Op
+from ..protocol import Op, unpack_entries
 from ..ring import moved_ranges
 from .links import AuxLink
 from .view import UP, ClusterView
@@ -190,17 +194,29 @@ class Migrator:
         rate = cfg.migration_rate
         started = self._monotonic()
         scanned = 0
+        packed = True
         applying: set[asyncio.Task[None]] = set()
         try:
             while True:
-                cursor, entries, tombstones = await self._retry(source, Op.SCAN, ranges, cursor, cfg.migration_batch, min_version)
-                if entries or tombstones:
+                entries: list[Any] | bytes
+                if packed:
+                    try:
+                        cursor, entries, tombstones, n = await self._retry(
+                            source, Op.SCAN, ranges, cursor, cfg.migration_batch, min_version, True
+                        )
+                    except BadArgumentsError:
+                        packed = False  # an older node takes 4 arguments: ask again unpacked (a real error recurs)
+                        continue
+                else:
+                    cursor, entries, tombstones = await self._retry(source, Op.SCAN, ranges, cursor, cfg.migration_batch, min_version)
+                    n = len(entries)
+                if n or tombstones:
                     while len(applying) >= _PAGES_IN_FLIGHT:
                         done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
                         for task in done:
                             task.result()  # a page that failed after its retries fails the stream
-                    applying.add(asyncio.ensure_future(self._apply_page(index, dest, entries, tombstones, first)))
-                scanned += len(entries)
+                    applying.add(asyncio.ensure_future(self._apply_page(index, dest, entries, n, tombstones, first)))
+                scanned += n
                 if not cursor:
                     break
                 if rate:
@@ -218,14 +234,20 @@ class Migrator:
             self.streams_done += 1
             self.streams[index]["done"] = True
 
-    async def _apply_page(self, index: int, dest: AuxLink, entries: list[Any], tombstones: list[Any], first: bool) -> None:
-        """APPLY one page's entries and APPLY_DELETES its tombstones on ``dest``, and count them."""
-        if entries:
-            await self._retry(dest, Op.APPLY, entries)
+    async def _apply_page(self, index: int, dest: AuxLink, entries: list[Any] | bytes, n: int, tombstones: list[Any], first: bool) -> None:
+        """APPLY one page's ``n`` entries (a list, or packed) and APPLY_DELETES its tombstones on ``dest``, and count them."""
+        if n:
+            try:
+                await self._retry(dest, Op.APPLY, entries)
+            except BadArgumentsError:
+                if entries.__class__ is not bytes:
+                    raise
+                # An older node takes APPLY's entries unpacked only (a real error recurs).
+                await self._retry(dest, Op.APPLY, unpack_entries(entries, "SCAN"))
             if first:
-                self.keys_moved += len(entries)
-                self.keys_moved_total += len(entries)
-                self.streams[index]["keys"] += len(entries)
+                self.keys_moved += n
+                self.keys_moved_total += n
+                self.streams[index]["keys"] += n
         if tombstones:
             await self._retry(dest, Op.APPLY_DELETES, tombstones)
             self.tombstones_moved += len(tombstones)
@@ -235,6 +257,8 @@ class Migrator:
         for attempt in range(8):
             try:
                 return await link.call(op, *args)
+            except BadArgumentsError:
+                raise  # the request itself is refused: sending it again changes nothing
             except (OSError, TimeoutError, ConnectionError) as exc:
                 if attempt == 7:
                     raise
