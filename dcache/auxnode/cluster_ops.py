@@ -291,7 +291,7 @@ class ClusterOps:
             # the matches are looked up (a quarter of them when a node joins 3).
             chunk_stop = min(key_stop, pos + _SCAN_CHUNK)
             chunk = keys[pos:chunk_stop]
-            hits = range(len(chunk)) if match is None else [i for i, h in enumerate(map(hash64, chunk)) if match(h)]
+            hits = range(len(chunk)) if match is None else match.select(map(hash64, chunk))
             for i in hits:
                 key = chunk[i]
                 e = get_entry(key)

@@ -11,7 +11,7 @@ from .hashring import (
     in_range,
     moved_ranges,
 )
-from .ranges import RangeMatcher, compile_ranges
+from .ranges import RangeMatcher, RangeSet, compile_ranges
 
 __all__ = [
     "MAX_RING_POINTS",
@@ -20,6 +20,7 @@ __all__ = [
     "EmptyRingError",
     "HashRing",
     "RangeMatcher",
+    "RangeSet",
     "RangeMove",
     "compile_ranges",
     "hash64",

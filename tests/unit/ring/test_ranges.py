@@ -20,10 +20,12 @@ def test_compile_ranges_matches_in_range(ranges: list[tuple[int, int]], probes: 
     for h in probes:
         expected = any(in_range(h, s, e) for s, e in ranges)
         assert (True if match is None else match(h)) == expected
+    if match is not None:
+        assert match.select(iter(probes)) == [i for i, h in enumerate(probes) if any(in_range(h, s, e) for s, e in ranges)]
 
 
 def test_whole_circle_and_nothing() -> None:
     assert compile_ranges([(5, 5)]) is None
     assert compile_ranges([(U64, 0), (0, U64)]) is None
     match = compile_ranges([])
-    assert match is not None and not match(0) and not match(U64)
+    assert match is not None and not match(0) and not match(U64) and match.select([0, 5, U64]) == []
