@@ -63,7 +63,7 @@ FILL_DEPTH = 4
 FILL_ATTEMPTS = 10
 #: Bound on each wait for the ring (join, migration, drop).
 RING_TIMEOUT_S = 600.0
-RING_POLL_S = 0.05
+RING_POLL_S = 0.25  # RING computes every node's share: polling it often costs the master
 #: How long to wait for the moved ranges to leave their old owners.
 DROP_TIMEOUT_S = 60.0
 
