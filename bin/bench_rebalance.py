@@ -240,7 +240,9 @@ async def one_round(side: Side, opts: argparse.Namespace, tmp: Path, tag: str) -
         # A node starved of CPU on a busy machine is not marked down (which would start other migrations).
         health = ["--health-interval", "0.5", "--health-failures", "20", "--follow-interval", "0.2"]
         margs = ["--host", "127.0.0.1", "--port", "0", "--node-id", "m1", "--log-level", "warning", *health]
-        margs += ["--migration-batch", str(opts.migration_batch), "--migration-rate", str(opts.migration_rate)]
+        margs += ["--migration-rate", str(opts.migration_rate)]
+        if opts.migration_batch is not None:
+            margs += ["--migration-batch", str(opts.migration_batch)]
         procs["master"] = master = start(side, "master", margs)
 
         def aux_args(node: str) -> list[str]:
@@ -349,7 +351,7 @@ def main() -> int:
     p.add_argument("--keys", type=int, default=1_000_000, help="keys filled into the three aux nodes")
     p.add_argument("--value-size", type=int, default=100, help="bytes per value")
     p.add_argument("--max-memory", default="1GB", help="each aux node's --max-memory")
-    p.add_argument("--migration-batch", type=int, default=1000, help="the master's --migration-batch")
+    p.add_argument("--migration-batch", type=int, help="the master's --migration-batch (default: each side's own default)")
     p.add_argument("--migration-rate", type=int, default=0, help="the master's --migration-rate (0: unthrottled)")
     p.add_argument("--reader-batch", type=int, default=100, help="keys per MGET of the reader")
     p.add_argument("--reader-depth", type=int, default=2, help="MGETs the reader keeps in flight")
@@ -377,7 +379,7 @@ def main() -> int:
                 print(row(r), file=sys.stderr, flush=True)
                 results.append(r)
     print(
-        f"keys {opts.keys}, values {opts.value_size} B, --migration-batch {opts.migration_batch}, "
+        f"keys {opts.keys}, values {opts.value_size} B, --migration-batch {opts.migration_batch or 'default'}, "
         f"--migration-rate {opts.migration_rate}, settle {opts.settle} s"
     )
     print(os.popen("uptime").read().strip())

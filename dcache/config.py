@@ -415,8 +415,10 @@ class MasterConfig(NodeConfig):
     )
     cluster: str = opt("dcache", "cluster name: the ZooKeeper namespace /dcache/NAME (with --zookeeper)", _str, "NAME")
     zk_session_timeout: float = opt(10.0, "ZooKeeper session timeout: a dead master's leadership ends after it", _float, "S")
-    migration_batch: int = opt(1000, "keys per page when moving data between aux nodes", _int, "N")
-    migration_rate: int = opt(0, "most keys moved per second per stream; 0 = unthrottled", _int, "N")
+    migration_batch: int = opt(
+        5000, "keys per page when moving data between aux nodes (at most the aux nodes' --max-batch-keys)", _int, "N"
+    )
+    migration_rate: int = opt(0, "most keys moved per second per stream (pages are paced); 0 = unthrottled", _int, "N")
     recovery_window: float = opt(
         4.0,
         "a restarted coordinator that no follower hands the last ring waits this long for the aux nodes "
