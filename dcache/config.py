@@ -436,8 +436,10 @@ class MasterConfig(NodeConfig):
         _int,
         "N",
     )
-    migration_batch: int = opt(1000, "keys per page when moving data between aux nodes", _int, "N")
-    migration_rate: int = opt(0, "most keys moved per second per stream; 0 = unthrottled", _int, "N")
+    migration_batch: int = opt(
+        5000, "keys per page when moving data between aux nodes (at most the aux nodes' --max-batch-keys)", _int, "N"
+    )
+    migration_rate: int = opt(0, "most keys moved per second per stream (pages are paced); 0 = unthrottled", _int, "N")
     recovery_window: float = opt(
         4.0,
         "a restarted coordinator that no follower hands the last ring waits this long for the aux nodes "

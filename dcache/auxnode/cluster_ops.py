@@ -32,8 +32,8 @@ from typing import Any, Protocol
 
 from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError, ServerError, Status
 from ..hlc import HybridClock
-from ..lru import LRUCache
-from ..protocol import Limits, Op, SetFlag
+from ..lru import EntryTooLargeError, LRUCache
+from ..protocol import Limits, Op, SetFlag, pack
 from ..ring import RangeMatcher, hash64
 from ..server import FrameProtocol, Handler
 from .tracking import Tracker
@@ -91,6 +91,8 @@ _MAX_SESSION_ID = (1 << 32) - 1
 # msgpack bytes per scanned item on top of key and value (array and bin headers, two ints).
 _ENTRY_WIRE_OVERHEAD = 32
 _TOMB_WIRE_OVERHEAD = 16
+#: Snapshot keys a SCAN hashes and matches at a time (a page stops mid-chunk when full).
+_SCAN_CHUNK = 2048
 _SCAN = "SCAN"
 _DROP = "DROP"
 
@@ -243,18 +245,13 @@ class ClusterOps:
 
     def apply(self, conn: FrameProtocol, rid: int, items: list[tuple[bytes, bytes, int, int]]) -> Any:
         cache = self.node.cache
-        newest = 0
-        for key, value, expires_at, version in items:
-            _check_fits(cache, key, value, expires_at)
-            if version > newest:
-                newest = version
+        try:
+            applied = cache.apply_many(items)
+        except EntryTooLargeError as exc:
+            raise OutOfMemoryError(str(exc)) from None
+        newest = max((version for _, _, _, version in items), default=0)
         if newest:
-            self.node.clock.observe(newest)
-        apply = cache.apply
-        applied = 0
-        for key, value, expires_at, version in items:
-            if apply(key, value, expires_at=expires_at, version=version):
-                applied += 1
+            self.node.clock.observe(newest)  # in the same handler as the stores: nothing runs in between
         return applied
 
     def apply_deletes(self, conn: FrameProtocol, rid: int, items: list[tuple[bytes, int]]) -> Any:
@@ -270,8 +267,15 @@ class ClusterOps:
 
     # -- range scans ----------------------------------------------------------
 
-    def scan(self, conn: FrameProtocol, rid: int, args: tuple[RangeMatcher, int, int, int]) -> Any:
-        return self.scan_page(*args)
+    def scan(self, conn: FrameProtocol, rid: int, args: tuple[RangeMatcher, int, int, int, bool]) -> Any:
+        match, cursor, count, min_version, packed = args
+        page = self.scan_page(match, cursor, count, min_version)
+        if packed:
+            # Packed once here, the entries cross the master as one bin and are
+            # decoded once, by the APPLY that receives them.
+            entries = page[1]
+            return [page[0], pack(entries), page[2], len(entries)]
+        return page
 
     def scan_page(self, match: RangeMatcher, cursor: int, count: int, min_version: int) -> list[Any]:
         """One SCAN page: ``[next_cursor, entries, tombstones]`` (docs/PROTOCOL.md; also RESP's SCAN on this node)."""
@@ -294,23 +298,31 @@ class ClusterOps:
         full = False
         get_entry = cache.get_entry
         key_stop = min(stop, nkeys)
-        while pos < key_stop:
-            key = keys[pos]
-            if match is None or match(hash64(key)):
+        while pos < key_stop and not full:
+            # A chunk's keys are hashed and matched in one comprehension; only
+            # the matches are looked up (a quarter of them when a node joins 3).
+            chunk_stop = min(key_stop, pos + _SCAN_CHUNK)
+            chunk = keys[pos:chunk_stop]
+            hits = range(len(chunk)) if match is None else match.select(map(hash64, chunk))
+            for i in hits:
+                key = chunk[i]
                 e = get_entry(key)
-                if e is not None and e.version >= min_version:
-                    cost = len(key) + len(e.value) + _ENTRY_WIRE_OVERHEAD
-                    if n and size + cost > byte_budget:
-                        full = True
-                        break
-                    entries.append([key, e.value, e.expires_at, e.version])
-                    size += cost
-                    n += 1
-                    if n >= count:
-                        pos += 1
-                        full = True
-                        break
-            pos += 1
+                if e is None or e.version < min_version:
+                    continue
+                value = e.value
+                cost = len(key) + len(value) + _ENTRY_WIRE_OVERHEAD
+                if n and size + cost > byte_budget:
+                    chunk_stop = pos + i
+                    full = True
+                    break
+                entries.append([key, value, e.expires_at, e.version])
+                size += cost
+                n += 1
+                if n >= count:
+                    chunk_stop = pos + i + 1
+                    full = True
+                    break
+            pos = chunk_stop
         if not full:
             tombstone_version = cache.tombstone_version
             while pos < stop:

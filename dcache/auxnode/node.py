@@ -45,6 +45,8 @@ log = logging.getLogger("dcache.aux")
 
 #: Seconds between ``gc.freeze()`` calls (see ``AuxNode._gc_loop``).
 GC_FREEZE_INTERVAL_S = 5.0
+#: Allocations between young-generation collections on an aux node (CPython's default is 700).
+GC_GEN0_THRESHOLD = 50_000
 
 _NX = SetFlag.NX.value
 _XX = SetFlag.XX.value
@@ -260,6 +262,10 @@ class AuxNode(Service):
         self.snapshots.start()
         gc.collect()
         gc.freeze()  # whatever was loaded stays out of the collector's way
+        # Decoding a request and storing its entries allocate a few objects per
+        # entry, none in a cycle: at the default threshold the collections
+        # doubled what decoding and checking an APPLY page cost (docs/DECISIONS.md).
+        gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
         self.state.spawn(self._gc_loop(), "gc-freeze")
         self._start_membership((host, port))
         return where

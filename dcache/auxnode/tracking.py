@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..lru import LRUCache
@@ -337,6 +337,21 @@ class TrackingCache(LRUCache):
             if t is not None and t.table and key in t.table:
                 t.changed(key, version)
         return done
+
+    def apply_many(self, items: Sequence[tuple[bytes, bytes, int, int]]) -> int:
+        """``LRUCache.apply_many``; invalidate the subscribers of the keys it stored (an APPLY page, a migration's, a restore's)."""
+        t = self.tracker
+        if t is None or not t.table:
+            return LRUCache.apply_many(self, items)
+        table = t.table
+        get = self.get_entry
+        before = {item[0]: (e.version if (e := get(item[0])) is not None else 0) for item in items if item[0] in table}
+        applied = LRUCache.apply_many(self, items)
+        for key, version in before.items():
+            e = get(key)
+            if e is not None and e.version != version:
+                t.changed(key, e.version)
+        return applied
 
     def delete(self, key: bytes, *, version: int = 0) -> bool:
         """``LRUCache.delete``, then invalidate ``key``'s subscribers."""

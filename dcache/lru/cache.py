@@ -90,7 +90,7 @@ being iterated.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from heapq import heapify, heappop, heappush
 from itertools import chain
 
@@ -627,6 +627,41 @@ class LRUCache:
             return False
         self._put(key, value, size, e, expires_at, version)
         return True
+
+    def apply_many(self, items: Sequence[tuple[bytes, bytes, int, int]]) -> int:
+        """``apply`` of each ``(key, value, expires_at, version)`` in order, for APPLY and migration pages.
+
+        Every entry's charge is checked before any is stored; the clock is
+        read once for the batch. A key with no entry and no tombstone (all
+        of them, on a node receiving its new ranges) goes straight to the
+        store; any other takes ``apply``'s path.
+
+        Returns:
+            How many entries were stored.
+
+        Raises:
+            EntryTooLargeError: an entry's charge alone exceeds
+                ``max_bytes``; nothing is stored.
+        """
+        charge = self._charge
+        sizes = [charge(len(key), len(value), expires_at) for key, value, expires_at, _ in items]
+        if sizes and max(sizes) > self._max_bytes:
+            size = max(sizes)
+            raise EntryTooLargeError(f"entry charged {size} bytes exceeds the cache budget of {self._max_bytes} bytes")
+        now = self._clock()
+        shards = self._shards
+        tombs = self._tombs
+        put = self._put
+        applied = 0
+        for (key, value, expires_at, version), size in zip(items, sizes, strict=True):
+            if expires_at and expires_at <= now:
+                continue
+            if key in shards[hash(key) & _SHARD_MASK] or (tombs and key in tombs):
+                applied += self.apply(key, value, expires_at=expires_at, version=version)
+                continue
+            put(key, value, size, None, expires_at, version)
+            applied += 1
+        return applied
 
     def delete(self, key: bytes, *, version: int = 0) -> bool:
         """Remove ``key``; with a non-zero ``version`` also leave a tombstone.

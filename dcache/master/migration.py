@@ -10,8 +10,12 @@ For a view whose ``prev_ring`` is set, ``Migrator.run``:
    no master still writes only to the previous owners;
 3. runs the streams: pages of ``SCAN`` on the source, ``APPLY`` /
    ``APPLY_DELETES`` on the destination (last writer wins, so a copy never
-   overwrites a newer write made meanwhile), throttled by
-   ``migration_rate``;
+   overwrites a newer write made meanwhile, and pages may land in any
+   order), pipelined: the next page is scanned while the last ones are
+   applied. Pages travel packed: the source packs its entries once into
+   one ``bin`` that the master hands to ``APPLY`` untouched (an older node
+   that refuses the packed form gets the unpacked one).
+   ``migration_rate`` paces the scans of each stream;
 4. runs a second, catch-up pass over writes newer than the start of the
    first pass (a write in flight during the view change may have reached
    only a previous owner).
@@ -31,8 +35,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..config import MasterConfig
+from ..errors import BadArgumentsError
 from ..hlc import HybridClock
-from ..protocol import Op
+from ..protocol import Op, unpack_entries
 from ..ring import moved_ranges
 from .links import AuxLink
 from .view import UP, ClusterView
@@ -46,6 +51,8 @@ log = logging.getLogger("dcache.master.migration")
 _VERSION_UNITS_PER_S = 1000 << 22
 _CATCH_UP_MARGIN_S = 5.0
 _CONCURRENT_STREAMS = 4
+#: Pages of one stream being applied while its next page is scanned.
+_PAGES_IN_FLIGHT = 2
 
 
 class Migrator:
@@ -57,8 +64,14 @@ class Migrator:
         links: Callable[[], dict[str, AuxLink]],
         clock: HybridClock,
         followers_caught_up: Callable[[int, float], Awaitable[None]],
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """``monotonic`` and ``sleep`` pace ``--migration-rate`` (tests pass fakes)."""
         self.config = config
+        self._monotonic = monotonic
+        self._sleep = sleep
         self._links = links
         self._clock = clock
         self._followers_caught_up = followers_caught_up
@@ -166,6 +179,12 @@ class Migrator:
         )
 
     async def _stream(self, index: int, src: str, dst: str, ranges: list[list[int]], min_version: int, first: bool) -> None:
+        """Copy ``ranges`` from ``src`` to ``dst``: SCAN pages one after the other, APPLY them while the next is read.
+
+        At most ``_PAGES_IN_FLIGHT`` pages are being applied at once (the
+        memory held is bounded by pages, not keys); the stream returns once
+        every page is applied, and raises the first failure.
+        """
         cfg = self.config
         links = self._links()
         source, dest = links.get(src), links.get(dst)
@@ -173,35 +192,73 @@ class Migrator:
             return
         cursor = 0
         rate = cfg.migration_rate
-        started = time.monotonic()
-        moved_here = 0
-        while True:
-            cursor, entries, tombstones = await self._retry(source, Op.SCAN, ranges, cursor, cfg.migration_batch, min_version)
-            if entries:
-                await self._retry(dest, Op.APPLY, entries)
-                if first:
-                    self.keys_moved += len(entries)
-                    self.keys_moved_total += len(entries)
-                    self.streams[index]["keys"] += len(entries)
-                moved_here += len(entries)
-            if tombstones:
-                await self._retry(dest, Op.APPLY_DELETES, tombstones)
-                self.tombstones_moved += len(tombstones)
-            if not cursor:
-                break
-            if rate:
-                ahead = moved_here / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
+        started = self._monotonic()
+        scanned = 0
+        packed = True
+        applying: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                entries: list[Any] | bytes
+                if packed:
+                    try:
+                        cursor, entries, tombstones, n = await self._retry(
+                            source, Op.SCAN, ranges, cursor, cfg.migration_batch, min_version, True
+                        )
+                    except BadArgumentsError:
+                        packed = False  # an older node takes 4 arguments: ask again unpacked (a real error recurs)
+                        continue
+                else:
+                    cursor, entries, tombstones = await self._retry(source, Op.SCAN, ranges, cursor, cfg.migration_batch, min_version)
+                    n = len(entries)
+                if n or tombstones:
+                    while len(applying) >= _PAGES_IN_FLIGHT:
+                        done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
+                        for task in done:
+                            task.result()  # a page that failed after its retries fails the stream
+                    applying.add(asyncio.ensure_future(self._apply_page(index, dest, entries, n, tombstones, first)))
+                scanned += n
+                if not cursor:
+                    break
+                if rate:
+                    ahead = scanned / rate - (self._monotonic() - started)
+                    if ahead > 0:
+                        await self._sleep(ahead)
+            while applying:
+                done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+        finally:
+            for task in applying:
+                task.cancel()
         if first:
             self.streams_done += 1
             self.streams[index]["done"] = True
+
+    async def _apply_page(self, index: int, dest: AuxLink, entries: list[Any] | bytes, n: int, tombstones: list[Any], first: bool) -> None:
+        """APPLY one page's ``n`` entries (a list, or packed) and APPLY_DELETES its tombstones on ``dest``, and count them."""
+        if n:
+            try:
+                await self._retry(dest, Op.APPLY, entries)
+            except BadArgumentsError:
+                if entries.__class__ is not bytes:
+                    raise
+                # An older node takes APPLY's entries unpacked only (a real error recurs).
+                await self._retry(dest, Op.APPLY, unpack_entries(entries, "SCAN"))
+            if first:
+                self.keys_moved += n
+                self.keys_moved_total += n
+                self.streams[index]["keys"] += n
+        if tombstones:
+            await self._retry(dest, Op.APPLY_DELETES, tombstones)
+            self.tombstones_moved += len(tombstones)
 
     async def _retry(self, link: AuxLink, op: int, *args: Any) -> Any:
         delay = 0.1
         for attempt in range(8):
             try:
                 return await link.call(op, *args)
+            except BadArgumentsError:
+                raise  # the request itself is refused: sending it again changes nothing
             except (OSError, TimeoutError, ConnectionError) as exc:
                 if attempt == 7:
                     raise

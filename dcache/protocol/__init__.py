@@ -16,7 +16,7 @@ from .limits import (
     Limits,
 )
 from .messages import CONNECTION_REQUEST_ID, PROTOCOL_VERSION, PUSH_ID, Op, Push, SetFlag, Status
-from .ops import OPS, Credential, OpSpec, check_key, check_value, parse_request_id
+from .ops import OPS, Credential, OpSpec, check_key, check_value, parse_request_id, unpack_entries
 from .requests import MAX_REQUEST_ID, RequestTable
 
 __all__ = [
@@ -56,4 +56,5 @@ __all__ = [
     "pack",
     "parse_request_id",
     "queue_frame",
+    "unpack_entries",
 ]

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, cast
 
+import msgpack
+
 from ..errors import (
     BadArgumentsError,
     ClockSkewError,
@@ -35,7 +37,7 @@ from ..errors import (
     TooManyKeysError,
     ValueTooLargeError,
 )
-from .limits import INT64_MAX, INT64_MIN, MAX_HOT_KEYS, MAX_NAME_CHARS, MAX_RANGES, MAX_TTL_MS, UINT64_MAX, Limits
+from .limits import INT64_MAX, INT64_MIN, MAX_ARRAY_ITEMS, MAX_HOT_KEYS, MAX_NAME_CHARS, MAX_RANGES, MAX_TTL_MS, UINT64_MAX, Limits
 from .messages import Op, SetFlag
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ __all__ = [
     "check_key",
     "check_value",
     "parse_request_id",
+    "unpack_entries",
 ]
 
 #: A parser: the whole decoded request and the node's limits in, the parsed arguments out.
@@ -435,6 +438,38 @@ def _parse_incrv(msg: list[Any], limits: Limits) -> tuple[bytes, int, int]:
     return _key(msg[2], limits), _delta(msg[3]), _version(msg[4], limits.version_ceiling())
 
 
+def unpack_entries(packed: bytes, name: str) -> Any:
+    """The array a packed ``entries`` argument holds (``bin``: one msgpack array, as a packed SCAN answers it).
+
+    Decoded with the frame decoder's rules (``str`` as text, ``bin`` as
+    bytes, no map with non-text keys) and bounds scaled to the ``bin``
+    itself, which the frame bound already bounds; the caller checks the
+    entries as if they had come unpacked.
+
+    Raises:
+        BadArgumentsError: not exactly one msgpack object, or one that is
+            not an array, or one with more than ``MAX_ARRAY_ITEMS`` items.
+    """
+    size = len(packed)
+    try:
+        items = msgpack.unpackb(
+            packed,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=min(size, MAX_ARRAY_ITEMS),
+            max_map_len=min(size // 2, MAX_ARRAY_ITEMS),
+            max_ext_len=size,
+        )
+    except (ValueError, msgpack.UnpackException) as exc:  # ExtraData, FormatError, StackError and limits are ValueErrors
+        raise BadArgumentsError(f"{name}: packed entries are not one msgpack array ({exc.__class__.__name__}: {exc})") from None
+    if items.__class__ is not list:
+        raise BadArgumentsError(f"{name}: packed entries must hold a msgpack array")
+    return items
+
+
 def _entries(msg: list[Any], limits: Limits, name: str, shape: str) -> Iterator[list[Any]]:
     """The entries of ``name [entries]``, each a list shaped as ``shape`` (``[a, b, ...]``), yielded as they are checked."""
     if len(msg) != 3:
@@ -447,12 +482,35 @@ def _entries(msg: list[Any], limits: Limits, name: str, shape: str) -> Iterator[
 
 
 def _parse_apply(msg: list[Any], limits: Limits) -> list[tuple[bytes, bytes, int, int]]:
-    """APPLY ``[entries]`` -> ``[(key, value, expires_at, version), ...]``, every entry checked first."""
+    """APPLY ``[entries]`` -> ``[(key, value, expires_at, version), ...]``, every entry checked first.
+
+    ``entries`` may also come packed (a ``bin`` holding their msgpack
+    array, as a packed SCAN answers them: ``unpack_entries``). An entry of well-typed fields within bounds (every entry a migration
+    page carries) is checked inline; any other goes through the field
+    checks, which convert or raise with their messages.
+    """
+    if len(msg) == 3 and msg[2].__class__ is bytes:
+        msg = [msg[0], msg[1], unpack_entries(msg[2], "APPLY")]
     ceiling = limits.version_ceiling()
-    return [
-        (_key(e[0], limits), check_value(e[1], limits), _expires_at(e[2]), _version(e[3], ceiling))
-        for e in _entries(msg, limits, "APPLY", "[key, value, expires_at, version]")
-    ]
+    max_key = limits.max_key_bytes
+    max_value = limits.max_value_bytes
+    out: list[tuple[bytes, bytes, int, int]] = []
+    append = out.append
+    for key, value, expires_at, version in _entries(msg, limits, "APPLY", "[key, value, expires_at, version]"):
+        if (
+            key.__class__ is bytes
+            and 0 < len(key) <= max_key
+            and value.__class__ is bytes
+            and len(value) <= max_value
+            and expires_at.__class__ is int
+            and 0 <= expires_at <= INT64_MAX
+            and version.__class__ is int
+            and 0 < version <= ceiling
+        ):
+            append((key, value, expires_at, version))
+        else:
+            append((_key(key, limits), check_value(value, limits), _expires_at(expires_at), _version(version, ceiling)))
+    return out
 
 
 def _parse_apply_deletes(msg: list[Any], limits: Limits) -> list[tuple[bytes, int]]:
@@ -469,15 +527,17 @@ def _parse_apply_deletes(msg: list[Any], limits: Limits) -> list[tuple[bytes, in
     return items
 
 
-def _parse_scan(msg: list[Any], limits: Limits) -> tuple[RangeMatcher, int, int, int]:
-    """SCAN ``[ranges, cursor, count, min_version]`` -> ``(matcher, cursor, count, min_version)``."""
-    if len(msg) != 6:
-        raise BadArgumentsError("SCAN takes [ranges, cursor, count, min_version]")
-    _, _, ranges, cursor, count, min_version = msg
+def _parse_scan(msg: list[Any], limits: Limits) -> tuple[RangeMatcher, int, int, int, bool]:
+    """SCAN ``[ranges, cursor, count, min_version, packed?]`` -> ``(matcher, cursor, count, min_version, packed)``."""
+    _arity(msg, 4, 5, "SCAN takes [ranges, cursor, count, min_version, packed?]")
+    ranges, cursor, count, min_version = msg[2:6]
+    packed = msg[6] if len(msg) > 6 else False
     match = _ranges(ranges)
     if count.__class__ is not int or not 1 <= count <= UINT64_MAX:
         raise BadArgumentsError("count must be a positive integer")
-    return match, _u64(cursor, "cursor"), int(count), _u64(min_version, "min_version")
+    if packed.__class__ is not bool:
+        raise BadArgumentsError("packed must be true or false")
+    return match, _u64(cursor, "cursor"), int(count), _u64(min_version, "min_version"), bool(packed)
 
 
 def _parse_drop(msg: list[Any], limits: Limits) -> tuple[RangeMatcher, int]:
@@ -594,7 +654,7 @@ OPS: dict[int, OpSpec] = {
         OpSpec(Op.INCRV, "INCRV", _C, (3, 3), _parse_incrv, False),
         OpSpec(Op.APPLY, "APPLY", _C, (1, 1), _parse_apply, True),
         OpSpec(Op.APPLY_DELETES, "APPLY_DELETES", _C, (1, 1), _parse_apply_deletes, True),
-        OpSpec(Op.SCAN, "SCAN", _C, (4, 4), _parse_scan, True),
+        OpSpec(Op.SCAN, "SCAN", _C, (4, 5), _parse_scan, True),
         OpSpec(Op.DROP, "DROP", _C, (2, 2), _parse_drop, True),
         OpSpec(Op.RANGE_COUNT, "RANGE_COUNT", _C, (1, 1), _parse_range_count, True),
         OpSpec(Op.MSETV, "MSETV", _C, (1, 1), _parse_msetv, True),

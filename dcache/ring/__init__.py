@@ -12,7 +12,7 @@ from .hashring import (
     in_range,
     moved_ranges,
 )
-from .ranges import RangeMatcher, compile_ranges
+from .ranges import RangeMatcher, RangeSet, compile_ranges
 
 __all__ = [
     "MAX_RING_POINTS",
@@ -22,6 +22,7 @@ __all__ = [
     "HashRing",
     "PreferenceTable",
     "RangeMatcher",
+    "RangeSet",
     "RangeMove",
     "compile_ranges",
     "hash64",

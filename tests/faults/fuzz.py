@@ -356,6 +356,19 @@ class Gen:
             return False  # malformed: the node refuses it
         return any(in_range(h, rng[0], rng[1]) for h in self.steady_hashes)
 
+    def _maybe_packed(self, entries: list[Any]) -> Any:
+        """APPLY's entries as they are, packed (a ``bin`` of their msgpack array), or a corrupt or non-array ``bin``."""
+        r = self.r
+        k = r.choice(["list", "list", "packed", "cut", "other"])
+        if k == "list":
+            return entries
+        packed = msgpack.packb(entries, use_bin_type=True)
+        if k == "packed":
+            return packed
+        if k == "cut":
+            return packed[: r.randrange(len(packed))] + self.blob(3)
+        return msgpack.packb(self.any(2), use_bin_type=True)
+
     def any(self, depth: int = 3) -> Any:
         """A random msgpack-encodable object."""
         r = self.r
@@ -419,7 +432,7 @@ class Gen:
             Op.SETV: lambda: [k(), v(), self.expires_at(), r.choice([0, 1, 2, 3, self.any(1)]), self.version()],
             Op.DELV: lambda: [k(), self.version()],
             Op.INCRV: lambda: [k(), self.int_(), self.version()],
-            Op.APPLY: lambda: [[[k(), v(), self.expires_at(), self.version()] for _ in range(r.choice([0, 1, 3, 20]))]],
+            Op.APPLY: lambda: [self._maybe_packed([[k(), v(), self.expires_at(), self.version()] for _ in range(r.choice([0, 1, 3, 20]))])],
             Op.MSETV: lambda: [
                 [[k(), v(), self.expires_at(), r.choice([0, 1, 2]), self.version()] for _ in range(r.choice([0, 1, 3, 20]))]
             ],
@@ -429,6 +442,7 @@ class Gen:
                 r.choice([0, 0, 1, 2**32, 2**63, self.uint()]),
                 r.choice([1, 10, 10_000, 10_001, 0, -1]),
                 self.version(),
+                *r.choice([[], [], [True], [False], [self.any(1)]]),
             ],
             Op.DROP: lambda: [self.ranges(True), r.choice([0, 0, 1, 2**32 + 5, self.uint()])],
             Op.RANGE_COUNT: lambda: [self.ranges(False)],

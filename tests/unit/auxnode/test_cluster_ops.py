@@ -420,6 +420,28 @@ def test_scan_whole_circle_single_call_opens_no_session(node: AuxNode) -> None:
     assert call(empty, Op.SCAN, [[0, 0]], 0, 10, 0) == [0, [], []]
 
 
+def test_a_packed_scan_answers_the_same_page_packed_and_apply_takes_it(node: AuxNode) -> None:
+    keys = fill(node, 300)
+    node.cache.delete(keys[0], version=10_000)
+    half = [[0, 2**63]]
+    plain = call(node, Op.SCAN, half, 0, 1000, 0)
+    cursor, packed, tombs, n = call(node, Op.SCAN, half, 0, 1000, 0, True)
+    assert packed.__class__ is bytes and msgpack.unpackb(packed) == plain[1]
+    assert [cursor, tombs, n] == [plain[0], plain[2], len(plain[1])] and 0 < n < 300
+    other = make_node()
+    assert call(other, Op.APPLY, packed) == n
+    assert sorted(other.cache.items()) == sorted(tuple(e) for e in plain[1])
+    # a page that stops early is packed the same way: every page of a scan
+    pages, cursor = [], 0
+    while True:
+        cursor, page, _, n = call(node, Op.SCAN, half, cursor, 7, 0, True)
+        assert len(msgpack.unpackb(page)) == n <= 7
+        pages += msgpack.unpackb(page)
+        if not cursor:
+            break
+    assert sorted(map(tuple, pages)) == sorted(map(tuple, plain[1]))
+
+
 def test_scan_work_per_call_is_bounded(node: AuxNode, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cluster_ops, "SCAN_MIN_WORK", 100)
     fill(node, 1000)

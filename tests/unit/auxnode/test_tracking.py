@@ -260,3 +260,20 @@ async def test_a_request_that_changes_nothing_is_not_held_after_an_expiry_sweep(
         await asyncio.sleep(0.005)
     rid = client.call(Op.PING)
     assert rid in client.answers()
+
+
+async def test_an_apply_page_invalidates_the_keys_it_stored() -> None:
+    """APPLY (repairs, restores, migration pages: ``apply_many``) changes tracked keys like any write."""
+    node = make_node()
+    master, client = Wire(node), Wire(node)
+    client.send([Op.SET, b"a", b"v"], [Op.SET, b"b", b"v"])
+    subscribe(master, b"a", b"b")
+    newer = node.cache.get_entry(b"a").version + 1  # type: ignore[union-attr]
+    rid = client.call(Op.APPLY, [[b"a", b"new", 0, newer], [b"b", b"old", 0, 1], [b"c", b"v", 0, newer]])
+    [push] = await until(master.pushes, "the APPLY's push")
+    assert push == [1, [[b"a", newer]]]  # b's older copy was not stored: b is still tracked
+    await settle()
+    assert rid not in client.answers()
+    master.call(Op.INVACK, 1)
+    assert client.answer(rid) == 2
+    assert node.tracker.stats()["tracked_keys"] == 1

@@ -656,6 +656,52 @@ def test_late_older_copy_never_resurrects_deleted_key(clock: FakeClock) -> None:
     cache.check_valid()
 
 
+_KEYS = st.sampled_from([b"a", b"b", b"c", b"d", b"e"])
+_IMPORT = st.tuples(_KEYS, st.binary(max_size=40), st.sampled_from([0, 0, 999_990, 1_000_000, 1_000_050]), st.integers(1, 9))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    before=st.lists(st.tuples(st.sampled_from(["set", "apply", "del", "expiring"]), _IMPORT), max_size=8),
+    items=st.lists(_IMPORT, max_size=12),
+    max_bytes=st.sampled_from([120, 400, 10_000]),
+)
+def test_apply_many_is_apply_of_each_entry_in_order(before: list[tuple[str, Any]], items: list[Any], max_bytes: int) -> None:
+    """Same entries, tombstones, counters and answer as ``apply`` called entry by entry (evictions included)."""
+    caches = []
+    for _ in range(2):
+        clock = FakeClock()
+        cache = LRUCache(max_bytes, clock=clock, cost=FLAT, tombstone_ttl_ms=1000)
+        for kind, (key, value, expires_at, version) in before:
+            if kind == "set":
+                cache.set(key, value[:10], version=version)
+            elif kind == "apply":
+                cache.apply(key, value[:10], expires_at=expires_at, version=version)
+            elif kind == "del":
+                cache.delete(key, version=version)
+            else:
+                cache.set(key, value[:10], expires_at=clock.now + 5, version=version)
+        clock.advance(10)  # the "expiring" entries are now expired but still held
+        caches.append(cache)
+    one_by_one, bulk = caches
+    expected = sum(one_by_one.apply(k, v, expires_at=x, version=ver) for k, v, x, ver in items)
+    assert bulk.apply_many(items) == expected
+    bulk.check_valid()
+    assert list(bulk.items(include_expired=True)) == list(one_by_one.items(include_expired=True))
+    assert [bulk.tombstone_version(k) for k in (b"a", b"b", b"c", b"d", b"e")] == [
+        one_by_one.tombstone_version(k) for k in (b"a", b"b", b"c", b"d", b"e")
+    ]
+    assert bulk.stats() == one_by_one.stats()
+
+
+def test_apply_many_checks_every_charge_before_storing_any(clock: FakeClock) -> None:
+    cache = make(clock, max_bytes=100)
+    with pytest.raises(EntryTooLargeError, match="exceeds the cache budget"):
+        cache.apply_many([(b"a", b"1", 0, 5), (b"b", b"x" * 200, 0, 6)])
+    assert len(cache) == 0 and cache.sets == 0
+    assert cache.apply_many([]) == 0
+
+
 def test_apply_delete_last_writer_wins(clock: FakeClock) -> None:
     cache = make(clock)
     cache.apply(b"a", b"v5", expires_at=0, version=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -203,8 +204,12 @@ def test_versions_beyond_the_skew_bound_are_refused():
 
 
 def test_scan_drop_and_ranges():
-    match, cursor, count, min_version = parse(Op.SCAN, [[1, 5]], 0, 10, 0)
-    assert match is not None and match(3) and not match(6) and (cursor, count, min_version) == (0, 10, 0)
+    match, cursor, count, min_version, packed = parse(Op.SCAN, [[1, 5]], 0, 10, 0)
+    assert match is not None and match(3) and not match(6) and (cursor, count, min_version, packed) == (0, 10, 0, False)
+    assert parse(Op.SCAN, [[1, 5]], 0, 10, 0, True)[4] is True
+    for bad in (1, None, "yes"):
+        with pytest.raises(BadArgumentsError, match="packed must be true or false"):
+            parse(Op.SCAN, [[1, 5]], 0, 10, 0, bad)
     assert parse(Op.SCAN, [[5, 5]], 0, 1, 0)[0] is None  # the whole circle
     with pytest.raises(BadArgumentsError):
         parse(Op.SCAN, [[1, 5]], 0, 0, 0)
@@ -239,3 +244,21 @@ def test_msetv_checks_every_entry_first():
     ):
         with pytest.raises(BadArgumentsError):
             parse(Op.MSETV, bad)
+
+
+def test_apply_takes_its_entries_packed_too():
+    entries = [[b"a", b"v", 0, V_NOW], [b"b", "text", 5, V_NOW]]
+    assert parse(Op.APPLY, msgpack.packb(entries, use_bin_type=True)) == parse(Op.APPLY, entries)
+    assert parse(Op.APPLY, msgpack.packb([], use_bin_type=True)) == []
+    with pytest.raises(TooManyKeysError):
+        parse(Op.APPLY, msgpack.packb([[b"k", b"v", 0, 1]] * 6, use_bin_type=True))
+    with pytest.raises(ClockSkewError):
+        parse(Op.APPLY, msgpack.packb([[b"a", b"v", 0, V_FAR]], use_bin_type=True))
+    with pytest.raises(KeyTooLargeError):
+        parse(Op.APPLY, msgpack.packb([[b"k" * 9, b"v", 0, 1]], use_bin_type=True))
+    packed = msgpack.packb(entries, use_bin_type=True)
+    for bad in (b"", packed[:-1], packed + b"\x00", msgpack.packb({"a": 1}), b"\xc1", msgpack.packb([[1, 2, 3]])):
+        with pytest.raises(BadArgumentsError):
+            parse(Op.APPLY, bad)
+    with pytest.raises(BadArgumentsError, match="not one msgpack array"):
+        parse(Op.APPLY, b"\xdd\xff\xff\xff\xff")  # an array header announcing 2**32-1 items, refused before any is built
