@@ -534,6 +534,8 @@ class RespProtocol(FrameProtocol):
         if target.__class__ is int:
             msg[1] = target
             result = entry[1](self, target, entry[0](msg, self._limits))
+            if self._service.hold is not None:
+                result = self._held(target, op, result)
             if result is LATER:
                 self._owed[target] = shape
                 self.in_flight += 1
@@ -556,8 +558,17 @@ class RespProtocol(FrameProtocol):
         answer = _Into(self, shape, target)
         msg[1] = rid
         result = entry[1](self, rid, entry[0](msg, self._limits))
+        if self._service.hold is not None:
+            result = self._held(rid, op, result)
         if not self._owe_later(rid, result, op, answer):
             answer(_OK, result)
+
+    def _held(self, rid: int, op: int, result: Any) -> Any:
+        """The handler just run changed a key a master holds a copy of: ``LATER`` (its answer waits, as in the native dispatch), or ``result``."""
+        hold = self._service.hold
+        if hold is None or result is LATER or result.__class__ is _Deferred:
+            return result
+        return hold(self, rid, op, result)
 
     def _owe_later(self, rid: int, result: Any, op: int, answer: Any) -> bool:
         """If a handler's ``result`` comes later (``LATER`` or deferred), owe it to ``answer`` under ``rid``; whether it did."""
@@ -590,9 +601,8 @@ class RespProtocol(FrameProtocol):
             rid = self._sub_rid = self._sub_rid + 1
             parse, handler = entry
             result = handler(self, rid, parse([op, rid, *args], self._limits))
-            hold = self._service.hold
-            if hold is not None and result is not LATER and result.__class__ is not _Deferred:
-                result = hold(self, rid, op, result)  # it changed a key a master holds a copy of (as the native dispatch)
+            if self._service.hold is not None:
+                result = self._held(rid, op, result)
         except ServerError as exc:
             return True, exc.code, exc.message
         if self._owe_later(rid, result, op, callback):

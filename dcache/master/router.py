@@ -244,13 +244,17 @@ class Router:
     # -- reads -------------------------------------------------------------------
 
     def get(self, sink: Sink, rid: int, key: bytes) -> Any:
-        """Answer GET ``rid`` with ``key``'s value (or nil) through ``sink``; returns ``LATER``.
+        """Answer GET ``rid`` with ``key``'s value (or nil) through ``sink``; returns ``LATER``, or the value itself.
 
-        The master serves GET with this method directly (it is the hottest op).
+        The master serves GET with this method directly (it is the hottest
+        op): a value answered from the near cache is returned, for the
+        dispatch to answer with the other answers of its batch; a caller
+        that is not a dispatch hands it to its sink.
         """
         if self.near is not None:
-            if self._near_get(sink, rid, key):
-                return LATER
+            taken = self._near_get(sink, rid, key)
+            if taken is not None:
+                return taken
         elif self.hot is not None:
             self.hot.note(key)
         candidates = self.view.read_candidates(key)
@@ -267,8 +271,8 @@ class Router:
             op.start()
         return LATER
 
-    def _near_get(self, sink: Sink, rid: int, key: bytes) -> bool:
-        """Answer from the near cache, or fill it from the first owner if the key is hot; whether the read was taken."""
+    def _near_get(self, sink: Sink, rid: int, key: bytes) -> Any:
+        """The near cache's copy of ``key`` (bytes), or ``LATER`` if a fill from the first owner took the read, or None."""
         near = self.near
         assert near is not None
         loop = self._loop
@@ -279,25 +283,24 @@ class Router:
             value = near.lookup(key, loop.time())
             if value is not None:
                 self.stats.hits += 1
-                sink.reply(rid, _OK, value)
-                return True
+                return value
         else:
             near.misses += 1
         if count < near.hot.hot_count:
-            return False
+            return None
         candidates = self.view.read_candidates(key)
         if not candidates:
-            return False
+            return None
         first = candidates[0]
         link = self.links.get(first)
         if link is None or not link.usable or first in self.hints.by_node:
-            return False
+            return None
         fill = near.start_fill(key, loop.time())
         if fill is None:
-            return False
+            return None
         op = _NearFill(self, sink, rid, key, candidates, fill)
         op.conn = link.send_tracked(Op.GETV, (key, True), op)
-        return True
+        return LATER
 
     def read_entry(self, sink: Sink, rid: int, key: bytes) -> None:
         """Answer ``rid`` with ``key``'s entry ``[value, expires_at, version]`` (or nil) through ``sink``."""
@@ -314,7 +317,9 @@ class Router:
             return
         collect = _Collect(conn, rid, len(keys), Op.MGET, limit=self.max_answer_bytes)
         for i, key in enumerate(keys):
-            self.get(collect, i, key)
+            value = self.get(collect, i, key)
+            if value is not LATER:  # a copy from the near cache
+                collect.reply(i, _OK, value)
 
     def exists(self, conn: FrameProtocol, rid: int, key: bytes) -> None:
         """EXISTS: whether a read finds the key."""
