@@ -242,6 +242,13 @@ class NearCache:
         self.misses += 1
         return None
 
+    def may_fill(self, key: bytes, now: float) -> bool:
+        """Whether a fill of ``key`` may start at ``now``: none in flight, and the key not cooling down."""
+        if key in self.filling:
+            return False
+        until = self.cool.get(key)
+        return until is None or until <= now
+
     def start_fill(self, key: bytes, now: float = 0.0) -> _Fill | None:
         """Begin filling ``key`` at ``now`` (loop time); None: a fill of it is in flight, or the key cools down."""
         if key in self.filling:

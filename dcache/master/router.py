@@ -286,7 +286,7 @@ class Router:
                 return value
         else:
             near.misses += 1
-        if count < near.hot.hot_count:
+        if count < near.hot.hot_count or not near.may_fill(key, loop.time()):
             return None
         candidates = self.view.read_candidates(key)
         if not candidates:
