@@ -18,7 +18,6 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -35,7 +34,7 @@ from ._metrics import HttpMetrics, WorkerMetrics
 from ._wire import HttpServer
 from .app import Shim
 
-__all__ = ["HttpDaemon", "WorkerLink", "serve_http", "run_http", "METRICS_SNAPSHOT_S"]
+__all__ = ["HttpDaemon", "WorkerLink", "serve_http", "run_one", "METRICS_SNAPSHOT_S"]
 
 log = logging.getLogger("dcache.http")
 
@@ -204,13 +203,6 @@ async def serve_http(config: HttpConfig, *, ready: bool = True) -> None:
     await serve(HttpDaemon(config), host=config.host, metrics_port=None, ready=ready)
 
 
-def run_http(config: HttpConfig, setup_logging: Callable[[], None] | None = None) -> int:
-    """Blocking entry point used by the CLI: one process, or a parent and ``config.workers`` workers.
-
-    ``setup_logging`` is run first in each worker (a picklable callable: the CLI's logging set-up).
-    """
-    if config.workers > 1:
-        from .workers import run_workers
-
-        return run_workers(config, setup_logging)
+def run_one(config: HttpConfig) -> int:
+    """Blocking entry point of one shim process (``dcache.http.run_http`` starts workers instead when asked)."""
     return run(lambda: HttpDaemon(config), host=config.host, metrics_port=None)
