@@ -757,6 +757,7 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="PORT",
     )
+    _flag(p, C, "http_workers", "processes of the HTTP shim, sharing its port (dcache http --workers)", type=int, metavar="N")
     _flag(p, C, "aux_port", "first aux node's port; the others follow", type=int, metavar="PORT")
     _flag(p, C, "max_memory", "byte budget of each aux node (KB, MB = powers of 1000; KiB, MiB = of 1024)", metavar="SIZE")
     _flag(p, C, "snapshot_interval", "seconds between aux snapshots", type=float, metavar="S")

@@ -71,6 +71,8 @@ class ClusterOptions:
         cluster: cluster name in ZooKeeper.
         resp_port: the first master's RESP port (Redis clients); the others
             follow (``None``: no RESP; with ``port`` 0, free ports).
+        http_workers: processes of the HTTP shim, sharing its port
+            (``dcache http --workers``).
 
     Raises:
         ConfigError: fewer than one master, aux node or replica, more
@@ -90,9 +92,10 @@ class ClusterOptions:
     zookeeper: str | None = None
     cluster: str = "dcache"
     resp_port: int | None = None
+    http_workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("masters", "aux", "replicas"):
+        for name in ("masters", "aux", "replicas", "http_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.replicas > self.aux:
@@ -210,7 +213,8 @@ class LocalCluster:
             self._start_followers(coordinator, ["--coordinator", coordinator])
         http_port = a.http_port if a.http_port is not None else (0 if a.port == 0 else 8080)
         if http_port >= 0:
-            self.http = self._spawn("http", "http", "--port", str(http_port), "--master", ",".join(addr for _, addr in self.masters))
+            masters = ",".join(addr for _, addr in self.masters)
+            self.http = self._spawn("http", "http", "--port", str(http_port), "--master", masters, "--workers", str(a.http_workers))
 
     def _start_followers(self, first: str, membership: list[str]) -> None:
         a = self.opts

@@ -91,6 +91,11 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -132,5 +137,30 @@ def test_a_closed_output_stops_the_cluster(tmp_path):
         assert proc.wait(60) == 1
         err = proc.stderr.read().decode() if proc.stderr else ""
         assert "its output was closed; stopping the cluster" in err and "stopped." in err and "Traceback" not in err, err
+    finally:
+        reap(proc)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and SO_REUSEPORT as Linux has them")
+async def test_http_workers_serve_and_stop_with_the_cluster(tmp_path):
+    """`dcache cluster --http-workers 2`: two shim processes answer on the one port, and Ctrl-C stops them all."""
+    proc, lines = start_cluster_cmd(
+        "--port", "0", "--masters", "1", "--aux", "1", "--replicas", "1", "--http-workers", "2",
+        "--data-dir", str(tmp_path / "data"), "--log-level", "warning",
+    )  # fmt: skip
+    try:
+        [http] = [line.split()[1] for line in lines if line.startswith("http ")]
+        [shim] = [k for k in _children(proc.pid) if b"\0http\0" in _cmdline(k)]
+        workers = [k for k in _children(shim) if b"spawn_main" in _cmdline(k)]  # not multiprocessing's tracker
+        assert len(workers) == 2, workers
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{http}/data", json={"key": "w", "value": "x"}) as resp:
+                assert resp.status == 201
+            for _ in range(20):  # new connections: the kernel spreads them over the workers
+                async with aiohttp.ClientSession() as fresh, fresh.get(f"{http}/data/w") as resp:
+                    assert await resp.json() == {"key": "w", "value": "x"}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        wait_for(lambda: all(_gone(k) for k in [shim, *workers]), timeout=30, message="the shim and its workers to stop")
     finally:
         reap(proc)
