@@ -251,14 +251,10 @@ class NearCache:
 
     def start_fill(self, key: bytes, now: float = 0.0) -> _Fill | None:
         """Begin filling ``key`` at ``now`` (loop time); None: a fill of it is in flight, or the key cools down."""
-        if key in self.filling:
+        if not self.may_fill(key, now):
             return None
         self._now = now
-        until = self.cool.get(key)
-        if until is not None:
-            if until > now:
-                return None
-            del self.cool[key]
+        self.cool.pop(key, None)
         f = self.filling[key] = _Fill()
         return f
 

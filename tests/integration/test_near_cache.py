@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,19 +98,30 @@ async def assert_near_used(b: str, at_least: int = 1000) -> dict[str, Any]:
     return st
 
 
-async def test_two_masters_no_stale_read(cluster: NearCluster) -> None:
-    a, b = cluster.up()
-    await cluster.settle()
-    chk = checker(a, b, seed=31)
+async def coherent_run(
+    a: str, b: str, seed: int, during: Callable[[LoadChecker], Awaitable[None]] | None = None, at_least: int = 1000
+) -> dict[str, Any]:
+    """``OPS`` operations of ``checker(a, b)``, with ``during`` run once a third are done: 0 problems, B's near cache used; B's STATS."""
+    chk = checker(a, b, seed=seed)
     chk.start()
     try:
+        await run_until(chk, OPS // 3)
+        if during is not None:
+            await during(chk)
         await run_until(chk, OPS)
     finally:
         await chk.stop()
     await chk.verify(b)
     assert_coherent(chk)
-    st = await assert_near_used(b, at_least=OPS // 10)
-    print(chk.report(), {k: v for k, v in st.items() if k.startswith("near")})
+    print(chk.report())
+    return await assert_near_used(b, at_least)
+
+
+async def test_two_masters_no_stale_read(cluster: NearCluster) -> None:
+    a, b = cluster.up()
+    await cluster.settle()
+    st = await coherent_run(a, b, seed=31, at_least=OPS // 10)
+    print({k: v for k, v in st.items() if k.startswith("near")})
     held = sum([(await stats(n.addr))["answers_held_for_invalidation"] for n in cluster.aux.values()])
     assert held > 0, "no write waited for an invalidation: the masters never subscribed"
 
@@ -118,10 +129,8 @@ async def test_two_masters_no_stale_read(cluster: NearCluster) -> None:
 async def test_no_stale_read_while_an_owner_is_killed_and_restarted(cluster: NearCluster) -> None:
     a, b = cluster.up()
     await cluster.settle()
-    chk = checker(a, b, seed=32)
-    chk.start()
-    try:
-        await run_until(chk, OPS // 3)
+
+    async def kill_and_restart(chk: LoadChecker) -> None:
         victim = "a1"
         port = cluster.aux[victim].port
         cluster.aux[victim].kill()
@@ -130,29 +139,19 @@ async def test_no_stale_read_while_an_owner_is_killed_and_restarted(cluster: Nea
         restarted = cluster.start_aux(victim, port=port)
         assert restarted.port == port
         await cluster.settle()
-        await run_until(chk, OPS)
-    finally:
-        await chk.stop()
-    await chk.verify(b)
-    assert_coherent(chk)
-    await assert_near_used(b)
+
+    await coherent_run(a, b, seed=32, during=kill_and_restart)
 
 
 async def test_no_stale_read_while_an_aux_node_joins(cluster: NearCluster) -> None:
     a, b = cluster.up({"a1", "a2"})
     await cluster.settle({"a1", "a2"})
-    chk = checker(a, b, seed=33)
-    chk.start()
-    try:
-        await run_until(chk, OPS // 3)
+
+    async def join(chk: LoadChecker) -> None:
         cluster.start_aux("a3")
         await cluster.settle()
-        await run_until(chk, OPS)
-    finally:
-        await chk.stop()
-    await chk.verify(b)
-    assert_coherent(chk)
-    await assert_near_used(b)
+
+    await coherent_run(a, b, seed=33, during=join)
 
 
 async def test_a_stopped_master_is_cut_off_and_never_serves_a_stale_copy(cluster: NearCluster) -> None:

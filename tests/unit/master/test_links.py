@@ -17,7 +17,7 @@ import pytest
 
 from dcache.errors import AuthError, NotAnIntegerError, Status, UnavailableError
 from dcache.master.links import AuxLink
-from dcache.protocol import PROTOCOL_VERSION, Op
+from dcache.protocol import PROTOCOL_VERSION, PUSH_ID, Op, Push
 from tests.fakes import FakeAux, Reply
 
 from .fakecluster import until
@@ -310,3 +310,29 @@ async def test_auth_error_from_a_call_is_typed(aux: FakeAux) -> None:
             await link.call(Op.SCAN, [], 0, 10, 0)
     finally:
         await link.close()
+
+
+async def push(transport: Any, kind: int, payload: Any) -> None:
+    """The fake aux node sends a frame unasked; it is delivered on the next loop turn."""
+    transport.reply(PUSH_ID, kind, payload)
+    await asyncio.sleep(0)
+
+
+async def test_an_invalidation_is_applied_then_acknowledged_and_a_malformed_push_closes_the_connection(aux: FakeAux) -> None:
+    """What an aux node pushes: INVALIDATE drops copies then answers INVACK at once; an unknown kind is ignored; garbage cuts the connection."""
+    link = await started(make_link(aux))
+    seen: list[tuple[bytes, int]] = []
+    link.on_invalidate = lambda key, version: seen.append((key, version))
+    [transport] = aux.transports["a1"]
+    await push(transport, int(Push.INVALIDATE), [3, [[b"k", 7], [b"m", 2**63 - 1]]])
+    assert seen == [(b"k", 7), (b"m", 2**63 - 1)]
+    assert [m[2:] for m in aux.ops("a1", Op.INVACK)] == [[3]]  # written before the next loop turn: the node holds a write for it
+    await push(transport, 99, "a kind this master does not know")
+    assert link.open_connections == 1
+    for garbage in ([1, [["not bytes", 1]]], [0, []], "no", [2, [[b"k"]]]):
+        await push(transport, int(Push.INVALIDATE), garbage)
+        assert link.open_connections == 0 and len(seen) == 2, garbage
+        link.send(Op.PING, (), Answers())  # a link reconnects on demand
+        await until(lambda: link.open_connections == 1, what="the link's connection reopened")
+        [*_, transport] = aux.transports["a1"]
+    await link.close()
