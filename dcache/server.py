@@ -291,6 +291,9 @@ class Service:
         # one flush for all of them per loop iteration, not a callback each.
         self._unflushed: list[FrameProtocol] = []
         self._flush_all_scheduled = False
+        #: The loop ``listen`` ran in: asyncio's ``get_running_loop`` makes a
+        #: getpid system call each time, once per loop iteration here.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- op tables and credentials ------------------------------------------------
 
@@ -455,7 +458,7 @@ class Service:
         )
         if not self.tables:
             self.build_tables()
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         factory: Callable[[], asyncio.Protocol] = self.protocol_factory
         if self.tls is not None and self.tls.server is not None:
             self.tls_listener = TlsListener(
@@ -571,7 +574,7 @@ class Service:
         self._unflushed.append(conn)
         if not self._flush_all_scheduled:
             self._flush_all_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush_all)
+            (self._loop or asyncio.get_running_loop()).call_soon(self.flush_all)
 
     def flush_all(self) -> None:
         """Write the queued answers of every connection (one write each)."""

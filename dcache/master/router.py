@@ -344,8 +344,9 @@ class Router:
     # -- writes -------------------------------------------------------------------
 
     def _targets(self, key: bytes) -> list[str]:
-        if self.near is not None:
-            self.near.discard(key)  # this master's own write: its copy goes now
+        near = self.near
+        if near is not None and (key in near.entries or key in near.filling):
+            near.discard(key)  # this master's own write: its copy goes now
         targets = self.view.write_targets(key)
         if not targets:
             self.stats.unavailable += 1
