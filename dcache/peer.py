@@ -122,9 +122,12 @@ class PeerConnection(asyncio.Protocol):
         if self._decoder.error is not None:
             self.close()
 
-    def send(self, op: int, args: tuple[Any, ...], cb: Callback, deadline: float | None) -> int:
-        """Queue one request; ``cb`` gets its answer (or a timeout once ``deadline`` passes, see ``fail_overdue``); returns its id."""
-        rid = self.requests.add(cb, deadline)
+    def send(self, op: int, args: tuple[Any, ...], cb: Callback, deadline: float | None, late: bool = False) -> int:
+        """Queue one request; ``cb`` gets its answer (or a timeout once ``deadline`` passes, see ``fail_overdue``); returns its id.
+
+        ``late``: the deadline is in the table's late lane (a request the peer may hold back on purpose).
+        """
+        rid = self.requests.add(cb, deadline, late=late)
         queue_frame(self._out, _pack([op, rid, *args]))
         if not self._flush_scheduled:
             self._flush_scheduled = True

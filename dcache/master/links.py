@@ -42,8 +42,8 @@ from typing import Any
 
 from ..errors import AuthError, Status
 from ..peer import Callback, PeerConnection, answer_to, handshake
-from ..protocol import UINT64_MAX, Op, Push
-from ..protocol.limits import NEAR_LEASE_S
+from ..protocol import CHANGING_OPS, UINT64_MAX, Op, Push
+from ..protocol.limits import INVALIDATION_TIMEOUT_S, NEAR_LEASE_S
 
 __all__ = ["AuxLink", "ConnectionFactory"]
 
@@ -324,7 +324,10 @@ class AuxLink:
         self.requests += 1
         loop = self._loop
         assert loop is not None
-        conn.send(op, args, cb, loop.time() + self._timeout)
+        if op in CHANGING_OPS:  # the node may hold its answer while near caches drop their copies
+            conn.send(op, args, cb, loop.time() + self._timeout + INVALIDATION_TIMEOUT_S, True)
+        else:
+            conn.send(op, args, cb, loop.time() + self._timeout)
 
     def send_tracked(self, op: int, args: tuple[Any, ...], cb: Callback) -> PeerConnection | None:
         """Send one request on the tracking connection (near-cache fills); return it, or None (``cb`` was answered UNAVAILABLE).
@@ -442,8 +445,17 @@ class AuxLink:
         if self.suspect and not silent:
             self._answered()
         if not self.suspect and waiting and silent:
-            oldest = min((c.requests.oldest_deadline() or now + self._timeout) for c in waiting) - self._timeout
-            if now - oldest > self._suspect_after:
+            # Requests the node answers at once; a change it may hold back
+            # (INVALIDATION_TIMEOUT_S) is in the late lane and not counted.
+            prompt = [d for c in waiting if (d := c.requests.oldest_deadline()) is not None]
+            if not prompt:
+                # Only changes wait: is the node holding them, or gone? A PING
+                # tells: its silence is then counted like any other.
+                if now - self._last_probe >= self._suspect_after / 2 and self.connected:
+                    self._last_probe = now
+                    self.send(Op.PING, (), _ignore)
+                    self.flush()
+            elif now - (min(prompt) - self._timeout) > self._suspect_after:
                 self.suspect = True
                 self.suspected_since = time.time()
                 self.suspicions_total += 1

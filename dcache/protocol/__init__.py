@@ -15,11 +15,12 @@ from .limits import (
     UINT64_MAX,
     Limits,
 )
-from .messages import CONNECTION_REQUEST_ID, PROTOCOL_VERSION, PUSH_ID, Op, Push, SetFlag, Status
+from .messages import CHANGING_OPS, CONNECTION_REQUEST_ID, PROTOCOL_VERSION, PUSH_ID, Op, Push, SetFlag, Status
 from .ops import OPS, Credential, OpSpec, check_key, check_value, parse_request_id, unpack_entries
 from .requests import MAX_REQUEST_ID, RequestTable
 
 __all__ = [
+    "CHANGING_OPS",
     "CONNECTION_REQUEST_ID",
     "HEADER",
     "HEADER_BYTES",

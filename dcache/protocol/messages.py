@@ -20,6 +20,7 @@ __all__ = [
     "CONNECTION_REQUEST_ID",
     "PUSH_ID",
     "Push",
+    "CHANGING_OPS",
 ]
 
 #: The protocol version a client announces in HELLO.
@@ -89,3 +90,28 @@ class SetFlag(IntEnum):
     NONE = 0
     NX = 1  #: only if the key does not exist
     XX = 2  #: only if the key exists
+
+
+#: The ops that may change a key. An aux node may hold the answer of one
+#: that changed a key a near cache holds a copy of, until the copy is gone
+#: (at most ``limits.INVALIDATION_TIMEOUT_S``, docs/PROTOCOL.md "Near-cache
+#: tracking"): a master waits that much longer for their answers.
+CHANGING_OPS: frozenset[int] = frozenset(
+    int(op)
+    for op in (
+        Op.SET,
+        Op.DELETE,
+        Op.MSET,
+        Op.EXPIRE,
+        Op.INCR,
+        Op.DECR,
+        Op.PERSIST,
+        Op.SETV,
+        Op.DELV,
+        Op.INCRV,
+        Op.APPLY,
+        Op.APPLY_DELETES,
+        Op.DROP,
+        Op.MSETV,
+    )
+)

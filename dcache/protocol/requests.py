@@ -12,9 +12,13 @@ Design note
 -----------
 Ids run from 1 to ``max_id`` and wrap, skipping ids still in flight; 0 is
 reserved for connection-level error frames. Deadlines are appended in
-increasing order (one timeout per table), so they live in a deque and the
-sweep looks only at its head: no timer handle per request. A deadline whose
-request was already answered is dropped when the sweep reaches it.
+increasing order (one timeout per lane), so each lane is a deque and the
+sweep looks only at their heads: no timer handle per request. A deadline
+whose request was already answered is dropped when the sweep reaches it.
+There are two lanes: requests whose answer the peer may hold back on
+purpose (``late``: a write an aux node holds until near caches dropped
+their copies) wait longer than the others, and keeping them apart keeps
+each lane in order.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class RequestTable(Generic[W]):
     callback.
     """
 
-    __slots__ = ("waiters", "_next_id", "_max_id", "_deadlines")
+    __slots__ = ("waiters", "_next_id", "_max_id", "_deadlines", "_late")
 
     def __init__(self, max_id: int = MAX_REQUEST_ID) -> None:
         if max_id < 1:
@@ -47,15 +51,18 @@ class RequestTable(Generic[W]):
         self._next_id = 1
         self._max_id = max_id
         self._deadlines: collections.deque[tuple[float, int]] = collections.deque()
+        self._late: collections.deque[tuple[float, int]] = collections.deque()
 
     def __len__(self) -> int:
         return len(self.waiters)
 
-    def add(self, waiter: W, deadline: float | None = None) -> int:
+    def add(self, waiter: W, deadline: float | None = None, *, late: bool = False) -> int:
         """Register a new request; return its id.
 
         ``deadline`` (any monotonic clock, the same for every call) makes the
-        request show up in ``expired`` once it passes.
+        request show up in ``expired`` once it passes. Deadlines must not
+        decrease from one call to the next within a lane: ``late`` requests
+        (a longer timeout) have their own.
 
         Raises:
             RuntimeError: every id is in flight.
@@ -70,7 +77,7 @@ class RequestTable(Generic[W]):
         self._next_id = rid + 1 if rid < max_id else 1
         waiters[rid] = waiter
         if deadline is not None:
-            self._deadlines.append((deadline, rid))
+            (self._late if late else self._deadlines).append((deadline, rid))
         return rid
 
     def pop(self, rid: object) -> W | None:
@@ -93,27 +100,28 @@ class RequestTable(Generic[W]):
         waiters = list(self.waiters.values())
         self.waiters.clear()
         self._deadlines.clear()
+        self._late.clear()
         return waiters
 
     def expired(self, now: float) -> list[tuple[int, W]]:
-        """The requests whose deadline is ``<= now``, removed, oldest first."""
+        """The requests whose deadline is ``<= now``, removed, oldest first within each lane."""
         out: list[tuple[int, W]] = []
-        deadlines = self._deadlines
         waiters = self.waiters
-        while deadlines:
-            deadline, rid = deadlines[0]
-            if rid not in waiters:
+        for deadlines in (self._deadlines, self._late):
+            while deadlines:
+                deadline, rid = deadlines[0]
+                if rid not in waiters:
+                    deadlines.popleft()
+                    continue
+                if deadline > now:
+                    break
                 deadlines.popleft()
-                continue
-            if deadline > now:
-                break
-            deadlines.popleft()
-            out.append((rid, waiters.pop(rid)))
+                out.append((rid, waiters.pop(rid)))
         return out
 
-    def oldest_deadline(self) -> float | None:
-        """The earliest deadline of a request still in flight, if any."""
-        deadlines = self._deadlines
+    def oldest_deadline(self, *, late: bool = False) -> float | None:
+        """The earliest deadline of a request still in flight in one lane (``late``: the longer one), if any."""
+        deadlines = self._late if late else self._deadlines
         waiters = self.waiters
         while deadlines and deadlines[0][1] not in waiters:
             deadlines.popleft()

@@ -180,10 +180,48 @@ async def test_a_stopped_master_is_cut_off_and_never_serves_a_stale_copy(cluster
             assert await cb.get("hot") == b"v2"
         timeouts = sum([(await stats(n.addr))["invalidation_timeouts"] for n in cluster.aux.values()])
         assert timeouts >= 1
+        assert (await stats(a))["partial_writes"] == 0, "A took the held answer for a missing owner"
         t0 = time.monotonic()
         await ca.set("hot", b"v3")  # B is cut off: no more waiting
         assert time.monotonic() - t0 < INVALIDATION_TIMEOUT_S * 0.5
         assert await cb.get("hot") == b"v3"
+
+
+async def test_a_killed_master_holding_copies_fails_no_write(tmp_path: Path) -> None:
+    """Master B holds copies on the only owner and is SIGKILLed: writes through A wait at most the invalidation bound, then succeed.
+
+    The aux node holds their answers until B's lease has run out; A must not
+    take that wait for a dead or slow node (an error with one owner, a
+    partial write and a fence with more).
+    """
+    c = NearCluster(tmp_path, replicas=1)
+    try:
+        a, b = c.up({"a1"})
+        await c.settle({"a1"})
+        async with Client(a, timeout=10.0) as ca, Client(b, timeout=10.0) as cb:
+            keys = [f"hot{i}" for i in range(4)]
+            for k in keys:
+                await ca.set(k, b"v1")
+            for _ in range(100):  # hot on B, then copied
+                for k in keys:
+                    assert await cb.get(k) == b"v1"
+            assert (await stats(b))["near_cache_keys"] >= 1, "B copied nothing"
+            c.masters[1].signal(signal.SIGKILL)
+            took = []
+            for k in keys:  # one after the other, on an otherwise quiet link
+                t0 = time.monotonic()
+                await ca.set(k, b"v2")
+                took.append(time.monotonic() - t0)
+            print("the writes waited", [f"{t:.2f}" for t in took])
+            assert max(took) <= INVALIDATION_TIMEOUT_S + 3.0, took
+            for k in keys:
+                assert await ca.get(k) == b"v2"
+            st = await stats(a)
+            assert st["partial_writes"] == 0, st
+        await wait_ring(a, settled({"a1"}), timeout=5.0, what="a1 up and not fenced")
+    finally:
+        c.stop()
+        print(c.logs()[-20000:])
 
 
 async def test_tracking_table_is_bounded(cluster: NearCluster) -> None:

@@ -18,6 +18,7 @@ import pytest
 from dcache.errors import AuthError, NotAnIntegerError, Status, UnavailableError
 from dcache.master.links import AuxLink
 from dcache.protocol import PROTOCOL_VERSION, PUSH_ID, Op, Push
+from dcache.protocol.limits import INVALIDATION_TIMEOUT_S
 from tests.fakes import FakeAux, Reply
 
 from .fakecluster import until
@@ -199,6 +200,45 @@ async def test_a_silent_node_with_requests_waiting_is_suspected_and_probed(aux: 
         assert len(aux.ops("a1", Op.PING)) == 1
         link.check(now + 0.3)
         assert len(aux.ops("a1", Op.PING)) == 2
+    finally:
+        await link.close()
+
+
+async def test_a_change_may_be_held_back_and_a_probe_tells_holding_from_gone(aux: FakeAux) -> None:
+    """A write may wait up to INVALIDATION_TIMEOUT_S more (near caches drop their copies): no timeout, and no suspicion while the node answers a PING."""
+    loop = asyncio.get_running_loop()
+    link = await started(make_link(aux, timeout=1.0, suspect_after=0.5))
+    try:
+        held = Answers()
+        link.send(Op.SETV, (b"k", b"v", 0, 0, 1), held)
+        link.flush()
+        sent_at = loop.time()
+        link.check(sent_at + 0.6)  # silent, and only a change waits: a probe instead of a suspicion
+        assert not link.suspect and held.got == []
+        await until(lambda: aux.ops("a1", Op.PING) and link.in_flight == 1, what="the probe's answer")
+        link.check(sent_at + 1.5)  # past the timeout of a prompt request
+        assert not link.suspect and held.got == []
+        link.check(sent_at + 1.0 + INVALIDATION_TIMEOUT_S + 0.01)
+        assert held.got == [(TIMEOUT, "aux node a1 did not answer within 1.0 s")]
+        assert not link.suspect
+    finally:
+        await link.close()
+
+
+async def test_a_node_that_holds_a_change_and_answers_no_probe_is_suspected() -> None:
+    aux = FakeAux(lambda node, msg: None)  # answers nothing but HELLO
+    loop = asyncio.get_running_loop()
+    link = await started(make_link(aux, timeout=5.0, suspect_after=0.5))
+    try:
+        held = Answers()
+        link.send(Op.DELV, (b"k", 1), held)
+        link.flush()
+        t = loop.time()
+        link.check(t + 0.6)
+        assert not link.suspect and len(aux.ops("a1", Op.PING)) == 1
+        link.check(t + 1.2)  # the probe went unanswered for more than suspect_after
+        assert link.suspect
+        assert held.got == [(TIMEOUT, "aux node a1 is suspected: no answer for 0.5 s")]
     finally:
         await link.close()
 
