@@ -402,7 +402,13 @@ class MasterConfig(NodeConfig):
     )
     replicas: int = opt(1, "copies of each key (on the first N distinct ring owners)", _int, "N")
     write_quorum: int = opt(0, "owners that must apply a write before it is acknowledged; 0 = every live owner", _int, "N")
-    aux_timeout: float = opt(2.0, "seconds to wait for an aux node's answer before trying the next owner", _float, "S")
+    aux_timeout: float = opt(
+        2.0,
+        "seconds to wait for an aux node's answer before trying the next owner "
+        "(for a write, 2 s more: the node may hold it while near caches drop their copies)",
+        _float,
+        "S",
+    )
     suspect_after: float = opt(
         0.5,
         "an aux node that has answered nothing for this many seconds while requests wait is suspected: "
