@@ -437,8 +437,9 @@ class MasterConfig(NodeConfig):
     )
     near_cache_min_hits: int = opt(
         8,
-        "reads a near-cache copy must answer before the key changes, or the key is not copied again for a second "
-        "(keys written about as often as read cost more to copy than they save); 0: always copy hot keys",
+        "reads a near-cache copy must answer before the key changes, or the key is not copied again for a second, "
+        "twice as long each time in a row up to 16 s (keys written about as often as read cost more to copy "
+        "than they save); 0: always copy hot keys",
         _int,
         "N",
     )

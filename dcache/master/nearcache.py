@@ -195,14 +195,17 @@ class NearCache:
     they save (a fill, a push and its acknowledgement, a write held a round
     trip, for each copy). A copy invalidated after answering fewer than
     ``min_hits`` reads (default ``MIN_HITS``), or a fill overtaken by an invalidation, puts its key
-    in a cool-down: no fill for ``COOL_S`` seconds (at most ``MAX_COOL``
-    keys remembered).
+    in a cool-down: no fill for ``COOL_S`` seconds, twice as long each time
+    in a row up to ``MAX_COOL_S``, until a copy of it pays off (at most
+    ``MAX_COOL`` keys remembered).
     """
 
     #: Reads a copy must answer before its invalidation for its key to stay worth filling.
     MIN_HITS = 8
-    #: Seconds a key that did not pay off waits before it is filled again.
+    #: Seconds a key that did not pay off waits before it is filled again (the first time).
     COOL_S = 1.0
+    #: Longest cool-down: a key written as often as it is read is tried again this often.
+    MAX_COOL_S = 16.0
     #: Keys in a cool-down remembered at once (the oldest forgotten first).
     MAX_COOL = 4096
 
@@ -212,8 +215,8 @@ class NearCache:
         self.min_hits = min_hits
         self.hot = hot or HotKeys()
         self.entries: OrderedDict[bytes, list[Any]] = OrderedDict()
-        #: key -> ``loop.time()`` before which it is not filled (see the class note).
-        self.cool: OrderedDict[bytes, float] = OrderedDict()
+        #: key -> (``loop.time()`` before which it is not filled, the cool-down it got) (see the class note).
+        self.cool: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
         self.bytes = 0
         self.filling: dict[bytes, _Fill] = {}
         self.hits = 0
@@ -246,15 +249,14 @@ class NearCache:
         """Whether a fill of ``key`` may start at ``now``: none in flight, and the key not cooling down."""
         if key in self.filling:
             return False
-        until = self.cool.get(key)
-        return until is None or until <= now
+        cooling = self.cool.get(key)
+        return cooling is None or cooling[0] <= now
 
     def start_fill(self, key: bytes, now: float = 0.0) -> _Fill | None:
         """Begin filling ``key`` at ``now`` (loop time); None: a fill of it is in flight, or the key cools down."""
         if not self.may_fill(key, now):
             return None
         self._now = now
-        self.cool.pop(key, None)
         f = self.filling[key] = _Fill()
         return f
 
@@ -295,10 +297,14 @@ class NearCache:
             self.invalidations += 1
             if e[4] < self.min_hits:
                 self._cool(key)
+            elif self.cool:
+                self.cool.pop(key, None)  # it paid off: a later cool-down starts short again
 
     def _cool(self, key: bytes) -> None:
         cool = self.cool
-        cool[key] = self._now + self.COOL_S
+        last = cool.get(key)
+        period = self.COOL_S if last is None else min(last[1] * 2, self.MAX_COOL_S)
+        cool[key] = (self._now + period, period)
         cool.move_to_end(key)
         if len(cool) > self.MAX_COOL:
             cool.popitem(last=False)

@@ -220,8 +220,34 @@ def test_a_key_written_about_as_often_as_read_cools_down() -> None:
         near.invalidate(name, 2)
     assert near.start_fill(b"busy", 10.5) is None and near.cooled == 1
     assert near.start_fill(b"paid", 10.5) is not None
-    assert near.start_fill(b"busy", 10.0 + NearCache.COOL_S) is not None
-    assert not near.cool
+    assert b"paid" not in near.cool
+
+
+def test_a_key_that_keeps_not_paying_off_cools_down_longer_each_time() -> None:
+    """Each copy of a key invalidated too soon doubles its cool-down (up to MAX_COOL_S); a copy that pays off resets it."""
+    near, conn = NearCache(1 << 20), Conn(last_answer=0.0)
+    now = 0.0
+    periods = []
+    for _ in range(7):
+        f = near.start_fill(b"busy", now)
+        assert f is not None, now
+        near.end_fill(b"busy", f, [b"v", 0, 1], conn)
+        near.invalidate(b"busy", 2)  # written before it answered a read
+        until, period = near.cool[b"busy"]
+        assert until == now + period
+        assert near.start_fill(b"busy", until - 0.01) is None
+        periods.append(period)
+        now = until
+    c = NearCache.COOL_S
+    assert periods == [c, 2 * c, 4 * c, 8 * c, 16 * c, NearCache.MAX_COOL_S, NearCache.MAX_COOL_S]
+    f = near.start_fill(b"busy", now)
+    assert f is not None
+    conn.last_answer = now
+    near.end_fill(b"busy", f, [b"v", 0, 3], conn)
+    for _ in range(NearCache.MIN_HITS):
+        assert near.lookup(b"busy", now) == b"v"
+    near.invalidate(b"busy", 4)  # this copy paid off
+    assert b"busy" not in near.cool and near.start_fill(b"busy", now) is not None
 
 
 def test_clear_drops_every_copy_and_poisons_the_fills_in_flight() -> None:
