@@ -57,6 +57,8 @@ class PeerConnection(asyncio.Protocol):
         "incarnation",
         "_on_answers",
         "last_answer",
+        "lease_from",
+        "lease_ping",
         "server_info",
         "on_push",
     )
@@ -77,6 +79,11 @@ class PeerConnection(asyncio.Protocol):
         self._on_answers = on_answers
         #: ``loop.time()`` of the last answer received.
         self.last_answer = self._loop.time()
+        #: A near-cache lease on this connection (``dcache.master.links``): the
+        #: ``loop.time()`` at which the newest PING the peer answered was sent.
+        self.lease_from = float("-inf")
+        #: Whether such a PING is in flight.
+        self.lease_ping = False
         #: The peer's HELLO answer (``open_peer``).
         self.server_info: dict[str, Any] = {}
         #: Gets the frames the peer sends unasked: ``on_push(conn, kind, payload)`` (None: they are ignored).

@@ -353,7 +353,10 @@ class AuxLink:
         self.requests += 1
         loop = self._loop
         assert loop is not None
-        conn.send(op, args, cb, loop.time() + self._timeout)
+        now = loop.time()
+        if now - conn.lease_from > NEAR_LEASE_S / 4:
+            self._renew_lease(conn, now)  # before the fill: its copy is served under this lease
+        conn.send(op, args, cb, now + self._timeout)
         return conn
 
     def _pushed(self, conn: PeerConnection, kind: int, payload: Any) -> None:
@@ -382,11 +385,22 @@ class AuxLink:
         conn.flush_now()  # the node holds a write's answer until this arrives
 
     def keep_tracking_alive(self, now: float) -> None:
-        """PING the tracking connection when it has been quiet for a quarter of the near-cache lease (the sweeper's step)."""
+        """Renew the near-cache lease of the tracking connection every quarter of ``NEAR_LEASE_S`` (the sweeper's step)."""
         conn = self.tracking
-        if conn is not None and not conn.closed and now - conn.last_answer > NEAR_LEASE_S / 4 and not len(conn.requests):
-            assert self._loop is not None
-            conn.send(Op.PING, (), _ignore, now + self._timeout)
+        if conn is not None and not conn.closed and now - conn.lease_from > NEAR_LEASE_S / 4:
+            self._renew_lease(conn, now)
+
+    def _renew_lease(self, conn: PeerConnection, now: float) -> None:
+        """PING ``conn``: its answer makes the lease run from ``now``, the moment the PING left.
+
+        Counted from the send, not from the answer's arrival: the node
+        answered after ``now``, so it cannot have given up on this master
+        before ``now`` (``INVALIDATION_TIMEOUT_S`` after a push it sent
+        earlier), however late this master reads the answer.
+        """
+        if not conn.lease_ping:
+            conn.lease_ping = True
+            conn.send(Op.PING, (), partial(_lease_answered, conn, now), now + self._timeout)
 
     def hold_setv(self, args: tuple[Any, ...], cb: Callback) -> bool:
         """Hold the SETV ``args`` (``(key, value, expires_at, flags, version)``) to leave with others as one MSETV.
@@ -501,6 +515,13 @@ class AuxLink:
             c.close()
             c.connection_lost(None)
         self._conns.clear()
+
+
+def _lease_answered(conn: PeerConnection, sent: float, status: int, result: Any) -> None:
+    """A lease PING's answer: the lease runs from ``sent`` if the node answered (not a local timeout or loss)."""
+    conn.lease_ping = False
+    if status == _OK and sent > conn.lease_from:
+        conn.lease_from = sent
 
 
 def _ignore(status: int, result: Any) -> None:

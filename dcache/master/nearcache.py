@@ -14,9 +14,10 @@ budget, and answers reads of them. It stays coherent by invalidation
   owner pushes ``INVALIDATE`` (and waits for ``INVACK``) before it
   acknowledges any change, so a write acknowledged anywhere has removed
   every master's copy first;
-* a copy is served only while the owner answered on that connection within
-  ``NEAR_LEASE_S`` (its lease) and before the entry's own expiry; a master
-  cut off from an owner stops serving its copies by itself;
+* a copy is served only within ``NEAR_LEASE_S`` of sending a PING that the
+  owner answered on that connection (its lease, counted from the send, see
+  ``AuxLink._renew_lease``) and before the entry's own expiry; a master cut
+  off from an owner stops serving its copies by itself;
 * a new ring view, or this master's own write of a key, drops copies at once;
 * versions settle the races left: an invalidation drops copies no newer than
   its version, and a fill that an invalidation of the same key overtook
@@ -234,7 +235,7 @@ class NearCache:
         e = self.entries.get(key)
         if e is not None:
             value, expires_at, _, conn, _ = e
-            if now - conn.last_answer < NEAR_LEASE_S and not conn.closed:
+            if now - conn.lease_from < NEAR_LEASE_S and not conn.closed:
                 if not expires_at or expires_at > wall_ms():
                     self.hits += 1
                     e[4] += 1

@@ -18,7 +18,7 @@ import pytest
 from dcache.errors import AuthError, NotAnIntegerError, Status, UnavailableError
 from dcache.master.links import AuxLink
 from dcache.protocol import PROTOCOL_VERSION, PUSH_ID, Op, Push
-from dcache.protocol.limits import INVALIDATION_TIMEOUT_S
+from dcache.protocol.limits import INVALIDATION_TIMEOUT_S, NEAR_LEASE_S
 from tests.fakes import FakeAux, Reply
 
 from .fakecluster import until
@@ -376,3 +376,37 @@ async def test_an_invalidation_is_applied_then_acknowledged_and_a_malformed_push
         await until(lambda: link.open_connections == 1, what="the link's connection reopened")
         [*_, transport] = aux.transports["a1"]
     await link.close()
+
+
+# -- the near-cache lease ---------------------------------------------------------------------
+
+
+async def test_the_near_cache_lease_runs_from_a_pings_send_not_from_its_answer() -> None:
+    """A fill is preceded by a lease PING; the lease counts from when that PING left, however late its answer is read."""
+    aux = FakeAux(lambda node, msg: None)  # answers nothing but HELLO: the test answers
+    link = await started(make_link(aux))
+    loop = asyncio.get_running_loop()
+    try:
+        before = loop.time()
+        conn = link.send_tracked(Op.GETV, (b"k", True), Answers())
+        after = loop.time()
+        link.flush()
+        assert conn is not None and conn.lease_ping and conn.lease_from < before - NEAR_LEASE_S
+        assert [m[0] for m in aux.ops("a1")] == [Op.PING, Op.GETV]  # the PING leaves before the fill
+        answered_at = loop.time() + 0.05
+        await until(lambda: loop.time() >= answered_at, what="some time to pass")
+        aux.respond("a1", aux.ops("a1", Op.PING)[0], "PONG")
+        await until(lambda: not conn.lease_ping, what="the PING's answer")
+        assert before <= conn.lease_from <= after  # the send, not the answer 50 ms later
+        start = conn.lease_from
+        link.keep_tracking_alive(start + NEAR_LEASE_S / 8)  # fresh: no new PING
+        assert len(aux.ops("a1", Op.PING)) == 1
+        link.keep_tracking_alive(start + NEAR_LEASE_S / 2)
+        link.keep_tracking_alive(start + NEAR_LEASE_S / 2)  # one in flight at a time
+        link.flush()
+        assert len(aux.ops("a1", Op.PING)) == 2 and conn.lease_ping
+        aux.drop("a1")  # a PING lost (or timed out) renews nothing
+        await until(lambda: not conn.lease_ping, what="the loss")
+        assert conn.lease_from == start
+    finally:
+        await link.close()

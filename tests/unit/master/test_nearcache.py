@@ -98,10 +98,10 @@ def test_the_rate_estimate_is_the_decayed_count_over_the_time_it_covers() -> Non
 
 
 class Conn:
-    """The two fields of a tracking connection the near cache reads: its last answer's ``loop.time()`` and whether it closed."""
+    """The two fields of a tracking connection the near cache reads: when its lease started (``loop.time()``) and whether it closed."""
 
-    def __init__(self, last_answer: float = 0.0) -> None:
-        self.last_answer = last_answer
+    def __init__(self, lease_from: float = 0.0) -> None:
+        self.lease_from = lease_from
         self.closed = False
 
 
@@ -157,12 +157,12 @@ def test_a_copy_is_not_served_past_its_expiry() -> None:
 
 
 def test_a_copy_lives_only_while_its_owner_answers_within_the_lease() -> None:
-    near, conn = NearCache(1 << 20), Conn(last_answer=100.0)
+    near, conn = NearCache(1 << 20), Conn(lease_from=100.0)
     assert fill(near, b"k", b"v", conn)
     assert near.lookup(b"k", 100.0 + NEAR_LEASE_S / 2) == b"v"
     assert near.lookup(b"k", 100.0 + NEAR_LEASE_S + 0.01) is None  # silent past the lease: dropped
     assert near.lease_lapses == 1 and b"k" not in near.entries
-    conn.last_answer = 200.0  # answering again does not bring a dropped copy back
+    conn.lease_from = 200.0  # answering again does not bring a dropped copy back
     assert near.lookup(b"k", 200.0) is None
 
     assert fill(near, b"k", b"v", conn)
@@ -210,7 +210,7 @@ def test_a_fill_overtaken_by_an_invalidation_is_discarded() -> None:
 
 def test_a_key_written_about_as_often_as_read_cools_down() -> None:
     """A copy invalidated before it answered MIN_HITS reads cost more than it saved: its key is not filled for COOL_S."""
-    near, conn = NearCache(1 << 20), Conn(last_answer=10.0)
+    near, conn = NearCache(1 << 20), Conn(lease_from=10.0)
     for name, reads in ((b"busy", NearCache.MIN_HITS - 1), (b"paid", NearCache.MIN_HITS)):
         f = near.start_fill(name, 10.0)
         assert f is not None
@@ -225,7 +225,7 @@ def test_a_key_written_about_as_often_as_read_cools_down() -> None:
 
 def test_a_key_that_keeps_not_paying_off_cools_down_longer_each_time() -> None:
     """Each copy of a key invalidated too soon doubles its cool-down (up to MAX_COOL_S); a copy that pays off resets it."""
-    near, conn = NearCache(1 << 20), Conn(last_answer=0.0)
+    near, conn = NearCache(1 << 20), Conn(lease_from=0.0)
     now = 0.0
     periods = []
     for _ in range(7):
@@ -242,7 +242,7 @@ def test_a_key_that_keeps_not_paying_off_cools_down_longer_each_time() -> None:
     assert periods == [c, 2 * c, 4 * c, 8 * c, 16 * c, NearCache.MAX_COOL_S, NearCache.MAX_COOL_S]
     f = near.start_fill(b"busy", now)
     assert f is not None
-    conn.last_answer = now
+    conn.lease_from = now
     near.end_fill(b"busy", f, [b"v", 0, 3], conn)
     for _ in range(NearCache.MIN_HITS):
         assert near.lookup(b"busy", now) == b"v"
