@@ -489,6 +489,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _answered(self, request: Request, fut: asyncio.Future[Any]) -> None:
         finish = request.finish
+        request.finish = None  # it holds the request: no reference cycle left for the collector
         try:
             answer = fut.result() if finish is None else finish(fut)
         except Exception:  # dispatch's futures carry answers, not errors: this is a bug
