@@ -94,7 +94,9 @@ Complexity (``P`` points, ``N`` nodes)
     expected (bucket index); ``owners(key, r)`` ``O(log P + walk)``, the walk being the runs visited until ``r`` distinct
     nodes are seen (about ``N * H(r) / (N - r + 1)``, small for the usual
     ``r`` of 2 or 3); ``shares``, ``ranges`` and ``fingerprint`` ``O(P)``;
-    ``moved_ranges`` ``O((P_old + P_new) * walk)``.
+    ``moved_ranges`` ``O(C log P * walk)`` between rings that differ in
+    ``C`` points (a quarter of the old runs at most), else
+    ``O((P_old + P_new) * walk)``.
 
 This module is pure: no I/O, no clock, no logging, no asyncio.
 """
@@ -1054,7 +1056,9 @@ def moved_ranges(old: HashRing, new: HashRing, r: int = 1) -> list[RangeMove]:
     """
     if r < 1:
         _bad_r(r)
-    bounds = sorted(set(old._ends).union(new._ends))
+    bounds = _changed_bounds(old, new, r)
+    if bounds is None:
+        bounds = sorted(set(old._ends).union(new._ends))
     if not bounds:
         return []
     old_at = _OwnersAt(old, r)
@@ -1071,14 +1075,59 @@ def moved_ranges(old: HashRing, new: HashRing, r: int = 1) -> list[RangeMove]:
     return [RangeMove(start, end, before, after) for start, end, (before, after) in arcs if before != after]
 
 
+def _changed_bounds(old: HashRing, new: HashRing, r: int) -> list[int] | None:
+    """The run ends ``moved_ranges`` needs to look at, when the rings differ in a few points; else ``None``.
+
+    Preference lists can only differ on the windows of runs around the
+    changed points (see "Derived rings") and on the runs before a window
+    whose walk reaches into it, the same in both rings as those runs are.
+    Each such stretch ``(s, e]`` gives its run ends in both rings and ``s``:
+    the run ending at ``s`` is unchanged, so the arc that ends there and
+    spans everything unchanged since the previous stretch has the same
+    preference list in both rings and moves nothing. At 1,000 nodes this
+    takes milliseconds where sorting the union of both rings' 2M ends and
+    walking them took 13 s.
+    """
+    vnodes = old._vnodes_per_weight
+    if vnodes != new._vnodes_per_weight or not old._ends or not new._ends:
+        return None
+    want = min(r, len(old._nodes))
+    if want != min(r, len(new._nodes)) or 4 * _changed_count(old._nodes, new._nodes, vnodes) > len(old._ends):
+        return None
+    ends, run_ids = old._ends, old._run_ids
+    n = len(ends)
+    windows = _windows(old, *_changed_points(old._nodes, new._nodes, vnodes))
+    found: set[int] = set()
+    last = RING_SIZE - 1
+    for k, w in enumerate(windows):
+        room = (w.a - windows[k - 1].b) % n if len(windows) > 1 else n - (w.b - w.a)  # untouched runs before w
+        first = w.a
+        if want > 1:
+            for dist in range(1, room + 1):
+                if _walk(run_ids, (w.a - dist) % n, want)[1] < dist:
+                    break
+                first = w.a - dist
+        if w.b - first >= n:
+            return None  # the whole circle
+        start, end = ends[(first - 1) % n], ends[w.b - 1] if w.b < n else last
+        found.add(start)
+        for ring_ends in (ends, new._ends):
+            if start < end:
+                found.update(ring_ends[bisect_right(ring_ends, start) : bisect_right(ring_ends, end)])
+            else:
+                found.update(ring_ends[bisect_right(ring_ends, start) :])
+                found.update(ring_ends[: bisect_right(ring_ends, end)])
+    return sorted(found) if len(found) > 1 else None
+
+
 class _OwnersAt:
     """Preference lists of one ring at ascending hashes, cached per run."""
 
-    __slots__ = ("_cached", "_index", "_r", "_ring")
+    __slots__ = ("_cached", "_index", "_ring", "_want")
 
     def __init__(self, ring: HashRing, r: int) -> None:
         self._ring = ring
-        self._r = r
+        self._want = min(r, len(ring._nodes))
         self._index = -1
         self._cached: tuple[str, ...] = ()
 
@@ -1089,5 +1138,5 @@ class _OwnersAt:
         i = ring._run_index(h)
         if i != self._index:
             self._index = i
-            self._cached = tuple(_walk(ring._run_ids, i, min(self._r, len(ring._nodes)))[0])
+            self._cached = tuple(_walk(ring._run_ids, i, self._want)[0])
         return self._cached
