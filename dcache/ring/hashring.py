@@ -946,7 +946,7 @@ def _derive(base: HashRing, members: dict[str, float], epoch: int) -> HashRing:
     else:  # the run count crossed a power of two
         starts, shift = _bucket_index(new_ends)
     tables: dict[int, PreferenceTable] = {}
-    for r, table in base._tables.items():
+    for r, table in list(base._tables.items()):  # a snapshot: another thread may memoize a table meanwhile
         want = min(r, len(members))
         if want == min(r, len(base._nodes)):  # otherwise every list changes: build it on demand
             tables[r] = PreferenceTable(new_ends, starts, shift, _patched_prefs(table.prefs, new_ids, windows, want))
@@ -1108,7 +1108,7 @@ def _changed_bounds(old: HashRing, new: HashRing, r: int) -> list[int] | None:
                     break
                 first = w.a - dist
         if w.b - first >= n:
-            return None  # the whole circle
+            return None  # the walks reach around the whole circle
         start, end = ends[(first - 1) % n], ends[w.b - 1] if w.b < n else last
         found.add(start)
         for ring_ends in (ends, new._ends):
