@@ -860,6 +860,29 @@ class _Runs:
         """Append the runs that replace ``window``'s to ``ends``/``ids`` and set its ``na``/``nb``/``made``."""
         base = self._base
         ends, run_ids, multi = base._ends, base._run_ids, base._multi
+        new_ends, new_ids, born = self.ends, self.ids, self._born
+        window.made = len(new_ids)
+        a = window.a
+        if window.b - a == 3 and len(window.gone) + len(window.added) == 1:
+            # The common case at scale: one point, in the middle of three runs of one point each.
+            e0, e1, e2 = ends[a], ends[a + 1], ends[a + 2]
+            x0, x1, x2 = run_ids[a], run_ids[a + 1], run_ids[a + 2]
+            if (e0, x0) not in multi and (e1, x1) not in multi and (e2, x2) not in multi:
+                if window.added:
+                    point, node = window.added[0]
+                    if node != x0 and node != x1:  # a run of its own, before run a + 1's point
+                        new_ends += (e0, point, e1, e2)
+                        new_ids += (x0, node, x1, x2)
+                        return
+                elif x0 != x2:  # run a + 1's only point left
+                    new_ends += (e0, e2)
+                    new_ids += (x0, x2)
+                    return
+                else:  # ... and its neighbours merged
+                    new_ends.append(e2)
+                    new_ids.append(x0)
+                    born[e2, x0] = 2
+                    return
         entries: list[_Entry] = []
         for j in range(window.a, window.b):
             key = (ends[j], run_ids[j])
@@ -881,8 +904,6 @@ class _Runs:
         if window.added:
             entries += window.added
             entries.sort()
-        new_ends, new_ids, born = self.ends, self.ids, self._born
-        window.made = len(new_ids)
         last = ""
         count = 0
         for point, node in entries:
@@ -927,6 +948,16 @@ def _derive(base: HashRing, members: dict[str, float], epoch: int) -> HashRing:
         window.nb = window.na + len(runs.ids) - window.made
         moved += (window.nb - window.na) - (window.b - window.a)
     size = len(ends) + moved
+    shift = base._shift
+    if 64 - max(0, size.bit_length() - 1) == shift:  # as many buckets as before: patch the index
+        starts: array[int] | None = _patched_starts(base._starts, shift, ends, windows, runs.ends)
+    else:  # the run count crossed a power of two: build it once the run ends are there
+        starts = None
+    patches: dict[int, _PrefsPatch] = {}
+    for r, table in list(base._tables.items()):  # a snapshot: another thread may memoize a table meanwhile
+        want = min(r, len(members))
+        if want == min(r, len(base._nodes)):  # otherwise every list changes: build it on demand
+            patches[r] = _PrefsPatch(table.prefs, windows, want, runs.ids, run_ids)
     # The new runs are the old ones with each window replaced.
     new_ends = array("Q", [0]) * size
     new_ids: list[str] = []
@@ -940,49 +971,47 @@ def _derive(base: HashRing, members: dict[str, float], epoch: int) -> HashRing:
             done = w.b
         out[size - (len(ends) - done) :] = old[done:]
     new_ids += run_ids[done:]
-    shift = base._shift
-    if 64 - max(0, size.bit_length() - 1) == shift:  # as many buckets as before: patch the index
-        starts = _patched_starts(base._starts, shift, ends, new_ends, windows)
-    else:  # the run count crossed a power of two
+    if starts is None:
         starts, shift = _bucket_index(new_ends)
-    tables: dict[int, PreferenceTable] = {}
-    for r, table in list(base._tables.items()):  # a snapshot: another thread may memoize a table meanwhile
-        want = min(r, len(members))
-        if want == min(r, len(base._nodes)):  # otherwise every list changes: build it on demand
-            tables[r] = PreferenceTable(new_ends, starts, shift, _patched_prefs(table.prefs, new_ids, windows, want))
+    tables = {r: PreferenceTable(new_ends, starts, shift, patch.apply(new_ids)) for r, patch in patches.items()}
     ring = HashRing.__new__(HashRing)
     ring._set(epoch, vnodes, members, new_ends, new_ids, starts, shift, tables, runs.multi())
     return ring
 
 
-def _patched_starts(starts: array[int], shift: int, old_ends: array[int], ends: array[int], windows: list[_Window]) -> array[int]:
-    """The bucket index of ``ends`` from ``starts``, the index of ``old_ends`` with the same ``shift``.
+def _patched_starts(starts: array[int], shift: int, old_ends: array[int], windows: list[_Window], rebuilt: list[int]) -> array[int]:
+    """The derived ring's bucket index, from ``starts``, the index of ``old_ends`` with the same ``shift``.
 
-    A window's run ends (old or new) lie in ``[lo, hi]``. A bucket whose
+    ``rebuilt`` holds the windows' new run ends (``_Runs.ends``). A
+    window's run ends, old or new, lie in ``[lo, hi]``. A bucket whose
     first hash is in no window's ``(lo, hi]`` moves by the runs gained in
-    every window below it; the few inside one are bisected within the
+    every window below it; the few inside one are bisected among the
     window's new runs. The per-bucket offsets are added as one big integer
     over the array's bytes, which cannot carry from one entry into the next
     since every result fits: about 15 ms for 2**20 buckets, against 60 ms
     for a per-bucket ``map``.
     """
-    offsets: list[tuple[int, int]] = []  # (offset, buckets), covering every bucket in order
+    offsets: list[int] = []  # offsets[i] applies to the next counts[i] buckets (ints: no work for the collector)
+    counts: list[int] = []
     done = moved = 0
     for w in windows:
         lo, hi = old_ends[w.a], old_ends[w.b - 1]
-        if w.nb > w.na:
-            lo, hi = min(lo, ends[w.na]), max(hi, ends[w.nb - 1])
+        first_new, stop_new = w.made, w.made + w.nb - w.na
+        if stop_new > first_new:
+            lo, hi = min(lo, rebuilt[first_new]), max(hi, rebuilt[stop_new - 1])
         first, stop = (lo >> shift) + 1, (hi >> shift) + 1
-        offsets.append((moved, first - done))
+        offsets.append(moved)
+        counts.append(first - done)
         for bucket in range(first, stop):
-            offsets.append((bisect_left(ends, bucket << shift, w.na, w.nb) - starts[bucket], 1))
+            offsets.append(w.na + bisect_left(rebuilt, bucket << shift, first_new, stop_new) - first_new - starts[bucket])
+            counts.append(1)
         done, moved = stop, moved + (w.nb - w.na) - (w.b - w.a)
-    offsets.append((moved, len(starts) - done))
-    lowest = min(offset for offset, _ in offsets)
-    bias = -lowest if lowest < 0 else 0  # every lane of the addend must be >= 0
+    offsets.append(moved)
+    counts.append(len(starts) - done)
+    bias = max(0, -min(offsets))  # every entry of the addend must be >= 0
     lanes: dict[int, bytes] = {}
     pieces = []
-    for offset, count in offsets:
+    for offset, count in zip(offsets, counts, strict=True):
         lane = lanes.get(offset)
         if lane is None:
             lane = lanes[offset] = array(starts.typecode, [offset + bias]).tobytes()
@@ -1004,39 +1033,68 @@ def _pref_key(run_ids: list[str], j: int, want: int) -> tuple[str, ...]:
     return tuple(_walk(run_ids, j, want)[0])
 
 
-def _patched_prefs(prefs: list[list[str]], run_ids: list[str], windows: list[_Window], want: int) -> list[list[str]]:
-    """The preference lists of ``run_ids`` (``want`` owners each) from ``prefs``, the old ring's.
+class _PrefsPatch:
+    """One memoized preference table of the base ring, patched for the derived one.
 
-    The rebuilt windows' new runs get new lists; so do the runs before each
-    window whose walk reaches into it (walking back from the window, the
-    walks only get shorter, so the first one that stops short ends the scan:
-    for ``r == 2`` that is the run just before). A list is shared with the
-    old table where the same list existed in a window.
+    The windows' new runs get new lists; so do the runs before each window
+    whose walk reaches into it (walking back from the window, the walks only
+    get shorter, so the first one that stops short ends the scan: for ``r ==
+    2`` that is the run just before). A list is shared with the old table
+    where the same list existed in a window. The new lists are made before
+    the new run list exists where the window's own runs tell them (all but a
+    walk past the ring's last run, or ``r > 2``): a young garbage collection
+    while they are made then walks no 2M-entry list.
     """
-    pool = _ListPool()
-    for w in windows:
-        for j in range(w.a, w.b):
-            pool.setdefault(tuple(prefs[j]), prefs[j])
-    # Make the new lists before copying the old ones: a young garbage collection during the copy would walk them all.
-    made = [[pool[_pref_key(run_ids, j, want)] for j in range(w.na, w.nb)] for w in windows]
-    out: list[list[str]] = []
-    done = 0
-    for w, lists in zip(windows, made, strict=True):
-        out += prefs[done : w.a]
-        out += lists
-        done = w.b
-    out += prefs[done:]
-    size = len(run_ids)
-    if want > 1:
+
+    __slots__ = ("_later", "_made", "_pool", "_prefs", "_want", "_windows")
+
+    def __init__(self, prefs: list[list[str]], windows: list[_Window], want: int, rebuilt: list[str], old_ids: list[str]) -> None:
+        self._prefs, self._windows, self._want = prefs, windows, want
+        pool = self._pool = _ListPool()
         for w in windows:
-            for dist in range(1, size):
-                j = (w.na - dist) % size
-                owners, steps = _walk(run_ids, j, want)
-                if steps < dist:
-                    break
-                if out[j] != owners:
-                    out[j] = pool[tuple(owners)]
-    return out
+            for j in range(w.a, w.b):
+                pool.setdefault(tuple(prefs[j]), prefs[j])
+        n = len(old_ids)
+        self._made: list[list[list[str] | None]] = []
+        self._later: list[tuple[list[list[str] | None], int, int]] = []  # (window's lists, k, run index)
+        for w in windows:
+            lists: list[list[str] | None] = []
+            for k in range(w.nb - w.na):
+                node = rebuilt[w.made + k]
+                if want == 1:
+                    lists.append(pool[(node,)])
+                elif want == 2 and k + 1 < w.nb - w.na:
+                    lists.append(pool[node, rebuilt[w.made + k + 1]])
+                elif want == 2 and w.b < n:  # the next run is the old run after the window
+                    lists.append(pool[node, old_ids[w.b]])
+                else:
+                    lists.append(None)
+                    self._later.append((lists, k, w.na + k))
+            self._made.append(lists)
+
+    def apply(self, run_ids: list[str]) -> list[list[str]]:
+        """The new table's lists, for the new ring's ``run_ids``."""
+        pool, want, prefs = self._pool, self._want, self._prefs
+        for lists, k, j in self._later:
+            lists[k] = pool[_pref_key(run_ids, j, want)]
+        out: list[list[str]] = []
+        done = 0
+        for w, lists in zip(self._windows, self._made, strict=True):
+            out += prefs[done : w.a]
+            out += lists  # type: ignore[arg-type]  # every None was filled above
+            done = w.b
+        out += prefs[done:]
+        size = len(run_ids)
+        if want > 1:
+            for w in self._windows:
+                for dist in range(1, size):
+                    j = (w.na - dist) % size
+                    owners, steps = _walk(run_ids, j, want)
+                    if steps < dist:
+                        break
+                    if out[j] != owners:
+                        out[j] = pool[tuple(owners)]
+        return out
 
 
 def moved_ranges(old: HashRing, new: HashRing, r: int = 1) -> list[RangeMove]:
