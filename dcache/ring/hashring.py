@@ -787,12 +787,13 @@ class _Window:
     ``made`` is where the new runs' ends and owners start in ``_Runs.ends``/``ids``.
     """
 
-    __slots__ = ("a", "added", "b", "gone", "made", "na", "nb")
+    __slots__ = ("a", "added", "b", "gone", "made", "na", "nb", "places")
 
     def __init__(self, a: int, b: int) -> None:
         self.a, self.b = a, b
         self.gone: list[_Entry] = []
         self.added: list[_Entry] = []
+        self.places: list[int] = []  # the runs that lose or gain points
         self.na = self.nb = self.made = 0
 
 
@@ -826,6 +827,8 @@ def _windows(base: HashRing, removed: list[_Entry], added: list[_Entry]) -> list
             window = _Window(max(0, i - 1), min(n, i + 2))
             windows.append(window)
         (window.added if adding else window.gone).append(entry)
+        if not window.places or window.places[-1] != i:
+            window.places.append(i)
     return windows
 
 
@@ -846,15 +849,14 @@ class _Runs:
         self.ends = []
         self.ids = []
 
-    def _merged(self, end: int, node: str, count: int) -> list[_Entry]:
-        """The points of the base's run of ``count`` points ending at ``end``, sorted."""
-        self._dead.append((end, node))
+    def _points_of(self, end: int, node: str, count: int) -> list[tuple[int, str, int]]:
+        """The points of the base's run of ``count`` points ending at ``end``, sorted, one entry each."""
         points = self._points.get(node)
         if points is None:
             points = self._points[node] = sorted(_label_hashes(node, 0, self._counts[node]))
         # the run's points are the node's last `count` points up to `end` (equal points sort together)
         k = bisect_right(points, end)
-        return [(p, node) for p in points[k - count : k]]
+        return [(p, node, 1) for p in points[k - count : k]]
 
     def rebuild(self, window: _Window) -> None:
         """Append the runs that replace ``window``'s to ``ends``/``ids`` and set its ``na``/``nb``/``made``."""
@@ -883,17 +885,20 @@ class _Runs:
                     new_ids.append(x0)
                     born[e2, x0] = 2
                     return
-        entries: list[_Entry] = []
+        # (point, node, points it stands for): a run of several points that no point enters or leaves stays
+        # one entry, at its end (it can only merge with a neighbour); the others' points are hashed again
+        entries: list[tuple[int, str, int]] = []
         for j in range(window.a, window.b):
-            key = (ends[j], run_ids[j])
-            count = multi.get(key)
+            end, node = ends[j], run_ids[j]
+            count = multi.get((end, node))
             if count is None:
-                entries.append(key)
+                entries.append((end, node, 1))
             else:
-                entries += self._merged(ends[j], run_ids[j], count)
+                self._dead.append((end, node))
+                entries += self._points_of(end, node, count) if j in window.places else [(end, node, count)]
         if window.gone:  # both sorted, and every gone point is there: a merge
-            gone = sorted(window.gone)
-            kept: list[_Entry] = []
+            gone = sorted((point, node, 1) for point, node in window.gone)
+            kept: list[tuple[int, str, int]] = []
             k = 0
             for entry in entries:
                 if k < len(gone) and entry == gone[k]:
@@ -902,23 +907,23 @@ class _Runs:
                     kept.append(entry)
             entries = kept
         if window.added:
-            entries += window.added
+            entries += [(point, node, 1) for point, node in window.added]
             entries.sort()
         last = ""
-        count = 0
-        for point, node in entries:
+        total = 0
+        for point, node, count in entries:
             if node == last:
                 new_ends[-1] = point
-                count += 1
+                total += count
             else:
-                if count > 1:
-                    born[new_ends[-1], last] = count
+                if total > 1:
+                    born[new_ends[-1], last] = total
                 new_ends.append(point)
                 new_ids.append(node)
                 last = node
-                count = 1
-        if count > 1:
-            born[new_ends[-1], last] = count
+                total = count
+        if total > 1:
+            born[new_ends[-1], last] = total
 
     def multi(self) -> dict[tuple[int, str], int]:
         """The new ring's ``_multi``: the base's, less the rebuilt runs', plus the new runs'."""
@@ -1008,16 +1013,18 @@ def _patched_starts(starts: array[int], shift: int, old_ends: array[int], window
         done, moved = stop, moved + (w.nb - w.na) - (w.b - w.a)
     offsets.append(moved)
     counts.append(len(starts) - done)
-    bias = max(0, -min(offsets))  # every entry of the addend must be >= 0
+    # Every entry of the addend must be >= 0: subtract when no offset is positive, else add a bias and take it off.
+    sign = -1 if max(offsets) <= 0 else 1
+    bias = max(0, -min(offsets)) if sign > 0 else 0
     lanes: dict[int, bytes] = {}
     pieces = []
     for offset, count in zip(offsets, counts, strict=True):
         lane = lanes.get(offset)
         if lane is None:
-            lane = lanes[offset] = array(starts.typecode, [offset + bias]).tobytes()
+            lane = lanes[offset] = array(starts.typecode, [sign * offset + bias]).tobytes()
         pieces.append(lane * count)
     order = sys.byteorder
-    total = int.from_bytes(starts.tobytes(), order) + int.from_bytes(b"".join(pieces), order)
+    total = int.from_bytes(starts.tobytes(), order) + sign * int.from_bytes(b"".join(pieces), order)
     if bias:
         total -= int.from_bytes(array(starts.typecode, [bias]).tobytes() * len(starts), order)
     out = array(starts.typecode)
