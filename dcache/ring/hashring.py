@@ -88,6 +88,17 @@ Derived rings
     with the old table where the same list existed in the window. The
     result is identical to a build (the property tests compare them).
 
+Garbage collection
+    Builds and derivations make no reference cycles, only many objects
+    (lists, tuples, the 2M-entry lists of a big ring). A collection of the
+    young generations during one walks whatever of those is young, and a
+    full collection, which enough survivors trigger, walks every table of
+    the process. They run with the cyclic collector paused
+    (``_collector_paused``; restored after, and left alone if it was off):
+    at 1,000 nodes a build and its ``r = 2`` table took 3.6 s instead of
+    5.8 s, a derivation for 20 nodes joining and leaving 0.6 s instead of
+    1.5 s. The next young collection then walks what they kept.
+
 Complexity (``P`` points, ``N`` nodes)
     Build ``O(P log P)``; derive ``O(C log P)`` Python work for ``C``
     changed points, plus copying ``O(P)`` entries in C; ``owner`` ``O(1)``
@@ -103,6 +114,8 @@ This module is pure: no I/O, no clock, no logging, no asyncio.
 
 from __future__ import annotations
 
+import functools
+import gc
 import math
 import sys
 from array import array
@@ -111,7 +124,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import accumulate, islice
 from types import MappingProxyType
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import xxhash
 
@@ -140,10 +153,28 @@ RING_SIZE = 1 << 64
 MAX_RING_POINTS = 1 << 21
 """Upper bound on the points of one ring, so a bad weight cannot hang a build."""
 
-DERIVE_MAX_CHANGED = 0.25
+DERIVE_MAX_CHANGED = 0.1
 """``HashRing.from_nodes`` derives from a known ring when at most this share of the new ring's points differ."""
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+def _collector_paused(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+    """Run ``fn`` with the cyclic garbage collector paused (see "Garbage collection" in the module note)."""
+
+    @functools.wraps(fn)
+    def paused(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.enable()
+
+    return paused
+
 
 #: The stable 64-bit hash of some bytes (xxh3), the same in every process:
 #: ``hash64(data) -> int`` in ``[0, 2**64)``. It is xxhash's C function
@@ -463,6 +494,7 @@ class HashRing:
             self._tables[r] = table
         return table
 
+    @_collector_paused
     def _preference_lists(self, r: int) -> list[list[str]]:
         run_ids = self._run_ids
         want = min(r, len(self._nodes))
@@ -716,6 +748,7 @@ def _label_hashes(node_id: str, start: int, stop: int) -> list[int]:
     return [_xxh3_64(prefix + b"%d" % i) for i in range(start, stop)]
 
 
+@_collector_paused
 def _build(members: dict[str, float], vnodes_per_weight: int) -> tuple[array[int], list[str], dict[tuple[int, str], int]]:
     """Hash every node's points and merge them into runs (see the design note): ``(ends, run_ids, multi)``."""
     _check_total(members, vnodes_per_weight)
@@ -934,6 +967,7 @@ class _Runs:
         return multi
 
 
+@_collector_paused
 def _derive(base: HashRing, members: dict[str, float], epoch: int) -> HashRing:
     """The ring of ``members`` (validated) at ``epoch``, computed from ``base`` (see "Derived rings")."""
     vnodes = base._vnodes_per_weight
