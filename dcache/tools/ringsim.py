@@ -19,8 +19,9 @@ the router looks keys up in) and reports:
   master makes them, derived from the previous ring and its preference
   table (``HashRing.with_nodes``: the ring and its patched table), next to
   building both from scratch, with the memory the derived ring holds beyond
-  what it shares with the previous one; and ``moved_ranges`` between the two
-  rings (the migration's plan);
+  what it shares with the previous one, the time the garbage collector then
+  spends walking each while it is young, and ``moved_ranges`` between the
+  two rings (the migration's plan);
 * the cost of one lookup with the master's hot-path function
   (``ClusterView.read_candidates``), next to ``hash64`` alone, timed in the
   same run.
@@ -43,6 +44,7 @@ import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 from ..master.view import ClusterView, Member
 from ..ring import HashRing, PreferenceTable, hash64, moved_ranges
@@ -51,6 +53,7 @@ __all__ = [
     "JOIN_ID",
     "BuildCost",
     "ChangeCost",
+    "collections_after",
     "Count",
     "LookupCost",
     "Movement",
@@ -253,6 +256,9 @@ class ChangeCost:
     :ivar moved_s: seconds for ``moved_ranges(old, new, replicas)`` (what a migration plans), best of the rounds.
     :ivar derived_bytes: bytes the derived ring and table hold beyond what they
         share with the previous ring (``tracemalloc``), or -1 if not measured.
+    :ivar derive_gc_s: seconds the garbage collector then spends while the
+        derived ring is young (``collections_after``).
+    :ivar build_gc_s: the same after a build.
     """
 
     node: str
@@ -261,6 +267,45 @@ class ChangeCost:
     ratio: float
     moved_s: float
     derived_bytes: int
+    derive_gc_s: float
+    build_gc_s: float
+
+
+#: Small lists allocated (and kept) by ``collections_after``: enough for ten young collections.
+_GC_FILLER = 20_000
+
+
+def collections_after(make: Callable[[], object]) -> float:
+    """Seconds the cyclic collector spends from ``make()`` on, while what it made is young.
+
+    Keeps ``make()``'s result, then allocates small lists (as a busy loop
+    does, at most ``_GC_FILLER``) until a collection of the middle or oldest
+    generation has run, and sums every collection's duration
+    (``gc.callbacks``): the young collection and the middle one that walk a
+    new ring's lists while they are young.
+    """
+    durations: list[float] = []
+    started = [0.0]
+    older = [False]
+    filler: list[list[int]] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            durations.append(time.perf_counter() - started[0])
+            older[0] = older[0] or info["generation"] > 0
+
+    gc.collect()
+    gc.callbacks.append(on_gc)  # before make(): its first allocation after may run the first collection
+    try:
+        kept = make()
+        while not older[0] and len(filler) < _GC_FILLER:
+            filler.append([len(filler)])
+    finally:
+        gc.callbacks.remove(on_gc)
+    del kept
+    return sum(durations)
 
 
 def measure_change(base: HashRing, nodes: dict[str, float], node: str, replicas: int, rounds: int, memory: bool) -> ChangeCost:
@@ -274,7 +319,7 @@ def measure_change(base: HashRing, nodes: dict[str, float], node: str, replicas:
     derive_s = _best(lambda: base.with_nodes(nodes), rounds)
     build_s = _best(build, rounds)
     changed = base.with_nodes(nodes)
-    moved_s = _best(lambda: moved_ranges(base, changed, replicas), rounds)
+    moved_s = _best(partial(moved_ranges, base, changed, replicas), rounds)
     derived_bytes = -1
     if memory:
         del changed
@@ -284,7 +329,10 @@ def measure_change(base: HashRing, nodes: dict[str, float], node: str, replicas:
         changed = base.with_nodes(nodes)
         derived_bytes = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
-    return ChangeCost(node, derive_s, build_s, build_s / derive_s, moved_s, derived_bytes)
+    del changed
+    derive_gc_s = collections_after(lambda: base.with_nodes(nodes))
+    build_gc_s = collections_after(build)
+    return ChangeCost(node, derive_s, build_s, build_s / derive_s, moved_s, derived_bytes, derive_gc_s, build_gc_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +438,8 @@ def _format_change(kind: str, cost: ChangeCost, replicas: int) -> str:
     held = f", derived ring holds {cost.derived_bytes / (1 << 20):.1f} MiB more" if cost.derived_bytes >= 0 else ""
     return (
         f"  {kind} {cost.node}: derived ring + r={replicas} table {cost.derive_s * 1e3:.1f} ms, built {cost.build_s * 1e3:.0f} ms"
-        f" (x{cost.ratio:.1f}); moved_ranges {cost.moved_s * 1e3:.1f} ms{held}"
+        f" (x{cost.ratio:.1f}); moved_ranges {cost.moved_s * 1e3:.1f} ms{held};"
+        f" collections after: {cost.derive_gc_s * 1e3:.0f} ms derived, {cost.build_gc_s * 1e3:.0f} ms built"
     )
 
 

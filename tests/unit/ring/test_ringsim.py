@@ -9,7 +9,7 @@ import pytest
 
 from dcache.master.view import ClusterView
 from dcache.ring import HashRing
-from dcache.tools.ringsim import JOIN_ID, count_keys, main, measure_change, members, ownership_of, simulate
+from dcache.tools.ringsim import JOIN_ID, collections_after, count_keys, main, measure_change, members, ownership_of, simulate
 
 KEYS = 20_000
 CHUNK = 3_001  # not a divisor of KEYS: the last chunk is short
@@ -72,7 +72,11 @@ def test_report_is_consistent_with_a_recount():
     for cost in (report.join_cost, report.leave_cost):
         assert cost.derive_s > 0 and cost.build_s > 0 and cost.moved_s > 0
         assert cost.ratio == cost.build_s / cost.derive_s
-        assert cost.derived_bytes > 0
+        assert cost.derived_bytes > 0 and cost.derive_gc_s >= 0 and cost.build_gc_s >= 0
+
+
+def test_collections_after_counts_the_collections_that_walk_what_was_made():
+    assert collections_after(lambda: [[i] for i in range(50_000)]) > 0
 
 
 def test_measure_change_derives_the_ring_a_build_gives():
