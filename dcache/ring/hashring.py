@@ -590,10 +590,10 @@ class HashRing:
         vnodes_per_weight=self.vnodes_per_weight)``, memoized preference
         tables included: this ring's tables are patched around the runs that
         change instead of being rebuilt. The work grows with the points that
-        differ (a join, leave or re-weight of one node at 1,000 nodes costs
-        tens of ms against seconds for a build), plus copying the arrays;
-        when most points differ, ``HashRing(...)`` is cheaper
-        (``from_nodes`` chooses).
+        differ, plus copying the arrays: a join, leave or re-weight of one
+        node at 1,000 nodes costs about 90 ms with an ``r = 2`` table, against
+        about 4 s for a build. When more than about a tenth of the points
+        differ, ``HashRing(...)`` is cheaper (``from_nodes`` chooses).
 
         :param nodes: node id -> weight, as for ``HashRing``.
         :param epoch: the new ring's epoch (default ``self.epoch + 1``).
