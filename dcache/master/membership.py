@@ -588,7 +588,7 @@ class Coordinator(Membership):
             if their_view is None:
                 return {"want_view": True}
             try:
-                theirs = ClusterView.from_dict(their_view)
+                theirs = ClusterView.from_dict(their_view, self.view)
             except (KeyError, TypeError, ValueError) as exc:
                 raise BadArgumentsError(f"SYNC's view is malformed: {exc}") from None
             if (theirs.epoch, theirs.seq) != (epoch, seq):

@@ -225,7 +225,7 @@ class ZooKeeperMembership(Coordinator):
             data, stat = self.zk.client.get(self.paths.ring)
         except NoNodeError:
             return None, -1
-        return ClusterView.from_dict(msgpack.unpackb(data, raw=False, strict_map_key=False)), int(stat.version)
+        return ClusterView.from_dict(msgpack.unpackb(data, raw=False, strict_map_key=False), self.view), int(stat.version)
 
     # -- leadership -------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Consistent hashing: the ring that maps keys to their owning nodes (pure)."""
 
 from .hashring import (
+    DERIVE_MAX_CHANGED,
     MAX_RING_POINTS,
     RING_SIZE,
     VNODES_PER_WEIGHT,
@@ -15,6 +16,7 @@ from .hashring import (
 from .ranges import RangeMatcher, RangeSet, compile_ranges
 
 __all__ = [
+    "DERIVE_MAX_CHANGED",
     "MAX_RING_POINTS",
     "RING_SIZE",
     "VNODES_PER_WEIGHT",

@@ -15,6 +15,13 @@ the router looks keys up in) and reports:
 * the time to build a view (``ClusterView.initial``) and to replace it by one
   with the same ring (``ClusterView.bumped``: a health or migration change),
   and the memory both hold (``tracemalloc``: retained and peak);
+* the cost of a membership change: the join and the leave above made as a
+  master makes them, derived from the previous ring and its preference
+  table (``HashRing.with_nodes``: the ring and its patched table), next to
+  building both from scratch, with the memory the derived ring holds beyond
+  what it shares with the previous one, the time the garbage collector then
+  spends walking each while it is young, and ``moved_ranges`` between the
+  two rings (the migration's plan);
 * the cost of one lookup with the master's hot-path function
   (``ClusterView.read_candidates``), next to ``hash64`` alone, timed in the
   same run.
@@ -37,13 +44,16 @@ import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 from ..master.view import ClusterView, Member
-from ..ring import HashRing, hash64
+from ..ring import HashRing, PreferenceTable, hash64, moved_ranges
 
 __all__ = [
     "JOIN_ID",
     "BuildCost",
+    "ChangeCost",
+    "collections_after",
     "Count",
     "LookupCost",
     "Movement",
@@ -53,6 +63,7 @@ __all__ = [
     "key_hashes",
     "main",
     "measure_build",
+    "measure_change",
     "measure_lookup",
     "members",
     "node_ids",
@@ -205,8 +216,9 @@ def _best(fn: Callable[[], object], rounds: int) -> float:
     for _ in range(rounds):
         gc.collect()
         t0 = time.perf_counter()
-        fn()
+        result = fn()
         best = min(best, time.perf_counter() - t0)
+        del result  # freeing what was made is not part of making it
     return best
 
 
@@ -229,6 +241,98 @@ def measure_build(nodes: list[Member], replicas: int, rounds: int, memory: bool)
         view_bytes, peak_bytes = now - base, peak - base
     points = sum(max(1, round(view.ring.vnodes_per_weight * w)) for w in weights.values())
     return view, BuildCost(points, ring_s, view_s, bump_s, view_bytes, peak_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeCost:
+    """One membership change (a join or a leave): derived from the previous ring, against a build.
+
+    :ivar node: the node that joined or left.
+    :ivar derive_s: seconds for ``ring.with_nodes(nodes)`` on a ring whose
+        ``r = replicas`` table is memoized (the new ring and its patched table),
+        best of the rounds.
+    :ivar build_s: seconds for ``HashRing(nodes)`` and its ``preference_table(replicas)``, best of the rounds.
+    :ivar ratio: ``build_s / derive_s``.
+    :ivar moved_s: seconds for ``moved_ranges(old, new, replicas)`` (what a migration plans), best of the rounds.
+    :ivar derived_bytes: bytes the derived ring and table hold beyond what they
+        share with the previous ring (``tracemalloc``), or -1 if not measured.
+    :ivar derive_gc_s: seconds the garbage collector then spends while the
+        derived ring is young (``collections_after``).
+    :ivar build_gc_s: the same after a build.
+    """
+
+    node: str
+    derive_s: float
+    build_s: float
+    ratio: float
+    moved_s: float
+    derived_bytes: int
+    derive_gc_s: float
+    build_gc_s: float
+
+
+#: Small lists allocated (and kept) by ``collections_after``: enough for ten young collections.
+_GC_FILLER = 20_000
+
+
+def collections_after(make: Callable[[], object]) -> float:
+    """Seconds the cyclic collector spends from ``make()`` on, while what it made is young.
+
+    Keeps ``make()``'s result, then allocates small lists (as a busy loop
+    does, at most ``_GC_FILLER``) until a collection of the middle or oldest
+    generation has run, and sums every collection's duration
+    (``gc.callbacks``): the young collection and the middle one that walk a
+    new ring's lists while they are young.
+    """
+    durations: list[float] = []
+    started = [0.0]
+    older = [False]
+    filler: list[list[int]] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            durations.append(time.perf_counter() - started[0])
+            older[0] = older[0] or info["generation"] > 0
+
+    gc.collect()
+    gc.callbacks.append(on_gc)  # before make(): its first allocation after may run the first collection
+    try:
+        kept = make()
+        while not older[0] and len(filler) < _GC_FILLER:
+            filler.append([len(filler)])
+    finally:
+        gc.callbacks.remove(on_gc)
+    del kept
+    return sum(durations)
+
+
+def measure_change(base: HashRing, nodes: dict[str, float], node: str, replicas: int, rounds: int, memory: bool) -> ChangeCost:
+    """Time the change from ``base`` to ``nodes`` both ways (see ``ChangeCost``); ``node`` names the change."""
+    base.preference_table(replicas)
+
+    def build() -> tuple[HashRing, PreferenceTable]:
+        ring = HashRing(nodes, epoch=base.epoch + 1)
+        return ring, ring.preference_table(replicas)
+
+    derive_s = _best(lambda: base.with_nodes(nodes), rounds)
+    build_s = _best(build, rounds)
+    changed = base.with_nodes(nodes)
+    moved_s = _best(partial(moved_ranges, base, changed, replicas), rounds)
+    derived_bytes = -1
+    if memory:
+        del changed
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        changed = base.with_nodes(nodes)
+        derived_bytes = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+    del changed
+    derive_gc_s = collections_after(lambda: base.with_nodes(nodes))
+    build_gc_s = collections_after(build)
+    return ChangeCost(node, derive_s, build_s, build_s / derive_s, moved_s, derived_bytes, derive_gc_s, build_gc_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +377,8 @@ class Report:
     weighted: Ownership
     build: BuildCost
     lookup: LookupCost
+    join_cost: ChangeCost
+    leave_cost: ChangeCost
 
 
 def simulate(
@@ -294,6 +400,8 @@ def simulate(
     del view
     shares = base.shares()
     leaving = max(shares, key=lambda node: (shares[node], node))
+    join_cost = measure_change(base, {**base.nodes, JOIN_ID: 1.0}, JOIN_ID, replicas, rounds, memory)
+    leave_cost = measure_change(base, {n: w for n, w in base.nodes.items() if n != leaving}, leaving, replicas, rounds, memory)
     joined = base.with_node(JOIN_ID)
     left = base.without_node(leaving)
     weighted_members = members(n, weights)
@@ -305,7 +413,7 @@ def simulate(
     unequal_weights = {m.node_id: m.weight for m in weighted_members}
     equal = Ownership(*ownership_of(dict(base_owners), equal_weights), *ownership_of(shares, equal_weights))
     unequal = Ownership(*ownership_of(dict(on_weights.owners), unequal_weights), *ownership_of(weighted.shares(), unequal_weights))
-    return Report(n, keys, replicas, list(weights), join, leave, equal, unequal, build, lookup)
+    return Report(n, keys, replicas, list(weights), join, leave, equal, unequal, build, lookup, join_cost, leave_cost)
 
 
 def _format(report: Report) -> str:
@@ -321,7 +429,17 @@ def _format(report: Report) -> str:
             f"  weights {r.weights}: max/mean {r.weighted.max_mean:.3f} min/mean {r.weighted.min_mean:.3f} (exact {r.weighted.exact_max_mean:.3f} / {r.weighted.exact_min_mean:.3f})",
             f"  build: ring {b.ring_s * 1e3:.0f} ms, view {b.view_s * 1e3:.0f} ms, bump {b.bump_s * 1e3:.1f} ms; {memory}",
             f"  lookup: read_candidates {r.lookup.lookup_ns:.0f} ns/key, hash64 alone {r.lookup.hash_ns:.0f} ns/key",
+            *(_format_change(kind, cost, r.replicas) for kind, cost in (("join", r.join_cost), ("leave", r.leave_cost))),
         ]
+    )
+
+
+def _format_change(kind: str, cost: ChangeCost, replicas: int) -> str:
+    held = f", derived ring holds {cost.derived_bytes / (1 << 20):.1f} MiB more" if cost.derived_bytes >= 0 else ""
+    return (
+        f"  {kind} {cost.node}: derived ring + r={replicas} table {cost.derive_s * 1e3:.1f} ms, built {cost.build_s * 1e3:.0f} ms"
+        f" (x{cost.ratio:.1f}); moved_ranges {cost.moved_s * 1e3:.1f} ms{held};"
+        f" collections after: {cost.derive_gc_s * 1e3:.0f} ms derived, {cost.build_gc_s * 1e3:.0f} ms built"
     )
 
 

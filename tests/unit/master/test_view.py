@@ -281,3 +281,28 @@ def test_from_dict_with_the_known_view_shares_its_ring_table():
     assert copy == bumped and copy.read_candidates(b"k") is view.read_candidates(b"k")
     fresh = ClusterView.from_dict(bumped.to_dict())
     assert fresh == bumped and fresh.read_candidates(b"k") == view.read_candidates(b"k")
+
+
+def test_membership_changes_derive_the_ring_and_its_table_from_the_rings_the_view_has():
+    ids = tuple(f"a{i}" for i in range(12))  # one node of 13 is 8% of the points: derived (HashRing.from_nodes)
+    view = view_of(ids, 2)
+    table = view.ring.preference_table(2)
+    lists = {id(p) for p in table.prefs}
+    joined = view.with_members({m.node_id: m for m in members(*ids, "a12")})
+    done = joined.migration_settling().migration_done()
+    # the same routing as a ring built from scratch ...
+    built = HashRing(dict(joined.ring.nodes), epoch=joined.epoch)
+    assert joined.ring.fingerprint() == built.fingerprint()
+    assert done.ring.preference_table(2).prefs == built.preference_table(2).prefs
+    assert all(done.read_candidates(key) == built.owners(key, 2) for key in KEYS)
+    # ... through a table patched from the previous one: most of its lists are the previous table's
+    shared = sum(id(p) in lists for p in done.ring.preference_table(2).prefs)
+    assert shared > len(table.prefs) // 2
+    # a follower that knows the previous view derives the same ring from it
+    follower = ClusterView.from_dict(msgpack.unpackb(msgpack.packb(done.to_dict()), raw=False), view)
+    assert follower == done and follower.ring.fingerprint() == built.fingerprint()
+    assert sum(id(p) in lists for p in follower.ring.preference_table(2).prefs) == shared
+    # a node marked down leaves the ring: derived too
+    down = done.with_members({m.node_id: m for m in members(*ids, "a12", a3=DOWN)}, migrate=False)
+    assert down.ring.fingerprint() == HashRing(dict.fromkeys([*ids, "a12"], 1.0)).without_node("a3").fingerprint()
+    assert all(down.read_candidates(key) == [n for n in built.owners(key, 3) if n != "a3"][:2] for key in KEYS)

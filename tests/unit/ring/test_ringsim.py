@@ -9,7 +9,7 @@ import pytest
 
 from dcache.master.view import ClusterView
 from dcache.ring import HashRing
-from dcache.tools.ringsim import JOIN_ID, count_keys, main, members, ownership_of, simulate
+from dcache.tools.ringsim import JOIN_ID, collections_after, count_keys, main, measure_change, members, ownership_of, simulate
 
 KEYS = 20_000
 CHUNK = 3_001  # not a divisor of KEYS: the last chunk is short
@@ -67,6 +67,26 @@ def test_report_is_consistent_with_a_recount():
     assert report.build.points == n * base.vnodes_per_weight
     assert report.build.view_bytes > 0 and report.build.peak_bytes >= report.build.view_bytes
     assert report.lookup.lookup_ns > 0 and report.lookup.hash_ns > 0
+    # the membership changes: the same join and leave, derived and built
+    assert (report.join_cost.node, report.leave_cost.node) == (JOIN_ID, report.leave.node)
+    for cost in (report.join_cost, report.leave_cost):
+        assert cost.derive_s > 0 and cost.build_s > 0 and cost.moved_s > 0
+        assert cost.ratio == cost.build_s / cost.derive_s
+        assert cost.derived_bytes > 0 and cost.derive_gc_s >= 0 and cost.build_gc_s >= 0
+
+
+def test_collections_after_counts_the_collections_that_walk_what_was_made():
+    assert collections_after(lambda: [[i] for i in range(50_000)]) > 0
+
+
+def test_measure_change_derives_the_ring_a_build_gives():
+    base = HashRing({m.node_id: m.weight for m in members(9)}, epoch=4)
+    nodes = {**base.nodes, JOIN_ID: 1.0}
+    cost = measure_change(base, nodes, JOIN_ID, 2, 1, memory=False)
+    assert cost.derived_bytes == -1 and cost.node == JOIN_ID
+    derived = base.with_nodes(nodes)
+    assert derived.fingerprint() == HashRing(nodes).fingerprint()
+    assert derived.preference_table(2).prefs == HashRing(nodes).preference_table(2).prefs
 
 
 def test_ownership_of_counts_absent_nodes_as_empty():
@@ -86,3 +106,4 @@ def test_main_prints_one_json_report_per_node_count(capsys):
     reports = [json.loads(line) for line in lines]
     assert [r["nodes"] for r in reports] == [3, 4]
     assert all(r["keys"] == 500 and r["build"]["view_bytes"] == -1 for r in reports)
+    assert all(r["join_cost"]["derived_bytes"] == -1 and r["leave_cost"]["derive_s"] > 0 for r in reports)
