@@ -251,10 +251,15 @@ class Router:
         dispatch to answer with the other answers of its batch; a caller
         that is not a dispatch hands it to its sink.
         """
-        if self.near is not None:
-            taken = self._near_get(sink, rid, key)
-            if taken is not None:
-                return taken
+        near = self.near
+        if near is not None:
+            count = near.hot.note(key)
+            if count >= near.hot.hot_count or key in near.entries:  # else a cold key: no call more than counting it
+                taken = self._near_get(sink, rid, key, count)
+                if taken is not None:
+                    return taken
+            else:
+                near.misses += 1
         elif self.hot is not None:
             self.hot.note(key)
         candidates = self.view.read_candidates(key)
@@ -271,14 +276,16 @@ class Router:
             op.start()
         return LATER
 
-    def _near_get(self, sink: Sink, rid: int, key: bytes) -> Any:
-        """The near cache's copy of ``key`` (bytes), or ``LATER`` if a fill from the first owner took the read, or None."""
+    def _near_get(self, sink: Sink, rid: int, key: bytes, count: int) -> Any:
+        """The near cache's copy of ``key`` (bytes), or ``LATER`` if a fill from the first owner took the read, or None.
+
+        ``count``: what the sketch just answered for this read (``HotKeys.note``).
+        """
         near = self.near
         assert near is not None
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        count = near.hot.note(key)
         if key in near.entries:
             value = near.lookup(key, loop.time())
             if value is not None:
