@@ -15,7 +15,6 @@ siblings' metrics into its ``/metrics`` (``WorkerMetrics``).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -38,9 +37,6 @@ from .app import Shim
 __all__ = ["HttpDaemon", "WorkerLink", "serve_http", "run_one", "METRICS_SNAPSHOT_S"]
 
 log = logging.getLogger("dcache.http")
-
-#: The young generation's collection threshold once serving (``gc.set_threshold``; the default is 700).
-GC_GEN0_THRESHOLD = 50_000
 
 #: Seconds between two snapshots of a worker's metrics for its siblings.
 METRICS_SNAPSHOT_S = 1.0
@@ -125,13 +121,6 @@ class HttpDaemon:
                 self.tls.describe(),
             )
         await self._check_masters()
-        # As in a master: a request allocates a few small objects that die
-        # young and form no reference cycles; collecting the young generation
-        # every 700 allocations costs more than it finds (4% of the shim's
-        # CPU under wrk), and what start-up made leaves the collector's sight.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
         if self.worker is not None:
             self._follow_parent(self.worker)
             self.worker.ready.send(where)
