@@ -883,23 +883,27 @@ class NativeFuzzer:
         n = r.choice([5, 20, 50])
         self.report.note(f"{n} connections opened and dropped")
         conns: list[_Conn] = []
-        for _ in range(n):
-            try:
-                conns.append(await _Conn.open(self.addr))
-            except _Unreachable as exc:
-                self.report.add("violation", f"connection {len(conns) + 1} of {n} refused: {exc}")
-                break
-        ping = _frame(bytes(msgpack.packb([Op.PING, 1])))
-        for c in conns:
-            what = r.choice(["idle", "header", "half", "unread"])
-            if what == "header":
-                await c.send(b"\0\0")
-            elif what == "half":
-                await c.send(ping[:-1])
-            elif what == "unread":
-                await c.send(ping * r.choice([1, 100]))
-        for c in conns:
-            await c.close(reset=r.random() < 0.5)
+        try:
+            for _ in range(n):
+                try:
+                    conns.append(await _Conn.open(self.addr))
+                except _Unreachable as exc:
+                    self.report.add("violation", f"connection {len(conns) + 1} of {n} refused: {exc}")
+                    break
+            ping = _frame(bytes(msgpack.packb([Op.PING, 1])))
+            for c in conns:
+                what = r.choice(["idle", "header", "half", "unread"])
+                if what == "header":
+                    await c.send(b"\0\0")
+                elif what == "half":
+                    await c.send(ping[:-1])
+                elif what == "unread":
+                    await c.send(ping * r.choice([1, 100]))
+            while conns:
+                await conns.pop().close(reset=r.random() < 0.5)
+        finally:
+            for c in conns:  # the worker was cancelled at the deadline: no connection left for the collector
+                c.writer.close()
 
 
 def _closes(answer: Any) -> bool:
@@ -1177,27 +1181,36 @@ class HttpFuzzer:
     async def _conns(self, gen: Gen) -> None:
         n = gen.r.choice([5, 20, 50])
         self.report.note(f"{n} HTTP connections opened and dropped")
-        writers = []
-        for _ in range(n):
-            try:
-                _, w = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), ANSWER_TIMEOUT_S)
-            except (OSError, TimeoutError) as exc:
-                self.report.add("violation", f"HTTP connection refused: {exc!r}")
-                break
-            w.write(
-                gen.r.choice(
-                    [b"", b"GET /hea", b"POST /data HTTP/1.1\r\nContent-Length: 10\r\n\r\n{", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"]
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            for _ in range(n):
+                try:
+                    _, w = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), ANSWER_TIMEOUT_S)
+                except (OSError, TimeoutError) as exc:
+                    self.report.add("violation", f"HTTP connection refused: {exc!r}")
+                    break
+                writers.append(w)
+                w.write(
+                    gen.r.choice(
+                        [
+                            b"",
+                            b"GET /hea",
+                            b"POST /data HTTP/1.1\r\nContent-Length: 10\r\n\r\n{",
+                            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+                        ]
+                    )
                 )
-            )
-            writers.append(w)
-        for w in writers:
-            if gen.chance(0.5):
-                w.transport.abort()
-            w.close()
-            try:
-                await w.wait_closed()
-            except (ConnectionError, OSError):
-                pass
+            for w in writers:
+                if gen.chance(0.5):
+                    w.transport.abort()
+                w.close()
+                try:
+                    await w.wait_closed()
+                except (ConnectionError, OSError):
+                    pass
+        finally:
+            for w in writers:  # the worker was cancelled at the deadline: no connection left for the collector
+                w.close()
 
 
 def _json_any(gen: Gen, depth: int) -> Any:
