@@ -465,10 +465,7 @@ class AuxLink:
             if not prompt:
                 # Only changes wait: is the node holding them, or gone? A PING
                 # tells: its silence is then counted like any other.
-                if now - self._last_probe >= self._suspect_after / 2 and self.connected:
-                    self._last_probe = now
-                    self.send(Op.PING, (), _ignore)
-                    self.flush()
+                self._probe(now)
             elif now - (min(prompt) - self._timeout) > self._suspect_after:
                 self.suspect = True
                 self.suspected_since = time.time()
@@ -482,14 +479,18 @@ class AuxLink:
             message = f"aux node {self.node_id} is suspected: no answer for {self._suspect_after} s"
             for c in self._conns:
                 self.failures_total += c.fail_all(_TIMEOUT, message) if not c.closed else 0
-            if now - self._last_probe >= self._suspect_after / 2 and self.connected:
-                self._last_probe = now
-                self.send(Op.PING, (), _ignore)
-                self.flush()
+            self._probe(now)
             return
         message = f"aux node {self.node_id} did not answer within {self._timeout} s"
         for c in self._conns:
             self.failures_total += c.fail_overdue(now, message)
+
+    def _probe(self, now: float) -> None:
+        """PING the node, at most every ``suspect_after / 2`` seconds: any answer is a sign of life."""
+        if now - self._last_probe >= self._suspect_after / 2 and self.connected:
+            self._last_probe = now
+            self.send(Op.PING, (), _ignore)
+            self.flush()
 
     async def _sweep_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -286,13 +286,10 @@ class Router:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        if key in near.entries:
-            value = near.lookup(key, loop.time())
-            if value is not None:
-                self.stats.hits += 1
-                return value
-        else:
-            near.misses += 1
+        value = near.lookup(key, loop.time())  # counts the miss when there is no live copy
+        if value is not None:
+            self.stats.hits += 1
+            return value
         if count < near.hot.hot_count or not near.may_fill(key, loop.time()):
             return None
         candidates = self.view.read_candidates(key)
