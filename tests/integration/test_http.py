@@ -468,7 +468,8 @@ async def test_concurrent_writes_are_batched_and_each_gets_its_own_answer(stack:
                 )
                 assert (status, body) == (200, b"\xff" * i)
             async with Client(stack.master) as client:
-                assert 0 < await client.ttl(f"wb:ttl:{attempt}:0") <= 60
+                ttl = await client.ttl(f"wb:ttl:{attempt}:0")
+                assert ttl is not None and 0 < ttl <= 60
                 assert await client.ttl(f"wb:{attempt}:0") == -1.0
             after = (await call("GET", f"{stack.url}/metrics"))[2].decode()
             batches = _metric(after, "dcache_http_write_batches_total") - _metric(before, "dcache_http_write_batches_total")
