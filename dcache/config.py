@@ -637,6 +637,13 @@ class HttpConfig:
         _int,
         "N",
     )
+    write_batch: int = opt(
+        64,
+        "at most this many writes (POST /data, PUT /data/{key}, POST /api/post) with the same TTL go to the cluster as one MSET "
+        "(the writes of one loop iteration are batched); 1: a SET each",
+        _int,
+        "N",
+    )
     tls_cert: str | None = opt(
         None,
         "PEM certificate (leaf first, then its chain): the shim serves HTTPS only, and presents it as its client "
@@ -658,7 +665,7 @@ class HttpConfig:
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
-        _check_positive(self, "timeout", "health_timeout", "client_max_size", "max_key_bytes", "read_batch", "workers")
+        _check_positive(self, "timeout", "health_timeout", "client_max_size", "max_key_bytes", "read_batch", "write_batch", "workers")
         check_tls_settings(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth, daemon=False)
         if not self.master:
             raise ConfigError("master: at least one HOST:PORT is required")

@@ -2,12 +2,13 @@
 
 ``Client`` and ``SyncClient`` are what applications use, with their options
 in one ``ClientConfig``; ``GetBatcher`` turns many concurrent ``get``s into
-few ``mget``s on a ``Client``. ``NodePool``, ``ClientConnection`` and
+few ``mget``s on a ``Client``, and ``SetBatcher`` many ``set``s into few
+``mset``s. ``NodePool``, ``ClientConnection`` and
 ``open_connection`` are the layers beneath, for tools (``dcache dump`` reads
 aux nodes with ``open_connection``).
 """
 
-from .batcher import BatchStats, GetBatcher
+from .batcher import BatchStats, GetBatcher, SetBatcher
 from .client import MAX_TTL_S, Client, Key, Pairs, Value, create_client
 from .config import ClientConfig
 from .connection import ClientConnection, open_connection
@@ -28,6 +29,7 @@ __all__ = [
     "SyncClient",
     "Value",
     "GetBatcher",
+    "SetBatcher",
     "create_client",
     "open_connection",
 ]

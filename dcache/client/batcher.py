@@ -1,4 +1,4 @@
-"""``GetBatcher``: the ``get``s of one loop iteration sent as one ``mget`` on a ``Client``.
+"""``GetBatcher`` and ``SetBatcher``: the ``get``s (``set``s) of one loop iteration sent as one ``mget`` (``mset``) on a ``Client``.
 
 A program that serves many concurrent readers (the HTTP shim answers each
 ``GET /data/{key}`` with one read) pays per ``Client.get`` a coroutine
@@ -28,6 +28,15 @@ Design note
   its main one as ``fallback`` (the HTTP shim does).
 
 Cost: one list append and one future per ``get``; one task per batch.
+
+``SetBatcher`` does the same for writes: the ``set``s of one iteration with
+the same TTL leave as one MSET (a lone one as a SET), capped at
+``max_keys`` pairs and ``max_bytes`` of keys and values (a larger value
+leaves alone). A batch the cluster refuses, or that one pair fails, is
+written again pair by pair over ``fallback``, so each writer gets the
+answer it would have had alone; writing a pair twice is harmless (a SET
+without a condition, last writer wins, the second write a newer version).
+Only unconditional writes are batched: SET with NX/XX is not repeatable.
 """
 
 from __future__ import annotations
@@ -46,10 +55,12 @@ from ..errors import (
 from ..protocol import MAX_VALUE_BYTES
 from .client import Client, Key
 
-__all__ = ["GetBatcher", "BatchStats", "BATCH_ANSWER_BYTES"]
+__all__ = ["GetBatcher", "SetBatcher", "BatchStats", "BATCH_ANSWER_BYTES", "BATCH_WRITE_BYTES"]
 
 #: Answer size one batch of reads is planned for, by default.
 BATCH_ANSWER_BYTES = 4 * 1024 * 1024
+#: Most bytes of keys and values in one batch of writes, by default.
+BATCH_WRITE_BYTES = 1024 * 1024
 #: Smallest value size the batcher plans with.
 _MIN_VALUE_HINT_BYTES = 4096
 
@@ -60,9 +71,9 @@ class BatchStats:
     """What a ``GetBatcher`` did, as plain counters (a metrics collector reads them at scrape time).
 
     Attributes:
-        batches: batches sent (an MGET, or a GET for a lone key).
-        keys: keys read in those batches (over ``batches``: the mean batch size).
-        fallbacks: batches read again key by key after the batch failed.
+        batches: batches sent (an MGET or MSET, or a GET or SET for a lone key).
+        keys: keys read (written) in those batches (over ``batches``: the mean batch size).
+        fallbacks: batches sent again key by key after the batch failed.
     """
 
     __slots__ = ("batches", "keys", "fallbacks")
@@ -226,6 +237,166 @@ class GetBatcher:
             return
         if not fut.done():
             fut.set_result(value)
+
+
+_Write = tuple[Key, bytes, "asyncio.Future[None]"]
+
+
+class SetBatcher:
+    """Batches the unconditional ``set``s made in one loop iteration into one ``mset`` per TTL on a ``Client`` (see the module note).
+
+    Args:
+        client: the client the batches go over.
+        fallback: the client a failed batch is written again over, pair by
+            pair (default: ``client``).
+        max_keys: most pairs in one batch.
+        max_bytes: most bytes of keys and values in one batch; a pair as
+            large leaves on its own.
+        stats: counters to add to (default: new ones; see ``stats``).
+
+    Raises:
+        ConfigError: ``max_keys`` or ``max_bytes`` is below 1.
+    """
+
+    __slots__ = ("client", "fallback", "max_keys", "max_bytes", "stats", "_pending", "_sizes", "_scheduled", "_loop", "_tasks")
+
+    client: Client
+    fallback: Client
+    max_keys: int
+    max_bytes: int
+    stats: BatchStats
+    #: Writes waiting, by TTL (one batch per TTL), and the bytes of their keys and values.
+    _pending: dict[float | None, list[_Write]]
+    _sizes: dict[float | None, int]
+    _scheduled: bool
+    _loop: asyncio.AbstractEventLoop | None
+    _tasks: set[asyncio.Task[None]]
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        fallback: Client | None = None,
+        max_keys: int = 64,
+        max_bytes: int = BATCH_WRITE_BYTES,
+        stats: BatchStats | None = None,
+    ) -> None:
+        if max_keys < 1:
+            raise ConfigError(f"max_keys: must be at least 1, got {max_keys}")
+        if max_bytes < 1:
+            raise ConfigError(f"max_bytes: must be at least 1, got {max_bytes}")
+        self.client = client
+        self.fallback = client if fallback is None else fallback
+        self.max_keys = max_keys
+        self.max_bytes = max_bytes
+        self.stats = BatchStats() if stats is None else stats
+        self._pending = {}
+        self._sizes = {}
+        self._scheduled = False
+        self._loop = None
+        self._tasks = set()
+
+    def set(self, key: Key, value: bytes, ttl: float | None = None) -> asyncio.Future[None]:
+        """Store ``value`` under ``key`` (``ttl`` seconds, or ``None``: never expires), with the other writes of this loop iteration.
+
+        Returns:
+            A future done (``None``) once the write is stored; it fails
+            with what ``Client.set`` would raise for this pair
+            (``InvalidArgumentError``, ``ValueTooLargeError``,
+            ``OutOfMemoryError``, ``TimeoutError``, ``NoAvailableNodeError``,
+            another ``ServerError``...).
+        """
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        group = ttl
+        size = len(key) + len(value)
+        pending = self._pending.get(group)
+        if pending is not None and self._sizes[group] + size > self.max_bytes:
+            self._send(group)  # this pair would overfill the batch: the batch leaves first
+            pending = None
+        if pending is None:
+            pending = self._pending[group] = []
+            self._sizes[group] = 0
+        pending.append((key, value, fut))
+        self._sizes[group] += size
+        if len(pending) >= self.max_keys or self._sizes[group] >= self.max_bytes:
+            self._send(group)
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    async def close(self) -> None:
+        """Wait for the batches in flight (call after closing the clients: they fail fast then)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        for group in list(self._pending):
+            self._send(group)
+
+    def _send(self, ttl: float | None) -> None:
+        """Send the batch of writes with TTL ``ttl``."""
+        batch = self._pending.pop(ttl)
+        del self._sizes[ttl]
+        assert self._loop is not None
+        task = self._loop.create_task(self._write(batch, ttl))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, batch: list[_Write], ttl: float | None) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.keys += len(batch)
+        try:
+            if len(batch) == 1:
+                await self.client.set(batch[0][0], batch[0][1], ttl=ttl)
+            else:
+                await self.client.mset([(key, value) for key, value, _ in batch], ttl=ttl)
+        except (UpstreamTimeoutError, TimeoutError, ClientError, OSError) as exc:  # unreachable or slow: the same for every pair
+            if isinstance(exc, InvalidArgumentError) and len(batch) > 1:  # one pair the client refuses to send
+                await self._pair_by_pair(batch, ttl)
+            else:
+                _fail_writes(batch, exc)
+            return
+        except (ServerError, RemoteProtocolError) as exc:  # may be one pair's fault (too large, its owners unavailable)
+            if len(batch) == 1:
+                _fail_writes(batch, exc)
+            else:
+                await self._pair_by_pair(batch, ttl)
+            return
+        except asyncio.CancelledError:  # no write may wait forever
+            _fail_writes(batch, ClientError("the write was cancelled"))
+            raise
+        except Exception as exc:  # a bug: every write of the batch gets it
+            _fail_writes(batch, exc)
+            return
+        for _, _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _pair_by_pair(self, batch: list[_Write], ttl: float | None) -> None:
+        self.stats.fallbacks += 1
+        await asyncio.gather(*(self._one(key, value, ttl, fut) for key, value, fut in batch))
+
+    async def _one(self, key: Key, value: bytes, ttl: float | None, fut: asyncio.Future[None]) -> None:
+        try:
+            await self.fallback.set(key, value, ttl=ttl)
+        except Exception as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if not fut.done():
+            fut.set_result(None)
+
+
+def _fail_writes(batch: list[_Write], exc: BaseException) -> None:
+    for _, _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)
 
 
 def _fail_all(batch: _Batch, exc: BaseException) -> None:

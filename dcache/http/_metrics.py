@@ -49,17 +49,20 @@ class _Histogram:
 
 
 class HttpMetrics(Collector):
-    """Request counts by method, route and status, a latency histogram by route, and read batch counts."""
+    """Request counts by method, route and status, a latency histogram by route, and read and write batch counts."""
 
     requests: dict[tuple[str, str, int], int]
     latency: dict[str, _Histogram]
     #: What the read batcher (``dcache.client.GetBatcher``) did; it adds to these.
     reads: BatchStats
+    #: What the write batcher (``dcache.client.SetBatcher``) did; it adds to these.
+    writes: BatchStats
 
     def __init__(self) -> None:
         self.requests = {}
         self.latency = {}
         self.reads = BatchStats()
+        self.writes = BatchStats()
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request that took ``seconds``."""
@@ -76,10 +79,12 @@ class HttpMetrics(Collector):
     def snapshot(self) -> dict[str, Any]:
         """Every counter, as plain JSON-able data (``add`` takes it)."""
         reads = self.reads
+        writes = self.writes
         return {
             "requests": [[m, r, s, n] for (m, r, s), n in self.requests.items()],
             "latency": {route: [h.counts, h.sum_s] for route, h in self.latency.items()},
             "reads": [reads.batches, reads.keys, reads.fallbacks],
+            "writes": [writes.batches, writes.keys, writes.fallbacks],
         }
 
     def add(self, snapshot: dict[str, Any]) -> None:
@@ -93,10 +98,10 @@ class HttpMetrics(Collector):
                 hist = self.latency[route] = _Histogram()
             hist.counts = [a + b for a, b in zip(hist.counts, counts, strict=True)]
             hist.sum_s += sum_s
-        batches, keys, fallbacks = snapshot["reads"]
-        self.reads.batches += batches
-        self.reads.keys += keys
-        self.reads.fallbacks += fallbacks
+        for stats, (batches, keys, fallbacks) in ((self.reads, snapshot["reads"]), (self.writes, snapshot["writes"])):
+            stats.batches += batches
+            stats.keys += keys
+            stats.fallbacks += fallbacks
 
     def collect(self) -> Iterator[Metric]:
         """Build the metric families (called by the registry at scrape time)."""
@@ -126,6 +131,16 @@ class HttpMetrics(Collector):
         yield CounterMetricFamily("dcache_http_read_batch_keys", "Keys read in those batches", value=reads.keys)
         yield CounterMetricFamily(
             "dcache_http_read_batch_fallbacks", "Batches read again key by key after the batch failed", value=reads.fallbacks
+        )
+        writes = self.writes
+        yield CounterMetricFamily(
+            "dcache_http_write_batches",
+            "Batches of key writes sent to the cluster (one MSET per TTL, or a SET for a lone key)",
+            value=writes.batches,
+        )
+        yield CounterMetricFamily("dcache_http_write_batch_keys", "Keys written in those batches", value=writes.keys)
+        yield CounterMetricFamily(
+            "dcache_http_write_batch_fallbacks", "Batches written again key by key after the batch failed", value=writes.fallbacks
         )
 
 

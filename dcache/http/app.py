@@ -26,14 +26,16 @@ needs (measured in ``docs/BENCHMARKS.md``, reasons in ``docs/DECISIONS.md``):
   prepared bytes), not a framework: ``Shim.dispatch`` gets each parsed
   request, matches its path with a few string tests and answers, counting
   it in the metrics under a fixed route label;
-* ``GET /data/{key}`` answers from the future of the batched read with a
-  callback (``Request.finish``): no task per request; the other routes run
-  as one task each;
+* ``GET /data/{key}`` answers from the future of the batched read, and the
+  writes (``POST /data``, ``PUT /data/{key}``, ``POST /api/post``) from the
+  future of the batched write, with a callback (``Request.finish``): no
+  task per request; the other routes run as one task each;
 * answers are JSON text built from C-escaped strings
   (``json.encoder.encode_basestring_ascii``, the escaping ``json.dumps``
   uses, so the bytes are the same);
 * the key reads of one loop iteration go to the cluster as one MGET
-  (``dcache.client.GetBatcher``; ``--read-batch``).
+  (``dcache.client.GetBatcher``; ``--read-batch``), and its writes as one
+  MSET per TTL (``dcache.client.SetBatcher``; ``--write-batch``).
 
 ``Shim.start`` opens the failover ``Client`` over all masters, a second one
 for the batched reads (so that an answer too large for one frame only
@@ -62,7 +64,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 import httptools
 
-from ..client import MAX_TTL_S, Client, ClientConfig, GetBatcher
+from ..client import MAX_TTL_S, Client, ClientConfig, GetBatcher, SetBatcher
 from ..config import HttpConfig
 from ..errors import (
     AuthError,
@@ -371,6 +373,8 @@ class Shim:
         "read_client",
         "reads",
         "read",
+        "writes",
+        "write",
         "_tasks",
     )
 
@@ -392,6 +396,9 @@ class Shim:
     reads: GetBatcher
     #: How a GET reads a key: ``reads.get``, or ``client.get`` (as a task) with ``--read-batch 1``.
     read: Callable[[bytes], asyncio.Future[bytes | None]]
+    #: The batcher of writes, and how a write stores a key: ``writes.set``, or ``client.set`` (as a task) with ``--write-batch 1``.
+    writes: SetBatcher
+    write: Callable[[bytes, bytes, float | None], asyncio.Future[Any]]
     _tasks: set[asyncio.Task[Response]]
 
     def __init__(self, config: HttpConfig, metrics: HttpMetrics, metrics_text: Callable[[], bytes], ssl: SSLContext | None) -> None:
@@ -421,6 +428,12 @@ class Shim:
         else:
             get = self.client.get
             self.read = lambda key: asyncio.ensure_future(get(key))
+        self.writes = SetBatcher(self.client, max_keys=config.write_batch, stats=self.metrics.writes)
+        if config.write_batch > 1:
+            self.write = self.writes.set
+        else:
+            put = self.client.set
+            self.write = lambda key, value, ttl: asyncio.ensure_future(put(key, value, ttl=ttl))
         self.health_clients = {endpoint: Client(config=replace(health, endpoints=endpoint)) for endpoint in health.endpoints}
 
     async def close(self) -> None:
@@ -428,6 +441,7 @@ class Shim:
         await self.read_client.close()
         await self.client.close()
         await self.reads.close()
+        await self.writes.close()
         for client in self.health_clients.values():
             await client.close()
         if self._tasks:
@@ -453,7 +467,7 @@ class Shim:
             if method == "GET":
                 return self.get_key(request, key, route, not legacy)
             if not legacy and method == "PUT":
-                return self._run(request, route, self.put_data, key, query)
+                return self.put_data(request, key, query)
             if not legacy and method == "DELETE":
                 return self._run(request, route, self.delete_data, key, query)
             allow = "GET" if legacy else "DELETE,GET,PUT"
@@ -466,9 +480,9 @@ class Shim:
         if self.expected_auth is not None and path not in OPEN_ROUTES and not self._authorized(request):
             return self._answer(request, path, _unauthorized())
         if path == "/data":
-            return self._run(request, path, self.post_data, "", query)
+            return self.post_data(request, query)
         if path == "/api/post":
-            return self._run(request, path, self.legacy_post, "", query)
+            return self.legacy_post(request, query)
         if path == "/health":
             return self._run(request, path, self.health, "", query)
         if path == "/metrics":
@@ -532,53 +546,88 @@ class Shim:
         self.observe("GET", route, response.status, perf_counter() - request.start)
         return response
 
-    async def post_data(self, request: Request, _key: str, _query: dict[str, str]) -> Response:
-        doc = _json_object(request.body)
-        unknown = sorted(set(doc) - _BODY_FIELDS)
-        if unknown:
-            _fail(400, f"unknown field(s): {', '.join(map(repr, unknown))}; expected key, value and optionally ttl")
-        key = doc.get("key")
-        if not isinstance(key, str):
-            _fail(
-                400, "field 'key' is required and must be a string" if key is None else f"'key' must be a string, not {type(key).__name__}"
-            )
-        key_bytes = _key_bytes(key, self.max_key_bytes, in_url=False)
-        value = doc.get("value")
-        if not isinstance(value, str):
-            _fail(
-                400,
-                "field 'value' is required and must be a string"
-                if value is None
-                else f"'value' must be a string, not {type(value).__name__}",
-            )
-        value_bytes = _text_bytes(value, "value")
-        ttl = _check_ttl(doc["ttl"]) if "ttl" in doc else None
-        await self.client.set(key_bytes, value_bytes, ttl=ttl)
-        return _key_value(key, value, 201)
+    def _store(
+        self, request: Request, route: str, key: bytes, value: bytes, ttl: float | None, done: Callable[[], Response]
+    ) -> asyncio.Future[Any]:
+        """Write ``value`` under ``key`` with the other writes of this loop iteration; ``done()`` is the answer once it is stored."""
+        request.finish = partial(self._stored, request, route, done)
+        return self.write(key, value, ttl)
 
-    async def put_data(self, request: Request, key: str, query: dict[str, str]) -> Response:
-        key_bytes = _key_bytes(key, self.max_key_bytes, in_url=True)
-        ttl = _query_ttl(query)
+    def _stored(self, request: Request, route: str, done: Callable[[], Response], write: asyncio.Future[None]) -> Response:
+        """The answer to a write once it is done (``Request.finish``)."""
+        try:
+            write.result()
+            response = done()
+        except Exception as exc:
+            response = _error_for(request, exc)
+        self.observe(request.method, route, response.status, perf_counter() - request.start)
+        return response
+
+    def _refuse(self, request: Request, route: str, exc: Exception) -> Response:
+        return self._answer(request, route, _error_for(request, exc))
+
+    def post_data(self, request: Request, query: str) -> Response | asyncio.Future[Any]:
+        """``POST /data``: JSON ``{"key", "value", "ttl"?}``; 201 with the key and value once stored."""
+        try:
+            doc = _json_object(request.body)
+            unknown = sorted(set(doc) - _BODY_FIELDS)
+            if unknown:
+                _fail(400, f"unknown field(s): {', '.join(map(repr, unknown))}; expected key, value and optionally ttl")
+            key = doc.get("key")
+            if not isinstance(key, str):
+                _fail(
+                    400,
+                    "field 'key' is required and must be a string" if key is None else f"'key' must be a string, not {type(key).__name__}",
+                )
+            key_bytes = _key_bytes(key, self.max_key_bytes, in_url=False)
+            value = doc.get("value")
+            if not isinstance(value, str):
+                _fail(
+                    400,
+                    "field 'value' is required and must be a string"
+                    if value is None
+                    else f"'value' must be a string, not {type(value).__name__}",
+                )
+            value_bytes = _text_bytes(value, "value")
+            ttl = _check_ttl(doc["ttl"]) if "ttl" in doc else None
+        except Exception as exc:
+            return self._refuse(request, "/data", exc)
+        return self._store(request, "/data", key_bytes, value_bytes, ttl, partial(_key_value, key, value, 201))
+
+    def put_data(self, request: Request, key: str, query: str) -> Response | asyncio.Future[Any]:
+        """``PUT /data/{key}``: the body is the value (raw bytes), ``?ttl=`` seconds; 201 with the key and size once stored."""
+        try:
+            key_bytes = _key_bytes(key, self.max_key_bytes, in_url=True)
+            ttl = _query_ttl(_query(query)) if query else None
+        except Exception as exc:
+            return self._refuse(request, _DATA_KEY_ROUTE, exc)
         value = request.body
-        await self.client.set(key_bytes, value, ttl=ttl)
-        return _json_text('{"key": ' + _enc(key) + ', "size": ' + str(len(value)) + "}", 201)
+        done = partial(_json_text, '{"key": ' + _enc(key) + ', "size": ' + str(len(value)) + "}", 201)
+        return self._store(request, _DATA_KEY_ROUTE, key_bytes, value, ttl, done)
 
     async def delete_data(self, request: Request, key: str, _query: dict[str, str]) -> Response:
         deleted = await self.client.delete(_key_bytes(key, self.max_key_bytes, in_url=True))
         return _json_text('{"key": ' + _enc(key) + ', "deleted": ' + ("true" if deleted else "false") + "}")
 
-    async def legacy_post(self, request: Request, _key: str, query: dict[str, str]) -> Response:
-        key = query.get("key")
-        value = query.get("value")
-        if key is None or value is None:
-            _fail(400, "query parameters 'key' and 'value' are required")
-        key_bytes = _key_bytes(key, self.max_key_bytes, in_url=True)
-        if len(value) > MAX_QUERY_VALUE_CHARS:
-            _fail(400, f"a value in the query string is limited to {MAX_QUERY_VALUE_CHARS} characters; use POST /data or PUT /data/{{key}}")
-        value_bytes = _text_bytes(value, "value")
-        ttl = _query_ttl(query)
-        await self.client.set(key_bytes, value_bytes, ttl=ttl)
-        return _key_value(key, value, 201)
+    def legacy_post(self, request: Request, query: str) -> Response | asyncio.Future[Any]:
+        """``POST /api/post?key=&value=[&ttl=]``: 201 with the key and value once stored."""
+        try:
+            params = _query(query) if query else {}
+            key = params.get("key")
+            value = params.get("value")
+            if key is None or value is None:
+                _fail(400, "query parameters 'key' and 'value' are required")
+            key_bytes = _key_bytes(key, self.max_key_bytes, in_url=True)
+            if len(value) > MAX_QUERY_VALUE_CHARS:
+                _fail(
+                    400,
+                    f"a value in the query string is limited to {MAX_QUERY_VALUE_CHARS} characters; use POST /data or PUT /data/{{key}}",
+                )
+            value_bytes = _text_bytes(value, "value")
+            ttl = _query_ttl(params)
+        except Exception as exc:
+            return self._refuse(request, "/api/post", exc)
+        return self._store(request, "/api/post", key_bytes, value_bytes, ttl, partial(_key_value, key, value, 201))
 
     async def health(self, request: Request, _key: str, _query: dict[str, str]) -> Response:
         clients = self.health_clients

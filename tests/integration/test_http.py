@@ -17,6 +17,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
+from dcache.client import Client
 from tests.cluster import Cluster, settled, wait_ring
 from tests.harness import DaemonProcess, start_http
 
@@ -433,5 +434,89 @@ async def test_read_batch_1_sends_one_get_per_request(stack: Stack) -> None:
         assert answers == [(200, {"key": "nobatch", "value": "v"})] * 10
         text = (await call("GET", f"{url}/metrics"))[2].decode()
         assert _metric(text, "dcache_http_read_batches_total") == 0
+    finally:
+        assert shim.terminate() == 0, shim.stderr()
+
+
+async def test_concurrent_writes_are_batched_and_each_gets_its_own_answer(stack: Stack) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), connector=aiohttp.TCPConnector(limit=200)) as session:
+
+        async def send(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+            async with session.request(method, stack.url + path, **kwargs) as resp:
+                return resp.status, json.loads(await resp.read())
+
+        for attempt in range(5):  # bounded: until some of them went out together
+            before = (await call("GET", f"{stack.url}/metrics"))[2].decode()
+            answers = await asyncio.gather(
+                *(send("POST", "/data", json={"key": f"wb:{attempt}:{i}", "value": f"value {i} ✓"}) for i in range(30)),
+                *(send("POST", "/data", json={"key": f"wb:ttl:{attempt}:{i}", "value": "t", "ttl": 60}) for i in range(5)),
+                *(send("PUT", f"/data/wb:put:{attempt}:{i}", data=b"\xff" * i) for i in range(1, 6)),
+                *(send("POST", "/api/post", params={"key": f"wb:legacy:{attempt}:{i}", "value": "lv"}) for i in range(3)),
+                send("POST", "/data", json={"key": "", "value": "refused by the shim"}),
+            )
+            assert answers[:30] == [(201, {"key": f"wb:{attempt}:{i}", "value": f"value {i} ✓"}) for i in range(30)]
+            assert answers[30:35] == [(201, {"key": f"wb:ttl:{attempt}:{i}", "value": "t"}) for i in range(5)]
+            assert answers[35:40] == [(201, {"key": f"wb:put:{attempt}:{i}", "size": i}) for i in range(1, 6)]
+            assert answers[40:43] == [(201, {"key": f"wb:legacy:{attempt}:{i}", "value": "lv"}) for i in range(3)]
+            assert answers[43][0] == 400
+            # Every write is stored, with its own value and TTL.
+            reads = await asyncio.gather(*(send("GET", f"/data/wb:{attempt}:{i}") for i in range(30)))
+            assert reads == [(200, {"key": f"wb:{attempt}:{i}", "value": f"value {i} ✓"}) for i in range(30)]
+            for i in range(1, 6):
+                status, _, body = await call(
+                    "GET", f"{stack.url}/data/wb:put:{attempt}:{i}", headers={"Accept": "application/octet-stream"}
+                )
+                assert (status, body) == (200, b"\xff" * i)
+            async with Client(stack.master) as client:
+                ttl = await client.ttl(f"wb:ttl:{attempt}:0")
+                assert ttl is not None and 0 < ttl <= 60
+                assert await client.ttl(f"wb:{attempt}:0") == -1.0
+            after = (await call("GET", f"{stack.url}/metrics"))[2].decode()
+            batches = _metric(after, "dcache_http_write_batches_total") - _metric(before, "dcache_http_write_batches_total")
+            batched = _metric(after, "dcache_http_write_batch_keys_total") - _metric(before, "dcache_http_write_batch_keys_total")
+            assert batched == 43, (batches, batched)
+            if batches < batched:
+                break
+        else:
+            raise AssertionError("43 concurrent writes never shared a batch")
+
+
+async def test_a_write_batch_the_cluster_refuses_is_written_key_by_key(stack: Stack) -> None:
+    """A key only the cluster refuses (the shim allows longer keys here) fails alone, not its whole batch."""
+    shim = start_http(stack.master, extra=["--max-key-bytes", "4096"])
+    try:
+        url = f"http://{shim.addr}"
+        long_key = "L" * 2000
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), connector=aiohttp.TCPConnector(limit=100)) as session:
+
+            async def post(key: str, value: str) -> tuple[int, Any]:
+                async with session.post(f"{url}/data", json={"key": key, "value": value}) as resp:
+                    return resp.status, json.loads(await resp.read())
+
+            for attempt in range(5):  # bounded: until the long key shared a batch at least once
+                answers = await asyncio.gather(*(post(f"wr:{i}", f"{attempt}") for i in range(20)), post(long_key, "x"))
+                assert answers[:20] == [(201, {"key": f"wr:{i}", "value": f"{attempt}"}) for i in range(20)]
+                status, doc = answers[20]
+                assert status == 400 and "key" in doc["error"].lower(), doc
+                async with Client(stack.master) as client:
+                    assert await client.mget([f"wr:{i}" for i in range(20)]) == [f"{attempt}".encode()] * 20
+                async with session.get(f"{url}/metrics") as resp:
+                    if _metric((await resp.read()).decode(), "dcache_http_write_batch_fallbacks_total") >= 1:
+                        break
+            else:
+                raise AssertionError("the long key never went out in a batch")
+    finally:
+        assert shim.terminate() == 0, shim.stderr()
+
+
+async def test_write_batch_1_sends_one_set_per_request(stack: Stack) -> None:
+    shim = start_http(stack.master, extra=["--write-batch", "1"])
+    try:
+        url = f"http://{shim.addr}"
+        answers = await asyncio.gather(*(call_json("POST", f"{url}/data", json={"key": f"nwb:{i}", "value": "v"}) for i in range(10)))
+        assert answers == [(201, {"key": f"nwb:{i}", "value": "v"}) for i in range(10)]
+        assert (await call_json("GET", f"{url}/data/nwb:3")) == (200, {"key": "nwb:3", "value": "v"})
+        text = (await call("GET", f"{url}/metrics"))[2].decode()
+        assert _metric(text, "dcache_http_write_batches_total") == 0
     finally:
         assert shim.terminate() == 0, shim.stderr()

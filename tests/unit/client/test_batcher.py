@@ -1,4 +1,4 @@
-"""GetBatcher over real Clients against the in-process fake server."""
+"""GetBatcher and SetBatcher over real Clients against the in-process fake server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from dcache.client import BatchStats, Client, GetBatcher
-from dcache.errors import ConfigError, InvalidArgumentError, RemoteProtocolError
+from dcache.client import BatchStats, Client, GetBatcher, SetBatcher
+from dcache.errors import ConfigError, InvalidArgumentError, RemoteProtocolError, ValueTooLargeError
 from dcache.protocol import Limits, Op
 
 from .fakeserver import FakeServer
@@ -108,3 +108,83 @@ def test_bad_options() -> None:
         GetBatcher(client, max_keys=0)
     with pytest.raises(ConfigError, match=r"^answer_bytes: "):
         GetBatcher(client, answer_bytes=0)
+
+
+# -- SetBatcher ---------------------------------------------------------------------------
+
+
+def msets(server: FakeServer) -> list[tuple[list[bytes], int | None]]:
+    """The keys and TTL (ms) of every MSET the server received, in arrival order."""
+    return [([bytes(k) for k, _ in r[2]], r[3] if len(r) > 3 else None) for r in server.requests(Op.MSET)]
+
+
+def sets(server: FakeServer) -> list[bytes]:
+    return [r[2] for r in server.requests(Op.SET)]
+
+
+async def test_one_mset_per_loop_iteration_and_ttl_capped_and_a_lone_write_as_set(server: FakeServer) -> None:
+    async with Client(server.address) as client:
+        stats = BatchStats()
+        batcher = SetBatcher(client, max_keys=4, stats=stats)
+        keys = [b"w%d" % i for i in range(10)]
+        writes = [batcher.set(k, b"v-" + k) for k in keys] + [batcher.set(b"t%d" % i, b"tv", ttl=1.5) for i in range(2)]
+        assert await asyncio.gather(*writes) == [None] * 12
+        assert sorted(msets(server)) == sorted([(keys[0:4], None), (keys[4:8], None), (keys[8:10], None), ([b"t0", b"t1"], 1500)])
+        assert all(server.data[k][0] == b"v-" + k for k in keys)
+        assert server.data[b"t0"][1] is not None and server.data[b"w0"][1] is None
+        await batcher.set("alone", b"1")  # alone: a SET
+        assert sets(server) == [b"alone"]
+        assert (stats.batches, stats.keys, stats.fallbacks) == (5, 13, 0)
+        await batcher.close()
+
+
+async def test_a_write_larger_than_the_batch_bytes_leaves_alone(server: FakeServer) -> None:
+    async with Client(server.address) as client:
+        batcher = SetBatcher(client, max_bytes=1000)
+        small = [batcher.set(b"s%d" % i, b"x" * 300) for i in range(4)]  # 302 bytes each: three fit, the fourth starts a new batch
+        big = batcher.set(b"big", b"y" * 2000)
+        await asyncio.gather(*small, big)
+        assert sorted(msets(server)) == sorted([([b"s0", b"s1", b"s2"], None)])
+        assert sorted(sets(server)) == [b"big", b"s3"]
+        assert server.data[b"big"][0] == b"y" * 2000
+
+
+async def test_a_refused_batch_is_written_again_pair_by_pair(server: FakeServer) -> None:
+    server.error_ops[Op.MSET] = (int(ValueTooLargeError.status), "a value is too large")
+    async with Client(server.address) as client, Client(server.address) as fallback:
+        batcher = SetBatcher(client, fallback=fallback)
+        assert await asyncio.gather(*(batcher.set(b"r%d" % i, b"v%d" % i) for i in range(3))) == [None] * 3
+        assert len(msets(server)) == 1 and sorted(sets(server)) == [b"r0", b"r1", b"r2"]
+        assert [server.data[b"r%d" % i][0] for i in range(3)] == [b"v0", b"v1", b"v2"]
+        assert batcher.stats.fallbacks == 1
+        server.error_ops[Op.SET] = (int(ValueTooLargeError.status), "a value is too large")
+        with pytest.raises(ValueTooLargeError):  # a lone write is not tried twice
+            await batcher.set(b"lone", b"v")
+        assert sets(server)[3:] == [b"lone"] and batcher.stats.fallbacks == 1
+
+
+async def test_a_pair_the_client_refuses_fails_alone(server: FakeServer) -> None:
+    limits = Limits(max_key_bytes=8)
+    async with Client(server.address, limits=limits) as client:
+        batcher = SetBatcher(client)
+        answers = await asyncio.gather(*(batcher.set(k, b"v") for k in [b"k1", b"L" * 9, b"k3"]), return_exceptions=True)
+        assert answers[0] is None and answers[2] is None and isinstance(answers[1], InvalidArgumentError)
+        assert server.data[b"k1"][0] == b"v" and server.data[b"k3"][0] == b"v" and b"L" * 9 not in server.data
+        assert batcher.stats.fallbacks == 1
+
+
+async def test_a_write_timeout_goes_to_every_pair_without_a_second_try(server: FakeServer) -> None:
+    server.silent_ops.add(Op.MSET)
+    async with Client(server.address, timeout=0.2) as client, Client(server.address) as fallback:
+        batcher = SetBatcher(client, fallback=fallback)
+        answers = await asyncio.gather(*(batcher.set(k, b"v") for k in [b"k1", b"k2"]), return_exceptions=True)
+        assert all(isinstance(a, TimeoutError) for a in answers), answers
+        assert sets(server) == [] and batcher.stats.fallbacks == 0
+
+
+def test_set_batcher_bad_options() -> None:
+    client = Client("h:1")
+    with pytest.raises(ConfigError, match=r"^max_keys: "):
+        SetBatcher(client, max_keys=0)
+    with pytest.raises(ConfigError, match=r"^max_bytes: "):
+        SetBatcher(client, max_bytes=0)
