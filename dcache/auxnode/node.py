@@ -277,9 +277,13 @@ class AuxNode(Service):
         return format_address(*server.sockets[0].getsockname()[:2])
 
     async def flush_keys(self) -> int:
-        """RESP's FLUSHDB on an aux node: empty the cache (no tombstones: it is for single-node use)."""
+        """RESP's FLUSHDB on an aux node: empty the cache (no tombstones: it is for single-node use).
+
+        Answered once the masters holding copies of its keys dropped them, as a held answer is.
+        """
         n = len(self.cache)
         self.cache.clear()
+        await self.tracker.acknowledged()
         return n
 
     async def scan_keys(self, cursor: int, count: int) -> tuple[int, list[bytes]]:

@@ -86,6 +86,19 @@ class _Round:
         self.timer: asyncio.TimerHandle | None = None
 
 
+class _Settle:
+    """A held answer that settles a future (``Tracker.acknowledged``) instead of answering a connection."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+
+    def reply(self, rid: int, status: int, result: Any, op: int = 0) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 class Tracker:
     """The tracking table of one aux node (see the module note)."""
 
@@ -166,6 +179,21 @@ class Tracker:
     def not_holding(self) -> None:
         """The changes just made belong to no request (a background sweep): the next request's answer is not held for them."""
         self._service.hold = None
+
+    async def acknowledged(self) -> None:
+        """Wait until every subscriber acknowledged the changes just made (at once if they touched no tracked key).
+
+        For a request whose handler changes keys outside the dispatch (a
+        coroutine, such as RESP's FLUSHDB): ``Service.hold`` holds only the
+        answers the dispatch sends, so such a handler awaits this before it
+        returns, as a held answer waits.
+        """
+        if self._forming is None:
+            self._service.hold = None
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._hold(_Settle(done), 0, 0, None)
+        await done
 
     def changed_all(self) -> None:
         """Every key changed (a flush)."""

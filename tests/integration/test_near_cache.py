@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as redis
 
 from dcache import Client
 from dcache.protocol import Op
 from dcache.protocol.limits import INVALIDATION_TIMEOUT_S
 from tests.cluster import Cluster, settled, wait_ring
 from tests.faults.checker import LoadChecker
+from tests.faults.proxy import FaultProxy
 
 pytestmark = pytest.mark.slow
 
@@ -244,3 +246,44 @@ async def test_tracking_table_is_bounded(cluster: NearCluster) -> None:
             assert await c.get(k) == b"new-" + k.encode()
         info = await c.execute(Op.HOTKEYS, 3)
         assert len(info) == 3 and all(k in {x.encode() for x in keys} for k, _ in info)
+
+
+async def warm_copy(cb: Client, b: str, key: str, value: bytes) -> None:
+    """Read ``key`` through master B until B answers it from its near cache (bounded)."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        before = (await stats(b))["near_cache_hits"]
+        for _ in range(100):
+            assert await cb.get(key) == value
+        if (await stats(b))["near_cache_hits"] >= before + 50:
+            return
+        assert time.monotonic() < deadline, "B never answered the key from its near cache"
+
+
+async def test_a_flush_on_an_aux_node_answers_after_the_near_caches_dropped_their_copies(cluster: NearCluster) -> None:
+    """FLUSHDB on an aux node's RESP port is a change like any other: answered only once every copy is gone.
+
+    The masters reach the aux node through a proxy that delays each way, so
+    an invalidation reaches master B well after an answer that did not wait
+    for it: before the fix, FLUSHDB answered at once and B answered the old
+    value from its copy afterwards.
+    """
+    with FaultProxy(name="a1") as proxy:
+        a = cluster.start_master("m1", *NEAR)
+        b = cluster.start_master("m2", *NEAR, follow=a)
+        aux = cluster.start_aux("a1", "--advertise", proxy.addr, "--resp-port", "0", "--resp-allow-flush", "true")
+        proxy.set_upstream(aux.addr)
+        await cluster.settle({"a1"})
+        async with Client(a.addr, timeout=10.0) as ca, Client(b.addr, timeout=10.0) as cb:
+            await ca.set("hot", b"v1")
+            await warm_copy(cb, b.addr, "hot", b"v1")
+            proxy.delay(0.15)  # a round trip of 0.3 s: leases still renew (1 s), pushes arrive late
+            r = redis.Redis(host=aux.host, port=aux.resp_port)
+            try:
+                t0 = time.monotonic()
+                assert await r.flushdb()
+                took = time.monotonic() - t0
+            finally:
+                await r.aclose()
+            assert await cb.get("hot") is None, f"B answered its copy after FLUSHDB was answered (in {took:.2f} s)"
+            assert took >= 0.25, f"FLUSHDB answered in {took:.2f} s, before B could have acknowledged its invalidation"

@@ -211,10 +211,16 @@ async def test_a_flush_invalidates_every_tracked_key() -> None:
     master, client = Wire(node), Wire(node)
     client.send(*([Op.SET, b"k%d" % i, b"v"] for i in range(3)))
     subscribe(master, b"k0", b"k1", b"k2")
-    assert await node.flush_keys() == 3
+    flush = asyncio.ensure_future(node.flush_keys())
     [push] = await until(master.pushes, "the flush's push")
     assert sorted(push[1]) == [[b"k0", GONE], [b"k1", GONE], [b"k2", GONE]]
     assert node.tracker.stats()["tracked_keys"] == 0
+    await settle()
+    assert not flush.done()  # RESP's FLUSHDB answers only once the copies are gone, as a held answer
+    master.call(Op.INVACK, push[0])
+    assert await asyncio.wait_for(flush, WAIT_S) == 3
+    assert client.answer(client.call(Op.SET, b"k0", b"v")) is True  # the flush's hold does not linger on the next request
+    assert await asyncio.wait_for(node.flush_keys(), WAIT_S) == 1  # nothing tracked: at once
 
 
 async def test_a_closed_subscriber_holds_writes_until_its_timeout_then_is_forgotten() -> None:
