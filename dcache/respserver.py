@@ -37,8 +37,10 @@ pipelines) never wait.
 ``max_command_args`` items as it reads it (``dcache.protocol.resp``); the
 bytes of a command still incomplete count against ``--max-input-buffer``
 and, over ``--max-frame-bytes``, close the connection; an incomplete
-command must finish within ``--frame-timeout``. A malformed stream gets an
-``-ERR Protocol error`` line and a closed connection.
+command must finish within ``--frame-timeout``. Commands read stop running
+while the client does not read its replies or too many answers are owed
+(``_drain``). A malformed stream gets an ``-ERR Protocol error`` line and a
+closed connection.
 """
 
 from __future__ import annotations
@@ -110,6 +112,9 @@ LOCAL, READ, WRITE, DEFER, SEQ = range(5)
 
 #: Most bytes kept (no copy) to re-read a stream that mixes inline lines with arrays (``RespProtocol._recover``).
 RECOVERY_BYTES = 64 * 1024
+#: Bytes of replies a connection builds in one batch of commands before it hands them to the
+#: transport, which then says (``pause_writing``) whether the client reads; if not, the batch stops.
+PUSH_BYTES = 256 * 1024
 
 #: Request ids of the native calls a composed command makes (above every slot number).
 _SUB_RID = 1 << 62
@@ -263,9 +268,10 @@ class RespProtocol(FrameProtocol):
         self._inline = b""
 
     def resume_writing(self) -> None:
+        """The client read its replies: run the commands held meanwhile (in the next loop iteration), then read again."""
         self._paused = False
-        if self._transport is not None and not self._closed and not self._throttled and not self._blocked:
-            self._transport.resume_reading()
+        if self._transport is not None and not self._closed:
+            asyncio.get_running_loop().call_soon(self._go_on)
 
     def data_received(self, data: bytes) -> None:
         if self._closed or self._closing_error is not None or self._reader is None:
@@ -291,7 +297,7 @@ class RespProtocol(FrameProtocol):
 
         ``completed`` is ``_next_slot`` before this input; ``fed`` the bytes just given to the reader.
         """
-        if not self._blocked:
+        if not self._stopped():
             try:
                 self._drain()
             except hiredis.ProtocolError as exc:
@@ -308,7 +314,7 @@ class RespProtocol(FrameProtocol):
         assert reader is not None
         if self._boundary and not self._has_data():
             partial = len(self._inline)
-        elif completed or self._blocked:
+        elif completed or self._stopped():
             partial = reader.len() + len(self._inline)
         else:
             partial = self.buffered + fed
@@ -336,29 +342,56 @@ class RespProtocol(FrameProtocol):
             self._inline = b""
         if commands:
             self._queue.extend(commands)
-            if not self._blocked:
-                self._drain()
+            self._drain()
         return rest
 
+    def _stopped(self) -> bool:
+        """Whether commands read must wait: for the commands in flight (blocked, throttled) or for the client to read its replies."""
+        return self._blocked or self._paused or self._throttled
+
     def _drain(self) -> None:
-        """Run queued commands, then every complete command the reader holds, until one must wait."""
+        """Run queued commands, then every complete command the reader holds, until one must wait.
+
+        Each ``PUSH_BYTES`` of replies built go to the transport at once, and
+        the batch stops when the transport pauses writing (the client does
+        not read) or too many answers are owed: a client that pipelines
+        large reads and never reads costs the bytes of about one push, not
+        the replies of every command it sent. The rest waits in the reader
+        (reading is paused) until ``_go_on``.
+        """
         queue = self._queue
-        while queue:
-            if self._blocked or self._closed:
-                return
-            self._command(queue.popleft())
+        out = self._pending_out
+        seen = len(out)
+        size = 0
         has_data = self._has_data
         gets = self._gets
         pos = self._pos
         length = self._len
-        while not self._blocked and not self._closed and has_data():
-            cmd = gets()
-            if cmd is False:
-                self._boundary = False
+        while not self._stopped() and not self._closed:
+            if queue:
+                self._command(queue.popleft())
+            elif has_data():
+                cmd = gets()
+                if cmd is False:
+                    self._boundary = False
+                    break
+                self._boundary = True
+                self._next_at = self._fed - (length.value - pos.value)
+                self._command(cmd)
+            else:
                 break
-            self._boundary = True
-            self._next_at = self._fed - (length.value - pos.value)
-            self._command(cmd)
+            n = len(out)
+            if n != seen:
+                if n < seen:  # written by a close
+                    seen = 0
+                while seen < n:
+                    size += len(out[seen])
+                    seen += 1
+                if size >= PUSH_BYTES:
+                    self._push()
+                    seen = size = 0
+        if queue:
+            return
         tail = self._tail
         if tail is None:
             if self._boundary and not self._closed and self._reader is not None and not has_data():
@@ -500,7 +533,15 @@ class RespProtocol(FrameProtocol):
         if self._transport is not None and not self._closed:
             self._transport.pause_reading()
 
+    def _push(self) -> None:
+        """Hand the replies built so far to the transport now (it calls ``pause_writing`` if the client does not read them)."""
+        out = self._pending_out
+        if out and self._transport is not None and not self._closed:
+            self._transport.writelines(out)  # no copy of a large value
+            out.clear()
+
     def _after_answer(self) -> None:
+        throttled = self._throttled
         super()._after_answer()
         if self._blocked:
             self.watch = True
@@ -508,14 +549,22 @@ class RespProtocol(FrameProtocol):
                 self._transport.pause_reading()  # the throttle may have resumed it
             if not self.in_flight:
                 asyncio.get_running_loop().call_soon(self._unblock)
+        elif throttled and not self._throttled:
+            asyncio.get_running_loop().call_soon(self._go_on)  # commands held by the throttle
 
     def _unblock(self) -> None:
         if not self._blocked or self.in_flight or self._closed or self._reader is None:
             return
         self._blocked = False
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """Run the commands held while the connection was stopped (``_stopped``), then read again if it may."""
+        if self._stopped() or self._closed or self._reader is None:
+            return
         self._run_commands(self._service.now, self._next_slot, 0)
         self._queue_flush()
-        if not self._blocked and self._transport is not None and not self._closed and not self._throttled and not self._paused:
+        if not self._stopped() and self._transport is not None and not self._closed:
             self._transport.resume_reading()
 
     # -- native calls --------------------------------------------------------------------

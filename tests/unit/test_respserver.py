@@ -183,12 +183,13 @@ async def test_answers_owed_past_the_in_flight_bound_pause_reading_until_half_ar
     conn, t = connect(svc)
     n = MAX_IN_FLIGHT + 10
     conn.data_received(b"".join(cmd(b"SET", b"k%d" % i, b"v") for i in range(n)))
-    assert conn.in_flight == n and not t.reading  # all read (one buffer), reading paused at the bound
+    assert conn.in_flight == MAX_IN_FLIGHT and not t.reading  # the last 10 wait in the reader, reading paused
     while conn.in_flight > MAX_IN_FLIGHT // 2 + 1:
         svc.answer(0)
     assert not t.reading
     svc.answer(0)
-    assert t.reading
+    await asyncio.sleep(0)
+    assert conn.in_flight == MAX_IN_FLIGHT // 2 + 10 and t.reading  # the held commands ran, then reading resumed
     while svc.later:
         svc.answer(0)
     await asyncio.sleep(0)
@@ -201,3 +202,55 @@ async def test_the_input_buffer_cap_closes_with_its_own_message_not_max_clients(
     conn.data_received(cmd(b"PING") + b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5000\r\n" + b"x" * 1500)
     assert out(t).startswith(b"+PONG\r\n-ERR this node's input buffer is full") and t.eof
     assert b"max number of clients" not in out(t)
+
+
+class SlowReaderTransport(FakeTransport):
+    """A transport whose client does not read: past ``high`` bytes written it pauses the protocol's writing."""
+
+    def __init__(self, high: int) -> None:
+        super().__init__(peername=("10.0.0.1", 5000), half_close=True)
+        self.high = high
+        self.size = 0
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.size += len(data)
+        if self.size > self.high and not self.paused and self.protocol is not None:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.write(b"".join(chunks))
+
+    def drain(self) -> None:
+        """The client read everything."""
+        self.size = 0
+        if self.paused and self.protocol is not None:
+            self.paused = False
+            self.protocol.resume_writing()
+
+
+async def test_commands_wait_while_the_client_does_not_read_its_replies() -> None:
+    svc = Toy()
+    value = b"x" * 100_000
+    svc.handlers[Op.GET] = lambda conn, rid, key: value
+    conn = RespProtocol(svc)
+    t = SlowReaderTransport(high=64 * 1024)
+    t.protocol = conn
+    conn.connection_made(t)  # type: ignore[arg-type]
+    n = 200
+    conn.data_received(cmd(b"GET", b"k") * n)
+    ran = len(t.written)
+    assert t.paused and not t.reading and sum(map(len, t.written)) < 1_000_000  # 20 MB of replies not built
+    answered = 0
+    for _ in range(n):  # the client reads what it got, a loop iteration at a time
+        answered += out(t).count(value)
+        t.written.clear()
+        if answered == n:
+            break
+        t.drain()
+        await asyncio.sleep(0)
+    t.drain()
+    await asyncio.sleep(0)
+    assert ran < n and answered == n and t.reading and not t.closed
