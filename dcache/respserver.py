@@ -185,6 +185,7 @@ class RespProtocol(FrameProtocol):
         "_nil",
         "_multi",
         "_multi_error",
+        "_multi_bytes",
         "_id",
         "_max_command",
         "_quitting",
@@ -225,6 +226,8 @@ class RespProtocol(FrameProtocol):
         #: MULTI's queued commands (``None``: not in a transaction), and whether one was refused.
         self._multi: list[list[bytes]] | None = None
         self._multi_error = False
+        #: Bytes of the arguments queued in the transaction (at most ``--max-frame-bytes``).
+        self._multi_bytes = 0
         self._id = 0
         self._max_command = limits.max_frame_bytes
         self._quitting = False
@@ -732,26 +735,47 @@ class RespProtocol(FrameProtocol):
     # -- transactions ---------------------------------------------------------------------
 
     def _queue_in_multi(self, spec: _Command | None, cmd: list[Any]) -> None:
-        assert self._multi is not None
+        """Queue ``cmd`` in the open transaction (``QUEUED``), or answer its error, which fails the transaction.
+
+        The queue holds at most ``--max-batch-keys`` commands whose arguments
+        weigh at most ``--max-frame-bytes`` in all, as one native request.
+        Once the transaction failed nothing more is kept: EXEC only aborts.
+        """
+        multi = self._multi
+        assert multi is not None
         if spec is None:
             self._stats.commands["unknown"] += 1
-            self._multi_error = True
-            self._answer_now(self._unknown(cmd))
+            self._fail_multi(self._unknown(cmd))
             return
         self._stats.commands[spec.name] += 1
         n = len(cmd)
+        limits = self._limits
         if self.level == Credential.NONE and spec.needs_auth:
-            self._multi_error = True
-            self._answer_now(b"-NOAUTH Authentication required.\r\n")
+            self._fail_multi(b"-NOAUTH Authentication required.\r\n")
         elif n < spec.least or n > spec.most:
-            self._multi_error = True
-            self._answer_now(error_line("ERR", f"wrong number of arguments for '{spec.name.lower()}' command"))
-        elif len(self._multi) >= self._limits.max_batch_keys:
-            self._multi_error = True
-            self._answer_now(error_line("ERR", f"more than {self._limits.max_batch_keys} commands in one transaction"))
-        else:
-            self._multi.append(cmd)
+            self._fail_multi(error_line("ERR", f"wrong number of arguments for '{spec.name.lower()}' command"))
+        elif self._multi_error:
             self._answer_now(QUEUED)
+        elif len(multi) >= limits.max_batch_keys:
+            self._fail_multi(error_line("ERR", f"more than {limits.max_batch_keys} commands in one transaction"))
+        else:
+            size = self._multi_bytes + sum(len(a) if a.__class__ is bytes else 8 for a in cmd)
+            if size > limits.max_frame_bytes:
+                self._fail_multi(
+                    error_line("ERR", f"a transaction's commands hold more than {limits.max_frame_bytes} bytes (--max-frame-bytes)")
+                )
+                return
+            self._multi_bytes = size
+            multi.append(cmd)
+            self._answer_now(QUEUED)
+
+    def _fail_multi(self, reply: bytes) -> None:
+        """A command of the open transaction is refused with ``reply``: EXEC will abort, so the queue is dropped now."""
+        assert self._multi is not None
+        self._multi_error = True
+        self._multi.clear()
+        self._multi_bytes = 0
+        self._answer_now(reply)
 
     def _run_step(self, cmd: list[Any], box: _Box) -> None:
         """Run one command of EXEC (or of any sequence) with its reply going to ``box``."""
@@ -1577,6 +1601,7 @@ def _multi(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
         raise RespError("MULTI calls can not be nested")
     conn._multi = []
     conn._multi_error = False
+    conn._multi_bytes = 0
     conn._deliver(target, OK)
 
 
@@ -1590,12 +1615,21 @@ def _exec(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
     if failed:
         raise RespError("Transaction discarded because of previous errors.", "EXECABORT")
 
+    limit = conn._limits.max_frame_bytes
+
     def steps() -> Sequence:
-        replies = []
+        parts = [b"*%d\r\n" % len(queued)]
+        size = 0
         for c in queued:
             r = yield ("resp", c)
-            replies.append(r if r.__class__ is bytes else b"".join(r))
-        return array(replies)
+            chunks = [r] if r.__class__ is bytes else r
+            n = sum(map(len, chunks))
+            if size + n > limit:  # the command ran; its reply is not kept (the answer stays bounded)
+                chunks = [error_line("ERR", f"this reply would take the transaction's answer past {limit} bytes (--max-frame-bytes)")]
+                n = len(chunks[0])
+            size += n
+            parts += chunks
+        return parts
 
     _sequence(conn, target, steps())
 

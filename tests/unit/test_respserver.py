@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import hiredis
+
 from dcache.config import NodeConfig
 from dcache.protocol import Credential, Op
 from dcache.respserver import RespProtocol
@@ -161,6 +163,36 @@ async def test_transactions_queue_then_run_in_order() -> None:
     svc.answer(0)
     await asyncio.sleep(0)
     assert out(t).endswith(b"*2\r\n+OK\r\n$9\r\nv:later:k\r\n")
+
+
+async def test_a_transaction_queues_at_most_max_frame_bytes_then_keeps_nothing() -> None:
+    svc = Toy(max_frame_bytes=100_000, max_value_bytes=60_000)
+    conn, t = connect(svc)
+    value = b"x" * 40_000
+    conn.data_received(cmd(b"MULTI") + cmd(b"SET", b"k", value) * 2)
+    assert out(t) == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n"
+    conn.data_received(cmd(b"SET", b"k", value))  # 120 KB queued in all: past the bound
+    assert out(t).endswith(b"-ERR a transaction's commands hold more than 100000 bytes (--max-frame-bytes)\r\n")
+    t.written.clear()
+    conn.data_received(cmd(b"SET", b"k", value) * 5)  # the transaction failed: answered, not kept
+    assert out(t) == b"+QUEUED\r\n" * 5 and conn._multi == []
+    conn.data_received(cmd(b"EXEC"))
+    assert out(t).endswith(b"-EXECABORT Transaction discarded because of previous errors.\r\n") and svc.log == []
+
+
+async def test_a_transaction_answer_past_max_frame_bytes_gets_errors_for_the_rest() -> None:
+    svc = Toy(max_frame_bytes=100_000, max_value_bytes=60_000)
+    value = b"x" * 30_000
+    svc.handlers[Op.GET] = lambda conn, rid, key: value
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"MULTI") + cmd(b"GET", b"k") * 5 + cmd(b"PING") + cmd(b"EXEC"))
+    await asyncio.sleep(0)
+    reader = hiredis.Reader()
+    reader.feed(out(t))
+    assert [reader.gets() for _ in range(7)] == [b"OK"] + [b"QUEUED"] * 6
+    got = reader.gets()
+    assert got[:3] == [value] * 3 and got[5] == b"PONG", got[3:]  # every command ran; the first three fit
+    assert all(isinstance(e, hiredis.ReplyError) and "past 100000 bytes" in str(e) for e in got[3:5])
 
 
 async def test_errors_take_their_slot_among_answers_owed() -> None:
