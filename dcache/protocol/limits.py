@@ -29,6 +29,7 @@ __all__ = [
     "MAX_RANGES",
     "MAX_NAME_CHARS",
     "MAX_HOT_KEYS",
+    "MAX_MATCH_PATTERN_BYTES",
     "NEAR_LEASE_S",
     "INVALIDATION_TIMEOUT_S",
     "Limits",
@@ -56,6 +57,9 @@ MAX_RANGES = MAX_ARRAY_ITEMS
 MAX_NAME_CHARS = 255
 #: Most keys one HOTKEYS answer lists.
 MAX_HOT_KEYS = 100
+#: Longest SCAN MATCH pattern over RESP (compiling one costs Python work per byte; a key is at most
+#: ``max_key_bytes``, 1 KiB by default, so a longer pattern only wastes it).
+MAX_MATCH_PATTERN_BYTES = 16 * 1024
 #: A master answers from a near-cache copy only while the aux node it
 #: subscribed on has answered it within this many seconds on the tracking
 #: connection (its lease; docs/PROTOCOL.md "Near-cache tracking").
