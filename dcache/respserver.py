@@ -46,7 +46,6 @@ closed connection.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import os
 import time
@@ -68,6 +67,7 @@ from .errors import (
 )
 from .net import protected_mode
 from .protocol import MAX_TTL_MS, Credential, Op
+from .protocol.limits import MAX_CONFIG_PATTERN_BYTES, MAX_CONFIG_PATTERNS
 from .protocol.resp import (
     LARGE_BULK_BYTES,
     NIL,
@@ -1455,12 +1455,17 @@ def _client(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 def _config(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
     sub = cmd[1].upper()
     if sub == b"GET" and len(cmd) >= 3:
+        patterns = cmd[2:]
+        if len(patterns) > MAX_CONFIG_PATTERNS:
+            raise RespError(f"CONFIG GET takes at most {MAX_CONFIG_PATTERNS} patterns")
+        if any(len(p) > MAX_CONFIG_PATTERN_BYTES for p in patterns):
+            raise RespError(f"CONFIG GET pattern longer than {MAX_CONFIG_PATTERN_BYTES} bytes")
         values = _config_values(conn._service)
         found: dict[str, Any] = {}
-        for pattern in cmd[2:]:
-            pat = pattern.decode(errors="replace").lower()
+        for pattern in patterns:
+            match = glob_matcher(pattern.lower())
             for k, v in values.items():
-                if fnmatch.fnmatchcase(k, pat):
+                if match(k.encode()):
                     found[k] = v
         conn._deliver(target, map_reply(found, conn._resp3))
     elif sub == b"RESETSTAT" and len(cmd) == 2:

@@ -195,6 +195,20 @@ async def test_a_transaction_answer_past_max_frame_bytes_gets_errors_for_the_res
     assert all(isinstance(e, hiredis.ReplyError) and "past 100000 bytes" in str(e) for e in got[3:5])
 
 
+async def test_config_get_matches_few_short_patterns_as_redis_globs() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"CONFIG", b"GET", b"MAXMEMORY*", b"datab?ses"))
+    reader = hiredis.Reader()
+    reader.feed(out(t))
+    assert reader.gets() == [b"maxmemory", b"0", b"maxmemory-policy", b"allkeys-lru", b"databases", b"1"]
+    t.written.clear()
+    # fnmatch took 62 ms to translate each of these: 2,000 of them stalled the node for 48 s
+    conn.data_received(cmd(b"CONFIG", b"GET", b"[" * 1000))
+    conn.data_received(cmd(b"CONFIG", b"GET", *[b"*a%d" % i for i in range(65)]))
+    assert out(t) == (b"-ERR CONFIG GET pattern longer than 128 bytes\r\n-ERR CONFIG GET takes at most 64 patterns\r\n")
+
+
 async def test_errors_take_their_slot_among_answers_owed() -> None:
     svc = Toy()
     conn, t = connect(svc)
