@@ -37,14 +37,15 @@ pipelines) never wait.
 ``max_command_args`` items as it reads it (``dcache.protocol.resp``); the
 bytes of a command still incomplete count against ``--max-input-buffer``
 and, over ``--max-frame-bytes``, close the connection; an incomplete
-command must finish within ``--frame-timeout``. A malformed stream gets an
-``-ERR Protocol error`` line and a closed connection.
+command must finish within ``--frame-timeout``. Commands read stop running
+while the client does not read its replies or too many answers are owed
+(``_drain``). A malformed stream gets an ``-ERR Protocol error`` line and a
+closed connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import os
 import time
@@ -66,6 +67,7 @@ from .errors import (
 )
 from .net import protected_mode
 from .protocol import MAX_TTL_MS, Credential, Op
+from .protocol.limits import MAX_CONFIG_PATTERN_BYTES, MAX_CONFIG_PATTERNS
 from .protocol.resp import (
     LARGE_BULK_BYTES,
     NIL,
@@ -110,6 +112,9 @@ LOCAL, READ, WRITE, DEFER, SEQ = range(5)
 
 #: Most bytes kept (no copy) to re-read a stream that mixes inline lines with arrays (``RespProtocol._recover``).
 RECOVERY_BYTES = 64 * 1024
+#: Bytes of replies a connection builds in one batch of commands before it hands them to the
+#: transport, which then says (``pause_writing``) whether the client reads; if not, the batch stops.
+PUSH_BYTES = 256 * 1024
 
 #: Request ids of the native calls a composed command makes (above every slot number).
 _SUB_RID = 1 << 62
@@ -180,6 +185,7 @@ class RespProtocol(FrameProtocol):
         "_nil",
         "_multi",
         "_multi_error",
+        "_multi_bytes",
         "_id",
         "_max_command",
         "_quitting",
@@ -220,6 +226,8 @@ class RespProtocol(FrameProtocol):
         #: MULTI's queued commands (``None``: not in a transaction), and whether one was refused.
         self._multi: list[list[bytes]] | None = None
         self._multi_error = False
+        #: Bytes of the arguments queued in the transaction (at most ``--max-frame-bytes``).
+        self._multi_bytes = 0
         self._id = 0
         self._max_command = limits.max_frame_bytes
         self._quitting = False
@@ -263,9 +271,10 @@ class RespProtocol(FrameProtocol):
         self._inline = b""
 
     def resume_writing(self) -> None:
+        """The client read its replies: run the commands held meanwhile (in the next loop iteration), then read again."""
         self._paused = False
-        if self._transport is not None and not self._closed and not self._throttled and not self._blocked:
-            self._transport.resume_reading()
+        if self._transport is not None and not self._closed:
+            asyncio.get_running_loop().call_soon(self._go_on)
 
     def data_received(self, data: bytes) -> None:
         if self._closed or self._closing_error is not None or self._reader is None:
@@ -291,7 +300,7 @@ class RespProtocol(FrameProtocol):
 
         ``completed`` is ``_next_slot`` before this input; ``fed`` the bytes just given to the reader.
         """
-        if not self._blocked:
+        if not self._stopped():
             try:
                 self._drain()
             except hiredis.ProtocolError as exc:
@@ -308,7 +317,7 @@ class RespProtocol(FrameProtocol):
         assert reader is not None
         if self._boundary and not self._has_data():
             partial = len(self._inline)
-        elif completed or self._blocked:
+        elif completed or self._stopped():
             partial = reader.len() + len(self._inline)
         else:
             partial = self.buffered + fed
@@ -336,29 +345,56 @@ class RespProtocol(FrameProtocol):
             self._inline = b""
         if commands:
             self._queue.extend(commands)
-            if not self._blocked:
-                self._drain()
+            self._drain()
         return rest
 
+    def _stopped(self) -> bool:
+        """Whether commands read must wait: for the commands in flight (blocked, throttled) or for the client to read its replies."""
+        return self._blocked or self._paused or self._throttled
+
     def _drain(self) -> None:
-        """Run queued commands, then every complete command the reader holds, until one must wait."""
+        """Run queued commands, then every complete command the reader holds, until one must wait.
+
+        Each ``PUSH_BYTES`` of replies built go to the transport at once, and
+        the batch stops when the transport pauses writing (the client does
+        not read) or too many answers are owed: a client that pipelines
+        large reads and never reads costs the bytes of about one push, not
+        the replies of every command it sent. The rest waits in the reader
+        (reading is paused) until ``_go_on``.
+        """
         queue = self._queue
-        while queue:
-            if self._blocked or self._closed:
-                return
-            self._command(queue.popleft())
+        out = self._pending_out
+        seen = len(out)
+        size = 0
         has_data = self._has_data
         gets = self._gets
         pos = self._pos
         length = self._len
-        while not self._blocked and not self._closed and has_data():
-            cmd = gets()
-            if cmd is False:
-                self._boundary = False
+        while not self._stopped() and not self._closed:
+            if queue:
+                self._command(queue.popleft())
+            elif has_data():
+                cmd = gets()
+                if cmd is False:
+                    self._boundary = False
+                    break
+                self._boundary = True
+                self._next_at = self._fed - (length.value - pos.value)
+                self._command(cmd)
+            else:
                 break
-            self._boundary = True
-            self._next_at = self._fed - (length.value - pos.value)
-            self._command(cmd)
+            n = len(out)
+            if n != seen:
+                if n < seen:  # written by a close
+                    seen = 0
+                while seen < n:
+                    size += len(out[seen])
+                    seen += 1
+                if size >= PUSH_BYTES:
+                    self._push()
+                    seen = size = 0
+        if queue:
+            return
         tail = self._tail
         if tail is None:
             if self._boundary and not self._closed and self._reader is not None and not has_data():
@@ -500,7 +536,15 @@ class RespProtocol(FrameProtocol):
         if self._transport is not None and not self._closed:
             self._transport.pause_reading()
 
+    def _push(self) -> None:
+        """Hand the replies built so far to the transport now (it calls ``pause_writing`` if the client does not read them)."""
+        out = self._pending_out
+        if out and self._transport is not None and not self._closed:
+            self._transport.writelines(out)  # no copy of a large value
+            out.clear()
+
     def _after_answer(self) -> None:
+        throttled = self._throttled
         super()._after_answer()
         if self._blocked:
             self.watch = True
@@ -508,14 +552,22 @@ class RespProtocol(FrameProtocol):
                 self._transport.pause_reading()  # the throttle may have resumed it
             if not self.in_flight:
                 asyncio.get_running_loop().call_soon(self._unblock)
+        elif throttled and not self._throttled:
+            asyncio.get_running_loop().call_soon(self._go_on)  # commands held by the throttle
 
     def _unblock(self) -> None:
         if not self._blocked or self.in_flight or self._closed or self._reader is None:
             return
         self._blocked = False
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """Run the commands held while the connection was stopped (``_stopped``), then read again if it may."""
+        if self._stopped() or self._closed or self._reader is None:
+            return
         self._run_commands(self._service.now, self._next_slot, 0)
         self._queue_flush()
-        if not self._blocked and self._transport is not None and not self._closed and not self._throttled and not self._paused:
+        if not self._stopped() and self._transport is not None and not self._closed:
             self._transport.resume_reading()
 
     # -- native calls --------------------------------------------------------------------
@@ -683,26 +735,47 @@ class RespProtocol(FrameProtocol):
     # -- transactions ---------------------------------------------------------------------
 
     def _queue_in_multi(self, spec: _Command | None, cmd: list[Any]) -> None:
-        assert self._multi is not None
+        """Queue ``cmd`` in the open transaction (``QUEUED``), or answer its error, which fails the transaction.
+
+        The queue holds at most ``--max-batch-keys`` commands whose arguments
+        weigh at most ``--max-frame-bytes`` in all, as one native request.
+        Once the transaction failed nothing more is kept: EXEC only aborts.
+        """
+        multi = self._multi
+        assert multi is not None
         if spec is None:
             self._stats.commands["unknown"] += 1
-            self._multi_error = True
-            self._answer_now(self._unknown(cmd))
+            self._fail_multi(self._unknown(cmd))
             return
         self._stats.commands[spec.name] += 1
         n = len(cmd)
+        limits = self._limits
         if self.level == Credential.NONE and spec.needs_auth:
-            self._multi_error = True
-            self._answer_now(b"-NOAUTH Authentication required.\r\n")
+            self._fail_multi(b"-NOAUTH Authentication required.\r\n")
         elif n < spec.least or n > spec.most:
-            self._multi_error = True
-            self._answer_now(error_line("ERR", f"wrong number of arguments for '{spec.name.lower()}' command"))
-        elif len(self._multi) >= self._limits.max_batch_keys:
-            self._multi_error = True
-            self._answer_now(error_line("ERR", f"more than {self._limits.max_batch_keys} commands in one transaction"))
-        else:
-            self._multi.append(cmd)
+            self._fail_multi(error_line("ERR", f"wrong number of arguments for '{spec.name.lower()}' command"))
+        elif self._multi_error:
             self._answer_now(QUEUED)
+        elif len(multi) >= limits.max_batch_keys:
+            self._fail_multi(error_line("ERR", f"more than {limits.max_batch_keys} commands in one transaction"))
+        else:
+            size = self._multi_bytes + sum(len(a) if a.__class__ is bytes else 8 for a in cmd)
+            if size > limits.max_frame_bytes:
+                self._fail_multi(
+                    error_line("ERR", f"a transaction's commands hold more than {limits.max_frame_bytes} bytes (--max-frame-bytes)")
+                )
+                return
+            self._multi_bytes = size
+            multi.append(cmd)
+            self._answer_now(QUEUED)
+
+    def _fail_multi(self, reply: bytes) -> None:
+        """A command of the open transaction is refused with ``reply``: EXEC will abort, so the queue is dropped now."""
+        assert self._multi is not None
+        self._multi_error = True
+        self._multi.clear()
+        self._multi_bytes = 0
+        self._answer_now(reply)
 
     def _run_step(self, cmd: list[Any], box: _Box) -> None:
         """Run one command of EXEC (or of any sequence) with its reply going to ``box``."""
@@ -1382,12 +1455,17 @@ def _client(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 def _config(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
     sub = cmd[1].upper()
     if sub == b"GET" and len(cmd) >= 3:
+        patterns = cmd[2:]
+        if len(patterns) > MAX_CONFIG_PATTERNS:
+            raise RespError(f"CONFIG GET takes at most {MAX_CONFIG_PATTERNS} patterns")
+        if any(len(p) > MAX_CONFIG_PATTERN_BYTES for p in patterns):
+            raise RespError(f"CONFIG GET pattern longer than {MAX_CONFIG_PATTERN_BYTES} bytes")
         values = _config_values(conn._service)
         found: dict[str, Any] = {}
-        for pattern in cmd[2:]:
-            pat = pattern.decode(errors="replace").lower()
+        for pattern in patterns:
+            match = glob_matcher(pattern.lower())
             for k, v in values.items():
-                if fnmatch.fnmatchcase(k, pat):
+                if match(k.encode()):
                     found[k] = v
         conn._deliver(target, map_reply(found, conn._resp3))
     elif sub == b"RESETSTAT" and len(cmd) == 2:
@@ -1528,6 +1606,7 @@ def _multi(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
         raise RespError("MULTI calls can not be nested")
     conn._multi = []
     conn._multi_error = False
+    conn._multi_bytes = 0
     conn._deliver(target, OK)
 
 
@@ -1541,12 +1620,21 @@ def _exec(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
     if failed:
         raise RespError("Transaction discarded because of previous errors.", "EXECABORT")
 
+    limit = conn._limits.max_frame_bytes
+
     def steps() -> Sequence:
-        replies = []
+        parts = [b"*%d\r\n" % len(queued)]
+        size = 0
         for c in queued:
             r = yield ("resp", c)
-            replies.append(r if r.__class__ is bytes else b"".join(r))
-        return array(replies)
+            chunks = [r] if r.__class__ is bytes else r
+            n = sum(map(len, chunks))
+            if size + n > limit:  # the command ran; its reply is not kept (the answer stays bounded)
+                chunks = [error_line("ERR", f"this reply would take the transaction's answer past {limit} bytes (--max-frame-bytes)")]
+                n = len(chunks[0])
+            size += n
+            parts += chunks
+        return parts
 
     _sequence(conn, target, steps())
 

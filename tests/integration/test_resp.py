@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
 import redis
 
@@ -515,6 +517,53 @@ def test_a_huge_pipeline_is_answered_in_order(lone_aux: DaemonProcess) -> None:
     got = _read_until_closed(s, timeout=30)
     s.close()
     assert got == b"".join(b":%d\r\n" % i for i in range(1, n + 1)) + b"+OK\r\n"
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_client_that_does_not_read_costs_bounded_memory(lone_aux: DaemonProcess) -> None:
+    """Pipelined GETs of a large value from a client that never reads: the node stops running them once its
+    replies back up, keeps serving others, and answers the rest in order once the client reads.
+
+    Before the fix the node ran every command it had read (2,000 here, in one batch) and queued every reply:
+    +1 GB of RSS for 2,000 GETs of 500 KB, and the loop stalled for seconds.
+    """
+    assert lone_aux.proc is not None
+    pid = lone_aux.proc.pid
+    value = b"v" * (500 * 1000)
+    n = 2000
+    with redis.Redis(port=lone_aux.resp_port, socket_timeout=10) as other:
+        other.set("large", value)
+        before = _rss_mb(pid)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        s.settimeout(10)
+        s.connect(("127.0.0.1", lone_aux.resp_port))
+        s.sendall(_cmd(b"GET", b"large") * n)  # 44 KB of commands in one write; nothing read
+        assert select.select([s], [], [], 10)[0], "no reply within 10 s"  # the node ran the first GETs
+        t0 = time.monotonic()
+        assert other.ping()
+        assert time.monotonic() - t0 < 2.0  # the node's loop is not stalled by the flood
+        grown = _rss_mb(pid) - before
+        assert grown < 100, f"RSS grew by {grown:.0f} MB for a client that does not read"
+        reader = hiredis.Reader()
+        got = 0
+        deadline = time.monotonic() + CMD_TIMEOUT_S
+        while got < n and time.monotonic() < deadline:
+            chunk = s.recv(1 << 20)
+            assert chunk, f"closed after {got} replies"
+            reader.feed(chunk)
+            while (reply := reader.gets()) is not False:
+                assert reply == value, reply[:100]
+                got += 1
+        s.close()
+        assert got == n and lone_aux.alive
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import hiredis
+
 from dcache.config import NodeConfig
 from dcache.protocol import Credential, Op
 from dcache.respserver import RespProtocol
@@ -163,6 +165,50 @@ async def test_transactions_queue_then_run_in_order() -> None:
     assert out(t).endswith(b"*2\r\n+OK\r\n$9\r\nv:later:k\r\n")
 
 
+async def test_a_transaction_queues_at_most_max_frame_bytes_then_keeps_nothing() -> None:
+    svc = Toy(max_frame_bytes=100_000, max_value_bytes=60_000)
+    conn, t = connect(svc)
+    value = b"x" * 40_000
+    conn.data_received(cmd(b"MULTI") + cmd(b"SET", b"k", value) * 2)
+    assert out(t) == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n"
+    conn.data_received(cmd(b"SET", b"k", value))  # 120 KB queued in all: past the bound
+    assert out(t).endswith(b"-ERR a transaction's commands hold more than 100000 bytes (--max-frame-bytes)\r\n")
+    t.written.clear()
+    conn.data_received(cmd(b"SET", b"k", value) * 5)  # the transaction failed: answered, not kept
+    assert out(t) == b"+QUEUED\r\n" * 5 and conn._multi == []
+    conn.data_received(cmd(b"EXEC"))
+    assert out(t).endswith(b"-EXECABORT Transaction discarded because of previous errors.\r\n") and svc.log == []
+
+
+async def test_a_transaction_answer_past_max_frame_bytes_gets_errors_for_the_rest() -> None:
+    svc = Toy(max_frame_bytes=100_000, max_value_bytes=60_000)
+    value = b"x" * 30_000
+    svc.handlers[Op.GET] = lambda conn, rid, key: value
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"MULTI") + cmd(b"GET", b"k") * 5 + cmd(b"PING") + cmd(b"EXEC"))
+    await asyncio.sleep(0)
+    reader = hiredis.Reader()
+    reader.feed(out(t))
+    assert [reader.gets() for _ in range(7)] == [b"OK"] + [b"QUEUED"] * 6
+    got = reader.gets()
+    assert got[:3] == [value] * 3 and got[5] == b"PONG", got[3:]  # every command ran; the first three fit
+    assert all(isinstance(e, hiredis.ReplyError) and "past 100000 bytes" in str(e) for e in got[3:5])
+
+
+async def test_config_get_matches_few_short_patterns_as_redis_globs() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"CONFIG", b"GET", b"MAXMEMORY*", b"datab?ses"))
+    reader = hiredis.Reader()
+    reader.feed(out(t))
+    assert reader.gets() == [b"maxmemory", b"0", b"maxmemory-policy", b"allkeys-lru", b"databases", b"1"]
+    t.written.clear()
+    # fnmatch took 62 ms to translate each of these: 2,000 of them stalled the node for 48 s
+    conn.data_received(cmd(b"CONFIG", b"GET", b"[" * 1000))
+    conn.data_received(cmd(b"CONFIG", b"GET", *[b"*a%d" % i for i in range(65)]))
+    assert out(t) == (b"-ERR CONFIG GET pattern longer than 128 bytes\r\n-ERR CONFIG GET takes at most 64 patterns\r\n")
+
+
 async def test_errors_take_their_slot_among_answers_owed() -> None:
     svc = Toy()
     conn, t = connect(svc)
@@ -183,12 +229,13 @@ async def test_answers_owed_past_the_in_flight_bound_pause_reading_until_half_ar
     conn, t = connect(svc)
     n = MAX_IN_FLIGHT + 10
     conn.data_received(b"".join(cmd(b"SET", b"k%d" % i, b"v") for i in range(n)))
-    assert conn.in_flight == n and not t.reading  # all read (one buffer), reading paused at the bound
+    assert conn.in_flight == MAX_IN_FLIGHT and not t.reading  # the last 10 wait in the reader, reading paused
     while conn.in_flight > MAX_IN_FLIGHT // 2 + 1:
         svc.answer(0)
     assert not t.reading
     svc.answer(0)
-    assert t.reading
+    await asyncio.sleep(0)
+    assert conn.in_flight == MAX_IN_FLIGHT // 2 + 10 and t.reading  # the held commands ran, then reading resumed
     while svc.later:
         svc.answer(0)
     await asyncio.sleep(0)
@@ -201,3 +248,55 @@ async def test_the_input_buffer_cap_closes_with_its_own_message_not_max_clients(
     conn.data_received(cmd(b"PING") + b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5000\r\n" + b"x" * 1500)
     assert out(t).startswith(b"+PONG\r\n-ERR this node's input buffer is full") and t.eof
     assert b"max number of clients" not in out(t)
+
+
+class SlowReaderTransport(FakeTransport):
+    """A transport whose client does not read: past ``high`` bytes written it pauses the protocol's writing."""
+
+    def __init__(self, high: int) -> None:
+        super().__init__(peername=("10.0.0.1", 5000), half_close=True)
+        self.high = high
+        self.size = 0
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.size += len(data)
+        if self.size > self.high and not self.paused and self.protocol is not None:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.write(b"".join(chunks))
+
+    def drain(self) -> None:
+        """The client read everything."""
+        self.size = 0
+        if self.paused and self.protocol is not None:
+            self.paused = False
+            self.protocol.resume_writing()
+
+
+async def test_commands_wait_while_the_client_does_not_read_its_replies() -> None:
+    svc = Toy()
+    value = b"x" * 100_000
+    svc.handlers[Op.GET] = lambda conn, rid, key: value
+    conn = RespProtocol(svc)
+    t = SlowReaderTransport(high=64 * 1024)
+    t.protocol = conn
+    conn.connection_made(t)  # type: ignore[arg-type]
+    n = 200
+    conn.data_received(cmd(b"GET", b"k") * n)
+    ran = len(t.written)
+    assert t.paused and not t.reading and sum(map(len, t.written)) < 1_000_000  # 20 MB of replies not built
+    answered = 0
+    for _ in range(n):  # the client reads what it got, a loop iteration at a time
+        answered += out(t).count(value)
+        t.written.clear()
+        if answered == n:
+            break
+        t.drain()
+        await asyncio.sleep(0)
+    t.drain()
+    await asyncio.sleep(0)
+    assert ran < n and answered == n and t.reading and not t.closed

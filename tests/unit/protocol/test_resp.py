@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import hiredis
 import pytest
 from hypothesis import given
@@ -163,11 +165,49 @@ def test_scan_match_is_a_redis_glob(pattern: bytes, matches: list[bytes], misses
     assert all(match(k) for k in matches) and not any(match(k) for k in misses)
 
 
+def _reference_glob(pattern: bytes, key: bytes) -> bool:
+    """Redis's ``stringmatchlen`` for ``*``, ``?``, ``[...]`` over plain bytes, by memoised recursion (slow, obviously right)."""
+
+    @functools.cache
+    def at(p: int, k: int) -> bool:
+        if p == len(pattern):
+            return k == len(key)
+        c = pattern[p : p + 1]
+        if c == b"*":
+            return at(p + 1, k) or (k < len(key) and at(p, k + 1))
+        if k == len(key):
+            return False
+        if c == b"?":
+            return at(p + 1, k + 1)
+        if c == b"[" and b"]" in pattern[p + 1 :]:
+            end = pattern.index(b"]", p + 1)
+            return key[k : k + 1] in pattern[p + 1 : end] and at(end + 1, k + 1)
+        return key[k : k + 1] == c and at(p + 1, k + 1)
+
+    return at(0, 0)
+
+
+@given(
+    st.binary(max_size=12).map(lambda b: bytes(b"ab*?["[x % 5] for x in b)),
+    st.binary(max_size=12).map(lambda b: bytes(b"ab"[x % 2] for x in b)),
+)
+def test_scan_match_agrees_with_redis_glob_semantics(raw: bytes, key: bytes) -> None:
+    pattern = raw.replace(b"[", b"[ab]")  # classes always closed here
+    assert glob_matcher(pattern)(key) == _reference_glob(pattern, key), (pattern, key)
+
+
+@pytest.mark.timeout(10)
+def test_scan_match_does_not_backtrack_exponentially() -> None:
+    match = glob_matcher(b"*a" * 12 + b"*b")  # one regex with .* per star never finished on this key
+    assert not match(b"a" * 1000) and match(b"a" * 1000 + b"b")
+    assert not glob_matcher(b"*" + b"?" * 500 + b"b*")(b"a" * 1024)
+
+
 def test_scan_options() -> None:
     assert parse_scan_options([]) == (None, 10, None)
     assert parse_scan_options([b"match", b"k:*", b"COUNT", b"500", b"TYPE", b"String"]) == (b"k:*", 500, b"string")
     assert parse_scan_options([b"MATCH", b"*"]) == (None, 10, None)  # everything: no filter
     assert parse_scan_options([b"COUNT", b"99999999"])[1] == 10_000  # a hint, capped at the native SCAN's most
-    for bad in ([b"COUNT", b"0"], [b"COUNT"], [b"NOPE", b"1"], [b"COUNT", b"x"]):
+    for bad in ([b"COUNT", b"0"], [b"COUNT"], [b"NOPE", b"1"], [b"COUNT", b"x"], [b"MATCH", b"*" * 16385]):
         with pytest.raises(RespError):
             parse_scan_options(bad)
