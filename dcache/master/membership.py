@@ -191,6 +191,8 @@ class Coordinator(Membership):
         self._links = links
         self._clock = clock
         self._misses: dict[str, int] = {}
+        #: Down nodes that answer again and wait for the running migration to end (``_back``).
+        self._waiting_back: set[str] = set()
         self._incarnations: dict[str, int] = {}
         self._fences: dict[str, asyncio.Task[None]] = {}
         #: node id -> the version its reconciliation copies from (0: everything).
@@ -321,10 +323,12 @@ class Coordinator(Membership):
                 return self.view.epoch  # a re-announcement: nothing changes (a fenced node stays fenced until reconciled)
             if known is not None and known.state == LEAVING:
                 return self.view.epoch  # leaving nodes do not come back by announcing
-            if known is not None and known.state == DOWN and (known.host, known.port) == (host, port):
+            if known is not None and known.state == DOWN and ((known.host, known.port) == (host, port) or self.view.prev_ring is not None):
                 # A down node comes back when this master's health checks reach
                 # it again, not because it can reach this master: the path
-                # from it may work while the one to it does not.
+                # from it may work while the one to it does not. One that moved
+                # comes back by announcing, but not while a migration runs
+                # (see _back): it announces again later.
                 return self.view.epoch
             members[node_id] = Member(node_id, host, port, weight, FENCED if fenced else UP, wall_ms())
             self._misses.pop(node_id, None)
@@ -361,6 +365,25 @@ class Coordinator(Membership):
         del self.health_events[:-50]
         log.warning("aux node %s marked %s: %s", node_id, state, why)
         self._change(members, f"{node_id} {state}: {why}")
+
+    def _back(self, node_id: str) -> None:
+        """A down node answers again: mark it up, unless a migration runs (then it waits for the end of it).
+
+        A node that was down missed the writes made meanwhile, so it may only
+        come back as a new owner that a migration fills (reads go to the
+        previous owners until that is done). While a migration runs, its
+        source ring stays authoritative, and that ring may hold the node (the
+        move away from it, say): marked up then, the node would be read as
+        an owner of data it never got. So it stays down until the migration
+        is done; a later health round brings it back.
+        """
+        if self.view.prev_ring is not None:
+            if node_id not in self._waiting_back:
+                self._waiting_back.add(node_id)
+                log.info("aux node %s answers pings again; it rejoins once the running migration is done", node_id)
+            return
+        self._waiting_back.discard(node_id)
+        self.mark(node_id, UP, "answers pings again")
 
     def on_aux_restart(self, node_id: str) -> None:
         self.fence(node_id, "restarted: reconciling before it serves reads")
@@ -495,7 +518,7 @@ class Coordinator(Membership):
                 known = self._incarnations.get(m.node_id)
                 self._incarnations[m.node_id] = incarnation  # type: ignore[assignment]
                 if current.state == DOWN:
-                    self.mark(m.node_id, UP, "answers pings again")
+                    self._back(m.node_id)
                 elif current.state == UP and known is not None and incarnation != known:
                     self.fence(m.node_id, "restarted: reconciling before it serves reads")
                 continue

@@ -230,6 +230,39 @@ async def test_health_checks_mark_a_silent_node_down_and_up_again(cluster: FakeC
         await coord.close()
 
 
+async def test_a_node_back_during_a_migration_rejoins_only_after_it(cluster: FakeCluster) -> None:
+    """A node that was down missed writes: it must not come back as an owner of the running migration's rings.
+
+    The migration away from it keeps the ring it was down from as its source
+    (the authoritative one): a2 marked up in the middle would be that ring's
+    owner again, read at once, and hold nothing of what was written while it
+    was down. It waits, stays out of the ring, and rejoins with a migration
+    of its own once the running one is done.
+    """
+    data = fill(cluster, 150)
+    coord = coordinator(cluster, migration_rate=60, migration_batch=10)  # the move away from a2 takes seconds
+    await coord.start()
+    try:
+        cluster.fake.silent.add("a2")
+        await until(lambda: coord.view.members["a2"].state == DOWN, SETTLE_S, "a2 to be marked down")
+        down = coord.view
+        assert down.prev_ring is not None and "a2" in down.prev_ring and "a2" not in down.ring
+        cluster.fake.silent.discard("a2")
+        hellos = _health_hellos(cluster, "a2")
+        await until(lambda: _health_hellos(cluster, "a2") >= hellos + 5, SETTLE_S, "a2 answering health checks")
+        assert coord.view.members["a2"].state == DOWN, "a2 came back while the migration away from it ran"
+        assert coord.view.prev_ring is not None, "the migration should still run (slow it down further)"
+        await until(lambda: coord.view.members["a2"].state == UP, 4 * SETTLE_S, "a2 to rejoin")
+        back = next(v for v in cluster.views if v.members["a2"].state == UP)
+        before = [v for v in cluster.views if v.epoch == down.epoch]
+        assert before[-1].prev_ring is None, "the migration away from a2 finished first"
+        assert back.prev_ring is not None and "a2" not in back.prev_ring and "a2" in back.ring, "a2 gets its data by a migration"
+        await coord.wait_settled(lambda v: v.prev_ring is None, 4 * SETTLE_S)
+        assert_owners_hold(cluster, coord.view, data)
+    finally:
+        await coord.close()
+
+
 async def test_health_checks_fence_a_node_that_restarted(cluster: FakeCluster) -> None:
     coord = coordinator(cluster)
     await coord.start()
