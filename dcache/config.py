@@ -21,6 +21,7 @@ field, so a bad value from any source gets the same message.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -31,7 +32,7 @@ from typing import Any, TypeVar
 from .address import format_address, parse_address
 from .errors import ConfigError
 from .hlc import DEFAULT_MAX_SKEW_MS
-from .protocol import MAX_BATCH_KEYS, MAX_FRAME_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, Limits
+from .protocol import MAX_BATCH_KEYS, MAX_FRAME_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, MAX_WEIGHT, Limits
 from .tls import DEFAULT_HANDSHAKE_TIMEOUT_S, TlsContexts, check_tls_settings
 
 __all__ = [
@@ -117,12 +118,16 @@ def _opt(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
 
 
 def _float(text: Any) -> float:
+    """A number of seconds (or a weight): finite, since ``nan`` passes every ``<`` check and ``inf`` overflows later."""
     if isinstance(text, bool):
         raise ValueError(f"not a number: {text!r}")
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
         raise ValueError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
 
 
 def _int(text: Any) -> int:
@@ -356,7 +361,7 @@ class AuxConfig(NodeConfig):
     expiry_interval: float = opt(0.1, "seconds between active-expiry sweeps", _float, "S")
     expiry_batch: int = opt(200, "most expired keys removed per sweep (bounds loop stalls)", _int)
     join: str | None = opt(None, "HOST:PORT of a master to join (and to hand data to on SIGTERM)", _opt_address, "ADDR")
-    weight: float = opt(1.0, "share of the ring relative to other aux nodes", _float, "W")
+    weight: float = opt(1.0, f"share of the ring relative to other aux nodes, at most {MAX_WEIGHT:g}", _float, "W")
     advertise: str | None = opt(None, "HOST:PORT masters should use to reach this node (default: the bound address)", _opt_address, "ADDR")
     leave_timeout: float = opt(120.0, "seconds to wait on SIGTERM for the master to move this node's data away", _float, "S")
     zookeeper: str | None = opt(None, "ZooKeeper ensemble HOST:PORT[,HOST:PORT...] to register in (instead of --join)", _opt_hosts, "HOSTS")
@@ -371,7 +376,9 @@ class AuxConfig(NodeConfig):
 
     def __post_init__(self) -> None:
         NodeConfig.__post_init__(self)
-        _check_positive(self, "weight", "leave_timeout", "zk_session_timeout")
+        _check_positive(self, "leave_timeout", "zk_session_timeout")
+        if not 0 < self.weight <= MAX_WEIGHT:  # what JOIN accepts: a master would refuse this node forever
+            raise ConfigError(f"weight: must be in (0, {MAX_WEIGHT:g}], got {self.weight!r}")
         if self.tracking_keys < 0:
             raise ConfigError("tracking_keys: must be >= 0")
         if self.zookeeper and self.join:

@@ -29,6 +29,7 @@ __all__ = [
     "MAX_RANGES",
     "MAX_NAME_CHARS",
     "MAX_HOT_KEYS",
+    "MAX_WEIGHT",
     "NEAR_LEASE_S",
     "INVALIDATION_TIMEOUT_S",
     "Limits",
@@ -56,6 +57,8 @@ MAX_RANGES = MAX_ARRAY_ITEMS
 MAX_NAME_CHARS = 255
 #: Most keys one HOTKEYS answer lists.
 MAX_HOT_KEYS = 100
+#: Largest ring weight of an aux node (JOIN, ``--weight``): 2048 ring points per unit of weight.
+MAX_WEIGHT = 1000.0
 #: A master answers from a near-cache copy only while the aux node it
 #: subscribed on has answered it within this many seconds on the tracking
 #: connection (its lease; docs/PROTOCOL.md "Near-cache tracking").

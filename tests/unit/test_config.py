@@ -161,3 +161,27 @@ def test_the_documented_config_file_loads_for_every_role(tmp_path):
         cfg: Any = load_config(cls, section, {}, env={}, config_file=str(f))
         assert cfg.port == ports[section]
     assert load_config(AuxConfig, "aux", {}, env={}, config_file=str(f)).max_memory == 4 * 1024**3
+
+
+@pytest.mark.parametrize(
+    "cls,section,var",
+    [
+        (AuxConfig, "aux", "DCACHE_MAX_CLOCK_SKEW"),  # was an OverflowError traceback
+        (AuxConfig, "aux", "DCACHE_SNAPSHOT_INTERVAL"),
+        (AuxConfig, "aux", "DCACHE_WEIGHT"),
+        (MasterConfig, "master", "DCACHE_AUX_TIMEOUT"),
+        (HttpConfig, "http", "DCACHE_TIMEOUT"),
+    ],
+)
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e400"])
+def test_seconds_and_weights_must_be_finite(cls, section, var, text):
+    with pytest.raises(ConfigError, match=rf"{var}: not a finite number: '{re.escape(text)}'"):
+        load_config(cls, section, {}, env={var: text})
+
+
+@pytest.mark.parametrize("text", ["1000.5", "5000"])
+def test_aux_weight_is_bounded_as_join_bounds_it(text):
+    """A weight every master refuses in JOIN is refused at start, not retried forever."""
+    with pytest.raises(ConfigError, match=r"weight: must be in \(0, 1000\]"):
+        load_config(AuxConfig, "aux", {}, env={"DCACHE_WEIGHT": text})
+    assert load_config(AuxConfig, "aux", {}, env={"DCACHE_WEIGHT": "1000"}).weight == 1000
