@@ -144,6 +144,8 @@ def taken_port():
         (("aux", "--port", "{port}"), "--port"),
         (("http", "--port", "{port}"), "--port"),
         (("master", "--port", "0", "--metrics-port", "{port}"), "--metrics-port"),
+        (("master", "--port", "0", "--resp-port", "{port}"), "--resp-port"),
+        (("aux", "--port", "0", "--resp-port", "{port}"), "--resp-port"),
         (("cluster", "--port", "{port}", "--data-dir", "{tmp}"), "--port"),
         (("cluster", "--port", "{free}", "--aux-port", "{port}", "--data-dir", "{tmp}"), "--aux-port"),
     ],
