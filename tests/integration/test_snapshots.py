@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -272,3 +273,22 @@ async def test_snapshots_while_the_cache_changes_stay_consistent(tmp_path: Path)
         else:
             assert (val == b"v" + key[1:] and version == int(key[1:]) + 1) or (version >= 10**6 and val == b"w%d" % (version - 10**6))
     await node.snapshots.close()
+
+
+async def test_sighup_without_tls_keeps_serving_and_loses_nothing(tmp_path: Path):
+    """SIGHUP (a reload habit, a closed terminal) once killed a node without TLS on the spot: no final snapshot."""
+    node = start_aux(tmp_path, "--snapshot-interval", "0", "--log-level", "info", node_id="snap-hup")
+    try:
+        async with Client(node.addr) as c:
+            await c.set("before-hup", b"kept")
+            node.signal(signal.SIGHUP)
+            await wait_until(
+                lambda: asyncio.sleep(0, any("SIGHUP" in line for line in node.stderr_lines)), 10.0, "the SIGHUP log line"
+            )
+            assert node.alive, node.stderr()
+            assert await c.get("before-hup") == b"kept"
+        assert node.terminate() == 0
+    finally:
+        stop(node)
+    with open(tmp_path / CURRENT_NAME, "rb") as f:
+        assert [e[0] for e in load(f, now_ms=time.time_ns() // 1_000_000).entries] == [b"before-hup"]
