@@ -37,7 +37,18 @@ from ..errors import (
     TooManyKeysError,
     ValueTooLargeError,
 )
-from .limits import INT64_MAX, INT64_MIN, MAX_ARRAY_ITEMS, MAX_HOT_KEYS, MAX_NAME_CHARS, MAX_RANGES, MAX_TTL_MS, MAX_WEIGHT, UINT64_MAX, Limits
+from .limits import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_ARRAY_ITEMS,
+    MAX_HOT_KEYS,
+    MAX_NAME_CHARS,
+    MAX_RANGES,
+    MAX_TTL_MS,
+    MAX_WEIGHT,
+    UINT64_MAX,
+    Limits,
+)
 from .messages import Op, SetFlag
 
 if TYPE_CHECKING:
