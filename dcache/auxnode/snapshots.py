@@ -28,7 +28,9 @@ itself cannot be interrupted, so it is shielded and finishes).
 Loading at start tries current, then prev. A file that fails validation is
 renamed aside, logged and counted, and the next generation is tried; if
 none is valid the node starts empty. A bad file can therefore never make the
-node crash-loop.
+node crash-loop. A file that cannot be read at all (permissions, an I/O
+error) stops the start instead: the node would otherwise rotate it to prev
+at its next snapshot and delete it at the one after.
 """
 
 from __future__ import annotations
@@ -200,10 +202,11 @@ class SnapshotManager:
         push every later version of this node into the future.
 
         Raises:
-            ConfigError: the data dir cannot be created, listed or written
-                (a config problem worth failing the start for; the message
-                says why in one line). Problems with the snapshot files
-                themselves never raise.
+            ConfigError: the data dir cannot be created, listed or written,
+                or a snapshot in it exists but cannot be read (permissions,
+                an I/O error): a problem worth failing the start for; the
+                message says why in one line. A file that reads but fails
+                validation never raises: it is set aside.
         """
         if self.data_dir is None:
             return 0
@@ -224,8 +227,11 @@ class SnapshotManager:
                 log.warning("snapshot %s rejected: %s; moved to %s", path, exc, aside or "(could not move it)")
                 continue
             except OSError as exc:
-                log.error("cannot read snapshot %s: %s; trying the previous generation", path, exc)
-                continue
+                # Starting without it would rotate it to prev at the next snapshot and delete it at the one after.
+                raise ConfigError(
+                    f"data_dir: cannot read snapshot {path}: {exc.strerror or exc}; fix it, or move it out of "
+                    "--data-dir to start without it (a node never overwrites a snapshot it could not read)"
+                ) from None
             read_s = time.monotonic() - t0
             loaded = await self._apply(data)
             self._last_created_ms = data.created_ms
@@ -252,6 +258,7 @@ class SnapshotManager:
         loaded = 0
         too_large = 0
         too_new = 0
+        evictions = node.cache.evictions
         max_version = 0
         ceiling = node.limits.version_ceiling()
         for start in range(0, len(entries), APPLY_CHUNK_ENTRIES):
@@ -270,6 +277,15 @@ class SnapshotManager:
                     max_version = version
         if too_large:
             log.warning("%d snapshot entries are larger than max_memory and were skipped", too_large)
+        evicted = node.cache.evictions - evictions
+        if evicted:  # the cache was empty: every eviction is a loaded entry, the oldest first
+            loaded -= evicted
+            log.warning(
+                "%d snapshot entries did not fit in --max-memory %d bytes (or --max-items) and were evicted, the least "
+                "recently used first; the next snapshot will not hold them (raise the budget to keep them)",
+                evicted,
+                node.config.max_memory,
+            )
         if too_new:
             self.versions_refused += too_new
             log.warning(
@@ -340,7 +356,10 @@ class SnapshotManager:
                 exc = f.exception()
                 if exc is not None:
                     self.failures += 1
-                    log.error("snapshot to %s failed: %r", self.data_dir, exc, exc_info=exc)
+                    if isinstance(exc, OSError):  # a full disk, permissions: one line a try, the cause is in it
+                        log.error("snapshot to %s failed: %s; the previous snapshot stays", self.data_dir, exc)
+                    else:
+                        log.error("snapshot to %s failed: %r", self.data_dir, exc, exc_info=exc)
                     return
                 self.taken += 1
                 self._last_created_ms = created_ms

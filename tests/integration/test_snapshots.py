@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -282,9 +284,7 @@ async def test_sighup_without_tls_keeps_serving_and_loses_nothing(tmp_path: Path
         async with Client(node.addr) as c:
             await c.set("before-hup", b"kept")
             node.signal(signal.SIGHUP)
-            await wait_until(
-                lambda: asyncio.sleep(0, any("SIGHUP" in line for line in node.stderr_lines)), 10.0, "the SIGHUP log line"
-            )
+            await wait_until(lambda: asyncio.sleep(0, any("SIGHUP" in line for line in node.stderr_lines)), 10.0, "the SIGHUP log line")
             assert node.alive, node.stderr()
             assert await c.get("before-hup") == b"kept"
         assert node.terminate() == 0
@@ -292,3 +292,66 @@ async def test_sighup_without_tls_keeps_serving_and_loses_nothing(tmp_path: Path
         stop(node)
     with open(tmp_path / CURRENT_NAME, "rb") as f:
         assert [e[0] for e in load(f, now_ms=time.time_ns() // 1_000_000).entries] == [b"before-hup"]
+
+
+async def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_last_one_stays(tmp_path: Path):
+    """A full or failing disk is an operating condition, not a bug: one ERROR line a try, no traceback."""
+    node = start_aux(tmp_path, "--snapshot-interval", "0.2", node_id="snap-fail")
+    try:
+        async with Client(node.addr) as c:
+            await c.set("k", b"on disk")
+            await wait_snapshots_after_now(c, 1)
+            assert node.proc is not None
+            (tmp_path / f"{TMP_PREFIX}{node.proc.pid}").mkdir()  # the temp file cannot be created: an OSError
+            base = (await c.stats())["snapshot_failures"]
+
+            async def failed_twice() -> bool:
+                return bool((await c.stats())["snapshot_failures"] >= base + 2)
+
+            await wait_until(failed_twice, 20.0, "two failed snapshots")
+            assert await c.get("k") == b"on disk"
+    finally:
+        stop(node)
+    failures = [line for line in node.stderr_lines if "snapshot to" in line and "failed" in line]
+    assert failures and all("Is a directory" in line for line in failures), node.stderr()
+    assert "Traceback" not in node.stderr()
+    with open(tmp_path / CURRENT_NAME, "rb") as f:
+        assert [e[0] for e in load(f, now_ms=time.time_ns() // 1_000_000).entries] == [b"k"]
+
+
+def test_a_snapshot_that_cannot_be_read_stops_the_start_and_stays(tmp_path: Path):
+    """Starting without it would rotate it to prev at the next snapshot and delete it at the one after.
+
+    A directory in its place stands for every file that exists but cannot be
+    read (permissions, an I/O error); the tests run as root, which reads any file.
+    """
+    unreadable = tmp_path / CURRENT_NAME
+    unreadable.mkdir()
+    with open(tmp_path / PREV_NAME, "wb") as f:
+        dump([(b"older", b"v", 0, 1)], f, node_id="snap-unreadable", ring_epoch=0, created_ms=0)
+    r = subprocess.run(
+        [sys.executable, "-m", "dcache", "aux", "--port", "0", "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and "READY" not in r.stdout, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert str(unreadable) in line and "cannot read" in line, line
+    assert unreadable.is_dir() and (tmp_path / PREV_NAME).is_file()
+
+
+async def test_a_snapshot_larger_than_max_memory_says_what_it_evicted(tmp_path: Path):
+    """Loaded into a smaller --max-memory, the oldest entries are evicted: counted and logged, never 'loaded'."""
+    n = 2000
+    with open(tmp_path / CURRENT_NAME, "wb") as f:
+        dump([(b"k:%05d" % i, b"v" * 100, 0, i + 1) for i in range(n)], f, node_id="snap-small", ring_epoch=0, created_ms=0)
+    node = start_aux(tmp_path, "--snapshot-interval", "0", "--max-memory", "100KiB", "--log-level", "info", node_id="snap-small")
+    try:
+        async with Client(node.addr) as c:
+            stats = await c.stats()
+            assert 0 < stats["items"] < n
+            assert stats["snapshot_loaded_keys"] == stats["items"]
+            assert stats["evictions"] == n - stats["items"]
+            assert await c.get(f"k:{n - 1:05d}") == b"v" * 100  # the last entries are the most recent
+    finally:
+        stop(node)
+    [warning] = [line for line in node.stderr_lines if "evicted" in line]
+    assert "WARNING" in warning and f"{n - stats['items']} " in warning and "--max-memory" in warning, warning
