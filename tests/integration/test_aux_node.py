@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import socket
 import time
 
 import pytest
@@ -223,3 +224,30 @@ async def test_sigint_is_graceful():
     node = start_aux(None)
     node.signal(signal.SIGINT)
     assert node.wait(10) == 0
+
+
+def test_a_master_that_refuses_joins_is_logged_once_not_twice_a_second():
+    """An aux node retries JOIN every 0.5 s; an unreachable master used to log each retry at INFO, forever."""
+    accepted = 0
+    with socket.socket() as listener:  # a "master" that accepts and hangs up at once
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        listener.settimeout(0.2)
+        node = start_aux(None, "--join", f"127.0.0.1:{listener.getsockname()[1]}", "--log-level", "info")
+        try:
+            deadline = time.monotonic() + 30
+            while accepted < 6:
+                assert time.monotonic() < deadline, f"only {accepted} join attempts"
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                conn.close()
+                accepted += 1
+            assert node.alive
+        finally:
+            node.signal(signal.SIGINT)
+            node.wait()
+    lines = [line for line in node.stderr_lines if "dcache.aux.membership" in line]
+    assert 1 <= len(lines) <= 2, "\n".join(lines)
+    assert "retrying" in lines[0] and "WARNING" in lines[0], lines[0]
