@@ -307,6 +307,23 @@ def _add_tls(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _endpoints(args: argparse.Namespace) -> list[str]:
+    """The ``host:port`` endpoints of ``--addr`` (comma-separated), checked before anything connects.
+
+    Raises:
+        ConfigError: an endpoint is not ``host:port`` or there is none (naming ``--addr``, not the client's field).
+    """
+    from .address import format_address, parse_address
+
+    endpoints = [a.strip() for a in args.addr.split(",") if a.strip()]
+    if not endpoints:
+        raise ConfigError("--addr: at least one HOST:PORT is required")
+    try:
+        return [format_address(*parse_address(a)) for a in endpoints]
+    except ValueError as exc:
+        raise ConfigError(f"--addr: {exc}") from None
+
+
 def _client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The TLS context of a tool's connections, from ``--tls-*``; ``None`` (plain TCP) without them.
 
@@ -339,9 +356,12 @@ def _run_tool(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any
     from .client import Client
 
     context = _client_ssl(args)
+    try:
+        endpoints = _endpoints(args)
+    except ConfigError as exc:
+        return _report(args, exc)
 
     async def go() -> int:
-        endpoints = [a.strip() for a in args.addr.split(",") if a.strip()]
         async with Client(
             endpoints,
             timeout=args.timeout,
@@ -684,10 +704,14 @@ def _cmd_hotkeys(args: argparse.Namespace) -> int:
 def _cmd_dump(args: argparse.Namespace) -> int:
     from .tools.dump import dump_cluster
 
+    try:
+        endpoint = _endpoints(args)[0]
+    except ConfigError as exc:
+        return _report(args, exc)
     return _run_coro(
         args,
         lambda: dump_cluster(
-            args.addr.split(",")[0],
+            endpoint,
             args.out,
             timeout=args.timeout,
             auth_token=args.auth_token,
@@ -703,10 +727,14 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     if args.batch < 1:
         print("dcache restore: --batch must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        endpoints = ",".join(_endpoints(args))
+    except ConfigError as exc:
+        return _report(args, exc)
     return _run_coro(
         args,
         lambda: restore_cluster(
-            args.addr,
+            endpoints,
             args.infile,
             batch=args.batch,
             timeout=args.timeout,

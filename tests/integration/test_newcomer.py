@@ -276,6 +276,12 @@ def test_unreachable_is_one_line_with_what_to_do(addr, needle):
     assert "--addr" in line and "Error(" not in line
 
 
+@pytest.mark.parametrize("command", [("get", "k"), ("stats",), ("dump", "--out", "x.dump"), ("restore", "--in", "x.dump")])
+@pytest.mark.parametrize(("addr", "needle"), [("bad", "'bad'"), ("127.0.0.1:99999", "out of range"), ("", "at least one")])
+def test_a_malformed_addr_names_the_flag(command, addr, needle):
+    assert_fails(dcache(*command, "--addr", addr), 2, f"dcache {command[0]}: --addr: ", needle)
+
+
 def test_errors_share_one_style(cluster, tmp_path):
     """'dcache COMMAND: what failed: why; what to do' - no 'error:' prefix, no temp file names, no exception reprs."""
     c, _ = cluster
