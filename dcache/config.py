@@ -153,6 +153,16 @@ def _check_port(name: str, port: int) -> None:
         raise ConfigError(f"{name}: port {port} is out of range 0..65535")
 
 
+def _check_distinct_ports(ports: tuple[tuple[str, int | None], ...]) -> None:
+    """One port per listener: each port (but 0, a free one each) serves one of them."""
+    seen: dict[int, str] = {}
+    for name, port in ports:
+        if port:
+            if port in seen:
+                raise ConfigError(f"{name}: port {port} is --{seen[port].replace('_', '-')}'s too; give each listener its own port")
+            seen[port] = name
+
+
 def _check_positive(obj: object, *names: str) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
@@ -300,6 +310,7 @@ class NodeConfig:
             _check_port("metrics_port", self.metrics_port)
         if self.resp_port is not None:
             _check_port("resp_port", self.resp_port)
+        _check_distinct_ports((("port", self.port), ("metrics_port", self.metrics_port), ("resp_port", self.resp_port)))
         _check_positive(self, "max_key_bytes", "max_value_bytes", "max_frame_bytes", "max_batch_keys", "max_connections")
         _check_positive(self, "max_input_buffer")
         for name in ("max_clock_skew", "idle_timeout", "frame_timeout", "shutdown_grace"):

@@ -185,3 +185,20 @@ def test_aux_weight_is_bounded_as_join_bounds_it(text):
     with pytest.raises(ConfigError, match=r"weight: must be in \(0, 1000\]"):
         load_config(AuxConfig, "aux", {}, env={"DCACHE_WEIGHT": text})
     assert load_config(AuxConfig, "aux", {}, env={"DCACHE_WEIGHT": "1000"}).weight == 1000
+
+
+@pytest.mark.parametrize("cls,section", [(AuxConfig, "aux"), (MasterConfig, "master")])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"DCACHE_PORT": "7555", "DCACHE_METRICS_PORT": "7555"}, "metrics_port: port 7555 is --port's too"),
+        ({"DCACHE_PORT": "7555", "DCACHE_RESP_PORT": "7555"}, "resp_port: port 7555 is --port's too"),
+        ({"DCACHE_METRICS_PORT": "7556", "DCACHE_RESP_PORT": "7556"}, "resp_port: port 7556 is --metrics-port's too"),
+    ],
+)
+def test_one_port_per_listener(cls, section, env, needle):
+    """--check-config catches it; the daemon would bind the first and fail on the second."""
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(cls, section, {}, env=env)
+    zero = {name: "0" for name in env}  # 0: a free port each
+    load_config(cls, section, {}, env=zero)
