@@ -324,6 +324,15 @@ def test_http_shim_warns_when_no_master_answers_and_keeps_trying():
             master.kill()
 
 
+def test_http_shim_pointed_at_an_aux_node_refuses_to_start(cluster):
+    """Through an aux node the shim would write around the ring: 201 Created, and a miss through every master."""
+    c, _ = cluster
+    aux = c.aux["a1"].addr
+    r = dcache("http", "--port", "0", "--master", f"{c.coordinator.addr},{aux}", timeout=30)
+    line = assert_fails(r, 2, "dcache http: configuration error: master: ", aux, "aux node", "--master")
+    assert "READY" not in r.stdout, line
+
+
 def test_json_answers_end_with_a_newline(cluster):
     _, http = cluster
     req = urllib.request.Request(f"http://{http.addr}/data", data=b'{"key": "nl", "value": "v"}', method="POST")
