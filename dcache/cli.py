@@ -30,6 +30,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -217,6 +218,9 @@ def _run_role(cls: type, section: str, args: argparse.Namespace, run: Callable[[
         _check_protected_mode(config, section)
         return _print_config(config)
     _setup_logging(config.log_level)
+    # SIGHUP never stops a daemon (dcache.daemon): ignored while it starts (loading a
+    # large snapshot takes seconds), then its own handler takes over.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         return run(config)
     except OSError as exc:  # the listener could not bind (the data dir and the metrics port raise ConfigError)

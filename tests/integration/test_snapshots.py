@@ -355,3 +355,39 @@ async def test_a_snapshot_larger_than_max_memory_says_what_it_evicted(tmp_path: 
         stop(node)
     [warning] = [line for line in node.stderr_lines if "evicted" in line]
     assert "WARNING" in warning and f"{n - stats['items']} " in warning and "--max-memory" in warning, warning
+
+
+def _ignores_sighup(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGHUP now (the SigIgn mask of /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    [mask] = [line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")]
+    return bool(int(mask, 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def test_sighup_while_a_large_snapshot_loads_does_not_stop_the_node(tmp_path: Path):
+    with open(tmp_path / CURRENT_NAME, "wb") as f:
+        dump([(b"k:%07d" % i, b"v", 0, i + 1) for i in range(300_000)], f, node_id="snap-hup-start", ring_epoch=0, created_ms=0)
+    args = ["--port", "0", "--data-dir", str(tmp_path), "--node-id", "snap-hup-start", "--max-memory", "1GiB"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "dcache", "aux", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while not _ignores_sighup(proc.pid):  # from the moment the CLI has its settings
+            assert proc.poll() is None, "exited while starting"
+            assert time.monotonic() < deadline, "SIGHUP is not ignored while the node starts"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"READY "), "stopped by SIGHUP while starting"
+        proc.send_signal(signal.SIGHUP)  # and once serving
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
