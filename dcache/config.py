@@ -396,6 +396,14 @@ class AuxConfig(NodeConfig):
             raise ConfigError("zookeeper: --zookeeper and --join are exclusive (register in ZooKeeper or join a master)")
         _check_cluster_name(self.cluster)
         _check_positive(self, "max_memory", "expiry_interval", "expiry_batch")
+        from .lru.cache import CPYTHON_COST  # here: the lru package needs the server extra, the client does not
+
+        smallest = CPYTHON_COST.entry_bytes(1, 0, False)
+        if self.max_memory < smallest:
+            raise ConfigError(
+                f"max_memory: {self.max_memory} bytes cannot hold a single entry (the smallest is charged {smallest}); "
+                "a size without a unit is bytes: give one, e.g. 256MiB"
+            )
         if self.max_items < 0:
             raise ConfigError("max_items: must be >= 0")
         if self.snapshot_interval < 0:

@@ -202,3 +202,10 @@ def test_one_port_per_listener(cls, section, env, needle):
         load_config(cls, section, {}, env=env)
     zero = {name: "0" for name in env}  # 0: a free port each
     load_config(cls, section, {}, env=zero)
+
+
+def test_a_budget_too_small_for_any_entry_is_refused():
+    """'--max-memory 256' (the unit forgotten) is 256 bytes: every write would fail with OUT_OF_MEMORY."""
+    with pytest.raises(ConfigError, match=r"max_memory: 256 bytes cannot hold a single entry .* a size without a unit is bytes"):
+        load_config(AuxConfig, "aux", {}, env={"DCACHE_MAX_MEMORY": "256"})
+    assert load_config(AuxConfig, "aux", {}, env={"DCACHE_MAX_MEMORY": "1KiB"}).max_memory == 1024
