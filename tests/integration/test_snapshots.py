@@ -391,3 +391,20 @@ def test_sighup_while_a_large_snapshot_loads_does_not_stop_the_node(tmp_path: Pa
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_data_dir_in_use_by_another_node_is_refused(tmp_path: Path):
+    """Two nodes on one folder overwrote each other's snapshots: after a restart one loaded the other's keys."""
+    first = start_aux(tmp_path, "--snapshot-interval", "0", node_id="snap-owner")
+    try:
+        assert first.proc is not None
+        cmd = [sys.executable, "-m", "dcache", "aux", "--port", "0", "--data-dir", str(tmp_path), "--node-id", "snap-intruder"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "READY" not in r.stdout, r.stderr
+        [line] = r.stderr.strip().splitlines()
+        assert str(tmp_path) in line and "in use by another aux node" in line and f"pid {first.proc.pid}" in line, line
+        assert first.terminate() == 0
+    finally:
+        stop(first)
+    again = start_aux(tmp_path, "--snapshot-interval", "0", node_id="snap-owner")  # the lock went with its process
+    stop(again)
