@@ -105,11 +105,16 @@ class HttpDaemon:
         https = self.tls.server if self.tls is not None else None
         loop = asyncio.get_running_loop()
         try:
-            await self._check_masters()
             server = await loop.create_server(
                 self.http.protocol, config.host, config.port, ssl=https, reuse_port=True if self.worker is not None else None, backlog=1024
             )
         except BaseException:
+            await self.shim.close()
+            raise
+        try:
+            await self._check_masters()
+        except BaseException:
+            server.close()
             await self.shim.close()
             raise
         self._server = server
