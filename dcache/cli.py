@@ -432,7 +432,8 @@ def _why_unreachable(exc: BaseException, args: argparse.Namespace) -> str:
     from .errors import ForeignProtocolError
 
     root = exc
-    while root.__cause__ is not None:
+    # Not down to a CancelledError: asyncio.timeout raises TimeoutError from the cancellation it made.
+    while root.__cause__ is not None and not isinstance(root.__cause__, asyncio.CancelledError):
         root = root.__cause__
     start = "is the cluster running (make run, or dcache cluster)? is --addr right?"
     if isinstance(root, ForeignProtocolError):

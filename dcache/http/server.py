@@ -175,7 +175,7 @@ class HttpDaemon:
                 info = await client.server_info()
             except Exception as exc:
                 root: BaseException = exc
-                while root.__cause__ is not None:
+                while root.__cause__ is not None and not isinstance(root.__cause__, asyncio.CancelledError):  # a timeout's cause
                     root = root.__cause__
                 return f"{root.__class__.__name__}: {root}" if str(root) else root.__class__.__name__
             if info.get("role") != "master":

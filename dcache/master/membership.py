@@ -701,7 +701,7 @@ class Follower(Membership):
             conn = await self._connection()
             return await conn.call(op, *args, timeout=timeout)
         except (OSError, TimeoutError) as exc:
-            raise UnavailableError(f"coordinator {self._host}:{self._port} is unreachable: {exc or 'timed out'}") from None
+            raise UnavailableError(f"coordinator {self._host}:{self._port} is unreachable: {str(exc) or 'timed out'}") from None
 
     def request_reconcile(self, node_id: str) -> None:
         self._reconcile.add(node_id)

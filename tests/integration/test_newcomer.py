@@ -282,6 +282,16 @@ def test_a_malformed_addr_names_the_flag(command, addr, needle):
     assert_fails(dcache(*command, "--addr", addr), 2, f"dcache {command[0]}: --addr: ", needle)
 
 
+def test_a_server_that_never_answers_is_a_timeout_with_what_to_do():
+    """A hung process, or a port that accepts and says nothing: the reason was empty ('... at HOST:PORT: ')."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel accepts; nobody ever answers
+        addr = f"127.0.0.1:{silent.getsockname()[1]}"
+        line = assert_fails(dcache("get", "k", "--addr", addr, "--timeout", "0.5"), 3, f"cannot reach a dcache server at {addr}: ")
+    assert "no answer within 0.5 s (--timeout)" in line and "--addr" in line, line
+
+
 def test_errors_share_one_style(cluster, tmp_path):
     """'dcache COMMAND: what failed: why; what to do' - no 'error:' prefix, no temp file names, no exception reprs."""
     c, _ = cluster
