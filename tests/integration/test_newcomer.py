@@ -167,6 +167,23 @@ def test_unusable_data_dir_is_one_line(tmp_path, role, make):
     assert_fails(r, 2, "data_dir", str(data_dir))
 
 
+@pytest.mark.parametrize(
+    "ports,flags",
+    [
+        (("--resp-port", "{p1}"), ("--port", "--resp-port")),  # m2 listens on p+1, m1's RESP too
+        (("--aux-port", "{p1}"), ("--port", "--aux-port")),
+        (("--aux-port", "{p2}", "--http-port", "{p3}"), ("--aux-port", "--http-port")),  # a2 on p+3
+    ],
+)
+def test_a_cluster_whose_ports_overlap_is_one_line(tmp_path, ports, flags):
+    """Each port was checked free on its own; the second process on a shared one failed later, half started."""
+    p = _free_port_block(8)
+    argv = [a.format(p1=p + 1, p2=p + 2, p3=p + 3) for a in ports]
+    r = dcache("cluster", "--port", str(p), *argv, "--data-dir", str(tmp_path / "data"), timeout=30)
+    line = assert_fails(r, 2, "dcache cluster: configuration error: ", *flags)
+    assert "READY" not in r.stdout and "did not start" not in line, line
+
+
 def _free_port_block(n: int) -> int:
     """A port p with p .. p+n-1 free right now (for a cluster whose --aux-port is the taken one)."""
     for _ in range(50):
