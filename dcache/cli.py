@@ -449,6 +449,8 @@ def _why_unreachable(exc: BaseException, args: argparse.Namespace) -> str:
     if isinstance(root, socket.gaierror):
         return f"unknown host name; {start}"
     if isinstance(root, TimeoutError):
+        if getattr(args, "timeout", None) is None:  # bench has no --timeout
+            return f"no answer in time; {start}"
         return f"no answer within {args.timeout} s (--timeout); {start}"
     if isinstance(root, OSError) and root.strerror:
         return f"{root.strerror.lower()}; {start}"
@@ -765,8 +767,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .tools.loadgen import BenchOptions, format_result, run_bench
 
     try:
-        result = run_bench(_options(BenchOptions, args), progress=None if args.quiet else sys.stderr)
-    except (OSError, RuntimeError, ValueError) as exc:
+        _endpoints(args)
+        opts = _options(BenchOptions, args)
+    except ValueError as exc:  # ConfigError too: a bad flag is a usage error, not an unreachable server
+        print(f"dcache bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = run_bench(opts, progress=None if args.quiet else sys.stderr)
+    except (ConfigError, OSError) as exc:  # a TLS file; the server not reached (as the other tools say it)
+        return _report(args, exc)
+    except RuntimeError as exc:
         print(f"dcache bench: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     print(json.dumps(result) if args.json else format_result(result))

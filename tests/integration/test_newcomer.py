@@ -309,6 +309,20 @@ def test_a_server_that_never_answers_is_a_timeout_with_what_to_do():
     assert "no answer within 0.5 s (--timeout)" in line and "--addr" in line, line
 
 
+@pytest.mark.parametrize(
+    "args,code,needle",
+    [
+        (("--addr", "bad"), 2, "dcache bench: --addr: not a host:port address: 'bad'"),
+        (("--duration", "nan"), 2, "--duration > 0"),
+        (("--ratio", "2"), 2, "--ratio in [0, 1]"),
+        (("--addr", "127.0.0.1:1"), 3, "dcache bench: cannot reach a dcache server at 127.0.0.1:1: connection refused"),
+    ],
+)
+def test_bench_mistakes_are_usage_errors_or_unreachable_in_the_tools_words(args, code, needle):
+    """bench said '[Errno 111] Connect call failed' and exited 3 (unreachable) for a bad flag too."""
+    assert_fails(dcache("bench", "--duration", "1", "--quiet", *args), code, needle)
+
+
 def test_errors_share_one_style(cluster, tmp_path):
     """'dcache COMMAND: what failed: why; what to do' - no 'error:' prefix, no temp file names, no exception reprs."""
     c, _ = cluster
