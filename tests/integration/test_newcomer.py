@@ -502,6 +502,21 @@ def _with_tty_stderr(argv: list[str], timeout: float = 60) -> tuple[int, str, st
     return proc.returncode, out.decode(), b"".join(shown).decode(errors="replace")
 
 
+def test_dump_never_replaces_a_pipe_or_device_and_writes_through_a_symlink(cluster, tmp_path):
+    """dump replaces its --out atomically: --out /dev/null replaced the device node with a file (as root)."""
+    c, _ = cluster
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)  # stands for /dev/null, /dev/stdout on a terminal or a pipe: not a regular file
+    assert_fails(dcache("dump", "--addr", c.coordinator.addr, "--out", str(pipe)), 2, f"cannot write {pipe}: it is a FIFO")
+    assert pipe.is_fifo()
+    target, link = tmp_path / "real.dump", tmp_path / "link.dump"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    r = dcache("dump", "--addr", c.coordinator.addr, "--out", str(link))
+    assert r.returncode == 0, r.stderr
+    assert link.is_symlink() and target.read_bytes().startswith(b"DCSNAP")
+
+
 def test_dump_and_restore_draw_progress_on_a_terminal_only(cluster, tmp_path):
     c, _ = cluster
     master = c.coordinator.addr
