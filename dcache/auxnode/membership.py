@@ -19,7 +19,7 @@ from typing import Any
 
 from ..address import format_address, parse_address
 from ..config import AuxConfig
-from ..errors import AuthError, HandshakeError
+from ..errors import AuthError
 from ..peer import PeerConnection, open_peer
 from ..protocol import Op
 
@@ -122,7 +122,7 @@ class JoinAgent:
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since, self._failure_kinds = now, set()
-        auth = isinstance(exc, (AuthError, HandshakeError))
+        auth = isinstance(exc, AuthError)  # not HandshakeError: --join names an aux node, or another protocol version
         # A refused proof and the throttling that follows it are one condition.
         kind = "credentials" if auth else type(exc).__name__
         if kind in self._failure_kinds and now - self._failure_logged_at < _REMIND_EVERY_S:

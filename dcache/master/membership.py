@@ -661,7 +661,7 @@ class Follower(Membership):
         """Sync with the coordinator once (bounded), then follow it in the background.
 
         Raises:
-            ConfigError: the coordinator has this master's node id.
+            ConfigError: the coordinator has this master's node id, or is an aux node.
         """
         try:
             await asyncio.wait_for(self.sync_once(), 3.0)
@@ -684,11 +684,17 @@ class Follower(Membership):
                 auth_token=self.config.auth_token,
                 client_name="dcache-follower",
                 timeout=2.0,
-                expect_role="master",
                 secret=self._secret,
                 ssl=self._ssl,
             )
-            if self._conn.server_info.get("node_id") == self._node_id():
+            info = self._conn.server_info
+            if info.get("role") != "master":
+                self._conn.close()
+                raise ConfigError(
+                    f"coordinator: {self._host}:{self._port} is an aux node ({info.get('node_id')}), not a master; "
+                    "give --coordinator the coordinating master's address (7000 by default)"
+                )
+            if info.get("node_id") == self._node_id():
                 self._conn.close()
                 raise ConfigError(
                     f"node_id: the coordinator at {self._host}:{self._port} has this master's node id {self._node_id()!r}; "

@@ -13,7 +13,7 @@ import pytest
 from dcache import Client
 from dcache.errors import BadArgumentsError, KeyTooLargeError, NotAnIntegerError, Status, ValueTooLargeError
 from dcache.protocol import Op, encode_request
-from tests.harness import DaemonProcess, start_aux
+from tests.harness import DaemonProcess, start_aux, wait_for
 from tests.rawconn import RawConn
 
 pytestmark = pytest.mark.slow
@@ -251,3 +251,16 @@ def test_a_master_that_refuses_joins_is_logged_once_not_twice_a_second():
     lines = [line for line in node.stderr_lines if "dcache.aux.membership" in line]
     assert 1 <= len(lines) <= 2, "\n".join(lines)
     assert "retrying" in lines[0] and "WARNING" in lines[0], lines[0]
+
+
+def test_joining_an_aux_node_says_so_not_credentials():
+    """--join given an aux node's address: the retries blamed 'this node's credentials'."""
+    target = start_aux(None)
+    node = start_aux(None, "--join", target.addr, "--log-level", "info")
+    try:
+        wait_for(lambda: "is not a master" in node.stderr(), 10, message="the join failure")
+        [line] = [line for line in node.stderr_lines if "is not a master" in line]
+        assert f"joining master {target.addr} failed" in line and "credentials" not in line, line
+    finally:
+        node.kill()
+        target.kill()

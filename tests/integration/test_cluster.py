@@ -356,6 +356,20 @@ def test_a_master_with_its_coordinators_node_id_refuses_to_start(tmp_path):
         cl.stop()
 
 
+def test_a_master_following_an_aux_node_refuses_to_start(tmp_path):
+    """It started and served UNAVAILABLE for every key, saying 'the coordinator refused this master'."""
+    cl = Cluster(tmp_path)
+    try:
+        aux = cl.start_aux("a1", join=False)
+        cmd = [sys.executable, "-m", "dcache", "master", "--port", "0", "--coordinator", aux.addr]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "READY" not in r.stdout, r.stderr
+        [line] = r.stderr.strip().splitlines()
+        assert f"coordinator: {aux.addr} is an aux node (a1)" in line and "--coordinator" in line, line
+    finally:
+        cl.stop()
+
+
 async def test_two_followers_with_one_node_id_are_told_apart(tmp_path):
     """The coordinator tracks followers by node id (a leave waits for each to route by the new ring): a second one is refused."""
     cl = Cluster(tmp_path)
