@@ -30,6 +30,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -217,6 +218,9 @@ def _run_role(cls: type, section: str, args: argparse.Namespace, run: Callable[[
         _check_protected_mode(config, section)
         return _print_config(config)
     _setup_logging(config.log_level)
+    # SIGHUP never stops a daemon (dcache.daemon): ignored while it starts (loading a
+    # large snapshot takes seconds), then its own handler takes over.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         return run(config)
     except OSError as exc:  # the listener could not bind (the data dir and the metrics port raise ConfigError)
@@ -307,6 +311,23 @@ def _add_tls(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _endpoints(args: argparse.Namespace) -> list[str]:
+    """The ``host:port`` endpoints of ``--addr`` (comma-separated), checked before anything connects.
+
+    Raises:
+        ConfigError: an endpoint is not ``host:port`` or there is none (naming ``--addr``, not the client's field).
+    """
+    from .address import format_address, parse_address
+
+    endpoints = [a.strip() for a in args.addr.split(",") if a.strip()]
+    if not endpoints:
+        raise ConfigError("--addr: at least one HOST:PORT is required")
+    try:
+        return [format_address(*parse_address(a)) for a in endpoints]
+    except ValueError as exc:
+        raise ConfigError(f"--addr: {exc}") from None
+
+
 def _client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The TLS context of a tool's connections, from ``--tls-*``; ``None`` (plain TCP) without them.
 
@@ -339,9 +360,12 @@ def _run_tool(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any
     from .client import Client
 
     context = _client_ssl(args)
+    try:
+        endpoints = _endpoints(args)
+    except ConfigError as exc:
+        return _report(args, exc)
 
     async def go() -> int:
-        endpoints = [a.strip() for a in args.addr.split(",") if a.strip()]
         async with Client(
             endpoints,
             timeout=args.timeout,
@@ -408,7 +432,8 @@ def _why_unreachable(exc: BaseException, args: argparse.Namespace) -> str:
     from .errors import ForeignProtocolError
 
     root = exc
-    while root.__cause__ is not None:
+    # Not down to a CancelledError: asyncio.timeout raises TimeoutError from the cancellation it made.
+    while root.__cause__ is not None and not isinstance(root.__cause__, asyncio.CancelledError):
         root = root.__cause__
     start = "is the cluster running (make run, or dcache cluster)? is --addr right?"
     if isinstance(root, ForeignProtocolError):
@@ -424,6 +449,8 @@ def _why_unreachable(exc: BaseException, args: argparse.Namespace) -> str:
     if isinstance(root, socket.gaierror):
         return f"unknown host name; {start}"
     if isinstance(root, TimeoutError):
+        if getattr(args, "timeout", None) is None:  # bench has no --timeout
+            return f"no answer in time; {start}"
         return f"no answer within {args.timeout} s (--timeout); {start}"
     if isinstance(root, OSError) and root.strerror:
         return f"{root.strerror.lower()}; {start}"
@@ -684,10 +711,14 @@ def _cmd_hotkeys(args: argparse.Namespace) -> int:
 def _cmd_dump(args: argparse.Namespace) -> int:
     from .tools.dump import dump_cluster
 
+    try:
+        endpoint = _endpoints(args)[0]
+    except ConfigError as exc:
+        return _report(args, exc)
     return _run_coro(
         args,
         lambda: dump_cluster(
-            args.addr.split(",")[0],
+            endpoint,
             args.out,
             timeout=args.timeout,
             auth_token=args.auth_token,
@@ -703,10 +734,14 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     if args.batch < 1:
         print("dcache restore: --batch must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        endpoints = ",".join(_endpoints(args))
+    except ConfigError as exc:
+        return _report(args, exc)
     return _run_coro(
         args,
         lambda: restore_cluster(
-            args.addr,
+            endpoints,
             args.infile,
             batch=args.batch,
             timeout=args.timeout,
@@ -732,8 +767,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .tools.loadgen import BenchOptions, format_result, run_bench
 
     try:
-        result = run_bench(_options(BenchOptions, args), progress=None if args.quiet else sys.stderr)
-    except (OSError, RuntimeError, ValueError) as exc:
+        _endpoints(args)
+        opts = _options(BenchOptions, args)
+    except ValueError as exc:  # ConfigError too: a bad flag is a usage error, not an unreachable server
+        print(f"dcache bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = run_bench(opts, progress=None if args.quiet else sys.stderr)
+    except (ConfigError, OSError) as exc:  # a TLS file; the server not reached (as the other tools say it)
+        return _report(args, exc)
+    except RuntimeError as exc:
         print(f"dcache bench: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     print(json.dumps(result) if args.json else format_result(result))

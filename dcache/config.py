@@ -21,6 +21,7 @@ field, so a bad value from any source gets the same message.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -31,7 +32,7 @@ from typing import Any, TypeVar
 from .address import format_address, parse_address
 from .errors import ConfigError
 from .hlc import DEFAULT_MAX_SKEW_MS
-from .protocol import MAX_BATCH_KEYS, MAX_FRAME_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, Limits
+from .protocol import MAX_BATCH_KEYS, MAX_FRAME_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, MAX_WEIGHT, Limits
 from .tls import DEFAULT_HANDSHAKE_TIMEOUT_S, TlsContexts, check_tls_settings
 
 __all__ = [
@@ -117,12 +118,16 @@ def _opt(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
 
 
 def _float(text: Any) -> float:
+    """A number of seconds (or a weight): finite, since ``nan`` passes every ``<`` check and ``inf`` overflows later."""
     if isinstance(text, bool):
         raise ValueError(f"not a number: {text!r}")
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
         raise ValueError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
 
 
 def _int(text: Any) -> int:
@@ -146,6 +151,16 @@ def opt(default: Any, help: str, parse: Callable[[Any], Any], metavar: str | Non
 def _check_port(name: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise ConfigError(f"{name}: port {port} is out of range 0..65535")
+
+
+def _check_distinct_ports(ports: tuple[tuple[str, int | None], ...]) -> None:
+    """One port per listener: each port (but 0, a free one each) serves one of them."""
+    seen: dict[int, str] = {}
+    for name, port in ports:
+        if port:
+            if port in seen:
+                raise ConfigError(f"{name}: port {port} is --{seen[port].replace('_', '-')}'s too; give each listener its own port")
+            seen[port] = name
 
 
 def _check_positive(obj: object, *names: str) -> None:
@@ -295,6 +310,7 @@ class NodeConfig:
             _check_port("metrics_port", self.metrics_port)
         if self.resp_port is not None:
             _check_port("resp_port", self.resp_port)
+        _check_distinct_ports((("port", self.port), ("metrics_port", self.metrics_port), ("resp_port", self.resp_port)))
         _check_positive(self, "max_key_bytes", "max_value_bytes", "max_frame_bytes", "max_batch_keys", "max_connections")
         _check_positive(self, "max_input_buffer")
         for name in ("max_clock_skew", "idle_timeout", "frame_timeout", "shutdown_grace"):
@@ -356,7 +372,7 @@ class AuxConfig(NodeConfig):
     expiry_interval: float = opt(0.1, "seconds between active-expiry sweeps", _float, "S")
     expiry_batch: int = opt(200, "most expired keys removed per sweep (bounds loop stalls)", _int)
     join: str | None = opt(None, "HOST:PORT of a master to join (and to hand data to on SIGTERM)", _opt_address, "ADDR")
-    weight: float = opt(1.0, "share of the ring relative to other aux nodes", _float, "W")
+    weight: float = opt(1.0, f"share of the ring relative to other aux nodes, at most {MAX_WEIGHT:g}", _float, "W")
     advertise: str | None = opt(None, "HOST:PORT masters should use to reach this node (default: the bound address)", _opt_address, "ADDR")
     leave_timeout: float = opt(120.0, "seconds to wait on SIGTERM for the master to move this node's data away", _float, "S")
     zookeeper: str | None = opt(None, "ZooKeeper ensemble HOST:PORT[,HOST:PORT...] to register in (instead of --join)", _opt_hosts, "HOSTS")
@@ -371,13 +387,23 @@ class AuxConfig(NodeConfig):
 
     def __post_init__(self) -> None:
         NodeConfig.__post_init__(self)
-        _check_positive(self, "weight", "leave_timeout", "zk_session_timeout")
+        _check_positive(self, "leave_timeout", "zk_session_timeout")
+        if not 0 < self.weight <= MAX_WEIGHT:  # what JOIN accepts: a master would refuse this node forever
+            raise ConfigError(f"weight: must be in (0, {MAX_WEIGHT:g}], got {self.weight!r}")
         if self.tracking_keys < 0:
             raise ConfigError("tracking_keys: must be >= 0")
         if self.zookeeper and self.join:
             raise ConfigError("zookeeper: --zookeeper and --join are exclusive (register in ZooKeeper or join a master)")
         _check_cluster_name(self.cluster)
         _check_positive(self, "max_memory", "expiry_interval", "expiry_batch")
+        from .lru.cache import CPYTHON_COST  # here: the lru package needs the server extra, the client does not
+
+        smallest = CPYTHON_COST.entry_bytes(1, 0, False)
+        if self.max_memory < smallest:
+            raise ConfigError(
+                f"max_memory: {self.max_memory} bytes cannot hold a single entry (the smallest is charged {smallest}); "
+                "a size without a unit is bytes: give one, e.g. 256MiB"
+            )
         if self.max_items < 0:
             raise ConfigError("max_items: must be >= 0")
         if self.snapshot_interval < 0:

@@ -4,8 +4,7 @@
 
 1. ``daemon.start()`` binds the listener and starts the background work;
 2. a ``/metrics`` endpoint starts if ``metrics_port`` is set;
-3. SIGTERM and SIGINT are caught (SIGHUP too when the daemon has TLS
-   certificates to reload); the process prints ``READY host:port``,
+3. SIGTERM, SIGINT and SIGHUP are caught; the process prints ``READY host:port``,
    followed by ``resp=host:port`` when the node also serves RESP;
 4. on the first signal, ``daemon.before_close(signal, again)`` runs: what a
    role does before it stops serving (an aux node that is a cluster member
@@ -16,7 +15,10 @@
 
 SIGHUP reloads the daemon's TLS certificate, key and CA (``daemon.tls``,
 ``dcache.tls.TlsContexts.reload``) without a restart; a daemon without TLS
-leaves SIGHUP alone (its default action stops the process, as before).
+logs that it has nothing to reload and keeps serving. SIGHUP's default
+action would kill the process on the spot: an aux node would lose the
+writes since its last snapshot, for a signal operators send to "reload"
+and terminals send when they close.
 
 Signals are handled only here, at the edge.
 """
@@ -94,8 +96,7 @@ async def serve(daemon: Daemon, *, host: str, metrics_port: int | None, ready: b
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
-        if daemon.tls is not None:
-            loop.add_signal_handler(signal.SIGHUP, daemon.tls.reload)
+        loop.add_signal_handler(signal.SIGHUP, _on_sighup, daemon)
         log.info("%s %s listening on %s", daemon.role, daemon.node_id, where)
         if ready:
             print(f"READY {where}", flush=True)
@@ -107,6 +108,14 @@ async def serve(daemon: Daemon, *, host: str, metrics_port: int | None, ready: b
         await daemon.close()
         if metrics is not None:
             await metrics.close()
+
+
+def _on_sighup(daemon: Daemon) -> None:
+    """SIGHUP: reload the TLS files, or say there is nothing to reload; never stop."""
+    if daemon.tls is not None:
+        daemon.tls.reload()
+    else:
+        log.info("SIGHUP: %s %s has no TLS files to reload; still serving (SIGTERM or SIGINT stops it)", daemon.role, daemon.node_id)
 
 
 #: Allocations at least this large are mapped (and unmapped when freed) by glibc.

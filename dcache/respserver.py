@@ -65,7 +65,7 @@ from .errors import (
     Status,
     UnknownOpError,
 )
-from .net import protected_mode
+from .net import listen_error, protected_mode
 from .protocol import MAX_TTL_MS, Credential, Op
 from .protocol.limits import MAX_CONFIG_PATTERN_BYTES, MAX_CONFIG_PATTERNS
 from .protocol.resp import (
@@ -140,7 +140,8 @@ async def listen_resp(service: Service, host: str, port: int) -> asyncio.base_ev
     """Serve RESP for ``service`` on ``host:port`` (0: a free port); return the listener.
 
     Raises:
-        ConfigError: protected mode refuses ``host`` (as for the native port).
+        ConfigError: protected mode refuses ``host`` (as for the native port), or ``port`` cannot be bound
+            (``dcache.net.listen_error``, naming ``--resp-port``).
         RuntimeError: this hiredis build cannot be bounded (``dcache.protocol.resp``).
     """
     protected_mode(
@@ -158,7 +159,10 @@ async def listen_resp(service: Service, host: str, port: int) -> asyncio.base_ev
     factory: Callable[[], asyncio.Protocol] = lambda: RespProtocol(service)  # noqa: E731
     if service.tls_listener is not None:  # a node with a certificate serves TLS on every port: RESP's too
         factory = service.tls_listener.acceptor_for(factory)
-    server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+    try:
+        server = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+    except OSError as exc:  # the CLI would blame --port, the native listener's flag
+        raise listen_error(exc, host, port, "--resp-port") from None
     service.resp_server = server
     return server
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from ssl import SSLContext
 from typing import Any
 
 from ..address import format_address, parse_address
 from ..config import AuxConfig
-from ..errors import AuthError, HandshakeError
+from ..errors import AuthError
 from ..peer import PeerConnection, open_peer
 from ..protocol import Op
 
@@ -28,6 +29,8 @@ log = logging.getLogger("dcache.aux.membership")
 
 _ANNOUNCE_EVERY_S = 3.0
 _RETRY_S = 0.5
+#: While announcing keeps failing, a reminder is logged at most this often (a new kind of failure is logged at once).
+_REMIND_EVERY_S = 30.0
 
 
 class JoinAgent:
@@ -59,8 +62,11 @@ class JoinAgent:
         self._on_epoch = on_epoch
         self._secret = config.secret()
         self._ssl = ssl
-        #: The last credential refusal logged (logged once until it changes).
-        self._auth_warned: str | None = None
+        #: When the current run of failed announcements began (``None``: the last one worked).
+        self._failing_since: float | None = None
+        #: When a failure was last logged, and the kinds logged in this run (``_log_failure``).
+        self._failure_logged_at = 0.0
+        self._failure_kinds: set[str] = set()
 
     def start(self) -> None:
         """Start announcing in the background."""
@@ -91,19 +97,13 @@ class JoinAgent:
                 epoch = await self._call(Op.JOIN, self.node_id, host, port, self.config.weight, self.epoch, timeout=15.0)
             except asyncio.CancelledError:
                 raise
-            except (AuthError, HandshakeError) as exc:
-                if str(exc) != self._auth_warned:
-                    self._auth_warned = str(exc)
-                    log.warning("master %s:%s refused this node's credentials: %s; retrying", *self._master, exc)
-                await asyncio.sleep(_RETRY_S)
-                continue
             except Exception as exc:
-                if self.joined.is_set():
-                    log.info("re-announcing to master %s:%s failed: %s", *self._master, exc)
-                else:
-                    log.info("joining master %s:%s failed (%s); retrying", *self._master, exc)
+                self._log_failure(exc)
                 await asyncio.sleep(_RETRY_S)
                 continue
+            if self._failing_since is not None and self.joined.is_set():
+                log.info("re-announced to master %s:%s after %.0f s of failures", *self._master, time.monotonic() - self._failing_since)
+            self._failing_since = None
             if isinstance(epoch, int) and epoch > 0:
                 self.epoch = epoch
                 if self._on_epoch is not None:
@@ -112,6 +112,31 @@ class JoinAgent:
                 log.info("joined the cluster through master %s:%s (epoch %s)", *self._master, epoch)
                 self.joined.set()
             await asyncio.sleep(_ANNOUNCE_EVERY_S)
+
+    def _log_failure(self, exc: Exception) -> None:
+        """Log a failed announcement: the first of a run and each new kind at WARNING, then a reminder every ``_REMIND_EVERY_S``.
+
+        A retry every ``_RETRY_S`` logged each time would be two lines a
+        second for as long as the master is away.
+        """
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since, self._failure_kinds = now, set()
+        auth = isinstance(exc, AuthError)  # not HandshakeError: --join names an aux node, or another protocol version
+        # A refused proof and the throttling that follows it are one condition.
+        kind = "credentials" if auth else type(exc).__name__
+        if kind in self._failure_kinds and now - self._failure_logged_at < _REMIND_EVERY_S:
+            return
+        self._failure_kinds.add(kind)
+        self._failure_logged_at = now
+        host, port = self._master
+        since = f" (failing for {now - self._failing_since:.0f} s)" if now - self._failing_since >= _RETRY_S else ""
+        if auth:
+            log.warning("master %s:%s refused this node's credentials: %s; retrying%s", host, port, exc, since)
+        elif self.joined.is_set():
+            log.warning("re-announcing to master %s:%s failed: %s; retrying every %.1f s%s", host, port, exc, _RETRY_S, since)
+        else:
+            log.warning("joining master %s:%s failed (%s); retrying every %.1f s%s", host, port, exc, _RETRY_S, since)
 
     async def leave(self) -> bool:
         """Ask the master to move this node's data away; True once it confirms."""

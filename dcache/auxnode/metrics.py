@@ -45,7 +45,11 @@ class AuxCollector(ServiceCollector):
         yield plain_counter("dcache_snapshots_taken", "Snapshots written successfully.", st["snapshots_taken"])
         yield plain_counter("dcache_snapshot_failures", "Snapshots that failed to be written.", st["snapshot_failures"])
         yield plain_counter("dcache_snapshots_rejected", "Snapshot files found invalid at load time.", st["snapshots_rejected"])
-        yield plain_gauge("dcache_snapshot_loaded_keys", "Keys loaded from a snapshot at start-up.", st["snapshot_loaded_keys"])
+        yield plain_gauge(
+            "dcache_snapshot_loaded_keys",
+            "Keys loaded from a snapshot at start-up and kept (not evicted to fit --max-memory).",
+            st["snapshot_loaded_keys"],
+        )
         yield plain_counter(
             "dcache_snapshot_versions_refused",
             "Snapshot entries skipped at start-up: their version was too far ahead of the clock.",

@@ -10,7 +10,9 @@ Files in ``data_dir``:
 * ``snapshot.tmp.<pid>``: a snapshot being written (removed at start if a
   crash left one behind);
 * ``snapshot[.prev].corrupt.<unix-ts>.msgpack``: files that failed
-  validation at start, set aside for inspection (never deleted by dcache).
+  validation at start, set aside for inspection (never deleted by dcache);
+* ``lock``: the running node's pid, locked (``flock``) while it runs, so a
+  second node given the same folder refuses to start.
 
 Taking a snapshot: the entries are copied on the event loop in slices of
 ``COPY_CHUNK_ENTRIES``, yielding to the loop between slices (copying a
@@ -28,19 +30,22 @@ itself cannot be interrupted, so it is shielded and finishes).
 Loading at start tries current, then prev. A file that fails validation is
 renamed aside, logged and counted, and the next generation is tried; if
 none is valid the node starts empty. A bad file can therefore never make the
-node crash-loop.
+node crash-loop. A file that cannot be read at all (permissions, an I/O
+error) stops the start instead: the node would otherwise rotate it to prev
+at its next snapshot and delete it at the one after.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from ..config import AuxConfig
 from ..errors import ConfigError
@@ -73,6 +78,39 @@ def _prepare_data_dir(path: str) -> None:
         raise ConfigError(f"data_dir: cannot write to {path}: permission denied; give --data-dir a folder this user can write")
 
 
+LOCK_NAME = "lock"
+
+
+def _lock_data_dir(path: str) -> BinaryIO:
+    """Take ``path``'s lock file (``flock``, exclusive) for this process and write its pid there; return it open.
+
+    The kernel drops the lock with the process, however it ends (even
+    SIGKILL), so a crash never leaves a stale lock.
+
+    Raises:
+        ConfigError: another process holds it: two nodes would overwrite each other's snapshots.
+    """
+    lock = os.path.join(path, LOCK_NAME)
+    try:
+        f = open(lock, "a+b")  # held open (and locked) for the node's life
+    except OSError as exc:
+        raise ConfigError(f"data_dir: cannot create {lock}: {exc.strerror or exc}; give --data-dir a folder this user can write") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().decode(errors="replace").strip() or "unknown"
+        f.close()
+        raise ConfigError(
+            f"data_dir: {path} is in use by another aux node (pid {holder}); give each node its own --data-dir "
+            "(two nodes on one folder overwrite each other's snapshots)"
+        ) from None
+    f.truncate(0)
+    f.write(b"%d\n" % os.getpid())
+    f.flush()
+    return f
+
+
 class SnapshotHost(Protocol):
     """What the snapshot manager needs of its node (an ``AuxNode`` has it)."""
 
@@ -93,6 +131,7 @@ class SnapshotHost(Protocol):
 
 __all__ = [
     "CURRENT_NAME",
+    "LOCK_NAME",
     "PREV_NAME",
     "TMP_PREFIX",
     "COPY_CHUNK_ENTRIES",
@@ -130,6 +169,7 @@ class SnapshotManager:
 
     __slots__ = (
         "_closed",
+        "_dir_lock",
         "_executor",
         "_last_created_ms",
         "_lock",
@@ -151,6 +191,8 @@ class SnapshotManager:
         self.data_dir: str | None = node.config.data_dir
         self.interval: float = node.config.snapshot_interval
         self._lock = asyncio.Lock()
+        #: The data dir's lock file, held open (locked) from ``load`` to ``close``.
+        self._dir_lock: BinaryIO | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self._last_created_ms = 0
@@ -200,15 +242,19 @@ class SnapshotManager:
         push every later version of this node into the future.
 
         Raises:
-            ConfigError: the data dir cannot be created, listed or written
-                (a config problem worth failing the start for; the message
-                says why in one line). Problems with the snapshot files
-                themselves never raise.
+            ConfigError: the data dir cannot be created, listed or written,
+                another node holds it (its ``lock``), or a snapshot in it
+                exists but cannot be read (permissions,
+                an I/O error): a problem worth failing the start for; the
+                message says why in one line. A file that reads but fails
+                validation never raises: it is set aside.
         """
         if self.data_dir is None:
             return 0
         data_dir = self.data_dir
         _prepare_data_dir(data_dir)
+        if self._dir_lock is None:
+            self._dir_lock = _lock_data_dir(data_dir)
         self._remove_temp_files()
         loop = asyncio.get_running_loop()
         for name in (CURRENT_NAME, PREV_NAME):
@@ -224,8 +270,11 @@ class SnapshotManager:
                 log.warning("snapshot %s rejected: %s; moved to %s", path, exc, aside or "(could not move it)")
                 continue
             except OSError as exc:
-                log.error("cannot read snapshot %s: %s; trying the previous generation", path, exc)
-                continue
+                # Starting without it would rotate it to prev at the next snapshot and delete it at the one after.
+                raise ConfigError(
+                    f"data_dir: cannot read snapshot {path}: {exc.strerror or exc}; fix it, or move it out of "
+                    "--data-dir to start without it (a node never overwrites a snapshot it could not read)"
+                ) from None
             read_s = time.monotonic() - t0
             loaded = await self._apply(data)
             self._last_created_ms = data.created_ms
@@ -252,6 +301,7 @@ class SnapshotManager:
         loaded = 0
         too_large = 0
         too_new = 0
+        evictions = node.cache.evictions
         max_version = 0
         ceiling = node.limits.version_ceiling()
         for start in range(0, len(entries), APPLY_CHUNK_ENTRIES):
@@ -270,6 +320,15 @@ class SnapshotManager:
                     max_version = version
         if too_large:
             log.warning("%d snapshot entries are larger than max_memory and were skipped", too_large)
+        evicted = node.cache.evictions - evictions
+        if evicted:  # the cache was empty: every eviction is a loaded entry, the oldest first
+            loaded -= evicted
+            log.warning(
+                "%d snapshot entries did not fit in --max-memory %d bytes (or --max-items) and were evicted, the least "
+                "recently used first; the next snapshot will not hold them (raise the budget to keep them)",
+                evicted,
+                node.config.max_memory,
+            )
         if too_new:
             self.versions_refused += too_new
             log.warning(
@@ -340,7 +399,10 @@ class SnapshotManager:
                 exc = f.exception()
                 if exc is not None:
                     self.failures += 1
-                    log.error("snapshot to %s failed: %r", self.data_dir, exc, exc_info=exc)
+                    if isinstance(exc, OSError):  # a full disk, permissions: one line a try, the cause is in it
+                        log.error("snapshot to %s failed: %s; the previous snapshot stays", self.data_dir, exc)
+                    else:
+                        log.error("snapshot to %s failed: %r", self.data_dir, exc, exc_info=exc)
                     return
                 self.taken += 1
                 self._last_created_ms = created_ms
@@ -442,6 +504,9 @@ class SnapshotManager:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._dir_lock is not None:
+            self._dir_lock.close()  # the lock goes with it
+            self._dir_lock = None
 
 
 class _Packed:

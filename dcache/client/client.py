@@ -214,7 +214,7 @@ class Client:
             try:
                 await self._get_pool(index).connect(timeout=self._config.timeout)
             except (NoAvailableNodeError, TimeoutError) as exc:
-                failures.append(f"{self._names[index]}: {exc or 'timed out'}")
+                failures.append(f"{self._names[index]}: {str(exc) or 'timed out'}")
                 continue
             self._current = index
             return

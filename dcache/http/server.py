@@ -29,6 +29,7 @@ from ..address import format_address
 from ..client import Client
 from ..config import HttpConfig
 from ..daemon import run, serve
+from ..errors import ConfigError
 from ..net import protected_mode
 from ._metrics import HttpMetrics, WorkerMetrics
 from ._wire import HttpServer
@@ -94,7 +95,8 @@ class HttpDaemon:
 
         Raises:
             ConfigError: ``--host`` reaches beyond this machine without
-                ``--http-token`` (protected mode), unless ``--insecure``.
+                ``--http-token`` (protected mode), unless ``--insecure``; or a
+                ``--master`` is an aux node (``_check_masters``).
             OSError: the port cannot be bound.
         """
         config = self.config
@@ -109,6 +111,12 @@ class HttpDaemon:
         except BaseException:
             await self.shim.close()
             raise
+        try:
+            await self._check_masters()
+        except BaseException:
+            server.close()
+            await self.shim.close()
+            raise
         self._server = server
         host, port = server.sockets[0].getsockname()[:2]
         where = format_address(host, port)
@@ -120,7 +128,6 @@ class HttpDaemon:
                 ", TLS to the masters" if self.tls.peer is not None else ", plain TCP to the masters",
                 self.tls.describe(),
             )
-        await self._check_masters()
         if self.worker is not None:
             self._follow_parent(self.worker)
             self.worker.ready.send(where)
@@ -150,24 +157,35 @@ class HttpDaemon:
         asyncio.get_running_loop().add_reader(worker.parent_alive, parent_gone)
 
     async def _check_masters(self) -> None:
-        """Warn about each master that does not answer a PING now (``--health-timeout`` each, in parallel).
+        """Warn about each master that does not answer now (``--health-timeout`` each, in parallel); refuse an aux node.
 
-        The shim starts all the same: its client keeps trying, and requests
-        are answered 503 until a master answers (``/health`` says which do).
+        The shim starts all the same when a master is down: its client keeps
+        trying, and requests are answered 503 until a master answers
+        (``/health`` says which do).
+
+        Raises:
+            ConfigError: a ``--master`` endpoint answers as an aux node: the
+                shim would store every key there, around the ring, where no
+                master finds it.
         """
         clients = self.shim.health_clients
 
-        async def ping(client: Client) -> str | None:
+        async def hello(client: Client) -> str | None:
             try:
-                await client.ping()
+                info = await client.server_info()
             except Exception as exc:
                 root: BaseException = exc
-                while root.__cause__ is not None:
+                while root.__cause__ is not None and not isinstance(root.__cause__, asyncio.CancelledError):  # a timeout's cause
                     root = root.__cause__
                 return f"{root.__class__.__name__}: {root}" if str(root) else root.__class__.__name__
+            if info.get("role") != "master":
+                raise ConfigError(
+                    f"master: {client.current_endpoint} is an aux node ({info.get('node_id')}), not a master: the shim would "
+                    "store keys around the ring, where no master finds them; give --master the masters' addresses (7000 by default)"
+                )
             return None
 
-        failures = await asyncio.gather(*(ping(c) for c in clients.values()))
+        failures = await asyncio.gather(*(hello(c) for c in clients.values()))
         down = {m: why for m, why in zip(clients, failures, strict=True) if why is not None}
         for master, why in down.items():
             log.warning("master %s does not answer (%s)", master, why)

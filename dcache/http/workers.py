@@ -18,8 +18,9 @@ One shim process is CPU-bound on one core; ``--workers N`` runs N of them.
 * **Signals.** SIGTERM and SIGINT on the parent are forwarded as SIGTERM to
   every worker, which stops gracefully (``shutdown_grace``); the parent waits
   for them (``shutdown_grace`` + ``_STOP_MARGIN_S``, then SIGKILL) and exits.
-  SIGHUP is forwarded when the shim has TLS files to reload (without TLS it
-  keeps its default action, as for one process). A worker whose parent is
+  SIGHUP is forwarded when the shim has TLS files to reload; without TLS the
+  parent logs that there is nothing to reload and every process keeps serving
+  (as one process does: ``dcache.daemon``). A worker whose parent is
   gone (even by SIGKILL) sees the parent's sentinel pipe close and stops.
 * **A worker that dies** is logged at WARNING with its exit status and
   started again, after a pause that doubles (1 s up to 30 s) while workers
@@ -216,6 +217,13 @@ class Supervisor:
             return
         log.info("http worker %d (pid %s) serves again", index, worker.process.pid)
 
+    def _on_sighup(self) -> None:
+        """SIGHUP: the workers reload their TLS files; without TLS, nothing to do but say so."""
+        if self.config.tls_cert is not None or self.config.tls_ca is not None:
+            self._signal_all(signal.SIGHUP)
+        else:
+            log.info("SIGHUP: the HTTP shim has no TLS files to reload; still serving (SIGTERM or SIGINT stops it)")
+
     def _signal_all(self, sig: int) -> None:
         for worker in self.workers.values():
             if worker.process.is_alive() and worker.process.pid is not None:
@@ -255,8 +263,7 @@ class Supervisor:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop, sig)
-        if self.config.tls_cert is not None or self.config.tls_ca is not None:
-            loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         workers = [self._spawn(i) for i in range(self.config.workers)]
         starts = [loop.create_task(self._wait_ready(w)) for w in workers]
         gathered: asyncio.Future[list[str]] = asyncio.gather(*starts)

@@ -43,7 +43,7 @@ from typing import Any
 
 from ..address import parse_address
 from ..config import MasterConfig
-from ..errors import BadArgumentsError, UnavailableError
+from ..errors import BadArgumentsError, ConfigError, ServerError, UnavailableError
 from ..hlc import HybridClock, wall_ms
 from ..peer import PeerConnection, open_peer
 from ..protocol import PROTOCOL_VERSION, Op
@@ -681,8 +681,18 @@ class Follower(Membership):
         self._secret = config.secret()
 
     async def start(self) -> None:
+        """Sync with the coordinator once (bounded), then follow it in the background.
+
+        Raises:
+            ConfigError: the coordinator has this master's node id, or is an aux node.
+        """
         try:
             await asyncio.wait_for(self.sync_once(), 3.0)
+        except ConfigError:
+            raise
+        except ServerError as exc:
+            log.error("the coordinator refused this master at start (%s); will keep trying", exc.message)
+            self.coordinator_error = str(exc)
         except Exception as exc:
             log.warning("coordinator not reachable at start (%s); will keep trying", exc)
             self.coordinator_error = str(exc)
@@ -697,10 +707,22 @@ class Follower(Membership):
                 auth_token=self.config.auth_token,
                 client_name="dcache-follower",
                 timeout=2.0,
-                expect_role="master",
                 secret=self._secret,
                 ssl=self._ssl,
             )
+            info = self._conn.server_info
+            if info.get("role") != "master":
+                self._conn.close()
+                raise ConfigError(
+                    f"coordinator: {self._host}:{self._port} is an aux node ({info.get('node_id')}), not a master; "
+                    "give --coordinator the coordinating master's address (7000 by default)"
+                )
+            if info.get("node_id") == self._node_id():
+                self._conn.close()
+                raise ConfigError(
+                    f"node_id: the coordinator at {self._host}:{self._port} has this master's node id {self._node_id()!r}; "
+                    "every master needs its own --node-id (one id would stamp two masters' writes with one version)"
+                )
         return self._conn
 
     async def _call(self, op: int, *args: Any, timeout: float = 5.0) -> Any:
@@ -708,7 +730,7 @@ class Follower(Membership):
             conn = await self._connection()
             return await conn.call(op, *args, timeout=timeout)
         except (OSError, TimeoutError) as exc:
-            raise UnavailableError(f"coordinator {self._host}:{self._port} is unreachable: {exc or 'timed out'}") from None
+            raise UnavailableError(f"coordinator {self._host}:{self._port} is unreachable: {str(exc) or 'timed out'}") from None
 
     def request_reconcile(self, node_id: str) -> None:
         self._reconcile.add(node_id)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..address import format_address
 from ..config import MasterConfig
-from ..errors import UnavailableError
+from ..errors import BadArgumentsError, UnavailableError
 from ..hlc import HybridClock
 from ..protocol import Op
 from ..server import DATA_OPS, LATER, FrameProtocol, Service, deferred
@@ -41,6 +41,10 @@ log = logging.getLogger("dcache.master")
 GC_GEN0_THRESHOLD = 50_000
 
 
+#: A follower that has not SYNCed for this long no longer holds its node id (it polls every --follow-interval).
+FOLLOWER_SILENT_S = 5.0
+
+
 class MasterNode(Service):
     """A master: membership, links to aux nodes, the router and the handlers."""
 
@@ -53,6 +57,8 @@ class MasterNode(Service):
         self._connect = connect
         self.clock = self._new_clock()
         self.links: dict[str, AuxLink] = {}
+        #: The connection each follower master SYNCs on, and when it last did, by its node id (``_sync``).
+        self._follower_conns: dict[str, tuple[FrameProtocol, float]] = {}
         #: RESP SCANs in progress (``scan_keys``).
         self.key_scans = KeyScans()
         self.started_at = time.time()
@@ -209,6 +215,19 @@ class MasterNode(Service):
         return deferred(self.membership.fence_missed(*args))
 
     def _sync(self, conn: FrameProtocol, rid: int, args: tuple[str, int, int, dict[str, Any] | None, list[str]]) -> Any:
+        follower_id = args[0]
+        holder, seen = self._follower_conns.get(follower_id, (conn, 0.0))
+        now = time.monotonic()
+        # A holder silent for a while may be a half-open connection of a follower that restarted elsewhere.
+        if holder is not conn and not holder.is_closing and now - seen < FOLLOWER_SILENT_S:
+            peer = holder.peer
+            where = format_address(*peer[:2]) if isinstance(peer, tuple) else str(peer)
+            # Two masters with one id stamp versions with one node tag, and the coordinator
+            # would count them as one follower (a leave waits for each to adopt the new ring).
+            raise BadArgumentsError(
+                f"node id {follower_id!r} is already used by the follower master at {where}: every master needs its own --node-id"
+            )
+        self._follower_conns[follower_id] = (conn, now)
         return self.membership.sync(*args)
 
     def _address(self) -> str:

@@ -12,6 +12,7 @@ from .limits import (
     MAX_KEY_BYTES,
     MAX_TTL_MS,
     MAX_VALUE_BYTES,
+    MAX_WEIGHT,
     UINT64_MAX,
     Limits,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "MAX_REQUEST_ID",
     "MAX_TTL_MS",
     "MAX_VALUE_BYTES",
+    "MAX_WEIGHT",
     "ONE_CHUNK_BYTES",
     "OPS",
     "PROTOCOL_VERSION",

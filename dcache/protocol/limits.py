@@ -32,6 +32,7 @@ __all__ = [
     "MAX_MATCH_PATTERN_BYTES",
     "MAX_CONFIG_PATTERNS",
     "MAX_CONFIG_PATTERN_BYTES",
+    "MAX_WEIGHT",
     "NEAR_LEASE_S",
     "INVALIDATION_TIMEOUT_S",
     "Limits",
@@ -67,6 +68,8 @@ MAX_MATCH_PATTERN_BYTES = 16 * 1024
 #: node's loop busy for seconds).
 MAX_CONFIG_PATTERNS = 64
 MAX_CONFIG_PATTERN_BYTES = 128
+#: Largest ring weight of an aux node (JOIN, ``--weight``): 2048 ring points per unit of weight.
+MAX_WEIGHT = 1000.0
 #: A master answers from a near-cache copy only while the aux node it
 #: subscribed on has answered it within this many seconds on the tracking
 #: connection (its lease; docs/PROTOCOL.md "Near-cache tracking").

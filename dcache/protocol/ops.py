@@ -37,7 +37,18 @@ from ..errors import (
     TooManyKeysError,
     ValueTooLargeError,
 )
-from .limits import INT64_MAX, INT64_MIN, MAX_ARRAY_ITEMS, MAX_HOT_KEYS, MAX_NAME_CHARS, MAX_RANGES, MAX_TTL_MS, UINT64_MAX, Limits
+from .limits import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_ARRAY_ITEMS,
+    MAX_HOT_KEYS,
+    MAX_NAME_CHARS,
+    MAX_RANGES,
+    MAX_TTL_MS,
+    MAX_WEIGHT,
+    UINT64_MAX,
+    Limits,
+)
 from .messages import Op, SetFlag
 
 if TYPE_CHECKING:
@@ -566,8 +577,8 @@ def _parse_join(msg: list[Any], limits: Limits) -> tuple[str, str, int, float, i
     weight = msg[5] if len(msg) > 5 else 1.0
     if weight is None:
         weight = 1.0
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 < weight <= 1000) or math.isnan(weight):
-        raise BadArgumentsError("weight must be a number in (0, 1000]")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 < weight <= MAX_WEIGHT) or math.isnan(weight):
+        raise BadArgumentsError(f"weight must be a number in (0, {MAX_WEIGHT:g}]")
     known_epoch = msg[6] if len(msg) > 6 else 0
     if known_epoch is None:
         known_epoch = 0

@@ -157,6 +157,15 @@ class LocalCluster:
                 wanted.append((http_port, "--http-port", "the HTTP shim"))
             if a.resp_port:
                 wanted += [(a.resp_port + i, "--resp-port", f"master m{i + 1}'s RESP") for i in range(a.masters)]
+            taken: dict[int, tuple[str, str]] = {}
+            for port, flag, who in wanted:
+                if port in taken:  # each would bind, the second process would not start
+                    other_flag, other = taken[port]
+                    raise ConfigError(
+                        f"port {port} is wanted by {other} ({other_flag}) and by {who} ({flag}): the ports that follow "
+                        f"{other_flag} and {flag} overlap; move one of them (--port 0: all free)"
+                    )
+                taken[port] = (flag, who)
             for port, flag, who in wanted:
                 if not 0 < port <= 65535:
                     raise ConfigError(f"{flag.lstrip('-').replace('-', '_')}: port {port} for {who} is out of range 1..65535")

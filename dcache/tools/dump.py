@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import sys
 import time
 from collections import defaultdict
@@ -110,19 +111,37 @@ async def _check_master(client: Client, command: str) -> None:
         )
 
 
-def _check_out(out: str) -> None:
-    """Refuse, before reading anything, an output file whose folder does not exist or cannot be written.
+def _check_out(out: str) -> str:
+    """Refuse, before reading anything, an output file that cannot be written; return the path to replace.
+
+    The dump is written beside that path and renamed over it, so it must be
+    a regular file or nothing yet: renamed over ``/dev/null`` or a pipe it
+    would replace the device node or the pipe with a file. A symlink is
+    followed (the file it points to is replaced; the link stays).
 
     Raises:
-        ConfigError: the folder is missing, not a folder, or not writable.
+        ConfigError: the folder is missing, not a folder, or not writable; or
+            ``out`` is a folder, a device, a pipe or a socket.
     """
-    folder = os.path.dirname(os.path.abspath(out))
+    path = os.path.realpath(out) if os.path.islink(out) else out
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        kind = "FIFO (a pipe)" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+        raise ConfigError(
+            f"cannot write {out}: it is a {kind}, not a regular file; dump writes a file and renames it into place: "
+            "give --out a file name (then read the file)"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ConfigError(f"cannot write {out}: the folder {folder} does not exist; create it, or give --out another path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write {out}: permission denied in {folder}; give --out another path")
-    if os.path.isdir(out):
+    if os.path.isdir(path):
         raise ConfigError(f"cannot write {out}: it is a folder; give --out a file name")
+    return path
 
 
 async def _ring(client: Client) -> dict[str, Any]:
@@ -158,7 +177,7 @@ async def dump_cluster(
         RuntimeError: the cluster kept moving data for a minute, or a range has no live owner.
         OSError: writing ``out`` failed (``filename`` is ``out``).
     """
-    _check_out(out)
+    path = _check_out(out)
     async with Client(addr, timeout=timeout, auth_token=auth_token, client_name="dcache-dump", ssl=ssl) as client:
         info = await _ring(client)
     ring = HashRing.from_dict(info["ring"])
@@ -206,14 +225,14 @@ async def dump_cluster(
         progress.abandon()
         raise
     progress.finish()
-    tmp = f"{out}.tmp.{os.getpid()}"
+    tmp = f"{path}.tmp.{os.getpid()}"
     created_ms = time.time_ns() // 1_000_000
     try:
         with open_private(tmp) as f:
             size = write_packed(chunks, f, count=count, node_id=f"cluster@{addr}", ring_epoch=int(info["epoch"]), created_ms=created_ms)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+        os.replace(tmp, path)
     except BaseException as exc:
         try:
             os.unlink(tmp)

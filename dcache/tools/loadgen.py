@@ -169,7 +169,7 @@ class BenchOptions:
     tls_key: str | None = None
 
     def __post_init__(self) -> None:
-        if self.conns < 1 or self.depth < 1 or self.duration <= 0 or not 0 <= self.ratio <= 1 or self.keys < 1:
+        if self.conns < 1 or self.depth < 1 or not 0 < self.duration < math.inf or not 0 <= self.ratio <= 1 or self.keys < 1:
             raise ValueError("--conns, --depth, --keys must be >= 1, --duration > 0 and --ratio in [0, 1]")
         if self.loop not in ("uvloop", "asyncio"):
             raise ValueError(f"--loop must be uvloop or asyncio, not {self.loop!r}")
@@ -607,12 +607,17 @@ def _ssl(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext | 
 _P = TypeVar("_P", bound=_BenchProtocol)
 
 
+#: Most seconds a connection and its HELLO may take (a server that accepts and never answers would hang the run).
+_CONNECT_TIMEOUT_S = 10.0
+
+
 async def _open(opts: BenchOptions, proto: _P) -> _P:
     host, port = parse_address(opts.addr)
     loop = asyncio.get_running_loop()
     context = _ssl(opts.tls_ca, opts.tls_cert, opts.tls_key)
-    await loop.create_connection(lambda: proto, host, port, ssl=context)
-    await proto.roundtrip(Op.HELLO, PROTOCOL_VERSION, opts.auth_token, "dcache-bench")
+    async with asyncio.timeout(_CONNECT_TIMEOUT_S):
+        await loop.create_connection(lambda: proto, host, port, ssl=context)
+        await proto.roundtrip(Op.HELLO, PROTOCOL_VERSION, opts.auth_token, "dcache-bench")
     if proto.errors:
         raise RuntimeError("HELLO was refused (auth token?)")
     return proto

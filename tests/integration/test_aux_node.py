@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import socket
 import time
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from dcache import Client
 from dcache.errors import BadArgumentsError, KeyTooLargeError, NotAnIntegerError, Status, ValueTooLargeError
 from dcache.protocol import Op, encode_request
-from tests.harness import DaemonProcess, start_aux
+from tests.harness import DaemonProcess, start_aux, wait_for
 from tests.rawconn import RawConn
 
 pytestmark = pytest.mark.slow
@@ -223,3 +224,43 @@ async def test_sigint_is_graceful():
     node = start_aux(None)
     node.signal(signal.SIGINT)
     assert node.wait(10) == 0
+
+
+def test_a_master_that_refuses_joins_is_logged_once_not_twice_a_second():
+    """An aux node retries JOIN every 0.5 s; an unreachable master used to log each retry at INFO, forever."""
+    accepted = 0
+    with socket.socket() as listener:  # a "master" that accepts and hangs up at once
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        listener.settimeout(0.2)
+        node = start_aux(None, "--join", f"127.0.0.1:{listener.getsockname()[1]}", "--log-level", "info")
+        try:
+            deadline = time.monotonic() + 30
+            while accepted < 6:
+                assert time.monotonic() < deadline, f"only {accepted} join attempts"
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                conn.close()
+                accepted += 1
+            assert node.alive
+        finally:
+            node.signal(signal.SIGINT)
+            node.wait()
+    lines = [line for line in node.stderr_lines if "dcache.aux.membership" in line]
+    assert 1 <= len(lines) <= 2, "\n".join(lines)
+    assert "retrying" in lines[0] and "WARNING" in lines[0], lines[0]
+
+
+def test_joining_an_aux_node_says_so_not_credentials():
+    """--join given an aux node's address: the retries blamed 'this node's credentials'."""
+    target = start_aux(None)
+    node = start_aux(None, "--join", target.addr, "--log-level", "info")
+    try:
+        wait_for(lambda: "is not a master" in node.stderr(), 10, message="the join failure")
+        [line] = [line for line in node.stderr_lines if "is not a master" in line]
+        assert f"joining master {target.addr} failed" in line and "credentials" not in line, line
+    finally:
+        node.kill()
+        target.kill()

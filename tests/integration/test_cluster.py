@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -15,6 +17,7 @@ from dcache.errors import NotAnIntegerError
 from dcache.protocol import Op
 from dcache.ring import HashRing
 from tests.cluster import Cluster, Reader, populate, ring, settled, up_nodes, wait_ring
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -337,3 +340,50 @@ async def test_a_fenced_node_that_re_announces_stays_fenced(tmp_path):
         await wait_ring(m.addr, settled(members), timeout=60, what="a2 reconciled")
     finally:
         cluster.stop()
+
+
+def test_a_master_with_its_coordinators_node_id_refuses_to_start(tmp_path):
+    """Both would stamp versions with one node tag: two writes could carry one version, and replicas disagree for good."""
+    cl = Cluster(tmp_path)
+    try:
+        m1 = cl.start_master("dup")
+        cmd = [sys.executable, "-m", "dcache", "master", "--port", "0", "--node-id", "dup", "--coordinator", m1.addr]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "READY" not in r.stdout, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert "Traceback" not in r.stderr and "node_id" in lines[-1] and "'dup'" in lines[-1], lines
+    finally:
+        cl.stop()
+
+
+def test_a_master_following_an_aux_node_refuses_to_start(tmp_path):
+    """It started and served UNAVAILABLE for every key, saying 'the coordinator refused this master'."""
+    cl = Cluster(tmp_path)
+    try:
+        aux = cl.start_aux("a1", join=False)
+        cmd = [sys.executable, "-m", "dcache", "master", "--port", "0", "--coordinator", aux.addr]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "READY" not in r.stdout, r.stderr
+        [line] = r.stderr.strip().splitlines()
+        assert f"coordinator: {aux.addr} is an aux node (a1)" in line and "--coordinator" in line, line
+    finally:
+        cl.stop()
+
+
+async def test_two_followers_with_one_node_id_are_told_apart(tmp_path):
+    """The coordinator tracks followers by node id (a leave waits for each to route by the new ring): a second one is refused."""
+    cl = Cluster(tmp_path)
+    try:
+        m1 = cl.start_master("m1")
+        first = cl.start_master("twin", follow=m1)
+        second = cl.start_master("twin", follow=m1)
+        wait_for(lambda: "already used" in second.stderr(), 10, message="the second follower's error")
+        info = await ring(first.addr)
+        assert info["membership"]["coordinator_reachable"], info["membership"]
+        info = await ring(second.addr)
+        assert not info["membership"]["coordinator_reachable"] and "already used" in info["membership"]["coordinator_error"]
+    except BaseException:
+        print(cl.logs())
+        raise
+    finally:
+        cl.stop()

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,6 +188,21 @@ def test_sigterm_stops_parent_and_workers_gracefully(master: str) -> None:
     assert shim.terminate() == 0, shim.stderr()
     assert not any(_running(pid) for pid in workers)
     assert shim.stderr().count("shutting down") >= 3  # the parent and each worker
+
+
+def test_sighup_without_tls_keeps_parent_and_workers_serving(master: str) -> None:
+    """Without TLS files there is nothing to reload: SIGHUP's default action used to kill the parent on the spot."""
+    shim = _start(master, workers=2)
+    workers = _children(_pid(shim))
+    try:
+        shim.signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP" in shim.stderr(), timeout=10, message="the SIGHUP log line")
+        assert shim.alive and all(_running(pid) for pid in workers), shim.stderr()
+        with urllib.request.urlopen(f"http://{shim.addr}/health", timeout=10) as resp:
+            assert resp.status == 200
+        assert shim.terminate() == 0, shim.stderr()
+    finally:
+        shim.kill()
 
 
 def test_bad_settings_stop_the_start_before_any_worker(master: str, tmp_path: Path) -> None:

@@ -144,6 +144,8 @@ def taken_port():
         (("aux", "--port", "{port}"), "--port"),
         (("http", "--port", "{port}"), "--port"),
         (("master", "--port", "0", "--metrics-port", "{port}"), "--metrics-port"),
+        (("master", "--port", "0", "--resp-port", "{port}"), "--resp-port"),
+        (("aux", "--port", "0", "--resp-port", "{port}"), "--resp-port"),
         (("cluster", "--port", "{port}", "--data-dir", "{tmp}"), "--port"),
         (("cluster", "--port", "{free}", "--aux-port", "{port}", "--data-dir", "{tmp}"), "--aux-port"),
     ],
@@ -163,6 +165,23 @@ def test_unusable_data_dir_is_one_line(tmp_path, role, make):
     data_dir = {"file": f, "under_file": f / "sub", "uncreatable": Path("/proc/dcache-no/such")}[make]
     r = dcache(role, "--port", "0", "--data-dir", str(data_dir), timeout=30)
     assert_fails(r, 2, "data_dir", str(data_dir))
+
+
+@pytest.mark.parametrize(
+    "ports,flags",
+    [
+        (("--resp-port", "{p1}"), ("--port", "--resp-port")),  # m2 listens on p+1, m1's RESP too
+        (("--aux-port", "{p1}"), ("--port", "--aux-port")),
+        (("--aux-port", "{p2}", "--http-port", "{p3}"), ("--aux-port", "--http-port")),  # a2 on p+3
+    ],
+)
+def test_a_cluster_whose_ports_overlap_is_one_line(tmp_path, ports, flags):
+    """Each port was checked free on its own; the second process on a shared one failed later, half started."""
+    p = _free_port_block(8)
+    argv = [a.format(p1=p + 1, p2=p + 2, p3=p + 3) for a in ports]
+    r = dcache("cluster", "--port", str(p), *argv, "--data-dir", str(tmp_path / "data"), timeout=30)
+    line = assert_fails(r, 2, "dcache cluster: configuration error: ", *flags)
+    assert "READY" not in r.stdout and "did not start" not in line, line
 
 
 def _free_port_block(n: int) -> int:
@@ -274,6 +293,36 @@ def test_unreachable_is_one_line_with_what_to_do(addr, needle):
     assert "--addr" in line and "Error(" not in line
 
 
+@pytest.mark.parametrize("command", [("get", "k"), ("stats",), ("dump", "--out", "x.dump"), ("restore", "--in", "x.dump")])
+@pytest.mark.parametrize(("addr", "needle"), [("bad", "'bad'"), ("127.0.0.1:99999", "out of range"), ("", "at least one")])
+def test_a_malformed_addr_names_the_flag(command, addr, needle):
+    assert_fails(dcache(*command, "--addr", addr), 2, f"dcache {command[0]}: --addr: ", needle)
+
+
+def test_a_server_that_never_answers_is_a_timeout_with_what_to_do():
+    """A hung process, or a port that accepts and says nothing: the reason was empty ('... at HOST:PORT: ')."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel accepts; nobody ever answers
+        addr = f"127.0.0.1:{silent.getsockname()[1]}"
+        line = assert_fails(dcache("get", "k", "--addr", addr, "--timeout", "0.5"), 3, f"cannot reach a dcache server at {addr}: ")
+    assert "no answer within 0.5 s (--timeout)" in line and "--addr" in line, line
+
+
+@pytest.mark.parametrize(
+    "args,code,needle",
+    [
+        (("--addr", "bad"), 2, "dcache bench: --addr: not a host:port address: 'bad'"),
+        (("--duration", "nan"), 2, "--duration > 0"),
+        (("--ratio", "2"), 2, "--ratio in [0, 1]"),
+        (("--addr", "127.0.0.1:1"), 3, "dcache bench: cannot reach a dcache server at 127.0.0.1:1: connection refused"),
+    ],
+)
+def test_bench_mistakes_are_usage_errors_or_unreachable_in_the_tools_words(args, code, needle):
+    """bench said '[Errno 111] Connect call failed' and exited 3 (unreachable) for a bad flag too."""
+    assert_fails(dcache("bench", "--duration", "1", "--quiet", *args), code, needle)
+
+
 def test_errors_share_one_style(cluster, tmp_path):
     """'dcache COMMAND: what failed: why; what to do' - no 'error:' prefix, no temp file names, no exception reprs."""
     c, _ = cluster
@@ -314,6 +363,15 @@ def test_http_shim_warns_when_no_master_answers_and_keeps_trying():
         shim.kill()
         if master is not None:
             master.kill()
+
+
+def test_http_shim_pointed_at_an_aux_node_refuses_to_start(cluster):
+    """Through an aux node the shim would write around the ring: 201 Created, and a miss through every master."""
+    c, _ = cluster
+    aux = c.aux["a1"].addr
+    r = dcache("http", "--port", "0", "--master", f"{c.coordinator.addr},{aux}", timeout=30)
+    line = assert_fails(r, 2, "dcache http: configuration error: master: ", aux, "aux node", "--master")
+    assert "READY" not in r.stdout, line
 
 
 def test_json_answers_end_with_a_newline(cluster):
@@ -442,6 +500,21 @@ def _with_tty_stderr(argv: list[str], timeout: float = 60) -> tuple[int, str, st
         reader.join(5)
         os.close(master)
     return proc.returncode, out.decode(), b"".join(shown).decode(errors="replace")
+
+
+def test_dump_never_replaces_a_pipe_or_device_and_writes_through_a_symlink(cluster, tmp_path):
+    """dump replaces its --out atomically: --out /dev/null replaced the device node with a file (as root)."""
+    c, _ = cluster
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)  # stands for /dev/null, /dev/stdout on a terminal or a pipe: not a regular file
+    assert_fails(dcache("dump", "--addr", c.coordinator.addr, "--out", str(pipe)), 2, f"cannot write {pipe}: it is a FIFO")
+    assert pipe.is_fifo()
+    target, link = tmp_path / "real.dump", tmp_path / "link.dump"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    r = dcache("dump", "--addr", c.coordinator.addr, "--out", str(link))
+    assert r.returncode == 0, r.stderr
+    assert link.is_symlink() and target.read_bytes().startswith(b"DCSNAP")
 
 
 def test_dump_and_restore_draw_progress_on_a_terminal_only(cluster, tmp_path):

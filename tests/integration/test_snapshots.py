@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -272,3 +275,136 @@ async def test_snapshots_while_the_cache_changes_stay_consistent(tmp_path: Path)
         else:
             assert (val == b"v" + key[1:] and version == int(key[1:]) + 1) or (version >= 10**6 and val == b"w%d" % (version - 10**6))
     await node.snapshots.close()
+
+
+async def test_sighup_without_tls_keeps_serving_and_loses_nothing(tmp_path: Path):
+    """SIGHUP (a reload habit, a closed terminal) once killed a node without TLS on the spot: no final snapshot."""
+    node = start_aux(tmp_path, "--snapshot-interval", "0", "--log-level", "info", node_id="snap-hup")
+    try:
+        async with Client(node.addr) as c:
+            await c.set("before-hup", b"kept")
+            node.signal(signal.SIGHUP)
+            await wait_until(lambda: asyncio.sleep(0, any("SIGHUP" in line for line in node.stderr_lines)), 10.0, "the SIGHUP log line")
+            assert node.alive, node.stderr()
+            assert await c.get("before-hup") == b"kept"
+        assert node.terminate() == 0
+    finally:
+        stop(node)
+    with open(tmp_path / CURRENT_NAME, "rb") as f:
+        assert [e[0] for e in load(f, now_ms=time.time_ns() // 1_000_000).entries] == [b"before-hup"]
+
+
+async def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_last_one_stays(tmp_path: Path):
+    """A full or failing disk is an operating condition, not a bug: one ERROR line a try, no traceback."""
+    node = start_aux(tmp_path, "--snapshot-interval", "0.2", node_id="snap-fail")
+    try:
+        async with Client(node.addr) as c:
+            await c.set("k", b"on disk")
+            await wait_snapshots_after_now(c, 1)
+            assert node.proc is not None
+            (tmp_path / f"{TMP_PREFIX}{node.proc.pid}").mkdir()  # the temp file cannot be created: an OSError
+            base = (await c.stats())["snapshot_failures"]
+
+            async def failed_twice() -> bool:
+                return bool((await c.stats())["snapshot_failures"] >= base + 2)
+
+            await wait_until(failed_twice, 20.0, "two failed snapshots")
+            assert await c.get("k") == b"on disk"
+    finally:
+        stop(node)
+    failures = [line for line in node.stderr_lines if "snapshot to" in line and "failed" in line]
+    assert failures and all("Is a directory" in line for line in failures), node.stderr()
+    assert "Traceback" not in node.stderr()
+    with open(tmp_path / CURRENT_NAME, "rb") as f:
+        assert [e[0] for e in load(f, now_ms=time.time_ns() // 1_000_000).entries] == [b"k"]
+
+
+def test_a_snapshot_that_cannot_be_read_stops_the_start_and_stays(tmp_path: Path):
+    """Starting without it would rotate it to prev at the next snapshot and delete it at the one after.
+
+    A directory in its place stands for every file that exists but cannot be
+    read (permissions, an I/O error); the tests run as root, which reads any file.
+    """
+    unreadable = tmp_path / CURRENT_NAME
+    unreadable.mkdir()
+    with open(tmp_path / PREV_NAME, "wb") as f:
+        dump([(b"older", b"v", 0, 1)], f, node_id="snap-unreadable", ring_epoch=0, created_ms=0)
+    r = subprocess.run(
+        [sys.executable, "-m", "dcache", "aux", "--port", "0", "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and "READY" not in r.stdout, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert str(unreadable) in line and "cannot read" in line, line
+    assert unreadable.is_dir() and (tmp_path / PREV_NAME).is_file()
+
+
+async def test_a_snapshot_larger_than_max_memory_says_what_it_evicted(tmp_path: Path):
+    """Loaded into a smaller --max-memory, the oldest entries are evicted: counted and logged, never 'loaded'."""
+    n = 2000
+    with open(tmp_path / CURRENT_NAME, "wb") as f:
+        dump([(b"k:%05d" % i, b"v" * 100, 0, i + 1) for i in range(n)], f, node_id="snap-small", ring_epoch=0, created_ms=0)
+    node = start_aux(tmp_path, "--snapshot-interval", "0", "--max-memory", "100KiB", "--log-level", "info", node_id="snap-small")
+    try:
+        async with Client(node.addr) as c:
+            stats = await c.stats()
+            assert 0 < stats["items"] < n
+            assert stats["snapshot_loaded_keys"] == stats["items"]
+            assert stats["evictions"] == n - stats["items"]
+            assert await c.get(f"k:{n - 1:05d}") == b"v" * 100  # the last entries are the most recent
+    finally:
+        stop(node)
+    [warning] = [line for line in node.stderr_lines if "evicted" in line]
+    assert "WARNING" in warning and f"{n - stats['items']} " in warning and "--max-memory" in warning, warning
+
+
+def _ignores_sighup(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGHUP now (the SigIgn mask of /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    [mask] = [line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")]
+    return bool(int(mask, 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def test_sighup_while_a_large_snapshot_loads_does_not_stop_the_node(tmp_path: Path):
+    with open(tmp_path / CURRENT_NAME, "wb") as f:
+        dump([(b"k:%07d" % i, b"v", 0, i + 1) for i in range(300_000)], f, node_id="snap-hup-start", ring_epoch=0, created_ms=0)
+    args = ["--port", "0", "--data-dir", str(tmp_path), "--node-id", "snap-hup-start", "--max-memory", "1GiB"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "dcache", "aux", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while not _ignores_sighup(proc.pid):  # from the moment the CLI has its settings
+            assert proc.poll() is None, "exited while starting"
+            assert time.monotonic() < deadline, "SIGHUP is not ignored while the node starts"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"READY "), "stopped by SIGHUP while starting"
+        proc.send_signal(signal.SIGHUP)  # and once serving
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_a_data_dir_in_use_by_another_node_is_refused(tmp_path: Path):
+    """Two nodes on one folder overwrote each other's snapshots: after a restart one loaded the other's keys."""
+    first = start_aux(tmp_path, "--snapshot-interval", "0", node_id="snap-owner")
+    try:
+        assert first.proc is not None
+        cmd = [sys.executable, "-m", "dcache", "aux", "--port", "0", "--data-dir", str(tmp_path), "--node-id", "snap-intruder"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "READY" not in r.stdout, r.stderr
+        [line] = r.stderr.strip().splitlines()
+        assert str(tmp_path) in line and "in use by another aux node" in line and f"pid {first.proc.pid}" in line, line
+        assert first.terminate() == 0
+    finally:
+        stop(first)
+    again = start_aux(tmp_path, "--snapshot-interval", "0", node_id="snap-owner")  # the lock went with its process
+    stop(again)

@@ -161,3 +161,51 @@ def test_the_documented_config_file_loads_for_every_role(tmp_path):
         cfg: Any = load_config(cls, section, {}, env={}, config_file=str(f))
         assert cfg.port == ports[section]
     assert load_config(AuxConfig, "aux", {}, env={}, config_file=str(f)).max_memory == 4 * 1024**3
+
+
+@pytest.mark.parametrize(
+    "cls,section,var",
+    [
+        (AuxConfig, "aux", "DCACHE_MAX_CLOCK_SKEW"),  # was an OverflowError traceback
+        (AuxConfig, "aux", "DCACHE_SNAPSHOT_INTERVAL"),
+        (AuxConfig, "aux", "DCACHE_WEIGHT"),
+        (MasterConfig, "master", "DCACHE_AUX_TIMEOUT"),
+        (HttpConfig, "http", "DCACHE_TIMEOUT"),
+    ],
+)
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e400"])
+def test_seconds_and_weights_must_be_finite(cls, section, var, text):
+    with pytest.raises(ConfigError, match=rf"{var}: not a finite number: '{re.escape(text)}'"):
+        load_config(cls, section, {}, env={var: text})
+
+
+@pytest.mark.parametrize("text", ["1000.5", "5000"])
+def test_aux_weight_is_bounded_as_join_bounds_it(text):
+    """A weight every master refuses in JOIN is refused at start, not retried forever."""
+    with pytest.raises(ConfigError, match=r"weight: must be in \(0, 1000\]"):
+        load_config(AuxConfig, "aux", {}, env={"DCACHE_WEIGHT": text})
+    assert load_config(AuxConfig, "aux", {}, env={"DCACHE_WEIGHT": "1000"}).weight == 1000
+
+
+@pytest.mark.parametrize("cls,section", [(AuxConfig, "aux"), (MasterConfig, "master")])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"DCACHE_PORT": "7555", "DCACHE_METRICS_PORT": "7555"}, "metrics_port: port 7555 is --port's too"),
+        ({"DCACHE_PORT": "7555", "DCACHE_RESP_PORT": "7555"}, "resp_port: port 7555 is --port's too"),
+        ({"DCACHE_METRICS_PORT": "7556", "DCACHE_RESP_PORT": "7556"}, "resp_port: port 7556 is --metrics-port's too"),
+    ],
+)
+def test_one_port_per_listener(cls, section, env, needle):
+    """--check-config catches it; the daemon would bind the first and fail on the second."""
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(cls, section, {}, env=env)
+    zero = {name: "0" for name in env}  # 0: a free port each
+    load_config(cls, section, {}, env=zero)
+
+
+def test_a_budget_too_small_for_any_entry_is_refused():
+    """'--max-memory 256' (the unit forgotten) is 256 bytes: every write would fail with OUT_OF_MEMORY."""
+    with pytest.raises(ConfigError, match=r"max_memory: 256 bytes cannot hold a single entry .* a size without a unit is bytes"):
+        load_config(AuxConfig, "aux", {}, env={"DCACHE_MAX_MEMORY": "256"})
+    assert load_config(AuxConfig, "aux", {}, env={"DCACHE_MAX_MEMORY": "1KiB"}).max_memory == 1024

@@ -247,6 +247,22 @@ async def test_all_endpoints_dead():
         await create_client([dead1, dead2])
 
 
+async def test_an_endpoint_that_never_answers_says_timed_out():
+    """str(TimeoutError()) is empty: the reason read '(127.0.0.1:PORT: )'."""
+    writers: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda reader, writer: writers.append(writer), "127.0.0.1", 0)  # accepts, never answers
+    try:
+        port = silent.sockets[0].getsockname()[1]
+        async with Client([f"127.0.0.1:{port}"], timeout=0.2, connect_timeout=0.2) as c:
+            with pytest.raises(NoAvailableNodeError, match=rf"\(127\.0\.0\.1:{port}: timed out\)"):
+                await c.server_info()
+    finally:
+        for writer in writers:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+
 async def test_create_client_connects_eagerly(server):
     dead = await dead_address()
     c = await create_client([dead, server.address])
