@@ -464,19 +464,19 @@ class Shim:
             route = _LEGACY_GET_ROUTE if legacy else _DATA_KEY_ROUTE
             if self.expected_auth is not None and not self._authorized(request):
                 return self._answer(request, route, _unauthorized())
-            if method == "GET":
+            if method == "GET" or method == "HEAD":  # HEAD: the same answer without its body (_wire)
                 return self.get_key(request, key, route, not legacy)
             if not legacy and method == "PUT":
                 return self.put_data(request, key, query)
             if not legacy and method == "DELETE":
                 return self._run(request, route, self.delete_data, key, query)
-            allow = "GET" if legacy else "DELETE,GET,PUT"
+            allow = "GET,HEAD" if legacy else "DELETE,GET,HEAD,PUT"
             return self._answer(request, UNMATCHED_ROUTE, _not_allowed(method, path, allow))
         allowed = _FIXED_ROUTES.get(path)
         if allowed is None:
             return self._answer(request, UNMATCHED_ROUTE, _error_response(404, f"no route for {method} {path}"))
-        if method != allowed:
-            return self._answer(request, UNMATCHED_ROUTE, _not_allowed(method, path, allowed))
+        if method != allowed and not (method == "HEAD" and allowed == "GET"):
+            return self._answer(request, UNMATCHED_ROUTE, _not_allowed(method, path, "GET,HEAD" if allowed == "GET" else allowed))
         if self.expected_auth is not None and path not in OPEN_ROUTES and not self._authorized(request):
             return self._answer(request, path, _unauthorized())
         if path == "/data":
@@ -543,7 +543,7 @@ class Shim:
                 response = _json_value(key, value)
         except Exception as exc:
             response = _error_for(request, exc)
-        self.observe("GET", route, response.status, perf_counter() - request.start)
+        self.observe(request.method, route, response.status, perf_counter() - request.start)
         return response
 
     def _store(

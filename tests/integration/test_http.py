@@ -164,7 +164,7 @@ BAD_REQUESTS = [
     ("GET", "/data/", {}, 404, "no route"),
     ("GET", "/data", {}, 405, "not allowed"),
     ("PATCH", "/data/k", {}, 405, "not allowed"),
-    ("HEAD", "/health", {}, 405, None),
+    ("HEAD", "/data", {}, 405, None),
     ("POST", "/health", {}, 405, "not allowed"),
 ]
 
@@ -183,6 +183,21 @@ async def test_bad_requests_get_json_errors(
     assert isinstance(doc["error"], str) and fragment is not None and fragment in doc["error"], doc
     if status == 405:
         assert "GET" in headers["Allow"] or "POST" in headers["Allow"]
+
+
+async def test_every_get_route_answers_head_without_a_body(stack: Stack) -> None:
+    """HEAD is GET without the body (RFC 9110): load balancers health-check with either."""
+    assert (await call("PUT", f"{stack.url}/data/head:k", data=b"12345"))[0] == 201
+    for path in ["/health", "/metrics", "/openapi.yaml", "/data/head:k", "/api/get/head:k", "/data/head:missing"]:
+        got, got_headers, body = await call("GET", stack.url + path)
+        status, headers, nothing = await call("HEAD", stack.url + path)
+        assert (status, nothing) == (got, b""), path
+        assert headers["Content-Type"] == got_headers["Content-Type"], path
+        if path != "/metrics":  # its figures move between the two requests
+            assert headers["Content-Length"] == str(len(body)), path
+    for path, allow in [("/health", "GET,HEAD"), ("/data/head:k", "DELETE,GET,HEAD,PUT"), ("/api/get/head:k", "GET,HEAD")]:
+        status, headers, _ = await call("PATCH", stack.url + path)
+        assert (status, headers["Allow"]) == (405, allow)
 
 
 async def test_body_size_limit(stack: Stack) -> None:
@@ -344,7 +359,7 @@ def test_unmatched_requests_get_json_errors_too(stack: Stack) -> None:
         assert b"content-type: application/json" in head.lower(), raw
         assert "error" in json.loads(body), raw
         if status == 405:
-            assert b"Allow: DELETE,GET,PUT" in head, raw
+            assert b"Allow: DELETE,GET,HEAD,PUT" in head, raw
 
 
 def _metric(text: str, name: str) -> float:
