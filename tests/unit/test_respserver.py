@@ -11,7 +11,7 @@ from dcache.config import NodeConfig
 from dcache.protocol import Credential, Op
 from dcache.respserver import RespProtocol
 from dcache.server import LATER, MAX_IN_FLIGHT, FrameProtocol, Service
-from tests.fakes import FakeTransport
+from tests.fakes import FakeTransport, SlowReaderTransport
 
 
 class Toy(Service):
@@ -248,33 +248,6 @@ async def test_the_input_buffer_cap_closes_with_its_own_message_not_max_clients(
     conn.data_received(cmd(b"PING") + b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5000\r\n" + b"x" * 1500)
     assert out(t).startswith(b"+PONG\r\n-ERR this node's input buffer is full") and t.eof
     assert b"max number of clients" not in out(t)
-
-
-class SlowReaderTransport(FakeTransport):
-    """A transport whose client does not read: past ``high`` bytes written it pauses the protocol's writing."""
-
-    def __init__(self, high: int) -> None:
-        super().__init__(peername=("10.0.0.1", 5000), half_close=True)
-        self.high = high
-        self.size = 0
-        self.paused = False
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        self.size += len(data)
-        if self.size > self.high and not self.paused and self.protocol is not None:
-            self.paused = True
-            self.protocol.pause_writing()
-
-    def writelines(self, chunks: list[bytes]) -> None:
-        self.write(b"".join(chunks))
-
-    def drain(self) -> None:
-        """The client read everything."""
-        self.size = 0
-        if self.paused and self.protocol is not None:
-            self.paused = False
-            self.protocol.resume_writing()
 
 
 async def test_commands_wait_while_the_client_does_not_read_its_replies() -> None:
