@@ -29,9 +29,18 @@ Bounds (docs/OPERATIONS.md, "Limits"), counted in ``Service`` counters:
   set) is closed. One sweeper task per service checks both, from a coarse
   clock, so the hot path only stores an attribute;
 * requests in flight per connection: above ``MAX_IN_FLIGHT`` answers owed,
-  the connection stops being read until half of them are sent;
-* output: when the transport's write buffer passes its high-water mark
-  (``pause_writing``) the connection stops being read until it drains.
+  the connection stops being read, and its frames stop running, until half
+  of them are sent;
+* output: every ``PUSH_BYTES`` of answers built go to the transport; when its
+  write buffer passes its high-water mark (``pause_writing``: the client does
+  not read) the connection stops being read and its frames stop running
+  until it drains. Frames read but not run wait in ``_backlog`` (at most one
+  read of input) and run in order when the connection goes on (``_go_on``);
+* answers held for clients that do not read (connections whose writing is
+  paused; a master's answers to requests already forwarded keep arriving)
+  stay below ``max_output_buffer`` across all connections; past it the
+  connections holding the most are cut off: aborted, their answers dropped,
+  logged at WARNING (``output_overflows``).
 
 A connection holds no reference cycle (the handlers live in the service's
 tables, not as bound methods on the connection), so its memory, the decoder's

@@ -202,7 +202,7 @@ class SlowReaderTransport(FakeTransport):
         self.size += len(data)
         if self.size > self.high and not self.paused and self.protocol is not None:
             self.paused = True
-            self.protocol.pause_writing()  # type: ignore[attr-defined]
+            self.protocol.pause_writing()
 
     def writelines(self, chunks: list[bytes]) -> None:
         self.write(b"".join(chunks))
@@ -219,4 +219,4 @@ class SlowReaderTransport(FakeTransport):
         self.size = 0
         if self.paused and self.protocol is not None:
             self.paused = False
-            self.protocol.resume_writing()  # type: ignore[attr-defined]
+            self.protocol.resume_writing()

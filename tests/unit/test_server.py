@@ -12,7 +12,7 @@ import pytest
 
 from dcache.config import NodeConfig
 from dcache.errors import NotAnIntegerError, UnknownOpError
-from dcache.protocol import HEADER, FrameDecoder, MAX_HELLO_FRAME_BYTES, PROTOCOL_VERSION, Credential, Op, Status, encode_request, pack
+from dcache.protocol import HEADER, MAX_HELLO_FRAME_BYTES, PROTOCOL_VERSION, Credential, FrameDecoder, Op, Status, encode_request, pack
 from dcache.server import LATER, MAX_IN_FLIGHT, UNKNOWN_OP, FrameProtocol, Service, deferred
 from tests.fakes import FakeTransport, SlowReaderTransport
 
