@@ -943,6 +943,7 @@ class FrameProtocol(asyncio.Protocol):
             out: list[bytes] = []
             append = out.append
             size = 0
+            push_bytes = PUSH_BYTES
             frames = iter(msgs)
             for msg in frames:
                 try:
@@ -992,7 +993,7 @@ class FrameProtocol(asyncio.Protocol):
                 append(_header(length))
                 append(body)
                 size += length
-                if size >= PUSH_BYTES:
+                if size >= push_bytes:
                     self._write_batch(out)
                     size = 0
                     if self._paused or self._closed:
@@ -1000,8 +1001,10 @@ class FrameProtocol(asyncio.Protocol):
             else:
                 frames = _DONE
             if frames is not _DONE:  # stopped: the rest waits, counted when it runs
-                self._backlog = rest = list(frames)
+                rest = list(frames)
                 service.requests_total -= len(rest)
+                if not self._closed:  # (cut off by the output cap: dropped)
+                    self._backlog = rest
             if out and not self._closed:
                 if self._pending_out:
                     self._pending_out.extend(out)

@@ -398,6 +398,19 @@ async def test_answers_held_past_the_output_cap_cut_off_the_connection_holding_t
     assert not t2.closed and svc.buffered_output == 0 and t2.reading
 
 
+async def test_a_connection_cut_off_by_its_own_push_runs_nothing_more(caplog: pytest.LogCaptureFixture) -> None:
+    svc = Large(max_output_buffer=200_000)
+    conn, t = slow_reader(svc)
+    with caplog.at_level(logging.CRITICAL, logger="dcache.server"):
+        conn.data_received(b"".join(req(Op.GET, rid, b"k") for rid in range(1, 101)))
+    assert t.closed and svc.output_overflows == 1 and svc.buffered_output == 0
+    ran = len(svc.ran)
+    assert ran < 10 and svc.requests_total == ran
+    conn.resume_writing()  # a late callback from the transport
+    await asyncio.sleep(0)
+    assert len(svc.ran) == ran and conn not in svc.state.connections
+
+
 # -- bounds -----------------------------------------------------------------------------
 
 
