@@ -256,6 +256,13 @@ class NodeConfig:
     max_input_buffer: int = opt(
         64 * 1024**2, "most bytes of partial frames buffered across all connections; past it the largest are closed", parse_size, "SIZE"
     )
+    max_output_buffer: int = opt(
+        256 * 1024**2,
+        "most bytes of answers held for clients that do not read them, across all connections; past it the connections "
+        "holding the most are closed",
+        parse_size,
+        "SIZE",
+    )
     idle_timeout: float = opt(0.0, "close a connection that sent nothing for this many seconds; 0 = never", _float, "S")
     frame_timeout: float = opt(
         30.0, "close a connection whose frame is not complete this many seconds after it started; 0 = never", _float, "S"
@@ -312,7 +319,7 @@ class NodeConfig:
             _check_port("resp_port", self.resp_port)
         _check_distinct_ports((("port", self.port), ("metrics_port", self.metrics_port), ("resp_port", self.resp_port)))
         _check_positive(self, "max_key_bytes", "max_value_bytes", "max_frame_bytes", "max_batch_keys", "max_connections")
-        _check_positive(self, "max_input_buffer")
+        _check_positive(self, "max_input_buffer", "max_output_buffer")
         for name in ("max_clock_skew", "idle_timeout", "frame_timeout", "shutdown_grace"):
             value = getattr(self, name)
             if not value >= 0 or value != value:

@@ -132,6 +132,18 @@ class ServiceCollector(Collector):
             "dcache_input_overflows", "Connections closed because partial frames exceeded --max-input-buffer.", role, s.input_overflows
         )
         yield gauge("dcache_input_buffered_bytes", "Bytes of partial frames buffered across every connection.", role, s.buffered_input)
+        yield counter(
+            "dcache_output_overflows",
+            "Connections cut off because answers held for clients that do not read them exceeded --max-output-buffer.",
+            role,
+            s.output_overflows,
+        )
+        yield gauge(
+            "dcache_output_buffered_bytes",
+            "Bytes of answers held for clients that do not read them, across every connection.",
+            role,
+            s.buffered_output,
+        )
         yield counter("dcache_auth_failures", "HELLO tokens and cluster-secret proofs that were wrong.", role, s.auth_failures)
         yield counter(
             "dcache_auth_throttled",

@@ -97,7 +97,7 @@ from .protocol.resp import (
     split_inline,
     verbatim,
 )
-from .server import LATER, MAX_IN_FLIGHT, UNKNOWN_OP, FrameProtocol, RespStats, Service, _Deferred
+from .server import LATER, MAX_IN_FLIGHT, PUSH_BYTES, UNKNOWN_OP, FrameProtocol, RespStats, Service, _Deferred
 
 __all__ = ["COMMAND_NAMES", "REDIS_VERSION", "RespProtocol", "RespStats", "listen_resp"]
 
@@ -112,10 +112,6 @@ LOCAL, READ, WRITE, DEFER, SEQ = range(5)
 
 #: Most bytes kept (no copy) to re-read a stream that mixes inline lines with arrays (``RespProtocol._recover``).
 RECOVERY_BYTES = 64 * 1024
-#: Bytes of replies a connection builds in one batch of commands before it hands them to the
-#: transport, which then says (``pause_writing``) whether the client reads; if not, the batch stops.
-PUSH_BYTES = 256 * 1024
-
 #: Request ids of the native calls a composed command makes (above every slot number).
 _SUB_RID = 1 << 62
 
@@ -273,12 +269,6 @@ class RespProtocol(FrameProtocol):
         self._reader = None
         self._queue.clear()
         self._inline = b""
-
-    def resume_writing(self) -> None:
-        """The client read its replies: run the commands held meanwhile (in the next loop iteration), then read again."""
-        self._paused = False
-        if self._transport is not None and not self._closed:
-            asyncio.get_running_loop().call_soon(self._go_on)
 
     def data_received(self, data: bytes) -> None:
         if self._closed or self._closing_error is not None or self._reader is None:
@@ -548,16 +538,11 @@ class RespProtocol(FrameProtocol):
             out.clear()
 
     def _after_answer(self) -> None:
-        throttled = self._throttled
-        super()._after_answer()
+        super()._after_answer()  # the throttle lifted: ``_go_on`` runs the commands it held
         if self._blocked:
             self.watch = True
-            if self._transport is not None and not self._closed:
-                self._transport.pause_reading()  # the throttle may have resumed it
             if not self.in_flight:
                 asyncio.get_running_loop().call_soon(self._unblock)
-        elif throttled and not self._throttled:
-            asyncio.get_running_loop().call_soon(self._go_on)  # commands held by the throttle
 
     def _unblock(self) -> None:
         if not self._blocked or self.in_flight or self._closed or self._reader is None:

@@ -29,9 +29,18 @@ Bounds (docs/OPERATIONS.md, "Limits"), counted in ``Service`` counters:
   set) is closed. One sweeper task per service checks both, from a coarse
   clock, so the hot path only stores an attribute;
 * requests in flight per connection: above ``MAX_IN_FLIGHT`` answers owed,
-  the connection stops being read until half of them are sent;
-* output: when the transport's write buffer passes its high-water mark
-  (``pause_writing``) the connection stops being read until it drains.
+  the connection stops being read, and its frames stop running, until half
+  of them are sent;
+* output: every ``PUSH_BYTES`` of answers built go to the transport; when its
+  write buffer passes its high-water mark (``pause_writing``: the client does
+  not read) the connection stops being read and its frames stop running
+  until it drains. Frames read but not run wait in ``_backlog`` (at most one
+  read of input) and run in order when the connection goes on (``_go_on``);
+* answers held for clients that do not read (connections whose writing is
+  paused; a master's answers to requests already forwarded keep arriving)
+  stay below ``max_output_buffer`` across all connections; past it the
+  connections holding the most are cut off: aborted, their answers dropped,
+  logged at WARNING (``output_overflows``).
 
 A connection holds no reference cycle (the handlers live in the service's
 tables, not as bound methods on the connection), so its memory, the decoder's
@@ -91,6 +100,7 @@ __all__ = [
     "LATER",
     "LATENCY_BUCKETS",
     "MAX_IN_FLIGHT",
+    "PUSH_BYTES",
     "UNKNOWN_OP",
     "Handler",
     "Histogram",
@@ -127,6 +137,15 @@ DATA_OPS = (
 #: Answers a connection may owe (requests answered ``LATER``) before it stops
 #: being read; reading resumes below half of it.
 MAX_IN_FLIGHT = 4096
+
+#: Bytes of answers a connection builds in one batch of requests before it
+#: hands them to the transport, which then says (``pause_writing``) whether
+#: the client reads them; if not, the batch stops (native frames and RESP
+#: commands alike).
+PUSH_BYTES = 256 * 1024
+
+#: Marks a batch of frames that ran to its end (``FrameProtocol.data_received``).
+_DONE: Any = iter(())
 
 #: Upper bounds (seconds) of the latency histograms' buckets.
 LATENCY_BUCKETS = (
@@ -262,9 +281,12 @@ class Service:
         self.idle_timeouts = 0
         self.frame_timeouts = 0
         self.input_overflows = 0
+        self.output_overflows = 0
         self.versions_refused = 0
         #: Bytes of partial frames buffered across every connection.
         self.buffered_input = 0
+        #: Bytes of answers held for clients that do not read them (connections whose writing is paused).
+        self.buffered_output = 0
         #: A coarse monotonic clock (seconds), advanced by the sweeper and on
         #: accepting connections: what the time bounds are measured with.
         self.now = time.monotonic()
@@ -534,6 +556,32 @@ class Service:
             )
             conn.abort_with(OverloadedError("this node's input buffer is full: frame refused, try again later"))
 
+    def output_grew(self) -> None:
+        """Answers held for clients that do not read exceed ``max_output_buffer``: cut off the connections holding the most.
+
+        The figures are refreshed first (a client may have read some since
+        they were counted); a connection cut off drops its answers at once.
+        """
+        cap = self.settings.max_output_buffer
+        held = [conn for conn in self.state.connections if conn.unsent]
+        for conn in held:
+            conn._count_output_quietly()
+        if self.buffered_output <= cap:
+            return
+        for conn in sorted(held, key=lambda c: c.unsent, reverse=True):
+            if self.buffered_output <= cap or not conn.unsent:
+                break
+            self.output_overflows += 1
+            log.warning(
+                "output buffer cap reached (%d bytes of answers held for clients that do not read them, "
+                "--max-output-buffer %d): closing %s, which holds %d and reads none of it",
+                self.buffered_output,
+                cap,
+                conn.peer,
+                conn.unsent,
+            )
+            conn.cut_off()
+
     async def _sweep_loop(self) -> None:
         """Close connections past ``frame_timeout`` or ``idle_timeout`` (checked every quarter of the shorter)."""
         settings = self.settings
@@ -653,10 +701,12 @@ class Service:
             "idle_timeouts": self.idle_timeouts,
             "frame_timeouts": self.frame_timeouts,
             "input_overflows": self.input_overflows,
+            "output_overflows": self.output_overflows,
             "versions_refused": self.versions_refused,
             "auth_failures": self.auth_failures,
             "auth_throttled": self.auth_throttled,
             "buffered_input_bytes": self.buffered_input,
+            "buffered_output_bytes": self.buffered_output,
             **self.tls_stats(),
         }
 
@@ -690,6 +740,8 @@ class FrameProtocol(asyncio.Protocol):
         "_closed",
         "_paused",
         "_throttled",
+        "_backlog",
+        "unsent",
         "_samples",
         "level",
         "buffered",
@@ -719,6 +771,10 @@ class FrameProtocol(asyncio.Protocol):
         self._closed = False
         self._paused = False  # by the transport's write buffer
         self._throttled = False  # by answers owed
+        #: Frames read but not run yet: they wait while the connection is stopped (paused or throttled).
+        self._backlog: list[Any] = []
+        #: Bytes of answers the transport holds while writing is paused (counted in the service's ``buffered_output``).
+        self.unsent = 0
         #: Sampled requests answered later: request id -> (op, start time).
         self._samples: dict[int, tuple[int, float]] = {}
         #: Bytes of a partial frame this connection holds (counted in the service's ``buffered_input``).
@@ -770,6 +826,7 @@ class FrameProtocol(asyncio.Protocol):
         self._closed = True
         self._service.state.connections.discard(self)
         self._release_input()
+        self._release_output()
         self._transport = None
         self._pending_out.clear()
 
@@ -779,16 +836,62 @@ class FrameProtocol(asyncio.Protocol):
             self._service.buffered_input -= self.buffered
             self.buffered = 0
         self._decoder = None  # its buffer goes now, even if requests in flight still name this connection
+        self._backlog = []
 
     def pause_writing(self) -> None:
+        """The client does not read as fast as it is answered: stop reading and running its requests; count what it holds."""
         self._paused = True
         if self._transport is not None and not self._closed:
             self._transport.pause_reading()
+            self._count_output()
 
     def resume_writing(self) -> None:
+        """The client read its answers: run the requests held meanwhile (in the next loop iteration), then read again."""
         self._paused = False
-        if self._transport is not None and not self._closed and not self._throttled:
-            self._transport.resume_reading()
+        self._release_output()
+        if self._transport is not None and not self._closed:
+            (self._service._loop or asyncio.get_running_loop()).call_soon(self._go_on)
+
+    def _count_output(self) -> None:
+        """While writing is paused: count the bytes the transport holds in the service's total (``--max-output-buffer``)."""
+        transport = self._transport
+        if transport is None or self._closed:
+            return
+        size = transport.get_write_buffer_size()
+        service = self._service
+        service.buffered_output += size - self.unsent
+        grew = size > self.unsent
+        self.unsent = size
+        if grew and service.buffered_output > service.settings.max_output_buffer:
+            service.output_grew()
+
+    def _count_output_quietly(self) -> None:
+        """Refresh this connection's count of bytes held (no check against the cap)."""
+        if self._transport is not None and not self._closed:
+            size = self._transport.get_write_buffer_size()
+            self._service.buffered_output += size - self.unsent
+            self.unsent = size
+
+    def _release_output(self) -> None:
+        if self.unsent:
+            self._service.buffered_output -= self.unsent
+            self.unsent = 0
+
+    def cut_off(self) -> None:
+        """Close a connection whose client does not read its answers, dropping them (``--max-output-buffer``).
+
+        An error frame would wait behind the answers the client does not
+        read, so none is sent: the transport is aborted, which frees its
+        buffer now; the reason is logged and counted (``output_overflows``).
+        """
+        if self._closed:
+            return
+        self._release_output()
+        self._closed = True
+        self._release_input()
+        self._pending_out.clear()
+        if self._transport is not None:
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._closed or self._closing_error is not None:
@@ -798,23 +901,35 @@ class FrameProtocol(asyncio.Protocol):
         assert decoder is not None
         service = self._service
         one_frame = decoder.one_frame
-        try:
-            msgs = decoder.feed(data)
-        except RemoteProtocolError as exc:
-            self._protocol_error(exc)
-            return
+        if self._backlog:  # frames held while the connection was stopped go first (``_go_on``)
+            msgs = self._backlog
+            self._backlog = []
+            if data:
+                msgs += self._feed_more(decoder, data)
+        else:
+            try:
+                msgs = decoder.feed(data)
+            except RemoteProtocolError as exc:
+                self._protocol_error(exc)
+                return
         self.last_active = now = service.now
         buffered = decoder.buffered
         if buffered or self.buffered:
             self._account(buffered, now, bool(msgs))
             if self._closed:
                 return
+        if msgs and (self._paused or self._throttled):
+            self._backlog = msgs  # the client does not read, or owes too many answers: wait (reading is paused)
+            msgs = []
         if msgs:
             # The one dispatch path (see the class note): parse with the op's
             # parser, call the handler, answer now or owe the answer. One
             # request in ``sample_every`` (the first of a batch, when the
             # countdown runs out) is timed: answered now, when its answer is
-            # built; answered later, when ``reply`` sends it.
+            # built; answered later, when ``reply`` sends it. Every
+            # ``PUSH_BYTES`` of answers go to the transport, and the batch
+            # stops once it pauses writing or too many answers are owed: the
+            # frames not run yet wait in ``_backlog``.
             n = len(msgs)
             service.requests_total += n
             service.sample_countdown -= n
@@ -827,7 +942,10 @@ class FrameProtocol(asyncio.Protocol):
             op_requests = service.op_requests
             out: list[bytes] = []
             append = out.append
-            for msg in msgs:
+            size = 0
+            push_bytes = PUSH_BYTES
+            frames = iter(msgs)
+            for msg in frames:
                 try:
                     try:
                         op = msg[0]
@@ -852,13 +970,14 @@ class FrameProtocol(asyncio.Protocol):
                         result = service.hold(self, rid, op, result)  # it changed a key another node holds a copy of
                     if result is LATER or result.__class__ is _Deferred:
                         self.in_flight += 1  # an answer owed (see _owe_sampled and the throttle)
-                        if self.in_flight >= MAX_IN_FLIGHT and not self._throttled:
-                            self._throttle()
                         if t1:
                             self._owe_sampled(rid, op, t1)
                         if result is not LATER:
                             self._defer(rid, result, op)
                         t1 = 0.0
+                        if self.in_flight >= MAX_IN_FLIGHT and not self._throttled:
+                            self._throttle()
+                            break
                         continue
                     try:
                         body = pack([rid, _OK, result])
@@ -870,18 +989,60 @@ class FrameProtocol(asyncio.Protocol):
                     elif t1:
                         service.op_latency[op].observe(perf_counter() - t1)
                 t1 = 0.0
-                append(_header(len(body)))
+                length = len(body)
+                append(_header(length))
                 append(body)
-            if out:
+                size += length
+                if size >= push_bytes:
+                    self._write_batch(out)
+                    size = 0
+                    if self._paused or self._closed:
+                        break
+            else:
+                frames = _DONE
+            if frames is not _DONE:  # stopped: the rest waits, counted when it runs
+                rest = list(frames)
+                service.requests_total -= len(rest)
+                if not self._closed:  # (cut off by the output cap: dropped)
+                    self._backlog = rest
+            if out and not self._closed:
                 if self._pending_out:
                     self._pending_out.extend(out)
                 elif self._transport is not None:
                     self._transport.write(b"".join(out))
         if decoder.error is not None:
-            self._protocol_error(decoder.error)
-        elif one_frame and msgs and decoder.buffered:
+            if not self._backlog:  # after the frames that came before it
+                self._protocol_error(decoder.error)
+        elif one_frame and msgs and decoder.buffered and not self._backlog:
             asyncio.get_running_loop().call_soon(self.data_received, b"")  # the next frame, in the next iteration
         service.batch_latency.observe(perf_counter() - t0)
+
+    def _feed_more(self, decoder: FrameDecoder, data: bytes) -> list[Any]:
+        """The frames ``data`` completes behind a backlog (a protocol error waits in the decoder until the backlog ran)."""
+        try:
+            return decoder.feed(data)
+        except RemoteProtocolError:
+            return []
+
+    def _write_batch(self, out: list[bytes]) -> None:
+        """Hand the answers built so far to the transport now: it calls ``pause_writing`` if the client does not read them."""
+        if self._pending_out:
+            self._pending_out.extend(out)
+            self._flush()
+        elif self._transport is not None and not self._closed:
+            self._transport.writelines(out)  # no copy of a large answer
+        out.clear()
+
+    def _go_on(self) -> None:
+        """Run the frames held while the connection was stopped (the client did not read, or owed too many answers), then read again."""
+        if self._closed or self._paused or self._throttled:
+            return
+        if self._backlog:
+            self.data_received(b"")
+        elif self._decoder is not None and self._decoder.one_frame and self._decoder.buffered:
+            self.data_received(b"")  # a frame left in the decoder before authentication
+        if not (self._closed or self._paused or self._throttled) and self._closing_error is None and self._transport is not None:
+            self._transport.resume_reading()
 
     # -- helpers of the dispatch ------------------------------------------------------
 
@@ -956,7 +1117,7 @@ class FrameProtocol(asyncio.Protocol):
         if self._throttled and self.in_flight <= MAX_IN_FLIGHT // 2:
             self._throttled = False
             if self._transport is not None and not self._closed and not self._paused:
-                self._transport.resume_reading()
+                asyncio.get_running_loop().call_soon(self._go_on)  # the frames held by the throttle, then read again
         service = self._service
         if service._drained is not None:
             service.check_drained()
@@ -981,6 +1142,8 @@ class FrameProtocol(asyncio.Protocol):
                 self._transport.write(out[0])
             else:
                 self._transport.writelines(out)  # uvloop: one writev, no join copy
+            if self._paused:  # the client does not keep up: what it holds grew
+                self._count_output()
         out.clear()
 
     def reply(self, rid: int, status: int, result: Any, op: int = UNKNOWN_OP) -> None:

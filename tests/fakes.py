@@ -38,6 +38,10 @@ class FakeTransport:
     def writelines(self, chunks: list[bytes]) -> None:
         self.written.append(b"".join(chunks))
 
+    def get_write_buffer_size(self) -> int:
+        """Bytes written and not sent: none (the peer reads at once; see ``SlowReaderTransport``)."""
+        return 0
+
     def is_closing(self) -> bool:
         return self.closed
 
@@ -178,3 +182,41 @@ class _AnsweringTransport(FakeTransport):
 
     def writelines(self, chunks: list[bytes]) -> None:
         self.write(b"".join(chunks))
+
+
+class SlowReaderTransport(FakeTransport):
+    """A transport whose client does not read: past ``high`` bytes written it pauses the protocol's writing.
+
+    ``drain()`` plays the client reading everything; ``get_write_buffer_size``
+    is what was written since.
+    """
+
+    def __init__(self, high: int) -> None:
+        super().__init__(peername=("10.0.0.1", 5000), half_close=True)
+        self.high = high
+        self.size = 0
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.size += len(data)
+        if self.size > self.high and not self.paused and self.protocol is not None:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.write(b"".join(chunks))
+
+    def get_write_buffer_size(self) -> int:
+        return 0 if self.closed else self.size
+
+    def abort(self) -> None:
+        self.size = 0  # an aborted transport drops what it held
+        super().abort()
+
+    def drain(self) -> None:
+        """The client read everything."""
+        self.size = 0
+        if self.paused and self.protocol is not None:
+            self.paused = False
+            self.protocol.resume_writing()

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import hiredis
+import pytest
 
 from dcache.config import NodeConfig
 from dcache.protocol import Credential, Op
 from dcache.respserver import RespProtocol
 from dcache.server import LATER, MAX_IN_FLIGHT, FrameProtocol, Service
-from tests.fakes import FakeTransport
+from tests.fakes import FakeTransport, SlowReaderTransport
 
 
 class Toy(Service):
@@ -250,33 +252,6 @@ async def test_the_input_buffer_cap_closes_with_its_own_message_not_max_clients(
     assert b"max number of clients" not in out(t)
 
 
-class SlowReaderTransport(FakeTransport):
-    """A transport whose client does not read: past ``high`` bytes written it pauses the protocol's writing."""
-
-    def __init__(self, high: int) -> None:
-        super().__init__(peername=("10.0.0.1", 5000), half_close=True)
-        self.high = high
-        self.size = 0
-        self.paused = False
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        self.size += len(data)
-        if self.size > self.high and not self.paused and self.protocol is not None:
-            self.paused = True
-            self.protocol.pause_writing()
-
-    def writelines(self, chunks: list[bytes]) -> None:
-        self.write(b"".join(chunks))
-
-    def drain(self) -> None:
-        """The client read everything."""
-        self.size = 0
-        if self.paused and self.protocol is not None:
-            self.paused = False
-            self.protocol.resume_writing()
-
-
 async def test_commands_wait_while_the_client_does_not_read_its_replies() -> None:
     svc = Toy()
     value = b"x" * 100_000
@@ -300,3 +275,20 @@ async def test_commands_wait_while_the_client_does_not_read_its_replies() -> Non
     t.drain()
     await asyncio.sleep(0)
     assert ran < n and answered == n and t.reading and not t.closed
+
+
+async def test_replies_held_past_the_output_cap_cut_off_the_connection(caplog: pytest.LogCaptureFixture) -> None:
+    """A master's RESP client that does not read: replies to commands already forwarded count against --max-output-buffer."""
+    svc = Toy(max_output_buffer=500_000)
+    conn = RespProtocol(svc)
+    t = SlowReaderTransport(high=64 * 1024)
+    t.protocol = conn
+    conn.connection_made(t)  # type: ignore[arg-type]
+    conn.data_received(cmd(b"GET", b"later:k") * 20)
+    assert len(svc.later) == 20
+    with caplog.at_level(logging.CRITICAL, logger="dcache.server"):
+        for c, rid, _ in list(svc.later):
+            c.reply(rid, 0, b"x" * 100_000)
+            svc.flush_all()
+    assert t.closed and svc.output_overflows == 1 and t.size == 0 and svc.buffered_output == 0
+    assert len(out(t)) < 800_000  # cut off once past the cap, not after 2 MB

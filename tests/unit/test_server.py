@@ -12,9 +12,9 @@ import pytest
 
 from dcache.config import NodeConfig
 from dcache.errors import NotAnIntegerError, UnknownOpError
-from dcache.protocol import HEADER, MAX_HELLO_FRAME_BYTES, PROTOCOL_VERSION, Credential, Op, Status, encode_request, pack
+from dcache.protocol import HEADER, MAX_HELLO_FRAME_BYTES, PROTOCOL_VERSION, Credential, FrameDecoder, Op, Status, encode_request, pack
 from dcache.server import LATER, MAX_IN_FLIGHT, UNKNOWN_OP, FrameProtocol, Service, deferred
-from tests.fakes import FakeTransport
+from tests.fakes import FakeTransport, SlowReaderTransport
 
 from .master.fakecluster import until
 
@@ -280,6 +280,7 @@ async def test_answers_owed_above_the_limit_pause_reading_until_half_are_sent() 
     assert not t.reading
     c, rid = svc.later[MAX_IN_FLIGHT // 2 - 1]
     c.reply(rid, OK, None)
+    await asyncio.sleep(0)  # reading resumes in the next loop iteration (after the frames the throttle held)
     assert t.reading and conn.in_flight == MAX_IN_FLIGHT // 2
 
 
@@ -289,7 +290,125 @@ async def test_a_full_write_buffer_pauses_reading_until_it_drains() -> None:
     conn.pause_writing()
     assert not t.reading
     conn.resume_writing()
+    await asyncio.sleep(0)
     assert t.reading
+
+
+class Large(Toy):
+    """GET answers a 100 kB value now; GET ``later`` is owed (answered through ``reply``)."""
+
+    value = b"x" * 100_000
+
+    def get(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        self.ran.append(rid)
+        if key == b"later":
+            self.later.append((conn, rid))
+            return LATER
+        return self.value
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.ran: list[int] = []
+
+
+def slow_reader(service: Service, high: int = 64 * 1024) -> tuple[FrameProtocol, SlowReaderTransport]:
+    conn = service.protocol_factory()
+    t = SlowReaderTransport(high=high)
+    t.protocol = conn
+    conn.connection_made(t)  # type: ignore[arg-type]
+    return conn, t
+
+
+async def test_frames_wait_while_the_client_does_not_read_its_answers() -> None:
+    """200 pipelined GETs of 100 kB from a client that does not read: the batch stops at the first push past the
+    high-water mark, and each time the client reads the next push goes out, until every answer left once, in order."""
+    svc = Large()
+    conn, t = slow_reader(svc)
+    n = 200
+    conn.data_received(b"".join(req(Op.GET, rid, b"k") for rid in range(1, n + 1)))
+    assert t.paused and not t.reading
+    assert len(svc.ran) < 10 and t.size < 1_000_000  # 20 MB of answers not built
+    assert svc.requests_total == len(svc.ran)  # held frames are counted when they run
+    frames: list[Any] = []
+    for _ in range(n):  # the client reads what it got, a loop iteration at a time
+        frames += FrameDecoder().feed(b"".join(t.written))
+        t.written.clear()
+        if len(frames) == n:
+            break
+        t.drain()
+        await asyncio.sleep(0)
+    assert [f[0] for f in frames] == list(range(1, n + 1)) and all(f[1:] == [OK, Large.value] for f in frames)
+    assert svc.ran == list(range(1, n + 1)) and svc.requests_total == n
+    t.drain()  # the client read the last ones
+    await asyncio.sleep(0)
+    assert t.reading and not t.closed and svc.buffered_output == 0
+
+
+async def test_frames_held_by_the_throttle_run_once_half_the_answers_owed_are_sent() -> None:
+    svc = Large()
+    conn, t = connect(svc)
+    extra = 100
+    conn.data_received(b"".join(req(Op.GET, rid, b"later") for rid in range(1, MAX_IN_FLIGHT + extra + 1)))
+    assert conn.in_flight == MAX_IN_FLIGHT and len(svc.ran) == MAX_IN_FLIGHT and not t.reading  # the rest is not run
+    conn.data_received(b"")  # a stray call while throttled runs nothing
+    assert len(svc.ran) == MAX_IN_FLIGHT
+    for c, rid in svc.later[: MAX_IN_FLIGHT // 2]:
+        c.reply(rid, OK, None)
+    await asyncio.sleep(0)
+    assert svc.ran == list(range(1, MAX_IN_FLIGHT + extra + 1))  # in order, each once
+    assert conn.in_flight == MAX_IN_FLIGHT // 2 + extra and t.reading
+
+
+async def test_a_bad_frame_behind_held_frames_closes_the_connection_only_after_they_ran() -> None:
+    svc = Large()
+    conn, t = slow_reader(svc)
+    n = 20
+    conn.data_received(b"".join(req(Op.GET, rid, b"k") for rid in range(1, n + 1)) + b"\x00\x00\x00\x02\xc1\xc1")
+    assert not t.eof and len(svc.ran) < n
+    for _ in range(n):
+        t.drain()
+        await asyncio.sleep(0)
+        if t.eof:
+            break
+    frames = t.frames()
+    assert [f[0] for f in frames[:-1]] == list(range(1, n + 1))
+    assert frames[-1][0] == 0 and frames[-1][1] == int(Status.PROTOCOL_ERROR) and t.eof
+
+
+async def test_answers_held_past_the_output_cap_cut_off_the_connection_holding_the_most(caplog: pytest.LogCaptureFixture) -> None:
+    """A master's case: answers owed keep arriving for a client that does not read them. Past --max-output-buffer the
+    connection is aborted (its answers dropped), counted and logged; another client is not touched."""
+    svc = Large(max_output_buffer=1_000_000)
+    conn, t = slow_reader(svc)
+    other, t2 = slow_reader(svc)
+    conn.data_received(b"".join(req(Op.GET, rid, b"later") for rid in range(1, 101)))
+    other.data_received(req(Op.GET, 1000, b"k"))  # 100 kB held for a client that reads later: under the cap
+    assert other.unsent == t2.size > 0
+    with caplog.at_level(logging.WARNING, logger="dcache.server"):
+        for c, rid in svc.later:
+            c.reply(rid, OK, Large.value)
+            svc.flush_all()
+    assert t.closed and svc.output_overflows == 1 and "--max-output-buffer" in caplog.text
+    assert t.size < 1_200_000  # cut off as soon as it passed the cap, not after 10 MB
+    await asyncio.sleep(0)
+    assert conn not in svc.state.connections and svc.buffered_output == t2.size
+    assert svc.connection_stats()["output_overflows"] == 1
+    t2.drain()
+    await asyncio.sleep(0)
+    assert not t2.closed and svc.buffered_output == 0 and t2.reading
+
+
+async def test_a_connection_cut_off_by_its_own_push_runs_nothing_more(caplog: pytest.LogCaptureFixture) -> None:
+    svc = Large(max_output_buffer=200_000)
+    conn, t = slow_reader(svc)
+    with caplog.at_level(logging.CRITICAL, logger="dcache.server"):
+        conn.data_received(b"".join(req(Op.GET, rid, b"k") for rid in range(1, 101)))
+    assert t.closed and svc.output_overflows == 1 and svc.buffered_output == 0
+    ran = len(svc.ran)
+    assert ran < 10 and svc.requests_total == ran
+    conn.resume_writing()  # a late callback from the transport
+    await asyncio.sleep(0)
+    assert len(svc.ran) == ran and conn not in svc.state.connections
 
 
 # -- bounds -----------------------------------------------------------------------------
