@@ -11,7 +11,8 @@ One command (docs/BENCHMARKS.md, "HTTP shim (wrk)")::
    start it in front of the master, ``wrk -t2 -c50`` with ``bench/wrk_get.lua``
    then ``bench/wrk_post.lua`` (``--duration`` s each, after a 2 s warm-up),
    stop it. The old shim runs from ``git archive OLD_COMMIT`` unpacked in a
-   temporary folder, with ``PYTHONPATH`` pointing there.
+   temporary folder, with ``PYTHONPATH`` pointing there and that folder as
+   its working directory (each shim is checked to import its own code).
 3. Each round, ``dcache bench`` straight to the master at depth 1, 50
    connections: ``--ratio 1.0`` (GET) and ``--ratio 0.0`` (SET).
 
@@ -91,7 +92,20 @@ def _wrk(script: str, duration: int) -> tuple[float, float, int]:
 
 
 def _shim_run(cmd: list[str], env: dict[str, str], duration: int) -> dict[str, tuple[float, float, float]]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    # The code's own folder as the working directory: ``python -m`` puts the working directory first on
+    # sys.path, ahead of PYTHONPATH, so started from this tree an older shim would import this tree's code.
+    code = env["PYTHONPATH"]
+    imported = subprocess.run(
+        [cmd[0], "-c", "import dcache, os; print(os.path.dirname(os.path.dirname(dcache.__file__)))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=code,
+    ).stdout.strip()
+    if os.path.realpath(imported) != os.path.realpath(code):
+        raise SystemExit(f"the shim would import dcache from {imported}, not {code}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=code)
     try:
         _ready(proc, "shim")
         subprocess.run(
