@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The tree under test first (a worker of --in-process is told which by DCACHE_BENCH_TREE), else this one.
+sys.path.insert(0, os.environ.get("DCACHE_BENCH_TREE") or str(Path(__file__).resolve().parent.parent))
 
 from dcache.protocol import Op, encode_request
 from tests.harness import DaemonProcess
@@ -118,11 +119,14 @@ def in_process(tree: str, duration: float, depth: int) -> float:
     """Run ``dispatch_worker`` on ``tree`` in a child process pinned to core 0; its µs per frame."""
     import subprocess
 
-    env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
+    env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve()), "DCACHE_BENCH_TREE": str(Path(tree).resolve())}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--duration", str(duration), "--depth", str(depth), "--tree", "x=."]
     if os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
         cmd = ["taskset", "-c", "0", *cmd]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=duration + 60)
+    imported = f"dcache from {Path(tree).resolve()}"
+    if imported not in out.stderr:
+        raise SystemExit(f"the worker did not run {tree}'s code: {out.stderr.strip()}")
     return float(out.stdout.strip().splitlines()[-1]) * 1e6
 
 
@@ -136,6 +140,9 @@ def main() -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
+        import dcache
+
+        print(f"dcache from {Path(dcache.__file__).resolve().parent.parent}", file=sys.stderr)
         dispatch_worker(args.duration, args.depth)
         return 0
     trees = [t.split("=", 1) for t in args.tree]
@@ -154,6 +161,7 @@ def main() -> int:
                 "aux",
                 ["--port", "0", "--node-id", "bench", "--log-level", "warning"],
                 env={"PYTHONPATH": str(Path(tree).resolve())},
+                cwd=str(Path(tree).resolve()),  # python -m imports the working directory's code first
             ).start()
             try:
                 assert aux.proc is not None
