@@ -42,6 +42,8 @@ Only unconditional writes are batched: SET with NX/XX is not repeatable.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 from ..errors import (
     ClientError,
@@ -88,7 +90,44 @@ class BatchStats:
         self.fallbacks = 0
 
 
-class GetBatcher:
+class _Batcher:
+    """What both batchers share: the clients, the cap on keys per batch, the counters, and the batches in flight."""
+
+    __slots__ = ("client", "fallback", "max_keys", "stats", "_loop", "_tasks")
+
+    client: Client
+    fallback: Client
+    max_keys: int
+    stats: BatchStats
+    _loop: asyncio.AbstractEventLoop | None
+    _tasks: set[asyncio.Task[None]]
+
+    def __init__(self, client: Client, fallback: Client | None, max_keys: int, stats: BatchStats | None, bound: tuple[str, int]) -> None:
+        """``bound``: the batcher's other size option, ``(name, value)``, checked like ``max_keys``."""
+        for name, value in (("max_keys", max_keys), bound):
+            if value < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {value}")
+        self.client = client
+        self.fallback = client if fallback is None else fallback
+        self.max_keys = max_keys
+        self.stats = BatchStats() if stats is None else stats
+        self._loop = None
+        self._tasks = set()
+
+    async def close(self) -> None:
+        """Wait for the batches in flight (call after closing the clients: they fail fast then)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _start(self, batch: Coroutine[Any, Any, None]) -> None:
+        """Run one batch's coroutine as a task, kept until it is done."""
+        assert self._loop is not None
+        task = self._loop.create_task(batch)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class GetBatcher(_Batcher):
     """Batches the ``get``s made in one loop iteration into one ``mget`` on a ``Client`` (see the module note).
 
     Args:
@@ -104,18 +143,12 @@ class GetBatcher:
         ConfigError: ``max_keys`` or ``answer_bytes`` is below 1.
     """
 
-    __slots__ = ("client", "fallback", "max_keys", "stats", "_answer_bytes", "_cap", "_hint", "_pending", "_loop", "_tasks")
+    __slots__ = ("_answer_bytes", "_cap", "_hint", "_pending")
 
-    client: Client
-    fallback: Client
-    max_keys: int
-    stats: BatchStats
     _answer_bytes: int
     _cap: int
     _hint: int
     _pending: _Batch
-    _loop: asyncio.AbstractEventLoop | None
-    _tasks: set[asyncio.Task[None]]
 
     def __init__(
         self,
@@ -126,20 +159,11 @@ class GetBatcher:
         answer_bytes: int = BATCH_ANSWER_BYTES,
         stats: BatchStats | None = None,
     ) -> None:
-        if max_keys < 1:
-            raise ConfigError(f"max_keys: must be at least 1, got {max_keys}")
-        if answer_bytes < 1:
-            raise ConfigError(f"answer_bytes: must be at least 1, got {answer_bytes}")
-        self.client = client
-        self.fallback = client if fallback is None else fallback
-        self.max_keys = max_keys
-        self.stats = BatchStats() if stats is None else stats
+        super().__init__(client, fallback, max_keys, stats, ("answer_bytes", answer_bytes))
         self._answer_bytes = answer_bytes
         self._hint = _MIN_VALUE_HINT_BYTES
         self._cap = self._cap_for(self._hint)
         self._pending = []
-        self._loop = None
-        self._tasks = set()
 
     def get(self, key: Key) -> asyncio.Future[bytes | None]:
         """The value of ``key``, read with the other reads of this loop iteration.
@@ -163,11 +187,6 @@ class GetBatcher:
             loop.call_soon(self._flush)
         return fut
 
-    async def close(self) -> None:
-        """Wait for the batches in flight (call after closing the clients: they fail fast then)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
     def _cap_for(self, hint: int) -> int:
         return max(1, min(self.max_keys, self._answer_bytes // hint))
 
@@ -176,10 +195,7 @@ class GetBatcher:
         if not batch:
             return
         self._pending = []
-        assert self._loop is not None
-        task = self._loop.create_task(self._send(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._start(self._send(batch))
 
     async def _key_by_key(self, batch: _Batch, exc: Exception, *, too_large: bool) -> None:
         """After a batch failed for ``exc``, which may be one key's fault: read each key on its own (a lone key fails)."""
@@ -242,7 +258,7 @@ class GetBatcher:
 _Write = tuple[Key, bytes, "asyncio.Future[None]"]
 
 
-class SetBatcher:
+class SetBatcher(_Batcher):
     """Batches the unconditional ``set``s made in one loop iteration into one ``mset`` per TTL on a ``Client`` (see the module note).
 
     Args:
@@ -258,19 +274,13 @@ class SetBatcher:
         ConfigError: ``max_keys`` or ``max_bytes`` is below 1.
     """
 
-    __slots__ = ("client", "fallback", "max_keys", "max_bytes", "stats", "_pending", "_sizes", "_scheduled", "_loop", "_tasks")
+    __slots__ = ("max_bytes", "_pending", "_sizes", "_scheduled")
 
-    client: Client
-    fallback: Client
-    max_keys: int
     max_bytes: int
-    stats: BatchStats
     #: Writes waiting, by TTL (one batch per TTL), and the bytes of their keys and values.
     _pending: dict[float | None, list[_Write]]
     _sizes: dict[float | None, int]
     _scheduled: bool
-    _loop: asyncio.AbstractEventLoop | None
-    _tasks: set[asyncio.Task[None]]
 
     def __init__(
         self,
@@ -281,20 +291,11 @@ class SetBatcher:
         max_bytes: int = BATCH_WRITE_BYTES,
         stats: BatchStats | None = None,
     ) -> None:
-        if max_keys < 1:
-            raise ConfigError(f"max_keys: must be at least 1, got {max_keys}")
-        if max_bytes < 1:
-            raise ConfigError(f"max_bytes: must be at least 1, got {max_bytes}")
-        self.client = client
-        self.fallback = client if fallback is None else fallback
-        self.max_keys = max_keys
+        super().__init__(client, fallback, max_keys, stats, ("max_bytes", max_bytes))
         self.max_bytes = max_bytes
-        self.stats = BatchStats() if stats is None else stats
         self._pending = {}
         self._sizes = {}
         self._scheduled = False
-        self._loop = None
-        self._tasks = set()
 
     def set(self, key: Key, value: bytes, ttl: float | None = None) -> asyncio.Future[None]:
         """Store ``value`` under ``key`` (``ttl`` seconds, or ``None``: never expires), with the other writes of this loop iteration.
@@ -328,11 +329,6 @@ class SetBatcher:
             loop.call_soon(self._flush)
         return fut
 
-    async def close(self) -> None:
-        """Wait for the batches in flight (call after closing the clients: they fail fast then)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
     def _flush(self) -> None:
         self._scheduled = False
         for group in list(self._pending):
@@ -342,10 +338,7 @@ class SetBatcher:
         """Send the batch of writes with TTL ``ttl``."""
         batch = self._pending.pop(ttl)
         del self._sizes[ttl]
-        assert self._loop is not None
-        task = self._loop.create_task(self._write(batch, ttl))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._start(self._write(batch, ttl))
 
     async def _write(self, batch: list[_Write], ttl: float | None) -> None:
         stats = self.stats
