@@ -349,17 +349,18 @@ class SetBatcher(_Batcher):
                 await self.client.set(batch[0][0], batch[0][1], ttl=ttl)
             else:
                 await self.client.mset([(key, value) for key, value, _ in batch], ttl=ttl)
-        except (UpstreamTimeoutError, TimeoutError, ClientError, OSError) as exc:  # unreachable or slow: the same for every pair
-            if isinstance(exc, InvalidArgumentError) and len(batch) > 1:  # one pair the client refuses to send
-                await self._pair_by_pair(batch, ttl)
-            else:
-                _fail_writes(batch, exc)
-            return
-        except (ServerError, RemoteProtocolError) as exc:  # may be one pair's fault (too large, its owners unavailable)
+        except (
+            InvalidArgumentError,
+            ServerError,
+            RemoteProtocolError,
+        ) as exc:  # may be one pair's fault (refused, too large, its owners unavailable)
             if len(batch) == 1:
                 _fail_writes(batch, exc)
             else:
                 await self._pair_by_pair(batch, ttl)
+            return
+        except (UpstreamTimeoutError, TimeoutError, ClientError, OSError) as exc:  # unreachable or slow: the same for every pair
+            _fail_writes(batch, exc)
             return
         except asyncio.CancelledError:  # no write may wait forever
             _fail_writes(batch, ClientError("the write was cancelled"))

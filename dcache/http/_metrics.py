@@ -122,26 +122,20 @@ class HttpMetrics(Collector):
                 buckets.append((le, total))
             latency.add_metric([route], buckets, hist.sum_s)
         yield latency
-        reads = self.reads
-        yield CounterMetricFamily(
-            "dcache_http_read_batches",
-            "Batches of key reads sent to the cluster (one MGET, or a GET for a lone key)",
-            value=reads.batches,
+        yield from _batch_families("read", "Batches of key reads sent to the cluster (one MGET, or a GET for a lone key)", self.reads)
+        yield from _batch_families(
+            "write", "Batches of key writes sent to the cluster (one MSET per TTL, or a SET for a lone key)", self.writes
         )
-        yield CounterMetricFamily("dcache_http_read_batch_keys", "Keys read in those batches", value=reads.keys)
-        yield CounterMetricFamily(
-            "dcache_http_read_batch_fallbacks", "Batches read again key by key after the batch failed", value=reads.fallbacks
-        )
-        writes = self.writes
-        yield CounterMetricFamily(
-            "dcache_http_write_batches",
-            "Batches of key writes sent to the cluster (one MSET per TTL, or a SET for a lone key)",
-            value=writes.batches,
-        )
-        yield CounterMetricFamily("dcache_http_write_batch_keys", "Keys written in those batches", value=writes.keys)
-        yield CounterMetricFamily(
-            "dcache_http_write_batch_fallbacks", "Batches written again key by key after the batch failed", value=writes.fallbacks
-        )
+
+
+def _batch_families(kind: str, batches_help: str, stats: BatchStats) -> Iterator[Metric]:
+    """``dcache_http_{kind}_batches``, ``_batch_keys`` and ``_batch_fallbacks`` from one batcher's counters."""
+    past = "read" if kind == "read" else "written"
+    yield CounterMetricFamily(f"dcache_http_{kind}_batches", batches_help, value=stats.batches)
+    yield CounterMetricFamily(f"dcache_http_{kind}_batch_keys", f"Keys {past} in those batches", value=stats.keys)
+    yield CounterMetricFamily(
+        f"dcache_http_{kind}_batch_fallbacks", f"Batches {past} again key by key after the batch failed", value=stats.fallbacks
+    )
 
 
 class WorkerMetrics(Collector):
