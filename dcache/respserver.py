@@ -1290,7 +1290,7 @@ def _scan(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
         cursor = parse_int(cmd[1], 0)
     except RespError:
         raise RespError("invalid cursor") from None
-    pattern, count, kind = parse_scan_options(cmd[2:])
+    pattern, count, kind = parse_scan_options(cmd[2:], conn._service.limits.max_key_bytes)
     match = glob_matcher(pattern) if pattern is not None else None
     listed = kind is None or kind == b"string"  # every dcache value is a string
 

@@ -30,6 +30,7 @@ __all__ = [
     "MAX_NAME_CHARS",
     "MAX_HOT_KEYS",
     "MAX_MATCH_PATTERN_BYTES",
+    "MAX_MATCH_STEPS",
     "MAX_CONFIG_PATTERNS",
     "MAX_CONFIG_PATTERN_BYTES",
     "MAX_WEIGHT",
@@ -63,6 +64,11 @@ MAX_HOT_KEYS = 100
 #: Longest SCAN MATCH pattern over RESP (compiling one costs Python work per byte; a key is at most
 #: ``max_key_bytes``, 1 KiB by default, so a longer pattern only wastes it).
 MAX_MATCH_PATTERN_BYTES = 16 * 1024
+#: Most byte steps one RESP SCAN call may spend matching its page against MATCH: the page asked
+#: of a node shrinks to what the pattern's worst case on a key of ``max_key_bytes`` allows
+#: (``dcache.protocol.resp.scan_page_count``). About 35 ms of matching on a busy 2-core machine
+#: (4 ns a step); without it one SCAN held a node's loop 24 s (docs/DECISIONS.md).
+MAX_MATCH_STEPS = 1 << 23
 #: CONFIG GET's most patterns and longest pattern over RESP: a client asks for a few of the nine
 #: parameters dcache reports, and each pattern is compiled (unbounded, 1 MB of patterns kept a
 #: node's loop busy for seconds).

@@ -24,8 +24,10 @@ import pytest
 import redis
 
 from dcache import Client
+from dcache.protocol.resp import scan_page_count
 from tests.cluster import Cluster, settled, wait_ring
 from tests.harness import DaemonProcess, apt_install, start_aux, unavailable, wait_for
+from tests.wire import PingWatch
 
 pytestmark = pytest.mark.slow
 
@@ -288,6 +290,64 @@ def test_scan_on_an_aux_node_lists_its_own_keys(lone_aux: DaemonProcess) -> None
     with redis.Redis(port=lone_aux.resp_port, socket_timeout=10) as r:
         r.mset({f"own:{i}": i for i in range(300)})
         assert sorted(r.scan_iter(match="own:*", count=25)) == sorted(b"own:%d" % i for i in range(300))
+
+
+#: Keys of the largest default size (1 KiB) that a costly MATCH examines; none holds a ``c``.
+SLOW_KEYS = [(b"slow:%05d" % i).ljust(1024, b"k") for i in range(2000)]
+#: ``*``, 1000 classes that match any printable byte, then ``c*``: about 4 ms a 1 KiB key (1000 x 1024 byte
+#: steps), so 10 s for a page of 2000 keys if a call matched every key a COUNT asks for.
+COSTLY_MATCH = b"*" + b"[!-~]" * 1000 + b"c*"
+#: Matches the keys of 500 bytes or more after ``full:``, at the cost of 500 classes a key (pages of 16 keys).
+COSTLY_FULL_MATCH = b"full:*" + b"[!-~]" * 500 + b"*"
+FULL_LONG = {(b"full:%04d" % i).ljust(800, b"x") for i in range(200)}
+FULL_SHORT = {b"full:s%04d" % i for i in range(100)}
+
+
+@pytest.fixture(scope="module")
+def scan_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A master and one aux node, both with a RESP port, holding ``SLOW_KEYS`` and the ``full:`` keys."""
+    c = Cluster(tmp_path_factory.mktemp("scanbound"))
+    try:
+        c.start_master("m1", "--resp-port", "0")
+        c.start_aux("s1", "--resp-port", "0")
+        asyncio.run(wait_ring(c.masters[0].addr, settled({"s1"}), what="the aux node in the ring"))
+        with redis.Redis(port=c.masters[0].resp_port, socket_timeout=CMD_TIMEOUT_S) as r:
+            keys = [*SLOW_KEYS, *FULL_LONG, *FULL_SHORT]
+            for i in range(0, len(keys), 500):
+                r.mset({k: b"v" for k in keys[i : i + 500]})
+        yield c
+    finally:
+        c.stop()
+
+
+def _node(c: Cluster, role: str) -> DaemonProcess:
+    return c.masters[0] if role == "master" else c.aux["s1"]
+
+
+@pytest.mark.parametrize("role", ["aux", "master"])
+def test_a_costly_scan_match_never_holds_the_loop(scan_pair: Cluster, role: str) -> None:
+    """A MATCH that costs about 4 ms a key, with COUNT 10000: the call lists a few keys only, and PINGs keep being answered."""
+    node = _node(scan_pair, role)
+    assert node.proc is not None
+    with redis.Redis(port=node.resp_port, socket_timeout=CMD_TIMEOUT_S) as r, PingWatch(node.addr, node.proc.pid, interval=0.005) as watch:
+        cursor, page = r.scan(0, match=COSTLY_MATCH, count=10_000)
+        worst = watch.worst_gap()
+    assert not watch.errors, watch.errors
+    assert worst < 1.0, f"a PING waited {worst:.2f} s behind one SCAN"  # about 10 s before the bound
+    assert page == [] and cursor != 0  # the page was cut short; the scan goes on from the cursor
+
+
+@pytest.mark.parametrize("role", ["aux", "master"])
+def test_a_full_scan_with_a_costly_match_lists_every_key_once(scan_pair: Cluster, role: str) -> None:
+    node = _node(scan_pair, role)
+    with redis.Redis(port=node.resp_port, socket_timeout=CMD_TIMEOUT_S) as r:
+        cursor, page = r.scan(0, match=COSTLY_FULL_MATCH, count=10_000)
+        assert cursor != 0 and len(page) <= scan_page_count(COSTLY_FULL_MATCH, 1024) < 10_000  # a short page
+        got = list(r.scan_iter(match=COSTLY_FULL_MATCH, count=10_000))
+        assert len(got) == len(FULL_LONG) and set(got) == FULL_LONG
+        # a cheap pattern pages as before: one call of COUNT 10000 lists every one of the 2300 keys' matches
+        cursor, page = r.scan(0, match=b"full:*", count=10_000)
+        assert cursor == 0 and sorted(page) == sorted(FULL_LONG | FULL_SHORT)
 
 
 # -- Django -------------------------------------------------------------------------------

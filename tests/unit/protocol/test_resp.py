@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dcache.errors import Status
+from dcache.protocol.limits import MAX_MATCH_STEPS
 from dcache.protocol.resp import (
     NIL,
     RespError,
@@ -20,6 +21,7 @@ from dcache.protocol.resp import (
     error_for_status,
     error_line,
     glob_matcher,
+    glob_steps,
     integer,
     map_reply,
     parse_expire_flags,
@@ -29,6 +31,7 @@ from dcache.protocol.resp import (
     reader_cursor,
     reader_is_bounded,
     scan_commands,
+    scan_page_count,
     split_inline,
 )
 
@@ -204,10 +207,36 @@ def test_scan_match_does_not_backtrack_exponentially() -> None:
 
 
 def test_scan_options() -> None:
-    assert parse_scan_options([]) == (None, 10, None)
-    assert parse_scan_options([b"match", b"k:*", b"COUNT", b"500", b"TYPE", b"String"]) == (b"k:*", 500, b"string")
-    assert parse_scan_options([b"MATCH", b"*"]) == (None, 10, None)  # everything: no filter
-    assert parse_scan_options([b"COUNT", b"99999999"])[1] == 10_000  # a hint, capped at the native SCAN's most
+    assert parse_scan_options([], 1024) == (None, 10, None)
+    assert parse_scan_options([b"match", b"k:*", b"COUNT", b"500", b"TYPE", b"String"], 1024) == (b"k:*", 500, b"string")
+    assert parse_scan_options([b"MATCH", b"*"], 1024) == (None, 10, None)  # everything: no filter
+    assert parse_scan_options([b"COUNT", b"99999999"], 1024)[1] == 10_000  # a hint, capped at the native SCAN's most
     for bad in ([b"COUNT", b"0"], [b"COUNT"], [b"NOPE", b"1"], [b"COUNT", b"x"], [b"MATCH", b"*" * 16385]):
         with pytest.raises(RespError):
-            parse_scan_options(bad)
+            parse_scan_options(bad, 1024)
+
+
+#: The most byte steps a pattern costs on a key: ``*``, ``n`` classes that match any printable byte, then ``c*``.
+def _costly(n: int) -> bytes:
+    return b"*" + b"[!-~]" * n + b"c*"
+
+
+def test_glob_steps_bound_what_a_key_costs() -> None:
+    assert glob_steps(b"user:*", 1024) == 5  # anchored: its length
+    assert glob_steps(b"abc", 1024) == 3
+    assert glob_steps(b"*x*", 1024) == 1024  # a literal middle piece: one linear search
+    assert glob_steps(b"*foo?*", 1024) == 4 * 1024  # any other: tried at each place of the key
+    assert glob_steps(_costly(1000), 1024) == 1024 * 1001
+    assert glob_steps(b"*" + b"?" * 2000 + b"*", 1024) == 1  # longer than any key: the length test rejects it
+    assert glob_steps(b"?" * 3000, 1024) == 1024  # no stars: anchored, at most the key
+
+
+def test_a_costly_match_shrinks_the_page_asked_of_a_node() -> None:
+    assert parse_scan_options([b"MATCH", b"user:*", b"COUNT", b"10000"], 1024)[1] == 10_000  # cheap: as asked
+    _, count, _ = parse_scan_options([b"MATCH", _costly(1000), b"COUNT", b"10000"], 1024)
+    assert count == MAX_MATCH_STEPS // (1024 * 1001) and 1 <= count < 10
+    assert parse_scan_options([b"MATCH", _costly(1000), b"COUNT", b"3"], 1024)[1] == 3  # never more than asked
+    # the worst pattern on the default 1 KiB keys still lists one key a call
+    assert min(scan_page_count(_costly(n), 1024) for n in range(0, 1024, 8)) >= 1
+    with pytest.raises(RespError, match="too costly"):  # one key of a node with 64 KiB keys would cost more
+        parse_scan_options([b"MATCH", _costly(3000), b"COUNT", b"10"], 64 * 1024)
