@@ -7,8 +7,9 @@ Files in ``data_dir``:
 
 * ``snapshot.msgpack``: the current generation;
 * ``snapshot.prev.msgpack``: the one before it;
-* ``snapshot.tmp.<pid>``: a snapshot being written (removed at start if a
-  crash left one behind);
+* ``snapshot.tmp.<pid>``: a snapshot being written, and
+  ``snapshot.tmp.prev.<pid>``: current's second name on its way to prev
+  (both removed at start if a crash left them behind);
 * ``snapshot[.prev].corrupt.<unix-ts>.msgpack``: files that failed
   validation at start, set aside for inspection (never deleted by dcache);
 * ``lock``: the running node's pid, locked (``flock``) while it runs, so a
@@ -21,8 +22,9 @@ copied a shard of the cache at a time. Each slice is copied
 straight into packed msgpack bytes, the one form of copy the garbage
 collector never walks (see ``_copy``). Then a single worker thread writes
 header, slices and trailer into the temp file (hashing and writing, mostly
-without the GIL), fsyncs it, rotates current to prev, renames the temp file
-to current and fsyncs the directory. Only one
+without the GIL), fsyncs it, makes current the prev too (a hard link renamed
+over prev: current never goes missing), renames the temp file to current
+and fsyncs the directory. Only one
 snapshot runs at a time: an ``asyncio.Lock`` covers the copy, and the single
 worker serializes writes even if a caller was cancelled mid-write (the write
 itself cannot be interrupted, so it is shielded and finishes).
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -468,8 +471,7 @@ class SnapshotManager:
                 size = write_packed(items, f, count=items.count, node_id=node_id, ring_epoch=ring_epoch, created_ms=created_ms)
                 f.flush()
                 os.fsync(f.fileno())
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(current, os.path.join(data_dir, PREV_NAME))
+            _keep_as_prev(data_dir, current)
             os.replace(tmp, current)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -563,6 +565,45 @@ def _set_aside(path: str, name: str) -> str | None:
             return None
         return target
     return None
+
+
+def _keep_as_prev(data_dir: str, current: str) -> None:
+    """Make the current generation the previous one too, leaving it current (worker thread).
+
+    ``current`` gets a second name, which is renamed over prev: current
+    exists at every moment, so a crash anywhere restarts from the newest
+    complete generation (renaming current to prev, then the new file to
+    current, left no current in between: a kill there restarted one
+    generation back and deleted the new one as a leftover). On a file system
+    without hard links, current is renamed to prev as before.
+
+    Raises:
+        OSError: the link or the rename failed (the files are as they were).
+    """
+    prev = os.path.join(data_dir, PREV_NAME)
+    link = os.path.join(data_dir, f"{TMP_PREFIX}prev.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(link)  # left by a link whose rename failed
+    try:
+        os.link(current, link)
+    except FileNotFoundError:
+        return  # the first snapshot in this folder
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(current, prev)
+        return
+    try:
+        os.replace(link, prev)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(link)
+        raise
+
+
+#: ``link()`` errors of a file system that has no hard links (FAT, some FUSE and network file systems).
+_NO_HARD_LINKS = frozenset((errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK, errno.EXDEV))
 
 
 def _fsync_dir(path: str) -> None:

@@ -213,6 +213,75 @@ async def test_sigkill_during_a_large_snapshot_keeps_the_last_complete_one(tmp_p
         stop(node)
 
 
+#: ``-c`` code for ``DaemonProcess``: run the CLI, SIGKILLed at the ``KILL_AT_STEP``-th rename or hard link of a
+#: file in the folder ``IN_DIR`` (the audit hook runs in the thread that renames, just before the call), or
+#: with ``NO_HARD_LINKS`` set, every hard link there failing with EPERM as on a file system without them.
+_FS_HOOK = """
+import errno, os, signal, sys
+nth, folder, no_links, seen = int(os.environ.get("KILL_AT_STEP", 0)), os.environ["IN_DIR"], "NO_HARD_LINKS" in os.environ, [0]
+def hook(event, args):
+    if event in ("os.rename", "os.link") and str(args[0]).startswith(folder):
+        seen[0] += 1
+        if seen[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if no_links and event == "os.link":
+            raise OSError(errno.EPERM, "Operation not permitted", args[1])
+sys.addaudithook(hook)
+from dcache.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+async def test_a_kill_at_any_step_of_the_rotation_leaves_the_newest_snapshot_current(tmp_path: Path, step: int):
+    """Rotating current to prev, then the new file to current, left no current between the two renames:
+    a kill there restarted from prev, one generation back, and deleted the complete new one as a leftover."""
+    args = ["--snapshot-interval", "0", "--node-id", "snap-steps", "--data-dir", str(tmp_path)]
+    node = start_aux(None, *args)
+    try:
+        async with Client(node.addr) as c:
+            await c.set("gen", b"1")
+        assert node.terminate() == 0
+        env = {"KILL_AT_STEP": str(step), "IN_DIR": str(tmp_path)}
+        node = DaemonProcess("aux", ["--host", "127.0.0.1", "--port", "0", *args], env=env, python=("-c", _FS_HOOK)).start()
+        async with Client(node.addr) as c:
+            await c.set("gen", b"2")
+        code = node.terminate()  # the final snapshot: killed at one of its renames or links, or done
+    finally:
+        stop(node)
+    assert code in (0, -signal.SIGKILL), node.stderr()
+    assert CURRENT_NAME in files(tmp_path), files(tmp_path)
+    with open(tmp_path / CURRENT_NAME, "rb") as f:
+        [(_, on_disk, _, _)] = load(f, now_ms=0).entries
+    assert on_disk in (b"1", b"2") and (code != 0 or on_disk == b"2")
+
+    node = start_aux(None, *args, "--log-level", "info")
+    try:
+        async with Client(node.addr) as c:
+            assert await c.get("gen") == on_disk
+            assert (await c.stats())["snapshots_rejected"] == 0
+    finally:
+        stop(node)
+    assert any(f"from {tmp_path / CURRENT_NAME} " in line for line in node.stderr_lines), node.stderr()
+
+
+async def test_without_hard_links_the_rotation_still_keeps_two_generations(tmp_path: Path):
+    args = ["--host", "127.0.0.1", "--port", "0", "--snapshot-interval", "0", "--node-id", "snap-nolinks", "--data-dir", str(tmp_path)]
+    env = {"IN_DIR": str(tmp_path), "NO_HARD_LINKS": "1"}
+    for gen in (b"1", b"2"):
+        node = DaemonProcess("aux", args, env=env, python=("-c", _FS_HOOK)).start()
+        try:
+            async with Client(node.addr) as c:
+                await c.set("gen", gen)
+            assert node.terminate() == 0, node.stderr()
+        finally:
+            stop(node)
+    for name, gen in ((CURRENT_NAME, b"2"), (PREV_NAME, b"1")):
+        with open(tmp_path / name, "rb") as f:
+            assert [e[1] for e in load(f, now_ms=0).entries] == [gen]
+    assert files(tmp_path) == {CURRENT_NAME, PREV_NAME, "lock"}
+
+
 # -- in-process: the parts a client cannot see ---------------------------------------
 
 
