@@ -371,10 +371,14 @@ class SnapshotManager:
 
     # -- taking one --------------------------------------------------------
 
-    async def snapshot(self) -> bool:
+    async def snapshot(self, *, final: bool = False) -> bool:
         """Take a snapshot now (waiting for one in progress first).
 
-        Failures are logged and counted, never raised.
+        Failures are logged (one ERROR line: why, and what is on disk
+        instead) and counted, never raised.
+
+        Args:
+            final: the stop's last snapshot: a failure's line says what is lost.
 
         Returns:
             Whether a snapshot was written (False when disabled or failed).
@@ -392,7 +396,7 @@ class SnapshotManager:
                 fut = loop.run_in_executor(self._get_executor(), self._write, items, node.node_id, self._ring_epoch(), created_ms)
             except Exception:
                 self.failures += 1
-                log.exception("snapshot failed while copying the entries")
+                log.exception("%s failed while copying the entries; %s", "final snapshot" if final else "snapshot", self._on_disk(final))
                 return False
 
             def finished(f: asyncio.Future[int]) -> None:
@@ -402,10 +406,11 @@ class SnapshotManager:
                 exc = f.exception()
                 if exc is not None:
                     self.failures += 1
+                    what = "final snapshot" if final else "snapshot"
                     if isinstance(exc, OSError):  # a full disk, permissions: one line a try, the cause is in it
-                        log.error("snapshot to %s failed: %s; the previous snapshot stays", self.data_dir, exc)
+                        log.error("%s to %s failed: %s; %s", what, self.data_dir, exc, self._on_disk(final))
                     else:
-                        log.error("snapshot to %s failed: %r", self.data_dir, exc, exc_info=exc)
+                        log.error("%s to %s failed: %r; %s", what, self.data_dir, exc, self._on_disk(final), exc_info=exc)
                     return
                 self.taken += 1
                 self._last_created_ms = created_ms
@@ -480,6 +485,18 @@ class SnapshotManager:
         _fsync_dir(data_dir)
         return size
 
+    def _on_disk(self, final: bool) -> str:
+        """What a failed snapshot leaves: the one on disk stays, or (``final``) the writes since it are lost."""
+        assert self.data_dir is not None
+        if self._last_created_ms and any(os.path.exists(os.path.join(self.data_dir, n)) for n in (CURRENT_NAME, PREV_NAME)):
+            age = f"the last snapshot on disk ({(wall_ms() - self._last_created_ms) / 1000:.1f} s old)"
+            if final:
+                return f"the writes since {age} are lost (exit code 1)"
+            return f"{age} stays"
+        if final:
+            return "no snapshot is on disk: every key of this node is lost (exit code 1)"
+        return "no snapshot is on disk"
+
     def _ring_epoch(self) -> int:
         epoch = self._node.ring_epoch
         return epoch if type(epoch) is int and epoch >= 0 else 0
@@ -491,17 +508,23 @@ class SnapshotManager:
 
     # -- shutdown ----------------------------------------------------------
 
-    async def close(self) -> None:
+    async def close(self) -> bool:
         """Take the final snapshot (if enabled) and stop the worker; idempotent.
 
         Call after connections are closed and the periodic task is cancelled,
         so the snapshot holds every acknowledged write.
+
+        Returns:
+            False if the final snapshot failed (its ERROR line says what is
+            lost), else True (also when disabled, or already closed).
         """
         if self._closed:
-            return
+            return True
         self._closed = True
+        kept = True
         if self.data_dir is not None:
-            if await self.snapshot():
+            kept = await self.snapshot(final=True)
+            if kept:
                 log.info("final snapshot written to %s", os.path.join(self.data_dir, CURRENT_NAME))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
@@ -509,6 +532,7 @@ class SnapshotManager:
         if self._dir_lock is not None:
             self._dir_lock.close()  # the lock goes with it
             self._dir_lock = None
+        return kept
 
 
 class _Packed:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -386,6 +388,70 @@ async def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_last_one_st
     assert "Traceback" not in node.stderr()
     with open(tmp_path / CURRENT_NAME, "rb") as f:
         assert [e[0] for e in load(f, now_ms=time.time_ns() // 1_000_000).entries] == [b"k"]
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that caps the files the child writes at ``limit`` bytes: a write past it fails with EFBIG,
+    as a full disk fails with ENOSPC, with no disk to fill (CPython ignores SIGXFSZ, so the call fails)."""
+
+    def preexec() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
+
+
+async def test_a_full_disk_keeps_the_last_snapshot_and_a_failed_final_one_exits_1(tmp_path: Path):
+    """Writes that outgrow the disk cost no snapshot on disk and no service; the next snapshot that fits is taken;
+    a stop whose final snapshot fails says what it lost and exits 1 (it exited 0, as if everything were kept)."""
+    args = ["--host", "127.0.0.1", "--port", "0", "--snapshot-interval", "0.2", "--node-id", "snap-full", "--data-dir", str(tmp_path)]
+    node = DaemonProcess("aux", args, preexec_fn=_file_size_limit(64 * 1024)).start()
+    big = {f"big:{i}": b"b" * 1000 for i in range(100)}  # 100 KB: a snapshot of them does not fit
+    try:
+        async with Client(node.addr) as c:
+            await c.set("small", b"kept")
+            await wait_snapshots_after_now(c, 1)
+            await c.mset(big)
+            base = (await c.stats())["snapshot_failures"]
+
+            async def failed(n: int) -> bool:
+                return bool((await c.stats())["snapshot_failures"] >= base + n)
+
+            await wait_until(lambda: failed(2), 20.0, "two failed snapshots")
+            assert await c.mget(list(big)) == list(big.values())  # still serving
+            for key in big:
+                await c.delete(key)
+            await wait_snapshots_after_now(c, 1)  # room again: snapshots resume
+            await c.mset(big)
+            await wait_until(lambda: failed(3), 20.0, "a third failed snapshot")
+        assert node.terminate() == 1, node.stderr()
+    finally:
+        stop(node)
+    failures = [line for line in node.stderr_lines if "failed" in line]
+    assert failures and all("ERROR" in line and "File too large" in line for line in failures), node.stderr()
+    assert "Traceback" not in node.stderr()
+    assert all("the last snapshot on disk" in line and "stays" in line for line in failures[:-1]), failures
+    assert "final snapshot" in failures[-1] and "the writes since" in failures[-1] and "are lost" in failures[-1], failures[-1]
+    with open(tmp_path / CURRENT_NAME, "rb") as f:
+        assert [e[0] for e in load(f, now_ms=time.time_ns() // 1_000_000).entries] == [b"small"]
+
+
+async def test_a_final_snapshot_with_none_on_disk_says_every_key_is_lost(tmp_path: Path):
+    data_dir = tmp_path / "data"
+    node = start_aux(data_dir, "--snapshot-interval", "0.2", node_id="snap-gone")
+    try:
+        async with Client(node.addr) as c:
+            await c.set("k", b"v")
+            await wait_snapshots_after_now(c, 1)
+            shutil.rmtree(data_dir)  # the folder went away: nothing is on disk any more
+            base = (await c.stats())["snapshot_failures"]
+            await wait_until(lambda: asyncio.sleep(0, len(node.stderr_lines) and "failed" in node.stderr_lines[-1]), 20.0, "a failure")
+            assert (await c.stats())["snapshot_failures"] > base
+        assert node.terminate() == 1, node.stderr()
+    finally:
+        stop(node)
+    failures = [line for line in node.stderr_lines if "failed" in line]
+    assert all("no snapshot is on disk" in line for line in failures), failures
+    assert "final snapshot" in failures[-1] and "every key" in failures[-1], failures[-1]
 
 
 def test_a_snapshot_that_cannot_be_read_stops_the_start_and_stays(tmp_path: Path):
