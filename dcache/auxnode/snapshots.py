@@ -238,7 +238,8 @@ class SnapshotManager:
         """Load the newest valid generation into the cache; return how many keys.
 
         Creates the data dir if needed (mode 0700) and removes temp files a
-        crash left behind. Entries go in with ``LRUCache.apply`` (versions
+        crash left behind. A snapshot written by another node id than a
+        configured ``--node-id`` is loaded with a WARNING. Entries go in with ``LRUCache.apply`` (versions
         kept, expired ones dropped); the node's clock observes the highest
         version loaded. An entry whose version is further ahead of the clock
         than ``--max-clock-skew`` is skipped, counted and logged: it would
@@ -279,6 +280,15 @@ class SnapshotManager:
                     "--data-dir to start without it (a node never overwrites a snapshot it could not read)"
                 ) from None
             read_s = time.monotonic() - t0
+            mine = self._node.config.node_id
+            if mine and data.node_id != mine:
+                log.warning(
+                    "snapshot %s was written by %s, not by this node (%s): loading it anyway; if it was copied from "
+                    "another node's --data-dir by mistake, stop this node and put its own snapshot back",
+                    path,
+                    data.node_id,
+                    mine,
+                )
             loaded = await self._apply(data)
             self._last_created_ms = data.created_ms
             self._node.set_ring_epoch(data.ring_epoch)

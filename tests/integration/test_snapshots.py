@@ -492,6 +492,20 @@ async def test_a_snapshot_larger_than_max_memory_says_what_it_evicted(tmp_path: 
     assert "WARNING" in warning and f"{n - stats['items']} " in warning and "--max-memory" in warning, warning
 
 
+async def test_a_snapshot_written_by_another_node_is_loaded_with_a_warning(tmp_path: Path):
+    """A file copied from another node's folder (or a dump) was loaded with an INFO line: its keys and epoch taken as ours."""
+    with open(tmp_path / CURRENT_NAME, "wb") as f:
+        dump([(b"theirs", b"v", 0, 1)], f, node_id="snap-other", ring_epoch=7, created_ms=0)
+    node = start_aux(tmp_path, "--snapshot-interval", "0", node_id="snap-mine")
+    try:
+        async with Client(node.addr) as c:
+            assert await c.get("theirs") == b"v"
+    finally:
+        stop(node)
+    [warning] = [line for line in node.stderr_lines if "WARNING" in line]
+    assert "snap-other" in warning and "snap-mine" in warning and str(tmp_path / CURRENT_NAME) in warning, warning
+
+
 def _ignores_sighup(pid: int) -> bool:
     """Whether process ``pid`` ignores SIGHUP now (the SigIgn mask of /proc/PID/status)."""
     try:
