@@ -11,7 +11,9 @@
    hands its data over on SIGTERM); ``again`` is set by a second signal,
    which cuts that short;
 5. ``daemon.close()`` stops accepting, gives requests in flight their grace
-   period, then cancels what is left; the metrics endpoint stops last.
+   period, then cancels what is left; the metrics endpoint stops last; the
+   process exits with ``daemon.exit_code`` (1 when the stop lost data: an
+   aux node's final snapshot failed).
 
 SIGHUP reloads the daemon's TLS certificate, key and CA (``daemon.tls``,
 ``dcache.tls.TlsContexts.reload``) without a restart; a daemon without TLS
@@ -48,6 +50,8 @@ class Daemon(Protocol):
     node_id: str
     #: The TLS contexts SIGHUP reloads (``None``: no TLS).
     tls: TlsContexts | None
+    #: What the process exits with once stopped: 0, or 1 when the stop lost data.
+    exit_code: int
 
     async def start(self) -> str:
         """Bind the listener(s) and start background work; return ``host:port`` listened on (then ``resp=host:port`` if RESP is served)."""
@@ -147,13 +151,18 @@ def pin_mmap_threshold(size: int = MMAP_THRESHOLD_BYTES) -> bool:
 
 
 def run(make: Callable[[], Daemon], *, host: str, metrics_port: int | None) -> int:
-    """Blocking entry point used by the CLI: build the daemon with ``make`` on a uvloop loop and ``serve`` it."""
+    """Blocking entry point used by the CLI: build the daemon with ``make`` on a uvloop loop and ``serve`` it.
+
+    Returns:
+        The daemon's ``exit_code`` once it stopped (0, or 1 when the stop lost data).
+    """
     import uvloop
 
     pin_mmap_threshold()
 
-    async def main() -> None:
-        await serve(make(), host=host, metrics_port=metrics_port)
+    async def main() -> int:
+        daemon = make()
+        await serve(daemon, host=host, metrics_port=metrics_port)
+        return daemon.exit_code
 
-    uvloop.run(main())
-    return 0
+    return uvloop.run(main())

@@ -263,6 +263,9 @@ class Service:
         self.secret = settings.secret()
         #: TLS contexts of the listener and of the links this node opens (``None``: plain TCP).
         self.tls = settings.tls()
+        #: The process's exit code after a graceful stop: 0, or 1 when the stop lost
+        #: data (an aux node whose final snapshot could not be written).
+        self.exit_code = 0
         #: The listener's handshakes, once it listens with TLS.
         self.tls_listener: TlsListener | None = None
         self.auth_failures = 0

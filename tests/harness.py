@@ -25,11 +25,24 @@ class DaemonProcess:
     collected in the background so it can be shown when a test fails.
     """
 
-    def __init__(self, role: str, args: Sequence[str] = (), *, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        role: str,
+        args: Sequence[str] = (),
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        python: Sequence[str] = ("-m", "dcache"),
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.role = role
         self.args = list(args)
         self.env = env
         self.cwd = cwd
+        #: What follows the interpreter before ``ROLE ARGS``: ``-m dcache``, or ``-c CODE`` that ends by calling ``dcache.cli.main(sys.argv[1:])``.
+        self.python = list(python)
+        #: Run in the child before it starts (``subprocess.Popen``'s): a resource limit, say.
+        self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen[bytes] | None = None
         self.host = ""
         self.port = 0
@@ -46,8 +59,8 @@ class DaemonProcess:
         env = dict(os.environ)
         env.update(self.env or {})
         env.setdefault("PYTHONUNBUFFERED", "1")
-        cmd = [sys.executable, "-m", "dcache", self.role, *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=self.cwd)
+        cmd = [sys.executable, *self.python, self.role, *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=self.cwd, preexec_fn=self.preexec_fn)
         self._stderr_thread = threading.Thread(target=self._drain_stderr, daemon=True)
         self._stderr_thread.start()
         line = _readline_with_deadline(self.proc, timeout)

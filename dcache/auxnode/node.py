@@ -333,7 +333,8 @@ class AuxNode(Service):
         if self.membership_agent is not None:
             await self.membership_agent.close()
         await self.shutdown(self.config.shutdown_grace)
-        await self.snapshots.close()  # final snapshot: connections are closed, no more writes
+        if not await self.snapshots.close():  # final snapshot: connections are closed, no more writes
+            self.exit_code = 1
 
 
 async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:

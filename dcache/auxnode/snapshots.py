@@ -7,8 +7,9 @@ Files in ``data_dir``:
 
 * ``snapshot.msgpack``: the current generation;
 * ``snapshot.prev.msgpack``: the one before it;
-* ``snapshot.tmp.<pid>``: a snapshot being written (removed at start if a
-  crash left one behind);
+* ``snapshot.tmp.<pid>``: a snapshot being written, and
+  ``snapshot.tmp.prev.<pid>``: current's second name on its way to prev
+  (both removed at start if a crash left them behind);
 * ``snapshot[.prev].corrupt.<unix-ts>.msgpack``: files that failed
   validation at start, set aside for inspection (never deleted by dcache);
 * ``lock``: the running node's pid, locked (``flock``) while it runs, so a
@@ -21,8 +22,9 @@ copied a shard of the cache at a time. Each slice is copied
 straight into packed msgpack bytes, the one form of copy the garbage
 collector never walks (see ``_copy``). Then a single worker thread writes
 header, slices and trailer into the temp file (hashing and writing, mostly
-without the GIL), fsyncs it, rotates current to prev, renames the temp file
-to current and fsyncs the directory. Only one
+without the GIL), fsyncs it, makes current the prev too (a hard link renamed
+over prev: current never goes missing), renames the temp file to current
+and fsyncs the directory. Only one
 snapshot runs at a time: an ``asyncio.Lock`` covers the copy, and the single
 worker serializes writes even if a caller was cancelled mid-write (the write
 itself cannot be interrupted, so it is shielded and finishes).
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -235,7 +238,8 @@ class SnapshotManager:
         """Load the newest valid generation into the cache; return how many keys.
 
         Creates the data dir if needed (mode 0700) and removes temp files a
-        crash left behind. Entries go in with ``LRUCache.apply`` (versions
+        crash left behind. A snapshot written by another node id than a
+        configured ``--node-id`` is loaded with a WARNING. Entries go in with ``LRUCache.apply`` (versions
         kept, expired ones dropped); the node's clock observes the highest
         version loaded. An entry whose version is further ahead of the clock
         than ``--max-clock-skew`` is skipped, counted and logged: it would
@@ -276,6 +280,15 @@ class SnapshotManager:
                     "--data-dir to start without it (a node never overwrites a snapshot it could not read)"
                 ) from None
             read_s = time.monotonic() - t0
+            mine = self._node.config.node_id
+            if mine and data.node_id != mine:
+                log.warning(
+                    "snapshot %s was written by %s, not by this node (%s): loading it anyway; if it was copied from "
+                    "another node's --data-dir by mistake, stop this node and put its own snapshot back",
+                    path,
+                    data.node_id,
+                    mine,
+                )
             loaded = await self._apply(data)
             self._last_created_ms = data.created_ms
             self._node.set_ring_epoch(data.ring_epoch)
@@ -368,10 +381,14 @@ class SnapshotManager:
 
     # -- taking one --------------------------------------------------------
 
-    async def snapshot(self) -> bool:
+    async def snapshot(self, *, final: bool = False) -> bool:
         """Take a snapshot now (waiting for one in progress first).
 
-        Failures are logged and counted, never raised.
+        Failures are logged (one ERROR line: why, and what is on disk
+        instead) and counted, never raised.
+
+        Args:
+            final: the stop's last snapshot: a failure's line says what is lost.
 
         Returns:
             Whether a snapshot was written (False when disabled or failed).
@@ -389,7 +406,7 @@ class SnapshotManager:
                 fut = loop.run_in_executor(self._get_executor(), self._write, items, node.node_id, self._ring_epoch(), created_ms)
             except Exception:
                 self.failures += 1
-                log.exception("snapshot failed while copying the entries")
+                log.exception("%s failed while copying the entries; %s", "final snapshot" if final else "snapshot", self._on_disk(final))
                 return False
 
             def finished(f: asyncio.Future[int]) -> None:
@@ -399,10 +416,11 @@ class SnapshotManager:
                 exc = f.exception()
                 if exc is not None:
                     self.failures += 1
+                    what = "final snapshot" if final else "snapshot"
                     if isinstance(exc, OSError):  # a full disk, permissions: one line a try, the cause is in it
-                        log.error("snapshot to %s failed: %s; the previous snapshot stays", self.data_dir, exc)
+                        log.error("%s to %s failed: %s; %s", what, self.data_dir, exc, self._on_disk(final))
                     else:
-                        log.error("snapshot to %s failed: %r", self.data_dir, exc, exc_info=exc)
+                        log.error("%s to %s failed: %r; %s", what, self.data_dir, exc, self._on_disk(final), exc_info=exc)
                     return
                 self.taken += 1
                 self._last_created_ms = created_ms
@@ -468,8 +486,7 @@ class SnapshotManager:
                 size = write_packed(items, f, count=items.count, node_id=node_id, ring_epoch=ring_epoch, created_ms=created_ms)
                 f.flush()
                 os.fsync(f.fileno())
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(current, os.path.join(data_dir, PREV_NAME))
+            _keep_as_prev(data_dir, current)
             os.replace(tmp, current)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -477,6 +494,18 @@ class SnapshotManager:
             raise
         _fsync_dir(data_dir)
         return size
+
+    def _on_disk(self, final: bool) -> str:
+        """What a failed snapshot leaves: the one on disk stays, or (``final``) the writes since it are lost."""
+        assert self.data_dir is not None
+        if self._last_created_ms and any(os.path.exists(os.path.join(self.data_dir, n)) for n in (CURRENT_NAME, PREV_NAME)):
+            age = f"the last snapshot on disk ({(wall_ms() - self._last_created_ms) / 1000:.1f} s old)"
+            if final:
+                return f"the writes since {age} are lost (exit code 1)"
+            return f"{age} stays"
+        if final:
+            return "no snapshot is on disk: every key of this node is lost (exit code 1)"
+        return "no snapshot is on disk"
 
     def _ring_epoch(self) -> int:
         epoch = self._node.ring_epoch
@@ -489,17 +518,23 @@ class SnapshotManager:
 
     # -- shutdown ----------------------------------------------------------
 
-    async def close(self) -> None:
+    async def close(self) -> bool:
         """Take the final snapshot (if enabled) and stop the worker; idempotent.
 
         Call after connections are closed and the periodic task is cancelled,
         so the snapshot holds every acknowledged write.
+
+        Returns:
+            False if the final snapshot failed (its ERROR line says what is
+            lost), else True (also when disabled, or already closed).
         """
         if self._closed:
-            return
+            return True
         self._closed = True
+        kept = True
         if self.data_dir is not None:
-            if await self.snapshot():
+            kept = await self.snapshot(final=True)
+            if kept:
                 log.info("final snapshot written to %s", os.path.join(self.data_dir, CURRENT_NAME))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
@@ -507,6 +542,7 @@ class SnapshotManager:
         if self._dir_lock is not None:
             self._dir_lock.close()  # the lock goes with it
             self._dir_lock = None
+        return kept
 
 
 class _Packed:
@@ -563,6 +599,45 @@ def _set_aside(path: str, name: str) -> str | None:
             return None
         return target
     return None
+
+
+def _keep_as_prev(data_dir: str, current: str) -> None:
+    """Make the current generation the previous one too, leaving it current (worker thread).
+
+    ``current`` gets a second name, which is renamed over prev: current
+    exists at every moment, so a crash anywhere restarts from the newest
+    complete generation (renaming current to prev, then the new file to
+    current, left no current in between: a kill there restarted one
+    generation back and deleted the new one as a leftover). On a file system
+    without hard links, current is renamed to prev as before.
+
+    Raises:
+        OSError: the link or the rename failed (the files are as they were).
+    """
+    prev = os.path.join(data_dir, PREV_NAME)
+    link = os.path.join(data_dir, f"{TMP_PREFIX}prev.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(link)  # left by a link whose rename failed
+    try:
+        os.link(current, link)
+    except FileNotFoundError:
+        return  # the first snapshot in this folder
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(current, prev)
+        return
+    try:
+        os.replace(link, prev)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(link)
+        raise
+
+
+#: ``link()`` errors of a file system that has no hard links (FAT, some FUSE and network file systems).
+_NO_HARD_LINKS = frozenset((errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK, errno.EXDEV))
 
 
 def _fsync_dir(path: str) -> None:

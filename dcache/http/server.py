@@ -71,6 +71,8 @@ class HttpDaemon:
     __slots__ = ("config", "tls", "node_id", "metrics", "collector_", "shim", "http", "worker", "_server", "_snapshots")
 
     role = "http"
+    #: The shim holds no data: its stop never loses any, and it exits 0.
+    exit_code = 0
 
     def __init__(self, config: HttpConfig, worker: WorkerLink | None = None) -> None:
         """Raises ``ConfigError`` if a TLS file of ``config`` cannot be read or is not what it should be."""

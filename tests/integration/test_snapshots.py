@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +215,75 @@ async def test_sigkill_during_a_large_snapshot_keeps_the_last_complete_one(tmp_p
         stop(node)
 
 
+#: ``-c`` code for ``DaemonProcess``: run the CLI, SIGKILLed at the ``KILL_AT_STEP``-th rename or hard link of a
+#: file in the folder ``IN_DIR`` (the audit hook runs in the thread that renames, just before the call), or
+#: with ``NO_HARD_LINKS`` set, every hard link there failing with EPERM as on a file system without them.
+_FS_HOOK = """
+import errno, os, signal, sys
+nth, folder, no_links, seen = int(os.environ.get("KILL_AT_STEP", 0)), os.environ["IN_DIR"], "NO_HARD_LINKS" in os.environ, [0]
+def hook(event, args):
+    if event in ("os.rename", "os.link") and str(args[0]).startswith(folder):
+        seen[0] += 1
+        if seen[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if no_links and event == "os.link":
+            raise OSError(errno.EPERM, "Operation not permitted", args[1])
+sys.addaudithook(hook)
+from dcache.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+async def test_a_kill_at_any_step_of_the_rotation_leaves_the_newest_snapshot_current(tmp_path: Path, step: int):
+    """Rotating current to prev, then the new file to current, left no current between the two renames:
+    a kill there restarted from prev, one generation back, and deleted the complete new one as a leftover."""
+    args = ["--snapshot-interval", "0", "--node-id", "snap-steps", "--data-dir", str(tmp_path)]
+    node = start_aux(None, *args)
+    try:
+        async with Client(node.addr) as c:
+            await c.set("gen", b"1")
+        assert node.terminate() == 0
+        env = {"KILL_AT_STEP": str(step), "IN_DIR": str(tmp_path)}
+        node = DaemonProcess("aux", ["--host", "127.0.0.1", "--port", "0", *args], env=env, python=("-c", _FS_HOOK)).start()
+        async with Client(node.addr) as c:
+            await c.set("gen", b"2")
+        code = node.terminate()  # the final snapshot: killed at one of its renames or links, or done
+    finally:
+        stop(node)
+    assert code in (0, -signal.SIGKILL), node.stderr()
+    assert CURRENT_NAME in files(tmp_path), files(tmp_path)
+    with open(tmp_path / CURRENT_NAME, "rb") as f:
+        [(_, on_disk, _, _)] = load(f, now_ms=0).entries
+    assert on_disk in (b"1", b"2") and (code != 0 or on_disk == b"2")
+
+    node = start_aux(None, *args, "--log-level", "info")
+    try:
+        async with Client(node.addr) as c:
+            assert await c.get("gen") == on_disk
+            assert (await c.stats())["snapshots_rejected"] == 0
+    finally:
+        stop(node)
+    assert any(f"from {tmp_path / CURRENT_NAME} " in line for line in node.stderr_lines), node.stderr()
+
+
+async def test_without_hard_links_the_rotation_still_keeps_two_generations(tmp_path: Path):
+    args = ["--host", "127.0.0.1", "--port", "0", "--snapshot-interval", "0", "--node-id", "snap-nolinks", "--data-dir", str(tmp_path)]
+    env = {"IN_DIR": str(tmp_path), "NO_HARD_LINKS": "1"}
+    for gen in (b"1", b"2"):
+        node = DaemonProcess("aux", args, env=env, python=("-c", _FS_HOOK)).start()
+        try:
+            async with Client(node.addr) as c:
+                await c.set("gen", gen)
+            assert node.terminate() == 0, node.stderr()
+        finally:
+            stop(node)
+    for name, gen in ((CURRENT_NAME, b"2"), (PREV_NAME, b"1")):
+        with open(tmp_path / name, "rb") as f:
+            assert [e[1] for e in load(f, now_ms=0).entries] == [gen]
+    assert files(tmp_path) == {CURRENT_NAME, PREV_NAME, "lock"}
+
+
 # -- in-process: the parts a client cannot see ---------------------------------------
 
 
@@ -319,6 +390,70 @@ async def test_a_snapshot_that_cannot_be_written_is_one_line_and_the_last_one_st
         assert [e[0] for e in load(f, now_ms=time.time_ns() // 1_000_000).entries] == [b"k"]
 
 
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that caps the files the child writes at ``limit`` bytes: a write past it fails with EFBIG,
+    as a full disk fails with ENOSPC, with no disk to fill (CPython ignores SIGXFSZ, so the call fails)."""
+
+    def preexec() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
+
+
+async def test_a_full_disk_keeps_the_last_snapshot_and_a_failed_final_one_exits_1(tmp_path: Path):
+    """Writes that outgrow the disk cost no snapshot on disk and no service; the next snapshot that fits is taken;
+    a stop whose final snapshot fails says what it lost and exits 1 (it exited 0, as if everything were kept)."""
+    args = ["--host", "127.0.0.1", "--port", "0", "--snapshot-interval", "0.2", "--node-id", "snap-full", "--data-dir", str(tmp_path)]
+    node = DaemonProcess("aux", args, preexec_fn=_file_size_limit(64 * 1024)).start()
+    big = {f"big:{i}": b"b" * 1000 for i in range(100)}  # 100 KB: a snapshot of them does not fit
+    try:
+        async with Client(node.addr) as c:
+            await c.set("small", b"kept")
+            await wait_snapshots_after_now(c, 1)
+            await c.mset(big)
+            base = (await c.stats())["snapshot_failures"]
+
+            async def failed(n: int) -> bool:
+                return bool((await c.stats())["snapshot_failures"] >= base + n)
+
+            await wait_until(lambda: failed(2), 20.0, "two failed snapshots")
+            assert await c.mget(list(big)) == list(big.values())  # still serving
+            for key in big:
+                await c.delete(key)
+            await wait_snapshots_after_now(c, 1)  # room again: snapshots resume
+            await c.mset(big)
+            await wait_until(lambda: failed(3), 20.0, "a third failed snapshot")
+        assert node.terminate() == 1, node.stderr()
+    finally:
+        stop(node)
+    failures = [line for line in node.stderr_lines if "failed" in line]
+    assert failures and all("ERROR" in line and "File too large" in line for line in failures), node.stderr()
+    assert "Traceback" not in node.stderr()
+    assert all("the last snapshot on disk" in line and "stays" in line for line in failures[:-1]), failures
+    assert "final snapshot" in failures[-1] and "the writes since" in failures[-1] and "are lost" in failures[-1], failures[-1]
+    with open(tmp_path / CURRENT_NAME, "rb") as f:
+        assert [e[0] for e in load(f, now_ms=time.time_ns() // 1_000_000).entries] == [b"small"]
+
+
+async def test_a_final_snapshot_with_none_on_disk_says_every_key_is_lost(tmp_path: Path):
+    data_dir = tmp_path / "data"
+    node = start_aux(data_dir, "--snapshot-interval", "0.2", node_id="snap-gone")
+    try:
+        async with Client(node.addr) as c:
+            await c.set("k", b"v")
+            await wait_snapshots_after_now(c, 1)
+            shutil.rmtree(data_dir)  # the folder went away: nothing is on disk any more
+            base = (await c.stats())["snapshot_failures"]
+            await wait_until(lambda: asyncio.sleep(0, len(node.stderr_lines) and "failed" in node.stderr_lines[-1]), 20.0, "a failure")
+            assert (await c.stats())["snapshot_failures"] > base
+        assert node.terminate() == 1, node.stderr()
+    finally:
+        stop(node)
+    failures = [line for line in node.stderr_lines if "failed" in line]
+    assert all("no snapshot is on disk" in line for line in failures), failures
+    assert "final snapshot" in failures[-1] and "every key" in failures[-1], failures[-1]
+
+
 def test_a_snapshot_that_cannot_be_read_stops_the_start_and_stays(tmp_path: Path):
     """Starting without it would rotate it to prev at the next snapshot and delete it at the one after.
 
@@ -355,6 +490,20 @@ async def test_a_snapshot_larger_than_max_memory_says_what_it_evicted(tmp_path: 
         stop(node)
     [warning] = [line for line in node.stderr_lines if "evicted" in line]
     assert "WARNING" in warning and f"{n - stats['items']} " in warning and "--max-memory" in warning, warning
+
+
+async def test_a_snapshot_written_by_another_node_is_loaded_with_a_warning(tmp_path: Path):
+    """A file copied from another node's folder (or a dump) was loaded with an INFO line: its keys and epoch taken as ours."""
+    with open(tmp_path / CURRENT_NAME, "wb") as f:
+        dump([(b"theirs", b"v", 0, 1)], f, node_id="snap-other", ring_epoch=7, created_ms=0)
+    node = start_aux(tmp_path, "--snapshot-interval", "0", node_id="snap-mine")
+    try:
+        async with Client(node.addr) as c:
+            assert await c.get("theirs") == b"v"
+    finally:
+        stop(node)
+    [warning] = [line for line in node.stderr_lines if "WARNING" in line]
+    assert "snap-other" in warning and "snap-mine" in warning and str(tmp_path / CURRENT_NAME) in warning, warning
 
 
 def _ignores_sighup(pid: int) -> bool:
