@@ -81,6 +81,7 @@ class MasterNode(Service):
                 self.clock,
                 lambda: self.node_id,
                 self._address,
+                ssl=self.peer_ssl,
             )
         elif config.coordinator:
             self.membership = Follower(
