@@ -597,6 +597,8 @@ def _format_ring(info: dict[str, Any]) -> str:
     for n in info["nodes"]:
         if n.get("auth_error"):
             lines.append(f"NOT ROUTED: {n['node_id']} refused this master's credentials: {n['auth_error']}")
+        if n.get("cluster_error"):
+            lines.append(f"NOT ROUTED: {n['node_id']} belongs to another cluster: {n['cluster_error']}")
     membership = info["membership"]
     mig = membership.get("migration")
     if mig:

@@ -45,6 +45,7 @@ __all__ = [
     "SupersededError",
     "TooManyKeysError",
     "OverloadedError",
+    "WrongClusterError",
     "error_from_status",
 ]
 
@@ -73,6 +74,7 @@ class Status(IntEnum):
     SUPERSEDED = 15
     TOO_MANY_KEYS = 16
     OVERLOADED = 17
+    WRONG_CLUSTER = 18
 
 
 class DCacheError(Exception):
@@ -273,6 +275,17 @@ class OverloadedError(ServerError):
     """The node is at its connection limit or its input-buffer cap; it closes the connection. Try again later."""
 
     status = Status.OVERLOADED
+
+
+class WrongClusterError(ServerError):
+    """An aux node bound to one cluster refused a master of another (BIND).
+
+    The node records the cluster that first drives it (in its data dir) and
+    serves no other: two clusters moving and dropping the same node's keys
+    lose data. The message names the cluster the node belongs to.
+    """
+
+    status = Status.WRONG_CLUSTER
 
 
 def error_from_status(status: int, message: str) -> ServerError:

@@ -286,27 +286,40 @@ class ZkSession:
 
     def _ensure_ephemeral(self, path: str, data: bytes) -> bool:
         """Create or update our ephemeral node; False while another session holds it."""
+        if self.claim(path, data) is None:
+            return True
+        log.warning(
+            "%s: %s is held by another ZooKeeper session (a previous process of this node whose session "
+            "has not expired yet, or a duplicate node id); waiting for it to go",
+            self.name,
+            path,
+        )
+        return False
+
+    def claim(self, path: str, data: bytes) -> dict[str, Any] | None:
+        """Make ``path`` this session's ephemeral node holding ``data`` (blocking: use through ``run``).
+
+        Returns:
+            ``None`` once this session holds it; while another session does,
+            the holder's data (a map, empty if unreadable or if the node
+            vanished in between: try again).
+        """
         try:
             self.client.create(path, data, ephemeral=True, makepath=True)
             log.info("%s: registered %s in ZooKeeper", self.name, path)
-            return True
+            return None
         except NodeExistsError:
             pass
         try:
             current, stat = self.client.get(path)
         except NoNodeError:
-            return False  # vanished in between: try again
+            return {}
         if stat.ephemeralOwner != self.client.client_id[0]:
-            log.warning(
-                "%s: %s is held by another ZooKeeper session (a previous process of this node whose session "
-                "has not expired yet, or a duplicate node id); waiting for it to go",
-                self.name,
-                path,
-            )
-            return False
+            holder = loads(current)
+            return holder if isinstance(holder, dict) else {}
         if current != data:
             self.client.set(path, data, version=stat.version)
-        return True
+        return None
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from dcache.errors import Status
 from dcache.peer import PeerConnection
 from dcache.protocol import FrameDecoder, Op, encode_response
 
@@ -95,7 +96,9 @@ class FakeAux:
     Knobs (public, set them freely): ``incarnations[node_id]`` is what its
     HELLO reports (default 1); ``hello_replies[node_id]`` replaces its HELLO
     answer; a node in ``silent`` answers nothing, HELLO included; connecting
-    to a node in ``refused`` fails with ``ConnectionRefusedError``.
+    to a node in ``refused`` fails with ``ConnectionRefusedError``;
+    ``clusters[node_id]`` is the cluster its BIND took (a node binds to the
+    first cluster and answers ``WRONG_CLUSTER`` to others, as a real one does).
     """
 
     def __init__(self, answer: Callable[[str, list[Any]], Any] | None = None) -> None:
@@ -107,6 +110,7 @@ class FakeAux:
         self.silent: set[str] = set()
         self.refused: set[str] = set()
         self.connects: dict[str, int] = {}
+        self.clusters: dict[str, str] = {}
 
     async def connect(self, host: str, port: int, name: str, on_answers: Callable[[], None] | None) -> PeerConnection:
         self.connects[name] = self.connects.get(name, 0) + 1
@@ -170,6 +174,10 @@ class _AnsweringTransport(FakeTransport):
                     self.reply(msg[1], hello.status, hello.result)
                 else:
                     self.reply(msg[1], 0, {"role": "aux", "node_id": name, "incarnation": aux.incarnations.get(name, 1)})
+                continue
+            if msg[0] == Op.BIND:
+                bound = aux.clusters.setdefault(name, msg[2])
+                self.reply(msg[1], *((0, bound) if bound == msg[2] else (int(Status.WRONG_CLUSTER), f"bound to {bound!r}")))
                 continue
             self.received.append(msg)
             aux.requests.setdefault(name, []).append(msg)

@@ -27,8 +27,9 @@ from ..config import AuxConfig
 from ..errors import NotAnIntegerError, OutOfMemoryError
 from ..hlc import HybridClock, wall_ms
 from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache, NotAnInt64Error
-from ..protocol import SetFlag
+from ..protocol import Op, SetFlag
 from ..server import DATA_OPS, FrameProtocol, Service, check_answer_size
+from .binding import ClusterBinding
 from .cluster_ops import ClusterOps
 from .snapshots import SnapshotManager
 from .tracking import Tracker, TrackingCache
@@ -75,9 +76,12 @@ class AuxNode(Service):
         self.ring_epoch = 0
         self.started_at = time.time()
         self.snapshots = SnapshotManager(self)
+        #: The cluster this node serves (``dcache.auxnode.binding``).
+        self.binding = ClusterBinding(config.data_dir)
         self.register(*DATA_OPS)
         self.cluster_ops = ClusterOps(self)
         self.cluster_ops.register(self.handlers)
+        self.register(Op.BIND)
 
     def _new_clock(self) -> HybridClock:
         return HybridClock(self.node_id, max_skew_ms=self.limits.max_clock_skew_ms)
@@ -169,6 +173,10 @@ class AuxNode(Service):
     def _persist(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
         return self.cache.persist(key)
 
+    def _bind(self, conn: FrameProtocol, rid: int, cluster_id: str) -> Any:
+        """BIND: the master's cluster must be the one this node belongs to (the first one, if none yet)."""
+        return self.binding.bind(cluster_id)
+
     def _stats(self, conn: FrameProtocol, rid: int, args: None) -> Any:
         return self.stats()
 
@@ -200,6 +208,8 @@ class AuxNode(Service):
             **self.tracker.stats(),
             **self.snapshots.stats(),
             **self._membership_stats(),
+            "cluster_id": self.binding.cluster_id,
+            "cluster_refusals": self.binding.refusals,
         }
 
     def _membership_stats(self) -> dict[str, Any]:
@@ -249,6 +259,7 @@ class AuxNode(Service):
         """Load the snapshot, bind the listener(s), start the background tasks and membership; return ``HOST:PORT [resp=HOST:PORT]``."""
         cfg = self.config
         await self.snapshots.load()  # before listening: never serve a half-loaded cache
+        self.binding.load()
         server = await self.listen(cfg.host, cfg.port)
         host, port = server.sockets[0].getsockname()[:2]
         if not cfg.node_id:

@@ -40,7 +40,7 @@ from functools import partial
 from ssl import SSLContext
 from typing import Any
 
-from ..errors import AuthError, Status
+from ..errors import AuthError, Status, WrongClusterError
 from ..peer import Callback, PeerConnection, answer_to, handshake
 from ..protocol import CHANGING_OPS, UINT64_MAX, Op, Push
 from ..protocol.limits import INVALIDATION_TIMEOUT_S, NEAR_LEASE_S
@@ -86,6 +86,8 @@ class AuxLink:
         "_auth_token",
         "_secret",
         "auth_error",
+        "cluster_error",
+        "_cluster",
         "_factory",
         "_conns",
         "_rr",
@@ -132,8 +134,10 @@ class AuxLink:
         on_answers: Callable[[], None] | None = None,
         factory: ConnectionFactory | None = None,
         ssl: SSLContext | None = None,
+        cluster: Callable[[], str | None] | None = None,
     ) -> None:
-        """``factory`` opens one connection (default: TCP, with TLS given ``ssl``, the node's peer context)."""
+        """``factory`` opens one connection (default: TCP, with TLS given ``ssl``, the node's peer context);
+        ``cluster`` gives the id each new connection BINDs the node to (``None``: no BIND)."""
         self.node_id = node_id
         self.host = host
         self.port = port
@@ -145,6 +149,9 @@ class AuxLink:
         self._secret = secret
         #: Why the last connection attempt was refused on credentials (for RING), if it was.
         self.auth_error: str | None = None
+        #: Why the node refused this master's cluster (BIND answered ``WRONG_CLUSTER``), if it did.
+        self.cluster_error: str | None = None
+        self._cluster = cluster
         self._factory = factory or partial(_tcp_connection, ssl=ssl)
         self._conns: list[PeerConnection] = []
         self._rr = 0
@@ -233,6 +240,10 @@ class AuxLink:
                 timeout=self._timeout,
                 expect_role="aux",
             )
+            cluster = self._cluster() if self._cluster is not None else None
+            if cluster is not None:
+                # Before any other request: a node of another cluster must never see this one's.
+                await proto.call(Op.BIND, cluster, timeout=self._timeout)
         except BaseException:
             proto.close()
             raise
@@ -255,14 +266,16 @@ class AuxLink:
                 delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** min(self._failures, 10)) * random.uniform(0.5, 1.0)
                 if isinstance(exc, AuthError):
                     self.auth_error = exc.message
+                if isinstance(exc, WrongClusterError):
+                    self.cluster_error = exc.message
                 if self._failures in (1, 10) or self._failures % 100 == 0:
-                    if isinstance(exc, AuthError):
+                    if isinstance(exc, (AuthError, WrongClusterError)):
                         log.warning("not routing to aux %s at %s:%s: %s", self.node_id, self.host, self.port, exc.message)
                     else:
                         log.info("cannot connect to aux %s at %s:%s (%s); retrying", self.node_id, self.host, self.port, exc)
                 await asyncio.sleep(delay)
                 continue
-            self.auth_error = None
+            self.auth_error = self.cluster_error = None
             if self._closed:
                 proto.close()
                 return

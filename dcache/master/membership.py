@@ -678,6 +678,8 @@ class Follower(Membership):
         self._reconcile: set[str] = set()
         self.last_sync_ms = 0
         self.coordinator_error: str | None = "not contacted yet"
+        #: The coordinator's cluster id (its HELLO's ``cluster_id``; ``None``: not contacted yet).
+        self.cluster_id: str | None = None
         self._secret = config.secret()
 
     async def start(self) -> None:
@@ -717,6 +719,9 @@ class Follower(Membership):
                     f"coordinator: {self._host}:{self._port} is an aux node ({info.get('node_id')}), not a master; "
                     "give --coordinator the coordinating master's address (7000 by default)"
                 )
+            cluster_id = info.get("cluster_id")
+            if isinstance(cluster_id, str) and cluster_id:
+                self.cluster_id = cluster_id
             if info.get("node_id") == self._node_id():
                 self._conn.close()
                 raise ConfigError(

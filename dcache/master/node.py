@@ -81,6 +81,7 @@ class MasterNode(Service):
                 self.clock,
                 lambda: self.node_id,
                 self._address,
+                ssl=self.peer_ssl,
             )
         elif config.coordinator:
             self.membership = Follower(
@@ -120,6 +121,7 @@ class MasterNode(Service):
                     on_answers=self.flush_all,
                     factory=self._connect,
                     ssl=self.peer_ssl,
+                    cluster=self.cluster_id,
                 )
                 if self.router.near is not None:
                     link.on_invalidate = self.router.near.invalidate
@@ -230,6 +232,26 @@ class MasterNode(Service):
         self._follower_conns[follower_id] = (conn, now)
         return self.membership.sync(*args)
 
+    def cluster_id(self) -> str | None:
+        """The cluster this master's links BIND aux nodes to (``None``: not known yet).
+
+        ZooKeeper mode: ``zk:NAME`` (``--cluster``), whichever master leads.
+        Embedded: ``NAME/ID``, the coordinator's node id; a follower takes its
+        coordinator's (HELLO's ``cluster_id``). docs/DECISIONS.md says why.
+        """
+        cfg = self.config
+        if cfg.zookeeper:
+            return f"zk:{cfg.cluster}"
+        if isinstance(self.membership, Follower):
+            return self.membership.cluster_id
+        return f"{cfg.cluster}/{self.node_id}"
+
+    def hello_result(self) -> dict[str, Any]:
+        """HELLO plus ``cluster_id``: a follower BINDs aux nodes to its coordinator's cluster."""
+        result = super().hello_result()
+        result["cluster_id"] = self.cluster_id()
+        return result
+
     def _address(self) -> str:
         """``host:port`` this master listens on (the configured one before it binds)."""
         if self.server is not None and self.server.sockets:
@@ -335,6 +357,7 @@ class MasterNode(Service):
                     "suspected": link.suspect if link is not None else False,
                     "hints": hints.get(node_id, {}).get("hints", 0),
                     "auth_error": link.auth_error if link is not None else None,
+                    "cluster_error": link.cluster_error if link is not None else None,
                 }
             )
         return {

@@ -22,6 +22,14 @@ A new leader reads the ring, resumes a migration that was in flight
 (``prev_ring`` is part of the view), restarts the reconciliation of fenced
 nodes, and reconciles the members with the registrations it finds.
 
+A master owns its node id while it holds ``masters/<id>``: it claims that
+znode before it follows the ring or runs for leader, so a second master
+started with the same id never routes (its versions would carry the first's
+tag). When the holder answers at the address its registration names with
+this very id, the second master's start fails (``ConfigError``, exit 2);
+when it does not answer, it is taken for a previous process of this master
+whose session has not expired yet, and the claim waits for it to go.
+
 A master that loses ZooKeeper keeps routing by the last view it saw and
 says so in ``status()`` (``dcache ring``, ``dcache stats``) and in metrics; a
 leader whose session expires stops leading.
@@ -33,14 +41,17 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any
 
 import msgpack
 from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
 
+from ..address import parse_address
 from ..config import MasterConfig
-from ..errors import UnavailableError
+from ..errors import ConfigError, DCacheError, UnavailableError
 from ..hlc import HybridClock, wall_ms
+from ..peer import open_peer
 from ..protocol import PROTOCOL_VERSION, Op
 from ..zookeeper import ZkPaths, ZkSession, dumps, loads
 from .links import AuxLink
@@ -52,6 +63,10 @@ __all__ = ["ZooKeeperMembership"]
 log = logging.getLogger("dcache.master.zookeeper")
 
 _WRITE_RETRY_S = 0.2
+#: How often a master waiting for its ``masters/<id>`` znode tries again.
+_CLAIM_RETRY_S = 0.5
+#: Bound on the HELLO that asks the holder of this master's id who it is.
+_PROBE_TIMEOUT_S = 2.0
 
 
 class _LostRing(Exception):
@@ -72,7 +87,10 @@ class ZooKeeperMembership(Coordinator):
         clock: HybridClock,
         node_id: Callable[[], str],
         address: Callable[[], str],
+        *,
+        ssl: SSLContext | None = None,
     ) -> None:
+        """``ssl``: the master's peer context, to ask another master who it is (``None``: plain TCP)."""
         super().__init__(config, view, on_view, links, clock)
         assert config.zookeeper is not None
         self.paths = ZkPaths(config.cluster)
@@ -93,18 +111,41 @@ class ZooKeeperMembership(Coordinator):
         self._election_thread: threading.Thread | None = None
         self._election: Any = None
         self.leaderships = 0  # times this master became leader
+        self._ssl = ssl
+        #: Done once this master holds ``masters/<id>``; a ``ConfigError`` if a live master has its id.
+        self._id_claim: asyncio.Future[None] | None = None
+        #: Why this master does not route: a live master has its node id (``None``: no such conflict found).
+        self.id_error: str | None = None
+        self._claimed = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Connect to ZooKeeper, claim this master's id and follow the ring (each bounded; then in the background).
+
+        Raises:
+            ConfigError: a live master has this master's node id.
+        """
+        self._id_claim = asyncio.get_running_loop().create_future()
         await self.zk.start()
         self.zk.on_state(self._on_zk_state)
         self._spawn(self._health_loop(), "health")
         self._spawn(self._writer(), "zk-ring-writer")
         self._spawn(self._setup(), "zk-setup")
         # Route by the ring in ZooKeeper from the first request on, if it can be had quickly.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(5.0, self.config.zk_session_timeout)
         try:
-            await asyncio.wait_for(self._ring_seen.wait(), min(5.0, self.config.zk_session_timeout))
+            async with asyncio.timeout_at(deadline):
+                await self._id_claim
+        except TimeoutError:
+            pass
+        except ConfigError:
+            await self.close()
+            raise
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._ring_seen.wait()
         except TimeoutError:
             log.warning("no ring from ZooKeeper %s yet; serving with an empty ring until it comes", self.config.zookeeper)
 
@@ -118,6 +159,20 @@ class ZooKeeperMembership(Coordinator):
                 log.warning("creating the cluster's znodes failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 await self.zk.wait_connected()
+        claim = self._id_claim
+        assert claim is not None
+        try:
+            await self._claim_id()
+        except ConfigError as exc:
+            self.id_error = str(exc)
+            if claim.cancelled():  # start() gave up waiting: it will not say it
+                log.error("%s; this master serves no ring", exc)
+            else:
+                claim.set_exception(exc)
+            return
+        self._claimed = True
+        if not claim.done():
+            claim.set_result(None)
         self._register_self()
         await self.zk.run(self.zk.watch_data, self.paths.ring, self._on_ring)
         await self.zk.run(self.zk.watch_children, self.paths.aux, self._on_aux_children)
@@ -126,6 +181,63 @@ class ZooKeeperMembership(Coordinator):
         self._election = self.zk.client.Election(self.paths.election, self._node_id())
         self._election_thread = threading.Thread(target=self._election_main, args=(loop,), name="zk-election", daemon=True)
         self._election_thread.start()
+
+    async def _claim_id(self) -> None:
+        """Hold ``masters/<id>`` before anything else (see the module note); waits while a previous process holds it.
+
+        Raises:
+            ConfigError: a live master answers, at the address its registration
+                names, with this master's node id.
+        """
+        me = self._node_id()
+        path = f"{self.paths.masters}/{me}"
+        warned = False
+        while True:
+            view = self.view
+            data = dumps({"addr": self._address(), "epoch": view.epoch, "seq": view.seq, "leader": False})
+            try:
+                holder = await self.zk.run(self.zk.claim, path, data)
+            except KazooException as exc:
+                log.warning("claiming %s failed (%s); retrying", path, exc)
+                holder = {}
+            if holder is None:
+                return
+            addr = holder.get("addr")
+            if isinstance(addr, str) and addr != self._address() and await self._answers_as(addr, me):
+                raise ConfigError(
+                    f"node_id: the master at {addr} has this master's node id {me!r} in ZooKeeper cluster {self.config.cluster!r}; "
+                    "every master needs its own --node-id (one id would stamp two masters' writes with one version)"
+                )
+            if not warned:
+                log.warning(
+                    "%s is held by another ZooKeeper session (%s, not answering as %r: a previous process of this master "
+                    "whose session has not expired yet); not routing until it goes",
+                    path,
+                    addr,
+                    me,
+                )
+                warned = True
+            await asyncio.sleep(_CLAIM_RETRY_S)
+            await self.zk.wait_connected()
+
+    async def _answers_as(self, addr: str, node_id: str) -> bool:
+        """Whether a master answers at ``addr`` with ``node_id`` (False if it cannot be reached or refuses this one)."""
+        try:
+            host, port = parse_address(addr)
+            conn = await open_peer(
+                host,
+                port,
+                name=f"master {addr}",
+                auth_token=self.config.auth_token,
+                client_name="dcache-master",
+                timeout=_PROBE_TIMEOUT_S,
+                secret=self.config.secret(),
+                ssl=self._ssl,
+            )
+        except (ValueError, TimeoutError, OSError, DCacheError):
+            return False
+        conn.close()
+        return conn.server_info.get("role") == "master" and conn.server_info.get("node_id") == node_id
 
     async def close(self) -> None:
         self._closing.set()
@@ -145,6 +257,8 @@ class ZooKeeperMembership(Coordinator):
             self._register_self()
 
     def _register_self(self) -> None:
+        if not self._claimed:
+            return  # _claim_id registers it first
         view = self.view
         self.zk.register(
             f"{self.paths.masters}/{self._node_id()}",
@@ -424,5 +538,8 @@ class ZooKeeperMembership(Coordinator):
         out["leader"] = self.leader
         out["leaderships"] = self.leaderships
         out["registered_aux"] = sorted(self._registered)
+        out["node_id_claimed"] = self._claimed
+        if self.id_error is not None:
+            out["node_id_error"] = self.id_error
         out.update(self.zk.status())
         return out

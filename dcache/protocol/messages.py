@@ -65,6 +65,7 @@ class Op(IntEnum):
     RANGE_COUNT = 41
     MSETV = 42
     INVACK = 43
+    BIND = 44
     # master ops (cluster membership and views)
     RING = 48
     JOIN = 49

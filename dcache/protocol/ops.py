@@ -623,6 +623,13 @@ def _parse_fence(msg: list[Any], limits: Limits) -> tuple[str, int, str]:
     return _name(msg[2], "node_id"), _u64(msg[3], "since_ms"), reason
 
 
+def _parse_bind(msg: list[Any], limits: Limits) -> str:
+    """BIND ``[cluster_id]`` -> ``cluster_id`` (the cluster the master drives the node for)."""
+    if len(msg) != 3:
+        raise BadArgumentsError("BIND takes [cluster_id]")
+    return _name(msg[2], "cluster_id")
+
+
 def _parse_auth(msg: list[Any], limits: Limits) -> tuple[bytes, bytes]:
     """AUTH ``[client_nonce, proof]`` -> ``(client_nonce, proof)`` (see ``dcache.protocol.auth``)."""
     if len(msg) != 4:
@@ -670,6 +677,7 @@ OPS: dict[int, OpSpec] = {
         OpSpec(Op.RANGE_COUNT, "RANGE_COUNT", _C, (1, 1), _parse_range_count, True),
         OpSpec(Op.MSETV, "MSETV", _C, (1, 1), _parse_msetv, True),
         OpSpec(Op.INVACK, "INVACK", _C, (1, 1), _parse_invack, True),
+        OpSpec(Op.BIND, "BIND", _C, (1, 1), _parse_bind, True),
         OpSpec(Op.RING, "RING", _K, (0, 0), _no_args("RING"), True),
         OpSpec(Op.JOIN, "JOIN", _C, (3, 5), _parse_join, True),
         OpSpec(Op.LEAVE, "LEAVE", _C, (1, 1), _parse_leave, True),

@@ -16,7 +16,7 @@ from dcache import Client
 from dcache.errors import NotAnIntegerError
 from dcache.protocol import Op
 from dcache.ring import HashRing
-from tests.cluster import Cluster, Reader, populate, ring, settled, up_nodes, wait_ring
+from tests.cluster import Cluster, Reader, key_of, populate, ring, settled, up_nodes, value_of, wait_ring
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.slow
@@ -382,6 +382,51 @@ async def test_two_followers_with_one_node_id_are_told_apart(tmp_path):
         assert info["membership"]["coordinator_reachable"], info["membership"]
         info = await ring(second.addr)
         assert not info["membership"]["coordinator_reachable"] and "already used" in info["membership"]["coordinator_error"]
+    except BaseException:
+        print(cl.logs())
+        raise
+    finally:
+        cl.stop()
+
+
+async def test_aux_nodes_refuse_a_second_unrelated_coordinator(tmp_path):
+    """Two embedded clusters seeded with the same aux nodes: the second one's migration DROPped keys the first still routed there."""
+    cl = Cluster(tmp_path)
+    try:
+        a1 = cl.start_aux("a1", join=False)
+        a2 = cl.start_aux("a2", join=False)
+        seeds = ("--aux", f"a1={a1.addr},a2={a2.addr}")
+        first = cl.start_master("first", *seeds)
+        routed = lambda i: settled({"a1", "a2"})(i) and all(n["connected"] for n in i["nodes"])  # noqa: E731
+        await wait_ring(first.addr, routed, what="the first cluster settled and connected")
+        n = 4000
+        async with Client(first.addr, timeout=10) as c:
+            await populate(c, n)
+        second = cl.start_master("second", *seeds)  # an unrelated cluster, seeded with the same nodes by mistake
+        cl.start_aux("a3", "--join", second.addr, join=False)
+        await wait_ring(second.addr, lambda i: "a3" in up_nodes(i) and not i["migrating"], timeout=30, what="a3 in the second cluster")
+        # The second cluster drops what it moved to a3 from a1 and a2 (after a delay), unless they refuse it.
+        done = lambda: "dropped " in second.stderr() or "refuses cluster" in a1.stderr()  # noqa: E731
+        await asyncio.to_thread(wait_for, done, 15, message="the moved ranges dropped, or a1 refusing the second cluster")
+        async with Client(first.addr, timeout=10) as c:
+            values = await c.mget([key_of(i) for i in range(n)])
+        missing = sum(v is None for v in values)
+        assert missing == 0 and all(v == value_of(i) for i, v in enumerate(values)), f"{missing} of {n} keys lost"
+        await asyncio.to_thread(wait_for, lambda: "refuses cluster" in a1.stderr(), 10, message="a1 refused the second cluster")
+        info = await ring(second.addr)
+        assert up_nodes(info) == {"a3"}, info["nodes"]
+        info = await ring(first.addr)
+        assert settled({"a1", "a2"})(info), info["nodes"]
+
+        # A restarted aux node (same data dir) is driven by its own cluster again.
+        port = a1.port
+        a1.terminate()
+        a1 = cl.start_aux("a1", join=False, port=port)
+        await wait_ring(first.addr, routed, timeout=30, what="a1 back in the first cluster")
+        async with Client(first.addr, timeout=10) as c:
+            assert await c.set("after-restart", b"yes")
+            assert await c.get("after-restart") == b"yes"
+            assert await c.get(key_of(0)) == value_of(0)
     except BaseException:
         print(cl.logs())
         raise

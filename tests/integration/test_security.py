@@ -64,6 +64,7 @@ def harmful_args(op: int) -> list[Any]:
         Op.RANGE_COUNT: [full],
         Op.MSETV: [[[b"k0", b"evil", 0, 0, far]]],
         Op.INVACK: [2**40],
+        Op.BIND: ["evil/cluster"],
         Op.JOIN: ["evil", "127.0.0.1", 9, 100.0],
         Op.LEAVE: ["a1"],
         Op.SYNC: ["evil-follower", 0, 0],
@@ -100,7 +101,21 @@ def assert_all_refused(addr: str, role: str) -> None:
 
 
 def served_by(role: str) -> set[Op]:
-    aux = {Op.GETV, Op.MGETV, Op.SETV, Op.DELV, Op.INCRV, Op.APPLY, Op.APPLY_DELETES, Op.SCAN, Op.DROP, Op.RANGE_COUNT, Op.MSETV, Op.INVACK}
+    aux = {
+        Op.GETV,
+        Op.MGETV,
+        Op.SETV,
+        Op.DELV,
+        Op.INCRV,
+        Op.APPLY,
+        Op.APPLY_DELETES,
+        Op.SCAN,
+        Op.DROP,
+        Op.RANGE_COUNT,
+        Op.MSETV,
+        Op.INVACK,
+        Op.BIND,
+    }
     master = {Op.APPLY, Op.JOIN, Op.LEAVE, Op.SYNC, Op.FENCE}
     return aux if role == "aux" else master
 

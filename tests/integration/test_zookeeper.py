@@ -10,6 +10,8 @@ import asyncio
 import itertools
 import re
 import signal
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -338,4 +340,21 @@ async def test_aux_restarted_within_its_session_timeout_registers_again(make_clu
     async with Client(m1.addr, timeout=10) as c:
         values = await c.mget([f"key:{i}" for i in range(2000)])
     assert all(v is not None for v in values)
+    mon.assert_forward_only()
+
+
+async def test_a_second_master_with_a_node_id_in_use_refuses_to_start(make_cluster):
+    """One id would stamp two masters' writes with one version tag, and the duplicate contended for leader with it."""
+    cl, mon = make_cluster()
+    m1 = cl.start_master("twin")
+    cl.start_aux("a1")
+    await _settled_everywhere(cl, {"a1"})
+    assert await _leader(cl) == m1.addr
+    cmd = [sys.executable, "-m", "dcache", "master", "--host", "127.0.0.1", "--port", "0", "--node-id", "twin", *cl.zk]
+    r = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "READY" not in r.stdout, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr and "node_id" in lines[-1] and "'twin'" in lines[-1] and m1.addr in lines[-1], lines
+    info = await ring(m1.addr)
+    assert info["membership"]["role"] == "zk-leader" and up_nodes(info) == {"a1"}
     mon.assert_forward_only()

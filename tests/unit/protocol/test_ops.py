@@ -42,6 +42,7 @@ CLUSTER_OPS = {
     Op.RANGE_COUNT,
     Op.MSETV,
     Op.INVACK,
+    Op.BIND,
 }
 MEMBERSHIP_OPS = {Op.JOIN, Op.LEAVE, Op.SYNC, Op.FENCE}
 
