@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
 from kazoo.retry import KazooRetry
 
 __all__ = ["ZkPaths", "ZkSession", "dumps", "loads"]
@@ -296,8 +296,14 @@ class ZkSession:
         )
         return False
 
-    def claim(self, path: str, data: bytes) -> dict[str, Any] | None:
+    def claim(self, path: str, data: bytes, stale_addr: str | None = None) -> dict[str, Any] | None:
         """Make ``path`` this session's ephemeral node holding ``data`` (blocking: use through ``run``).
+
+        ``stale_addr``: an address only this process can be serving (the one
+        it listens on). Another session's node naming it is a previous
+        process of this node whose session has not expired yet: it is
+        deleted (that very version of it) and the claim made at once,
+        rather than waiting up to the session timeout.
 
         Returns:
             ``None`` once this session holds it; while another session does,
@@ -316,7 +322,15 @@ class ZkSession:
             return {}
         if stat.ephemeralOwner != self.client.client_id[0]:
             holder = loads(current)
-            return holder if isinstance(holder, dict) else {}
+            holder = holder if isinstance(holder, dict) else {}
+            if stale_addr is not None and holder.get("addr") == stale_addr:
+                try:
+                    self.client.delete(path, version=stat.version)
+                except (NoNodeError, BadVersionError):
+                    return {}  # gone or changed meanwhile: look again
+                log.info("%s: %s was left by a previous process at %s; taken over", self.name, path, stale_addr)
+                return self.claim(path, data)
+            return holder
         if current != data:
             self.client.set(path, data, version=stat.version)
         return None

@@ -28,7 +28,10 @@ started with the same id never routes (its versions would carry the first's
 tag). When the holder answers at the address its registration names with
 this very id, the second master's start fails (``ConfigError``, exit 2);
 when it does not answer, it is taken for a previous process of this master
-whose session has not expired yet, and the claim waits for it to go.
+whose session has not expired yet. If that registration names the address
+this master is bound to now (a specific host, not a wildcard), only a
+previous process can have written it: it is taken over at once. Otherwise
+the claim waits for the old session to expire (``--zk-session-timeout``).
 
 A master that loses ZooKeeper keeps routing by the last view it saw and
 says so in ``status()`` (``dcache ring``, ``dcache stats``) and in metrics; a
@@ -196,7 +199,7 @@ class ZooKeeperMembership(Coordinator):
             view = self.view
             data = dumps({"addr": self._address(), "epoch": view.epoch, "seq": view.seq, "leader": False})
             try:
-                holder = await self.zk.run(self.zk.claim, path, data)
+                holder = await self.zk.run(self.zk.claim, path, data, _own_address(self._address()))
             except KazooException as exc:
                 log.warning("claiming %s failed (%s); retrying", path, exc)
                 holder = {}
@@ -543,3 +546,23 @@ class ZooKeeperMembership(Coordinator):
             out["node_id_error"] = self.id_error
         out.update(self.zk.status())
         return out
+
+
+#: Hosts a listener binds on every interface with: the same text on two machines.
+_WILDCARD_HOSTS = frozenset(("0.0.0.0", "::", ""))
+
+
+def _own_address(addr: str) -> str | None:
+    """``addr`` if only this process can be serving it (a bound, specific host and port), else ``None``.
+
+    A registration naming it was left by a previous process of this master
+    (the port is this one's now), so ``ZkSession.claim`` may take it over
+    instead of waiting for the old session to expire.
+    """
+    try:
+        host, port = parse_address(addr)
+    except ValueError:
+        return None
+    if port == 0 or host in _WILDCARD_HOSTS:
+        return None
+    return addr

@@ -358,3 +358,24 @@ async def test_a_second_master_with_a_node_id_in_use_refuses_to_start(make_clust
     info = await ring(m1.addr)
     assert info["membership"]["role"] == "zk-leader" and up_nodes(info) == {"a1"}
     mon.assert_forward_only()
+
+
+async def test_a_master_restarted_on_its_own_address_routes_again_at_once(make_cluster):
+    """Its previous process's registration names the address it is bound to now: taken over, not waited out."""
+    cl, mon = make_cluster()
+    long_session = ("--zk-session-timeout", "30")  # the old registration would linger 30 s
+    m1 = cl.start_master("m1", *long_session)
+    cl.start_aux("a1")
+    await _settled_everywhere(cl, {"a1"})
+    async with Client(m1.addr, timeout=10) as c:
+        await c.set("before", b"1")
+    port = int(m1.addr.rsplit(":", 1)[1])
+    m1.kill()  # SIGKILL: its session, and masters/m1, outlive it
+    m1 = cl.start_master("m1", *long_session, port=port)
+    await asyncio.to_thread(wait_for, lambda: "taken over" in m1.stderr(), 15, message="old registration taken over")
+    await wait_ring(m1.addr, lambda i: up_nodes(i) == {"a1"}, timeout=15, what="m1 routes again")
+    async with Client(m1.addr, timeout=10) as c:
+        assert await c.get("before") == b"1"
+        await c.set("after", b"2")
+    assert "not routing until it goes" not in m1.stderr()
+    mon.assert_forward_only()
