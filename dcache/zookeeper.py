@@ -28,15 +28,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
 from kazoo.retry import KazooRetry
 
-__all__ = ["ZkPaths", "ZkSession", "dumps", "loads"]
+__all__ = ["ZkPaths", "ZkSession", "dumps", "loads", "machine_id"]
 
 log = logging.getLogger("dcache.zookeeper")
 
@@ -296,14 +298,15 @@ class ZkSession:
         )
         return False
 
-    def claim(self, path: str, data: bytes, stale_addr: str | None = None) -> dict[str, Any] | None:
+    def claim(self, path: str, data: bytes, stale: dict[str, str] | None = None) -> dict[str, Any] | None:
         """Make ``path`` this session's ephemeral node holding ``data`` (blocking: use through ``run``).
 
-        ``stale_addr``: an address only this process can be serving (the one
-        it listens on). Another session's node naming it is a previous
-        process of this node whose session has not expired yet: it is
-        deleted (that very version of it) and the claim made at once,
-        rather than waiting up to the session timeout.
+        ``stale``: fields only this process can be registering now (the
+        address it is bound to and this machine's ``machine_id``). Another
+        session's node holding all of them was left by a previous process of
+        this node whose session has not expired yet: it is deleted (that
+        very version of it) and the claim made at once, rather than waiting
+        up to the session timeout.
 
         Returns:
             ``None`` once this session holds it; while another session does,
@@ -323,12 +326,12 @@ class ZkSession:
         if stat.ephemeralOwner != self.client.client_id[0]:
             holder = loads(current)
             holder = holder if isinstance(holder, dict) else {}
-            if stale_addr is not None and holder.get("addr") == stale_addr:
+            if stale and all(holder.get(k) == v for k, v in stale.items()):
                 try:
                     self.client.delete(path, version=stat.version)
                 except (NoNodeError, BadVersionError):
                     return {}  # gone or changed meanwhile: look again
-                log.info("%s: %s was left by a previous process at %s; taken over", self.name, path, stale_addr)
+                log.info("%s: %s was left by a previous process at %s; taken over", self.name, path, stale.get("addr"))
                 return self.claim(path, data)
             return holder
         if current != data:
@@ -352,3 +355,19 @@ class ZkSession:
             "zookeeper_disconnected_s": round(time.monotonic() - since, 3) if since is not None else 0.0,
             "zookeeper_sessions": self.sessions,
         }
+
+
+@lru_cache(maxsize=1)
+def machine_id() -> str:
+    """This machine and boot: ``hostname/boot id`` (Linux's ``/proc/sys/kernel/random/boot_id``; the hostname alone elsewhere).
+
+    Two processes with one ``machine_id`` that registered one address ran on
+    one host (one network namespace, in a container) since its last boot:
+    a port bound now cannot be held by another live process there.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"

@@ -29,9 +29,10 @@ tag). When the holder answers at the address its registration names with
 this very id, the second master's start fails (``ConfigError``, exit 2);
 when it does not answer, it is taken for a previous process of this master
 whose session has not expired yet. If that registration names the address
-this master is bound to now (a specific host, not a wildcard), only a
-previous process can have written it: it is taken over at once. Otherwise
-the claim waits for the old session to expire (``--zk-session-timeout``).
+this master is bound to now, from this machine (``machine_id``: hostname
+and boot id), only a previous process can have written it: it is taken over
+at once. Otherwise the claim waits for the old session to expire
+(``--zk-session-timeout``).
 
 A master that loses ZooKeeper keeps routing by the last view it saw and
 says so in ``status()`` (``dcache ring``, ``dcache stats``) and in metrics; a
@@ -56,7 +57,7 @@ from ..errors import ConfigError, DCacheError, UnavailableError
 from ..hlc import HybridClock, wall_ms
 from ..peer import open_peer
 from ..protocol import PROTOCOL_VERSION, Op
-from ..zookeeper import ZkPaths, ZkSession, dumps, loads
+from ..zookeeper import ZkPaths, ZkSession, dumps, loads, machine_id
 from .links import AuxLink
 from .membership import Coordinator, Membership
 from .view import DOWN, FENCED, LEAVING, UP, ClusterView
@@ -197,9 +198,9 @@ class ZooKeeperMembership(Coordinator):
         warned = False
         while True:
             view = self.view
-            data = dumps({"addr": self._address(), "epoch": view.epoch, "seq": view.seq, "leader": False})
+            data = dumps({"addr": self._address(), "machine": machine_id(), "epoch": view.epoch, "seq": view.seq, "leader": False})
             try:
-                holder = await self.zk.run(self.zk.claim, path, data, _own_address(self._address()))
+                holder = await self.zk.run(self.zk.claim, path, data, {"addr": self._address(), "machine": machine_id()})
             except KazooException as exc:
                 log.warning("claiming %s failed (%s); retrying", path, exc)
                 holder = {}
@@ -265,7 +266,7 @@ class ZooKeeperMembership(Coordinator):
         view = self.view
         self.zk.register(
             f"{self.paths.masters}/{self._node_id()}",
-            dumps({"addr": self._address(), "epoch": view.epoch, "seq": view.seq, "leader": self.leading}),
+            dumps({"addr": self._address(), "machine": machine_id(), "epoch": view.epoch, "seq": view.seq, "leader": self.leading}),
         )
 
     # -- views ---------------------------------------------------------------------------
@@ -546,23 +547,3 @@ class ZooKeeperMembership(Coordinator):
             out["node_id_error"] = self.id_error
         out.update(self.zk.status())
         return out
-
-
-#: Hosts a listener binds on every interface with: the same text on two machines.
-_WILDCARD_HOSTS = frozenset(("0.0.0.0", "::", ""))
-
-
-def _own_address(addr: str) -> str | None:
-    """``addr`` if only this process can be serving it (a bound, specific host and port), else ``None``.
-
-    A registration naming it was left by a previous process of this master
-    (the port is this one's now), so ``ZkSession.claim`` may take it over
-    instead of waiting for the old session to expire.
-    """
-    try:
-        host, port = parse_address(addr)
-    except ValueError:
-        return None
-    if port == 0 or host in _WILDCARD_HOSTS:
-        return None
-    return addr
