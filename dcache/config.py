@@ -433,7 +433,13 @@ class MasterConfig(NodeConfig):
     coordinator: str | None = opt(
         None, "HOST:PORT of the coordinating master to follow (none: this master coordinates)", _opt_address, "ADDR"
     )
-    replicas: int = opt(1, "copies of each key (on the first N distinct ring owners)", _int, "N")
+    replicas: int = opt(
+        1,
+        "copies of each key (on the first N distinct ring owners); taken when the cluster forms: a master that takes over a"
+        " running cluster's ring keeps that ring's count and logs a WARNING",
+        _int,
+        "N",
+    )
     write_quorum: int = opt(0, "owners that must apply a write before it is acknowledged; 0 = every live owner", _int, "N")
     aux_timeout: float = opt(
         2.0,

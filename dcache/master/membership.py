@@ -108,6 +108,23 @@ class Membership:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
 
+    def warn_replicas(self, replicas: int, source: str) -> None:
+        """Say so when this master's ``--replicas`` differs from the running cluster's, which it keeps.
+
+        Changing the count under a running cluster would copy nothing to the
+        owners it adds (their stale copies of deleted keys would be read
+        again) and drop nothing from the ones it removes: docs/OPERATIONS.md,
+        "Changing --replicas", has the procedure.
+        """
+        if replicas != self.config.replicas:
+            log.warning(
+                "--replicas %d ignored: the cluster keeps %d copies per key (%s); "
+                'changing it takes a new cluster and a restore (docs/OPERATIONS.md, "Changing --replicas")',
+                self.config.replicas,
+                replicas,
+                source,
+            )
+
     async def join(self, node_id: str, host: str, port: int, weight: float, known_epoch: int = 0) -> int:
         """Admit (or re-admit) an aux node; returns the resulting epoch.
 
@@ -578,7 +595,10 @@ class Coordinator(Membership):
         """Take over a follower's view (this coordinator restarted and has none)."""
         epoch = max(self.view.epoch, theirs.epoch) + 1
         ring = theirs.ring.with_epoch(epoch)
-        view = ClusterView(epoch, 0, self.view.replicas, dict(theirs.members), ring, theirs.prev_ring, self.view.coordinator)
+        # The cluster's number of copies, not this process's flag: every key
+        # is stored on that many owners, and reads fall back over that many.
+        self.warn_replicas(theirs.replicas, f"the ring follower {follower_id} handed over")
+        view = ClusterView(epoch, 0, theirs.replicas, dict(theirs.members), ring, theirs.prev_ring, self.view.coordinator)
         self.recovery = {"from": f"follower {follower_id}", "epoch": view.epoch, "adopted_epoch": theirs.epoch}
         log.warning(
             "restarted coordinator: adopted the ring of epoch %d from follower %s as epoch %d (members %s)",

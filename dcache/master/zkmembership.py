@@ -377,6 +377,7 @@ class ZooKeeperMembership(Coordinator):
     async def _become_leader(self) -> None:
         view, version = await self.zk.run(self._read_ring)
         if view is not None:
+            self.warn_replicas(view.replicas, f"the ring in ZooKeeper under /dcache/{self.config.cluster}")
             self._adopt(view)
         self._ring_version = version
         me = self._node_id()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -96,3 +98,27 @@ async def test_a_lone_restarted_coordinator_rebuilds_the_ring_in_one_change(tmp_
         assert "restarted" in m1.stderr() or "re-announcements" in m1.stderr()
     finally:
         cluster.stop()
+
+
+async def test_a_restarted_coordinator_keeps_the_clusters_replicas_and_says_so(cluster: Cluster):
+    """A new ``--replicas`` on a restarted coordinator would add owners that were never filled (their stale copies of
+    deleted keys read again): the cluster keeps its count, and the coordinator logs why its flag is ignored."""
+    m1 = cluster.start_master("m1")
+    m2 = cluster.start_master("m2", follow=m1)
+    for n in sorted(AUX):
+        cluster.start_aux(n)
+    before = await wait_ring(m1.addr, settled(AUX))
+    await wait_ring(m2.addr, lambda i: i["epoch"] == before["epoch"], timeout=5, what="the follower at the coordinator's epoch")
+
+    port = m1.port
+    await asyncio.to_thread(m1.terminate)
+    m1 = cluster.start_master("m1", "--replicas", "3", port=port)
+    info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=15, what="the ring back")
+    assert info["membership"]["recovery"]["from"] == "follower m2"
+    assert up_nodes(info) == AUX
+    assert info["replicas"] == 2
+    await wait_ring(m2.addr, lambda i: i["epoch"] == info["epoch"] and i["replicas"] == 2, timeout=5, what="the follower at 2 copies")
+    deadline = time.monotonic() + 5
+    while "--replicas 3 ignored: the cluster keeps 2 copies per key" not in m1.stderr():
+        assert time.monotonic() < deadline, m1.stderr()
+        await asyncio.sleep(0.05)

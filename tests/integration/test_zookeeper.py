@@ -379,3 +379,21 @@ async def test_a_master_restarted_on_its_own_address_routes_again_at_once(make_c
         await c.set("after", b"2")
     assert "not routing until it goes" not in m1.stderr()
     mon.assert_forward_only()
+
+
+async def test_a_new_leader_keeps_the_rings_replicas_and_says_so(make_cluster):
+    """A leader started with another ``--replicas`` than the ring in ZooKeeper keeps the ring's and logs why."""
+    cl, mon = make_cluster(replicas=2)
+    m1 = cl.start_master("m1")
+    for n in ("a1", "a2", "a3"):
+        cl.start_aux(n)
+    await _settled_everywhere(cl, {"a1", "a2", "a3"})
+    await asyncio.to_thread(m1.terminate)  # its ZooKeeper session closes: the next master leads at once
+    m2 = cl.start_master("m2", "--replicas", "3")
+    assert await _leader(cl) == m2.addr
+    info = await wait_ring(m2.addr, settled({"a1", "a2", "a3"}), timeout=20, what="the ring on the new leader")
+    assert info["replicas"] == 2
+    await asyncio.to_thread(
+        wait_for, lambda: "--replicas 3 ignored: the cluster keeps 2 copies per key" in m2.stderr(), 10, message="warning"
+    )
+    mon.assert_forward_only()
