@@ -48,6 +48,10 @@ log = logging.getLogger("dcache.aux")
 GC_FREEZE_INTERVAL_S = 5.0
 #: Allocations between young-generation collections on an aux node (CPython's default is 700).
 GC_GEN0_THRESHOLD = 50_000
+#: Old expiry-heap items the expiry sweep drains per run while a heap compaction lasts
+#: (``LRUCache.drain_expiry_heap``): a few ms of loop time, so a compaction of a million
+#: expiring keys ends within seconds even without writes.
+EXPIRY_HEAP_DRAIN = 5000
 
 _NX = SetFlag.NX.value
 _XX = SetFlag.XX.value
@@ -248,6 +252,7 @@ class AuxNode(Service):
             await asyncio.sleep(interval)
             try:
                 self.cache.expire_some(batch)
+                self.cache.drain_expiry_heap(EXPIRY_HEAP_DRAIN)
                 self.cluster_ops.expire_sessions()
                 self.tracker.sweep()
             except Exception:

@@ -534,6 +534,62 @@ def test_expiry_heap_stays_bounded(clock: FakeClock) -> None:
     cache.check_valid()
 
 
+def test_heap_compaction_is_gradual_and_expiry_reads_both_heaps(clock: FakeClock) -> None:
+    """Over its bound the heap is drained a few items per write, never in one go; expiry stays exact meanwhile."""
+    from dcache.lru.cache import _DRAIN_PER_PUSH, _HEAP_SLACK
+
+    n = 3000
+    cache = make(clock, max_bytes=10**9)
+    expiry = {}
+    for i in range(n):
+        expiry[b"k%d" % i] = clock.now + 10_000 + i
+        cache.set(b"k%d" % i, b"v", expires_at=expiry[b"k%d" % i])
+    writes = 0
+    while not cache._old_heap:  # every overwrite with a new expiry leaves one stale item
+        key = b"k%d" % (writes % n)
+        expiry[key] = clock.now + 20_000 + writes
+        cache.set(key, b"v", expires_at=expiry[key])
+        writes += 1
+        assert writes < 10 * n
+    assert len(cache._old_heap) + len(cache._heap) <= 2 * n + _HEAP_SLACK + 1
+    # a few keys now expire soon: their items are in the new heap, older due items in neither
+    for i in range(0, 40, 2):
+        key = b"k%d" % i
+        expiry[key] = clock.now + 5 + i
+        before = len(cache._old_heap)
+        cache.set(key, b"v", expires_at=expiry[key])
+        assert before - len(cache._old_heap) == min(_DRAIN_PER_PUSH, before)  # bounded work per write
+    cache.check_valid()
+    clock.advance(30)  # k0, k2 .. k24 are due (expiries now + 5 .. now + 29)
+    removed = cache.expire_some(1000)
+    due = {k for k, exp in expiry.items() if exp <= clock.now}
+    assert removed == len(due) == 13 and not any(k in due for k in keys(cache))
+    assert cache._old_heap, "the compaction is still draining"
+    cache.check_valid()
+    # writes finish the drain; the old heap never comes back while the new one is within its bound
+    for i in range(100, 100 + len(cache._old_heap) // _DRAIN_PER_PUSH + 1):
+        cache.set(b"k%d" % i, b"v", expires_at=expiry[b"k%d" % i])  # same expiry: no new stale item
+    assert not cache._old_heap
+    assert len(cache._heap) == len(cache) == n - 13
+    cache.check_valid()
+
+
+def test_the_sweep_drains_a_compaction_without_writes(clock: FakeClock) -> None:
+    cache = make(clock, max_bytes=10**9)
+    cache.set(b"a", b"1", expires_at=clock.now + 10**6)
+    ttl = 1000
+    while not cache._old_heap:  # every expire() leaves one stale item, until a compaction starts
+        ttl += 1
+        cache.expire(b"a", ttl)
+    assert cache.drain_expiry_heap(100) == 100
+    assert cache.drain_expiry_heap(10**6) > 0 and not cache._old_heap
+    assert cache.drain_expiry_heap(10) == 0  # nothing to do
+    assert len(cache._heap) == 1
+    clock.advance(ttl)
+    assert cache.expire_some(10) == 1 and len(cache) == 0
+    cache.check_valid()
+
+
 # --------------------------------------------------------------------- incr
 
 
