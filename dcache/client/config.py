@@ -30,7 +30,8 @@ class ClientConfig:
             strings.
         timeout: seconds one call may take, acquiring a connection and
             retries included.
-        connect_timeout: seconds for TCP connect plus HELLO.
+        connect_timeout: seconds for TCP connect plus HELLO; with ``ssl``,
+            also the longest TLS goodbye when a connection closes.
         acquire_timeout: seconds a call may wait for a free connection slot;
             ``None``: bounded only by ``timeout``.
         min_connections: connections kept per endpoint once it is used.

@@ -286,14 +286,23 @@ class ClientConnection(asyncio.Protocol):
         """Close now (idempotent): queued frames are flushed, pending requests fail.
 
         Pending requests fail with ``ConnectionResetError`` once the transport
-        reports the connection lost.
+        reports the connection lost. Bytes the transport still holds once the
+        queued frames are handed to it (the server reads slower than we
+        wrote, or not at all) are dropped with the connection: their answers
+        would never be read, and a server that stopped reading must not hold
+        the socket, its buffer and ``wait_closed`` forever.
         """
         if self._closing:
             return
         self._flush()
         self._closing = True
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
 
     async def wait_closed(self) -> None:
         """Wait until the transport has reported the connection lost."""
@@ -395,7 +404,10 @@ async def open_connection(
         host: server host name or address.
         port: server TCP port.
         limits: size limits (``max_frame_bytes`` bounds one answer).
-        connect_timeout: seconds for TCP connect plus HELLO; ``None``: no limit.
+        connect_timeout: seconds for TCP connect plus HELLO; ``None``: no
+            limit. With ``ssl`` it also bounds the TLS goodbye (close_notify)
+            when the connection closes, which a server that stopped reading
+            would otherwise hold for 30 seconds.
         auth_token: token sent in HELLO, if the server requires one.
         client_name: name the server may log for this connection.
         loop: event loop; defaults to the running one.
@@ -423,7 +435,12 @@ async def open_connection(
     """
     loop = loop or asyncio.get_running_loop()
     async with asyncio.timeout(connect_timeout):
-        _, conn = await loop.create_connection(lambda: ClientConnection(limits=limits, loop=loop), host, port, ssl=ssl)
+        if ssl is None:
+            _, conn = await loop.create_connection(lambda: ClientConnection(limits=limits, loop=loop), host, port)
+        else:  # the TLS goodbye when the connection closes gets as long as the hello: a stopped server holds close() no longer
+            _, conn = await loop.create_connection(
+                lambda: ClientConnection(limits=limits, loop=loop), host, port, ssl=ssl, ssl_shutdown_timeout=connect_timeout
+            )
         try:
             info = await conn.call(Op.HELLO, PROTOCOL_VERSION, auth_token, client_name)
             if not isinstance(info, dict):
