@@ -373,6 +373,8 @@ class Client:
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
             ConnectionResetError: the connection was lost and the op is not retry-safe.
+            InvalidArgumentError: the request is larger than the server's
+                frame limit (nothing was sent).
             PoolClosedError: the client is closed.
         """
         return await self._execute(op, args)
@@ -413,7 +415,8 @@ class Client:
 
         Raises:
             InvalidArgumentError: bad key, value or ttl, both ``nx`` and
-                ``xx``, or over the client's ``limits`` (nothing was sent).
+                ``xx``, or over the client's ``limits`` or the server's
+                frame limit (nothing was sent).
             KeyTooLargeError, ValueTooLargeError: the server refused the
                 key or value as too large.
             OutOfMemoryError: the entry alone exceeds the node's memory budget.
@@ -484,7 +487,8 @@ class Client:
             The number of pairs stored.
 
         Raises:
-            InvalidArgumentError: a bad pair or ttl (nothing was sent).
+            InvalidArgumentError: a bad pair or ttl, or the pairs together
+                over the server's frame limit (nothing was sent).
             KeyTooLargeError, ValueTooLargeError: the server refused a key
                 or value as too large (then nothing is stored).
             TimeoutError: no answer within ``timeout``.

@@ -22,6 +22,9 @@ Design notes
   ``retire()``: the connection takes no new requests, lets the requests
   already in flight finish, and closes when the last one is done, so a
   possibly stuck connection is never reused and nobody else's answer is lost.
+* A request larger than the server's frame limit (``max_frame_bytes`` in
+  its HELLO answer) is refused before it is queued: the server would close
+  the connection on its header, failing every request pipelined on it.
 * Flow control: when the transport's buffer is above its high-water mark
   (``pause_writing``), ``call`` waits for ``resume_writing`` before writing.
 """
@@ -32,10 +35,11 @@ import asyncio
 from ssl import SSLContext
 from typing import Any, cast
 
-from ..errors import ForeignProtocolError, HandshakeError, RemoteProtocolError, ServerError, error_from_status
+from ..errors import ForeignProtocolError, HandshakeError, InvalidArgumentError, RemoteProtocolError, ServerError, error_from_status
 from ..net import nodelay
 from ..protocol import CONNECTION_REQUEST_ID, PROTOCOL_VERSION, FrameDecoder, Limits, Op, RequestTable, encode_request, foreign_protocol
 from ..protocol.auth import prove
+from ..protocol.framing import HEADER_BYTES as FRAME_HEADER_BYTES
 
 __all__ = ["ClientConnection", "open_connection"]
 
@@ -59,6 +63,7 @@ class ClientConnection(asyncio.Protocol):
         "_drain_waiters",
         "_error",
         "_loop",
+        "_max_request_bytes",
         "_out",
         "_paused",
         "_requests",
@@ -79,6 +84,9 @@ class ClientConnection(asyncio.Protocol):
         self._retiring = False
         self._error: BaseException | None = None  # why the connection failed, if it did
         self._closed: asyncio.Future[None] | None = None
+        #: Largest request body the server reads (its HELLO's ``max_frame_bytes``); a larger
+        #: frame would make it close the connection, failing every request on it.
+        self._max_request_bytes: int | None = None
         #: The server's HELLO answer (``version``, ``node_id``, ``role``,
         #: limits); empty until ``open_connection`` has performed HELLO.
         self.server_info: dict[str, Any] = {}
@@ -174,6 +182,8 @@ class ClientConnection(asyncio.Protocol):
                 (or the error that closed it: a ``ServerError`` from a
                 connection-level error frame, a ``RemoteProtocolError``).
             LocalProtocolError: the arguments cannot be encoded.
+            InvalidArgumentError: the request is larger than the server's
+                frame limit (nothing was sent).
         """
         return self._send(op, args)[1]
 
@@ -197,6 +207,8 @@ class ClientConnection(asyncio.Protocol):
             RemoteProtocolError: the server sent bytes that are not frames.
             ConnectionResetError: the connection was lost or is closing.
             LocalProtocolError: the arguments cannot be encoded.
+            InvalidArgumentError: the request is larger than the server's
+                frame limit (nothing was sent).
         """
         if self._paused:
             await self.drain()
@@ -236,6 +248,13 @@ class ClientConnection(asyncio.Protocol):
         except Exception:  # LocalProtocolError: the arguments cannot be encoded
             requests.forget(rid, fut)
             raise
+        limit = self._max_request_bytes
+        if limit is not None and len(frame) - FRAME_HEADER_BYTES > limit:
+            requests.forget(rid, fut)
+            raise InvalidArgumentError(
+                f"request of {len(frame) - FRAME_HEADER_BYTES} bytes exceeds the server's frame limit of {limit} bytes "
+                "(max_frame_bytes): nothing was sent; send fewer or smaller values at once"
+            )
         out = self._out
         out.append(frame)
         if len(out) == 1:
@@ -453,4 +472,7 @@ async def open_connection(
             conn.close()
             raise
     conn.server_info = info
+    limit = info.get("max_frame_bytes")
+    if isinstance(limit, int) and limit > 0:
+        conn._max_request_bytes = limit
     return conn

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import pytest
 
 from dcache import Client
+from dcache.errors import InvalidArgumentError
 from tests.harness import DaemonProcess, start_aux
 from tests.tlscerts import TlsCerts, make_certs
 
@@ -62,3 +64,20 @@ async def test_close_over_tls_waits_for_a_stopped_server_no_longer_than_a_connec
     finally:
         node.signal(signal.SIGCONT)
         node.kill()
+
+
+@pytest.mark.parametrize("op", ["set", "mset"])
+async def test_a_request_over_the_frame_limit_is_refused_locally_and_costs_other_callers_nothing(aux: DaemonProcess, op: str) -> None:
+    async with Client(aux.addr, max_connections=1, timeout=HANG_S) as c:
+        assert await c.mset({f"k{i}": b"v%d" % i for i in range(5)})
+        oversized: Coroutine[Any, Any, object]
+        if op == "set":  # one value far over the 32 MiB frame limit
+            oversized = c.set("big", b"x" * (33 * 1024 * 1024))
+        else:  # values each under the value limit, together over the frame limit
+            oversized = c.mset({f"big{i}": b"x" * (7 * 1024 * 1024) for i in range(5)})
+        results = await asyncio.gather(oversized, *(c.get(f"k{i}") for i in range(5)), return_exceptions=True)
+        assert isinstance(results[0], InvalidArgumentError), results[0]
+        assert "frame" in str(results[0])
+        assert results[1:] == [b"v%d" % i for i in range(5)]  # the requests pipelined with it were served
+        stats = await c.stats()
+        assert stats["protocol_errors"] == 0  # the server never saw the oversized frame
