@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import pytest
 
-from dcache import Client
-from dcache.errors import InvalidArgumentError
+from dcache import Client, SyncClient
+from dcache.errors import InvalidArgumentError, PoolClosedError
 from tests.harness import DaemonProcess, start_aux
 from tests.tlscerts import TlsCerts, make_certs
 
@@ -81,3 +84,57 @@ async def test_a_request_over_the_frame_limit_is_refused_locally_and_costs_other
         assert results[1:] == [b"v%d" % i for i in range(5)]  # the requests pipelined with it were served
         stats = await c.stats()
         assert stats["protocol_errors"] == 0  # the server never saw the oversized frame
+
+
+def test_sync_client_calls_racing_its_close_from_other_threads_all_return(aux: DaemonProcess) -> None:
+    outcomes: list[str] = []
+    for _ in range(30):
+        c = SyncClient(aux.addr, timeout=2)
+        assert c.set("k", b"v")
+        stop = threading.Event()
+
+        def hammer(c: SyncClient = c, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                try:
+                    assert c.get("k") == b"v"
+                except (PoolClosedError, ConnectionResetError) as exc:
+                    outcomes.append(type(exc).__name__)
+                    return
+
+        threads = [threading.Thread(target=hammer, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        c.close()
+        stop.set()
+        for t in threads:
+            t.join(HANG_S)
+            # A call submitted as the loop stopped waited forever for a loop that would never run it.
+            assert not t.is_alive(), "a SyncClient call never returned after close()"
+    assert outcomes  # some calls did race the close
+
+
+def test_sync_client_used_in_a_forked_child_fails_at_once(aux: DaemonProcess) -> None:
+    script = f"""
+import os, signal, sys
+import dcache
+c = dcache.SyncClient({aux.addr!r}, timeout=2)
+c.set("k", b"v")
+pid = os.fork()
+if pid == 0:
+    signal.alarm(5)  # a hang ends the child with SIGALRM
+    try:
+        c.get("k")
+    except RuntimeError as exc:
+        print("child:", exc, flush=True)
+    c.close()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("child status:", status, flush=True)
+print("parent:", c.get("k"), flush=True)
+c.close()
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_S * 2)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("child:") and "fork" in lines[0], res.stdout
+    assert lines[1:] == ["child status: 0", "parent: b'v'"], res.stdout
