@@ -312,7 +312,10 @@ class SetBatcher(_Batcher):
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         group = ttl
-        size = len(key) + len(value)
+        try:
+            size = len(key) + len(value)
+        except TypeError:  # not str or bytes: the batch's check refuses it, and this pair alone fails
+            size = 0
         pending = self._pending.get(group)
         if pending is not None and self._sizes[group] + size > self.max_bytes:
             self._send(group)  # this pair would overfill the batch: the batch leaves first

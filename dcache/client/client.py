@@ -45,7 +45,7 @@ from ..errors import (
     PoolClosedError,
     RemoteProtocolError,
 )
-from ..protocol import MAX_TTL_MS, OPS, Op, SetFlag
+from ..protocol import INT64_MAX, INT64_MIN, MAX_TTL_MS, OPS, Op, SetFlag
 from .config import ClientConfig
 from .connection import ClientConnection, open_connection
 from .pool import NodePool
@@ -86,7 +86,7 @@ def _key(key: Any) -> bytes:
             return key
     elif isinstance(key, str):
         if key:
-            return key.encode()
+            return _utf8(key, "key")
     elif isinstance(key, (bytes, bytearray, memoryview)):
         if len(key):
             return bytes(key)
@@ -99,10 +99,25 @@ def _value(value: Any) -> bytes:
     if value.__class__ is bytes:
         return value
     if isinstance(value, str):
-        return value.encode()
+        return _utf8(value, "value")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise InvalidArgumentError(f"value must be bytes or str, not {type(value).__name__}")
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800"): no UTF-8 form
+        raise InvalidArgumentError(f"{what} is not valid Unicode text: {exc.reason} at index {exc.start}") from None
+
+
+def _delta(delta: Any) -> int:
+    if isinstance(delta, bool) or not isinstance(delta, int):
+        raise InvalidArgumentError(f"delta must be an integer, not {type(delta).__name__}")
+    if not INT64_MIN <= delta <= INT64_MAX:
+        raise InvalidArgumentError(f"delta must be a signed 64-bit integer, got {delta}")
+    return delta
 
 
 def _ttl_ms(ttl: float | None) -> int | None:
@@ -566,13 +581,13 @@ class Client:
         Raises:
             NotAnIntegerError: the value is not a signed 64-bit decimal, or
                 the result would overflow.
-            InvalidArgumentError: a bad key (nothing was sent).
-            BadArgumentsError: the server refused the delta (not a signed 64-bit integer).
+            InvalidArgumentError: a bad key, or a delta that is not a
+                signed 64-bit integer (nothing was sent).
             ConnectionResetError: the connection was lost after sending.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
-        return int(await self._execute(Op.INCR, (self._check_key(key), delta)))
+        return int(await self._execute(Op.INCR, (self._check_key(key), _delta(delta))))
 
     async def decr(self, key: Key, delta: int = 1) -> int:
         """Subtract ``delta`` from the integer stored at ``key`` (see ``incr``).
@@ -583,13 +598,13 @@ class Client:
         Raises:
             NotAnIntegerError: the value is not a signed 64-bit decimal, or
                 the result would overflow.
-            InvalidArgumentError: a bad key (nothing was sent).
-            BadArgumentsError: the server refused the delta (not a signed 64-bit integer).
+            InvalidArgumentError: a bad key, or a delta that is not a
+                signed 64-bit integer (nothing was sent).
             ConnectionResetError: the connection was lost after sending.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
-        return int(await self._execute(Op.DECR, (self._check_key(key), delta)))
+        return int(await self._execute(Op.DECR, (self._check_key(key), _delta(delta))))
 
     async def touch(self, key: Key) -> bool:
         """Mark ``key`` as recently used (protects it from LRU eviction).

@@ -112,6 +112,18 @@ async def test_bad_arguments_are_refused_before_sending(server):
             await c.set("k", b"x" * 17)
         with pytest.raises(InvalidArgumentError):
             await c.expire("k", math.nan)
+        for text in ("\ud800", "a\udfffb"):  # lone surrogates have no UTF-8 form
+            with pytest.raises(InvalidArgumentError, match="surrogate"):
+                await c.get(text)
+            with pytest.raises(InvalidArgumentError, match="surrogate"):
+                await c.set("k", text)
+            with pytest.raises(InvalidArgumentError, match="surrogate"):
+                await c.mset({"k": text})
+        for delta in (2**63, -(2**63) - 1, 2**64, 1.5, "1", True, None):
+            with pytest.raises(InvalidArgumentError, match="delta"):
+                await c.incr("n", delta)  # type: ignore[arg-type]
+            with pytest.raises(InvalidArgumentError, match="delta"):
+                await c.decr("n", delta)  # type: ignore[arg-type]
         with pytest.raises(ValueError):  # a local check is a ValueError, and not a server's answer
             await c.get("")
     assert issubclass(InvalidArgumentError, ClientError) and not issubclass(InvalidArgumentError, ServerError)
