@@ -112,11 +112,12 @@ def _utf8(text: str, what: str) -> bytes:
         raise InvalidArgumentError(f"{what} is not valid Unicode text: {exc.reason} at index {exc.start}") from None
 
 
-def _delta(delta: Any) -> int:
+def _delta(delta: Any, least: int = INT64_MIN) -> int:
+    """``delta`` checked: an ``int`` from ``least`` to ``INT64_MAX`` (DECR negates it, so there ``least`` is ``-INT64_MAX``)."""
     if isinstance(delta, bool) or not isinstance(delta, int):
         raise InvalidArgumentError(f"delta must be an integer, not {type(delta).__name__}")
-    if not INT64_MIN <= delta <= INT64_MAX:
-        raise InvalidArgumentError(f"delta must be a signed 64-bit integer, got {delta}")
+    if not least <= delta <= INT64_MAX:
+        raise InvalidArgumentError(f"delta must be a signed 64-bit integer from {least} to {INT64_MAX}, got {delta}")
     return delta
 
 
@@ -604,7 +605,7 @@ class Client:
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
-        return int(await self._execute(Op.DECR, (self._check_key(key), _delta(delta))))
+        return int(await self._execute(Op.DECR, (self._check_key(key), _delta(delta, -INT64_MAX))))
 
     async def touch(self, key: Key) -> bool:
         """Mark ``key`` as recently used (protects it from LRU eviction).

@@ -124,6 +124,8 @@ async def test_bad_arguments_are_refused_before_sending(server):
                 await c.incr("n", delta)  # type: ignore[arg-type]
             with pytest.raises(InvalidArgumentError, match="delta"):
                 await c.decr("n", delta)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="delta"):  # its negation, which DECR adds, is not
+            await c.decr("n", -(2**63))
         with pytest.raises(ValueError):  # a local check is a ValueError, and not a server's answer
             await c.get("")
     assert issubclass(InvalidArgumentError, ClientError) and not issubclass(InvalidArgumentError, ServerError)
