@@ -8,8 +8,9 @@ Endpoints and failover
 ----------------------
 A client has one or more ``host:port`` endpoints (masters, or a single aux
 node) and one ``NodePool`` per endpoint, created on first use. Calls go to
-the *current* endpoint. When it cannot be reached (``NoAvailableNodeError``)
-the client moves to the next endpoint, round-robin, and tries the call there;
+the *current* endpoint. When it cannot be reached (``NoAvailableNodeError``:
+refused, timed out, or at its connection limit) the client moves to the next
+endpoint, round-robin, and tries the call there;
 each endpoint is tried at most once per call for this reason. When a
 connection is lost after the request was sent (``ConnectionResetError``) the
 client also moves on, but repeats the call only if doing it twice is

@@ -56,7 +56,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
-from ..errors import ConfigError, NoAvailableNodeError, PoolClosedError, ServerError, error_from_status
+from ..errors import ConfigError, NoAvailableNodeError, OverloadedError, PoolClosedError, ServerError, error_from_status
 
 __all__ = ["NodePool", "PoolConnection", "AcquireContext"]
 
@@ -102,7 +102,8 @@ class NodePool(Generic[ConnT]):
         connection_factory: coroutine function opening one connected,
             handshaken connection; its exceptions count as connect failures
             (a ``ServerError`` such as ``AuthError`` is passed to waiters as
-            is, anything else is wrapped in ``NoAvailableNodeError``).
+            is; anything else, and ``OverloadedError``, a node at its
+            connection limit, is wrapped in ``NoAvailableNodeError``).
         name: label for logs and errors, usually ``host:port``.
         min_connections: connections kept open once the pool is in use.
         max_connections: most connections open or connecting at once.
@@ -388,7 +389,7 @@ class NodePool(Generic[ConnT]):
             self._set_healthy(False)
 
     def _connect_error(self, exc: Exception) -> BaseException:
-        if isinstance(exc, ServerError):
+        if isinstance(exc, ServerError) and not isinstance(exc, OverloadedError):  # refused our credentials or protocol
             return error_from_status(exc.code, exc.message)
         err = NoAvailableNodeError(f"cannot connect to {self.name}: {exc!r}")
         err.__cause__ = exc

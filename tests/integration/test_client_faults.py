@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dcache import Client, SyncClient
-from dcache.errors import InvalidArgumentError, PoolClosedError
+from dcache.errors import InvalidArgumentError, NoAvailableNodeError, OverloadedError, PoolClosedError
 from tests.harness import DaemonProcess, start_aux
 from tests.tlscerts import TlsCerts, make_certs
 
@@ -138,3 +138,19 @@ c.close()
     lines = res.stdout.splitlines()
     assert lines[0].startswith("child:") and "fork" in lines[0], res.stdout
     assert lines[1:] == ["child status: 0", "parent: b'v'"], res.stdout
+
+
+async def test_an_endpoint_at_its_connection_limit_is_failed_over_at_once(aux: DaemonProcess) -> None:
+    full = DaemonProcess("aux", ["--host", "127.0.0.1", "--port", "0", "--max-connections", "1", "--log-level", "warning"]).start()
+    try:
+        async with Client(full.addr) as hog:
+            await hog.ping()  # holds the one connection the node accepts
+            async with Client([full.addr, aux.addr], timeout=HANG_S) as c:
+                assert await c.set("k", b"v")  # was OverloadedError: the client stayed on the full node
+                assert c.current_endpoint == aux.addr
+            async with Client(full.addr, timeout=HANG_S) as alone:
+                with pytest.raises(NoAvailableNodeError, match="too many connections") as info:
+                    await alone.ping()
+                assert isinstance(info.value.__cause__, OverloadedError)
+    finally:
+        full.kill()
