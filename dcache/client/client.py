@@ -255,13 +255,17 @@ class Client:
             return dict(conn.server_info)
 
     async def close(self) -> None:
-        """Close every connection (idempotent); later calls raise ``PoolClosedError``."""
+        """Close every connection (idempotent); later calls raise ``PoolClosedError``.
+
+        Cancelling it (a shutdown deadline) stops the wait, not the closing:
+        every endpoint's connections are closed all the same.
+        """
         if self._closed:
             return
         self._closed = True
         pools = [p for p in self._pools if p is not None]
-        for pool in pools:
-            await pool.close()
+        if pools:
+            await asyncio.shield(asyncio.gather(*(pool.close() for pool in pools)))
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True) and any(p is not None for p in self._pools):

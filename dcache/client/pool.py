@@ -428,7 +428,9 @@ class NodePool(Generic[ConnT]):
         """Close every connection and fail queued callers (idempotent).
 
         Callers waiting for a slot get ``PoolClosedError``; requests in
-        flight fail with ``ConnectionResetError``.
+        flight fail with ``ConnectionResetError``. Every connection is
+        closed before the first wait, so a close cancelled midway (which
+        raises ``CancelledError`` as any cancelled wait) leaves none open.
         """
         if self._closed:
             return
@@ -438,16 +440,13 @@ class NodePool(Generic[ConnT]):
             if not fut.done():
                 fut.set_exception(PoolClosedError(f"pool {self.name} is closed"))
         connector, self._connector = self._connector, None
-        if connector is not None:
-            connector.cancel()
-            try:
-                await connector
-            except asyncio.CancelledError:
-                pass
         conns = [e.conn for e in self._entries]
         self._entries.clear()
-        for conn in conns:
+        for conn in conns:  # before any await: a close cancelled midway has closed them all
             conn.close()
+        if connector is not None:
+            connector.cancel()
+            await asyncio.wait([connector])  # its CancelledError stays its own; ours (the caller's) propagates
         for conn in conns:
             await conn.wait_closed()
 

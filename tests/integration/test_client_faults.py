@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from dcache import Client, SyncClient
+from dcache.client import ClientConnection, NodePool
 from dcache.errors import InvalidArgumentError, NoAvailableNodeError, OverloadedError, PoolClosedError
 from tests.harness import DaemonProcess, start_aux
 from tests.tlscerts import TlsCerts, make_certs
@@ -154,3 +155,25 @@ async def test_an_endpoint_at_its_connection_limit_is_failed_over_at_once(aux: D
                 assert isinstance(info.value.__cause__, OverloadedError)
     finally:
         full.kill()
+
+
+async def test_a_close_cancelled_midway_still_closes_every_endpoint(aux: DaemonProcess) -> None:
+    dead = DaemonProcess("aux", ["--host", "127.0.0.1", "--port", "0", "--log-level", "warning"]).start()
+    dead.kill()  # its port refuses connections from now on
+    c = Client([dead.addr, aux.addr], timeout=HANG_S)
+    assert await c.set("k", b"v")  # failed over: a pool per endpoint, the first reconnecting in the background
+    pools = [c.pool(dead.addr), c.pool(aux.addr)]
+    closing = asyncio.ensure_future(c.close())
+    await asyncio.sleep(0)  # the close has started...
+    closing.cancel()  # ... and its caller gives up (a shutdown with a deadline)
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    for pool in pools:
+        assert pool is not None
+        await asyncio.wait_for(_closed(pool), HANG_S)
+
+
+async def _closed(pool: NodePool[ClientConnection]) -> None:
+    """Wait until ``pool`` is closed with no connection left open (bounded by the caller)."""
+    while not (pool.closed and pool.size == 0):
+        await asyncio.sleep(0.01)
