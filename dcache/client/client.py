@@ -106,6 +106,22 @@ def _value(value: Any) -> bytes:
     raise InvalidArgumentError(f"value must be bytes or str, not {type(value).__name__}")
 
 
+#: What is one key or value, never a collection of them (iterating one would give characters or ints).
+_TEXT_TYPES = (str, bytes, bytearray, memoryview)
+
+
+def _pair(item: Any) -> tuple[Any, Any]:
+    """One ``(key, value)`` item of ``mset``'s pairs, unpacked."""
+    if not isinstance(item, _TEXT_TYPES):
+        try:
+            key, value = item
+        except (TypeError, ValueError):
+            pass
+        else:
+            return key, value
+    raise InvalidArgumentError(f"mset takes (key, value) pairs, got a {type(item).__name__} of another shape")
+
+
 def _utf8(text: str, what: str) -> bytes:
     try:
         return text.encode()
@@ -482,12 +498,15 @@ class Client:
             One ``bytes`` or ``None`` per key, in the order given.
 
         Raises:
-            InvalidArgumentError: a bad key (nothing was sent).
+            InvalidArgumentError: a bad key, or one ``str``/``bytes`` key
+                instead of a sequence of keys (nothing was sent).
             KeyTooLargeError: the server refused a key as too large.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
             RemoteProtocolError: the answer does not have one item per key.
         """
+        if isinstance(keys, _TEXT_TYPES):
+            raise InvalidArgumentError(f"mget takes a sequence of keys, not one {type(keys).__name__}: mget([key])")
         wire = [self._check_key(k) for k in keys]
         if not wire:
             return []
@@ -508,15 +527,18 @@ class Client:
             The number of pairs stored.
 
         Raises:
-            InvalidArgumentError: a bad pair or ttl, or the pairs together
-                over the server's frame limit (nothing was sent).
+            InvalidArgumentError: a bad pair or ttl, something that is not a
+                mapping or ``(key, value)`` pairs, or the pairs together over
+                the server's frame limit (nothing was sent).
             KeyTooLargeError, ValueTooLargeError: the server refused a key
                 or value as too large (then nothing is stored).
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
+        if isinstance(mapping, _TEXT_TYPES):
+            raise InvalidArgumentError(f"mset takes a mapping or (key, value) pairs, not one {type(mapping).__name__}")
         items: Iterable[tuple[Key, Value]] = mapping.items() if isinstance(mapping, Mapping) else mapping
-        pairs = [[self._check_key(k), self._check_value(v)] for k, v in items]
+        pairs = [[self._check_key(k), self._check_value(v)] for k, v in map(_pair, items)]
         ttl_ms = _ttl_ms(ttl)
         if not pairs:
             return 0

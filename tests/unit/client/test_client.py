@@ -126,6 +126,12 @@ async def test_bad_arguments_are_refused_before_sending(server):
                 await c.decr("n", delta)  # type: ignore[arg-type]
         with pytest.raises(InvalidArgumentError, match="delta"):  # its negation, which DECR adds, is not
             await c.decr("n", -(2**63))
+        for one_key in ("abc", b"abc"):  # one key, not keys: would read "a", "b", "c" (or fail on ints)
+            with pytest.raises(InvalidArgumentError, match="sequence of keys"):
+                await c.mget(one_key)  # type: ignore[arg-type]
+        for pairs in ("ab", [("k",)], [("k", b"v", 3)], [b"kv"], [7]):
+            with pytest.raises(InvalidArgumentError, match="pairs"):
+                await c.mset(pairs)  # type: ignore[arg-type]
         with pytest.raises(ValueError):  # a local check is a ValueError, and not a server's answer
             await c.get("")
     assert issubclass(InvalidArgumentError, ClientError) and not issubclass(InvalidArgumentError, ServerError)
