@@ -26,6 +26,11 @@ Every call has one deadline (``timeout`` seconds) covering acquiring a
 connection, retries and the answer; when it passes the call raises the
 builtin ``TimeoutError`` and the connection it was waiting on is retired
 (it takes no new requests and closes once its other requests are answered).
+A call cancelled from outside (``asyncio.wait_for``, ``asyncio.timeout``, a
+cancelled task) forgets its request, and its late answer is dropped, but it
+says nothing about the connection, which stays in use: bound calls with
+``timeout`` rather than a shorter outer deadline, or a server that stopped
+answering is never left for a new connection or another endpoint.
 """
 
 from __future__ import annotations
