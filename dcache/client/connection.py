@@ -25,6 +25,9 @@ Design notes
 * A request larger than the server's frame limit (``max_frame_bytes`` in
   its HELLO answer) is refused before it is queued: the server would close
   the connection on its header, failing every request pipelined on it.
+  Without ``limits`` of its own, the connection takes answers up to that
+  same limit (a server answers no frame larger than it accepts), so a
+  value a node with raised limits stores can be read back.
 * Flow control: when the transport's buffer is above its high-water mark
   (``pause_writing``), ``call`` waits for ``resume_writing`` before writing.
 """
@@ -328,6 +331,20 @@ class ClientConnection(asyncio.Protocol):
         if self._closed is not None:
             await asyncio.shield(self._closed)
 
+    def _handshaken(self, info: dict[str, Any], *, bound_answers: bool) -> None:
+        """Keep the server's HELLO answer; its frame limit bounds our requests and, with ``bound_answers``, its answers.
+
+        Called once HELLO (and AUTH) are answered, when nothing else is in
+        flight or buffered, so the decoder can be replaced.
+        """
+        self.server_info = info
+        limit = info.get("max_frame_bytes")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            return
+        self._max_request_bytes = limit
+        if bound_answers and limit != self._decoder.max_frame_bytes and not self._decoder.buffered:
+            self._decoder = FrameDecoder(limit)  # a server never answers more than it accepts (its limit may be raised)
+
     # -- failure -------------------------------------------------------------
 
     def _abort(self, error: BaseException) -> None:
@@ -422,7 +439,8 @@ async def open_connection(
     Args:
         host: server host name or address.
         port: server TCP port.
-        limits: size limits (``max_frame_bytes`` bounds one answer).
+        limits: size limits (``max_frame_bytes`` bounds one answer);
+            ``None``: the frame limit the server's HELLO announces.
         connect_timeout: seconds for TCP connect plus HELLO; ``None``: no
             limit. With ``ssl`` it also bounds the TLS goodbye (close_notify)
             when the connection closes, which a server that stopped reading
@@ -471,8 +489,5 @@ async def open_connection(
         except BaseException:
             conn.close()
             raise
-    conn.server_info = info
-    limit = info.get("max_frame_bytes")
-    if isinstance(limit, int) and limit > 0:
-        conn._max_request_bytes = limit
+    conn._handshaken(info, bound_answers=limits is None)
     return conn

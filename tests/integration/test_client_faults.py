@@ -177,3 +177,15 @@ async def _closed(pool: NodePool[ClientConnection]) -> None:
     """Wait until ``pool`` is closed with no connection left open (bounded by the caller)."""
     while not (pool.closed and pool.size == 0):
         await asyncio.sleep(0.01)
+
+
+async def test_a_value_a_node_with_raised_limits_stores_can_be_read_back() -> None:
+    raised = ["--max-frame-bytes", "64MiB", "--max-value-bytes", "40MiB"]
+    node = DaemonProcess("aux", ["--host", "127.0.0.1", "--port", "0", "--log-level", "warning", *raised]).start()
+    try:
+        async with Client(node.addr, timeout=HANG_S) as c:
+            value = b"x" * (40 * 1024 * 1024)  # over the client's default frame limit (32 MiB), under the node's
+            assert await c.set("big", value)
+            assert await c.get("big") == value  # was RemoteProtocolError: the answer exceeded the client's 32 MiB
+    finally:
+        node.kill()
