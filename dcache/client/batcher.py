@@ -13,9 +13,10 @@ Design note
 * **Answer size.** An MGET answer holds every value of the batch in one
   frame, and a frame over the client's limit (its ``limits``, or else the
   server's, 32 MiB by default) closes the connection it came on, or is
-  refused with ``FrameTooLargeError`` by a server that checks. So batches are capped at ``max_keys``, and fewer
-  when recent values were large: the cap is ``answer_bytes`` over the
-  largest value seen lately, a hint that decays by 1/16 per batch.
+  refused with ``FrameTooLargeError`` by a server that checks. So batches
+  are capped at ``max_keys``, and fewer when recent values were large: the
+  cap is ``answer_bytes`` over the largest value seen lately, a hint that
+  decays by 1/16 per batch.
 * **Errors.** A batch whose answer fails for a reason that may belong to one
   key or to the batch (an error the server answered, an answer too large to
   receive) is read again key by key over the ``fallback`` client, so each
