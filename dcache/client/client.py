@@ -27,10 +27,11 @@ connection, retries and the answer; when it passes the call raises the
 builtin ``TimeoutError`` and the connection it was waiting on is retired
 (it takes no new requests and closes once its other requests are answered).
 A call cancelled from outside (``asyncio.wait_for``, ``asyncio.timeout``, a
-cancelled task) forgets its request, and its late answer is dropped, but it
-says nothing about the connection, which stays in use: bound calls with
-``timeout`` rather than a shorter outer deadline, or a server that stopped
-answering is never left for a new connection or another endpoint.
+cancelled task) forgets its request, and its late answer is dropped; the
+connection is retired by the next call that finds a request on it
+unanswered for longer than ``timeout`` (``ClientConnection.stalled``), so
+callers with shorter deadlines of their own are moved off a server that
+stopped answering too.
 """
 
 from __future__ import annotations
@@ -358,6 +359,9 @@ class Client:
             lost: ConnectionResetError
             try:
                 async with pool.acquire(acquire_timeout) as conn:
+                    if conn.stalled(loop.time(), config.timeout):  # its callers were cancelled before their timeout
+                        conn.retire()
+                        continue
                     try:
                         async with asyncio.timeout_at(deadline):
                             return await conn.call(op, *args)

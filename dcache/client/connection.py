@@ -28,6 +28,10 @@ Design notes
   Without ``limits`` of its own, the connection takes answers up to that
   same limit (a server answers no frame larger than it accepts), so a
   value a node with raised limits stores can be read back.
+* A connection the server stopped answering is retired by the first
+  caller whose timeout passes; callers cancelled sooner from outside never
+  see one pass, so the client also asks ``stalled`` (a request waiting
+  longer than its timeout with no byte received since) before each use.
 * Flow control: when the transport's buffer is above its high-water mark
   (``pause_writing``), ``call`` waits for ``resume_writing`` before writing.
 """
@@ -72,6 +76,7 @@ class ClientConnection(asyncio.Protocol):
         "_requests",
         "_retiring",
         "_transport",
+        "_unanswered_since",
         "server_info",
     )
 
@@ -90,6 +95,8 @@ class ClientConnection(asyncio.Protocol):
         #: Largest request body the server reads (its HELLO's ``max_frame_bytes``); a larger
         #: frame would make it close the connection, failing every request on it.
         self._max_request_bytes: int | None = None
+        #: Loop time of the first request queued since bytes last arrived (None: none since).
+        self._unanswered_since: float | None = None
         #: The server's HELLO answer (``version``, ``node_id``, ``role``,
         #: limits); empty until ``open_connection`` has performed HELLO.
         self.server_info: dict[str, Any] = {}
@@ -127,6 +134,7 @@ class ClientConnection(asyncio.Protocol):
         self._drain_waiters.clear()
 
     def data_received(self, data: bytes) -> None:
+        self._unanswered_since = None  # the server is answering
         try:
             msgs = self._decoder.feed(data)
         except RemoteProtocolError as exc:
@@ -258,6 +266,8 @@ class ClientConnection(asyncio.Protocol):
                 f"request of {len(frame) - FRAME_HEADER_BYTES} bytes exceeds the server's frame limit of {limit} bytes "
                 "(max_frame_bytes): nothing was sent; send fewer or smaller values at once"
             )
+        if self._unanswered_since is None:
+            self._unanswered_since = loop.time()
         out = self._out
         out.append(frame)
         if len(out) == 1:
@@ -285,6 +295,16 @@ class ClientConnection(asyncio.Protocol):
     def is_closing(self) -> bool:
         """Whether the connection is closed, closing, or retired (takes no new requests)."""
         return self._closing or self._retiring or self._transport is None or self._transport.is_closing()
+
+    def stalled(self, now: float, after: float) -> bool:
+        """Whether a request queued more than ``after`` seconds before ``now`` has had no byte of answer since.
+
+        Its caller's own timeout would have retired the connection, but a
+        caller cancelled first (an outer, shorter deadline) says nothing
+        about the connection: the client asks this before each use.
+        """
+        since = self._unanswered_since
+        return since is not None and now - since > after
 
     @property
     def node_id(self) -> str | None:

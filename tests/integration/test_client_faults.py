@@ -189,3 +189,23 @@ async def test_a_value_a_node_with_raised_limits_stores_can_be_read_back() -> No
             assert await c.get("big") == value  # was RemoteProtocolError: the answer exceeded the client's 32 MiB
     finally:
         node.kill()
+
+
+async def test_callers_that_give_up_first_still_move_the_client_off_a_stopped_endpoint(aux: DaemonProcess) -> None:
+    other = start_aux()
+    try:
+        async with Client([aux.addr, other.addr], timeout=1.0, connect_timeout=0.5) as c:
+            await c.ping()
+            aux.signal(signal.SIGSTOP)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + HANG_S
+            while True:  # every call is cancelled by its caller's own, shorter deadline...
+                try:
+                    await asyncio.wait_for(c.ping(), 0.2)
+                    break
+                except TimeoutError:
+                    # ... which used to leave the stopped node's connection in use for good
+                    assert loop.time() < deadline, "the client never left the stopped endpoint"
+            assert c.current_endpoint == other.addr
+    finally:
+        other.kill()

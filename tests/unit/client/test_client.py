@@ -242,6 +242,28 @@ async def test_timeout_retires_the_connection(server):
     assert server.connections_total == 2
 
 
+async def test_callers_cancelled_first_retire_a_connection_only_once_its_answers_are_overdue(server):
+    server.data[b"k"] = (b"v", None)
+    async with Client(server.address, timeout=0.3) as c:
+        for _ in range(5):  # cancelled calls on a connection that answers: it stays
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(c.get("k"), 0)
+            assert await c.get("k") == b"v"
+        pool = c.pool()
+        assert pool is not None
+        [first] = pool.connections
+        server.hold = True
+        with pytest.raises(TimeoutError):  # the caller gives up long before the client's timeout
+            await asyncio.wait_for(c.get("k"), 0.05)
+        assert pool.connections == [first] and not first.stalled(asyncio.get_running_loop().time(), 0.3)
+        await asyncio.sleep(0.35)  # unanswered for longer than the timeout: the next call leaves it
+        assert first.stalled(asyncio.get_running_loop().time(), 0.3)
+        server.hold = False
+        assert await c.get("k") == b"v"
+        assert first not in pool.connections
+    assert server.connections_total == 2
+
+
 async def test_timeout_with_a_silent_server(server):
     server.silent_ops.add(Op.PING)
     async with Client(server.address, timeout=0.1) as c:
