@@ -421,6 +421,8 @@ class Client:
             ConnectionResetError: the connection was lost and the op is not retry-safe.
             InvalidArgumentError: the request is larger than the server's
                 frame limit (nothing was sent).
+            LocalProtocolError: an argument cannot be encoded in msgpack
+                (nothing was sent).
             PoolClosedError: the client is closed.
         """
         return await self._execute(op, args)
