@@ -11,10 +11,12 @@ once when it reaches its size cap. A lone key goes as a GET.
 Design note
 -----------
 * **Answer size.** An MGET answer holds every value of the batch in one
-  frame, and a frame over the client's limit (32 MiB by default) closes the
-  connection it came on. So batches are capped at ``max_keys``, and fewer
-  when recent values were large: the cap is ``answer_bytes`` over the
-  largest value seen lately, a hint that decays by 1/16 per batch.
+  frame, and a frame over the client's limit (its ``limits``, or else the
+  server's, 32 MiB by default) closes the connection it came on, or is
+  refused with ``FrameTooLargeError`` by a server that checks. So batches
+  are capped at ``max_keys``, and fewer when recent values were large: the
+  cap is ``answer_bytes`` over the largest value seen lately, a hint that
+  decays by 1/16 per batch.
 * **Errors.** A batch whose answer fails for a reason that may belong to one
   key or to the batch (an error the server answered, an answer too large to
   receive) is read again key by key over the ``fallback`` client, so each
@@ -312,7 +314,10 @@ class SetBatcher(_Batcher):
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         group = ttl
-        size = len(key) + len(value)
+        try:
+            size = len(key) + len(value)
+        except TypeError:  # not str or bytes: the batch's check refuses it, and this pair alone fails
+            size = 0
         pending = self._pending.get(group)
         if pending is not None and self._sizes[group] + size > self.max_bytes:
             self._send(group)  # this pair would overfill the batch: the batch leaves first

@@ -8,8 +8,9 @@ Endpoints and failover
 ----------------------
 A client has one or more ``host:port`` endpoints (masters, or a single aux
 node) and one ``NodePool`` per endpoint, created on first use. Calls go to
-the *current* endpoint. When it cannot be reached (``NoAvailableNodeError``)
-the client moves to the next endpoint, round-robin, and tries the call there;
+the *current* endpoint. When it cannot be reached (``NoAvailableNodeError``:
+refused, timed out, or at its connection limit) the client moves to the next
+endpoint, round-robin, and tries the call there;
 each endpoint is tried at most once per call for this reason. When a
 connection is lost after the request was sent (``ConnectionResetError``) the
 client also moves on, but repeats the call only if doing it twice is
@@ -25,6 +26,12 @@ Every call has one deadline (``timeout`` seconds) covering acquiring a
 connection, retries and the answer; when it passes the call raises the
 builtin ``TimeoutError`` and the connection it was waiting on is retired
 (it takes no new requests and closes once its other requests are answered).
+A call cancelled from outside (``asyncio.wait_for``, ``asyncio.timeout``, a
+cancelled task) forgets its request, and its late answer is dropped; the
+connection is retired by the next call that finds a request on it
+unanswered for longer than ``timeout`` (``ClientConnection.stalled``), so
+callers with shorter deadlines of their own are moved off a server that
+stopped answering too.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from ..errors import (
     PoolClosedError,
     RemoteProtocolError,
 )
-from ..protocol import MAX_TTL_MS, OPS, Op, SetFlag
+from ..protocol import INT64_MAX, INT64_MIN, MAX_TTL_MS, OPS, Op, SetFlag
 from .config import ClientConfig
 from .connection import ClientConnection, open_connection
 from .pool import NodePool
@@ -86,7 +93,7 @@ def _key(key: Any) -> bytes:
             return key
     elif isinstance(key, str):
         if key:
-            return key.encode()
+            return _utf8(key, "key")
     elif isinstance(key, (bytes, bytearray, memoryview)):
         if len(key):
             return bytes(key)
@@ -99,10 +106,42 @@ def _value(value: Any) -> bytes:
     if value.__class__ is bytes:
         return value
     if isinstance(value, str):
-        return value.encode()
+        return _utf8(value, "value")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise InvalidArgumentError(f"value must be bytes or str, not {type(value).__name__}")
+
+
+#: What is one key or value, never a collection of them (iterating one would give characters or ints).
+_TEXT_TYPES = (str, bytes, bytearray, memoryview)
+
+
+def _pair(item: Any) -> tuple[Any, Any]:
+    """One ``(key, value)`` item of ``mset``'s pairs, unpacked."""
+    if not isinstance(item, _TEXT_TYPES):
+        try:
+            key, value = item
+        except (TypeError, ValueError):
+            pass
+        else:
+            return key, value
+    raise InvalidArgumentError(f"mset takes (key, value) pairs, got a {type(item).__name__} of another shape")
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800"): no UTF-8 form
+        raise InvalidArgumentError(f"{what} is not valid Unicode text: {exc.reason} at index {exc.start}") from None
+
+
+def _delta(delta: Any, least: int = INT64_MIN) -> int:
+    """``delta`` checked: an ``int`` from ``least`` to ``INT64_MAX`` (DECR negates it, so there ``least`` is ``-INT64_MAX``)."""
+    if isinstance(delta, bool) or not isinstance(delta, int):
+        raise InvalidArgumentError(f"delta must be an integer, not {type(delta).__name__}")
+    if not least <= delta <= INT64_MAX:
+        raise InvalidArgumentError(f"delta must be a signed 64-bit integer from {least} to {INT64_MAX}, got {delta}")
+    return delta
 
 
 def _ttl_ms(ttl: float | None) -> int | None:
@@ -238,13 +277,17 @@ class Client:
             return dict(conn.server_info)
 
     async def close(self) -> None:
-        """Close every connection (idempotent); later calls raise ``PoolClosedError``."""
+        """Close every connection (idempotent); later calls raise ``PoolClosedError``.
+
+        Cancelling it (a shutdown deadline) stops the wait, not the closing:
+        every endpoint's connections are closed all the same.
+        """
         if self._closed:
             return
         self._closed = True
         pools = [p for p in self._pools if p is not None]
-        for pool in pools:
-            await pool.close()
+        if pools:
+            await asyncio.shield(asyncio.gather(*(pool.close() for pool in pools)))
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True) and any(p is not None for p in self._pools):
@@ -316,6 +359,9 @@ class Client:
             lost: ConnectionResetError
             try:
                 async with pool.acquire(acquire_timeout) as conn:
+                    if conn.stalled(loop.time(), config.timeout):  # its callers were cancelled before their timeout
+                        conn.retire()
+                        continue
                     try:
                         async with asyncio.timeout_at(deadline):
                             return await conn.call(op, *args)
@@ -373,6 +419,10 @@ class Client:
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
             ConnectionResetError: the connection was lost and the op is not retry-safe.
+            InvalidArgumentError: the request is larger than the server's
+                frame limit (nothing was sent).
+            LocalProtocolError: an argument cannot be encoded in msgpack
+                (nothing was sent).
             PoolClosedError: the client is closed.
         """
         return await self._execute(op, args)
@@ -413,7 +463,8 @@ class Client:
 
         Raises:
             InvalidArgumentError: bad key, value or ttl, both ``nx`` and
-                ``xx``, or over the client's ``limits`` (nothing was sent).
+                ``xx``, or over the client's ``limits`` or the server's
+                frame limit (nothing was sent).
             KeyTooLargeError, ValueTooLargeError: the server refused the
                 key or value as too large.
             OutOfMemoryError: the entry alone exceeds the node's memory budget.
@@ -458,12 +509,15 @@ class Client:
             One ``bytes`` or ``None`` per key, in the order given.
 
         Raises:
-            InvalidArgumentError: a bad key (nothing was sent).
+            InvalidArgumentError: a bad key, or one ``str``/``bytes`` key
+                instead of a sequence of keys (nothing was sent).
             KeyTooLargeError: the server refused a key as too large.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
             RemoteProtocolError: the answer does not have one item per key.
         """
+        if isinstance(keys, _TEXT_TYPES):
+            raise InvalidArgumentError(f"mget takes a sequence of keys, not one {type(keys).__name__}: mget([key])")
         wire = [self._check_key(k) for k in keys]
         if not wire:
             return []
@@ -484,14 +538,18 @@ class Client:
             The number of pairs stored.
 
         Raises:
-            InvalidArgumentError: a bad pair or ttl (nothing was sent).
+            InvalidArgumentError: a bad pair or ttl, something that is not a
+                mapping or ``(key, value)`` pairs, or the pairs together over
+                the server's frame limit (nothing was sent).
             KeyTooLargeError, ValueTooLargeError: the server refused a key
                 or value as too large (then nothing is stored).
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
+        if isinstance(mapping, _TEXT_TYPES):
+            raise InvalidArgumentError(f"mset takes a mapping or (key, value) pairs, not one {type(mapping).__name__}")
         items: Iterable[tuple[Key, Value]] = mapping.items() if isinstance(mapping, Mapping) else mapping
-        pairs = [[self._check_key(k), self._check_value(v)] for k, v in items]
+        pairs = [[self._check_key(k), self._check_value(v)] for k, v in map(_pair, items)]
         ttl_ms = _ttl_ms(ttl)
         if not pairs:
             return 0
@@ -562,13 +620,13 @@ class Client:
         Raises:
             NotAnIntegerError: the value is not a signed 64-bit decimal, or
                 the result would overflow.
-            InvalidArgumentError: a bad key (nothing was sent).
-            BadArgumentsError: the server refused the delta (not a signed 64-bit integer).
+            InvalidArgumentError: a bad key, or a delta that is not a
+                signed 64-bit integer (nothing was sent).
             ConnectionResetError: the connection was lost after sending.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
-        return int(await self._execute(Op.INCR, (self._check_key(key), delta)))
+        return int(await self._execute(Op.INCR, (self._check_key(key), _delta(delta))))
 
     async def decr(self, key: Key, delta: int = 1) -> int:
         """Subtract ``delta`` from the integer stored at ``key`` (see ``incr``).
@@ -579,13 +637,13 @@ class Client:
         Raises:
             NotAnIntegerError: the value is not a signed 64-bit decimal, or
                 the result would overflow.
-            InvalidArgumentError: a bad key (nothing was sent).
-            BadArgumentsError: the server refused the delta (not a signed 64-bit integer).
+            InvalidArgumentError: a bad key, or a delta that is not a
+                signed 64-bit integer (nothing was sent).
             ConnectionResetError: the connection was lost after sending.
             TimeoutError: no answer within ``timeout``.
             NoAvailableNodeError: no endpoint could be reached.
         """
-        return int(await self._execute(Op.DECR, (self._check_key(key), delta)))
+        return int(await self._execute(Op.DECR, (self._check_key(key), _delta(delta, -INT64_MAX))))
 
     async def touch(self, key: Key) -> bool:
         """Mark ``key`` as recently used (protects it from LRU eviction).

@@ -30,7 +30,8 @@ class ClientConfig:
             strings.
         timeout: seconds one call may take, acquiring a connection and
             retries included.
-        connect_timeout: seconds for TCP connect plus HELLO.
+        connect_timeout: seconds for TCP connect plus HELLO; with ``ssl``,
+            also the longest TLS goodbye when a connection closes.
         acquire_timeout: seconds a call may wait for a free connection slot;
             ``None``: bounded only by ``timeout``.
         min_connections: connections kept per endpoint once it is used.
@@ -44,7 +45,8 @@ class ClientConfig:
         client_name: name sent in HELLO (servers may log it).
         limits: when given, key and value sizes are checked before sending
             and ``limits.max_frame_bytes`` bounds one answer; otherwise the
-            server enforces its own limits.
+            server enforces its own limits, and the frame limit its HELLO
+            announces bounds one answer.
         retries: how many times a call interrupted by a lost connection is
             repeated (retry-safe ops only).
         backoff_max: cap, in seconds, of the delay between reconnect attempts

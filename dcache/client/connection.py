@@ -22,6 +22,16 @@ Design notes
   ``retire()``: the connection takes no new requests, lets the requests
   already in flight finish, and closes when the last one is done, so a
   possibly stuck connection is never reused and nobody else's answer is lost.
+* A request larger than the server's frame limit (``max_frame_bytes`` in
+  its HELLO answer) is refused before it is queued: the server would close
+  the connection on its header, failing every request pipelined on it.
+  Without ``limits`` of its own, the connection takes answers up to that
+  same limit (a server answers no frame larger than it accepts), so a
+  value a node with raised limits stores can be read back.
+* A connection the server stopped answering is retired by the first
+  caller whose timeout passes; callers cancelled sooner from outside never
+  see one pass, so the client also asks ``stalled`` (a request waiting
+  longer than its timeout with no byte received since) before each use.
 * Flow control: when the transport's buffer is above its high-water mark
   (``pause_writing``), ``call`` waits for ``resume_writing`` before writing.
 """
@@ -32,10 +42,11 @@ import asyncio
 from ssl import SSLContext
 from typing import Any, cast
 
-from ..errors import ForeignProtocolError, HandshakeError, RemoteProtocolError, ServerError, error_from_status
+from ..errors import ForeignProtocolError, HandshakeError, InvalidArgumentError, RemoteProtocolError, ServerError, error_from_status
 from ..net import nodelay
 from ..protocol import CONNECTION_REQUEST_ID, PROTOCOL_VERSION, FrameDecoder, Limits, Op, RequestTable, encode_request, foreign_protocol
 from ..protocol.auth import prove
+from ..protocol.framing import HEADER_BYTES as FRAME_HEADER_BYTES
 
 __all__ = ["ClientConnection", "open_connection"]
 
@@ -59,11 +70,13 @@ class ClientConnection(asyncio.Protocol):
         "_drain_waiters",
         "_error",
         "_loop",
+        "_max_request_bytes",
         "_out",
         "_paused",
         "_requests",
         "_retiring",
         "_transport",
+        "_unanswered_since",
         "server_info",
     )
 
@@ -79,6 +92,11 @@ class ClientConnection(asyncio.Protocol):
         self._retiring = False
         self._error: BaseException | None = None  # why the connection failed, if it did
         self._closed: asyncio.Future[None] | None = None
+        #: Largest request body the server reads (its HELLO's ``max_frame_bytes``); a larger
+        #: frame would make it close the connection, failing every request on it.
+        self._max_request_bytes: int | None = None
+        #: Loop time of the first request queued since bytes last arrived (None: none since).
+        self._unanswered_since: float | None = None
         #: The server's HELLO answer (``version``, ``node_id``, ``role``,
         #: limits); empty until ``open_connection`` has performed HELLO.
         self.server_info: dict[str, Any] = {}
@@ -116,6 +134,7 @@ class ClientConnection(asyncio.Protocol):
         self._drain_waiters.clear()
 
     def data_received(self, data: bytes) -> None:
+        self._unanswered_since = None  # the server is answering
         try:
             msgs = self._decoder.feed(data)
         except RemoteProtocolError as exc:
@@ -174,6 +193,8 @@ class ClientConnection(asyncio.Protocol):
                 (or the error that closed it: a ``ServerError`` from a
                 connection-level error frame, a ``RemoteProtocolError``).
             LocalProtocolError: the arguments cannot be encoded.
+            InvalidArgumentError: the request is larger than the server's
+                frame limit (nothing was sent).
         """
         return self._send(op, args)[1]
 
@@ -197,6 +218,8 @@ class ClientConnection(asyncio.Protocol):
             RemoteProtocolError: the server sent bytes that are not frames.
             ConnectionResetError: the connection was lost or is closing.
             LocalProtocolError: the arguments cannot be encoded.
+            InvalidArgumentError: the request is larger than the server's
+                frame limit (nothing was sent).
         """
         if self._paused:
             await self.drain()
@@ -236,6 +259,15 @@ class ClientConnection(asyncio.Protocol):
         except Exception:  # LocalProtocolError: the arguments cannot be encoded
             requests.forget(rid, fut)
             raise
+        limit = self._max_request_bytes
+        if limit is not None and len(frame) - FRAME_HEADER_BYTES > limit:
+            requests.forget(rid, fut)
+            raise InvalidArgumentError(
+                f"request of {len(frame) - FRAME_HEADER_BYTES} bytes exceeds the server's frame limit of {limit} bytes "
+                "(max_frame_bytes): nothing was sent; send fewer or smaller values at once"
+            )
+        if self._unanswered_since is None:
+            self._unanswered_since = loop.time()
         out = self._out
         out.append(frame)
         if len(out) == 1:
@@ -264,6 +296,16 @@ class ClientConnection(asyncio.Protocol):
         """Whether the connection is closed, closing, or retired (takes no new requests)."""
         return self._closing or self._retiring or self._transport is None or self._transport.is_closing()
 
+    def stalled(self, now: float, after: float) -> bool:
+        """Whether a request queued more than ``after`` seconds before ``now`` has had no byte of answer since.
+
+        Its caller's own timeout would have retired the connection, but a
+        caller cancelled first (an outer, shorter deadline) says nothing
+        about the connection: the client asks this before each use.
+        """
+        since = self._unanswered_since
+        return since is not None and now - since > after
+
     @property
     def node_id(self) -> str | None:
         """The server's node id from HELLO, if known."""
@@ -286,19 +328,42 @@ class ClientConnection(asyncio.Protocol):
         """Close now (idempotent): queued frames are flushed, pending requests fail.
 
         Pending requests fail with ``ConnectionResetError`` once the transport
-        reports the connection lost.
+        reports the connection lost. Bytes the transport still holds once the
+        queued frames are handed to it (the server reads slower than we
+        wrote, or not at all) are dropped with the connection: their answers
+        would never be read, and a server that stopped reading must not hold
+        the socket, its buffer and ``wait_closed`` forever.
         """
         if self._closing:
             return
         self._flush()
         self._closing = True
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
 
     async def wait_closed(self) -> None:
         """Wait until the transport has reported the connection lost."""
         if self._closed is not None:
             await asyncio.shield(self._closed)
+
+    def _handshaken(self, info: dict[str, Any], *, bound_answers: bool) -> None:
+        """Keep the server's HELLO answer; its frame limit bounds our requests and, with ``bound_answers``, its answers.
+
+        Called once HELLO (and AUTH) are answered, when nothing else is in
+        flight or buffered, so the decoder can be replaced.
+        """
+        self.server_info = info
+        limit = info.get("max_frame_bytes")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            return
+        self._max_request_bytes = limit
+        if bound_answers and limit != self._decoder.max_frame_bytes and not self._decoder.buffered:
+            self._decoder = FrameDecoder(limit)  # a server never answers more than it accepts (its limit may be raised)
 
     # -- failure -------------------------------------------------------------
 
@@ -394,8 +459,12 @@ async def open_connection(
     Args:
         host: server host name or address.
         port: server TCP port.
-        limits: size limits (``max_frame_bytes`` bounds one answer).
-        connect_timeout: seconds for TCP connect plus HELLO; ``None``: no limit.
+        limits: size limits (``max_frame_bytes`` bounds one answer);
+            ``None``: the frame limit the server's HELLO announces.
+        connect_timeout: seconds for TCP connect plus HELLO; ``None``: no
+            limit. With ``ssl`` it also bounds the TLS goodbye (close_notify)
+            when the connection closes, which a server that stopped reading
+            would otherwise hold for 30 seconds.
         auth_token: token sent in HELLO, if the server requires one.
         client_name: name the server may log for this connection.
         loop: event loop; defaults to the running one.
@@ -423,7 +492,12 @@ async def open_connection(
     """
     loop = loop or asyncio.get_running_loop()
     async with asyncio.timeout(connect_timeout):
-        _, conn = await loop.create_connection(lambda: ClientConnection(limits=limits, loop=loop), host, port, ssl=ssl)
+        if ssl is None:
+            _, conn = await loop.create_connection(lambda: ClientConnection(limits=limits, loop=loop), host, port)
+        else:  # the TLS goodbye when the connection closes gets as long as the hello: a stopped server holds close() no longer
+            _, conn = await loop.create_connection(
+                lambda: ClientConnection(limits=limits, loop=loop), host, port, ssl=ssl, ssl_shutdown_timeout=connect_timeout
+            )
         try:
             info = await conn.call(Op.HELLO, PROTOCOL_VERSION, auth_token, client_name)
             if not isinstance(info, dict):
@@ -435,5 +509,5 @@ async def open_connection(
         except BaseException:
             conn.close()
             raise
-    conn.server_info = info
+    conn._handshaken(info, bound_answers=limits is None)
     return conn

@@ -56,7 +56,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
-from ..errors import ConfigError, NoAvailableNodeError, PoolClosedError, ServerError, error_from_status
+from ..errors import ConfigError, NoAvailableNodeError, OverloadedError, PoolClosedError, ServerError, error_from_status
 
 __all__ = ["NodePool", "PoolConnection", "AcquireContext"]
 
@@ -102,7 +102,8 @@ class NodePool(Generic[ConnT]):
         connection_factory: coroutine function opening one connected,
             handshaken connection; its exceptions count as connect failures
             (a ``ServerError`` such as ``AuthError`` is passed to waiters as
-            is, anything else is wrapped in ``NoAvailableNodeError``).
+            is; anything else, and ``OverloadedError``, a node at its
+            connection limit, is wrapped in ``NoAvailableNodeError``).
         name: label for logs and errors, usually ``host:port``.
         min_connections: connections kept open once the pool is in use.
         max_connections: most connections open or connecting at once.
@@ -388,7 +389,7 @@ class NodePool(Generic[ConnT]):
             self._set_healthy(False)
 
     def _connect_error(self, exc: Exception) -> BaseException:
-        if isinstance(exc, ServerError):
+        if isinstance(exc, ServerError) and not isinstance(exc, OverloadedError):  # refused our credentials or protocol
             return error_from_status(exc.code, exc.message)
         err = NoAvailableNodeError(f"cannot connect to {self.name}: {exc!r}")
         err.__cause__ = exc
@@ -427,7 +428,9 @@ class NodePool(Generic[ConnT]):
         """Close every connection and fail queued callers (idempotent).
 
         Callers waiting for a slot get ``PoolClosedError``; requests in
-        flight fail with ``ConnectionResetError``.
+        flight fail with ``ConnectionResetError``. Every connection is
+        closed before the first wait, so a close cancelled midway (which
+        raises ``CancelledError`` as any cancelled wait) leaves none open.
         """
         if self._closed:
             return
@@ -437,16 +440,13 @@ class NodePool(Generic[ConnT]):
             if not fut.done():
                 fut.set_exception(PoolClosedError(f"pool {self.name} is closed"))
         connector, self._connector = self._connector, None
-        if connector is not None:
-            connector.cancel()
-            try:
-                await connector
-            except asyncio.CancelledError:
-                pass
         conns = [e.conn for e in self._entries]
         self._entries.clear()
-        for conn in conns:
+        for conn in conns:  # before any await: a close cancelled midway has closed them all
             conn.close()
+        if connector is not None:
+            connector.cancel()
+            await asyncio.wait([connector])  # its CancelledError stays its own; ours (the caller's) propagates
         for conn in conns:
             await conn.wait_closed()
 

@@ -4,15 +4,29 @@ The loop (uvloop when installed) runs in a daemon thread that the
 ``SyncClient`` owns; each method submits the matching ``Client`` coroutine
 with ``asyncio.run_coroutine_threadsafe`` and blocks for its result, so
 timeouts and errors are exactly ``Client``'s.
+
+Design note
+-----------
+* A call is submitted under a lock that ``close`` takes to mark the client
+  closed, and the calls still waiting once the loop has stopped are failed
+  with ``PoolClosedError``: a call made by one thread while another closes
+  the client either runs before the close or fails, and never waits for a
+  loop that will not run it again.
+* The loop thread does not exist in a child made by ``fork()``: a call
+  there raises ``RuntimeError`` at once (it waited forever), and ``close``
+  in the child only marks its copy closed (the connections are the
+  parent's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import warnings
 from collections.abc import Coroutine, Iterable, Sequence
 from concurrent.futures import Future as ConcurrentFuture
+from concurrent.futures import InvalidStateError
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -57,7 +71,9 @@ class SyncClient:
     The loop (uvloop when installed) runs in a daemon thread; each method
     submits the matching ``Client`` coroutine and blocks for its result, so
     the timeouts and errors are the same as ``Client``'s. Safe to call from
-    several threads at once. Close it (or use ``with``).
+    several threads at once. Close it (or use ``with``). Not usable in a
+    process forked after it was made (``RuntimeError``): make one per
+    process, after the fork.
 
     Args:
         endpoints: as for ``Client``.
@@ -71,6 +87,11 @@ class SyncClient:
     def __init__(self, endpoints: str | Sequence[str] | None = None, **options: Any) -> None:
         self._closed = True  # until the thread runs, for __del__
         self._client = Client(endpoints, **options)
+        self._pid = os.getpid()
+        #: Taken to submit a call and to mark the client closed, so no call is submitted after the close.
+        self._lock = threading.Lock()
+        #: Calls submitted and not yet returned; those left when the loop has stopped are failed.
+        self._calls: set[ConcurrentFuture[Any]] = set()
         self._loop = _new_loop()
         self._thread = threading.Thread(target=_run_loop, args=(self._loop,), name="dcache-sync-client", daemon=True)
         self._thread.start()
@@ -80,18 +101,28 @@ class SyncClient:
         return f"<SyncClient {','.join(self._client.endpoints)}{' closed' if self._closed else ''}>"
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        if self._closed:
+        if self._pid != os.getpid():  # before the lock: a thread of the parent may have held it at the fork
             coro.close()
-            raise PoolClosedError("the client is closed")
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("SyncClient methods cannot be called from its own event loop thread")
-        fut: ConcurrentFuture[_T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            raise RuntimeError(
+                f"this SyncClient was created in process {self._pid} and cannot be used in a process forked from it; "
+                "create a SyncClient in each process, after the fork"
+            )
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise PoolClosedError("the client is closed")
+            if threading.current_thread() is self._thread:
+                coro.close()
+                raise RuntimeError("SyncClient methods cannot be called from its own event loop thread")
+            fut: ConcurrentFuture[_T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            self._calls.add(fut)
         try:
             return fut.result()
         except BaseException:
             fut.cancel()  # e.g. KeyboardInterrupt while waiting
             raise
+        finally:
+            self._calls.discard(fut)
 
     @property
     def client(self) -> Client:
@@ -110,18 +141,38 @@ class SyncClient:
         self.close()
 
     def close(self) -> None:
-        """Close the connections and stop the loop thread (idempotent)."""
-        if self._closed:
-            return
-        try:
-            self._run(self._client.close())
-        finally:
+        """Close the connections and stop the loop thread (idempotent).
+
+        Calls other threads are making fail (``PoolClosedError``, or
+        ``ConnectionResetError`` for a request already sent); in a process
+        forked after the client was made this only marks it closed.
+
+        Raises:
+            RuntimeError: called from the client's own loop thread.
+        """
+        if self._pid != os.getpid():  # the parent's connections: leave them alone
             self._closed = True
+            return
+        with self._lock:
+            if self._closed:
+                return
+            if threading.current_thread() is self._thread:
+                raise RuntimeError("SyncClient.close() cannot be called from its own event loop thread")
+            self._closed = True  # no call is submitted from here on
+            closing = asyncio.run_coroutine_threadsafe(self._client.close(), self._loop)
+        try:
+            closing.result()
+        finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
+            for call in list(self._calls):  # submitted before the close, never run or never finished
+                try:
+                    call.set_exception(PoolClosedError("the client was closed before the call finished"))
+                except InvalidStateError:  # it finished, or its caller cancelled it
+                    pass
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
+        if not getattr(self, "_closed", True) and self._pid == os.getpid():
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
             # Close the connections and stop the thread without blocking: this
             # may run in any thread, the loop's own included.

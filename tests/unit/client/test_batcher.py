@@ -173,6 +173,17 @@ async def test_a_pair_the_client_refuses_fails_alone(server: FakeServer) -> None
         assert batcher.stats.fallbacks == 1
 
 
+async def test_a_key_or_value_of_the_wrong_type_fails_its_own_write(server: FakeServer) -> None:
+    async with Client(server.address) as client:
+        batcher = SetBatcher(client)
+        pairs: list[tuple[object, object]] = [(b"k1", b"v"), (b"k2", 42), (7, b"v"), (b"k3", None), (b"k4", "välue")]
+        futures = [batcher.set(k, v) for k, v in pairs]  # type: ignore[arg-type]
+        answers = await asyncio.gather(*futures, return_exceptions=True)
+        assert answers[0] is None and answers[4] is None
+        assert all(isinstance(a, InvalidArgumentError) for a in answers[1:4]), answers
+        assert server.data[b"k1"][0] == b"v" and server.data[b"k4"][0] == "välue".encode()
+
+
 async def test_a_write_timeout_goes_to_every_pair_without_a_second_try(server: FakeServer) -> None:
     server.silent_ops.add(Op.MSET)
     async with Client(server.address, timeout=0.2) as client, Client(server.address) as fallback:

@@ -112,6 +112,26 @@ async def test_bad_arguments_are_refused_before_sending(server):
             await c.set("k", b"x" * 17)
         with pytest.raises(InvalidArgumentError):
             await c.expire("k", math.nan)
+        for text in ("\ud800", "a\udfffb"):  # lone surrogates have no UTF-8 form
+            with pytest.raises(InvalidArgumentError, match="surrogate"):
+                await c.get(text)
+            with pytest.raises(InvalidArgumentError, match="surrogate"):
+                await c.set("k", text)
+            with pytest.raises(InvalidArgumentError, match="surrogate"):
+                await c.mset({"k": text})
+        for delta in (2**63, -(2**63) - 1, 2**64, 1.5, "1", True, None):
+            with pytest.raises(InvalidArgumentError, match="delta"):
+                await c.incr("n", delta)  # type: ignore[arg-type]
+            with pytest.raises(InvalidArgumentError, match="delta"):
+                await c.decr("n", delta)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError, match="delta"):  # its negation, which DECR adds, is not
+            await c.decr("n", -(2**63))
+        for one_key in ("abc", b"abc"):  # one key, not keys: would read "a", "b", "c" (or fail on ints)
+            with pytest.raises(InvalidArgumentError, match="sequence of keys"):
+                await c.mget(one_key)  # type: ignore[arg-type]
+        for pairs in ("ab", [("k",)], [("k", b"v", 3)], [b"kv"], [7]):
+            with pytest.raises(InvalidArgumentError, match="pairs"):
+                await c.mset(pairs)  # type: ignore[arg-type]
         with pytest.raises(ValueError):  # a local check is a ValueError, and not a server's answer
             await c.get("")
     assert issubclass(InvalidArgumentError, ClientError) and not issubclass(InvalidArgumentError, ServerError)
@@ -219,6 +239,28 @@ async def test_timeout_retires_the_connection(server):
         assert await c.get("k") == b"v"
         assert first not in pool.connections
         await asyncio.wait_for(first.wait_closed(), 5)
+    assert server.connections_total == 2
+
+
+async def test_callers_cancelled_first_retire_a_connection_only_once_its_answers_are_overdue(server):
+    server.data[b"k"] = (b"v", None)
+    async with Client(server.address, timeout=0.3) as c:
+        for _ in range(5):  # cancelled calls on a connection that answers: it stays
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(c.get("k"), 0)
+            assert await c.get("k") == b"v"
+        pool = c.pool()
+        assert pool is not None
+        [first] = pool.connections
+        server.hold = True
+        with pytest.raises(TimeoutError):  # the caller gives up long before the client's timeout
+            await asyncio.wait_for(c.get("k"), 0.05)
+        assert pool.connections == [first] and not first.stalled(asyncio.get_running_loop().time(), 0.3)
+        await asyncio.sleep(0.35)  # unanswered for longer than the timeout: the next call leaves it
+        assert first.stalled(asyncio.get_running_loop().time(), 0.3)
+        server.hold = False
+        assert await c.get("k") == b"v"
+        assert first not in pool.connections
     assert server.connections_total == 2
 
 
