@@ -452,6 +452,8 @@ class Gen:
             # unknown node ids only: fencing a real node is a real cluster op
             Op.FENCE: lambda: [r.choice([f"fuzz-{r.randint(0, 9)}", "", self.any(1)]), self.int_(), r.choice([None, "fuzz", self.any(1)])],
             Op.AUTH: lambda: [r.choice([b"n" * 16, b"", b"n" * 65, self.any(1)]), r.choice([b"p" * 32, b"p" * 31, self.any(1)])],
+            # the first valid id binds a fuzzed aux node to a cluster of none (it has no masters); others are refused
+            Op.BIND: lambda: [r.choice(["fuzz/c1", "fuzz/c2", "", "x" * 300, self.any(1)])],
             Op.SYNC: lambda: [
                 r.choice(["fuzz-f1", "fuzz-f2", "", self.any(1)]),
                 r.choice([2**62, 2**63 - 1, self.any(1)]),
