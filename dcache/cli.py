@@ -276,13 +276,13 @@ def _options(cls: type, args: argparse.Namespace) -> Any:
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _add_addr(parser: argparse.ArgumentParser) -> None:
+def _add_addr(parser: argparse.ArgumentParser, timeout: float = 5.0) -> None:
     parser.add_argument(
         "--addr",
         default=os.environ.get("DCACHE_ADDR", DEFAULT_ADDR),
         help=f"server (master or aux) as host:port; several comma-separated for failover (default: {DEFAULT_ADDR}; env DCACHE_ADDR)",
     )
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer (default: 5)")
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds to wait for an answer (default: {timeout:g})")
     parser.add_argument(
         "--auth-token",
         default=os.environ.get("DCACHE_AUTH_TOKEN"),
@@ -355,8 +355,8 @@ def _secret(args: argparse.Namespace) -> bytes | None:
     return read_secret(args.cluster_secret_file, os.environ.get("DCACHE_CLUSTER_SECRET"))
 
 
-def _run_tool(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
-    """Connect a client, run ``body(client)``, map errors onto exit codes (``_report``)."""
+def _run_tool(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any, int]], cluster_secret: bytes | None = None) -> int:
+    """Connect a client (proving ``cluster_secret`` if given), run ``body(client)``, map errors onto exit codes (``_report``)."""
     from .client import Client
 
     context = _client_ssl(args)
@@ -371,6 +371,7 @@ def _run_tool(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any
             timeout=args.timeout,
             connect_timeout=args.timeout,
             auth_token=args.auth_token,
+            cluster_secret=cluster_secret,
             client_name="dcache-cli",
             ssl=context,
         ) as client:
@@ -395,7 +396,7 @@ def _report(args: argparse.Namespace, exc: BaseException) -> int:
     answers exit 4; not reaching a dcache server (refused, unknown host, no
     answer, another protocol) exits 3.
     """
-    from .errors import AuthError, InvalidArgumentError, KeyTooLargeError, ValueTooLargeError
+    from .errors import AuthError, InvalidArgumentError, KeyTooLargeError, MembershipError, ValueTooLargeError
     from .lru.snapshot import SnapshotError
 
     addr = getattr(args, "addr", "")
@@ -412,6 +413,8 @@ def _report(args: argparse.Namespace, exc: BaseException) -> int:
             f"{prefix} the server at {addr} refused the credentials: {exc.message}; give the token with --auth-token (or DCACHE_AUTH_TOKEN)"
         )
         code = EXIT_SERVER_ERROR
+    elif isinstance(exc, MembershipError):
+        line, code = f"{prefix} the master at {addr} refused: {exc.message}", EXIT_SERVER_ERROR
     elif isinstance(exc, ServerError):
         line, code = f"{prefix} the server at {addr} answered an error: {exc.message} ({exc.__class__.__name__})", EXIT_SERVER_ERROR
     elif isinstance(exc, RuntimeError):  # dump: the cluster kept moving data, or a range has no live owner
@@ -648,6 +651,29 @@ def _cmd_ring(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _run_tool(args, body)
+
+
+def _cmd_forget(args: argparse.Namespace) -> int:
+    from .protocol import Op
+
+    async def body(client: Any) -> int:
+        hello = await client.server_info()
+        if hello.get("role") != "master":
+            print(
+                f"dcache forget: {client.current_endpoint} is an aux node ({hello.get('node_id')}), and forget needs a master: "
+                "point --addr at a master (7000 by default)",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        epoch = await client.execute(Op.FORGET, args.node_id, args.force)
+        print(f"forgot aux node {args.node_id}: ring epoch {epoch}")
+        return EXIT_OK
+
+    try:
+        secret = _secret(args)
+    except ConfigError as exc:
+        return _report(args, exc)
+    return _run_tool(args, body, cluster_secret=secret)
 
 
 def _hot_keys_json(node_id: str, hot: list[list[Any]]) -> dict[str, Any]:
@@ -990,6 +1016,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_addr(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_ring)
+
+    p = sub.add_parser(
+        "forget",
+        help="remove a dead aux node from the membership",
+        description="Remove the aux node NODE_ID, which is down for good (its machine is gone), from the membership "
+        "of the cluster behind the master at --addr: the ring no longer lists it and no master pings it. A cluster op: "
+        "with a cluster secret set, give it (--cluster-secret-file). Refused (exit 4, nothing changed) for an unknown "
+        "id, a node that is up, fenced or leaving (remove a live node with SIGTERM), while a migration runs (the "
+        "copies from the remaining replicas may not be in place: wait until 'dcache ring' shows stable), in ZooKeeper "
+        "mode while the node's registration is still there, and without --force when keys had their only copies on "
+        "down nodes (--replicas 1, or as many nodes down as copies).",
+        epilog=_EXIT_CODES_HELP,
+    )
+    _add_addr(p, timeout=30.0)
+    p.add_argument("node_id", metavar="NODE_ID", help="the aux node's --node-id, as 'dcache ring' lists it")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="accept that the keys whose only copies were on down nodes are lost for good "
+        "(needed with --replicas 1, or with as many nodes down as copies)",
+    )
+    _add_secret(p)
+    p.set_defaults(func=_cmd_forget)
 
     p = sub.add_parser(
         "hotkeys",

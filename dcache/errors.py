@@ -46,6 +46,7 @@ __all__ = [
     "TooManyKeysError",
     "OverloadedError",
     "WrongClusterError",
+    "MembershipError",
     "error_from_status",
 ]
 
@@ -75,6 +76,7 @@ class Status(IntEnum):
     TOO_MANY_KEYS = 16
     OVERLOADED = 17
     WRONG_CLUSTER = 18
+    MEMBERSHIP = 19
 
 
 class DCacheError(Exception):
@@ -286,6 +288,18 @@ class WrongClusterError(ServerError):
     """
 
     status = Status.WRONG_CLUSTER
+
+
+class MembershipError(ServerError):
+    """A master refused a membership change (FORGET, LEAVE) as the cluster stands; nothing changed.
+
+    The message says why and what to do: the node is unknown, up or
+    leaving (remove a live node with SIGTERM); a migration runs (wait until
+    the ring is stable); forgetting it would lose keys with no other copy
+    (FORGET with ``force``); a down node cannot LEAVE (FORGET it).
+    """
+
+    status = Status.MEMBERSHIP
 
 
 def error_from_status(status: int, message: str) -> ServerError:

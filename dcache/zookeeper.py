@@ -6,6 +6,7 @@ Layout of a cluster named NAME (``--cluster``)::
     /dcache/NAME/leaving/<node_id>   ephemeral: the aux node asks to leave gracefully
     /dcache/NAME/masters/<node_id>   ephemeral: a master, with the view it routes by (JSON)
     /dcache/NAME/election/           kazoo's Election recipe: the leader master
+    /dcache/NAME/forget/<node_id>    persistent: a master asks the leader to forget a dead aux node (JSON)
     /dcache/NAME/ring                persistent: the current ClusterView (msgpack),
                                      written by the leader with a compare-and-set
 
@@ -54,11 +55,12 @@ class ZkPaths:
         self.leaving = f"{self.root}/leaving"
         self.masters = f"{self.root}/masters"
         self.election = f"{self.root}/election"
+        self.forget = f"{self.root}/forget"
         self.ring = f"{self.root}/ring"
 
     def dirs(self) -> tuple[str, ...]:
         """The persistent parents every participant makes sure exist."""
-        return (self.aux, self.leaving, self.masters, self.election)
+        return (self.aux, self.leaving, self.masters, self.election, self.forget)
 
 
 def dumps(obj: Any) -> bytes:

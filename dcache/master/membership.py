@@ -43,7 +43,7 @@ from typing import Any
 
 from ..address import parse_address
 from ..config import MasterConfig
-from ..errors import BadArgumentsError, ConfigError, ServerError, UnavailableError
+from ..errors import BadArgumentsError, ConfigError, MembershipError, ServerError, UnavailableError
 from ..hlc import HybridClock, wall_ms
 from ..peer import PeerConnection, open_peer
 from ..protocol import PROTOCOL_VERSION, Op
@@ -51,7 +51,7 @@ from .links import AuxLink
 from .migration import Migrator
 from .view import DOWN, FENCED, LEAVING, UP, ClusterView, Member
 
-__all__ = ["Membership", "Coordinator", "Follower"]
+__all__ = ["Membership", "Coordinator", "Follower", "forget_refusal"]
 
 log = logging.getLogger("dcache.master.membership")
 
@@ -59,9 +59,49 @@ log = logging.getLogger("dcache.master.membership")
 _FENCE_PASS_MARGIN_MS = 5_000
 
 
+def forget_refusal(view: ClusterView, node_id: str, force: bool) -> str | None:
+    """Why ``node_id`` may not be forgotten in ``view`` (``None``: it may).
+
+    Only a down member is forgotten, and only while no migration runs: the
+    one that started when it went down copies its ranges from their other
+    replicas, and until it is done those copies are not all in place. Keys
+    whose every copy was on down nodes (``--replicas 1``, or as many nodes
+    down as copies) are gone for good once it is forgotten: that takes
+    ``force``.
+    """
+    m = view.members.get(node_id)
+    if m is None:
+        known = ", ".join(sorted(view.members)) or "none"
+        return f"unknown aux node {node_id!r} (members: {known})"
+    if m.state == LEAVING:
+        return f"aux node {node_id} is leaving: it is handing its data over, and leaves the ring when that is done"
+    if m.state != DOWN:
+        return f"aux node {node_id} is {m.state}: only a down node can be forgotten; remove a live one with SIGTERM (graceful leave)"
+    if view.prev_ring is not None:
+        return (
+            f"a migration is running (epoch {view.epoch}): its copies from the remaining replicas may not be in place yet; "
+            "try again once 'dcache ring' shows the ring stable"
+        )
+    lost = view.share_without_copy(node_id)
+    if lost > 0 and not force:
+        return (
+            f"about {lost * 100:.1f}% of the keys had their only copies on down nodes including {node_id} "
+            f"(replicas {view.replicas}): forgetting it loses them for good; they miss now and would come back "
+            "only with the node; repeat with force (dcache forget --force) to accept that"
+        )
+    return None
+
+
 def _same_move(a: ClusterView, b: ClusterView) -> bool:
     """Whether two views move the same data: the same previous ring and the same members in the current ring."""
     return a.prev_ring is not None and a.prev_ring is b.prev_ring and dict(a.ring.nodes) == dict(b.ring.nodes)
+
+
+def _down_cannot_leave(node_id: str, what: str) -> str:
+    return (
+        f"aux node {node_id} {what}: a down node cannot hand its data over (its ranges are copied from their other "
+        "replicas); remove it with FORGET (dcache forget) once the ring is stable"
+    )
 
 
 class Membership:
@@ -133,8 +173,21 @@ class Membership:
         raise NotImplementedError
 
     async def leave(self, node_id: str) -> bool:
-        """Remove an aux node after its data moved to the other owners."""
+        """Remove an aux node after its data moved to the other owners.
+
+        Raises:
+            MembershipError: the node is down (it cannot hand its data over:
+                FORGET it), or was marked down while it was leaving.
+        """
         raise NotImplementedError
+
+    async def forget(self, node_id: str, force: bool) -> int:
+        """Remove a down aux node from the membership at once; returns the resulting epoch.
+
+        Raises:
+            MembershipError: ``forget_refusal`` says why not; nothing changed.
+        """
+        raise BadArgumentsError("this master does not coordinate the cluster")
 
     def sync(
         self, follower_id: str, epoch: int, seq: int, their_view: dict[str, Any] | None = None, reconcile: list[str] | None = None
@@ -248,14 +301,13 @@ class Coordinator(Membership):
 
     # -- view changes -----------------------------------------------------------
 
-    def _change(self, members: dict[str, Member], reason: str) -> ClusterView:
-        view = self.view.with_members(members)
+    def _change(self, members: dict[str, Member], reason: str, *, migrate: bool = True) -> ClusterView:
+        view = self.view.with_members(members, migrate=migrate)
         log.info("membership change (%s): epoch %d -> %d", reason, self.view.epoch, view.epoch)
         self.publish(view)
         if view.prev_ring is not None:
             self._start_migration()
-        else:
-            self._notify()
+        self._notify()  # waiters look again (a leaving node marked down ends its leave)
         return view
 
     def _notify(self) -> None:
@@ -358,10 +410,19 @@ class Coordinator(Membership):
             m = members.get(node_id)
             if m is None:
                 return True
+            if m.state == DOWN:
+                raise MembershipError(_down_cannot_leave(node_id, "is down"))
             if m.state != LEAVING:
                 members[node_id] = Member(m.node_id, m.host, m.port, m.weight, LEAVING, wall_ms())
                 self._change(members, f"graceful leave of {node_id}")
-        await self.wait_settled(lambda v: node_id not in v.members, timeout=self.config.shutdown_grace + 3600)
+
+        def over(v: ClusterView) -> bool:
+            gone = v.members.get(node_id)
+            return gone is None or gone.state == DOWN
+
+        await self.wait_settled(over, timeout=self.config.shutdown_grace + 3600)
+        if node_id in self.view.members:
+            raise MembershipError(_down_cannot_leave(node_id, "was marked down while it was leaving"))
         # The node exits when this returns: first let every follower route by
         # a view without it, so none sends it a request after it has gone.
         pos, timeout = (self.view.epoch, self.view.seq), max(2.0, 4 * self.config.follow_interval)
@@ -369,6 +430,25 @@ class Coordinator(Membership):
         if lagging:
             log.warning("masters %s did not confirm the view %d.%d within %.1f s; %s leaves anyway", lagging, *pos, timeout, node_id)
         return True
+
+    async def forget(self, node_id: str, force: bool) -> int:
+        async with self._lock:
+            view = self.view
+            why = forget_refusal(view, node_id, force)
+            if why is not None:
+                raise MembershipError(why)
+            lost = view.share_without_copy(node_id)
+            members = dict(view.members)
+            del members[node_id]
+            for state in (self._misses, self._incarnations, self._fence_since):
+                state.pop(node_id, None)
+            self._waiting_back.discard(node_id)
+            what = f"forgotten{f' (forced: about {lost * 100:.1f}% of the keys lost)' if lost else ''}"
+            self.health_events.append({"node_id": node_id, "state": "forgotten", "why": what, "at_ms": wall_ms()})
+            del self.health_events[:-50]
+            log.warning("aux node %s %s: it leaves the membership", node_id, what)
+            # Down, it is in no ring: the ring keeps its layout and nothing moves.
+            return self._change(members, f"{node_id} forgotten", migrate=False).epoch
 
     def mark(self, node_id: str, state: str, why: str) -> None:
         """Mark a member up or down and publish the resulting view."""
@@ -799,6 +879,11 @@ class Follower(Membership):
 
     async def leave(self, node_id: str) -> bool:
         return bool(await self._call(Op.LEAVE, node_id, timeout=self.config.shutdown_grace + 3600))
+
+    async def forget(self, node_id: str, force: bool) -> int:
+        epoch = int(await self._call(Op.FORGET, node_id, force))
+        await self.sync_once()  # answer once this master routes by the view without it
+        return epoch
 
     async def close(self) -> None:
         await super().close()

@@ -89,7 +89,9 @@ class MasterNode(Service):
             )
         else:
             self.membership = Coordinator(config, view, self._on_view, lambda: self.links, self.clock)
-        self.register(*(op for op in DATA_OPS if op != Op.GET), Op.HOTKEYS, Op.RING, Op.JOIN, Op.LEAVE, Op.SYNC, Op.APPLY, Op.FENCE)
+        self.register(
+            *(op for op in DATA_OPS if op != Op.GET), Op.HOTKEYS, Op.RING, Op.JOIN, Op.LEAVE, Op.FORGET, Op.SYNC, Op.APPLY, Op.FENCE
+        )
         self.handlers[Op.GET] = self.router.get  # the hottest op: no extra call layer
         self.router.fence_missed = self.membership.fence_missed
 
@@ -209,6 +211,9 @@ class MasterNode(Service):
 
     def _leave(self, conn: FrameProtocol, rid: int, node_id: str) -> Any:
         return deferred(self.membership.leave(node_id))
+
+    def _forget(self, conn: FrameProtocol, rid: int, args: tuple[str, bool]) -> Any:
+        return deferred(self.membership.forget(*args))
 
     def _apply(self, conn: FrameProtocol, rid: int, entries: list[tuple[bytes, bytes, int, int]]) -> Any:
         return deferred(self.router.apply_entries(entries))

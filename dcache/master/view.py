@@ -35,7 +35,7 @@ from bisect import bisect_left
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..ring import HashRing, hash64
+from ..ring import RING_SIZE, HashRing, hash64, moved_ranges
 
 __all__ = ["Member", "ClusterView", "UP", "DOWN", "LEAVING", "FENCED", "MEMBER_STATES"]
 
@@ -221,6 +221,27 @@ class ClusterView:
                 if n not in targets and n in members and members[n].state != DOWN:
                     targets.append(n)
         return targets
+
+    def share_without_copy(self, node_id: str) -> float:
+        """The fraction of the hash space that ``node_id`` owned and no live node holds a copy of.
+
+        The ring with every down member put back (as it was before they went
+        down, if nothing else changed meanwhile) is compared with the current
+        one: an arc of ``node_id``'s whose every owner there is down had its
+        keys on down nodes only (with ``replicas`` 1, all of its arcs). 0.0
+        for a node that is not a down member.
+        """
+        m = self.members.get(node_id)
+        if m is None or m.state != DOWN:
+            return 0.0
+        nodes = dict(self.ring.nodes)
+        nodes.update({n.node_id: n.weight for n in self.members.values() if n.state == DOWN})
+        whole = HashRing.from_nodes(nodes, vnodes_per_weight=self.ring.vnodes_per_weight, known=(self.ring,))
+        lost = 0
+        for move in moved_ranges(whole, self.ring, self.replicas):
+            if node_id in move.old_owners and not any(n in self.ring for n in move.old_owners):
+                lost += (move.end - move.start) % RING_SIZE or RING_SIZE
+        return lost / RING_SIZE
 
     # -- transport ---------------------------------------------------------------
 

@@ -18,6 +18,14 @@ each new view to ``ring`` with a compare-and-set on the znode version: if
 the write fails, another master wrote the ring, so this one adopts that view
 and gives up leadership. Views only move forward.
 
+A dead aux node is forgotten (FORGET) by the leader at once; another master
+checks the request against its own view, then writes it to
+``forget/<id>`` (persistent) and waits (bounded) until the ring no longer
+lists the node, or the leader writes its refusal into the znode. The leader
+serves these requests as they come and when it takes over. A node whose
+``aux/<id>`` registration is still there is not forgotten: it would join
+again at once (its session has not expired, or it is alive).
+
 A new leader reads the ring, resumes a migration that was in flight
 (``prev_ring`` is part of the view), restarts the reconciliation of fenced
 nodes, and reconciles the members with the registrations it finds.
@@ -53,13 +61,13 @@ from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, N
 
 from ..address import parse_address
 from ..config import MasterConfig
-from ..errors import ConfigError, DCacheError, UnavailableError
+from ..errors import ConfigError, DCacheError, MembershipError, UnavailableError
 from ..hlc import HybridClock, wall_ms
 from ..peer import open_peer
 from ..protocol import PROTOCOL_VERSION, Op
 from ..zookeeper import ZkPaths, ZkSession, dumps, loads, machine_id
 from .links import AuxLink
-from .membership import Coordinator, Membership
+from .membership import Coordinator, Membership, forget_refusal
 from .view import DOWN, FENCED, LEAVING, UP, ClusterView
 
 __all__ = ["ZooKeeperMembership"]
@@ -71,6 +79,10 @@ _WRITE_RETRY_S = 0.2
 _CLAIM_RETRY_S = 0.5
 #: Bound on the HELLO that asks the holder of this master's id who it is.
 _PROBE_TIMEOUT_S = 2.0
+#: How long a master that does not lead waits for the leader to serve its FORGET request.
+_FORGET_WAIT_S = 20.0
+#: How often it looks at the request and its view meanwhile.
+_FORGET_POLL_S = 0.1
 
 
 class _LostRing(Exception):
@@ -181,6 +193,7 @@ class ZooKeeperMembership(Coordinator):
         await self.zk.run(self.zk.watch_data, self.paths.ring, self._on_ring)
         await self.zk.run(self.zk.watch_children, self.paths.aux, self._on_aux_children)
         await self.zk.run(self.zk.watch_children, self.paths.leaving, self._on_leaving_children)
+        await self.zk.run(self.zk.watch_children, self.paths.forget, self._on_forget_children)
         loop = asyncio.get_running_loop()
         self._election = self.zk.client.Election(self.paths.election, self._node_id())
         self._election_thread = threading.Thread(target=self._election_main, args=(loop,), name="zk-election", daemon=True)
@@ -404,6 +417,7 @@ class ZooKeeperMembership(Coordinator):
             if m.state == FENCED:
                 self._fences[node_id] = self._spawn(self._reconcile(node_id), f"fence-{node_id}")
         await self._refresh_registrations()
+        await self._serve_forget_requests()
 
     async def _resign(self) -> None:
         if not self.leading:
@@ -493,7 +507,114 @@ class ZooKeeperMembership(Coordinator):
             if m is None or (task is not None and not task.done()):
                 continue
             log.info("aux node %s asks to leave (through ZooKeeper)", node_id)
-            self._leave_tasks[node_id] = self._spawn(Coordinator.leave(self, node_id), f"zk-leave-{node_id}")
+            self._leave_tasks[node_id] = self._spawn(self._leave_through_zk(node_id), f"zk-leave-{node_id}")
+
+    async def _leave_through_zk(self, node_id: str) -> None:
+        """Let a node that created ``leaving/<id>`` leave; a down one cannot (it is forgotten instead)."""
+        try:
+            await Coordinator.leave(self, node_id)
+        except MembershipError as exc:
+            log.warning("the leave of aux node %s did not complete: %s", node_id, exc.message)
+
+    # -- forgetting a dead node (see the module note) ------------------------------------------
+
+    async def forget(self, node_id: str, force: bool) -> int:
+        """Forget a down aux node: the leader at once, another master through ``forget/<id>``.
+
+        Raises:
+            MembershipError: refused by this master's view or by the leader's; nothing changed.
+            UnavailableError: ZooKeeper is unreachable, or no leader served the request in time.
+        """
+        why = forget_refusal(self.view, node_id, force)
+        if why is None and node_id in self._registered:
+            why = (
+                f"aux node {node_id} is still registered in ZooKeeper (aux/{node_id}): it is alive, or its session has "
+                "not expired yet (--zk-session-timeout); it would join again at once"
+            )
+        if why is not None:
+            raise MembershipError(why)
+        if self.leading:
+            return await super().forget(node_id, force)  # checks again, under the coordinator's lock
+        path = f"{self.paths.forget}/{node_id}"
+        try:
+            await self.zk.run(self._put_request, path, dumps({"force": force, "by": self._node_id()}))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + _FORGET_WAIT_S
+            while loop.time() < deadline:
+                if node_id not in self.view.members:
+                    return self.view.epoch
+                answer = loads(await self.zk.run(self._read_request, path))
+                if isinstance(answer, dict) and isinstance(answer.get("refused"), str):
+                    await self.zk.run(self._delete_request, path)
+                    raise MembershipError(f"the leader ({self.leader}) refused: {answer['refused']}")
+                await asyncio.sleep(_FORGET_POLL_S)
+            await self.zk.run(self._delete_request, path)
+        except KazooException as exc:
+            raise UnavailableError(f"ZooKeeper {self.config.zookeeper} failed the request to forget {node_id}: {exc!r}") from None
+        raise UnavailableError(
+            f"no leader (last known: {self.leader}) served the request to forget {node_id} within {_FORGET_WAIT_S:.0f} s; "
+            "it is withdrawn: try again"
+        )
+
+    def _put_request(self, path: str, data: bytes) -> None:
+        """Create ``path`` with ``data``, or replace an older request's (worker thread)."""
+        try:
+            self.zk.client.create(path, data, makepath=True)
+        except NodeExistsError:
+            self.zk.client.set(path, data)
+
+    def _read_request(self, path: str) -> bytes | None:
+        """A request's data (``None``: gone) (worker thread)."""
+        try:
+            data, _ = self.zk.client.get(path)
+        except NoNodeError:
+            return None
+        return bytes(data)
+
+    def _delete_request(self, path: str) -> None:
+        """Delete a request (gone already is fine) (worker thread)."""
+        try:
+            self.zk.client.delete(path)
+        except NoNodeError:
+            pass
+
+    def _read_requests(self) -> dict[str, Any]:
+        """Every pending request to forget, by node id (worker thread)."""
+        out: dict[str, Any] = {}
+        for child in self.zk.client.get_children(self.paths.forget):
+            data = self._read_request(f"{self.paths.forget}/{child}")
+            if data is not None:
+                out[child] = loads(data)
+        return out
+
+    def _on_forget_children(self, children: list[str]) -> None:
+        if self.leading and children:
+            self._spawn(self._serve_forget_requests(), "zk-forget")
+
+    async def _serve_forget_requests(self) -> None:
+        """The leader forgets the nodes other masters ask it to, or writes its refusal into the request."""
+        try:
+            requests = await self.zk.run(self._read_requests)
+        except KazooException as exc:
+            log.warning("reading the requests to forget aux nodes failed: %s", exc)
+            return
+        for node_id, request in requests.items():
+            if not self.leading:
+                return
+            path = f"{self.paths.forget}/{node_id}"
+            if not isinstance(request, dict) or "refused" in request:
+                continue  # refused already: the master that asked deletes it
+            try:
+                try:
+                    await self.forget(node_id, request.get("force") is True)
+                except MembershipError as exc:
+                    if node_id in self.view.members:
+                        log.warning("refused to forget aux node %s (asked by master %s): %s", node_id, request.get("by"), exc.message)
+                        await self.zk.run(self.zk.client.set, path, dumps({**request, "refused": exc.message}))
+                        continue
+                await self.zk.run(self._delete_request, path)  # done (or done before: another task served it)
+            except (KazooException, NoNodeError) as exc:
+                log.info("answering the request to forget %s failed: %s", node_id, exc)
 
     # -- overrides of the coordinator ---------------------------------------------------------
 

@@ -74,6 +74,8 @@ class Op(IntEnum):
     FENCE = 52
     # every node: proving the cluster secret (after HELLO)
     AUTH = 53
+    # master op: remove a dead aux node from the membership
+    FORGET = 54
 
 
 class Push(IntEnum):

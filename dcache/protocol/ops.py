@@ -592,6 +592,17 @@ def _parse_leave(msg: list[Any], limits: Limits) -> str:
     return _name(msg[2], "node_id")
 
 
+def _parse_forget(msg: list[Any], limits: Limits) -> tuple[str, bool]:
+    """FORGET ``[node_id, force?]`` -> ``(node_id, force)`` (``force`` nil or absent: false)."""
+    _arity(msg, 1, 2, "FORGET takes [node_id, force?]")
+    force = msg[3] if len(msg) > 3 else None
+    if force is None:
+        force = False
+    if force.__class__ is not bool:
+        raise BadArgumentsError("FORGET's force must be a boolean or nil")
+    return _name(msg[2], "node_id"), force
+
+
 def _parse_sync(msg: list[Any], limits: Limits) -> tuple[str, int, int, dict[str, Any] | None, list[str]]:
     """SYNC ``[follower_id, epoch, seq, view?, reconcile?]`` -> ``(follower_id, epoch, seq, view or None, [node_id, ...])``."""
     _arity(msg, 3, 5, "SYNC takes [follower_id, epoch, seq, view?, reconcile?]")
@@ -684,5 +695,6 @@ OPS: dict[int, OpSpec] = {
         OpSpec(Op.SYNC, "SYNC", _C, (3, 5), _parse_sync, True),
         OpSpec(Op.FENCE, "FENCE", _C, (2, 3), _parse_fence, True),
         OpSpec(Op.AUTH, "AUTH", _N, (2, 2), _parse_auth, False),
+        OpSpec(Op.FORGET, "FORGET", _C, (1, 2), _parse_forget, False),
     )
 }

@@ -449,6 +449,8 @@ class Gen:
             Op.RING: lambda: [],
             Op.JOIN: self._bad_join if master else self._join,
             Op.LEAVE: lambda: [r.choice([f"fuzz-{r.randint(0, 9)}", "", self.any(1)])],
+            # unknown node ids only: forgetting a real node is a real cluster op
+            Op.FORGET: lambda: [r.choice([f"fuzz-{r.randint(0, 9)}", "", self.any(1)]), *r.choice(([], [None], [True], [self.any(1)]))],
             # unknown node ids only: fencing a real node is a real cluster op
             Op.FENCE: lambda: [r.choice([f"fuzz-{r.randint(0, 9)}", "", self.any(1)]), self.int_(), r.choice([None, "fuzz", self.any(1)])],
             Op.AUTH: lambda: [r.choice([b"n" * 16, b"", b"n" * 65, self.any(1)]), r.choice([b"p" * 32, b"p" * 31, self.any(1)])],
@@ -611,7 +613,7 @@ class NativeFuzzer:
         self.addr = addr
         self.report = report
         self.master = master
-        self.ops = [int(op) for op in Op] + [0, 16, 31, 47, 54, 99, 255, -1, 2**16]
+        self.ops = [int(op) for op in Op] + [0, 16, 31, 47, 55, 99, 255, -1, 2**16]
 
     async def worker(self, gen: Gen, deadline: float) -> None:
         conn: _Conn | None = None

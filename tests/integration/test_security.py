@@ -67,6 +67,7 @@ def harmful_args(op: int) -> list[Any]:
         Op.BIND: ["evil/cluster"],
         Op.JOIN: ["evil", "127.0.0.1", 9, 100.0],
         Op.LEAVE: ["a1"],
+        Op.FORGET: ["a1", True],
         Op.SYNC: ["evil-follower", 0, 0],
         Op.FENCE: ["a1", 0, "evil"],
     }
@@ -116,7 +117,7 @@ def served_by(role: str) -> set[Op]:
         Op.INVACK,
         Op.BIND,
     }
-    master = {Op.APPLY, Op.JOIN, Op.LEAVE, Op.SYNC, Op.FENCE}
+    master = {Op.APPLY, Op.JOIN, Op.LEAVE, Op.FORGET, Op.SYNC, Op.FENCE}
     return aux if role == "aux" else master
 
 

@@ -397,3 +397,60 @@ async def test_a_new_leader_keeps_the_rings_replicas_and_says_so(make_cluster):
         wait_for, lambda: "--replicas 3 ignored: the cluster keeps 2 copies per key" in m2.stderr(), 10, message="warning"
     )
     mon.assert_forward_only()
+
+
+async def test_a_dead_aux_node_is_forgotten_through_a_master_that_does_not_lead(make_cluster):
+    """FORGET on a master that does not lead goes through ``forget/<id>``; the leader removes the node; no key is lost."""
+    cl, mon = make_cluster(replicas=2)
+    cl.start_master("m1")
+    cl.start_master("m2")
+    cl.start_aux("a1")
+    cl.start_aux("a2")
+    cl.start_aux("a3", "--zk-session-timeout", "6")  # a long session: it stays registered for a while after its death
+    await _settled_everywhere(cl, {"a1", "a2", "a3"})
+    leader = await _leader(cl)
+    other = next(m.addr for m in cl.masters if m.addr != leader)
+    async with Client(other, timeout=10) as c:
+        await populate(c, 2000)
+
+    def forget(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "dcache", "forget", "--addr", other, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    r = await asyncio.to_thread(forget, "a1")
+    assert r.returncode == 4 and "aux node a1 is up: only a down node can be forgotten" in r.stderr, r
+    cl.aux["a3"].kill()
+    await wait_ring(
+        other,
+        lambda i: "a3" not in up_nodes(i) and "a3" in i["membership"]["registered_aux"] and not i["migrating"],
+        what="a3 down, its ranges copied, its registration still there",
+    )
+    r = await asyncio.to_thread(forget, "a3")
+    assert r.returncode == 4 and "aux node a3 is still registered in ZooKeeper (aux/a3)" in r.stderr, r
+    for addr in (leader, other):
+        await wait_ring(
+            addr,
+            lambda i: "a3" not in i["membership"]["registered_aux"] and not i["migrating"],
+            timeout=30,
+            what=f"a3's session expired, its ranges copied, on {addr}",
+        )
+
+    r = await asyncio.to_thread(forget, "a3")
+    assert r.returncode == 0 and r.stdout.startswith("forgot aux node a3: ring epoch "), r
+    for addr in (leader, other):
+        info = await wait_ring(addr, lambda i: "a3" not in {n["node_id"] for n in i["nodes"]}, what=f"a3 gone on {addr}")
+        assert set(info["ring"]["nodes"]) == {"a1", "a2"}
+        async with Client(addr, timeout=10) as c:
+            stats = await c.stats()
+            assert (stats["members"], stats["members_up"]) == (2, 2)
+            values = await c.mget([f"key:{i}" for i in range(2000)])
+        assert all(v is not None for v in values)
+    assert "a3" not in {m["node_id"] for m in mon.read()["members"]}
+    assert mon.client.get_children(mon.path.rsplit("/", 1)[0] + "/forget") == []  # the request was served and removed
+
+    cl.start_aux("a4")  # the replacement, under a new id
+    await _settled_everywhere(cl, {"a1", "a2", "a4"}, timeout=60)
+    async with Client(other, timeout=10) as c:
+        values = await c.mget([f"key:{i}" for i in range(2000)])
+    assert all(v is not None for v in values)
+    mon.assert_forward_only()

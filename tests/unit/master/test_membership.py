@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from dcache.config import MasterConfig
-from dcache.errors import BadArgumentsError
+from dcache.errors import BadArgumentsError, MembershipError
 from dcache.master.membership import Coordinator, Follower
 from dcache.master.view import DOWN, FENCED, LEAVING, UP, ClusterView
 from dcache.protocol import Op
@@ -163,6 +163,92 @@ async def test_mark_publishes_a_view_and_records_the_event(cluster: FakeCluster)
         await coord.wait_settled(lambda v: v.prev_ring is None, SETTLE_S)
         coord.mark("a2", UP, "back")
         assert coord.view.members["a2"].state == UP and "a2" in coord.view.ring
+    finally:
+        await coord.close()
+
+
+async def test_a_down_node_is_forgotten_at_once_and_nothing_moves(cluster: FakeCluster) -> None:
+    data = fill(cluster)
+    coord = coordinator(cluster)
+    try:
+        coord.mark("a2", DOWN, "unit test")
+        await coord.wait_settled(lambda v: v.prev_ring is None, SETTLE_S)  # a2's ranges copied from their replicas
+        ring, epoch = coord.view.ring, coord.view.epoch
+        assert await coord.forget("a2", False) == epoch + 1
+        view = coord.view
+        assert "a2" not in view.members and view.ring.nodes == ring.nodes and view.prev_ring is None
+        assert coord.health_events[-1]["node_id"] == "a2" and coord.health_events[-1]["state"] == "forgotten"
+        assert_owners_hold(cluster, view, data)  # every key still has its copies on the live nodes
+        a2 = cluster.view.members["a2"]
+        assert await coord.join("a2", a2.host, a2.port, a2.weight) == view.epoch + 1  # it may come back as a new member
+    finally:
+        await coord.close()
+
+
+async def test_forget_refuses_unknown_live_and_leaving_nodes_and_a_running_migration(cluster: FakeCluster) -> None:
+    coord = coordinator(cluster)
+    try:
+        epoch = coord.view.epoch
+        with pytest.raises(MembershipError, match=r"unknown aux node 'nobody' \(members: a1, a2, a3\)"):
+            await coord.forget("nobody", True)
+        with pytest.raises(MembershipError, match="aux node a1 is up: only a down node can be forgotten"):
+            await coord.forget("a1", True)
+        coord.fence("a1", "unit test")
+        with pytest.raises(MembershipError, match="aux node a1 is fenced"):
+            await coord.forget("a1", True)
+        cluster.held.update(("a1", "a2", "a3"))  # data cannot move: a3 stays leaving, the migration runs
+        leave = asyncio.ensure_future(coord.leave("a3"))
+        await until(lambda: coord.view.members["a3"].state == LEAVING)
+        with pytest.raises(MembershipError, match="aux node a3 is leaving"):
+            await coord.forget("a3", True)
+        coord.mark("a2", DOWN, "unit test")
+        with pytest.raises(MembershipError, match="a migration is running"):
+            await coord.forget("a2", True)
+        assert "a2" in coord.view.members and coord.view.epoch > epoch
+        leave.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leave
+    finally:
+        await coord.close()
+
+
+async def test_forgetting_the_only_copies_takes_force() -> None:
+    async with FakeCluster(replicas=1) as cluster:
+        coord = coordinator(cluster)
+        try:
+            coord.mark("a2", DOWN, "unit test")
+            await coord.wait_settled(lambda v: v.prev_ring is None, SETTLE_S)
+            share = cluster.view.ring.shares()["a2"]
+            with pytest.raises(MembershipError, match=rf"about {share * 100:.1f}% of the keys had their only copies .* force"):
+                await coord.forget("a2", False)
+            assert "a2" in coord.view.members
+            await coord.forget("a2", True)
+            assert "a2" not in coord.view.members
+            assert "forced" in coord.health_events[-1]["why"]
+        finally:
+            await coord.close()
+
+
+async def test_leave_of_a_down_node_is_refused_at_once(cluster: FakeCluster) -> None:
+    coord = coordinator(cluster)
+    try:
+        coord.mark("a2", DOWN, "unit test")
+        with pytest.raises(MembershipError, match=r"aux node a2 is down: a down node cannot hand its data over.*FORGET"):
+            await asyncio.wait_for(coord.leave("a2"), SETTLE_S)
+        assert coord.view.members["a2"].state == DOWN
+    finally:
+        await coord.close()
+
+
+async def test_a_leave_ends_when_the_leaving_node_is_marked_down(cluster: FakeCluster) -> None:
+    coord = coordinator(cluster)
+    try:
+        cluster.held.update(("a1", "a2", "a3"))  # its data cannot move: it stays leaving
+        leave = asyncio.ensure_future(coord.leave("a3"))
+        await until(lambda: coord.view.members["a3"].state == LEAVING)
+        coord.mark("a3", DOWN, "unit test")
+        with pytest.raises(MembershipError, match="aux node a3 was marked down while it was leaving"):
+            await asyncio.wait_for(leave, SETTLE_S)
     finally:
         await coord.close()
 

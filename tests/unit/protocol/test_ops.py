@@ -44,7 +44,7 @@ CLUSTER_OPS = {
     Op.INVACK,
     Op.BIND,
 }
-MEMBERSHIP_OPS = {Op.JOIN, Op.LEAVE, Op.SYNC, Op.FENCE}
+MEMBERSHIP_OPS = {Op.JOIN, Op.LEAVE, Op.SYNC, Op.FENCE, Op.FORGET}
 
 
 def parse(op: Op, *args: Any) -> Any:
@@ -225,6 +225,12 @@ def test_membership_ops():
         with pytest.raises(BadArgumentsError):
             parse(Op.JOIN, *bad)
     assert parse(Op.LEAVE, "a1") == "a1"
+    assert parse(Op.FORGET, "a1") == ("a1", False)
+    assert parse(Op.FORGET, "a1", None) == ("a1", False)
+    assert parse(Op.FORGET, "a1", True) == ("a1", True)
+    for bad_forget in (("",), ("a" * 300,), ("a1", 1), ("a1", "yes")):
+        with pytest.raises(BadArgumentsError):
+            parse(Op.FORGET, *bad_forget)
     assert parse(Op.SYNC, "m2", 3, 4) == ("m2", 3, 4, None, [])
     assert parse(Op.SYNC, "m2", 3, 4, None, ["a1"]) == ("m2", 3, 4, None, ["a1"])
     with pytest.raises(BadArgumentsError):
