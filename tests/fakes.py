@@ -98,7 +98,9 @@ class FakeAux:
     answer; a node in ``silent`` answers nothing, HELLO included; connecting
     to a node in ``refused`` fails with ``ConnectionRefusedError``;
     ``clusters[node_id]`` is the cluster its BIND took (a node binds to the
-    first cluster and answers ``WRONG_CLUSTER`` to others, as a real one does).
+    first cluster and answers ``WRONG_CLUSTER`` to others, as a real one does);
+    a node in ``before_bind`` answers BIND ``UNKNOWN_OP``, as a node from
+    before that op does.
     """
 
     def __init__(self, answer: Callable[[str, list[Any]], Any] | None = None) -> None:
@@ -111,6 +113,7 @@ class FakeAux:
         self.refused: set[str] = set()
         self.connects: dict[str, int] = {}
         self.clusters: dict[str, str] = {}
+        self.before_bind: set[str] = set()
 
     async def connect(self, host: str, port: int, name: str, on_answers: Callable[[], None] | None) -> PeerConnection:
         self.connects[name] = self.connects.get(name, 0) + 1
@@ -174,6 +177,9 @@ class _AnsweringTransport(FakeTransport):
                     self.reply(msg[1], hello.status, hello.result)
                 else:
                     self.reply(msg[1], 0, {"role": "aux", "node_id": name, "incarnation": aux.incarnations.get(name, 1)})
+                continue
+            if msg[0] == Op.BIND and name in aux.before_bind:
+                self.reply(msg[1], int(Status.UNKNOWN_OP), f"unknown op {msg[0]}")
                 continue
             if msg[0] == Op.BIND:
                 bound = aux.clusters.setdefault(name, msg[2])

@@ -40,7 +40,7 @@ from functools import partial
 from ssl import SSLContext
 from typing import Any
 
-from ..errors import AuthError, Status, WrongClusterError
+from ..errors import AuthError, Status, UnknownOpError, WrongClusterError
 from ..peer import Callback, PeerConnection, answer_to, handshake
 from ..protocol import CHANGING_OPS, UINT64_MAX, Op, Push
 from ..protocol.limits import INVALIDATION_TIMEOUT_S, NEAR_LEASE_S
@@ -94,6 +94,7 @@ class AuxLink:
         "_sweeper",
         "_connector",
         "_failures",
+        "_unbound_logged",
         "_closed",
         "_loop",
         "requests",
@@ -163,6 +164,8 @@ class AuxLink:
         self._sweeper: asyncio.Task[None] | None = None
         self._connector: asyncio.Task[None] | None = None
         self._failures = 0
+        #: Whether the node's answer to BIND, unknown to it, was logged.
+        self._unbound_logged = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.requests = 0
@@ -243,7 +246,13 @@ class AuxLink:
             cluster = self._cluster() if self._cluster is not None else None
             if cluster is not None:
                 # Before any other request: a node of another cluster must never see this one's.
-                await proto.call(Op.BIND, cluster, timeout=self._timeout)
+                try:
+                    await proto.call(Op.BIND, cluster, timeout=self._timeout)
+                except UnknownOpError:
+                    # a node from before BIND (a rolling upgrade, masters first): served unbound, as before
+                    if not self._unbound_logged:
+                        self._unbound_logged = True
+                        log.info("aux %s at %s:%s predates BIND: routed to without a cluster binding", self.node_id, self.host, self.port)
         except BaseException:
             proto.close()
             raise

@@ -107,6 +107,24 @@ async def test_a_refused_connection_answers_unavailable_at_once_and_typed(aux: F
         await link.close()
 
 
+async def test_a_node_from_before_bind_is_routed_to_unbound_and_another_clusters_node_is_not(aux: FakeAux) -> None:
+    """A rolling upgrade, masters first: an aux node that does not know BIND keeps serving (unbound, as before)."""
+    aux.before_bind.add("a1")
+    aux.answer = lambda node, msg: "v" if msg[0] == Op.GET else pong(node, msg)
+    old = await started(make_link(aux, "a1", cluster=lambda: "main/m1"))
+    aux.clusters["a2"] = "other/m9"
+    bound_elsewhere = make_link(aux, "a2", cluster=lambda: "main/m1")
+    bound_elsewhere.start()
+    try:
+        assert await old.call(Op.GET, b"k") == "v"
+        assert "a1" not in aux.clusters
+        await until(lambda: aux.connects.get("a2", 0) >= 2, what="a retry of the refused node")
+        assert not bound_elsewhere.connected and bound_elsewhere.cluster_error
+    finally:
+        await old.close()
+        await bound_elsewhere.close()
+
+
 # -- requests and answers ---------------------------------------------------------------
 
 
