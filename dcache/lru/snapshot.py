@@ -66,6 +66,19 @@ trailer. Any other failure (truncation, undecodable msgpack, limits
 exceeded) raises ``SnapshotCorruptError``. ``load`` either returns every
 entry or raises: it never returns part of a snapshot.
 
+Reading in pieces
+=================
+
+``load`` is built on ``SnapshotDecoder``, which a caller feeds the file a
+piece at a time and which hands out each batch of entries as soon as they
+are decoded and checked for shape, so the caller can apply them at once
+and never hold the whole snapshot (the aux node does, so loading costs the
+final cache plus one piece, not a copy of the file). The damage only the
+end can show (a checksum or count mismatch, truncation, trailing bytes)
+is then known when ``finish`` returns: such a caller undoes what it applied
+if it raises. Both run the same checks in the same order and raise the same
+errors.
+
 Writing in pieces
 =================
 
@@ -77,13 +90,15 @@ event loop responsive: ``pack_entries`` turns a slice of entries into bytes
 (in a worker thread: it only hashes and writes, mostly without the GIL).
 
 Complexity. Both directions are O(total bytes) in time. ``dump`` holds one
-packed chunk of ``DUMP_CHUNK_ENTRIES`` entries besides its input; ``load``
-holds one read buffer (``LOAD_READ_BYTES``, or one entry if larger) besides
-the entries it returns.
+packed chunk of ``DUMP_CHUNK_ENTRIES`` entries besides its input;
+``SnapshotDecoder`` holds one read buffer (``LOAD_READ_BYTES``, or one
+entry if larger) besides the batch it returns, and ``load`` the entries it
+returns too.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -103,6 +118,8 @@ __all__ = [
     "MAX_SNAPSHOT_BIN_BYTES",
     "SnapshotEntry",
     "SnapshotData",
+    "SnapshotDecoder",
+    "SnapshotHeader",
     "SnapshotError",
     "SnapshotCorruptError",
     "SnapshotForeignError",
@@ -317,7 +334,9 @@ def write_packed(
 def load(file: _Reader, *, now_ms: int, max_bin_bytes: int = MAX_SNAPSHOT_BIN_BYTES) -> SnapshotData:
     """Read and fully validate a snapshot; drop the entries expired at ``now_ms``.
 
-    Reads ``file`` to its end. Nothing is returned unless the whole stream is
+    Reads ``file`` to its end (the one-call form of ``SnapshotDecoder``,
+    which holds every entry: a caller that applies entries as they come
+    uses the decoder itself). Nothing is returned unless the whole stream is
     valid (see the module's Validation section).
 
     Args:
@@ -337,23 +356,85 @@ def load(file: _Reader, *, now_ms: int, max_bin_bytes: int = MAX_SNAPSHOT_BIN_BY
             the trailer.
         OSError: whatever ``file.read`` raises.
     """
-    return _Loader(file, now_ms, max_bin_bytes).run()
+    decoder = SnapshotDecoder(now_ms=now_ms, max_bin_bytes=max_bin_bytes)
+    entries: list[SnapshotEntry] = []
+    decode = decoder.decode
+    while not decoder.complete:
+        data = file.read(LOAD_READ_BYTES)
+        if not data:
+            break
+        decoder.feed(data)
+        while (batch := decode(DUMP_CHUNK_ENTRIES)) is not None:
+            entries += batch
+    else:
+        decoder.feed(file.read(1))  # one byte past the trailer tells it is not the end
+    size = decoder.finish()
+    header = decoder.header
+    assert header is not None  # finish() raised otherwise
+    return SnapshotData(header.node_id, header.ring_epoch, header.created_ms, header.count, entries, decoder.expired, size)
 
 
-class _Loader:
-    """One ``load`` call: a feed-mode ``Unpacker`` plus exact checksumming.
+@dataclass(frozen=True, slots=True)
+class SnapshotHeader:
+    """The header of a snapshot (see the format's ``HEADER``).
 
-    Bytes are fed in chunks. While the header or an entry is still expected,
-    every byte fed so far lies before the trailer, so it is hashed just
-    before the next chunk is fed; once ``count`` entries are read the
-    trailer's offset (``Unpacker.tell()``) is known and only the part of the
-    last chunk before it is hashed.
+    Attributes:
+        node_id, ring_epoch, created_ms: the header's fields.
+        count: entries stored in the file (including expired ones).
     """
 
-    __slots__ = ("_file", "_now", "_unpacker", "_hasher", "_fed", "_hashed", "_last")
+    node_id: str
+    ring_epoch: int
+    created_ms: int
+    count: int
 
-    def __init__(self, file: _Reader, now_ms: int, max_bin_bytes: int) -> None:
-        self._file = file
+
+class SnapshotDecoder:
+    """Reads a snapshot fed in pieces: entries come out as they are decoded, the verdict at the end (sans-IO).
+
+    The caller ``feed``s the file's bytes in order, a piece of at most
+    ``LOAD_READ_BYTES`` at a time, and after each piece calls ``decode``
+    until it returns ``None``; at the end of the file it calls ``finish``.
+    Every entry ``decode`` returns has been checked for shape and type, but
+    whether the snapshot is intact (checksum, count, length) is known only
+    when ``finish`` returns: a caller that used the entries before must undo
+    them if it raises.
+
+    Memory beyond what the caller keeps: the unpacker's buffer (the piece
+    fed last and any object it started, so one read or one entry, whichever
+    is larger) and the entries of one ``decode`` call. Each byte is hashed
+    once, as soon as it is known to precede the trailer: up to the end of
+    the header or of an entry just decoded (``Unpacker.tell()``, which is
+    exact only there: it also counts the bytes of an object begun), or all
+    bytes fed when the unpacker runs dry while an entry is still expected;
+    so only bytes fed since the last ``decode`` wait, and the trailer's
+    bytes are never hashed.
+    """
+
+    __slots__ = (
+        "_count",
+        "_decoded",
+        "_end",
+        "_extra",
+        "_fed",
+        "_hashed",
+        "_hasher",
+        "_magic",
+        "_now",
+        "_pending",
+        "_skip",
+        "_unpacker",
+        "expired",
+        "header",
+    )
+
+    def __init__(self, *, now_ms: int, max_bin_bytes: int = MAX_SNAPSHOT_BIN_BYTES) -> None:
+        """A decoder that drops the entries expired at ``now_ms`` and refuses keys or values over ``max_bin_bytes``.
+
+        Args:
+            now_ms: current wall-clock Unix milliseconds (see ``load``).
+            max_bin_bytes: largest key or value accepted (see ``load``).
+        """
         self._now = now_ms
         self._unpacker = msgpack.Unpacker(
             None,
@@ -368,44 +449,175 @@ class _Loader:
             max_ext_len=0,
         )
         self._hasher = xxhash.xxh3_64()
-        self._fed = 0  # bytes fed to the unpacker (after the magic)
+        self._magic = b""  # the first bytes fed, until there are len(MAGIC) of them
+        self._fed = 0  # bytes fed to the unpacker (those after the magic)
         self._hashed = 0  # of those, bytes hashed
-        self._last = b""  # the chunk fed last; holds every fed byte not yet hashed
+        self._pending: deque[bytes] = deque()  # pieces fed and not wholly hashed, oldest first
+        self._skip = 0  # bytes of _pending[0] already hashed
+        self._count = -1  # the header's count, once read
+        self._decoded = 0  # entries decoded, expired ones included
+        self._end = -1  # unpacker offset just past the trailer, once read
+        self._extra = 0  # bytes fed after the trailer's piece
+        #: The header, once decoded (``None`` before).
+        self.header: SnapshotHeader | None = None
+        #: Entries dropped so far because they had expired at ``now_ms``.
+        self.expired = 0
 
-    def run(self) -> SnapshotData:
+    @property
+    def complete(self) -> bool:
+        """Whether the trailer has been read and checked (``finish`` still checks that the file ends there)."""
+        return self._end >= 0
+
+    def feed(self, data: bytes) -> None:
+        """Add the next bytes of the file (no decoding happens here).
+
+        Raises:
+            SnapshotCorruptError: more bytes are buffered than one object and
+                one read can need (the caller did not drain ``decode``).
+        """
+        if not data:
+            return
+        if self._end >= 0:  # past the trailer: counted, and refused by finish()
+            self._extra += len(data)
+            return
+        if len(self._magic) < len(MAGIC):
+            need = len(MAGIC) - len(self._magic)
+            self._magic += data[:need]
+            if self._magic == MAGIC:
+                self._hasher.update(MAGIC)
+            if len(data) <= need:
+                return
+            data = data[need:]
         try:
-            return self._run()
-        except msgpack.UnpackException as exc:  # FormatError, StackError, BufferFull, ...
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:
+            raise SnapshotCorruptError("an object is larger than max_bin_bytes allows") from None
+        self._fed += len(data)
+        self._pending.append(data)
+
+    def decode(self, max_entries: int) -> list[SnapshotEntry] | None:
+        """Decode what the bytes fed so far hold: the header, up to ``max_entries`` entries, then the trailer.
+
+        Args:
+            max_entries: most entries to decode in this call (expired ones
+                included), which bounds its time and the list it returns.
+
+        Returns:
+            The unexpired entries decoded, in file order (possibly empty,
+            when only the header, expired entries or the trailer were);
+            ``None`` when nothing more can be decoded until more bytes are
+            fed (or the trailer was read).
+
+        Raises:
+            SnapshotForeignError: wrong magic, or a ``format`` other than 1.
+            SnapshotCorruptError: bad msgpack, wrong shapes or types, a
+                trailer whose count or checksum does not match.
+        """
+        try:
+            return self._decode(max_entries)
+        except msgpack.UnpackException as exc:  # FormatError, StackError, ...
             raise SnapshotCorruptError(f"undecodable msgpack: {exc!r}") from None
         except (ValueError, TypeError, OverflowError) as exc:  # limits, bad UTF-8, unhashable map keys
             raise SnapshotCorruptError(f"undecodable msgpack: {exc!r}") from None
 
-    def _run(self) -> SnapshotData:
-        magic = self._read_exact(len(MAGIC))
-        if magic != MAGIC:
-            if len(magic) < len(MAGIC) and MAGIC.startswith(magic):
-                raise SnapshotCorruptError(f"truncated: {len(magic)} bytes, shorter than the magic")
+    def finish(self) -> int:
+        """Check that the file, now fed whole, was one complete snapshot; return its length in bytes.
+
+        Call once the file has ended and ``decode`` returned ``None``.
+
+        Raises:
+            SnapshotForeignError: wrong magic.
+            SnapshotCorruptError: the file ended before the trailer
+                (truncated), or bytes follow the trailer.
+        """
+        if self._end < 0:
+            self._check_magic()
+            if len(self._magic) < len(MAGIC):
+                raise SnapshotCorruptError(f"truncated: {len(self._magic)} bytes, shorter than the magic")
+            if self.header is None:
+                raise SnapshotCorruptError("truncated in the header")
+            if self._decoded < self._count:
+                raise SnapshotCorruptError(f"truncated in the entry {self._decoded} of {self._count}")
+            raise SnapshotCorruptError("truncated in the trailer")
+        if self._extra or self._end != self._fed:
+            raise SnapshotCorruptError(f"trailing bytes after the trailer (at offset {len(MAGIC) + self._end})")
+        return len(MAGIC) + self._end
+
+    def _check_magic(self) -> bool:
+        """Whether the whole magic is here and right; raise if what is here cannot be it."""
+        magic = self._magic
+        if magic == MAGIC:
+            return True
+        if not MAGIC.startswith(magic):
             raise SnapshotForeignError(f"not a dcache snapshot: magic {magic!r}, expected {MAGIC!r}")
-        self._hasher.update(magic)
+        return False
 
-        header = self._next_before_trailer("header")
-        if type(header) is not dict:
-            raise SnapshotCorruptError(f"header is a {type(header).__name__}, not a map")
-        fmt = header.get("format")
-        if fmt != FORMAT_VERSION or type(fmt) is not int:
-            raise SnapshotForeignError(f"snapshot format {fmt!r} is not supported (this code reads {FORMAT_VERSION})")
-        node_id = header.get("node_id")
-        if type(node_id) is not str:
-            raise SnapshotCorruptError(f"header node_id is {node_id!r}, not a str")
-        ring_epoch = _header_int(header, "ring_epoch")
-        created_ms = _header_int(header, "created_ms")
-        count = _header_int(header, "count")
+    def _decode(self, max_entries: int) -> list[SnapshotEntry] | None:
+        if self._end >= 0:
+            return None
+        unpacker = self._unpacker
+        progressed = False
+        if self.header is None:
+            if not self._check_magic():
+                return None
+            try:
+                raw = unpacker.unpack()
+            except msgpack.OutOfData:
+                self._hash_to(self._fed)  # all of it belongs to the header
+                return None
+            self.header = _parse_header(raw)
+            self._count = self.header.count
+            self._hash_to(unpacker.tell())
+            progressed = True
+        entries: list[SnapshotEntry] = []
+        want = min(self._count - self._decoded, max_entries)
+        if want > 0:
+            n = self._entries(want, entries)
+            self._decoded += n
+            if n < want:  # out of data with an entry still expected: every byte fed lies before the trailer
+                self._hash_to(self._fed)
+                return entries if n or progressed else None
+            self._hash_to(unpacker.tell())
+            progressed = True
+        if self._decoded == self._count:
+            if self._read_trailer():
+                progressed = True
+        return entries if progressed else None
 
-        entries, expired = self._entries(count)
+    def _entries(self, want: int, out: list[SnapshotEntry]) -> int:
+        """Decode up to ``want`` entries, appending the unexpired ones to ``out``; return how many were decoded."""
+        append = out.append
+        now = self._now
+        n = 0
+        for e in self._unpacker:
+            if (
+                type(e) is not tuple
+                or len(e) != _ENTRY_LEN
+                or type(e[0]) is not bytes
+                or type(e[1]) is not bytes
+                or type(e[2]) is not int
+                or type(e[3]) is not int
+                or e[2] < 0
+                or e[3] < 0
+            ):
+                raise SnapshotCorruptError(f"entry {self._decoded + n} is malformed: {e!r:.200}")
+            exp = e[2]
+            if exp and exp <= now:
+                self.expired += 1
+            else:
+                append(e)
+            n += 1
+            if n == want:
+                break
+        return n
 
-        trailer_at = self._unpacker.tell()
-        self._hasher.update(memoryview(self._last)[: trailer_at - self._hashed])
-        trailer = self._next("trailer")
+    def _read_trailer(self) -> bool:
+        """Read and check the trailer if it is all here (the bytes before it are hashed); whether it was."""
+        try:
+            trailer = self._unpacker.unpack()
+        except msgpack.OutOfData:
+            return False
+        count = self._count
         if type(trailer) is not dict or trailer.keys() != _TRAILER_KEYS:
             raise SnapshotCorruptError(f"bad trailer: {trailer!r:.200}")
         if trailer["count"] != count or type(trailer["count"]) is not int:
@@ -413,85 +625,38 @@ class _Loader:
         digest = self._hasher.intdigest()
         if trailer["xxh3_64"] != digest or type(trailer["xxh3_64"]) is not int:
             raise SnapshotCorruptError(f"checksum mismatch: trailer says {trailer['xxh3_64']!r}, data hashes to {digest}")
-        end = self._unpacker.tell()
-        if end != self._fed or self._file.read(1):
-            raise SnapshotCorruptError(f"trailing bytes after the trailer (at offset {len(MAGIC) + end})")
-        return SnapshotData(node_id, ring_epoch, created_ms, count, entries, expired, len(MAGIC) + end)
-
-    def _entries(self, count: int) -> tuple[list[SnapshotEntry], int]:
-        entries: list[SnapshotEntry] = []
-        append = entries.append
-        now = self._now
-        unpacker = self._unpacker
-        remaining = count
-        expired = 0
-        while remaining:
-            for e in unpacker:
-                if (
-                    type(e) is not tuple
-                    or len(e) != _ENTRY_LEN
-                    or type(e[0]) is not bytes
-                    or type(e[1]) is not bytes
-                    or type(e[2]) is not int
-                    or type(e[3]) is not int
-                    or e[2] < 0
-                    or e[3] < 0
-                ):
-                    raise SnapshotCorruptError(f"entry {count - remaining} is malformed: {e!r:.200}")
-                exp = e[2]
-                if exp and exp <= now:
-                    expired += 1
-                else:
-                    append(e)
-                remaining -= 1
-                if not remaining:
-                    break
-            else:
-                self._refill_before_trailer(f"entry {count - remaining} of {count}")
-        return entries, expired
-
-    def _next_before_trailer(self, what: str) -> Any:
-        """The next object, which lies before the trailer (so may hash on refill)."""
-        while True:
-            for obj in self._unpacker:
-                return obj
-            self._refill_before_trailer(what)
-
-    def _next(self, what: str) -> Any:
-        """The next object, refilling without hashing (for the trailer)."""
-        while True:
-            for obj in self._unpacker:
-                return obj
-            if not self._feed():
-                raise SnapshotCorruptError(f"truncated in the {what}")
-
-    def _refill_before_trailer(self, what: str) -> None:
-        unhashed = self._fed - self._hashed
-        if unhashed:
-            self._hasher.update(memoryview(self._last)[len(self._last) - unhashed :])
-            self._hashed = self._fed
-        if not self._feed():
-            raise SnapshotCorruptError(f"truncated in the {what}")
-
-    def _feed(self) -> bool:
-        data = self._file.read(LOAD_READ_BYTES)
-        if not data:
-            return False
-        self._unpacker.feed(data)
-        self._fed += len(data)
-        self._last = data
+        self._end = self._unpacker.tell()
+        self._pending.clear()
         return True
 
-    def _read_exact(self, n: int) -> bytes:
-        parts = []
-        got = 0
-        while got < n:
-            data = self._file.read(n - got)
-            if not data:
-                break
-            parts.append(data)
-            got += len(data)
-        return b"".join(parts)
+    def _hash_to(self, offset: int) -> None:
+        """Hash the fed bytes up to unpacker offset ``offset`` and let go of the pieces wholly hashed."""
+        n = offset - self._hashed
+        pending = self._pending
+        update = self._hasher.update
+        while n:
+            piece = pending[0]
+            take = min(len(piece) - self._skip, n)
+            update(memoryview(piece)[self._skip : self._skip + take])
+            n -= take
+            self._hashed += take
+            if self._skip + take == len(piece):
+                pending.popleft()
+                self._skip = 0
+            else:
+                self._skip += take
+
+
+def _parse_header(header: Any) -> SnapshotHeader:
+    if type(header) is not dict:
+        raise SnapshotCorruptError(f"header is a {type(header).__name__}, not a map")
+    fmt = header.get("format")
+    if fmt != FORMAT_VERSION or type(fmt) is not int:
+        raise SnapshotForeignError(f"snapshot format {fmt!r} is not supported (this code reads {FORMAT_VERSION})")
+    node_id = header.get("node_id")
+    if type(node_id) is not str:
+        raise SnapshotCorruptError(f"header node_id is {node_id!r}, not a str")
+    return SnapshotHeader(node_id, _header_int(header, "ring_epoch"), _header_int(header, "created_ms"), _header_int(header, "count"))
 
 
 def _header_int(header: dict[str, Any], name: str) -> int:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from dcache.errors import DCacheError
 from dcache.lru import LRUCache, SnapshotCorruptError, SnapshotData, SnapshotError, SnapshotForeignError, dump, load
-from dcache.lru.snapshot import DUMP_CHUNK_ENTRIES, FORMAT_VERSION, MAGIC, pack_entries, write_packed
+from dcache.lru.snapshot import DUMP_CHUNK_ENTRIES, FORMAT_VERSION, MAGIC, SnapshotDecoder, pack_entries, write_packed
 
 NOW = 1_700_000_000_000
 HEADER: dict[str, Any] = {"node_id": "aux-1", "ring_epoch": 7, "created_ms": NOW - 5}
@@ -125,6 +125,66 @@ def test_expired_entries_are_dropped_at_load():
     assert [e[0] for e in data.entries] == [b"none", b"later"]
     assert data.expired == 2 and data.count == 4
     assert loads(dumps(entries), now_ms=0).entries == entries
+
+
+# -- the decoder: entries as they are read, the verdict at the end ------------------
+
+
+def decode_in_pieces(data: bytes, piece: int, max_entries: int) -> tuple[SnapshotDecoder, list[list[Any]]]:
+    """Feed ``data`` ``piece`` bytes at a time, draining ``decode`` after each; the decoder and every batch."""
+    decoder = SnapshotDecoder(now_ms=NOW)
+    batches = []
+    for i in range(0, len(data), piece):
+        decoder.feed(data[i : i + piece])
+        while (batch := decoder.decode(max_entries)) is not None:
+            assert len(batch) <= max_entries
+            batches.append(batch)
+    return decoder, batches
+
+
+@pytest.mark.parametrize("piece,max_entries", [(1, 1), (7, 3), (4096, 100), (len(BIG_FILE), 1000)])
+def test_the_decoder_gives_loads_entries_in_bounded_batches(piece: int, max_entries: int):
+    decoder, batches = decode_in_pieces(BIG_FILE, piece, max_entries)
+    assert decoder.finish() == len(BIG_FILE) and decoder.complete
+    assert [e for b in batches for e in b] == BIG_ENTRIES
+    assert decoder.header is not None and decoder.header.count == len(BIG_ENTRIES)
+
+
+def test_the_decoder_hands_out_entries_before_the_file_ends():
+    decoder = SnapshotDecoder(now_ms=NOW)
+    decoder.feed(BIG_FILE[: len(BIG_FILE) // 2])
+    got = []
+    while (batch := decoder.decode(500)) is not None:
+        got += batch
+    assert 0 < len(got) < len(BIG_ENTRIES) and got == BIG_ENTRIES[: len(got)]
+    assert not decoder.complete
+    with pytest.raises(SnapshotCorruptError, match=f"truncated in the entry {len(got)} of {len(BIG_ENTRIES)}"):
+        decoder.finish()
+
+
+def test_damage_only_the_end_shows_comes_after_the_entries_it_spoiled():
+    """A flipped value byte passes every shape check: the entries are out before the checksum fails."""
+    i = SMALL_FILE.index(b"x" * 40) + 3
+    decoder = SnapshotDecoder(now_ms=NOW)
+    decoder.feed(flipped(SMALL_FILE, i, 0x01))
+    assert decoder.decode(2) == SMALL[:2]
+    with pytest.raises(SnapshotCorruptError, match="checksum"):
+        decoder.decode(2)
+
+
+def test_the_decoder_counts_expired_entries_and_returns_the_others():
+    entries = [(b"a", b"v", NOW - 1, 1), (b"b", b"v", NOW - 2, 2), (b"c", b"v", 0, 3)]
+    decoder, batches = decode_in_pieces(dumps(entries), 1 << 20, 1)
+    assert [e for b in batches for e in b] == [entries[2]] and decoder.expired == 2
+    decoder.finish()
+
+
+def test_bytes_fed_after_the_trailer_fail_the_finish():
+    decoder, _ = decode_in_pieces(SMALL_FILE, len(SMALL_FILE), 10)
+    assert decoder.complete
+    decoder.feed(b"\x00")
+    with pytest.raises(SnapshotCorruptError, match="trailing"):
+        decoder.finish()
 
 
 # -- damage: truncation, flipped bytes, trailing bytes -----------------------------
