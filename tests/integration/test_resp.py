@@ -350,6 +350,24 @@ def test_a_full_scan_with_a_costly_match_lists_every_key_once(scan_pair: Cluster
         assert cursor == 0 and sorted(page) == sorted(FULL_LONG | FULL_SHORT)
 
 
+@pytest.mark.parametrize("role", ["aux", "master"])
+def test_multi_key_commands_over_many_chunks_count_every_key(scan_pair: Cluster, role: str) -> None:
+    """DEL, EXISTS, TOUCH and UNLINK of more keys than one step sends (``KEYS_PER_STEP``): every key counted once."""
+    from dcache.respserver import KEYS_PER_STEP
+
+    node = _node(scan_pair, role)
+    n = 2 * KEYS_PER_STEP + 7
+    names = [b"chunk:%s:%d" % (role.encode(), i) for i in range(n)]
+    missing = [b"chunk:missing:%d" % i for i in range(5)]
+    with redis.Redis(port=node.resp_port, socket_timeout=CMD_TIMEOUT_S) as r:
+        r.mset({k: b"v" for k in names})
+        assert r.exists(*names, *missing, names[0]) == n + 1  # a key named twice counts twice, as in Redis
+        assert r.touch(*missing, *names) == n
+        assert r.delete(*names[: KEYS_PER_STEP + 1], *missing) == KEYS_PER_STEP + 1
+        assert r.unlink(*names) == n - KEYS_PER_STEP - 1
+        assert r.exists(*names) == 0
+
+
 # -- Django -------------------------------------------------------------------------------
 
 
