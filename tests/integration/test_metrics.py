@@ -330,3 +330,43 @@ async def test_http_workers_merged_counters_never_go_back(roles: Roles) -> None:
     backwards = [(a, b) for a, b in pairwise(seen) if b < a]
     assert not backwards, f"{len(backwards)} of {len(seen)} scrapes went back, e.g. {backwards[:3]}"
     assert seen[-1] > seen[0]
+
+
+def documented_stats() -> dict[str, tuple[set[str], set[str]]]:
+    """OPERATIONS.md's "`dcache stats`" tables: ``every``, ``aux``, ``master`` -> (fields, fields present only in some setups).
+
+    A row whose meaning starts ``with ...`` (TLS, ``--zookeeper``, ``--join``, ...) or
+    ``coordinator:`` is present only then; ``zookeeper...`` stands for every ``zookeeper_*`` field.
+    """
+    text = OPERATIONS_DOC.read_text()
+    section = text[text.index("### `dcache stats`") : text.index("### `dcache hotkeys`")]
+    tables: dict[str, tuple[set[str], set[str]]] = {}
+    current = ""
+    for line in section.splitlines():
+        for start, name in (("Every node", "every"), ("An **aux node**", "aux"), ("A **master**", "master")):
+            if line.startswith(start):
+                current = name
+                tables[name] = (set(), set())
+        if current and line.startswith("| `"):
+            cells = line.split("|")
+            names, meaning = cells[1], cells[2].strip()
+            fields = set(re.findall(r"`([a-z_]+(?:\.\.\.)?)`", names))
+            tables[current][0].update(fields)
+            if meaning.startswith(("with ", "coordinator:")):
+                tables[current][1].update(fields)
+    assert set(tables) == {"every", "aux", "master"}, tables
+    return tables
+
+
+async def test_stats_fields_match_operations_md(roles: Roles) -> None:
+    """Every STATS field of a real master (coordinator, follower) and aux node is documented, and every documented one is there unless conditional."""
+    tables = documented_stats()
+    for node in (roles.coordinator, roles.follower, *roles.cluster.aux.values()):
+        async with Client(node.addr, timeout=5.0) as c:
+            stats = await c.stats()
+        role = stats["role"]
+        fields, conditional = (a | b for a, b in zip(tables["every"], tables[role], strict=True))
+        got = {"zookeeper..." if f not in fields and f.startswith("zookeeper_") else f for f in stats}
+        assert not got - fields, f"{role} {stats['node_id']}: STATS fields OPERATIONS.md does not explain: {sorted(got - fields)}"
+        missing = fields - got - conditional
+        assert not missing, f"{role} {stats['node_id']}: documented, not in STATS: {sorted(missing)}"
