@@ -9,9 +9,11 @@ With ``--workers N`` each worker counts its own requests and writes a
 snapshot of its counters (``snapshot``, JSON) to a directory the parent
 gives, once a second and when it stops; the worker that answers a scrape
 adds every other worker's last snapshot to its own live counters
-(``WorkerMetrics``). Snapshots of workers that died stay, so merged counters
-never go down; the figures of other workers are at most a second old
-(docs/DECISIONS.md, "HTTP workers").
+(``WorkerMetrics``), after writing its own snapshot: what one scrape reports
+of a worker is on disk for the next scrape, whichever worker answers it, and
+snapshots of workers that died stay, so merged counters never go down. The
+figures of other workers are at most a second old (docs/DECISIONS.md, "HTTP
+workers").
 """
 
 from __future__ import annotations
@@ -171,5 +173,15 @@ class WorkerMetrics(Collector):
         return total
 
     def collect(self) -> Iterator[Metric]:
-        """The merged families (called by the registry at scrape time)."""
+        """The merged families (called by the registry at scrape time), after writing this worker's snapshot.
+
+        Writing first keeps every merged counter monotonic: a scrape answered by
+        another worker adds at least what this one reported, where adding this
+        worker's older periodic snapshot would go back (a counter reset to
+        Prometheus: a spike in every ``rate()``).
+        """
+        try:
+            self.write()
+        except OSError as exc:
+            log.warning("cannot write the metrics snapshot %s: %s", self.path, exc)
         return self.merged().collect()

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 import yaml  # type: ignore[import-untyped, unused-ignore]  # no types-PyYAML in the venv
+from prometheus_client.parser import text_string_to_metric_families
 
 from dcache import Client
 from tests.cluster import Cluster, settled, wait_ring
@@ -54,6 +56,12 @@ GRAFANA_GLOBALS = {
 }
 _VARIABLE = re.compile(r"\$\{(?P<braced>\w+)(?::\w+)?\}|\[\[(?P<old>\w+)(?::\w+)?\]\]|\$(?P<plain>\w+)")
 _METRIC = re.compile(r"\b(?:dcache|process)_[a-zA-Z0-9_]+\b")
+_LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+_SELECTOR = re.compile(r"\{([^{}]*)\}")
+_MATCHER = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
+#: Labels Prometheus adds to every scraped series.
+TARGET_LABELS = {"instance", "job"}
 _LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?P<match>.+?)\s*,\s*(?P<label>\w+)\s*\)\s*$")
 
 
@@ -215,6 +223,22 @@ def dashboard_exprs(dash: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
+def dashboard_legends(dash: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
+    """``(panel title, refId)`` -> the labels its ``legendFormat`` shows (``{{label}}``)."""
+    return {
+        (panel["title"], t["refId"]): _LEGEND_LABEL.findall(t.get("legendFormat", ""))
+        for panel in _panels(dash["panels"])
+        for t in panel.get("targets", [])
+    }
+
+
+def label_names(expr: str) -> set[str]:
+    """The label names ``expr`` selects or groups by: ``{name=...}`` matchers, ``by``/``without``/``on``/``ignoring`` lists."""
+    names = {m for sel in _SELECTOR.findall(expr) for m in _MATCHER.findall(sel)}
+    names |= {n.strip() for group in _GROUPING.findall(expr) for n in group.split(",") if n.strip()}
+    return names
+
+
 def test_dashboard_and_provisioning_are_consistent() -> None:
     dash = _dashboard()
     assert 36 <= dash["schemaVersion"] <= 41 and dash["uid"] and dash["title"]
@@ -267,6 +291,15 @@ def test_dashboard_and_provisioning_are_consistent() -> None:
         "dcache_near_cache_invalidations_total",
         "dcache_tracking_keys",
         "dcache_hot_key_reads_per_second",
+        # What a newcomer needs in an incident: daemons down, errors by kind, memory against its budget, the near cache.
+        "min by (job, instance) (up{",
+        "dcache_unavailable_total",
+        "dcache_upstream_failures_total",
+        "dcache_connections_rejected_total",
+        'status=~"5.."',
+        "dcache_cache_max_bytes",
+        "dcache_migration_streams{",
+        "dcache_near_cache_misses_total",
     ):
         assert needed in text, needed
 
@@ -335,8 +368,12 @@ async def test_every_dashboard_query_runs(stack: Stack) -> None:
         f"{title} [{ref}] {e}: {doc.get('errorType')}: {doc.get('error')}" for title, ref, e, doc in got if doc.get("status") != "success"
     ]
     assert not errors, "\n".join(errors)
+    legends = dashboard_legends(dash)
     for title, ref, e, doc in got:
         assert doc["data"]["resultType"] in ("vector", "scalar"), (title, ref, doc)
+        for sample in doc["data"]["result"]:
+            lost = [label for label in legends[(title, ref)] if label not in sample["metric"]]
+            assert not lost, f"{title} [{ref}]: its legend shows {lost}, which {e} does not keep: {sample['metric']}"
         for sample in doc["data"]["result"]:
             # NaN is fine (a quantile or ratio over an idle window), an infinity is a bug in the query.
             assert not math.isinf(float(sample["value"][1])), (title, ref, e, sample)
@@ -363,3 +400,26 @@ def test_rendered_config_keeps_the_jobs(tmp_path: Path) -> None:
     assert {j["job_name"]: j["static_configs"] for j in doc["scrape_configs"]} == {k: [{"targets": v}] for k, v in targets.items()}
     with pytest.raises(ValueError, match="dcache-http"):
         render_config({"dcache-master": [], "dcache-aux": []})
+
+
+def test_dashboard_labels_exist_on_the_daemons(stack: Stack) -> None:
+    """Every label a dashboard query selects or groups by is a label of a metric it names, on a real scrape of each role.
+
+    A misspelt label in a matcher or a ``by (...)`` still returns series (one
+    without the label), so the live test above cannot catch it.
+    """
+    daemons = [metrics_addr(stack.cluster.coordinator), *(metrics_addr(a) for a in stack.cluster.aux.values()), stack.shim.addr]
+    labels: dict[str, set[str]] = {"up": set()}  # Prometheus's own: only the target labels
+    for addr in daemons:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels.setdefault(sample.name, set()).update(sample.labels)
+    for title, ref, e in dashboard_exprs(_dashboard()):
+        names = set(_METRIC.findall(e)) | ({"up"} if re.search(r"\bup\{", e) else set())
+        assert names, f"{title} [{ref}] names no metric: {e}"
+        unknown = names - set(labels)
+        assert not unknown, f"{title} [{ref}]: no daemon exports {sorted(unknown)} ({e})"
+        known = TARGET_LABELS.union(*(labels[n] for n in names))
+        assert label_names(e) <= known, f"{title} [{ref}]: labels {sorted(label_names(e) - known)} are on none of {sorted(names)} ({e})"
