@@ -136,8 +136,18 @@ async def wait_ring(
 
 
 def settled(nodes: set[str]) -> Callable[[dict[str, Any]], bool]:
-    """Predicate: exactly ``nodes`` are up and in the ring (none fenced), and no migration runs."""
-    return lambda info: up_nodes(info) == nodes and set(info["ring"]["nodes"]) == nodes and not info["migrating"]
+    """Predicate: exactly ``nodes`` are up, in the ring (none fenced) and connected to, and no migration runs.
+
+    "Connected" matters: a node is marked up by its health check while the
+    master's request link may still be opening (HELLO, then BIND), and a
+    request sent then fails with "not connected".
+    """
+    return lambda info: (
+        up_nodes(info) == nodes
+        and set(info["ring"]["nodes"]) == nodes
+        and not info["migrating"]
+        and all(n.get("connected", True) for n in info["nodes"] if n["node_id"] in nodes)
+    )
 
 
 def key_of(i: int) -> str:
