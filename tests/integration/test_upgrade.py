@@ -8,8 +8,10 @@ know). docs/OPERATIONS.md, "Upgrading", has the procedure these tests hold.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +117,21 @@ async def test_hot_keys_of_a_v0_1_0_aux_node_are_read_without_tracking_until_it_
         for p in (master, old, new):
             if p is not None:
                 p.kill()
+
+
+async def dcache_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run this tree's ``dcache`` command (bounded) off the loop."""
+    cmd = [sys.executable, "-m", "dcache", *args]
+    return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=60)
+
+
+async def test_the_cli_names_a_v0_1_0_master_as_older_for_forget_and_hotkeys(release: Path) -> None:
+    master = start_master(release)
+    try:
+        assert runs_v0_1_0(master)
+        for args, op in ((["forget", "a9"], "FORGET"), (["hotkeys"], "HOTKEYS")):
+            res = await dcache_cli(*args, "--addr", master.addr)
+            assert res.returncode == 2, res
+            assert f"does not know {op} (an older version): upgrade it" in res.stderr, res.stderr
+    finally:
+        master.kill()
