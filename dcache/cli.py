@@ -670,7 +670,8 @@ def _cmd_forget(args: argparse.Namespace) -> int:
             epoch = await client.execute(Op.FORGET, args.node_id, args.force)
         except UnknownOpError:
             print(
-                f"dcache forget: the master at {client.current_endpoint} does not know FORGET (an older version): upgrade it",
+                f"dcache forget: the master at {client.current_endpoint} (or the coordinator a follower forwards FORGET to) "
+                "does not know FORGET (an older version): upgrade it",
                 file=sys.stderr,
             )
             return EXIT_USAGE
