@@ -135,3 +135,39 @@ async def test_the_cli_names_a_v0_1_0_master_as_older_for_forget_and_hotkeys(rel
             assert f"does not know {op} (an older version): upgrade it" in res.stderr, res.stderr
     finally:
         master.kill()
+
+
+def start_lone_aux(code: Path | None, data: Path) -> DaemonProcess:
+    """An aux node on its own (no master), whose keys a client reads and writes directly."""
+    return daemon("aux", ["--host", "127.0.0.1", "--port", "0", "--node-id", "a1", "--log-level", "info", "--data-dir", str(data)], code)
+
+
+async def stop_with_snapshot(p: DaemonProcess) -> None:
+    p.signal(signal.SIGINT)
+    assert await asyncio.to_thread(p.wait) == 0
+
+
+async def test_snapshots_load_across_v0_1_0_and_this_version_both_ways(release: Path, tmp_path: Path) -> None:
+    """An upgraded aux node keeps its v0.1.0 snapshot's keys, expiries and deletes, and a downgraded one this version's."""
+    keys = [f"k{i}" for i in range(100)]
+    node = start_lone_aux(release, tmp_path)
+    try:
+        assert runs_v0_1_0(node)
+        async with Client(node.addr, timeout=5.0) as c:
+            await c.mset({k: k.encode() for k in keys})
+            await c.set("ttl", b"t", ttl=600)
+            await c.delete("k7")
+        await stop_with_snapshot(node)
+        expected = {k: None if k == "k7" else k.encode() for k in keys}
+        for code, written in ((None, b"new"), (release, b"old")):  # upgrade, then back
+            node = start_lone_aux(code, tmp_path)
+            assert runs_v0_1_0(node) == (code is not None)
+            async with Client(node.addr, timeout=5.0) as c:
+                assert dict(zip(keys, await c.mget(keys), strict=True)) == expected
+                ttl = await c.ttl("ttl")
+                assert ttl is not None and 500 < ttl <= 600
+                await c.set("k0", written)  # what the next process must load
+                expected["k0"] = written
+            await stop_with_snapshot(node)
+    finally:
+        node.kill()
