@@ -654,6 +654,7 @@ def _cmd_ring(args: argparse.Namespace) -> int:
 
 
 def _cmd_forget(args: argparse.Namespace) -> int:
+    from .errors import UnknownOpError
     from .protocol import Op
 
     async def body(client: Any) -> int:
@@ -665,7 +666,15 @@ def _cmd_forget(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        epoch = await client.execute(Op.FORGET, args.node_id, args.force)
+        try:
+            epoch = await client.execute(Op.FORGET, args.node_id, args.force)
+        except UnknownOpError:
+            print(
+                f"dcache forget: the master at {client.current_endpoint} (or the coordinator a follower forwards FORGET to) "
+                "does not know FORGET (an older version): upgrade it",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         print(f"forgot aux node {args.node_id}: ring epoch {epoch}")
         return EXIT_OK
 

@@ -111,6 +111,7 @@ class AuxLink:
         "_held_bytes",
         "reads_waiting",
         "tracking",
+        "tracks",
         "on_invalidate",
         "invalidations_total",
     )
@@ -188,6 +189,9 @@ class AuxLink:
         self._last_probe = 0.0
         #: The connection near-cache fills go on (``send_tracked``): the node pushes their invalidations on it.
         self.tracking: PeerConnection | None = None
+        #: Whether the node knows near-cache tracking (``GETV [key, true]``); one
+        #: from before it answers ``BAD_ARGUMENTS`` and gets ``no_tracking()``.
+        self.tracks = True
         #: Gets each ``(key, version)`` the node invalidates (None: near cache off, pushes only acknowledged).
         self.on_invalidate: Callable[[bytes, int], None] | None = None
         self.invalidations_total = 0
@@ -298,6 +302,7 @@ class AuxLink:
                     self._conns = []
                     if self.on_restart is not None:
                         self.on_restart(self.node_id)
+                    self.tracks = True  # the new process may be of a newer version
                 self.incarnation = incarnation
             self._conns.append(proto)
             self._answered()
@@ -380,6 +385,19 @@ class AuxLink:
             self._renew_lease(conn, now)  # before the fill: its copy is served under this lease
         conn.send(op, args, cb, now + self._timeout)
         return conn
+
+    def no_tracking(self) -> None:
+        """The node answered a tracked GETV ``BAD_ARGUMENTS``: it predates tracking, so no copy of its keys is kept.
+
+        Until it restarts (a new incarnation, maybe of a newer version) this
+        master reads its keys without the near cache, as before tracking.
+        """
+        if self.tracks:
+            self.tracks = False
+            self.tracking = None
+            log.info(
+                "aux %s at %s:%s predates near-cache tracking: its keys are read without the near cache", self.node_id, self.host, self.port
+            )
 
     def _pushed(self, conn: PeerConnection, kind: int, payload: Any) -> None:
         """A frame the node sent unasked: an INVALIDATE is applied, then acknowledged on the same connection."""

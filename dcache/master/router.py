@@ -68,6 +68,7 @@ _OK = 0
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
 _FRAME_TOO_LARGE = int(Status.FRAME_TOO_LARGE)
+_BAD_ARGUMENTS = int(Status.BAD_ARGUMENTS)
 _SUPERSEDED = int(Status.SUPERSEDED)
 _GET = int(Op.GET)
 _SETV = int(Op.SETV)
@@ -297,7 +298,7 @@ class Router:
             return None
         first = candidates[0]
         link = self.links.get(first)
-        if link is None or not link.usable or first in self.hints.by_node:
+        if link is None or not link.usable or not link.tracks or first in self.hints.by_node:
             return None
         fill = near.start_fill(key, loop.time())
         if fill is None:
@@ -594,7 +595,9 @@ class _NearFill:
 
     A hit is stored (unless an invalidation overtook it) and answered; a
     miss or an error goes on exactly as a ``ReadOp`` whose first candidate
-    answered that.
+    answered that. ``BAD_ARGUMENTS`` is the answer of an aux node from
+    before tracking (a rolling upgrade, masters first): the read starts
+    again as a plain one, and the node's link stops asking it to track.
     """
 
     __slots__ = ("router", "sink", "rid", "key", "candidates", "fill", "conn")
@@ -619,6 +622,12 @@ class _NearFill:
             self.sink.reply(self.rid, _OK, result[0])
             return
         candidates = self.candidates
+        if status == _BAD_ARGUMENTS:
+            link = router.links.get(candidates[0])
+            if link is not None:
+                link.no_tracking()
+            ReadOp(router, self.sink, self.rid, self.key, candidates, False).start()
+            return
         op = ReadOp(router, self.sink, self.rid, self.key, [candidates[0], *router.read_order(candidates[1:])], False)
         op.i = 0  # the first candidate, just read
         op(status, result if status != _OK else None)
