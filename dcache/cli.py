@@ -631,17 +631,24 @@ def _format_ring(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def _is_master(client: Any, tool: str) -> bool:
+    """Whether ``client``'s node is a master; if not, say on stderr that ``dcache TOOL`` needs one."""
+    hello = await client.server_info()
+    if hello.get("role") == "master":
+        return True
+    print(
+        f"dcache {tool}: {client.current_endpoint} is an aux node ({hello.get('node_id')}), and {tool} needs a master: "
+        "point --addr at a master (7000 by default)",
+        file=sys.stderr,
+    )
+    return False
+
+
 def _cmd_ring(args: argparse.Namespace) -> int:
     from .protocol import Op
 
     async def body(client: Any) -> int:
-        hello = await client.server_info()
-        if hello.get("role") != "master":
-            print(
-                f"dcache ring: {client.current_endpoint} is an aux node ({hello.get('node_id')}), and ring needs a master: "
-                "point --addr at a master (7000 by default)",
-                file=sys.stderr,
-            )
+        if not await _is_master(client, "ring"):
             return EXIT_USAGE
         info = await client.execute(Op.RING)
         if args.json:
@@ -658,13 +665,7 @@ def _cmd_forget(args: argparse.Namespace) -> int:
     from .protocol import Op
 
     async def body(client: Any) -> int:
-        hello = await client.server_info()
-        if hello.get("role") != "master":
-            print(
-                f"dcache forget: {client.current_endpoint} is an aux node ({hello.get('node_id')}), and forget needs a master: "
-                "point --addr at a master (7000 by default)",
-                file=sys.stderr,
-            )
+        if not await _is_master(client, "forget"):
             return EXIT_USAGE
         try:
             epoch = await client.execute(Op.FORGET, args.node_id, args.force)
