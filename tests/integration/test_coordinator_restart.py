@@ -9,7 +9,20 @@ from typing import Any
 import pytest
 
 from dcache import Client
-from tests.cluster import Cluster, Reader, key_of, populate, settled, up_nodes, value_of, wait_ring
+from tests.cluster import (
+    Cluster,
+    Reader,
+    Tally,
+    check_written,
+    key_of,
+    native_load,
+    populate,
+    resp_load,
+    settled,
+    up_nodes,
+    value_of,
+    wait_ring,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -124,68 +137,6 @@ async def test_a_restarted_coordinator_keeps_the_clusters_replicas_and_says_so(c
         await asyncio.sleep(0.05)
 
 
-class Tally:
-    """What the load of one test saw: calls answered, failed calls, wrong reads, acknowledged writes."""
-
-    def __init__(self) -> None:
-        self.ok = 0
-        self.failures: list[str] = []
-        self.wrong: list[str] = []
-        self.written: dict[str, bytes] = {}
-
-    async def reach(self, n: int, timeout: float = 30.0) -> None:
-        """Wait (bounded) until ``n`` calls were answered in all."""
-        deadline = time.monotonic() + timeout
-        while self.ok < n:
-            assert time.monotonic() < deadline, f"{self.ok} of {n} calls answered; failures {self.failures[:5]}"
-            await asyncio.sleep(0.02)
-
-
-async def _native_load(name: str, addrs: str | list[str], stop: asyncio.Event, tally: Tally) -> None:
-    """Write a key, then read it back, until ``stop``: through ``dcache.Client`` on ``addrs``."""
-    async with Client(addrs) as c:
-        i = 0
-        while not stop.is_set():
-            key, value = f"{name}:{i}", b"v%d" % i
-            try:
-                await c.set(key, value)
-                tally.written[key] = value
-                got = await c.get(key)
-            except Exception as exc:
-                tally.failures.append(f"{name} {key}: {exc!r}")
-            else:
-                if got != value:
-                    tally.wrong.append(key)
-                tally.ok += 1
-            i += 1
-            await asyncio.sleep(0.001)  # a paced client: two cores serve five processes
-
-
-async def _resp_load(name: str, host: str, port: int, stop: asyncio.Event, tally: Tally) -> None:
-    """As ``_native_load``, over RESP (redis-py) to one master."""
-    import redis.asyncio
-
-    r = redis.asyncio.Redis(host=host, port=port, socket_timeout=5)
-    try:
-        i = 0
-        while not stop.is_set():
-            key, value = f"{name}:{i}", b"v%d" % i
-            try:
-                await r.set(key, value)
-                tally.written[key] = value
-                got = await r.get(key)
-            except Exception as exc:
-                tally.failures.append(f"{name} {key}: {exc!r}")
-            else:
-                if got != value:
-                    tally.wrong.append(key)
-                tally.ok += 1
-            i += 1
-            await asyncio.sleep(0.001)
-    finally:
-        await r.aclose()
-
-
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 async def test_a_restarted_coordinator_fails_no_call_while_its_ring_comes(tmp_path, how: str):
     """Clients that reach the coordinator after its restart, before a follower hands it the ring, wait for the ring
@@ -204,7 +155,7 @@ async def test_a_restarted_coordinator_fails_no_call_while_its_ring_comes(tmp_pa
         before = await wait_ring(m1.addr, settled(AUX))
         await wait_ring(m2.addr, lambda i: i["epoch"] == before["epoch"], timeout=5, what="the follower at the coordinator's epoch")
         # A client listing both masters runs throughout: it moves to m2 while m1 is away.
-        loads.append(asyncio.create_task(_native_load("both", [m1.addr, m2.addr], stop, tally)))
+        loads.append(asyncio.create_task(native_load("both", [m1.addr, m2.addr], stop, tally)))
         await tally.reach(50)
 
         port, resp_port = m1.port, m1.resp_port
@@ -215,9 +166,9 @@ async def test_a_restarted_coordinator_fails_no_call_while_its_ring_comes(tmp_pa
         m1 = await asyncio.to_thread(cluster.start_master, "m1", "--resp-port", str(resp_port), port=port)
         # Clients whose first calls reach the restarted coordinator, before it has the ring:
         # one listing it first, one listing only it, and one over RESP.
-        loads.append(asyncio.create_task(_native_load("fresh", [m1.addr, m2.addr], stop, tally)))
-        loads.append(asyncio.create_task(_native_load("only", m1.addr, stop, tally)))
-        loads.append(asyncio.create_task(_resp_load("resp", m1.host, resp_port, stop, tally)))
+        loads.append(asyncio.create_task(native_load("fresh", [m1.addr, m2.addr], stop, tally)))
+        loads.append(asyncio.create_task(native_load("only", m1.addr, stop, tally)))
+        loads.append(asyncio.create_task(resp_load("resp", m1.host, resp_port, stop, tally)))
         info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=15, what="the ring back")
         assert info["membership"]["recovery"]["from"] == "follower m2"
         await tally.reach(tally.ok + 300)
@@ -225,12 +176,7 @@ async def test_a_restarted_coordinator_fails_no_call_while_its_ring_comes(tmp_pa
         await asyncio.wait_for(asyncio.gather(*loads), 15)
 
         assert (tally.failures[:10], len(tally.failures), tally.wrong) == ([], 0, [])
-        keys = sorted(tally.written)
-        for addr in (m1.addr, m2.addr):  # every acknowledged write is there, through either master
-            async with Client(addr) as c:
-                for at in range(0, len(keys), 5000):
-                    chunk = keys[at : at + 5000]
-                    assert await c.mget(chunk) == [tally.written[k] for k in chunk]
+        await check_written([m1.addr, m2.addr], tally)  # no acknowledged write lost
         async with Client(m1.addr) as c:
             stats = await c.stats()
         assert stats["ring_waits"] > 0  # the clients did reach it before its ring: the test covers that window
