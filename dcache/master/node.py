@@ -420,7 +420,7 @@ class MasterNode(Service):
         """This master's metrics collector."""
         from .metrics import MasterCollector
 
-        return MasterCollector(self, self.router, self.links, self.membership)
+        return MasterCollector(self, self.router, self.links, self.membership, self.ring_gate)
 
     # -- lifecycle (dcache.daemon.serve) --------------------------------------------------
 
