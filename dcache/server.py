@@ -1372,6 +1372,7 @@ class RequestGate:
         "_bytes",
         "_timer",
         "_saved",
+        "_stopping",
         "held_total",
         "expired_total",
     )
@@ -1389,6 +1390,8 @@ class RequestGate:
         self._timer: asyncio.TimerHandle | None = None
         #: The entries the stand-ins replaced, by (table, op); empty while the gate is open.
         self._saved: dict[tuple[Credential, int], _Entry] = {}
+        #: Set by ``fail_all``: why every request of the gate's ops is refused from then on.
+        self._stopping: str | None = None
         #: Requests held since start; of them, answered ``UNAVAILABLE`` after ``wait_s`` or over a bound.
         self.held_total = 0
         self.expired_total = 0
@@ -1422,6 +1425,8 @@ class RequestGate:
         return hold
 
     def _hold(self, conn: FrameProtocol, rid: int, op: int, handler: Handler, args: Any) -> Any:
+        if self._stopping is not None:
+            raise UnavailableError(self._stopping)
         size = _payload_bytes(args)
         if len(self._held) >= self._max_waiters or self._bytes + size > self._service.settings.max_input_buffer:
             self.expired_total += 1
@@ -1471,7 +1476,8 @@ class RequestGate:
             _run_held(conn, rid, op, handler, args)
 
     def fail_all(self, why: str) -> None:
-        """Answer every held request ``UNAVAILABLE`` with ``why`` (the node stops); the gate stays as it is."""
+        """Answer every held request ``UNAVAILABLE`` with ``why``, and refuse the gate's ops so from now on (the node stops)."""
+        self._stopping = why
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -596,7 +596,7 @@ async def test_past_the_count_or_byte_bound_a_request_is_refused_at_once() -> No
     assert gate.expired_total == 1
 
 
-async def test_fail_all_answers_every_held_request_and_a_closed_connection_is_skipped() -> None:
+async def test_fail_all_answers_every_held_request_and_refuses_the_next_ones() -> None:
     svc = Toy()
     gate = gated(svc)
     conn, t = connect(svc)
@@ -608,3 +608,6 @@ async def test_fail_all_answers_every_held_request_and_a_closed_connection_is_sk
     await until(lambda: t.written)
     assert t.frames() == [[1, UNAVAILABLE, "shutting down"]]
     assert gate.waiting == 0 and svc.in_flight == 0
+    conn.data_received(req(Op.GET, 3, b"c"))  # refused at once from then on: the node stops
+    await until(lambda: len(t.frames()) == 2)
+    assert t.frames()[1] == [3, UNAVAILABLE, "shutting down"] and gate.waiting == 0
