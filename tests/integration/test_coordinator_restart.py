@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from typing import Any
 
@@ -137,6 +138,15 @@ async def test_a_restarted_coordinator_keeps_the_clusters_replicas_and_says_so(c
         await asyncio.sleep(0.05)
 
 
+async def _reached_before_the_ring(addr: str, tally: Tally, timeout: float = 10.0) -> None:
+    """Wait (bounded) until the master at ``addr`` held a request for its ring, or a call failed (before the ring wait)."""
+    deadline = time.monotonic() + timeout
+    async with Client(addr) as c:
+        while (await c.stats()).get("ring_waits", 0) == 0 and not tally.failures:
+            assert time.monotonic() < deadline, "no client reached the restarted coordinator before its ring"
+            await asyncio.sleep(0.01)
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 async def test_a_restarted_coordinator_fails_no_call_while_its_ring_comes(tmp_path, how: str):
     """Clients that reach the coordinator after its restart, before a follower hands it the ring, wait for the ring
@@ -147,9 +157,7 @@ async def test_a_restarted_coordinator_fails_no_call_while_its_ring_comes(tmp_pa
     loads: list[asyncio.Task[None]] = []
     try:
         m1 = cluster.start_master("m1", "--resp-port", "0")
-        # The follower polls at the default interval (the cluster's tests poll faster): the
-        # restarted coordinator waits up to that long for the ring, and the clients reach it meanwhile.
-        m2 = cluster.start_master("m2", "--follow-interval", "0.5", follow=m1)
+        m2 = cluster.start_master("m2", follow=m1)
         for n in sorted(AUX):
             cluster.start_aux(n)
         before = await wait_ring(m1.addr, settled(AUX))
@@ -163,12 +171,20 @@ async def test_a_restarted_coordinator_fails_no_call_while_its_ring_comes(tmp_pa
             m1.kill()
         else:
             await asyncio.to_thread(m1.terminate)
-        m1 = await asyncio.to_thread(cluster.start_master, "m1", "--resp-port", str(resp_port), port=port)
-        # Clients whose first calls reach the restarted coordinator, before it has the ring:
-        # one listing it first, one listing only it, and one over RESP.
-        loads.append(asyncio.create_task(native_load("fresh", [m1.addr, m2.addr], stop, tally)))
-        loads.append(asyncio.create_task(native_load("only", m1.addr, stop, tally)))
-        loads.append(asyncio.create_task(resp_load("resp", m1.host, resp_port, stop, tally)))
+        # The follower's next poll hands the restarted coordinator the ring, within --follow-interval: the
+        # clients below reach it before that in most restarts, not all. The follower is stopped until they
+        # did, so that every run covers that window (the client on both masters waits for it meanwhile).
+        m2.signal(signal.SIGSTOP)
+        try:
+            m1 = await asyncio.to_thread(cluster.start_master, "m1", "--resp-port", str(resp_port), port=port)
+            # Clients whose first calls reach the restarted coordinator, before it has the ring:
+            # one listing it first, one listing only it, and one over RESP.
+            loads.append(asyncio.create_task(native_load("fresh", [m1.addr, m2.addr], stop, tally)))
+            loads.append(asyncio.create_task(native_load("only", m1.addr, stop, tally)))
+            loads.append(asyncio.create_task(resp_load("resp", m1.host, resp_port, stop, tally)))
+            await _reached_before_the_ring(m1.addr, tally)
+        finally:
+            m2.signal(signal.SIGCONT)
         info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=15, what="the ring back")
         assert info["membership"]["recovery"]["from"] == "follower m2"
         await tally.reach(tally.ok + 300)
