@@ -75,6 +75,7 @@ from .errors import (
     RemoteProtocolError,
     ServerError,
     Status,
+    UnavailableError,
     UnknownOpError,
 )
 from .net import nodelay, protected_mode
@@ -105,6 +106,7 @@ __all__ = [
     "Handler",
     "Histogram",
     "RespStats",
+    "RequestGate",
     "ServerState",
     "FrameProtocol",
     "Service",
@@ -1337,3 +1339,183 @@ def ready_line(server: asyncio.base_events.Server) -> str:
     """The ``READY host:port`` line printed once a server listens."""
     host, port = server.sockets[0].getsockname()[:2]
     return f"READY {format_address(host, port)}"
+
+
+class RequestGate:
+    """Data requests held until a node can serve them: a master before its first ring.
+
+    ``close`` puts a stand-in in front of the handlers of ``ops`` in every op
+    table of the service (both front doors read those tables), so the
+    dispatch's hot path is unchanged and costs nothing once the gate opens.
+    The stand-in answers ``LATER`` and keeps the request (connection, id,
+    parsed arguments, handler) in arrival order. ``open`` puts the handlers
+    back and runs the held requests through them in that order, as if they
+    had just arrived; other ops (HELLO, PING, STATS, RING, JOIN, SYNC...)
+    never wait.
+
+    Bounds (``dcache.protocol.limits``): a request waits at most ``wait_s``
+    (``RING_WAIT_S``), then is answered ``UNAVAILABLE`` with ``why``; at most
+    ``MAX_RING_WAITERS`` requests, and ``--max-input-buffer`` bytes of their
+    keys and values, wait at once: one more is answered ``UNAVAILABLE`` at
+    once. A held request is an answer its connection owes, so the
+    per-connection bound on answers owed (``MAX_IN_FLIGHT``) stops reading a
+    client that sends more.
+    """
+
+    __slots__ = (
+        "_service",
+        "_ops",
+        "_wait_s",
+        "_max_waiters",
+        "_why",
+        "_held",
+        "_bytes",
+        "_timer",
+        "_saved",
+        "_stopping",
+        "held_total",
+        "expired_total",
+    )
+
+    def __init__(self, service: Service, ops: Iterable[int], wait_s: float, max_waiters: int, why: Callable[[], str]) -> None:
+        """``why()`` is the message of the ``UNAVAILABLE`` answers (called when one is sent)."""
+        self._service = service
+        self._ops = tuple(ops)
+        self._wait_s = wait_s
+        self._max_waiters = max_waiters
+        self._why = why
+        #: (deadline, connection, request id, op, handler, parsed args, bytes), oldest first.
+        self._held: list[tuple[float, FrameProtocol, int, int, Handler, Any, int]] = []
+        self._bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        #: The entries the stand-ins replaced, by (table, op); empty while the gate is open.
+        self._saved: dict[tuple[Credential, int], _Entry] = {}
+        #: Set by ``fail_all``: why every request of the gate's ops is refused from then on.
+        self._stopping: str | None = None
+        #: Requests held since start; of them, answered ``UNAVAILABLE`` after ``wait_s`` or over a bound.
+        self.held_total = 0
+        self.expired_total = 0
+
+    @property
+    def closed(self) -> bool:
+        """Whether requests of the gate's ops wait now."""
+        return bool(self._saved)
+
+    @property
+    def waiting(self) -> int:
+        """Requests held now."""
+        return len(self._held)
+
+    def close(self) -> None:
+        """Hold the gate's ops from now on (the service's op tables must be built)."""
+        service = self._service
+        if not service.tables:
+            service.build_tables()
+        for level, table in service.tables.items():
+            for op in self._ops:
+                entry = table.get(op)
+                if entry is not None and (level, op) not in self._saved:
+                    self._saved[level, op] = entry
+                    table[op] = (entry[0], self._stand_in(op, entry[1]))
+
+    def _stand_in(self, op: int, handler: Handler) -> Handler:
+        def hold(conn: FrameProtocol, rid: int, args: Any) -> Any:
+            return self._hold(conn, rid, op, handler, args)
+
+        return hold
+
+    def _hold(self, conn: FrameProtocol, rid: int, op: int, handler: Handler, args: Any) -> Any:
+        if self._stopping is not None:
+            raise UnavailableError(self._stopping)
+        size = _payload_bytes(args)
+        if len(self._held) >= self._max_waiters or self._bytes + size > self._service.settings.max_input_buffer:
+            self.expired_total += 1
+            raise UnavailableError(f"{self._why()}; {len(self._held)} requests ({self._bytes} bytes) already wait for it")
+        loop = asyncio.get_running_loop()
+        self._held.append((loop.time() + self._wait_s, conn, rid, op, handler, args, size))
+        self._bytes += size
+        self.held_total += 1
+        if self._timer is None:
+            self._timer = loop.call_later(self._wait_s, self._expire)
+        return LATER
+
+    def _expire(self) -> None:
+        """Answer ``UNAVAILABLE`` to the requests that waited ``wait_s``; wake again for the next one."""
+        self._timer = None
+        now = asyncio.get_running_loop().time()
+        held = self._held
+        n = 0
+        while n < len(held) and held[n][0] <= now:
+            n += 1
+        expired, self._held = held[:n], held[n:]
+        if expired:
+            why = self._why()
+            for _, conn, rid, op, _, _, size in expired:
+                self._bytes -= size
+                conn.reply(rid, int(Status.UNAVAILABLE), why, op)
+            self.expired_total += len(expired)
+            log.warning("%d request(s) waited %.1f s and were answered UNAVAILABLE: %s", len(expired), self._wait_s, why)
+        if self._held:
+            self._timer = asyncio.get_running_loop().call_at(self._held[0][0], self._expire)
+
+    def open(self) -> None:
+        """Serve the gate's ops again, and run the requests held meanwhile, oldest first."""
+        if not self._saved:
+            return
+        for (level, op), entry in self._saved.items():
+            self._service.tables[level][op] = entry
+        self._saved.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held, self._held = self._held, []
+        self._bytes = 0
+        if held:
+            log.info("serving %d request(s) held until now", len(held))
+        for _, conn, rid, op, handler, args, _ in held:
+            _run_held(conn, rid, op, handler, args)
+
+    def fail_all(self, why: str) -> None:
+        """Answer every held request ``UNAVAILABLE`` with ``why``, and refuse the gate's ops so from now on (the node stops)."""
+        self._stopping = why
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held, self._held = self._held, []
+        self._bytes = 0
+        for _, conn, rid, op, _, _, _ in held:
+            conn.reply(rid, int(Status.UNAVAILABLE), why, op)
+
+
+def _run_held(conn: FrameProtocol, rid: int, op: int, handler: Handler, args: Any) -> None:
+    """Run a held request through its handler, and answer it as the dispatch would."""
+    if conn.is_closing:
+        conn.reply(rid, int(Status.UNAVAILABLE), "connection closed", op)  # balances the count of answers owed
+        return
+    try:
+        result = handler(conn, rid, args)
+    except ServerError as exc:
+        conn.reply(rid, exc.code, exc.message, op)
+        return
+    except Exception as exc:
+        log.exception("internal error handling a held op %r from %s", op, conn.peer)
+        conn.reply(rid, int(Status.INTERNAL), f"internal error: {exc.__class__.__name__}", op)
+        return
+    hold = conn._service.hold
+    if hold is not None and result is not LATER and result.__class__ is not _Deferred:
+        result = hold(conn, rid, op, result)
+    if result is LATER:
+        return
+    if result.__class__ is _Deferred:
+        conn._defer(rid, result, op)
+    else:
+        conn.reply(rid, _OK, result, op)
+
+
+def _payload_bytes(args: Any) -> int:
+    """The bytes of keys and values in a request's parsed arguments (what holding it keeps in memory, about)."""
+    if args.__class__ is bytes:
+        return len(args)
+    if isinstance(args, (tuple, list)):
+        return sum(_payload_bytes(a) for a in args)
+    return 0

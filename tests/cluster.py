@@ -214,3 +214,75 @@ class Reader:
         self._stop.set()
         assert self._task is not None
         await asyncio.wait_for(self._task, 60)
+
+
+class Tally:
+    """What the load of one test saw: calls answered, failed calls, wrong reads, acknowledged writes."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.failures: list[str] = []
+        self.wrong: list[str] = []
+        self.written: dict[str, bytes] = {}
+
+    async def reach(self, n: int, timeout: float = 30.0) -> None:
+        """Wait (bounded) until ``n`` calls were answered in all."""
+        deadline = time.monotonic() + timeout
+        while self.ok < n:
+            assert time.monotonic() < deadline, f"{self.ok} of {n} calls answered; failures {self.failures[:5]}"
+            await asyncio.sleep(0.02)
+
+
+async def native_load(name: str, addrs: str | list[str], stop: asyncio.Event, tally: Tally) -> None:
+    """Write a key, then read it back, until ``stop``: through ``dcache.Client`` on ``addrs``."""
+    async with Client(addrs) as c:
+        i = 0
+        while not stop.is_set():
+            key, value = f"{name}:{i}", b"v%d" % i
+            try:
+                await c.set(key, value)
+                tally.written[key] = value
+                got = await c.get(key)
+            except Exception as exc:
+                tally.failures.append(f"{name} {key}: {exc!r}")
+            else:
+                if got != value:
+                    tally.wrong.append(key)
+                tally.ok += 1
+            i += 1
+            await asyncio.sleep(0.001)  # a paced client: two cores serve five processes
+
+
+async def resp_load(name: str, host: str, port: int, stop: asyncio.Event, tally: Tally) -> None:
+    """As ``native_load``, over RESP (redis-py) to one master."""
+    import redis.asyncio
+
+    r = redis.asyncio.Redis(host=host, port=port, socket_timeout=5)
+    try:
+        i = 0
+        while not stop.is_set():
+            key, value = f"{name}:{i}", b"v%d" % i
+            try:
+                await r.set(key, value)
+                tally.written[key] = value
+                got = await r.get(key)
+            except Exception as exc:
+                tally.failures.append(f"{name} {key}: {exc!r}")
+            else:
+                if got != value:
+                    tally.wrong.append(key)
+                tally.ok += 1
+            i += 1
+            await asyncio.sleep(0.001)
+    finally:
+        await r.aclose()
+
+
+async def check_written(addrs: Sequence[str], tally: Tally) -> None:
+    """Every write ``tally`` saw acknowledged reads back, through each of ``addrs``."""
+    keys = sorted(tally.written)
+    for addr in addrs:
+        async with Client(addr) as c:
+            for at in range(0, len(keys), 5000):
+                chunk = keys[at : at + 5000]
+                assert await c.mget(chunk) == [tally.written[k] for k in chunk]

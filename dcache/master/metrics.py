@@ -12,7 +12,7 @@ from ..metrics import ServiceCollector, plain_counter, plain_gauge
 from .view import MEMBER_STATES, UP
 
 if TYPE_CHECKING:
-    from ..server import Service
+    from ..server import RequestGate, Service
     from .links import AuxLink
     from .membership import Membership
     from .router import Router
@@ -28,8 +28,9 @@ HOT_KEY_LABEL_CHARS = 100
 class MasterCollector(ServiceCollector):
     """A master's metrics: the common families plus ring, health, routing, migration and links."""
 
-    def __init__(self, service: Service, router: Router, links: dict[str, AuxLink], membership: Membership) -> None:
+    def __init__(self, service: Service, router: Router, links: dict[str, AuxLink], membership: Membership, gate: RequestGate) -> None:
         super().__init__(service)
+        self.gate = gate
         self.router = router
         self.links = links
         self.membership = membership
@@ -68,6 +69,14 @@ class MasterCollector(ServiceCollector):
         hints = self.router.hints
         yield plain_counter("dcache_hints_replayed", "Hints replayed to aux nodes that answered again.", hints.replayed_total)
         yield plain_counter("dcache_hint_overflows", "Times an aux node missed more writes than the hints hold.", hints.overflows_total)
+        yield plain_counter(
+            "dcache_ring_waits", "Data requests held because this master had no ring yet (since it started).", self.gate.held_total
+        )
+        yield plain_counter(
+            "dcache_ring_wait_refusals",
+            "Data requests answered UNAVAILABLE because this master still had no ring.",
+            self.gate.expired_total,
+        )
         yield from self._links()
         yield from self._near_cache()
         yield self._hot_keys()

@@ -22,7 +22,8 @@ from ..config import MasterConfig
 from ..errors import BadArgumentsError, UnavailableError
 from ..hlc import HybridClock
 from ..protocol import Op
-from ..server import DATA_OPS, LATER, FrameProtocol, Service, deferred
+from ..protocol.limits import MAX_RING_WAITERS, RING_WAIT_S
+from ..server import DATA_OPS, LATER, FrameProtocol, RequestGate, Service, deferred
 from .keyscan import KeyScan, KeyScans, scan_plan
 from .links import AuxLink, ConnectionFactory
 from .membership import Coordinator, Follower, Membership
@@ -40,6 +41,14 @@ log = logging.getLogger("dcache.master")
 #: Allocations between young-generation collections on a master (CPython's default is 700).
 GC_GEN0_THRESHOLD = 50_000
 
+
+#: The ops that wait for a master's first ring (``RequestGate``): every data op
+#: that reads or writes keys. PING, STATS, HOTKEYS and the membership and admin
+#: ops (HELLO, RING, JOIN, SYNC, APPLY...) are served at once: the recovery needs them.
+RING_OPS = tuple(op for op in DATA_OPS if op not in (Op.PING, Op.STATS))
+
+#: Seconds between two looks at the links while held requests wait for them (``_open_when_linked``).
+LINK_POLL_S = 0.01
 
 #: A follower that has not SYNCed for this long no longer holds its node id (it polls every --follow-interval).
 FOLLOWER_SILENT_S = 5.0
@@ -94,6 +103,16 @@ class MasterNode(Service):
         )
         self.handlers[Op.GET] = self.router.get  # the hottest op: no extra call layer
         self.router.fence_missed = self.membership.fence_missed
+        #: Data requests wait here until this master's first ring (``start``, ``_on_view``).
+        self.ring_gate = RequestGate(self, RING_OPS, RING_WAIT_S, MAX_RING_WAITERS, self._no_ring_yet)
+        self._gate_opener: asyncio.Task[None] | None = None
+
+    def _no_ring_yet(self) -> str:
+        """The ``UNAVAILABLE`` message of a data request that waited in vain for this master's first ring."""
+        return (
+            f"master {self.node_id} has no ring yet (started {time.time() - self.started_at:.1f} s ago, "
+            f"membership {self.membership.role}): try another master, or again"
+        )
 
     def _new_clock(self) -> HybridClock:
         return HybridClock(self.node_id, max_skew_ms=self.limits.max_clock_skew_ms)
@@ -141,6 +160,25 @@ class MasterNode(Service):
         if self.router.near is not None:
             self.router.near.clear()  # copies were subscribed by the old view's owners
         self.router.view = view
+        if len(view.ring) and self.ring_gate.closed and self._gate_opener is None:
+            self._gate_opener = self.state.spawn(self._open_when_linked(), "ring-gate")
+
+    async def _open_when_linked(self) -> None:
+        """The first ring came: run the requests held for it once its nodes' links are open (at most ``--aux-timeout``).
+
+        Released at once, they would find links still connecting (``not
+        connected``); each held request keeps its own bound (``RING_WAIT_S``).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.aux_timeout
+        while loop.time() < deadline and not self._ring_linked():
+            await asyncio.sleep(LINK_POLL_S)
+        self.ring_gate.open()
+
+    def _ring_linked(self) -> bool:
+        """Whether every node of the ring that is not down has a link with a connection open."""
+        links = self.links
+        return all(n in links and links[n].connected for n, m in self.router.view.members.items() if m.state != DOWN)
 
     def _hints_lost(self, node_id: str) -> None:
         """Hints for ``node_id`` overflowed: it must be reconciled in full before it serves reads again."""
@@ -296,6 +334,8 @@ class MasterNode(Service):
             "hints_replayed": hints.replayed_total,
             "hint_overflows": hints.overflows_total,
             "aux_suspected": sum(1 for link in self.links.values() if link.suspect),
+            "ring_waits": self.ring_gate.held_total,
+            "ring_wait_refusals": self.ring_gate.expired_total,
             **(self.router.near.stats() if self.router.near is not None else {}),
             **self._migration_stats(),
             **self._zookeeper_stats(),
@@ -380,13 +420,15 @@ class MasterNode(Service):
         """This master's metrics collector."""
         from .metrics import MasterCollector
 
-        return MasterCollector(self, self.router, self.links, self.membership)
+        return MasterCollector(self, self.router, self.links, self.membership, self.ring_gate)
 
     # -- lifecycle (dcache.daemon.serve) --------------------------------------------------
 
     async def start(self) -> str:
         """Listen, connect to the aux nodes, start membership; return the address listened on (and ``resp=HOST:PORT``)."""
         cfg = self.config
+        if not len(self.membership.view.ring):
+            self.ring_gate.close()  # until the first ring comes (a restarted coordinator, a follower, ZooKeeper)
         server = await self.listen(cfg.host, cfg.port)
         host, port = server.sockets[0].getsockname()[:2]
         if not cfg.node_id:
@@ -472,6 +514,7 @@ class MasterNode(Service):
 
     async def close(self) -> None:
         """Stop accepting, let requests in flight finish (bounded), stop membership, close links."""
+        self.ring_gate.fail_all(f"master {self.node_id} is shutting down before it had a ring: try another master")
         await self.shutdown(self.config.shutdown_grace)
         await self.membership.close()
         await asyncio.gather(*(link.close() for link in self.links.values()), return_exceptions=True)

@@ -36,6 +36,8 @@ __all__ = [
     "MAX_WEIGHT",
     "NEAR_LEASE_S",
     "INVALIDATION_TIMEOUT_S",
+    "RING_WAIT_S",
+    "MAX_RING_WAITERS",
     "Limits",
 ]
 
@@ -84,6 +86,16 @@ NEAR_LEASE_S = 1.0
 #: INVACK; past it the subscriber is cut off. Longer than ``NEAR_LEASE_S``
 #: (with margin), so a silent master's copies have expired by then.
 INVALIDATION_TIMEOUT_S = 2.0 * NEAR_LEASE_S
+#: Most seconds a master that has had no ring since it started holds a data
+#: request for one (a restarted coordinator until a follower hands it the
+#: ring); past it the request is answered ``UNAVAILABLE``. Below the
+#: client's default 5 s timeout, so the client sees that answer, not its own
+#: timeout (docs/DECISIONS.md, "A master holds data requests until its first ring").
+RING_WAIT_S = 3.0
+#: Most data requests a master holds for its first ring at once, over all its
+#: connections; their bytes stay below ``--max-input-buffer`` too. Past
+#: either, a request is answered ``UNAVAILABLE`` at once.
+MAX_RING_WAITERS = 10_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from typing import Any
 
 import pytest
 
 from dcache import Client
-from tests.cluster import Cluster, Reader, key_of, populate, settled, up_nodes, value_of, wait_ring
+from tests.cluster import (
+    Cluster,
+    Reader,
+    Tally,
+    check_written,
+    key_of,
+    native_load,
+    populate,
+    resp_load,
+    settled,
+    up_nodes,
+    value_of,
+    wait_ring,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +136,71 @@ async def test_a_restarted_coordinator_keeps_the_clusters_replicas_and_says_so(c
     while "--replicas 3 ignored: the cluster keeps 2 copies per key" not in m1.stderr():
         assert time.monotonic() < deadline, m1.stderr()
         await asyncio.sleep(0.05)
+
+
+async def _reached_before_the_ring(addr: str, tally: Tally, timeout: float = 10.0) -> None:
+    """Wait (bounded) until the master at ``addr`` held a request for its ring, or a call failed (before the ring wait)."""
+    deadline = time.monotonic() + timeout
+    async with Client(addr) as c:
+        while (await c.stats()).get("ring_waits", 0) == 0 and not tally.failures:
+            assert time.monotonic() < deadline, "no client reached the restarted coordinator before its ring"
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+async def test_a_restarted_coordinator_fails_no_call_while_its_ring_comes(tmp_path, how: str):
+    """Clients that reach the coordinator after its restart, before a follower hands it the ring, wait for the ring
+    (``RequestGate``) instead of getting ``UNAVAILABLE``: no failed call, no lost write, over both front doors."""
+    cluster = Cluster(tmp_path, replicas=2)
+    stop = asyncio.Event()
+    tally = Tally()
+    loads: list[asyncio.Task[None]] = []
+    try:
+        m1 = cluster.start_master("m1", "--resp-port", "0")
+        m2 = cluster.start_master("m2", follow=m1)
+        for n in sorted(AUX):
+            cluster.start_aux(n)
+        before = await wait_ring(m1.addr, settled(AUX))
+        await wait_ring(m2.addr, lambda i: i["epoch"] == before["epoch"], timeout=5, what="the follower at the coordinator's epoch")
+        # A client listing both masters runs throughout: it moves to m2 while m1 is away.
+        loads.append(asyncio.create_task(native_load("both", [m1.addr, m2.addr], stop, tally)))
+        await tally.reach(50)
+
+        port, resp_port = m1.port, m1.resp_port
+        if how == "SIGKILL":
+            m1.kill()
+        else:
+            await asyncio.to_thread(m1.terminate)
+        # The follower's next poll hands the restarted coordinator the ring, within --follow-interval: the
+        # clients below reach it before that in most restarts, not all. The follower is stopped until they
+        # did, so that every run covers that window (the client on both masters waits for it meanwhile).
+        m2.signal(signal.SIGSTOP)
+        try:
+            m1 = await asyncio.to_thread(cluster.start_master, "m1", "--resp-port", str(resp_port), port=port)
+            # Clients whose first calls reach the restarted coordinator, before it has the ring:
+            # one listing it first, one listing only it, and one over RESP.
+            loads.append(asyncio.create_task(native_load("fresh", [m1.addr, m2.addr], stop, tally)))
+            loads.append(asyncio.create_task(native_load("only", m1.addr, stop, tally)))
+            loads.append(asyncio.create_task(resp_load("resp", m1.host, resp_port, stop, tally)))
+            await _reached_before_the_ring(m1.addr, tally)
+        finally:
+            m2.signal(signal.SIGCONT)
+        info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=15, what="the ring back")
+        assert info["membership"]["recovery"]["from"] == "follower m2"
+        await tally.reach(tally.ok + 300)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*loads), 15)
+
+        assert (tally.failures[:10], len(tally.failures), tally.wrong) == ([], 0, [])
+        await check_written([m1.addr, m2.addr], tally)  # no acknowledged write lost
+        async with Client(m1.addr) as c:
+            stats = await c.stats()
+        assert stats["ring_waits"] > 0  # the clients did reach it before its ring: the test covers that window
+        assert stats["ring_wait_refusals"] == 0
+    finally:
+        stop.set()
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
+        cluster.stop()
+        print(cluster.logs()[-20000:])  # shown by pytest only when the test fails

@@ -20,7 +20,7 @@ import pytest
 from kazoo.client import KazooClient
 
 from dcache import Client
-from tests.cluster import Cluster, Reader, populate, ring, settled, up_nodes, wait_ring
+from tests.cluster import Cluster, Reader, Tally, check_written, native_load, populate, ring, settled, up_nodes, wait_ring
 from tests.harness import reap, start_cluster_cmd, wait_for
 from tests.zookeeper import ZooKeeperServer
 
@@ -453,4 +453,41 @@ async def test_a_dead_aux_node_is_forgotten_through_a_master_that_does_not_lead(
     async with Client(other, timeout=10) as c:
         values = await c.mget([f"key:{i}" for i in range(2000)])
     assert all(v is not None for v in values)
+    mon.assert_forward_only()
+
+
+async def test_a_master_restarted_fails_no_call_while_it_reads_the_ring(make_cluster):
+    """Calls that reach a restarted master before it read the ring from ZooKeeper wait for it: none fails, none is lost."""
+    cl, mon = make_cluster(replicas=2)
+    m1 = cl.start_master("m1")
+    m2 = cl.start_master("m2")
+    for n in ("a1", "a2"):
+        cl.start_aux(n)
+    await _settled_everywhere(cl, {"a1", "a2"})
+    stop = asyncio.Event()
+    tally = Tally()
+    loads = [asyncio.create_task(native_load("both", [m1.addr, m2.addr], stop, tally))]
+    try:
+        await tally.reach(50)
+        port = m1.port
+        await asyncio.to_thread(m1.terminate)
+        m1 = await asyncio.to_thread(cl.start_master, "m1", port=port)
+        # Clients whose first calls reach the restarted master: one listing only it, one listing it first.
+        loads.append(asyncio.create_task(native_load("only", m1.addr, stop, tally)))
+        loads.append(asyncio.create_task(native_load("fresh", [m1.addr, m2.addr], stop, tally)))
+        await wait_ring(m1.addr, lambda i: up_nodes(i) == {"a1", "a2"}, timeout=15, what="m1 routes again")
+        await tally.reach(tally.ok + 300)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*loads), 15)
+        assert (tally.failures[:10], len(tally.failures), tally.wrong) == ([], 0, [])
+        await check_written([m1.addr, m2.addr], tally)
+        async with Client(m1.addr) as c:
+            stats = await c.stats()
+        assert stats["ring_waits"] > 0  # the fresh clients did reach it before its ring: the test covers that window
+        assert stats["ring_wait_refusals"] == 0
+    finally:
+        stop.set()
+        for task in loads:
+            task.cancel()
+        await asyncio.gather(*loads, return_exceptions=True)
     mon.assert_forward_only()

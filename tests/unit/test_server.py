@@ -13,7 +13,7 @@ import pytest
 from dcache.config import NodeConfig
 from dcache.errors import NotAnIntegerError, UnknownOpError
 from dcache.protocol import HEADER, MAX_HELLO_FRAME_BYTES, PROTOCOL_VERSION, Credential, FrameDecoder, Op, Status, encode_request, pack
-from dcache.server import LATER, MAX_IN_FLIGHT, UNKNOWN_OP, FrameProtocol, Service, deferred
+from dcache.server import LATER, MAX_IN_FLIGHT, UNKNOWN_OP, FrameProtocol, RequestGate, Service, deferred
 from tests.fakes import FakeTransport, SlowReaderTransport
 
 from .master.fakecluster import until
@@ -531,3 +531,83 @@ async def test_a_closed_connection_is_freed_by_reference_counting_alone() -> Non
         assert svc.buffered_input == 0
     finally:
         gc.enable()
+
+
+# -- the request gate (a master before its first ring) ------------------------------------------
+
+UNAVAILABLE = int(Status.UNAVAILABLE)
+
+
+def gated(svc: Toy, wait_s: float = 60.0, max_waiters: int = 100) -> RequestGate:
+    gate = RequestGate(svc, [Op.GET], wait_s, max_waiters, lambda: "no ring yet")
+    gate.close()
+    return gate
+
+
+async def test_a_closed_gate_holds_its_ops_and_runs_them_in_order_once_open_while_other_ops_pass() -> None:
+    svc = Toy()
+    gate = gated(svc)
+    conn, t = connect(svc)
+    conn.data_received(req(Op.GET, 1, b"a") + req(Op.PING, 2) + req(Op.GET, 3, b"later") + req(Op.GET, 4, b"deferred:typed"))
+    conn.data_received(req(Op.GET, 5, b"b"))
+    assert t.frames() == [[2, OK, "PONG"]]  # PING is not held
+    assert (gate.closed, gate.waiting, gate.held_total, conn.in_flight) == (True, 4, 4, 4)
+    gate.open()
+    assert not gate.closed
+    await until(lambda: len(t.frames()) == 4)
+    assert t.frames()[1:] == [[1, OK, b"value of a"], [5, OK, b"value of b"], [4, int(Status.NOT_AN_INTEGER), "not a number"]]
+    ((c, rid),) = svc.later  # the held request a handler answers later goes on as it would have
+    c.reply(rid, OK, "later", Op.GET)
+    await until(lambda: len(t.frames()) == 5)
+    assert conn.in_flight == svc.in_flight == 0
+    conn.data_received(req(Op.GET, 6, b"c"))  # an open gate costs nothing: the handler runs at once
+    assert t.frames()[-1] == [6, OK, b"value of c"]
+    assert gate.expired_total == 0
+
+
+async def test_a_held_request_is_answered_unavailable_after_the_bound(caplog: pytest.LogCaptureFixture) -> None:
+    svc = Toy()
+    gate = gated(svc, wait_s=0.05)
+    conn, t = connect(svc)
+    with caplog.at_level(logging.WARNING, logger="dcache.server"):
+        conn.data_received(req(Op.GET, 1, b"a"))
+        await asyncio.sleep(0.02)
+        conn.data_received(req(Op.GET, 2, b"b"))
+        await until(lambda: len(t.frames()) == 1)
+        assert t.frames() == [[1, UNAVAILABLE, "no ring yet"]]  # the second waits its own bound
+        await until(lambda: len(t.frames()) == 2)
+    assert t.frames()[1] == [2, UNAVAILABLE, "no ring yet"]
+    assert (gate.waiting, gate.expired_total, conn.in_flight) == (0, 2, 0)
+    assert "were answered UNAVAILABLE: no ring yet" in caplog.text
+    assert svc.op_errors[Op.GET] == 2
+
+
+async def test_past_the_count_or_byte_bound_a_request_is_refused_at_once() -> None:
+    svc = Toy(max_input_buffer=1000)
+    gate = gated(svc, max_waiters=2)
+    conn, t = connect(svc)
+    conn.data_received(req(Op.GET, 1, b"a") + req(Op.GET, 2, b"b") + req(Op.GET, 3, b"c"))
+    assert t.frames() == [[3, UNAVAILABLE, "no ring yet; 2 requests (2 bytes) already wait for it"]]
+    gate.open()
+    await until(lambda: len(t.frames()) == 3)
+    gate = gated(svc)
+    conn.data_received(req(Op.GET, 4, b"k" * 999) + req(Op.GET, 5, b"kk"))  # 999 + 2 bytes > 1000
+    assert t.frames()[-1] == [5, UNAVAILABLE, "no ring yet; 1 requests (999 bytes) already wait for it"]
+    assert gate.expired_total == 1
+
+
+async def test_fail_all_answers_every_held_request_and_refuses_the_next_ones() -> None:
+    svc = Toy()
+    gate = gated(svc)
+    conn, t = connect(svc)
+    gone, t2 = connect(svc)
+    conn.data_received(req(Op.GET, 1, b"a"))
+    gone.data_received(req(Op.GET, 2, b"b"))
+    t2.close()
+    gate.fail_all("shutting down")
+    await until(lambda: t.written)
+    assert t.frames() == [[1, UNAVAILABLE, "shutting down"]]
+    assert gate.waiting == 0 and svc.in_flight == 0
+    conn.data_received(req(Op.GET, 3, b"c"))  # refused at once from then on: the node stops
+    await until(lambda: len(t.frames()) == 2)
+    assert t.frames()[1] == [3, UNAVAILABLE, "shutting down"] and gate.waiting == 0
