@@ -149,16 +149,15 @@ class Migrator:
         self.keys_moved = 0
         self.tombstones_moved = 0
         self.started_ms = time.time_ns() // 1_000_000
-        self.streams = [{"source": s, "destination": d, "ranges": len(r), "keys": 0, "done": False} for (s, d), r in plan.items()]
+        # This run's own records: a run that starts meanwhile (a fenced node's
+        # reconciliation beside a ring change's migration) replaces self.streams.
+        streams = [{"source": s, "destination": d, "ranges": len(r), "keys": 0, "done": False} for (s, d), r in plan.items()]
+        self.streams = streams
         log.info("migration to epoch %d: %d stream(s)", view.epoch, len(plan))
         await self._followers_caught_up(view.epoch, max(3.0, cfg.follow_interval * 6))
         start_version = self._clock.next()
         self.state = "copying"
         sem = asyncio.Semaphore(_CONCURRENT_STREAMS)
-
-        # This run's own records: a run that starts meanwhile (a fenced node's
-        # reconciliation beside a ring change's migration) replaces self.streams.
-        streams = self.streams
 
         async def one(i: int, src: str, dst: str, ranges: list[list[int]], min_version: int, first: bool) -> None:
             async with sem:
