@@ -261,7 +261,9 @@ class Coordinator(Membership):
         except Exception:
             log.exception("migration to epoch %d failed; retrying in 1 s", view.epoch)
             await asyncio.sleep(1.0)
-            if self.view is view:
+            # A view published meanwhile that keeps the move (a node fenced
+            # or reconciled) started no migration of its own: retry under it.
+            if _same_move(self.view, view):
                 self._start_migration()
             return
         if not _same_move(self.view, view):

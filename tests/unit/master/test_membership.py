@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 
 from dcache.config import MasterConfig
-from dcache.errors import BadArgumentsError
+from dcache.errors import BadArgumentsError, Status
 from dcache.master.membership import Coordinator, Follower
 from dcache.master.view import DOWN, FENCED, LEAVING, UP, ClusterView
 from dcache.protocol import Op
 from dcache.server import Service, deferred
+from tests.fakes import Reply
 
 from .fakecluster import FakeCluster, until
 
@@ -185,6 +186,43 @@ async def test_a_fenced_node_is_reconciled_from_its_co_owners_before_it_serves_r
         coord.mark("a2", DOWN, "unit test")
         coord.fence("a2", "not up: nothing to fence")
         assert coord.view.members["a2"].state == DOWN
+    finally:
+        await coord.close()
+
+
+async def test_a_failed_migration_is_retried_after_a_fence_that_keeps_its_move(
+    cluster: FakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A migration fails, and a node is fenced during the second before its retry: it is retried all the same.
+
+    The fence publishes a view with the same move, which starts no
+    migration of its own; the retry waited for the very view that failed,
+    so the cluster stayed migrating for good and a node marked down never
+    rejoined (seen in the fault campaign, bin/chaos.py).
+    """
+    data = fill(cluster)
+    failing = [True]
+
+    def scan(node: str) -> Any:
+        def answer(msg: list[Any]) -> Reply:
+            if failing[0]:
+                return Reply(Status.BAD_ARGUMENTS, "scan cursor expired")  # refused at once: the migration fails
+            return Reply(0, cluster.auxes[node].execute(msg))
+
+        return answer
+
+    for node in ("a1", "a2", "a3"):
+        cluster.overrides[(node, Op.SCAN)] = scan(node)
+    coord = coordinator(cluster)
+    try:
+        await coord.join("a4", "127.0.0.1", 7110, 1.0)
+        await until(lambda: any("failed; retrying in 1 s" in r.getMessage() for r in caplog.records), SETTLE_S, "the migration to fail")
+        coord.fence("a1", "unit test")
+        assert coord.view.prev_ring is not None, "the fence keeps the move"
+        failing[0] = False
+        await coord.wait_settled(lambda v: v.prev_ring is None and all(m.state == UP for m in v.members.values()), SETTLE_S)
+        assert coord.view.prev_ring is None, "the migration was never retried"
+        assert_owners_hold(cluster, coord.view, data)
     finally:
         await coord.close()
 
