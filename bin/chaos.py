@@ -17,6 +17,9 @@ proxy). Then it runs ``--schedules`` schedules. Each schedule:
      with its data dir (snapshots every second) after 0.1-0.6 s (before
      the masters mark it down) or 3-8 s (after);
    * ``aux-stop``: SIGSTOP an aux node, SIGCONT it 0.3-6 s later;
+   * ``aux-flap``: for 2-8 s, SIGSTOP an aux node for a period of
+     0.2-1.2 s (around the masters' detection times), SIGCONT it for half
+     of one, again and again;
    * ``aux-join`` / ``aux-leave``: start a non-member aux node (with
      whatever its data dir holds) / SIGTERM a member (graceful leave);
      between three and four members;
@@ -97,6 +100,7 @@ HOLD_S: dict[str, tuple[float, float]] = {
     "aux-kill-fast": (0.1, 0.6),
     "aux-kill-slow": (3.0, 8.0),
     "aux-stop": (0.3, 6.0),
+    "aux-flap": (2.0, 8.0),
     "aux-join": (0.0, 0.0),
     "aux-leave": (0.0, 0.0),
     "master-kill": (0.2, 4.0),
@@ -106,14 +110,15 @@ HOLD_S: dict[str, tuple[float, float]] = {
 }
 AUX_KILLS = ("aux-kill-fast", "aux-kill-slow")
 #: Faults that can take an aux node out of service (the masters may mark it down).
-OUT_KINDS = (*AUX_KILLS, "aux-stop", "link-cut", "link-blackhole", "link-delay")
+OUT_KINDS = (*AUX_KILLS, "aux-stop", "aux-flap", "link-cut", "link-blackhole", "link-delay")
 
 
 @dataclass(frozen=True)
 class Fault:
     """One fault: ``kind`` on ``target`` from ``start_s`` after the schedule began, for ``hold_s``.
 
-    ``param`` is the delay in seconds of a ``link-delay`` (0 for the others).
+    ``param`` is the delay in seconds of a ``link-delay``, the period of an
+    ``aux-flap`` (0 for the others).
     """
 
     kind: str
@@ -181,6 +186,8 @@ def plan(rng: random.Random, members: frozenset[str]) -> list[Fault]:
         lo, hi = HOLD_S[kind]
         start = 0.0 if i == 0 else round(rng.uniform(0.0, 3.0), 2)
         param = round(rng.uniform(0.05, 1.0), 2) if kind == "link-delay" else 0.0
+        if kind == "aux-flap":
+            param = round(rng.uniform(0.2, 1.2), 2)
         faults.append(Fault(kind, target, start, round(rng.uniform(lo, hi), 2), param))
     return faults
 
@@ -317,6 +324,15 @@ async def apply(cluster: ChaosCluster, fault: Fault) -> None:
             await asyncio.sleep(fault.hold_s)
         finally:
             cluster.cont_node(target)
+    elif kind == "aux-flap":
+        until = time.monotonic() + fault.hold_s
+        while time.monotonic() < until:
+            cluster.stop_node(target)
+            try:
+                await asyncio.sleep(fault.param)
+            finally:
+                cluster.cont_node(target)
+            await asyncio.sleep(fault.param / 2)
     elif kind == "aux-join":
         await asyncio.to_thread(cluster.start_aux, target)
     elif kind == "aux-leave":
