@@ -57,6 +57,13 @@ log = logging.getLogger("dcache.master.membership")
 
 #: A later reconciliation pass copies what is newer than the start of the one before, less this margin (ms).
 _FENCE_PASS_MARGIN_MS = 5_000
+#: A node down for longer than this comes back empty (``_back``): a delete's
+#: tombstone lasts 60 s (``dcache.lru``), and its old copy of a key deleted
+#: before that would be read again. Half of it leaves time for the migration
+#: that copies the tombstones still there to it.
+FORGET_AFTER_MS = 30_000
+#: The whole hash circle, as DROP takes it.
+_WHOLE_CIRCLE = [[0, 0]]
 
 
 def _same_move(a: ClusterView, b: ClusterView) -> bool:
@@ -193,6 +200,10 @@ class Coordinator(Membership):
         self._misses: dict[str, int] = {}
         #: Down nodes that answer again and wait for the running migration to end (``_back``).
         self._waiting_back: set[str] = set()
+        #: Down nodes being emptied before they come back (``_forget``), and the
+        #: ``since_ms`` of the down mark each one was emptied for.
+        self._forgetting: dict[str, asyncio.Task[None]] = {}
+        self._forgotten: dict[str, int] = {}
         self._incarnations: dict[str, int] = {}
         self._fences: dict[str, asyncio.Task[None]] = {}
         #: node id -> the version its reconciliation copies from (0: everything).
@@ -325,12 +336,17 @@ class Coordinator(Membership):
                 return self.view.epoch  # a re-announcement: nothing changes (a fenced node stays fenced until reconciled)
             if known is not None and known.state == LEAVING:
                 return self.view.epoch  # leaving nodes do not come back by announcing
-            if known is not None and known.state == DOWN and ((known.host, known.port) == (host, port) or self.view.prev_ring is not None):
+            if known is not None and known.state == DOWN:
                 # A down node comes back when this master's health checks reach
                 # it again, not because it can reach this master: the path
                 # from it may work while the one to it does not. One that moved
-                # comes back by announcing, but not while a migration runs
-                # (see _back): it announces again later.
+                # (a restart on another port) gets its new address checked, and
+                # comes back the same way (_back: after a running migration,
+                # and empty after a long outage).
+                if (known.host, known.port, known.weight) != (host, port, weight):
+                    members[node_id] = replace(known, host=host, port=port, weight=weight)
+                    log.info("down aux node %s announces itself at %s:%d: health checks go there", node_id, host, port)
+                    self.publish(self.view.bumped(members=members))
                 return self.view.epoch
             members[node_id] = Member(node_id, host, port, weight, FENCED if fenced else UP, wall_ms())
             self._misses.pop(node_id, None)
@@ -384,8 +400,39 @@ class Coordinator(Membership):
                 self._waiting_back.add(node_id)
                 log.info("aux node %s answers pings again; it rejoins once the running migration is done", node_id)
             return
+        since_ms = self.view.members[node_id].since_ms
+        if wall_ms() - since_ms > FORGET_AFTER_MS and self._forgotten.get(node_id) != since_ms:
+            # Deletes made while it was down may have no tombstone left to
+            # copy: it comes back empty, and the migration fills it.
+            if node_id not in self._forgetting:
+                self._forgetting[node_id] = self._spawn(self._forget(node_id, since_ms), f"forget-{node_id}")
+            return
         self._waiting_back.discard(node_id)
         self.mark(node_id, UP, "answers pings again")
+
+    async def _forget(self, node_id: str, since_ms: int) -> None:
+        """Empty a node that was down since ``since_ms`` (DROP of every key); the next health round lets it back."""
+        try:
+            link = self._links().get(node_id)
+            if link is None:
+                return
+            cursor, dropped = 0, 0
+            while True:
+                cursor, n = await link.call(Op.DROP, _WHOLE_CIRCLE, cursor)
+                dropped += n
+                if not cursor:
+                    break
+            self._forgotten[node_id] = since_ms
+            log.warning(
+                "aux node %s was down for %.0f s, longer than deletes are remembered: dropped its %d keys; it rejoins empty",
+                node_id,
+                (wall_ms() - since_ms) / 1000,
+                dropped,
+            )
+        except Exception as exc:
+            log.warning("emptying aux node %s before it rejoins failed (%s); trying again", node_id, exc)
+        finally:
+            self._forgetting.pop(node_id, None)
 
     def on_aux_restart(self, node_id: str) -> None:
         self.fence(node_id, "restarted: reconciling before it serves reads")
