@@ -203,6 +203,8 @@ class Coordinator(Membership):
         #: Down nodes being emptied before they come back (``_forget``), and the
         #: ``since_ms`` of the down mark each one was emptied for.
         self._forgetting: dict[str, asyncio.Task[None]] = {}
+        #: Silent nodes fenced on their way down, until every master stopped reading them (``_mark_down``).
+        self._marking_down: dict[str, asyncio.Task[None]] = {}
         self._forgotten: dict[str, int] = {}
         self._incarnations: dict[str, int] = {}
         self._fences: dict[str, asyncio.Task[None]] = {}
@@ -434,6 +436,36 @@ class Coordinator(Membership):
         finally:
             self._forgetting.pop(node_id, None)
 
+    def _mark_down(self, node_id: str, why: str) -> None:
+        """Mark a silent node down, fenced first where it was read: down once every master stopped reading it.
+
+        A down node gets no writes. Marked down at once, a follower that
+        still routed by the view before read it while this master's writes
+        skipped it: a value older than an acknowledged write. Fenced, it is
+        still written and no longer read; down follows once every master
+        routes by the fenced view (bounded as FENCE is).
+        """
+        if node_id in self._marking_down:
+            return
+        m = self.view.members.get(node_id)
+        if m is None or m.state != UP:
+            self.mark(node_id, DOWN, why)  # not read (fenced) or leaving (its data moves away): at once
+            return
+        self.fence(node_id, f"{why}: marking it down once no master reads it")
+        self._marking_down[node_id] = self._spawn(self._down_when_unread(node_id, why), f"down-{node_id}")
+
+    async def _down_when_unread(self, node_id: str, why: str) -> None:
+        try:
+            pos = (self.view.epoch, self.view.seq)
+            timeout = max(1.0, 2 * self.config.follow_interval + 0.5)
+            lagging = await self._masters_at(pos, timeout)
+            if lagging:
+                log.warning("masters %s did not confirm the fence of %s within %.1f s; marking it down anyway", lagging, node_id, timeout)
+            if self._misses.get(node_id, 0) >= self.config.health_failures:  # still silent
+                self.mark(node_id, DOWN, why)
+        finally:
+            self._marking_down.pop(node_id, None)
+
     def on_aux_restart(self, node_id: str) -> None:
         self.fence(node_id, "restarted: reconciling before it serves reads")
 
@@ -576,7 +608,7 @@ class Coordinator(Membership):
             if current.state != DOWN and misses >= cfg.health_failures:
                 assert isinstance(r, BaseException)
                 why = r.__class__.__name__ if isinstance(r, TimeoutError) else f"{r.__class__.__name__}: {r}"
-                self.mark(m.node_id, DOWN, f"{misses} health checks failed in a row ({why})")
+                self._mark_down(m.node_id, f"{misses} health checks failed in a row ({why})")
 
     # -- restart recovery ----------------------------------------------------------
 

@@ -269,6 +269,32 @@ async def test_health_checks_mark_a_silent_node_down_and_up_again(cluster: FakeC
         await coord.close()
 
 
+async def test_a_silent_node_is_fenced_until_every_master_stopped_reading_it_then_marked_down(cluster: FakeCluster) -> None:
+    """Down (no more writes) only once every master routes by a view that does not read it.
+
+    Marked down at once, a follower still on the view before read it while
+    the coordinator's writes skipped it: the fault campaign (bin/chaos.py,
+    ``link-delay,a1,0,1.72,0.33``) read values older than acknowledged
+    writes through the follower.
+    """
+    coord = coordinator(cluster, follow_interval=2.0)  # the fence's wait is bounded by 4.5 s
+    await coord.start()
+    try:
+        v = coord.view
+        coord.sync("m2", v.epoch, v.seq)  # a follower at the current view
+        cluster.fake.silent.add("a2")
+        await until(lambda: coord.view.members["a2"].state == FENCED, SETTLE_S, "a2 to be fenced")
+        fenced = coord.view
+        hellos = _health_hellos(cluster, "a1")
+        await until(lambda: _health_hellos(cluster, "a1") >= hellos + 3, SETTLE_S, "more health rounds")
+        assert coord.view.members["a2"].state == FENCED, "marked down while a master may still read it"
+        coord.sync("m2", fenced.epoch, fenced.seq)  # the follower routes by the fenced view
+        await until(lambda: coord.view.members["a2"].state == DOWN, SETTLE_S, "a2 to be marked down")
+        assert [e["state"] for e in coord.health_events] == [FENCED, DOWN]
+    finally:
+        await coord.close()
+
+
 async def test_a_node_back_during_a_migration_rejoins_only_after_it(cluster: FakeCluster) -> None:
     """A node that was down missed writes: it must not come back as an owner of the running migration's rings.
 
