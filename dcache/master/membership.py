@@ -203,9 +203,9 @@ class Coordinator(Membership):
         #: Down nodes being emptied before they come back (``_forget``), and the
         #: ``since_ms`` of the down mark each one was emptied for.
         self._forgetting: dict[str, asyncio.Task[None]] = {}
+        self._forgotten: dict[str, int] = {}
         #: Silent nodes fenced on their way down, until every master stopped reading them (``_mark_down``).
         self._marking_down: dict[str, asyncio.Task[None]] = {}
-        self._forgotten: dict[str, int] = {}
         self._incarnations: dict[str, int] = {}
         self._fences: dict[str, asyncio.Task[None]] = {}
         #: node id -> the version its reconciliation copies from (0: everything).
