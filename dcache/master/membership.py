@@ -61,7 +61,7 @@ _FENCE_PASS_MARGIN_MS = 5_000
 #: tombstone lasts 60 s (``dcache.lru``), and its old copy of a key deleted
 #: before that would be read again. Half of it leaves time for the migration
 #: that copies the tombstones still there to it.
-FORGET_AFTER_MS = 30_000
+EMPTY_AFTER_DOWN_MS = 30_000
 #: The whole hash circle, as DROP takes it.
 _WHOLE_CIRCLE = [[0, 0]]
 
@@ -200,10 +200,10 @@ class Coordinator(Membership):
         self._misses: dict[str, int] = {}
         #: Down nodes that answer again and wait for the running migration to end (``_back``).
         self._waiting_back: set[str] = set()
-        #: Down nodes being emptied before they come back (``_forget``), and the
+        #: Down nodes being emptied before they come back (``_empty``), and the
         #: ``since_ms`` of the down mark each one was emptied for.
-        self._forgetting: dict[str, asyncio.Task[None]] = {}
-        self._forgotten: dict[str, int] = {}
+        self._emptying: dict[str, asyncio.Task[None]] = {}
+        self._emptied: dict[str, int] = {}
         #: Silent nodes fenced on their way down, until every master stopped reading them (``_mark_down``).
         self._marking_down: dict[str, asyncio.Task[None]] = {}
         self._incarnations: dict[str, int] = {}
@@ -403,16 +403,16 @@ class Coordinator(Membership):
                 log.info("aux node %s answers pings again; it rejoins once the running migration is done", node_id)
             return
         since_ms = self.view.members[node_id].since_ms
-        if wall_ms() - since_ms > FORGET_AFTER_MS and self._forgotten.get(node_id) != since_ms:
+        if wall_ms() - since_ms > EMPTY_AFTER_DOWN_MS and self._emptied.get(node_id) != since_ms:
             # Deletes made while it was down may have no tombstone left to
             # copy: it comes back empty, and the migration fills it.
-            if node_id not in self._forgetting:
-                self._forgetting[node_id] = self._spawn(self._forget(node_id, since_ms), f"forget-{node_id}")
+            if node_id not in self._emptying:
+                self._emptying[node_id] = self._spawn(self._empty(node_id, since_ms), f"empty-{node_id}")
             return
         self._waiting_back.discard(node_id)
         self.mark(node_id, UP, "answers pings again")
 
-    async def _forget(self, node_id: str, since_ms: int) -> None:
+    async def _empty(self, node_id: str, since_ms: int) -> None:
         """Empty a node that was down since ``since_ms`` (DROP of every key); the next health round lets it back."""
         try:
             link = self._links().get(node_id)
@@ -424,7 +424,7 @@ class Coordinator(Membership):
                 dropped += n
                 if not cursor:
                     break
-            self._forgotten[node_id] = since_ms
+            self._emptied[node_id] = since_ms
             log.warning(
                 "aux node %s was down for %.0f s, longer than deletes are remembered: dropped its %d keys; it rejoins empty",
                 node_id,
@@ -434,7 +434,7 @@ class Coordinator(Membership):
         except Exception as exc:
             log.warning("emptying aux node %s before it rejoins failed (%s); trying again", node_id, exc)
         finally:
-            self._forgetting.pop(node_id, None)
+            self._emptying.pop(node_id, None)
 
     def _mark_down(self, node_id: str, why: str) -> None:
         """Mark a silent node down, fenced first where it was read: down once every master stopped reading it.

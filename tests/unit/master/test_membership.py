@@ -18,7 +18,7 @@ import pytest
 from dcache.config import MasterConfig
 from dcache.errors import BadArgumentsError, Status
 from dcache.hlc import wall_ms
-from dcache.master.membership import FORGET_AFTER_MS, Coordinator, Follower
+from dcache.master.membership import EMPTY_AFTER_DOWN_MS, Coordinator, Follower
 from dcache.master.view import DOWN, FENCED, LEAVING, UP, ClusterView, Member
 from dcache.protocol import Op
 from dcache.server import Service, deferred
@@ -329,7 +329,7 @@ async def test_a_node_back_during_a_migration_rejoins_only_after_it(cluster: Fak
 
 
 async def test_a_node_down_for_longer_than_tombstones_last_comes_back_empty(cluster: FakeCluster) -> None:
-    """A node back after FORGET_AFTER_MS holds no copy of a key deleted while it was away; a short outage keeps its data.
+    """A node back after EMPTY_AFTER_DOWN_MS holds no copy of a key deleted while it was away; a short outage keeps its data.
 
     Before, its old copy of a key deleted more than 60 s before it came
     back (no tombstone left anywhere to copy to it) was read again: 20 of
@@ -340,7 +340,7 @@ async def test_a_node_down_for_longer_than_tombstones_last_comes_back_empty(clus
     cluster.put("a2", gone, b"deleted long ago", cluster.clock.next())  # its tombstone on the others has expired
     members = dict(cluster.view.members)
     a2 = members["a2"]
-    members["a2"] = Member(a2.node_id, a2.host, a2.port, a2.weight, DOWN, wall_ms() - FORGET_AFTER_MS - 1000)
+    members["a2"] = Member(a2.node_id, a2.host, a2.port, a2.weight, DOWN, wall_ms() - EMPTY_AFTER_DOWN_MS - 1000)
     coord = coordinator(cluster)
     coord.publish(cluster.view.with_members(members, migrate=False))
     await coord.start()
