@@ -42,7 +42,8 @@ A nonzero stale, resurrected, wrong or lost count, or a cluster that did
 not settle, is a problem: the daemons' logs of that schedule go to
 ``--log-dir``, and the exit status is 1. ``--schedule`` replays one
 schedule (``kind,target,start_s,hold_s[,param];...``) ``--repeat`` times,
-to reduce a failure to the smallest schedule that shows it.
+each on a fresh cluster, to reduce a failure to the smallest schedule
+that shows it.
 
 The whole run is bounded by ``--max-seconds``: no new schedule starts
 after it, and every process and proxy the campaign started is stopped on
@@ -406,8 +407,8 @@ async def run_schedule(cluster: ChaosCluster, faults: list[Fault], seed: int) ->
     )
 
 
-async def run_seed(seed: int, args: argparse.Namespace, deadline: float, log_dir: Path) -> list[Outcome]:
-    """A fresh cluster for ``seed`` and its schedules (or ``--schedule`` repeated); stops it."""
+async def run_seed(seed: int, args: argparse.Namespace, deadline: float, log_dir: Path, first: int = 0) -> list[Outcome]:
+    """A fresh cluster for ``seed`` and its schedules (or ``--schedule`` once, numbered ``first``); stops it."""
     rng = random.Random(seed)
     outcomes: list[Outcome] = []
     tmp = Path(tempfile.mkdtemp(prefix=f"dcache-chaos-{seed}-"))
@@ -417,10 +418,10 @@ async def run_seed(seed: int, args: argparse.Namespace, deadline: float, log_dir
         _, unsettled = await cluster.settle()
         if unsettled:
             raise RuntimeError(f"seed {seed}: the first cluster did not settle: {unsettled}")
-        runs = args.repeat if args.schedule else args.schedules
-        for index in range(runs):
+        runs = 1 if args.schedule else args.schedules
+        for index in range(first, first + runs):
             if time.monotonic() > deadline:
-                print(f"seed {seed}: --max-seconds reached, {runs - index} schedule(s) not run", flush=True)
+                print(f"seed {seed}: --max-seconds reached, {first + runs - index} schedule(s) not run", flush=True)
                 break
             faults = parse_schedule(args.schedule) if args.schedule else plan(rng, frozenset(cluster.members))
             t0 = time.monotonic()
@@ -463,11 +464,13 @@ async def campaign(args: argparse.Namespace) -> int:
     deadline = t0 + args.max_seconds
     log_dir = Path(args.log_dir)
     outcomes: list[Outcome] = []
-    for seed in parse_seeds(args.seeds):
+    # An explicit schedule runs on a fresh cluster each time (a join or a leave changes the members).
+    runs = [(seed, r) for seed in parse_seeds(args.seeds) for r in range(args.repeat if args.schedule else 1)]
+    for seed, r in runs:
         if time.monotonic() > deadline:
-            print(f"--max-seconds reached before seed {seed}", flush=True)
+            print(f"--max-seconds reached before seed {seed} ({r})", flush=True)
             break
-        outcomes += await run_seed(seed, args, deadline, log_dir)
+        outcomes += await run_seed(seed, args, deadline, log_dir, r)
     bad = [o for o in outcomes if o.bad]
     totals = {p: sum(o.counts[p] for o in outcomes) for p in PROBLEMS}
     print(
@@ -485,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", default="1-4", help="seeds to run, e.g. 1,3,5-8: each gets a fresh cluster (default: 1-4)")
     p.add_argument("--schedules", type=int, default=4, help="random schedules per seed (default: 4)")
     p.add_argument("--schedule", default="", help="run this schedule instead of random ones: kind,target,start_s,hold_s[,param];...")
-    p.add_argument("--repeat", type=int, default=1, help="times to run --schedule per seed (default: 1)")
+    p.add_argument("--repeat", type=int, default=1, help="times to run --schedule per seed, each on a fresh cluster (default: 1)")
     p.add_argument("--max-seconds", type=float, default=1800.0, help="start no schedule after this many seconds (default: 1800)")
     p.add_argument("--log-dir", default="chaos-logs", help="where the logs of schedules with problems go (default: ./chaos-logs)")
     args = p.parse_args(argv)
