@@ -350,6 +350,8 @@ class Coordinator(Membership):
                     log.info("down aux node %s announces itself at %s:%d: health checks go there", node_id, host, port)
                     self.publish(self.view.bumped(members=members))
                 return self.view.epoch
+            await self._after_settling()
+            members = dict(self.view.members)
             members[node_id] = Member(node_id, host, port, weight, FENCED if fenced else UP, wall_ms())
             self._misses.pop(node_id, None)
             reason = "rejoin" if known is not None else "join"
@@ -362,6 +364,9 @@ class Coordinator(Membership):
             if m is None:
                 return True
             if m.state != LEAVING:
+                await self._after_settling()
+                members = dict(self.view.members)
+                m = members.get(node_id, m)
                 members[node_id] = Member(m.node_id, m.host, m.port, m.weight, LEAVING, wall_ms())
                 self._change(members, f"graceful leave of {node_id}")
         await self.wait_settled(lambda v: node_id not in v.members, timeout=self.config.shutdown_grace + 3600)
@@ -448,23 +453,39 @@ class Coordinator(Membership):
         if node_id in self._marking_down:
             return
         m = self.view.members.get(node_id)
-        if m is None or m.state != UP:
-            self.mark(node_id, DOWN, why)  # not read (fenced) or leaving (its data moves away): at once
-            return
-        self.fence(node_id, f"{why}: marking it down once no master reads it")
-        self._marking_down[node_id] = self._spawn(self._down_when_unread(node_id, why), f"down-{node_id}")
+        read = m is not None and m.state == UP  # fenced nodes are not read, leaving ones move their data away
+        if read:
+            self.fence(node_id, f"{why}: marking it down once no master reads it")
+        self._marking_down[node_id] = self._spawn(self._down_when_unread(node_id, why, read), f"down-{node_id}")
 
-    async def _down_when_unread(self, node_id: str, why: str) -> None:
+    async def _down_when_unread(self, node_id: str, why: str, fenced: bool) -> None:
         try:
-            pos = (self.view.epoch, self.view.seq)
-            timeout = max(1.0, 2 * self.config.follow_interval + 0.5)
-            lagging = await self._masters_at(pos, timeout)
-            if lagging:
-                log.warning("masters %s did not confirm the fence of %s within %.1f s; marking it down anyway", lagging, node_id, timeout)
+            if fenced:
+                pos = (self.view.epoch, self.view.seq)
+                timeout = max(1.0, 2 * self.config.follow_interval + 0.5)
+                lagging = await self._masters_at(pos, timeout)
+                if lagging:
+                    log.warning(
+                        "masters %s did not confirm the fence of %s within %.1f s; marking it down anyway", lagging, node_id, timeout
+                    )
+            await self._after_settling()
             if self._misses.get(node_id, 0) >= self.config.health_failures:  # still silent
                 self.mark(node_id, DOWN, why)
         finally:
             self._marking_down.pop(node_id, None)
+
+    async def _after_settling(self) -> None:
+        """Wait (bounded, as the settling itself is) until no migration settles before a change of the ring.
+
+        While it settles, some masters read the current ring's owners and
+        others, not there yet, the source ring's: a change now would stop
+        writing one of the two (see ``ClusterView.with_members``).
+        """
+        timeout = max(3.0, self.config.follow_interval * 6) + 1.0
+        try:
+            await self.wait_settled(lambda v: not v.settling, timeout)
+        except TimeoutError:
+            log.warning("a migration still settles after %.1f s; changing the ring anyway", timeout)
 
     def on_aux_restart(self, node_id: str) -> None:
         self.fence(node_id, "restarted: reconciling before it serves reads")

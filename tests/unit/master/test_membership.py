@@ -102,6 +102,31 @@ async def test_a_join_migrates_the_new_nodes_ranges_to_it(cluster: FakeCluster) 
         await coord.close()
 
 
+async def test_a_leave_while_a_migration_settles_waits_for_its_end(cluster: FakeCluster) -> None:
+    """No ring change while a migration settles: some masters read its new owners, others its old ones.
+
+    A leave right after a join's copy went ahead at once: the new view
+    wrote neither the owners a master still on the copying view read nor
+    (before that) the ones a master on the settling view read, and deletes
+    were read back (the fault campaign, bin/chaos.py:
+    ``aux-join,a4,0,0;aux-leave,a2,1.14,0``).
+    """
+    data = fill(cluster)
+    coord = coordinator(cluster)
+    try:
+        v = coord.view
+        coord.sync("m2", v.epoch, v.seq)  # a follower that stays behind: the settling lasts its bound
+        await coord.join("a4", "127.0.0.1", 7110, 1.0)
+        await until(lambda: coord.view.settling, SETTLE_S, "the join's migration to settle")
+        assert await asyncio.wait_for(coord.leave("a3"), 4 * SETTLE_S) is True
+        first = next(i for i, v in enumerate(cluster.views) if "a3" in v.members and v.members["a3"].state == LEAVING)
+        before = cluster.views[first - 1]
+        assert not before.settling and before.prev_ring is None, "the leave changed the ring while the join's migration settled"
+        assert_owners_hold(cluster, coord.view, data)
+    finally:
+        await coord.close()
+
+
 async def test_announcements_that_change_nothing_publish_nothing(cluster: FakeCluster) -> None:
     coord = coordinator(cluster)
     try:
