@@ -57,6 +57,13 @@ log = logging.getLogger("dcache.master.membership")
 
 #: A later reconciliation pass copies what is newer than the start of the one before, less this margin (ms).
 _FENCE_PASS_MARGIN_MS = 5_000
+#: A node down for longer than this comes back empty (``_back``): a delete's
+#: tombstone lasts 60 s (``dcache.lru``), and its old copy of a key deleted
+#: before that would be read again. Half of it leaves time for the migration
+#: that copies the tombstones still there to it.
+EMPTY_AFTER_DOWN_MS = 30_000
+#: The whole hash circle, as DROP takes it.
+_WHOLE_CIRCLE = [[0, 0]]
 
 
 def forget_refusal(view: ClusterView, node_id: str, force: bool) -> str | None:
@@ -263,6 +270,12 @@ class Coordinator(Membership):
         self._misses: dict[str, int] = {}
         #: Down nodes that answer again and wait for the running migration to end (``_back``).
         self._waiting_back: set[str] = set()
+        #: Down nodes being emptied before they come back (``_empty``), and the
+        #: ``since_ms`` of the down mark each one was emptied for.
+        self._emptying: dict[str, asyncio.Task[None]] = {}
+        self._emptied: dict[str, int] = {}
+        #: Silent nodes fenced on their way down, until every master stopped reading them (``_mark_down``).
+        self._marking_down: dict[str, asyncio.Task[None]] = {}
         self._incarnations: dict[str, int] = {}
         self._fences: dict[str, asyncio.Task[None]] = {}
         #: node id -> the version its reconciliation copies from (0: everything).
@@ -330,7 +343,9 @@ class Coordinator(Membership):
         except Exception:
             log.exception("migration to epoch %d failed; retrying in 1 s", view.epoch)
             await asyncio.sleep(1.0)
-            if self.view is view:
+            # A view published meanwhile that keeps the move (a node fenced
+            # or reconciled) started no migration of its own: retry under it.
+            if _same_move(self.view, view):
                 self._start_migration()
             return
         if not _same_move(self.view, view):
@@ -392,13 +407,20 @@ class Coordinator(Membership):
                 return self.view.epoch  # a re-announcement: nothing changes (a fenced node stays fenced until reconciled)
             if known is not None and known.state == LEAVING:
                 return self.view.epoch  # leaving nodes do not come back by announcing
-            if known is not None and known.state == DOWN and ((known.host, known.port) == (host, port) or self.view.prev_ring is not None):
+            if known is not None and known.state == DOWN:
                 # A down node comes back when this master's health checks reach
                 # it again, not because it can reach this master: the path
                 # from it may work while the one to it does not. One that moved
-                # comes back by announcing, but not while a migration runs
-                # (see _back): it announces again later.
+                # (a restart on another port) gets its new address checked, and
+                # comes back the same way (_back: after a running migration,
+                # and empty after a long outage).
+                if (known.host, known.port, known.weight) != (host, port, weight):
+                    members[node_id] = replace(known, host=host, port=port, weight=weight)
+                    log.info("down aux node %s announces itself at %s:%d: health checks go there", node_id, host, port)
+                    self.publish(self.view.bumped(members=members))
                 return self.view.epoch
+            await self._after_settling()
+            members = dict(self.view.members)
             members[node_id] = Member(node_id, host, port, weight, FENCED if fenced else UP, wall_ms())
             self._misses.pop(node_id, None)
             reason = "rejoin" if known is not None else "join"
@@ -413,6 +435,9 @@ class Coordinator(Membership):
             if m.state == DOWN:
                 raise MembershipError(_down_cannot_leave(node_id, "is down"))
             if m.state != LEAVING:
+                await self._after_settling()
+                members = dict(self.view.members)
+                m = members.get(node_id, m)
                 members[node_id] = Member(m.node_id, m.host, m.port, m.weight, LEAVING, wall_ms())
                 self._change(members, f"graceful leave of {node_id}")
 
@@ -479,8 +504,85 @@ class Coordinator(Membership):
                 self._waiting_back.add(node_id)
                 log.info("aux node %s answers pings again; it rejoins once the running migration is done", node_id)
             return
+        since_ms = self.view.members[node_id].since_ms
+        if wall_ms() - since_ms > EMPTY_AFTER_DOWN_MS and self._emptied.get(node_id) != since_ms:
+            # Deletes made while it was down may have no tombstone left to
+            # copy: it comes back empty, and the migration fills it.
+            if node_id not in self._emptying:
+                self._emptying[node_id] = self._spawn(self._empty(node_id, since_ms), f"empty-{node_id}")
+            return
         self._waiting_back.discard(node_id)
         self.mark(node_id, UP, "answers pings again")
+
+    async def _empty(self, node_id: str, since_ms: int) -> None:
+        """Empty a node that was down since ``since_ms`` (DROP of every key); the next health round lets it back."""
+        try:
+            link = self._links().get(node_id)
+            if link is None:
+                return
+            cursor, dropped = 0, 0
+            while True:
+                cursor, n = await link.call(Op.DROP, _WHOLE_CIRCLE, cursor)
+                dropped += n
+                if not cursor:
+                    break
+            self._emptied[node_id] = since_ms
+            log.warning(
+                "aux node %s was down for %.0f s, longer than deletes are remembered: dropped its %d keys; it rejoins empty",
+                node_id,
+                (wall_ms() - since_ms) / 1000,
+                dropped,
+            )
+        except Exception as exc:
+            log.warning("emptying aux node %s before it rejoins failed (%s); trying again", node_id, exc)
+        finally:
+            self._emptying.pop(node_id, None)
+
+    def _mark_down(self, node_id: str, why: str) -> None:
+        """Mark a silent node down, fenced first where it was read: down once every master stopped reading it.
+
+        A down node gets no writes. Marked down at once, a follower that
+        still routed by the view before read it while this master's writes
+        skipped it: a value older than an acknowledged write. Fenced, it is
+        still written and no longer read; down follows once every master
+        routes by the fenced view (bounded as FENCE is).
+        """
+        if node_id in self._marking_down:
+            return
+        m = self.view.members.get(node_id)
+        read = m is not None and m.state == UP  # fenced nodes are not read, leaving ones move their data away
+        if read:
+            self.fence(node_id, f"{why}: marking it down once no master reads it")
+        self._marking_down[node_id] = self._spawn(self._down_when_unread(node_id, why, read), f"down-{node_id}")
+
+    async def _down_when_unread(self, node_id: str, why: str, fenced: bool) -> None:
+        try:
+            if fenced:
+                pos = (self.view.epoch, self.view.seq)
+                timeout = max(1.0, 2 * self.config.follow_interval + 0.5)
+                lagging = await self._masters_at(pos, timeout)
+                if lagging:
+                    log.warning(
+                        "masters %s did not confirm the fence of %s within %.1f s; marking it down anyway", lagging, node_id, timeout
+                    )
+            await self._after_settling()
+            if self._misses.get(node_id, 0) >= self.config.health_failures:  # still silent
+                self.mark(node_id, DOWN, why)
+        finally:
+            self._marking_down.pop(node_id, None)
+
+    async def _after_settling(self) -> None:
+        """Wait (bounded, as the settling itself is) until no migration settles before a change of the ring.
+
+        While it settles, some masters read the current ring's owners and
+        others, not there yet, the source ring's: a change now would stop
+        writing one of the two (see ``ClusterView.with_members``).
+        """
+        timeout = max(3.0, self.config.follow_interval * 6) + 1.0
+        try:
+            await self.wait_settled(lambda v: not v.settling, timeout)
+        except TimeoutError:
+            log.warning("a migration still settles after %.1f s; changing the ring anyway", timeout)
 
     def on_aux_restart(self, node_id: str) -> None:
         self.fence(node_id, "restarted: reconciling before it serves reads")
@@ -624,7 +726,7 @@ class Coordinator(Membership):
             if current.state != DOWN and misses >= cfg.health_failures:
                 assert isinstance(r, BaseException)
                 why = r.__class__.__name__ if isinstance(r, TimeoutError) else f"{r.__class__.__name__}: {r}"
-                self.mark(m.node_id, DOWN, f"{misses} health checks failed in a row ({why})")
+                self._mark_down(m.node_id, f"{misses} health checks failed in a row ({why})")
 
     # -- restart recovery ----------------------------------------------------------
 

@@ -149,7 +149,10 @@ class Migrator:
         self.keys_moved = 0
         self.tombstones_moved = 0
         self.started_ms = time.time_ns() // 1_000_000
-        self.streams = [{"source": s, "destination": d, "ranges": len(r), "keys": 0, "done": False} for (s, d), r in plan.items()]
+        # This run's own records: a run that starts meanwhile (a fenced node's
+        # reconciliation beside a ring change's migration) replaces self.streams.
+        streams = [{"source": s, "destination": d, "ranges": len(r), "keys": 0, "done": False} for (s, d), r in plan.items()]
+        self.streams = streams
         log.info("migration to epoch %d: %d stream(s)", view.epoch, len(plan))
         await self._followers_caught_up(view.epoch, max(3.0, cfg.follow_interval * 6))
         start_version = self._clock.next()
@@ -158,13 +161,13 @@ class Migrator:
 
         async def one(i: int, src: str, dst: str, ranges: list[list[int]], min_version: int, first: bool) -> None:
             async with sem:
-                await self._stream(i, src, dst, ranges, min_version, first)
+                await self._stream(streams[i], src, dst, ranges, min_version, first)
 
         await asyncio.gather(*(one(i, s, d, r, since_version, True) for i, ((s, d), r) in enumerate(plan.items())))
         self.state = "catching-up"
         catch_up_from = max(since_version, start_version - int(_CATCH_UP_MARGIN_S * _VERSION_UNITS_PER_S))
         await asyncio.gather(*(one(i, s, d, r, catch_up_from, False) for i, ((s, d), r) in enumerate(plan.items())))
-        for s in self.streams:
+        for s in streams:
             s["done"] = True
         self.streams_done = self.streams_total
         self.state = "idle"
@@ -178,8 +181,10 @@ class Migrator:
             (self.finished_ms - self.started_ms) / 1000,
         )
 
-    async def _stream(self, index: int, src: str, dst: str, ranges: list[list[int]], min_version: int, first: bool) -> None:
+    async def _stream(self, record: dict[str, Any], src: str, dst: str, ranges: list[list[int]], min_version: int, first: bool) -> None:
         """Copy ``ranges`` from ``src`` to ``dst``: SCAN pages one after the other, APPLY them while the next is read.
+
+        ``record`` is the stream's entry in its run's ``streams`` (progress).
 
         At most ``_PAGES_IN_FLIGHT`` pages are being applied at once (the
         memory held is bounded by pages, not keys); the stream returns once
@@ -215,7 +220,7 @@ class Migrator:
                         done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
                         for task in done:
                             task.result()  # a page that failed after its retries fails the stream
-                    applying.add(asyncio.ensure_future(self._apply_page(index, dest, entries, n, tombstones, first)))
+                    applying.add(asyncio.ensure_future(self._apply_page(record, dest, entries, n, tombstones, first)))
                 scanned += n
                 if not cursor:
                     break
@@ -232,9 +237,11 @@ class Migrator:
                 task.cancel()
         if first:
             self.streams_done += 1
-            self.streams[index]["done"] = True
+            record["done"] = True
 
-    async def _apply_page(self, index: int, dest: AuxLink, entries: list[Any] | bytes, n: int, tombstones: list[Any], first: bool) -> None:
+    async def _apply_page(
+        self, record: dict[str, Any], dest: AuxLink, entries: list[Any] | bytes, n: int, tombstones: list[Any], first: bool
+    ) -> None:
         """APPLY one page's ``n`` entries (a list, or packed) and APPLY_DELETES its tombstones on ``dest``, and count them."""
         if n:
             try:
@@ -247,7 +254,7 @@ class Migrator:
             if first:
                 self.keys_moved += n
                 self.keys_moved_total += n
-                self.streams[index]["keys"] += n
+                record["keys"] += n
         if tombstones:
             await self._retry(dest, Op.APPLY_DELETES, tombstones)
             self.tombstones_moved += len(tombstones)

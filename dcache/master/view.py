@@ -134,15 +134,18 @@ class ClusterView:
     def with_members(self, members: dict[str, Member], *, migrate: bool = True) -> ClusterView:
         """A new view (epoch + 1) whose ring holds the members that are up.
 
-        With ``migrate`` the current ring becomes ``prev_ring`` (unless a
-        migration is already running, whose source ring stays authoritative).
+        With ``migrate`` the current ring becomes ``prev_ring``, unless a
+        migration is still copying: its source ring stays authoritative. A
+        settling migration has copied everything to the current ring's
+        owners, and masters already read them: they stay written to, as the
+        new ``prev_ring`` (the source ring's other owners got no read since).
         The ring is derived from this view's rings (``HashRing.from_nodes``):
         about 90 ms for one node at 1,000 nodes, where a build takes about 4 s.
         """
         epoch = self.epoch + 1
         nodes = {m.node_id: m.weight for m in members.values() if m.state in _IN_RING}
         ring = HashRing.from_nodes(nodes, epoch=epoch, known=(self.ring, self.prev_ring))
-        prev = (self.prev_ring if self.prev_ring is not None else self.ring) if migrate else None
+        prev = (self.prev_ring if self.prev_ring is not None and not self.settling else self.ring) if migrate else None
         if prev is not None and prev.nodes == ring.nodes:
             prev = None
         return replace(self, epoch=epoch, seq=0, members=dict(members), ring=ring, prev_ring=prev, settling=False)

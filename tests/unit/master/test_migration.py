@@ -7,6 +7,7 @@ really move. Time is a fake monotonic clock that only the migrator's
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from dcache.master.view import Member
 from dcache.protocol import Op, unpack_entries
 from tests.fakes import Reply
 
-from .fakecluster import FakeCluster
+from .fakecluster import FakeCluster, until
 
 KEYS = 600
 BATCH = 20
@@ -112,3 +113,48 @@ async def test_nodes_that_know_no_packed_pages_get_them_unpacked() -> None:
     scans = cluster.sent("a1", Op.SCAN)
     sizes = [len(m) for m in scans]
     assert sizes[0] == 7 and sizes.count(7) == 2 and sizes.count(6) > 2, "one packed try per pass (copy, catch-up), then unpacked"
+
+
+@pytest.mark.parametrize("paused", ["waiting-for-followers", "applying-a-page"])
+async def test_a_run_started_meanwhile_does_not_break_one_in_flight(paused: str) -> None:
+    """A fenced node's reconciliation starting while a migration waits for its followers or applies a page (one migrator, two runs).
+
+    The second run replaced the progress records the first indexed, and
+    the first failed with an IndexError (seen in the fault campaign,
+    bin/chaos.py: the migration or reconciliation was retried a second
+    later, or never, see test_membership).
+    """
+    async with FakeCluster(("a1",), replicas=1, spare=("a2",)) as cluster:
+        for i in range(KEYS):
+            cluster.put("a1", b"key:%d" % i, b"v%d" % i, cluster.clock.next())
+        members = dict(cluster.view.members)
+        members["a2"] = Member("a2", "127.0.0.1", 7101)
+        view = cluster.view.with_members(members)
+        cluster.adopt(view)
+        held: list[list[Any]] = []
+        followers = asyncio.Event()
+        waiting: list[int] = []
+
+        async def followers_caught_up(epoch: int, timeout: float) -> None:
+            waiting.append(epoch)
+            if paused == "waiting-for-followers" and len(waiting) == 1:
+                await followers.wait()
+
+        def apply(msg: list[Any]) -> Reply | None:
+            if paused == "applying-a-page" and not held:
+                held.append(msg)
+                return None  # answered below
+            return Reply(0, cluster.auxes["a2"].execute(msg))
+
+        cluster.overrides[("a2", Op.APPLY)] = apply
+        config = MasterConfig(port=0, replicas=1, migration_batch=KEYS)
+        migrator = Migrator(config, lambda: cluster.links, cluster.clock, followers_caught_up)
+        first = asyncio.ensure_future(migrator.run(view))
+        await until(lambda: held if paused == "applying-a-page" else waiting, what=paused)
+        await migrator.run(view, {})  # a run with no stream starts and ends meanwhile
+        if held:
+            cluster.fake.respond("a2", held[0], cluster.auxes["a2"].execute(held[0]))
+        followers.set()
+        await asyncio.wait_for(first, 5)
+        moved = [i for i in range(KEYS) if view.ring.owners(b"key:%d" % i, 1) == ["a2"]]
+        assert moved and all(cluster.value("a2", b"key:%d" % i) == b"v%d" % i for i in moved)

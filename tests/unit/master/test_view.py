@@ -129,6 +129,25 @@ def test_a_second_change_during_a_migration_keeps_its_source_ring() -> None:
     assert second.prev_ring == view.ring  # what the nodes hold is still the original ring's layout
 
 
+def test_a_change_while_a_migration_settles_keeps_writing_the_owners_masters_read() -> None:
+    """A join while the last migration settles: every owner a master on the settling view reads is still written.
+
+    The new view went back to the settling migration's source ring: the
+    owners of the settling ring (whose copy was done, and which masters
+    read) stopped getting writes, and a master still on the settling view
+    read a value older than an acknowledged delete there (the fault
+    campaign, bin/chaos.py: ``link-cut,a3,0,0.88;aux-join,a4,2.19,0``).
+    """
+    view = view_of(("a1", "a2", "a3"), 2)
+    down = view.with_members({m.node_id: m for m in members("a1", "a2", "a3", a3=DOWN)})
+    settling = down.migration_settling()
+    joined = settling.with_members({m.node_id: m for m in members("a1", "a2", "a3", "a4", a3=DOWN)})
+    assert joined.prev_ring == settling.ring and not joined.settling
+    for key in KEYS:
+        assert set(settling.read_candidates(key)) <= set(joined.write_targets(key)), key
+        assert set(joined.read_candidates(key)) <= set(joined.write_targets(key)), key
+
+
 def test_a_change_that_keeps_the_ring_members_starts_no_migration() -> None:
     view = view_of(("a1", "a2", "a3"), 2)
     ms = dict(view.members)
