@@ -24,7 +24,7 @@ from dcache.client import open_connection
 from dcache.errors import AuthError, Status
 from dcache.hlc import wall_ms
 from dcache.protocol import OPS, PROTOCOL_VERSION, Credential, Op
-from tests.cluster import FAST_HEALTH, Cluster, wait_ring
+from tests.cluster import FAST_HEALTH, Cluster, settled, wait_ring
 from tests.harness import DaemonProcess, start_http, wait_for
 from tests.rawconn import RawConn
 from tests.wire import call, split_addr, wait_connected
@@ -143,7 +143,7 @@ def test_every_cluster_op_is_refused_without_the_secret_on_every_daemon(tmp_path
         a1 = cl.start_aux("a1", *creds)
         a2 = cl.start_aux("a2", *creds)
         info = asyncio.run(
-            wait_ring(m1.addr, lambda i: {n["node_id"] for n in i["nodes"] if n["state"] == "up"} == {"a1", "a2"}, auth_token=TOKEN)
+            wait_ring(m1.addr, settled({"a1", "a2"}), auth_token=TOKEN)  # up, and the master's links open
         )
         assert all(n["auth_error"] is None for n in info["nodes"])
 
