@@ -192,7 +192,7 @@ async def test_a_restarted_coordinator_fails_no_call_while_its_ring_comes(tmp_pa
         stop.set()
         await asyncio.wait_for(asyncio.gather(*loads), 15)
 
-        await assert_served_while_ringless(tally, [m1.addr, m2.addr], m1.addr)
+        await assert_served_while_ringless(tally, [m1.addr, m2.addr], m1.addr, AUX)
     finally:
         await stop_loads(stop, loads)
         cluster.stop()
