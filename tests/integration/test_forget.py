@@ -124,7 +124,11 @@ async def test_forgetting_a_node_with_one_copy_takes_force(tmp_path) -> None:
         async with Client(m1.addr, timeout=10) as c:
             await populate(c, N_KEYS)
         cluster.aux["a2"].kill()
-        await wait_ring(m1.addr, lambda i: up_nodes(i) == {"a1"} and not i["migrating"], what="a2 down")
+        await wait_ring(
+            m1.addr,
+            lambda i: {n["node_id"]: n["state"] for n in i["nodes"]}.get("a2") == "down" and not i["migrating"],
+            what="a2 down (not only fenced)",
+        )
         r = await dcache("forget", "--addr", m1.addr, "a2")
         assert r.returncode == 4 and "had their only copies on down nodes including a2 (replicas 1)" in r.stderr, r
         assert "--force" in r.stderr and r.stderr.count("\n") == 1
