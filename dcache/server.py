@@ -1373,6 +1373,8 @@ class RequestGate:
         "_timer",
         "_saved",
         "_stopping",
+        "_opened",
+        "_awaiting",
         "held_total",
         "expired_total",
     )
@@ -1392,6 +1394,10 @@ class RequestGate:
         self._saved: dict[tuple[Credential, int], _Entry] = {}
         #: Set by ``fail_all``: why every request of the gate's ops is refused from then on.
         self._stopping: str | None = None
+        #: Resolved when the gate opens or fails (``ready``'s waiters), made by the first of them.
+        self._opened: asyncio.Future[None] | None = None
+        #: Coroutines in ``ready`` now (they count against ``max_waiters`` with the held requests).
+        self._awaiting = 0
         #: Requests held since start; of them, answered ``UNAVAILABLE`` after ``wait_s`` or over a bound.
         self.held_total = 0
         self.expired_total = 0
@@ -1417,6 +1423,44 @@ class RequestGate:
                 if entry is not None and (level, op) not in self._saved:
                     self._saved[level, op] = entry
                     table[op] = (entry[0], self._stand_in(op, entry[1]))
+
+    async def ready(self) -> None:
+        """Wait until the gate opens, under the same bounds as a held request.
+
+        For work that does not go through the op tables (RESP's SCAN and
+        FLUSHDB on a master: a ringless master would scan nothing and flush
+        nothing, and say so as a success).
+
+        Raises:
+            UnavailableError: the gate stayed closed ``wait_s``, too many wait
+                already, or the node is stopping.
+        """
+        if self._stopping is not None:
+            raise UnavailableError(self._stopping)
+        if not self._saved:
+            return
+        if len(self._held) + self._awaiting >= self._max_waiters:
+            self.expired_total += 1
+            raise UnavailableError(f"{self._why()}; {len(self._held) + self._awaiting} requests already wait for it")
+        if self._opened is None:
+            self._opened = asyncio.get_running_loop().create_future()
+        self.held_total += 1
+        self._awaiting += 1
+        try:
+            await asyncio.wait_for(asyncio.shield(self._opened), self._wait_s)
+        except TimeoutError:
+            self.expired_total += 1
+            raise UnavailableError(self._why()) from None
+        finally:
+            self._awaiting -= 1
+        if self._stopping is not None:
+            raise UnavailableError(self._stopping)
+
+    def _wake(self) -> None:
+        """Let ``ready``'s waiters go on (the gate opened or failed)."""
+        opened, self._opened = self._opened, None
+        if opened is not None and not opened.done():
+            opened.set_result(None)
 
     def _stand_in(self, op: int, handler: Handler) -> Handler:
         def hold(conn: FrameProtocol, rid: int, args: Any) -> Any:
@@ -1470,6 +1514,7 @@ class RequestGate:
             self._timer = None
         held, self._held = self._held, []
         self._bytes = 0
+        self._wake()
         if held:
             log.info("serving %d request(s) held until now", len(held))
         for _, conn, rid, op, handler, args, _ in held:
@@ -1483,6 +1528,7 @@ class RequestGate:
             self._timer = None
         held, self._held = self._held, []
         self._bytes = 0
+        self._wake()
         for _, conn, rid, op, _, _, _ in held:
             conn.reply(rid, int(Status.UNAVAILABLE), why, op)
 

@@ -460,8 +460,10 @@ class MasterNode(Service):
 
         DROP leaves no tombstones, and hints this master keeps are dropped too,
         so nothing it holds brings a key back; a write in flight meanwhile may
-        survive. Returns the number of entries dropped.
+        survive. Returns the number of entries dropped. Waits for this
+        master's first ring like a data request (``RequestGate.ready``).
         """
+        await self.ring_gate.ready()
         dropped = 0
         for node_id in list(self.router.view.members):
             link = self.links.get(node_id)
@@ -482,12 +484,15 @@ class MasterNode(Service):
         A call sends one native SCAN (``count`` items at most, a bounded
         amount of work on the node) and moves to the next node when one is
         done; it goes on to the next node at once when a finished node's last
-        page was empty, so empty pages stay rare.
+        page was empty, so empty pages stay rare. Waits for this master's
+        first ring like a data request (``RequestGate.ready``).
 
         Raises:
             BadArgumentsError: an unknown or expired cursor (also the aux node's own session expiring).
-            UnavailableError: a node of the plan is no longer linked (it left during the scan).
+            UnavailableError: a node of the plan is no longer linked (it left during the scan), or
+                this master had no ring within ``RING_WAIT_S``.
         """
+        await self.ring_gate.ready()
         links = self.links
         if cursor:
             scan = self.key_scans.resume(cursor)

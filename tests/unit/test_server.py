@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dcache.config import NodeConfig
-from dcache.errors import NotAnIntegerError, UnknownOpError
+from dcache.errors import NotAnIntegerError, UnavailableError, UnknownOpError
 from dcache.protocol import HEADER, MAX_HELLO_FRAME_BYTES, PROTOCOL_VERSION, Credential, FrameDecoder, Op, Status, encode_request, pack
 from dcache.server import LATER, MAX_IN_FLIGHT, UNKNOWN_OP, FrameProtocol, RequestGate, Service, deferred
 from tests.fakes import FakeTransport, SlowReaderTransport
@@ -611,3 +611,31 @@ async def test_fail_all_answers_every_held_request_and_refuses_the_next_ones() -
     conn.data_received(req(Op.GET, 3, b"c"))  # refused at once from then on: the node stops
     await until(lambda: len(t.frames()) == 2)
     assert t.frames()[1] == [3, UNAVAILABLE, "shutting down"] and gate.waiting == 0
+
+
+async def test_ready_waits_for_the_gate_to_open_under_the_same_bounds() -> None:
+    """RESP's SCAN and FLUSHDB on a master wait in ``ready``: they go on once the gate opens, or fail typed."""
+    svc = Toy()
+    gate = gated(svc, max_waiters=2)
+    conn, _ = connect(svc)
+    conn.data_received(req(Op.GET, 1, b"a"))  # one held request and one ``ready`` fill the bound
+    first = asyncio.ensure_future(gate.ready())
+    await asyncio.sleep(0)
+    with pytest.raises(UnavailableError, match="no ring yet; 2 requests already wait for it"):
+        await gate.ready()
+    assert not first.done()
+    gate.open()
+    await asyncio.wait_for(first, 1)  # went on once the gate opened
+    await gate.ready()  # an open gate: at once
+    assert (gate.held_total, gate.expired_total) == (2, 1)
+
+    gate = gated(svc, wait_s=0.05)
+    with pytest.raises(UnavailableError, match=r"^no ring yet$"):
+        await gate.ready()  # the bound of a held request
+    waiting = asyncio.ensure_future(gate.ready())
+    await asyncio.sleep(0)
+    gate.fail_all("shutting down")
+    with pytest.raises(UnavailableError, match="shutting down"):
+        await asyncio.wait_for(waiting, 1)
+    with pytest.raises(UnavailableError, match="shutting down"):
+        await gate.ready()
