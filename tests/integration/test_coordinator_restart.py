@@ -205,7 +205,7 @@ async def test_a_coordinator_restarted_after_a_migration_reads_what_it_wrote_onc
     cluster = Cluster(tmp_path, replicas=1)
     try:
         m1 = cluster.start_master("m1")
-        m2 = cluster.start_master("m2", "--follow-interval", "1.0", follow=m1)  # polls slower than the test watches it
+        m2 = cluster.start_master("m2", "--follow-interval", "2.0", follow=m1)  # polls slower than the test watches it
         for n in ("a1", "a2"):
             cluster.start_aux(n)
         await wait_ring(m2.addr, settled({"a1", "a2"}), timeout=30, what="a1 and a2 settled on the follower")
