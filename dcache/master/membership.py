@@ -774,13 +774,20 @@ class Coordinator(Membership):
             self._recovered.set()
 
     def _take_over(self, follower_id: str, theirs: ClusterView) -> None:
-        """Take over a follower's view (this coordinator restarted and has none)."""
+        """Take over a follower's view (this coordinator restarted and has none).
+
+        A migration in flight is taken over in the step it was in: a settling
+        one stays settling. The follower may be one poll behind the
+        coordinator that finished it, whose last writes went to the new
+        owners only; taken back to copying, reads would go to the source
+        ring's owners again and miss those writes until the copy was redone.
+        """
         epoch = max(self.view.epoch, theirs.epoch) + 1
         ring = theirs.ring.with_epoch(epoch)
         # The cluster's number of copies, not this process's flag: every key
         # is stored on that many owners, and reads fall back over that many.
         self.warn_replicas(theirs.replicas, f"the ring follower {follower_id} handed over")
-        view = ClusterView(epoch, 0, theirs.replicas, dict(theirs.members), ring, theirs.prev_ring, self.view.coordinator)
+        view = ClusterView(epoch, 0, theirs.replicas, dict(theirs.members), ring, theirs.prev_ring, self.view.coordinator, theirs.settling)
         self.recovery = {"from": f"follower {follower_id}", "epoch": view.epoch, "adopted_epoch": theirs.epoch}
         log.warning(
             "restarted coordinator: adopted the ring of epoch %d from follower %s as epoch %d (members %s)",
@@ -793,7 +800,7 @@ class Coordinator(Membership):
         self._recovered.set()
         self.publish(view)
         if view.prev_ring is not None:
-            log.info("resuming the migration to epoch %d", view.epoch)
+            log.info("resuming the migration to epoch %d%s", view.epoch, " (settling)" if view.settling else "")
             self._start_migration()
         else:
             self._notify()

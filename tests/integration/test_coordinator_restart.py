@@ -197,3 +197,38 @@ async def test_a_restarted_coordinator_fails_no_call_while_its_ring_comes(tmp_pa
         await stop_loads(stop, loads)
         cluster.stop()
         print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
+
+
+async def test_a_coordinator_restarted_after_a_migration_reads_what_it_wrote_once_done(tmp_path):
+    """The follower hands over the migration's settling view (it had not polled the end yet): the writes made once
+    the migration was done went to the new owners only, and read back at once, before the ring settles again."""
+    cluster = Cluster(tmp_path, replicas=1)
+    try:
+        m1 = cluster.start_master("m1")
+        m2 = cluster.start_master("m2", "--follow-interval", "2.0", follow=m1)  # polls slower than the test watches it
+        for n in ("a1", "a2"):
+            cluster.start_aux(n)
+        await wait_ring(m2.addr, settled({"a1", "a2"}), timeout=30, what="a1 and a2 settled on the follower")
+        cluster.start_aux("a3")
+        # The copy to a3 is done and m2 routes by the settling view: stopped there, it never sees the end.
+        await wait_ring(m2.addr, lambda i: "a3" in i["ring"]["nodes"] and i["migrating"] and i["seq"] >= 1, what="m2 settling")
+        m2.signal(signal.SIGSTOP)
+        try:
+            done = await wait_ring(m1.addr, settled(AUX), timeout=15, what="the migration done on the coordinator")
+            async with Client(m1.addr) as c:  # written to the new owners only
+                await populate(c, N_KEYS)
+            port = m1.port
+            m1.kill()
+            m1 = cluster.start_master("m1", port=port)
+        finally:
+            m2.signal(signal.SIGCONT)
+        info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=15, what="the ring back")
+        assert info["membership"]["recovery"] == {"from": "follower m2", "epoch": info["epoch"], "adopted_epoch": done["epoch"]}
+        async with Client(m1.addr) as c:
+            got = await c.mget([key_of(i) for i in range(N_KEYS)])
+        missed = [key_of(i) for i, v in enumerate(got) if v != value_of(i)]
+        assert missed == [], (len(missed), missed[:10])
+        assert f"resuming the migration to epoch {info['epoch']} (settling)" in m1.stderr()
+    finally:
+        cluster.stop()
+        print(cluster.logs()[-20000:])  # shown by pytest only when the test fails

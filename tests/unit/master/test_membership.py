@@ -24,7 +24,7 @@ from dcache.protocol import Op
 from dcache.server import Service, deferred
 from tests.fakes import Reply
 
-from .fakecluster import FakeCluster, until
+from .fakecluster import FakeCluster, Sink, until
 
 SETTLE_S = 10.0
 
@@ -547,6 +547,34 @@ async def test_a_restarted_coordinator_takes_the_ring_from_a_follower(cluster: F
         assert taken.prev_ring is None, "nothing moves: every node holds its own ranges"
         assert coord.recovery == {"from": "follower m2", "epoch": 1001, "adopted_epoch": old.epoch}
         assert coord.sync("m3", old.epoch, old.seq) == answer  # later followers just get the new view
+    finally:
+        await coord.close()
+
+
+async def test_a_restarted_coordinator_handed_a_settling_migration_reads_its_new_owners(cluster: FakeCluster) -> None:
+    """A follower one poll behind hands the settling view of a migration the coordinator had finished.
+
+    Writes made after it finished went to the new owners only: taken back
+    to copying, reads went to the source ring's owners and missed them.
+    """
+    one = ClusterView.initial(cluster.members[:1], 2, epoch=1)  # the source ring: a1 alone
+    settling = one.with_members({m.node_id: m for m in cluster.members}).migration_settling()
+    key = cluster.key_owned_by("a2", "a3")
+    version = cluster.put("a2", key, b"v")  # written once the migration was done: to the new owners only
+    cluster.put("a3", key, b"v", version)
+    coord = coordinator(cluster, ClusterView.initial([], 2, epoch=1000))
+    try:
+        assert coord.sync("m2", settling.epoch, settling.seq) == {"want_view": True}
+        coord.sync("m2", settling.epoch, settling.seq, settling.to_dict())
+        taken = coord.view
+        assert taken.prev_ring is not None and taken.prev_ring.nodes == one.ring.nodes  # the migration is resumed ...
+        sink = Sink()
+        cluster.router.get(sink, 1, key)
+        assert await sink.answer() == (Status.OK, b"v")  # ... in the step it was in: read the new owners
+        assert taken.settling
+        coord.sync("m2", taken.epoch, taken.seq)  # m2 routes by it: the resumed migration need not wait for it
+        await coord.wait_settled(lambda v: v.prev_ring is None, SETTLE_S)
+        assert cluster.value("a2", key) == cluster.value("a3", key) == b"v"
     finally:
         await coord.close()
 
