@@ -53,6 +53,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from ssl import SSLContext
 from typing import Any
 
@@ -403,7 +404,8 @@ class ZooKeeperMembership(Coordinator):
             # An empty ZooKeeper: start the epochs from the wall clock so that
             # views of a ring that was lost with ZooKeeper's data stay behind.
             start = max(current.epoch + 1, wall_ms())
-            current = ClusterView(start, 0, current.replicas, dict(current.members), current.ring, current.prev_ring, me)
+            # Everything else as it was: a migration settling stays settling.
+            current = replace(current, epoch=start, seq=0, members=dict(current.members), coordinator=me)
             Membership.publish(self, current)
             self._to_write = current
             self._write_wake.set()
