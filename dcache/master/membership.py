@@ -373,6 +373,7 @@ class Coordinator(Membership):
         for node_id, m in list(members.items()):
             if m.state == LEAVING:
                 del members[node_id]  # its data has moved: it may go
+                self._drop_state(node_id)
         done = settling.migration_done()
         if members != settling.members:
             done = done.bumped(members=members)
@@ -465,15 +466,23 @@ class Coordinator(Membership):
             lost = view.share_without_copy(node_id)
             members = dict(view.members)
             del members[node_id]
-            for state in (self._misses, self._incarnations, self._fence_since):
-                state.pop(node_id, None)
-            self._waiting_back.discard(node_id)
+            self._drop_state(node_id)
             what = f"forgotten{f' (forced: about {lost * 100:.1f}% of the keys lost)' if lost else ''}"
             self.health_events.append({"node_id": node_id, "state": "forgotten", "why": what, "at_ms": wall_ms()})
             del self.health_events[:-50]
             log.warning("aux node %s %s: it leaves the membership", node_id, what)
             # Down, it is in no ring: the ring keeps its layout and nothing moves.
             return self._change(members, f"{node_id} forgotten", migrate=False).epoch
+
+    def _drop_state(self, node_id: str) -> None:
+        """Forget what health checks and fences knew of a node that is no longer a member.
+
+        A node that joins again later is a new process: its incarnation,
+        compared with the old one, would fence it as restarted.
+        """
+        for state in (self._misses, self._incarnations, self._fence_since):
+            state.pop(node_id, None)
+        self._waiting_back.discard(node_id)
 
     def mark(self, node_id: str, state: str, why: str) -> None:
         """Mark a member up or down and publish the resulting view."""

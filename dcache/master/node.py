@@ -149,7 +149,7 @@ class MasterNode(Service):
                 if self.server is not None:
                     link.start()
         for node_id in [n for n in self.links if n not in view.members]:
-            self.state.spawn(self.links.pop(node_id).close())
+            self.state.spawn(self.links.pop(node_id).retire())  # what is in flight to it is still answered
         hints = self.router.hints
         for node_id in hints.nodes:
             member = view.members.get(node_id)
