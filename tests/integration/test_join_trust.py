@@ -12,7 +12,8 @@ import time
 import pytest
 
 from dcache import Client
-from tests.cluster import Cluster, Tally, native_load, ring, settled, stop_loads, wait_ring
+from dcache.protocol import Op
+from tests.cluster import Cluster, Tally, key_owned_by, native_load, outlive, ring, settled, stop_loads, up_nodes, wait_ring
 
 pytestmark = pytest.mark.slow
 
@@ -111,3 +112,39 @@ async def test_a_node_joining_under_write_load_is_not_fenced_and_fails_no_call(c
     assert (tally.failures[:5], len(tally.failures), tally.wrong) == ([], 0, [])
     events = (await ring(m1.addr))["membership"]["health_events"]
     assert [e for e in events if e["at_ms"] >= started_ms] == []
+
+
+@pytest.mark.parametrize("away", ["leave", "forget"])
+async def test_a_node_that_left_the_ring_rejoins_empty(cluster: Cluster, away: str) -> None:
+    """A node removed from the membership (a graceful leave, or FORGET after it stopped) keeps its data dir; it rejoins empty.
+
+    While it was away its key ``k`` was overwritten with a value that then
+    expired: no copy and no tombstone is left to tell its old value is
+    stale (a delete's tombstone lasts 60 s: the same after a minute). Back
+    with its snapshot, it served ``k``'s old value again.
+    """
+    m = cluster.start_master("m1")
+    for n in ("a1", "a2"):
+        cluster.start_aux(n)
+    await wait_ring(m.addr, settled({"a1", "a2"}))
+    k = key_owned_by("a2", ["a1", "a2"], "k")
+    async with Client(m.addr, timeout=10) as c:
+        assert await c.set(k, b"v1") is True
+        a2 = cluster.aux["a2"]
+        if away == "leave":
+            a2.signal(signal.SIGTERM)  # hands its data over, then a final snapshot
+            assert await asyncio.to_thread(a2.wait, 30) == 0
+            await wait_ring(m.addr, settled({"a1"}), timeout=30, what="a2 left")
+            assert await c.get(k) == b"v1"  # handed over
+        else:
+            a2.signal(signal.SIGINT)  # a final snapshot, no hand-over: its keys miss (one copy)
+            assert await asyncio.to_thread(a2.wait, 30) == 0
+            await wait_ring(m.addr, lambda i: "a2" not in up_nodes(i) and not i["migrating"], timeout=30, what="a2 down")
+            assert await c.execute(Op.FORGET, "a2", True) > 0  # forced: its keys had their only copy on it
+            await wait_ring(m.addr, lambda i: {n["node_id"] for n in i["nodes"]} == {"a1"}, what="a2 forgotten")
+        await outlive(c, k)
+        cluster.start_aux("a2")  # the same --data-dir
+        await wait_ring(m.addr, settled({"a1", "a2"}), timeout=30, what="a2 rejoined")
+        assert await c.get(k) is None
+    info = await ring(m.addr)
+    assert next(n for n in info["nodes"] if n["node_id"] == "a2")["items"] == 0
