@@ -139,9 +139,9 @@ async def wait_ring(
 def settled(nodes: set[str]) -> Callable[[dict[str, Any]], bool]:
     """Predicate: exactly ``nodes`` are up, in the ring (none fenced) and connected to, and no migration runs.
 
-    "Connected" matters: a node is marked up by its health check while the
-    master's request link may still be opening (HELLO, then BIND), and a
-    request sent then fails with "not connected".
+    "Connected": the master's link to each is open (HELLO, then BIND done).
+    A request routed to a link still opening waits for it (bounded), so a
+    test may write before; tests that count a node's connections rely on it.
     """
     return lambda info: (
         up_nodes(info) == nodes
