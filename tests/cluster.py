@@ -11,6 +11,7 @@ from typing import Any
 
 from dcache import Client
 from dcache.protocol import Op
+from dcache.ring import HashRing
 from tests.harness import DaemonProcess
 
 # Fast failure detection so tests stay short; still realistic (real pings).
@@ -138,9 +139,9 @@ async def wait_ring(
 def settled(nodes: set[str]) -> Callable[[dict[str, Any]], bool]:
     """Predicate: exactly ``nodes`` are up, in the ring (none fenced) and connected to, and no migration runs.
 
-    "Connected" matters: a node is marked up by its health check while the
-    master's request link may still be opening (HELLO, then BIND), and a
-    request sent then fails with "not connected".
+    "Connected": the master's link to each is open (HELLO, then BIND done).
+    A request routed to a link still opening waits for it (bounded), so a
+    test may write before; tests that count a node's connections rely on it.
     """
     return lambda info: (
         up_nodes(info) == nodes
@@ -148,6 +149,25 @@ def settled(nodes: set[str]) -> Callable[[dict[str, Any]], bool]:
         and not info["migrating"]
         and all(n.get("connected", True) for n in info["nodes"] if n["node_id"] in nodes)
     )
+
+
+def key_owned_by(node: str, members: list[str], prefix: str) -> str:
+    """A key (``prefix`` and a number) that ``node`` owns first in the ring of ``members``."""
+    r = HashRing(dict.fromkeys(members, 1.0))
+    for i in range(10_000):
+        key = f"{prefix}{i}"
+        if r.owner(key.encode()) == node:
+            return key
+    raise AssertionError(f"no key owned by {node}")
+
+
+async def outlive(c: Client, key: str) -> None:
+    """Overwrite ``key`` with a value that expires in 0.3 s and wait (bounded) until it did: no copy of it, and no tombstone, is left."""
+    assert await c.set(key, b"short-lived", ttl=0.3) is True
+    deadline = time.monotonic() + 10
+    while await c.get(key) is not None:
+        assert time.monotonic() < deadline, f"{key} did not expire"
+        await asyncio.sleep(0.05)
 
 
 def key_of(i: int) -> str:

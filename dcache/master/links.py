@@ -17,6 +17,16 @@ with ``UNAVAILABLE``. A link that cannot connect answers at once with
 ``UNAVAILABLE`` and reconnects in the background with jittered, capped
 backoff; the router then tries the key's next owner.
 
+A new link holds the requests made while its first connection opens
+(HELLO, then BIND: a few milliseconds), each until its own deadline, and
+sends them on that connection (``MAX_LINK_WAITERS`` at most; a link is new
+when its node joins, or when this master starts or adopts a view with it).
+A node is routed to as soon as a view names it: failing those requests
+with "not connected" failed calls for every node added under load, and
+acknowledged writes without the node, which fenced it. If that first
+attempt fails, they are answered ``UNAVAILABLE`` and the link fails fast
+from then on, as above.
+
 Suspicion (gray failure). A node that is stopped, overloaded or cut off
 rarely refuses connections: it just stops answering. A link whose node has
 answered nothing for ``suspect_after`` seconds while requests wait becomes
@@ -43,13 +53,15 @@ from typing import Any
 from ..errors import AuthError, Status, UnknownOpError, WrongClusterError
 from ..peer import Callback, PeerConnection, answer_to, handshake
 from ..protocol import CHANGING_OPS, UINT64_MAX, Op, Push
-from ..protocol.limits import INVALIDATION_TIMEOUT_S, NEAR_LEASE_S
+from ..protocol.limits import INVALIDATION_TIMEOUT_S, MAX_LINK_WAITERS, NEAR_LEASE_S
 
 __all__ = ["AuxLink", "ConnectionFactory"]
 
 log = logging.getLogger("dcache.master.links")
 
 _SWEEP_INTERVAL_S = 0.05
+#: Seconds between two looks at a retiring link's requests in flight (``retire``).
+_RETIRE_POLL_S = 0.01
 _BACKOFF_BASE_S = 0.05
 _BACKOFF_MAX_S = 1.0
 _UNAVAILABLE = int(Status.UNAVAILABLE)
@@ -94,6 +106,8 @@ class AuxLink:
         "_sweeper",
         "_connector",
         "_failures",
+        "_opening",
+        "_waiting",
         "_unbound_logged",
         "_closed",
         "_loop",
@@ -165,6 +179,10 @@ class AuxLink:
         self._sweeper: asyncio.Task[None] | None = None
         self._connector: asyncio.Task[None] | None = None
         self._failures = 0
+        #: Whether the first connection is still opening: requests wait for it (see the module note).
+        self._opening = True
+        #: Requests held while the first connection opens: ``(op, args, callback, deadline)``.
+        self._waiting: list[tuple[int, tuple[Any, ...], Callback, float]] = []
         #: Whether the node's answer to BIND, unknown to it, was logged.
         self._unbound_logged = False
         self._closed = False
@@ -213,8 +231,8 @@ class AuxLink:
 
     @property
     def in_flight(self) -> int:
-        """Requests sent and not yet answered."""
-        return sum(len(c.requests) for c in self._conns)
+        """Requests sent and not yet answered (those waiting for the first connection included)."""
+        return sum(len(c.requests) for c in self._conns) + len(self._waiting)
 
     @property
     def usable(self) -> bool:
@@ -276,6 +294,8 @@ class AuxLink:
                 raise
             except Exception as exc:
                 self._failures += 1
+                if self._opening:
+                    self._opened(None, f"aux node {self.node_id} at {self.host}:{self.port} is not connected: {exc}")
                 delay = min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** min(self._failures, 10)) * random.uniform(0.5, 1.0)
                 if isinstance(exc, AuthError):
                     self.auth_error = exc.message
@@ -306,6 +326,24 @@ class AuxLink:
                 self.incarnation = incarnation
             self._conns.append(proto)
             self._answered()
+            if self._opening:
+                self._opened(proto, "")
+
+    def _opened(self, conn: PeerConnection | None, failure: str) -> None:
+        """The first connection attempt ended: send the held requests on ``conn``, or answer them ``failure`` (``conn`` None)."""
+        self._opening = False
+        waiting = self._waiting
+        self._waiting = []
+        for op, args, cb, deadline in waiting:
+            if conn is None or conn.closed:
+                self.failures_total += 1
+                cb(_UNAVAILABLE, failure or f"aux node {self.node_id} at {self.host}:{self.port} is not connected")
+            else:
+                self.requests += 1
+                if op in CHANGING_OPS:
+                    conn.send(op, args, cb, deadline + INVALIDATION_TIMEOUT_S, True)
+                else:
+                    conn.send(op, args, cb, deadline)
 
     def _pick(self) -> PeerConnection | None:
         # Requests made in one loop iteration share one connection: they leave
@@ -345,6 +383,10 @@ class AuxLink:
             release()
         conn = self._pick()
         if conn is None:
+            loop = self._loop
+            if self._opening and loop is not None and len(self._waiting) < MAX_LINK_WAITERS:
+                self._waiting.append((op, args, cb, loop.time() + self._timeout))
+                return
             self.failures_total += 1
             cb(_UNAVAILABLE, f"aux node {self.node_id} at {self.host}:{self.port} is not connected")
             return
@@ -524,6 +566,21 @@ class AuxLink:
         message = f"aux node {self.node_id} did not answer within {self._timeout} s"
         for c in self._conns:
             self.failures_total += c.fail_overdue(now, message)
+        if self._waiting and self._waiting[0][3] <= now:
+            self._fail_waiting(now)
+
+    def _fail_waiting(self, now: float) -> None:
+        """Answer the requests held for the first connection whose deadline passed (they are in deadline order)."""
+        waiting = self._waiting
+        n = 0
+        while n < len(waiting) and waiting[n][3] <= now:
+            n += 1
+        overdue = waiting[:n]
+        del waiting[:n]
+        message = f"aux node {self.node_id} at {self.host}:{self.port}: no connection within {self._timeout} s"
+        for _, _, cb, _ in overdue:
+            self.failures_total += 1
+            cb(_TIMEOUT, message)
 
     def _probe(self, now: float) -> None:
         """PING the node, at most every ``suspect_after / 2`` seconds: any answer is a sign of life."""
@@ -544,6 +601,21 @@ class AuxLink:
             except Exception:  # pragma: no cover - a bug here must not stop the sweeps
                 log.exception("link sweep of %s failed", self.node_id)
 
+    async def retire(self) -> None:
+        """Close once the requests in flight are answered, at most the link's timeout from now: its node left the view.
+
+        Closed at once, the link answered them ``UNAVAILABLE`` (connection
+        lost), though the node, leaving gracefully, still answers: calls
+        routed by the view before failed.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        try:
+            while self.in_flight and self.connected and loop.time() < deadline:
+                await asyncio.sleep(_RETIRE_POLL_S)
+        finally:
+            await self.close()
+
     async def close(self) -> None:
         """Close every connection and stop the background tasks (idempotent)."""
         if self._closed:
@@ -552,6 +624,7 @@ class AuxLink:
         for task in (self._sweeper, self._connector):
             if task is not None:
                 task.cancel()
+        self._opened(None, f"the link to aux node {self.node_id} closed")
         for c in self._conns:
             c.close()
             c.connection_lost(None)

@@ -99,6 +99,16 @@ def forget_refusal(view: ClusterView, node_id: str, force: bool) -> str | None:
     return None
 
 
+async def _drop_everything(link: AuxLink) -> int:
+    """DROP every key of the node behind ``link`` (page by page); return how many were dropped."""
+    cursor, dropped = 0, 0
+    while True:
+        cursor, n = await link.call(Op.DROP, _WHOLE_CIRCLE, cursor)
+        dropped += int(n)
+        if not cursor:
+            return dropped
+
+
 def _same_move(a: ClusterView, b: ClusterView) -> bool:
     """Whether two views move the same data: the same previous ring and the same members in the current ring."""
     return a.prev_ring is not None and a.prev_ring is b.prev_ring and dict(a.ring.nodes) == dict(b.ring.nodes)
@@ -263,10 +273,13 @@ class Coordinator(Membership):
         on_view: Callable[[ClusterView], None],
         links: Callable[[], dict[str, AuxLink]],
         clock: HybridClock,
+        open_link: Callable[[Member], AuxLink],
     ) -> None:
+        """``open_link`` makes a link to a node outside the view (started by the caller, closed after use)."""
         super().__init__(config, view, on_view)
         self._links = links
         self._clock = clock
+        self._open_link = open_link
         self._misses: dict[str, int] = {}
         #: Down nodes that answer again and wait for the running migration to end (``_back``).
         self._waiting_back: set[str] = set()
@@ -373,6 +386,7 @@ class Coordinator(Membership):
         for node_id, m in list(members.items()):
             if m.state == LEAVING:
                 del members[node_id]  # its data has moved: it may go
+                self._drop_state(node_id)
         done = settling.migration_done()
         if members != settling.members:
             done = done.bumped(members=members)
@@ -419,6 +433,8 @@ class Coordinator(Membership):
                     log.info("down aux node %s announces itself at %s:%d: health checks go there", node_id, host, port)
                     self.publish(self.view.bumped(members=members))
                 return self.view.epoch
+            if known is None and node_id in self.view.departed:
+                await self._empty_departed(Member(node_id, host, port, weight))
             await self._after_settling()
             members = dict(self.view.members)
             members[node_id] = Member(node_id, host, port, weight, FENCED if fenced else UP, wall_ms())
@@ -465,15 +481,23 @@ class Coordinator(Membership):
             lost = view.share_without_copy(node_id)
             members = dict(view.members)
             del members[node_id]
-            for state in (self._misses, self._incarnations, self._fence_since):
-                state.pop(node_id, None)
-            self._waiting_back.discard(node_id)
+            self._drop_state(node_id)
             what = f"forgotten{f' (forced: about {lost * 100:.1f}% of the keys lost)' if lost else ''}"
             self.health_events.append({"node_id": node_id, "state": "forgotten", "why": what, "at_ms": wall_ms()})
             del self.health_events[:-50]
             log.warning("aux node %s %s: it leaves the membership", node_id, what)
             # Down, it is in no ring: the ring keeps its layout and nothing moves.
             return self._change(members, f"{node_id} forgotten", migrate=False).epoch
+
+    def _drop_state(self, node_id: str) -> None:
+        """Forget what health checks and fences knew of a node that is no longer a member.
+
+        A node that joins again later is a new process: its incarnation,
+        compared with the old one, would fence it as restarted.
+        """
+        for state in (self._misses, self._incarnations, self._fence_since):
+            state.pop(node_id, None)
+        self._waiting_back.discard(node_id)
 
     def mark(self, node_id: str, state: str, why: str) -> None:
         """Mark a member up or down and publish the resulting view."""
@@ -514,18 +538,43 @@ class Coordinator(Membership):
         self._waiting_back.discard(node_id)
         self.mark(node_id, UP, "answers pings again")
 
+    async def _empty_departed(self, node: Member) -> None:
+        """Empty a node that left the membership (LEAVE, FORGET) before it joins again; it is then filled like a new node.
+
+        It still holds what it had when it left, and the cluster went on
+        without it: a key overwritten and expired, evicted or flushed
+        meanwhile has no copy left to correct it, and a delete's tombstone
+        lasts 60 s; its old value would be read again. The link BINDs it
+        first, so a node of another cluster is never emptied.
+
+        Raises:
+            UnavailableError: it could not be emptied (the node retries its JOIN).
+        """
+        link = self._open_link(node)
+        link.start()
+        try:
+            dropped = await _drop_everything(link)
+        except Exception as exc:
+            raise UnavailableError(
+                f"aux node {node.node_id} left the membership before: it is emptied before it joins again, "
+                f"and that failed ({exc}); it will announce itself again"
+            ) from None
+        finally:
+            await link.close()
+        log.warning(
+            "aux node %s left the membership before and joins again: dropped the %d keys it kept (they may be stale); "
+            "it is filled from the current owners",
+            node.node_id,
+            dropped,
+        )
+
     async def _empty(self, node_id: str, since_ms: int) -> None:
         """Empty a node that was down since ``since_ms`` (DROP of every key); the next health round lets it back."""
         try:
             link = self._links().get(node_id)
             if link is None:
                 return
-            cursor, dropped = 0, 0
-            while True:
-                cursor, n = await link.call(Op.DROP, _WHOLE_CIRCLE, cursor)
-                dropped += n
-                if not cursor:
-                    break
+            dropped = await _drop_everything(link)
             self._emptied[node_id] = since_ms
             log.warning(
                 "aux node %s was down for %.0f s, longer than deletes are remembered: dropped its %d keys; it rejoins empty",
@@ -787,7 +836,8 @@ class Coordinator(Membership):
         # The cluster's number of copies, not this process's flag: every key
         # is stored on that many owners, and reads fall back over that many.
         self.warn_replicas(theirs.replicas, f"the ring follower {follower_id} handed over")
-        view = ClusterView(epoch, 0, theirs.replicas, dict(theirs.members), ring, theirs.prev_ring, self.view.coordinator, theirs.settling)
+        # Everything else as they handed it: a settling migration stays settling, the nodes that left stay listed.
+        view = replace(theirs, epoch=epoch, seq=0, members=dict(theirs.members), ring=ring, coordinator=self.view.coordinator)
         self.recovery = {"from": f"follower {follower_id}", "epoch": view.epoch, "adopted_epoch": theirs.epoch}
         log.warning(
             "restarted coordinator: adopted the ring of epoch %d from follower %s as epoch %d (members %s)",

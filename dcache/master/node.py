@@ -88,6 +88,7 @@ class MasterNode(Service):
                 self._on_view,
                 lambda: self.links,
                 self.clock,
+                self._new_link,
                 lambda: self.node_id,
                 self._address,
                 ssl=self.peer_ssl,
@@ -97,7 +98,7 @@ class MasterNode(Service):
                 config, ClusterView.initial([], config.replicas, epoch=0), self._on_view, lambda: self.node_id, ssl=self.peer_ssl
             )
         else:
-            self.membership = Coordinator(config, view, self._on_view, lambda: self.links, self.clock)
+            self.membership = Coordinator(config, view, self._on_view, lambda: self.links, self.clock, self._new_link)
         self.register(
             *(op for op in DATA_OPS if op != Op.GET), Op.HOTKEYS, Op.RING, Op.JOIN, Op.LEAVE, Op.FORGET, Op.SYNC, Op.APPLY, Op.FENCE
         )
@@ -121,35 +122,19 @@ class MasterNode(Service):
 
     def _on_view(self, view: ClusterView) -> None:
         """Adopt a new view: open links to new members, close links to gone ones, drop obsolete hints."""
-        cfg = self.config
         for node_id, m in view.members.items():
             link = self.links.get(node_id)
             if link is not None and (link.host, link.port) != (m.host, m.port):
                 self.state.spawn(link.close())
                 link = None
             if link is None:
-                link = self.links[node_id] = AuxLink(
-                    node_id,
-                    m.host,
-                    m.port,
-                    size=cfg.aux_connections,
-                    timeout=cfg.aux_timeout,
-                    suspect_after=cfg.suspect_after,
-                    auth_token=cfg.auth_token,
-                    secret=self.secret,
-                    on_restart=self.membership.on_aux_restart,
-                    on_recover=self.router.on_recover,
-                    on_answers=self.flush_all,
-                    factory=self._connect,
-                    ssl=self.peer_ssl,
-                    cluster=self.cluster_id,
-                )
+                link = self.links[node_id] = self._new_link(m)
                 if self.router.near is not None:
                     link.on_invalidate = self.router.near.invalidate
                 if self.server is not None:
                     link.start()
         for node_id in [n for n in self.links if n not in view.members]:
-            self.state.spawn(self.links.pop(node_id).close())
+            self.state.spawn(self.links.pop(node_id).retire())  # what is in flight to it is still answered
         hints = self.router.hints
         for node_id in hints.nodes:
             member = view.members.get(node_id)
@@ -162,6 +147,26 @@ class MasterNode(Service):
         self.router.view = view
         if len(view.ring) and self.ring_gate.closed and self._gate_opener is None:
             self._gate_opener = self.state.spawn(self._open_when_linked(), "ring-gate")
+
+    def _new_link(self, m: Member) -> AuxLink:
+        """A link to ``m`` (not started) with this master's credentials, TLS and cluster binding."""
+        cfg = self.config
+        return AuxLink(
+            m.node_id,
+            m.host,
+            m.port,
+            size=cfg.aux_connections,
+            timeout=cfg.aux_timeout,
+            suspect_after=cfg.suspect_after,
+            auth_token=cfg.auth_token,
+            secret=self.secret,
+            on_restart=self.membership.on_aux_restart,
+            on_recover=self.router.on_recover,
+            on_answers=self.flush_all,
+            factory=self._connect,
+            ssl=self.peer_ssl,
+            cluster=self.cluster_id,
+        )
 
     async def _open_when_linked(self) -> None:
         """The first ring came: run the requests held for it once its nodes' links are open (at most ``--aux-timeout``).

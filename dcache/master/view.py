@@ -18,6 +18,13 @@ replaced by one with a larger ``(epoch, seq)``.
   owners while writes still go to both rings' owners. The coordinator waits
   until every master routes by this view before it drops ``prev_ring``, so
   no master still reading the previous owners ever misses a write.
+* ``departed`` names the nodes that left the membership (a graceful leave,
+  FORGET), most recent last, at most ``MAX_DEPARTED``: every view built
+  with other members keeps it up to date (``_departed``). Such a node still
+  holds what it had when it left, in memory or in its data dir, and the
+  cluster went on without it: the coordinator empties it before it joins
+  again (``Coordinator.join``). The list travels with the view, so a
+  coordinator that takes over (a follower's view, ZooKeeper's ring) knows it.
 
 Routing helpers work per key and allocate only small lists. In the common
 case they look the key up in the ring's ``PreferenceTable`` (two probes of
@@ -37,7 +44,7 @@ from typing import Any
 
 from ..ring import RING_SIZE, HashRing, hash64, moved_ranges
 
-__all__ = ["Member", "ClusterView", "UP", "DOWN", "LEAVING", "FENCED", "MEMBER_STATES"]
+__all__ = ["Member", "ClusterView", "UP", "DOWN", "LEAVING", "FENCED", "MEMBER_STATES", "MAX_DEPARTED"]
 
 UP = "up"
 DOWN = "down"
@@ -47,6 +54,8 @@ LEAVING = "leaving"
 FENCED = "fenced"
 MEMBER_STATES = (UP, DOWN, LEAVING, FENCED)
 _IN_RING = (UP, FENCED)
+#: Most node ids a view remembers as departed (the oldest is forgotten first).
+MAX_DEPARTED = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +111,8 @@ class ClusterView:
     coordinator: str = ""
     #: The copy to the current ring's owners is done: read them, keep writing both rings (see the module note).
     settling: bool = False
+    #: Nodes that left the membership, most recent last (see the module note).
+    departed: tuple[str, ...] = ()
     #: The ring's ``PreferenceTable`` in the common case (no migration, every
     #: ring member up), unpacked for the hot path; ``_ends`` is empty otherwise.
     _ends: array[int] = field(default_factory=lambda: array("Q"), init=False, repr=False, compare=False)
@@ -148,7 +159,8 @@ class ClusterView:
         prev = (self.prev_ring if self.prev_ring is not None and not self.settling else self.ring) if migrate else None
         if prev is not None and prev.nodes == ring.nodes:
             prev = None
-        return replace(self, epoch=epoch, seq=0, members=dict(members), ring=ring, prev_ring=prev, settling=False)
+        departed = _departed(self.departed, self.members, members)
+        return replace(self, epoch=epoch, seq=0, members=dict(members), ring=ring, prev_ring=prev, settling=False, departed=departed)
 
     def migration_settling(self) -> ClusterView:
         """The same rings once the copy is done (seq + 1): reads move to the current owners, writes still go to both."""
@@ -159,7 +171,9 @@ class ClusterView:
         return replace(self, seq=self.seq + 1, prev_ring=None, settling=False)
 
     def bumped(self, **changes: Any) -> ClusterView:
-        """A copy with ``changes`` and seq + 1."""
+        """A copy with ``changes`` and seq + 1 (``departed`` follows a change of ``members``)."""
+        if "members" in changes and "departed" not in changes:
+            changes["departed"] = _departed(self.departed, self.members, changes["members"])
         return replace(self, seq=self.seq + 1, **changes)
 
     # -- routing -----------------------------------------------------------------
@@ -259,6 +273,7 @@ class ClusterView:
             "ring": self.ring.to_dict(),
             "prev_ring": self.prev_ring.to_dict() if self.prev_ring is not None else None,
             "settling": self.settling,
+            "departed": list(self.departed),
         }
 
     @classmethod
@@ -281,11 +296,21 @@ class ClusterView:
             HashRing.from_dict(prev, rings) if prev is not None else None,
             str(d.get("coordinator", "")),
             bool(d.get("settling", False)),
+            tuple(str(n) for n in d.get("departed", ())[-MAX_DEPARTED:]),
         )
 
     def newer_than(self, other: ClusterView) -> bool:
         """Whether this view supersedes ``other``."""
         return (self.epoch, self.seq) > (other.epoch, other.seq)
+
+
+def _departed(departed: tuple[str, ...], old: dict[str, Member], new: dict[str, Member]) -> tuple[str, ...]:
+    """``departed`` after the members go from ``old`` to ``new``: those that left are added, those that came back removed."""
+    gone = [n for n in old if n not in new]
+    if not gone and not any(n in new for n in departed):
+        return departed
+    kept = [n for n in departed if n not in new and n not in gone]
+    return tuple([*kept, *gone][-MAX_DEPARTED:])
 
 
 def _unfenced_first(nodes: list[str], members: dict[str, Member]) -> list[str]:

@@ -69,13 +69,15 @@ from ..protocol import PROTOCOL_VERSION, Op
 from ..zookeeper import ZkPaths, ZkSession, dumps, loads, machine_id
 from .links import AuxLink
 from .membership import Coordinator, Membership, forget_refusal
-from .view import DOWN, FENCED, LEAVING, UP, ClusterView
+from .view import DOWN, FENCED, LEAVING, UP, ClusterView, Member
 
 __all__ = ["ZooKeeperMembership"]
 
 log = logging.getLogger("dcache.master.zookeeper")
 
 _WRITE_RETRY_S = 0.2
+#: How often the leader tries again to admit a registered aux node it could not admit yet (one that left is emptied first).
+_JOIN_RETRY_S = 0.5
 #: How often a master waiting for its ``masters/<id>`` znode tries again.
 _CLAIM_RETRY_S = 0.5
 #: Bound on the HELLO that asks the holder of this master's id who it is.
@@ -102,13 +104,14 @@ class ZooKeeperMembership(Coordinator):
         on_view: Callable[[ClusterView], None],
         links: Callable[[], dict[str, AuxLink]],
         clock: HybridClock,
+        open_link: Callable[[Member], AuxLink],
         node_id: Callable[[], str],
         address: Callable[[], str],
         *,
         ssl: SSLContext | None = None,
     ) -> None:
         """``ssl``: the master's peer context, to ask another master who it is (``None``: plain TCP)."""
-        super().__init__(config, view, on_view, links, clock)
+        super().__init__(config, view, on_view, links, clock, open_link)
         assert config.zookeeper is not None
         self.paths = ZkPaths(config.cluster)
         self._node_id = node_id
@@ -121,6 +124,8 @@ class ZooKeeperMembership(Coordinator):
         self._registered: dict[str, dict[str, Any]] = {}
         self._leaving: set[str] = set()
         self._leave_tasks: dict[str, asyncio.Task[Any]] = {}
+        #: Registered aux nodes being admitted (``_join_registered``).
+        self._join_tasks: dict[str, asyncio.Task[Any]] = {}
         self._to_write: ClusterView | None = None
         self._write_wake = asyncio.Event()
         self._stepdown = threading.Event()
@@ -482,10 +487,22 @@ class ZooKeeperMembership(Coordinator):
                 continue
             if m is not None and m.state == LEAVING:
                 continue
-            self._spawn(self.join(node_id, host, port, weight), f"zk-join-{node_id}")
+            task = self._join_tasks.get(node_id)
+            if task is None or task.done():
+                self._join_tasks[node_id] = self._spawn(self._join_registered(node_id, host, port, weight), f"zk-join-{node_id}")
         for node_id, m in members.items():
             if node_id not in self._registered and m.state in (UP, FENCED):
                 self._spawn(self._confirm_gone(node_id), f"zk-gone-{node_id}")
+
+    async def _join_registered(self, node_id: str, host: str, port: int, weight: float) -> None:
+        """Admit a registered node, trying again while it cannot be admitted yet and is still registered (this master leading)."""
+        while self.leading and node_id in self._registered:
+            try:
+                await self.join(node_id, host, port, weight)
+                return
+            except UnavailableError as exc:
+                log.warning("admitting aux node %s failed: %s; trying again in %.1f s", node_id, exc, _JOIN_RETRY_S)
+            await asyncio.sleep(_JOIN_RETRY_S)
 
     async def _confirm_gone(self, node_id: str) -> None:
         """A registration vanished: mark the node down unless it still answers."""

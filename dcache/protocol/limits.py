@@ -38,6 +38,7 @@ __all__ = [
     "INVALIDATION_TIMEOUT_S",
     "RING_WAIT_S",
     "MAX_RING_WAITERS",
+    "MAX_LINK_WAITERS",
     "Limits",
 ]
 
@@ -96,6 +97,12 @@ RING_WAIT_S = 3.0
 #: connections; their bytes stay below ``--max-input-buffer`` too. Past
 #: either, a request is answered ``UNAVAILABLE`` at once.
 MAX_RING_WAITERS = 10_000
+#: Most requests a master's link to one aux node holds while its first
+#: connection opens (HELLO, then BIND: a few ms after the node joined); each
+#: waits at most the link's ``--aux-timeout``. Past it, a request is answered
+#: ``UNAVAILABLE`` at once, as before a link waited (docs/DECISIONS.md,
+#: "A new link holds requests while it opens").
+MAX_LINK_WAITERS = 10_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,7 @@ import pytest
 from dcache import Client
 from dcache.errors import NotAnIntegerError
 from dcache.protocol import Op
-from dcache.ring import HashRing
-from tests.cluster import Cluster, Reader, key_of, populate, ring, settled, up_nodes, value_of, wait_ring
+from tests.cluster import Cluster, Reader, key_of, key_owned_by, populate, ring, settled, up_nodes, value_of, wait_ring
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.slow
@@ -197,23 +196,14 @@ async def replicas_survive_kill9(cluster: Cluster, addr: str) -> None:
         assert [int(v) if v is not None else None for v in final] == list(acked.values())
 
 
-def _key_owned_by(node: str, members: list[str], prefix: str) -> str:
-    r = HashRing(dict.fromkeys(members, 1.0))
-    for i in range(10_000):
-        k = f"{prefix}{i}"
-        if r.owner(k.encode()) == node:
-            return k
-    raise AssertionError("no key found")
-
-
 async def test_flap_never_serves_stale_or_resurrects(cluster: Cluster):
     m = cluster.start_master("m1")
     members = ["a1", "a2", "a3"]
     for n in members:
         cluster.start_aux(n)
     await wait_ring(m.addr, settled(set(members)))
-    k = _key_owned_by("a2", members, "flap-k")
-    d = _key_owned_by("a2", members, "flap-d")
+    k = key_owned_by("a2", members, "flap-k")
+    d = key_owned_by("a2", members, "flap-d")
     async with Client(m.addr, timeout=10) as c:
         await c.set(k, b"v1")
         await c.set(d, b"doomed")
@@ -283,7 +273,7 @@ async def test_restart_within_detection_window_is_fenced(tmp_path):
         for n in members:
             cluster.start_aux(n)
         await wait_ring(m.addr, settled(set(members)))
-        k = _key_owned_by("a2", members, "fence-k")  # a2 is the first owner: reads go there first
+        k = key_owned_by("a2", members, "fence-k")  # a2 is the first owner: reads go there first
         async with Client(m.addr, timeout=10) as c:
             assert await c.set(k, b"v1")
             victim = cluster.aux["a2"]

@@ -21,7 +21,7 @@ import pytest
 
 from dcache import Client
 from dcache.protocol import Op
-from tests.cluster import FAST_HEALTH, settled, wait_ring
+from tests.cluster import FAST_HEALTH, key_owned_by, outlive, settled, wait_ring
 from tests.harness import DaemonProcess, wait_for
 from tests.rawconn import RawConn
 
@@ -93,8 +93,8 @@ def start_master(code: Path | None, *extra: str) -> DaemonProcess:
     return daemon("master", ["--host", "127.0.0.1", "--port", "0", "--node-id", "m1", "--log-level", "info", *FAST_HEALTH, *extra], code)
 
 
-def start_aux(code: Path | None, data: Path, master: DaemonProcess, port: int = 0) -> DaemonProcess:
-    args = ["--host", "127.0.0.1", "--port", str(port), "--node-id", "a1", "--log-level", "info", "--data-dir", str(data)]
+def start_aux(code: Path | None, data: Path, master: DaemonProcess, port: int = 0, node_id: str = "a1") -> DaemonProcess:
+    args = ["--host", "127.0.0.1", "--port", str(port), "--node-id", node_id, "--log-level", "info", "--data-dir", str(data)]
     return daemon("aux", [*args, "--join", master.addr], code)
 
 
@@ -143,6 +143,33 @@ async def test_hot_keys_of_a_v0_1_0_aux_node_are_read_without_tracking_until_it_
         for p in (master, old, new):
             if p is not None:
                 p.kill()
+
+
+async def test_a_v0_1_0_aux_node_that_left_rejoins_empty(release: Path, tmp_path: Path) -> None:
+    """Masters first: a 0.1.0 aux node that left and comes back with its data dir is emptied too (DROP is a 0.1.0 op; it predates BIND)."""
+    master = start_master(None)
+    procs = [master]
+    try:
+        procs.append(start_aux(None, tmp_path / "b1", master, node_id="b1"))
+        old = start_aux(release, tmp_path / "a1", master)
+        procs.append(old)
+        assert runs_v0_1_0(old)
+        await wait_ring(master.addr, settled({"a1", "b1"}), 20, "a1 (0.1.0) and b1 up")
+        k = key_owned_by("a1", ["a1", "b1"], "k")
+        async with Client(master.addr, timeout=5.0) as c:
+            assert await c.set(k, b"v1") is True
+            old.signal(signal.SIGTERM)  # a graceful leave, as 0.1.0 does it
+            assert await asyncio.to_thread(old.wait, 30) == 0
+            await wait_ring(master.addr, settled({"b1"}), 20, "a1 left")
+            await outlive(c, k)
+            back = start_aux(release, tmp_path / "a1", master)
+            procs.append(back)
+            await wait_ring(master.addr, settled({"a1", "b1"}), 20, "a1 (0.1.0) back")
+            assert await c.get(k) is None
+        assert any("left the membership before and joins again" in line for line in master.stderr_lines)
+    finally:
+        for p in procs:
+            p.kill()
 
 
 async def dcache_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,9 @@ from tests.cluster import (
     Reader,
     Tally,
     assert_served_while_ringless,
+    key_owned_by,
     native_load,
+    outlive,
     populate,
     ring,
     settled,
@@ -159,6 +161,33 @@ async def test_join_and_leave_through_zookeeper_zero_misses(make_cluster):
     await reader.stop()
     assert reader.errors == [] and reader.misses == 0 and reader.wrong == 0, (reader.errors[:5], reader.misses, reader.wrong)
     assert "leaving/a2" not in cl.logs() or "asks to leave (through ZooKeeper)" in cl.logs()
+    mon.assert_forward_only()
+
+
+async def test_a_node_that_left_through_zookeeper_rejoins_empty(make_cluster):
+    """As in embedded mode (tests/integration/test_join_trust.py): the leader empties a node that left before it joins again.
+
+    The ring in ZooKeeper names the nodes that left, so whichever master
+    leads when the node comes back knows it.
+    """
+    cl, mon = make_cluster()
+    m = cl.start_master("m1")
+    for n in ("a1", "a2"):
+        cl.start_aux(n)
+    await _settled_everywhere(cl, {"a1", "a2"})
+    k = key_owned_by("a2", ["a1", "a2"], "k")
+    async with Client(m.addr, timeout=10) as c:
+        assert await c.set(k, b"v1") is True
+        a2 = cl.aux["a2"]
+        a2.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(a2.wait, 60) == 0
+        await _settled_everywhere(cl, {"a1"})
+        assert mon.read()["departed"] == ["a2"]
+        await outlive(c, k)  # no copy of k, and no tombstone, is left in the cluster
+        cl.start_aux("a2")  # the same --data-dir
+        await _settled_everywhere(cl, {"a1", "a2"})
+        assert await c.get(k) is None
+    assert mon.read()["departed"] == []
     mon.assert_forward_only()
 
 

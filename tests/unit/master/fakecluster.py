@@ -89,13 +89,14 @@ class FakeCluster:
         self.members = [Member(n, "127.0.0.1", 7100 + i) for i, n in enumerate(self.ids)]
         self.view = ClusterView.initial(self.members, replicas, epoch=1)
         self.clock = HybridClock("m1")
-        self.links: dict[str, AuxLink] = {m.node_id: self._link(m) for m in self.members}
+        self.links: dict[str, AuxLink] = {m.node_id: self.new_link(m) for m in self.members}
         self.router = Router(self.view, self.links, self.clock, write_quorum)
         self.recovered: list[str] = []
         #: Every view ``adopt`` was given, in order.
         self.views: list[ClusterView] = []
 
-    def _link(self, m: Member) -> AuxLink:
+    def new_link(self, m: Member) -> AuxLink:
+        """A link to ``m`` over the fake connections (not started)."""
         link = AuxLink(
             m.node_id, m.host, m.port, size=1, timeout=self._timeout, suspect_after=self._suspect_after, factory=self.fake.connect
         )
@@ -107,7 +108,7 @@ class FakeCluster:
         self.views.append(view)
         for node_id, m in view.members.items():
             if node_id not in self.links:
-                link = self.links[node_id] = self._link(m)
+                link = self.links[node_id] = self.new_link(m)
                 link.start()
         self.router.view = view
 

@@ -340,6 +340,32 @@ async def test_close_is_idempotent_and_answers_what_waits(aux: FakeAux) -> None:
     assert aux.connects["a1"] == 2, "a closed link does not reconnect"
 
 
+async def test_a_retired_link_closes_once_what_is_in_flight_is_answered(aux: FakeAux) -> None:
+    """Its node left the view: a request sent before is answered by the node, not failed as a lost connection."""
+    link = await started(make_link(aux, timeout=5.0))
+    inflight = Answers()
+    link.send(Op.GET, (b"k",), inflight)
+    link.flush()
+    retiring = asyncio.ensure_future(link.retire())
+    await asyncio.sleep(0.05)
+    assert not retiring.done() and link.connected
+    (msg,) = aux.ops("a1", Op.GET)
+    aux.respond("a1", msg, b"v")
+    await asyncio.wait_for(retiring, 1.0)
+    assert inflight.got == [(OK, b"v")]
+    assert not link.connected
+
+
+async def test_a_retired_link_whose_node_is_silent_closes_after_its_timeout(aux: FakeAux) -> None:
+    link = await started(make_link(aux, timeout=0.2, suspect_after=10.0))
+    inflight = Answers()
+    link.send(Op.GET, (b"k",), inflight)
+    link.flush()
+    await asyncio.wait_for(link.retire(), 2.0)
+    assert len(inflight.got) == 1 and inflight.got[0][0] in (TIMEOUT, UNAVAILABLE)
+    assert not link.connected
+
+
 async def test_a_slow_factory_counts_as_a_failed_connect() -> None:
     gate = asyncio.Event()
     attempts: list[int] = []
@@ -358,6 +384,90 @@ async def test_a_slow_factory_counts_as_a_failed_connect() -> None:
         assert len(attempts) >= 2  # the first never finished; a later one did
     finally:
         await link.close()
+
+
+def gated(aux: FakeAux, gate: asyncio.Event, fail: bool = False) -> Callable[..., Any]:
+    """A connection factory whose first connect waits for ``gate`` (then fails, with ``fail``): a link's first connection opening."""
+    attempts: list[int] = []
+
+    async def connect(host: str, port: int, name: str, on_answers: Callable[[], None] | None) -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            await gate.wait()
+            if fail:
+                raise ConnectionRefusedError("refused")
+        return await aux.connect(host, port, name, on_answers)
+
+    return connect
+
+
+async def test_requests_wait_for_the_first_connection_and_leave_on_it_in_order() -> None:
+    """A node just joined is routed to at once: what is sent while its link opens is answered once it is open."""
+    aux = FakeAux(lambda node, msg: msg[2] if msg[0] == Op.GET else pong(node, msg))
+    gate = asyncio.Event()
+    link = AuxLink("a1", "10.0.0.1", 7101, size=1, timeout=5.0, factory=gated(aux, gate))
+    link.start()
+    try:
+        first, second = Answers(), Answers()
+        link.send(Op.GET, (b"k1",), first)
+        link.send(Op.GET, (b"k2",), second)
+        await asyncio.sleep(0.01)
+        assert (first.got, second.got, link.in_flight) == ([], [], 2)  # held, not failed
+        gate.set()
+        await until(lambda: bool(first.got and second.got), what="the held requests' answers")
+        assert (first.got, second.got) == ([(OK, b"k1")], [(OK, b"k2")])
+        assert [m[2] for m in aux.ops("a1", Op.GET)] == [b"k1", b"k2"]
+        assert link.failures_total == 0
+    finally:
+        await link.close()
+
+
+async def test_a_request_held_for_the_first_connection_times_out_at_its_deadline() -> None:
+    aux = FakeAux(pong)
+    gate = asyncio.Event()
+    link = AuxLink("a1", "10.0.0.1", 7101, size=1, timeout=1.0, factory=gated(aux, gate))
+    link.start()
+    try:
+        held = Answers()
+        link.send(Op.GET, (b"k",), held)
+        loop = asyncio.get_running_loop()
+        link.check(loop.time() + 0.5)
+        assert held.got == []
+        link.check(loop.time() + 1.5)
+        assert held.got == [(TIMEOUT, "aux node a1 at 10.0.0.1:7101: no connection within 1.0 s")]
+        assert link.in_flight == 0
+    finally:
+        gate.set()
+        await link.close()
+
+
+async def test_a_failed_first_connection_answers_what_it_held_and_later_requests_fail_at_once() -> None:
+    aux = FakeAux(pong)
+    gate = asyncio.Event()
+    link = AuxLink("a1", "10.0.0.1", 7101, size=1, timeout=5.0, factory=gated(aux, gate, fail=True))
+    link.start()
+    try:
+        held = Answers()
+        link.send(Op.GET, (b"k",), held)
+        gate.set()
+        await until(lambda: bool(held.got), what="the held request's answer")
+        assert held.got[0][0] == UNAVAILABLE and "not connected: refused" in held.got[0][1]
+        assert not link.connected
+        later = Answers()
+        link.send(Op.GET, (b"k",), later)  # the link reconnects in the background; it no longer holds requests
+        assert later.got == [(UNAVAILABLE, "aux node a1 at 10.0.0.1:7101 is not connected")]
+    finally:
+        await link.close()
+
+
+async def test_closing_a_link_answers_what_waits_for_its_first_connection() -> None:
+    gate = asyncio.Event()
+    link = AuxLink("a1", "10.0.0.1", 7101, size=1, timeout=5.0, factory=gated(FakeAux(pong), gate))
+    link.start()
+    held = Answers()
+    link.send(Op.GET, (b"k",), held)
+    await link.close()
+    assert held.got == [(UNAVAILABLE, "the link to aux node a1 closed")]
 
 
 async def test_auth_error_from_a_call_is_typed(aux: FakeAux) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from dcache.config import MasterConfig
-from dcache.errors import BadArgumentsError, MembershipError, Status
+from dcache.errors import BadArgumentsError, MembershipError, Status, UnavailableError
 from dcache.hlc import wall_ms
 from dcache.master.membership import EMPTY_AFTER_DOWN_MS, Coordinator, Follower
 from dcache.master.view import DOWN, FENCED, LEAVING, UP, ClusterView, Member
@@ -47,7 +47,12 @@ def config(**kw: Any) -> MasterConfig:
 
 def coordinator(cluster: FakeCluster, view: ClusterView | None = None, **kw: Any) -> Coordinator:
     return Coordinator(
-        config(replicas=cluster.view.replicas, **kw), view or cluster.view, cluster.adopt, lambda: cluster.links, cluster.clock
+        config(replicas=cluster.view.replicas, **kw),
+        view or cluster.view,
+        cluster.adopt,
+        lambda: cluster.links,
+        cluster.clock,
+        cluster.new_link,
     )
 
 
@@ -157,6 +162,39 @@ async def test_a_leave_moves_the_nodes_data_away_before_it_is_removed(cluster: F
         await coord.close()
 
 
+async def test_a_node_that_left_is_emptied_before_it_joins_again_then_filled(cluster: FakeCluster) -> None:
+    """It kept its data when it left; a key overwritten and expired meanwhile (no copy, no tombstone) would be read again."""
+    data = fill(cluster)
+    coord = coordinator(cluster)
+    try:
+        assert await asyncio.wait_for(coord.leave("a3"), SETTLE_S) is True
+        assert coord.view.departed == ("a3",)
+        stale = b"stale"
+        cluster.put("a3", stale, b"kept when it left")  # gone from the cluster since
+        a3 = cluster.view.members["a3"]
+        await coord.join("a3", a3.host, a3.port, a3.weight)
+        assert coord.view.members["a3"].state == UP and not coord.view.departed
+        assert cluster.entry("a3", stale) is None, "a3 rejoined with a key it kept when it left"
+        await coord.wait_settled(lambda v: v.prev_ring is None, SETTLE_S)
+        assert_owners_hold(cluster, coord.view, data)  # and filled again from the owners
+    finally:
+        await coord.close()
+
+
+async def test_a_node_that_left_and_cannot_be_emptied_is_not_admitted(cluster: FakeCluster) -> None:
+    coord = coordinator(cluster)
+    try:
+        assert await asyncio.wait_for(coord.leave("a3"), SETTLE_S) is True
+        epoch = coord.view.epoch
+        cluster.fake.refused.add("a3")  # its JOIN reaches the master, the master does not reach it
+        a3 = cluster.view.members["a3"]
+        with pytest.raises(UnavailableError, match="left the membership before: it is emptied before it joins again"):
+            await coord.join("a3", a3.host, a3.port, a3.weight)
+        assert "a3" not in coord.view.members and coord.view.epoch == epoch and coord.view.departed == ("a3",)
+    finally:
+        await coord.close()
+
+
 async def test_a_leaving_node_does_not_come_back_by_announcing(cluster: FakeCluster) -> None:
     coord = coordinator(cluster)
     try:
@@ -206,8 +244,11 @@ async def test_a_down_node_is_forgotten_at_once_and_nothing_moves(cluster: FakeC
         assert "a2" not in view.members and view.ring.nodes == ring.nodes and view.prev_ring is None
         assert coord.health_events[-1]["node_id"] == "a2" and coord.health_events[-1]["state"] == "forgotten"
         assert_owners_hold(cluster, view, data)  # every key still has its copies on the live nodes
+        assert view.departed == ("a2",)
+        cluster.put("a2", b"stale", b"kept while it was away")
         a2 = cluster.view.members["a2"]
         assert await coord.join("a2", a2.host, a2.port, a2.weight) == view.epoch + 1  # it may come back as a new member
+        assert cluster.entry("a2", b"stale") is None, "a forgotten node comes back empty (then is filled)"
     finally:
         await coord.close()
 

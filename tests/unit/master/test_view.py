@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcache.master.view import DOWN, FENCED, LEAVING, MEMBER_STATES, UP, ClusterView, Member
+from dcache.master.view import DOWN, FENCED, LEAVING, MAX_DEPARTED, MEMBER_STATES, UP, ClusterView, Member
 from dcache.ring import HashRing
 
 KEYS = [b"key:%d" % i for i in range(300)]
@@ -227,6 +227,34 @@ def test_to_dict_from_dict_without_a_migration() -> None:
     view = view_of(("a1", "a2"), 1)
     copy = ClusterView.from_dict(view.to_dict())
     assert copy == view and copy.prev_ring is None
+
+
+def test_departed_names_the_nodes_that_left_until_they_come_back() -> None:
+    view = view_of(("a1", "a2", "a3"), 1)
+    ms = dict(view.members)
+    a3 = ms.pop("a3")
+    without = view.with_members(ms)
+    assert without.departed == ("a3",)
+    down = dict(without.members)
+    down["a2"] = Member("a2", "10.0.0.1", 7101, 1.0, DOWN)
+    assert without.bumped(members=down).departed == ("a3",)  # a state change is no departure
+    forgotten = without.bumped(members={"a1": without.members["a1"]})  # as the end of a leave does
+    assert forgotten.departed == ("a3", "a2")
+    back = forgotten.with_members({**forgotten.members, "a3": a3})
+    assert back.departed == ("a2",)
+    assert back.settling is False and back.bumped().departed == ("a2",)  # other changes keep it
+
+
+def test_departed_is_bounded_and_travels_with_the_view_and_an_older_view_has_none() -> None:
+    ids = tuple(f"n{i}" for i in range(MAX_DEPARTED + 5))
+    view = view_of(ids, 1)
+    left = view.with_members({"n0": view.members["n0"]})
+    assert len(left.departed) == MAX_DEPARTED and left.departed[-1] == ids[-1]
+    wire = msgpack.unpackb(msgpack.packb(left.to_dict(), use_bin_type=True), raw=False, strict_map_key=True)
+    assert ClusterView.from_dict(wire).departed == left.departed
+    older = left.to_dict()
+    del older["departed"]  # a view from a 0.1.0 master
+    assert ClusterView.from_dict(older).departed == ()
 
 
 @pytest.mark.parametrize(
