@@ -30,25 +30,32 @@ def load_chaos() -> ModuleType:
     return module
 
 
-def test_plans_keep_the_campaigns_rules() -> None:
+@pytest.mark.parametrize("zookeeper", [False, True])
+def test_plans_keep_the_campaigns_rules(zookeeper: bool) -> None:
     chaos = load_chaos()
     kinds = set()
     for seed in range(300):
         rng = random.Random(seed)
         members = frozenset(chaos.FIRST_MEMBERS) | ({"a4"} if seed % 2 else set())
-        faults = chaos.plan(rng, members)
+        faults = chaos.plan(rng, members, zookeeper)
         assert 1 <= len(faults) <= 2
         assert len({f.target for f in faults}) == len(faults), "two faults on one target"
         assert sum(f.kind in chaos.OUT_KINDS for f in faults) <= 1, "two aux nodes out at once"
+        if zookeeper:
+            assert sum(f.kind in chaos.MASTER_KINDS for f in faults) <= 1, "two master faults (leader may be either master)"
         size = len(members) + sum(f.kind == "aux-join" for f in faults) - sum(f.kind == "aux-leave" for f in faults)
         assert chaos.MIN_MEMBERS <= size <= len(chaos.AUX_NODES)
         for f in faults:
-            assert chaos.Fault.parse(str(f)) == f
+            assert chaos.Fault.parse(str(f), zookeeper) == f
             kinds.add(f.kind)
-    assert kinds == set(chaos.HOLD_S), "every kind is drawn"
+    expected = set(chaos.HOLD_S) if zookeeper else set(chaos.HOLD_S) - set(chaos.ZK_KINDS)
+    assert kinds == expected, "every kind of the mode is drawn"
     assert chaos.plan(random.Random(7), frozenset(chaos.FIRST_MEMBERS)) == chaos.plan(random.Random(7), frozenset(chaos.FIRST_MEMBERS))
     with pytest.raises(ValueError):
-        chaos.parse_schedule("master-kill,a1,0,1")
+        chaos.parse_schedule("master-kill,a1,0,1", zookeeper)
+    with pytest.raises(ValueError):
+        chaos.parse_schedule("zk-kill,zk,0,1")  # a ZooKeeper fault outside --zookeeper
+    assert chaos.parse_schedule("master-stop,leader,0,3;zk-stop,zk,1,2", zookeeper=True)[0].target == "leader"
 
 
 @pytest.mark.slow
