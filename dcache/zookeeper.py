@@ -31,7 +31,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -149,11 +149,22 @@ class ZkSession:
         """Run a blocking kazoo call in a worker thread."""
         return await asyncio.to_thread(fn, *args, **kwargs)
 
-    async def wait_masters_at(self, masters: str, pos: tuple[int, int], timeout: float, *, skip: str = "") -> list[str]:
+    async def wait_masters_at(
+        self,
+        masters: str,
+        pos: tuple[int, int],
+        timeout: float,
+        *,
+        skip: str = "",
+        absent: Callable[[], Iterable[str]] = tuple,
+    ) -> list[str]:
         """Wait (bounded) until every master registered under ``masters`` routes by the view ``pos`` or a later one.
 
         ``pos`` is ``(epoch, seq)``; a master's registration holds the view it
         routes by. ``skip`` names a master not to wait for (the caller).
+        ``absent()`` names masters that count as behind while they are not
+        registered (one whose session just expired may still route by an
+        older view: it learns of the expiry only when it reaches ZooKeeper).
 
         Returns:
             The masters still behind when ``timeout`` ran out (empty: all
@@ -167,6 +178,7 @@ class ZkSession:
             except KazooException:
                 return []
             lagging = [m for m, d in regs.items() if m != skip and (int(d.get("epoch", 0)), int(d.get("seq", 0))) < pos]
+            lagging += sorted(m for m in absent() if m not in regs and m != skip)
             if not lagging or loop.time() >= deadline:
                 return lagging
             await asyncio.sleep(0.05)

@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from ssl import SSLContext
 from typing import Any
@@ -83,6 +84,10 @@ _PROBE_TIMEOUT_S = 2.0
 _FORGET_WAIT_S = 20.0
 #: How often it looks at the request and its view meanwhile.
 _FORGET_POLL_S = 0.1
+#: How long after its registration vanished a master is still waited for (bounded, as one behind) before data moves:
+#: its session expired, but it may still route by its last view until it reaches ZooKeeper again (a reconnection
+#: backs off up to 1 s). A dead one costs each wait its bound during that time, as in embedded mode (5 s after its last poll).
+_GONE_MASTER_S = 10.0
 
 
 class _LostRing(Exception):
@@ -116,6 +121,7 @@ class ZooKeeperMembership(Coordinator):
         self.leading = False
         self.leader: str | None = None  # the leader's node id, as the ring says
         self._ring_version = -1  # znode version of the ring last read or written; -1: none
+        self._zk_pos = (0, 0)  # (epoch, seq) of the newest ring seen in or written to ZooKeeper
         self._ring_seen = asyncio.Event()
         self._registered: dict[str, dict[str, Any]] = {}
         self._leaving: set[str] = set()
@@ -133,6 +139,9 @@ class ZooKeeperMembership(Coordinator):
         #: Why this master does not route: a live master has its node id (``None``: no such conflict found).
         self.id_error: str | None = None
         self._claimed = False
+        #: Masters registered (``masters/<id>``) at the last look, and when each was last seen registered.
+        self._masters_now: set[str] = set()
+        self._masters_seen: dict[str, float] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -194,6 +203,7 @@ class ZooKeeperMembership(Coordinator):
         await self.zk.run(self.zk.watch_children, self.paths.aux, self._on_aux_children)
         await self.zk.run(self.zk.watch_children, self.paths.leaving, self._on_leaving_children)
         await self.zk.run(self.zk.watch_children, self.paths.forget, self._on_forget_children)
+        await self.zk.run(self.zk.watch_children, self.paths.masters, self._on_master_children)
         loop = asyncio.get_running_loop()
         self._election = self.zk.client.Election(self.paths.election, self._node_id())
         self._election_thread = threading.Thread(target=self._election_main, args=(loop,), name="zk-election", daemon=True)
@@ -285,7 +295,16 @@ class ZooKeeperMembership(Coordinator):
     # -- views ---------------------------------------------------------------------------
 
     def publish(self, view: ClusterView) -> bool:
-        """Adopt a view this master made; the leader also writes it to ZooKeeper."""
+        """Adopt a view this master made and write it to ZooKeeper; only the leader makes views.
+
+        One made by a task the leader started that ends after it stepped
+        down (a node marked down, say) is dropped: routed by, it would stay
+        newer than the leader's views, and this master would never follow
+        them again.
+        """
+        if not self.leading:
+            log.info("not leading: the view %d.%d this master made is dropped", view.epoch, view.seq)
+            return False
         if not super().publish(view):
             return False
         if self.leading:
@@ -309,6 +328,7 @@ class ZooKeeperMembership(Coordinator):
             log.error("the ring in ZooKeeper is unreadable (%s); ignoring it", exc)
             return
         self.leader = view.coordinator or None
+        self._zk_pos = max(self._zk_pos, (view.epoch, view.seq))
         if stat.version > self._ring_version and not self.leading:
             self._ring_version = stat.version
         if view.newer_than(self.view):
@@ -328,6 +348,7 @@ class ZooKeeperMembership(Coordinator):
             try:
                 await self.zk.wait_connected()
                 self._ring_version = await self.zk.run(self._cas_write, view, self._ring_version)
+                self._zk_pos = max(self._zk_pos, (view.epoch, view.seq))
                 if self._to_write is view:
                     self._to_write = None
             except _LostRing:
@@ -432,6 +453,39 @@ class ZooKeeperMembership(Coordinator):
         self._leave_tasks.clear()
         self._register_self()
         log.warning("no longer leading the cluster %r", self.config.cluster)
+        self._spawn(self._route_by_zk_ring(), "zk-ring-after-leading")
+
+    async def _route_by_zk_ring(self) -> None:
+        """After leading: route by the ring in ZooKeeper, dropping the views made that never got there.
+
+        The leader routes by each view it makes before writing it. If the
+        session was lost first (ZooKeeper out of reach), those views reached
+        no other master, and they are newer than the ring there: the ring
+        watch alone would never replace them, and this master would route
+        by a ring no other master knows, and keep its writes off nodes the
+        others read.
+        """
+        while not self.leading:
+            await self.zk.wait_connected()
+            try:
+                view, _ = await self.zk.run(self._read_ring)
+            except KazooException as exc:
+                log.info("reading the ring after leading failed (%s); retrying", exc)
+                await asyncio.sleep(_WRITE_RETRY_S)
+                continue
+            pos = None if view is None else (view.epoch, view.seq)
+            if view is None or pos is None or self.leading or pos < self._zk_pos or not self.view.newer_than(view):
+                return  # nothing there, leading again, or a newer ring came through the watch meanwhile
+            log.warning(
+                "the views after %d.%d up to %d.%d, made while this master led, never reached ZooKeeper: routing by the ring there",
+                *pos,
+                self.view.epoch,
+                self.view.seq,
+            )
+            self.view = view
+            self._on_view(view)
+            self._register_self()
+            return
 
     # -- registrations (leader) ----------------------------------------------------------------
 
@@ -652,9 +706,27 @@ class ZooKeeperMembership(Coordinator):
         else:
             Membership.request_reconcile(self, node_id)
 
+    def _on_master_children(self, children: list[str]) -> None:
+        now = time.monotonic()
+        for name in self._masters_now | set(children):  # a vanished one was there until now
+            self._masters_seen[name] = now
+        self._masters_now = set(children)
+
+    def _gone_masters(self) -> list[str]:
+        """Masters whose registration vanished less than ``_GONE_MASTER_S`` ago."""
+        now = time.monotonic()
+        return [m for m, seen in self._masters_seen.items() if m not in self._masters_now and now - seen < _GONE_MASTER_S]
+
     async def _masters_at(self, pos: tuple[int, int], timeout: float) -> list[str]:
-        """Wait (bounded) until every registered master routes by the view ``pos`` or a later one."""
-        lagging: list[str] = await self.zk.wait_masters_at(self.paths.masters, pos, timeout, skip=self._node_id())
+        """Wait (bounded) until every registered master routes by the view ``pos`` or a later one.
+
+        A master whose registration vanished recently (``_GONE_MASTER_S``)
+        counts as behind until it registers again at ``pos``: its session
+        expired, but it may still be routing by an older view.
+        """
+        lagging: list[str] = await self.zk.wait_masters_at(
+            self.paths.masters, pos, timeout, skip=self._node_id(), absent=self._gone_masters
+        )
         return lagging
 
     def status(self) -> dict[str, Any]:

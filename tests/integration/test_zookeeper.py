@@ -33,6 +33,7 @@ from tests.cluster import (
     up_nodes,
     wait_ring,
 )
+from tests.faults.proxy import FaultProxy
 from tests.harness import reap, start_cluster_cmd, wait_for
 from tests.zookeeper import ZooKeeperServer
 
@@ -499,4 +500,87 @@ async def test_a_master_restarted_fails_no_call_while_it_reads_the_ring(make_clu
         await assert_served_while_ringless(tally, [m1.addr, m2.addr], m1.addr, {"a1", "a2"})
     finally:
         await stop_loads(stop, loads)
+    mon.assert_forward_only()
+
+
+def _masters_registered(mon: RingMonitor) -> set[str]:
+    return set(mon.client.get_children(mon.path.rsplit("/", 1)[0] + "/masters"))
+
+
+async def test_a_master_whose_session_expired_is_waited_for_before_a_move_ends(make_cluster, zookeeper):
+    """Its registration gone, a master may still route by its old ring: the leader waits for it (bounded) before writes leave the old owners."""
+    cl, mon = make_cluster(replicas=2)
+    slow_settle = ("--follow-interval", "1")  # the leader waits up to 6 s for a master behind
+    m1 = cl.start_master("m1", *slow_settle)
+    assert await _leader(cl) == m1.addr
+    with FaultProxy(zookeeper.hosts, name="zk-m2") as link:
+        m2 = cl.start_master("m2", *slow_settle, "--zookeeper", link.addr)
+        for n in ("a1", "a2", "a3"):
+            cl.start_aux(n)
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        async with Client(m1.addr, timeout=10) as c:
+            await populate(c, 2000)
+        link.cut()  # m2 keeps routing by its ring; ZooKeeper expires its session
+        await asyncio.to_thread(wait_for, lambda: "m2" not in _masters_registered(mon), 20, message="m2's session expired")
+        cl.start_aux("a4")
+        await wait_ring(m1.addr, lambda i: "a4" in i["ring"]["nodes"], timeout=20, what="a4 joined on m1")
+
+        seen: list[str] = []
+
+        async def look() -> bool:
+            """Whether both settled with a4; records m1 done with the move while m2 still routed without a4 (m1 read first)."""
+            one, two = await ring(m1.addr), await ring(m2.addr)
+            if "a4" in one["ring"]["nodes"] and not one["migrating"] and "a4" not in two["ring"]["nodes"]:
+                seen.append(f"m1 at {one['epoch']}.{one['seq']} done, m2 at {two['epoch']}.{two['seq']} without a4")
+            return all(settled({"a1", "a2", "a3", "a4"})(i) for i in (one, two))
+
+        loop = asyncio.get_running_loop()
+        cut_until = loop.time() + 1.5  # m2 stays cut off that long after the join (without the wait, m1 is done by then)
+        while loop.time() < cut_until and not seen:
+            await look()
+            await asyncio.sleep(0.02)
+        link.heal()
+        deadline = loop.time() + 30
+        while not await look():
+            assert loop.time() < deadline, "the cluster did not settle with a4"
+            await asyncio.sleep(0.05)
+    assert seen == [], seen[:3]
+    assert "masters ['m2'] did not confirm" not in m1.stderr()  # it caught up within the wait
+    mon.assert_forward_only()
+
+
+async def test_a_leader_cut_off_from_zookeeper_drops_the_views_it_could_not_write(make_cluster, zookeeper):
+    """Views a leader made after ZooKeeper became unreachable reached no other master: once another leads, it routes by the ring there."""
+    cl, mon = make_cluster(replicas=2)
+    with FaultProxy(zookeeper.hosts, name="zk-m1") as link:
+        m1 = cl.start_master("m1", "--zookeeper", link.addr)
+        for n in ("a1", "a2", "a3"):
+            cl.start_aux(n)
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        assert await _leader(cl) == m1.addr
+        before = await ring(m1.addr)
+        link.cut()  # m1 leads on, as far as it knows, until it reaches ZooKeeper again
+        a3 = cl.aux["a3"]
+        a3.signal(signal.SIGSTOP)
+        try:
+            # m1 fences a3: a view no other master gets (its down mark waits for the masters, through ZooKeeper)
+            await wait_ring(
+                m1.addr, lambda i: {n["node_id"]: n["state"] for n in i["nodes"]}["a3"] == "fenced", timeout=20, what="a3 fenced on m1"
+            )
+        finally:
+            a3.signal(signal.SIGCONT)
+        await asyncio.to_thread(wait_for, lambda: "m1" not in _masters_registered(mon), 20, message="m1's session expired")
+        m2 = cl.start_master("m2")  # leads from the ring in ZooKeeper, where a3 was never fenced
+        info = await wait_ring(
+            m2.addr, lambda i: i["membership"]["role"] == "zk-leader" and settled({"a1", "a2", "a3"})(i), timeout=20, what="m2 leads"
+        )
+        assert (info["epoch"], info["seq"]) > (before["epoch"], before["seq"])
+        mine = await ring(m1.addr)
+        assert mine["epoch"] > info["epoch"], (mine["epoch"], info["epoch"])  # m1's own, unwritten, views are newer
+        link.heal()
+        await wait_ring(m1.addr, lambda i: i["membership"]["role"] == "zk-follower" and i["membership"]["zookeeper_connected"], timeout=20)
+        await _settled_everywhere(cl, {"a1", "a2", "a3"}, timeout=20)
+        one, two = await ring(m1.addr), await ring(m2.addr)
+        assert (one["epoch"], one["seq"]) == (two["epoch"], two["seq"])
+    assert "never reached ZooKeeper: routing by the ring there" in m1.stderr()
     mon.assert_forward_only()
