@@ -680,14 +680,26 @@ class ZooKeeperMembership(Coordinator):
     async def leave(self, node_id: str) -> bool:
         raise UnavailableError("membership is kept in ZooKeeper: a leaving aux node creates its leaving/ znode")
 
+    @property
+    def coordinating(self) -> bool:
+        """Whether this master changes membership now: it leads and its ZooKeeper session is connected.
+
+        A leader out of touch with ZooKeeper makes no view (no down mark, no
+        fence) until it is back, as no other master could follow it: routed
+        by here alone, a node marked down lost this master's writes (no
+        hints) while the others still read it. Its hints keep a silent or
+        fenced-off node's missed writes meanwhile, as a follower's do.
+        """
+        return self.leading and self.zk.state == "connected"
+
     def on_aux_restart(self, node_id: str) -> None:
-        if self.leading:
+        if self.coordinating:
             super().on_aux_restart(node_id)
         else:
             Membership.on_aux_restart(self, node_id)
 
     async def _health_round(self) -> None:
-        if self.leading:
+        if self.coordinating:
             await super()._health_round()
 
     def sync(
@@ -696,12 +708,12 @@ class ZooKeeperMembership(Coordinator):
         raise UnavailableError("membership is kept in ZooKeeper: masters follow the ring there")
 
     async def fence_missed(self, node_id: str, since_ms: int, why: str) -> int:
-        if self.leading:
+        if self.coordinating:
             return await super().fence_missed(node_id, since_ms, why)
         return await Membership.fence_missed(self, node_id, since_ms, why)
 
     def request_reconcile(self, node_id: str) -> None:
-        if self.leading:
+        if self.coordinating:
             super().request_reconcile(node_id)
         else:
             Membership.request_reconcile(self, node_id)

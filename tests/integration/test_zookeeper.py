@@ -584,3 +584,42 @@ async def test_a_leader_cut_off_from_zookeeper_drops_the_views_it_could_not_writ
         assert (one["epoch"], one["seq"]) == (two["epoch"], two["seq"])
     assert "never reached ZooKeeper: routing by the ring there" in m1.stderr()
     mon.assert_forward_only()
+
+
+async def test_a_leader_out_of_touch_with_zookeeper_changes_no_membership_and_loses_no_write(make_cluster, zookeeper):
+    """Cut off from ZooKeeper, the leader neither fences nor marks down a silent node (no other master could follow): its hints bring the node up to date."""
+    cl, mon = make_cluster(replicas=2)
+    with FaultProxy(zookeeper.hosts, name="zk-m1") as link:
+        m1 = cl.start_master("m1", "--zookeeper", link.addr)
+        assert await _leader(cl) == m1.addr
+        m2 = cl.start_master("m2")
+        for n in ("a1", "a2", "a3"):
+            cl.start_aux(n)
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        before = await ring(m1.addr)
+        link.cut()
+        await wait_ring(m1.addr, lambda i: not i["membership"]["zookeeper_connected"], timeout=10, what="m1 out of touch")
+        a3 = cl.aux["a3"]
+        states: set[str] = set()
+        async with Client(m1.addr, timeout=10) as c:
+            a3.signal(signal.SIGSTOP)  # silent for longer than the health checks take to mark it down
+            try:
+                loop = asyncio.get_running_loop()
+                until = loop.time() + 3.0
+                i = 0
+                while loop.time() < until:
+                    await c.set(f"cut:{i}", b"%d" % i)  # a3's share misses it: hints on m1
+                    i += 1
+                    info = await ring(m1.addr)
+                    states.add({n["node_id"]: n["state"] for n in info["nodes"]}["a3"])
+            finally:
+                a3.signal(signal.SIGCONT)
+        mine = await ring(m1.addr)
+        assert states == {"up"} and (mine["epoch"], mine["seq"]) == (before["epoch"], before["seq"]), (states, mine["epoch"])
+        link.heal()
+        await _settled_everywhere(cl, {"a1", "a2", "a3"}, timeout=30)
+    async with Client(m2.addr, timeout=10) as c:  # each key from one owner: a3's copies must be there
+        values = await c.mget([f"cut:{k}" for k in range(i)])
+    missing = [k for k, v in enumerate(values) if v != b"%d" % k]
+    assert missing == [], (len(missing), i)
+    mon.assert_forward_only()
