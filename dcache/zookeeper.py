@@ -4,7 +4,8 @@ Layout of a cluster named NAME (``--cluster``)::
 
     /dcache/NAME/aux/<node_id>       ephemeral: an aux node's registration (JSON)
     /dcache/NAME/leaving/<node_id>   ephemeral: the aux node asks to leave gracefully
-    /dcache/NAME/masters/<node_id>   ephemeral: a master, with the view it routes by (JSON)
+    /dcache/NAME/masters/<node_id>   ephemeral: a master, with the view it routes by and the aux
+                                     nodes it fenced in that view on its own (JSON)
     /dcache/NAME/election/           kazoo's Election recipe: the leader master
     /dcache/NAME/forget/<node_id>    persistent: a master asks the leader to forget a dead aux node (JSON)
     /dcache/NAME/ring                persistent: the current ClusterView (msgpack),
@@ -174,7 +175,7 @@ class ZkSession:
         deadline = loop.time() + timeout
         while True:
             try:
-                regs = await self.run(_read_children, self.client, masters)
+                regs = await self.read_registrations(masters)
             except KazooException:
                 return []
             lagging = [m for m, d in regs.items() if m != skip and (int(d.get("epoch", 0)), int(d.get("seq", 0))) < pos]
@@ -182,6 +183,11 @@ class ZkSession:
             if not lagging or loop.time() >= deadline:
                 return lagging
             await asyncio.sleep(0.05)
+
+    async def read_registrations(self, path: str) -> dict[str, dict[str, Any]]:
+        """The registration data of every child of ``path``, by name (see ``_read_children``)."""
+        out: dict[str, dict[str, Any]] = await self.run(_read_children, self.client, path)
+        return out
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
         """Wait until the session is connected; False on timeout."""

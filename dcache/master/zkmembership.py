@@ -142,6 +142,8 @@ class ZooKeeperMembership(Coordinator):
         #: Masters registered (``masters/<id>``) at the last look, and when each was last seen registered.
         self._masters_now: set[str] = set()
         self._masters_seen: dict[str, float] = {}
+        #: Aux nodes this master (not leading) fenced in its own view: its registration asks the leader to reconcile them.
+        self._fenced_here: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -287,10 +289,10 @@ class ZooKeeperMembership(Coordinator):
         if not self._claimed:
             return  # _claim_id registers it first
         view = self.view
-        self.zk.register(
-            f"{self.paths.masters}/{self._node_id()}",
-            dumps({"addr": self._address(), "machine": machine_id(), "epoch": view.epoch, "seq": view.seq, "leader": self.leading}),
-        )
+        reg = {"addr": self._address(), "machine": machine_id(), "epoch": view.epoch, "seq": view.seq, "leader": self.leading}
+        if self._fenced_here:
+            reg["fenced"] = sorted(self._fenced_here)
+        self.zk.register(f"{self.paths.masters}/{self._node_id()}", dumps(reg))
 
     # -- views ---------------------------------------------------------------------------
 
@@ -314,8 +316,9 @@ class ZooKeeperMembership(Coordinator):
         return True
 
     def _adopt(self, view: ClusterView) -> None:
-        """Route by a view read from ZooKeeper (never written back)."""
+        """Route by a view read from ZooKeeper (never written back); it replaces this master's own fences."""
         if Membership.publish(self, view):
+            self._fenced_here.clear()
             self._register_self()
 
     def _on_ring(self, data: bytes | None, stat: Any) -> None:
@@ -693,14 +696,42 @@ class ZooKeeperMembership(Coordinator):
         return self.leading and self.zk.state == "connected"
 
     def on_aux_restart(self, node_id: str) -> None:
+        """The leader fences the node; another master fences it in its own view and asks the leader, through its registration, to reconcile it.
+
+        Only the leader's next view lifts such a fence. When the leader's
+        view already let the node back (it restarted while down there) and
+        this master's link saw the new process only after adopting that
+        view, no next view would come (``_reconcile_fenced_elsewhere``).
+        """
         if self.coordinating:
             super().on_aux_restart(node_id)
-        else:
-            Membership.on_aux_restart(self, node_id)
+            return
+        Membership.on_aux_restart(self, node_id)
+        m = self.view.members.get(node_id)
+        if m is not None and m.state == FENCED and node_id not in self._fenced_here:
+            self._fenced_here.add(node_id)
+            self._register_self()
 
     async def _health_round(self) -> None:
         if self.coordinating:
             await super()._health_round()
+            await self._reconcile_fenced_elsewhere()
+
+    async def _reconcile_fenced_elsewhere(self) -> None:
+        """Fence (and so reconcile) the up nodes another master at this view fenced on its own (see ``on_aux_restart``)."""
+        try:
+            regs = await self.zk.read_registrations(self.paths.masters)
+        except KazooException:
+            return
+        view = self.view
+        for name, reg in regs.items():
+            fenced = reg.get("fenced")
+            if name == self._node_id() or (reg.get("epoch"), reg.get("seq")) != (view.epoch, view.seq) or not isinstance(fenced, list):
+                continue
+            for node_id in fenced:
+                m = self.view.members.get(node_id) if isinstance(node_id, str) else None
+                if m is not None and m.state == UP and self.coordinating:
+                    self.fence(node_id, f"master {name} saw it restart after this view let it back: reconciling before it serves reads")
 
     def sync(
         self, follower_id: str, epoch: int, seq: int, their_view: dict[str, Any] | None = None, reconcile: list[str] | None = None
