@@ -685,25 +685,28 @@ class ZooKeeperMembership(Coordinator):
 
     @property
     def coordinating(self) -> bool:
-        """Whether this master changes membership now: it leads and its ZooKeeper session is connected.
+        """Whether this master marks nodes down or up and fences them for missed writes: it leads and is connected to ZooKeeper.
 
-        A leader out of touch with ZooKeeper makes no view (no down mark, no
-        fence) until it is back, as no other master could follow it: routed
-        by here alone, a node marked down lost this master's writes (no
-        hints) while the others still read it. Its hints keep a silent or
-        fenced-off node's missed writes meanwhile, as a follower's do.
+        A leader out of touch with ZooKeeper makes no such view until it is
+        back, as no other master could follow it: routed by here alone, a
+        node marked down lost this master's writes (no hints) while the
+        others still read it, and a fence drops the hints that a dropped
+        view (``_route_by_zk_ring``) would not give back. Its hints keep a
+        silent node's missed writes meanwhile, as a follower's do. A
+        restarted node is still fenced by the leader (``on_aux_restart``):
+        it keeps being written, and the other masters see the restart too.
         """
         return self.leading and self.zk.state == "connected"
 
     def on_aux_restart(self, node_id: str) -> None:
-        """The leader fences the node; another master fences it in its own view and asks the leader, through its registration, to reconcile it.
+        """The leader fences the node (in touch with ZooKeeper or not); another master fences it in its own view and asks the leader, through its registration, to reconcile it.
 
         Only the leader's next view lifts such a fence. When the leader's
         view already let the node back (it restarted while down there) and
         this master's link saw the new process only after adopting that
         view, no next view would come (``_reconcile_fenced_elsewhere``).
         """
-        if self.coordinating:
+        if self.leading:
             super().on_aux_restart(node_id)
             return
         Membership.on_aux_restart(self, node_id)
