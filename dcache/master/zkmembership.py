@@ -44,7 +44,16 @@ at once. Otherwise the claim waits for the old session to expire
 
 A master that loses ZooKeeper keeps routing by the last view it saw and
 says so in ``status()`` (``dcache ring``, ``dcache stats``) and in metrics; a
-leader whose session expires stops leading.
+leader whose session expires stops leading. While its session is not
+connected, the leader marks no node down or up and fences none for a missed
+write (``coordinating``): no other master could follow those views. A
+master that stops leading routes by the ring in ZooKeeper again, dropping
+the views it made that never got there, and only the leader makes views.
+Before a move ends, the leader also waits (bounded) for a master whose
+registration vanished in the last ``_GONE_MASTER_S`` seconds: its session
+expired, but it may still route by its old view. A master that does not
+lead and fences a restarted aux node in its own view lists it in its
+registration (``fenced``); the leader reconciles it.
 """
 
 from __future__ import annotations
