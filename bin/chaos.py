@@ -38,6 +38,27 @@ proxy). Then it runs ``--schedules`` schedules. Each schedule:
    it and verifies every key through both masters (``verify()``);
 4. prints the schedule (in the form ``--schedule`` takes) and the counts.
 
+With ``--zookeeper`` the same cluster runs in ZooKeeper mode instead: a
+fresh standalone ZooKeeper per seed (``tests.zookeeper.ZooKeeperServer``,
+on a free loopback port), the masters elect a leader there and keep the
+ring there (no ``--coordinator``), the aux nodes register there (no
+``--join``); every session times out after ``ZK_SESSION_TIMEOUT_S``. The
+faults are those above (``master-kill`` may also target ``leader``: the
+master that leads when the fault starts) and:
+
+   * ``zk-kill``: SIGKILL ZooKeeper, restart it on its port with its data
+     0.5-6 s later (shorter and longer than a session);
+   * ``zk-stop``: SIGSTOP ZooKeeper, SIGCONT it 0.5-6 s later;
+   * ``master-stop``: SIGSTOP a master (``m1``, ``m2`` or ``leader``) for
+     2.5-6 s, longer than its session: ZooKeeper expires it, a leader
+     loses its leadership. Its clients' calls time out meanwhile, and the
+     master reads their requests when it resumes, after later ones on new
+     connections: the checker allows a failed op's value to show up late
+     (``late_failures``) in such a schedule.
+
+A schedule holds at most one ZooKeeper fault and one master fault; settling
+also waits until both masters are connected to ZooKeeper and one leads.
+
 A nonzero stale, resurrected, wrong or lost count, or a cluster that did
 not settle, is a problem: the daemons' logs of that schedule go to
 ``--log-dir``, and the exit status is 1. ``--schedule`` replays one
@@ -51,6 +72,8 @@ the way out. Examples::
 
     bin/chaos.py --seeds 1-6 --schedules 4
     bin/chaos.py --seeds 3 --schedule 'aux-kill-fast,a2,0,0.3;aux-join,a4,0.5,0' --repeat 5
+    bin/chaos.py --zookeeper --seeds 1-6 --schedules 4
+    bin/chaos.py --zookeeper --seeds 2 --schedule 'zk-stop,zk,0,4.5;aux-kill-fast,a1,1,0.3' --repeat 3
 """
 
 from __future__ import annotations
@@ -58,6 +81,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import random
 import shutil
 import signal
@@ -79,9 +103,16 @@ from tests.cluster import up_nodes  # noqa: E402
 from tests.faults.checker import LoadChecker  # noqa: E402
 from tests.faults.proxy import FaultProxy  # noqa: E402
 from tests.harness import DaemonProcess  # noqa: E402
+from tests.zookeeper import ZooKeeperServer  # noqa: E402
 
 AUX_NODES = ("a1", "a2", "a3", "a4")
 MASTERS = ("m1", "m2")
+#: ``--zookeeper``: a master fault's target that names whichever master leads when it starts.
+LEADER = "leader"
+#: ``--zookeeper``: the target of the ZooKeeper faults.
+ZK = "zk"
+#: ``--zookeeper``: every process's session timeout (``master-stop`` holds longer).
+ZK_SESSION_TIMEOUT_S = 2.0
 #: Members at the start (the rest are spares that ``aux-join`` starts).
 FIRST_MEMBERS = ("a1", "a2", "a3")
 MIN_MEMBERS = 3
@@ -108,7 +139,16 @@ HOLD_S: dict[str, tuple[float, float]] = {
     "link-cut": (0.3, 6.0),
     "link-blackhole": (0.3, 6.0),
     "link-delay": (1.0, 6.0),
+    "zk-kill": (0.5, 6.0),
+    "zk-stop": (0.5, 6.0),
+    "master-stop": (ZK_SESSION_TIMEOUT_S + 0.5, 6.0),
 }
+#: Kinds only ``--zookeeper`` draws (and takes in ``--schedule``).
+ZK_KINDS = ("zk-kill", "zk-stop", "master-stop")
+#: Kinds that act on the ZooKeeper server (target ``zk``).
+ZK_SERVER_KINDS = ("zk-kill", "zk-stop")
+#: Kinds that take a master out (at most one per ``--zookeeper`` schedule).
+MASTER_KINDS = ("master-kill", "master-stop")
 AUX_KILLS = ("aux-kill-fast", "aux-kill-slow")
 #: Faults that can take an aux node out of service (the masters may mark it down).
 OUT_KINDS = (*AUX_KILLS, "aux-stop", "aux-flap", "link-cut", "link-blackhole", "link-delay")
@@ -133,36 +173,53 @@ class Fault:
         return text + (f",{self.param:.2f}" if self.param else "")
 
     @classmethod
-    def parse(cls, text: str) -> Fault:
-        """A fault from its ``str()`` form; raises ``ValueError`` on a bad one."""
+    def parse(cls, text: str, zookeeper: bool = False) -> Fault:
+        """A fault from its ``str()`` form (``zookeeper``: a ``--zookeeper`` one); raises ``ValueError`` on a bad one."""
         parts = text.strip().split(",")
-        if len(parts) not in (4, 5) or parts[0] not in HOLD_S:
-            raise ValueError(f"not a fault (kind,target,start_s,hold_s[,param]; kinds {sorted(HOLD_S)}): {text!r}")
+        kinds = sorted(k for k in HOLD_S if zookeeper or k not in ZK_KINDS)
+        if len(parts) not in (4, 5) or parts[0] not in kinds:
+            raise ValueError(f"not a fault (kind,target,start_s,hold_s[,param]; kinds {kinds}): {text!r}")
         kind, target = parts[0], parts[1]
-        if target not in (MASTERS if kind == "master-kill" else AUX_NODES):
+        if target not in targets_of(kind, zookeeper):
             raise ValueError(f"{kind} cannot target {target!r}")
         return cls(kind, target, float(parts[2]), float(parts[3]), float(parts[4]) if len(parts) == 5 else 0.0)
 
 
-def parse_schedule(text: str) -> list[Fault]:
+def targets_of(kind: str, zookeeper: bool) -> tuple[str, ...]:
+    """What a fault of ``kind`` may target."""
+    if kind in MASTER_KINDS:
+        return (*MASTERS, LEADER) if zookeeper else MASTERS
+    if kind in ZK_SERVER_KINDS:
+        return (ZK,)
+    return AUX_NODES
+
+
+def parse_schedule(text: str, zookeeper: bool = False) -> list[Fault]:
     """A schedule from ``fault;fault`` (each as ``Fault.parse`` takes it)."""
-    return [Fault.parse(part) for part in text.split(";") if part.strip()]
+    return [Fault.parse(part, zookeeper) for part in text.split(";") if part.strip()]
 
 
-def plan(rng: random.Random, members: frozenset[str]) -> list[Fault]:
+def plan(rng: random.Random, members: frozenset[str], zookeeper: bool = False) -> list[Fault]:
     """One or two faults drawn from ``rng`` for a cluster whose aux members are ``members``.
 
     Two faults never share a target, and membership stays within 3-4 aux
     nodes. A schedule takes at most one aux node out of service (``OUT_KINDS``):
     with ``--replicas 2`` two nodes out at once are beyond the replica count
     (any two of three nodes own keys together; docs/PROTOCOL.md says what a
-    client sees then). ``--schedule`` may still combine them.
+    client sees then). ``--schedule`` may still combine them. ``zookeeper``
+    adds ``ZK_KINDS`` and the ``leader`` target, with at most one master
+    fault (``leader`` may be either master).
     """
     faults: list[Fault] = []
     used: set[str] = set()
     size = len(members)
     for i in range(1 if rng.random() < 0.35 else 2):
         kinds = [k for k in HOLD_S if not (k in OUT_KINDS and any(f.kind in OUT_KINDS for f in faults))]
+        if zookeeper:
+            kinds = [k for k in kinds if not (k in MASTER_KINDS and any(f.kind in MASTER_KINDS for f in faults))]
+            kinds = [k for k in kinds if not (k in ZK_SERVER_KINDS and ZK in used)]
+        else:
+            kinds = [k for k in kinds if k not in ZK_KINDS]
         free = sorted(members - used)
         spares = sorted(set(AUX_NODES) - members - used)
         if not spares or size >= len(AUX_NODES):
@@ -170,8 +227,10 @@ def plan(rng: random.Random, members: frozenset[str]) -> list[Fault]:
         if size <= MIN_MEMBERS:
             kinds.remove("aux-leave")
         kind = rng.choice(kinds)
-        if kind == "master-kill":
-            targets = sorted(set(MASTERS) - used)
+        if kind in MASTER_KINDS:
+            targets = sorted(set(targets_of(kind, zookeeper)) - used)
+        elif kind in ZK_SERVER_KINDS:
+            targets = [ZK]
         elif kind == "aux-join":
             targets = spares
         else:
@@ -202,10 +261,25 @@ def free_port() -> int:
 
 
 class ChaosCluster:
-    """Two masters on fixed ports and aux nodes behind fault proxies; every process kept for its log."""
+    """Two masters on fixed ports and aux nodes behind fault proxies; every process kept for its log.
 
-    def __init__(self, tmp: Path, aux_args: Sequence[str] = (), master_args: Sequence[str] = ()) -> None:
+    With ``zookeeper`` (a started server) every process runs in ZooKeeper
+    mode, as cluster ``name``.
+    """
+
+    def __init__(
+        self,
+        tmp: Path,
+        aux_args: Sequence[str] = (),
+        master_args: Sequence[str] = (),
+        zookeeper: ZooKeeperServer | None = None,
+        name: str = "chaos",
+    ) -> None:
         self.tmp = tmp
+        self.zookeeper = zookeeper
+        self.zk_args = (
+            ["--zookeeper", zookeeper.hosts, "--cluster", name, "--zk-session-timeout", str(ZK_SESSION_TIMEOUT_S)] if zookeeper else []
+        )
         self.aux_args = list(aux_args)
         self.master_args = list(master_args)
         self.ports = {m: free_port() for m in MASTERS}
@@ -213,6 +287,7 @@ class ChaosCluster:
         self.aux: dict[str, DaemonProcess] = {}
         self.proxies = {n: FaultProxy(name=n).start() for n in AUX_NODES}
         self.members: set[str] = set()
+        #: SIGSTOPped processes, by name (aux nodes, masters, ``zk``): resumed on the way out
         self.stopped: set[str] = set()
         #: every process started, in order, with its name (logs of restarted ones too)
         self.history: list[tuple[str, DaemonProcess]] = []
@@ -227,8 +302,8 @@ class ChaosCluster:
 
     def start_master(self, name: str) -> None:
         args = ["--host", "127.0.0.1", "--port", str(self.ports[name]), "--node-id", name, "--replicas", "2", "--log-level", "info"]
-        args += ["--near-cache-size", "4MiB", "--near-cache-min-hits", "0", *self.master_args]
-        if name != MASTERS[0]:
+        args += ["--near-cache-size", "4MiB", "--near-cache-min-hits", "0", *self.zk_args, *self.master_args]
+        if name != MASTERS[0] and not self.zookeeper:
             args += ["--coordinator", self.addr(MASTERS[0])]
         proc = DaemonProcess("master", args).start()
         self.masters[name] = proc
@@ -238,7 +313,7 @@ class ChaosCluster:
         data = self.tmp / name
         data.mkdir(parents=True, exist_ok=True)
         args = ["--host", "127.0.0.1", "--port", "0", "--node-id", name, "--log-level", "info", "--data-dir", str(data)]
-        args += ["--snapshot-interval", str(SNAPSHOT_INTERVAL_S), "--join", self.addr(MASTERS[0])]
+        args += ["--snapshot-interval", str(SNAPSHOT_INTERVAL_S), *(self.zk_args or ["--join", self.addr(MASTERS[0])])]
         args += ["--advertise", self.proxies[name].addr, *self.aux_args]
         proc = DaemonProcess("aux", args).start()
         self.aux[name] = proc
@@ -257,16 +332,42 @@ class ChaosCluster:
         self.aux[name].terminate(LEAVE_S)
         self.members.discard(name)
 
+    def _signal(self, name: str, sig: signal.Signals) -> None:
+        if name == ZK:
+            assert self.zookeeper is not None and self.zookeeper.proc is not None
+            os.killpg(self.zookeeper.proc.pid, sig)
+        else:
+            (self.masters[name] if name in MASTERS else self.aux[name]).signal(sig)
+
     def stop_node(self, name: str) -> None:
+        """SIGSTOP an aux node, a master or (``zk``) ZooKeeper."""
         self.stopped.add(name)
-        self.aux[name].signal(signal.SIGSTOP)
+        self._signal(name, signal.SIGSTOP)
 
     def cont_node(self, name: str) -> None:
-        self.aux[name].signal(signal.SIGCONT)
+        """SIGCONT what ``stop_node`` stopped."""
+        self._signal(name, signal.SIGCONT)
         self.stopped.discard(name)
+
+    async def leader(self, timeout: float = 10.0) -> str:
+        """The master that leads in ZooKeeper (bounded wait; ``m1`` if none leads by then)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name in MASTERS:
+                try:
+                    async with Client(self.addr(name), timeout=2.0, retries=0) as c:
+                        info = await c.execute(Op.RING)
+                except Exception:
+                    continue
+                if info["membership"].get("role") == "zk-leader":
+                    return name
+            await asyncio.sleep(0.2)
+        return MASTERS[0]
 
     async def settle(self, timeout: float = SETTLE_S) -> tuple[float, str]:
         """Wait until both masters see exactly the members up and in the ring, and no migration.
+
+        In ZooKeeper mode, also until both are connected to ZooKeeper and exactly one leads.
 
         Returns the seconds it took and "" or, past ``timeout``, what was last seen.
         """
@@ -276,6 +377,7 @@ class ChaosCluster:
         members = set(self.members)
         while time.monotonic() < deadline:
             seen = []
+            roles: list[str] = []
             for name in MASTERS:
                 try:
                     async with Client(self.addr(name), timeout=2.0, retries=0) as c:
@@ -284,10 +386,17 @@ class ChaosCluster:
                     seen.append(f"{name}: {exc.__class__.__name__}")
                     continue
                 up, ring = up_nodes(info), set(info["ring"]["nodes"])
-                if up == members and ring == members and not info["migrating"]:
+                zk = info["membership"] if self.zookeeper else {"zookeeper_connected": True}
+                roles.append(zk.get("role", ""))
+                if up == members and ring == members and not info["migrating"] and zk["zookeeper_connected"]:
                     continue
                 states = {n["node_id"]: n["state"] for n in info["nodes"]}
-                seen.append(f"{name}: epoch {info['epoch']} states {states} ring {sorted(ring)} migrating {info['migrating']}")
+                seen.append(
+                    f"{name}: epoch {info['epoch']} states {states} ring {sorted(ring)} migrating {info['migrating']}"
+                    + (f" role {zk['role']} zookeeper {zk['zookeeper_state']}" if self.zookeeper else "")
+                )
+            if self.zookeeper and not seen and roles.count("zk-leader") != 1:
+                seen.append(f"roles {roles}: not one leader")
             if not seen:
                 return time.monotonic() - t0, ""
             last = "; ".join(seen)
@@ -301,6 +410,8 @@ class ChaosCluster:
             proc.kill()
         for proxy in self.proxies.values():
             proxy.close()
+        if self.zookeeper is not None:
+            self.zookeeper.stop()
 
     def write_logs(self, folder: Path) -> None:
         """Every process's stderr (restarted ones too) into ``folder``."""
@@ -309,17 +420,22 @@ class ChaosCluster:
         for name, proc in self.history:
             counts[name] = counts.get(name, 0) + 1
             (folder / f"{name}.{counts[name]}.log").write_text("\n".join(proc.stderr_lines) + "\n")
+        if self.zookeeper is not None:
+            shutil.copy(self.zookeeper.log, folder / "zookeeper.log")
 
 
-async def apply(cluster: ChaosCluster, fault: Fault) -> None:
-    """Run one fault: wait for its start, inject it, hold it, heal it."""
+async def apply(cluster: ChaosCluster, fault: Fault, notes: list[str]) -> None:
+    """Run one fault: wait for its start, inject it, hold it, heal it (``notes``: which master ``leader`` was)."""
     await asyncio.sleep(fault.start_s)
     kind, target = fault.kind, fault.target
+    if target == LEADER:
+        target = await cluster.leader()
+        notes.append(f"{kind}: the leader was {target}")
     if kind in AUX_KILLS:
         await asyncio.to_thread(cluster.aux[target].kill)
         await asyncio.sleep(fault.hold_s)
         await asyncio.to_thread(cluster.start_aux, target)
-    elif kind == "aux-stop":
+    elif kind in ("aux-stop", "zk-stop", "master-stop"):
         cluster.stop_node(target)
         try:
             await asyncio.sleep(fault.hold_s)
@@ -342,6 +458,12 @@ async def apply(cluster: ChaosCluster, fault: Fault) -> None:
         await asyncio.to_thread(cluster.masters[target].kill)
         await asyncio.sleep(fault.hold_s)
         await asyncio.to_thread(cluster.start_master, target)
+    elif kind == "zk-kill":
+        zookeeper = cluster.zookeeper
+        assert zookeeper is not None
+        await asyncio.to_thread(zookeeper.stop)
+        await asyncio.sleep(fault.hold_s)
+        await asyncio.to_thread(zookeeper.start)
     else:
         proxy = cluster.proxies[target]
         if kind == "link-cut":
@@ -367,6 +489,7 @@ class Outcome:
     summary: str
     examples: list[str]
     near_hits: int
+    notes: list[str]
 
     @property
     def bad(self) -> bool:
@@ -386,11 +509,13 @@ async def near_cache_hits(addr: str) -> int:
 async def run_schedule(cluster: ChaosCluster, faults: list[Fault], seed: int) -> Outcome:
     """One schedule under load, then heal, settle, verify (see the module note)."""
     m1, m2 = (cluster.addr(m) for m in MASTERS)
-    chk = LoadChecker([m1], [m2], seed=seed, timeout=CLIENT_TIMEOUT_S, inspect=cluster.direct)
+    late = any(f.kind == "master-stop" for f in faults)  # see the module note
+    chk = LoadChecker([m1], [m2], seed=seed, timeout=CLIENT_TIMEOUT_S, inspect=cluster.direct, late_failures=late)
+    notes: list[str] = []
     chk.start()
     try:
         await chk.progress(sets=100, reads=200, timeout=60)
-        results = await asyncio.gather(*(apply(cluster, f) for f in faults), return_exceptions=True)
+        results = await asyncio.gather(*(apply(cluster, f, notes) for f in faults), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -403,7 +528,14 @@ async def run_schedule(cluster: ChaosCluster, faults: list[Fault], seed: int) ->
         await chk.verify(endpoint, timeout=30.0)
     counts = {p: getattr(chk.stats, p) for p in PROBLEMS}
     return Outcome(
-        ";".join(map(str, faults)), settle_s, unsettled, counts, chk.stats.summary(), list(chk.examples), await near_cache_hits(m2)
+        ";".join(map(str, faults)),
+        settle_s,
+        unsettled,
+        counts,
+        chk.stats.summary(),
+        list(chk.examples),
+        await near_cache_hits(m2),
+        notes,
     )
 
 
@@ -412,7 +544,8 @@ async def run_seed(seed: int, args: argparse.Namespace, deadline: float, log_dir
     rng = random.Random(seed)
     outcomes: list[Outcome] = []
     tmp = Path(tempfile.mkdtemp(prefix=f"dcache-chaos-{seed}-"))
-    cluster = ChaosCluster(tmp)
+    zookeeper = await asyncio.to_thread(ZooKeeperServer(tmp).start) if args.zookeeper else None
+    cluster = ChaosCluster(tmp, zookeeper=zookeeper, name=f"chaos-{seed}-{first}")
     try:
         await asyncio.to_thread(cluster.start)
         _, unsettled = await cluster.settle()
@@ -423,7 +556,9 @@ async def run_seed(seed: int, args: argparse.Namespace, deadline: float, log_dir
             if time.monotonic() > deadline:
                 print(f"seed {seed}: --max-seconds reached, {first + runs - index} schedule(s) not run", flush=True)
                 break
-            faults = parse_schedule(args.schedule) if args.schedule else plan(rng, frozenset(cluster.members))
+            faults = (
+                parse_schedule(args.schedule, args.zookeeper) if args.schedule else plan(rng, frozenset(cluster.members), args.zookeeper)
+            )
             t0 = time.monotonic()
             out = await run_schedule(cluster, faults, seed * 1000 + index)
             took = time.monotonic() - t0
@@ -432,7 +567,7 @@ async def run_seed(seed: int, args: argparse.Namespace, deadline: float, log_dir
             counts = " ".join(f"{k} {v}" for k, v in out.counts.items())
             print(
                 f"seed {seed} schedule {index} [{out.schedule}] {verdict}: {counts}; settled in {out.settle_s:.1f} s; "
-                f"{took:.0f} s; m2 near-cache hits {out.near_hits}\n    {out.summary}",
+                f"{took:.0f} s; m2 near-cache hits {out.near_hits}{''.join('; ' + n for n in out.notes)}\n    {out.summary}",
                 flush=True,
             )
             if out.bad:
@@ -491,10 +626,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="times to run --schedule per seed, each on a fresh cluster (default: 1)")
     p.add_argument("--max-seconds", type=float, default=1800.0, help="start no schedule after this many seconds (default: 1800)")
     p.add_argument("--log-dir", default="chaos-logs", help="where the logs of schedules with problems go (default: ./chaos-logs)")
+    p.add_argument(
+        "--zookeeper",
+        action="store_true",
+        help="run the cluster in ZooKeeper mode, with a fresh ZooKeeper per seed, and add its faults (see above)",
+    )
     args = p.parse_args(argv)
     if args.schedule:
-        parse_schedule(args.schedule)  # a bad one stops here, before any process starts
+        parse_schedule(args.schedule, args.zookeeper)  # a bad one stops here, before any process starts
     logging.getLogger("dcache.client").setLevel(logging.ERROR)  # the load's clients warn of every master restart
+    logging.getLogger("kazoo").setLevel(logging.ERROR)  # ZooKeeperServer's first session warns when the server goes
     return asyncio.run(campaign(args))
 
 

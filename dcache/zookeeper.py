@@ -4,7 +4,8 @@ Layout of a cluster named NAME (``--cluster``)::
 
     /dcache/NAME/aux/<node_id>       ephemeral: an aux node's registration (JSON)
     /dcache/NAME/leaving/<node_id>   ephemeral: the aux node asks to leave gracefully
-    /dcache/NAME/masters/<node_id>   ephemeral: a master, with the view it routes by (JSON)
+    /dcache/NAME/masters/<node_id>   ephemeral: a master, with the view it routes by and the aux
+                                     nodes it fenced in that view on its own (JSON)
     /dcache/NAME/election/           kazoo's Election recipe: the leader master
     /dcache/NAME/forget/<node_id>    persistent: a master asks the leader to forget a dead aux node (JSON)
     /dcache/NAME/ring                persistent: the current ClusterView (msgpack),
@@ -31,7 +32,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -149,11 +150,22 @@ class ZkSession:
         """Run a blocking kazoo call in a worker thread."""
         return await asyncio.to_thread(fn, *args, **kwargs)
 
-    async def wait_masters_at(self, masters: str, pos: tuple[int, int], timeout: float, *, skip: str = "") -> list[str]:
+    async def wait_masters_at(
+        self,
+        masters: str,
+        pos: tuple[int, int],
+        timeout: float,
+        *,
+        skip: str = "",
+        absent: Callable[[], Iterable[str]] = tuple,
+    ) -> list[str]:
         """Wait (bounded) until every master registered under ``masters`` routes by the view ``pos`` or a later one.
 
         ``pos`` is ``(epoch, seq)``; a master's registration holds the view it
         routes by. ``skip`` names a master not to wait for (the caller).
+        ``absent()`` names masters that count as behind while they are not
+        registered (one whose session just expired may still route by an
+        older view: it learns of the expiry only when it reaches ZooKeeper).
 
         Returns:
             The masters still behind when ``timeout`` ran out (empty: all
@@ -163,13 +175,19 @@ class ZkSession:
         deadline = loop.time() + timeout
         while True:
             try:
-                regs = await self.run(_read_children, self.client, masters)
+                regs = await self.read_registrations(masters)
             except KazooException:
                 return []
             lagging = [m for m, d in regs.items() if m != skip and (int(d.get("epoch", 0)), int(d.get("seq", 0))) < pos]
+            lagging += sorted(m for m in absent() if m not in regs and m != skip)
             if not lagging or loop.time() >= deadline:
                 return lagging
             await asyncio.sleep(0.05)
+
+    async def read_registrations(self, path: str) -> dict[str, dict[str, Any]]:
+        """The registration data of every child of ``path``, by name (see ``_read_children``)."""
+        out: dict[str, dict[str, Any]] = await self.run(_read_children, self.client, path)
+        return out
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
         """Wait until the session is connected; False on timeout."""

@@ -44,7 +44,16 @@ at once. Otherwise the claim waits for the old session to expire
 
 A master that loses ZooKeeper keeps routing by the last view it saw and
 says so in ``status()`` (``dcache ring``, ``dcache stats``) and in metrics; a
-leader whose session expires stops leading.
+leader whose session expires stops leading. While its session is not
+connected, the leader marks no node down or up and fences none for a missed
+write (``coordinating``): no other master could follow those views. A
+master that stops leading routes by the ring in ZooKeeper again, dropping
+the views it made that never got there, and only the leader makes views.
+Before a move ends, the leader also waits (bounded) for a master whose
+registration vanished in the last ``_GONE_MASTER_S`` seconds: its session
+expired, but it may still route by its old view. A master that does not
+lead and fences a restarted aux node in its own view lists it in its
+registration (``fenced``); the leader reconciles it.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from ssl import SSLContext
@@ -86,6 +96,10 @@ _PROBE_TIMEOUT_S = 2.0
 _FORGET_WAIT_S = 20.0
 #: How often it looks at the request and its view meanwhile.
 _FORGET_POLL_S = 0.1
+#: How long after its registration vanished a master is still waited for (bounded, as one behind) before data moves:
+#: its session expired, but it may still route by its last view until it reaches ZooKeeper again (a reconnection
+#: backs off up to 1 s). A dead one costs each wait its bound during that time, as in embedded mode (5 s after its last poll).
+_GONE_MASTER_S = 10.0
 
 
 class _LostRing(Exception):
@@ -120,6 +134,7 @@ class ZooKeeperMembership(Coordinator):
         self.leading = False
         self.leader: str | None = None  # the leader's node id, as the ring says
         self._ring_version = -1  # znode version of the ring last read or written; -1: none
+        self._zk_pos = (0, 0)  # (epoch, seq) of the newest ring seen in or written to ZooKeeper
         self._ring_seen = asyncio.Event()
         self._registered: dict[str, dict[str, Any]] = {}
         self._leaving: set[str] = set()
@@ -139,6 +154,11 @@ class ZooKeeperMembership(Coordinator):
         #: Why this master does not route: a live master has its node id (``None``: no such conflict found).
         self.id_error: str | None = None
         self._claimed = False
+        #: Masters registered (``masters/<id>``) at the last look, and when each was last seen registered.
+        self._masters_now: set[str] = set()
+        self._masters_seen: dict[str, float] = {}
+        #: Aux nodes this master (not leading) fenced in its own view: its registration asks the leader to reconcile them.
+        self._fenced_here: set[str] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -200,6 +220,7 @@ class ZooKeeperMembership(Coordinator):
         await self.zk.run(self.zk.watch_children, self.paths.aux, self._on_aux_children)
         await self.zk.run(self.zk.watch_children, self.paths.leaving, self._on_leaving_children)
         await self.zk.run(self.zk.watch_children, self.paths.forget, self._on_forget_children)
+        await self.zk.run(self.zk.watch_children, self.paths.masters, self._on_master_children)
         loop = asyncio.get_running_loop()
         self._election = self.zk.client.Election(self.paths.election, self._node_id())
         self._election_thread = threading.Thread(target=self._election_main, args=(loop,), name="zk-election", daemon=True)
@@ -283,15 +304,24 @@ class ZooKeeperMembership(Coordinator):
         if not self._claimed:
             return  # _claim_id registers it first
         view = self.view
-        self.zk.register(
-            f"{self.paths.masters}/{self._node_id()}",
-            dumps({"addr": self._address(), "machine": machine_id(), "epoch": view.epoch, "seq": view.seq, "leader": self.leading}),
-        )
+        reg = {"addr": self._address(), "machine": machine_id(), "epoch": view.epoch, "seq": view.seq, "leader": self.leading}
+        if self._fenced_here:
+            reg["fenced"] = sorted(self._fenced_here)
+        self.zk.register(f"{self.paths.masters}/{self._node_id()}", dumps(reg))
 
     # -- views ---------------------------------------------------------------------------
 
     def publish(self, view: ClusterView) -> bool:
-        """Adopt a view this master made; the leader also writes it to ZooKeeper."""
+        """Adopt a view this master made and write it to ZooKeeper; only the leader makes views.
+
+        One made by a task the leader started that ends after it stepped
+        down (a node marked down, say) is dropped: routed by, it would stay
+        newer than the leader's views, and this master would never follow
+        them again.
+        """
+        if not self.leading:
+            log.info("not leading: the view %d.%d this master made is dropped", view.epoch, view.seq)
+            return False
         if not super().publish(view):
             return False
         if self.leading:
@@ -301,8 +331,9 @@ class ZooKeeperMembership(Coordinator):
         return True
 
     def _adopt(self, view: ClusterView) -> None:
-        """Route by a view read from ZooKeeper (never written back)."""
+        """Route by a view read from ZooKeeper (never written back); it replaces this master's own fences."""
         if Membership.publish(self, view):
+            self._fenced_here.clear()
             self._register_self()
 
     def _on_ring(self, data: bytes | None, stat: Any) -> None:
@@ -315,6 +346,7 @@ class ZooKeeperMembership(Coordinator):
             log.error("the ring in ZooKeeper is unreadable (%s); ignoring it", exc)
             return
         self.leader = view.coordinator or None
+        self._zk_pos = max(self._zk_pos, (view.epoch, view.seq))
         if stat.version > self._ring_version and not self.leading:
             self._ring_version = stat.version
         if view.newer_than(self.view):
@@ -334,6 +366,7 @@ class ZooKeeperMembership(Coordinator):
             try:
                 await self.zk.wait_connected()
                 self._ring_version = await self.zk.run(self._cas_write, view, self._ring_version)
+                self._zk_pos = max(self._zk_pos, (view.epoch, view.seq))
                 if self._to_write is view:
                     self._to_write = None
             except _LostRing:
@@ -439,6 +472,39 @@ class ZooKeeperMembership(Coordinator):
         self._leave_tasks.clear()
         self._register_self()
         log.warning("no longer leading the cluster %r", self.config.cluster)
+        self._spawn(self._route_by_zk_ring(), "zk-ring-after-leading")
+
+    async def _route_by_zk_ring(self) -> None:
+        """After leading: route by the ring in ZooKeeper, dropping the views made that never got there.
+
+        The leader routes by each view it makes before writing it. If the
+        session was lost first (ZooKeeper out of reach), those views reached
+        no other master, and they are newer than the ring there: the ring
+        watch alone would never replace them, and this master would route
+        by a ring no other master knows, and keep its writes off nodes the
+        others read.
+        """
+        while not self.leading:
+            await self.zk.wait_connected()
+            try:
+                view, _ = await self.zk.run(self._read_ring)
+            except KazooException as exc:
+                log.info("reading the ring after leading failed (%s); retrying", exc)
+                await asyncio.sleep(_WRITE_RETRY_S)
+                continue
+            pos = None if view is None else (view.epoch, view.seq)
+            if view is None or pos is None or self.leading or pos < self._zk_pos or not self.view.newer_than(view):
+                return  # nothing there, leading again, or a newer ring came through the watch meanwhile
+            log.warning(
+                "the views after %d.%d up to %d.%d, made while this master led, never reached ZooKeeper: routing by the ring there",
+                *pos,
+                self.view.epoch,
+                self.view.seq,
+            )
+            self.view = view
+            self._on_view(view)
+            self._register_self()
+            return
 
     # -- registrations (leader) ----------------------------------------------------------------
 
@@ -645,15 +711,58 @@ class ZooKeeperMembership(Coordinator):
     async def leave(self, node_id: str) -> bool:
         raise UnavailableError("membership is kept in ZooKeeper: a leaving aux node creates its leaving/ znode")
 
+    @property
+    def coordinating(self) -> bool:
+        """Whether this master marks nodes down or up and fences them for missed writes: it leads and is connected to ZooKeeper.
+
+        A leader out of touch with ZooKeeper makes no such view until it is
+        back, as no other master could follow it: routed by here alone, a
+        node marked down lost this master's writes (no hints) while the
+        others still read it, and a fence drops the hints that a dropped
+        view (``_route_by_zk_ring``) would not give back. Its hints keep a
+        silent node's missed writes meanwhile, as a follower's do. A
+        restarted node is still fenced by the leader (``on_aux_restart``):
+        it keeps being written, and the other masters see the restart too.
+        """
+        return self.leading and self.zk.state == "connected"
+
     def on_aux_restart(self, node_id: str) -> None:
+        """The leader fences the node (in touch with ZooKeeper or not); another master fences it in its own view and asks the leader, through its registration, to reconcile it.
+
+        Only the leader's next view lifts such a fence. When the leader's
+        view already let the node back (it restarted while down there) and
+        this master's link saw the new process only after adopting that
+        view, no next view would come (``_reconcile_fenced_elsewhere``).
+        """
         if self.leading:
             super().on_aux_restart(node_id)
-        else:
-            Membership.on_aux_restart(self, node_id)
+            return
+        Membership.on_aux_restart(self, node_id)
+        m = self.view.members.get(node_id)
+        if m is not None and m.state == FENCED and node_id not in self._fenced_here:
+            self._fenced_here.add(node_id)
+            self._register_self()
 
     async def _health_round(self) -> None:
-        if self.leading:
+        if self.coordinating:
             await super()._health_round()
+            await self._reconcile_fenced_elsewhere()
+
+    async def _reconcile_fenced_elsewhere(self) -> None:
+        """Fence (and so reconcile) the up nodes another master at this view fenced on its own (see ``on_aux_restart``)."""
+        try:
+            regs = await self.zk.read_registrations(self.paths.masters)
+        except KazooException:
+            return
+        view = self.view
+        for name, reg in regs.items():
+            fenced = reg.get("fenced")
+            if name == self._node_id() or (reg.get("epoch"), reg.get("seq")) != (view.epoch, view.seq) or not isinstance(fenced, list):
+                continue
+            for node_id in fenced:
+                m = self.view.members.get(node_id) if isinstance(node_id, str) else None
+                if m is not None and m.state == UP and self.coordinating:
+                    self.fence(node_id, f"master {name} saw it restart after this view let it back: reconciling before it serves reads")
 
     def sync(
         self, follower_id: str, epoch: int, seq: int, their_view: dict[str, Any] | None = None, reconcile: list[str] | None = None
@@ -661,19 +770,37 @@ class ZooKeeperMembership(Coordinator):
         raise UnavailableError("membership is kept in ZooKeeper: masters follow the ring there")
 
     async def fence_missed(self, node_id: str, since_ms: int, why: str) -> int:
-        if self.leading:
+        if self.coordinating:
             return await super().fence_missed(node_id, since_ms, why)
         return await Membership.fence_missed(self, node_id, since_ms, why)
 
     def request_reconcile(self, node_id: str) -> None:
-        if self.leading:
+        if self.coordinating:
             super().request_reconcile(node_id)
         else:
             Membership.request_reconcile(self, node_id)
 
+    def _on_master_children(self, children: list[str]) -> None:
+        now = time.monotonic()
+        for name in self._masters_now | set(children):  # a vanished one was there until now
+            self._masters_seen[name] = now
+        self._masters_now = set(children)
+
+    def _gone_masters(self) -> list[str]:
+        """Masters whose registration vanished less than ``_GONE_MASTER_S`` ago."""
+        now = time.monotonic()
+        return [m for m, seen in self._masters_seen.items() if m not in self._masters_now and now - seen < _GONE_MASTER_S]
+
     async def _masters_at(self, pos: tuple[int, int], timeout: float) -> list[str]:
-        """Wait (bounded) until every registered master routes by the view ``pos`` or a later one."""
-        lagging: list[str] = await self.zk.wait_masters_at(self.paths.masters, pos, timeout, skip=self._node_id())
+        """Wait (bounded) until every registered master routes by the view ``pos`` or a later one.
+
+        A master whose registration vanished recently (``_GONE_MASTER_S``)
+        counts as behind until it registers again at ``pos``: its session
+        expired, but it may still be routing by an older view.
+        """
+        lagging: list[str] = await self.zk.wait_masters_at(
+            self.paths.masters, pos, timeout, skip=self._node_id(), absent=self._gone_masters
+        )
         return lagging
 
     def status(self) -> dict[str, Any]:

@@ -35,12 +35,15 @@ from tests.cluster import (
     up_nodes,
     wait_ring,
 )
+from tests.faults.proxy import FaultProxy
 from tests.harness import reap, start_cluster_cmd, wait_for
 from tests.zookeeper import ZooKeeperServer
 
 pytestmark = pytest.mark.slow
 
 N_KEYS = 20_000
+#: Restarts of a down node in test_a_node_restarted_while_down_is_read_again_by_every_master.
+CYCLES = 6
 
 
 @pytest.fixture(scope="module")
@@ -528,4 +531,154 @@ async def test_a_master_restarted_fails_no_call_while_it_reads_the_ring(make_clu
         await assert_served_while_ringless(tally, [m1.addr, m2.addr], m1.addr, {"a1", "a2"})
     finally:
         await stop_loads(stop, loads)
+    mon.assert_forward_only()
+
+
+def _masters_registered(mon: RingMonitor) -> set[str]:
+    return set(mon.client.get_children(mon.path.rsplit("/", 1)[0] + "/masters"))
+
+
+async def test_a_master_whose_session_expired_is_waited_for_before_a_move_ends(make_cluster, zookeeper):
+    """Its registration gone, a master may still route by its old ring: the leader waits for it (bounded) before writes leave the old owners."""
+    cl, mon = make_cluster(replicas=2)
+    slow_settle = ("--follow-interval", "1")  # the leader waits up to 6 s for a master behind
+    m1 = cl.start_master("m1", *slow_settle)
+    assert await _leader(cl) == m1.addr
+    with FaultProxy(zookeeper.hosts, name="zk-m2") as link:
+        m2 = cl.start_master("m2", *slow_settle, "--zookeeper", link.addr)
+        for n in ("a1", "a2", "a3"):
+            cl.start_aux(n)
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        async with Client(m1.addr, timeout=10) as c:
+            await populate(c, 2000)
+        link.cut()  # m2 keeps routing by its ring; ZooKeeper expires its session
+        await asyncio.to_thread(wait_for, lambda: "m2" not in _masters_registered(mon), 20, message="m2's session expired")
+        cl.start_aux("a4")
+        await wait_ring(m1.addr, lambda i: "a4" in i["ring"]["nodes"], timeout=20, what="a4 joined on m1")
+
+        seen: list[str] = []
+
+        async def look() -> bool:
+            """Whether both settled with a4; records m1 done with the move while m2 still routed without a4 (m1 read first)."""
+            one, two = await ring(m1.addr), await ring(m2.addr)
+            if "a4" in one["ring"]["nodes"] and not one["migrating"] and "a4" not in two["ring"]["nodes"]:
+                seen.append(f"m1 at {one['epoch']}.{one['seq']} done, m2 at {two['epoch']}.{two['seq']} without a4")
+            return all(settled({"a1", "a2", "a3", "a4"})(i) for i in (one, two))
+
+        loop = asyncio.get_running_loop()
+        cut_until = loop.time() + 1.5  # m2 stays cut off that long after the join (without the wait, m1 is done by then)
+        while loop.time() < cut_until and not seen:
+            await look()
+            await asyncio.sleep(0.02)
+        link.heal()
+        deadline = loop.time() + 30
+        while not await look():
+            assert loop.time() < deadline, "the cluster did not settle with a4"
+            await asyncio.sleep(0.05)
+    assert seen == [], seen[:3]
+    assert "masters ['m2'] did not confirm" not in m1.stderr()  # it caught up within the wait
+    mon.assert_forward_only()
+
+
+async def test_a_leader_cut_off_from_zookeeper_drops_the_views_it_could_not_write(make_cluster, zookeeper):
+    """Views a leader made after ZooKeeper became unreachable reached no other master: once another leads, it routes by the ring there.
+
+    A held connection (no reset) is taken for lost only after kazoo's read
+    timeout (2/3 of the session): until then the leader still coordinates.
+    """
+    cl, mon = make_cluster(replicas=2)
+    with FaultProxy(zookeeper.hosts, name="zk-m1") as link:
+        m1 = cl.start_master("m1", "--zookeeper", link.addr, "--zk-session-timeout", "6")
+        for n in ("a1", "a2", "a3"):
+            cl.start_aux(n)
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        assert await _leader(cl) == m1.addr
+        before = await ring(m1.addr)
+        link.blackhole()  # m1 leads on, and for 4 s it does not even know it is cut off
+        a3 = cl.aux["a3"]
+        a3.signal(signal.SIGSTOP)
+        try:
+            # m1 fences a3: a view no other master gets (then it knows it is cut off, and changes nothing more)
+            await wait_ring(
+                m1.addr, lambda i: {n["node_id"]: n["state"] for n in i["nodes"]}["a3"] == "fenced", timeout=20, what="a3 fenced on m1"
+            )
+        finally:
+            a3.signal(signal.SIGCONT)
+        await asyncio.to_thread(wait_for, lambda: "m1" not in _masters_registered(mon), 30, message="m1's session expired")
+        m2 = cl.start_master("m2")  # leads from the ring in ZooKeeper, where a3 was never fenced
+        info = await wait_ring(
+            m2.addr, lambda i: i["membership"]["role"] == "zk-leader" and settled({"a1", "a2", "a3"})(i), timeout=20, what="m2 leads"
+        )
+        assert (info["epoch"], info["seq"]) > (before["epoch"], before["seq"])
+        mine = await ring(m1.addr)
+        assert mine["epoch"] > info["epoch"], (mine["epoch"], info["epoch"])  # m1's own, unwritten, views are newer
+        link.heal()
+        await wait_ring(m1.addr, lambda i: i["membership"]["role"] == "zk-follower" and i["membership"]["zookeeper_connected"], timeout=20)
+        await _settled_everywhere(cl, {"a1", "a2", "a3"}, timeout=20)
+        one, two = await ring(m1.addr), await ring(m2.addr)
+        assert (one["epoch"], one["seq"]) == (two["epoch"], two["seq"])
+    assert "never reached ZooKeeper: routing by the ring there" in m1.stderr()
+    mon.assert_forward_only()
+
+
+async def test_a_leader_out_of_touch_with_zookeeper_changes_no_membership_and_loses_no_write(make_cluster, zookeeper):
+    """Cut off from ZooKeeper, the leader neither fences nor marks down a silent node (no other master could follow): its hints bring the node up to date."""
+    cl, mon = make_cluster(replicas=2)
+    with FaultProxy(zookeeper.hosts, name="zk-m1") as link:
+        m1 = cl.start_master("m1", "--zookeeper", link.addr)
+        assert await _leader(cl) == m1.addr
+        m2 = cl.start_master("m2")
+        for n in ("a1", "a2", "a3"):
+            cl.start_aux(n)
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        before = await ring(m1.addr)
+        link.cut()
+        await wait_ring(m1.addr, lambda i: not i["membership"]["zookeeper_connected"], timeout=10, what="m1 out of touch")
+        a3 = cl.aux["a3"]
+        states: set[str] = set()
+        async with Client(m1.addr, timeout=10) as c:
+            a3.signal(signal.SIGSTOP)  # silent for longer than the health checks take to mark it down
+            try:
+                loop = asyncio.get_running_loop()
+                until = loop.time() + 3.0
+                i = 0
+                while loop.time() < until:
+                    await c.set(f"cut:{i}", b"%d" % i)  # a3's share misses it: hints on m1
+                    i += 1
+                    info = await ring(m1.addr)
+                    states.add({n["node_id"]: n["state"] for n in info["nodes"]}["a3"])
+            finally:
+                a3.signal(signal.SIGCONT)
+        mine = await ring(m1.addr)
+        assert states == {"up"} and (mine["epoch"], mine["seq"]) == (before["epoch"], before["seq"]), (states, mine["epoch"])
+        link.heal()
+        await _settled_everywhere(cl, {"a1", "a2", "a3"}, timeout=30)
+    async with Client(m2.addr, timeout=10) as c:  # each key from one owner: a3's copies must be there
+        values = await c.mget([f"cut:{k}" for k in range(i)])
+    missing = [k for k, v in enumerate(values) if v != b"%d" % k]
+    assert missing == [], (len(missing), i)
+    mon.assert_forward_only()
+
+
+async def test_a_node_restarted_while_down_is_read_again_by_every_master(make_cluster):
+    """A master that does not lead and sees the new process only after the leader let it back asks, through its registration, to have it reconciled.
+
+    Which comes first, that master's link reconnecting to the new process or
+    the leader's view, is a race (both back off up to 1 s): the test restarts
+    a node while it is down several times, and each time every master must
+    read it again.
+    """
+    cl, mon = make_cluster(replicas=2)
+    m1 = cl.start_master("m1")
+    assert await _leader(cl) == m1.addr
+    cl.start_master("m2")
+    for n in ("a1", "a2", "a3"):
+        cl.start_aux(n)
+    await _settled_everywhere(cl, {"a1", "a2", "a3"})
+    port = cl.aux["a1"].port
+    for _ in range(CYCLES):
+        cl.aux["a1"].kill()
+        await wait_ring(m1.addr, lambda i: {n["node_id"]: n["state"] for n in i["nodes"]}["a1"] == "down", timeout=20, what="a1 down")
+        await asyncio.to_thread(cl.start_aux, "a1", port=port)  # same address: the same links see a new process
+        await _settled_everywhere(cl, {"a1", "a2", "a3"}, timeout=20)
     mon.assert_forward_only()
