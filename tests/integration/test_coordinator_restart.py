@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from dcache import Client
+from dcache.cli import _format_ring
 from dcache.ring import HashRing
 from tests.cluster import (
     Cluster,
@@ -292,7 +293,8 @@ async def test_a_lone_coordinator_killed_mid_migration_gets_every_key_back(tmp_p
                     break
                 await asyncio.sleep(0.5)
             assert missed == [], (len(missed), missed[:10])
-            await wait_ring(m1.addr, _reconciled, timeout=10, what="the rebuilt ring reconciled")
+            info = await wait_ring(m1.addr, _reconciled, timeout=10, what="the rebuilt ring reconciled")
+            assert "copies outside their ranges moved to their owners" in _format_ring(info)  # what `dcache ring` shows
             # Each key on its owner only: the copies outside it are dropped.
             await wait_ring(m1.addr, lambda i: _counted(i) and sum(_items(i).values()) == n_keys, timeout=10, what="no copy left")
             # A key that a1 or a2 held before a3 joined vanishes from a3 (expired: no copy, no tombstone) ...
