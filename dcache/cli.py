@@ -625,7 +625,12 @@ def _format_ring(info: dict[str, Any]) -> str:
         )
     recovery = membership.get("recovery")
     if recovery:
-        lines.append(f"restarted: ring recovered from {recovery['from']} at epoch {recovery['epoch']}")
+        line = f"restarted: ring recovered from {recovery['from']} at epoch {recovery['epoch']}"
+        if "reconciled" in recovery:  # rebuilt from re-announcements: copies outside their owners go to them first
+            line += "; nodes' copies outside their ranges " + (
+                "moved to their owners" if recovery["reconciled"] else "being moved to their owners (keys may miss)"
+            )
+        lines.append(line)
     for ev in membership.get("health_events", []):
         lines.append(f"health: {ev['node_id']} {ev['state']} at {ev['at_ms']}: {ev['why']}")
     return "\n".join(lines)

@@ -28,7 +28,11 @@ coordinator's start, with no follower to ask, opens a recovery window
 applied as one change without migration (the nodes hold their own data):
 the ring comes back whole instead of one node at a time, each a migration
 from a ring that was never real. Until the ring is back the coordinator
-publishes nothing, so followers keep serving by their last view.
+publishes nothing, so followers keep serving by their last view. A ring
+rebuilt this way has lost its migration record (a migration copying when
+the old coordinator died, ranges its previous owners had not dropped yet):
+``_reconcile_rebuilt`` copies whatever a node holds outside its own arcs to
+their owners, then drops it.
 """
 
 from __future__ import annotations
@@ -819,8 +823,38 @@ class Coordinator(Membership):
                 )
                 self.publish(view)
                 self._notify()
+                self._spawn(self._reconcile_rebuilt(), "recovery-reconcile")
             self._recovery_joins.clear()
             self._recovered.set()
+
+    async def _reconcile_rebuilt(self) -> None:
+        """Copy what each node holds outside its arcs of the rebuilt ring to their owners, then drop it there.
+
+        The re-announcements carry no migration record: one that was copying
+        when the old coordinator died left keys on their previous owners
+        only, and every migration's previous owners keep their copies until
+        they are dropped. Copied (last writer wins), those keys read again;
+        dropped, no later ring change that gives the arcs back brings a
+        stale copy with them. A ring change meanwhile starts it again on
+        the new ring; only a pass that ended on the current ring drops.
+        """
+        assert self.recovery is not None
+        self.recovery["reconciled"] = False
+        while True:
+            view = self.view
+            try:
+                foreign = await self.migrator.recover(view)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconciling the rebuilt ring failed; retrying in 1 s")
+                await asyncio.sleep(1.0)
+                continue
+            if dict(self.view.ring.nodes) == dict(view.ring.nodes):
+                break
+            log.info("the ring changed while the rebuilt ring was reconciled: reconciling again")
+        self.recovery["reconciled"] = True
+        await self.migrator.drop(foreign, lambda: dict(self.view.ring.nodes) == dict(view.ring.nodes))
 
     def _take_over(self, follower_id: str, theirs: ClusterView) -> None:
         """Take over a follower's view (this coordinator restarted and has none).

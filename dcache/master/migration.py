@@ -24,6 +24,15 @@ When it returns, the coordinator publishes the view with the migration
 finished; afterwards ``schedule_drop`` removes the moved ranges from nodes
 that no longer own them (so a later ring change can never bring back a stale
 copy). Progress is kept for ``dcache ring`` and the metrics.
+
+A ring rebuilt without its migration record (a restarted coordinator with no
+follower, from the aux nodes' re-announcements) knows no previous ring: a
+migration may have been copying when the old coordinator died, and its
+sources still hold what the new owners lack. ``recover`` makes every live
+ring member a source of whatever it holds outside its own arcs
+(``foreign_arcs``), one stream per node whose pages are routed key by key to
+the owners (last writer wins, tombstones included); ``drop`` then removes
+those arcs from it. O(runs x replicas) to plan, one page per stream in memory.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from ..config import MasterConfig
 from ..errors import BadArgumentsError
 from ..hlc import HybridClock
 from ..protocol import Op, unpack_entries
-from ..ring import moved_ranges
+from ..ring import hash64, moved_ranges
 from .links import AuxLink
 from .view import UP, ClusterView
 
@@ -133,6 +142,72 @@ class Migrator:
                 streams.setdefault((sources[0], node_id), []).append([move.start, move.end])
         return streams
 
+    def foreign_arcs(self, view: ClusterView) -> dict[str, list[list[int]]]:
+        """Live ring member -> the arcs of ``view``'s ring it is not an owner of (``[start, end]``, start exclusive).
+
+        Built from the ring's preference runs: each node's runs, in order,
+        and the gaps between them. O(runs x replicas).
+        """
+        table = view.ring.preference_table(view.replicas)
+        ends, prefs = table.ends, table.prefs
+        owned: dict[str, list[int]] = {n: [] for n in view.ring.nodes if view.is_live(n)}
+        for i, owners in enumerate(prefs):
+            for n in owners:
+                runs = owned.get(n)
+                if runs is not None:
+                    runs.append(i)
+        foreign: dict[str, list[list[int]]] = {}
+        for n, runs in owned.items():
+            arcs: list[list[int]] = []
+            # Run i is (ends[i - 1], ends[i]]; the gap after owned run a, up to the next owned run b, is (ends[a], ends[b - 1]].
+            for a, b in zip(runs, runs[1:] + [runs[0] + len(ends)] if runs else [], strict=False):
+                if b > a + 1:
+                    arcs.append([ends[a], ends[(b - 1) % len(ends)]])
+            if arcs:
+                foreign[n] = arcs
+        return foreign
+
+    async def recover(self, view: ClusterView) -> dict[str, list[list[int]]]:
+        """Copy what each live ring member holds outside its own arcs to their owners; return those arcs per node.
+
+        For a ring that came back without its migration record (module
+        note). Entries and tombstones go to the owners in ``view``'s ring,
+        last writer wins: a copy never overwrites a newer write. The caller
+        drops the returned arcs (``drop``) once no ring change made it stale.
+        """
+        foreign = self.foreign_arcs(view)
+        r = view.replicas
+
+        def owners(src: str) -> Callable[[bytes], list[str]]:
+            return lambda key: [n for n in view.ring.owners_for_hash(hash64(key), r) if n != src and view.is_live(n)]
+
+        self.state = "recovering"
+        self.epoch = view.epoch
+        self.streams_total = len(foreign)
+        self.streams_done = 0
+        self.keys_moved = 0
+        self.tombstones_moved = 0
+        self.started_ms = time.time_ns() // 1_000_000
+        streams = [{"source": s, "destination": "owners", "ranges": len(a), "keys": 0, "done": False} for s, a in foreign.items()]
+        self.streams = streams
+        sem = asyncio.Semaphore(_CONCURRENT_STREAMS)
+
+        async def one(i: int, src: str, arcs: list[list[int]]) -> None:
+            async with sem:
+                await self._stream(streams[i], src, "", arcs, 0, True, owners(src))
+
+        await asyncio.gather(*(one(i, s, a) for i, (s, a) in enumerate(foreign.items())))
+        self.state = "idle"
+        self.finished_ms = time.time_ns() // 1_000_000
+        log.info(
+            "ring rebuilt at epoch %d reconciled: %d keys and %d tombstones held outside their owners copied to them in %.2f s",
+            view.epoch,
+            self.keys_moved,
+            self.tombstones_moved,
+            (self.finished_ms - self.started_ms) / 1000,
+        )
+        return foreign
+
     async def run(self, view: ClusterView, plan: dict[tuple[str, str], list[list[int]]] | None = None, since_version: int = 0) -> None:
         """Copy everything ``view``'s ring change implies (or ``plan``); return when done.
 
@@ -181,10 +256,20 @@ class Migrator:
             (self.finished_ms - self.started_ms) / 1000,
         )
 
-    async def _stream(self, record: dict[str, Any], src: str, dst: str, ranges: list[list[int]], min_version: int, first: bool) -> None:
+    async def _stream(
+        self,
+        record: dict[str, Any],
+        src: str,
+        dst: str,
+        ranges: list[list[int]],
+        min_version: int,
+        first: bool,
+        route: Callable[[bytes], list[str]] | None = None,
+    ) -> None:
         """Copy ``ranges`` from ``src`` to ``dst``: SCAN pages one after the other, APPLY them while the next is read.
 
         ``record`` is the stream's entry in its run's ``streams`` (progress).
+        With ``route`` each entry goes to the nodes it names for its key instead of ``dst``.
 
         At most ``_PAGES_IN_FLIGHT`` pages are being applied at once (the
         memory held is bounded by pages, not keys); the stream returns once
@@ -193,7 +278,7 @@ class Migrator:
         cfg = self.config
         links = self._links()
         source, dest = links.get(src), links.get(dst)
-        if source is None or dest is None:
+        if source is None or (dest is None and route is None):
             return
         cursor = 0
         rate = cfg.migration_rate
@@ -220,7 +305,12 @@ class Migrator:
                         done, applying = await asyncio.wait(applying, return_when=asyncio.FIRST_COMPLETED)
                         for task in done:
                             task.result()  # a page that failed after its retries fails the stream
-                    applying.add(asyncio.ensure_future(self._apply_page(record, dest, entries, n, tombstones, first)))
+                    if route is not None:
+                        page = self._apply_routed(record, route, entries, tombstones)
+                    else:
+                        assert dest is not None
+                        page = self._apply_page(record, dest, entries, n, tombstones, first)
+                    applying.add(asyncio.ensure_future(page))
                 scanned += n
                 if not cursor:
                     break
@@ -259,6 +349,19 @@ class Migrator:
             await self._retry(dest, Op.APPLY_DELETES, tombstones)
             self.tombstones_moved += len(tombstones)
 
+    async def _apply_routed(
+        self, record: dict[str, Any], route: Callable[[bytes], list[str]], entries: list[Any] | bytes, tombstones: list[Any]
+    ) -> None:
+        """APPLY one page's entries and tombstones to the nodes ``route`` names for each key (``_apply_page`` per node)."""
+        rows: list[Any] = unpack_entries(entries, "SCAN") if isinstance(entries, bytes) else entries
+        by_node: dict[str, tuple[list[Any], list[Any]]] = {}
+        for at, part in ((0, rows), (1, tombstones)):
+            for row in part:
+                for n in route(row[0]):
+                    by_node.setdefault(n, ([], []))[at].append(row)
+        links = self._links()
+        await asyncio.gather(*(self._apply_page(record, links[n], e, len(e), t, True) for n, (e, t) in by_node.items() if n in links))
+
     async def _retry(self, link: AuxLink, op: int, *args: Any) -> Any:
         delay = 0.1
         for attempt in range(8):
@@ -294,25 +397,31 @@ class Migrator:
 
         async def drop_all() -> None:
             await asyncio.sleep(delay)  # let followers stop reading the previous owners
-            if current().epoch != view.epoch:
-                return  # the ring changed again: ownership must be recomputed, keep the data
-            links = self._links()
-            for node, ranges in drops.items():
-                link = links.get(node)
-                if link is None:
-                    continue
-                cursor, dropped = 0, 0
-                try:
-                    while True:
-                        cursor, n = await link.call(Op.DROP, ranges, cursor)
-                        dropped += n
-                        if not cursor:
-                            break
-                except Exception as exc:
-                    log.info("dropping moved ranges from %s failed: %s", node, exc)
-                    continue
-                log.info("dropped %d moved keys from %s", dropped, node)
+            # The ring changed again: ownership must be recomputed, keep the data.
+            await self.drop(drops, lambda: current().epoch == view.epoch)
 
         task = asyncio.ensure_future(drop_all())
         self._drops.add(task)
         task.add_done_callback(self._drops.discard)
+
+    async def drop(self, drops: dict[str, list[list[int]]], still: Callable[[], bool]) -> None:
+        """DROP the given arcs from each node (page by page) while ``still()`` holds; a node that fails keeps its data (logged)."""
+        links = self._links()
+        for node, ranges in drops.items():
+            link = links.get(node)
+            if link is None:
+                continue
+            cursor, dropped = 0, 0
+            try:
+                while True:
+                    if not still():
+                        log.info("the ring changed: %s keeps the ranges it no longer owned (%d keys dropped)", node, dropped)
+                        return
+                    cursor, n = await link.call(Op.DROP, ranges, cursor)
+                    dropped += n
+                    if not cursor:
+                        break
+            except Exception as exc:
+                log.info("dropping ranges it does not own from %s failed: %s", node, exc)
+                continue
+            log.info("dropped %d keys it does not own from %s", dropped, node)

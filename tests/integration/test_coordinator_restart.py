@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from dcache import Client
+from dcache.cli import _format_ring
+from dcache.ring import HashRing
 from tests.cluster import (
     Cluster,
     Reader,
@@ -17,6 +20,7 @@ from tests.cluster import (
     assert_served_while_ringless,
     key_of,
     native_load,
+    outlive,
     populate,
     resp_load,
     settled,
@@ -229,6 +233,81 @@ async def test_a_coordinator_restarted_after_a_migration_reads_what_it_wrote_onc
         missed = [key_of(i) for i, v in enumerate(got) if v != value_of(i)]
         assert missed == [], (len(missed), missed[:10])
         assert f"resuming the migration to epoch {info['epoch']} (settling)" in m1.stderr()
+    finally:
+        cluster.stop()
+        print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
+
+
+def _copying_to(node: str) -> Callable[[dict[str, Any]], bool]:
+    """Predicate: a migration to a ring with ``node`` is copying and has moved some keys, not all."""
+
+    def check(info: dict[str, Any]) -> bool:
+        mig = info["membership"].get("migration") or {}
+        return node in info["ring"]["nodes"] and info["migrating"] and mig.get("state") == "copying" and mig.get("keys_moved", 0) > 0
+
+    return check
+
+
+async def _read_all(c: Client, n: int) -> list[bytes | None]:
+    """The values of keys 0 to ``n - 1``, 5,000 a call."""
+    got: list[bytes | None] = []
+    for at in range(0, n, 5000):
+        got += await c.mget([key_of(i) for i in range(at, min(n, at + 5000))])
+    return got
+
+
+def _reconciled(info: dict[str, Any]) -> bool:
+    """A ring rebuilt from re-announcements, and what the nodes held outside their ranges copied to the owners."""
+    return (info["membership"].get("recovery") or {}).get("reconciled") is True
+
+
+async def test_a_lone_coordinator_killed_mid_migration_gets_every_key_back(tmp_path):
+    """No follower hands the migration record over: the ring rebuilt from the re-announcements holds the joined node,
+    which had only part of its ranges. What the nodes hold outside their own ranges is copied to the owners (every key
+    reads back), then dropped there: when the joined node leaves, a key that vanished meanwhile does not come back."""
+    n_keys = 20_000
+    cluster = Cluster(tmp_path, replicas=1)
+    try:
+        # 100 keys a page at 500 a second: the copy to a3 takes several seconds.
+        m1 = cluster.start_master("m1", "--migration-rate", "500", "--migration-batch", "100")
+        for n in ("a1", "a2"):
+            cluster.start_aux(n)
+        await wait_ring(m1.addr, settled({"a1", "a2"}))
+        async with Client(m1.addr) as c:
+            await populate(c, n_keys)
+        cluster.start_aux("a3")
+        await wait_ring(m1.addr, _copying_to("a3"), timeout=30, what="the copy to a3 running")
+        port = m1.port
+        m1.kill()
+        m1 = cluster.start_master("m1", port=port)
+        info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=20, what="the ring back")
+        assert info["membership"]["recovery"]["from"] == "re-announcements"
+        assert set(info["ring"]["nodes"]) == AUX  # the ring with a3, and no migration record
+        async with Client(m1.addr) as c:
+            # Keys a3 had not got yet miss until the nodes' copies outside their ranges reach it (bounded).
+            deadline = time.monotonic() + 30
+            while True:
+                got = await _read_all(c, n_keys)
+                missed = [key_of(i) for i, v in enumerate(got) if v != value_of(i)]
+                if not missed or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            assert missed == [], (len(missed), missed[:10])
+            info = await wait_ring(m1.addr, _reconciled, timeout=10, what="the rebuilt ring reconciled")
+            assert "copies outside their ranges moved to their owners" in _format_ring(info)  # what `dcache ring` shows
+            # Each key on its owner only: the copies outside it are dropped.
+            await wait_ring(m1.addr, lambda i: _counted(i) and sum(_items(i).values()) == n_keys, timeout=10, what="no copy left")
+            # A key that a1 or a2 held before a3 joined vanishes from a3 (expired: no copy, no tombstone) ...
+            owners = HashRing(dict.fromkeys(sorted(AUX), 1.0))
+            gone = next(key_of(i) for i in range(n_keys) if owners.owner(key_of(i).encode()) == "a3")
+            await outlive(c, gone)
+        # ... and when a3 leaves, its ranges go back to a1 and a2: the key stays gone, the others read back.
+        await asyncio.to_thread(cluster.aux["a3"].terminate)
+        await wait_ring(m1.addr, settled({"a1", "a2"}), timeout=60, what="a3 left")
+        async with Client(m1.addr) as c:
+            got = await _read_all(c, n_keys)
+        wrong = [key_of(i) for i, v in enumerate(got) if v != (None if key_of(i) == gone else value_of(i))]
+        assert wrong == [], (len(wrong), wrong[:10])
     finally:
         cluster.stop()
         print(cluster.logs()[-20000:])  # shown by pytest only when the test fails

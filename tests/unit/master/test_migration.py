@@ -18,6 +18,7 @@ from dcache.hlc import HybridClock, wall_ms
 from dcache.master.migration import Migrator
 from dcache.master.view import Member
 from dcache.protocol import Op, unpack_entries
+from dcache.ring import hash64, in_range
 from tests.fakes import Reply
 
 from .fakecluster import FakeCluster, until
@@ -158,3 +159,38 @@ async def test_a_run_started_meanwhile_does_not_break_one_in_flight(paused: str)
         await asyncio.wait_for(first, 5)
         moved = [i for i in range(KEYS) if view.ring.owners(b"key:%d" % i, 1) == ["a2"]]
         assert moved and all(cluster.value("a2", b"key:%d" % i) == b"v%d" % i for i in moved)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_a_rebuilt_ring_gets_every_nodes_foreign_keys_to_their_owners(replicas: int) -> None:
+    """``recover``: whatever a node holds outside its arcs reaches the owners (newer wins, tombstones included),
+    and the arcs it returns per node are exactly those the node does not own."""
+    async with FakeCluster(("a1", "a2", "a3"), replicas=replicas) as cluster:
+        view = cluster.view
+        owners = {i: view.ring.owners(b"key:%d" % i, replicas) for i in range(KEYS)}
+        stale = cluster.clock.next()
+        newer = cluster.clock.next()
+        # Every key on a node that does not own it (the source of a migration cut short); a third of them written
+        # again meanwhile, and one deleted, on their owners (as a master writes them).
+        for i, own in owners.items():
+            key = b"key:%d" % i
+            cluster.put(next(n for n in ("a1", "a2", "a3") if n not in own), key, b"old%d" % i, stale)
+            for n in own:
+                if i == 1:
+                    cluster.auxes[n].execute([Op.DELV, 1, key, newer])
+                elif i % 3 == 0:
+                    cluster.put(n, key, b"new%d" % i, newer)
+        config = MasterConfig(port=0, replicas=replicas, migration_batch=BATCH)
+        migrator = Migrator(config, lambda: cluster.links, cluster.clock, nobody_to_wait_for)
+        foreign = await migrator.recover(view)
+        for i, own in owners.items():
+            want = None if i == 1 else b"new%d" % i if i % 3 == 0 else b"old%d" % i
+            assert [cluster.value(n, b"key:%d" % i) for n in own] == [want] * len(own), i
+        progress = migrator.progress()
+        assert progress["state"] == "idle"
+        assert progress["keys_moved"] == KEYS * replicas
+        assert set(foreign) == {"a1", "a2", "a3"}
+        for n, arcs in foreign.items():
+            for i in range(KEYS):
+                h = hash64(b"key:%d" % i)
+                assert any(in_range(h, s, e) for s, e in arcs) == (n not in view.ring.owners_for_hash(h, replicas))
