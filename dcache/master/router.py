@@ -724,7 +724,7 @@ class LinkBatcher:
         if ops:
             self._send_reads(link, ops)
 
-    def add_write(self, link: AuxLink, args: tuple[Any, ...], target: _Target) -> None:
+    def add_write(self, link: AuxLink, args: tuple[Any, ...], target: Callable[[int, Any], None]) -> None:
         """Queue the SETV ``args`` (``(key, value, expires_at, flags, version)``) on ``link``; ``target`` gets its answer."""
         if link.reads_waiting is not None:  # earlier reads of this node leave first
             release = link.reads_waiting
@@ -861,6 +861,16 @@ class WriteOp:
         self.fatal: tuple[int, Any] | None = None
         self.newer = 0
         links = self.router.links
+        targets = self.targets
+        if len(targets) == 1:  # one owner, not suspected: the op is its own callback (``__call__``)
+            link = links.get(targets[0])
+            if link is not None and not link.suspect:
+                self.pending = 1
+                if self.upstream == _SETV:
+                    self.router.batcher.add_write(link, self.args, self)
+                else:
+                    link.send(self.upstream, self.args, self)
+                return
         send_to = []
         for node in self.targets:
             link = links.get(node)
@@ -882,6 +892,18 @@ class WriteOp:
             return
         for node, link in send_to:
             link.send(self.upstream, self.args, _Target(self, node))
+
+    def __call__(self, status: int, result: Any) -> None:
+        """The answer of a write sent to one owner only (``start``).
+
+        An owner that applied it (any answer but ``[2, held]``) answers the
+        client at once, unless a write quorum above 1 asks for more owners
+        than there are: what ``answer`` then ``finish`` would do, without them.
+        """
+        if status == _OK and result.__class__ is not list and self.router.write_quorum <= 1:
+            self.sink.reply(self.rid, _OK, (result is True) if self.ok_result is None else self.ok_result)
+            return
+        self.answer(self.targets[0], status, result)
 
     def answer(self, node: str, status: int, result: Any) -> None:
         """One owner's answer."""
