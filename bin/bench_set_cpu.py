@@ -222,7 +222,7 @@ def count_instructions(tree: Path, iterations: int, args: argparse.Namespace) ->
     """Instructions callgrind counts for one in-process child of ``tree`` running ``iterations`` loop turns."""
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(Path(__file__).resolve()),
            "--worker", str(iterations), "--tree", f"x={tree}", "--clients", str(args.clients), "--pipeline", str(args.pipeline),
-           *(["--native"] if args.native else [])]  # fmt: skip
+           *(["--native"] if args.native else []), *(["--aux"] if args.aux else [])]  # fmt: skip
     out = subprocess.run(
         cmd, capture_output=True, text=True, timeout=3600, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
     )
@@ -234,6 +234,35 @@ def count_instructions(tree: Path, iterations: int, args: argparse.Namespace) ->
     return int(refs[-1].split(":")[-1].strip())
 
 
+def aux_worker(iterations: int, clients: int) -> None:
+    """Child process: an aux node's native connection takes ``iterations`` MSETVs of ``clients`` entries (a master's loop turns)."""
+    import tempfile
+
+    from dcache.auxnode.node import AuxNode
+    from dcache.config import AuxConfig
+    from dcache.hlc import HybridClock
+    from dcache.protocol import Op, encode_request
+
+    async def run() -> None:
+        node = AuxNode(AuxConfig(data_dir=tempfile.mkdtemp(), snapshot_interval=0))
+        node.build_tables()
+        conn = node.protocol_factory()
+        sink = _Sink()
+        conn.connection_made(sink)  # type: ignore[arg-type]
+        clock = HybridClock("bench-master")
+        value = b"x" * 100
+        rng = random.Random(1)
+        for i in range(iterations):
+            entries = [[b"key:%012d" % rng.randrange(100_000), value, 0, 0, clock.next()] for _ in range(clients)]
+            conn.data_received(encode_request(Op.MSETV, i % 100 + 1, entries))
+            await asyncio.sleep(0)
+        assert sink.written > iterations * clients * 2  # answered: [status, result] per entry
+
+    import uvloop
+
+    uvloop.run(run())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", action="append", required=True, help="LABEL=DIR, a source tree to run the daemons from (repeat)")
@@ -243,6 +272,9 @@ def main() -> int:
     ap.add_argument("--instructions", action="store_true", help="count the master's instructions per SET in-process (callgrind)")
     ap.add_argument("--clients", type=int, default=8, help="with --instructions: client connections, each sending in every loop turn")
     ap.add_argument("--native", action="store_true", help="with --instructions: native SET frames instead of RESP commands")
+    ap.add_argument(
+        "--aux", action="store_true", help="with --instructions: the aux node's instructions per SET, fed MSETVs of --clients entries"
+    )
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     trees = [(label, Path(path).resolve()) for label, path in (t.split("=", 1) for t in args.tree)]
@@ -250,13 +282,16 @@ def main() -> int:
         import dcache
 
         print(f"dcache from {Path(dcache.__file__).resolve().parent.parent}", file=sys.stderr)
-        in_process_worker(args.worker, args.clients, args.pipeline, args.native)
+        if args.aux:
+            aux_worker(args.worker, args.clients)
+        else:
+            in_process_worker(args.worker, args.clients, args.pipeline, args.native)
         return 0
     if args.instructions:
-        door = "native" if args.native else "RESP"
+        door = "aux node, MSETV" if args.aux else "native" if args.native else "RESP"
         print(f"python {sys.version.split()[0]}; {door} SET, {args.clients} clients x {args.pipeline} SETs per loop turn; "
               f"instructions per SET, callgrind, ({K2} - {K1}) turns")  # fmt: skip
-        sets = (K2 - K1) * args.clients * args.pipeline
+        sets = (K2 - K1) * args.clients * (1 if args.aux else args.pipeline)
         for r in range(args.rounds):
             for label, tree in trees:
                 per = (count_instructions(tree, K2, args) - count_instructions(tree, K1, args)) / sets
