@@ -189,9 +189,13 @@ class ClusterOps:
     def setv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes, int, int, int]) -> Any:
         key, value, expires_at, flags, version = args
         node = self.node
-        cache = node.cache
-        _check_fits(cache, key, value, expires_at)
+        _check_fits(node.cache, key, value, expires_at)
         node.clock.observe(version)
+        return self._store(key, value, expires_at, flags, version)
+
+    def _store(self, key: bytes, value: bytes, expires_at: int, flags: int, version: int) -> Any:
+        """A SETV whose entry fits and whose version the clock observed: 1 (stored, or already expired: 2), 0 (NX/XX failed) or ``[2, held]``."""
+        cache = self.node.cache
         if flags and (cache.get_entry(key) is not None) == (flags == _NX):
             return 0
         if cache.apply(key, value, expires_at=expires_at, version=version):
@@ -204,14 +208,25 @@ class ClusterOps:
         return [SUPERSEDED, held]
 
     def msetv(self, conn: FrameProtocol, rid: int, entries: list[tuple[bytes, bytes, int, int, int]]) -> list[list[Any]]:
-        """SETV of each entry, in order; answers ``[status, result]`` per entry (a master's writes of one loop turn)."""
+        """SETV of each entry, in order; answers ``[status, result]`` per entry (a master's writes of one loop turn).
+
+        The clock observes the newest version once, before any entry is
+        stored, as APPLY's does: nothing else runs in between.
+        """
         out: list[list[Any]] = []
-        setv = self.setv
-        for entry in entries:
+        if not entries:
+            return out
+        node = self.node
+        cache = node.cache
+        node.clock.observe(max([e[4] for e in entries]))
+        store = self._store
+        append = out.append
+        for key, value, expires_at, flags, version in entries:
             try:
-                out.append([_OK, setv(conn, rid, entry)])
+                _check_fits(cache, key, value, expires_at)
+                append([_OK, store(key, value, expires_at, flags, version)])
             except ServerError as exc:
-                out.append([exc.code, exc.message])
+                append([exc.code, exc.message])
         return out
 
     def delv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
