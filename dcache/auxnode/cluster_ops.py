@@ -187,18 +187,25 @@ class ClusterOps:
         return tomb if tomb > held else held
 
     def setv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes, int, int, int]) -> Any:
-        key, value, expires_at, flags, version = args
-        node = self.node
-        _check_fits(node.cache, key, value, expires_at)
-        node.clock.observe(version)
-        return self._store(key, value, expires_at, flags, version)
+        self.node.clock.observe(args[4])
+        return self._store(*args)
 
     def _store(self, key: bytes, value: bytes, expires_at: int, flags: int, version: int) -> Any:
-        """A SETV whose entry fits and whose version the clock observed: 1 (stored, or already expired: 2), 0 (NX/XX failed) or ``[2, held]``."""
+        """A SETV whose version the clock observed: 1 (stored; 2: already expired), 0 (NX/XX failed) or ``[2, held]``.
+
+        Raises:
+            OutOfMemoryError: the entry alone exceeds the cache's budget (checked before the condition).
+        """
         cache = self.node.cache
-        if flags and (cache.get_entry(key) is not None) == (flags == _NX):
-            return 0
-        if cache.apply(key, value, expires_at=expires_at, version=version):
+        if flags:
+            _check_fits(cache, key, value, expires_at)
+            if (cache.get_entry(key) is not None) == (flags == _NX):
+                return 0
+        try:
+            applied = cache.apply(key, value, expires_at=expires_at, version=version)
+        except EntryTooLargeError as exc:  # checked first thing, the cache unchanged: the same check as _check_fits
+            raise OutOfMemoryError(str(exc)) from None
+        if applied:
             return 1
         held = self.held_version(key)
         if held < version:
@@ -216,15 +223,12 @@ class ClusterOps:
         out: list[list[Any]] = []
         if not entries:
             return out
-        node = self.node
-        cache = node.cache
-        node.clock.observe(max([e[4] for e in entries]))
+        self.node.clock.observe(max([e[4] for e in entries]))
         store = self._store
         append = out.append
-        for key, value, expires_at, flags, version in entries:
+        for entry in entries:
             try:
-                _check_fits(cache, key, value, expires_at)
-                append([_OK, store(key, value, expires_at, flags, version)])
+                append([_OK, store(*entry)])
             except ServerError as exc:
                 append([exc.code, exc.message])
         return out
