@@ -21,7 +21,9 @@ MSETV "stored"), then runs loop iterations in which each client sends
 ``--pipeline`` SETs and gets its replies. Each child runs ``K1`` and ``K2``
 iterations; the difference over the SETs between them is the master's
 instructions per SET (the scripted aux node's decoding and answers are in
-it too, the same for every tree).
+it too, the same for every tree). With ``--aux`` the child is an aux node
+instead, its 100,000 keys stored first, fed MSETVs of ``--clients``
+entries as a master sends them: its instructions per SET (an overwrite).
 """
 
 from __future__ import annotations
@@ -251,12 +253,17 @@ def aux_worker(iterations: int, clients: int) -> None:
         conn.connection_made(sink)  # type: ignore[arg-type]
         clock = HybridClock("bench-master")
         value = b"x" * 100
+        for start in range(0, 100_000, 1000):  # every key stored first: a SET then overwrites, as under redis-benchmark -r 100000
+            conn.data_received(
+                encode_request(Op.MSETV, 1, [[b"key:%012d" % k, value, 0, 0, clock.next()] for k in range(start, start + 1000)])
+            )
+            await asyncio.sleep(0)
         rng = random.Random(1)
         for i in range(iterations):
             entries = [[b"key:%012d" % rng.randrange(100_000), value, 0, 0, clock.next()] for _ in range(clients)]
             conn.data_received(encode_request(Op.MSETV, i % 100 + 1, entries))
             await asyncio.sleep(0)
-        assert sink.written > iterations * clients * 2  # answered: [status, result] per entry
+        assert sink.written > (100 + iterations) * clients * 2  # answered: [status, result] per entry
 
     import uvloop
 
