@@ -187,14 +187,25 @@ class ClusterOps:
         return tomb if tomb > held else held
 
     def setv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes, int, int, int]) -> Any:
-        key, value, expires_at, flags, version = args
-        node = self.node
-        cache = node.cache
-        _check_fits(cache, key, value, expires_at)
-        node.clock.observe(version)
-        if flags and (cache.get_entry(key) is not None) == (flags == _NX):
-            return 0
-        if cache.apply(key, value, expires_at=expires_at, version=version):
+        self.node.clock.observe(args[4])
+        return self._store(*args)
+
+    def _store(self, key: bytes, value: bytes, expires_at: int, flags: int, version: int) -> Any:
+        """A SETV whose version the clock observed: 1 (stored; 2: already expired), 0 (NX/XX failed) or ``[2, held]``.
+
+        Raises:
+            OutOfMemoryError: the entry alone exceeds the cache's budget (checked before the condition).
+        """
+        cache = self.node.cache
+        if flags:
+            _check_fits(cache, key, value, expires_at)
+            if (cache.get_entry(key) is not None) == (flags == _NX):
+                return 0
+        try:
+            applied = cache.apply(key, value, expires_at=expires_at, version=version)
+        except EntryTooLargeError as exc:  # checked first thing, the cache unchanged: the same check as _check_fits
+            raise OutOfMemoryError(str(exc)) from None
+        if applied:
             return 1
         held = self.held_version(key)
         if held < version:
@@ -204,14 +215,22 @@ class ClusterOps:
         return [SUPERSEDED, held]
 
     def msetv(self, conn: FrameProtocol, rid: int, entries: list[tuple[bytes, bytes, int, int, int]]) -> list[list[Any]]:
-        """SETV of each entry, in order; answers ``[status, result]`` per entry (a master's writes of one loop turn)."""
+        """SETV of each entry, in order; answers ``[status, result]`` per entry (a master's writes of one loop turn).
+
+        The clock observes the newest version once, before any entry is
+        stored, as APPLY's does: nothing else runs in between.
+        """
         out: list[list[Any]] = []
-        setv = self.setv
+        if not entries:
+            return out
+        self.node.clock.observe(max([e[4] for e in entries]))
+        store = self._store
+        append = out.append
         for entry in entries:
             try:
-                out.append([_OK, setv(conn, rid, entry)])
+                append([_OK, store(*entry)])
             except ServerError as exc:
-                out.append([exc.code, exc.message])
+                append([exc.code, exc.message])
         return out
 
     def delv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:

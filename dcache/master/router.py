@@ -724,7 +724,7 @@ class LinkBatcher:
         if ops:
             self._send_reads(link, ops)
 
-    def add_write(self, link: AuxLink, args: tuple[Any, ...], target: _Target) -> None:
+    def add_write(self, link: AuxLink, args: tuple[Any, ...], target: Callable[[int, Any], None]) -> None:
         """Queue the SETV ``args`` (``(key, value, expires_at, flags, version)``) on ``link``; ``target`` gets its answer."""
         if link.reads_waiting is not None:  # earlier reads of this node leave first
             release = link.reads_waiting
@@ -736,7 +736,8 @@ class LinkBatcher:
             link.release_held()
             link.flush()
             return
-        self._schedule()
+        if not self._scheduled:
+            self._schedule()
 
     def _schedule(self) -> None:
         if not self._scheduled:
@@ -829,6 +830,14 @@ class WriteOp:
         "retried",
     )
 
+    pending: int
+    ok: int
+    any_true: bool
+    missed: list[str]
+    error: Any
+    fatal: tuple[int, Any] | None
+    newer: int
+
     def __init__(
         self,
         router: Router,
@@ -854,13 +863,17 @@ class WriteOp:
 
     def start(self) -> None:
         """Send the write to every target this master trusts; the others get hints once it is applied."""
-        self.ok = 0
-        self.any_true = False
-        self.missed: list[str] = []
-        self.error: Any = None
-        self.fatal: tuple[int, Any] | None = None
-        self.newer = 0
         links = self.router.links
+        targets = self.targets
+        if len(targets) == 1:  # one owner, not suspected: the op is its own callback (``__call__``)
+            link = links.get(targets[0])
+            if link is not None and not link.suspect:
+                if self.upstream == _SETV:
+                    self.router.batcher.add_write(link, self.args, self)
+                else:
+                    link.send(self.upstream, self.args, self)
+                return
+        self._reset()
         send_to = []
         for node in self.targets:
             link = links.get(node)
@@ -882,6 +895,29 @@ class WriteOp:
             return
         for node, link in send_to:
             link.send(self.upstream, self.args, _Target(self, node))
+
+    def __call__(self, status: int, result: Any) -> None:
+        """The answer of a write sent to one owner only (``start``).
+
+        An owner that applied it (any answer but ``[2, held]``) answers the
+        client at once, unless a write quorum above 1 asks for more owners
+        than there are: what ``answer`` then ``finish`` would do, without them.
+        """
+        if status == _OK and result.__class__ is not list and self.router.write_quorum <= 1:
+            self.sink.reply(self.rid, _OK, (result is True) if self.ok_result is None else self.ok_result)
+            return
+        self._reset()
+        self.pending = 1
+        self.answer(self.targets[0], status, result)
+
+    def _reset(self) -> None:
+        """The counts of a write about to gather its owners' answers (the one-owner path sets them only when it needs them)."""
+        self.ok = 0
+        self.any_true = False
+        self.missed = []
+        self.error = None
+        self.fatal = None
+        self.newer = 0
 
     def answer(self, node: str, status: int, result: Any) -> None:
         """One owner's answer."""

@@ -396,12 +396,34 @@ def _parse_setv(msg: list[Any], limits: Limits) -> tuple[bytes, bytes, int, int,
 
 
 def _parse_msetv(msg: list[Any], limits: Limits) -> list[tuple[bytes, bytes, int, int, int]]:
-    """MSETV ``[entries]`` -> ``[(key, value, expires_at, flags, version), ...]``: SETVs in one request, every entry checked first."""
+    """MSETV ``[entries]`` -> ``[(key, value, expires_at, flags, version), ...]``: SETVs in one request, every entry checked first.
+
+    An entry of well-typed fields within bounds (every entry a master
+    sends) is checked inline, as APPLY's; any other goes through the field
+    checks, which convert or raise with their messages.
+    """
     ceiling = limits.version_ceiling()
-    return [
-        (_key(e[0], limits), check_value(e[1], limits), _expires_at(e[2]), _flags(e[3]), _version(e[4], ceiling))
-        for e in _entries(msg, limits, "MSETV", "[key, value, expires_at, flags, version]")
-    ]
+    max_key = limits.max_key_bytes
+    max_value = limits.max_value_bytes
+    out: list[tuple[bytes, bytes, int, int, int]] = []
+    append = out.append
+    for key, value, expires_at, flags, version in _entries(msg, limits, "MSETV", "[key, value, expires_at, flags, version]"):
+        if (
+            key.__class__ is bytes
+            and 0 < len(key) <= max_key
+            and value.__class__ is bytes
+            and len(value) <= max_value
+            and expires_at.__class__ is int
+            and 0 <= expires_at <= INT64_MAX
+            and flags.__class__ is int
+            and flags in _FLAGS
+            and version.__class__ is int
+            and 0 < version <= ceiling
+        ):
+            append((key, value, expires_at, flags, version))
+        else:
+            append((_key(key, limits), check_value(value, limits), _expires_at(expires_at), _flags(flags), _version(version, ceiling)))
+    return out
 
 
 def _parse_getv(msg: list[Any], limits: Limits) -> tuple[bytes, bool]:

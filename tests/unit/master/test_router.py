@@ -412,6 +412,70 @@ async def test_a_write_superseded_twice_is_not_acknowledged(cluster: FakeCluster
     assert cluster.router.stats.superseded_retries == 1 and cluster.router.stats.superseded == 1
 
 
+# A write with one owner is its own callback (``WriteOp.__call__``): the same rules, without the fan-out.
+
+
+async def test_one_owner_write_is_acknowledged_and_stored() -> None:
+    async with FakeCluster(replicas=1) as cluster:
+        key = cluster.key_owned_by("a1")
+        sink = Sink()
+        cluster.router.set(sink, 1, key, b"v", 0)
+        assert await sink.answer() == (OK, True)
+        assert cluster.value("a1", key) == b"v"
+        cluster.router.delete(sink, 2, key)
+        assert await sink.answer(2) == (OK, True)
+        cluster.router.delete(sink, 3, key)
+        assert await sink.answer(3) == (OK, False)  # DELETE answers whether the owner held the key
+
+
+async def test_one_owner_write_superseded_once_is_retried_and_twice_is_not_acknowledged() -> None:
+    async with FakeCluster(replicas=1) as cluster:
+        key = cluster.key_owned_by("a1")
+        held = cluster.future_version()
+        cluster.put("a1", key, b"from the future", held)
+        sink = Sink()
+        cluster.router.set(sink, 1, key, b"v", 0)
+        assert await sink.answer() == (OK, True)
+        first, retry = (m[6] for m in cluster.sent("a1", Op.SETV))
+        assert first < held < retry and cluster.entry("a1", key) == [b"v", 0, retry]
+        newer = [cluster.future_version(1000)]
+
+        def always_newer(msg: list[Any]) -> Reply:
+            newer[0] = max(newer[0], msg[6]) + (1 << 22)
+            return Reply(OK, [2, newer[0]])
+
+        cluster.overrides[("a1", Op.SETV)] = always_newer
+        cluster.router.set(sink, 2, key, b"w", 0)
+        status, message = await sink.answer(2)
+        assert status == int(Status.SUPERSEDED) and "did not take effect" in message
+        assert cluster.router.stats.superseded_retries == 2 and cluster.router.stats.superseded == 1
+
+
+@pytest.mark.parametrize(("quorum", "expected"), [(1, OK), (2, UNAVAILABLE)])
+async def test_one_owner_write_quorum(quorum: int, expected: int) -> None:
+    async with FakeCluster(replicas=1, write_quorum=quorum) as cluster:
+        key = cluster.key_owned_by("a1")
+        sink = Sink()
+        cluster.router.set(sink, 1, key, b"v", 0)
+        status, result = await sink.answer()
+        assert status == expected
+        assert result is True if expected == OK else result == "the write reached 1 of the 2 owners the quorum needs"
+
+
+async def test_one_owner_write_errors_are_answered() -> None:
+    async with FakeCluster(replicas=1) as cluster:
+        key = cluster.key_owned_by("a1")
+        cluster.overrides[("a1", Op.SETV)] = answer_with(int(Status.OUT_OF_MEMORY), "full")
+        sink = Sink()
+        cluster.router.set(sink, 1, key, b"v", 0)
+        assert await sink.answer() == (int(Status.OUT_OF_MEMORY), "full")
+        cluster.overrides[("a1", Op.SETV)] = answer_with(UNAVAILABLE, "gone")
+        cluster.router.set(sink, 2, key, b"v", 0)
+        status, message = await sink.answer(2)
+        assert status == UNAVAILABLE and "no owner of the key applied the write: gone" in message
+        assert cluster.router.hints.total() == 0
+
+
 async def test_a_suspected_owner_is_not_waited_for_and_gets_its_hints_when_it_answers_again() -> None:
     async with FakeCluster(suspect_after=0.25) as cluster:
         key = cluster.key_owned_by("a1", "a2")

@@ -242,11 +242,18 @@ def test_msetv_checks_every_entry_first():
         (b"a", b"v", 0, 0, V_NOW),
         (b"b", b"w", 5, 1, V_NOW + 1),
     ]
+    assert parse(Op.MSETV, [["a", b"v", 0, None, V_NOW]]) == [(b"a", b"v", 0, 0, V_NOW)]  # the field checks convert
     for bad in (
         [[b"a", b"v", 0, 0]],
         [[b"a", b"v", 0, 0, V_NOW], "entry"],
         [[b"", b"v", 0, 0, V_NOW]],
         [[b"a", b"v", -1, 0, V_NOW]],
+        [[b"a", b"v", True, 0, V_NOW]],
+        [[b"a", b"v", 0, 3, V_NOW]],
+        [[b"a", b"v", 0, True, V_NOW]],
+        [[b"a", b"v", 0, 0, 0]],
+        [[b"a", b"v", 0, 0, True]],
+        [[b"a", None, 0, 0, V_NOW]],
         "entries",
     ):
         with pytest.raises(BadArgumentsError):

@@ -1,0 +1,326 @@
+#!/usr/bin/env python3
+"""CPU per RESP SET of a master and of the aux node behind it, for source trees side by side (docs/BENCHMARKS.md).
+
+    .venv/bin/python bin/bench_set_cpu.py --tree A=/path/to/old --tree B=. [--rounds 5] [--pipeline 1] [--requests 400000]
+
+For each round and each tree in turn, starts one aux node (core 1) and one
+master in front of it (core 0, ``--resp-port 0``) from that tree (working
+directory and ``PYTHONPATH``: ``python -m dcache`` imports the working
+directory's package first), then drives the master's RESP port with
+``redis-benchmark -c 50 -d 100 -r 100000 -t set -P N -n REQUESTS`` (core 1).
+Prints each process's CPU time (user + system, /proc/PID/stat) over the
+run divided by the requests, and the median per tree. The runs alternate,
+so a shared machine's drift touches every tree alike; CPU per request moves
+far less with the machine's load than throughput does.
+
+``--instructions`` counts instructions instead (valgrind's callgrind,
+load-independent): a child process per tree builds a master with one
+RESP (or, with ``--native``, native) client connection per ``--clients``
+and a scripted aux node on in-memory transports (it answers every SETV and
+MSETV "stored"), then runs loop iterations in which each client sends
+``--pipeline`` SETs and gets its replies. Each child runs ``K1`` and ``K2``
+iterations; the difference over the SETs between them is the master's
+instructions per SET (the scripted aux node's decoding and answers are in
+it too, the same for every tree). With ``--aux`` the child is an aux node
+instead, its 100,000 keys stored first, fed MSETVs of ``--clients``
+entries as a master sends them: its instructions per SET (an overwrite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+_TICKS_S = os.sysconf("SC_CLK_TCK")
+_FRONT, _BACK = 0, 1
+# The ops the scripted aux node answers (numbers of dcache.protocol.Op, fixed on the wire).
+_HELLO, _PING, _BIND, _MSETV = 1, 2, 44, 42
+
+
+def cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of process ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS_S
+
+
+def _pinned(core: int) -> list[str]:
+    return ["taskset", "-c", str(core)] if (os.cpu_count() or 1) > 1 else []
+
+
+def start(tree: Path, role: str, core: int, *args: str) -> tuple[subprocess.Popen[bytes], str, int]:
+    """A daemon of ``tree`` with a RESP port: the process, its native address and its RESP port."""
+    proc = subprocess.Popen(
+        [*_pinned(core), sys.executable, "-m", "dcache", role, "--host", "127.0.0.1", "--port", "0", "--resp-port", "0",
+         "--log-level", "warning", *args],
+        stdout=subprocess.PIPE, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    words = proc.stdout.readline().decode().split()
+    resp = [w for w in words if w.startswith("resp=")]
+    if not words or words[0] != "READY" or not resp:
+        proc.kill()
+        raise SystemExit(f"{role} of {tree} did not start with RESP: {words!r}")
+    return proc, words[1], int(resp[0].rpartition(":")[2])
+
+
+def one_run(tree: Path, pipeline: int, requests: int) -> tuple[float, float, float]:
+    """One aux node and one master of ``tree`` under redis-benchmark SET: (ops/s, master µs/SET, aux node µs/SET)."""
+    aux, aux_addr, _ = start(tree, "aux", _BACK, "--node-id", "bench-aux", "--max-memory", "1GB", "--snapshot-interval", "0")
+    try:
+        master, _, port = start(tree, "master", _FRONT, "--node-id", "bench-master", "--aux", f"bench-aux={aux_addr}")
+        try:
+            cmd = [*_pinned(_BACK), "redis-benchmark", "-p", str(port), "-c", "50", "-d", "100", "-r", "100000", "-t", "set",
+                   "-P", str(pipeline), "-n", str(requests), "-q"]  # fmt: skip
+            subprocess.run([*cmd[:-3], "-n", "20000", "-q"], capture_output=True, check=True, timeout=120)  # warm up
+            m0, a0 = cpu_s(master.pid), cpu_s(aux.pid)
+            out = subprocess.run(cmd, capture_output=True, check=True, timeout=600, text=True).stdout
+            m1, a1 = cpu_s(master.pid), cpu_s(aux.pid)
+        finally:
+            master.terminate()
+            master.wait(10)
+    finally:
+        aux.terminate()
+        aux.wait(10)
+    line = [x for x in out.replace("\r", "\n").splitlines() if "requests per second" in x]
+    if not line:
+        raise SystemExit(f"redis-benchmark printed no result: {out[-500:]!r}")
+    ops = float(line[-1].split(":")[1].split()[0])
+    return ops, (m1 - m0) / requests * 1e6, (a1 - a0) / requests * 1e6
+
+
+class _Sink:
+    """A transport that counts the bytes written to it (a client connection's replies)."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.written += sum(len(c) for c in chunks)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def set_protocol(self, protocol: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class _ScriptedAux(_Sink):
+    """An aux node's end of one master connection: answers HELLO, BIND, PING, SETV and MSETV (stored) on the next loop turn."""
+
+    def __init__(self, proto: Any) -> None:
+        super().__init__()
+        self._proto = proto
+        self._buf = b""
+
+    def write(self, data: bytes) -> None:
+        import msgpack
+
+        buf = self._buf + data
+        answers = []
+        while len(buf) >= 4:
+            (n,) = struct.unpack_from(">I", buf)
+            if len(buf) < 4 + n:
+                break
+            op, rid, *args = msgpack.unpackb(buf[4 : 4 + n], raw=False)
+            buf = buf[4 + n :]
+            if op == _HELLO:
+                result: Any = {"role": "aux", "node_id": "a1", "incarnation": 1}
+            elif op == _BIND:
+                result = args[0]
+            elif op == _MSETV:
+                result = [[0, True]] * len(args[0])
+            elif op == _PING:
+                result = "PONG"
+            else:
+                result = True
+            body = msgpack.packb([rid, 0, result], use_bin_type=True)
+            answers.append(struct.pack(">I", len(body)) + body)
+        self._buf = buf
+        if answers:
+            asyncio.get_running_loop().call_soon(self._proto.data_received, b"".join(answers))
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.write(b"".join(chunks))
+
+
+def in_process_worker(iterations: int, clients: int, pipeline: int, native: bool) -> None:
+    """Child process: a master on scripted connections runs ``iterations`` loop turns of ``clients`` x ``pipeline`` SETs."""
+    from dcache.config import MasterConfig
+    from dcache.master.node import MasterNode
+    from dcache.peer import PeerConnection
+    from dcache.protocol import Op, encode_request, encode_response
+    from dcache.respserver import RespProtocol
+
+    async def connect(host: str, port: int, name: str, on_answers: Any) -> PeerConnection:
+        proto = PeerConnection(f"aux node {name}", on_answers)
+        proto.connection_made(_ScriptedAux(proto))  # type: ignore[arg-type]
+        return proto
+
+    async def run() -> None:
+        node = MasterNode(MasterConfig(port=0, shutdown_grace=0, aux=(("a1", "127.0.0.1", 1),)), connect=connect)
+        node.build_tables()
+        node._on_view(node.membership.view)
+        for link in node.links.values():
+            link.start()
+        while not all(link.connected for link in node.links.values()):
+            await asyncio.sleep(0.01)
+        conns = []
+        for _ in range(clients):
+            conn = RespProtocol(node) if not native else node.protocol_factory()
+            conn.connection_made(_Sink())  # type: ignore[arg-type]
+            conns.append(conn)
+        value = b"x" * 100
+        rng = random.Random(1)
+        reply = len(b"+OK\r\n") if not native else len(encode_response(1, 0, True))  # request ids stay below 128: one byte each
+        for i in range(iterations):
+            for conn in conns:
+                keys = [b"key:%012d" % rng.randrange(100_000) for _ in range(pipeline)]
+                if native:
+                    data = b"".join(encode_request(Op.SET, j + 1, k, value) for j, k in enumerate(keys))
+                else:
+                    data = b"".join(b"*3\r\n$3\r\nSET\r\n$16\r\n%s\r\n$100\r\n%s\r\n" % (k, value) for k in keys)
+                conn.data_received(data)
+            want = (i + 1) * pipeline * reply
+            while not all(c._transport.written >= want for c in conns):
+                await asyncio.sleep(0)
+        await node.close()
+
+    import uvloop
+
+    uvloop.run(run())  # the daemons' loop
+
+
+#: Loop iterations of an ``--instructions`` child: the difference between the two counts is measured.
+K1, K2 = 200, 700
+
+
+def count_instructions(tree: Path, iterations: int, args: argparse.Namespace) -> int:
+    """Instructions callgrind counts for one in-process child of ``tree`` running ``iterations`` loop turns."""
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(Path(__file__).resolve()),
+           "--worker", str(iterations), "--tree", f"x={tree}", "--clients", str(args.clients), "--pipeline", str(args.pipeline),
+           *(["--native"] if args.native else []), *(["--aux"] if args.aux else [])]  # fmt: skip
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=3600, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
+    )
+    if f"dcache from {tree}" not in out.stderr:
+        raise SystemExit(f"the worker did not run {tree}'s code: {out.stderr[-2000:]}")
+    refs = [line for line in out.stderr.splitlines() if "Collected :" in line]
+    if out.returncode or not refs:
+        raise SystemExit(f"callgrind failed: {out.stderr[-2000:]}")
+    return int(refs[-1].split(":")[-1].strip())
+
+
+def aux_worker(iterations: int, clients: int) -> None:
+    """Child process: an aux node's native connection takes ``iterations`` MSETVs of ``clients`` entries (a master's loop turns)."""
+    import tempfile
+
+    from dcache.auxnode.node import AuxNode
+    from dcache.config import AuxConfig
+    from dcache.hlc import HybridClock
+    from dcache.protocol import Op, encode_request
+
+    async def run() -> None:
+        node = AuxNode(AuxConfig(data_dir=tempfile.mkdtemp(), snapshot_interval=0))
+        node.build_tables()
+        conn = node.protocol_factory()
+        sink = _Sink()
+        conn.connection_made(sink)  # type: ignore[arg-type]
+        clock = HybridClock("bench-master")
+        value = b"x" * 100
+        for start in range(0, 100_000, 1000):  # every key stored first: a SET then overwrites, as under redis-benchmark -r 100000
+            conn.data_received(
+                encode_request(Op.MSETV, 1, [[b"key:%012d" % k, value, 0, 0, clock.next()] for k in range(start, start + 1000)])
+            )
+            await asyncio.sleep(0)
+        rng = random.Random(1)
+        for i in range(iterations):
+            entries = [[b"key:%012d" % rng.randrange(100_000), value, 0, 0, clock.next()] for _ in range(clients)]
+            conn.data_received(encode_request(Op.MSETV, i % 100 + 1, entries))
+            await asyncio.sleep(0)
+        assert sink.written > (100 + iterations) * clients * 2  # answered: [status, result] per entry
+
+    import uvloop
+
+    uvloop.run(run())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tree", action="append", required=True, help="LABEL=DIR, a source tree to run the daemons from (repeat)")
+    ap.add_argument("--rounds", type=int, default=5, help="runs per tree, alternating")
+    ap.add_argument("--pipeline", type=int, default=1, help="redis-benchmark -P; with --instructions, SETs per client per loop turn")
+    ap.add_argument("--requests", type=int, default=400_000, help="redis-benchmark -n")
+    ap.add_argument("--instructions", action="store_true", help="count the master's instructions per SET in-process (callgrind)")
+    ap.add_argument("--clients", type=int, default=8, help="with --instructions: client connections, each sending in every loop turn")
+    ap.add_argument("--native", action="store_true", help="with --instructions: native SET frames instead of RESP commands")
+    ap.add_argument(
+        "--aux", action="store_true", help="with --instructions: the aux node's instructions per SET, fed MSETVs of --clients entries"
+    )
+    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    trees = [(label, Path(path).resolve()) for label, path in (t.split("=", 1) for t in args.tree)]
+    if args.worker is not None:
+        import dcache
+
+        print(f"dcache from {Path(dcache.__file__).resolve().parent.parent}", file=sys.stderr)
+        if args.aux:
+            aux_worker(args.worker, args.clients)
+        else:
+            in_process_worker(args.worker, args.clients, args.pipeline, args.native)
+        return 0
+    if args.instructions:
+        door = "aux node, MSETV" if args.aux else "native" if args.native else "RESP"
+        print(f"python {sys.version.split()[0]}; {door} SET, {args.clients} clients x {args.pipeline} SETs per loop turn; "
+              f"instructions per SET, callgrind, ({K2} - {K1}) turns")  # fmt: skip
+        sets = (K2 - K1) * args.clients * (1 if args.aux else args.pipeline)
+        for r in range(args.rounds):
+            for label, tree in trees:
+                per = (count_instructions(tree, K2, args) - count_instructions(tree, K1, args)) / sets
+                print(f"round {r + 1} {label}: {per:,.0f} instructions per SET", flush=True)
+        return 0
+    master: dict[str, list[float]] = {label: [] for label, _ in trees}
+    aux: dict[str, list[float]] = {label: [] for label, _ in trees}
+    print(f"load average {os.getloadavg()}; SET -P {args.pipeline}, {args.requests} requests per run", flush=True)
+    for r in range(args.rounds):
+        for label, tree in trees:
+            ops, m, a = one_run(tree, args.pipeline, args.requests)
+            master[label].append(m)
+            aux[label].append(a)
+            print(f"round {r + 1} {label}: {ops:,.0f} SET/s, master {m:.2f} µs/SET, aux node {a:.2f} µs/SET", flush=True)
+    for label, _ in trees:
+        print(
+            f"{label}: master median {statistics.median(master[label]):.2f} µs/SET (min {min(master[label]):.2f}), "
+            f"aux node median {statistics.median(aux[label]):.2f} µs/SET (min {min(aux[label]):.2f})"
+        )
+    print(f"load average {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
