@@ -181,13 +181,7 @@ class Migrator:
         def owners(src: str) -> Callable[[bytes], list[str]]:
             return lambda key: [n for n in view.ring.owners_for_hash(hash64(key), r) if n != src and view.is_live(n)]
 
-        self.state = "recovering"
-        self.epoch = view.epoch
-        self.streams_total = len(foreign)
-        self.streams_done = 0
-        self.keys_moved = 0
-        self.tombstones_moved = 0
-        self.started_ms = time.time_ns() // 1_000_000
+        self._begin("recovering", view.epoch, len(foreign))
         streams = [{"source": s, "destination": "owners", "ranges": len(a), "keys": 0, "done": False} for s, a in foreign.items()]
         self.streams = streams
         sem = asyncio.Semaphore(_CONCURRENT_STREAMS)
@@ -208,6 +202,16 @@ class Migrator:
         )
         return foreign
 
+    def _begin(self, state: str, epoch: int, streams: int) -> None:
+        """Reset the progress figures (STATS, ``dcache ring``) for a run of ``streams`` streams at ``epoch``."""
+        self.state = state
+        self.epoch = epoch
+        self.streams_total = streams
+        self.streams_done = 0
+        self.keys_moved = 0
+        self.tombstones_moved = 0
+        self.started_ms = time.time_ns() // 1_000_000
+
     async def run(self, view: ClusterView, plan: dict[tuple[str, str], list[list[int]]] | None = None, since_version: int = 0) -> None:
         """Copy everything ``view``'s ring change implies (or ``plan``); return when done.
 
@@ -217,13 +221,7 @@ class Migrator:
         cfg = self.config
         if plan is None:
             plan = self.plan(view)
-        self.state = "waiting-for-followers"
-        self.epoch = view.epoch
-        self.streams_total = len(plan)
-        self.streams_done = 0
-        self.keys_moved = 0
-        self.tombstones_moved = 0
-        self.started_ms = time.time_ns() // 1_000_000
+        self._begin("waiting-for-followers", view.epoch, len(plan))
         # This run's own records: a run that starts meanwhile (a fenced node's
         # reconciliation beside a ring change's migration) replaces self.streams.
         streams = [{"source": s, "destination": d, "ranges": len(r), "keys": 0, "done": False} for (s, d), r in plan.items()]
