@@ -731,5 +731,48 @@ async def test_a_write_missed_through_a_master_that_does_not_lead_is_fenced_by_t
             proxy.heal()
             await _settled_everywhere(cl, {"a1", "a2", "a3"})
             assert await reader.mget(keys) == [b"new"] * len(keys)
-    assert "cannot fence it" not in m1.stderr()
+    assert "could not fence" not in m1.stderr()  # every miss was fenced by the leader
+    mon.assert_forward_only()
+
+
+async def test_a_leader_out_of_touch_with_zookeeper_refuses_to_fence_and_the_write_keeps_its_hints(make_cluster, zookeeper):
+    """Cut off from ZooKeeper, the leader fences no node for another master: that master acknowledges the write with its hints only.
+
+    As an embedded follower whose coordinator cannot be reached; the hints
+    bring the node up to date once the links heal.
+    """
+    cl, mon = make_cluster(replicas=2)
+    with FaultProxy(zookeeper.hosts, name="zk-m2") as zk_link, FaultProxy(name="a2") as proxy:
+        m2 = cl.start_master("m2", "--zookeeper", zk_link.addr, "--zk-session-timeout", "8")  # m1 cannot lead for 8 s
+        assert await _leader(cl) == m2.addr
+        a2 = cl.start_aux("a2", "--advertise", proxy.addr)
+        proxy.set_upstream(a2.addr)
+        for n in ("a1", "a3"):
+            cl.start_aux(n)
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        pool = 2  # --aux-connections
+        await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == pool, 10, message="m2's links to a2 open")
+        assert proxy.spare() == pool
+        m1 = cl.start_master("m1")
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == 2 * pool, 10, message="m1's links to a2 open")
+        before = await ring(m2.addr)
+        keys = _keys_owned_first_by("a2", ["a1", "a2", "a3"], 5)
+        zk_link.cut()
+        await wait_ring(m2.addr, lambda i: not i["membership"]["zookeeper_connected"], timeout=10, what="m2 out of touch")
+        proxy.cut()
+        async with Client(m1.addr, timeout=10) as writer:
+            for k in keys:
+                assert await writer.set(k, b"new") is True  # acknowledged: hints on m1, no fence
+        after = await ring(m2.addr)
+        assert (after["epoch"], after["seq"]) == (before["epoch"], before["seq"])
+        assert {n["node_id"]: n["state"] for n in after["nodes"]}["a2"] == "up"
+        refused = "could not fence aux node a2, which missed a write (master m2 leads but is out of touch with ZooKeeper"
+        await asyncio.to_thread(wait_for, lambda: refused in m1.stderr(), 10, message="m1 logged the refused fence")
+        proxy.heal()
+        zk_link.heal()
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        await asyncio.to_thread(wait_for, lambda: "aux node a2 is up to date" in m1.stderr(), 10, message="m1's hints replayed")
+        async with Client(m2.addr, timeout=10) as reader:
+            assert await reader.mget(keys) == [b"new"] * len(keys)
     mon.assert_forward_only()
