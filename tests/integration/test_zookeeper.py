@@ -20,6 +20,8 @@ import pytest
 from kazoo.client import KazooClient
 
 from dcache import Client
+from dcache.errors import UnavailableError
+from dcache.protocol import Op
 from dcache.ring import HashRing
 from tests.cluster import (
     Cluster,
@@ -731,6 +733,8 @@ async def test_a_write_missed_through_a_master_that_does_not_lead_is_fenced_by_t
             proxy.heal()
             await _settled_everywhere(cl, {"a1", "a2", "a3"})
             assert await reader.mget(keys) == [b"new"] * len(keys)
+            with pytest.raises(UnavailableError, match="does not lead"):  # never forwarded: FENCE goes to the leader only
+                await writer.execute(Op.FENCE, "a2", 0, "a test")
     assert "could not fence" not in m1.stderr()  # every miss was fenced by the leader
     mon.assert_forward_only()
 
