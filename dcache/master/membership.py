@@ -227,12 +227,19 @@ class Membership:
 
         Returns once every master routes by a view where the node is fenced
         (no master reads it until it is reconciled with writes since
-        ``since_ms``), or a bounded wait ran out. The base behaviour (a
-        ZooKeeper master that does not lead) cannot fence: it says so and
-        returns at once; its own hints still keep its reads off the node.
+        ``since_ms``), or a bounded wait ran out. A master that does not
+        coordinate asks the one that does (FENCE).
+
+        Raises:
+            UnavailableError: no fence can be made now (the coordinator is
+                unreachable or cannot change membership); the caller
+                acknowledges the write anyway and keeps its hints.
         """
-        log.warning("aux node %s missed a write (%s) but this master cannot fence it: it does not coordinate", node_id, why)
-        return self.view.epoch
+        raise NotImplementedError
+
+    async def serve_fence(self, node_id: str, since_ms: int, why: str) -> int:
+        """FENCE from another master: ``fence_missed`` (a follower forwards it to its coordinator)."""
+        return await self.fence_missed(node_id, since_ms, why)
 
     def request_reconcile(self, node_id: str) -> None:
         """An aux node missed writes this master could not keep hints for: have it reconciled in full.

@@ -262,7 +262,7 @@ class MasterNode(Service):
         return deferred(self.router.apply_entries(entries))
 
     def _fence(self, conn: FrameProtocol, rid: int, args: tuple[str, int, str]) -> Any:
-        return deferred(self.membership.fence_missed(*args))
+        return deferred(self.membership.serve_fence(*args))
 
     def _sync(self, conn: FrameProtocol, rid: int, args: tuple[str, int, int, dict[str, Any] | None, list[str]]) -> Any:
         follower_id = args[0]

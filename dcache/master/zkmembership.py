@@ -54,6 +54,15 @@ registration vanished in the last ``_GONE_MASTER_S`` seconds: its session
 expired, but it may still route by its old view. A master that does not
 lead and fences a restarted aux node in its own view lists it in its
 registration (``fenced``); the leader reconciles it.
+
+A write through a master that does not lead, which an owner missed, is
+acknowledged once the leader fenced that owner: the master sends FENCE to
+the leader (its node id from the ring, its address from its ``masters/<id>``
+registration) and waits, bounded as an embedded follower waits for its
+coordinator. The leader fences only while it is in touch with ZooKeeper;
+otherwise, as when the leader cannot be reached, the write is acknowledged
+with its hints only. FENCE is never forwarded: a master that does not lead
+refuses it.
 """
 
 from __future__ import annotations
@@ -74,7 +83,7 @@ from ..address import parse_address
 from ..config import MasterConfig
 from ..errors import ConfigError, DCacheError, MembershipError, UnavailableError
 from ..hlc import HybridClock, wall_ms
-from ..peer import open_peer
+from ..peer import PeerConnection, open_peer
 from ..protocol import PROTOCOL_VERSION, Op
 from ..zookeeper import ZkPaths, ZkSession, dumps, loads, machine_id
 from .links import AuxLink
@@ -159,6 +168,12 @@ class ZooKeeperMembership(Coordinator):
         self._masters_seen: dict[str, float] = {}
         #: Aux nodes this master (not leading) fenced in its own view: its registration asks the leader to reconcile them.
         self._fenced_here: set[str] = set()
+        #: The connection to the leader master that FENCE goes over (``_leader_call``), and that leader's node id.
+        self._leader_conn: PeerConnection | None = None
+        self._leader_conn_id: str | None = None
+        self._leader_conn_lock = asyncio.Lock()
+        #: Masters' addresses read from their ``masters/<id>`` registrations, by node id.
+        self._master_addrs: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -289,6 +304,8 @@ class ZooKeeperMembership(Coordinator):
         if self._election is not None:
             self._election.cancel()
         await super().close()
+        if self._leader_conn is not None:
+            self._leader_conn.close()
         await self.zk.close()
         if self._election_thread is not None:
             await asyncio.to_thread(self._election_thread.join, 5.0)
@@ -649,7 +666,7 @@ class ZooKeeperMembership(Coordinator):
             self.zk.client.set(path, data)
 
     def _read_request(self, path: str) -> bytes | None:
-        """A request's data (``None``: gone) (worker thread)."""
+        """A znode's data, a request's or a registration's (``None``: gone) (worker thread)."""
         try:
             data, _ = self.zk.client.get(path)
         except NoNodeError:
@@ -770,9 +787,98 @@ class ZooKeeperMembership(Coordinator):
         raise UnavailableError("membership is kept in ZooKeeper: masters follow the ring there")
 
     async def fence_missed(self, node_id: str, since_ms: int, why: str) -> int:
+        """The leader fences the node itself; another master asks the leader (FENCE), bounded as an embedded follower.
+
+        Raises:
+            UnavailableError: this master leads but is out of touch with
+                ZooKeeper (``coordinating``), or the leader is unknown,
+                unreachable, or refuses (out of touch, or no longer leading).
+        """
         if self.coordinating:
             return await super().fence_missed(node_id, since_ms, why)
-        return await Membership.fence_missed(self, node_id, since_ms, why)
+        if self.leading:
+            raise UnavailableError(
+                f"this master leads but is out of touch with ZooKeeper: it fences no aux node ({node_id}) until it is back"
+            )
+        timeout = max(1.0, 2 * self.config.follow_interval + 1.5)  # as an embedded follower's FENCE
+        return int(await self._leader_call(Op.FENCE, node_id, since_ms, why, timeout=timeout))
+
+    async def serve_fence(self, node_id: str, since_ms: int, why: str) -> int:
+        """FENCE from a master that does not lead: only the leader, in touch with ZooKeeper, fences (never forwarded).
+
+        Raises:
+            UnavailableError: this master does not lead, or is out of touch with ZooKeeper.
+        """
+        if not self.coordinating:
+            who = "leads but is out of touch with ZooKeeper" if self.leading else f"does not lead (the ring names {self.leader})"
+            raise UnavailableError(f"master {self._node_id()} {who}: it cannot fence aux node {node_id}")
+        return await super().fence_missed(node_id, since_ms, why)
+
+    async def _leader_call(self, op: int, *args: Any, timeout: float) -> Any:
+        """Call the leader master over one kept connection.
+
+        Raises:
+            UnavailableError: no leader is known, its address cannot be read,
+                or it cannot be reached in time.
+        """
+        try:
+            conn = await self._leader_connection()
+            return await conn.call(op, *args, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise UnavailableError(f"the leader master {self.leader} is unreachable: {str(exc) or 'timed out'}") from None
+
+    async def _leader_connection(self) -> PeerConnection:
+        """The open connection to the master the ring names as leader (opened, and checked to be that master, if needed)."""
+        leader = self.leader
+        if leader is None or leader == self._node_id():
+            raise UnavailableError("no other master is known to lead yet")
+        async with self._leader_conn_lock:
+            conn = self._leader_conn
+            if conn is not None and not conn.is_closing and self._leader_conn_id == leader:
+                return conn
+            if conn is not None:
+                conn.close()
+                self._leader_conn = None
+            addr = self._master_addrs.get(leader) or await self._master_address(leader)
+            host, port = parse_address(addr)
+            try:
+                conn = await open_peer(
+                    host,
+                    port,
+                    name=f"leader master {leader} at {addr}",
+                    auth_token=self.config.auth_token,
+                    client_name="dcache-master",
+                    timeout=_PROBE_TIMEOUT_S,
+                    secret=self.config.secret(),
+                    ssl=self._ssl,
+                )
+            except BaseException:
+                self._master_addrs.pop(leader, None)  # read it again next time: the leader may have moved
+                raise
+            if conn.server_info.get("role") != "master" or conn.server_info.get("node_id") != leader:
+                conn.close()
+                self._master_addrs.pop(leader, None)
+                raise UnavailableError(f"the master at {addr} is not the leader {leader}")
+            self._leader_conn, self._leader_conn_id = conn, leader
+            return conn
+
+    async def _master_address(self, node_id: str) -> str:
+        """A master's address, from its ``masters/<id>`` registration (bounded read).
+
+        Raises:
+            UnavailableError: ZooKeeper did not answer in time, or the master is not registered.
+        """
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT_S):
+                data = await self.zk.run(self._read_request, f"{self.paths.masters}/{node_id}")
+        except (KazooException, TimeoutError) as exc:
+            raise UnavailableError(f"reading master {node_id}'s registration in ZooKeeper failed: {exc!r}") from None
+        reg = loads(data)
+        addr = reg.get("addr") if isinstance(reg, dict) else None
+        if not isinstance(addr, str):
+            raise UnavailableError(f"master {node_id} is not registered in ZooKeeper")
+        self._master_addrs[node_id] = addr
+        return addr
 
     def request_reconcile(self, node_id: str) -> None:
         if self.coordinating:

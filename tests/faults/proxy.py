@@ -14,7 +14,9 @@ the connections already open as well as to new ones:
   TCP flow control pushes back on the senders; new connections are accepted
   but not connected upstream. Nothing is dropped: after ``heal()`` it flows;
 * ``cut()``: every current connection is reset (RST on both sides) and new
-  ones are reset as soon as they arrive, until ``heal()``;
+  ones are reset as soon as they arrive, until ``heal()``; connections
+  ``spare()`` marked before keep flowing (to cut one client's connections
+  only, mark another's, open before it connects);
 * ``trickle(bytes_per_second)``: each direction of each connection forwards
   at most that many bytes per second.
 
@@ -88,6 +90,8 @@ class _Link:
         self.up_reader: asyncio.StreamReader | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.reset = False
+        #: ``cut()`` leaves it open (``FaultProxy.spare``).
+        self.spared = False
         #: Bytes read from one side and not yet written to the other.
         self.held = 0
 
@@ -229,7 +233,7 @@ class FaultProxy:
             else:
                 self._flowing.set()
             if mode == CUT:
-                for link in list(self._links):
+                for link in [link for link in self._links if not link.spared]:
                     if not link.reset:
                         self._resets += 1
                     link.abort()
@@ -268,6 +272,21 @@ class FaultProxy:
     def cut(self) -> None:
         """Reset every current connection and reset new ones on arrival, until ``heal()``."""
         self._set_mode(CUT)
+
+    def spare(self) -> int:
+        """Exempt the connections open now from every later ``cut()``; returns how many there are.
+
+        Lets a test cut one client's connections and not another's: mark the
+        other's, opened first, then ``cut()`` (new connections are reset as
+        usual). Other modes apply to spared connections too.
+        """
+
+        async def apply() -> int:
+            for link in self._links:
+                link.spared = True
+            return len(self._links)
+
+        return self._call(apply)
 
     def trickle(self, bytes_per_second: int) -> None:
         """Forward at most ``bytes_per_second`` per direction of each connection."""

@@ -222,6 +222,24 @@ async def test_cut_resets_connections_and_refuses_new_ones_until_healed(echo: Ec
         await _close(w)
 
 
+async def test_cut_spares_the_connections_marked_before(echo: Echo, proxy: FaultProxy):
+    proxy.set_upstream(_addr(echo))
+    kept_r, kept_w = await _connect(proxy)
+    assert await _roundtrip(kept_r, kept_w, b"kept") == b"kept"
+    assert proxy.spare() == 1
+    reader, writer = await _connect(proxy)
+    assert await _roundtrip(reader, writer, b"hi") == b"hi"
+    proxy.cut()
+    assert await _closed_by_peer(reader, writer)
+    assert await _refused(proxy)
+    assert await _roundtrip(kept_r, kept_w, b"still") == b"still"
+    c = proxy.counters()
+    assert c["resets"] == 1 and c["refused"] == 1 and c["active"] == 1, c
+    proxy.heal()
+    for w in (kept_w, writer):
+        await _close(w)
+
+
 async def test_trickle_caps_the_rate_then_heals(echo: Echo, proxy: FaultProxy):
     proxy.set_upstream(_addr(echo))
     reader, writer = await _connect(proxy)

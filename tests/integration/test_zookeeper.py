@@ -20,6 +20,9 @@ import pytest
 from kazoo.client import KazooClient
 
 from dcache import Client
+from dcache.errors import UnavailableError
+from dcache.protocol import Op
+from dcache.ring import HashRing
 from tests.cluster import (
     Cluster,
     Reader,
@@ -693,4 +696,99 @@ async def test_a_node_restarted_while_down_is_read_again_by_every_master(make_cl
         await wait_ring(m1.addr, lambda i: {n["node_id"]: n["state"] for n in i["nodes"]}["a1"] == "down", timeout=20, what="a1 down")
         await asyncio.to_thread(cl.start_aux, "a1", port=port)  # same address: the same links see a new process
         await _settled_everywhere(cl, {"a1", "a2", "a3"}, timeout=20)
+    mon.assert_forward_only()
+
+
+def _keys_owned_first_by(node: str, members: list[str], n: int) -> list[str]:
+    """``n`` keys that ``node`` owns first in the ring of ``members`` (the owner a master reads first)."""
+    r = HashRing(dict.fromkeys(members, 1.0))
+    keys = [k for k in (f"fence:{i}" for i in range(20 * n)) if r.owner(k.encode()) == node]
+    assert len(keys) >= n, f"only {len(keys)} keys owned by {node}"
+    return keys[:n]
+
+
+async def test_a_write_missed_through_a_master_that_does_not_lead_is_fenced_by_the_leader(make_cluster):
+    """A write through a master that does not lead, missed by an owner, is acknowledged once the leader fenced that owner.
+
+    Only ``m1``'s links to ``a2`` are cut (the proxy spares ``m2``'s, open
+    before ``m1`` started): the leader ``m2`` still reads ``a2`` first for
+    these keys, so without the fence it would answer ``a2``'s older copy.
+    """
+    cl, mon = make_cluster(replicas=2)
+    m2 = cl.start_master("m2")
+    assert await _leader(cl) == m2.addr
+    with FaultProxy(name="a2") as proxy:
+        a2 = cl.start_aux("a2", "--advertise", proxy.addr)
+        proxy.set_upstream(a2.addr)
+        for n in ("a1", "a3"):
+            cl.start_aux(n)
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        pool = 2  # --aux-connections
+        await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == pool, 10, message="m2's links to a2 open")
+        assert proxy.spare() == pool
+        m1 = cl.start_master("m1")
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == 2 * pool, 10, message="m1's links to a2 open")
+        keys = _keys_owned_first_by("a2", ["a1", "a2", "a3"], 20)
+        async with Client(m1.addr, timeout=10) as writer, Client(m2.addr, timeout=10) as reader:
+            for k in keys:
+                assert await writer.set(k, b"old") is True
+            assert await reader.mget(keys) == [b"old"] * len(keys)
+            proxy.cut()  # m1 no longer reaches a2; m2 does
+            stale = []
+            for k in keys:
+                assert await writer.set(k, b"new") is True  # a1 or a3 applied it; a2 missed it
+                got = await reader.get(k)
+                if got != b"new":
+                    stale.append((k, got))
+            assert stale == [], stale
+            proxy.heal()
+            await _settled_everywhere(cl, {"a1", "a2", "a3"})
+            assert await reader.mget(keys) == [b"new"] * len(keys)
+            with pytest.raises(UnavailableError, match="does not lead"):  # never forwarded: FENCE goes to the leader only
+                await writer.execute(Op.FENCE, "a2", 0, "a test")
+    assert "could not fence" not in m1.stderr()  # every miss was fenced by the leader
+    mon.assert_forward_only()
+
+
+async def test_a_leader_out_of_touch_with_zookeeper_refuses_to_fence_and_the_write_keeps_its_hints(make_cluster, zookeeper):
+    """Cut off from ZooKeeper, the leader fences no node for another master: that master acknowledges the write with its hints only.
+
+    As an embedded follower whose coordinator cannot be reached; the hints
+    bring the node up to date once the links heal.
+    """
+    cl, mon = make_cluster(replicas=2)
+    with FaultProxy(zookeeper.hosts, name="zk-m2") as zk_link, FaultProxy(name="a2") as proxy:
+        m2 = cl.start_master("m2", "--zookeeper", zk_link.addr, "--zk-session-timeout", "8")  # m1 cannot lead for 8 s
+        assert await _leader(cl) == m2.addr
+        a2 = cl.start_aux("a2", "--advertise", proxy.addr)
+        proxy.set_upstream(a2.addr)
+        for n in ("a1", "a3"):
+            cl.start_aux(n)
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        pool = 2  # --aux-connections
+        await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == pool, 10, message="m2's links to a2 open")
+        assert proxy.spare() == pool
+        m1 = cl.start_master("m1")
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == 2 * pool, 10, message="m1's links to a2 open")
+        before = await ring(m2.addr)
+        keys = _keys_owned_first_by("a2", ["a1", "a2", "a3"], 5)
+        zk_link.cut()
+        await wait_ring(m2.addr, lambda i: not i["membership"]["zookeeper_connected"], timeout=10, what="m2 out of touch")
+        proxy.cut()
+        async with Client(m1.addr, timeout=10) as writer:
+            for k in keys:
+                assert await writer.set(k, b"new") is True  # acknowledged: hints on m1, no fence
+        after = await ring(m2.addr)
+        assert (after["epoch"], after["seq"]) == (before["epoch"], before["seq"])
+        assert {n["node_id"]: n["state"] for n in after["nodes"]}["a2"] == "up"
+        refused = "could not fence aux node a2, which missed a write (master m2 leads but is out of touch with ZooKeeper"
+        await asyncio.to_thread(wait_for, lambda: refused in m1.stderr(), 10, message="m1 logged the refused fence")
+        proxy.heal()
+        zk_link.heal()
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        await asyncio.to_thread(wait_for, lambda: "aux node a2 is up to date" in m1.stderr(), 10, message="m1's hints replayed")
+        async with Client(m2.addr, timeout=10) as reader:
+            assert await reader.mget(keys) == [b"new"] * len(keys)
     mon.assert_forward_only()
