@@ -39,7 +39,7 @@ from tests.cluster import (
     wait_ring,
 )
 from tests.faults.proxy import FaultProxy
-from tests.harness import reap, start_cluster_cmd, wait_for
+from tests.harness import DaemonProcess, reap, start_cluster_cmd, wait_for
 from tests.zookeeper import ZooKeeperServer
 
 pytestmark = pytest.mark.slow
@@ -707,6 +707,23 @@ def _keys_owned_first_by(node: str, members: list[str], n: int) -> list[str]:
     return keys[:n]
 
 
+async def _a2_behind_proxy_spared_for_m2(cl: Cluster, proxy: FaultProxy) -> DaemonProcess:
+    """Start a2 behind ``proxy`` (a1 and a3 direct) with the leader m2 running, spare m2's links to a2 from later
+    cuts, then start m1 and return it once its links to a2 are open: a cut then reaches m1's links only."""
+    a2 = cl.start_aux("a2", "--advertise", proxy.addr)
+    proxy.set_upstream(a2.addr)
+    for n in ("a1", "a3"):
+        cl.start_aux(n)
+    await _settled_everywhere(cl, {"a1", "a2", "a3"})
+    pool = 2  # --aux-connections
+    await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == pool, 10, message="m2's links to a2 open")
+    assert proxy.spare() == pool
+    m1 = cl.start_master("m1")
+    await _settled_everywhere(cl, {"a1", "a2", "a3"})
+    await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == 2 * pool, 10, message="m1's links to a2 open")
+    return m1
+
+
 async def test_a_write_missed_through_a_master_that_does_not_lead_is_fenced_by_the_leader(make_cluster):
     """A write through a master that does not lead, missed by an owner, is acknowledged once the leader fenced that owner.
 
@@ -718,17 +735,7 @@ async def test_a_write_missed_through_a_master_that_does_not_lead_is_fenced_by_t
     m2 = cl.start_master("m2")
     assert await _leader(cl) == m2.addr
     with FaultProxy(name="a2") as proxy:
-        a2 = cl.start_aux("a2", "--advertise", proxy.addr)
-        proxy.set_upstream(a2.addr)
-        for n in ("a1", "a3"):
-            cl.start_aux(n)
-        await _settled_everywhere(cl, {"a1", "a2", "a3"})
-        pool = 2  # --aux-connections
-        await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == pool, 10, message="m2's links to a2 open")
-        assert proxy.spare() == pool
-        m1 = cl.start_master("m1")
-        await _settled_everywhere(cl, {"a1", "a2", "a3"})
-        await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == 2 * pool, 10, message="m1's links to a2 open")
+        m1 = await _a2_behind_proxy_spared_for_m2(cl, proxy)
         keys = _keys_owned_first_by("a2", ["a1", "a2", "a3"], 20)
         async with Client(m1.addr, timeout=10) as writer, Client(m2.addr, timeout=10) as reader:
             for k in keys:
@@ -761,17 +768,7 @@ async def test_a_leader_out_of_touch_with_zookeeper_refuses_to_fence_and_the_wri
     with FaultProxy(zookeeper.hosts, name="zk-m2") as zk_link, FaultProxy(name="a2") as proxy:
         m2 = cl.start_master("m2", "--zookeeper", zk_link.addr, "--zk-session-timeout", "8")  # m1 cannot lead for 8 s
         assert await _leader(cl) == m2.addr
-        a2 = cl.start_aux("a2", "--advertise", proxy.addr)
-        proxy.set_upstream(a2.addr)
-        for n in ("a1", "a3"):
-            cl.start_aux(n)
-        await _settled_everywhere(cl, {"a1", "a2", "a3"})
-        pool = 2  # --aux-connections
-        await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == pool, 10, message="m2's links to a2 open")
-        assert proxy.spare() == pool
-        m1 = cl.start_master("m1")
-        await _settled_everywhere(cl, {"a1", "a2", "a3"})
-        await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == 2 * pool, 10, message="m1's links to a2 open")
+        m1 = await _a2_behind_proxy_spared_for_m2(cl, proxy)
         before = await ring(m2.addr)
         keys = _keys_owned_first_by("a2", ["a1", "a2", "a3"], 5)
         zk_link.cut()
