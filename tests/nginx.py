@@ -109,9 +109,20 @@ def find_nginx() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: each socket stays bound until all are chosen (one at a time, the kernel
+    may hand the same port out twice, and nginx refuses a config that listens on it twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _replace_servers(text: str, name: str, addrs: Sequence[str]) -> str:
@@ -259,10 +270,7 @@ def start_nginx(
     The masters go behind both native stream servers; ``tls_listen`` passes TLS through to them.
     """
     nginx = find_nginx()
-    listen = f"127.0.0.1:{free_port()}"
-    http_listen = f"127.0.0.1:{free_port()}"
-    tls_listen = f"127.0.0.1:{free_port()}"
-    resp_listen = f"127.0.0.1:{free_port()}"
+    listen, http_listen, tls_listen, resp_listen = (f"127.0.0.1:{p}" for p in free_ports(4))
     text = render_config(
         masters,
         listen=listen,

@@ -25,7 +25,7 @@ import pytest
 import dcache
 from dcache.errors import DCacheError
 from tests.harness import DaemonProcess
-from tests.nginx import NginxProcess, find_nginx, free_port, render_config, start_nginx, stream_module_path
+from tests.nginx import NginxProcess, find_nginx, free_ports, render_config, start_nginx, stream_module_path
 from tests.tlscerts import TLS_ALERT, cert_fingerprint, make_certs, plaintext_hello, served_fingerprint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
@@ -279,12 +279,14 @@ async def _scenario(cluster: Cluster, ngx: NginxProcess, victim: DaemonProcess, 
 
 def test_rendered_config_passes_nginx_t(tmp_path: Path) -> None:
     nginx = find_nginx()
+    listen, http_listen, tls_listen, resp_listen = (f"127.0.0.1:{p}" for p in free_ports(4))
     text = render_config(
         ["127.0.0.1:1", "127.0.0.1:2"],
-        listen=f"127.0.0.1:{free_port()}",
-        http_listen=f"127.0.0.1:{free_port()}",
-        tls_listen=f"127.0.0.1:{free_port()}",
+        listen=listen,
+        http_listen=http_listen,
+        tls_listen=tls_listen,
         stream_module=stream_module_path(nginx),
+        resp_listen=resp_listen,
     )
     res = NginxProcess(nginx, text, tmp_path, "").check()
     assert res.returncode == 0, res.stderr
