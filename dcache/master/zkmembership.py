@@ -279,20 +279,24 @@ class ZooKeeperMembership(Coordinator):
             await asyncio.sleep(_CLAIM_RETRY_S)
             await self.zk.wait_connected()
 
+    async def _open_master(self, host: str, port: int, name: str) -> PeerConnection:
+        """A connection to another master, as this master (its credentials and TLS), bounded by ``_PROBE_TIMEOUT_S``."""
+        return await open_peer(
+            host,
+            port,
+            name=name,
+            auth_token=self.config.auth_token,
+            client_name="dcache-master",
+            timeout=_PROBE_TIMEOUT_S,
+            secret=self.config.secret(),
+            ssl=self._ssl,
+        )
+
     async def _answers_as(self, addr: str, node_id: str) -> bool:
         """Whether a master answers at ``addr`` with ``node_id`` (False if it cannot be reached or refuses this one)."""
         try:
             host, port = parse_address(addr)
-            conn = await open_peer(
-                host,
-                port,
-                name=f"master {addr}",
-                auth_token=self.config.auth_token,
-                client_name="dcache-master",
-                timeout=_PROBE_TIMEOUT_S,
-                secret=self.config.secret(),
-                ssl=self._ssl,
-            )
+            conn = await self._open_master(host, port, f"master {addr}")
         except (ValueError, TimeoutError, OSError, DCacheError):
             return False
         conn.close()
@@ -842,16 +846,7 @@ class ZooKeeperMembership(Coordinator):
             addr = self._master_addrs.get(leader) or await self._master_address(leader)
             host, port = parse_address(addr)
             try:
-                conn = await open_peer(
-                    host,
-                    port,
-                    name=f"leader master {leader} at {addr}",
-                    auth_token=self.config.auth_token,
-                    client_name="dcache-master",
-                    timeout=_PROBE_TIMEOUT_S,
-                    secret=self.config.secret(),
-                    ssl=self._ssl,
-                )
+                conn = await self._open_master(host, port, f"leader master {leader} at {addr}")
             except BaseException:
                 self._master_addrs.pop(leader, None)  # read it again next time: the leader may have moved
                 raise
