@@ -1031,10 +1031,6 @@ def _keys_in(stats: dict[str, Any]) -> int:
     return int(stats.get("items", 0))
 
 
-def _shape_dbsize(conn: RespProtocol, status: int, result: Any) -> Reply:
-    return error_for_status(status, result) if status else integer(_keys_in(result))
-
-
 # -- the commands ----------------------------------------------------------------------
 
 
@@ -1277,7 +1273,9 @@ def _persist(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 
 
 def _dbsize(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    conn._native(target, [Op.STATS, 0], _shape_dbsize)
+    if conn._table.get(Op.STATS) is None:  # the credential STATS needs
+        raise conn._refused(Op.STATS)
+    conn._later(target, conn._service.count_keys(), _shape_int)
 
 
 def _flush(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:

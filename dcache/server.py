@@ -694,6 +694,13 @@ class Service:
         """
         raise UnknownOpError(f"a {self.role} holds no keys to scan")
 
+    async def count_keys(self) -> int:
+        """The number of keys this node serves (RESP's DBSIZE).
+
+        Roles override it; the shell itself holds no keys.
+        """
+        raise UnknownOpError(f"a {self.role} holds no keys to count")
+
     def connection_stats(self) -> dict[str, Any]:
         """The shell's counters, as STATS shows them."""
         return {

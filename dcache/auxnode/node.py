@@ -302,6 +302,10 @@ class AuxNode(Service):
         await self.tracker.acknowledged()
         return n
 
+    async def count_keys(self) -> int:
+        """RESP's DBSIZE on an aux node: the entries its cache holds."""
+        return len(self.cache)
+
     async def scan_keys(self, cursor: int, count: int) -> tuple[int, list[bytes]]:
         """RESP's SCAN on an aux node: one page of this node's keys (the native SCAN over the whole ring)."""
         next_cursor, entries, _ = self.cluster_ops.scan_page(None, cursor, count, 0)

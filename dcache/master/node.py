@@ -483,6 +483,21 @@ class MasterNode(Service):
             self.router.hints.drop(node_id)
         return dropped
 
+    async def count_keys(self) -> int:
+        """RESP's DBSIZE on a master: the keys of the aux nodes that answer at once, each counted once.
+
+        The aux nodes count every copy, so their sum is divided by the
+        ring's copies per key. Waits for this master's first ring like a
+        data request (``RequestGate.ready``): a ringless master would count
+        no aux node and answer 0.
+
+        Raises:
+            UnavailableError: this master had no ring within ``RING_WAIT_S``.
+        """
+        await self.ring_gate.ready()
+        per_node = await self.router.gather_stats()
+        return sum(int(s.get("items", 0)) for s in per_node.values()) // max(1, self.router.view.replicas)
+
     async def scan_keys(self, cursor: int, count: int) -> tuple[int, list[bytes]]:
         """RESP's SCAN on a master: one page of the cluster's keys (``dcache.master.keyscan``).
 

@@ -255,13 +255,14 @@ def test_auth_on_a_node_with_a_token(tmp_path: Path) -> None:
         a.kill()
 
 
-def test_scan_and_flushdb_on_a_master_without_a_ring_fail_instead_of_answering_nothing() -> None:
-    """A master with no ring yet (no aux node has joined) cannot scan or flush the cluster: SCAN must not
-    say "no keys" and FLUSHDB must not say OK. Each waits for the ring like a data command, then fails."""
+def test_scan_flushdb_and_dbsize_on_a_master_without_a_ring_fail_instead_of_answering_nothing() -> None:
+    """A master with no ring yet (no aux node has joined) cannot scan, count or flush the cluster: SCAN must
+    not say "no keys", DBSIZE must not say 0 and FLUSHDB must not say OK. Each waits for the ring like a data
+    command, then fails."""
     m = DaemonProcess("master", ["--host", "127.0.0.1", "--port", "0", "--resp-port", "0", "--resp-allow-flush", "true"]).start()
     try:
         with redis.Redis(port=m.resp_port, socket_timeout=CMD_TIMEOUT_S) as alone:
-            for command in (("SCAN", 0), ("FLUSHDB",), ("GET", "k")):
+            for command in (("SCAN", 0), ("DBSIZE",), ("FLUSHDB",), ("GET", "k")):
                 with pytest.raises(redis.ResponseError, match="has no ring yet"):
                     alone.execute_command(*command)
     finally:
