@@ -62,6 +62,11 @@ class MasterCollector(ServiceCollector):
         yield plain_counter("dcache_read_repairs", "Copies written back to owners that missed a key another owner had.", rs.repairs)
         yield plain_counter("dcache_unavailable", "Requests answered UNAVAILABLE: no owner of the key answered.", rs.unavailable)
         yield plain_counter("dcache_partial_writes", "Writes acknowledged although some live owner did not apply them.", rs.partial_writes)
+        yield plain_counter(
+            "dcache_fences_failed",
+            "Fences of an owner that missed a write which failed or timed out; the write was acknowledged anyway.",
+            rs.fences_failed,
+        )
         yield plain_counter("dcache_writes_superseded", "Writes answered SUPERSEDED: an owner held a newer version.", rs.superseded)
         yield plain_counter(
             "dcache_superseded_retries", "Writes sent again with a newer version because an owner held a newer one.", rs.superseded_retries

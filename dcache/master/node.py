@@ -332,6 +332,7 @@ class MasterNode(Service):
             "repairs": rs.repairs,
             "unavailable": rs.unavailable,
             "partial_writes": rs.partial_writes,
+            "fences_failed": rs.fences_failed,
             "superseded_retries": rs.superseded_retries,
             "superseded": rs.superseded,
             "hints": hints.total(),

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
@@ -84,6 +85,8 @@ FENCE_TIMEOUT_S = 3.0
 #: How far back (ms) an owner that missed a write is re-filled from, before its first miss:
 #: room for writes in flight and for clocks that disagree.
 _FENCE_MARGIN_MS = 10_000
+#: Least seconds between two warnings that fences of one aux node failed (the others are counted in the next).
+FENCE_WARN_EVERY_S = 10.0
 
 
 class Sink(Protocol):
@@ -100,7 +103,17 @@ class RouterStats:
     read, whatever the owners it asked on the way.
     """
 
-    __slots__ = ("hits", "misses", "fallbacks", "repairs", "unavailable", "partial_writes", "superseded_retries", "superseded")
+    __slots__ = (
+        "hits",
+        "misses",
+        "fallbacks",
+        "repairs",
+        "unavailable",
+        "partial_writes",
+        "superseded_retries",
+        "superseded",
+        "fences_failed",
+    )
 
     def __init__(self) -> None:
         self.hits = 0
@@ -111,6 +124,8 @@ class RouterStats:
         self.partial_writes = 0
         self.superseded_retries = 0
         self.superseded = 0
+        #: Fences of an owner that missed a write which failed or timed out (the write was acknowledged anyway).
+        self.fences_failed = 0
 
 
 class Router:
@@ -131,6 +146,8 @@ class Router:
         #: Fences a node cluster-wide (``Membership.fence_missed``); set by the master.
         self.fence_missed: Callable[[str, int, str], Awaitable[int]] | None = None
         self._fencing: dict[str, asyncio.Future[Any]] = {}
+        #: Per aux node: when a failed fence was last logged, and how many failed since.
+        self._fence_warned: dict[str, tuple[float, int]] = {}
         self._background: set[asyncio.Future[Any]] = set()
         #: Copies of hot keys answered without an aux node (None: near cache off; ``dcache.master.nearcache``).
         self.near: NearCache | None = None
@@ -240,7 +257,29 @@ class Router:
             async with asyncio.timeout(FENCE_TIMEOUT_S):
                 await self.fence_missed(node_id, since_ms, "a write was acknowledged without it")
         except Exception as exc:
-            log.warning("could not fence aux node %s, which missed a write (%s); acknowledging it anyway", node_id, exc or "timed out")
+            self.stats.fences_failed += 1
+            self._warn_fence_failed(node_id, str(exc) or "timed out")
+
+    def _warn_fence_failed(self, node_id: str, why: str) -> None:
+        """Log that a fence of ``node_id`` failed, at most once per ``FENCE_WARN_EVERY_S`` per node.
+
+        While no master can fence (ZooKeeper out of reach, the coordinator
+        gone), every write that misses the node fails its fence at once: one
+        line per write would flood the log. The line says how many failed
+        since the last one.
+        """
+        now = time.monotonic()
+        last, missed = self._fence_warned.get(node_id, (0.0, 0))
+        if last and now - last < FENCE_WARN_EVERY_S:
+            self._fence_warned[node_id] = (last, missed + 1)
+            return
+        self._fence_warned[node_id] = (now, 0)
+        log.warning(
+            "could not fence aux node %s, which missed a write (%s); acknowledging it anyway%s",
+            node_id,
+            why,
+            f" ({missed} more such writes since the last warning)" if missed else "",
+        )
 
     # -- reads -------------------------------------------------------------------
 

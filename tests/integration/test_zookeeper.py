@@ -782,6 +782,9 @@ async def test_a_leader_out_of_touch_with_zookeeper_refuses_to_fence_and_the_wri
         assert {n["node_id"]: n["state"] for n in after["nodes"]}["a2"] == "up"
         refused = "could not fence aux node a2, which missed a write (master m2 leads but is out of touch with ZooKeeper"
         await asyncio.to_thread(wait_for, lambda: refused in m1.stderr(), 10, message="m1 logged the refused fence")
+        async with Client(m1.addr, timeout=10) as c:
+            assert (await c.stats())["fences_failed"] == len(keys)
+        assert m1.stderr().count("could not fence aux node a2") == 1  # one line, not one per write
         proxy.heal()
         zk_link.heal()
         await _settled_everywhere(cl, {"a1", "a2", "a3"})
