@@ -122,6 +122,8 @@ class ZkSession:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        #: The children ``wait_masters_at`` last read under each path (named when ZooKeeper stops answering).
+        self._last_read: dict[str, tuple[str, ...]] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -167,22 +169,37 @@ class ZkSession:
         registered (one whose session just expired may still route by an
         older view: it learns of the expiry only when it reaches ZooKeeper).
 
+        While ZooKeeper does not answer, the read is retried until
+        ``timeout``; a read that hangs (ZooKeeper stopped, the connection
+        not yet found dead: up to 2/3 of the session) is not waited for
+        past it. The wait never ends early because nothing could be read.
+
         Returns:
             The masters still behind when ``timeout`` ran out (empty: all
-            caught up, or the registrations could not be read).
+            caught up). With no registration read in time, the masters the
+            last read of ``masters`` found, and ``absent()``: none of them
+            confirmed ``pos``.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        lagging: list[str] | None = None  # as the last read of this wait found them
         while True:
             try:
-                regs = await self.read_registrations(masters)
-            except KazooException:
-                return []
+                regs = await asyncio.wait_for(self.read_registrations(masters), max(0.0, deadline - loop.time()))
+            except (KazooException, TimeoutError):
+                if loop.time() < deadline:
+                    await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+                    continue
+                if lagging is not None:
+                    return lagging
+                known = self._last_read.get(masters, ())
+                return sorted({m for m in (*known, *absent()) if m != skip})
+            self._last_read[masters] = tuple(regs)
             lagging = [m for m, d in regs.items() if m != skip and (int(d.get("epoch", 0)), int(d.get("seq", 0))) < pos]
             lagging += sorted(m for m in absent() if m not in regs and m != skip)
             if not lagging or loop.time() >= deadline:
                 return lagging
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
 
     async def read_registrations(self, path: str) -> dict[str, dict[str, Any]]:
         """The registration data of every child of ``path``, by name (see ``_read_children``)."""
