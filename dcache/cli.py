@@ -626,10 +626,13 @@ def _format_ring(info: dict[str, Any]) -> str:
     recovery = membership.get("recovery")
     if recovery:
         line = f"restarted: ring recovered from {recovery['from']} at epoch {recovery['epoch']}"
-        if "reconciled" in recovery:  # rebuilt from re-announcements: copies outside their owners go to them first
-            line += "; nodes' copies outside their ranges " + (
-                "moved to their owners" if recovery["reconciled"] else "being moved to their owners (keys may miss)"
-            )
+        if "reconciled" in recovery:  # rebuilt from re-announcements: the owners are reconciled first
+            done = recovery["reconciled"]
+            line += "; nodes' copies outside their ranges " + ("moved to their owners" if done else "being moved to their owners")
+            if info["replicas"] > 1:
+                line += ", and each owner's copies " + ("sent to the other owners" if done else "being sent to the other owners")
+            if not done:
+                line += " (keys may miss, or read an older value, until then)"
         lines.append(line)
     for ev in membership.get("health_events", []):
         lines.append(f"health: {ev['node_id']} {ev['state']} at {ev['at_ms']}: {ev['why']}")

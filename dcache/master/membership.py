@@ -30,9 +30,11 @@ the ring comes back whole instead of one node at a time, each a migration
 from a ring that was never real. Until the ring is back the coordinator
 publishes nothing, so followers keep serving by their last view. A ring
 rebuilt this way has lost its migration record (a migration copying when
-the old coordinator died, ranges its previous owners had not dropped yet):
-``_reconcile_rebuilt`` copies whatever a node holds outside its own arcs to
-their owners, then drops it.
+the old coordinator died, ranges its previous owners had not dropped yet)
+and its member states (a node down or fenced then, whose missed writes were
+in that coordinator's hints): ``_reconcile_rebuilt`` copies whatever a node
+holds outside its own arcs to their owners, and with several copies per key
+its own arcs to the other owners, then drops what is outside its arcs.
 """
 
 from __future__ import annotations
@@ -835,14 +837,16 @@ class Coordinator(Membership):
             self._recovered.set()
 
     async def _reconcile_rebuilt(self) -> None:
-        """Copy what each node holds outside its arcs of the rebuilt ring to their owners, then drop it there.
+        """Reconcile the owners of the rebuilt ring (``Migrator.recover``), then drop what each holds outside its arcs.
 
         The re-announcements carry no migration record: one that was copying
         when the old coordinator died left keys on their previous owners
         only, and every migration's previous owners keep their copies until
-        they are dropped. Copied (last writer wins), those keys read again;
-        dropped, no later ring change that gives the arcs back brings a
-        stale copy with them. A ring change meanwhile starts it again on
+        they are dropped. Nor member states: a node that was down or fenced
+        missed writes the old coordinator's hints held. Copied to the owners
+        (last writer wins), those keys read again and read their newest
+        value; dropped, no later ring change that gives the arcs back brings
+        a stale copy with them. A ring change meanwhile starts it again on
         the new ring; only a pass that ended on the current ring drops.
         """
         assert self.recovery is not None

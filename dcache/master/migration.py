@@ -28,11 +28,14 @@ copy). Progress is kept for ``dcache ring`` and the metrics.
 A ring rebuilt without its migration record (a restarted coordinator with no
 follower, from the aux nodes' re-announcements) knows no previous ring: a
 migration may have been copying when the old coordinator died, and its
-sources still hold what the new owners lack. ``recover`` makes every live
-ring member a source of whatever it holds outside its own arcs
-(``foreign_arcs``), one stream per node whose pages are routed key by key to
-the owners (last writer wins, tombstones included); ``drop`` then removes
-those arcs from it. O(runs x replicas) to plan, one page per stream in memory.
+sources still hold what the new owners lack; an owner that was down or
+fenced then missed writes whose hints died with that coordinator. ``recover``
+makes every live ring member a source of whatever it holds outside its own
+arcs (``foreign_arcs``) and, with several copies per key, of its own arcs
+too: one stream per node whose pages are routed key by key to the other
+owners (last writer wins, tombstones included); ``drop`` then removes the
+arcs outside its own from it. O(runs x replicas) to plan, one page per
+stream in memory.
 """
 
 from __future__ import annotations
@@ -168,21 +171,30 @@ class Migrator:
         return foreign
 
     async def recover(self, view: ClusterView) -> dict[str, list[list[int]]]:
-        """Copy what each live ring member holds outside its own arcs to their owners; return those arcs per node.
+        """Reconcile the owners of a ring that came back without its migration record; return the arcs to drop per node.
 
-        For a ring that came back without its migration record (module
-        note). Entries and tombstones go to the owners in ``view``'s ring,
-        last writer wins: a copy never overwrites a newer write. The caller
-        drops the returned arcs (``drop``) once no ring change made it stale.
+        Each live ring member sends what it holds outside its own arcs to
+        their owners (module note) and, when the ring keeps several copies
+        per key, what it holds of its own arcs to their other owners: the
+        writes one owner missed while it was down or fenced, whose hints
+        (and fence) died with the old coordinator, come to it from the
+        others. Entries and tombstones, last writer wins: a copy never
+        overwrites a newer write. The caller drops the returned arcs (the
+        ones outside each node's own, ``drop``) once no ring change made
+        them stale.
         """
         foreign = self.foreign_arcs(view)
         r = view.replicas
+        if r > 1:  # every node's whole content: its own arcs to the other owners too
+            scans = {n: [[0, 0]] for n in view.ring.nodes if view.is_live(n)}
+        else:
+            scans = foreign
 
         def owners(src: str) -> Callable[[bytes], list[str]]:
             return lambda key: [n for n in view.ring.owners_for_hash(hash64(key), r) if n != src and view.is_live(n)]
 
-        self._begin("recovering", view.epoch, len(foreign))
-        streams = [{"source": s, "destination": "owners", "ranges": len(a), "keys": 0, "done": False} for s, a in foreign.items()]
+        self._begin("recovering", view.epoch, len(scans))
+        streams = [{"source": s, "destination": "owners", "ranges": len(a), "keys": 0, "done": False} for s, a in scans.items()]
         self.streams = streams
         sem = asyncio.Semaphore(_CONCURRENT_STREAMS)
 
@@ -190,11 +202,11 @@ class Migrator:
             async with sem:
                 await self._stream(streams[i], src, "", arcs, 0, True, owners(src))
 
-        await asyncio.gather(*(one(i, s, a) for i, (s, a) in enumerate(foreign.items())))
+        await asyncio.gather(*(one(i, s, a) for i, (s, a) in enumerate(scans.items())))
         self.state = "idle"
         self.finished_ms = time.time_ns() // 1_000_000
         log.info(
-            "ring rebuilt at epoch %d reconciled: %d keys and %d tombstones held outside their owners copied to them in %.2f s",
+            "ring rebuilt at epoch %d reconciled: %d keys and %d tombstones copied to the other owners of each in %.2f s",
             view.epoch,
             self.keys_moved,
             self.tombstones_moved,

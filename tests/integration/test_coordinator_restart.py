@@ -311,3 +311,50 @@ async def test_a_lone_coordinator_killed_mid_migration_gets_every_key_back(tmp_p
     finally:
         cluster.stop()
         print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
+
+
+async def test_a_node_down_when_the_lone_coordinator_died_gets_the_writes_it_missed(tmp_path):
+    """Two copies of every key, no follower. a1 stops answering and is marked down; the keys are overwritten and
+    some deleted on a2 only (the coordinator's hints for a1 die with it). The coordinator is killed, a1 answers
+    again, and the ring rebuilt from the re-announcements has a1 up with its old values: the reconciliation pass
+    brings a2's newer writes and deletes to it, so no read through any owner returns an old value afterwards."""
+    n_keys = 2000
+    nodes = {"a1", "a2"}
+    cluster = Cluster(tmp_path, replicas=2)
+    try:
+        m1 = cluster.start_master("m1")
+        for n in sorted(nodes):
+            cluster.start_aux(n)
+        await wait_ring(m1.addr, settled(nodes))
+        async with Client(m1.addr) as c:
+            await populate(c, n_keys)
+        cluster.aux["a1"].signal(signal.SIGSTOP)
+        try:
+            await wait_ring(m1.addr, lambda i: up_nodes(i) == {"a2"}, timeout=15, what="a1 marked down")
+            async with Client(m1.addr) as c:
+                assert await c.mset({key_of(i): b"new-%d" % i for i in range(n_keys)}) == n_keys
+                for i in range(0, n_keys, 10):
+                    assert await c.delete(key_of(i)) is True
+            port = m1.port
+            m1.kill()
+        finally:
+            cluster.aux["a1"].signal(signal.SIGCONT)
+        m1 = cluster.start_master("m1", port=port)
+        info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=20, what="the ring back")
+        assert info["membership"]["recovery"]["from"] == "re-announcements"
+        assert set(info["ring"]["nodes"]) == nodes  # a1 back as an owner, with its old values
+        info = await wait_ring(m1.addr, _reconciled, timeout=30, what="the rebuilt ring reconciled")
+        assert "each owner's copies sent to the other owners" in _format_ring(info)
+        want = [None if i % 10 == 0 else b"new-%d" % i for i in range(n_keys)]
+        async with Client(m1.addr) as c:
+            got = await _read_all(c, n_keys)
+        stale = [key_of(i) for i, v in enumerate(got) if v != want[i]]
+        assert stale == [], (len(stale), stale[:10])
+        for n in sorted(nodes):  # each owner itself, not only the one a read goes to first
+            async with Client(cluster.aux[n].addr) as direct:
+                got = await _read_all(direct, n_keys)
+            stale = [key_of(i) for i, v in enumerate(got) if v != want[i]]
+            assert stale == [], (n, len(stale), stale[:10])
+    finally:
+        cluster.stop()
+        print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
