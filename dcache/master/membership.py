@@ -689,8 +689,11 @@ class Coordinator(Membership):
         self.health_events.append({"node_id": node_id, "state": FENCED, "why": why, "at_ms": wall_ms()})
         del self.health_events[:-50]
         view = self.view.with_members(members, migrate=False)
-        if self.view.prev_ring is not None:  # keep a running migration's source ring
-            view = view.bumped(prev_ring=self.view.prev_ring)
+        if self.view.prev_ring is not None:  # keep a running migration's source ring, and its step
+            # Settling, reads go to the new owners: back to copying they would go to the source ring's, which lack
+            # the writes made since if the migration had ended (a view handed over by a follower one poll behind).
+            # With one copy the fenced node has no co-owner to read instead: reads go back to the source ring.
+            view = view.bumped(prev_ring=self.view.prev_ring, settling=self.view.settling and self.view.replicas > 1)
         self.publish(view)
         old = self._fences.get(node_id)
         if old is not None:

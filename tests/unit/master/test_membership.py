@@ -620,6 +620,31 @@ async def test_a_restarted_coordinator_handed_a_settling_migration_reads_its_new
         await coord.close()
 
 
+async def test_a_fence_during_a_settling_migration_keeps_it_settling(cluster: FakeCluster) -> None:
+    """A node fenced while a migration settles (here, one taken over from a follower right after a restart) must not
+    take the migration back to copying: reads would go to the source ring's owners again, which lack the writes made
+    once the old coordinator had finished it. With two copies the fenced node's co-owner is read instead."""
+    one = ClusterView.initial(cluster.members[:1], 2, epoch=1)  # the source ring: a1 alone
+    settling = one.with_members({m.node_id: m for m in cluster.members}).migration_settling()
+    key = cluster.key_owned_by("a2", "a3")
+    version = cluster.put("a2", key, b"v")  # written once the migration was done: to the new owners only
+    cluster.put("a3", key, b"v", version)
+    coord = coordinator(cluster, ClusterView.initial([], 2, epoch=1000))
+    try:
+        assert coord.sync("m2", settling.epoch, settling.seq) == {"want_view": True}
+        coord.sync("m2", settling.epoch, settling.seq, settling.to_dict())
+        assert coord.view.settling
+        coord.fence("a2", "a write was acknowledged without it")
+        fenced = coord.view
+        assert fenced.members["a2"].state == FENCED
+        assert fenced.settling and fenced.prev_ring is not None and fenced.prev_ring.nodes == one.ring.nodes
+        sink = Sink()
+        cluster.router.get(sink, 1, key)
+        assert await sink.answer() == (Status.OK, b"v")  # from a3, the unfenced new owner; not a miss on a1
+    finally:
+        await coord.close()
+
+
 async def test_a_restarted_coordinator_gathers_reannouncements_into_one_ring(cluster: FakeCluster) -> None:
     fresh = ClusterView.initial([], 2, epoch=1000)
     coord = coordinator(cluster, fresh, recovery_window=0.05)
