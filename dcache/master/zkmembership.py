@@ -49,6 +49,11 @@ connected, the leader marks no node down or up and fences none for a missed
 write (``coordinating``): no other master could follow those views. A
 master that stops leading routes by the ring in ZooKeeper again, dropping
 the views it made that never got there, and only the leader makes views.
+It learns that ZooKeeper is out of reach only when its session does (up to
+2/3 of the session timeout): a view it makes before then may be dropped too.
+So a node that view fences or marks down keeps this master's hints until the
+view is in ZooKeeper (``on_written``), and a down mark waits (bounded) until
+the leader's views are there (``_published``), or is held back.
 Before a move ends, the leader also waits (bounded) for a master whose
 registration vanished in the last ``_GONE_MASTER_S`` seconds: its session
 expired, but it may still route by its old view. A master that does not
@@ -748,8 +753,8 @@ class ZooKeeperMembership(Coordinator):
         A leader out of touch with ZooKeeper makes no such view until it is
         back, as no other master could follow it: routed by here alone, a
         node marked down lost this master's writes (no hints) while the
-        others still read it, and a fence drops the hints that a dropped
-        view (``_route_by_zk_ring``) would not give back. Its hints keep a
+        others still read it, and a fenced node is reconciled by nothing
+        once that view is dropped (``_route_by_zk_ring``). Its hints keep a
         silent node's missed writes meanwhile, as a follower's do. A
         restarted node is still fenced by the leader (``on_aux_restart``):
         it keeps being written, and the other masters see the restart too.
