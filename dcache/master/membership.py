@@ -661,7 +661,8 @@ class Coordinator(Membership):
             await self._after_settling()
             if not await self._published(max(1.0, 2 * self.config.follow_interval + 0.5)):
                 log.warning(
-                    "aux node %s not marked down (%s): the views before it reached no other master; health checks decide again",
+                    "aux node %s not marked down (%s): the other masters may not have this master's views (ZooKeeper out of "
+                    "reach or slow); the health checks decide again",
                     node_id,
                     why,
                 )

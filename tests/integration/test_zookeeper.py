@@ -837,4 +837,5 @@ async def test_a_fence_a_leader_could_not_write_to_zookeeper_keeps_the_nodes_hin
             async with Client(m.addr, timeout=10) as reader:
                 assert await reader.mget(keys) == [b"new"] * len(keys), m.addr
     assert "never reached ZooKeeper: routing by the ring there" in m1.stderr()
+    assert "aux node a2 not marked down" in m1.stderr()  # held back: the fence was not in ZooKeeper
     mon.assert_forward_only()
