@@ -14,8 +14,12 @@ Hints are bounded (``MAX_HINTS_PER_NODE`` keys, ``MAX_HINT_BYTES`` bytes per
 node). Past the bound the owner's hints are dropped and ``overflowed`` is
 set: the owner must then be reconciled in full from its co-owners (the
 coordinator fences it, see ``dcache.master.membership``). Hints for a node
-that leaves the view, or is marked down, are dropped: coming back, a node is
-re-filled from the other owners by the migration the view change starts.
+that leaves the view, is marked down or is fenced are dropped once every
+master can get that view (``Membership`` ``on_written``: at once in embedded
+mode, once it is in ZooKeeper for the leader's own): coming back, a node is
+re-filled from the other owners by the migration the view change starts, a
+fenced one by its reconciliation. A view that is dropped instead (a leader
+cut off from ZooKeeper) refills nothing, so the hints stay until replayed.
 """
 
 from __future__ import annotations

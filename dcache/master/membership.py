@@ -115,6 +115,10 @@ async def _drop_everything(link: AuxLink) -> int:
             return dropped
 
 
+def _nothing(view: ClusterView) -> None:
+    """``on_written`` of a membership whose master keeps nothing per view."""
+
+
 def _same_move(a: ClusterView, b: ClusterView) -> bool:
     """Whether two views move the same data: the same previous ring and the same members in the current ring."""
     return a.prev_ring is not None and a.prev_ring is b.prev_ring and dict(a.ring.nodes) == dict(b.ring.nodes)
@@ -132,10 +136,27 @@ class Membership:
 
     role = "none"
 
-    def __init__(self, config: MasterConfig, view: ClusterView, on_view: Callable[[ClusterView], None]) -> None:
+    def __init__(
+        self,
+        config: MasterConfig,
+        view: ClusterView,
+        on_view: Callable[[ClusterView], None],
+        *,
+        on_written: Callable[[ClusterView], None] | None = None,
+    ) -> None:
+        """``on_view(view)``: route by ``view`` now. ``on_written(view)``: ``view`` is where every master gets it.
+
+        Written means the coordinator's own views (its followers poll them),
+        views read from ZooKeeper, and the ZooKeeper leader's views once they
+        are in ZooKeeper: a node such a view fences, marks down or removes is
+        reconciled or refilled before it serves reads, so the master drops the
+        hints it keeps for it then, and not before (a leader cut off from
+        ZooKeeper drops the views it could not write). ``None``: nothing to do.
+        """
         self.config = config
         self.view = view
         self._on_view = on_view
+        self._on_written = on_written or _nothing
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -146,7 +167,14 @@ class Membership:
         return task
 
     def publish(self, view: ClusterView) -> bool:
-        """Adopt ``view`` if it is newer than the current one."""
+        """Adopt ``view`` if it is newer than the current one; it is written (``on_written``)."""
+        if not self._route(view):
+            return False
+        self._on_written(view)
+        return True
+
+    def _route(self, view: ClusterView) -> bool:
+        """Route by ``view`` if it is newer than the current one (``on_view``); whether it was."""
         if not view.newer_than(self.view):
             return False
         old = self.view
@@ -268,6 +296,9 @@ class Membership:
         local = replace(view, members=members)  # same (epoch, seq): any newer view replaces it
         self.view = local
         self._on_view(local)
+        # Its hints go: the coordinator, which sees the restart too (and is
+        # asked to, in ZooKeeper mode), reconciles it in full.
+        self._on_written(local)
 
     def status(self) -> dict[str, Any]:
         """What ``dcache ring`` shows about membership."""
@@ -287,9 +318,11 @@ class Coordinator(Membership):
         links: Callable[[], dict[str, AuxLink]],
         clock: HybridClock,
         open_link: Callable[[Member], AuxLink],
+        *,
+        on_written: Callable[[ClusterView], None] | None = None,
     ) -> None:
         """``open_link`` makes a link to a node outside the view (started by the caller, closed after use)."""
-        super().__init__(config, view, on_view)
+        super().__init__(config, view, on_view, on_written=on_written)
         self._links = links
         self._clock = clock
         self._open_link = open_link
@@ -628,10 +661,27 @@ class Coordinator(Membership):
                         "masters %s did not confirm the fence of %s within %.1f s; marking it down anyway", lagging, node_id, timeout
                     )
             await self._after_settling()
+            if not await self._published(max(1.0, 2 * self.config.follow_interval + 0.5)):
+                log.warning(
+                    "aux node %s not marked down (%s): the other masters may not have this master's views (ZooKeeper out of "
+                    "reach or slow); the health checks decide again",
+                    node_id,
+                    why,
+                )
+                return
             if self._misses.get(node_id, 0) >= self.config.health_failures:  # still silent
                 self.mark(node_id, DOWN, why)
         finally:
             self._marking_down.pop(node_id, None)
+
+    async def _published(self, timeout: float) -> bool:
+        """Whether the other masters can get every view this coordinator published (waits up to ``timeout``).
+
+        Embedded: at once, the followers poll them. A down mark waits for
+        it: down, a node gets no writes and no hints, so a mark in a view
+        that is later dropped loses the writes it skipped.
+        """
+        return True
 
     async def _after_settling(self) -> None:
         """Wait (bounded, as the settling itself is) until no migration settles before a change of the ring.
@@ -973,9 +1023,10 @@ class Follower(Membership):
         node_id: Callable[[], str],
         *,
         ssl: SSLContext | None = None,
+        on_written: Callable[[ClusterView], None] | None = None,
     ) -> None:
         """``ssl``: the master's peer context, for TLS to the coordinator (``None``: plain TCP)."""
-        super().__init__(config, view, on_view)
+        super().__init__(config, view, on_view, on_written=on_written)
         assert config.coordinator is not None
         self._ssl = ssl
         self._host, self._port = parse_address(config.coordinator)

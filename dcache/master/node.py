@@ -92,13 +92,21 @@ class MasterNode(Service):
                 lambda: self.node_id,
                 self._address,
                 ssl=self.peer_ssl,
+                on_written=self._on_written,
             )
         elif config.coordinator:
             self.membership = Follower(
-                config, ClusterView.initial([], config.replicas, epoch=0), self._on_view, lambda: self.node_id, ssl=self.peer_ssl
+                config,
+                ClusterView.initial([], config.replicas, epoch=0),
+                self._on_view,
+                lambda: self.node_id,
+                ssl=self.peer_ssl,
+                on_written=self._on_written,
             )
         else:
-            self.membership = Coordinator(config, view, self._on_view, lambda: self.links, self.clock, self._new_link)
+            self.membership = Coordinator(
+                config, view, self._on_view, lambda: self.links, self.clock, self._new_link, on_written=self._on_written
+            )
         self.register(
             *(op for op in DATA_OPS if op != Op.GET), Op.HOTKEYS, Op.RING, Op.JOIN, Op.LEAVE, Op.FORGET, Op.SYNC, Op.APPLY, Op.FENCE
         )
@@ -121,7 +129,7 @@ class MasterNode(Service):
     # -- view changes -------------------------------------------------------------
 
     def _on_view(self, view: ClusterView) -> None:
-        """Adopt a new view: open links to new members, close links to gone ones, drop obsolete hints."""
+        """Adopt a new view: open links to new members, close links to gone ones."""
         for node_id, m in view.members.items():
             link = self.links.get(node_id)
             if link is not None and (link.host, link.port) != (m.host, m.port):
@@ -135,18 +143,26 @@ class MasterNode(Service):
                     link.start()
         for node_id in [n for n in self.links if n not in view.members]:
             self.state.spawn(self.links.pop(node_id).retire())  # what is in flight to it is still answered
-        hints = self.router.hints
-        for node_id in hints.nodes:
-            member = view.members.get(node_id)
-            # Down, fenced or gone: the node is filled again from the other
-            # owners (migration or reconciliation) before it serves reads.
-            if member is None or member.state in (DOWN, FENCED):
-                hints.drop(node_id)
         if self.router.near is not None:
             self.router.near.clear()  # copies were subscribed by the old view's owners
         self.router.view = view
         if len(view.ring) and self.ring_gate.closed and self._gate_opener is None:
             self._gate_opener = self.state.spawn(self._open_when_linked(), "ring-gate")
+
+    def _on_written(self, view: ClusterView) -> None:
+        """``view`` is where every master gets it: drop the hints of the nodes it marks down, fences or removes.
+
+        Down, fenced or gone in such a view, a node is filled again from the
+        other owners (migration or reconciliation) before it serves reads. A
+        view only this master routes by (a ZooKeeper leader's, not written
+        yet) may be dropped, and then nothing refills the node: its hints
+        stay until the view is written (docs/DECISIONS.md).
+        """
+        hints = self.router.hints
+        for node_id in hints.nodes:
+            member = view.members.get(node_id)
+            if member is None or member.state in (DOWN, FENCED):
+                hints.drop(node_id)
 
     def _new_link(self, m: Member) -> AuxLink:
         """A link to ``m`` (not started) with this master's credentials, TLS and cluster binding."""

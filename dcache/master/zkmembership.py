@@ -49,6 +49,11 @@ connected, the leader marks no node down or up and fences none for a missed
 write (``coordinating``): no other master could follow those views. A
 master that stops leading routes by the ring in ZooKeeper again, dropping
 the views it made that never got there, and only the leader makes views.
+It learns that ZooKeeper is out of reach only when its session does (up to
+2/3 of the session timeout): a view it makes before then may be dropped too.
+So a node that view fences or marks down keeps this master's hints until the
+view is in ZooKeeper (``on_written``), and a down mark waits (bounded) until
+the leader's views are there (``_published``), or is held back.
 Before a move ends, the leader also waits (bounded) for a master whose
 registration vanished in the last ``_GONE_MASTER_S`` seconds: its session
 expired, but it may still route by its old view. A master that does not
@@ -95,6 +100,8 @@ __all__ = ["ZooKeeperMembership"]
 log = logging.getLogger("dcache.master.zookeeper")
 
 _WRITE_RETRY_S = 0.2
+#: How often a down mark looks whether the leader's views are written to ZooKeeper (``_published``).
+_WRITTEN_POLL_S = 0.02
 #: How often the leader tries again to admit a registered aux node it could not admit yet (one that left is emptied first).
 _JOIN_RETRY_S = 0.5
 #: How often a master waiting for its ``masters/<id>`` znode tries again.
@@ -132,9 +139,14 @@ class ZooKeeperMembership(Coordinator):
         address: Callable[[], str],
         *,
         ssl: SSLContext | None = None,
+        on_written: Callable[[ClusterView], None] | None = None,
     ) -> None:
-        """``ssl``: the master's peer context, to ask another master who it is (``None``: plain TCP)."""
-        super().__init__(config, view, on_view, links, clock, open_link)
+        """``ssl``: the master's peer context, to ask another master who it is (``None``: plain TCP).
+
+        ``on_written`` is called for a view this master leads with only once
+        it is in ZooKeeper (``_writer``), for one read there at once.
+        """
+        super().__init__(config, view, on_view, links, clock, open_link, on_written=on_written)
         assert config.zookeeper is not None
         self.paths = ZkPaths(config.cluster)
         self._node_id = node_id
@@ -343,8 +355,8 @@ class ZooKeeperMembership(Coordinator):
         if not self.leading:
             log.info("not leading: the view %d.%d this master made is dropped", view.epoch, view.seq)
             return False
-        if not super().publish(view):
-            return False
+        if not self._route(view):
+            return False  # on_written once it is in ZooKeeper
         if self.leading:
             self._to_write = view
             self._write_wake.set()
@@ -388,6 +400,7 @@ class ZooKeeperMembership(Coordinator):
                 await self.zk.wait_connected()
                 self._ring_version = await self.zk.run(self._cas_write, view, self._ring_version)
                 self._zk_pos = max(self._zk_pos, (view.epoch, view.seq))
+                self._on_written(view)
                 if self._to_write is view:
                     self._to_write = None
             except _LostRing:
@@ -465,7 +478,7 @@ class ZooKeeperMembership(Coordinator):
             start = max(current.epoch + 1, wall_ms())
             # Everything else as it was: a migration settling stays settling.
             current = replace(current, epoch=start, seq=0, members=dict(current.members), coordinator=me)
-            Membership.publish(self, current)
+            self._route(current)
             self._to_write = current
             self._write_wake.set()
         else:
@@ -524,6 +537,7 @@ class ZooKeeperMembership(Coordinator):
             )
             self.view = view
             self._on_view(view)
+            self._on_written(view)
             self._register_self()
             return
 
@@ -739,13 +753,30 @@ class ZooKeeperMembership(Coordinator):
         A leader out of touch with ZooKeeper makes no such view until it is
         back, as no other master could follow it: routed by here alone, a
         node marked down lost this master's writes (no hints) while the
-        others still read it, and a fence drops the hints that a dropped
-        view (``_route_by_zk_ring``) would not give back. Its hints keep a
+        others still read it, and a fenced node is reconciled by nothing
+        once that view is dropped (``_route_by_zk_ring``). Its hints keep a
         silent node's missed writes meanwhile, as a follower's do. A
         restarted node is still fenced by the leader (``on_aux_restart``):
         it keeps being written, and the other masters see the restart too.
         """
         return self.leading and self.zk.state == "connected"
+
+    async def _published(self, timeout: float) -> bool:
+        """Wait (bounded) until every view this leader routes by is in ZooKeeper; False if not, or if it is out of touch with it.
+
+        A leader learns that ZooKeeper stopped answering only when its
+        session does (up to 2/3 of the session timeout): a view it made
+        meanwhile (a fence for a missed write) is dropped when it steps down.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.coordinating:
+            if self._zk_pos >= (self.view.epoch, self.view.seq):
+                return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(_WRITTEN_POLL_S)
+        return False
 
     def on_aux_restart(self, node_id: str) -> None:
         """The leader fences the node (in touch with ZooKeeper or not); another master fences it in its own view and asks the leader, through its registration, to reconcile it.

@@ -707,9 +707,9 @@ def _keys_owned_first_by(node: str, members: list[str], n: int) -> list[str]:
     return keys[:n]
 
 
-async def _a2_behind_proxy_spared_for_m2(cl: Cluster, proxy: FaultProxy) -> DaemonProcess:
+async def _a2_behind_proxy_spared_for_m2(cl: Cluster, proxy: FaultProxy, *m1_args: str) -> DaemonProcess:
     """Start a2 behind ``proxy`` (a1 and a3 direct) with the leader m2 running, spare m2's links to a2 from later
-    cuts, then start m1 and return it once its links to a2 are open: a cut then reaches m1's links only."""
+    cuts, then start m1 (with ``m1_args``) and return it once its links to a2 are open: a cut then reaches m1's links only."""
     a2 = cl.start_aux("a2", "--advertise", proxy.addr)
     proxy.set_upstream(a2.addr)
     for n in ("a1", "a3"):
@@ -718,7 +718,7 @@ async def _a2_behind_proxy_spared_for_m2(cl: Cluster, proxy: FaultProxy) -> Daem
     pool = 2  # --aux-connections
     await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == pool, 10, message="m2's links to a2 open")
     assert proxy.spare() == pool
-    m1 = cl.start_master("m1")
+    m1 = cl.start_master("m1", *m1_args)
     await _settled_everywhere(cl, {"a1", "a2", "a3"})
     await asyncio.to_thread(wait_for, lambda: proxy.counters()["active"] == 2 * pool, 10, message="m1's links to a2 open")
     return m1
@@ -791,4 +791,54 @@ async def test_a_leader_out_of_touch_with_zookeeper_refuses_to_fence_and_the_wri
         await asyncio.to_thread(wait_for, lambda: "aux node a2 is up to date" in m1.stderr(), 10, message="m1's hints replayed")
         async with Client(m2.addr, timeout=10) as reader:
             assert await reader.mget(keys) == [b"new"] * len(keys)
+    mon.assert_forward_only()
+
+
+async def test_a_fence_a_leader_could_not_write_to_zookeeper_keeps_the_nodes_hints(make_cluster, zookeeper):
+    """A leader that does not know yet that ZooKeeper is out of reach fences a node for its own missed write: the node keeps its hints.
+
+    The fence's view never reaches ZooKeeper and is dropped when the leader
+    steps down, so nothing reconciles the node: only the hints bring it the
+    writes. ``m1`` leads (``m2``, which led first, lost its session) and
+    alone has its links to ``a2`` cut, so its reconciliation cannot reach
+    ``a2`` before it steps down, and ``m2``, leading next, finds ``a2``
+    answering (not down, not fenced) and reads it first for these keys.
+    """
+    cl, mon = make_cluster(replicas=2)
+    with (
+        FaultProxy(zookeeper.hosts, name="zk-m1") as zk_m1,
+        FaultProxy(zookeeper.hosts, name="zk-m2") as zk_m2,
+        FaultProxy(name="a2") as proxy,
+    ):
+        m2 = cl.start_master("m2", "--zookeeper", zk_m2.addr)
+        assert await _leader(cl) == m2.addr
+        m1 = await _a2_behind_proxy_spared_for_m2(cl, proxy, "--zookeeper", zk_m1.addr, "--zk-session-timeout", "6")
+        zk_m2.cut()  # m2's session expires: m1 leads; m2 keeps its links to a2
+        await wait_ring(m1.addr, lambda i: i["membership"]["role"] == "zk-leader", timeout=20, what="m1 leads")
+        zk_m2.heal()
+        await wait_ring(m2.addr, lambda i: i["membership"]["role"] == "zk-follower" and i["membership"]["zookeeper_connected"], timeout=20)
+        await _settled_everywhere(cl, {"a1", "a2", "a3"})
+        keys = _keys_owned_first_by("a2", ["a1", "a2", "a3"], 20)
+        async with Client(m1.addr, timeout=15) as writer:
+            await asyncio.gather(*(writer.set(k, b"old") for k in keys))
+            zk_m1.blackhole()  # m1 leads on, and for 4 s it does not even know it is cut off
+            proxy.cut()  # m1 no longer reaches a2; m2 does
+            assert all(await asyncio.gather(*(writer.set(k, b"new") for k in keys)))  # a2 missed them: hints on m1
+        fenced = await ring(m1.addr)
+        # In a view only m1 has; not down: a down mark waits until the views before it are in ZooKeeper.
+        assert {n["node_id"]: n["state"] for n in fenced["nodes"]}["a2"] == "fenced"
+        await asyncio.to_thread(wait_for, lambda: "m1" not in _masters_registered(mon), 30, message="m1's session expired")
+        await wait_ring(
+            m2.addr, lambda i: i["membership"]["role"] == "zk-leader" and settled({"a1", "a2", "a3"})(i), timeout=20, what="m2 leads"
+        )
+        zk_m1.heal()  # m1 steps down and drops the view that fenced a2
+        await wait_ring(m1.addr, lambda i: i["membership"]["role"] == "zk-follower" and i["membership"]["zookeeper_connected"], timeout=20)
+        proxy.heal()
+        await _settled_everywhere(cl, {"a1", "a2", "a3"}, timeout=20)
+        await asyncio.to_thread(wait_for, lambda: "aux node a2 is up to date" in m1.stderr(), 15, message="m1's hints replayed")
+        for m in (m1, m2):
+            async with Client(m.addr, timeout=10) as reader:
+                assert await reader.mget(keys) == [b"new"] * len(keys), m.addr
+    assert "never reached ZooKeeper: routing by the ring there" in m1.stderr()
+    assert "aux node a2 not marked down" in m1.stderr()  # held back: the fence was not in ZooKeeper
     mon.assert_forward_only()

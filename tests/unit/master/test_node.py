@@ -1,0 +1,33 @@
+"""The master node's own rules, over a master that is not started (no sockets)."""
+
+from __future__ import annotations
+
+from dcache.config import MasterConfig
+from dcache.master.membership import Coordinator
+from dcache.master.node import MasterNode
+from dcache.master.view import DOWN
+
+AUX = (("a1", "127.0.0.1", 1), ("a2", "127.0.0.1", 2), ("a3", "127.0.0.1", 3))
+
+
+async def test_an_embedded_coordinator_drops_a_nodes_hints_with_the_view_that_fences_it_or_marks_it_down() -> None:
+    """Embedded mode: every view the coordinator publishes is written (its followers poll it), so hints go at once.
+
+    A fenced node is reconciled, a down one refilled by a migration, before
+    it serves reads: its hints are not needed. (In ZooKeeper mode the leader
+    drops them only once the view is in ZooKeeper:
+    tests/integration/test_zookeeper.py.)
+    """
+    node = MasterNode(MasterConfig(node_id="t-master", replicas=2, aux=AUX))
+    coord = node.membership
+    assert isinstance(coord, Coordinator)
+    hints = node.router.hints
+    try:
+        hints.add_set("a1", b"k1", b"v", 0, 1)
+        hints.add_delete("a2", b"k2", 2)
+        coord.fence("a1", "a test")
+        assert "a1" not in hints and "a2" in hints
+        coord.mark("a2", DOWN, "a test")
+        assert "a2" not in hints
+    finally:
+        await coord.close()
