@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -261,10 +262,16 @@ def test_scan_flushdb_and_dbsize_on_a_master_without_a_ring_fail_instead_of_answ
     command, then fails."""
     m = DaemonProcess("master", ["--host", "127.0.0.1", "--port", "0", "--resp-port", "0", "--resp-allow-flush", "true"]).start()
     try:
-        with redis.Redis(port=m.resp_port, socket_timeout=CMD_TIMEOUT_S) as alone:
-            for command in (("SCAN", 0), ("DBSIZE",), ("FLUSHDB",), ("GET", "k")):
-                with pytest.raises(redis.ResponseError, match="has no ring yet"):
+
+        def refused(command: tuple[Any, ...]) -> str:
+            with redis.Redis(port=m.resp_port, socket_timeout=CMD_TIMEOUT_S) as alone:
+                with pytest.raises(redis.ResponseError, match="has no ring yet") as err:
                     alone.execute_command(*command)
+                return str(err.value)
+
+        commands = [("SCAN", 0), ("DBSIZE",), ("FLUSHDB",), ("GET", "k")]
+        with ThreadPoolExecutor(len(commands)) as pool:  # each waits for the ring (3 s): side by side
+            assert len(list(pool.map(refused, commands))) == len(commands)
     finally:
         m.kill()
 
