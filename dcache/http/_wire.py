@@ -47,6 +47,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
+from functools import partial
 from http import HTTPStatus
 from json.encoder import encode_basestring_ascii
 from time import perf_counter, time
@@ -89,6 +90,8 @@ MAX_PIPELINED = 32
 _COPY_BELOW_BYTES = 64 * 1024
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+#: The usual methods as the parser gives them -> as ``Request.method`` has them (decoded once).
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
 class Request:
@@ -100,29 +103,31 @@ class Request:
         headers: lower-cased names to values (repeated fields joined with ``", "``).
         body: the body, whole.
         keep_alive: whether the connection stays open after the answer.
+        keep_alive_10: an HTTP/1.0 request that keeps its connection open
+            (its answer says ``Connection: keep-alive``).
         start: ``perf_counter()`` when the request was complete.
         finish: set by the app when the future ``dispatch`` returned is not
             of a ``Response``: turns that future (done) into the answer.
     """
 
-    __slots__ = ("method", "target", "headers", "body", "keep_alive", "http10", "start", "finish")
+    __slots__ = ("method", "target", "headers", "body", "keep_alive", "keep_alive_10", "start", "finish")
 
     method: str
     target: bytes
     headers: dict[bytes, bytes]
     body: bytes
     keep_alive: bool
-    http10: bool
+    keep_alive_10: bool
     start: float
     finish: Callable[[asyncio.Future[Any]], Response] | None
 
-    def __init__(self, method: str, target: bytes, headers: dict[bytes, bytes], body: bytes, keep_alive: bool, http10: bool) -> None:
+    def __init__(self, method: str, target: bytes, headers: dict[bytes, bytes], body: bytes, keep_alive: bool, keep_alive_10: bool) -> None:
         self.method = method
         self.target = target
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
-        self.http10 = http10
+        self.keep_alive_10 = keep_alive_10
         self.start = perf_counter()
         self.finish = None
 
@@ -177,7 +182,15 @@ def _status_line(status: int) -> bytes:
 
 
 _STATUS_LINES: dict[int, bytes] = {s.value: _status_line(s.value) for s in HTTPStatus}
-_CONTENT_TYPES: dict[str, bytes] = {}
+#: ``(status, content type)`` -> the status line, the ``Content-Type`` line and ``Content-Length: `` (built once each).
+_PREFIXES: dict[tuple[int, str], bytes] = {}
+
+
+def _prefix(status: int, content_type: str) -> bytes:
+    prefix = _PREFIXES[status, content_type] = (
+        (_STATUS_LINES.get(status) or _status_line(status)) + b"Content-Type: " + content_type.encode("latin-1") + b"\r\nContent-Length: "
+    )
+    return prefix
 
 
 class _Clock:
@@ -201,21 +214,25 @@ class _Clock:
 _clock = _Clock()
 
 
-def encode_head(response: Response, close: bool, keep_alive_10: bool) -> bytes:
-    """The status line and headers of ``response`` (``close``: the connection ends after it)."""
-    ct = _CONTENT_TYPES.get(response.content_type)
-    if ct is None:
-        ct = _CONTENT_TYPES[response.content_type] = b"Content-Type: " + response.content_type.encode("latin-1") + b"\r\n"
-    status = response.status
-    head = _STATUS_LINES.get(status) or _status_line(status)
-    head += ct + b"Content-Length: %d\r\n" % len(response.body) + _clock.date()
+def encode_answer(response: Response, close: bool, keep_alive_10: bool, body: bytes = b"") -> bytes:
+    """The status line and headers of ``response``, then ``body`` (``close``: the connection ends after it).
+
+    ``body`` is ``response.body`` when it goes out in the same write, else
+    empty (``HEAD``, or a large body written on its own). The usual answer
+    (no extra header, a keep-alive HTTP/1.1 connection) is one formatting
+    of prepared bytes.
+    """
+    prefix = _PREFIXES.get((response.status, response.content_type)) or _prefix(response.status, response.content_type)
+    if not response.headers and not close and not keep_alive_10:
+        return b"%b%d\r\n%b\r\n%b" % (prefix, len(response.body), _clock.date(), body)
+    head = prefix + b"%d\r\n" % len(response.body) + _clock.date()
     for name, value in response.headers:
         head += name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n"
     if close:
         head += b"Connection: close\r\n"
     elif keep_alive_10:
         head += b"Connection: keep-alive\r\n"
-    return head + b"\r\n"
+    return head + b"\r\n" + body
 
 
 class HttpServer:
@@ -355,17 +372,9 @@ class HttpProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self.last_active = self.loop.time()
-        self.request_began = 0.0
         self._max_body = server.app.max_body
-        self._reset()
-
-    def _reset(self) -> None:
-        self._url = b""
-        self._headers = {}
-        self._header_count = 0
-        self._body = []
-        self._body_bytes = 0
-        self._refuse = None
+        self.on_message_begin()  # the per-request state, empty
+        self.request_began = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -406,7 +415,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.request_began = self.last_active
-        self._reset()
+        self._url = b""
+        self._headers = {}
+        self._header_count = 0
+        self._body = []
+        self._body_bytes = 0
+        self._refuse = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -431,12 +445,14 @@ class HttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self._refuse is not None:
             return
-        length = self._headers.get(b"content-length")
+        headers = self._headers
+        length = headers.get(b"content-length")
+        expect = headers.get(b"expect")
         if length is not None and length.isdigit() and int(length) > self._max_body:
             self._refuse = self._too_large()
-            if self._headers.get(b"expect", b"").lower() == b"100-continue":
+            if expect is not None and expect.lower() == b"100-continue":
                 self._refuse_now(self._refuse)  # the client waits: it will not send the body
-        elif self._headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
+        elif expect is not None and expect.lower() == b"100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -458,13 +474,18 @@ class HttpProtocol(asyncio.Protocol):
             return
         parser = self.parser
         body = self._body
+        headers = self._headers
+        method = parser.get_method()
+        keep_alive = parser.should_keep_alive()
         request = Request(
-            parser.get_method().decode("ascii", "replace"),
+            _METHODS.get(method) or method.decode("ascii", "replace"),
             self._url,
-            self._headers,
+            headers,
             body[0] if len(body) == 1 else b"".join(body),
-            parser.should_keep_alive(),
-            parser.get_http_version() == "1.0",
+            keep_alive,
+            # HTTP/1.0 keeps a connection only when asked in one of these headers (llhttp): the version
+            # (httptools formats it with str.format: about 1,800 instructions) is read only then.
+            keep_alive and (b"connection" in headers or b"proxy-connection" in headers) and parser.get_http_version() == "1.0",
         )
         if self.busy or self.queue:
             self.queue.append(request)
@@ -485,7 +506,7 @@ class HttpProtocol(asyncio.Protocol):
         if isinstance(answer, Response):
             self._respond(request, answer)
         else:
-            answer.add_done_callback(lambda fut: self._answered(request, fut))
+            answer.add_done_callback(partial(self._answered, request))
 
     def _answered(self, request: Request, fut: asyncio.Future[Any]) -> None:
         finish = request.finish
@@ -504,21 +525,20 @@ class HttpProtocol(asyncio.Protocol):
         close = not request.keep_alive or ((self.closing or self.server.closing) and not self.queue)
         if self.server.access_log:
             access_log.debug("%s %r %d", request.method, request.target, response.status)
-        self._write(response, close, request.http10 and not close, request.method == "HEAD")
-        if not close:
+        self._write(response, close, request.keep_alive_10 and not close, request.method == "HEAD")
+        if not close and (self.queue or self.reading_paused):
             self._next()
 
     def _write(self, response: Response, close: bool, keep_alive_10: bool, head_only: bool) -> None:
         transport = self.transport
         assert transport is not None
-        head = encode_head(response, close, keep_alive_10)
         body = response.body
         if head_only:
-            transport.write(head)
+            transport.write(encode_answer(response, close, keep_alive_10))
         elif len(body) < _COPY_BELOW_BYTES:
-            transport.write(head + body)
+            transport.write(encode_answer(response, close, keep_alive_10, body))
         else:
-            transport.write(head)
+            transport.write(encode_answer(response, close, keep_alive_10))
             transport.write(body)
         self.last_active = self.loop.time()
         if close:
