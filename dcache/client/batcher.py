@@ -29,7 +29,8 @@ Design note
   that for its other calls gives the batcher a ``Client`` of its own and
   its main one as ``fallback`` (the HTTP shim does).
 
-Cost: one list append and one future per ``get``; one task per batch.
+Cost: one list append and one future per ``get`` (no future with
+``get_into``, which delivers to an object of the caller's); one task per batch.
 
 ``SetBatcher`` does the same for writes: the ``set``s of one iteration with
 the same TTL leave as one MSET (a lone one as a SET), capped at
@@ -45,7 +46,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import (
     ClientError,
@@ -59,7 +60,7 @@ from ..errors import (
 from ..protocol import MAX_VALUE_BYTES
 from .client import Client, Key
 
-__all__ = ["GetBatcher", "SetBatcher", "BatchStats", "BATCH_ANSWER_BYTES", "BATCH_WRITE_BYTES"]
+__all__ = ["GetBatcher", "SetBatcher", "BatchStats", "ReadSink", "BATCH_ANSWER_BYTES", "BATCH_WRITE_BYTES"]
 
 #: Answer size one batch of reads is planned for, by default.
 BATCH_ANSWER_BYTES = 4 * 1024 * 1024
@@ -68,7 +69,31 @@ BATCH_WRITE_BYTES = 1024 * 1024
 #: Smallest value size the batcher plans with.
 _MIN_VALUE_HINT_BYTES = 4096
 
-_Batch = list[tuple[Key, "asyncio.Future[bytes | None]"]]
+
+class ReadSink(Protocol):
+    """Where ``GetBatcher.get_into`` delivers a read: the part of ``asyncio.Future`` the batcher uses.
+
+    A future is one; a program that answers each read with a callback gives
+    its own object instead and saves the future's machinery (the HTTP
+    shim's GET). ``set_result`` and ``set_exception`` are called at most
+    once in all, only while ``done()`` is false, and must not raise: the
+    batch delivers its other reads after it.
+    """
+
+    def done(self) -> bool:
+        """Whether the read was delivered."""
+        ...
+
+    def set_result(self, value: bytes | None, /) -> None:
+        """The value, or ``None`` if the key does not exist."""
+        ...
+
+    def set_exception(self, exc: BaseException, /) -> None:
+        """What ``Client.get`` would have raised for this key."""
+        ...
+
+
+_Batch = list[tuple[Key, ReadSink]]
 
 
 class BatchStats:
@@ -181,13 +206,24 @@ class GetBatcher(_Batcher):
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes | None] = loop.create_future()
+        self.get_into(key, fut)
+        return fut
+
+    def get_into(self, key: Key, sink: ReadSink) -> None:
+        """Read ``key`` with the other reads of this loop iteration into ``sink`` (``get`` without a future).
+
+        ``sink`` gets what ``get``'s future would: the value (``None`` for a
+        missing key) or the exception.
+        """
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         pending = self._pending
-        pending.append((key, fut))
+        pending.append((key, sink))
         if len(pending) >= self._cap:
             self._flush()
         elif len(pending) == 1:
             loop.call_soon(self._flush)
-        return fut
 
     def _cap_for(self, hint: int) -> int:
         return max(1, min(self.max_keys, self._answer_bytes // hint))
@@ -246,7 +282,7 @@ class GetBatcher(_Batcher):
             self._hint = hint
             self._cap = self._cap_for(hint)
 
-    async def _one(self, key: Key, fut: asyncio.Future[bytes | None]) -> None:
+    async def _one(self, key: Key, fut: ReadSink) -> None:
         try:
             value = await self.fallback.get(key)
         except Exception as exc:

@@ -15,10 +15,12 @@ each body chunk, and the protocol builds one ``Request`` per message.
   while the transport's buffer is full (``pause_writing``) no new request is
   started.
 * **Answers.** The app's ``dispatch(request)`` returns a ``Response`` (answered
-  at once) or a future: of the ``Response``, or, when the app set
-  ``request.finish``, of anything ``finish`` turns into one (the GET path:
-  the batched read's future, no task per request). The head is built from prepared
-  bytes: status line, ``Content-Type``, ``Content-Length``, a ``Date``
+  at once), a future: of the ``Response``, or, when the app set
+  ``request.finish``, of anything ``finish`` turns into one (the writes: the
+  batched write's future, no task per request), or ``None``: the app answers
+  later with ``request.conn.answer(request, response)`` (the GET path: the
+  batched read delivers to an object of the app's, no future per request).
+  The head is built from prepared bytes: status line, ``Content-Type``, ``Content-Length``, a ``Date``
   formatted once a second, and ``Connection: close`` when the connection ends
   after the answer. ``HEAD`` gets the head alone.
 * **Bounds.** A request line over ``MAX_URL_BYTES`` (414), a header over
@@ -108,9 +110,11 @@ class Request:
         start: ``perf_counter()`` when the request was complete.
         finish: set by the app when the future ``dispatch`` returned is not
             of a ``Response``: turns that future (done) into the answer.
+        conn: the connection it came on (``conn.answer`` when ``dispatch``
+            returned ``None``).
     """
 
-    __slots__ = ("method", "target", "headers", "body", "keep_alive", "keep_alive_10", "start", "finish")
+    __slots__ = ("method", "target", "headers", "body", "keep_alive", "keep_alive_10", "start", "finish", "conn")
 
     method: str
     target: bytes
@@ -120,8 +124,18 @@ class Request:
     keep_alive_10: bool
     start: float
     finish: Callable[[asyncio.Future[Any]], Response] | None
+    conn: HttpProtocol
 
-    def __init__(self, method: str, target: bytes, headers: dict[bytes, bytes], body: bytes, keep_alive: bool, keep_alive_10: bool) -> None:
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        headers: dict[bytes, bytes],
+        body: bytes,
+        keep_alive: bool,
+        keep_alive_10: bool,
+        conn: HttpProtocol,
+    ) -> None:
         self.method = method
         self.target = target
         self.headers = headers
@@ -130,6 +144,7 @@ class Request:
         self.keep_alive_10 = keep_alive_10
         self.start = perf_counter()
         self.finish = None
+        self.conn = conn
 
     def header(self, name: bytes) -> str | None:
         """The value of header ``name`` (lower case), decoded as Latin-1, or ``None``."""
@@ -164,8 +179,8 @@ class App(Protocol):
 
     max_body: int
 
-    def dispatch(self, request: Request) -> Response | asyncio.Future[Any]:
-        """The answer to ``request``, or a future of it (see the module note); never raises."""
+    def dispatch(self, request: Request) -> Response | asyncio.Future[Any] | None:
+        """The answer to ``request``, a future of it, or ``None``: answered later (see the module note); never raises."""
         ...
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -486,6 +501,7 @@ class HttpProtocol(asyncio.Protocol):
             # HTTP/1.0 keeps a connection only when asked in one of these headers (llhttp): the version
             # (httptools formats it with str.format: about 1,800 instructions) is read only then.
             keep_alive and (b"connection" in headers or b"proxy-connection" in headers) and parser.get_http_version() == "1.0",
+            self,
         )
         if self.busy or self.queue:
             self.queue.append(request)
@@ -503,8 +519,10 @@ class HttpProtocol(asyncio.Protocol):
     def _run(self, request: Request) -> None:
         self.busy = True
         answer = self.app.dispatch(request)
+        if answer is None:
+            return  # the app calls ``answer``
         if isinstance(answer, Response):
-            self._respond(request, answer)
+            self.answer(request, answer)
         else:
             answer.add_done_callback(partial(self._answered, request))
 
@@ -516,9 +534,10 @@ class HttpProtocol(asyncio.Protocol):
         except Exception:  # dispatch's futures carry answers, not errors: this is a bug
             log.exception("answering %s %r failed", request.method, request.target)
             answer = json_error(500, "internal error in the HTTP shim (logged)")
-        self._respond(request, answer)
+        self.answer(request, answer)
 
-    def _respond(self, request: Request, response: Response) -> None:
+    def answer(self, request: Request, response: Response) -> None:
+        """Answer ``request``, the one being answered on this connection (for an app whose ``dispatch`` returned ``None``)."""
         self.busy = False
         if self.transport is None:
             return

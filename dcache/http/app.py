@@ -26,10 +26,11 @@ needs (measured in ``docs/BENCHMARKS.md``, reasons in ``docs/DECISIONS.md``):
   prepared bytes), not a framework: ``Shim.dispatch`` gets each parsed
   request, matches its path with a few string tests and answers, counting
   it in the metrics under a fixed route label;
-* ``GET /data/{key}`` answers from the future of the batched read, and the
-  writes (``POST /data``, ``PUT /data/{key}``, ``POST /api/post``) from the
-  future of the batched write, with a callback (``Request.finish``): no
-  task per request; the other routes run as one task each;
+* ``GET /data/{key}`` is answered by the batched read itself, which
+  delivers the value to a ``_Read`` (``GetBatcher.get_into``): no future and
+  no task per request; the writes (``POST /data``, ``PUT /data/{key}``,
+  ``POST /api/post``) from the future of the batched write, with a callback
+  (``Request.finish``); the other routes run as one task each;
 * answers are JSON text built from C-escaped strings
   (``json.encoder.encode_basestring_ascii``, the escaping ``json.dumps``
   uses, so the bytes are the same);
@@ -64,7 +65,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 import httptools
 
-from ..client import MAX_TTL_S, Client, ClientConfig, GetBatcher, SetBatcher
+from ..client import MAX_TTL_S, Client, ClientConfig, GetBatcher, ReadSink, SetBatcher
 from ..config import HttpConfig
 from ..errors import (
     AuthError,
@@ -317,6 +318,63 @@ async def _ping(client: Client) -> bool:
     return True
 
 
+class _Read:
+    """A GET waiting for its value: the batched read delivers it here (``ReadSink``), and this answers the request.
+
+    Never raises (the batch delivers its other reads after it): an error in
+    building the answer is answered as JSON, a 500 if it is a bug.
+    """
+
+    __slots__ = ("observe", "request", "key", "route", "octets", "delivered")
+
+    def __init__(self, observe: Callable[[str, str, int, float], None], request: Request, key: str, route: str, octets: bool) -> None:
+        self.observe = observe
+        self.request = request
+        self.key = key
+        self.route = route
+        self.octets = octets
+        self.delivered = False
+
+    def done(self) -> bool:
+        return self.delivered
+
+    def set_result(self, value: bytes | None) -> None:
+        self.delivered = True
+        request = self.request
+        try:
+            if value is None:
+                response = _not_found(self.key)
+            elif self.octets and b"accept" in request.headers and _wants_octets(request):
+                response = Response(200, value, _OCTETS)
+            else:
+                response = _json_value(self.key, value)
+        except Exception as exc:
+            response = _error_for(request, exc)
+        self._answer(response)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.delivered = True
+        self._answer(_error_for(self.request, exc))
+
+    def _answer(self, response: Response) -> None:
+        request = self.request
+        try:
+            self.observe(request.method, self.route, response.status, perf_counter() - request.start)
+            request.conn.answer(request, response)
+        except Exception:  # a bug: the batch's other reads must still be answered
+            log.exception("answering %s %r failed", request.method, request.target)
+
+
+def _deliver(sink: ReadSink, read: asyncio.Future[bytes | None]) -> None:
+    """Hand a done ``Client.get`` to ``sink`` (``--read-batch 1``)."""
+    try:
+        value = read.result()
+    except Exception as exc:
+        sink.set_exception(exc)
+        return
+    sink.set_result(value)
+
+
 # -- the shim's clients --------------------------------------------------------------
 
 
@@ -401,8 +459,8 @@ class Shim:
     #: The client the batched reads go over, and the batcher.
     read_client: Client
     reads: GetBatcher
-    #: How a GET reads a key: ``reads.get``, or ``client.get`` (as a task) with ``--read-batch 1``.
-    read: Callable[[bytes], asyncio.Future[bytes | None]]
+    #: How a GET reads a key into its ``_Read``: ``reads.get_into``, or ``client.get`` (as a task) with ``--read-batch 1``.
+    read: Callable[[bytes, ReadSink], None]
     #: The batcher of writes, and how a write stores a key: ``writes.set``, or ``client.set`` (as a task) with ``--write-batch 1``.
     writes: SetBatcher
     write: Callable[[bytes, bytes, float | None], asyncio.Future[Any]]
@@ -431,10 +489,14 @@ class Shim:
         self.read_client = Client(config=main)
         self.reads = GetBatcher(self.read_client, fallback=self.client, max_keys=config.read_batch, stats=self.metrics.reads)
         if config.read_batch > 1:
-            self.read = self.reads.get
+            self.read = self.reads.get_into
         else:
             get = self.client.get
-            self.read = lambda key: asyncio.ensure_future(get(key))
+
+            def read(key: bytes, sink: ReadSink) -> None:
+                asyncio.ensure_future(get(key)).add_done_callback(partial(_deliver, sink))
+
+            self.read = read
         self.writes = SetBatcher(self.client, max_keys=config.write_batch, stats=self.metrics.writes)
         if config.write_batch > 1:
             self.write = self.writes.set
@@ -456,8 +518,8 @@ class Shim:
 
     # -- dispatch --------------------------------------------------------------------
 
-    def dispatch(self, request: Request) -> Response | asyncio.Future[Any]:
-        """The answer to ``request``, or a future of it; never raises (errors are answered as JSON)."""
+    def dispatch(self, request: Request) -> Response | asyncio.Future[Any] | None:
+        """The answer to ``request``, a future of it, or ``None`` (a GET: its ``_Read`` answers it); never raises (errors are answered as JSON)."""
         method = request.method
         try:
             path, query = _split_target(request.target)
@@ -529,29 +591,14 @@ class Shim:
 
     # -- handlers --------------------------------------------------------------------
 
-    def get_key(self, request: Request, key: str, route: str, octets: bool) -> Response | asyncio.Future[Any]:
+    def get_key(self, request: Request, key: str, route: str, octets: bool) -> Response | None:
         """``GET /data/{key}`` (``octets``: raw bytes if Accept prefers them) and ``GET /api/get/{key}``: the hot path."""
         try:
             raw = _key_bytes(key, self.max_key_bytes, in_url=True)
         except HttpError as exc:
             return self._answer(request, route, _error_for(request, exc))
-        request.finish = partial(self._got, request, key, route, octets)
-        return self.read(raw)
-
-    def _got(self, request: Request, key: str, route: str, octets: bool, read: asyncio.Future[bytes | None]) -> Response:
-        """The answer to a GET once its read is done (``Request.finish``)."""
-        try:
-            value = read.result()
-            if value is None:
-                response = _not_found(key)
-            elif octets and b"accept" in request.headers and _wants_octets(request):
-                response = Response(200, value, _OCTETS)
-            else:
-                response = _json_value(key, value)
-        except Exception as exc:
-            response = _error_for(request, exc)
-        self.observe(request.method, route, response.status, perf_counter() - request.start)
-        return response
+        self.read(raw, _Read(self.observe, request, key, route, octets))
+        return None
 
     def _store(
         self, request: Request, route: str, key: bytes, value: bytes, ttl: float | None, done: Callable[[], Response]
