@@ -108,6 +108,8 @@ OPEN_ROUTES = frozenset({"/health", "/metrics"})
 #: Methods allowed on each fixed path (the ``Allow`` header of a 405).
 _FIXED_ROUTES = {"/data": "POST", "/api/post": "POST", "/health": "GET", "/metrics": "GET", "/openapi.yaml": "GET"}
 
+#: ``json.loads``'s decoder (its default options) for text already decoded.
+_json_decode: Callable[[str], Any] = json.JSONDecoder().decode
 #: ``json.dumps``'s own string escaping (C): ASCII out, non-ASCII as ``\uXXXX``.
 _enc: Callable[[str], str] = encode_basestring_ascii
 
@@ -256,10 +258,11 @@ def _query_ttl(params: dict[str, str]) -> float | None:
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
-    if not body.strip():
+    utf8 = body[:1] == b"{" and body[1:2] != b"\x00"  # what json.loads's encoding detection calls UTF-8
+    if not utf8 and not body.strip():
         _fail(400, "the request body must be a JSON object")
     try:
-        doc = json.loads(body)
+        doc = _json_decode(body.decode("utf-8", "surrogatepass")) if utf8 else json.loads(body)  # json.loads's steps, less its detection
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         _fail(400, f"the request body is not valid JSON: {exc}")
     if not isinstance(doc, dict):
@@ -624,8 +627,8 @@ class Shim:
         """``POST /data``: JSON ``{"key", "value", "ttl"?}``; 201 with the key and value once stored."""
         try:
             doc = _json_object(request.body)
-            unknown = sorted(set(doc) - _BODY_FIELDS)
-            if unknown:
+            if not _BODY_FIELDS.issuperset(doc):
+                unknown = sorted(set(doc) - _BODY_FIELDS)
                 _fail(400, f"unknown field(s): {', '.join(map(repr, unknown))}; expected key, value and optionally ttl")
             key = doc.get("key")
             if not isinstance(key, str):

@@ -1,8 +1,9 @@
-"""The shim's HTTP layer on an in-memory transport: the fast paths of the hot path answer what the general code would."""
+"""The shim's HTTP layer: the fast paths of the hot path answer what the general code would (some on an in-memory transport)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -12,7 +13,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dcache.http._wire import HttpProtocol, HttpServer, Request, Response
-from dcache.http.app import HttpError, _split_target
+from dcache.http.app import HttpError, _json_object, _split_target
 
 
 def _general_split(target: bytes) -> tuple[str, str]:
@@ -123,3 +124,32 @@ async def test_connection_header_of_the_answer(request_bytes: bytes, connection:
     )
     assert transport.closed == (connection == b"close")
     await asyncio.sleep(0)
+
+
+def _general_json_object(body: bytes) -> tuple[int, str] | dict[str, Any]:
+    """What ``_json_object`` answered before its fast path: ``json.loads`` on every body."""
+    if not body.strip():
+        return 400, "the request body must be a JSON object"
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        return 400, f"the request body is not valid JSON: {exc}"
+    if not isinstance(doc, dict):
+        return 400, f"the request body must be a JSON object, not {type(doc).__name__}"
+    return doc
+
+
+_JSON_BYTES = st.sampled_from([b"{", b"}", b'"', b"key", b":", b",", b" ", b"\x00", b"\xff", b"\xe2\x82\xac", b"\\ud800", b"1", b"[]"])
+
+
+@given(st.lists(_JSON_BYTES | st.binary(max_size=3), max_size=12), st.sampled_from([b"", b"{", b"{\x00", b" {"]))
+@example([b'"key": "k", "value": "v"}'], b"{")
+@example([b"\x00\x00\x00"], b"{")
+@example([b"\x00"], b"{")
+def test_json_object_answers_what_json_loads_would(parts: list[bytes], prefix: bytes) -> None:
+    body = prefix + b"".join(parts)
+    try:
+        got: tuple[int, str] | dict[str, Any] = _json_object(body)
+    except HttpError as exc:
+        got = exc.status, exc.message
+    assert got == _general_json_object(body)
