@@ -15,11 +15,10 @@ each body chunk, and the protocol builds one ``Request`` per message.
   while the transport's buffer is full (``pause_writing``) no new request is
   started.
 * **Answers.** The app's ``dispatch(request)`` returns a ``Response`` (answered
-  at once), a future: of the ``Response``, or, when the app set
-  ``request.finish``, of anything ``finish`` turns into one (the writes: the
-  batched write's future, no task per request), or ``None``: the app answers
-  later with ``request.conn.answer(request, response)`` (the GET path: the
-  batched read delivers to an object of the app's, no future per request).
+  at once), a future of the ``Response`` (a task), or ``None``: the app
+  answers later with ``request.conn.answer(request, response)`` (the GET and
+  write paths: the batched read or write delivers to an object of the app's,
+  no future per request).
   The head is built from prepared bytes: status line, ``Content-Type``, ``Content-Length``, a ``Date``
   formatted once a second, and ``Connection: close`` when the connection ends
   after the answer. ``HEAD`` gets the head alone.
@@ -47,13 +46,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
 from email.utils import formatdate
 from functools import partial
 from http import HTTPStatus
 from json.encoder import encode_basestring_ascii
 from time import perf_counter, time
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 import httptools
 
@@ -108,13 +106,11 @@ class Request:
         keep_alive_10: an HTTP/1.0 request that keeps its connection open
             (its answer says ``Connection: keep-alive``).
         start: ``perf_counter()`` when the request was complete.
-        finish: set by the app when the future ``dispatch`` returned is not
-            of a ``Response``: turns that future (done) into the answer.
         conn: the connection it came on (``conn.answer`` when ``dispatch``
             returned ``None``).
     """
 
-    __slots__ = ("method", "target", "headers", "body", "keep_alive", "keep_alive_10", "start", "finish", "conn")
+    __slots__ = ("method", "target", "headers", "body", "keep_alive", "keep_alive_10", "start", "conn")
 
     method: str
     target: bytes
@@ -123,7 +119,6 @@ class Request:
     keep_alive: bool
     keep_alive_10: bool
     start: float
-    finish: Callable[[asyncio.Future[Any]], Response] | None
     conn: HttpProtocol
 
     def __init__(
@@ -143,7 +138,6 @@ class Request:
         self.keep_alive = keep_alive
         self.keep_alive_10 = keep_alive_10
         self.start = perf_counter()
-        self.finish = None
         self.conn = conn
 
     def header(self, name: bytes) -> str | None:
@@ -179,7 +173,7 @@ class App(Protocol):
 
     max_body: int
 
-    def dispatch(self, request: Request) -> Response | asyncio.Future[Any] | None:
+    def dispatch(self, request: Request) -> Response | asyncio.Future[Response] | None:
         """The answer to ``request``, a future of it, or ``None``: answered later (see the module note); never raises."""
         ...
 
@@ -526,11 +520,9 @@ class HttpProtocol(asyncio.Protocol):
         else:
             answer.add_done_callback(partial(self._answered, request))
 
-    def _answered(self, request: Request, fut: asyncio.Future[Any]) -> None:
-        finish = request.finish
-        request.finish = None  # it holds the request: no reference cycle left for the collector
+    def _answered(self, request: Request, fut: asyncio.Future[Response]) -> None:
         try:
-            answer = fut.result() if finish is None else finish(fut)
+            answer = fut.result()
         except Exception:  # dispatch's futures carry answers, not errors: this is a bug
             log.exception("answering %s %r failed", request.method, request.target)
             answer = json_error(500, "internal error in the HTTP shim (logged)")

@@ -27,10 +27,10 @@ needs (measured in ``docs/BENCHMARKS.md``, reasons in ``docs/DECISIONS.md``):
   request, matches its path with a few string tests and answers, counting
   it in the metrics under a fixed route label;
 * ``GET /data/{key}`` is answered by the batched read itself, which
-  delivers the value to a ``_Read`` (``GetBatcher.get_into``): no future and
-  no task per request; the writes (``POST /data``, ``PUT /data/{key}``,
-  ``POST /api/post``) from the future of the batched write, with a callback
-  (``Request.finish``); the other routes run as one task each;
+  delivers the value to a ``_Read`` (``GetBatcher.get_into``), and the
+  writes (``POST /data``, ``PUT /data/{key}``, ``POST /api/post``) by the
+  batched write, which delivers to a ``_Write`` (``SetBatcher.set_into``):
+  no future and no task per request; the other routes run as one task each;
 * answers are JSON text built from C-escaped strings
   (``json.encoder.encode_basestring_ascii``, the escaping ``json.dumps``
   uses, so the bytes are the same);
@@ -65,7 +65,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 import httptools
 
-from ..client import MAX_TTL_S, Client, ClientConfig, GetBatcher, ReadSink, SetBatcher
+from ..client import MAX_TTL_S, Client, ClientConfig, GetBatcher, SetBatcher, Sink
 from ..config import HttpConfig
 from ..errors import (
     AuthError,
@@ -321,25 +321,46 @@ async def _ping(client: Client) -> bool:
     return True
 
 
-class _Read:
-    """A GET waiting for its value: the batched read delivers it here (``ReadSink``), and this answers the request.
+class _Pending:
+    """A request waiting for its batched read or write: the batcher delivers the result here (a ``Sink``), and this answers it.
 
-    Never raises (the batch delivers its other reads after it): an error in
-    building the answer is answered as JSON, a 500 if it is a bug.
+    Never raises (the batch delivers its other results after it): an error
+    in building the answer is answered as JSON, a 500 if it is a bug.
     """
 
-    __slots__ = ("observe", "request", "key", "route", "octets", "delivered")
+    __slots__ = ("observe", "request", "route", "delivered")
 
-    def __init__(self, observe: Callable[[str, str, int, float], None], request: Request, key: str, route: str, octets: bool) -> None:
+    def __init__(self, observe: Callable[[str, str, int, float], None], request: Request, route: str) -> None:
         self.observe = observe
         self.request = request
-        self.key = key
         self.route = route
-        self.octets = octets
         self.delivered = False
 
     def done(self) -> bool:
         return self.delivered
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.delivered = True
+        self._answer(_error_for(self.request, exc))
+
+    def _answer(self, response: Response) -> None:
+        request = self.request
+        try:
+            self.observe(request.method, self.route, response.status, perf_counter() - request.start)
+            request.conn.answer(request, response)
+        except Exception:  # a bug: the batch's other requests must still be answered
+            log.exception("answering %s %r failed", request.method, request.target)
+
+
+class _Read(_Pending):
+    """A GET waiting for its value (``GetBatcher.get_into``); ``octets``: raw bytes if Accept prefers them."""
+
+    __slots__ = ("key", "octets")
+
+    def __init__(self, observe: Callable[[str, str, int, float], None], request: Request, route: str, key: str, octets: bool) -> None:
+        super().__init__(observe, request, route)
+        self.key = key
+        self.octets = octets
 
     def set_result(self, value: bytes | None) -> None:
         self.delivered = True
@@ -355,27 +376,35 @@ class _Read:
             response = _error_for(request, exc)
         self._answer(response)
 
-    def set_exception(self, exc: BaseException) -> None:
+
+class _Write(_Pending):
+    """A write waiting to be stored (``SetBatcher.set_into``); ``stored()`` is its answer then."""
+
+    __slots__ = ("stored",)
+
+    def __init__(
+        self, observe: Callable[[str, str, int, float], None], request: Request, route: str, stored: Callable[[], Response]
+    ) -> None:
+        super().__init__(observe, request, route)
+        self.stored = stored
+
+    def set_result(self, result: object) -> None:
         self.delivered = True
-        self._answer(_error_for(self.request, exc))
-
-    def _answer(self, response: Response) -> None:
-        request = self.request
         try:
-            self.observe(request.method, self.route, response.status, perf_counter() - request.start)
-            request.conn.answer(request, response)
-        except Exception:  # a bug: the batch's other reads must still be answered
-            log.exception("answering %s %r failed", request.method, request.target)
+            response = self.stored()
+        except Exception as exc:
+            response = _error_for(self.request, exc)
+        self._answer(response)
 
 
-def _deliver(sink: ReadSink, read: asyncio.Future[bytes | None]) -> None:
-    """Hand a done ``Client.get`` to ``sink`` (``--read-batch 1``)."""
+def _deliver(sink: Sink[Any], call: asyncio.Future[Any]) -> None:
+    """Hand a done ``Client.get`` or ``Client.set`` to ``sink`` (``--read-batch 1``, ``--write-batch 1``)."""
     try:
-        value = read.result()
+        result = call.result()
     except Exception as exc:
         sink.set_exception(exc)
         return
-    sink.set_result(value)
+    sink.set_result(result)
 
 
 # -- the shim's clients --------------------------------------------------------------
@@ -463,10 +492,11 @@ class Shim:
     read_client: Client
     reads: GetBatcher
     #: How a GET reads a key into its ``_Read``: ``reads.get_into``, or ``client.get`` (as a task) with ``--read-batch 1``.
-    read: Callable[[bytes, ReadSink], None]
-    #: The batcher of writes, and how a write stores a key: ``writes.set``, or ``client.set`` (as a task) with ``--write-batch 1``.
+    read: Callable[[bytes, Sink[bytes | None]], None]
+    #: The batcher of writes, and how a write stores a key for its ``_Write``: ``writes.set_into``, or ``client.set`` (as a task)
+    #: with ``--write-batch 1``.
     writes: SetBatcher
-    write: Callable[[bytes, bytes, float | None], asyncio.Future[Any]]
+    write: Callable[[bytes, bytes, float | None, Sink[None]], None]
     _tasks: set[asyncio.Task[Response]]
 
     def __init__(self, config: HttpConfig, metrics: HttpMetrics, metrics_text: Callable[[], bytes], ssl: SSLContext | None) -> None:
@@ -496,16 +526,20 @@ class Shim:
         else:
             get = self.client.get
 
-            def read(key: bytes, sink: ReadSink) -> None:
+            def read(key: bytes, sink: Sink[bytes | None]) -> None:
                 asyncio.ensure_future(get(key)).add_done_callback(partial(_deliver, sink))
 
             self.read = read
         self.writes = SetBatcher(self.client, max_keys=config.write_batch, stats=self.metrics.writes)
         if config.write_batch > 1:
-            self.write = self.writes.set
+            self.write = self.writes.set_into
         else:
             put = self.client.set
-            self.write = lambda key, value, ttl: asyncio.ensure_future(put(key, value, ttl=ttl))
+
+            def write(key: bytes, value: bytes, ttl: float | None, sink: Sink[None]) -> None:
+                asyncio.ensure_future(put(key, value, ttl=ttl)).add_done_callback(partial(_deliver, sink))
+
+            self.write = write
         self.health_clients = {endpoint: Client(config=replace(health, endpoints=endpoint)) for endpoint in health.endpoints}
 
     async def close(self) -> None:
@@ -521,8 +555,8 @@ class Shim:
 
     # -- dispatch --------------------------------------------------------------------
 
-    def dispatch(self, request: Request) -> Response | asyncio.Future[Any] | None:
-        """The answer to ``request``, a future of it, or ``None`` (a GET: its ``_Read`` answers it); never raises (errors are answered as JSON)."""
+    def dispatch(self, request: Request) -> Response | asyncio.Future[Response] | None:
+        """The answer to ``request``, a future of it, or ``None`` (its ``_Read`` or ``_Write`` answers it); never raises (errors are answered as JSON)."""
         method = request.method
         try:
             path, query = _split_target(request.target)
@@ -600,30 +634,17 @@ class Shim:
             raw = _key_bytes(key, self.max_key_bytes, in_url=True)
         except HttpError as exc:
             return self._answer(request, route, _error_for(request, exc))
-        self.read(raw, _Read(self.observe, request, key, route, octets))
+        self.read(raw, _Read(self.observe, request, route, key, octets))
         return None
 
-    def _store(
-        self, request: Request, route: str, key: bytes, value: bytes, ttl: float | None, done: Callable[[], Response]
-    ) -> asyncio.Future[Any]:
-        """Write ``value`` under ``key`` with the other writes of this loop iteration; ``done()`` is the answer once it is stored."""
-        request.finish = partial(self._stored, request, route, done)
-        return self.write(key, value, ttl)
-
-    def _stored(self, request: Request, route: str, done: Callable[[], Response], write: asyncio.Future[None]) -> Response:
-        """The answer to a write once it is done (``Request.finish``)."""
-        try:
-            write.result()
-            response = done()
-        except Exception as exc:
-            response = _error_for(request, exc)
-        self.observe(request.method, route, response.status, perf_counter() - request.start)
-        return response
+    def _store(self, request: Request, route: str, key: bytes, value: bytes, ttl: float | None, stored: Callable[[], Response]) -> None:
+        """Write ``value`` under ``key`` with the other writes of this loop iteration; ``stored()`` is the answer once it is stored."""
+        self.write(key, value, ttl, _Write(self.observe, request, route, stored))
 
     def _refuse(self, request: Request, route: str, exc: Exception) -> Response:
         return self._answer(request, route, _error_for(request, exc))
 
-    def post_data(self, request: Request, query: str) -> Response | asyncio.Future[Any]:
+    def post_data(self, request: Request, query: str) -> Response | None:
         """``POST /data``: JSON ``{"key", "value", "ttl"?}``; 201 with the key and value once stored."""
         try:
             doc = _json_object(request.body)
@@ -649,9 +670,10 @@ class Shim:
             ttl = _check_ttl(doc["ttl"]) if "ttl" in doc else None
         except Exception as exc:
             return self._refuse(request, "/data", exc)
-        return self._store(request, "/data", key_bytes, value_bytes, ttl, partial(_key_value, key, value, 201))
+        self._store(request, "/data", key_bytes, value_bytes, ttl, partial(_key_value, key, value, 201))
+        return None
 
-    def put_data(self, request: Request, key: str, query: str) -> Response | asyncio.Future[Any]:
+    def put_data(self, request: Request, key: str, query: str) -> Response | None:
         """``PUT /data/{key}``: the body is the value (raw bytes), ``?ttl=`` seconds; 201 with the key and size once stored."""
         try:
             key_bytes = _key_bytes(key, self.max_key_bytes, in_url=True)
@@ -660,13 +682,14 @@ class Shim:
             return self._refuse(request, _DATA_KEY_ROUTE, exc)
         value = request.body
         done = partial(_json_text, '{"key": ' + _enc(key) + ', "size": ' + str(len(value)) + "}", 201)
-        return self._store(request, _DATA_KEY_ROUTE, key_bytes, value, ttl, done)
+        self._store(request, _DATA_KEY_ROUTE, key_bytes, value, ttl, done)
+        return None
 
     async def delete_data(self, request: Request, key: str, _query: dict[str, str]) -> Response:
         deleted = await self.client.delete(_key_bytes(key, self.max_key_bytes, in_url=True))
         return _json_text('{"key": ' + _enc(key) + ', "deleted": ' + ("true" if deleted else "false") + "}")
 
-    def legacy_post(self, request: Request, query: str) -> Response | asyncio.Future[Any]:
+    def legacy_post(self, request: Request, query: str) -> Response | None:
         """``POST /api/post?key=&value=[&ttl=]``: 201 with the key and value once stored."""
         try:
             params = _query(query) if query else {}
@@ -684,7 +707,8 @@ class Shim:
             ttl = _query_ttl(params)
         except Exception as exc:
             return self._refuse(request, "/api/post", exc)
-        return self._store(request, "/api/post", key_bytes, value_bytes, ttl, partial(_key_value, key, value, 201))
+        self._store(request, "/api/post", key_bytes, value_bytes, ttl, partial(_key_value, key, value, 201))
+        return None
 
     async def health(self, request: Request, _key: str, _query: dict[str, str]) -> Response:
         clients = self.health_clients

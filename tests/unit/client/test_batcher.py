@@ -188,6 +188,29 @@ async def test_one_mset_per_loop_iteration_and_ttl_capped_and_a_lone_write_as_se
         await batcher.close()
 
 
+async def test_set_into_delivers_what_set_would_once_each(server: FakeServer) -> None:
+    async with Client(server.address, limits=Limits(max_key_bytes=8)) as client:
+        batcher = SetBatcher(client)
+        pairs = [(b"w1", b"a"), (b"L" * 9, b"b"), (b"w3", b"c")]
+        all_done = asyncio.get_running_loop().create_future()
+        waiting = [len(pairs)]
+        sinks = [_Sink(all_done, waiting) for _ in pairs]
+        for (key, value), sink in zip(pairs, sinks, strict=True):
+            batcher.set_into(key, value, None, sink)
+        await asyncio.wait_for(all_done, 5)
+        assert sinks[0].calls == [("value", None)] and sinks[2].calls == [("value", None)]
+        assert len(sinks[1].calls) == 1 and isinstance(sinks[1].calls[0][1], InvalidArgumentError)
+        assert server.data[b"w1"][0] == b"a" and server.data[b"w3"][0] == b"c" and batcher.stats.fallbacks == 1
+        all_done = asyncio.get_running_loop().create_future()
+        waiting = [2]
+        sinks = [_Sink(all_done, waiting) for _ in range(2)]
+        for i, sink in enumerate(sinks):
+            batcher.set_into(b"m%d" % i, b"v", 5.0, sink)
+        await asyncio.wait_for(all_done, 5)
+        assert msets(server) == [([b"m0", b"m1"], 5000)] and [s.calls for s in sinks] == [[("value", None)]] * 2
+        await batcher.close()
+
+
 async def test_a_write_larger_than_the_batch_bytes_leaves_alone(server: FakeServer) -> None:
     async with Client(server.address) as client:
         batcher = SetBatcher(client, max_bytes=1000)
