@@ -18,10 +18,11 @@ each body chunk, and the protocol builds one ``Request`` per message.
   at once), a future of the ``Response`` (a task), or ``None``: the app
   answers later with ``request.conn.answer(request, response)`` (the GET and
   write paths: the batched read or write delivers to an object of the app's,
-  no future per request).
-  The head is built from prepared bytes: status line, ``Content-Type``, ``Content-Length``, a ``Date``
-  formatted once a second, and ``Connection: close`` when the connection ends
-  after the answer. ``HEAD`` gets the head alone.
+  no future per request). The head is one formatting of bytes prepared once
+  per status and content type (status line, ``Content-Type``,
+  ``Content-Length``), a ``Date`` formatted once a second, and
+  ``Connection: close`` when the connection ends after the answer. ``HEAD``
+  gets the head alone.
 * **Bounds.** A request line over ``MAX_URL_BYTES`` (414), a header over
   ``MAX_HEADER_BYTES`` or more than ``MAX_HEADERS`` of them (431), a body over
   the app's ``max_body`` (413; announced by ``Content-Length`` and
