@@ -8,7 +8,7 @@ few ``mget``s on a ``Client``, and ``SetBatcher`` many ``set``s into few
 aux nodes with ``open_connection``).
 """
 
-from .batcher import BatchStats, GetBatcher, SetBatcher
+from .batcher import BatchStats, GetBatcher, SetBatcher, Sink
 from .client import MAX_TTL_S, Client, Key, Pairs, Value, create_client
 from .config import ClientConfig
 from .connection import ClientConnection, open_connection
@@ -26,6 +26,7 @@ __all__ = [
     "NodePool",
     "Pairs",
     "PoolConnection",
+    "Sink",
     "SyncClient",
     "Value",
     "GetBatcher",

@@ -29,7 +29,9 @@ Design note
   that for its other calls gives the batcher a ``Client`` of its own and
   its main one as ``fallback`` (the HTTP shim does).
 
-Cost: one list append and one future per ``get``; one task per batch.
+Cost: one list append and one future per ``get`` (no future with
+``get_into``, which delivers to an object of the caller's, a ``Sink``); one
+task per batch. The same for ``set`` and ``set_into``.
 
 ``SetBatcher`` does the same for writes: the ``set``s of one iteration with
 the same TTL leave as one MSET (a lone one as a SET), capped at
@@ -45,7 +47,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from ..errors import (
     ClientError,
@@ -59,7 +61,7 @@ from ..errors import (
 from ..protocol import MAX_VALUE_BYTES
 from .client import Client, Key
 
-__all__ = ["GetBatcher", "SetBatcher", "BatchStats", "BATCH_ANSWER_BYTES", "BATCH_WRITE_BYTES"]
+__all__ = ["GetBatcher", "SetBatcher", "BatchStats", "Sink", "BATCH_ANSWER_BYTES", "BATCH_WRITE_BYTES"]
 
 #: Answer size one batch of reads is planned for, by default.
 BATCH_ANSWER_BYTES = 4 * 1024 * 1024
@@ -68,7 +70,35 @@ BATCH_WRITE_BYTES = 1024 * 1024
 #: Smallest value size the batcher plans with.
 _MIN_VALUE_HINT_BYTES = 4096
 
-_Batch = list[tuple[Key, "asyncio.Future[bytes | None]"]]
+
+_T_contra = TypeVar("_T_contra", contravariant=True)
+
+
+class Sink(Protocol[_T_contra]):
+    """Where ``GetBatcher.get_into`` delivers a read (``Sink[bytes | None]``) and ``SetBatcher.set_into`` a write (``Sink[None]``).
+
+    The part of ``asyncio.Future`` the batchers use: a future is one; a
+    program that answers each call with a callback gives its own object
+    instead and saves the future's machinery (the HTTP shim). ``set_result``
+    and ``set_exception`` are called at most once in all, only while
+    ``done()`` is false, and must not raise: the batch delivers its other
+    calls after it.
+    """
+
+    def done(self) -> bool:
+        """Whether the result was delivered."""
+        ...
+
+    def set_result(self, result: _T_contra, /) -> None:
+        """The result: a read's value (``None`` if the key does not exist), or ``None`` for a stored write."""
+        ...
+
+    def set_exception(self, exc: BaseException, /) -> None:
+        """What ``Client.get`` (``Client.set``) would have raised for this call."""
+        ...
+
+
+_Batch = list[tuple[Key, Sink[bytes | None]]]
 
 
 class BatchStats:
@@ -181,13 +211,24 @@ class GetBatcher(_Batcher):
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[bytes | None] = loop.create_future()
+        self.get_into(key, fut)
+        return fut
+
+    def get_into(self, key: Key, sink: Sink[bytes | None]) -> None:
+        """Read ``key`` with the other reads of this loop iteration into ``sink`` (``get`` without a future).
+
+        ``sink`` gets what ``get``'s future would: the value (``None`` for a
+        missing key) or the exception.
+        """
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         pending = self._pending
-        pending.append((key, fut))
+        pending.append((key, sink))
         if len(pending) >= self._cap:
             self._flush()
         elif len(pending) == 1:
             loop.call_soon(self._flush)
-        return fut
 
     def _cap_for(self, hint: int) -> int:
         return max(1, min(self.max_keys, self._answer_bytes // hint))
@@ -246,7 +287,7 @@ class GetBatcher(_Batcher):
             self._hint = hint
             self._cap = self._cap_for(hint)
 
-    async def _one(self, key: Key, fut: asyncio.Future[bytes | None]) -> None:
+    async def _one(self, key: Key, fut: Sink[bytes | None]) -> None:
         try:
             value = await self.fallback.get(key)
         except Exception as exc:
@@ -257,7 +298,7 @@ class GetBatcher(_Batcher):
             fut.set_result(value)
 
 
-_Write = tuple[Key, bytes, "asyncio.Future[None]"]
+_Write = tuple[Key, bytes, Sink[None]]
 
 
 class SetBatcher(_Batcher):
@@ -313,6 +354,14 @@ class SetBatcher(_Batcher):
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
+        self.set_into(key, value, ttl, fut)
+        return fut
+
+    def set_into(self, key: Key, value: bytes, ttl: float | None, sink: Sink[None]) -> None:
+        """Store ``value`` under ``key`` with the other writes of this loop iteration; ``sink`` gets what ``set``'s future would."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         group = ttl
         try:
             size = len(key) + len(value)
@@ -325,14 +374,13 @@ class SetBatcher(_Batcher):
         if pending is None:
             pending = self._pending[group] = []
             self._sizes[group] = 0
-        pending.append((key, value, fut))
+        pending.append((key, value, sink))
         self._sizes[group] += size
         if len(pending) >= self.max_keys or self._sizes[group] >= self.max_bytes:
             self._send(group)
         elif not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
-        return fut
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -381,7 +429,7 @@ class SetBatcher(_Batcher):
         self.stats.fallbacks += 1
         await asyncio.gather(*(self._one(key, value, ttl, fut) for key, value, fut in batch))
 
-    async def _one(self, key: Key, value: bytes, ttl: float | None, fut: asyncio.Future[None]) -> None:
+    async def _one(self, key: Key, value: bytes, ttl: float | None, fut: Sink[None]) -> None:
         try:
             await self.fallback.set(key, value, ttl=ttl)
         except Exception as exc:

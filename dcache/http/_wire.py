@@ -15,12 +15,14 @@ each body chunk, and the protocol builds one ``Request`` per message.
   while the transport's buffer is full (``pause_writing``) no new request is
   started.
 * **Answers.** The app's ``dispatch(request)`` returns a ``Response`` (answered
-  at once) or a future: of the ``Response``, or, when the app set
-  ``request.finish``, of anything ``finish`` turns into one (the GET path:
-  the batched read's future, no task per request). The head is built from prepared
-  bytes: status line, ``Content-Type``, ``Content-Length``, a ``Date``
-  formatted once a second, and ``Connection: close`` when the connection ends
-  after the answer. ``HEAD`` gets the head alone.
+  at once), a future of the ``Response`` (a task), or ``None``: the app
+  answers later with ``request.conn.answer(request, response)`` (the GET and
+  write paths: the batched read or write delivers to an object of the app's,
+  no future per request). The head is one formatting of bytes prepared once
+  per status and content type (status line, ``Content-Type``,
+  ``Content-Length``), a ``Date`` formatted once a second, and
+  ``Connection: close`` when the connection ends after the answer. ``HEAD``
+  gets the head alone.
 * **Bounds.** A request line over ``MAX_URL_BYTES`` (414), a header over
   ``MAX_HEADER_BYTES`` or more than ``MAX_HEADERS`` of them (431), a body over
   the app's ``max_body`` (413; announced by ``Content-Length`` and
@@ -45,12 +47,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
 from email.utils import formatdate
+from functools import partial
 from http import HTTPStatus
 from json.encoder import encode_basestring_ascii
 from time import perf_counter, time
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 import httptools
 
@@ -89,6 +91,8 @@ MAX_PIPELINED = 32
 _COPY_BELOW_BYTES = 64 * 1024
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+#: The usual methods as the parser gives them -> as ``Request.method`` has them (decoded once).
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 
 class Request:
@@ -100,31 +104,42 @@ class Request:
         headers: lower-cased names to values (repeated fields joined with ``", "``).
         body: the body, whole.
         keep_alive: whether the connection stays open after the answer.
+        keep_alive_10: an HTTP/1.0 request that keeps its connection open
+            (its answer says ``Connection: keep-alive``).
         start: ``perf_counter()`` when the request was complete.
-        finish: set by the app when the future ``dispatch`` returned is not
-            of a ``Response``: turns that future (done) into the answer.
+        conn: the connection it came on (``conn.answer`` when ``dispatch``
+            returned ``None``).
     """
 
-    __slots__ = ("method", "target", "headers", "body", "keep_alive", "http10", "start", "finish")
+    __slots__ = ("method", "target", "headers", "body", "keep_alive", "keep_alive_10", "start", "conn")
 
     method: str
     target: bytes
     headers: dict[bytes, bytes]
     body: bytes
     keep_alive: bool
-    http10: bool
+    keep_alive_10: bool
     start: float
-    finish: Callable[[asyncio.Future[Any]], Response] | None
+    conn: HttpProtocol
 
-    def __init__(self, method: str, target: bytes, headers: dict[bytes, bytes], body: bytes, keep_alive: bool, http10: bool) -> None:
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        headers: dict[bytes, bytes],
+        body: bytes,
+        keep_alive: bool,
+        keep_alive_10: bool,
+        conn: HttpProtocol,
+    ) -> None:
         self.method = method
         self.target = target
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
-        self.http10 = http10
+        self.keep_alive_10 = keep_alive_10
         self.start = perf_counter()
-        self.finish = None
+        self.conn = conn
 
     def header(self, name: bytes) -> str | None:
         """The value of header ``name`` (lower case), decoded as Latin-1, or ``None``."""
@@ -159,8 +174,8 @@ class App(Protocol):
 
     max_body: int
 
-    def dispatch(self, request: Request) -> Response | asyncio.Future[Any]:
-        """The answer to ``request``, or a future of it (see the module note); never raises."""
+    def dispatch(self, request: Request) -> Response | asyncio.Future[Response] | None:
+        """The answer to ``request``, a future of it, or ``None``: answered later (see the module note); never raises."""
         ...
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -177,7 +192,15 @@ def _status_line(status: int) -> bytes:
 
 
 _STATUS_LINES: dict[int, bytes] = {s.value: _status_line(s.value) for s in HTTPStatus}
-_CONTENT_TYPES: dict[str, bytes] = {}
+#: ``(status, content type)`` -> the status line, the ``Content-Type`` line and ``Content-Length: `` (built once each).
+_PREFIXES: dict[tuple[int, str], bytes] = {}
+
+
+def _prefix(status: int, content_type: str) -> bytes:
+    prefix = _PREFIXES[status, content_type] = (
+        (_STATUS_LINES.get(status) or _status_line(status)) + b"Content-Type: " + content_type.encode("latin-1") + b"\r\nContent-Length: "
+    )
+    return prefix
 
 
 class _Clock:
@@ -201,21 +224,25 @@ class _Clock:
 _clock = _Clock()
 
 
-def encode_head(response: Response, close: bool, keep_alive_10: bool) -> bytes:
-    """The status line and headers of ``response`` (``close``: the connection ends after it)."""
-    ct = _CONTENT_TYPES.get(response.content_type)
-    if ct is None:
-        ct = _CONTENT_TYPES[response.content_type] = b"Content-Type: " + response.content_type.encode("latin-1") + b"\r\n"
-    status = response.status
-    head = _STATUS_LINES.get(status) or _status_line(status)
-    head += ct + b"Content-Length: %d\r\n" % len(response.body) + _clock.date()
+def encode_answer(response: Response, close: bool, keep_alive_10: bool, body: bytes = b"") -> bytes:
+    """The status line and headers of ``response``, then ``body`` (``close``: the connection ends after it).
+
+    ``body`` is ``response.body`` when it goes out in the same write, else
+    empty (``HEAD``, or a large body written on its own). The usual answer
+    (no extra header, a keep-alive HTTP/1.1 connection) is one formatting
+    of prepared bytes.
+    """
+    prefix = _PREFIXES.get((response.status, response.content_type)) or _prefix(response.status, response.content_type)
+    if not response.headers and not close and not keep_alive_10:
+        return b"%b%d\r\n%b\r\n%b" % (prefix, len(response.body), _clock.date(), body)
+    head = prefix + b"%d\r\n" % len(response.body) + _clock.date()
     for name, value in response.headers:
         head += name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n"
     if close:
         head += b"Connection: close\r\n"
     elif keep_alive_10:
         head += b"Connection: keep-alive\r\n"
-    return head + b"\r\n"
+    return head + b"\r\n" + body
 
 
 class HttpServer:
@@ -355,17 +382,9 @@ class HttpProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self.last_active = self.loop.time()
-        self.request_began = 0.0
         self._max_body = server.app.max_body
-        self._reset()
-
-    def _reset(self) -> None:
-        self._url = b""
-        self._headers = {}
-        self._header_count = 0
-        self._body = []
-        self._body_bytes = 0
-        self._refuse = None
+        self.on_message_begin()  # the per-request state, empty
+        self.request_began = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -406,7 +425,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.request_began = self.last_active
-        self._reset()
+        self._url = b""
+        self._headers = {}
+        self._header_count = 0
+        self._body = []
+        self._body_bytes = 0
+        self._refuse = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -431,12 +455,14 @@ class HttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self._refuse is not None:
             return
-        length = self._headers.get(b"content-length")
+        headers = self._headers
+        length = headers.get(b"content-length")
+        expect = headers.get(b"expect")
         if length is not None and length.isdigit() and int(length) > self._max_body:
             self._refuse = self._too_large()
-            if self._headers.get(b"expect", b"").lower() == b"100-continue":
+            if expect is not None and expect.lower() == b"100-continue":
                 self._refuse_now(self._refuse)  # the client waits: it will not send the body
-        elif self._headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
+        elif expect is not None and expect.lower() == b"100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -458,13 +484,19 @@ class HttpProtocol(asyncio.Protocol):
             return
         parser = self.parser
         body = self._body
+        headers = self._headers
+        method = parser.get_method()
+        keep_alive = parser.should_keep_alive()
         request = Request(
-            parser.get_method().decode("ascii", "replace"),
+            _METHODS.get(method) or method.decode("ascii", "replace"),
             self._url,
-            self._headers,
+            headers,
             body[0] if len(body) == 1 else b"".join(body),
-            parser.should_keep_alive(),
-            parser.get_http_version() == "1.0",
+            keep_alive,
+            # HTTP/1.0 keeps a connection only when asked in one of these headers (llhttp): the version
+            # (httptools formats it with str.format: about 1,800 instructions) is read only then.
+            keep_alive and (b"connection" in headers or b"proxy-connection" in headers) and parser.get_http_version() == "1.0",
+            self,
         )
         if self.busy or self.queue:
             self.queue.append(request)
@@ -482,43 +514,43 @@ class HttpProtocol(asyncio.Protocol):
     def _run(self, request: Request) -> None:
         self.busy = True
         answer = self.app.dispatch(request)
+        if answer is None:
+            return  # the app calls ``answer``
         if isinstance(answer, Response):
-            self._respond(request, answer)
+            self.answer(request, answer)
         else:
-            answer.add_done_callback(lambda fut: self._answered(request, fut))
+            answer.add_done_callback(partial(self._answered, request))
 
-    def _answered(self, request: Request, fut: asyncio.Future[Any]) -> None:
-        finish = request.finish
-        request.finish = None  # it holds the request: no reference cycle left for the collector
+    def _answered(self, request: Request, fut: asyncio.Future[Response]) -> None:
         try:
-            answer = fut.result() if finish is None else finish(fut)
+            answer = fut.result()
         except Exception:  # dispatch's futures carry answers, not errors: this is a bug
             log.exception("answering %s %r failed", request.method, request.target)
             answer = json_error(500, "internal error in the HTTP shim (logged)")
-        self._respond(request, answer)
+        self.answer(request, answer)
 
-    def _respond(self, request: Request, response: Response) -> None:
+    def answer(self, request: Request, response: Response) -> None:
+        """Answer ``request``, the one being answered on this connection (for an app whose ``dispatch`` returned ``None``)."""
         self.busy = False
         if self.transport is None:
             return
         close = not request.keep_alive or ((self.closing or self.server.closing) and not self.queue)
         if self.server.access_log:
             access_log.debug("%s %r %d", request.method, request.target, response.status)
-        self._write(response, close, request.http10 and not close, request.method == "HEAD")
-        if not close:
+        self._write(response, close, request.keep_alive_10 and not close, request.method == "HEAD")
+        if not close and (self.queue or self.reading_paused):
             self._next()
 
     def _write(self, response: Response, close: bool, keep_alive_10: bool, head_only: bool) -> None:
         transport = self.transport
         assert transport is not None
-        head = encode_head(response, close, keep_alive_10)
         body = response.body
         if head_only:
-            transport.write(head)
+            transport.write(encode_answer(response, close, keep_alive_10))
         elif len(body) < _COPY_BELOW_BYTES:
-            transport.write(head + body)
+            transport.write(encode_answer(response, close, keep_alive_10, body))
         else:
-            transport.write(head)
+            transport.write(encode_answer(response, close, keep_alive_10))
             transport.write(body)
         self.last_active = self.loop.time()
         if close:

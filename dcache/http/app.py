@@ -26,10 +26,11 @@ needs (measured in ``docs/BENCHMARKS.md``, reasons in ``docs/DECISIONS.md``):
   prepared bytes), not a framework: ``Shim.dispatch`` gets each parsed
   request, matches its path with a few string tests and answers, counting
   it in the metrics under a fixed route label;
-* ``GET /data/{key}`` answers from the future of the batched read, and the
-  writes (``POST /data``, ``PUT /data/{key}``, ``POST /api/post``) from the
-  future of the batched write, with a callback (``Request.finish``): no
-  task per request; the other routes run as one task each;
+* ``GET /data/{key}`` is answered by the batched read itself, which
+  delivers the value to a ``_Read`` (``GetBatcher.get_into``), and the
+  writes (``POST /data``, ``PUT /data/{key}``, ``POST /api/post``) by the
+  batched write, which delivers to a ``_Write`` (``SetBatcher.set_into``):
+  no future and no task per request; the other routes run as one task each;
 * answers are JSON text built from C-escaped strings
   (``json.encoder.encode_basestring_ascii``, the escaping ``json.dumps``
   uses, so the bytes are the same);
@@ -64,7 +65,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 import httptools
 
-from ..client import MAX_TTL_S, Client, ClientConfig, GetBatcher, SetBatcher
+from ..client import MAX_TTL_S, Client, ClientConfig, GetBatcher, SetBatcher, Sink
 from ..config import HttpConfig
 from ..errors import (
     AuthError,
@@ -107,6 +108,8 @@ OPEN_ROUTES = frozenset({"/health", "/metrics"})
 #: Methods allowed on each fixed path (the ``Allow`` header of a 405).
 _FIXED_ROUTES = {"/data": "POST", "/api/post": "POST", "/health": "GET", "/metrics": "GET", "/openapi.yaml": "GET"}
 
+#: ``json.loads``'s decoder (its default options) for text already decoded.
+_json_decode: Callable[[str], Any] = json.JSONDecoder().decode
 #: ``json.dumps``'s own string escaping (C): ASCII out, non-ASCII as ``\uXXXX``.
 _enc: Callable[[str], str] = encode_basestring_ascii
 
@@ -190,6 +193,13 @@ def _error_for(request: Request, exc: BaseException) -> Response:
 
 def _split_target(target: bytes) -> tuple[str, str]:
     """The decoded path and the raw query of a request target (origin, absolute or asterisk form); 400 if undecodable."""
+    if target[:1] == b"/":  # the usual path alone, plain UTF-8: parse_url would return it whole
+        try:
+            text = target.decode()
+        except UnicodeDecodeError:
+            text = "?"  # the general way below answers it
+        if "?" not in text and "#" not in text and "%" not in text:  # ``in`` on str: on bytes it costs an exception
+            return text, ""
     if target == b"*":
         return "*", ""
     try:
@@ -248,10 +258,11 @@ def _query_ttl(params: dict[str, str]) -> float | None:
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
-    if not body.strip():
+    utf8 = body[:1] == b"{" and body[1:2] != b"\x00"  # what json.loads's encoding detection calls UTF-8
+    if not utf8 and not body.strip():
         _fail(400, "the request body must be a JSON object")
     try:
-        doc = json.loads(body)
+        doc = _json_decode(body.decode("utf-8", "surrogatepass")) if utf8 else json.loads(body)  # json.loads's steps, less its detection
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         _fail(400, f"the request body is not valid JSON: {exc}")
     if not isinstance(doc, dict):
@@ -299,7 +310,7 @@ def _json_value(key: str, value: bytes) -> Response:
             "the value is not valid UTF-8 text, so it cannot be sent as JSON; request it with 'Accept: application/octet-stream'",
             key=key,
         )
-    return _key_value(key, text)
+    return Response(200, ('{"key": ' + _enc(key) + ', "value": ' + _enc(text) + "}\n").encode())  # _key_value's bytes, one call less
 
 
 async def _ping(client: Client) -> bool:
@@ -308,6 +319,92 @@ async def _ping(client: Client) -> bool:
     except (ClientError, ServerError, OSError, TimeoutError):
         return False
     return True
+
+
+class _Pending:
+    """A request waiting for its batched read or write: the batcher delivers the result here (a ``Sink``), and this answers it.
+
+    Never raises (the batch delivers its other results after it): an error
+    in building the answer is answered as JSON, a 500 if it is a bug.
+    """
+
+    __slots__ = ("observe", "request", "route", "delivered")
+
+    def __init__(self, observe: Callable[[str, str, int, float], None], request: Request, route: str) -> None:
+        self.observe = observe
+        self.request = request
+        self.route = route
+        self.delivered = False
+
+    def done(self) -> bool:
+        return self.delivered
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.delivered = True
+        self._answer(_error_for(self.request, exc))
+
+    def _answer(self, response: Response) -> None:
+        request = self.request
+        try:
+            self.observe(request.method, self.route, response.status, perf_counter() - request.start)
+            request.conn.answer(request, response)
+        except Exception:  # a bug: the batch's other requests must still be answered
+            log.exception("answering %s %r failed", request.method, request.target)
+
+
+class _Read(_Pending):
+    """A GET waiting for its value (``GetBatcher.get_into``); ``octets``: raw bytes if Accept prefers them."""
+
+    __slots__ = ("key", "octets")
+
+    def __init__(self, observe: Callable[[str, str, int, float], None], request: Request, route: str, key: str, octets: bool) -> None:
+        super().__init__(observe, request, route)
+        self.key = key
+        self.octets = octets
+
+    def set_result(self, value: bytes | None) -> None:
+        self.delivered = True
+        request = self.request
+        try:
+            if value is None:
+                response = _not_found(self.key)
+            elif self.octets and b"accept" in request.headers and _wants_octets(request):
+                response = Response(200, value, _OCTETS)
+            else:
+                response = _json_value(self.key, value)
+        except Exception as exc:
+            response = _error_for(request, exc)
+        self._answer(response)
+
+
+class _Write(_Pending):
+    """A write waiting to be stored (``SetBatcher.set_into``); ``stored()`` is its answer then."""
+
+    __slots__ = ("stored",)
+
+    def __init__(
+        self, observe: Callable[[str, str, int, float], None], request: Request, route: str, stored: Callable[[], Response]
+    ) -> None:
+        super().__init__(observe, request, route)
+        self.stored = stored
+
+    def set_result(self, result: object) -> None:
+        self.delivered = True
+        try:
+            response = self.stored()
+        except Exception as exc:
+            response = _error_for(self.request, exc)
+        self._answer(response)
+
+
+def _deliver(sink: Sink[Any], call: asyncio.Future[Any]) -> None:
+    """Hand a done ``Client.get`` or ``Client.set`` to ``sink`` (``--read-batch 1``, ``--write-batch 1``)."""
+    try:
+        result = call.result()
+    except Exception as exc:
+        sink.set_exception(exc)
+        return
+    sink.set_result(result)
 
 
 # -- the shim's clients --------------------------------------------------------------
@@ -394,11 +491,12 @@ class Shim:
     #: The client the batched reads go over, and the batcher.
     read_client: Client
     reads: GetBatcher
-    #: How a GET reads a key: ``reads.get``, or ``client.get`` (as a task) with ``--read-batch 1``.
-    read: Callable[[bytes], asyncio.Future[bytes | None]]
-    #: The batcher of writes, and how a write stores a key: ``writes.set``, or ``client.set`` (as a task) with ``--write-batch 1``.
+    #: How a GET reads a key into its ``_Read``: ``reads.get_into``, or ``client.get`` (as a task) with ``--read-batch 1``.
+    read: Callable[[bytes, Sink[bytes | None]], None]
+    #: The batcher of writes, and how a write stores a key for its ``_Write``: ``writes.set_into``, or ``client.set`` (as a task)
+    #: with ``--write-batch 1``.
     writes: SetBatcher
-    write: Callable[[bytes, bytes, float | None], asyncio.Future[Any]]
+    write: Callable[[bytes, bytes, float | None, Sink[None]], None]
     _tasks: set[asyncio.Task[Response]]
 
     def __init__(self, config: HttpConfig, metrics: HttpMetrics, metrics_text: Callable[[], bytes], ssl: SSLContext | None) -> None:
@@ -424,16 +522,24 @@ class Shim:
         self.read_client = Client(config=main)
         self.reads = GetBatcher(self.read_client, fallback=self.client, max_keys=config.read_batch, stats=self.metrics.reads)
         if config.read_batch > 1:
-            self.read = self.reads.get
+            self.read = self.reads.get_into
         else:
             get = self.client.get
-            self.read = lambda key: asyncio.ensure_future(get(key))
+
+            def read(key: bytes, sink: Sink[bytes | None]) -> None:
+                asyncio.ensure_future(get(key)).add_done_callback(partial(_deliver, sink))
+
+            self.read = read
         self.writes = SetBatcher(self.client, max_keys=config.write_batch, stats=self.metrics.writes)
         if config.write_batch > 1:
-            self.write = self.writes.set
+            self.write = self.writes.set_into
         else:
             put = self.client.set
-            self.write = lambda key, value, ttl: asyncio.ensure_future(put(key, value, ttl=ttl))
+
+            def write(key: bytes, value: bytes, ttl: float | None, sink: Sink[None]) -> None:
+                asyncio.ensure_future(put(key, value, ttl=ttl)).add_done_callback(partial(_deliver, sink))
+
+            self.write = write
         self.health_clients = {endpoint: Client(config=replace(health, endpoints=endpoint)) for endpoint in health.endpoints}
 
     async def close(self) -> None:
@@ -449,8 +555,8 @@ class Shim:
 
     # -- dispatch --------------------------------------------------------------------
 
-    def dispatch(self, request: Request) -> Response | asyncio.Future[Any]:
-        """The answer to ``request``, or a future of it; never raises (errors are answered as JSON)."""
+    def dispatch(self, request: Request) -> Response | asyncio.Future[Response] | None:
+        """The answer to ``request``, a future of it, or ``None`` (its ``_Read`` or ``_Write`` answers it); never raises (errors are answered as JSON)."""
         method = request.method
         try:
             path, query = _split_target(request.target)
@@ -522,56 +628,28 @@ class Shim:
 
     # -- handlers --------------------------------------------------------------------
 
-    def get_key(self, request: Request, key: str, route: str, octets: bool) -> Response | asyncio.Future[Any]:
+    def get_key(self, request: Request, key: str, route: str, octets: bool) -> Response | None:
         """``GET /data/{key}`` (``octets``: raw bytes if Accept prefers them) and ``GET /api/get/{key}``: the hot path."""
         try:
             raw = _key_bytes(key, self.max_key_bytes, in_url=True)
         except HttpError as exc:
             return self._answer(request, route, _error_for(request, exc))
-        request.finish = partial(self._got, request, key, route, octets)
-        return self.read(raw)
+        self.read(raw, _Read(self.observe, request, route, key, octets))
+        return None
 
-    def _got(self, request: Request, key: str, route: str, octets: bool, read: asyncio.Future[bytes | None]) -> Response:
-        """The answer to a GET once its read is done (``Request.finish``)."""
-        try:
-            value = read.result()
-            if value is None:
-                response = _not_found(key)
-            elif octets and _wants_octets(request):
-                response = Response(200, value, _OCTETS)
-            else:
-                response = _json_value(key, value)
-        except Exception as exc:
-            response = _error_for(request, exc)
-        self.observe(request.method, route, response.status, perf_counter() - request.start)
-        return response
-
-    def _store(
-        self, request: Request, route: str, key: bytes, value: bytes, ttl: float | None, done: Callable[[], Response]
-    ) -> asyncio.Future[Any]:
-        """Write ``value`` under ``key`` with the other writes of this loop iteration; ``done()`` is the answer once it is stored."""
-        request.finish = partial(self._stored, request, route, done)
-        return self.write(key, value, ttl)
-
-    def _stored(self, request: Request, route: str, done: Callable[[], Response], write: asyncio.Future[None]) -> Response:
-        """The answer to a write once it is done (``Request.finish``)."""
-        try:
-            write.result()
-            response = done()
-        except Exception as exc:
-            response = _error_for(request, exc)
-        self.observe(request.method, route, response.status, perf_counter() - request.start)
-        return response
+    def _store(self, request: Request, route: str, key: bytes, value: bytes, ttl: float | None, stored: Callable[[], Response]) -> None:
+        """Write ``value`` under ``key`` with the other writes of this loop iteration; ``stored()`` is the answer once it is stored."""
+        self.write(key, value, ttl, _Write(self.observe, request, route, stored))
 
     def _refuse(self, request: Request, route: str, exc: Exception) -> Response:
         return self._answer(request, route, _error_for(request, exc))
 
-    def post_data(self, request: Request, query: str) -> Response | asyncio.Future[Any]:
+    def post_data(self, request: Request, query: str) -> Response | None:
         """``POST /data``: JSON ``{"key", "value", "ttl"?}``; 201 with the key and value once stored."""
         try:
             doc = _json_object(request.body)
-            unknown = sorted(set(doc) - _BODY_FIELDS)
-            if unknown:
+            if not _BODY_FIELDS.issuperset(doc):
+                unknown = sorted(set(doc) - _BODY_FIELDS)
                 _fail(400, f"unknown field(s): {', '.join(map(repr, unknown))}; expected key, value and optionally ttl")
             key = doc.get("key")
             if not isinstance(key, str):
@@ -592,9 +670,10 @@ class Shim:
             ttl = _check_ttl(doc["ttl"]) if "ttl" in doc else None
         except Exception as exc:
             return self._refuse(request, "/data", exc)
-        return self._store(request, "/data", key_bytes, value_bytes, ttl, partial(_key_value, key, value, 201))
+        self._store(request, "/data", key_bytes, value_bytes, ttl, partial(_key_value, key, value, 201))
+        return None
 
-    def put_data(self, request: Request, key: str, query: str) -> Response | asyncio.Future[Any]:
+    def put_data(self, request: Request, key: str, query: str) -> Response | None:
         """``PUT /data/{key}``: the body is the value (raw bytes), ``?ttl=`` seconds; 201 with the key and size once stored."""
         try:
             key_bytes = _key_bytes(key, self.max_key_bytes, in_url=True)
@@ -603,13 +682,14 @@ class Shim:
             return self._refuse(request, _DATA_KEY_ROUTE, exc)
         value = request.body
         done = partial(_json_text, '{"key": ' + _enc(key) + ', "size": ' + str(len(value)) + "}", 201)
-        return self._store(request, _DATA_KEY_ROUTE, key_bytes, value, ttl, done)
+        self._store(request, _DATA_KEY_ROUTE, key_bytes, value, ttl, done)
+        return None
 
     async def delete_data(self, request: Request, key: str, _query: dict[str, str]) -> Response:
         deleted = await self.client.delete(_key_bytes(key, self.max_key_bytes, in_url=True))
         return _json_text('{"key": ' + _enc(key) + ', "deleted": ' + ("true" if deleted else "false") + "}")
 
-    def legacy_post(self, request: Request, query: str) -> Response | asyncio.Future[Any]:
+    def legacy_post(self, request: Request, query: str) -> Response | None:
         """``POST /api/post?key=&value=[&ttl=]``: 201 with the key and value once stored."""
         try:
             params = _query(query) if query else {}
@@ -627,7 +707,8 @@ class Shim:
             ttl = _query_ttl(params)
         except Exception as exc:
             return self._refuse(request, "/api/post", exc)
-        return self._store(request, "/api/post", key_bytes, value_bytes, ttl, partial(_key_value, key, value, 201))
+        self._store(request, "/api/post", key_bytes, value_bytes, ttl, partial(_key_value, key, value, 201))
+        return None
 
     async def health(self, request: Request, _key: str, _query: dict[str, str]) -> Response:
         clients = self.health_clients

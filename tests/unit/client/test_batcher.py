@@ -102,6 +102,56 @@ async def test_garbage_answer_to_a_lone_get_is_read_again(server: FakeServer) ->
         assert await batcher.get(b"k1") == b"v1"
 
 
+class _Sink:
+    """A ``ReadSink`` that records what it was given (the shim's GET passes one like it)."""
+
+    def __init__(self, all_done: asyncio.Future[None], waiting: list[int]) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.all_done = all_done
+        self.waiting = waiting
+
+    def done(self) -> bool:
+        return bool(self.calls)
+
+    def set_result(self, value: bytes | None) -> None:
+        self._got("value", value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._got("error", exc)
+
+    def _got(self, kind: str, what: object) -> None:
+        self.calls.append((kind, what))
+        self.waiting[0] -= 1
+        if self.waiting[0] == 0:
+            self.all_done.set_result(None)
+
+
+async def test_get_into_delivers_what_get_would_once_each(server: FakeServer) -> None:
+    limits = Limits(max_key_bytes=8)
+    async with Client(server.address, limits=limits) as client:
+        batcher = GetBatcher(client)
+        keys = [b"k1", b"nope", b"L" * 9, b"k3"]
+        all_done = asyncio.get_running_loop().create_future()
+        waiting = [len(keys)]
+        sinks = [_Sink(all_done, waiting) for _ in keys]
+        for key, sink in zip(keys, sinks, strict=True):
+            batcher.get_into(key, sink)
+        await asyncio.wait_for(all_done, 5)
+        assert [len(s.calls) for s in sinks] == [1, 1, 1, 1]
+        assert sinks[0].calls == [("value", b"v1")] and sinks[1].calls == [("value", None)] and sinks[3].calls == [("value", b"v3")]
+        assert sinks[2].calls[0][0] == "error" and isinstance(sinks[2].calls[0][1], InvalidArgumentError)
+        # The client refused the long key before sending: the batch went key by key.
+        assert mgets(server) == [] and sorted(gets(server)) == [b"k1", b"k3", b"nope"] and batcher.stats.fallbacks == 1
+        all_done = asyncio.get_running_loop().create_future()
+        waiting = [2]
+        sinks = [_Sink(all_done, waiting) for _ in range(2)]
+        batcher.get_into(b"k2", sinks[0])
+        batcher.get_into(b"k9", sinks[1])
+        await asyncio.wait_for(all_done, 5)
+        assert [s.calls for s in sinks] == [[("value", b"v2")], [("value", b"v9")]] and mgets(server) == [[b"k2", b"k9"]]
+        await batcher.close()
+
+
 def test_bad_options() -> None:
     client = Client("h:1")
     with pytest.raises(ConfigError, match=r"^max_keys: "):
@@ -135,6 +185,29 @@ async def test_one_mset_per_loop_iteration_and_ttl_capped_and_a_lone_write_as_se
         await batcher.set("alone", b"1")  # alone: a SET
         assert sets(server) == [b"alone"]
         assert (stats.batches, stats.keys, stats.fallbacks) == (5, 13, 0)
+        await batcher.close()
+
+
+async def test_set_into_delivers_what_set_would_once_each(server: FakeServer) -> None:
+    async with Client(server.address, limits=Limits(max_key_bytes=8)) as client:
+        batcher = SetBatcher(client)
+        pairs = [(b"w1", b"a"), (b"L" * 9, b"b"), (b"w3", b"c")]
+        all_done = asyncio.get_running_loop().create_future()
+        waiting = [len(pairs)]
+        sinks = [_Sink(all_done, waiting) for _ in pairs]
+        for (key, value), sink in zip(pairs, sinks, strict=True):
+            batcher.set_into(key, value, None, sink)
+        await asyncio.wait_for(all_done, 5)
+        assert sinks[0].calls == [("value", None)] and sinks[2].calls == [("value", None)]
+        assert len(sinks[1].calls) == 1 and isinstance(sinks[1].calls[0][1], InvalidArgumentError)
+        assert server.data[b"w1"][0] == b"a" and server.data[b"w3"][0] == b"c" and batcher.stats.fallbacks == 1
+        all_done = asyncio.get_running_loop().create_future()
+        waiting = [2]
+        sinks = [_Sink(all_done, waiting) for _ in range(2)]
+        for i, sink in enumerate(sinks):
+            batcher.set_into(b"m%d" % i, b"v", 5.0, sink)
+        await asyncio.wait_for(all_done, 5)
+        assert msets(server) == [([b"m0", b"m1"], 5000)] and [s.calls for s in sinks] == [[("value", None)]] * 2
         await batcher.close()
 
 
