@@ -29,6 +29,7 @@ from tests.cluster import (
     value_of,
     wait_ring,
 )
+from tests.harness import DaemonProcess
 
 pytestmark = pytest.mark.slow
 
@@ -91,15 +92,21 @@ async def test_a_follower_hands_the_ring_to_a_restarted_coordinator(cluster: Clu
         assert await c.mget([key_of(i) for i in range(N_KEYS)]) == [value_of(i) for i in range(N_KEYS)]
 
 
+async def _populated(cluster: Cluster, nodes: set[str], n_keys: int) -> DaemonProcess:
+    """Master m1 and the aux nodes ``nodes`` of ``cluster`` started, the ring settled, keys 0 to ``n_keys - 1`` written; m1."""
+    m1 = cluster.start_master("m1")
+    for n in sorted(nodes):
+        cluster.start_aux(n)
+    await wait_ring(m1.addr, settled(nodes))
+    async with Client(m1.addr) as c:
+        await populate(c, n_keys)
+    return m1
+
+
 async def test_a_lone_restarted_coordinator_rebuilds_the_ring_in_one_change(tmp_path):
     cluster = Cluster(tmp_path, replicas=1)
     try:
-        m1 = cluster.start_master("m1")
-        for n in sorted(AUX):
-            cluster.start_aux(n)
-        await wait_ring(m1.addr, settled(AUX))
-        async with Client(m1.addr) as c:
-            await populate(c, N_KEYS)
+        m1 = await _populated(cluster, AUX, N_KEYS)
         before = await wait_ring(m1.addr, _counted, timeout=10, what="key counts from every node")
 
         port = m1.port
@@ -322,12 +329,7 @@ async def test_a_node_down_when_the_lone_coordinator_died_gets_the_writes_it_mis
     nodes = {"a1", "a2"}
     cluster = Cluster(tmp_path, replicas=2)
     try:
-        m1 = cluster.start_master("m1")
-        for n in sorted(nodes):
-            cluster.start_aux(n)
-        await wait_ring(m1.addr, settled(nodes))
-        async with Client(m1.addr) as c:
-            await populate(c, n_keys)
+        m1 = await _populated(cluster, nodes, n_keys)
         cluster.aux["a1"].signal(signal.SIGSTOP)
         try:
             await wait_ring(m1.addr, lambda i: up_nodes(i) == {"a2"}, timeout=15, what="a1 marked down")

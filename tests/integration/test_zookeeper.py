@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import msgpack
@@ -23,6 +24,7 @@ from dcache import Client
 from dcache.errors import UnavailableError
 from dcache.protocol import Op
 from dcache.ring import HashRing
+from dcache.zookeeper import ZkSession, dumps
 from tests.cluster import (
     Cluster,
     Reader,
@@ -842,3 +844,36 @@ async def test_a_fence_a_leader_could_not_write_to_zookeeper_keeps_the_nodes_hin
     assert "never reached ZooKeeper: routing by the ring there" in m1.stderr()
     assert "aux node a2 not marked down" in m1.stderr()  # held back: the fence was not in ZooKeeper
     mon.assert_forward_only()
+
+
+#: The session timeout of the ZkSession under test below: kazoo finds a silent server dead after about 2/3 of it.
+SESSION_S = 12.0
+
+
+async def test_waiting_for_masters_keeps_its_bound_and_names_them_while_zookeeper_is_silent(zookeeper) -> None:
+    """A stopped ZooKeeper (connections open, nothing answered) must neither stretch the wait past its
+    bound nor end it as if every master had confirmed: the masters last seen are named as behind."""
+    path = "/dcache-test-session/masters"
+    with FaultProxy(zookeeper.hosts, name="zk") as link:
+        zk = ZkSession(link.addr, SESSION_S, "test")
+        await zk.start()
+        try:
+            assert await zk.wait_connected(15)
+            await zk.run(zk.client.ensure_path, path)
+            await zk.run(zk.client.create, f"{path}/m1", dumps({"epoch": 3, "seq": 0}), ephemeral=True)
+            await zk.run(zk.client.create, f"{path}/m2", dumps({"epoch": 2, "seq": 5}), ephemeral=True)
+            assert await zk.wait_masters_at(path, (2, 5), 5.0) == []
+            assert await zk.wait_masters_at(path, (3, 0), 0.2) == ["m2"]
+            assert await zk.wait_masters_at(path, (3, 0), 0.2, skip="m2") == []
+
+            link.blackhole()  # as a SIGSTOPped ZooKeeper: reads hang until kazoo finds the connection dead
+            started = time.monotonic()
+            lagging = await zk.wait_masters_at(path, (3, 0), 1.0, skip="m1")
+            took = time.monotonic() - started
+            assert lagging == ["m2"]  # unconfirmed, not "all caught up"
+            assert took < SESSION_S / 3, f"a 1 s wait took {took:.1f} s"  # not held until kazoo gives up
+            lagging = await zk.wait_masters_at(path, (3, 0), 0.5, absent=lambda: ["m3"])
+            assert lagging == ["m1", "m2", "m3"]
+        finally:
+            link.heal()
+            await zk.close()

@@ -592,11 +592,12 @@ async def test_a_restarted_coordinator_takes_the_ring_from_a_follower(cluster: F
         await coord.close()
 
 
-async def test_a_restarted_coordinator_handed_a_settling_migration_reads_its_new_owners(cluster: FakeCluster) -> None:
-    """A follower one poll behind hands the settling view of a migration the coordinator had finished.
+def _handed_a_finished_migration_settling(cluster: FakeCluster) -> tuple[Coordinator, ClusterView, bytes]:
+    """A restarted coordinator to which follower m2 hands the settling view of a migration from a1 alone to all three.
 
-    Writes made after it finished went to the new owners only: taken back
-    to copying, reads went to the source ring's owners and missed them.
+    The old coordinator had finished it: a key written since went to its new
+    owners a2 and a3 only. Returns the coordinator (close it), the source
+    view and that key.
     """
     one = ClusterView.initial(cluster.members[:1], 2, epoch=1)  # the source ring: a1 alone
     settling = one.with_members({m.node_id: m for m in cluster.members}).migration_settling()
@@ -604,9 +605,19 @@ async def test_a_restarted_coordinator_handed_a_settling_migration_reads_its_new
     version = cluster.put("a2", key, b"v")  # written once the migration was done: to the new owners only
     cluster.put("a3", key, b"v", version)
     coord = coordinator(cluster, ClusterView.initial([], 2, epoch=1000))
+    assert coord.sync("m2", settling.epoch, settling.seq) == {"want_view": True}
+    coord.sync("m2", settling.epoch, settling.seq, settling.to_dict())
+    return coord, one, key
+
+
+async def test_a_restarted_coordinator_handed_a_settling_migration_reads_its_new_owners(cluster: FakeCluster) -> None:
+    """A follower one poll behind hands the settling view of a migration the coordinator had finished.
+
+    Writes made after it finished went to the new owners only: taken back
+    to copying, reads went to the source ring's owners and missed them.
+    """
+    coord, one, key = _handed_a_finished_migration_settling(cluster)
     try:
-        assert coord.sync("m2", settling.epoch, settling.seq) == {"want_view": True}
-        coord.sync("m2", settling.epoch, settling.seq, settling.to_dict())
         taken = coord.view
         assert taken.prev_ring is not None and taken.prev_ring.nodes == one.ring.nodes  # the migration is resumed ...
         sink = Sink()
@@ -624,15 +635,8 @@ async def test_a_fence_during_a_settling_migration_keeps_it_settling(cluster: Fa
     """A node fenced while a migration settles (here, one taken over from a follower right after a restart) must not
     take the migration back to copying: reads would go to the source ring's owners again, which lack the writes made
     once the old coordinator had finished it. With two copies the fenced node's co-owner is read instead."""
-    one = ClusterView.initial(cluster.members[:1], 2, epoch=1)  # the source ring: a1 alone
-    settling = one.with_members({m.node_id: m for m in cluster.members}).migration_settling()
-    key = cluster.key_owned_by("a2", "a3")
-    version = cluster.put("a2", key, b"v")  # written once the migration was done: to the new owners only
-    cluster.put("a3", key, b"v", version)
-    coord = coordinator(cluster, ClusterView.initial([], 2, epoch=1000))
+    coord, one, key = _handed_a_finished_migration_settling(cluster)
     try:
-        assert coord.sync("m2", settling.epoch, settling.seq) == {"want_view": True}
-        coord.sync("m2", settling.epoch, settling.seq, settling.to_dict())
         assert coord.view.settling
         coord.fence("a2", "a write was acknowledged without it")
         fenced = coord.view
