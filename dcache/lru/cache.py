@@ -644,10 +644,42 @@ class LRUCache:
                 e = None
             elif version <= e._version + VERSION_BIAS:
                 return False
-        if self._tombs and version <= self.tombstone_version(key):
+        tombs = self._tombs
+        if tombs and version <= self.tombstone_version(key):
             return False
-        self._put(key, value, size, e, expires_at, version)
+        if e is None or e.expires_at != expires_at:
+            self._put(key, value, size, e, expires_at, version)
+            return True
+        # The overwrite of a live entry with the same expiry (every write of a key the node holds, without a TTL):
+        # the steps of _put, inlined; the charge changes by the value's length only and the expiry heap not at all.
+        if tombs and tombs.pop(key, None) is not None:
+            self._bytes -= self._tomb_fixed + len(key)
+        self.sets += 1
+        self._bytes += len(value) - len(e.value)
+        e.value = value
+        e._version = version - VERSION_BIAS
+        head = self._head
+        last = head.prev
+        if last is not e:
+            p = e.prev
+            n = e.next
+            p.next = n
+            n.prev = p
+            last.next = e
+            e.prev = last
+            e.next = head
+            head.prev = e
+        if self._bytes > self._max_bytes or (self._max_items and self._count > self._max_items):
+            self._evict(e)
         return True
+
+    def batch_apply(self) -> Callable[..., bool]:
+        """The ``apply`` to call for each entry of a batch of imports stored in one go (nothing else runs in between).
+
+        Here ``apply`` itself; a subclass that wraps ``apply`` may return a
+        cheaper function that is equivalent for the whole batch.
+        """
+        return self.apply
 
     def apply_many(self, items: Sequence[tuple[bytes, bytes, int, int]]) -> int:
         """``apply`` of each ``(key, value, expires_at, version)`` in order, for APPLY and migration pages.
