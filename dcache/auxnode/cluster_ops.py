@@ -219,7 +219,7 @@ class ClusterOps:
             return 1  # this very write, applied before (versions are unique per write)
         return [SUPERSEDED, held]
 
-    def msetv(self, conn: FrameProtocol, rid: int, entries: list[tuple[bytes, bytes, int, int, int]]) -> list[Any]:
+    def msetv(self, conn: FrameProtocol, rid: int, entries: list[list[Any]]) -> list[Any]:
         """SETV of each entry, in order; answers ``[status, result]`` per entry (a master's writes of one loop turn).
 
         The clock observes the newest version once, before any entry is
