@@ -69,8 +69,9 @@ O(k log n) work at most. ``items``, ``snapshot_items``, ``keys_snapshot``,
 ``check_valid`` are O(n); each step of ``key_shards`` is O(n / SHARDS);
 ``clear`` is O(1) plus freeing memory.
 
-Hot path. ``get`` and ``set`` cache attribute lookups in locals, inline the
-list surgery and only call the clock when an entry has (or is given) an
+Hot path. ``get`` and ``set`` (and ``apply``, when it overwrites a live
+entry whose expiry stays the same) cache attribute lookups in locals, inline
+the list surgery and only call the clock when an entry has (or is given) an
 expiry, so TTL-less traffic never pays for it. An entry's charge is its
 key's and value's lengths plus a constant taken from the ``EntryCost`` once,
 in the constructor (plus a second constant and the key's length again for an
