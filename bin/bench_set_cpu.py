@@ -23,7 +23,9 @@ iterations; the difference over the SETs between them is the master's
 instructions per SET (the scripted aux node's decoding and answers are in
 it too, the same for every tree). With ``--aux`` the child is an aux node
 instead, its 100,000 keys stored first, fed MSETVs of ``--clients``
-entries as a master sends them: its instructions per SET (an overwrite).
+entries as a master sends them: its instructions per SET (an overwrite);
+``--aux --harness`` counts the same child without feeding the MSETVs (the
+harness's own share of that figure, to subtract).
 """
 
 from __future__ import annotations
@@ -224,7 +226,8 @@ def count_instructions(tree: Path, iterations: int, args: argparse.Namespace) ->
     """Instructions callgrind counts for one in-process child of ``tree`` running ``iterations`` loop turns."""
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(Path(__file__).resolve()),
            "--worker", str(iterations), "--tree", f"x={tree}", "--clients", str(args.clients), "--pipeline", str(args.pipeline),
-           *(["--native"] if args.native else []), *(["--aux"] if args.aux else [])]  # fmt: skip
+           *(["--native"] if args.native else []), *(["--aux"] if args.aux else []),
+           *(["--harness"] if args.harness else [])]  # fmt: skip
     out = subprocess.run(
         cmd, capture_output=True, text=True, timeout=3600, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
     )
@@ -236,8 +239,12 @@ def count_instructions(tree: Path, iterations: int, args: argparse.Namespace) ->
     return int(refs[-1].split(":")[-1].strip())
 
 
-def aux_worker(iterations: int, clients: int) -> None:
-    """Child process: an aux node's native connection takes ``iterations`` MSETVs of ``clients`` entries (a master's loop turns)."""
+def aux_worker(iterations: int, clients: int, feed: bool = True) -> None:
+    """Child process: an aux node's native connection takes ``iterations`` MSETVs of ``clients`` entries (a master's loop turns).
+
+    With ``feed`` false the MSETVs are built and encoded in the same loop
+    turns but not fed: the harness's own share, to subtract.
+    """
     import tempfile
 
     from dcache.auxnode.node import AuxNode
@@ -261,9 +268,11 @@ def aux_worker(iterations: int, clients: int) -> None:
         rng = random.Random(1)
         for i in range(iterations):
             entries = [[b"key:%012d" % rng.randrange(100_000), value, 0, 0, clock.next()] for _ in range(clients)]
-            conn.data_received(encode_request(Op.MSETV, i % 100 + 1, entries))
+            frame = encode_request(Op.MSETV, i % 100 + 1, entries)
+            if feed:
+                conn.data_received(frame)
             await asyncio.sleep(0)
-        assert sink.written > (100 + iterations) * clients * 2  # answered: [status, result] per entry
+        assert sink.written > (100 + iterations * feed) * clients * 2  # answered: [status, result] per entry
 
     import uvloop
 
@@ -282,6 +291,9 @@ def main() -> int:
     ap.add_argument(
         "--aux", action="store_true", help="with --instructions: the aux node's instructions per SET, fed MSETVs of --clients entries"
     )
+    ap.add_argument(
+        "--harness", action="store_true", help="with --aux: count the harness alone (the MSETVs built and encoded, not fed), to subtract"
+    )
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     trees = [(label, Path(path).resolve()) for label, path in (t.split("=", 1) for t in args.tree)]
@@ -290,12 +302,14 @@ def main() -> int:
 
         print(f"dcache from {Path(dcache.__file__).resolve().parent.parent}", file=sys.stderr)
         if args.aux:
-            aux_worker(args.worker, args.clients)
+            aux_worker(args.worker, args.clients, feed=not args.harness)
         else:
             in_process_worker(args.worker, args.clients, args.pipeline, args.native)
         return 0
     if args.instructions:
         door = "aux node, MSETV" if args.aux else "native" if args.native else "RESP"
+        if args.aux and args.harness:
+            door += " (the harness alone, the MSETVs not fed)"
         print(f"python {sys.version.split()[0]}; {door} SET, {args.clients} clients x {args.pipeline} SETs per loop turn; "
               f"instructions per SET, callgrind, ({K2} - {K1}) turns")  # fmt: skip
         sets = (K2 - K1) * args.clients * (1 if args.aux else args.pipeline)

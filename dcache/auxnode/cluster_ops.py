@@ -79,6 +79,9 @@ MAX_SCAN_COUNT = 10_000
 DROP_WORK = 20_000
 
 _OK = int(Status.OK)
+_OUT_OF_MEMORY = int(Status.OUT_OF_MEMORY)
+#: An MSETV entry's answer when stored, ``[0, 1]`` on the wire; one object shared by every answer (never changed).
+_STORED = (_OK, 1)
 
 #: First element of the answer of a SETV or DELV that lost to a newer version: ``[SUPERSEDED, held_version]``.
 SUPERSEDED = 2
@@ -205,30 +208,44 @@ class ClusterOps:
             applied = cache.apply(key, value, expires_at=expires_at, version=version)
         except EntryTooLargeError as exc:  # checked first thing, the cache unchanged: the same check as _check_fits
             raise OutOfMemoryError(str(exc)) from None
-        if applied:
-            return 1
+        return 1 if applied else self._not_applied(key, value, version)
+
+    def _not_applied(self, key: bytes, value: bytes, version: int) -> Any:
+        """The result of a SETV whose import did not apply: 2 (already expired), 1 (applied before) or ``[2, held]``."""
         held = self.held_version(key)
         if held < version:
             return 2  # already expired: nothing to store
-        if held == version and (e := cache.get_entry(key)) is not None and e.value == value:
+        if held == version and (e := self.node.cache.get_entry(key)) is not None and e.value == value:
             return 1  # this very write, applied before (versions are unique per write)
         return [SUPERSEDED, held]
 
-    def msetv(self, conn: FrameProtocol, rid: int, entries: list[tuple[bytes, bytes, int, int, int]]) -> list[list[Any]]:
+    def msetv(self, conn: FrameProtocol, rid: int, entries: list[list[Any]]) -> list[Any]:
         """SETV of each entry, in order; answers ``[status, result]`` per entry (a master's writes of one loop turn).
 
         The clock observes the newest version once, before any entry is
-        stored, as APPLY's does: nothing else runs in between.
+        stored, as APPLY's does: nothing else runs in between. An entry
+        without flags (every SET a master routes) takes ``_store``'s steps
+        inline, through the cache's ``batch_apply``, and when stored answers
+        the one shared ``_STORED``.
         """
-        out: list[list[Any]] = []
+        out: list[Any] = []
         if not entries:
             return out
-        self.node.clock.observe(max([e[4] for e in entries]))
-        store = self._store
+        node = self.node
+        node.clock.observe(max([e[4] for e in entries]))
+        apply = node.cache.batch_apply()
         append = out.append
         for entry in entries:
+            key, value, expires_at, flags, version = entry
             try:
-                append([_OK, store(*entry)])
+                if flags:
+                    append([_OK, self._store(*entry)])
+                elif apply(key, value, expires_at=expires_at, version=version):
+                    append(_STORED)
+                else:
+                    append([_OK, self._not_applied(key, value, version)])
+            except EntryTooLargeError as exc:  # as _store's OutOfMemoryError
+                append([_OUT_OF_MEMORY, str(exc)])
             except ServerError as exc:
                 append([exc.code, exc.message])
         return out

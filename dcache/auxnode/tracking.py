@@ -27,15 +27,17 @@ subscribe again). A connection subscribes a key at most once, so a key has
 at most one subscription per master connection.
 
 Cost when no master subscribes: the cache's writes pay a call and an empty
-dict lookup (``TrackingCache``); requests pay one attribute test in the
-dispatch (``Service.hold``).
+dict lookup (``TrackingCache``), the entries of a batch (MSETV) not even
+that (``batch_apply``); requests pay one attribute test in the dispatch
+(``Service.hold``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from types import MethodType
 from typing import TYPE_CHECKING, Any
 
 from ..lru import LRUCache
@@ -365,6 +367,17 @@ class TrackingCache(LRUCache):
             if t is not None and t.table and key in t.table:
                 t.changed(key, version)
         return done
+
+    def batch_apply(self) -> Callable[..., bool]:
+        """``LRUCache.apply`` itself while no key is tracked (no call through ``apply`` per entry), else ``apply``.
+
+        Equivalent for the whole batch: its stores can end subscriptions
+        (evictions) but not start one, so no key becomes tracked before it ends.
+        """
+        t = self.tracker
+        if t is None or not t.table:
+            return MethodType(LRUCache.apply, self)
+        return self.apply
 
     def apply_many(self, items: Sequence[tuple[bytes, bytes, int, int]]) -> int:
         """``LRUCache.apply_many``; invalidate the subscribers of the keys it stored (an APPLY page, a migration's, a restore's)."""

@@ -69,8 +69,9 @@ O(k log n) work at most. ``items``, ``snapshot_items``, ``keys_snapshot``,
 ``check_valid`` are O(n); each step of ``key_shards`` is O(n / SHARDS);
 ``clear`` is O(1) plus freeing memory.
 
-Hot path. ``get`` and ``set`` cache attribute lookups in locals, inline the
-list surgery and only call the clock when an entry has (or is given) an
+Hot path. ``get`` and ``set`` (and ``apply``, when it overwrites a live
+entry whose expiry stays the same) cache attribute lookups in locals, inline
+the list surgery and only call the clock when an entry has (or is given) an
 expiry, so TTL-less traffic never pays for it. An entry's charge is its
 key's and value's lengths plus a constant taken from the ``EntryCost`` once,
 in the constructor (plus a second constant and the key's length again for an
@@ -644,10 +645,42 @@ class LRUCache:
                 e = None
             elif version <= e._version + VERSION_BIAS:
                 return False
-        if self._tombs and version <= self.tombstone_version(key):
+        tombs = self._tombs
+        if tombs and version <= self.tombstone_version(key):
             return False
-        self._put(key, value, size, e, expires_at, version)
+        if e is None or e.expires_at != expires_at:
+            self._put(key, value, size, e, expires_at, version)
+            return True
+        # The overwrite of a live entry with the same expiry (every write of a key the node holds, without a TTL):
+        # the steps of _put, inlined; the charge changes by the value's length only and the expiry heap not at all.
+        if tombs and tombs.pop(key, None) is not None:
+            self._bytes -= self._tomb_fixed + len(key)
+        self.sets += 1
+        self._bytes += len(value) - len(e.value)
+        e.value = value
+        e._version = version - VERSION_BIAS
+        head = self._head
+        last = head.prev
+        if last is not e:
+            p = e.prev
+            n = e.next
+            p.next = n
+            n.prev = p
+            last.next = e
+            e.prev = last
+            e.next = head
+            head.prev = e
+        if self._bytes > self._max_bytes or (self._max_items and self._count > self._max_items):
+            self._evict(e)
         return True
+
+    def batch_apply(self) -> Callable[..., bool]:
+        """The ``apply`` to call for each entry of a batch of imports stored in one go (nothing else runs in between).
+
+        Here ``apply`` itself; a subclass that wraps ``apply`` may return a
+        cheaper function that is equivalent for the whole batch.
+        """
+        return self.apply
 
     def apply_many(self, items: Sequence[tuple[bytes, bytes, int, int]]) -> int:
         """``apply`` of each ``(key, value, expires_at, version)`` in order, for APPLY and migration pages.

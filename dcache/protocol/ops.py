@@ -395,35 +395,49 @@ def _parse_setv(msg: list[Any], limits: Limits) -> tuple[bytes, bytes, int, int,
     )
 
 
-def _parse_msetv(msg: list[Any], limits: Limits) -> list[tuple[bytes, bytes, int, int, int]]:
-    """MSETV ``[entries]`` -> ``[(key, value, expires_at, flags, version), ...]``: SETVs in one request, every entry checked first.
+def _parse_msetv(msg: list[Any], limits: Limits) -> list[list[Any]]:
+    """MSETV ``[entries]`` -> ``[[key, value, expires_at, flags, version], ...]``: SETVs in one request, every entry checked first.
 
-    An entry of well-typed fields within bounds (every entry a master
-    sends) is checked inline, as APPLY's; any other goes through the field
-    checks, which convert or raise with their messages.
+    When every entry is a list of well-typed fields within bounds (every
+    MSETV a master sends), the checks run inline and the decoded entries
+    are the result, as they are; otherwise every entry goes through the
+    shape and field checks, which convert or raise with their messages.
     """
+    if len(msg) != 3:
+        return _msetv_checked(msg, limits)
+    items = msg[2]
+    if items.__class__ is not list or len(items) > limits.max_batch_keys:
+        return _msetv_checked(msg, limits)
     ceiling = limits.version_ceiling()
     max_key = limits.max_key_bytes
     max_value = limits.max_value_bytes
-    out: list[tuple[bytes, bytes, int, int, int]] = []
-    append = out.append
-    for key, value, expires_at, flags, version in _entries(msg, limits, "MSETV", "[key, value, expires_at, flags, version]"):
-        if (
-            key.__class__ is bytes
-            and 0 < len(key) <= max_key
-            and value.__class__ is bytes
-            and len(value) <= max_value
-            and expires_at.__class__ is int
-            and 0 <= expires_at <= INT64_MAX
-            and flags.__class__ is int
-            and flags in _FLAGS
-            and version.__class__ is int
-            and 0 < version <= ceiling
-        ):
-            append((key, value, expires_at, flags, version))
-        else:
-            append((_key(key, limits), check_value(value, limits), _expires_at(expires_at), _flags(flags), _version(version, ceiling)))
-    return out
+    for item in items:
+        if item.__class__ is list and len(item) == 5:
+            key, value, expires_at, flags, version = item
+            if (
+                key.__class__ is bytes
+                and 0 < len(key) <= max_key
+                and value.__class__ is bytes
+                and len(value) <= max_value
+                and expires_at.__class__ is int
+                and 0 <= expires_at <= INT64_MAX
+                and flags.__class__ is int
+                and flags in _FLAGS
+                and version.__class__ is int
+                and 0 < version <= ceiling
+            ):
+                continue
+        return _msetv_checked(msg, limits)
+    return items
+
+
+def _msetv_checked(msg: list[Any], limits: Limits) -> list[list[Any]]:
+    """``_parse_msetv``'s general path: each entry's shape and fields through their checks, converted or refused."""
+    ceiling = limits.version_ceiling()
+    return [
+        [_key(key, limits), check_value(value, limits), _expires_at(expires_at), _flags(flags), _version(version, ceiling)]
+        for key, value, expires_at, flags, version in _entries(msg, limits, "MSETV", "[key, value, expires_at, flags, version]")
+    ]
 
 
 def _parse_getv(msg: list[Any], limits: Limits) -> tuple[bytes, bool]:

@@ -283,3 +283,24 @@ async def test_an_apply_page_invalidates_the_keys_it_stored() -> None:
     master.call(Op.INVACK, 1)
     assert client.answer(rid) == 2
     assert node.tracker.stats()["tracked_keys"] == 1
+
+
+async def test_an_msetv_invalidates_the_tracked_keys_it_stored_and_only_while_tracked() -> None:
+    """MSETV (a master's SETs of one loop turn) stores through ``batch_apply``: a tracked key's change is pushed and held."""
+    node = make_node()
+    master, client = Wire(node), Wire(node)
+    client.send([Op.SET, b"a", b"v"], [Op.SET, b"b", b"v"])
+    subscribe(master, b"a")
+    v = node.cache.get_entry(b"b").version + 1  # type: ignore[union-attr]
+    rid = client.call(Op.MSETV, [[b"b", b"new", 0, 0, v], [b"a", b"new", 0, 0, v + 1], [b"a", b"old", 0, 0, 1]])
+    [push] = await until(master.pushes, "the MSETV's push")
+    assert push == [1, [[b"a", v + 1]]]
+    await settle()
+    assert rid not in client.answers()  # held until the subscriber acknowledged
+    master.call(Op.INVACK, 1)
+    assert client.answer(rid) == [[0, 1], [0, 1], [0, [2, v + 1]]]
+    rid = client.call(Op.MSETV, [[b"a", b"newer", 0, 0, v + 2]])  # no longer tracked: answered at once
+    assert client.answer(rid) == [[0, 1]]
+    assert node.cache.get_entry(b"a").value == b"newer"  # type: ignore[union-attr]
+    await settle()
+    assert len(master.pushes()) == 1

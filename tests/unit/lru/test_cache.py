@@ -806,6 +806,26 @@ def test_delete_without_version_leaves_no_tombstone(clock: FakeClock) -> None:
     assert cache.apply(b"a", b"old", expires_at=0, version=1) is True
 
 
+def test_an_applied_overwrite_keeps_the_charge_exact_and_clears_the_tombstone(clock: FakeClock) -> None:
+    """``apply`` over a live entry of the same expiry (its inline path): charge, recency, tombstone and eviction as ``_put``."""
+    cache = make(clock, max_bytes=1_000)
+    exp = clock.now + 1_000
+    cache.apply(b"a", b"1", expires_at=exp, version=5)
+    cache.apply(b"b", b"1", expires_at=0, version=5)
+    cache.apply_delete(b"a", version=3)  # older than the entry: the entry stays, the tombstone is recorded
+    assert cache.tombstone_version(b"a") == 3
+    assert cache.apply(b"a", b"longer value", expires_at=exp, version=6) is True
+    assert cache.tombstone_version(b"a") == 0 and cache.tombstone_count == 0
+    assert cache.apply(b"a", b"stale", expires_at=exp, version=6) is False  # equal is not newer
+    assert cache.get_entry(b"a").value == b"longer value"  # type: ignore[union-attr]
+    cache.check_valid()  # bytes_used is the sum of the charges
+    assert cache.apply(b"b", b"x" * 300, expires_at=0, version=6) is True
+    assert keys(cache) == [b"a", b"b"]  # LRU first: b is now the most recently used
+    assert cache.apply(b"b", b"x" * 980, expires_at=0, version=7) is True  # over the budget: a is evicted, not b
+    assert cache.get_entry(b"a") is None and cache.evictions == 1
+    cache.check_valid()
+
+
 def test_tombstones_expire_and_are_bounded(clock: FakeClock) -> None:
     cache = make(clock, tombstone_ttl_ms=100, max_tombstones=3)
     for i in range(1, 6):

@@ -239,10 +239,10 @@ def test_membership_ops():
 
 def test_msetv_checks_every_entry_first():
     assert parse(Op.MSETV, [[b"a", "v", 0, 0, V_NOW], [b"b", b"w", 5, 1, V_NOW + 1]]) == [
-        (b"a", b"v", 0, 0, V_NOW),
-        (b"b", b"w", 5, 1, V_NOW + 1),
+        [b"a", b"v", 0, 0, V_NOW],
+        [b"b", b"w", 5, 1, V_NOW + 1],
     ]
-    assert parse(Op.MSETV, [["a", b"v", 0, None, V_NOW]]) == [(b"a", b"v", 0, 0, V_NOW)]  # the field checks convert
+    assert parse(Op.MSETV, [["a", b"v", 0, None, V_NOW]]) == [[b"a", b"v", 0, 0, V_NOW]]  # the field checks convert
     for bad in (
         [[b"a", b"v", 0, 0]],
         [[b"a", b"v", 0, 0, V_NOW], "entry"],
