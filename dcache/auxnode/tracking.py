@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from types import MethodType
 from typing import TYPE_CHECKING, Any
 
 from ..lru import LRUCache
@@ -376,7 +375,7 @@ class TrackingCache(LRUCache):
         """
         t = self.tracker
         if t is None or not t.table:
-            return MethodType(LRUCache.apply, self)
+            return super().apply
         return self.apply
 
     def apply_many(self, items: Sequence[tuple[bytes, bytes, int, int]]) -> int:
