@@ -112,6 +112,8 @@ class MasterNode(Service):
         )
         self.handlers[Op.GET] = self.router.get  # the hottest op: no extra call layer
         self.router.fence_missed = self.membership.fence_missed
+        if isinstance(self.membership, Coordinator):
+            self.membership.on_reconciling = self._read_every_owner
         #: Data requests wait here until this master's first ring (``start``, ``_on_view``).
         self.ring_gate = RequestGate(self, RING_OPS, RING_WAIT_S, MAX_RING_WAITERS, self._no_ring_yet)
         self._gate_opener: asyncio.Task[None] | None = None
@@ -200,6 +202,11 @@ class MasterNode(Service):
         """Whether every node of the ring that is not down has a link with a connection open."""
         links = self.links
         return all(n in links and links[n].connected for n, m in self.router.view.members.items() if m.state != DOWN)
+
+    def _read_every_owner(self, on: bool) -> None:
+        """Reads ask every owner of a key while a rebuilt ring is reconciled (``NewestRead``), or no longer."""
+        self.router.read_every_owner = on
+        log.info("reads %s every owner of a key%s", "ask" if on else "no longer ask", " until the rebuilt ring is reconciled" if on else "")
 
     def _hints_lost(self, node_id: str) -> None:
         """Hints for ``node_id`` overflowed: it must be reconciled in full before it serves reads again."""

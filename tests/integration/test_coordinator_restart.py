@@ -320,6 +320,27 @@ async def test_a_lone_coordinator_killed_mid_migration_gets_every_key_back(tmp_p
         print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
 
 
+async def _kill_while_a1_missed_writes(cluster: Cluster, n_keys: int, *master_args: str) -> tuple[DaemonProcess, list[bytes | None]]:
+    """Two copies of every key on a1 and a2, no follower. a1 stops answering and is marked down; the keys are
+    overwritten and every tenth deleted on a2 only (the coordinator's hints for a1 die with it). The coordinator is
+    killed, a1 answers again, and the coordinator restarts (``master_args``) with its port; it and what each key
+    must read are returned."""
+    m1 = await _populated(cluster, {"a1", "a2"}, n_keys)
+    cluster.aux["a1"].signal(signal.SIGSTOP)
+    try:
+        await wait_ring(m1.addr, lambda i: up_nodes(i) == {"a2"}, timeout=15, what="a1 marked down")
+        async with Client(m1.addr) as c:
+            assert await c.mset({key_of(i): b"new-%d" % i for i in range(n_keys)}) == n_keys
+            for i in range(0, n_keys, 10):
+                assert await c.delete(key_of(i)) is True
+        port = m1.port
+        m1.kill()
+    finally:
+        cluster.aux["a1"].signal(signal.SIGCONT)
+    m1 = cluster.start_master("m1", *master_args, port=port)
+    return m1, [None if i % 10 == 0 else b"new-%d" % i for i in range(n_keys)]
+
+
 async def test_a_node_down_when_the_lone_coordinator_died_gets_the_writes_it_missed(tmp_path):
     """Two copies of every key, no follower. a1 stops answering and is marked down; the keys are overwritten and
     some deleted on a2 only (the coordinator's hints for a1 die with it). The coordinator is killed, a1 answers
@@ -329,25 +350,12 @@ async def test_a_node_down_when_the_lone_coordinator_died_gets_the_writes_it_mis
     nodes = {"a1", "a2"}
     cluster = Cluster(tmp_path, replicas=2)
     try:
-        m1 = await _populated(cluster, nodes, n_keys)
-        cluster.aux["a1"].signal(signal.SIGSTOP)
-        try:
-            await wait_ring(m1.addr, lambda i: up_nodes(i) == {"a2"}, timeout=15, what="a1 marked down")
-            async with Client(m1.addr) as c:
-                assert await c.mset({key_of(i): b"new-%d" % i for i in range(n_keys)}) == n_keys
-                for i in range(0, n_keys, 10):
-                    assert await c.delete(key_of(i)) is True
-            port = m1.port
-            m1.kill()
-        finally:
-            cluster.aux["a1"].signal(signal.SIGCONT)
-        m1 = cluster.start_master("m1", port=port)
+        m1, want = await _kill_while_a1_missed_writes(cluster, n_keys)
         info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=20, what="the ring back")
         assert info["membership"]["recovery"]["from"] == "re-announcements"
         assert set(info["ring"]["nodes"]) == nodes  # a1 back as an owner, with its old values
         info = await wait_ring(m1.addr, _reconciled, timeout=30, what="the rebuilt ring reconciled")
         assert "each owner's copies sent to the other owners" in _format_ring(info)
-        want = [None if i % 10 == 0 else b"new-%d" % i for i in range(n_keys)]
         async with Client(m1.addr) as c:
             got = await _read_all(c, n_keys)
         stale = [key_of(i) for i, v in enumerate(got) if v != want[i]]
@@ -357,6 +365,44 @@ async def test_a_node_down_when_the_lone_coordinator_died_gets_the_writes_it_mis
                 got = await _read_all(direct, n_keys)
             stale = [key_of(i) for i, v in enumerate(got) if v != want[i]]
             assert stale == [], (n, len(stale), stale[:10])
+    finally:
+        cluster.stop()
+        print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
+
+
+async def test_reads_during_the_rebuilt_rings_reconciliation_answer_the_newest_version(tmp_path):
+    """As above, with the reconciliation pass paced to last several seconds: reads made while it runs (MGET, GET,
+    EXISTS) ask every owner and answer the newest version, so a1, which missed the overwrites and deletes, never
+    answers its older value, before or after the pass reaches the key."""
+    n_keys = 2000
+    cluster = Cluster(tmp_path, replicas=2)
+    try:
+        # 50 keys a page at 200 a second per stream: each node's scan of its 2,000 keys takes about 10 s.
+        m1, want = await _kill_while_a1_missed_writes(cluster, n_keys, "--migration-rate", "200", "--migration-batch", "50")
+        info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=20, what="the ring back")
+        assert info["membership"]["recovery"]["from"] == "re-announcements"
+        rounds = stale = 0
+        deadline = time.monotonic() + 60
+        async with Client(m1.addr) as c:
+            while not _reconciled(info):
+                assert time.monotonic() < deadline, "the rebuilt ring was not reconciled within 60 s"
+                got = await _read_all(c, n_keys)
+                sample = range(rounds % 10, n_keys, 97)  # single reads too: GET and EXISTS
+                singles = [await c.get(key_of(i)) for i in sample]
+                exist = [await c.exists(key_of(i)) for i in sample]
+                info = await wait_ring(m1.addr, lambda i: True, timeout=5)
+                if _reconciled(info):
+                    break  # this round may have ended after the pass: not counted
+                stale += sum(v != want[i] for i, v in enumerate(got))
+                stale += sum(v != want[i] for i, v in zip(sample, singles, strict=True))
+                stale += sum(e != (want[i] is not None) for i, e in zip(sample, exist, strict=True))
+                rounds += 1
+        assert rounds >= 1, "no read round ended while the pass ran"
+        assert stale == 0, (stale, rounds)
+        assert "reads ask every owner of a key until the rebuilt ring is reconciled" in m1.stderr()
+        async with Client(m1.addr) as c:  # and after it, as before
+            got = await _read_all(c, n_keys)
+        assert [key_of(i) for i, v in enumerate(got) if v != want[i]] == []
     finally:
         cluster.stop()
         print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
