@@ -123,6 +123,10 @@ def _no_reads_change(on: bool) -> None:
     """``Coordinator.on_reconciling`` of a coordinator whose master reads one way only."""
 
 
+def _no_gathering(window: float) -> None:
+    """``Coordinator.on_gathering`` of a coordinator whose master holds no request for its ring."""
+
+
 def _same_move(a: ClusterView, b: ClusterView) -> bool:
     """Whether two views move the same data: the same previous ring and the same members in the current ring."""
     return a.prev_ring is not None and a.prev_ring is b.prev_ring and dict(a.ring.nodes) == dict(b.ring.nodes)
@@ -364,6 +368,9 @@ class Coordinator(Membership):
         #: published, with False once its reconciliation pass ended: meanwhile the owners of a key may
         #: disagree, and reads ask every one of them (``Router.read_every_owner``).
         self.on_reconciling: Callable[[bool], None] = _no_reads_change
+        #: Called with the window's length (s) as this coordinator starts gathering re-announcements: its
+        #: ring comes by the window's end, and the data requests it holds may wait for it (``RequestGate.wait_until``).
+        self.on_gathering: Callable[[float], None] = _no_gathering
 
     @property
     def _fresh(self) -> bool:
@@ -856,6 +863,7 @@ class Coordinator(Membership):
     async def _recovery_window(self) -> None:
         window = self.config.recovery_window
         expected = self.config.expect_aux
+        self.on_gathering(window)
         # With --expect-aux the restart is planned (dcache cluster): the normal case is quiet.
         log.log(
             logging.INFO if expected else logging.WARNING,

@@ -210,6 +210,42 @@ async def test_a_restarted_coordinator_fails_no_call_while_its_ring_comes(tmp_pa
         print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
 
 
+async def test_a_lone_restarted_coordinator_fails_no_call_while_it_gathers_re_announcements(tmp_path):
+    """No follower, no ``--expect-aux``: the ring comes back from the aux nodes' re-announcements, after the recovery
+    window (4 s). Clients whose calls reach the coordinator as soon as it listens, over both front doors, wait for
+    that ring (the window plus a margin) instead of getting ``UNAVAILABLE`` after ``RING_WAIT_S`` (3 s), and the aux
+    nodes, which lost their connection to it, re-announce within ``_RETRY_S`` of its start, not up to 3 s later: no
+    call fails, with the client's default 5 s timeout."""
+    cluster = Cluster(tmp_path, replicas=2)
+    stop = asyncio.Event()
+    tally = Tally()
+    loads: list[asyncio.Task[None]] = []
+    try:
+        m1 = cluster.start_master("m1", "--resp-port", "0")
+        for n in sorted(AUX):
+            cluster.start_aux(n)
+        await wait_ring(m1.addr, settled(AUX))
+        port, resp_port = m1.port, m1.resp_port
+        m1.kill()
+        m1 = await asyncio.to_thread(cluster.start_master, "m1", "--resp-port", str(resp_port), port=port)
+        for i in range(3):
+            loads.append(asyncio.create_task(native_load(f"native{i}", m1.addr, stop, tally)))
+        loads.append(asyncio.create_task(resp_load("resp", m1.host, resp_port, stop, tally)))
+        await _reached_before_the_ring(m1.addr, tally)
+        info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=20, what="the ring back")
+        assert info["membership"]["recovery"]["from"] == "re-announcements"
+        assert set(info["membership"]["recovery"]["members"]) == AUX
+        await tally.reach(tally.ok + 300)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*loads), 15)
+
+        await assert_served_while_ringless(tally, [m1.addr], m1.addr, AUX)
+    finally:
+        await stop_loads(stop, loads)
+        cluster.stop()
+        print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
+
+
 async def test_a_coordinator_restarted_after_a_migration_reads_what_it_wrote_once_done(tmp_path):
     """The follower hands over the migration's settling view (it had not polled the end yet): the writes made once
     the migration was done went to the new owners only, and read back at once, before the ring settles again."""
