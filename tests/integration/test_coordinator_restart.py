@@ -433,6 +433,7 @@ async def test_reads_during_the_rebuilt_rings_reconciliation_answer_the_newest_v
                 stale += sum(v != want[i] for i, v in zip(sample, singles, strict=True))
                 stale += sum(e != (want[i] is not None) for i, e in zip(sample, exist, strict=True))
                 rounds += 1
+        print(f"{rounds} read rounds during the pass, {stale} stale answers")
         assert rounds >= 1, "no read round ended while the pass ran"
         assert stale == 0, (stale, rounds)
         assert "reads ask every owner of a key until the rebuilt ring is reconciled" in m1.stderr()
