@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 from dcache import Client
 from dcache.cli import _format_ring
@@ -408,31 +409,39 @@ async def test_a_node_down_when_the_lone_coordinator_died_gets_the_writes_it_mis
 
 async def test_reads_during_the_rebuilt_rings_reconciliation_answer_the_newest_version(tmp_path):
     """As above, with the reconciliation pass paced to last several seconds: reads made while it runs (MGET, GET,
-    EXISTS) ask every owner and answer the newest version, so a1, which missed the overwrites and deletes, never
+    EXISTS, and GET over RESP) ask every owner and answer the newest version, so a1, which missed the overwrites and deletes, never
     answers its older value, before or after the pass reaches the key."""
     n_keys = 2000
     cluster = Cluster(tmp_path, replicas=2)
     try:
         # 50 keys a page at 200 a second per stream: each node's scan of its 2,000 keys takes about 10 s.
-        m1, want = await _kill_while_a1_missed_writes(cluster, n_keys, "--migration-rate", "200", "--migration-batch", "50")
-        info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=20, what="the ring back")
+        m1, want = await _kill_while_a1_missed_writes(
+            cluster, n_keys, "--migration-rate", "200", "--migration-batch", "50", "--resp-port", "0"
+        )
+        info = await wait_ring(m1.addr, lambda i: "reconciled" in (i["membership"].get("recovery") or {}), timeout=20, what="the pass")
         assert info["membership"]["recovery"]["from"] == "re-announcements"
+        assert "reads ask every owner of a key meanwhile" in _format_ring(info)  # what `dcache ring` shows
         rounds = stale = 0
         deadline = time.monotonic() + 60
-        async with Client(m1.addr) as c:
-            while not _reconciled(info):
-                assert time.monotonic() < deadline, "the rebuilt ring was not reconciled within 60 s"
-                got = await _read_all(c, n_keys)
-                sample = range(rounds % 10, n_keys, 97)  # single reads too: GET and EXISTS
-                singles = [await c.get(key_of(i)) for i in sample]
-                exist = [await c.exists(key_of(i)) for i in sample]
-                info = await wait_ring(m1.addr, lambda i: True, timeout=5)
-                if _reconciled(info):
-                    break  # this round may have ended after the pass: not counted
-                stale += sum(v != want[i] for i, v in enumerate(got))
-                stale += sum(v != want[i] for i, v in zip(sample, singles, strict=True))
-                stale += sum(e != (want[i] is not None) for i, e in zip(sample, exist, strict=True))
-                rounds += 1
+        resp = redis.asyncio.Redis(host=m1.host, port=m1.resp_port, socket_timeout=5)
+        try:
+            async with Client(m1.addr) as c:
+                while not _reconciled(info):
+                    assert time.monotonic() < deadline, "the rebuilt ring was not reconciled within 60 s"
+                    got = await _read_all(c, n_keys)
+                    sample = range(rounds % 10, n_keys, 97)  # single reads too: GET and EXISTS, and GET over RESP
+                    singles: list[Any] = [await c.get(key_of(i)) for i in sample]
+                    exist = [await c.exists(key_of(i)) for i in sample]
+                    singles += [await resp.get(key_of(i)) for i in sample]
+                    info = await wait_ring(m1.addr, lambda i: True, timeout=5)
+                    if _reconciled(info):
+                        break  # this round may have ended after the pass: not counted
+                    stale += sum(v != want[i] for i, v in enumerate(got))
+                    stale += sum(v != want[i] for i, v in zip([*sample, *sample], singles, strict=True))
+                    stale += sum(e != (want[i] is not None) for i, e in zip(sample, exist, strict=True))
+                    rounds += 1
+        finally:
+            await resp.aclose()
         print(f"{rounds} read rounds during the pass, {stale} stale answers")
         assert rounds >= 1, "no read round ended while the pass ran"
         assert stale == 0, (stale, rounds)
