@@ -11,7 +11,9 @@ the next candidate with GETV, and a hit on a later candidate after misses
 repairs the candidates that missed (APPLY, last writer wins, so a repair
 never overwrites newer data). MGET, EXISTS and TTL are made of the same
 ``ReadOp`` s: there is exactly one place that says where a read goes when
-its first owner misses.
+its first owner misses. While a ring rebuilt after a lone coordinator's
+restart is reconciled (``read_every_owner``), every read goes to every
+owner instead and the newest version wins (``dcache.master.newestread``).
 
 Writes (``WriteOp``). A write is stamped with a version from this master's
 hybrid logical clock and sent in parallel to every live target
