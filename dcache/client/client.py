@@ -549,7 +549,23 @@ class Client:
         if isinstance(mapping, _TEXT_TYPES):
             raise InvalidArgumentError(f"mset takes a mapping or (key, value) pairs, not one {type(mapping).__name__}")
         items: Iterable[tuple[Key, Value]] = mapping.items() if isinstance(mapping, Mapping) else mapping
-        pairs = [[self._check_key(k), self._check_value(v)] for k, v in map(_pair, items)]
+        limits = self._config.limits
+        pairs: list[list[bytes]] = []
+        for item in items:
+            # The usual pair (``SetBatcher``'s): a tuple of a non-empty bytes key and a bytes value within the
+            # limits, taken as is; any other goes through ``_pair`` and the checks (the same answers, in order).
+            if item.__class__ is tuple and len(item) == 2:
+                k, v = item
+                if (
+                    k.__class__ is bytes
+                    and v.__class__ is bytes
+                    and k
+                    and (limits is None or (len(k) <= limits.max_key_bytes and len(v) <= limits.max_value_bytes))
+                ):
+                    pairs.append([k, v])
+                    continue
+            k, v = _pair(item)
+            pairs.append([self._check_key(k), self._check_value(v)])
         ttl_ms = _ttl_ms(ttl)
         if not pairs:
             return 0

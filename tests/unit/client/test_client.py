@@ -102,6 +102,16 @@ async def test_bad_arguments_are_refused_before_sending(server):
                 await c.set("k", b"v", ttl=ttl)  # type: ignore[arg-type]
         with pytest.raises(InvalidArgumentError):
             await c.get("")
+        # mset's fast path (tuples of bytes) checks what the general one does
+        bad_pairs: list[tuple[list[tuple[bytes, object]], str]] = [
+            ([(b"", b"v")], "empty"),
+            ([(b"k" * 9, b"v")], "key of 9 bytes"),
+            ([(b"k", b"v" * 17)], "value of 17 bytes"),
+            ([(b"k", b"v"), (b"k2", 5)], "value must be"),
+        ]
+        for bad, message in bad_pairs:
+            with pytest.raises(InvalidArgumentError, match=message):
+                await c.mset(bad)  # type: ignore[arg-type]
         with pytest.raises(InvalidArgumentError):
             await c.get(42)  # type: ignore[arg-type]
         with pytest.raises(InvalidArgumentError):
