@@ -108,8 +108,11 @@ OPEN_ROUTES = frozenset({"/health", "/metrics"})
 #: Methods allowed on each fixed path (the ``Allow`` header of a 405).
 _FIXED_ROUTES = {"/data": "POST", "/api/post": "POST", "/health": "GET", "/metrics": "GET", "/openapi.yaml": "GET"}
 
+_decoder = json.JSONDecoder()
 #: ``json.loads``'s decoder (its default options) for text already decoded.
-_json_decode: Callable[[str], Any] = json.JSONDecoder().decode
+_json_decode: Callable[[str], Any] = _decoder.decode
+#: Its C scanner: one JSON value from an index, ``(value, end)`` (``decode`` without its whitespace regexes; see ``_json_object``).
+_json_scan: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]  # set in __init__, not in the stubs
 #: ``json.dumps``'s own string escaping (C): ASCII out, non-ASCII as ``\uXXXX``.
 _enc: Callable[[str], str] = encode_basestring_ascii
 
@@ -146,6 +149,20 @@ def _json_text(text: str, status: int = 200) -> Response:
 def _key_value(key: str, value: str, status: int = 200) -> Response:
     """``{"key": key, "value": value}``, the same bytes as ``json.dumps`` of that dict."""
     return _json_text('{"key": ' + _enc(key) + ', "value": ' + _enc(value) + "}", status)
+
+
+def _posted(body: bytes, key: str, value: str, key_bytes: bytes, value_bytes: bytes) -> Response:
+    """``POST /data``'s answer: ``_key_value(key, value, 201)`` for the ``key`` and ``value`` read from ``body`` (``_json_object``).
+
+    A body read as UTF-8 that is ASCII without a backslash or DEL holds
+    strings that are their literals' characters, which strict JSON keeps
+    to " " .. "~" less the quote: nothing ``_enc`` escapes, so the answer
+    is their UTF-8 (``key_bytes``, ``value_bytes``) between quotes, with no
+    scan of each character (a test compares the bytes with ``json.dumps``'s).
+    """
+    if body[:1] == b"{" and body[1:2] != b"\x00" and body.isascii() and b"\\" not in body and b"\x7f" not in body:
+        return Response(201, b'{"key": "%b", "value": "%b"}\n' % (key_bytes, value_bytes))
+    return _key_value(key, value, 201)
 
 
 def _not_found(key: str) -> Response:
@@ -262,7 +279,18 @@ def _json_object(body: bytes) -> dict[str, Any]:
     if not utf8 and not body.strip():
         _fail(400, "the request body must be a JSON object")
     try:
-        doc = _json_decode(body.decode("utf-8", "surrogatepass")) if utf8 else json.loads(body)  # json.loads's steps, less its detection
+        if utf8:  # json.loads's steps, less its encoding detection
+            text = body.decode("utf-8", "surrogatepass")
+            # The text starts with "{", so ``decode`` would scan from 0 too; anything but one whole value (an
+            # error, trailing whitespace or data) goes through ``decode`` itself, for its exact answer.
+            try:
+                doc, end = _json_scan(text, 0)
+            except Exception:
+                end = -1
+            if end != len(text):
+                doc = _json_decode(text)
+        else:
+            doc = json.loads(body)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         _fail(400, f"the request body is not valid JSON: {exc}")
     if not isinstance(doc, dict):
@@ -301,16 +329,13 @@ def _wants_octets(request: Request) -> bool:
     return q_octets > 0 and q_octets > q_json
 
 
-def _json_value(key: str, value: bytes) -> Response:
-    try:
-        text = value.decode()
-    except UnicodeDecodeError:
-        _fail(
-            406,
-            "the value is not valid UTF-8 text, so it cannot be sent as JSON; request it with 'Accept: application/octet-stream'",
-            key=key,
-        )
-    return Response(200, ('{"key": ' + _enc(key) + ', "value": ' + _enc(text) + "}\n").encode())  # _key_value's bytes, one call less
+def _not_text(key: str) -> HttpError:
+    """The 406 for a value that is not UTF-8, asked for as JSON."""
+    return HttpError(
+        406,
+        "the value is not valid UTF-8 text, so it cannot be sent as JSON; request it with 'Accept: application/octet-stream'",
+        key=key,
+    )
 
 
 async def _ping(client: Client) -> bool:
@@ -358,7 +383,10 @@ class _Read(_Pending):
     __slots__ = ("key", "octets")
 
     def __init__(self, observe: Callable[[str, str, int, float], None], request: Request, route: str, key: str, octets: bool) -> None:
-        super().__init__(observe, request, route)
+        self.observe = observe  # _Pending's fields set here: a ``super().__init__`` call less per request
+        self.request = request
+        self.route = route
+        self.delivered = False
         self.key = key
         self.octets = octets
 
@@ -370,31 +398,40 @@ class _Read(_Pending):
                 response = _not_found(self.key)
             elif self.octets and b"accept" in request.headers and _wants_octets(request):
                 response = Response(200, value, _OCTETS)
-            else:
-                response = _json_value(self.key, value)
+            else:  # _key_value's bytes, two calls less
+                response = Response(200, ('{"key": ' + _enc(self.key) + ', "value": ' + _enc(value.decode()) + "}\n").encode())
+        except UnicodeDecodeError:
+            response = _error_for(request, _not_text(self.key))
         except Exception as exc:
             response = _error_for(request, exc)
-        self._answer(response)
+        try:  # ``_answer``, inlined (the read's hot path)
+            self.observe(request.method, self.route, response.status, perf_counter() - request.start)
+            request.conn.answer(request, response)
+        except Exception:  # a bug: the batch's other requests must still be answered
+            log.exception("answering %s %r failed", request.method, request.target)
 
 
 class _Write(_Pending):
-    """A write waiting to be stored (``SetBatcher.set_into``); ``stored()`` is its answer then."""
+    """A write waiting to be stored (``SetBatcher.set_into``); ``stored`` is its answer then (built with the request)."""
 
     __slots__ = ("stored",)
 
-    def __init__(
-        self, observe: Callable[[str, str, int, float], None], request: Request, route: str, stored: Callable[[], Response]
-    ) -> None:
-        super().__init__(observe, request, route)
+    def __init__(self, observe: Callable[[str, str, int, float], None], request: Request, route: str, stored: Response) -> None:
+        self.observe = observe  # as in _Read
+        self.request = request
+        self.route = route
+        self.delivered = False
         self.stored = stored
 
     def set_result(self, result: object) -> None:
         self.delivered = True
-        try:
-            response = self.stored()
-        except Exception as exc:
-            response = _error_for(self.request, exc)
-        self._answer(response)
+        request = self.request
+        response = self.stored
+        try:  # ``_answer``, inlined (the write's hot path)
+            self.observe(request.method, self.route, response.status, perf_counter() - request.start)
+            request.conn.answer(request, response)
+        except Exception:  # a bug: the batch's other requests must still be answered
+            log.exception("answering %s %r failed", request.method, request.target)
 
 
 def _deliver(sink: Sink[Any], call: asyncio.Future[Any]) -> None:
@@ -637,8 +674,8 @@ class Shim:
         self.read(raw, _Read(self.observe, request, route, key, octets))
         return None
 
-    def _store(self, request: Request, route: str, key: bytes, value: bytes, ttl: float | None, stored: Callable[[], Response]) -> None:
-        """Write ``value`` under ``key`` with the other writes of this loop iteration; ``stored()`` is the answer once it is stored."""
+    def _store(self, request: Request, route: str, key: bytes, value: bytes, ttl: float | None, stored: Response) -> None:
+        """Write ``value`` under ``key`` with the other writes of this loop iteration; ``stored`` is the answer once it is stored."""
         self.write(key, value, ttl, _Write(self.observe, request, route, stored))
 
     def _refuse(self, request: Request, route: str, exc: Exception) -> Response:
@@ -657,7 +694,10 @@ class Shim:
                     400,
                     "field 'key' is required and must be a string" if key is None else f"'key' must be a string, not {type(key).__name__}",
                 )
-            key_bytes = _key_bytes(key, self.max_key_bytes, in_url=False)
+            # ASCII text encodes without fail, a byte a character: ``_key_bytes``'s checks as two tests.
+            key_bytes = (
+                key.encode() if key.isascii() and 0 < len(key) <= self.max_key_bytes else _key_bytes(key, self.max_key_bytes, in_url=False)
+            )
             value = doc.get("value")
             if not isinstance(value, str):
                 _fail(
@@ -666,11 +706,11 @@ class Shim:
                     if value is None
                     else f"'value' must be a string, not {type(value).__name__}",
                 )
-            value_bytes = _text_bytes(value, "value")
+            value_bytes = value.encode() if value.isascii() else _text_bytes(value, "value")
             ttl = _check_ttl(doc["ttl"]) if "ttl" in doc else None
         except Exception as exc:
             return self._refuse(request, "/data", exc)
-        self._store(request, "/data", key_bytes, value_bytes, ttl, partial(_key_value, key, value, 201))
+        self._store(request, "/data", key_bytes, value_bytes, ttl, _posted(request.body, key, value, key_bytes, value_bytes))
         return None
 
     def put_data(self, request: Request, key: str, query: str) -> Response | None:
@@ -681,7 +721,7 @@ class Shim:
         except Exception as exc:
             return self._refuse(request, _DATA_KEY_ROUTE, exc)
         value = request.body
-        done = partial(_json_text, '{"key": ' + _enc(key) + ', "size": ' + str(len(value)) + "}", 201)
+        done = _json_text('{"key": ' + _enc(key) + ', "size": ' + str(len(value)) + "}", 201)
         self._store(request, _DATA_KEY_ROUTE, key_bytes, value, ttl, done)
         return None
 
@@ -707,7 +747,7 @@ class Shim:
             ttl = _query_ttl(params)
         except Exception as exc:
             return self._refuse(request, "/api/post", exc)
-        self._store(request, "/api/post", key_bytes, value_bytes, ttl, partial(_key_value, key, value, 201))
+        self._store(request, "/api/post", key_bytes, value_bytes, ttl, _key_value(key, value, 201))
         return None
 
     async def health(self, request: Request, _key: str, _query: dict[str, str]) -> Response:

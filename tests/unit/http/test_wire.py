@@ -13,7 +13,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dcache.http._wire import HttpProtocol, HttpServer, Request, Response
-from dcache.http.app import HttpError, _json_object, _split_target
+from dcache.http.app import HttpError, _json_object, _posted, _split_target
 
 
 def _general_split(target: bytes) -> tuple[str, str]:
@@ -146,6 +146,10 @@ _JSON_BYTES = st.sampled_from([b"{", b"}", b'"', b"key", b":", b",", b" ", b"\x0
 @example([b'"key": "k", "value": "v"}'], b"{")
 @example([b"\x00\x00\x00"], b"{")
 @example([b"\x00"], b"{")
+@example([b'"a": 1}  \r\n'], b"{")  # one value, then whitespace: the scanner's end is not the text's
+@example([b'"a": 1} x'], b"{")  # extra data
+@example([b'"a": 1}}'], b"{")
+@example([b'"a": ', b"[" * 5000], b"{")  # too deep: RecursionError from the scanner and from decode
 def test_json_object_answers_what_json_loads_would(parts: list[bytes], prefix: bytes) -> None:
     body = prefix + b"".join(parts)
     try:
@@ -153,3 +157,30 @@ def test_json_object_answers_what_json_loads_would(parts: list[bytes], prefix: b
     except HttpError as exc:
         got = exc.status, exc.message
     assert got == _general_json_object(body)
+
+
+_ASCII_TEXT = st.text(st.characters(min_codepoint=0, max_codepoint=127), max_size=20)
+
+
+@given(
+    st.one_of(
+        st.tuples(st.text(max_size=20), st.text(max_size=20), st.booleans(), st.booleans()).map(
+            lambda t: json.dumps({"key": t[0], "value": t[1]}, ensure_ascii=t[2], separators=(",", ":") if t[3] else None).encode()
+        ),
+        st.tuples(_ASCII_TEXT, _ASCII_TEXT).map(lambda t: b'{"key":"%s","value":"%s"}' % (t[0].encode(), t[1].encode())),
+    )
+)
+@example(b'{"key":"k1","value":"plain ~!#$%&()*+,-./:;<=>?@[]^_`{|}"}')
+@example(b'{"key":"del\x7f","value":"v"}')
+@example(b'{"key":"k","value":"\\u0041"}')
+@example('{"key":"k","value":"\u00e9"}'.encode())
+@example(b' {"key":"k","value":"v"}')
+def test_posted_answer_is_the_bytes_json_dumps_gives(body: bytes) -> None:
+    """POST /data's answer skips escaping for plain ASCII bodies: the bytes must be json.dumps's, whatever the body."""
+    try:
+        doc = _json_object(body)
+        key, value = doc["key"], doc["value"]
+        key_bytes, value_bytes = key.encode(), value.encode()
+    except (HttpError, KeyError, UnicodeEncodeError):  # refused before the answer is built
+        return
+    assert _posted(body, key, value, key_bytes, value_bytes).body == json.dumps({"key": key, "value": value}).encode() + b"\n"
