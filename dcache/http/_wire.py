@@ -510,8 +510,15 @@ class HttpProtocol(asyncio.Protocol):
             if len(self.queue) >= MAX_PIPELINED and not self.reading_paused and self.transport is not None:
                 self.reading_paused = True
                 self.transport.pause_reading()
+            return
+        self.busy = True  # ``_run``, inlined (a call less per request)
+        answer = self.app.dispatch(request)
+        if answer is None:
+            return  # the app calls ``answer``
+        if isinstance(answer, Response):
+            self.answer(request, answer)
         else:
-            self._run(request)
+            answer.add_done_callback(partial(self._answered, request))
 
     def _too_large(self) -> Response:
         return json_error(413, f"the request body is over the limit of {self._max_body} bytes (--client-max-size)")
