@@ -33,7 +33,10 @@ needs (measured in ``docs/BENCHMARKS.md``, reasons in ``docs/DECISIONS.md``):
   no future and no task per request; the other routes run as one task each;
 * answers are JSON text built from C-escaped strings
   (``json.encoder.encode_basestring_ascii``, the escaping ``json.dumps``
-  uses, so the bytes are the same);
+  uses, so the bytes are the same), or for ``POST /data`` with a plain
+  ASCII body from the key and value as they are (``_posted``: nothing in
+  them needs escaping), and ``POST /data`` reads its body with the JSON
+  decoder's C scanner alone (``_json_object``);
 * the key reads of one loop iteration go to the cluster as one MGET
   (``dcache.client.GetBatcher``; ``--read-batch``), and its writes as one
   MSET per TTL (``dcache.client.SetBatcher``; ``--write-batch``).
