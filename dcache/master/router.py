@@ -35,7 +35,9 @@ A SET's SETVs to a node leave with the other SETs of the same loop
 iteration as one MSETV (``LinkBatcher``), answered per entry. MSET is one
 ``WriteOp`` per pair. SET NX/XX and INCR are decided by the
 first live candidate (the condition, or the counter's value) and then
-copied to the other owners with the same version.
+copied to the other owners with the same version. While reads ask every
+owner, each of these (and TOUCH) first brings the key's owners up to its
+newest version (``reconcile``) and is decided by an owner that holds it.
 """
 
 from __future__ import annotations
@@ -395,7 +397,11 @@ class Router:
 
     async def touch(self, key: bytes) -> bool:
         """TOUCH on the first owner that answers."""
-        for node in self.read_order(self.view.read_candidates(key)):
+        prefer = await self.reconcile(key) if self.read_every_owner else None
+        candidates = self.read_order(self.view.read_candidates(key))
+        if prefer is not None and prefer in candidates:
+            candidates = [prefer, *(n for n in candidates if n != prefer)]
+        for node in candidates:
             link = self.links.get(node)
             if link is None:
                 continue
@@ -440,9 +446,10 @@ class Router:
 
     async def set_if(self, key: bytes, value: bytes, ttl_ms: int, flags: int) -> bool:
         """SET NX/XX: the first live owner decides the condition; the others copy its outcome."""
+        prefer = await self.reconcile(key) if self.read_every_owner else None
         expires_at = wall_ms() + ttl_ms if ttl_ms else 0
         version = self.clock.next()
-        primary, link = self._primary(key)
+        primary, link = self._primary(key, prefer)
         try:
             status = await link.call(Op.SETV, key, value, expires_at, flags, version)
         except (UnavailableError, UpstreamTimeoutError) as exc:
@@ -458,7 +465,8 @@ class Router:
 
     async def incr(self, key: bytes, delta: int) -> int:
         """INCR/DECR: the first live owner adds; the others copy the result with its version."""
-        primary, link = self._primary(key)
+        prefer = await self.reconcile(key) if self.read_every_owner else None
+        primary, link = self._primary(key, prefer)
         try:
             value, expires_at, version = await link.call(Op.INCRV, key, delta, self.clock.next())
         except NotAnIntegerError:
@@ -469,9 +477,32 @@ class Router:
         await self._copy(key, [str(value).encode(), expires_at, version], primary)
         return int(value)
 
-    def _primary(self, key: bytes) -> tuple[str, AuxLink]:
+    def reconcile(self, key: bytes) -> asyncio.Future[str | None]:
+        """Bring ``key``'s owners up to its newest version before one of them decides an op (``NewestRead``).
+
+        Used while reads ask every owner: the first owner may hold an older
+        version than another owner, and INCR on it, or a condition tested on
+        it, would decide on that older value (and its copy, with a newer
+        version, would overwrite the newest everywhere). Resolves with an
+        owner that holds the newest state when the owners disagreed (None:
+        they agree, or no owner answered; the op then fails on its own).
+        """
+        done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        candidates = self.view.read_candidates(key)
+        if not candidates:
+            done.set_result(None)
+        else:
+            NewestRead(self, None, 0, key, True, partial(_resolve, done)).start(candidates)
+        return done
+
+    def _primary(self, key: bytes, prefer: str | None = None) -> tuple[str, AuxLink]:
+        """The owner that decides an op on ``key``: ``prefer`` if it can be asked, else the first live read candidate."""
         if self.near is not None:
             self.near.discard(key)
+        if prefer is not None:
+            link = self.links.get(prefer)
+            if link is not None and not link.suspect and prefer in self.view.write_targets(key):
+                return prefer, link
         for node in self.read_order(self.view.read_candidates(key)):
             link = self.links.get(node)
             if link is not None:
@@ -1165,6 +1196,11 @@ def _ttl(entry: list[Any] | None) -> int:
     if not expires_at:
         return -1
     return max(0, int(expires_at) - wall_ms())
+
+
+def _resolve(done: asyncio.Future[Any], result: Any) -> None:
+    if not done.done():
+        done.set_result(result)
 
 
 def _ignore(status: int, result: Any) -> None:
