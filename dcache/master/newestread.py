@@ -8,8 +8,9 @@ back up with the writes it missed kept only in the dead coordinator's
 hints. The reconciliation pass (``Migrator.recover``) sends each owner's
 copies to the others; until it reaches a key, such a node would answer its
 older value. ``Router.read_every_owner`` is set for the length of that pass
-(``Coordinator``; docs/DECISIONS.md, "Reads ask every owner while that pass
-runs"); the hot path pays one attribute test otherwise (80 instructions of
+on every master (from the view it routes by, ``ClusterView.reconciling``;
+docs/DECISIONS.md, "Reads ask every owner while that pass runs" and the
+entries after it); the hot path pays one attribute test otherwise (80 instructions of
 about 10,800 per routed GET, ``bin/bench_get_cpu.py``).
 
 One read, at most three round trips, each to the key's live owners only:

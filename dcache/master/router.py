@@ -160,7 +160,7 @@ class Router:
         self.hot: HotKeys | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Reads ask every owner and answer the newest version (``NewestRead``): set while the
-        #: owners of a rebuilt ring may disagree (``Coordinator``, its reconciliation pass).
+        #: owners of a rebuilt ring may disagree (``ClusterView.reconciling``, set by the master's view).
         self.read_every_owner = False
 
     # -- trust -----------------------------------------------------------------
