@@ -397,10 +397,12 @@ class Router:
 
     async def touch(self, key: bytes) -> bool:
         """TOUCH on the first owner that answers."""
-        prefer = await self.reconcile(key) if self.read_every_owner else None
         candidates = self.read_order(self.view.read_candidates(key))
-        if prefer is not None and prefer in candidates:
-            candidates = [prefer, *(n for n in candidates if n != prefer)]
+        if self.read_every_owner:
+            prefer = await self.reconcile(key)
+            candidates = self.read_order(self.view.read_candidates(key))  # the view may have changed meanwhile
+            if prefer in candidates:
+                candidates = [prefer, *(n for n in candidates if n != prefer)]
         for node in candidates:
             link = self.links.get(node)
             if link is None:
@@ -446,10 +448,9 @@ class Router:
 
     async def set_if(self, key: bytes, value: bytes, ttl_ms: int, flags: int) -> bool:
         """SET NX/XX: the first live owner decides the condition; the others copy its outcome."""
-        prefer = await self.reconcile(key) if self.read_every_owner else None
+        primary, link = await self._newest_primary(key) if self.read_every_owner else self._primary(key)
         expires_at = wall_ms() + ttl_ms if ttl_ms else 0
         version = self.clock.next()
-        primary, link = self._primary(key, prefer)
         try:
             status = await link.call(Op.SETV, key, value, expires_at, flags, version)
         except (UnavailableError, UpstreamTimeoutError) as exc:
@@ -465,8 +466,7 @@ class Router:
 
     async def incr(self, key: bytes, delta: int) -> int:
         """INCR/DECR: the first live owner adds; the others copy the result with its version."""
-        prefer = await self.reconcile(key) if self.read_every_owner else None
-        primary, link = self._primary(key, prefer)
+        primary, link = await self._newest_primary(key) if self.read_every_owner else self._primary(key)
         try:
             value, expires_at, version = await link.call(Op.INCRV, key, delta, self.clock.next())
         except NotAnIntegerError:
@@ -495,14 +495,22 @@ class Router:
             NewestRead(self, None, 0, key, True, partial(_resolve, done)).start(candidates)
         return done
 
-    def _primary(self, key: bytes, prefer: str | None = None) -> tuple[str, AuxLink]:
-        """The owner that decides an op on ``key``: ``prefer`` if it can be asked, else the first live read candidate."""
-        if self.near is not None:
-            self.near.discard(key)
+    async def _newest_primary(self, key: bytes) -> tuple[str, AuxLink]:
+        """``_primary`` while reads ask every owner: the owners brought up to the newest version first (``reconcile``),
+        and an owner that holds it preferred."""
+        prefer = await self.reconcile(key)
         if prefer is not None:
             link = self.links.get(prefer)
             if link is not None and not link.suspect and prefer in self.view.write_targets(key):
+                if self.near is not None:
+                    self.near.discard(key)
                 return prefer, link
+        return self._primary(key)
+
+    def _primary(self, key: bytes) -> tuple[str, AuxLink]:
+        """The owner that decides an op on ``key``: the first live read candidate."""
+        if self.near is not None:
+            self.near.discard(key)
         for node in self.read_order(self.view.read_candidates(key)):
             link = self.links.get(node)
             if link is not None:
