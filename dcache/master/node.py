@@ -361,7 +361,6 @@ class MasterNode(Service):
             "members": len(view.members),
             "members_up": sum(1 for m in view.members.values() if m.state == UP),
             "migrating": view.prev_ring is not None,
-            "reads_every_owner": self.router.read_every_owner,
             "replicas": view.replicas,
             **self.connection_stats(),
             "hits": rs.hits,
