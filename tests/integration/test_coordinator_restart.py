@@ -458,7 +458,7 @@ async def test_increments_and_a_followers_reads_during_the_rebuilt_rings_reconci
     """Counters at 5 on a1 and a2; a1 stops answering and is marked down, they go to 10 on a2 only, the lone coordinator
     is killed and restarts with the pass paced to last several seconds. While it runs, a follower started meanwhile
     reads half the counters (it learns from the view that reads ask every owner: 10, never a1's 5), and every counter is
-    incremented once through the coordinator or the follower: INCR on a1's 5 would give 6 and overwrite 10 everywhere,
+    incremented once through the coordinator (native or RESP) or the follower: INCR on a1's 5 would give 6 and overwrite 10 everywhere,
     so each op one owner decides first brings the key's owners up to its newest version. Every counter ends at 11."""
     n_keys = 2000
     counters = [b"ctr:%d" % i for i in range(n_keys)]
@@ -480,10 +480,11 @@ async def test_increments_and_a_followers_reads_during_the_rebuilt_rings_reconci
         finally:
             cluster.aux["a1"].signal(signal.SIGCONT)
         # 50 keys a page at 200 a second per stream: each node's scan of its 2,000 keys takes about 10 s.
-        m1 = cluster.start_master("m1", "--migration-rate", "200", "--migration-batch", "50", port=port)
+        m1 = cluster.start_master("m1", "--migration-rate", "200", "--migration-batch", "50", "--resp-port", "0", port=port)
         await wait_ring(m1.addr, lambda i: "reconciled" in (i["membership"].get("recovery") or {}), timeout=20, what="the pass")
         m2 = cluster.start_master("m2", follow=m1)
         info2 = await wait_ring(m2.addr, lambda i: set(i["ring"]["nodes"]) == {"a1", "a2"}, timeout=10, what="the follower's ring")
+        resp = redis.asyncio.Redis(host=m1.host, port=m1.resp_port, socket_timeout=5)
         async with Client(m1.addr) as c1, Client(m2.addr) as c2:
             got = await c2.mget(counters[: n_keys // 2])  # the other half is first touched by its INCR (no read repaired it)
             during = not _reconciled(await wait_ring(m1.addr, lambda i: True, timeout=5))
@@ -491,8 +492,11 @@ async def test_increments_and_a_followers_reads_during_the_rebuilt_rings_reconci
             results: list[int] = []
             for at in range(0, n_keys, 100):
                 batch = counters[at : at + 100]
-                results += await asyncio.gather(*((c1 if i % 2 else c2).incr(k) for i, k in enumerate(batch)))
+                # Through the coordinator, the follower, and the coordinator's RESP port.
+                incrs = [(c1.incr, c2.incr, resp.incr)[i % 3](k) for i, k in enumerate(batch)]
+                results += await asyncio.gather(*incrs)
             during_incr = not _reconciled(await wait_ring(m1.addr, lambda i: True, timeout=5))
+        await resp.aclose()
         wrong_answers = sum(r != 11 for r in results)
         await wait_ring(m1.addr, _reconciled, timeout=60, what="the rebuilt ring reconciled")
         await wait_ring(m2.addr, lambda i: i["reads_every_owner"] is False, timeout=10, what="the follower reading one owner")
