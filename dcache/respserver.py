@@ -364,7 +364,7 @@ class RespProtocol(FrameProtocol):
         gets = self._gets
         pos = self._pos
         length = self._len
-        while not self._stopped() and not self._closed:
+        while not (self._blocked or self._paused or self._throttled or self._closed):  # _stopped(), inlined: once per command
             if queue:
                 self._command(queue.popleft())
             elif has_data():
@@ -462,7 +462,7 @@ class RespProtocol(FrameProtocol):
             self._stats.commands["unknown"] += 1
             self._answer_now(self._unknown(cmd))
             return
-        kind = spec.kind if spec.kind_of is None else spec.kind_of(cmd)
+        kind = spec.kind if spec.kind_of is None or len(cmd) == spec.least else spec.kind_of(cmd)
         if kind:
             if self.in_flight:
                 if kind != self._kind or kind == SEQ:
@@ -668,7 +668,14 @@ class RespProtocol(FrameProtocol):
         answer = self._owed.pop(rid, None)
         if answer is not None and not self._closed:
             if rid < _SUB_RID:
-                self._deliver(rid, answer(self, status, result))
+                out = answer(self, status, result)
+                if rid == self._next_out and not self._ready and type(out) is bytes:  # _deliver, inlined
+                    self._pending_out.append(out)
+                    self._next_out = rid + 1
+                    if out[0] == 45:  # b"-"
+                        self._stats.errors += 1
+                else:
+                    self._deliver(rid, out)
             else:
                 answer(status, result)
             if self._pending_out and not self._flush_scheduled:  # _queue_flush, inlined
@@ -1036,7 +1043,11 @@ def _keys_in(stats: dict[str, Any]) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Command:
-    """One RESP command: its name, arity (``least``..``most`` words with the name), kind and runner."""
+    """One RESP command: its name, arity (``least``..``most`` words with the name), kind and runner.
+
+    ``kind_of`` gives the kind of a command with options (more than ``least``
+    words); with ``least`` words it is ``kind``, and ``kind_of`` is not called.
+    """
 
     name: str
     least: int

@@ -719,7 +719,7 @@ class LinkBatcher:
     on both the master and the aux node. A batch leaves at the end of the
     iteration in which its requests arrived (no added delay); a lone read
     goes as a GET, a lone write as a SETV. The writes wait on their link
-    (``AuxLink.hold_setv``), which sends them before any other request to
+    (``AuxLink.held``), which sends them before any other request to
     that node.
 
     Per node, requests leave in the order they were made: waiting writes
@@ -755,7 +755,8 @@ class LinkBatcher:
                 self._send(link, ops)
                 link.flush()
                 return
-        self._schedule()
+        if not self._scheduled:  # once per loop iteration, not per read
+            self._schedule()
 
     def _release_reads(self, link: AuxLink) -> None:
         """Send the reads waiting for ``link`` now (another request to that node is about to leave)."""
@@ -769,9 +770,12 @@ class LinkBatcher:
             release = link.reads_waiting
             link.reads_waiting = None
             release()
-        if not link.held:
+        held = link.held
+        if not held:
             self._holding.append(link)
-        if link.hold_setv(args, target):
+        held.append((args, target))  # held on the link, to leave with others as one MSETV
+        link.held_bytes += len(args[1])
+        if len(held) >= link.MAX_HELD or link.held_bytes >= link.MAX_HELD_BYTES:  # a full batch leaves now
             link.release_held()
             link.flush()
             return

@@ -337,7 +337,9 @@ def _parse_set(msg: list[Any], limits: Limits) -> tuple[bytes, bytes, int, int]:
     n = len(msg)
     if not 4 <= n <= 6:
         raise BadArgumentsError("SET takes [key, value, ttl_ms?, flags?]")
-    key = _key(msg[2], limits)
+    key = msg[2]
+    if key.__class__ is not bytes or not 0 < len(key) <= limits.max_key_bytes:  # _key, inlined: SET is the hottest write
+        key = check_key(key, limits)
     value = msg[3]
     if value.__class__ is not bytes or len(value) > limits.max_value_bytes:
         value = check_value(value, limits)
