@@ -85,6 +85,11 @@ async def _tcp_connection(
     return proto
 
 
+#: Most SETVs in one MSETV, and most bytes of their values (``AuxLink.held``).
+MAX_HELD = 256
+MAX_HELD_BYTES = 1 << 20
+
+
 class AuxLink:
     """Connections from this master to one aux node."""
 
@@ -129,10 +134,6 @@ class AuxLink:
         "on_invalidate",
         "invalidations_total",
     )
-
-    #: Most SETVs in one MSETV, and most bytes of their values.
-    MAX_HELD = 256
-    MAX_HELD_BYTES = 1 << 20
 
     def __init__(
         self,
@@ -650,10 +651,12 @@ class _SplitSetv:
         held = self.held
         if status == _OK and result.__class__ is list and len(result) == len(held):
             for (_, cb), item in zip(held, result, strict=True):
-                if item.__class__ is list and len(item) == 2 and item[0].__class__ is int:
-                    cb(item[0], item[1])
-                else:
-                    cb(_UNAVAILABLE, "malformed MSETV answer from an aux node")
+                if item.__class__ is list and len(item) == 2:
+                    code, answer = item
+                    if code.__class__ is int:
+                        cb(code, answer)
+                        continue
+                cb(_UNAVAILABLE, "malformed MSETV answer from an aux node")
         elif status == _UNAVAILABLE or status == _TIMEOUT:
             for _, cb in held:
                 cb(status, result)

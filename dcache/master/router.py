@@ -57,7 +57,7 @@ from ..hlc import HybridClock, wall_ms
 from ..protocol import Op
 from ..server import LATER, FrameProtocol
 from .hints import Hints, replay_forever
-from .links import AuxLink
+from .links import MAX_HELD, MAX_HELD_BYTES, AuxLink
 from .nearcache import HotKeys, NearCache
 from .view import ClusterView
 
@@ -71,6 +71,8 @@ _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
 _FRAME_TOO_LARGE = int(Status.FRAME_TOO_LARGE)
 _BAD_ARGUMENTS = int(Status.BAD_ARGUMENTS)
 _SUPERSEDED = int(Status.SUPERSEDED)
+#: Most keys in one MGET (``LinkBatcher.MAX_BATCH``; a module constant for the hot path).
+_MAX_BATCH = 256
 _GET = int(Op.GET)
 _SETV = int(Op.SETV)
 _DELV = int(Op.DELV)
@@ -731,7 +733,7 @@ class LinkBatcher:
     __slots__ = ("_pending", "_holding", "_scheduled", "_loop")
 
     #: Most keys in one MGET.
-    MAX_BATCH = 256
+    MAX_BATCH = _MAX_BATCH
 
     def __init__(self) -> None:
         self._pending: dict[AuxLink, list[ReadOp]] = {}
@@ -749,7 +751,7 @@ class LinkBatcher:
             link.reads_waiting = partial(self._release_reads, link)  # any other request to the node sends them first
         else:
             ops.append(op)
-            if len(ops) >= self.MAX_BATCH:
+            if len(ops) >= _MAX_BATCH:
                 del self._pending[link]
                 link.reads_waiting = None
                 self._send(link, ops)
@@ -775,7 +777,7 @@ class LinkBatcher:
             self._holding.append(link)
         held.append((args, target))  # held on the link, to leave with others as one MSETV
         link.held_bytes += len(args[1])
-        if len(held) >= link.MAX_HELD or link.held_bytes >= link.MAX_HELD_BYTES:  # a full batch leaves now
+        if len(held) >= MAX_HELD or link.held_bytes >= MAX_HELD_BYTES:  # a full batch leaves now
             link.release_held()
             link.flush()
             return
