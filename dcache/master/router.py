@@ -55,7 +55,7 @@ from ..errors import (
 )
 from ..hlc import HybridClock, wall_ms
 from ..protocol import Op
-from ..server import LATER, FrameProtocol
+from ..server import LATER, FrameProtocol, deferred
 from .hints import Hints, replay_forever
 from .links import MAX_HELD, MAX_HELD_BYTES, AuxLink
 from .nearcache import HotKeys, NearCache
@@ -399,10 +399,22 @@ class Router:
             raise UnavailableError("no aux node is available for this key")
         return targets
 
-    def set(self, sink: Sink, rid: int, key: bytes, value: bytes, ttl_ms: int, op: int = Op.SET) -> None:
-        """SET without a condition: a versioned write to every live owner."""
+    def set_op(self, sink: Sink, rid: int, args: tuple[bytes, bytes, int, int], op: int = Op.SET) -> Any:
+        """SET's handler (the master serves SET with it directly, no extra call layer): ``args`` as its parser returns them.
+
+        With NX or XX, ``set_if`` in a coroutine; without, a versioned write
+        to every live owner, answered through ``sink`` (``LATER``).
+        """
+        key, value, ttl_ms, flags = args
+        if flags:
+            return deferred(self.set_if(key, value, ttl_ms, flags))
         expires_at = wall_ms() + ttl_ms if ttl_ms else 0
         WriteOp(self, sink, rid, op, key, self._targets(key), _SETV, (key, value, expires_at, 0, self.clock.next()), True).start()
+        return LATER
+
+    def set(self, sink: Sink, rid: int, key: bytes, value: bytes, ttl_ms: int, op: int = Op.SET) -> None:
+        """SET without a condition: a versioned write to every live owner."""
+        self.set_op(sink, rid, (key, value, ttl_ms, 0), op)
 
     def delete(self, sink: Sink, rid: int, key: bytes) -> None:
         """DELETE: a versioned delete on every live owner; answers whether any held the key."""
