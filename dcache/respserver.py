@@ -69,6 +69,8 @@ from .net import listen_error, protected_mode
 from .protocol import MAX_TTL_MS, Credential, Op
 from .protocol.limits import MAX_CONFIG_PATTERN_BYTES, MAX_CONFIG_PATTERNS
 from .protocol.resp import (
+    BULK_HEADERS,
+    CRLF,
     LARGE_BULK_BYTES,
     NIL,
     NIL3,
@@ -120,6 +122,8 @@ _NONE = Credential.NONE
 _SUPERSEDED = int(Status.SUPERSEDED)
 _GET = int(Op.GET)
 _SET = int(Op.SET)
+_SMALL_BULK = len(BULK_HEADERS)
+_join = b"".join
 
 #: What a reply is: one ``bytes``, or chunks written as they are (a large value, uncopied).
 Reply = bytes | list[bytes]
@@ -969,9 +973,12 @@ def _shape_bulk(conn: RespProtocol, status: int, result: Any) -> Reply:
         return error_for_status(status, result)
     if result is None:
         return conn._nil
-    if len(result) >= LARGE_BULK_BYTES:
+    n = len(result)
+    if n < _SMALL_BULK:  # bulk(), inlined
+        return _join((BULK_HEADERS[n], result, CRLF))
+    if n >= LARGE_BULK_BYTES:
         return bulk_chunks(result)
-    return b"$%d\r\n%b\r\n" % (len(result), result)
+    return b"$%d\r\n%b\r\n" % (n, result)
 
 
 def _shape_ok_or_nil(conn: RespProtocol, status: int, result: Any) -> Reply:

@@ -945,7 +945,8 @@ class WriteOp:
             link = links.get(targets[0])
             if link is not None and not link.suspect:
                 if self.upstream == _SETV:
-                    self.router.batcher.add_write(link, self.args, self)
+                    # the bound method, not the op: Python calls it inline, an instance's __call__ through C
+                    self.router.batcher.add_write(link, self.args, self.__call__)
                 else:
                     link.send(self.upstream, self.args, self)
                 return
