@@ -631,8 +631,10 @@ def _format_ring(info: dict[str, Any]) -> str:
             line += "; nodes' copies outside their ranges " + ("moved to their owners" if done else "being moved to their owners")
             if info["replicas"] > 1:
                 line += ", and each owner's copies " + ("sent to the other owners" if done else "being sent to the other owners")
-            if not done:
-                line += " (keys may miss, or read an older value, until then)"
+            if not done and info["replicas"] > 1:
+                line += " (keys may miss until then; reads ask every owner of a key meanwhile)"
+            elif not done:
+                line += " (keys may miss until then)"
         lines.append(line)
     for ev in membership.get("health_events", []):
         lines.append(f"health: {ev['node_id']} {ev['state']} at {ev['at_ms']}: {ev['why']}")

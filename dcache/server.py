@@ -1366,7 +1366,9 @@ class RequestGate:
     keys and values, wait at once: one more is answered ``UNAVAILABLE`` at
     once. A held request is an answer its connection owes, so the
     per-connection bound on answers owed (``MAX_IN_FLIGHT``) stops reading a
-    client that sends more.
+    client that sends more. ``wait_until`` moves that bound later, once,
+    for a node that knows when it can serve (a restarted coordinator
+    gathering its aux nodes' re-announcements).
     """
 
     __slots__ = (
@@ -1382,6 +1384,7 @@ class RequestGate:
         "_stopping",
         "_opened",
         "_awaiting",
+        "_until",
         "held_total",
         "expired_total",
     )
@@ -1405,6 +1408,8 @@ class RequestGate:
         self._opened: asyncio.Future[None] | None = None
         #: Coroutines in ``ready`` now (they count against ``max_waiters`` with the held requests).
         self._awaiting = 0
+        #: Loop time before which no request's wait ends (``wait_until``; 0: each waits ``wait_s``).
+        self._until = 0.0
         #: Requests held since start; of them, answered ``UNAVAILABLE`` after ``wait_s`` or over a bound.
         self.held_total = 0
         self.expired_total = 0
@@ -1431,6 +1436,23 @@ class RequestGate:
                     self._saved[level, op] = entry
                     table[op] = (entry[0], self._stand_in(op, entry[1]))
 
+    def wait_until(self, until: float) -> None:
+        """Let every request held now or from now on wait until loop time ``until``, if that is past its own bound.
+
+        The node knows when it can serve: its requests wait for that rather
+        than being refused sooner. The number of requests and bytes held
+        keeps its bound; so does each wait (``until``).
+        """
+        if until <= self._until:
+            return
+        self._until = until
+        held = self._held
+        if held:  # the deadlines stay in order: each becomes the later of itself and ``until``
+            self._held = [(d if d > until else until, *rest) for d, *rest in held]
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_at(self._held[0][0], self._expire)
+
     async def ready(self) -> None:
         """Wait until the gate opens, under the same bounds as a held request.
 
@@ -1454,7 +1476,8 @@ class RequestGate:
         self.held_total += 1
         self._awaiting += 1
         try:
-            await asyncio.wait_for(asyncio.shield(self._opened), self._wait_s)
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(asyncio.shield(self._opened), max(self._wait_s, self._until - loop.time()))
         except TimeoutError:
             self.expired_total += 1
             raise UnavailableError(self._why()) from None
@@ -1483,11 +1506,14 @@ class RequestGate:
             self.expired_total += 1
             raise UnavailableError(f"{self._why()}; {len(self._held)} requests ({self._bytes} bytes) already wait for it")
         loop = asyncio.get_running_loop()
-        self._held.append((loop.time() + self._wait_s, conn, rid, op, handler, args, size))
+        deadline = loop.time() + self._wait_s
+        if deadline < self._until:
+            deadline = self._until
+        self._held.append((deadline, conn, rid, op, handler, args, size))
         self._bytes += size
         self.held_total += 1
         if self._timer is None:
-            self._timer = loop.call_later(self._wait_s, self._expire)
+            self._timer = loop.call_at(deadline, self._expire)
         return LATER
 
     def _expire(self) -> None:
@@ -1505,7 +1531,7 @@ class RequestGate:
                 self._bytes -= size
                 conn.reply(rid, int(Status.UNAVAILABLE), why, op)
             self.expired_total += len(expired)
-            log.warning("%d request(s) waited %.1f s and were answered UNAVAILABLE: %s", len(expired), self._wait_s, why)
+            log.warning("%d request(s) waited their bound and were answered UNAVAILABLE: %s", len(expired), why)
         if self._held:
             self._timer = asyncio.get_running_loop().call_at(self._held[0][0], self._expire)
 

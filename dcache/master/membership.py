@@ -119,6 +119,14 @@ def _nothing(view: ClusterView) -> None:
     """``on_written`` of a membership whose master keeps nothing per view."""
 
 
+def _no_reads_change(on: bool) -> None:
+    """``Coordinator.on_reconciling`` of a coordinator whose master reads one way only."""
+
+
+def _no_gathering(window: float) -> None:
+    """``Coordinator.on_gathering`` of a coordinator whose master holds no request for its ring."""
+
+
 def _same_move(a: ClusterView, b: ClusterView) -> bool:
     """Whether two views move the same data: the same previous ring and the same members in the current ring."""
     return a.prev_ring is not None and a.prev_ring is b.prev_ring and dict(a.ring.nodes) == dict(b.ring.nodes)
@@ -356,6 +364,13 @@ class Coordinator(Membership):
         self._recovery_joins: dict[str, Member] = {}
         #: How this coordinator's ring came back after a restart, for ``dcache ring``.
         self.recovery: dict[str, Any] | None = None
+        #: Called with True as a ring rebuilt from re-announcements with several copies per key is
+        #: published, with False once its reconciliation pass ended: meanwhile the owners of a key may
+        #: disagree, and reads ask every one of them (``Router.read_every_owner``).
+        self.on_reconciling: Callable[[bool], None] = _no_reads_change
+        #: Called with the window's length (s) as this coordinator starts gathering re-announcements: its
+        #: ring comes by the window's end, and the data requests it holds may wait for it (``RequestGate.wait_until``).
+        self.on_gathering: Callable[[float], None] = _no_gathering
 
     @property
     def _fresh(self) -> bool:
@@ -848,6 +863,7 @@ class Coordinator(Membership):
     async def _recovery_window(self) -> None:
         window = self.config.recovery_window
         expected = self.config.expect_aux
+        self.on_gathering(window)
         # With --expect-aux the restart is planned (dcache cluster): the normal case is quiet.
         log.log(
             logging.INFO if expected else logging.WARNING,
@@ -877,6 +893,8 @@ class Coordinator(Membership):
                 # No migration: each node still holds the data of its ranges.
                 view = self.view.with_members(members, migrate=False)
                 self.recovery = {"from": "re-announcements", "epoch": view.epoch, "members": sorted(self._recovery_joins)}
+                if view.replicas > 1:
+                    self.on_reconciling(True)  # before any read is routed by the rebuilt ring
                 log.log(
                     logging.INFO if gathered else logging.WARNING,
                     "ring rebuilt from the re-announcements of %s at epoch %d (no follower handed over the last ring)",
@@ -918,6 +936,7 @@ class Coordinator(Membership):
                 break
             log.info("the ring changed while the rebuilt ring was reconciled: reconciling again")
         self.recovery["reconciled"] = True
+        self.on_reconciling(False)
         await self.migrator.drop(foreign, lambda: dict(self.view.ring.nodes) == dict(view.ring.nodes))
 
     def _take_over(self, follower_id: str, theirs: ClusterView) -> None:

@@ -121,6 +121,9 @@ class MasterNode(Service):
         self.handlers[Op.GET] = self.router.get  # the hottest ops: no extra call layer
         self.handlers[Op.SET] = self.router.set_op
         self.router.fence_missed = self.membership.fence_missed
+        if isinstance(self.membership, Coordinator):
+            self.membership.on_reconciling = self._read_every_owner
+            self.membership.on_gathering = self._ring_due_in
         #: Data requests wait here until this master's first ring (``start``, ``_on_view``).
         self.ring_gate = RequestGate(self, RING_OPS, RING_WAIT_S, MAX_RING_WAITERS, self._no_ring_yet)
         self._gate_opener: asyncio.Task[None] | None = None
@@ -209,6 +212,23 @@ class MasterNode(Service):
         """Whether every node of the ring that is not down has a link with a connection open."""
         links = self.links
         return all(n in links and links[n].connected for n, m in self.router.view.members.items() if m.state != DOWN)
+
+    def _read_every_owner(self, on: bool) -> None:
+        """Reads ask every owner of a key while a rebuilt ring is reconciled (``NewestRead``), or no longer."""
+        self.router.read_every_owner = on
+        log.info("reads %s every owner of a key%s", "ask" if on else "no longer ask", " until the rebuilt ring is reconciled" if on else "")
+
+    def _ring_due_in(self, window: float) -> None:
+        """This coordinator restarted and gathers re-announcements for ``window`` s: held requests wait for the ring.
+
+        Each waits until the ring is rebuilt, at most the window plus
+        ``RING_WAIT_S`` from now (the links to the nodes open in that margin),
+        instead of ``RING_WAIT_S`` from its arrival: the ring is due, not lost
+        (docs/DECISIONS.md, "A restarted coordinator holds requests until its
+        ring is rebuilt").
+        """
+        if self.ring_gate.closed:
+            self.ring_gate.wait_until(asyncio.get_running_loop().time() + window + RING_WAIT_S)
 
     def _hints_lost(self, node_id: str) -> None:
         """Hints for ``node_id`` overflowed: it must be reconciled in full before it serves reads again."""

@@ -11,7 +11,9 @@ the next candidate with GETV, and a hit on a later candidate after misses
 repairs the candidates that missed (APPLY, last writer wins, so a repair
 never overwrites newer data). MGET, EXISTS and TTL are made of the same
 ``ReadOp`` s: there is exactly one place that says where a read goes when
-its first owner misses.
+its first owner misses. While a ring rebuilt after a lone coordinator's
+restart is reconciled (``read_every_owner``), every read goes to every
+owner instead and the newest version wins (``dcache.master.newestread``).
 
 Writes (``WriteOp``). A write is stamped with a version from this master's
 hybrid logical clock and sent in parallel to every live target
@@ -59,6 +61,7 @@ from ..server import LATER, FrameProtocol, deferred
 from .hints import Hints, replay_forever
 from .links import MAX_HELD, MAX_HELD_BYTES, AuxLink
 from .nearcache import HotKeys, NearCache
+from .newestread import NewestRead
 from .view import ClusterView
 
 __all__ = ["Router", "RouterStats", "ReadOp", "WriteOp", "LinkBatcher", "Sink"]
@@ -156,6 +159,9 @@ class Router:
         #: The read sketch behind HOTKEYS and the near cache (None: reads are not counted).
         self.hot: HotKeys | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Reads ask every owner and answer the newest version (``NewestRead``): set while the
+        #: owners of a rebuilt ring may disagree (``Coordinator``, its reconciliation pass).
+        self.read_every_owner = False
 
     # -- trust -----------------------------------------------------------------
 
@@ -293,6 +299,8 @@ class Router:
         dispatch to answer with the other answers of its batch; a caller
         that is not a dispatch hands it to its sink.
         """
+        if self.read_every_owner:
+            return self._read_newest(sink, rid, key, False)
         near = self.near
         if near is not None:
             count = near.hot.note(key)
@@ -347,8 +355,20 @@ class Router:
         op.conn = link.send_tracked(Op.GETV, (key, True), op)
         return LATER
 
+    def _read_newest(self, sink: Sink, rid: int, key: bytes, entry: bool) -> Any:
+        """Read ``key`` from every owner and answer the newest version (``NewestRead``); returns ``LATER``."""
+        candidates = self.view.read_candidates(key)
+        if not candidates:
+            self.stats.unavailable += 1
+            raise UnavailableError("no aux node is available for this key")
+        NewestRead(self, sink, rid, key, entry).start(candidates)
+        return LATER
+
     def read_entry(self, sink: Sink, rid: int, key: bytes) -> None:
         """Answer ``rid`` with ``key``'s entry ``[value, expires_at, version]`` (or nil) through ``sink``."""
+        if self.read_every_owner:
+            self._read_newest(sink, rid, key, True)
+            return
         candidates = self.view.read_candidates(key)
         if not candidates:
             self.stats.unavailable += 1

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 from dcache import Client
 from dcache.cli import _format_ring
@@ -210,6 +211,42 @@ async def test_a_restarted_coordinator_fails_no_call_while_its_ring_comes(tmp_pa
         print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
 
 
+async def test_a_lone_restarted_coordinator_fails_no_call_while_it_gathers_re_announcements(tmp_path):
+    """No follower, no ``--expect-aux``: the ring comes back from the aux nodes' re-announcements, after the recovery
+    window (4 s). Clients whose calls reach the coordinator as soon as it listens, over both front doors, wait for
+    that ring (the window plus a margin) instead of getting ``UNAVAILABLE`` after ``RING_WAIT_S`` (3 s), and the aux
+    nodes, which lost their connection to it, re-announce within ``_RETRY_S`` of its start, not up to 3 s later: no
+    call fails, with the client's default 5 s timeout."""
+    cluster = Cluster(tmp_path, replicas=2)
+    stop = asyncio.Event()
+    tally = Tally()
+    loads: list[asyncio.Task[None]] = []
+    try:
+        m1 = cluster.start_master("m1", "--resp-port", "0")
+        for n in sorted(AUX):
+            cluster.start_aux(n)
+        await wait_ring(m1.addr, settled(AUX))
+        port, resp_port = m1.port, m1.resp_port
+        m1.kill()
+        m1 = await asyncio.to_thread(cluster.start_master, "m1", "--resp-port", str(resp_port), port=port)
+        for i in range(3):
+            loads.append(asyncio.create_task(native_load(f"native{i}", m1.addr, stop, tally)))
+        loads.append(asyncio.create_task(resp_load("resp", m1.host, resp_port, stop, tally)))
+        await _reached_before_the_ring(m1.addr, tally)
+        info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=20, what="the ring back")
+        assert info["membership"]["recovery"]["from"] == "re-announcements"
+        assert set(info["membership"]["recovery"]["members"]) == AUX
+        await tally.reach(tally.ok + 300)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*loads), 15)
+
+        await assert_served_while_ringless(tally, [m1.addr], m1.addr, AUX)
+    finally:
+        await stop_loads(stop, loads)
+        cluster.stop()
+        print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
+
+
 async def test_a_coordinator_restarted_after_a_migration_reads_what_it_wrote_once_done(tmp_path):
     """The follower hands over the migration's settling view (it had not polled the end yet): the writes made once
     the migration was done went to the new owners only, and read back at once, before the ring settles again."""
@@ -320,6 +357,27 @@ async def test_a_lone_coordinator_killed_mid_migration_gets_every_key_back(tmp_p
         print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
 
 
+async def _kill_while_a1_missed_writes(cluster: Cluster, n_keys: int, *master_args: str) -> tuple[DaemonProcess, list[bytes | None]]:
+    """Two copies of every key on a1 and a2, no follower. a1 stops answering and is marked down; the keys are
+    overwritten and every tenth deleted on a2 only (the coordinator's hints for a1 die with it). The coordinator is
+    killed, a1 answers again, and the coordinator restarts (``master_args``) with its port; it and what each key
+    must read are returned."""
+    m1 = await _populated(cluster, {"a1", "a2"}, n_keys)
+    cluster.aux["a1"].signal(signal.SIGSTOP)
+    try:
+        await wait_ring(m1.addr, lambda i: up_nodes(i) == {"a2"}, timeout=15, what="a1 marked down")
+        async with Client(m1.addr) as c:
+            assert await c.mset({key_of(i): b"new-%d" % i for i in range(n_keys)}) == n_keys
+            for i in range(0, n_keys, 10):
+                assert await c.delete(key_of(i)) is True
+        port = m1.port
+        m1.kill()
+    finally:
+        cluster.aux["a1"].signal(signal.SIGCONT)
+    m1 = cluster.start_master("m1", *master_args, port=port)
+    return m1, [None if i % 10 == 0 else b"new-%d" % i for i in range(n_keys)]
+
+
 async def test_a_node_down_when_the_lone_coordinator_died_gets_the_writes_it_missed(tmp_path):
     """Two copies of every key, no follower. a1 stops answering and is marked down; the keys are overwritten and
     some deleted on a2 only (the coordinator's hints for a1 die with it). The coordinator is killed, a1 answers
@@ -329,25 +387,12 @@ async def test_a_node_down_when_the_lone_coordinator_died_gets_the_writes_it_mis
     nodes = {"a1", "a2"}
     cluster = Cluster(tmp_path, replicas=2)
     try:
-        m1 = await _populated(cluster, nodes, n_keys)
-        cluster.aux["a1"].signal(signal.SIGSTOP)
-        try:
-            await wait_ring(m1.addr, lambda i: up_nodes(i) == {"a2"}, timeout=15, what="a1 marked down")
-            async with Client(m1.addr) as c:
-                assert await c.mset({key_of(i): b"new-%d" % i for i in range(n_keys)}) == n_keys
-                for i in range(0, n_keys, 10):
-                    assert await c.delete(key_of(i)) is True
-            port = m1.port
-            m1.kill()
-        finally:
-            cluster.aux["a1"].signal(signal.SIGCONT)
-        m1 = cluster.start_master("m1", port=port)
+        m1, want = await _kill_while_a1_missed_writes(cluster, n_keys)
         info = await wait_ring(m1.addr, lambda i: i["membership"].get("recovery") is not None, timeout=20, what="the ring back")
         assert info["membership"]["recovery"]["from"] == "re-announcements"
         assert set(info["ring"]["nodes"]) == nodes  # a1 back as an owner, with its old values
         info = await wait_ring(m1.addr, _reconciled, timeout=30, what="the rebuilt ring reconciled")
         assert "each owner's copies sent to the other owners" in _format_ring(info)
-        want = [None if i % 10 == 0 else b"new-%d" % i for i in range(n_keys)]
         async with Client(m1.addr) as c:
             got = await _read_all(c, n_keys)
         stale = [key_of(i) for i, v in enumerate(got) if v != want[i]]
@@ -357,6 +402,53 @@ async def test_a_node_down_when_the_lone_coordinator_died_gets_the_writes_it_mis
                 got = await _read_all(direct, n_keys)
             stale = [key_of(i) for i, v in enumerate(got) if v != want[i]]
             assert stale == [], (n, len(stale), stale[:10])
+    finally:
+        cluster.stop()
+        print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
+
+
+async def test_reads_during_the_rebuilt_rings_reconciliation_answer_the_newest_version(tmp_path):
+    """As above, with the reconciliation pass paced to last several seconds: reads made while it runs (MGET, GET,
+    EXISTS, and GET over RESP) ask every owner and answer the newest version, so a1, which missed the overwrites and deletes, never
+    answers its older value, before or after the pass reaches the key."""
+    n_keys = 2000
+    cluster = Cluster(tmp_path, replicas=2)
+    try:
+        # 50 keys a page at 200 a second per stream: each node's scan of its 2,000 keys takes about 10 s.
+        m1, want = await _kill_while_a1_missed_writes(
+            cluster, n_keys, "--migration-rate", "200", "--migration-batch", "50", "--resp-port", "0"
+        )
+        info = await wait_ring(m1.addr, lambda i: "reconciled" in (i["membership"].get("recovery") or {}), timeout=20, what="the pass")
+        assert info["membership"]["recovery"]["from"] == "re-announcements"
+        assert "reads ask every owner of a key meanwhile" in _format_ring(info)  # what `dcache ring` shows
+        rounds = stale = 0
+        deadline = time.monotonic() + 60
+        resp = redis.asyncio.Redis(host=m1.host, port=m1.resp_port, socket_timeout=5)
+        try:
+            async with Client(m1.addr) as c:
+                while not _reconciled(info):
+                    assert time.monotonic() < deadline, "the rebuilt ring was not reconciled within 60 s"
+                    got = await _read_all(c, n_keys)
+                    sample = range(rounds % 10, n_keys, 97)  # single reads too: GET and EXISTS, and GET over RESP
+                    singles: list[Any] = [await c.get(key_of(i)) for i in sample]
+                    exist = [await c.exists(key_of(i)) for i in sample]
+                    singles += [await resp.get(key_of(i)) for i in sample]
+                    info = await wait_ring(m1.addr, lambda i: True, timeout=5)
+                    if _reconciled(info):
+                        break  # this round may have ended after the pass: not counted
+                    stale += sum(v != want[i] for i, v in enumerate(got))
+                    stale += sum(v != want[i] for i, v in zip([*sample, *sample], singles, strict=True))
+                    stale += sum(e != (want[i] is not None) for i, e in zip(sample, exist, strict=True))
+                    rounds += 1
+        finally:
+            await resp.aclose()
+        print(f"{rounds} read rounds during the pass, {stale} stale answers")
+        assert rounds >= 1, "no read round ended while the pass ran"
+        assert stale == 0, (stale, rounds)
+        assert "reads ask every owner of a key until the rebuilt ring is reconciled" in m1.stderr()
+        async with Client(m1.addr) as c:  # and after it, as before
+            got = await _read_all(c, n_keys)
+        assert [key_of(i) for i, v in enumerate(got) if v != want[i]] == []
     finally:
         cluster.stop()
         print(cluster.logs()[-20000:])  # shown by pytest only when the test fails

@@ -582,6 +582,29 @@ async def test_a_held_request_is_answered_unavailable_after_the_bound(caplog: py
     assert svc.op_errors[Op.GET] == 2
 
 
+async def test_wait_until_moves_the_bound_of_held_and_later_requests_to_a_later_time() -> None:
+    svc = Toy()
+    gate = gated(svc, wait_s=0.05)
+    conn, t = connect(svc)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    conn.data_received(req(Op.GET, 1, b"a"))
+    gate.wait_until(start + 0.3)  # a restarted coordinator: its ring is due by then
+    gate.wait_until(start + 0.1)  # an earlier time changes nothing
+    conn.data_received(req(Op.GET, 2, b"b"))
+    ready = asyncio.ensure_future(gate.ready())
+    await until(lambda: len(t.frames()) == 2 and ready.done())
+    assert loop.time() - start >= 0.3  # not after their own 0.05 s
+    assert t.frames() == [[1, UNAVAILABLE, "no ring yet"], [2, UNAVAILABLE, "no ring yet"]]
+    with pytest.raises(UnavailableError):
+        ready.result()
+    gate.wait_until(loop.time() + 60)
+    conn.data_received(req(Op.GET, 3, b"c"))
+    gate.open()  # the gate opening ends the wait, as before
+    await until(lambda: len(t.frames()) == 3)
+    assert t.frames()[-1] == [3, OK, b"value of c"]
+
+
 async def test_past_the_count_or_byte_bound_a_request_is_refused_at_once() -> None:
     svc = Toy(max_input_buffer=1000)
     gate = gated(svc, max_waiters=2)

@@ -663,6 +663,24 @@ async def test_a_restarted_coordinator_gathers_reannouncements_into_one_ring(clu
         await coord.close()
 
 
+async def test_a_restarted_coordinator_says_when_its_ring_is_due_and_while_reads_must_ask_every_owner(cluster: FakeCluster) -> None:
+    """The master holds requests until the window's end (``on_gathering``), and reads every owner of a key from the
+    rebuilt ring's publication to the end of its reconciliation pass (``on_reconciling``: two copies per key here)."""
+    fresh = ClusterView.initial([], 2, epoch=1000)
+    coord = coordinator(cluster, fresh, recovery_window=0.05)
+    calls: list[Any] = []
+    coord.on_gathering = lambda window: calls.append(("gathering", window))
+    coord.on_reconciling = lambda on: calls.append(("every owner", on, coord.view.epoch))
+    try:
+        joins = [coord.join(m.node_id, m.host, m.port, m.weight, known_epoch=1) for m in cluster.members]
+        assert await asyncio.wait_for(asyncio.gather(*joins), SETTLE_S) == [1001, 1001, 1001]
+        await until(lambda: (coord.recovery or {}).get("reconciled") is True, SETTLE_S, "the rebuilt ring reconciled")
+        # on before the rebuilt ring (epoch 1001) is published: no read is routed by it before
+        assert calls == [("gathering", 0.05), ("every owner", True, 1000), ("every owner", False, 1001)]
+    finally:
+        await coord.close()
+
+
 async def test_expected_reannouncements_end_the_recovery_window_early(cluster: FakeCluster) -> None:
     """--expect-aux (what dcache cluster passes): once that many nodes are back, the ring is rebuilt without waiting."""
     fresh = ClusterView.initial([], 2, epoch=1000)

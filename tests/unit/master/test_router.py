@@ -769,3 +769,76 @@ async def test_gather_stats_leaves_out_nodes_that_are_down_or_do_not_answer_in_t
     assert list(stats) == ["a1"]
     assert stats["a1"]["node_id"] == "a1"
     assert cluster.sent("a3") == []
+
+
+# -- reads that ask every owner (a rebuilt ring being reconciled) --------------------------
+
+
+async def test_reading_every_owner_answers_the_newest_version_and_repairs_the_owner_behind(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a1", key, b"old")
+    new = cluster.put("a2", key, b"new")
+    cluster.router.read_every_owner = True
+    sink = Sink()
+    cluster.router.get(sink, 1, key)
+    assert await sink.answer() == (OK, b"new")
+    assert cluster.entry("a1", key) == [b"new", 0, new]  # written back before the answer, last writer wins
+    assert [m[0] for m in cluster.sent("a1")] == [Op.GETV, Op.APPLY]
+    assert [m[0] for m in cluster.sent("a2")] == [Op.GETV]
+    assert cluster.sent("a3") == []
+
+
+async def test_reading_every_owner_lets_a_newer_tombstone_win_over_an_older_value(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a1", key, b"old")
+    cluster.put("a2", key, b"old")
+    assert cluster.auxes["a2"].cache.delete(key, version=cluster.clock.next())  # a delete a1 missed
+    cluster.router.read_every_owner = True
+    sink = Sink()
+    cluster.router.read_entry(sink, 1, key)  # EXISTS and TTL read this way
+    assert await sink.answer() == (OK, None)
+    assert cluster.value("a2", key) is None  # the repair did not bring the old value back over the tombstone
+    assert [m[0] for m in cluster.sent("a2")] == [Op.GETV, Op.APPLY, Op.GETV]
+
+
+async def test_reading_every_owner_answers_a_write_that_overtook_the_repair(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a1", key, b"old")
+    cluster.put("a2", key, b"older", cluster.clock.next() - (1 << 30))
+    newer = cluster.future_version()
+
+    def write_then_apply(msg: list[Any]) -> Reply:  # a newer write reaches a2 between the read and the repair
+        cluster.put("a2", key, b"newest", newer)
+        return Reply(OK, cluster.auxes["a2"].execute(msg))
+
+    cluster.overrides[("a2", Op.APPLY)] = write_then_apply
+    cluster.router.read_every_owner = True
+    sink = Sink()
+    cluster.router.get(sink, 1, key)
+    assert await sink.answer() == (OK, b"newest")
+
+
+async def test_reading_every_owner_leaves_out_an_owner_that_does_not_answer(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a2", key, b"v")
+    cluster.overrides[("a1", Op.GETV)] = answer_with(UNAVAILABLE, "a1 is gone")
+    cluster.router.read_every_owner = True
+    sink = Sink()
+    cluster.router.get(sink, 1, key)
+    assert await sink.answer() == (OK, b"v")
+    cluster.overrides[("a2", Op.GETV)] = answer_with(TIMEOUT, "a2 is slow")
+    cluster.router.get(sink, 2, key)
+    status, why = await sink.answer(2)
+    assert status == UNAVAILABLE and "no owner of the key answered" in why
+
+
+async def test_an_mget_reads_every_owner_of_each_key_while_asked_to(cluster: FakeCluster) -> None:
+    keys = [cluster.key_owned_by("a1", "a2"), cluster.key_owned_by("a2", "a3")]
+    cluster.put("a1", keys[0], b"old")
+    cluster.put("a2", keys[0], b"new")
+    cluster.put("a3", keys[1], b"only on a3")
+    cluster.router.read_every_owner = True
+    sink = Sink()
+    cluster.router.mget(sink, 1, keys)  # type: ignore[arg-type]
+    assert await sink.answer() == (OK, [b"new", b"only on a3"])
+    assert cluster.sent("a1", Op.MGET, Op.GET) == []  # no first-owner batch: every owner is asked with GETV
