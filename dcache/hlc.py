@@ -90,15 +90,17 @@ class HybridClock:
     def next(self) -> int:
         """A new version, greater than every version issued or observed."""
         now = self._clock()
-        if now > self._ms:
-            self._ms = now
-            self._counter = 0
+        ms = self._ms
+        if now > ms:
+            self._ms = ms = now
+            counter = 0
         else:
-            self._counter += 1
-            if self._counter > _COUNTER_MAX:
-                self._ms += 1
-                self._counter = 0
-        return (self._ms << _LOW_BITS) | (self._counter << _TAG_BITS) | self._tag
+            counter = self._counter + 1
+            if counter > _COUNTER_MAX:
+                self._ms = ms = ms + 1
+                counter = 0
+        self._counter = counter
+        return (ms << _LOW_BITS) | (counter << _TAG_BITS) | self._tag
 
     def observe(self, version: int) -> bool:
         """Move the clock past ``version`` (the receive rule); return whether it was accepted.

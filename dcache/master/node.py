@@ -108,9 +108,18 @@ class MasterNode(Service):
                 config, view, self._on_view, lambda: self.links, self.clock, self._new_link, on_written=self._on_written
             )
         self.register(
-            *(op for op in DATA_OPS if op != Op.GET), Op.HOTKEYS, Op.RING, Op.JOIN, Op.LEAVE, Op.FORGET, Op.SYNC, Op.APPLY, Op.FENCE
+            *(op for op in DATA_OPS if op not in (Op.GET, Op.SET)),
+            Op.HOTKEYS,
+            Op.RING,
+            Op.JOIN,
+            Op.LEAVE,
+            Op.FORGET,
+            Op.SYNC,
+            Op.APPLY,
+            Op.FENCE,
         )
-        self.handlers[Op.GET] = self.router.get  # the hottest op: no extra call layer
+        self.handlers[Op.GET] = self.router.get  # the hottest ops: no extra call layer
+        self.handlers[Op.SET] = self.router.set_op
         self.router.fence_missed = self.membership.fence_missed
         if isinstance(self.membership, Coordinator):
             self.membership.on_gathering = self._ring_due_in
@@ -230,13 +239,6 @@ class MasterNode(Service):
 
     def _ping(self, conn: FrameProtocol, rid: int, args: None) -> Any:
         return "PONG"
-
-    def _set(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes, int, int]) -> Any:
-        key, value, ttl, flags = args
-        if flags:
-            return deferred(self.router.set_if(key, value, ttl, flags))
-        self.router.set(conn, rid, key, value, ttl)
-        return LATER
 
     def _delete(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
         self.router.delete(conn, rid, key)
