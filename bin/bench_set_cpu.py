@@ -25,7 +25,9 @@ it too, the same for every tree). With ``--aux`` the child is an aux node
 instead, its 100,000 keys stored first, fed MSETVs of ``--clients``
 entries as a master sends them: its instructions per SET (an overwrite);
 ``--aux --harness`` counts the same child without feeding the MSETVs (the
-harness's own share of that figure, to subtract).
+harness's own share of that figure, to subtract). ``--aux --get`` feeds
+MGETVs of ``--clients`` keys instead (a master's GETs of one loop turn, every
+key held): the aux node's instructions per GET.
 """
 
 from __future__ import annotations
@@ -227,7 +229,7 @@ def count_instructions(tree: Path, iterations: int, args: argparse.Namespace) ->
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(Path(__file__).resolve()),
            "--worker", str(iterations), "--tree", f"x={tree}", "--clients", str(args.clients), "--pipeline", str(args.pipeline),
            *(["--native"] if args.native else []), *(["--aux"] if args.aux else []),
-           *(["--harness"] if args.harness else [])]  # fmt: skip
+           *(["--harness"] if args.harness else []), *(["--get"] if args.get else [])]  # fmt: skip
     out = subprocess.run(
         cmd, capture_output=True, text=True, timeout=3600, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
     )
@@ -239,11 +241,12 @@ def count_instructions(tree: Path, iterations: int, args: argparse.Namespace) ->
     return int(refs[-1].split(":")[-1].strip())
 
 
-def aux_worker(iterations: int, clients: int, feed: bool = True) -> None:
+def aux_worker(iterations: int, clients: int, feed: bool = True, get: bool = False) -> None:
     """Child process: an aux node's native connection takes ``iterations`` MSETVs of ``clients`` entries (a master's loop turns).
 
     With ``feed`` false the MSETVs are built and encoded in the same loop
-    turns but not fed: the harness's own share, to subtract.
+    turns but not fed: the harness's own share, to subtract. With ``get``
+    the frames are MGETVs of ``clients`` keys instead.
     """
     import tempfile
 
@@ -267,12 +270,15 @@ def aux_worker(iterations: int, clients: int, feed: bool = True) -> None:
             await asyncio.sleep(0)
         rng = random.Random(1)
         for i in range(iterations):
-            entries = [[b"key:%012d" % rng.randrange(100_000), value, 0, 0, clock.next()] for _ in range(clients)]
-            frame = encode_request(Op.MSETV, i % 100 + 1, entries)
+            if get:
+                frame = encode_request(Op.MGETV, i % 100 + 1, [b"key:%012d" % rng.randrange(100_000) for _ in range(clients)])
+            else:
+                entries = [[b"key:%012d" % rng.randrange(100_000), value, 0, 0, clock.next()] for _ in range(clients)]
+                frame = encode_request(Op.MSETV, i % 100 + 1, entries)
             if feed:
                 conn.data_received(frame)
             await asyncio.sleep(0)
-        assert sink.written > (100 + iterations * feed) * clients * 2  # answered: [status, result] per entry
+        assert sink.written > (100 + iterations * feed) * clients * 2  # answered: [status, result] or a value per entry
 
     import uvloop
 
@@ -294,6 +300,7 @@ def main() -> int:
     ap.add_argument(
         "--harness", action="store_true", help="with --aux: count the harness alone (the MSETVs built and encoded, not fed), to subtract"
     )
+    ap.add_argument("--get", action="store_true", help="with --aux: MGETVs of --clients keys instead of MSETVs (instructions per GET)")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     trees = [(label, Path(path).resolve()) for label, path in (t.split("=", 1) for t in args.tree)]
@@ -302,21 +309,22 @@ def main() -> int:
 
         print(f"dcache from {Path(dcache.__file__).resolve().parent.parent}", file=sys.stderr)
         if args.aux:
-            aux_worker(args.worker, args.clients, feed=not args.harness)
+            aux_worker(args.worker, args.clients, feed=not args.harness, get=args.get)
         else:
             in_process_worker(args.worker, args.clients, args.pipeline, args.native)
         return 0
     if args.instructions:
-        door = "aux node, MSETV" if args.aux else "native" if args.native else "RESP"
+        door = ("aux node, MGETV" if args.get else "aux node, MSETV") if args.aux else "native" if args.native else "RESP"
         if args.aux and args.harness:
-            door += " (the harness alone, the MSETVs not fed)"
-        print(f"python {sys.version.split()[0]}; {door} SET, {args.clients} clients x {args.pipeline} SETs per loop turn; "
-              f"instructions per SET, callgrind, ({K2} - {K1}) turns")  # fmt: skip
+            door += " (the harness alone, the frames not fed)"
+        what = "GET" if args.aux and args.get else "SET"
+        print(f"python {sys.version.split()[0]}; {door} {what}, {args.clients} clients x {args.pipeline} {what}s per loop turn; "
+              f"instructions per {what}, callgrind, ({K2} - {K1}) turns")  # fmt: skip
         sets = (K2 - K1) * args.clients * (1 if args.aux else args.pipeline)
         for r in range(args.rounds):
             for label, tree in trees:
                 per = (count_instructions(tree, K2, args) - count_instructions(tree, K1, args)) / sets
-                print(f"round {r + 1} {label}: {per:,.0f} instructions per SET", flush=True)
+                print(f"round {r + 1} {label}: {per:,.0f} instructions per {what}", flush=True)
         return 0
     master: dict[str, list[float]] = {label: [] for label, _ in trees}
     aux: dict[str, list[float]] = {label: [] for label, _ in trees}
