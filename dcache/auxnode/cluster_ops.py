@@ -166,15 +166,17 @@ class ClusterOps:
     def mgetv(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> Any:
         lookup = self.node.cache.lookup
         out: list[Any] = []
+        append = out.append
         size = 0
-        limit = self.node.limits.max_frame_bytes
         for key in keys:
             e = lookup(key)
             if e is None:
-                out.append(None)
+                append(None)
             else:
-                size += len(e.value)
-                out.append([e.value, e.expires_at, e.version])
+                value = e.value
+                size += len(value)
+                append([value, e.expires_at, e.version])
+        limit = self.node.limits.max_frame_bytes
         if size > limit:
             raise FrameTooLargeError(
                 f"the values of these {len(keys)} keys exceed the {limit}-byte frame limit: ask for fewer keys at once"
@@ -222,32 +224,39 @@ class ClusterOps:
     def msetv(self, conn: FrameProtocol, rid: int, entries: list[list[Any]]) -> list[Any]:
         """SETV of each entry, in order; answers ``[status, result]`` per entry (a master's writes of one loop turn).
 
-        The clock observes the newest version once, before any entry is
-        stored, as APPLY's does: nothing else runs in between. An entry
-        without flags (every SET a master routes) takes ``_store``'s steps
-        inline, through the cache's ``batch_apply``, and when stored answers
-        the one shared ``_STORED``.
+        The clock observes the newest version once, after the entries are
+        stored, as APPLY's does: nothing else runs in between (no store
+        reads the clock), and the newest is found in the same loop. The
+        parser has checked every version against the skew bound in this
+        very call, so the clock folds it in without a second wall-clock
+        read (``observe_checked``). An entry without flags (every SET a
+        master routes) takes ``_store``'s steps inline, through the cache's
+        ``batch_apply``, and when stored answers the one shared ``_STORED``.
         """
         out: list[Any] = []
-        if not entries:
-            return out
         node = self.node
-        node.clock.observe(max([e[4] for e in entries]))
         apply = node.cache.batch_apply()
         append = out.append
-        for entry in entries:
-            key, value, expires_at, flags, version = entry
-            try:
-                if flags:
-                    append([_OK, self._store(*entry)])
-                elif apply(key, value, expires_at=expires_at, version=version):
-                    append(_STORED)
-                else:
-                    append([_OK, self._not_applied(key, value, version)])
-            except EntryTooLargeError as exc:  # as _store's OutOfMemoryError
-                append([_OUT_OF_MEMORY, str(exc)])
-            except ServerError as exc:
-                append([exc.code, exc.message])
+        newest = 0
+        try:
+            for entry in entries:
+                key, value, expires_at, flags, version = entry
+                if version > newest:
+                    newest = version
+                try:
+                    if flags:
+                        append([_OK, self._store(*entry)])
+                    elif apply(key, value, expires_at=expires_at, version=version):
+                        append(_STORED)
+                    else:
+                        append([_OK, self._not_applied(key, value, version)])
+                except EntryTooLargeError as exc:  # as _store's OutOfMemoryError
+                    append([_OUT_OF_MEMORY, str(exc)])
+                except ServerError as exc:
+                    append([exc.code, exc.message])
+        finally:  # even past an unexpected error: what was stored is observed
+            if newest:
+                node.clock.observe_checked(newest)
         return out
 
     def delv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:

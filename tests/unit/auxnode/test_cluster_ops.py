@@ -217,6 +217,23 @@ def test_msetv_answers_each_entry_as_its_setv_would() -> None:
     assert call(node, Op.GETV, b"big") is None
 
 
+def test_msetv_moves_the_clock_past_its_newest_version() -> None:
+    node = make_node()
+    newest = node.limits.version_ceiling() - (1 << 22)  # within --max-clock-skew, ahead of the node's own clock
+    call(node, Op.SETV, b"held", b"v", 0, 0, newest - 1)
+    answers = call(
+        node,
+        Op.MSETV,
+        [
+            [b"a", b"v", 0, 0, newest - 3],
+            [b"held", b"v", 0, 0, newest],  # the newest, neither first nor last, and not stored (superseded below)
+            [b"held", b"v", 0, 0, newest - 2],
+        ],
+    )
+    assert [list(a) for a in answers] == [[0, 1], [0, 1], [0, [2, newest]]]
+    assert node.clock.next() > newest  # the receive rule, for the batch's newest version
+
+
 def test_setv_superseded_by_tombstone(node: AuxNode) -> None:
     call(node, Op.SETV, b"k", b"v", 0, 0, 10)
     assert call(node, Op.DELV, b"k", 20) is True
