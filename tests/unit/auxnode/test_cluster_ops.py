@@ -234,6 +234,21 @@ def test_msetv_moves_the_clock_past_its_newest_version() -> None:
     assert node.clock.next() > newest  # the receive rule, for the batch's newest version
 
 
+@pytest.mark.parametrize("n", [1, 8, 15, 16, 64, 65])
+def test_msetv_answer_on_the_wire_is_one_stored_pair_per_entry(n: int) -> None:
+    from dcache.protocol import encode_request, encode_response
+    from tests.fakes import FakeTransport
+
+    node = make_node()
+    conn = node.protocol_factory()
+    transport = FakeTransport(peername=("10.0.0.1", 5000))
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(encode_request(Op.MSETV, 300, [[b"k%d" % i, b"v", 0, 0, 100 + i] for i in range(n)]))
+    assert b"".join(transport.written) == encode_response(300, 0, [[0, 1]] * n)  # packed ahead for up to 64 entries
+    assert call(node, Op.MSETV, [[b"k0", b"w", 0, 0, 1000]]) == [[0, 1]]  # in-process: the objects a peer decodes
+    assert call(node, Op.GETV, b"k0") == [b"w", 0, 1000]
+
+
 def test_setv_superseded_by_tombstone(node: AuxNode) -> None:
     call(node, Op.SETV, b"k", b"v", 0, 0, 10)
     assert call(node, Op.DELV, b"k", 20) is True
