@@ -19,6 +19,8 @@ skew bound (``--max-clock-skew``) is refused by the protocol's parsers
 (``version_ceiling``) before it reaches a clock, and ``observe`` itself
 ignores it, so no input can push a clock past what it can pack or
 poison every later write with a version from the year 2100.
+``observe_checked`` is ``observe`` without that second check, for a
+handler folding in versions its parser has just checked (MSETV).
 """
 
 from __future__ import annotations
