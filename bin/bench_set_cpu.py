@@ -30,7 +30,9 @@ entries as a master sends them: its instructions per SET (an overwrite);
 harness's own share of that figure, to subtract); without ``--aux``,
 ``--harness`` builds the clients' commands in the same loop turns but does
 not feed them (the master's figures' harness share: the scripted aux
-node's work is not in it).
+node's work is not in it). ``--aux --get`` feeds MGETVs of ``--clients``
+keys instead (a master's GETs of one loop turn, every key held): the aux
+node's instructions per GET.
 """
 
 from __future__ import annotations
@@ -271,11 +273,12 @@ def count_instructions(tree: Path, iterations: int, args: argparse.Namespace) ->
     return int(refs[-1].split(":")[-1].strip())
 
 
-def aux_worker(iterations: int, clients: int, feed: bool = True) -> None:
+def aux_worker(iterations: int, clients: int, feed: bool = True, get: bool = False) -> None:
     """Child process: an aux node's native connection takes ``iterations`` MSETVs of ``clients`` entries (a master's loop turns).
 
     With ``feed`` false the MSETVs are built and encoded in the same loop
-    turns but not fed: the harness's own share, to subtract.
+    turns but not fed: the harness's own share, to subtract. With ``get``
+    the frames are MGETVs of ``clients`` keys instead.
     """
     import tempfile
 
@@ -299,12 +302,15 @@ def aux_worker(iterations: int, clients: int, feed: bool = True) -> None:
             await asyncio.sleep(0)
         rng = random.Random(1)
         for i in range(iterations):
-            entries = [[b"key:%012d" % rng.randrange(100_000), value, 0, 0, clock.next()] for _ in range(clients)]
-            frame = encode_request(Op.MSETV, i % 100 + 1, entries)
+            if get:
+                frame = encode_request(Op.MGETV, i % 100 + 1, [b"key:%012d" % rng.randrange(100_000) for _ in range(clients)])
+            else:
+                entries = [[b"key:%012d" % rng.randrange(100_000), value, 0, 0, clock.next()] for _ in range(clients)]
+                frame = encode_request(Op.MSETV, i % 100 + 1, entries)
             if feed:
                 conn.data_received(frame)
             await asyncio.sleep(0)
-        assert sink.written > (100 + iterations * feed) * clients * 2  # answered: [status, result] per entry
+        assert sink.written > (100 + iterations * feed) * clients * 2  # answered: [status, result] or a value per entry
 
     import uvloop
 
@@ -320,7 +326,11 @@ def main() -> int:
     ap.add_argument("--instructions", action="store_true", help="count the master's instructions per SET in-process (callgrind)")
     ap.add_argument("--clients", type=int, default=8, help="with --instructions: client connections, each sending in every loop turn")
     ap.add_argument("--native", action="store_true", help="with --instructions: native SET frames instead of RESP commands")
-    ap.add_argument("--get", action="store_true", help="with --instructions: GETs instead of SETs (the scripted aux node holds every key)")
+    ap.add_argument(
+        "--get",
+        action="store_true",
+        help="with --instructions: GETs instead of SETs (the scripted aux node holds every key; with --aux, MGETVs of --clients keys instead of MSETVs)",
+    )
     ap.add_argument(
         "--aux", action="store_true", help="with --instructions: the aux node's instructions per SET, fed MSETVs of --clients entries"
     )
@@ -337,16 +347,14 @@ def main() -> int:
 
         print(f"dcache from {Path(dcache.__file__).resolve().parent.parent}", file=sys.stderr)
         if args.aux:
-            aux_worker(args.worker, args.clients, feed=not args.harness)
+            aux_worker(args.worker, args.clients, feed=not args.harness, get=args.get)
         else:
             in_process_worker(args.worker, args.clients, args.pipeline, args.native, args.get, feed=not args.harness)
         return 0
     if args.instructions:
-        if args.get and args.aux:
-            raise SystemExit("--get counts a master's GETs: not with --aux")
-        door = "aux node, MSETV" if args.aux else "native" if args.native else "RESP"
+        door = ("aux node, MGETV" if args.get else "aux node, MSETV") if args.aux else "native" if args.native else "RESP"
         if args.harness:
-            door += " (the harness alone, the MSETVs not fed)" if args.aux else " (the harness alone, the commands not fed)"
+            door += " (the harness alone, the frames not fed)" if args.aux else " (the harness alone, the commands not fed)"
         what = "GET" if args.get else "SET"
         print(f"python {sys.version.split()[0]}; {door} {what}, {args.clients} clients x {args.pipeline} {what}s per loop turn; "
               f"instructions per {what}, callgrind, ({K2} - {K1}) turns")  # fmt: skip
