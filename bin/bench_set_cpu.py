@@ -21,17 +21,25 @@ MSETV "stored"), then runs loop iterations in which each client sends
 ``--pipeline`` SETs and gets its replies. Each child runs ``K1`` and ``K2``
 iterations; the difference over the SETs between them is the master's
 instructions per SET (the scripted aux node's decoding and answers are in
-it too, the same for every tree). With ``--aux`` the child is an aux node
+it too, the same for every tree). ``--get`` sends GETs instead, which the scripted aux node answers
+(a GET or an MGET of a batch) with a 100-byte value for every key: the
+master's instructions per GET. With ``--aux`` the child is an aux node
 instead, its 100,000 keys stored first, fed MSETVs of ``--clients``
 entries as a master sends them: its instructions per SET (an overwrite);
 ``--aux --harness`` counts the same child without feeding the MSETVs (the
-harness's own share of that figure, to subtract).
+harness's own share of that figure, to subtract); without ``--aux``,
+``--harness`` builds the clients' commands in the same loop turns but does
+not feed them (the master's figures' harness share: the scripted aux
+node's work is not in it). ``--aux --get`` feeds MGETVs of ``--clients``
+keys instead (a master's GETs of one loop turn, every key held): the aux
+node's instructions per GET.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import random
 import statistics
@@ -45,6 +53,9 @@ _TICKS_S = os.sysconf("SC_CLK_TCK")
 _FRONT, _BACK = 0, 1
 # The ops the scripted aux node answers (numbers of dcache.protocol.Op, fixed on the wire).
 _HELLO, _PING, _BIND, _MSETV = 1, 2, 44, 42
+_GET, _MGET = 3, 6
+#: The value every key holds in the scripted aux node (``--get``): redis-benchmark ``-d 100``.
+_VALUE = b"x" * 100
 
 
 def cpu_s(pid: int) -> float:
@@ -133,7 +144,8 @@ class _Sink:
 
 
 class _ScriptedAux(_Sink):
-    """An aux node's end of one master connection: answers HELLO, BIND, PING, SETV and MSETV (stored) on the next loop turn."""
+    """An aux node's end of one master connection: answers HELLO, BIND, PING, SETV and MSETV (stored), GET and MGET (a
+    100-byte value for every key) on the next loop turn."""
 
     def __init__(self, proto: Any) -> None:
         super().__init__()
@@ -157,6 +169,10 @@ class _ScriptedAux(_Sink):
                 result = args[0]
             elif op == _MSETV:
                 result = [[0, True]] * len(args[0])
+            elif op == _MGET:
+                result = [_VALUE] * len(args[0])
+            elif op == _GET:
+                result = _VALUE
             elif op == _PING:
                 result = "PONG"
             else:
@@ -171,10 +187,14 @@ class _ScriptedAux(_Sink):
         self.write(b"".join(chunks))
 
 
-def in_process_worker(iterations: int, clients: int, pipeline: int, native: bool) -> None:
-    """Child process: a master on scripted connections runs ``iterations`` loop turns of ``clients`` x ``pipeline`` SETs."""
+def in_process_worker(iterations: int, clients: int, pipeline: int, native: bool, get: bool = False, feed: bool = True) -> None:
+    """Child process: a master on scripted connections runs ``iterations`` loop turns of ``clients`` x ``pipeline`` SETs (GETs).
+
+    With ``feed`` false the commands are built in the same loop turns but
+    not fed: the harness's own share, to subtract.
+    """
     from dcache.config import MasterConfig
-    from dcache.master.node import MasterNode
+    from dcache.master.node import GC_GEN0_THRESHOLD, MasterNode
     from dcache.peer import PeerConnection
     from dcache.protocol import Op, encode_request, encode_response
     from dcache.respserver import RespProtocol
@@ -192,6 +212,10 @@ def in_process_worker(iterations: int, clients: int, pipeline: int, native: bool
             link.start()
         while not all(link.connected for link in node.links.values()):
             await asyncio.sleep(0.01)
+        # The collector as a started master sets it (MasterNode.start): what start-up made frozen, young collections rare.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
         conns = []
         for _ in range(clients):
             conn = RespProtocol(node) if not native else node.protocol_factory()
@@ -199,17 +223,27 @@ def in_process_worker(iterations: int, clients: int, pipeline: int, native: bool
             conns.append(conn)
         value = b"x" * 100
         rng = random.Random(1)
-        reply = len(b"+OK\r\n") if not native else len(encode_response(1, 0, True))  # request ids stay below 128: one byte each
+        if get:  # every GET answers the 100-byte value
+            reply = len(b"$100\r\n" + value + b"\r\n") if not native else len(encode_response(1, 0, value))
+        else:
+            reply = len(b"+OK\r\n") if not native else len(encode_response(1, 0, True))  # request ids stay below 128: one byte each
         for i in range(iterations):
             for conn in conns:
                 keys = [b"key:%012d" % rng.randrange(100_000) for _ in range(pipeline)]
-                if native:
+                if get and native:
+                    data = b"".join(encode_request(Op.GET, j + 1, k) for j, k in enumerate(keys))
+                elif get:
+                    data = b"".join(b"*2\r\n$3\r\nGET\r\n$16\r\n%s\r\n" % k for k in keys)
+                elif native:
                     data = b"".join(encode_request(Op.SET, j + 1, k, value) for j, k in enumerate(keys))
                 else:
                     data = b"".join(b"*3\r\n$3\r\nSET\r\n$16\r\n%s\r\n$100\r\n%s\r\n" % (k, value) for k in keys)
-                conn.data_received(data)
-            want = (i + 1) * pipeline * reply
+                if feed:
+                    conn.data_received(data)
+            want = (i + 1) * pipeline * reply * feed
             while not all(c._transport.written >= want for c in conns):
+                await asyncio.sleep(0)
+            if not feed:
                 await asyncio.sleep(0)
         await node.close()
 
@@ -226,7 +260,7 @@ def count_instructions(tree: Path, iterations: int, args: argparse.Namespace) ->
     """Instructions callgrind counts for one in-process child of ``tree`` running ``iterations`` loop turns."""
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(Path(__file__).resolve()),
            "--worker", str(iterations), "--tree", f"x={tree}", "--clients", str(args.clients), "--pipeline", str(args.pipeline),
-           *(["--native"] if args.native else []), *(["--aux"] if args.aux else []),
+           *(["--native"] if args.native else []), *(["--get"] if args.get else []), *(["--aux"] if args.aux else []),
            *(["--harness"] if args.harness else [])]  # fmt: skip
     out = subprocess.run(
         cmd, capture_output=True, text=True, timeout=3600, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
@@ -239,11 +273,12 @@ def count_instructions(tree: Path, iterations: int, args: argparse.Namespace) ->
     return int(refs[-1].split(":")[-1].strip())
 
 
-def aux_worker(iterations: int, clients: int, feed: bool = True) -> None:
+def aux_worker(iterations: int, clients: int, feed: bool = True, get: bool = False) -> None:
     """Child process: an aux node's native connection takes ``iterations`` MSETVs of ``clients`` entries (a master's loop turns).
 
     With ``feed`` false the MSETVs are built and encoded in the same loop
-    turns but not fed: the harness's own share, to subtract.
+    turns but not fed: the harness's own share, to subtract. With ``get``
+    the frames are MGETVs of ``clients`` keys instead.
     """
     import tempfile
 
@@ -267,12 +302,15 @@ def aux_worker(iterations: int, clients: int, feed: bool = True) -> None:
             await asyncio.sleep(0)
         rng = random.Random(1)
         for i in range(iterations):
-            entries = [[b"key:%012d" % rng.randrange(100_000), value, 0, 0, clock.next()] for _ in range(clients)]
-            frame = encode_request(Op.MSETV, i % 100 + 1, entries)
+            if get:
+                frame = encode_request(Op.MGETV, i % 100 + 1, [b"key:%012d" % rng.randrange(100_000) for _ in range(clients)])
+            else:
+                entries = [[b"key:%012d" % rng.randrange(100_000), value, 0, 0, clock.next()] for _ in range(clients)]
+                frame = encode_request(Op.MSETV, i % 100 + 1, entries)
             if feed:
                 conn.data_received(frame)
             await asyncio.sleep(0)
-        assert sink.written > (100 + iterations * feed) * clients * 2  # answered: [status, result] per entry
+        assert sink.written > (100 + iterations * feed) * clients * 2  # answered: [status, result] or a value per entry
 
     import uvloop
 
@@ -289,10 +327,17 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8, help="with --instructions: client connections, each sending in every loop turn")
     ap.add_argument("--native", action="store_true", help="with --instructions: native SET frames instead of RESP commands")
     ap.add_argument(
+        "--get",
+        action="store_true",
+        help="with --instructions: GETs instead of SETs (the scripted aux node holds every key; with --aux, MGETVs of --clients keys instead of MSETVs)",
+    )
+    ap.add_argument(
         "--aux", action="store_true", help="with --instructions: the aux node's instructions per SET, fed MSETVs of --clients entries"
     )
     ap.add_argument(
-        "--harness", action="store_true", help="with --aux: count the harness alone (the MSETVs built and encoded, not fed), to subtract"
+        "--harness",
+        action="store_true",
+        help="count the harness alone (the commands, or with --aux the MSETVs, built and encoded, not fed), to subtract",
     )
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -302,21 +347,22 @@ def main() -> int:
 
         print(f"dcache from {Path(dcache.__file__).resolve().parent.parent}", file=sys.stderr)
         if args.aux:
-            aux_worker(args.worker, args.clients, feed=not args.harness)
+            aux_worker(args.worker, args.clients, feed=not args.harness, get=args.get)
         else:
-            in_process_worker(args.worker, args.clients, args.pipeline, args.native)
+            in_process_worker(args.worker, args.clients, args.pipeline, args.native, args.get, feed=not args.harness)
         return 0
     if args.instructions:
-        door = "aux node, MSETV" if args.aux else "native" if args.native else "RESP"
-        if args.aux and args.harness:
-            door += " (the harness alone, the MSETVs not fed)"
-        print(f"python {sys.version.split()[0]}; {door} SET, {args.clients} clients x {args.pipeline} SETs per loop turn; "
-              f"instructions per SET, callgrind, ({K2} - {K1}) turns")  # fmt: skip
+        door = ("aux node, MGETV" if args.get else "aux node, MSETV") if args.aux else "native" if args.native else "RESP"
+        if args.harness:
+            door += " (the harness alone, the frames not fed)" if args.aux else " (the harness alone, the commands not fed)"
+        what = "GET" if args.get else "SET"
+        print(f"python {sys.version.split()[0]}; {door} {what}, {args.clients} clients x {args.pipeline} {what}s per loop turn; "
+              f"instructions per {what}, callgrind, ({K2} - {K1}) turns")  # fmt: skip
         sets = (K2 - K1) * args.clients * (1 if args.aux else args.pipeline)
         for r in range(args.rounds):
             for label, tree in trees:
                 per = (count_instructions(tree, K2, args) - count_instructions(tree, K1, args)) / sets
-                print(f"round {r + 1} {label}: {per:,.0f} instructions per SET", flush=True)
+                print(f"round {r + 1} {label}: {per:,.0f} instructions per {what}", flush=True)
         return 0
     master: dict[str, list[float]] = {label: [] for label, _ in trees}
     aux: dict[str, list[float]] = {label: [] for label, _ in trees}

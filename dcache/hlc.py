@@ -19,6 +19,8 @@ skew bound (``--max-clock-skew``) is refused by the protocol's parsers
 (``version_ceiling``) before it reaches a clock, and ``observe`` itself
 ignores it, so no input can push a clock past what it can pack or
 poison every later write with a version from the year 2100.
+``observe_checked`` is ``observe`` without that second check, for a
+handler folding in versions its parser has just checked (MSETV).
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def version_wall_ms(version: int) -> int:
 
 def version_ceiling(now_ms: int, max_skew_ms: int) -> int:
     """The largest version acceptable from outside at ``now_ms`` with skew bound ``max_skew_ms``."""
-    return min(MAX_VERSION, ((now_ms + max_skew_ms) << _LOW_BITS) | _LOW_MASK)
+    ceiling = ((now_ms + max_skew_ms) << _LOW_BITS) | _LOW_MASK
+    return ceiling if ceiling < MAX_VERSION else MAX_VERSION  # not min(): this runs once per parsed write
 
 
 class HybridClock:
@@ -90,15 +93,17 @@ class HybridClock:
     def next(self) -> int:
         """A new version, greater than every version issued or observed."""
         now = self._clock()
-        if now > self._ms:
-            self._ms = now
-            self._counter = 0
+        ms = self._ms
+        if now > ms:
+            self._ms = ms = now
+            counter = 0
         else:
-            self._counter += 1
-            if self._counter > _COUNTER_MAX:
-                self._ms += 1
-                self._counter = 0
-        return (self._ms << _LOW_BITS) | (self._counter << _TAG_BITS) | self._tag
+            counter = self._counter + 1
+            if counter > _COUNTER_MAX:
+                self._ms = ms = ms + 1
+                counter = 0
+        self._counter = counter
+        return (ms << _LOW_BITS) | (counter << _TAG_BITS) | self._tag
 
     def observe(self, version: int) -> bool:
         """Move the clock past ``version`` (the receive rule); return whether it was accepted.
@@ -115,6 +120,20 @@ class HybridClock:
             self._ms = ms
             self._counter = counter
         return True
+
+    def observe_checked(self, version: int) -> None:
+        """``observe`` of a version a parser has just checked against ``version_ceiling``: no second wall-clock read.
+
+        For a handler's batch of parsed versions (MSETV): the parser read
+        the wall clock for its ceiling in the same call, so the skew check
+        ``observe`` repeats would pass.
+        """
+        ms = version >> _LOW_BITS
+        if ms >= self._ms:
+            counter = (version >> _TAG_BITS) & _COUNTER_MAX
+            if ms > self._ms or counter > self._counter:
+                self._ms = ms
+                self._counter = counter
 
     @property
     def max_skew_ms(self) -> int:

@@ -51,7 +51,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import hiredis
@@ -69,6 +69,8 @@ from .net import listen_error, protected_mode
 from .protocol import MAX_TTL_MS, Credential, Op
 from .protocol.limits import MAX_CONFIG_PATTERN_BYTES, MAX_CONFIG_PATTERNS
 from .protocol.resp import (
+    BULK_HEADERS,
+    CRLF,
     LARGE_BULK_BYTES,
     NIL,
     NIL3,
@@ -120,6 +122,8 @@ _NONE = Credential.NONE
 _SUPERSEDED = int(Status.SUPERSEDED)
 _GET = int(Op.GET)
 _SET = int(Op.SET)
+_SMALL_BULK = len(BULK_HEADERS)
+_join = b"".join
 
 #: What a reply is: one ``bytes``, or chunks written as they are (a large value, uncopied).
 Reply = bytes | list[bytes]
@@ -364,7 +368,7 @@ class RespProtocol(FrameProtocol):
         gets = self._gets
         pos = self._pos
         length = self._len
-        while not self._stopped() and not self._closed:
+        while not (self._blocked or self._paused or self._throttled or self._closed):  # _stopped(), inlined: once per command
             if queue:
                 self._command(queue.popleft())
             elif has_data():
@@ -449,12 +453,16 @@ class RespProtocol(FrameProtocol):
 
     def _command(self, cmd: Any) -> None:
         """Admit one command from the stream: check its shape, queue it in a transaction, or run it in its slot."""
-        if cmd.__class__ is not list or not cmd or cmd[0].__class__ is not bytes:
+        if cmd.__class__ is not list or not cmd:
             self._malformed(cmd)
             return
-        spec = _COMMANDS.get(cmd[0])
+        name = cmd[0]
+        if name.__class__ is not bytes:
+            self._malformed(cmd)
+            return
+        spec = _COMMANDS.get(name)
         if spec is None:
-            spec = _COMMANDS.get(cmd[0].upper())
+            spec = _COMMANDS.get(name.upper())
         if self._multi is not None and (spec is None or spec.queued):
             self._queue_in_multi(spec, cmd)
             return
@@ -462,7 +470,8 @@ class RespProtocol(FrameProtocol):
             self._stats.commands["unknown"] += 1
             self._answer_now(self._unknown(cmd))
             return
-        kind = spec.kind if spec.kind_of is None else spec.kind_of(cmd)
+        n = len(cmd)
+        kind = spec.kind if spec.kind_of is None or n == spec.least else spec.kind_of(cmd)
         if kind:
             if self.in_flight:
                 if kind != self._kind or kind == SEQ:
@@ -473,8 +482,7 @@ class RespProtocol(FrameProtocol):
         slot = self._next_slot
         self._next_slot = slot + 1
         self._stats.commands[spec.name] += 1
-        n = len(cmd)
-        if n < spec.least or n > spec.most or (spec.needs_auth and self.level == _NONE):
+        if n not in spec.arity or (spec.needs_auth and self.level == _NONE):
             self._run(spec, cmd, slot)  # answers the error
             return
         try:  # _run, inlined: once per command
@@ -574,20 +582,21 @@ class RespProtocol(FrameProtocol):
             raise self._refused(op)
         if target.__class__ is int:
             msg[1] = target
-            result = entry[1](self, target, entry[0](msg, self._limits))
+            parse, handler = entry
+            result = handler(self, target, parse(msg, self._limits))
             if self._service.hold is not None:
                 result = self._held(target, op, result)
             if result is LATER:
                 self._owed[target] = shape
-                self.in_flight += 1
-                if self.in_flight >= MAX_IN_FLIGHT and not self._throttled:
+                n = self.in_flight = self.in_flight + 1
+                if n >= MAX_IN_FLIGHT and not self._throttled:
                     self._throttle()
             elif result.__class__ is _Deferred:
                 self._owe(target, shape)
                 self._defer(target, result, op)
             else:
                 reply = shape(self, _OK, result)
-                if target == self._next_out and not self._ready and type(reply) is bytes:  # _deliver, inlined
+                if target == self._next_out and not self._ready and reply.__class__ is bytes:  # _deliver, inlined
                     self._pending_out.append(reply)
                     self._next_out = target + 1
                     if reply[0] == 45:  # b"-"
@@ -668,10 +677,17 @@ class RespProtocol(FrameProtocol):
         answer = self._owed.pop(rid, None)
         if answer is not None and not self._closed:
             if rid < _SUB_RID:
-                self._deliver(rid, answer(self, status, result))
+                out = answer(self, status, result)
+                if rid == self._next_out and not self._ready and out.__class__ is bytes:  # _deliver, inlined
+                    self._pending_out.append(out)
+                    self._next_out = rid + 1
+                    if out[0] == 45:  # b"-"
+                        self._stats.errors += 1
+                else:
+                    self._deliver(rid, out)
             else:
                 answer(status, result)
-            if self._pending_out and not self._flush_scheduled:  # _queue_flush, inlined
+            if not self._flush_scheduled and self._pending_out:  # _queue_flush, inlined
                 self._flush_scheduled = True
                 self._service.queue_flush(self)
         if self.watch:
@@ -957,9 +973,12 @@ def _shape_bulk(conn: RespProtocol, status: int, result: Any) -> Reply:
         return error_for_status(status, result)
     if result is None:
         return conn._nil
-    if len(result) >= LARGE_BULK_BYTES:
+    n = len(result)
+    if n < _SMALL_BULK:  # bulk(), inlined
+        return _join((BULK_HEADERS[n], result, CRLF))
+    if n >= LARGE_BULK_BYTES:
         return bulk_chunks(result)
-    return b"$%d\r\n%b\r\n" % (len(result), result)
+    return b"$%d\r\n%b\r\n" % (n, result)
 
 
 def _shape_ok_or_nil(conn: RespProtocol, status: int, result: Any) -> Reply:
@@ -1036,7 +1055,11 @@ def _keys_in(stats: dict[str, Any]) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Command:
-    """One RESP command: its name, arity (``least``..``most`` words with the name), kind and runner."""
+    """One RESP command: its name, arity (``least``..``most`` words with the name), kind and runner.
+
+    ``kind_of`` gives the kind of a command with options (more than ``least``
+    words); with ``least`` words it is ``kind``, and ``kind_of`` is not called.
+    """
 
     name: str
     least: int
@@ -1047,6 +1070,11 @@ class _Command:
     needs_auth: bool = True
     queued: bool = True  # inside MULTI: queued (False: runs at once, as EXEC and DISCARD)
     flags: tuple[str, ...] = ()
+    #: ``least``..``most`` as a range: one ``in`` test per command (``RespProtocol._command``).
+    arity: range = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arity", range(self.least, self.most + 1))
 
 
 _MANY = 1 << 30

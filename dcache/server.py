@@ -89,7 +89,9 @@ from .protocol import (
     UINT64_MAX,
     Credential,
     Op,
+    Packed,
     pack,
+    pack_answer,
 )
 from .protocol.auth import client_proof, new_nonce, proofs_match, server_proof
 from .protocol.framing import ONE_CHUNK_BYTES, FrameDecoder
@@ -339,7 +341,8 @@ class Service:
 
         Goes through the same parser and handler as a request on the wire;
         returns the handler's result (``LATER`` and deferred answers go to
-        ``conn``), raises its ``ServerError``.
+        ``conn``; a ``Packed`` one as the objects a peer decodes), raises its
+        ``ServerError``.
         """
         if not self.tables:
             self.build_tables()
@@ -347,7 +350,8 @@ class Service:
         entry = self.tables[Credential.CLUSTER].get(op)
         if entry is None:
             raise UnknownOpError(f"unknown op {op!r}")
-        return entry[1](cast(FrameProtocol, conn), msg[1], entry[0](msg, self.limits))
+        result = entry[1](cast(FrameProtocol, conn), msg[1], entry[0](msg, self.limits))
+        return result.unpacked() if result.__class__ is Packed else result
 
     def initial_level(self) -> Credential:
         """The credential level a new connection starts at (see the module note)."""
@@ -992,7 +996,7 @@ class FrameProtocol(asyncio.Protocol):
                             break
                         continue
                     try:
-                        body = pack([rid, _OK, result])
+                        body = pack([rid, _OK, result]) if result.__class__ is not Packed else pack_answer(rid, _OK, result)
                     except Exception as exc:  # an unencodable result is our bug: answer, keep serving
                         log.error("cannot encode the answer to op %r: %s", op, exc)
                         body = pack([rid, int(Status.INTERNAL), "internal error: unencodable result"])
@@ -1174,7 +1178,7 @@ class FrameProtocol(asyncio.Protocol):
             body = pack([rid, status, result])
         else:
             try:
-                body = pack([rid, status, result])
+                body = pack([rid, status, result]) if result.__class__ is not Packed else pack_answer(rid, status, result)
             except Exception as exc:  # an unencodable result is our bug: answer, keep serving
                 log.error("cannot encode the answer to request %s: %s", rid, exc)
                 body = pack([rid, int(Status.INTERNAL), "internal error: unencodable result"])

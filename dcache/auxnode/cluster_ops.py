@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError, ServerError, Status
 from ..hlc import HybridClock
 from ..lru import EntryTooLargeError, LRUCache
-from ..protocol import Limits, Op, SetFlag, pack
+from ..protocol import Limits, Op, Packed, SetFlag, pack
 from ..ring import RangeMatcher, hash64
 from ..server import FrameProtocol, Handler
 from .tracking import Tracker
@@ -82,6 +82,11 @@ _OK = int(Status.OK)
 _OUT_OF_MEMORY = int(Status.OUT_OF_MEMORY)
 #: An MSETV entry's answer when stored, ``[0, 1]`` on the wire; one object shared by every answer (never changed).
 _STORED = (_OK, 1)
+#: The answer of an MSETV of n entries, every one stored, as packed bytes
+#: (``_ALL_STORED[n]``, the bytes of ``[_STORED] * n``), for n up to this:
+#: a master's MSETVs carry a loop turn's writes to one node, a handful at ``-P 1``.
+_PACKED_STORED_UPTO = 64
+_ALL_STORED = tuple(Packed(pack([_STORED] * n)) for n in range(_PACKED_STORED_UPTO + 1))
 
 #: First element of the answer of a SETV or DELV that lost to a newer version: ``[SUPERSEDED, held_version]``.
 SUPERSEDED = 2
@@ -166,15 +171,17 @@ class ClusterOps:
     def mgetv(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> Any:
         lookup = self.node.cache.lookup
         out: list[Any] = []
+        append = out.append
         size = 0
-        limit = self.node.limits.max_frame_bytes
         for key in keys:
             e = lookup(key)
             if e is None:
-                out.append(None)
+                append(None)
             else:
-                size += len(e.value)
-                out.append([e.value, e.expires_at, e.version])
+                value = e.value
+                size += len(value)
+                append([value, e.expires_at, e.version])
+        limit = self.node.limits.max_frame_bytes
         if size > limit:
             raise FrameTooLargeError(
                 f"the values of these {len(keys)} keys exceed the {limit}-byte frame limit: ask for fewer keys at once"
@@ -219,35 +226,47 @@ class ClusterOps:
             return 1  # this very write, applied before (versions are unique per write)
         return [SUPERSEDED, held]
 
-    def msetv(self, conn: FrameProtocol, rid: int, entries: list[list[Any]]) -> list[Any]:
+    def msetv(self, conn: FrameProtocol, rid: int, entries: list[list[Any]]) -> list[Any] | Packed:
         """SETV of each entry, in order; answers ``[status, result]`` per entry (a master's writes of one loop turn).
 
-        The clock observes the newest version once, before any entry is
-        stored, as APPLY's does: nothing else runs in between. An entry
-        without flags (every SET a master routes) takes ``_store``'s steps
-        inline, through the cache's ``batch_apply``, and when stored answers
-        the one shared ``_STORED``.
+        The clock observes the newest version once, after the entries are
+        stored, as APPLY's does: nothing else runs in between (no store
+        reads the clock), and the newest is found in the same loop. The
+        parser has checked every version against the skew bound in this
+        very call, so the clock folds it in without a second wall-clock
+        read (``observe_checked``). An entry without flags (every SET a
+        master routes) takes ``_store``'s steps inline, through the cache's
+        ``batch_apply``, and when stored answers the one shared ``_STORED``;
+        when every entry was stored, the answer is ``_ALL_STORED``'s,
+        packed already.
         """
         out: list[Any] = []
-        if not entries:
-            return out
         node = self.node
-        node.clock.observe(max([e[4] for e in entries]))
         apply = node.cache.batch_apply()
         append = out.append
-        for entry in entries:
-            key, value, expires_at, flags, version = entry
-            try:
-                if flags:
-                    append([_OK, self._store(*entry)])
-                elif apply(key, value, expires_at=expires_at, version=version):
-                    append(_STORED)
-                else:
-                    append([_OK, self._not_applied(key, value, version)])
-            except EntryTooLargeError as exc:  # as _store's OutOfMemoryError
-                append([_OUT_OF_MEMORY, str(exc)])
-            except ServerError as exc:
-                append([exc.code, exc.message])
+        newest = 0
+        try:
+            for entry in entries:
+                key, value, expires_at, flags, version = entry
+                if version > newest:
+                    newest = version
+                try:
+                    if flags:
+                        append([_OK, self._store(*entry)])
+                    elif apply(key, value, expires_at=expires_at, version=version):
+                        append(_STORED)
+                    else:
+                        append([_OK, self._not_applied(key, value, version)])
+                except EntryTooLargeError as exc:  # as _store's OutOfMemoryError
+                    append([_OUT_OF_MEMORY, str(exc)])
+                except ServerError as exc:
+                    append([exc.code, exc.message])
+        finally:  # even past an unexpected error: what was stored is observed
+            if newest:
+                node.clock.observe_checked(newest)
+        n = len(out)
+        if n <= _PACKED_STORED_UPTO and out.count(_STORED) == n:
+            return _ALL_STORED[n]  # the same answer, packed once (answers pay msgpack about 1,000 instructions an entry)
         return out
 
     def delv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:

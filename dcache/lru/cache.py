@@ -412,13 +412,29 @@ class LRUCache:
 
         Counts a hit or a miss and marks a hit most recently used; an expired
         entry is removed (counted as an expiration and a miss). For reads
-        that also need the expiry and the version (GETV).
+        that also need the expiry and the version (GETV, and MGETV's every
+        key: ``get``'s steps, inlined as there).
         """
-        e = self._live(key)
+        e = self._shards[hash(key) & _SHARD_MASK].get(key)
         if e is None:
             self.misses += 1
             return None
-        self._to_mru(e)
+        exp = e.expires_at
+        if exp and exp <= self._clock():
+            self._expire(e)
+            self.misses += 1
+            return None
+        head = self._head
+        last = head.prev
+        if last is not e:
+            p = e.prev
+            n = e.next
+            p.next = n
+            n.prev = p
+            last.next = e
+            e.prev = last
+            e.next = head
+            head.prev = e
         self.hits += 1
         return e
 

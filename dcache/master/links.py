@@ -85,6 +85,11 @@ async def _tcp_connection(
     return proto
 
 
+#: Most SETVs in one MSETV, and most bytes of their values (``AuxLink.held``).
+MAX_HELD = 256
+MAX_HELD_BYTES = 1 << 20
+
+
 class AuxLink:
     """Connections from this master to one aux node."""
 
@@ -122,17 +127,13 @@ class AuxLink:
         "suspicions_total",
         "_last_probe",
         "held",
-        "_held_bytes",
+        "held_bytes",
         "reads_waiting",
         "tracking",
         "tracks",
         "on_invalidate",
         "invalidations_total",
     )
-
-    #: Most SETVs in one MSETV, and most bytes of their values.
-    MAX_HELD = 256
-    MAX_HELD_BYTES = 1 << 20
 
     def __init__(
         self,
@@ -171,9 +172,10 @@ class AuxLink:
         self._factory = factory or partial(_tcp_connection, ssl=ssl)
         self._conns: list[PeerConnection] = []
         self._rr = 0
-        #: SETVs held back to leave as one MSETV (``hold_setv``): ``(args, callback)`` in order.
+        #: SETVs held back to leave as one MSETV (``LinkBatcher.add_write``): ``(args, callback)`` in order,
+        #: and the bytes of their values. At ``MAX_HELD`` writes or ``MAX_HELD_BYTES`` they leave at once.
         self.held: list[tuple[tuple[Any, ...], Callback]] = []
-        self._held_bytes = 0
+        self.held_bytes = 0
         #: Sends the reads a batcher holds for this node (``None``: none wait); called before any other request leaves.
         self.reads_waiting: Callable[[], None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -372,7 +374,7 @@ class AuxLink:
     def send(self, op: int, args: tuple[Any, ...], cb: Callback) -> None:
         """Send one request; ``cb(status, result)`` gets the answer, a timeout or a loss.
 
-        Held SETVs (``hold_setv``) and waiting reads (``reads_waiting``) leave
+        Held SETVs (``held``) and waiting reads (``reads_waiting``) leave
         first: requests reach the node in the order they were made.
         """
         if self.held:
@@ -484,22 +486,11 @@ class AuxLink:
             conn.lease_ping = True
             conn.send(Op.PING, (), partial(_lease_answered, conn, now), now + self._timeout)
 
-    def hold_setv(self, args: tuple[Any, ...], cb: Callback) -> bool:
-        """Hold the SETV ``args`` (``(key, value, expires_at, flags, version)``) to leave with others as one MSETV.
-
-        The held writes leave at ``release_held``, or before any other request
-        to this node. Returns whether the batch is full (``MAX_HELD`` writes or
-        ``MAX_HELD_BYTES`` of values): the caller then releases it now.
-        """
-        self.held.append((args, cb))
-        self._held_bytes += len(args[1])
-        return len(self.held) >= self.MAX_HELD or self._held_bytes >= self.MAX_HELD_BYTES
-
     def release_held(self) -> None:
         """Send the held SETVs: one MSETV answered per entry (a lone one as a SETV)."""
         held = self.held
         self.held = []
-        self._held_bytes = 0
+        self.held_bytes = 0
         if len(held) == 1:
             args, cb = held[0]
             self.send(_SETV, args, cb)
@@ -660,10 +651,12 @@ class _SplitSetv:
         held = self.held
         if status == _OK and result.__class__ is list and len(result) == len(held):
             for (_, cb), item in zip(held, result, strict=True):
-                if item.__class__ is list and len(item) == 2 and item[0].__class__ is int:
-                    cb(item[0], item[1])
-                else:
-                    cb(_UNAVAILABLE, "malformed MSETV answer from an aux node")
+                if item.__class__ is list and len(item) == 2:
+                    code, answer = item
+                    if code.__class__ is int:
+                        cb(code, answer)
+                        continue
+                cb(_UNAVAILABLE, "malformed MSETV answer from an aux node")
         elif status == _UNAVAILABLE or status == _TIMEOUT:
             for _, cb in held:
                 cb(status, result)

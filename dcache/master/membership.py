@@ -119,10 +119,6 @@ def _nothing(view: ClusterView) -> None:
     """``on_written`` of a membership whose master keeps nothing per view."""
 
 
-def _no_reads_change(on: bool) -> None:
-    """``Coordinator.on_reconciling`` of a coordinator whose master reads one way only."""
-
-
 def _no_gathering(window: float) -> None:
     """``Coordinator.on_gathering`` of a coordinator whose master holds no request for its ring."""
 
@@ -364,10 +360,6 @@ class Coordinator(Membership):
         self._recovery_joins: dict[str, Member] = {}
         #: How this coordinator's ring came back after a restart, for ``dcache ring``.
         self.recovery: dict[str, Any] | None = None
-        #: Called with True as a ring rebuilt from re-announcements with several copies per key is
-        #: published, with False once its reconciliation pass ended: meanwhile the owners of a key may
-        #: disagree, and reads ask every one of them (``Router.read_every_owner``).
-        self.on_reconciling: Callable[[bool], None] = _no_reads_change
         #: Called with the window's length (s) as this coordinator starts gathering re-announcements: its
         #: ring comes by the window's end, and the data requests it holds may wait for it (``RequestGate.wait_until``).
         self.on_gathering: Callable[[float], None] = _no_gathering
@@ -892,9 +884,11 @@ class Coordinator(Membership):
                 members.update(self._recovery_joins)
                 # No migration: each node still holds the data of its ranges.
                 view = self.view.with_members(members, migrate=False)
-                self.recovery = {"from": "re-announcements", "epoch": view.epoch, "members": sorted(self._recovery_joins)}
                 if view.replicas > 1:
-                    self.on_reconciling(True)  # before any read is routed by the rebuilt ring
+                    # Every master reads every owner of a key from the first read routed by this ring
+                    # to the pass's end (``ClusterView.reconciling``, ``Router.read_every_owner``).
+                    view = replace(view, reconciling=True)
+                self.recovery = {"from": "re-announcements", "epoch": view.epoch, "members": sorted(self._recovery_joins)}
                 log.log(
                     logging.INFO if gathered else logging.WARNING,
                     "ring rebuilt from the re-announcements of %s at epoch %d (no follower handed over the last ring)",
@@ -936,7 +930,8 @@ class Coordinator(Membership):
                 break
             log.info("the ring changed while the rebuilt ring was reconciled: reconciling again")
         self.recovery["reconciled"] = True
-        self.on_reconciling(False)
+        if self.view.reconciling:
+            self.publish(self.view.bumped(reconciling=False))  # every master reads one owner again
         await self.migrator.drop(foreign, lambda: dict(self.view.ring.nodes) == dict(view.ring.nodes))
 
     def _take_over(self, follower_id: str, theirs: ClusterView) -> None:
@@ -974,6 +969,11 @@ class Coordinator(Membership):
         for node_id, m in view.members.items():
             if m.state == FENCED:
                 self._fences[node_id] = self._spawn(self._reconcile(node_id), f"fence-{node_id}")
+        if view.reconciling:
+            # The coordinator before this one died during its pass over a rebuilt ring: run it again, or
+            # every master would read every owner for good (the flag ends with a pass).
+            log.info("the ring handed over was being reconciled: reconciling it again")
+            self._spawn(self._reconcile_rebuilt(), "recovery-reconcile")
 
     # -- followers ------------------------------------------------------------------
 

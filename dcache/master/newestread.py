@@ -8,8 +8,9 @@ back up with the writes it missed kept only in the dead coordinator's
 hints. The reconciliation pass (``Migrator.recover``) sends each owner's
 copies to the others; until it reaches a key, such a node would answer its
 older value. ``Router.read_every_owner`` is set for the length of that pass
-(``Coordinator``; docs/DECISIONS.md, "Reads ask every owner while that pass
-runs"); the hot path pays one attribute test otherwise (80 instructions of
+on every master (from the view it routes by, ``ClusterView.reconciling``;
+docs/DECISIONS.md, "Reads ask every owner while that pass runs" and the
+entries after it); the hot path pays one attribute test otherwise (80 instructions of
 about 10,800 per routed GET, ``bin/bench_get_cpu.py``).
 
 One read, at most three round trips, each to the key's live owners only:
@@ -28,10 +29,19 @@ An owner that does not answer (down, timed out) is left out of the
 comparison, as the normal read falls back past it; no owner answering is
 ``UNAVAILABLE``. A newer tombstone is not written back to the owners that
 hold the older value (its version is not known here): the pass brings it.
+
+The ops one owner decides (SET NX/XX, INCR/DECR, TOUCH: ``Router.set_if``,
+``incr``, ``touch``) run the same read first while reads ask every owner,
+with ``then`` instead of a client to answer (``Router.reconcile``): once it
+is done, every owner that answered holds the newest entry, except those
+that hold something newer still (a tombstone, a write that overtook the
+repair). ``then`` gets the owner to decide on: one that holds the newest
+state the read saw (None: the owners agree, or none holds the key).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -54,16 +64,23 @@ class NewestRead:
     """One read in flight over every owner of a key (module note); it answers ``sink`` once.
 
     ``entry``: answer ``[value, expires_at, version]`` instead of the value.
+    ``then``: instead of answering ``sink``, call ``then(holder)`` once the owners are
+    brought up to the newest entry (module note; ``sink`` is not used).
     """
 
-    __slots__ = ("router", "sink", "rid", "key", "entry", "pending", "entries", "error", "newest", "recheck")
+    __slots__ = ("router", "sink", "rid", "key", "entry", "then", "holder", "pending", "entries", "error", "newest", "recheck")
 
-    def __init__(self, router: Router, sink: Sink, rid: int, key: bytes, entry: bool) -> None:
+    def __init__(
+        self, router: Router, sink: Sink | None, rid: int, key: bytes, entry: bool, then: Callable[[str | None], None] | None = None
+    ) -> None:
         self.router = router
         self.sink = sink
         self.rid = rid
         self.key = key
         self.entry = entry
+        self.then = then
+        #: An owner that holds the newest state seen (set where the owners disagreed).
+        self.holder: str | None = None
         self.pending = 0
         #: What each owner answered to the current step's reads (None: no entry).
         self.entries: dict[str, list[Any] | None] = {}
@@ -111,6 +128,7 @@ class NewestRead:
         if not behind:
             self._finish(newest, answered=True)
             return
+        self.holder = next(n for n, e in entries.items() if e is newest)
         self.newest = newest
         self.pending = len(behind)
         links = self.router.links
@@ -140,16 +158,24 @@ class NewestRead:
         """Step 3 done: a newer entry on an owner that refused the repair, else its tombstone wins."""
         newest = self.newest
         assert newest is not None
-        newer = [e for e in self.entries.values() if e is not None and e[2] >= newest[2]]
+        entries = self.entries
+        newer = [e for e in entries.values() if e is not None and e[2] >= newest[2]]
         if newer:
-            self._finish(max(newer, key=_version), answered=True)
-        elif self.entries:
+            top = max(newer, key=_version)
+            self.holder = next(n for n, e in entries.items() if e is top)
+            self._finish(top, answered=True)
+        elif entries:
+            self.holder = next(iter(entries))  # it holds the newer tombstone
             self._finish(None, answered=True)  # a newer tombstone (or the entry expired meanwhile)
         else:
             self._finish(newest, answered=True)  # the owners that refused it no longer answer
 
     def _finish(self, entry: list[Any] | None, answered: bool) -> None:
+        if self.then is not None:
+            self.then(self.holder)
+            return
         stats = self.router.stats
+        assert self.sink is not None
         if entry is not None:
             stats.hits += 1
             self.sink.reply(self.rid, _OK, entry if self.entry else entry[0])

@@ -108,12 +108,20 @@ class MasterNode(Service):
                 config, view, self._on_view, lambda: self.links, self.clock, self._new_link, on_written=self._on_written
             )
         self.register(
-            *(op for op in DATA_OPS if op != Op.GET), Op.HOTKEYS, Op.RING, Op.JOIN, Op.LEAVE, Op.FORGET, Op.SYNC, Op.APPLY, Op.FENCE
+            *(op for op in DATA_OPS if op not in (Op.GET, Op.SET)),
+            Op.HOTKEYS,
+            Op.RING,
+            Op.JOIN,
+            Op.LEAVE,
+            Op.FORGET,
+            Op.SYNC,
+            Op.APPLY,
+            Op.FENCE,
         )
-        self.handlers[Op.GET] = self.router.get  # the hottest op: no extra call layer
+        self.handlers[Op.GET] = self.router.get  # the hottest ops: no extra call layer
+        self.handlers[Op.SET] = self.router.set_op
         self.router.fence_missed = self.membership.fence_missed
         if isinstance(self.membership, Coordinator):
-            self.membership.on_reconciling = self._read_every_owner
             self.membership.on_gathering = self._ring_due_in
         #: Data requests wait here until this master's first ring (``start``, ``_on_view``).
         self.ring_gate = RequestGate(self, RING_OPS, RING_WAIT_S, MAX_RING_WAITERS, self._no_ring_yet)
@@ -149,6 +157,8 @@ class MasterNode(Service):
         if self.router.near is not None:
             self.router.near.clear()  # copies were subscribed by the old view's owners
         self.router.view = view
+        if view.reconciling != self.router.read_every_owner:  # in the same step: no read routed by one without the other
+            self._read_every_owner(view.reconciling)
         if len(view.ring) and self.ring_gate.closed and self._gate_opener is None:
             self._gate_opener = self.state.spawn(self._open_when_linked(), "ring-gate")
 
@@ -205,7 +215,7 @@ class MasterNode(Service):
         return all(n in links and links[n].connected for n, m in self.router.view.members.items() if m.state != DOWN)
 
     def _read_every_owner(self, on: bool) -> None:
-        """Reads ask every owner of a key while a rebuilt ring is reconciled (``NewestRead``), or no longer."""
+        """Reads ask every owner of a key while a rebuilt ring is reconciled (``ClusterView.reconciling``), or no longer."""
         self.router.read_every_owner = on
         log.info("reads %s every owner of a key%s", "ask" if on else "no longer ask", " until the rebuilt ring is reconciled" if on else "")
 
@@ -229,13 +239,6 @@ class MasterNode(Service):
 
     def _ping(self, conn: FrameProtocol, rid: int, args: None) -> Any:
         return "PONG"
-
-    def _set(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes, int, int]) -> Any:
-        key, value, ttl, flags = args
-        if flags:
-            return deferred(self.router.set_if(key, value, ttl, flags))
-        self.router.set(conn, rid, key, value, ttl)
-        return LATER
 
     def _delete(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
         self.router.delete(conn, rid, key)
@@ -453,6 +456,7 @@ class MasterNode(Service):
             "replicas": view.replicas,
             "ring": view.ring.to_dict(),
             "migrating": view.prev_ring is not None,
+            "reads_every_owner": self.router.read_every_owner,
             "master": self.node_id,
             "membership": self.membership.status(),
             "nodes": nodes,

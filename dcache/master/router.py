@@ -35,7 +35,9 @@ A SET's SETVs to a node leave with the other SETs of the same loop
 iteration as one MSETV (``LinkBatcher``), answered per entry. MSET is one
 ``WriteOp`` per pair. SET NX/XX and INCR are decided by the
 first live candidate (the condition, or the counter's value) and then
-copied to the other owners with the same version.
+copied to the other owners with the same version. While reads ask every
+owner, each of these (and TOUCH) first brings the key's owners up to its
+newest version (``reconcile``) and is decided by an owner that holds it.
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ from ..errors import (
 )
 from ..hlc import HybridClock, wall_ms
 from ..protocol import Op
-from ..server import LATER, FrameProtocol
+from ..server import LATER, FrameProtocol, deferred
 from .hints import Hints, replay_forever
-from .links import AuxLink
+from .links import MAX_HELD, MAX_HELD_BYTES, AuxLink
 from .nearcache import HotKeys, NearCache
 from .newestread import NewestRead
 from .view import ClusterView
@@ -74,6 +76,8 @@ _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
 _FRAME_TOO_LARGE = int(Status.FRAME_TOO_LARGE)
 _BAD_ARGUMENTS = int(Status.BAD_ARGUMENTS)
 _SUPERSEDED = int(Status.SUPERSEDED)
+#: Most keys in one MGET (``LinkBatcher.MAX_BATCH``; a module constant for the hot path).
+_MAX_BATCH = 256
 _GET = int(Op.GET)
 _SETV = int(Op.SETV)
 _DELV = int(Op.DELV)
@@ -144,7 +148,7 @@ class Router:
         #: An MGET whose values add up to more than this is answered FRAME_TOO_LARGE as soon as they do.
         self.max_answer_bytes = max_answer_bytes
         self.stats = RouterStats()
-        self.batcher = LinkBatcher()
+        self.batcher = LinkBatcher(self)
         self.hints = Hints()
         #: Fences a node cluster-wide (``Membership.fence_missed``); set by the master.
         self.fence_missed: Callable[[str, int, str], Awaitable[int]] | None = None
@@ -158,7 +162,7 @@ class Router:
         self.hot: HotKeys | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Reads ask every owner and answer the newest version (``NewestRead``): set while the
-        #: owners of a rebuilt ring may disagree (``Coordinator``, its reconciliation pass).
+        #: owners of a rebuilt ring may disagree (``ClusterView.reconciling``, set by the master's view).
         self.read_every_owner = False
 
     # -- trust -----------------------------------------------------------------
@@ -314,14 +318,13 @@ class Router:
         if not candidates:
             self.stats.unavailable += 1
             raise UnavailableError("no aux node is available for this key")
-        op = ReadOp(self, sink, rid, key, candidates, False)
         first = candidates[0]
         link = self.links.get(first)
         if link is not None and not link.suspect and first not in self.hints.by_node:
-            op.i = 0  # the first owner, batched (what op.start() does, inlined)
-            self.batcher.add(link, op)
+            # the first owner, batched (what ReadOp.start() does, inlined); its ReadOp is made only if a hit is not all it needs
+            self.batcher.add(link, (sink, rid, key, candidates, self.view))
         else:
-            op.start()
+            ReadOp(self, sink, rid, key, candidates, False).start()
         return LATER
 
     def _near_get(self, sink: Sink, rid: int, key: bytes, count: int) -> Any:
@@ -395,7 +398,13 @@ class Router:
 
     async def touch(self, key: bytes) -> bool:
         """TOUCH on the first owner that answers."""
-        for node in self.read_order(self.view.read_candidates(key)):
+        candidates = self.read_order(self.view.read_candidates(key))
+        if self.read_every_owner:
+            prefer = await self.reconcile(key)
+            candidates = self.read_order(self.view.read_candidates(key))  # the view may have changed meanwhile
+            if prefer in candidates:
+                candidates = [prefer, *(n for n in candidates if n != prefer)]
+        for node in candidates:
             link = self.links.get(node)
             if link is None:
                 continue
@@ -417,10 +426,22 @@ class Router:
             raise UnavailableError("no aux node is available for this key")
         return targets
 
-    def set(self, sink: Sink, rid: int, key: bytes, value: bytes, ttl_ms: int, op: int = Op.SET) -> None:
-        """SET without a condition: a versioned write to every live owner."""
+    def set_op(self, sink: Sink, rid: int, args: tuple[bytes, bytes, int, int], op: int = Op.SET) -> Any:
+        """SET's handler (the master serves SET with it directly, no extra call layer): ``args`` as its parser returns them.
+
+        With NX or XX, ``set_if`` in a coroutine; without, a versioned write
+        to every live owner, answered through ``sink`` (``LATER``).
+        """
+        key, value, ttl_ms, flags = args
+        if flags:
+            return deferred(self.set_if(key, value, ttl_ms, flags))
         expires_at = wall_ms() + ttl_ms if ttl_ms else 0
         WriteOp(self, sink, rid, op, key, self._targets(key), _SETV, (key, value, expires_at, 0, self.clock.next()), True).start()
+        return LATER
+
+    def set(self, sink: Sink, rid: int, key: bytes, value: bytes, ttl_ms: int, op: int = Op.SET) -> None:
+        """SET without a condition: a versioned write to every live owner."""
+        self.set_op(sink, rid, (key, value, ttl_ms, 0), op)
 
     def delete(self, sink: Sink, rid: int, key: bytes) -> None:
         """DELETE: a versioned delete on every live owner; answers whether any held the key."""
@@ -440,9 +461,9 @@ class Router:
 
     async def set_if(self, key: bytes, value: bytes, ttl_ms: int, flags: int) -> bool:
         """SET NX/XX: the first live owner decides the condition; the others copy its outcome."""
+        primary, link = await self._newest_primary(key) if self.read_every_owner else self._primary(key)
         expires_at = wall_ms() + ttl_ms if ttl_ms else 0
         version = self.clock.next()
-        primary, link = self._primary(key)
         try:
             status = await link.call(Op.SETV, key, value, expires_at, flags, version)
         except (UnavailableError, UpstreamTimeoutError) as exc:
@@ -458,7 +479,7 @@ class Router:
 
     async def incr(self, key: bytes, delta: int) -> int:
         """INCR/DECR: the first live owner adds; the others copy the result with its version."""
-        primary, link = self._primary(key)
+        primary, link = await self._newest_primary(key) if self.read_every_owner else self._primary(key)
         try:
             value, expires_at, version = await link.call(Op.INCRV, key, delta, self.clock.next())
         except NotAnIntegerError:
@@ -469,7 +490,38 @@ class Router:
         await self._copy(key, [str(value).encode(), expires_at, version], primary)
         return int(value)
 
+    def reconcile(self, key: bytes) -> asyncio.Future[str | None]:
+        """Bring ``key``'s owners up to its newest version before one of them decides an op (``NewestRead``).
+
+        Used while reads ask every owner: the first owner may hold an older
+        version than another owner, and INCR on it, or a condition tested on
+        it, would decide on that older value (and its copy, with a newer
+        version, would overwrite the newest everywhere). Resolves with an
+        owner that holds the newest state when the owners disagreed (None:
+        they agree, or no owner answered; the op then fails on its own).
+        """
+        done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        candidates = self.view.read_candidates(key)
+        if not candidates:
+            done.set_result(None)
+        else:
+            NewestRead(self, None, 0, key, True, partial(_resolve, done)).start(candidates)
+        return done
+
+    async def _newest_primary(self, key: bytes) -> tuple[str, AuxLink]:
+        """``_primary`` while reads ask every owner: the owners brought up to the newest version first (``reconcile``),
+        and an owner that holds it preferred."""
+        prefer = await self.reconcile(key)
+        if prefer is not None:
+            link = self.links.get(prefer)
+            if link is not None and not link.suspect and prefer in self.view.write_targets(key):
+                if self.near is not None:
+                    self.near.discard(key)
+                return prefer, link
+        return self._primary(key)
+
     def _primary(self, key: bytes) -> tuple[str, AuxLink]:
+        """The owner that decides an op on ``key``: the first live read candidate."""
         if self.near is not None:
             self.near.discard(key)
         for node in self.read_order(self.view.read_candidates(key)):
@@ -605,8 +657,9 @@ class ReadOp:
                 self(_UNAVAILABLE, f"no link to aux node {candidates[self.i]}")
             elif self.i == 0 and not self.entry:
                 # the first owner: batched with the other GETs of this loop
-                # iteration into one MGET (values only, the cheapest answer)
-                router.batcher.add(link, self)
+                # iteration into one MGET (values only, the cheapest answer);
+                # nothing was answered yet, so the read is all in a ``Batched``
+                router.batcher.add(link, (self.sink, self.rid, self.key, candidates, self.view))
             else:
                 link.send(Op.GETV, (self.key,), self)  # later owners: a repair needs the version
             return
@@ -647,6 +700,22 @@ class ReadOp:
             self.sink.reply(self.rid, status, result, _GET)
             return
         self.next()
+
+
+#: A first-owner read waiting in the ``LinkBatcher``: ``(sink, rid, key, candidates, view)``.
+#: Nothing was answered for it yet, so this is all its ``ReadOp`` would hold
+#: (``i`` 0, nothing missed, no error); the ``ReadOp`` is made (``_read_op``)
+#: only if the read needs more than a hit on that owner: a hit costs no object.
+Batched = tuple[Sink, int, bytes, list[str], ClusterView]
+
+
+def _read_op(router: Router, read: Batched) -> ReadOp:
+    """The ``ReadOp`` of a batched read, at its first candidate (answered by it next, or sent again)."""
+    sink, rid, key, candidates, view = read
+    op = ReadOp(router, sink, rid, key, candidates, False)
+    op.view = view
+    op.i = 0
+    return op
 
 
 class _NearFill:
@@ -700,35 +769,37 @@ class _Split:
     fits in a frame.
     """
 
-    __slots__ = ("ops", "link")
+    __slots__ = ("router", "reads", "link")
 
-    def __init__(self, ops: list[ReadOp], link: AuxLink) -> None:
-        self.ops = ops
+    def __init__(self, router: Router, reads: list[Batched], link: AuxLink) -> None:
+        self.router = router
+        self.reads = reads
         self.link = link
 
     def __call__(self, status: int, result: Any) -> None:
-        ops = self.ops
-        if status == _OK and result.__class__ is list and len(result) == len(ops):
+        reads = self.reads
+        router = self.router
+        if status == _OK and result.__class__ is list and len(result) == len(reads):
             hits = 0
-            for op, value in zip(ops, result, strict=True):
+            for read, value in zip(reads, result, strict=True):
                 if value is None:
-                    op(_OK, None)  # a miss: the read goes on to the replicas
+                    _read_op(router, read)(_OK, None)  # a miss: the read goes on to the replicas
                 else:
                     hits += 1
-                    op.sink.reply(op.rid, _OK, value)  # a hit on the first owner (op(0, value), inlined)
+                    read[0].reply(read[1], _OK, value)  # a hit on the first owner (ReadOp(0, value), without the ReadOp)
             if hits:
-                ops[0].router.stats.hits += hits
+                router.stats.hits += hits
             return
         if status == _FRAME_TOO_LARGE:
             link = self.link
-            for op in ops:
-                link.send(Op.GET, (op.key,), op)
+            for read in reads:
+                link.send(Op.GET, (read[2],), _read_op(router, read))
             link.flush()
             return
         if status == _OK:
             status, result = _UNAVAILABLE, "malformed MGET answer from an aux node"
-        for op in ops:
-            op(status, result)
+        for read in reads:
+            _read_op(router, read)(status, result)
 
 
 class LinkBatcher:
@@ -739,7 +810,7 @@ class LinkBatcher:
     on both the master and the aux node. A batch leaves at the end of the
     iteration in which its requests arrived (no added delay); a lone read
     goes as a GET, a lone write as a SETV. The writes wait on their link
-    (``AuxLink.hold_setv``), which sends them before any other request to
+    (``AuxLink.held``), which sends them before any other request to
     that node.
 
     Per node, requests leave in the order they were made: waiting writes
@@ -748,34 +819,36 @@ class LinkBatcher:
     earlier write, nor a write (a DELETE, an INCR...) an earlier read.
     """
 
-    __slots__ = ("_pending", "_holding", "_scheduled", "_loop")
+    __slots__ = ("_router", "_pending", "_holding", "_scheduled", "_loop")
 
     #: Most keys in one MGET.
-    MAX_BATCH = 256
+    MAX_BATCH = _MAX_BATCH
 
-    def __init__(self) -> None:
-        self._pending: dict[AuxLink, list[ReadOp]] = {}
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._pending: dict[AuxLink, list[Batched]] = {}
         self._holding: list[AuxLink] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def add(self, link: AuxLink, op: ReadOp) -> None:
-        """Queue ``op``'s first-owner read on ``link``."""
+    def add(self, link: AuxLink, read: Batched) -> None:
+        """Queue the first-owner read ``read`` on ``link``."""
         if link.held:  # earlier writes to this node leave first
             link.release_held()
         ops = self._pending.get(link)
         if ops is None:
-            self._pending[link] = [op]
+            self._pending[link] = [read]
             link.reads_waiting = partial(self._release_reads, link)  # any other request to the node sends them first
         else:
-            ops.append(op)
-            if len(ops) >= self.MAX_BATCH:
+            ops.append(read)
+            if len(ops) >= _MAX_BATCH:
                 del self._pending[link]
                 link.reads_waiting = None
                 self._send(link, ops)
                 link.flush()
                 return
-        self._schedule()
+        if not self._scheduled:  # once per loop iteration, not per read
+            self._schedule()
 
     def _release_reads(self, link: AuxLink) -> None:
         """Send the reads waiting for ``link`` now (another request to that node is about to leave)."""
@@ -789,9 +862,12 @@ class LinkBatcher:
             release = link.reads_waiting
             link.reads_waiting = None
             release()
-        if not link.held:
+        held = link.held
+        if not held:
             self._holding.append(link)
-        if link.hold_setv(args, target):
+        held.append((args, target))  # held on the link, to leave with others as one MSETV
+        link.held_bytes += len(args[1])
+        if len(held) >= MAX_HELD or link.held_bytes >= MAX_HELD_BYTES:  # a full batch leaves now
             link.release_held()
             link.flush()
             return
@@ -822,30 +898,30 @@ class LinkBatcher:
                 if self._send_reads(link, ops):
                     link.flush()
 
-    def _send_reads(self, link: AuxLink, ops: list[ReadOp]) -> bool:
+    def _send_reads(self, link: AuxLink, ops: list[Batched]) -> bool:
         """Send ``ops`` routed by the current view; reroute the others. Whether anything was sent."""
-        view = ops[0].router.view
-        fresh = [op for op in ops if op.view is view]
+        router = self._router
+        view = router.view
+        fresh = [read for read in ops if read[4] is view]
         if len(fresh) != len(ops):
             # The view changed after these reads were routed (say the node
             # was found restarted and fenced in between): route them again
             # (they go out with the next batch), or they would read a node
             # that may serve stale data.
-            for op in ops:
-                if op.view is not view:
-                    op.reroute()
+            for read in ops:
+                if read[4] is not view:
+                    _read_op(router, read).reroute()
             ops = fresh
             if not ops:
                 return False
         self._send(link, ops)
         return True
 
-    @staticmethod
-    def _send(link: AuxLink, ops: list[ReadOp]) -> None:
+    def _send(self, link: AuxLink, ops: list[Batched]) -> None:
         if len(ops) == 1:
-            link.send(Op.GET, (ops[0].key,), ops[0])
+            link.send(Op.GET, (ops[0][2],), _read_op(self._router, ops[0]))
         else:
-            link.send(Op.MGET, ([op.key for op in ops],), _Split(ops, link))
+            link.send(Op.MGET, ([read[2] for read in ops],), _Split(self._router, ops, link))
 
 
 class _Target:
@@ -928,7 +1004,8 @@ class WriteOp:
             link = links.get(targets[0])
             if link is not None and not link.suspect:
                 if self.upstream == _SETV:
-                    self.router.batcher.add_write(link, self.args, self)
+                    # the bound method, not the op: Python calls it inline, an instance's __call__ through C
+                    self.router.batcher.add_write(link, self.args, self.__call__)
                 else:
                     link.send(self.upstream, self.args, self)
                 return
@@ -1165,6 +1242,11 @@ def _ttl(entry: list[Any] | None) -> int:
     if not expires_at:
         return -1
     return max(0, int(expires_at) - wall_ms())
+
+
+def _resolve(done: asyncio.Future[Any], result: Any) -> None:
+    if not done.done():
+        done.set_result(result)
 
 
 def _ignore(status: int, result: Any) -> None:

@@ -18,6 +18,13 @@ replaced by one with a larger ``(epoch, seq)``.
   owners while writes still go to both rings' owners. The coordinator waits
   until every master routes by this view before it drops ``prev_ring``, so
   no master still reading the previous owners ever misses a write.
+* ``reconciling`` is set while a ring rebuilt from the aux nodes'
+  re-announcements (a lone coordinator restarted) is reconciled: the owners
+  of a key may disagree until the pass reaches it, and every master that
+  routes by the view reads every owner of a key (``Router.read_every_owner``).
+  The coordinator clears it (seq + 1) when the pass ends. Views carry it
+  across ring changes (``with_members``), so a pass started again on a new
+  ring keeps it set.
 * ``departed`` names the nodes that left the membership (a graceful leave,
   FORGET), most recent last, at most ``MAX_DEPARTED``: every view built
   with other members keeps it up to date (``_departed``). Such a node still
@@ -113,6 +120,8 @@ class ClusterView:
     settling: bool = False
     #: Nodes that left the membership, most recent last (see the module note).
     departed: tuple[str, ...] = ()
+    #: The owners of a rebuilt ring are being reconciled: read every owner of a key (see the module note).
+    reconciling: bool = False
     #: The ring's ``PreferenceTable`` in the common case (no migration, every
     #: ring member up), unpacked for the hot path; ``_ends`` is empty otherwise.
     _ends: array[int] = field(default_factory=lambda: array("Q"), init=False, repr=False, compare=False)
@@ -274,6 +283,7 @@ class ClusterView:
             "prev_ring": self.prev_ring.to_dict() if self.prev_ring is not None else None,
             "settling": self.settling,
             "departed": list(self.departed),
+            "reconciling": self.reconciling,
         }
 
     @classmethod
@@ -297,6 +307,7 @@ class ClusterView:
             str(d.get("coordinator", "")),
             bool(d.get("settling", False)),
             tuple(str(n) for n in d.get("departed", ())[-MAX_DEPARTED:]),
+            bool(d.get("reconciling", False)),  # absent in a view from a master older than 2026-12-07
         )
 
     def newer_than(self, other: ClusterView) -> bool:

@@ -1,6 +1,6 @@
 """The dcache wire protocol (sans-IO): framing, the op table and its parsers, limits, request tables."""
 
-from .codec import encode_request, encode_response, pack
+from .codec import Packed, encode_request, encode_response, pack, pack_answer
 from .framing import HEADER, HEADER_BYTES, ONE_CHUNK_BYTES, FrameDecoder, encode_frame, foreign_protocol, queue_frame
 from .limits import (
     INT64_MAX,
@@ -21,6 +21,8 @@ from .ops import OPS, Credential, OpSpec, check_key, check_value, parse_request_
 from .requests import MAX_REQUEST_ID, RequestTable
 
 __all__ = [
+    "Packed",
+    "pack_answer",
     "CHANGING_OPS",
     "CONNECTION_REQUEST_ID",
     "HEADER",

@@ -142,7 +142,7 @@ class FrameDecoder:
         "_fed",
         "_frame_end",
         "_partial",
-        "_error",
+        "error",
         "_frame_start",
         "_big",
         "_stash",
@@ -165,7 +165,12 @@ class FrameDecoder:
         self._fed = 0  # stream offset of the end of everything fed so far
         self._frame_end = -1  # stream offset where the current body ends; -1: reading a header
         self._partial = b""  # header bytes received so far (fewer than four)
-        self._error: RemoteProtocolError | None = None
+        #: The protocol error met after the objects last returned, if any:
+        #: ``feed`` returns the complete objects that precede a bad frame and
+        #: keeps the error here; the next ``feed`` raises it. Set by the
+        #: decoder only (an attribute, not a property: read once per
+        #: ``data_received``).
+        self.error: RemoteProtocolError | None = None
         self._frame_start = 0  # stream offset of the current frame's header
         #: Bytes received but not yet consumed as complete frames (kept up to
         #: date by ``feed``: an attribute, not a property, for the hot path).
@@ -207,15 +212,6 @@ class FrameDecoder:
             raise ValueError(f"max_frame_bytes must be in 1 .. {self._ceiling}")
         self._max_frame = value
 
-    @property
-    def error(self) -> RemoteProtocolError | None:
-        """The protocol error met after the objects last returned, if any.
-
-        ``feed`` returns the complete objects that precede a bad frame and
-        keeps the error here; the next ``feed`` raises it.
-        """
-        return self._error
-
     def feed(self, data: bytes) -> list[Any]:
         """Consume ``data`` and return every object it completes, in order.
 
@@ -223,8 +219,8 @@ class FrameDecoder:
         complete object precedes the fault in this call; otherwise the
         objects are returned and the error is left in ``error``.
         """
-        if self._error is not None:
-            raise _copy(self._error)
+        if self.error is not None:
+            raise _copy(self.error)
         if self._frame_end < 0 and not self._partial:
             # Fast path: nothing buffered and ``data`` is exactly one whole
             # frame (an unpipelined request or answer). Same checks and
@@ -268,7 +264,7 @@ class FrameDecoder:
         error.__traceback__ = None
         error.__context__ = None
         error.__cause__ = None
-        self._error = error
+        self.error = error
         return _copy(error)
 
     def _feed(self, data: bytes) -> list[Any]:

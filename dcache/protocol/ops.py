@@ -335,15 +335,20 @@ def _keys_only(name: str) -> Parser:
 def _parse_set(msg: list[Any], limits: Limits) -> tuple[bytes, bytes, int, int]:
     """SET ``[key, value, ttl_ms?, flags?]`` -> ``(key, value, ttl_ms or 0, flags)``."""
     n = len(msg)
-    if not 4 <= n <= 6:
+    if n == 4:  # SET key value, the common case: one unpack
+        _, _, key, value = msg
+    elif 4 < n <= 6:
+        key = msg[2]
+        value = msg[3]
+    else:
         raise BadArgumentsError("SET takes [key, value, ttl_ms?, flags?]")
-    key = _key(msg[2], limits)
-    value = msg[3]
+    if key.__class__ is not bytes or not key or len(key) > limits.max_key_bytes:  # _key, inlined: SET is the hottest write
+        key = check_key(key, limits)
     if value.__class__ is not bytes or len(value) > limits.max_value_bytes:
         value = check_value(value, limits)
-    ttl = _ttl_ms(msg[4]) if n > 4 else 0
-    flags = _flags(msg[5]) if n > 5 else 0
-    return key, value, ttl, flags
+    if n == 4:
+        return key, value, 0, 0
+    return key, value, _ttl_ms(msg[4]), _flags(msg[5]) if n > 5 else 0
 
 
 def _parse_mset(msg: list[Any], limits: Limits) -> tuple[list[tuple[bytes, bytes]], int]:

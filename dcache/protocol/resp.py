@@ -42,6 +42,7 @@ from ..errors import DCacheError, Status
 from .limits import INT64_MAX, INT64_MIN, MAX_ARRAY_ITEMS, MAX_MATCH_PATTERN_BYTES, MAX_MATCH_STEPS, MAX_TTL_MS
 
 __all__ = [
+    "BULK_HEADERS",
     "CRLF",
     "EMPTY_ARRAY",
     "INLINE_MAX_BYTES",
@@ -80,6 +81,7 @@ __all__ = [
 ]
 
 CRLF = b"\r\n"
+_join = b"".join
 OK = b"+OK\r\n"
 PONG = b"+PONG\r\n"
 QUEUED = b"+QUEUED\r\n"
@@ -94,6 +96,9 @@ ONE = b":1\r\n"
 _SMALL_INTS = [b":%d\r\n" % i for i in range(-2, 1025)]
 #: A bulk string at least this long goes out as three chunks, the value itself uncopied.
 LARGE_BULK_BYTES = 64 * 1024
+#: The header of each bulk string shorter than ``len(BULK_HEADERS)`` bytes, made once: a reply is then one
+#: ``join`` (about 1,100 instructions for a 100-byte value) instead of a ``%`` format (about 1,650).
+BULK_HEADERS: tuple[bytes, ...] = tuple(b"$%d\r\n" % n for n in range(1024))
 #: Longest inline command line (Redis's PROTO_INLINE_MAX_SIZE).
 INLINE_MAX_BYTES = 64 * 1024
 
@@ -320,7 +325,10 @@ def integer(n: int) -> bytes:
 
 def bulk(value: bytes) -> bytes:
     """A bulk string, in one allocation (see ``bulk_chunks`` for large values)."""
-    return b"$%d\r\n%b\r\n" % (len(value), value)
+    n = len(value)
+    if n < len(BULK_HEADERS):
+        return _join((BULK_HEADERS[n], value, CRLF))
+    return b"$%d\r\n%b\r\n" % (n, value)
 
 
 def bulk_chunks(value: bytes) -> list[bytes]:

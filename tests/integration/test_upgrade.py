@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from dcache import Client
@@ -224,3 +225,32 @@ async def test_snapshots_load_across_v0_1_0_and_this_version_both_ways(release: 
             await stop_with_snapshot(node)
     finally:
         node.kill()
+
+
+def test_a_v0_1_0_master_reads_a_view_that_says_its_ring_is_being_reconciled(release: Path) -> None:
+    """Views carry ``reconciling`` (docs/PROTOCOL.md, SYNC): a v0.1.0 follower gets such a view in a mixed cluster
+    and reads the fields it knows, ignoring this one (it then reads as before the field)."""
+    from dcache.master.view import ClusterView, Member
+
+    view = ClusterView.initial([Member("a1", "127.0.0.1", 7101), Member("a2", "127.0.0.1", 7102)], 2, epoch=5).bumped(reconciling=True)
+    wire = msgpack.packb(view.to_dict(), use_bin_type=True)
+    parse = (
+        "import sys, msgpack\n"
+        "from dcache.master.view import ClusterView\n"
+        "v = ClusterView.from_dict(msgpack.unpackb(sys.stdin.buffer.read(), raw=False, strict_map_key=False))\n"
+        "import dcache\n"
+        "print(dcache.__file__)\n"
+        "print(v.epoch, v.seq, ','.join(sorted(v.members)), ','.join(sorted(v.ring.nodes)))\n"
+    )
+    old = subprocess.run(
+        [sys.executable, "-c", parse],
+        input=wire,
+        capture_output=True,
+        cwd=str(release),
+        env={**os.environ, "PYTHONPATH": str(release)},
+        timeout=60,
+    )
+    assert old.returncode == 0, old.stderr.decode()
+    where, *parsed = old.stdout.decode().split()
+    assert Path(where).is_relative_to(release)  # the release's code, not this tree's
+    assert parsed == ["5", "1", "a1,a2", "a1,a2"]

@@ -217,6 +217,38 @@ def test_msetv_answers_each_entry_as_its_setv_would() -> None:
     assert call(node, Op.GETV, b"big") is None
 
 
+def test_msetv_moves_the_clock_past_its_newest_version() -> None:
+    node = make_node()
+    newest = node.limits.version_ceiling() - (1 << 22)  # within --max-clock-skew, ahead of the node's own clock
+    call(node, Op.SETV, b"held", b"v", 0, 0, newest - 1)
+    answers = call(
+        node,
+        Op.MSETV,
+        [
+            [b"a", b"v", 0, 0, newest - 3],
+            [b"held", b"v", 0, 0, newest],  # the newest, neither first nor last, and not stored (superseded below)
+            [b"held", b"v", 0, 0, newest - 2],
+        ],
+    )
+    assert [list(a) for a in answers] == [[0, 1], [0, 1], [0, [2, newest]]]
+    assert node.clock.next() > newest  # the receive rule, for the batch's newest version
+
+
+@pytest.mark.parametrize("n", [1, 8, 15, 16, 64, 65])
+def test_msetv_answer_on_the_wire_is_one_stored_pair_per_entry(n: int) -> None:
+    from dcache.protocol import encode_request, encode_response
+    from tests.fakes import FakeTransport
+
+    node = make_node()
+    conn = node.protocol_factory()
+    transport = FakeTransport(peername=("10.0.0.1", 5000))
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    conn.data_received(encode_request(Op.MSETV, 300, [[b"k%d" % i, b"v", 0, 0, 100 + i] for i in range(n)]))
+    assert b"".join(transport.written) == encode_response(300, 0, [[0, 1]] * n)  # packed ahead for up to 64 entries
+    assert call(node, Op.MSETV, [[b"k0", b"w", 0, 0, 1000]]) == [[0, 1]]  # in-process: the objects a peer decodes
+    assert call(node, Op.GETV, b"k0") == [b"w", 0, 1000]
+
+
 def test_setv_superseded_by_tombstone(node: AuxNode) -> None:
     call(node, Op.SETV, b"k", b"v", 0, 0, 10)
     assert call(node, Op.DELV, b"k", 20) is True

@@ -304,3 +304,18 @@ async def test_an_msetv_invalidates_the_tracked_keys_it_stored_and_only_while_tr
     assert node.cache.get_entry(b"a").value == b"newer"  # type: ignore[union-attr]
     await settle()
     assert len(master.pushes()) == 1
+
+
+async def test_a_held_msetv_whose_entries_were_all_stored_is_answered_whole() -> None:
+    """The answer held for a tracked key's change is the one packed ahead when every entry was stored (``reply`` sends it)."""
+    node = make_node()
+    master, client = Wire(node), Wire(node)
+    client.send([Op.SET, b"a", b"v"])
+    subscribe(master, b"a")
+    v = node.cache.get_entry(b"a").version + 1  # type: ignore[union-attr]
+    rid = client.call(Op.MSETV, [[b"a", b"new", 0, 0, v], [b"c", b"new", 0, 0, v + 1]])
+    await until(master.pushes, "the MSETV's push")
+    await settle()
+    assert rid not in client.answers()
+    master.call(Op.INVACK, 1)
+    assert client.answer(rid) == [[0, 1], [0, 1]]

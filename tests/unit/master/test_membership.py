@@ -664,21 +664,56 @@ async def test_a_restarted_coordinator_gathers_reannouncements_into_one_ring(clu
 
 
 async def test_a_restarted_coordinator_says_when_its_ring_is_due_and_while_reads_must_ask_every_owner(cluster: FakeCluster) -> None:
-    """The master holds requests until the window's end (``on_gathering``), and reads every owner of a key from the
-    rebuilt ring's publication to the end of its reconciliation pass (``on_reconciling``: two copies per key here)."""
+    """The master holds requests until the window's end (``on_gathering``), and every master reads every owner of a
+    key from the rebuilt ring's publication to the end of its reconciliation pass (the views' ``reconciling``: the
+    rebuilt ring carries it, a view of the same ring clears it once the pass ended; two copies per key here)."""
     fresh = ClusterView.initial([], 2, epoch=1000)
-    coord = coordinator(cluster, fresh, recovery_window=0.05)
+    coord = Coordinator(
+        config(replicas=2, recovery_window=0.05),
+        fresh,
+        lambda v: calls.append(("view", v.epoch, v.reconciling)),
+        lambda: cluster.links,
+        cluster.clock,
+        cluster.new_link,
+    )
     calls: list[Any] = []
     coord.on_gathering = lambda window: calls.append(("gathering", window))
-    coord.on_reconciling = lambda on: calls.append(("every owner", on, coord.view.epoch))
     try:
         joins = [coord.join(m.node_id, m.host, m.port, m.weight, known_epoch=1) for m in cluster.members]
         assert await asyncio.wait_for(asyncio.gather(*joins), SETTLE_S) == [1001, 1001, 1001]
         await until(lambda: (coord.recovery or {}).get("reconciled") is True, SETTLE_S, "the rebuilt ring reconciled")
-        # on before the rebuilt ring (epoch 1001) is published: no read is routed by it before
-        assert calls == [("gathering", 0.05), ("every owner", True, 1000), ("every owner", False, 1001)]
+        assert calls == [("gathering", 0.05), ("view", 1001, True), ("view", 1001, False)]
     finally:
         await coord.close()
+
+
+async def test_a_follower_reads_every_owner_while_the_coordinators_rebuilt_ring_is_reconciled(cluster: FakeCluster) -> None:
+    async with Served(cluster, cluster.view.bumped(reconciling=True)) as served:
+        f, seen = follower(served.address)
+        try:
+            await f.sync_once()
+            assert f.view.reconciling is True
+            served.coord.publish(served.coord.view.bumped(reconciling=False))  # what the pass's end publishes
+            await f.sync_once()
+            assert [v.reconciling for v in seen] == [True, False]
+        finally:
+            await f.close()
+
+
+async def test_a_coordinator_that_takes_over_a_ring_being_reconciled_reconciles_it_again(cluster: FakeCluster) -> None:
+    """The coordinator before it died during the pass: the flag ends only with a pass, so the new one runs it."""
+    old = cluster.view.bumped(reconciling=True)
+    async with Served(cluster, ClusterView.initial([], 2, epoch=1000)) as served:
+        f, _ = follower(served.address, old)
+        try:
+            await f.sync_once()
+            assert f.view.epoch == 1001 and f.view.reconciling is True
+            await until(lambda: not served.coord.view.reconciling, SETTLE_S, "the taken-over ring reconciled")
+            assert served.coord.recovery is not None and served.coord.recovery["reconciled"] is True
+            await f.sync_once()
+            assert f.view.reconciling is False
+        finally:
+            await f.close()
 
 
 async def test_expected_reannouncements_end_the_recovery_window_early(cluster: FakeCluster) -> None:

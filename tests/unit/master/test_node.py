@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dcache.config import MasterConfig
-from dcache.master.membership import Coordinator
+from dcache.master.membership import Coordinator, Follower
 from dcache.master.node import MasterNode
-from dcache.master.view import DOWN
+from dcache.master.view import DOWN, ClusterView, Member
 
 AUX = (("a1", "127.0.0.1", 1), ("a2", "127.0.0.1", 2), ("a3", "127.0.0.1", 3))
 
@@ -31,3 +33,19 @@ async def test_an_embedded_coordinator_drops_a_nodes_hints_with_the_view_that_fe
         assert "a2" not in hints
     finally:
         await coord.close()
+
+
+async def test_a_follower_master_reads_every_owner_while_the_view_it_adopts_says_so() -> None:
+    """A follower learns that the coordinator's rebuilt ring is being reconciled from the view (``reconciling``)."""
+    node = MasterNode(MasterConfig(node_id="t-follower", replicas=2, coordinator="127.0.0.1:1"))
+    follower = node.membership
+    try:
+        assert isinstance(follower, Follower) and node.router.read_every_owner is False
+        view = ClusterView.initial([Member(n, h, p) for n, h, p in AUX], 2, epoch=5)
+        follower.publish(replace(view, reconciling=True))
+        assert node.router.read_every_owner is True and node.router.view.reconciling is True
+        assert (await node.ring_info())["reads_every_owner"] is True
+        follower.publish(node.router.view.bumped(reconciling=False))
+        assert node.router.read_every_owner is False
+    finally:
+        await follower.close()

@@ -842,3 +842,58 @@ async def test_an_mget_reads_every_owner_of_each_key_while_asked_to(cluster: Fak
     cluster.router.mget(sink, 1, keys)  # type: ignore[arg-type]
     assert await sink.answer() == (OK, [b"new", b"only on a3"])
     assert cluster.sent("a1", Op.MGET, Op.GET) == []  # no first-owner batch: every owner is asked with GETV
+
+
+# -- ops one owner decides, while reads ask every owner: decided on the newest version ---------------
+
+
+async def test_incr_on_a_stale_first_owner_adds_to_the_newest_value(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a1", key, b"5")  # a1 missed the write of 10
+    cluster.put("a2", key, b"10")
+    cluster.router.read_every_owner = True
+    assert await cluster.router.incr(key, 1) == 11  # not 6, which would overwrite 10 everywhere
+    e1 = cluster.entry("a1", key)
+    assert e1 is not None and e1[0] == b"11" and cluster.entry("a2", key) == e1
+    assert [m[0] for m in cluster.sent("a1")][:2] == [Op.GETV, Op.APPLY]  # brought up to 10 before the add
+
+
+async def test_set_nx_and_xx_on_a_first_owner_that_missed_the_key_see_the_newest_value(cluster: FakeCluster) -> None:
+    nx = cluster.key_owned_by("a1", "a2")
+    new = cluster.put("a2", nx, b"kept")  # a1 missed it
+    cluster.router.read_every_owner = True
+    assert await cluster.router.set_if(nx, b"lost", 0, SetFlag.NX) is False
+    assert cluster.entry("a1", nx) == cluster.entry("a2", nx) == [b"kept", 0, new]
+    xx = cluster.key_owned_by("a2", "a3")
+    cluster.put("a3", xx, b"old")
+    assert await cluster.router.set_if(xx, b"replaced", 0, SetFlag.XX) is True
+    assert cluster.value("a2", xx) == cluster.value("a3", xx) == b"replaced"
+
+
+async def test_an_op_one_owner_decides_is_decided_by_the_owner_holding_a_newer_tombstone(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a1", key, b"5")
+    cluster.put("a2", key, b"5")
+    assert cluster.auxes["a2"].cache.delete(key, version=cluster.clock.next())  # a delete a1 missed
+    cluster.router.read_every_owner = True
+    assert await cluster.router.incr(key, 1) == 1  # the deleted key counts as 0, not 5
+    assert cluster.value("a1", key) == cluster.value("a2", key) == b"1"
+    assert [m[0] for m in cluster.sent("a2")][-2:] == [Op.GETV, Op.INCRV]
+
+
+async def test_touch_on_a_first_owner_that_missed_the_key_finds_it(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a2", key, b"v")
+    cluster.router.read_every_owner = True
+    assert await cluster.router.touch(key) is True
+    assert cluster.value("a1", key) == b"v"
+
+
+async def test_ops_one_owner_decides_read_nothing_first_when_reads_ask_one_owner(cluster: FakeCluster) -> None:
+    key = cluster.key_owned_by("a1", "a2")
+    cluster.put("a1", key, b"5")
+    cluster.put("a2", key, b"10")
+    assert await cluster.router.incr(key, 1) == 6  # the normal path: the first owner decides (no GETV)
+    assert await cluster.router.set_if(key, b"v", 0, SetFlag.XX) is True
+    assert await cluster.router.touch(key) is True
+    assert cluster.sent("a1", Op.GETV) == [] and cluster.sent("a2", Op.GETV) == []

@@ -354,3 +354,18 @@ def test_membership_changes_derive_the_ring_and_its_table_from_the_rings_the_vie
     down = done.with_members({m.node_id: m for m in members(*ids, "a12", a3=DOWN)}, migrate=False)
     assert down.ring.fingerprint() == HashRing(dict.fromkeys([*ids, "a12"], 1.0)).without_node("a3").fingerprint()
     assert all(down.read_candidates(key) == [n for n in built.owners(key, 3) if n != "a3"][:2] for key in KEYS)
+
+
+def test_reconciling_travels_with_the_view_and_its_later_versions_and_an_older_view_has_none() -> None:
+    view = view_of(("a1", "a2"), 2).bumped(reconciling=True)
+    wire = msgpack.unpackb(msgpack.packb(view.to_dict(), use_bin_type=True), raw=False, strict_map_key=True)
+    assert ClusterView.from_dict(wire).reconciling is True
+    # A ring change during the pass keeps it (the pass starts again on the new ring); the pass's end clears it.
+    assert view.with_members({m.node_id: m for m in members("a1", "a2", "a3")}).reconciling is True
+    assert view.bumped(reconciling=False).reconciling is False
+    older = view.to_dict()
+    del older["reconciling"]  # a view from a master older than the field
+    assert ClusterView.from_dict(older).reconciling is False
+    # An older master reads the fields it knows by name: one it does not know is ignored, as this one ignores this.
+    newer = view.to_dict() | {"a_later_field": [1, 2]}
+    assert ClusterView.from_dict(newer) == view

@@ -50,3 +50,14 @@ def test_check_value():
         check_value(b"abcd", limits)
     with pytest.raises(BadArgumentsError):
         check_value(None, limits)
+
+
+@pytest.mark.parametrize("rid", [1, 127, 300, 70_000, 2**64 - 1])
+def test_packed_results_answer_as_their_objects_would(rid: int) -> None:
+    from dcache.protocol import Packed, pack, pack_answer
+
+    result = [[0, 1], [0, [2, 2**63]], [4, "out of memory"]]
+    packed = Packed(pack(result))
+    assert pack_answer(rid, 0, packed) == pack([rid, 0, result])
+    assert pack_answer(rid, 4, packed) == pack([rid, 4, result])
+    assert packed.unpacked() == result

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from dcache.errors import Status
 from dcache.protocol.limits import MAX_MATCH_STEPS
 from dcache.protocol.resp import (
+    BULK_HEADERS,
     NIL,
     RespError,
     array,
@@ -96,6 +97,12 @@ def test_inline_commands_stop_at_the_first_array() -> None:
     assert split_inline(b"PING\r\nGE") == ([[b"PING"]], b"GE")
     with pytest.raises(RespError, match="too big inline request"):
         split_inline(b"x" * (65 * 1024))
+
+
+@pytest.mark.parametrize("n", [0, 1, 100, len(BULK_HEADERS) - 1, len(BULK_HEADERS), 5000])
+def test_a_bulk_reply_is_the_same_with_or_without_a_made_header(n: int) -> None:
+    value = bytes(range(256)) * (n // 256) + b"v" * (n % 256)
+    assert bulk(value) == b"$%d\r\n%b\r\n" % (n, value) == b"".join(bulk_chunks(value))
 
 
 def test_replies() -> None:
