@@ -41,15 +41,15 @@ state the read saw (None: the owners agree, or none holds the key).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import Status
 from ..protocol import Op
 
 if TYPE_CHECKING:
-    from .router import Router, Sink
+    from .links import AuxLink
 
 __all__ = ["NewestRead"]
 
@@ -58,6 +58,32 @@ _UNAVAILABLE = int(Status.UNAVAILABLE)
 _GET = int(Op.GET)
 _GETV = int(Op.GETV)
 _APPLY = int(Op.APPLY)
+
+
+class Sink(Protocol):
+    """Where the read's answer goes (``router.Sink``: a client connection, or a collector of several answers)."""
+
+    def reply(self, rid: int, status: int, result: Any, op: int = 0) -> None: ...
+
+
+class _Stats(Protocol):
+    """The counters of ``router.RouterStats`` a read moves."""
+
+    hits: int
+    misses: int
+    unavailable: int
+    fallbacks: int
+    repairs: int
+
+
+class Router(Protocol):
+    """What a ``NewestRead`` uses of the master's ``router.Router`` (named here, so that this module needs no import of it)."""
+
+    @property
+    def links(self) -> Mapping[str, AuxLink]: ...
+
+    @property
+    def stats(self) -> _Stats: ...
 
 
 class NewestRead:
