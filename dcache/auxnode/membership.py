@@ -33,6 +33,9 @@ _RETRY_S = 0.5
 _LOST_POLL_S = 0.1
 #: While announcing keeps failing, a reminder is logged at most this often (a new kind of failure is logged at once).
 _REMIND_EVERY_S = 30.0
+#: A joined node that loses its master says so at INFO; a WARNING comes once re-announcing has failed this long
+#: (a master restarting, or `dcache cluster` stopping, is back or has stopped this node by then).
+_LOST_QUIET_S = _ANNOUNCE_EVERY_S
 
 
 class JoinAgent:
@@ -69,6 +72,8 @@ class JoinAgent:
         #: When a failure was last logged, and the kinds logged in this run (``_log_failure``).
         self._failure_logged_at = 0.0
         self._failure_kinds: set[str] = set()
+        #: Whether this run's loss of the master was logged at INFO (``_log_failure``).
+        self._lost_said = False
 
     def start(self) -> None:
         """Start announcing in the background."""
@@ -136,12 +141,21 @@ class JoinAgent:
         """Log a failed announcement: the first of a run and each new kind at WARNING, then a reminder every ``_REMIND_EVERY_S``.
 
         A retry every ``_RETRY_S`` logged each time would be two lines a
-        second for as long as the master is away.
+        second for as long as the master is away. A joined node re-announces
+        as soon as its connection to the master drops, so a master that
+        restarts or a cluster that stops (`dcache cluster`, Ctrl-C) fails the
+        first retries as a matter of course: for ``_LOST_QUIET_S`` that is
+        one INFO line, and a WARNING only if it lasts.
         """
         now = time.monotonic()
         if self._failing_since is None:
-            self._failing_since, self._failure_kinds = now, set()
+            self._failing_since, self._failure_kinds, self._lost_said = now, set(), False
         auth = isinstance(exc, AuthError)  # not HandshakeError: --join names an aux node, or another protocol version
+        if self.joined.is_set() and not auth and now - self._failing_since < _LOST_QUIET_S:
+            if not self._lost_said:
+                self._lost_said = True
+                log.info("lost master %s:%s (%s); re-announcing every %.1f s", *self._master, exc, _RETRY_S)
+            return
         # A refused proof and the throttling that follows it are one condition.
         kind = "credentials" if auth else type(exc).__name__
         if kind in self._failure_kinds and now - self._failure_logged_at < _REMIND_EVERY_S:

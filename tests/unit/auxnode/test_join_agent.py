@@ -71,3 +71,32 @@ async def test_a_node_that_loses_its_master_announces_again_as_soon_as_the_maste
             await stop(restarted, server)
     finally:
         await agent.close()
+
+
+async def test_a_node_that_loses_its_master_says_so_at_info_and_warns_only_if_it_lasts(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A master restarting, or ``dcache cluster`` stopping (the master first), is not an operator's problem for its first
+    seconds: one INFO line; the WARNING comes once re-announcing has failed for ``_LOST_QUIET_S``."""
+    monkeypatch.setattr(membership, "_ANNOUNCE_EVERY_S", 3600.0)
+    monkeypatch.setattr(membership, "_RETRY_S", 0.05)
+    monkeypatch.setattr(membership, "_LOST_QUIET_S", 1.5)
+    master = JoinCounter()
+    server = await listen(master)
+    port = server.sockets[0].getsockname()[1]
+    agent = JoinAgent(AuxConfig(node_id="a1", join=f"127.0.0.1:{port}"), "a1", ("127.0.0.1", 7001))
+    caplog.set_level("INFO", logger="dcache.aux.membership")
+    agent.start()
+    try:
+        await until(lambda: agent.epoch == 7, 10, "the first announcement")
+        await stop(master, server)  # the master goes away for good
+        await until(lambda: any("lost master" in r.getMessage() for r in caplog.records), 10, "the INFO line")
+        lost = next(r for r in caplog.records if "lost master" in r.getMessage())
+        assert lost.levelname == "INFO"
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]  # not within the quiet period
+        await until(lambda: any(r.levelname == "WARNING" for r in caplog.records), 10, "the WARNING once it lasts")
+        warning = next(r for r in caplog.records if r.levelname == "WARNING")
+        assert "re-announcing to master" in warning.getMessage() and warning.created - lost.created >= 1.4
+        assert sum("lost master" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        await agent.close()
