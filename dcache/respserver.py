@@ -51,7 +51,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import hiredis
@@ -298,15 +298,17 @@ class RespProtocol(FrameProtocol):
 
         ``completed`` is ``_next_slot`` before this input; ``fed`` the bytes just given to the reader.
         """
-        if not self._stopped():
+        read_all = False
+        if not (self._blocked or self._paused or self._throttled):  # _stopped(), inlined: once per input
             try:
-                self._drain()
+                read_all = self._drain()
             except hiredis.ProtocolError as exc:
                 if not self._recover(exc):
                     return False
         if self._closed or self._reader is None:
             return False
-        self._end_of_input(now, completed != self._next_slot, fed)
+        if not read_all or self._inline or self.buffered:  # else no byte is left unread: nothing to account
+            self._end_of_input(now, completed != self._next_slot, fed)
         return True
 
     def _end_of_input(self, now: float, completed: bool, fed: int) -> None:
@@ -350,7 +352,7 @@ class RespProtocol(FrameProtocol):
         """Whether commands read must wait: for the commands in flight (blocked, throttled) or for the client to read its replies."""
         return self._blocked or self._paused or self._throttled
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
         """Run queued commands, then every complete command the reader holds, until one must wait.
 
         Each ``PUSH_BYTES`` of replies built go to the transport at once, and
@@ -358,7 +360,9 @@ class RespProtocol(FrameProtocol):
         not read) or too many answers are owed: a client that pipelines
         large reads and never reads costs the bytes of about one push, not
         the replies of every command it sent. The rest waits in the reader
-        (reading is paused) until ``_go_on``.
+        (reading is paused) until ``_go_on``. Returns whether every byte fed
+        was read, up to the end of a command (``_end_of_input`` has then
+        nothing to account).
         """
         queue = self._queue
         out = self._pending_out
@@ -366,20 +370,27 @@ class RespProtocol(FrameProtocol):
         size = 0
         has_data = self._has_data
         gets = self._gets
-        pos = self._pos
-        length = self._len
+        read_all = False
+        moved = False  # a command was read since ``_next_at`` was last set
         while not (self._blocked or self._paused or self._throttled or self._closed):  # _stopped(), inlined: once per command
             if queue:
                 self._command(queue.popleft())
             elif has_data():
+                if moved:  # where the next command starts (``_recover``), from the reader's cursor: only when bytes are left
+                    self._next_at = self._fed - (self._len.value - self._pos.value)
+                    moved = False
                 cmd = gets()
                 if cmd is False:
                     self._boundary = False
                     break
                 self._boundary = True
-                self._next_at = self._fed - (length.value - pos.value)
+                moved = True
                 self._command(cmd)
             else:
+                if moved:  # every byte fed was read: the next command starts where the stream ends
+                    self._next_at = self._fed
+                    moved = False
+                read_all = self._boundary
                 break
             n = len(out)
             if n != seen:
@@ -391,18 +402,25 @@ class RespProtocol(FrameProtocol):
                 if size >= PUSH_BYTES:
                     self._push()
                     seen = size = 0
+        if moved and self._reader is not None:  # stopped after a command, maybe with more held in the reader
+            self._next_at = self._fed - (self._len.value - self._pos.value)
         if queue:
-            return
+            return False
         tail = self._tail
         if tail is None:
             if self._boundary and not self._closed and self._reader is not None and not has_data():
                 self._tail = deque()  # between two commands again: keep what follows
-            return
+            return read_all
         next_at = self._next_at
+        if next_at == self._fed:  # every chunk kept was read
+            if tail:
+                tail.clear()
+            return read_all
         while tail and tail[0][0] + len(tail[0][1]) <= next_at:
             tail.popleft()
         if self._fed - next_at > RECOVERY_BYTES:
             self._tail = None  # a large command in progress: not kept
+        return read_all
 
     def _feed(self, data: bytes) -> None:
         assert self._reader is not None
@@ -482,7 +500,7 @@ class RespProtocol(FrameProtocol):
         slot = self._next_slot
         self._next_slot = slot + 1
         self._stats.commands[spec.name] += 1
-        if n not in spec.arity or (spec.needs_auth and self.level == _NONE):
+        if not spec.least <= n <= spec.most or (spec.needs_auth and self.level == _NONE):
             self._run(spec, cmd, slot)  # answers the error
             return
         try:  # _run, inlined: once per command
@@ -1070,11 +1088,6 @@ class _Command:
     needs_auth: bool = True
     queued: bool = True  # inside MULTI: queued (False: runs at once, as EXEC and DISCARD)
     flags: tuple[str, ...] = ()
-    #: ``least``..``most`` as a range: one ``in`` test per command (``RespProtocol._command``).
-    arity: range = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "arity", range(self.least, self.most + 1))
 
 
 _MANY = 1 << 30

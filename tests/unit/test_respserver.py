@@ -155,6 +155,21 @@ async def test_inline_commands_and_an_empty_line_among_arrays() -> None:
     assert out(t) == b"+PONG\r\n$3\r\nv:a\r\n$1\r\ne\r\n$3\r\nv:b\r\n+PONG\r\n" and not t.closed
 
 
+async def test_a_stream_of_arrays_and_inline_lines_answers_the_same_however_it_is_split() -> None:
+    # The reader's stream offset (where the next command starts, for the
+    # re-read after an inline line) is taken only when bytes are left over:
+    # every cut of the stream, in two or three chunks, must answer alike.
+    stream = cmd(b"GET", b"a") + cmd(b"PING") + b"\r\n" + cmd(b"ECHO", b"e") + b"GET b\r\n" + cmd(b"GET", b"c") + cmd(b"PING")
+    want = b"$3\r\nv:a\r\n+PONG\r\n$1\r\ne\r\n$3\r\nv:b\r\n$3\r\nv:c\r\n+PONG\r\n"
+    cuts = [(i, j) for i in range(1, len(stream)) for j in (i, min(i + 7, len(stream)))]
+    for i, j in cuts:
+        conn, t = connect(Toy())
+        for chunk in (stream[:i], stream[i:j], stream[j:]):
+            if chunk:
+                conn.data_received(chunk)
+        assert out(t) == want and not t.closed, (i, j)
+
+
 async def test_transactions_queue_then_run_in_order() -> None:
     svc = Toy()
     conn, t = connect(svc)
