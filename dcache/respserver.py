@@ -387,10 +387,9 @@ class RespProtocol(FrameProtocol):
                 moved = True
                 self._command(cmd)
             else:
-                if moved:  # every byte fed was read: the next command starts where the stream ends
+                if self._boundary:  # every byte fed was read: the next command starts where the stream ends
                     self._next_at = self._fed
-                    moved = False
-                read_all = self._boundary
+                    read_all = True
                 break
             n = len(out)
             if n != seen:
@@ -402,6 +401,13 @@ class RespProtocol(FrameProtocol):
                 if size >= PUSH_BYTES:
                     self._push()
                     seen = size = 0
+        if read_all:  # nothing to keep for a re-read (the queue is empty too)
+            tail = self._tail
+            if tail:
+                tail.clear()
+            elif tail is None and self._reader is not None:
+                self._tail = deque()  # between two commands again: keep what follows
+            return True
         if moved and self._reader is not None:  # stopped after a command, maybe with more held in the reader
             self._next_at = self._fed - (self._len.value - self._pos.value)
         if queue:
@@ -410,17 +416,13 @@ class RespProtocol(FrameProtocol):
         if tail is None:
             if self._boundary and not self._closed and self._reader is not None and not has_data():
                 self._tail = deque()  # between two commands again: keep what follows
-            return read_all
+            return False
         next_at = self._next_at
-        if next_at == self._fed:  # every chunk kept was read
-            if tail:
-                tail.clear()
-            return read_all
         while tail and tail[0][0] + len(tail[0][1]) <= next_at:
             tail.popleft()
         if self._fed - next_at > RECOVERY_BYTES:
             self._tail = None  # a large command in progress: not kept
-        return read_all
+        return False
 
     def _feed(self, data: bytes) -> None:
         assert self._reader is not None
