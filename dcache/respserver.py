@@ -198,6 +198,7 @@ class RespProtocol(FrameProtocol):
         "_fed",
         "_next_at",
         "_tail",
+        "_last",
     )
 
     def __init__(self, service: Service) -> None:
@@ -237,10 +238,13 @@ class RespProtocol(FrameProtocol):
         self._quitting = False
         #: Bytes fed to the reader in all; the stream offset where the next command starts; the
         #: chunks fed from that offset on, as ``(offset, chunk)`` (``None``: more than
-        #: ``RECOVERY_BYTES``, not kept). ``_recover`` re-reads them after a hiredis error.
+        #: ``RECOVERY_BYTES``, not kept), but for the last one, ``_last``, which joins them only
+        #: if a drain leaves bytes unread (most inputs are read whole: no tuple, no append).
+        #: ``_recover`` re-reads them after a hiredis error.
         self._fed = 0
         self._next_at = 0
         self._tail: deque[tuple[int, bytes]] | None = deque()
+        self._last = b""
 
     def _new_reader(self) -> None:
         limits = self._limits
@@ -273,6 +277,7 @@ class RespProtocol(FrameProtocol):
         self._reader = None
         self._queue.clear()
         self._inline = b""
+        self._last = b""
 
     def data_received(self, data: bytes) -> None:
         if self._closed or self._closing_error is not None or self._reader is None:
@@ -402,6 +407,7 @@ class RespProtocol(FrameProtocol):
                     self._push()
                     seen = size = 0
         if read_all:  # nothing to keep for a re-read (the queue is empty too)
+            self._last = b""
             tail = self._tail
             if tail:
                 tail.clear()
@@ -417,6 +423,10 @@ class RespProtocol(FrameProtocol):
             if self._boundary and not self._closed and self._reader is not None and not has_data():
                 self._tail = deque()  # between two commands again: keep what follows
             return False
+        last = self._last
+        if last:  # bytes are left unread: the last chunk joins the others kept
+            tail.append((self._fed - len(last), last))
+            self._last = b""
         next_at = self._next_at
         while tail and tail[0][0] + len(tail[0][1]) <= next_at:
             tail.popleft()
@@ -426,9 +436,11 @@ class RespProtocol(FrameProtocol):
 
     def _feed(self, data: bytes) -> None:
         assert self._reader is not None
-        tail = self._tail
-        if tail is not None:
-            tail.append((self._fed, data))  # no copy; trimmed (or dropped) once the reader has read it
+        if self._tail is not None:  # no copy; trimmed (or dropped) once the reader has read it
+            last = self._last
+            if last:  # fed before and not drained since
+                self._tail.append((self._fed - len(last), last))
+            self._last = data
         self._fed += len(data)
         self._reader.feed(data)
 
@@ -449,6 +461,10 @@ class RespProtocol(FrameProtocol):
             self._stats.protocol_errors += 1
             self._protocol_error(RemoteProtocolError(text if text.startswith("Protocol error") else f"Protocol error: {text}"))
             return False
+        last = self._last
+        if last:
+            tail.append((self._fed - len(last), last))
+            self._last = b""
         data = b"".join(chunk for _, chunk in tail)[self._next_at - tail[0][0] :] if tail else b""
         limits = self._limits
         try:

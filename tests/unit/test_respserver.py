@@ -170,6 +170,20 @@ async def test_a_stream_of_arrays_and_inline_lines_answers_the_same_however_it_i
         assert out(t) == want and not t.closed, (i, j)
 
 
+async def test_an_inline_line_after_commands_held_for_those_in_flight_is_read_again() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"GET", b"later:a") + cmd(b"SET", b"b", b"1") + b"\r\n")  # the SET waits for the GET
+    conn.data_received(b"PING\r\n" + cmd(b"GET", b"c")[:5])
+    svc.answer(0)
+    await asyncio.sleep(0)
+    conn.data_received(cmd(b"GET", b"c")[5:])  # waits for the SET
+    svc.answer(0)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert out(t) == b"$9\r\nv:later:a\r\n+OK\r\n+PONG\r\n$3\r\nv:c\r\n" and not t.closed
+
+
 async def test_transactions_queue_then_run_in_order() -> None:
     svc = Toy()
     conn, t = connect(svc)
