@@ -50,7 +50,7 @@ class PeerConnection(asyncio.Protocol):
         "_decoder",
         "requests",
         "_out",
-        "_flush_scheduled",
+        "pending_flush",
         "_loop",
         "closed",
         "_name",
@@ -69,7 +69,8 @@ class PeerConnection(asyncio.Protocol):
         #: The requests waiting for an answer on this connection.
         self.requests: RequestTable[Callback] = RequestTable()
         self._out: list[bytes] = []
-        self._flush_scheduled = False
+        #: Whether requests are queued for this loop iteration's write (its flush is scheduled).
+        self.pending_flush = False
         self._loop = asyncio.get_running_loop()
         self.closed = False
         self._name = name
@@ -129,20 +130,24 @@ class PeerConnection(asyncio.Protocol):
         if self._decoder.error is not None:
             self.close()
 
-    def send(self, op: int, args: tuple[Any, ...], cb: Callback, deadline: float | None, late: bool = False) -> int:
+    def send(self, op: int, args: tuple[Any, ...], cb: Callback, deadline: float | None, late: bool = False, now: bool = False) -> int:
         """Queue one request; ``cb`` gets its answer (or a timeout once ``deadline`` passes, see ``fail_overdue``); returns its id.
 
         ``late``: the deadline is in the table's late lane (a request the peer may hold back on purpose).
+        ``now``: write it (with the requests queued before it) at once, as ``flush_now``, instead of
+        at the end of the loop iteration: no flush is scheduled for it.
         """
         rid = self.requests.add(cb, deadline, late=late)
         queue_frame(self._out, _pack([op, rid, *args]))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if now:
+            self._flush()
+        elif not self.pending_flush:
+            self.pending_flush = True
             self._loop.call_soon(self._flush)
         return rid
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        self.pending_flush = False
         out = self._out
         if out and not self.closed and self._transport is not None:
             if len(out) == 1:
@@ -154,11 +159,6 @@ class PeerConnection(asyncio.Protocol):
     def flush_now(self) -> None:
         """Write the queued requests now (the scheduled flush then finds nothing)."""
         self._flush()
-
-    @property
-    def pending_flush(self) -> bool:
-        """Whether requests are queued for this loop iteration's write."""
-        return self._flush_scheduled
 
     def fail_overdue(self, now: float, message: str) -> int:
         """Answer every request whose deadline passed with ``UPSTREAM_TIMEOUT``; return how many."""

@@ -371,11 +371,13 @@ class AuxLink:
         self._ensure_connector()
         return None
 
-    def send(self, op: int, args: tuple[Any, ...], cb: Callback) -> None:
+    def send(self, op: int, args: tuple[Any, ...], cb: Callback, now: bool = False) -> None:
         """Send one request; ``cb(status, result)`` gets the answer, a timeout or a loss.
 
         Held SETVs (``held``) and waiting reads (``reads_waiting``) leave
         first: requests reach the node in the order they were made.
+        ``now``: written at once with what its connection has queued
+        (``PeerConnection.send``), not at the end of the loop iteration.
         """
         if self.held:
             self.release_held()
@@ -396,9 +398,9 @@ class AuxLink:
         loop = self._loop
         assert loop is not None
         if op in CHANGING_OPS:  # the node may hold its answer while near caches drop their copies
-            conn.send(op, args, cb, loop.time() + self._timeout + INVALIDATION_TIMEOUT_S, True)
+            conn.send(op, args, cb, loop.time() + self._timeout + INVALIDATION_TIMEOUT_S, True, now)
         else:
-            conn.send(op, args, cb, loop.time() + self._timeout)
+            conn.send(op, args, cb, loop.time() + self._timeout, False, now)
 
     def send_tracked(self, op: int, args: tuple[Any, ...], cb: Callback) -> PeerConnection | None:
         """Send one request on the tracking connection (near-cache fills); return it, or None (``cb`` was answered UNAVAILABLE).
@@ -486,16 +488,16 @@ class AuxLink:
             conn.lease_ping = True
             conn.send(Op.PING, (), partial(_lease_answered, conn, now), now + self._timeout)
 
-    def release_held(self) -> None:
-        """Send the held SETVs: one MSETV answered per entry (a lone one as a SETV)."""
+    def release_held(self, now: bool = False) -> None:
+        """Send the held SETVs: one MSETV answered per entry (a lone one as a SETV); ``now`` as for ``send``."""
         held = self.held
         self.held = []
         self.held_bytes = 0
         if len(held) == 1:
             args, cb = held[0]
-            self.send(_SETV, args, cb)
+            self.send(_SETV, args, cb, now)
         elif held:
-            self.send(_MSETV, ([args for args, _ in held],), _SplitSetv(held, self))
+            self.send(_MSETV, ([args for args, _ in held],), _SplitSetv(held, self), now)
 
     def flush(self) -> None:
         """Write what is queued on every connection now, not at the end of the iteration."""

@@ -844,7 +844,7 @@ class LinkBatcher:
             if len(ops) >= _MAX_BATCH:
                 del self._pending[link]
                 link.reads_waiting = None
-                self._send(link, ops)
+                self._send(link, ops, True)
                 link.flush()
                 return
         if not self._scheduled:  # once per loop iteration, not per read
@@ -868,7 +868,7 @@ class LinkBatcher:
         held.append((args, target))  # held on the link, to leave with others as one MSETV
         link.held_bytes += len(args[1])
         if len(held) >= MAX_HELD or link.held_bytes >= MAX_HELD_BYTES:  # a full batch leaves now
-            link.release_held()
+            link.release_held(True)
             link.flush()
             return
         if not self._scheduled:
@@ -888,18 +888,18 @@ class LinkBatcher:
             self._holding = []
             for link in holding:
                 if link.held:
-                    link.release_held()
-                    link.flush()  # now, not one more loop iteration later
+                    link.release_held(True)  # now, not one more loop iteration later
+                    link.flush()
         if self._pending:
             pending = self._pending
             self._pending = {}
             for link, ops in pending.items():
                 link.reads_waiting = None
-                if self._send_reads(link, ops):
+                if self._send_reads(link, ops, True):
                     link.flush()
 
-    def _send_reads(self, link: AuxLink, ops: list[Batched]) -> bool:
-        """Send ``ops`` routed by the current view; reroute the others. Whether anything was sent."""
+    def _send_reads(self, link: AuxLink, ops: list[Batched], now: bool = False) -> bool:
+        """Send ``ops`` routed by the current view (``now``: written at once); reroute the others. Whether anything was sent."""
         router = self._router
         view = router.view
         fresh = [read for read in ops if read[4] is view]
@@ -914,14 +914,14 @@ class LinkBatcher:
             ops = fresh
             if not ops:
                 return False
-        self._send(link, ops)
+        self._send(link, ops, now)
         return True
 
-    def _send(self, link: AuxLink, ops: list[Batched]) -> None:
+    def _send(self, link: AuxLink, ops: list[Batched], now: bool = False) -> None:
         if len(ops) == 1:
-            link.send(Op.GET, (ops[0][2],), _read_op(self._router, ops[0]))
+            link.send(Op.GET, (ops[0][2],), _read_op(self._router, ops[0]), now)
         else:
-            link.send(Op.MGET, ([read[2] for read in ops],), _Split(self._router, ops, link))
+            link.send(Op.MGET, ([read[2] for read in ops],), _Split(self._router, ops, link), now)
 
 
 class _Target:

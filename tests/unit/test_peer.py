@@ -78,6 +78,17 @@ async def test_flush_now_writes_at_once_and_the_scheduled_flush_finds_nothing() 
     assert len(transport.written) == 1
 
 
+async def test_a_request_sent_now_leaves_at_once_with_those_queued_before_it() -> None:
+    conn, transport = connected()
+    conn.send(Op.PING, (), Answers(), far())
+    conn.send(Op.GET, (b"k",), Answers(), far(), now=True)
+    assert transport.frames() == [[Op.PING, 1], [Op.GET, 2, b"k"]] and len(transport.written) == 1
+    conn.send(Op.GET, (b"j",), Answers(), far(), now=True)
+    assert len(transport.written) == 2 and not conn.pending_flush  # written: no flush scheduled for it
+    await asyncio.sleep(0)
+    assert len(transport.written) == 2
+
+
 async def test_answers_reach_their_callbacks_in_any_order() -> None:
     batches: list[int] = []
     conn, _ = connected(on_answers=lambda: batches.append(1))
