@@ -11,7 +11,10 @@ directory's package first), then drives the master's RESP port with
 Prints each process's CPU time (user + system, /proc/PID/stat) over the
 run divided by the requests, and the median per tree. The runs alternate,
 so a shared machine's drift touches every tree alike; CPU per request moves
-far less with the machine's load than throughput does.
+far less with the machine's load than throughput does. The master's user
+time is printed apart (the system time is mostly its socket calls, which
+moves with how many requests share a loop turn). ``--get`` drives GETs
+instead, after a pipelined SET of every key (hits, as after a load).
 
 ``--instructions`` counts instructions instead (valgrind's callgrind,
 load-independent): a child process per tree builds a master with one
@@ -60,8 +63,13 @@ _VALUE = b"x" * 100
 
 def cpu_s(pid: int) -> float:
     """User plus system CPU seconds of process ``pid``."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS_S
+    return int(fields[11]) / _TICKS_S, int(fields[12]) / _TICKS_S
 
 
 def _pinned(core: int) -> list[str]:
@@ -84,18 +92,22 @@ def start(tree: Path, role: str, core: int, *args: str) -> tuple[subprocess.Pope
     return proc, words[1], int(resp[0].rpartition(":")[2])
 
 
-def one_run(tree: Path, pipeline: int, requests: int) -> tuple[float, float, float]:
-    """One aux node and one master of ``tree`` under redis-benchmark SET: (ops/s, master µs/SET, aux node µs/SET)."""
+def one_run(tree: Path, pipeline: int, requests: int, get: bool = False) -> tuple[float, float, float, float]:
+    """One aux node and one master of ``tree`` under redis-benchmark SET (or GET, every key set first):
+    (ops/s, master µs/request, aux node µs/request, master's user-time share of its µs)."""
     aux, aux_addr, _ = start(tree, "aux", _BACK, "--node-id", "bench-aux", "--max-memory", "1GB", "--snapshot-interval", "0")
     try:
         master, _, port = start(tree, "master", _FRONT, "--node-id", "bench-master", "--aux", f"bench-aux={aux_addr}")
         try:
-            cmd = [*_pinned(_BACK), "redis-benchmark", "-p", str(port), "-c", "50", "-d", "100", "-r", "100000", "-t", "set",
-                   "-P", str(pipeline), "-n", str(requests), "-q"]  # fmt: skip
+            cmd = [*_pinned(_BACK), "redis-benchmark", "-p", str(port), "-c", "50", "-d", "100", "-r", "100000", "-t",
+                   "get" if get else "set", "-P", str(pipeline), "-n", str(requests), "-q"]  # fmt: skip
+            if get:  # every key of -r 100000 held: GETs hit, as after a load
+                fill = [*_pinned(_BACK), "redis-benchmark", "-p", str(port), "-c", "50", "-d", "100", "-P", "16"]
+                subprocess.run([*fill, "-r", "100000", "-t", "set", "-n", "1000000", "-q"], capture_output=True, check=True, timeout=300)
             subprocess.run([*cmd[:-3], "-n", "20000", "-q"], capture_output=True, check=True, timeout=120)  # warm up
-            m0, a0 = cpu_s(master.pid), cpu_s(aux.pid)
+            (mu0, ms0), a0 = cpu_split(master.pid), cpu_s(aux.pid)
             out = subprocess.run(cmd, capture_output=True, check=True, timeout=600, text=True).stdout
-            m1, a1 = cpu_s(master.pid), cpu_s(aux.pid)
+            (mu1, ms1), a1 = cpu_split(master.pid), cpu_s(aux.pid)
         finally:
             master.terminate()
             master.wait(10)
@@ -106,7 +118,7 @@ def one_run(tree: Path, pipeline: int, requests: int) -> tuple[float, float, flo
     if not line:
         raise SystemExit(f"redis-benchmark printed no result: {out[-500:]!r}")
     ops = float(line[-1].split(":")[1].split()[0])
-    return ops, (m1 - m0) / requests * 1e6, (a1 - a0) / requests * 1e6
+    return ops, (mu1 + ms1 - mu0 - ms0) / requests * 1e6, (a1 - a0) / requests * 1e6, (mu1 - mu0) / requests * 1e6
 
 
 class _Sink:
@@ -329,7 +341,8 @@ def main() -> int:
     ap.add_argument(
         "--get",
         action="store_true",
-        help="with --instructions: GETs instead of SETs (the scripted aux node holds every key; with --aux, MGETVs of --clients keys instead of MSETVs)",
+        help="GETs instead of SETs (real processes: every key set first; with --instructions the scripted aux node holds "
+        "every key; with --aux, MGETVs of --clients keys instead of MSETVs)",
     )
     ap.add_argument(
         "--aux", action="store_true", help="with --instructions: the aux node's instructions per SET, fed MSETVs of --clients entries"
@@ -365,18 +378,25 @@ def main() -> int:
                 print(f"round {r + 1} {label}: {per:,.0f} instructions per {what}", flush=True)
         return 0
     master: dict[str, list[float]] = {label: [] for label, _ in trees}
+    user: dict[str, list[float]] = {label: [] for label, _ in trees}
     aux: dict[str, list[float]] = {label: [] for label, _ in trees}
-    print(f"load average {os.getloadavg()}; SET -P {args.pipeline}, {args.requests} requests per run", flush=True)
+    what = "GET" if args.get else "SET"
+    print(f"load average {os.getloadavg()}; {what} -P {args.pipeline}, {args.requests} requests per run", flush=True)
     for r in range(args.rounds):
         for label, tree in trees:
-            ops, m, a = one_run(tree, args.pipeline, args.requests)
+            ops, m, a, u = one_run(tree, args.pipeline, args.requests, args.get)
             master[label].append(m)
+            user[label].append(u)
             aux[label].append(a)
-            print(f"round {r + 1} {label}: {ops:,.0f} SET/s, master {m:.2f} µs/SET, aux node {a:.2f} µs/SET", flush=True)
+            print(
+                f"round {r + 1} {label}: {ops:,.0f} {what}/s, master {m:.2f} µs/{what} (user {u:.2f}), aux node {a:.2f} µs/{what}",
+                flush=True,
+            )
     for label, _ in trees:
         print(
-            f"{label}: master median {statistics.median(master[label]):.2f} µs/SET (min {min(master[label]):.2f}), "
-            f"aux node median {statistics.median(aux[label]):.2f} µs/SET (min {min(aux[label]):.2f})"
+            f"{label}: master median {statistics.median(master[label]):.2f} µs/{what} (min {min(master[label]):.2f}; "
+            f"user median {statistics.median(user[label]):.2f}), "
+            f"aux node median {statistics.median(aux[label]):.2f} µs/{what} (min {min(aux[label]):.2f})"
         )
     print(f"load average {os.getloadavg()}")
     return 0
