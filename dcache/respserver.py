@@ -559,8 +559,24 @@ class RespProtocol(FrameProtocol):
             if not self.in_flight:
                 asyncio.get_running_loop().call_soon(self._unblock)
 
+    def hold_input(self) -> None:
+        """Run no later command until this one's keys are routed and it is answered (``FrameProtocol.hold_input``; the command loop's own stop)."""
+        self._routing = True
+        self._blocked = True
+        self.watch = True
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+
+    def release_input(self) -> None:
+        """Every key is routed: the commands after it run once it is answered (at once if it already is)."""
+        if not self._routing:
+            return
+        self._routing = False
+        if self._blocked and not self.in_flight and not self._closed:
+            asyncio.get_running_loop().call_soon(self._unblock)
+
     def _unblock(self) -> None:
-        if not self._blocked or self.in_flight or self._closed or self._reader is None:
+        if not self._blocked or self.in_flight or self._routing or self._closed or self._reader is None:
             return
         self._blocked = False
         self._go_on()
