@@ -561,11 +561,9 @@ class RespProtocol(FrameProtocol):
 
     def hold_input(self) -> None:
         """Run no later command until this one's keys are routed and it is answered (``FrameProtocol.hold_input``; the command loop's own stop)."""
-        self._routing = True
         self._blocked = True
         self.watch = True
-        if self._transport is not None and not self._closed:
-            self._transport.pause_reading()
+        super().hold_input()
 
     def release_input(self) -> None:
         """Every key is routed: the commands after it run once it is answered (at once if it already is)."""
