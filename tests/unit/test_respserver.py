@@ -116,6 +116,12 @@ async def test_an_answer_sent_before_its_handler_returned_is_delivered() -> None
         b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n$9\r\nv:early:3\r\n-CLUSTERDOWN no aux node is available for this key\r\n+PONG\r\n"
     )
     assert conn.in_flight == 0 and not conn._owed
+    t.written.clear()
+    conn.data_received(cmd(b"GETDEL", b"refused:5") + cmd(b"PING"))  # a composed command's native step (``_call``)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert out(t) == b"-CLUSTERDOWN no aux node is available for this key\r\n+PONG\r\n"
+    assert conn.in_flight == 0 and not conn._owed
 
 
 async def test_writes_of_one_kind_run_together() -> None:
