@@ -261,6 +261,39 @@ def test_a_large_mset_and_mget_are_routed_in_slices_and_the_requests_after_them_
         cl.stop()
 
 
+def test_a_get_pipelined_behind_an_mset_of_large_values_reads_them(tmp_path: Path) -> None:
+    """Every request a master sends an aux node goes on one connection, so the node runs them in the order they were made.
+
+    The master kept two connections to each aux node and moved to the other
+    one every loop iteration; the node reads its connections in no set
+    order, so the GET below, sent behind the MSET's last batch but on the
+    other connection, was answered first, with the old value, in 7 of 20
+    rounds.
+    """
+    cl = Cluster(tmp_path)
+    try:
+        m = cl.start_master("m1", "--aux-connections", "2")
+        cl.start_aux("a1")
+        wait_connected(m.addr, {"a1"})
+        new = b"n" * 3000
+        for rnd in range(10):
+            keys = [b"r%d:%d" % (rnd, i) for i in range(2000)]
+            assert call(m.addr, Op.MSET, 1, [[k, b"old"] for k in keys])[1] == OK
+            conn = connect(m.addr, timeout=20)
+            try:
+                conn.send_raw(
+                    encode_request(Op.MSET, 1, [[k, new] for k in keys])
+                    + encode_request(Op.GET, 2, keys[-1])
+                    + encode_request(Op.GET, 3, keys[-300])
+                )
+                answers = {a[0]: a[1:] for a in (conn.recv() for _ in range(3))}
+            finally:
+                conn.close()
+            assert answers == {1: [OK, 2000], 2: [OK, new], 3: [OK, new]}, f"round {rnd}: {answers!r:.200}"
+    finally:
+        cl.stop()
+
+
 # -- finding 5: buffered input is capped per node, and tiny before HELLO ----------------------
 
 
