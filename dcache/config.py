@@ -455,7 +455,12 @@ class MasterConfig(NodeConfig):
         _float,
         "S",
     )
-    aux_connections: int = opt(2, "pipelined connections to each aux node", _int, "N")
+    aux_connections: int = opt(
+        2,
+        "connections kept to each aux node: every request goes on the first, the others stand by to take over at once if it closes",
+        _int,
+        "N",
+    )
     health_interval: float = opt(0.4, "seconds between health pings to each aux node (coordinator)", _float, "S")
     health_timeout: float = opt(0.5, "seconds a health ping may take before it counts as missed", _float, "S")
     health_failures: int = opt(3, "missed pings in a row that mark an aux node down", _int, "K")

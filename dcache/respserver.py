@@ -199,6 +199,8 @@ class RespProtocol(FrameProtocol):
         "_next_at",
         "_tail",
         "_last",
+        "_running",
+        "_early",
     )
 
     def __init__(self, service: Service) -> None:
@@ -245,6 +247,11 @@ class RespProtocol(FrameProtocol):
         self._next_at = 0
         self._tail: deque[tuple[int, bytes]] | None = deque()
         self._last = b""
+        #: The request id whose handler runs now (0: none), and an answer that handler sent through ``reply``
+        #: before it returned, as ``(rid, status, result)``: a handler may answer at once through its sink (an
+        #: MGET whose keys the near cache holds, a write refused before it left) and still return ``LATER``.
+        self._running = 0
+        self._early: tuple[int, int, Any] | None = None
 
     def _new_reader(self) -> None:
         limits = self._limits
@@ -588,8 +595,22 @@ class RespProtocol(FrameProtocol):
             if not self.in_flight:
                 asyncio.get_running_loop().call_soon(self._unblock)
 
+    def hold_input(self) -> None:
+        """Run no later command until this one's keys are routed and it is answered (``FrameProtocol.hold_input``; the command loop's own stop)."""
+        self._blocked = True
+        self.watch = True
+        super().hold_input()
+
+    def release_input(self) -> None:
+        """Every key is routed: the commands after it run once it is answered (at once if it already is)."""
+        if not self._routing:
+            return
+        self._routing = False
+        if self._blocked and not self.in_flight and not self._closed:
+            asyncio.get_running_loop().call_soon(self._unblock)
+
     def _unblock(self) -> None:
-        if not self._blocked or self.in_flight or self._closed or self._reader is None:
+        if not self._blocked or self.in_flight or self._routing or self._closed or self._reader is None:
             return
         self._blocked = False
         self._go_on()
@@ -619,7 +640,13 @@ class RespProtocol(FrameProtocol):
         if target.__class__ is int:
             msg[1] = target
             parse, handler = entry
-            result = handler(self, target, parse(msg, self._limits))
+            self._running = target
+            try:
+                result = handler(self, target, parse(msg, self._limits))
+            finally:
+                self._running = 0
+            if self._early is not None and self._answered_early(target, shape):
+                return
             if self._service.hold is not None:
                 result = self._held(target, op, result)
             if result is LATER:
@@ -643,11 +670,34 @@ class RespProtocol(FrameProtocol):
         rid = self._sub_rid = self._sub_rid + 1
         answer = _Into(self, shape, target)
         msg[1] = rid
-        result = entry[1](self, rid, entry[0](msg, self._limits))
+        self._running = rid
+        try:
+            result = entry[1](self, rid, entry[0](msg, self._limits))
+        finally:
+            self._running = 0
+        if self._early is not None and self._answered_early(rid, answer):
+            return
         if self._service.hold is not None:
             result = self._held(rid, op, result)
         if not self._owe_later(rid, result, op, answer):
             answer(_OK, result)
+
+    def _answered_early(self, rid: int, answer: Any) -> bool:
+        """Deliver the answer the handler of ``rid`` sent before it returned (see ``_early``); whether there was one.
+
+        ``answer`` is the shaper of a slot's reply, or the callback of a sub-request.
+        An early answer left by a handler that then raised is dropped here.
+        """
+        early = self._early
+        self._early = None
+        if early is None or early[0] != rid:
+            return False
+        if rid < _SUB_RID:
+            self._deliver(rid, answer(self, early[1], early[2]))
+            self._queue_flush()
+        else:
+            answer(early[1], early[2])
+        return True
 
     def _held(self, rid: int, op: int, result: Any) -> Any:
         """The handler just run changed a key a master holds a copy of: ``LATER`` (its answer waits, as in the native dispatch), or ``result``."""
@@ -686,7 +736,16 @@ class RespProtocol(FrameProtocol):
                 raise self._refused(op)
             rid = self._sub_rid = self._sub_rid + 1
             parse, handler = entry
-            result = handler(self, rid, parse([op, rid, *args], self._limits))
+            self._running = rid
+            try:
+                result = handler(self, rid, parse([op, rid, *args], self._limits))
+            finally:
+                self._running = 0
+            early = self._early
+            if early is not None:
+                self._early = None
+                if early[0] == rid:  # answered before its handler returned (see ``_early``)
+                    return True, early[1], early[2]
             if self._service.hold is not None:
                 result = self._held(rid, op, result)
         except ServerError as exc:
@@ -711,6 +770,10 @@ class RespProtocol(FrameProtocol):
         """A native answer owed to this connection (a handler answered ``LATER`` or a coroutine finished)."""
         self.in_flight -= 1
         answer = self._owed.pop(rid, None)
+        if answer is None and rid == self._running:  # its handler has not returned yet: ``_answered_early`` delivers it
+            self.in_flight += 1
+            self._early = (rid, status, result)
+            return
         if answer is not None and not self._closed:
             if rid < _SUB_RID:
                 out = answer(self, status, result)

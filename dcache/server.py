@@ -756,6 +756,7 @@ class FrameProtocol(asyncio.Protocol):
         "_closed",
         "_paused",
         "_throttled",
+        "_routing",
         "_backlog",
         "unsent",
         "_samples",
@@ -787,6 +788,7 @@ class FrameProtocol(asyncio.Protocol):
         self._closed = False
         self._paused = False  # by the transport's write buffer
         self._throttled = False  # by answers owed
+        self._routing = False  # by one request routed over several loop iterations (``hold_input``)
         #: Frames read but not run yet: they wait while the connection is stopped (paused or throttled).
         self._backlog: list[Any] = []
         #: Bytes of answers the transport holds while writing is paused (counted in the service's ``buffered_output``).
@@ -934,8 +936,8 @@ class FrameProtocol(asyncio.Protocol):
             self._account(buffered, now, bool(msgs))
             if self._closed:
                 return
-        if msgs and (self._paused or self._throttled):
-            self._backlog = msgs  # the client does not read, or owes too many answers: wait (reading is paused)
+        if msgs and (self._paused or self._throttled or self._routing):
+            self._backlog = msgs  # the client does not read, owes too many answers, or a request is still routed: wait
             msgs = []
         if msgs:
             # The one dispatch path (see the class note): parse with the op's
@@ -994,6 +996,8 @@ class FrameProtocol(asyncio.Protocol):
                         if self.in_flight >= MAX_IN_FLIGHT and not self._throttled:
                             self._throttle()
                             break
+                        if self._routing:  # routed over the next loop iterations: the frames after it wait
+                            break
                         continue
                     try:
                         body = pack([rid, _OK, result]) if result.__class__ is not Packed else pack_answer(rid, _OK, result)
@@ -1051,13 +1055,17 @@ class FrameProtocol(asyncio.Protocol):
 
     def _go_on(self) -> None:
         """Run the frames held while the connection was stopped (the client did not read, or owed too many answers), then read again."""
-        if self._closed or self._paused or self._throttled:
+        if self._closed or self._paused or self._throttled or self._routing:
             return
         if self._backlog:
             self.data_received(b"")
         elif self._decoder is not None and self._decoder.one_frame and self._decoder.buffered:
             self.data_received(b"")  # a frame left in the decoder before authentication
-        if not (self._closed or self._paused or self._throttled) and self._closing_error is None and self._transport is not None:
+        if (
+            not (self._closed or self._paused or self._throttled or self._routing)
+            and self._closing_error is None
+            and self._transport is not None
+        ):
             self._transport.resume_reading()
 
     # -- helpers of the dispatch ------------------------------------------------------
@@ -1125,6 +1133,27 @@ class FrameProtocol(asyncio.Protocol):
         self.watch = True
         if self._transport is not None and not self._closed:
             self._transport.pause_reading()
+
+    def hold_input(self) -> None:
+        """The request being run is routed over several loop iterations (a large MGET or MSET on a master): run no later request until ``release_input``.
+
+        Its keys are routed a slice per iteration so that other clients are
+        served between slices; the requests this client sent after it wait
+        (reading stops), so none of them reaches an aux node before the
+        request's last key: a GET pipelined after an MSET still reads the
+        MSET's value.
+        """
+        self._routing = True
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+
+    def release_input(self) -> None:
+        """Every key of the request that called ``hold_input`` is routed: run the requests held meanwhile (next iteration), then read again."""
+        if not self._routing:
+            return
+        self._routing = False
+        if self._transport is not None and not self._closed:
+            (self._service._loop or asyncio.get_running_loop()).call_soon(self._go_on)
 
     def _after_answer(self) -> None:
         """An owed answer left while someone watches the count (throttle, a pending close, shutdown)."""

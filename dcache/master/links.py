@@ -107,7 +107,7 @@ class AuxLink:
         "_cluster",
         "_factory",
         "_conns",
-        "_rr",
+        "_active",
         "_sweeper",
         "_connector",
         "_failures",
@@ -171,7 +171,8 @@ class AuxLink:
         self._cluster = cluster
         self._factory = factory or partial(_tcp_connection, ssl=ssl)
         self._conns: list[PeerConnection] = []
-        self._rr = 0
+        #: The connection every request goes on (``_pick``): the first live one.
+        self._active: PeerConnection | None = None
         #: SETVs held back to leave as one MSETV (``LinkBatcher.add_write``): ``(args, callback)`` in order,
         #: and the bytes of their values. At ``MAX_HELD`` writes or ``MAX_HELD_BYTES`` they leave at once.
         self.held: list[tuple[tuple[Any, ...], Callback]] = []
@@ -348,27 +349,22 @@ class AuxLink:
                     conn.send(op, args, cb, deadline)
 
     def _pick(self) -> PeerConnection | None:
-        # Requests made in one loop iteration share one connection: they leave
-        # in one write, the aux node answers them in one write, and each
-        # client's batch comes back together (one reply write per client).
-        # The next iteration moves on to the next connection.
-        conns = self._conns
-        n = len(conns)
-        if n:
-            c = conns[self._rr % n]
-            if c.pending_flush and not c.closed:
-                return c
-            i = self._rr = (self._rr + 1) % n
-            c = conns[i]
-            if not c.closed:
-                if n < self._size:
-                    self._ensure_connector()
-                return c
-            for c in conns:
-                if not c.closed:
-                    self._ensure_connector()
-                    return c
+        # Every request goes on the first live connection; the others stand by
+        # and the next one takes over as soon as it closes. An aux node reads
+        # its connections in no set order, so requests spread over several
+        # reached it in another order than they were made: a GET pipelined
+        # behind an MSET of large values read the old value in 7 of 20 rounds
+        # (docs/DECISIONS.md, "A master sends every request to an aux node on
+        # one connection").
+        c = self._active
+        if c is not None and not c.closed:
+            return c
         self._ensure_connector()
+        for c in self._conns:
+            if not c.closed:
+                self._active = c
+                return c
+        self._active = None
         return None
 
     def send(self, op: int, args: tuple[Any, ...], cb: Callback, now: bool = False) -> None:
@@ -591,6 +587,8 @@ class AuxLink:
                 self.check(now)
                 if self.on_invalidate is not None:
                     self.keep_tracking_alive(now)
+                if len(self._conns) < self._size or any(c.closed for c in self._conns):
+                    self._ensure_connector()  # a standby that closed is opened again (``_pick`` only replaces the active one)
             except Exception:  # pragma: no cover - a bug here must not stop the sweeps
                 log.exception("link sweep of %s failed", self.node_id)
 

@@ -69,10 +69,15 @@ _FEED_CHUNK_BYTES = 1024 * 1024
 #: only when a chunk does not fit, so an idle or short connection costs a few
 #: pages, not msgpack's default of a megabyte.
 INITIAL_BUFFER_BYTES = 16 * 1024
-#: The body of a frame larger than this is kept in the chunks it arrived in
-#: until it is complete, then fed to the unpacker at once: a partial frame
-#: costs its size, where the unpacker's buffer, which doubles as it grows,
-#: could hold up to twice that.
+#: The body of a frame larger than this is copied into one growing buffer as
+#: it arrives (``bytearray``: it grows by an eighth at a time, and a large
+#: one is resized in place by the allocator), not into the unpacker, whose
+#: buffer doubles as it grows; once complete it is decoded straight from
+#: that buffer (``msgpack.unpackb``, with the unpacker's limits). The body is
+#: copied once as it arrives, spread over its reads, and once into the
+#: decoded objects: joining the chunks and feeding the unpacker at the end
+#: made three copies in the one call that completed the frame (59 ms for a
+#: 41 MB MSET, docs/BENCHMARKS.md).
 STASH_AFTER_BYTES = 64 * 1024
 #: msgpack never shrinks its buffer: after a frame larger than this, the
 #: decoder starts a new unpacker as soon as nothing is buffered, so an idle
@@ -146,7 +151,6 @@ class FrameDecoder:
         "_frame_start",
         "_big",
         "_stash",
-        "_stash_len",
         "_max_items",
         "buffered",
         "one_frame",
@@ -160,8 +164,7 @@ class FrameDecoder:
         self._max_items = max_items
         self._unpacker = self._new_unpacker()
         self._big = False  # a frame over RENEW_AFTER_BYTES went through the unpacker
-        self._stash: list[bytes] = []  # the body of a large frame received so far, not fed yet
-        self._stash_len = 0
+        self._stash: bytearray | None = None  # the body of a large frame received so far (not in the unpacker)
         self._fed = 0  # stream offset of the end of everything fed so far
         self._frame_end = -1  # stream offset where the current body ends; -1: reading a header
         self._partial = b""  # header bytes received so far (fewer than four)
@@ -183,16 +186,9 @@ class FrameDecoder:
     def _new_unpacker(self) -> msgpack.Unpacker:
         ceiling = self._ceiling
         return msgpack.Unpacker(
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
             read_size=min(INITIAL_BUFFER_BYTES, ceiling),
             max_buffer_size=ceiling + _FEED_CHUNK_BYTES + HEADER_BYTES,
-            max_str_len=ceiling,
-            max_bin_len=ceiling,
-            max_array_len=min(ceiling, self._max_items),
-            max_map_len=min(ceiling // 2, self._max_items),
-            max_ext_len=ceiling,
+            **self._limits(),
         )
 
     def _renew(self) -> None:
@@ -278,20 +274,8 @@ class FrameDecoder:
                     failed.out[:0] = acc
                     raise
             return acc
-        if self._frame_end >= 0 and self._frame_end - self._frame_start > STASH_AFTER_BYTES:
-            # The rest of a large frame's body: kept as it arrived until the
-            # frame is complete (exact size; the unpacker's buffer would grow
-            # by doubling), then fed at once.
-            if self._fed + self._stash_len + len(data) < self._frame_end:
-                self._stash.append(data)
-                self._stash_len += len(data)
-                self.buffered += len(data)
-                return []
-            if self._stash:
-                self._stash.append(data)
-                data = b"".join(self._stash)
-                self._stash = []
-                self._stash_len = 0
+        if self._stash is not None:
+            return self._feed_large(data)
         out: list[Any] = []
         try:
             self._unpacker.feed(data)
@@ -305,6 +289,58 @@ class FrameDecoder:
         if self._big and self._frame_end < 0 and not self._partial and self._unpacker.tell() == self._fed:
             self._renew()
         return out
+
+    def _feed_large(self, data: bytes) -> list[Any]:
+        """The rest of a large frame's body (see ``STASH_AFTER_BYTES``): kept until complete, then decoded from the buffer it fills."""
+        stash = self._stash
+        assert stash is not None
+        need = self._frame_end - self._frame_start - HEADER_BYTES - len(stash)
+        if len(data) < need:
+            stash += data
+            self.buffered += len(data)
+            return []
+        stash += memoryview(data)[:need]
+        self._stash = None
+        self._frame_end = -1
+        self._renew()  # the unpacker holds nothing: a new one, its offsets from the next byte
+        self.buffered = 0
+        try:
+            obj = msgpack.unpackb(stash, **self._limits())
+        except msgpack.ExtraData:
+            raise _Failed(RemoteProtocolError(_LENGTH_MISMATCH), []) from None
+        except Exception as exc:  # any malformed msgpack: the stream is lost
+            if isinstance(exc, ValueError) and "incomplete input" in str(exc):
+                raise _Failed(RemoteProtocolError(_RUNS_PAST), []) from None
+            raise _Failed(_undecodable(exc), []) from None
+        del stash
+        rest = data[need:]
+        if not rest:
+            return [obj]
+        if self.one_frame:  # the next frame waits for ``feed(b"")``
+            self._unpacker.feed(rest)
+            self._fed = self.buffered = len(rest)
+            return [obj]
+        try:
+            out = self._feed(rest)
+        except _Failed as failed:
+            failed.out.insert(0, obj)
+            raise
+        out.insert(0, obj)
+        return out
+
+    def _limits(self) -> dict[str, Any]:
+        """The unpacker's limits, for ``msgpack.unpackb`` (``_new_unpacker``)."""
+        ceiling = self._ceiling
+        return {
+            "raw": False,
+            "strict_map_key": True,
+            "use_list": True,
+            "max_str_len": ceiling,
+            "max_bin_len": ceiling,
+            "max_array_len": min(ceiling, self._max_items),
+            "max_map_len": min(ceiling // 2, self._max_items),
+            "max_ext_len": ceiling,
+        }
 
     def _drain(self, out: list[Any]) -> None:
         # Hot loop: state lives in locals and is written back once on exit.
@@ -339,6 +375,9 @@ class FrameDecoder:
                     if n > RENEW_AFTER_BYTES:
                         self._big = True
                     end = tell() + n
+                    if n > STASH_AFTER_BYTES and end > self._fed:  # a large body still arriving: out of the unpacker
+                        self._stash = bytearray(read_bytes(n))
+                        return
                 try:
                     obj = unpack()
                 except msgpack.OutOfData:

@@ -287,3 +287,37 @@ async def test_a_flush_on_an_aux_node_answers_after_the_near_caches_dropped_thei
                 await r.aclose()
             assert await cb.get("hot") is None, f"B answered its copy after FLUSHDB was answered (in {took:.2f} s)"
             assert took >= 0.25, f"FLUSHDB answered in {took:.2f} s, before B could have acknowledged its invalidation"
+
+
+async def test_a_resp_mget_of_keys_the_near_cache_holds_is_answered(tmp_path: Path) -> None:
+    """A RESP MGET whose every key the master answers from its copies gets its reply.
+
+    The master answers such an MGET before its handler returns; the RESP
+    connection dropped that answer and the client waited for good (redis-py,
+    Django's ``get_many`` of hot keys).
+    """
+    c = Cluster(tmp_path, replicas=1)
+    try:
+        m = c.start_master("m1", *NEAR, "--resp-port", "0")
+        c.start_aux("a1")
+        await wait_ring(m.addr, settled({"a1"}), timeout=30.0, what="a1 up")
+        r = redis.Redis(host=m.host, port=m.resp_port)
+        try:
+            await r.mset({"k1": b"v1", "k2": b"v2"})
+            deadline = time.monotonic() + 10.0
+            while (await stats(m.addr))["near_cache_keys"] < 2:
+                assert time.monotonic() < deadline, "the master never copied both keys"
+                for k in ("k1", "k2"):
+                    await r.get(k)
+            before = (await stats(m.addr))["near_cache_hits"]
+            assert await asyncio.wait_for(r.mget("k1", "k2"), 5.0) == [b"v1", b"v2"]
+            assert (await stats(m.addr))["near_cache_hits"] >= before + 2  # answered from the copies
+            pipe = r.pipeline(transaction=True)
+            pipe.mget("k1", "k2")
+            pipe.get("k1")
+            assert await asyncio.wait_for(pipe.execute(), 5.0) == [[b"v1", b"v2"], b"v1"]
+        finally:
+            await r.aclose()
+    finally:
+        c.stop()
+        print(c.logs()[-20000:])

@@ -31,6 +31,12 @@ class Toy(Service):
 
     def get(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
         self.log.append(("get", key))
+        if key.startswith(b"early:"):  # answered through ``reply`` before the handler returns (as a master's MGET of near-cache copies)
+            conn.reply(rid, 0, b"v:" + key)
+            return LATER
+        if key.startswith(b"refused:"):  # an error answered the same way (a write refused before it left)
+            conn.reply(rid, 12, "no aux node is available for this key")  # UNAVAILABLE
+            return LATER
         if key.startswith(b"later:"):
             self.later.append((conn, rid, b"v:" + key))
             return LATER
@@ -93,6 +99,29 @@ async def test_a_write_after_a_read_in_flight_waits_with_reading_paused() -> Non
     svc.answer(0)
     await asyncio.sleep(0)
     assert out(t) == b"$9\r\nv:later:k\r\n$9\r\nv:later:j\r\n+OK\r\n$9\r\nv:later:k\r\n"
+
+
+async def test_an_answer_sent_before_its_handler_returned_is_delivered() -> None:
+    svc = Toy()
+    conn, t = connect(svc)
+    conn.data_received(cmd(b"GET", b"early:1") + cmd(b"GET", b"refused:2") + cmd(b"GET", b"now"))
+    await asyncio.sleep(0)
+    assert out(t) == b"$9\r\nv:early:1\r\n-CLUSTERDOWN no aux node is available for this key\r\n$5\r\nv:now\r\n"
+    assert conn.in_flight == 0 and not conn._owed and t.reading
+    t.written.clear()
+    conn.data_received(cmd(b"MULTI") + cmd(b"GET", b"early:3") + cmd(b"GET", b"refused:4") + cmd(b"EXEC") + cmd(b"PING"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert out(t) == (
+        b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n$9\r\nv:early:3\r\n-CLUSTERDOWN no aux node is available for this key\r\n+PONG\r\n"
+    )
+    assert conn.in_flight == 0 and not conn._owed
+    t.written.clear()
+    conn.data_received(cmd(b"GETDEL", b"refused:5") + cmd(b"PING"))  # a composed command's native step (``_call``)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert out(t) == b"-CLUSTERDOWN no aux node is available for this key\r\n+PONG\r\n"
+    assert conn.in_flight == 0 and not conn._owed
 
 
 async def test_writes_of_one_kind_run_together() -> None:

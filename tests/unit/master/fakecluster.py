@@ -42,6 +42,16 @@ class Sink:
         self.answers: dict[int, list[tuple[int, Any]]] = {}
         self.ops: dict[int, int] = {}
         self._futures: dict[int, asyncio.Future[tuple[int, Any]]] = {}
+        #: ``hold_input`` and ``release_input`` calls (a large MGET or MSET routed in slices), and whether the client left.
+        self.holds = 0
+        self.releases = 0
+        self.is_closing = False
+
+    def hold_input(self) -> None:
+        self.holds += 1
+
+    def release_input(self) -> None:
+        self.releases += 1
 
     def _future(self, rid: int) -> asyncio.Future[tuple[int, Any]]:
         fut = self._futures.get(rid)

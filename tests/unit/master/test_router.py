@@ -8,6 +8,7 @@ answered and what every aux node ends up holding.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 
 from dcache.errors import NotAnIntegerError, Status, SupersededError, UnavailableError
 from dcache.hlc import wall_ms
-from dcache.master.router import LinkBatcher
+from dcache.master.router import KEYS_PER_TURN, LinkBatcher
 from dcache.master.view import DOWN, Member
 from dcache.protocol import Op, SetFlag
 from tests.fakes import Reply
@@ -237,6 +238,56 @@ async def test_first_owner_reads_of_one_iteration_leave_as_one_mget(cluster: Fak
     assert [(m[0], m[2]) for m in cluster.sent("a1", Op.GET, Op.MGET)] == [(Op.MGET, keys)]
     assert [(m[0], m[2]) for m in cluster.sent("a2")] == [(Op.GETV, keys[1]), (Op.GETV, keys[3])]
     await until(lambda: cluster.entry("a1", keys[3]) == [b"v3", 0, version], what="the repair")
+
+
+async def test_a_large_mget_or_mset_is_routed_a_slice_per_loop_iteration(cluster: FakeCluster) -> None:
+    n = 2 * KEYS_PER_TURN + 10
+    keys = [b"key:%d" % i for i in range(n)]
+    router = cluster.router
+    routed: list[bytes] = []
+    set_op, get = router.set_op, router.get
+
+    def counted_set_op(sink: Any, rid: int, args: Any, op: int = Op.SET) -> Any:
+        routed.append(args[0])
+        return set_op(sink, rid, args, op)
+
+    def counted_get(sink: Any, rid: int, key: bytes) -> Any:
+        routed.append(key)
+        return get(sink, rid, key)
+
+    router.set_op = counted_set_op  # type: ignore[method-assign]
+    router.get = counted_get  # type: ignore[method-assign]
+    sink = Sink()
+    router.mset(sink, 1, [(k, b"v:" + k) for k in keys], 0)  # type: ignore[arg-type]
+    assert len(routed) == KEYS_PER_TURN and (sink.holds, sink.releases) == (1, 0)  # the client's next requests wait
+    await asyncio.sleep(0)
+    assert routed == keys[: 2 * KEYS_PER_TURN]  # one more slice, in order, after other callbacks ran
+    assert await sink.answer(1) == (OK, n) and (sink.holds, sink.releases) == (1, 1)
+    routed.clear()
+    router.mget(sink, 2, keys)  # type: ignore[arg-type]
+    assert len(routed) == KEYS_PER_TURN and (sink.holds, sink.releases) == (2, 1)
+    assert await sink.answer(2) == (OK, [b"v:" + k for k in keys]) and routed == keys and (sink.holds, sink.releases) == (2, 2)
+    routed.clear()
+    router.mget(sink, 3, keys[:KEYS_PER_TURN])  # type: ignore[arg-type]
+    assert await sink.answer(3) == (OK, [b"v:" + k for k in keys[:KEYS_PER_TURN]]) and (sink.holds, sink.releases) == (2, 2)
+
+
+async def test_a_large_mget_whose_client_left_routes_no_more_slices(cluster: FakeCluster) -> None:
+    keys = [b"key:%d" % i for i in range(3 * KEYS_PER_TURN)]
+    router = cluster.router
+    routed: list[bytes] = []
+    get = router.get
+
+    def counted_get(sink: Any, rid: int, key: bytes) -> Any:
+        routed.append(key)
+        return get(sink, rid, key)
+
+    router.get = counted_get  # type: ignore[method-assign]
+    sink = Sink()
+    router.mget(sink, 1, keys)  # type: ignore[arg-type]
+    sink.is_closing = True
+    await until(lambda: sink.releases == 1, what="the hold released")
+    assert len(routed) == KEYS_PER_TURN
 
 
 async def test_each_first_owner_gets_its_own_mget(cluster: FakeCluster) -> None:

@@ -221,3 +221,50 @@ def test_foreign_answers_overflow_the_frame_limit(head):
     """Why the client only needs to look on the error path: each reads as a header over the default limit."""
     with pytest.raises(RemoteProtocolError, match="exceeds the limit"):
         FrameDecoder().feed(head + b"\r\n")
+
+
+_BIG = bytes(range(256)) * 1024  # 256 KiB: a body past STASH_AFTER_BYTES, decoded from its own buffer
+_BIG_BODY = msgpack.packb([4, 1, b"k", _BIG])
+
+
+@pytest.mark.parametrize(
+    ("frame", "error"),
+    [
+        pytest.param(encode_frame(_BIG_BODY), None, id="valid"),
+        pytest.param(len(_BIG_BODY[:-10]).to_bytes(4, "big") + _BIG_BODY[:-10], "runs past the end", id="object-runs-past-its-frame"),
+        pytest.param(encode_frame(_BIG_BODY + b"\x00"), "length does not match", id="trailing-byte-in-frame"),
+        pytest.param(
+            encode_frame(b"\xdd" + (2**20).to_bytes(4, "big") + b"\x00" * 200_000), "too many items", id="array-over-the-item-limit"
+        ),
+    ],
+)
+@pytest.mark.parametrize("step", [1 << 20, 65536, 4099])
+def test_a_large_frame_decodes_as_a_small_one_with_the_frames_around_it(frame: bytes, error: str | None, step: int) -> None:
+    """A large body is decoded apart from the unpacker: same objects and errors, and the frames before and after it still decode."""
+    before, after = GOLDEN[1][0], GOLDEN[0][0]
+    stream = before + frame + after
+    dec = FrameDecoder(max_items=10_000)
+    out, err = _outcome(dec, [stream[i : i + step] for i in range(0, len(stream), step)])
+    if err is None and dec.error is not None:  # met after the frames returned with it: kept for the next feed
+        err = str(dec.error)
+    if error is None:
+        assert err is None and out == [GOLDEN[1][1], [4, 1, b"k", _BIG], GOLDEN[0][1]]
+    else:
+        assert err is not None and error in err and out == [GOLDEN[1][1]], (out[:1], err)
+
+
+def test_one_frame_at_a_time_after_a_large_frame() -> None:
+    dec = FrameDecoder()
+    dec.one_frame = True
+    stream = encode_frame(_BIG_BODY) + GOLDEN[0][0] + GOLDEN[1][0]
+    out = dec.feed(stream[:100_000]) + dec.feed(stream[100_000:])
+    assert out == [[4, 1, b"k", _BIG]] and dec.buffered == len(GOLDEN[0][0]) + len(GOLDEN[1][0])
+    assert dec.feed(b"") == [GOLDEN[0][1]] and dec.feed(b"") == [GOLDEN[1][1]] and dec.buffered == 0
+
+
+def test_a_partial_large_frame_is_counted_as_it_arrives() -> None:
+    dec = FrameDecoder()
+    frame = encode_frame(_BIG_BODY)
+    assert dec.feed(frame[:70_000]) == [] and dec.buffered == 70_000
+    assert dec.feed(frame[70_000:200_000]) == [] and dec.buffered == 200_000
+    assert dec.feed(frame[200_000:] + GOLDEN[0][0][:2]) == [[4, 1, b"k", _BIG]] and dec.buffered == 2
