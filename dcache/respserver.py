@@ -1155,6 +1155,8 @@ def _set_kind(cmd: list[Any]) -> int:
     opts = {a.upper() for a in cmd[3:] if a.__class__ is bytes}
     if b"GET" in opts or b"KEEPTTL" in opts:
         return SEQ
+    if (b"EXAT" in opts or b"PXAT" in opts) and (b"NX" in opts or b"XX" in opts):
+        return SEQ  # a time already past is a conditional SET, then a DELETE (``_set_past``)
     return DEFER if b"NX" in opts or b"XX" in opts else WRITE
 
 
@@ -1163,6 +1165,12 @@ def _set(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
         conn._native(target, [_SET, 0, cmd[1], cmd[2]], _shape_written)
         return
     ttl, flags, keepttl, get = parse_set_options(cmd[3:], time.time_ns() // 1_000_000)
+    if ttl < 0:  # EXAT/PXAT already past: Redis deletes the key (where NX/XX allow the write)
+        if flags or get:
+            _sequence(conn, target, _set_past(conn, cmd[1], cmd[2], flags, get))
+        else:
+            conn._native(target, [Op.DELETE, 0, cmd[1]], _shape_written)
+        return
     if keepttl or get:
         _sequence(conn, target, _set_get(conn, cmd[1], cmd[2], ttl, flags, keepttl, get))
         return
@@ -1178,6 +1186,17 @@ def _set_get(conn: RespProtocol, key: bytes, value: bytes, ttl: int, flags: int,
     if get:
         return _bulk_or_nil(conn, old)
     return OK if stored else conn._nil
+
+
+def _set_past(conn: RespProtocol, key: bytes, value: bytes, flags: int, get: bool) -> Sequence:
+    """SET with EXAT/PXAT already past, with NX, XX or GET: the write's outcome, then no key (a 1 ms SET, then DELETE)."""
+    old = (yield (_GET, [key])) if get else None
+    if flags:
+        stored = yield (_SET, [key, value, 1, flags])
+        if not stored:
+            return _bulk_or_nil(conn, old) if get else conn._nil
+    yield (Op.DELETE, [key])
+    return _bulk_or_nil(conn, old) if get else OK
 
 
 def _setnx(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:

@@ -665,6 +665,37 @@ def test_a_client_that_does_not_read_costs_bounded_memory(lone_aux: DaemonProces
         assert got == n and lone_aux.alive
 
 
+# -- as Redis answers (differences found by tests/integration/test_resp_differential.py) --------------
+
+
+@pytest.fixture(params=["master", "aux"])
+def either(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A redis-py client of the master, then of the lone aux node."""
+    node = request.getfixturevalue("cluster").masters[0] if request.param == "master" else request.getfixturevalue("lone_aux")
+    client = redis.Redis(port=node.resp_port, socket_timeout=10)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_set_with_a_time_already_past_deletes_the_key(either: Any) -> None:
+    """Redis deletes the key; dcache kept the value 1 ms, and a later EXPIREAT kept it for good."""
+    r = either
+    past_s, past_ms = int(time.time()) - 100, int(time.time() * 1000) - 100_000
+    assert r.set("past:a", "old") and r.set("past:a", "new", exat=past_s) is True
+    assert r.expireat("past:a", past_s + 10_000) is False and r.get("past:a") is None and r.exists("past:a") == 0
+    assert r.set("past:b", "x", pxat=past_ms) is True and r.get("past:b") is None
+    assert r.set("past:c", "old") and r.set("past:c", "new", pxat=past_ms, get=True) == b"old" and r.get("past:c") is None
+    assert r.set("past:d", "old") and r.set("past:d", "new", exat=past_s, nx=True) is None and r.get("past:d") == b"old"
+    assert r.set("past:d", "new", exat=past_s, xx=True) is True and r.get("past:d") is None
+    assert r.set("past:d", "new", exat=past_s, xx=True) is None and r.set("past:d", "new", exat=past_s, nx=True) is True
+    assert r.exists("past:d") == 0
+    pipe = r.pipeline(transaction=False)  # a pipeline of conditional writes: each sees the one before
+    pipe.set("past:e", "1").set("past:e", "2", pxat=past_ms, xx=True).incr("past:e").get("past:e")
+    assert pipe.execute() == [True, True, 1, b"1"]
+
+
 @pytest.fixture(autouse=True)
 def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
