@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 __all__ = [
     "DEFAULT_MAX_SKEW_MS",
@@ -139,6 +140,16 @@ class HybridClock:
     def max_skew_ms(self) -> int:
         """The skew bound: how far ahead of the wall clock an observed version may be."""
         return self._max_skew_ms
+
+    def issued_after(self, version: Any, mine: int) -> bool:
+        """Whether ``version`` is newer than ``mine`` (a version of this clock) and carries this clock's tag.
+
+        Such a version was issued by this clock after ``mine`` (versions of one
+        clock strictly increase): a later write of the same node, not a
+        concurrent one from elsewhere. Two nodes whose ids hash to the same
+        tag (about one pair in 1,024) are not told apart.
+        """
+        return version.__class__ is int and version > mine and version & _TAG_MASK == self._tag
 
     def ceiling(self) -> int:
         """The largest version this clock accepts from outside right now."""

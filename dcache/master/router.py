@@ -25,6 +25,10 @@ answered, or ``write_quorum`` of them applied it, with these rules:
   send the write again, once, with a fresh version; if an owner still holds
   a newer one, a concurrent newer write won and the client gets
   ``SUPERSEDED``: a write is never acknowledged without taking effect;
+  a newer version this master issued itself after the write's is a later
+  write of the same key that reached the owner first (the connections of a
+  link do not keep order between them): the write counts as applied and
+  overwritten, and is not retried (a retry would undo the later write);
 * an owner that is suspected, not connected, or times out does not fail the
   write while another owner applied it: the master keeps a hint for it
   (``dcache.master.hints``) and replays it when the owner answers again;
@@ -1118,7 +1122,12 @@ class WriteOp:
         if status == _OK:
             if result.__class__ is list:  # [2, held]: it holds a newer version
                 held = result[1]
-                if held.__class__ is int and held > self.newer:
+                if self.router.clock.issued_after(held, self.args[-1]):
+                    # this master's own later write of the key got there first (the link's
+                    # connections do not keep order between them): this write is done, and
+                    # overwritten. A retry with a fresh version would undo the later write.
+                    self.ok += 1
+                elif held.__class__ is int and held > self.newer:
                     self.newer = held
             else:
                 self.ok += 1

@@ -696,6 +696,20 @@ def test_set_with_a_time_already_past_deletes_the_key(either: Any) -> None:
     assert pipe.execute() == [True, True, 1, b"1"]
 
 
+def test_a_pipelined_del_then_set_through_a_master_keeps_the_set(r: Any) -> None:
+    """The master sent the DEL's DELV and the SET's SETV on two connections of a link; an owner got the SET first,
+    refused the DEL as older, and the master retried the DEL with a fresh version, deleting the SET (about half
+    of these pipelines lost the SET)."""
+    for i in range(60):
+        key = f"order:{i}"
+        pipe = r.pipeline(transaction=False)
+        pipe.set(key, "old", keepttl=True, get=True).delete("order:other", key).psetex(key, 100_000, "new").getdel("order:other")
+        assert pipe.execute() == [None, 1, True, None]
+        pipe.set(key, "a").set(key, "b", keepttl=True).delete("order:other", key).set(key, "c").incr("order:n")
+        pipe.execute()
+        assert r.get(key) == b"c", i
+
+
 @pytest.fixture(autouse=True)
 def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)

@@ -71,3 +71,13 @@ def test_observe_checked_moves_the_clock_as_observe_does(state: int, version: in
 def test_version_ceiling_is_capped_at_64_bits() -> None:
     assert version_ceiling(NOW_MS, SKEW_MS) == ((NOW_MS + SKEW_MS) << 22) | ((1 << 22) - 1)
     assert version_ceiling(1 << 42, 0) == (1 << 64) - 1
+
+
+def test_issued_after_tells_this_clocks_later_versions_from_others() -> None:
+    mine, other = HybridClock("m1"), HybridClock("m2")
+    first = mine.next()
+    assert mine.issued_after(mine.next(), first)
+    assert not mine.issued_after(first, first) and not mine.issued_after(first - 1, first)
+    assert not mine.issued_after(HybridClock("m2", clock=lambda: 2**40).next(), first)  # newer, but another node's
+    assert not mine.issued_after(None, first) and not mine.issued_after("1", first)
+    assert other.next() != mine.next()
