@@ -1124,6 +1124,9 @@ class _Command:
 
     ``kind_of`` gives the kind of a command with options (more than ``least``
     words); with ``least`` words it is ``kind``, and ``kind_of`` is not called.
+    ``least``..``most`` is Redis's arity (``COMMAND INFO``): where Redis says
+    "at least", ``most`` is ``_MANY`` and the runner refuses extra options, so
+    in MULTI such a command is queued and fails in EXEC, as in Redis.
     """
 
     name: str
@@ -1391,9 +1394,8 @@ def _dbsize(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 
 
 def _flush(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    for a in cmd[1:]:
-        if a.upper() not in (b"ASYNC", b"SYNC"):
-            raise RespError("syntax error")
+    if len(cmd) > 2 or (len(cmd) == 2 and cmd[1].upper() not in (b"ASYNC", b"SYNC")):
+        raise RespError("syntax error")
     service = conn._service
     if not service.settings.resp_allow_flush:
         raise RespError(
@@ -1427,6 +1429,8 @@ def _scan(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 
 
 def _ping(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
+    if len(cmd) > 2:  # checked here, not by the arity (``most``): Redis queues such a PING in MULTI, then fails it in EXEC
+        raise RespError("wrong number of arguments for 'ping' command")
     if len(cmd) == 1:
         conn._native(target, [Op.PING, 0], lambda c, s, r: error_for_status(s, r) if s else PONG)
     else:
@@ -1767,7 +1771,7 @@ def _unwatch(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 
 _SPECS = (
     # connection
-    _Command("PING", 1, 2, LOCAL, _ping, flags=("fast",)),
+    _Command("PING", 1, _MANY, LOCAL, _ping, flags=("fast",)),
     _Command("ECHO", 2, 2, LOCAL, _echo, flags=("fast",)),
     _Command("QUIT", 1, _MANY, SEQ, _quit, needs_auth=False, queued=False),
     _Command("HELLO", 1, _MANY, LOCAL, _hello, needs_auth=False, queued=False),
@@ -1787,7 +1791,7 @@ _SPECS = (
     _Command("PSETEX", 4, 4, WRITE, _psetex, flags=("write",)),
     _Command("GETSET", 3, 3, SEQ, _getset, flags=("write",)),
     _Command("GETDEL", 2, 2, SEQ, _getdel, flags=("write",)),
-    _Command("GETEX", 2, 4, SEQ, _getex, flags=("write",)),
+    _Command("GETEX", 2, _MANY, SEQ, _getex, flags=("write",)),
     _Command("MGET", 2, _MANY, READ, _mget, flags=("readonly",)),
     _Command("MSET", 3, _MANY, WRITE, _mset, flags=("write",)),
     _Command("STRLEN", 2, 2, READ, _strlen, flags=("readonly",)),
@@ -1803,17 +1807,17 @@ _SPECS = (
     _Command("EXISTS", 2, _MANY, READ, _keys_count(Op.EXISTS), flags=("readonly",)),
     _Command("TOUCH", 2, _MANY, DEFER, _keys_count(Op.TOUCH), flags=("readonly",)),
     _Command("TYPE", 2, 2, READ, _type, flags=("readonly",)),
-    _Command("EXPIRE", 3, 5, WRITE, _expire(1000, False, "expire"), kind_of=_expire_kind, flags=("write",)),
-    _Command("PEXPIRE", 3, 5, WRITE, _expire(1, False, "pexpire"), kind_of=_expire_kind, flags=("write",)),
-    _Command("EXPIREAT", 3, 5, WRITE, _expire(1000, True, "expireat"), kind_of=_expire_kind, flags=("write",)),
-    _Command("PEXPIREAT", 3, 5, WRITE, _expire(1, True, "pexpireat"), kind_of=_expire_kind, flags=("write",)),
+    _Command("EXPIRE", 3, _MANY, WRITE, _expire(1000, False, "expire"), kind_of=_expire_kind, flags=("write",)),
+    _Command("PEXPIRE", 3, _MANY, WRITE, _expire(1, False, "pexpire"), kind_of=_expire_kind, flags=("write",)),
+    _Command("EXPIREAT", 3, _MANY, WRITE, _expire(1000, True, "expireat"), kind_of=_expire_kind, flags=("write",)),
+    _Command("PEXPIREAT", 3, _MANY, WRITE, _expire(1, True, "pexpireat"), kind_of=_expire_kind, flags=("write",)),
     _Command("TTL", 2, 2, READ, _ttl, flags=("readonly", "fast")),
     _Command("PTTL", 2, 2, READ, _pttl, flags=("readonly", "fast")),
     _Command("PERSIST", 2, 2, WRITE, _persist, flags=("write", "fast")),
     # whole keyspace
-    _Command("SCAN", 2, 8, DEFER, _scan, flags=("readonly",)),
-    _Command("FLUSHDB", 1, 2, SEQ, _flush, flags=("write",)),
-    _Command("FLUSHALL", 1, 2, SEQ, _flush, flags=("write",)),
+    _Command("SCAN", 2, _MANY, DEFER, _scan, flags=("readonly",)),
+    _Command("FLUSHDB", 1, _MANY, SEQ, _flush, flags=("write",)),
+    _Command("FLUSHALL", 1, _MANY, SEQ, _flush, flags=("write",)),
     # transactions
     _Command("MULTI", 1, 1, LOCAL, _multi, queued=False),
     _Command("EXEC", 1, 1, SEQ, _exec, queued=False),
