@@ -347,16 +347,20 @@ class AuxLink:
                 else:
                     conn.send(op, args, cb, deadline)
 
-    def _pick(self) -> PeerConnection | None:
+    def _pick(self, keep: bool = False) -> PeerConnection | None:
         # Requests made in one loop iteration share one connection: they leave
         # in one write, the aux node answers them in one write, and each
         # client's batch comes back together (one reply write per client).
-        # The next iteration moves on to the next connection.
+        # The next iteration moves on to the next connection. ``keep``: requests
+        # made earlier and held back (``LinkBatcher``) stay on the connection of
+        # that iteration, behind the requests made before them: the aux node
+        # reads its connections in no set order, so on the next connection they
+        # could overtake them (a SET held back overtook a PERSIST sent before it).
         conns = self._conns
         n = len(conns)
         if n:
             c = conns[self._rr % n]
-            if c.pending_flush and not c.closed:
+            if (c.pending_flush or keep) and not c.closed:
                 return c
             i = self._rr = (self._rr + 1) % n
             c = conns[i]
@@ -371,11 +375,13 @@ class AuxLink:
         self._ensure_connector()
         return None
 
-    def send(self, op: int, args: tuple[Any, ...], cb: Callback) -> None:
+    def send(self, op: int, args: tuple[Any, ...], cb: Callback, keep: bool = False) -> None:
         """Send one request; ``cb(status, result)`` gets the answer, a timeout or a loss.
 
         Held SETVs (``held``) and waiting reads (``reads_waiting``) leave
-        first: requests reach the node in the order they were made.
+        first: requests reach the node in the order they were made. ``keep``:
+        a request made in an earlier iteration and held back, sent on the
+        connection of the requests before it (see ``_pick``).
         """
         if self.held:
             self.release_held()
@@ -383,7 +389,7 @@ class AuxLink:
             release = self.reads_waiting
             self.reads_waiting = None
             release()
-        conn = self._pick()
+        conn = self._pick(keep)
         if conn is None:
             loop = self._loop
             if self._opening and loop is not None and len(self._waiting) < MAX_LINK_WAITERS:
@@ -493,9 +499,9 @@ class AuxLink:
         self.held_bytes = 0
         if len(held) == 1:
             args, cb = held[0]
-            self.send(_SETV, args, cb)
+            self.send(_SETV, args, cb, True)
         elif held:
-            self.send(_MSETV, ([args for args, _ in held],), _SplitSetv(held, self))
+            self.send(_MSETV, ([args for args, _ in held],), _SplitSetv(held, self), True)
 
     def flush(self) -> None:
         """Write what is queued on every connection now, not at the end of the iteration."""

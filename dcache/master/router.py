@@ -980,10 +980,11 @@ class LinkBatcher:
         return True
 
     def _send(self, link: AuxLink, ops: list[Batched]) -> None:
+        # held back from the iteration they were made in: on that iteration's connection (``AuxLink._pick``)
         if len(ops) == 1:
-            link.send(Op.GET, (ops[0][2],), _read_op(self._router, ops[0]))
+            link.send(Op.GET, (ops[0][2],), _read_op(self._router, ops[0]), True)
         else:
-            link.send(Op.MGET, ([read[2] for read in ops],), _Split(self._router, ops, link))
+            link.send(Op.MGET, ([read[2] for read in ops],), _Split(self._router, ops, link), True)
 
 
 class _Target:
