@@ -1238,20 +1238,14 @@ def _getdel(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 def _getex(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
     key = cmd[1]
     opts = cmd[2:]
-    ttl_ms: int | None = None
+    unit = b""
     persist = False
     if opts:
         opt = opts[0].upper()
         if opt == b"PERSIST" and len(opts) == 1:
             persist = True
         elif opt in (b"EX", b"PX", b"EXAT", b"PXAT") and len(opts) == 2:
-            n = parse_int(opts[1])
-            if n <= 0:
-                raise RespError("invalid expire time in 'getex' command")
-            now = time.time_ns() // 1_000_000
-            ttl_ms = {b"EX": n * 1000, b"PX": n, b"EXAT": n * 1000 - now, b"PXAT": n - now}[opt]
-            if ttl_ms > MAX_TTL_MS:
-                raise RespError("invalid expire time in 'getex' command")
+            unit = opt
         else:
             raise RespError("syntax error")
 
@@ -1260,11 +1254,23 @@ def _getex(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
         if value is not None:
             if persist:
                 yield (Op.PERSIST, [key])
-            elif ttl_ms is not None:
-                yield (Op.EXPIRE, [key, ttl_ms])
+            elif unit:  # the time is checked once the key is found: a missing key answers nil, as in Redis
+                yield (Op.EXPIRE, [key, _getex_ttl(unit, opts[1])])
         return _bulk_or_nil(conn, value)
 
     _sequence(conn, target, steps())
+
+
+def _getex_ttl(unit: bytes, arg: bytes) -> int:
+    """GETEX's EX/PX/EXAT/PXAT time as milliseconds left (<= 0: already past, the key is deleted)."""
+    n = parse_int(arg)
+    if n <= 0:
+        raise RespError("invalid expire time in 'getex' command")
+    now = time.time_ns() // 1_000_000
+    ttl_ms = {b"EX": n * 1000, b"PX": n, b"EXAT": n * 1000 - now, b"PXAT": n - now}[unit]
+    if ttl_ms > MAX_TTL_MS:
+        raise RespError("invalid expire time in 'getex' command")
+    return ttl_ms
 
 
 def _append(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:

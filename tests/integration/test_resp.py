@@ -696,6 +696,23 @@ def test_set_with_a_time_already_past_deletes_the_key(either: Any) -> None:
     assert pipe.execute() == [True, True, 1, b"1"]
 
 
+def test_getex_checks_its_time_only_for_a_key_it_found(either: Any) -> None:
+    """As Redis 7: a missing key answers nil whatever the time; a found one gets the time's error and keeps its TTL."""
+    r = either
+    for bad in ("0", "-5", "abc"):
+        assert r.execute_command("GETEX", "getex:missing", "PX", bad) is None
+        assert r.execute_command("GETEX", "getex:missing", "EXAT", bad) is None
+    assert r.set("getex:k", "v", ex=100)
+    with pytest.raises(redis.ResponseError, match="invalid expire time in 'getex' command"):
+        r.execute_command("GETEX", "getex:k", "PX", "0")
+    with pytest.raises(redis.ResponseError, match="not an integer"):
+        r.execute_command("GETEX", "getex:k", "EX", "abc")
+    with pytest.raises(redis.ResponseError, match="syntax error"):
+        r.execute_command("GETEX", "getex:missing", "EX")  # the options' shape is checked first
+    assert 95 <= r.ttl("getex:k") <= 100
+    assert r.getex("getex:k", exat=int(time.time()) - 100) == b"v" and r.exists("getex:k") == 0  # past: deleted
+
+
 def test_a_pipelined_del_then_set_through_a_master_keeps_the_set(r: Any) -> None:
     """The master sent the DEL's DELV and the SET's SETV on two connections of a link; an owner got the SET first,
     refused the DEL as older, and the master retried the DEL with a fresh version, deleting the SET (about half
