@@ -423,10 +423,17 @@ def _run(r: Any, program: list[list[list[bytes]]], kinds: Sequence[Block]) -> li
     return out
 
 
+#: Redis error prefixes that redis-py leaves in the message (it drops ``ERR`` and the ones it has a class for).
+KEPT_PREFIXES = frozenset({"WRONGTYPE", "CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK", "CROSSSLOT", "BUSYKEY", "NOPERM", "LOADING"})
+
+
 def _error(exc: Exception) -> tuple[str, str]:
-    """An error reply as (exception class, Redis prefix): redis-py drops ``ERR`` and keeps other prefixes in the message."""
+    """An error reply as (exception class, Redis prefix): the message's first word if it is a prefix, else ``ERR``.
+
+    (``ERR GT and LT options ...`` reaches us as ``GT and LT options ...``: a first word in capitals is not a prefix.)
+    """
     word = str(exc).split(" ", 1)[0]
-    return (type(exc).__name__, word if word.isupper() and word.isalpha() and len(word) > 1 else "ERR")
+    return (type(exc).__name__, word if word in KEPT_PREFIXES else "ERR")
 
 
 def _norm(cmd: list[bytes], reply: Any) -> Any:
@@ -550,5 +557,6 @@ def test_normalization() -> None:
     replies = [b"OK", b"QUEUED", b"QUEUED", [99, redis.ResponseError("value is not an integer")], 5000]
     assert _normalize(prog, replies) == [b"OK", b"QUEUED", b"QUEUED", ["positive", ("ResponseError", "ERR")], "positive"]
     assert _error(redis.ResponseError("WRONGTYPE Operation against a key")) == ("ResponseError", "WRONGTYPE")
+    assert _error(redis.ResponseError("GT and LT options at the same time are not compatible")) == ("ResponseError", "ERR")
     assert _error(redis.exceptions.ExecAbortError("Transaction discarded")) == ("ExecAbortError", "ERR")
     assert _render([Block("single", ((b"EXPIRE", Key(2), Ttl(100, 1)),))], b"p:", 0.0) == [[[b"EXPIRE", b"p:k2", b"103000"]]]
