@@ -214,13 +214,16 @@ def _case(word: bytes) -> st.SearchStrategy[bytes]:
 TTL_SECONDS = [100, 200, 1000, 100_000]
 #: Absolute expiries (seconds from now): past ones delete the key.
 AT_OFFSETS = [-100_000, -100, 100, 1000, 100_000]
-#: Refused by both (a TTL of more than 100 years is refused by dcache alone: docs/RESP.md).
-BAD_TIMES = [b"0", b"-5", b"abc", b"1.5", b"9223372036854775807"]
+#: Refused by both. 2^63-1 overflows a relative time in Redis; as an absolute time (EXAT, PXAT) Redis takes it, and
+#: dcache refuses any expiry more than 100 years ahead (docs/RESP.md), so absolute times never get it.
+BAD_TIMES = [b"0", b"-5", b"abc", b"1.5"]
+HUGE_TIME = b"9223372036854775807"
 ttl_s: st.SearchStrategy[Arg] = st.builds(Ttl, st.sampled_from(TTL_SECONDS), st.just(1000))
 ttl_ms: st.SearchStrategy[Arg] = st.builds(Ttl, st.sampled_from(TTL_SECONDS), st.just(1))
 at_s: st.SearchStrategy[Arg] = st.builds(At, st.sampled_from(AT_OFFSETS), st.just(1000))
 at_ms: st.SearchStrategy[Arg] = st.builds(At, st.sampled_from(AT_OFFSETS), st.just(1))
-bad_time: st.SearchStrategy[Arg] = st.sampled_from(BAD_TIMES)
+bad_time: st.SearchStrategy[Arg] = st.sampled_from([*BAD_TIMES, HUGE_TIME])
+bad_at: st.SearchStrategy[Arg] = st.sampled_from(BAD_TIMES)
 
 
 @st.composite
@@ -231,7 +234,8 @@ def set_cmd(draw: st.DrawFn) -> Command:
         opts.append([draw(_case(b"KEEPTTL"))])
     elif expiry:
         strat = {"EX": ttl_s, "PX": ttl_ms, "EXAT": at_s, "PXAT": at_ms}[expiry]
-        arg = draw(strat | bad_time) if draw(st.integers(0, 9)) == 0 else draw(strat)
+        bad = bad_at if "AT" in expiry else bad_time
+        arg = draw(strat | bad) if draw(st.integers(0, 9)) == 0 else draw(strat)
         opts.append([draw(_case(expiry.encode())), arg])
     cond = draw(st.sampled_from(["", "", "NX", "XX"]))
     if cond:
@@ -255,7 +259,8 @@ def getex_cmd(draw: st.DrawFn) -> Command:
     if opt == "BAD":
         return (b"GETEX", key, *draw(st.sampled_from([(b"EX",), (b"PERSIST", b"1"), (b"BOGUS",), (b"EX", b"1", b"PX", b"1")])))
     strat = {"EX": ttl_s, "PX": ttl_ms, "EXAT": at_s, "PXAT": at_ms}[opt]
-    arg = draw(strat | bad_time) if draw(st.integers(0, 9)) == 0 else draw(strat)
+    bad = bad_at if "AT" in opt else bad_time
+    arg = draw(strat | bad) if draw(st.integers(0, 9)) == 0 else draw(strat)
     return (b"GETEX", key, draw(_case(opt.encode())), arg)
 
 
@@ -342,16 +347,27 @@ commands: st.SearchStrategy[Command] = st.one_of(
     st.just((b"PING",)),
     st.tuples(st.just(b"PING"), values),
     st.sampled_from(MISSHAPEN),
+    st.sampled_from([(b"NOSUCHCOMMAND", Key(0)), (b"EXEC",), (b"DISCARD",)]),
 )
+
+
+def _cased(cmd: Command, lower: bool) -> Command:
+    name = cmd[0]
+    assert isinstance(name, bytes)
+    return (name.lower(), *cmd[1:]) if lower else cmd
+
+
+#: Commands with their names in either case (Redis takes any).
+any_case_commands = st.builds(_cased, commands, st.booleans())
 
 
 @st.composite
 def blocks(draw: st.DrawFn) -> Block:
     kind = draw(st.sampled_from(["single", "single", "pipeline", "pipeline", "multi", "burst"]))
     if kind == "single":
-        return Block("single", (draw(commands),))
+        return Block("single", (draw(any_case_commands),))
     if kind == "pipeline":
-        return Block("pipeline", tuple(draw(st.lists(commands, min_size=2, max_size=8))))
+        return Block("pipeline", tuple(draw(st.lists(any_case_commands, min_size=2, max_size=8))))
     if kind == "burst":  # the same keys read again and again: a master copies them into its near cache
         hot = draw(st.lists(keys, min_size=1, max_size=2, unique=True))
         reads: list[Command] = []
@@ -361,12 +377,22 @@ def blocks(draw: st.DrawFn) -> Block:
             k = draw(st.sampled_from(hot))
             reads.append(draw(st.sampled_from([(b"GET", k), (b"MGET", *hot), (b"STRLEN", k), (b"EXISTS", k)])))
         return Block("pipeline", tuple(reads), draw(st.booleans()))
-    queued = draw(st.lists(commands, min_size=0, max_size=5))
+    queued = draw(st.lists(any_case_commands.filter(lambda c: c[0] not in (b"EXEC", b"DISCARD", b"exec", b"discard")), max_size=5))
+    if draw(st.integers(0, 15)) == 0:
+        queued.insert(draw(st.integers(0, len(queued))), (b"MULTI",))  # nested: an error
     end: Command = (b"DISCARD",) if draw(st.integers(0, 4)) == 0 else (b"EXEC",)
     return Block("multi", ((b"MULTI",), *queued, end), draw(st.booleans()))
 
 
-programs = st.lists(blocks(), min_size=1, max_size=8)
+@dataclass(frozen=True)
+class Program:
+    """Blocks run on one connection that speaks RESP2 or, after ``HELLO 3``, RESP3."""
+
+    protocol: int
+    blocks: tuple[Block, ...]
+
+
+programs = st.builds(Program, st.sampled_from([2, 2, 3]), st.lists(blocks(), min_size=1, max_size=8).map(tuple))
 
 
 # -- running and comparing ----------------------------------------------------------------------------
@@ -399,8 +425,8 @@ def _render(program: Sequence[Block], prefix: bytes, now_s: float) -> list[list[
     return out
 
 
-def _client(port: int) -> Any:
-    r = redis.Redis(port=port, socket_timeout=SOCKET_TIMEOUT_S, single_connection_client=True, decode_responses=False)
+def _client(port: int, protocol: int = 2) -> Any:
+    r = redis.Redis(port=port, socket_timeout=SOCKET_TIMEOUT_S, single_connection_client=True, decode_responses=False, protocol=protocol)
     r.response_callbacks.clear()  # compare what came off the wire, not redis-py's per-command conversions
     return r
 
@@ -455,7 +481,8 @@ def _normalize(program: list[list[list[bytes]]], replies: list[Any]) -> list[Any
     for cmd, reply in zip(flat, replies, strict=True):
         name = cmd[0].upper()
         if name == b"MULTI":
-            in_multi, queued = True, []
+            if not in_multi:  # a nested MULTI is an error, not queued
+                in_multi, queued = True, []
         elif name == b"EXEC" and in_multi:
             in_multi = False
             if isinstance(reply, list) and len(reply) == len(queued):
@@ -487,23 +514,26 @@ def _short(x: Any) -> str:
     return text if len(text) < 300 else text[:300] + "..."
 
 
-def _check(port: int, redis_port: int, program: list[Block]) -> None:
+def _check(port: int, redis_port: int, program: Program) -> None:
     n = next(_prefixes)
     now = time.time()
-    ours = _render(program, b"d%d:" % n, now)
-    theirs = _render(program, b"r%d:" % n, now)
-    with _client(redis_port) as r:
-        want = _normalize(theirs, _run(r, theirs, program))
-    with _client(port) as d:
-        got = _normalize(ours, _run(d, ours, program))
+    blocks = program.blocks
+    ours = _render(blocks, b"d%d:" % n, now)
+    theirs = _render(blocks, b"r%d:" % n, now)
+    with _client(redis_port, program.protocol) as r:
+        want = _normalize(theirs, _run(r, theirs, blocks))
+    with _client(port, program.protocol) as d:
+        got = _normalize(ours, _run(d, ours, blocks))
     if want != got and REPORT:
         first = next(i for i, (w, g) in enumerate(zip(want, got, strict=True)) if w != g)
         cmd = [c for cmds in ours for c in cmds][first]
         with open(REPORT, "a") as f:
-            f.write(f"=== {port} first difference: {cmd[0]!r} {_short(want[first])} / {_short(got[first])}\n{_show(ours, want, got)}\n")
+            f.write(
+                f"=== {port} RESP{program.protocol} first difference: {cmd[0]!r} {_short(want[first])} / {_short(got[first])}\n{_show(ours, want, got)}\n"
+            )
         return
     if want != got:
-        pytest.fail("dcache and Redis differ:\n" + _show(ours, want, got), pytrace=False)
+        pytest.fail(f"dcache and Redis differ (RESP{program.protocol}):\n" + _show(ours, want, got), pytrace=False)
 
 
 def _settings(default: int) -> settings:
@@ -525,7 +555,7 @@ def test_a_master_answers_as_redis(master: DaemonProcess, redis_port: int) -> No
     @_settings(150)
     @_seeded
     @given(programs)
-    def check(program: list[Block]) -> None:
+    def check(program: Program) -> None:
         _check(master.resp_port, redis_port, program)
 
     before = _near_hits(master.addr)
@@ -537,7 +567,7 @@ def test_a_lone_aux_node_answers_as_redis(lone_aux: DaemonProcess, redis_port: i
     @_settings(150)
     @_seeded
     @given(programs)
-    def check(program: list[Block]) -> None:
+    def check(program: Program) -> None:
         _check(lone_aux.resp_port, redis_port, program)
 
     check()
