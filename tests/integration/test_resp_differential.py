@@ -552,7 +552,7 @@ def _seeded(f: Any) -> Any:
 
 
 def test_a_master_answers_as_redis(master: DaemonProcess, redis_port: int) -> None:
-    @_settings(150)
+    @_settings(1000)
     @_seeded
     @given(programs)
     def check(program: Program) -> None:
@@ -564,7 +564,7 @@ def test_a_master_answers_as_redis(master: DaemonProcess, redis_port: int) -> No
 
 
 def test_a_lone_aux_node_answers_as_redis(lone_aux: DaemonProcess, redis_port: int) -> None:
-    @_settings(150)
+    @_settings(1000)
     @_seeded
     @given(programs)
     def check(program: Program) -> None:
