@@ -163,7 +163,18 @@ class At:
         return f"at({self.offset:+d}s/{self.unit_ms}ms)"
 
 
-Arg = bytes | Key | Ttl | At
+@dataclass(frozen=True)
+class Big:
+    """A large value (made when the program runs: hypothesis would print it whole)."""
+
+    size: int
+    fill: bytes
+
+    def __repr__(self) -> str:
+        return f"<{self.size} x {self.fill!r}>"
+
+
+Arg = bytes | Key | Ttl | At | Big
 Command = tuple[Arg, ...]
 
 
@@ -198,9 +209,12 @@ VALUES = [
     b"-9223372036854775808",
     b"-9223372036854775809",
     b"\x00\xff\r\n\x80binary",
-    b"x" * 10_240,
 ]
-values = st.sampled_from(VALUES) | st.binary(max_size=16)
+
+
+#: 10 KB, and past LARGE_BULK_BYTES (a reply written in chunks).
+BIG = [Big(10_240, b"x"), Big(70_000, b"y")]
+values: st.SearchStrategy[Arg] = st.sampled_from(VALUES) | st.sampled_from(BIG) | st.binary(max_size=16)
 INTS = [b"0", b"1", b"-1", b"5", b"-7", b"1000", b"9223372036854775807", b"-9223372036854775808"]
 BAD_INTS = [b"9223372036854775808", b"abc", b"1.5", b"", b"+1", b"01", b"-0", b" 1"]
 amounts = st.sampled_from(INTS) | st.sampled_from(BAD_INTS)
@@ -282,6 +296,8 @@ def _key_list(draw: st.DrawFn, most: int) -> list[Key]:
 @st.composite
 def multi_key_cmd(draw: st.DrawFn) -> Command:
     name = draw(st.sampled_from([b"DEL", b"UNLINK", b"EXISTS", b"TOUCH", b"MGET"]))
+    if name == b"MGET" and draw(st.integers(0, 9)) == 0:  # a long reply (built in parts past 64 keys)
+        return (name, *draw(st.lists(keys, min_size=60, max_size=80)))
     return (name, *_key_list(draw, 5))
 
 
@@ -367,7 +383,7 @@ def blocks(draw: st.DrawFn) -> Block:
     if kind == "single":
         return Block("single", (draw(any_case_commands),))
     if kind == "pipeline":
-        return Block("pipeline", tuple(draw(st.lists(any_case_commands, min_size=2, max_size=8))))
+        return Block("pipeline", tuple(draw(st.lists(any_case_commands, min_size=2, max_size=draw(st.sampled_from([8, 8, 30]))))))
     if kind == "burst":  # the same keys read again and again: a master copies them into its near cache
         hot = draw(st.lists(keys, min_size=1, max_size=2, unique=True))
         reads: list[Command] = []
@@ -414,6 +430,8 @@ def _render(program: Sequence[Block], prefix: bytes, now_s: float) -> list[list[
                 elif isinstance(a, Ttl):
                     n += 1
                     args.append(b"%d" % ((a.seconds + TIME_STEP_S * n) * 1000 // a.unit_ms))
+                elif isinstance(a, Big):
+                    args.append(a.fill * a.size)
                 elif isinstance(a, At):
                     n += 1
                     step = TIME_STEP_S * n if a.offset > 0 else -TIME_STEP_S * n
