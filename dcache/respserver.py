@@ -67,7 +67,7 @@ from .errors import (
 )
 from .net import listen_error, protected_mode
 from .protocol import MAX_TTL_MS, Credential, Op
-from .protocol.limits import MAX_CONFIG_PATTERN_BYTES, MAX_CONFIG_PATTERNS
+from .protocol.limits import INT64_MIN, MAX_CONFIG_PATTERN_BYTES, MAX_CONFIG_PATTERNS
 from .protocol.resp import (
     BULK_HEADERS,
     CRLF,
@@ -1307,7 +1307,10 @@ def _mset(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 
 def _counter(op: Op, by: bool) -> Callable[[RespProtocol, Any, list[Any]], None]:
     def run(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-        conn._native(target, [op, 0, cmd[1], parse_int(cmd[2]) if by else 1], _shape_int)
+        delta = parse_int(cmd[2]) if by else 1
+        if delta == INT64_MIN and op == Op.DECR:  # its negation does not fit: Redis refuses it whatever the value
+            raise RespError("decrement would overflow")
+        conn._native(target, [op, 0, cmd[1], delta], _shape_int)
 
     return run
 

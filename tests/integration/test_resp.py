@@ -713,6 +713,18 @@ def test_getex_checks_its_time_only_for_a_key_it_found(either: Any) -> None:
     assert r.getex("getex:k", exat=int(time.time()) - 100) == b"v" and r.exists("getex:k") == 0  # past: deleted
 
 
+def test_decrby_of_the_smallest_64_bit_integer_is_refused_as_in_redis(either: Any) -> None:
+    """Its negation does not fit in 64 bits: Redis refuses it whatever the value (dcache answered 0 for that value)."""
+    r = either
+    assert r.set("decr:min", "-9223372036854775808")
+    with pytest.raises(redis.ResponseError, match=r"^decrement would overflow$"):
+        r.decrby("decr:min", -9223372036854775808)
+    with pytest.raises(redis.ResponseError, match=r"^decrement would overflow$"):
+        r.decrby("decr:missing", -9223372036854775808)
+    assert r.get("decr:min") == b"-9223372036854775808" and r.exists("decr:missing") == 0
+    assert r.incrby("decr:min", 1) == -9223372036854775807 and r.decrby("decr:min", 1) == -9223372036854775808
+
+
 def test_a_pipelined_del_then_set_through_a_master_keeps_the_set(r: Any) -> None:
     """The master sent the DEL's DELV and the SET's SETV on two connections of a link; an owner got the SET first,
     refused the DEL as older, and the master retried the DEL with a fresh version, deleting the SET (about half
