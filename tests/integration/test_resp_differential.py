@@ -47,9 +47,9 @@ from dcache import Client
 from tests.cluster import Cluster, settled, wait_ring
 from tests.harness import DaemonProcess, apt_install, start_aux, unavailable, wait_for
 
-pytestmark = pytest.mark.slow
-
 EXAMPLES = int(os.environ.get("DCACHE_DIFF_EXAMPLES", "0")) or None
+#: A campaign of N programs per target runs longer than the suite's per-test timeout (about 10 ms a program).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(max(120, (EXAMPLES or 0) // 20))]
 SEED = int(os.environ.get("DCACHE_DIFF_SEED", "0"))
 #: A file to append each differing program to, instead of failing (a campaign that goes on after the first).
 REPORT = os.environ.get("DCACHE_DIFF_REPORT", "")
