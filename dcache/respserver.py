@@ -67,7 +67,7 @@ from .errors import (
 )
 from .net import listen_error, protected_mode
 from .protocol import MAX_TTL_MS, Credential, Op
-from .protocol.limits import MAX_CONFIG_PATTERN_BYTES, MAX_CONFIG_PATTERNS
+from .protocol.limits import INT64_MIN, MAX_CONFIG_PATTERN_BYTES, MAX_CONFIG_PATTERNS
 from .protocol.resp import (
     BULK_HEADERS,
     CRLF,
@@ -1158,6 +1158,9 @@ class _Command:
 
     ``kind_of`` gives the kind of a command with options (more than ``least``
     words); with ``least`` words it is ``kind``, and ``kind_of`` is not called.
+    ``least``..``most`` is Redis's arity (``COMMAND INFO``): where Redis says
+    "at least", ``most`` is ``_MANY`` and the runner refuses extra options, so
+    in MULTI such a command is queued and fails in EXEC, as in Redis.
     """
 
     name: str
@@ -1184,6 +1187,8 @@ def _set_kind(cmd: list[Any]) -> int:
     opts = {a.upper() for a in cmd[3:] if a.__class__ is bytes}
     if b"GET" in opts or b"KEEPTTL" in opts:
         return SEQ
+    if (b"EXAT" in opts or b"PXAT" in opts) and (b"NX" in opts or b"XX" in opts):
+        return SEQ  # a time already past is a conditional SET, then a DELETE (``_set_past``)
     return DEFER if b"NX" in opts or b"XX" in opts else WRITE
 
 
@@ -1192,6 +1197,12 @@ def _set(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
         conn._native(target, [_SET, 0, cmd[1], cmd[2]], _shape_written)
         return
     ttl, flags, keepttl, get = parse_set_options(cmd[3:], time.time_ns() // 1_000_000)
+    if ttl < 0:  # EXAT/PXAT already past: Redis deletes the key (where NX/XX allow the write)
+        if flags or get:
+            _sequence(conn, target, _set_past(conn, cmd[1], cmd[2], flags, get))
+        else:
+            conn._native(target, [Op.DELETE, 0, cmd[1]], _shape_written)
+        return
     if keepttl or get:
         _sequence(conn, target, _set_get(conn, cmd[1], cmd[2], ttl, flags, keepttl, get))
         return
@@ -1207,6 +1218,17 @@ def _set_get(conn: RespProtocol, key: bytes, value: bytes, ttl: int, flags: int,
     if get:
         return _bulk_or_nil(conn, old)
     return OK if stored else conn._nil
+
+
+def _set_past(conn: RespProtocol, key: bytes, value: bytes, flags: int, get: bool) -> Sequence:
+    """SET with EXAT/PXAT already past, with NX, XX or GET: the write's outcome, then no key (a 1 ms SET, then DELETE)."""
+    old = (yield (_GET, [key])) if get else None
+    if flags:
+        stored = yield (_SET, [key, value, 1, flags])
+        if not stored:
+            return _bulk_or_nil(conn, old) if get else conn._nil
+    yield (Op.DELETE, [key])
+    return _bulk_or_nil(conn, old) if get else OK
 
 
 def _setnx(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
@@ -1245,20 +1267,14 @@ def _getdel(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 def _getex(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
     key = cmd[1]
     opts = cmd[2:]
-    ttl_ms: int | None = None
+    unit = b""
     persist = False
     if opts:
         opt = opts[0].upper()
         if opt == b"PERSIST" and len(opts) == 1:
             persist = True
         elif opt in (b"EX", b"PX", b"EXAT", b"PXAT") and len(opts) == 2:
-            n = parse_int(opts[1])
-            if n <= 0:
-                raise RespError("invalid expire time in 'getex' command")
-            now = time.time_ns() // 1_000_000
-            ttl_ms = {b"EX": n * 1000, b"PX": n, b"EXAT": n * 1000 - now, b"PXAT": n - now}[opt]
-            if ttl_ms > MAX_TTL_MS:
-                raise RespError("invalid expire time in 'getex' command")
+            unit = opt
         else:
             raise RespError("syntax error")
 
@@ -1267,11 +1283,23 @@ def _getex(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
         if value is not None:
             if persist:
                 yield (Op.PERSIST, [key])
-            elif ttl_ms is not None:
-                yield (Op.EXPIRE, [key, ttl_ms])
+            elif unit:  # the time is checked once the key is found: a missing key answers nil, as in Redis
+                yield (Op.EXPIRE, [key, _getex_ttl(unit, opts[1])])
         return _bulk_or_nil(conn, value)
 
     _sequence(conn, target, steps())
+
+
+def _getex_ttl(unit: bytes, arg: bytes) -> int:
+    """GETEX's EX/PX/EXAT/PXAT time as milliseconds left (<= 0: already past, the key is deleted)."""
+    n = parse_int(arg)
+    if n <= 0:
+        raise RespError("invalid expire time in 'getex' command")
+    now = time.time_ns() // 1_000_000
+    ttl_ms = {b"EX": n * 1000, b"PX": n, b"EXAT": n * 1000 - now, b"PXAT": n - now}[unit]
+    if ttl_ms > MAX_TTL_MS:
+        raise RespError("invalid expire time in 'getex' command")
+    return ttl_ms
 
 
 def _append(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
@@ -1308,7 +1336,10 @@ def _mset(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 
 def _counter(op: Op, by: bool) -> Callable[[RespProtocol, Any, list[Any]], None]:
     def run(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-        conn._native(target, [op, 0, cmd[1], parse_int(cmd[2]) if by else 1], _shape_int)
+        delta = parse_int(cmd[2]) if by else 1
+        if delta == INT64_MIN and op == Op.DECR:  # its negation does not fit: Redis refuses it whatever the value
+            raise RespError("decrement would overflow")
+        conn._native(target, [op, 0, cmd[1], delta], _shape_int)
 
     return run
 
@@ -1401,9 +1432,8 @@ def _dbsize(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 
 
 def _flush(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
-    for a in cmd[1:]:
-        if a.upper() not in (b"ASYNC", b"SYNC"):
-            raise RespError("syntax error")
+    if len(cmd) > 2 or (len(cmd) == 2 and cmd[1].upper() not in (b"ASYNC", b"SYNC")):
+        raise RespError("syntax error")
     service = conn._service
     if not service.settings.resp_allow_flush:
         raise RespError(
@@ -1437,6 +1467,8 @@ def _scan(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 
 
 def _ping(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
+    if len(cmd) > 2:  # checked here, not by the arity (``most``): Redis queues such a PING in MULTI, then fails it in EXEC
+        raise RespError("wrong number of arguments for 'ping' command")
     if len(cmd) == 1:
         conn._native(target, [Op.PING, 0], lambda c, s, r: error_for_status(s, r) if s else PONG)
     else:
@@ -1777,7 +1809,7 @@ def _unwatch(conn: RespProtocol, target: Any, cmd: list[Any]) -> None:
 
 _SPECS = (
     # connection
-    _Command("PING", 1, 2, LOCAL, _ping, flags=("fast",)),
+    _Command("PING", 1, _MANY, LOCAL, _ping, flags=("fast",)),
     _Command("ECHO", 2, 2, LOCAL, _echo, flags=("fast",)),
     _Command("QUIT", 1, _MANY, SEQ, _quit, needs_auth=False, queued=False),
     _Command("HELLO", 1, _MANY, LOCAL, _hello, needs_auth=False, queued=False),
@@ -1797,7 +1829,7 @@ _SPECS = (
     _Command("PSETEX", 4, 4, WRITE, _psetex, flags=("write",)),
     _Command("GETSET", 3, 3, SEQ, _getset, flags=("write",)),
     _Command("GETDEL", 2, 2, SEQ, _getdel, flags=("write",)),
-    _Command("GETEX", 2, 4, SEQ, _getex, flags=("write",)),
+    _Command("GETEX", 2, _MANY, SEQ, _getex, flags=("write",)),
     _Command("MGET", 2, _MANY, READ, _mget, flags=("readonly",)),
     _Command("MSET", 3, _MANY, WRITE, _mset, flags=("write",)),
     _Command("STRLEN", 2, 2, READ, _strlen, flags=("readonly",)),
@@ -1813,17 +1845,17 @@ _SPECS = (
     _Command("EXISTS", 2, _MANY, READ, _keys_count(Op.EXISTS), flags=("readonly",)),
     _Command("TOUCH", 2, _MANY, DEFER, _keys_count(Op.TOUCH), flags=("readonly",)),
     _Command("TYPE", 2, 2, READ, _type, flags=("readonly",)),
-    _Command("EXPIRE", 3, 5, WRITE, _expire(1000, False, "expire"), kind_of=_expire_kind, flags=("write",)),
-    _Command("PEXPIRE", 3, 5, WRITE, _expire(1, False, "pexpire"), kind_of=_expire_kind, flags=("write",)),
-    _Command("EXPIREAT", 3, 5, WRITE, _expire(1000, True, "expireat"), kind_of=_expire_kind, flags=("write",)),
-    _Command("PEXPIREAT", 3, 5, WRITE, _expire(1, True, "pexpireat"), kind_of=_expire_kind, flags=("write",)),
+    _Command("EXPIRE", 3, _MANY, WRITE, _expire(1000, False, "expire"), kind_of=_expire_kind, flags=("write",)),
+    _Command("PEXPIRE", 3, _MANY, WRITE, _expire(1, False, "pexpire"), kind_of=_expire_kind, flags=("write",)),
+    _Command("EXPIREAT", 3, _MANY, WRITE, _expire(1000, True, "expireat"), kind_of=_expire_kind, flags=("write",)),
+    _Command("PEXPIREAT", 3, _MANY, WRITE, _expire(1, True, "pexpireat"), kind_of=_expire_kind, flags=("write",)),
     _Command("TTL", 2, 2, READ, _ttl, flags=("readonly", "fast")),
     _Command("PTTL", 2, 2, READ, _pttl, flags=("readonly", "fast")),
     _Command("PERSIST", 2, 2, WRITE, _persist, flags=("write", "fast")),
     # whole keyspace
-    _Command("SCAN", 2, 8, DEFER, _scan, flags=("readonly",)),
-    _Command("FLUSHDB", 1, 2, SEQ, _flush, flags=("write",)),
-    _Command("FLUSHALL", 1, 2, SEQ, _flush, flags=("write",)),
+    _Command("SCAN", 2, _MANY, DEFER, _scan, flags=("readonly",)),
+    _Command("FLUSHDB", 1, _MANY, SEQ, _flush, flags=("write",)),
+    _Command("FLUSHALL", 1, _MANY, SEQ, _flush, flags=("write",)),
     # transactions
     _Command("MULTI", 1, 1, LOCAL, _multi, queued=False),
     _Command("EXEC", 1, 1, SEQ, _exec, queued=False),

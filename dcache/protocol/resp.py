@@ -438,8 +438,8 @@ def parse_set_options(args: list[bytes], now_ms: int) -> tuple[int, int, bool, b
     """SET's options after the key and value -> ``(ttl_ms or 0, flags, keepttl, get)``.
 
     ``flags``: 0, 1 (NX) or 2 (XX), as the native SET. EX/PX give a relative
-    TTL; EXAT/PXAT an absolute one, turned into what is left of it (at least
-    1 ms: a time already past leaves the value for a millisecond).
+    TTL; EXAT/PXAT an absolute one, turned into what is left of it, or -1 for
+    a time already past (the SET then deletes the key, as Redis does).
 
     Raises:
         RespError: ``ERR syntax error`` for a repeated, conflicting or unknown
@@ -462,9 +462,11 @@ def parse_set_options(args: list[bytes], now_ms: int) -> tuple[int, int, bool, b
             elif opt == b"PX":
                 ms = value
             elif opt == b"EXAT":
-                ms = max(1, value * 1000 - now_ms)
+                ms = value * 1000 - now_ms
             else:
-                ms = max(1, value - now_ms)
+                ms = value - now_ms
+            if ms <= 0:
+                ms = -1
             if ms > MAX_TTL_MS:
                 raise RespError("invalid expire time in 'set' command")
             ttl = ms

@@ -665,6 +665,80 @@ def test_a_client_that_does_not_read_costs_bounded_memory(lone_aux: DaemonProces
         assert got == n and lone_aux.alive
 
 
+# -- as Redis answers (differences found by tests/integration/test_resp_differential.py) --------------
+
+
+@pytest.fixture(params=["master", "aux"])
+def either(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A redis-py client of the master, then of the lone aux node."""
+    node = request.getfixturevalue("cluster").masters[0] if request.param == "master" else request.getfixturevalue("lone_aux")
+    client = redis.Redis(port=node.resp_port, socket_timeout=10)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_set_with_a_time_already_past_deletes_the_key(either: Any) -> None:
+    """Redis deletes the key; dcache kept the value 1 ms, and a later EXPIREAT kept it for good."""
+    r = either
+    past_s, past_ms = int(time.time()) - 100, int(time.time() * 1000) - 100_000
+    assert r.set("past:a", "old") and r.set("past:a", "new", exat=past_s) is True
+    assert r.expireat("past:a", past_s + 10_000) is False and r.get("past:a") is None and r.exists("past:a") == 0
+    assert r.set("past:b", "x", pxat=past_ms) is True and r.get("past:b") is None
+    assert r.set("past:c", "old") and r.set("past:c", "new", pxat=past_ms, get=True) == b"old" and r.get("past:c") is None
+    assert r.set("past:d", "old") and r.set("past:d", "new", exat=past_s, nx=True) is None and r.get("past:d") == b"old"
+    assert r.set("past:d", "new", exat=past_s, xx=True) is True and r.get("past:d") is None
+    assert r.set("past:d", "new", exat=past_s, xx=True) is None and r.set("past:d", "new", exat=past_s, nx=True) is True
+    assert r.exists("past:d") == 0
+    pipe = r.pipeline(transaction=False)  # a pipeline of conditional writes: each sees the one before
+    pipe.set("past:e", "1").set("past:e", "2", pxat=past_ms, xx=True).incr("past:e").get("past:e")
+    assert pipe.execute() == [True, True, 1, b"1"]
+
+
+def test_getex_checks_its_time_only_for_a_key_it_found(either: Any) -> None:
+    """As Redis 7: a missing key answers nil whatever the time; a found one gets the time's error and keeps its TTL."""
+    r = either
+    for bad in ("0", "-5", "abc"):
+        assert r.execute_command("GETEX", "getex:missing", "PX", bad) is None
+        assert r.execute_command("GETEX", "getex:missing", "EXAT", bad) is None
+    assert r.set("getex:k", "v", ex=100)
+    with pytest.raises(redis.ResponseError, match="invalid expire time in 'getex' command"):
+        r.execute_command("GETEX", "getex:k", "PX", "0")
+    with pytest.raises(redis.ResponseError, match="not an integer"):
+        r.execute_command("GETEX", "getex:k", "EX", "abc")
+    with pytest.raises(redis.ResponseError, match="syntax error"):
+        r.execute_command("GETEX", "getex:missing", "EX")  # the options' shape is checked first
+    assert 95 <= r.ttl("getex:k") <= 100
+    assert r.getex("getex:k", exat=int(time.time()) - 100) == b"v" and r.exists("getex:k") == 0  # past: deleted
+
+
+def test_decrby_of_the_smallest_64_bit_integer_is_refused_as_in_redis(either: Any) -> None:
+    """Its negation does not fit in 64 bits: Redis refuses it whatever the value (dcache answered 0 for that value)."""
+    r = either
+    assert r.set("decr:min", "-9223372036854775808")
+    with pytest.raises(redis.ResponseError, match=r"^decrement would overflow$"):
+        r.decrby("decr:min", -9223372036854775808)
+    with pytest.raises(redis.ResponseError, match=r"^decrement would overflow$"):
+        r.decrby("decr:missing", -9223372036854775808)
+    assert r.get("decr:min") == b"-9223372036854775808" and r.exists("decr:missing") == 0
+    assert r.incrby("decr:min", 1) == -9223372036854775807 and r.decrby("decr:min", 1) == -9223372036854775808
+
+
+def test_a_pipelined_del_then_set_through_a_master_keeps_the_set(r: Any) -> None:
+    """The master sent the DEL's DELV and the SET's SETV on two connections of a link; an owner got the SET first,
+    refused the DEL as older, and the master retried the DEL with a fresh version, deleting the SET (about half
+    of these pipelines lost the SET)."""
+    for i in range(60):
+        key = f"order:{i}"
+        pipe = r.pipeline(transaction=False)
+        pipe.set(key, "old", keepttl=True, get=True).delete("order:other", key).psetex(key, 100_000, "new").getdel("order:other")
+        assert pipe.execute() == [None, 1, True, None]
+        pipe.set(key, "a").set(key, "b", keepttl=True).delete("order:other", key).set(key, "c").incr("order:n")
+        pipe.execute()
+        assert r.get(key) == b"c", i
+
+
 @pytest.fixture(autouse=True)
 def _no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)

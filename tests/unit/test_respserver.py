@@ -225,6 +225,29 @@ async def test_transactions_queue_then_run_in_order() -> None:
     assert out(t).endswith(b"*2\r\n+OK\r\n$9\r\nv:later:k\r\n")
 
 
+async def test_too_many_options_are_queued_in_a_transaction_and_fail_when_it_runs_as_in_redis() -> None:
+    """Redis's arity for PING, GETEX, EXPIRE... is "at least N": extra options are the command's own error in EXEC, not an EXECABORT."""
+    svc = Toy()
+    conn, t = connect(svc)
+    extra = [
+        cmd(b"PING", b"a", b"b"),
+        cmd(b"GETEX", b"k", b"EX", b"1", b"PX", b"1"),
+        cmd(b"EXPIRE", b"k", b"100", b"NX", b"XX", b"GT"),
+        cmd(b"PEXPIREAT", b"k", b"100", b"GT", b"LT", b"XX"),
+        cmd(b"FLUSHALL", b"ASYNC", b"SYNC"),
+    ]
+    conn.data_received(cmd(b"MULTI") + b"".join(extra) + cmd(b"EXEC") + b"".join(extra))
+    await asyncio.sleep(0)
+    errors = (
+        b"-ERR wrong number of arguments for 'ping' command\r\n"
+        b"-ERR syntax error\r\n"
+        b"-ERR NX and XX, GT or LT options at the same time are not compatible\r\n"
+        b"-ERR GT and LT options at the same time are not compatible\r\n"
+        b"-ERR syntax error\r\n"
+    )
+    assert out(t) == b"+OK\r\n" + b"+QUEUED\r\n" * 5 + b"*5\r\n" + errors + errors
+
+
 async def test_a_transaction_queues_at_most_max_frame_bytes_then_keeps_nothing() -> None:
     svc = Toy(max_frame_bytes=100_000, max_value_bytes=60_000)
     conn, t = connect(svc)

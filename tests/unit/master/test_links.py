@@ -169,6 +169,32 @@ async def test_every_request_goes_on_one_connection_and_a_standby_takes_over(aux
         await link.close()
 
 
+async def test_requests_held_back_to_the_next_iteration_leave_behind_the_ones_made_before_them(aux: FakeAux) -> None:
+    """SETVs the batcher holds (and reads it waits with) leave behind the requests made before them, on the same connection.
+
+    On another connection they could overtake those: the aux node reads its
+    connections in no set order (a SET held back overtook a PERSIST sent
+    before it, which then removed the SET's TTL).
+    """
+    link = await started(make_link(aux, size=2))
+    try:
+        t1, t2 = aux.transports["a1"]
+        before = (len(t1.written), len(t2.written))
+        link.send(Op.PERSIST, (b"k",), Answers())
+        link.held.append(((b"k", b"v", 0, 0, 1), Answers()))  # a SET made in the same iteration, held back
+        await asyncio.sleep(0)  # the connection's own flush: the PERSIST leaves alone
+        link.release_held()  # the batcher's flush, one callback later
+        link.flush()
+        grew = (len(t1.written) - before[0], len(t2.written) - before[1])
+        assert sorted(grew) == [0, 2], "both on one connection, in the order they were made"
+        assert [m[0] for m in aux.ops("a1")][-2:] == [Op.PERSIST, Op.SETV]
+        link.send(Op.PING, (), Answers())  # a request of a later iteration: the same connection too
+        link.flush()
+        assert sorted((len(t1.written) - before[0], len(t2.written) - before[1])) == [0, 3]
+    finally:
+        await link.close()
+
+
 async def test_flush_writes_at_once(aux: FakeAux) -> None:
     link = await started(make_link(aux))
     try:

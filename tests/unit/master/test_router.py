@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from dcache.errors import NotAnIntegerError, Status, SupersededError, UnavailableError
-from dcache.hlc import wall_ms
+from dcache.hlc import node_tag, wall_ms
 from dcache.master.router import KEYS_PER_TURN, LinkBatcher
 from dcache.master.view import DOWN, Member
 from dcache.protocol import Op, SetFlag
@@ -38,6 +38,11 @@ def with_states(c: FakeCluster, **states: str) -> None:
     """Route by a view in which the given nodes have the given states (same ring)."""
     members = {m.node_id: Member(m.node_id, m.host, m.port, m.weight, states.get(m.node_id, m.state)) for m in c.view.members.values()}
     c.router.view = c.router.view.bumped(members=members)
+
+
+def elsewhere(version: int) -> int:
+    """A version one ms after ``version``, issued by another master (its own tag)."""
+    return (((version >> 10) + (1 << 12)) << 10) | node_tag("elsewhere")
 
 
 def answer_with(status: int, result: Any = "injected") -> Any:
@@ -451,7 +456,7 @@ async def test_a_write_superseded_twice_is_not_acknowledged(cluster: FakeCluster
     newer = [cluster.future_version(1000)]
 
     def always_newer(msg: list[Any]) -> Reply:
-        newer[0] = max(newer[0], msg[6]) + (1 << 22)  # a concurrent writer stays one ms ahead
+        newer[0] = elsewhere(max(newer[0], msg[6]))  # a concurrent writer on another master stays one ms ahead
         return Reply(OK, [2, newer[0]])
 
     cluster.overrides[("a1", Op.SETV)] = always_newer
@@ -492,7 +497,7 @@ async def test_one_owner_write_superseded_once_is_retried_and_twice_is_not_ackno
         newer = [cluster.future_version(1000)]
 
         def always_newer(msg: list[Any]) -> Reply:
-            newer[0] = max(newer[0], msg[6]) + (1 << 22)
+            newer[0] = elsewhere(max(newer[0], msg[6]))
             return Reply(OK, [2, newer[0]])
 
         cluster.overrides[("a1", Op.SETV)] = always_newer

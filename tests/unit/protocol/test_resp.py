@@ -136,7 +136,8 @@ def test_set_options() -> None:
     assert parse_set_options([], 0) == (0, 0, False, False)
     assert parse_set_options([b"ex", b"10", b"NX", b"get"], 0) == (10_000, 1, False, True)
     assert parse_set_options([b"PXAT", b"5000"], 1000) == (4000, 0, False, False)
-    assert parse_set_options([b"EXAT", b"1"], 5000) == (1, 0, False, False)  # already past: a millisecond
+    assert parse_set_options([b"EXAT", b"1"], 5000) == (-1, 0, False, False)  # already past: the key is deleted
+    assert parse_set_options([b"PXAT", b"5000", b"NX"], 5000) == (-1, 1, False, False)
     assert parse_set_options([b"XX", b"KEEPTTL"], 0) == (0, 2, True, False)
     for bad in ([b"NX", b"XX"], [b"EX", b"1", b"PX", b"1"], [b"EX"], [b"KEEPTTL", b"EX", b"1"], [b"BOGUS"]):
         with pytest.raises(RespError, match="syntax error"):
