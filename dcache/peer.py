@@ -55,6 +55,7 @@ class PeerConnection(asyncio.Protocol):
         "closed",
         "_name",
         "incarnation",
+        "features",
         "_on_answers",
         "last_answer",
         "lease_from",
@@ -75,6 +76,8 @@ class PeerConnection(asyncio.Protocol):
         self.closed = False
         self._name = name
         self.incarnation: int | None = None
+        #: The optional behaviours the peer's HELLO listed (``features``; an aux node's ``"keep-copy"``).
+        self.features: frozenset[str] = frozenset()
         #: Called after the answers of one read were handed to their
         #: callbacks (the master writes its clients' answers then).
         self._on_answers = on_answers

@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError, ServerError, Status
@@ -93,6 +94,7 @@ SUPERSEDED = 2
 
 _NX = SetFlag.NX.value
 _XX = SetFlag.XX.value
+_KEEP_COPY = SetFlag.KEEP_COPY.value
 _POS_BITS = 32
 _POS_MASK = (1 << _POS_BITS) - 1
 _MAX_SESSION_ID = (1 << 32) - 1
@@ -198,7 +200,19 @@ class ClusterOps:
 
     def setv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes, int, int, int]) -> Any:
         self.node.clock.observe(args[4])
+        if args[3] == _KEEP_COPY:
+            return self._store_kept(conn, *args)
         return self._store(*args)
+
+    def _store_kept(self, conn: FrameProtocol, key: bytes, value: bytes, expires_at: int, flags: int, version: int) -> Any:
+        """A SETV with KEEP_COPY: ``_store`` without a condition, and ``conn`` keeps its subscription (``Tracker.keep``)."""
+        cache = self.node.cache
+
+        def stored() -> bool:
+            e = cache.get_entry(key)
+            return e is not None and e.version == version
+
+        return self.node.tracker.keep(conn, key, partial(self._store, key, value, expires_at, 0, version), stored)
 
     def _store(self, key: bytes, value: bytes, expires_at: int, flags: int, version: int) -> Any:
         """A SETV whose version the clock observed: 1 (stored; 2: already expired), 0 (NX/XX failed) or ``[2, held]``.
@@ -251,7 +265,10 @@ class ClusterOps:
                 if version > newest:
                     newest = version
                 try:
-                    if flags:
+                    if flags == _KEEP_COPY:
+                        append([_OK, self._store_kept(conn, *entry)])
+                        apply = node.cache.batch_apply()  # the key is tracked now: later entries tell its changes
+                    elif flags:
                         append([_OK, self._store(*entry)])
                     elif apply(key, value, expires_at=expires_at, version=version):
                         append(_STORED)

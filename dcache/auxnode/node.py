@@ -27,7 +27,7 @@ from ..config import AuxConfig
 from ..errors import NotAnIntegerError, OutOfMemoryError
 from ..hlc import HybridClock, wall_ms
 from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache, NotAnInt64Error
-from ..protocol import Op, SetFlag
+from ..protocol import FEATURE_KEEP_COPY, Op, SetFlag
 from ..server import DATA_OPS, FrameProtocol, Service, check_answer_size
 from .binding import ClusterBinding
 from .cluster_ops import ClusterOps
@@ -204,9 +204,11 @@ class AuxNode(Service):
     # -- everything else -----------------------------------------------------
 
     def hello_result(self) -> dict[str, Any]:
-        """HELLO plus this process's ``incarnation``, so masters notice a restart."""
+        """HELLO plus this process's ``incarnation``, so masters notice a restart, and its ``features``."""
         result = super().hello_result()
         result["incarnation"] = self.incarnation
+        if self.tracker.max_keys > 0:
+            result["features"] = [FEATURE_KEEP_COPY]  # SETV/MSETV's KEEP_COPY flag (a near cache's own writes)
         return result
 
     def stats(self) -> dict[str, Any]:

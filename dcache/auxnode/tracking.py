@@ -118,6 +118,9 @@ class Tracker:
         self.overflows = 0
         self.timeouts = 0
         self.held_answers = 0
+        #: ``(connection, key)`` while a KEEP_COPY write of ``key`` from that connection is stored: its
+        #: subscription to the key stays, and it is not pushed this change (``keep``).
+        self.keeping: tuple[Any, bytes] | None = None
 
     # -- subscribing -----------------------------------------------------------------
 
@@ -140,6 +143,24 @@ class Tracker:
         elif sub not in subs:
             subs.append(sub)
 
+    def keep(self, conn: FrameProtocol, key: bytes, store: Callable[[], Any], stored: Callable[[], bool]) -> Any:
+        """Run ``store``, a write of ``key`` from ``conn`` with KEEP_COPY; return what it returns.
+
+        ``conn`` keeps a copy of what it writes: its subscription to ``key``
+        does not end with this change and it is pushed no invalidation for it
+        (the key's other subscribers are, as for any write). If ``stored()``
+        then says the key holds that write, ``conn`` is subscribed to it
+        (again, or for the first time), so the key's next change reaches its copy.
+        """
+        self.keeping = (conn, key)
+        try:
+            result = store()
+        finally:
+            self.keeping = None
+        if stored():
+            self.track(conn, key)
+        return result
+
     def ack(self, conn: FrameProtocol, seq: int) -> None:
         """``conn`` acknowledged the pushes up to ``seq``: release the answers that waited only on that."""
         sub = self._subs.get(conn)
@@ -160,6 +181,15 @@ class Tracker:
         subs = self.table.pop(key, None)
         if subs is None:
             return
+        keeping = self.keeping
+        if keeping is not None and keeping[1] == key:  # the writer keeps its copy of this very write
+            writer = keeping[0]
+            kept = [sub for sub in subs if sub.conn is writer]
+            if kept:
+                self.table[key] = kept
+                subs = [sub for sub in subs if sub.conn is not writer]
+                if not subs:
+                    return
         r = self._forming
         if r is None:
             r = self._form()

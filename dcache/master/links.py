@@ -52,7 +52,7 @@ from typing import Any
 
 from ..errors import AuthError, Status, UnknownOpError, WrongClusterError
 from ..peer import Callback, PeerConnection, answer_to, handshake
-from ..protocol import CHANGING_OPS, UINT64_MAX, Op, Push
+from ..protocol import CHANGING_OPS, FEATURE_KEEP_COPY, UINT64_MAX, Op, Push
 from ..protocol.limits import INVALIDATION_TIMEOUT_S, MAX_LINK_WAITERS, NEAR_LEASE_S
 
 __all__ = ["AuxLink", "ConnectionFactory"]
@@ -131,6 +131,7 @@ class AuxLink:
         "reads_waiting",
         "tracking",
         "tracks",
+        "keeps",
         "on_invalidate",
         "invalidations_total",
     )
@@ -213,6 +214,9 @@ class AuxLink:
         #: Whether the node knows near-cache tracking (``GETV [key, true]``); one
         #: from before it answers ``BAD_ARGUMENTS`` and gets ``no_tracking()``.
         self.tracks = True
+        #: Whether the node keeps a writer's subscription (``SetFlag.KEEP_COPY``; its HELLO lists
+        #: ``"keep-copy"``): this master's own writes of a key it holds a copy of then update the copy.
+        self.keeps = False
         #: Gets each ``(key, version)`` the node invalidates (None: near cache off, pushes only acknowledged).
         self.on_invalidate: Callable[[bytes, int], None] | None = None
         self.invalidations_total = 0
@@ -283,6 +287,8 @@ class AuxLink:
             raise
         incarnation = result.get("incarnation")
         proto.incarnation = incarnation if type(incarnation) is int else None
+        features = result.get("features")
+        proto.features = frozenset(f for f in features if type(f) is str) if type(features) is list else frozenset()
         proto.on_push = self._pushed
         return proto
 
@@ -327,6 +333,7 @@ class AuxLink:
                         self.on_restart(self.node_id)
                     self.tracks = True  # the new process may be of a newer version
                 self.incarnation = incarnation
+            self.keeps = FEATURE_KEEP_COPY in proto.features
             self._conns.append(proto)
             self._answered()
             if self._opening:
@@ -399,11 +406,12 @@ class AuxLink:
             conn.send(op, args, cb, loop.time() + self._timeout, False, now)
 
     def send_tracked(self, op: int, args: tuple[Any, ...], cb: Callback) -> PeerConnection | None:
-        """Send one request on the tracking connection (near-cache fills); return it, or None (``cb`` was answered UNAVAILABLE).
+        """Send one request that subscribes (a near-cache fill, a KEEP_COPY write); return its connection, or None (``cb`` was answered UNAVAILABLE).
 
-        Every subscription of this master lives on that one connection, so
-        the node's invalidation pushes come back on it, in order with the
-        fills' answers, and its silence ends the lease of every copy.
+        It goes on the connection every request goes on (``_pick``), which
+        becomes the tracking connection: this master's subscriptions live on
+        it, the node's invalidation pushes come back on it, in order with the
+        answers, and its silence ends the lease of every copy made on it.
         """
         if self.held:
             self.release_held()
@@ -411,21 +419,21 @@ class AuxLink:
             release = self.reads_waiting
             self.reads_waiting = None
             release()
-        conn = self.tracking
-        if conn is None or conn.closed:
-            conn = self.tracking = next((c for c in self._conns if not c.closed), None)
-            if conn is None:
-                self._ensure_connector()
-                self.failures_total += 1
-                cb(_UNAVAILABLE, f"aux node {self.node_id} at {self.host}:{self.port} is not connected")
-                return None
+        conn = self.tracking = self._pick()  # the connection every request goes on: fills and writes stay in order
+        if conn is None:
+            self.failures_total += 1
+            cb(_UNAVAILABLE, f"aux node {self.node_id} at {self.host}:{self.port} is not connected")
+            return None
         self.requests += 1
         loop = self._loop
         assert loop is not None
         now = loop.time()
         if now - conn.lease_from > NEAR_LEASE_S / 4:
             self._renew_lease(conn, now)  # before the fill: its copy is served under this lease
-        conn.send(op, args, cb, now + self._timeout)
+        if op in CHANGING_OPS:  # a KEEP_COPY write: the node may hold its answer for other masters' copies
+            conn.send(op, args, cb, now + self._timeout + INVALIDATION_TIMEOUT_S, True)
+        else:
+            conn.send(op, args, cb, now + self._timeout)
         return conn
 
     def no_tracking(self) -> None:

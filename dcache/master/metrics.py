@@ -124,6 +124,11 @@ class MasterCollector(ServiceCollector):
                 "Times a key was kept out of the near cache for a second: its copy was invalidated before it paid off.",
                 n("near_cache_cooled", 0),
             ),
+            plain_counter(
+                "dcache_near_cache_write_throughs",
+                "SETs through this master of a key it held a copy of, sent so that their answer updates the copy.",
+                n("near_cache_write_throughs", 0),
+            ),
             plain_gauge("dcache_near_cache_keys", "Copies of hot keys held now.", n("near_cache_keys", 0)),
             plain_gauge("dcache_near_cache_bytes", "Bytes the copies are charged (key, value, overhead).", n("near_cache_bytes", 0)),
             plain_gauge(

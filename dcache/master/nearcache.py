@@ -24,7 +24,11 @@ budget, and answers reads of them. It stays coherent by invalidation
   owner answered on that connection (its lease, counted from the send, see
   ``AuxLink._renew_lease``) and before the entry's own expiry; a master cut
   off from an owner stops serving its copies by itself;
-* a new ring view, or this master's own write of a key, drops copies at once;
+* a new ring view drops copies at once; so does this master's own write of
+  a key, except a plain SET to an owner that keeps a writer's subscription
+  (``SetFlag.KEEP_COPY``): the write goes on the tracking connection as a
+  fill does (``write_through``), the owner pushes it no invalidation for
+  it, and its answer stores the written value as the new copy;
 * versions settle the races left: an invalidation drops copies no newer than
   its version, and a fill that an invalidation of the same key overtook
   (any version at least the fill's) is not stored.
@@ -208,10 +212,17 @@ class HotKeys:
 class _Fill:
     """A fill in flight: the newest invalidation of its key met meanwhile."""
 
-    __slots__ = ("seen",)
+    __slots__ = ("seen", "hits")
 
-    def __init__(self) -> None:
+    def __init__(self, hits: int = 0) -> None:
         self.seen = -1
+        #: The reads the key's copies answered before this fill (a write's: the copy it replaces).
+        self.hits = hits
+
+
+#: ``_Fill.seen`` of a fill that a later write of this master overtook (above any version): it is
+#: not stored, and, unlike a fill another master's write overtook, puts its key in no cool-down.
+_OWN_WRITE = (1 << 64) + 1
 
 
 class NearCache:
@@ -257,6 +268,7 @@ class NearCache:
         self.evictions = 0
         self.lease_lapses = 0
         self.cooled = 0
+        self.write_throughs = 0
         self._now = 0.0
 
     def lookup(self, key: bytes, now: float) -> bytes | None:
@@ -294,21 +306,21 @@ class NearCache:
         """A fill's answer: store ``entry`` (``[value, expires_at, version]``) unless an invalidation overtook it."""
         if self.filling.get(key) is fill:
             del self.filling[key]
-        else:
-            fill.seen = 1 << 64  # the cache was cleared meanwhile
+        elif fill.seen < 1 << 64:
+            fill.seen = 1 << 64  # the cache was cleared meanwhile (or, _OWN_WRITE, a write of this master overtook it)
         if entry is None or conn is None:
             return
         value, expires_at, version = entry
         if version <= fill.seen or (expires_at and expires_at <= wall_ms()):
             self.fills_discarded += 1
-            if version <= fill.seen and self.min_hits:
+            if version <= fill.seen and self.min_hits and fill.seen != _OWN_WRITE:
                 self._cool(key)
             return
         size = len(key) + len(value) + ENTRY_OVERHEAD
         if size > self.max_bytes:
             return
         self._remove(key)
-        self.entries[key] = [value, expires_at, version, conn, 0]
+        self.entries[key] = [value, expires_at, version, conn, fill.hits]
         self.bytes += size
         self.fills += 1
         while self.bytes > self.max_bytes:
@@ -339,6 +351,32 @@ class NearCache:
         if len(cool) > self.MAX_COOL:
             cool.popitem(last=False)
         self.cooled += 1
+
+    def write_through(self, key: bytes, now: float) -> _Fill | None:
+        """This master writes ``key`` with KEEP_COPY (``now``: loop time): drop its copy and start the fill the write's answer ends.
+
+        None when the key has neither a copy nor a fill in flight (nothing to
+        keep; the write discards as any other). A fill in flight (a read's, or
+        an earlier write's) is overtaken: not stored, and no cool-down; the
+        write's own fill replaces it. The new copy inherits the reads its
+        predecessor answered, so a key read and written by this master alone
+        does not cool down for its own writes.
+        """
+        e = self.entries.get(key)
+        f = self.filling.get(key)
+        if e is not None:
+            hits = e[4]
+            self._remove(key)
+        elif f is not None:
+            hits = f.hits
+        else:
+            return None
+        if f is not None:
+            f.seen = _OWN_WRITE
+        self._now = now
+        f = self.filling[key] = _Fill(hits)
+        self.write_throughs += 1
+        return f
 
     def discard(self, key: bytes) -> None:
         """Drop ``key``'s copy and poison its fill (this master writes the key)."""
@@ -372,4 +410,5 @@ class NearCache:
             "near_cache_evictions": self.evictions,
             "near_cache_lease_lapses": self.lease_lapses,
             "near_cache_cooled": self.cooled,
+            "near_cache_write_throughs": self.write_throughs,
         }

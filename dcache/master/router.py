@@ -58,7 +58,7 @@ from ..errors import (
     UpstreamTimeoutError,
 )
 from ..hlc import HybridClock, wall_ms
-from ..protocol import Op
+from ..protocol import Op, SetFlag
 from ..server import LATER, FrameProtocol, deferred
 from .hints import Hints, replay_forever
 from .links import MAX_HELD, MAX_HELD_BYTES, AuxLink
@@ -82,6 +82,7 @@ _MAX_BATCH = 256
 _GET = int(Op.GET)
 _SETV = int(Op.SETV)
 _DELV = int(Op.DELV)
+_KEEP_COPY = int(SetFlag.KEEP_COPY)
 #: SETV's answer when the condition (NX/XX) failed.
 _CONDITION_FAILED = 0
 #: Keys of one MGET or MSET routed per loop iteration: a larger request is routed a slice per
@@ -478,8 +479,39 @@ class Router:
         if flags:
             return deferred(self.set_if(key, value, ttl_ms, flags))
         expires_at = wall_ms() + ttl_ms if ttl_ms else 0
+        near = self.near
+        if near is not None and (key in near.entries or key in near.filling) and self._write_through(sink, rid, op, key, value, expires_at):
+            return LATER
         WriteOp(self, sink, rid, op, key, self._targets(key), _SETV, (key, value, expires_at, 0, self.clock.next()), True).start()
         return LATER
+
+    def _write_through(self, sink: Sink, rid: int, op: int, key: bytes, value: bytes, expires_at: int) -> bool:
+        """SET of a key the near cache holds: a KEEP_COPY write whose answer makes the value the new copy (``_KeptWrite``).
+
+        Only when the key has one owner, its first read candidate, reached
+        without hints and keeping a writer's subscription (``AuxLink.keeps``);
+        otherwise False, and the write goes as any other (its copy dropped).
+        """
+        near = self.near
+        assert near is not None
+        targets = self.view.write_targets(key)
+        if len(targets) != 1:
+            return False
+        owner = targets[0]
+        link = self.links.get(owner)
+        if link is None or not link.keeps or not link.tracks or link.suspect or owner in self.hints.by_node:
+            return False
+        candidates = self.view.read_candidates(key)
+        if not candidates or candidates[0] != owner:
+            return False
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fill = near.write_through(key, loop.time())
+        if fill is None:
+            return False
+        _KeptWrite(self, sink, rid, op, key, targets, _SETV, (key, value, expires_at, _KEEP_COPY, self.clock.next()), True, fill).start()
+        return True
 
     def set(self, sink: Sink, rid: int, key: bytes, value: bytes, ttl_ms: int, op: int = Op.SET) -> None:
         """SET without a condition: a versioned write to every live owner."""
@@ -1167,6 +1199,69 @@ class WriteOp:
             router.after_missed(self.missed, partial(sink.reply, self.rid, _OK, result))
             return
         sink.reply(self.rid, _OK, result)
+
+
+class _KeptWrite(WriteOp):
+    """A SET of a key this master holds a near-cache copy of, to an owner that keeps a writer's subscription.
+
+    It goes as a SETV with KEEP_COPY on the tracking connection
+    (``AuxLink.send_tracked``), so the owner pushes this master no
+    invalidation for it and keeps it subscribed; its answer stores the
+    written value as the key's copy (``NearCache.end_fill``, which discards
+    it if an invalidation of a newer version came first). If the owner is no
+    longer reachable that way when the write (or its retry) starts, the fill
+    ends with nothing stored and the write goes as any other.
+    """
+
+    __slots__ = ("fill", "conn")
+
+    def __init__(
+        self,
+        router: Router,
+        sink: Sink,
+        rid: int,
+        op: int,
+        key: bytes,
+        targets: list[str],
+        upstream: int,
+        args: tuple[Any, ...],
+        ok_result: Any,
+        fill: Any,
+    ) -> None:
+        super().__init__(router, sink, rid, op, key, targets, upstream, args, ok_result)
+        self.fill = fill
+        self.conn: Any = None
+
+    def start(self) -> None:
+        """Send the KEEP_COPY write on the owner's tracking connection, or (fill ended) as a plain write."""
+        if self.fill is not None:
+            link = self.router.links.get(self.targets[0])
+            if link is not None and link.keeps and link.tracks and not link.suspect:
+                self.conn = link.send_tracked(_SETV, self.args, self)
+                return
+            self._settle(False)
+        WriteOp.start(self)
+
+    def __call__(self, status: int, result: Any) -> None:
+        """The owner's answer: a stored write becomes the copy (a superseded one is retried first, keeping its fill)."""
+        if self.fill is not None and not (status == _OK and result.__class__ is list and not self.retried):
+            self._settle(status == _OK and result.__class__ is int and result == 1)
+        WriteOp.__call__(self, status, result)
+
+    def _settle(self, stored: bool) -> None:
+        """End the fill: store the written value as the copy if the owner ``stored`` it on a connection still open."""
+        fill = self.fill
+        self.fill = None
+        key, value, expires_at, _, version = self.args
+        self.args = (key, value, expires_at, 0, version)  # a retry, or the plain write, goes without KEEP_COPY
+        near = self.router.near
+        if near is None:
+            return
+        conn = self.conn
+        if stored and conn is not None and not conn.closed:
+            near.end_fill(key, fill, [value, expires_at, version], conn)
+        else:
+            near.end_fill(key, fill, None, None)
 
 
 class _FanOut:

@@ -16,7 +16,7 @@ from .limits import (
     UINT64_MAX,
     Limits,
 )
-from .messages import CHANGING_OPS, CONNECTION_REQUEST_ID, PROTOCOL_VERSION, PUSH_ID, Op, Push, SetFlag, Status
+from .messages import CHANGING_OPS, CONNECTION_REQUEST_ID, FEATURE_KEEP_COPY, PROTOCOL_VERSION, PUSH_ID, Op, Push, SetFlag, Status
 from .ops import OPS, Credential, OpSpec, check_key, check_value, parse_request_id, unpack_entries
 from .requests import MAX_REQUEST_ID, RequestTable
 
@@ -51,6 +51,7 @@ __all__ = [
     "OpSpec",
     "RequestTable",
     "SetFlag",
+    "FEATURE_KEEP_COPY",
     "Status",
     "check_key",
     "check_value",

@@ -88,11 +88,21 @@ class Push(IntEnum):
 
 
 class SetFlag(IntEnum):
-    """Condition flags of SET and MSET."""
+    """Condition flags of SET and MSET, and of a master's SETV and MSETV entries."""
 
     NONE = 0
     NX = 1  #: only if the key does not exist
     XX = 2  #: only if the key exists
+    #: SETV and MSETV only, to an aux node that lists ``"keep-copy"`` in its
+    #: HELLO ``features``: store as without flags, and the sending connection,
+    #: which keeps a near-cache copy of the value it writes, is not pushed an
+    #: invalidation for this change and stays subscribed to the key
+    #: (docs/PROTOCOL.md "Near-cache tracking").
+    KEEP_COPY = 4
+
+
+#: What an aux node that keeps a writer's subscription (``SetFlag.KEEP_COPY``) lists in its HELLO ``features``.
+FEATURE_KEEP_COPY = "keep-copy"
 
 
 #: The ops that may change a key. An aux node may hold the answer of one

@@ -71,6 +71,8 @@ Parser = Callable[[list[Any], Limits], Any]
 _NX = SetFlag.NX.value
 _XX = SetFlag.XX.value
 _FLAGS = (SetFlag.NONE.value, _NX, _XX)
+#: A master's SETV and MSETV entries may also say KEEP_COPY.
+_SETV_FLAGS = (*_FLAGS, SetFlag.KEEP_COPY.value)
 
 
 class Credential(IntEnum):
@@ -229,6 +231,14 @@ def _flags(flags: Any) -> int:
         return 0
     if flags.__class__ is not int or flags not in _FLAGS:
         raise BadArgumentsError("flags must be 0, 1 (NX) or 2 (XX)")
+    return int(flags)
+
+
+def _setv_flags(flags: Any) -> int:
+    if flags is None:
+        return 0
+    if flags.__class__ is not int or flags not in _SETV_FLAGS:
+        raise BadArgumentsError("flags must be 0, 1 (NX), 2 (XX) or 4 (KEEP_COPY)")
     return int(flags)
 
 
@@ -395,7 +405,7 @@ def _parse_setv(msg: list[Any], limits: Limits) -> tuple[bytes, bytes, int, int,
         _key(key, limits),
         check_value(value, limits),
         _expires_at(expires_at),
-        _flags(flags),
+        _setv_flags(flags),
         _version(version, limits.version_ceiling()),
     )
 
@@ -427,7 +437,7 @@ def _parse_msetv(msg: list[Any], limits: Limits) -> list[list[Any]]:
                 and expires_at.__class__ is int
                 and 0 <= expires_at <= INT64_MAX
                 and flags.__class__ is int
-                and flags in _FLAGS
+                and flags in _SETV_FLAGS
                 and version.__class__ is int
                 and 0 < version <= ceiling
             ):
@@ -440,7 +450,7 @@ def _msetv_checked(msg: list[Any], limits: Limits) -> list[list[Any]]:
     """``_parse_msetv``'s general path: each entry's shape and fields through their checks, converted or refused."""
     ceiling = limits.version_ceiling()
     return [
-        [_key(key, limits), check_value(value, limits), _expires_at(expires_at), _flags(flags), _version(version, ceiling)]
+        [_key(key, limits), check_value(value, limits), _expires_at(expires_at), _setv_flags(flags), _version(version, ceiling)]
         for key, value, expires_at, flags, version in _entries(msg, limits, "MSETV", "[key, value, expires_at, flags, version]")
     ]
 

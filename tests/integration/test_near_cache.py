@@ -321,3 +321,82 @@ async def test_a_resp_mget_of_keys_the_near_cache_holds_is_answered(tmp_path: Pa
     finally:
         c.stop()
         print(c.logs()[-20000:])
+
+
+@pytest.fixture
+def one_owner(tmp_path: Path) -> Iterator[NearCluster]:
+    """The near-cache cluster with one owner per key: every SET of a copied key is a KEEP_COPY write."""
+    c = NearCluster(tmp_path, replicas=1)
+    try:
+        yield c
+    finally:
+        c.stop()
+        print(c.logs()[-20000:])
+
+
+async def kept_run(a: str, b: str, seed: int, during: Callable[[LoadChecker], Awaitable[None]] | None = None) -> None:
+    """``OPS`` operations with writers and readers on both masters: 0 problems, and both kept copies through their own writes."""
+    chk = LoadChecker([a, b], [a, b], writers=2, keys_per_writer=3, readers=4, delete_ratio=0.1, mget_ratio=0.2, pause_s=0.0, seed=seed)
+    chk.start()
+    try:
+        await run_until(chk, OPS // 3)
+        if during is not None:
+            await during(chk)
+        await run_until(chk, OPS)
+    finally:
+        await chk.stop()
+    await chk.verify(a)
+    await chk.verify(b)
+    assert_coherent(chk)
+    print(chk.report())
+    for m in (a, b):
+        st = await stats(m)
+        print(m, {k: v for k, v in st.items() if k.startswith("near")})
+        assert st["near_cache_write_throughs"] > 0, "no SET of a copied key updated its copy"
+        assert st["near_cache_hits"] >= 1000, st
+
+
+async def test_own_writes_update_copies_and_no_read_is_stale(one_owner: NearCluster) -> None:
+    """Each master writes some keys and reads all: its own SETs update its copies, the other's invalidate them; 0 stale reads."""
+    a, b = one_owner.up()
+    await one_owner.settle()
+    await kept_run(a, b, seed=34)
+
+
+async def test_own_writes_update_copies_while_an_owner_is_killed_and_restarted(one_owner: NearCluster) -> None:
+    a, b = one_owner.up()
+    await one_owner.settle()
+
+    async def kill_and_restart(chk: LoadChecker) -> None:
+        victim = "a2"
+        port = one_owner.aux[victim].port
+        one_owner.aux[victim].kill()
+        await one_owner.settle(NODES - {victim})
+        await run_until(chk, 2 * OPS // 3)
+        restarted = one_owner.start_aux(victim, port=port)
+        assert restarted.port == port
+        await one_owner.settle()
+
+    await kept_run(a, b, seed=35, during=kill_and_restart)
+
+
+async def test_a_set_through_the_master_holding_the_copy_is_read_from_the_new_copy(one_owner: NearCluster) -> None:
+    """A master's SET of a key it holds a copy of: the next read answers the new value from its near cache, not the owner."""
+    a, b = one_owner.up({"a1"})
+    await one_owner.settle({"a1"})
+    async with Client(a, timeout=10.0) as ca, Client(b, timeout=10.0) as cb:
+        await ca.set("hot", b"v0")
+        await warm_copy(ca, a, "hot", b"v0")
+        await warm_copy(cb, b, "hot", b"v0")
+        for i in range(1, 51):
+            value = b"v%d" % i
+            await ca.set("hot", value)
+            before = await stats(a)
+            assert await ca.get("hot") == value
+            assert await cb.get("hot") == value  # B's copy was invalidated before A's SET was acknowledged
+            after = await stats(a)
+            assert after["near_cache_hits"] == before["near_cache_hits"] + 1, "A did not answer its own write from its copy"
+        assert after["near_cache_write_throughs"] >= 50
+        await ca.delete("hot")
+        assert await ca.get("hot") is None
+        assert await cb.get("hot") is None

@@ -319,3 +319,83 @@ async def test_a_held_msetv_whose_entries_were_all_stored_is_answered_whole() ->
     assert rid not in client.answers()
     master.call(Op.INVACK, 1)
     assert client.answer(rid) == [[0, 1], [0, 1]]
+
+
+KEEP = 4  # SetFlag.KEEP_COPY
+
+
+async def test_a_keep_copy_write_pushes_the_other_subscribers_only_and_keeps_the_writer_subscribed() -> None:
+    """SETV with KEEP_COPY from a subscriber: the other master is pushed and acknowledges first; the writer is not, and stays subscribed."""
+    node = make_node()
+    writer, other = Wire(node), Wire(node)
+    writer.call(Op.SET, b"k", b"v1")
+    subscribe(writer, b"k")
+    subscribe(other, b"k")
+    v = node.cache.get_entry(b"k").version + 1  # type: ignore[union-attr]
+    rid = writer.call(Op.SETV, b"k", b"v2", 0, KEEP, v)
+    [push] = await until(other.pushes, "the other master's push")
+    assert push == [1, [[b"k", v]]]
+    await settle()
+    assert rid not in writer.answers()  # held until the other master dropped its copy
+    assert writer.pushes() == []
+    other.call(Op.INVACK, 1)
+    assert writer.answer(rid) == 1
+    assert node.tracker.stats()["tracked_keys"] == 1  # the writer's subscription
+
+    other_rid = other.call(Op.SET, b"k", b"v3")  # the next change reaches the writer's copy
+    [push] = await until(writer.pushes, "the writer's push")
+    await settle()
+    assert other_rid not in other.answers()
+    writer.call(Op.INVACK, push[0])
+    assert other.answer(other_rid) is True
+
+
+async def test_a_keep_copy_write_subscribes_a_writer_that_was_not_and_is_answered_at_once() -> None:
+    node = make_node()
+    writer, other = Wire(node), Wire(node)
+    rid = writer.call(Op.MSETV, [[b"k", b"v1", 0, KEEP, 1_000], [b"j", b"v1", 0, 0, 1_001]])
+    assert writer.answer(rid) == [[0, 1], [0, 1]]  # nobody else held a copy: nothing to wait for
+    assert node.tracker.stats()["tracked_keys"] == 1
+    rid = other.call(Op.MSETV, [[b"j", b"v2", 0, 0, 1_002], [b"k", b"v2", 0, 0, 1_003]])
+    [push] = await until(writer.pushes, "the writer's push")
+    assert push == [1, [[b"k", 1_003]]]  # only the key it kept
+    writer.call(Op.INVACK, 1)
+    assert other.answer(rid) == [[0, 1], [0, 1]]
+
+
+async def test_a_superseded_keep_copy_write_subscribes_nothing() -> None:
+    node = make_node()
+    writer = Wire(node)
+    writer.call(Op.SETV, b"k", b"new", 0, 0, 2_000)
+    assert writer.answer(writer.call(Op.SETV, b"k", b"old", 0, KEEP, 1_000)) == [2, 2_000]
+    assert node.tracker.stats()["tracked_keys"] == 0
+
+
+async def test_a_keep_copy_write_that_evicts_a_key_the_writer_copied_still_pushes_that_key() -> None:
+    """The writer is spared the push of the key it writes only: an eviction the write causes reaches its other copies."""
+    node = make_node(max_items=2)
+    writer = Wire(node)
+    writer.call(Op.SET, b"old", b"x")
+    subscribe(writer, b"old")
+    assert writer.answer(writer.call(Op.SETV, b"k1", b"y", 0, KEEP, 10**15)) == 1
+    rid = writer.call(Op.SETV, b"k2", b"y", 0, KEEP, 10**15 + 1)  # "old", least recently used, is evicted
+    [push] = await until(writer.pushes, "the eviction's push")
+    assert push == [1, [[b"old", GONE]]]
+    await settle()
+    assert rid not in writer.answers()
+    writer.call(Op.INVACK, 1)
+    assert writer.answer(rid) == 1
+    assert node.tracker.stats()["tracked_keys"] == 2  # k1 and k2, kept
+
+
+async def test_hello_lists_keep_copy_only_with_tracking_on() -> None:
+    assert "keep-copy" in make_node().hello_result()["features"]
+    assert "features" not in make_node(tracking_keys=0).hello_result()
+
+
+async def test_keep_copy_is_refused_in_a_client_set() -> None:
+    node = make_node()
+    client = Wire(node)
+    rid = client.call(Op.SET, b"k", b"v", 0, KEEP)
+    frame = client.answers()[rid]
+    assert frame[1] != 0 and node.cache.get_entry(b"k") is None

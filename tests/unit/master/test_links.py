@@ -95,6 +95,23 @@ async def test_a_refused_or_wrong_handshake_leaves_the_link_unconnected(aux: Fak
         await link.close()
 
 
+@pytest.mark.parametrize(
+    ("features", "keeps"),
+    [(None, False), (["keep-copy"], True), (["later-thing", "keep-copy"], True), ("keep-copy", False), ([1, None], False)],
+)
+async def test_keep_copy_is_used_only_with_a_node_that_lists_it(aux: FakeAux, features: Any, keeps: bool) -> None:
+    """A master sends SETV's KEEP_COPY flag only to an aux node whose HELLO lists ``keep-copy`` (an older one refuses the flag)."""
+    hello: dict[str, Any] = {"role": "aux", "node_id": "a1", "incarnation": 1}
+    if features is not None:
+        hello["features"] = features
+    aux.hello_replies["a1"] = Reply(OK, hello)
+    link = await started(make_link(aux))
+    try:
+        assert link.keeps is keeps
+    finally:
+        await link.close()
+
+
 async def test_a_refused_connection_answers_unavailable_at_once_and_typed(aux: FakeAux) -> None:
     aux.refused.add("a1")
     link = make_link(aux)

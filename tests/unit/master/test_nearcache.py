@@ -321,3 +321,59 @@ def test_gone_invalidations_drop_any_copy(version: int) -> None:
     fill(near, b"k", b"v", conn, version=version)
     near.invalidate(b"k", 2**63 - 1)  # GONE: the key left its owner
     assert not near.entries
+
+
+# -- write-through (KEEP_COPY) ---------------------------------------------------------------
+
+
+def test_a_write_through_replaces_the_copy_when_its_answer_comes() -> None:
+    """This master's own SET of a copied key: the old copy goes at once, the write's answer is the new copy, reads carried over."""
+    near, conn = NearCache(1 << 20), Conn(lease_from=10.0)
+    assert near.write_through(b"k", 10.0) is None  # no copy and no fill: nothing to keep
+    assert fill(near, b"k", b"v1", conn)
+    for _ in range(3):
+        assert near.lookup(b"k", 10.0) == b"v1"
+    f = near.write_through(b"k", 10.0)
+    assert f is not None and near.lookup(b"k", 10.0) is None  # the old value is never answered after the write left
+    assert not near.may_fill(b"k", 10.0)  # reads go to the owner until the answer
+    near.end_fill(b"k", f, [b"v2", 0, 2], conn)
+    assert near.lookup(b"k", 10.0) == b"v2"
+    assert near.entries[b"k"][4] == 4  # 3 reads of v1, 1 of v2
+    assert near.write_throughs == 1 and near.stats()["near_cache_write_throughs"] == 1
+    assert near.bytes == size(b"k", b"v2")
+
+
+def test_a_write_through_overtaken_by_a_newer_invalidation_stores_nothing() -> None:
+    """Another master's write reached the owner after this one: its push (a newer version) arrived before this write's answer."""
+    near, conn = NearCache(1 << 20), Conn(lease_from=10.0)
+    assert fill(near, b"k", b"v1", conn)
+    f = near.write_through(b"k", 10.0)
+    assert f is not None
+    near.invalidate(b"k", 3)
+    near.end_fill(b"k", f, [b"v2", 0, 2], conn)
+    assert b"k" not in near.entries and near.fills_discarded == 1
+    f = near.write_through(b"k", 10.0)
+    assert f is None  # no copy, no fill: the next write is a plain one
+
+
+def test_a_second_own_write_overtakes_the_first_without_a_cool_down() -> None:
+    """Two SETs of the key in flight: the first's answer is not stored, the second's is, and the key does not cool down."""
+    near, conn = NearCache(1 << 20, min_hits=8), Conn(lease_from=10.0)
+    assert fill(near, b"k", b"v1", conn)
+    first = near.write_through(b"k", 10.0)
+    second = near.write_through(b"k", 10.0)
+    assert first is not None and second is not None and first is not second
+    near.end_fill(b"k", first, [b"v2", 0, 2], conn)
+    assert b"k" not in near.entries and not near.cool
+    near.end_fill(b"k", second, [b"v3", 0, 3], conn)
+    assert near.lookup(b"k", 10.0) == b"v3" and near.cooled == 0
+
+
+def test_a_view_change_during_a_write_through_stores_nothing() -> None:
+    near, conn = NearCache(1 << 20), Conn(lease_from=10.0)
+    assert fill(near, b"k", b"v1", conn)
+    f = near.write_through(b"k", 10.0)
+    assert f is not None
+    near.clear()
+    near.end_fill(b"k", f, [b"v2", 0, 2], conn)
+    assert b"k" not in near.entries
