@@ -488,14 +488,15 @@ class Router:
     def _write_through(self, sink: Sink, rid: int, op: int, key: bytes, value: bytes, expires_at: int) -> bool:
         """SET of a key the near cache holds: a KEEP_COPY write whose answer makes the value the new copy (``_KeptWrite``).
 
-        Only when the key has one owner, its first read candidate, reached
-        without hints and keeping a writer's subscription (``AuxLink.keeps``);
-        otherwise False, and the write goes as any other (its copy dropped).
+        Only when the first owner the write goes to is the key's first read
+        candidate (the one copies are filled from), reached without hints and
+        keeping a writer's subscription (``AuxLink.keeps``); otherwise False,
+        and the write goes as any other (its copy dropped).
         """
         near = self.near
         assert near is not None
         targets = self.view.write_targets(key)
-        if len(targets) != 1:
+        if not targets:
             return False
         owner = targets[0]
         link = self.links.get(owner)
@@ -1233,20 +1234,53 @@ class _KeptWrite(WriteOp):
         self.conn: Any = None
 
     def start(self) -> None:
-        """Send the KEEP_COPY write on the owner's tracking connection, or (fill ended) as a plain write."""
+        """Send the KEEP_COPY write to the first owner on its tracking connection and a plain one to the others; or (fill ended) a plain write."""
         if self.fill is not None:
-            link = self.router.links.get(self.targets[0])
+            router = self.router
+            links = router.links
+            targets = self.targets
+            first = targets[0]
+            link = links.get(first)
             if link is not None and link.keeps and link.tracks and not link.suspect:
-                self.conn = link.send_tracked(_SETV, self.args, self)
+                if len(targets) == 1:
+                    self.conn = link.send_tracked(_SETV, self.args, self)
+                    return
+                self._reset()
+                send_to = []
+                for node in targets[1:]:
+                    other = links.get(node)
+                    if other is None or other.suspect:
+                        self.missed.append(node)
+                    else:
+                        send_to.append((node, other))
+                self.pending = 1 + len(send_to)
+                key, value, expires_at, _, version = self.args
+                plain = (key, value, expires_at, 0, version)
+                self.conn = link.send_tracked(_SETV, self.args, partial(self._first_answered, first))
+                batcher = router.batcher
+                for node, other in send_to:
+                    batcher.add_write(other, plain, _Target(self, node))
                 return
             self._settle(False)
         WriteOp.start(self)
 
     def __call__(self, status: int, result: Any) -> None:
-        """The owner's answer: a stored write becomes the copy (a superseded one is retried first, keeping its fill)."""
+        """The only owner's answer: a stored write becomes the copy (a superseded one is retried first, keeping its fill)."""
         if self.fill is not None and not (status == _OK and result.__class__ is list and not self.retried):
             self._settle(status == _OK and result.__class__ is int and result == 1)
         WriteOp.__call__(self, status, result)
+
+    def _first_answered(self, node: str, status: int, result: Any) -> None:
+        """The first owner's answer, with other owners: as ``__call__``, then counted with theirs."""
+        if self.fill is not None and not (status == _OK and result.__class__ is list and not self.retried):
+            self._settle(status == _OK and result.__class__ is int and result == 1)
+        self.answer(node, status, result)
+
+    def finish(self) -> None:
+        """``WriteOp.finish``; a fill still open (its owner answered superseded) ends unless a retry follows."""
+        if self.fill is not None and (self.fatal is not None or not self.newer or self.retried):
+            self._settle(False)
+        WriteOp.finish(self)
 
     def _settle(self, stored: bool) -> None:
         """End the fill: store the written value as the copy if the owner ``stored`` it on a connection still open."""

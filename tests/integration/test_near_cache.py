@@ -11,6 +11,11 @@ is stopped (its subscriptions time out and it is cut off).
 
 Each run also asserts that B did answer from its near cache, so a run that
 never used it cannot pass for one that kept it coherent.
+
+The KEEP_COPY runs (``kept_run``) write and read through both masters, so
+each master's own SETs update its copies while the other's invalidate them,
+with one owner per key and with two, and while an owner is killed and
+restarted; each asserts that both masters did write through their copies.
 """
 
 from __future__ import annotations
@@ -323,15 +328,25 @@ async def test_a_resp_mget_of_keys_the_near_cache_holds_is_answered(tmp_path: Pa
         print(c.logs()[-20000:])
 
 
-@pytest.fixture
-def one_owner(tmp_path: Path) -> Iterator[NearCluster]:
-    """The near-cache cluster with one owner per key: every SET of a copied key is a KEEP_COPY write."""
-    c = NearCluster(tmp_path, replicas=1)
+def owners(tmp_path: Path, replicas: int) -> Iterator[NearCluster]:
+    c = NearCluster(tmp_path, replicas=replicas)
     try:
         yield c
     finally:
         c.stop()
         print(c.logs()[-20000:])
+
+
+@pytest.fixture
+def one_owner(tmp_path: Path) -> Iterator[NearCluster]:
+    """The near-cache cluster with one owner per key."""
+    yield from owners(tmp_path, 1)
+
+
+@pytest.fixture(params=[1, 2], ids=["one-owner", "two-owners"])
+def any_owners(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NearCluster]:
+    """The near-cache cluster with one, then two owners per key (KEEP_COPY to the first, a plain SETV to the other)."""
+    yield from owners(tmp_path, request.param)
 
 
 async def kept_run(a: str, b: str, seed: int, during: Callable[[LoadChecker], Awaitable[None]] | None = None) -> None:
@@ -356,26 +371,27 @@ async def kept_run(a: str, b: str, seed: int, during: Callable[[LoadChecker], Aw
         assert st["near_cache_hits"] >= 1000, st
 
 
-async def test_own_writes_update_copies_and_no_read_is_stale(one_owner: NearCluster) -> None:
+async def test_own_writes_update_copies_and_no_read_is_stale(any_owners: NearCluster) -> None:
     """Each master writes some keys and reads all: its own SETs update its copies, the other's invalidate them; 0 stale reads."""
-    a, b = one_owner.up()
-    await one_owner.settle()
+    a, b = any_owners.up()
+    await any_owners.settle()
     await kept_run(a, b, seed=34)
 
 
-async def test_own_writes_update_copies_while_an_owner_is_killed_and_restarted(one_owner: NearCluster) -> None:
-    a, b = one_owner.up()
-    await one_owner.settle()
+async def test_own_writes_update_copies_while_an_owner_is_killed_and_restarted(cluster: NearCluster) -> None:
+    """With two owners per key (``cluster``), one killed and restarted: writes keep going, copies stay coherent."""
+    a, b = cluster.up()
+    await cluster.settle()
 
     async def kill_and_restart(chk: LoadChecker) -> None:
         victim = "a2"
-        port = one_owner.aux[victim].port
-        one_owner.aux[victim].kill()
-        await one_owner.settle(NODES - {victim})
+        port = cluster.aux[victim].port
+        cluster.aux[victim].kill()
+        await cluster.settle(NODES - {victim})
         await run_until(chk, 2 * OPS // 3)
-        restarted = one_owner.start_aux(victim, port=port)
+        restarted = cluster.start_aux(victim, port=port)
         assert restarted.port == port
-        await one_owner.settle()
+        await cluster.settle()
 
     await kept_run(a, b, seed=35, during=kill_and_restart)
 
