@@ -601,6 +601,14 @@ class RespProtocol(FrameProtocol):
         self.watch = True
         super().hold_input()
 
+    def may_take_turns(self, rid: int) -> bool:
+        """A command in its own slot may take several loop iterations; a step of EXEC or of a composed command may not.
+
+        On an aux node an EXEC runs within one iteration (atomic there,
+        docs/RESP.md), so its steps are served whole.
+        """
+        return rid < _SUB_RID
+
     def release_input(self) -> None:
         """Every key is routed: the commands after it run once it is answered (at once if it already is)."""
         if not self._routing:
