@@ -1,7 +1,7 @@
-"""A real aux node serves a large MGET a slice of keys per loop iteration: one answer, in order, before the requests after it.
+"""A real aux node serves a large MGET, or a RESP DEL of many keys, a slice of keys per loop iteration: one answer, in order, before the requests after it.
 
 The slicing itself (loop iterations counted) is tested in
-``tests/unit/auxnode/test_mget_turns.py``; here the order and the answers
+``tests/unit/auxnode/test_turns.py``; here the order and the answers
 cross the wire, over native frames and over RESP.
 """
 
@@ -87,3 +87,19 @@ def test_a_client_that_leaves_during_a_large_mget_costs_the_others_nothing(aux: 
         # closed before reading any answer: the remaining slices stop, the held GET never runs
     assert call(aux.addr, Op.MGET, 1, keys[-2:])[1:] == (OK, values[-2:])
     assert call(aux.addr, Op.PING, 2)[1:] == (OK, "PONG")
+
+
+def test_resp_commands_pipelined_after_a_del_of_many_keys_see_them_deleted(aux: DaemonProcess) -> None:
+    import redis
+
+    keys, _ = store(aux, b"del")
+    r = redis.Redis(host=aux.host, port=aux.resp_port, socket_timeout=20)
+    try:
+        pipe = r.pipeline(transaction=False)
+        pipe.delete(*keys, b"del:missing")
+        pipe.get(keys[-1])
+        pipe.set(keys[-1], b"back")
+        pipe.exists(*keys)
+        assert pipe.execute() == [N, None, True, 1]
+    finally:
+        r.close()

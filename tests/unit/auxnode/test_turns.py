@@ -1,4 +1,5 @@
-"""An aux node serves a large MGET ``KEYS_PER_TURN`` keys per loop iteration, on a real (never started) node and fake transports.
+"""An aux node serves a large MGET ``KEYS_PER_TURN`` keys per loop iteration, and a RESP DEL of many keys
+``KEYS_PER_STEP`` keys per iteration, on a real (never started) node and fake transports.
 
 Loop iterations are counted, not timed: the node's cache counts a hit per
 key looked up, and a callback scheduled behind the request's first slice
@@ -20,7 +21,7 @@ from dcache.hlc import wall_ms
 from dcache.lru import LRUCache
 from dcache.protocol import Op
 from dcache.protocol.limits import KEYS_PER_TURN
-from dcache.respserver import RespProtocol
+from dcache.respserver import KEYS_PER_STEP, RespProtocol
 from tests.fakes import FakeTransport
 from tests.unit.auxnode.test_tracking import Wire, settle, until
 
@@ -190,3 +191,37 @@ async def test_a_large_mget_in_a_transaction_on_an_aux_node_runs_whole_in_one_st
     conn.data_received(resp(b"MULTI") + resp(b"MGET", *keys) + resp(b"SET", keys[-1], b"new") + resp(b"EXEC"))
     assert node.cache.hits == N  # in the call that read EXEC
     assert resp_replies(transport) == [b"OK", b"QUEUED", b"QUEUED", [[b"v%d" % i for i in range(N)], b"OK"]]
+
+
+async def test_a_resp_del_of_many_keys_on_an_aux_node_deletes_a_chunk_per_loop_iteration() -> None:
+    n = 2 * KEYS_PER_STEP + 10
+    node, keys = node_with_keys(n)
+    conn, transport = resp_wire(node)
+    seen: list[int] = []
+    conn.data_received(resp(b"DEL", *keys) + resp(b"GET", keys[-1]) + resp(b"EXISTS", *keys[:3]))
+    assert len(node.cache) == n - KEYS_PER_STEP and transport.written == []  # one chunk in the call that read it
+    asyncio.get_running_loop().call_soon(lambda: seen.append(len(node.cache)))  # queued behind the second chunk
+    await until(lambda: len(resp_replies(transport)) == 3, "three replies")
+    assert seen == [n - 2 * KEYS_PER_STEP]
+    assert resp_replies(transport) == [n, None, 0]
+    await settle()
+    assert transport.reading
+
+
+async def test_a_resp_del_of_many_keys_in_a_transaction_on_an_aux_node_runs_whole_in_one_step() -> None:
+    n = 2 * KEYS_PER_STEP + 10
+    node, keys = node_with_keys(n)
+    conn, transport = resp_wire(node)
+    conn.data_received(resp(b"MULTI") + resp(b"DEL", *keys) + resp(b"EXEC"))
+    assert len(node.cache) == 0
+    assert resp_replies(transport) == [b"OK", b"QUEUED", [n]]
+
+
+async def test_a_resp_del_whose_client_left_deletes_no_more_chunks() -> None:
+    n = 3 * KEYS_PER_STEP
+    node, keys = node_with_keys(n)
+    conn, transport = resp_wire(node)
+    conn.data_received(resp(b"DEL", *keys))
+    transport.close()
+    await settle()
+    assert len(node.cache) == n - KEYS_PER_STEP
