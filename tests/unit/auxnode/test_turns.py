@@ -83,6 +83,12 @@ async def test_an_mget_of_at_most_one_slice_is_answered_in_the_call() -> None:
     assert client.answer(rid) == [b"v%d" % i for i in range(KEYS_PER_TURN)] and client.transport.reading
 
 
+async def test_a_large_mget_run_in_process_without_a_connection_is_answered_whole() -> None:
+    """``Service.execute`` (tools, tests) has no connection to hold: the MGET runs in one go."""
+    node, keys = node_with_keys()
+    assert node.execute([Op.MGET, 1, keys]) == [b"v%d" % i for i in range(N)]
+
+
 async def test_a_large_mget_whose_client_left_looks_up_no_more_keys() -> None:
     node, keys = node_with_keys(3 * KEYS_PER_TURN)
     client, other = Wire(node), Wire(node)
