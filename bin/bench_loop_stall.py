@@ -141,6 +141,13 @@ def main() -> int:
                 lambda: native_call(master.addr, encode_request(Op.MSET, 1, [[k, big_value] for k in batch])),
             ),
             ("aux: RESP MGET 10000 keys", aux, lambda: resp_call(aux.resp_port, resp_command(b"MGET", *batch))),
+            ("aux: native MGETV 10000 keys", aux, lambda: native_call(aux.addr, encode_request(Op.MGETV, 1, batch))),
+            (
+                "aux: native MSET 10000 x 3 KiB",
+                aux,
+                lambda: native_call(aux.addr, encode_request(Op.MSET, 1, [[k, big_value] for k in batch])),
+            ),
+            ("aux: RESP DEL 30000 missing keys", aux, lambda: resp_call(aux.resp_port, resp_command(*del_args))),
             ("master: RESP DEL 30000 missing keys", master, lambda: resp_call(master.resp_port, resp_command(*del_args))),
             ("aux: RESP CONFIG GET 64 crafted patterns", aux, lambda: resp_call(aux.resp_port, resp_command(*config_args))),
             ("master: RESP DBSIZE", master, lambda: resp_call(master.resp_port, resp_command(b"DBSIZE"))),

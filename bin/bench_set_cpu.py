@@ -35,7 +35,8 @@ harness's own share of that figure, to subtract); without ``--aux``,
 not feed them (the master's figures' harness share: the scripted aux
 node's work is not in it). ``--aux --get`` feeds MGETVs of ``--clients``
 keys instead (a master's GETs of one loop turn, every key held): the aux
-node's instructions per GET.
+node's instructions per GET; ``--aux --get --mget`` feeds a client's MGETs
+of ``--clients`` keys instead of MGETVs.
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ def count_instructions(tree: Path, iterations: int, args: argparse.Namespace) ->
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, str(Path(__file__).resolve()),
            "--worker", str(iterations), "--tree", f"x={tree}", "--clients", str(args.clients), "--pipeline", str(args.pipeline),
            *(["--native"] if args.native else []), *(["--get"] if args.get else []), *(["--aux"] if args.aux else []),
-           *(["--harness"] if args.harness else [])]  # fmt: skip
+           *(["--harness"] if args.harness else []), *(["--mget"] if args.mget else [])]  # fmt: skip
     out = subprocess.run(
         cmd, capture_output=True, text=True, timeout=3600, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
     )
@@ -285,12 +286,12 @@ def count_instructions(tree: Path, iterations: int, args: argparse.Namespace) ->
     return int(refs[-1].split(":")[-1].strip())
 
 
-def aux_worker(iterations: int, clients: int, feed: bool = True, get: bool = False) -> None:
+def aux_worker(iterations: int, clients: int, feed: bool = True, get: bool = False, mget: bool = False) -> None:
     """Child process: an aux node's native connection takes ``iterations`` MSETVs of ``clients`` entries (a master's loop turns).
 
     With ``feed`` false the MSETVs are built and encoded in the same loop
     turns but not fed: the harness's own share, to subtract. With ``get``
-    the frames are MGETVs of ``clients`` keys instead.
+    the frames are MGETVs of ``clients`` keys instead (``mget``: MGETs).
     """
     import tempfile
 
@@ -315,7 +316,8 @@ def aux_worker(iterations: int, clients: int, feed: bool = True, get: bool = Fal
         rng = random.Random(1)
         for i in range(iterations):
             if get:
-                frame = encode_request(Op.MGETV, i % 100 + 1, [b"key:%012d" % rng.randrange(100_000) for _ in range(clients)])
+                op = Op.MGET if mget else Op.MGETV
+                frame = encode_request(op, i % 100 + 1, [b"key:%012d" % rng.randrange(100_000) for _ in range(clients)])
             else:
                 entries = [[b"key:%012d" % rng.randrange(100_000), value, 0, 0, clock.next()] for _ in range(clients)]
                 frame = encode_request(Op.MSETV, i % 100 + 1, entries)
@@ -352,6 +354,7 @@ def main() -> int:
         action="store_true",
         help="count the harness alone (the commands, or with --aux the MSETVs, built and encoded, not fed), to subtract",
     )
+    ap.add_argument("--mget", action="store_true", help="with --aux --get: a client's MGETs instead of a master's MGETVs")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     trees = [(label, Path(path).resolve()) for label, path in (t.split("=", 1) for t in args.tree)]
@@ -360,12 +363,18 @@ def main() -> int:
 
         print(f"dcache from {Path(dcache.__file__).resolve().parent.parent}", file=sys.stderr)
         if args.aux:
-            aux_worker(args.worker, args.clients, feed=not args.harness, get=args.get)
+            aux_worker(args.worker, args.clients, feed=not args.harness, get=args.get, mget=args.mget)
         else:
             in_process_worker(args.worker, args.clients, args.pipeline, args.native, args.get, feed=not args.harness)
         return 0
     if args.instructions:
-        door = ("aux node, MGETV" if args.get else "aux node, MSETV") if args.aux else "native" if args.native else "RESP"
+        door = (
+            (("aux node, MGET" if args.mget else "aux node, MGETV") if args.get else "aux node, MSETV")
+            if args.aux
+            else "native"
+            if args.native
+            else "RESP"
+        )
         if args.harness:
             door += " (the harness alone, the frames not fed)" if args.aux else " (the harness alone, the commands not fed)"
         what = "GET" if args.get else "SET"

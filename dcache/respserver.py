@@ -601,6 +601,14 @@ class RespProtocol(FrameProtocol):
         self.watch = True
         super().hold_input()
 
+    def may_take_turns(self, rid: int) -> bool:
+        """A command in its own slot may take several loop iterations; a step of EXEC or of a composed command may not.
+
+        On an aux node an EXEC runs within one iteration (atomic there,
+        docs/RESP.md), so its steps are served whole.
+        """
+        return rid < _SUB_RID
+
     def release_input(self) -> None:
         """Every key is routed: the commands after it run once it is answered (at once if it already is)."""
         if not self._routing:
@@ -902,6 +910,8 @@ class RespProtocol(FrameProtocol):
 #: run ``("resp", cmd)`` (answered with its reply's bytes).
 Step = Any
 Sequence = Generator[Step, Any, Reply]
+#: A step a composed command yields between two chunks of keys (``_Seq``): the rest may run in the next loop iteration.
+TURN: Step = ("turn",)
 
 
 class _Into:
@@ -940,10 +950,13 @@ class _Seq:
     A step answered at once continues in a loop (no recursion, so a long
     EXEC on an aux node runs flat); one answered later resumes from the
     answer's callback. The first error status ends the command with that
-    error.
+    error. A ``TURN`` after a chunk of keys answered at once (an aux node's
+    own) resumes in the next loop iteration, the connection's later commands
+    held until the command ends (``hold_input``), so other clients run
+    between chunks; in EXEC, or after a chunk answered later, it is no step.
     """
 
-    __slots__ = ("conn", "target", "gen", "results", "pending", "error", "written")
+    __slots__ = ("conn", "target", "gen", "results", "pending", "error", "written", "held")
 
     def __init__(self, conn: RespProtocol, target: Any, gen: Sequence) -> None:
         self.conn = conn
@@ -954,32 +967,46 @@ class _Seq:
         self.error: tuple[int, Any] | None = None
         #: Whether the step in flight is an unconditional SET (SUPERSEDED counts as written: see ``_shape_written``).
         self.written = False
+        #: Whether a ``TURN`` holds the connection's later commands until this one ends.
+        self.held = False
 
     def start(self) -> None:
         self.resume(None)
 
     def resume(self, value: Any) -> None:
         conn = self.conn
+        at_once = False  # the last step was a chunk answered in this call
         while True:
             try:
                 step = self.gen.send(value)
             except StopIteration as stop:
-                conn._deliver(self.target, stop.value)
+                self._end(stop.value)
                 return
             except RespError as exc:
-                conn._deliver(self.target, exc.line)
+                self._end(exc.line)
                 return
             except ServerError as exc:
-                conn._deliver(self.target, error_for_status(exc.code, exc.message))
+                self._end(error_for_status(exc.code, exc.message))
                 return
             if step.__class__ is list:
                 done = self._parallel(step)
                 if not done:
                     return
                 if self.error is not None:
-                    conn._deliver(self.target, error_for_status(*self.error))
+                    self._end(error_for_status(*self.error))
                     return
                 value = self.results
+                at_once = True
+                continue
+            if step is TURN:
+                target = self.target
+                if at_once and target.__class__ is int and conn.may_take_turns(target):
+                    if not self.held:
+                        self.held = True
+                        conn.hold_input()
+                    (conn._service._loop or asyncio.get_running_loop()).call_soon(self._turn)
+                    return
+                value = None
                 continue
             if step[0] == "resp":
                 box = _Box()
@@ -996,15 +1023,37 @@ class _Seq:
             if status == _SUPERSEDED and self.written:
                 status, result = _OK, True
             if status:
-                conn._deliver(self.target, error_for_status(status, result))
+                self._end(error_for_status(status, result))
                 return
             value = result
+
+    def _turn(self) -> None:
+        """The rest of the command, after a ``TURN``: stopped if the client left; an unexpected error answers it."""
+        conn = self.conn
+        if conn.is_closing:
+            self.held = False
+            conn.release_input()
+            return
+        try:
+            self.resume(None)
+        except Exception as exc:
+            log.error("internal error running a command from %s", conn.peer, exc_info=exc)
+            self._end(error_line("ERR", f"internal error: {exc.__class__.__name__}"))
+        conn._queue_flush()
+
+    def _end(self, reply: Reply) -> None:
+        """Answer the command; the commands held behind it (``TURN``) run next."""
+        conn = self.conn
+        conn._deliver(self.target, reply)
+        if self.held:
+            self.held = False
+            conn.release_input()
 
     def _answer(self, status: int, result: Any) -> None:
         if status == _SUPERSEDED and self.written:
             status, result = _OK, True
         if status:
-            self.conn._deliver(self.target, error_for_status(status, result))
+            self._end(error_for_status(status, result))
             return
         self.resume(result)
 
@@ -1034,7 +1083,7 @@ class _Seq:
         if self.pending:
             return
         if self.error is not None:
-            self.conn._deliver(self.target, error_for_status(*self.error))
+            self._end(error_for_status(*self.error))
             return
         self.resume(self.results)
 
@@ -1346,7 +1395,9 @@ def _counter(op: Op, by: bool) -> Callable[[RespProtocol, Any, list[Any]], None]
 
 #: Keys a multi-key DEL, UNLINK, EXISTS or TOUCH sends at a time: the next chunk goes once the
 #: previous one is answered, so a master's loop spends a few ms per chunk, not one long stretch
-#: (a DEL of 30,000 keys held it about 180 ms; a command may carry 100,000).
+#: (a DEL of 30,000 keys held it about 180 ms; a command may carry 100,000). An aux node answers
+#: a chunk at once: its next chunk runs in the next loop iteration (``TURN``; a DEL of 30,000
+#: missing keys held an aux node's loop about 100 ms).
 KEYS_PER_STEP = 1000
 
 
@@ -1361,6 +1412,8 @@ def _keys_count(op: Op) -> Callable[[RespProtocol, Any, list[Any]], None]:
         def steps() -> Sequence:
             found = 0
             for i in range(1, len(cmd), KEYS_PER_STEP):
+                if i > 1:
+                    yield TURN
                 answers = yield [(op, [key]) for key in cmd[i : i + KEYS_PER_STEP]]
                 found += sum(1 for a in answers if a)
             return integer(found)

@@ -112,6 +112,7 @@ __all__ = [
     "ServerState",
     "FrameProtocol",
     "Service",
+    "answer_too_large",
     "check_answer_size",
     "deferred",
     "ready_line",
@@ -1147,6 +1148,15 @@ class FrameProtocol(asyncio.Protocol):
         if self._transport is not None and not self._closed:
             self._transport.pause_reading()
 
+    def may_take_turns(self, rid: int) -> bool:
+        """Whether request ``rid``, being run, may be served over several loop iterations (``hold_input``).
+
+        Every native request may; RESP says which of its commands may not
+        (``RespProtocol.may_take_turns``: the steps of an aux node's EXEC run
+        within one iteration).
+        """
+        return True
+
     def release_input(self) -> None:
         """Every key of the request that called ``hold_input`` is routed: run the requests held meanwhile (next iteration), then read again."""
         if not self._routing:
@@ -1345,7 +1355,12 @@ def check_answer_size(values: list[Any], limit: int) -> None:
         if v is not None:
             size += len(v)
     if size > limit:
-        raise FrameTooLargeError(f"the values of these {len(values)} keys exceed the {limit}-byte frame limit: ask for fewer keys at once")
+        raise answer_too_large(len(values), limit)
+
+
+def answer_too_large(keys: int, limit: int) -> FrameTooLargeError:
+    """The error of a multi-key read whose values exceed ``limit`` bytes (``check_answer_size``)."""
+    return FrameTooLargeError(f"the values of these {keys} keys exceed the {limit}-byte frame limit: ask for fewer keys at once")
 
 
 class _Later:

@@ -20,15 +20,16 @@ import os
 import random
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..address import format_address, parse_address
 from ..config import AuxConfig
-from ..errors import NotAnIntegerError, OutOfMemoryError
+from ..errors import NotAnIntegerError, OutOfMemoryError, ServerError, Status
 from ..hlc import HybridClock, wall_ms
 from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache, NotAnInt64Error
 from ..protocol import FEATURE_KEEP_COPY, Op, SetFlag
-from ..server import DATA_OPS, FrameProtocol, Service, check_answer_size
+from ..protocol.limits import KEYS_PER_TURN
+from ..server import DATA_OPS, LATER, FrameProtocol, Service, answer_too_large, check_answer_size
 from .binding import ClusterBinding
 from .cluster_ops import ClusterOps
 from .snapshots import SnapshotManager
@@ -72,6 +73,9 @@ def freeze_due(since_freeze_s: float) -> bool:
 
 _NX = SetFlag.NX.value
 _XX = SetFlag.XX.value
+_OK = Status.OK.value
+_INTERNAL = Status.INTERNAL.value
+_MGET = Op.MGET.value
 
 
 class AuxNode(Service):
@@ -139,10 +143,13 @@ class AuxNode(Service):
 
     def _mget(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> Any:
         get = self.cache.get
-        values = [get(k) for k in keys]
         if len(keys) > 16:  # a few values always fit; past that, refuse before packing an answer the client would refuse
+            if len(keys) > KEYS_PER_TURN and conn is not None and conn.may_take_turns(rid):
+                return _MgetTurns(self, conn, rid, keys).start()
+            values = [get(k) for k in keys]
             check_answer_size(values, self.limits.max_frame_bytes)
-        return values
+            return values
+        return [get(k) for k in keys]
 
     def _mset(self, conn: FrameProtocol, rid: int, args: tuple[list[tuple[bytes, bytes]], int]) -> Any:
         items, ttl = args
@@ -378,6 +385,104 @@ class AuxNode(Service):
         await self.shutdown(self.config.shutdown_grace)
         if not await self.snapshots.close():  # final snapshot: connections are closed, no more writes
             self.exit_code = 1
+
+
+class _MgetTurns:
+    """A large MGET looked up ``KEYS_PER_TURN`` keys per loop iteration, answered as one list.
+
+    The first slice runs in the handler (an error there is the handler's);
+    while more remain the connection runs none of its later requests
+    (``FrameProtocol.hold_input``), so they see the node as it is after the
+    last key, as when the MGET was served in one go. A slice stops the
+    request when its client has gone, when the values would not fit in an
+    answer, or when it raised (answered with the error; the connection
+    goes on). An expiry a slice meets may change a key a master holds a copy
+    of: the answer then waits for the invalidations of every such slice, as
+    the dispatch holds the answer of a handler (``Service.hold``).
+    """
+
+    __slots__ = ("node", "conn", "rid", "keys", "values", "size", "held", "done")
+
+    def __init__(self, node: AuxNode, conn: FrameProtocol, rid: int, keys: list[bytes]) -> None:
+        self.node = node
+        self.conn = conn
+        self.rid = rid
+        self.keys = keys
+        self.values: list[bytes | None] = []
+        #: Bytes of the values found so far.
+        self.size = 0
+        #: Invalidation rounds the answer waits for (``reply``), and whether every key was looked up.
+        self.held = 0
+        self.done = False
+
+    def start(self) -> Any:
+        """The handler's part: the first slice; then the rest a slice per iteration (``LATER``)."""
+        self._slice()
+        self.conn.hold_input()
+        self._next()
+        return LATER
+
+    def _next(self) -> None:
+        node = self.node
+        (node._loop or asyncio.get_running_loop()).call_soon(self._turn)
+
+    def _slice(self) -> None:
+        """Look up the next ``KEYS_PER_TURN`` keys (raises ``FrameTooLargeError`` past the answer's limit)."""
+        node = self.node
+        keys = self.keys
+        values = self.values
+        start = len(values)
+        end = start + KEYS_PER_TURN
+        get = node.cache.get
+        found = [get(k) for k in keys[start:end]]
+        values += found
+        size = self.size
+        for v in found:
+            if v is not None:
+                size += len(v)
+        self.size = size
+        limit = node.limits.max_frame_bytes
+        if size > limit:
+            raise answer_too_large(len(keys), limit)
+        hold = node.hold
+        if hold is not None and hold(cast(FrameProtocol, self), 0, _MGET, None) is LATER:  # an expiry invalidated a master's copy
+            self.held += 1
+
+    def _turn(self) -> None:
+        """One later slice; the last one answers and lets the connection's later requests run."""
+        conn = self.conn
+        if conn.is_closing:  # the client left: nothing more to look up
+            conn.release_input()
+            return
+        try:
+            self._slice()
+        except ServerError as exc:
+            self._end(exc.code, exc.message)
+            return
+        except Exception as exc:
+            log.exception("internal error in a slice of an MGET from %s", conn.peer)
+            self._end(_INTERNAL, f"internal error: {exc.__class__.__name__}")
+            return
+        if len(self.values) < len(self.keys):
+            self._next()
+            return
+        self.done = True
+        if not self.held:
+            conn.reply(self.rid, _OK, self.values, _MGET)
+        conn.release_input()
+
+    def _end(self, status: int, message: str) -> None:
+        self.held = -1  # held invalidations no longer matter: the error answers now
+        self.conn.reply(self.rid, status, message, _MGET)
+        self.conn.release_input()
+
+    def reply(self, rid: int, status: int, result: Any, op: int = 0) -> None:
+        """The tracker released one held round (``Tracker._finish``): answer once none is left and every key was looked up."""
+        if self.held <= 0:
+            return
+        self.held -= 1
+        if not self.held and self.done:
+            self.conn.reply(self.rid, _OK, self.values, _MGET)
 
 
 async def serve_aux(config: AuxConfig, *, ready: bool = True) -> None:

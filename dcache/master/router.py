@@ -59,6 +59,7 @@ from ..errors import (
 )
 from ..hlc import HybridClock, wall_ms
 from ..protocol import Op, SetFlag
+from ..protocol.limits import KEYS_PER_TURN
 from ..server import LATER, FrameProtocol, deferred
 from .hints import Hints, replay_forever
 from .links import MAX_HELD, MAX_HELD_BYTES, AuxLink
@@ -85,11 +86,6 @@ _DELV = int(Op.DELV)
 _KEEP_COPY = int(SetFlag.KEEP_COPY)
 #: SETV's answer when the condition (NX/XX) failed.
 _CONDITION_FAILED = 0
-#: Keys of one MGET or MSET routed per loop iteration: a larger request is routed a slice per
-#: iteration (its client's later requests wait, ``FrameProtocol.hold_input``), so that the
-#: master serves its other clients between slices (10,000 keys in one go held the loop
-#: 125 ms for an MGET, 184 ms for an MSET of 3 KiB values; docs/BENCHMARKS.md).
-KEYS_PER_TURN = 512
 #: Seconds RING and STATS wait for each aux node's STATS.
 STATS_TIMEOUT_S = 0.5
 #: Seconds between attempts to replay hints to a node that is not usable yet.

@@ -16,9 +16,10 @@ import pytest
 
 from dcache.errors import NotAnIntegerError, Status, SupersededError, UnavailableError
 from dcache.hlc import node_tag, wall_ms
-from dcache.master.router import KEYS_PER_TURN, LinkBatcher
+from dcache.master.router import LinkBatcher
 from dcache.master.view import DOWN, Member
 from dcache.protocol import Op, SetFlag
+from dcache.protocol.limits import KEYS_PER_TURN
 from tests.fakes import Reply
 
 from .fakecluster import FakeCluster, Sink, until
