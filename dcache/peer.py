@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from ssl import SSLContext
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from .errors import AuthError, HandshakeError, RemoteProtocolError, Status, error_from_status
 from .net import nodelay
@@ -63,6 +63,11 @@ class PeerConnection(asyncio.Protocol):
         "server_info",
         "on_push",
     )
+
+    #: The connection whose answers are being handed to their callbacks (None between reads): a
+    #: callback learns which connection carried its answer (a master's near cache ties a copy
+    #: made by a write's answer to the connection the owner subscribed).
+    answering: ClassVar[PeerConnection | None] = None
 
     def __init__(self, name: str, on_answers: Callable[[], None] | None = None) -> None:
         self._transport: asyncio.Transport | None = None
@@ -113,21 +118,25 @@ class PeerConnection(asyncio.Protocol):
         if msgs:
             self.last_answer = self._loop.time()
         pop = self.requests.waiters.pop  # the table's dict, straight (the hot path)
-        for msg in msgs:
-            try:
-                rid, status, result = msg
-                cb = pop(rid, None)
-            except (TypeError, ValueError):  # not [id, status, result], or an unhashable id
-                log.warning("malformed answer from %s", self._name)
-                self.close()
-                return
-            if cb is not None:
-                cb(status, result)
-            elif rid == _PUSH_ID:
-                if self.on_push is not None:
-                    self.on_push(self, status, result)
-            elif rid == 0:  # connection-level error: the aux node closes next
-                log.warning("%s closed the connection: %s", self._name, result)
+        PeerConnection.answering = self
+        try:
+            for msg in msgs:
+                try:
+                    rid, status, result = msg
+                    cb = pop(rid, None)
+                except (TypeError, ValueError):  # not [id, status, result], or an unhashable id
+                    log.warning("malformed answer from %s", self._name)
+                    self.close()
+                    return
+                if cb is not None:
+                    cb(status, result)
+                elif rid == _PUSH_ID:
+                    if self.on_push is not None:
+                        self.on_push(self, status, result)
+                elif rid == 0:  # connection-level error: the aux node closes next
+                    log.warning("%s closed the connection: %s", self._name, result)
+        finally:
+            PeerConnection.answering = None
         if self._on_answers is not None:
             self._on_answers()
         if self._decoder.error is not None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from functools import partial
 from typing import Any, Protocol
 
 from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError, ServerError, Status
@@ -205,14 +204,25 @@ class ClusterOps:
         return self._store(*args)
 
     def _store_kept(self, conn: FrameProtocol, key: bytes, value: bytes, expires_at: int, flags: int, version: int) -> Any:
-        """A SETV with KEEP_COPY: ``_store`` without a condition, and ``conn`` keeps its subscription (``Tracker.keep``)."""
-        cache = self.node.cache
+        """A SETV with KEEP_COPY: ``_store`` without a condition, and ``conn`` keeps its copy.
 
-        def stored() -> bool:
-            e = cache.get_entry(key)
-            return e is not None and e.version == version
-
-        return self.node.tracker.keep(conn, key, partial(self._store, key, value, expires_at, 0, version), stored)
+        ``conn``'s subscription to ``key`` does not end with this change and
+        it is pushed no invalidation for it (``Tracker.keeping``; the key's
+        other subscribers are, as for any write). If the key then holds this
+        write, ``conn`` is subscribed to it (again, or for the first time),
+        so the key's next change reaches its copy.
+        """
+        node = self.node
+        tracker = node.tracker
+        tracker.keeping = (conn, key)
+        try:
+            result = self._store(key, value, expires_at, 0, version)
+        finally:
+            tracker.keeping = None
+        e = node.cache.get_entry(key)
+        if e is not None and e.version == version:
+            tracker.track(conn, key)
+        return result
 
     def _store(self, key: bytes, value: bytes, expires_at: int, flags: int, version: int) -> Any:
         """A SETV whose version the clock observed: 1 (stored; 2: already expired), 0 (NX/XX failed) or ``[2, held]``.

@@ -118,8 +118,8 @@ class Tracker:
         self.overflows = 0
         self.timeouts = 0
         self.held_answers = 0
-        #: ``(connection, key)`` while a KEEP_COPY write of ``key`` from that connection is stored: its
-        #: subscription to the key stays, and it is not pushed this change (``keep``).
+        #: ``(connection, key)`` while a KEEP_COPY write of ``key`` from that connection is stored
+        #: (``ClusterOps``): its subscription to the key stays, and it is not pushed this change.
         self.keeping: tuple[Any, bytes] | None = None
 
     # -- subscribing -----------------------------------------------------------------
@@ -142,24 +142,6 @@ class Tracker:
             table[key] = [sub]
         elif sub not in subs:
             subs.append(sub)
-
-    def keep(self, conn: FrameProtocol, key: bytes, store: Callable[[], Any], stored: Callable[[], bool]) -> Any:
-        """Run ``store``, a write of ``key`` from ``conn`` with KEEP_COPY; return what it returns.
-
-        ``conn`` keeps a copy of what it writes: its subscription to ``key``
-        does not end with this change and it is pushed no invalidation for it
-        (the key's other subscribers are, as for any write). If ``stored()``
-        then says the key holds that write, ``conn`` is subscribed to it
-        (again, or for the first time), so the key's next change reaches its copy.
-        """
-        self.keeping = (conn, key)
-        try:
-            result = store()
-        finally:
-            self.keeping = None
-        if stored():
-            self.track(conn, key)
-        return result
 
     def ack(self, conn: FrameProtocol, seq: int) -> None:
         """``conn`` acknowledged the pushes up to ``seq``: release the answers that waited only on that."""

@@ -26,9 +26,10 @@ budget, and answers reads of them. It stays coherent by invalidation
   off from an owner stops serving its copies by itself;
 * a new ring view drops copies at once; so does this master's own write of
   a key, except a plain SET to an owner that keeps a writer's subscription
-  (``SetFlag.KEEP_COPY``): the write goes on the tracking connection as a
-  fill does (``write_through``), the owner pushes it no invalidation for
-  it, and its answer stores the written value as the new copy;
+  (``SetFlag.KEEP_COPY``): the write goes on the tracking connection, the
+  one every request to that node goes on (``write_through``), the owner
+  pushes it no invalidation for it, and its answer stores the written
+  value as the new copy;
 * versions settle the races left: an invalidation drops copies no newer than
   its version, and a fill that an invalidation of the same key overtook
   (any version at least the fill's) is not stored.

@@ -58,6 +58,7 @@ from ..errors import (
     UpstreamTimeoutError,
 )
 from ..hlc import HybridClock, wall_ms
+from ..peer import PeerConnection
 from ..protocol import Op, SetFlag
 from ..protocol.limits import KEYS_PER_TURN
 from ..server import LATER, FrameProtocol, deferred
@@ -1199,18 +1200,21 @@ class WriteOp:
 
 
 class _KeptWrite(WriteOp):
-    """A SET of a key this master holds a near-cache copy of, to an owner that keeps a writer's subscription.
+    """A SET of a key this master holds a near-cache copy of, to a first owner that keeps a writer's subscription.
 
-    It goes as a SETV with KEEP_COPY on the tracking connection
-    (``AuxLink.send_tracked``), so the owner pushes this master no
-    invalidation for it and keeps it subscribed; its answer stores the
-    written value as the key's copy (``NearCache.end_fill``, which discards
-    it if an invalidation of a newer version came first). If the owner is no
-    longer reachable that way when the write (or its retry) starts, the fill
-    ends with nothing stored and the write goes as any other.
+    It goes to the first owner as a SETV with KEEP_COPY, batched with the
+    loop turn's other SETs on the connection every request to that node
+    goes on, so the owner pushes this master no invalidation for it and
+    keeps that connection subscribed; the other owners get a plain SETV.
+    The first owner's answer stores the written value as the key's copy,
+    tied to the connection that carried the answer
+    (``PeerConnection.answering``), through ``NearCache.end_fill``, which
+    discards it if an invalidation of a newer version came first. If the
+    owner is no longer reachable that way when the write (or its retry)
+    starts, the fill ends with nothing stored and the write goes as any other.
     """
 
-    __slots__ = ("fill", "conn")
+    __slots__ = ("fill",)
 
     def __init__(
         self,
@@ -1227,10 +1231,9 @@ class _KeptWrite(WriteOp):
     ) -> None:
         super().__init__(router, sink, rid, op, key, targets, upstream, args, ok_result)
         self.fill = fill
-        self.conn: Any = None
 
     def start(self) -> None:
-        """Send the KEEP_COPY write to the first owner on its tracking connection and a plain one to the others; or (fill ended) a plain write."""
+        """Queue the KEEP_COPY write for the first owner and a plain one for the others; or (fill ended) a plain write."""
         if self.fill is not None:
             router = self.router
             links = router.links
@@ -1238,8 +1241,9 @@ class _KeptWrite(WriteOp):
             first = targets[0]
             link = links.get(first)
             if link is not None and link.keeps and link.tracks and not link.suspect:
+                batcher = router.batcher
                 if len(targets) == 1:
-                    self.conn = link.send_tracked(_SETV, self.args, self)
+                    batcher.add_write(link, self.args, self.__call__)
                     return
                 self._reset()
                 send_to = []
@@ -1252,8 +1256,7 @@ class _KeptWrite(WriteOp):
                 self.pending = 1 + len(send_to)
                 key, value, expires_at, _, version = self.args
                 plain = (key, value, expires_at, 0, version)
-                self.conn = link.send_tracked(_SETV, self.args, partial(self._first_answered, first))
-                batcher = router.batcher
+                batcher.add_write(link, self.args, partial(self._first_answered, first))
                 for node, other in send_to:
                     batcher.add_write(other, plain, _Target(self, node))
                 return
@@ -1279,19 +1282,23 @@ class _KeptWrite(WriteOp):
         WriteOp.finish(self)
 
     def _settle(self, stored: bool) -> None:
-        """End the fill: store the written value as the copy if the owner ``stored`` it on a connection still open."""
+        """End the fill: the written value becomes the copy if the owner ``stored`` it (an answer being read: its connection is open)."""
         fill = self.fill
         self.fill = None
         key, value, expires_at, _, version = self.args
         self.args = (key, value, expires_at, 0, version)  # a retry, or the plain write, goes without KEEP_COPY
-        near = self.router.near
+        router = self.router
+        near = router.near
         if near is None:
             return
-        conn = self.conn
-        if stored and conn is not None and not conn.closed:
-            near.end_fill(key, fill, [value, expires_at, version], conn)
-        else:
+        conn = PeerConnection.answering if stored else None
+        if conn is None or conn.closed:
             near.end_fill(key, fill, None, None)
+            return
+        link = router.links.get(self.targets[0])
+        if link is not None and link.tracking is not conn:
+            link.tracking = conn  # the connection every request goes on changed: its lease is renewed from now on
+        near.end_fill(key, fill, [value, expires_at, version], conn)
 
 
 class _FanOut:

@@ -102,6 +102,23 @@ async def test_answers_reach_their_callbacks_in_any_order() -> None:
     assert conn.last_answer >= before and len(conn.requests) == 0
 
 
+async def test_a_callback_knows_which_connection_carried_its_answer() -> None:
+    """``PeerConnection.answering`` is the connection being read while answers are handed out, None otherwise."""
+    first, _ = connected()
+    second, _ = connected()
+    seen: list[Any] = []
+    first.send(Op.GET, (b"a",), lambda status, result: seen.append(PeerConnection.answering), far())
+    second.send(Op.GET, (b"b",), lambda status, result: seen.append(PeerConnection.answering), far())
+    second.data_received(encode_response(1, 0, b"B"))
+    first.data_received(encode_response(1, 0, b"A"))
+    assert seen == [second, first]
+    assert PeerConnection.answering is None
+    timed_out: list[Any] = []
+    first.send(Op.GET, (b"c",), lambda status, result: timed_out.append(PeerConnection.answering), 0.0)
+    assert first.fail_overdue(1.0, "timed out") == 1
+    assert timed_out == [None]  # not an answer the connection read
+
+
 async def test_a_frame_split_anywhere_is_reassembled() -> None:
     conn, _ = connected()
     got = Answers()
