@@ -508,7 +508,9 @@ class Router:
         fill = near.write_through(key, loop.time())
         if fill is None:
             return False
-        _KeptWrite(self, sink, rid, op, key, targets, _SETV, (key, value, expires_at, _KEEP_COPY, self.clock.next()), True, fill).start()
+        write = _KeptWrite(self, sink, rid, op, key, targets, _SETV, (key, value, expires_at, _KEEP_COPY, self.clock.next()), True)
+        write.fill = fill
+        write.start()
         return True
 
     def set(self, sink: Sink, rid: int, key: bytes, value: bytes, ttl_ms: int, op: int = Op.SET) -> None:
@@ -1216,21 +1218,8 @@ class _KeptWrite(WriteOp):
 
     __slots__ = ("fill",)
 
-    def __init__(
-        self,
-        router: Router,
-        sink: Sink,
-        rid: int,
-        op: int,
-        key: bytes,
-        targets: list[str],
-        upstream: int,
-        args: tuple[Any, ...],
-        ok_result: Any,
-        fill: Any,
-    ) -> None:
-        super().__init__(router, sink, rid, op, key, targets, upstream, args, ok_result)
-        self.fill = fill
+    #: The near-cache fill the first owner's answer ends (``NearCache.write_through``); None once ended.
+    fill: Any
 
     def start(self) -> None:
         """Queue the KEEP_COPY write for the first owner and a plain one for the others; or (fill ended) a plain write."""

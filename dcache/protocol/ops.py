@@ -226,19 +226,14 @@ def _expires_at(expires_at: Any) -> int:
     return int(expires_at)
 
 
-def _flags(flags: Any) -> int:
+def _flags(flags: Any, allowed: tuple[int, ...] = _FLAGS) -> int:
+    """SET's flags (``allowed``: SETV's, with KEEP_COPY, for a master's writes)."""
     if flags is None:
         return 0
-    if flags.__class__ is not int or flags not in _FLAGS:
-        raise BadArgumentsError("flags must be 0, 1 (NX) or 2 (XX)")
-    return int(flags)
-
-
-def _setv_flags(flags: Any) -> int:
-    if flags is None:
-        return 0
-    if flags.__class__ is not int or flags not in _SETV_FLAGS:
-        raise BadArgumentsError("flags must be 0, 1 (NX), 2 (XX) or 4 (KEEP_COPY)")
+    if flags.__class__ is not int or flags not in allowed:
+        raise BadArgumentsError(
+            "flags must be 0, 1 (NX) or 2 (XX)" if allowed is _FLAGS else "flags must be 0, 1 (NX), 2 (XX) or 4 (KEEP_COPY)"
+        )
     return int(flags)
 
 
@@ -405,7 +400,7 @@ def _parse_setv(msg: list[Any], limits: Limits) -> tuple[bytes, bytes, int, int,
         _key(key, limits),
         check_value(value, limits),
         _expires_at(expires_at),
-        _setv_flags(flags),
+        _flags(flags, _SETV_FLAGS),
         _version(version, limits.version_ceiling()),
     )
 
@@ -450,7 +445,7 @@ def _msetv_checked(msg: list[Any], limits: Limits) -> list[list[Any]]:
     """``_parse_msetv``'s general path: each entry's shape and fields through their checks, converted or refused."""
     ceiling = limits.version_ceiling()
     return [
-        [_key(key, limits), check_value(value, limits), _expires_at(expires_at), _setv_flags(flags), _version(version, ceiling)]
+        [_key(key, limits), check_value(value, limits), _expires_at(expires_at), _flags(flags, _SETV_FLAGS), _version(version, ceiling)]
         for key, value, expires_at, flags, version in _entries(msg, limits, "MSETV", "[key, value, expires_at, flags, version]")
     ]
 

@@ -109,7 +109,12 @@ async def coherent_run(
     a: str, b: str, seed: int, during: Callable[[LoadChecker], Awaitable[None]] | None = None, at_least: int = 1000
 ) -> dict[str, Any]:
     """``OPS`` operations of ``checker(a, b)``, with ``during`` run once a third are done: 0 problems, B's near cache used; B's STATS."""
-    chk = checker(a, b, seed=seed)
+    await checked_run(checker(a, b, seed=seed), [b], during)
+    return await assert_near_used(b, at_least)
+
+
+async def checked_run(chk: LoadChecker, verify: list[str], during: Callable[[LoadChecker], Awaitable[None]] | None) -> None:
+    """``OPS`` operations of ``chk``, with ``during`` run once a third are done, then every key read through ``verify``: 0 problems."""
     chk.start()
     try:
         await run_until(chk, OPS // 3)
@@ -118,10 +123,10 @@ async def coherent_run(
         await run_until(chk, OPS)
     finally:
         await chk.stop()
-    await chk.verify(b)
+    for addr in verify:
+        await chk.verify(addr)
     assert_coherent(chk)
     print(chk.report())
-    return await assert_near_used(b, at_least)
 
 
 async def test_two_masters_no_stale_read(cluster: NearCluster) -> None:
@@ -133,12 +138,10 @@ async def test_two_masters_no_stale_read(cluster: NearCluster) -> None:
     assert held > 0, "no write waited for an invalidation: the masters never subscribed"
 
 
-async def test_no_stale_read_while_an_owner_is_killed_and_restarted(cluster: NearCluster) -> None:
-    a, b = cluster.up()
-    await cluster.settle()
+def kill_and_restart(cluster: NearCluster, victim: str) -> Callable[[LoadChecker], Awaitable[None]]:
+    """A ``during`` step: kill aux node ``victim``, run to two thirds of the operations without it, restart it on its port."""
 
-    async def kill_and_restart(chk: LoadChecker) -> None:
-        victim = "a1"
+    async def during(chk: LoadChecker) -> None:
         port = cluster.aux[victim].port
         cluster.aux[victim].kill()
         await cluster.settle(NODES - {victim})
@@ -147,7 +150,13 @@ async def test_no_stale_read_while_an_owner_is_killed_and_restarted(cluster: Nea
         assert restarted.port == port
         await cluster.settle()
 
-    await coherent_run(a, b, seed=32, during=kill_and_restart)
+    return during
+
+
+async def test_no_stale_read_while_an_owner_is_killed_and_restarted(cluster: NearCluster) -> None:
+    a, b = cluster.up()
+    await cluster.settle()
+    await coherent_run(a, b, seed=32, during=kill_and_restart(cluster, "a1"))
 
 
 async def test_no_stale_read_while_an_aux_node_joins(cluster: NearCluster) -> None:
@@ -352,18 +361,7 @@ def any_owners(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NearC
 async def kept_run(a: str, b: str, seed: int, during: Callable[[LoadChecker], Awaitable[None]] | None = None) -> None:
     """``OPS`` operations with writers and readers on both masters: 0 problems, and both kept copies through their own writes."""
     chk = LoadChecker([a, b], [a, b], writers=2, keys_per_writer=3, readers=4, delete_ratio=0.1, mget_ratio=0.2, pause_s=0.0, seed=seed)
-    chk.start()
-    try:
-        await run_until(chk, OPS // 3)
-        if during is not None:
-            await during(chk)
-        await run_until(chk, OPS)
-    finally:
-        await chk.stop()
-    await chk.verify(a)
-    await chk.verify(b)
-    assert_coherent(chk)
-    print(chk.report())
+    await checked_run(chk, [a, b], during)
     for m in (a, b):
         st = await stats(m)
         print(m, {k: v for k, v in st.items() if k.startswith("near")})
@@ -382,18 +380,7 @@ async def test_own_writes_update_copies_while_an_owner_is_killed_and_restarted(c
     """With two owners per key (``cluster``), one killed and restarted: writes keep going, copies stay coherent."""
     a, b = cluster.up()
     await cluster.settle()
-
-    async def kill_and_restart(chk: LoadChecker) -> None:
-        victim = "a2"
-        port = cluster.aux[victim].port
-        cluster.aux[victim].kill()
-        await cluster.settle(NODES - {victim})
-        await run_until(chk, 2 * OPS // 3)
-        restarted = cluster.start_aux(victim, port=port)
-        assert restarted.port == port
-        await cluster.settle()
-
-    await kept_run(a, b, seed=35, during=kill_and_restart)
+    await kept_run(a, b, seed=35, during=kill_and_restart(cluster, "a2"))
 
 
 async def test_a_set_through_the_master_holding_the_copy_is_read_from_the_new_copy(one_owner: NearCluster) -> None:

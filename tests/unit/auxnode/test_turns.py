@@ -24,6 +24,8 @@ from dcache.protocol.limits import KEYS_PER_TURN
 from dcache.respserver import KEYS_PER_STEP, RespProtocol
 from tests.fakes import FakeTransport
 from tests.unit.auxnode.test_tracking import Wire, settle, until
+from tests.unit.test_respserver import cmd as resp
+from tests.unit.test_respserver import connect
 
 OK = int(Status.OK)
 N = 2 * KEYS_PER_TURN + 10
@@ -161,15 +163,7 @@ async def test_a_large_mget_that_expires_a_tracked_key_in_a_later_slice_is_answe
 
 
 def resp_wire(node: AuxNode) -> tuple[RespProtocol, FakeTransport]:
-    conn = RespProtocol(node)
-    transport = FakeTransport(peername=("10.0.0.1", 5000), half_close=True)
-    transport.protocol = conn
-    conn.connection_made(transport)  # type: ignore[arg-type]
-    return conn, transport
-
-
-def resp(*args: bytes) -> bytes:
-    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+    return connect(node)
 
 
 def resp_replies(transport: FakeTransport) -> list[Any]:
