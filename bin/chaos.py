@@ -9,8 +9,9 @@ spare ``a4``, each aux node behind its own ``tests.faults.proxy.FaultProxy``
 proxy). Then it runs ``--schedules`` schedules. Each schedule:
 
 1. starts a ``tests.faults.checker.LoadChecker`` that writes through ``m1``
-   and reads through ``m2``, and waits for it to make progress (the near
-   cache fills);
+   and reads through ``m2`` and ``m1`` (so ``m1``'s own writes update its
+   near-cache copies, KEEP_COPY, and invalidate ``m2``'s), and waits for it
+   to make progress (the near caches fill);
 2. runs one or two faults at once, drawn from the seed:
 
    * ``aux-kill-fast`` / ``aux-kill-slow``: SIGKILL an aux node, restart it
@@ -510,7 +511,7 @@ async def run_schedule(cluster: ChaosCluster, faults: list[Fault], seed: int) ->
     """One schedule under load, then heal, settle, verify (see the module note)."""
     m1, m2 = (cluster.addr(m) for m in MASTERS)
     late = any(f.kind == "master-stop" for f in faults)  # see the module note
-    chk = LoadChecker([m1], [m2], seed=seed, timeout=CLIENT_TIMEOUT_S, inspect=cluster.direct, late_failures=late)
+    chk = LoadChecker([m1], [m2, m1], seed=seed, timeout=CLIENT_TIMEOUT_S, inspect=cluster.direct, late_failures=late)
     notes: list[str] = []
     chk.start()
     try:
