@@ -490,6 +490,8 @@ class Outcome:
     summary: str
     examples: list[str]
     near_hits: int
+    #: ``m1``'s SETs that updated its own copies (KEEP_COPY), since it started.
+    write_throughs: int
     notes: list[str]
 
     @property
@@ -497,14 +499,14 @@ class Outcome:
         return bool(self.unsettled) or any(self.counts.values())
 
 
-async def near_cache_hits(addr: str) -> int:
-    """The near-cache hits a master counted (-1 if it did not answer)."""
+async def near_cache_count(addr: str, name: str = "near_cache_hits") -> int:
+    """A near-cache counter of a master's STATS (``near_cache_hits`` by default; -1 if it did not answer)."""
     try:
         async with Client(addr, timeout=2.0, retries=0) as c:
             stats = await c.stats()
     except Exception:
         return -1
-    return int(stats.get("near_cache_hits", 0))
+    return int(stats.get(name, 0))
 
 
 async def run_schedule(cluster: ChaosCluster, faults: list[Fault], seed: int) -> Outcome:
@@ -535,7 +537,8 @@ async def run_schedule(cluster: ChaosCluster, faults: list[Fault], seed: int) ->
         counts,
         chk.stats.summary(),
         list(chk.examples),
-        await near_cache_hits(m2),
+        await near_cache_count(m2),
+        await near_cache_count(m1, "near_cache_write_throughs"),
         notes,
     )
 
@@ -568,7 +571,7 @@ async def run_seed(seed: int, args: argparse.Namespace, deadline: float, log_dir
             counts = " ".join(f"{k} {v}" for k, v in out.counts.items())
             print(
                 f"seed {seed} schedule {index} [{out.schedule}] {verdict}: {counts}; settled in {out.settle_s:.1f} s; "
-                f"{took:.0f} s; m2 near-cache hits {out.near_hits}{''.join('; ' + n for n in out.notes)}\n    {out.summary}",
+                f"{took:.0f} s; m2 near-cache hits {out.near_hits}, m1 write-throughs {out.write_throughs}{''.join('; ' + n for n in out.notes)}\n    {out.summary}",
                 flush=True,
             )
             if out.bad:
