@@ -111,10 +111,10 @@ async def read_hot(addr: str, key: str, value: bytes) -> None:
             assert await c.get(key) == value
 
 
-async def near_cache_fills(addr: str) -> int:
+async def near_cache_fills(addr: str, counter: str = "near_cache_fills") -> int:
     async with Client(addr, timeout=5.0) as c:
         stats = await c.stats()
-    return int(stats["near_cache_fills"])
+    return int(stats[counter])
 
 
 async def test_hot_keys_of_a_v0_1_0_aux_node_are_read_without_tracking_until_it_is_upgraded(release: Path, tmp_path: Path) -> None:
@@ -140,6 +140,11 @@ async def test_hot_keys_of_a_v0_1_0_aux_node_are_read_without_tracking_until_it_
         await wait_ring(master.addr, serving, 20, "the upgraded aux node up")
         await read_hot(master.addr, "hot", b"v2")  # its v0.1.0 snapshot, then a copy in the near cache
         assert await near_cache_fills(master.addr) >= 1
+        assert await near_cache_fills(master.addr, "near_cache_write_throughs") == 0  # the v0.1.0 node never got KEEP_COPY
+        async with Client(master.addr, timeout=5.0) as c:
+            await c.set("hot", b"v3")  # the upgraded node keeps the writer's copy
+            assert await c.get("hot") == b"v3"
+        assert await near_cache_fills(master.addr, "near_cache_write_throughs") == 1
     finally:
         for p in (master, old, new):
             if p is not None:
