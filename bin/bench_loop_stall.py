@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The one request that holds a daemon's loop longest: each candidate against real nodes, with a PING watch.
 
-    .venv/bin/python bin/bench_loop_stall.py [--keys 20000] [--key-bytes 1024] [--parallel N] [--only NAME ...]
+    .venv/bin/python bin/bench_loop_stall.py [--keys 20000] [--key-bytes 1024] [--parallel N [--for-s S]] [--only NAME ...]
 
 Starts an aux node and a master in front of it (both with ``--resp-port 0``)
 on 127.0.0.1, stores ``--keys`` keys of ``--key-bytes`` bytes, then sends
@@ -12,7 +12,8 @@ gap well above 5 ms is time the request held the loop. The known worst case
 is a RESP SCAN whose MATCH pattern costs key length x pattern length byte
 steps per key (``crafted_pattern``). With ``--parallel N`` each candidate is
 sent on N connections at once (one process each): what many clients sending
-the largest request cost everyone else.
+the largest request cost everyone else; with ``--for-s S`` each sends it
+again and again for S seconds (the steady state, arrivals spread).
 """
 
 from __future__ import annotations
@@ -90,27 +91,33 @@ def summary(reply: object) -> str:
     return f"{reply!r:.80}"
 
 
-def _send_one(send: Callable[[], object], start: Any, out: Any) -> None:
-    """One sender process of ``in_parallel``: wait for the others, send, report the reply's summary (or the error)."""
+def _send_one(send: Callable[[], object], start: Any, out: Any, seconds: float) -> None:
+    """One sender process of ``in_parallel``: wait for the others, send (again until ``seconds`` passed), report the last reply's summary (or the error)."""
     try:
         start.wait(timeout=60)
-        out.put(summary(send()))
+        deadline = time.monotonic() + seconds
+        reply = send()
+        while time.monotonic() < deadline:
+            reply = send()
+        out.put(summary(reply))
     except BaseException as exc:  # reported by the parent
         out.put(f"error: {exc!r}")
 
 
-def in_parallel(send: Callable[[], object], n: int) -> str:
-    """Run ``send`` in ``n`` processes at once (each opens its own connection); return the first reply's ``summary``.
+def in_parallel(send: Callable[[], object], n: int, seconds: float = 0.0) -> str:
+    """Run ``send`` in ``n`` processes at once (each opens its own connection), each again until ``seconds`` passed; return a reply's ``summary``.
 
     Processes, not threads: the PING watch's thread then shares the GIL
-    with nobody, so its gaps are the daemon's.
+    with nobody, so its gaps are the daemon's. After the first round the
+    requests no longer arrive together: the steady state of many clients
+    each sending the request over and over.
     """
-    if n <= 1:
+    if n <= 1 and not seconds:
         return summary(send())
     ctx = multiprocessing.get_context("fork")
     start = ctx.Barrier(n)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_send_one, args=(send, start, out), daemon=True) for _ in range(n)]
+    procs = [ctx.Process(target=_send_one, args=(send, start, out, seconds), daemon=True) for _ in range(n)]
     for p in procs:
         p.start()
     replies = [out.get(timeout=600) for _ in procs]
@@ -122,18 +129,23 @@ def in_parallel(send: Callable[[], object], n: int) -> str:
     return replies[0]
 
 
-def measure(label: str, addr: str, pid: int, send: Callable[[], object], parallel: int = 1) -> None:
-    """Run ``send`` once (on ``parallel`` connections at once) while PINGing ``addr`` every 5 ms; print its time and the worst PING gap."""
+def measure(label: str, addr: str, pid: int, send: Callable[[], object], parallel: int = 1, seconds: float = 0.0) -> None:
+    """Run ``send`` once (on ``parallel`` connections at once, each again for ``seconds``) while PINGing ``addr`` every 5 ms; print its time and the worst PING gap."""
     with PingWatch(addr, pid, interval=PING_INTERVAL_S) as watch:
         time.sleep(0.1)
         t0 = time.monotonic()
-        shown = in_parallel(send, parallel)
+        shown = in_parallel(send, parallel, seconds)
         elapsed = time.monotonic() - t0
         time.sleep(0.1)
     if parallel > 1:
         label = f"{label} x{parallel}"
+    if seconds:
+        label = f"{label} for {seconds:g} s"
+    gaps = sorted(watch.gaps) or [0.0]
+    p50, p99 = gaps[len(gaps) // 2], gaps[min(len(gaps) - 1, len(gaps) * 99 // 100)]
     print(
-        f"{label:<48} answer in {elapsed * 1000:7.0f} ms, worst PING gap {watch.worst_gap() * 1000:6.0f} ms: {shown}",
+        f"{label:<48} answer in {elapsed * 1000:7.0f} ms, worst PING gap {watch.worst_gap() * 1000:6.0f} ms"
+        f" (p50 {p50 * 1000:.1f}, p99 {p99 * 1000:.0f}; {len(watch.gaps)} PINGs): {shown}",
         flush=True,
     )
 
@@ -143,6 +155,7 @@ def main() -> int:
     ap.add_argument("--keys", type=int, default=20_000, help="keys stored (default 20000)")
     ap.add_argument("--key-bytes", type=int, default=1024, help="bytes per key (default 1024, the largest allowed)")
     ap.add_argument("--parallel", type=int, default=1, help="send each request on this many connections at once (default 1)")
+    ap.add_argument("--for-s", type=float, default=0.0, help="each connection sends its request again until this many seconds passed")
     ap.add_argument("--only", nargs="*", default=None, help="run only the cases whose label contains one of these words")
     args = ap.parse_args()
     kb = args.key_bytes
@@ -200,7 +213,7 @@ def main() -> int:
             if args.only is not None and not any(word in label for word in args.only):
                 continue
             assert node.proc is not None
-            measure(label, node.addr, node.proc.pid, send, args.parallel)
+            measure(label, node.addr, node.proc.pid, send, args.parallel, args.for_s)
     finally:
         for p in (master, aux):
             p.kill()
