@@ -97,9 +97,11 @@ def _send_one(send: Callable[[], object], start: Any, out: Any, seconds: float) 
         start.wait(timeout=60)
         deadline = time.monotonic() + seconds
         reply = send()
+        sent = 1
         while time.monotonic() < deadline:
             reply = send()
-        out.put(summary(reply))
+            sent += 1
+        out.put(f"{sent} {summary(reply)}")
     except BaseException as exc:  # reported by the parent
         out.put(f"error: {exc!r}")
 
@@ -126,7 +128,8 @@ def in_parallel(send: Callable[[], object], n: int, seconds: float = 0.0) -> str
     errors = [r for r in replies if r.startswith("error")]
     if errors:
         raise RuntimeError(errors[0])
-    return replies[0]
+    answered = sum(int(r.split(" ", 1)[0]) for r in replies)
+    return f"{answered} answered, {replies[0].split(' ', 1)[1]}"
 
 
 def measure(label: str, addr: str, pid: int, send: Callable[[], object], parallel: int = 1, seconds: float = 0.0) -> None:
