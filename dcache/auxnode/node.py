@@ -393,12 +393,12 @@ class _MgetTurns:
     The first slice runs in the handler (an error there is the handler's),
     unless other large requests wait for their turn; the others wait in the
     node's ``Turns`` (one budget of keys per loop iteration for every large
-    request, ``dcache.turns``). While more remain the connection runs none of its later requests
-    (``FrameProtocol.hold_input``), so they see the node as it is after the
-    last key, as when the MGET was served in one go. A slice stops the
-    request when its client has gone, when the values would not fit in an
-    answer, or when it raised (answered with the error; the connection
-    goes on). An expiry a slice meets may change a key a master holds a copy
+    request, ``dcache.turns``). While more remain the connection runs none
+    of its later requests (``FrameProtocol.hold_input``), so they see the
+    node as it is after the last key, as when the MGET was served in one
+    go. A slice stops the request when its client has gone, when the values
+    would not fit in an answer, or when it raised (answered with the error;
+    the connection goes on). An expiry a slice meets may change a key a master holds a copy
     of: the answer then waits for the invalidations of every such slice, as
     the dispatch holds the answer of a handler (``Service.hold``).
     """
