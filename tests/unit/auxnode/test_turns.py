@@ -406,3 +406,15 @@ async def test_resp_dels_of_many_keys_on_many_connections_share_one_budget_per_l
     deleted = [a - b for a, b in itertools.pairwise(sizes)]
     assert max(deleted) <= KEYS_PER_TURN
     assert [resp_replies(t) for _, t in conns] == [[n, 0]] * len(prefixes)
+
+
+async def test_stats_show_the_turns() -> None:
+    node, keys = node_with_prefixes([b"a", b"b"])
+    wires = [Wire(node), Wire(node)]
+    for w, p in zip(wires, (b"a", b"b"), strict=True):
+        w.call(Op.MGET, keys[p])
+    stats = node.connection_stats()
+    assert stats["large_requests_waiting"] == 2 and stats["turn_slices"] == 0
+    await until(lambda: node.connection_stats()["large_requests_waiting"] == 0, "every turn run")
+    stats = node.connection_stats()
+    assert stats["turn_slices"] == 5 and stats["turn_most_keys"] == KEYS_PER_TURN  # (N keys: 3 slices each, one in a handler)
