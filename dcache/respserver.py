@@ -910,7 +910,8 @@ class RespProtocol(FrameProtocol):
 #: run ``("resp", cmd)`` (answered with its reply's bytes).
 Step = Any
 Sequence = Generator[Step, Any, Reply]
-#: A step a composed command yields between two chunks of keys (``_Seq``): the rest may run in the next loop iteration.
+#: A step a composed command yields between two chunks of keys (``_Seq``): the rest may run in a later loop
+#: iteration, in its turn (``dcache.turns``); the step's answer is the keys the next chunk may hold (``None``: any).
 TURN: Step = ("turn",)
 
 
@@ -951,12 +952,15 @@ class _Seq:
     EXEC on an aux node runs flat); one answered later resumes from the
     answer's callback. The first error status ends the command with that
     error. A ``TURN`` after a chunk of keys answered at once (an aux node's
-    own) resumes in the next loop iteration, the connection's later commands
-    held until the command ends (``hold_input``), so other clients run
-    between chunks; in EXEC, or after a chunk answered later, it is no step.
+    own) resumes in a later loop iteration, in its turn with the other large
+    requests (``Service.turns``), the connection's later commands held until
+    the command ends (``hold_input``), so other clients run between chunks;
+    a ``TURN`` before the first chunk waits only if other large requests
+    wait already (``Turns.busy``); in EXEC, or after a chunk answered later,
+    it is no step.
     """
 
-    __slots__ = ("conn", "target", "gen", "results", "pending", "error", "written", "held")
+    __slots__ = ("conn", "target", "gen", "results", "pending", "error", "written", "held", "sent")
 
     def __init__(self, conn: RespProtocol, target: Any, gen: Sequence) -> None:
         self.conn = conn
@@ -969,6 +973,8 @@ class _Seq:
         self.written = False
         #: Whether a ``TURN`` holds the connection's later commands until this one ends.
         self.held = False
+        #: Native calls sent in parallel steps so far (what a turn is charged: ``_turn``).
+        self.sent = 0
 
     def start(self) -> None:
         self.resume(None)
@@ -1000,11 +1006,12 @@ class _Seq:
                 continue
             if step is TURN:
                 target = self.target
-                if at_once and target.__class__ is int and conn.may_take_turns(target):
+                turns = conn._service.turns
+                if (at_once or (not self.sent and turns.busy)) and target.__class__ is int and conn.may_take_turns(target):
                     if not self.held:
                         self.held = True
                         conn.hold_input()
-                    (conn._service._loop or asyncio.get_running_loop()).call_soon(self._turn)
+                    turns.add(self._turn)
                     return
                 value = None
                 continue
@@ -1027,19 +1034,25 @@ class _Seq:
                 return
             value = result
 
-    def _turn(self) -> None:
-        """The rest of the command, after a ``TURN``: stopped if the client left; an unexpected error answers it."""
+    def _turn(self, allowed: int) -> int:
+        """The rest of the command, after a ``TURN`` (``Turns``): stopped if the client left; an unexpected error answers it.
+
+        The ``TURN`` step is answered with ``allowed``, the keys its next chunk
+        may hold; returns the native calls it sent: the keys of that chunk.
+        """
         conn = self.conn
         if conn.is_closing:
             self.held = False
             conn.release_input()
-            return
+            return 0
+        sent = self.sent
         try:
-            self.resume(None)
+            self.resume(allowed)
         except Exception as exc:
             log.error("internal error running a command from %s", conn.peer, exc_info=exc)
             self._end(error_line("ERR", f"internal error: {exc.__class__.__name__}"))
         conn._queue_flush()
+        return self.sent - sent
 
     def _end(self, reply: Reply) -> None:
         """Answer the command; the commands held behind it (``TURN``) run next."""
@@ -1062,6 +1075,7 @@ class _Seq:
         self.results = [None] * len(steps)
         self.error = None
         self.pending = 0
+        self.sent += len(steps)
         for i, (op, args) in enumerate(steps):
             now, status, result = self.conn._call(op, args, _Part(self, i))
             if now:
@@ -1396,8 +1410,9 @@ def _counter(op: Op, by: bool) -> Callable[[RespProtocol, Any, list[Any]], None]
 #: Keys a multi-key DEL, UNLINK, EXISTS or TOUCH sends at a time: the next chunk goes once the
 #: previous one is answered, so a master's loop spends a few ms per chunk, not one long stretch
 #: (a DEL of 30,000 keys held it about 180 ms; a command may carry 100,000). An aux node answers
-#: a chunk at once: its next chunk runs in the next loop iteration (``TURN``; a DEL of 30,000
-#: missing keys held an aux node's loop about 100 ms).
+#: a chunk at once: its next chunk runs in a later loop iteration, in its turn with the other
+#: large requests (``TURN``, ``dcache.turns``; a DEL of 30,000 missing keys held an aux node's
+#: loop about 100 ms).
 KEYS_PER_STEP = 1000
 
 
@@ -1411,11 +1426,14 @@ def _keys_count(op: Op) -> Callable[[RespProtocol, Any, list[Any]], None]:
 
         def steps() -> Sequence:
             found = 0
-            for i in range(1, len(cmd), KEYS_PER_STEP):
-                if i > 1:
-                    yield TURN
-                answers = yield [(op, [key]) for key in cmd[i : i + KEYS_PER_STEP]]
+            i = 1
+            while i < len(cmd):
+                n = KEYS_PER_STEP
+                if i > 1 or len(cmd) > KEYS_PER_STEP + 1:  # the first chunk of more than one waits only behind other large requests
+                    n = (yield TURN) or KEYS_PER_STEP  # in its turn, the keys it may serve (``_Seq._turn``)
+                answers = yield [(op, [key]) for key in cmd[i : i + n]]
                 found += sum(1 for a in answers if a)
+                i += n
             return integer(found)
 
         _sequence(conn, target, steps())

@@ -97,6 +97,7 @@ from .protocol.auth import client_proof, new_nonce, proofs_match, server_proof
 from .protocol.framing import ONE_CHUNK_BYTES, FrameDecoder
 from .protocol.ops import Parser
 from .tls import TlsAcceptor, TlsListener
+from .turns import Turns
 
 __all__ = [
     "DATA_OPS",
@@ -321,6 +322,9 @@ class Service:
         # one flush for all of them per loop iteration, not a callback each.
         self._unflushed: list[FrameProtocol] = []
         self._flush_all_scheduled = False
+        #: The slices of large requests served over several loop iterations: one
+        #: budget of keys per iteration for all of them (``dcache.turns``).
+        self.turns = Turns()
         #: The loop ``listen`` ran in: asyncio's ``get_running_loop`` makes a
         #: getpid system call each time, once per loop iteration here.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -720,6 +724,9 @@ class Service:
             "input_overflows": self.input_overflows,
             "output_overflows": self.output_overflows,
             "versions_refused": self.versions_refused,
+            "large_requests_waiting": self.turns.waiting,
+            "turn_slices": self.turns.slices,
+            "turn_most_keys": self.turns.most_keys,
             "auth_failures": self.auth_failures,
             "auth_throttled": self.auth_throttled,
             "buffered_input_bytes": self.buffered_input,

@@ -112,7 +112,8 @@ class PingWatch:
     It records the worst gap between two answers (including the wait for an
     answer still outstanding), every unexpected answer or error, and the
     highest RSS of process ``pid`` sampled at the same pace. Use as a context
-    manager; read ``worst_gap()``, ``max_rss`` and ``errors``.
+    manager; read ``worst_gap()``, ``gaps`` (every gap between two answers),
+    ``max_rss`` and ``errors``.
     """
 
     def __init__(self, addr: str, pid: int, interval: float = 0.05) -> None:
@@ -122,6 +123,7 @@ class PingWatch:
         self.answers = 0
         self.max_rss = 0
         self.errors: list[str] = []
+        self.gaps: list[float] = []
         self._worst = 0.0
         self._last = 0.0
         self._stop = threading.Event()
@@ -171,6 +173,7 @@ class PingWatch:
                     except TimeoutError:
                         continue
                     now = time.monotonic()
+                    self.gaps.append(now - self._last)
                     self._worst = max(self._worst, now - self._last)
                     self._last = now
                     self.answers += 1

@@ -388,15 +388,17 @@ class AuxNode(Service):
 
 
 class _MgetTurns:
-    """A large MGET looked up ``KEYS_PER_TURN`` keys per loop iteration, answered as one list.
+    """A large MGET looked up ``KEYS_PER_TURN`` keys per turn, answered as one list.
 
-    The first slice runs in the handler (an error there is the handler's);
-    while more remain the connection runs none of its later requests
-    (``FrameProtocol.hold_input``), so they see the node as it is after the
-    last key, as when the MGET was served in one go. A slice stops the
-    request when its client has gone, when the values would not fit in an
-    answer, or when it raised (answered with the error; the connection
-    goes on). An expiry a slice meets may change a key a master holds a copy
+    The first slice runs in the handler (an error there is the handler's),
+    unless other large requests wait for their turn; the others wait in the
+    node's ``Turns`` (one budget of keys per loop iteration for every large
+    request, ``dcache.turns``). While more remain the connection runs none
+    of its later requests (``FrameProtocol.hold_input``), so they see the
+    node as it is after the last key, as when the MGET was served in one
+    go. A slice stops the request when its client has gone, when the values
+    would not fit in an answer, or when it raised (answered with the error;
+    the connection goes on). An expiry a slice meets may change a key a master holds a copy
     of: the answer then waits for the invalidations of every such slice, as
     the dispatch holds the answer of a handler (``Service.hold``).
     """
@@ -416,23 +418,21 @@ class _MgetTurns:
         self.done = False
 
     def start(self) -> Any:
-        """The handler's part: the first slice; then the rest a slice per iteration (``LATER``)."""
-        self._slice()
+        """The handler's part: the first slice, unless other large requests wait for their turn (``Turns.busy``: then it waits too); the rest a slice per turn (``LATER``)."""
+        turns = self.node.turns
+        if not turns.busy:
+            self._slice(KEYS_PER_TURN)
         self.conn.hold_input()
-        self._next()
+        turns.add(self._turn)
         return LATER
 
-    def _next(self) -> None:
-        node = self.node
-        (node._loop or asyncio.get_running_loop()).call_soon(self._turn)
-
-    def _slice(self) -> None:
-        """Look up the next ``KEYS_PER_TURN`` keys (raises ``FrameTooLargeError`` past the answer's limit)."""
+    def _slice(self, n: int) -> None:
+        """Look up the next ``n`` keys (raises ``FrameTooLargeError`` past the answer's limit)."""
         node = self.node
         keys = self.keys
         values = self.values
         start = len(values)
-        end = start + KEYS_PER_TURN
+        end = start + n
         get = node.cache.get
         found = [get(k) for k in keys[start:end]]
         values += found
@@ -448,28 +448,33 @@ class _MgetTurns:
         if hold is not None and hold(cast(FrameProtocol, self), 0, _MGET, None) is LATER:  # an expiry invalidated a master's copy
             self.held += 1
 
-    def _turn(self) -> None:
-        """One later slice; the last one answers and lets the connection's later requests run."""
+    def _turn(self, allowed: int) -> int:
+        """One later slice of at most ``allowed`` keys (``Turns``); the last one answers and lets the connection's later requests run.
+
+        Returns the keys it looked up.
+        """
         conn = self.conn
         if conn.is_closing:  # the client left: nothing more to look up
             conn.release_input()
-            return
+            return 0
+        served = min(allowed, len(self.keys) - len(self.values))
         try:
-            self._slice()
+            self._slice(served)
         except ServerError as exc:
             self._end(exc.code, exc.message)
-            return
+            return served
         except Exception as exc:
             log.exception("internal error in a slice of an MGET from %s", conn.peer)
             self._end(_INTERNAL, f"internal error: {exc.__class__.__name__}")
-            return
+            return served
         if len(self.values) < len(self.keys):
-            self._next()
-            return
+            self.node.turns.add(self._turn)
+            return served
         self.done = True
         if not self.held:
             conn.reply(self.rid, _OK, self.values, _MGET)
         conn.release_input()
+        return served
 
     def _end(self, status: int, message: str) -> None:
         self.held = -1  # held invalidations no longer matter: the error answers now

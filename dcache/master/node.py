@@ -73,7 +73,7 @@ class MasterNode(Service):
         self.started_at = time.time()
         members = [Member(node_id, host, port) for node_id, host, port in config.aux]
         view = ClusterView.initial(members, config.replicas, epoch=time.time_ns() // 1_000_000)
-        self.router = Router(view, self.links, self.clock, config.write_quorum, config.limits.max_frame_bytes)
+        self.router = Router(view, self.links, self.clock, config.write_quorum, config.limits.max_frame_bytes, self.turns)
         self.router.hints.on_overflow = self._hints_lost
         self.router.hot = HotKeys()
         if config.near_cache_size:

@@ -62,6 +62,7 @@ from ..peer import PeerConnection
 from ..protocol import Op, SetFlag
 from ..protocol.limits import KEYS_PER_TURN
 from ..server import LATER, FrameProtocol, deferred
+from ..turns import Slice, Turns
 from .hints import Hints, replay_forever
 from .links import MAX_HELD, MAX_HELD_BYTES, AuxLink
 from .nearcache import HotKeys, NearCache
@@ -143,8 +144,15 @@ class Router:
     """Sends each op to the right aux nodes and combines their answers."""
 
     def __init__(
-        self, view: ClusterView, links: dict[str, AuxLink], clock: HybridClock, write_quorum: int = 0, max_answer_bytes: int = 32 << 20
+        self,
+        view: ClusterView,
+        links: dict[str, AuxLink],
+        clock: HybridClock,
+        write_quorum: int = 0,
+        max_answer_bytes: int = 32 << 20,
+        turns: Turns | None = None,
     ) -> None:
+        """``turns``: the process's budget of keys per loop iteration for large requests (the master's ``Service.turns``)."""
         self.view = view
         self.links = links
         self.clock = clock
@@ -152,6 +160,8 @@ class Router:
         #: An MGET whose values add up to more than this is answered FRAME_TOO_LARGE as soon as they do.
         self.max_answer_bytes = max_answer_bytes
         self.stats = RouterStats()
+        #: Where a large MGET or MSET queues its slices after the first (``dcache.turns``).
+        self.turns = turns if turns is not None else Turns()
         self.batcher = LinkBatcher(self)
         self.hints = Hints()
         #: Fences a node cluster-wide (``Membership.fence_missed``); set by the master.
@@ -382,18 +392,36 @@ class Router:
         ReadOp(self, sink, rid, key, candidates, True).start()
 
     def mget(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> None:
-        """MGET: one read per key (batched per node), answered together; ``KEYS_PER_TURN`` keys routed per loop iteration."""
+        """MGET: one read per key (batched per node), answered together; ``KEYS_PER_TURN`` keys routed per turn (``dcache.turns``)."""
         if not keys:
             conn.reply(rid, _OK, [])
             return
-        self._route_reads(conn, _Collect(conn, rid, len(keys), Op.MGET, limit=self.max_answer_bytes), keys, 0)
-
-    def _route_reads(self, conn: FrameProtocol, collect: _Collect, keys: list[bytes], start: int) -> None:
-        """Route MGET's keys from ``start`` on, ``KEYS_PER_TURN`` of them, and schedule the rest (see ``_route_in_turns``)."""
-        if start and (collect.done or conn.is_closing):  # answered (an error), or the client left: nothing more to read
-            conn.release_input()
+        collect = _Collect(conn, rid, len(keys), Op.MGET, limit=self.max_answer_bytes)
+        if len(keys) > KEYS_PER_TURN and self.turns.busy:
+            self._wait_turn(conn, partial(self._route_reads, conn, collect, keys, 0))
             return
-        end = min(start + KEYS_PER_TURN, len(keys))
+        self._route_reads(conn, collect, keys, 0, KEYS_PER_TURN, False)
+
+    def _wait_turn(self, conn: FrameProtocol, first: Slice) -> None:
+        """Queue the first slice of a large MGET or MSET behind the other large requests' (``Turns.busy``), its connection's later requests held.
+
+        Otherwise the first slice runs in the handler (``queued`` False), so
+        a large request alone is served as soon as it arrives.
+        """
+        conn.hold_input()
+        self.turns.add(first)
+
+    def _route_reads(
+        self, conn: FrameProtocol, collect: _Collect, keys: list[bytes], start: int, allowed: int = KEYS_PER_TURN, queued: bool = True
+    ) -> int:
+        """Route MGET's keys from ``start`` on, ``allowed`` of them, and queue the rest (see ``_next_turn``); return how many were routed.
+
+        ``queued``: the slice runs in its turn (``Turns``), not in the handler.
+        """
+        if queued and (collect.done or conn.is_closing):  # answered (an error), or the client left: nothing more to read
+            conn.release_input()
+            return 0
+        end = min(start + allowed, len(keys))
         get = self.get
         try:
             for i in range(start, end):
@@ -405,27 +433,27 @@ class Router:
                 if value is not LATER:  # a copy from the near cache
                     collect.reply(i, _OK, value)
         except BaseException:
-            _failed_slice(conn, collect, start)
+            _failed_slice(conn, collect, queued)
             raise
-        self._route_in_turns(conn, start, end < len(keys) and not collect.done, self._route_reads, collect, keys, end)
+        more = end < len(keys) and not collect.done
+        self._next_turn(conn, queued, more, partial(self._route_reads, conn, collect, keys, end) if more else None)
+        return end - start
 
-    def _route_in_turns(self, conn: FrameProtocol, start: int, more: bool, route: Callable[..., None], *rest: Any) -> None:
-        """After one slice of a large MGET or MSET: route the next in the next loop iteration (``more``), or end the request's hold.
+    def _next_turn(self, conn: FrameProtocol, queued: bool, more: bool, rest: Slice | None) -> None:
+        """After one slice of a large MGET or MSET: queue the next for a later turn (``more``), or end the request's hold.
 
-        The first slice that leaves keys behind stops the connection's later
-        requests (``hold_input``); the slice that routes the last key, or
-        that finds nothing more to do (an MGET answered, its client gone),
-        lets them run (``release_input``), as does a slice that raised
-        (``_failed_slice``).
+        The first slice run in the handler that leaves keys behind stops the
+        connection's later requests (``hold_input``); a queued slice that
+        routes the last key, or that finds nothing more to do (an MGET
+        answered, its client gone), lets them run (``release_input``), as
+        does a queued slice that raised (``_failed_slice``).
         """
         if more:
-            if not start:
+            assert rest is not None
+            if not queued:
                 conn.hold_input()
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(route, conn, *rest)
-        elif start:
+            self.turns.add(rest)
+        elif queued:
             conn.release_input()
 
     def exists(self, conn: FrameProtocol, rid: int, key: bytes) -> None:
@@ -522,7 +550,7 @@ class Router:
         WriteOp(self, sink, rid, Op.DELETE, key, self._targets(key), _DELV, (key, self.clock.next()), None).start()
 
     def mset(self, conn: FrameProtocol, rid: int, pairs: list[tuple[bytes, bytes]], ttl_ms: int) -> None:
-        """MSET: one write per pair; answers the number of pairs once all are stored; ``KEYS_PER_TURN`` pairs routed per loop iteration.
+        """MSET: one write per pair; answers the number of pairs once all are stored; ``KEYS_PER_TURN`` pairs routed per turn (``dcache.turns``).
 
         Every pair is written, also after one failed (MSET is not atomic:
         the first error answers the request, and the writes already sent
@@ -531,11 +559,27 @@ class Router:
         if not pairs:
             conn.reply(rid, _OK, 0)
             return
-        self._route_writes(conn, _Collect(conn, rid, len(pairs), Op.MSET, count=True), pairs, ttl_ms, 0)
+        collect = _Collect(conn, rid, len(pairs), Op.MSET, count=True)
+        if len(pairs) > KEYS_PER_TURN and self.turns.busy:
+            self._wait_turn(conn, partial(self._route_writes, conn, collect, pairs, ttl_ms, 0))
+            return
+        self._route_writes(conn, collect, pairs, ttl_ms, 0, KEYS_PER_TURN, False)
 
-    def _route_writes(self, conn: FrameProtocol, collect: _Collect, pairs: list[tuple[bytes, bytes]], ttl_ms: int, start: int) -> None:
-        """Route MSET's pairs from ``start`` on, ``KEYS_PER_TURN`` of them, and schedule the rest (see ``_route_in_turns``)."""
-        end = min(start + KEYS_PER_TURN, len(pairs))
+    def _route_writes(
+        self,
+        conn: FrameProtocol,
+        collect: _Collect,
+        pairs: list[tuple[bytes, bytes]],
+        ttl_ms: int,
+        start: int,
+        allowed: int = KEYS_PER_TURN,
+        queued: bool = True,
+    ) -> int:
+        """Route MSET's pairs from ``start`` on, ``allowed`` of them, and queue the rest (see ``_next_turn``); return how many were routed.
+
+        ``queued``: the slice runs in its turn (``Turns``), not in the handler.
+        """
+        end = min(start + allowed, len(pairs))
         set_op = self.set_op
         try:
             for i in range(start, end):
@@ -545,9 +589,11 @@ class Router:
                 except ServerError as exc:
                     collect.reply(i, exc.code, exc.message, Op.MSET)
         except BaseException:
-            _failed_slice(conn, collect, start)
+            _failed_slice(conn, collect, queued)
             raise
-        self._route_in_turns(conn, start, end < len(pairs), self._route_writes, collect, pairs, ttl_ms, end)
+        more = end < len(pairs)
+        self._next_turn(conn, queued, more, partial(self._route_writes, conn, collect, pairs, ttl_ms, end) if more else None)
+        return end - start
 
     async def set_if(self, key: bytes, value: bytes, ttl_ms: int, flags: int) -> bool:
         """SET NX/XX: the first live owner decides the condition; the others copy its outcome."""
@@ -1410,14 +1456,14 @@ class _Transform:
             self.conn.reply(self.rid, _OK, self.fn(result), self.op)
 
 
-def _failed_slice(conn: FrameProtocol, collect: _Collect, start: int) -> None:
+def _failed_slice(conn: FrameProtocol, collect: _Collect, queued: bool) -> None:
     """A slice of a large MGET or MSET raised (a bug): no slice follows, the client gets an error, its later requests run.
 
-    The first slice's error is answered by the dispatch that called the
-    handler; a later slice answers ``INTERNAL`` itself (the loop logs the
-    exception).
+    The error of a first slice run in the handler is answered by the
+    dispatch that called the handler; a queued slice answers ``INTERNAL``
+    itself (``Turns`` logs the exception and runs the other requests' slices).
     """
-    if start:
+    if queued:
         collect.reply(0, _INTERNAL, "internal error while routing this request's keys", collect.op)
         conn.release_input()
     collect.done = True

@@ -103,3 +103,21 @@ def test_resp_commands_pipelined_after_a_del_of_many_keys_see_them_deleted(aux: 
         assert pipe.execute() == [N, None, True, 1]
     finally:
         r.close()
+
+
+def test_large_mgets_on_several_connections_at_once_each_answered_whole_and_in_order(aux: DaemonProcess) -> None:
+    """Their slices share the node's one budget per loop iteration (``dcache.turns``); each request keeps its order."""
+    stored = [store(aux, b"many%d" % j) for j in range(4)]
+    conns = [RawConn(aux.host, aux.port, timeout=20) for _ in stored]
+    try:
+        for conn, (keys, _) in zip(conns, stored, strict=True):
+            conn.send_raw(
+                encode_request(Op.MGET, 1, keys) + encode_request(Op.SET, 2, keys[-1], b"new") + encode_request(Op.GET, 3, keys[-1])
+            )
+        answers = [[conn.recv() for _ in range(3)] for conn in conns]
+    finally:
+        for conn in conns:
+            conn.close()
+    for got, (_, values) in zip(answers, stored, strict=True):
+        assert [a[0] for a in got] == [1, 2, 3]
+        assert got[0][1:] == [OK, values] and got[1][1:] == [OK, True] and got[2][1:] == [OK, b"new"]

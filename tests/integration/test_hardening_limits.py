@@ -261,6 +261,39 @@ def test_a_large_mset_and_mget_are_routed_in_slices_and_the_requests_after_them_
         cl.stop()
 
 
+def test_large_msets_and_mgets_on_several_connections_at_once_keep_each_ones_order(tmp_path: Path) -> None:
+    """Their slices share the master's one budget of keys per loop iteration (``dcache.turns``), taking turns.
+
+    Each connection pipelines an MSET of its own 3,000 keys, a GET of the
+    last, an MGET of every key: each read sees its own connection's MSET (the
+    reads run after the MSET's last key is routed; their answers may come
+    before its own, which waits for every write's acknowledgement).
+    """
+    n = 3000
+    cl = Cluster(tmp_path)
+    try:
+        m = cl.start_master("m1")
+        cl.start_aux("a1")
+        wait_connected(m.addr, {"a1"})
+        conns = [connect(m.addr, timeout=20) for _ in range(4)]
+        try:
+            keys = [[b"c%d:%d" % (j, i) for i in range(n)] for j in range(len(conns))]
+            for conn, ks in zip(conns, keys, strict=True):
+                conn.send_raw(
+                    encode_request(Op.MSET, 1, [[k, b"v:" + k] for k in ks])
+                    + encode_request(Op.GET, 2, ks[-1])
+                    + encode_request(Op.MGET, 3, ks)
+                )
+            answers = [{a[0]: a[1:] for a in (conn.recv() for _ in range(3))} for conn in conns]  # a master may answer out of order
+        finally:
+            for conn in conns:
+                conn.close()
+        for got, ks in zip(answers, keys, strict=True):
+            assert got[1] == [OK, n] and got[2] == [OK, b"v:" + ks[-1]] and got[3] == [OK, [b"v:" + k for k in ks]]
+    finally:
+        cl.stop()
+
+
 def test_a_get_pipelined_behind_an_mset_of_large_values_reads_them(tmp_path: Path) -> None:
     """Every request a master sends an aux node goes on one connection, so the node runs them in the order they were made.
 

@@ -9,6 +9,7 @@ sees how many keys the MGET had looked up when the loop came to it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import hiredis
@@ -202,7 +203,7 @@ async def test_a_resp_del_of_many_keys_on_an_aux_node_deletes_a_chunk_per_loop_i
     assert len(node.cache) == n - KEYS_PER_STEP and transport.written == []  # one chunk in the call that read it
     asyncio.get_running_loop().call_soon(lambda: seen.append(len(node.cache)))  # queued behind the second chunk
     await until(lambda: len(resp_replies(transport)) == 3, "three replies")
-    assert seen == [n - 2 * KEYS_PER_STEP]
+    assert seen == [n - KEYS_PER_STEP - KEYS_PER_TURN]  # the chunks after the first hold a turn's budget of keys (``dcache.turns``)
     assert resp_replies(transport) == [n, None, 0]
     await settle()
     assert transport.reading
@@ -225,3 +226,189 @@ async def test_a_resp_del_whose_client_left_deletes_no_more_chunks() -> None:
     transport.close()
     await settle()
     assert len(node.cache) == n - KEYS_PER_STEP
+
+
+# -- one budget for every connection (``dcache.turns``) --------------------------------------
+
+
+class HitsPerIteration:
+    """Counts the keys the node looks up in each loop iteration (a callback that reschedules itself)."""
+
+    def __init__(self, node: AuxNode) -> None:
+        self.node = node
+        self.last = node.cache.hits
+        self.per_iteration: list[int] = []
+        self.stopped = False
+        asyncio.get_running_loop().call_soon(self._tick)
+
+    def _tick(self) -> None:
+        hits = self.node.cache.hits
+        self.per_iteration.append(hits - self.last)
+        self.last = hits
+        if not self.stopped:
+            asyncio.get_running_loop().call_soon(self._tick)
+
+
+class _RecordingCache(LRUCache):
+    """A cache that records which keys are looked up, in order (to see which request a slice served)."""
+
+    def __init__(self) -> None:
+        super().__init__(1 << 30, 1 << 20)
+        self.looked_up: list[bytes] = []
+
+    def get(self, key: bytes) -> bytes | None:
+        self.looked_up.append(key)
+        return super().get(key)
+
+
+def node_with_prefixes(prefixes: list[bytes], n: int = N, cache: LRUCache | None = None) -> tuple[AuxNode, dict[bytes, list[bytes]]]:
+    node = AuxNode(AuxConfig(node_id="t-aux"))
+    if cache is not None:
+        node.cache = cache
+    keys = {p: [b"%s:%05d" % (p, i) for i in range(n)] for p in prefixes}
+    for p, ks in keys.items():
+        for i, k in enumerate(ks):
+            node.cache.set(k, b"%s%d" % (p, i), version=i + 1)
+    return node, keys
+
+
+async def test_large_mgets_on_many_connections_share_one_budget_of_keys_per_loop_iteration() -> None:
+    """Before: each MGET scheduled its own slice, and every iteration looked up connections x KEYS_PER_TURN keys."""
+    prefixes = [b"c%d" % j for j in range(6)]
+    node, keys = node_with_prefixes(prefixes)
+    wires = [Wire(node) for _ in prefixes]
+    rids = [w.call(Op.MGET, keys[p]) for w, p in zip(wires, prefixes, strict=True)]
+    assert node.cache.hits == KEYS_PER_TURN  # the first in its handler; the others queued theirs behind it
+    assert all(not w.transport.reading for w in wires)  # every connection's later requests wait
+    probe = HitsPerIteration(node)
+    for w, rid in zip(wires, rids, strict=True):
+        await until(lambda w=w, rid=rid: w.answers().get(rid), "every MGET's answer")  # type: ignore[misc]
+    probe.stopped = True
+    assert max(probe.per_iteration) <= KEYS_PER_TURN
+    assert node.cache.hits == len(prefixes) * N
+    for w, rid, p in zip(wires, rids, prefixes, strict=True):
+        assert w.answer(rid) == [b"%s%d" % (p, i) for i in range(N)]
+    await settle()
+    assert all(w.transport.reading for w in wires)
+    assert not node.turns.busy
+
+
+async def test_large_mgets_on_many_connections_take_turns() -> None:
+    prefixes = [b"c%d" % j for j in range(4)]
+    cache = _RecordingCache()
+    node, keys = node_with_prefixes(prefixes, 3 * KEYS_PER_TURN, cache=cache)
+    wires = [Wire(node) for _ in prefixes]
+    rids = [w.call(Op.MGET, keys[p]) for w, p in zip(wires, prefixes, strict=True)]
+    for w, rid in zip(wires, rids, strict=True):
+        await until(lambda w=w, rid=rid: w.answers().get(rid), "every MGET's answer")  # type: ignore[misc]
+    # the slices, by the connection whose keys they looked up: the first in its handler, then one slice each per round
+    slices = [cache.looked_up[i][:2] for i in range(0, len(cache.looked_up), KEYS_PER_TURN)]
+    c0, c1, c2, c3 = prefixes
+    assert slices == [c0, c0, c1, c2, c3, c0, c1, c2, c3, c1, c2, c3]
+
+
+async def test_a_large_mget_arriving_while_others_wait_queues_its_first_slice() -> None:
+    node, keys = node_with_prefixes([b"a", b"b"])
+    first, second = Wire(node), Wire(node)
+    first.call(Op.MGET, keys[b"a"])
+    assert node.cache.hits == KEYS_PER_TURN
+    rid = second.call(Op.MGET, keys[b"b"])
+    assert node.cache.hits == KEYS_PER_TURN and node.turns.waiting == 2  # no slice in the second handler
+    assert not second.transport.reading
+    small = second.send([Op.GET, keys[b"b"][0]])  # held behind its MGET, in order
+    assert second.transport.frames() == []
+    await until(lambda: len(second.transport.frames()) == 2, "two answers")
+    assert [f[0] for f in second.transport.frames()] == [rid, *small]
+
+
+async def test_a_small_mget_runs_in_its_handler_while_large_ones_wait() -> None:
+    node, keys = node_with_prefixes([b"a", b"b"])
+    big, other = Wire(node), Wire(node)
+    big.call(Op.MGET, keys[b"a"])
+    assert node.turns.busy
+    rid = other.call(Op.MGET, keys[b"b"][:KEYS_PER_TURN])
+    assert other.answer(rid) == [b"b%d" % i for i in range(KEYS_PER_TURN)]  # answered in the call: no turn to wait for
+
+
+async def test_the_requests_pipelined_after_large_mgets_on_many_connections_run_after_each_ones_last_slice() -> None:
+    prefixes = [b"c%d" % j for j in range(3)]
+    node, keys = node_with_prefixes(prefixes)
+    wires = [Wire(node) for _ in prefixes]
+    sent = [w.send([Op.MGET, keys[p]], [Op.SET, keys[p][-1], b"new"], [Op.GET, keys[p][-1]]) for w, p in zip(wires, prefixes, strict=True)]
+    for w in wires:
+        await until(lambda w=w: len(w.transport.frames()) == 3, "three answers")  # type: ignore[misc]
+    for w, rids, p in zip(wires, sent, prefixes, strict=True):
+        frames = answers_in_order(w)
+        assert [f[0] for f in frames] == rids
+        assert frames[0][1:] == [OK, [b"%s%d" % (p, i) for i in range(N)]]  # read before its own SET
+        assert frames[1][1:] == [OK, True] and frames[2][1:] == [OK, b"new"]
+
+
+async def test_a_client_that_leaves_during_its_turn_costs_the_others_no_budget() -> None:
+    prefixes = [b"a", b"b", b"c"]
+    node, keys = node_with_prefixes(prefixes, 3 * KEYS_PER_TURN)
+    wires = [Wire(node) for _ in prefixes]
+    rids = [w.call(Op.MGET, keys[p]) for w, p in zip(wires, prefixes, strict=True)]
+    wires[1].transport.close()  # b leaves before its first turn
+    probe = HitsPerIteration(node)
+    for i in (0, 2):
+        await until(lambda i=i: wires[i].answers().get(rids[i]), "the others' answers")  # type: ignore[misc]
+    probe.stopped = True
+    assert node.cache.hits == 2 * 3 * KEYS_PER_TURN  # none of b's keys looked up
+    assert max(probe.per_iteration) <= KEYS_PER_TURN
+    assert [wires[i].answer(rids[i])[-1] for i in (0, 2)] == [b"a%d" % (3 * KEYS_PER_TURN - 1), b"c%d" % (3 * KEYS_PER_TURN - 1)]
+    assert not node.turns.busy
+
+
+async def test_a_slice_that_raises_answers_its_own_request_and_the_others_go_on() -> None:
+    keys = {p: [b"%s:%05d" % (p, i) for i in range(N)] for p in (b"a", b"b", b"c")}
+    node = AuxNode(AuxConfig(node_id="t-aux"))
+    node.cache = _FailingCache(keys[b"b"][KEYS_PER_TURN + 1])  # b's second slice raises
+    for ks in keys.values():
+        for i, k in enumerate(ks):
+            node.cache.set(k, b"v%d" % i, version=i + 1)
+    wires = [Wire(node) for _ in keys]
+    sent = [w.send([Op.MGET, ks], [Op.GET, ks[0]]) for w, ks in zip(wires, keys.values(), strict=True)]
+    for w in wires:
+        await until(lambda w=w: len(w.transport.frames()) == 2, "two answers")  # type: ignore[misc]
+    a, b, c = (answers_in_order(w) for w in wires)
+    assert a[0][1:] == [OK, [b"v%d" % i for i in range(N)]] and c[0][1:] == [OK, [b"v%d" % i for i in range(N)]]
+    assert b[0][1] == int(Status.INTERNAL) and "RuntimeError" in b[0][2]
+    assert [f[0] for f in b] == sent[1] and b[1][1:] == [OK, b"v0"]  # its connection goes on, in order
+    await settle()
+    assert all(w.transport.reading for w in wires)
+
+
+async def test_resp_dels_of_many_keys_on_many_connections_share_one_budget_per_loop_iteration() -> None:
+    n = 2 * KEYS_PER_STEP + 10
+    prefixes = [b"c%d" % j for j in range(4)]
+    node, keys = node_with_prefixes(prefixes, n)
+    conns = [resp_wire(node) for _ in prefixes]
+    sizes: list[int] = []
+
+    def tick() -> None:
+        sizes.append(len(node.cache))
+        if len(node.cache):
+            asyncio.get_running_loop().call_soon(tick)
+
+    for (conn, _), p in zip(conns, prefixes, strict=True):
+        conn.data_received(resp(b"DEL", *keys[p]) + resp(b"EXISTS", keys[p][-1]))
+    assert len(node.cache) == len(prefixes) * n - KEYS_PER_STEP  # the first chunk in its command; the others wait their turn
+    asyncio.get_running_loop().call_soon(tick)
+    for _, transport in conns:
+        await until(lambda t=transport: len(resp_replies(t)) == 2, "two replies")  # type: ignore[misc]
+    deleted = [a - b for a, b in itertools.pairwise(sizes)]
+    assert max(deleted) <= KEYS_PER_TURN
+    assert [resp_replies(t) for _, t in conns] == [[n, 0]] * len(prefixes)
+
+
+async def test_stats_show_the_turns() -> None:
+    node, keys = node_with_prefixes([b"a", b"b"])
+    wires = [Wire(node), Wire(node)]
+    for w, p in zip(wires, (b"a", b"b"), strict=True):
+        w.call(Op.MGET, keys[p])
+    stats = node.connection_stats()
+    assert stats["large_requests_waiting"] == 2 and stats["turn_slices"] == 0
+    await until(lambda: node.connection_stats()["large_requests_waiting"] == 0, "every turn run")
+    stats = node.connection_stats()
+    assert stats["turn_slices"] == 5 and stats["turn_most_keys"] == KEYS_PER_TURN  # (N keys: 3 slices each, one in a handler)

@@ -296,6 +296,99 @@ async def test_a_large_mget_whose_client_left_routes_no_more_slices(cluster: Fak
     assert len(routed) == KEYS_PER_TURN
 
 
+class RoutedPerIteration:
+    """Counts the keys a router routes in each loop iteration (``get`` and ``set_op`` wrapped; a callback that reschedules itself)."""
+
+    def __init__(self, cluster: FakeCluster, fail_on: bytes | None = None) -> None:
+        router = cluster.router
+        self.routed: list[bytes] = []
+        self.per_iteration: list[int] = []
+        self.stopped = False
+        self._last = 0
+        set_op, get = router.set_op, router.get
+
+        def counted_set_op(sink: Any, rid: int, args: Any, op: int = Op.SET) -> Any:
+            self.routed.append(args[0])
+            return set_op(sink, rid, args, op)
+
+        def counted_get(sink: Any, rid: int, key: bytes) -> Any:
+            self.routed.append(key)
+            if key == fail_on:
+                raise RuntimeError("boom")
+            return get(sink, rid, key)
+
+        router.set_op = counted_set_op  # type: ignore[method-assign]
+        router.get = counted_get  # type: ignore[method-assign]
+        asyncio.get_running_loop().call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.per_iteration.append(len(self.routed) - self._last)
+        self._last = len(self.routed)
+        if not self.stopped:
+            asyncio.get_running_loop().call_soon(self._tick)
+
+
+async def test_large_mgets_and_msets_of_many_clients_share_one_budget_of_keys_per_loop_iteration(cluster: FakeCluster) -> None:
+    """Before: each request scheduled its own slices, and every iteration routed clients x KEYS_PER_TURN keys."""
+    n = 2 * KEYS_PER_TURN + 10
+    keys = [[b"c%d:%d" % (j, i) for i in range(n)] for j in range(4)]
+    count = RoutedPerIteration(cluster)
+    router = cluster.router
+    sinks = [Sink() for _ in keys]
+    router.mset(sinks[0], 1, [(k, b"v:" + k) for k in keys[0]], 0)  # type: ignore[arg-type]
+    router.mset(sinks[1], 1, [(k, b"v:" + k) for k in keys[1]], 0)  # type: ignore[arg-type]
+    router.mget(sinks[2], 1, keys[0])  # type: ignore[arg-type]
+    router.mget(sinks[3], 1, keys[3])  # type: ignore[arg-type]
+    assert len(count.routed) == KEYS_PER_TURN  # the first in its handler; the others queued theirs behind it
+    assert [s.holds for s in sinks] == [1, 1, 1, 1] and cluster.router.turns.waiting == 4
+    answers = [await s.answer(1) for s in sinks]
+    count.stopped = True
+    assert max(count.per_iteration) <= KEYS_PER_TURN and len(count.routed) == 4 * n
+    assert answers[:2] == [(OK, n), (OK, n)] and answers[3] == (OK, [None] * n)
+    assert answers[2][0] == OK and len(answers[2][1]) == n  # (read while the MSET it follows is still routed: another client's)
+    assert [(s.holds, s.releases) for s in sinks] == [(1, 1)] * 4
+    routed_by = [k.split(b":")[0] for k in count.routed[::KEYS_PER_TURN]]
+    assert routed_by[:5] == [b"c0", b"c0", b"c1", b"c0", b"c3"]  # the handler's slice, then one slice each, in turn
+
+
+async def test_a_small_mget_is_routed_in_its_handler_while_large_requests_wait(cluster: FakeCluster) -> None:
+    keys = [b"key:%d" % i for i in range(2 * KEYS_PER_TURN)]
+    count = RoutedPerIteration(cluster)
+    big, small = Sink(), Sink()
+    cluster.router.mget(big, 1, keys)  # type: ignore[arg-type]
+    cluster.router.mget(small, 1, keys[:KEYS_PER_TURN])  # type: ignore[arg-type]
+    assert len(count.routed) == 2 * KEYS_PER_TURN and small.holds == 0
+    assert (await small.answer(1))[0] == OK and (await big.answer(1))[0] == OK
+    count.stopped = True
+
+
+async def test_a_client_that_leaves_during_its_turn_costs_the_others_no_budget(cluster: FakeCluster) -> None:
+    keys = [[b"c%d:%d" % (j, i) for i in range(3 * KEYS_PER_TURN)] for j in range(3)]
+    count = RoutedPerIteration(cluster)
+    sinks = [Sink() for _ in keys]
+    for sink, ks in zip(sinks, keys, strict=True):
+        cluster.router.mget(sink, 1, ks)  # type: ignore[arg-type]
+    sinks[1].is_closing = True  # it leaves before its first turn
+    assert [(await sinks[i].answer(1))[0] for i in (0, 2)] == [OK, OK]
+    await until(lambda: sinks[1].releases == 1, what="the leaver's hold released")
+    count.stopped = True
+    assert len(count.routed) == 2 * 3 * KEYS_PER_TURN and not any(k.startswith(b"c1:") for k in count.routed)
+    assert max(count.per_iteration) <= KEYS_PER_TURN
+    assert 1 not in sinks[1].answers
+
+
+async def test_a_slice_that_raises_answers_its_own_request_and_the_others_go_on(cluster: FakeCluster) -> None:
+    keys = [[b"c%d:%d" % (j, i) for i in range(2 * KEYS_PER_TURN + 10)] for j in range(3)]
+    RoutedPerIteration(cluster, fail_on=keys[1][KEYS_PER_TURN + 1]).stopped = True  # b's second slice raises
+    sinks = [Sink() for _ in keys]
+    for sink, ks in zip(sinks, keys, strict=True):
+        cluster.router.mget(sink, 1, ks)  # type: ignore[arg-type]
+    a, b, c = [await s.answer(1) for s in sinks]
+    assert a == (OK, [None] * len(keys[0])) and c == (OK, [None] * len(keys[2]))
+    assert b[0] == int(Status.INTERNAL)
+    assert [(s.holds, s.releases) for s in sinks] == [(1, 1)] * 3
+
+
 async def test_each_first_owner_gets_its_own_mget(cluster: FakeCluster) -> None:
     by_node = {n: keys_owned_by(cluster, 2, n) for n in ("a1", "a2", "a3")}
     sink = Sink()
