@@ -463,5 +463,10 @@ def test_any_damage_to_a_valid_file_is_detected(data):
         del b[pos]
     else:
         b.insert(pos, data.draw(st.integers(0, 255)))
-    with pytest.raises(SnapshotError):
-        loads(bytes(b))
+    try:
+        got = loads(bytes(b))
+    except SnapshotError:
+        return
+    # Not refused: only a change that keeps every value may load, e.g. the checksum's msgpack type
+    # byte uint64 (0xcf) turned into int64 (0xd3) when its top bit is 0 (position 168 here).
+    assert got == loads(SMALL_FILE)
