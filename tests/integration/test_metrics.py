@@ -131,8 +131,15 @@ async def test_near_cache_and_tracking_metrics_move_with_hot_reads(cluster: Clus
         assert m[("dcache_hot_key_reads_per_second", (("key", "hot"),))] > 0
         assert a[("dcache_tracking_keys", ())] == 1 and a[("dcache_tracking_subscribers", ())] == 1
 
-        assert await c.set("hot", b"v2")  # the aux node invalidates the master's copy before it answers
+        hits = m[("dcache_near_cache_hits_total", ())]
+        assert await c.set("hot", b"v2")  # this master's own SET: its answer updates the copy (KEEP_COPY)
         assert await c.get("hot") == b"v2"
+        m = await asyncio.to_thread(scrape, master_url)
+        assert m[("dcache_near_cache_write_throughs_total", ())] == 1
+        assert m[("dcache_near_cache_hits_total", ())] == hits + 1 and m[("dcache_near_cache_keys", ())] == 1
+
+        assert await c.delete("hot")  # the aux node invalidates the master's copy before it answers
+        assert await c.get("hot") is None
         m = await asyncio.to_thread(scrape, master_url)
         a = await asyncio.to_thread(scrape, aux_url)
         assert m[("dcache_near_cache_invalidations_total", ())] >= 1
