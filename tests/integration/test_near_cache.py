@@ -44,6 +44,8 @@ NODES = {"a1", "a2", "a3"}
 NEAR = ["--near-cache-size", "4MB", "--near-cache-min-hits", "0"]
 #: Operations (reads and writes) of each coherence run.
 OPS = 100_000
+#: Operations of each KEEP_COPY run (``kept_run``; three of them, on top of the runs above).
+KEPT_OPS = 50_000
 
 
 class NearCluster(Cluster):
@@ -113,14 +115,16 @@ async def coherent_run(
     return await assert_near_used(b, at_least)
 
 
-async def checked_run(chk: LoadChecker, verify: list[str], during: Callable[[LoadChecker], Awaitable[None]] | None) -> None:
-    """``OPS`` operations of ``chk``, with ``during`` run once a third are done, then every key read through ``verify``: 0 problems."""
+async def checked_run(
+    chk: LoadChecker, verify: list[str], during: Callable[[LoadChecker], Awaitable[None]] | None, total: int = OPS
+) -> None:
+    """``total`` operations of ``chk``, with ``during`` run once a third are done, then every key read through ``verify``: 0 problems."""
     chk.start()
     try:
-        await run_until(chk, OPS // 3)
+        await run_until(chk, total // 3)
         if during is not None:
             await during(chk)
-        await run_until(chk, OPS)
+        await run_until(chk, total)
     finally:
         await chk.stop()
     for addr in verify:
@@ -138,14 +142,14 @@ async def test_two_masters_no_stale_read(cluster: NearCluster) -> None:
     assert held > 0, "no write waited for an invalidation: the masters never subscribed"
 
 
-def kill_and_restart(cluster: NearCluster, victim: str) -> Callable[[LoadChecker], Awaitable[None]]:
-    """A ``during`` step: kill aux node ``victim``, run to two thirds of the operations without it, restart it on its port."""
+def kill_and_restart(cluster: NearCluster, victim: str, total: int = OPS) -> Callable[[LoadChecker], Awaitable[None]]:
+    """A ``during`` step: kill aux node ``victim``, run to two thirds of ``total`` operations without it, restart it on its port."""
 
     async def during(chk: LoadChecker) -> None:
         port = cluster.aux[victim].port
         cluster.aux[victim].kill()
         await cluster.settle(NODES - {victim})
-        await run_until(chk, 2 * OPS // 3)
+        await run_until(chk, 2 * total // 3)
         restarted = cluster.start_aux(victim, port=port)
         assert restarted.port == port
         await cluster.settle()
@@ -359,9 +363,9 @@ def any_owners(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NearC
 
 
 async def kept_run(a: str, b: str, seed: int, during: Callable[[LoadChecker], Awaitable[None]] | None = None) -> None:
-    """``OPS`` operations with writers and readers on both masters: 0 problems, and both kept copies through their own writes."""
+    """``KEPT_OPS`` operations with writers and readers on both masters: 0 problems, and both kept copies through their own writes."""
     chk = LoadChecker([a, b], [a, b], writers=2, keys_per_writer=3, readers=4, delete_ratio=0.1, mget_ratio=0.2, pause_s=0.0, seed=seed)
-    await checked_run(chk, [a, b], during)
+    await checked_run(chk, [a, b], during, KEPT_OPS)
     for m in (a, b):
         st = await stats(m)
         print(m, {k: v for k, v in st.items() if k.startswith("near")})
@@ -380,7 +384,7 @@ async def test_own_writes_update_copies_while_an_owner_is_killed_and_restarted(c
     """With two owners per key (``cluster``), one killed and restarted: writes keep going, copies stay coherent."""
     a, b = cluster.up()
     await cluster.settle()
-    await kept_run(a, b, seed=35, during=kill_and_restart(cluster, "a2"))
+    await kept_run(a, b, seed=35, during=kill_and_restart(cluster, "a2", KEPT_OPS))
 
 
 async def test_a_set_through_the_master_holding_the_copy_is_read_from_the_new_copy(one_owner: NearCluster) -> None:
