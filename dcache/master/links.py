@@ -242,6 +242,11 @@ class AuxLink:
         return sum(len(c.requests) for c in self._conns) + len(self._waiting)
 
     @property
+    def keeps_copies(self) -> bool:
+        """Whether a SET may go to this node with KEEP_COPY now: it keeps a writer's subscription, tracks, and is not suspect."""
+        return self.keeps and self.tracks and not self.suspect
+
+    @property
     def usable(self) -> bool:
         """Whether requests sent now are expected to be answered (connected and not suspect)."""
         return not self.suspect and any(not c.closed for c in self._conns)

@@ -525,7 +525,7 @@ class Router:
             return False
         owner = targets[0]
         link = self.links.get(owner)
-        if link is None or not link.keeps or not link.tracks or link.suspect or owner in self.hints.by_node:
+        if link is None or not link.keeps_copies or owner in self.hints.by_node:
             return False
         candidates = self.view.read_candidates(key)
         if not candidates or candidates[0] != owner:
@@ -1275,7 +1275,7 @@ class _KeptWrite(WriteOp):
             targets = self.targets
             first = targets[0]
             link = links.get(first)
-            if link is not None and link.keeps and link.tracks and not link.suspect:
+            if link is not None and link.keeps_copies:
                 batcher = router.batcher
                 if len(targets) == 1:
                     batcher.add_write(link, self.args, self.__call__)
@@ -1299,16 +1299,19 @@ class _KeptWrite(WriteOp):
         WriteOp.start(self)
 
     def __call__(self, status: int, result: Any) -> None:
-        """The only owner's answer: a stored write becomes the copy (a superseded one is retried first, keeping its fill)."""
-        if self.fill is not None and not (status == _OK and result.__class__ is list and not self.retried):
-            self._settle(status == _OK and result.__class__ is int and result == 1)
+        """The only owner's answer: its copy (``_first``), then as any write's."""
+        self._first(status, result)
         WriteOp.__call__(self, status, result)
 
     def _first_answered(self, node: str, status: int, result: Any) -> None:
-        """The first owner's answer, with other owners: as ``__call__``, then counted with theirs."""
+        """The first owner's answer, with other owners: its copy (``_first``), then counted with theirs."""
+        self._first(status, result)
+        self.answer(node, status, result)
+
+    def _first(self, status: int, result: Any) -> None:
+        """A stored write becomes the copy; a superseded one keeps its fill for the retry (``finish``); anything else ends it."""
         if self.fill is not None and not (status == _OK and result.__class__ is list and not self.retried):
             self._settle(status == _OK and result.__class__ is int and result == 1)
-        self.answer(node, status, result)
 
     def finish(self) -> None:
         """``WriteOp.finish``; a fill still open (its owner answered superseded) ends unless a retry follows."""
