@@ -399,3 +399,18 @@ async def test_keep_copy_is_refused_in_a_client_set() -> None:
     rid = client.call(Op.SET, b"k", b"v", 0, KEEP)
     frame = client.answers()[rid]
     assert frame[1] != 0 and node.cache.get_entry(b"k") is None
+
+
+async def test_keep_copy_writes_of_many_keys_stay_within_the_tracking_bound() -> None:
+    """A peer sending KEEP_COPY for more keys than ``--tracking-keys`` subscribes at most that many; the oldest are invalidated."""
+    node = make_node(tracking_keys=4)
+    writer, other = Wire(node), Wire(node)
+    entries = [[b"k%d" % i, b"v", 0, KEEP, 1_000 + i] for i in range(50)]
+    rid = writer.call(Op.MSETV, entries)
+    pushes = await until(writer.pushes, "the overflow's pushes")
+    writer.call(Op.INVACK, pushes[-1][0])
+    assert writer.answer(rid) == [[0, 1]] * 50
+    st = node.tracker.stats()
+    assert st["tracked_keys"] == 4 and st["tracking_overflows"] == 46
+    assert sorted(k for _, items in pushes for k, _ in items) == sorted(b"k%d" % i for i in range(46))
+    assert other.answer(other.call(Op.GET, b"k49")) == b"v"  # the node serves everyone else as before
