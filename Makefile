@@ -14,6 +14,11 @@ AUX_PORT = 7101
 HTTP_PORT = 8080
 DATA_DIR = ./data
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), each taking a whole test file at a time
+# (module fixtures stay in one process): `make test TEST_WORKERS=0` runs it in this one process.
+TEST_WORKERS = 2
+PYTEST_ARGS = -n $(TEST_WORKERS) --dist loadfile
+
 .PHONY: run test lint typecheck unit bench fuzz install clean
 
 $(BIN)/python:

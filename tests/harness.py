@@ -166,13 +166,18 @@ APT_TIMEOUT_S = 600.0
 
 
 def apt_install(*packages: str) -> str:
-    """``apt-get install`` Debian packages (after an update if the first try fails); "" or the error."""
+    """``apt-get install`` Debian packages (after an update if the first try fails); "" or the error.
+
+    Waits for dpkg's lock (up to ``APT_TIMEOUT_S``) rather than failing on it:
+    the suite's workers (``make test``, pytest-xdist) may both need a package.
+    """
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+    wait = ["-o", f"DPkg::Lock::Timeout={int(APT_TIMEOUT_S)}"]
+    cmd = ["apt-get", *wait, "install", "-y", "-qq", "--no-install-recommends", *packages]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT_S)
         if res.returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True, env=env, timeout=APT_TIMEOUT_S)
+            subprocess.run(["apt-get", *wait, "update", "-qq"], capture_output=True, text=True, env=env, timeout=APT_TIMEOUT_S)
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as exc:
         return f"apt-get install {' '.join(packages)} failed: {exc!r}"
