@@ -254,7 +254,11 @@ class NodeConfig:
     )
     max_connections: int = opt(10_000, "most client connections open at once; one more is refused (OVERLOADED)", _int, "N")
     max_input_buffer: int = opt(
-        64 * 1024**2, "most bytes of partial frames buffered across all connections; past it the largest are closed", parse_size, "SIZE"
+        64 * 1024**2,
+        "most bytes of partial frames buffered across all connections (a large frame, decoded as it arrives, also counts "
+        "the objects decoded so far); past it the largest are closed",
+        parse_size,
+        "SIZE",
     )
     max_output_buffer: int = opt(
         256 * 1024**2,

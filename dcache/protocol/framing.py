@@ -34,6 +34,11 @@ Invariants:
   (``max_frame_bytes`` is settable, up to the ``max_frame_bytes`` the decoder
   was built with): a server accepts only HELLO-sized frames until a
   connection has authenticated.
+* A large frame (over ``STASH_AFTER_BYTES``) still arriving is decoded as
+  its bytes come, by an unpacker of its own: no single call decodes a
+  whole 30 MB frame, and ``buffered`` counts the objects decoded so far
+  (``DECODED_BLOCK_BYTES`` each), not only the bytes, so a server's
+  ``--max-input-buffer`` bounds what a trickled frame of tiny items holds.
 * The unpacker starts with a small buffer (``INITIAL_BUFFER_BYTES``) and
   grows it only as large frames need; msgpack's default reserves 1 MiB per
   unpacker, which a server pays per connection.
@@ -42,6 +47,7 @@ Invariants:
 from __future__ import annotations
 
 import struct
+import sys
 from typing import Any
 
 import msgpack
@@ -69,22 +75,28 @@ _FEED_CHUNK_BYTES = 1024 * 1024
 #: only when a chunk does not fit, so an idle or short connection costs a few
 #: pages, not msgpack's default of a megabyte.
 INITIAL_BUFFER_BYTES = 16 * 1024
-#: The body of a frame larger than this is copied into one growing buffer as
-#: it arrives (``bytearray``: it grows by an eighth at a time, and a large
-#: one is resized in place by the allocator), not into the unpacker, whose
-#: buffer doubles as it grows; once complete it is decoded straight from
-#: that buffer (``msgpack.unpackb``, with the unpacker's limits). The body is
-#: copied once as it arrives, spread over its reads, and once into the
-#: decoded objects: joining the chunks and feeding the unpacker at the end
-#: made three copies in the one call that completed the frame (59 ms for a
-#: 41 MB MSET, docs/BENCHMARKS.md).
+#: The body of a frame larger than this, still arriving, is decoded as it
+#: arrives by an unpacker of its own (``msgpack.Unpacker`` resumes where its
+#: last call stopped): each read decodes what it brought, so no call decodes
+#: the whole frame (40-60 ms for an MSET of 100,000 pairs or of 41 MB,
+#: docs/BENCHMARKS.md "Frame decoding"), and the body is never kept whole:
+#: the unpacker holds only the unfinished item at the end of what came.
 STASH_AFTER_BYTES = 64 * 1024
+#: What each small object decoded from a large frame still arriving is charged
+#: in ``buffered`` (so in a server's ``--max-input-buffer``), on top of the
+#: frame's bytes: the objects are made as the bytes come, and a byte string
+#: of two bytes is four bytes of msgpack but a 48-byte block (a list, 64 and
+#: its items' array). Counted with ``sys.getallocatedblocks`` around each
+#: decoding call (pymalloc's blocks, up to 512 bytes: larger objects are
+#: about the size of their bytes, which are counted already).
+DECODED_BLOCK_BYTES = 64
 #: msgpack never shrinks its buffer: after a frame larger than this, the
 #: decoder starts a new unpacker as soon as nothing is buffered, so an idle
 #: connection does not keep the memory its largest frame needed.
 RENEW_AFTER_BYTES = 1024 * 1024
 
 frame_header = HEADER.pack
+_allocated_blocks = sys.getallocatedblocks
 _unpack_header = HEADER.unpack_from
 
 _RUNS_PAST = "msgpack object runs past the end of its frame"
@@ -150,7 +162,9 @@ class FrameDecoder:
         "error",
         "_frame_start",
         "_big",
-        "_stash",
+        "_large",
+        "_large_got",
+        "_large_extra",
         "_max_items",
         "buffered",
         "one_frame",
@@ -164,7 +178,9 @@ class FrameDecoder:
         self._max_items = max_items
         self._unpacker = self._new_unpacker()
         self._big = False  # a frame over RENEW_AFTER_BYTES went through the unpacker
-        self._stash: bytearray | None = None  # the body of a large frame received so far (not in the unpacker)
+        self._large: msgpack.Unpacker | None = None  # decodes a large frame's body as it arrives (not the shared unpacker)
+        self._large_got = 0  # bytes of that body fed to it so far
+        self._large_extra = 0  # what its objects decoded so far are estimated to hold beyond those bytes (``DECODED_BLOCK_BYTES``)
         self._fed = 0  # stream offset of the end of everything fed so far
         self._frame_end = -1  # stream offset where the current body ends; -1: reading a header
         self._partial = b""  # header bytes received so far (fewer than four)
@@ -274,7 +290,7 @@ class FrameDecoder:
                     failed.out[:0] = acc
                     raise
             return acc
-        if self._stash is not None:
+        if self._large is not None:
             return self._feed_large(data)
         out: list[Any] = []
         try:
@@ -290,29 +306,58 @@ class FrameDecoder:
             self._renew()
         return out
 
+    def _start_large(self, n: int, first: bytes) -> None:
+        """Decode the ``n``-byte body of a large frame as it arrives (see ``STASH_AFTER_BYTES``), from ``first``, its bytes so far."""
+        self._large = msgpack.Unpacker(read_size=min(INITIAL_BUFFER_BYTES, n), max_buffer_size=n + _FEED_CHUNK_BYTES, **self._limits())
+        self._large_got = self._large_extra = 0
+        try:
+            self._large_part(first, n)
+        except _Failed as failed:
+            raise failed.error from None
+
+    def _large_part(self, part: Any, n: int) -> Any:
+        """Feed ``part`` of the large body of ``n`` bytes; the decoded object once it is complete, else ``_MORE``."""
+        up = self._large
+        assert up is not None
+        try:
+            up.feed(part)  # within max_buffer_size: what is fed never passes the body's end
+        except msgpack.BufferFull:
+            raise _Failed(RemoteProtocolError("input buffer overflow"), []) from None
+        self._large_got = got = self._large_got + len(part)
+        blocks = _allocated_blocks()
+        try:
+            obj = up.unpack()
+        except msgpack.OutOfData:
+            obj = _MORE
+        except Exception as exc:  # any malformed msgpack: the stream is lost
+            raise _Failed(_undecodable(exc), []) from None
+        if obj is _MORE:
+            if got >= n:
+                raise _Failed(RemoteProtocolError(_RUNS_PAST), [])
+            made = _allocated_blocks() - blocks  # the objects of the items decoded, kept until the frame is complete
+            if made > 0:
+                self._large_extra += made * DECODED_BLOCK_BYTES
+            return _MORE
+        if up.tell() != n:  # the object ended before its frame did
+            raise _Failed(RemoteProtocolError(_LENGTH_MISMATCH), [])
+        return obj
+
     def _feed_large(self, data: bytes) -> list[Any]:
-        """The rest of a large frame's body (see ``STASH_AFTER_BYTES``): kept until complete, then decoded from the buffer it fills."""
-        stash = self._stash
-        assert stash is not None
-        need = self._frame_end - self._frame_start - HEADER_BYTES - len(stash)
+        """More of a large frame's body (see ``STASH_AFTER_BYTES``): decoded as it comes; the frame's object once complete."""
+        n = self._frame_end - self._frame_start - HEADER_BYTES
+        need = n - self._large_got
         if len(data) < need:
-            stash += data
-            self.buffered += len(data)
-            return []
-        stash += memoryview(data)[:need]
-        self._stash = None
+            obj = self._large_part(data, n)
+            if obj is _MORE:
+                self.buffered = HEADER_BYTES + self._large_got + self._large_extra
+                return []
+        else:
+            obj = self._large_part(memoryview(data)[:need], n)
+        self._large = None
+        self._large_extra = 0
         self._frame_end = -1
         self._renew()  # the unpacker holds nothing: a new one, its offsets from the next byte
         self.buffered = 0
-        try:
-            obj = msgpack.unpackb(stash, **self._limits())
-        except msgpack.ExtraData:
-            raise _Failed(RemoteProtocolError(_LENGTH_MISMATCH), []) from None
-        except Exception as exc:  # any malformed msgpack: the stream is lost
-            if isinstance(exc, ValueError) and "incomplete input" in str(exc):
-                raise _Failed(RemoteProtocolError(_RUNS_PAST), []) from None
-            raise _Failed(_undecodable(exc), []) from None
-        del stash
         rest = data[need:]
         if not rest:
             return [obj]
@@ -375,8 +420,8 @@ class FrameDecoder:
                     if n > RENEW_AFTER_BYTES:
                         self._big = True
                     end = tell() + n
-                    if n > STASH_AFTER_BYTES and end > self._fed:  # a large body still arriving: out of the unpacker
-                        self._stash = bytearray(read_bytes(n))
+                    if n > STASH_AFTER_BYTES and end > self._fed:  # a large body still arriving: decoded as it comes
+                        self._start_large(n, read_bytes(n))
                         return
                 try:
                     obj = unpack()
@@ -396,9 +441,13 @@ class FrameDecoder:
             self._frame_end = end
             if end >= 0:
                 self._frame_start = start = end - n - HEADER_BYTES
-                self.buffered = self._fed - start
+                self.buffered = self._fed - start + self._large_extra
             else:
                 self.buffered = len(self._partial) + self._fed - tell()
+
+
+#: ``_large_part``'s answer while a large body is incomplete (``None`` is a msgpack value).
+_MORE: Any = object()
 
 
 def _copy(error: RemoteProtocolError) -> RemoteProtocolError:

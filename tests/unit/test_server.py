@@ -451,6 +451,26 @@ async def test_the_input_buffer_cap_closes_the_connections_holding_the_most_and_
     assert svc.buffered_input == 0
 
 
+async def test_the_input_buffer_cap_counts_the_objects_a_large_frame_decoded_so_far() -> None:
+    """A large frame is decoded as it arrives: a client trickling one of tiny items is charged what its objects hold.
+
+    Half of a frame of 60,000 two-byte strings is 120 KB on the wire and
+    about 1.4 MB once decoded; the cap (500 KB) closes it, where counting
+    its bytes alone would not.
+    """
+    svc = Toy(max_input_buffer=500_000)
+    dense, t_dense = connect(svc)
+    steady, t_steady = connect(svc)
+    frame = req(Op.MGET, 1, [b"xy"] * 60_000)
+    dense.data_received(frame[: len(frame) // 2])
+    assert t_dense.closed and svc.input_overflows == 1
+    assert t_dense.frames() == [[0, int(Status.OVERLOADED), "this node's input buffer is full: frame refused, try again later"]]
+    await until(lambda: dense not in svc.state.connections)
+    assert svc.buffered_input == 0
+    steady.data_received(req(Op.PING, 2))
+    assert t_steady.frames()[0][:2] == [2, OK], "the others are served"
+
+
 async def test_sweep_closes_connections_past_the_frame_and_idle_timeouts() -> None:
     svc = Toy(frame_timeout=5.0, idle_timeout=60.0)
     now = svc.now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import msgpack
@@ -263,8 +264,40 @@ def test_one_frame_at_a_time_after_a_large_frame() -> None:
 
 
 def test_a_partial_large_frame_is_counted_as_it_arrives() -> None:
+    """A large body of few objects is counted about at its bytes (its few decoded objects add a little)."""
     dec = FrameDecoder()
     frame = encode_frame(_BIG_BODY)
-    assert dec.feed(frame[:70_000]) == [] and dec.buffered == 70_000
-    assert dec.feed(frame[70_000:200_000]) == [] and dec.buffered == 200_000
+    assert dec.feed(frame[:70_000]) == [] and 70_000 <= dec.buffered < 72_000
+    assert dec.feed(frame[70_000:200_000]) == [] and 200_000 <= dec.buffered < 202_000
     assert dec.feed(frame[200_000:] + GOLDEN[0][0][:2]) == [[4, 1, b"k", _BIG]] and dec.buffered == 2
+
+
+def test_a_partial_large_frame_of_small_objects_is_counted_at_what_its_objects_hold() -> None:
+    """A large body is decoded as it arrives: its bytes and the objects made from them count, not its bytes alone.
+
+    60,000 byte strings of two bytes are 240 KB of msgpack but a 48-byte
+    block each once decoded: a client trickling such a frame must not hold
+    ten times what ``--max-input-buffer`` counts.
+    """
+    body = msgpack.packb([b"xy"] * 60_000)
+    frame = encode_frame(body)
+    dec = FrameDecoder(max_items=100_000)
+    half = len(frame) // 2
+    assert dec.feed(frame[:half]) == []
+    assert dec.buffered >= 10 * half, dec.buffered
+    assert dec.feed(frame[half:] + GOLDEN[0][0]) == [[b"xy"] * 60_000, GOLDEN[0][1]] and dec.buffered == 0
+
+
+def test_no_feed_decodes_a_whole_large_frame_at_once() -> None:
+    """Each read of a large frame decodes what it brought: the last one does not decode the whole body."""
+    items = [[b"key:%d" % i, b"v" * 100] for i in range(20_000)]
+    frame = encode_frame(msgpack.packb([6, 1, items]))
+    dec = FrameDecoder(max_items=100_000)
+    step = 65_536
+    reads = [frame[i : i + step] for i in range(0, len(frame), step)]
+    for chunk in reads[:-1]:
+        assert dec.feed(chunk) == []
+    made_before = sys.getallocatedblocks()
+    (obj,) = dec.feed(reads[-1])
+    assert sys.getallocatedblocks() - made_before < len(items), "the last read made only the objects of its own bytes"
+    assert obj == [6, 1, items]
