@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import msgpack
 
 from dcache.auxnode.node import AuxNode
 from dcache.auxnode.tracking import GONE
+from dcache.master.nearcache import NearCache
 from dcache.config import AuxConfig
 from dcache.protocol import HEADER, PUSH_ID, Op, Push
 from dcache.protocol.limits import PUSH_VALUE_MAX_BYTES
@@ -528,3 +530,41 @@ async def test_getv_refuses_a_track_mode_it_does_not_know() -> None:
         frame = master.answers()[rid]
         assert frame[1] != 0 and "track" in frame[2], (bad, frame)
     assert node.tracker.stats()["tracked_keys"] == 0
+
+
+async def test_a_copy_made_by_a_keep_copy_write_in_flight_when_a_value_came_stays_subscribed() -> None:
+    """The INVACK race: a master whose own write of the key is in flight must not name the key as unheld.
+
+    Master 1 holds a copy subscribed for values and sends a KEEP_COPY SETV;
+    before its answer, master 2's write of the key is pushed to it. Its
+    write's answer then makes the copy, so the node must still have it
+    subscribed: the next write through master 2 must reach that copy.
+    """
+    node = make_node()
+    m1, m2 = Wire(node), Wire(node)
+    near = NearCache(1 << 20)
+    conn = SimpleNamespace(lease_from=0.0, closed=False)  # master 1's tracking connection, as the near cache sees it
+    m2.call(Op.SET, b"k", b"v1")
+    subscribe_for_values(m1, b"k")
+    v1 = node.cache.get_entry(b"k").version  # type: ignore[union-attr]
+    f = near.start_fill(b"k")
+    assert f is not None
+    near.end_fill(b"k", f, [b"v1", 0, v1], conn)
+    assert near.lookup(b"k", 0.0) == b"v1"
+
+    own = near.write_through(b"k", 0.0)  # master 1's SET of its copied key: KEEP_COPY, in flight
+    assert own is not None
+    w2 = m2.call(Op.SETV, b"k", b"v2", 0, 0, v1 + 10)  # master 2's write reaches the owner first
+    [push] = await until(m1.pushes, "master 2's write pushed to master 1")
+    keep = m1.call(Op.SETV, b"k", b"v3", 0, KEEP, v1 + 20)  # sent before master 1 read the push
+    unheld = [item[0] for item in push[1] if len(item) == 4 and not near.update(item[0], item[1], item[2], item[3], conn)]
+    m1.call(Op.INVACK, push[0], unheld) if unheld else m1.call(Op.INVACK, push[0])
+    assert m2.answer(w2) == 1
+    assert m1.answer(keep) == 1
+    near.end_fill(b"k", own, [b"v3", 0, v1 + 20], conn)  # the write's answer makes the copy
+    assert near.lookup(b"k", 0.0) == b"v3"
+    assert node.tracker._subs[m1.proto] in node.tracker.table.get(b"k", []), "a copy with no subscription behind it"
+
+    m2.call(Op.SETV, b"k", b"v4", 0, 0, v1 + 30)  # so the next write reaches it
+    pushes = await until(partial(pushed_after, m1, 1), "master 2's next write pushed to master 1")
+    assert pushes[-1][1] == [[b"k", v1 + 30, b"v4", 0]]
