@@ -16,8 +16,8 @@ import msgpack
 
 from dcache.auxnode.node import AuxNode
 from dcache.auxnode.tracking import GONE
-from dcache.master.nearcache import NearCache
 from dcache.config import AuxConfig
+from dcache.master.nearcache import NearCache
 from dcache.protocol import HEADER, PUSH_ID, Op, Push
 from dcache.protocol.limits import PUSH_VALUE_MAX_BYTES
 from dcache.ring import RING_SIZE
