@@ -154,19 +154,20 @@ class ClusterOps:
 
     # -- versioned reads and writes ----------------------------------------
 
-    def getv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bool]) -> Any:
+    def getv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
         key, track = args
         node = self.node
         e = node.cache.lookup(key)
         if e is None:
             return None
         if track:
-            node.tracker.track(conn, key)
+            node.tracker.track(conn, key, track == 2)
         return [e.value, e.expires_at, e.version]
 
-    def invack(self, conn: FrameProtocol, rid: int, seq: int) -> Any:
-        """INVACK: the connection dropped the copies the pushes up to ``seq`` named."""
-        self.node.tracker.ack(conn, seq)
+    def invack(self, conn: FrameProtocol, rid: int, args: tuple[int, list[bytes]]) -> Any:
+        """INVACK: the connection dropped the copies the pushes up to ``seq`` named, and holds none of ``keys`` (values it was pushed)."""
+        seq, keys = args
+        self.node.tracker.ack(conn, seq, keys)
         return True
 
     def mgetv(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> Any:

@@ -62,6 +62,14 @@ class AuxCollector(ServiceCollector):
         yield plain_counter("dcache_tracking_invalidations", "Tracked keys that changed, each ending its subscriptions.", t.invalidations)
         yield plain_counter("dcache_tracking_pushes", "INVALIDATE frames pushed to masters.", t.pushes)
         yield plain_counter(
+            "dcache_tracking_value_pushes",
+            "Written values pushed to masters' copies subscribed for values (they stay subscribed).",
+            t.value_updates,
+        )
+        yield plain_counter(
+            "dcache_tracking_unheld", "Subscriptions for values ended because the master named the key as no longer copied.", t.unheld
+        )
+        yield plain_counter(
             "dcache_tracking_answers_held", "Answers of writes held until the masters holding a copy acknowledged.", t.held_answers
         )
         yield plain_counter("dcache_tracking_overflows", "Keys invalidated to make room in a full table (--tracking-keys).", t.overflows)

@@ -27,7 +27,7 @@ from ..config import AuxConfig
 from ..errors import NotAnIntegerError, OutOfMemoryError, ServerError, Status
 from ..hlc import HybridClock, wall_ms
 from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache, NotAnInt64Error
-from ..protocol import FEATURE_KEEP_COPY, Op, SetFlag
+from ..protocol import FEATURE_KEEP_COPY, FEATURE_VALUE_PUSH, Op, SetFlag
 from ..protocol.limits import KEYS_PER_TURN
 from ..server import DATA_OPS, LATER, FrameProtocol, Service, answer_too_large, check_answer_size
 from .binding import ClusterBinding
@@ -215,7 +215,8 @@ class AuxNode(Service):
         result = super().hello_result()
         result["incarnation"] = self.incarnation
         if self.tracker.max_keys > 0:
-            result["features"] = [FEATURE_KEEP_COPY]  # SETV/MSETV's KEEP_COPY flag (a near cache's own writes)
+            # SETV/MSETV's KEEP_COPY flag (a near cache's own writes); GETV track 2 (written values pushed to copies)
+            result["features"] = [FEATURE_KEEP_COPY, FEATURE_VALUE_PUSH]
         return result
 
     def stats(self) -> dict[str, Any]:

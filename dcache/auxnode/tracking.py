@@ -21,6 +21,17 @@ time) and ``INVALIDATION_TIMEOUT_S`` (longer than the lease):
   until the timeout has passed since it was found gone (it may not know yet
   and serve its copies until its lease runs out), then its subscriptions go.
 
+A connection that subscribed for values (GETV track ``2``, a master that
+saw ``"value-push"`` in this node's HELLO) is pushed, for a write of a value
+up to ``PUSH_VALUE_MAX_BYTES``, the entry ``[key, version, value,
+expires_at]`` instead, and its subscription stays: its copy takes the new
+value, so a key written through several masters keeps a copy in each. Its
+``INVACK [seq, keys]`` names the pushed keys it holds no copy of (evicted,
+dropped, never filled): those subscriptions end there. It names a key only
+when it has neither a copy nor a read or write of the key in flight, on the
+one connection every request of it goes on, so a later fill subscribes
+again after the removal.
+
 Bounds: at most ``max_keys`` keys are tracked; subscribing one more
 invalidates the oldest tracked key (its subscribers drop their copy and may
 subscribe again). A connection subscribes a key at most once, so a key has
@@ -41,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..lru import LRUCache
 from ..protocol import INT64_MAX, PUSH_ID, Push, pack, queue_frame
-from ..protocol.limits import INVALIDATION_TIMEOUT_S
+from ..protocol.limits import INVALIDATION_TIMEOUT_S, PUSH_VALUE_MAX_BYTES
 from ..server import LATER
 
 if TYPE_CHECKING:
@@ -59,10 +70,12 @@ _INVALIDATE = int(Push.INVALIDATE)
 class _Subscriber:
     """One subscribing connection: its push sequence and what it acknowledged."""
 
-    __slots__ = ("conn", "seq", "acked", "gone_at", "pending")
+    __slots__ = ("conn", "seq", "acked", "gone_at", "pending", "values")
 
     def __init__(self, conn: FrameProtocol) -> None:
         self.conn = conn
+        #: It subscribed for values (GETV track 2): writes push it the value, and its subscriptions stay.
+        self.values = False
         self.seq = 0
         self.acked = 0
         #: ``loop.time()`` the connection was found gone (0: alive).
@@ -118,14 +131,16 @@ class Tracker:
         self.overflows = 0
         self.timeouts = 0
         self.held_answers = 0
+        self.value_updates = 0
+        self.unheld = 0
         #: ``(connection, key)`` while a KEEP_COPY write of ``key`` from that connection is stored
         #: (``ClusterOps``): its subscription to the key stays, and it is not pushed this change.
         self.keeping: tuple[Any, bytes] | None = None
 
     # -- subscribing -----------------------------------------------------------------
 
-    def track(self, conn: FrameProtocol, key: bytes) -> None:
-        """Subscribe ``conn`` to ``key``'s next change."""
+    def track(self, conn: FrameProtocol, key: bytes, values: bool = False) -> None:
+        """Subscribe ``conn`` to ``key``'s next change (``values``: to its writes' values, see the module note)."""
         if self.max_keys <= 0:
             return
         sub = self._subs.get(conn)
@@ -133,6 +148,8 @@ class Tracker:
             if sub is not None:  # a gone subscriber's connection object cannot come back
                 return
             sub = self._subs[conn] = _Subscriber(conn)
+        if values:
+            sub.values = True
         table = self.table
         subs = table.get(key)
         if subs is None:
@@ -143,10 +160,26 @@ class Tracker:
         elif sub not in subs:
             subs.append(sub)
 
-    def ack(self, conn: FrameProtocol, seq: int) -> None:
-        """``conn`` acknowledged the pushes up to ``seq``: release the answers that waited only on that."""
+    def ack(self, conn: FrameProtocol, seq: int, unheld: Sequence[bytes] = ()) -> None:
+        """``conn`` acknowledged the pushes up to ``seq``: release the answers that waited only on that.
+
+        ``unheld``: keys whose values it was pushed and of which it holds no
+        copy (nor a read or write in flight): its subscriptions to them end.
+        """
         sub = self._subs.get(conn)
-        if sub is None or seq <= sub.acked:
+        if sub is None:
+            return
+        if unheld:
+            table = self.table
+            for key in unheld:
+                subs = table.get(key)
+                if subs is not None and sub in subs:
+                    self.unheld += 1
+                    if len(subs) == 1:
+                        del table[key]
+                    else:
+                        subs.remove(sub)
+        if seq <= sub.acked:
             return
         sub.acked = min(seq, sub.seq)
         self._release_ready()
@@ -158,20 +191,27 @@ class Tracker:
 
     # -- changes -----------------------------------------------------------------
 
-    def changed(self, key: bytes, version: int) -> None:
-        """``key`` changed (its new version, or ``GONE``): end its subscriptions and queue their pushes."""
+    def changed(self, key: bytes, version: int, value: bytes | None = None, expires_at: int = 0) -> None:
+        """``key`` changed (its new version, or ``GONE``): end its subscriptions and queue their pushes.
+
+        ``value`` (and ``expires_at``): what a write stored; the connections
+        subscribed for values are pushed it and stay subscribed (module note).
+        """
         subs = self.table.pop(key, None)
         if subs is None:
             return
+        stay: list[_Subscriber] = []
         keeping = self.keeping
         if keeping is not None and keeping[1] == key:  # the writer keeps its copy of this very write
             writer = keeping[0]
-            kept = [sub for sub in subs if sub.conn is writer]
-            if kept:
-                self.table[key] = kept
+            stay = [sub for sub in subs if sub.conn is writer]
+            if stay:
                 subs = [sub for sub in subs if sub.conn is not writer]
                 if not subs:
+                    self.table[key] = stay
                     return
+        if value is not None and len(value) > PUSH_VALUE_MAX_BYTES:
+            value = None
         r = self._forming
         if r is None:
             r = self._form()
@@ -183,9 +223,16 @@ class Tracker:
             elif sub.conn.is_closing:
                 sub.gone_at = self._now()
                 r.not_before = max(r.not_before, sub.gone_at + self.timeout)
+            elif value is not None and sub.values:
+                sub.pending.append([key, version, value, expires_at])
+                r.needs[sub] = 0
+                stay.append(sub)
+                self.value_updates += 1
             else:
                 sub.pending.append([key, version])
                 r.needs[sub] = 0
+        if stay:
+            self.table[key] = stay
         self.invalidations += 1
         self._service.hold = self._hold
 
@@ -333,6 +380,8 @@ class Tracker:
             "tracking_overflows": self.overflows,
             "invalidation_timeouts": self.timeouts,
             "answers_held_for_invalidation": self.held_answers,
+            "tracking_value_pushes": self.value_updates,
+            "tracking_unheld": self.unheld,
         }
 
 
@@ -362,12 +411,22 @@ class TrackingCache(LRUCache):
             e = self.get_entry(key)
             t.changed(key, e.version if e is not None else GONE)
 
+    def _written(self, key: bytes) -> None:
+        """``key`` was written: its subscribers for values are pushed the entry (``Tracker.changed``), the others an invalidation."""
+        t = self.tracker
+        if t is not None and key in t.table:
+            e = self.get_entry(key)
+            if e is None:
+                t.changed(key, GONE)
+            else:
+                t.changed(key, e.version, e.value, e.expires_at)
+
     def set(self, key: bytes, value: bytes, *, expires_at: int = 0, version: int = 0, nx: bool = False, xx: bool = False) -> bool:
         """``LRUCache.set``, then invalidate ``key``'s subscribers."""
         done = LRUCache.set(self, key, value, expires_at=expires_at, version=version, nx=nx, xx=xx)
         t = self.tracker
         if t is not None and t.table and key in t.table:
-            self._changed(key)
+            self._written(key)
         return done
 
     def apply(self, key: bytes, value: bytes, *, expires_at: int, version: int) -> bool:
@@ -376,7 +435,7 @@ class TrackingCache(LRUCache):
         if done:
             t = self.tracker
             if t is not None and t.table and key in t.table:
-                t.changed(key, version)
+                self._written(key)
         return done
 
     def batch_apply(self) -> Callable[..., bool]:

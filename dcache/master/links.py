@@ -52,7 +52,7 @@ from typing import Any
 
 from ..errors import AuthError, Status, UnknownOpError, WrongClusterError
 from ..peer import Callback, PeerConnection, answer_to, handshake
-from ..protocol import CHANGING_OPS, FEATURE_KEEP_COPY, UINT64_MAX, Op, Push
+from ..protocol import CHANGING_OPS, FEATURE_KEEP_COPY, FEATURE_VALUE_PUSH, UINT64_MAX, Op, Push
 from ..protocol.limits import INVALIDATION_TIMEOUT_S, MAX_LINK_WAITERS, NEAR_LEASE_S
 
 __all__ = ["AuxLink", "ConnectionFactory"]
@@ -71,6 +71,8 @@ _SETV = int(Op.SETV)
 _MSETV = int(Op.MSETV)
 _INVACK = int(Op.INVACK)
 _INVALIDATE = int(Push.INVALIDATE)
+#: Most keys one INVACK names as no longer held: far below any node's ``--max-batch-keys``.
+_MAX_UNHELD = 256
 
 
 #: Opens one connection to ``(host, port)`` and returns its protocol (tests pass their own).
@@ -132,7 +134,9 @@ class AuxLink:
         "tracking",
         "tracks",
         "keeps",
+        "values",
         "on_invalidate",
+        "on_update",
         "invalidations_total",
     )
 
@@ -217,8 +221,14 @@ class AuxLink:
         #: Whether the node keeps a writer's subscription (``SetFlag.KEEP_COPY``; its HELLO lists
         #: ``"keep-copy"``): this master's own writes of a key it holds a copy of then update the copy.
         self.keeps = False
+        #: Whether the node pushes written values to copies subscribed for them (GETV track 2; its
+        #: HELLO lists ``"value-push"``): another master's write then updates this master's copy.
+        self.values = False
         #: Gets each ``(key, version)`` the node invalidates (None: near cache off, pushes only acknowledged).
         self.on_invalidate: Callable[[bytes, int], None] | None = None
+        #: Gets each ``(key, version, value, expires_at, conn)`` the node pushes a written value of;
+        #: answers whether this master still holds the key (``NearCache.update``).
+        self.on_update: Callable[[bytes, int, bytes, int, Any], bool] | None = None
         self.invalidations_total = 0
 
     @property
@@ -339,6 +349,7 @@ class AuxLink:
                     self.tracks = True  # the new process may be of a newer version
                 self.incarnation = incarnation
             self.keeps = FEATURE_KEEP_COPY in proto.features
+            self.values = FEATURE_VALUE_PUSH in proto.features
             self._conns.append(proto)
             self._answered()
             if self._opening:
@@ -455,28 +466,49 @@ class AuxLink:
             )
 
     def _pushed(self, conn: PeerConnection, kind: int, payload: Any) -> None:
-        """A frame the node sent unasked: an INVALIDATE is applied, then acknowledged on the same connection."""
+        """A frame the node sent unasked: an INVALIDATE is applied, then acknowledged on the same connection.
+
+        Its entries are ``[key, version]`` (drop the copy) or, for a copy
+        subscribed for values, ``[key, version, value, expires_at]`` (update
+        it); the acknowledgement names the keys of the latter this master no
+        longer holds (at most ``_MAX_UNHELD``: the rest stay subscribed until
+        a later push names them), so the node ends those subscriptions.
+        """
         if kind != _INVALIDATE:
             return  # a later kind this master does not know: nothing depends on it
         try:
             seq, items = payload
-            keys = [(k, v) for k, v in items if k.__class__ is bytes and v.__class__ is int]
+            ok = seq.__class__ is int and 0 < seq <= UINT64_MAX and items.__class__ is list
+            if ok:
+                for item in items:
+                    n = len(item)
+                    if not (
+                        (n == 2 or (n == 4 and item[2].__class__ is bytes and item[3].__class__ is int))
+                        and item[0].__class__ is bytes
+                        and item[1].__class__ is int
+                    ):
+                        ok = False
+                        break
         except (TypeError, ValueError):
-            log.warning("malformed invalidation from aux node %s: closing the connection", self.node_id)
-            conn.close()
-            return
-        if len(keys) != len(items) or seq.__class__ is not int or not 0 < seq <= UINT64_MAX:
+            ok = False
+        if not ok:
             log.warning("malformed invalidation from aux node %s: closing the connection", self.node_id)
             conn.close()
             return
         invalidate = self.on_invalidate
-        if invalidate is not None:
-            for key, version in keys:
-                invalidate(key, version)
-        self.invalidations_total += len(keys)
+        update = self.on_update
+        unheld: list[bytes] = []
+        for item in items:
+            if len(item) == 2:
+                if invalidate is not None:
+                    invalidate(item[0], item[1])
+            elif update is None or not update(item[0], item[1], item[2], item[3], conn):
+                unheld.append(item[0])
+        self.invalidations_total += len(items)
         loop = self._loop
         assert loop is not None
-        conn.send(_INVACK, (seq,), _ignore, loop.time() + self._timeout)
+        args = (seq, unheld[:_MAX_UNHELD]) if unheld else (seq,)
+        conn.send(_INVACK, args, _ignore, loop.time() + self._timeout)
         conn.flush_now()  # the node holds a write's answer until this arrives
 
     def keep_tracking_alive(self, now: float) -> None:

@@ -129,6 +129,11 @@ class MasterCollector(ServiceCollector):
                 "SETs through this master of a key it held a copy of, sent so that their answer updates the copy.",
                 n("near_cache_write_throughs", 0),
             ),
+            plain_counter(
+                "dcache_near_cache_updates",
+                "Copies updated in place by a value an owner pushed for another master's write (value-push).",
+                n("near_cache_updates", 0),
+            ),
             plain_gauge("dcache_near_cache_keys", "Copies of hot keys held now.", n("near_cache_keys", 0)),
             plain_gauge("dcache_near_cache_bytes", "Bytes the copies are charged (key, value, overhead).", n("near_cache_bytes", 0)),
             plain_gauge(

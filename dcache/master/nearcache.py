@@ -30,6 +30,10 @@ budget, and answers reads of them. It stays coherent by invalidation
   one every request to that node goes on (``write_through``), the owner
   pushes it no invalidation for it, and its answer stores the written
   value as the new copy;
+* an owner that lists ``"value-push"`` in HELLO is asked to push values
+  (``GETV [key, 2]``): another master's write of a key then updates this
+  master's copy instead of dropping it (``update``), so a hot key written
+  through several masters keeps a copy in each;
 * versions settle the races left: an invalidation drops copies no newer than
   its version, and a fill that an invalidation of the same key overtook
   (any version at least the fill's) is not stored.
@@ -229,9 +233,11 @@ _OWN_WRITE = (1 << 64) + 1
 class NearCache:
     """Copies of hot keys held by a master (see the module note).
 
-    An entry is ``[value, expires_at, version, conn, hits]``: ``conn`` is
-    the tracking connection it was filled on, whose lease it lives by;
-    ``hits`` the reads it answered.
+    An entry is ``[value, expires_at, version, conn, hits, hits_then]``:
+    ``conn`` is the tracking connection it was filled on, whose lease it
+    lives by; ``hits`` the reads it answered; ``hits_then`` what ``hits``
+    was when its value was last stored (a copy not read since is dropped,
+    not updated, when its owner pushes a newer value: ``update``).
 
     Keys written about as often as they are read cost more to cache than
     they save (a fill, a push and its acknowledgement, a write held a round
@@ -270,13 +276,14 @@ class NearCache:
         self.lease_lapses = 0
         self.cooled = 0
         self.write_throughs = 0
+        self.updates = 0
         self._now = 0.0
 
     def lookup(self, key: bytes, now: float) -> bytes | None:
         """The value of a live copy of ``key`` (``now``: the loop's time), or None; counts a hit or a miss."""
         e = self.entries.get(key)
         if e is not None:
-            value, expires_at, _, conn, _ = e
+            value, expires_at, _, conn = e[:4]
             if now - conn.lease_from < NEAR_LEASE_S and not conn.closed:
                 if not expires_at or expires_at > wall_ms():
                     self.hits += 1
@@ -321,7 +328,7 @@ class NearCache:
         if size > self.max_bytes:
             return
         self._remove(key)
-        self.entries[key] = [value, expires_at, version, conn, fill.hits]
+        self.entries[key] = [value, expires_at, version, conn, fill.hits, fill.hits]
         self.bytes += size
         self.fills += 1
         while self.bytes > self.max_bytes:
@@ -342,6 +349,47 @@ class NearCache:
                 self._cool(key)
             elif self.cool:
                 self.cool.pop(key, None)  # it paid off: a later cool-down starts short again
+
+    def update(self, key: bytes, version: int, value: bytes, expires_at: int, conn: Any) -> bool:
+        """The owner pushed ``key``'s written ``value`` (its subscription for values, on ``conn``); whether this master still holds it.
+
+        A copy on ``conn`` that was read since it was stored takes the value
+        (unless it is already as new: this master's own write answered
+        first); one not read since, one from another connection, an expired
+        value or one over the budget is dropped, as an invalidation would
+        (with its cool-down). A fill in flight is overtaken as by an
+        invalidation. True while this master has a copy of ``key`` or a read
+        or write of it in flight: only otherwise may the owner end the
+        subscription (``INVACK [seq, keys]``, docs/PROTOCOL.md).
+        """
+        f = self.filling.get(key)
+        if f is not None and version > f.seen:
+            f.seen = version
+        e = self.entries.get(key)
+        if e is None:
+            return f is not None
+        if e[2] >= version:
+            return True
+        size = len(key) + len(value) + ENTRY_OVERHEAD
+        if e[3] is not conn or e[4] == e[5] or (expires_at and expires_at <= wall_ms()) or size > self.max_bytes:
+            self._remove(key)
+            self.invalidations += 1
+            if e[4] < self.min_hits:
+                self._cool(key)
+            elif self.cool:
+                self.cool.pop(key, None)
+            return f is not None
+        self.bytes += len(value) - len(e[0])
+        e[0] = value
+        e[1] = expires_at
+        e[2] = version
+        e[5] = e[4]
+        self.updates += 1
+        while self.bytes > self.max_bytes:
+            old, _ = next(iter(self.entries.items()))
+            self._remove(old)
+            self.evictions += 1
+        return key in self.entries or f is not None
 
     def _cool(self, key: bytes) -> None:
         cool = self.cool
@@ -412,4 +460,5 @@ class NearCache:
             "near_cache_lease_lapses": self.lease_lapses,
             "near_cache_cooled": self.cooled,
             "near_cache_write_throughs": self.write_throughs,
+            "near_cache_updates": self.updates,
         }

@@ -150,6 +150,7 @@ class MasterNode(Service):
                 link = self.links[node_id] = self._new_link(m)
                 if self.router.near is not None:
                     link.on_invalidate = self.router.near.invalidate
+                    link.on_update = self.router.near.update
                 if self.server is not None:
                     link.start()
         for node_id in [n for n in self.links if n not in view.members]:

@@ -368,7 +368,7 @@ class Router:
         if fill is None:
             return None
         op = _NearFill(self, sink, rid, key, candidates, fill)
-        op.conn = link.send_tracked(Op.GETV, (key, True), op)
+        op.conn = link.send_tracked(Op.GETV, (key, 2 if link.values else True), op)
         return LATER
 
     def _read_newest(self, sink: Sink, rid: int, key: bytes, entry: bool) -> Any:

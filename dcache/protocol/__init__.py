@@ -16,7 +16,18 @@ from .limits import (
     UINT64_MAX,
     Limits,
 )
-from .messages import CHANGING_OPS, CONNECTION_REQUEST_ID, FEATURE_KEEP_COPY, PROTOCOL_VERSION, PUSH_ID, Op, Push, SetFlag, Status
+from .messages import (
+    CHANGING_OPS,
+    CONNECTION_REQUEST_ID,
+    FEATURE_KEEP_COPY,
+    FEATURE_VALUE_PUSH,
+    PROTOCOL_VERSION,
+    PUSH_ID,
+    Op,
+    Push,
+    SetFlag,
+    Status,
+)
 from .ops import OPS, Credential, OpSpec, check_key, check_value, parse_request_id, unpack_entries
 from .requests import MAX_REQUEST_ID, RequestTable
 
@@ -52,6 +63,7 @@ __all__ = [
     "RequestTable",
     "SetFlag",
     "FEATURE_KEEP_COPY",
+    "FEATURE_VALUE_PUSH",
     "Status",
     "check_key",
     "check_value",

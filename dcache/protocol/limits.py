@@ -36,6 +36,7 @@ __all__ = [
     "MAX_WEIGHT",
     "NEAR_LEASE_S",
     "INVALIDATION_TIMEOUT_S",
+    "PUSH_VALUE_MAX_BYTES",
     "RING_WAIT_S",
     "MAX_RING_WAITERS",
     "MAX_LINK_WAITERS",
@@ -88,6 +89,10 @@ NEAR_LEASE_S = 1.0
 #: INVACK; past it the subscriber is cut off. Longer than ``NEAR_LEASE_S``
 #: (with margin), so a silent master's copies have expired by then.
 INVALIDATION_TIMEOUT_S = 2.0 * NEAR_LEASE_S
+#: Largest value an aux node pushes to the near-cache copies subscribed for
+#: values (GETV track ``2``) when it is written; a larger one is pushed as an
+#: invalidation (its copies are dropped and filled again by a read).
+PUSH_VALUE_MAX_BYTES = 16 * 1024
 #: Most seconds a master that has had no ring since it started holds a data
 #: request for one (a restarted coordinator until a follower hands it the
 #: ring); past it the request is answered ``UNAVAILABLE``. Below the

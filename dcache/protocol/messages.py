@@ -83,7 +83,12 @@ class Push(IntEnum):
 
     #: ``[seq, [[key, version], ...]]``: the keys changed (``version``: the
     #: entry's new version, or ``INT64_MAX`` when it left); the subscriber
-    #: answers with ``INVACK seq`` once it dropped its copies.
+    #: answers with ``INVACK seq`` once it dropped its copies. To a
+    #: connection that subscribed for values (GETV track ``2``), a write of a
+    #: value up to ``limits.PUSH_VALUE_MAX_BYTES`` is the entry ``[key,
+    #: version, value, expires_at]`` instead: the subscription stays, the
+    #: copy takes the value, and ``INVACK [seq, keys]`` names the keys it no
+    #: longer holds a copy of (their subscriptions end).
     INVALIDATE = 1
 
 
@@ -103,6 +108,8 @@ class SetFlag(IntEnum):
 
 #: What an aux node that keeps a writer's subscription (``SetFlag.KEEP_COPY``) lists in its HELLO ``features``.
 FEATURE_KEEP_COPY = "keep-copy"
+#: What an aux node that pushes written values to the copies that asked (GETV track ``2``) lists in its HELLO ``features``.
+FEATURE_VALUE_PUSH = "value-push"
 
 
 #: The ops that may change a key. An aux node may hold the answer of one

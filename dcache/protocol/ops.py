@@ -450,24 +450,34 @@ def _msetv_checked(msg: list[Any], limits: Limits) -> list[list[Any]]:
     ]
 
 
-def _parse_getv(msg: list[Any], limits: Limits) -> tuple[bytes, bool]:
-    """GETV ``[key]`` or ``[key, track]`` -> ``(key, track)``; ``track`` subscribes the connection to the key's changes."""
+def _parse_getv(msg: list[Any], limits: Limits) -> tuple[bytes, int]:
+    """GETV ``[key]`` or ``[key, track]`` -> ``(key, track)`` with ``track`` 0, 1 or 2.
+
+    ``true`` (1) subscribes the connection to the key's next change (an
+    invalidation); ``2`` subscribes it for values: a write pushes it the new
+    value and the subscription stays (``FEATURE_VALUE_PUSH``).
+    """
     n = len(msg)
     if n == 3:
-        return _key(msg[2], limits), False
+        return _key(msg[2], limits), 0
     if n != 4:
         raise BadArgumentsError("GETV takes [key] or [key, track]")
     track = msg[3]
-    if track.__class__ is not bool:
-        raise BadArgumentsError("track must be true or false")
-    return _key(msg[2], limits), track
+    if track.__class__ is bool:
+        return _key(msg[2], limits), int(track)
+    if track.__class__ is int and track == 2:
+        return _key(msg[2], limits), 2
+    raise BadArgumentsError("track must be true, false or 2 (values)")
 
 
-def _parse_invack(msg: list[Any], limits: Limits) -> int:
-    """INVACK ``[seq]`` -> ``seq`` (the INVALIDATE push it acknowledges)."""
-    if len(msg) != 3:
-        raise BadArgumentsError("INVACK takes [seq]")
-    return _u64(msg[2], "seq")
+def _parse_invack(msg: list[Any], limits: Limits) -> tuple[int, list[bytes]]:
+    """INVACK ``[seq]`` or ``[seq, keys]`` -> ``(seq, keys)``: the pushes acknowledged, and the pushed values' keys no longer copied."""
+    n = len(msg)
+    if n == 3:
+        return _u64(msg[2], "seq"), []
+    if n != 4:
+        raise BadArgumentsError("INVACK takes [seq] or [seq, keys]")
+    return _u64(msg[2], "seq"), _keys(msg[3], limits, "INVACK")
 
 
 def _parse_hotkeys(msg: list[Any], limits: Limits) -> int:
@@ -733,7 +743,7 @@ OPS: dict[int, OpSpec] = {
         OpSpec(Op.DROP, "DROP", _C, (2, 2), _parse_drop, True),
         OpSpec(Op.RANGE_COUNT, "RANGE_COUNT", _C, (1, 1), _parse_range_count, True),
         OpSpec(Op.MSETV, "MSETV", _C, (1, 1), _parse_msetv, True),
-        OpSpec(Op.INVACK, "INVACK", _C, (1, 1), _parse_invack, True),
+        OpSpec(Op.INVACK, "INVACK", _C, (1, 2), _parse_invack, True),
         OpSpec(Op.BIND, "BIND", _C, (1, 1), _parse_bind, True),
         OpSpec(Op.RING, "RING", _K, (0, 0), _no_args("RING"), True),
         OpSpec(Op.JOIN, "JOIN", _C, (3, 5), _parse_join, True),

@@ -13,7 +13,8 @@ Each run also asserts that B did answer from its near cache, so a run that
 never used it cannot pass for one that kept it coherent.
 
 The KEEP_COPY runs (``kept_run``) write and read through both masters, so
-each master's own SETs update its copies while the other's invalidate them,
+each master's own SETs update its copies, and so do the other's (the owner
+pushes the written value to a copy subscribed for values),
 with one owner per key and with two, and while an owner is killed and
 restarted; each asserts that both masters did write through their copies.
 """
@@ -370,6 +371,7 @@ async def kept_run(a: str, b: str, seed: int, during: Callable[[LoadChecker], Aw
         st = await stats(m)
         print(m, {k: v for k, v in st.items() if k.startswith("near")})
         assert st["near_cache_write_throughs"] > 0, "no SET of a copied key updated its copy"
+        assert st["near_cache_updates"] > 0, "no write through the other master updated a copy here (value pushes)"
         assert st["near_cache_hits"] >= 1000, st
 
 
@@ -407,3 +409,29 @@ async def test_a_set_through_the_master_holding_the_copy_is_read_from_the_new_co
         await ca.delete("hot")
         assert await ca.get("hot") is None
         assert await cb.get("hot") is None
+
+
+async def test_a_hot_key_written_through_both_masters_keeps_a_copy_in_each(one_owner: NearCluster) -> None:
+    """Value pushes: a write through one master updates the other's copy, so each read right after it is a near-cache hit on both."""
+    a, b = one_owner.up({"a1"})
+    await one_owner.settle({"a1"})
+    async with Client(a, timeout=10.0) as ca, Client(b, timeout=10.0) as cb:
+        await ca.set("hot", b"v0")
+        await warm_copy(ca, a, "hot", b"v0")
+        await warm_copy(cb, b, "hot", b"v0")
+        for i in range(1, 41):
+            writer, (reader, r) = (ca, (cb, b)) if i % 2 else (cb, (ca, a))
+            value = b"v%d" % i
+            await writer.set("hot", value)
+            before = await stats(r)
+            assert await reader.get("hot") == value  # the write was pushed before it was acknowledged
+            after = await stats(r)
+            assert after["near_cache_hits"] == before["near_cache_hits"] + 1, f"{r} read {i} from the owner, not its copy"
+            assert await writer.get("hot") == value
+        for m in (a, b):
+            st = await stats(m)
+            assert st["near_cache_updates"] >= 20 and st["near_cache_write_throughs"] >= 20, st
+        aux = await stats(one_owner.aux["a1"].addr)
+        assert aux["tracking_value_pushes"] >= 40, aux
+        await cb.delete("hot")  # a delete still ends every copy
+        assert await ca.get("hot") is None and await cb.get("hot") is None

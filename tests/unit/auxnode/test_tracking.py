@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import msgpack
@@ -15,7 +17,9 @@ import msgpack
 from dcache.auxnode.node import AuxNode
 from dcache.auxnode.tracking import GONE
 from dcache.config import AuxConfig
+from dcache.master.nearcache import NearCache
 from dcache.protocol import HEADER, PUSH_ID, Op, Push
+from dcache.protocol.limits import PUSH_VALUE_MAX_BYTES
 from dcache.ring import RING_SIZE
 from tests.fakes import FakeTransport
 
@@ -414,3 +418,153 @@ async def test_keep_copy_writes_of_many_keys_stay_within_the_tracking_bound() ->
     assert st["tracked_keys"] == 4 and st["tracking_overflows"] == 46
     assert sorted(k for _, items in pushes for k, _ in items) == sorted(b"k%d" % i for i in range(46))
     assert other.answer(other.call(Op.GET, b"k49")) == b"v"  # the node serves everyone else as before
+
+
+# -- subscriptions for values (GETV track 2, "value-push") -------------------------------------------
+
+
+def pushed_after(master: Wire, n: int) -> list[list[Any]]:
+    """``master``'s pushes once there are more than ``n`` (else empty)."""
+    pushes = master.pushes()
+    return pushes if len(pushes) > n else []
+
+
+def subscribe_for_values(master: Wire, *keys: bytes) -> None:
+    for key in keys:
+        rid = master.call(Op.GETV, key, 2)
+        assert master.answer(rid) is not None, key
+
+
+async def test_hello_lists_value_push_only_with_tracking_on() -> None:
+    assert "value-push" in make_node().hello_result()["features"]
+    assert "features" not in make_node(tracking_keys=0).hello_result()
+
+
+async def test_a_write_pushes_its_value_to_a_subscriber_for_values_which_stays_subscribed() -> None:
+    """The value, version and expiry go out, the write is held until the acknowledgement, and the next write reaches the copy too."""
+    node = make_node()
+    master, plain, client = Wire(node), Wire(node), Wire(node)
+    client.call(Op.SET, b"k", b"v1")
+    subscribe_for_values(master, b"k")
+    subscribe(plain, b"k")
+    rid = client.call(Op.SET, b"k", b"v2", 60_000)
+    [push] = await until(master.pushes, "the value push")
+    e = node.cache.get_entry(b"k")
+    assert e is not None
+    assert push == [1, [[b"k", e.version, b"v2", e.expires_at]]] and e.expires_at > 0
+    assert await until(plain.pushes, "the invalidation") == [[1, [[b"k", e.version]]]]
+    await settle()
+    assert rid not in client.answers()
+    master.call(Op.INVACK, 1)
+    plain.call(Op.INVACK, 1)
+    assert client.answer(rid) is True
+    assert node.tracker.table[b"k"] == [node.tracker._subs[master.proto]]  # the plain subscription ended, this one stays
+    st = node.tracker.stats()
+    assert st["tracking_value_pushes"] == 1 and st["tracked_keys"] == 1
+
+    v3 = e.version + 10
+    rid = client.call(Op.SETV, b"k", b"v3", 0, 0, v3)  # a master's write (SETV): the same
+    [_, push] = await until(lambda: len(master.pushes()) == 2 and master.pushes(), "the second value push")
+    assert push == [2, [[b"k", v3, b"v3", 0]]]
+    master.call(Op.INVACK, 2)
+    assert client.answer(rid) == 1
+
+
+async def test_a_delete_an_expiry_change_or_a_large_value_ends_a_subscription_for_values_with_an_invalidation() -> None:
+    node = make_node()
+    master, client = Wire(node), Wire(node)
+    big = b"x" * (PUSH_VALUE_MAX_BYTES + 1)
+    for change, expect in (
+        ([Op.DELETE, b"k"], GONE),
+        ([Op.EXPIRE, b"k", 60_000], None),
+        ([Op.SET, b"k", big], None),
+    ):
+        client.call(Op.SET, b"k", b"v")
+        subscribe_for_values(master, b"k")
+        n = len(master.pushes())
+        client.send(change)
+        pushes = await until(partial(pushed_after, master, n), f"the push of {change[0]!r}")
+        seq, [item] = pushes[-1]
+        assert len(item) == 2 and item[0] == b"k", item
+        if expect is not None:
+            assert item[1] == expect
+        master.call(Op.INVACK, seq)
+        assert node.tracker.stats()["tracked_keys"] == 0, change[0]
+
+
+async def test_an_acknowledgement_that_names_a_key_ends_that_subscription_only() -> None:
+    node = make_node()
+    master, other, client = Wire(node), Wire(node), Wire(node)
+    client.send([Op.SET, b"a", b"1"], [Op.SET, b"b", b"1"])
+    subscribe_for_values(master, b"a", b"b")
+    subscribe_for_values(other, b"a")
+    rids = client.send([Op.SET, b"a", b"2"], [Op.SET, b"b", b"2"])
+    [push] = await until(master.pushes, "the value push")
+    await until(other.pushes, "the other's push")
+    master.call(Op.INVACK, push[0], [b"a"])  # it holds no copy of a any more
+    other.call(Op.INVACK, 1)
+    assert [client.answer(r) for r in rids] == [True, True]
+    subs = node.tracker._subs
+    assert node.tracker.table == {b"a": [subs[other.proto]], b"b": [subs[master.proto]]}
+    assert node.tracker.stats()["tracking_unheld"] == 1
+    master.call(Op.INVACK, push[0], [b"b", b"never-tracked"])  # again, late: harmless
+    assert node.tracker.table == {b"a": [subs[other.proto]]}
+
+
+async def test_an_invack_of_too_many_keys_is_refused_and_the_connection_goes_on() -> None:
+    node = make_node(max_batch_keys=4)
+    master = Wire(node)
+    rid = master.call(Op.INVACK, 1, [b"k%d" % i for i in range(5)])
+    frame = master.answers()[rid]
+    assert frame[1] != 0 and "5 keys" in frame[2], frame
+    rid = master.call(Op.PING)
+    assert master.answers()[rid][1] == 0  # still served
+
+
+async def test_getv_refuses_a_track_mode_it_does_not_know() -> None:
+    node = make_node()
+    master = Wire(node)
+    master.call(Op.SET, b"k", b"v")
+    for bad in (3, 0, "values", [2]):
+        rid = master.call(Op.GETV, b"k", bad)
+        frame = master.answers()[rid]
+        assert frame[1] != 0 and "track" in frame[2], (bad, frame)
+    assert node.tracker.stats()["tracked_keys"] == 0
+
+
+async def test_a_copy_made_by_a_keep_copy_write_in_flight_when_a_value_came_stays_subscribed() -> None:
+    """The INVACK race: a master whose own write of the key is in flight must not name the key as unheld.
+
+    Master 1 holds a copy subscribed for values and sends a KEEP_COPY SETV;
+    before its answer, master 2's write of the key is pushed to it. Its
+    write's answer then makes the copy, so the node must still have it
+    subscribed: the next write through master 2 must reach that copy.
+    """
+    node = make_node()
+    m1, m2 = Wire(node), Wire(node)
+    near = NearCache(1 << 20)
+    conn = SimpleNamespace(lease_from=0.0, closed=False)  # master 1's tracking connection, as the near cache sees it
+    m2.call(Op.SET, b"k", b"v1")
+    subscribe_for_values(m1, b"k")
+    v1 = node.cache.get_entry(b"k").version  # type: ignore[union-attr]
+    f = near.start_fill(b"k")
+    assert f is not None
+    near.end_fill(b"k", f, [b"v1", 0, v1], conn)
+    assert near.lookup(b"k", 0.0) == b"v1"
+
+    own = near.write_through(b"k", 0.0)  # master 1's SET of its copied key: KEEP_COPY, in flight
+    assert own is not None
+    w2 = m2.call(Op.SETV, b"k", b"v2", 0, 0, v1 + 10)  # master 2's write reaches the owner first
+    [push] = await until(m1.pushes, "master 2's write pushed to master 1")
+    keep = m1.call(Op.SETV, b"k", b"v3", 0, KEEP, v1 + 20)  # sent before master 1 read the push
+    unheld = [item[0] for item in push[1] if len(item) == 4 and not near.update(item[0], item[1], item[2], item[3], conn)]
+    m1.call(Op.INVACK, push[0], unheld) if unheld else m1.call(Op.INVACK, push[0])
+    assert m2.answer(w2) == 1
+    assert m1.answer(keep) == 1
+    near.end_fill(b"k", own, [b"v3", 0, v1 + 20], conn)  # the write's answer makes the copy
+    assert near.lookup(b"k", 0.0) == b"v3"
+    assert node.tracker._subs[m1.proto] in node.tracker.table.get(b"k", []), "a copy with no subscription behind it"
+
+    m2.call(Op.SETV, b"k", b"v4", 0, 0, v1 + 30)  # so the next write reaches it
+    pushes = await until(partial(pushed_after, m1, 1), "master 2's next write pushed to master 1")
+    assert pushes[-1][1] == [[b"k", v1 + 30, b"v4", 0]]

@@ -554,6 +554,46 @@ async def test_an_invalidation_is_applied_then_acknowledged_and_a_malformed_push
     await link.close()
 
 
+async def test_a_pushed_value_goes_to_the_near_cache_and_the_acknowledgement_names_the_keys_not_held(aux: FakeAux) -> None:
+    """``[key, version, value, expires_at]`` entries update copies; the INVACK lists the ones this master no longer holds."""
+    link = await started(make_link(aux))
+    invalidated: list[tuple[bytes, int]] = []
+    updates: list[tuple[bytes, int, bytes, int]] = []
+    link.on_invalidate = lambda key, version: invalidated.append((key, version))
+
+    def update(key: bytes, version: int, value: bytes, expires_at: int, conn: Any) -> bool:
+        assert conn is link.tracking or conn in link._conns
+        updates.append((key, version, value, expires_at))
+        return key != b"gone"
+
+    link.on_update = update
+    [transport] = aux.transports["a1"]
+    await push(transport, int(Push.INVALIDATE), [4, [[b"k", 7, b"v", 0], [b"gone", 8, b"w", 9], [b"m", 9]]])
+    assert updates == [(b"k", 7, b"v", 0), (b"gone", 8, b"w", 9)] and invalidated == [(b"m", 9)]
+    assert [m[2:] for m in aux.ops("a1", Op.INVACK)] == [[4, [b"gone"]]]
+    await push(transport, int(Push.INVALIDATE), [5, [[b"k", 10, b"v2", 0]]])
+    assert [m[2:] for m in aux.ops("a1", Op.INVACK)][-1] == [5]  # every key still held: the plain form
+    for garbage in ([6, [[b"k", 1, "not bytes", 0]]], [6, [[b"k", 1, b"v"]]], [6, [[b"k", 1, b"v", 0, 0]]]):
+        await push(transport, int(Push.INVALIDATE), garbage)
+        assert link.open_connections == 0, garbage
+        link.send(Op.PING, (), Answers())
+        await until(lambda: link.open_connections == 1, what="the link's connection reopened")
+        [*_, transport] = aux.transports["a1"]
+    assert len(updates) == 3
+    await link.close()
+
+
+async def test_a_link_asks_for_values_only_from_a_node_that_lists_value_push() -> None:
+    for features, values in (([], False), (["keep-copy"], False), (["keep-copy", "value-push"], True)):
+        aux = FakeAux(lambda node, msg: None)
+        aux.hello_replies["a1"] = Reply(OK, {"role": "aux", "node_id": "a1", "incarnation": 1, "features": features})
+        link = await started(make_link(aux))
+        try:
+            assert link.values is values and link.keeps is ("keep-copy" in features)
+        finally:
+            await link.close()
+
+
 # -- the near-cache lease ---------------------------------------------------------------------
 
 

@@ -377,3 +377,69 @@ def test_a_view_change_during_a_write_through_stores_nothing() -> None:
     near.clear()
     near.end_fill(b"k", f, [b"v2", 0, 2], conn)
     assert b"k" not in near.entries
+
+
+# -- values pushed by the owner (``update``) --------------------------------------------------
+
+
+def test_a_pushed_value_updates_a_copy_read_since_it_was_stored() -> None:
+    near, conn = NearCache(1 << 20), Conn()
+    assert fill(near, b"k", b"v1", conn, version=10)
+    assert near.lookup(b"k", 0.0) == b"v1"
+    expires = wall_ms() + 60_000
+    assert near.update(b"k", 20, b"value two", expires, conn) is True
+    assert near.entries[b"k"][:3] == [b"value two", expires, 20] and near.updates == 1
+    assert near.bytes == size(b"k", b"value two")
+    assert near.lookup(b"k", 0.0) == b"value two"
+    assert near.update(b"k", 15, b"older", 0, conn) is True  # a version this copy already passed: unchanged
+    assert near.lookup(b"k", 0.0) == b"value two" and near.updates == 1
+    near.invalidate(b"k", 20)  # versions still guard: an invalidation of the same version drops it
+    assert b"k" not in near.entries
+
+
+def test_a_pushed_value_drops_a_copy_not_read_since_or_from_another_connection() -> None:
+    """Copies that do not pay off are dropped as an invalidation would (and the owner is told: False)."""
+    near, conn, other = NearCache(1 << 20), Conn(), Conn()
+    assert fill(near, b"unread", b"v", conn, version=1)
+    assert near.update(b"unread", 2, b"w", 0, conn) is False  # never read since its fill
+    assert b"unread" not in near.entries and near.cooled == 1  # and it had answered fewer than min_hits
+    assert fill(near, b"elsewhere", b"v", conn, version=1)
+    near.lookup(b"elsewhere", 0.0)
+    assert near.update(b"elsewhere", 2, b"w", 0, other) is False  # subscribed on another connection
+    assert fill(near, b"expired", b"v", conn, version=1)
+    near.lookup(b"expired", 0.0)
+    assert near.update(b"expired", 2, b"w", wall_ms() - 1, conn) is False
+    assert fill(near, b"big", b"v", conn, version=1)
+    near.lookup(b"big", 0.0)
+    assert near.update(b"big", 2, b"w" * (1 << 20), 0, conn) is False  # over the whole budget
+    assert not near.entries and near.bytes == 0 and near.updates == 0
+    assert near.update(b"never", 5, b"w", 0, conn) is False  # no copy at all
+
+
+def test_a_pushed_value_overtakes_a_fill_in_flight_which_is_still_held() -> None:
+    """A read or a write of the key in flight: the owner must keep the subscription (True), and the older fill is not stored."""
+    near, conn = NearCache(1 << 20), Conn()
+    f = near.start_fill(b"k")
+    assert f is not None
+    assert near.update(b"k", 7, b"pushed", 0, conn) is True
+    near.end_fill(b"k", f, [b"read before the write", 0, 7], conn)
+    assert b"k" not in near.entries and near.fills_discarded == 1
+
+    assert fill(near, b"w", b"v1", conn, version=1)
+    near.lookup(b"w", 0.0)
+    wf = near.write_through(b"w", 0.0)  # this master's own write in flight
+    assert wf is not None
+    assert near.update(b"w", 5, b"another master's", 0, conn) is True
+    near.end_fill(b"w", wf, [b"own, newer", 0, 6], conn)
+    assert near.lookup(b"w", 0.0) == b"own, newer"
+
+
+def test_a_pushed_value_keeps_the_byte_bound() -> None:
+    one = size(b"k0", b"x" * 100)
+    near, conn = NearCache(3 * one), Conn()
+    for i in range(3):
+        assert fill(near, b"k%d" % i, b"x" * 100, conn)
+        near.lookup(b"k%d" % i, 0.0)
+    assert near.update(b"k2", 5, b"x" * 150, 0, conn) is True  # grows by 50: the oldest copy goes
+    assert list(near.entries) == [b"k1", b"k2"] and near.evictions == 1
+    assert near.bytes == one + size(b"k2", b"x" * 150) <= near.max_bytes
