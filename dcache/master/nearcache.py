@@ -283,7 +283,7 @@ class NearCache:
         """The value of a live copy of ``key`` (``now``: the loop's time), or None; counts a hit or a miss."""
         e = self.entries.get(key)
         if e is not None:
-            value, expires_at, _, conn = e[:4]
+            value, expires_at, _, conn, _, _ = e
             if now - conn.lease_from < NEAR_LEASE_S and not conn.closed:
                 if not expires_at or expires_at > wall_ms():
                     self.hits += 1
