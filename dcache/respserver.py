@@ -627,6 +627,8 @@ class RespProtocol(FrameProtocol):
         """Run the commands held while the connection was stopped (``_stopped``), then read again if it may."""
         if self._stopped() or self._closed or self._reader is None:
             return
+        if self._gate_runs and not self._run_gate_held():
+            return
         self._run_commands(self._service.now, self._next_slot, 0)
         self._queue_flush()
         if not self._stopped() and self._transport is not None and not self._closed:

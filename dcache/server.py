@@ -754,6 +754,7 @@ class FrameProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_service",
+        "_gate_runs",
         "_decoder",
         "_limits",
         "_max_answer",
@@ -799,6 +800,9 @@ class FrameProtocol(asyncio.Protocol):
         self._routing = False  # by one request routed over several loop iterations (``hold_input``)
         #: Frames read but not run yet: they wait while the connection is stopped (paused or throttled).
         self._backlog: list[Any] = []
+        #: Requests the ring gate held (``RequestGate.open``) that wait behind one of this connection's
+        #: that is routed over several loop iterations: they run, in order, when it is routed.
+        self._gate_runs: list[tuple[int, int, Handler, Any]] = []
         #: Bytes of answers the transport holds while writing is paused (counted in the service's ``buffered_output``).
         self.unsent = 0
         #: Sampled requests answered later: request id -> (op, start time).
@@ -1065,6 +1069,8 @@ class FrameProtocol(asyncio.Protocol):
         """Run the frames held while the connection was stopped (the client did not read, or owed too many answers), then read again."""
         if self._closed or self._paused or self._throttled or self._routing:
             return
+        if self._gate_runs and not self._run_gate_held():
+            return  # one of them is routed over several iterations: the rest, and the backlog, wait for it
         if self._backlog:
             self.data_received(b"")
         elif self._decoder is not None and self._decoder.one_frame and self._decoder.buffered:
@@ -1171,6 +1177,18 @@ class FrameProtocol(asyncio.Protocol):
         self._routing = False
         if self._transport is not None and not self._closed:
             (self._service._loop or asyncio.get_running_loop()).call_soon(self._go_on)
+        elif self._gate_runs:
+            self._run_gate_held()  # the connection is gone: each is answered UNAVAILABLE, so no answer stays owed
+
+    def _run_gate_held(self) -> bool:
+        """Run the requests the ring gate held for this connection, in order, until one is routed over several iterations; whether all ran."""
+        runs = self._gate_runs
+        while runs:
+            if self._routing:
+                return False
+            rid, op, handler, args = runs.pop(0)
+            _run_held(self, rid, op, handler, args)
+        return not self._routing
 
     def _after_answer(self) -> None:
         """An owed answer left while someone watches the count (throttle, a pending close, shutdown)."""
@@ -1606,7 +1624,10 @@ class RequestGate:
         if held:
             log.info("serving %d request(s) held until now", len(held))
         for _, conn, rid, op, handler, args, _ in held:
-            _run_held(conn, rid, op, handler, args)
+            if conn._routing or conn._gate_runs:  # an earlier one of its requests is routed over several iterations
+                conn._gate_runs.append((rid, op, handler, args))  # a GET behind an MSET reads what the MSET wrote
+            else:
+                _run_held(conn, rid, op, handler, args)
 
     def fail_all(self, why: str) -> None:
         """Answer every held request ``UNAVAILABLE`` with ``why``, and refuse the gate's ops so from now on (the node stops)."""

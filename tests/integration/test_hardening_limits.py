@@ -292,6 +292,7 @@ def test_large_msets_and_mgets_on_several_connections_at_once_keep_each_ones_ord
             assert got[1] == [OK, n] and got[2] == [OK, b"v:" + ks[-1]] and got[3] == [OK, [b"v:" + k for k in ks]]
     finally:
         cl.stop()
+        print(cl.logs()[-20000:])  # shown only when the test fails
 
 
 def test_a_get_pipelined_behind_an_mset_of_large_values_reads_them(tmp_path: Path) -> None:

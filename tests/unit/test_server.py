@@ -30,6 +30,8 @@ class Toy(Service):
         super().__init__("toy-1", NodeConfig(**settings))
         #: Requests answered LATER: (connection, request id).
         self.later: list[tuple[FrameProtocol, int]] = []
+        #: Requests routed over several loop iterations (``hold_input``), answered LATER.
+        self.routed: list[tuple[FrameProtocol, int]] = []
         self.handlers[Op.PING] = lambda conn, rid, args: "PONG"
         self.handlers[Op.GET] = self.get
         self.handlers[Op.STATS] = lambda conn, rid, args: self.connection_stats()
@@ -38,6 +40,10 @@ class Toy(Service):
     def get(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
         if key == b"later":
             self.later.append((conn, rid))
+            return LATER
+        if key == b"routed":  # as a master's MSET of many keys: its connection's later requests wait
+            conn.hold_input()
+            self.routed.append((conn, rid))
             return LATER
         if key == b"boom":
             raise RuntimeError("handler bug")
@@ -583,6 +589,33 @@ async def test_a_closed_gate_holds_its_ops_and_runs_them_in_order_once_open_whil
     conn.data_received(req(Op.GET, 6, b"c"))  # an open gate costs nothing: the handler runs at once
     assert t.frames()[-1] == [6, OK, b"value of c"]
     assert gate.expired_total == 0
+
+
+async def test_held_requests_behind_one_routed_over_several_iterations_wait_for_it_once_the_gate_opens() -> None:
+    """A GET held behind a held MSET of many keys reads what the MSET wrote: it runs once the MSET is routed, not right after its first slice.
+
+    Found by a pipelined MSET + GET + MGET sent to a master still without a
+    ring (a test under load): the gate ran the three back to back and the
+    GET read the key before the MSET's last slice wrote it.
+    """
+    svc = Toy()
+    gate = gated(svc)
+    conn, t = connect(svc)
+    other, t_other = connect(svc)
+    conn.data_received(req(Op.GET, 1, b"routed") + req(Op.GET, 2, b"a") + req(Op.GET, 3, b"b"))
+    other.data_received(req(Op.GET, 1, b"c"))
+    gate.open()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert t.frames() == [], "the requests behind the routed one ran before it was routed"
+    assert t_other.frames() == [[1, OK, b"value of c"]]  # the other connections go on
+    ((c, rid),) = svc.routed
+    c.release_input()  # its last key routed
+    await until(lambda: len(t.frames()) == 2)
+    assert t.frames() == [[2, OK, b"value of a"], [3, OK, b"value of b"]]
+    c.reply(rid, OK, 3000, Op.GET)
+    await until(lambda: len(t.frames()) == 3)
+    assert conn.in_flight == 0 and gate.waiting == 0
 
 
 async def test_a_held_request_is_answered_unavailable_after_the_bound(caplog: pytest.LogCaptureFixture) -> None:
