@@ -331,10 +331,7 @@ class NearCache:
         self.entries[key] = [value, expires_at, version, conn, fill.hits, fill.hits]
         self.bytes += size
         self.fills += 1
-        while self.bytes > self.max_bytes:
-            old, _ = next(iter(self.entries.items()))
-            self._remove(old)
-            self.evictions += 1
+        self._evict_over_budget()
 
     def invalidate(self, key: bytes, version: int) -> None:
         """``key`` changed to ``version``: drop a copy no newer, and poison a fill in flight."""
@@ -343,12 +340,7 @@ class NearCache:
             f.seen = version
         e = self.entries.get(key)
         if e is not None and e[2] <= version:
-            self._remove(key)
-            self.invalidations += 1
-            if e[4] < self.min_hits:
-                self._cool(key)
-            elif self.cool:
-                self.cool.pop(key, None)  # it paid off: a later cool-down starts short again
+            self._invalidated(key, e)
 
     def update(self, key: bytes, version: int, value: bytes, expires_at: int, conn: Any) -> bool:
         """The owner pushed ``key``'s written ``value`` (its subscription for values, on ``conn``); whether this master still holds it.
@@ -372,12 +364,7 @@ class NearCache:
             return True
         size = len(key) + len(value) + ENTRY_OVERHEAD
         if e[3] is not conn or e[4] == e[5] or (expires_at and expires_at <= wall_ms()) or size > self.max_bytes:
-            self._remove(key)
-            self.invalidations += 1
-            if e[4] < self.min_hits:
-                self._cool(key)
-            elif self.cool:
-                self.cool.pop(key, None)
+            self._invalidated(key, e)
             return f is not None
         self.bytes += len(value) - len(e[0])
         e[0] = value
@@ -385,11 +372,24 @@ class NearCache:
         e[2] = version
         e[5] = e[4]
         self.updates += 1
+        self._evict_over_budget()
+        return key in self.entries or f is not None
+
+    def _invalidated(self, key: bytes, e: list[Any]) -> None:
+        """Drop the copy ``e`` of ``key`` as a change does: cool the key down if it answered fewer than ``min_hits`` reads."""
+        self._remove(key)
+        self.invalidations += 1
+        if e[4] < self.min_hits:
+            self._cool(key)
+        elif self.cool:
+            self.cool.pop(key, None)  # it paid off: a later cool-down starts short again
+
+    def _evict_over_budget(self) -> None:
+        """Drop the oldest copies until the bytes are within ``max_bytes``."""
         while self.bytes > self.max_bytes:
             old, _ = next(iter(self.entries.items()))
             self._remove(old)
             self.evictions += 1
-        return key in self.entries or f is not None
 
     def _cool(self, key: bytes) -> None:
         cool = self.cool
