@@ -151,6 +151,16 @@ def settled(nodes: set[str]) -> Callable[[dict[str, Any]], bool]:
     )
 
 
+def copying_to(node: str) -> Callable[[dict[str, Any]], bool]:
+    """Predicate: a migration to a ring with ``node`` is copying and has moved some keys, not all."""
+
+    def check(info: dict[str, Any]) -> bool:
+        mig = info["membership"].get("migration") or {}
+        return node in info["ring"]["nodes"] and info["migrating"] and mig.get("state") == "copying" and mig.get("keys_moved", 0) > 0
+
+    return check
+
+
 def key_owned_by(node: str, members: list[str], prefix: str) -> str:
     """A key (``prefix`` and a number) that ``node`` owns first in the ring of ``members``."""
     r = HashRing(dict.fromkeys(members, 1.0))

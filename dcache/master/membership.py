@@ -348,6 +348,8 @@ class Coordinator(Membership):
         self._followers: dict[str, tuple[int, int, float]] = {}
         self.migrator = Migrator(config, links, clock, self._followers_caught_up)
         self._migration: asyncio.Task[None] | None = None
+        #: The sources of the ring change's copy while it runs (empty once it settles): see ``fence``.
+        self._copy_sources: frozenset[str] = frozenset()
         self._changed = asyncio.Condition()
         self._lock = asyncio.Lock()
         self.health_events: list[dict[str, Any]] = []
@@ -402,8 +404,10 @@ class Coordinator(Membership):
         self._migration = self._spawn(self._migrate(self.view), "migration")
 
     async def _migrate(self, view: ClusterView) -> None:
+        plan = self.migrator.plan(view)
+        self._copy_sources = frozenset(src for src, _ in plan)
         try:
-            await self.migrator.run(view)
+            await self.migrator.run(view, plan)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -416,6 +420,7 @@ class Coordinator(Membership):
             return
         if not _same_move(self.view, view):
             return  # superseded while it ran: the new view's migration takes over
+        self._copy_sources = frozenset()
         # Two steps, so that no master reads an owner that no longer gets
         # writes: first every master reads the new owners while writes still
         # go to both rings' owners; only once all of them route by that view
@@ -737,6 +742,7 @@ class Coordinator(Membership):
                 if old is not None:
                     old.cancel()
                 self._fences[node_id] = self._spawn(self._reconcile(node_id), f"fence-{node_id}")
+                self._copy_again_without(node_id, since_version)
             return
         if m is None or m.state != UP:
             return
@@ -756,6 +762,22 @@ class Coordinator(Membership):
         if old is not None:
             old.cancel()
         self._fences[node_id] = self._spawn(self._reconcile(node_id), f"fence-{node_id}")
+        self._copy_again_without(node_id, since_version)
+
+    def _copy_again_without(self, node_id: str, since_version: int) -> None:
+        """Start the running copy again if ``node_id``, one of its sources, may have lost what it held.
+
+        A node fenced with ``since_version`` 0 restarted (or its missed
+        writes are unknown): what it streamed since may lack keys it held
+        before. The copy starts again under the current view, whose plan
+        takes its ranges from owners that are not fenced (``Migrator.plan``).
+        A node fenced for a few missed writes still holds everything older,
+        and each write reached the new owners too: its streams go on.
+        """
+        if since_version or node_id not in self._copy_sources or self._migration is None or self._migration.done():
+            return
+        log.warning("aux node %s, a source of the running migration, restarted: copying again from other owners", node_id)
+        self._start_migration()
 
     async def _reconcile(self, node_id: str) -> None:
         """Copy to a fenced node what its co-owners hold since it was fenced; then let it serve reads.

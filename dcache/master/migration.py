@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ..config import MasterConfig
@@ -52,7 +52,7 @@ from ..hlc import HybridClock
 from ..protocol import Op, unpack_entries
 from ..ring import hash64, moved_ranges
 from .links import AuxLink
-from .view import UP, ClusterView
+from .view import DOWN, FENCED, UP, ClusterView
 
 __all__ = ["Migrator"]
 
@@ -117,22 +117,35 @@ class Migrator:
         }
 
     def plan(self, view: ClusterView) -> dict[tuple[str, str], list[list[int]]]:
-        """(source, destination) -> ranges to copy, for ``view``'s migration."""
+        """(source, destination) -> ranges to copy, for ``view``'s migration.
+
+        A range's source is a live previous owner, one that is not fenced
+        when there is one: a fenced node may have restarted with less than
+        it held (it is reconciled before it is read), and a range copied
+        from it would reach its new owners without what it lost.
+        """
         assert view.prev_ring is not None
         streams: dict[tuple[str, str], list[list[int]]] = {}
         for move in moved_ranges(view.prev_ring, view.ring, view.replicas):
-            sources = [n for n in move.old_owners if view.is_live(n)]
-            if not sources:
+            src = _source(view, move.old_owners)
+            if src is None:
                 continue  # no live copy of this range: nothing to copy from
             for dst in move.new_owners:
                 if dst in move.old_owners or not view.is_live(dst):
                     continue
-                src = sources[0]
                 streams.setdefault((src, dst), []).append([move.start, move.end])
         return streams
 
     def plan_fence(self, view: ClusterView, node_id: str) -> dict[tuple[str, str], list[list[int]]]:
-        """(source, ``node_id``) -> ranges: everything ``node_id`` owns, from its co-owners."""
+        """(source, ``node_id``) -> ranges: everything ``node_id`` owns, from nodes that hold all of it.
+
+        Outside a migration those are its co-owners in the ring. While a
+        migration copies (``prev_ring`` set, not settling), the previous
+        ring's owners are the ones that hold everything (reads go to them);
+        the current ring's new owners may not have their copy yet. So every
+        range whose owners change and that ``node_id`` owns in either ring
+        also comes from a live previous owner that is not fenced.
+        """
         streams: dict[tuple[str, str], list[list[int]]] = {}
         if node_id not in view.ring:
             return streams
@@ -140,9 +153,18 @@ class Migrator:
         for move in moved_ranges(others, view.ring, view.replicas):
             if node_id not in move.new_owners:
                 continue
-            sources = [n for n in move.old_owners if view.members.get(n) is not None and view.members[n].state == UP]
-            if sources:
-                streams.setdefault((sources[0], node_id), []).append([move.start, move.end])
+            # ``old_owners`` also names the node that would own the range without ``node_id``: not a holder
+            src = _source(view, [n for n in move.new_owners if n != node_id], fenced=False)
+            if src is not None:
+                streams.setdefault((src, node_id), []).append([move.start, move.end])
+        prev = view.prev_ring
+        if prev is not None and not view.settling:
+            for move in moved_ranges(prev, view.ring, view.replicas):
+                if node_id not in move.old_owners and node_id not in move.new_owners:
+                    continue
+                src = _source(view, [n for n in move.old_owners if n != node_id], fenced=False)
+                if src is not None:
+                    streams.setdefault((src, node_id), []).append([move.start, move.end])
         return streams
 
     def foreign_arcs(self, view: ClusterView) -> dict[str, list[list[int]]]:
@@ -435,3 +457,18 @@ class Migrator:
                 log.info("dropping ranges it does not own from %s failed: %s", node, exc)
                 continue
             log.info("dropped %d keys it does not own from %s", dropped, node)
+
+
+def _source(view: ClusterView, owners: Sequence[str], *, fenced: bool = True) -> str | None:
+    """The first of ``owners`` to copy from: a live one that is not fenced, else (with ``fenced``) a fenced one."""
+    members = view.members
+    last = None
+    for n in owners:
+        m = members.get(n)
+        if m is None or m.state == DOWN:
+            continue
+        if m.state != FENCED:
+            return n
+        if last is None and fenced:
+            last = n
+    return last

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from tests.cluster import (
     Reader,
     Tally,
     assert_served_while_ringless,
+    copying_to,
     key_of,
     native_load,
     outlive,
@@ -282,16 +282,6 @@ async def test_a_coordinator_restarted_after_a_migration_reads_what_it_wrote_onc
         print(cluster.logs()[-20000:])  # shown by pytest only when the test fails
 
 
-def _copying_to(node: str) -> Callable[[dict[str, Any]], bool]:
-    """Predicate: a migration to a ring with ``node`` is copying and has moved some keys, not all."""
-
-    def check(info: dict[str, Any]) -> bool:
-        mig = info["membership"].get("migration") or {}
-        return node in info["ring"]["nodes"] and info["migrating"] and mig.get("state") == "copying" and mig.get("keys_moved", 0) > 0
-
-    return check
-
-
 async def _read_all(c: Client, n: int) -> list[bytes | None]:
     """The values of keys 0 to ``n - 1``, 5,000 a call."""
     got: list[bytes | None] = []
@@ -320,7 +310,7 @@ async def test_a_lone_coordinator_killed_mid_migration_gets_every_key_back(tmp_p
         async with Client(m1.addr) as c:
             await populate(c, n_keys)
         cluster.start_aux("a3")
-        await wait_ring(m1.addr, _copying_to("a3"), timeout=30, what="the copy to a3 running")
+        await wait_ring(m1.addr, copying_to("a3"), timeout=30, what="the copy to a3 running")
         port = m1.port
         m1.kill()
         m1 = cluster.start_master("m1", port=port)

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from dcache.config import MasterConfig
+from dcache.auxnode.node import AuxNode
+from dcache.config import AuxConfig, MasterConfig
 from dcache.errors import BadArgumentsError, MembershipError, Status, UnavailableError
-from dcache.hlc import wall_ms
+from dcache.hlc import HybridClock, wall_ms
 from dcache.master.membership import EMPTY_AFTER_DOWN_MS, Coordinator, Follower
 from dcache.master.view import DOWN, FENCED, LEAVING, UP, ClusterView, Member
 from dcache.protocol import Op
@@ -56,12 +57,12 @@ def coordinator(cluster: FakeCluster, view: ClusterView | None = None, **kw: Any
     )
 
 
-def fill(cluster: FakeCluster, n: int = 200) -> dict[bytes, int]:
-    """Write ``n`` keys to their owners in the current view; key -> version."""
+def fill(cluster: FakeCluster, n: int = 200, clock: HybridClock | None = None) -> dict[bytes, int]:
+    """Write ``n`` keys to their owners in the current view (versions from ``clock``, the cluster's by default); key -> version."""
     data = {}
     for i in range(n):
         key = b"key:%d" % i
-        version = cluster.clock.next()
+        version = (clock or cluster.clock).next()
         for node in cluster.router.view.write_targets(key):
             cluster.put(node, key, b"v:" + key, version)
         data[key] = version
@@ -375,6 +376,37 @@ async def test_a_failed_migration_is_retried_after_a_fence_that_keeps_its_move(
         failing[0] = False
         await coord.wait_settled(lambda v: v.prev_ring is None and all(m.state == UP for m in v.members.values()), SETTLE_S)
         assert coord.view.prev_ring is None, "the migration was never retried"
+        assert_owners_hold(cluster, coord.view, data)
+    finally:
+        await coord.close()
+
+
+async def test_a_source_that_restarts_while_a_migration_copies_from_it_is_replaced(cluster: FakeCluster) -> None:
+    """An aux node restarts (empty) in the middle of streaming its ranges to a joining node: the copy starts again from the other owners.
+
+    Otherwise its streams go on over the restarted process, find nothing,
+    and the migration ends with the joining node missing those keys (the
+    fault campaign's seed-15 schedule: an owner killed and restarted while
+    a node joined; reads of the new owners then answered None).
+    """
+    data = fill(cluster, clock=HybridClock("m0", clock=lambda: wall_ms() - 60_000))  # older than a catch-up pass looks
+    held: list[list[Any]] = []
+
+    def scan_a3(msg: list[Any]) -> Reply | None:
+        if not held:
+            held.append(msg)
+            return None  # answered below, by the restarted node
+        return Reply(0, cluster.auxes["a3"].execute(msg))
+
+    cluster.overrides[("a3", Op.SCAN)] = scan_a3
+    coord = coordinator(cluster)
+    try:
+        await coord.join("a4", "127.0.0.1", 7110, 1.0)
+        await until(lambda: held, SETTLE_S, "a3 streaming its ranges to a4")
+        cluster.auxes["a3"] = AuxNode(AuxConfig(node_id="a3"))  # a new process, its snapshot lost
+        coord.on_aux_restart("a3")
+        cluster.fake.respond("a3", held[0], cluster.auxes["a3"].execute(held[0]))
+        await coord.wait_settled(lambda v: v.prev_ring is None and all(m.state == UP for m in v.members.values()), SETTLE_S)
         assert_owners_hold(cluster, coord.view, data)
     finally:
         await coord.close()

@@ -16,7 +16,7 @@ from dcache.config import MasterConfig
 from dcache.errors import Status
 from dcache.hlc import HybridClock, wall_ms
 from dcache.master.migration import Migrator
-from dcache.master.view import Member
+from dcache.master.view import DOWN, FENCED, ClusterView, Member
 from dcache.protocol import Op, unpack_entries
 from dcache.ring import hash64, in_range
 from tests.fakes import Reply
@@ -221,3 +221,78 @@ async def test_a_rebuilt_ring_brings_each_owner_the_writes_it_missed() -> None:
         for i in range(KEYS):
             want = None if i % 7 == 0 else b"new%d" % i
             assert [cluster.value(n, b"key:%d" % i) for n in view.ring.owners(b"key:%d" % i, 2)] == [want, want], i
+
+
+def _fenced_empty_a3_while_a4_joins(cluster: FakeCluster) -> tuple[ClusterView, list[bytes]]:
+    """a1-a3 hold every key on its two owners; a3 restarts empty and is fenced; a4 joins. Returns the view and the keys.
+
+    The seed-15 schedule of bin/chaos.py: ``aux-kill-fast`` of a3 with ``aux-join`` of a4.
+    """
+    keys = [b"key:%d" % i for i in range(KEYS)]
+    for key in keys:
+        version = cluster.clock.next()
+        for n in cluster.view.ring.owners(key, 2):
+            if n != "a3":  # a3 lost everything in its restart
+                cluster.put(n, key, key + b"-value", version)
+    members = dict(cluster.view.members)
+    a3 = members["a3"]
+    members["a3"] = Member("a3", a3.host, a3.port, a3.weight, FENCED)
+    members["a4"] = Member("a4", "127.0.0.1", 7103)
+    view = cluster.view.with_members(members)
+    cluster.adopt(view)
+    assert view.prev_ring is not None and not view.settling
+    return view, keys
+
+
+async def test_a_migration_copies_from_a_previous_owner_that_is_not_fenced() -> None:
+    """Where a range's first previous owner is fenced (it may have restarted with less), another one is the source.
+
+    Copied from the fenced node, the keys a4 gains from a3's ranges reached
+    it empty: once reads moved to the new owners they answered None (21
+    stale reads in the fault campaign), and the old owners' copies were then
+    dropped.
+    """
+    async with FakeCluster(("a1", "a2", "a3"), replicas=2, spare=("a4",)) as cluster:
+        view, keys = _fenced_empty_a3_while_a4_joins(cluster)
+        config = MasterConfig(port=0, replicas=2, migration_batch=BATCH)
+        migrator = Migrator(config, lambda: cluster.links, cluster.clock, nobody_to_wait_for)
+        plan = migrator.plan(view)
+        assert plan and all(src != "a3" for src, _ in plan)
+        await migrator.run(view, plan)
+        gained = [k for k in keys if "a4" in view.ring.owners(k, 2)]
+        assert gained and [cluster.value("a4", k) for k in gained] == [k + b"-value" for k in gained]
+
+
+async def test_a_node_fenced_during_a_copy_is_reconciled_from_the_previous_owners() -> None:
+    """A fenced node's reconciliation, while a migration copies, takes what it owns from the previous ring's owners.
+
+    Its co-owners in the new ring may be new owners still waiting for their
+    copy: reconciled from them, the node came back with nothing for those
+    keys, and reads (which go to the previous owners while the copy runs)
+    answered None.
+    """
+    async with FakeCluster(("a1", "a2", "a3"), replicas=2, spare=("a4",)) as cluster:
+        view, keys = _fenced_empty_a3_while_a4_joins(cluster)
+        config = MasterConfig(port=0, replicas=2, migration_batch=BATCH)
+        migrator = Migrator(config, lambda: cluster.links, cluster.clock, nobody_to_wait_for)
+        await migrator.run(view, migrator.plan_fence(view, "a3"))  # before the join's copy reaches a4
+        assert view.prev_ring is not None
+        owned = [k for k in keys if "a3" in view.ring.owners(k, 2) or "a3" in view.prev_ring.owners(k, 2)]
+        assert owned and [cluster.value("a3", k) for k in owned] == [k + b"-value" for k in owned]
+
+
+async def test_a_fenced_node_outside_a_migration_is_reconciled_from_its_co_owners_only() -> None:
+    """Outside a migration a fenced node's ranges come from its co-owners, never from a node that does not own them."""
+    async with FakeCluster(("a1", "a2", "a3", "a4"), replicas=2) as cluster:
+        members = dict(cluster.view.members)
+        members["a3"] = Member("a3", "127.0.0.1", 7102, 1.0, FENCED)
+        members["a1"] = Member("a1", "127.0.0.1", 7100, 1.0, DOWN)
+        view = cluster.view.bumped(members=members)
+        config = MasterConfig(port=0, replicas=2, migration_batch=BATCH)
+        migrator = Migrator(config, lambda: cluster.links, cluster.clock, nobody_to_wait_for)
+        plan = migrator.plan_fence(view, "a3")
+        assert plan and {dst for _, dst in plan} == {"a3"}
+        for (src, _), ranges in plan.items():
+            assert src in ("a2", "a4")
+            for _, end in ranges:  # an arc's last hash has the arc's owners
+                assert src in view.ring.owners_for_hash(end, 2) and "a3" in view.ring.owners_for_hash(end, 2)
