@@ -340,6 +340,8 @@ class Coordinator(Membership):
         #: Silent nodes fenced on their way down, until every master stopped reading them (``_mark_down``).
         self._marking_down: dict[str, asyncio.Task[None]] = {}
         self._incarnations: dict[str, int] = {}
+        #: node id -> restarts its link reported (``on_aux_restart``): a health round that began before one ignores the node.
+        self._restarts_seen: dict[str, int] = {}
         self._fences: dict[str, asyncio.Task[None]] = {}
         #: node id -> the version its reconciliation copies from (0: everything).
         self._fence_since: dict[str, int] = {}
@@ -553,7 +555,7 @@ class Coordinator(Membership):
         A node that joins again later is a new process: its incarnation,
         compared with the old one, would fence it as restarted.
         """
-        for state in (self._misses, self._incarnations, self._fence_since):
+        for state in (self._misses, self._incarnations, self._fence_since, self._restarts_seen):
             state.pop(node_id, None)
         self._waiting_back.discard(node_id)
 
@@ -709,6 +711,11 @@ class Coordinator(Membership):
             log.warning("a migration still settles after %.1f s; changing the ring anyway", timeout)
 
     def on_aux_restart(self, node_id: str) -> None:
+        # The health checks still know the old process: they learn the new one from their next round
+        # (not one already under way, which may carry the old one's answer), and do not take it for
+        # another restart (a second fence and pass, once this one is reconciled).
+        self._incarnations.pop(node_id, None)
+        self._restarts_seen[node_id] = self._restarts_seen.get(node_id, 0) + 1
         self.fence(node_id, "restarted: reconciling before it serves reads")
 
     def request_reconcile(self, node_id: str) -> None:
@@ -845,15 +852,18 @@ class Coordinator(Membership):
         view = self.view
         links = self._links()
         nodes = [m for m in view.members.values() if m.node_id in links]
+        restarts = [self._restarts_seen.get(m.node_id, 0) for m in nodes]
         hello = (PROTOCOL_VERSION, cfg.auth_token, "dcache-health")
         results = await asyncio.gather(
             *(asyncio.wait_for(links[m.node_id].call(Op.HELLO, *hello), cfg.health_timeout) for m in nodes),
             return_exceptions=True,
         )
-        for m, r in zip(nodes, results, strict=True):
+        for m, r, seen in zip(nodes, results, restarts, strict=True):
             current = self.view.members.get(m.node_id)
             if current is None:
                 continue  # gone meanwhile
+            if self._restarts_seen.get(m.node_id, 0) != seen:
+                continue  # restarted meanwhile (its link said so): the answer may be the old process's
             ok = not isinstance(r, BaseException)
             if ok:
                 self._misses[m.node_id] = 0

@@ -569,6 +569,28 @@ async def test_health_checks_fence_a_node_that_restarted(cluster: FakeCluster) -
         await coord.close()
 
 
+async def test_a_restart_its_link_reported_is_not_fenced_again_by_the_health_checks(cluster: FakeCluster) -> None:
+    """The link sees the new process first: once that fence is reconciled, the health checks' next answer is no second restart.
+
+    They still knew the old process: a node reconciled before their next
+    round was fenced and reconciled a second time (the fault campaign's
+    logs: "fenced: restarted" twice for one restart).
+    """
+    coord = coordinator(cluster)
+    await coord.start()
+    try:
+        await until(lambda: _health_hellos(cluster, "a2") >= 3, SETTLE_S, "health rounds")
+        cluster.fake.incarnations["a2"] = 2
+        coord.on_aux_restart("a2")  # as the link does when it reconnects to the new process
+        await coord.wait_settled(lambda v: v.members["a2"].state == UP, SETTLE_S)
+        seen = _health_hellos(cluster, "a2")
+        await until(lambda: _health_hellos(cluster, "a2") >= seen + 3, SETTLE_S, "health rounds of the new process")
+        assert [e["why"] for e in coord.health_events if e["node_id"] == "a2"] == ["restarted: reconciling before it serves reads"]
+        assert coord.view.members["a2"].state == UP
+    finally:
+        await coord.close()
+
+
 def _health_hellos(cluster: FakeCluster, node: str) -> int:
     """Health HELLOs that reached ``node`` (every HELLO but its link's own handshake)."""
     return sum(1 for t in cluster.fake.transports[node] for f in t.frames() if f[0] == Op.HELLO) - 1
