@@ -303,19 +303,24 @@ async def test_restart_within_detection_window_is_fenced(tmp_path):
         cluster.stop()
 
 
+async def _three_owners_throttled(cluster: Cluster, rate: int, batch: int, n_keys: int) -> tuple[Any, set[str]]:
+    """A master whose health checks never mark a node down (only restarts are seen) and whose copies are throttled
+    (``--migration-rate``, ``--migration-batch``), aux nodes a1-a3 in its ring, ``n_keys`` keys written; the master and the members."""
+    m = cluster.start_master("m1", "--health-failures", "1000", "--migration-rate", str(rate), "--migration-batch", str(batch))
+    members = {"a1", "a2", "a3"}
+    for n in sorted(members):
+        cluster.start_aux(n)
+    await wait_ring(m.addr, settled(members))
+    async with Client(m.addr, timeout=10) as c:
+        await populate(c, n_keys)
+    return m, members
+
+
 async def test_a_fenced_node_that_re_announces_stays_fenced(tmp_path):
     """A restarted node re-announces itself (JOIN, every 3 s): that must not lift its fence before it is reconciled."""
     cluster = Cluster(tmp_path, replicas=2)
     try:
-        # Health checks never mark a node down here, and reconciling is throttled
-        # so the fence lasts seconds.
-        m = cluster.start_master("m1", "--health-failures", "1000", "--migration-rate", "400", "--migration-batch", "100")
-        members = {"a1", "a2", "a3"}
-        for n in sorted(members):
-            cluster.start_aux(n)
-        await wait_ring(m.addr, settled(members))
-        async with Client(m.addr, timeout=10) as c:
-            await populate(c, 6000)
+        m, members = await _three_owners_throttled(cluster, 400, 100, 6000)  # the fence lasts seconds
         victim = cluster.aux["a2"]
         port = victim.port
         victim.kill()
@@ -348,14 +353,7 @@ async def test_an_owner_restarted_empty_while_a_node_joins_loses_no_key(tmp_path
     n_keys = 6000
     cluster = Cluster(tmp_path, replicas=2)
     try:
-        # Never marked down (only the restart is seen); the copy takes seconds.
-        m = cluster.start_master("m1", "--health-failures", "1000", "--migration-rate", "600", "--migration-batch", "50")
-        members = {"a1", "a2", "a3"}
-        for n in sorted(members):
-            cluster.start_aux(n)
-        await wait_ring(m.addr, settled(members))
-        async with Client(m.addr, timeout=10) as c:
-            await populate(c, n_keys)
+        m, members = await _three_owners_throttled(cluster, 600, 50, n_keys)  # the copy takes seconds
         reader = Reader(m.addr, n_keys)
         reader.start()
         await reader.full_passes(1)
