@@ -432,6 +432,13 @@ async def apply(cluster: ChaosCluster, fault: Fault, notes: list[str]) -> None:
     if target == LEADER:
         target = await cluster.leader()
         notes.append(f"{kind}: the leader was {target}")
+    if target in AUX_NODES and kind != "aux-join":
+        # A --schedule may aim a fault at the node its own aux-join starts: wait (bounded) for its process.
+        deadline = time.monotonic() + 30.0
+        while target not in cluster.aux:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{kind}: aux node {target} was never started")
+            await asyncio.sleep(0.05)
     if kind in AUX_KILLS:
         await asyncio.to_thread(cluster.aux[target].kill)
         await asyncio.sleep(fault.hold_s)
@@ -626,7 +633,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--seeds", default="1-4", help="seeds to run, e.g. 1,3,5-8: each gets a fresh cluster (default: 1-4)")
     p.add_argument("--schedules", type=int, default=4, help="random schedules per seed (default: 4)")
-    p.add_argument("--schedule", default="", help="run this schedule instead of random ones: kind,target,start_s,hold_s[,param];...")
+    p.add_argument(
+        "--schedule",
+        default="",
+        help="run this schedule instead of random ones: kind,target,start_s,hold_s[,param];... "
+        "(a fault on the node an aux-join of the schedule starts waits for its process)",
+    )
     p.add_argument("--repeat", type=int, default=1, help="times to run --schedule per seed, each on a fresh cluster (default: 1)")
     p.add_argument("--max-seconds", type=float, default=1800.0, help="start no schedule after this many seconds (default: 1800)")
     p.add_argument("--log-dir", default="chaos-logs", help="where the logs of schedules with problems go (default: ./chaos-logs)")
