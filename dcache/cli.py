@@ -636,6 +636,8 @@ def _format_ring(info: dict[str, Any]) -> str:
             elif not done:
                 line += " (keys may miss until then)"
         lines.append(line)
+    elif info.get("reads_every_owner") and membership.get("zookeeper_state") in ("suspended", "lost"):
+        lines.append("reads ask every owner of a key while this master is out of touch with ZooKeeper")
     elif info.get("reads_every_owner"):  # a follower of a coordinator whose rebuilt ring is being reconciled
         lines.append("reads ask every owner of a key until the coordinator's rebuilt ring is reconciled")
     for ev in membership.get("health_events", []):

@@ -76,6 +76,8 @@ class MasterNode(Service):
         self.router = Router(view, self.links, self.clock, config.write_quorum, config.limits.max_frame_bytes, self.turns)
         self.router.hints.on_overflow = self._hints_lost
         self.router.hot = HotKeys()
+        #: ZooKeeper mode: the session is suspended or lost (``_on_zk_state``); reads then ask every owner.
+        self._zk_out_of_touch = False
         if config.near_cache_size:
             self.router.near = NearCache(config.near_cache_size, self.router.hot, min_hits=config.near_cache_min_hits)
         self.membership: Membership
@@ -94,6 +96,7 @@ class MasterNode(Service):
                 ssl=self.peer_ssl,
                 on_written=self._on_written,
             )
+            self.membership.zk.on_state(self._on_zk_state)
         elif config.coordinator:
             self.membership = Follower(
                 config,
@@ -158,8 +161,7 @@ class MasterNode(Service):
         if self.router.near is not None:
             self.router.near.clear()  # copies were subscribed by the old view's owners
         self.router.view = view
-        if view.reconciling != self.router.read_every_owner:  # in the same step: no read routed by one without the other
-            self._read_every_owner(view.reconciling)
+        self._read_every_owner()  # in the same step: no read routed by one without the other
         if len(view.ring) and self.ring_gate.closed and self._gate_opener is None:
             self._gate_opener = self.state.spawn(self._open_when_linked(), "ring-gate")
 
@@ -215,10 +217,36 @@ class MasterNode(Service):
         links = self.links
         return all(n in links and links[n].connected for n, m in self.router.view.members.items() if m.state != DOWN)
 
-    def _read_every_owner(self, on: bool) -> None:
-        """Reads ask every owner of a key while a rebuilt ring is reconciled (``ClusterView.reconciling``), or no longer."""
+    def _read_every_owner(self) -> None:
+        """Reads ask every owner of a key and answer the newest while the owners may disagree unknown to this master.
+
+        That is while a rebuilt ring is reconciled (``ClusterView.reconciling``),
+        and, in ZooKeeper mode, while this master is out of touch with
+        ZooKeeper: no master can fence a node then, so a write that missed
+        one is acknowledged with hints only (docs/DECISIONS.md, "A master out
+        of touch with ZooKeeper reads every owner"). Going that way, the
+        near cache is emptied: a copy's owner may be the node that missed it.
+        """
+        why = "until the rebuilt ring is reconciled" if self.router.view.reconciling else ""
+        if self._zk_out_of_touch:
+            why = "while out of touch with ZooKeeper"
+        on = bool(why)
+        if on == self.router.read_every_owner:
+            return
         self.router.read_every_owner = on
-        log.info("reads %s every owner of a key%s", "ask" if on else "no longer ask", " until the rebuilt ring is reconciled" if on else "")
+        if on and self.router.near is not None:
+            self.router.near.clear()
+        if on:
+            log.info("reads ask every owner of a key %s", why)
+        else:
+            log.info("reads no longer ask every owner of a key")
+
+    def _on_zk_state(self, state: str) -> None:
+        """The ZooKeeper session's state changed (``ZkSession.on_state``): reads ask every owner unless it is connected."""
+        out = state in ("suspended", "lost")
+        if out != self._zk_out_of_touch:
+            self._zk_out_of_touch = out
+            self._read_every_owner()
 
     def _ring_due_in(self, window: float) -> None:
         """This coordinator restarted and gathers re-announcements for ``window`` s: held requests wait for the ring.

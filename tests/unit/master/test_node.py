@@ -49,3 +49,31 @@ async def test_a_follower_master_reads_every_owner_while_the_view_it_adopts_says
         assert node.router.read_every_owner is False
     finally:
         await follower.close()
+
+
+async def test_a_zookeeper_master_reads_every_owner_while_out_of_touch_with_zookeeper() -> None:
+    """While its ZooKeeper session is suspended or lost no master can fence a node, and a write that missed one is
+    acknowledged with hints only: this master's reads then ask every owner and answer the newest, and its near-cache
+    copies go (their owner may be the node that missed the write). Back in touch, reads ask one owner again."""
+    from kazoo.client import KazooState
+
+    node = MasterNode(MasterConfig(node_id="t-zk", replicas=2, zookeeper=["127.0.0.1:1"], near_cache_size=1 << 20))
+    zk = node.membership.zk  # type: ignore[attr-defined]
+    near = node.router.near
+    assert near is not None
+    try:
+        fill = near.start_fill(b"hot")
+        assert fill is not None
+        near.end_fill(b"hot", fill, [b"v", 0, 7], object())
+        assert b"hot" in near.entries and node.router.read_every_owner is False
+        zk._on_state(KazooState.SUSPENDED)
+        assert node.router.read_every_owner is True and not near.entries
+        assert (await node.ring_info())["reads_every_owner"] is True
+        zk._on_state(KazooState.CONNECTED)
+        assert node.router.read_every_owner is False
+        zk._on_state(KazooState.LOST)
+        assert node.router.read_every_owner is True
+        node._on_view(replace(node.router.view, seq=node.router.view.seq + 1))  # a view that does not say reconciling
+        assert node.router.read_every_owner is True, "still out of touch"
+    finally:
+        await node.membership.close()
