@@ -57,7 +57,7 @@ async def test_a_zookeeper_master_reads_every_owner_while_out_of_touch_with_zook
     copies go (their owner may be the node that missed the write). Back in touch, reads ask one owner again."""
     from kazoo.client import KazooState
 
-    node = MasterNode(MasterConfig(node_id="t-zk", replicas=2, zookeeper=["127.0.0.1:1"], near_cache_size=1 << 20))
+    node = MasterNode(MasterConfig(node_id="t-zk", replicas=2, zookeeper="127.0.0.1:1", near_cache_size=1 << 20))
     zk = node.membership.zk  # type: ignore[attr-defined]
     near = node.router.near
     assert near is not None
