@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from dcache.cli import _format_ring
 from dcache.config import MasterConfig
 from dcache.master.membership import Coordinator, Follower
 from dcache.master.node import MasterNode
@@ -68,7 +69,9 @@ async def test_a_zookeeper_master_reads_every_owner_while_out_of_touch_with_zook
         assert b"hot" in near.entries and node.router.read_every_owner is False
         zk._on_state(KazooState.SUSPENDED)
         assert node.router.read_every_owner is True and not near.entries
-        assert (await node.ring_info())["reads_every_owner"] is True
+        info = await node.ring_info()
+        assert info["reads_every_owner"] is True
+        assert "reads ask every owner of a key while this master is out of touch with ZooKeeper" in _format_ring(info)  # `dcache ring`
         zk._on_state(KazooState.CONNECTED)
         assert node.router.read_every_owner is False
         zk._on_state(KazooState.LOST)
