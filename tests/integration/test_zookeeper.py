@@ -764,7 +764,9 @@ async def test_a_leader_out_of_touch_with_zookeeper_refuses_to_fence_and_the_wri
     """Cut off from ZooKeeper, the leader fences no node for another master: that master acknowledges the write with its hints only.
 
     As an embedded follower whose coordinator cannot be reached; the hints
-    bring the node up to date once the links heal.
+    bring the node up to date once the links heal. Meanwhile the leader,
+    out of touch, reads every owner and answers the newest: it read the
+    node's older value before (5 of 5 keys).
     """
     cl, mon = make_cluster(replicas=2)
     with FaultProxy(zookeeper.hosts, name="zk-m2") as zk_link, FaultProxy(name="a2") as proxy:
@@ -773,6 +775,8 @@ async def test_a_leader_out_of_touch_with_zookeeper_refuses_to_fence_and_the_wri
         m1 = await _a2_behind_proxy_spared_for_m2(cl, proxy)
         before = await ring(m2.addr)
         keys = _keys_owned_first_by("a2", ["a1", "a2", "a3"], 5)
+        async with Client(m1.addr, timeout=10) as writer:
+            assert await writer.mset(dict.fromkeys(keys, b"old")) == len(keys)  # on every owner
         zk_link.cut()
         await wait_ring(m2.addr, lambda i: not i["membership"]["zookeeper_connected"], timeout=10, what="m2 out of touch")
         proxy.cut()
@@ -782,6 +786,11 @@ async def test_a_leader_out_of_touch_with_zookeeper_refuses_to_fence_and_the_wri
         after = await ring(m2.addr)
         assert (after["epoch"], after["seq"]) == (before["epoch"], before["seq"])
         assert {n["node_id"]: n["state"] for n in after["nodes"]}["a2"] == "up"
+        # a2, first owner of these keys, still has "old": m2, out of touch too, reads every owner and answers the newest
+        async with Client(m2.addr, timeout=10) as reader:
+            assert await reader.mget(keys) == [b"new"] * len(keys)
+            assert [await reader.get(k) for k in keys] == [b"new"] * len(keys)
+        assert after["reads_every_owner"] is True
         refused = "could not fence aux node a2, which missed a write (master m2 leads but is out of touch with ZooKeeper"
         await asyncio.to_thread(wait_for, lambda: refused in m1.stderr(), 10, message="m1 logged the refused fence")
         async with Client(m1.addr, timeout=10) as c:
