@@ -35,6 +35,7 @@ import socket
 import struct
 import threading
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 __all__ = ["FaultProxy"]
@@ -70,6 +71,16 @@ def _reset(writer: asyncio.StreamWriter) -> None:
         except OSError:
             pass
     writer.transport.abort()
+
+
+def _reset_unserved(writer: asyncio.StreamWriter, task: asyncio.Task[None]) -> None:
+    """A connection whose handler was cancelled before it ran (the proxy closing as it was accepted) is reset.
+
+    Nothing else closes it then, and its writer, collected later, warned
+    "unclosed StreamWriter" into whichever test was running.
+    """
+    if not writer.transport.is_closing():
+        _reset(writer)
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
@@ -316,6 +327,7 @@ class FaultProxy:
         task = asyncio.ensure_future(self._serve(reader, writer))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
+        task.add_done_callback(partial(_reset_unserved, writer))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._accepted += 1
