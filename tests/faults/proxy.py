@@ -73,16 +73,6 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-def _reset_unserved(writer: asyncio.StreamWriter, task: asyncio.Task[None]) -> None:
-    """A connection whose handler was cancelled before it ran (the proxy closing as it was accepted) is reset.
-
-    Nothing else closes it then, and its writer, collected later, warned
-    "unclosed StreamWriter" into whichever test was running.
-    """
-    if not writer.transport.is_closing():
-        _reset(writer)
-
-
 async def _close(writer: asyncio.StreamWriter) -> None:
     """Close one side and collect how it ended (a reset side's error is expected)."""
     writer.close()
@@ -136,6 +126,8 @@ class FaultProxy:
         self._server: asyncio.base_events.Server | None = None
         self._links: set[_Link] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
+        #: Every connection's writers, either side: whatever a handler left open (cancelled mid-way) is reset at close.
+        self._writers: set[asyncio.StreamWriter] = set()
         # Mode state: read and written on the proxy's loop only.
         self.mode = PASS
         self._delay_s = 0.0
@@ -207,6 +199,10 @@ class FaultProxy:
             task.cancel()
         if handlers:
             await asyncio.wait(handlers, timeout=CONTROL_TIMEOUT_S)
+        for writer in self._writers:
+            if not writer.transport.is_closing():
+                _reset(writer)
+        self._writers.clear()
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -324,10 +320,23 @@ class FaultProxy:
 
     def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # start_server would run a coroutine handler as an untracked task; track it, so close() can wait for it
+        self._writers.add(writer)
         task = asyncio.ensure_future(self._serve(reader, writer))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
-        task.add_done_callback(partial(_reset_unserved, writer))
+        task.add_done_callback(partial(self._served, writer))
+
+    def _served(self, writer: asyncio.StreamWriter, task: asyncio.Task[None]) -> None:
+        """A connection's handler ended: reset its client side if the handler left it open, and forget its writers.
+
+        A handler cancelled before it ran, or in its ``finally`` before it
+        closed both sides (the proxy closing), left a writer open that,
+        collected later, warned "unclosed StreamWriter" into whichever test
+        was running (twice in full runs, in ``test_zookeeper``).
+        """
+        if not writer.transport.is_closing():
+            _reset(writer)
+        self._writers.discard(writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._accepted += 1
@@ -369,6 +378,8 @@ class FaultProxy:
             for side in (writer, link.upstream):
                 if side is not None:
                     await _close(side)
+            if link.upstream is not None:
+                self._writers.discard(link.upstream)
 
     async def _connect_upstream(self, link: _Link) -> None:
         """Open the upstream side once an upstream is known and the proxy forwards (bounded waits)."""
@@ -386,6 +397,7 @@ class FaultProxy:
             self._upstream_failures += 1
             link.abort()  # the client sees its connection refused (reset)
             return
+        self._writers.add(up_writer)
         if link.reset:  # cut while connecting
             _reset(up_writer)
             await _close(up_writer)
