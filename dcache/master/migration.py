@@ -462,13 +462,13 @@ class Migrator:
 def _source(view: ClusterView, owners: Sequence[str], *, fenced: bool = True) -> str | None:
     """The first of ``owners`` to copy from: a live one that is not fenced, else (with ``fenced``) a fenced one."""
     members = view.members
-    last = None
+    first_fenced = None
     for n in owners:
         m = members.get(n)
         if m is None or m.state == DOWN:
             continue
         if m.state != FENCED:
             return n
-        if last is None and fenced:
-            last = n
-    return last
+        if first_fenced is None and fenced:
+            first_fenced = n
+    return first_fenced

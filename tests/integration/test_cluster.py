@@ -17,7 +17,7 @@ from dcache import Client
 from dcache.errors import NotAnIntegerError
 from dcache.protocol import Op
 from tests.cluster import Cluster, Reader, copying_to, key_of, key_owned_by, populate, ring, settled, up_nodes, value_of, wait_ring
-from tests.harness import wait_for
+from tests.harness import DaemonProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -303,7 +303,7 @@ async def test_restart_within_detection_window_is_fenced(tmp_path):
         cluster.stop()
 
 
-async def _three_owners_throttled(cluster: Cluster, rate: int, batch: int, n_keys: int) -> tuple[Any, set[str]]:
+async def _three_owners_throttled(cluster: Cluster, rate: int, batch: int, n_keys: int) -> tuple[DaemonProcess, set[str]]:
     """A master whose health checks never mark a node down (only restarts are seen) and whose copies are throttled
     (``--migration-rate``, ``--migration-batch``), aux nodes a1-a3 in its ring, ``n_keys`` keys written; the master and the members."""
     m = cluster.start_master("m1", "--health-failures", "1000", "--migration-rate", str(rate), "--migration-batch", str(batch))
