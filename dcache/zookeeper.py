@@ -185,7 +185,8 @@ class ZkSession:
         lagging: list[str] | None = None  # as the last read of this wait found them
         while True:
             try:
-                regs = await asyncio.wait_for(self.read_registrations(masters), max(0.0, deadline - loop.time()))
+                async with asyncio.timeout_at(deadline):  # not wait_for: on 3.11 it can swallow the caller's cancellation
+                    regs = await self.read_registrations(masters)
             except (KazooException, TimeoutError):
                 if loop.time() < deadline:
                     await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))

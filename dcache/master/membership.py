@@ -401,6 +401,14 @@ class Coordinator(Membership):
         self._spawn(notify(), "notify")
 
     def _start_migration(self) -> None:
+        """Start the current view's migration, in place of a running one.
+
+        The one replaced is cancelled, but a cancelled task may run on: on
+        Python 3.11, ``asyncio.wait_for`` returns its inner call's result when
+        that call ends as the caller is cancelled. So a migration, and a
+        reconciliation (``_reconcile``), changes the ring only while it is
+        still the current one.
+        """
         if self._migration is not None and not self._migration.done():
             self._migration.cancel()
         self._migration = self._spawn(self._migrate(self.view), "migration")
@@ -417,11 +425,11 @@ class Coordinator(Membership):
             await asyncio.sleep(1.0)
             # A view published meanwhile that keeps the move (a node fenced
             # or reconciled) started no migration of its own: retry under it.
-            if _same_move(self.view, view):
+            if _same_move(self.view, view) and self._migration is asyncio.current_task():
                 self._start_migration()
             return
-        if not _same_move(self.view, view):
-            return  # superseded while it ran: the new view's migration takes over
+        if not _same_move(self.view, view) or self._migration is not asyncio.current_task():
+            return  # superseded while it ran (_start_migration): the new view's migration, or the new copy, takes over
         self._copy_sources = frozenset()
         # Two steps, so that no master reads an owner that no longer gets
         # writes: first every master reads the new owners while writes still
@@ -438,7 +446,7 @@ class Coordinator(Membership):
             lagging = await self._masters_at(pos, timeout)
             if lagging:
                 log.warning("masters %s did not confirm view %d.%d within %.1f s; finishing the migration anyway", lagging, *pos, timeout)
-            if not _same_move(self.view, view):
+            if not _same_move(self.view, view) or self._migration is not asyncio.current_task():
                 return  # superseded meanwhile
             if self.view is settling:
                 break
@@ -795,6 +803,8 @@ class Coordinator(Membership):
         before it is read again.
         """
         while True:
+            if self._fences.get(node_id) is not asyncio.current_task():
+                return  # replaced by a reconciliation that covers a later miss (fence), its cancellation lost (_start_migration)
             view = self.view
             self._fence_dirty.discard(node_id)
             started = self._clock.next()
@@ -808,6 +818,8 @@ class Coordinator(Membership):
                 self._fence_dirty.add(node_id)
                 await asyncio.sleep(1.0)
                 continue
+            if self._fences.get(node_id) is not asyncio.current_task():
+                return  # replaced meanwhile (as above)
             if node_id not in self._fence_dirty:
                 break
             margin = (_FENCE_PASS_MARGIN_MS + self._clock.max_skew_ms) << 22
