@@ -77,6 +77,7 @@ class Status(IntEnum):
     OVERLOADED = 17
     WRONG_CLUSTER = 18
     MEMBERSHIP = 19
+    STALE_RING = 20
 
 
 class DCacheError(Exception):
@@ -300,6 +301,19 @@ class MembershipError(ServerError):
     """
 
     status = Status.MEMBERSHIP
+
+
+class StaleRingError(UnavailableError):
+    """An aux node refused a write a master routed by a ring older than the oldest it accepts (EPOCH); nothing was applied.
+
+    The leader (the coordinator) raises that floor on every node before a
+    migration copies, so a master that was paused or cut off while the
+    ring changed cannot write by its old ring where the copy would miss it.
+    The master reads the ring again; send the request again (an
+    ``UnavailableError``, so clients retry it as one).
+    """
+
+    status = Status.STALE_RING
 
 
 def error_from_status(status: int, message: str) -> ServerError:

@@ -62,6 +62,7 @@ class PeerConnection(asyncio.Protocol):
         "lease_ping",
         "server_info",
         "on_push",
+        "routed_by",
     )
 
     #: The connection whose answers are being handed to their callbacks (None between reads): a
@@ -97,6 +98,8 @@ class PeerConnection(asyncio.Protocol):
         self.server_info: dict[str, Any] = {}
         #: Gets the frames the peer sends unasked: ``on_push(conn, kind, payload)`` (None: they are ignored).
         self.on_push: Callable[[PeerConnection, int, Any], None] | None = None
+        #: The ring epoch this connection's requests are routed by, as last told to the peer (a master's EPOCH; 0: never).
+        self.routed_by = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)

@@ -749,6 +749,11 @@ class Service:
         }
 
 
+#: ``FrameProtocol.routed_by`` of a connection that never sent EPOCH (a client, a master from before it):
+#: newer than any epoch, so no floor refuses its writes.
+NOT_ROUTED = 1 << 64
+
+
 class FrameProtocol(asyncio.Protocol):
     """One client connection: frames in, handler answers out."""
 
@@ -780,6 +785,7 @@ class FrameProtocol(asyncio.Protocol):
         "watch",
         "nonce",
         "auth_failures",
+        "routed_by",
     )
 
     def __init__(self, service: Service) -> None:
@@ -824,6 +830,8 @@ class FrameProtocol(asyncio.Protocol):
         #: The nonce of the last HELLO answer, until an AUTH uses it.
         self.nonce: bytes | None = None
         self.auth_failures = 0
+        #: The ring epoch a master said this connection's requests are routed by (EPOCH); ``NOT_ROUTED``: never said.
+        self.routed_by = NOT_ROUTED
         self.grant(service.initial_level())
 
     def grant(self, level: Credential) -> None:

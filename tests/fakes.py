@@ -100,7 +100,9 @@ class FakeAux:
     ``clusters[node_id]`` is the cluster its BIND took (a node binds to the
     first cluster and answers ``WRONG_CLUSTER`` to others, as a real one does);
     a node in ``before_bind`` answers BIND ``UNKNOWN_OP``, as a node from
-    before that op does.
+    before that op does. EPOCH is answered as a real node does (the floor,
+    ``floors[node_id]``); each connection's last one is in ``epochs[node_id]``
+    (not in ``requests``); a node in ``before_epoch`` answers it ``UNKNOWN_OP``.
     """
 
     def __init__(self, answer: Callable[[str, list[Any]], Any] | None = None) -> None:
@@ -114,6 +116,9 @@ class FakeAux:
         self.connects: dict[str, int] = {}
         self.clusters: dict[str, str] = {}
         self.before_bind: set[str] = set()
+        self.epochs: dict[str, list[int]] = {}
+        self.floors: dict[str, int] = {}
+        self.before_epoch: set[str] = set()
 
     async def connect(self, host: str, port: int, name: str, on_answers: Callable[[], None] | None) -> PeerConnection:
         self.connects[name] = self.connects.get(name, 0) + 1
@@ -184,6 +189,15 @@ class _AnsweringTransport(FakeTransport):
             if msg[0] == Op.BIND:
                 bound = aux.clusters.setdefault(name, msg[2])
                 self.reply(msg[1], *((0, bound) if bound == msg[2] else (int(Status.WRONG_CLUSTER), f"bound to {bound!r}")))
+                continue
+            if msg[0] == Op.EPOCH and name in aux.before_epoch:
+                self.reply(msg[1], int(Status.UNKNOWN_OP), f"unknown op {msg[0]}")
+                continue
+            if msg[0] == Op.EPOCH:
+                aux.epochs.setdefault(name, []).append(msg[2])
+                floor = max(aux.floors.get(name, 0), msg[3] if len(msg) > 3 else 0)
+                aux.floors[name] = floor
+                self.reply(msg[1], 0, floor)
                 continue
             self.received.append(msg)
             aux.requests.setdefault(name, []).append(msg)

@@ -25,12 +25,13 @@ session at all.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError, ServerError, Status
+from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError, ServerError, StaleRingError, Status
 from ..hlc import HybridClock
 from ..lru import EntryTooLargeError, LRUCache
 from ..protocol import Limits, Op, Packed, SetFlag, pack
@@ -65,6 +66,8 @@ __all__ = [
     "MAX_SCAN_COUNT",
     "DROP_WORK",
 ]
+
+log = logging.getLogger("dcache.auxnode.cluster_ops")
 
 #: Seconds a scan session survives without being used.
 SCAN_SESSION_TTL_S = 60.0
@@ -136,6 +139,10 @@ class ClusterOps:
         self.monotonic = monotonic
         self._sessions: OrderedDict[int, _Session] = OrderedDict()
         self._next_session_id = 1
+        #: Writes from connections routed by an older ring epoch are refused (EPOCH; 0: none yet).
+        self.write_floor = 0
+        #: Writes refused for that since start.
+        self.stale_refused = 0
 
     def register(self, handlers: dict[int, Handler]) -> None:
         """Install the handlers in an op -> handler table."""
@@ -151,6 +158,39 @@ class ClusterOps:
         handlers[Op.DROP] = self.drop
         handlers[Op.RANGE_COUNT] = self.range_count
         handlers[Op.INVACK] = self.invack
+        handlers[Op.EPOCH] = self.epoch
+
+    # -- the ring epochs writes are routed by ----------------------------------
+
+    def epoch(self, conn: FrameProtocol, rid: int, args: tuple[int, int]) -> Any:
+        """EPOCH: ``conn``'s requests are routed by ring ``epoch``; raise the floor to ``floor``. Answers the floor.
+
+        The leader raises it before a migration copies (``Migrator.run``):
+        from then on, a write routed by an older ring (a master paused or cut
+        off while the ring changed, which writes to the old owners only) is
+        refused (``check_routed``) instead of landing where the copy has
+        already passed.
+        """
+        epoch, floor = args
+        if conn is not None:
+            conn.routed_by = epoch
+        if floor > self.write_floor:
+            log.debug("writes routed by a ring older than epoch %d are refused from now on", floor)
+            self.write_floor = floor
+        return self.write_floor
+
+    def check_routed(self, conn: FrameProtocol | None) -> None:
+        """Refuse a write ``conn`` routed by a ring older than the floor (EPOCH); a connection that never sent EPOCH passes.
+
+        Raises:
+            StaleRingError: ``conn`` routes by an older epoch.
+        """
+        if conn is not None and conn.routed_by < self.write_floor:
+            self.stale_refused += 1
+            raise StaleRingError(
+                f"this write was routed by ring epoch {conn.routed_by}, and this node takes writes routed by epoch "
+                f"{self.write_floor} or later: the master reads the ring again; send the request again"
+            )
 
     # -- versioned reads and writes ----------------------------------------
 
@@ -199,6 +239,8 @@ class ClusterOps:
         return tomb if tomb > held else held
 
     def setv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes, int, int, int]) -> Any:
+        if conn is not None and conn.routed_by < self.write_floor:
+            self.check_routed(conn)
         self.node.clock.observe(args[4])
         if args[3] == _KEEP_COPY:
             return self._store_kept(conn, *args)
@@ -265,6 +307,8 @@ class ClusterOps:
         when every entry was stored, the answer is ``_ALL_STORED``'s,
         packed already.
         """
+        if conn is not None and conn.routed_by < self.write_floor:
+            self.check_routed(conn)
         out: list[Any] = []
         node = self.node
         apply = node.cache.batch_apply()
@@ -298,6 +342,8 @@ class ClusterOps:
         return out
 
     def delv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
+        if conn is not None and conn.routed_by < self.write_floor:
+            self.check_routed(conn)
         key, version = args
         node = self.node
         node.clock.observe(version)
@@ -310,6 +356,8 @@ class ClusterOps:
         return False
 
     def incrv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int, int]) -> Any:
+        if conn is not None and conn.routed_by < self.write_floor:
+            self.check_routed(conn)
         key, delta, version = args
         node = self.node
         clock = node.clock
@@ -327,6 +375,8 @@ class ClusterOps:
     # -- imports -------------------------------------------------------------
 
     def apply(self, conn: FrameProtocol, rid: int, items: list[tuple[bytes, bytes, int, int]]) -> Any:
+        if conn is not None and conn.routed_by < self.write_floor:
+            self.check_routed(conn)
         cache = self.node.cache
         try:
             applied = cache.apply_many(items)
@@ -338,6 +388,8 @@ class ClusterOps:
         return applied
 
     def apply_deletes(self, conn: FrameProtocol, rid: int, items: list[tuple[bytes, int]]) -> Any:
+        if conn is not None and conn.routed_by < self.write_floor:
+            self.check_routed(conn)
         newest = max((version for _, version in items), default=0)
         if newest:
             self.node.clock.observe(newest)
@@ -426,6 +478,8 @@ class ClusterOps:
         return [self._next_cursor(_SCAN, sid, pos, total, keys, tombs), entries, tombstones]
 
     def drop(self, conn: FrameProtocol, rid: int, args: tuple[RangeMatcher, int]) -> Any:
+        if conn is not None and conn.routed_by < self.write_floor:
+            self.check_routed(conn)
         match, cursor = args
         cache = self.node.cache
         if cursor:

@@ -168,6 +168,8 @@ class AuxNode(Service):
         return self.cache.exists(key)
 
     def _expire(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
+        if conn is not None and conn.routed_by < self.cluster_ops.write_floor:
+            self.cluster_ops.check_routed(conn)  # a master's, routed by an older ring
         return self.cache.expire(*args)
 
     def _ttl(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
@@ -199,6 +201,8 @@ class AuxNode(Service):
         return self.cache.touch(key)
 
     def _persist(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        if conn is not None and conn.routed_by < self.cluster_ops.write_floor:
+            self.cluster_ops.check_routed(conn)  # a master's, routed by an older ring
         return self.cache.persist(key)
 
     def _bind(self, conn: FrameProtocol, rid: int, cluster_id: str) -> Any:
@@ -241,6 +245,8 @@ class AuxNode(Service):
             **self._membership_stats(),
             "cluster_id": self.binding.cluster_id,
             "cluster_refusals": self.binding.refusals,
+            "write_floor": self.cluster_ops.write_floor,
+            "stale_ring_refusals": self.cluster_ops.stale_refused,
         }
 
     def _membership_stats(self) -> dict[str, Any]:

@@ -66,6 +66,7 @@ _BACKOFF_BASE_S = 0.05
 _BACKOFF_MAX_S = 1.0
 _UNAVAILABLE = int(Status.UNAVAILABLE)
 _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
+_STALE_RING = int(Status.STALE_RING)
 _OK = int(Status.OK)
 _SETV = int(Op.SETV)
 _MSETV = int(Op.MSETV)
@@ -138,6 +139,8 @@ class AuxLink:
         "on_invalidate",
         "on_update",
         "invalidations_total",
+        "routed_by",
+        "epochs",
     )
 
     def __init__(
@@ -230,6 +233,10 @@ class AuxLink:
         #: answers whether this master still holds the key (``NearCache.update``).
         self.on_update: Callable[[bytes, int, bytes, int, Any], bool] | None = None
         self.invalidations_total = 0
+        #: The ring epoch this master routes by, as told to the node on every connection (EPOCH; 0: none yet).
+        self.routed_by = 0
+        #: Whether the node knows EPOCH (one from before it answers ``UNKNOWN_OP`` once: its writes are not fenced by epoch).
+        self.epochs = True
 
     @property
     def connected(self) -> bool:
@@ -297,9 +304,18 @@ class AuxLink:
                     if not self._unbound_logged:
                         self._unbound_logged = True
                         log.info("aux %s at %s:%s predates BIND: routed to without a cluster binding", self.node_id, self.host, self.port)
+            if self.routed_by and self.epochs:
+                # Before any write: the ring this connection's requests are routed by (the node refuses
+                # writes routed by one older than its floor, see ``announce``).
+                try:
+                    await proto.call(Op.EPOCH, self.routed_by, timeout=self._timeout)
+                except UnknownOpError:
+                    self.epochs = False
+                    log.info("aux %s at %s:%s predates EPOCH: its writes are not fenced by ring epoch", self.node_id, self.host, self.port)
         except BaseException:
             proto.close()
             raise
+        proto.routed_by = self.routed_by
         incarnation = result.get("incarnation")
         proto.incarnation = incarnation if type(incarnation) is int else None
         features = result.get("features")
@@ -350,6 +366,8 @@ class AuxLink:
                 self.incarnation = incarnation
             self.keeps = FEATURE_KEEP_COPY in proto.features
             self.values = FEATURE_VALUE_PUSH in proto.features
+            if proto.routed_by != self.routed_by and self.epochs:  # the view changed while it opened
+                self._announce_on(proto)
             self._conns.append(proto)
             self._answered()
             if self._opening:
@@ -370,6 +388,32 @@ class AuxLink:
                     conn.send(op, args, cb, deadline + INVALIDATION_TIMEOUT_S, True)
                 else:
                     conn.send(op, args, cb, deadline)
+
+    def announce(self, epoch: int) -> None:
+        """Tell the node, on every connection, that this master's requests are now routed by ring ``epoch`` (EPOCH).
+
+        Writes routed by the view before leave first (``held``). A node
+        whose floor a leader raised past a master's epoch refuses that
+        master's writes (``STALE_RING``): it was paused or cut off while the
+        ring changed, and writes by its old ring would miss the new owners
+        a migration has copied to (docs/DECISIONS.md).
+        """
+        if epoch == self.routed_by:
+            return
+        self.routed_by = epoch
+        if not self.epochs:
+            return
+        if self.held:
+            self.release_held()
+        for conn in self._conns:
+            if not conn.closed:
+                self._announce_on(conn)
+
+    def _announce_on(self, conn: PeerConnection) -> None:
+        conn.routed_by = self.routed_by
+        loop = self._loop
+        if loop is not None:
+            conn.send(Op.EPOCH, (self.routed_by,), _ignore, loop.time() + self._timeout, False, True)  # now: ahead of a leader's floor
 
     def _pick(self) -> PeerConnection | None:
         # Every request goes on the first live connection; the others stand by
@@ -702,7 +746,7 @@ class _SplitSetv:
                         cb(code, answer)
                         continue
                 cb(_UNAVAILABLE, "malformed MSETV answer from an aux node")
-        elif status == _UNAVAILABLE or status == _TIMEOUT:
+        elif status == _UNAVAILABLE or status == _TIMEOUT or status == _STALE_RING:
             for _, cb in held:
                 cb(status, result)
         elif status == _OK:

@@ -162,6 +162,8 @@ class Membership:
         self._on_view = on_view
         self._on_written = on_written or _nothing
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: The read of the ring an aux node's STALE_RING asked for (``ring_behind``), while it runs.
+        self._reread: asyncio.Task[None] | None = None
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -274,6 +276,25 @@ class Membership:
     async def serve_fence(self, node_id: str, since_ms: int, why: str) -> int:
         """FENCE from another master: ``fence_missed`` (a follower forwards it to its coordinator)."""
         return await self.fence_missed(node_id, since_ms, why)
+
+    def ring_behind(self) -> None:
+        """An aux node refused a write as routed by a ring older than its floor: read the ring again now (one read at a time).
+
+        The leader raised that floor while this master was paused or cut
+        off; the ring watch (ZooKeeper) or the next poll (a follower) would
+        bring the new ring too, a little later. A coordinator's ring is the
+        cluster's own: it has nothing to read.
+        """
+        if self._reread is None or self._reread.done():
+            log.warning(
+                "an aux node refused a write this master routed by ring epoch %d, older than the one it requires: "
+                "this master fell behind the ring (paused, or cut off); reading it again",
+                self.view.epoch,
+            )
+            self._reread = self._spawn(self._read_ring_again(), "ring-behind")
+
+    async def _read_ring_again(self) -> None:
+        """Read and adopt the cluster's ring (``ring_behind``); errors are logged, not raised."""
 
     def request_reconcile(self, node_id: str) -> None:
         """An aux node missed writes this master could not keep hints for: have it reconciled in full.
@@ -1166,6 +1187,12 @@ class Follower(Membership):
         epoch = int(await self._call(Op.FENCE, node_id, since_ms, why, timeout=timeout))
         await self.sync_once()  # route by the fenced view before answering the write
         return epoch
+
+    async def _read_ring_again(self) -> None:
+        try:
+            await self.sync_once()
+        except Exception as exc:
+            log.info("reading the ring again after a write refused as routed by an older one failed: %s", exc)
 
     async def sync_once(self) -> None:
         """Poll the coordinator once and adopt a newer view."""

@@ -71,6 +71,11 @@ class MasterCollector(ServiceCollector):
         yield plain_counter(
             "dcache_superseded_retries", "Writes sent again with a newer version because an owner held a newer one.", rs.superseded_retries
         )
+        yield plain_counter(
+            "dcache_stale_ring_writes",
+            "Writes an owner refused (STALE_RING): this master routed them by a ring older than its floor.",
+            rs.stale_ring,
+        )
         hints = self.router.hints
         yield plain_counter("dcache_hints_replayed", "Hints replayed to aux nodes that answered again.", hints.replayed_total)
         yield plain_counter("dcache_hint_overflows", "Times an aux node missed more writes than the hints hold.", hints.overflows_total)

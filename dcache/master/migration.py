@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ..config import MasterConfig
-from ..errors import BadArgumentsError
+from ..errors import BadArgumentsError, ServerError, UnknownOpError
 from ..hlc import HybridClock
 from ..protocol import Op, unpack_entries
 from ..ring import hash64, moved_ranges
@@ -262,6 +262,7 @@ class Migrator:
         self.streams = streams
         log.info("migration to epoch %d: %d stream(s)", view.epoch, len(plan))
         await self._followers_caught_up(view.epoch, max(3.0, cfg.follow_interval * 6))
+        await self.raise_floor(view.epoch)
         start_version = self._clock.next()
         self.state = "copying"
         sem = asyncio.Semaphore(_CONCURRENT_STREAMS)
@@ -287,6 +288,30 @@ class Migrator:
             self.tombstones_moved,
             (self.finished_ms - self.started_ms) / 1000,
         )
+
+    async def raise_floor(self, floor: int) -> None:
+        """Have every reachable aux node refuse writes routed by a ring older than ``floor`` (EPOCH), each bounded by ``--aux-timeout``.
+
+        Called once the masters caught up with the view about to be copied
+        for, or the wait for them ran out: a master that did not catch up
+        (paused, or cut off) would write by its old ring to the old owners
+        only, behind the copy; the nodes refuse those writes instead
+        (``STALE_RING``), and it reads the ring again. A node that does not
+        answer in time is logged and skipped: it is down or suspect, and
+        gets no writes meanwhile. One from before EPOCH is skipped.
+        """
+        timeout = self.config.aux_timeout
+
+        async def one(link: AuxLink) -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await link.call(Op.EPOCH, max(link.routed_by, floor), floor)
+            except UnknownOpError:
+                link.epochs = False
+            except (ServerError, OSError, TimeoutError) as exc:
+                log.info("aux node %s did not take the write floor of epoch %d: %s", link.node_id, floor, exc or "timed out")
+
+        await asyncio.gather(*(one(link) for link in self._links().values() if link.epochs and link.usable))
 
     async def _stream(
         self,

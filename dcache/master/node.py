@@ -124,6 +124,7 @@ class MasterNode(Service):
         self.handlers[Op.GET] = self.router.get  # the hottest ops: no extra call layer
         self.handlers[Op.SET] = self.router.set_op
         self.router.fence_missed = self.membership.fence_missed
+        self.router.ring_behind = self.membership.ring_behind
         if isinstance(self.membership, Coordinator):
             self.membership.on_gathering = self._ring_due_in
         #: Data requests wait here until this master's first ring (``start``, ``_on_view``).
@@ -160,6 +161,8 @@ class MasterNode(Service):
             self.state.spawn(self.links.pop(node_id).retire())  # what is in flight to it is still answered
         if self.router.near is not None:
             self.router.near.clear()  # copies were subscribed by the old view's owners
+        for link in self.links.values():
+            link.announce(view.epoch)  # before any write routed by it (links.AuxLink.announce; nothing if the epoch is the same)
         self.router.view = view
         self._read_every_owner()  # in the same step: no read routed by one without the other
         if len(view.ring) and self.ring_gate.closed and self._gate_opener is None:
@@ -403,6 +406,7 @@ class MasterNode(Service):
             "fences_failed": rs.fences_failed,
             "superseded_retries": rs.superseded_retries,
             "superseded": rs.superseded,
+            "stale_ring_writes": rs.stale_ring,
             "hints": hints.total(),
             "hinted_total": hints.hinted_total,
             "hints_replayed": hints.replayed_total,

@@ -79,6 +79,7 @@ _TIMEOUT = int(Status.UPSTREAM_TIMEOUT)
 _FRAME_TOO_LARGE = int(Status.FRAME_TOO_LARGE)
 _BAD_ARGUMENTS = int(Status.BAD_ARGUMENTS)
 _SUPERSEDED = int(Status.SUPERSEDED)
+_STALE_RING = int(Status.STALE_RING)
 _INTERNAL = int(Status.INTERNAL)
 #: Most keys in one MGET (``LinkBatcher.MAX_BATCH``; a module constant for the hot path).
 _MAX_BATCH = 256
@@ -125,6 +126,7 @@ class RouterStats:
         "superseded_retries",
         "superseded",
         "fences_failed",
+        "stale_ring",
     )
 
     def __init__(self) -> None:
@@ -138,6 +140,8 @@ class RouterStats:
         self.superseded = 0
         #: Fences of an owner that missed a write which failed or timed out (the write was acknowledged anyway).
         self.fences_failed = 0
+        #: Writes an owner refused as routed by an older ring than its floor (``STALE_RING``): this master was behind.
+        self.stale_ring = 0
 
 
 class Router:
@@ -166,6 +170,8 @@ class Router:
         self.hints = Hints()
         #: Fences a node cluster-wide (``Membership.fence_missed``); set by the master.
         self.fence_missed: Callable[[str, int, str], Awaitable[int]] | None = None
+        #: Called when an owner refused a write as routed by an older ring (``STALE_RING``): read the ring again now.
+        self.ring_behind: Callable[[], None] | None = None
         self._fencing: dict[str, asyncio.Future[Any]] = {}
         #: Per aux node: when a failed fence was last logged, and how many failed since.
         self._fence_warned: dict[str, tuple[float, int]] = {}
@@ -262,6 +268,12 @@ class Router:
         waits = [self._fence(n) for n in up]
         done = waits[0] if len(waits) == 1 else asyncio.gather(*waits, return_exceptions=True)
         done.add_done_callback(lambda _: then())
+
+    def stale_ring(self) -> None:
+        """An owner refused a write as routed by a ring older than its floor: count it, and have the ring read again."""
+        self.stats.stale_ring += 1
+        if self.ring_behind is not None:
+            self.ring_behind()
 
     def _fence(self, node_id: str) -> asyncio.Future[Any]:
         fut = self._fencing.get(node_id)
@@ -1216,6 +1228,8 @@ class WriteOp:
         router = self.router
         sink = self.sink
         if self.fatal is not None:
+            if self.fatal[0] == _STALE_RING:
+                router.stale_ring()
             sink.reply(self.rid, *self.fatal, self.op)
             return
         if self.newer:
@@ -1385,6 +1399,8 @@ class _FanOut:
         if self.pending:
             return
         if self.fatal is not None:
+            if self.fatal[0] == _STALE_RING:
+                self.router.stale_ring()
             self.sink.reply(self.rid, *self.fatal, self.op)
         elif not self.ok:
             self.router.stats.unavailable += 1

@@ -388,6 +388,17 @@ class ZooKeeperMembership(Coordinator):
                 self._stepdown.set()
             self._adopt(view)
 
+    async def _read_ring_again(self) -> None:
+        """Read the ring in ZooKeeper and adopt it as the watch would (``_on_ring``), once connected (bounded by the session timeout)."""
+        try:
+            async with asyncio.timeout(self.config.zk_session_timeout):
+                await self.zk.wait_connected()
+                data, stat = await self.zk.run(self.zk.client.get, self.paths.ring)
+        except (KazooException, TimeoutError) as exc:
+            log.info("reading the ring again after a write refused as routed by an older one failed: %s", exc or "timed out")
+            return
+        self._on_ring(data, stat)
+
     async def _writer(self) -> None:
         """Write the leader's views to ZooKeeper in order, latest first, with a compare-and-set."""
         while True:

@@ -66,6 +66,8 @@ class Op(IntEnum):
     MSETV = 42
     INVACK = 43
     BIND = 44
+    #: the ring epoch a master's connection routes by, and the oldest one the node accepts writes from
+    EPOCH = 45
     # master ops (cluster membership and views)
     RING = 48
     JOIN = 49

@@ -697,6 +697,16 @@ def _parse_bind(msg: list[Any], limits: Limits) -> str:
     return _name(msg[2], "cluster_id")
 
 
+def _parse_epoch(msg: list[Any], limits: Limits) -> tuple[int, int]:
+    """EPOCH ``[epoch, floor?]`` -> ``(epoch, floor)``: the connection routes by ``epoch``; ``floor`` (0: unchanged) at most ``epoch``."""
+    _arity(msg, 1, 2, "EPOCH takes [epoch, floor?]")
+    epoch = _u64(msg[2], "epoch")
+    floor = _u64(msg[3], "floor") if len(msg) > 3 and msg[3] is not None else 0
+    if floor > epoch:
+        raise BadArgumentsError(f"floor {floor} is newer than the epoch {epoch} the connection routes by")
+    return epoch, floor
+
+
 def _parse_auth(msg: list[Any], limits: Limits) -> tuple[bytes, bytes]:
     """AUTH ``[client_nonce, proof]`` -> ``(client_nonce, proof)`` (see ``dcache.protocol.auth``)."""
     if len(msg) != 4:
@@ -745,6 +755,7 @@ OPS: dict[int, OpSpec] = {
         OpSpec(Op.MSETV, "MSETV", _C, (1, 1), _parse_msetv, True),
         OpSpec(Op.INVACK, "INVACK", _C, (1, 2), _parse_invack, True),
         OpSpec(Op.BIND, "BIND", _C, (1, 1), _parse_bind, True),
+        OpSpec(Op.EPOCH, "EPOCH", _C, (1, 2), _parse_epoch, True),
         OpSpec(Op.RING, "RING", _K, (0, 0), _no_args("RING"), True),
         OpSpec(Op.JOIN, "JOIN", _C, (3, 5), _parse_join, True),
         OpSpec(Op.LEAVE, "LEAVE", _C, (1, 1), _parse_leave, True),

@@ -388,6 +388,7 @@ _PREFIXES = {
     int(Status.OUT_OF_MEMORY): "OOM",
     int(Status.UNAVAILABLE): "CLUSTERDOWN",
     int(Status.UPSTREAM_TIMEOUT): "TRYAGAIN",
+    int(Status.STALE_RING): "TRYAGAIN",
 }
 _NOT_AN_INTEGER = int(Status.NOT_AN_INTEGER)
 

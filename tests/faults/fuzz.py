@@ -456,6 +456,8 @@ class Gen:
             Op.AUTH: lambda: [r.choice([b"n" * 16, b"", b"n" * 65, self.any(1)]), r.choice([b"p" * 32, b"p" * 31, self.any(1)])],
             # the first valid id binds a fuzzed aux node to a cluster of none (it has no masters); others are refused
             Op.BIND: lambda: [r.choice(["fuzz/c1", "fuzz/c2", "", "x" * 300, self.any(1)])],
+            # the floor only rises, and refuses the writes of connections that sent an older epoch: a fuzzer's own
+            Op.EPOCH: lambda: [r.choice([0, 1, 2**62, 2**64 - 1, 2**64, -1, self.any(1)]), *r.choice(([], [None], [0], [1], [2**64 - 1]))],
             Op.SYNC: lambda: [
                 r.choice(["fuzz-f1", "fuzz-f2", "", self.any(1)]),
                 r.choice([2**62, 2**63 - 1, self.any(1)]),

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from dcache import Client
-from dcache.errors import NotAnIntegerError
+from dcache.errors import NotAnIntegerError, StaleRingError
 from dcache.protocol import Op
 from tests.cluster import Cluster, Reader, copying_to, key_of, key_owned_by, populate, ring, settled, up_nodes, value_of, wait_ring
 from tests.harness import DaemonProcess, wait_for
@@ -239,6 +239,51 @@ async def test_flap_never_serves_stale_or_resurrects(cluster: Cluster):
         await asyncio.wait_for(checker, 10)
         assert bad == [], bad[:10]
         assert await c.get(k) == b"v2" and await c.get(d) is None
+
+
+async def test_a_follower_paused_while_a_node_joined_cannot_delete_by_its_old_ring(cluster: Cluster):
+    """A follower master stopped while a node joins resumes with DELETEs already sent to it: none is acknowledged by its old ring.
+
+    The coordinator waits for the stopped follower (3 s), then copies
+    anyway, having raised every aux node's write floor to the new ring's
+    epoch. Resumed, the follower routes the DELETEs waiting in its socket by
+    its old ring, to the keys' old owners only (the new owner ``a3`` holds
+    the copies): they refuse them (``STALE_RING``) instead of acknowledging
+    deletes that ``a3`` never gets, whose keys would read back their old
+    values (resurrected deletes). Once the follower has the new ring, the
+    same DELETEs go to ``a3``.
+    """
+    m1 = cluster.start_master("m1")
+    m2 = cluster.start_master("m2", follow=m1)
+    for n in ("a1", "a2"):
+        cluster.start_aux(n)
+    await wait_ring(m1.addr, settled({"a1", "a2"}))
+    await wait_ring(m2.addr, settled({"a1", "a2"}), timeout=10)
+    members = ["a1", "a2", "a3"]
+    keys = [key_owned_by("a3", members, f"paused{i}:") for i in range(10)]
+    async with Client(m1.addr, timeout=10) as c1, Client(m2.addr, timeout=15) as c2:
+        assert await c1.mset(dict.fromkeys(keys, b"old")) == len(keys)
+        assert await c2.mget(keys) == [b"old"] * len(keys)  # c2's connection is open: its DELETEs leave at once below
+        m2.signal(signal.SIGSTOP)
+        try:
+            cluster.start_aux("a3")
+            await wait_ring(m1.addr, settled(set(members)), timeout=30, what="a3 joined without the stopped follower")
+            deletes = [asyncio.ensure_future(c2.delete(k)) for k in keys]  # into m2's socket, read when it resumes
+            for _ in range(5):
+                await asyncio.sleep(0)
+        finally:
+            m2.signal(signal.SIGCONT)
+        results = await asyncio.wait_for(asyncio.gather(*deletes, return_exceptions=True), 20)
+        assert all(r is True or isinstance(r, StaleRingError) for r in results), results
+        acknowledged = [k for k, r in zip(keys, results, strict=True) if r is True]
+        assert await c1.mget(acknowledged) == [None] * len(acknowledged), "an acknowledged delete missed the new owner"
+        epoch = (await ring(m1.addr))["epoch"]
+        await wait_ring(m2.addr, lambda i: i["epoch"] >= epoch, timeout=10, what="m2 at the new ring")
+        for k, r in zip(keys, results, strict=True):
+            if r is not True:
+                assert await c2.delete(k) is True
+        assert await c1.mget(keys) == [None] * len(keys)
+        assert (await c2.stats())["stale_ring_writes"] == len(keys) - len(acknowledged)
 
 
 async def test_followers_converge_and_survive_the_coordinator(cluster: Cluster):

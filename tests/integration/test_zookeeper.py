@@ -21,7 +21,7 @@ import pytest
 from kazoo.client import KazooClient
 
 from dcache import Client
-from dcache.errors import UnavailableError
+from dcache.errors import StaleRingError, UnavailableError
 from dcache.protocol import Op
 from dcache.ring import HashRing
 from dcache.zookeeper import ZkSession, dumps
@@ -367,6 +367,51 @@ async def test_paused_leader_loses_its_session_and_rejoins_as_follower(make_clus
     async with Client(leader.addr, timeout=10) as c:
         values = await c.mget([f"key:{i}" for i in range(2000)])
     assert all(v is not None for v in values)
+    mon.assert_forward_only()
+
+
+async def test_a_master_paused_past_its_session_while_a_node_joined_cannot_delete_by_its_old_ring(make_cluster):
+    """The ZooKeeper case of the embedded follower's: ``m2``, stopped past its session, resumes with DELETEs in its socket.
+
+    The leader waited (bounded) for ``m2`` to confirm the join's ring, then
+    copied anyway, having raised the aux nodes' write floor. ``m2`` routes
+    the DELETEs by its old ring, and the old owners refuse them
+    (``STALE_RING``) rather than acknowledge deletes the new owner ``a3``
+    never gets (the fault campaign's ``aux-kill-fast,a2,0.00,0.53;
+    master-stop,m1,1.14,3.49``: 14 resurrected deletes). ``m2`` then reads
+    the ring in ZooKeeper again, and the DELETEs sent again reach ``a3``.
+    """
+    cl, mon = make_cluster()
+    m1 = cl.start_master("m1")
+    assert await _leader(cl) == m1.addr
+    m2 = cl.start_master("m2")
+    for n in ("a1", "a2"):
+        cl.start_aux(n)
+    await _settled_everywhere(cl, {"a1", "a2"})
+    members = ["a1", "a2", "a3"]
+    keys = [key_owned_by("a3", members, f"paused{i}:") for i in range(10)]
+    async with Client(m1.addr, timeout=10) as c1, Client(m2.addr, timeout=20) as c2:
+        assert await c1.mset(dict.fromkeys(keys, b"old")) == len(keys)
+        assert await c2.mget(keys) == [b"old"] * len(keys)  # c2's connection is open: its DELETEs leave at once below
+        m2.signal(signal.SIGSTOP)
+        try:
+            await asyncio.to_thread(wait_for, lambda: "m2" not in _masters_registered(mon), 20, message="m2's session expired")
+            cl.start_aux("a3")
+            await wait_ring(m1.addr, settled(set(members)), timeout=40, what="a3 joined without the stopped master")
+            deletes = [asyncio.ensure_future(c2.delete(k)) for k in keys]  # into m2's socket, read when it resumes
+            for _ in range(5):
+                await asyncio.sleep(0)
+        finally:
+            m2.signal(signal.SIGCONT)
+        results = await asyncio.wait_for(asyncio.gather(*deletes, return_exceptions=True), 30)
+        assert all(r is True or isinstance(r, StaleRingError) for r in results), results
+        acknowledged = [k for k, r in zip(keys, results, strict=True) if r is True]
+        assert await c1.mget(acknowledged) == [None] * len(acknowledged), "an acknowledged delete missed the new owner"
+        await _settled_everywhere(cl, set(members))
+        for k, r in zip(keys, results, strict=True):
+            if r is not True:
+                assert await c2.delete(k) is True
+        assert await c1.mget(keys) == [None] * len(keys)
     mon.assert_forward_only()
 
 

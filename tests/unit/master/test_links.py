@@ -142,6 +142,41 @@ async def test_a_node_from_before_bind_is_routed_to_unbound_and_another_clusters
         await bound_elsewhere.close()
 
 
+async def test_every_connection_tells_the_node_the_ring_epoch_its_writes_are_routed_by(aux: FakeAux) -> None:
+    """EPOCH at the handshake and on every connection when the view changes, behind the writes routed by the view before."""
+    link = make_link(aux, size=2)
+    link.announce(7)  # the view's epoch before the link opens: each handshake tells it
+    await started(link)
+    try:
+        assert aux.epochs["a1"] == [7, 7]
+        link.held.append(((b"k", b"v", 0, 0, 1), Answers()))  # a write routed by epoch 7, held back to leave batched
+        link.announce(8)
+        link.announce(8)  # the same epoch again: nothing sent
+        await until(lambda: len(aux.epochs["a1"]) == 4, what="EPOCH 8 on both connections")
+        assert aux.epochs["a1"][2:] == [8, 8] and link.routed_by == 8
+        carried = next(t for t in aux.transports["a1"] if any(m[0] == Op.SETV for m in t.frames()))
+        ops = [m[0] for m in carried.frames()]
+        assert ops.index(Op.SETV) < len(ops) - 1 - ops[::-1].index(Op.EPOCH), "the write routed by epoch 7 leaves before EPOCH 8"
+    finally:
+        await link.close()
+
+
+async def test_a_node_from_before_epoch_is_routed_to_without_it(aux: FakeAux) -> None:
+    """A rolling upgrade, masters first: a node that answers EPOCH ``UNKNOWN_OP`` keeps serving; it is told no more epochs."""
+    aux.before_epoch.add("a1")
+    aux.answer = lambda node, msg: "v" if msg[0] == Op.GET else pong(node, msg)
+    link = make_link(aux, "a1")
+    link.announce(3)
+    await started(link)
+    try:
+        assert not link.epochs and await link.call(Op.GET, b"k") == "v"
+        link.announce(4)
+        await link.call(Op.GET, b"k")
+        assert [m[0] for t in aux.transports["a1"] for m in t.frames()].count(Op.EPOCH) == 1  # the handshake's only
+    finally:
+        await link.close()
+
+
 # -- requests and answers ---------------------------------------------------------------
 
 

@@ -412,6 +412,30 @@ async def test_a_source_that_restarts_while_a_migration_copies_from_it_is_replac
         await coord.close()
 
 
+async def test_a_migration_raises_every_nodes_write_floor_to_its_epoch_before_it_copies(cluster: FakeCluster) -> None:
+    """From then on a master still routing by the ring before (paused past the wait for it) cannot write where the copy passed."""
+    fill(cluster)
+    floors_at_scan: list[dict[str, int]] = []
+
+    def scan(node: str) -> Any:
+        def answer(msg: list[Any]) -> Reply:
+            floors_at_scan.append(dict(cluster.fake.floors))
+            return Reply(0, cluster.auxes[node].execute(msg))
+
+        return answer
+
+    for node in ("a1", "a2", "a3"):
+        cluster.overrides[(node, Op.SCAN)] = scan(node)
+    coord = coordinator(cluster)
+    try:
+        epoch = await coord.join("a4", "127.0.0.1", 7110, 1.0)
+        await coord.wait_settled(lambda v: v.prev_ring is None, SETTLE_S)
+        assert floors_at_scan, "the join copied nothing"
+        assert all(f.get(n) == epoch for f in floors_at_scan for n in ("a1", "a2", "a3")), floors_at_scan[0]
+    finally:
+        await coord.close()
+
+
 def _runs_that_outlive_their_cancellation(coord: Coordinator) -> tuple[list[tuple[str, asyncio.Event]], list[int]]:
     """Make ``coord``'s migrator runs wait for an event each and ignore a cancellation, as on Python 3.11.
 

@@ -43,6 +43,7 @@ CLUSTER_OPS = {
     Op.MSETV,
     Op.INVACK,
     Op.BIND,
+    Op.EPOCH,
 }
 MEMBERSHIP_OPS = {Op.JOIN, Op.LEAVE, Op.SYNC, Op.FENCE, Op.FORGET}
 
