@@ -46,6 +46,10 @@ class ClusterOpsHost(Protocol):
     cache: LRUCache
     clock: HybridClock
     tracker: Tracker
+    #: Masters' requests routed by an older ring epoch are refused (EPOCH; 0: none yet).
+    ring_floor: int
+    #: Requests refused for that since start.
+    stale_refused: int
 
     @property
     def limits(self) -> Limits: ...
@@ -139,10 +143,6 @@ class ClusterOps:
         self.monotonic = monotonic
         self._sessions: OrderedDict[int, _Session] = OrderedDict()
         self._next_session_id = 1
-        #: Writes from connections routed by an older ring epoch are refused (EPOCH; 0: none yet).
-        self.write_floor = 0
-        #: Writes refused for that since start.
-        self.stale_refused = 0
 
     def register(self, handlers: dict[int, Handler]) -> None:
         """Install the handlers in an op -> handler table."""
@@ -163,33 +163,37 @@ class ClusterOps:
     # -- the ring epochs writes are routed by ----------------------------------
 
     def epoch(self, conn: FrameProtocol, rid: int, args: tuple[int, int]) -> Any:
-        """EPOCH: ``conn``'s requests are routed by ring ``epoch``; raise the floor to ``floor``. Answers the floor.
+        """EPOCH: ``conn``'s requests are routed by ring ``epoch``; raise the node's floor to ``floor``. Answers the floor.
 
         The leader raises it before a migration copies (``Migrator.run``):
-        from then on, a write routed by an older ring (a master paused or cut
-        off while the ring changed, which writes to the old owners only) is
-        refused (``check_routed``) instead of landing where the copy has
-        already passed.
+        from then on, a request routed by an older ring (a master paused or
+        cut off while the ring changed, which writes to the old owners only,
+        behind the copy, and reads them) is refused (``check_routed``).
         """
         epoch, floor = args
         if conn is not None:
             conn.routed_by = epoch
-        if floor > self.write_floor:
-            log.debug("writes routed by a ring older than epoch %d are refused from now on", floor)
-            self.write_floor = floor
-        return self.write_floor
+        node = self.node
+        if floor > node.ring_floor:
+            log.debug("requests routed by a ring older than epoch %d are refused from now on", floor)
+            node.ring_floor = floor
+        return node.ring_floor
 
     def check_routed(self, conn: FrameProtocol | None) -> None:
-        """Refuse a write ``conn`` routed by a ring older than the floor (EPOCH); a connection that never sent EPOCH passes.
+        """Refuse a request ``conn`` routed by a ring older than the floor (EPOCH); a connection that never sent EPOCH passes.
+
+        Handlers call it only when ``conn.routed_by < node.ring_floor`` (the
+        one comparison on their path); it counts and raises.
 
         Raises:
             StaleRingError: ``conn`` routes by an older epoch.
         """
-        if conn is not None and conn.routed_by < self.write_floor:
-            self.stale_refused += 1
+        node = self.node
+        if conn is not None and conn.routed_by < node.ring_floor:
+            node.stale_refused += 1
             raise StaleRingError(
-                f"this write was routed by ring epoch {conn.routed_by}, and this node takes writes routed by epoch "
-                f"{self.write_floor} or later: the master reads the ring again; send the request again"
+                f"this request was routed by ring epoch {conn.routed_by}, and this node serves requests routed by epoch "
+                f"{node.ring_floor} or later: the master reads the ring again; send the request again"
             )
 
     # -- versioned reads and writes ----------------------------------------
@@ -197,6 +201,8 @@ class ClusterOps:
     def getv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
         key, track = args
         node = self.node
+        if conn is not None and conn.routed_by < node.ring_floor:
+            self.check_routed(conn)
         e = node.cache.lookup(key)
         if e is None:
             return None
@@ -211,6 +217,8 @@ class ClusterOps:
         return True
 
     def mgetv(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> Any:
+        if conn is not None and conn.routed_by < self.node.ring_floor:
+            self.check_routed(conn)
         lookup = self.node.cache.lookup
         out: list[Any] = []
         append = out.append
@@ -239,7 +247,7 @@ class ClusterOps:
         return tomb if tomb > held else held
 
     def setv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes, int, int, int]) -> Any:
-        if conn is not None and conn.routed_by < self.write_floor:
+        if conn is not None and conn.routed_by < self.node.ring_floor:
             self.check_routed(conn)
         self.node.clock.observe(args[4])
         if args[3] == _KEEP_COPY:
@@ -307,7 +315,7 @@ class ClusterOps:
         when every entry was stored, the answer is ``_ALL_STORED``'s,
         packed already.
         """
-        if conn is not None and conn.routed_by < self.write_floor:
+        if conn is not None and conn.routed_by < self.node.ring_floor:
             self.check_routed(conn)
         out: list[Any] = []
         node = self.node
@@ -342,7 +350,7 @@ class ClusterOps:
         return out
 
     def delv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
-        if conn is not None and conn.routed_by < self.write_floor:
+        if conn is not None and conn.routed_by < self.node.ring_floor:
             self.check_routed(conn)
         key, version = args
         node = self.node
@@ -356,7 +364,7 @@ class ClusterOps:
         return False
 
     def incrv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int, int]) -> Any:
-        if conn is not None and conn.routed_by < self.write_floor:
+        if conn is not None and conn.routed_by < self.node.ring_floor:
             self.check_routed(conn)
         key, delta, version = args
         node = self.node
@@ -375,7 +383,7 @@ class ClusterOps:
     # -- imports -------------------------------------------------------------
 
     def apply(self, conn: FrameProtocol, rid: int, items: list[tuple[bytes, bytes, int, int]]) -> Any:
-        if conn is not None and conn.routed_by < self.write_floor:
+        if conn is not None and conn.routed_by < self.node.ring_floor:
             self.check_routed(conn)
         cache = self.node.cache
         try:
@@ -388,7 +396,7 @@ class ClusterOps:
         return applied
 
     def apply_deletes(self, conn: FrameProtocol, rid: int, items: list[tuple[bytes, int]]) -> Any:
-        if conn is not None and conn.routed_by < self.write_floor:
+        if conn is not None and conn.routed_by < self.node.ring_floor:
             self.check_routed(conn)
         newest = max((version for _, version in items), default=0)
         if newest:
@@ -478,7 +486,7 @@ class ClusterOps:
         return [self._next_cursor(_SCAN, sid, pos, total, keys, tombs), entries, tombstones]
 
     def drop(self, conn: FrameProtocol, rid: int, args: tuple[RangeMatcher, int]) -> Any:
-        if conn is not None and conn.routed_by < self.write_floor:
+        if conn is not None and conn.routed_by < self.node.ring_floor:
             self.check_routed(conn)
         match, cursor = args
         cache = self.node.cache

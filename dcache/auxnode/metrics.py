@@ -74,11 +74,9 @@ class AuxCollector(ServiceCollector):
         )
         yield plain_counter("dcache_tracking_overflows", "Keys invalidated to make room in a full table (--tracking-keys).", t.overflows)
         yield plain_counter("dcache_tracking_timeouts", "Masters cut off for not acknowledging an invalidation in time.", t.timeouts)
-        ops = getattr(self.service, "cluster_ops", None)
-        if ops is not None:
-            yield plain_gauge(
-                "dcache_write_floor_epoch", "Writes routed by an older ring epoch are refused (EPOCH; 0: none yet).", ops.write_floor
-            )
-            yield plain_counter(
-                "dcache_stale_ring_refusals", "Writes refused: a master routed them by a ring older than the floor.", ops.stale_refused
-            )
+        node = self.service
+        floor, refused = getattr(node, "ring_floor", 0), getattr(node, "stale_refused", 0)
+        yield plain_gauge(
+            "dcache_ring_floor_epoch", "Masters' requests routed by an older ring epoch are refused (EPOCH; 0: none yet).", floor
+        )
+        yield plain_counter("dcache_stale_ring_refusals", "Masters' requests refused: routed by a ring older than the floor.", refused)

@@ -99,6 +99,10 @@ class AuxNode(Service):
         #: The ring epoch a master last admitted this node at (0: never); kept
         #: in snapshots, so a restarted coordinator can tell the node is not new.
         self.ring_epoch = 0
+        #: Masters' requests routed by an older ring epoch are refused (EPOCH, ``ClusterOps.epoch``; 0: none yet).
+        self.ring_floor = 0
+        #: Requests refused for that since start.
+        self.stale_refused = 0
         self.started_at = time.time()
         self.snapshots = SnapshotManager(self)
         #: The cluster this node serves (``dcache.auxnode.binding``).
@@ -122,6 +126,8 @@ class AuxNode(Service):
         return "PONG"
 
     def _get(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        if conn is not None and conn.routed_by < self.ring_floor:
+            self.cluster_ops.check_routed(conn)  # a master's, routed by an older ring
         return self.cache.get(key)
 
     def _set(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes, int, int]) -> Any:
@@ -142,6 +148,8 @@ class AuxNode(Service):
         return self.cache.delete(key, version=self.clock.next())
 
     def _mget(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> Any:
+        if conn is not None and conn.routed_by < self.ring_floor:
+            self.cluster_ops.check_routed(conn)  # a master's, routed by an older ring
         get = self.cache.get
         if len(keys) > 16:  # a few values always fit; past that, refuse before packing an answer the client would refuse
             if len(keys) > KEYS_PER_TURN and conn is not None and conn.may_take_turns(rid):
@@ -165,14 +173,18 @@ class AuxNode(Service):
         return stored
 
     def _exists(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        if conn is not None and conn.routed_by < self.ring_floor:
+            self.cluster_ops.check_routed(conn)
         return self.cache.exists(key)
 
     def _expire(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
-        if conn is not None and conn.routed_by < self.cluster_ops.write_floor:
+        if conn is not None and conn.routed_by < self.ring_floor:
             self.cluster_ops.check_routed(conn)  # a master's, routed by an older ring
         return self.cache.expire(*args)
 
     def _ttl(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
+        if conn is not None and conn.routed_by < self.ring_floor:
+            self.cluster_ops.check_routed(conn)
         return self.cache.ttl_ms(key)
 
     def _incr(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
@@ -201,7 +213,7 @@ class AuxNode(Service):
         return self.cache.touch(key)
 
     def _persist(self, conn: FrameProtocol, rid: int, key: bytes) -> Any:
-        if conn is not None and conn.routed_by < self.cluster_ops.write_floor:
+        if conn is not None and conn.routed_by < self.ring_floor:
             self.cluster_ops.check_routed(conn)  # a master's, routed by an older ring
         return self.cache.persist(key)
 
@@ -245,8 +257,8 @@ class AuxNode(Service):
             **self._membership_stats(),
             "cluster_id": self.binding.cluster_id,
             "cluster_refusals": self.binding.refusals,
-            "write_floor": self.cluster_ops.write_floor,
-            "stale_ring_refusals": self.cluster_ops.stale_refused,
+            "ring_floor": self.ring_floor,
+            "stale_ring_refusals": self.stale_refused,
         }
 
     def _membership_stats(self) -> dict[str, Any]:

@@ -278,7 +278,7 @@ class Membership:
         return await self.fence_missed(node_id, since_ms, why)
 
     def ring_behind(self) -> None:
-        """An aux node refused a write as routed by a ring older than its floor: read the ring again now (one read at a time).
+        """An aux node refused a request as routed by a ring older than its floor: read the ring again now (one read at a time).
 
         The leader raised that floor while this master was paused or cut
         off; the ring watch (ZooKeeper) or the next poll (a follower) would
@@ -287,7 +287,7 @@ class Membership:
         """
         if self._reread is None or self._reread.done():
             log.warning(
-                "an aux node refused a write this master routed by ring epoch %d, older than the one it requires: "
+                "an aux node refused a request this master routed by ring epoch %d, older than the one it requires: "
                 "this master fell behind the ring (paused, or cut off); reading it again",
                 self.view.epoch,
             )
@@ -1192,7 +1192,7 @@ class Follower(Membership):
         try:
             await self.sync_once()
         except Exception as exc:
-            log.info("reading the ring again after a write refused as routed by an older one failed: %s", exc)
+            log.info("reading the ring again after a request refused as routed by an older one failed: %s", exc)
 
     async def sync_once(self) -> None:
         """Poll the coordinator once and adopt a newer view."""

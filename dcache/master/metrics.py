@@ -72,8 +72,8 @@ class MasterCollector(ServiceCollector):
             "dcache_superseded_retries", "Writes sent again with a newer version because an owner held a newer one.", rs.superseded_retries
         )
         yield plain_counter(
-            "dcache_stale_ring_writes",
-            "Writes an owner refused (STALE_RING): this master routed them by a ring older than its floor.",
+            "dcache_stale_ring_requests",
+            "Requests an owner refused (STALE_RING): this master routed them by a ring older than its floor.",
             rs.stale_ring,
         )
         hints = self.router.hints

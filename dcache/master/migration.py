@@ -290,13 +290,13 @@ class Migrator:
         )
 
     async def raise_floor(self, floor: int) -> None:
-        """Have every reachable aux node refuse writes routed by a ring older than ``floor`` (EPOCH), each bounded by ``--aux-timeout``.
+        """Have every reachable aux node refuse requests routed by a ring older than ``floor`` (EPOCH), each bounded by ``--aux-timeout``.
 
         Called once the masters caught up with the view about to be copied
         for, or the wait for them ran out: a master that did not catch up
         (paused, or cut off) would write by its old ring to the old owners
-        only, behind the copy; the nodes refuse those writes instead
-        (``STALE_RING``), and it reads the ring again. A node that does not
+        only, behind the copy, and read them; the nodes refuse those
+        requests instead (``STALE_RING``), and it reads the ring again. A node that does not
         answer in time is logged and skipped: it is down or suspect, and
         gets no writes meanwhile. One from before EPOCH is skipped.
         """
@@ -309,7 +309,7 @@ class Migrator:
             except UnknownOpError:
                 link.epochs = False
             except (ServerError, OSError, TimeoutError) as exc:
-                log.info("aux node %s did not take the write floor of epoch %d: %s", link.node_id, floor, exc or "timed out")
+                log.info("aux node %s did not take the ring floor of epoch %d: %s", link.node_id, floor, exc or "timed out")
 
         await asyncio.gather(*(one(link) for link in self._links().values() if link.epochs and link.usable))
 

@@ -406,7 +406,7 @@ class MasterNode(Service):
             "fences_failed": rs.fences_failed,
             "superseded_retries": rs.superseded_retries,
             "superseded": rs.superseded,
-            "stale_ring_writes": rs.stale_ring,
+            "stale_ring_requests": rs.stale_ring,
             "hints": hints.total(),
             "hinted_total": hints.hinted_total,
             "hints_replayed": hints.replayed_total,

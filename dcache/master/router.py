@@ -140,7 +140,7 @@ class RouterStats:
         self.superseded = 0
         #: Fences of an owner that missed a write which failed or timed out (the write was acknowledged anyway).
         self.fences_failed = 0
-        #: Writes an owner refused as routed by an older ring than its floor (``STALE_RING``): this master was behind.
+        #: Requests an owner refused as routed by an older ring than its floor (``STALE_RING``): this master was behind.
         self.stale_ring = 0
 
 
@@ -170,7 +170,7 @@ class Router:
         self.hints = Hints()
         #: Fences a node cluster-wide (``Membership.fence_missed``); set by the master.
         self.fence_missed: Callable[[str, int, str], Awaitable[int]] | None = None
-        #: Called when an owner refused a write as routed by an older ring (``STALE_RING``): read the ring again now.
+        #: Called when an owner refused a request as routed by an older ring (``STALE_RING``): read the ring again now.
         self.ring_behind: Callable[[], None] | None = None
         self._fencing: dict[str, asyncio.Future[Any]] = {}
         #: Per aux node: when a failed fence was last logged, and how many failed since.
@@ -270,7 +270,7 @@ class Router:
         done.add_done_callback(lambda _: then())
 
     def stale_ring(self) -> None:
-        """An owner refused a write as routed by a ring older than its floor: count it, and have the ring read again."""
+        """An owner refused a request as routed by a ring older than its floor: count it, and have the ring read again."""
         self.stats.stale_ring += 1
         if self.ring_behind is not None:
             self.ring_behind()
@@ -845,6 +845,8 @@ class ReadOp:
             self.error = result
             self.router.stats.fallbacks += 1
         else:
+            if status == _STALE_RING:
+                self.router.stale_ring()
             self.sink.reply(self.rid, status, result, _GET)
             return
         self.next()

@@ -395,7 +395,7 @@ class ZooKeeperMembership(Coordinator):
                 await self.zk.wait_connected()
                 data, stat = await self.zk.run(self.zk.client.get, self.paths.ring)
         except (KazooException, TimeoutError) as exc:
-            log.info("reading the ring again after a write refused as routed by an older one failed: %s", exc or "timed out")
+            log.info("reading the ring again after a request refused as routed by an older one failed: %s", exc or "timed out")
             return
         self._on_ring(data, stat)
 

@@ -241,17 +241,18 @@ async def test_flap_never_serves_stale_or_resurrects(cluster: Cluster):
         assert await c.get(k) == b"v2" and await c.get(d) is None
 
 
-async def test_a_follower_paused_while_a_node_joined_cannot_delete_by_its_old_ring(cluster: Cluster):
-    """A follower master stopped while a node joins resumes with DELETEs already sent to it: none is acknowledged by its old ring.
+async def test_a_follower_paused_while_a_node_joined_neither_deletes_nor_reads_by_its_old_ring(cluster: Cluster):
+    """A follower master stopped while a node joins resumes with DELETEs and GETs already sent to it: none is served by its old ring.
 
     The coordinator waits for the stopped follower (3 s), then copies
-    anyway, having raised every aux node's write floor to the new ring's
-    epoch. Resumed, the follower routes the DELETEs waiting in its socket by
-    its old ring, to the keys' old owners only (the new owner ``a3`` holds
-    the copies): they refuse them (``STALE_RING``) instead of acknowledging
-    deletes that ``a3`` never gets, whose keys would read back their old
-    values (resurrected deletes). Once the follower has the new ring, the
-    same DELETEs go to ``a3``.
+    anyway, having raised every aux node's ring floor to the new ring's
+    epoch. Resumed, the follower routes the requests waiting in its socket
+    by its old ring, to the keys' old owners only (the new owner ``a3``
+    holds the copies, and what was written since): they refuse them
+    (``STALE_RING``) instead of acknowledging deletes that ``a3`` never
+    gets, whose keys would read back their old values (resurrected
+    deletes), or answering reads with values older than the last write.
+    Once the follower has the new ring, the same requests go to ``a3``.
     """
     m1 = cluster.start_master("m1")
     m2 = cluster.start_master("m2", follow=m1)
@@ -261,20 +262,25 @@ async def test_a_follower_paused_while_a_node_joined_cannot_delete_by_its_old_ri
     await wait_ring(m2.addr, settled({"a1", "a2"}), timeout=10)
     members = ["a1", "a2", "a3"]
     keys = [key_owned_by("a3", members, f"paused{i}:") for i in range(10)]
+    rewritten = [key_owned_by("a3", members, f"rewritten{i}:") for i in range(10)]
     async with Client(m1.addr, timeout=10) as c1, Client(m2.addr, timeout=15) as c2:
-        assert await c1.mset(dict.fromkeys(keys, b"old")) == len(keys)
-        assert await c2.mget(keys) == [b"old"] * len(keys)  # c2's connection is open: its DELETEs leave at once below
+        assert await c1.mset(dict.fromkeys(keys + rewritten, b"old")) == len(keys) * 2
+        assert await c2.mget(keys) == [b"old"] * len(keys)  # c2's connection is open: its requests leave at once below
         m2.signal(signal.SIGSTOP)
         try:
             cluster.start_aux("a3")
             await wait_ring(m1.addr, settled(set(members)), timeout=30, what="a3 joined without the stopped follower")
+            assert await c1.mset(dict.fromkeys(rewritten, b"new")) == len(rewritten)  # on a3 only
             deletes = [asyncio.ensure_future(c2.delete(k)) for k in keys]  # into m2's socket, read when it resumes
+            reads = [asyncio.ensure_future(c2.get(k)) for k in rewritten]
             for _ in range(5):
                 await asyncio.sleep(0)
         finally:
             m2.signal(signal.SIGCONT)
         results = await asyncio.wait_for(asyncio.gather(*deletes, return_exceptions=True), 20)
+        read = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), 20)
         assert all(r is True or isinstance(r, StaleRingError) for r in results), results
+        assert all(r == b"new" or isinstance(r, StaleRingError) for r in read), read  # never b"old", nor None
         acknowledged = [k for k, r in zip(keys, results, strict=True) if r is True]
         assert await c1.mget(acknowledged) == [None] * len(acknowledged), "an acknowledged delete missed the new owner"
         epoch = (await ring(m1.addr))["epoch"]
@@ -283,7 +289,9 @@ async def test_a_follower_paused_while_a_node_joined_cannot_delete_by_its_old_ri
             if r is not True:
                 assert await c2.delete(k) is True
         assert await c1.mget(keys) == [None] * len(keys)
-        assert (await c2.stats())["stale_ring_writes"] == len(keys) - len(acknowledged)
+        assert await c2.mget(rewritten) == [b"new"] * len(rewritten)
+        refused = sum(isinstance(r, StaleRingError) for r in [*results, *read])
+        assert (await c2.stats())["stale_ring_requests"] == refused
 
 
 async def test_followers_converge_and_survive_the_coordinator(cluster: Cluster):

@@ -374,7 +374,7 @@ async def test_a_master_paused_past_its_session_while_a_node_joined_cannot_delet
     """The ZooKeeper case of the embedded follower's: ``m2``, stopped past its session, resumes with DELETEs in its socket.
 
     The leader waited (bounded) for ``m2`` to confirm the join's ring, then
-    copied anyway, having raised the aux nodes' write floor. ``m2`` routes
+    copied anyway, having raised the aux nodes' ring floor. ``m2`` routes
     the DELETEs by its old ring, and the old owners refuse them
     (``STALE_RING``) rather than acknowledge deletes the new owner ``a3``
     never gets (the fault campaign's ``aux-kill-fast,a2,0.00,0.53;

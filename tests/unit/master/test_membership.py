@@ -412,7 +412,7 @@ async def test_a_source_that_restarts_while_a_migration_copies_from_it_is_replac
         await coord.close()
 
 
-async def test_a_migration_raises_every_nodes_write_floor_to_its_epoch_before_it_copies(cluster: FakeCluster) -> None:
+async def test_a_migration_raises_every_nodes_ring_floor_to_its_epoch_before_it_copies(cluster: FakeCluster) -> None:
     """From then on a master still routing by the ring before (paused past the wait for it) cannot write where the copy passed."""
     fill(cluster)
     floors_at_scan: list[dict[str, int]] = []

@@ -563,23 +563,24 @@ async def test_a_write_superseded_twice_is_not_acknowledged(cluster: FakeCluster
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
-async def test_a_write_refused_as_routed_by_an_older_ring_fails_without_hints_and_reads_the_ring_again(replicas: int) -> None:
+async def test_a_request_refused_as_routed_by_an_older_ring_fails_without_hints_and_reads_the_ring_again(replicas: int) -> None:
     """An owner's floor is newer than this master's ring (it was paused while a migration began): nothing is acknowledged."""
     async with FakeCluster(replicas=replicas) as cluster:
         behind: list[int] = []
         cluster.router.ring_behind = lambda: behind.append(1)
         key = cluster.key_owned_by(*("a1", "a2")[:replicas])
         refused = answer_with(int(Status.STALE_RING), "this write was routed by ring epoch 1, and this node takes writes routed by epoch 2")
-        for op in (Op.SETV, Op.MSETV, Op.DELV):
+        for op in (Op.SETV, Op.MSETV, Op.DELV, Op.GET, Op.MGET):
             cluster.overrides[("a1", op)] = refused
         sink = Sink()
         cluster.router.set(sink, 1, key, b"v", 0)
         cluster.router.delete(sink, 2, key)
-        for rid in (1, 2):
+        cluster.router.get(sink, 3, key)  # a1 is the first owner: not read past, the refusal is the answer
+        for rid in (1, 2, 3):
             status, message = await sink.answer(rid)
             assert status == int(Status.STALE_RING) and "routed by ring epoch 1" in message
         assert cluster.router.hints.total() == 0 and cluster.router.stats.partial_writes == 0
-        assert cluster.router.stats.stale_ring == 2 and behind == [1, 1]
+        assert cluster.router.stats.stale_ring == 3 and behind == [1, 1, 1]
 
 
 # A write with one owner is its own callback (``WriteOp.__call__``): the same rules, without the fan-out.
