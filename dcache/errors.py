@@ -304,11 +304,12 @@ class MembershipError(ServerError):
 
 
 class StaleRingError(UnavailableError):
-    """An aux node refused a write a master routed by a ring older than the oldest it accepts (EPOCH); nothing was applied.
+    """An aux node refused a request a master routed by a ring older than the oldest it serves (EPOCH); nothing was applied or read.
 
     The leader (the coordinator) raises that floor on every node before a
     migration copies, so a master that was paused or cut off while the
-    ring changed cannot write by its old ring where the copy would miss it.
+    ring changed can neither write by its old ring where the copy would
+    miss it nor read old owners that miss what was written since.
     The master reads the ring again; send the request again (an
     ``UnavailableError``, so clients retry it as one).
     """

@@ -160,7 +160,7 @@ class ClusterOps:
         handlers[Op.INVACK] = self.invack
         handlers[Op.EPOCH] = self.epoch
 
-    # -- the ring epochs writes are routed by ----------------------------------
+    # -- the ring epochs requests are routed by --------------------------------
 
     def epoch(self, conn: FrameProtocol, rid: int, args: tuple[int, int]) -> Any:
         """EPOCH: ``conn``'s requests are routed by ring ``epoch``; raise the node's floor to ``floor``. Answers the floor.

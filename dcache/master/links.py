@@ -235,7 +235,7 @@ class AuxLink:
         self.invalidations_total = 0
         #: The ring epoch this master routes by, as told to the node on every connection (EPOCH; 0: none yet).
         self.routed_by = 0
-        #: Whether the node knows EPOCH (one from before it answers ``UNKNOWN_OP`` once: its writes are not fenced by epoch).
+        #: Whether the node knows EPOCH (one from before it answers ``UNKNOWN_OP`` once: requests to it are not fenced by epoch).
         self.epochs = True
 
     @property
@@ -305,13 +305,15 @@ class AuxLink:
                         self._unbound_logged = True
                         log.info("aux %s at %s:%s predates BIND: routed to without a cluster binding", self.node_id, self.host, self.port)
             if self.routed_by and self.epochs:
-                # Before any write: the ring this connection's requests are routed by (the node refuses
-                # writes routed by one older than its floor, see ``announce``).
+                # Before any request: the ring this connection's requests are routed by (the node refuses
+                # requests routed by one older than its floor, see ``announce``).
                 try:
                     await proto.call(Op.EPOCH, self.routed_by, timeout=self._timeout)
                 except UnknownOpError:
                     self.epochs = False
-                    log.info("aux %s at %s:%s predates EPOCH: its writes are not fenced by ring epoch", self.node_id, self.host, self.port)
+                    log.info(
+                        "aux %s at %s:%s predates EPOCH: requests to it are not fenced by ring epoch", self.node_id, self.host, self.port
+                    )
         except BaseException:
             proto.close()
             raise
@@ -394,9 +396,10 @@ class AuxLink:
 
         Writes routed by the view before leave first (``held``). A node
         whose floor a leader raised past a master's epoch refuses that
-        master's writes (``STALE_RING``): it was paused or cut off while the
-        ring changed, and writes by its old ring would miss the new owners
-        a migration has copied to (docs/DECISIONS.md).
+        master's requests (``STALE_RING``): it was paused or cut off while
+        the ring changed, and by its old ring it would write behind a
+        migration's copy and read owners that miss what was written since
+        (docs/DECISIONS.md).
         """
         if epoch == self.routed_by:
             return

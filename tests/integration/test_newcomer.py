@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import pty
+import random
 import re
 import shutil
 import signal
@@ -185,14 +186,28 @@ def test_a_cluster_whose_ports_overlap_is_one_line(tmp_path, ports, flags):
 
 
 def _free_port_block(n: int) -> int:
-    """A port p with p .. p+n-1 free right now (for a cluster whose --aux-port is the taken one)."""
-    for _ in range(50):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            base: int = sock.getsockname()[1]
-        if base + n < 65536 and all(_is_free(base + i) for i in range(n)):
+    """A port p with p .. p+n-1 free right now (for a cluster whose --aux-port is the taken one).
+
+    Taken below the kernel's ephemeral range: there, the client sockets of
+    tests running beside this one (thousands of connections, some) take
+    ports at random, and eight free in a row were not found in 50 tries.
+    """
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(10_000, max(10_001, low - n))
+        if all(_is_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no block of free ports")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (32768 when it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _is_free(port: int) -> bool:

@@ -65,6 +65,7 @@ def harmful_args(op: int) -> list[Any]:
         Op.MSETV: [[[b"k0", b"evil", 0, 0, far]]],
         Op.INVACK: [2**40],
         Op.BIND: ["evil/cluster"],
+        Op.EPOCH: [2**64 - 1, 2**64 - 1],  # a floor above every master's ring: every master refused for good
         Op.JOIN: ["evil", "127.0.0.1", 9, 100.0],
         Op.LEAVE: ["a1"],
         Op.FORGET: ["a1", True],
@@ -116,6 +117,7 @@ def served_by(role: str) -> set[Op]:
         Op.MSETV,
         Op.INVACK,
         Op.BIND,
+        Op.EPOCH,
     }
     master = {Op.APPLY, Op.JOIN, Op.LEAVE, Op.FORGET, Op.SYNC, Op.FENCE}
     return aux if role == "aux" else master
