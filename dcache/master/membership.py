@@ -1182,6 +1182,23 @@ class Follower(Membership):
     def request_reconcile(self, node_id: str) -> None:
         self._reconcile.add(node_id)
 
+    def on_aux_restart(self, node_id: str) -> None:
+        """Fence the node in the local view (as the base does) and name it in the next SYNC, for the coordinator to reconcile.
+
+        The coordinator may have seen the restart first, reconciled the node
+        and let it back already: then no newer view would come to lift this
+        master's own fence, and it would read the node's keys elsewhere for
+        good (the fault campaign's ``aux-kill-fast``: the follower's link saw
+        the new process 0.6 s after the coordinator's, which had let it back
+        by then). Asked, the coordinator fences it again (a new view) and
+        reconciles what it missed; in the common case, the restart still
+        fenced there, the request adds a pass.
+        """
+        m = self.view.members.get(node_id)
+        super().on_aux_restart(node_id)
+        if m is not None and m.state == UP:
+            self._reconcile.add(node_id)
+
     async def fence_missed(self, node_id: str, since_ms: int, why: str) -> int:
         timeout = max(1.0, 2 * self.config.follow_interval + 1.5)
         epoch = int(await self._call(Op.FENCE, node_id, since_ms, why, timeout=timeout))

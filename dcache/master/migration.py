@@ -439,7 +439,17 @@ class Migrator:
         raise AssertionError("unreachable")
 
     def schedule_drop(self, view: ClusterView, current: Callable[[], ClusterView]) -> None:
-        """After a migration, drop the moved ranges from nodes that no longer own them."""
+        """After a migration, drop the moved ranges from nodes that no longer own them.
+
+        The drop goes on while the current view keeps ``view``'s ring layout
+        and runs no migration: a fence, or a node marked up again, changes
+        the epoch but not who owns what. A change of the layout stops it
+        (the ranges must be worked out again; the node keeps the data): had
+        every change of epoch stopped it, a fence during the wait left stale
+        copies on the old owners for good, which a later change that gives
+        a range back would serve again (a delete whose tombstone expired
+        since, resurrected).
+        """
         if view.prev_ring is None:
             return
         drops: dict[str, list[list[int]]] = {}
@@ -455,7 +465,7 @@ class Migrator:
         async def drop_all() -> None:
             await asyncio.sleep(delay)  # let followers stop reading the previous owners
             # The ring changed again: ownership must be recomputed, keep the data.
-            await self.drop(drops, lambda: current().epoch == view.epoch)
+            await self.drop(drops, lambda: _same_layout(current(), view))
 
         task = asyncio.ensure_future(drop_all())
         self._drops.add(task)
@@ -482,6 +492,11 @@ class Migrator:
                 log.info("dropping ranges it does not own from %s failed: %s", node, exc)
                 continue
             log.info("dropped %d keys it does not own from %s", dropped, node)
+
+
+def _same_layout(current: ClusterView, view: ClusterView) -> bool:
+    """Whether ``current`` runs no migration and has ``view``'s ring layout (the same nodes and weights: the same owners)."""
+    return current.prev_ring is None and current.ring.nodes == view.ring.nodes
 
 
 def _source(view: ClusterView, owners: Sequence[str], *, fenced: bool = True) -> str | None:

@@ -1005,6 +1005,33 @@ async def test_a_follower_fences_a_restarted_node_locally_until_the_coordinator_
             local = seen[-1]
             assert local.members["a1"].state == FENCED and (local.epoch, local.seq) == (served.coord.view.epoch, served.coord.view.seq)
             served.coord.publish(served.coord.view.bumped())
+            await f.sync_once()  # the coordinator's newer view replaces the local one (and, named in it, a1 is reconciled)
+            assert (f.view.epoch, f.view.seq) > (local.epoch, local.seq)
+            await served.coord.wait_settled(lambda v: v.members["a1"].state == UP, SETTLE_S)
+            await f.sync_once()
+            assert f.view.members["a1"].state == UP
+        finally:
+            await f.close()
+
+
+async def test_a_follower_that_sees_a_restart_the_coordinator_already_reconciled_is_not_left_fenced(cluster: FakeCluster) -> None:
+    """The coordinator saw the new process first and let it back; the follower's fence is lifted all the same.
+
+    Its fence has the coordinator's (epoch, seq), and no newer view came:
+    the follower read the node's keys elsewhere for good (the fault
+    campaign's ``aux-kill-fast``, never settled in CI). Its next SYNC names
+    the node; the coordinator fences and reconciles it, and the view that
+    lets it back reaches the follower.
+    """
+    async with Served(cluster) as served:
+        f, _seen = follower(served.address)
+        try:
+            await f.sync_once()
+            before = (f.view.epoch, f.view.seq)
+            f.on_aux_restart("a1")
+            assert f.view.members["a1"].state == FENCED and (f.view.epoch, f.view.seq) == before
+            await f.sync_once()  # names a1
+            await served.coord.wait_settled(lambda v: (v.epoch, v.seq) > before and v.members["a1"].state == UP, SETTLE_S)
             await f.sync_once()
             assert f.view.members["a1"].state == UP
         finally:

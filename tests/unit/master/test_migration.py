@@ -223,6 +223,53 @@ async def test_a_rebuilt_ring_brings_each_owner_the_writes_it_missed() -> None:
             assert [cluster.value(n, b"key:%d" % i) for n in view.ring.owners(b"key:%d" % i, 2)] == [want, want], i
 
 
+@pytest.mark.parametrize("then", ["a fence", "a node leaving"])
+async def test_the_moved_ranges_are_dropped_unless_the_ring_layout_changed_before_the_drop(then: str) -> None:
+    """Between a migration's end and its drop, a fence (a new epoch, the same owners) lets the drop go on; a new layout stops it.
+
+    Any new epoch used to stop it: the old owners kept their copies of the
+    moved ranges for good, which a later change giving a range back would
+    serve again (a delete whose tombstone expired since, resurrected).
+    """
+    async with FakeCluster(("a1", "a2", "a3"), replicas=2, spare=("a4",)) as cluster:
+        keys = [b"key:%d" % i for i in range(KEYS)]
+        for key in keys:
+            version = cluster.clock.next()
+            for n in cluster.view.ring.owners(key, 2):
+                cluster.put(n, key, key + b"-value", version)
+        members = dict(cluster.view.members)
+        members["a4"] = Member("a4", "127.0.0.1", 7103)
+        view = cluster.view.with_members(members)
+        cluster.adopt(view)
+        config = MasterConfig(port=0, replicas=2, migration_batch=BATCH, follow_interval=0.01, aux_timeout=0.05)
+        migrator = Migrator(config, lambda: cluster.links, cluster.clock, nobody_to_wait_for)
+        await migrator.run(view)
+        done = view.migration_done()
+        current = [done]
+        migrator.schedule_drop(view, lambda: current[0])
+        changed = dict(done.members)
+        if then == "a fence":
+            changed["a1"] = Member("a1", "127.0.0.1", 7100, 1.0, FENCED)
+            current[0] = done.with_members(changed, migrate=False)
+            assert current[0].epoch > view.epoch and current[0].ring.nodes == view.ring.nodes
+        else:
+            del changed["a2"]
+            current[0] = done.with_members(changed)
+        await until(lambda: not migrator._drops, what="the drop")
+        assert view.prev_ring is not None
+        left = [
+            (n, k) for k in keys for n in view.prev_ring.owners(k, 2) if n not in view.ring.owners(k, 2) and cluster.value(n, k) is not None
+        ]
+        moved = [k for k in keys if view.prev_ring.owners(k, 2) != view.ring.owners(k, 2)]
+        assert moved
+        if then == "a fence":
+            assert left == [], left[:5]
+        else:
+            assert len(left) == len(moved)  # every old owner keeps what it held
+        for k in keys:
+            assert all(cluster.value(n, k) == k + b"-value" for n in view.ring.owners(k, 2))
+
+
 def _fenced_empty_a3_while_a4_joins(cluster: FakeCluster) -> tuple[ClusterView, list[bytes]]:
     """a1-a3 hold every key on its two owners; a3 restarts empty and is fenced; a4 joins. Returns the view and the keys.
 
