@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -344,6 +344,20 @@ async def test_a_fenced_node_is_reconciled_from_its_co_owners_before_it_serves_r
         await coord.close()
 
 
+def _before_every_scan(cluster: FakeCluster, before: Callable[[], Reply | None]) -> None:
+    """Call ``before()`` on every SCAN a1-a3 receive: a ``Reply`` it returns answers the SCAN, else the node does."""
+
+    def scan(node: str) -> Any:
+        def answer(msg: list[Any]) -> Reply:
+            early = before()
+            return early if early is not None else Reply(0, cluster.auxes[node].execute(msg))
+
+        return answer
+
+    for node in ("a1", "a2", "a3"):
+        cluster.overrides[(node, Op.SCAN)] = scan(node)
+
+
 async def test_a_failed_migration_is_retried_after_a_fence_that_keeps_its_move(
     cluster: FakeCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -356,17 +370,8 @@ async def test_a_failed_migration_is_retried_after_a_fence_that_keeps_its_move(
     """
     data = fill(cluster)
     failing = [True]
-
-    def scan(node: str) -> Any:
-        def answer(msg: list[Any]) -> Reply:
-            if failing[0]:
-                return Reply(Status.BAD_ARGUMENTS, "scan cursor expired")  # refused at once: the migration fails
-            return Reply(0, cluster.auxes[node].execute(msg))
-
-        return answer
-
-    for node in ("a1", "a2", "a3"):
-        cluster.overrides[(node, Op.SCAN)] = scan(node)
+    # refused at once while failing: the migration fails
+    _before_every_scan(cluster, lambda: Reply(Status.BAD_ARGUMENTS, "scan cursor expired") if failing[0] else None)
     coord = coordinator(cluster)
     try:
         await coord.join("a4", "127.0.0.1", 7110, 1.0)
@@ -416,16 +421,7 @@ async def test_a_migration_raises_every_nodes_ring_floor_to_its_epoch_before_it_
     """From then on a master still routing by the ring before (paused past the wait for it) cannot write where the copy passed."""
     fill(cluster)
     floors_at_scan: list[dict[str, int]] = []
-
-    def scan(node: str) -> Any:
-        def answer(msg: list[Any]) -> Reply:
-            floors_at_scan.append(dict(cluster.fake.floors))
-            return Reply(0, cluster.auxes[node].execute(msg))
-
-        return answer
-
-    for node in ("a1", "a2", "a3"):
-        cluster.overrides[(node, Op.SCAN)] = scan(node)
+    _before_every_scan(cluster, lambda: floors_at_scan.append(dict(cluster.fake.floors)))
     coord = coordinator(cluster)
     try:
         epoch = await coord.join("a4", "127.0.0.1", 7110, 1.0)
