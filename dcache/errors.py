@@ -47,6 +47,7 @@ __all__ = [
     "OverloadedError",
     "WrongClusterError",
     "MembershipError",
+    "StaleRingError",
     "error_from_status",
 ]
 
@@ -310,8 +311,9 @@ class StaleRingError(UnavailableError):
     migration copies, so a master that was paused or cut off while the
     ring changed can neither write by its old ring where the copy would
     miss it nor read old owners that miss what was written since.
-    The master reads the ring again; send the request again (an
-    ``UnavailableError``, so clients retry it as one).
+    The master reads the ring again: send the request again. It is an
+    ``UnavailableError``, so code that sends again on ``UNAVAILABLE``
+    handles it as it is.
     """
 
     status = Status.STALE_RING
