@@ -141,6 +141,7 @@ class AuxLink:
         "invalidations_total",
         "routed_by",
         "epochs",
+        "floor",
     )
 
     def __init__(
@@ -237,6 +238,8 @@ class AuxLink:
         self.routed_by = 0
         #: Whether the node knows EPOCH (one from before it answers ``UNKNOWN_OP`` once: requests to it are not fenced by epoch).
         self.epochs = True
+        #: The node's ring floor, as its last EPOCH answer said (0: none known).
+        self.floor = 0
 
     @property
     def connected(self) -> bool:
@@ -308,7 +311,7 @@ class AuxLink:
                 # Before any request: the ring this connection's requests are routed by (the node refuses
                 # requests routed by one older than its floor, see ``announce``).
                 try:
-                    await proto.call(Op.EPOCH, self.routed_by, timeout=self._timeout)
+                    self.took_floor(_OK, await proto.call(Op.EPOCH, self.routed_by, timeout=self._timeout))
                 except UnknownOpError:
                     self.epochs = False
                     log.info(
@@ -416,7 +419,14 @@ class AuxLink:
         conn.routed_by = self.routed_by
         loop = self._loop
         if loop is not None:
-            conn.send(Op.EPOCH, (self.routed_by,), _ignore, loop.time() + self._timeout, False, True)  # now: ahead of a leader's floor
+            conn.send(
+                Op.EPOCH, (self.routed_by,), self.took_floor, loop.time() + self._timeout, False, True
+            )  # now: ahead of a leader's floor
+
+    def took_floor(self, status: int, result: Any) -> None:
+        """An EPOCH answer: the node's ring floor (``floor``), if it is one."""
+        if status == _OK and type(result) is int and result > self.floor:
+            self.floor = result
 
     def _pick(self) -> PeerConnection | None:
         # Every request goes on the first live connection; the others stand by

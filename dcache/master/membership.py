@@ -750,6 +750,28 @@ class Coordinator(Membership):
     def request_reconcile(self, node_id: str) -> None:
         self.fence(node_id, "missed writes whose hints were lost: reconciling before it serves reads")
 
+    def ring_behind(self) -> None:
+        """An aux node refused this coordinator's request as routed by an older ring: its floor is ahead of this ring's epoch.
+
+        Only this coordinator raises floors, to its own epochs, so it
+        restarted with its clock stepped back (a rebuilt ring starts from
+        the wall clock): its epoch moves past the highest floor the nodes
+        answered (EPOCH), or every request would be refused for good.
+        """
+        floor = max((link.floor for link in self._links().values()), default=0)
+        view = self.view
+        if floor <= view.epoch:
+            return  # a refusal from before the view this coordinator routes by now
+        epoch = floor + 1
+        log.error(
+            "aux nodes refuse ring epoch %d: their floor is %d, set by a ring this coordinator made before it restarted "
+            "(its clock went back since?); moving to epoch %d",
+            view.epoch,
+            floor,
+            epoch,
+        )
+        self.publish(replace(view, epoch=epoch, seq=0, ring=view.ring.with_epoch(epoch)))
+
     async def fence_missed(self, node_id: str, since_ms: int, why: str) -> int:
         self.fence(node_id, f"{why}: reconciling before it serves reads", since_version=max(0, since_ms) << 22)
         pos = (self.view.epoch, self.view.seq)

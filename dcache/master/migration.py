@@ -305,7 +305,7 @@ class Migrator:
         async def one(link: AuxLink) -> None:
             try:
                 async with asyncio.timeout(timeout):
-                    await link.call(Op.EPOCH, max(link.routed_by, floor), floor)
+                    link.took_floor(0, await link.call(Op.EPOCH, max(link.routed_by, floor), floor))
             except UnknownOpError:
                 link.epochs = False
             except (ServerError, OSError, TimeoutError) as exc:

@@ -388,6 +388,10 @@ class ZooKeeperMembership(Coordinator):
                 self._stepdown.set()
             self._adopt(view)
 
+    def ring_behind(self) -> None:
+        """Read the ring in ZooKeeper again (``Membership.ring_behind``): epochs there only grow, whoever leads."""
+        Membership.ring_behind(self)
+
     async def _read_ring_again(self) -> None:
         """Read the ring in ZooKeeper and adopt it as the watch would (``_on_ring``), once connected (bounded by the session timeout)."""
         try:

@@ -532,6 +532,28 @@ async def test_restarts_and_lost_hints_fence_the_node(cluster: FakeCluster, how:
         await coord.close()
 
 
+async def test_a_coordinator_whose_epochs_are_behind_the_nodes_floors_moves_past_them(cluster: FakeCluster) -> None:
+    """Restarted with its clock stepped back, a lone coordinator rebuilds a ring at an epoch below the floors it set before.
+
+    Every request it routes would be refused (STALE_RING) for good: told so,
+    it moves its epoch past the highest floor its links learned (EPOCH answers).
+    """
+    coord = coordinator(cluster)
+    try:
+        epoch = coord.view.epoch
+        coord.ring_behind()  # no floor ahead: nothing changes
+        assert coord.view.epoch == epoch and cluster.views == []
+        cluster.links["a2"].took_floor(0, epoch + 5000)
+        cluster.links["a3"].took_floor(0, epoch + 7000)
+        coord.ring_behind()
+        assert coord.view.epoch == coord.view.ring.epoch == epoch + 7001
+        assert coord.view.ring.nodes == cluster.view.ring.nodes and coord.view.members == cluster.view.members
+        coord.ring_behind()  # past it now
+        assert coord.view.epoch == epoch + 7001 and len(cluster.views) == 1
+    finally:
+        await coord.close()
+
+
 async def test_views_only_move_forward(cluster: FakeCluster) -> None:
     coord = coordinator(cluster)
     try:
