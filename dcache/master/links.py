@@ -60,6 +60,8 @@ __all__ = ["AuxLink", "ConnectionFactory"]
 log = logging.getLogger("dcache.master.links")
 
 _SWEEP_INTERVAL_S = 0.05
+#: A sweep this much later than the one before (this process was stopped, or its loop held): it judges no node.
+_STALLED_S = 0.25
 #: Seconds between two looks at a retiring link's requests in flight (``retire``).
 _RETIRE_POLL_S = 0.01
 _BACKOFF_BASE_S = 0.05
@@ -129,6 +131,7 @@ class AuxLink:
         "suspected_since",
         "suspicions_total",
         "_last_probe",
+        "_last_check",
         "held",
         "held_bytes",
         "reads_waiting",
@@ -217,6 +220,8 @@ class AuxLink:
         self.suspected_since = 0.0
         self.suspicions_total = 0
         self._last_probe = 0.0
+        #: ``loop.time()`` of the last sweep (``check``).
+        self._last_check = 0.0
         #: The connection near-cache fills go on (``send_tracked``): the node pushes their invalidations on it.
         self.tracking: PeerConnection | None = None
         #: Whether the node knows near-cache tracking (``GETV [key, true]``); one
@@ -624,8 +629,30 @@ class AuxLink:
             if self.on_recover is not None:
                 self.on_recover(self.node_id)
 
+    def sweep(self, now: float) -> None:
+        """The sweeper's step: ``check`` the node, keep the tracking lease alive, reopen closed connections.
+
+        A sweep that comes ``_STALLED_S`` or more after the one before
+        judges nothing: this process did not run meanwhile (stopped, or its
+        loop held), and the node's answers may wait, unread, in the socket.
+        Judged now, before the loop reads them (uvloop runs due timers
+        first), every node with a request in flight looked silent for the
+        whole pause: suspected, its requests failed, its writes acknowledged
+        with hints only (the fault campaign: a leader resumed after 4.9 s
+        suspected a live node, and another master read the delete it had
+        missed as not done). The next sweep, on time, judges.
+        """
+        stalled = now - self._last_check >= _STALLED_S
+        self._last_check = now
+        if not stalled:
+            self.check(now)
+            if self.on_invalidate is not None:
+                self.keep_tracking_alive(now)
+        if len(self._conns) < self._size or any(c.closed for c in self._conns):
+            self._ensure_connector()  # a standby that closed is opened again (``_pick`` only replaces the active one)
+
     def check(self, now: float) -> None:
-        """Time out overdue requests, suspect a silent node, probe a suspect one (the sweeper's step)."""
+        """Time out overdue requests, suspect a silent node, probe a suspect one."""
         last = max((c.last_answer for c in self._conns if not c.closed), default=0.0)
         waiting = [c for c in self._conns if not c.closed and len(c.requests)]
         silent = now - last > self._suspect_after if last else True
@@ -685,12 +712,7 @@ class AuxLink:
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL_S)
             try:
-                now = loop.time()
-                self.check(now)
-                if self.on_invalidate is not None:
-                    self.keep_tracking_alive(now)
-                if len(self._conns) < self._size or any(c.closed for c in self._conns):
-                    self._ensure_connector()  # a standby that closed is opened again (``_pick`` only replaces the active one)
+                self.sweep(loop.time())
             except Exception:  # pragma: no cover - a bug here must not stop the sweeps
                 log.exception("link sweep of %s failed", self.node_id)
 

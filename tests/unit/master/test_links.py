@@ -279,6 +279,29 @@ async def test_a_request_times_out_at_its_deadline_while_the_node_answers_others
         await link.close()
 
 
+async def test_the_first_sweep_after_this_master_stalled_judges_no_node(aux: FakeAux) -> None:
+    """This process was stopped for 5 s (SIGSTOP): the node's answer may wait, unread, in the socket; the sweep on time after judges.
+
+    Judged at once, every node with a request in flight looked silent for
+    the whole pause: suspected, its requests failed (a leader resumed in
+    the fault campaign acknowledged a delete without a live node).
+    """
+    loop = asyncio.get_running_loop()
+    link = await started(make_link(aux, timeout=2.0, suspect_after=0.5))
+    try:
+        waiting = Answers()
+        link.send(Op.GET, (b"k",), waiting)  # pong() holds it: never answered
+        link.flush()
+        now = loop.time()
+        link.sweep(now)
+        link.sweep(now + 5.0)  # the next sweep, 5 s later: the loop did not run meanwhile
+        assert not link.suspect and waiting.got == [] and link.in_flight == 1
+        link.sweep(now + 5.05)  # on time: the node has had its chance to answer
+        assert link.suspect and waiting.got == [(TIMEOUT, "aux node a1 is suspected: no answer for 0.5 s")]
+    finally:
+        await link.close()
+
+
 async def test_a_silent_node_with_requests_waiting_is_suspected_and_probed(aux: FakeAux) -> None:
     loop = asyncio.get_running_loop()
     link = await started(make_link(aux, timeout=5.0, suspect_after=0.5))
