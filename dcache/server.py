@@ -74,6 +74,7 @@ from .errors import (
     OverloadedError,
     RemoteProtocolError,
     ServerError,
+    StaleRingError,
     Status,
     UnavailableError,
     UnknownOpError,
@@ -129,6 +130,7 @@ _header = HEADER.pack
 _OK = Status.OK.value
 _CLOCK_SKEW = Status.CLOCK_SKEW.value
 _HELLO = Op.HELLO.value
+_EPOCH = Op.EPOCH.value
 
 #: The op slot of ``Service.op_requests``/``op_errors`` for requests no handler
 #: took (unknown op, not an array, not authenticated yet).
@@ -282,6 +284,13 @@ class Service:
         self._auth_failures_since_warning = 0
         #: One op table per credential level (``build_tables``).
         self.tables: dict[Credential, dict[int, _Entry]] = {}
+        #: The same tables for a connection routed by a ring older than ``ring_floor``: each of
+        #: ``ring_fenced_ops`` refuses it (``STALE_RING``), the others are as in ``tables``.
+        self.stale_tables: dict[Credential, dict[int, _Entry]] = {}
+        #: Masters' requests routed by an older ring epoch are refused (EPOCH, ``route_by``; 0: none yet).
+        self.ring_floor = 0
+        #: Requests refused for that since start.
+        self.stale_refused = 0
         self.requests_total = 0
         self.errors_total = 0
         self.protocol_errors_total = 0
@@ -336,10 +345,53 @@ class Service:
         for op in ops:
             self.handlers[op] = getattr(self, f"_{op.name.lower()}")
 
+    #: Ops refused to a connection routed by a ring older than ``ring_floor`` (an aux node's reads and writes).
+    ring_fenced_ops: frozenset[int] = frozenset()
+
     def build_tables(self) -> None:
-        """Build the op table of every credential level from ``handlers`` (once, at start)."""
+        """Build the op table of every credential level from ``handlers`` (once, at start), and its ``stale_tables`` twin."""
         for level in Credential:
-            self.tables[level] = {op: (OPS[op].parse, handler) for op, handler in self.handlers.items() if OPS[op].credential <= level}
+            table = {op: (OPS[op].parse, handler) for op, handler in self.handlers.items() if OPS[op].credential <= level}
+            self.tables[level] = table
+            fenced = self.ring_fenced_ops
+            self.stale_tables[level] = {op: (parse, self._refuse_stale if op in fenced else h) for op, (parse, h) in table.items()}
+
+    def table_for(self, conn: FrameProtocol) -> dict[int, _Entry]:
+        """The op table ``conn`` dispatches with: its credential's, refusing the fenced ops while it routes by an older ring."""
+        if not self.tables:
+            self.build_tables()
+        tables = self.stale_tables if conn.routed_by < self.ring_floor else self.tables
+        return tables[conn.level]
+
+    def route_by(self, conn: FrameProtocol | None, epoch: int, floor: int) -> int:
+        """EPOCH: ``conn``'s requests are routed by ring ``epoch``; raise the floor to ``floor``; return the floor.
+
+        The check costs no request anything: a connection behind the floor
+        dispatches with ``stale_tables`` (switched here, for ``conn`` and,
+        when the floor rises, for every connection it leaves behind).
+        """
+        if conn is not None:
+            conn.routed_by = epoch
+            conn.retable()
+        if floor > self.ring_floor:
+            log.debug("requests routed by a ring older than epoch %d are refused from now on", floor)
+            self.ring_floor = floor
+            for c in self.state.connections:
+                if c.routed_by < floor:
+                    c.retable()
+        return self.ring_floor
+
+    def _refuse_stale(self, conn: FrameProtocol, rid: int, args: Any) -> Any:
+        """The handler of a fenced op for a connection routed by a ring older than the floor.
+
+        Raises:
+            StaleRingError: always; nothing was applied or read.
+        """
+        self.stale_refused += 1
+        raise StaleRingError(
+            f"this request was routed by ring epoch {conn.routed_by}, and this node serves requests routed by epoch "
+            f"{self.ring_floor} or later: the master reads the ring again; send the request again"
+        )
 
     def execute(self, msg: list[Any], conn: FrameProtocol | None = None) -> Any:
         """Parse and run one request in-process, as a fully trusted caller (tools and tests).
@@ -352,7 +404,8 @@ class Service:
         if not self.tables:
             self.build_tables()
         op = msg[0]
-        entry = self.tables[Credential.CLUSTER].get(op)
+        stale = conn is not None and conn.routed_by < self.ring_floor
+        entry = (self.stale_tables if stale else self.tables)[Credential.CLUSTER].get(op)
         if entry is None:
             raise UnknownOpError(f"unknown op {op!r}")
         result = entry[1](cast(FrameProtocol, conn), msg[1], entry[0](msg, self.limits))
@@ -840,12 +893,16 @@ class FrameProtocol(asyncio.Protocol):
         if not service.tables:
             service.build_tables()
         self.level = level
-        self._table = service.tables[level]
+        self._table = service.table_for(self)
         if self._decoder is not None:
             self._decoder.max_frame_bytes = self._limits.max_frame_bytes if level else MAX_HELLO_FRAME_BYTES
             self._decoder.one_frame = not level  # before auth: one frame at a time (the HELLO sets the next one's limit)
 
     # -- asyncio callbacks -------------------------------------------------
+
+    def retable(self) -> None:
+        """Dispatch with the table the service gives this connection now (its ring epoch or the floor changed)."""
+        self._table = self._service.table_for(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -1002,8 +1059,8 @@ class FrameProtocol(asyncio.Protocol):
                 except Exception as exc:
                     body = self._failed_internally(msg, exc)
                 else:
-                    if op == _HELLO:
-                        table = self._table  # it may have raised the credential: pipelined requests use the new table
+                    if op == _HELLO or op == _EPOCH:
+                        table = self._table  # it may have raised the credential or changed the ring: pipelined requests use the new table
                     if service.hold is not None and result is not LATER and result.__class__ is not _Deferred:
                         result = service.hold(self, rid, op, result)  # it changed a key another node holds a copy of
                     if result is LATER or result.__class__ is _Deferred:

@@ -25,13 +25,12 @@ session at all.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError, ServerError, StaleRingError, Status
+from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError, ServerError, Status
 from ..hlc import HybridClock
 from ..lru import EntryTooLargeError, LRUCache
 from ..protocol import Limits, Op, Packed, SetFlag, pack
@@ -46,10 +45,10 @@ class ClusterOpsHost(Protocol):
     cache: LRUCache
     clock: HybridClock
     tracker: Tracker
-    #: Masters' requests routed by an older ring epoch are refused (EPOCH; 0: none yet).
-    ring_floor: int
-    #: Requests refused for that since start.
-    stale_refused: int
+
+    def route_by(self, conn: FrameProtocol | None, epoch: int, floor: int) -> int:
+        """EPOCH (``Service.route_by``)."""
+        ...
 
     @property
     def limits(self) -> Limits: ...
@@ -70,8 +69,6 @@ __all__ = [
     "MAX_SCAN_COUNT",
     "DROP_WORK",
 ]
-
-log = logging.getLogger("dcache.auxnode.cluster_ops")
 
 #: Seconds a scan session survives without being used.
 SCAN_SESSION_TTL_S = 60.0
@@ -168,41 +165,16 @@ class ClusterOps:
         The leader raises it before a migration copies (``Migrator.run``):
         from then on, a request routed by an older ring (a master paused or
         cut off while the ring changed, which writes to the old owners only,
-        behind the copy, and reads them) is refused (``check_routed``).
+        behind the copy, and reads them) is refused (``Service.route_by``,
+        ``AuxNode.ring_fenced_ops``).
         """
-        epoch, floor = args
-        if conn is not None:
-            conn.routed_by = epoch
-        node = self.node
-        if floor > node.ring_floor:
-            log.debug("requests routed by a ring older than epoch %d are refused from now on", floor)
-            node.ring_floor = floor
-        return node.ring_floor
-
-    def check_routed(self, conn: FrameProtocol | None) -> None:
-        """Refuse a request ``conn`` routed by a ring older than the floor (EPOCH); a connection that never sent EPOCH passes.
-
-        Handlers call it only when ``conn.routed_by < node.ring_floor`` (the
-        one comparison on their path); it counts and raises.
-
-        Raises:
-            StaleRingError: ``conn`` routes by an older epoch.
-        """
-        node = self.node
-        if conn is not None and conn.routed_by < node.ring_floor:
-            node.stale_refused += 1
-            raise StaleRingError(
-                f"this request was routed by ring epoch {conn.routed_by}, and this node serves requests routed by epoch "
-                f"{node.ring_floor} or later: the master reads the ring again; send the request again"
-            )
+        return self.node.route_by(conn, *args)
 
     # -- versioned reads and writes ----------------------------------------
 
     def getv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
         key, track = args
         node = self.node
-        if conn is not None and conn.routed_by < node.ring_floor:
-            self.check_routed(conn)
         e = node.cache.lookup(key)
         if e is None:
             return None
@@ -217,8 +189,6 @@ class ClusterOps:
         return True
 
     def mgetv(self, conn: FrameProtocol, rid: int, keys: list[bytes]) -> Any:
-        if conn is not None and conn.routed_by < self.node.ring_floor:
-            self.check_routed(conn)
         lookup = self.node.cache.lookup
         out: list[Any] = []
         append = out.append
@@ -247,8 +217,6 @@ class ClusterOps:
         return tomb if tomb > held else held
 
     def setv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, bytes, int, int, int]) -> Any:
-        if conn is not None and conn.routed_by < self.node.ring_floor:
-            self.check_routed(conn)
         self.node.clock.observe(args[4])
         if args[3] == _KEEP_COPY:
             return self._store_kept(conn, *args)
@@ -315,8 +283,6 @@ class ClusterOps:
         when every entry was stored, the answer is ``_ALL_STORED``'s,
         packed already.
         """
-        if conn is not None and conn.routed_by < self.node.ring_floor:
-            self.check_routed(conn)
         out: list[Any] = []
         node = self.node
         apply = node.cache.batch_apply()
@@ -350,8 +316,6 @@ class ClusterOps:
         return out
 
     def delv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int]) -> Any:
-        if conn is not None and conn.routed_by < self.node.ring_floor:
-            self.check_routed(conn)
         key, version = args
         node = self.node
         node.clock.observe(version)
@@ -364,8 +328,6 @@ class ClusterOps:
         return False
 
     def incrv(self, conn: FrameProtocol, rid: int, args: tuple[bytes, int, int]) -> Any:
-        if conn is not None and conn.routed_by < self.node.ring_floor:
-            self.check_routed(conn)
         key, delta, version = args
         node = self.node
         clock = node.clock
@@ -383,8 +345,6 @@ class ClusterOps:
     # -- imports -------------------------------------------------------------
 
     def apply(self, conn: FrameProtocol, rid: int, items: list[tuple[bytes, bytes, int, int]]) -> Any:
-        if conn is not None and conn.routed_by < self.node.ring_floor:
-            self.check_routed(conn)
         cache = self.node.cache
         try:
             applied = cache.apply_many(items)
@@ -396,8 +356,6 @@ class ClusterOps:
         return applied
 
     def apply_deletes(self, conn: FrameProtocol, rid: int, items: list[tuple[bytes, int]]) -> Any:
-        if conn is not None and conn.routed_by < self.node.ring_floor:
-            self.check_routed(conn)
         newest = max((version for _, version in items), default=0)
         if newest:
             self.node.clock.observe(newest)
@@ -486,8 +444,6 @@ class ClusterOps:
         return [self._next_cursor(_SCAN, sid, pos, total, keys, tombs), entries, tombstones]
 
     def drop(self, conn: FrameProtocol, rid: int, args: tuple[RangeMatcher, int]) -> Any:
-        if conn is not None and conn.routed_by < self.node.ring_floor:
-            self.check_routed(conn)
         match, cursor = args
         cache = self.node.cache
         if cursor:

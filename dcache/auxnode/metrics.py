@@ -74,8 +74,7 @@ class AuxCollector(ServiceCollector):
         )
         yield plain_counter("dcache_tracking_overflows", "Keys invalidated to make room in a full table (--tracking-keys).", t.overflows)
         yield plain_counter("dcache_tracking_timeouts", "Masters cut off for not acknowledging an invalidation in time.", t.timeouts)
-        node = self.service
-        floor, refused = getattr(node, "ring_floor", 0), getattr(node, "stale_refused", 0)
+        floor, refused = self.service.ring_floor, self.service.stale_refused
         yield plain_gauge(
             "dcache_ring_floor_epoch", "Masters' requests routed by an older ring epoch are refused (EPOCH; 0: none yet).", floor
         )

@@ -689,6 +689,9 @@ class _Conn:
     def __init__(self, routed_by: int) -> None:
         self.routed_by = routed_by
 
+    def retable(self) -> None:
+        """Nothing to switch: ``Service.execute`` picks the table by ``routed_by`` for each call."""
+
 
 def _conn(routed_by: int = NOT_ROUTED) -> FrameProtocol:
     return cast(FrameProtocol, _Conn(routed_by))
