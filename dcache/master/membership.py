@@ -263,7 +263,9 @@ class Membership:
 
         Returns once every master routes by a view where the node is fenced
         (no master reads it until it is reconciled with writes since
-        ``since_ms``), or a bounded wait ran out. A master that does not
+        ``since_ms``), or a bounded wait ran out and every reachable aux node
+        then took the fenced view's epoch as its ring floor (a master still
+        behind is refused, ``STALE_RING``). A master that does not
         coordinate asks the one that does (FENCE).
 
         Raises:
@@ -778,7 +780,11 @@ class Coordinator(Membership):
         timeout = max(1.0, 2 * self.config.follow_interval + 0.5)
         lagging = await self._masters_at(pos, timeout)
         if lagging:
-            log.warning("masters %s did not confirm the fence of %s within %.1f s", lagging, node_id, timeout)
+            # They would still read the node by the ring before the fence once they resume (paused, cut off): the
+            # write is acknowledged only once the aux nodes refuse that ring (its reconciliation raises the floor
+            # too, but only after waiting longer for them: Migrator.run).
+            log.warning("masters %s did not confirm the fence of %s within %.1f s; raising the ring floor", lagging, node_id, timeout)
+            await self.migrator.raise_floor(pos[0])
         return self.view.epoch
 
     def fence(self, node_id: str, why: str, since_version: int = 0) -> None:

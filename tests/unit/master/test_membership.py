@@ -432,6 +432,29 @@ async def test_a_migration_raises_every_nodes_ring_floor_to_its_epoch_before_it_
         await coord.close()
 
 
+async def test_a_fence_a_master_did_not_confirm_raises_the_ring_floor_before_the_write_is_acknowledged(cluster: FakeCluster) -> None:
+    """A write that missed a node is acknowledged when ``fence_missed`` returns: a master behind the fence must not read the node then.
+
+    The wait for the other masters to route by the fenced view is bounded
+    (1 s here); the reconciliation, which raises the floor before it copies,
+    waits longer for them (3 s). Between the two, a master paused at the view
+    before the fence that resumed would read the node that lacks the
+    acknowledged write, by its old ring: now the nodes already refuse that
+    ring (their floor is the fenced view's epoch) when the write is acknowledged.
+    """
+    fill(cluster)
+    coord = coordinator(cluster)
+    try:
+        before = coord.view
+        coord.sync("m2", before.epoch, before.seq)  # a follower that stays at the view before the fence (paused)
+        await asyncio.wait_for(coord.fence_missed("a2", wall_ms(), "a write was acknowledged without it"), SETTLE_S)
+        fenced = coord.view
+        assert fenced.members["a2"].state == FENCED and fenced.epoch > before.epoch
+        assert {n: cluster.fake.floors.get(n) for n in ("a1", "a2", "a3")} == dict.fromkeys(("a1", "a2", "a3"), fenced.epoch)
+    finally:
+        await coord.close()
+
+
 def _runs_that_outlive_their_cancellation(coord: Coordinator) -> tuple[list[tuple[str, asyncio.Event]], list[int]]:
     """Make ``coord``'s migrator runs wait for an event each and ignore a cancellation, as on Python 3.11.
 
