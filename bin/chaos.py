@@ -26,6 +26,16 @@ proxy). Then it runs ``--schedules`` schedules. Each schedule:
      between three and four members;
    * ``master-kill``: SIGKILL ``m1`` (the embedded coordinator: it restarts
      with no ring) or ``m2``, restart it on its port 0.2-4 s later;
+   * ``master-stop``: SIGSTOP ``m1`` or ``m2`` for 2.5-6 s, SIGCONT it
+     then. Stopped, the coordinator ``m1`` answers no SYNC and checks no
+     node's health; a stopped follower ``m2`` falls behind the views the
+     coordinator publishes, which waits for it a bounded time (1.5 s for a
+     fence, 3 s before a copy) and then raises the aux nodes' ring floor:
+     ``m2`` resumes with its old ring and is refused (``STALE_RING``) until
+     it reads the new one. Its clients' calls time out meanwhile, and the
+     master reads their requests when it resumes, after later ones on new
+     connections: the checker allows a failed op's value to show up late
+     (``late_failures``) in such a schedule;
    * ``link-cut``, ``link-blackhole``, ``link-delay``: the proxy in front
      of an aux node resets, holds, or delays (0.05-1 s) every master's
      link to it for 0.3-6 s (1-6 s for a delay);
@@ -50,15 +60,11 @@ master that leads when the fault starts) and:
    * ``zk-kill``: SIGKILL ZooKeeper, restart it on its port with its data
      0.5-6 s later (shorter and longer than a session);
    * ``zk-stop``: SIGSTOP ZooKeeper, SIGCONT it 0.5-6 s later;
-   * ``master-stop``: SIGSTOP a master (``m1``, ``m2`` or ``leader``) for
-     2.5-6 s, longer than its session: ZooKeeper expires it, a leader
-     loses its leadership. Its clients' calls time out meanwhile, and the
-     master reads their requests when it resumes, after later ones on new
-     connections: the checker allows a failed op's value to show up late
-     (``late_failures``) in such a schedule.
+   * ``master-stop`` (above) may also target ``leader``, and holds longer
+     than a session: ZooKeeper expires it, a leader loses its leadership.
 
-A schedule holds at most one ZooKeeper fault and one master fault; settling
-also waits until both masters are connected to ZooKeeper and one leads.
+A schedule holds at most one ZooKeeper fault; settling also waits until
+both masters are connected to ZooKeeper and one leads.
 
 A nonzero stale, resurrected, wrong or lost count, or a cluster that did
 not settle, is a problem: the daemons' logs of that schedule go to
@@ -145,10 +151,10 @@ HOLD_S: dict[str, tuple[float, float]] = {
     "master-stop": (ZK_SESSION_TIMEOUT_S + 0.5, 6.0),
 }
 #: Kinds only ``--zookeeper`` draws (and takes in ``--schedule``).
-ZK_KINDS = ("zk-kill", "zk-stop", "master-stop")
+ZK_KINDS = ("zk-kill", "zk-stop")
 #: Kinds that act on the ZooKeeper server (target ``zk``).
 ZK_SERVER_KINDS = ("zk-kill", "zk-stop")
-#: Kinds that take a master out (at most one per ``--zookeeper`` schedule).
+#: Kinds that take a master out (at most one per schedule).
 MASTER_KINDS = ("master-kill", "master-stop")
 AUX_KILLS = ("aux-kill-fast", "aux-kill-slow")
 #: Faults that can take an aux node out of service (the masters may mark it down).
@@ -207,17 +213,17 @@ def plan(rng: random.Random, members: frozenset[str], zookeeper: bool = False) -
     nodes. A schedule takes at most one aux node out of service (``OUT_KINDS``):
     with ``--replicas 2`` two nodes out at once are beyond the replica count
     (any two of three nodes own keys together; docs/PROTOCOL.md says what a
-    client sees then). ``--schedule`` may still combine them. ``zookeeper``
-    adds ``ZK_KINDS`` and the ``leader`` target, with at most one master
-    fault (``leader`` may be either master).
+    client sees then), and at most one master fault (``MASTER_KINDS``).
+    ``--schedule`` may still combine them. ``zookeeper`` adds ``ZK_KINDS``
+    and the ``leader`` target (which may be either master).
     """
     faults: list[Fault] = []
     used: set[str] = set()
     size = len(members)
     for i in range(1 if rng.random() < 0.35 else 2):
         kinds = [k for k in HOLD_S if not (k in OUT_KINDS and any(f.kind in OUT_KINDS for f in faults))]
+        kinds = [k for k in kinds if not (k in MASTER_KINDS and any(f.kind in MASTER_KINDS for f in faults))]
         if zookeeper:
-            kinds = [k for k in kinds if not (k in MASTER_KINDS and any(f.kind in MASTER_KINDS for f in faults))]
             kinds = [k for k in kinds if not (k in ZK_SERVER_KINDS and ZK in used)]
         else:
             kinds = [k for k in kinds if k not in ZK_KINDS]

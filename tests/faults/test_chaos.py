@@ -41,8 +41,7 @@ def test_plans_keep_the_campaigns_rules(zookeeper: bool) -> None:
         assert 1 <= len(faults) <= 2
         assert len({f.target for f in faults}) == len(faults), "two faults on one target"
         assert sum(f.kind in chaos.OUT_KINDS for f in faults) <= 1, "two aux nodes out at once"
-        if zookeeper:
-            assert sum(f.kind in chaos.MASTER_KINDS for f in faults) <= 1, "two master faults (leader may be either master)"
+        assert sum(f.kind in chaos.MASTER_KINDS for f in faults) <= 1, "two master faults (leader may be either master)"
         size = len(members) + sum(f.kind == "aux-join" for f in faults) - sum(f.kind == "aux-leave" for f in faults)
         assert chaos.MIN_MEMBERS <= size <= len(chaos.AUX_NODES)
         for f in faults:
@@ -56,6 +55,9 @@ def test_plans_keep_the_campaigns_rules(zookeeper: bool) -> None:
     with pytest.raises(ValueError):
         chaos.parse_schedule("zk-kill,zk,0,1")  # a ZooKeeper fault outside --zookeeper
     assert chaos.parse_schedule("master-stop,leader,0,3;zk-stop,zk,1,2", zookeeper=True)[0].target == "leader"
+    assert chaos.parse_schedule("master-stop,m2,0,3")[0].kind == "master-stop"  # embedded mode pauses masters too
+    with pytest.raises(ValueError):
+        chaos.parse_schedule("master-stop,leader,0,3")  # no leader outside --zookeeper
 
 
 @pytest.mark.slow
