@@ -260,11 +260,30 @@ def plan(rng: random.Random, members: frozenset[str], zookeeper: bool = False) -
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now (the masters keep theirs across restarts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port free on 127.0.0.1 now, below the kernel's ephemeral range (the masters keep theirs across restarts).
+
+    A port the kernel hands out (bind to 0) lies in the ephemeral range, where
+    the campaign's own client sockets (thousands a schedule) take ports at
+    random: one took a master's port between the pick and the master's bind
+    (``cannot listen on 127.0.0.1:42117: the port is already in use``), and
+    a restarted master could lose its port the same way.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10_000, max(10_001, low))
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemons bind
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found between 10000 and {low}")
 
 
 class ChaosCluster:
