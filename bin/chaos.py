@@ -92,7 +92,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -109,7 +108,7 @@ from dcache.protocol import Op  # noqa: E402
 from tests.cluster import up_nodes  # noqa: E402
 from tests.faults.checker import LoadChecker  # noqa: E402
 from tests.faults.proxy import FaultProxy  # noqa: E402
-from tests.harness import DaemonProcess  # noqa: E402
+from tests.harness import DaemonProcess, free_port_block  # noqa: E402
 from tests.zookeeper import ZooKeeperServer  # noqa: E402
 
 AUX_NODES = ("a1", "a2", "a3", "a4")
@@ -259,33 +258,6 @@ def plan(rng: random.Random, members: frozenset[str], zookeeper: bool = False) -
     return faults
 
 
-def free_port() -> int:
-    """A port free on 127.0.0.1 now, below the kernel's ephemeral range (the masters keep theirs across restarts).
-
-    A port the kernel hands out (bind to 0) lies in the ephemeral range, where
-    the campaign's own client sockets (thousands a schedule) take ports at
-    random: one took a master's port between the pick and the master's bind
-    (``cannot listen on 127.0.0.1:42117: the port is already in use``), and
-    a restarted master could lose its port the same way.
-    """
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(10_000, max(10_001, low))
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemons bind
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port found between 10000 and {low}")
-
-
 class ChaosCluster:
     """Two masters on fixed ports and aux nodes behind fault proxies; every process kept for its log.
 
@@ -308,7 +280,7 @@ class ChaosCluster:
         )
         self.aux_args = list(aux_args)
         self.master_args = list(master_args)
-        self.ports = {m: free_port() for m in MASTERS}
+        self.ports = {m: free_port_block() for m in MASTERS}  # below the ephemeral range: kept across restarts
         self.masters: dict[str, DaemonProcess] = {}
         self.aux: dict[str, DaemonProcess] = {}
         self.proxies = {n: FaultProxy(name=n).start() for n in AUX_NODES}

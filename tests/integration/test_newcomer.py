@@ -13,7 +13,6 @@ import base64
 import json
 import os
 import pty
-import random
 import re
 import shutil
 import signal
@@ -34,7 +33,7 @@ import pytest
 from dcache import Client
 from dcache.config import AuxConfig, parse_size
 from tests.cluster import Cluster, settled, wait_ring
-from tests.harness import DaemonProcess, read_until_ready, reap, start_http, unavailable
+from tests.harness import DaemonProcess, free_port_block, read_until_ready, reap, start_http, unavailable
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +151,7 @@ def taken_port():
     ],
 )
 def test_port_in_use_is_one_line_naming_port_and_flag(taken_port, tmp_path, args, flag):
-    free = _free_port_block(8) if "{free}" in args else 0
+    free = free_port_block(8) if "{free}" in args else 0
     argv = [a.format(port=taken_port, tmp=tmp_path / "data", free=free) for a in args]
     line = assert_fails(dcache(*argv, timeout=30), 2, f"127.0.0.1:{taken_port}", "already in use", flag)
     assert "(exit code None)" not in line
@@ -178,46 +177,11 @@ def test_unusable_data_dir_is_one_line(tmp_path, role, make):
 )
 def test_a_cluster_whose_ports_overlap_is_one_line(tmp_path, ports, flags):
     """Each port was checked free on its own; the second process on a shared one failed later, half started."""
-    p = _free_port_block(8)
+    p = free_port_block(8)
     argv = [a.format(p1=p + 1, p2=p + 2, p3=p + 3) for a in ports]
     r = dcache("cluster", "--port", str(p), *argv, "--data-dir", str(tmp_path / "data"), timeout=30)
     line = assert_fails(r, 2, "dcache cluster: configuration error: ", *flags)
     assert "READY" not in r.stdout and "did not start" not in line, line
-
-
-def _free_port_block(n: int) -> int:
-    """A port p with p .. p+n-1 free right now (for a cluster whose --aux-port is the taken one).
-
-    Taken below the kernel's ephemeral range: there, the client sockets of
-    tests running beside this one (thousands of connections, some) take
-    ports at random, and eight free in a row were not found in 50 tries.
-    """
-    low = _ephemeral_low()
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(10_000, max(10_001, low - n))
-        if all(_is_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no block of free ports")
-
-
-def _ephemeral_low() -> int:
-    """The first port of the kernel's ephemeral range (32768 when it cannot be read)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemons bind
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 # -- 7, 8, 9: tools pointed at the wrong thing, bad input, one style of error ----------------------
@@ -356,7 +320,7 @@ def test_errors_share_one_style(cluster, tmp_path):
 
 
 def test_http_shim_warns_when_no_master_answers_and_keeps_trying():
-    port = _free_port_block(1)
+    port = free_port_block(1)
     shim = start_http(f"127.0.0.1:{port}", "no-such-host.invalid:7000")
     master = None
     try:
