@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SETUP_SUM := $(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+# setup.py and the C source too: editing dcache/lru/_entry.c reinstalls, which rebuilds the extension.
+BUILD_INPUTS := setup.cfg pyproject.toml setup.py dcache/lru/_entry.c
+SETUP_SUM := $(shell cat $(BUILD_INPUTS) | cksum | cut -d' ' -f1)
 # What `make run` needs (dcache and the server extra), and what the tests need besides.
 RUN_STAMP := $(VENV)/.installed-server-$(SETUP_SUM)
 STAMP := $(VENV)/.installed-test-$(SETUP_SUM)
@@ -27,7 +29,7 @@ $(BIN)/python:
 
 # The distribution was called `dcache` before it became `dcache-cluster`: a venv
 # holding the old one gets it removed first (both would own bin/dcache).
-$(RUN_STAMP): $(BIN)/python setup.cfg pyproject.toml
+$(RUN_STAMP): $(BIN)/python $(BUILD_INPUTS)
 	@if $(BIN)/python -m pip show --quiet dcache >/dev/null 2>&1; then $(BIN)/python -m pip uninstall --quiet -y dcache; fi
 	$(BIN)/python -m pip install --quiet -e '.[server]'
 	rm -f $(VENV)/.installed-server-*
@@ -68,4 +70,4 @@ fuzz: $(STAMP)  ## fuzz every listener (aux node, master, HTTP shim) for FUZZ_SE
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m tests.faults.fuzz
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .hypothesis dcache/lru/*.so

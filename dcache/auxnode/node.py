@@ -27,6 +27,7 @@ from ..config import AuxConfig
 from ..errors import NotAnIntegerError, OutOfMemoryError, ServerError, Status
 from ..hlc import HybridClock, wall_ms
 from ..lru import EntryTooLargeError, IntegerOverflowError, LRUCache, NotAnInt64Error
+from ..lru.cache import NATIVE_MISSING
 from ..protocol import FEATURE_KEEP_COPY, FEATURE_VALUE_PUSH, Op, SetFlag
 from ..protocol.limits import KEYS_PER_TURN
 from ..server import DATA_OPS, LATER, FrameProtocol, Service, answer_too_large, check_answer_size
@@ -109,6 +110,12 @@ class AuxNode(Service):
         super().__init__(node_id or config.node_id or "aux", config)
         self.config = config
         cache = TrackingCache(config.max_memory, config.max_items)
+        if NATIVE_MISSING:
+            log.warning(
+                "the LRU's C entry (dcache.lru._entry) is %s: each key takes about 110 bytes more memory, "
+                "and --max-memory holds a quarter to a third fewer keys (docs/OPERATIONS.md, 'Memory')",
+                NATIVE_MISSING,
+            )
         #: Which master connections hold a copy of which key (near caches).
         self.tracker = Tracker(self, config.tracking_keys)
         cache.attach(self.tracker)

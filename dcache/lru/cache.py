@@ -5,7 +5,10 @@ Design note
 
 Structure. A dict maps each key to an ``Entry``; the entries also form a
 circular doubly linked list through a sentinel ``head`` node, so no link is
-ever ``None`` and unlinking needs no branches. ``head.next`` is the least
+ever ``None`` and unlinking needs no branches. With the C ``Entry`` (the
+default where it was built, below) the dict's key is the entry itself: it
+hashes as its key and compares equal to it, so a lookup with the request's
+``bytes`` finds it and no key object is kept per entry. ``head.next`` is the least
 recently used entry (the next victim), ``head.prev`` the most recently used.
 
 The dict is split into ``SHARDS`` dicts by the key's builtin ``hash()``
@@ -79,16 +82,23 @@ expiry), the operations ``len(key) + len(value) + overhead`` always took;
 it is recomputed when the entry is removed rather than stored (one more
 slot would make every ``Entry`` 16 bytes larger).
 
-Memory. An entry is its ``Entry`` (80 bytes: six slots, the object and GC
-headers), its key and value objects, its version int and its share of its
-shard's table: 16-byte keys with 100-byte values take about 360 bytes each
-at a million entries, of which the key and value objects are 208
-(docs/DECISIONS.md, "Memory per key"). A version is stored as its offset
-from ``VERSION_BIAS`` (the hybrid-clock version of 2030-01-01): a version
-issued within 2**38 ms (8.7 years) of that date is then an int of two
-30-bit digits, 32 bytes, where the version itself (63 bits, three digits)
-takes 48. ``Entry.version`` adds the bias back; the cache's own loops read
-and write the offset (``_version``) directly.
+Memory. Two entries, one behaviour (docs/DECISIONS.md, "Memory per key").
+The C ``Entry`` (``_entry.c``, built by ``pip install``; ``NativeEntry``)
+is 80 bytes of object and one buffer holding the key's and the value's
+bytes; its version is a C integer; its ``key`` and ``value`` are copied
+out on each read. 16-byte keys with 100-byte values take about 250 bytes
+each at a million entries (Redis: 208). The pure-Python ``PyEntry`` is
+what runs where no C compiler was at hand, or with ``DCACHE_PURE_PYTHON=1``
+in the environment: 80 bytes of object (six slots, the object and GC
+headers) with its own key and value objects, its version int and its share
+of its shard's table: about 360 bytes each, of which the key and value
+objects are 208. It stores its version as its offset from
+``VERSION_BIAS`` (the hybrid-clock version of 2030-01-01): a version issued
+within 2**38 ms (8.7 years) of that date is then an int of two 30-bit
+digits, 32 bytes, where the version itself (63 bits, three digits) takes
+48. ``Entry.version`` adds the bias back; the cache's own loops read and
+write the offset (``_version``) directly, which the C entry converts. Each
+entry has its charging rule (``CPYTHON_COST``, ``PY_ENTRY_COST``).
 
 The cache is not thread-safe and must not be mutated while ``items()`` is
 being iterated.
@@ -96,10 +106,12 @@ being iterated.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from heapq import heapify, heappop, heappush
 from itertools import chain
+from typing import Any, cast
 
 from ..hlc import wall_ms
 from ..widths import INT64_MAX, INT64_MIN
@@ -109,10 +121,13 @@ __all__ = [
     "SHARDS",
     "VERSION_BIAS",
     "CPYTHON_COST",
+    "PY_ENTRY_COST",
     "NO_EXPIRY",
     "INT64_MIN",
     "INT64_MAX",
     "Entry",
+    "NativeEntry",
+    "PyEntry",
     "LRUCache",
     "EntryTooLargeError",
     "NotAnInt64Error",
@@ -155,8 +170,12 @@ class IntegerOverflowError(ValueError):
     """``incr`` would produce a result outside the signed 64-bit range."""
 
 
-class Entry:
-    """One cached item and a node of the LRU list.
+class PyEntry:
+    """One cached item and a node of the LRU list: the pure-Python ``Entry``.
+
+    Used when the C extension (``dcache.lru._entry``, the same attributes
+    with the key and value in one buffer) was not built, or when a cache is
+    made with ``native=False``.
 
     Treat entries returned by ``LRUCache.get_entry`` as read-only.
 
@@ -177,8 +196,8 @@ class Entry:
     value: bytes
     expires_at: int
     _version: int
-    prev: Entry
-    next: Entry
+    prev: PyEntry
+    next: PyEntry
 
     def __init__(self, key: bytes, value: bytes, expires_at: int = NO_EXPIRY, version: int = 0) -> None:
         self.key = key
@@ -199,8 +218,28 @@ class Entry:
         return f"Entry(key={self.key!r}, value=<{len(self.value)} bytes>, expires_at={self.expires_at}, version={self.version})"
 
 
-#: The charging rule for this interpreter (``cost.py``), measured at import.
-CPYTHON_COST = measure_cpython_cost(Entry(b"", b""), _VERSION_OFFSET_BOUND)
+#: The charging rule for ``PyEntry`` on this interpreter (``cost.py``), measured at import.
+PY_ENTRY_COST = measure_cpython_cost(PyEntry(b"", b""), _VERSION_OFFSET_BOUND)
+
+#: The C ``Entry`` (``_entry.c``: the key and value in one buffer, 80 bytes of object), or
+#: ``None`` where the extension was not built. Typed as ``PyEntry``: it has the same attributes.
+#: ``DCACHE_PURE_PYTHON`` set to anything but ``""`` or ``0`` leaves it out, as if it were not built.
+NativeEntry: type[PyEntry] | None = None
+#: Why ``NativeEntry`` is ``None`` (for the aux node's start-up log), ``""`` when it is not.
+NATIVE_MISSING = "turned off by DCACHE_PURE_PYTHON"
+if os.environ.get("DCACHE_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from ._entry import Entry as _CEntry
+    except ImportError as exc:  # built without a C compiler: the pure-Python entry, larger (docs/DECISIONS.md)
+        NATIVE_MISSING = f"not built ({exc})"
+    else:
+        NativeEntry = cast("type[PyEntry]", _CEntry)
+        NATIVE_MISSING = ""
+
+#: The entry a cache uses by default: the C one when it was built.
+Entry: type[PyEntry] = PyEntry if NativeEntry is None else NativeEntry
+#: The charging rule of ``Entry`` on this interpreter: what a cache charges by default.
+CPYTHON_COST = PY_ENTRY_COST if NativeEntry is None else measure_cpython_cost(NativeEntry(b"", b""), None)
 
 
 class LRUCache:
@@ -232,8 +271,11 @@ class LRUCache:
         "_max_tombs",
         "_n_expiring",
         "_cost",
+        "_entry",
         "_entry_fixed",
         "_expiry_fixed",
+        "_expiry_keys",
+        "_native",
         "_tomb_fixed",
         "_tomb_ttl",
         "_tombs",
@@ -252,9 +294,10 @@ class LRUCache:
         max_items: int = 0,
         *,
         clock: Callable[[], int] = wall_ms,
-        cost: EntryCost = CPYTHON_COST,
+        cost: EntryCost | None = None,
         tombstone_ttl_ms: int = 60_000,
         max_tombstones: int = 100_000,
+        native: bool | None = None,
     ) -> None:
         """Create an empty cache.
 
@@ -264,13 +307,17 @@ class LRUCache:
             max_items: item cap; 0 means no cap.
             clock: returns the current wall-clock time in integer
                 milliseconds (tests pass a fake one).
-            cost: the charging rule (tests pass simpler ones).
+            cost: the charging rule; by default the one measured for the
+                entry in use (tests pass simpler ones).
             tombstone_ttl_ms: how long a delete's tombstone lasts.
             max_tombstones: most tombstones kept (oldest dropped first);
                 0 disables tombstones.
+            native: use the C ``Entry`` (True), the pure-Python one
+                (False), or the C one when it was built (None).
 
         Raises:
-            ValueError: ``max_bytes <= 0`` or any other argument negative.
+            ValueError: ``max_bytes <= 0`` or any other argument negative,
+                or ``native=True`` where the C extension was not built.
         """
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
@@ -280,9 +327,19 @@ class LRUCache:
             raise ValueError(f"tombstone_ttl_ms must be >= 0, got {tombstone_ttl_ms}")
         if max_tombstones < 0:
             raise ValueError(f"max_tombstones must be >= 0, got {max_tombstones}")
-        self._shards: list[dict[bytes, Entry]] = [{} for _ in range(SHARDS)]
+        if native is None:
+            native = NativeEntry is not None
+        if native and NativeEntry is None:
+            raise ValueError("native entries asked for, but the C extension dcache.lru._entry was not built")
+        entry = self._entry = NativeEntry if native and NativeEntry is not None else PyEntry
+        #: With C entries each shard maps an entry to itself (it hashes and compares as its key), else a key to its entry.
+        self._native = native
+        if cost is None:
+            cost = CPYTHON_COST if entry is Entry else PY_ENTRY_COST
+        #: Keyed by ``bytes``, or with C entries by the entries themselves (``_native``).
+        self._shards: list[dict[Any, PyEntry]] = [{} for _ in range(SHARDS)]
         self._count = 0
-        head = self._head = Entry(b"", b"")
+        head = self._head = entry(b"", b"")
         head.prev = head.next = head
         self._bytes = 0
         self._max_bytes = max_bytes
@@ -290,8 +347,10 @@ class LRUCache:
         self._cost = cost
         # charges are these plus the lengths: see EntryCost.entry_bytes
         per_object = cost.object_bytes(0)
-        self._entry_fixed = cost.entry + 2 * per_object
-        self._expiry_fixed = cost.expiry + per_object
+        #: Key objects an expiry holds (the heap items' keys), charged ``len(key)`` each.
+        self._expiry_keys = 2 if cost.packed else 1
+        self._entry_fixed = cost.entry + (cost.align - 1 if cost.packed else 2 * per_object)
+        self._expiry_fixed = cost.expiry + self._expiry_keys * per_object
         self._tomb_fixed = cost.tombstone + per_object
         self._clock = clock
         self._heap: list[tuple[int, bytes]] = []
@@ -399,7 +458,7 @@ class LRUCache:
         self.hits += 1
         return e.value
 
-    def get_entry(self, key: bytes) -> Entry | None:
+    def get_entry(self, key: bytes) -> PyEntry | None:
         """Return the live ``Entry`` for ``key`` (read-only) or ``None``.
 
         No hit/miss counting and no recency change; an expired entry is
@@ -407,7 +466,7 @@ class LRUCache:
         """
         return self._live(key)
 
-    def lookup(self, key: bytes) -> Entry | None:
+    def lookup(self, key: bytes) -> PyEntry | None:
         """Like ``get`` but return the live ``Entry`` (read-only) instead of its value.
 
         Counts a hit or a miss and marks a hit most recently used; an expired
@@ -511,6 +570,8 @@ class LRUCache:
         For bounded, resumable scans: the list stays valid while the cache
         changes; look each key up again (``get_entry``) before using it.
         """
+        if self._native:  # the shards' keys are the entries
+            return [e.key for shard in self._shards for e in shard]
         return list(chain.from_iterable(self._shards))
 
     def key_shards(self) -> Iterator[list[bytes]]:
@@ -523,9 +584,10 @@ class LRUCache:
         entries not yet removed are included; look each key up again
         (``get_entry``) before using it. Empty shards are skipped.
         """
+        native = self._native
         for shard in self._shards:
             if shard:
-                yield list(shard)
+                yield [e.key for e in shard] if native else list(shard)
 
     def tombstone_keys_snapshot(self) -> list[bytes]:
         """A list copy of the keys that have a tombstone (expired ones included), O(t).
@@ -571,7 +633,7 @@ class LRUCache:
         """
         size = len(key) + len(value) + self._entry_fixed
         if expires_at:
-            size += self._expiry_fixed + len(key)
+            size += self._expiry_fixed + self._expiry_keys * len(key)
         if size > self._max_bytes:
             raise EntryTooLargeError(
                 f"entry of key {len(key)} + value {len(value)} bytes is charged {size} bytes, "
@@ -598,8 +660,8 @@ class LRUCache:
                 heappush(self._heap, (expires_at, key))
         head = self._head
         if e is None:
-            e = Entry(key, value, expires_at, version)
-            entries[key] = e
+            e = self._entry(key, value, expires_at, version)
+            entries[e if self._native else key] = e
             self._count += 1
             if expires_at:
                 self._n_expiring += 1
@@ -615,10 +677,10 @@ class LRUCache:
             if old_exp != expires_at:
                 if not old_exp:
                     self._n_expiring += 1
-                    self._bytes += self._expiry_fixed + len(key)
+                    self._bytes += self._expiry_fixed + self._expiry_keys * len(key)
                 elif not expires_at:
                     self._n_expiring -= 1
-                    self._bytes -= self._expiry_fixed + len(key)
+                    self._bytes -= self._expiry_fixed + self._expiry_keys * len(key)
                 e.expires_at = expires_at
             e.value = value
             e._version = version - VERSION_BIAS
@@ -648,7 +710,7 @@ class LRUCache:
         # The steps of _charge, _live and Entry.version, inlined: every write routed by a master comes here.
         size = len(key) + len(value) + self._entry_fixed
         if expires_at:
-            size += self._expiry_fixed + len(key)
+            size += self._expiry_fixed + self._expiry_keys * len(key)
         if size > self._max_bytes:
             raise EntryTooLargeError(f"entry charged {size} bytes exceeds the cache budget of {self._max_bytes} bytes")
         if expires_at and expires_at <= self._clock():
@@ -802,7 +864,7 @@ class LRUCache:
             e.expires_at = exp
             if added:
                 self._n_expiring += 1
-                self._bytes += self._expiry_fixed + len(key)
+                self._bytes += self._expiry_fixed + self._expiry_keys * len(key)
             self._push_expiry(exp, key)
             if added and self._bytes > self._max_bytes:
                 self._evict(e)
@@ -815,7 +877,7 @@ class LRUCache:
             return False
         e.expires_at = NO_EXPIRY
         self._n_expiring -= 1
-        self._bytes -= self._expiry_fixed + len(key)
+        self._bytes -= self._expiry_fixed + self._expiry_keys * len(key)
         return True
 
     def incr(self, key: bytes, delta: int, *, version: int = 0) -> int:
@@ -935,10 +997,14 @@ class LRUCache:
         if sum(map(len, shards)) != n:
             raise AssertionError(f"the shards hold {sum(map(len, shards))} entries but the count is {n}")
         for i, shard in enumerate(shards):
-            for key in shard:
+            for key, entry in shard.items():
                 if hash(key) & _SHARD_MASK != i:
                     raise AssertionError(f"key {key!r} is in shard {i}, not the one it hashes to")
-        entries: dict[bytes, Entry] = {}
+                if entry.__class__ is not self._entry:
+                    raise AssertionError(f"entry {key!r} is a {entry.__class__.__name__}, not a {self._entry.__name__}")
+                if (key is not entry) if self._native else (key.__class__ is not bytes):
+                    raise AssertionError(f"shard {i} keys {key!r} by a {key.__class__.__name__}")
+        entries: dict[bytes, PyEntry] = {}
         for shard in shards:
             entries.update(shard)
         if head.key != b"" or head.value != b"":
@@ -1009,7 +1075,7 @@ class LRUCache:
 
     # --------------------------------------------------------------- private
 
-    def _live(self, key: bytes) -> Entry | None:
+    def _live(self, key: bytes) -> PyEntry | None:
         """The live entry for ``key``; removes (and counts) an expired one."""
         e = self._shards[hash(key) & _SHARD_MASK].get(key)
         if e is None:
@@ -1020,14 +1086,14 @@ class LRUCache:
             return None
         return e
 
-    def _expire(self, e: Entry) -> None:
+    def _expire(self, e: PyEntry) -> None:
         """Remove the expired entry ``e``, count it and tell ``on_drop``."""
         self._remove(e)
         self.expirations += 1
         if self.on_drop is not None:
             self.on_drop(e.key)
 
-    def _remove(self, e: Entry) -> None:
+    def _remove(self, e: PyEntry) -> None:
         """Unlink ``e`` from the list and the dict and release its bytes."""
         p = e.prev
         n = e.next
@@ -1040,14 +1106,14 @@ class LRUCache:
         self._bytes -= len(key) + len(e.value) + self._entry_fixed
         if e.expires_at:
             self._n_expiring -= 1
-            self._bytes -= self._expiry_fixed + len(key)
+            self._bytes -= self._expiry_fixed + self._expiry_keys * len(key)
 
     def _charge(self, key_len: int, value_len: int, expires_at: int) -> int:
         """``charge`` from lengths, with the constants cached on the cache."""
         size = key_len + value_len + self._entry_fixed
-        return size + self._expiry_fixed + key_len if expires_at else size
+        return size + self._expiry_fixed + self._expiry_keys * key_len if expires_at else size
 
-    def _to_mru(self, e: Entry) -> None:
+    def _to_mru(self, e: PyEntry) -> None:
         head = self._head
         last = head.prev
         if last is e:
@@ -1061,7 +1127,7 @@ class LRUCache:
         e.next = head
         head.prev = e
 
-    def _put(self, key: bytes, value: bytes, size: int, e: Entry | None, expires_at: int, version: int) -> None:
+    def _put(self, key: bytes, value: bytes, size: int, e: PyEntry | None, expires_at: int, version: int) -> None:
         """Store without checks (``e`` is the live entry or None, ``size`` the new charge); for apply/incr.
 
         ``set`` inlines the same steps to keep its hot path free of a call.
@@ -1070,8 +1136,8 @@ class LRUCache:
             self._bytes -= self._cost.tombstone_bytes(len(key))
         self.sets += 1
         if e is None:
-            e = Entry(key, value, expires_at, version)
-            self._shards[hash(key) & _SHARD_MASK][key] = e
+            e = self._entry(key, value, expires_at, version)
+            self._shards[hash(key) & _SHARD_MASK][e if self._native else key] = e
             self._count += 1
             head = self._head
             last = head.prev
@@ -1100,7 +1166,7 @@ class LRUCache:
         if self._bytes > self._max_bytes or (self._max_items and self._count > self._max_items):
             self._evict(e)
 
-    def _evict(self, keep: Entry | None) -> None:
+    def _evict(self, keep: PyEntry | None) -> None:
         """Make the byte budget and the item cap hold again.
 
         Evicts entries from the LRU end, skipping ``keep`` (the entry just

@@ -18,7 +18,18 @@ An entry of ``k`` key bytes and ``v`` value bytes is charged::
     entry + obj(k) + obj(v) + expiry + obj(k)     with one
     obj(n) = n + header + align - 1               a bytes object of n bytes
 
-and a tombstone ``tombstone + obj(k)``. With ``CPYTHON_COST``:
+and a tombstone ``tombstone + obj(k)``. The C ``Entry`` (``_entry.c``) keeps
+the key and value in one buffer of its own, without object headers, and
+its expiry heap's items hold key objects of their own (the live item's and
+a stale one's): its rule is ``packed``::
+
+    entry + k + v + align - 1                     without an expiry
+    entry + k + v + align - 1 + expiry + 2 obj(k) with one
+
+with ``entry`` (188) the object (80: the two links, the buffer's address,
+the expiry, the version as a C integer and the two lengths, with the object
+and GC headers) and the shard slot below. With
+``PY_ENTRY_COST``, the pure-Python ``Entry``'s rule:
 
 * ``obj(n)``: a ``bytes`` object has a 33-byte header (``sys.getsizeof(b"")``,
   the trailing NUL included); pymalloc serves requests up to 512 bytes from
@@ -110,8 +121,13 @@ class EntryCost:
         align: allocation granularity (a power of two): a ``bytes`` object
             is charged ``align - 1`` bytes of rounding, the most it can
             take; 1 means none.
-        expiry: bytes per entry with an expiry, on top of one more key object.
+        expiry: bytes per entry with an expiry, on top of one more key
+            object (two when ``packed``).
         tombstone: bytes per tombstone on top of its key object.
+        packed: the entry keeps its key and value in one buffer of its
+            own (the C ``Entry``): they are charged their lengths and one
+            allocation's rounding, not two objects; its expiry heap items
+            hold key objects of their own, so an expiry adds two.
 
     Raises:
         ValueError: a negative field, or ``align`` not a power of two.
@@ -122,6 +138,7 @@ class EntryCost:
     align: int = 1
     expiry: int = 0
     tombstone: int = 0
+    packed: bool = False
 
     def __post_init__(self) -> None:
         for name in ("entry", "header", "expiry", "tombstone"):
@@ -137,6 +154,9 @@ class EntryCost:
     def entry_bytes(self, key_length: int, value_length: int, expires: bool = False) -> int:
         """Charge of an entry with a key and value of these lengths, and an expiry or not."""
         k = self.object_bytes(key_length)
+        if self.packed:
+            size = self.entry + key_length + value_length + self.align - 1
+            return size + self.expiry + 2 * k if expires else size
         size = self.entry + k + self.object_bytes(value_length)
         return size + self.expiry + k if expires else size
 
@@ -145,15 +165,19 @@ class EntryCost:
         return self.tombstone + self.object_bytes(key_length)
 
 
-def measure_cpython_cost(entry_object: object, stored_version: int) -> EntryCost:
+def measure_cpython_cost(entry_object: object, stored_version: int | None) -> EntryCost:
     """The charging rule for this interpreter, from ``sys.getsizeof`` of real objects.
 
     Args:
-        entry_object: an ``Entry`` (the LRU's node object), measured as is.
+        entry_object: an empty ``Entry`` (the LRU's node object), measured
+            as is.
         stored_version: the largest int an entry stores a current version as
-            (the LRU stores an offset, smaller than the version itself).
+            (the LRU stores an offset, smaller than the version itself);
+            ``None`` for the C ``Entry``, which keeps its key and value in
+            one buffer and its version as a C integer (``packed``).
     """
-    version = _alloc(sys.getsizeof(stored_version))
+    packed = stored_version is None
+    version = 0 if stored_version is None else _alloc(sys.getsizeof(stored_version))
     tomb_version = _alloc(sys.getsizeof((1 << 63) - 1))  # a tombstone's version, stored as is: 63 bits
     # An absolute expiry in wall-clock ms is a sum (now + ttl), and CPython
     # allocates a sum with one digit more than the larger operand has.
@@ -168,4 +192,5 @@ def measure_cpython_cost(entry_object: object, stored_version: int) -> EntryCost
         align=_ALIGN,
         expiry=_HEAP_ITEMS_PER_EXPIRY * (wall_ms + pair + _LIST_SLOT_BYTES),
         tombstone=tomb_slot + tomb_node + pair + tomb_version + wall_ms,
+        packed=packed,
     )

@@ -205,7 +205,7 @@ def test_one_port_per_listener(cls, section, env, needle):
 
 
 def test_a_budget_too_small_for_any_entry_is_refused():
-    """'--max-memory 256' (the unit forgotten) is 256 bytes: every write would fail with OUT_OF_MEMORY."""
-    with pytest.raises(ConfigError, match=r"max_memory: 256 bytes cannot hold a single entry .* a size without a unit is bytes"):
-        load_config(AuxConfig, "aux", {}, env={"DCACHE_MAX_MEMORY": "256"})
+    """'--max-memory 128' (the unit forgotten) is 128 bytes: every write would fail with OUT_OF_MEMORY."""
+    with pytest.raises(ConfigError, match=r"max_memory: 128 bytes cannot hold a single entry .* a size without a unit is bytes"):
+        load_config(AuxConfig, "aux", {}, env={"DCACHE_MAX_MEMORY": "128"})
     assert load_config(AuxConfig, "aux", {}, env={"DCACHE_MAX_MEMORY": "1KiB"}).max_memory == 1024

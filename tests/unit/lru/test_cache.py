@@ -50,7 +50,7 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def make(clock: FakeClock, max_bytes: int = 10_000, max_items: int = 0, **kw: int) -> LRUCache:
+def make(clock: FakeClock, max_bytes: int = 10_000, max_items: int = 0, **kw: Any) -> LRUCache:
     cache = LRUCache(max_bytes, max_items, clock=clock, cost=FLAT, **kw)
     cache.check_valid()
     return cache
@@ -254,7 +254,7 @@ PARTS = EntryCost(entry=10, header=3, align=8, expiry=20, tombstone=30)
 
 
 @pytest.mark.parametrize("kwargs", [{"entry": -1}, {"entry": 0, "header": -1}, {"entry": 0, "align": 0}, {"entry": 0, "align": 12}])
-def test_entry_cost_rejects_bad_fields(kwargs: dict[str, int]) -> None:
+def test_entry_cost_rejects_bad_fields(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         EntryCost(**kwargs)
 
