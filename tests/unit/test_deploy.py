@@ -1338,6 +1338,18 @@ def test_dockerfile_instructions(dockerfile: list[Instruction]) -> None:
         assert (REPO / path).exists(), f"the Dockerfile copies {path}, which is not in the repository"
 
 
+def test_the_image_is_built_with_the_c_entry(dockerfile: list[Instruction]) -> None:
+    """pip builds the LRU's C entry only if it can (optional): without gcc the image would hold a third fewer keys, silently."""
+    starts = [i for i, inst in enumerate(dockerfile) if inst.name == "FROM"]
+    build = dockerfile[starts[0] : starts[1]]
+    runs = [i.args for i in build if i.name == "RUN"]
+    copied = {a for i in build if i.name == "COPY" for a in i.args.split()[:-1]}
+    assert "setup.py" in copied, "the build stage must copy setup.py, which declares the extension"
+    assert any("apt-get install" in r and "gcc" in r for r in runs), "the build stage installs no C compiler"
+    (install,) = [r for r in runs if "pip install" in r]
+    assert install.index("import dcache.lru._entry") > install.index("pip install"), "the build does not check the extension was built"
+
+
 def test_dockerfile_exposes_every_port_compose_serves(dockerfile: list[Instruction], compose_daemons: dict[str, Checked]) -> None:
     exposed = {int(p.split("/")[0]) for i in _final_stage(dockerfile) if i.name == "EXPOSE" for p in i.args.split()}
     for name, c in compose_daemons.items():
