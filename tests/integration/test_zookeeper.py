@@ -656,6 +656,9 @@ async def test_a_leader_cut_off_from_zookeeper_drops_the_views_it_could_not_writ
         await _settled_everywhere(cl, {"a1", "a2", "a3"})
         assert await _leader(cl) == m1.addr
         before = await ring(m1.addr)
+        # m1 routes by a view before it writes it: the cut must come after the write, or the next leader starts behind `before`
+        written = (before["epoch"], before["seq"])
+        await asyncio.to_thread(wait_for, lambda: (mon.read()["epoch"], mon.read()["seq"]) >= written, 10, message="m1's view in ZooKeeper")
         link.blackhole()  # m1 leads on, and for 4 s it does not even know it is cut off
         a3 = cl.aux["a3"]
         a3.signal(signal.SIGSTOP)
