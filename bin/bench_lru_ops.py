@@ -6,7 +6,9 @@
 
 Each revision's ``dcache/lru/cache.py`` (and ``cost.py`` where it exists)
 is loaded as its own package from ``git show``; "worktree" means the files
-on disk. Four operations on a full cache of 16-byte keys and values: ``set``
+on disk. A revision loaded so has no C extension: both run on the
+pure-Python ``Entry`` (``bin/bench_lru_entry.py`` compares it with the C
+one). Four operations on a full cache of 16-byte keys and values: ``set``
 of a new key (which evicts one), ``set`` replacing a key, ``get`` of a
 present key, and ``set`` of a new key with a TTL into a cache of entries
 with TTLs.
