@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..errors import BadArgumentsError, FrameTooLargeError, OutOfMemoryError, ServerError, Status
@@ -117,11 +117,11 @@ def _check_fits(cache: LRUCache, key: bytes, value: bytes, expires_at: int) -> N
 
 
 class _Session:
-    """A scan in progress: the key lists it walks and when it was last used."""
+    """A scan in progress: the keys it walks (``LRUCache.keys_snapshot``), the tombstones, and when it was last used."""
 
     __slots__ = ("kind", "keys", "tombs", "last_used")
 
-    def __init__(self, kind: str, keys: list[bytes], tombs: list[bytes], now: float) -> None:
+    def __init__(self, kind: str, keys: Sequence[bytes], tombs: list[bytes], now: float) -> None:
         self.kind = kind
         self.keys = keys
         self.tombs = tombs
@@ -507,7 +507,7 @@ class ClusterOps:
         self._sessions.move_to_end(sid)
         return sid, session, pos
 
-    def _next_cursor(self, kind: str, sid: int, pos: int, total: int, keys: list[bytes], tombs: list[bytes]) -> int:
+    def _next_cursor(self, kind: str, sid: int, pos: int, total: int, keys: Sequence[bytes], tombs: list[bytes]) -> int:
         """The cursor to return: 0 (and the session closed) when done, else session and position."""
         if pos >= total:
             if sid:
@@ -517,7 +517,7 @@ class ClusterOps:
             sid = self._open(kind, keys, tombs)
         return (sid << _POS_BITS) | pos
 
-    def _open(self, kind: str, keys: list[bytes], tombs: list[bytes]) -> int:
+    def _open(self, kind: str, keys: Sequence[bytes], tombs: list[bytes]) -> int:
         now = self.monotonic()
         sessions = self._sessions
         self.expire_sessions(now)

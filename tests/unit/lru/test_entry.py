@@ -115,6 +115,21 @@ def test_wrong_types_are_refused_with_the_errors_python_gives(native: type[PyEnt
     assert e.value == b"v" and e.key == b"k"
 
 
+def test_a_key_snapshot_reads_as_bytes_and_outlives_the_changes_after_it(native: type[PyEntry]) -> None:
+    """A migration's scan walks it for seconds while writes go on: it must keep the keys it began with, as bytes."""
+    cache = LRUCache(1 << 30, native=True)
+    for i in range(1000):
+        cache.set(b"k%d" % i, b"v" * 50)
+    keys = cache.keys_snapshot()
+    for i in range(0, 1000, 2):
+        cache.delete(b"k%d" % i)
+    cache.set(b"new", b"x")
+    assert len(keys) == 1000 and sorted(keys) == sorted(b"k%d" % i for i in range(1000))
+    assert all(type(k) is bytes for k in keys[10:20]) and type(keys[3]) is bytes and keys[-1] == keys[999]
+    assert sorted(k for k in keys if cache.get_entry(k) is not None) == sorted(b"k%d" % i for i in range(1, 1000, 2))
+    cache.check_valid()
+
+
 def test_a_dropped_list_of_entries_is_freed_without_exhausting_the_stack(native: type[PyEntry]) -> None:
     """The links are reference cycles: the GC frees them, and the trashcan bounds the recursion of a long chain."""
     gc.collect()
