@@ -61,6 +61,7 @@ from ..errors import ConfigError
 from ..files import make_private_dir, open_private
 from ..hlc import HybridClock, wall_ms
 from ..lru import EntryTooLargeError, LRUCache
+from ..lru.cache import PyEntry
 from ..lru.snapshot import (
     LOAD_READ_BYTES,
     SnapshotDecoder,
@@ -492,11 +493,11 @@ class SnapshotManager:
     async def _copy(self) -> _Packed:
         """Copy the live entries on the loop, packed, a slice per loop iteration.
 
-        The keys are copied one shard of the cache at a time
-        (``LRUCache.key_shards``: about 4,000 keys a shard for a million),
+        The entries are listed one shard of the cache at a time
+        (``LRUCache.entry_shards``: about 4,000 a shard for a million),
         never all at once: one ``list()`` of a million keys held the loop
-        for 15-35 ms. Each slice of ``COPY_CHUNK_ENTRIES`` keys is looked up
-        again and packed into msgpack bytes right away, which makes the copy
+        for 15-35 ms. Each slice of ``COPY_CHUNK_ENTRIES`` entries is checked
+        again (``is_live``: still its key's entry, not expired) and packed into msgpack bytes right away, which makes the copy
         immutable and invisible to the garbage collector. Measured on 1M
         keys, a copy held as tuples or lists of references instead is walked
         by young collections until it ages (10-25 ms each) and freeing it at
@@ -507,16 +508,16 @@ class SnapshotManager:
         of its slice.
         """
         cache = self._node.cache
-        get_entry = cache.get_entry
+        is_live = cache.is_live
         step = COPY_CHUNK_ENTRIES
         chunks: list[tuple[bytes, int]] = []
 
-        def pack(keys: list[bytes]) -> None:
-            chunks.append(pack_entries((e.key, e.value, e.expires_at, e.version) for e in map(get_entry, keys) if e is not None))
+        def pack(entries: list[PyEntry]) -> None:
+            chunks.append(pack_entries((e.key, e.value, e.expires_at, e.version) for e in entries if is_live(e)))
 
-        pending: list[bytes] = []
-        for keys in cache.key_shards():
-            pending += keys
+        pending: list[PyEntry] = []
+        for entries in cache.entry_shards():
+            pending += entries
             while len(pending) >= step:
                 pack(pending[:step])
                 del pending[:step]

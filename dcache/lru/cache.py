@@ -595,6 +595,23 @@ class LRUCache:
             if shard:
                 yield [e.key for e in shard] if native else list(shard)
 
+    def entry_shards(self) -> Iterator[list[PyEntry]]:
+        """The entries one shard at a time, as ``key_shards`` copies the keys; for snapshots.
+
+        The entries may be removed or replaced while the lists are in use:
+        check each with ``is_live`` before reading it. Cheaper than
+        ``key_shards`` and a lookup by key with the C entry, whose keys are
+        copies (a snapshot of a million keys: docs/BENCHMARKS.md).
+        """
+        for shard in self._shards:
+            if shard:
+                yield list(shard.values())
+
+    def is_live(self, e: PyEntry) -> bool:
+        """Whether ``e`` is still its key's live entry; an expired one is removed (as ``get_entry`` does)."""
+        key: Any = e if self._native else e.key  # a C entry looks itself up (it hashes and compares as its key): no key copy
+        return self._live(key) is e
+
     def tombstone_keys_snapshot(self) -> list[bytes]:
         """A list copy of the keys that have a tombstone (expired ones included), O(t).
 

@@ -1002,3 +1002,22 @@ def test_on_drop_sees_evictions_and_expiries_only(clock: FakeClock) -> None:
     assert dropped == [b"a", b"c", b"x", b"y", b"z"]
     assert cache.expirations == 2 and cache.evictions == 3
     cache.check_valid()
+
+
+def test_entry_shards_list_each_entry_once_and_is_live_drops_what_changed_since(clock: FakeClock) -> None:
+    """A snapshot lists the entries, then packs them a slice at a time: what was removed, replaced or expired meanwhile must not be packed."""
+    cache = make(clock, max_bytes=1_000_000)
+    for i in range(300):
+        cache.set(b"k%d" % i, b"v%d" % i, expires_at=clock.now + 50 if i % 10 == 0 else 0)
+    listed = [e for entries in cache.entry_shards() for e in entries]
+    assert sorted(e.key for e in listed) == sorted(b"k%d" % i for i in range(300))
+    cache.delete(b"k1")
+    cache.delete(b"k2")
+    cache.set(b"k2", b"again")  # a new entry for the key: the listed one is not it
+    cache.set(b"k3", b"new value")  # the same entry, its value replaced: still live, with the new value
+    clock.advance(100)  # every tenth key expired
+    live = {e.key: e.value for e in listed if cache.is_live(e)}
+    expected = {b"k%d" % i: b"v%d" % i for i in range(300) if i % 10 and i not in (1, 2)} | {b"k3": b"new value"}
+    assert live == expected
+    assert len(cache) == 300 - 30 - 1  # the expired ones found by is_live were removed, as get_entry removes them
+    cache.check_valid()
