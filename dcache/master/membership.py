@@ -270,7 +270,9 @@ class Membership:
 
         Raises:
             UnavailableError: no fence can be made now (the coordinator is
-                unreachable or cannot change membership); the caller
+                unreachable or cannot change membership), or it reached no
+                other master and no ring floor may name it (a ZooKeeper
+                leader whose view is not written there); the caller
                 acknowledges the write anyway and keeps its hints.
         """
         raise NotImplementedError
@@ -371,7 +373,7 @@ class Coordinator(Membership):
         #: Fenced nodes that missed a write during the current reconciliation pass.
         self._fence_dirty: set[str] = set()
         self._followers: dict[str, tuple[int, int, float]] = {}
-        self.migrator = Migrator(config, links, clock, self._followers_caught_up)
+        self.migrator = Migrator(config, links, clock, self._followers_caught_up, floor_known=self._epoch_published)
         self._migration: asyncio.Task[None] | None = None
         #: The sources of the ring change's copy while it runs (empty once it settles): see ``fence``.
         self._copy_sources: frozenset[str] = frozenset()
@@ -784,8 +786,15 @@ class Coordinator(Membership):
             # write is acknowledged only once the aux nodes refuse that ring (its reconciliation raises the floor
             # too, but only after waiting longer for them: Migrator.run).
             log.warning("masters %s did not confirm the fence of %s within %.1f s; raising the ring floor", lagging, node_id, timeout)
-            await self.migrator.raise_floor(pos[0])
+            if not await self.migrator.raise_floor(pos[0]):
+                # The fence is this master's alone (ZooKeeper out of reach): no floor may name it, and the others
+                # read every owner while out of touch. The write is acknowledged with its hints (the caller logs it).
+                raise UnavailableError(f"the fence of aux node {node_id} did not reach the other masters, and no ring floor can")
         return self.view.epoch
+
+    def _epoch_published(self, epoch: int) -> bool:
+        """Whether every master can learn a ring of ``epoch`` (a ring floor may name it): the coordinator's views are the cluster's."""
+        return True
 
     def fence(self, node_id: str, why: str, since_version: int = 0) -> None:
         """Stop reading from a node until its co-owners' data has been copied to it.

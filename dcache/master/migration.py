@@ -79,14 +79,20 @@ class Migrator:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        floor_known: Callable[[int], bool] = lambda epoch: True,
     ) -> None:
-        """``monotonic`` and ``sleep`` pace ``--migration-rate`` (tests pass fakes)."""
+        """``monotonic`` and ``sleep`` pace ``--migration-rate`` (tests pass fakes).
+
+        ``floor_known(epoch)``: whether every master can learn a ring of that
+        epoch (``raise_floor``); in ZooKeeper mode, once it is written there.
+        """
         self.config = config
         self._monotonic = monotonic
         self._sleep = sleep
         self._links = links
         self._clock = clock
         self._followers_caught_up = followers_caught_up
+        self._floor_known = floor_known
         self._drops: set[asyncio.Task[None]] = set()
         self.state = "idle"
         self.epoch = 0
@@ -289,8 +295,15 @@ class Migrator:
             (self.finished_ms - self.started_ms) / 1000,
         )
 
-    async def raise_floor(self, floor: int) -> None:
+    async def raise_floor(self, floor: int) -> bool:
         """Have every reachable aux node refuse requests routed by a ring older than ``floor`` (EPOCH), each bounded by ``--aux-timeout``.
+
+        Only to an epoch every master can learn (``floor_known``): a floor
+        above the cluster's ring would have the nodes refuse every master
+        for good (a ZooKeeper leader's view that never reached ZooKeeper is
+        dropped when it steps down; the next leader goes on from the ring
+        there, at a lower epoch). Returns False, and raises nothing, when
+        it may not.
 
         Called once the masters caught up with the view about to be copied
         for, or the wait for them ran out: a master that did not catch up
@@ -300,6 +313,9 @@ class Migrator:
         answer in time is logged and skipped: it is down or suspect, and
         gets no writes meanwhile. One from before EPOCH is skipped.
         """
+        if not self._floor_known(floor):
+            log.warning("not raising the ring floor to epoch %d: no other master can learn that ring yet (not in ZooKeeper)", floor)
+            return False
         timeout = self.config.aux_timeout
 
         async def one(link: AuxLink) -> None:
@@ -312,6 +328,7 @@ class Migrator:
                 log.info("aux node %s did not take the ring floor of epoch %d: %s", link.node_id, floor, exc or "timed out")
 
         await asyncio.gather(*(one(link) for link in self._links().values() if link.epochs and link.usable))
+        return True
 
     async def _stream(
         self,

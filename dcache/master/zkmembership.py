@@ -776,6 +776,10 @@ class ZooKeeperMembership(Coordinator):
         """
         return self.leading and self.zk.state == "connected"
 
+    def _epoch_published(self, epoch: int) -> bool:
+        """Whether a ring of ``epoch`` is in ZooKeeper, where the other masters read it (a ring floor may name only such an epoch)."""
+        return self._zk_pos[0] >= epoch
+
     async def _published(self, timeout: float) -> bool:
         """Wait (bounded) until every view this leader routes by is in ZooKeeper; False if not, or if it is out of touch with it.
 

@@ -455,6 +455,35 @@ async def test_a_fence_a_master_did_not_confirm_raises_the_ring_floor_before_the
         await coord.close()
 
 
+async def test_no_ring_floor_names_an_epoch_the_other_masters_cannot_learn(cluster: FakeCluster) -> None:
+    """A ZooKeeper leader cut off from ZooKeeper (not yet knowing it) fences a node in a view no other master can read.
+
+    A floor at that epoch would have every node refuse every master for good
+    once the view is dropped (the next leader goes on from the ring in
+    ZooKeeper, at a lower epoch), and meanwhile refuse the reads of a master
+    out of touch with ZooKeeper, which asks every owner and took the one
+    stale copy that still answered (the fault campaign: `zk-stop` with a
+    `link-cut`). The fence fails instead: the write is acknowledged with its
+    hints, as when the leader cannot be reached.
+    """
+    fill(cluster)
+    coord = coordinator(cluster)
+    try:
+        before = coord.view
+        coord.migrator._floor_known = lambda epoch: epoch <= before.epoch  # what ZooKeeper holds: the fence's view is not written
+        coord.sync("m2", before.epoch, before.seq)  # a master that cannot learn the fence
+        with pytest.raises(UnavailableError, match="no ring floor can"):
+            await asyncio.wait_for(coord.fence_missed("a2", wall_ms(), "a write was acknowledged without it"), SETTLE_S)
+        assert coord.view.members["a2"].state == FENCED  # this master reads it no more
+        assert not any(cluster.fake.floors.get(n) for n in ("a1", "a2", "a3"))
+        assert not await coord.migrator.raise_floor(coord.view.epoch)  # nor does a migration's floor
+        assert not any(cluster.fake.floors.get(n) for n in ("a1", "a2", "a3"))
+        assert await coord.migrator.raise_floor(before.epoch)  # an epoch the others know is fine
+        assert {cluster.fake.floors.get(n) for n in ("a1", "a3")} == {before.epoch}
+    finally:
+        await coord.close()
+
+
 def _runs_that_outlive_their_cancellation(coord: Coordinator) -> tuple[list[tuple[str, asyncio.Event]], list[int]]:
     """Make ``coord``'s migrator runs wait for an event each and ignore a cancellation, as on Python 3.11.
 
