@@ -497,8 +497,9 @@ class SnapshotManager:
         (``LRUCache.entry_shards``: about 4,000 a shard for a million),
         never all at once: one ``list()`` of a million keys held the loop
         for 15-35 ms. Each slice of ``COPY_CHUNK_ENTRIES`` entries is checked
-        again (``is_live``: still its key's entry, not expired) and packed into msgpack bytes right away, which makes the copy
-        immutable and invisible to the garbage collector. Measured on 1M
+        again (``is_live``: still its key's entry, not expired) and packed
+        into msgpack bytes right away, which makes the copy immutable and
+        invisible to the garbage collector. Measured on 1M
         keys, a copy held as tuples or lists of references instead is walked
         by young collections until it ages (10-25 ms each) and freeing it at
         once holds the GIL (so stalls the loop) for about 30 ms.
