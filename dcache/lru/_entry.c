@@ -195,6 +195,21 @@ Entry_richcompare(PyObject *self, PyObject *other, int op)
     Py_RETURN_FALSE;
 }
 
+/* A setter's value: 0 if it is set (not deleted) and of ``type``; else -1 with the error Python gives. */
+static int
+check_set(PyObject *value, PyTypeObject *type, const char *what)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "an entry's %s cannot be deleted", what);
+        return -1;
+    }
+    if (!PyObject_TypeCheck(value, type)) {
+        PyErr_Format(PyExc_TypeError, "an entry's %s must be %s, not %.100s", what, type->tp_name, Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *
 Entry_get_key(EntryObject *self, void *closure)
 {
@@ -210,12 +225,7 @@ Entry_get_value(EntryObject *self, void *closure)
 static int
 Entry_set_value(EntryObject *self, PyObject *value, void *closure)
 {
-    if (value == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "an entry's value cannot be deleted");
-        return -1;
-    }
-    if (!PyBytes_Check(value)) {
-        PyErr_Format(PyExc_TypeError, "an entry's value must be bytes, not %.100s", Py_TYPE(value)->tp_name);
+    if (check_set(value, &PyBytes_Type, "value") < 0) {
         return -1;
     }
     return entry_store_value(self, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
@@ -230,8 +240,7 @@ Entry_get_version(EntryObject *self, void *closure)
 static int
 Entry_set_version(EntryObject *self, PyObject *value, void *closure)
 {
-    if (value == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "an entry's version cannot be deleted");
+    if (check_set(value, &PyLong_Type, "version") < 0) {
         return -1;
     }
     unsigned long long version = PyLong_AsUnsignedLongLong(value);
@@ -257,12 +266,7 @@ Entry_get_offset(EntryObject *self, void *closure)
 static int
 Entry_set_offset(EntryObject *self, PyObject *value, void *closure)
 {
-    if (value == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "an entry's version cannot be deleted");
-        return -1;
-    }
-    if (!PyLong_Check(value)) {
-        PyErr_Format(PyExc_TypeError, "a version must be an int, not %.100s", Py_TYPE(value)->tp_name);
+    if (check_set(value, &PyLong_Type, "version") < 0) {
         return -1;
     }
     unsigned long long bias = (unsigned long long)VERSION_BIAS;
